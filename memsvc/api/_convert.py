@@ -1,0 +1,54 @@
+"""Conversions between protobuf messages and domain values.
+
+Values are kept as the protobuf binary encoding of ``google.protobuf.Value``:
+compact, exact (numbers stay doubles, strings stay UTF-8) and readable by any
+protobuf runtime. Times are Unix milliseconds in the domain and Timestamps on
+the wire; TTLs are Durations on the wire and milliseconds in the domain.
+"""
+
+from __future__ import annotations
+
+from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
+
+from memsvc.domain import FieldViolation, InvalidArgument
+
+_NANOS_PER_MS = 1_000_000
+
+
+def encode_value(message: struct_pb2.Value, present: bool) -> bytes | None:
+    """The stored form of a request's value; None when it is absent or empty."""
+    if not present or message.WhichOneof("kind") is None:
+        return None
+    return message.SerializeToString()
+
+
+def ttl_ms(duration: duration_pb2.Duration, present: bool, field: str) -> int | None:
+    """A TTL in whole milliseconds, rounded up; None when absent or zero.
+
+    A negative TTL is returned as is for the domain to reject; a Duration whose
+    seconds and nanos disagree in sign is malformed and rejected here.
+    """
+    if not present:
+        return None
+    seconds, nanos = duration.seconds, duration.nanos
+    if (seconds > 0 and nanos < 0) or (seconds < 0 and nanos > 0) or abs(nanos) >= 1_000_000_000:
+        raise InvalidArgument(
+            [
+                FieldViolation(
+                    field,
+                    "is not a valid Duration (seconds and nanos must share a sign, |nanos| < 1e9)",
+                )
+            ]
+        )
+    total = seconds * 1_000_000_000 + nanos
+    if total < 0:
+        return min(-1, total // _NANOS_PER_MS)
+    milliseconds = -(-total // _NANOS_PER_MS)
+    return milliseconds or None
+
+
+def timestamp(epoch_ms: int) -> timestamp_pb2.Timestamp:
+    """A Timestamp for Unix milliseconds."""
+    return timestamp_pb2.Timestamp(
+        seconds=epoch_ms // 1000, nanos=(epoch_ms % 1000) * _NANOS_PER_MS
+    )

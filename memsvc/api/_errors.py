@@ -1,0 +1,213 @@
+"""Domain errors to gRPC status codes with rich details, in one interceptor.
+
+Handlers raise ``memsvc.domain`` errors; :class:`ErrorInterceptor` turns each
+into its status code with a ``google.rpc.ErrorInfo`` (reason, domain, metadata)
+and, where they apply, ``BadRequest`` field violations, ``QuotaFailure`` and
+``RetryInfo``. Any other exception becomes INTERNAL with a generic message and
+a logged traceback, so internals never leak to callers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from memsvc.domain import (
+    BackendUnavailable,
+    FailedPrecondition,
+    InvalidArgument,
+    MemsvcError,
+    NotFound,
+    ResourceExhausted,
+    SessionLimitExceeded,
+)
+from memsvc.log import rpc_method
+from memsvc.store._retry import call_deadline
+
+log = logging.getLogger(__name__)
+
+ERROR_DOMAIN = "memsvc.dev"
+# Only memsvc's own services are wrapped; health and reflection are left as they are.
+_OWN_METHOD_PREFIX = "/memsvc."
+
+_CODES: tuple[tuple[type[MemsvcError], code_pb2.Code.ValueType], ...] = (
+    (InvalidArgument, code_pb2.INVALID_ARGUMENT),
+    (NotFound, code_pb2.NOT_FOUND),
+    (FailedPrecondition, code_pb2.FAILED_PRECONDITION),
+    (ResourceExhausted, code_pb2.RESOURCE_EXHAUSTED),
+    (BackendUnavailable, code_pb2.UNAVAILABLE),
+)
+
+
+def to_rpc_status(error: MemsvcError) -> status_pb2.Status:
+    """The google.rpc.Status that reports ``error`` to a caller."""
+    code = next((c for cls, c in _CODES if isinstance(error, cls)), code_pb2.INTERNAL)
+    details: list[Any] = [
+        error_details_pb2.ErrorInfo(
+            reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata
+        )
+    ]
+    if isinstance(error, InvalidArgument):
+        details.append(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=v.field, description=v.description
+                    )
+                    for v in error.violations
+                ]
+            )
+        )
+    if isinstance(error, SessionLimitExceeded):
+        details.append(
+            error_details_pb2.QuotaFailure(
+                violations=[
+                    error_details_pb2.QuotaFailure.Violation(
+                        subject=error.subject, description=error.message
+                    )
+                ]
+            )
+        )
+    if isinstance(error, BackendUnavailable):
+        details.append(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=1)))
+    packed = []
+    for detail in details:
+        any_detail = any_pb2.Any()
+        any_detail.Pack(detail)
+        packed.append(any_detail)
+    return status_pb2.Status(code=code, message=error.message, details=packed)
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: BaseException, method: str) -> None:
+    if isinstance(error, MemsvcError):
+        if isinstance(error, BackendUnavailable):
+            log.warning("%s failed: %s", method, error.message)
+        status = rpc_status.to_status(to_rpc_status(error))
+        await context.abort(status.code, status.details, status.trailing_metadata)
+    log.error("unexpected error in %s", method, exc_info=error)
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error; the server log has the details")
+
+
+class StreamTracker:
+    """Knows every open server-streaming call, so shutdown can end them.
+
+    ``server.stop(grace)`` would otherwise wait the whole grace period for
+    streams that never end on their own (health Watch, event watchers). At
+    shutdown, :meth:`end_all` cancels them, and each ends with UNAVAILABLE so
+    its client knows to reconnect elsewhere.
+    """
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.shutting_down = False
+
+    def add(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.add(task)
+
+    def discard(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+
+    def end_all(self) -> int:
+        """Cancel every open stream; return how many there were."""
+        self.shutting_down = True
+        for task in self._tasks:
+            task.cancel()
+        return len(self._tasks)
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Maps domain errors to statuses, sets each call's deadline and log context,
+    and registers server streams with the StreamTracker."""
+
+    def __init__(self, streams: StreamTracker) -> None:
+        self._streams = streams
+        # Wrapped handlers by method name: the lookup depends on the method alone,
+        # and wrapping once keeps the per-call cost to a dict lookup.
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method: str = handler_call_details.method
+        wrapped = self._wrapped.get(method)
+        if wrapped is not None:
+            return wrapped
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        wrapped = self._wrap(handler, method)
+        self._wrapped[method] = wrapped
+        return wrapped
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        own = method.startswith(_OWN_METHOD_PREFIX)
+        if handler.unary_unary is not None and own:
+            return grpc.unary_unary_rpc_method_handler(
+                _map_errors(handler.unary_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._track_stream(handler.unary_stream, method, own),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    def _track_stream(
+        self, behavior: Callable[..., AsyncIterator[Any]], method: str, own: bool
+    ) -> Callable[..., AsyncIterator[Any]]:
+        streams = self._streams
+
+        async def unary_stream(
+            request: Any, context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[Any]:
+            rpc_method.set(method)
+            task = asyncio.current_task()
+            assert task is not None
+            streams.add(task)
+            try:
+                async for response in behavior(request, context):
+                    yield response
+            except asyncio.CancelledError:
+                if not streams.shutting_down:
+                    raise
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE, "server shutting down; reconnect to continue"
+                )
+            except grpc.aio.AbortError:
+                raise
+            except Exception as error:
+                if not own:
+                    raise
+                await _abort(context, error, method)
+            finally:
+                streams.discard(task)
+
+        return unary_stream
+
+
+def _map_errors(
+    behavior: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]], method: str
+) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+    async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        rpc_method.set(method)
+        with call_deadline(context.time_remaining()):
+            try:
+                return await behavior(request, context)
+            except (grpc.aio.AbortError, asyncio.CancelledError):
+                raise
+            except Exception as error:
+                await _abort(context, error, method)
+
+    return unary_unary

@@ -1,0 +1,79 @@
+"""The ``memsvc`` command: ``serve``, ``migrate`` and ``config``.
+
+Exit codes: 0 success, 1 runtime failure (for example a database that never
+answered), 2 bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from memsvc import __version__
+from memsvc import config as config_module
+from memsvc.log import configure as configure_logging
+from memsvc.server import serve
+from memsvc.store import durable_store
+
+log = logging.getLogger("memsvc.cli")
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memsvc", description="The memory sidecar for AI agents.")
+    parser.add_argument("--version", action="version", version=f"memsvc {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve_parser = commands.add_parser("serve", help="run the gRPC service")
+    config_module.add_arguments(serve_parser)
+    migrate_parser = commands.add_parser(
+        "migrate", help="apply pending schema migrations to the durable store, then exit"
+    )
+    config_module.add_arguments(migrate_parser)
+    commands.add_parser("config", help="print the configuration table (Markdown)")
+    return parser
+
+
+async def _migrate(config: config_module.Config) -> None:
+    store = durable_store(config)
+    await store.open()
+    try:
+        applied = await store.migrate()
+        version = await store.schema_version()
+    finally:
+        await store.aclose()
+    log.info("schema at version %d; applied now: %s", version, applied or "none")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``memsvc`` console script."""
+    args = _parser().parse_args(argv)
+    if args.command == "config":
+        sys.stdout.write(config_module.markdown_table())
+        return 0
+    values = {k: v for k, v in vars(args).items() if k != "command"}
+    try:
+        config = config_module.load(values)
+    except config_module.ConfigError as error:
+        print(f"memsvc: configuration error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    configure_logging(config.log_level, config.log_format)
+    try:
+        if args.command == "migrate":
+            asyncio.run(_migrate(config))
+        else:
+            asyncio.run(serve(config))
+    except KeyboardInterrupt:
+        return 0
+    except Exception as error:
+        log.error("memsvc %s failed: %s", args.command, error, exc_info=True)
+        return EXIT_FAILURE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

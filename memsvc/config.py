@@ -1,0 +1,239 @@
+"""Configuration: one table of settings, read from flags and MEMSVC_* variables.
+
+Each setting has a command-line flag and an environment variable; a flag wins
+over the variable, which wins over the default. ``SETTINGS`` is the single
+source for the parser, the environment loader and the table in
+docs/configuration.md (a test keeps that table in sync).
+
+Unknown MEMSVC_* variables are refused, so a typo never silently falls back to
+a default, except the ``MEMSVC_PORT*`` and ``MEMSVC_SERVICE_*`` variables that
+Kubernetes injects for a Service named ``memsvc``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "MEMSVC_"
+# Variables Kubernetes injects for a Service named "memsvc" (enableServiceLinks).
+_KUBERNETES_INJECTED = re.compile(r"MEMSVC_(PORT(_.*)?|SERVICE_.*)")
+
+
+class ConfigError(ValueError):
+    """A setting has an invalid value or an unknown name."""
+
+
+def _default_data_dir() -> str:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return str(Path(base) / "memsvc")
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise ValueError(f"must be positive, got {value}")
+    return value
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text.lower() not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, got {text!r}")
+        return text.lower()
+
+    return parse
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configuration setting: its field, flag, variable, parser and help."""
+
+    name: str
+    parse: Callable[[str], Any]
+    default: str
+    help: str
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("listen", str, "127.0.0.1:50051", "TCP host:port of the gRPC API. Port 0 picks a free port."),
+    Setting("unix_socket", str, "", "Also serve the API on this Unix socket path (empty: no socket)."),
+    Setting("data_dir", str, "$XDG_DATA_HOME/memsvc or ~/.local/share/memsvc", "Directory for the embedded SQLite file."),
+    Setting("working_memory_url", str, "memory://", "Working-memory backend: `memory://` (in process) or `redis://host:port/db` (`rediss://` for TLS)."),
+    Setting("database_url", str, "sqlite:///<data_dir>/memsvc.db", "Durable store: `sqlite:///path/file.db` or `postgresql://user@host:port/db`."),
+    Setting("migrate", _parse_bool, "true", "Apply pending schema migrations at start (`--no-migrate` skips them)."),
+    Setting("max_value_bytes", _positive_int, "1048576", "Largest value accepted, in bytes of its protobuf encoding."),
+    Setting("max_session_keys", _positive_int, "10000", "Most keys one session's working memory may hold."),
+    Setting("max_session_bytes", _positive_int, "16777216", "Most bytes (keys plus values) one session's working memory may hold."),
+    Setting("max_message_bytes", _positive_int, "4194304", "Largest gRPC message received or sent; responses carry at most 3/4 of it in values."),
+    Setting("redis_max_connections", _positive_int, "8", "Size of the Redis connection pool."),
+    Setting("database_max_connections", _positive_int, "4", "Size of the PostgreSQL connection pool."),
+    Setting("shutdown_grace_seconds", _positive_float, "10", "On SIGTERM/SIGINT, how long in-flight calls may take to finish."),
+    Setting("health_interval_seconds", _positive_float, "2", "How often the backends are probed for the health service."),
+    Setting("log_level", _choice("debug", "info", "warning", "error"), "info", "Lowest level of log records written."),
+    Setting("log_format", _choice("json", "text"), "json", "`json` (one object per line) or `text`."),
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Config:
+    """The validated configuration of one memsvc process."""
+
+    listen: str = "127.0.0.1:50051"
+    unix_socket: str = ""
+    data_dir: str = field(default_factory=_default_data_dir)
+    working_memory_url: str = "memory://"
+    database_url: str = ""
+    migrate: bool = True
+    max_value_bytes: int = 1 << 20
+    max_session_keys: int = 10_000
+    max_session_bytes: int = 16 << 20
+    max_message_bytes: int = 4 << 20
+    redis_max_connections: int = 8
+    database_max_connections: int = 4
+    shutdown_grace_seconds: float = 10.0
+    health_interval_seconds: float = 2.0
+    log_level: str = "info"
+    log_format: str = "json"
+
+    def __post_init__(self) -> None:
+        if not self.database_url:
+            url = "sqlite:///" + str(
+                Path(self.data_dir).expanduser().resolve() / "memsvc.db"
+            ).lstrip("/")
+            object.__setattr__(self, "database_url", url)
+        if not re.fullmatch(r".+:\d+", self.listen):
+            raise ConfigError(f"listen must be host:port, got {self.listen!r}")
+        if not self.working_memory_url.startswith(
+            ("memory://", "redis://", "rediss://", "unix://")
+        ):
+            raise ConfigError(
+                f"working_memory_url must start with memory://, redis://, rediss:// or "
+                f"unix://, got {self.working_memory_url!r}"
+            )
+        if not self.database_url.startswith(("sqlite://", "postgresql://", "postgres://")):
+            raise ConfigError(
+                f"database_url must start with sqlite://, postgresql:// or postgres://, got "
+                f"{self.database_url!r}"
+            )
+        if self.max_value_bytes >= self.response_budget_bytes:
+            raise ConfigError(
+                f"max_value_bytes ({self.max_value_bytes}) must be below 3/4 of "
+                f"max_message_bytes ({self.max_message_bytes}) so any value can be read back"
+            )
+        if self.max_value_bytes > self.max_session_bytes:
+            raise ConfigError("max_value_bytes must not exceed max_session_bytes")
+
+    @property
+    def response_budget_bytes(self) -> int:
+        """Bytes of values one response may carry: 3/4 of the message limit."""
+        return self.max_message_bytes * 3 // 4
+
+
+def load(
+    argv_values: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None
+) -> Config:
+    """Build the configuration from parsed flags (None: not given) and environment."""
+    env = os.environ if env is None else env
+    given = {k: v for k, v in (argv_values or {}).items() if v is not None}
+    known = {s.env for s in SETTINGS}
+    unknown = sorted(
+        name
+        for name in env
+        if name.startswith(ENV_PREFIX)
+        and name not in known
+        and not _KUBERNETES_INJECTED.fullmatch(name)
+    )
+    if unknown:
+        raise ConfigError(
+            f"unknown environment variable(s) {', '.join(unknown)}; see docs/configuration.md"
+        )
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        if setting.name in given:
+            values[setting.name] = given[setting.name]
+        elif setting.env in env:
+            try:
+                values[setting.name] = setting.parse(env[setting.env])
+            except ValueError as error:
+                raise ConfigError(f"{setting.env}: {error}") from error
+    try:
+        return Config(**values)
+    except TypeError as error:  # pragma: no cover - SETTINGS and Config out of sync
+        raise ConfigError(str(error)) from error
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per setting; every default is None so the env can fill it."""
+
+    def flag_type(setting: Setting) -> Callable[[str], Any]:
+        def parse(text: str) -> Any:
+            try:
+                return setting.parse(text)
+            except ValueError as error:
+                raise argparse.ArgumentTypeError(str(error)) from error
+
+        return parse
+
+    for setting in SETTINGS:
+        help_text = f"{setting.help} [env {setting.env}, default {setting.default}]"
+        if setting.parse is _parse_bool:
+            parser.add_argument(
+                setting.flag, dest=setting.name, action=argparse.BooleanOptionalAction,
+                default=None, help=help_text,
+            )  # fmt: skip
+        else:
+            parser.add_argument(
+                setting.flag, dest=setting.name, type=flag_type(setting), default=None,
+                help=help_text, metavar=setting.name.upper(),
+            )  # fmt: skip
+
+
+def markdown_table() -> str:
+    """The settings as the Markdown table in docs/configuration.md."""
+    lines = ["| Flag | Environment variable | Default | Meaning |", "|---|---|---|---|"]
+    for setting in SETTINGS:
+        flag = f"`{setting.flag}`" + (
+            f" / `--no-{setting.flag[2:]}`" if setting.parse is _parse_bool else ""
+        )
+        lines.append(f"| {flag} | `{setting.env}` | `{setting.default}` | {setting.help} |")
+    return "\n".join(lines) + "\n"
+
+
+def _check_in_sync() -> None:
+    names = {f.name for f in fields(Config)}
+    setting_names = {s.name for s in SETTINGS}
+    if names != setting_names:  # pragma: no cover - caught by the unit tests
+        raise AssertionError(f"Config and SETTINGS differ: {names ^ setting_names}")
+
+
+_check_in_sync()

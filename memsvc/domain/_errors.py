@@ -1,0 +1,129 @@
+"""The one error tree of memsvc's domain.
+
+Every failure a caller should see is raised as one of these; the gRPC layer maps
+each class to a status code (``memsvc.api``) and never needs to parse messages.
+
+    MemsvcError                     reason (ErrorReason name), metadata
+    ├── InvalidArgument             INVALID_ARGUMENT, with field violations
+    ├── NotFound
+    │   └── KeyNotFound             NOT_FOUND
+    ├── FailedPrecondition
+    │   └── SessionNotWritable      FAILED_PRECONDITION
+    ├── ResourceExhausted
+    │   └── SessionLimitExceeded    RESOURCE_EXHAUSTED, with the limit
+    └── BackendUnavailable          UNAVAILABLE (retryable)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    """One bad request field: its path (``entries[2].key``) and what to fix."""
+
+    field: str
+    description: str
+
+
+class MemsvcError(Exception):
+    """Base of every error memsvc reports to callers.
+
+    ``reason`` is the name of a ``memsvc.v1.ErrorReason`` value and ``metadata``
+    holds the identifiers and limits a program needs to act on the error.
+    """
+
+    reason: str = "ERROR_REASON_UNSPECIFIED"
+
+    def __init__(self, message: str, *, metadata: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.metadata: dict[str, str] = dict(metadata or {})
+
+
+class InvalidArgument(MemsvcError):
+    """The request is malformed; ``violations`` names every bad field."""
+
+    reason = "ERROR_REASON_INVALID_ARGUMENT"
+
+    def __init__(self, violations: list[FieldViolation]) -> None:
+        if not violations:
+            raise ValueError("InvalidArgument needs at least one violation")
+        message = "; ".join(f"{v.field}: {v.description}" for v in violations)
+        super().__init__(f"invalid request: {message}")
+        self.violations = tuple(violations)
+
+    @classmethod
+    def single(cls, field: str, description: str) -> InvalidArgument:
+        """Build the error for one bad field."""
+        return cls([FieldViolation(field, description)])
+
+
+class NotFound(MemsvcError):
+    """The thing asked for does not exist."""
+
+
+class KeyNotFound(NotFound):
+    """A working-memory key does not exist or has expired."""
+
+    reason = "ERROR_REASON_KEY_NOT_FOUND"
+
+    def __init__(self, session_id: str, key: str) -> None:
+        super().__init__(
+            f"key {key!r} not found in session {session_id!r} (never set, deleted or expired)",
+            metadata={"session_id": session_id, "key": key},
+        )
+
+
+class FailedPrecondition(MemsvcError):
+    """The request is valid but the system is not in a state to perform it."""
+
+
+class SessionNotWritable(FailedPrecondition):
+    """The session's state forbids writes to its working memory."""
+
+    reason = "ERROR_REASON_SESSION_NOT_WRITABLE"
+
+    def __init__(self, session_id: str, state: str) -> None:
+        super().__init__(
+            f"session {session_id!r} is {state}; its working memory is read-only until it "
+            "is resumed",
+            metadata={"session_id": session_id, "state": state},
+        )
+
+
+class ResourceExhausted(MemsvcError):
+    """A configured limit would be exceeded."""
+
+
+class SessionLimitExceeded(ResourceExhausted):
+    """A write would take a session past its key-count or byte limit."""
+
+    def __init__(self, *, what: str, limit: int, current: int, requested: int) -> None:
+        self.reason = (
+            "ERROR_REASON_SESSION_KEY_LIMIT"
+            if what == "keys"
+            else "ERROR_REASON_SESSION_SIZE_LIMIT"
+        )
+        self.subject = "session keys" if what == "keys" else "session bytes"
+        unit = "keys" if what == "keys" else "bytes"
+        super().__init__(
+            f"the session would hold {requested} {unit}, over its limit of {limit} "
+            f"(it holds {current}); delete keys or raise the limit",
+            metadata={"limit": str(limit), "current": str(current), "requested": str(requested)},
+        )
+        self.limit = limit
+
+
+class BackendUnavailable(MemsvcError):
+    """A backend could not be reached within the retry budget; retrying is safe."""
+
+    reason = "ERROR_REASON_BACKEND_UNAVAILABLE"
+
+    def __init__(self, backend: str, cause: BaseException | None = None) -> None:
+        detail = f": {type(cause).__name__}: {cause}" if cause else ""
+        super().__init__(
+            f"the {backend} backend is unavailable{detail}; retry later",
+            metadata={"backend": backend},
+        )

@@ -1,0 +1,80 @@
+"""Opaque page tokens shared by every List call.
+
+A token records where the previous page ended (the last item's sort key) and a
+fingerprint of the request it belongs to, so a token replayed against another
+session or filter is refused instead of silently listing the wrong thing.
+Tokens are URL-safe base64 of a small JSON document; clients must treat them as
+opaque.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+
+from memsvc.domain._errors import FieldViolation, InvalidArgument
+
+_TOKEN_VERSION = 1
+
+
+def fingerprint(*parts: str) -> str:
+    """A short digest of the request fields that a token is bound to."""
+    digest = hashlib.sha256("\x00".join(parts).encode("utf-8", "surrogatepass")).hexdigest()
+    return digest[:16]
+
+
+def encode_page_token(after: str, scope: str) -> str:
+    """Make the token for the page that starts after ``after``."""
+    document = json.dumps({"v": _TOKEN_VERSION, "a": after, "s": scope}, separators=(",", ":"))
+    return base64.urlsafe_b64encode(document.encode()).decode().rstrip("=")
+
+
+def decode_page_token(token: str, scope: str, field: str = "page_token") -> str | None:
+    """Return the position a token resumes after; None for an empty token.
+
+    Raises InvalidArgument when the token is malformed or was issued for
+    another scope.
+    """
+    if not token:
+        return None
+    try:
+        padded = token + "=" * (-len(token) % 4)
+        document = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
+        after, token_scope = document["a"], document["s"]
+        valid = document.get("v") == _TOKEN_VERSION and isinstance(after, str)
+    except (ValueError, KeyError, TypeError, binascii.Error, UnicodeError):
+        valid = False
+    if not valid:
+        raise InvalidArgument(
+            [
+                FieldViolation(
+                    field,
+                    "is not a token returned by this call; start again with an empty page_token",
+                )
+            ]
+        )
+    if token_scope != scope:
+        raise InvalidArgument(
+            [
+                FieldViolation(
+                    field,
+                    "belongs to a different request (another session or "
+                    "filter); start again with an empty page_token",
+                )
+            ]
+        )
+    return str(after)
+
+
+def check_page_size(
+    page_size: int, *, default: int, maximum: int, violations: list[FieldViolation]
+) -> int:
+    """Apply the AIP-158 rules: 0 means the default, above the maximum is clamped."""
+    if page_size < 0:
+        violations.append(FieldViolation("page_size", f"must not be negative, got {page_size}"))
+        return default
+    if page_size == 0:
+        return default
+    return min(page_size, maximum)

@@ -1,0 +1,327 @@
+"""Working memory: the rules of a session's key/value store and its storage port.
+
+``WorkingMemory`` validates every request completely before touching storage, so
+an invalid call changes nothing; the store (``WorkingMemoryStore``) performs
+each operation as one atomic step and enforces the per-session limits inside
+that step, where no concurrent writer can slip past them.
+
+Values are opaque bytes here: the gRPC layer stores the protobuf binary encoding
+of a ``google.protobuf.Value``. The domain never imports protobuf.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
+
+from memsvc.domain._errors import FieldViolation
+from memsvc.domain._ids import (
+    SessionRef,
+    check_key,
+    check_session_ref,
+    raise_if_any,
+)
+from memsvc.domain._pagination import (
+    check_page_size,
+    decode_page_token,
+    encode_page_token,
+    fingerprint,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkingMemoryLimits:
+    """Per-value, per-session and per-response limits (see docs/configuration.md)."""
+
+    max_value_bytes: int = 1 << 20
+    max_session_keys: int = 10_000
+    max_session_bytes: int = 16 << 20
+    max_batch_keys: int = 1_000
+    default_page_size: int = 100
+    max_page_size: int = 1_000
+    # Values returned by one response stop before this many bytes, so a reply
+    # always fits under the 4 MiB gRPC message limit with room for framing.
+    response_budget_bytes: int = 3 << 20
+
+    def __post_init__(self) -> None:
+        if self.max_value_bytes >= self.response_budget_bytes:
+            raise ValueError(
+                f"max_value_bytes ({self.max_value_bytes}) must be below the response budget "
+                f"({self.response_budget_bytes}) so that any one value can be read back"
+            )
+        if self.max_value_bytes > self.max_session_bytes:
+            raise ValueError("max_value_bytes must not exceed max_session_bytes")
+        if min(self.max_session_keys, self.max_batch_keys, self.max_page_size) < 1:
+            raise ValueError("key, batch and page limits must be at least 1")
+
+
+@dataclass(frozen=True, slots=True)
+class EntryWrite:
+    """One validated write: ``ttl_ms`` None means the key never expires."""
+
+    key: str
+    value: bytes
+    ttl_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEntry:
+    """A live key with its value; ``expire_at_ms`` is Unix time in milliseconds."""
+
+    key: str
+    value: bytes
+    expire_at_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class KeyMeta:
+    """A live key without its value."""
+
+    key: str
+    value_size: int
+    expire_at_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    """The outcome of writing one key."""
+
+    key: str
+    expire_at_ms: int | None
+    created: bool
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRead:
+    """The outcome of reading several keys under a response byte budget."""
+
+    found: list[StoredEntry]
+    missing: list[str]
+    unprocessed: list[str]
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    """One page of a listing; ``next_page_token`` is empty on the last page."""
+
+    items: list[T]
+    next_page_token: str
+
+
+class WorkingMemoryStore(Protocol):
+    """Storage port for working memory; every method is one atomic step.
+
+    Keys listed are live (not expired) and ordered by their UTF-8 bytes. Writes
+    enforce the session limits given at construction and raise
+    ``SessionLimitExceeded`` without writing anything when they would be
+    exceeded, or ``SessionNotWritable`` when the session's state marker forbids
+    writes. Backend failures surface as ``BackendUnavailable`` after bounded
+    retries.
+    """
+
+    backend_name: str
+
+    async def open(self) -> None:
+        """Connect (or start background work); nothing connects in ``__init__``."""
+
+    async def aclose(self) -> None:
+        """Release connections and background tasks."""
+
+    async def ping(self) -> None:
+        """Raise ``BackendUnavailable`` unless the backend answers now."""
+
+    async def set_entries(
+        self, session: SessionRef, writes: Sequence[EntryWrite]
+    ) -> list[WriteResult]:
+        """Write all entries or none; keys are distinct."""
+
+    async def get_entries(
+        self, session: SessionRef, keys: Sequence[str], budget_bytes: int
+    ) -> BatchRead:
+        """Read keys in order until their values would pass ``budget_bytes``.
+
+        The first found value is always returned, whatever its size.
+        """
+
+    async def delete_entries(self, session: SessionRef, keys: Sequence[str]) -> list[bool]:
+        """Delete all keys at once; say for each whether it existed."""
+
+    async def list_keys(
+        self, session: SessionRef, after: str | None, limit: int
+    ) -> tuple[list[KeyMeta], bool]:
+        """Return up to ``limit`` keys after ``after``, and whether more follow."""
+
+    async def list_entries(
+        self, session: SessionRef, after: str | None, limit: int, budget_bytes: int
+    ) -> tuple[list[StoredEntry], bool]:
+        """As list_keys with values, stopping early at ``budget_bytes`` of values."""
+
+
+class WorkingMemory:
+    """Validates working-memory requests and runs them against a store."""
+
+    def __init__(self, store: WorkingMemoryStore, limits: WorkingMemoryLimits) -> None:
+        self._store = store
+        self.limits = limits
+
+    async def set(
+        self, session: SessionRef, key: str, value: bytes | None, ttl_ms: int | None
+    ) -> WriteResult:
+        """Store one value (see ``set_many``)."""
+        violations: list[FieldViolation] = []
+        ref = check_session_ref(*_fields(session), violations)
+        self._check_write(key, value, ttl_ms, "", violations)
+        raise_if_any(violations)
+        assert value is not None
+        (result,) = await self._store.set_entries(ref, [EntryWrite(key, value, ttl_ms)])
+        return result
+
+    async def set_many(
+        self, session: SessionRef, entries: Sequence[tuple[str, bytes | None, int | None]]
+    ) -> list[WriteResult]:
+        """Store up to ``max_batch_keys`` entries atomically; keys must be distinct."""
+        violations: list[FieldViolation] = []
+        ref = check_session_ref(*_fields(session), violations)
+        self._check_batch_size(len(entries), "entries", violations)
+        seen: dict[str, int] = {}
+        for index, (key, value, ttl_ms) in enumerate(entries):
+            self._check_write(key, value, ttl_ms, f"entries[{index}].", violations)
+            _check_duplicate(key, index, seen, f"entries[{index}].key", violations)
+        raise_if_any(violations)
+        writes = [EntryWrite(key, value, ttl) for key, value, ttl in entries if value is not None]
+        return await self._store.set_entries(ref, writes)
+
+    async def get(self, session: SessionRef, key: str) -> StoredEntry | None:
+        """Return the live entry under ``key``, or None."""
+        violations: list[FieldViolation] = []
+        ref = check_session_ref(*_fields(session), violations)
+        check_key(key, "key", violations)
+        raise_if_any(violations)
+        read = await self._store.get_entries(ref, [key], self.limits.response_budget_bytes)
+        return read.found[0] if read.found else None
+
+    async def get_many(self, session: SessionRef, keys: Sequence[str]) -> BatchRead:
+        """Read up to ``max_batch_keys`` distinct keys under the response budget."""
+        violations: list[FieldViolation] = []
+        ref = self._check_keys(session, keys, violations)
+        raise_if_any(violations)
+        return await self._store.get_entries(ref, keys, self.limits.response_budget_bytes)
+
+    async def delete(self, session: SessionRef, key: str) -> bool:
+        """Delete one key; return whether it existed."""
+        violations: list[FieldViolation] = []
+        ref = check_session_ref(*_fields(session), violations)
+        check_key(key, "key", violations)
+        raise_if_any(violations)
+        (existed,) = await self._store.delete_entries(ref, [key])
+        return existed
+
+    async def delete_many(self, session: SessionRef, keys: Sequence[str]) -> list[bool]:
+        """Delete up to ``max_batch_keys`` distinct keys atomically."""
+        violations: list[FieldViolation] = []
+        ref = self._check_keys(session, keys, violations)
+        raise_if_any(violations)
+        return await self._store.delete_entries(ref, keys)
+
+    async def list_keys(
+        self, session: SessionRef, page_size: int, page_token: str
+    ) -> Page[KeyMeta]:
+        """One page of live keys, in byte order."""
+        ref, scope, after, limit = self._check_list(session, page_size, page_token)
+        items, more = await self._store.list_keys(ref, after, limit)
+        return Page(items, encode_page_token(items[-1].key, scope) if more and items else "")
+
+    async def list_entries(
+        self, session: SessionRef, page_size: int, page_token: str
+    ) -> Page[StoredEntry]:
+        """One page of live entries with values, in byte order of keys."""
+        ref, scope, after, limit = self._check_list(session, page_size, page_token)
+        items, more = await self._store.list_entries(
+            ref, after, limit, self.limits.response_budget_bytes
+        )
+        return Page(items, encode_page_token(items[-1].key, scope) if more and items else "")
+
+    def _check_write(
+        self,
+        key: str,
+        value: bytes | None,
+        ttl_ms: int | None,
+        prefix: str,
+        violations: list[FieldViolation],
+    ) -> None:
+        check_key(key, f"{prefix}key", violations)
+        if value is None:
+            violations.append(
+                FieldViolation(f"{prefix}value", "is required (any JSON-like value, null included)")
+            )
+        elif len(value) > self.limits.max_value_bytes:
+            violations.append(
+                FieldViolation(
+                    f"{prefix}value",
+                    f"is {len(value)} bytes encoded, over the limit of "
+                    f"{self.limits.max_value_bytes} bytes; store smaller values or split them",
+                )
+            )
+        if ttl_ms is not None and ttl_ms < 0:
+            violations.append(
+                FieldViolation(
+                    f"{prefix}ttl", "must not be negative (omit it or use 0 for no expiry)"
+                )
+            )
+
+    def _check_batch_size(self, count: int, field: str, violations: list[FieldViolation]) -> None:
+        if count == 0:
+            violations.append(FieldViolation(field, "must not be empty"))
+        elif count > self.limits.max_batch_keys:
+            violations.append(
+                FieldViolation(
+                    field,
+                    f"has {count} items, over the maximum of {self.limits.max_batch_keys} per "
+                    "call; split the batch",
+                )
+            )
+
+    def _check_keys(
+        self, session: SessionRef, keys: Sequence[str], violations: list[FieldViolation]
+    ) -> SessionRef:
+        ref = check_session_ref(*_fields(session), violations)
+        self._check_batch_size(len(keys), "keys", violations)
+        seen: dict[str, int] = {}
+        for index, key in enumerate(keys):
+            check_key(key, f"keys[{index}]", violations)
+            _check_duplicate(key, index, seen, f"keys[{index}]", violations)
+        return ref
+
+    def _check_list(
+        self, session: SessionRef, page_size: int, page_token: str
+    ) -> tuple[SessionRef, str, str | None, int]:
+        violations: list[FieldViolation] = []
+        ref = check_session_ref(*_fields(session), violations)
+        limit = check_page_size(
+            page_size,
+            default=self.limits.default_page_size,
+            maximum=self.limits.max_page_size,
+            violations=violations,
+        )
+        raise_if_any(violations)
+        scope = fingerprint("working-memory", *_fields(ref))
+        after = decode_page_token(page_token, scope)
+        return ref, scope, after, limit
+
+
+def _fields(session: SessionRef) -> tuple[str, str, str]:
+    return session.project_id, session.agent_instance_id, session.session_id
+
+
+def _check_duplicate(
+    key: str, index: int, seen: dict[str, int], field: str, violations: list[FieldViolation]
+) -> None:
+    first = seen.setdefault(key, index)
+    if first != index:
+        violations.append(
+            FieldViolation(field, f"repeats the key at index {first}; keys must be distinct")
+        )

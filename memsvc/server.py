@@ -1,0 +1,218 @@
+"""Server assembly: stores, services, health, reflection and graceful shutdown.
+
+A :class:`Server` owns everything one memsvc process runs; nothing lives in
+module globals. ``start()`` opens the stores (applying migrations unless told
+not to), binds the API on TCP and optionally a Unix socket, and starts a
+health monitor. ``stop()`` shuts down in the order clients need: health goes
+NOT_SERVING, open streams end with UNAVAILABLE, new calls are refused while
+in-flight calls get the grace period, then the stores close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import stat
+from pathlib import Path
+from types import TracebackType
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from memsvc.api import ErrorInterceptor, WorkingMemoryServicer
+from memsvc.api._errors import StreamTracker
+from memsvc.config import Config
+from memsvc.domain import DurableStore, WorkingMemory, WorkingMemoryLimits, WorkingMemoryStore
+from memsvc.store import durable_store, working_memory_store
+from memsvc.v1 import working_memory_pb2, working_memory_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+WORKING_MEMORY_SERVICE = working_memory_pb2.DESCRIPTOR.services_by_name[
+    "WorkingMemoryService"
+].full_name
+# Services whose health follows the backends; "" is the server as a whole.
+_HEALTH_SERVICES = ("", WORKING_MEMORY_SERVICE)
+
+
+def _limits(config: Config) -> WorkingMemoryLimits:
+    return WorkingMemoryLimits(
+        max_value_bytes=config.max_value_bytes,
+        max_session_keys=config.max_session_keys,
+        max_session_bytes=config.max_session_bytes,
+        response_budget_bytes=config.response_budget_bytes,
+    )
+
+
+class Server:
+    """One memsvc process: use ``async with Server(config) as server`` or start/stop."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        working_memory: WorkingMemoryStore | None = None,
+        durable: DurableStore | None = None,
+    ) -> None:
+        self.config = config
+        self.working_memory_store = working_memory or working_memory_store(config)
+        self.durable_store = durable or durable_store(config)
+        self.health = health.aio.HealthServicer()
+        self.port: int | None = None
+        self._streams = StreamTracker()
+        self._grpc: grpc.aio.Server | None = None
+        self._monitor: asyncio.Task[None] | None = None
+        self._healthy: bool | None = None
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        """Open the stores, migrate, bind the ports and start serving."""
+        await self.working_memory_store.open()
+        await self.durable_store.open()
+        if self.config.migrate:
+            applied = await self.durable_store.migrate()
+            log.info("schema migrations applied: %s", applied or "none pending")
+        memory = WorkingMemory(self.working_memory_store, _limits(self.config))
+        server = grpc.aio.server(
+            interceptors=[ErrorInterceptor(self._streams)],
+            options=self._grpc_options(),
+        )
+        working_memory_pb2_grpc.add_WorkingMemoryServiceServicer_to_server(
+            WorkingMemoryServicer(memory), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (WORKING_MEMORY_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        self.port = server.add_insecure_port(self.config.listen)
+        if self.config.unix_socket:
+            _remove_stale_socket(Path(self.config.unix_socket))
+            server.add_insecure_port(f"unix:{self.config.unix_socket}")
+        await self._check_health()
+        await server.start()
+        self._grpc = server
+        self._monitor = asyncio.create_task(self._monitor_health(), name="memsvc-health")
+        host = self.config.listen.rsplit(":", 1)[0]
+        log.info(
+            "memsvc serving on %s:%d%s (working memory: %s, durable store: %s)",
+            host,
+            self.port,
+            f" and unix:{self.config.unix_socket}" if self.config.unix_socket else "",
+            self.working_memory_store.backend_name,
+            self.durable_store.backend_name,
+        )
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Shut down gracefully; safe to call more than once."""
+        if self._stopped.is_set():
+            return
+        grace = self.config.shutdown_grace_seconds if grace is None else grace
+        log.info("shutting down (grace %.1fs)", grace)
+        await self.health.enter_graceful_shutdown()
+        if self._monitor is not None:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor
+        if self._grpc is not None:
+            # Let health watchers receive NOT_SERVING before their streams end.
+            await asyncio.sleep(0.05)
+            ended = self._streams.end_all()
+            if ended:
+                log.info("ended %d open stream(s) with UNAVAILABLE", ended)
+            await self._grpc.stop(grace)
+        await self.working_memory_store.aclose()
+        await self.durable_store.aclose()
+        if self.config.unix_socket:
+            with contextlib.suppress(FileNotFoundError):
+                Path(self.config.unix_socket).unlink()  # noqa: ASYNC240 - one fast syscall
+        self._stopped.set()
+        log.info("stopped")
+
+    async def wait_stopped(self) -> None:
+        """Return once ``stop()`` has finished."""
+        await self._stopped.wait()
+
+    async def __aenter__(self) -> Server:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    def _grpc_options(self) -> list[tuple[str, int]]:
+        return [
+            ("grpc.max_receive_message_length", self.config.max_message_bytes),
+            ("grpc.max_send_message_length", self.config.max_message_bytes),
+            # Fail loudly when the port is taken instead of sharing it silently.
+            ("grpc.so_reuseport", 0),
+            # Ping idle connections so dead peers (and their streams) are noticed.
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
+
+    async def _check_health(self) -> None:
+        timeout = self.config.health_interval_seconds
+        problems = []
+        for store in (self.working_memory_store, self.durable_store):
+            try:
+                async with asyncio.timeout(timeout):
+                    await store.ping()
+            except Exception as error:
+                problems.append(f"{store.backend_name}: {error}")
+        healthy = not problems
+        if healthy != self._healthy:
+            if healthy:
+                log.info("backends reachable: serving")
+            else:
+                log.warning("backend unreachable, health NOT_SERVING: %s", "; ".join(problems))
+            self._healthy = healthy
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if healthy
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in _HEALTH_SERVICES:
+            await self.health.set(service, status)
+
+    async def _monitor_health(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.health_interval_seconds)
+            await self._check_health()
+
+
+def _remove_stale_socket(path: Path) -> None:
+    """Remove a Unix socket left by a previous run; refuse to remove anything else."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise FileExistsError(f"{path} exists and is not a socket; choose another unix_socket")
+    path.unlink()
+
+
+async def serve(config: Config) -> None:
+    """Run a server until SIGTERM or SIGINT, then shut it down gracefully."""
+    server = Server(config)
+    try:
+        await server.start()
+    except BaseException:
+        await server.stop(0)
+        raise
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop_requested.set)
+    await stop_requested.wait()
+    await server.stop()

@@ -1,0 +1,238 @@
+"""In-process working memory: the embedded default and the reference semantics.
+
+Each session is a dict of key -> (value, expiry), a sorted list of its keys for
+stable pagination, and a heap of expiries so that expired keys are purged in
+O(log n) each. Every method runs without awaiting, so on the event loop each
+one is atomic, as the Redis store's scripts are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from sortedcontainers import SortedList
+
+from memsvc.domain import (
+    BatchRead,
+    EntryWrite,
+    KeyMeta,
+    SessionLimitExceeded,
+    SessionNotWritable,
+    SessionRef,
+    StoredEntry,
+    WriteResult,
+)
+
+log = logging.getLogger(__name__)
+
+
+def wall_clock_ms() -> int:
+    """Unix time in milliseconds."""
+    return time.time_ns() // 1_000_000
+
+
+@dataclass
+class _Session:
+    values: dict[str, tuple[bytes, int | None]] = field(default_factory=dict)
+    order: SortedList = field(default_factory=SortedList)
+    expiries: list[tuple[int, str]] = field(default_factory=list)
+    total_bytes: int = 0
+    # Lifecycle state marker; None until the lifecycle layer sets one. Writes
+    # are refused when it is set to anything but "active".
+    state: str | None = None
+
+    def purge(self, now_ms: int) -> None:
+        """Drop every key whose expiry has passed."""
+        while self.expiries and self.expiries[0][0] <= now_ms:
+            at, key = heapq.heappop(self.expiries)
+            current = self.values.get(key)
+            if current is not None and current[1] == at:
+                self._remove(key)
+
+    def put(self, key: str, value: bytes, expire_at: int | None) -> bool:
+        old = self.values.get(key)
+        if old is None:
+            self.order.add(key)
+        else:
+            self.total_bytes -= _entry_size(key, old[0])
+        self.values[key] = (value, expire_at)
+        self.total_bytes += _entry_size(key, value)
+        if expire_at is not None:
+            heapq.heappush(self.expiries, (expire_at, key))
+            if len(self.expiries) > 2 * len(self.values) + 64:
+                # Overwritten TTLs leave stale heap items; rebuild before they pile up.
+                self.expiries = [(at, k) for k, (_, at) in self.values.items() if at is not None]
+                heapq.heapify(self.expiries)
+        return old is None
+
+    def _remove(self, key: str) -> bool:
+        old = self.values.pop(key, None)
+        if old is None:
+            return False
+        self.order.remove(key)
+        self.total_bytes -= _entry_size(key, old[0])
+        return True
+
+    def remove(self, key: str) -> bool:
+        return self._remove(key)
+
+
+def _entry_size(key: str, value: bytes) -> int:
+    return len(key.encode("utf-8")) + len(value)
+
+
+class InMemoryWorkingMemoryStore:
+    """Working memory held in this process; lost when the process stops."""
+
+    backend_name = "working memory (in-process)"
+
+    def __init__(
+        self,
+        *,
+        max_session_keys: int,
+        max_session_bytes: int,
+        clock_ms: Callable[[], int] = wall_clock_ms,
+        sweep_interval_seconds: float = 5.0,
+    ) -> None:
+        self._max_keys = max_session_keys
+        self._max_bytes = max_session_bytes
+        self._clock_ms = clock_ms
+        self._sweep_interval = sweep_interval_seconds
+        self._sessions: dict[SessionRef, _Session] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def open(self) -> None:
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name="memsvc-wm-sweeper")
+
+    async def aclose(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+        self._sessions.clear()
+
+    async def ping(self) -> None:
+        return None
+
+    async def set_entries(
+        self, session: SessionRef, writes: Sequence[EntryWrite]
+    ) -> list[WriteResult]:
+        now = self._clock_ms()
+        state = self._session(session, now, create=True)
+        assert state is not None
+        if state.state not in (None, "active"):
+            raise SessionNotWritable(session.session_id, state.state)
+        new_keys = state_count = len(state.values)
+        new_bytes = current_bytes = state.total_bytes
+        for write in writes:
+            old = state.values.get(write.key)
+            if old is None:
+                new_keys += 1
+            else:
+                new_bytes -= _entry_size(write.key, old[0])
+            new_bytes += _entry_size(write.key, write.value)
+        if new_keys > self._max_keys:
+            self._drop_if_empty(session, state)
+            raise SessionLimitExceeded(
+                what="keys", limit=self._max_keys, current=state_count, requested=new_keys
+            )
+        if new_bytes > self._max_bytes:
+            self._drop_if_empty(session, state)
+            raise SessionLimitExceeded(
+                what="bytes", limit=self._max_bytes, current=current_bytes, requested=new_bytes
+            )
+        results = []
+        for write in writes:
+            expire_at = None if not write.ttl_ms else now + write.ttl_ms
+            created = state.put(write.key, write.value, expire_at)
+            results.append(WriteResult(write.key, expire_at, created))
+        return results
+
+    async def get_entries(
+        self, session: SessionRef, keys: Sequence[str], budget_bytes: int
+    ) -> BatchRead:
+        state = self._session(session, self._clock_ms())
+        found: list[StoredEntry] = []
+        missing: list[str] = []
+        used = 0
+        for index, key in enumerate(keys):
+            entry = state.values.get(key) if state else None
+            if entry is None:
+                missing.append(key)
+                continue
+            if found and used + len(entry[0]) > budget_bytes:
+                return BatchRead(found, missing, list(keys[index:]))
+            used += len(entry[0])
+            found.append(StoredEntry(key, entry[0], entry[1]))
+        return BatchRead(found, missing, [])
+
+    async def delete_entries(self, session: SessionRef, keys: Sequence[str]) -> list[bool]:
+        state = self._session(session, self._clock_ms())
+        if state is None:
+            return [False] * len(keys)
+        if state.state not in (None, "active"):
+            raise SessionNotWritable(session.session_id, state.state)
+        existed = [state.remove(key) for key in keys]
+        self._drop_if_empty(session, state)
+        return existed
+
+    async def list_keys(
+        self, session: SessionRef, after: str | None, limit: int
+    ) -> tuple[list[KeyMeta], bool]:
+        state = self._session(session, self._clock_ms())
+        if state is None:
+            return [], False
+        keys = self._keys_after(state, after, limit + 1)
+        items = [KeyMeta(k, len(state.values[k][0]), state.values[k][1]) for k in keys[:limit]]
+        return items, len(keys) > limit
+
+    async def list_entries(
+        self, session: SessionRef, after: str | None, limit: int, budget_bytes: int
+    ) -> tuple[list[StoredEntry], bool]:
+        state = self._session(session, self._clock_ms())
+        if state is None:
+            return [], False
+        keys = self._keys_after(state, after, limit + 1)
+        items: list[StoredEntry] = []
+        used = 0
+        for key in keys[:limit]:
+            value, expire_at = state.values[key]
+            if items and used + len(value) > budget_bytes:
+                return items, True
+            used += len(value)
+            items.append(StoredEntry(key, value, expire_at))
+        return items, len(keys) > limit
+
+    def _session(self, session: SessionRef, now_ms: int, create: bool = False) -> _Session | None:
+        state = self._sessions.get(session)
+        if state is None:
+            if not create:
+                return None
+            state = self._sessions[session] = _Session()
+        state.purge(now_ms)
+        return state
+
+    def _drop_if_empty(self, session: SessionRef, state: _Session) -> None:
+        if not state.values and state.state is None:
+            self._sessions.pop(session, None)
+
+    @staticmethod
+    def _keys_after(state: _Session, after: str | None, count: int) -> list[str]:
+        start = 0 if after is None else state.order.bisect_right(after)
+        return list(state.order.islice(start, start + count))
+
+    async def _sweep_forever(self) -> None:
+        # Sessions nobody touches again would otherwise keep their expired keys.
+        while True:
+            await asyncio.sleep(self._sweep_interval)
+            now = self._clock_ms()
+            for ref, state in list(self._sessions.items()):
+                state.purge(now)
+                self._drop_if_empty(ref, state)

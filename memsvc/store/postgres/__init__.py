@@ -1,0 +1,5 @@
+"""PostgreSQL adapters."""
+
+from memsvc.store.postgres._store import PostgresDurableStore
+
+__all__ = ["PostgresDurableStore"]

@@ -1,0 +1,128 @@
+"""The durable store in PostgreSQL, through a small psycopg 3 connection pool.
+
+Connections run in autocommit with server-side prepared statements off, so no
+state lives on a pooled connection (PgBouncer in transaction mode stays safe).
+Migrations take a transaction-scoped advisory lock, so a thousand sidecars
+starting at once apply each migration exactly once, and the lock cannot leak
+when a process dies.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import psycopg
+import psycopg_pool
+
+from memsvc.store._migrations import check_applied, load_migrations
+from memsvc.store._retry import with_retries
+
+log = logging.getLogger(__name__)
+
+# pg_advisory_xact_lock key for migrations: "memsvc" in ASCII.
+MIGRATION_LOCK_KEY = 0x6D656D737663
+
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    psycopg.OperationalError,
+    psycopg_pool.PoolTimeout,
+)
+
+_SCHEMA_TABLE = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version integer PRIMARY KEY,
+    name text NOT NULL,
+    checksum text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)
+"""
+
+
+class PostgresDurableStore:
+    """Durable data in PostgreSQL."""
+
+    backend_name = "durable store (PostgreSQL)"
+
+    def __init__(
+        self, url: str, *, max_connections: int = 4, connect_timeout_seconds: float = 5.0
+    ) -> None:
+        self._url = url
+        self._max_connections = max_connections
+        self._timeout = connect_timeout_seconds
+        self._pool: psycopg_pool.AsyncConnectionPool | None = None
+
+    async def open(self) -> None:
+        self._pool = psycopg_pool.AsyncConnectionPool(
+            self._url,
+            min_size=1,
+            max_size=self._max_connections,
+            timeout=self._timeout,
+            open=False,
+            kwargs={"autocommit": True, "prepare_threshold": None},
+            name="memsvc",
+        )
+        # Do not wait for the database: readiness reports it until it answers.
+        await self._pool.open(wait=False)
+
+    async def aclose(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    async def ping(self) -> None:
+        async def select_one() -> None:
+            async with self._connections.connection() as conn:
+                await conn.execute("SELECT 1")
+
+        await with_retries(
+            select_one, backend=self.backend_name, transient=TRANSIENT_ERRORS, attempts=1
+        )
+
+    async def migrate(self) -> list[int]:
+        return await with_retries(
+            self._migrate_once,
+            backend=self.backend_name,
+            transient=TRANSIENT_ERRORS,
+            budget_seconds=self._timeout * 3,
+        )
+
+    async def _migrate_once(self) -> list[int]:
+        applied_now = []
+        async with self._connections.connection() as conn:
+            for migration in load_migrations("memsvc.store.postgres"):
+                async with conn.transaction():
+                    await conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
+                    await conn.execute(_SCHEMA_TABLE)
+                    cursor = await conn.execute(
+                        "SELECT checksum FROM schema_migrations WHERE version = %s",
+                        (migration.version,),
+                    )
+                    row = await cursor.fetchone()
+                    if row is not None:
+                        check_applied(migration, row[0])
+                        continue
+                    # No parameters: psycopg sends the whole file as one simple query.
+                    await conn.execute(migration.sql.encode())
+                    await conn.execute(
+                        "INSERT INTO schema_migrations (version, name, checksum) "
+                        "VALUES (%s, %s, %s)",
+                        (migration.version, migration.name, migration.checksum),
+                    )
+                log.info("applied migration %04d_%s", migration.version, migration.name)
+                applied_now.append(migration.version)
+        return applied_now
+
+    async def schema_version(self) -> int:
+        async with self._connections.connection() as conn:
+            cursor = await conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL")
+            exists = await cursor.fetchone()
+            if not exists or not exists[0]:
+                return 0
+            cursor = await conn.execute("SELECT coalesce(max(version), 0) FROM schema_migrations")
+            row = await cursor.fetchone()
+        return int(row[0]) if row else 0
+
+    @property
+    def _connections(self) -> psycopg_pool.AsyncConnectionPool:
+        if self._pool is None:
+            raise RuntimeError("PostgresDurableStore used before open()")
+        return self._pool

@@ -1,0 +1,201 @@
+"""Working memory in Redis: one hash per session, driven by Lua scripts.
+
+The layout, its reasons and its costs are in
+docs/decisions/0002-redis-working-memory-layout.md. In short: every key of a
+session sits under one hash tag (one Cluster slot), each operation is one
+EVALSHA (one round trip, atomic), and expiry, limits and the lifecycle state
+marker are handled inside that script.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from importlib import resources
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+import redis.exceptions as redis_errors
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+
+from memsvc.domain import (
+    BatchRead,
+    EntryWrite,
+    KeyMeta,
+    SessionLimitExceeded,
+    SessionNotWritable,
+    SessionRef,
+    StoredEntry,
+    WriteResult,
+)
+from memsvc.store._retry import with_retries
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Errors after which the same command may succeed: connection loss, timeouts, a
+# Redis still loading its data. NOSCRIPT is handled by the Script objects.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+    ConnectionError,
+)
+
+KEY_PREFIX = "memsvc:wm"
+
+
+def session_keys(session: SessionRef) -> list[str]:
+    """The four Redis keys of a session's working memory, under one hash tag.
+
+    The tag is built from the two UUIDs (32 hex digits each, fixed length) and
+    the session id in unpadded URL-safe base64, whose alphabet has no ``{``,
+    ``}`` or ``:``; the mapping is injective, so two sessions never share a
+    key, and Redis Cluster hashes exactly the tag.
+    """
+    session_b64 = base64.urlsafe_b64encode(session.session_id.encode()).decode().rstrip("=")
+    tag = (
+        f"{session.project_id.replace('-', '')}."
+        f"{session.agent_instance_id.replace('-', '')}.{session_b64}"
+    )
+    base = f"{KEY_PREFIX}:{{{tag}}}"
+    return [f"{base}:d", f"{base}:x", f"{base}:k", f"{base}:m"]
+
+
+def _load_script(name: str) -> str:
+    package = resources.files("memsvc.store.redis") / "lua"
+    prelude = (package / "_prelude.lua").read_text()
+    return prelude + "\n" + (package / f"{name}.lua").read_text()
+
+
+def _expiry(raw: bytes | None) -> int | None:
+    return None if raw is None else int(float(raw))
+
+
+class RedisWorkingMemoryStore:
+    """Working memory in Redis (or a Redis-compatible server)."""
+
+    backend_name = "working memory (Redis)"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        max_session_keys: int,
+        max_session_bytes: int,
+        max_connections: int = 8,
+        socket_timeout_seconds: float = 2.0,
+    ) -> None:
+        self._url = url
+        self._max_keys = max_session_keys
+        self._max_bytes = max_session_bytes
+        self._max_connections = max_connections
+        self._socket_timeout = socket_timeout_seconds
+        self._client: aioredis.Redis | None = None
+        self._scripts: dict[str, AsyncScript] = {}
+
+    async def open(self) -> None:
+        pool = aioredis.BlockingConnectionPool.from_url(
+            self._url,
+            max_connections=self._max_connections,
+            timeout=self._socket_timeout,
+            socket_timeout=self._socket_timeout,
+            socket_connect_timeout=self._socket_timeout,
+            # memsvc's own bounded retries (store/_retry.py) are the only ones.
+            retry=Retry(NoBackoff(), 0),
+        )
+        self._client = aioredis.Redis.from_pool(pool)
+        for name in ("set_entries", "get_entries", "delete_entries", "list_entries"):
+            self._scripts[name] = self._client.register_script(_load_script(name))
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def ping(self) -> None:
+        await self._retrying(lambda: self._redis.ping(), attempts=1)
+
+    async def set_entries(
+        self, session: SessionRef, writes: Sequence[EntryWrite]
+    ) -> list[WriteResult]:
+        args: list[Any] = [self._max_keys, self._max_bytes]
+        for write in writes:
+            args += [write.key, write.value, write.ttl_ms or 0]
+        reply = await self._run("set_entries", session, args)
+        status = reply[0]
+        if status == b"state":
+            raise SessionNotWritable(session.session_id, reply[1].decode())
+        if status == b"limit":
+            raise SessionLimitExceeded(
+                what=reply[1].decode(),
+                limit=int(reply[2]),
+                current=int(reply[3]),
+                requested=int(reply[4]),
+            )
+        return [
+            WriteResult(write.key, int(reply[2 + 2 * i]) or None, bool(reply[1 + 2 * i]))
+            for i, write in enumerate(writes)
+        ]
+
+    async def get_entries(
+        self, session: SessionRef, keys: Sequence[str], budget_bytes: int
+    ) -> BatchRead:
+        reply = await self._run("get_entries", session, [budget_bytes, *keys])
+        processed = int(reply[0])
+        found: list[StoredEntry] = []
+        missing: list[str] = []
+        for i, key in enumerate(keys[:processed]):
+            value = reply[1 + 2 * i]
+            if value is None:
+                missing.append(key)
+            else:
+                found.append(StoredEntry(key, value, _expiry(reply[2 + 2 * i])))
+        return BatchRead(found, missing, list(keys[processed:]))
+
+    async def delete_entries(self, session: SessionRef, keys: Sequence[str]) -> list[bool]:
+        reply = await self._run("delete_entries", session, list(keys))
+        if reply[0] == b"state":
+            raise SessionNotWritable(session.session_id, reply[1].decode())
+        return [bool(flag) for flag in reply[1:]]
+
+    async def list_keys(
+        self, session: SessionRef, after: str | None, limit: int
+    ) -> tuple[list[KeyMeta], bool]:
+        reply = await self._run("list_entries", session, [after or "", limit, 0, 0])
+        items = [
+            KeyMeta(reply[i].decode(), int(reply[i + 1]), _expiry(reply[i + 2]))
+            for i in range(1, len(reply), 3)
+        ]
+        return items, bool(reply[0])
+
+    async def list_entries(
+        self, session: SessionRef, after: str | None, limit: int, budget_bytes: int
+    ) -> tuple[list[StoredEntry], bool]:
+        reply = await self._run("list_entries", session, [after or "", limit, 1, budget_bytes])
+        items = [
+            StoredEntry(reply[i].decode(), reply[i + 1], _expiry(reply[i + 2]))
+            for i in range(1, len(reply), 3)
+        ]
+        return items, bool(reply[0])
+
+    @property
+    def _redis(self) -> aioredis.Redis:
+        if self._client is None:
+            raise RuntimeError("RedisWorkingMemoryStore used before open()")
+        return self._client
+
+    async def _run(self, script: str, session: SessionRef, args: list[Any]) -> list[Any]:
+        keys = session_keys(session)
+        runner = self._scripts[script]
+        reply = await self._retrying(lambda: runner(keys=keys, args=args, client=self._redis))
+        assert isinstance(reply, list)
+        return reply
+
+    async def _retrying(self, operation: Callable[[], Awaitable[T]], attempts: int = 4) -> T:
+        return await with_retries(
+            operation, backend=self.backend_name, transient=TRANSIENT_ERRORS, attempts=attempts
+        )

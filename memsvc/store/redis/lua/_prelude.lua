@@ -1,0 +1,80 @@
+-- Shared by every working-memory script (prepended to each one).
+--
+-- One session's working memory is four keys under one hash tag, so they live
+-- in one Redis Cluster slot and one script can touch them all atomically:
+--   KEYS[1] D  hash   key -> encoded value
+--   KEYS[2] X  zset   key -> expiry (Unix ms), only for keys with a TTL
+--   KEYS[3] K  zset   key -> 0, the lexicographic index used for pagination
+--   KEYS[4] M  hash   'bytes' (sum of key and value sizes), 'state' (lifecycle)
+-- Every script first purges the keys whose expiry has passed (by Redis's own
+-- clock), so what it reads or counts afterwards is live.
+local D, X, K, M = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- Deletes members in chunks: unpack() has a stack limit of a few thousand.
+local function remove_members(members)
+  for i = 1, #members, 1000 do
+    local j = math.min(i + 999, #members)
+    redis.call('HDEL', D, unpack(members, i, j))
+    redis.call('ZREM', K, unpack(members, i, j))
+    redis.call('ZREM', X, unpack(members, i, j))
+  end
+end
+
+local function purge(now)
+  if redis.call('EXISTS', D) == 0 then
+    -- The whole session expired (or never existed): reset what it left behind.
+    redis.call('DEL', X, K)
+    redis.call('HDEL', M, 'bytes')
+    return
+  end
+  local expired = redis.call('ZRANGE', X, '-inf', now, 'BYSCORE')
+  if #expired == 0 then
+    return
+  end
+  local freed = 0
+  for i = 1, #expired do
+    freed = freed + #expired[i] + redis.call('HSTRLEN', D, expired[i])
+  end
+  remove_members(expired)
+  redis.call('HINCRBY', M, 'bytes', -freed)
+end
+
+-- After a write: when every key has a TTL, let Redis expire the whole session
+-- at the last expiry, so sessions nobody reads again do not stay forever.
+local function refresh_session_expiry()
+  if redis.call('EXISTS', D) == 0 then
+    redis.call('DEL', X, K)
+    redis.call('HDEL', M, 'bytes')
+    return
+  end
+  local keep_meta = redis.call('HEXISTS', M, 'state') == 1
+  if redis.call('ZCARD', X) == redis.call('HLEN', D) then
+    local last = redis.call('ZRANGE', X, -1, -1, 'WITHSCORES')
+    local at = last[2]
+    redis.call('PEXPIREAT', D, at)
+    redis.call('PEXPIREAT', X, at)
+    redis.call('PEXPIREAT', K, at)
+    if not keep_meta then
+      redis.call('PEXPIREAT', M, at)
+    end
+  else
+    redis.call('PERSIST', D)
+    redis.call('PERSIST', X)
+    redis.call('PERSIST', K)
+    redis.call('PERSIST', M)
+  end
+end
+
+-- Returns the state that forbids writes, or false when writes are allowed.
+local function write_blocked()
+  local state = redis.call('HGET', M, 'state')
+  if state and state ~= 'active' then
+    return state
+  end
+  return false
+end

@@ -1,0 +1,113 @@
+"""The durable store in a SQLite file: the embedded default.
+
+One connection, in WAL mode with ``synchronous=FULL`` so that a committed
+transaction survives a crash or power loss. Migrations run under
+``BEGIN IMMEDIATE``, which takes SQLite's write lock, so two processes sharing
+the file never apply the same migration twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import aiosqlite
+
+from memsvc.domain import BackendUnavailable
+from memsvc.store._migrations import check_applied, load_migrations, split_sql
+
+log = logging.getLogger(__name__)
+
+_SCHEMA_TABLE = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    checksum TEXT NOT NULL,
+    applied_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+)
+"""
+
+
+def sqlite_path(url: str) -> Path:
+    """The file named by ``sqlite:///absolute/path.db`` or ``sqlite://relative.db``."""
+    if not url.startswith("sqlite://") or len(url) == len("sqlite://"):
+        raise ValueError(f"not a SQLite URL (expected sqlite:///path/to/file.db): {url!r}")
+    return Path(url.removeprefix("sqlite://"))
+
+
+class SqliteDurableStore:
+    """Durable data in one SQLite file."""
+
+    backend_name = "durable store (SQLite)"
+
+    def __init__(self, url: str) -> None:
+        self.path = sqlite_path(url)
+        self._db: aiosqlite.Connection | None = None
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = await aiosqlite.connect(self.path, isolation_level=None)
+            for pragma in (
+                "PRAGMA journal_mode=WAL",
+                "PRAGMA synchronous=FULL",
+                "PRAGMA busy_timeout=5000",
+                "PRAGMA foreign_keys=ON",
+            ):
+                await self._db.execute(pragma)
+        except aiosqlite.Error as error:
+            raise BackendUnavailable(self.backend_name, error) from error
+
+    async def aclose(self) -> None:
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+
+    async def ping(self) -> None:
+        try:
+            await self._conn.execute("SELECT 1")
+        except aiosqlite.Error as error:
+            raise BackendUnavailable(self.backend_name, error) from error
+
+    async def migrate(self) -> list[int]:
+        applied_now = []
+        db = self._conn
+        for migration in load_migrations("memsvc.store.sqlite"):
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                await db.execute(_SCHEMA_TABLE)
+                async with db.execute(
+                    "SELECT checksum FROM schema_migrations WHERE version = ?", (migration.version,)
+                ) as cursor:
+                    row = await cursor.fetchone()
+                if row is not None:
+                    check_applied(migration, row[0])
+                    await db.execute("ROLLBACK")
+                    continue
+                for statement in split_sql(migration.sql):
+                    await db.execute(statement)
+                await db.execute(
+                    "INSERT INTO schema_migrations (version, name, checksum) VALUES (?, ?, ?)",
+                    (migration.version, migration.name, migration.checksum),
+                )
+                await db.execute("COMMIT")
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+            log.info("applied migration %04d_%s", migration.version, migration.name)
+            applied_now.append(migration.version)
+        return applied_now
+
+    async def schema_version(self) -> int:
+        await self._conn.execute(_SCHEMA_TABLE)
+        async with self._conn.execute(
+            "SELECT coalesce(max(version), 0) FROM schema_migrations"
+        ) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    @property
+    def _conn(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise RuntimeError("SqliteDurableStore used before open()")
+        return self._db
