@@ -29,8 +29,8 @@ class ConfigError(ValueError):
     """A setting has an invalid value or an unknown name."""
 
 
-def _default_data_dir() -> str:
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+def _default_data_dir(env: Mapping[str, str] = os.environ) -> str:
+    base = env.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return str(Path(base) / "memsvc")
 
 
@@ -186,6 +186,7 @@ def load(
                 values[setting.name] = setting.parse(env[setting.env])
             except ValueError as error:
                 raise ConfigError(f"{setting.env}: {error}") from error
+    values.setdefault("data_dir", _default_data_dir(env))
     try:
         return Config(**values)
     except TypeError as error:  # pragma: no cover - SETTINGS and Config out of sync

@@ -69,7 +69,17 @@ class Server:
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
-        """Open the stores, migrate, bind the ports and start serving."""
+        """Open the stores, migrate, bind the ports and start serving.
+
+        On failure, whatever was opened is closed again before the error propagates.
+        """
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop(0)
+            raise
+
+    async def _start(self) -> None:
         await self.working_memory_store.open()
         await self.durable_store.open()
         if self.config.migrate:
@@ -205,11 +215,7 @@ def _remove_stale_socket(path: Path) -> None:
 async def serve(config: Config) -> None:
     """Run a server until SIGTERM or SIGINT, then shut it down gracefully."""
     server = Server(config)
-    try:
-        await server.start()
-    except BaseException:
-        await server.stop(0)
-        raise
+    await server.start()
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -10,6 +10,7 @@ a logged traceback, so internals never leak to callers.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -164,37 +165,54 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             )
         return handler
 
-    def _track_stream(
-        self, behavior: Callable[..., AsyncIterator[Any]], method: str, own: bool
-    ) -> Callable[..., AsyncIterator[Any]]:
+    def _track_stream(self, behavior: Callable[..., Any], method: str, own: bool) -> Any:
+        """Wrap a server-streaming handler, either style grpc.aio allows: an async
+        generator that yields responses, or a coroutine that calls context.write()."""
         streams = self._streams
 
-        async def unary_stream(
-            request: Any, context: grpc.aio.ServicerContext
-        ) -> AsyncIterator[Any]:
+        async def end_with_status(context: grpc.aio.ServicerContext, error: BaseException) -> None:
+            if isinstance(error, asyncio.CancelledError):
+                if not streams.shutting_down:
+                    raise error
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE, "server shutting down; reconnect to continue"
+                )
+            if isinstance(error, grpc.aio.AbortError) or not own:
+                raise error
+            await _abort(context, error, method)
+
+        if inspect.isasyncgenfunction(behavior):
+
+            async def generator(
+                request: Any, context: grpc.aio.ServicerContext
+            ) -> AsyncIterator[Any]:
+                rpc_method.set(method)
+                task = asyncio.current_task()
+                assert task is not None
+                streams.add(task)
+                try:
+                    async for response in behavior(request, context):
+                        yield response
+                except (Exception, asyncio.CancelledError) as error:
+                    await end_with_status(context, error)
+                finally:
+                    streams.discard(task)
+
+            return generator
+
+        async def writer(request: Any, context: grpc.aio.ServicerContext) -> None:
             rpc_method.set(method)
             task = asyncio.current_task()
             assert task is not None
             streams.add(task)
             try:
-                async for response in behavior(request, context):
-                    yield response
-            except asyncio.CancelledError:
-                if not streams.shutting_down:
-                    raise
-                await context.abort(
-                    grpc.StatusCode.UNAVAILABLE, "server shutting down; reconnect to continue"
-                )
-            except grpc.aio.AbortError:
-                raise
-            except Exception as error:
-                if not own:
-                    raise
-                await _abort(context, error, method)
+                await behavior(request, context)
+            except (Exception, asyncio.CancelledError) as error:
+                await end_with_status(context, error)
             finally:
                 streams.discard(task)
 
-        return unary_stream
+        return writer
 
 
 def _map_errors(

@@ -72,7 +72,7 @@ async def with_retries(
     try:
         async for attempt in AsyncRetrying(
             stop=stop_after_attempt(attempts) | stop_before_delay(max(0.0, stop_at - loop.time())),
-            wait=wait_exponential_jitter(initial=0.05, max=1.0, jitter=0.05),
+            wait=wait_exponential_jitter(multiplier=0.05, max=1.0, jitter=0.05),
             retry=retry_if_exception_type(retryable),
             reraise=True,
             before_sleep=lambda state: log.warning(

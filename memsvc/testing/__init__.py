@@ -1,0 +1,20 @@
+"""Helpers for tests of memsvc and of code that talks to it (not used in serving)."""
+
+from memsvc.testing._backends import (
+    BackendUnreachable,
+    create_postgres_database,
+    drop_postgres_database,
+    free_port,
+    require_backend,
+)
+from memsvc.testing._processes import PrivateRedis, wait_for_port
+
+__all__ = [
+    "BackendUnreachable",
+    "PrivateRedis",
+    "create_postgres_database",
+    "drop_postgres_database",
+    "free_port",
+    "require_backend",
+    "wait_for_port",
+]

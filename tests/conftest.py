@@ -1,0 +1,135 @@
+"""Shared fixtures: backends (real ones, never mocks) and servers on ephemeral ports.
+
+Backends come from MEMSVC_TEST_REDIS_URL and MEMSVC_TEST_DATABASE_URL (defaults:
+the local Redis and PostgreSQL). When one is unreachable its tests skip with the
+reason on a laptop; under CI=true they fail instead, so CI can never go green by
+skipping.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import grpc
+import pytest
+
+from memsvc.config import Config
+from memsvc.server import Server
+from memsvc.testing import (
+    BackendUnreachable,
+    create_postgres_database,
+    drop_postgres_database,
+    require_backend,
+)
+from memsvc.v1 import working_memory_pb2_grpc
+
+REDIS_URL = os.environ.get("MEMSVC_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+DATABASE_URL = os.environ.get(
+    "MEMSVC_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def need(url: str) -> None:
+    """Skip (or, under CI=true, fail) when the backend at ``url`` is unreachable."""
+    try:
+        require_backend(url)
+    except BackendUnreachable as error:
+        if IN_CI:
+            pytest.fail(f"CI=true and a required backend is missing: {error}")
+        pytest.skip(str(error))
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A database of its own for this test run, dropped at the end."""
+    need(DATABASE_URL)
+    url = create_postgres_database(DATABASE_URL)
+    yield url
+    drop_postgres_database(DATABASE_URL, url)
+
+
+@pytest.fixture
+def fresh_postgres_url() -> Iterator[str]:
+    """An empty database for one test (migration tests)."""
+    need(DATABASE_URL)
+    url = create_postgres_database(DATABASE_URL)
+    yield url
+    drop_postgres_database(DATABASE_URL, url)
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """A pair of backends the contract suite runs against."""
+
+    name: str
+    working_memory: str
+    durable: str
+
+
+DEPLOYMENTS = {
+    "embedded": Deployment("embedded", "memory", "sqlite"),
+    "production": Deployment("production", "redis", "postgres"),
+}
+
+
+@pytest.fixture(params=sorted(DEPLOYMENTS))
+def deployment(request: pytest.FixtureRequest) -> Deployment:
+    return DEPLOYMENTS[request.param]
+
+
+@pytest.fixture
+def base_config(deployment: Deployment, tmp_path: Path, request: pytest.FixtureRequest) -> Config:
+    """Configuration of a server on a free port, on the deployment's backends."""
+    working_memory_url = "memory://"
+    database_url = ""
+    if deployment.working_memory == "redis":
+        need(REDIS_URL)
+        working_memory_url = REDIS_URL
+    if deployment.durable == "postgres":
+        database_url = request.getfixturevalue("postgres_url")
+    return Config(
+        listen="127.0.0.1:0",
+        data_dir=str(tmp_path / "data"),
+        working_memory_url=working_memory_url,
+        database_url=database_url,
+        health_interval_seconds=0.2,
+        shutdown_grace_seconds=2,
+    )
+
+
+@pytest.fixture
+def config_overrides() -> dict[str, object]:
+    """Override in a test module (or with indirect parametrization) to change limits."""
+    return {}
+
+
+@pytest.fixture
+async def server(base_config: Config, config_overrides: dict[str, object]) -> AsyncIterator[Server]:
+    async with Server(replace(base_config, **config_overrides)) as running:  # type: ignore[arg-type]
+        yield running
+
+
+@pytest.fixture
+async def channel(server: Server) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as chan:
+        yield chan
+
+
+@pytest.fixture
+def wm(channel: grpc.aio.Channel) -> working_memory_pb2_grpc.WorkingMemoryServiceStub:
+    return working_memory_pb2_grpc.WorkingMemoryServiceStub(channel)
+
+
+@pytest.fixture
+def scope() -> dict[str, str]:
+    """Fresh scope ids for one test, so tests never see each other's data."""
+    return {
+        "project_id": str(uuid.uuid4()),
+        "agent_instance_id": str(uuid.uuid4()),
+        "session_id": f"session-{uuid.uuid4().hex[:8]}",
+    }

@@ -1,0 +1,91 @@
+"""Small helpers shared by the tests."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from google.protobuf import json_format, struct_pb2
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+
+@dataclass
+class ErrorDetails:
+    """What a program can read from a failed call."""
+
+    code: grpc.StatusCode
+    message: str
+    reason: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+    violations: dict[str, str] = field(default_factory=dict)
+    quota_subjects: list[str] = field(default_factory=list)
+    retry_delay_seconds: float | None = None
+
+
+def details_of(error: grpc.aio.AioRpcError) -> ErrorDetails:
+    """Decode the status details (ErrorInfo, BadRequest, QuotaFailure) of an error."""
+    result = ErrorDetails(error.code(), error.details() or "")
+    status = rpc_status.from_call(error)
+    if status is None:
+        return result
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            assert info.domain == "memsvc.dev"
+            result.reason, result.metadata = info.reason, dict(info.metadata)
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            result.violations = {v.field: v.description for v in bad.field_violations}
+        elif detail.Is(error_details_pb2.QuotaFailure.DESCRIPTOR):
+            quota = error_details_pb2.QuotaFailure()
+            detail.Unpack(quota)
+            result.quota_subjects = [v.subject for v in quota.violations]
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            result.retry_delay_seconds = retry.retry_delay.ToTimedelta().total_seconds()
+    return result
+
+
+async def expect_error(call: Awaitable[Any], code: grpc.StatusCode) -> ErrorDetails:
+    """Await a call that must fail with ``code``; return its details."""
+    try:
+        response = await call
+    except grpc.aio.AioRpcError as error:
+        details = details_of(error)
+        assert details.code == code, f"expected {code}, got {details.code}: {details.message}"
+        return details
+    raise AssertionError(f"expected {code}, but the call succeeded with {response!r}")
+
+
+def value(python: Any) -> struct_pb2.Value:
+    """A google.protobuf.Value holding a JSON-like Python value."""
+    message = struct_pb2.Value()
+    json_format.ParseDict(python, message)
+    return message
+
+
+def python(message: struct_pb2.Value) -> Any:
+    """The JSON-like Python value held by a google.protobuf.Value."""
+    return json_format.MessageToDict(message)
+
+
+async def eventually(
+    condition: Callable[[], Awaitable[bool]], *, timeout: float = 10.0, interval: float = 0.05
+) -> None:
+    """Poll until ``condition`` holds; fail after ``timeout`` seconds.
+
+    The timeout only bounds a broken test; nothing is measured.
+    """
+    deadline = time.monotonic() + timeout
+    while not await condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not reached within {timeout}s")
+        await asyncio.sleep(interval)

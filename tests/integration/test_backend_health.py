@@ -1,0 +1,94 @@
+"""Health follows the backends: NOT_SERVING while one is down, SERVING once it is back."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from memsvc.config import Config
+from memsvc.server import Server
+from memsvc.testing import PrivateRedis, free_port
+from memsvc.v1 import working_memory_pb2 as pb
+from memsvc.v1.working_memory_pb2_grpc import WorkingMemoryServiceStub
+from tests.helpers import eventually, expect_error, python, value
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def status_of(channel: grpc.aio.Channel, service: str = "") -> int:
+    reply = await health_pb2_grpc.HealthStub(channel).Check(
+        health_pb2.HealthCheckRequest(service=service)
+    )
+    return int(reply.status)
+
+
+async def test_redis_outage_turns_health_off_and_calls_unavailable(tmp_path: Path):
+    """Killing Redis: NOT_SERVING and UNAVAILABLE (retryable, reason given);
+    a new Redis on the same port: SERVING and working calls again, by itself."""
+    redis = PrivateRedis(free_port(), tmp_path / "redis")
+    redis.start()
+    config = Config(
+        listen="127.0.0.1:0",
+        data_dir=str(tmp_path / "data"),
+        working_memory_url=redis.url,
+        health_interval_seconds=0.1,
+    )
+    ids: dict[str, Any] = {
+        "project_id": str(uuid.uuid4()),
+        "agent_instance_id": str(uuid.uuid4()),
+        "session_id": "s",
+    }
+    try:
+        async with (
+            Server(config) as server,
+            grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+        ):
+            wm = WorkingMemoryServiceStub(channel)
+            await wm.Set(pb.SetRequest(**ids, key="k", value=value(1)))
+            assert await status_of(channel) == SERVING
+
+            redis.kill()
+
+            async def not_serving() -> bool:
+                return bool(await status_of(channel) == NOT_SERVING)
+
+            await eventually(not_serving)
+            assert await status_of(channel, "memsvc.v1.WorkingMemoryService") == NOT_SERVING
+            error = await expect_error(
+                wm.Get(pb.GetRequest(**ids, key="k"), timeout=10), grpc.StatusCode.UNAVAILABLE
+            )
+            assert error.reason == "ERROR_REASON_BACKEND_UNAVAILABLE"
+            assert error.metadata == {"backend": "working memory (Redis)"}
+            assert error.retry_delay_seconds is not None
+
+            redis.start()  # empty: this Redis keeps nothing on disk
+
+            async def serving() -> bool:
+                return bool(await status_of(channel) == SERVING)
+
+            await eventually(serving)
+            await wm.Set(pb.SetRequest(**ids, key="k", value=value(2)))
+            assert python((await wm.Get(pb.GetRequest(**ids, key="k"))).entry.value) == 2
+    finally:
+        redis.kill()
+
+
+async def test_unreachable_database_means_not_serving_from_the_start(tmp_path: Path):
+    """With the durable store down (and migrations skipped), the server starts NOT_SERVING."""
+    config = Config(
+        listen="127.0.0.1:0",
+        data_dir=str(tmp_path),
+        database_url=f"postgresql://postgres@127.0.0.1:{free_port()}/none?connect_timeout=1",
+        migrate=False,
+        health_interval_seconds=0.2,
+    )
+    async with (
+        Server(config) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch,
+    ):
+        assert await status_of(ch) == NOT_SERVING

@@ -1,0 +1,97 @@
+"""The `memsvc` command: serve until SIGTERM, --no-migrate, configuration errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from memsvc.store.sqlite import SqliteDurableStore
+from memsvc.testing import free_port, wait_for_port
+from memsvc.v1 import working_memory_pb2 as pb
+from memsvc.v1.working_memory_pb2_grpc import WorkingMemoryServiceStub
+from tests.helpers import python, value
+
+MEMSVC = str(Path(sys.executable).parent / "memsvc")
+
+
+def start(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], int]:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEMSVC_")}
+    process = subprocess.Popen(
+        [MEMSVC, "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", str(tmp_path), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        wait_for_port(port, timeout=30)
+    except TimeoutError:
+        process.kill()
+        raise AssertionError(process.communicate()[1]) from None
+    return process, port
+
+
+async def test_serve_answers_then_exits_cleanly_on_sigterm(tmp_path):
+    """`memsvc serve` on the embedded default serves, and SIGTERM ends it with status 0."""
+    process, port = start(tmp_path)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            wm = WorkingMemoryServiceStub(channel)
+            ids: dict[str, Any] = {
+                "project_id": str(uuid.uuid4()),
+                "agent_instance_id": str(uuid.uuid4()),
+                "session_id": "cli",
+            }
+            await wm.Set(pb.SetRequest(**ids, key="k", value=value({"a": 1})))
+            assert python((await wm.Get(pb.GetRequest(**ids, key="k"))).entry.value) == {"a": 1}
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 0, stderr
+    records = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    messages = [r["message"] for r in records]
+    assert any(m.startswith("memsvc serving on 127.0.0.1:") for m in messages), messages
+    assert messages[-1] == "stopped"
+    assert all({"time", "level", "logger", "message"} <= r.keys() for r in records)
+    assert (tmp_path / "memsvc.db").exists(), "the embedded store lives under --data-dir"
+
+
+async def test_no_migrate_leaves_the_schema_alone(tmp_path):
+    process, _ = start(tmp_path, "--no-migrate")
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 0, stderr
+    store = SqliteDurableStore(f"sqlite:///{tmp_path}/memsvc.db")
+    await store.open()
+    try:
+        assert await store.schema_version() == 0
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "complaint"),
+    [
+        ([], {"MEMSVC_LISTN": "x"}, "unknown environment variable(s) MEMSVC_LISTN"),
+        ([], {"MEMSVC_MAX_VALUE_BYTES": "lots"}, "MEMSVC_MAX_VALUE_BYTES"),
+        (["--working-memory-url", "mongodb://x"], {}, "working_memory_url must start with"),
+        (["--max-value-bytes", "0"], {}, "must be at least 1"),
+    ],
+)
+def test_configuration_errors_exit_2_with_a_message(args, env, complaint):
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MEMSVC_")}
+    done = subprocess.run(
+        [MEMSVC, "serve", *args], capture_output=True, text=True, timeout=30, env={**clean, **env}
+    )
+    assert done.returncode == 2
+    assert complaint in done.stderr

@@ -1,0 +1,188 @@
+"""The server as a whole: health, reflection, Unix socket and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import uuid
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from memsvc.config import Config
+from memsvc.domain import BatchRead, SessionRef
+from memsvc.server import Server
+from memsvc.store.memory import InMemoryWorkingMemoryStore
+from memsvc.v1 import working_memory_pb2 as pb
+from memsvc.v1.working_memory_pb2_grpc import WorkingMemoryServiceStub
+from tests.helpers import expect_error, python, value
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+GRPCURL = str(Path(sys.executable).parent / "grpcurl")
+
+
+@pytest.fixture
+def embedded(tmp_path: Path) -> Config:
+    return Config(listen="127.0.0.1:0", data_dir=str(tmp_path), health_interval_seconds=0.2)
+
+
+def scope() -> dict[str, Any]:
+    return {
+        "project_id": str(uuid.uuid4()),
+        "agent_instance_id": str(uuid.uuid4()),
+        "session_id": "s",
+    }
+
+
+async def test_health_reports_serving_for_server_and_service(embedded):
+    async with (
+        Server(embedded) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch,
+    ):
+        stub = health_pb2_grpc.HealthStub(ch)
+        for service in ("", "memsvc.v1.WorkingMemoryService"):
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=service))
+            assert reply.status == SERVING, service
+        await expect_error(
+            stub.Check(health_pb2.HealthCheckRequest(service="no.such.Service")),
+            grpc.StatusCode.NOT_FOUND,
+        )
+
+
+async def test_reflection_lists_every_service(embedded):
+    async with (
+        Server(embedded) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch,
+    ):
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        call = stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+        )
+        reply = await call.read()
+        call.cancel()
+        names = {s.name for s in reply.list_services_response.service}
+        assert names == {
+            "memsvc.v1.WorkingMemoryService",
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1alpha.ServerReflection",
+        }
+
+
+def grpcurl(args: Sequence[str]) -> str:
+    done = subprocess.run(
+        [GRPCURL, "-plaintext", *args], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+async def test_grpcurl_lists_and_calls_without_proto_files(embedded):
+    """The README's grpcurl examples work: list, then Set and Get through reflection."""
+    async with Server(embedded) as server:
+        address = f"127.0.0.1:{server.port}"
+        ids = scope()
+        listing = await asyncio.to_thread(grpcurl, [address, "list"])
+        assert "memsvc.v1.WorkingMemoryService" in listing.split()
+        assert "grpc.health.v1.Health" in listing.split()
+        set_body = json.dumps({**ids, "key": "plan", "value": {"steps": ["a", "b"]}, "ttl": "60s"})
+        await asyncio.to_thread(
+            grpcurl, ["-d", set_body, address, "memsvc.v1.WorkingMemoryService/Set"]
+        )
+        got = await asyncio.to_thread(
+            grpcurl,
+            [
+                "-d",
+                json.dumps({**ids, "key": "plan"}),
+                address,
+                "memsvc.v1.WorkingMemoryService/Get",
+            ],
+        )
+        assert json.loads(got)["entry"]["value"] == {"steps": ["a", "b"]}
+
+
+async def test_unix_socket_serves_the_api(embedded, tmp_path):
+    path = tmp_path / "memsvc.sock"
+    async with (
+        Server(replace(embedded, unix_socket=str(path))),
+        grpc.aio.insecure_channel(f"unix:{path}") as ch,
+    ):
+        wm = WorkingMemoryServiceStub(ch)
+        ids = scope()
+        await wm.Set(pb.SetRequest(**ids, key="k", value=value("over the socket")))
+        assert (
+            python((await wm.Get(pb.GetRequest(**ids, key="k"))).entry.value) == "over the socket"
+        )
+    assert not path.exists(), "the socket file is removed at shutdown"
+
+
+class GatedStore(InMemoryWorkingMemoryStore):
+    """The in-process store, with reads that wait for a gate: a call held in flight."""
+
+    def __init__(self) -> None:
+        super().__init__(max_session_keys=100, max_session_bytes=1 << 20)
+        self.entered = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def get_entries(
+        self, session: SessionRef, keys: Sequence[str], budget_bytes: int
+    ) -> BatchRead:
+        self.entered.set()
+        await self.gate.wait()
+        return await super().get_entries(session, keys, budget_bytes)
+
+
+async def test_graceful_shutdown_finishes_in_flight_calls_and_refuses_new_ones(embedded):
+    """On stop: health NOT_SERVING, watchers end with UNAVAILABLE, the call in flight
+    completes, new calls are refused."""
+    store = GatedStore()
+    server = Server(replace(embedded, shutdown_grace_seconds=10), working_memory=store)
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    wm = WorkingMemoryServiceStub(channel)
+    ids = scope()
+    await wm.Set(pb.SetRequest(**ids, key="k", value=value("v")))
+    watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+    assert (await watch.read()).status == SERVING
+    in_flight = asyncio.ensure_future(wm.Get(pb.GetRequest(**ids, key="k")))
+    await asyncio.wait_for(store.entered.wait(), 10)
+
+    stopping = asyncio.ensure_future(server.stop())
+    assert (await asyncio.wait_for(watch.read(), 10)).status == NOT_SERVING
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        await asyncio.wait_for(watch.read(), 10)
+    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    # A second connection is refused (the listener is closed) while the first call still runs.
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as late:
+        await expect_error(
+            WorkingMemoryServiceStub(late).Get(pb.GetRequest(**ids, key="k"), timeout=5),
+            grpc.StatusCode.UNAVAILABLE,
+        )
+    assert not stopping.done(), "stop() must wait for the call in flight"
+    store.gate.set()
+    reply = await asyncio.wait_for(in_flight, 10)
+    assert python(reply.entry.value) == "v"
+    await asyncio.wait_for(stopping, 10)
+    await channel.close()
+
+
+async def test_stop_cancels_calls_still_running_after_the_grace_period(embedded):
+    store = GatedStore()
+    server = Server(embedded, working_memory=store)
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        call = WorkingMemoryServiceStub(channel).Get(pb.GetRequest(**scope(), key="k"))
+        await asyncio.wait_for(store.entered.wait(), 10)
+        await server.stop(grace=0.2)
+        with pytest.raises(grpc.aio.AioRpcError) as cancelled:
+            await call
+        assert cancelled.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)

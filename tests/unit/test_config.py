@@ -1,0 +1,61 @@
+"""Configuration: flags over environment over defaults; unknown names refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from memsvc.config import ConfigError, load, markdown_table
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
+
+
+def test_defaults_are_the_embedded_deployment():
+    config = load({}, {"XDG_DATA_HOME": "/srv/data"})
+    assert config.listen == "127.0.0.1:50051"
+    assert config.working_memory_url == "memory://"
+    assert config.database_url == "sqlite:///srv/data/memsvc/memsvc.db"
+    assert config.migrate is True
+    assert config.response_budget_bytes == 3 << 20
+
+
+def test_environment_is_read_and_flags_win():
+    env = {"MEMSVC_LISTEN": "0.0.0.0:7000", "MEMSVC_MAX_SESSION_KEYS": "50", "MEMSVC_MIGRATE": "no"}
+    config = load({"listen": "127.0.0.1:9000", "max_session_keys": None}, env)
+    assert config.listen == "127.0.0.1:9000"
+    assert config.max_session_keys == 50
+    assert config.migrate is False
+
+
+def test_unknown_variables_are_refused_but_kubernetes_service_links_ignored():
+    with pytest.raises(ConfigError, match="MEMSVC_LISTN"):
+        load({}, {"MEMSVC_LISTN": "x"})
+    injected = {
+        "MEMSVC_PORT": "tcp://10.0.0.1:50051",
+        "MEMSVC_PORT_50051_TCP_ADDR": "10.0.0.1",
+        "MEMSVC_SERVICE_HOST": "10.0.0.1",
+        "MEMSVC_SERVICE_PORT": "50051",
+    }
+    assert load({}, injected).listen == "127.0.0.1:50051"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"MEMSVC_MAX_VALUE_BYTES": "-1"}, "at least 1"),
+        ({"MEMSVC_LOG_FORMAT": "xml"}, "must be one of"),
+        ({"MEMSVC_MIGRATE": "maybe"}, "true or false"),
+        ({"MEMSVC_LISTEN": "no-port"}, "host:port"),
+        ({"MEMSVC_DATABASE_URL": "mysql://x"}, "database_url"),
+        ({"MEMSVC_MAX_VALUE_BYTES": "4000000"}, "below 3/4 of max_message_bytes"),
+    ],
+)
+def test_bad_values_are_refused_with_the_setting_named(env, message):
+    with pytest.raises(ConfigError, match=message):
+        load({}, env)
+
+
+def test_docs_table_matches_the_settings():
+    """docs/configuration.md embeds `memsvc config` output; regenerate it when settings change."""
+    assert markdown_table() in DOCS.read_text(), "run `memsvc config` and paste it into the docs"
