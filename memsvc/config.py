@@ -20,6 +20,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from memsvc.domain import WorkingMemoryLimits
+
 ENV_PREFIX = "MEMSVC_"
 # Variables Kubernetes injects for a Service named "memsvc" (enableServiceLinks).
 _KUBERNETES_INJECTED = re.compile(r"MEMSVC_(PORT(_.*)?|SERVICE_.*)")
@@ -145,18 +147,24 @@ class Config:
                 f"database_url must start with sqlite://, postgresql:// or postgres://, got "
                 f"{self.database_url!r}"
             )
-        if self.max_value_bytes >= self.response_budget_bytes:
-            raise ConfigError(
-                f"max_value_bytes ({self.max_value_bytes}) must be below 3/4 of "
-                f"max_message_bytes ({self.max_message_bytes}) so any value can be read back"
-            )
-        if self.max_value_bytes > self.max_session_bytes:
-            raise ConfigError("max_value_bytes must not exceed max_session_bytes")
+        try:
+            self.working_memory_limits()
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
 
     @property
     def response_budget_bytes(self) -> int:
         """Bytes of values one response may carry: 3/4 of the message limit."""
         return self.max_message_bytes * 3 // 4
+
+    def working_memory_limits(self) -> WorkingMemoryLimits:
+        """The working-memory limits these settings give (ValueError when inconsistent)."""
+        return WorkingMemoryLimits(
+            max_value_bytes=self.max_value_bytes,
+            max_session_keys=self.max_session_keys,
+            max_session_bytes=self.max_session_bytes,
+            response_budget_bytes=self.response_budget_bytes,
+        )
 
 
 def load(

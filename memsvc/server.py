@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from memsvc.api import ErrorInterceptor, WorkingMemoryServicer
 from memsvc.api._errors import StreamTracker
 from memsvc.config import Config
-from memsvc.domain import DurableStore, WorkingMemory, WorkingMemoryLimits, WorkingMemoryStore
+from memsvc.domain import DurableStore, WorkingMemory, WorkingMemoryStore
 from memsvc.store import durable_store, working_memory_store
 from memsvc.v1 import working_memory_pb2, working_memory_pb2_grpc
 
@@ -36,15 +36,6 @@ WORKING_MEMORY_SERVICE = working_memory_pb2.DESCRIPTOR.services_by_name[
 ].full_name
 # Services whose health follows the backends; "" is the server as a whole.
 _HEALTH_SERVICES = ("", WORKING_MEMORY_SERVICE)
-
-
-def _limits(config: Config) -> WorkingMemoryLimits:
-    return WorkingMemoryLimits(
-        max_value_bytes=config.max_value_bytes,
-        max_session_keys=config.max_session_keys,
-        max_session_bytes=config.max_session_bytes,
-        response_budget_bytes=config.response_budget_bytes,
-    )
 
 
 class Server:
@@ -85,7 +76,7 @@ class Server:
         if self.config.migrate:
             applied = await self.durable_store.migrate()
             log.info("schema migrations applied: %s", applied or "none pending")
-        memory = WorkingMemory(self.working_memory_store, _limits(self.config))
+        memory = WorkingMemory(self.working_memory_store, self.config.working_memory_limits())
         server = grpc.aio.server(
             interceptors=[ErrorInterceptor(self._streams)],
             options=self._grpc_options(),

@@ -34,6 +34,16 @@ DATABASE_URL = os.environ.get(
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Under CI=true a skipped test fails the run: CI must never go green by skipping."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = len(reporter.stats.get("skipped", [])) if reporter else 0
+    if IN_CI and skipped and session.exitstatus == 0:
+        if reporter:
+            reporter.write_line(f"CI=true: {skipped} test(s) skipped; failing the run", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 def need(url: str) -> None:
     """Skip (or, under CI=true, fail) when the backend at ``url`` is unreachable."""
     try:

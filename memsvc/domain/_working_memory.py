@@ -48,7 +48,8 @@ class WorkingMemoryLimits:
         if self.max_value_bytes >= self.response_budget_bytes:
             raise ValueError(
                 f"max_value_bytes ({self.max_value_bytes}) must be below the response budget "
-                f"({self.response_budget_bytes}) so that any one value can be read back"
+                f"({self.response_budget_bytes} bytes, 3/4 of max_message_bytes) so that any "
+                "one value can be read back"
             )
         if self.max_value_bytes > self.max_session_bytes:
             raise ValueError("max_value_bytes must not exceed max_session_bytes")

@@ -48,7 +48,7 @@ def test_unknown_variables_are_refused_but_kubernetes_service_links_ignored():
         ({"MEMSVC_MIGRATE": "maybe"}, "true or false"),
         ({"MEMSVC_LISTEN": "no-port"}, "host:port"),
         ({"MEMSVC_DATABASE_URL": "mysql://x"}, "database_url"),
-        ({"MEMSVC_MAX_VALUE_BYTES": "4000000"}, "below 3/4 of max_message_bytes"),
+        ({"MEMSVC_MAX_VALUE_BYTES": "4000000"}, "3/4 of max_message_bytes"),
     ],
 )
 def test_bad_values_are_refused_with_the_setting_named(env, message):
