@@ -69,16 +69,26 @@ async def with_retries(
     if deadline is not None:
         stop_at = min(stop_at, deadline)
     retryable: tuple[type[BaseException], ...] = (*transient, TimeoutError)
+    # The first attempt runs without tenacity's machinery: it is the common case
+    # and sits on every call's hot path.
+    try:
+        async with asyncio.timeout_at(stop_at):
+            return await operation()
+    except retryable as error:
+        if attempts <= 1 or loop.time() >= stop_at:
+            raise BackendUnavailable(backend, error) from error
+        log.warning("%s backend error, retrying: %r", backend, error)
     try:
         async for attempt in AsyncRetrying(
-            stop=stop_after_attempt(attempts) | stop_before_delay(max(0.0, stop_at - loop.time())),
+            stop=stop_after_attempt(attempts - 1)
+            | stop_before_delay(max(0.0, stop_at - loop.time())),
             wait=wait_exponential_jitter(multiplier=0.05, max=1.0, jitter=0.05),
             retry=retry_if_exception_type(retryable),
             reraise=True,
             before_sleep=lambda state: log.warning(
                 "%s backend error, retrying (attempt %d): %r",
                 backend,
-                state.attempt_number,
+                state.attempt_number + 1,
                 state.outcome.exception() if state.outcome else None,
             ),
         ):
