@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint fmt proto lock bench clean
+.PHONY: serve test lint breaking fmt proto lock bench clean
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+## breaking: check proto/ for breaking changes against the main branch
+breaking: $(STAMP)
+	$(BIN)/buf breaking --against '.git#branch=main'
 
 ## fmt: apply ruff's fixes and formatting
 fmt: $(STAMP)

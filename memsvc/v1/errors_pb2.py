@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16memsvc/v1/errors.proto\x12\tmemsvc.v1*\x84\x02\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12!\n\x1d\x45RROR_REASON_INVALID_ARGUMENT\x10\x01\x12\x1e\n\x1a\x45RROR_REASON_KEY_NOT_FOUND\x10\x02\x12\"\n\x1e\x45RROR_REASON_SESSION_KEY_LIMIT\x10\x03\x12#\n\x1f\x45RROR_REASON_SESSION_SIZE_LIMIT\x10\x04\x12$\n ERROR_REASON_BACKEND_UNAVAILABLE\x10\x05\x12%\n!ERROR_REASON_SESSION_NOT_WRITABLE\x10\x06\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16memsvc/v1/errors.proto\x12\tmemsvc.v1*\xba\x04\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12!\n\x1d\x45RROR_REASON_INVALID_ARGUMENT\x10\x01\x12\x1e\n\x1a\x45RROR_REASON_KEY_NOT_FOUND\x10\x02\x12\"\n\x1e\x45RROR_REASON_SESSION_KEY_LIMIT\x10\x03\x12#\n\x1f\x45RROR_REASON_SESSION_SIZE_LIMIT\x10\x04\x12$\n ERROR_REASON_BACKEND_UNAVAILABLE\x10\x05\x12%\n!ERROR_REASON_SESSION_NOT_WRITABLE\x10\x06\x12#\n\x1f\x45RROR_REASON_INVALID_TRANSITION\x10\x07\x12\"\n\x1e\x45RROR_REASON_SESSION_NOT_FOUND\x10\x08\x12\'\n#ERROR_REASON_SESSION_ALREADY_EXISTS\x10\t\x12%\n!ERROR_REASON_CHECKPOINT_NOT_FOUND\x10\n\x12*\n&ERROR_REASON_CHECKPOINT_ALREADY_EXISTS\x10\x0b\x12%\n!ERROR_REASON_CHECKPOINT_PROTECTED\x10\x0c\x12\"\n\x1e\x45RROR_REASON_REQUEST_ID_REUSED\x10\r\x12$\n ERROR_REASON_WORKING_MEMORY_LOST\x10\x0e\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,5 +32,5 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'memsvc.v1.errors_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ERRORREASON']._serialized_start=38
-  _globals['_ERRORREASON']._serialized_end=298
+  _globals['_ERRORREASON']._serialized_end=608
 # @@protoc_insertion_point(module_scope)
