@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable
-from dataclasses import dataclass
+
+from memsvc.domain._session_memory import SnapshotEntry
 
 MAGIC = b"MSN1"
 _LENGTH = struct.Struct("<I")
@@ -25,15 +26,6 @@ class SnapshotFormatError(ValueError):
     """Bytes that are not a snapshot of this format."""
 
 
-@dataclass(frozen=True, slots=True)
-class SnapshotEntry:
-    """One key of a snapshot; ``remaining_ttl_ms`` None means no expiry."""
-
-    key: str
-    value: bytes
-    remaining_ttl_ms: int | None
-
-
 def encode_snapshot(entries: Iterable[SnapshotEntry]) -> bytes:
     """The stored form of a snapshot."""
     items = list(entries)
@@ -41,7 +33,13 @@ def encode_snapshot(entries: Iterable[SnapshotEntry]) -> bytes:
     for entry in items:
         key = entry.key.encode("utf-8")
         ttl = -1 if entry.remaining_ttl_ms is None else entry.remaining_ttl_ms
-        parts += [_LENGTH.pack(len(key)), key, _LENGTH.pack(len(entry.value)), entry.value, _TTL.pack(ttl)]
+        parts += [
+            _LENGTH.pack(len(key)),
+            key,
+            _LENGTH.pack(len(entry.value)),
+            entry.value,
+            _TTL.pack(ttl),
+        ]
     return b"".join(parts)
 
 

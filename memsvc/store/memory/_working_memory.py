@@ -13,7 +13,7 @@ import contextlib
 import heapq
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 from sortedcontainers import SortedList
@@ -27,6 +27,14 @@ from memsvc.domain import (
     SessionRef,
     StoredEntry,
     WriteResult,
+)
+from memsvc.domain._session_memory import (
+    MISSING,
+    LostOperation,
+    Marker,
+    MarkerStateError,
+    Snapshot,
+    SnapshotEntry,
 )
 
 log = logging.getLogger(__name__)
@@ -43,9 +51,15 @@ class _Session:
     order: SortedList = field(default_factory=SortedList)
     expiries: list[tuple[int, str]] = field(default_factory=list)
     total_bytes: int = 0
-    # Lifecycle state marker; None until the lifecycle layer sets one. Writes
-    # are refused when it is set to anything but "active".
-    state: str | None = None
+    # Lifecycle marker (ADR 0004); None until the lifecycle sets one. Writes are
+    # refused when it is in any state but "active".
+    marker: Marker | None = None
+    # The working memory a Resume is building, swapped in by finish().
+    staged: _Session | None = None
+
+    @property
+    def state(self) -> str | None:
+        return None if self.marker is None else self.marker.state
 
     def purge(self, now_ms: int) -> None:
         """Drop every key whose expiry has passed."""
@@ -81,6 +95,13 @@ class _Session:
 
     def remove(self, key: str) -> bool:
         return self._remove(key)
+
+    def copy_data(self) -> _Session:
+        """A new session holding the same entries (no marker)."""
+        clone = _Session()
+        for key, (value, expire_at) in self.values.items():
+            clone.put(key, value, expire_at)
+        return clone
 
 
 def _entry_size(key: str, value: bytes) -> int:
@@ -220,8 +241,120 @@ class InMemoryWorkingMemoryStore:
         return state
 
     def _drop_if_empty(self, session: SessionRef, state: _Session) -> None:
-        if not state.values and state.state is None:
+        if not state.values and state.marker is None:
             self._sessions.pop(session, None)
+
+    # Lifecycle steps (SessionMemoryStore, ADR 0004); each runs without awaiting.
+
+    async def read_marker(self, session: SessionRef) -> Marker | None:
+        state = self._sessions.get(session)
+        return None if state is None else state.marker
+
+    async def begin_spawn(
+        self, session: SessionRef, op: str, epoch: str, writes: Sequence[EntryWrite]
+    ) -> None:
+        now = self._clock_ms()
+        fresh = _Session()
+        for write in writes:
+            fresh.put(write.key, write.value, now + write.ttl_ms if write.ttl_ms else None)
+        fresh.marker = Marker("spawning", op=op, next_epoch=epoch)
+        self._sessions[session] = fresh
+
+    async def begin_snapshot(
+        self,
+        session: SessionRef,
+        op: str,
+        new_state: str | None,
+        clear_on_finish: bool,
+        allowed: Collection[str],
+    ) -> Snapshot:
+        now = self._clock_ms()
+        state = self._session(session, now, create=True)
+        assert state is not None
+        current = state.state or MISSING
+        if current not in allowed:
+            self._drop_if_empty(session, state)
+            raise MarkerStateError(current)
+        if new_state is not None:
+            epoch = state.marker.epoch if state.marker else None
+            state.marker = Marker(
+                new_state, epoch=epoch, op=op, prior=current, clear=clear_on_finish
+            )
+        entries = [
+            SnapshotEntry(key, value, None if at is None else max(1, at - now))
+            for key, (value, at) in state.values.items()
+        ]
+        self._drop_if_empty(session, state)
+        return Snapshot(current, entries)
+
+    async def begin_restore(
+        self,
+        session: SessionRef,
+        op: str,
+        next_epoch: str,
+        entries: Sequence[SnapshotEntry],
+        merge: bool,
+        allowed: Collection[str],
+    ) -> int:
+        now = self._clock_ms()
+        state = self._session(session, now, create=True)
+        assert state is not None
+        current = state.state or MISSING
+        if current not in allowed:
+            self._drop_if_empty(session, state)
+            raise MarkerStateError(current)
+        staged = state.copy_data() if merge else _Session()
+        for entry in entries:
+            ttl = entry.remaining_ttl_ms
+            staged.put(entry.key, entry.value, None if ttl is None else now + max(1, ttl))
+        if len(staged.values) > self._max_keys or staged.total_bytes > self._max_bytes:
+            self._drop_if_empty(session, state)
+            over_keys = len(staged.values) > self._max_keys
+            raise SessionLimitExceeded(
+                what="keys" if over_keys else "bytes",
+                limit=self._max_keys if over_keys else self._max_bytes,
+                current=len(state.values) if over_keys else state.total_bytes,
+                requested=len(staged.values) if over_keys else staged.total_bytes,
+            )
+        epoch = state.marker.epoch if state.marker else None
+        state.staged = staged
+        state.marker = Marker("resuming", epoch=epoch, op=op, prior=current, next_epoch=next_epoch)
+        return len(staged.values)
+
+    async def finish(
+        self, session: SessionRef, op: str, final_state: str | None, swap: bool, clear: bool
+    ) -> None:
+        state = self._owned(session, op)
+        marker = state.marker
+        assert marker is not None
+        if swap:
+            replacement = state.staged or _Session()
+            replacement.marker, replacement.staged = marker, None
+            self._sessions[session] = state = replacement
+        if clear:
+            self._sessions[session] = state = _Session(marker=marker)
+        if final_state is None:
+            del self._sessions[session]
+            return
+        state.marker = Marker(final_state, epoch=marker.next_epoch or marker.epoch)
+
+    async def abort(self, session: SessionRef, op: str) -> str:
+        state = self._owned(session, op)
+        marker = state.marker
+        assert marker is not None
+        state.staged = None
+        if marker.state == "spawning" or marker.prior in (None, MISSING):
+            del self._sessions[session]
+            return MISSING
+        assert marker.prior is not None
+        state.marker = Marker(marker.prior, epoch=marker.epoch)
+        return marker.prior
+
+    def _owned(self, session: SessionRef, op: str) -> _Session:
+        state = self._sessions.get(session)
+        if state is None or state.marker is None or state.marker.op != op:
+            raise LostOperation(state.state or MISSING if state else MISSING)
+        return state
 
     @staticmethod
     def _keys_after(state: _Session, after: str | None, count: int) -> list[str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import base64
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from importlib import resources
 from typing import Any, TypeVar
 
@@ -31,6 +31,13 @@ from memsvc.domain import (
     StoredEntry,
     WriteResult,
 )
+from memsvc.domain._session_memory import (
+    LostOperation,
+    Marker,
+    MarkerStateError,
+    Snapshot,
+    SnapshotEntry,
+)
 from memsvc.store._retry import with_retries
 
 log = logging.getLogger(__name__)
@@ -46,6 +53,18 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 KEY_PREFIX = "memsvc:wm"
+LIFECYCLE_SCRIPTS = (
+    "lifecycle_begin_spawn",
+    "lifecycle_begin_snapshot",
+    "lifecycle_begin_restore",
+    "lifecycle_finish",
+    "lifecycle_abort",
+)
+
+
+def staging_keys(session: SessionRef) -> list[str]:
+    """The staging copies of the data keys that a Resume builds (ADR 0004)."""
+    return [f"{key}'" for key in session_keys(session)[:3]]
 
 
 def session_keys(session: SessionRef) -> list[str]:
@@ -108,7 +127,13 @@ class RedisWorkingMemoryStore:
             retry=Retry(NoBackoff(), 0),
         )
         self._client = aioredis.Redis.from_pool(pool)
-        for name in ("set_entries", "get_entries", "delete_entries", "list_entries"):
+        for name in (
+            "set_entries",
+            "get_entries",
+            "delete_entries",
+            "list_entries",
+            *LIFECYCLE_SCRIPTS,
+        ):
             self._scripts[name] = self._client.register_script(_load_script(name))
 
     async def aclose(self) -> None:
@@ -181,6 +206,108 @@ class RedisWorkingMemoryStore:
             for i in range(1, len(reply), 3)
         ]
         return items, bool(reply[0])
+
+    # Lifecycle steps (SessionMemoryStore, ADR 0004): one script each, over the
+    # session's keys and its staging keys.
+
+    async def read_marker(self, session: SessionRef) -> Marker | None:
+        meta_key = session_keys(session)[3]
+        raw_fields: dict[Any, Any] = await self._retrying(lambda: self._redis.hgetall(meta_key))
+        fields: dict[bytes, bytes] = raw_fields
+        state = fields.get(b"state")
+        if state is None:
+            return None
+
+        def text(name: bytes) -> str | None:
+            raw = fields.get(name)
+            return None if raw is None else raw.decode()
+
+        return Marker(
+            state=state.decode(),
+            epoch=text(b"epoch"),
+            op=text(b"op"),
+            prior=text(b"prior"),
+            next_epoch=text(b"next_epoch"),
+            clear=fields.get(b"clear") == b"1",
+        )
+
+    async def begin_spawn(
+        self, session: SessionRef, op: str, epoch: str, writes: Sequence[EntryWrite]
+    ) -> None:
+        args: list[Any] = [op, epoch]
+        for write in writes:
+            args += [write.key, write.value, write.ttl_ms or 0]
+        await self._run_lifecycle("lifecycle_begin_spawn", session, args)
+
+    async def begin_snapshot(
+        self,
+        session: SessionRef,
+        op: str,
+        new_state: str | None,
+        clear_on_finish: bool,
+        allowed: Collection[str],
+    ) -> Snapshot:
+        args = [op, new_state or "", "1" if clear_on_finish else "0", *allowed]
+        reply = await self._run_lifecycle("lifecycle_begin_snapshot", session, args)
+        if reply[0] == b"state":
+            raise MarkerStateError(reply[1].decode())
+        entries = [
+            SnapshotEntry(
+                reply[i].decode(),
+                reply[i + 1],
+                None if int(reply[i + 2]) < 0 else int(reply[i + 2]),
+            )
+            for i in range(2, len(reply), 3)
+        ]
+        return Snapshot(reply[1].decode(), entries)
+
+    async def begin_restore(
+        self,
+        session: SessionRef,
+        op: str,
+        next_epoch: str,
+        entries: Sequence[SnapshotEntry],
+        merge: bool,
+        allowed: Collection[str],
+    ) -> int:
+        merge_flag = "1" if merge else "0"
+        args: list[Any] = [op, next_epoch, merge_flag, self._max_keys, self._max_bytes]
+        args.append(",".join(allowed))
+        for entry in entries:
+            ttl = -1 if entry.remaining_ttl_ms is None else entry.remaining_ttl_ms
+            args += [entry.key, entry.value, ttl]
+        reply = await self._run_lifecycle("lifecycle_begin_restore", session, args)
+        if reply[0] == b"state":
+            raise MarkerStateError(reply[1].decode())
+        if reply[0] == b"limit":
+            raise SessionLimitExceeded(
+                what=reply[1].decode(),
+                limit=int(reply[2]),
+                current=int(reply[3]),
+                requested=int(reply[4]),
+            )
+        return int(reply[1])
+
+    async def finish(
+        self, session: SessionRef, op: str, final_state: str | None, swap: bool, clear: bool
+    ) -> None:
+        args = [op, final_state or "", "1" if swap else "0", "1" if clear else "0"]
+        reply = await self._run_lifecycle("lifecycle_finish", session, args)
+        if reply[0] == b"lost":
+            raise LostOperation(reply[1].decode())
+
+    async def abort(self, session: SessionRef, op: str) -> str:
+        reply = await self._run_lifecycle("lifecycle_abort", session, [op])
+        if reply[0] == b"lost":
+            raise LostOperation(reply[1].decode())
+        return str(reply[1].decode())
+
+    async def _run_lifecycle(self, script: str, session: SessionRef, args: list[Any]) -> list[Any]:
+        keys = session_keys(session) + staging_keys(session)
+        runner = self._scripts[script]
+        reply = await self._retrying(lambda: runner(keys=keys, args=args, client=self._redis))
+        assert isinstance(reply, list)
+        return reply
 
     @property
     def _redis(self) -> aioredis.Redis:

@@ -1,0 +1,120 @@
+"""The lifecycle's view of working memory: markers, snapshots, staged restores.
+
+ADR 0004 describes the protocol: step 1 (``begin_*``) sets a transitional
+marker and reads or stages data in one atomic step, the caller commits its
+database transaction, and step 3 (``finish``) or ``abort`` settles the marker,
+each guarded by the operation id so a stale caller can never undo a newer one.
+
+Marker states: ``active`` (writes allowed), ``paused``, and the transitional
+``spawning``, ``pausing``, ``resuming``, ``terminating``; ``missing`` stands
+for "no marker" (never spawned, terminated, or lost by the store).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from memsvc.domain._ids import SessionRef
+from memsvc.domain._working_memory import EntryWrite
+
+MISSING = "missing"
+TRANSITIONAL = frozenset({"spawning", "pausing", "resuming", "terminating"})
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotEntry:
+    """One key of a snapshot; ``remaining_ttl_ms`` None means no expiry."""
+
+    key: str
+    value: bytes
+    remaining_ttl_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A whole working memory read in one atomic step, and the marker state it had."""
+
+    prior_state: str
+    entries: list[SnapshotEntry]
+
+
+@dataclass(frozen=True, slots=True)
+class Marker:
+    """The session marker as the working-memory store holds it."""
+
+    state: str
+    epoch: str | None = None
+    op: str | None = None
+    prior: str | None = None
+    next_epoch: str | None = None
+    clear: bool = False
+
+
+class MarkerStateError(Exception):
+    """The marker is in a state the operation does not allow (``state``)."""
+
+    def __init__(self, state: str) -> None:
+        super().__init__(f"session marker is {state}")
+        self.state = state
+
+
+class LostOperation(Exception):
+    """The marker no longer belongs to this operation (another one took over)."""
+
+    def __init__(self, state: str) -> None:
+        super().__init__(f"session marker now belongs to another operation ({state})")
+        self.state = state
+
+
+class SessionMemoryStore(Protocol):
+    """The lifecycle steps every working-memory store performs atomically."""
+
+    async def read_marker(self, session: SessionRef) -> Marker | None:
+        """The session's marker, or None when there is none."""
+
+    async def begin_spawn(
+        self, session: SessionRef, op: str, epoch: str, writes: Sequence[EntryWrite]
+    ) -> None:
+        """Replace whatever is stored with the initial entries, marker ``spawning``."""
+
+    async def begin_snapshot(
+        self,
+        session: SessionRef,
+        op: str,
+        new_state: str | None,
+        clear_on_finish: bool,
+        allowed: Collection[str],
+    ) -> Snapshot:
+        """Read everything at once; set ``new_state`` unless None.
+
+        Raises MarkerStateError when the marker's state is not in ``allowed``.
+        """
+
+    async def begin_restore(
+        self,
+        session: SessionRef,
+        op: str,
+        next_epoch: str,
+        entries: Sequence[SnapshotEntry],
+        merge: bool,
+        allowed: Collection[str],
+    ) -> int:
+        """Stage the resumed working memory, marker ``resuming``; return its key count.
+
+        Raises MarkerStateError, or SessionLimitExceeded when the result would
+        pass the session limits (nothing is staged then).
+        """
+
+    async def finish(
+        self, session: SessionRef, op: str, final_state: str | None, swap: bool, clear: bool
+    ) -> None:
+        """Settle after commit: swap staging in, clear, set the final marker
+        (None removes it). Raises LostOperation when ``op`` no longer owns it."""
+
+    async def abort(self, session: SessionRef, op: str) -> str:
+        """Undo step 1 of ``op``; return the restored state (``missing`` for a spawn).
+
+        Raises LostOperation when ``op`` no longer owns the marker.
+        """

@@ -1,0 +1,19 @@
+-- Undo a lifecycle step 1 whose database transaction did not commit (ADR 0004):
+-- only if the marker still belongs to operation `op`, drop the staging keys and
+-- put the marker back in the state it had; an aborted Spawn removes everything.
+-- KEYS[5..7]: staging D', X', K'.
+-- ARGV: op. Returns {'ok', restored_state} or {'lost', state_or_missing}.
+if redis.call('HGET', M, 'op') ~= ARGV[1] then
+  return {'lost', redis.call('HGET', M, 'state') or 'missing'}
+end
+redis.call('DEL', KEYS[5], KEYS[6], KEYS[7])
+local state = redis.call('HGET', M, 'state')
+local prior = redis.call('HGET', M, 'prior')
+if state == 'spawning' or prior == 'missing' or not prior then
+  redis.call('DEL', D, X, K, M)
+  return {'ok', 'missing'}
+end
+redis.call('HSET', M, 'state', prior)
+redis.call('HDEL', M, 'op', 'prior', 'next_epoch', 'staged_bytes', 'clear')
+refresh_session_expiry()
+return {'ok', prior}

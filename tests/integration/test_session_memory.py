@@ -1,0 +1,191 @@
+"""The lifecycle steps of each working-memory store (ADR 0004), on memory and Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from memsvc.domain import EntryWrite, SessionLimitExceeded, SessionNotWritable, SessionRef
+from memsvc.domain._session_memory import LostOperation, MarkerStateError, SnapshotEntry
+from memsvc.store.memory import InMemoryWorkingMemoryStore
+from memsvc.store.redis import RedisWorkingMemoryStore, session_keys
+from memsvc.store.redis._working_memory import staging_keys
+from tests.conftest import REDIS_URL, need
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
+    if request.param == "redis":
+        need(REDIS_URL)
+        created: Any = RedisWorkingMemoryStore(
+            REDIS_URL, max_session_keys=10, max_session_bytes=1000
+        )
+    else:
+        created = InMemoryWorkingMemoryStore(max_session_keys=10, max_session_bytes=1000)
+    await created.open()
+    created.touched = []
+    yield created
+    await created.aclose()
+    if request.param == "redis":
+        client = aioredis.Redis.from_url(REDIS_URL)
+        for session in created.touched:
+            await client.delete(*session_keys(session), *staging_keys(session))
+        await client.aclose()
+
+
+@pytest.fixture
+def session(store: Any) -> SessionRef:
+    ref = SessionRef(str(uuid.uuid4()), str(uuid.uuid4()), "lifecycle")
+    store.touched.append(ref)
+    return ref
+
+
+async def contents(store: Any, session: SessionRef) -> dict[str, bytes]:
+    items, _ = await store.list_entries(session, None, 100, 1 << 20)
+    return {item.key: item.value for item in items}
+
+
+async def spawn(store: Any, session: SessionRef, entries: dict[str, bytes], ttl: int | None = None):
+    await store.begin_spawn(
+        session, "op-spawn", "epoch-1", [EntryWrite(k, v, ttl) for k, v in entries.items()]
+    )
+    await store.finish(session, "op-spawn", "active", swap=False, clear=False)
+
+
+async def test_spawn_is_refusing_writes_until_finished(store, session):
+    await store.begin_spawn(session, "op1", "epoch-1", [EntryWrite("a", b"1", None)])
+    marker = await store.read_marker(session)
+    assert marker.state == "spawning"
+    with pytest.raises(SessionNotWritable):
+        await store.set_entries(session, [EntryWrite("b", b"2", None)])
+    await store.finish(session, "op1", "active", swap=False, clear=False)
+    marker = await store.read_marker(session)
+    assert (marker.state, marker.epoch, marker.op) == ("active", "epoch-1", None)
+    await store.set_entries(session, [EntryWrite("b", b"2", None)])
+    assert await contents(store, session) == {"a": b"1", "b": b"2"}
+
+
+async def test_pause_snapshot_is_atomic_and_refuses_later_writes(store, session):
+    await spawn(store, session, {"a": b"1"})
+    await store.set_entries(session, [EntryWrite("t", b"2", 60_000)])
+    snapshot = await store.begin_snapshot(session, "op2", "pausing", False, {"active"})
+    assert snapshot.prior_state == "active"
+    by_key = {e.key: e for e in snapshot.entries}
+    assert by_key["a"].remaining_ttl_ms is None
+    assert 0 < by_key["t"].remaining_ttl_ms <= 60_000
+    with pytest.raises(SessionNotWritable) as refused:
+        await store.set_entries(session, [EntryWrite("late", b"x", None)])
+    assert refused.value.metadata["state"] == "pausing"
+    await store.finish(session, "op2", "paused", swap=False, clear=False)
+    assert (await store.read_marker(session)).state == "paused"
+    with pytest.raises(SessionNotWritable):
+        await store.delete_entries(session, ["a"])
+    assert await contents(store, session) == {"a": b"1", "t": b"2"}, "reads still work"
+
+
+async def test_snapshot_in_a_wrong_state_changes_nothing(store, session):
+    with pytest.raises(MarkerStateError) as error:
+        await store.begin_snapshot(session, "op", "pausing", False, {"active"})
+    assert error.value.state == "missing"
+    assert await store.read_marker(session) is None
+
+
+async def test_concurrent_writes_never_tear_a_pause(store, session):
+    """Every write acknowledged around a pause is in its snapshot; later ones are refused."""
+    await spawn(store, session, {})
+    acknowledged: list[str] = []
+
+    async def writer(index: int) -> None:
+        try:
+            await store.set_entries(session, [EntryWrite(f"k{index}", b"v", None)])
+            acknowledged.append(f"k{index}")
+        except SessionNotWritable:
+            pass
+
+    writers = [asyncio.create_task(writer(i)) for i in range(9)]
+    await asyncio.sleep(0)
+    snapshot = await store.begin_snapshot(session, "op", "pausing", False, {"active"})
+    await asyncio.gather(*writers)
+    assert set(acknowledged) <= {e.key for e in snapshot.entries}
+    assert set(await contents(store, session)) == {e.key for e in snapshot.entries}
+
+
+async def test_restore_is_staged_then_swapped_with_ttls(store, session):
+    await spawn(store, session, {"old": b"o", "both": b"1"})
+    checkpoint = [SnapshotEntry("both", b"2", None), SnapshotEntry("ttl", b"t", 50_000)]
+    count = await store.begin_restore(session, "op3", "epoch-2", checkpoint, False, {"active"})
+    assert count == 2
+    assert await contents(store, session) == {"old": b"o", "both": b"1"}, "live untouched"
+    with pytest.raises(SessionNotWritable):
+        await store.set_entries(session, [EntryWrite("x", b"x", None)])
+    await store.finish(session, "op3", "active", swap=True, clear=False)
+    assert await contents(store, session) == {"both": b"2", "ttl": b"t"}
+    marker = await store.read_marker(session)
+    assert (marker.state, marker.epoch) == ("active", "epoch-2")
+    read = await store.get_entries(session, ["ttl", "both"], 1 << 20)
+    assert read.found[0].expire_at_ms is not None
+    assert read.found[1].expire_at_ms is None
+    await store.set_entries(session, [EntryWrite("x", b"x", None)])
+
+
+async def test_merge_restore_keeps_keys_absent_from_the_checkpoint(store, session):
+    await spawn(store, session, {"keep": b"k", "both": b"1"})
+    await store.begin_restore(
+        session, "op", "e2", [SnapshotEntry("both", b"2", None)], True, {"active"}
+    )
+    await store.finish(session, "op", "active", swap=True, clear=False)
+    assert await contents(store, session) == {"keep": b"k", "both": b"2"}
+    await store.set_entries(session, [EntryWrite("n", b"n", None)])
+    assert len(await contents(store, session)) == 3
+
+
+async def test_restore_past_the_limits_stages_nothing(store, session):
+    await spawn(store, session, {"a": b"1"})
+    too_many = [SnapshotEntry(f"k{i}", b"v", None) for i in range(11)]
+    with pytest.raises(SessionLimitExceeded):
+        await store.begin_restore(session, "op", "e2", too_many, False, {"active"})
+    assert (await store.read_marker(session)).state == "active"
+    await store.set_entries(session, [EntryWrite("b", b"2", None)])
+
+
+async def test_abort_puts_things_back(store, session):
+    await spawn(store, session, {"a": b"1"})
+    await store.begin_restore(
+        session, "op", "e2", [SnapshotEntry("z", b"z", None)], False, {"active"}
+    )
+    assert await store.abort(session, "op") == "active"
+    assert await contents(store, session) == {"a": b"1"}
+    await store.begin_snapshot(session, "op2", "pausing", False, {"active"})
+    assert await store.abort(session, "op2") == "active"
+    await store.set_entries(session, [EntryWrite("b", b"2", None)])
+    other = SessionRef(session.project_id, session.agent_instance_id, "aborted-spawn")
+    store.touched.append(other)
+    await store.begin_spawn(other, "op3", "e", [EntryWrite("a", b"1", None)])
+    assert await store.abort(other, "op3") == "missing"
+    assert await store.read_marker(other) is None
+    assert await contents(store, other) == {}
+
+
+async def test_a_stale_operation_cannot_settle_a_newer_one(store, session):
+    await spawn(store, session, {})
+    await store.begin_snapshot(session, "op-new", "pausing", False, {"active"})
+    with pytest.raises(LostOperation):
+        await store.finish(session, "op-old", "active", swap=False, clear=False)
+    with pytest.raises(LostOperation):
+        await store.abort(session, "op-old")
+    assert (await store.read_marker(session)).state == "pausing"
+
+
+async def test_terminate_clears_everything(store, session):
+    await spawn(store, session, {"a": b"1"})
+    snapshot = await store.begin_snapshot(session, "op", "terminating", True, {"active", "paused"})
+    assert [e.key for e in snapshot.entries] == ["a"]
+    assert (await store.read_marker(session)).clear is True
+    await store.finish(session, "op", None, swap=False, clear=True)
+    assert await store.read_marker(session) is None
+    assert await contents(store, session) == {}
