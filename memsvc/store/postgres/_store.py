@@ -9,11 +9,21 @@ when a process dies.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 
 import psycopg
 import psycopg_pool
 
+from memsvc.domain import SessionRef
+from memsvc.domain._lifecycle_records import CheckpointRecord, LifecycleTransaction, SessionRecord
+from memsvc.store._lifecycle_sql import (
+    POSTGRES,
+    SqlLifecycleTransaction,
+    get_session,
+    list_checkpoints,
+)
 from memsvc.store._migrations import check_applied, load_migrations
 from memsvc.store._retry import with_retries
 
@@ -120,6 +130,21 @@ class PostgresDurableStore:
             cursor = await conn.execute("SELECT coalesce(max(version), 0) FROM schema_migrations")
             row = await cursor.fetchone()
         return int(row[0]) if row else 0
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[LifecycleTransaction]:
+        async with self._connections.connection() as conn, conn.transaction():
+            yield SqlLifecycleTransaction(conn, POSTGRES)
+
+    async def get_session(self, ref: SessionRef) -> SessionRecord | None:
+        async with self._connections.connection() as conn:
+            return await get_session(conn, POSTGRES, ref)
+
+    async def list_checkpoints(
+        self, ref: SessionRef, before: tuple[int, str] | None, limit: int
+    ) -> list[CheckpointRecord]:
+        async with self._connections.connection() as conn:
+            return await list_checkpoints(conn, POSTGRES, ref, before, limit)
 
     @property
     def _connections(self) -> psycopg_pool.AsyncConnectionPool:

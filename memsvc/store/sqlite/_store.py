@@ -8,12 +8,22 @@ the file never apply the same migration twice.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiosqlite
 
-from memsvc.domain import BackendUnavailable
+from memsvc.domain import BackendUnavailable, SessionRef
+from memsvc.domain._lifecycle_records import CheckpointRecord, LifecycleTransaction, SessionRecord
+from memsvc.store._lifecycle_sql import (
+    SQLITE,
+    SqlLifecycleTransaction,
+    get_session,
+    list_checkpoints,
+)
 from memsvc.store._migrations import check_applied, load_migrations, split_sql
 
 log = logging.getLogger(__name__)
@@ -43,25 +53,62 @@ class SqliteDurableStore:
     def __init__(self, url: str) -> None:
         self.path = sqlite_path(url)
         self._db: aiosqlite.Connection | None = None
+        # A second connection for reads outside transactions: on the writer's
+        # connection they would see a transaction's uncommitted rows.
+        self._reader: aiosqlite.Connection | None = None
+        self._write_lock = asyncio.Lock()
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._db = await aiosqlite.connect(self.path, isolation_level=None)
-            for pragma in (
-                "PRAGMA journal_mode=WAL",
-                "PRAGMA synchronous=FULL",
-                "PRAGMA busy_timeout=5000",
-                "PRAGMA foreign_keys=ON",
-            ):
-                await self._db.execute(pragma)
+            self._db = await self._connect()
+            self._reader = await self._connect()
         except aiosqlite.Error as error:
             raise BackendUnavailable(self.backend_name, error) from error
 
+    async def _connect(self) -> aiosqlite.Connection:
+        db = await aiosqlite.connect(self.path, isolation_level=None)
+        for pragma in (
+            "PRAGMA journal_mode=WAL",
+            "PRAGMA synchronous=FULL",
+            "PRAGMA busy_timeout=5000",
+            "PRAGMA foreign_keys=ON",
+        ):
+            await db.execute(pragma)
+        return db
+
     async def aclose(self) -> None:
-        if self._db is not None:
-            await self._db.close()
-            self._db = None
+        for db in (self._db, self._reader):
+            if db is not None:
+                await db.close()
+        self._db = self._reader = None
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[LifecycleTransaction]:
+        """One write transaction at a time per process (SQLite has one writer)."""
+        async with self._write_lock:
+            db = self._conn
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                yield SqlLifecycleTransaction(db, SQLITE)
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+            await db.execute("COMMIT")
+
+    async def get_session(self, ref: SessionRef) -> SessionRecord | None:
+        return await get_session(self._read_conn, SQLITE, ref)
+
+    async def list_checkpoints(
+        self, ref: SessionRef, before: tuple[int, str] | None, limit: int
+    ) -> list[CheckpointRecord]:
+        return await list_checkpoints(self._read_conn, SQLITE, ref, before, limit)
+
+    @property
+    def _read_conn(self) -> aiosqlite.Connection:
+        if self._reader is None:
+            raise RuntimeError("SqliteDurableStore used before open()")
+        return self._reader
 
     async def ping(self) -> None:
         try:
@@ -70,6 +117,10 @@ class SqliteDurableStore:
             raise BackendUnavailable(self.backend_name, error) from error
 
     async def migrate(self) -> list[int]:
+        async with self._write_lock:
+            return await self._migrate()
+
+    async def _migrate(self) -> list[int]:
         applied_now = []
         db = self._conn
         for migration in load_migrations("memsvc.store.sqlite"):

@@ -1,0 +1,155 @@
+"""Lifecycle records as the durable store keeps them, and its transaction port."""
+
+from __future__ import annotations
+
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any, Protocol
+
+from memsvc.domain._ids import SessionRef
+
+
+class SessionState(IntEnum):
+    """Numbered as memsvc.v1.SessionState."""
+
+    ACTIVE = 1
+    PAUSED = 2
+    TERMINATED = 3
+
+
+class EventType(IntEnum):
+    """Kinds of lifecycle event (the watch issue exposes them as an enum)."""
+
+    SPAWNED = 1
+    PAUSED = 2
+    RESUMED = 3
+    TERMINATED = 4
+    CHECKPOINT_CREATED = 5
+    CHECKPOINT_DELETED = 6
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRecord:
+    """A session row; times are Unix milliseconds."""
+
+    ref: SessionRef
+    agent_type_id: str | None
+    state: SessionState
+    metadata: dict[str, Any]
+    version: int
+    memory_epoch: str
+    resume_checkpoint_id: str | None
+    create_ms: int
+    update_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointRecord:
+    """A checkpoint row without its contents."""
+
+    ref: SessionRef
+    checkpoint_id: str
+    create_ms: int
+    key_count: int
+    size_bytes: int
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class EventRecord:
+    """One lifecycle event to append; the store assigns its sequence."""
+
+    event_id: str
+    event_type: EventType
+    ref: SessionRef
+    agent_type_id: str | None
+    time_ms: int
+    checkpoint_id: str | None = None
+    episode_id: str | None = None
+    request_id: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class EpisodeRecord:
+    """An episode row, with the fields of the reference lifecycle."""
+
+    episode_id: str
+    ref: SessionRef
+    task_type: str
+    task_description: str
+    outcome: int
+    outcome_details: str
+    actions: list[dict[str, Any]]
+    context_summary: str
+    lessons_learned: list[str]
+    duration_seconds: float
+    tokens_used: int
+    importance: float
+    metadata: dict[str, Any]
+    create_ms: int
+
+
+class RequestIdReused(Exception):
+    """A request id came back with different arguments."""
+
+
+class CheckpointIdTaken(Exception):
+    """The session already has a checkpoint with this id."""
+
+
+class LifecycleTransaction(Protocol):
+    """One database transaction of a lifecycle operation (ADR 0004)."""
+
+    async def claim_request(
+        self, project_id: str, request_id: str, method: str, arguments_hash: str
+    ) -> bytes | None:
+        """Record the request id; return the first answer if it was already served.
+
+        Raises RequestIdReused when the id was used with other arguments.
+        """
+
+    async def remember_response(self, project_id: str, request_id: str, response: bytes) -> None:
+        """Store the answer to return for a retry with the same request id."""
+
+    async def lock_session(self, ref: SessionRef) -> SessionRecord | None:
+        """Read the session row and hold its lock until the transaction ends."""
+
+    async def insert_session(self, record: SessionRecord) -> bool:
+        """Create the row; False when one exists (or existed) already."""
+
+    async def update_session(self, record: SessionRecord) -> None:
+        """Overwrite the (locked) row's mutable fields."""
+
+    async def insert_checkpoint(self, record: CheckpointRecord, contents: bytes) -> None:
+        """Store a checkpoint; raises CheckpointIdTaken on a duplicate id."""
+
+    async def read_checkpoint(
+        self, ref: SessionRef, checkpoint_id: str
+    ) -> tuple[CheckpointRecord, bytes] | None:
+        """A checkpoint and its contents, or None."""
+
+    async def delete_checkpoints(self, ref: SessionRef) -> int:
+        """Delete every checkpoint of the session; return how many."""
+
+    async def insert_episode(self, record: EpisodeRecord) -> None:
+        """Store an episode."""
+
+    async def append_event(self, event: EventRecord) -> int:
+        """Append an event; return its gap-free sequence. Call it last."""
+
+
+class LifecycleDatabase(Protocol):
+    """The durable store's lifecycle side."""
+
+    def transaction(self) -> AbstractAsyncContextManager[LifecycleTransaction]:
+        """A transaction that commits when the block ends normally."""
+
+    async def get_session(self, ref: SessionRef) -> SessionRecord | None:
+        """Read a session without locking it."""
+
+    async def list_checkpoints(
+        self, ref: SessionRef, before: tuple[int, str] | None, limit: int
+    ) -> list[CheckpointRecord]:
+        """Checkpoints newest first, strictly before (create_ms, id) when given."""

@@ -1,0 +1,331 @@
+"""Lifecycle SQL shared by the SQLite and PostgreSQL stores.
+
+The statements are written once with ``?`` placeholders; a :class:`Dialect`
+says how each database spells placeholders, row locks, JSON, UUIDs and times.
+Both drivers (aiosqlite, psycopg) offer ``await conn.execute(sql, params)``
+returning a cursor with ``fetchone``/``fetchall``, which is all this uses.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from psycopg.types.json import Jsonb
+
+from memsvc.domain import SessionRef
+from memsvc.domain._lifecycle_records import (
+    CheckpointIdTaken,
+    CheckpointRecord,
+    EpisodeRecord,
+    EventRecord,
+    RequestIdReused,
+    SessionRecord,
+    SessionState,
+)
+
+
+class _Cursor(Protocol):
+    async def fetchone(self) -> Any: ...
+    async def fetchall(self) -> Any: ...
+
+
+class Connection(Protocol):
+    """What both drivers' connections offer."""
+
+    async def execute(self, sql: Any, params: Sequence[Any] = ...) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """How one database spells what the shared statements need."""
+
+    name: str
+    placeholder: str
+    for_update: str
+
+    def sql(self, statement: str) -> str:
+        return statement.replace("?", self.placeholder)
+
+    def json_param(self, value: Any) -> Any:
+        if self.name == "postgres":
+            return Jsonb(value)
+        return json.dumps(value, separators=(",", ":"))
+
+    def json_value(self, raw: Any) -> Any:
+        return json.loads(raw) if isinstance(raw, str) else raw
+
+    def time_param(self, ms: int) -> Any:
+        moment = datetime.fromtimestamp(ms / 1000, UTC)
+        if self.name == "postgres":
+            return moment
+        return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+
+    def time_value(self, raw: Any) -> int:
+        if isinstance(raw, datetime):
+            return int(raw.timestamp() * 1000)
+        moment = datetime.strptime(str(raw), "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+        return int(moment.timestamp() * 1000)
+
+
+SQLITE = Dialect("sqlite", "?", "")
+# SQLite has no row locks: its write lock (BEGIN IMMEDIATE) serializes instead.
+POSTGRES = Dialect("postgres", "%s", " FOR UPDATE")
+
+
+def text(raw: Any) -> str | None:
+    """A column that may hold a UUID object (PostgreSQL) or text (SQLite)."""
+    return None if raw is None else str(raw)
+
+
+_SESSION_COLUMNS = (
+    "project_id, agent_instance_id, session_id, agent_type_id, state, metadata, version, "
+    "memory_epoch, resume_checkpoint_id, create_time, update_time"
+)
+_SESSION_KEY = "project_id = ? AND agent_instance_id = ? AND session_id = ?"
+_CHECKPOINT_COLUMNS = (
+    "project_id, agent_instance_id, session_id, checkpoint_id, create_time, key_count, "
+    "size_bytes, metadata"
+)
+
+
+def _key(ref: SessionRef) -> tuple[str, str, str]:
+    return ref.project_id, ref.agent_instance_id, ref.session_id
+
+
+class SqlLifecycleTransaction:
+    """LifecycleTransaction over one connection inside an open transaction."""
+
+    def __init__(self, conn: Connection, dialect: Dialect) -> None:
+        self._conn = conn
+        self._d = dialect
+
+    async def _one(self, statement: str, params: Sequence[Any]) -> Any:
+        cursor = await self._conn.execute(self._d.sql(statement), params)
+        return await cursor.fetchone()
+
+    async def claim_request(
+        self, project_id: str, request_id: str, method: str, arguments_hash: str
+    ) -> bytes | None:
+        inserted = await self._one(
+            "INSERT INTO request_log (project_id, request_id, method, arguments_hash, create_time)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING request_id",
+            (project_id, request_id, method, arguments_hash, self._d.time_param(_now_ms())),
+        )
+        if inserted is not None:
+            return None
+        row = await self._one(
+            "SELECT method, arguments_hash, response FROM request_log"
+            " WHERE project_id = ? AND request_id = ?",
+            (project_id, request_id),
+        )
+        if row is None or row[0] != method or row[1] != arguments_hash:
+            raise RequestIdReused(request_id)
+        return bytes(row[2]) if row[2] is not None else None
+
+    async def remember_response(self, project_id: str, request_id: str, response: bytes) -> None:
+        await self._conn.execute(
+            self._d.sql(
+                "UPDATE request_log SET response = ? WHERE project_id = ? AND request_id = ?"
+            ),
+            (response, project_id, request_id),
+        )
+
+    async def lock_session(self, ref: SessionRef) -> SessionRecord | None:
+        row = await self._one(
+            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE {_SESSION_KEY}{self._d.for_update}",
+            _key(ref),
+        )
+        return None if row is None else session_from_row(row, self._d)
+
+    async def insert_session(self, record: SessionRecord) -> bool:
+        row = await self._one(
+            f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT DO NOTHING RETURNING version",
+            (*_key(record.ref), *self._session_values(record)),
+        )
+        return row is not None
+
+    async def update_session(self, record: SessionRecord) -> None:
+        await self._conn.execute(
+            self._d.sql(
+                "UPDATE sessions SET agent_type_id = ?, state = ?, metadata = ?, version = ?,"
+                " memory_epoch = ?, resume_checkpoint_id = ?, create_time = ?, update_time = ?"
+                f" WHERE {_SESSION_KEY}"
+            ),
+            (*self._session_values(record), *_key(record.ref)),
+        )
+
+    def _session_values(self, record: SessionRecord) -> tuple[Any, ...]:
+        return (
+            record.agent_type_id,
+            int(record.state),
+            self._d.json_param(record.metadata),
+            record.version,
+            record.memory_epoch,
+            record.resume_checkpoint_id,
+            self._d.time_param(record.create_ms),
+            self._d.time_param(record.update_ms),
+        )
+
+    async def insert_checkpoint(self, record: CheckpointRecord, contents: bytes) -> None:
+        row = await self._one(
+            f"INSERT INTO checkpoints ({_CHECKPOINT_COLUMNS}, contents)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING checkpoint_id",
+            (
+                *_key(record.ref),
+                record.checkpoint_id,
+                self._d.time_param(record.create_ms),
+                record.key_count,
+                record.size_bytes,
+                self._d.json_param(record.metadata),
+                contents,
+            ),
+        )
+        if row is None:
+            raise CheckpointIdTaken(record.checkpoint_id)
+
+    async def read_checkpoint(
+        self, ref: SessionRef, checkpoint_id: str
+    ) -> tuple[CheckpointRecord, bytes] | None:
+        row = await self._one(
+            f"SELECT {_CHECKPOINT_COLUMNS}, contents FROM checkpoints"
+            f" WHERE {_SESSION_KEY} AND checkpoint_id = ?",
+            (*_key(ref), checkpoint_id),
+        )
+        if row is None:
+            return None
+        return checkpoint_from_row(row, self._d), bytes(row[8])
+
+    async def delete_checkpoints(self, ref: SessionRef) -> int:
+        rows = await (
+            await self._conn.execute(
+                self._d.sql(
+                    f"DELETE FROM checkpoints WHERE {_SESSION_KEY} RETURNING checkpoint_id"
+                ),
+                _key(ref),
+            )
+        ).fetchall()
+        return len(rows)
+
+    async def insert_episode(self, record: EpisodeRecord) -> None:
+        await self._conn.execute(
+            self._d.sql(
+                "INSERT INTO episodes (episode_id, project_id, agent_instance_id, session_id,"
+                " task_type, task_description, outcome, outcome_details, actions,"
+                " context_summary, lessons_learned, duration_seconds, tokens_used, importance,"
+                " metadata, create_time)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            ),
+            (
+                record.episode_id,
+                *_key(record.ref),
+                record.task_type,
+                record.task_description,
+                record.outcome,
+                record.outcome_details,
+                self._d.json_param(record.actions),
+                record.context_summary,
+                self._d.json_param(record.lessons_learned),
+                record.duration_seconds,
+                record.tokens_used,
+                record.importance,
+                self._d.json_param(record.metadata),
+                self._d.time_param(record.create_ms),
+            ),
+        )
+
+    async def append_event(self, event: EventRecord) -> int:
+        # The counter row serializes writers from here to commit: keep this last.
+        row = await self._one(
+            "UPDATE event_sequence SET last_sequence = last_sequence + 1 RETURNING last_sequence",
+            (),
+        )
+        sequence = int(row[0])
+        await self._conn.execute(
+            self._d.sql(
+                "INSERT INTO lifecycle_events (sequence, event_id, event_type, project_id,"
+                " agent_instance_id, session_id, agent_type_id, checkpoint_id, episode_id,"
+                " request_id, metadata, event_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            ),
+            (
+                sequence,
+                event.event_id,
+                int(event.event_type),
+                *_key(event.ref),
+                event.agent_type_id,
+                event.checkpoint_id,
+                event.episode_id,
+                event.request_id,
+                self._d.json_param(event.metadata),
+                self._d.time_param(event.time_ms),
+            ),
+        )
+        return sequence
+
+
+def session_from_row(row: Sequence[Any], dialect: Dialect) -> SessionRecord:
+    """A SessionRecord from the columns of _SESSION_COLUMNS."""
+    return SessionRecord(
+        ref=SessionRef(str(text(row[0])), str(text(row[1])), str(row[2])),
+        agent_type_id=text(row[3]),
+        state=SessionState(int(row[4])),
+        metadata=dialect.json_value(row[5]),
+        version=int(row[6]),
+        memory_epoch=str(row[7]),
+        resume_checkpoint_id=row[8],
+        create_ms=dialect.time_value(row[9]),
+        update_ms=dialect.time_value(row[10]),
+    )
+
+
+def checkpoint_from_row(row: Sequence[Any], dialect: Dialect) -> CheckpointRecord:
+    """A CheckpointRecord from the columns of _CHECKPOINT_COLUMNS."""
+    return CheckpointRecord(
+        ref=SessionRef(str(text(row[0])), str(text(row[1])), str(row[2])),
+        checkpoint_id=str(row[3]),
+        create_ms=dialect.time_value(row[4]),
+        key_count=int(row[5]),
+        size_bytes=int(row[6]),
+        metadata=dialect.json_value(row[7]),
+    )
+
+
+async def get_session(conn: Connection, dialect: Dialect, ref: SessionRef) -> SessionRecord | None:
+    """Read a session without locking it."""
+    cursor = await conn.execute(
+        dialect.sql(f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE {_SESSION_KEY}"), _key(ref)
+    )
+    row = await cursor.fetchone()
+    return None if row is None else session_from_row(row, dialect)
+
+
+async def list_checkpoints(
+    conn: Connection,
+    dialect: Dialect,
+    ref: SessionRef,
+    before: tuple[int, str] | None,
+    limit: int,
+) -> list[CheckpointRecord]:
+    """Checkpoints newest first, strictly before (create_ms, checkpoint_id)."""
+    params: list[Any] = list(_key(ref))
+    condition = ""
+    if before is not None:
+        time_param = dialect.time_param(before[0])
+        condition = " AND (create_time < ? OR (create_time = ? AND checkpoint_id < ?))"
+        params += [time_param, time_param, before[1]]
+    cursor = await conn.execute(
+        dialect.sql(
+            f"SELECT {_CHECKPOINT_COLUMNS} FROM checkpoints WHERE {_SESSION_KEY}{condition}"
+            f" ORDER BY create_time DESC, checkpoint_id DESC LIMIT {int(limit)}"
+        ),
+        params,
+    )
+    return [checkpoint_from_row(row, dialect) for row in await cursor.fetchall()]
+
+
+def _now_ms() -> int:
+    return int(datetime.now(UTC).timestamp() * 1000)

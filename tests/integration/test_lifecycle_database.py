@@ -1,0 +1,150 @@
+"""The durable store's lifecycle side, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from memsvc.domain import SessionRef
+from memsvc.domain._lifecycle_records import (
+    CheckpointIdTaken,
+    CheckpointRecord,
+    EventRecord,
+    EventType,
+    RequestIdReused,
+    SessionRecord,
+    SessionState,
+)
+from memsvc.store.postgres import PostgresDurableStore
+from memsvc.store.sqlite import SqliteDurableStore
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/memsvc.db"
+    url: str = request.getfixturevalue("fresh_postgres_url")
+    return url
+
+
+def open_store(url: str) -> Any:
+    return SqliteDurableStore(url) if url.startswith("sqlite") else PostgresDurableStore(url)
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[Any]:
+    store = open_store(database_url)
+    await store.open()
+    await store.migrate()
+    yield store
+    await store.aclose()
+
+
+def new_session(state: SessionState = SessionState.ACTIVE) -> SessionRecord:
+    ref = SessionRef(str(uuid.uuid4()), str(uuid.uuid4()), "s:{1}")
+    return SessionRecord(
+        ref, None, state, {"k": [1, "v"]}, 1, "epoch-1", None, 1_700_000_000_123, 1_700_000_000_123
+    )
+
+
+def event_for(ref: SessionRef, kind: EventType = EventType.SPAWNED) -> EventRecord:
+    return EventRecord(str(uuid.uuid4()), kind, ref, None, 1_700_000_000_000)
+
+
+async def test_sessions_round_trip_and_are_unique(db):
+    record = new_session()
+    async with db.transaction() as tx:
+        assert await tx.insert_session(record)
+        assert not await tx.insert_session(record)
+    assert await db.get_session(record.ref) == record
+    async with db.transaction() as tx:
+        locked = await tx.lock_session(record.ref)
+        assert locked == record
+        await tx.update_session(
+            SessionRecord(**{**_fields(record), "state": SessionState.PAUSED, "version": 2})
+        )
+    stored = await db.get_session(record.ref)
+    assert (stored.state, stored.version) == (SessionState.PAUSED, 2)
+
+
+def _fields(record: SessionRecord) -> dict[str, Any]:
+    return {name: getattr(record, name) for name in record.__slots__}
+
+
+async def test_uncommitted_changes_are_invisible_and_rolled_back(db):
+    record = new_session()
+    with pytest.raises(RuntimeError, match="boom"):
+        async with db.transaction() as tx:
+            await tx.insert_session(record)
+            await tx.append_event(event_for(record.ref))
+            assert await db.get_session(record.ref) is None, "not visible before commit"
+            raise RuntimeError("boom")
+    assert await db.get_session(record.ref) is None
+    async with db.transaction() as tx:
+        assert await tx.append_event(event_for(record.ref)) == 1, (
+            "the rolled-back sequence is reused"
+        )
+
+
+async def test_checkpoints_are_unique_and_listed_newest_first(db):
+    record = new_session()
+    async with db.transaction() as tx:
+        await tx.insert_session(record)
+        for i, created in enumerate([1000, 3000, 2000, 3000]):
+            checkpoint = CheckpointRecord(record.ref, f"c{i}", created, i, 10 * i, {"i": i})
+            await tx.insert_checkpoint(checkpoint, f"blob{i}".encode())
+        with pytest.raises(CheckpointIdTaken):
+            await tx.insert_checkpoint(CheckpointRecord(record.ref, "c0", 5, 0, 0), b"x")
+    newest = await db.list_checkpoints(record.ref, None, 2)
+    assert [c.checkpoint_id for c in newest] == ["c3", "c1"]
+    rest = await db.list_checkpoints(
+        record.ref, (newest[-1].create_ms, newest[-1].checkpoint_id), 10
+    )
+    assert [c.checkpoint_id for c in rest] == ["c2", "c0"]
+    async with db.transaction() as tx:
+        found = await tx.read_checkpoint(record.ref, "c2")
+        assert found is not None
+        assert found[0].metadata == {"i": 2} and found[1] == b"blob2"
+        assert await tx.read_checkpoint(record.ref, "nope") is None
+        assert await tx.delete_checkpoints(record.ref) == 4
+    assert await db.list_checkpoints(record.ref, None, 10) == []
+
+
+async def test_request_ids_return_the_first_answer(db):
+    project = str(uuid.uuid4())
+    async with db.transaction() as tx:
+        assert await tx.claim_request(project, "r1", "Pause", "hash-a") is None
+        await tx.remember_response(project, "r1", b"answer")
+    async with db.transaction() as tx:
+        assert await tx.claim_request(project, "r1", "Pause", "hash-a") == b"answer"
+        with pytest.raises(RequestIdReused):
+            await tx.claim_request(project, "r1", "Pause", "hash-b")
+    async with db.transaction() as tx:
+        assert await tx.claim_request(str(uuid.uuid4()), "r1", "Pause", "hash-b") is None
+
+
+async def test_event_sequences_are_gap_free_across_concurrent_writers(database_url, db):
+    """Eight stores (own connections) appending at once: sequences 1..N, each once."""
+    stores = [open_store(database_url) for _ in range(8)]
+    for store in stores:
+        await store.open()
+    ref = new_session().ref
+
+    async def append_ten(store: Any) -> list[int]:
+        sequences = []
+        for _ in range(10):
+            async with store.transaction() as tx:
+                sequences.append(await tx.append_event(event_for(ref)))
+        return sequences
+
+    try:
+        results = await asyncio.gather(*(append_ten(store) for store in stores))
+    finally:
+        for store in stores:
+            await store.aclose()
+    assert sorted(s for result in results for s in result) == list(range(1, 81))
