@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, Protocol
 
 from memsvc.domain._ids import SessionRef
+from memsvc.domain._session_memory import SnapshotEntry
 
 
 class SessionState(IntEnum):
@@ -122,13 +124,15 @@ class LifecycleTransaction(Protocol):
     async def update_session(self, record: SessionRecord) -> None:
         """Overwrite the (locked) row's mutable fields."""
 
-    async def insert_checkpoint(self, record: CheckpointRecord, contents: bytes) -> None:
+    async def insert_checkpoint(
+        self, record: CheckpointRecord, entries: Sequence[SnapshotEntry]
+    ) -> None:
         """Store a checkpoint; raises CheckpointIdTaken on a duplicate id."""
 
     async def read_checkpoint(
         self, ref: SessionRef, checkpoint_id: str
-    ) -> tuple[CheckpointRecord, bytes] | None:
-        """A checkpoint and its contents, or None."""
+    ) -> tuple[CheckpointRecord, list[SnapshotEntry]] | None:
+        """A checkpoint and its entries, or None."""
 
     async def delete_checkpoints(self, ref: SessionRef) -> int:
         """Delete every checkpoint of the session; return how many."""

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
-from memsvc.domain._errors import FieldViolation
+from memsvc.domain._errors import FieldViolation, SessionLimitExceeded
 from memsvc.domain._ids import (
     SessionRef,
     check_key,
@@ -187,14 +187,37 @@ class WorkingMemory:
         """Store up to ``max_batch_keys`` entries atomically; keys must be distinct."""
         violations: list[FieldViolation] = []
         ref = check_session_ref(*_fields(session), violations)
-        self._check_batch_size(len(entries), "entries", violations)
+        writes = self.check_entries(entries, "entries", violations)
+        raise_if_any(violations)
+        return await self._store.set_entries(ref, writes)
+
+    def check_entries(
+        self,
+        entries: Sequence[tuple[str, bytes | None, int | None]],
+        field: str,
+        violations: list[FieldViolation],
+        allow_empty: bool = False,
+    ) -> list[EntryWrite]:
+        """Validate a batch of writes (``field[i].key`` ...); return the valid ones."""
+        if entries or not allow_empty:
+            self._check_batch_size(len(entries), field, violations)
         seen: dict[str, int] = {}
         for index, (key, value, ttl_ms) in enumerate(entries):
-            self._check_write(key, value, ttl_ms, f"entries[{index}].", violations)
-            _check_duplicate(key, index, seen, f"entries[{index}].key", violations)
-        raise_if_any(violations)
-        writes = [EntryWrite(key, value, ttl) for key, value, ttl in entries if value is not None]
-        return await self._store.set_entries(ref, writes)
+            self._check_write(key, value, ttl_ms, f"{field}[{index}].", violations)
+            _check_duplicate(key, index, seen, f"{field}[{index}].key", violations)
+        return [EntryWrite(key, value, ttl) for key, value, ttl in entries if value is not None]
+
+    def check_fits_session(self, writes: Sequence[EntryWrite]) -> None:
+        """Raise SessionLimitExceeded when ``writes`` alone pass the session limits."""
+        size = sum(len(w.key.encode()) + len(w.value) for w in writes)
+        if len(writes) > self.limits.max_session_keys:
+            raise SessionLimitExceeded(
+                what="keys", limit=self.limits.max_session_keys, current=0, requested=len(writes)
+            )
+        if size > self.limits.max_session_bytes:
+            raise SessionLimitExceeded(
+                what="bytes", limit=self.limits.max_session_bytes, current=0, requested=size
+            )
 
     async def get(self, session: SessionRef, key: str) -> StoredEntry | None:
         """Return the live entry under ``key``, or None."""

@@ -20,6 +20,7 @@ from memsvc.domain._lifecycle_records import (
     SessionRecord,
     SessionState,
 )
+from memsvc.domain._session_memory import SnapshotEntry
 from memsvc.store.postgres import PostgresDurableStore
 from memsvc.store.sqlite import SqliteDurableStore
 
@@ -97,9 +98,9 @@ async def test_checkpoints_are_unique_and_listed_newest_first(db):
         await tx.insert_session(record)
         for i, created in enumerate([1000, 3000, 2000, 3000]):
             checkpoint = CheckpointRecord(record.ref, f"c{i}", created, i, 10 * i, {"i": i})
-            await tx.insert_checkpoint(checkpoint, f"blob{i}".encode())
+            await tx.insert_checkpoint(checkpoint, [SnapshotEntry(f"k{i}", b"v", i or None)])
         with pytest.raises(CheckpointIdTaken):
-            await tx.insert_checkpoint(CheckpointRecord(record.ref, "c0", 5, 0, 0), b"x")
+            await tx.insert_checkpoint(CheckpointRecord(record.ref, "c0", 5, 0, 0), [])
     newest = await db.list_checkpoints(record.ref, None, 2)
     assert [c.checkpoint_id for c in newest] == ["c3", "c1"]
     rest = await db.list_checkpoints(
@@ -109,7 +110,8 @@ async def test_checkpoints_are_unique_and_listed_newest_first(db):
     async with db.transaction() as tx:
         found = await tx.read_checkpoint(record.ref, "c2")
         assert found is not None
-        assert found[0].metadata == {"i": 2} and found[1] == b"blob2"
+        assert found[0].metadata == {"i": 2}
+        assert found[1] == [SnapshotEntry("k2", b"v", 2)]
         assert await tx.read_checkpoint(record.ref, "nope") is None
         assert await tx.delete_checkpoints(record.ref) == 4
     assert await db.list_checkpoints(record.ref, None, 10) == []

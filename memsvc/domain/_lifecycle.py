@@ -1,0 +1,719 @@
+"""The session lifecycle: spawn, pause, resume, terminate (ADR 0004).
+
+Every operation runs inside one database transaction that holds the session's
+row lock. Within it: step 1 in the working-memory store (transitional marker
+plus snapshot or staged restore), then the database writes (checkpoint,
+status, episode, event, remembered answer); after the commit, step 3 settles
+the marker. If anything fails before the commit, step 1 is undone; if the
+process dies, the transitional marker is healed by the next operation that
+meets it (:meth:`Lifecycle.heal`), which reads the committed truth.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from memsvc.domain._errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    MemsvcError,
+    NotFound,
+)
+from memsvc.domain._ids import (
+    SessionRef,
+    check_session_id,
+    check_session_ref,
+    check_uuid,
+    raise_if_any,
+)
+from memsvc.domain._lifecycle_records import (
+    CheckpointIdTaken,
+    CheckpointRecord,
+    EpisodeRecord,
+    EventRecord,
+    EventType,
+    LifecycleDatabase,
+    LifecycleTransaction,
+    RequestIdReused,
+    SessionRecord,
+    SessionState,
+)
+from memsvc.domain._session_memory import (
+    MISSING,
+    TRANSITIONAL,
+    LostOperation,
+    MarkerStateError,
+    SessionMemoryStore,
+    SnapshotEntry,
+)
+from memsvc.domain._working_memory import WorkingMemory
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+OUTCOME_SUCCESS = 1
+_MARKER_FOR = {SessionState.ACTIVE: "active", SessionState.PAUSED: "paused"}
+
+
+# --- errors of the lifecycle -------------------------------------------------
+
+
+class InvalidTransition(FailedPrecondition):
+    """The operation is not allowed from the session's current state."""
+
+    reason = "ERROR_REASON_INVALID_TRANSITION"
+
+    def __init__(self, session_id: str, state: str, operation: str) -> None:
+        super().__init__(
+            f"cannot {operation} session {session_id!r}: it is {state}",
+            metadata={"session_id": session_id, "state": state},
+        )
+
+
+class SessionNotFound(NotFound):
+    """The session was never spawned."""
+
+    reason = "ERROR_REASON_SESSION_NOT_FOUND"
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(
+            f"session {session_id!r} was never spawned; call Spawn first",
+            metadata={"session_id": session_id},
+        )
+
+
+class SessionAlreadyExists(MemsvcError):
+    """The session id is taken (terminated ids are never reused)."""
+
+    reason = "ERROR_REASON_SESSION_ALREADY_EXISTS"
+
+    def __init__(self, session_id: str, state: str) -> None:
+        super().__init__(
+            f"session {session_id!r} already exists ({state}); session ids are never reused",
+            metadata={"session_id": session_id, "state": state},
+        )
+
+
+class CheckpointNotFound(NotFound):
+    """No such checkpoint in this session."""
+
+    reason = "ERROR_REASON_CHECKPOINT_NOT_FOUND"
+
+    def __init__(self, session_id: str, checkpoint_id: str) -> None:
+        super().__init__(
+            f"checkpoint {checkpoint_id!r} not found in session {session_id!r}",
+            metadata={"session_id": session_id, "checkpoint_id": checkpoint_id},
+        )
+
+
+class CheckpointAlreadyExists(MemsvcError):
+    """The session already has a checkpoint with this id."""
+
+    reason = "ERROR_REASON_CHECKPOINT_ALREADY_EXISTS"
+
+    def __init__(self, session_id: str, checkpoint_id: str) -> None:
+        super().__init__(
+            f"session {session_id!r} already has a checkpoint {checkpoint_id!r}; choose "
+            "another id or leave it empty",
+            metadata={"session_id": session_id, "checkpoint_id": checkpoint_id},
+        )
+
+
+class RequestIdConflict(InvalidArgument):
+    """A request id was reused with different arguments."""
+
+    reason = "ERROR_REASON_REQUEST_ID_REUSED"
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(
+            [
+                FieldViolation(
+                    "request_id",
+                    "was already used with different arguments; use a new id for a new call",
+                )
+            ]
+        )
+        self.metadata = {"request_id": request_id}
+
+
+class WorkingMemoryLost(FailedPrecondition):
+    """The working-memory store lost the session's memory."""
+
+    reason = "ERROR_REASON_WORKING_MEMORY_LOST"
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(
+            f"the working memory of session {session_id!r} was lost by its store; "
+            "Resume it from a checkpoint",
+            metadata={"session_id": session_id},
+        )
+
+
+# --- results -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SpawnResult:
+    session: SessionRecord
+    initial_entries_written: int
+
+
+@dataclass(frozen=True, slots=True)
+class PauseResult:
+    session: SessionRecord
+    checkpoint: CheckpointRecord
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeResult:
+    session: SessionRecord
+    checkpoint: CheckpointRecord
+    entries_restored: int
+
+
+@dataclass(frozen=True, slots=True)
+class TerminateResult:
+    session: SessionRecord
+    episode_id: str | None
+    entries_consolidated: int
+    entries_cleared: int
+    outcome: int
+
+
+def _encode(result: Any) -> bytes:
+    return json.dumps(dataclasses.asdict(result), default=int, separators=(",", ":")).encode()
+
+
+def _session_from(data: dict[str, Any]) -> SessionRecord:
+    return SessionRecord(
+        **{**data, "ref": SessionRef(**data["ref"]), "state": SessionState(data["state"])}
+    )
+
+
+def _checkpoint_from(data: dict[str, Any]) -> CheckpointRecord:
+    return CheckpointRecord(**{**data, "ref": SessionRef(**data["ref"])})
+
+
+def _decode(kind: type[T], raw: bytes) -> T:
+    data = json.loads(raw)
+    data["session"] = _session_from(data["session"])
+    if "checkpoint" in data:
+        data["checkpoint"] = _checkpoint_from(data["checkpoint"])
+    return kind(**data)
+
+
+def uuid7() -> str:
+    """A time-ordered UUID (version 7): 48 bits of Unix ms, then 74 random bits."""
+    value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")
+    value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
+    value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 4122 variant
+    return str(uuid.UUID(int=value))
+
+
+def _arguments_hash(method: str, *parts: Any) -> str:
+    document = json.dumps([method, *parts], sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(document.encode()).hexdigest()
+
+
+# --- the service -------------------------------------------------------------
+
+
+@dataclass
+class _Steps:
+    """What an operation did to working memory, to settle or undo after the transaction."""
+
+    op: str
+    started: bool = False
+    final_state: str | None = None
+    swap: bool = False
+    clear: bool = False
+
+
+class Lifecycle:
+    """Runs lifecycle operations over a session-memory store and a database."""
+
+    def __init__(
+        self,
+        memory: SessionMemoryStore,
+        database: LifecycleDatabase,
+        working_memory: WorkingMemory,
+        render_value: Callable[[bytes], Any],
+        clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+    ) -> None:
+        self._memory = memory
+        self._db = database
+        self._wm = working_memory
+        self._render_value = render_value
+        self._clock_ms = clock_ms
+
+    # Spawn ------------------------------------------------------------------
+
+    async def spawn(
+        self,
+        session: SessionRef,
+        agent_type_id: str,
+        initial: Sequence[tuple[str, bytes | None, int | None]],
+        metadata: dict[str, Any],
+        request_id: str,
+    ) -> SpawnResult:
+        violations: list[FieldViolation] = []
+        ref = check_session_ref(
+            session.project_id, session.agent_instance_id, session.session_id, violations
+        )
+        agent_type = (
+            check_uuid(agent_type_id, "agent_type_id", violations) if agent_type_id else None
+        )
+        writes = self._wm.check_entries(initial, "initial_entries", violations, allow_empty=True)
+        _check_request_id(request_id, violations)
+        raise_if_any(violations)
+        arguments = _arguments_hash(
+            "Spawn", ref, agent_type, [dataclasses.astuple(w) for w in writes], metadata
+        )
+        self._wm.check_fits_session(writes)
+        steps = _Steps(op=uuid7())
+
+        async def body(tx: LifecycleTransaction) -> SpawnResult:
+            now = self._clock_ms()
+            record = SessionRecord(
+                ref, agent_type, SessionState.ACTIVE, metadata, 1, uuid7(), None, now, now
+            )
+            if not await tx.insert_session(record):
+                existing = await tx.lock_session(ref)
+                state = existing.state.name if existing else "unknown"
+                raise SessionAlreadyExists(ref.session_id, state)
+            steps.started = True
+            await self._memory.begin_spawn(ref, steps.op, record.memory_epoch, writes)
+            steps.final_state = "active"
+            await tx.append_event(self._event(EventType.SPAWNED, record, now, request_id))
+            return SpawnResult(record, len(writes))
+
+        return await self._run("Spawn", ref, request_id, arguments, SpawnResult, steps, body)
+
+    # Pause and checkpoints ----------------------------------------------------
+
+    async def pause(
+        self, session: SessionRef, checkpoint_id: str, metadata: dict[str, Any], request_id: str
+    ) -> PauseResult:
+        ref = self._check(session, checkpoint_id, request_id)
+        arguments = _arguments_hash("Pause", ref, checkpoint_id, metadata)
+        steps = _Steps(op=uuid7())
+
+        async def body(tx: LifecycleTransaction) -> PauseResult:
+            record = await self._locked(tx, ref, "pause", {SessionState.ACTIVE})
+            snapshot = await self._begin(
+                tx,
+                record,
+                steps,
+                lambda: self._memory.begin_snapshot(ref, steps.op, "pausing", False, {"active"}),
+            )
+            steps.final_state = "paused"
+            now = self._clock_ms()
+            checkpoint = await self._store_checkpoint(
+                tx, ref, checkpoint_id or uuid7(), snapshot.entries, metadata, now
+            )
+            paused = dataclasses.replace(
+                record,
+                state=SessionState.PAUSED,
+                version=record.version + 1,
+                resume_checkpoint_id=checkpoint.checkpoint_id,
+                update_ms=now,
+            )
+            await tx.update_session(paused)
+            await tx.append_event(
+                self._event(
+                    EventType.PAUSED,
+                    paused,
+                    now,
+                    request_id,
+                    checkpoint_id=checkpoint.checkpoint_id,
+                    metadata=metadata,
+                )
+            )
+            return PauseResult(paused, checkpoint)
+
+        return await self._run("Pause", ref, request_id, arguments, PauseResult, steps, body)
+
+    async def _store_checkpoint(
+        self,
+        tx: LifecycleTransaction,
+        ref: SessionRef,
+        checkpoint_id: str,
+        entries: Sequence[SnapshotEntry],
+        metadata: dict[str, Any],
+        now: int,
+    ) -> CheckpointRecord:
+        size = sum(len(e.key.encode()) + len(e.value) for e in entries)
+        checkpoint = CheckpointRecord(ref, checkpoint_id, now, len(entries), size, metadata)
+        try:
+            await tx.insert_checkpoint(checkpoint, entries)
+        except CheckpointIdTaken:
+            raise CheckpointAlreadyExists(ref.session_id, checkpoint_id) from None
+        return checkpoint
+
+    # Resume -----------------------------------------------------------------
+
+    async def resume(
+        self,
+        session: SessionRef,
+        checkpoint_id: str,
+        merge: bool,
+        metadata: dict[str, Any],
+        request_id: str,
+    ) -> ResumeResult:
+        ref = self._check(session, checkpoint_id, request_id)
+        arguments = _arguments_hash("Resume", ref, checkpoint_id, merge, metadata)
+        steps = _Steps(op=uuid7())
+
+        async def body(tx: LifecycleTransaction) -> ResumeResult:
+            record = await self._locked(
+                tx, ref, "resume", {SessionState.ACTIVE, SessionState.PAUSED}
+            )
+            wanted = checkpoint_id or record.resume_checkpoint_id
+            if not wanted:
+                raise InvalidArgument.single(
+                    "checkpoint_id", "is required: the session has no resume checkpoint"
+                )
+            found = await tx.read_checkpoint(ref, wanted)
+            if found is None:
+                raise CheckpointNotFound(ref.session_id, wanted)
+            checkpoint, entries = found
+            epoch = uuid7()
+            allowed = {_MARKER_FOR[record.state], MISSING}
+            count = await self._begin(
+                tx,
+                record,
+                steps,
+                lambda: self._memory.begin_restore(ref, steps.op, epoch, entries, merge, allowed),
+            )
+            steps.final_state, steps.swap = "active", True
+            now = self._clock_ms()
+            resumed = dataclasses.replace(
+                record,
+                state=SessionState.ACTIVE,
+                version=record.version + 1,
+                memory_epoch=epoch,
+                resume_checkpoint_id=None,
+                update_ms=now,
+            )
+            await tx.update_session(resumed)
+            await tx.append_event(
+                self._event(
+                    EventType.RESUMED,
+                    resumed,
+                    now,
+                    request_id,
+                    checkpoint_id=checkpoint.checkpoint_id,
+                    metadata=metadata,
+                )
+            )
+            return ResumeResult(resumed, checkpoint, count)
+
+        return await self._run("Resume", ref, request_id, arguments, ResumeResult, steps, body)
+
+    # Terminate --------------------------------------------------------------
+
+    async def terminate(
+        self,
+        session: SessionRef,
+        task_description: str,
+        outcome: int,
+        lessons_learned: Sequence[str],
+        consolidate: bool,
+        cleanup: bool,
+        metadata: dict[str, Any],
+        request_id: str,
+    ) -> TerminateResult:
+        ref = self._check(session, "", request_id)
+        outcome = outcome or OUTCOME_SUCCESS
+        arguments = _arguments_hash(
+            "Terminate",
+            ref,
+            task_description,
+            outcome,
+            list(lessons_learned),
+            consolidate,
+            cleanup,
+            metadata,
+        )
+        steps = _Steps(op=uuid7())
+
+        async def body(tx: LifecycleTransaction) -> TerminateResult:
+            record = await self._locked(
+                tx, ref, "terminate", {SessionState.ACTIVE, SessionState.PAUSED}
+            )
+            allowed = {_MARKER_FOR[record.state], MISSING}
+            snapshot = await self._begin(
+                tx,
+                record,
+                steps,
+                lambda: self._memory.begin_snapshot(ref, steps.op, "terminating", cleanup, allowed),
+            )
+            steps.final_state = None if cleanup else "terminated"
+            steps.clear = cleanup
+            now = self._clock_ms()
+            episode_id = None
+            if consolidate:
+                episode = self._episode(
+                    record,
+                    snapshot.entries,
+                    task_description,
+                    outcome,
+                    list(lessons_learned),
+                    metadata,
+                    now,
+                )
+                await tx.insert_episode(episode)
+                episode_id = episode.episode_id
+            if cleanup:
+                await tx.delete_checkpoints(ref)
+            ended = dataclasses.replace(
+                record,
+                state=SessionState.TERMINATED,
+                version=record.version + 1,
+                resume_checkpoint_id=None,
+                update_ms=now,
+            )
+            await tx.update_session(ended)
+            await tx.append_event(
+                self._event(
+                    EventType.TERMINATED,
+                    ended,
+                    now,
+                    request_id,
+                    episode_id=episode_id,
+                    metadata=metadata,
+                )
+            )
+            count = len(snapshot.entries)
+            return TerminateResult(
+                ended, episode_id, count if consolidate else 0, count if cleanup else 0, outcome
+            )
+
+        return await self._run(
+            "Terminate", ref, request_id, arguments, TerminateResult, steps, body
+        )
+
+    def _episode(
+        self,
+        record: SessionRecord,
+        entries: Sequence[SnapshotEntry],
+        task_description: str,
+        outcome: int,
+        lessons: list[str],
+        metadata: dict[str, Any],
+        now: int,
+    ) -> EpisodeRecord:
+        """The reference consolidation: one episode summarising the session's state."""
+        keys = sorted(e.key for e in entries)
+        state = {e.key: self._render_value(e.value) for e in entries}
+        description = (task_description or f"Session {record.ref.session_id} completed")[:500]
+        return EpisodeRecord(
+            episode_id=uuid7(),
+            ref=record.ref,
+            task_type="session_completion",
+            task_description=description,
+            outcome=outcome,
+            outcome_details=f"Session terminated with {len(entries)} state items",
+            actions=[{"type": "session_completion", "state_keys": keys, "outcome": outcome}],
+            context_summary=json.dumps(state, sort_keys=True, default=str)[:1000],
+            lessons_learned=lessons,
+            duration_seconds=max(0.0, (now - record.create_ms) / 1000),
+            tokens_used=0,
+            importance=0.6,
+            metadata=metadata,
+            create_ms=now,
+        )
+
+    # Reads ------------------------------------------------------------------
+
+    async def get_session(self, session: SessionRef) -> tuple[SessionRecord, bool]:
+        """The session and whether its working memory is intact."""
+        violations: list[FieldViolation] = []
+        ref = check_session_ref(
+            session.project_id, session.agent_instance_id, session.session_id, violations
+        )
+        raise_if_any(violations)
+        record = await self._db.get_session(ref)
+        if record is None:
+            raise SessionNotFound(ref.session_id)
+        if record.state == SessionState.TERMINATED:
+            return record, True
+        marker = await self._memory.read_marker(ref)
+        return record, marker is not None
+
+    # Shared machinery ---------------------------------------------------------
+
+    def _check(self, session: SessionRef, checkpoint_id: str, request_id: str) -> SessionRef:
+        violations: list[FieldViolation] = []
+        ref = check_session_ref(
+            session.project_id, session.agent_instance_id, session.session_id, violations
+        )
+        if checkpoint_id:
+            check_session_id(checkpoint_id, "checkpoint_id", violations)
+        _check_request_id(request_id, violations)
+        raise_if_any(violations)
+        return ref
+
+    async def _locked(
+        self,
+        tx: LifecycleTransaction,
+        ref: SessionRef,
+        operation: str,
+        allowed: set[SessionState],
+    ) -> SessionRecord:
+        record = await tx.lock_session(ref)
+        if record is None:
+            raise SessionNotFound(ref.session_id)
+        if record.state not in allowed:
+            raise InvalidTransition(ref.session_id, record.state.name, operation)
+        return record
+
+    async def _begin(
+        self,
+        tx: LifecycleTransaction,
+        record: SessionRecord,
+        steps: _Steps,
+        step: Callable[[], Awaitable[T]],
+    ) -> T:
+        """Run step 1; heal a transitional marker left by a dead operation first."""
+        for attempt in range(2):
+            try:
+                result = await step()
+            except MarkerStateError as error:
+                if error.state in TRANSITIONAL and attempt == 0:
+                    await self._heal_locked(record)
+                    continue
+                if error.state == MISSING:
+                    raise WorkingMemoryLost(record.ref.session_id) from None
+                raise InvalidTransition(record.ref.session_id, error.state, "change") from None
+            steps.started = True
+            return result
+        raise AssertionError("unreachable")
+
+    async def heal(self, session: SessionRef) -> None:
+        """Settle a transitional marker left by an operation that died, if any."""
+        marker = await self._memory.read_marker(session)
+        if marker is None or marker.state not in TRANSITIONAL:
+            return
+        async with self._db.transaction() as tx:
+            record = await tx.lock_session(session)
+            if record is None:
+                if marker.op is not None:
+                    with contextlib.suppress(LostOperation):
+                        await self._memory.abort(session, marker.op)
+                return
+            await self._heal_locked(record)
+
+    async def _heal_locked(self, record: SessionRecord) -> None:
+        """Settle a transitional marker by the committed truth (caller holds the row lock)."""
+        marker = await self._memory.read_marker(record.ref)
+        if marker is None or marker.state not in TRANSITIONAL or marker.op is None:
+            return
+        committed = {
+            "spawning": record.memory_epoch == marker.next_epoch,
+            "pausing": record.state == SessionState.PAUSED,
+            "resuming": record.memory_epoch == marker.next_epoch,
+            "terminating": record.state == SessionState.TERMINATED,
+        }[marker.state]
+        try:
+            if not committed:
+                await self._memory.abort(record.ref, marker.op)
+            elif marker.state == "terminating":
+                final = None if marker.clear else "terminated"
+                await self._memory.finish(
+                    record.ref, marker.op, final, swap=False, clear=marker.clear
+                )
+            else:
+                final = _MARKER_FOR.get(record.state, "active")
+                swap = marker.state == "resuming"
+                await self._memory.finish(record.ref, marker.op, final, swap=swap, clear=False)
+            log.info("healed %s marker of session %s", marker.state, record.ref.session_id)
+        except LostOperation:
+            pass
+
+    async def _run(
+        self,
+        method: str,
+        ref: SessionRef,
+        request_id: str,
+        arguments: str,
+        kind: type[T],
+        steps: _Steps,
+        body: Callable[[LifecycleTransaction], Awaitable[T]],
+    ) -> T:
+        try:
+            async with self._db.transaction() as tx:
+                if request_id:
+                    try:
+                        previous = await tx.claim_request(
+                            ref.project_id, request_id, method, arguments
+                        )
+                    except RequestIdReused:
+                        raise RequestIdConflict(request_id) from None
+                    if previous is not None:
+                        replayed = _decode(kind, previous)
+                        return replayed
+                result = await body(tx)
+                if request_id:
+                    await tx.remember_response(ref.project_id, request_id, _encode(result))
+        except BaseException:
+            if steps.started:
+                await self._undo(ref, steps)
+            raise
+        if steps.started:
+            try:
+                await self._memory.finish(ref, steps.op, steps.final_state, steps.swap, steps.clear)
+            except LostOperation:
+                pass  # another caller already settled it from the committed state
+            except MemsvcError as error:
+                # Committed: the marker stays transitional and the next call heals it.
+                log.warning("%s committed but settling working memory failed: %s", method, error)
+        return result
+
+    async def _undo(self, ref: SessionRef, steps: _Steps) -> None:
+        try:
+            await self._memory.abort(ref, steps.op)
+        except LostOperation:
+            pass
+        except Exception as error:
+            log.warning("could not undo working-memory step of %s: %s", ref.session_id, error)
+
+    def _event(
+        self,
+        kind: EventType,
+        record: SessionRecord,
+        now: int,
+        request_id: str,
+        *,
+        checkpoint_id: str | None = None,
+        episode_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> EventRecord:
+        return EventRecord(
+            event_id=uuid7(),
+            event_type=kind,
+            ref=record.ref,
+            agent_type_id=record.agent_type_id,
+            time_ms=now,
+            checkpoint_id=checkpoint_id,
+            episode_id=episode_id,
+            request_id=request_id or None,
+            metadata=record.metadata if metadata is None else metadata,
+        )
+
+
+def _check_request_id(request_id: str, violations: list[FieldViolation]) -> None:
+    if request_id:
+        check_uuid(request_id, "request_id", violations)
