@@ -24,18 +24,26 @@ from grpc_reflection.v1alpha import reflection
 
 from memsvc.api import ErrorInterceptor, WorkingMemoryServicer
 from memsvc.api._errors import StreamTracker
+from memsvc.api._lifecycle import LifecycleServicer, render_value
 from memsvc.config import Config
 from memsvc.domain import DurableStore, WorkingMemory, WorkingMemoryStore
+from memsvc.domain._lifecycle import Lifecycle
 from memsvc.store import durable_store, working_memory_store
-from memsvc.v1 import working_memory_pb2, working_memory_pb2_grpc
+from memsvc.v1 import (
+    lifecycle_pb2,
+    lifecycle_pb2_grpc,
+    working_memory_pb2,
+    working_memory_pb2_grpc,
+)
 
 log = logging.getLogger(__name__)
 
 WORKING_MEMORY_SERVICE = working_memory_pb2.DESCRIPTOR.services_by_name[
     "WorkingMemoryService"
 ].full_name
+LIFECYCLE_SERVICE = lifecycle_pb2.DESCRIPTOR.services_by_name["LifecycleService"].full_name
 # Services whose health follows the backends; "" is the server as a whole.
-_HEALTH_SERVICES = ("", WORKING_MEMORY_SERVICE)
+_HEALTH_SERVICES = ("", WORKING_MEMORY_SERVICE, LIFECYCLE_SERVICE)
 
 
 class Server:
@@ -77,6 +85,12 @@ class Server:
             applied = await self.durable_store.migrate()
             log.info("schema migrations applied: %s", applied or "none pending")
         memory = WorkingMemory(self.working_memory_store, self.config.working_memory_limits())
+        lifecycle = Lifecycle(
+            self.working_memory_store,  # type: ignore[arg-type]
+            self.durable_store,  # type: ignore[arg-type]
+            memory,
+            render_value,
+        )
         server = grpc.aio.server(
             interceptors=[ErrorInterceptor(self._streams)],
             options=self._grpc_options(),
@@ -84,9 +98,18 @@ class Server:
         working_memory_pb2_grpc.add_WorkingMemoryServiceServicer_to_server(
             WorkingMemoryServicer(memory), server
         )
+        lifecycle_pb2_grpc.add_LifecycleServiceServicer_to_server(
+            LifecycleServicer(lifecycle), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            (WORKING_MEMORY_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            (
+                WORKING_MEMORY_SERVICE,
+                LIFECYCLE_SERVICE,
+                health.SERVICE_NAME,
+                reflection.SERVICE_NAME,
+            ),
+            server,
         )
         self.port = server.add_insecure_port(self.config.listen)
         if self.config.unix_socket:

@@ -21,6 +21,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from memsvc.domain import (
+    AlreadyExists,
     BackendUnavailable,
     FailedPrecondition,
     InvalidArgument,
@@ -41,6 +42,7 @@ _OWN_METHOD_PREFIX = "/memsvc."
 _CODES: tuple[tuple[type[MemsvcError], code_pb2.Code.ValueType], ...] = (
     (InvalidArgument, code_pb2.INVALID_ARGUMENT),
     (NotFound, code_pb2.NOT_FOUND),
+    (AlreadyExists, code_pb2.ALREADY_EXISTS),
     (FailedPrecondition, code_pb2.FAILED_PRECONDITION),
     (ResourceExhausted, code_pb2.RESOURCE_EXHAUSTED),
     (BackendUnavailable, code_pb2.UNAVAILABLE),

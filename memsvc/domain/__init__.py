@@ -2,6 +2,7 @@
 
 from memsvc.domain._durable import DurableStore
 from memsvc.domain._errors import (
+    AlreadyExists,
     BackendUnavailable,
     FailedPrecondition,
     FieldViolation,
@@ -29,6 +30,7 @@ from memsvc.domain._working_memory import (
 __all__ = [
     "MAX_KEY_BYTES",
     "MAX_SESSION_ID_CHARS",
+    "AlreadyExists",
     "BackendUnavailable",
     "BatchRead",
     "DurableStore",

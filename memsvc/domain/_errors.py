@@ -7,6 +7,7 @@ each class to a status code (``memsvc.api``) and never needs to parse messages.
     ├── InvalidArgument             INVALID_ARGUMENT, with field violations
     ├── NotFound
     │   └── KeyNotFound             NOT_FOUND
+    ├── AlreadyExists               ALREADY_EXISTS
     ├── FailedPrecondition
     │   └── SessionNotWritable      FAILED_PRECONDITION
     ├── ResourceExhausted
@@ -74,6 +75,10 @@ class KeyNotFound(NotFound):
             f"key {key!r} not found in session {session_id!r} (never set, deleted or expired)",
             metadata={"session_id": session_id, "key": key},
         )
+
+
+class AlreadyExists(MemsvcError):
+    """The thing to create exists already."""
 
 
 class FailedPrecondition(MemsvcError):

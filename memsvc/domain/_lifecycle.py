@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from memsvc.domain._errors import (
+    AlreadyExists,
     FailedPrecondition,
     FieldViolation,
     InvalidArgument,
@@ -49,6 +50,12 @@ from memsvc.domain._lifecycle_records import (
     SessionRecord,
     SessionState,
 )
+from memsvc.domain._pagination import (
+    check_page_size,
+    decode_page_token,
+    encode_page_token,
+    fingerprint,
+)
 from memsvc.domain._session_memory import (
     MISSING,
     TRANSITIONAL,
@@ -57,7 +64,7 @@ from memsvc.domain._session_memory import (
     SessionMemoryStore,
     SnapshotEntry,
 )
-from memsvc.domain._working_memory import WorkingMemory
+from memsvc.domain._working_memory import Page, WorkingMemory
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +101,7 @@ class SessionNotFound(NotFound):
         )
 
 
-class SessionAlreadyExists(MemsvcError):
+class SessionAlreadyExists(AlreadyExists):
     """The session id is taken (terminated ids are never reused)."""
 
     reason = "ERROR_REASON_SESSION_ALREADY_EXISTS"
@@ -118,7 +125,7 @@ class CheckpointNotFound(NotFound):
         )
 
 
-class CheckpointAlreadyExists(MemsvcError):
+class CheckpointAlreadyExists(AlreadyExists):
     """The session already has a checkpoint with this id."""
 
     reason = "ERROR_REASON_CHECKPOINT_ALREADY_EXISTS"
@@ -127,6 +134,19 @@ class CheckpointAlreadyExists(MemsvcError):
         super().__init__(
             f"session {session_id!r} already has a checkpoint {checkpoint_id!r}; choose "
             "another id or leave it empty",
+            metadata={"session_id": session_id, "checkpoint_id": checkpoint_id},
+        )
+
+
+class CheckpointProtected(FailedPrecondition):
+    """The checkpoint is the resume point of a PAUSED session."""
+
+    reason = "ERROR_REASON_CHECKPOINT_PROTECTED"
+
+    def __init__(self, session_id: str, checkpoint_id: str) -> None:
+        super().__init__(
+            f"checkpoint {checkpoint_id!r} is the resume point of paused session "
+            f"{session_id!r}; resume or terminate the session first",
             metadata={"session_id": session_id, "checkpoint_id": checkpoint_id},
         )
 
@@ -181,6 +201,17 @@ class ResumeResult:
     session: SessionRecord
     checkpoint: CheckpointRecord
     entries_restored: int
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointResult:
+    session: SessionRecord
+    checkpoint: CheckpointRecord
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteResult:
+    session: SessionRecord
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,6 +392,172 @@ class Lifecycle:
         except CheckpointIdTaken:
             raise CheckpointAlreadyExists(ref.session_id, checkpoint_id) from None
         return checkpoint
+
+    async def create_checkpoint(
+        self, session: SessionRef, checkpoint_id: str, metadata: dict[str, Any], request_id: str
+    ) -> CheckpointRecord:
+        """Snapshot an ACTIVE session without pausing it."""
+        ref = self._check(session, checkpoint_id, request_id)
+        arguments = _arguments_hash("CreateCheckpoint", ref, checkpoint_id, metadata)
+        # No marker change: the snapshot is one atomic read, nothing to settle after.
+        steps = _Steps(op=uuid7())
+
+        async def body(tx: LifecycleTransaction) -> CheckpointResult:
+            record = await self._locked(tx, ref, "checkpoint", {SessionState.ACTIVE})
+            snapshot = await self._begin(
+                tx,
+                record,
+                _Steps(op=steps.op),
+                lambda: self._memory.begin_snapshot(ref, steps.op, None, False, {"active"}),
+            )
+            now = self._clock_ms()
+            checkpoint = await self._store_checkpoint(
+                tx, ref, checkpoint_id or uuid7(), snapshot.entries, metadata, now
+            )
+            await tx.append_event(
+                self._event(
+                    EventType.CHECKPOINT_CREATED,
+                    record,
+                    now,
+                    request_id,
+                    checkpoint_id=checkpoint.checkpoint_id,
+                    metadata=metadata,
+                )
+            )
+            return CheckpointResult(record, checkpoint)
+
+        result = await self._run(
+            "CreateCheckpoint", ref, request_id, arguments, CheckpointResult, steps, body
+        )
+        return result.checkpoint
+
+    async def get_checkpoint(
+        self,
+        session: SessionRef,
+        checkpoint_id: str,
+        include_entries: bool,
+        page_size: int,
+        page_token: str,
+    ) -> tuple[CheckpointRecord, Page[SnapshotEntry]]:
+        """A checkpoint and, on request, one page of its entries in key byte order."""
+        violations: list[FieldViolation] = []
+        ref = check_session_ref(
+            session.project_id, session.agent_instance_id, session.session_id, violations
+        )
+        if not checkpoint_id:
+            violations.append(FieldViolation("checkpoint_id", "is required"))
+        else:
+            check_session_id(checkpoint_id, "checkpoint_id", violations)
+        limits = self._wm.limits
+        limit = check_page_size(
+            page_size,
+            default=limits.default_page_size,
+            maximum=limits.max_page_size,
+            violations=violations,
+        )
+        raise_if_any(violations)
+        scope = fingerprint(
+            "checkpoint", ref.project_id, ref.agent_instance_id, ref.session_id, checkpoint_id
+        )
+        after = decode_page_token(page_token, scope) if include_entries else None
+        async with self._db.transaction() as tx:
+            found = await tx.read_checkpoint(ref, checkpoint_id)
+        if found is None:
+            raise CheckpointNotFound(ref.session_id, checkpoint_id)
+        checkpoint, entries = found
+        if not include_entries:
+            return checkpoint, Page([], "")
+        ordered = sorted(entries, key=lambda e: e.key.encode())
+        if after is not None:
+            ordered = [e for e in ordered if e.key.encode() > after.encode()]
+        page: list[SnapshotEntry] = []
+        used = 0
+        for entry in ordered[:limit]:
+            if page and used + len(entry.value) > limits.response_budget_bytes:
+                break
+            used += len(entry.value)
+            page.append(entry)
+        more = len(page) < len(ordered)
+        return checkpoint, Page(
+            page, encode_page_token(page[-1].key, scope) if more and page else ""
+        )
+
+    async def delete_checkpoint(
+        self, session: SessionRef, checkpoint_id: str, request_id: str
+    ) -> None:
+        """Delete a checkpoint, unless a PAUSED session will resume from it."""
+        ref = self._check(session, checkpoint_id, request_id)
+        if not checkpoint_id:
+            raise InvalidArgument.single("checkpoint_id", "is required")
+        arguments = _arguments_hash("DeleteCheckpoint", ref, checkpoint_id)
+        steps = _Steps(op=uuid7())
+
+        async def body(tx: LifecycleTransaction) -> DeleteResult:
+            record = await tx.lock_session(ref)
+            if record is None:
+                raise SessionNotFound(ref.session_id)
+            if record.state == SessionState.PAUSED and record.resume_checkpoint_id == checkpoint_id:
+                raise CheckpointProtected(ref.session_id, checkpoint_id)
+            if not await tx.delete_checkpoint(ref, checkpoint_id):
+                raise CheckpointNotFound(ref.session_id, checkpoint_id)
+            now = self._clock_ms()
+            await tx.append_event(
+                self._event(
+                    EventType.CHECKPOINT_DELETED,
+                    record,
+                    now,
+                    request_id,
+                    checkpoint_id=checkpoint_id,
+                )
+            )
+            return DeleteResult(record)
+
+        await self._run("DeleteCheckpoint", ref, request_id, arguments, DeleteResult, steps, body)
+
+    async def list_sessions(
+        self,
+        project_id: str,
+        agent_instance_id: str,
+        state: int,
+        page_size: int,
+        page_token: str,
+    ) -> Page[SessionRecord]:
+        """One page of a project's sessions, newest first."""
+        violations: list[FieldViolation] = []
+        project = check_uuid(project_id, "project_id", violations)
+        agent = (
+            check_uuid(agent_instance_id, "agent_instance_id", violations)
+            if agent_instance_id
+            else None
+        )
+        wanted: SessionState | None = None
+        if state:
+            try:
+                wanted = SessionState(state)
+            except ValueError:
+                violations.append(FieldViolation("state", f"is not a SessionState value: {state}"))
+        limits = self._wm.limits
+        limit = check_page_size(
+            page_size,
+            default=limits.default_page_size,
+            maximum=limits.max_page_size,
+            violations=violations,
+        )
+        raise_if_any(violations)
+        scope = fingerprint("sessions", project, agent or "", str(state))
+        after = decode_page_token(page_token, scope)
+        before = None
+        if after is not None:
+            create_ms, agent_after, session_after = json.loads(after)
+            before = (int(create_ms), str(agent_after), str(session_after))
+        items = await self._db.list_sessions(project, agent, wanted, before, limit + 1)
+        token = ""
+        if len(items) > limit:
+            items = items[:limit]
+            last = items[-1]
+            position = json.dumps([last.create_ms, last.ref.agent_instance_id, last.ref.session_id])
+            token = encode_page_token(position, scope)
+        return Page(items, token)
 
     # Resume -----------------------------------------------------------------
 
@@ -552,6 +749,38 @@ class Lifecycle:
             return record, True
         marker = await self._memory.read_marker(ref)
         return record, marker is not None
+
+    async def list_checkpoints(
+        self, session: SessionRef, page_size: int, page_token: str
+    ) -> Page[CheckpointRecord]:
+        """One page of the session's checkpoints, newest first."""
+        violations: list[FieldViolation] = []
+        ref = check_session_ref(
+            session.project_id, session.agent_instance_id, session.session_id, violations
+        )
+        limit = check_page_size(
+            page_size,
+            default=self._wm.limits.default_page_size,
+            maximum=self._wm.limits.max_page_size,
+            violations=violations,
+        )
+        raise_if_any(violations)
+        scope = fingerprint("checkpoints", ref.project_id, ref.agent_instance_id, ref.session_id)
+        after = decode_page_token(page_token, scope)
+        before = None
+        if after is not None:
+            create_ms, checkpoint_id = json.loads(after)
+            before = (int(create_ms), str(checkpoint_id))
+        if await self._db.get_session(ref) is None:
+            raise SessionNotFound(ref.session_id)
+        items = await self._db.list_checkpoints(ref, before, limit + 1)
+        token = ""
+        if len(items) > limit:
+            items = items[:limit]
+            token = encode_page_token(
+                json.dumps([items[-1].create_ms, items[-1].checkpoint_id]), scope
+            )
+        return Page(items, token)
 
     # Shared machinery ---------------------------------------------------------
 

@@ -134,6 +134,9 @@ class LifecycleTransaction(Protocol):
     ) -> tuple[CheckpointRecord, list[SnapshotEntry]] | None:
         """A checkpoint and its entries, or None."""
 
+    async def delete_checkpoint(self, ref: SessionRef, checkpoint_id: str) -> bool:
+        """Delete one checkpoint; False when it did not exist."""
+
     async def delete_checkpoints(self, ref: SessionRef) -> int:
         """Delete every checkpoint of the session; return how many."""
 
@@ -157,3 +160,13 @@ class LifecycleDatabase(Protocol):
         self, ref: SessionRef, before: tuple[int, str] | None, limit: int
     ) -> list[CheckpointRecord]:
         """Checkpoints newest first, strictly before (create_ms, id) when given."""
+
+    async def list_sessions(
+        self,
+        project_id: str,
+        agent_instance_id: str | None,
+        state: SessionState | None,
+        before: tuple[int, str, str] | None,
+        limit: int,
+    ) -> list[SessionRecord]:
+        """Sessions newest first, strictly before (create_ms, agent, session) when given."""

@@ -205,6 +205,14 @@ class SqlLifecycleTransaction:
             return None
         return checkpoint_from_row(row, self._d), decode_snapshot(bytes(row[8]))
 
+    async def delete_checkpoint(self, ref: SessionRef, checkpoint_id: str) -> bool:
+        row = await self._one(
+            f"DELETE FROM checkpoints WHERE {_SESSION_KEY} AND checkpoint_id = ?"
+            " RETURNING checkpoint_id",
+            (*_key(ref), checkpoint_id),
+        )
+        return row is not None
+
     async def delete_checkpoints(self, ref: SessionRef) -> int:
         rows = await (
             await self._conn.execute(
@@ -330,6 +338,42 @@ async def list_checkpoints(
         params,
     )
     return [checkpoint_from_row(row, dialect) for row in await cursor.fetchall()]
+
+
+async def list_sessions(
+    conn: Connection,
+    dialect: Dialect,
+    project_id: str,
+    agent_instance_id: str | None,
+    state: SessionState | None,
+    before: tuple[int, str, str] | None,
+    limit: int,
+) -> list[SessionRecord]:
+    """A project's sessions newest first, strictly before (create_ms, agent, session)."""
+    conditions = ["project_id = ?"]
+    params: list[Any] = [project_id]
+    if agent_instance_id is not None:
+        conditions.append("agent_instance_id = ?")
+        params.append(agent_instance_id)
+    if state is not None:
+        conditions.append("state = ?")
+        params.append(int(state))
+    if before is not None:
+        moment = dialect.time_param(before[0])
+        conditions.append(
+            "(create_time < ? OR (create_time = ? AND (agent_instance_id < ?"
+            " OR (agent_instance_id = ? AND session_id < ?))))"
+        )
+        params += [moment, moment, before[1], before[1], before[2]]
+    cursor = await conn.execute(
+        dialect.sql(
+            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE {' AND '.join(conditions)}"
+            " ORDER BY create_time DESC, agent_instance_id DESC, session_id DESC"
+            f" LIMIT {int(limit)}"
+        ),
+        params,
+    )
+    return [session_from_row(row, dialect) for row in await cursor.fetchall()]
 
 
 def _now_ms() -> int:

@@ -56,41 +56,36 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     ERROR_REASON_INVALID_TRANSITION: _ErrorReason.ValueType  # 7
     """The lifecycle transition asked for is not allowed from the session's
     current state. Metadata: "session_id", "state". Status code:
-    FAILED_PRECONDITION. (LifecycleService, not served yet.)
+    FAILED_PRECONDITION.
     """
     ERROR_REASON_SESSION_NOT_FOUND: _ErrorReason.ValueType  # 8
     """The session was never spawned. Metadata: "session_id". Status code:
-    NOT_FOUND. (LifecycleService, not served yet.)
+    NOT_FOUND.
     """
     ERROR_REASON_SESSION_ALREADY_EXISTS: _ErrorReason.ValueType  # 9
     """The session id is in use or was used before (terminated ids are never
     reused). Metadata: "session_id", "state". Status code: ALREADY_EXISTS.
-    (LifecycleService, not served yet.)
     """
     ERROR_REASON_CHECKPOINT_NOT_FOUND: _ErrorReason.ValueType  # 10
     """The checkpoint does not exist (or retention removed it). Metadata:
-    "session_id", "checkpoint_id". Status code: NOT_FOUND. (LifecycleService,
-    not served yet.)
+    "session_id", "checkpoint_id". Status code: NOT_FOUND.
     """
     ERROR_REASON_CHECKPOINT_ALREADY_EXISTS: _ErrorReason.ValueType  # 11
     """The session already has a checkpoint with this id. Metadata:
     "session_id", "checkpoint_id". Status code: ALREADY_EXISTS.
-    (LifecycleService, not served yet.)
     """
     ERROR_REASON_CHECKPOINT_PROTECTED: _ErrorReason.ValueType  # 12
     """The checkpoint is the resume point of a PAUSED session and cannot be
     deleted. Metadata: "session_id", "checkpoint_id". Status code:
-    FAILED_PRECONDITION. (LifecycleService, not served yet.)
+    FAILED_PRECONDITION.
     """
     ERROR_REASON_REQUEST_ID_REUSED: _ErrorReason.ValueType  # 13
     """The request_id was used before with different arguments. Metadata:
-    "request_id". Status code: INVALID_ARGUMENT. (LifecycleService, not
-    served yet.)
+    "request_id". Status code: INVALID_ARGUMENT.
     """
     ERROR_REASON_WORKING_MEMORY_LOST: _ErrorReason.ValueType  # 14
     """The working-memory store lost this session's memory; resume it from a
     checkpoint. Metadata: "session_id". Status code: FAILED_PRECONDITION.
-    (LifecycleService, not served yet.)
     """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
@@ -138,40 +133,35 @@ FAILED_PRECONDITION.
 ERROR_REASON_INVALID_TRANSITION: ErrorReason.ValueType  # 7
 """The lifecycle transition asked for is not allowed from the session's
 current state. Metadata: "session_id", "state". Status code:
-FAILED_PRECONDITION. (LifecycleService, not served yet.)
+FAILED_PRECONDITION.
 """
 ERROR_REASON_SESSION_NOT_FOUND: ErrorReason.ValueType  # 8
 """The session was never spawned. Metadata: "session_id". Status code:
-NOT_FOUND. (LifecycleService, not served yet.)
+NOT_FOUND.
 """
 ERROR_REASON_SESSION_ALREADY_EXISTS: ErrorReason.ValueType  # 9
 """The session id is in use or was used before (terminated ids are never
 reused). Metadata: "session_id", "state". Status code: ALREADY_EXISTS.
-(LifecycleService, not served yet.)
 """
 ERROR_REASON_CHECKPOINT_NOT_FOUND: ErrorReason.ValueType  # 10
 """The checkpoint does not exist (or retention removed it). Metadata:
-"session_id", "checkpoint_id". Status code: NOT_FOUND. (LifecycleService,
-not served yet.)
+"session_id", "checkpoint_id". Status code: NOT_FOUND.
 """
 ERROR_REASON_CHECKPOINT_ALREADY_EXISTS: ErrorReason.ValueType  # 11
 """The session already has a checkpoint with this id. Metadata:
 "session_id", "checkpoint_id". Status code: ALREADY_EXISTS.
-(LifecycleService, not served yet.)
 """
 ERROR_REASON_CHECKPOINT_PROTECTED: ErrorReason.ValueType  # 12
 """The checkpoint is the resume point of a PAUSED session and cannot be
 deleted. Metadata: "session_id", "checkpoint_id". Status code:
-FAILED_PRECONDITION. (LifecycleService, not served yet.)
+FAILED_PRECONDITION.
 """
 ERROR_REASON_REQUEST_ID_REUSED: ErrorReason.ValueType  # 13
 """The request_id was used before with different arguments. Metadata:
-"request_id". Status code: INVALID_ARGUMENT. (LifecycleService, not
-served yet.)
+"request_id". Status code: INVALID_ARGUMENT.
 """
 ERROR_REASON_WORKING_MEMORY_LOST: ErrorReason.ValueType  # 14
 """The working-memory store lost this session's memory; resume it from a
 checkpoint. Metadata: "session_id". Status code: FAILED_PRECONDITION.
-(LifecycleService, not served yet.)
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

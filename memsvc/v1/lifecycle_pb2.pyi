@@ -557,7 +557,8 @@ class TerminateRequest(_message.Message):
     """False (the default): record one episode of the session. True: record none."""
     keep_working_memory: _builtins.bool
     """False (the default): delete the working memory and the checkpoints.
-    True: keep both.
+    True: keep both; the working memory stays readable (read-only) and the
+    checkpoints stay listable.
     """
     request_id: _builtins.str
     """Optional UUID making the call safe to retry."""

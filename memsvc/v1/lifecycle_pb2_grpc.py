@@ -29,8 +29,6 @@ class LifecycleServiceStub:
     """LifecycleService spawns, pauses, resumes and terminates agent sessions, and
     manages their checkpoints.
 
-    Status: contract draft for the lifecycle issue; not served yet.
-
     A session is named by `project_id`, `agent_instance_id` and `session_id`
     under the rules of WorkingMemoryService. Its status lives in the durable
     store (SQLite or PostgreSQL); its working memory lives in the working-memory
@@ -109,8 +107,6 @@ class LifecycleServiceStub:
 class LifecycleServiceServicer:
     """LifecycleService spawns, pauses, resumes and terminates agent sessions, and
     manages their checkpoints.
-
-    Status: contract draft for the lifecycle issue; not served yet.
 
     A session is named by `project_id`, `agent_instance_id` and `session_id`
     under the rules of WorkingMemoryService. Its status lives in the durable
@@ -281,8 +277,6 @@ def add_LifecycleServiceServicer_to_server(servicer, server):
 class LifecycleService:
     """LifecycleService spawns, pauses, resumes and terminates agent sessions, and
     manages their checkpoints.
-
-    Status: contract draft for the lifecycle issue; not served yet.
 
     A session is named by `project_id`, `agent_instance_id` and `session_id`
     under the rules of WorkingMemoryService. Its status lives in the durable

@@ -30,8 +30,6 @@ class LifecycleServiceStub:
     """LifecycleService spawns, pauses, resumes and terminates agent sessions, and
     manages their checkpoints.
 
-    Status: contract draft for the lifecycle issue; not served yet.
-
     A session is named by `project_id`, `agent_instance_id` and `session_id`
     under the rules of WorkingMemoryService. Its status lives in the durable
     store (SQLite or PostgreSQL); its working memory lives in the working-memory
@@ -107,8 +105,6 @@ class LifecycleServiceAsyncStub(LifecycleServiceStub):
     """LifecycleService spawns, pauses, resumes and terminates agent sessions, and
     manages their checkpoints.
 
-    Status: contract draft for the lifecycle issue; not served yet.
-
     A session is named by `project_id`, `agent_instance_id` and `session_id`
     under the rules of WorkingMemoryService. Its status lives in the durable
     store (SQLite or PostgreSQL); its working memory lives in the working-memory
@@ -179,8 +175,6 @@ class LifecycleServiceAsyncStub(LifecycleServiceStub):
 class LifecycleServiceServicer(metaclass=_abc_1.ABCMeta):
     """LifecycleService spawns, pauses, resumes and terminates agent sessions, and
     manages their checkpoints.
-
-    Status: contract draft for the lifecycle issue; not served yet.
 
     A session is named by `project_id`, `agent_instance_id` and `session_id`
     under the rules of WorkingMemoryService. Its status lives in the durable

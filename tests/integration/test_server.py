@@ -49,7 +49,7 @@ async def test_health_reports_serving_for_server_and_service(embedded):
         grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch,
     ):
         stub = health_pb2_grpc.HealthStub(ch)
-        for service in ("", "memsvc.v1.WorkingMemoryService"):
+        for service in ("", "memsvc.v1.WorkingMemoryService", "memsvc.v1.LifecycleService"):
             reply = await stub.Check(health_pb2.HealthCheckRequest(service=service))
             assert reply.status == SERVING, service
         await expect_error(
@@ -72,6 +72,7 @@ async def test_reflection_lists_every_service(embedded):
         names = {s.name for s in reply.list_services_response.service}
         assert names == {
             "memsvc.v1.WorkingMemoryService",
+            "memsvc.v1.LifecycleService",
             "grpc.health.v1.Health",
             "grpc.reflection.v1alpha.ServerReflection",
         }

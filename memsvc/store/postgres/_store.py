@@ -17,12 +17,18 @@ import psycopg
 import psycopg_pool
 
 from memsvc.domain import SessionRef
-from memsvc.domain._lifecycle_records import CheckpointRecord, LifecycleTransaction, SessionRecord
+from memsvc.domain._lifecycle_records import (
+    CheckpointRecord,
+    LifecycleTransaction,
+    SessionRecord,
+    SessionState,
+)
 from memsvc.store._lifecycle_sql import (
     POSTGRES,
     SqlLifecycleTransaction,
     get_session,
     list_checkpoints,
+    list_sessions,
 )
 from memsvc.store._migrations import check_applied, load_migrations
 from memsvc.store._retry import with_retries
@@ -145,6 +151,19 @@ class PostgresDurableStore:
     ) -> list[CheckpointRecord]:
         async with self._connections.connection() as conn:
             return await list_checkpoints(conn, POSTGRES, ref, before, limit)
+
+    async def list_sessions(
+        self,
+        project_id: str,
+        agent_instance_id: str | None,
+        state: SessionState | None,
+        before: tuple[int, str, str] | None,
+        limit: int,
+    ) -> list[SessionRecord]:
+        async with self._connections.connection() as conn:
+            return await list_sessions(
+                conn, POSTGRES, project_id, agent_instance_id, state, before, limit
+            )
 
     @property
     def _connections(self) -> psycopg_pool.AsyncConnectionPool:

@@ -17,12 +17,18 @@ from pathlib import Path
 import aiosqlite
 
 from memsvc.domain import BackendUnavailable, SessionRef
-from memsvc.domain._lifecycle_records import CheckpointRecord, LifecycleTransaction, SessionRecord
+from memsvc.domain._lifecycle_records import (
+    CheckpointRecord,
+    LifecycleTransaction,
+    SessionRecord,
+    SessionState,
+)
 from memsvc.store._lifecycle_sql import (
     SQLITE,
     SqlLifecycleTransaction,
     get_session,
     list_checkpoints,
+    list_sessions,
 )
 from memsvc.store._migrations import check_applied, load_migrations, split_sql
 
@@ -103,6 +109,18 @@ class SqliteDurableStore:
         self, ref: SessionRef, before: tuple[int, str] | None, limit: int
     ) -> list[CheckpointRecord]:
         return await list_checkpoints(self._read_conn, SQLITE, ref, before, limit)
+
+    async def list_sessions(
+        self,
+        project_id: str,
+        agent_instance_id: str | None,
+        state: SessionState | None,
+        before: tuple[int, str, str] | None,
+        limit: int,
+    ) -> list[SessionRecord]:
+        return await list_sessions(
+            self._read_conn, SQLITE, project_id, agent_instance_id, state, before, limit
+        )
 
     @property
     def _read_conn(self) -> aiosqlite.Connection:

@@ -1,0 +1,216 @@
+"""The gRPC servicer of LifecycleService."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from google.protobuf import json_format, struct_pb2
+
+from memsvc.api._convert import encode_value, timestamp, ttl_ms
+from memsvc.domain import SessionRef
+from memsvc.domain._lifecycle import Lifecycle
+from memsvc.domain._lifecycle_records import CheckpointRecord, SessionRecord
+from memsvc.v1 import lifecycle_pb2 as pb
+from memsvc.v1 import lifecycle_pb2_grpc as pb_grpc
+
+
+def render_value(stored: bytes) -> Any:
+    """A stored value as plain JSON-like Python (for episode summaries)."""
+    return json_format.MessageToDict(struct_pb2.Value.FromString(stored))
+
+
+def metadata_of(request: Any) -> dict[str, Any]:
+    """The request's metadata Struct as a dict ({} when unset)."""
+    if not request.HasField("metadata"):
+        return {}
+    return dict(json_format.MessageToDict(request.metadata))
+
+
+def _session_ref(request: Any) -> SessionRef:
+    return SessionRef(request.project_id, request.agent_instance_id, request.session_id)
+
+
+def session_message(record: SessionRecord, intact: bool | None = None) -> pb.Session:
+    """The API form of a session."""
+    message = pb.Session(
+        project_id=record.ref.project_id,
+        agent_instance_id=record.ref.agent_instance_id,
+        session_id=record.ref.session_id,
+        agent_type_id=record.agent_type_id or "",
+        state=pb.SessionState.ValueType(int(record.state)),
+        version=record.version,
+        resume_checkpoint_id=record.resume_checkpoint_id or "",
+    )
+    message.metadata.update(record.metadata)
+    message.create_time.CopyFrom(timestamp(record.create_ms))
+    message.update_time.CopyFrom(timestamp(record.update_ms))
+    if intact is not None:
+        message.working_memory_status = (
+            pb.WORKING_MEMORY_STATUS_INTACT if intact else pb.WORKING_MEMORY_STATUS_LOST
+        )
+    return message
+
+
+def checkpoint_message(record: CheckpointRecord) -> pb.Checkpoint:
+    """The API form of a checkpoint's metadata."""
+    message = pb.Checkpoint(
+        checkpoint_id=record.checkpoint_id,
+        project_id=record.ref.project_id,
+        agent_instance_id=record.ref.agent_instance_id,
+        session_id=record.ref.session_id,
+        key_count=record.key_count,
+        size_bytes=record.size_bytes,
+    )
+    message.metadata.update(record.metadata)
+    message.create_time.CopyFrom(timestamp(record.create_ms))
+    return message
+
+
+class LifecycleServicer(pb_grpc.LifecycleServiceServicer):
+    """Serves memsvc.v1.LifecycleService over a Lifecycle domain object.
+
+    RPCs not overridden here answer UNIMPLEMENTED (the generated base class).
+    """
+
+    def __init__(self, lifecycle: Lifecycle) -> None:
+        self._lifecycle = lifecycle
+
+    async def Spawn(
+        self, request: pb.SpawnRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SpawnResponse:
+        initial = [
+            (
+                item.key,
+                encode_value(item.value, item.HasField("value")),
+                ttl_ms(item.ttl, item.HasField("ttl"), f"initial_entries[{index}].ttl"),
+            )
+            for index, item in enumerate(request.initial_entries)
+        ]
+        result = await self._lifecycle.spawn(
+            _session_ref(request),
+            request.agent_type_id,
+            initial,
+            metadata_of(request),
+            request.request_id,
+        )
+        return pb.SpawnResponse(
+            session=session_message(result.session, True),
+            initial_entries_written=result.initial_entries_written,
+        )
+
+    async def Pause(
+        self, request: pb.PauseRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PauseResponse:
+        result = await self._lifecycle.pause(
+            _session_ref(request), request.checkpoint_id, metadata_of(request), request.request_id
+        )
+        return pb.PauseResponse(
+            session=session_message(result.session, True),
+            checkpoint=checkpoint_message(result.checkpoint),
+        )
+
+    async def Resume(
+        self, request: pb.ResumeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ResumeResponse:
+        result = await self._lifecycle.resume(
+            _session_ref(request),
+            request.checkpoint_id,
+            request.merge_with_current,
+            metadata_of(request),
+            request.request_id,
+        )
+        return pb.ResumeResponse(
+            session=session_message(result.session, True),
+            checkpoint=checkpoint_message(result.checkpoint),
+            entries_restored=result.entries_restored,
+        )
+
+    async def Terminate(
+        self, request: pb.TerminateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TerminateResponse:
+        result = await self._lifecycle.terminate(
+            _session_ref(request),
+            request.task_description,
+            int(request.outcome),
+            list(request.lessons_learned),
+            consolidate=not request.skip_consolidation,
+            cleanup=not request.keep_working_memory,
+            metadata=metadata_of(request),
+            request_id=request.request_id,
+        )
+        return pb.TerminateResponse(
+            session=session_message(result.session),
+            episode_id=result.episode_id or "",
+            entries_consolidated=result.entries_consolidated,
+            entries_cleared=result.entries_cleared,
+            outcome=pb.Outcome.ValueType(result.outcome),
+        )
+
+    async def GetSession(
+        self, request: pb.GetSessionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetSessionResponse:
+        record, intact = await self._lifecycle.get_session(_session_ref(request))
+        return pb.GetSessionResponse(session=session_message(record, intact))
+
+    async def ListCheckpoints(
+        self, request: pb.ListCheckpointsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListCheckpointsResponse:
+        page = await self._lifecycle.list_checkpoints(
+            _session_ref(request), request.page_size, request.page_token
+        )
+        return pb.ListCheckpointsResponse(
+            checkpoints=[checkpoint_message(c) for c in page.items],
+            next_page_token=page.next_page_token,
+        )
+
+    async def ListSessions(
+        self, request: pb.ListSessionsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListSessionsResponse:
+        page = await self._lifecycle.list_sessions(
+            request.project_id,
+            request.agent_instance_id,
+            int(request.state),
+            request.page_size,
+            request.page_token,
+        )
+        return pb.ListSessionsResponse(
+            sessions=[session_message(s) for s in page.items],
+            next_page_token=page.next_page_token,
+        )
+
+    async def CreateCheckpoint(
+        self, request: pb.CreateCheckpointRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreateCheckpointResponse:
+        checkpoint = await self._lifecycle.create_checkpoint(
+            _session_ref(request), request.checkpoint_id, metadata_of(request), request.request_id
+        )
+        return pb.CreateCheckpointResponse(checkpoint=checkpoint_message(checkpoint))
+
+    async def GetCheckpoint(
+        self, request: pb.GetCheckpointRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetCheckpointResponse:
+        checkpoint, page = await self._lifecycle.get_checkpoint(
+            _session_ref(request),
+            request.checkpoint_id,
+            request.include_entries,
+            request.page_size,
+            request.page_token,
+        )
+        response = pb.GetCheckpointResponse(
+            checkpoint=checkpoint_message(checkpoint), next_page_token=page.next_page_token
+        )
+        for entry in page.items:
+            item = response.entries.add(key=entry.key)
+            item.value.ParseFromString(entry.value)
+            if entry.remaining_ttl_ms is not None:
+                item.remaining_ttl.FromMilliseconds(entry.remaining_ttl_ms)
+        return response
+
+    async def DeleteCheckpoint(
+        self, request: pb.DeleteCheckpointRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteCheckpointResponse:
+        await self._lifecycle.delete_checkpoint(
+            _session_ref(request), request.checkpoint_id, request.request_id
+        )
+        return pb.DeleteCheckpointResponse()

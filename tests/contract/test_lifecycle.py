@@ -1,0 +1,338 @@
+"""LifecycleService contract: the full lifecycle through gRPC, on both deployments."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+import uuid
+from typing import Any
+
+import grpc
+import psycopg
+import pytest
+from google.protobuf import duration_pb2, struct_pb2
+
+from memsvc.v1 import lifecycle_pb2 as lc
+from memsvc.v1 import working_memory_pb2 as pb
+from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
+from tests.helpers import expect_error, python, value
+
+ACTIVE, PAUSED, TERMINATED = (
+    lc.SESSION_STATE_ACTIVE,
+    lc.SESSION_STATE_PAUSED,
+    lc.SESSION_STATE_TERMINATED,
+)
+
+
+@pytest.fixture
+def life(channel: grpc.aio.Channel) -> LifecycleServiceStub:
+    return LifecycleServiceStub(channel)
+
+
+def entries(**items: Any) -> list[pb.EntryInput]:
+    return [pb.EntryInput(key=k, value=value(v)) for k, v in items.items()]
+
+
+def struct(**fields: Any) -> struct_pb2.Struct:
+    message = struct_pb2.Struct()
+    message.update(fields)
+    return message
+
+
+async def memory_of(wm, scope) -> dict[str, Any]:
+    page = await wm.ListEntries(pb.ListEntriesRequest(**scope))
+    return {e.key: python(e.value) for e in page.entries}
+
+
+def events_of(server, scope) -> list[tuple[int, int, str | None]]:
+    """(sequence, type, checkpoint or episode id) of the session's events, from the database."""
+    query = (
+        "SELECT sequence, event_type, coalesce(checkpoint_id, CAST(episode_id AS TEXT))"
+        " FROM lifecycle_events WHERE project_id = {p} AND session_id = {p} ORDER BY sequence"
+    )
+    url = server.config.database_url
+    params = (scope["project_id"], scope["session_id"])
+    if url.startswith("sqlite"):
+        with sqlite3.connect(url.removeprefix("sqlite://")) as conn:
+            return [tuple(r) for r in conn.execute(query.format(p="?"), params)]
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(query.format(p="%s"), params).fetchall()
+        return [(r[0], r[1], r[2]) for r in rows]
+
+
+async def test_full_lifecycle(life, wm, scope, server):
+    """Spawn seeded, write, pause, resume, terminate: states, data, events."""
+    spawned = await life.Spawn(
+        lc.SpawnRequest(**scope, initial_entries=entries(plan=["a", "b"], step=0),
+                        metadata=struct(team="x"))
+    )  # fmt: skip
+    assert spawned.session.state == ACTIVE
+    assert spawned.session.version == 1
+    assert spawned.initial_entries_written == 2
+    assert spawned.session.working_memory_status == lc.WORKING_MEMORY_STATUS_INTACT
+    await wm.Set(pb.SetRequest(**scope, key="step", value=value(1)))
+
+    paused = await life.Pause(lc.PauseRequest(**scope))
+    assert paused.session.state == PAUSED
+    assert paused.session.version == 2
+    assert paused.checkpoint.key_count == 2
+    assert paused.session.resume_checkpoint_id == paused.checkpoint.checkpoint_id
+    assert uuid.UUID(paused.checkpoint.checkpoint_id).version == 7
+
+    resumed = await life.Resume(lc.ResumeRequest(**scope))
+    assert resumed.session.state == ACTIVE
+    assert resumed.checkpoint.checkpoint_id == paused.checkpoint.checkpoint_id
+    assert resumed.entries_restored == 2
+    assert await memory_of(wm, scope) == {"plan": ["a", "b"], "step": 1}
+
+    ended = await life.Terminate(lc.TerminateRequest(**scope, lessons_learned=["keep it short"]))
+    assert ended.session.state == TERMINATED
+    assert ended.episode_id
+    assert (ended.entries_consolidated, ended.entries_cleared) == (2, 2)
+    assert ended.outcome == lc.OUTCOME_SUCCESS
+    assert await memory_of(wm, scope) == {}
+    got = await life.GetSession(lc.GetSessionRequest(**scope))
+    assert got.session.state == TERMINATED
+    assert got.session.version == 4
+
+    events = events_of(server, scope)
+    assert [e[1] for e in events] == [1, 2, 3, 4]
+    assert events[1][2] == paused.checkpoint.checkpoint_id
+    assert events[3][2] == ended.episode_id
+    sequences = [e[0] for e in events]
+    assert sequences == sorted(sequences)
+
+
+async def test_writes_are_refused_while_paused_and_reads_work(life, wm, scope):
+    await life.Spawn(lc.SpawnRequest(**scope, initial_entries=entries(a=1)))
+    await life.Pause(lc.PauseRequest(**scope))
+    error = await expect_error(
+        wm.Set(pb.SetRequest(**scope, key="b", value=value(2))), grpc.StatusCode.FAILED_PRECONDITION
+    )
+    assert error.reason == "ERROR_REASON_SESSION_NOT_WRITABLE"
+    assert error.metadata["state"] == "paused"
+    await expect_error(
+        wm.Delete(pb.DeleteRequest(**scope, key="a")), grpc.StatusCode.FAILED_PRECONDITION
+    )
+    assert python((await wm.Get(pb.GetRequest(**scope, key="a"))).entry.value) == 1
+
+
+async def test_resume_rolls_back_an_active_session_and_merges_on_request(life, wm, scope):
+    await life.Spawn(lc.SpawnRequest(**scope, initial_entries=entries(a=1, b=1)))
+    checkpoint = (await life.CreateCheckpoint(lc.CreateCheckpointRequest(**scope))).checkpoint
+    await wm.Set(pb.SetRequest(**scope, key="a", value=value(2)))
+    await wm.Set(pb.SetRequest(**scope, key="c", value=value(3)))
+    merged = await life.Resume(
+        lc.ResumeRequest(**scope, checkpoint_id=checkpoint.checkpoint_id, merge_with_current=True)
+    )
+    assert merged.session.state == ACTIVE
+    assert await memory_of(wm, scope) == {"a": 1, "b": 1, "c": 3}
+    await life.Resume(lc.ResumeRequest(**scope, checkpoint_id=checkpoint.checkpoint_id))
+    assert await memory_of(wm, scope) == {"a": 1, "b": 1}
+
+
+async def test_ttls_survive_pause_and_resume(life, wm, scope):
+    await life.Spawn(lc.SpawnRequest(**scope))
+    await wm.Set(
+        pb.SetRequest(**scope, key="t", value=value(1), ttl=duration_pb2.Duration(seconds=600))
+    )
+    await wm.Set(pb.SetRequest(**scope, key="p", value=value(2)))
+    paused = await life.Pause(lc.PauseRequest(**scope))
+    detail = await life.GetCheckpoint(
+        lc.GetCheckpointRequest(**scope, checkpoint_id=paused.checkpoint.checkpoint_id,
+                                include_entries=True)
+    )  # fmt: skip
+    ttls = {e.key: e.HasField("remaining_ttl") for e in detail.entries}
+    assert ttls == {"p": False, "t": True}
+    assert 0 < detail.entries[1].remaining_ttl.ToMilliseconds() <= 600_000
+    await life.Resume(lc.ResumeRequest(**scope))
+    got = await wm.Get(pb.GetRequest(**scope, key="t"))
+    assert got.entry.HasField("expire_time")
+    assert got.entry.expire_time.ToMilliseconds() > time.time() * 1000
+    assert not (await wm.Get(pb.GetRequest(**scope, key="p"))).entry.HasField("expire_time")
+
+
+async def test_invalid_transitions_are_refused_with_the_state(life, scope):
+    error = await expect_error(life.Pause(lc.PauseRequest(**scope)), grpc.StatusCode.NOT_FOUND)
+    assert error.reason == "ERROR_REASON_SESSION_NOT_FOUND"
+    await life.Spawn(lc.SpawnRequest(**scope))
+    await life.Pause(lc.PauseRequest(**scope))
+    error = await expect_error(
+        life.Pause(lc.PauseRequest(**scope)), grpc.StatusCode.FAILED_PRECONDITION
+    )
+    assert error.reason == "ERROR_REASON_INVALID_TRANSITION"
+    assert error.metadata["state"] == "PAUSED"
+    await expect_error(
+        life.CreateCheckpoint(lc.CreateCheckpointRequest(**scope)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+    await life.Terminate(lc.TerminateRequest(**scope))
+    for call in (
+        life.Terminate(lc.TerminateRequest(**scope)),
+        life.Resume(lc.ResumeRequest(**scope, checkpoint_id="x")),
+        life.Pause(lc.PauseRequest(**scope)),
+    ):
+        error = await expect_error(call, grpc.StatusCode.FAILED_PRECONDITION)
+        assert error.metadata["state"] == "TERMINATED"
+    error = await expect_error(life.Spawn(lc.SpawnRequest(**scope)), grpc.StatusCode.ALREADY_EXISTS)
+    assert error.reason == "ERROR_REASON_SESSION_ALREADY_EXISTS"
+
+
+async def test_spawn_of_a_live_session_is_already_exists(life, scope):
+    await life.Spawn(lc.SpawnRequest(**scope))
+    error = await expect_error(life.Spawn(lc.SpawnRequest(**scope)), grpc.StatusCode.ALREADY_EXISTS)
+    assert error.metadata == {"session_id": scope["session_id"], "state": "ACTIVE"}
+
+
+async def test_unknown_checkpoint_is_not_found(life, scope):
+    await life.Spawn(lc.SpawnRequest(**scope))
+    error = await expect_error(
+        life.Resume(lc.ResumeRequest(**scope, checkpoint_id="nope")), grpc.StatusCode.NOT_FOUND
+    )
+    assert error.reason == "ERROR_REASON_CHECKPOINT_NOT_FOUND"
+    assert (await life.GetSession(lc.GetSessionRequest(**scope))).session.version == 1
+
+
+async def test_client_checkpoint_ids_are_unique_per_session(life, scope):
+    await life.Spawn(lc.SpawnRequest(**scope))
+    await life.CreateCheckpoint(lc.CreateCheckpointRequest(**scope, checkpoint_id="before-tool"))
+    error = await expect_error(
+        life.Pause(lc.PauseRequest(**scope, checkpoint_id="before-tool")),
+        grpc.StatusCode.ALREADY_EXISTS,
+    )
+    assert error.reason == "ERROR_REASON_CHECKPOINT_ALREADY_EXISTS"
+    assert (await life.GetSession(lc.GetSessionRequest(**scope))).session.state == ACTIVE
+
+
+async def test_request_id_makes_retries_safe(life, scope):
+    await life.Spawn(lc.SpawnRequest(**scope))
+    request_id = str(uuid.uuid4())
+    first = await life.Pause(lc.PauseRequest(**scope, request_id=request_id))
+    again = await life.Pause(lc.PauseRequest(**scope, request_id=request_id))
+    assert again == first
+    error = await expect_error(
+        life.Pause(lc.PauseRequest(**scope, request_id=request_id, checkpoint_id="other")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert error.reason == "ERROR_REASON_REQUEST_ID_REUSED"
+    assert (await life.GetSession(lc.GetSessionRequest(**scope))).session.version == 2
+
+
+async def test_concurrent_terminates_with_one_request_id_have_one_effect(life, scope, server):
+    await life.Spawn(lc.SpawnRequest(**scope, initial_entries=entries(a=1)))
+    request = lc.TerminateRequest(**scope, request_id=str(uuid.uuid4()))
+    results = await asyncio.gather(*(life.Terminate(request) for _ in range(5)))
+    assert len({r.episode_id for r in results}) == 1
+    assert [e[1] for e in events_of(server, scope)] == [1, 4]
+
+
+async def test_concurrent_lifecycle_calls_are_serialized(life, scope, server):
+    """Pause/Resume/Terminate racing: each success bumps the version once, no torn state."""
+    await life.Spawn(lc.SpawnRequest(**scope, initial_entries=entries(a=1)))
+
+    async def attempt(call: Any) -> bool:
+        try:
+            await call
+        except grpc.aio.AioRpcError as error:
+            assert error.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND)
+            return False
+        return True
+
+    calls = [life.Pause(lc.PauseRequest(**scope)) for _ in range(3)]
+    calls += [life.Resume(lc.ResumeRequest(**scope)) for _ in range(3)]
+    calls += [life.Terminate(lc.TerminateRequest(**scope))]
+    succeeded = sum(await asyncio.gather(*(attempt(c) for c in calls)))
+    final = (await life.GetSession(lc.GetSessionRequest(**scope))).session
+    assert final.version == 1 + succeeded
+    assert len(events_of(server, scope)) == 1 + succeeded
+
+
+async def test_checkpoints_are_listed_newest_first_and_deletable(life, scope):
+    await life.Spawn(lc.SpawnRequest(**scope, initial_entries=entries(a=1)))
+    made = []
+    for name in ("c1", "c2", "c3"):
+        made.append(
+            (
+                await life.CreateCheckpoint(lc.CreateCheckpointRequest(**scope, checkpoint_id=name))
+            ).checkpoint
+        )
+    page = await life.ListCheckpoints(lc.ListCheckpointsRequest(**scope, page_size=2))
+    rest = await life.ListCheckpoints(
+        lc.ListCheckpointsRequest(**scope, page_token=page.next_page_token)
+    )
+    listed = [c.checkpoint_id for c in page.checkpoints] + [
+        c.checkpoint_id for c in rest.checkpoints
+    ]
+    expected = [
+        c.checkpoint_id
+        for c in sorted(
+            made, key=lambda c: (c.create_time.ToMilliseconds(), c.checkpoint_id), reverse=True
+        )
+    ]
+    assert listed == expected
+    assert rest.next_page_token == ""
+    await life.DeleteCheckpoint(lc.DeleteCheckpointRequest(**scope, checkpoint_id="c2"))
+    await expect_error(
+        life.DeleteCheckpoint(lc.DeleteCheckpointRequest(**scope, checkpoint_id="c2")),
+        grpc.StatusCode.NOT_FOUND,
+    )
+    paused = await life.Pause(lc.PauseRequest(**scope))
+    error = await expect_error(
+        life.DeleteCheckpoint(
+            lc.DeleteCheckpointRequest(**scope, checkpoint_id=paused.checkpoint.checkpoint_id)
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+    assert error.reason == "ERROR_REASON_CHECKPOINT_PROTECTED"
+
+
+async def test_list_sessions_filters_and_pages(life, scope):
+    agent_a, agent_b = str(uuid.uuid4()), str(uuid.uuid4())
+    for agent, name in [(agent_a, "s1"), (agent_a, "s2"), (agent_b, "s3")]:
+        await life.Spawn(
+            lc.SpawnRequest(
+                project_id=scope["project_id"], agent_instance_id=agent, session_id=name
+            )
+        )
+    await life.Pause(
+        lc.PauseRequest(project_id=scope["project_id"], agent_instance_id=agent_a, session_id="s1")
+    )
+    everything = []
+    token = ""
+    while True:
+        page = await life.ListSessions(
+            lc.ListSessionsRequest(project_id=scope["project_id"], page_size=1, page_token=token)
+        )
+        everything += [s.session_id for s in page.sessions]
+        token = page.next_page_token
+        if not token:
+            break
+    assert sorted(everything) == ["s1", "s2", "s3"]
+    assert len(set(everything)) == 3
+    only_a = await life.ListSessions(
+        lc.ListSessionsRequest(project_id=scope["project_id"], agent_instance_id=agent_a)
+    )
+    assert sorted(s.session_id for s in only_a.sessions) == ["s1", "s2"]
+    paused = await life.ListSessions(
+        lc.ListSessionsRequest(project_id=scope["project_id"], state=PAUSED)
+    )
+    assert [s.session_id for s in paused.sessions] == ["s1"]
+
+
+async def test_bad_lifecycle_input_is_invalid_argument(life, scope):
+    cases = [
+        (life.Spawn(lc.SpawnRequest(**scope, agent_type_id="not-a-uuid")), "agent_type_id"),
+        (life.Spawn(lc.SpawnRequest(**scope, request_id="nope")), "request_id"),
+        (
+            life.Spawn(lc.SpawnRequest(**scope, initial_entries=[pb.EntryInput(key="k")])),
+            "initial_entries[0].value",
+        ),
+        (life.Pause(lc.PauseRequest(**scope, checkpoint_id="has space")), "checkpoint_id"),
+        (life.ListSessions(lc.ListSessionsRequest(project_id="x")), "project_id"),
+        (life.ListCheckpoints(lc.ListCheckpointsRequest(**scope, page_size=-1)), "page_size"),
+    ]
+    for call, field in cases:
+        error = await expect_error(call, grpc.StatusCode.INVALID_ARGUMENT)
+        assert field in error.violations, error.violations
+    await expect_error(life.GetSession(lc.GetSessionRequest(**scope)), grpc.StatusCode.NOT_FOUND)
