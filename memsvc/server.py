@@ -91,6 +91,8 @@ class Server:
             memory,
             render_value,
         )
+        # Working memory asks the lifecycle why a session refused a call.
+        memory.guard = lifecycle
         server = grpc.aio.server(
             interceptors=[ErrorInterceptor(self._streams)],
             options=self._grpc_options(),

@@ -5,11 +5,19 @@ each class to a status code (``memsvc.api``) and never needs to parse messages.
 
     MemsvcError                     reason (ErrorReason name), metadata
     ├── InvalidArgument             INVALID_ARGUMENT, with field violations
-    ├── NotFound
-    │   └── KeyNotFound             NOT_FOUND
+    │   └── RequestIdConflict
+    ├── NotFound                    NOT_FOUND
+    │   ├── KeyNotFound
+    │   ├── SessionNotFound
+    │   └── CheckpointNotFound
     ├── AlreadyExists               ALREADY_EXISTS
-    ├── FailedPrecondition
-    │   └── SessionNotWritable      FAILED_PRECONDITION
+    │   ├── SessionAlreadyExists
+    │   └── CheckpointAlreadyExists
+    ├── FailedPrecondition          FAILED_PRECONDITION
+    │   ├── SessionNotWritable
+    │   ├── InvalidTransition
+    │   ├── CheckpointProtected
+    │   └── WorkingMemoryLost
     ├── ResourceExhausted
     │   └── SessionLimitExceeded    RESOURCE_EXHAUSTED, with the limit
     └── BackendUnavailable          UNAVAILABLE (retryable)
@@ -18,6 +26,7 @@ each class to a status code (``memsvc.api``) and never needs to parse messages.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,10 +99,18 @@ class SessionNotWritable(FailedPrecondition):
 
     reason = "ERROR_REASON_SESSION_NOT_WRITABLE"
 
+    _WHY: ClassVar[dict[str, str]] = {
+        "not spawned": "was never spawned; call Spawn first",
+        "terminated": "is terminated; its working memory is read-only",
+        "paused": "is paused; its working memory is read-only until it is resumed",
+    }
+
     def __init__(self, session_id: str, state: str) -> None:
+        why = self._WHY.get(
+            state, f"is {state}; its working memory accepts no writes until that completes"
+        )
         super().__init__(
-            f"session {session_id!r} is {state}; its working memory is read-only until it "
-            "is resumed",
+            f"session {session_id!r} {why}",
             metadata={"session_id": session_id, "state": state},
         )
 
@@ -131,4 +148,106 @@ class BackendUnavailable(MemsvcError):
         super().__init__(
             f"the {backend} backend is unavailable{detail}; retry later",
             metadata={"backend": backend},
+        )
+
+
+class InvalidTransition(FailedPrecondition):
+    """The operation is not allowed from the session's current state."""
+
+    reason = "ERROR_REASON_INVALID_TRANSITION"
+
+    def __init__(self, session_id: str, state: str, operation: str) -> None:
+        super().__init__(
+            f"cannot {operation} session {session_id!r}: it is {state}",
+            metadata={"session_id": session_id, "state": state},
+        )
+
+
+class SessionNotFound(NotFound):
+    """The session was never spawned (or, for working-memory reads, has ended)."""
+
+    reason = "ERROR_REASON_SESSION_NOT_FOUND"
+
+    def __init__(self, session_id: str, terminated: bool = False) -> None:
+        why = "is terminated" if terminated else "was never spawned; call Spawn first"
+        super().__init__(f"session {session_id!r} {why}", metadata={"session_id": session_id})
+
+
+class SessionAlreadyExists(AlreadyExists):
+    """The session id is taken (terminated ids are never reused)."""
+
+    reason = "ERROR_REASON_SESSION_ALREADY_EXISTS"
+
+    def __init__(self, session_id: str, state: str) -> None:
+        super().__init__(
+            f"session {session_id!r} already exists ({state}); session ids are never reused",
+            metadata={"session_id": session_id, "state": state},
+        )
+
+
+class CheckpointNotFound(NotFound):
+    """No such checkpoint in this session."""
+
+    reason = "ERROR_REASON_CHECKPOINT_NOT_FOUND"
+
+    def __init__(self, session_id: str, checkpoint_id: str) -> None:
+        super().__init__(
+            f"checkpoint {checkpoint_id!r} not found in session {session_id!r}",
+            metadata={"session_id": session_id, "checkpoint_id": checkpoint_id},
+        )
+
+
+class CheckpointAlreadyExists(AlreadyExists):
+    """The session already has a checkpoint with this id."""
+
+    reason = "ERROR_REASON_CHECKPOINT_ALREADY_EXISTS"
+
+    def __init__(self, session_id: str, checkpoint_id: str) -> None:
+        super().__init__(
+            f"session {session_id!r} already has a checkpoint {checkpoint_id!r}; choose "
+            "another id or leave it empty",
+            metadata={"session_id": session_id, "checkpoint_id": checkpoint_id},
+        )
+
+
+class CheckpointProtected(FailedPrecondition):
+    """The checkpoint is the resume point of a PAUSED session."""
+
+    reason = "ERROR_REASON_CHECKPOINT_PROTECTED"
+
+    def __init__(self, session_id: str, checkpoint_id: str) -> None:
+        super().__init__(
+            f"checkpoint {checkpoint_id!r} is the resume point of paused session "
+            f"{session_id!r}; resume or terminate the session first",
+            metadata={"session_id": session_id, "checkpoint_id": checkpoint_id},
+        )
+
+
+class RequestIdConflict(InvalidArgument):
+    """A request id was reused with different arguments."""
+
+    reason = "ERROR_REASON_REQUEST_ID_REUSED"
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(
+            [
+                FieldViolation(
+                    "request_id",
+                    "was already used with different arguments; use a new id for a new call",
+                )
+            ]
+        )
+        self.metadata = {"request_id": request_id}
+
+
+class WorkingMemoryLost(FailedPrecondition):
+    """The working-memory store lost the session's memory."""
+
+    reason = "ERROR_REASON_WORKING_MEMORY_LOST"
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(
+            f"the working memory of session {session_id!r} was lost by its store; "
+            "Resume it from a checkpoint",
+            metadata={"session_id": session_id},
         )

@@ -24,12 +24,18 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from memsvc.domain._errors import (
-    AlreadyExists,
-    FailedPrecondition,
+    CheckpointAlreadyExists,
+    CheckpointNotFound,
+    CheckpointProtected,
     FieldViolation,
     InvalidArgument,
+    InvalidTransition,
     MemsvcError,
-    NotFound,
+    RequestIdConflict,
+    SessionAlreadyExists,
+    SessionNotFound,
+    SessionNotWritable,
+    WorkingMemoryLost,
 )
 from memsvc.domain._ids import (
     SessionRef,
@@ -72,113 +78,6 @@ T = TypeVar("T")
 
 OUTCOME_SUCCESS = 1
 _MARKER_FOR = {SessionState.ACTIVE: "active", SessionState.PAUSED: "paused"}
-
-
-# --- errors of the lifecycle -------------------------------------------------
-
-
-class InvalidTransition(FailedPrecondition):
-    """The operation is not allowed from the session's current state."""
-
-    reason = "ERROR_REASON_INVALID_TRANSITION"
-
-    def __init__(self, session_id: str, state: str, operation: str) -> None:
-        super().__init__(
-            f"cannot {operation} session {session_id!r}: it is {state}",
-            metadata={"session_id": session_id, "state": state},
-        )
-
-
-class SessionNotFound(NotFound):
-    """The session was never spawned."""
-
-    reason = "ERROR_REASON_SESSION_NOT_FOUND"
-
-    def __init__(self, session_id: str) -> None:
-        super().__init__(
-            f"session {session_id!r} was never spawned; call Spawn first",
-            metadata={"session_id": session_id},
-        )
-
-
-class SessionAlreadyExists(AlreadyExists):
-    """The session id is taken (terminated ids are never reused)."""
-
-    reason = "ERROR_REASON_SESSION_ALREADY_EXISTS"
-
-    def __init__(self, session_id: str, state: str) -> None:
-        super().__init__(
-            f"session {session_id!r} already exists ({state}); session ids are never reused",
-            metadata={"session_id": session_id, "state": state},
-        )
-
-
-class CheckpointNotFound(NotFound):
-    """No such checkpoint in this session."""
-
-    reason = "ERROR_REASON_CHECKPOINT_NOT_FOUND"
-
-    def __init__(self, session_id: str, checkpoint_id: str) -> None:
-        super().__init__(
-            f"checkpoint {checkpoint_id!r} not found in session {session_id!r}",
-            metadata={"session_id": session_id, "checkpoint_id": checkpoint_id},
-        )
-
-
-class CheckpointAlreadyExists(AlreadyExists):
-    """The session already has a checkpoint with this id."""
-
-    reason = "ERROR_REASON_CHECKPOINT_ALREADY_EXISTS"
-
-    def __init__(self, session_id: str, checkpoint_id: str) -> None:
-        super().__init__(
-            f"session {session_id!r} already has a checkpoint {checkpoint_id!r}; choose "
-            "another id or leave it empty",
-            metadata={"session_id": session_id, "checkpoint_id": checkpoint_id},
-        )
-
-
-class CheckpointProtected(FailedPrecondition):
-    """The checkpoint is the resume point of a PAUSED session."""
-
-    reason = "ERROR_REASON_CHECKPOINT_PROTECTED"
-
-    def __init__(self, session_id: str, checkpoint_id: str) -> None:
-        super().__init__(
-            f"checkpoint {checkpoint_id!r} is the resume point of paused session "
-            f"{session_id!r}; resume or terminate the session first",
-            metadata={"session_id": session_id, "checkpoint_id": checkpoint_id},
-        )
-
-
-class RequestIdConflict(InvalidArgument):
-    """A request id was reused with different arguments."""
-
-    reason = "ERROR_REASON_REQUEST_ID_REUSED"
-
-    def __init__(self, request_id: str) -> None:
-        super().__init__(
-            [
-                FieldViolation(
-                    "request_id",
-                    "was already used with different arguments; use a new id for a new call",
-                )
-            ]
-        )
-        self.metadata = {"request_id": request_id}
-
-
-class WorkingMemoryLost(FailedPrecondition):
-    """The working-memory store lost the session's memory."""
-
-    reason = "ERROR_REASON_WORKING_MEMORY_LOST"
-
-    def __init__(self, session_id: str) -> None:
-        super().__init__(
-            f"the working memory of session {session_id!r} was lost by its store; "
-            "Resume it from a checkpoint",
-            metadata={"session_id": session_id},
-        )
 
 
 # --- results -----------------------------------------------------------------
@@ -579,8 +478,9 @@ class Lifecycle:
             )
             wanted = checkpoint_id or record.resume_checkpoint_id
             if not wanted:
-                raise InvalidArgument.single(
-                    "checkpoint_id", "is required: the session has no resume checkpoint"
+                # Only a PAUSED session has a resume checkpoint to default to.
+                raise InvalidTransition(
+                    ref.session_id, record.state.name, "resume without a checkpoint_id"
                 )
             found = await tx.read_checkpoint(ref, wanted)
             if found is None:
@@ -781,6 +681,30 @@ class Lifecycle:
                 json.dumps([items[-1].create_ms, items[-1].checkpoint_id]), scope
             )
         return Page(items, token)
+
+    async def refusal(self, session: SessionRef, state: str, write: bool) -> MemsvcError | None:
+        """Why working memory refused a call on ``session`` (SessionGuard).
+
+        A transitional marker is healed first and None returned: the caller
+        tries once more. This runs only on refused calls, never on the hot path.
+        """
+        if state in TRANSITIONAL:
+            await self.heal(session)
+            return None
+        record = await self._db.get_session(session)
+        if record is None:
+            return (
+                SessionNotWritable(session.session_id, "not spawned")
+                if write
+                else SessionNotFound(session.session_id)
+            )
+        if record.state == SessionState.TERMINATED:
+            if write:
+                return SessionNotWritable(session.session_id, "terminated")
+            return SessionNotFound(session.session_id, terminated=True)
+        if state == MISSING:
+            return WorkingMemoryLost(session.session_id)
+        return SessionNotWritable(session.session_id, state)
 
     # Shared machinery ---------------------------------------------------------
 

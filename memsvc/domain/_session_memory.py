@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from memsvc.domain._ids import SessionRef
+from memsvc.domain._markers import MISSING, TRANSITIONAL, NoSession
 from memsvc.domain._working_memory import EntryWrite
 
-MISSING = "missing"
-TRANSITIONAL = frozenset({"spawning", "pausing", "resuming", "terminating"})
+__all__ = ["MISSING", "TRANSITIONAL", "NoSession"]  # re-exported for the stores
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,17 +11,24 @@ of a ``google.protobuf.Value``. The domain never imports protobuf.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
-from memsvc.domain._errors import FieldViolation, SessionLimitExceeded
+from memsvc.domain._errors import (
+    FieldViolation,
+    MemsvcError,
+    SessionLimitExceeded,
+    SessionNotFound,
+    SessionNotWritable,
+)
 from memsvc.domain._ids import (
     SessionRef,
     check_key,
     check_session_ref,
     raise_if_any,
 )
+from memsvc.domain._markers import MISSING, NoSession
 from memsvc.domain._pagination import (
     check_page_size,
     decode_page_token,
@@ -162,12 +169,52 @@ class WorkingMemoryStore(Protocol):
         """As list_keys with values, stopping early at ``budget_bytes`` of values."""
 
 
-class WorkingMemory:
-    """Validates working-memory requests and runs them against a store."""
+class SessionGuard(Protocol):
+    """Explains (or heals) a session's refusal of a working-memory call."""
 
-    def __init__(self, store: WorkingMemoryStore, limits: WorkingMemoryLimits) -> None:
+    async def refusal(self, session: SessionRef, state: str, write: bool) -> MemsvcError | None:
+        """The error to report, or None after healing a transitional marker."""
+
+
+class WorkingMemory:
+    """Validates working-memory requests and runs them against a store.
+
+    The store refuses calls on sessions without a marker, or writes in any
+    state but active, inside its own atomic step; only then does ``guard``
+    (the lifecycle) read the database to say why, or heal a marker left by an
+    operation that died, after which the call is tried once more.
+    """
+
+    def __init__(
+        self,
+        store: WorkingMemoryStore,
+        limits: WorkingMemoryLimits,
+        guard: SessionGuard | None = None,
+    ) -> None:
         self._store = store
         self.limits = limits
+        self.guard = guard
+
+    async def _guarded(
+        self, session: SessionRef, write: bool, call: Callable[[], Awaitable[T]]
+    ) -> T:
+        for attempt in (1, 2):
+            try:
+                return await call()
+            except SessionNotWritable as refused:
+                state = refused.metadata["state"]
+                if self.guard is None or attempt == 2:
+                    raise
+                explained = await self.guard.refusal(session, state, write=True)
+            except NoSession:
+                if self.guard is None:
+                    raise SessionNotFound(session.session_id) from None
+                explained = await self.guard.refusal(session, MISSING, write=write)
+                if explained is None and attempt == 2:
+                    raise SessionNotFound(session.session_id) from None
+            if explained is not None:
+                raise explained
+        raise AssertionError("unreachable")
 
     async def set(
         self, session: SessionRef, key: str, value: bytes | None, ttl_ms: int | None
@@ -178,7 +225,8 @@ class WorkingMemory:
         self._check_write(key, value, ttl_ms, "", violations)
         raise_if_any(violations)
         assert value is not None
-        (result,) = await self._store.set_entries(ref, [EntryWrite(key, value, ttl_ms)])
+        write = EntryWrite(key, value, ttl_ms)
+        (result,) = await self._guarded(ref, True, lambda: self._store.set_entries(ref, [write]))
         return result
 
     async def set_many(
@@ -189,7 +237,7 @@ class WorkingMemory:
         ref = check_session_ref(*_fields(session), violations)
         writes = self.check_entries(entries, "entries", violations)
         raise_if_any(violations)
-        return await self._store.set_entries(ref, writes)
+        return await self._guarded(ref, True, lambda: self._store.set_entries(ref, writes))
 
     def check_entries(
         self,
@@ -225,7 +273,8 @@ class WorkingMemory:
         ref = check_session_ref(*_fields(session), violations)
         check_key(key, "key", violations)
         raise_if_any(violations)
-        read = await self._store.get_entries(ref, [key], self.limits.response_budget_bytes)
+        budget = self.limits.response_budget_bytes
+        read = await self._guarded(ref, False, lambda: self._store.get_entries(ref, [key], budget))
         return read.found[0] if read.found else None
 
     async def get_many(self, session: SessionRef, keys: Sequence[str]) -> BatchRead:
@@ -233,7 +282,8 @@ class WorkingMemory:
         violations: list[FieldViolation] = []
         ref = self._check_keys(session, keys, violations)
         raise_if_any(violations)
-        return await self._store.get_entries(ref, keys, self.limits.response_budget_bytes)
+        budget = self.limits.response_budget_bytes
+        return await self._guarded(ref, False, lambda: self._store.get_entries(ref, keys, budget))
 
     async def delete(self, session: SessionRef, key: str) -> bool:
         """Delete one key; return whether it existed."""
@@ -241,7 +291,7 @@ class WorkingMemory:
         ref = check_session_ref(*_fields(session), violations)
         check_key(key, "key", violations)
         raise_if_any(violations)
-        (existed,) = await self._store.delete_entries(ref, [key])
+        (existed,) = await self._guarded(ref, True, lambda: self._store.delete_entries(ref, [key]))
         return existed
 
     async def delete_many(self, session: SessionRef, keys: Sequence[str]) -> list[bool]:
@@ -249,14 +299,16 @@ class WorkingMemory:
         violations: list[FieldViolation] = []
         ref = self._check_keys(session, keys, violations)
         raise_if_any(violations)
-        return await self._store.delete_entries(ref, keys)
+        return await self._guarded(ref, True, lambda: self._store.delete_entries(ref, keys))
 
     async def list_keys(
         self, session: SessionRef, page_size: int, page_token: str
     ) -> Page[KeyMeta]:
         """One page of live keys, in byte order."""
         ref, scope, after, limit = self._check_list(session, page_size, page_token)
-        items, more = await self._store.list_keys(ref, after, limit)
+        items, more = await self._guarded(
+            ref, False, lambda: self._store.list_keys(ref, after, limit)
+        )
         return Page(items, encode_page_token(items[-1].key, scope) if more and items else "")
 
     async def list_entries(
@@ -264,8 +316,9 @@ class WorkingMemory:
     ) -> Page[StoredEntry]:
         """One page of live entries with values, in byte order of keys."""
         ref, scope, after, limit = self._check_list(session, page_size, page_token)
-        items, more = await self._store.list_entries(
-            ref, after, limit, self.limits.response_budget_bytes
+        budget = self.limits.response_budget_bytes
+        items, more = await self._guarded(
+            ref, False, lambda: self._store.list_entries(ref, after, limit, budget)
         )
         return Page(items, encode_page_token(items[-1].key, scope) if more and items else "")
 

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
+import grpc
 import pytest
 import redis.asyncio as aioredis
 
 from memsvc.store.redis._working_memory import KEY_PREFIX
+from memsvc.v1 import lifecycle_pb2 as lc
+from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
 from tests.conftest import REDIS_URL, Deployment, need
 
 
@@ -27,3 +31,15 @@ async def _clean_redis(deployment: Deployment, scope: dict[str, str]) -> AsyncIt
             await client.delete(*keys)
     finally:
         await client.aclose()
+
+
+async def spawn(channel: grpc.aio.Channel, scope: dict[str, Any]) -> None:
+    """Spawn the session named by ``scope`` (working memory needs a spawned session)."""
+    await LifecycleServiceStub(channel).Spawn(lc.SpawnRequest(**scope))
+
+
+@pytest.fixture
+async def spawned(channel: grpc.aio.Channel, scope: dict[str, str]) -> dict[str, str]:
+    """The test's scope, spawned."""
+    await spawn(channel, scope)
+    return scope

@@ -91,7 +91,7 @@ async def test_full_lifecycle(life, wm, scope, server):
     assert ended.episode_id
     assert (ended.entries_consolidated, ended.entries_cleared) == (2, 2)
     assert ended.outcome == lc.OUTCOME_SUCCESS
-    assert await memory_of(wm, scope) == {}
+    await expect_error(memory_of(wm, scope), grpc.StatusCode.NOT_FOUND)
     got = await life.GetSession(lc.GetSessionRequest(**scope))
     assert got.session.state == TERMINATED
     assert got.session.version == 4
@@ -336,3 +336,39 @@ async def test_bad_lifecycle_input_is_invalid_argument(life, scope):
         error = await expect_error(call, grpc.StatusCode.INVALID_ARGUMENT)
         assert field in error.violations, error.violations
     await expect_error(life.GetSession(lc.GetSessionRequest(**scope)), grpc.StatusCode.NOT_FOUND)
+
+
+async def test_working_memory_is_bound_to_spawned_sessions(life, wm, scope):
+    """Never spawned: writes FAILED_PRECONDITION, reads NOT_FOUND; the same once terminated."""
+    error = await expect_error(
+        wm.Set(pb.SetRequest(**scope, key="k", value=value(1))), grpc.StatusCode.FAILED_PRECONDITION
+    )
+    assert error.reason == "ERROR_REASON_SESSION_NOT_WRITABLE"
+    assert error.metadata["state"] == "not spawned"
+    error = await expect_error(wm.Get(pb.GetRequest(**scope, key="k")), grpc.StatusCode.NOT_FOUND)
+    assert error.reason == "ERROR_REASON_SESSION_NOT_FOUND"
+    await expect_error(wm.ListKeys(pb.ListKeysRequest(**scope)), grpc.StatusCode.NOT_FOUND)
+    await life.Spawn(lc.SpawnRequest(**scope))
+    await wm.Set(pb.SetRequest(**scope, key="k", value=value(1)))
+    await life.Terminate(lc.TerminateRequest(**scope))
+    error = await expect_error(
+        wm.Set(pb.SetRequest(**scope, key="k", value=value(2))), grpc.StatusCode.FAILED_PRECONDITION
+    )
+    assert error.metadata["state"] == "terminated"
+    error = await expect_error(wm.Get(pb.GetRequest(**scope, key="k")), grpc.StatusCode.NOT_FOUND)
+    assert "terminated" in error.message
+
+
+async def test_terminate_can_keep_working_memory_read_only(life, wm, scope):
+    await life.Spawn(lc.SpawnRequest(**scope, initial_entries=entries(a=1)))
+    await life.CreateCheckpoint(lc.CreateCheckpointRequest(**scope, checkpoint_id="kept"))
+    ended = await life.Terminate(
+        lc.TerminateRequest(**scope, keep_working_memory=True, skip_consolidation=True)
+    )
+    assert (ended.episode_id, ended.entries_cleared, ended.entries_consolidated) == ("", 0, 0)
+    assert await memory_of(wm, scope) == {"a": 1}
+    await expect_error(
+        wm.Set(pb.SetRequest(**scope, key="b", value=value(2))), grpc.StatusCode.FAILED_PRECONDITION
+    )
+    listed = await life.ListCheckpoints(lc.ListCheckpointsRequest(**scope))
+    assert [c.checkpoint_id for c in listed.checkpoints] == ["kept"]

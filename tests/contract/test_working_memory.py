@@ -11,6 +11,7 @@ from google.protobuf import duration_pb2
 
 from memsvc.v1 import working_memory_pb2 as pb
 from memsvc.v1.working_memory_pb2_grpc import WorkingMemoryServiceStub
+from tests.contract.conftest import spawn
 from tests.helpers import eventually, expect_error, python, value
 
 JSON_VALUES: list[Any] = [
@@ -23,6 +24,11 @@ JSON_VALUES: list[Any] = [
     "",
     {},
 ]
+
+
+@pytest.fixture(autouse=True)
+async def _spawned(spawned: dict[str, str]) -> None:
+    """Working memory belongs to a spawned session: every test here starts with one."""
 
 
 async def keys_of(wm: WorkingMemoryServiceStub, scope: dict[str, str]) -> list[str]:
@@ -93,7 +99,7 @@ async def test_ids_are_case_insensitive_uuids(wm, scope):
     assert python(got.entry.value) == "v"
 
 
-async def test_sessions_are_isolated_even_with_delimiters_in_ids(wm, scope):
+async def test_sessions_are_isolated_even_with_delimiters_in_ids(wm, scope, channel):
     """Session ids and keys containing { } : never collide with one another."""
     pairs = [
         ("a:b", "c"),
@@ -103,6 +109,8 @@ async def test_sessions_are_isolated_even_with_delimiters_in_ids(wm, scope):
         ("a}:{b", "c"),
         ("a", "}:{b:c"),
     ]
+    for session_id in {s for s, _ in pairs}:
+        await spawn(channel, dict(scope, session_id=session_id))
     for index, (session_id, key) in enumerate(pairs):
         await wm.Set(
             pb.SetRequest(**dict(scope, session_id=session_id), key=key, value=value(index))

@@ -14,6 +14,11 @@ from tests.helpers import expect_error, python, value
 GOOD_UUID = "0f8fad5b-d9cb-469f-a165-70867728950e"
 
 
+@pytest.fixture(autouse=True)
+async def _spawned(spawned: dict[str, str]) -> None:
+    """Working memory belongs to a spawned session: every test here starts with one."""
+
+
 def _bad_scopes() -> list[tuple[str, dict[str, str], str]]:
     return [
         ("project not a uuid", {"project_id": "project-1"}, "project_id"),

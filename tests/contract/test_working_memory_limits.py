@@ -19,6 +19,11 @@ SMALL: dict[str, object] = {
 }
 
 
+@pytest.fixture(autouse=True)
+async def _spawned(spawned: dict[str, str]) -> None:
+    """Working memory belongs to a spawned session: every test here starts with one."""
+
+
 @pytest.fixture
 def config_overrides() -> dict[str, object]:
     return SMALL

@@ -12,7 +12,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from memsvc.config import Config
 from memsvc.server import Server
 from memsvc.testing import PrivateRedis, free_port
+from memsvc.v1 import lifecycle_pb2 as lc
 from memsvc.v1 import working_memory_pb2 as pb
+from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
 from memsvc.v1.working_memory_pb2_grpc import WorkingMemoryServiceStub
 from tests.helpers import eventually, expect_error, python, value
 
@@ -49,7 +51,10 @@ async def test_redis_outage_turns_health_off_and_calls_unavailable(tmp_path: Pat
             grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
         ):
             wm = WorkingMemoryServiceStub(channel)
+            life = LifecycleServiceStub(channel)
+            await life.Spawn(lc.SpawnRequest(**ids))
             await wm.Set(pb.SetRequest(**ids, key="k", value=value(1)))
+            checkpoint = (await life.CreateCheckpoint(lc.CreateCheckpointRequest(**ids))).checkpoint
             assert await status_of(channel) == SERVING
 
             redis.kill()
@@ -72,6 +77,18 @@ async def test_redis_outage_turns_health_off_and_calls_unavailable(tmp_path: Pat
                 return bool(await status_of(channel) == SERVING)
 
             await eventually(serving)
+            # The working memory is gone with Redis: memsvc says so instead of
+            # serving an empty session as if it were intact.
+            session = (await life.GetSession(lc.GetSessionRequest(**ids))).session
+            assert session.working_memory_status == lc.WORKING_MEMORY_STATUS_LOST
+            lost = await expect_error(
+                wm.Set(pb.SetRequest(**ids, key="k", value=value(2))),
+                grpc.StatusCode.FAILED_PRECONDITION,
+            )
+            assert lost.reason == "ERROR_REASON_WORKING_MEMORY_LOST"
+            # The durable checkpoint survived; resuming from it restores the memory.
+            await life.Resume(lc.ResumeRequest(**ids, checkpoint_id=checkpoint.checkpoint_id))
+            assert python((await wm.Get(pb.GetRequest(**ids, key="k"))).entry.value) == 1
             await wm.Set(pb.SetRequest(**ids, key="k", value=value(2)))
             assert python((await wm.Get(pb.GetRequest(**ids, key="k"))).entry.value) == 2
     finally:

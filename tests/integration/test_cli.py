@@ -16,7 +16,9 @@ import pytest
 
 from memsvc.store.sqlite import SqliteDurableStore
 from memsvc.testing import free_port, wait_for_port
+from memsvc.v1 import lifecycle_pb2 as lc
 from memsvc.v1 import working_memory_pb2 as pb
+from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
 from memsvc.v1.working_memory_pb2_grpc import WorkingMemoryServiceStub
 from tests.helpers import python, value
 
@@ -52,6 +54,7 @@ async def test_serve_answers_then_exits_cleanly_on_sigterm(tmp_path):
                 "agent_instance_id": str(uuid.uuid4()),
                 "session_id": "cli",
             }
+            await LifecycleServiceStub(channel).Spawn(lc.SpawnRequest(**ids))
             await wm.Set(pb.SetRequest(**ids, key="k", value=value({"a": 1})))
             assert python((await wm.Get(pb.GetRequest(**ids, key="k"))).entry.value) == {"a": 1}
     finally:

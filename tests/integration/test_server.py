@@ -21,7 +21,9 @@ from memsvc.config import Config
 from memsvc.domain import BatchRead, SessionRef
 from memsvc.server import Server
 from memsvc.store.memory import InMemoryWorkingMemoryStore
+from memsvc.v1 import lifecycle_pb2 as lc
 from memsvc.v1 import working_memory_pb2 as pb
+from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
 from memsvc.v1.working_memory_pb2_grpc import WorkingMemoryServiceStub
 from tests.helpers import expect_error, python, value
 
@@ -91,6 +93,10 @@ async def test_grpcurl_lists_and_calls_without_proto_files(embedded):
     async with Server(embedded) as server:
         address = f"127.0.0.1:{server.port}"
         ids = scope()
+        spawn_body = json.dumps(ids)
+        await asyncio.to_thread(
+            grpcurl, ["-d", spawn_body, address, "memsvc.v1.LifecycleService/Spawn"]
+        )
         listing = await asyncio.to_thread(grpcurl, [address, "list"])
         assert "memsvc.v1.WorkingMemoryService" in listing.split()
         assert "grpc.health.v1.Health" in listing.split()
@@ -118,6 +124,7 @@ async def test_unix_socket_serves_the_api(embedded, tmp_path):
     ):
         wm = WorkingMemoryServiceStub(ch)
         ids = scope()
+        await LifecycleServiceStub(ch).Spawn(lc.SpawnRequest(**ids))
         await wm.Set(pb.SetRequest(**ids, key="k", value=value("over the socket")))
         assert (
             python((await wm.Get(pb.GetRequest(**ids, key="k"))).entry.value) == "over the socket"
@@ -150,6 +157,7 @@ async def test_graceful_shutdown_finishes_in_flight_calls_and_refuses_new_ones(e
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     wm = WorkingMemoryServiceStub(channel)
     ids = scope()
+    await LifecycleServiceStub(channel).Spawn(lc.SpawnRequest(**ids))
     await wm.Set(pb.SetRequest(**ids, key="k", value=value("v")))
     watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
     assert (await watch.read()).status == SERVING

@@ -11,7 +11,12 @@ import pytest
 import redis.asyncio as aioredis
 
 from memsvc.domain import EntryWrite, SessionLimitExceeded, SessionNotWritable, SessionRef
-from memsvc.domain._session_memory import LostOperation, MarkerStateError, SnapshotEntry
+from memsvc.domain._session_memory import (
+    LostOperation,
+    MarkerStateError,
+    NoSession,
+    SnapshotEntry,
+)
 from memsvc.store.memory import InMemoryWorkingMemoryStore
 from memsvc.store.redis import RedisWorkingMemoryStore, session_keys
 from memsvc.store.redis._working_memory import staging_keys
@@ -168,7 +173,8 @@ async def test_abort_puts_things_back(store, session):
     await store.begin_spawn(other, "op3", "e", [EntryWrite("a", b"1", None)])
     assert await store.abort(other, "op3") == "missing"
     assert await store.read_marker(other) is None
-    assert await contents(store, other) == {}
+    with pytest.raises(NoSession):
+        await contents(store, other)
 
 
 async def test_a_stale_operation_cannot_settle_a_newer_one(store, session):
@@ -188,4 +194,7 @@ async def test_terminate_clears_everything(store, session):
     assert (await store.read_marker(session)).clear is True
     await store.finish(session, "op", None, swap=False, clear=True)
     assert await store.read_marker(session) is None
-    assert await contents(store, session) == {}
+    with pytest.raises(NoSession):
+        await contents(store, session)
+    with pytest.raises(SessionNotWritable):
+        await store.set_entries(session, [EntryWrite("a", b"1", None)])

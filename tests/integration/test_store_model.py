@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from memsvc.domain import EntryWrite, SessionLimitExceeded, SessionRef, WorkingMemoryStore
+from memsvc.domain import EntryWrite, SessionLimitExceeded, SessionRef
 from memsvc.store.memory import InMemoryWorkingMemoryStore
 from memsvc.store.redis import RedisWorkingMemoryStore, session_keys
 from tests.conftest import REDIS_URL, need
@@ -40,7 +40,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.runner = asyncio.Runner()
         self.session = SessionRef(str(uuid.uuid4()), str(uuid.uuid4()), "model")
         self.model: dict[str, bytes] = {}
-        self.store: WorkingMemoryStore
+        self.store: Any
         if self.backend == "redis":
             self.store = RedisWorkingMemoryStore(
                 REDIS_URL, max_session_keys=MAX_KEYS, max_session_bytes=MAX_BYTES
@@ -50,6 +50,9 @@ class StoreMachine(RuleBasedStateMachine):
                 max_session_keys=MAX_KEYS, max_session_bytes=MAX_BYTES
             )
         self.run(self.store.open())
+        # Working memory needs a spawned session: lifecycle step 1 and 3 of Spawn.
+        self.run(self.store.begin_spawn(self.session, "op", "epoch", []))
+        self.run(self.store.finish(self.session, "op", "active", swap=False, clear=False))
 
     def run(self, coroutine: Any) -> Any:
         return self.runner.run(coroutine)

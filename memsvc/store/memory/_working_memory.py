@@ -33,6 +33,7 @@ from memsvc.domain._session_memory import (
     LostOperation,
     Marker,
     MarkerStateError,
+    NoSession,
     Snapshot,
     SnapshotEntry,
 )
@@ -148,8 +149,9 @@ class InMemoryWorkingMemoryStore:
         now = self._clock_ms()
         state = self._session(session, now, create=True)
         assert state is not None
-        if state.state not in (None, "active"):
-            raise SessionNotWritable(session.session_id, state.state)
+        if state.state != "active":
+            self._drop_if_empty(session, state)
+            raise SessionNotWritable(session.session_id, state.state or MISSING)
         new_keys = state_count = len(state.values)
         new_bytes = current_bytes = state.total_bytes
         for write in writes:
@@ -179,12 +181,12 @@ class InMemoryWorkingMemoryStore:
     async def get_entries(
         self, session: SessionRef, keys: Sequence[str], budget_bytes: int
     ) -> BatchRead:
-        state = self._session(session, self._clock_ms())
+        state = self._live(session)
         found: list[StoredEntry] = []
         missing: list[str] = []
         used = 0
         for index, key in enumerate(keys):
-            entry = state.values.get(key) if state else None
+            entry = state.values.get(key)
             if entry is None:
                 missing.append(key)
                 continue
@@ -196,10 +198,10 @@ class InMemoryWorkingMemoryStore:
 
     async def delete_entries(self, session: SessionRef, keys: Sequence[str]) -> list[bool]:
         state = self._session(session, self._clock_ms())
-        if state is None:
-            return [False] * len(keys)
-        if state.state not in (None, "active"):
-            raise SessionNotWritable(session.session_id, state.state)
+        if state is None or state.state != "active":
+            raise SessionNotWritable(
+                session.session_id, (state.state if state else None) or MISSING
+            )
         existed = [state.remove(key) for key in keys]
         self._drop_if_empty(session, state)
         return existed
@@ -207,9 +209,7 @@ class InMemoryWorkingMemoryStore:
     async def list_keys(
         self, session: SessionRef, after: str | None, limit: int
     ) -> tuple[list[KeyMeta], bool]:
-        state = self._session(session, self._clock_ms())
-        if state is None:
-            return [], False
+        state = self._live(session)
         keys = self._keys_after(state, after, limit + 1)
         items = [KeyMeta(k, len(state.values[k][0]), state.values[k][1]) for k in keys[:limit]]
         return items, len(keys) > limit
@@ -217,9 +217,7 @@ class InMemoryWorkingMemoryStore:
     async def list_entries(
         self, session: SessionRef, after: str | None, limit: int, budget_bytes: int
     ) -> tuple[list[StoredEntry], bool]:
-        state = self._session(session, self._clock_ms())
-        if state is None:
-            return [], False
+        state = self._live(session)
         keys = self._keys_after(state, after, limit + 1)
         items: list[StoredEntry] = []
         used = 0
@@ -238,6 +236,13 @@ class InMemoryWorkingMemoryStore:
                 return None
             state = self._sessions[session] = _Session()
         state.purge(now_ms)
+        return state
+
+    def _live(self, session: SessionRef) -> _Session:
+        """The session for a read; NoSession when it has no marker."""
+        state = self._session(session, self._clock_ms())
+        if state is None or state.marker is None:
+            raise NoSession(session.session_id)
         return state
 
     def _drop_if_empty(self, session: SessionRef, state: _Session) -> None:

@@ -35,6 +35,7 @@ from memsvc.domain._session_memory import (
     LostOperation,
     Marker,
     MarkerStateError,
+    NoSession,
     Snapshot,
     SnapshotEntry,
 )
@@ -171,6 +172,8 @@ class RedisWorkingMemoryStore:
     ) -> BatchRead:
         reply = await self._run("get_entries", session, [budget_bytes, *keys])
         processed = int(reply[0])
+        if processed < 0:
+            raise NoSession(session.session_id)
         found: list[StoredEntry] = []
         missing: list[str] = []
         for i, key in enumerate(keys[:processed]):
@@ -191,6 +194,8 @@ class RedisWorkingMemoryStore:
         self, session: SessionRef, after: str | None, limit: int
     ) -> tuple[list[KeyMeta], bool]:
         reply = await self._run("list_entries", session, [after or "", limit, 0, 0])
+        if int(reply[0]) < 0:
+            raise NoSession(session.session_id)
         items = [
             KeyMeta(reply[i].decode(), int(reply[i + 1]), _expiry(reply[i + 2]))
             for i in range(1, len(reply), 3)
@@ -201,6 +206,8 @@ class RedisWorkingMemoryStore:
         self, session: SessionRef, after: str | None, limit: int, budget_bytes: int
     ) -> tuple[list[StoredEntry], bool]:
         reply = await self._run("list_entries", session, [after or "", limit, 1, budget_bytes])
+        if int(reply[0]) < 0:
+            raise NoSession(session.session_id)
         items = [
             StoredEntry(reply[i].decode(), reply[i + 1], _expiry(reply[i + 2]))
             for i in range(1, len(reply), 3)

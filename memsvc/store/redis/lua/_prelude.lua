@@ -70,11 +70,17 @@ local function refresh_session_expiry()
   end
 end
 
--- Returns the state that forbids writes, or false when writes are allowed.
+-- Returns the state that forbids writes ('missing' without a marker: never
+-- spawned, terminated, or lost by Redis), or false when writes are allowed.
 local function write_blocked()
   local state = redis.call('HGET', M, 'state')
-  if state and state ~= 'active' then
-    return state
+  if state == 'active' then
+    return false
   end
-  return false
+  return state or 'missing'
+end
+
+-- Reads need a marker too: without one the session does not exist here.
+local function session_missing()
+  return redis.call('EXISTS', M) == 0
 end
