@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from memsvc.domain import WorkingMemoryLimits
+from memsvc.failpoints import Failpoints
 
 ENV_PREFIX = "MEMSVC_"
 # Variables Kubernetes injects for a Service named "memsvc" (enableServiceLinks).
@@ -50,6 +51,18 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise ValueError(f"must be at least 1, got {value}")
     return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(f"must not be negative, got {value}")
+    return value
+
+
+def _failpoints(text: str) -> str:
+    Failpoints(text)  # raises ValueError naming the bad failpoint
+    return text
 
 
 def _positive_float(text: str) -> float:
@@ -101,6 +114,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("database_max_connections", _positive_int, "4", "Size of the PostgreSQL connection pool."),
     Setting("shutdown_grace_seconds", _positive_float, "10", "On SIGTERM/SIGINT, how long in-flight calls may take to finish."),
     Setting("health_interval_seconds", _positive_float, "2", "How often the backends are probed for the health service."),
+    Setting("checkpoint_max_age_seconds", _positive_int, "604800", "Checkpoints older than this are deleted (7 days); a paused session's resume checkpoint always stays."),
+    Setting("checkpoint_keep_last", _non_negative_int, "0", "Keep at most this many checkpoints per session, newest first (0: no limit)."),
+    Setting("request_id_ttl_seconds", _positive_int, "86400", "How long a request_id is remembered, so a retry returns the first answer (24 hours)."),
+    Setting("retention_interval_seconds", _positive_float, "60", "How often expired checkpoints and request ids are deleted."),
+    Setting("failpoints", _failpoints, "", "Test only: failpoints to switch on, `name=crash|error` (see memsvc/failpoints.py)."),
     Setting("log_level", _choice("debug", "info", "warning", "error"), "info", "Lowest level of log records written."),
     Setting("log_format", _choice("json", "text"), "json", "`json` (one object per line) or `text`."),
 )  # fmt: skip
@@ -124,6 +142,11 @@ class Config:
     database_max_connections: int = 4
     shutdown_grace_seconds: float = 10.0
     health_interval_seconds: float = 2.0
+    checkpoint_max_age_seconds: int = 7 * 24 * 3600
+    checkpoint_keep_last: int = 0
+    request_id_ttl_seconds: int = 24 * 3600
+    retention_interval_seconds: float = 60.0
+    failpoints: str = ""
     log_level: str = "info"
     log_format: str = "json"
 

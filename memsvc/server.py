@@ -27,7 +27,8 @@ from memsvc.api._errors import StreamTracker
 from memsvc.api._lifecycle import LifecycleServicer, render_value
 from memsvc.config import Config
 from memsvc.domain import DurableStore, WorkingMemory, WorkingMemoryStore
-from memsvc.domain._lifecycle import Lifecycle
+from memsvc.domain._lifecycle import CheckpointRetention, Lifecycle
+from memsvc.failpoints import Failpoints
 from memsvc.store import durable_store, working_memory_store
 from memsvc.v1 import (
     lifecycle_pb2,
@@ -64,6 +65,8 @@ class Server:
         self._streams = StreamTracker()
         self._grpc: grpc.aio.Server | None = None
         self._monitor: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self.lifecycle: Lifecycle | None = None
         self._healthy: bool | None = None
         self._stopped = asyncio.Event()
 
@@ -90,7 +93,14 @@ class Server:
             self.durable_store,  # type: ignore[arg-type]
             memory,
             render_value,
+            failpoints=Failpoints(self.config.failpoints),
+            retention=CheckpointRetention(
+                max_age_ms=self.config.checkpoint_max_age_seconds * 1000,
+                keep_last=self.config.checkpoint_keep_last,
+                request_id_ttl_ms=self.config.request_id_ttl_seconds * 1000,
+            ),
         )
+        self.lifecycle = lifecycle
         # Working memory asks the lifecycle why a session refused a call.
         memory.guard = lifecycle
         server = grpc.aio.server(
@@ -121,6 +131,7 @@ class Server:
         await server.start()
         self._grpc = server
         self._monitor = asyncio.create_task(self._monitor_health(), name="memsvc-health")
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name="memsvc-retention")
         host = self.config.listen.rsplit(":", 1)[0]
         log.info(
             "memsvc serving on %s:%d%s (working memory: %s, durable store: %s)",
@@ -138,10 +149,11 @@ class Server:
         grace = self.config.shutdown_grace_seconds if grace is None else grace
         log.info("shutting down (grace %.1fs)", grace)
         await self.health.enter_graceful_shutdown()
-        if self._monitor is not None:
-            self._monitor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._monitor
+        for task in (self._monitor, self._sweeper):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._grpc is not None:
             # Let health watchers receive NOT_SERVING before their streams end.
             await asyncio.sleep(0.05)
@@ -210,6 +222,22 @@ class Server:
         )
         for service in _HEALTH_SERVICES:
             await self.health.set(service, status)
+
+    async def _sweep_forever(self) -> None:
+        # Retention runs on every replica for now; the scale-out issue elects one.
+        while True:
+            await asyncio.sleep(self.config.retention_interval_seconds)
+            if self.lifecycle is None:
+                continue
+            try:
+                checkpoints, requests = await self.lifecycle.sweep()
+            except Exception as error:
+                log.warning("retention sweep failed: %s", error)
+                continue
+            if checkpoints or requests:
+                log.info(
+                    "retention deleted %d checkpoint(s) and %d request id(s)", checkpoints, requests
+                )
 
     async def _monitor_health(self) -> None:
         while True:

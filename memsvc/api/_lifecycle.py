@@ -64,6 +64,8 @@ def checkpoint_message(record: CheckpointRecord) -> pb.Checkpoint:
     )
     message.metadata.update(record.metadata)
     message.create_time.CopyFrom(timestamp(record.create_ms))
+    if record.expire_ms is not None:
+        message.expire_time.CopyFrom(timestamp(record.expire_ms))
     return message
 
 

@@ -71,6 +71,7 @@ from memsvc.domain._session_memory import (
     SnapshotEntry,
 )
 from memsvc.domain._working_memory import Page, WorkingMemory
+from memsvc.failpoints import Failpoints
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +161,24 @@ def _arguments_hash(method: str, *parts: Any) -> str:
 # --- the service -------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class CheckpointRetention:
+    """How long checkpoints live (the resume point of a PAUSED session always stays)."""
+
+    max_age_ms: int = 7 * 24 * 3600 * 1000
+    keep_last: int = 0  # 0: no limit on the number per session
+    request_id_ttl_ms: int = 24 * 3600 * 1000
+
+    def with_expiry(self, checkpoint: CheckpointRecord, protected: str | None) -> CheckpointRecord:
+        """The checkpoint with its expire_ms: unset while it is ``protected``."""
+        expire = (
+            None
+            if checkpoint.checkpoint_id == protected
+            else checkpoint.create_ms + self.max_age_ms
+        )
+        return dataclasses.replace(checkpoint, expire_ms=expire)
+
+
 @dataclass
 class _Steps:
     """What an operation did to working memory, to settle or undo after the transaction."""
@@ -181,7 +200,11 @@ class Lifecycle:
         working_memory: WorkingMemory,
         render_value: Callable[[bytes], Any],
         clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+        failpoints: Failpoints | None = None,
+        retention: CheckpointRetention | None = None,
     ) -> None:
+        self._failpoints = failpoints or Failpoints()
+        self.retention = retention or CheckpointRetention()
         self._memory = memory
         self._db = database
         self._wm = working_memory
@@ -250,8 +273,9 @@ class Lifecycle:
             )
             steps.final_state = "paused"
             now = self._clock_ms()
+            new_id = checkpoint_id or uuid7()
             checkpoint = await self._store_checkpoint(
-                tx, ref, checkpoint_id or uuid7(), snapshot.entries, metadata, now
+                tx, ref, new_id, snapshot.entries, metadata, now, protected=new_id
             )
             paused = dataclasses.replace(
                 record,
@@ -271,7 +295,9 @@ class Lifecycle:
                     metadata=metadata,
                 )
             )
-            return PauseResult(paused, checkpoint)
+            return PauseResult(
+                paused, self.retention.with_expiry(checkpoint, checkpoint.checkpoint_id)
+            )
 
         return await self._run("Pause", ref, request_id, arguments, PauseResult, steps, body)
 
@@ -283,6 +309,7 @@ class Lifecycle:
         entries: Sequence[SnapshotEntry],
         metadata: dict[str, Any],
         now: int,
+        protected: str | None,
     ) -> CheckpointRecord:
         size = sum(len(e.key.encode()) + len(e.value) for e in entries)
         checkpoint = CheckpointRecord(ref, checkpoint_id, now, len(entries), size, metadata)
@@ -290,6 +317,13 @@ class Lifecycle:
             await tx.insert_checkpoint(checkpoint, entries)
         except CheckpointIdTaken:
             raise CheckpointAlreadyExists(ref.session_id, checkpoint_id) from None
+        if self.retention.keep_last:
+            pruned = await tx.prune_checkpoints(ref, self.retention.keep_last, protected)
+            for old_id in pruned:
+                await tx.append_event(
+                    EventRecord(uuid7(), EventType.CHECKPOINT_DELETED, ref, None, now,
+                                checkpoint_id=old_id, metadata={"reason": "retention"})
+                )  # fmt: skip
         return checkpoint
 
     async def create_checkpoint(
@@ -311,7 +345,7 @@ class Lifecycle:
             )
             now = self._clock_ms()
             checkpoint = await self._store_checkpoint(
-                tx, ref, checkpoint_id or uuid7(), snapshot.entries, metadata, now
+                tx, ref, checkpoint_id or uuid7(), snapshot.entries, metadata, now, protected=None
             )
             await tx.append_event(
                 self._event(
@@ -323,7 +357,7 @@ class Lifecycle:
                     metadata=metadata,
                 )
             )
-            return CheckpointResult(record, checkpoint)
+            return CheckpointResult(record, self.retention.with_expiry(checkpoint, None))
 
         result = await self._run(
             "CreateCheckpoint", ref, request_id, arguments, CheckpointResult, steps, body
@@ -361,9 +395,11 @@ class Lifecycle:
         after = decode_page_token(page_token, scope) if include_entries else None
         async with self._db.transaction() as tx:
             found = await tx.read_checkpoint(ref, checkpoint_id)
-        if found is None:
+            record = await tx.lock_session(ref)
+        if found is None or record is None:
             raise CheckpointNotFound(ref.session_id, checkpoint_id)
-        checkpoint, entries = found
+        checkpoint = self.retention.with_expiry(found[0], _protected(record))
+        entries = found[1]
         if not include_entries:
             return checkpoint, Page([], "")
         ordered = sorted(entries, key=lambda e: e.key.encode())
@@ -515,7 +551,7 @@ class Lifecycle:
                     metadata=metadata,
                 )
             )
-            return ResumeResult(resumed, checkpoint, count)
+            return ResumeResult(resumed, self.retention.with_expiry(checkpoint, None), count)
 
         return await self._run("Resume", ref, request_id, arguments, ResumeResult, steps, body)
 
@@ -671,9 +707,14 @@ class Lifecycle:
         if after is not None:
             create_ms, checkpoint_id = json.loads(after)
             before = (int(create_ms), str(checkpoint_id))
-        if await self._db.get_session(ref) is None:
+        record = await self._db.get_session(ref)
+        if record is None:
             raise SessionNotFound(ref.session_id)
-        items = await self._db.list_checkpoints(ref, before, limit + 1)
+        protected = _protected(record)
+        items = [
+            self.retention.with_expiry(c, protected)
+            for c in await self._db.list_checkpoints(ref, before, limit + 1)
+        ]
         token = ""
         if len(items) > limit:
             items = items[:limit]
@@ -681,6 +722,23 @@ class Lifecycle:
                 json.dumps([items[-1].create_ms, items[-1].checkpoint_id]), scope
             )
         return Page(items, token)
+
+    async def sweep(self, limit: int = 1000) -> tuple[int, int]:
+        """Delete expired checkpoints and forgotten request ids; return how many of each.
+
+        The resume checkpoint of a PAUSED session is never deleted. Each deleted
+        checkpoint gets its CHECKPOINT_DELETED event in the same transaction.
+        """
+        now = self._clock_ms()
+        async with self._db.transaction() as tx:
+            expired = await tx.delete_expired_checkpoints(now - self.retention.max_age_ms, limit)
+            for ref, checkpoint_id in expired:
+                await tx.append_event(
+                    EventRecord(uuid7(), EventType.CHECKPOINT_DELETED, ref, None, now,
+                                checkpoint_id=checkpoint_id, metadata={"reason": "retention"})
+                )  # fmt: skip
+            forgotten = await tx.forget_requests(now - self.retention.request_id_ttl_ms, limit)
+        return len(expired), forgotten
 
     async def refusal(self, session: SessionRef, state: str, write: bool) -> MemsvcError | None:
         """Why working memory refused a call on ``session`` (SessionGuard).
@@ -819,6 +877,8 @@ class Lifecycle:
                         replayed = _decode(kind, previous)
                         return replayed
                 result = await body(tx)
+                if steps.started:
+                    self._failpoints.hit(f"{method.lower()}.after_prepare")
                 if request_id:
                     await tx.remember_response(ref.project_id, request_id, _encode(result))
         except BaseException:
@@ -826,6 +886,7 @@ class Lifecycle:
                 await self._undo(ref, steps)
             raise
         if steps.started:
+            self._failpoints.hit(f"{method.lower()}.before_finish")
             try:
                 await self._memory.finish(ref, steps.op, steps.final_state, steps.swap, steps.clear)
             except LostOperation:
@@ -865,6 +926,11 @@ class Lifecycle:
             request_id=request_id or None,
             metadata=record.metadata if metadata is None else metadata,
         )
+
+
+def _protected(record: SessionRecord) -> str | None:
+    """The checkpoint retention must keep: a PAUSED session's resume point."""
+    return record.resume_checkpoint_id if record.state == SessionState.PAUSED else None
 
 
 def _check_request_id(request_id: str, violations: list[FieldViolation]) -> None:

@@ -56,6 +56,9 @@ class CheckpointRecord:
     key_count: int
     size_bytes: int
     metadata: dict[str, Any] = field(default_factory=dict)
+    # When retention deletes it at the latest; None while it is protected (the
+    # resume point of a PAUSED session). Computed, not stored.
+    expire_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +139,21 @@ class LifecycleTransaction(Protocol):
 
     async def delete_checkpoint(self, ref: SessionRef, checkpoint_id: str) -> bool:
         """Delete one checkpoint; False when it did not exist."""
+
+    async def prune_checkpoints(
+        self, ref: SessionRef, keep_last: int, protected: str | None
+    ) -> list[str]:
+        """Delete all but the ``keep_last`` newest checkpoints (never ``protected``
+        nor a PAUSED session's resume point); return the deleted ids."""
+
+    async def delete_expired_checkpoints(
+        self, cutoff_ms: int, limit: int
+    ) -> list[tuple[SessionRef, str]]:
+        """Delete up to ``limit`` checkpoints created before ``cutoff_ms``, except
+        resume points of PAUSED sessions; return what was deleted."""
+
+    async def forget_requests(self, cutoff_ms: int, limit: int) -> int:
+        """Delete up to ``limit`` remembered request ids older than ``cutoff_ms``."""
 
     async def delete_checkpoints(self, ref: SessionRef) -> int:
         """Delete every checkpoint of the session; return how many."""

@@ -213,6 +213,58 @@ class SqlLifecycleTransaction:
         )
         return row is not None
 
+    async def prune_checkpoints(
+        self, ref: SessionRef, keep_last: int, protected: str | None
+    ) -> list[str]:
+        rows = await (
+            await self._conn.execute(
+                self._d.sql(
+                    f"DELETE FROM checkpoints WHERE {_SESSION_KEY} AND checkpoint_id <> ?"
+                    " AND checkpoint_id NOT IN (SELECT checkpoint_id FROM checkpoints"
+                    f" WHERE {_SESSION_KEY} ORDER BY create_time DESC, checkpoint_id DESC"
+                    f" LIMIT {int(keep_last)})"
+                    " AND checkpoint_id NOT IN (SELECT resume_checkpoint_id FROM sessions"
+                    f" WHERE {_SESSION_KEY} AND state = 2 AND resume_checkpoint_id IS NOT NULL)"
+                    " RETURNING checkpoint_id"
+                ),
+                (*_key(ref), protected or "", *_key(ref), *_key(ref)),
+            )
+        ).fetchall()
+        return [str(row[0]) for row in rows]
+
+    async def delete_expired_checkpoints(
+        self, cutoff_ms: int, limit: int
+    ) -> list[tuple[SessionRef, str]]:
+        rows = await (
+            await self._conn.execute(
+                self._d.sql(
+                    "DELETE FROM checkpoints WHERE (project_id, agent_instance_id, session_id,"
+                    " checkpoint_id) IN (SELECT c.project_id, c.agent_instance_id, c.session_id,"
+                    " c.checkpoint_id FROM checkpoints c WHERE c.create_time < ? AND NOT EXISTS"
+                    " (SELECT 1 FROM sessions s WHERE s.project_id = c.project_id"
+                    " AND s.agent_instance_id = c.agent_instance_id"
+                    " AND s.session_id = c.session_id AND s.state = 2"
+                    f" AND s.resume_checkpoint_id = c.checkpoint_id) LIMIT {int(limit)})"
+                    " RETURNING project_id, agent_instance_id, session_id, checkpoint_id"
+                ),
+                (self._d.time_param(cutoff_ms),),
+            )
+        ).fetchall()
+        return [(SessionRef(str(text(r[0])), str(text(r[1])), str(r[2])), str(r[3])) for r in rows]
+
+    async def forget_requests(self, cutoff_ms: int, limit: int) -> int:
+        rows = await (
+            await self._conn.execute(
+                self._d.sql(
+                    "DELETE FROM request_log WHERE (project_id, request_id) IN"
+                    " (SELECT project_id, request_id FROM request_log WHERE create_time < ?"
+                    f" LIMIT {int(limit)}) RETURNING request_id"
+                ),
+                (self._d.time_param(cutoff_ms),),
+            )
+        ).fetchall()
+        return len(rows)
+
     async def delete_checkpoints(self, ref: SessionRef) -> int:
         rows = await (
             await self._conn.execute(

@@ -136,6 +136,13 @@ class RedisWorkingMemoryStore:
             *LIFECYCLE_SCRIPTS,
         ):
             self._scripts[name] = self._client.register_script(_load_script(name))
+        # Load the scripts now, so the first calls do not pay a NOSCRIPT round trip.
+        # Redis may be down at start: then the first call of each script loads it.
+        try:
+            for script in self._scripts.values():
+                await self._client.script_load(script.script)
+        except TRANSIENT_ERRORS as error:
+            log.warning("could not preload Lua scripts (Redis unreachable): %s", error)
 
     async def aclose(self) -> None:
         if self._client is not None:

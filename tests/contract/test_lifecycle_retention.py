@@ -1,0 +1,111 @@
+"""LifecycleService contract: checkpoint retention, and what survives a restart."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import grpc
+import pytest
+import redis.asyncio as aioredis
+
+from memsvc.domain import SessionRef
+from memsvc.server import Server
+from memsvc.store.redis import session_keys
+from memsvc.v1 import lifecycle_pb2 as lc
+from memsvc.v1 import working_memory_pb2 as pb
+from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
+from memsvc.v1.working_memory_pb2_grpc import WorkingMemoryServiceStub
+from tests.helpers import eventually, expect_error, python, value
+
+
+@pytest.fixture
+def config_overrides() -> dict[str, object]:
+    return {
+        "checkpoint_keep_last": 2,
+        "checkpoint_max_age_seconds": 1,
+        "retention_interval_seconds": 0.1,
+    }
+
+
+@pytest.fixture
+def life(channel: grpc.aio.Channel) -> LifecycleServiceStub:
+    return LifecycleServiceStub(channel)
+
+
+async def checkpoint_ids(life, scope) -> list[str]:
+    page = await life.ListCheckpoints(lc.ListCheckpointsRequest(**scope))
+    return [c.checkpoint_id for c in page.checkpoints]
+
+
+async def test_keep_last_prunes_older_checkpoints_but_never_the_resume_point(life, scope):
+    await life.Spawn(lc.SpawnRequest(**scope))
+    paused = await life.Pause(lc.PauseRequest(**scope, checkpoint_id="resume-point"))
+    assert not paused.checkpoint.HasField("expire_time"), "the resume point is protected"
+    await life.Resume(lc.ResumeRequest(**scope))
+    # Resumed: the pause checkpoint is an ordinary one now.
+    for name in ("c1", "c2", "c3"):
+        made = await life.CreateCheckpoint(lc.CreateCheckpointRequest(**scope, checkpoint_id=name))
+        assert made.checkpoint.expire_time.ToMilliseconds() == (
+            made.checkpoint.create_time.ToMilliseconds() + 1000
+        )
+    assert sorted(await checkpoint_ids(life, scope)) == ["c2", "c3"]
+    paused = await life.Pause(lc.PauseRequest(**scope, checkpoint_id="p2"))
+    assert sorted(await checkpoint_ids(life, scope)) == ["c3", "p2"]
+
+
+async def test_age_retention_deletes_expired_checkpoints_except_the_resume_point(life, scope):
+    await life.Spawn(lc.SpawnRequest(**scope))
+    await life.CreateCheckpoint(lc.CreateCheckpointRequest(**scope, checkpoint_id="old"))
+    await life.Pause(lc.PauseRequest(**scope, checkpoint_id="resume-point"))
+
+    async def only_resume_point_left() -> bool:
+        return await checkpoint_ids(life, scope) == ["resume-point"]
+
+    await eventually(only_resume_point_left)
+    resumed = await life.Resume(lc.ResumeRequest(**scope))
+    assert resumed.checkpoint.checkpoint_id == "resume-point"
+
+    async def all_gone() -> bool:
+        return await checkpoint_ids(life, scope) == []
+
+    await eventually(all_gone)
+    await expect_error(
+        life.Resume(lc.ResumeRequest(**scope, checkpoint_id="old")), grpc.StatusCode.NOT_FOUND
+    )
+
+
+async def test_checkpoints_survive_a_restart_and_lost_memory_is_reported(server, scope):
+    """After memsvc restarts (the embedded working memory dies with it), the session
+    says its memory is lost and Resume from the durable checkpoint restores it."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        life = LifecycleServiceStub(channel)
+        wm = WorkingMemoryServiceStub(channel)
+        await life.Spawn(lc.SpawnRequest(**scope))
+        await wm.Set(pb.SetRequest(**scope, key="k", value=value({"v": 1})))
+        paused = await life.Pause(lc.PauseRequest(**scope))
+    config = replace(server.config, listen=f"127.0.0.1:{server.port}")
+    await server.stop()
+    if config.working_memory_url != "memory://":
+        # Redis keeps its data across a memsvc restart; flush this session to make
+        # the loss real (the private-Redis test covers a whole Redis restart).
+        client = aioredis.Redis.from_url(config.working_memory_url)
+        await client.delete(*session_keys(SessionRef(**scope)))
+        await client.aclose()
+    async with (
+        Server(config) as restarted,
+        grpc.aio.insecure_channel(f"127.0.0.1:{restarted.port}") as channel,
+    ):
+        life = LifecycleServiceStub(channel)
+        wm = WorkingMemoryServiceStub(channel)
+        session = (await life.GetSession(lc.GetSessionRequest(**scope))).session
+        assert session.state == lc.SESSION_STATE_PAUSED
+        assert session.working_memory_status == lc.WORKING_MEMORY_STATUS_LOST
+        error = await expect_error(
+            wm.Get(pb.GetRequest(**scope, key="k")), grpc.StatusCode.FAILED_PRECONDITION
+        )
+        assert error.reason == "ERROR_REASON_WORKING_MEMORY_LOST"
+        resumed = await life.Resume(lc.ResumeRequest(**scope))
+        assert resumed.checkpoint.checkpoint_id == paused.checkpoint.checkpoint_id
+        assert python((await wm.Get(pb.GetRequest(**scope, key="k"))).entry.value) == {"v": 1}
+        session = (await life.GetSession(lc.GetSessionRequest(**scope))).session
+        assert session.working_memory_status == lc.WORKING_MEMORY_STATUS_INTACT
