@@ -110,8 +110,11 @@ async def rig(tmp_path: Path, postgres_url: str) -> AsyncIterator[tuple[Server, 
 
 
 async def costs(server: Server, commands: RedisCommands, keys: int) -> dict[str, Any]:
-    scope: dict[str, Any] = {"project_id": str(uuid.uuid4()), "agent_instance_id": str(uuid.uuid4()),
-             "session_id": f"rt-{keys}"}  # fmt: skip
+    scope: dict[str, Any] = {
+        "project_id": str(uuid.uuid4()),
+        "agent_instance_id": str(uuid.uuid4()),
+        "session_id": f"rt-{keys}",
+    }
     database = server.durable_store
     assert isinstance(database, CountingPostgres)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
