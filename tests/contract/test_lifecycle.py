@@ -372,3 +372,39 @@ async def test_terminate_can_keep_working_memory_read_only(life, wm, scope):
     )
     listed = await life.ListCheckpoints(lc.ListCheckpointsRequest(**scope))
     assert [c.checkpoint_id for c in listed.checkpoints] == ["kept"]
+
+
+async def test_concurrent_writes_during_pause_never_tear_the_checkpoint(life, wm, scope):
+    """Every write acknowledged while a Pause runs is in its checkpoint."""
+    await life.Spawn(lc.SpawnRequest(**scope))
+    acknowledged: list[str] = []
+
+    async def writer(index: int) -> None:
+        try:
+            await wm.Set(pb.SetRequest(**scope, key=f"k{index:03d}", value=value(index)))
+            acknowledged.append(f"k{index:03d}")
+        except grpc.aio.AioRpcError as error:
+            assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+    writers = [asyncio.ensure_future(writer(i)) for i in range(60)]
+    await asyncio.sleep(0.005)
+    paused = await life.Pause(lc.PauseRequest(**scope))
+    await asyncio.gather(*writers)
+    detail = await life.GetCheckpoint(
+        lc.GetCheckpointRequest(
+            **scope, checkpoint_id=paused.checkpoint.checkpoint_id, include_entries=True,
+            page_size=1000,
+        )
+    )  # fmt: skip
+    in_checkpoint = {e.key for e in detail.entries}
+    assert set(acknowledged) <= in_checkpoint
+    assert set(await memory_of(wm, scope)) == in_checkpoint
+    assert paused.checkpoint.key_count == len(in_checkpoint)
+
+
+async def test_checkpoint_events_are_recorded(life, scope, server):
+    await life.Spawn(lc.SpawnRequest(**scope))
+    await life.CreateCheckpoint(lc.CreateCheckpointRequest(**scope, checkpoint_id="c"))
+    await life.DeleteCheckpoint(lc.DeleteCheckpointRequest(**scope, checkpoint_id="c"))
+    events = events_of(server, scope)
+    assert [(kind, ref) for _, kind, ref in events] == [(1, None), (5, "c"), (6, "c")]
