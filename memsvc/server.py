@@ -27,7 +27,8 @@ from memsvc.api._errors import StreamTracker
 from memsvc.api._lifecycle import LifecycleServicer, render_value
 from memsvc.config import Config
 from memsvc.domain import DurableStore, WorkingMemory, WorkingMemoryStore
-from memsvc.domain._lifecycle import CheckpointRetention, Lifecycle
+from memsvc.domain._lifecycle import Lifecycle
+from memsvc.domain._lifecycle_records import CheckpointRetention
 from memsvc.failpoints import Failpoints
 from memsvc.store import durable_store, working_memory_store
 from memsvc.v1 import (

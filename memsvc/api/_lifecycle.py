@@ -152,13 +152,13 @@ class LifecycleServicer(pb_grpc.LifecycleServiceServicer):
     async def GetSession(
         self, request: pb.GetSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetSessionResponse:
-        record, intact = await self._lifecycle.get_session(_session_ref(request))
+        record, intact = await self._lifecycle.reads.get_session(_session_ref(request))
         return pb.GetSessionResponse(session=session_message(record, intact))
 
     async def ListCheckpoints(
         self, request: pb.ListCheckpointsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListCheckpointsResponse:
-        page = await self._lifecycle.list_checkpoints(
+        page = await self._lifecycle.reads.list_checkpoints(
             _session_ref(request), request.page_size, request.page_token
         )
         return pb.ListCheckpointsResponse(
@@ -169,7 +169,7 @@ class LifecycleServicer(pb_grpc.LifecycleServiceServicer):
     async def ListSessions(
         self, request: pb.ListSessionsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListSessionsResponse:
-        page = await self._lifecycle.list_sessions(
+        page = await self._lifecycle.reads.list_sessions(
             request.project_id,
             request.agent_instance_id,
             int(request.state),
@@ -192,7 +192,7 @@ class LifecycleServicer(pb_grpc.LifecycleServiceServicer):
     async def GetCheckpoint(
         self, request: pb.GetCheckpointRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetCheckpointResponse:
-        checkpoint, page = await self._lifecycle.get_checkpoint(
+        checkpoint, page = await self._lifecycle.reads.get_checkpoint(
             _session_ref(request),
             request.checkpoint_id,
             request.include_entries,

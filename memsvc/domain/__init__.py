@@ -23,6 +23,19 @@ from memsvc.domain._errors import (
     WorkingMemoryLost,
 )
 from memsvc.domain._ids import MAX_KEY_BYTES, MAX_SESSION_ID_CHARS, SessionRef
+from memsvc.domain._lifecycle import Lifecycle
+from memsvc.domain._lifecycle_reads import LifecycleReads
+from memsvc.domain._lifecycle_records import (
+    CheckpointRecord,
+    CheckpointRetention,
+    EventRecord,
+    EventType,
+    LifecycleDatabase,
+    LifecycleTransaction,
+    SessionRecord,
+    SessionState,
+)
+from memsvc.domain._session_memory import Marker, SessionMemoryStore, Snapshot, SnapshotEntry
 from memsvc.domain._working_memory import (
     BatchRead,
     EntryWrite,
@@ -44,14 +57,23 @@ __all__ = [
     "CheckpointAlreadyExists",
     "CheckpointNotFound",
     "CheckpointProtected",
+    "CheckpointRecord",
+    "CheckpointRetention",
     "DurableStore",
     "EntryWrite",
+    "EventRecord",
+    "EventType",
     "FailedPrecondition",
     "FieldViolation",
     "InvalidArgument",
     "InvalidTransition",
     "KeyMeta",
     "KeyNotFound",
+    "Lifecycle",
+    "LifecycleDatabase",
+    "LifecycleReads",
+    "LifecycleTransaction",
+    "Marker",
     "MemsvcError",
     "NotFound",
     "Page",
@@ -59,9 +81,14 @@ __all__ = [
     "ResourceExhausted",
     "SessionAlreadyExists",
     "SessionLimitExceeded",
+    "SessionMemoryStore",
     "SessionNotFound",
     "SessionNotWritable",
+    "SessionRecord",
     "SessionRef",
+    "SessionState",
+    "Snapshot",
+    "SnapshotEntry",
     "StoredEntry",
     "WorkingMemory",
     "WorkingMemoryLimits",

@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
-import os
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -44,9 +41,11 @@ from memsvc.domain._ids import (
     check_uuid,
     raise_if_any,
 )
+from memsvc.domain._lifecycle_reads import LifecycleReads
 from memsvc.domain._lifecycle_records import (
     CheckpointIdTaken,
     CheckpointRecord,
+    CheckpointRetention,
     EpisodeRecord,
     EventRecord,
     EventType,
@@ -56,11 +55,17 @@ from memsvc.domain._lifecycle_records import (
     SessionRecord,
     SessionState,
 )
-from memsvc.domain._pagination import (
-    check_page_size,
-    decode_page_token,
-    encode_page_token,
-    fingerprint,
+from memsvc.domain._lifecycle_results import (
+    CheckpointResult,
+    DeleteResult,
+    PauseResult,
+    ResumeResult,
+    SpawnResult,
+    TerminateResult,
+    arguments_hash,
+    decode_result,
+    encode_result,
+    uuid7,
 )
 from memsvc.domain._session_memory import (
     MISSING,
@@ -70,7 +75,7 @@ from memsvc.domain._session_memory import (
     SessionMemoryStore,
     SnapshotEntry,
 )
-from memsvc.domain._working_memory import Page, WorkingMemory
+from memsvc.domain._working_memory import WorkingMemory
 from memsvc.failpoints import Failpoints
 
 log = logging.getLogger(__name__)
@@ -79,104 +84,6 @@ T = TypeVar("T")
 
 OUTCOME_SUCCESS = 1
 _MARKER_FOR = {SessionState.ACTIVE: "active", SessionState.PAUSED: "paused"}
-
-
-# --- results -----------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class SpawnResult:
-    session: SessionRecord
-    initial_entries_written: int
-
-
-@dataclass(frozen=True, slots=True)
-class PauseResult:
-    session: SessionRecord
-    checkpoint: CheckpointRecord
-
-
-@dataclass(frozen=True, slots=True)
-class ResumeResult:
-    session: SessionRecord
-    checkpoint: CheckpointRecord
-    entries_restored: int
-
-
-@dataclass(frozen=True, slots=True)
-class CheckpointResult:
-    session: SessionRecord
-    checkpoint: CheckpointRecord
-
-
-@dataclass(frozen=True, slots=True)
-class DeleteResult:
-    session: SessionRecord
-
-
-@dataclass(frozen=True, slots=True)
-class TerminateResult:
-    session: SessionRecord
-    episode_id: str | None
-    entries_consolidated: int
-    entries_cleared: int
-    outcome: int
-
-
-def _encode(result: Any) -> bytes:
-    return json.dumps(dataclasses.asdict(result), default=int, separators=(",", ":")).encode()
-
-
-def _session_from(data: dict[str, Any]) -> SessionRecord:
-    return SessionRecord(
-        **{**data, "ref": SessionRef(**data["ref"]), "state": SessionState(data["state"])}
-    )
-
-
-def _checkpoint_from(data: dict[str, Any]) -> CheckpointRecord:
-    return CheckpointRecord(**{**data, "ref": SessionRef(**data["ref"])})
-
-
-def _decode(kind: type[T], raw: bytes) -> T:
-    data = json.loads(raw)
-    data["session"] = _session_from(data["session"])
-    if "checkpoint" in data:
-        data["checkpoint"] = _checkpoint_from(data["checkpoint"])
-    return kind(**data)
-
-
-def uuid7() -> str:
-    """A time-ordered UUID (version 7): 48 bits of Unix ms, then 74 random bits."""
-    value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")
-    value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
-    value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 4122 variant
-    return str(uuid.UUID(int=value))
-
-
-def _arguments_hash(method: str, *parts: Any) -> str:
-    document = json.dumps([method, *parts], sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(document.encode()).hexdigest()
-
-
-# --- the service -------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class CheckpointRetention:
-    """How long checkpoints live (the resume point of a PAUSED session always stays)."""
-
-    max_age_ms: int = 7 * 24 * 3600 * 1000
-    keep_last: int = 0  # 0: no limit on the number per session
-    request_id_ttl_ms: int = 24 * 3600 * 1000
-
-    def with_expiry(self, checkpoint: CheckpointRecord, protected: str | None) -> CheckpointRecord:
-        """The checkpoint with its expire_ms: unset while it is ``protected``."""
-        expire = (
-            None
-            if checkpoint.checkpoint_id == protected
-            else checkpoint.create_ms + self.max_age_ms
-        )
-        return dataclasses.replace(checkpoint, expire_ms=expire)
 
 
 @dataclass
@@ -210,6 +117,7 @@ class Lifecycle:
         self._wm = working_memory
         self._render_value = render_value
         self._clock_ms = clock_ms
+        self.reads = LifecycleReads(memory, database, working_memory.limits, self.retention)
 
     # Spawn ------------------------------------------------------------------
 
@@ -231,7 +139,7 @@ class Lifecycle:
         writes = self._wm.check_entries(initial, "initial_entries", violations, allow_empty=True)
         _check_request_id(request_id, violations)
         raise_if_any(violations)
-        arguments = _arguments_hash(
+        arguments = arguments_hash(
             "Spawn", ref, agent_type, [dataclasses.astuple(w) for w in writes], metadata
         )
         self._wm.check_fits_session(writes)
@@ -260,7 +168,7 @@ class Lifecycle:
         self, session: SessionRef, checkpoint_id: str, metadata: dict[str, Any], request_id: str
     ) -> PauseResult:
         ref = self._check(session, checkpoint_id, request_id)
-        arguments = _arguments_hash("Pause", ref, checkpoint_id, metadata)
+        arguments = arguments_hash("Pause", ref, checkpoint_id, metadata)
         steps = _Steps(op=uuid7())
 
         async def body(tx: LifecycleTransaction) -> PauseResult:
@@ -331,7 +239,7 @@ class Lifecycle:
     ) -> CheckpointRecord:
         """Snapshot an ACTIVE session without pausing it."""
         ref = self._check(session, checkpoint_id, request_id)
-        arguments = _arguments_hash("CreateCheckpoint", ref, checkpoint_id, metadata)
+        arguments = arguments_hash("CreateCheckpoint", ref, checkpoint_id, metadata)
         # No marker change: the snapshot is one atomic read, nothing to settle after.
         steps = _Steps(op=uuid7())
 
@@ -364,59 +272,6 @@ class Lifecycle:
         )
         return result.checkpoint
 
-    async def get_checkpoint(
-        self,
-        session: SessionRef,
-        checkpoint_id: str,
-        include_entries: bool,
-        page_size: int,
-        page_token: str,
-    ) -> tuple[CheckpointRecord, Page[SnapshotEntry]]:
-        """A checkpoint and, on request, one page of its entries in key byte order."""
-        violations: list[FieldViolation] = []
-        ref = check_session_ref(
-            session.project_id, session.agent_instance_id, session.session_id, violations
-        )
-        if not checkpoint_id:
-            violations.append(FieldViolation("checkpoint_id", "is required"))
-        else:
-            check_session_id(checkpoint_id, "checkpoint_id", violations)
-        limits = self._wm.limits
-        limit = check_page_size(
-            page_size,
-            default=limits.default_page_size,
-            maximum=limits.max_page_size,
-            violations=violations,
-        )
-        raise_if_any(violations)
-        scope = fingerprint(
-            "checkpoint", ref.project_id, ref.agent_instance_id, ref.session_id, checkpoint_id
-        )
-        after = decode_page_token(page_token, scope) if include_entries else None
-        async with self._db.transaction() as tx:
-            found = await tx.read_checkpoint(ref, checkpoint_id)
-            record = await tx.lock_session(ref)
-        if found is None or record is None:
-            raise CheckpointNotFound(ref.session_id, checkpoint_id)
-        checkpoint = self.retention.with_expiry(found[0], _protected(record))
-        entries = found[1]
-        if not include_entries:
-            return checkpoint, Page([], "")
-        ordered = sorted(entries, key=lambda e: e.key.encode())
-        if after is not None:
-            ordered = [e for e in ordered if e.key.encode() > after.encode()]
-        page: list[SnapshotEntry] = []
-        used = 0
-        for entry in ordered[:limit]:
-            if page and used + len(entry.value) > limits.response_budget_bytes:
-                break
-            used += len(entry.value)
-            page.append(entry)
-        more = len(page) < len(ordered)
-        return checkpoint, Page(
-            page, encode_page_token(page[-1].key, scope) if more and page else ""
-        )
-
     async def delete_checkpoint(
         self, session: SessionRef, checkpoint_id: str, request_id: str
     ) -> None:
@@ -424,7 +279,7 @@ class Lifecycle:
         ref = self._check(session, checkpoint_id, request_id)
         if not checkpoint_id:
             raise InvalidArgument.single("checkpoint_id", "is required")
-        arguments = _arguments_hash("DeleteCheckpoint", ref, checkpoint_id)
+        arguments = arguments_hash("DeleteCheckpoint", ref, checkpoint_id)
         steps = _Steps(op=uuid7())
 
         async def body(tx: LifecycleTransaction) -> DeleteResult:
@@ -449,51 +304,6 @@ class Lifecycle:
 
         await self._run("DeleteCheckpoint", ref, request_id, arguments, DeleteResult, steps, body)
 
-    async def list_sessions(
-        self,
-        project_id: str,
-        agent_instance_id: str,
-        state: int,
-        page_size: int,
-        page_token: str,
-    ) -> Page[SessionRecord]:
-        """One page of a project's sessions, newest first."""
-        violations: list[FieldViolation] = []
-        project = check_uuid(project_id, "project_id", violations)
-        agent = (
-            check_uuid(agent_instance_id, "agent_instance_id", violations)
-            if agent_instance_id
-            else None
-        )
-        wanted: SessionState | None = None
-        if state:
-            try:
-                wanted = SessionState(state)
-            except ValueError:
-                violations.append(FieldViolation("state", f"is not a SessionState value: {state}"))
-        limits = self._wm.limits
-        limit = check_page_size(
-            page_size,
-            default=limits.default_page_size,
-            maximum=limits.max_page_size,
-            violations=violations,
-        )
-        raise_if_any(violations)
-        scope = fingerprint("sessions", project, agent or "", str(state))
-        after = decode_page_token(page_token, scope)
-        before = None
-        if after is not None:
-            create_ms, agent_after, session_after = json.loads(after)
-            before = (int(create_ms), str(agent_after), str(session_after))
-        items = await self._db.list_sessions(project, agent, wanted, before, limit + 1)
-        token = ""
-        if len(items) > limit:
-            items = items[:limit]
-            last = items[-1]
-            position = json.dumps([last.create_ms, last.ref.agent_instance_id, last.ref.session_id])
-            token = encode_page_token(position, scope)
-        return Page(items, token)
-
     # Resume -----------------------------------------------------------------
 
     async def resume(
@@ -505,7 +315,7 @@ class Lifecycle:
         request_id: str,
     ) -> ResumeResult:
         ref = self._check(session, checkpoint_id, request_id)
-        arguments = _arguments_hash("Resume", ref, checkpoint_id, merge, metadata)
+        arguments = arguments_hash("Resume", ref, checkpoint_id, merge, metadata)
         steps = _Steps(op=uuid7())
 
         async def body(tx: LifecycleTransaction) -> ResumeResult:
@@ -570,7 +380,7 @@ class Lifecycle:
     ) -> TerminateResult:
         ref = self._check(session, "", request_id)
         outcome = outcome or OUTCOME_SUCCESS
-        arguments = _arguments_hash(
+        arguments = arguments_hash(
             "Terminate",
             ref,
             task_description,
@@ -670,58 +480,6 @@ class Lifecycle:
         )
 
     # Reads ------------------------------------------------------------------
-
-    async def get_session(self, session: SessionRef) -> tuple[SessionRecord, bool]:
-        """The session and whether its working memory is intact."""
-        violations: list[FieldViolation] = []
-        ref = check_session_ref(
-            session.project_id, session.agent_instance_id, session.session_id, violations
-        )
-        raise_if_any(violations)
-        record = await self._db.get_session(ref)
-        if record is None:
-            raise SessionNotFound(ref.session_id)
-        if record.state == SessionState.TERMINATED:
-            return record, True
-        marker = await self._memory.read_marker(ref)
-        return record, marker is not None
-
-    async def list_checkpoints(
-        self, session: SessionRef, page_size: int, page_token: str
-    ) -> Page[CheckpointRecord]:
-        """One page of the session's checkpoints, newest first."""
-        violations: list[FieldViolation] = []
-        ref = check_session_ref(
-            session.project_id, session.agent_instance_id, session.session_id, violations
-        )
-        limit = check_page_size(
-            page_size,
-            default=self._wm.limits.default_page_size,
-            maximum=self._wm.limits.max_page_size,
-            violations=violations,
-        )
-        raise_if_any(violations)
-        scope = fingerprint("checkpoints", ref.project_id, ref.agent_instance_id, ref.session_id)
-        after = decode_page_token(page_token, scope)
-        before = None
-        if after is not None:
-            create_ms, checkpoint_id = json.loads(after)
-            before = (int(create_ms), str(checkpoint_id))
-        record = await self._db.get_session(ref)
-        if record is None:
-            raise SessionNotFound(ref.session_id)
-        protected = _protected(record)
-        items = [
-            self.retention.with_expiry(c, protected)
-            for c in await self._db.list_checkpoints(ref, before, limit + 1)
-        ]
-        token = ""
-        if len(items) > limit:
-            items = items[:limit]
-            token = encode_page_token(
-                json.dumps([items[-1].create_ms, items[-1].checkpoint_id]), scope
-            )
-        return Page(items, token)
 
     async def sweep(self, limit: int = 1000) -> tuple[int, int]:
         """Delete expired checkpoints and forgotten request ids; return how many of each.
@@ -874,13 +632,13 @@ class Lifecycle:
                     except RequestIdReused:
                         raise RequestIdConflict(request_id) from None
                     if previous is not None:
-                        replayed = _decode(kind, previous)
+                        replayed = decode_result(kind, previous)
                         return replayed
                 result = await body(tx)
                 if steps.started:
                     self._failpoints.hit(f"{method.lower()}.after_prepare")
                 if request_id:
-                    await tx.remember_response(ref.project_id, request_id, _encode(result))
+                    await tx.remember_response(ref.project_id, request_id, encode_result(result))
         except BaseException:
             if steps.started:
                 await self._undo(ref, steps)
@@ -926,11 +684,6 @@ class Lifecycle:
             request_id=request_id or None,
             metadata=record.metadata if metadata is None else metadata,
         )
-
-
-def _protected(record: SessionRecord) -> str | None:
-    """The checkpoint retention must keep: a PAUSED session's resume point."""
-    return record.resume_checkpoint_id if record.state == SessionState.PAUSED else None
 
 
 def _check_request_id(request_id: str, violations: list[FieldViolation]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -188,3 +189,26 @@ class LifecycleDatabase(Protocol):
         limit: int,
     ) -> list[SessionRecord]:
         """Sessions newest first, strictly before (create_ms, agent, session) when given."""
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointRetention:
+    """How long checkpoints live (the resume point of a PAUSED session always stays)."""
+
+    max_age_ms: int = 7 * 24 * 3600 * 1000
+    keep_last: int = 0  # 0: no limit on the number per session
+    request_id_ttl_ms: int = 24 * 3600 * 1000
+
+    def with_expiry(self, checkpoint: CheckpointRecord, protected: str | None) -> CheckpointRecord:
+        """The checkpoint with its expire_ms: unset while it is ``protected``."""
+        expire = (
+            None
+            if checkpoint.checkpoint_id == protected
+            else checkpoint.create_ms + self.max_age_ms
+        )
+        return dataclasses.replace(checkpoint, expire_ms=expire)
+
+
+def protected_checkpoint(record: SessionRecord) -> str | None:
+    """The checkpoint retention must keep: a PAUSED session's resume point."""
+    return record.resume_checkpoint_id if record.state == SessionState.PAUSED else None

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 import psycopg
 import psycopg_pool
 
-from memsvc.domain import SessionRef
+from memsvc.domain import BackendUnavailable, SessionRef
 from memsvc.domain._lifecycle_records import (
     CheckpointRecord,
     LifecycleTransaction,
@@ -34,6 +35,8 @@ from memsvc.store._migrations import check_applied, load_migrations
 from memsvc.store._retry import with_retries
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # pg_advisory_xact_lock key for migrations: "memsvc" in ASCII.
 MIGRATION_LOCK_KEY = 0x6D656D737663
@@ -139,18 +142,36 @@ class PostgresDurableStore:
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[LifecycleTransaction]:
-        async with self._connections.connection() as conn, conn.transaction():
-            yield SqlLifecycleTransaction(conn, POSTGRES)
+        """One transaction; a lost connection surfaces as BackendUnavailable.
+
+        Not retried here: a commit whose answer was lost may have happened, so
+        only the caller (with a request_id) can safely try again.
+        """
+        try:
+            async with self._connections.connection() as conn, conn.transaction():
+                yield SqlLifecycleTransaction(conn, POSTGRES)
+        except TRANSIENT_ERRORS as error:
+            raise BackendUnavailable(self.backend_name, error) from error
 
     async def get_session(self, ref: SessionRef) -> SessionRecord | None:
-        async with self._connections.connection() as conn:
-            return await get_session(conn, POSTGRES, ref)
+        async def read() -> SessionRecord | None:
+            async with self._connections.connection() as conn:
+                return await get_session(conn, POSTGRES, ref)
+
+        return await self._read(read)
 
     async def list_checkpoints(
         self, ref: SessionRef, before: tuple[int, str] | None, limit: int
     ) -> list[CheckpointRecord]:
-        async with self._connections.connection() as conn:
-            return await list_checkpoints(conn, POSTGRES, ref, before, limit)
+        async def read() -> list[CheckpointRecord]:
+            async with self._connections.connection() as conn:
+                return await list_checkpoints(conn, POSTGRES, ref, before, limit)
+
+        return await self._read(read)
+
+    async def _read(self, operation: Callable[[], Awaitable[T]]) -> T:
+        """Reads are idempotent: retried within the call's deadline."""
+        return await with_retries(operation, backend=self.backend_name, transient=TRANSIENT_ERRORS)
 
     async def list_sessions(
         self,
@@ -160,10 +181,13 @@ class PostgresDurableStore:
         before: tuple[int, str, str] | None,
         limit: int,
     ) -> list[SessionRecord]:
-        async with self._connections.connection() as conn:
-            return await list_sessions(
-                conn, POSTGRES, project_id, agent_instance_id, state, before, limit
-            )
+        async def read() -> list[SessionRecord]:
+            async with self._connections.connection() as conn:
+                return await list_sessions(
+                    conn, POSTGRES, project_id, agent_instance_id, state, before, limit
+                )
+
+        return await self._read(read)
 
     @property
     def _connections(self) -> psycopg_pool.AsyncConnectionPool:

@@ -94,7 +94,10 @@ class SqliteDurableStore:
         """One write transaction at a time per process (SQLite has one writer)."""
         async with self._write_lock:
             db = self._conn
-            await db.execute("BEGIN IMMEDIATE")
+            try:
+                await db.execute("BEGIN IMMEDIATE")
+            except aiosqlite.OperationalError as error:  # locked by another process too long
+                raise BackendUnavailable(self.backend_name, error) from error
             try:
                 yield SqlLifecycleTransaction(db, SQLITE)
             except BaseException:

@@ -1,0 +1,200 @@
+"""Lifecycle reads: sessions and checkpoints, as the API lists and shows them."""
+
+from __future__ import annotations
+
+import json
+
+from memsvc.domain._errors import (
+    CheckpointNotFound,
+    FieldViolation,
+    SessionNotFound,
+)
+from memsvc.domain._ids import (
+    SessionRef,
+    check_session_id,
+    check_session_ref,
+    check_uuid,
+    raise_if_any,
+)
+from memsvc.domain._lifecycle_records import (
+    CheckpointRecord,
+    CheckpointRetention,
+    LifecycleDatabase,
+    SessionRecord,
+    SessionState,
+    protected_checkpoint,
+)
+from memsvc.domain._pagination import (
+    check_page_size,
+    decode_page_token,
+    encode_page_token,
+    fingerprint,
+)
+from memsvc.domain._session_memory import SessionMemoryStore, SnapshotEntry
+from memsvc.domain._working_memory import Page, WorkingMemoryLimits
+
+
+class LifecycleReads:
+    """Read-only lifecycle queries; none of them takes a lock or changes anything."""
+
+    def __init__(
+        self,
+        memory: SessionMemoryStore,
+        database: LifecycleDatabase,
+        limits: WorkingMemoryLimits,
+        retention: CheckpointRetention,
+    ) -> None:
+        self._memory = memory
+        self._db = database
+        self._limits = limits
+        self.retention = retention
+
+    async def get_checkpoint(
+        self,
+        session: SessionRef,
+        checkpoint_id: str,
+        include_entries: bool,
+        page_size: int,
+        page_token: str,
+    ) -> tuple[CheckpointRecord, Page[SnapshotEntry]]:
+        """A checkpoint and, on request, one page of its entries in key byte order."""
+        violations: list[FieldViolation] = []
+        ref = check_session_ref(
+            session.project_id, session.agent_instance_id, session.session_id, violations
+        )
+        if not checkpoint_id:
+            violations.append(FieldViolation("checkpoint_id", "is required"))
+        else:
+            check_session_id(checkpoint_id, "checkpoint_id", violations)
+        limits = self._limits
+        limit = check_page_size(
+            page_size,
+            default=limits.default_page_size,
+            maximum=limits.max_page_size,
+            violations=violations,
+        )
+        raise_if_any(violations)
+        scope = fingerprint(
+            "checkpoint", ref.project_id, ref.agent_instance_id, ref.session_id, checkpoint_id
+        )
+        after = decode_page_token(page_token, scope) if include_entries else None
+        async with self._db.transaction() as tx:
+            found = await tx.read_checkpoint(ref, checkpoint_id)
+            record = await tx.lock_session(ref)
+        if found is None or record is None:
+            raise CheckpointNotFound(ref.session_id, checkpoint_id)
+        checkpoint = self.retention.with_expiry(found[0], protected_checkpoint(record))
+        entries = found[1]
+        if not include_entries:
+            return checkpoint, Page([], "")
+        ordered = sorted(entries, key=lambda e: e.key.encode())
+        if after is not None:
+            ordered = [e for e in ordered if e.key.encode() > after.encode()]
+        page: list[SnapshotEntry] = []
+        used = 0
+        for entry in ordered[:limit]:
+            if page and used + len(entry.value) > limits.response_budget_bytes:
+                break
+            used += len(entry.value)
+            page.append(entry)
+        more = len(page) < len(ordered)
+        return checkpoint, Page(
+            page, encode_page_token(page[-1].key, scope) if more and page else ""
+        )
+
+    async def list_sessions(
+        self,
+        project_id: str,
+        agent_instance_id: str,
+        state: int,
+        page_size: int,
+        page_token: str,
+    ) -> Page[SessionRecord]:
+        """One page of a project's sessions, newest first."""
+        violations: list[FieldViolation] = []
+        project = check_uuid(project_id, "project_id", violations)
+        agent = (
+            check_uuid(agent_instance_id, "agent_instance_id", violations)
+            if agent_instance_id
+            else None
+        )
+        wanted: SessionState | None = None
+        if state:
+            try:
+                wanted = SessionState(state)
+            except ValueError:
+                violations.append(FieldViolation("state", f"is not a SessionState value: {state}"))
+        limits = self._limits
+        limit = check_page_size(
+            page_size,
+            default=limits.default_page_size,
+            maximum=limits.max_page_size,
+            violations=violations,
+        )
+        raise_if_any(violations)
+        scope = fingerprint("sessions", project, agent or "", str(state))
+        after = decode_page_token(page_token, scope)
+        before = None
+        if after is not None:
+            create_ms, agent_after, session_after = json.loads(after)
+            before = (int(create_ms), str(agent_after), str(session_after))
+        items = await self._db.list_sessions(project, agent, wanted, before, limit + 1)
+        token = ""
+        if len(items) > limit:
+            items = items[:limit]
+            last = items[-1]
+            position = json.dumps([last.create_ms, last.ref.agent_instance_id, last.ref.session_id])
+            token = encode_page_token(position, scope)
+        return Page(items, token)
+
+    async def get_session(self, session: SessionRef) -> tuple[SessionRecord, bool]:
+        """The session and whether its working memory is intact."""
+        violations: list[FieldViolation] = []
+        ref = check_session_ref(
+            session.project_id, session.agent_instance_id, session.session_id, violations
+        )
+        raise_if_any(violations)
+        record = await self._db.get_session(ref)
+        if record is None:
+            raise SessionNotFound(ref.session_id)
+        if record.state == SessionState.TERMINATED:
+            return record, True
+        marker = await self._memory.read_marker(ref)
+        return record, marker is not None
+
+    async def list_checkpoints(
+        self, session: SessionRef, page_size: int, page_token: str
+    ) -> Page[CheckpointRecord]:
+        """One page of the session's checkpoints, newest first."""
+        violations: list[FieldViolation] = []
+        ref = check_session_ref(
+            session.project_id, session.agent_instance_id, session.session_id, violations
+        )
+        limit = check_page_size(
+            page_size,
+            default=self._limits.default_page_size,
+            maximum=self._limits.max_page_size,
+            violations=violations,
+        )
+        raise_if_any(violations)
+        scope = fingerprint("checkpoints", ref.project_id, ref.agent_instance_id, ref.session_id)
+        after = decode_page_token(page_token, scope)
+        before = None
+        if after is not None:
+            create_ms, checkpoint_id = json.loads(after)
+            before = (int(create_ms), str(checkpoint_id))
+        record = await self._db.get_session(ref)
+        if record is None:
+            raise SessionNotFound(ref.session_id)
+        protected = protected_checkpoint(record)
+        items = [
+            self.retention.with_expiry(c, protected)
+            for c in await self._db.list_checkpoints(ref, before, limit + 1)
+        ]
+        token = ""
+        if len(items) > limit:
+            items = items[:limit]
+            token = encode_page_token(
+                json.dumps([items[-1].create_ms, items[-1].checkpoint_id]), scope
+            )
+        return Page(items, token)
