@@ -147,8 +147,8 @@ class LifecycleReads:
             token = encode_page_token(position, scope)
         return Page(items, token)
 
-    async def get_session(self, session: SessionRef) -> tuple[SessionRecord, bool]:
-        """The session and whether its working memory is intact."""
+    async def get_session(self, session: SessionRef) -> tuple[SessionRecord, bool | None]:
+        """The session and whether its working memory is intact (None once terminated)."""
         violations: list[FieldViolation] = []
         ref = check_session_ref(
             session.project_id, session.agent_instance_id, session.session_id, violations
@@ -158,7 +158,7 @@ class LifecycleReads:
         if record is None:
             raise SessionNotFound(ref.session_id)
         if record.state == SessionState.TERMINATED:
-            return record, True
+            return record, None
         marker = await self._memory.read_marker(ref)
         return record, marker is not None
 

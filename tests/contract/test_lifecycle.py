@@ -95,6 +95,7 @@ async def test_full_lifecycle(life, wm, scope, server):
     got = await life.GetSession(lc.GetSessionRequest(**scope))
     assert got.session.state == TERMINATED
     assert got.session.version == 4
+    assert got.session.working_memory_status == lc.WORKING_MEMORY_STATUS_UNSPECIFIED
 
     events = events_of(server, scope)
     assert [e[1] for e in events] == [1, 2, 3, 4]
