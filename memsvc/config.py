@@ -118,6 +118,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("checkpoint_keep_last", _non_negative_int, "0", "Keep at most this many checkpoints per session, newest first (0: no limit)."),
     Setting("request_id_ttl_seconds", _positive_int, "86400", "How long a request_id is remembered, so a retry returns the first answer (24 hours)."),
     Setting("retention_interval_seconds", _positive_float, "60", "How often expired checkpoints and request ids are deleted."),
+    Setting("event_max_age_seconds", _positive_int, "604800", "Lifecycle events older than this are compacted away (7 days); watchers resuming from before get OUT_OF_RANGE."),
+    Setting("event_keep_last", _non_negative_int, "0", "Keep at most this many lifecycle events (0: no limit)."),
+    Setting("max_watchers", _positive_int, "1000", "Most WatchLifecycle streams one process serves; beyond it, RESOURCE_EXHAUSTED."),
+    Setting("event_poll_interval_seconds", _positive_float, "1", "How often the event tail polls when no NOTIFY wakes it."),
     Setting("failpoints", _failpoints, "", "Test only: failpoints to switch on, `name=crash|error` (see memsvc/failpoints.py)."),
     Setting("log_level", _choice("debug", "info", "warning", "error"), "info", "Lowest level of log records written."),
     Setting("log_format", _choice("json", "text"), "json", "`json` (one object per line) or `text`."),
@@ -146,6 +150,10 @@ class Config:
     checkpoint_keep_last: int = 0
     request_id_ttl_seconds: int = 24 * 3600
     retention_interval_seconds: float = 60.0
+    event_max_age_seconds: int = 7 * 24 * 3600
+    event_keep_last: int = 0
+    max_watchers: int = 1000
+    event_poll_interval_seconds: float = 1.0
     failpoints: str = ""
     log_level: str = "info"
     log_format: str = "json"

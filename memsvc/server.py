@@ -29,6 +29,7 @@ from memsvc.config import Config
 from memsvc.domain import DurableStore, WorkingMemory, WorkingMemoryStore
 from memsvc.domain._lifecycle import Lifecycle
 from memsvc.domain._lifecycle_records import CheckpointRetention
+from memsvc.domain._watch import EventHub
 from memsvc.failpoints import Failpoints
 from memsvc.store import durable_store, working_memory_store
 from memsvc.v1 import (
@@ -68,6 +69,7 @@ class Server:
         self._monitor: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self.lifecycle: Lifecycle | None = None
+        self.hub: EventHub | None = None
         self._healthy: bool | None = None
         self._stopped = asyncio.Event()
 
@@ -99,8 +101,17 @@ class Server:
                 max_age_ms=self.config.checkpoint_max_age_seconds * 1000,
                 keep_last=self.config.checkpoint_keep_last,
                 request_id_ttl_ms=self.config.request_id_ttl_seconds * 1000,
+                event_max_age_ms=self.config.event_max_age_seconds * 1000,
+                event_keep_last=self.config.event_keep_last,
             ),
         )
+        hub = EventHub(
+            self.durable_store,  # type: ignore[arg-type]
+            max_watchers=self.config.max_watchers,
+            poll_interval=self.config.event_poll_interval_seconds,
+        )
+        self.hub = hub
+        lifecycle.on_commit = hub.notify
         self.lifecycle = lifecycle
         # Working memory asks the lifecycle why a session refused a call.
         memory.guard = lifecycle
@@ -112,7 +123,7 @@ class Server:
             WorkingMemoryServicer(memory), server
         )
         lifecycle_pb2_grpc.add_LifecycleServiceServicer_to_server(
-            LifecycleServicer(lifecycle), server
+            LifecycleServicer(lifecycle, hub), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -231,13 +242,16 @@ class Server:
             if self.lifecycle is None:
                 continue
             try:
-                checkpoints, requests = await self.lifecycle.sweep()
+                checkpoints, requests, events = await self.lifecycle.sweep()
             except Exception as error:
                 log.warning("retention sweep failed: %s", error)
                 continue
-            if checkpoints or requests:
+            if checkpoints or requests or events:
                 log.info(
-                    "retention deleted %d checkpoint(s) and %d request id(s)", checkpoints, requests
+                    "retention deleted %d checkpoint(s), %d request id(s), %d event(s)",
+                    checkpoints,
+                    requests,
+                    events,
                 )
 
     async def _monitor_health(self) -> None:

@@ -27,6 +27,7 @@ from memsvc.domain import (
     InvalidArgument,
     MemsvcError,
     NotFound,
+    OutOfRange,
     ResourceExhausted,
     SessionLimitExceeded,
 )
@@ -45,6 +46,7 @@ _CODES: tuple[tuple[type[MemsvcError], code_pb2.Code.ValueType], ...] = (
     (AlreadyExists, code_pb2.ALREADY_EXISTS),
     (FailedPrecondition, code_pb2.FAILED_PRECONDITION),
     (ResourceExhausted, code_pb2.RESOURCE_EXHAUSTED),
+    (OutOfRange, code_pb2.OUT_OF_RANGE),
     (BackendUnavailable, code_pb2.UNAVAILABLE),
 )
 

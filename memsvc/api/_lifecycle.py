@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -11,6 +12,7 @@ from memsvc.api._convert import encode_value, timestamp, ttl_ms
 from memsvc.domain import SessionRef
 from memsvc.domain._lifecycle import Lifecycle
 from memsvc.domain._lifecycle_records import CheckpointRecord, SessionRecord
+from memsvc.domain._watch import EventHub, StoredEvent, check_watch_request
 from memsvc.v1 import lifecycle_pb2 as pb
 from memsvc.v1 import lifecycle_pb2_grpc as pb_grpc
 
@@ -75,8 +77,9 @@ class LifecycleServicer(pb_grpc.LifecycleServiceServicer):
     RPCs not overridden here answer UNIMPLEMENTED (the generated base class).
     """
 
-    def __init__(self, lifecycle: Lifecycle) -> None:
+    def __init__(self, lifecycle: Lifecycle, hub: EventHub) -> None:
         self._lifecycle = lifecycle
+        self._hub = hub
 
     async def Spawn(
         self, request: pb.SpawnRequest, context: grpc.aio.ServicerContext
@@ -216,3 +219,47 @@ class LifecycleServicer(pb_grpc.LifecycleServiceServicer):
             _session_ref(request), request.checkpoint_id, request.request_id
         )
         return pb.DeleteCheckpointResponse()
+
+    async def WatchLifecycle(
+        self, request: pb.WatchLifecycleRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchLifecycleResponse]:
+        interval = (
+            request.progress_interval.ToTimedelta().total_seconds()
+            if request.HasField("progress_interval")
+            else None
+        )
+        event_filter, progress_seconds = check_watch_request(
+            request.project_id,
+            request.agent_instance_id,
+            request.session_id,
+            list(request.event_types),
+            request.after_sequence,
+            interval,
+        )
+        after = request.after_sequence or None
+        oldest = after is None and request.start == pb.WATCH_START_OLDEST
+        async for item in self._hub.watch(event_filter, after, progress_seconds, oldest):
+            if isinstance(item, StoredEvent):
+                yield pb.WatchLifecycleResponse(event=event_message(item))
+            else:
+                yield pb.WatchLifecycleResponse(progress=pb.WatchProgress(sequence=item))
+
+
+def event_message(stored: StoredEvent) -> pb.LifecycleEvent:
+    """The API form of a stored event."""
+    event = stored.event
+    message = pb.LifecycleEvent(
+        sequence=stored.sequence,
+        event_id=event.event_id,
+        event_type=pb.EventType.ValueType(int(event.event_type)),
+        project_id=event.ref.project_id,
+        agent_instance_id=event.ref.agent_instance_id,
+        session_id=event.ref.session_id,
+        agent_type_id=event.agent_type_id or "",
+        checkpoint_id=event.checkpoint_id or "",
+        episode_id=event.episode_id or "",
+        request_id=event.request_id or "",
+    )
+    message.metadata.update(event.metadata)
+    message.event_time.CopyFrom(timestamp(event.time_ms))
+    return message

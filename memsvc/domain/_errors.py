@@ -20,6 +20,7 @@ each class to a status code (``memsvc.api``) and never needs to parse messages.
     │   └── WorkingMemoryLost
     ├── ResourceExhausted
     │   └── SessionLimitExceeded    RESOURCE_EXHAUSTED, with the limit
+    ├── OutOfRange                  OUT_OF_RANGE
     └── BackendUnavailable          UNAVAILABLE (retryable)
 """
 
@@ -136,6 +137,10 @@ class SessionLimitExceeded(ResourceExhausted):
             metadata={"limit": str(limit), "current": str(current), "requested": str(requested)},
         )
         self.limit = limit
+
+
+class OutOfRange(MemsvcError):
+    """A position is outside what is retained."""
 
 
 class BackendUnavailable(MemsvcError):

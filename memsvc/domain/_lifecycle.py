@@ -117,6 +117,8 @@ class Lifecycle:
         self._wm = working_memory
         self._render_value = render_value
         self._clock_ms = clock_ms
+        # Called after every commit that appended events (the event hub's wake-up).
+        self.on_commit: Callable[[], None] = lambda: None
         self.reads = LifecycleReads(memory, database, working_memory.limits, self.retention)
 
     # Spawn ------------------------------------------------------------------
@@ -481,8 +483,9 @@ class Lifecycle:
 
     # Reads ------------------------------------------------------------------
 
-    async def sweep(self, limit: int = 1000) -> tuple[int, int]:
-        """Delete expired checkpoints and forgotten request ids; return how many of each.
+    async def sweep(self, limit: int = 1000) -> tuple[int, int, int]:
+        """Delete expired checkpoints, forgotten request ids and old events (the latter
+        on one elected process at a time); return how many of each.
 
         The resume checkpoint of a PAUSED session is never deleted. Each deleted
         checkpoint gets its CHECKPOINT_DELETED event in the same transaction.
@@ -496,7 +499,14 @@ class Lifecycle:
                                 checkpoint_id=checkpoint_id, metadata={"reason": "retention"})
                 )  # fmt: skip
             forgotten = await tx.forget_requests(now - self.retention.request_id_ttl_ms, limit)
-        return len(expired), forgotten
+            compacted = 0
+            if await tx.try_lead("event-compaction"):
+                compacted = await tx.compact_events(
+                    now - self.retention.event_max_age_ms, self.retention.event_keep_last, limit
+                )
+        if expired:
+            self.on_commit()
+        return len(expired), forgotten, compacted
 
     async def refusal(self, session: SessionRef, state: str, write: bool) -> MemsvcError | None:
         """Why working memory refused a call on ``session`` (SessionGuard).
@@ -643,6 +653,7 @@ class Lifecycle:
             if steps.started:
                 await self._undo(ref, steps)
             raise
+        self.on_commit()
         if steps.started:
             self._failpoints.hit(f"{method.lower()}.before_finish")
             try:

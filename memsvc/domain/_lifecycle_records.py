@@ -156,6 +156,13 @@ class LifecycleTransaction(Protocol):
     async def forget_requests(self, cutoff_ms: int, limit: int) -> int:
         """Delete up to ``limit`` remembered request ids older than ``cutoff_ms``."""
 
+    async def try_lead(self, job: str) -> bool:
+        """Whether this transaction may run ``job``: one process at a time."""
+
+    async def compact_events(self, before_ms: int, keep_last: int, limit: int) -> int:
+        """Delete up to ``limit`` of the oldest events older than ``before_ms`` or
+        beyond the newest ``keep_last``; return how many."""
+
     async def delete_checkpoints(self, ref: SessionRef) -> int:
         """Delete every checkpoint of the session; return how many."""
 
@@ -198,6 +205,8 @@ class CheckpointRetention:
     max_age_ms: int = 7 * 24 * 3600 * 1000
     keep_last: int = 0  # 0: no limit on the number per session
     request_id_ttl_ms: int = 24 * 3600 * 1000
+    event_max_age_ms: int = 7 * 24 * 3600 * 1000
+    event_keep_last: int = 0  # 0: no limit on the number of events
 
     def with_expiry(self, checkpoint: CheckpointRecord, protected: str | None) -> CheckpointRecord:
         """The checkpoint with its expire_ms: unset while it is ``protected``."""

@@ -22,11 +22,13 @@ from memsvc.domain._lifecycle_records import (
     CheckpointRecord,
     EpisodeRecord,
     EventRecord,
+    EventType,
     RequestIdReused,
     SessionRecord,
     SessionState,
 )
 from memsvc.domain._session_memory import SnapshotEntry
+from memsvc.domain._watch import EventFilter, StoredEvent
 from memsvc.store._snapshot import decode_snapshot, encode_snapshot
 
 
@@ -48,6 +50,8 @@ class Dialect:
     name: str
     placeholder: str
     for_update: str
+    # PostgreSQL takes the sequence, inserts and notifies in one statement.
+    single_statement_append: bool = False
 
     def sql(self, statement: str) -> str:
         return statement.replace("?", self.placeholder)
@@ -75,7 +79,8 @@ class Dialect:
 
 SQLITE = Dialect("sqlite", "?", "")
 # SQLite has no row locks: its write lock (BEGIN IMMEDIATE) serializes instead.
-POSTGRES = Dialect("postgres", "%s", " FOR UPDATE")
+POSTGRES = Dialect("postgres", "%s", " FOR UPDATE", single_statement_append=True)
+EVENT_CHANNEL = "memsvc_events"
 
 
 def text(raw: Any) -> str | None:
@@ -305,6 +310,28 @@ class SqlLifecycleTransaction:
 
     async def append_event(self, event: EventRecord) -> int:
         # The counter row serializes writers from here to commit: keep this last.
+        values = (
+            event.event_id,
+            int(event.event_type),
+            *_key(event.ref),
+            event.agent_type_id,
+            event.checkpoint_id,
+            event.episode_id,
+            event.request_id,
+            self._d.json_param(event.metadata),
+            self._d.time_param(event.time_ms),
+        )
+        if self._d.single_statement_append:
+            # One round trip: bump the counter, insert, and NOTIFY (sent at commit).
+            row = await self._one(
+                "WITH s AS (UPDATE event_sequence SET last_sequence = last_sequence + 1"
+                " RETURNING last_sequence), ins AS (INSERT INTO lifecycle_events"
+                f" ({_EVENT_COLUMNS}) SELECT s.last_sequence, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?"
+                " FROM s RETURNING sequence)"
+                f" SELECT sequence, pg_notify('{EVENT_CHANNEL}', sequence::text) FROM ins",
+                values,
+            )
+            return int(row[0])
         row = await self._one(
             "UPDATE event_sequence SET last_sequence = last_sequence + 1 RETURNING last_sequence",
             (),
@@ -312,24 +339,106 @@ class SqlLifecycleTransaction:
         sequence = int(row[0])
         await self._conn.execute(
             self._d.sql(
-                "INSERT INTO lifecycle_events (sequence, event_id, event_type, project_id,"
-                " agent_instance_id, session_id, agent_type_id, checkpoint_id, episode_id,"
-                " request_id, metadata, event_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                f"INSERT INTO lifecycle_events ({_EVENT_COLUMNS})"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
             ),
-            (
-                sequence,
-                event.event_id,
-                int(event.event_type),
-                *_key(event.ref),
-                event.agent_type_id,
-                event.checkpoint_id,
-                event.episode_id,
-                event.request_id,
-                self._d.json_param(event.metadata),
-                self._d.time_param(event.time_ms),
-            ),
+            (sequence, *values),
         )
         return sequence
+
+    async def try_lead(self, job: str) -> bool:
+        """Whether this transaction may run ``job`` now: one process at a time
+        (a transaction-scoped advisory lock on PostgreSQL; SQLite's write lock
+        already makes this transaction the only writer)."""
+        if self._d.name != "postgres":
+            return True
+        row = await self._one("SELECT pg_try_advisory_xact_lock(hashtext(?))", (f"memsvc:{job}",))
+        return bool(row[0])
+
+    async def compact_events(self, before_ms: int, keep_last: int, limit: int) -> int:
+        """Delete up to ``limit`` of the oldest events that are older than
+        ``before_ms`` or beyond the newest ``keep_last`` (0: no count limit)."""
+        conditions = ["event_time < ?"]
+        params: list[Any] = [self._d.time_param(before_ms)]
+        if keep_last:
+            conditions.append(
+                f"sequence <= (SELECT last_sequence FROM event_sequence) - {int(keep_last)}"
+            )
+        rows = await (
+            await self._conn.execute(
+                self._d.sql(
+                    "DELETE FROM lifecycle_events WHERE sequence IN (SELECT sequence FROM"
+                    f" lifecycle_events WHERE {' OR '.join(conditions)} ORDER BY sequence"
+                    f" LIMIT {int(limit)}) RETURNING sequence"
+                ),
+                params,
+            )
+        ).fetchall()
+        return len(rows)
+
+
+_EVENT_COLUMNS = (
+    "sequence, event_id, event_type, project_id, agent_instance_id, session_id,"
+    " agent_type_id, checkpoint_id, episode_id, request_id, metadata, event_time"
+)
+
+
+def event_from_row(row: Sequence[Any], dialect: Dialect) -> StoredEvent:
+    """A StoredEvent from the columns of _EVENT_COLUMNS."""
+    return StoredEvent(
+        sequence=int(row[0]),
+        event=EventRecord(
+            event_id=str(text(row[1])),
+            event_type=EventType(int(row[2])),
+            ref=SessionRef(str(text(row[3])), str(text(row[4])), str(row[5])),
+            agent_type_id=text(row[6]),
+            checkpoint_id=row[7],
+            episode_id=text(row[8]),
+            request_id=row[9],
+            metadata=dialect.json_value(row[10]),
+            time_ms=dialect.time_value(row[11]),
+        ),
+    )
+
+
+async def read_events(
+    conn: Connection, dialect: Dialect, after: int, limit: int, event_filter: EventFilter
+) -> list[StoredEvent]:
+    """Up to ``limit`` events with sequence > ``after`` that match, in order."""
+    conditions = ["sequence > ?"]
+    params: list[Any] = [after]
+    for column, wanted in (
+        ("project_id", event_filter.project_id),
+        ("agent_instance_id", event_filter.agent_instance_id),
+        ("session_id", event_filter.session_id),
+    ):
+        if wanted:
+            conditions.append(f"{column} = ?")
+            params.append(wanted)
+    if event_filter.event_types:
+        marks = ", ".join("?" for _ in event_filter.event_types)
+        conditions.append(f"event_type IN ({marks})")
+        params += [int(t) for t in event_filter.event_types]
+    cursor = await conn.execute(
+        dialect.sql(
+            f"SELECT {_EVENT_COLUMNS} FROM lifecycle_events WHERE {' AND '.join(conditions)}"
+            f" ORDER BY sequence LIMIT {int(limit)}"
+        ),
+        params,
+    )
+    return [event_from_row(row, dialect) for row in await cursor.fetchall()]
+
+
+async def event_bounds(conn: Connection, dialect: Dialect) -> tuple[int, int]:
+    """(the oldest position a watch may start after, the latest sequence)."""
+    cursor = await conn.execute(
+        "SELECT (SELECT min(sequence) FROM lifecycle_events),"
+        " (SELECT last_sequence FROM event_sequence)"
+    )
+    row = await cursor.fetchone()
+    latest = int(row[1])
+    oldest = int(row[0]) - 1 if row[0] is not None else latest
+    return oldest, latest
 
 
 def session_from_row(row: Sequence[Any], dialect: Dialect) -> SessionRecord:

@@ -87,6 +87,15 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The working-memory store lost this session's memory; resume it from a
     checkpoint. Metadata: "session_id". Status code: FAILED_PRECONDITION.
     """
+    ERROR_REASON_WATCH_POSITION_COMPACTED: _ErrorReason.ValueType  # 15
+    """A watch asked to start after a position older than the retained events.
+    Metadata: "oldest_sequence" (the oldest position to resume after),
+    "after_sequence". Status code: OUT_OF_RANGE.
+    """
+    ERROR_REASON_TOO_MANY_WATCHERS: _ErrorReason.ValueType  # 16
+    """The server already serves its maximum number of watch streams.
+    Metadata: "limit". Status code: RESOURCE_EXHAUSTED.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason enumerates the machine-readable causes of a failed call.
@@ -163,5 +172,14 @@ ERROR_REASON_REQUEST_ID_REUSED: ErrorReason.ValueType  # 13
 ERROR_REASON_WORKING_MEMORY_LOST: ErrorReason.ValueType  # 14
 """The working-memory store lost this session's memory; resume it from a
 checkpoint. Metadata: "session_id". Status code: FAILED_PRECONDITION.
+"""
+ERROR_REASON_WATCH_POSITION_COMPACTED: ErrorReason.ValueType  # 15
+"""A watch asked to start after a position older than the retained events.
+Metadata: "oldest_sequence" (the oldest position to resume after),
+"after_sequence". Status code: OUT_OF_RANGE.
+"""
+ERROR_REASON_TOO_MANY_WATCHERS: ErrorReason.ValueType  # 16
+"""The server already serves its maximum number of watch streams.
+Metadata: "limit". Status code: RESOURCE_EXHAUSTED.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -23,6 +23,74 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _EventType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EVENT_TYPE_UNSPECIFIED: _EventType.ValueType  # 0
+    """Never sent; in filters, absent means "every type"."""
+    EVENT_TYPE_SESSION_SPAWNED: _EventType.ValueType  # 1
+    """A session was spawned."""
+    EVENT_TYPE_SESSION_PAUSED: _EventType.ValueType  # 2
+    """A session was paused into a checkpoint (checkpoint_id set)."""
+    EVENT_TYPE_SESSION_RESUMED: _EventType.ValueType  # 3
+    """A session was resumed from a checkpoint (checkpoint_id set)."""
+    EVENT_TYPE_SESSION_TERMINATED: _EventType.ValueType  # 4
+    """A session was terminated (episode_id set when it was consolidated)."""
+    EVENT_TYPE_CHECKPOINT_CREATED: _EventType.ValueType  # 5
+    """A checkpoint was created without pausing (checkpoint_id set)."""
+    EVENT_TYPE_CHECKPOINT_DELETED: _EventType.ValueType  # 6
+    """A checkpoint was deleted, by a call or by retention (checkpoint_id set;
+    metadata "reason": "retention" for the latter).
+    """
+
+class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper):
+    """EventType is the kind of a lifecycle event."""
+
+EVENT_TYPE_UNSPECIFIED: EventType.ValueType  # 0
+"""Never sent; in filters, absent means "every type"."""
+EVENT_TYPE_SESSION_SPAWNED: EventType.ValueType  # 1
+"""A session was spawned."""
+EVENT_TYPE_SESSION_PAUSED: EventType.ValueType  # 2
+"""A session was paused into a checkpoint (checkpoint_id set)."""
+EVENT_TYPE_SESSION_RESUMED: EventType.ValueType  # 3
+"""A session was resumed from a checkpoint (checkpoint_id set)."""
+EVENT_TYPE_SESSION_TERMINATED: EventType.ValueType  # 4
+"""A session was terminated (episode_id set when it was consolidated)."""
+EVENT_TYPE_CHECKPOINT_CREATED: EventType.ValueType  # 5
+"""A checkpoint was created without pausing (checkpoint_id set)."""
+EVENT_TYPE_CHECKPOINT_DELETED: EventType.ValueType  # 6
+"""A checkpoint was deleted, by a call or by retention (checkpoint_id set;
+metadata "reason": "retention" for the latter).
+"""
+Global___EventType: _TypeAlias = EventType  # noqa: Y015
+
+class _WatchStart:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _WatchStartEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WatchStart.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    WATCH_START_UNSPECIFIED: _WatchStart.ValueType  # 0
+    """The default: as WATCH_START_NOW."""
+    WATCH_START_NOW: _WatchStart.ValueType  # 1
+    """Only events committed after the stream starts."""
+    WATCH_START_OLDEST: _WatchStart.ValueType  # 2
+    """Every retained event, from the oldest."""
+
+class WatchStart(_WatchStart, metaclass=_WatchStartEnumTypeWrapper):
+    """WatchStart is where a watch begins when no `after_sequence` is given."""
+
+WATCH_START_UNSPECIFIED: WatchStart.ValueType  # 0
+"""The default: as WATCH_START_NOW."""
+WATCH_START_NOW: WatchStart.ValueType  # 1
+"""Only events committed after the stream starts."""
+WATCH_START_OLDEST: WatchStart.ValueType  # 2
+"""Every retained event, from the oldest."""
+Global___WatchStart: _TypeAlias = WatchStart  # noqa: Y015
+
 class _SessionState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -108,6 +176,188 @@ OUTCOME_FAILURE: Outcome.ValueType  # 2
 OUTCOME_PARTIAL: Outcome.ValueType  # 3
 """The task partly succeeded."""
 Global___Outcome: _TypeAlias = Outcome  # noqa: Y015
+
+@_typing.final
+class LifecycleEvent(_message.Message):
+    """LifecycleEvent is one durable lifecycle event."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    EVENT_TYPE_FIELD_NUMBER: _builtins.int
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
+    AGENT_INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    AGENT_TYPE_ID_FIELD_NUMBER: _builtins.int
+    EVENT_TIME_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_ID_FIELD_NUMBER: _builtins.int
+    EPISODE_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """Position in the global event log: gap-free, in commit order, shared by
+    every replica on one durable store.
+    """
+    event_id: _builtins.str
+    """Unique id of the event (a UUIDv7), for clients that deduplicate."""
+    event_type: Global___EventType.ValueType
+    """What happened."""
+    project_id: _builtins.str
+    """Project of the session: a UUID."""
+    agent_instance_id: _builtins.str
+    """Agent instance of the session: a UUID."""
+    session_id: _builtins.str
+    """The session."""
+    agent_type_id: _builtins.str
+    """Agent type of the session, when it has one."""
+    checkpoint_id: _builtins.str
+    """The checkpoint involved, for pause, resume and checkpoint events."""
+    episode_id: _builtins.str
+    """The episode recorded, for terminate with consolidation."""
+    request_id: _builtins.str
+    """The request_id of the call that made the change, when it had one."""
+    @_builtins.property
+    def event_time(self) -> _timestamp_pb2.Timestamp:
+        """When the change was committed."""
+
+    @_builtins.property
+    def metadata(self) -> _struct_pb2.Struct:
+        """Metadata of the call that made the change (or the session's, for spawn)."""
+
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        event_id: _builtins.str = ...,
+        event_type: Global___EventType.ValueType = ...,
+        project_id: _builtins.str = ...,
+        agent_instance_id: _builtins.str = ...,
+        session_id: _builtins.str = ...,
+        agent_type_id: _builtins.str = ...,
+        event_time: _timestamp_pb2.Timestamp | None = ...,
+        metadata: _struct_pb2.Struct | None = ...,
+        checkpoint_id: _builtins.str = ...,
+        episode_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time", "metadata", b"metadata"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_instance_id", b"agent_instance_id", "agent_type_id", b"agent_type_id", "checkpoint_id", b"checkpoint_id", "episode_id", b"episode_id", "event_id", b"event_id", "event_time", b"event_time", "event_type", b"event_type", "metadata", b"metadata", "project_id", b"project_id", "request_id", b"request_id", "sequence", b"sequence", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LifecycleEvent: _TypeAlias = LifecycleEvent  # noqa: Y015
+
+@_typing.final
+class WatchLifecycleRequest(_message.Message):
+    """WatchLifecycleRequest chooses the events to follow and where to start."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
+    AGENT_INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    EVENT_TYPES_FIELD_NUMBER: _builtins.int
+    AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
+    PROGRESS_INTERVAL_FIELD_NUMBER: _builtins.int
+    project_id: _builtins.str
+    """Only events of this project (a UUID); empty: every project."""
+    agent_instance_id: _builtins.str
+    """Only events of this agent instance (a UUID); empty: every agent instance."""
+    session_id: _builtins.str
+    """Only events of this session id; empty: every session."""
+    after_sequence: _builtins.int
+    """Start after this sequence (exclusive): the first event delivered is the
+    first matching one with a greater sequence. 0 with `start` unset: now.
+    """
+    start: Global___WatchStart.ValueType
+    """Where to start when `after_sequence` is 0."""
+    @_builtins.property
+    def event_types(self) -> _containers.RepeatedScalarFieldContainer[Global___EventType.ValueType]:
+        """Only events of these types; empty: every type."""
+
+    @_builtins.property
+    def progress_interval(self) -> _duration_pb2.Duration:
+        """How often to send a progress message while nothing matches. Unset: 10 s.
+        At least 100 ms.
+        """
+
+    def __init__(
+        self,
+        *,
+        project_id: _builtins.str = ...,
+        agent_instance_id: _builtins.str = ...,
+        session_id: _builtins.str = ...,
+        event_types: _abc.Iterable[Global___EventType.ValueType] | None = ...,
+        after_sequence: _builtins.int = ...,
+        start: Global___WatchStart.ValueType = ...,
+        progress_interval: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["progress_interval", b"progress_interval"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "agent_instance_id", b"agent_instance_id", "event_types", b"event_types", "progress_interval", b"progress_interval", "project_id", b"project_id", "session_id", b"session_id", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchLifecycleRequest: _TypeAlias = WatchLifecycleRequest  # noqa: Y015
+
+@_typing.final
+class WatchProgress(_message.Message):
+    """WatchProgress says how far the log has been read for this stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """Every event up to this sequence has been delivered or did not match.
+    Reconnecting with after_sequence = this value resumes exactly.
+    """
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchProgress: _TypeAlias = WatchProgress  # noqa: Y015
+
+@_typing.final
+class WatchLifecycleResponse(_message.Message):
+    """WatchLifecycleResponse is one message of the stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def event(self) -> Global___LifecycleEvent:
+        """A matching event."""
+
+    @_builtins.property
+    def progress(self) -> Global___WatchProgress:
+        """Where the stream stands; the first message of every stream is one."""
+
+    def __init__(
+        self,
+        *,
+        event: Global___LifecycleEvent | None = ...,
+        progress: Global___WatchProgress | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "kind", b"kind", "progress", b"progress"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "kind", b"kind", "progress", b"progress"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["event", "progress"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___WatchLifecycleResponse: _TypeAlias = WatchLifecycleResponse  # noqa: Y015
 
 @_typing.final
 class Session(_message.Message):

@@ -102,6 +102,11 @@ class LifecycleServiceStub:
                 request_serializer=memsvc_dot_v1_dot_lifecycle__pb2.DeleteCheckpointRequest.SerializeToString,
                 response_deserializer=memsvc_dot_v1_dot_lifecycle__pb2.DeleteCheckpointResponse.FromString,
                 _registered_method=True)
+        self.WatchLifecycle = channel.unary_stream(
+                '/memsvc.v1.LifecycleService/WatchLifecycle',
+                request_serializer=memsvc_dot_v1_dot_lifecycle__pb2.WatchLifecycleRequest.SerializeToString,
+                response_deserializer=memsvc_dot_v1_dot_lifecycle__pb2.WatchLifecycleResponse.FromString,
+                _registered_method=True)
 
 
 class LifecycleServiceServicer:
@@ -213,6 +218,23 @@ class LifecycleServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchLifecycle(self, request, context):
+        """WatchLifecycle streams lifecycle events in sequence order, live, from a
+        start position (ADR 0005 says why this one RPC streams). The first message
+        is a progress message naming the position the stream starts after; while
+        no event matches the filter, progress messages repeat every
+        `progress_interval` with the latest sequence, so a saved cursor stays
+        fresh. Reconnect with `after_sequence` = the last sequence seen (event or
+        progress) to continue without gap or duplicate.
+        Errors: INVALID_ARGUMENT, OUT_OF_RANGE (the position is older than the
+        retained events; ErrorInfo metadata "oldest_sequence"), RESOURCE_EXHAUSTED
+        (too many watchers), UNAVAILABLE (server shutting down: reconnect with the
+        cursor).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LifecycleServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -265,6 +287,11 @@ def add_LifecycleServiceServicer_to_server(servicer, server):
                     servicer.DeleteCheckpoint,
                     request_deserializer=memsvc_dot_v1_dot_lifecycle__pb2.DeleteCheckpointRequest.FromString,
                     response_serializer=memsvc_dot_v1_dot_lifecycle__pb2.DeleteCheckpointResponse.SerializeToString,
+            ),
+            'WatchLifecycle': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchLifecycle,
+                    request_deserializer=memsvc_dot_v1_dot_lifecycle__pb2.WatchLifecycleRequest.FromString,
+                    response_serializer=memsvc_dot_v1_dot_lifecycle__pb2.WatchLifecycleResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -555,6 +582,33 @@ class LifecycleService:
             '/memsvc.v1.LifecycleService/DeleteCheckpoint',
             memsvc_dot_v1_dot_lifecycle__pb2.DeleteCheckpointRequest.SerializeToString,
             memsvc_dot_v1_dot_lifecycle__pb2.DeleteCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchLifecycle(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/memsvc.v1.LifecycleService/WatchLifecycle',
+            memsvc_dot_v1_dot_lifecycle__pb2.WatchLifecycleRequest.SerializeToString,
+            memsvc_dot_v1_dot_lifecycle__pb2.WatchLifecycleResponse.FromString,
             options,
             channel_credentials,
             insecure,

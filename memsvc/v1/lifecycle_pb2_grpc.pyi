@@ -99,6 +99,19 @@ class LifecycleServiceStub:
     will resume from cannot be deleted (FAILED_PRECONDITION).
     Errors: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, UNAVAILABLE.
     """
+    WatchLifecycle: _grpc.UnaryStreamMultiCallable[_lifecycle_pb2.WatchLifecycleRequest, _lifecycle_pb2.WatchLifecycleResponse]
+    """WatchLifecycle streams lifecycle events in sequence order, live, from a
+    start position (ADR 0005 says why this one RPC streams). The first message
+    is a progress message naming the position the stream starts after; while
+    no event matches the filter, progress messages repeat every
+    `progress_interval` with the latest sequence, so a saved cursor stays
+    fresh. Reconnect with `after_sequence` = the last sequence seen (event or
+    progress) to continue without gap or duplicate.
+    Errors: INVALID_ARGUMENT, OUT_OF_RANGE (the position is older than the
+    retained events; ErrorInfo metadata "oldest_sequence"), RESOURCE_EXHAUSTED
+    (too many watchers), UNAVAILABLE (server shutting down: reconnect with the
+    cursor).
+    """
 
 @_typing.type_check_only
 class LifecycleServiceAsyncStub(LifecycleServiceStub):
@@ -170,6 +183,19 @@ class LifecycleServiceAsyncStub(LifecycleServiceStub):
     """DeleteCheckpoint deletes a checkpoint. The checkpoint a PAUSED session
     will resume from cannot be deleted (FAILED_PRECONDITION).
     Errors: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, UNAVAILABLE.
+    """
+    WatchLifecycle: _aio.UnaryStreamMultiCallable[_lifecycle_pb2.WatchLifecycleRequest, _lifecycle_pb2.WatchLifecycleResponse]  # type: ignore[assignment]
+    """WatchLifecycle streams lifecycle events in sequence order, live, from a
+    start position (ADR 0005 says why this one RPC streams). The first message
+    is a progress message naming the position the stream starts after; while
+    no event matches the filter, progress messages repeat every
+    `progress_interval` with the latest sequence, so a saved cursor stays
+    fresh. Reconnect with `after_sequence` = the last sequence seen (event or
+    progress) to continue without gap or duplicate.
+    Errors: INVALID_ARGUMENT, OUT_OF_RANGE (the position is older than the
+    retained events; ErrorInfo metadata "oldest_sequence"), RESOURCE_EXHAUSTED
+    (too many watchers), UNAVAILABLE (server shutting down: reconnect with the
+    cursor).
     """
 
 class LifecycleServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -299,6 +325,25 @@ class LifecycleServiceServicer(metaclass=_abc_1.ABCMeta):
         """DeleteCheckpoint deletes a checkpoint. The checkpoint a PAUSED session
         will resume from cannot be deleted (FAILED_PRECONDITION).
         Errors: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchLifecycle(
+        self,
+        request: _lifecycle_pb2.WatchLifecycleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_lifecycle_pb2.WatchLifecycleResponse], _abc.AsyncIterator[_lifecycle_pb2.WatchLifecycleResponse]]:
+        """WatchLifecycle streams lifecycle events in sequence order, live, from a
+        start position (ADR 0005 says why this one RPC streams). The first message
+        is a progress message naming the position the stream starts after; while
+        no event matches the filter, progress messages repeat every
+        `progress_interval` with the latest sequence, so a saved cursor stays
+        fresh. Reconnect with `after_sequence` = the last sequence seen (event or
+        progress) to continue without gap or duplicate.
+        Errors: INVALID_ARGUMENT, OUT_OF_RANGE (the position is older than the
+        retained events; ErrorInfo metadata "oldest_sequence"), RESOURCE_EXHAUSTED
+        (too many watchers), UNAVAILABLE (server shutting down: reconnect with the
+        cursor).
         """
 
 def add_LifecycleServiceServicer_to_server(servicer: LifecycleServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

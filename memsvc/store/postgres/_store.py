@@ -9,6 +9,7 @@ when a process dies.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,12 +25,16 @@ from memsvc.domain._lifecycle_records import (
     SessionRecord,
     SessionState,
 )
+from memsvc.domain._watch import EventFilter, StoredEvent
 from memsvc.store._lifecycle_sql import (
+    EVENT_CHANNEL,
     POSTGRES,
     SqlLifecycleTransaction,
+    event_bounds,
     get_session,
     list_checkpoints,
     list_sessions,
+    read_events,
 )
 from memsvc.store._migrations import check_applied, load_migrations
 from memsvc.store._retry import with_retries
@@ -65,6 +70,8 @@ class PostgresDurableStore:
         self, url: str, *, max_connections: int = 4, connect_timeout_seconds: float = 5.0
     ) -> None:
         self._url = url
+        # LISTEN needs a direct connection (not through a transaction pooler).
+        self._listen_url: str | None = None
         self._max_connections = max_connections
         self._timeout = connect_timeout_seconds
         self._pool: psycopg_pool.AsyncConnectionPool | None = None
@@ -169,6 +176,50 @@ class PostgresDurableStore:
 
         return await self._read(read)
 
+    async def read_events(
+        self, after: int, limit: int, event_filter: EventFilter
+    ) -> list[StoredEvent]:
+        async def read() -> list[StoredEvent]:
+            async with self._connections.connection() as conn:
+                return await read_events(conn, POSTGRES, after, limit, event_filter)
+
+        return await self._read(read)
+
+    async def event_bounds(self) -> tuple[int, int]:
+        async def read() -> tuple[int, int]:
+            async with self._connections.connection() as conn:
+                return await event_bounds(conn, POSTGRES)
+
+        return await self._read(read)
+
+    @contextlib.asynccontextmanager
+    async def event_wakeups(self) -> AsyncIterator[AsyncIterator[None]]:
+        """LISTEN on a connection of its own (outside the pool, since it holds
+        session state), held while the event tail runs. If it cannot connect,
+        the tail falls back to polling."""
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                self._listen_url or self._url, autocommit=True
+            )
+        except psycopg.OperationalError as error:
+            log.warning("cannot LISTEN for events, polling instead: %s", error)
+            yield _never()
+            return
+        try:
+            await conn.execute(f"LISTEN {EVENT_CHANNEL}")
+
+            async def wakeups() -> AsyncIterator[None]:
+                try:
+                    async for _ in conn.notifies():
+                        yield None
+                except psycopg.OperationalError as error:
+                    log.warning("event LISTEN connection lost, polling: %s", error)
+                await asyncio.Event().wait()
+
+            yield wakeups()
+        finally:
+            await conn.close()
+
     async def _read(self, operation: Callable[[], Awaitable[T]]) -> T:
         """Reads are idempotent: retried within the call's deadline."""
         return await with_retries(operation, backend=self.backend_name, transient=TRANSIENT_ERRORS)
@@ -194,3 +245,8 @@ class PostgresDurableStore:
         if self._pool is None:
             raise RuntimeError("PostgresDurableStore used before open()")
         return self._pool
+
+
+async def _never() -> AsyncIterator[None]:
+    await asyncio.Event().wait()
+    yield

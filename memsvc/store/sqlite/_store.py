@@ -23,12 +23,15 @@ from memsvc.domain._lifecycle_records import (
     SessionRecord,
     SessionState,
 )
+from memsvc.domain._watch import EventFilter, StoredEvent
 from memsvc.store._lifecycle_sql import (
     SQLITE,
     SqlLifecycleTransaction,
+    event_bounds,
     get_session,
     list_checkpoints,
     list_sessions,
+    read_events,
 )
 from memsvc.store._migrations import check_applied, load_migrations, split_sql
 
@@ -125,6 +128,20 @@ class SqliteDurableStore:
             self._read_conn, SQLITE, project_id, agent_instance_id, state, before, limit
         )
 
+    async def read_events(
+        self, after: int, limit: int, event_filter: EventFilter
+    ) -> list[StoredEvent]:
+        return await read_events(self._read_conn, SQLITE, after, limit, event_filter)
+
+    async def event_bounds(self) -> tuple[int, int]:
+        return await event_bounds(self._read_conn, SQLITE)
+
+    @contextlib.asynccontextmanager
+    async def event_wakeups(self) -> AsyncIterator[AsyncIterator[None]]:
+        """SQLite has no cross-process channel: the hub polls, and this process's
+        own commits wake it directly."""
+        yield _never()
+
     @property
     def _read_conn(self) -> aiosqlite.Connection:
         if self._reader is None:
@@ -183,3 +200,8 @@ class SqliteDurableStore:
         if self._db is None:
             raise RuntimeError("SqliteDurableStore used before open()")
         return self._db
+
+
+async def _never() -> AsyncIterator[None]:
+    await asyncio.Event().wait()
+    yield

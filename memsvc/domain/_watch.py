@@ -1,0 +1,308 @@
+"""Watching the lifecycle event log: one tail per process, fanned out to streams.
+
+The log's sequences are gap-free in commit order (the counter row serializes
+writers until they commit), so "every event with sequence > N" is a cursor that
+never skips a late commit. :class:`EventHub` runs one tail while it has
+subscribers: it reads new events from the durable store when woken (a NOTIFY,
+an in-process commit, or a poll as a safety net) and offers each to every live
+subscriber's bounded queue. A subscriber whose queue is full is not waited
+for: it is marked lagging and catches up by reading the store itself, at its
+own pace, before it rejoins (etcd's synced and unsynced watchers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from memsvc.domain._errors import FieldViolation, OutOfRange, ResourceExhausted
+from memsvc.domain._ids import check_session_id, check_uuid, raise_if_any
+from memsvc.domain._lifecycle_records import EventRecord, EventType
+
+log = logging.getLogger(__name__)
+
+READ_BATCH = 500
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """An event with its position in the log."""
+
+    sequence: int
+    event: EventRecord
+
+
+@dataclass(frozen=True, slots=True)
+class EventFilter:
+    """Which events a subscriber wants; empty fields match everything."""
+
+    project_id: str = ""
+    agent_instance_id: str = ""
+    session_id: str = ""
+    event_types: frozenset[EventType] = frozenset()
+
+    def matches(self, event: EventRecord) -> bool:
+        return (
+            (not self.project_id or event.ref.project_id == self.project_id)
+            and (
+                not self.agent_instance_id or event.ref.agent_instance_id == self.agent_instance_id
+            )
+            and (not self.session_id or event.ref.session_id == self.session_id)
+            and (not self.event_types or event.event_type in self.event_types)
+        )
+
+
+class EventSource(Protocol):
+    """What the hub needs from the durable store."""
+
+    async def read_events(
+        self, after: int, limit: int, event_filter: EventFilter
+    ) -> list[StoredEvent]:
+        """Up to ``limit`` matching events with sequence > ``after``, in order."""
+
+    async def event_bounds(self) -> tuple[int, int]:
+        """(the oldest position a watch may start after, the latest sequence)."""
+
+    def event_wakeups(self) -> contextlib.AbstractAsyncContextManager[AsyncIterator[None]]:
+        """Wake-ups when other processes commit events (PostgreSQL LISTEN);
+        an iterator that never yields where there is no such channel."""
+
+
+class PositionTooOld(OutOfRange):
+    """The start position is older than the retained events."""
+
+    reason = "ERROR_REASON_WATCH_POSITION_COMPACTED"
+
+    def __init__(self, asked: int, oldest: int) -> None:
+        super().__init__(
+            f"events after {asked} are no longer retained; the oldest position to resume "
+            f"after is {oldest} (start again from there or from now)",
+            metadata={"oldest_sequence": str(oldest), "after_sequence": str(asked)},
+        )
+
+
+class TooManyWatchers(ResourceExhausted):
+    """The process already serves its maximum number of watchers."""
+
+    reason = "ERROR_REASON_TOO_MANY_WATCHERS"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"this memsvc already serves {limit} watchers; retry later or on another replica",
+            metadata={"limit": str(limit)},
+        )
+
+
+@dataclass(eq=False)
+class _Subscriber:
+    event_filter: EventFilter
+    queue: asyncio.Queue[StoredEvent]
+    # Events up to here were delivered (or did not match); the hub skips them.
+    cursor: int
+    lagging: bool = False
+
+
+class EventHub:
+    """One tail of the event log per process, shared by all its watchers."""
+
+    def __init__(
+        self,
+        source: EventSource,
+        *,
+        queue_size: int = 1000,
+        poll_interval: float = 1.0,
+        max_watchers: int = 1000,
+    ) -> None:
+        self._source = source
+        self._queue_size = queue_size
+        self._poll_interval = poll_interval
+        self.max_watchers = max_watchers
+        self._subscribers: set[_Subscriber] = set()
+        self._streams = 0
+        # Every event up to here has been offered to the live subscribers.
+        self.position = 0
+        self._tail: asyncio.Task[None] | None = None
+        self._kick = asyncio.Event()
+
+    @property
+    def watchers(self) -> int:
+        """Open watch streams in this process."""
+        return self._streams
+
+    @property
+    def tailing(self) -> bool:
+        """Whether the tail runs (only while someone watches)."""
+        return self._tail is not None and not self._tail.done()
+
+    def notify(self) -> None:
+        """An event was committed in this process: read the log now."""
+        self._kick.set()
+
+    async def watch(
+        self,
+        event_filter: EventFilter,
+        after: int | None,
+        progress_interval: float,
+        from_oldest: bool = False,
+    ) -> AsyncIterator[StoredEvent | int]:
+        """Yield matching events after ``after`` (None: now, or the oldest retained
+        with ``from_oldest``), and progress positions.
+
+        The first item is the start position; later ints are progress positions,
+        sent when nothing matched for ``progress_interval`` seconds.
+        """
+        if self._streams >= self.max_watchers:
+            raise TooManyWatchers(self.max_watchers)
+        oldest, latest = await self._source.event_bounds()
+        cursor = (oldest if from_oldest else latest) if after is None else after
+        if cursor < oldest:
+            raise PositionTooOld(cursor, oldest)
+        self._streams += 1
+        subscriber = _Subscriber(event_filter, asyncio.Queue(self._queue_size), cursor)
+        try:
+            yield cursor
+            while True:
+                # Catch up from the store until the hub's position...
+                while cursor < (target := self.position):
+                    batch = await self._source.read_events(cursor, READ_BATCH, event_filter)
+                    batch = [stored for stored in batch if stored.sequence <= target]
+                    for stored in batch:
+                        cursor = stored.sequence
+                        yield stored
+                    if len(batch) < READ_BATCH:
+                        cursor = target
+                # ...then join it, with no await in between: nothing slips past.
+                self._join(subscriber, cursor)
+                async for item in self._live(subscriber, progress_interval):
+                    cursor = item.sequence if isinstance(item, StoredEvent) else item
+                    yield item
+                # _live returns only when the subscriber lagged: catch up again.
+        finally:
+            self._streams -= 1
+            self._leave(subscriber)
+
+    def _join(self, subscriber: _Subscriber, cursor: int) -> None:
+        subscriber.cursor = cursor
+        subscriber.lagging = False
+        self._subscribers.add(subscriber)
+        if not self.tailing:
+            self.position = max(self.position, cursor)
+            self._tail = asyncio.create_task(self._follow(), name="memsvc-event-tail")
+
+    def _leave(self, subscriber: _Subscriber) -> None:
+        self._subscribers.discard(subscriber)
+        if not self._subscribers and self._tail is not None:
+            # Release the tail (and its LISTEN connection) with the last watcher.
+            self._tail.cancel()
+            self._tail = None
+
+    async def _live(
+        self, subscriber: _Subscriber, progress_interval: float
+    ) -> AsyncIterator[StoredEvent | int]:
+        while True:
+            if subscriber.lagging and subscriber.queue.empty():
+                self._subscribers.discard(subscriber)
+                return
+            try:
+                stored = await asyncio.wait_for(subscriber.queue.get(), progress_interval)
+            except TimeoutError:
+                if not subscriber.lagging and subscriber.queue.empty():
+                    # Everything up to the hub's position was offered and taken.
+                    subscriber.cursor = max(subscriber.cursor, self.position)
+                    yield subscriber.cursor
+                continue
+            subscriber.cursor = max(subscriber.cursor, stored.sequence)
+            yield stored
+
+    async def _follow(self) -> None:
+        """The tail: read new events and offer them to the live subscribers."""
+        async with self._source.event_wakeups() as wakeups:
+            waiter: asyncio.Future[None] = asyncio.ensure_future(_next(wakeups))
+            try:
+                while self._subscribers:
+                    self._kick.clear()
+                    try:
+                        batch = await self._source.read_events(
+                            self.position, READ_BATCH, EventFilter()
+                        )
+                    except Exception as error:
+                        log.warning("event tail read failed: %s", error)
+                        batch = []
+                    for stored in batch:
+                        self._offer(stored)
+                        self.position = stored.sequence
+                    if len(batch) == READ_BATCH:
+                        continue
+                    kick = asyncio.ensure_future(self._kick.wait())
+                    either: set[asyncio.Future[Any]] = {kick, waiter}
+                    done, _ = await asyncio.wait(
+                        either,
+                        timeout=self._poll_interval,
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                    kick.cancel()
+                    if waiter in done:
+                        waiter = asyncio.ensure_future(_next(wakeups))
+            finally:
+                waiter.cancel()
+
+    def _offer(self, stored: StoredEvent) -> None:
+        for subscriber in self._subscribers:
+            if (
+                subscriber.lagging
+                or stored.sequence <= subscriber.cursor
+                or not subscriber.event_filter.matches(stored.event)
+            ):
+                continue
+            try:
+                subscriber.queue.put_nowait(stored)
+            except asyncio.QueueFull:
+                # Never wait for a slow reader: it catches up from the store.
+                subscriber.lagging = True
+
+
+async def _next(iterator: AsyncIterator[None]) -> None:
+    await iterator.__anext__()
+
+
+MIN_PROGRESS_SECONDS = 0.1
+DEFAULT_PROGRESS_SECONDS = 10.0
+
+
+def check_watch_request(
+    project_id: str,
+    agent_instance_id: str,
+    session_id: str,
+    event_types: Sequence[int],
+    after_sequence: int,
+    progress_seconds: float | None,
+) -> tuple[EventFilter, float]:
+    """Validate a watch request: its filter and progress interval."""
+    violations: list[FieldViolation] = []
+    if project_id:
+        project_id = check_uuid(project_id, "project_id", violations)
+    if agent_instance_id:
+        agent_instance_id = check_uuid(agent_instance_id, "agent_instance_id", violations)
+    if session_id:
+        check_session_id(session_id, "session_id", violations)
+    types = set()
+    for index, value in enumerate(event_types):
+        try:
+            types.add(EventType(value))
+        except ValueError:
+            violations.append(
+                FieldViolation(f"event_types[{index}]", f"is not an EventType value: {value}")
+            )
+    if after_sequence < 0:
+        violations.append(FieldViolation("after_sequence", "must not be negative"))
+    interval = DEFAULT_PROGRESS_SECONDS if progress_seconds is None else progress_seconds
+    if interval < MIN_PROGRESS_SECONDS:
+        violations.append(
+            FieldViolation("progress_interval", f"must be at least {MIN_PROGRESS_SECONDS}s")
+        )
+    raise_if_any(violations)
+    return EventFilter(project_id, agent_instance_id, session_id, frozenset(types)), interval

@@ -1,0 +1,134 @@
+"""WatchLifecycle contract: ordered, resumable, filtered event streams on both deployments."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import duration_pb2
+
+from memsvc.v1 import lifecycle_pb2 as lc
+from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
+from tests.helpers import details_of
+
+FAST = duration_pb2.Duration(nanos=200_000_000)
+
+
+@pytest.fixture
+def life(channel: grpc.aio.Channel) -> LifecycleServiceStub:
+    return LifecycleServiceStub(channel)
+
+
+async def next_event(call: Any, timeout: float = 10) -> lc.LifecycleEvent:
+    """The next event of a stream, skipping progress messages."""
+    while True:
+        message = await asyncio.wait_for(call.read(), timeout)
+        assert message is not grpc.aio.EOF
+        if message.HasField("event"):
+            event: lc.LifecycleEvent = message.event
+            return event
+
+
+async def start_position(call: Any) -> int:
+    first = await asyncio.wait_for(call.read(), 10)
+    assert first.HasField("progress"), "a stream starts with a progress message"
+    return int(first.progress.sequence)
+
+
+async def test_events_arrive_live_with_their_fields(life, scope):
+    call = life.WatchLifecycle(lc.WatchLifecycleRequest(project_id=scope["project_id"]))
+    start = await start_position(call)
+    await life.Spawn(
+        lc.SpawnRequest(**scope, agent_type_id=str(uuid.uuid4()), request_id=str(uuid.uuid4()))
+    )
+    paused = await life.Pause(lc.PauseRequest(**scope))
+    spawned = await next_event(call)
+    assert spawned.event_type == lc.EVENT_TYPE_SESSION_SPAWNED
+    assert spawned.sequence > start
+    assert (spawned.project_id, spawned.session_id) == (scope["project_id"], scope["session_id"])
+    assert spawned.agent_type_id and spawned.request_id and spawned.event_id
+    assert spawned.HasField("event_time")
+    pause_event = await next_event(call)
+    assert pause_event.event_type == lc.EVENT_TYPE_SESSION_PAUSED
+    assert pause_event.sequence == spawned.sequence + 1 or pause_event.sequence > spawned.sequence
+    assert pause_event.checkpoint_id == paused.checkpoint.checkpoint_id
+    call.cancel()
+
+
+async def test_resume_after_a_sequence_is_exact(life, scope):
+    project = {"project_id": scope["project_id"]}
+    call = life.WatchLifecycle(lc.WatchLifecycleRequest(**project))
+    await start_position(call)
+    await life.Spawn(lc.SpawnRequest(**scope))
+    for _ in range(3):
+        await life.CreateCheckpoint(lc.CreateCheckpointRequest(**scope))
+    seen = [await next_event(call) for _ in range(4)]
+    call.cancel()
+    sequences = [e.sequence for e in seen]
+    assert sequences == sorted(sequences)
+    again = life.WatchLifecycle(lc.WatchLifecycleRequest(**project, after_sequence=sequences[1]))
+    assert await start_position(again) == sequences[1]
+    resumed = [await next_event(again) for _ in range(2)]
+    assert [e.event_id for e in resumed] == [e.event_id for e in seen[2:]]
+    oldest = life.WatchLifecycle(lc.WatchLifecycleRequest(**project, start=lc.WATCH_START_OLDEST))
+    await start_position(oldest)
+    replayed = [await next_event(oldest) for _ in range(4)]
+    assert [e.event_id for e in replayed] == [e.event_id for e in seen]
+    again.cancel()
+    oldest.cancel()
+
+
+async def test_filters_select_sessions_and_types(life, scope):
+    other = dict(scope, session_id=scope["session_id"] + "-other")
+    call = life.WatchLifecycle(
+        lc.WatchLifecycleRequest(
+            project_id=scope["project_id"],
+            session_id=scope["session_id"],
+            event_types=[lc.EVENT_TYPE_SESSION_PAUSED, lc.EVENT_TYPE_SESSION_TERMINATED],
+        )
+    )
+    await start_position(call)
+    await life.Spawn(lc.SpawnRequest(**other))
+    await life.Pause(lc.PauseRequest(**other))
+    await life.Spawn(lc.SpawnRequest(**scope))
+    await life.Pause(lc.PauseRequest(**scope))
+    await life.Terminate(lc.TerminateRequest(**scope))
+    kinds = [(await next_event(call)).event_type for _ in range(2)]
+    assert kinds == [lc.EVENT_TYPE_SESSION_PAUSED, lc.EVENT_TYPE_SESSION_TERMINATED]
+    call.cancel()
+
+
+async def test_progress_messages_keep_a_quiet_cursor_fresh(life, scope):
+    quiet = life.WatchLifecycle(
+        lc.WatchLifecycleRequest(project_id=str(uuid.uuid4()), progress_interval=FAST)
+    )
+    start = await start_position(quiet)
+    await life.Spawn(lc.SpawnRequest(**scope))
+    latest = start
+    while latest <= start:
+        message = await asyncio.wait_for(quiet.read(), 10)
+        assert message.HasField("progress"), "nothing matches this filter"
+        latest = message.progress.sequence
+    assert latest > start
+    quiet.cancel()
+
+
+async def test_bad_watch_requests_are_invalid_argument(life):
+    for request, field in [
+        (lc.WatchLifecycleRequest(project_id="nope"), "project_id"),
+        (lc.WatchLifecycleRequest(after_sequence=-1), "after_sequence"),
+        (lc.WatchLifecycleRequest(event_types=[lc.EventType.ValueType(99)]), "event_types[0]"),
+        (
+            lc.WatchLifecycleRequest(progress_interval=duration_pb2.Duration(nanos=1000)),
+            "progress_interval",
+        ),
+    ]:
+        call = life.WatchLifecycle(request)
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await call.read()
+        details = details_of(error.value)
+        assert details.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert field in details.violations
