@@ -239,12 +239,15 @@ class EventHub:
                         continue
                     kick = asyncio.ensure_future(self._kick.wait())
                     either: set[asyncio.Future[Any]] = {kick, waiter}
-                    done, _ = await asyncio.wait(
-                        either,
-                        timeout=self._poll_interval,
-                        return_when=asyncio.FIRST_COMPLETED,
-                    )
-                    kick.cancel()
+                    try:
+                        done, _ = await asyncio.wait(
+                            either,
+                            timeout=self._poll_interval,
+                            return_when=asyncio.FIRST_COMPLETED,
+                        )
+                    finally:
+                        # Also when the tail itself is cancelled: no waiter may outlive it.
+                        kick.cancel()
                     if waiter in done:
                         waiter = asyncio.ensure_future(_next(wakeups))
             finally:

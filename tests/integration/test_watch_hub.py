@@ -212,3 +212,29 @@ async def test_two_replicas_deliver_one_order_to_every_subscriber(tmp_path, fres
         assert sequences == list(range(sequences[0], sequences[0] + 30))
         for channel in channels:
             await channel.close()
+
+
+async def test_a_thousand_grpc_watch_cancellations_free_everything(config):
+    async with (
+        Server(config) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch,
+    ):
+        life = LifecycleServiceStub(ch)
+        warm = life.WatchLifecycle(lc.WatchLifecycleRequest())
+        await warm.read()
+        warm.cancel()
+        await asyncio.sleep(0.2)
+        baseline = len(asyncio.all_tasks())
+        for _ in range(1000):
+            call = life.WatchLifecycle(lc.WatchLifecycleRequest())
+            await call.read()
+            call.cancel()
+        hub = server.hub
+        assert hub is not None
+
+        async def all_released() -> bool:
+            return hub.watchers == 0 and not hub.tailing
+
+        await eventually(all_released)
+        await asyncio.sleep(0.2)
+        assert len(asyncio.all_tasks()) <= baseline + 2
