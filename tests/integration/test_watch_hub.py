@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -17,9 +21,12 @@ from memsvc.domain import EventRecord, EventType, SessionRef
 from memsvc.domain._watch import EventFilter, EventHub, StoredEvent
 from memsvc.server import Server
 from memsvc.store.sqlite import SqliteDurableStore
+from memsvc.testing import free_port, wait_for_port
 from memsvc.v1 import lifecycle_pb2 as lc
 from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
 from tests.helpers import details_of, eventually
+
+MEMSVC = str(Path(sys.executable).parent / "memsvc")
 
 
 async def append(store: Any, count: int, ref: SessionRef) -> None:
@@ -159,31 +166,30 @@ async def test_shutdown_ends_watch_streams_with_unavailable(config):
 
 
 async def test_two_replicas_deliver_one_order_to_every_subscriber(tmp_path, fresh_postgres_url):
-    """Two memsvc replicas on one PostgreSQL, writers and subscribers on both: every
+    """Two memsvc processes on one PostgreSQL, writers and subscribers on both: every
     subscriber sees the same events in the same order, no gap, no duplicate."""
-    configs = [
-        Config(
-            listen="127.0.0.1:0",
-            data_dir=str(tmp_path / f"r{i}"),
-            database_url=fresh_postgres_url,
-            # Slow polls: a delivery across replicas within the test needs NOTIFY.
-            event_poll_interval_seconds=5,
-        )
-        for i in range(2)
-    ]
-    async with Server(configs[0]) as one, Server(configs[1]) as two:
-        channels = [grpc.aio.insecure_channel(f"127.0.0.1:{s.port}") for s in (one, two)]
+    replicas = []
+    for i in range(2):
+        port = free_port()
+        process = subprocess.Popen(  # noqa: ASYNC220 - started once, not awaited
+            [MEMSVC, "serve", "--listen", f"127.0.0.1:{port}",
+             "--data-dir", str(tmp_path / f"r{i}"), "--database-url", fresh_postgres_url,
+             # Slow polls: a delivery across replicas within the test needs NOTIFY.
+             "--event-poll-interval-seconds", "5"],
+            stderr=subprocess.DEVNULL,
+            env={k: v for k, v in os.environ.items() if not k.startswith("MEMSVC_")},
+        )  # fmt: skip
+        replicas.append((process, port))
+    try:
+        for _, port in replicas:
+            wait_for_port(port, timeout=30)
+        channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for _, port in replicas]
         stubs = [LifecycleServiceStub(c) for c in channels]
         project = str(uuid.uuid4())
-        watches = [
-            stub.WatchLifecycle(
-                lc.WatchLifecycleRequest(
-                    project_id=project, progress_interval=duration_pb2.Duration(seconds=1)
-                )
-            )
-            for stub in stubs
-            for _ in range(2)
-        ]
+        request = lc.WatchLifecycleRequest(
+            project_id=project, progress_interval=duration_pb2.Duration(seconds=1)
+        )
+        watches = [stub.WatchLifecycle(request) for stub in stubs for _ in range(2)]
         for call in watches:
             await call.read()
 
@@ -212,6 +218,10 @@ async def test_two_replicas_deliver_one_order_to_every_subscriber(tmp_path, fres
         assert sequences == list(range(sequences[0], sequences[0] + 30))
         for channel in channels:
             await channel.close()
+    finally:
+        for process, _ in replicas:
+            process.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(process.wait, 30)
 
 
 async def test_a_thousand_grpc_watch_cancellations_free_everything(config):
