@@ -26,7 +26,7 @@ from memsvc.api import ErrorInterceptor, WorkingMemoryServicer
 from memsvc.api._errors import StreamTracker
 from memsvc.api._lifecycle import LifecycleServicer, render_value
 from memsvc.config import Config
-from memsvc.domain import DurableStore, WorkingMemory, WorkingMemoryStore
+from memsvc.domain import DurableStore, MemoryStore, WorkingMemory
 from memsvc.domain._lifecycle import Lifecycle
 from memsvc.domain._lifecycle_records import CheckpointRetention
 from memsvc.domain._watch import EventHub
@@ -56,7 +56,7 @@ class Server:
         self,
         config: Config,
         *,
-        working_memory: WorkingMemoryStore | None = None,
+        working_memory: MemoryStore | None = None,
         durable: DurableStore | None = None,
     ) -> None:
         self.config = config
@@ -92,8 +92,8 @@ class Server:
             log.info("schema migrations applied: %s", applied or "none pending")
         memory = WorkingMemory(self.working_memory_store, self.config.working_memory_limits())
         lifecycle = Lifecycle(
-            self.working_memory_store,  # type: ignore[arg-type]
-            self.durable_store,  # type: ignore[arg-type]
+            self.working_memory_store,
+            self.durable_store,
             memory,
             render_value,
             failpoints=Failpoints(self.config.failpoints),
@@ -106,7 +106,7 @@ class Server:
             ),
         )
         hub = EventHub(
-            self.durable_store,  # type: ignore[arg-type]
+            self.durable_store,
             max_watchers=self.config.max_watchers,
             poll_interval=self.config.event_poll_interval_seconds,
         )

@@ -36,7 +36,13 @@ from memsvc.domain._lifecycle_records import (
     SessionRecord,
     SessionState,
 )
-from memsvc.domain._session_memory import Marker, SessionMemoryStore, Snapshot, SnapshotEntry
+from memsvc.domain._session_memory import (
+    Marker,
+    MemoryStore,
+    SessionMemoryStore,
+    Snapshot,
+    SnapshotEntry,
+)
 from memsvc.domain._working_memory import (
     BatchRead,
     EntryWrite,
@@ -75,6 +81,7 @@ __all__ = [
     "LifecycleReads",
     "LifecycleTransaction",
     "Marker",
+    "MemoryStore",
     "MemsvcError",
     "NotFound",
     "OutOfRange",

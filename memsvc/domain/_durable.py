@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from memsvc.domain._lifecycle_records import LifecycleDatabase
+from memsvc.domain._watch import EventSource
 
-class DurableStore(Protocol):
-    """SQLite (embedded default) or PostgreSQL (production).
 
-    The lifecycle, episodic and event features add their methods here; for now
-    the store connects, migrates its schema and reports its health.
-    """
+class DurableStore(LifecycleDatabase, EventSource, Protocol):
+    """SQLite (embedded default) or PostgreSQL (production): connection,
+    migrations and health here, lifecycle and events through the base ports."""
 
     backend_name: str
 

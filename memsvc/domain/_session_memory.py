@@ -18,7 +18,7 @@ from typing import Protocol
 
 from memsvc.domain._ids import SessionRef
 from memsvc.domain._markers import MISSING, TRANSITIONAL, NoSession
-from memsvc.domain._working_memory import EntryWrite
+from memsvc.domain._working_memory import EntryWrite, WorkingMemoryStore
 
 __all__ = ["MISSING", "TRANSITIONAL", "NoSession"]  # re-exported for the stores
 
@@ -118,3 +118,7 @@ class SessionMemoryStore(Protocol):
 
         Raises LostOperation when ``op`` no longer owns the marker.
         """
+
+
+class MemoryStore(WorkingMemoryStore, SessionMemoryStore, Protocol):
+    """A working-memory store with the lifecycle steps: what the server runs on."""

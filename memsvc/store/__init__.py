@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from memsvc.config import Config
-from memsvc.domain import DurableStore, WorkingMemoryStore
+from memsvc.domain import DurableStore, MemoryStore
 from memsvc.store.memory import InMemoryWorkingMemoryStore
 from memsvc.store.postgres import PostgresDurableStore
 from memsvc.store.redis import RedisWorkingMemoryStore
 from memsvc.store.sqlite import SqliteDurableStore
 
 
-def working_memory_store(config: Config) -> WorkingMemoryStore:
+def working_memory_store(config: Config) -> MemoryStore:
     """The working-memory store named by ``config.working_memory_url`` (not yet open)."""
     url = config.working_memory_url
     if url.startswith("memory://"):

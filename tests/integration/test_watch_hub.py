@@ -112,7 +112,7 @@ async def test_compacted_positions_are_out_of_range_with_the_oldest(config):
             await life.Spawn(lc.SpawnRequest(**ids, session_id=f"s{i}"))
 
         async def compacted() -> bool:
-            oldest, latest = await server.durable_store.event_bounds()  # type: ignore[attr-defined]
+            oldest, latest = await server.durable_store.event_bounds()
             return bool(oldest == latest - 2)
 
         await eventually(compacted)
