@@ -187,23 +187,16 @@ class Lifecycle:
             checkpoint = await self._store_checkpoint(
                 tx, ref, new_id, snapshot.entries, metadata, now, protected=new_id
             )
-            paused = dataclasses.replace(
+            paused = await self._transition(
+                tx,
                 record,
+                EventType.PAUSED,
+                now,
+                request_id,
                 state=SessionState.PAUSED,
-                version=record.version + 1,
                 resume_checkpoint_id=checkpoint.checkpoint_id,
-                update_ms=now,
-            )
-            await tx.update_session(paused)
-            await tx.append_event(
-                self._event(
-                    EventType.PAUSED,
-                    paused,
-                    now,
-                    request_id,
-                    checkpoint_id=checkpoint.checkpoint_id,
-                    metadata=metadata,
-                )
+                checkpoint_id=checkpoint.checkpoint_id,
+                metadata=metadata,
             )
             return PauseResult(
                 paused, self.retention.with_expiry(checkpoint, checkpoint.checkpoint_id)
@@ -344,24 +337,17 @@ class Lifecycle:
             )
             steps.final_state, steps.swap = "active", True
             now = self._clock_ms()
-            resumed = dataclasses.replace(
+            resumed = await self._transition(
+                tx,
                 record,
+                EventType.RESUMED,
+                now,
+                request_id,
                 state=SessionState.ACTIVE,
-                version=record.version + 1,
                 memory_epoch=epoch,
                 resume_checkpoint_id=None,
-                update_ms=now,
-            )
-            await tx.update_session(resumed)
-            await tx.append_event(
-                self._event(
-                    EventType.RESUMED,
-                    resumed,
-                    now,
-                    request_id,
-                    checkpoint_id=checkpoint.checkpoint_id,
-                    metadata=metadata,
-                )
+                checkpoint_id=checkpoint.checkpoint_id,
+                metadata=metadata,
             )
             return ResumeResult(resumed, self.retention.with_expiry(checkpoint, None), count)
 
@@ -423,23 +409,16 @@ class Lifecycle:
                 episode_id = episode.episode_id
             if cleanup:
                 await tx.delete_checkpoints(ref)
-            ended = dataclasses.replace(
+            ended = await self._transition(
+                tx,
                 record,
+                EventType.TERMINATED,
+                now,
+                request_id,
                 state=SessionState.TERMINATED,
-                version=record.version + 1,
                 resume_checkpoint_id=None,
-                update_ms=now,
-            )
-            await tx.update_session(ended)
-            await tx.append_event(
-                self._event(
-                    EventType.TERMINATED,
-                    ended,
-                    now,
-                    request_id,
-                    episode_id=episode_id,
-                    metadata=metadata,
-                )
+                episode_id=episode_id,
+                metadata=metadata,
             )
             count = len(snapshot.entries)
             return TerminateResult(
@@ -672,6 +651,35 @@ class Lifecycle:
             pass
         except Exception as error:
             log.warning("could not undo working-memory step of %s: %s", ref.session_id, error)
+
+    async def _transition(
+        self,
+        tx: LifecycleTransaction,
+        record: SessionRecord,
+        kind: EventType,
+        now: int,
+        request_id: str,
+        *,
+        checkpoint_id: str | None = None,
+        episode_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        **changes: Any,
+    ) -> SessionRecord:
+        """Store the session's next version and append the event announcing it."""
+        changed = dataclasses.replace(record, version=record.version + 1, update_ms=now, **changes)
+        await tx.update_session(changed)
+        await tx.append_event(
+            self._event(
+                kind,
+                changed,
+                now,
+                request_id,
+                checkpoint_id=checkpoint_id,
+                episode_id=episode_id,
+                metadata=metadata,
+            )
+        )
+        return changed
 
     def _event(
         self,
