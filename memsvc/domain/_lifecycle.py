@@ -73,6 +73,7 @@ from memsvc.domain._session_memory import (
     LostOperation,
     MarkerStateError,
     SessionMemoryStore,
+    Snapshot,
     SnapshotEntry,
 )
 from memsvc.domain._working_memory import WorkingMemory
@@ -185,7 +186,7 @@ class Lifecycle:
             now = self._clock_ms()
             new_id = checkpoint_id or uuid7()
             checkpoint = await self._store_checkpoint(
-                tx, ref, new_id, snapshot.entries, metadata, now, protected=new_id
+                tx, ref, new_id, snapshot, metadata, now, protected=new_id
             )
             paused = await self._transition(
                 tx,
@@ -209,15 +210,16 @@ class Lifecycle:
         tx: LifecycleTransaction,
         ref: SessionRef,
         checkpoint_id: str,
-        entries: Sequence[SnapshotEntry],
+        snapshot: Snapshot,
         metadata: dict[str, Any],
         now: int,
         protected: str | None,
     ) -> CheckpointRecord:
-        size = sum(len(e.key.encode()) + len(e.value) for e in entries)
-        checkpoint = CheckpointRecord(ref, checkpoint_id, now, len(entries), size, metadata)
+        checkpoint = CheckpointRecord(
+            ref, checkpoint_id, now, snapshot.key_count, snapshot.size_bytes, metadata
+        )
         try:
-            await tx.insert_checkpoint(checkpoint, entries)
+            await tx.insert_checkpoint(checkpoint, snapshot.blob)
         except CheckpointIdTaken:
             raise CheckpointAlreadyExists(ref.session_id, checkpoint_id) from None
         if self.retention.keep_last:
@@ -248,7 +250,7 @@ class Lifecycle:
             )
             now = self._clock_ms()
             checkpoint = await self._store_checkpoint(
-                tx, ref, checkpoint_id or uuid7(), snapshot.entries, metadata, now, protected=None
+                tx, ref, checkpoint_id or uuid7(), snapshot, metadata, now, protected=None
             )
             await tx.append_event(
                 self._event(
@@ -326,14 +328,14 @@ class Lifecycle:
             found = await tx.read_checkpoint(ref, wanted)
             if found is None:
                 raise CheckpointNotFound(ref.session_id, wanted)
-            checkpoint, entries = found
+            checkpoint, contents = found
             epoch = uuid7()
             allowed = {_MARKER_FOR[record.state], MISSING}
             count = await self._begin(
                 tx,
                 record,
                 steps,
-                lambda: self._memory.begin_restore(ref, steps.op, epoch, entries, merge, allowed),
+                lambda: self._memory.begin_restore(ref, steps.op, epoch, contents, merge, allowed),
             )
             steps.final_state, steps.swap = "active", True
             now = self._clock_ms()
@@ -398,7 +400,7 @@ class Lifecycle:
             if consolidate:
                 episode = self._episode(
                     record,
-                    snapshot.entries,
+                    snapshot.entries(),
                     task_description,
                     outcome,
                     list(lessons_learned),
@@ -420,7 +422,7 @@ class Lifecycle:
                 episode_id=episode_id,
                 metadata=metadata,
             )
-            count = len(snapshot.entries)
+            count = snapshot.key_count
             return TerminateResult(
                 ended, episode_id, count if consolidate else 0, count if cleanup else 0, outcome
             )

@@ -31,6 +31,7 @@ from memsvc.domain._pagination import (
     fingerprint,
 )
 from memsvc.domain._session_memory import SessionMemoryStore, SnapshotEntry
+from memsvc.domain._snapshot import decode_snapshot
 from memsvc.domain._working_memory import Page, WorkingMemoryLimits
 
 
@@ -84,7 +85,7 @@ class LifecycleReads:
         if found is None or record is None:
             raise CheckpointNotFound(ref.session_id, checkpoint_id)
         checkpoint = self.retention.with_expiry(found[0], protected_checkpoint(record))
-        entries = found[1]
+        entries = decode_snapshot(found[1]) if include_entries else []
         if not include_entries:
             return checkpoint, Page([], "")
         ordered = sorted(entries, key=lambda e: e.key.encode())

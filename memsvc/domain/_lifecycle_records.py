@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, Protocol
 
 from memsvc.domain._ids import SessionRef
-from memsvc.domain._session_memory import SnapshotEntry
 
 
 class SessionState(IntEnum):
@@ -128,15 +126,13 @@ class LifecycleTransaction(Protocol):
     async def update_session(self, record: SessionRecord) -> None:
         """Overwrite the (locked) row's mutable fields."""
 
-    async def insert_checkpoint(
-        self, record: CheckpointRecord, entries: Sequence[SnapshotEntry]
-    ) -> None:
+    async def insert_checkpoint(self, record: CheckpointRecord, contents: bytes) -> None:
         """Store a checkpoint; raises CheckpointIdTaken on a duplicate id."""
 
     async def read_checkpoint(
         self, ref: SessionRef, checkpoint_id: str
-    ) -> tuple[CheckpointRecord, list[SnapshotEntry]] | None:
-        """A checkpoint and its entries, or None."""
+    ) -> tuple[CheckpointRecord, bytes] | None:
+        """A checkpoint and its contents (the snapshot format), or None."""
 
     async def delete_checkpoint(self, ref: SessionRef, checkpoint_id: str) -> bool:
         """Delete one checkpoint; False when it did not exist."""

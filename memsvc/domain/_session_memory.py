@@ -34,10 +34,23 @@ class SnapshotEntry:
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """A whole working memory read in one atomic step, and the marker state it had."""
+    """A whole working memory read in one atomic step, and the marker state it had.
+
+    ``blob`` is the stored checkpoint format (memsvc/domain/_snapshot.py), built
+    by the store itself so that no per-key work happens in Python on the way to
+    the database.
+    """
 
     prior_state: str
-    entries: list[SnapshotEntry]
+    blob: bytes
+    key_count: int
+    size_bytes: int
+
+    def entries(self) -> list[SnapshotEntry]:
+        """The entries, decoded (only when they are needed one by one)."""
+        from memsvc.domain._snapshot import decode_snapshot
+
+        return decode_snapshot(self.blob)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +110,7 @@ class SessionMemoryStore(Protocol):
         session: SessionRef,
         op: str,
         next_epoch: str,
-        entries: Sequence[SnapshotEntry],
+        snapshot: bytes,
         merge: bool,
         allowed: Collection[str],
     ) -> int:

@@ -27,9 +27,7 @@ from memsvc.domain._lifecycle_records import (
     SessionRecord,
     SessionState,
 )
-from memsvc.domain._session_memory import SnapshotEntry
 from memsvc.domain._watch import EventFilter, StoredEvent
-from memsvc.store._snapshot import decode_snapshot, encode_snapshot
 
 
 class _Cursor(Protocol):
@@ -178,10 +176,7 @@ class SqlLifecycleTransaction:
             self._d.time_param(record.update_ms),
         )
 
-    async def insert_checkpoint(
-        self, record: CheckpointRecord, entries: Sequence[SnapshotEntry]
-    ) -> None:
-        contents = encode_snapshot(entries)
+    async def insert_checkpoint(self, record: CheckpointRecord, contents: bytes) -> None:
         row = await self._one(
             f"INSERT INTO checkpoints ({_CHECKPOINT_COLUMNS}, contents)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING checkpoint_id",
@@ -200,7 +195,7 @@ class SqlLifecycleTransaction:
 
     async def read_checkpoint(
         self, ref: SessionRef, checkpoint_id: str
-    ) -> tuple[CheckpointRecord, list[SnapshotEntry]] | None:
+    ) -> tuple[CheckpointRecord, bytes] | None:
         row = await self._one(
             f"SELECT {_CHECKPOINT_COLUMNS}, contents FROM checkpoints"
             f" WHERE {_SESSION_KEY} AND checkpoint_id = ?",
@@ -208,7 +203,7 @@ class SqlLifecycleTransaction:
         )
         if row is None:
             return None
-        return checkpoint_from_row(row, self._d), decode_snapshot(bytes(row[8]))
+        return checkpoint_from_row(row, self._d), bytes(row[8])
 
     async def delete_checkpoint(self, ref: SessionRef, checkpoint_id: str) -> bool:
         row = await self._one(

@@ -21,6 +21,7 @@ from memsvc.domain._lifecycle_records import (
     SessionState,
 )
 from memsvc.domain._session_memory import SnapshotEntry
+from memsvc.domain._snapshot import decode_snapshot, encode_snapshot
 from memsvc.store.postgres import PostgresDurableStore
 from memsvc.store.sqlite import SqliteDurableStore
 
@@ -98,9 +99,10 @@ async def test_checkpoints_are_unique_and_listed_newest_first(db):
         await tx.insert_session(record)
         for i, created in enumerate([1000, 3000, 2000, 3000]):
             checkpoint = CheckpointRecord(record.ref, f"c{i}", created, i, 10 * i, {"i": i})
-            await tx.insert_checkpoint(checkpoint, [SnapshotEntry(f"k{i}", b"v", i or None)])
+            contents = encode_snapshot([SnapshotEntry(f"k{i}", b"v", i or None)])
+            await tx.insert_checkpoint(checkpoint, contents)
         with pytest.raises(CheckpointIdTaken):
-            await tx.insert_checkpoint(CheckpointRecord(record.ref, "c0", 5, 0, 0), [])
+            await tx.insert_checkpoint(CheckpointRecord(record.ref, "c0", 5, 0, 0), b"")
     newest = await db.list_checkpoints(record.ref, None, 2)
     assert [c.checkpoint_id for c in newest] == ["c3", "c1"]
     rest = await db.list_checkpoints(
@@ -111,7 +113,7 @@ async def test_checkpoints_are_unique_and_listed_newest_first(db):
         found = await tx.read_checkpoint(record.ref, "c2")
         assert found is not None
         assert found[0].metadata == {"i": 2}
-        assert found[1] == [SnapshotEntry("k2", b"v", 2)]
+        assert decode_snapshot(found[1]) == [SnapshotEntry("k2", b"v", 2)]
         assert await tx.read_checkpoint(record.ref, "nope") is None
         assert await tx.delete_checkpoints(record.ref) == 4
     assert await db.list_checkpoints(record.ref, None, 10) == []

@@ -17,6 +17,7 @@ from memsvc.domain._session_memory import (
     NoSession,
     SnapshotEntry,
 )
+from memsvc.domain._snapshot import encode_snapshot
 from memsvc.store.memory import InMemoryWorkingMemoryStore
 from memsvc.store.redis import RedisWorkingMemoryStore, session_keys
 from memsvc.store.redis._working_memory import staging_keys
@@ -80,7 +81,7 @@ async def test_pause_snapshot_is_atomic_and_refuses_later_writes(store, session)
     await store.set_entries(session, [EntryWrite("t", b"2", 60_000)])
     snapshot = await store.begin_snapshot(session, "op2", "pausing", False, {"active"})
     assert snapshot.prior_state == "active"
-    by_key = {e.key: e for e in snapshot.entries}
+    by_key = {e.key: e for e in snapshot.entries()}
     assert by_key["a"].remaining_ttl_ms is None
     assert 0 < by_key["t"].remaining_ttl_ms <= 60_000
     with pytest.raises(SessionNotWritable) as refused:
@@ -116,14 +117,16 @@ async def test_concurrent_writes_never_tear_a_pause(store, session):
     await asyncio.sleep(0)
     snapshot = await store.begin_snapshot(session, "op", "pausing", False, {"active"})
     await asyncio.gather(*writers)
-    assert set(acknowledged) <= {e.key for e in snapshot.entries}
-    assert set(await contents(store, session)) == {e.key for e in snapshot.entries}
+    assert set(acknowledged) <= {e.key for e in snapshot.entries()}
+    assert set(await contents(store, session)) == {e.key for e in snapshot.entries()}
 
 
 async def test_restore_is_staged_then_swapped_with_ttls(store, session):
     await spawn(store, session, {"old": b"o", "both": b"1"})
     checkpoint = [SnapshotEntry("both", b"2", None), SnapshotEntry("ttl", b"t", 50_000)]
-    count = await store.begin_restore(session, "op3", "epoch-2", checkpoint, False, {"active"})
+    count = await store.begin_restore(
+        session, "op3", "epoch-2", encode_snapshot(checkpoint), False, {"active"}
+    )
     assert count == 2
     assert await contents(store, session) == {"old": b"o", "both": b"1"}, "live untouched"
     with pytest.raises(SessionNotWritable):
@@ -141,7 +144,7 @@ async def test_restore_is_staged_then_swapped_with_ttls(store, session):
 async def test_merge_restore_keeps_keys_absent_from_the_checkpoint(store, session):
     await spawn(store, session, {"keep": b"k", "both": b"1"})
     await store.begin_restore(
-        session, "op", "e2", [SnapshotEntry("both", b"2", None)], True, {"active"}
+        session, "op", "e2", encode_snapshot([SnapshotEntry("both", b"2", None)]), True, {"active"}
     )
     await store.finish(session, "op", "active", swap=True, clear=False)
     assert await contents(store, session) == {"keep": b"k", "both": b"2"}
@@ -153,7 +156,7 @@ async def test_restore_past_the_limits_stages_nothing(store, session):
     await spawn(store, session, {"a": b"1"})
     too_many = [SnapshotEntry(f"k{i}", b"v", None) for i in range(11)]
     with pytest.raises(SessionLimitExceeded):
-        await store.begin_restore(session, "op", "e2", too_many, False, {"active"})
+        await store.begin_restore(session, "op", "e2", encode_snapshot(too_many), False, {"active"})
     assert (await store.read_marker(session)).state == "active"
     await store.set_entries(session, [EntryWrite("b", b"2", None)])
 
@@ -161,7 +164,7 @@ async def test_restore_past_the_limits_stages_nothing(store, session):
 async def test_abort_puts_things_back(store, session):
     await spawn(store, session, {"a": b"1"})
     await store.begin_restore(
-        session, "op", "e2", [SnapshotEntry("z", b"z", None)], False, {"active"}
+        session, "op", "e2", encode_snapshot([SnapshotEntry("z", b"z", None)]), False, {"active"}
     )
     assert await store.abort(session, "op") == "active"
     assert await contents(store, session) == {"a": b"1"}
@@ -190,7 +193,7 @@ async def test_a_stale_operation_cannot_settle_a_newer_one(store, session):
 async def test_terminate_clears_everything(store, session):
     await spawn(store, session, {"a": b"1"})
     snapshot = await store.begin_snapshot(session, "op", "terminating", True, {"active", "paused"})
-    assert [e.key for e in snapshot.entries] == ["a"]
+    assert [e.key for e in snapshot.entries()] == ["a"]
     assert (await store.read_marker(session)).clear is True
     await store.finish(session, "op", None, swap=False, clear=True)
     assert await store.read_marker(session) is None

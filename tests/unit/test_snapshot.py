@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from memsvc.domain._session_memory import SnapshotEntry
-from memsvc.store._snapshot import SnapshotFormatError, decode_snapshot, encode_snapshot
+from memsvc.domain._snapshot import SnapshotFormatError, decode_snapshot, encode_snapshot
 
 entries = st.lists(
     st.builds(

@@ -37,6 +37,7 @@ from memsvc.domain._session_memory import (
     Snapshot,
     SnapshotEntry,
 )
+from memsvc.domain._snapshot import decode_snapshot, encode_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -290,18 +291,20 @@ class InMemoryWorkingMemoryStore:
             for key, (value, at) in state.values.items()
         ]
         self._drop_if_empty(session, state)
-        return Snapshot(current, entries)
+        size = sum(len(e.key.encode()) + len(e.value) for e in entries)
+        return Snapshot(current, encode_snapshot(entries), len(entries), size)
 
     async def begin_restore(
         self,
         session: SessionRef,
         op: str,
         next_epoch: str,
-        entries: Sequence[SnapshotEntry],
+        snapshot: bytes,
         merge: bool,
         allowed: Collection[str],
     ) -> int:
         now = self._clock_ms()
+        entries = decode_snapshot(snapshot)
         state = self._session(session, now, create=True)
         assert state is not None
         current = state.state or MISSING

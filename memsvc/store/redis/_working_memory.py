@@ -37,7 +37,6 @@ from memsvc.domain._session_memory import (
     MarkerStateError,
     NoSession,
     Snapshot,
-    SnapshotEntry,
 )
 from memsvc.store._retry import with_retries
 
@@ -265,31 +264,20 @@ class RedisWorkingMemoryStore:
         reply = await self._run_lifecycle("lifecycle_begin_snapshot", session, args)
         if reply[0] == b"state":
             raise MarkerStateError(reply[1].decode())
-        entries = [
-            SnapshotEntry(
-                reply[i].decode(),
-                reply[i + 1],
-                None if int(reply[i + 2]) < 0 else int(reply[i + 2]),
-            )
-            for i in range(2, len(reply), 3)
-        ]
-        return Snapshot(reply[1].decode(), entries)
+        return Snapshot(reply[1].decode(), reply[2], int(reply[3]), int(reply[4]))
 
     async def begin_restore(
         self,
         session: SessionRef,
         op: str,
         next_epoch: str,
-        entries: Sequence[SnapshotEntry],
+        snapshot: bytes,
         merge: bool,
         allowed: Collection[str],
     ) -> int:
         merge_flag = "1" if merge else "0"
         args: list[Any] = [op, next_epoch, merge_flag, self._max_keys, self._max_bytes]
-        args.append(",".join(allowed))
-        for entry in entries:
-            ttl = -1 if entry.remaining_ttl_ms is None else entry.remaining_ttl_ms
-            args += [entry.key, entry.value, ttl]
+        args += [",".join(allowed), snapshot]
         reply = await self._run_lifecycle("lifecycle_begin_restore", session, args)
         if reply[0] == b"state":
             raise MarkerStateError(reply[1].decode())

@@ -3,8 +3,9 @@
 -- marker (writes refused). Step 3 swaps staging into live with RENAME.
 -- KEYS[5..7]: staging D', X', K'.
 -- ARGV: op, next_epoch, merge ('0'|'1'), max_keys, max_bytes, allowed states
--- (comma-separated; 'missing' allows a lost working memory), then triples
--- (key, value, remaining_ttl_ms; -1 = none).
+-- (comma-separated; 'missing' allows a lost working memory), and the
+-- checkpoint as one string in its stored format (memsvc/domain/_snapshot.py),
+-- parsed here so that no argument per key crosses the wire.
 -- Returns {'ok', key_count}, {'state', state} or
 -- {'limit', 'keys'|'bytes', limit, current, requested}.
 local SD, SX, SK = KEYS[5], KEYS[6], KEYS[7]
@@ -24,21 +25,46 @@ if ARGV[3] == '1' and redis.call('EXISTS', D) == 1 then
   end
   bytes = tonumber(redis.call('HGET', M, 'bytes') or '0')
 end
-for i = 7, #ARGV, 3 do
-  local key, value, ttl = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
-  local old = redis.call('HSTRLEN', SD, key)
-  if old > 0 then
-    bytes = bytes - #key - old
+local blob = ARGV[7]
+local entries, pos = struct.unpack('<I4', blob, 5)
+local fields, lex, timed = {}, {}, {}
+for _ = 1, entries do
+  local key_length, value_length, ttl
+  key_length, pos = struct.unpack('<I4', blob, pos)
+  local key = string.sub(blob, pos, pos + key_length - 1)
+  pos = pos + key_length
+  value_length, pos = struct.unpack('<I4', blob, pos)
+  local value = string.sub(blob, pos, pos + value_length - 1)
+  pos = pos + value_length
+  ttl, pos = struct.unpack('<i8', blob, pos)
+  if ARGV[3] == '1' then
+    local old = redis.call('HSTRLEN', SD, key)
+    if old > 0 then
+      bytes = bytes - #key - old
+    end
   end
   bytes = bytes + #key + #value
-  redis.call('HSET', SD, key, value)
-  redis.call('ZADD', SK, 0, key)
+  fields[#fields + 1] = key
+  fields[#fields + 1] = value
+  lex[#lex + 1] = 0
+  lex[#lex + 1] = key
   if ttl >= 0 then
-    redis.call('ZADD', SX, now + math.max(1, ttl), key)
-  else
+    timed[#timed + 1] = now + math.max(1, ttl)
+    timed[#timed + 1] = key
+  elseif ARGV[3] == '1' then
     redis.call('ZREM', SX, key)
   end
 end
+-- Written in chunks: one command per 500 entries, not one per key.
+local function in_chunks(command, target, items, width)
+  local step = 500 * width
+  for i = 1, #items, step do
+    redis.call(command, target, unpack(items, i, math.min(i + step - 1, #items)))
+  end
+end
+in_chunks('HSET', SD, fields, 2)
+in_chunks('ZADD', SK, lex, 2)
+in_chunks('ZADD', SX, timed, 2)
 local count = redis.call('HLEN', SD)
 local max_keys, max_bytes = tonumber(ARGV[4]), tonumber(ARGV[5])
 if count > max_keys or bytes > max_bytes then
