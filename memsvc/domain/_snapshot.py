@@ -13,7 +13,7 @@ compact, and decodes with one pass of ``struct``; any language can read it.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from memsvc.domain._session_memory import SnapshotEntry
 
@@ -41,6 +41,28 @@ def encode_snapshot(entries: Iterable[SnapshotEntry]) -> bytes:
             _TTL.pack(ttl),
         ]
     return b"".join(parts)
+
+
+def encode_flat(
+    flat: Sequence[bytes], expiries: Sequence[bytes], now_ms: int
+) -> tuple[bytes, int, int]:
+    """The stored form of a snapshot given as Redis replies, in one pass.
+
+    ``flat`` alternates keys and values (HGETALL); ``expiries`` alternates keys
+    and expiry times in ms (ZRANGE WITHSCORES). Returns (snapshot, key count,
+    bytes of keys and values).
+    """
+    expire_at = {expiries[i]: int(float(expiries[i + 1])) for i in range(0, len(expiries), 2)}
+    count = len(flat) // 2
+    parts = [MAGIC, _LENGTH.pack(count)]
+    size = 0
+    for i in range(0, len(flat), 2):
+        key, value = flat[i], flat[i + 1]
+        at = expire_at.get(key)
+        ttl = -1 if at is None else max(1, at - now_ms)
+        parts += [_LENGTH.pack(len(key)), key, _LENGTH.pack(len(value)), value, _TTL.pack(ttl)]
+        size += len(key) + len(value)
+    return b"".join(parts), count, size
 
 
 def decode_snapshot(data: bytes) -> list[SnapshotEntry]:

@@ -7,7 +7,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from memsvc.domain._session_memory import SnapshotEntry
-from memsvc.domain._snapshot import SnapshotFormatError, decode_snapshot, encode_snapshot
+from memsvc.domain._snapshot import (
+    SnapshotFormatError,
+    decode_snapshot,
+    encode_flat,
+    encode_snapshot,
+)
 
 entries = st.lists(
     st.builds(
@@ -31,3 +36,39 @@ def test_truncated_snapshots_are_refused(snapshot, data):
     cut = data.draw(st.integers(min_value=0, max_value=len(encoded) - 1))
     with pytest.raises(SnapshotFormatError):
         decode_snapshot(encoded[:cut])
+
+
+# Redis keeps expiries as doubles: exact to the millisecond for any real date.
+redis_entries = st.lists(
+    st.builds(
+        SnapshotEntry,
+        key=st.text(min_size=1, max_size=40),
+        value=st.binary(min_size=1, max_size=200),
+        remaining_ttl_ms=st.none() | st.integers(min_value=1, max_value=10 * 365 * 86_400_000),
+    ),
+    max_size=20,
+)
+
+
+@given(redis_entries)
+def test_encoding_from_redis_replies_matches(snapshot):
+    """encode_flat (Redis replies in, remaining TTLs computed) encodes the same bytes."""
+    now = 1_000_000
+    unique = list({e.key: e for e in snapshot}.values())
+    flat = [part for e in unique for part in (e.key.encode(), e.value)]
+    expiries = [
+        part
+        for e in unique
+        if e.remaining_ttl_ms is not None
+        for part in (e.key.encode(), str(now + e.remaining_ttl_ms).encode())
+    ]
+    blob, count, size = encode_flat(flat, expiries, now)
+    expected = [
+        SnapshotEntry(
+            e.key, e.value, None if e.remaining_ttl_ms is None else max(1, e.remaining_ttl_ms)
+        )
+        for e in unique
+    ]
+    assert decode_snapshot(blob) == expected
+    assert count == len(unique)
+    assert size == sum(len(e.key.encode()) + len(e.value) for e in unique)

@@ -38,6 +38,7 @@ from memsvc.domain._session_memory import (
     NoSession,
     Snapshot,
 )
+from memsvc.domain._snapshot import encode_flat
 from memsvc.store._retry import with_retries
 
 log = logging.getLogger(__name__)
@@ -264,7 +265,8 @@ class RedisWorkingMemoryStore:
         reply = await self._run_lifecycle("lifecycle_begin_snapshot", session, args)
         if reply[0] == b"state":
             raise MarkerStateError(reply[1].decode())
-        return Snapshot(reply[1].decode(), reply[2], int(reply[3]), int(reply[4]))
+        blob, count, size = encode_flat(reply[2], reply[3], int(reply[4]))
+        return Snapshot(reply[1].decode(), blob, count, size)
 
     async def begin_restore(
         self,
