@@ -1,0 +1,82 @@
+"""The baseline of the watch benchmark: a bare grpc.aio fan-out server.
+
+A naive pub/sub with two methods, registered with a generic handler and identity
+(de)serializers, so the server does no protobuf work at all:
+
+* ``/bench.Fanout/Subscribe`` (server streaming): registers an unbounded
+  ``asyncio.Queue`` for the stream, sends a first message (the bytes of a
+  ``WatchLifecycleResponse`` with a progress, as memsvc's first message), then
+  yields whatever lands in the queue.
+* ``/bench.Fanout/Publish`` (unary): puts the request's bytes into every
+  subscriber's queue and returns nothing. The publisher sends the bytes of a
+  ``WatchLifecycleResponse`` holding an event of memsvc's size, so every
+  subscriber receives exactly what a memsvc watcher would.
+
+``bench.watch`` runs it in its own process, as memsvc is::
+
+    python -m bench._watch_fanout PORT
+
+It serves on 127.0.0.1:PORT until SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from collections.abc import AsyncIterator
+
+import grpc
+
+from bench._echo_server import identity
+from memsvc.v1 import lifecycle_pb2 as lc
+
+FANOUT_SERVICE = "bench.Fanout"
+SUBSCRIBE_METHOD = f"/{FANOUT_SERVICE}/Subscribe"
+PUBLISH_METHOD = f"/{FANOUT_SERVICE}/Publish"
+HELLO = lc.WatchLifecycleResponse(progress=lc.WatchProgress(sequence=0)).SerializeToString()
+
+
+async def serve(port: int) -> None:
+    subscribers: set[asyncio.Queue[bytes]] = set()
+
+    async def subscribe(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        queue: asyncio.Queue[bytes] = asyncio.Queue()
+        subscribers.add(queue)
+        try:
+            yield HELLO
+            while True:
+                yield await queue.get()
+        finally:
+            subscribers.discard(queue)
+
+    async def publish(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        for queue in subscribers:
+            queue.put_nowait(request)
+        return b""
+
+    handler = grpc.method_handlers_generic_handler(
+        FANOUT_SERVICE,
+        {
+            "Subscribe": grpc.unary_stream_rpc_method_handler(
+                subscribe, request_deserializer=identity, response_serializer=identity
+            ),
+            "Publish": grpc.unary_unary_rpc_method_handler(
+                publish, request_deserializer=identity, response_serializer=identity
+            ),
+        },
+    )
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((handler,))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    await server.stop(1)
+
+
+if __name__ == "__main__":
+    asyncio.run(serve(int(sys.argv[1])))

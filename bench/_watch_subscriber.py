@@ -1,0 +1,172 @@
+"""A subscriber process of the watch benchmark: many streams, driven over stdin.
+
+``bench.watch`` starts several of these (``--processes``) so that 1,000
+subscribers do not all share the benchmark's own event loop. Each one holds
+streams to one server at a time, spread over a few grpc.aio channels (each with
+a connection of its own), and parses every message as a memsvc
+``WatchLifecycleResponse``, whichever server sent it. For every event it takes
+the wall-clock time of delivery minus the writer's send time, which the writer
+put into the event's metadata (``"sent"``, seconds since the epoch).
+
+Commands arrive as JSON lines on stdin; each gets one JSON line on stdout:
+
+* ``{"op": "subscribe", "target", "method", "request" (base64), "streams",
+  "channels"}``: open the streams and wait for each one's first message.
+* ``{"op": "expect", "events"}``: forget what was counted; each stream should
+  now receive ``events`` events.
+* ``{"op": "collect", "timeout"}``: wait until they have (or the timeout), then
+  answer the deliveries, the first and last delivery times and the latencies
+  (µs).
+* ``{"op": "close"}``: cancel the streams and close the channels.
+
+End of input ends the process::
+
+    python -m bench._watch_subscriber
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from bench._echo_server import identity
+from memsvc.v1 import lifecycle_pb2 as lc
+
+# A connection of its own per channel, not one shared subchannel per target.
+CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]
+
+
+@dataclass
+class _Tally:
+    expected: int = 0
+    deliveries: int = 0
+    first: float = 0.0
+    last: float = 0.0
+    message_bytes: int = 0
+    latencies_us: list[int] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Subscriber:
+    def __init__(self) -> None:
+        self.channels: list[grpc.aio.Channel] = []
+        self.calls: list[Any] = []
+        self.readers: list[asyncio.Task[None]] = []
+        self.tally = _Tally()
+
+    async def subscribe(
+        self, target: str, method: str, request: bytes, streams: int, channels: int
+    ) -> dict[str, Any]:
+        started = time.perf_counter()
+        self.channels = [
+            grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+            for _ in range(max(1, min(channels, streams)))
+        ]
+        self.calls = [
+            self.channels[i % len(self.channels)].unary_stream(
+                method,
+                request_serializer=identity,
+                response_deserializer=lc.WatchLifecycleResponse.FromString,
+            )(request)
+            for i in range(streams)
+        ]
+        # The first message (a progress) says the stream is registered.
+        await asyncio.gather(*(call.read() for call in self.calls))
+        self.readers = [asyncio.create_task(self._read(call)) for call in self.calls]
+        return {"ok": True, "seconds": time.perf_counter() - started}
+
+    async def _read(self, call: Any) -> None:
+        try:
+            while True:
+                message = await call.read()
+                if message is grpc.aio.EOF:
+                    return
+                now = time.time()
+                if not message.HasField("event"):
+                    continue
+                tally = self.tally
+                sent = message.event.metadata.fields["sent"].number_value
+                tally.latencies_us.append(round((now - sent) * 1e6))
+                if not tally.deliveries:
+                    tally.first = now
+                    tally.message_bytes = message.ByteSize()
+                tally.deliveries += 1
+                tally.last = now
+                if tally.deliveries >= tally.expected:
+                    tally.done.set()
+        except asyncio.CancelledError:
+            raise
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.CANCELLED:
+                self.tally.errors.append(f"{error.code().name}: {error.details()}")
+
+    def expect(self, events: int) -> dict[str, Any]:
+        self.tally = _Tally(expected=events * len(self.calls))
+        return {"ok": True}
+
+    async def collect(self, wait_seconds: float) -> dict[str, Any]:
+        tally = self.tally
+        if tally.deliveries < tally.expected:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(tally.done.wait(), wait_seconds)
+        return {
+            "deliveries": tally.deliveries,
+            "expected": tally.expected,
+            "first": tally.first,
+            "last": tally.last,
+            "message_bytes": tally.message_bytes,
+            "latencies_us": tally.latencies_us,
+            "errors": tally.errors[:5],
+        }
+
+    async def close(self) -> dict[str, Any]:
+        for call in self.calls:
+            call.cancel()
+        for reader in self.readers:
+            reader.cancel()
+        await asyncio.gather(*self.readers, return_exceptions=True)
+        for channel in self.channels:
+            await channel.close()
+        self.channels, self.calls, self.readers = [], [], []
+        return {"ok": True}
+
+
+async def main() -> None:
+    loop = asyncio.get_running_loop()
+    subscriber = Subscriber()
+    while line := await loop.run_in_executor(None, sys.stdin.readline):
+        command = json.loads(line)
+        op = command["op"]
+        reply: dict[str, Any]
+        if op == "subscribe":
+            reply = await subscriber.subscribe(
+                command["target"],
+                command["method"],
+                base64.b64decode(command["request"]),
+                command["streams"],
+                command["channels"],
+            )
+        elif op == "expect":
+            reply = subscriber.expect(command["events"])
+        elif op == "collect":
+            reply = await subscriber.collect(command["timeout"])
+        elif op == "close":
+            reply = await subscriber.close()
+        else:
+            reply = {"error": f"unknown op {op!r}"}
+        sys.stdout.write(json.dumps(reply) + "\n")
+        sys.stdout.flush()
+    await subscriber.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
