@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,6 +16,8 @@ from memsvc.domain._lifecycle_records import CheckpointRecord, SessionRecord
 from memsvc.domain._watch import EventHub, StoredEvent, check_watch_request
 from memsvc.v1 import lifecycle_pb2 as pb
 from memsvc.v1 import lifecycle_pb2_grpc as pb_grpc
+
+_RESPONSE_CACHE = 4096
 
 
 def render_value(stored: bytes) -> Any:
@@ -80,6 +83,19 @@ class LifecycleServicer(pb_grpc.LifecycleServiceServicer):
     def __init__(self, lifecycle: Lifecycle, hub: EventHub) -> None:
         self._lifecycle = lifecycle
         self._hub = hub
+        # One event goes to many watchers: build its message once (recent ones kept).
+        # Events never change after commit; a future purge that rewrites one must
+        # clear this cache.
+        self._responses: OrderedDict[int, pb.WatchLifecycleResponse] = OrderedDict()
+
+    def _event_response(self, stored: StoredEvent) -> pb.WatchLifecycleResponse:
+        response = self._responses.get(stored.sequence)
+        if response is None:
+            response = pb.WatchLifecycleResponse(event=event_message(stored))
+            self._responses[stored.sequence] = response
+            if len(self._responses) > _RESPONSE_CACHE:
+                self._responses.popitem(last=False)
+        return response
 
     async def Spawn(
         self, request: pb.SpawnRequest, context: grpc.aio.ServicerContext
@@ -240,7 +256,7 @@ class LifecycleServicer(pb_grpc.LifecycleServiceServicer):
         oldest = after is None and request.start == pb.WATCH_START_OLDEST
         async for item in self._hub.watch(event_filter, after, progress_seconds, oldest):
             if isinstance(item, StoredEvent):
-                yield pb.WatchLifecycleResponse(event=event_message(item))
+                yield self._event_response(item)
             else:
                 yield pb.WatchLifecycleResponse(progress=pb.WatchProgress(sequence=item))
 

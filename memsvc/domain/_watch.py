@@ -208,6 +208,16 @@ class EventHub:
                 self._subscribers.discard(subscriber)
                 return
             try:
+                # A burst drains the queue without a timer per event (wait_for
+                # creates a task each time); only an empty queue waits.
+                stored = subscriber.queue.get_nowait()
+            except asyncio.QueueEmpty:
+                pass
+            else:
+                subscriber.cursor = max(subscriber.cursor, stored.sequence)
+                yield stored
+                continue
+            try:
                 stored = await asyncio.wait_for(subscriber.queue.get(), progress_interval)
             except TimeoutError:
                 if not subscriber.lagging and subscriber.queue.empty():
