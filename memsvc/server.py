@@ -111,7 +111,8 @@ class Server:
             poll_interval=self.config.event_poll_interval_seconds,
         )
         self.hub = hub
-        lifecycle.on_commit = hub.notify
+        # Events committed here reach local watchers without a read of the store.
+        self.durable_store.events_committed = hub.publish_committed
         self.lifecycle = lifecycle
         # Working memory asks the lifecycle why a session refused a call.
         memory.guard = lifecycle

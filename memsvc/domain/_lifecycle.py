@@ -118,8 +118,6 @@ class Lifecycle:
         self._wm = working_memory
         self._render_value = render_value
         self._clock_ms = clock_ms
-        # Called after every commit that appended events (the event hub's wake-up).
-        self.on_commit: Callable[[], None] = lambda: None
         self.reads = LifecycleReads(memory, database, working_memory.limits, self.retention)
 
     # Spawn ------------------------------------------------------------------
@@ -485,8 +483,6 @@ class Lifecycle:
                 compacted = await tx.compact_events(
                     now - self.retention.event_max_age_ms, self.retention.event_keep_last, limit
                 )
-        if expired:
-            self.on_commit()
         return len(expired), forgotten, compacted
 
     async def refusal(self, session: SessionRef, state: str, write: bool) -> MemsvcError | None:
@@ -634,7 +630,6 @@ class Lifecycle:
             if steps.started:
                 await self._undo(ref, steps)
             raise
-        self.on_commit()
         if steps.started:
             self._failpoints.hit(f"{method.lower()}.before_finish")
             try:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -66,6 +66,9 @@ class EventSource(Protocol):
 
     async def event_bounds(self) -> tuple[int, int]:
         """(the oldest position a watch may start after, the latest sequence)."""
+
+    events_committed: Callable[[list[StoredEvent]], None]
+    """Set by the hub: called with the events of each transaction this process commits."""
 
     def event_wakeups(self) -> contextlib.AbstractAsyncContextManager[AsyncIterator[None]]:
         """Wake-ups when other processes commit events (PostgreSQL LISTEN);
@@ -142,6 +145,23 @@ class EventHub:
         """An event was committed in this process: read the log now."""
         self._kick.set()
 
+    def publish_committed(self, events: Sequence[StoredEvent]) -> None:
+        """Events this process just committed: offer them without reading them back.
+
+        Only in sequence order: when another process committed in between (a
+        gap), the tail reads the store instead.
+        """
+        if not self.tailing:
+            return
+        for stored in sorted(events, key=lambda e: e.sequence):
+            if stored.sequence <= self.position:
+                continue
+            if stored.sequence != self.position + 1:
+                self.notify()
+                return
+            self._offer(stored)
+            self.position = stored.sequence
+
     async def watch(
         self,
         event_filter: EventFilter,
@@ -214,8 +234,9 @@ class EventHub:
             except asyncio.QueueEmpty:
                 pass
             else:
-                subscriber.cursor = max(subscriber.cursor, stored.sequence)
-                yield stored
+                if stored.sequence > subscriber.cursor:
+                    subscriber.cursor = stored.sequence
+                    yield stored
                 continue
             try:
                 stored = await asyncio.wait_for(subscriber.queue.get(), progress_interval)
@@ -225,8 +246,9 @@ class EventHub:
                     subscriber.cursor = max(subscriber.cursor, self.position)
                     yield subscriber.cursor
                 continue
-            subscriber.cursor = max(subscriber.cursor, stored.sequence)
-            yield stored
+            if stored.sequence > subscriber.cursor:
+                subscriber.cursor = stored.sequence
+                yield stored
 
     async def _follow(self) -> None:
         """The tail: read new events and offer them to the live subscribers."""
@@ -243,6 +265,8 @@ class EventHub:
                         log.warning("event tail read failed: %s", error)
                         batch = []
                     for stored in batch:
+                        if stored.sequence <= self.position:
+                            continue  # already offered by publish_committed meanwhile
                         self._offer(stored)
                         self.position = stored.sequence
                     if len(batch) == READ_BATCH:

@@ -107,6 +107,8 @@ class SqlLifecycleTransaction:
     def __init__(self, conn: Connection, dialect: Dialect) -> None:
         self._conn = conn
         self._d = dialect
+        # Events this transaction appended: handed to the event hub once committed.
+        self.appended: list[StoredEvent] = []
 
     async def _one(self, statement: str, params: Sequence[Any]) -> Any:
         cursor = await self._conn.execute(self._d.sql(statement), params)
@@ -326,6 +328,7 @@ class SqlLifecycleTransaction:
                 f" SELECT sequence, pg_notify('{EVENT_CHANNEL}', sequence::text) FROM ins",
                 values,
             )
+            self.appended.append(StoredEvent(int(row[0]), event))
             return int(row[0])
         row = await self._one(
             "UPDATE event_sequence SET last_sequence = last_sequence + 1 RETURNING last_sequence",
@@ -339,6 +342,7 @@ class SqlLifecycleTransaction:
             ),
             (sequence, *values),
         )
+        self.appended.append(StoredEvent(sequence, event))
         return sequence
 
     async def try_lead(self, job: str) -> bool:

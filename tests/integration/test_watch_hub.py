@@ -248,3 +248,25 @@ async def test_a_thousand_grpc_watch_cancellations_free_everything(config):
         await eventually(all_released)
         await asyncio.sleep(0.2)
         assert len(asyncio.all_tasks()) <= baseline + 2
+
+
+async def test_local_and_foreign_commits_arrive_once_in_order(tmp_path, sqlite_store):
+    """Events committed here are offered directly, others read from the store: mixed,
+    a watcher still sees every sequence once, in order."""
+    hub = EventHub(sqlite_store, poll_interval=0.05)
+    sqlite_store.events_committed = hub.publish_committed
+    foreign = SqliteDurableStore(f"sqlite:///{sqlite_store.path}")  # another "process"
+    await foreign.open()
+    ref = SessionRef(str(uuid.uuid4()), str(uuid.uuid4()), "s")
+    stream: Any = hub.watch(EventFilter(), None, 0.2)
+    assert await anext(stream) == 0
+    first = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0.05)
+    try:
+        await asyncio.gather(append(sqlite_store, 20, ref), append(foreign, 20, ref))
+        got = await asyncio.wait_for(first, 10)
+        assert isinstance(got, StoredEvent)
+        assert [got.sequence, *await take(stream, 39)] == list(range(1, 41))
+    finally:
+        await stream.aclose()
+        await foreign.aclose()

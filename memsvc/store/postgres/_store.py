@@ -70,6 +70,8 @@ class PostgresDurableStore:
         self, url: str, *, max_connections: int = 4, connect_timeout_seconds: float = 5.0
     ) -> None:
         self._url = url
+        # Told the events of each committed transaction (the event hub listens).
+        self.events_committed: Callable[[list[StoredEvent]], None] = lambda events: None
         # LISTEN needs a direct connection (not through a transaction pooler).
         self._listen_url: str | None = None
         self._max_connections = max_connections
@@ -156,9 +158,12 @@ class PostgresDurableStore:
         """
         try:
             async with self._connections.connection() as conn, conn.transaction():
-                yield SqlLifecycleTransaction(conn, POSTGRES)
+                tx = SqlLifecycleTransaction(conn, POSTGRES)
+                yield tx
         except TRANSIENT_ERRORS as error:
             raise BackendUnavailable(self.backend_name, error) from error
+        if tx.appended:
+            self.events_committed(tx.appended)
 
     async def get_session(self, ref: SessionRef) -> SessionRecord | None:
         async def read() -> SessionRecord | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiosqlite
@@ -66,6 +66,8 @@ class SqliteDurableStore:
         # connection they would see a transaction's uncommitted rows.
         self._reader: aiosqlite.Connection | None = None
         self._write_lock = asyncio.Lock()
+        # Told the events of each committed transaction (the event hub listens).
+        self.events_committed: Callable[[list[StoredEvent]], None] = lambda events: None
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -101,12 +103,15 @@ class SqliteDurableStore:
                 await db.execute("BEGIN IMMEDIATE")
             except aiosqlite.OperationalError as error:  # locked by another process too long
                 raise BackendUnavailable(self.backend_name, error) from error
+            tx = SqlLifecycleTransaction(db, SQLITE)
             try:
-                yield SqlLifecycleTransaction(db, SQLITE)
+                yield tx
             except BaseException:
                 await db.execute("ROLLBACK")
                 raise
             await db.execute("COMMIT")
+        if tx.appended:
+            self.events_committed(tx.appended)
 
     async def get_session(self, ref: SessionRef) -> SessionRecord | None:
         return await get_session(self._read_conn, SQLITE, ref)
