@@ -62,6 +62,8 @@ class _Source:
 
     def __init__(self) -> None:
         self.events: list[StoredEvent] = []
+        # Part of EventSource; the probe offers events through the read path only.
+        self.events_committed: Callable[[list[StoredEvent]], None] = lambda events: None
 
     async def read_events(
         self, after: int, limit: int, event_filter: EventFilter
