@@ -79,9 +79,9 @@ class LifecycleReads:
             "checkpoint", ref.project_id, ref.agent_instance_id, ref.session_id, checkpoint_id
         )
         after = decode_page_token(page_token, scope) if include_entries else None
-        async with self._db.transaction() as tx:
-            found = await tx.read_checkpoint(ref, checkpoint_id)
-            record = await tx.lock_session(ref)
+        # Plain reads: showing a checkpoint takes no lock and opens no transaction.
+        found = await self._db.read_checkpoint(ref, checkpoint_id)
+        record = await self._db.get_session(ref)
         if found is None or record is None:
             raise CheckpointNotFound(ref.session_id, checkpoint_id)
         checkpoint = self.retention.with_expiry(found[0], protected_checkpoint(record))

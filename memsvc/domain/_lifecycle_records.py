@@ -178,6 +178,11 @@ class LifecycleDatabase(Protocol):
     async def get_session(self, ref: SessionRef) -> SessionRecord | None:
         """Read a session without locking it."""
 
+    async def read_checkpoint(
+        self, ref: SessionRef, checkpoint_id: str
+    ) -> tuple[CheckpointRecord, bytes] | None:
+        """Read a checkpoint and its contents without locking anything."""
+
     async def list_checkpoints(
         self, ref: SessionRef, before: tuple[int, str] | None, limit: int
     ) -> list[CheckpointRecord]:

@@ -8,11 +8,12 @@ returning a cursor with ``fetchone``/``fetchall``, which is all this uses.
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from psycopg.types.json import Jsonb
 
@@ -74,6 +75,8 @@ class Dialect:
         moment = datetime.strptime(str(raw), "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
         return int(moment.timestamp() * 1000)
 
+
+T = TypeVar("T")
 
 SQLITE = Dialect("sqlite", "?", "")
 # SQLite has no row locks: its write lock (BEGIN IMMEDIATE) serializes instead.
@@ -198,14 +201,7 @@ class SqlLifecycleTransaction:
     async def read_checkpoint(
         self, ref: SessionRef, checkpoint_id: str
     ) -> tuple[CheckpointRecord, bytes] | None:
-        row = await self._one(
-            f"SELECT {_CHECKPOINT_COLUMNS}, contents FROM checkpoints"
-            f" WHERE {_SESSION_KEY} AND checkpoint_id = ?",
-            (*_key(ref), checkpoint_id),
-        )
-        if row is None:
-            return None
-        return checkpoint_from_row(row, self._d), bytes(row[8])
+        return await read_checkpoint(self._conn, self._d, ref, checkpoint_id)
 
     async def delete_checkpoint(self, ref: SessionRef, checkpoint_id: str) -> bool:
         row = await self._one(
@@ -476,6 +472,23 @@ async def get_session(conn: Connection, dialect: Dialect, ref: SessionRef) -> Se
     return None if row is None else session_from_row(row, dialect)
 
 
+async def read_checkpoint(
+    conn: Connection, dialect: Dialect, ref: SessionRef, checkpoint_id: str
+) -> tuple[CheckpointRecord, bytes] | None:
+    """A checkpoint and its contents, or None."""
+    cursor = await conn.execute(
+        dialect.sql(
+            f"SELECT {_CHECKPOINT_COLUMNS}, contents FROM checkpoints"
+            f" WHERE {_SESSION_KEY} AND checkpoint_id = ?"
+        ),
+        (*_key(ref), checkpoint_id),
+    )
+    row = await cursor.fetchone()
+    if row is None:
+        return None
+    return checkpoint_from_row(row, dialect), bytes(row[8])
+
+
 async def list_checkpoints(
     conn: Connection,
     dialect: Dialect,
@@ -538,3 +551,51 @@ async def list_sessions(
 
 def _now_ms() -> int:
     return int(datetime.now(UTC).timestamp() * 1000)
+
+
+class SqlReads:
+    """The reads of LifecycleDatabase and EventSource, written once for both stores.
+
+    A store provides :meth:`_query`, which runs one of this module's read
+    functions with a connection and its dialect.
+    """
+
+    async def _query(self, read: Callable[..., Awaitable[T]], *args: Any) -> T:
+        raise NotImplementedError
+
+    async def get_session(self, ref: SessionRef) -> SessionRecord | None:
+        return await self._query(get_session, ref)
+
+    async def read_checkpoint(
+        self, ref: SessionRef, checkpoint_id: str
+    ) -> tuple[CheckpointRecord, bytes] | None:
+        return await self._query(read_checkpoint, ref, checkpoint_id)
+
+    async def list_checkpoints(
+        self, ref: SessionRef, before: tuple[int, str] | None, limit: int
+    ) -> list[CheckpointRecord]:
+        return await self._query(list_checkpoints, ref, before, limit)
+
+    async def list_sessions(
+        self,
+        project_id: str,
+        agent_instance_id: str | None,
+        state: SessionState | None,
+        before: tuple[int, str, str] | None,
+        limit: int,
+    ) -> list[SessionRecord]:
+        return await self._query(list_sessions, project_id, agent_instance_id, state, before, limit)
+
+    async def read_events(
+        self, after: int, limit: int, event_filter: EventFilter
+    ) -> list[StoredEvent]:
+        return await self._query(read_events, after, limit, event_filter)
+
+    async def event_bounds(self) -> tuple[int, int]:
+        return await self._query(event_bounds)
+
+
+async def never_wakes() -> AsyncIterator[None]:
+    """Wake-ups for a store without a notification channel: none (the tail polls)."""
+    await asyncio.Event().wait()
+    yield

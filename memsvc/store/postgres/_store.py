@@ -13,28 +13,22 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import psycopg
 import psycopg_pool
 
-from memsvc.domain import BackendUnavailable, SessionRef
+from memsvc.domain import BackendUnavailable
 from memsvc.domain._lifecycle_records import (
-    CheckpointRecord,
     LifecycleTransaction,
-    SessionRecord,
-    SessionState,
 )
-from memsvc.domain._watch import EventFilter, StoredEvent
+from memsvc.domain._watch import StoredEvent
 from memsvc.store._lifecycle_sql import (
     EVENT_CHANNEL,
     POSTGRES,
     SqlLifecycleTransaction,
-    event_bounds,
-    get_session,
-    list_checkpoints,
-    list_sessions,
-    read_events,
+    SqlReads,
+    never_wakes,
 )
 from memsvc.store._migrations import check_applied, load_migrations
 from memsvc.store._retry import with_retries
@@ -61,7 +55,7 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 """
 
 
-class PostgresDurableStore:
+class PostgresDurableStore(SqlReads):
     """Durable data in PostgreSQL."""
 
     backend_name = "durable store (PostgreSQL)"
@@ -165,38 +159,6 @@ class PostgresDurableStore:
         if tx.appended:
             self.events_committed(tx.appended)
 
-    async def get_session(self, ref: SessionRef) -> SessionRecord | None:
-        async def read() -> SessionRecord | None:
-            async with self._connections.connection() as conn:
-                return await get_session(conn, POSTGRES, ref)
-
-        return await self._read(read)
-
-    async def list_checkpoints(
-        self, ref: SessionRef, before: tuple[int, str] | None, limit: int
-    ) -> list[CheckpointRecord]:
-        async def read() -> list[CheckpointRecord]:
-            async with self._connections.connection() as conn:
-                return await list_checkpoints(conn, POSTGRES, ref, before, limit)
-
-        return await self._read(read)
-
-    async def read_events(
-        self, after: int, limit: int, event_filter: EventFilter
-    ) -> list[StoredEvent]:
-        async def read() -> list[StoredEvent]:
-            async with self._connections.connection() as conn:
-                return await read_events(conn, POSTGRES, after, limit, event_filter)
-
-        return await self._read(read)
-
-    async def event_bounds(self) -> tuple[int, int]:
-        async def read() -> tuple[int, int]:
-            async with self._connections.connection() as conn:
-                return await event_bounds(conn, POSTGRES)
-
-        return await self._read(read)
-
     @contextlib.asynccontextmanager
     async def event_wakeups(self) -> AsyncIterator[AsyncIterator[None]]:
         """LISTEN on a connection of its own (outside the pool, since it holds
@@ -208,7 +170,7 @@ class PostgresDurableStore:
             )
         except psycopg.OperationalError as error:
             log.warning("cannot LISTEN for events, polling instead: %s", error)
-            yield _never()
+            yield never_wakes()
             return
         try:
             await conn.execute(f"LISTEN {EVENT_CHANNEL}")
@@ -225,33 +187,17 @@ class PostgresDurableStore:
         finally:
             await conn.close()
 
-    async def _read(self, operation: Callable[[], Awaitable[T]]) -> T:
+    async def _query(self, read: Callable[..., Awaitable[T]], *args: Any) -> T:
         """Reads are idempotent: retried within the call's deadline."""
-        return await with_retries(operation, backend=self.backend_name, transient=TRANSIENT_ERRORS)
 
-    async def list_sessions(
-        self,
-        project_id: str,
-        agent_instance_id: str | None,
-        state: SessionState | None,
-        before: tuple[int, str, str] | None,
-        limit: int,
-    ) -> list[SessionRecord]:
-        async def read() -> list[SessionRecord]:
+        async def attempt() -> T:
             async with self._connections.connection() as conn:
-                return await list_sessions(
-                    conn, POSTGRES, project_id, agent_instance_id, state, before, limit
-                )
+                return await read(conn, POSTGRES, *args)
 
-        return await self._read(read)
+        return await with_retries(attempt, backend=self.backend_name, transient=TRANSIENT_ERRORS)
 
     @property
     def _connections(self) -> psycopg_pool.AsyncConnectionPool:
         if self._pool is None:
             raise RuntimeError("PostgresDurableStore used before open()")
         return self._pool
-
-
-async def _never() -> AsyncIterator[None]:
-    await asyncio.Event().wait()
-    yield

@@ -11,31 +11,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import aiosqlite
 
-from memsvc.domain import BackendUnavailable, SessionRef
+from memsvc.domain import BackendUnavailable
 from memsvc.domain._lifecycle_records import (
-    CheckpointRecord,
     LifecycleTransaction,
-    SessionRecord,
-    SessionState,
 )
-from memsvc.domain._watch import EventFilter, StoredEvent
+from memsvc.domain._watch import StoredEvent
 from memsvc.store._lifecycle_sql import (
     SQLITE,
     SqlLifecycleTransaction,
-    event_bounds,
-    get_session,
-    list_checkpoints,
-    list_sessions,
-    read_events,
+    SqlReads,
+    never_wakes,
 )
 from memsvc.store._migrations import check_applied, load_migrations, split_sql
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _SCHEMA_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -54,7 +51,7 @@ def sqlite_path(url: str) -> Path:
     return Path(url.removeprefix("sqlite://"))
 
 
-class SqliteDurableStore:
+class SqliteDurableStore(SqlReads):
     """Durable data in one SQLite file."""
 
     backend_name = "durable store (SQLite)"
@@ -113,39 +110,14 @@ class SqliteDurableStore:
         if tx.appended:
             self.events_committed(tx.appended)
 
-    async def get_session(self, ref: SessionRef) -> SessionRecord | None:
-        return await get_session(self._read_conn, SQLITE, ref)
-
-    async def list_checkpoints(
-        self, ref: SessionRef, before: tuple[int, str] | None, limit: int
-    ) -> list[CheckpointRecord]:
-        return await list_checkpoints(self._read_conn, SQLITE, ref, before, limit)
-
-    async def list_sessions(
-        self,
-        project_id: str,
-        agent_instance_id: str | None,
-        state: SessionState | None,
-        before: tuple[int, str, str] | None,
-        limit: int,
-    ) -> list[SessionRecord]:
-        return await list_sessions(
-            self._read_conn, SQLITE, project_id, agent_instance_id, state, before, limit
-        )
-
-    async def read_events(
-        self, after: int, limit: int, event_filter: EventFilter
-    ) -> list[StoredEvent]:
-        return await read_events(self._read_conn, SQLITE, after, limit, event_filter)
-
-    async def event_bounds(self) -> tuple[int, int]:
-        return await event_bounds(self._read_conn, SQLITE)
+    async def _query(self, read: Callable[..., Awaitable[T]], *args: Any) -> T:
+        return await read(self._read_conn, SQLITE, *args)
 
     @contextlib.asynccontextmanager
     async def event_wakeups(self) -> AsyncIterator[AsyncIterator[None]]:
         """SQLite has no cross-process channel: the hub polls, and this process's
         own commits wake it directly."""
-        yield _never()
+        yield never_wakes()
 
     @property
     def _read_conn(self) -> aiosqlite.Connection:
@@ -205,8 +177,3 @@ class SqliteDurableStore:
         if self._db is None:
             raise RuntimeError("SqliteDurableStore used before open()")
         return self._db
-
-
-async def _never() -> AsyncIterator[None]:
-    await asyncio.Event().wait()
-    yield
