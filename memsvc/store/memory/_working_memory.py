@@ -69,7 +69,7 @@ class _Session:
             at, key = heapq.heappop(self.expiries)
             current = self.values.get(key)
             if current is not None and current[1] == at:
-                self._remove(key)
+                self.remove(key)
 
     def put(self, key: str, value: bytes, expire_at: int | None) -> bool:
         old = self.values.get(key)
@@ -87,16 +87,13 @@ class _Session:
                 heapq.heapify(self.expiries)
         return old is None
 
-    def _remove(self, key: str) -> bool:
+    def remove(self, key: str) -> bool:
         old = self.values.pop(key, None)
         if old is None:
             return False
         self.order.remove(key)
         self.total_bytes -= _entry_size(key, old[0])
         return True
-
-    def remove(self, key: str) -> bool:
-        return self._remove(key)
 
     def copy_data(self) -> _Session:
         """A new session holding the same entries (no marker)."""
@@ -275,12 +272,7 @@ class InMemoryWorkingMemoryStore:
         allowed: Collection[str],
     ) -> Snapshot:
         now = self._clock_ms()
-        state = self._session(session, now, create=True)
-        assert state is not None
-        current = state.state or MISSING
-        if current not in allowed:
-            self._drop_if_empty(session, state)
-            raise MarkerStateError(current)
+        state, current = self._marked(session, now, allowed)
         if new_state is not None:
             epoch = state.marker.epoch if state.marker else None
             state.marker = Marker(
@@ -305,12 +297,7 @@ class InMemoryWorkingMemoryStore:
     ) -> int:
         now = self._clock_ms()
         entries = decode_snapshot(snapshot)
-        state = self._session(session, now, create=True)
-        assert state is not None
-        current = state.state or MISSING
-        if current not in allowed:
-            self._drop_if_empty(session, state)
-            raise MarkerStateError(current)
+        state, current = self._marked(session, now, allowed)
         staged = state.copy_data() if merge else _Session()
         for entry in entries:
             ttl = entry.remaining_ttl_ms
@@ -357,6 +344,18 @@ class InMemoryWorkingMemoryStore:
         assert marker.prior is not None
         state.marker = Marker(marker.prior, epoch=marker.epoch)
         return marker.prior
+
+    def _marked(
+        self, session: SessionRef, now_ms: int, allowed: Collection[str]
+    ) -> tuple[_Session, str]:
+        """The session and its marker state, when that state is in ``allowed``."""
+        state = self._session(session, now_ms, create=True)
+        assert state is not None
+        current = state.state or MISSING
+        if current not in allowed:
+            self._drop_if_empty(session, state)
+            raise MarkerStateError(current)
+        return state, current
 
     def _owned(self, session: SessionRef, op: str) -> _Session:
         state = self._sessions.get(session)

@@ -307,11 +307,8 @@ class RedisWorkingMemoryStore:
         return str(reply[1].decode())
 
     async def _run_lifecycle(self, script: str, session: SessionRef, args: list[Any]) -> list[Any]:
-        keys = session_keys(session) + staging_keys(session)
-        runner = self._scripts[script]
-        reply = await self._retrying(lambda: runner(keys=keys, args=args, client=self._redis))
-        assert isinstance(reply, list)
-        return reply
+        """Lifecycle scripts also see the session's staging keys (KEYS[5..7])."""
+        return await self._run(script, session, args, staging=True)
 
     @property
     def _redis(self) -> aioredis.Redis:
@@ -319,8 +316,10 @@ class RedisWorkingMemoryStore:
             raise RuntimeError("RedisWorkingMemoryStore used before open()")
         return self._client
 
-    async def _run(self, script: str, session: SessionRef, args: list[Any]) -> list[Any]:
-        keys = session_keys(session)
+    async def _run(
+        self, script: str, session: SessionRef, args: list[Any], staging: bool = False
+    ) -> list[Any]:
+        keys = session_keys(session) + (staging_keys(session) if staging else [])
         runner = self._scripts[script]
         reply = await self._retrying(lambda: runner(keys=keys, args=args, client=self._redis))
         assert isinstance(reply, list)
