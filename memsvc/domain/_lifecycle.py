@@ -175,7 +175,6 @@ class Lifecycle:
         async def body(tx: LifecycleTransaction) -> PauseResult:
             record = await self._locked(tx, ref, "pause", {SessionState.ACTIVE})
             snapshot = await self._begin(
-                tx,
                 record,
                 steps,
                 lambda: self._memory.begin_snapshot(ref, steps.op, "pausing", False, {"active"}),
@@ -241,9 +240,8 @@ class Lifecycle:
         async def body(tx: LifecycleTransaction) -> CheckpointResult:
             record = await self._locked(tx, ref, "checkpoint", {SessionState.ACTIVE})
             snapshot = await self._begin(
-                tx,
                 record,
-                _Steps(op=steps.op),
+                None,
                 lambda: self._memory.begin_snapshot(ref, steps.op, None, False, {"active"}),
             )
             now = self._clock_ms()
@@ -330,7 +328,6 @@ class Lifecycle:
             epoch = uuid7()
             allowed = {_MARKER_FOR[record.state], MISSING}
             count = await self._begin(
-                tx,
                 record,
                 steps,
                 lambda: self._memory.begin_restore(ref, steps.op, epoch, contents, merge, allowed),
@@ -386,7 +383,6 @@ class Lifecycle:
             )
             allowed = {_MARKER_FOR[record.state], MISSING}
             snapshot = await self._begin(
-                tx,
                 record,
                 steps,
                 lambda: self._memory.begin_snapshot(ref, steps.op, "terminating", cleanup, allowed),
@@ -538,12 +534,15 @@ class Lifecycle:
 
     async def _begin(
         self,
-        tx: LifecycleTransaction,
         record: SessionRecord,
-        steps: _Steps,
+        steps: _Steps | None,
         step: Callable[[], Awaitable[T]],
     ) -> T:
-        """Run step 1; heal a transitional marker left by a dead operation first."""
+        """Run step 1; heal a transitional marker left by a dead operation first.
+
+        ``steps`` records that there is a marker to settle after the commit (None
+        for a step that changes no marker, such as CreateCheckpoint's snapshot).
+        """
         for attempt in range(2):
             try:
                 result = await step()
@@ -554,7 +553,8 @@ class Lifecycle:
                 if error.state == MISSING:
                     raise WorkingMemoryLost(record.ref.session_id) from None
                 raise InvalidTransition(record.ref.session_id, error.state, "change") from None
-            steps.started = True
+            if steps is not None:
+                steps.started = True
             return result
         raise AssertionError("unreachable")
 

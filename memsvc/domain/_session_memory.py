@@ -18,18 +18,22 @@ from typing import Protocol
 
 from memsvc.domain._ids import SessionRef
 from memsvc.domain._markers import MISSING, TRANSITIONAL, NoSession
+from memsvc.domain._snapshot import SnapshotEntry, decode_snapshot
 from memsvc.domain._working_memory import EntryWrite, WorkingMemoryStore
 
-__all__ = ["MISSING", "TRANSITIONAL", "NoSession"]  # re-exported for the stores
-
-
-@dataclass(frozen=True, slots=True)
-class SnapshotEntry:
-    """One key of a snapshot; ``remaining_ttl_ms`` None means no expiry."""
-
-    key: str
-    value: bytes
-    remaining_ttl_ms: int | None
+# Re-exported: the stores import these from here with the lifecycle steps.
+__all__ = [
+    "MISSING",
+    "TRANSITIONAL",
+    "LostOperation",
+    "Marker",
+    "MarkerStateError",
+    "MemoryStore",
+    "NoSession",
+    "SessionMemoryStore",
+    "Snapshot",
+    "SnapshotEntry",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +52,6 @@ class Snapshot:
 
     def entries(self) -> list[SnapshotEntry]:
         """The entries, decoded (only when they are needed one by one)."""
-        from memsvc.domain._snapshot import decode_snapshot
 
         return decode_snapshot(self.blob)
 

@@ -14,12 +14,20 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Sequence
-
-from memsvc.domain._session_memory import SnapshotEntry
+from dataclasses import dataclass
 
 MAGIC = b"MSN1"
 _LENGTH = struct.Struct("<I")
 _TTL = struct.Struct("<q")
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotEntry:
+    """One key of a snapshot; ``remaining_ttl_ms`` None means no expiry."""
+
+    key: str
+    value: bytes
+    remaining_ttl_ms: int | None
 
 
 class SnapshotFormatError(ValueError):
