@@ -36,6 +36,7 @@ from memsvc.domain._lifecycle_records import (
     SessionRecord,
     SessionState,
 )
+from memsvc.domain._pagination import Page
 from memsvc.domain._session_memory import (
     Marker,
     MemoryStore,
@@ -47,7 +48,6 @@ from memsvc.domain._working_memory import (
     BatchRead,
     EntryWrite,
     KeyMeta,
-    Page,
     StoredEntry,
     WorkingMemory,
     WorkingMemoryLimits,

@@ -25,14 +25,15 @@ from memsvc.domain._lifecycle_records import (
     protected_checkpoint,
 )
 from memsvc.domain._pagination import (
-    check_page_size,
+    Page,
     decode_page_token,
     encode_page_token,
     fingerprint,
+    page_of,
 )
 from memsvc.domain._session_memory import SessionMemoryStore, SnapshotEntry
 from memsvc.domain._snapshot import decode_snapshot
-from memsvc.domain._working_memory import Page, WorkingMemoryLimits
+from memsvc.domain._working_memory import WorkingMemoryLimits
 
 
 class LifecycleReads:
@@ -67,13 +68,7 @@ class LifecycleReads:
             violations.append(FieldViolation("checkpoint_id", "is required"))
         else:
             check_session_id(checkpoint_id, "checkpoint_id", violations)
-        limits = self._limits
-        limit = check_page_size(
-            page_size,
-            default=limits.default_page_size,
-            maximum=limits.max_page_size,
-            violations=violations,
-        )
+        limit = self._limits.page_size(page_size, violations)
         raise_if_any(violations)
         scope = fingerprint(
             "checkpoint", ref.project_id, ref.agent_instance_id, ref.session_id, checkpoint_id
@@ -94,7 +89,7 @@ class LifecycleReads:
         page: list[SnapshotEntry] = []
         used = 0
         for entry in ordered[:limit]:
-            if page and used + len(entry.value) > limits.response_budget_bytes:
+            if page and used + len(entry.value) > self._limits.response_budget_bytes:
                 break
             used += len(entry.value)
             page.append(entry)
@@ -125,13 +120,7 @@ class LifecycleReads:
                 wanted = SessionState(state)
             except ValueError:
                 violations.append(FieldViolation("state", f"is not a SessionState value: {state}"))
-        limits = self._limits
-        limit = check_page_size(
-            page_size,
-            default=limits.default_page_size,
-            maximum=limits.max_page_size,
-            violations=violations,
-        )
+        limit = self._limits.page_size(page_size, violations)
         raise_if_any(violations)
         scope = fingerprint("sessions", project, agent or "", str(state))
         after = decode_page_token(page_token, scope)
@@ -140,13 +129,12 @@ class LifecycleReads:
             create_ms, agent_after, session_after = json.loads(after)
             before = (int(create_ms), str(agent_after), str(session_after))
         items = await self._db.list_sessions(project, agent, wanted, before, limit + 1)
-        token = ""
-        if len(items) > limit:
-            items = items[:limit]
-            last = items[-1]
-            position = json.dumps([last.create_ms, last.ref.agent_instance_id, last.ref.session_id])
-            token = encode_page_token(position, scope)
-        return Page(items, token)
+        return page_of(
+            items,
+            limit,
+            scope,
+            lambda last: [last.create_ms, last.ref.agent_instance_id, last.ref.session_id],
+        )
 
     async def get_session(self, session: SessionRef) -> tuple[SessionRecord, bool | None]:
         """The session and whether its working memory is intact (None once terminated)."""
@@ -171,12 +159,7 @@ class LifecycleReads:
         ref = check_session_ref(
             session.project_id, session.agent_instance_id, session.session_id, violations
         )
-        limit = check_page_size(
-            page_size,
-            default=self._limits.default_page_size,
-            maximum=self._limits.max_page_size,
-            violations=violations,
-        )
+        limit = self._limits.page_size(page_size, violations)
         raise_if_any(violations)
         scope = fingerprint("checkpoints", ref.project_id, ref.agent_instance_id, ref.session_id)
         after = decode_page_token(page_token, scope)
@@ -192,10 +175,4 @@ class LifecycleReads:
             self.retention.with_expiry(c, protected)
             for c in await self._db.list_checkpoints(ref, before, limit + 1)
         ]
-        token = ""
-        if len(items) > limit:
-            items = items[:limit]
-            token = encode_page_token(
-                json.dumps([items[-1].create_ms, items[-1].checkpoint_id]), scope
-            )
-        return Page(items, token)
+        return page_of(items, limit, scope, lambda last: [last.create_ms, last.checkpoint_id])

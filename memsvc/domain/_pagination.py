@@ -13,8 +13,22 @@ import base64
 import binascii
 import hashlib
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 from memsvc.domain._errors import FieldViolation, InvalidArgument
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    """One page of a listing; ``next_page_token`` is empty on the last page."""
+
+    items: list[T]
+    next_page_token: str
+
 
 _TOKEN_VERSION = 1
 
@@ -78,3 +92,14 @@ def check_page_size(
     if page_size == 0:
         return default
     return min(page_size, maximum)
+
+
+def page_of(items: list[T], limit: int, scope: str, position: Callable[[T], list[Any]]) -> Page[T]:
+    """The page for ``items`` read with ``limit + 1``: the extra one says more follow.
+
+    The token records ``position(last item)`` (JSON), where the next page starts after.
+    """
+    if len(items) <= limit:
+        return Page(items, "")
+    items = items[:limit]
+    return Page(items, encode_page_token(json.dumps(position(items[-1])), scope))

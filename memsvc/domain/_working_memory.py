@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 from memsvc.domain._errors import (
     FieldViolation,
@@ -30,6 +30,7 @@ from memsvc.domain._ids import (
 )
 from memsvc.domain._markers import MISSING, NoSession
 from memsvc.domain._pagination import (
+    Page,
     check_page_size,
     decode_page_token,
     encode_page_token,
@@ -50,6 +51,15 @@ class WorkingMemoryLimits:
     # Values returned by one response stop before this many bytes, so a reply
     # always fits under the 4 MiB gRPC message limit with room for framing.
     response_budget_bytes: int = 3 << 20
+
+    def page_size(self, requested: int, violations: list[FieldViolation]) -> int:
+        """The page size to use for a request's ``page_size`` (AIP-158 rules)."""
+        return check_page_size(
+            requested,
+            default=self.default_page_size,
+            maximum=self.max_page_size,
+            violations=violations,
+        )
 
     def __post_init__(self) -> None:
         if self.max_value_bytes >= self.response_budget_bytes:
@@ -110,14 +120,6 @@ class BatchRead:
 
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class Page(Generic[T]):
-    """One page of a listing; ``next_page_token`` is empty on the last page."""
-
-    items: list[T]
-    next_page_token: str
 
 
 class WorkingMemoryStore(Protocol):
@@ -378,12 +380,7 @@ class WorkingMemory:
     ) -> tuple[SessionRef, str, str | None, int]:
         violations: list[FieldViolation] = []
         ref = check_session_ref(*_fields(session), violations)
-        limit = check_page_size(
-            page_size,
-            default=self.limits.default_page_size,
-            maximum=self.limits.max_page_size,
-            violations=violations,
-        )
+        limit = self.limits.page_size(page_size, violations)
         raise_if_any(violations)
         scope = fingerprint("working-memory", *_fields(ref))
         after = decode_page_token(page_token, scope)
