@@ -89,3 +89,11 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not reached within {timeout}s")
         await asyncio.sleep(interval)
+
+
+def durable_store_at(url: str) -> Any:
+    """A durable store (not yet open) for a sqlite:// or postgresql:// URL."""
+    from memsvc.store.postgres import PostgresDurableStore
+    from memsvc.store.sqlite import SqliteDurableStore
+
+    return SqliteDurableStore(url) if url.startswith("sqlite") else PostgresDurableStore(url)

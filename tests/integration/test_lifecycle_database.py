@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,25 +21,12 @@ from memsvc.domain._lifecycle_records import (
 )
 from memsvc.domain._session_memory import SnapshotEntry
 from memsvc.domain._snapshot import decode_snapshot, encode_snapshot
-from memsvc.store.postgres import PostgresDurableStore
-from memsvc.store.sqlite import SqliteDurableStore
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/memsvc.db"
-    url: str = request.getfixturevalue("fresh_postgres_url")
-    return url
-
-
-def open_store(url: str) -> Any:
-    return SqliteDurableStore(url) if url.startswith("sqlite") else PostgresDurableStore(url)
+from tests.helpers import durable_store_at
 
 
 @pytest.fixture
 async def db(database_url: str) -> AsyncIterator[Any]:
-    store = open_store(database_url)
+    store = durable_store_at(database_url)
     await store.open()
     await store.migrate()
     yield store
@@ -134,7 +120,7 @@ async def test_request_ids_return_the_first_answer(db):
 
 async def test_event_sequences_are_gap_free_across_concurrent_writers(database_url, db):
     """Eight stores (own connections) appending at once: sequences 1..N, each once."""
-    stores = [open_store(database_url) for _ in range(8)]
+    stores = [durable_store_at(database_url) for _ in range(8)]
     for store in stores:
         await store.open()
     ref = new_session().ref

@@ -12,10 +12,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from memsvc.domain import DurableStore
 from memsvc.store._migrations import MigrationError, load_migrations
-from memsvc.store.postgres import PostgresDurableStore
-from memsvc.store.sqlite import SqliteDurableStore
+from tests.helpers import durable_store_at
 
 MEMSVC = str(Path(sys.executable).parent / "memsvc")
 LATEST = {
@@ -24,24 +22,12 @@ LATEST = {
 }
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/memsvc.db"
-    url: str = request.getfixturevalue("fresh_postgres_url")
-    return url
-
-
-def store_for(url: str) -> DurableStore:
-    return SqliteDurableStore(url) if url.startswith("sqlite") else PostgresDurableStore(url)
-
-
 def kind(url: str) -> str:
     return "sqlite" if url.startswith("sqlite") else "postgres"
 
 
 async def test_migrate_applies_everything_once(database_url):
-    store = store_for(database_url)
+    store = durable_store_at(database_url)
     await store.open()
     try:
         assert await store.schema_version() == 0
@@ -54,7 +40,7 @@ async def test_migrate_applies_everything_once(database_url):
 
 async def test_concurrent_migrators_apply_each_migration_exactly_once(database_url):
     """Eight stores (own connections each) migrating at once: each version applied once."""
-    stores = [store_for(database_url) for _ in range(8)]
+    stores = [durable_store_at(database_url) for _ in range(8)]
     for store in stores:
         await store.open()
     try:
@@ -78,7 +64,7 @@ def installation_rows(url: str) -> int:
 
 
 async def test_a_changed_migration_file_stops_the_server(database_url):
-    store = store_for(database_url)
+    store = durable_store_at(database_url)
     await store.open()
     try:
         await store.migrate()
@@ -115,7 +101,7 @@ async def test_memsvc_migrate_command(database_url):
     )
     assert second.returncode == 0, second.stderr
     assert "applied migration" not in second.stderr
-    store = store_for(database_url)
+    store = durable_store_at(database_url)
     await store.open()
     try:
         assert await store.schema_version() == LATEST[kind(database_url)]
