@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+from collections.abc import Sequence
+from typing import Any
 
 import grpc
 from google.protobuf import struct_pb2
@@ -55,7 +57,14 @@ async def serve(port: int, response: bytes) -> None:
             )
         },
     )
-    server = grpc.aio.server()
+    await serve_until_signalled(port, handler)
+
+
+async def serve_until_signalled(
+    port: int, handler: grpc.GenericRpcHandler, options: Sequence[tuple[str, Any]] = ()
+) -> None:
+    """Serve ``handler`` on 127.0.0.1:port until SIGTERM or SIGINT (every bench server)."""
+    server = grpc.aio.server(options=list(options))
     server.add_generic_rpc_handlers((handler,))
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()

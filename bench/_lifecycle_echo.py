@@ -21,12 +21,11 @@ It serves on 127.0.0.1:PORT until SIGTERM or SIGINT.
 from __future__ import annotations
 
 import asyncio
-import signal
 import sys
 
 import grpc
 
-from bench._echo_server import identity
+from bench._echo_server import identity, serve_until_signalled
 
 ECHO_SERVICE = "bench.LifecycleEcho"
 PAUSE_METHOD = f"/{ECHO_SERVICE}/Pause"
@@ -64,16 +63,7 @@ async def serve(port: int) -> None:
     generic = grpc.method_handlers_generic_handler(
         ECHO_SERVICE, {"Pause": method(pause), "Resume": method(resume), "Load": method(load)}
     )
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
-    server.add_generic_rpc_handlers((generic,))
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
-    await server.stop(1)
+    await serve_until_signalled(port, generic, CHANNEL_OPTIONS)
 
 
 if __name__ == "__main__":

@@ -22,13 +22,12 @@ It serves on 127.0.0.1:PORT until SIGTERM or SIGINT.
 from __future__ import annotations
 
 import asyncio
-import signal
 import sys
 from collections.abc import AsyncIterator
 
 import grpc
 
-from bench._echo_server import identity
+from bench._echo_server import identity, serve_until_signalled
 from memsvc.v1 import lifecycle_pb2 as lc
 
 FANOUT_SERVICE = "bench.Fanout"
@@ -66,16 +65,7 @@ async def serve(port: int) -> None:
             ),
         },
     )
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers((handler,))
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
-    await server.stop(1)
+    await serve_until_signalled(port, handler)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,9 @@ import redis
 
 from bench._echo_server import ECHO_METHOD, GET_KEY, bench_value, identity
 from memsvc.testing import BackendUnreachable, free_port, require_backend
+from memsvc.v1 import lifecycle_pb2 as lc
 from memsvc.v1 import working_memory_pb2 as pb
+from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
 from memsvc.v1.working_memory_pb2_grpc import WorkingMemoryServiceStub
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -156,6 +158,11 @@ async def _operations(
         return [("Get", lambda: echo(payload))]
     stub = WorkingMemoryServiceStub(channel)
     value = bench_value(value_bytes)
+    try:  # working memory belongs to a spawned session; later rounds reuse it
+        await LifecycleServiceStub(channel).Spawn(lc.SpawnRequest(**ids))
+    except grpc.aio.AioRpcError as error:
+        if error.code() != grpc.StatusCode.ALREADY_EXISTS:
+            raise
     await stub.Set(pb.SetRequest(**ids, key=GET_KEY, value=value))
     set_requests = itertools.cycle(
         [pb.SetRequest(**ids, key=f"set-{i}", value=value) for i in range(SET_KEYS)]
