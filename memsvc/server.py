@@ -23,16 +23,24 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from memsvc.api import ErrorInterceptor, WorkingMemoryServicer
+from memsvc.api._data_removal import DataRemovalServicer
+from memsvc.api._episodic import EpisodicMemoryServicer
 from memsvc.api._errors import StreamTracker
 from memsvc.api._lifecycle import LifecycleServicer, render_value
 from memsvc.config import Config
 from memsvc.domain import DurableStore, MemoryStore, WorkingMemory
+from memsvc.domain._episodes import Episodes
 from memsvc.domain._lifecycle import Lifecycle
 from memsvc.domain._lifecycle_records import CheckpointRetention
+from memsvc.domain._purge import Purger
 from memsvc.domain._watch import EventHub
 from memsvc.failpoints import Failpoints
 from memsvc.store import durable_store, working_memory_store
 from memsvc.v1 import (
+    data_removal_pb2,
+    data_removal_pb2_grpc,
+    episodic_pb2,
+    episodic_pb2_grpc,
     lifecycle_pb2,
     lifecycle_pb2_grpc,
     working_memory_pb2,
@@ -45,8 +53,18 @@ WORKING_MEMORY_SERVICE = working_memory_pb2.DESCRIPTOR.services_by_name[
     "WorkingMemoryService"
 ].full_name
 LIFECYCLE_SERVICE = lifecycle_pb2.DESCRIPTOR.services_by_name["LifecycleService"].full_name
+EPISODIC_MEMORY_SERVICE = episodic_pb2.DESCRIPTOR.services_by_name[
+    "EpisodicMemoryService"
+].full_name
+DATA_REMOVAL_SERVICE = data_removal_pb2.DESCRIPTOR.services_by_name["DataRemovalService"].full_name
 # Services whose health follows the backends; "" is the server as a whole.
-_HEALTH_SERVICES = ("", WORKING_MEMORY_SERVICE, LIFECYCLE_SERVICE)
+_HEALTH_SERVICES = (
+    "",
+    WORKING_MEMORY_SERVICE,
+    LIFECYCLE_SERVICE,
+    EPISODIC_MEMORY_SERVICE,
+    DATA_REMOVAL_SERVICE,
+)
 
 
 class Server:
@@ -126,11 +144,22 @@ class Server:
         lifecycle_pb2_grpc.add_LifecycleServiceServicer_to_server(
             LifecycleServicer(lifecycle, hub), server
         )
+        episodes = Episodes(
+            self.durable_store, max_similarity_candidates=self.config.max_similarity_candidates
+        )
+        episodic_pb2_grpc.add_EpisodicMemoryServiceServicer_to_server(
+            EpisodicMemoryServicer(episodes), server
+        )
+        data_removal_pb2_grpc.add_DataRemovalServiceServicer_to_server(
+            DataRemovalServicer(Purger(self.working_memory_store, self.durable_store)), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (
                 WORKING_MEMORY_SERVICE,
                 LIFECYCLE_SERVICE,
+                EPISODIC_MEMORY_SERVICE,
+                DATA_REMOVAL_SERVICE,
                 health.SERVICE_NAME,
                 reflection.SERVICE_NAME,
             ),

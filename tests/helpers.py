@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -97,3 +98,20 @@ def durable_store_at(url: str) -> Any:
     from memsvc.store.sqlite import SqliteDurableStore
 
     return SqliteDurableStore(url) if url.startswith("sqlite") else PostgresDurableStore(url)
+
+
+async def sql_rows(url: str, statement: str, *params: Any) -> list[tuple[Any, ...]]:
+    """Rows of one SQL statement (``?`` placeholders) run straight on a durable
+    store's database, so tests can check what is really stored."""
+    if url.startswith("sqlite"):
+        import sqlite3
+
+        from memsvc.store.sqlite import sqlite_path
+
+        with contextlib.closing(sqlite3.connect(sqlite_path(url))) as db:
+            return list(db.execute(statement, params).fetchall())
+    import psycopg
+
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        cursor = await conn.execute(statement.replace("?", "%s"), params)
+        return list(await cursor.fetchall())

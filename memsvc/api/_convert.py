@@ -52,3 +52,8 @@ def timestamp(epoch_ms: int) -> timestamp_pb2.Timestamp:
     return timestamp_pb2.Timestamp(
         seconds=epoch_ms // 1000, nanos=(epoch_ms % 1000) * _NANOS_PER_MS
     )
+
+
+def epoch_ms(moment: timestamp_pb2.Timestamp) -> int:
+    """Unix milliseconds of a Timestamp (rounded down)."""
+    return int(moment.seconds * 1000 + moment.nanos // _NANOS_PER_MS)

@@ -84,15 +84,17 @@ class LifecycleServicer(pb_grpc.LifecycleServiceServicer):
         self._lifecycle = lifecycle
         self._hub = hub
         # One event goes to many watchers: build its message once (recent ones kept).
-        # Events never change after commit; a future purge that rewrites one must
-        # clear this cache.
-        self._responses: OrderedDict[int, pb.WatchLifecycleResponse] = OrderedDict()
+        # An event changes only when a purge makes it a tombstone (on any replica),
+        # so the key includes that flag and a tombstone read back is never served
+        # from its earlier message.
+        self._responses: OrderedDict[tuple[int, bool], pb.WatchLifecycleResponse] = OrderedDict()
 
     def _event_response(self, stored: StoredEvent) -> pb.WatchLifecycleResponse:
-        response = self._responses.get(stored.sequence)
+        key = (stored.sequence, stored.event.purged)
+        response = self._responses.get(key)
         if response is None:
             response = pb.WatchLifecycleResponse(event=event_message(stored))
-            self._responses[stored.sequence] = response
+            self._responses[key] = response
             if len(self._responses) > _RESPONSE_CACHE:
                 self._responses.popitem(last=False)
         return response
@@ -264,6 +266,15 @@ class LifecycleServicer(pb_grpc.LifecycleServiceServicer):
 def event_message(stored: StoredEvent) -> pb.LifecycleEvent:
     """The API form of a stored event."""
     event = stored.event
+    if event.purged:
+        tombstone = pb.LifecycleEvent(
+            sequence=stored.sequence,
+            event_id=event.event_id,
+            event_type=pb.EventType.ValueType(int(event.event_type)),
+            purged=True,
+        )
+        tombstone.event_time.CopyFrom(timestamp(event.time_ms))
+        return tombstone
     message = pb.LifecycleEvent(
         sequence=stored.sequence,
         event_id=event.event_id,

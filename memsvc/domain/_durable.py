@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
-from memsvc.domain._lifecycle_records import LifecycleDatabase
+from memsvc.domain._episodes import EpisodeDatabase, EpisodeTransaction
+from memsvc.domain._lifecycle_records import LifecycleDatabase, LifecycleTransaction
+from memsvc.domain._purge import PurgeDatabase, PurgeTransaction
 from memsvc.domain._watch import EventSource
 
 
-class DurableStore(LifecycleDatabase, EventSource, Protocol):
+class DurableTransaction(LifecycleTransaction, EpisodeTransaction, PurgeTransaction, Protocol):
+    """One durable-store transaction: every feature's writes."""
+
+
+class DurableStore(LifecycleDatabase, EpisodeDatabase, PurgeDatabase, EventSource, Protocol):
     """SQLite (embedded default) or PostgreSQL (production): connection,
-    migrations and health here, lifecycle and events through the base ports."""
+    migrations and health here, each feature's data through the base ports."""
 
     backend_name: str
+
+    def transaction(self) -> AbstractAsyncContextManager[DurableTransaction]:
+        """A transaction that commits when the block ends normally."""
 
     async def open(self) -> None:
         """Connect; nothing connects in ``__init__``."""

@@ -9,7 +9,8 @@ each class to a status code (``memsvc.api``) and never needs to parse messages.
     ├── NotFound                    NOT_FOUND
     │   ├── KeyNotFound
     │   ├── SessionNotFound
-    │   └── CheckpointNotFound
+    │   ├── CheckpointNotFound
+    │   └── EpisodeNotFound
     ├── AlreadyExists               ALREADY_EXISTS
     │   ├── SessionAlreadyExists
     │   └── CheckpointAlreadyExists
@@ -17,7 +18,8 @@ each class to a status code (``memsvc.api``) and never needs to parse messages.
     │   ├── SessionNotWritable
     │   ├── InvalidTransition
     │   ├── CheckpointProtected
-    │   └── WorkingMemoryLost
+    │   ├── WorkingMemoryLost
+    │   └── SimilarityScopeTooLarge
     ├── ResourceExhausted
     │   └── SessionLimitExceeded    RESOURCE_EXHAUSTED, with the limit
     ├── OutOfRange                  OUT_OF_RANGE
@@ -255,4 +257,30 @@ class WorkingMemoryLost(FailedPrecondition):
             f"the working memory of session {session_id!r} was lost by its store; "
             "Resume it from a checkpoint",
             metadata={"session_id": session_id},
+        )
+
+
+class EpisodeNotFound(NotFound):
+    """No such episode in this project."""
+
+    reason = "ERROR_REASON_EPISODE_NOT_FOUND"
+
+    def __init__(self, episode_id: str) -> None:
+        super().__init__(
+            f"episode {episode_id!r} not found in this project",
+            metadata={"episode_id": episode_id},
+        )
+
+
+class SimilarityScopeTooLarge(FailedPrecondition):
+    """A similarity search would compare more episodes than allowed."""
+
+    reason = "ERROR_REASON_SIMILARITY_SCOPE_TOO_LARGE"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"more than {limit} episodes match the filters of this similarity search; "
+            "narrow them (agent instance, session, task type, time range, importance or a "
+            "text query)",
+            metadata={"candidates": str(limit + 1), "limit": str(limit)},
         )

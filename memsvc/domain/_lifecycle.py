@@ -613,9 +613,7 @@ class Lifecycle:
             async with self._db.transaction() as tx:
                 if request_id:
                     try:
-                        previous = await tx.claim_request(
-                            ref.project_id, request_id, method, arguments
-                        )
+                        previous = await tx.claim_request(ref, request_id, method, arguments)
                     except RequestIdReused:
                         raise RequestIdConflict(request_id) from None
                     if previous is not None:

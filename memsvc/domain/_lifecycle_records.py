@@ -73,6 +73,8 @@ class EventRecord:
     episode_id: str | None = None
     request_id: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    # A tombstone: its subject was purged, so only sequence, id, type and time remain.
+    purged: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +95,9 @@ class EpisodeRecord:
     importance: float
     metadata: dict[str, Any]
     create_ms: int
+    # Little-endian float32 values; None without an embedding (or when not read).
+    embedding: bytes | None = None
+    embedding_dimensions: int = 0
 
 
 class RequestIdReused(Exception):
@@ -107,9 +112,11 @@ class LifecycleTransaction(Protocol):
     """One database transaction of a lifecycle operation (ADR 0004)."""
 
     async def claim_request(
-        self, project_id: str, request_id: str, method: str, arguments_hash: str
+        self, scope: SessionRef, request_id: str, method: str, arguments_hash: str
     ) -> bytes | None:
-        """Record the request id; return the first answer if it was already served.
+        """Record the request id (remembered within ``scope``, which a purge
+        forgets; its agent and session may be empty); return the first answer
+        if it was already served.
 
         Raises RequestIdReused when the id was used with other arguments.
         """

@@ -18,6 +18,7 @@ from typing import Protocol
 
 from memsvc.domain._ids import SessionRef
 from memsvc.domain._markers import MISSING, TRANSITIONAL, NoSession
+from memsvc.domain._purge import ForgettingStore
 from memsvc.domain._snapshot import SnapshotEntry, decode_snapshot
 from memsvc.domain._working_memory import EntryWrite, WorkingMemoryStore
 
@@ -136,5 +137,5 @@ class SessionMemoryStore(Protocol):
         """
 
 
-class MemoryStore(WorkingMemoryStore, SessionMemoryStore, Protocol):
+class MemoryStore(WorkingMemoryStore, SessionMemoryStore, ForgettingStore, Protocol):
     """A working-memory store with the lifecycle steps: what the server runs on."""

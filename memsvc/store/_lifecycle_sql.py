@@ -21,7 +21,6 @@ from memsvc.domain import SessionRef
 from memsvc.domain._lifecycle_records import (
     CheckpointIdTaken,
     CheckpointRecord,
-    EpisodeRecord,
     EventRecord,
     EventType,
     RequestIdReused,
@@ -118,12 +117,22 @@ class SqlLifecycleTransaction:
         return await cursor.fetchone()
 
     async def claim_request(
-        self, project_id: str, request_id: str, method: str, arguments_hash: str
+        self, scope: SessionRef, request_id: str, method: str, arguments_hash: str
     ) -> bytes | None:
+        project_id = scope.project_id
         inserted = await self._one(
-            "INSERT INTO request_log (project_id, request_id, method, arguments_hash, create_time)"
-            " VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING request_id",
-            (project_id, request_id, method, arguments_hash, self._d.time_param(_now_ms())),
+            "INSERT INTO request_log (project_id, agent_instance_id, session_id, request_id,"
+            " method, arguments_hash, create_time) VALUES (?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT DO NOTHING RETURNING request_id",
+            (
+                project_id,
+                scope.agent_instance_id or None,
+                scope.session_id or None,
+                request_id,
+                method,
+                arguments_hash,
+                self._d.time_param(_now_ms()),
+            ),
         )
         if inserted is not None:
             return None
@@ -274,33 +283,6 @@ class SqlLifecycleTransaction:
         ).fetchall()
         return len(rows)
 
-    async def insert_episode(self, record: EpisodeRecord) -> None:
-        await self._conn.execute(
-            self._d.sql(
-                "INSERT INTO episodes (episode_id, project_id, agent_instance_id, session_id,"
-                " task_type, task_description, outcome, outcome_details, actions,"
-                " context_summary, lessons_learned, duration_seconds, tokens_used, importance,"
-                " metadata, create_time)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-            ),
-            (
-                record.episode_id,
-                *_key(record.ref),
-                record.task_type,
-                record.task_description,
-                record.outcome,
-                record.outcome_details,
-                self._d.json_param(record.actions),
-                record.context_summary,
-                self._d.json_param(record.lessons_learned),
-                record.duration_seconds,
-                record.tokens_used,
-                record.importance,
-                self._d.json_param(record.metadata),
-                self._d.time_param(record.create_ms),
-            ),
-        )
-
     async def append_event(self, event: EventRecord) -> int:
         # The counter row serializes writers from here to commit: keep this last.
         values = (
@@ -379,7 +361,7 @@ _EVENT_COLUMNS = (
 
 
 def event_from_row(row: Sequence[Any], dialect: Dialect) -> StoredEvent:
-    """A StoredEvent from the columns of _EVENT_COLUMNS."""
+    """A StoredEvent from the columns of _EVENT_COLUMNS, then ``purged``."""
     return StoredEvent(
         sequence=int(row[0]),
         event=EventRecord(
@@ -392,6 +374,7 @@ def event_from_row(row: Sequence[Any], dialect: Dialect) -> StoredEvent:
             request_id=row[9],
             metadata=dialect.json_value(row[10]),
             time_ms=dialect.time_value(row[11]),
+            purged=bool(row[12]),
         ),
     )
 
@@ -416,7 +399,8 @@ async def read_events(
         params += [int(t) for t in event_filter.event_types]
     cursor = await conn.execute(
         dialect.sql(
-            f"SELECT {_EVENT_COLUMNS} FROM lifecycle_events WHERE {' AND '.join(conditions)}"
+            f"SELECT {_EVENT_COLUMNS}, purged FROM lifecycle_events"
+            f" WHERE {' AND '.join(conditions)}"
             f" ORDER BY sequence LIMIT {int(limit)}"
         ),
         params,
@@ -553,15 +537,16 @@ def _now_ms() -> int:
     return int(datetime.now(UTC).timestamp() * 1000)
 
 
-class SqlReads:
-    """The reads of LifecycleDatabase and EventSource, written once for both stores.
-
-    A store provides :meth:`_query`, which runs one of this module's read
-    functions with a connection and its dialect.
-    """
+class SqlQueries:
+    """Base of the read mixins: a store provides :meth:`_query`, which runs a
+    read function with a connection and its dialect."""
 
     async def _query(self, read: Callable[..., Awaitable[T]], *args: Any) -> T:
         raise NotImplementedError
+
+
+class SqlReads(SqlQueries):
+    """The reads of LifecycleDatabase and EventSource, written once for both stores."""
 
     async def get_session(self, ref: SessionRef) -> SessionRecord | None:
         return await self._query(get_session, ref)

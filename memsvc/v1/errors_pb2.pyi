@@ -96,6 +96,15 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The server already serves its maximum number of watch streams.
     Metadata: "limit". Status code: RESOURCE_EXHAUSTED.
     """
+    ERROR_REASON_EPISODE_NOT_FOUND: _ErrorReason.ValueType  # 17
+    """No episode with this id in this project. Metadata: "episode_id".
+    Status code: NOT_FOUND.
+    """
+    ERROR_REASON_SIMILARITY_SCOPE_TOO_LARGE: _ErrorReason.ValueType  # 18
+    """A similarity search would compare more episodes than the server allows;
+    narrow the filters. Metadata: "candidates" (at least this many), "limit".
+    Status code: FAILED_PRECONDITION.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason enumerates the machine-readable causes of a failed call.
@@ -181,5 +190,14 @@ Metadata: "oldest_sequence" (the oldest position to resume after),
 ERROR_REASON_TOO_MANY_WATCHERS: ErrorReason.ValueType  # 16
 """The server already serves its maximum number of watch streams.
 Metadata: "limit". Status code: RESOURCE_EXHAUSTED.
+"""
+ERROR_REASON_EPISODE_NOT_FOUND: ErrorReason.ValueType  # 17
+"""No episode with this id in this project. Metadata: "episode_id".
+Status code: NOT_FOUND.
+"""
+ERROR_REASON_SIMILARITY_SCOPE_TOO_LARGE: ErrorReason.ValueType  # 18
+"""A similarity search would compare more episodes than the server allows;
+narrow the filters. Metadata: "candidates" (at least this many), "limit".
+Status code: FAILED_PRECONDITION.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -195,6 +195,7 @@ class LifecycleEvent(_message.Message):
     CHECKPOINT_ID_FIELD_NUMBER: _builtins.int
     EPISODE_ID_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    PURGED_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Position in the global event log: gap-free, in commit order, shared by
     every replica on one durable store.
@@ -217,6 +218,11 @@ class LifecycleEvent(_message.Message):
     """The episode recorded, for terminate with consolidation."""
     request_id: _builtins.str
     """The request_id of the call that made the change, when it had one."""
+    purged: _builtins.bool
+    """True for a tombstone: its subject was purged (DataRemovalService), so only
+    sequence, event_id, event_type and event_time remain; every other field
+    is empty.
+    """
     @_builtins.property
     def event_time(self) -> _timestamp_pb2.Timestamp:
         """When the change was committed."""
@@ -240,10 +246,11 @@ class LifecycleEvent(_message.Message):
         checkpoint_id: _builtins.str = ...,
         episode_id: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        purged: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time", "metadata", b"metadata"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_instance_id", b"agent_instance_id", "agent_type_id", b"agent_type_id", "checkpoint_id", b"checkpoint_id", "episode_id", b"episode_id", "event_id", b"event_id", "event_time", b"event_time", "event_type", b"event_type", "metadata", b"metadata", "project_id", b"project_id", "request_id", b"request_id", "sequence", b"sequence", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_instance_id", b"agent_instance_id", "agent_type_id", b"agent_type_id", "checkpoint_id", b"checkpoint_id", "episode_id", b"episode_id", "event_id", b"event_id", "event_time", b"event_time", "event_type", b"event_type", "metadata", b"metadata", "project_id", b"project_id", "purged", b"purged", "request_id", b"request_id", "sequence", b"sequence", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -107,15 +107,17 @@ async def test_checkpoints_are_unique_and_listed_newest_first(db):
 
 async def test_request_ids_return_the_first_answer(db):
     project = str(uuid.uuid4())
+    scope = SessionRef(project, str(uuid.uuid4()), "s")
     async with db.transaction() as tx:
-        assert await tx.claim_request(project, "r1", "Pause", "hash-a") is None
+        assert await tx.claim_request(scope, "r1", "Pause", "hash-a") is None
         await tx.remember_response(project, "r1", b"answer")
     async with db.transaction() as tx:
-        assert await tx.claim_request(project, "r1", "Pause", "hash-a") == b"answer"
+        assert await tx.claim_request(scope, "r1", "Pause", "hash-a") == b"answer"
         with pytest.raises(RequestIdReused):
-            await tx.claim_request(project, "r1", "Pause", "hash-b")
+            await tx.claim_request(scope, "r1", "Pause", "hash-b")
+    other_project = SessionRef(str(uuid.uuid4()), "", "")
     async with db.transaction() as tx:
-        assert await tx.claim_request(str(uuid.uuid4()), "r1", "Pause", "hash-b") is None
+        assert await tx.claim_request(other_project, "r1", "Pause", "hash-b") is None
 
 
 async def test_event_sequences_are_gap_free_across_concurrent_writers(database_url, db):

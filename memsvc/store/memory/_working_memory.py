@@ -345,6 +345,9 @@ class InMemoryWorkingMemoryStore:
         state.marker = Marker(marker.prior, epoch=marker.epoch)
         return marker.prior
 
+    async def forget(self, sessions: Sequence[SessionRef]) -> int:
+        return sum(1 for session in sessions if self._sessions.pop(session, None) is not None)
+
     def _marked(
         self, session: SessionRef, now_ms: int, allowed: Collection[str]
     ) -> tuple[_Session, str]:

@@ -19,19 +19,16 @@ import psycopg
 import psycopg_pool
 
 from memsvc.domain import BackendUnavailable
-from memsvc.domain._lifecycle_records import (
-    LifecycleTransaction,
-)
+from memsvc.domain._durable import DurableTransaction
 from memsvc.domain._watch import StoredEvent
 from memsvc.store._lifecycle_sql import (
     EVENT_CHANNEL,
     POSTGRES,
-    SqlLifecycleTransaction,
-    SqlReads,
     never_wakes,
 )
 from memsvc.store._migrations import check_applied, load_migrations
 from memsvc.store._retry import with_retries
+from memsvc.store._sql import SqlDurableReads, SqlTransaction
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +52,7 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 """
 
 
-class PostgresDurableStore(SqlReads):
+class PostgresDurableStore(SqlDurableReads):
     """Durable data in PostgreSQL."""
 
     backend_name = "durable store (PostgreSQL)"
@@ -144,7 +141,7 @@ class PostgresDurableStore(SqlReads):
         return int(row[0]) if row else 0
 
     @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator[LifecycleTransaction]:
+    async def transaction(self) -> AsyncIterator[DurableTransaction]:
         """One transaction; a lost connection surfaces as BackendUnavailable.
 
         Not retried here: a commit whose answer was lost may have happened, so
@@ -152,7 +149,7 @@ class PostgresDurableStore(SqlReads):
         """
         try:
             async with self._connections.connection() as conn, conn.transaction():
-                tx = SqlLifecycleTransaction(conn, POSTGRES)
+                tx = SqlTransaction(conn, POSTGRES)
                 yield tx
         except TRANSIENT_ERRORS as error:
             raise BackendUnavailable(self.backend_name, error) from error

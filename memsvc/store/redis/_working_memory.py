@@ -306,6 +306,21 @@ class RedisWorkingMemoryStore:
             raise LostOperation(reply[1].decode())
         return str(reply[1].decode())
 
+    async def forget(self, sessions: Sequence[SessionRef]) -> int:
+        """One DEL of each session's keys (one slot per session), pipelined."""
+        if not sessions:
+            return 0
+
+        async def delete_all() -> list[Any]:
+            pipe = self._redis.pipeline(transaction=False)
+            for session in sessions:
+                pipe.delete(*session_keys(session), *staging_keys(session))
+            return list(await pipe.execute())
+
+        # DEL is idempotent: a retry after a lost reply deletes nothing twice.
+        deleted = await self._retrying(delete_all)
+        return sum(1 for count in deleted if count)
+
     async def _run_lifecycle(self, script: str, session: SessionRef, args: list[Any]) -> list[Any]:
         """Lifecycle scripts also see the session's staging keys (KEYS[5..7])."""
         return await self._run(script, session, args, staging=True)

@@ -18,17 +18,14 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from memsvc.domain import BackendUnavailable
-from memsvc.domain._lifecycle_records import (
-    LifecycleTransaction,
-)
+from memsvc.domain._durable import DurableTransaction
 from memsvc.domain._watch import StoredEvent
 from memsvc.store._lifecycle_sql import (
     SQLITE,
-    SqlLifecycleTransaction,
-    SqlReads,
     never_wakes,
 )
 from memsvc.store._migrations import check_applied, load_migrations, split_sql
+from memsvc.store._sql import SqlDurableReads, SqlTransaction
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +48,7 @@ def sqlite_path(url: str) -> Path:
     return Path(url.removeprefix("sqlite://"))
 
 
-class SqliteDurableStore(SqlReads):
+class SqliteDurableStore(SqlDurableReads):
     """Durable data in one SQLite file."""
 
     backend_name = "durable store (SQLite)"
@@ -92,7 +89,7 @@ class SqliteDurableStore(SqlReads):
         self._db = self._reader = None
 
     @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator[LifecycleTransaction]:
+    async def transaction(self) -> AsyncIterator[DurableTransaction]:
         """One write transaction at a time per process (SQLite has one writer)."""
         async with self._write_lock:
             db = self._conn
@@ -100,7 +97,7 @@ class SqliteDurableStore(SqlReads):
                 await db.execute("BEGIN IMMEDIATE")
             except aiosqlite.OperationalError as error:  # locked by another process too long
                 raise BackendUnavailable(self.backend_name, error) from error
-            tx = SqlLifecycleTransaction(db, SQLITE)
+            tx = SqlTransaction(db, SQLITE)
             try:
                 yield tx
             except BaseException:

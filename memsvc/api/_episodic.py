@@ -1,0 +1,145 @@
+"""The gRPC servicer of EpisodicMemoryService."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from google.protobuf import json_format, struct_pb2
+
+from memsvc.api._convert import epoch_ms, timestamp
+from memsvc.domain import SessionRef
+from memsvc.domain._episodes import Episodes, EpisodeScope, unpack_embedding
+from memsvc.domain._lifecycle_records import EpisodeRecord
+from memsvc.v1 import episodic_pb2 as pb
+from memsvc.v1 import episodic_pb2_grpc as pb_grpc
+from memsvc.v1 import lifecycle_pb2
+
+
+def _struct(value: struct_pb2.Struct) -> dict[str, Any]:
+    return dict(json_format.MessageToDict(value))
+
+
+def episode_record(message: pb.Episode) -> EpisodeRecord:
+    """The domain form of a request's episode (validated by the domain)."""
+    duration = message.duration
+    return EpisodeRecord(
+        episode_id=message.episode_id,
+        ref=SessionRef(message.project_id, message.agent_instance_id, message.session_id),
+        task_type=message.task_type,
+        task_description=message.task_description,
+        outcome=int(message.outcome),
+        outcome_details=message.outcome_details,
+        actions=[_struct(action) for action in message.actions],
+        context_summary=message.context_summary,
+        lessons_learned=list(message.lessons_learned),
+        duration_seconds=duration.seconds + duration.nanos / 1e9,
+        tokens_used=message.tokens_used,
+        importance=message.importance,
+        metadata=_struct(message.metadata),
+        create_ms=epoch_ms(message.create_time) if message.HasField("create_time") else 0,
+        embedding_dimensions=message.embedding_dimensions,
+    )
+
+
+def episode_message(record: EpisodeRecord) -> pb.Episode:
+    """The API form of an episode (with its embedding when it was read)."""
+    message = pb.Episode(
+        episode_id=record.episode_id,
+        project_id=record.ref.project_id,
+        agent_instance_id=record.ref.agent_instance_id,
+        session_id=record.ref.session_id,
+        task_type=record.task_type,
+        task_description=record.task_description,
+        outcome=lifecycle_pb2.Outcome.ValueType(record.outcome),
+        outcome_details=record.outcome_details,
+        context_summary=record.context_summary,
+        lessons_learned=record.lessons_learned,
+        tokens_used=record.tokens_used,
+        importance=record.importance,
+        embedding=unpack_embedding(record.embedding),
+        embedding_dimensions=record.embedding_dimensions,
+    )
+    for action in record.actions:
+        message.actions.add().update(action)
+    message.metadata.update(record.metadata)
+    message.duration.FromNanoseconds(round(record.duration_seconds * 1e9))
+    message.create_time.CopyFrom(timestamp(record.create_ms))
+    return message
+
+
+def episode_scope(project_id: str, request_filter: pb.EpisodeFilter) -> EpisodeScope:
+    """The domain form of a project and its filters (unset fields match all)."""
+    f = request_filter
+    return EpisodeScope(
+        project_id=project_id,
+        agent_instance_id=f.agent_instance_id or None,
+        session_id=f.session_id or None,
+        outcome=int(f.outcome) or None,
+        task_type=f.task_type or None,
+        start_ms=epoch_ms(f.start_time) if f.HasField("start_time") else None,
+        end_ms=epoch_ms(f.end_time) if f.HasField("end_time") else None,
+        min_importance=f.min_importance or None,
+    )
+
+
+class EpisodicMemoryServicer(pb_grpc.EpisodicMemoryServiceServicer):
+    """Serves memsvc.v1.EpisodicMemoryService over an Episodes domain object."""
+
+    def __init__(self, episodes: Episodes) -> None:
+        self._episodes = episodes
+
+    async def RecordEpisode(
+        self, request: pb.RecordEpisodeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RecordEpisodeResponse:
+        stored = await self._episodes.record(
+            episode_record(request.episode), list(request.episode.embedding), request.request_id
+        )
+        return pb.RecordEpisodeResponse(episode=episode_message(stored))
+
+    async def GetEpisode(
+        self, request: pb.GetEpisodeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetEpisodeResponse:
+        found = await self._episodes.get(
+            request.project_id, request.episode_id, request.include_embedding
+        )
+        return pb.GetEpisodeResponse(episode=episode_message(found))
+
+    async def ListEpisodes(
+        self, request: pb.ListEpisodesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListEpisodesResponse:
+        page = await self._episodes.list_episodes(
+            episode_scope(request.project_id, request.filter),
+            request.page_size,
+            request.page_token,
+            request.include_embedding,
+        )
+        return pb.ListEpisodesResponse(
+            episodes=[episode_message(e) for e in page.items],
+            next_page_token=page.next_page_token,
+        )
+
+    async def SearchEpisodes(
+        self, request: pb.SearchEpisodesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SearchEpisodesResponse:
+        page = await self._episodes.search(
+            episode_scope(request.project_id, request.filter),
+            request.query,
+            list(request.query_embedding),
+            request.page_size,
+            request.page_token,
+            request.include_embedding,
+        )
+        return pb.SearchEpisodesResponse(
+            results=[
+                pb.SearchResult(episode=episode_message(r.episode), score=r.score)
+                for r in page.items
+            ],
+            next_page_token=page.next_page_token,
+        )
+
+    async def DeleteEpisode(
+        self, request: pb.DeleteEpisodeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteEpisodeResponse:
+        await self._episodes.delete(request.project_id, request.episode_id, request.allow_missing)
+        return pb.DeleteEpisodeResponse()

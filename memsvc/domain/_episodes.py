@@ -1,0 +1,432 @@
+"""Episodic memory: record, read, list, search and delete episodes.
+
+Episodes live in the durable store. Every call is scoped by project. Records
+are validated whole before anything is written; a ``request_id`` makes a
+retried RecordEpisode return the first answer. Listing pages by the keyset
+(create time, episode id), newest first, so a token stays correct while new
+episodes arrive. Search ranks by the store's full-text relevance, or by cosine
+similarity to a query embedding computed here over the filtered scope (bounded
+by ``max_similarity_candidates``; see docs/decisions/0006-episodic-memory.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import struct
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from memsvc.domain._errors import (
+    EpisodeNotFound,
+    FieldViolation,
+    RequestIdConflict,
+    SimilarityScopeTooLarge,
+)
+from memsvc.domain._ids import SessionRef, check_session_id, check_uuid, raise_if_any
+from memsvc.domain._lifecycle_records import EpisodeRecord, RequestIdReused
+from memsvc.domain._lifecycle_results import arguments_hash, uuid7
+from memsvc.domain._pagination import Page, check_page_size, decode_page_token, fingerprint, page_of
+
+OUTCOMES = {1: "SUCCESS", 2: "FAILURE", 3: "PARTIAL"}
+MAX_TASK_TYPE_CHARS = 128
+MAX_TEXT_CHARS = 10_000  # task description, outcome details
+MAX_CONTEXT_SUMMARY_CHARS = 100_000
+MAX_LESSONS = 100
+MAX_LESSON_CHARS = 2_000
+MAX_ACTIONS = 1_000
+MAX_ACTIONS_BYTES = 1 << 20
+MAX_METADATA_BYTES = 64 << 10
+MAX_EMBEDDING_DIMENSIONS = 4_096
+MAX_QUERY_CHARS = 1_000
+LIST_PAGE = (100, 1_000)  # (default, maximum) page size
+SEARCH_PAGE = (20, 100)
+
+_TERM = re.compile(r'"([^"]*)"|([^\s"]+)')
+_WORD = re.compile(r"\w+")
+
+
+@dataclass(frozen=True, slots=True)
+class EpisodeScope:
+    """Which episodes of a project a List or Search covers; None matches all."""
+
+    project_id: str
+    agent_instance_id: str | None = None
+    session_id: str | None = None
+    outcome: int | None = None
+    task_type: str | None = None
+    start_ms: int | None = None  # inclusive
+    end_ms: int | None = None  # exclusive
+    min_importance: float | None = None
+
+    def fingerprint(self, *extra: str) -> str:
+        return fingerprint(*(str(v) for v in dataclasses.astuple(self)), *extra)
+
+
+@dataclass(frozen=True, slots=True)
+class ScoredEpisode:
+    """A search result: higher scores rank first."""
+
+    episode: EpisodeRecord
+    score: float
+
+
+class EpisodeTransaction(Protocol):
+    """The writes of episodic memory, inside one durable-store transaction."""
+
+    async def claim_request(
+        self, scope: SessionRef, request_id: str, method: str, arguments_hash: str
+    ) -> bytes | None: ...
+
+    async def remember_response(
+        self, project_id: str, request_id: str, response: bytes
+    ) -> None: ...
+
+    async def insert_episode(self, record: EpisodeRecord) -> None: ...
+
+    async def delete_episode(self, project_id: str, episode_id: str) -> bool:
+        """Delete an episode and its search entries; False when it did not exist."""
+
+
+class EpisodeDatabase(Protocol):
+    """The durable store's episodic side."""
+
+    def transaction(self) -> AbstractAsyncContextManager[EpisodeTransaction]: ...
+
+    async def get_episodes(
+        self, project_id: str, episode_ids: Sequence[str], with_embedding: bool
+    ) -> list[EpisodeRecord]:
+        """The episodes of ``project_id`` among ``episode_ids`` (any order)."""
+
+    async def list_episodes(
+        self, scope: EpisodeScope, before: tuple[int, str] | None, limit: int, with_embedding: bool
+    ) -> list[EpisodeRecord]:
+        """Newest first, strictly before (create_ms, episode_id) when given."""
+
+    async def search_episodes(
+        self,
+        scope: EpisodeScope,
+        terms: Sequence[str],
+        after: tuple[float, str] | None,
+        limit: int,
+        with_embedding: bool,
+    ) -> list[ScoredEpisode]:
+        """Episodes matching every term (a word or phrase), best first, ties by
+        episode id descending, strictly after (score, episode_id) when given."""
+
+    async def embeddings(
+        self, scope: EpisodeScope, terms: Sequence[str], dimensions: int, limit: int
+    ) -> list[tuple[str, bytes]]:
+        """(episode_id, embedding) of up to ``limit`` episodes in scope whose
+        embedding has ``dimensions`` values (and that match ``terms``, if any)."""
+
+
+class Episodes:
+    """Episodic memory over a durable store."""
+
+    def __init__(
+        self,
+        database: EpisodeDatabase,
+        *,
+        max_similarity_candidates: int = 10_000,
+        clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+    ) -> None:
+        self._db = database
+        self._max_candidates = max_similarity_candidates
+        self._clock_ms = clock_ms
+
+    async def record(
+        self, episode: EpisodeRecord, embedding: Sequence[float], request_id: str
+    ) -> EpisodeRecord:
+        """Validate and store ``episode`` with ``embedding`` (its id, time and
+        embedding dimensions are assigned here)."""
+        violations = check_episode(episode, "episode")
+        packed = check_embedding(embedding, "episode.embedding", violations)
+        if request_id:
+            check_uuid(request_id, "request_id", violations)
+        raise_if_any(violations)
+        ref = SessionRef(
+            episode.ref.project_id.lower(),
+            episode.ref.agent_instance_id.lower(),
+            episode.ref.session_id,
+        )
+        arguments = arguments_hash(
+            "RecordEpisode",
+            dataclasses.astuple(dataclasses.replace(episode, ref=ref)),
+            packed.hex() if packed else None,
+        )
+        async with self._db.transaction() as tx:
+            if request_id:
+                try:
+                    previous = await tx.claim_request(ref, request_id, "RecordEpisode", arguments)
+                except RequestIdReused:
+                    raise RequestIdConflict(request_id) from None
+                if previous is not None:
+                    return decode_episode(previous)
+            stored = dataclasses.replace(
+                episode,
+                ref=ref,
+                episode_id=uuid7(),
+                create_ms=self._clock_ms(),
+                embedding=packed,
+                embedding_dimensions=len(packed or b"") // 4,
+            )
+            await tx.insert_episode(stored)
+            answer = dataclasses.replace(stored, embedding=None)
+            if request_id:
+                await tx.remember_response(ref.project_id, request_id, encode_episode(answer))
+        return answer
+
+    async def get(self, project_id: str, episode_id: str, with_embedding: bool) -> EpisodeRecord:
+        project, episode = _check_episode_name(project_id, episode_id)
+        found = await self._db.get_episodes(project, [episode], with_embedding)
+        if not found:
+            raise EpisodeNotFound(episode_id)
+        return found[0]
+
+    async def delete(self, project_id: str, episode_id: str, allow_missing: bool) -> None:
+        project, episode = _check_episode_name(project_id, episode_id)
+        async with self._db.transaction() as tx:
+            deleted = await tx.delete_episode(project, episode)
+        if not deleted and not allow_missing:
+            raise EpisodeNotFound(episode_id)
+
+    async def list_episodes(
+        self, scope: EpisodeScope, page_size: int, page_token: str, with_embedding: bool
+    ) -> Page[EpisodeRecord]:
+        violations: list[FieldViolation] = []
+        scope = check_scope(scope, violations)
+        limit = check_page_size(
+            page_size, default=LIST_PAGE[0], maximum=LIST_PAGE[1], violations=violations
+        )
+        raise_if_any(violations)
+        token_scope = scope.fingerprint("list")
+        after = decode_page_token(page_token, token_scope)
+        before = _position(after, int, str)
+        items = await self._db.list_episodes(scope, before, limit + 1, with_embedding)
+        return page_of(items, limit, token_scope, lambda e: [e.create_ms, e.episode_id])
+
+    async def search(
+        self,
+        scope: EpisodeScope,
+        query: str,
+        query_embedding: Sequence[float],
+        page_size: int,
+        page_token: str,
+        with_embedding: bool,
+    ) -> Page[ScoredEpisode]:
+        violations: list[FieldViolation] = []
+        scope = check_scope(scope, violations)
+        limit = check_page_size(
+            page_size, default=SEARCH_PAGE[0], maximum=SEARCH_PAGE[1], violations=violations
+        )
+        terms = check_query(query, bool(query_embedding), violations)
+        vector = check_embedding(query_embedding, "query_embedding", violations)
+        raise_if_any(violations)
+        token_scope = scope.fingerprint("search", json.dumps(terms), vector.hex() if vector else "")
+        after = _position(decode_page_token(page_token, token_scope), float, str)
+        if vector is None:
+            items = await self._db.search_episodes(scope, terms, after, limit + 1, with_embedding)
+        else:
+            items = await self._similar(scope, terms, vector, after, limit + 1, with_embedding)
+        return page_of(items, limit, token_scope, lambda s: [s.score, s.episode.episode_id])
+
+    async def _similar(
+        self,
+        scope: EpisodeScope,
+        terms: list[str],
+        vector: bytes,
+        after: tuple[float, str] | None,
+        limit: int,
+        with_embedding: bool,
+    ) -> list[ScoredEpisode]:
+        """Rank the scope's embeddings by cosine similarity to ``vector``."""
+        dimensions = len(vector) // 4
+        candidates = await self._db.embeddings(scope, terms, dimensions, self._max_candidates + 1)
+        if len(candidates) > self._max_candidates:
+            raise SimilarityScopeTooLarge(self._max_candidates)
+        if not candidates:
+            return []
+        query = np.frombuffer(vector, dtype="<f4").astype(np.float64)
+        matrix = np.frombuffer(b"".join(c[1] for c in candidates), dtype="<f4")
+        matrix = matrix.reshape(len(candidates), dimensions).astype(np.float64)
+        norms = np.linalg.norm(matrix, axis=1) * np.linalg.norm(query)
+        scores = np.divide(matrix @ query, norms, out=np.zeros(len(candidates)), where=norms > 0)
+        ranked = sorted(
+            (
+                (float(score), candidate[0])
+                for score, candidate in zip(scores, candidates, strict=True)
+            ),
+            reverse=True,
+        )
+        if after is not None:
+            ranked = [item for item in ranked if item < after]
+        ranked = ranked[:limit]
+        found = await self._db.get_episodes(
+            scope.project_id, [episode_id for _, episode_id in ranked], with_embedding
+        )
+        by_id = {episode.episode_id: episode for episode in found}
+        # An episode deleted since the ranking read is left out.
+        return [ScoredEpisode(by_id[i], s) for s, i in ranked if i in by_id]
+
+
+def _position(after: str | None, *kinds: Callable[[Any], Any]) -> Any:
+    """The keyset position a page token carries, as a tuple of ``kinds``."""
+    if after is None:
+        return None
+    values = json.loads(after)
+    return tuple(kind(value) for kind, value in zip(kinds, values, strict=True))
+
+
+def _check_episode_name(project_id: str, episode_id: str) -> tuple[str, str]:
+    violations: list[FieldViolation] = []
+    project = check_uuid(project_id, "project_id", violations)
+    episode = check_uuid(episode_id, "episode_id", violations)
+    raise_if_any(violations)
+    return project, episode
+
+
+def check_scope(scope: EpisodeScope, violations: list[FieldViolation]) -> EpisodeScope:
+    """Validate List and Search filters; return them canonical."""
+    project = check_uuid(scope.project_id, "project_id", violations)
+    agent = scope.agent_instance_id
+    if agent is not None:
+        agent = check_uuid(agent, "filter.agent_instance_id", violations)
+    if scope.session_id is not None:
+        check_session_id(scope.session_id, "filter.session_id", violations)
+        if agent is None:
+            violations.append(
+                FieldViolation("filter.session_id", "requires filter.agent_instance_id")
+            )
+    if scope.outcome is not None and scope.outcome not in OUTCOMES:
+        violations.append(FieldViolation("filter.outcome", f"unknown outcome {scope.outcome}"))
+    if scope.task_type is not None and len(scope.task_type) > MAX_TASK_TYPE_CHARS:
+        violations.append(
+            FieldViolation("filter.task_type", f"is over {MAX_TASK_TYPE_CHARS} characters")
+        )
+    if scope.min_importance is not None and not 0 <= scope.min_importance <= 1:
+        violations.append(
+            FieldViolation(
+                "filter.min_importance", f"must be from 0 to 1, got {scope.min_importance}"
+            )
+        )
+    if scope.start_ms is not None and scope.end_ms is not None and scope.start_ms >= scope.end_ms:
+        violations.append(FieldViolation("filter.end_time", "must be after filter.start_time"))
+    return dataclasses.replace(scope, project_id=project, agent_instance_id=agent)
+
+
+def check_query(query: str, has_embedding: bool, violations: list[FieldViolation]) -> list[str]:
+    """The search terms of ``query``: quoted phrases and single words, each
+    reduced to its words (so no term carries query syntax into the store)."""
+    if len(query) > MAX_QUERY_CHARS:
+        violations.append(
+            FieldViolation("query", f"is {len(query)} characters, over {MAX_QUERY_CHARS}")
+        )
+        return []
+    terms = []
+    for phrase, word in _TERM.findall(query):
+        words = _WORD.findall(phrase or word)
+        if words:
+            terms.append(" ".join(words))
+    if not terms and not has_embedding:
+        violations.append(
+            FieldViolation("query", "needs at least one word (or give a query_embedding)")
+        )
+    return terms
+
+
+def check_embedding(
+    values: Sequence[float], field: str, violations: list[FieldViolation]
+) -> bytes | None:
+    """Pack an embedding as little-endian float32; None when empty."""
+    if not values:
+        return None
+    if len(values) > MAX_EMBEDDING_DIMENSIONS:
+        violations.append(
+            FieldViolation(
+                field, f"has {len(values)} values, over the maximum of {MAX_EMBEDDING_DIMENSIONS}"
+            )
+        )
+        return None
+    if not all(math.isfinite(v) for v in values):
+        violations.append(FieldViolation(field, "must hold only finite numbers"))
+        return None
+    return struct.pack(f"<{len(values)}f", *values)
+
+
+def unpack_embedding(raw: bytes | None) -> list[float]:
+    """The values of a packed embedding."""
+    if not raw:
+        return []
+    return list(struct.unpack(f"<{len(raw) // 4}f", raw))
+
+
+def check_episode(episode: EpisodeRecord, prefix: str) -> list[FieldViolation]:
+    """Every violation of the episode rules (see proto/memsvc/v1/episodic.proto)."""
+    violations: list[FieldViolation] = []
+
+    def bad(name: str, problem: str) -> None:
+        violations.append(FieldViolation(f"{prefix}.{name}", problem))
+
+    def too_long(name: str, value: str, limit: int) -> None:
+        if len(value) > limit:
+            bad(name, f"is {len(value)} characters, over the maximum of {limit}")
+
+    ref = episode.ref
+    check_uuid(ref.project_id, f"{prefix}.project_id", violations)
+    check_uuid(ref.agent_instance_id, f"{prefix}.agent_instance_id", violations)
+    check_session_id(ref.session_id, f"{prefix}.session_id", violations)
+    if episode.episode_id:
+        bad("episode_id", "is assigned by the server; leave it empty")
+    if episode.create_ms:
+        bad("create_time", "is assigned by the server; leave it unset")
+    if episode.embedding_dimensions:
+        bad("embedding_dimensions", "is computed by the server; leave it 0")
+    if not episode.task_type:
+        bad("task_type", "is required (for example 'code_review')")
+    too_long("task_type", episode.task_type, MAX_TASK_TYPE_CHARS)
+    if episode.outcome not in OUTCOMES:
+        expected = "OUTCOME_SUCCESS, OUTCOME_FAILURE or OUTCOME_PARTIAL"
+        bad("outcome", f"must be {expected}, got {episode.outcome}")
+    too_long("task_description", episode.task_description, MAX_TEXT_CHARS)
+    too_long("outcome_details", episode.outcome_details, MAX_TEXT_CHARS)
+    too_long("context_summary", episode.context_summary, MAX_CONTEXT_SUMMARY_CHARS)
+    if len(episode.lessons_learned) > MAX_LESSONS:
+        bad("lessons_learned", f"has {len(episode.lessons_learned)} lessons, over {MAX_LESSONS}")
+    for index, lesson in enumerate(episode.lessons_learned):
+        too_long(f"lessons_learned[{index}]", lesson, MAX_LESSON_CHARS)
+    if len(episode.actions) > MAX_ACTIONS:
+        bad("actions", f"has {len(episode.actions)} actions, over the maximum of {MAX_ACTIONS}")
+    elif _json_size(episode.actions) > MAX_ACTIONS_BYTES:
+        bad("actions", f"is over {MAX_ACTIONS_BYTES} bytes of JSON")
+    if _json_size(episode.metadata) > MAX_METADATA_BYTES:
+        bad("metadata", f"is over {MAX_METADATA_BYTES} bytes of JSON")
+    if not math.isfinite(episode.duration_seconds) or episode.duration_seconds < 0:
+        bad("duration", "must not be negative")
+    if episode.tokens_used < 0:
+        bad("tokens_used", f"must not be negative, got {episode.tokens_used}")
+    if not (math.isfinite(episode.importance) and 0 <= episode.importance <= 1):
+        bad("importance", f"must be from 0 to 1, got {episode.importance}")
+    return violations
+
+
+def _json_size(value: Any) -> int:
+    return len(json.dumps(value, separators=(",", ":")).encode())
+
+
+def encode_episode(episode: EpisodeRecord) -> bytes:
+    """An episode (without its embedding) as a remembered answer."""
+    data = dataclasses.asdict(dataclasses.replace(episode, embedding=None))
+    return json.dumps(data, separators=(",", ":")).encode()
+
+
+def decode_episode(raw: bytes) -> EpisodeRecord:
+    data = json.loads(raw)
+    return EpisodeRecord(**{**data, "ref": SessionRef(**data["ref"])})

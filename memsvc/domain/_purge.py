@@ -1,0 +1,131 @@
+"""Purge: forget a session, an agent instance or a project in every store.
+
+One durable-store transaction deletes the scope's sessions (holding their row
+locks, so no lifecycle operation on them runs meanwhile), and before it
+commits, their working memory. Checkpoints, episodes (with their search
+entries) and remembered answers go in the same transaction; the scope's events
+become tombstones that keep their sequence, type and time, so the log stays
+gap-free. If the working-memory step succeeds and the commit fails, the
+working memory is gone while the rows remain: a purge is meant to forget, and
+running it again finishes the job.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import asdict, dataclass
+from typing import Protocol
+
+from memsvc.domain._errors import FieldViolation, RequestIdConflict
+from memsvc.domain._ids import SessionRef, check_session_id, check_uuid, raise_if_any
+from memsvc.domain._lifecycle_records import RequestIdReused
+from memsvc.domain._lifecycle_results import arguments_hash
+
+
+@dataclass(frozen=True, slots=True)
+class PurgeReport:
+    """What one purge removed."""
+
+    sessions_deleted: int = 0
+    working_memories_deleted: int = 0
+    checkpoints_deleted: int = 0
+    episodes_deleted: int = 0
+    request_answers_deleted: int = 0
+    events_tombstoned: int = 0
+
+
+class PurgeTransaction(Protocol):
+    """The purge's writes, inside one durable-store transaction. ``scope`` is a
+    SessionRef whose empty agent instance or session id matches every one."""
+
+    async def claim_request(
+        self, scope: SessionRef, request_id: str, method: str, arguments_hash: str
+    ) -> bytes | None: ...
+
+    async def remember_response(
+        self, project_id: str, request_id: str, response: bytes
+    ) -> None: ...
+
+    async def purge_sessions(self, scope: SessionRef) -> tuple[list[SessionRef], int]:
+        """Delete the scope's sessions and checkpoints; return the deleted
+        sessions and the number of checkpoints."""
+
+    async def purge_episodes(self, scope: SessionRef) -> int:
+        """Delete the scope's episodes and their search entries; return how many."""
+
+    async def purge_requests(self, scope: SessionRef, keep_request_id: str) -> int:
+        """Delete the scope's remembered answers except ``keep_request_id``'s."""
+
+    async def tombstone_events(self, scope: SessionRef) -> int:
+        """Strip ids and metadata from the scope's events; return how many."""
+
+
+class PurgeDatabase(Protocol):
+    def transaction(self) -> AbstractAsyncContextManager[PurgeTransaction]: ...
+
+
+class ForgettingStore(Protocol):
+    """The working-memory side of a purge."""
+
+    async def forget(self, sessions: Sequence[SessionRef]) -> int:
+        """Remove everything of these sessions (entries, marker, staging);
+        return how many held anything."""
+
+
+class Purger:
+    """Runs purges over a working-memory store and the durable store."""
+
+    def __init__(self, memory: ForgettingStore, database: PurgeDatabase) -> None:
+        self._memory = memory
+        self._db = database
+
+    async def purge(
+        self, project_id: str, agent_instance_id: str, session_id: str, request_id: str
+    ) -> PurgeReport:
+        scope = check_purge_scope(project_id, agent_instance_id, session_id, request_id)
+        arguments = arguments_hash("PurgeData", scope)
+        async with self._db.transaction() as tx:
+            if request_id:
+                try:
+                    previous = await tx.claim_request(
+                        SessionRef(scope.project_id, "", ""), request_id, "PurgeData", arguments
+                    )
+                except RequestIdReused:
+                    raise RequestIdConflict(request_id) from None
+                if previous is not None:
+                    return PurgeReport(**json.loads(previous))
+            sessions, checkpoints = await tx.purge_sessions(scope)
+            report = PurgeReport(
+                sessions_deleted=len(sessions),
+                working_memories_deleted=await self._memory.forget(sessions),
+                checkpoints_deleted=checkpoints,
+                episodes_deleted=await tx.purge_episodes(scope),
+                request_answers_deleted=await tx.purge_requests(scope, request_id),
+                events_tombstoned=await tx.tombstone_events(scope),
+            )
+            if request_id:
+                await tx.remember_response(
+                    scope.project_id, request_id, json.dumps(asdict(report)).encode()
+                )
+        return report
+
+
+def check_purge_scope(
+    project_id: str, agent_instance_id: str, session_id: str, request_id: str
+) -> SessionRef:
+    """The canonical scope; empty agent instance or session ids mean "all"."""
+    violations: list[FieldViolation] = []
+    project = check_uuid(project_id, "project_id", violations)
+    agent = (
+        check_uuid(agent_instance_id, "agent_instance_id", violations) if agent_instance_id else ""
+    )
+    if session_id:
+        check_session_id(session_id, "session_id", violations)
+        if not agent_instance_id:
+            violations.append(FieldViolation("session_id", "requires agent_instance_id"))
+    if request_id:
+        check_uuid(request_id, "request_id", violations)
+    raise_if_any(violations)
+    return SessionRef(project, agent, session_id)

@@ -1,0 +1,278 @@
+"""Episode SQL shared by the SQLite and PostgreSQL stores.
+
+Everything but full-text matching is written once. Full text differs: on
+PostgreSQL a generated ``tsvector`` column with a GIN index, matched by
+``websearch_to_tsquery`` and ranked by ``ts_rank``; on SQLite an FTS5 table
+kept in step by triggers, matched by an FTS5 query and ranked by ``bm25``.
+Both receive the same terms (words and phrases of word characters only, see
+``memsvc.domain._episodes.check_query``), every one of which must match.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from memsvc.domain import SessionRef
+from memsvc.domain._episodes import EpisodeScope, ScoredEpisode
+from memsvc.domain._lifecycle_records import EpisodeRecord
+from memsvc.store._lifecycle_sql import Connection, Dialect, SqlQueries, text
+
+_COLUMNS = (
+    "e.episode_id, e.project_id, e.agent_instance_id, e.session_id, e.task_type,"
+    " e.task_description, e.outcome, e.outcome_details, e.actions, e.context_summary,"
+    " e.lessons_learned, e.duration_seconds, e.tokens_used, e.importance, e.metadata,"
+    " e.create_time, e.embedding_dimensions"
+)
+# bm25 weights of the FTS5 columns: description, context summary, lessons.
+_BM25 = "bm25(episodes_fts, 2.0, 1.0, 2.0)"
+
+
+def _columns(with_embedding: bool) -> str:
+    return _COLUMNS + (", e.embedding" if with_embedding else ", NULL")
+
+
+def episode_from_row(row: Sequence[Any], dialect: Dialect) -> EpisodeRecord:
+    """An EpisodeRecord from the columns of :func:`_columns`."""
+    return EpisodeRecord(
+        episode_id=str(text(row[0])),
+        ref=SessionRef(str(text(row[1])), str(text(row[2])), str(row[3])),
+        task_type=row[4],
+        task_description=row[5],
+        outcome=int(row[6]),
+        outcome_details=row[7],
+        actions=dialect.json_value(row[8]),
+        context_summary=row[9],
+        lessons_learned=dialect.json_value(row[10]),
+        duration_seconds=float(row[11]),
+        tokens_used=int(row[12]),
+        importance=float(row[13]),
+        metadata=dialect.json_value(row[14]),
+        create_ms=dialect.time_value(row[15]),
+        embedding_dimensions=int(row[16]),
+        embedding=None if row[17] is None else bytes(row[17]),
+    )
+
+
+def _scope(scope: EpisodeScope, dialect: Dialect) -> tuple[list[str], list[Any]]:
+    """WHERE conditions (on alias ``e``) and parameters for a scope."""
+    conditions = ["e.project_id = ?"]
+    params: list[Any] = [scope.project_id]
+    for column, value in (
+        ("agent_instance_id", scope.agent_instance_id),
+        ("session_id", scope.session_id),
+        ("outcome", scope.outcome),
+        ("task_type", scope.task_type),
+    ):
+        if value is not None:
+            conditions.append(f"e.{column} = ?")
+            params.append(value)
+    if scope.start_ms is not None:
+        conditions.append("e.create_time >= ?")
+        params.append(dialect.time_param(scope.start_ms))
+    if scope.end_ms is not None:
+        conditions.append("e.create_time < ?")
+        params.append(dialect.time_param(scope.end_ms))
+    if scope.min_importance is not None:
+        conditions.append("e.importance >= ?")
+        params.append(scope.min_importance)
+    return conditions, params
+
+
+def _text_match(dialect: Dialect, terms: Sequence[str]) -> tuple[str, str, str, str]:
+    """(FROM clause, match condition, score expression, query parameter)."""
+    # Quoted, every term must match: a phrase as a phrase, a word as a word.
+    query = " ".join(f'"{term}"' for term in terms)
+    if dialect.name == "postgres":
+        return (
+            "episodes e, websearch_to_tsquery('english', ?) q",
+            "e.search_document @@ q",
+            # Normalization 1: divide by 1 + log(length), so long summaries do not win.
+            # float8: a real would reach Python rounded by its text form, and the
+            # page position would then no longer compare equal to it.
+            "ts_rank(e.search_document, q, 1)::float8",
+            query,
+        )
+    return (
+        "episodes_fts JOIN episodes e ON e.search_rowid = episodes_fts.rowid",
+        "episodes_fts MATCH ?",
+        f"-{_BM25}",
+        query,
+    )
+
+
+async def get_episodes(
+    conn: Connection,
+    dialect: Dialect,
+    project_id: str,
+    episode_ids: Sequence[str],
+    with_embedding: bool,
+) -> list[EpisodeRecord]:
+    if not episode_ids:
+        return []
+    marks = ", ".join("?" for _ in episode_ids)
+    cursor = await conn.execute(
+        dialect.sql(
+            f"SELECT {_columns(with_embedding)} FROM episodes e"
+            f" WHERE e.project_id = ? AND e.episode_id IN ({marks})"
+        ),
+        (project_id, *episode_ids),
+    )
+    return [episode_from_row(row, dialect) for row in await cursor.fetchall()]
+
+
+async def list_episodes(
+    conn: Connection,
+    dialect: Dialect,
+    scope: EpisodeScope,
+    before: tuple[int, str] | None,
+    limit: int,
+    with_embedding: bool,
+) -> list[EpisodeRecord]:
+    conditions, params = _scope(scope, dialect)
+    if before is not None:
+        moment = dialect.time_param(before[0])
+        conditions.append("(e.create_time < ? OR (e.create_time = ? AND e.episode_id < ?))")
+        params += [moment, moment, before[1]]
+    cursor = await conn.execute(
+        dialect.sql(
+            f"SELECT {_columns(with_embedding)} FROM episodes e"
+            f" WHERE {' AND '.join(conditions)}"
+            f" ORDER BY e.create_time DESC, e.episode_id DESC LIMIT {int(limit)}"
+        ),
+        params,
+    )
+    return [episode_from_row(row, dialect) for row in await cursor.fetchall()]
+
+
+async def search_episodes(
+    conn: Connection,
+    dialect: Dialect,
+    scope: EpisodeScope,
+    terms: Sequence[str],
+    after: tuple[float, str] | None,
+    limit: int,
+    with_embedding: bool,
+) -> list[ScoredEpisode]:
+    source, match, score, query = _text_match(dialect, terms)
+    conditions, params = _scope(scope, dialect)
+    outer = ""
+    outer_params: list[Any] = []
+    if after is not None:
+        outer = " WHERE score < ? OR (score = ? AND episode_id < ?)"
+        outer_params = [after[0], after[0], after[1]]
+    # The rank is computed in a subquery so the page position can compare it.
+    cursor = await conn.execute(
+        dialect.sql(
+            f"SELECT * FROM (SELECT {_columns(with_embedding)}, {score} AS score"
+            f" FROM {source} WHERE {match} AND {' AND '.join(conditions)}) ranked{outer}"
+            f" ORDER BY score DESC, episode_id DESC LIMIT {int(limit)}"
+        ),
+        [query, *params, *outer_params],
+    )
+    return [
+        ScoredEpisode(episode_from_row(row, dialect), float(row[18]))
+        for row in await cursor.fetchall()
+    ]
+
+
+async def embeddings(
+    conn: Connection,
+    dialect: Dialect,
+    scope: EpisodeScope,
+    terms: Sequence[str],
+    dimensions: int,
+    limit: int,
+) -> list[tuple[str, bytes]]:
+    conditions, params = _scope(scope, dialect)
+    conditions.append("e.embedding_dimensions = ?")
+    params.append(dimensions)
+    source = "episodes e"
+    if terms:
+        source, match, _, query = _text_match(dialect, terms)
+        conditions.insert(0, match)
+        params.insert(0, query)
+    cursor = await conn.execute(
+        dialect.sql(
+            f"SELECT e.episode_id, e.embedding FROM {source}"
+            f" WHERE {' AND '.join(conditions)} LIMIT {int(limit)}"
+        ),
+        params,
+    )
+    return [(str(text(row[0])), bytes(row[1])) for row in await cursor.fetchall()]
+
+
+class SqlEpisodeWrites:
+    """The episode writes of a durable-store transaction."""
+
+    _conn: Connection
+    _d: Dialect
+
+    async def insert_episode(self, record: EpisodeRecord) -> None:
+        await self._conn.execute(
+            self._d.sql(
+                "INSERT INTO episodes (episode_id, project_id, agent_instance_id, session_id,"
+                " task_type, task_description, outcome, outcome_details, actions,"
+                " context_summary, lessons_learned, duration_seconds, tokens_used, importance,"
+                " metadata, create_time, embedding, embedding_dimensions)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            ),
+            (
+                record.episode_id,
+                record.ref.project_id,
+                record.ref.agent_instance_id,
+                record.ref.session_id,
+                record.task_type,
+                record.task_description,
+                record.outcome,
+                record.outcome_details,
+                self._d.json_param(record.actions),
+                record.context_summary,
+                self._d.json_param(record.lessons_learned),
+                record.duration_seconds,
+                record.tokens_used,
+                record.importance,
+                self._d.json_param(record.metadata),
+                self._d.time_param(record.create_ms),
+                record.embedding,
+                record.embedding_dimensions,
+            ),
+        )
+
+    async def delete_episode(self, project_id: str, episode_id: str) -> bool:
+        cursor = await self._conn.execute(
+            self._d.sql(
+                "DELETE FROM episodes WHERE project_id = ? AND episode_id = ? RETURNING episode_id"
+            ),
+            (project_id, episode_id),
+        )
+        return await cursor.fetchone() is not None
+
+
+class SqlEpisodeReads(SqlQueries):
+    """The reads of EpisodeDatabase, written once for both stores."""
+
+    async def get_episodes(
+        self, project_id: str, episode_ids: Sequence[str], with_embedding: bool
+    ) -> list[EpisodeRecord]:
+        return await self._query(get_episodes, project_id, episode_ids, with_embedding)
+
+    async def list_episodes(
+        self, scope: EpisodeScope, before: tuple[int, str] | None, limit: int, with_embedding: bool
+    ) -> list[EpisodeRecord]:
+        return await self._query(list_episodes, scope, before, limit, with_embedding)
+
+    async def search_episodes(
+        self,
+        scope: EpisodeScope,
+        terms: Sequence[str],
+        after: tuple[float, str] | None,
+        limit: int,
+        with_embedding: bool,
+    ) -> list[ScoredEpisode]:
+        return await self._query(search_episodes, scope, terms, after, limit, with_embedding)
+
+    async def embeddings(
+        self, scope: EpisodeScope, terms: Sequence[str], dimensions: int, limit: int
+    ) -> list[tuple[str, bytes]]:
+        return await self._query(embeddings, scope, terms, dimensions, limit)

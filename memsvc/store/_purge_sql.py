@@ -1,0 +1,73 @@
+"""Purge SQL shared by the SQLite and PostgreSQL stores (see memsvc.domain._purge)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from memsvc.domain import SessionRef
+from memsvc.store._lifecycle_sql import Connection, Dialect, text
+
+# What a tombstone's ids become: the columns are NOT NULL UUIDs.
+NIL_UUID = "00000000-0000-0000-0000-000000000000"
+
+
+def _scope(scope: SessionRef) -> tuple[str, list[Any]]:
+    """WHERE condition and parameters: empty agent or session ids match all."""
+    conditions = ["project_id = ?"]
+    params: list[Any] = [scope.project_id]
+    if scope.agent_instance_id:
+        conditions.append("agent_instance_id = ?")
+        params.append(scope.agent_instance_id)
+    if scope.session_id:
+        conditions.append("session_id = ?")
+        params.append(scope.session_id)
+    return " AND ".join(conditions), params
+
+
+class SqlPurgeWrites:
+    """The purge writes of a durable-store transaction."""
+
+    _conn: Connection
+    _d: Dialect
+
+    async def _count(self, statement: str, params: list[Any]) -> int:
+        cursor = await self._conn.execute(self._d.sql(statement), params)
+        return int(cursor.rowcount)
+
+    async def purge_sessions(self, scope: SessionRef) -> tuple[list[SessionRef], int]:
+        where, params = _scope(scope)
+        checkpoints = await self._count(f"DELETE FROM checkpoints WHERE {where}", params)
+        # Deleting takes each row's lock (waiting for a lifecycle operation that
+        # holds it) and cascades to checkpoints committed meanwhile.
+        cursor = await self._conn.execute(
+            self._d.sql(
+                f"DELETE FROM sessions WHERE {where}"
+                " RETURNING project_id, agent_instance_id, session_id"
+            ),
+            params,
+        )
+        sessions = [
+            SessionRef(str(text(row[0])), str(text(row[1])), str(row[2]))
+            for row in await cursor.fetchall()
+        ]
+        return sessions, checkpoints
+
+    async def purge_episodes(self, scope: SessionRef) -> int:
+        where, params = _scope(scope)
+        return await self._count(f"DELETE FROM episodes WHERE {where}", params)
+
+    async def purge_requests(self, scope: SessionRef, keep_request_id: str) -> int:
+        where, params = _scope(scope)
+        return await self._count(
+            f"DELETE FROM request_log WHERE {where} AND request_id <> ?",
+            [*params, keep_request_id],
+        )
+
+    async def tombstone_events(self, scope: SessionRef) -> int:
+        where, params = _scope(scope)
+        return await self._count(
+            "UPDATE lifecycle_events SET purged = ?, project_id = ?, agent_instance_id = ?,"
+            " session_id = '', agent_type_id = NULL, checkpoint_id = NULL, episode_id = NULL,"
+            f" request_id = NULL, metadata = ? WHERE {where} AND purged = ?",
+            [True, NIL_UUID, NIL_UUID, self._d.json_param({}), *params, False],
+        )

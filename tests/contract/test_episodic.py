@@ -1,0 +1,497 @@
+"""EpisodicMemoryService through gRPC, on every deployment."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
+
+from memsvc.server import Server
+from memsvc.v1 import episodic_pb2 as ep
+from memsvc.v1 import lifecycle_pb2 as lc
+from memsvc.v1.episodic_pb2_grpc import EpisodicMemoryServiceStub
+from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
+from tests.helpers import expect_error, sql_rows
+
+
+@pytest.fixture
+def episodic(channel: grpc.aio.Channel) -> EpisodicMemoryServiceStub:
+    return EpisodicMemoryServiceStub(channel)
+
+
+def struct(data: dict[str, Any]) -> struct_pb2.Struct:
+    message = struct_pb2.Struct()
+    message.update(data)
+    return message
+
+
+def episode(scope: dict[str, str], **fields: Any) -> ep.Episode:
+    """A valid episode of the test's session, with ``fields`` overriding."""
+    values: dict[str, Any] = {
+        "project_id": scope["project_id"],
+        "agent_instance_id": scope["agent_instance_id"],
+        "session_id": scope["session_id"],
+        "task_type": "code_review",
+        "task_description": "Review the pull request",
+        "outcome": lc.OUTCOME_SUCCESS,
+        "importance": 0.5,
+    }
+    values.update(fields)
+    return ep.Episode(**values)
+
+
+async def record(stub: EpisodicMemoryServiceStub, message: ep.Episode, **kw: Any) -> ep.Episode:
+    response: ep.RecordEpisodeResponse = await stub.RecordEpisode(
+        ep.RecordEpisodeRequest(episode=message, **kw)
+    )
+    return response.episode
+
+
+async def list_all(
+    stub: EpisodicMemoryServiceStub, project_id: str, page_size: int = 0, **filters: Any
+) -> list[ep.Episode]:
+    found: list[ep.Episode] = []
+    token = ""
+    while True:
+        page = await stub.ListEpisodes(
+            ep.ListEpisodesRequest(
+                project_id=project_id,
+                filter=ep.EpisodeFilter(**filters),
+                page_size=page_size,
+                page_token=token,
+            )
+        )
+        found += page.episodes
+        token = page.next_page_token
+        if not token:
+            return found
+
+
+async def search_ids(stub: EpisodicMemoryServiceStub, project_id: str, query: str) -> list[str]:
+    response = await stub.SearchEpisodes(
+        ep.SearchEpisodesRequest(project_id=project_id, query=query, page_size=100)
+    )
+    return [r.episode.episode_id for r in response.results]
+
+
+async def test_record_then_get_returns_every_field(episodic, scope):
+    sent = episode(
+        scope,
+        task_description="Migrate the billing service to PostgreSQL 15",
+        outcome=lc.OUTCOME_PARTIAL,
+        outcome_details="two of three tables moved",
+        actions=[struct({"tool": "psql", "args": ["-c", "\\dt"]}), struct({"tool": "git"})],
+        context_summary="The billing service ran on MySQL 5.7.",
+        lessons_learned=["take a dump first", "check the collations"],
+        duration=duration_pb2.Duration(seconds=90, nanos=500_000_000),
+        tokens_used=12_345,
+        importance=0.75,
+        metadata=struct({"ticket": "OPS-42", "tags": ["db"]}),
+        embedding=[0.5, -1.0, 2.0],
+    )
+    stored = await record(episodic, sent)
+    assert uuid.UUID(stored.episode_id).version == 7
+    assert stored.HasField("create_time")
+    assert stored.embedding_dimensions == 3
+    assert list(stored.embedding) == []  # not echoed back
+
+    got = (
+        await episodic.GetEpisode(
+            ep.GetEpisodeRequest(
+                project_id=scope["project_id"], episode_id=stored.episode_id, include_embedding=True
+            )
+        )
+    ).episode
+    expected = ep.Episode()
+    expected.CopyFrom(sent)
+    expected.episode_id = stored.episode_id
+    expected.create_time.CopyFrom(stored.create_time)
+    expected.embedding_dimensions = 3
+    assert got == expected
+
+    plain = await episodic.GetEpisode(
+        ep.GetEpisodeRequest(project_id=scope["project_id"], episode_id=stored.episode_id)
+    )
+    assert list(plain.episode.embedding) == []
+    assert plain.episode.embedding_dimensions == 3
+
+
+async def test_unknown_episodes_are_not_found_in_any_project(episodic, scope):
+    stored = await record(episodic, episode(scope))
+    details = await expect_error(
+        episodic.GetEpisode(
+            ep.GetEpisodeRequest(project_id=str(uuid.uuid4()), episode_id=stored.episode_id)
+        ),
+        grpc.StatusCode.NOT_FOUND,
+    )
+    assert details.reason == "ERROR_REASON_EPISODE_NOT_FOUND"
+    assert details.metadata == {"episode_id": stored.episode_id}
+    await expect_error(
+        episodic.GetEpisode(
+            ep.GetEpisodeRequest(project_id=scope["project_id"], episode_id=str(uuid.uuid4()))
+        ),
+        grpc.StatusCode.NOT_FOUND,
+    )
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"importance": 1.5}, "episode.importance"),
+        ({"importance": -0.1}, "episode.importance"),
+        ({"importance": float("nan")}, "episode.importance"),
+        ({"outcome": 9}, "episode.outcome"),
+        ({"outcome": lc.OUTCOME_UNSPECIFIED}, "episode.outcome"),
+        ({"task_type": ""}, "episode.task_type"),
+        ({"task_description": "x" * 10_001}, "episode.task_description"),
+        ({"context_summary": "x" * 100_001}, "episode.context_summary"),
+        ({"lessons_learned": ["l"] * 101}, "episode.lessons_learned"),
+        ({"lessons_learned": ["x" * 2_001]}, "episode.lessons_learned[0]"),
+        ({"actions": [struct({"a": "x" * (1 << 20)})]}, "episode.actions"),
+        ({"project_id": "not-a-uuid"}, "episode.project_id"),
+        ({"agent_instance_id": ""}, "episode.agent_instance_id"),
+        ({"session_id": "has space"}, "episode.session_id"),
+        ({"episode_id": str(uuid.uuid4())}, "episode.episode_id"),
+        ({"tokens_used": -1}, "episode.tokens_used"),
+        ({"duration": duration_pb2.Duration(seconds=-1)}, "episode.duration"),
+        ({"embedding": [float("inf")]}, "episode.embedding"),
+        ({"embedding": [0.1] * 4_097}, "episode.embedding"),
+    ],
+)
+async def test_every_bad_field_is_refused_and_nothing_is_written(episodic, scope, fields, field):
+    details = await expect_error(
+        record(episodic, episode(scope, **fields)), grpc.StatusCode.INVALID_ARGUMENT
+    )
+    assert field in details.violations, details.violations
+    assert await list_all(episodic, scope["project_id"]) == []
+
+
+async def test_one_error_names_every_bad_field(episodic, scope):
+    details = await expect_error(
+        record(episodic, episode(scope, importance=2, outcome=7, task_type="")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert {"episode.importance", "episode.outcome", "episode.task_type"} <= set(details.violations)
+
+
+async def test_a_retried_record_returns_the_first_answer(episodic, scope):
+    request_id = str(uuid.uuid4())
+    first = await record(episodic, episode(scope), request_id=request_id)
+    again = await record(episodic, episode(scope), request_id=request_id)
+    assert again == first
+    details = await expect_error(
+        record(episodic, episode(scope, importance=0.9), request_id=request_id),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert details.reason == "ERROR_REASON_REQUEST_ID_REUSED"
+    assert [e.episode_id for e in await list_all(episodic, scope["project_id"])] == [
+        first.episode_id
+    ]
+
+
+async def test_concurrent_retries_record_one_episode(episodic, scope):
+    request_id = str(uuid.uuid4())
+    answers = await asyncio.gather(
+        *(record(episodic, episode(scope), request_id=request_id) for _ in range(8))
+    )
+    assert len({a.episode_id for a in answers}) == 1
+    assert len(await list_all(episodic, scope["project_id"])) == 1
+
+
+async def test_list_filters_and_orders_newest_first(episodic, scope):
+    other_agent = {**scope, "agent_instance_id": str(uuid.uuid4())}
+    other_session = {**scope, "session_id": "other-session"}
+    a = await record(episodic, episode(scope, importance=0.2))
+    b = await record(episodic, episode(other_agent, outcome=lc.OUTCOME_FAILURE, importance=0.9))
+    c = await record(episodic, episode(other_session, task_type="planning", importance=0.6))
+    project = scope["project_id"]
+
+    async def ids(**filters: Any) -> list[str]:
+        return [e.episode_id for e in await list_all(episodic, project, **filters)]
+
+    assert await ids() == [c.episode_id, b.episode_id, a.episode_id]
+    assert await ids(agent_instance_id=scope["agent_instance_id"]) == [c.episode_id, a.episode_id]
+    assert await ids(
+        agent_instance_id=scope["agent_instance_id"], session_id=scope["session_id"]
+    ) == [a.episode_id]
+    assert await ids(outcome=lc.OUTCOME_FAILURE) == [b.episode_id]
+    assert await ids(task_type="planning") == [c.episode_id]
+    assert await ids(min_importance=0.6) == [c.episode_id, b.episode_id]
+
+    # Episodes may share a millisecond: the expectation follows their times.
+    def ms(e: ep.Episode) -> int:
+        return e.create_time.ToMilliseconds()
+
+    since_b = {e.episode_id for e in (a, b, c) if ms(e) >= ms(b)}
+    assert set(await ids(start_time=b.create_time)) == since_b
+    assert (
+        set(await ids(end_time=b.create_time))
+        == {a.episode_id, b.episode_id, c.episode_id} - since_b
+    )
+    assert await ids(end_time=a.create_time) == []
+    future = timestamp_pb2.Timestamp(seconds=c.create_time.seconds + 3600)
+    assert await ids(start_time=future) == []
+
+
+async def test_pages_neither_skip_nor_repeat_while_episodes_arrive(episodic, scope):
+    project = scope["project_id"]
+    original = {(await record(episodic, episode(scope))).episode_id for _ in range(23)}
+    seen: list[str] = []
+    token = ""
+    arrived: set[str] = set()
+    while True:
+        page = await episodic.ListEpisodes(
+            ep.ListEpisodesRequest(project_id=project, page_size=5, page_token=token)
+        )
+        seen += [e.episode_id for e in page.episodes]
+        # New episodes arrive between pages.
+        arrived |= {(await record(episodic, episode(scope))).episode_id for _ in range(2)}
+        token = page.next_page_token
+        if not token:
+            break
+    assert len(seen) == len(set(seen)), "an episode was repeated"
+    assert original <= set(seen), "an episode was skipped"
+    assert set(seen) <= original | arrived
+
+
+async def test_bad_list_requests_are_refused(episodic, scope):
+    project = scope["project_id"]
+    for request, field in [
+        (ep.ListEpisodesRequest(project_id="x"), "project_id"),
+        (ep.ListEpisodesRequest(project_id=project, page_size=-1), "page_size"),
+        (ep.ListEpisodesRequest(project_id=project, page_token="garbage!"), "page_token"),
+        (
+            ep.ListEpisodesRequest(project_id=project, filter=ep.EpisodeFilter(session_id="s")),
+            "filter.session_id",
+        ),
+        (
+            ep.ListEpisodesRequest(project_id=project, filter=ep.EpisodeFilter(min_importance=2)),
+            "filter.min_importance",
+        ),
+        (
+            ep.ListEpisodesRequest(project_id=project, filter=ep.EpisodeFilter(outcome=8)  # type: ignore[arg-type]),
+            "filter.outcome",
+        ),
+    ]:
+        details = await expect_error(
+            episodic.ListEpisodes(request), grpc.StatusCode.INVALID_ARGUMENT
+        )
+        assert field in details.violations, (field, details.violations)
+    for _ in range(3):
+        await record(episodic, episode(scope))
+    page = await episodic.ListEpisodes(ep.ListEpisodesRequest(project_id=project, page_size=2))
+    await expect_error(
+        episodic.ListEpisodes(
+            ep.ListEpisodesRequest(
+                project_id=project,
+                page_size=2,
+                page_token=page.next_page_token,
+                filter=ep.EpisodeFilter(task_type="other"),
+            )
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+
+
+CORPUS = [
+    ("Deploy the payment service to production", "Kubernetes rollout", ["use canary releases"]),
+    ("Write unit tests for the parser", "pytest and hypothesis", ["property tests find edges"]),
+    ("Fix flaky integration tests", "CI was red", ["deployment order matters"]),
+    ("Summarize the quarterly report", "finance documents", ["ask for the raw numbers"]),
+    ("Rotate database credentials", "vault secrets", ["automate the rotation"]),
+]
+
+
+async def record_corpus(stub: EpisodicMemoryServiceStub, scope: dict[str, str]) -> list[str]:
+    ids = []
+    for description, summary, lessons in CORPUS:
+        stored = await record(
+            stub,
+            episode(
+                scope,
+                task_description=description,
+                context_summary=summary,
+                lessons_learned=lessons,
+            ),
+        )
+        ids.append(stored.episode_id)
+    return ids
+
+
+async def test_search_ranks_the_relevant_episode_first(episodic, scope):
+    ids = await record_corpus(episodic, scope)
+    project = scope["project_id"]
+    # Stemming: "deploying" finds "Deploy", "testing" finds "tests".
+    assert await search_ids(episodic, project, "deploying payment") == [ids[0]]
+    assert set(await search_ids(episodic, project, "testing")) == {ids[1], ids[2]}
+    # Both match "tests"; the one that also matches "property" in its lessons wins.
+    assert (await search_ids(episodic, project, "tests"))[0] in {ids[1], ids[2]}
+    assert await search_ids(episodic, project, "testing property") == [ids[1]]
+    assert await search_ids(episodic, project, "raw numbers") == [ids[3]]
+    assert await search_ids(episodic, project, '"unit tests"') == [ids[1]]
+    assert await search_ids(episodic, project, '"tests unit"') == []
+    assert await search_ids(episodic, project, "vault") == [ids[4]]
+    assert await search_ids(episodic, project, "nonexistentword") == []
+    # Another project sees nothing.
+    assert await search_ids(episodic, str(uuid.uuid4()), "vault") == []
+
+
+async def test_search_applies_filters_and_pages_without_repeats(episodic, scope):
+    project = scope["project_id"]
+    wanted = set()
+    for index in range(12):
+        stored = await record(
+            episodic,
+            episode(
+                scope,
+                task_description=f"incident {'review ' * (index % 4 + 1)}number {index}",
+                importance=0.9 if index % 2 else 0.1,
+            ),
+        )
+        if index % 2:
+            wanted.add(stored.episode_id)
+    seen: list[str] = []
+    scores: list[float] = []
+    token = ""
+    while True:
+        page = await episodic.SearchEpisodes(
+            ep.SearchEpisodesRequest(
+                project_id=project,
+                query="review incident",
+                filter=ep.EpisodeFilter(min_importance=0.5),
+                page_size=4,
+                page_token=token,
+            )
+        )
+        seen += [r.episode.episode_id for r in page.results]
+        scores += [r.score for r in page.results]
+        token = page.next_page_token
+        if not token:
+            break
+    assert sorted(seen) == sorted(wanted)
+    assert scores == sorted(scores, reverse=True)
+
+
+async def test_bad_search_requests_are_refused(episodic, scope):
+    project = scope["project_id"]
+    for request, field in [
+        (ep.SearchEpisodesRequest(project_id=project), "query"),
+        (ep.SearchEpisodesRequest(project_id=project, query="!!! ???"), "query"),
+        (ep.SearchEpisodesRequest(project_id=project, query="x" * 1001), "query"),
+        (
+            ep.SearchEpisodesRequest(project_id=project, query_embedding=[float("nan")]),
+            "query_embedding",
+        ),
+        (ep.SearchEpisodesRequest(project_id=project, query="a", page_size=-3), "page_size"),
+    ]:
+        details = await expect_error(
+            episodic.SearchEpisodes(request), grpc.StatusCode.INVALID_ARGUMENT
+        )
+        assert field in details.violations, (field, details.violations)
+
+
+async def test_similarity_ranks_by_cosine_within_the_filtered_scope(episodic, scope):
+    project = scope["project_id"]
+    near = await record(episodic, episode(scope, embedding=[1.0, 0.1, 0.0]))
+    far = await record(episodic, episode(scope, embedding=[-1.0, 0.0, 0.0]))
+    middle = await record(episodic, episode(scope, embedding=[0.5, 0.5, 0.0]))
+    await record(episodic, episode(scope, embedding=[1.0, 0.0]))  # other dimensions
+    await record(episodic, episode(scope))  # no embedding
+    filtered_out = await record(
+        episodic, episode(scope, embedding=[1.0, 0.0, 0.0], task_type="other")
+    )
+    response = await episodic.SearchEpisodes(
+        ep.SearchEpisodesRequest(
+            project_id=project,
+            query_embedding=[2.0, 0.0, 0.0],
+            filter=ep.EpisodeFilter(task_type="code_review"),
+        )
+    )
+    ranked = [r.episode.episode_id for r in response.results]
+    assert ranked == [near.episode_id, middle.episode_id, far.episode_id]
+    assert filtered_out.episode_id not in ranked
+    assert response.results[0].score == pytest.approx(1 / (1.01**0.5), rel=1e-5)
+    assert response.results[-1].score == pytest.approx(-1.0, rel=1e-5)
+    # Paged one by one, the same order.
+    token, paged = "", []
+    while True:
+        page = await episodic.SearchEpisodes(
+            ep.SearchEpisodesRequest(
+                project_id=project,
+                query_embedding=[2.0, 0.0, 0.0],
+                filter=ep.EpisodeFilter(task_type="code_review"),
+                page_size=1,
+                page_token=token,
+            )
+        )
+        paged += [r.episode.episode_id for r in page.results]
+        token = page.next_page_token
+        if not token:
+            break
+    assert paged == ranked
+
+
+@pytest.mark.parametrize("config_overrides", [{"max_similarity_candidates": 2}])
+async def test_similarity_over_too_many_candidates_asks_to_narrow(episodic, scope):
+    for _ in range(3):
+        await record(episodic, episode(scope, embedding=[1.0, 0.0]))
+    details = await expect_error(
+        episodic.SearchEpisodes(
+            ep.SearchEpisodesRequest(project_id=scope["project_id"], query_embedding=[1.0, 0.0])
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+    assert details.reason == "ERROR_REASON_SIMILARITY_SCOPE_TOO_LARGE"
+    assert details.metadata["limit"] == "2"
+
+
+async def test_delete_forgets_the_episode_everywhere(episodic, scope, server: Server):
+    ids = await record_corpus(episodic, scope)
+    project = scope["project_id"]
+    await episodic.DeleteEpisode(ep.DeleteEpisodeRequest(project_id=project, episode_id=ids[4]))
+    await expect_error(
+        episodic.GetEpisode(ep.GetEpisodeRequest(project_id=project, episode_id=ids[4])),
+        grpc.StatusCode.NOT_FOUND,
+    )
+    assert ids[4] not in [e.episode_id for e in await list_all(episodic, project)]
+    assert await search_ids(episodic, project, "vault") == []
+    url = server.config.database_url
+    assert await sql_rows(url, "SELECT 1 FROM episodes WHERE episode_id = ?", ids[4]) == []
+    if url.startswith("sqlite"):
+        # The FTS5 index holds no trace of it.
+        assert (
+            await sql_rows(url, "SELECT rowid FROM episodes_fts WHERE episodes_fts MATCH 'vault'")
+            == []
+        )
+    details = await expect_error(
+        episodic.DeleteEpisode(ep.DeleteEpisodeRequest(project_id=project, episode_id=ids[4])),
+        grpc.StatusCode.NOT_FOUND,
+    )
+    assert details.reason == "ERROR_REASON_EPISODE_NOT_FOUND"
+    await episodic.DeleteEpisode(
+        ep.DeleteEpisodeRequest(project_id=project, episode_id=ids[4], allow_missing=True)
+    )
+    assert len(await list_all(episodic, project)) == 4
+
+
+async def test_terminate_records_its_episode_in_episodic_memory(channel, episodic, scope):
+    lifecycle = LifecycleServiceStub(channel)
+    await lifecycle.Spawn(lc.SpawnRequest(**scope))
+    ended = await lifecycle.Terminate(
+        lc.TerminateRequest(**scope, task_description="Refactor the scheduler",
+                            lessons_learned=["small steps"])
+    )  # fmt: skip
+    got = (
+        await episodic.GetEpisode(
+            ep.GetEpisodeRequest(project_id=scope["project_id"], episode_id=ended.episode_id)
+        )
+    ).episode
+    assert got.task_type == "session_completion"
+    assert got.importance == pytest.approx(0.6)
+    assert list(got.lessons_learned) == ["small steps"]
+    assert await search_ids(episodic, scope["project_id"], "scheduler") == [ended.episode_id]
+    assert json_format.MessageToDict(got.actions[0])["type"] == "session_completion"
