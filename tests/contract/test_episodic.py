@@ -273,7 +273,10 @@ async def test_bad_list_requests_are_refused(episodic, scope):
             "filter.min_importance",
         ),
         (
-            ep.ListEpisodesRequest(project_id=project, filter=ep.EpisodeFilter(outcome=8)  # type: ignore[arg-type]),
+            ep.ListEpisodesRequest(
+                project_id=project,
+                filter=ep.EpisodeFilter(outcome=8),  # type: ignore[arg-type]
+            ),
             "filter.outcome",
         ),
     ]:
