@@ -75,6 +75,8 @@ async def test_reflection_lists_every_service(embedded):
         assert names == {
             "memsvc.v1.WorkingMemoryService",
             "memsvc.v1.LifecycleService",
+            "memsvc.v1.EpisodicMemoryService",
+            "memsvc.v1.DataRemovalService",
             "grpc.health.v1.Health",
             "grpc.reflection.v1alpha.ServerReflection",
         }
