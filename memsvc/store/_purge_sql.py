@@ -36,9 +36,12 @@ class SqlPurgeWrites:
 
     async def purge_sessions(self, scope: SessionRef) -> tuple[list[SessionRef], int]:
         where, params = _scope(scope)
+        # Session rows first, as every lifecycle operation locks them (then
+        # checkpoints): the same order, so the two never deadlock.
+        await self._conn.execute(
+            self._d.sql(f"SELECT 1 FROM sessions WHERE {where}{self._d.for_update}"), params
+        )
         checkpoints = await self._count(f"DELETE FROM checkpoints WHERE {where}", params)
-        # Deleting takes each row's lock (waiting for a lifecycle operation that
-        # holds it) and cascades to checkpoints committed meanwhile.
         cursor = await self._conn.execute(
             self._d.sql(
                 f"DELETE FROM sessions WHERE {where}"
