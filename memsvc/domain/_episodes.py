@@ -27,12 +27,11 @@ import numpy as np
 from memsvc.domain._errors import (
     EpisodeNotFound,
     FieldViolation,
-    RequestIdConflict,
     SimilarityScopeTooLarge,
 )
 from memsvc.domain._ids import SessionRef, check_session_id, check_uuid, raise_if_any
-from memsvc.domain._lifecycle_records import EpisodeRecord, RequestIdReused
-from memsvc.domain._lifecycle_results import arguments_hash, uuid7
+from memsvc.domain._lifecycle_records import EpisodeRecord, RequestLog
+from memsvc.domain._lifecycle_results import arguments_hash, claim, uuid7
 from memsvc.domain._pagination import Page, check_page_size, decode_page_token, fingerprint, page_of
 
 OUTCOMES = {1: "SUCCESS", 2: "FAILURE", 3: "PARTIAL"}
@@ -78,16 +77,8 @@ class ScoredEpisode:
     score: float
 
 
-class EpisodeTransaction(Protocol):
+class EpisodeTransaction(RequestLog, Protocol):
     """The writes of episodic memory, inside one durable-store transaction."""
-
-    async def claim_request(
-        self, scope: SessionRef, request_id: str, method: str, arguments_hash: str
-    ) -> bytes | None: ...
-
-    async def remember_response(
-        self, project_id: str, request_id: str, response: bytes
-    ) -> None: ...
 
     async def insert_episode(self, record: EpisodeRecord) -> None: ...
 
@@ -164,10 +155,7 @@ class Episodes:
         )
         async with self._db.transaction() as tx:
             if request_id:
-                try:
-                    previous = await tx.claim_request(ref, request_id, "RecordEpisode", arguments)
-                except RequestIdReused:
-                    raise RequestIdConflict(request_id) from None
+                previous = await claim(tx, ref, request_id, "RecordEpisode", arguments)
                 if previous is not None:
                     return decode_episode(previous)
             stored = dataclasses.replace(

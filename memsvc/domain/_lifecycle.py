@@ -28,7 +28,6 @@ from memsvc.domain._errors import (
     InvalidArgument,
     InvalidTransition,
     MemsvcError,
-    RequestIdConflict,
     SessionAlreadyExists,
     SessionNotFound,
     SessionNotWritable,
@@ -51,7 +50,6 @@ from memsvc.domain._lifecycle_records import (
     EventType,
     LifecycleDatabase,
     LifecycleTransaction,
-    RequestIdReused,
     SessionRecord,
     SessionState,
 )
@@ -63,6 +61,7 @@ from memsvc.domain._lifecycle_results import (
     SpawnResult,
     TerminateResult,
     arguments_hash,
+    claim,
     decode_result,
     encode_result,
     uuid7,
@@ -612,10 +611,7 @@ class Lifecycle:
         try:
             async with self._db.transaction() as tx:
                 if request_id:
-                    try:
-                        previous = await tx.claim_request(ref, request_id, method, arguments)
-                    except RequestIdReused:
-                        raise RequestIdConflict(request_id) from None
+                    previous = await claim(tx, ref, request_id, method, arguments)
                     if previous is not None:
                         replayed = decode_result(kind, previous)
                         return replayed

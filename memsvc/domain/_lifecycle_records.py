@@ -108,8 +108,8 @@ class CheckpointIdTaken(Exception):
     """The session already has a checkpoint with this id."""
 
 
-class LifecycleTransaction(Protocol):
-    """One database transaction of a lifecycle operation (ADR 0004)."""
+class RequestLog(Protocol):
+    """Remembered answers of calls that carried a request id (in a transaction)."""
 
     async def claim_request(
         self, scope: SessionRef, request_id: str, method: str, arguments_hash: str
@@ -123,6 +123,10 @@ class LifecycleTransaction(Protocol):
 
     async def remember_response(self, project_id: str, request_id: str, response: bytes) -> None:
         """Store the answer to return for a retry with the same request id."""
+
+
+class LifecycleTransaction(RequestLog, Protocol):
+    """One database transaction of a lifecycle operation (ADR 0004)."""
 
     async def lock_session(self, ref: SessionRef) -> SessionRecord | None:
         """Read the session row and hold its lock until the transaction ends."""

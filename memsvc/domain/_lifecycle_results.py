@@ -11,8 +11,15 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from memsvc.domain._errors import RequestIdConflict
 from memsvc.domain._ids import SessionRef
-from memsvc.domain._lifecycle_records import CheckpointRecord, SessionRecord, SessionState
+from memsvc.domain._lifecycle_records import (
+    CheckpointRecord,
+    RequestIdReused,
+    RequestLog,
+    SessionRecord,
+    SessionState,
+)
 
 T = TypeVar("T")
 
@@ -84,6 +91,17 @@ def uuid7() -> str:
     value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
     value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 4122 variant
     return str(uuid.UUID(int=value))
+
+
+async def claim(
+    tx: RequestLog, scope: SessionRef, request_id: str, method: str, arguments: str
+) -> bytes | None:
+    """Claim ``request_id`` for this call; the first answer when it was already
+    served. The same id with other arguments is RequestIdConflict."""
+    try:
+        return await tx.claim_request(scope, request_id, method, arguments)
+    except RequestIdReused:
+        raise RequestIdConflict(request_id) from None
 
 
 def arguments_hash(method: str, *parts: Any) -> str:

@@ -18,10 +18,10 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
-from memsvc.domain._errors import FieldViolation, RequestIdConflict
+from memsvc.domain._errors import FieldViolation
 from memsvc.domain._ids import SessionRef, check_session_id, check_uuid, raise_if_any
-from memsvc.domain._lifecycle_records import RequestIdReused
-from memsvc.domain._lifecycle_results import arguments_hash
+from memsvc.domain._lifecycle_records import RequestLog
+from memsvc.domain._lifecycle_results import arguments_hash, claim
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,17 +36,9 @@ class PurgeReport:
     events_tombstoned: int = 0
 
 
-class PurgeTransaction(Protocol):
+class PurgeTransaction(RequestLog, Protocol):
     """The purge's writes, inside one durable-store transaction. ``scope`` is a
     SessionRef whose empty agent instance or session id matches every one."""
-
-    async def claim_request(
-        self, scope: SessionRef, request_id: str, method: str, arguments_hash: str
-    ) -> bytes | None: ...
-
-    async def remember_response(
-        self, project_id: str, request_id: str, response: bytes
-    ) -> None: ...
 
     async def purge_sessions(self, scope: SessionRef) -> tuple[list[SessionRef], int]:
         """Delete the scope's sessions and checkpoints; return the deleted
@@ -88,12 +80,8 @@ class Purger:
         arguments = arguments_hash("PurgeData", scope)
         async with self._db.transaction() as tx:
             if request_id:
-                try:
-                    previous = await tx.claim_request(
-                        SessionRef(scope.project_id, "", ""), request_id, "PurgeData", arguments
-                    )
-                except RequestIdReused:
-                    raise RequestIdConflict(request_id) from None
+                project = SessionRef(scope.project_id, "", "")
+                previous = await claim(tx, project, request_id, "PurgeData", arguments)
                 if previous is not None:
                     return PurgeReport(**json.loads(previous))
             sessions, checkpoints = await tx.purge_sessions(scope)
