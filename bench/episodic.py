@@ -11,7 +11,8 @@ Two servers, each in its own process, on 127.0.0.1:
 * ``echo``: bench/_lifecycle_echo.py, a bare grpc.aio server with identity
   (de)serializers. Before each echo measurement it is loaded (``Load``) with
   the serialized bytes of the memsvc response just measured, which ``Resume``
-  then returns to every call. The client parses that answer as the memsvc
+  then returns to every call (the request is a fixed 100 bytes, about what a
+  List or Search request is). The client parses that answer as the memsvc
   response type, as the memsvc stub does, so both sides of a row move and
   parse the same bytes; the difference is memsvc's server work.
 
@@ -25,7 +26,8 @@ What is measured, this process being the client:
   records the same texts); ``flamegraph`` is planted in 1% of the episodes
   and ``kubernetes`` in 30% (in the description, the context summary or a
   lesson), and neither occurs otherwise. The hit counts are checked in the
-  database afterwards. Then ``VACUUM (ANALYZE) episodes`` (the steady state
+  database afterwards. No embeddings, unless ``--dims`` gives every other
+  episode one. Then ``VACUUM (ANALYZE) episodes`` (the steady state
   autovacuum would reach: statistics, and the GIN pending list merged;
   ``--no-vacuum`` leaves it out).
 * **Reads**, ``--runs`` times (3): first-page ``ListEpisodes`` (no filter),
@@ -42,8 +44,9 @@ Targets (from the issue), as medians of 3 runs: List p50 under 10 ms and
 selective Search p50 under 50 ms through gRPC. The 2-core machine is shared by
 this client, memsvc, the echo server and PostgreSQL.
 
-Rerun (the load dominates: about 100,000 / the record rate; results in
-bench/results/episodic.json, see docs/performance.md)::
+Rerun (results in bench/results/episodic.json; at the 800-950 episodes/s of a
+2,000-episode smoke run here, the load of 100,000 takes about 2 minutes and the
+reads about 2 more)::
 
     .venv/bin/python -m bench.episodic --git-ref HEAD
     .venv/bin/python -m bench.episodic --episodes 2000 --seconds 1 --runs 1  # smoke test

@@ -148,13 +148,13 @@ class Episodes:
             episode.ref.agent_instance_id.lower(),
             episode.ref.session_id,
         )
-        arguments = arguments_hash(
-            "RecordEpisode",
-            dataclasses.astuple(dataclasses.replace(episode, ref=ref)),
-            packed.hex() if packed else None,
-        )
         async with self._db.transaction() as tx:
             if request_id:
+                arguments = arguments_hash(
+                    "RecordEpisode",
+                    dataclasses.astuple(dataclasses.replace(episode, ref=ref)),
+                    packed.hex() if packed else None,
+                )
                 previous = await claim(tx, ref, request_id, "RecordEpisode", arguments)
                 if previous is not None:
                     return decode_episode(previous)
