@@ -109,9 +109,11 @@ async def sql_rows(url: str, statement: str, *params: Any) -> list[tuple[Any, ..
         from memsvc.store.sqlite import sqlite_path
 
         with contextlib.closing(sqlite3.connect(sqlite_path(url))) as db:
-            return list(db.execute(statement, params).fetchall())
+            rows = list(db.execute(statement, params).fetchall())
+            db.commit()
+            return rows
     import psycopg
 
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
         cursor = await conn.execute(statement.replace("?", "%s"), params)
-        return list(await cursor.fetchall())
+        return [] if cursor.description is None else list(await cursor.fetchall())

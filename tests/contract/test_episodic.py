@@ -240,19 +240,32 @@ async def test_list_filters_and_orders_newest_first(episodic, scope):
 async def test_pages_neither_skip_nor_repeat_while_episodes_arrive(episodic, scope):
     project = scope["project_id"]
     original = {(await record(episodic, episode(scope))).episode_id for _ in range(23)}
+    arrived: set[str] = set()
+    paging_done = asyncio.Event()
+
+    async def keep_recording() -> None:
+        # Concurrent writers, while the pages are read.
+        while not paging_done.is_set():
+            stored = await asyncio.gather(*(record(episodic, episode(scope)) for _ in range(3)))
+            arrived.update(e.episode_id for e in stored)
+
+    writer = asyncio.create_task(keep_recording())
     seen: list[str] = []
     token = ""
-    arrived: set[str] = set()
-    while True:
-        page = await episodic.ListEpisodes(
-            ep.ListEpisodesRequest(project_id=project, page_size=5, page_token=token)
-        )
-        seen += [e.episode_id for e in page.episodes]
-        # New episodes arrive between pages.
-        arrived |= {(await record(episodic, episode(scope))).episode_id for _ in range(2)}
-        token = page.next_page_token
-        if not token:
-            break
+    try:
+        while True:
+            page = await episodic.ListEpisodes(
+                ep.ListEpisodesRequest(project_id=project, page_size=4, page_token=token)
+            )
+            seen += [e.episode_id for e in page.episodes]
+            token = page.next_page_token
+            await asyncio.sleep(0.01)  # let the writers land episodes between pages
+            if not token:
+                break
+    finally:
+        paging_done.set()
+        await writer
+    assert arrived, "no episode arrived while paging; the test proved nothing"
     assert len(seen) == len(set(seen)), "an episode was repeated"
     assert original <= set(seen), "an episode was skipped"
     assert set(seen) <= original | arrived
@@ -498,3 +511,12 @@ async def test_terminate_records_its_episode_in_episodic_memory(channel, episodi
     assert list(got.lessons_learned) == ["small steps"]
     assert await search_ids(episodic, scope["project_id"], "scheduler") == [ended.episode_id]
     assert json_format.MessageToDict(got.actions[0])["type"] == "session_completion"
+
+
+async def test_query_syntax_of_either_database_is_plain_text(episodic, scope):
+    """Operators of FTS5 or tsquery in a query are words, never syntax errors."""
+    ids = await record_corpus(episodic, scope)
+    project = scope["project_id"]
+    for query in ['vault* OR "x', "vault:* & !secrets", "NEAR(vault secrets)", "vault -- ;"]:
+        found = await search_ids(episodic, project, query)
+        assert set(found) <= {ids[4]}, (query, found)

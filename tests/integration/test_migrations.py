@@ -107,3 +107,47 @@ async def test_memsvc_migrate_command(database_url):
         assert await store.schema_version() == LATEST[kind(database_url)]
     finally:
         await store.aclose()
+
+
+async def test_episodes_recorded_before_the_search_migration_are_searchable_after(
+    database_url, monkeypatch
+):
+    """Migration 0003 indexes (and, on SQLite, moves) the episodes already stored."""
+    import memsvc.store.postgres._store as postgres_store
+    import memsvc.store.sqlite._store as sqlite_store
+    from memsvc.domain._episodes import EpisodeScope
+    from tests.helpers import sql_rows
+
+    for module in (postgres_store, sqlite_store):
+        monkeypatch.setattr(module, "load_migrations", lambda package: load_migrations(package)[:2])
+    store = durable_store_at(database_url)
+    await store.open()
+    try:
+        assert await store.migrate() == [1, 2]
+    finally:
+        await store.aclose()
+    project, agent = "0f8fad5b-d9cb-469f-a165-70867728950e", "7c9e6679-7425-40de-944b-e07fc1f90ae7"
+    await sql_rows(
+        database_url,
+        "INSERT INTO episodes (episode_id, project_id, agent_instance_id, session_id, task_type,"
+        " task_description, outcome, outcome_details, actions, context_summary, lessons_learned,"
+        " duration_seconds, tokens_used, importance, metadata, create_time) VALUES"
+        " (?, ?, ?, 's', 'session_completion', 'Tune the garbage collector', 1, '', '[]', '',"
+        " '[\"measure pauses first\"]', 1.5, 0, 0.6, '{}', '2026-11-01T00:00:00.000Z')",
+        "01a1f000-0000-7000-8000-000000000001",
+        project,
+        agent,
+    )
+    monkeypatch.undo()
+    store = durable_store_at(database_url)
+    await store.open()
+    try:
+        assert await store.migrate() == list(range(3, LATEST[kind(database_url)] + 1))
+        for terms in (["garbage"], ["pauses"]):
+            found = await store.search_episodes(EpisodeScope(project), terms, None, 10, False)
+            assert [f.episode.episode_id for f in found] == ["01a1f000-0000-7000-8000-000000000001"]
+        listed = await store.list_episodes(EpisodeScope(project), None, 10, False)
+        assert listed[0].lessons_learned == ["measure pauses first"]
+        assert listed[0].embedding_dimensions == 0
+    finally:
+        await store.aclose()
