@@ -50,6 +50,18 @@ class Dialect:
     for_update: str
     # PostgreSQL takes the sequence, inserts and notifies in one statement.
     single_statement_append: bool = False
+    # Read large bytea values as binary results: as they are, instead of as hex
+    # text twice as long to send and decode (psycopg's ``binary=True``).
+    binary_reads: bool = False
+
+    async def execute_bulk_read(
+        self, conn: Connection, statement: str, params: Sequence[Any]
+    ) -> Any:
+        """Run a read whose results hold large binary values."""
+        if self.binary_reads:
+            execute: Any = conn.execute  # psycopg's execute takes binary=
+            return await execute(self.sql(statement), params, binary=True)
+        return await conn.execute(self.sql(statement), params)
 
     def sql(self, statement: str) -> str:
         return statement.replace("?", self.placeholder)
@@ -79,7 +91,7 @@ T = TypeVar("T")
 
 SQLITE = Dialect("sqlite", "?", "")
 # SQLite has no row locks: its write lock (BEGIN IMMEDIATE) serializes instead.
-POSTGRES = Dialect("postgres", "%s", " FOR UPDATE", single_statement_append=True)
+POSTGRES = Dialect("postgres", "%s", " FOR UPDATE", single_statement_append=True, binary_reads=True)
 EVENT_CHANNEL = "memsvc_events"
 
 
@@ -460,11 +472,10 @@ async def read_checkpoint(
     conn: Connection, dialect: Dialect, ref: SessionRef, checkpoint_id: str
 ) -> tuple[CheckpointRecord, bytes] | None:
     """A checkpoint and its contents, or None."""
-    cursor = await conn.execute(
-        dialect.sql(
-            f"SELECT {_CHECKPOINT_COLUMNS}, contents FROM checkpoints"
-            f" WHERE {_SESSION_KEY} AND checkpoint_id = ?"
-        ),
+    cursor = await dialect.execute_bulk_read(
+        conn,
+        f"SELECT {_CHECKPOINT_COLUMNS}, contents FROM checkpoints"
+        f" WHERE {_SESSION_KEY} AND checkpoint_id = ?",
         (*_key(ref), checkpoint_id),
     )
     row = await cursor.fetchone()

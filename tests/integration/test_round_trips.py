@@ -42,9 +42,9 @@ class CountingPostgres(PostgresDurableStore):
             store = self
 
             class Counting:
-                async def execute(self, sql: Any, params: Any = ()) -> Any:
+                async def execute(self, sql: Any, params: Any = (), **options: Any) -> Any:
                     store.statements += 1
-                    return await inner.execute(sql, params)
+                    return await inner.execute(sql, params, **options)
 
             tx._conn = Counting()
             # BEGIN and COMMIT are one round trip each, around what is counted.

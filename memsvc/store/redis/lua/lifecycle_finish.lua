@@ -8,8 +8,9 @@ local SD, SX, SK = KEYS[5], KEYS[6], KEYS[7]
 if redis.call('HGET', M, 'op') ~= ARGV[1] then
   return {'lost', redis.call('HGET', M, 'state') or 'missing'}
 end
+-- UNLINK: Redis frees a large replaced hash in its background thread.
 if ARGV[3] == '1' then
-  redis.call('DEL', D, X, K)
+  redis.call('UNLINK', D, X, K)
   if redis.call('EXISTS', SD) == 1 then
     redis.call('RENAME', SD, D)
     redis.call('RENAME', SK, K)
@@ -20,7 +21,7 @@ if ARGV[3] == '1' then
   redis.call('HSET', M, 'bytes', redis.call('HGET', M, 'staged_bytes') or '0')
 end
 if ARGV[4] == '1' then
-  redis.call('DEL', D, X, K, SD, SX, SK)
+  redis.call('UNLINK', D, X, K, SD, SX, SK)
   redis.call('HSET', M, 'bytes', 0)
 end
 if ARGV[2] == '' then
