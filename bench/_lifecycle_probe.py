@@ -11,9 +11,9 @@ and prints the mean wall time of each step per call::
 
 ``servicer`` is the whole RPC handler; the rest of the client's latency is gRPC.
 ``redis.begin_snapshot+parse`` includes the script's round trip
-(``redis.lifecycle_begin_snapshot``) and the parsing of its reply;
-``sql.insert_checkpoint`` and ``sql.read_checkpoint`` include the snapshot
-encoding and decoding (``cpu.*``).
+(``redis.lifecycle_begin_snapshot``) and the packing of its reply into the
+checkpoint format (``cpu.encode_flat``); Resume passes the checkpoint to its
+script unparsed.
 """
 
 from __future__ import annotations
@@ -103,8 +103,7 @@ def _instrumented_serve(source: str, out: str, argv: list[str]) -> int:
         "append_event",
     ):
         _time_async(sql.SqlLifecycleTransaction, method, f"sql.{method}")
-    _time_sync(sql, "encode_snapshot", "cpu.encode_snapshot")
-    _time_sync(sql, "decode_snapshot", "cpu.decode_snapshot")
+    _time_sync(rwm, "encode_flat", "cpu.encode_flat")
     transaction = pg.PostgresDurableStore.transaction
 
     def timed_transaction(self: Any) -> Any:

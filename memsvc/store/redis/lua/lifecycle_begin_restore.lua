@@ -28,15 +28,10 @@ end
 local blob = ARGV[7]
 local entries, pos = struct.unpack('<I4', blob, 5)
 local fields, lex, timed = {}, {}, {}
+local key, value, ttl
 for _ = 1, entries do
-  local key_length, value_length, ttl
-  key_length, pos = struct.unpack('<I4', blob, pos)
-  local key = string.sub(blob, pos, pos + key_length - 1)
-  pos = pos + key_length
-  value_length, pos = struct.unpack('<I4', blob, pos)
-  local value = string.sub(blob, pos, pos + value_length - 1)
-  pos = pos + value_length
-  ttl, pos = struct.unpack('<i8', blob, pos)
+  -- One call per entry: 'c0' reads a string whose length is the preceding u32.
+  key, value, ttl, pos = struct.unpack('<I4c0I4c0i8', blob, pos)
   if ARGV[3] == '1' then
     local old = redis.call('HSTRLEN', SD, key)
     if old > 0 then
