@@ -31,8 +31,10 @@ class SqlPurgeWrites:
     _d: Dialect
 
     async def _count(self, statement: str, params: list[Any]) -> int:
-        cursor = await self._conn.execute(self._d.sql(statement), params)
-        return int(cursor.rowcount)
+        """Run a DELETE or UPDATE; return how many rows it changed (from its
+        RETURNING rows: rowcount is unknown until a sync in psycopg's pipeline mode)."""
+        cursor = await self._conn.execute(self._d.sql(f"{statement} RETURNING 1"), params)
+        return len(await cursor.fetchall())
 
     async def purge_sessions(self, scope: SessionRef) -> tuple[list[SessionRef], int]:
         where, params = _scope(scope)
