@@ -15,8 +15,6 @@ from collections.abc import Sequence
 from memsvc import __version__
 from memsvc import config as config_module
 from memsvc.log import configure as configure_logging
-from memsvc.server import serve
-from memsvc.store import durable_store
 
 log = logging.getLogger("memsvc.cli")
 
@@ -39,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _migrate(config: config_module.Config) -> None:
+    from memsvc.store import durable_store  # server dependencies: imported when needed
+
     store = durable_store(config)
     await store.open()
     try:
@@ -66,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "migrate":
             asyncio.run(_migrate(config))
         else:
+            from memsvc.server import serve  # server dependencies: imported when needed
+
             asyncio.run(serve(config))
     except KeyboardInterrupt:
         return 0

@@ -102,6 +102,8 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     Setting("listen", str, "127.0.0.1:50051", "TCP host:port of the gRPC API. Port 0 picks a free port."),
     Setting("unix_socket", str, "", "Also serve the API on this Unix socket path (empty: no socket)."),
+    Setting("health_listen", str, "0.0.0.0:8081", "TCP host:port serving only grpc.health.v1 (services `liveness`, `readiness`, ''), for kubelet probes; empty: none."),
+    Setting("metrics_listen", str, "0.0.0.0:9464", "TCP host:port of the Prometheus metrics endpoint (HTTP, `/metrics`); empty: none."),
     Setting("data_dir", str, "$XDG_DATA_HOME/memsvc or ~/.local/share/memsvc", "Directory for the embedded SQLite file."),
     Setting("working_memory_url", str, "memory://", "Working-memory backend: `memory://` (in process) or `redis://host:port/db` (`rediss://` for TLS)."),
     Setting("database_url", str, "sqlite:///<data_dir>/memsvc.db", "Durable store: `sqlite:///path/file.db` or `postgresql://user@host:port/db`."),
@@ -135,6 +137,8 @@ class Config:
 
     listen: str = "127.0.0.1:50051"
     unix_socket: str = ""
+    health_listen: str = "0.0.0.0:8081"
+    metrics_listen: str = "0.0.0.0:9464"
     data_dir: str = field(default_factory=_default_data_dir)
     working_memory_url: str = "memory://"
     database_url: str = ""

@@ -22,8 +22,6 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import numpy as np
-
 from memsvc.domain._errors import (
     EpisodeNotFound,
     FieldViolation,
@@ -242,6 +240,8 @@ class Episodes:
             raise SimilarityScopeTooLarge(self._max_candidates)
         if not candidates:
             return []
+        import numpy as np  # a server dependency: the client side imports this module too
+
         query = np.frombuffer(vector, dtype="<f4").astype(np.float64)
         matrix = np.frombuffer(b"".join(c[1] for c in candidates), dtype="<f4")
         matrix = matrix.reshape(len(candidates), dimensions).astype(np.float64)
