@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         url = create_postgres_database(POSTGRES_ADMIN_URL, "memsvc_probe")
         port = free_port()
         serve = [
-            "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", workdir,
+            "serve", "--health-listen=", "--metrics-listen=",
+            "--listen", f"127.0.0.1:{port}", "--data-dir", workdir,
             "--working-memory-url", REDIS_URL, "--database-url", url,
             "--max-session-keys", "20000",
         ]  # fmt: skip

@@ -661,7 +661,8 @@ def _servers(
         if args.git_ref:
             command = _memsvc_at(args.git_ref, workdir / "source")
         memsvc_argv = [
-            *command, "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", str(data_dir),
+            *command, "serve", "--health-listen=", "--metrics-listen=",
+            "--listen", f"127.0.0.1:{port}", "--data-dir", str(data_dir),
             "--working-memory-url", REDIS_URL, "--database-url", database_url,
         ]  # fmt: skip
         memsvc = stack.enter_context(_server("memsvc", memsvc_argv, workdir, port))

@@ -808,7 +808,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.git_ref:
             command = _memsvc_at(args.git_ref, workdir / "source")
         memsvc_argv = [
-            *command, "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", str(data_dir),
+            *command, "serve", "--health-listen=", "--metrics-listen=",
+            "--listen", f"127.0.0.1:{port}", "--data-dir", str(data_dir),
             "--working-memory-url", REDIS_URL, "--database-url", memsvc_url,
             "--max-session-keys", "20000",
         ]  # fmt: skip

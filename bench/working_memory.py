@@ -222,7 +222,16 @@ def _memsvc(name: str, workdir: Path, *extra: str) -> contextlib.AbstractContext
     port = free_port()
     data_dir = workdir / name
     data_dir.mkdir()
-    argv = [str(MEMSVC), "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", str(data_dir)]
+    argv = [
+        str(MEMSVC),
+        "serve",
+        "--health-listen=",
+        "--metrics-listen=",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--data-dir",
+        str(data_dir),
+    ]
     return _server(name, [*argv, *extra], workdir, port)
 
 

@@ -27,6 +27,7 @@ from memsvc.api._data_removal import DataRemovalServicer
 from memsvc.api._episodic import EpisodicMemoryServicer
 from memsvc.api._errors import StreamTracker
 from memsvc.api._lifecycle import LifecycleServicer, render_value
+from memsvc.api._metrics import MetricsInterceptor
 from memsvc.config import Config
 from memsvc.domain import DurableStore, MemoryStore, WorkingMemory
 from memsvc.domain._episodes import Episodes
@@ -35,7 +36,9 @@ from memsvc.domain._lifecycle_records import CheckpointRetention
 from memsvc.domain._purge import Purger
 from memsvc.domain._watch import EventHub
 from memsvc.failpoints import Failpoints
+from memsvc.metrics import Metrics
 from memsvc.store import durable_store, working_memory_store
+from memsvc.store._observe import Observable
 from memsvc.v1 import (
     data_removal_pb2,
     data_removal_pb2_grpc,
@@ -57,9 +60,14 @@ EPISODIC_MEMORY_SERVICE = episodic_pb2.DESCRIPTOR.services_by_name[
     "EpisodicMemoryService"
 ].full_name
 DATA_REMOVAL_SERVICE = data_removal_pb2.DESCRIPTOR.services_by_name["DataRemovalService"].full_name
+# On the probe port: "liveness" is the process (SERVING until shutdown), so a
+# backend outage never restarts the sidecar; "readiness" and "" follow the backends.
+LIVENESS = "liveness"
+READINESS = "readiness"
 # Services whose health follows the backends; "" is the server as a whole.
 _HEALTH_SERVICES = (
     "",
+    READINESS,
     WORKING_MEMORY_SERVICE,
     LIFECYCLE_SERVICE,
     EPISODIC_MEMORY_SERVICE,
@@ -81,7 +89,11 @@ class Server:
         self.working_memory_store = working_memory or working_memory_store(config)
         self.durable_store = durable or durable_store(config)
         self.health = health.aio.HealthServicer()
+        self.metrics = Metrics()
         self.port: int | None = None
+        # The probe port (grpc.health.v1 only) and the metrics port, when enabled.
+        self.health_port: int | None = None
+        self._probe: grpc.aio.Server | None = None
         self._streams = StreamTracker()
         self._grpc: grpc.aio.Server | None = None
         self._monitor: asyncio.Task[None] | None = None
@@ -103,6 +115,9 @@ class Server:
             raise
 
     async def _start(self) -> None:
+        for store in (self.working_memory_store, self.durable_store):
+            if isinstance(store, Observable):
+                store.observe = self.metrics.backend_observer(store.backend_name)
         await self.working_memory_store.open()
         await self.durable_store.open()
         if self.config.migrate:
@@ -129,13 +144,17 @@ class Server:
             poll_interval=self.config.event_poll_interval_seconds,
         )
         self.hub = hub
+        hub.event_offered = lambda stored: self.metrics.event_offered(stored.event.time_ms)
+        hub.watcher_lagged = self.metrics.lagging_watchers.inc
+        self.metrics.watchers.set_function(lambda: hub.watchers)
         # Events committed here reach local watchers without a read of the store.
         self.durable_store.events_committed = hub.publish_committed
         self.lifecycle = lifecycle
         # Working memory asks the lifecycle why a session refused a call.
         memory.guard = lifecycle
         server = grpc.aio.server(
-            interceptors=[ErrorInterceptor(self._streams)],
+            # Metrics outside: it sees the status the error interceptor sets.
+            interceptors=[MetricsInterceptor(self.metrics), ErrorInterceptor(self._streams)],
             options=self._grpc_options(),
         )
         working_memory_pb2_grpc.add_WorkingMemoryServiceServicer_to_server(
@@ -169,9 +188,17 @@ class Server:
         if self.config.unix_socket:
             _remove_stale_socket(Path(self.config.unix_socket))
             server.add_insecure_port(f"unix:{self.config.unix_socket}")
+        await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         await self._check_health()
         await server.start()
         self._grpc = server
+        if self.config.health_listen:
+            self._probe = grpc.aio.server(options=self._grpc_options())
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._probe)
+            self.health_port = self._probe.add_insecure_port(self.config.health_listen)
+            await self._probe.start()
+        if self.config.metrics_listen:
+            self.metrics.start(self.config.metrics_listen)
         self._monitor = asyncio.create_task(self._monitor_health(), name="memsvc-health")
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="memsvc-retention")
         host = self.config.listen.rsplit(":", 1)[0]
@@ -203,6 +230,9 @@ class Server:
             if ended:
                 log.info("ended %d open stream(s) with UNAVAILABLE", ended)
             await self._grpc.stop(grace)
+        if self._probe is not None:
+            await self._probe.stop(0)
+        self.metrics.stop()
         await self.working_memory_store.aclose()
         await self.durable_store.aclose()
         if self.config.unix_socket:
@@ -250,6 +280,9 @@ class Server:
                     await store.ping()
             except Exception as error:
                 problems.append(f"{store.backend_name}: {error}")
+        for store in (self.working_memory_store, self.durable_store):
+            up = not any(p.startswith(f"{store.backend_name}:") for p in problems)
+            self.metrics.backend_up.labels(store.backend_name).set(1 if up else 0)
         healthy = not problems
         if healthy != self._healthy:
             if healthy:

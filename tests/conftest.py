@@ -109,6 +109,9 @@ def base_config(deployment: Deployment, tmp_path: Path, request: pytest.FixtureR
         database_url=database_url,
         health_interval_seconds=0.2,
         shutdown_grace_seconds=2,
+        # The probe and metrics ports are off unless a test turns them on.
+        health_listen="",
+        metrics_listen="",
     )
 
 

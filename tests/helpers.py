@@ -117,3 +117,19 @@ async def sql_rows(url: str, statement: str, *params: Any) -> list[tuple[Any, ..
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
         cursor = await conn.execute(statement.replace("?", "%s"), params)
         return [] if cursor.description is None else list(await cursor.fetchall())
+
+
+def metric(server: Any, name: str, **labels: str) -> float | None:
+    """The value of one sample on a server's Prometheus endpoint (None: absent)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = f"http://127.0.0.1:{server.metrics.port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return None

@@ -130,6 +130,10 @@ class EventHub:
         self.position = 0
         self._tail: asyncio.Task[None] | None = None
         self._kick = asyncio.Event()
+        # Told each event as the tail hands it to the watchers, and each time a
+        # watcher falls behind (the server's metrics).
+        self.event_offered: Callable[[StoredEvent], None] = lambda stored: None
+        self.watcher_lagged: Callable[[], None] = lambda: None
 
     @property
     def watchers(self) -> int:
@@ -288,6 +292,7 @@ class EventHub:
                 waiter.cancel()
 
     def _offer(self, stored: StoredEvent) -> None:
+        self.event_offered(stored)
         for subscriber in self._subscribers:
             if (
                 subscriber.lagging
@@ -300,6 +305,7 @@ class EventHub:
             except asyncio.QueueFull:
                 # Never wait for a slow reader: it catches up from the store.
                 subscriber.lagging = True
+                self.watcher_lagged()
 
 
 async def _next(iterator: AsyncIterator[None]) -> None:

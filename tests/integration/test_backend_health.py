@@ -16,7 +16,7 @@ from memsvc.v1 import lifecycle_pb2 as lc
 from memsvc.v1 import working_memory_pb2 as pb
 from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
 from memsvc.v1.working_memory_pb2_grpc import WorkingMemoryServiceStub
-from tests.helpers import eventually, expect_error, python, value
+from tests.helpers import eventually, expect_error, metric, python, value
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -39,6 +39,8 @@ async def test_redis_outage_turns_health_off_and_calls_unavailable(tmp_path: Pat
         data_dir=str(tmp_path / "data"),
         working_memory_url=redis.url,
         health_interval_seconds=0.1,
+        health_listen="127.0.0.1:0",
+        metrics_listen="127.0.0.1:0",
     )
     ids: dict[str, Any] = {
         "project_id": str(uuid.uuid4()),
@@ -64,6 +66,12 @@ async def test_redis_outage_turns_health_off_and_calls_unavailable(tmp_path: Pat
 
             await eventually(not_serving)
             assert await status_of(channel, "memsvc.v1.WorkingMemoryService") == NOT_SERVING
+            # On the probe port: not ready, but alive, so kubelet does not restart
+            # every sidecar because Redis is down.
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.health_port}") as probe:
+                assert await status_of(probe, "readiness") == NOT_SERVING
+                assert await status_of(probe, "liveness") == SERVING
+            assert metric(server, "memsvc_backend_up", backend="working memory (Redis)") == 0
             error = await expect_error(
                 wm.Get(pb.GetRequest(**ids, key="k"), timeout=10), grpc.StatusCode.UNAVAILABLE
             )
@@ -77,6 +85,9 @@ async def test_redis_outage_turns_health_off_and_calls_unavailable(tmp_path: Pat
                 return bool(await status_of(channel) == SERVING)
 
             await eventually(serving)
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.health_port}") as probe:
+                assert await status_of(probe, "readiness") == SERVING
+            assert metric(server, "memsvc_backend_up", backend="working memory (Redis)") == 1
             # The working memory is gone with Redis: memsvc says so instead of
             # serving an empty session as if it were intact.
             session = (await life.GetSession(lc.GetSessionRequest(**ids))).session
@@ -103,6 +114,8 @@ async def test_unreachable_database_means_not_serving_from_the_start(tmp_path: P
         database_url=f"postgresql://postgres@127.0.0.1:{free_port()}/none?connect_timeout=1",
         migrate=False,
         health_interval_seconds=0.2,
+        health_listen="",
+        metrics_listen="",
     )
     async with (
         Server(config) as server,

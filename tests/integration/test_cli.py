@@ -29,7 +29,17 @@ def start(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], int]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEMSVC_")}
     process = subprocess.Popen(
-        [MEMSVC, "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", str(tmp_path), *args],
+        [
+            MEMSVC,
+            "serve",
+            "--health-listen=",
+            "--metrics-listen=",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--data-dir",
+            str(tmp_path),
+            *args,
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -33,7 +33,8 @@ MEMSVC = str(Path(sys.executable).parent / "memsvc")
 def serve(
     port: int, tmp_path: Path, database_url: str, failpoints: str = ""
 ) -> subprocess.Popen[bytes]:
-    args = [MEMSVC, "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", str(tmp_path),
+    args = [MEMSVC, "serve", "--health-listen=", "--metrics-listen=",
+            "--listen", f"127.0.0.1:{port}", "--data-dir", str(tmp_path),
             "--working-memory-url", REDIS_URL, "--database-url", database_url]  # fmt: skip
     if failpoints:
         args += ["--failpoints", failpoints]

@@ -101,6 +101,8 @@ async def rig(tmp_path: Path, postgres_url: str) -> AsyncIterator[tuple[Server, 
         health_interval_seconds=30,
         max_session_keys=20_000,
         max_session_bytes=64 << 20,
+        health_listen="",
+        metrics_listen="",
     )
     try:
         async with Server(config, durable=CountingPostgres(postgres_url)) as server:

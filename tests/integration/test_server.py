@@ -34,7 +34,13 @@ GRPCURL = str(Path(sys.executable).parent / "grpcurl")
 
 @pytest.fixture
 def embedded(tmp_path: Path) -> Config:
-    return Config(listen="127.0.0.1:0", data_dir=str(tmp_path), health_interval_seconds=0.2)
+    return Config(
+        listen="127.0.0.1:0",
+        data_dir=str(tmp_path),
+        health_interval_seconds=0.2,
+        health_listen="127.0.0.1:0",
+        metrics_listen="127.0.0.1:0",
+    )
 
 
 def scope() -> dict[str, Any]:

@@ -97,7 +97,13 @@ async def test_a_thousand_connect_cancel_cycles_leave_nothing_behind(sqlite_stor
 
 @pytest.fixture
 def config(tmp_path: Path) -> Config:
-    return Config(listen="127.0.0.1:0", data_dir=str(tmp_path), health_interval_seconds=5)
+    return Config(
+        listen="127.0.0.1:0",
+        data_dir=str(tmp_path),
+        health_interval_seconds=5,
+        health_listen="",
+        metrics_listen="",
+    )
 
 
 async def test_compacted_positions_are_out_of_range_with_the_oldest(config):
@@ -172,7 +178,8 @@ async def test_two_replicas_deliver_one_order_to_every_subscriber(tmp_path, fres
     for i in range(2):
         port = free_port()
         process = subprocess.Popen(  # noqa: ASYNC220 - started once, not awaited
-            [MEMSVC, "serve", "--listen", f"127.0.0.1:{port}",
+            [MEMSVC, "serve", "--health-listen=", "--metrics-listen=",
+            "--listen", f"127.0.0.1:{port}",
              "--data-dir", str(tmp_path / f"r{i}"), "--database-url", fresh_postgres_url,
              # Slow polls: a delivery across replicas within the test needs NOTIFY.
              "--event-poll-interval-seconds", "5"],

@@ -27,6 +27,7 @@ from memsvc.store._lifecycle_sql import (
     never_wakes,
 )
 from memsvc.store._migrations import check_applied, load_migrations
+from memsvc.store._observe import BackendObserver, ignore, observed
 from memsvc.store._retry import with_retries
 from memsvc.store._sql import SqlDurableReads, SqlTransaction
 
@@ -68,6 +69,8 @@ class PostgresDurableStore(SqlDurableReads):
         self._max_connections = max_connections
         self._timeout = connect_timeout_seconds
         self._pool: psycopg_pool.AsyncConnectionPool | None = None
+        # Told each operation's time and outcome (the server's metrics).
+        self.observe: BackendObserver = ignore
 
     async def open(self) -> None:
         self._pool = psycopg_pool.AsyncConnectionPool(
@@ -148,9 +151,10 @@ class PostgresDurableStore(SqlDurableReads):
         only the caller (with a request_id) can safely try again.
         """
         try:
-            async with self._connections.connection() as conn, conn.transaction():
-                tx = SqlTransaction(conn, POSTGRES)
-                yield tx
+            with observed(self.observe, "transaction"):
+                async with self._connections.connection() as conn, conn.transaction():
+                    tx = SqlTransaction(conn, POSTGRES)
+                    yield tx
         except TRANSIENT_ERRORS as error:
             raise BackendUnavailable(self.backend_name, error) from error
         if tx.appended:
@@ -191,7 +195,10 @@ class PostgresDurableStore(SqlDurableReads):
             async with self._connections.connection() as conn:
                 return await read(conn, POSTGRES, *args)
 
-        return await with_retries(attempt, backend=self.backend_name, transient=TRANSIENT_ERRORS)
+        with observed(self.observe, read.__name__):
+            return await with_retries(
+                attempt, backend=self.backend_name, transient=TRANSIENT_ERRORS
+            )
 
     @property
     def _connections(self) -> psycopg_pool.AsyncConnectionPool:

@@ -39,6 +39,7 @@ from memsvc.domain._session_memory import (
     Snapshot,
 )
 from memsvc.domain._snapshot import encode_flat
+from memsvc.store._observe import BackendObserver, ignore, observed
 from memsvc.store._retry import with_retries
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,8 @@ class RedisWorkingMemoryStore:
         self._socket_timeout = socket_timeout_seconds
         self._client: aioredis.Redis | None = None
         self._scripts: dict[str, AsyncScript] = {}
+        # Told each operation's time and outcome (the server's metrics).
+        self.observe: BackendObserver = ignore
 
     async def open(self) -> None:
         pool = aioredis.BlockingConnectionPool.from_url(
@@ -150,7 +153,7 @@ class RedisWorkingMemoryStore:
             self._client = None
 
     async def ping(self) -> None:
-        await self._retrying(lambda: self._redis.ping(), attempts=1)
+        await self._retrying(lambda: self._redis.ping(), attempts=1, name="ping")
 
     async def set_entries(
         self, session: SessionRef, writes: Sequence[EntryWrite]
@@ -226,7 +229,9 @@ class RedisWorkingMemoryStore:
 
     async def read_marker(self, session: SessionRef) -> Marker | None:
         meta_key = session_keys(session)[3]
-        raw_fields: dict[Any, Any] = await self._retrying(lambda: self._redis.hgetall(meta_key))
+        raw_fields: dict[Any, Any] = await self._retrying(
+            lambda: self._redis.hgetall(meta_key), name="read_marker"
+        )
         fields: dict[bytes, bytes] = raw_fields
         state = fields.get(b"state")
         if state is None:
@@ -318,7 +323,7 @@ class RedisWorkingMemoryStore:
             return list(await pipe.execute())
 
         # DEL is idempotent: a retry after a lost reply deletes nothing twice.
-        deleted = await self._retrying(delete_all)
+        deleted = await self._retrying(delete_all, name="forget")
         return sum(1 for count in deleted if count)
 
     async def _run_lifecycle(self, script: str, session: SessionRef, args: list[Any]) -> list[Any]:
@@ -336,11 +341,16 @@ class RedisWorkingMemoryStore:
     ) -> list[Any]:
         keys = session_keys(session) + (staging_keys(session) if staging else [])
         runner = self._scripts[script]
-        reply = await self._retrying(lambda: runner(keys=keys, args=args, client=self._redis))
+        reply = await self._retrying(
+            lambda: runner(keys=keys, args=args, client=self._redis), name=script
+        )
         assert isinstance(reply, list)
         return reply
 
-    async def _retrying(self, operation: Callable[[], Awaitable[T]], attempts: int = 4) -> T:
-        return await with_retries(
-            operation, backend=self.backend_name, transient=TRANSIENT_ERRORS, attempts=attempts
-        )
+    async def _retrying(
+        self, operation: Callable[[], Awaitable[T]], *, name: str, attempts: int = 4
+    ) -> T:
+        with observed(self.observe, name):
+            return await with_retries(
+                operation, backend=self.backend_name, transient=TRANSIENT_ERRORS, attempts=attempts
+            )

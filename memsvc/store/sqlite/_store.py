@@ -25,6 +25,7 @@ from memsvc.store._lifecycle_sql import (
     never_wakes,
 )
 from memsvc.store._migrations import check_applied, load_migrations, split_sql
+from memsvc.store._observe import BackendObserver, ignore, observed
 from memsvc.store._sql import SqlDurableReads, SqlTransaction
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,8 @@ class SqliteDurableStore(SqlDurableReads):
         self._write_lock = asyncio.Lock()
         # Told the events of each committed transaction (the event hub listens).
         self.events_committed: Callable[[list[StoredEvent]], None] = lambda events: None
+        # Told each operation's time and outcome (the server's metrics).
+        self.observe: BackendObserver = ignore
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,6 +94,14 @@ class SqliteDurableStore(SqlDurableReads):
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[DurableTransaction]:
         """One write transaction at a time per process (SQLite has one writer)."""
+        with observed(self.observe, "transaction"):
+            async with self._transaction() as tx:
+                yield tx
+        if tx.appended:
+            self.events_committed(tx.appended)
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[SqlTransaction]:
         async with self._write_lock:
             db = self._conn
             try:
@@ -104,11 +115,10 @@ class SqliteDurableStore(SqlDurableReads):
                 await db.execute("ROLLBACK")
                 raise
             await db.execute("COMMIT")
-        if tx.appended:
-            self.events_committed(tx.appended)
 
     async def _query(self, read: Callable[..., Awaitable[T]], *args: Any) -> T:
-        return await read(self._read_conn, SQLITE, *args)
+        with observed(self.observe, read.__name__):
+            return await read(self._read_conn, SQLITE, *args)
 
     @contextlib.asynccontextmanager
     async def event_wakeups(self) -> AsyncIterator[AsyncIterator[None]]:

@@ -1,0 +1,119 @@
+"""The server interceptor that counts and times memsvc's RPCs for Prometheus."""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from memsvc.metrics import Metrics
+
+_OWN_METHOD_PREFIX = "/memsvc."
+
+
+def _code(context: grpc.aio.ServicerContext) -> str:
+    code = context.code()
+    if code is None:
+        return "OK"
+    # grpc.aio reports the code set by abort() as a StatusCode or its int value.
+    if isinstance(code, grpc.StatusCode):
+        return str(code.name)
+    return next((c.name for c in grpc.StatusCode if c.value[0] == code), str(code))
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Counts started and handled RPCs by method and code, and times unary ones.
+
+    Install it before the ErrorInterceptor, so it sees the status that one sets.
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method: str = handler_call_details.method
+        wrapped = self._wrapped.get(method)
+        if wrapped is not None:
+            return wrapped
+        handler = await continuation(handler_call_details)
+        if handler is None or not method.startswith(_OWN_METHOD_PREFIX):
+            return handler
+        wrapped = self._wrap(handler, method)
+        self._wrapped[method] = wrapped
+        return wrapped
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        service, _, name = method.lstrip("/").rpartition("/")
+        if handler.unary_unary is not None:
+            labels = ("unary", service, name)
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(handler.unary_unary, labels),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None and inspect.isasyncgenfunction(handler.unary_stream):
+            labels = ("server_stream", service, name)
+            return grpc.unary_stream_rpc_method_handler(
+                self._stream(handler.unary_stream, labels),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    def _unary(
+        self, behavior: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]], labels: Any
+    ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+        metrics = self._metrics
+        started_counter = metrics.rpc_started.labels(*labels)
+        latency = metrics.rpc_seconds.labels(*labels)
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started_counter.inc()
+            started = time.perf_counter()
+            code = "UNKNOWN"
+            try:
+                response = await behavior(request, context)
+                code = _code(context)
+                return response
+            except grpc.aio.AbortError:
+                code = _code(context)
+                raise
+            except BaseException:
+                code = "CANCELLED"
+                raise
+            finally:
+                latency.observe(time.perf_counter() - started)
+                metrics.rpc_handled.labels(*labels, code).inc()
+
+        return unary
+
+    def _stream(
+        self, behavior: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]], labels: Any
+    ) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
+        metrics = self._metrics
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            metrics.rpc_started.labels(*labels).inc()
+            code = "UNKNOWN"
+            try:
+                async for response in behavior(request, context):
+                    yield response
+                code = _code(context)
+            except grpc.aio.AbortError:
+                code = _code(context)
+                raise
+            except BaseException:
+                code = "CANCELLED"
+                raise
+            finally:
+                metrics.rpc_handled.labels(*labels, code).inc()
+
+        return stream

@@ -1,0 +1,378 @@
+"""Errors: one exception class per status code, refined by memsvc's ErrorReason.
+
+Every failed call raises a :class:`MemsvcError`. Its class says the gRPC status code
+(``NotFound``, ``InvalidArgument``...) and, where memsvc gives a reason, the reason
+(``KeyNotFound`` is a ``NotFound``, ``InvalidTransition`` a ``FailedPrecondition``), so
+``except NotFound`` catches every missing thing and ``except KeyNotFound`` only keys.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from typing import Any
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+ERROR_DOMAIN = "memsvc.dev"
+
+
+class ErrorReason(enum.StrEnum):
+    """The machine-readable causes memsvc reports (``memsvc.v1.ErrorReason`` names)."""
+
+    INVALID_ARGUMENT = "ERROR_REASON_INVALID_ARGUMENT"
+    KEY_NOT_FOUND = "ERROR_REASON_KEY_NOT_FOUND"
+    SESSION_KEY_LIMIT = "ERROR_REASON_SESSION_KEY_LIMIT"
+    SESSION_SIZE_LIMIT = "ERROR_REASON_SESSION_SIZE_LIMIT"
+    BACKEND_UNAVAILABLE = "ERROR_REASON_BACKEND_UNAVAILABLE"
+    SESSION_NOT_WRITABLE = "ERROR_REASON_SESSION_NOT_WRITABLE"
+    INVALID_TRANSITION = "ERROR_REASON_INVALID_TRANSITION"
+    SESSION_NOT_FOUND = "ERROR_REASON_SESSION_NOT_FOUND"
+    SESSION_ALREADY_EXISTS = "ERROR_REASON_SESSION_ALREADY_EXISTS"
+    CHECKPOINT_NOT_FOUND = "ERROR_REASON_CHECKPOINT_NOT_FOUND"
+    CHECKPOINT_ALREADY_EXISTS = "ERROR_REASON_CHECKPOINT_ALREADY_EXISTS"
+    CHECKPOINT_PROTECTED = "ERROR_REASON_CHECKPOINT_PROTECTED"
+    REQUEST_ID_REUSED = "ERROR_REASON_REQUEST_ID_REUSED"
+    WORKING_MEMORY_LOST = "ERROR_REASON_WORKING_MEMORY_LOST"
+    WATCH_POSITION_COMPACTED = "ERROR_REASON_WATCH_POSITION_COMPACTED"
+    TOO_MANY_WATCHERS = "ERROR_REASON_TOO_MANY_WATCHERS"
+    EPISODE_NOT_FOUND = "ERROR_REASON_EPISODE_NOT_FOUND"
+    SIMILARITY_SCOPE_TOO_LARGE = "ERROR_REASON_SIMILARITY_SCOPE_TOO_LARGE"
+
+
+class MemsvcError(Exception):
+    """A failed memsvc call.
+
+    Attributes:
+        code: the gRPC status code.
+        message: the status message.
+        reason: the ``ErrorReason`` name from ``google.rpc.ErrorInfo`` ("" when none;
+            an :class:`ErrorReason` member when this SDK knows it).
+        metadata: ErrorInfo metadata: the ids and limits involved.
+        violations: for INVALID_ARGUMENT, field path -> what is wrong with it.
+        retry_delay: seconds the server asks to wait before retrying (RetryInfo).
+        request_id: the request id the call carried, if any.
+        attempts: how many attempts were made (retries included).
+    """
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: grpc.StatusCode | None = None,
+        reason: str = "",
+        metadata: Mapping[str, str] | None = None,
+        violations: Mapping[str, str] | None = None,
+        retry_delay: float | None = None,
+        request_id: str | None = None,
+        attempts: int = 1,
+    ) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+        self.message = message
+        self.reason = reason
+        self.metadata: dict[str, str] = dict(metadata or {})
+        self.violations: dict[str, str] = dict(violations or {})
+        self.retry_delay = retry_delay
+        self.request_id = request_id
+        self.attempts = attempts
+
+    def __str__(self) -> str:
+        text = f"{self.code.name}: {self.message}"
+        if self.reason:
+            text += f" [{self.reason}]"
+        if self.violations:
+            text += " (" + "; ".join(f"{f}: {d}" for f, d in self.violations.items()) + ")"
+        return text
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self)!r})"
+
+
+# One class per status code.
+class Cancelled(MemsvcError):
+    code = grpc.StatusCode.CANCELLED
+
+
+class Unknown(MemsvcError):
+    code = grpc.StatusCode.UNKNOWN
+
+
+class InvalidArgument(MemsvcError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class DeadlineExceeded(MemsvcError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class NotFound(MemsvcError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(MemsvcError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class PermissionDenied(MemsvcError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class ResourceExhausted(MemsvcError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class FailedPrecondition(MemsvcError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Aborted(MemsvcError):
+    code = grpc.StatusCode.ABORTED
+
+
+class OutOfRange(MemsvcError):
+    code = grpc.StatusCode.OUT_OF_RANGE
+
+
+class Unimplemented(MemsvcError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class Internal(MemsvcError):
+    code = grpc.StatusCode.INTERNAL
+
+
+class Unavailable(MemsvcError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DataLoss(MemsvcError):
+    code = grpc.StatusCode.DATA_LOSS
+
+
+class Unauthenticated(MemsvcError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+# Refinements by reason.
+class RequestIdReused(InvalidArgument):
+    """The request id was used before with other arguments."""
+
+
+class KeyNotFound(NotFound):
+    """The key is absent (or expired) in the session's working memory."""
+
+    @property
+    def key(self) -> str:
+        return self.metadata.get("key", "")
+
+
+class SessionNotFound(NotFound):
+    """The session was never spawned (or, for reads, was terminated)."""
+
+
+class CheckpointNotFound(NotFound):
+    """No such checkpoint (or retention removed it)."""
+
+    @property
+    def checkpoint_id(self) -> str:
+        return self.metadata.get("checkpoint_id", "")
+
+
+class EpisodeNotFound(NotFound):
+    """No episode with this id in the project."""
+
+    @property
+    def episode_id(self) -> str:
+        return self.metadata.get("episode_id", "")
+
+
+class SessionAlreadyExists(AlreadyExists):
+    """The session id is in use, or was (terminated ids are never reused)."""
+
+    @property
+    def state(self) -> str:
+        return self.metadata.get("state", "")
+
+
+class CheckpointAlreadyExists(AlreadyExists):
+    """The session already has a checkpoint with this id."""
+
+
+class InvalidTransition(FailedPrecondition):
+    """The lifecycle operation is not allowed from the session's current state."""
+
+    @property
+    def state(self) -> str:
+        """The session's current state, as the server names it."""
+        return self.metadata.get("state", "")
+
+
+class SessionNotWritable(FailedPrecondition):
+    """The session does not take writes now (not spawned, paused, terminated)."""
+
+    @property
+    def state(self) -> str:
+        return self.metadata.get("state", "")
+
+
+class CheckpointProtected(FailedPrecondition):
+    """The checkpoint is a paused session's resume point."""
+
+
+class WorkingMemoryLost(FailedPrecondition):
+    """The working-memory store lost the session's memory: resume from a checkpoint."""
+
+
+class SimilarityScopeTooLarge(FailedPrecondition):
+    """A similarity search would compare too many episodes: narrow the filters."""
+
+
+class SessionLimitExceeded(ResourceExhausted):
+    """A write would take the session past its key or size limit (nothing was written)."""
+
+    @property
+    def limit(self) -> int | None:
+        return _int(self.metadata.get("limit"))
+
+
+class TooManyWatchers(ResourceExhausted):
+    """The server already serves its maximum number of watch streams."""
+
+
+class BackendUnavailable(Unavailable):
+    """A memsvc backend is down; the SDK retries this within the call's deadline."""
+
+
+class WatchPositionCompacted(OutOfRange):
+    """A watch asked to resume from a position older than the retained events.
+
+    Events after ``after_sequence`` up to ``oldest_sequence`` are gone; start again
+    from ``oldest_sequence`` (``after_sequence=error.oldest_sequence``) or from now.
+    """
+
+    @property
+    def oldest_sequence(self) -> int | None:
+        """The oldest position a watch may resume after."""
+        return _int(self.metadata.get("oldest_sequence"))
+
+    @property
+    def after_sequence(self) -> int | None:
+        return _int(self.metadata.get("after_sequence"))
+
+
+def _int(text: str | None) -> int | None:
+    try:
+        return int(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+_BY_CODE: dict[grpc.StatusCode, type[MemsvcError]] = {
+    cls.code: cls
+    for cls in (
+        Cancelled,
+        Unknown,
+        InvalidArgument,
+        DeadlineExceeded,
+        NotFound,
+        AlreadyExists,
+        PermissionDenied,
+        ResourceExhausted,
+        FailedPrecondition,
+        Aborted,
+        OutOfRange,
+        Unimplemented,
+        Internal,
+        Unavailable,
+        DataLoss,
+        Unauthenticated,
+    )
+}
+
+_BY_REASON: dict[str, type[MemsvcError]] = {
+    ErrorReason.INVALID_ARGUMENT: InvalidArgument,
+    ErrorReason.REQUEST_ID_REUSED: RequestIdReused,
+    ErrorReason.KEY_NOT_FOUND: KeyNotFound,
+    ErrorReason.SESSION_NOT_FOUND: SessionNotFound,
+    ErrorReason.CHECKPOINT_NOT_FOUND: CheckpointNotFound,
+    ErrorReason.EPISODE_NOT_FOUND: EpisodeNotFound,
+    ErrorReason.SESSION_ALREADY_EXISTS: SessionAlreadyExists,
+    ErrorReason.CHECKPOINT_ALREADY_EXISTS: CheckpointAlreadyExists,
+    ErrorReason.INVALID_TRANSITION: InvalidTransition,
+    ErrorReason.SESSION_NOT_WRITABLE: SessionNotWritable,
+    ErrorReason.CHECKPOINT_PROTECTED: CheckpointProtected,
+    ErrorReason.WORKING_MEMORY_LOST: WorkingMemoryLost,
+    ErrorReason.SIMILARITY_SCOPE_TOO_LARGE: SimilarityScopeTooLarge,
+    ErrorReason.SESSION_KEY_LIMIT: SessionLimitExceeded,
+    ErrorReason.SESSION_SIZE_LIMIT: SessionLimitExceeded,
+    ErrorReason.TOO_MANY_WATCHERS: TooManyWatchers,
+    ErrorReason.BACKEND_UNAVAILABLE: BackendUnavailable,
+    ErrorReason.WATCH_POSITION_COMPACTED: WatchPositionCompacted,
+}
+
+
+_REASONS = frozenset(reason.value for reason in ErrorReason)
+
+
+def error_class(code: grpc.StatusCode, reason: str) -> type[MemsvcError]:
+    """The most specific class for a status code and reason.
+
+    A reason refines only its own status code: a reason arriving with another code
+    (say, through a proxy) gives the code's class.
+    """
+    by_code = _BY_CODE.get(code, MemsvcError)
+    by_reason = _BY_REASON.get(reason)
+    if by_reason is not None and issubclass(by_reason, by_code):
+        return by_reason
+    return by_code
+
+
+def from_rpc_error(
+    error: grpc.RpcError, *, request_id: str | None = None, attempts: int = 1
+) -> MemsvcError:
+    """The MemsvcError for a failed gRPC call, its rich status details decoded."""
+    code: grpc.StatusCode = error.code()
+    message: str = error.details() or ""
+    reason = ""
+    metadata: dict[str, str] = {}
+    violations: dict[str, str] = {}
+    retry_delay: float | None = None
+    for detail in _details(error):
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason, metadata = info.reason, dict(info.metadata)
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            violations.update((v.field, v.description) for v in bad.field_violations)
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            retry_delay = retry.retry_delay.ToTimedelta().total_seconds()
+    return error_class(code, reason)(
+        message,
+        code=code,
+        reason=ErrorReason(reason) if reason in _REASONS else reason,
+        metadata=metadata,
+        violations=violations,
+        retry_delay=retry_delay,
+        request_id=request_id,
+        attempts=attempts,
+    )
+
+
+def _details(error: grpc.RpcError) -> list[Any]:
+    try:
+        status = rpc_status.from_call(error)
+    except (ValueError, AttributeError):
+        # A status whose details disagree with the call's code, or an error object
+        # without trailing metadata: keep the code and message alone.
+        return []
+    return [] if status is None else list(status.details)

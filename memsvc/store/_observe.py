@@ -1,0 +1,46 @@
+"""How a store reports the time and outcome of each backend operation."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from typing import Protocol, runtime_checkable
+
+from memsvc.domain import BackendUnavailable, MemsvcError
+
+BackendObserver = Callable[[str, float, BaseException | None], None]
+"""Told (operation, seconds, error or None) after each backend operation."""
+
+
+@runtime_checkable
+class Observable(Protocol):
+    """A store that reports its backend operations."""
+
+    observe: BackendObserver
+
+
+def ignore(operation: str, seconds: float, error: BaseException | None) -> None:
+    """The observer of a store nobody measures."""
+
+
+@contextlib.contextmanager
+def observed(observe: BackendObserver, operation: str) -> Iterator[None]:
+    """Report the block's duration, and its error if it raises, to ``observe``.
+
+    A domain error raised inside a transaction (an invalid transition, say) is
+    the caller's, not the backend's, and a cancelled call is the client's: both
+    count as answers, not failures.
+    """
+    started = time.perf_counter()
+    error: BaseException | None = None
+    try:
+        yield
+    except BaseException as raised:
+        domain = isinstance(raised, MemsvcError) and not isinstance(raised, BackendUnavailable)
+        if not domain and not isinstance(raised, asyncio.CancelledError):
+            error = raised
+        raise
+    finally:
+        observe(operation, time.perf_counter() - started, error)

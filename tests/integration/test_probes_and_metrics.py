@@ -1,0 +1,104 @@
+"""The probe port serves only health; the metrics port counts what the API did."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from memsvc.config import Config
+from memsvc.server import Server
+from memsvc.v1 import lifecycle_pb2 as lc
+from memsvc.v1 import working_memory_pb2 as pb
+from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
+from memsvc.v1.working_memory_pb2_grpc import WorkingMemoryServiceStub
+from tests.helpers import eventually, expect_error, metric, value
+
+
+@pytest.fixture
+def config_overrides() -> dict[str, object]:
+    return {"health_listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0"}
+
+
+async def test_the_probe_port_serves_health_and_nothing_else(server: Server, scope: dict[str, Any]):
+    assert server.health_port is not None and server.health_port != server.port
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.health_port}") as probe:
+        health = health_pb2_grpc.HealthStub(probe)
+        for service in ("liveness", "readiness", ""):
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
+        await expect_error(
+            LifecycleServiceStub(probe).Spawn(lc.SpawnRequest(**scope)),
+            grpc.StatusCode.UNIMPLEMENTED,
+        )
+
+
+async def test_metrics_count_rpcs_backends_and_watchers(
+    server: Server, channel: grpc.aio.Channel, scope: dict[str, Any]
+):
+    life, wm = LifecycleServiceStub(channel), WorkingMemoryServiceStub(channel)
+    service = "memsvc.v1.WorkingMemoryService"
+    watch = life.WatchLifecycle(lc.WatchLifecycleRequest(project_id=scope["project_id"]))
+    await watch.read()  # the start position: the stream is open
+
+    assert metric(server, "memsvc_watchers") == 1
+    await life.Spawn(lc.SpawnRequest(**scope))
+    await wm.Set(pb.SetRequest(**scope, key="k", value=value(1)))
+    await wm.Get(pb.GetRequest(**scope, key="k"))
+    await expect_error(wm.Get(pb.GetRequest(**scope, key="absent")), grpc.StatusCode.NOT_FOUND)
+    assert (await watch.read()).event.event_type == lc.EVENT_TYPE_SESSION_SPAWNED
+
+    def handled(method: str, code: str) -> float | None:
+        return metric(
+            server, "grpc_server_handled_total", grpc_service=service, grpc_method=method,
+            grpc_code=code,
+        )  # fmt: skip
+
+    assert handled("Get", "OK") == 1
+    assert handled("Get", "NOT_FOUND") == 1
+    assert handled("Set", "OK") == 1
+    assert metric(server, "grpc_server_started_total", grpc_method="Get") == 2
+    assert metric(server, "grpc_server_handling_seconds_count", grpc_method="Get") == 2
+    # The durable store's Spawn transaction and the working-memory scripts were timed.
+    assert (metric(server, "memsvc_backend_operation_seconds_count", operation="transaction")
+            or 0) >= 1  # fmt: skip
+    if server.config.working_memory_url.startswith("redis"):
+        assert (metric(server, "memsvc_backend_operation_seconds_count", operation="get_entries")
+                or 0) >= 1  # fmt: skip
+    # An invalid transition is the caller's error, not the backend's.
+    await expect_error(life.Resume(lc.ResumeRequest(**scope)), grpc.StatusCode.FAILED_PRECONDITION)
+    assert metric(server, "memsvc_backend_errors_total") is None
+    assert (metric(server, "memsvc_watch_event_delay_seconds_count") or 0) >= 1
+
+    watch.cancel()
+
+    async def closed() -> bool:
+        return metric(server, "memsvc_watchers") == 0
+
+    await eventually(closed)
+    assert metric(server, "grpc_server_handled_total", grpc_method="WatchLifecycle") == 1
+
+
+async def test_backend_failures_are_counted(base_config: Config, scope: dict[str, Any]):
+    """A durable store that is unreachable: its reads fail, and the metrics say so."""
+    config = replace(
+        base_config,
+        metrics_listen="127.0.0.1:0",
+        database_url="postgresql://postgres@127.0.0.1:1/none?connect_timeout=1",
+        migrate=False,
+    )
+    async with (
+        Server(config) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        await expect_error(
+            LifecycleServiceStub(channel).GetSession(lc.GetSessionRequest(**scope), timeout=20),
+            grpc.StatusCode.UNAVAILABLE,
+        )
+        await asyncio.sleep(0)
+        assert (metric(server, "memsvc_backend_errors_total", operation="get_session") or 0) >= 1
+        assert metric(server, "memsvc_backend_up", backend="durable store (PostgreSQL)") == 0
