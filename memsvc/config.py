@@ -125,6 +125,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_watchers", _positive_int, "1000", "Most WatchLifecycle streams one process serves; beyond it, RESOURCE_EXHAUSTED."),
     Setting("event_poll_interval_seconds", _positive_float, "1", "How often the event tail polls when no NOTIFY wakes it."),
     Setting("max_similarity_candidates", _positive_int, "10000", "Most episodes one similarity search compares (in this process); beyond it, FAILED_PRECONDITION."),
+    Setting("otel_tracing", _parse_bool, "false", "Trace gRPC calls with OpenTelemetry, exported over OTLP as the standard `OTEL_EXPORTER_OTLP_*` variables say (needs `memsvc[tracing]`)."),
     Setting("failpoints", _failpoints, "", "Test only: failpoints to switch on, `name=crash|error` (see memsvc/failpoints.py)."),
     Setting("log_level", _choice("debug", "info", "warning", "error"), "info", "Lowest level of log records written."),
     Setting("log_format", _choice("json", "text"), "json", "`json` (one object per line) or `text`."),
@@ -160,6 +161,7 @@ class Config:
     max_watchers: int = 1000
     event_poll_interval_seconds: float = 1.0
     max_similarity_candidates: int = 10_000
+    otel_tracing: bool = False
     failpoints: str = ""
     log_level: str = "info"
     log_format: str = "json"

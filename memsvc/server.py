@@ -17,11 +17,13 @@ import signal
 import stat
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from memsvc import tracing
 from memsvc.api import ErrorInterceptor, WorkingMemoryServicer
 from memsvc.api._data_removal import DataRemovalServicer
 from memsvc.api._episodic import EpisodicMemoryServicer
@@ -84,12 +86,15 @@ class Server:
         *,
         working_memory: MemoryStore | None = None,
         durable: DurableStore | None = None,
+        tracer_provider: Any = None,
     ) -> None:
         self.config = config
         self.working_memory_store = working_memory or working_memory_store(config)
         self.durable_store = durable or durable_store(config)
         self.health = health.aio.HealthServicer()
         self.metrics = Metrics()
+        # With otel_tracing: the OpenTelemetry provider spans go to (tests pass one).
+        self.tracer_provider = tracer_provider
         self.port: int | None = None
         # The probe port (grpc.health.v1 only) and the metrics port, when enabled.
         self.health_port: int | None = None
@@ -152,9 +157,15 @@ class Server:
         self.lifecycle = lifecycle
         # Working memory asks the lifecycle why a session refused a call.
         memory.guard = lifecycle
+        interceptors: list[Any] = []
+        if self.config.otel_tracing:
+            if self.tracer_provider is None:
+                self.tracer_provider = tracing.make_tracer_provider()
+            interceptors.append(tracing.server_interceptor(self.tracer_provider))
+        # Metrics outside the error interceptor: it sees the status that one sets.
+        interceptors += [MetricsInterceptor(self.metrics), ErrorInterceptor(self._streams)]
         server = grpc.aio.server(
-            # Metrics outside: it sees the status the error interceptor sets.
-            interceptors=[MetricsInterceptor(self.metrics), ErrorInterceptor(self._streams)],
+            interceptors=interceptors,
             options=self._grpc_options(),
         )
         working_memory_pb2_grpc.add_WorkingMemoryServiceServicer_to_server(
@@ -233,6 +244,8 @@ class Server:
         if self._probe is not None:
             await self._probe.stop(0)
         self.metrics.stop()
+        if self.tracer_provider is not None and hasattr(self.tracer_provider, "shutdown"):
+            self.tracer_provider.shutdown()  # flushes the spans still batched
         await self.working_memory_store.aclose()
         await self.durable_store.aclose()
         if self.config.unix_socket:
