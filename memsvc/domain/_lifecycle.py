@@ -458,22 +458,30 @@ class Lifecycle:
     # Reads ------------------------------------------------------------------
 
     async def sweep(self, limit: int = 1000) -> tuple[int, int, int]:
-        """Delete expired checkpoints, forgotten request ids and old events (the latter
-        on one elected process at a time); return how many of each.
+        """Delete expired checkpoints, forgotten request ids and old events; return
+        how many of each.
 
-        The resume checkpoint of a PAUSED session is never deleted. Each deleted
-        checkpoint gets its CHECKPOINT_DELETED event in the same transaction.
+        Each job is a short transaction of its own, run by one process at a time
+        (``try_lead``): the checkpoint job holds the event counter only while it
+        appends its CHECKPOINT_DELETED events, and compaction never holds it.
+        The resume checkpoint of a PAUSED session is never deleted.
         """
         now = self._clock_ms()
+        expired: list[tuple[SessionRef, str]] = []
+        forgotten = compacted = 0
         async with self._db.transaction() as tx:
-            expired = await tx.delete_expired_checkpoints(now - self.retention.max_age_ms, limit)
-            for ref, checkpoint_id in expired:
-                await tx.append_event(
-                    EventRecord(uuid7(), EventType.CHECKPOINT_DELETED, ref, None, now,
-                                checkpoint_id=checkpoint_id, metadata={"reason": "retention"})
-                )  # fmt: skip
-            forgotten = await tx.forget_requests(now - self.retention.request_id_ttl_ms, limit)
-            compacted = 0
+            if await tx.try_lead("checkpoint-retention"):
+                cutoff = now - self.retention.max_age_ms
+                expired = await tx.delete_expired_checkpoints(cutoff, limit)
+                for ref, checkpoint_id in expired:
+                    await tx.append_event(
+                        EventRecord(uuid7(), EventType.CHECKPOINT_DELETED, ref, None, now,
+                                    checkpoint_id=checkpoint_id, metadata={"reason": "retention"})
+                    )  # fmt: skip
+        async with self._db.transaction() as tx:
+            if await tx.try_lead("request-retention"):
+                forgotten = await tx.forget_requests(now - self.retention.request_id_ttl_ms, limit)
+        async with self._db.transaction() as tx:
             if await tx.try_lead("event-compaction"):
                 compacted = await tx.compact_events(
                     now - self.retention.event_max_age_ms, self.retention.event_keep_last, limit

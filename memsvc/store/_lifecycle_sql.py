@@ -345,8 +345,14 @@ class SqlLifecycleTransaction:
         return bool(row[0])
 
     async def compact_events(self, before_ms: int, keep_last: int, limit: int) -> int:
-        """Delete up to ``limit`` of the oldest events that are older than
-        ``before_ms`` or beyond the newest ``keep_last`` (0: no count limit)."""
+        """Of the ``limit`` oldest events, delete those older than ``before_ms``
+        or beyond the newest ``keep_last`` (0: no count limit).
+
+        Only the oldest are examined (a range of the primary key, whatever the
+        table's size): event times grow with sequences, so when the oldest are
+        not expired, none are. An event stamped late by a replica's clock waits
+        for the ones before it.
+        """
         conditions = ["event_time < ?"]
         params: list[Any] = [self._d.time_param(before_ms)]
         if keep_last:
@@ -357,8 +363,8 @@ class SqlLifecycleTransaction:
             await self._conn.execute(
                 self._d.sql(
                     "DELETE FROM lifecycle_events WHERE sequence IN (SELECT sequence FROM"
-                    f" lifecycle_events WHERE {' OR '.join(conditions)} ORDER BY sequence"
-                    f" LIMIT {int(limit)}) RETURNING sequence"
+                    f" lifecycle_events ORDER BY sequence LIMIT {int(limit)})"
+                    f" AND ({' OR '.join(conditions)}) RETURNING sequence"
                 ),
                 params,
             )
