@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import stat
 from pathlib import Path
@@ -203,6 +204,10 @@ class Server:
         await self._check_health()
         await server.start()
         self._grpc = server
+        if self.config.unix_socket:
+            # Read-write for the group too: an agent container that shares the
+            # pod's fsGroup connects without running as memsvc's user.
+            os.chmod(self.config.unix_socket, 0o660)
         if self.config.health_listen:
             self._probe = grpc.aio.server(options=self._grpc_options())
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self._probe)

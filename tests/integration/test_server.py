@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import stat
 import subprocess
 import sys
 import uuid
@@ -130,6 +131,8 @@ async def test_unix_socket_serves_the_api(embedded, tmp_path):
         Server(replace(embedded, unix_socket=str(path))),
         grpc.aio.insecure_channel(f"unix:{path}") as ch,
     ):
+        # The agent's container shares the pod's group: read-write for the group too.
+        assert stat.S_IMODE(path.stat().st_mode) == 0o660
         wm = WorkingMemoryServiceStub(ch)
         ids = scope()
         await LifecycleServiceStub(ch).Spawn(lc.SpawnRequest(**ids))
