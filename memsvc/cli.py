@@ -1,7 +1,10 @@
-"""The ``memsvc`` command: ``serve``, ``migrate`` and ``config``.
+"""The ``memsvc`` command: ``serve``, ``migrate`` and ``config`` run the service;
+the operator commands (``sessions``, ``spawn``, ``get``, ``watch``...) talk to a
+running one (memsvc.cli_client, docs/cli.md).
 
-Exit codes: 0 success, 1 runtime failure (for example a database that never
-answered), 2 bad usage or configuration.
+Exit codes of the service commands: 0 success, 1 runtime failure (for example a
+database that never answered), 2 bad usage or configuration. The operator
+commands add codes by status (docs/cli.md).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from memsvc import __version__
+from memsvc import __version__, cli_client
 from memsvc import config as config_module
 from memsvc.log import configure as configure_logging
 
@@ -33,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     config_module.add_arguments(migrate_parser)
     commands.add_parser("config", help="print the configuration table (Markdown)")
+    cli_client.add_commands(commands)
     return parser
 
 
@@ -52,6 +56,8 @@ async def _migrate(config: config_module.Config) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``memsvc`` console script."""
     args = _parser().parse_args(argv)
+    if args.command in cli_client.COMMANDS:
+        return cli_client.run(args)
     if args.command == "config":
         sys.stdout.write(config_module.markdown_table())
         return 0

@@ -25,6 +25,9 @@ from memsvc.failpoints import Failpoints
 
 ENV_PREFIX = "MEMSVC_"
 # Variables Kubernetes injects for a Service named "memsvc" (enableServiceLinks).
+# Read by the client commands (memsvc.cli_client), not by the server: allowed here,
+# so one environment can serve both.
+CLIENT_VARIABLES = frozenset({"MEMSVC_ADDRESS"})
 _KUBERNETES_INJECTED = re.compile(r"MEMSVC_(PORT(_.*)?|SERVICE_.*)")
 
 
@@ -212,7 +215,7 @@ def load(
     """Build the configuration from parsed flags (None: not given) and environment."""
     env = os.environ if env is None else env
     given = {k: v for k, v in (argv_values or {}).items() if v is not None}
-    known = {s.env for s in SETTINGS}
+    known = {s.env for s in SETTINGS} | CLIENT_VARIABLES
     unknown = sorted(
         name
         for name in env

@@ -1,0 +1,420 @@
+"""The operator commands of ``memsvc``: a terminal client of a running memsvc.
+
+Built on the SDK (``memsvc.client``), so it needs only the client's
+dependencies. Every command prints readable text, or JSON with ``--json``
+(``watch --json`` prints one JSON object per line). Errors print the status,
+the reason and every bad field, and the exit code says what kind of failure it
+was (docs/cli.md has the table), so scripts can act on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import enum
+import json
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime, timedelta
+from typing import Any, TextIO
+
+import grpc
+
+from memsvc.client import AsyncClient, LifecycleEvent, MemsvcError
+from memsvc.config import CLIENT_VARIABLES
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+# Read by the client commands only; the server allows and ignores it.
+ADDRESS_VARIABLE = "MEMSVC_ADDRESS"
+assert ADDRESS_VARIABLE in CLIENT_VARIABLES
+
+# Exit codes: what a script can branch on.
+EXIT_OK = 0
+EXIT_FAILURE = 1  # anything else: INTERNAL, UNKNOWN, a bug
+EXIT_USAGE = 2  # bad command line or INVALID_ARGUMENT
+EXIT_NOT_FOUND = 3
+EXIT_CONFLICT = 4  # FAILED_PRECONDITION, ALREADY_EXISTS, ABORTED: the state said no
+EXIT_UNAVAILABLE = 5  # UNAVAILABLE, DEADLINE_EXCEEDED: try again later
+EXIT_LIMIT = 6  # RESOURCE_EXHAUSTED, OUT_OF_RANGE
+EXIT_DENIED = 7  # UNAUTHENTICATED, PERMISSION_DENIED
+EXIT_INTERRUPTED = 130
+
+_EXIT_BY_CODE = {
+    grpc.StatusCode.INVALID_ARGUMENT: EXIT_USAGE,
+    grpc.StatusCode.NOT_FOUND: EXIT_NOT_FOUND,
+    grpc.StatusCode.FAILED_PRECONDITION: EXIT_CONFLICT,
+    grpc.StatusCode.ALREADY_EXISTS: EXIT_CONFLICT,
+    grpc.StatusCode.ABORTED: EXIT_CONFLICT,
+    grpc.StatusCode.UNAVAILABLE: EXIT_UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED: EXIT_UNAVAILABLE,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: EXIT_LIMIT,
+    grpc.StatusCode.OUT_OF_RANGE: EXIT_LIMIT,
+    grpc.StatusCode.UNAUTHENTICATED: EXIT_DENIED,
+    grpc.StatusCode.PERMISSION_DENIED: EXIT_DENIED,
+}
+
+COMMANDS = (
+    "sessions",
+    "checkpoints",
+    "spawn",
+    "pause",
+    "resume",
+    "terminate",
+    "get",
+    "set",
+    "episodes",
+    "watch",
+)
+
+Handler = Callable[[AsyncClient, argparse.Namespace, TextIO], Awaitable[None]]
+
+
+def add_commands(commands: Any) -> None:
+    """Add the client commands to the ``memsvc`` parser's subcommands."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--address",
+        help=f"memsvc's address, host:port or unix:PATH (default: ${ADDRESS_VARIABLE} "
+        f"or {DEFAULT_ADDRESS})",
+    )
+    common.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
+    common.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    session = argparse.ArgumentParser(add_help=False, parents=[common])
+    session.add_argument("-p", "--project", required=True, help="project id (a UUID)")
+    session.add_argument("-a", "--agent", required=True, help="agent instance id (a UUID)")
+    session.add_argument("-s", "--session", required=True, help="session id")
+
+    sessions = commands.add_parser("sessions", help="list or show sessions")
+    actions = sessions.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", parents=[common], help="a project's sessions")
+    listing.add_argument("-p", "--project", required=True)
+    listing.add_argument("-a", "--agent", help="only this agent instance's")
+    listing.add_argument("--state", choices=("active", "paused", "terminated"))
+    listing.add_argument("--limit", type=int, default=100, help="at most this many")
+    listing.set_defaults(handler=_list_sessions)
+    actions.add_parser("show", parents=[session], help="one session").set_defaults(
+        handler=_show_session
+    )
+
+    checkpoints = commands.add_parser("checkpoints", help="list a session's checkpoints")
+    actions = checkpoints.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", parents=[session], help="newest first")
+    listing.add_argument("--limit", type=int, default=100)
+    listing.set_defaults(handler=_list_checkpoints)
+
+    spawn = commands.add_parser("spawn", parents=[session], help="spawn a session")
+    spawn.add_argument("--agent-type", help="agent type id (a UUID)")
+    spawn.add_argument(
+        "--set", action="append", default=[], metavar="KEY=JSON", help="an initial entry"
+    )
+    spawn.set_defaults(handler=_spawn)
+
+    pause = commands.add_parser("pause", parents=[session], help="pause into a checkpoint")
+    pause.add_argument("--checkpoint-id")
+    pause.set_defaults(handler=_pause)
+
+    resume = commands.add_parser("resume", parents=[session], help="resume from a checkpoint")
+    resume.add_argument("--checkpoint-id", help="default: the one the pause made")
+    resume.add_argument("--merge", action="store_true", help="merge over the current entries")
+    resume.set_defaults(handler=_resume)
+
+    terminate = commands.add_parser("terminate", parents=[session], help="end a session")
+    terminate.add_argument("--description", help="task description for the episode")
+    terminate.add_argument("--outcome", choices=("success", "failure", "partial"))
+    terminate.add_argument("--lesson", action="append", default=[], help="a lesson learned")
+    terminate.add_argument("--skip-consolidation", action="store_true", help="no episode")
+    terminate.add_argument("--keep-working-memory", action="store_true")
+    terminate.set_defaults(handler=_terminate)
+
+    get = commands.add_parser("get", parents=[session], help="read a working-memory key")
+    get.add_argument("key")
+    get.set_defaults(handler=_get)
+
+    put = commands.add_parser("set", parents=[session], help="write a working-memory key")
+    put.add_argument("key")
+    put.add_argument("value", help="a JSON value (a bare word is taken as a string)")
+    put.add_argument("--ttl", type=float, help="seconds until it expires")
+    put.set_defaults(handler=_set)
+
+    episodes = commands.add_parser("episodes", help="list or search episodes")
+    actions = episodes.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for name, handler, text in (
+        ("list", _list_episodes, "newest first"),
+        ("search", _search_episodes, "ranked by relevance"),
+    ):
+        action = actions.add_parser(name, parents=[common], help=text)
+        action.add_argument("-p", "--project", required=True)
+        if name == "search":
+            action.add_argument("query")
+        action.add_argument("-a", "--agent")
+        action.add_argument("-s", "--session")
+        action.add_argument("--outcome", choices=("success", "failure", "partial"))
+        action.add_argument("--task-type")
+        action.add_argument("--min-importance", type=float)
+        action.add_argument("--limit", type=int, default=20)
+        action.set_defaults(handler=handler)
+
+    watch = commands.add_parser(
+        "watch", parents=[common], help="print lifecycle events live, resuming after reconnects"
+    )
+    watch.add_argument("-p", "--project")
+    watch.add_argument("-a", "--agent")
+    watch.add_argument("-s", "--session")
+    watch.add_argument(
+        "--type", action="append", default=[], dest="types", help="an event type, e.g. paused"
+    )
+    start = watch.add_mutually_exclusive_group()
+    start.add_argument("--after", type=int, help="start after this sequence (a saved cursor)")
+    start.add_argument("--from-oldest", action="store_true", help="every retained event")
+    watch.add_argument("--count", type=int, help="stop after this many events")
+    watch.set_defaults(handler=_watch)
+
+
+def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    """Run one client command; return its exit code."""
+    import os
+
+    address = args.address or os.environ.get(ADDRESS_VARIABLE) or DEFAULT_ADDRESS
+    handler: Handler = args.handler
+
+    async def main() -> None:
+        async with AsyncClient(address, timeout=args.timeout) as client:
+            await handler(client, args, out)
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except MemsvcError as error:
+        err.write(describe_error(error, address))
+        return _EXIT_BY_CODE.get(error.code, EXIT_FAILURE)
+    except BrokenPipeError:  # `memsvc watch | head`
+        return EXIT_OK
+    return EXIT_OK
+
+
+def describe_error(error: MemsvcError, address: str) -> str:
+    """What an operator reads: the status, the reason, what to fix."""
+    reason = f" ({error.reason})" if error.reason else ""
+    # With field violations, the message only repeats them: list them one per line.
+    message = "invalid request" if error.violations else error.message
+    lines = [f"memsvc: {error.code.name}{reason}: {message}"]
+    lines += [f"  {field}: {problem}" for field, problem in error.violations.items()]
+    if error.code == grpc.StatusCode.UNAVAILABLE:
+        lines.append(f"  is memsvc running at {address}? (--address or ${ADDRESS_VARIABLE})")
+    return "\n".join(lines) + "\n"
+
+
+# Handlers ---------------------------------------------------------------------
+
+
+async def _list_sessions(client: AsyncClient, args: argparse.Namespace, out: TextIO) -> None:
+    pager = client.list_sessions(args.project, agent_instance_id=args.agent, state=args.state)
+    sessions = await pager.collect(limit=args.limit)
+    if args.json:
+        return _json(out, sessions)
+    for s in sessions:
+        out.write(
+            f"{s.agent_instance_id} {s.session_id}  {s.state.value:<10} v{s.version}"
+            f"  created {_time(s.create_time)}  updated {_time(s.update_time)}\n"
+        )
+
+
+async def _show_session(client: AsyncClient, args: argparse.Namespace, out: TextIO) -> None:
+    session = await _session(client, args).describe()
+    _show(out, args, session)
+
+
+async def _list_checkpoints(client: AsyncClient, args: argparse.Namespace, out: TextIO) -> None:
+    checkpoints = await _session(client, args).checkpoints().collect(limit=args.limit)
+    if args.json:
+        return _json(out, checkpoints)
+    for c in checkpoints:
+        expires = _time(c.expire_time) if c.expire_time else "never (resume point)"
+        out.write(
+            f"{c.checkpoint_id}  {_time(c.create_time)}  {c.key_count} keys"
+            f"  {c.size_bytes} bytes  expires {expires}\n"
+        )
+
+
+async def _spawn(client: AsyncClient, args: argparse.Namespace, out: TextIO) -> None:
+    initial = dict(_key_value(item) for item in args.set)
+    session = await _session(client, args).spawn(initial=initial, agent_type_id=args.agent_type)
+    _show(out, args, session)
+
+
+async def _pause(client: AsyncClient, args: argparse.Namespace, out: TextIO) -> None:
+    result = await _session(client, args).pause(checkpoint_id=args.checkpoint_id)
+    _show(out, args, result, f"paused into checkpoint {result.checkpoint.checkpoint_id}")
+
+
+async def _resume(client: AsyncClient, args: argparse.Namespace, out: TextIO) -> None:
+    result = await _session(client, args).resume(checkpoint_id=args.checkpoint_id, merge=args.merge)
+    text = (
+        f"resumed from checkpoint {result.checkpoint.checkpoint_id}"
+        f" ({result.entries_restored} entries)"
+    )
+    _show(out, args, result, text)
+
+
+async def _terminate(client: AsyncClient, args: argparse.Namespace, out: TextIO) -> None:
+    result = await _session(client, args).terminate(
+        task_description=args.description,
+        outcome=args.outcome,
+        lessons_learned=args.lesson,
+        consolidate=not args.skip_consolidation,
+        keep_working_memory=args.keep_working_memory,
+    )
+    episode = f", episode {result.episode_id}" if result.episode_id else ""
+    _show(out, args, result, f"terminated ({result.outcome.value}{episode})")
+
+
+async def _get(client: AsyncClient, args: argparse.Namespace, out: TextIO) -> None:
+    entry = await _session(client, args).get_entry(args.key)
+    if args.json:
+        return _json(out, entry)
+    out.write(json.dumps(entry.value, ensure_ascii=False) + "\n")
+
+
+async def _set(client: AsyncClient, args: argparse.Namespace, out: TextIO) -> None:
+    result = await _session(client, args).set(args.key, _json_value(args.value), ttl=args.ttl)
+    expires = f", expires {_time(result.expire_time)}" if result.expire_time else ""
+    _show(out, args, result, f"{'created' if result.created else 'replaced'} {args.key}{expires}")
+
+
+async def _list_episodes(client: AsyncClient, args: argparse.Namespace, out: TextIO) -> None:
+    episodes = (
+        await client.episodes(args.project).list(**_episode_filters(args)).collect(limit=args.limit)
+    )
+    if args.json:
+        return _json(out, episodes)
+    for e in episodes:
+        out.write(f"{e.episode_id}  {_time(e.create_time)}  {e.outcome.value:<8} {e.task_type}"
+                  f"  {e.task_description[:80]}\n")  # fmt: skip
+
+
+async def _search_episodes(client: AsyncClient, args: argparse.Namespace, out: TextIO) -> None:
+    pager = client.episodes(args.project).search(args.query, **_episode_filters(args))
+    results = await pager.collect(limit=args.limit)
+    if args.json:
+        return _json(out, results)
+    for r in results:
+        out.write(f"{r.score:8.4f}  {r.episode.episode_id}  {r.episode.task_type}"
+                  f"  {r.episode.task_description[:80]}\n")  # fmt: skip
+
+
+async def _watch(client: AsyncClient, args: argparse.Namespace, out: TextIO) -> None:
+    seen = 0
+    async with client.watch(
+        args.project,
+        agent_instance_id=args.agent,
+        session_id=args.session,
+        event_types=args.types or None,
+        after_sequence=args.after,
+        start="oldest" if args.from_oldest else "now",
+    ) as events:
+        async for event in events:
+            out.write(_json_line(event) if args.json else event_line(event))
+            out.flush()
+            seen += 1
+            if args.count is not None and seen >= args.count:
+                return
+
+
+# Formatting -----------------------------------------------------------------------
+
+
+def event_line(event: LifecycleEvent) -> str:
+    """One readable line per event: sequence, time, type, session, what it names."""
+    if event.purged:
+        return f"#{event.sequence} {_time(event.event_time)} {event.event_type.value} (purged)\n"
+    parts = [
+        f"#{event.sequence}",
+        _time(event.event_time),
+        event.event_type.value,
+        f"{event.project_id}/{event.agent_instance_id}/{event.session_id}",
+    ]
+    if event.checkpoint_id:
+        parts.append(f"checkpoint={event.checkpoint_id}")
+    if event.episode_id:
+        parts.append(f"episode={event.episode_id}")
+    return " ".join(parts) + "\n"
+
+
+def _session(client: AsyncClient, args: argparse.Namespace) -> Any:
+    return client.session(args.project, args.agent, args.session)
+
+
+def _episode_filters(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "agent_instance_id": args.agent,
+        "session_id": args.session,
+        "outcome": args.outcome,
+        "task_type": args.task_type,
+        "min_importance": args.min_importance,
+    }
+
+
+def _json_value(text: str) -> Any:
+    """A JSON value from the command line; a bare word that is not JSON is a string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _key_value(item: str) -> tuple[str, Any]:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"memsvc: --set expects KEY=JSON, got {item!r}")
+    return key, _json_value(text)
+
+
+def _show(out: TextIO, args: argparse.Namespace, value: Any, text: str | None = None) -> None:
+    if args.json:
+        _json(out, value)
+    elif text is not None:
+        out.write(text + "\n")
+    else:
+        for name, field in _plain(value).items():
+            out.write(f"{name}: {json.dumps(field) if isinstance(field, dict | list) else field}\n")
+
+
+def _json(out: TextIO, value: Any) -> None:
+    out.write(json.dumps(_plain(value), indent=2, ensure_ascii=False) + "\n")
+
+
+def _json_line(value: Any) -> str:
+    return json.dumps(_plain(value), ensure_ascii=False, separators=(",", ":")) + "\n"
+
+
+def _plain(value: Any) -> Any:
+    """The SDK's dataclasses as JSON-ready values (times in RFC 3339, enums by value)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, datetime):
+        return _time(value)
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, enum.Enum):
+        return value.value
+    return value
+
+
+def _time(moment: datetime | None) -> str:
+    if moment is None:
+        return "-"
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def client_main(argv: Sequence[str]) -> int:
+    """Parse and run a client command alone (used by tests)."""
+    parser = argparse.ArgumentParser(prog="memsvc")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    return run(parser.parse_args(argv))

@@ -1,0 +1,136 @@
+"""The operator commands of `memsvc`, run as a user would, against a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from memsvc.server import Server
+
+MEMSVC = str(Path(sys.executable).parent / "memsvc")
+
+
+class Cli:
+    """Runs `memsvc ...` against one server (without blocking the server's loop)."""
+
+    def __init__(self, server: Server, scope: dict[str, str]) -> None:
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("MEMSVC_")}
+        self.env["MEMSVC_ADDRESS"] = f"127.0.0.1:{server.port}"
+        self.ids = ["-p", scope["project_id"], "-a", scope["agent_instance_id"],
+                    "-s", scope["session_id"]]  # fmt: skip
+
+    async def run(self, *args: str, timeout: float = 30) -> tuple[int, str, str]:
+        process = await asyncio.create_subprocess_exec(
+            MEMSVC, *args, env=self.env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(process.communicate(), timeout)
+        assert process.returncode is not None
+        return process.returncode, out.decode(), err.decode()
+
+    async def ok(self, *args: str) -> str:
+        code, out, err = await self.run(*args)
+        assert code == 0, f"memsvc {' '.join(args)} exited {code}: {err}"
+        return out
+
+    async def json(self, *args: str) -> Any:
+        return json.loads(await self.ok(*args, "--json"))
+
+
+@pytest.fixture
+def cli(server: Server, scope: dict[str, str]) -> Cli:
+    return Cli(server, scope)
+
+
+async def test_a_session_from_spawn_to_episode(cli: Cli, scope: dict[str, str]):
+    spawned = await cli.json("spawn", *cli.ids, "--set", 'plan={"steps": ["a", "b"]}')
+    assert spawned["state"] == "active"
+    await cli.ok("set", *cli.ids, "notes", '["found 3 papers"]', "--ttl", "3600")
+    await cli.ok("set", *cli.ids, "mood", "curious")  # a bare word is a string
+    assert json.loads(await cli.ok("get", *cli.ids, "plan")) == {"steps": ["a", "b"]}
+    assert json.loads(await cli.ok("get", *cli.ids, "mood")) == "curious"
+
+    paused = await cli.json("pause", *cli.ids, "--checkpoint-id", "before-review")
+    assert paused["checkpoint"]["key_count"] == 3
+    listed = await cli.json("checkpoints", "list", *cli.ids)
+    assert [c["checkpoint_id"] for c in listed] == ["before-review"]
+    resumed = await cli.ok("resume", *cli.ids)
+    assert "before-review" in resumed and "3 entries" in resumed
+    sessions = await cli.json("sessions", "list", "-p", scope["project_id"])
+    assert [s["session_id"] for s in sessions] == [scope["session_id"]]
+
+    ended = await cli.json(
+        "terminate", *cli.ids, "--description", "Review the retry policy",
+        "--outcome", "partial", "--lesson", "test the slow path",
+    )  # fmt: skip
+    assert ended["outcome"] == "partial" and ended["episode_id"]
+    found = await cli.json("episodes", "search", "-p", scope["project_id"], "retry policy")
+    assert [r["episode"]["episode_id"] for r in found] == [ended["episode_id"]]
+    listed_episodes = await cli.json("episodes", "list", "-p", scope["project_id"])
+    assert listed_episodes[0]["lessons_learned"] == ["test the slow path"]
+    shown = await cli.json("sessions", "show", *cli.ids)
+    assert shown["state"] == "terminated"
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "says"),
+    [
+        (("get", "KEY"), 3, "ERROR_REASON_KEY_NOT_FOUND"),
+        (("pause",), 4, "ERROR_REASON_INVALID_TRANSITION"),
+        (("spawn",), 4, "ERROR_REASON_SESSION_ALREADY_EXISTS"),
+        (("resume", "--checkpoint-id", "nope"), 3, "ERROR_REASON_CHECKPOINT_NOT_FOUND"),
+    ],
+)
+async def test_errors_have_clear_messages_and_exit_codes(
+    cli: Cli, args: tuple[str, ...], code: int, says: str
+):
+    await cli.ok("spawn", *cli.ids)
+    if args[0] == "pause":
+        await cli.ok("pause", *cli.ids)
+    command, *rest = args
+    got, out, err = await cli.run(command, *cli.ids, *rest)
+    assert (got, out) == (code, ""), err
+    assert says in err
+
+
+async def test_bad_input_and_an_unreachable_server(cli: Cli):
+    code, _, err = await cli.run("sessions", "show", "-p", "nope", "-a", "x", "-s", "s")
+    assert code == 2
+    assert "project_id: must be a UUID" in err and "agent_instance_id" in err
+    cli.env["MEMSVC_ADDRESS"] = "127.0.0.1:1"
+    code, _, err = await cli.run("sessions", "list", "-p", "0f8fad5b-d9cb-469f-a165-70867728950e",
+                                 "--timeout", "3")  # fmt: skip
+    assert code == 5
+    assert "UNAVAILABLE" in err and "is memsvc running at 127.0.0.1:1?" in err
+    code, _, err = await cli.run("spawn", "-p", "x")  # missing required options
+    assert code == 2 and "required" in err
+
+
+async def test_watch_prints_events_live_and_resumes_from_a_cursor(cli: Cli):
+    # From the oldest event: the project is the test's own, so whenever the watch
+    # connects it sees exactly these three.
+    watcher = asyncio.create_task(
+        cli.run("watch", "-p", cli.ids[1], "--from-oldest", "--json", "--count", "3", timeout=60)
+    )
+    await cli.ok("spawn", *cli.ids)
+    await cli.ok("pause", *cli.ids)
+    await cli.ok("resume", *cli.ids)
+    code, out, err = await watcher
+    assert code == 0, err
+    events = [json.loads(line) for line in out.splitlines()]
+    assert [e["event_type"] for e in events] == [
+        "session_spawned", "session_paused", "session_resumed",
+    ]  # fmt: skip
+    # Resuming after the first event's sequence prints the next two, in text form.
+    after = str(events[0]["sequence"])
+    code, out, err = await cli.run("watch", "-p", cli.ids[1], "--after", after, "--count", "2")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert [line.split()[0] for line in lines] == [f"#{e['sequence']}" for e in events[1:]]
+    assert "session_paused" in lines[0] and "checkpoint=" in lines[0]
