@@ -78,9 +78,8 @@ def state_wire(value: SessionStateLike) -> lifecycle_pb2.SessionState.ValueType:
 
 
 def event_types_wire(types: Iterable[EventTypeLike]) -> list[lifecycle_pb2.EventType.ValueType]:
-    if isinstance(types, str):
-        types = [types]
-    return [_EVENT_TYPE_WIRE[_parse(EventType, t, "event_types")] for t in types]
+    given: Iterable[str] = [types] if isinstance(types, str) else types
+    return [_EVENT_TYPE_WIRE[_parse(EventType, t, "event_types")] for t in given]
 
 
 def _optional(text: str) -> str | None:

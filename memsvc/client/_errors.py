@@ -1,9 +1,38 @@
 """Errors: one exception class per status code, refined by memsvc's ErrorReason.
 
 Every failed call raises a :class:`MemsvcError`. Its class says the gRPC status code
-(``NotFound``, ``InvalidArgument``...) and, where memsvc gives a reason, the reason
-(``KeyNotFound`` is a ``NotFound``, ``InvalidTransition`` a ``FailedPrecondition``), so
-``except NotFound`` catches every missing thing and ``except KeyNotFound`` only keys.
+and, where memsvc gives a reason, the reason, so ``except NotFound`` catches every
+missing thing and ``except KeyNotFound`` only keys::
+
+    MemsvcError                      .code .message .reason .metadata .violations
+    |                                .retry_delay .request_id .attempts
+    +-- InvalidArgument              (.violations: field -> what is wrong)
+    |   +-- RequestIdReused
+    +-- NotFound
+    |   +-- KeyNotFound              (.key)
+    |   +-- SessionNotFound
+    |   +-- CheckpointNotFound       (.checkpoint_id)
+    |   +-- EpisodeNotFound          (.episode_id)
+    +-- AlreadyExists
+    |   +-- SessionAlreadyExists     (.state)
+    |   +-- CheckpointAlreadyExists
+    +-- FailedPrecondition
+    |   +-- InvalidTransition        (.state)
+    |   +-- SessionNotWritable       (.state)
+    |   +-- CheckpointProtected
+    |   +-- WorkingMemoryLost
+    |   +-- SimilarityScopeTooLarge
+    +-- ResourceExhausted
+    |   +-- SessionLimitExceeded     (.limit)
+    |   +-- TooManyWatchers
+    +-- OutOfRange
+    |   +-- WatchPositionCompacted   (.oldest_sequence, .after_sequence)
+    +-- Unavailable
+    |   +-- BackendUnavailable
+    +-- DeadlineExceeded, Aborted, Cancelled, Internal, Unknown, Unimplemented,
+        PermissionDenied, Unauthenticated, DataLoss
+
+A reason arriving with a status code it does not belong to gives the code's class.
 """
 
 from __future__ import annotations

@@ -1,0 +1,162 @@
+# ASYNC109: ``timeout`` is the gRPC deadline of a call, the name gRPC APIs use.
+# ruff: noqa: ASYNC109
+"""Retries within one deadline, and the request ids that make them safe.
+
+A call's ``timeout`` is its whole budget: every attempt and every backoff sleep fit
+in it, and each attempt's gRPC deadline is what is left of it (or
+``RetryPolicy.attempt_timeout``, when that is shorter).
+
+What is retried:
+
+- UNAVAILABLE, always: the server was not reached, is shutting down, or a backend is
+  down (memsvc then says how long to wait in RetryInfo, which is honoured).
+- DEADLINE_EXCEEDED and ABORTED, only for calls that carry a request id. The first
+  attempt may have taken effect; the request id makes the server answer the retry
+  with the first attempt's answer instead of doing it twice. The SDK makes one id
+  (a UUID4) per call and sends it with every attempt of that call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+
+from memsvc.client._errors import from_rpc_error
+
+log = logging.getLogger("memsvc.client")
+
+Response = TypeVar("Response")
+
+ALWAYS_RETRIED = frozenset({grpc.StatusCode.UNAVAILABLE})
+RETRIED_WITH_REQUEST_ID = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED}
+)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How failed attempts are retried (and how ``watch()`` reconnects).
+
+    Attributes:
+        max_attempts: attempts per call, the first included (1 disables retries).
+            ``watch()`` reconnects without this limit (see ``reconnect_timeout``).
+        initial_backoff: seconds before the first retry.
+        max_backoff: the longest wait between two attempts.
+        multiplier: growth of the wait after each failed attempt.
+        jitter: fraction of each wait taken off at random (0 to 1), so that many
+            clients failing together do not retry together.
+        attempt_timeout: optional deadline of each attempt, in seconds, within the
+            call's budget; lets a hung attempt be retried (calls with a request id).
+    """
+
+    max_attempts: int = 5
+    initial_backoff: float = 0.1
+    max_backoff: float = 5.0
+    multiplier: float = 2.0
+    jitter: float = 0.2
+    attempt_timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        if self.initial_backoff < 0 or self.max_backoff < self.initial_backoff:
+            raise ValueError("need 0 <= initial_backoff <= max_backoff")
+        if self.multiplier < 1:
+            raise ValueError("multiplier must be at least 1")
+        if not 0 <= self.jitter <= 1:
+            raise ValueError("jitter must be between 0 and 1")
+        if self.attempt_timeout is not None and self.attempt_timeout <= 0:
+            raise ValueError("attempt_timeout must be positive")
+
+    @classmethod
+    def disabled(cls) -> RetryPolicy:
+        """One attempt per call, never a retry."""
+        return cls(max_attempts=1)
+
+    def backoff(
+        self,
+        failures: int,
+        server_delay: float | None = None,
+        rand: Callable[[], float] = random.random,
+    ) -> float:
+        """Seconds to wait after the ``failures``-th consecutive failure.
+
+        Exponential from ``initial_backoff``, capped at ``max_backoff``, minus up to
+        ``jitter`` of it; never shorter than a delay the server asked for.
+        """
+        exponent = max(failures - 1, 0)
+        base = min(self.max_backoff, self.initial_backoff * self.multiplier**exponent)
+        delay = base * (1 - self.jitter * rand())
+        if server_delay is not None:
+            delay = max(delay, server_delay)
+        return delay
+
+
+def retryable(code: grpc.StatusCode, has_request_id: bool) -> bool:
+    """Whether a failed attempt with ``code`` may be tried again."""
+    return code in (RETRIED_WITH_REQUEST_ID if has_request_id else ALWAYS_RETRIED)
+
+
+class Invoker:
+    """Runs unary calls with deadlines, retries and the client's gRPC metadata."""
+
+    def __init__(
+        self,
+        policy: RetryPolicy,
+        timeout: float | None,
+        grpc_metadata: Sequence[tuple[str, str]],
+    ) -> None:
+        self.policy = policy
+        self.timeout = timeout
+        self.grpc_metadata = tuple(grpc_metadata)
+
+    async def __call__(
+        self,
+        rpc: Callable[..., Awaitable[Response]],
+        request: Any,
+        *,
+        timeout: float | None = None,
+        request_id: str | None = None,
+    ) -> Response:
+        """Call ``rpc(request)``; ``request_id`` is what ``request`` carries, if any."""
+        loop = asyncio.get_running_loop()
+        budget = self.timeout if timeout is None else timeout
+        if budget is not None and math.isinf(budget):
+            budget = None
+        deadline = None if budget is None else loop.time() + budget
+        policy = self.policy
+        attempt = 0
+        while True:
+            attempt += 1
+            attempt_timeout = policy.attempt_timeout
+            if deadline is not None:
+                remaining = max(deadline - loop.time(), 0.0)
+                attempt_timeout = (
+                    remaining if attempt_timeout is None else min(attempt_timeout, remaining)
+                )
+            try:
+                return await rpc(request, timeout=attempt_timeout, metadata=self.grpc_metadata)
+            except grpc.RpcError as error:
+                failure = from_rpc_error(error, request_id=request_id, attempts=attempt)
+                if attempt >= policy.max_attempts or not retryable(
+                    failure.code, request_id is not None
+                ):
+                    raise failure from error
+                delay = policy.backoff(attempt, failure.retry_delay)
+                if deadline is not None and loop.time() + delay >= deadline:
+                    raise failure from error
+                log.info(
+                    "memsvc call failed with %s (attempt %d, request_id %s); retrying in %.2fs",
+                    failure.code.name,
+                    attempt,
+                    request_id,
+                    delay,
+                )
+            await asyncio.sleep(delay)

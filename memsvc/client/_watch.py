@@ -1,0 +1,246 @@
+"""``watch()``: a lifecycle event stream that reconnects and resumes on its own.
+
+The cursor is the last sequence seen, from an event or a progress message. On
+UNAVAILABLE, ABORTED, DEADLINE_EXCEEDED, a stream that ends, or a stream silent for
+longer than three progress intervals, the watch reconnects with backoff and
+``after_sequence`` = the cursor: every matching event arrives once, in order.
+OUT_OF_RANGE (the cursor's events were compacted away) ends it with
+:class:`WatchPositionCompacted`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from types import TracebackType
+from typing import Any, Generic, TypeVar
+
+import grpc
+
+from memsvc.client import _convert
+from memsvc.client._errors import MemsvcError, from_rpc_error
+from memsvc.client._retry import RetryPolicy, log
+from memsvc.client._types import LifecycleEvent, WatchProgress
+from memsvc.v1 import lifecycle_pb2
+
+Item = TypeVar("Item")
+
+RECONNECT_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    }
+)
+# The server's progress interval when the request does not set one.
+SERVER_PROGRESS_INTERVAL = 10.0
+
+
+class _StreamEnded(Exception):
+    """The server ended the stream without a status: reconnect."""
+
+
+class _Silent(Exception):
+    """Nothing arrived for longer than the watch tolerates: reconnect."""
+
+
+class AsyncWatch(Generic[Item]):
+    """An async iterator of lifecycle events (and, if asked, progress messages).
+
+    Use it as ``async with client.watch(...) as events: async for event in events``:
+    entering connects and waits for the server's first message, so the start position
+    ("now") is fixed before the block runs; leaving closes the stream. ``sequence`` is
+    the cursor (save it and pass it back as ``after_sequence`` to resume later).
+    """
+
+    def __init__(
+        self,
+        open_stream: Callable[
+            [lifecycle_pb2.WatchLifecycleRequest, Sequence[tuple[str, str]]], Any
+        ],
+        request: lifecycle_pb2.WatchLifecycleRequest,
+        *,
+        include_progress: bool,
+        policy: RetryPolicy,
+        reconnect: bool,
+        reconnect_timeout: float | None,
+        grpc_metadata: Sequence[tuple[str, str]],
+    ) -> None:
+        self._open_stream = open_stream
+        self._request = request
+        self._include_progress = include_progress
+        self._policy = policy
+        self._reconnect = reconnect
+        self._reconnect_timeout = reconnect_timeout
+        self._grpc_metadata = tuple(grpc_metadata)
+        interval = (
+            request.progress_interval.ToTimedelta().total_seconds()
+            if request.HasField("progress_interval")
+            else SERVER_PROGRESS_INTERVAL
+        )
+        self._silence_limit = 3 * interval + 1.0
+        self._cursor: int | None = request.after_sequence if request.after_sequence else None
+        self._call: Any = None
+        self._closed = False
+        self._failures = 0
+        self._connections = 0
+        self._failing_since: float | None = None
+        self._started = False
+        self._received = 0
+        self._pending: LifecycleEvent | WatchProgress | None = None
+
+    @property
+    def sequence(self) -> int | None:
+        """The last sequence seen (event or progress); None before the first message."""
+        return self._cursor
+
+    @property
+    def connections(self) -> int:
+        """How many streams this watch opened (1 + reconnections)."""
+        return self._connections
+
+    async def start(self) -> AsyncWatch[Item]:
+        """Connect and wait for the server's first message (once; later calls return).
+
+        Errors of the first connection that are not worth a reconnection (a bad
+        filter, a compacted ``after_sequence``) are raised here.
+        """
+        if not self._started:
+            self._started = True
+            while not self._closed and self._received == 0:
+                item = await self._next_message()
+                if item is not None:
+                    self._pending = item
+        return self
+
+    async def __aenter__(self) -> AsyncWatch[Item]:
+        return await self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __aiter__(self) -> AsyncWatch[Item]:
+        return self
+
+    async def __anext__(self) -> Item:
+        self._started = True
+        while True:
+            item: LifecycleEvent | WatchProgress | None
+            if self._pending is not None:
+                item, self._pending = self._pending, None
+            else:
+                if self._closed:
+                    raise StopAsyncIteration
+                item = await self._next_message()
+            if item is None:
+                continue
+            if isinstance(item, WatchProgress) and not self._include_progress:
+                continue
+            return item  # type: ignore[return-value]
+
+    async def aclose(self) -> None:
+        """End the stream; iteration stops."""
+        self._closed = True
+        self._drop_call()
+
+    async def _next_message(self) -> LifecycleEvent | WatchProgress | None:
+        """The next new item, or None when the message was old or a reconnect happened."""
+        if self._call is None:
+            self._connect()
+        try:
+            message = await self._read()
+        except asyncio.CancelledError:
+            # A cancelled read cancels the stream; the next read reconnects from the cursor.
+            self._drop_call()
+            raise
+        except (grpc.RpcError, _StreamEnded, _Silent) as error:
+            self._drop_call()
+            if not self._closed:
+                await self._after_failure(error)
+            return None
+        self._received += 1
+        self._failures = 0
+        self._failing_since = None
+        if message.HasField("progress"):
+            sequence = message.progress.sequence
+            if self._cursor is not None and sequence <= self._cursor:
+                return None
+            self._cursor = sequence
+            return WatchProgress(sequence)
+        if message.HasField("event"):
+            event = message.event
+            if self._cursor is not None and event.sequence <= self._cursor:
+                return None  # already delivered (never expected; a safety net)
+            self._cursor = event.sequence
+            return _convert.lifecycle_event(event)
+        return None
+
+    async def _read(self) -> lifecycle_pb2.WatchLifecycleResponse:
+        try:
+            async with asyncio.timeout(self._silence_limit):
+                message = await self._call.read()
+        except TimeoutError:
+            raise _Silent from None
+        if message is grpc.aio.EOF:
+            raise _StreamEnded
+        result: lifecycle_pb2.WatchLifecycleResponse = message
+        return result
+
+    def _connect(self) -> None:
+        request = lifecycle_pb2.WatchLifecycleRequest()
+        request.CopyFrom(self._request)
+        if self._cursor is not None:
+            if self._cursor > 0:
+                request.after_sequence = self._cursor
+            else:
+                # The log was empty at the cursor: everything after 0 is the oldest on.
+                # (The server reads after_sequence 0 as "not given".)
+                request.after_sequence = 0
+                request.start = lifecycle_pb2.WATCH_START_OLDEST
+        self._connections += 1
+        self._call = self._open_stream(request, self._grpc_metadata)
+
+    def _drop_call(self) -> None:
+        call, self._call = self._call, None
+        if call is not None:
+            call.cancel()
+
+    async def _after_failure(self, error: BaseException) -> None:
+        """Raise a final error, or wait before the next reconnection."""
+        failure: MemsvcError | None = None
+        if isinstance(error, grpc.RpcError):
+            failure = from_rpc_error(error)
+            if failure.code not in RECONNECT_CODES or not self._reconnect:
+                self._closed = True
+                raise failure from error
+        elif not self._reconnect:
+            self._closed = True
+            raise MemsvcError(f"watch stream ended: {type(error).__name__}") from error
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._failing_since is None:
+            self._failing_since = now
+        elif (
+            self._reconnect_timeout is not None
+            and now - self._failing_since >= self._reconnect_timeout
+        ):
+            self._closed = True
+            if failure is not None:
+                raise failure from error
+            raise MemsvcError(f"watch could not reconnect: {type(error).__name__}") from error
+        self._failures += 1
+        delay = self._policy.backoff(
+            self._failures, failure.retry_delay if failure is not None else None
+        )
+        log.info(
+            "memsvc watch disconnected (%s); reconnecting after sequence %s in %.2fs",
+            failure.code.name if failure is not None else type(error).__name__,
+            self._cursor,
+            delay,
+        )
+        await asyncio.sleep(delay)

@@ -1,0 +1,107 @@
+"""The SDK installs without the server's dependencies: prove it imports and runs without them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Server-only distributions (memsvc[server]) and memsvc's server-side modules.
+BLOCKED = [
+    "redis",
+    "hiredis",
+    "psycopg",
+    "psycopg_pool",
+    "psycopg_binary",
+    "aiosqlite",
+    "numpy",
+    "tenacity",
+    "sortedcontainers",
+    "prometheus_client",
+    "grpc_health",
+    "grpc_reflection",
+    "memsvc.domain",
+    "memsvc.api",
+    "memsvc.store",
+    "memsvc.server",
+    "memsvc.config",
+    "memsvc.cli",
+    "memsvc.log",
+    "memsvc.failpoints",
+    "memsvc.testing",
+]
+
+SCRIPT = textwrap.dedent(
+    """
+    import asyncio
+    import sys
+
+    BLOCKED = {blocked!r}
+
+    class Blocker:
+        def find_spec(self, name, path=None, target=None):
+            if any(name == b or name.startswith(b + ".") for b in BLOCKED):
+                raise ImportError(f"blocked import of {{name}} (a server dependency)")
+            return None
+
+    sys.meta_path.insert(0, Blocker())
+
+    import memsvc.client
+    from memsvc.client import AsyncClient, Client, RetryPolicy
+
+    async def use_async() -> None:
+        async with AsyncClient("127.0.0.1:1", timeout=0.5, retry=RetryPolicy.disabled()) as c:
+            s = c.session("0f8fad5b-d9cb-469f-a165-70867728950e",
+                          "7c9e6679-7425-40de-944b-e07fc1f90ae7", "run-1")
+            try:
+                await s.get("k")
+            except memsvc.client.Unavailable:
+                pass
+            c.watch("0f8fad5b-d9cb-469f-a165-70867728950e")
+
+    asyncio.run(use_async())
+    with Client("127.0.0.1:1") as sync_client:
+        sync_client.session("p", "a", "s")
+
+    loaded = sorted(
+        name for name in sys.modules
+        if any(name == b or name.startswith(b + ".") for b in BLOCKED)
+    )
+    assert not loaded, loaded
+    print("ok", len(memsvc.client.__all__))
+    """
+)
+
+
+def test_the_sdk_needs_no_server_dependency():
+    script = SCRIPT.format(blocked=BLOCKED)
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ok")
+
+
+def test_the_blocker_does_block():
+    """The check above would catch a server import: the server itself fails under it."""
+    script = SCRIPT.format(blocked=BLOCKED).replace(
+        "import memsvc.client\n", "import memsvc.client\nimport memsvc.server\n", 1
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "blocked import" in result.stderr

@@ -1,0 +1,203 @@
+"""Retries with real faults: a proxy forwards the first attempt to memsvc (so it takes
+effect), then fails it; the SDK's retry must reuse the request id, get the first answer
+and change nothing more. Both deployments."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from memsvc.client import (
+    Aborted,
+    AsyncClient,
+    AsyncSessionClient,
+    DeadlineExceeded,
+    EventType,
+    RetryPolicy,
+    SessionState,
+    Unavailable,
+)
+from memsvc.server import Server
+from tests.client._proxy import FaultProxy
+from tests.client.conftest import FAST_RETRY
+
+UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED
+ABORTED = grpc.StatusCode.ABORTED
+
+
+@pytest.fixture
+async def proxy(server: Server) -> AsyncIterator[FaultProxy]:
+    async with FaultProxy(f"127.0.0.1:{server.port}") as running:
+        yield running
+
+
+@pytest.fixture
+async def via_proxy(proxy: FaultProxy) -> AsyncIterator[AsyncClient]:
+    async with AsyncClient(proxy.target, retry=FAST_RETRY, timeout=20) as sdk:
+        yield sdk
+
+
+@pytest.fixture
+def flaky(via_proxy: AsyncClient, scope: dict[str, str]) -> AsyncSessionClient:
+    """The test's session, reached through the fault proxy."""
+    return via_proxy.session(scope["project_id"], scope["agent_instance_id"], scope["session_id"])
+
+
+def one_request_id(proxy: FaultProxy, rpc: str, attempts: int) -> str:
+    """The single request id every attempt of one call carried."""
+    calls = proxy.calls(rpc)
+    assert len(calls) == attempts, [c.request_id for c in calls]
+    ids = {c.request_id for c in calls}
+    assert len(ids) == 1 and None not in ids, ids
+    (request_id,) = ids
+    assert request_id is not None
+    uuid.UUID(request_id)
+    return request_id
+
+
+async def test_spawn_retried_after_unavailable_is_spawned_once(
+    proxy: FaultProxy, flaky: AsyncSessionClient, session: AsyncSessionClient
+):
+    proxy.fail_after("Spawn", UNAVAILABLE)
+    spawned = await flaky.spawn(initial={"k": 1})
+    # Without the request id the retry would have failed with ALREADY_EXISTS.
+    assert spawned.state is SessionState.ACTIVE and spawned.version == 1
+    one_request_id(proxy, "Spawn", attempts=2)
+    async with session.watch(start="oldest") as events:
+        first = await anext(events)
+        assert first.event_type is EventType.SESSION_SPAWNED
+        await session.pause()  # the next event must be this pause: one spawn only
+        assert (await anext(events)).event_type is EventType.SESSION_PAUSED
+
+
+async def test_create_checkpoint_retried_after_deadline_exceeded_makes_one_checkpoint(
+    proxy: FaultProxy, flaky: AsyncSessionClient, session: AsyncSessionClient
+):
+    await session.spawn(initial={"k": 1})
+    proxy.fail_after("CreateCheckpoint", DEADLINE_EXCEEDED)
+    checkpoint = await flaky.create_checkpoint(metadata={"n": 1})
+    one_request_id(proxy, "CreateCheckpoint", attempts=2)
+    listed = await session.checkpoints().collect()
+    assert [c.checkpoint_id for c in listed] == [checkpoint.checkpoint_id]
+
+
+async def test_record_episode_retried_twice_records_one_episode(
+    proxy: FaultProxy, via_proxy: AsyncClient, client: AsyncClient, scope: dict[str, str]
+):
+    proxy.fail_after("RecordEpisode", ABORTED, UNAVAILABLE)
+    recorded = await via_proxy.episodes(scope["project_id"]).record(
+        agent_instance_id=scope["agent_instance_id"],
+        session_id=scope["session_id"],
+        task_type="code_review",
+        outcome="success",
+        task_description="retry me",
+    )
+    one_request_id(proxy, "RecordEpisode", attempts=3)
+    stored = await client.episodes(scope["project_id"]).list().collect()
+    assert [e.episode_id for e in stored] == [recorded.episode_id]
+
+
+async def test_pause_resume_terminate_retried_take_effect_once(
+    proxy: FaultProxy, flaky: AsyncSessionClient, session: AsyncSessionClient
+):
+    await session.spawn(initial={"k": 1})
+    proxy.fail_after("Pause", ABORTED)
+    proxy.fail_after("Resume", DEADLINE_EXCEEDED)
+    proxy.fail_after("Terminate", UNAVAILABLE)
+    paused = await flaky.pause()
+    resumed = await flaky.resume()
+    ended = await flaky.terminate(consolidate=False, keep_working_memory=True)
+    for rpc in ("Pause", "Resume", "Terminate"):
+        one_request_id(proxy, rpc, attempts=2)
+    assert (paused.session.version, resumed.session.version, ended.session.version) == (2, 3, 4)
+    assert resumed.checkpoint.checkpoint_id == paused.checkpoint.checkpoint_id
+    assert (await session.describe()).version == 4
+
+
+async def test_purge_retried_returns_the_first_report(
+    proxy: FaultProxy, flaky: AsyncSessionClient, session: AsyncSessionClient
+):
+    await session.spawn(initial={"k": 1})
+    proxy.fail_after("PurgeData", DEADLINE_EXCEEDED)
+    report = await flaky.purge()
+    one_request_id(proxy, "PurgeData", attempts=2)
+    # A second purge would find nothing; the retry answered with the first report.
+    assert report.sessions_deleted == 1
+
+
+async def test_delete_checkpoint_retried_after_unavailable(
+    proxy: FaultProxy, flaky: AsyncSessionClient, session: AsyncSessionClient
+):
+    await session.spawn()
+    checkpoint = await session.create_checkpoint()
+    proxy.fail_after("DeleteCheckpoint", UNAVAILABLE)
+    await flaky.delete_checkpoint(checkpoint.checkpoint_id)
+    one_request_id(proxy, "DeleteCheckpoint", attempts=2)
+    assert await session.checkpoints().collect() == []
+
+
+async def test_every_call_has_its_own_request_id_and_a_given_one_is_used(
+    proxy: FaultProxy, flaky: AsyncSessionClient
+):
+    await flaky.spawn()
+    await flaky.create_checkpoint()
+    await flaky.create_checkpoint()
+    mine = str(uuid.uuid4())
+    await flaky.create_checkpoint(request_id=mine)
+    ids = [c.request_id for c in proxy.calls("CreateCheckpoint")]
+    assert len(set(ids)) == 3 and ids[2] == mine
+
+
+async def test_a_call_without_request_id_is_not_retried_on_deadline_exceeded(
+    proxy: FaultProxy, flaky: AsyncSessionClient, session: AsyncSessionClient
+):
+    await session.spawn()
+    proxy.fail_after("Set", DEADLINE_EXCEEDED)
+    with pytest.raises(DeadlineExceeded) as raised:
+        await flaky.set("k", "first")
+    assert raised.value.attempts == 1 and raised.value.request_id is None
+    assert len(proxy.calls("Set")) == 1
+    assert await session.get("k") == "first"  # the attempt did take effect
+    proxy.fail_after("Get", ABORTED)
+    with pytest.raises(Aborted) as aborted:
+        await flaky.get("k")
+    assert aborted.value.attempts == 1
+    assert len(proxy.calls("Get")) == 1
+
+
+async def test_a_call_without_request_id_is_retried_on_unavailable(
+    proxy: FaultProxy, flaky: AsyncSessionClient
+):
+    await flaky.spawn()
+    proxy.fail_after("Set", UNAVAILABLE)
+    proxy.fail_after("BatchGet", UNAVAILABLE, UNAVAILABLE)
+    # The first attempt created the key, so the retry reports it as already there.
+    assert (await flaky.set("k", [1])).created is False
+    assert await flaky.get_many(["k"]) == {"k": [1]}
+    assert len(proxy.calls("Set")) == 2
+    assert len(proxy.calls("BatchGet")) == 3
+
+
+async def test_attempts_stop_at_max_attempts(proxy: FaultProxy, scope: dict[str, str]):
+    policy = RetryPolicy(max_attempts=3, initial_backoff=0.01, max_backoff=0.05)
+    async with AsyncClient(proxy.target, retry=policy) as sdk:
+        s = sdk.session(scope["project_id"], scope["agent_instance_id"], scope["session_id"])
+        proxy.fail_after("Spawn", UNAVAILABLE, UNAVAILABLE, UNAVAILABLE, UNAVAILABLE)
+        with pytest.raises(Unavailable) as raised:
+            await s.spawn()
+    assert raised.value.attempts == 3
+    assert len(proxy.calls("Spawn")) == 3
+    assert raised.value.request_id == one_request_id(proxy, "Spawn", attempts=3)
+
+
+async def test_retries_disabled(proxy: FaultProxy, scope: dict[str, str]):
+    async with AsyncClient(proxy.target, retry=RetryPolicy.disabled()) as sdk:
+        s = sdk.session(scope["project_id"], scope["agent_instance_id"], scope["session_id"])
+        proxy.fail_after("Spawn", UNAVAILABLE)
+        with pytest.raises(Unavailable):
+            await s.spawn()
+    assert len(proxy.calls("Spawn")) == 1

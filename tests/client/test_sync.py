@@ -1,0 +1,143 @@
+"""The blocking Client: the same flow from plain threads, on both deployments.
+
+The server runs on the test's event loop, so the blocking code runs in a worker
+thread (``asyncio.to_thread``) while that loop keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from memsvc.client import (
+    AsyncClient,
+    AsyncEpisodesClient,
+    AsyncSessionClient,
+    Client,
+    EpisodesClient,
+    EventType,
+    KeyNotFound,
+    SessionClient,
+    SessionState,
+    WithTTL,
+)
+from memsvc.server import Server
+from tests.client.conftest import FAST_RETRY
+
+
+def sync_flow(port: int, scope: dict[str, str]) -> None:
+    project, agent, name = scope["project_id"], scope["agent_instance_id"], scope["session_id"]
+    with Client(f"127.0.0.1:{port}", retry=FAST_RETRY) as client:
+        client.wait_ready(10)
+        s = client.session(project, agent, name)
+        with s.watch() as events:
+            assert s.spawn(initial={"plan": {"steps": [1, 2]}}).state is SessionState.ACTIVE
+            s.set("notes", "n", ttl=60)
+            assert s.get("plan") == {"steps": [1, 2]}
+            assert s.get("missing", default=0) == 0
+            with pytest.raises(KeyNotFound):
+                s.get("missing")
+            s.set_many({"a": 1, "b": WithTTL(2, 30)})
+            assert [k.key for k in s.keys(page_size=2)] == ["a", "b", "notes", "plan"]
+            assert s.get_many(["a", "b", "zz"]) == {"a": 1, "b": 2}
+            assert s.delete("a") and s.delete_many(["b"]).deleted_keys == ("b",)
+            checkpoint = s.create_checkpoint()
+            paused = s.pause()
+            assert [c.checkpoint_id for c in s.checkpoints()] == [
+                paused.checkpoint.checkpoint_id,
+                checkpoint.checkpoint_id,
+            ]
+            assert {e.key for e in s.checkpoint_entries(checkpoint.checkpoint_id)} == {
+                "notes",
+                "plan",
+            }
+            s.resume()
+            ended = s.terminate(outcome="success")
+            kinds = [next(events).event_type for _ in range(5)]
+        assert kinds == [
+            EventType.SESSION_SPAWNED,
+            EventType.CHECKPOINT_CREATED,
+            EventType.SESSION_PAUSED,
+            EventType.SESSION_RESUMED,
+            EventType.SESSION_TERMINATED,
+        ]
+        assert ended.episode_id is not None
+        episodes = client.episodes(project)
+        assert episodes.get(ended.episode_id).session_id == name
+        assert [e.episode_id for e in episodes.list()] == [ended.episode_id]
+        assert client.list_sessions(project).collect()[0].state is SessionState.TERMINATED
+
+        # One client, many threads.
+        def spawn(i: int) -> str:
+            return client.session(project, agent, f"{name}-{i}").spawn().session_id
+
+        with ThreadPoolExecutor(4) as pool:
+            assert sorted(pool.map(spawn, range(8))) == sorted(f"{name}-{i}" for i in range(8))
+        assert client.purge(project).sessions_deleted == 9
+
+
+async def test_sync_client_full_flow(server: Server, scope: dict[str, str]):
+    before = threading.active_count()
+    await asyncio.to_thread(sync_flow, server.port or 0, scope)
+    # close() stopped the client's loop thread.
+    assert threading.active_count() <= before + 1  # the to_thread worker may linger
+
+
+def test_a_closed_client_refuses_calls():
+    client = Client("127.0.0.1:1")
+    client.close()
+    client.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        client.session("p", "a", "s").describe()
+
+
+@pytest.mark.parametrize(
+    ("sync_class", "async_class"),
+    [
+        (Client, AsyncClient),
+        (SessionClient, AsyncSessionClient),
+        (EpisodesClient, AsyncEpisodesClient),
+    ],
+)
+def test_sync_methods_mirror_the_async_ones(sync_class: type, async_class: type):
+    """Same public methods, same parameters (names, kinds, defaults)."""
+
+    def public(cls: type) -> dict[str, inspect.Signature]:
+        return {
+            name: inspect.signature(member)
+            for name, member in vars(cls).items()
+            if callable(member) and not name.startswith("_") and name != "from_channel"
+        }
+
+    sync_methods, async_methods = public(sync_class), public(async_class)
+    assert set(sync_methods) == set(async_methods)
+    for name, signature in async_methods.items():
+        mirrored = sync_methods[name]
+        assert [(p.name, p.kind, p.default) for p in mirrored.parameters.values()] == [
+            (p.name, p.kind, p.default) for p in signature.parameters.values()
+        ], name
+
+
+def test_an_unclosed_client_warns():
+    client = Client("127.0.0.1:1")
+    with pytest.warns(ResourceWarning, match="unclosed"):
+        del client  # CPython finalizes at once
+
+
+async def test_an_unclosed_async_client_warns():
+    sdk = AsyncClient("127.0.0.1:1")
+    channel = sdk.channel
+    with pytest.warns(ResourceWarning, match="unclosed"):
+        del sdk  # CPython finalizes at once
+    await channel.close()
+
+
+async def test_a_closed_async_client_refuses_calls():
+    async with AsyncClient("127.0.0.1:1") as sdk:
+        pass
+    with pytest.raises(RuntimeError, match="closed"):
+        await sdk.session("p", "a", "s").describe()

@@ -1,0 +1,293 @@
+"""Unit tests of the SDK's pieces: values, enums, errors, the retry loop, pagers."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import any_pb2, duration_pb2, struct_pb2, timestamp_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from memsvc.client import (
+    AsyncPager,
+    DeadlineExceeded,
+    ErrorReason,
+    InvalidArgument,
+    KeyNotFound,
+    MemsvcError,
+    NotFound,
+    Page,
+    RetryPolicy,
+    Unavailable,
+    WatchPositionCompacted,
+)
+from memsvc.client._convert import event_types_wire, outcome_wire, state_wire
+from memsvc.client._errors import error_class, from_rpc_error
+from memsvc.client._retry import Invoker, retryable
+from memsvc.client._values import (
+    fill_duration,
+    fill_timestamp,
+    from_struct,
+    from_timestamp,
+    from_value,
+    to_struct,
+    to_value,
+)
+from memsvc.v1 import errors_pb2, lifecycle_pb2
+
+
+@pytest.mark.parametrize(
+    "python",
+    [
+        None,
+        True,
+        False,
+        0,
+        -3,
+        2**53,
+        1.5,
+        "",
+        "text",
+        [],
+        {},
+        [1, "a", None, [2]],
+        {"a": {"b": []}},
+    ],
+)
+def test_json_like_values_round_trip(python: Any):
+    back = from_value(to_value(python))
+    assert back == python
+    assert type(back) is type(python)
+
+
+def test_numbers_are_doubles():
+    assert from_value(to_value(2.0)) == 2 and isinstance(from_value(to_value(2.0)), int)
+    assert from_value(to_value((1, 2))) == [1, 2]
+    assert from_value(struct_pb2.Value(number_value=2.0**60)) == 2.0**60  # beyond 2**53: float
+    with pytest.raises(ValueError, match="2\\*\\*53"):
+        to_value(2**53 + 1)
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        with pytest.raises(ValueError, match="not a JSON number"):
+            to_value(bad)
+    assert from_value(struct_pb2.Value()) is None  # an empty Value reads as None
+
+
+def test_structs_and_type_errors():
+    message = struct_pb2.Struct()
+    to_struct({"a": [1, {"b": None}]}, message)
+    assert from_struct(message) == {"a": [1, {"b": None}]}
+    with pytest.raises(TypeError, match=r"value\.a\[0\]"):
+        to_value({"a": [object()]})
+    with pytest.raises(TypeError, match="expected a mapping"):
+        to_struct(["x"], struct_pb2.Struct())  # type: ignore[arg-type]
+
+
+def test_durations_and_timestamps():
+    duration = duration_pb2.Duration()
+    fill_duration(1.5, duration, "ttl")
+    assert (duration.seconds, duration.nanos) == (1, 500_000_000)
+    fill_duration(timedelta(milliseconds=3), duration, "ttl")
+    assert (duration.seconds, duration.nanos) == (0, 3_000_000)
+    with pytest.raises(TypeError):
+        fill_duration("5", duration, "ttl")  # type: ignore[arg-type]
+    stamp = timestamp_pb2.Timestamp()
+    moment = datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=timezone(timedelta(hours=2)))
+    fill_timestamp(moment, stamp, "start_time")
+    back = from_timestamp(stamp)
+    assert back == moment and back.tzinfo is UTC
+    with pytest.raises(ValueError, match="naive"):
+        fill_timestamp(datetime(2026, 1, 1), stamp, "start_time")
+
+
+def test_enums_accept_members_and_strings():
+    assert outcome_wire("partial") == lifecycle_pb2.OUTCOME_PARTIAL
+    assert state_wire("paused") == lifecycle_pb2.SESSION_STATE_PAUSED
+    assert event_types_wire(["session_spawned"]) == [lifecycle_pb2.EVENT_TYPE_SESSION_SPAWNED]
+    with pytest.raises(ValueError, match="one of"):
+        outcome_wire("great")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="one of"):
+        state_wire("unknown")  # type: ignore[arg-type]
+
+
+def test_error_reasons_match_the_contract():
+    contract = set(errors_pb2.ErrorReason.keys()) - {"ERROR_REASON_UNSPECIFIED"}
+    assert {reason.value for reason in ErrorReason} == contract
+
+
+def rpc_error(
+    code: grpc.StatusCode,
+    message: str = "failed",
+    *details: Any,
+) -> grpc.aio.AioRpcError:
+    """An AioRpcError carrying ``details`` the way memsvc sends them."""
+    packed = []
+    for detail in details:
+        item = any_pb2.Any()
+        item.Pack(detail)
+        packed.append(item)
+    status = rpc_status.to_status(
+        status_pb2.Status(code=code.value[0], message=message, details=packed)
+    )
+    return grpc.aio.AioRpcError(
+        status.code,
+        grpc.aio.Metadata(),
+        grpc.aio.Metadata(*status.trailing_metadata),
+        details=message,
+    )
+
+
+def test_rich_details_are_decoded():
+    error = from_rpc_error(
+        rpc_error(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "bad",
+            error_details_pb2.ErrorInfo(
+                reason="ERROR_REASON_INVALID_ARGUMENT", domain="memsvc.dev"
+            ),
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field="key", description="empty")
+                ]
+            ),
+        ),
+        request_id="r",
+        attempts=2,
+    )
+    assert type(error) is InvalidArgument
+    assert error.violations == {"key": "empty"}
+    assert (error.request_id, error.attempts) == ("r", 2)
+    retry = from_rpc_error(
+        rpc_error(
+            grpc.StatusCode.UNAVAILABLE,
+            "down",
+            error_details_pb2.ErrorInfo(reason="ERROR_REASON_BACKEND_UNAVAILABLE"),
+            error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=2)),
+        )
+    )
+    assert isinstance(retry, Unavailable) and retry.retry_delay == 2.0
+    compacted = from_rpc_error(
+        rpc_error(
+            grpc.StatusCode.OUT_OF_RANGE,
+            "old",
+            error_details_pb2.ErrorInfo(
+                reason="ERROR_REASON_WATCH_POSITION_COMPACTED",
+                metadata={"oldest_sequence": "7", "after_sequence": "3"},
+            ),
+        )
+    )
+    assert isinstance(compacted, WatchPositionCompacted)
+    assert (compacted.oldest_sequence, compacted.after_sequence) == (7, 3)
+    plain = from_rpc_error(rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "late"))
+    assert type(plain) is DeadlineExceeded and plain.reason == ""
+
+
+def test_a_reason_refines_only_its_own_code():
+    assert error_class(grpc.StatusCode.NOT_FOUND, ErrorReason.KEY_NOT_FOUND) is KeyNotFound
+    assert error_class(grpc.StatusCode.UNAVAILABLE, ErrorReason.KEY_NOT_FOUND) is Unavailable
+    assert error_class(grpc.StatusCode.NOT_FOUND, "ERROR_REASON_FROM_THE_FUTURE") is NotFound
+    assert error_class(grpc.StatusCode.OK, "") is MemsvcError
+
+
+def test_what_is_retried():
+    assert retryable(grpc.StatusCode.UNAVAILABLE, has_request_id=False)
+    assert not retryable(grpc.StatusCode.DEADLINE_EXCEEDED, has_request_id=False)
+    assert not retryable(grpc.StatusCode.ABORTED, has_request_id=False)
+    assert retryable(grpc.StatusCode.DEADLINE_EXCEEDED, has_request_id=True)
+    assert retryable(grpc.StatusCode.ABORTED, has_request_id=True)
+    assert not retryable(grpc.StatusCode.INTERNAL, has_request_id=True)
+    assert not retryable(grpc.StatusCode.RESOURCE_EXHAUSTED, has_request_id=True)
+
+
+def test_backoff_grows_is_capped_jittered_and_honours_the_server():
+    policy = RetryPolicy(initial_backoff=0.1, max_backoff=1.0, multiplier=2, jitter=0.5)
+    assert [policy.backoff(n, rand=lambda: 0.0) for n in (1, 2, 3, 4, 5, 9)] == [
+        0.1,
+        0.2,
+        0.4,
+        0.8,
+        1.0,
+        1.0,
+    ]
+    assert policy.backoff(1, rand=lambda: 1.0) == pytest.approx(0.05)
+    assert policy.backoff(1, server_delay=3.0) == 3.0
+    with pytest.raises(ValueError, match="max_attempts"):
+        RetryPolicy(max_attempts=0)
+    with pytest.raises(ValueError, match="jitter"):
+        RetryPolicy(jitter=2)
+
+
+class FakeRpc:
+    """Fails with the given errors in turn, then answers; records each attempt's timeout."""
+
+    def __init__(self, *errors: grpc.aio.AioRpcError) -> None:
+        self.errors = list(errors)
+        self.timeouts: list[float | None] = []
+
+    async def __call__(self, request: Any, *, timeout: float | None, metadata: Any) -> str:
+        self.timeouts.append(timeout)
+        if self.errors:
+            raise self.errors.pop(0)
+        return f"answer to {request}"
+
+
+QUICK = RetryPolicy(initial_backoff=0.001, max_backoff=0.002)
+
+
+async def test_invoker_retries_within_one_budget():
+    rpc = FakeRpc(rpc_error(grpc.StatusCode.UNAVAILABLE), rpc_error(grpc.StatusCode.UNAVAILABLE))
+    invoke = Invoker(QUICK, 30.0, [("x-test", "1")])
+    assert await invoke(rpc, "q") == "answer to q"
+    assert len(rpc.timeouts) == 3
+    budgets = [t for t in rpc.timeouts if t is not None]
+    assert len(budgets) == 3 and all(0 < t <= 30.0 for t in budgets)
+    assert budgets == sorted(budgets, reverse=True)  # what is left of one deadline
+
+
+async def test_invoker_gives_up_when_the_server_delay_exceeds_the_budget():
+    slow = rpc_error(
+        grpc.StatusCode.UNAVAILABLE,
+        "down",
+        error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=60)),
+    )
+    rpc = FakeRpc(slow)
+    with pytest.raises(Unavailable) as raised:
+        await Invoker(QUICK, 5.0, ())(rpc, "q")
+    assert raised.value.attempts == 1 and raised.value.retry_delay == 60
+    assert len(rpc.timeouts) == 1
+
+
+async def test_invoker_attempt_timeout_and_request_ids():
+    policy = RetryPolicy(initial_backoff=0.001, max_backoff=0.002, attempt_timeout=0.5)
+    late = rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED)
+    with_id = FakeRpc(late)
+    assert await Invoker(policy, None, ())(with_id, "q", request_id="r") == "answer to q"
+    assert with_id.timeouts == [0.5, 0.5]
+    without_id = FakeRpc(late)
+    with pytest.raises(DeadlineExceeded):
+        await Invoker(policy, None, ())(without_id, "q")
+    assert without_id.timeouts == [0.5]
+    no_deadline = FakeRpc()
+    await Invoker(RetryPolicy(), None, ())(no_deadline, "q")
+    assert no_deadline.timeouts == [None]
+
+
+async def test_pagers_follow_tokens_and_can_restart():
+    pages = {"": Page((1, 2), "t1"), "t1": Page((3,), "t2"), "t2": Page((), None)}
+    asked: list[str] = []
+
+    async def fetch(token: str) -> Page[int]:
+        asked.append(token)
+        await asyncio.sleep(0)
+        return pages[token]
+
+    pager = AsyncPager(fetch)
+    assert [i async for i in pager] == [1, 2, 3]
+    assert await pager.collect() == [1, 2, 3]
+    assert await pager.collect(limit=2) == [1, 2]
+    assert asked[-1:] == [""]  # the limit was reached on the first page
+    assert await AsyncPager(fetch, "t1").collect() == [3]
+    assert (await pager.fetch_page("t1")).next_page_token == "t2"

@@ -1,0 +1,292 @@
+"""watch(): reconnects and resumes after the last sequence, never repeating or skipping.
+
+Waits are bounded by timeouts that only catch a broken test; nothing is timed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from memsvc.client import (
+    AsyncClient,
+    EventType,
+    LifecycleEvent,
+    Unavailable,
+    WatchPositionCompacted,
+    WatchProgress,
+)
+from memsvc.config import Config
+from memsvc.server import Server
+from tests.client._proxy import FaultProxy
+from tests.client.conftest import FAST_RETRY
+from tests.conftest import Deployment
+from tests.helpers import eventually
+
+WAIT = 20.0
+
+
+async def take(events: Any, count: int) -> list[LifecycleEvent]:
+    """The next ``count`` events of a watch (progress messages skipped)."""
+    got: list[LifecycleEvent] = []
+    while len(got) < count:
+        item = await asyncio.wait_for(anext(events), WAIT)
+        if isinstance(item, LifecycleEvent):
+            got.append(item)
+    return got
+
+
+def assert_once_in_order(events: list[LifecycleEvent]) -> None:
+    sequences = [e.sequence for e in events]
+    assert sequences == sorted(set(sequences)), sequences
+    assert len({e.event_id for e in events}) == len(events)
+
+
+async def test_watch_resumes_across_a_server_restart(server: Server, scope: dict[str, str]):
+    """Stop memsvc mid-stream, start a new one on the same port and stores, keep
+    writing: the watcher gets every event exactly once, in order."""
+    project, agent = scope["project_id"], scope["agent_instance_id"]
+    target = f"127.0.0.1:{server.port}"
+    config = replace(server.config, listen=target)
+    written: list[str] = []
+
+    async def spawn(writer: AsyncClient, name: str) -> None:
+        await writer.session(project, agent, name).spawn()
+        written.append(name)
+
+    async with (
+        AsyncClient(target, retry=FAST_RETRY) as watcher,
+        AsyncClient(target, retry=FAST_RETRY, timeout=30) as writer,
+        watcher.watch(project, progress_interval=0.2) as events,
+    ):
+        for i in range(3):
+            await spawn(writer, f"before-{i}")
+        received = await take(events, 2)  # one spawn stays unread when the server stops
+        for i in range(2):
+            await spawn(writer, f"unread-{i}")
+        await server.stop()
+        restarted = Server(config)
+        await restarted.start()
+        try:
+            for i in range(3):
+                await spawn(writer, f"after-{i}")
+            received += await take(events, len(written) - len(received))
+            # Nothing more arrives: a duplicate would show up here.
+            await spawn(writer, "last")
+            received += await take(events, 1)
+        finally:
+            await restarted.stop()
+    assert [e.session_id for e in received] == written
+    assert all(e.event_type is EventType.SESSION_SPAWNED for e in received)
+    assert_once_in_order(received)
+    assert events.connections >= 2
+    assert events.sequence == received[-1].sequence
+
+
+@pytest.fixture
+async def proxy(server: Server) -> AsyncIterator[FaultProxy]:
+    async with FaultProxy(f"127.0.0.1:{server.port}") as running:
+        yield running
+
+
+async def test_watch_resumes_after_an_outage_from_its_progress_cursor(
+    proxy: FaultProxy, client: AsyncClient, scope: dict[str, str]
+):
+    """Events committed while the watcher cannot connect arrive after it reconnects,
+    and progress messages (for events its filter skips) advance its cursor."""
+    project, agent = scope["project_id"], scope["agent_instance_id"]
+    watched = client.session(project, agent, "watched")
+    other = client.session(project, agent, "other")
+    items: list[LifecycleEvent | WatchProgress] = []
+
+    async with (
+        AsyncClient(proxy.target, retry=FAST_RETRY) as via_proxy,
+        client.watch(project) as everything,
+        via_proxy.watch(
+            project, session_id="watched", progress_interval=0.1, include_progress=True
+        ) as events,
+    ):
+
+        async def consume() -> None:
+            async for item in events:
+                items.append(item)
+
+        consumer = asyncio.create_task(consume())
+        try:
+            await watched.spawn()
+            await other.spawn()  # not matched: only progress covers it
+            _, other_spawned = await take(everything, 2)
+
+            async def progressed_past_other() -> bool:
+                return (events.sequence or 0) >= other_spawned.sequence
+
+            await eventually(progressed_past_other, timeout=WAIT)
+            proxy.refuse()
+            assert proxy.cut_streams() == 1
+            await watched.pause()  # committed during the outage
+            await other.pause()
+            await watched.resume()
+            connects_before = len(proxy.calls("WatchLifecycle"))
+
+            async def tried_to_reconnect() -> bool:
+                return len(proxy.calls("WatchLifecycle")) > connects_before
+
+            await eventually(tried_to_reconnect, timeout=WAIT)
+            proxy.accept()
+
+            def matched() -> list[LifecycleEvent]:
+                return [i for i in items if isinstance(i, LifecycleEvent)]
+
+            async def all_arrived() -> bool:
+                return len(matched()) >= 3
+
+            await eventually(all_arrived, timeout=WAIT)
+            await watched.terminate()
+
+            async def terminated_arrived() -> bool:
+                return len(matched()) >= 4
+
+            await eventually(terminated_arrived, timeout=WAIT)
+        finally:
+            consumer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await consumer
+    events_seen = [i for i in items if isinstance(i, LifecycleEvent)]
+    assert [e.event_type for e in events_seen] == [
+        EventType.SESSION_SPAWNED,
+        EventType.SESSION_PAUSED,
+        EventType.SESSION_RESUMED,
+        EventType.SESSION_TERMINATED,
+    ]
+    assert {e.session_id for e in events_seen} == {"watched"}
+    assert_once_in_order(events_seen)
+    # Every reconnection resumed after the progress cursor, past the other session's event.
+    reconnects = proxy.calls("WatchLifecycle")[1:]
+    assert reconnects
+    assert all(c.request.after_sequence >= other_spawned.sequence for c in reconnects)
+    cursors = [i.sequence for i in items]
+    assert cursors == sorted(cursors)
+
+
+async def test_a_silent_stream_is_replaced(
+    proxy: FaultProxy, client: AsyncClient, scope: dict[str, str]
+):
+    """A stream that stays open but says nothing for three progress intervals (a dead
+    peer) is dropped and reopened from the cursor."""
+    project, agent = scope["project_id"], scope["agent_instance_id"]
+    async with (
+        AsyncClient(proxy.target, retry=FAST_RETRY) as via_proxy,
+        via_proxy.watch(project, progress_interval=0.1) as events,
+    ):
+        await client.session(project, agent, "a").spawn()
+        received = await take(events, 1)
+        assert proxy.stall_streams() == 1
+        await client.session(project, agent, "b").spawn()
+        received += await take(events, 1)
+    assert [e.session_id for e in received] == ["a", "b"]
+    assert events.connections == 2
+    assert proxy.calls("WatchLifecycle")[1].request.after_sequence >= received[0].sequence
+
+
+async def test_watch_from_oldest_and_from_a_saved_cursor(client: AsyncClient, scope):
+    project = scope["project_id"]
+    s = client.session(project, scope["agent_instance_id"], scope["session_id"])
+    await s.spawn()
+    await s.create_checkpoint()
+    await s.pause()
+    async with client.watch(project, start="oldest") as events:
+        first, second, third = await take(events, 3)
+    assert [first.event_type, second.event_type, third.event_type] == [
+        EventType.SESSION_SPAWNED,
+        EventType.CHECKPOINT_CREATED,
+        EventType.SESSION_PAUSED,
+    ]
+    async with client.watch(project, after_sequence=first.sequence) as resumed:
+        assert resumed.sequence == first.sequence
+        assert [e.event_id for e in await take(resumed, 2)] == [second.event_id, third.event_id]
+    async with client.watch(project, start="now", include_progress=True) as live:
+        start = await asyncio.wait_for(anext(live), WAIT)
+        assert isinstance(start, WatchProgress) and start.sequence >= third.sequence
+
+
+async def test_watch_without_reconnect_raises_unavailable(server: Server, scope: dict[str, str]):
+    async with AsyncClient(f"127.0.0.1:{server.port}") as sdk:
+        events = sdk.watch(scope["project_id"], reconnect=False)
+        async with events:
+            await server.stop()
+            with pytest.raises(Unavailable):
+                await asyncio.wait_for(anext(events), WAIT)
+            with pytest.raises(StopAsyncIteration):
+                await anext(events)
+
+
+async def test_watch_gives_up_after_reconnect_timeout(proxy: FaultProxy, scope):
+    async with (
+        AsyncClient(proxy.target, retry=FAST_RETRY) as sdk,
+        sdk.watch(scope["project_id"], reconnect_timeout=0.5) as events,
+    ):
+        proxy.refuse()
+        proxy.cut_streams()
+        with pytest.raises(Unavailable):
+            await asyncio.wait_for(anext(events), WAIT)
+    assert len(proxy.calls("WatchLifecycle")) >= 2
+
+
+async def test_a_compacted_cursor_raises_with_the_oldest_sequence(
+    base_config: Config, deployment: Deployment, request: pytest.FixtureRequest, scope
+):
+    config = replace(base_config, event_keep_last=2, retention_interval_seconds=0.1)
+    if deployment.durable == "postgres":
+        # Compaction is global: give it a database of its own.
+        config = replace(config, database_url=request.getfixturevalue("fresh_postgres_url"))
+    async with (
+        Server(config) as compacting,
+        AsyncClient(f"127.0.0.1:{compacting.port}", retry=FAST_RETRY) as sdk,
+    ):
+        for i in range(5):
+            await sdk.session(scope["project_id"], scope["agent_instance_id"], f"s{i}").spawn()
+
+        async def compacted() -> bool:
+            oldest, latest = await compacting.durable_store.event_bounds()
+            return bool(oldest == latest - 2)
+
+        await eventually(compacted, timeout=WAIT)
+        _, latest = await compacting.durable_store.event_bounds()
+        with pytest.raises(WatchPositionCompacted) as raised:
+            async with sdk.watch(after_sequence=latest - 4):
+                pass
+        assert raised.value.oldest_sequence == latest - 2
+        assert raised.value.after_sequence == latest - 4
+        async with sdk.watch(after_sequence=raised.value.oldest_sequence) as events:
+            assert [e.session_id for e in await take(events, 2)] == ["s3", "s4"]
+
+
+async def test_a_watch_that_started_on_an_empty_log_misses_nothing(
+    base_config: Config, deployment: Deployment, request: pytest.FixtureRequest, scope
+):
+    """Its cursor is 0, which the server reads as "not given" (= now): the reconnection
+    must ask for the oldest instead, or the events of the outage would be lost."""
+    config = base_config
+    if deployment.durable == "postgres":
+        config = replace(config, database_url=request.getfixturevalue("fresh_postgres_url"))
+    project, agent = scope["project_id"], scope["agent_instance_id"]
+    async with (
+        Server(config) as empty,
+        FaultProxy(f"127.0.0.1:{empty.port}") as cutter,
+        AsyncClient(f"127.0.0.1:{empty.port}") as direct,
+        AsyncClient(cutter.target, retry=FAST_RETRY) as via_proxy,
+        via_proxy.watch(project) as events,
+    ):
+        assert events.sequence == 0
+        cutter.refuse()
+        cutter.cut_streams()
+        await direct.session(project, agent, "during-outage").spawn()
+        cutter.accept()
+        (event,) = await take(events, 1)
+    assert event.session_id == "during-outage" and event.sequence == 1
+    assert events.connections >= 2
