@@ -254,7 +254,7 @@ class LifecycleServicer(pb_grpc.LifecycleServiceServicer):
             request.after_sequence,
             interval,
         )
-        after = request.after_sequence or None
+        after = request.after_sequence if request.HasField("after_sequence") else None
         oldest = after is None and request.start == pb.WATCH_START_OLDEST
         async for item in self._hub.watch(event_filter, after, progress_seconds, oldest):
             if isinstance(item, StoredEvent):

@@ -405,8 +405,6 @@ class AsyncClient:
             if after_sequence < 0:
                 raise ValueError("after_sequence must not be negative")
             request.after_sequence = after_sequence
-            if after_sequence == 0:
-                request.start = lifecycle_pb2.WATCH_START_OLDEST
         elif start == "oldest":
             request.start = lifecycle_pb2.WATCH_START_OLDEST
         elif start == "now":

@@ -79,7 +79,9 @@ class AsyncWatch(Generic[Item]):
             else SERVER_PROGRESS_INTERVAL
         )
         self._silence_limit = 3 * interval + 1.0
-        self._cursor: int | None = request.after_sequence if request.after_sequence else None
+        self._cursor: int | None = (
+            request.after_sequence if request.HasField("after_sequence") else None
+        )
         self._call: Any = None
         self._closed = False
         self._failures = 0
@@ -195,13 +197,8 @@ class AsyncWatch(Generic[Item]):
         request = lifecycle_pb2.WatchLifecycleRequest()
         request.CopyFrom(self._request)
         if self._cursor is not None:
-            if self._cursor > 0:
-                request.after_sequence = self._cursor
-            else:
-                # The log was empty at the cursor: everything after 0 is the oldest on.
-                # (The server reads after_sequence 0 as "not given".)
-                request.after_sequence = 0
-                request.start = lifecycle_pb2.WATCH_START_OLDEST
+            # 0 included: the log was empty at the cursor, so every event is after it.
+            request.after_sequence = self._cursor
         self._connections += 1
         self._call = self._open_stream(request, self._grpc_metadata)
 

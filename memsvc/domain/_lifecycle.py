@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from memsvc.domain._episodes import OUTCOMES
 from memsvc.domain._errors import (
     CheckpointAlreadyExists,
     CheckpointNotFound,
@@ -445,7 +446,9 @@ class Lifecycle:
             task_description=description,
             outcome=outcome,
             outcome_details=f"Session terminated with {len(entries)} state items",
-            actions=[{"type": "session_completion", "state_keys": keys, "outcome": outcome}],
+            actions=[
+                {"type": "session_completion", "state_keys": keys, "outcome": OUTCOMES[outcome]}
+            ],
             context_summary=json.dumps(state, sort_keys=True, default=str)[:1000],
             lessons_learned=lessons,
             duration_seconds=max(0.0, (now - record.create_ms) / 1000),

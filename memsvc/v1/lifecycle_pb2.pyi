@@ -81,7 +81,7 @@ class _WatchStartEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WatchStart
     """Every retained event, from the oldest."""
 
 class WatchStart(_WatchStart, metaclass=_WatchStartEnumTypeWrapper):
-    """WatchStart is where a watch begins when no `after_sequence` is given."""
+    """WatchStart is where a watch begins when `after_sequence` is unset."""
 
 WATCH_START_UNSPECIFIED: WatchStart.ValueType  # 0
 """The default: as WATCH_START_NOW."""
@@ -277,10 +277,11 @@ class WatchLifecycleRequest(_message.Message):
     """Only events of this session id; empty: every session."""
     after_sequence: _builtins.int
     """Start after this sequence (exclusive): the first event delivered is the
-    first matching one with a greater sequence. 0 with `start` unset: now.
+    first matching one with a greater sequence; 0 means from the first event
+    ever (OUT_OF_RANGE once it was compacted). Unset: `start` decides.
     """
     start: Global___WatchStart.ValueType
-    """Where to start when `after_sequence` is 0."""
+    """Where to start when `after_sequence` is unset."""
     @_builtins.property
     def event_types(self) -> _containers.RepeatedScalarFieldContainer[Global___EventType.ValueType]:
         """Only events of these types; empty: every type."""
@@ -298,15 +299,17 @@ class WatchLifecycleRequest(_message.Message):
         agent_instance_id: _builtins.str = ...,
         session_id: _builtins.str = ...,
         event_types: _abc.Iterable[Global___EventType.ValueType] | None = ...,
-        after_sequence: _builtins.int = ...,
+        after_sequence: _builtins.int | None = ...,
         start: Global___WatchStart.ValueType = ...,
         progress_interval: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["progress_interval", b"progress_interval"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_after_sequence", b"_after_sequence", "after_sequence", b"after_sequence", "progress_interval", b"progress_interval"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "agent_instance_id", b"agent_instance_id", "event_types", b"event_types", "progress_interval", b"progress_interval", "project_id", b"project_id", "session_id", b"session_id", "start", b"start"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_after_sequence", b"_after_sequence", "after_sequence", b"after_sequence", "agent_instance_id", b"agent_instance_id", "event_types", b"event_types", "progress_interval", b"progress_interval", "project_id", b"project_id", "session_id", b"session_id", "start", b"start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__after_sequence: _TypeAlias = _typing.Literal["after_sequence"]  # noqa: Y015
+    _WhichOneofArgType__after_sequence: _TypeAlias = _typing.Literal["_after_sequence", b"_after_sequence"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__after_sequence) -> _WhichOneofReturnType__after_sequence | None: ...
 
 Global___WatchLifecycleRequest: _TypeAlias = WatchLifecycleRequest  # noqa: Y015
 

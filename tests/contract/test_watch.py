@@ -132,3 +132,22 @@ async def test_bad_watch_requests_are_invalid_argument(life):
         details = details_of(error.value)
         assert details.code == grpc.StatusCode.INVALID_ARGUMENT
         assert field in details.violations
+
+
+async def test_after_sequence_zero_means_from_the_first_event(life, scope):
+    """An explicit 0 is a position (before the first event), not "now"."""
+    await life.Spawn(lc.SpawnRequest(**scope))
+    call = life.WatchLifecycle(
+        lc.WatchLifecycleRequest(project_id=scope["project_id"], after_sequence=0)
+    )
+    try:
+        start = await start_position(call)
+        assert start == 0
+        assert (await next_event(call)).event_type == lc.EVENT_TYPE_SESSION_SPAWNED
+    except grpc.aio.AioRpcError as error:
+        # A log whose first events were compacted (a long-lived test database)
+        # cannot resume after 0: it says where it can.
+        assert error.code() == grpc.StatusCode.OUT_OF_RANGE
+        assert int(details_of(error).metadata["oldest_sequence"]) > 0
+    finally:
+        call.cancel()
