@@ -11,7 +11,12 @@ from memsvc.store.sqlite import SqliteDurableStore
 
 
 def working_memory_store(config: Config) -> MemoryStore:
-    """The working-memory store named by ``config.working_memory_url`` (not yet open)."""
+    """The working-memory store named by ``config.working_memory_url`` (not yet open).
+
+    ``memory://``: in this process. ``redis://``, ``rediss://``, ``unix://``: one
+    Redis. ``redis+cluster://``, ``rediss+cluster://``: a Redis Cluster, with the
+    same store and scripts on redis-py's cluster client (ADR 0007).
+    """
     url = config.working_memory_url
     if url.startswith("memory://"):
         return InMemoryWorkingMemoryStore(

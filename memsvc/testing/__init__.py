@@ -7,11 +7,13 @@ from memsvc.testing._backends import (
     free_port,
     require_backend,
 )
+from memsvc.testing._cluster import PrivateRedisCluster
 from memsvc.testing._processes import PrivateRedis, wait_for_port
 
 __all__ = [
     "BackendUnreachable",
     "PrivateRedis",
+    "PrivateRedisCluster",
     "create_postgres_database",
     "drop_postgres_database",
     "free_port",

@@ -4,11 +4,14 @@ The layout, its reasons and its costs are in
 docs/decisions/0002-redis-working-memory-layout.md. In short: every key of a
 session sits under one hash tag (one Cluster slot), each operation is one
 EVALSHA (one round trip, atomic), and expiry, limits and the lifecycle state
-marker are handled inside that script.
+marker are handled inside that script. The same store runs on one Redis
+(``redis://``) or on a Redis Cluster (``redis+cluster://``,
+docs/decisions/0007-redis-cluster.md).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 from collections.abc import Awaitable, Callable, Collection, Sequence
@@ -17,6 +20,7 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
@@ -41,6 +45,13 @@ from memsvc.domain._session_memory import (
 from memsvc.domain._snapshot import encode_flat
 from memsvc.store._observe import BackendObserver, ignore, observed
 from memsvc.store._retry import with_retries
+from memsvc.store.redis._cluster import (
+    CLUSTER_TRANSIENT_ERRORS,
+    SLOT_MOVING_ERRORS,
+    ConnectionLimit,
+    cluster_client,
+    is_cluster_url,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +74,23 @@ LIFECYCLE_SCRIPTS = (
     "lifecycle_abort",
 )
 
+# Cluster mode: how long one attempt waits for a moving slot to settle (polling
+# from every 10 ms to every 200 ms), within the caller's retry budget and deadline.
+SLOT_WAIT_SECONDS = 3.0
+
+
+def guard_key(session: SessionRef) -> str:
+    """A key of the session's slot that is never written, declared by every script.
+
+    While a Redis Cluster slot migrates, a node refuses a script (TRYAGAIN, or
+    ASK to the other node, which answers TRYAGAIN) unless it holds every key the
+    script declares. This key never exists, so no script of the session runs
+    during a migration: without it a script could start with all its keys on
+    the old node and fail midway on a key it had just deleted, leaving half its
+    writes (ADR 0007). On a single Redis it costs nothing.
+    """
+    return f"{_key_base(session)}:g"
+
 
 def staging_keys(session: SessionRef) -> list[str]:
     """The staging copies of the data keys that a Resume builds (ADR 0004)."""
@@ -77,13 +105,17 @@ def session_keys(session: SessionRef) -> list[str]:
     ``}`` or ``:``; the mapping is injective, so two sessions never share a
     key, and Redis Cluster hashes exactly the tag.
     """
+    base = _key_base(session)
+    return [f"{base}:d", f"{base}:x", f"{base}:k", f"{base}:m"]
+
+
+def _key_base(session: SessionRef) -> str:
     session_b64 = base64.urlsafe_b64encode(session.session_id.encode()).decode().rstrip("=")
     tag = (
         f"{session.project_id.replace('-', '')}."
         f"{session.agent_instance_id.replace('-', '')}.{session_b64}"
     )
-    base = f"{KEY_PREFIX}:{{{tag}}}"
-    return [f"{base}:d", f"{base}:x", f"{base}:k", f"{base}:m"]
+    return f"{KEY_PREFIX}:{{{tag}}}"
 
 
 def _load_script(name: str) -> str:
@@ -115,22 +147,37 @@ class RedisWorkingMemoryStore:
         self._max_bytes = max_session_bytes
         self._max_connections = max_connections
         self._socket_timeout = socket_timeout_seconds
-        self._client: aioredis.Redis | None = None
+        self._cluster = is_cluster_url(url)
+        self._transient = TRANSIENT_ERRORS + (CLUSTER_TRANSIENT_ERRORS if self._cluster else ())
+        self._client: aioredis.Redis | RedisCluster | None = None
+        # Cluster mode only: the per-node pools do not wait for a connection.
+        self._limit: ConnectionLimit | None = None
         self._scripts: dict[str, AsyncScript] = {}
+        if self._cluster:
+            self.backend_name = "working memory (Redis Cluster)"
         # Told each operation's time and outcome (the server's metrics).
         self.observe: BackendObserver = ignore
 
     async def open(self) -> None:
-        pool = aioredis.BlockingConnectionPool.from_url(
-            self._url,
-            max_connections=self._max_connections,
-            timeout=self._socket_timeout,
-            socket_timeout=self._socket_timeout,
-            socket_connect_timeout=self._socket_timeout,
-            # memsvc's own bounded retries (store/_retry.py) are the only ones.
-            retry=Retry(NoBackoff(), 0),
-        )
-        self._client = aioredis.Redis.from_pool(pool)
+        if self._cluster:
+            # A pool of max_connections per node, and as many operations in flight.
+            self._client = cluster_client(
+                self._url,
+                max_connections=self._max_connections,
+                socket_timeout=self._socket_timeout,
+            )
+            self._limit = ConnectionLimit(self._max_connections, self._socket_timeout)
+        else:
+            pool = aioredis.BlockingConnectionPool.from_url(
+                self._url,
+                max_connections=self._max_connections,
+                timeout=self._socket_timeout,
+                socket_timeout=self._socket_timeout,
+                socket_connect_timeout=self._socket_timeout,
+                # memsvc's own bounded retries (store/_retry.py) are the only ones.
+                retry=Retry(NoBackoff(), 0),
+            )
+            self._client = aioredis.Redis.from_pool(pool)
         for name in (
             "set_entries",
             "get_entries",
@@ -139,12 +186,14 @@ class RedisWorkingMemoryStore:
             *LIFECYCLE_SCRIPTS,
         ):
             self._scripts[name] = self._client.register_script(_load_script(name))
-        # Load the scripts now, so the first calls do not pay a NOSCRIPT round trip.
-        # Redis may be down at start: then the first call of each script loads it.
+        # Load the scripts now, so the first calls do not pay a NOSCRIPT round trip
+        # (SCRIPT LOAD goes to every master of a cluster). Redis may be down at
+        # start, or a master may join later: then a NOSCRIPT reply makes the Script
+        # object load it (on every master) and run it again.
         try:
             for script in self._scripts.values():
                 await self._client.script_load(script.script)
-        except TRANSIENT_ERRORS as error:
+        except self._transient as error:
             log.warning("could not preload Lua scripts (Redis unreachable): %s", error)
 
     async def aclose(self) -> None:
@@ -153,7 +202,14 @@ class RedisWorkingMemoryStore:
             self._client = None
 
     async def ping(self) -> None:
-        await self._retrying(lambda: self._redis.ping(), attempts=1, name="ping")
+        client = self._redis
+        if isinstance(client, RedisCluster):
+            # Every master: a master that is down makes its slots fail.
+            await self._retrying(
+                lambda: client.ping(target_nodes=RedisCluster.PRIMARIES), attempts=1, name="ping"
+            )
+        else:
+            await self._retrying(lambda: client.ping(), attempts=1, name="ping")
 
     async def set_entries(
         self, session: SessionRef, writes: Sequence[EntryWrite]
@@ -312,26 +368,45 @@ class RedisWorkingMemoryStore:
         return str(reply[1].decode())
 
     async def forget(self, sessions: Sequence[SessionRef]) -> int:
-        """One DEL of each session's keys (one slot per session), pipelined."""
+        """One DEL of each session's keys (one slot per session), pipelined.
+
+        On a cluster the pipeline is split by node and sent to all of them at
+        once; a DEL refused because its slot is moving is sent again, alone,
+        until it succeeds (only the refused ones: the count stays exact).
+        """
         if not sessions:
             return 0
+        pending = list(sessions)
+        forgotten = 0
 
-        async def delete_all() -> list[Any]:
+        async def delete_pending() -> int:
+            nonlocal pending, forgotten
             pipe = self._redis.pipeline(transaction=False)
-            for session in sessions:
+            for session in pending:
                 pipe.delete(*session_keys(session), *staging_keys(session))
-            return list(await pipe.execute())
+            results = await pipe.execute(raise_on_error=False)
+            refused: list[SessionRef] = []
+            error: BaseException | None = None
+            for session, result in zip(pending, results, strict=True):
+                if isinstance(result, BaseException):
+                    refused.append(session)
+                    error = error or result
+                elif result:
+                    forgotten += 1
+            pending = refused
+            if error is not None:
+                raise error
+            return forgotten
 
         # DEL is idempotent: a retry after a lost reply deletes nothing twice.
-        deleted = await self._retrying(delete_all, name="forget")
-        return sum(1 for count in deleted if count)
+        return await self._retrying(delete_pending, name="forget")
 
     async def _run_lifecycle(self, script: str, session: SessionRef, args: list[Any]) -> list[Any]:
         """Lifecycle scripts also see the session's staging keys (KEYS[5..7])."""
         return await self._run(script, session, args, staging=True)
 
     @property
-    def _redis(self) -> aioredis.Redis:
+    def _redis(self) -> aioredis.Redis | RedisCluster:
         if self._client is None:
             raise RuntimeError("RedisWorkingMemoryStore used before open()")
         return self._client
@@ -339,7 +414,13 @@ class RedisWorkingMemoryStore:
     async def _run(
         self, script: str, session: SessionRef, args: list[Any], staging: bool = False
     ) -> list[Any]:
-        keys = session_keys(session) + (staging_keys(session) if staging else [])
+        # The guard key comes last: KEYS[5] of the data scripts, KEYS[8] of the
+        # lifecycle ones; no script reads it (see guard_key).
+        keys = [
+            *session_keys(session),
+            *(staging_keys(session) if staging else []),
+            guard_key(session),
+        ]
         runner = self._scripts[script]
         reply = await self._retrying(
             lambda: runner(keys=keys, args=args, client=self._redis), name=script
@@ -350,7 +431,32 @@ class RedisWorkingMemoryStore:
     async def _retrying(
         self, operation: Callable[[], Awaitable[T]], *, name: str, attempts: int = 4
     ) -> T:
+        attempt = operation if self._limit is None else lambda: self._through_moves(operation)
         with observed(self.observe, name):
             return await with_retries(
-                operation, backend=self.backend_name, transient=TRANSIENT_ERRORS, attempts=attempts
+                attempt, backend=self.backend_name, transient=self._transient, attempts=attempts
             )
+
+    async def _through_moves(self, operation: Callable[[], Awaitable[T]]) -> T:
+        """Cluster mode: run ``operation``, waiting while its slot is moving.
+
+        A refusal in SLOT_MOVING_ERRORS means nothing ran, so the operation is
+        simply sent again (redis-py has already followed the redirects it could)
+        until the slot settles, for up to SLOT_WAIT_SECONDS; then the refusal
+        goes to with_retries like any transient error. Each try holds one
+        in-flight slot of the connection limit, released while waiting.
+        """
+        assert self._limit is not None
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + SLOT_WAIT_SECONDS
+        pause = 0.01
+        while True:
+            async with self._limit.slot():
+                try:
+                    return await operation()
+                except SLOT_MOVING_ERRORS as error:
+                    if loop.time() + pause >= give_up_at:
+                        raise
+                    log.debug("Redis Cluster slot moving, waiting %.0f ms: %r", pause * 1000, error)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.2)

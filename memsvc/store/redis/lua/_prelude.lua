@@ -6,6 +6,10 @@
 --   KEYS[2] X  zset   key -> expiry (Unix ms), only for keys with a TTL
 --   KEYS[3] K  zset   key -> 0, the lexicographic index used for pagination
 --   KEYS[4] M  hash   'bytes' (sum of key and value sizes), 'state' (lifecycle)
+-- (lifecycle scripts: KEYS[5..7] the staging D', X', K'), and last the guard
+-- key, which no script touches and nothing ever creates: declaring it makes a
+-- Redis Cluster node refuse the whole script (TRYAGAIN) while the slot
+-- migrates, instead of failing it midway on a key that just moved (ADR 0007).
 -- Every script first purges the keys whose expiry has passed (by Redis's own
 -- clock), so what it reads or counts afterwards is live.
 local D, X, K, M = KEYS[1], KEYS[2], KEYS[3], KEYS[4]

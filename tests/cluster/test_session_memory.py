@@ -1,0 +1,26 @@
+"""tests/integration/test_session_memory.py (the store's lifecycle steps) on the Redis Cluster."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from memsvc.store.redis import RedisWorkingMemoryStore
+from memsvc.testing import PrivateRedisCluster
+from tests.cluster._support import reuse
+
+
+@pytest.fixture(params=["redis-cluster"])
+async def store(redis_cluster: PrivateRedisCluster) -> AsyncIterator[Any]:
+    created: Any = RedisWorkingMemoryStore(
+        redis_cluster.url, max_session_keys=10, max_session_bytes=1000
+    )
+    await created.open()
+    created.touched = []  # the cluster is flushed after each test
+    yield created
+    await created.aclose()
+
+
+reuse("tests.integration.test_session_memory", globals())
