@@ -15,19 +15,27 @@ import dataclasses
 import enum
 import json
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, TextIO
 
 import grpc
 
-from memsvc.client import AsyncClient, LifecycleEvent, MemsvcError
+from memsvc.client import TLS, AsyncClient, LifecycleEvent, MemsvcError
 from memsvc.config import CLIENT_VARIABLES
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
-# Read by the client commands only; the server allows and ignores it.
+# Read by the client commands only; the server allows and ignores them.
 ADDRESS_VARIABLE = "MEMSVC_ADDRESS"
-assert ADDRESS_VARIABLE in CLIENT_VARIABLES
+TOKEN_FILE_VARIABLE = "MEMSVC_TOKEN_FILE"
+# Flag destination -> variable, for the TLS options.
+TLS_VARIABLES = {
+    "tls_ca": "MEMSVC_TLS_CA",
+    "tls_cert": "MEMSVC_TLS_CERT",
+    "tls_key": "MEMSVC_TLS_KEY",
+    "tls_server_name": "MEMSVC_TLS_SERVER_NAME",
+}
+assert {ADDRESS_VARIABLE, TOKEN_FILE_VARIABLE, *TLS_VARIABLES.values()} <= CLIENT_VARIABLES
 
 # Exit codes: what a script can branch on.
 EXIT_OK = 0
@@ -77,6 +85,23 @@ def add_commands(commands: Any) -> None:
         "--address",
         help=f"memsvc's address, host:port or unix:PATH (default: ${ADDRESS_VARIABLE} "
         f"or {DEFAULT_ADDRESS})",
+    )
+    common.add_argument(
+        "--token-file",
+        help=f"a file holding the bearer token to send (default: ${TOKEN_FILE_VARIABLE})",
+    )
+    common.add_argument(
+        "--tls", action="store_true", help="connect with TLS, trusting the system's roots"
+    )
+    common.add_argument(
+        "--tls-ca", help="PEM CA certificate(s) to trust for the server (implies --tls)"
+    )
+    common.add_argument(
+        "--tls-cert", help="PEM client certificate, for mutual TLS (with --tls-key)"
+    )
+    common.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    common.add_argument(
+        "--tls-server-name", help="the name the server's certificate must carry, if not the host"
     )
     common.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
     common.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -172,15 +197,46 @@ def add_commands(commands: Any) -> None:
     watch.set_defaults(handler=_watch)
 
 
+def _tls(args: argparse.Namespace, env: Mapping[str, str]) -> TLS | None:
+    """The TLS settings of the flags, else of the MEMSVC_TLS_* variables (None: plaintext)."""
+    given = {
+        name: getattr(args, name, None) or env.get(variable) or None
+        for name, variable in TLS_VARIABLES.items()
+    }
+    if not getattr(args, "tls", False) and not any(given.values()):
+        return None
+    return TLS(
+        ca_file=given["tls_ca"],
+        cert_file=given["tls_cert"],
+        key_file=given["tls_key"],
+        server_name=given["tls_server_name"],
+    )
+
+
+def connect(args: argparse.Namespace, env: Mapping[str, str]) -> AsyncClient:
+    """The client the flags (or the MEMSVC_* client variables) describe.
+
+    ValueError or OSError when a token or TLS file cannot be used.
+    """
+    address = args.address or env.get(ADDRESS_VARIABLE) or DEFAULT_ADDRESS
+    token_file = getattr(args, "token_file", None) or env.get(TOKEN_FILE_VARIABLE) or None
+    return AsyncClient(address, timeout=args.timeout, token_file=token_file, tls=_tls(args, env))
+
+
 def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     """Run one client command; return its exit code."""
     import os
 
     address = args.address or os.environ.get(ADDRESS_VARIABLE) or DEFAULT_ADDRESS
     handler: Handler = args.handler
+    try:
+        client = connect(args, os.environ)  # opens nothing yet
+    except (OSError, ValueError) as error:  # a token or TLS file that cannot be used
+        err.write(f"memsvc: {error}\n")
+        return EXIT_USAGE
 
     async def main() -> None:
-        async with AsyncClient(address, timeout=args.timeout) as client:
+        async with client:
             await handler(client, args, out)
 
     try:
@@ -203,7 +259,12 @@ def describe_error(error: MemsvcError, address: str) -> str:
     lines = [f"memsvc: {error.code.name}{reason}: {message}"]
     lines += [f"  {field}: {problem}" for field, problem in error.violations.items()]
     if error.code == grpc.StatusCode.UNAVAILABLE:
-        lines.append(f"  is memsvc running at {address}? (--address or ${ADDRESS_VARIABLE})")
+        lines.append(
+            f"  is memsvc running at {address}? (--address or ${ADDRESS_VARIABLE}; "
+            "--tls-ca if it serves TLS)"
+        )
+    elif error.code == grpc.StatusCode.UNAUTHENTICATED:
+        lines.append(f"  send a valid token: --token-file or ${TOKEN_FILE_VARIABLE}")
     return "\n".join(lines) + "\n"
 
 

@@ -13,6 +13,7 @@ Kubernetes injects for a Service named ``memsvc``.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -27,12 +28,32 @@ ENV_PREFIX = "MEMSVC_"
 # Variables Kubernetes injects for a Service named "memsvc" (enableServiceLinks).
 # Read by the client commands (memsvc.cli_client), not by the server: allowed here,
 # so one environment can serve both.
-CLIENT_VARIABLES = frozenset({"MEMSVC_ADDRESS"})
+CLIENT_VARIABLES = frozenset(
+    {
+        "MEMSVC_ADDRESS",
+        "MEMSVC_TOKEN_FILE",
+        "MEMSVC_TLS_CA",
+        "MEMSVC_TLS_CERT",
+        "MEMSVC_TLS_KEY",
+        "MEMSVC_TLS_SERVER_NAME",
+    }
+)
 _KUBERNETES_INJECTED = re.compile(r"MEMSVC_(PORT(_.*)?|SERVICE_.*)")
 
 
 class ConfigError(ValueError):
     """A setting has an invalid value or an unknown name."""
+
+
+def listen_is_loopback(listen: str) -> bool:
+    """Whether a ``host:port`` to listen on is reachable only from this host."""
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name, or a wildcard such as "0.0.0.0" or "::"
+        return False
 
 
 def _default_data_dir(env: Mapping[str, str] = os.environ) -> str:
@@ -105,10 +126,17 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     Setting("listen", str, "127.0.0.1:50051", "TCP host:port of the gRPC API. Port 0 picks a free port."),
     Setting("unix_socket", str, "", "Also serve the API on this Unix socket path (empty: no socket)."),
+    Setting("unix_socket_group", str, "", "Group of the Unix socket, a name or a gid (empty: memsvc's own group). The socket's mode is 0660, so this group's members may connect."),
+    Setting("auth_tokens_file", str, "", "File of bearer tokens, one per line: `TOKEN` or `TOKEN PROJECT_ID[,PROJECT_ID...]` (docs/security.md). When set, every API call needs `authorization: Bearer <token>`. Re-read when it changes. Empty: no tokens."),
+    Setting("auth_reload_interval_seconds", _positive_float, "5", "How often the tokens file and the TLS files are checked for changes (SIGHUP checks at once)."),
+    Setting("tls_cert_file", str, "", "PEM certificate (chain) the API serves TLS with, together with `tls_key_file`; reloaded when it changes. Empty: plaintext."),
+    Setting("tls_key_file", str, "", "PEM private key of `tls_cert_file`."),
+    Setting("tls_client_ca_file", str, "", "PEM CA certificate(s) for mutual TLS: clients must present a certificate one of them signed. Empty: no client certificate asked."),
+    Setting("allow_insecure_remote", _parse_bool, "false", "Start even though `listen` is not a loopback address and neither tokens nor TLS are configured: an open API (docs/security.md)."),
     Setting("health_listen", str, "0.0.0.0:8081", "TCP host:port serving only grpc.health.v1 (services `liveness`, `readiness`, ''), for kubelet probes; empty: none."),
     Setting("metrics_listen", str, "0.0.0.0:9464", "TCP host:port of the Prometheus metrics endpoint (HTTP, `/metrics`); empty: none."),
     Setting("data_dir", str, "$XDG_DATA_HOME/memsvc or ~/.local/share/memsvc", "Directory for the embedded SQLite file."),
-    Setting("working_memory_url", str, "memory://", "Working-memory backend: `memory://` (in process) or `redis://host:port/db` (`rediss://` for TLS)."),
+    Setting("working_memory_url", str, "memory://", "Working-memory backend: `memory://` (in process), `redis://host:port/db` (`rediss://` for TLS), or a Redis Cluster: `redis+cluster://host:port[,host:port...]` (`rediss+cluster://` for TLS; a pool of `redis_max_connections` per node)."),
     Setting("database_url", str, "sqlite:///<data_dir>/memsvc.db", "Durable store: `sqlite:///path/file.db` or `postgresql://user@host:port/db`."),
     Setting("migrate", _parse_bool, "true", "Apply pending schema migrations at start (`--no-migrate` skips them)."),
     Setting("max_value_bytes", _positive_int, "1048576", "Largest value accepted, in bytes of its protobuf encoding."),
@@ -141,6 +169,13 @@ class Config:
 
     listen: str = "127.0.0.1:50051"
     unix_socket: str = ""
+    unix_socket_group: str = ""
+    auth_tokens_file: str = ""
+    auth_reload_interval_seconds: float = 5.0
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
+    allow_insecure_remote: bool = False
     health_listen: str = "0.0.0.0:8081"
     metrics_listen: str = "0.0.0.0:9464"
     data_dir: str = field(default_factory=_default_data_dir)
@@ -178,11 +213,12 @@ class Config:
         if not re.fullmatch(r".+:\d+", self.listen):
             raise ConfigError(f"listen must be host:port, got {self.listen!r}")
         if not self.working_memory_url.startswith(
-            ("memory://", "redis://", "rediss://", "unix://")
-        ):
+            ("memory://", "redis://", "rediss://", "unix://", "redis+cluster://",
+             "rediss+cluster://")
+        ):  # fmt: skip
             raise ConfigError(
-                f"working_memory_url must start with memory://, redis://, rediss:// or "
-                f"unix://, got {self.working_memory_url!r}"
+                "working_memory_url must start with memory://, redis://, rediss://, unix://, "
+                f"redis+cluster:// or rediss+cluster://, got {self.working_memory_url!r}"
             )
         if not self.database_url.startswith(("sqlite://", "postgresql://", "postgres://")):
             raise ConfigError(
@@ -193,6 +229,31 @@ class Config:
             self.working_memory_limits()
         except ValueError as error:
             raise ConfigError(str(error)) from error
+        self._check_security()
+
+    def _check_security(self) -> None:
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ConfigError("tls_cert_file and tls_key_file go together: set both or neither")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ConfigError(
+                "tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file too"
+            )
+        if self.unix_socket_group and not self.unix_socket:
+            raise ConfigError("unix_socket_group is set but unix_socket is not")
+        if (
+            not listen_is_loopback(self.listen)
+            and not self.auth_tokens_file
+            and not self.tls_cert_file
+            and not self.allow_insecure_remote
+        ):
+            raise ConfigError(
+                f"listen {self.listen!r} is not a loopback address, and neither "
+                "auth_tokens_file nor tls_cert_file is set: anyone who reaches it could read "
+                "and change every agent's memory. Set --auth-tokens-file "
+                "(MEMSVC_AUTH_TOKENS_FILE) and/or --tls-cert-file with --tls-key-file, or pass "
+                "--allow-insecure-remote (MEMSVC_ALLOW_INSECURE_REMOTE=true) to accept an open "
+                "API (docs/security.md)"
+            )
 
     @property
     def response_budget_bytes(self) -> int:

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import logging
 import os
 import signal
 import stat
+import sys
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -26,12 +28,14 @@ from grpc_reflection.v1alpha import reflection
 
 from memsvc import tracing
 from memsvc.api import ErrorInterceptor, WorkingMemoryServicer
+from memsvc.api._auth import AuthInterceptor
 from memsvc.api._data_removal import DataRemovalServicer
 from memsvc.api._episodic import EpisodicMemoryServicer
 from memsvc.api._errors import StreamTracker
 from memsvc.api._lifecycle import LifecycleServicer, render_value
 from memsvc.api._metrics import MetricsInterceptor
-from memsvc.config import Config
+from memsvc.auth import CertificateFiles, Certificates, CredentialsError, TokenFile
+from memsvc.config import Config, ConfigError, listen_is_loopback
 from memsvc.domain import DurableStore, MemoryStore, WorkingMemory
 from memsvc.domain._episodes import Episodes
 from memsvc.domain._lifecycle import Lifecycle
@@ -108,6 +112,13 @@ class Server:
         self.hub: EventHub | None = None
         self._healthy: bool | None = None
         self._stopped = asyncio.Event()
+        # Credentials (auth_tokens_file, tls_*), read at start and again when they change.
+        self.tokens: TokenFile | None = None
+        self.certificates: CertificateFiles | None = None
+        self._auth: AuthInterceptor | None = None
+        self._new_certificates: Certificates | None = None
+        self._reloader: asyncio.Task[None] | None = None
+        self._reload_lock = asyncio.Lock()
 
     async def start(self) -> None:
         """Open the stores, migrate, bind the ports and start serving.
@@ -121,6 +132,8 @@ class Server:
             raise
 
     async def _start(self) -> None:
+        socket_group = _socket_group(self.config.unix_socket_group)
+        self._load_credentials()
         for store in (self.working_memory_store, self.durable_store):
             if isinstance(store, Observable):
                 store.observe = self.metrics.backend_observer(store.backend_name)
@@ -163,8 +176,13 @@ class Server:
             if self.tracer_provider is None:
                 self.tracer_provider = tracing.make_tracer_provider()
             interceptors.append(tracing.server_interceptor(self.tracer_provider))
-        # Metrics outside the error interceptor: it sees the status that one sets.
-        interceptors += [MetricsInterceptor(self.metrics), ErrorInterceptor(self._streams)]
+        # Metrics outside the others: it counts every call by the status they set, refusals
+        # for want of a token included. Tokens are checked before any error mapping.
+        interceptors.append(MetricsInterceptor(self.metrics))
+        if self.tokens is not None:
+            self._auth = AuthInterceptor(self.tokens.table)
+            interceptors.append(self._auth)
+        interceptors.append(ErrorInterceptor(self._streams))
         server = grpc.aio.server(
             interceptors=interceptors,
             options=self._grpc_options(),
@@ -196,8 +214,12 @@ class Server:
             ),
             server,
         )
-        self.port = server.add_insecure_port(self.config.listen)
+        if self.certificates is not None:
+            self.port = server.add_secure_port(self.config.listen, self._server_credentials())
+        else:
+            self.port = server.add_insecure_port(self.config.listen)
         if self.config.unix_socket:
+            # No TLS on the socket: its file mode and group guard it (tokens still apply).
             _remove_stale_socket(Path(self.config.unix_socket))
             server.add_insecure_port(f"unix:{self.config.unix_socket}")
         await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
@@ -206,7 +228,9 @@ class Server:
         self._grpc = server
         if self.config.unix_socket:
             # Read-write for the group too: an agent container that shares the
-            # pod's fsGroup connects without running as memsvc's user.
+            # pod's fsGroup (or unix_socket_group) connects without memsvc's user.
+            if socket_group is not None:
+                _give_socket_to(self.config.unix_socket, socket_group)
             os.chmod(self.config.unix_socket, 0o660)
         if self.config.health_listen:
             self._probe = grpc.aio.server(options=self._grpc_options())
@@ -217,15 +241,19 @@ class Server:
             self.metrics.start(self.config.metrics_listen)
         self._monitor = asyncio.create_task(self._monitor_health(), name="memsvc-health")
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="memsvc-retention")
+        if self.tokens is not None or self.certificates is not None:
+            self._reloader = asyncio.create_task(self._reload_forever(), name="memsvc-credentials")
         host = self.config.listen.rsplit(":", 1)[0]
         log.info(
-            "memsvc serving on %s:%d%s (working memory: %s, durable store: %s)",
+            "memsvc serving on %s:%d%s (%s; working memory: %s, durable store: %s)",
             host,
             self.port,
             f" and unix:{self.config.unix_socket}" if self.config.unix_socket else "",
+            self._security_summary(),
             self.working_memory_store.backend_name,
             self.durable_store.backend_name,
         )
+        self._warn_if_open()
 
     async def stop(self, grace: float | None = None) -> None:
         """Shut down gracefully; safe to call more than once."""
@@ -234,7 +262,7 @@ class Server:
         grace = self.config.shutdown_grace_seconds if grace is None else grace
         log.info("shutting down (grace %.1fs)", grace)
         await self.health.enter_graceful_shutdown()
-        for task in (self._monitor, self._sweeper):
+        for task in (self._monitor, self._sweeper, self._reloader):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -335,6 +363,95 @@ class Server:
                     events,
                 )
 
+    def _load_credentials(self) -> None:
+        """Read the tokens and TLS files named by the configuration (ConfigError if unusable)."""
+        config = self.config
+        try:
+            if config.auth_tokens_file:
+                self.tokens = TokenFile(config.auth_tokens_file)
+            if config.tls_cert_file:
+                self.certificates = CertificateFiles(
+                    config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file or None
+                )
+        except CredentialsError as error:
+            raise ConfigError(str(error)) from error
+
+    def _server_credentials(self) -> grpc.ServerCredentials:
+        """TLS for the API, its certificates swapped for new handshakes when they change."""
+        assert self.certificates is not None
+        current = self.certificates.current
+
+        def fetch() -> Any:
+            # gRPC asks before each handshake: hand over new files once, else None.
+            new, self._new_certificates = self._new_certificates, None
+            return None if new is None else _certificate_configuration(new)
+
+        return grpc.dynamic_ssl_server_credentials(
+            _certificate_configuration(current),
+            fetch,
+            require_client_authentication=current.client_ca is not None,
+        )
+
+    async def reload_credentials(self) -> None:
+        """Read the tokens and TLS files again if they changed, and put them in force.
+
+        Runs every ``auth_reload_interval_seconds`` and on SIGHUP. A changed file that is
+        unreadable or invalid is logged and ignored: the credentials in force stay.
+        """
+        async with self._reload_lock:  # the poll and SIGHUP may meet
+            await self._reload_credentials()
+
+    async def _reload_credentials(self) -> None:
+        tokens, certificates = self.tokens, self.certificates
+        if tokens is not None:
+            table = await asyncio.to_thread(tokens.reload)
+            if table is not None:
+                tokens.table = table
+                if self._auth is not None:
+                    ended = self._auth.replace_tokens(table)
+                    if ended:
+                        log.info("ended %d stream(s) the new tokens no longer admit", ended)
+        if certificates is not None:
+            new = await asyncio.to_thread(certificates.reload)
+            if new is not None:
+                self._new_certificates = new
+
+    async def _reload_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.auth_reload_interval_seconds)
+            try:
+                await self.reload_credentials()
+            except Exception as error:  # never let a reload end the loop
+                log.warning("checking the credential files failed: %s", error)
+
+    def _security_summary(self) -> str:
+        config = self.config
+        if self.certificates is None:
+            transport = "plaintext"
+        elif config.tls_client_ca_file:
+            transport = "mutual TLS"
+        else:
+            transport = "TLS"
+        tokens = "bearer tokens" if self.tokens is not None else "no tokens"
+        return f"{transport}, {tokens}"
+
+    def _warn_if_open(self) -> None:
+        config = self.config
+        if listen_is_loopback(config.listen) or self.tokens is not None:
+            return
+        if self.certificates is None:
+            log.warning(
+                "the API on %s has neither tokens nor TLS (allow_insecure_remote): anyone who "
+                "reaches it can read and change every agent's memory",
+                config.listen,
+            )
+        elif not config.tls_client_ca_file:
+            log.warning(
+                "the API on %s has TLS but neither tokens nor client certificates: anyone who "
+                "reaches it can call it",
+                config.listen,
+            )
+
     async def _monitor_health(self) -> None:
         while True:
             await asyncio.sleep(self.config.health_interval_seconds)
@@ -352,11 +469,56 @@ def _remove_stale_socket(path: Path) -> None:
     path.unlink()
 
 
+def _certificate_configuration(certificates: Certificates) -> Any:
+    return grpc.ssl_server_certificate_configuration(
+        [(certificates.key, certificates.cert)], root_certificates=certificates.client_ca
+    )
+
+
+def _socket_group(group: str) -> int | None:
+    """The gid ``unix_socket_group`` names (a name or a number), None when unset."""
+    if not group:
+        return None
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigError(f"unix_socket_group: no group named {group!r}") from None
+
+
+def _give_socket_to(path: str, gid: int) -> None:
+    try:
+        os.chown(path, -1, gid)
+    except PermissionError:
+        raise ConfigError(
+            f"unix_socket_group: cannot give the socket to group {gid}: memsvc's user must "
+            "be a member of it"
+        ) from None
+
+
 async def serve(config: Config) -> None:
-    """Run a server until SIGTERM or SIGINT, then shut it down gracefully."""
+    """Run a server until SIGTERM or SIGINT, then shut it down gracefully.
+
+    SIGHUP re-reads the tokens and TLS files at once.
+    """
     server = Server(config)
-    await server.start()
     loop = asyncio.get_running_loop()
+    reloads: set[asyncio.Task[None]] = set()
+
+    def reload() -> None:
+        task = loop.create_task(server.reload_credentials())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    # Before start: a SIGHUP sent once the port answers must not end the process.
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    try:
+        await server.start()
+    except ConfigError as error:
+        # A tokens or TLS file that cannot be used is a configuration error (exit 2).
+        print(f"memsvc: configuration error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     stop_requested = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop_requested.set)

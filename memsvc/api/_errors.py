@@ -31,6 +31,7 @@ from memsvc.domain import (
     ResourceExhausted,
     SessionLimitExceeded,
 )
+from memsvc.domain._errors import PermissionDenied, Unauthenticated
 from memsvc.log import rpc_method
 from memsvc.store._retry import call_deadline
 
@@ -48,6 +49,8 @@ _CODES: tuple[tuple[type[MemsvcError], code_pb2.Code.ValueType], ...] = (
     (ResourceExhausted, code_pb2.RESOURCE_EXHAUSTED),
     (OutOfRange, code_pb2.OUT_OF_RANGE),
     (BackendUnavailable, code_pb2.UNAVAILABLE),
+    (Unauthenticated, code_pb2.UNAUTHENTICATED),
+    (PermissionDenied, code_pb2.PERMISSION_DENIED),
 )
 
 

@@ -23,6 +23,7 @@ from memsvc.client._async import (
     AsyncEpisodesClient,
     AsyncSessionClient,
 )
+from memsvc.client._auth import TLS
 from memsvc.client._errors import (
     Aborted,
     AlreadyExists,
@@ -92,6 +93,7 @@ __all__ = [
     "DEFAULT_CHANNEL_OPTIONS",
     "DEFAULT_TARGET",
     "DEFAULT_TIMEOUT",
+    "TLS",
     "Aborted",
     "AlreadyExists",
     "AsyncClient",

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -17,6 +18,7 @@ from google.protobuf.message import Message
 
 from memsvc import __version__
 from memsvc.client import _convert
+from memsvc.client._auth import TLS, BearerToken
 from memsvc.client._errors import KeyNotFound
 from memsvc.client._retry import Invoker, RetryPolicy
 from memsvc.client._types import (
@@ -89,6 +91,16 @@ class _Missing:
 _MISSING: Any = _Missing()
 
 
+def _bearer(token: str | None, token_file: str | os.PathLike[str] | None) -> BearerToken | None:
+    if token is not None and token_file is not None:
+        raise ValueError("give token or token_file, not both")
+    if token is not None:
+        return BearerToken(token)
+    if token_file is not None:
+        return BearerToken(file=token_file)
+    return None
+
+
 def _request_id(given: str | None) -> str:
     return given if given else str(uuid.uuid4())
 
@@ -121,8 +133,14 @@ class AsyncClient:
             (None: no deadline). Every method also takes ``timeout=``.
         retry: the RetryPolicy (default: ``RetryPolicy()``, 5 attempts).
         channel_options: gRPC channel options, over the SDK's defaults.
-        credentials: ``grpc.ssl_channel_credentials(...)`` for TLS; None: plaintext.
-        grpc_metadata: gRPC metadata sent with every call (for example auth headers).
+        token: a bearer token, sent as ``authorization: Bearer <token>`` with every call.
+        token_file: a file holding the token instead (a mounted Secret, say); read again
+            when it changes, so the token can rotate under a running client.
+        tls: TLS to the server: ``True`` trusts the system's root certificates;
+            ``TLS(ca_file=..., cert_file=..., key_file=...)`` names the CA and, for
+            mutual TLS, the client certificate. None (default): plaintext.
+        credentials: gRPC channel credentials for full control of TLS (instead of ``tls``).
+        grpc_metadata: gRPC metadata sent with every call.
     """
 
     def __init__(
@@ -132,11 +150,21 @@ class AsyncClient:
         timeout: float | None = DEFAULT_TIMEOUT,
         retry: RetryPolicy | None = None,
         channel_options: Mapping[str, str | int] | Sequence[tuple[str, str | int]] = (),
+        token: str | None = None,
+        token_file: str | os.PathLike[str] | None = None,
+        tls: TLS | bool | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         grpc_metadata: Sequence[tuple[str, str]] = (),
     ) -> None:
         self.target = target
         options = dict(DEFAULT_CHANNEL_OPTIONS)
+        if tls is True:
+            tls = TLS()
+        if isinstance(tls, TLS):
+            if credentials is not None:
+                raise ValueError("give tls or credentials, not both")
+            credentials = tls.channel_credentials()
+            options.update(tls.channel_options())
         options.update(
             channel_options.items() if isinstance(channel_options, Mapping) else channel_options
         )
@@ -144,7 +172,8 @@ class AsyncClient:
         self._credentials = credentials
         self._channel: Any = None
         self._owns_channel = True
-        self._invoke = Invoker(retry or RetryPolicy(), timeout, grpc_metadata)
+        bearer = _bearer(token, token_file)
+        self._invoke = Invoker(retry or RetryPolicy(), timeout, grpc_metadata, bearer)
         self._stubs: tuple[Any, Any, Any, Any] | None = None
         self._closed = False
 
@@ -155,10 +184,18 @@ class AsyncClient:
         *,
         timeout: float | None = DEFAULT_TIMEOUT,
         retry: RetryPolicy | None = None,
+        token: str | None = None,
+        token_file: str | os.PathLike[str] | None = None,
         grpc_metadata: Sequence[tuple[str, str]] = (),
     ) -> AsyncClient:
         """A client over a channel the caller owns (``close()`` leaves it open)."""
-        client = cls(timeout=timeout, retry=retry, grpc_metadata=grpc_metadata)
+        client = cls(
+            timeout=timeout,
+            retry=retry,
+            token=token,
+            token_file=token_file,
+            grpc_metadata=grpc_metadata,
+        )
         client.target = ""
         client._channel = channel
         client._owns_channel = False
@@ -426,7 +463,8 @@ class AsyncClient:
             policy=self._invoke.policy,
             reconnect=reconnect,
             reconnect_timeout=reconnect_timeout,
-            grpc_metadata=self._invoke.grpc_metadata,
+            grpc_metadata=self._invoke.metadata,
+            token_rotated=self._invoke.token_rotated,
         )
 
     # DataRemovalService.

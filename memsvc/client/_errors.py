@@ -29,8 +29,9 @@ missing thing and ``except KeyNotFound`` only keys::
     |   +-- WatchPositionCompacted   (.oldest_sequence, .after_sequence)
     +-- Unavailable
     |   +-- BackendUnavailable
-    +-- DeadlineExceeded, Aborted, Cancelled, Internal, Unknown, Unimplemented,
-        PermissionDenied, Unauthenticated, DataLoss
+    +-- Unauthenticated              (no valid bearer token)
+    +-- PermissionDenied             (.project_id: outside the token's projects)
+    +-- DeadlineExceeded, Aborted, Cancelled, Internal, Unknown, Unimplemented, DataLoss
 
 A reason arriving with a status code it does not belong to gives the code's class.
 """
@@ -69,6 +70,8 @@ class ErrorReason(enum.StrEnum):
     TOO_MANY_WATCHERS = "ERROR_REASON_TOO_MANY_WATCHERS"
     EPISODE_NOT_FOUND = "ERROR_REASON_EPISODE_NOT_FOUND"
     SIMILARITY_SCOPE_TOO_LARGE = "ERROR_REASON_SIMILARITY_SCOPE_TOO_LARGE"
+    UNAUTHENTICATED = "ERROR_REASON_UNAUTHENTICATED"
+    PERMISSION_DENIED = "ERROR_REASON_PERMISSION_DENIED"
 
 
 class MemsvcError(Exception):
@@ -149,7 +152,14 @@ class AlreadyExists(MemsvcError):
 
 
 class PermissionDenied(MemsvcError):
+    """The token is valid but not for this project (``project_id``: the one asked for;
+    empty for a watch of every project)."""
+
     code = grpc.StatusCode.PERMISSION_DENIED
+
+    @property
+    def project_id(self) -> str:
+        return self.metadata.get("project_id", "")
 
 
 class ResourceExhausted(MemsvcError):
@@ -185,6 +195,8 @@ class DataLoss(MemsvcError):
 
 
 class Unauthenticated(MemsvcError):
+    """No valid bearer token: none sent, or one the server does not know (revoked)."""
+
     code = grpc.StatusCode.UNAUTHENTICATED
 
 

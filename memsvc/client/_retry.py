@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from memsvc.client._auth import BearerToken
 from memsvc.client._errors import from_rpc_error
 
 log = logging.getLogger("memsvc.client")
@@ -105,17 +106,40 @@ def retryable(code: grpc.StatusCode, has_request_id: bool) -> bool:
 
 
 class Invoker:
-    """Runs unary calls with deadlines, retries and the client's gRPC metadata."""
+    """Runs unary calls with deadlines, retries and the client's gRPC metadata (and
+    bearer token: a call refused with UNAUTHENTICATED is tried again at once when the
+    token file holds a new token)."""
 
     def __init__(
         self,
         policy: RetryPolicy,
         timeout: float | None,
         grpc_metadata: Sequence[tuple[str, str]],
+        token: BearerToken | None = None,
     ) -> None:
         self.policy = policy
         self.timeout = timeout
         self.grpc_metadata = tuple(grpc_metadata)
+        self.token = token
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """The metadata of the next call: the client's own, then the token's."""
+        if self.token is None:
+            return self.grpc_metadata
+        return self.grpc_metadata + self.token.metadata()
+
+    def _token_rotated(self, code: grpc.StatusCode, sent: Sequence[tuple[str, str]]) -> bool:
+        """After UNAUTHENTICATED: whether the token file now holds another token than
+        the one ``sent`` (read at once, not at the next periodic check)."""
+        if code != grpc.StatusCode.UNAUTHENTICATED or self.token is None:
+            return False
+        self.token.refresh()
+        return self.metadata() != tuple(sent)
+
+    def token_rotated(self, sent: Sequence[tuple[str, str]]) -> bool:
+        """Whether a stream refused with UNAUTHENTICATED, opened with ``sent``, may be
+        opened again with a new token."""
+        return self._token_rotated(grpc.StatusCode.UNAUTHENTICATED, sent)
 
     async def __call__(
         self,
@@ -141,10 +165,14 @@ class Invoker:
                 attempt_timeout = (
                     remaining if attempt_timeout is None else min(attempt_timeout, remaining)
                 )
+            sent = self.metadata()
             try:
-                return await rpc(request, timeout=attempt_timeout, metadata=self.grpc_metadata)
+                return await rpc(request, timeout=attempt_timeout, metadata=sent)
             except grpc.RpcError as error:
                 failure = from_rpc_error(error, request_id=request_id, attempts=attempt)
+                if self._token_rotated(failure.code, sent) and attempt < policy.max_attempts:
+                    log.info("memsvc refused the token; retrying with the new one from its file")
+                    continue
                 if attempt >= policy.max_attempts or not retryable(
                     failure.code, request_id is not None
                 ):

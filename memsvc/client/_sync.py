@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import threading
 import warnings
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
@@ -28,6 +29,7 @@ from memsvc.client._async import (
     AsyncEpisodesClient,
     AsyncSessionClient,
 )
+from memsvc.client._auth import TLS
 from memsvc.client._retry import RetryPolicy
 from memsvc.client._types import (
     AsyncPager,
@@ -211,18 +213,26 @@ class Client(_Wrapper):
         timeout: float | None = DEFAULT_TIMEOUT,
         retry: RetryPolicy | None = None,
         channel_options: Mapping[str, str | int] | Sequence[tuple[str, str | int]] = (),
+        token: str | None = None,
+        token_file: str | os.PathLike[str] | None = None,
+        tls: TLS | bool | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         grpc_metadata: Sequence[tuple[str, str]] = (),
     ) -> None:
-        self._portal = _Portal()
-        self._inner = AsyncClient(
+        # Built first: bad arguments raise before the loop thread starts.
+        inner = AsyncClient(
             target,
             timeout=timeout,
             retry=retry,
             channel_options=channel_options,
+            token=token,
+            token_file=token_file,
+            tls=tls,
             credentials=credentials,
             grpc_metadata=grpc_metadata,
         )
+        self._portal = _Portal()
+        self._inner = inner
         self._closed = False
 
     @property

@@ -64,7 +64,8 @@ class AsyncWatch(Generic[Item]):
         policy: RetryPolicy,
         reconnect: bool,
         reconnect_timeout: float | None,
-        grpc_metadata: Sequence[tuple[str, str]],
+        grpc_metadata: Sequence[tuple[str, str]] | Callable[[], Sequence[tuple[str, str]]],
+        token_rotated: Callable[[Sequence[tuple[str, str]]], bool] | None = None,
     ) -> None:
         self._open_stream = open_stream
         self._request = request
@@ -72,7 +73,14 @@ class AsyncWatch(Generic[Item]):
         self._policy = policy
         self._reconnect = reconnect
         self._reconnect_timeout = reconnect_timeout
-        self._grpc_metadata = tuple(grpc_metadata)
+        # The metadata of each new stream (a callable: the token may have rotated).
+        if callable(grpc_metadata):
+            self._metadata = grpc_metadata
+        else:
+            fixed = tuple(grpc_metadata)
+            self._metadata = lambda: fixed
+        self._token_rotated = token_rotated
+        self._connected_with: Sequence[tuple[str, str]] = ()
         interval = (
             request.progress_interval.ToTimedelta().total_seconds()
             if request.HasField("progress_interval")
@@ -200,7 +208,8 @@ class AsyncWatch(Generic[Item]):
             # 0 included: the log was empty at the cursor, so every event is after it.
             request.after_sequence = self._cursor
         self._connections += 1
-        self._call = self._open_stream(request, self._grpc_metadata)
+        self._connected_with = self._metadata()
+        self._call = self._open_stream(request, self._connected_with)
 
     def _drop_call(self) -> None:
         call, self._call = self._call, None
@@ -212,6 +221,14 @@ class AsyncWatch(Generic[Item]):
         failure: MemsvcError | None = None
         if isinstance(error, grpc.RpcError):
             failure = from_rpc_error(error)
+            if (
+                failure.code == grpc.StatusCode.UNAUTHENTICATED
+                and self._token_rotated is not None
+                and self._token_rotated(self._connected_with)
+            ):
+                # The token file holds a new token: reconnect with it at once.
+                log.info("memsvc watch: the token was refused; reconnecting with the new one")
+                return
             if failure.code not in RECONNECT_CODES or not self._reconnect:
                 self._closed = True
                 raise failure from error

@@ -23,7 +23,9 @@ each class to a status code (``memsvc.api``) and never needs to parse messages.
     ├── ResourceExhausted
     │   └── SessionLimitExceeded    RESOURCE_EXHAUSTED, with the limit
     ├── OutOfRange                  OUT_OF_RANGE
-    └── BackendUnavailable          UNAVAILABLE (retryable)
+    ├── BackendUnavailable          UNAVAILABLE (retryable)
+    ├── Unauthenticated             UNAUTHENTICATED (no valid bearer token)
+    └── PermissionDenied            PERMISSION_DENIED (the token's projects exclude it)
 """
 
 from __future__ import annotations
@@ -284,3 +286,18 @@ class SimilarityScopeTooLarge(FailedPrecondition):
             "text query)",
             metadata={"candidates": str(limit + 1), "limit": str(limit)},
         )
+
+
+class Unauthenticated(MemsvcError):
+    """The call carries no valid bearer token (missing, malformed, unknown or revoked)."""
+
+    reason = "ERROR_REASON_UNAUTHENTICATED"
+
+
+class PermissionDenied(MemsvcError):
+    """The caller's token is bound to projects that do not include the one asked for."""
+
+    reason = "ERROR_REASON_PERMISSION_DENIED"
+
+    def __init__(self, message: str, project_id: str) -> None:
+        super().__init__(message, metadata={"project_id": project_id})

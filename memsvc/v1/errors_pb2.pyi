@@ -105,6 +105,18 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     narrow the filters. Metadata: "candidates" (at least this many), "limit".
     Status code: FAILED_PRECONDITION.
     """
+    ERROR_REASON_UNAUTHENTICATED: _ErrorReason.ValueType  # 19
+    """The call carries no bearer token, a malformed one, or one the server does
+    not know (never issued, or revoked). Send the metadata
+    `authorization: Bearer <token>`. Status code: UNAUTHENTICATED.
+    """
+    ERROR_REASON_PERMISSION_DENIED: _ErrorReason.ValueType  # 20
+    """The bearer token is valid but bound to other projects than the one the
+    call names (for WatchLifecycle: a bound token must name one of its
+    projects in `project_id`). Metadata: "project_id" (the project asked for;
+    empty for a watch without a project filter). Status code:
+    PERMISSION_DENIED.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason enumerates the machine-readable causes of a failed call.
@@ -199,5 +211,17 @@ ERROR_REASON_SIMILARITY_SCOPE_TOO_LARGE: ErrorReason.ValueType  # 18
 """A similarity search would compare more episodes than the server allows;
 narrow the filters. Metadata: "candidates" (at least this many), "limit".
 Status code: FAILED_PRECONDITION.
+"""
+ERROR_REASON_UNAUTHENTICATED: ErrorReason.ValueType  # 19
+"""The call carries no bearer token, a malformed one, or one the server does
+not know (never issued, or revoked). Send the metadata
+`authorization: Bearer <token>`. Status code: UNAUTHENTICATED.
+"""
+ERROR_REASON_PERMISSION_DENIED: ErrorReason.ValueType  # 20
+"""The bearer token is valid but bound to other projects than the one the
+call names (for WatchLifecycle: a bound token must name one of its
+projects in `project_id`). Metadata: "project_id" (the project asked for;
+empty for a watch without a project filter). Status code:
+PERMISSION_DENIED.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

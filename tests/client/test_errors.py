@@ -100,8 +100,8 @@ async def test_missing_episode(client: AsyncClient, scope: dict[str, str]):
 
 
 @pytest.fixture
-def config_overrides() -> dict[str, object]:
-    return {"max_session_keys": 2}
+def config_overrides(config_overrides: dict[str, object]) -> dict[str, object]:
+    return {**config_overrides, "max_session_keys": 2}
 
 
 async def test_session_limits_are_resource_exhausted(session: AsyncSessionClient):

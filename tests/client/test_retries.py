@@ -36,8 +36,8 @@ async def proxy(server: Server) -> AsyncIterator[FaultProxy]:
 
 
 @pytest.fixture
-async def via_proxy(proxy: FaultProxy) -> AsyncIterator[AsyncClient]:
-    async with AsyncClient(proxy.target, retry=FAST_RETRY, timeout=20) as sdk:
+async def via_proxy(proxy: FaultProxy, auth_token: str) -> AsyncIterator[AsyncClient]:
+    async with AsyncClient(proxy.target, retry=FAST_RETRY, timeout=20, token=auth_token) as sdk:
         yield sdk
 
 
@@ -182,9 +182,11 @@ async def test_a_call_without_request_id_is_retried_on_unavailable(
     assert len(proxy.calls("BatchGet")) == 3
 
 
-async def test_attempts_stop_at_max_attempts(proxy: FaultProxy, scope: dict[str, str]):
+async def test_attempts_stop_at_max_attempts(
+    proxy: FaultProxy, scope: dict[str, str], auth_token: str
+):
     policy = RetryPolicy(max_attempts=3, initial_backoff=0.01, max_backoff=0.05)
-    async with AsyncClient(proxy.target, retry=policy) as sdk:
+    async with AsyncClient(proxy.target, retry=policy, token=auth_token) as sdk:
         s = sdk.session(scope["project_id"], scope["agent_instance_id"], scope["session_id"])
         proxy.fail_after("Spawn", UNAVAILABLE, UNAVAILABLE, UNAVAILABLE, UNAVAILABLE)
         with pytest.raises(Unavailable) as raised:
@@ -194,8 +196,8 @@ async def test_attempts_stop_at_max_attempts(proxy: FaultProxy, scope: dict[str,
     assert raised.value.request_id == one_request_id(proxy, "Spawn", attempts=3)
 
 
-async def test_retries_disabled(proxy: FaultProxy, scope: dict[str, str]):
-    async with AsyncClient(proxy.target, retry=RetryPolicy.disabled()) as sdk:
+async def test_retries_disabled(proxy: FaultProxy, scope: dict[str, str], auth_token: str):
+    async with AsyncClient(proxy.target, retry=RetryPolicy.disabled(), token=auth_token) as sdk:
         s = sdk.session(scope["project_id"], scope["agent_instance_id"], scope["session_id"])
         proxy.fail_after("Spawn", UNAVAILABLE)
         with pytest.raises(Unavailable):

@@ -10,6 +10,7 @@ import asyncio
 import inspect
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -29,9 +30,9 @@ from memsvc.server import Server
 from tests.client.conftest import FAST_RETRY
 
 
-def sync_flow(port: int, scope: dict[str, str]) -> None:
+def sync_flow(port: int, scope: dict[str, str], token_file: Path) -> None:
     project, agent, name = scope["project_id"], scope["agent_instance_id"], scope["session_id"]
-    with Client(f"127.0.0.1:{port}", retry=FAST_RETRY) as client:
+    with Client(f"127.0.0.1:{port}", retry=FAST_RETRY, token_file=token_file) as client:
         client.wait_ready(10)
         s = client.session(project, agent, name)
         with s.watch() as events:
@@ -80,9 +81,9 @@ def sync_flow(port: int, scope: dict[str, str]) -> None:
         assert client.purge(project).sessions_deleted == 9
 
 
-async def test_sync_client_full_flow(server: Server, scope: dict[str, str]):
+async def test_sync_client_full_flow(server: Server, scope: dict[str, str], token_file: Path):
     before = threading.active_count()
-    await asyncio.to_thread(sync_flow, server.port or 0, scope)
+    await asyncio.to_thread(sync_flow, server.port or 0, scope, token_file)
     # close() stopped the client's loop thread.
     assert threading.active_count() <= before + 1  # the to_thread worker may linger
 

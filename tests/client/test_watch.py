@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -47,7 +48,9 @@ def assert_once_in_order(events: list[LifecycleEvent]) -> None:
     assert len({e.event_id for e in events}) == len(events)
 
 
-async def test_watch_resumes_across_a_server_restart(server: Server, scope: dict[str, str]):
+async def test_watch_resumes_across_a_server_restart(
+    server: Server, scope: dict[str, str], auth_token: str
+):
     """Stop memsvc mid-stream, start a new one on the same port and stores, keep
     writing: the watcher gets every event exactly once, in order."""
     project, agent = scope["project_id"], scope["agent_instance_id"]
@@ -60,8 +63,8 @@ async def test_watch_resumes_across_a_server_restart(server: Server, scope: dict
         written.append(name)
 
     async with (
-        AsyncClient(target, retry=FAST_RETRY) as watcher,
-        AsyncClient(target, retry=FAST_RETRY, timeout=30) as writer,
+        AsyncClient(target, retry=FAST_RETRY, token=auth_token) as watcher,
+        AsyncClient(target, retry=FAST_RETRY, timeout=30, token=auth_token) as writer,
         watcher.watch(project, progress_interval=0.2) as events,
     ):
         for i in range(3):
@@ -95,7 +98,7 @@ async def proxy(server: Server) -> AsyncIterator[FaultProxy]:
 
 
 async def test_watch_resumes_after_an_outage_from_its_progress_cursor(
-    proxy: FaultProxy, client: AsyncClient, scope: dict[str, str]
+    proxy: FaultProxy, client: AsyncClient, scope: dict[str, str], auth_token: str
 ):
     """Events committed while the watcher cannot connect arrive after it reconnects,
     and progress messages (for events its filter skips) advance its cursor."""
@@ -105,7 +108,7 @@ async def test_watch_resumes_after_an_outage_from_its_progress_cursor(
     items: list[LifecycleEvent | WatchProgress] = []
 
     async with (
-        AsyncClient(proxy.target, retry=FAST_RETRY) as via_proxy,
+        AsyncClient(proxy.target, retry=FAST_RETRY, token=auth_token) as via_proxy,
         client.watch(project) as everything,
         via_proxy.watch(
             project, session_id="watched", progress_interval=0.1, include_progress=True
@@ -174,13 +177,13 @@ async def test_watch_resumes_after_an_outage_from_its_progress_cursor(
 
 
 async def test_a_silent_stream_is_replaced(
-    proxy: FaultProxy, client: AsyncClient, scope: dict[str, str]
+    proxy: FaultProxy, client: AsyncClient, scope: dict[str, str], auth_token: str
 ):
     """A stream that stays open but says nothing for three progress intervals (a dead
     peer) is dropped and reopened from the cursor."""
     project, agent = scope["project_id"], scope["agent_instance_id"]
     async with (
-        AsyncClient(proxy.target, retry=FAST_RETRY) as via_proxy,
+        AsyncClient(proxy.target, retry=FAST_RETRY, token=auth_token) as via_proxy,
         via_proxy.watch(project, progress_interval=0.1) as events,
     ):
         await client.session(project, agent, "a").spawn()
@@ -214,8 +217,10 @@ async def test_watch_from_oldest_and_from_a_saved_cursor(client: AsyncClient, sc
         assert isinstance(start, WatchProgress) and start.sequence >= third.sequence
 
 
-async def test_watch_without_reconnect_raises_unavailable(server: Server, scope: dict[str, str]):
-    async with AsyncClient(f"127.0.0.1:{server.port}") as sdk:
+async def test_watch_without_reconnect_raises_unavailable(
+    server: Server, scope: dict[str, str], auth_token: str
+):
+    async with AsyncClient(f"127.0.0.1:{server.port}", token=auth_token) as sdk:
         events = sdk.watch(scope["project_id"], reconnect=False)
         async with events:
             await server.stop()
@@ -225,9 +230,9 @@ async def test_watch_without_reconnect_raises_unavailable(server: Server, scope:
                 await anext(events)
 
 
-async def test_watch_gives_up_after_reconnect_timeout(proxy: FaultProxy, scope):
+async def test_watch_gives_up_after_reconnect_timeout(proxy: FaultProxy, scope, auth_token: str):
     async with (
-        AsyncClient(proxy.target, retry=FAST_RETRY) as sdk,
+        AsyncClient(proxy.target, retry=FAST_RETRY, token=auth_token) as sdk,
         sdk.watch(scope["project_id"], reconnect_timeout=0.5) as events,
     ):
         proxy.refuse()
@@ -238,7 +243,11 @@ async def test_watch_gives_up_after_reconnect_timeout(proxy: FaultProxy, scope):
 
 
 async def test_a_compacted_cursor_raises_with_the_oldest_sequence(
-    base_config: Config, deployment: Deployment, request: pytest.FixtureRequest, scope
+    base_config: Config,
+    deployment: Deployment,
+    request: pytest.FixtureRequest,
+    scope,
+    auth_token: str,
 ):
     config = replace(base_config, event_keep_last=2, retention_interval_seconds=0.1)
     if deployment.durable == "postgres":
@@ -246,7 +255,7 @@ async def test_a_compacted_cursor_raises_with_the_oldest_sequence(
         config = replace(config, database_url=request.getfixturevalue("fresh_postgres_url"))
     async with (
         Server(config) as compacting,
-        AsyncClient(f"127.0.0.1:{compacting.port}", retry=FAST_RETRY) as sdk,
+        AsyncClient(f"127.0.0.1:{compacting.port}", retry=FAST_RETRY, token=auth_token) as sdk,
     ):
         for i in range(5):
             await sdk.session(scope["project_id"], scope["agent_instance_id"], f"s{i}").spawn()
@@ -267,7 +276,11 @@ async def test_a_compacted_cursor_raises_with_the_oldest_sequence(
 
 
 async def test_a_watch_that_started_on_an_empty_log_misses_nothing(
-    base_config: Config, deployment: Deployment, request: pytest.FixtureRequest, scope
+    base_config: Config,
+    deployment: Deployment,
+    request: pytest.FixtureRequest,
+    scope,
+    token_file: Path,
 ):
     """Its cursor is 0, which the server reads as "not given" (= now): the reconnection
     must ask for the oldest instead, or the events of the outage would be lost."""
@@ -278,8 +291,8 @@ async def test_a_watch_that_started_on_an_empty_log_misses_nothing(
     async with (
         Server(config) as empty,
         FaultProxy(f"127.0.0.1:{empty.port}") as cutter,
-        AsyncClient(f"127.0.0.1:{empty.port}") as direct,
-        AsyncClient(cutter.target, retry=FAST_RETRY) as via_proxy,
+        AsyncClient(f"127.0.0.1:{empty.port}", token_file=token_file) as direct,
+        AsyncClient(cutter.target, retry=FAST_RETRY, token_file=token_file) as via_proxy,
         via_proxy.watch(project) as events,
     ):
         assert events.sequence == 0

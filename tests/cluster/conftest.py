@@ -11,14 +11,13 @@ the private cluster is flushed after each test instead.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from memsvc.config import Config, ConfigError
-from memsvc.server import Server
+from memsvc.config import Config
 from memsvc.testing import PrivateRedisCluster
 from tests.conftest import IN_CI, Deployment
 from tests.contract.conftest import spawned
@@ -40,21 +39,6 @@ def start_cluster(workdir: Path) -> PrivateRedisCluster:
     return cluster
 
 
-def with_working_memory_url(config: Config, url: str) -> Config:
-    """``config`` with ``working_memory_url=url``.
-
-    memsvc/config.py does not list the ``redis+cluster://`` scheme among the
-    ones it accepts yet; until it does, the URL is set past its check (the
-    store factory is what reads it).
-    """
-    try:
-        return replace(config, working_memory_url=url)
-    except ConfigError:
-        patched = replace(config)
-        object.__setattr__(patched, "working_memory_url", url)
-        return patched
-
-
 @pytest.fixture(scope="session")
 def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateRedisCluster]:
     cluster = start_cluster(tmp_path_factory.mktemp("redis-cluster"))
@@ -70,15 +54,7 @@ def deployment() -> Deployment:
 @pytest.fixture
 def base_config(base_config: Config, redis_cluster: PrivateRedisCluster) -> Config:
     """tests/conftest.py's configuration (PostgreSQL), with working memory on the cluster."""
-    return with_working_memory_url(base_config, redis_cluster.url)
-
-
-@pytest.fixture
-async def server(base_config: Config, config_overrides: dict[str, object]) -> AsyncIterator[Server]:
-    url = base_config.working_memory_url
-    config = replace(base_config, working_memory_url="memory://", **config_overrides)  # type: ignore[arg-type]
-    async with Server(with_working_memory_url(config, url)) as running:
-        yield running
+    return replace(base_config, working_memory_url=redis_cluster.url)
 
 
 @pytest.fixture(autouse=True)

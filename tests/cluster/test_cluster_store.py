@@ -29,7 +29,6 @@ from memsvc.v1 import working_memory_pb2 as pb
 from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
 from memsvc.v1.working_memory_pb2_grpc import WorkingMemoryServiceStub
 from tests.cluster._support import held_by, slot_of
-from tests.cluster.conftest import with_working_memory_url
 from tests.helpers import expect_error, python, value
 
 
@@ -319,11 +318,7 @@ async def test_checkpoints_survive_a_restart_and_lost_memory_is_reported(
         await life.Spawn(lc.SpawnRequest(**scope))
         await wm.Set(pb.SetRequest(**scope, key="k", value=value({"v": 1})))
         paused = await life.Pause(lc.PauseRequest(**scope))
-    url = server.config.working_memory_url
-    config = with_working_memory_url(
-        replace(server.config, working_memory_url="memory://", listen=f"127.0.0.1:{server.port}"),
-        url,
-    )
+    config = replace(server.config, listen=f"127.0.0.1:{server.port}")
     await server.stop()
     await raw_cluster.delete(*session_keys(SessionRef(**scope)))
     async with (

@@ -34,7 +34,7 @@ from memsvc.v1 import working_memory_pb2 as pb
 from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
 from memsvc.v1.working_memory_pb2_grpc import WorkingMemoryServiceStub
 from tests.cluster._support import held_by, slot_of
-from tests.cluster.conftest import start_cluster, with_working_memory_url
+from tests.cluster.conftest import start_cluster
 from tests.helpers import python, value
 
 CALL_TIMEOUT = 15.0  # seconds; bounds each call of a broken run, measures nothing
@@ -76,9 +76,7 @@ async def cluster_server(base_config: Config, tmp_path: Path):
     """memsvc on a Redis Cluster of this test's own (its slot map changes)."""
     cluster = await asyncio.to_thread(start_cluster, tmp_path / "own-cluster")
     try:
-        config = with_working_memory_url(
-            replace(base_config, working_memory_url="memory://"), cluster.url
-        )
+        config = replace(base_config, working_memory_url=cluster.url)
         async with Server(config) as server:
             yield cluster, server
     finally:

@@ -16,6 +16,7 @@ below leaves room for a slow index.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -30,6 +31,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from memsvc.testing import free_port
+from memsvc.v1 import lifecycle_pb2, lifecycle_pb2_grpc
 from tests.deploy import dockerfile
 from tests.deploy.support import DOCKERIGNORE, ROOT, parsed_dockerfile
 
@@ -239,12 +241,17 @@ def test_the_image_venv_holds_the_server_and_no_dev_tools(image: Image):
 def test_the_installed_service_serves_and_stops_cleanly_on_sigterm(image: Image, tmp_path: Path):
     ports = {"api": free_port(), "health": free_port(), "metrics": free_port()}
     socket_path = tmp_path / "memsvc.sock"
+    token = secrets.token_hex(32)
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{token}\n")
     env = dict(image.env)
     env.update(
         MEMSVC_LISTEN=f"127.0.0.1:{ports['api']}",
         MEMSVC_HEALTH_LISTEN=f"127.0.0.1:{ports['health']}",
         MEMSVC_METRICS_LISTEN=f"127.0.0.1:{ports['metrics']}",
         MEMSVC_UNIX_SOCKET=str(socket_path),
+        MEMSVC_UNIX_SOCKET_GROUP=str(os.getegid()),
+        MEMSVC_AUTH_TOKENS_FILE=str(tokens),
         MEMSVC_SHUTDOWN_GRACE_SECONDS="5",
     )
     assert Path(env["MEMSVC_DATA_DIR"]).is_relative_to(image.root)
@@ -254,6 +261,7 @@ def test_the_installed_service_serves_and_stops_cleanly_on_sigterm(image: Image,
         process = subprocess.Popen(argv, cwd=image.workdir, env=env, stdout=out, stderr=out)
     try:
         _check_serving(process, ports, socket_path, log)
+        _check_tokens(f"unix://{socket_path}", token)
         # The image's HEALTHCHECK, run as Docker would (with the image's PATH and env).
         check = [
             image.which(image.healthcheck[0]),
@@ -301,6 +309,17 @@ def _check_serving(
     with urllib.request.urlopen(url, timeout=5) as response:
         assert response.status == 200
         assert "# TYPE" in response.read().decode()
+
+
+def _check_tokens(target: str, token: str) -> None:
+    """The API wants the token (health, above, did not)."""
+    request = lifecycle_pb2.ListSessionsRequest(project_id="0f8fad5b-d9cb-469f-a165-70867728950e")
+    with grpc.insecure_channel(target) as channel:
+        stub = lifecycle_pb2_grpc.LifecycleServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ListSessions(request, timeout=5)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        stub.ListSessions(request, timeout=5, metadata=(("authorization", f"Bearer {token}"),))
 
 
 def _kill(process: subprocess.Popen[bytes]) -> None:

@@ -3,8 +3,9 @@
 Schemas come from kubernetes-validate (strict: unknown fields fail), for the oldest
 Kubernetes these manifests support and the newest the package ships. Rendering uses
 ``kubectl kustomize``. The rendered example is then held to the sidecar contract:
-native sidecar, gRPC probes on the probe port, loopback-only API, hardened pods, and a
-configuration memsvc itself accepts.
+native sidecar, gRPC probes on the probe port, loopback-only API, bearer tokens from a
+Secret for memsvc and the agent, hardened pods, and a configuration memsvc itself
+accepts; the example with components/tls adds mutual TLS from Secrets.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import pytest
 import yaml  # type: ignore[import-untyped]
 
 from memsvc import config as memsvc_config
+from memsvc.auth import parse_tokens
 from tests.deploy.support import KUBERNETES, ROOT, parsed_dockerfile, require_tool
 
 Doc = dict[str, Any]
@@ -34,9 +36,20 @@ Doc = dict[str, Any]
 # Kubernetes 1.29 (beta) and GA in 1.33; gRPC probes are GA since 1.27.
 OLDEST = "1.30.0"
 KUBERNETES_VERSIONS = sorted({OLDEST, kubernetes_validate.utils.latest_version()})
-KUSTOMIZATIONS = sorted(p.parent for p in KUBERNETES.rglob("kustomization.yaml"))
+
+
+def _is_component(directory: Path) -> bool:
+    """A kustomize Component: it is rendered as part of an overlay, never alone."""
+    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    return bool(kustomization.get("kind") == "Component")
+
+
+_DIRECTORIES = sorted(p.parent for p in KUBERNETES.rglob("kustomization.yaml"))
+KUSTOMIZATIONS = [d for d in _DIRECTORIES if not _is_component(d)]
+COMPONENTS = [d for d in _DIRECTORIES if _is_component(d)]
 MANIFESTS = sorted(p for p in KUBERNETES.rglob("*.yaml") if p.name not in ("kustomization.yaml",))
 EXAMPLE = KUBERNETES / "overlays" / "example"
+EXAMPLE_TLS = KUBERNETES / "overlays" / "example-tls"
 PROBE_PORT = 8081
 METRICS_PORT = 9464
 WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet", "Job"}
@@ -180,13 +193,18 @@ def test_the_native_sidecar_needs_kubernetes_1_28_or_newer():
 
 def test_every_manifest_file_is_part_of_a_kustomization():
     listed: set[Path] = set()
+    components: set[Path] = set()
     for directory in KUSTOMIZATIONS:
         kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
         for entry in kustomization.get("resources", []):
             listed.add((directory / entry).resolve())
+        for entry in kustomization.get("components", []):
+            components.add((directory / entry).resolve())
     orphans = [_name(m) for m in MANIFESTS if m.resolve() not in listed]
     assert not orphans, f"manifests no kustomization uses: {orphans}"
-    assert EXAMPLE in KUSTOMIZATIONS
+    unused = [_name(c) for c in COMPONENTS if c.resolve() not in components]
+    assert not unused, f"components no kustomization uses: {unused}"
+    assert EXAMPLE in KUSTOMIZATIONS and EXAMPLE_TLS in KUSTOMIZATIONS
 
 
 # ---- the sidecar contract, on the rendered example --------------------------------
@@ -220,8 +238,9 @@ def test_memsvc_reads_its_settings_from_the_configmap_and_the_secret():
     assert set(_secret_data(secret)) == {"MEMSVC_DATABASE_URL"}
 
 
-def test_memsvc_accepts_the_pods_environment_even_with_service_links():
-    docs = render(EXAMPLE)
+@pytest.mark.parametrize("overlay", [EXAMPLE, EXAMPLE_TLS], ids=_name)
+def test_memsvc_accepts_the_pods_environment_even_with_service_links(overlay: Path):
+    docs = render(overlay)
     env = dict(_generated(docs, "ConfigMap", "memsvc-config")["data"])
     env.update(_secret_data(_generated(docs, "Secret", "memsvc-database")))
     services = [d for d in docs if d["kind"] == "Service"]
@@ -341,8 +360,12 @@ def test_memsvc_runs_as_the_images_user_and_is_given_time_to_shut_down():
     uid, _, gid = user.text.partition(":")
     assert sidecar["securityContext"]["runAsUser"] == int(uid)
     assert sidecar["securityContext"]["runAsGroup"] == int(gid)
-    # The agent shares the UID, so it may connect to the socket memsvc creates (0755).
-    assert pod["securityContext"]["runAsUser"] == int(uid)
+    # The agent runs as a UID of its own and reaches the socket (mode 0660) through its
+    # group: the pod's fsGroup, a supplementary group of every container of the pod.
+    agent = _one_container(pod, "agent")
+    assert agent["securityContext"]["runAsUser"] != int(uid)
+    env = _generated(docs, "ConfigMap", "memsvc-config")["data"]
+    assert env["MEMSVC_UNIX_SOCKET_GROUP"] == str(pod["securityContext"]["fsGroup"])
     grace = float(
         _generated(docs, "ConfigMap", "memsvc-config")["data"]["MEMSVC_SHUTDOWN_GRACE_SECONDS"]
     )
@@ -380,3 +403,60 @@ def test_the_example_deploys_this_release_from_tagged_images():
         _one(docs, "Deployment", "agent")["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"]
         == 0
     )
+
+
+def _mount_of(container: Doc, pod: Doc, path: str) -> Doc:
+    """The volume ``path`` lies in, for ``container`` (its mount must not use subPath,
+    which would freeze a Secret's file at the pod's start)."""
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    found = [m for m in container["volumeMounts"] if Path(path).is_relative_to(m["mountPath"])]
+    assert len(found) == 1, f"{container['name']} mounts nothing holding {path}"
+    assert "subPath" not in found[0], "a subPath mount never sees the Secret's updates"
+    assert found[0].get("readOnly") is True
+    volume: Doc = volumes[found[0]["name"]]
+    return volume
+
+
+def test_memsvc_and_the_agent_take_their_tokens_from_one_secret():
+    docs = render(EXAMPLE)
+    pod = _agent_pod(docs)
+    sidecar, agent = _sidecar(docs), _one_container(pod, "agent")
+    env = _generated(docs, "ConfigMap", "memsvc-config")["data"]
+    tokens_path = env["MEMSVC_AUTH_TOKENS_FILE"]
+    served = _mount_of(sidecar, pod, tokens_path)["secret"]
+    # Not generated with a hash suffix: updated in place, reloaded without a rollout.
+    secret = _one(docs, "Secret", served["secretName"])
+    items = {i["path"]: i["key"] for i in served["items"]}
+    assert items == {Path(tokens_path).name: "tokens"}
+    agent_env = {e["name"]: e["value"] for e in agent["env"]}
+    agent_token_path = agent_env["MEMORY_SIDECAR_TOKEN_FILE"]
+    own = _mount_of(agent, pod, agent_token_path)["secret"]
+    assert own["secretName"] == served["secretName"]
+    # The agent sees its own token only, not memsvc's tokens file.
+    assert {i["path"]: i["key"] for i in own["items"]} == {
+        Path(agent_token_path).name: "agent-token"
+    }
+    assert all(not Path(tokens_path).is_relative_to(m["mountPath"]) for m in agent["volumeMounts"])
+    # Readable by the pod's group (memsvc and the agent), nobody else.
+    assert served["defaultMode"] == own["defaultMode"] == 0o440
+    data = _secret_data(secret)
+    table = parse_tokens(data["tokens"], "the memsvc-auth Secret")
+    assert table.lookup(data["agent-token"].strip()) is not None, "memsvc would refuse the agent"
+
+
+def test_the_tls_example_gives_memsvc_and_the_agent_their_certificates():
+    docs = render(EXAMPLE_TLS)
+    pod = _agent_pod(docs)
+    sidecar, agent = _sidecar(docs), _one_container(pod, "agent")
+    config = memsvc_config.load({}, _generated(docs, "ConfigMap", "memsvc-config")["data"])
+    assert config.tls_cert_file and config.tls_key_file and config.tls_client_ca_file
+    assert config.auth_tokens_file, "TLS comes on top of the tokens"
+    host, _ = _host_port(config.listen)
+    assert ipaddress.ip_address(host).is_loopback
+    for path in (config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file):
+        assert _mount_of(sidecar, pod, path)["secret"]["secretName"] == "memsvc-tls"
+    agent_env = {e["name"]: e["value"] for e in agent["env"]}
+    for name in ("MEMORY_SIDECAR_TLS_CA", "MEMORY_SIDECAR_TLS_CERT", "MEMORY_SIDECAR_TLS_KEY"):
+        assert _mount_of(agent, pod, agent_env[name])["secret"]["secretName"] == "agent-tls"
+    # Everything else is the example's.
+    assert _sidecar(render(EXAMPLE))["args"] == sidecar["args"]

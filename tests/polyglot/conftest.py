@@ -1,9 +1,10 @@
 """Fixtures of the polyglot tests: a real `memsvc serve` process and the Node.js toolchain.
 
 These tests talk to memsvc the way agents in other languages do: over TCP, to the
-`memsvc` executable, never to an in-process Server. Node.js and npm are needed for the
-Node tests; like a missing backend (tests/conftest.py), a missing toolchain skips them
-with the reason on a laptop and fails them under CI=true.
+`memsvc` executable, never to an in-process Server, and with bearer tokens on (the
+`memsvc` fixture; `embedded_memsvc` is `make serve`'s default, without them). Node.js
+and npm are needed for the Node tests; like a missing backend (tests/conftest.py), a
+missing toolchain skips them with the reason on a laptop and fails them under CI=true.
 """
 
 from __future__ import annotations
@@ -17,15 +18,18 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
+import grpc
 import pytest
 
 from memsvc.testing import free_port, wait_for_port
+from tests.client._credentials import Pki, new_token, write_token, write_tokens
 from tests.conftest import IN_CI, REDIS_URL, Deployment, need
 
 HERE = Path(__file__).resolve().parent
@@ -39,6 +43,42 @@ SERVER_STOP_TIMEOUT_SECONDS = 15.0
 # ------------------------------------------------------------------ memsvc serve
 
 
+@dataclass(frozen=True)
+class Security:
+    """What a test server asks of its clients: a bearer token (bound to ``project`` if
+    given) and TLS (mutual when ``pki`` is given with ``mutual``)."""
+
+    token: str | None = None
+    project: str | None = None
+    pki: Pki | None = None
+    mutual: bool = False
+
+    def server_env(self, folder: Path) -> dict[str, str]:
+        env: dict[str, str] = {}
+        if self.token is not None:
+            line = self.token if self.project is None else f"{self.token} {self.project}"
+            tokens = write_tokens(folder / "server-tokens", line)
+            env["MEMSVC_AUTH_TOKENS_FILE"] = str(tokens)
+        if self.pki is not None:
+            env["MEMSVC_TLS_CERT_FILE"] = str(self.pki.server_cert)
+            env["MEMSVC_TLS_KEY_FILE"] = str(self.pki.server_key)
+            if self.mutual:
+                env["MEMSVC_TLS_CLIENT_CA_FILE"] = str(self.pki.ca)
+        return env
+
+    def client_env(self, folder: Path) -> dict[str, str]:
+        """The client variables (docs/cli.md) flow.mjs reads, as the CLI does."""
+        env: dict[str, str] = {}
+        if self.token is not None:
+            env["MEMSVC_TOKEN_FILE"] = str(write_token(folder / "token", self.token))
+        if self.pki is not None:
+            env["MEMSVC_TLS_CA"] = str(self.pki.ca)
+            if self.mutual:
+                env["MEMSVC_TLS_CERT"] = str(self.pki.client_cert)
+                env["MEMSVC_TLS_KEY"] = str(self.pki.client_key)
+        return env
+
+
 @dataclass
 class RunningMemsvc:
     """A `memsvc serve` subprocess listening on 127.0.0.1:port."""
@@ -46,10 +86,29 @@ class RunningMemsvc:
     process: subprocess.Popen[bytes]
     port: int
     log_path: Path
+    security: Security = Security()
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def channel(self) -> grpc.Channel:
+        """A blocking gRPC channel with this server's TLS (if any)."""
+        pki = self.security.pki
+        if pki is None:
+            return grpc.insecure_channel(self.address)
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=pki.ca.read_bytes(),
+            private_key=pki.client_key.read_bytes() if self.security.mutual else None,
+            certificate_chain=pki.client_cert.read_bytes() if self.security.mutual else None,
+        )
+        return grpc.secure_channel(self.address, credentials)
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """The call metadata carrying this server's token (if any)."""
+        token = self.security.token
+        return () if token is None else (("authorization", f"Bearer {token}"),)
 
     def log_tail(self, lines: int = 40) -> str:
         """The end of the server's log, for failure messages."""
@@ -116,11 +175,16 @@ def _stop(server: RunningMemsvc) -> None:
 
 
 def start_memsvc(
-    tmp_path: Path, working_memory_url: str = "memory://", database_url: str = ""
+    tmp_path: Path,
+    working_memory_url: str = "memory://",
+    database_url: str = "",
+    security: Security = Security(),
 ) -> RunningMemsvc:
     """Start `memsvc serve` on a free port and wait until it listens."""
     port = free_port()
     log_path = tmp_path / "memsvc.log"
+    env = _server_environment(port, tmp_path / "data", working_memory_url, database_url)
+    env |= security.server_env(tmp_path)
     # The log goes to a file, not a pipe nobody reads while the test runs.
     with log_path.open("wb") as log:
         process = subprocess.Popen(
@@ -128,19 +192,22 @@ def start_memsvc(
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=_server_environment(port, tmp_path / "data", working_memory_url, database_url),
+            env=env,
         )
-    server = RunningMemsvc(process, port, log_path)
+    server = RunningMemsvc(process, port, log_path, security)
     _wait_until_listening(server)
     return server
 
 
 @contextmanager
 def serving(
-    tmp_path: Path, working_memory_url: str = "memory://", database_url: str = ""
+    tmp_path: Path,
+    working_memory_url: str = "memory://",
+    database_url: str = "",
+    security: Security = Security(),
 ) -> Iterator[RunningMemsvc]:
     """A `memsvc serve` for the duration of the block, stopped with SIGTERM after it."""
-    server = start_memsvc(tmp_path, working_memory_url, database_url)
+    server = start_memsvc(tmp_path, working_memory_url, database_url, security)
     try:
         yield server
     finally:
@@ -148,10 +215,17 @@ def serving(
 
 
 @pytest.fixture
+def flow_project() -> str:
+    """The project the Node flow works in; the `memsvc` fixture's token is bound to it."""
+    return str(uuid.uuid4())
+
+
+@pytest.fixture
 def memsvc(
-    deployment: Deployment, tmp_path: Path, request: pytest.FixtureRequest
+    deployment: Deployment, tmp_path: Path, request: pytest.FixtureRequest, flow_project: str
 ) -> Iterator[RunningMemsvc]:
-    """`memsvc serve` on each deployment of the contract suite (tests/conftest.py).
+    """`memsvc serve` on each deployment of the contract suite (tests/conftest.py), with
+    a bearer token bound to ``flow_project``.
 
     embedded: in-process working memory and SQLite in tmp_path. production: the Redis
     at MEMSVC_TEST_REDIS_URL and a PostgreSQL database of this test's own, dropped after
@@ -163,7 +237,8 @@ def memsvc(
         working_memory_url = REDIS_URL
     if deployment.durable == "postgres":
         database_url = request.getfixturevalue("fresh_postgres_url")
-    with serving(tmp_path, working_memory_url, database_url) as server:
+    security = Security(token=new_token(), project=flow_project)
+    with serving(tmp_path, working_memory_url, database_url, security) as server:
         yield server
 
 

@@ -4,6 +4,13 @@
 //
 //   node flow.mjs <host:port> [project_id agent_instance_id session_id]
 //
+// Credentials come from the variables memsvc's own CLI reads (docs/cli.md):
+// MEMSVC_TOKEN_FILE (a file holding the bearer token, sent with every call as
+// `authorization: Bearer <token>`), MEMSVC_TLS_CA (TLS, trusting this CA) and
+// MEMSVC_TLS_CERT + MEMSVC_TLS_KEY (mutual TLS). With a token, the flow also checks
+// that a call without it is UNAUTHENTICATED and reports what a call in another
+// project gets (PERMISSION_DENIED when the token is bound to the flow's project).
+//
 // Flow: WatchLifecycle (from now, filtered to the project) is opened first;
 // then Spawn (with initial entries), Set and Get, Pause, a Set while paused
 // (must fail: FAILED_PRECONDITION, ERROR_REASON_SESSION_NOT_WRITABLE), Resume,
@@ -16,6 +23,7 @@
 // on stderr, exit status 1.
 
 import { randomUUID } from "node:crypto";
+import { readFileSync } from "node:fs";
 import { createRequire } from "node:module";
 import { isDeepStrictEqual } from "node:util";
 import path from "node:path";
@@ -141,10 +149,41 @@ function fromValue(value) {
 
 const deadline = (ms = CALL_DEADLINE_MS) => ({ deadline: new Date(Date.now() + ms) });
 
+// ------------------------------------------------------------------ credentials
+
+// The bearer token (from MEMSVC_TOKEN_FILE), or null.
+function readToken() {
+  const file = process.env.MEMSVC_TOKEN_FILE;
+  if (!file) return null;
+  const token = readFileSync(file, "ascii").trim();
+  check(/^[\x21-\x7e]+$/.test(token), `${file} must hold one token`);
+  return token;
+}
+
+const TOKEN = readToken();
+
+// The metadata of each call: the token, unless `anonymous` (to check the refusal).
+// grpc-js only attaches call credentials to secure channels, so the header is set
+// here, the same way for plaintext and TLS.
+function callMetadata({ anonymous = false } = {}) {
+  const metadata = new grpc.Metadata();
+  if (TOKEN !== null && !anonymous) metadata.set("authorization", `Bearer ${TOKEN}`);
+  return metadata;
+}
+
+// TLS from MEMSVC_TLS_CA (and the client certificate for mutual TLS), else plaintext.
+function channelCredentials() {
+  const { MEMSVC_TLS_CA: ca, MEMSVC_TLS_CERT: cert, MEMSVC_TLS_KEY: key } = process.env;
+  if (!ca && !cert) return grpc.credentials.createInsecure();
+  check(Boolean(cert) === Boolean(key), "MEMSVC_TLS_CERT and MEMSVC_TLS_KEY go together");
+  const read = (file) => (file ? readFileSync(file) : null);
+  return grpc.credentials.createSsl(read(ca), read(key), read(cert));
+}
+
 // A unary call as a promise; errors keep grpc-js's ServiceError (code, metadata).
-function unary(client, method, request) {
+function unary(client, method, request, options = {}) {
   return new Promise((resolve, reject) => {
-    client[method](request, new grpc.Metadata(), deadline(), (error, response) => {
+    client[method](request, callMetadata(options), deadline(), (error, response) => {
       if (error) {
         error.message = `${method}: ${error.message}`;
         reject(error);
@@ -183,7 +222,7 @@ class Watch {
     this.waiters = [];
     this.failure = null;
     this.cancelled = false;
-    this.call = client.WatchLifecycle(request, new grpc.Metadata(), deadline(OVERALL_DEADLINE_MS));
+    this.call = client.WatchLifecycle(request, callMetadata(), deadline(OVERALL_DEADLINE_MS));
     this.call.on("data", (message) => this.push(message));
     this.call.on("error", (error) => {
       // Our own cancel() ends the stream with CANCELLED: that is the normal end.
@@ -276,7 +315,7 @@ const GOAL = "answer the question";
 
 async function run({ address, ids }) {
   const { v1, reasons } = loadContract();
-  const credentials = grpc.credentials.createInsecure();
+  const credentials = channelCredentials();
   // grpc-js would route even 127.0.0.1 through an http_proxy set in the
   // environment (CI runners often have one); memsvc is reached directly.
   const options = { "grpc.enable_http_proxy": 0 };
@@ -286,6 +325,10 @@ async function run({ address, ids }) {
   const clients = [lifecycle, memory, episodic];
   const watches = [];
   try {
+    // 0. With a token: a call without it is refused, and one in another project gets
+    //    whatever the token allows there (reported for the test to judge).
+    const access = TOKEN === null ? null : await checkAccess(lifecycle, ids, reasons);
+
     // 1. Watch first, from now, for this project only.
     const live = await openWatch(lifecycle, { projectId: ids.projectId, start: "WATCH_START_NOW" });
     watches.push(live.watch);
@@ -417,12 +460,37 @@ async function run({ address, ids }) {
       events: events.map(brief),
       resumed_watch_started_after: again.startsAfter,
       resumed_watch: replayed.map(brief),
+      tls: Boolean(process.env.MEMSVC_TLS_CA || process.env.MEMSVC_TLS_CERT),
+      access,
       grpc_js_version: grpcVersion(),
     };
   } finally {
     for (const watch of watches) watch.cancel();
     for (const client of clients) client.close();
   }
+}
+
+// What the server says to a call without the token, and to one in another project.
+async function checkAccess(lifecycle, ids, reasons) {
+  const anonymous = await expectFailure(
+    unary(lifecycle, "GetSession", ids, { anonymous: true }),
+    grpc.status.UNAUTHENTICATED,
+    "GetSession without a token",
+  );
+  const refusal = errorInfoOf(anonymous);
+  check(reasons.has(refusal.reason), "the reason must be a memsvc.v1.ErrorReason name", refusal);
+  let otherProject;
+  try {
+    await unary(lifecycle, "ListSessions", { projectId: randomUUID() });
+    otherProject = { code: "OK", reason: "" };
+  } catch (error) {
+    if (error instanceof FlowError || error.metadata === undefined) throw error;
+    otherProject = { code: grpc.status[error.code], reason: errorInfoOf(error).reason };
+  }
+  return {
+    without_token: { code: grpc.status[anonymous.code], reason: refusal.reason },
+    other_project: otherProject,
+  };
 }
 
 async function expectValue(memory, ids, key, expected) {
