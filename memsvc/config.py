@@ -138,6 +138,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("data_dir", str, "$XDG_DATA_HOME/memsvc or ~/.local/share/memsvc", "Directory for the embedded SQLite file."),
     Setting("working_memory_url", str, "memory://", "Working-memory backend: `memory://` (in process), `redis://host:port/db` (`rediss://` for TLS), or a Redis Cluster: `redis+cluster://host:port[,host:port...]` (`rediss+cluster://` for TLS; a pool of `redis_max_connections` per node)."),
     Setting("database_url", str, "sqlite:///<data_dir>/memsvc.db", "Durable store: `sqlite:///path/file.db` or `postgresql://user@host:port/db`."),
+    Setting("database_listen_url", str, "", "Where the event tail LISTENs for new events (PostgreSQL): empty, `database_url` itself; a direct URL when `database_url` goes through a transaction pooler such as PgBouncer; `off` to poll only (docs/scaling.md)."),
     Setting("migrate", _parse_bool, "true", "Apply pending schema migrations at start (`--no-migrate` skips them)."),
     Setting("max_value_bytes", _positive_int, "1048576", "Largest value accepted, in bytes of its protobuf encoding."),
     Setting("max_session_keys", _positive_int, "10000", "Most keys one session's working memory may hold."),
@@ -181,6 +182,7 @@ class Config:
     data_dir: str = field(default_factory=_default_data_dir)
     working_memory_url: str = "memory://"
     database_url: str = ""
+    database_listen_url: str = ""
     migrate: bool = True
     max_value_bytes: int = 1 << 20
     max_session_keys: int = 10_000
@@ -219,6 +221,13 @@ class Config:
             raise ConfigError(
                 "working_memory_url must start with memory://, redis://, rediss://, unix://, "
                 f"redis+cluster:// or rediss+cluster://, got {self.working_memory_url!r}"
+            )
+        if self.database_listen_url not in ("", "off") and not self.database_listen_url.startswith(
+            ("postgresql://", "postgres://")
+        ):
+            raise ConfigError(
+                "database_listen_url must be empty, `off` or a postgresql:// URL, got "
+                f"{self.database_listen_url!r}"
             )
         if not self.database_url.startswith(("sqlite://", "postgresql://", "postgres://")):
             raise ConfigError(

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,3 +134,18 @@ def metric(server: Any, name: str, **labels: str) -> float | None:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return float(sample.value)
     return None
+
+
+def reuse(module_name: str, namespace: dict[str, Any], *, leave_out: Collection[str] = ()) -> None:
+    """Copy every test, fixture and helper of ``module_name`` into ``namespace``.
+
+    pytest then collects the tests a second time in the reusing module, where
+    the reusing package's conftest.py points the deployment elsewhere (a Redis
+    Cluster, a pooler); the module's
+    own fixtures (its autouse ``_spawned``, its ``config_overrides``) come along,
+    so the suite runs exactly as written. Names in ``leave_out`` stay behind.
+    """
+    module = importlib.import_module(module_name)
+    for name, item in vars(module).items():
+        if not name.startswith("__") and name not in leave_out:
+            namespace.setdefault(name, item)

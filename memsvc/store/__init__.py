@@ -35,7 +35,11 @@ def durable_store(config: Config) -> DurableStore:
     url = config.database_url
     if url.startswith("sqlite://"):
         return SqliteDurableStore(url)
-    return PostgresDurableStore(url, max_connections=config.database_max_connections)
+    return PostgresDurableStore(
+        url,
+        max_connections=config.database_max_connections,
+        listen_url=config.database_listen_url or None,
+    )
 
 
 __all__ = ["durable_store", "working_memory_store"]

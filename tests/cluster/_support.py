@@ -1,30 +1,15 @@
-"""Helpers of the cluster tests: reusing contract modules, looking into the nodes."""
+"""Helpers of the cluster tests: looking into the nodes (and ``reuse``, shared)."""
 
 from __future__ import annotations
-
-import importlib
-from collections.abc import Collection
-from typing import Any
 
 import redis
 from redis.crc import key_slot
 
 from memsvc.domain import SessionRef
 from memsvc.store.redis import session_keys
+from tests.helpers import reuse
 
-
-def reuse(module_name: str, namespace: dict[str, Any], *, leave_out: Collection[str] = ()) -> None:
-    """Copy every test, fixture and helper of ``module_name`` into ``namespace``.
-
-    pytest then collects the tests a second time in the reusing module, where
-    tests/cluster/conftest.py points the deployment at the cluster; the module's
-    own fixtures (its autouse ``_spawned``, its ``config_overrides``) come along,
-    so the suite runs exactly as written. Names in ``leave_out`` stay behind.
-    """
-    module = importlib.import_module(module_name)
-    for name, item in vars(module).items():
-        if not name.startswith("__") and name not in leave_out:
-            namespace.setdefault(name, item)
+__all__ = ["held_by", "reuse", "slot_of"]
 
 
 def slot_of(session: SessionRef) -> int:

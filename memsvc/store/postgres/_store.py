@@ -59,13 +59,19 @@ class PostgresDurableStore(SqlDurableReads):
     backend_name = "durable store (PostgreSQL)"
 
     def __init__(
-        self, url: str, *, max_connections: int = 4, connect_timeout_seconds: float = 5.0
+        self,
+        url: str,
+        *,
+        max_connections: int = 4,
+        connect_timeout_seconds: float = 5.0,
+        listen_url: str | None = None,
     ) -> None:
         self._url = url
         # Told the events of each committed transaction (the event hub listens).
         self.events_committed: Callable[[list[StoredEvent]], None] = lambda events: None
-        # LISTEN needs a direct connection (not through a transaction pooler).
-        self._listen_url: str | None = None
+        # LISTEN needs a direct connection, not one through a transaction pooler:
+        # a URL of its own then, or "off" to poll only.
+        self._listen_url = listen_url
         self._max_connections = max_connections
         self._timeout = connect_timeout_seconds
         self._pool: psycopg_pool.AsyncConnectionPool | None = None
@@ -165,6 +171,9 @@ class PostgresDurableStore(SqlDurableReads):
         """LISTEN on a connection of its own (outside the pool, since it holds
         session state), held while the event tail runs. If it cannot connect,
         the tail falls back to polling."""
+        if self._listen_url == "off":
+            yield never_wakes()
+            return
         try:
             conn = await psycopg.AsyncConnection.connect(
                 self._listen_url or self._url, autocommit=True
