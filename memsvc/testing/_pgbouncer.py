@@ -38,7 +38,9 @@ class PrivatePgBouncer:
     def start(self) -> None:
         binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
         if not Path(binary).exists():
-            raise FileNotFoundError("pgbouncer is not installed (Debian: apt-get install pgbouncer)")
+            raise FileNotFoundError(
+                "pgbouncer is not installed (Debian: apt-get install pgbouncer)"
+            )
         self.workdir.mkdir(parents=True, exist_ok=True)
         config = self.workdir / "pgbouncer.ini"
         config.write_text(
