@@ -171,11 +171,16 @@ async def test_shutdown_ends_watch_streams_with_unavailable(config):
         assert "reconnect" in (error.value.details() or "")
 
 
-async def test_two_replicas_deliver_one_order_to_every_subscriber(tmp_path, fresh_postgres_url):
-    """Two memsvc processes on one PostgreSQL, writers and subscribers on both: every
+REPLICAS = 4
+SPAWNS_PER_REPLICA = 15
+
+
+@pytest.mark.timeout(120)
+async def test_four_replicas_deliver_one_order_to_every_subscriber(tmp_path, fresh_postgres_url):
+    """Four memsvc processes on one PostgreSQL, writers and subscribers on each: every
     subscriber sees the same events in the same order, no gap, no duplicate."""
     replicas = []
-    for i in range(2):
+    for i in range(REPLICAS):
         port = free_port()
         process = subprocess.Popen(  # noqa: ASYNC220 - started once, not awaited
             [MEMSVC, "serve", "--health-listen=", "--metrics-listen=",
@@ -201,7 +206,7 @@ async def test_two_replicas_deliver_one_order_to_every_subscriber(tmp_path, fres
             await call.read()
 
         async def writer(stub: LifecycleServiceStub, name: str) -> None:
-            for i in range(15):
+            for i in range(SPAWNS_PER_REPLICA):
                 await stub.Spawn(
                     lc.SpawnRequest(
                         project_id=project,
@@ -210,11 +215,12 @@ async def test_two_replicas_deliver_one_order_to_every_subscriber(tmp_path, fres
                     )
                 )
 
-        await asyncio.gather(writer(stubs[0], "a"), writer(stubs[1], "b"))
+        await asyncio.gather(*(writer(stub, f"r{i}") for i, stub in enumerate(stubs)))
+        total = REPLICAS * SPAWNS_PER_REPLICA
         orders = []
         for call in watches:
             got: list[tuple[int, str]] = []
-            while len(got) < 30:
+            while len(got) < total:
                 message = await asyncio.wait_for(call.read(), 10)
                 if message.HasField("event"):
                     got.append((message.event.sequence, message.event.session_id))
@@ -222,7 +228,8 @@ async def test_two_replicas_deliver_one_order_to_every_subscriber(tmp_path, fres
             call.cancel()
         assert all(order == orders[0] for order in orders)
         sequences = [s for s, _ in orders[0]]
-        assert sequences == list(range(sequences[0], sequences[0] + 30))
+        assert sequences == list(range(sequences[0], sequences[0] + total))
+        assert len({session for _, session in orders[0]}) == total
         for channel in channels:
             await channel.close()
     finally:
