@@ -16,8 +16,10 @@ import grp
 import logging
 import os
 import signal
+import socket
 import stat
 import sys
+import uuid
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -98,6 +100,8 @@ class Server:
         self.durable_store = durable or durable_store(config)
         self.health = health.aio.HealthServicer()
         self.metrics = Metrics()
+        # Names this process to the others (the background-jobs lease).
+        self.instance_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         # With otel_tracing: the OpenTelemetry provider spans go to (tests pass one).
         self.tracer_provider = tracer_provider
         self.port: int | None = None
@@ -267,6 +271,11 @@ class Server:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if self.lifecycle is not None:
+            try:
+                await self.lifecycle.release_background(self.instance_id)
+            except Exception as error:  # the lease then lapses by itself
+                log.warning("could not release the background-jobs lease: %s", error)
         if self._grpc is not None:
             # Let health watchers receive NOT_SERVING before their streams end.
             await asyncio.sleep(0.05)
@@ -345,16 +354,24 @@ class Server:
             await self.health.set(service, status)
 
     async def _sweep_forever(self) -> None:
-        # Retention runs on every replica for now; the scale-out issue elects one.
+        # Background jobs (retention, compaction) on the replica holding the lease.
         while True:
             await asyncio.sleep(self.config.retention_interval_seconds)
             if self.lifecycle is None:
                 continue
             try:
-                checkpoints, requests, events = await self.lifecycle.sweep()
+                # One replica at a time holds the lease; it lapses after three
+                # missed intervals (a replica that died), and another takes over.
+                swept = await self.lifecycle.sweep(
+                    holder=self.instance_id,
+                    lease_ms=int(3 * self.config.retention_interval_seconds * 1000),
+                )
             except Exception as error:
                 log.warning("retention sweep failed: %s", error)
                 continue
+            if swept is None:
+                continue  # another replica runs the background jobs
+            checkpoints, requests, events = swept
             if checkpoints or requests or events:
                 log.info(
                     "retention deleted %d checkpoint(s), %d request id(s), %d event(s)",

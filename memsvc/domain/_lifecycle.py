@@ -460,16 +460,24 @@ class Lifecycle:
 
     # Reads ------------------------------------------------------------------
 
-    async def sweep(self, limit: int = 1000) -> tuple[int, int, int]:
+    async def sweep(
+        self, limit: int = 1000, *, holder: str | None = None, lease_ms: int = 0
+    ) -> tuple[int, int, int] | None:
         """Delete expired checkpoints, forgotten request ids and old events; return
-        how many of each.
+        how many of each, or None when another replica holds the background lease.
 
-        Each job is a short transaction of its own, run by one process at a time
-        (``try_lead``): the checkpoint job holds the event counter only while it
-        appends its CHECKPOINT_DELETED events, and compaction never holds it.
-        The resume checkpoint of a PAUSED session is never deleted.
+        With a ``holder``, only the replica holding the ``background`` lease runs
+        the jobs (it renews the lease each time; another takes over once it has
+        expired for ``lease_ms``). Each job is a short transaction of its own,
+        also guarded by ``try_lead``: the checkpoint job holds the event counter
+        only while it appends its CHECKPOINT_DELETED events, and compaction never
+        holds it. The resume checkpoint of a PAUSED session is never deleted.
         """
         now = self._clock_ms()
+        if holder is not None:
+            async with self._db.transaction() as tx:
+                if not await tx.acquire_lease("background", holder, now, lease_ms):
+                    return None
         expired: list[tuple[SessionRef, str]] = []
         forgotten = compacted = 0
         async with self._db.transaction() as tx:
@@ -490,6 +498,11 @@ class Lifecycle:
                     now - self.retention.event_max_age_ms, self.retention.event_keep_last, limit
                 )
         return len(expired), forgotten, compacted
+
+    async def release_background(self, holder: str) -> None:
+        """Give up the background lease (at shutdown), so another replica takes over now."""
+        async with self._db.transaction() as tx:
+            await tx.release_lease("background", holder)
 
     async def refusal(self, session: SessionRef, state: str, write: bool) -> MemsvcError | None:
         """Why working memory refused a call on ``session`` (SessionGuard).

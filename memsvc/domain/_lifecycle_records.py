@@ -163,6 +163,13 @@ class LifecycleTransaction(RequestLog, Protocol):
     async def forget_requests(self, cutoff_ms: int, limit: int) -> int:
         """Delete up to ``limit`` remembered request ids older than ``cutoff_ms``."""
 
+    async def acquire_lease(self, job: str, holder: str, now_ms: int, lease_ms: int) -> bool:
+        """Take or renew ``job``'s lease for ``holder`` until ``now_ms + lease_ms``;
+        False while another holder's lease has not expired."""
+
+    async def release_lease(self, job: str, holder: str) -> None:
+        """Give up ``job``'s lease if ``holder`` has it."""
+
     async def try_lead(self, job: str) -> bool:
         """Whether this transaction may run ``job``: one process at a time."""
 

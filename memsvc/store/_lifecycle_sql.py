@@ -335,6 +335,24 @@ class SqlLifecycleTransaction:
         self.appended.append(StoredEvent(sequence, event))
         return sequence
 
+    async def acquire_lease(self, job: str, holder: str, now_ms: int, lease_ms: int) -> bool:
+        """Take or renew ``job``'s lease for ``holder`` unless another holds it unexpired."""
+        row = await self._one(
+            "INSERT INTO job_leases (job, holder, expire_time) VALUES (?, ?, ?)"
+            " ON CONFLICT (job) DO UPDATE SET holder = excluded.holder,"
+            " expire_time = excluded.expire_time"
+            " WHERE job_leases.holder = excluded.holder OR job_leases.expire_time < ?"
+            " RETURNING holder",
+            (job, holder, self._d.time_param(now_ms + lease_ms), self._d.time_param(now_ms)),
+        )
+        return row is not None
+
+    async def release_lease(self, job: str, holder: str) -> None:
+        """Give up ``job``'s lease if ``holder`` has it (a replica shutting down)."""
+        await self._conn.execute(
+            self._d.sql("DELETE FROM job_leases WHERE job = ? AND holder = ?"), (job, holder)
+        )
+
     async def try_lead(self, job: str) -> bool:
         """Whether this transaction may run ``job`` now: one process at a time
         (a transaction-scoped advisory lock on PostgreSQL; SQLite's write lock

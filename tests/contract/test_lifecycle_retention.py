@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import uuid
 from dataclasses import replace
 
 import grpc
@@ -109,3 +111,20 @@ async def test_checkpoints_survive_a_restart_and_lost_memory_is_reported(server,
         assert python((await wm.Get(pb.GetRequest(**scope, key="k"))).entry.value) == {"v": 1}
         session = (await life.GetSession(lc.GetSessionRequest(**scope))).session
         assert session.working_memory_status == lc.WORKING_MEMORY_STATUS_INTACT
+
+
+# The server's own sweeper waits an hour: only the test's holders compete.
+@pytest.mark.parametrize("config_overrides", [{"retention_interval_seconds": 3600}])
+async def test_one_replica_at_a_time_runs_the_background_jobs(server):
+    """The background lease: held by one holder until it lapses or is released."""
+    lifecycle = server.lifecycle
+    assert lifecycle is not None
+    first, second = f"a-{uuid.uuid4()}", f"b-{uuid.uuid4()}"
+    assert await lifecycle.sweep(holder=first, lease_ms=60_000) is not None
+    assert await lifecycle.sweep(holder=second, lease_ms=60_000) is None  # first holds it
+    assert await lifecycle.sweep(holder=first, lease_ms=60_000) is not None  # renewed
+    await lifecycle.release_background(first)
+    assert await lifecycle.sweep(holder=second, lease_ms=1) is not None  # taken over
+    await asyncio.sleep(0.01)  # second's 1 ms lease lapses: nothing is asserted on time
+    assert await lifecycle.sweep(holder=first, lease_ms=60_000) is not None
+    await lifecycle.release_background(first)
