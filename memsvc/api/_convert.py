@@ -19,7 +19,9 @@ def encode_value(message: struct_pb2.Value, present: bool) -> bytes | None:
     """The stored form of a request's value; None when it is absent or empty."""
     if not present or message.WhichOneof("kind") is None:
         return None
-    return message.SerializeToString()
+    # Deterministic: map entries in key order, so equal values have equal bytes in
+    # every process (a request id's arguments hash depends on it).
+    return message.SerializeToString(deterministic=True)
 
 
 def ttl_ms(duration: duration_pb2.Duration, present: bool, field: str) -> int | None:

@@ -632,6 +632,7 @@ class Lifecycle:
         steps: _Steps,
         body: Callable[[LifecycleTransaction], Awaitable[T]],
     ) -> T:
+        committing = False
         try:
             async with self._db.transaction() as tx:
                 if request_id:
@@ -644,9 +645,14 @@ class Lifecycle:
                     self._failpoints.hit(f"{method.lower()}.after_prepare")
                 if request_id:
                     await tx.remember_response(ref.project_id, request_id, encode_result(result))
+                # From here the failure of COMMIT leaves its outcome unknown.
+                committing = True
         except BaseException:
             if steps.started:
-                await self._undo(ref, steps)
+                if committing:
+                    await self._settle_by_truth(ref)
+                else:
+                    await self._undo(ref, steps)
             raise
         if steps.started:
             self._failpoints.hit(f"{method.lower()}.before_finish")
@@ -658,6 +664,16 @@ class Lifecycle:
                 # Committed: the marker stays transitional and the next call heals it.
                 log.warning("%s committed but settling working memory failed: %s", method, error)
         return result
+
+    async def _settle_by_truth(self, ref: SessionRef) -> None:
+        """After a COMMIT whose outcome is unknown (its answer was lost), settle the
+        transitional marker by what the database holds, not by guessing. When the
+        database cannot tell now, the marker stays transitional: the next call on
+        the session heals it."""
+        try:
+            await self.heal(ref)
+        except Exception as error:
+            log.warning("commit outcome of %s unknown, settling later: %s", ref.session_id, error)
 
     async def _undo(self, ref: SessionRef, steps: _Steps) -> None:
         try:
