@@ -100,10 +100,9 @@ async def test_connections_reset(rig: Rig, backend: str):
     calls fail or are retried, and no half-done operation survives.
 
     PostgreSQL connections are reset only between a request and its answer's end
-    (``idle_only``), which still breaks transactions midway but never leaves a
-    COMMIT's outcome unknown: memsvc mishandles that case today (the xfail test
-    test_lost_commit_replies.py pins it), and random resets would make this test
-    fail at random instead."""
+    (``idle_only``), which still breaks transactions midway; a COMMIT whose answer is
+    lost is covered deterministically, for every operation, by
+    test_lost_commit_replies.py."""
     proxy = proxy_of(rig, backend)
     assert rig.memsvc is not None
     resets = 0
