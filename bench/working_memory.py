@@ -19,10 +19,18 @@ embedded, redis, then again) and the table shows the median of the rounds; the
 ratio to echo is computed within each round, then its median (and range) shown.
 The machine is shared and noisy: only ratios measured together mean anything.
 
+With ``--compare-auth`` the echo is left out: each memsvc server (embedded, and
+Redis unless ``--skip-redis``) runs twice, as is and with ``--auth-tokens-file``
+holding one token bound to the benchmark's project (``<name>+auth``, whose calls
+carry ``authorization: Bearer <token>``). Rounds are interleaved the same way and
+the ratio shown is auth on / auth off within each round; the target is >= 0.90
+(docs/performance.md, "Cost of safety: bearer tokens").
+
 Rerun (results in bench/results/working_memory.json, see docs/performance.md)::
 
     make bench ARGS="--seconds 5 --repeats 3"
     .venv/bin/python -m bench.working_memory --seconds 5 --repeats 3 [--skip-redis]
+    .venv/bin/python -m bench.working_memory --compare-auth --seconds 2 --repeats 5
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ import itertools
 import json
 import os
 import platform
+import secrets
 import signal
 import socket
 import statistics
@@ -43,7 +52,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypedDict
@@ -60,13 +69,17 @@ from memsvc.v1.working_memory_pb2_grpc import WorkingMemoryServiceStub
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "working_memory.json"
+AUTH_RESULTS = ROOT / "bench" / "results" / "working_memory_auth.json"
 MEMSVC = Path(sys.executable).parent / "memsvc"
 REDIS_URL = "redis://127.0.0.1:6379/0"
 WARMUP_SECONDS = 1.0
 SET_KEYS = 16
 TARGET_RATIO = 0.7
+AUTH_TARGET_RATIO = 0.9
+AUTH_SUFFIX = "+auth"
 
 Call = Callable[[], Awaitable[object]]
+Metadata = tuple[tuple[str, str], ...]
 
 
 class SessionIds(TypedDict):
@@ -80,6 +93,7 @@ class Target:
     name: str
     port: int
     pid: int
+    metadata: Metadata = ()  # sent with every call (the bearer token of an auth server)
 
 
 @dataclass(frozen=True)
@@ -158,18 +172,19 @@ async def _operations(
         return [("Get", lambda: echo(payload))]
     stub = WorkingMemoryServiceStub(channel)
     value = bench_value(value_bytes)
+    metadata = target.metadata
     try:  # working memory belongs to a spawned session; later rounds reuse it
-        await LifecycleServiceStub(channel).Spawn(lc.SpawnRequest(**ids))
+        await LifecycleServiceStub(channel).Spawn(lc.SpawnRequest(**ids), metadata=metadata)
     except grpc.aio.AioRpcError as error:
         if error.code() != grpc.StatusCode.ALREADY_EXISTS:
             raise
-    await stub.Set(pb.SetRequest(**ids, key=GET_KEY, value=value))
+    await stub.Set(pb.SetRequest(**ids, key=GET_KEY, value=value), metadata=metadata)
     set_requests = itertools.cycle(
         [pb.SetRequest(**ids, key=f"set-{i}", value=value) for i in range(SET_KEYS)]
     )
     return [
-        ("Get", lambda: stub.Get(get_request)),
-        ("Set", lambda: stub.Set(next(set_requests))),
+        ("Get", lambda: stub.Get(get_request, metadata=metadata)),
+        ("Set", lambda: stub.Set(next(set_requests), metadata=metadata)),
     ]
 
 
@@ -255,12 +270,29 @@ def _median(samples: list[Sample], field: str) -> float:
 def summarize(samples: list[Sample]) -> list[dict[str, Any]]:
     """Medians over the rounds per (target, op, callers), with the ratio to echo."""
     echo = {(s.round, s.callers): s.qps for s in samples if s.target == "echo"}
+    return _summarize(samples, lambda s: echo[s.round, s.callers])
+
+
+def summarize_auth(samples: list[Sample]) -> list[dict[str, Any]]:
+    """Medians over the rounds per (target, op, callers), with the ratio of each
+    server's QPS to that of the same backend without tokens in the same round."""
+    qps = {(s.target, s.op, s.callers, s.round): s.qps for s in samples}
+    return _summarize(
+        samples, lambda s: qps[s.target.removesuffix(AUTH_SUFFIX), s.op, s.callers, s.round]
+    )
+
+
+def _summarize(
+    samples: list[Sample], baseline_qps: Callable[[Sample], float]
+) -> list[dict[str, Any]]:
+    """Medians per (target, op, callers); ``ratio`` is each round's QPS over
+    ``baseline_qps`` of that sample, its median and range over the rounds."""
     groups: dict[tuple[str, str, int], list[Sample]] = {}
     for sample in samples:
         groups.setdefault((sample.target, sample.op, sample.callers), []).append(sample)
     rows: list[dict[str, Any]] = []
     for (target, op, callers), group in groups.items():
-        ratios = [s.qps / echo[s.round, s.callers] for s in group]
+        ratios = [s.qps / baseline_qps(s) for s in group]
         row: dict[str, Any] = {"target": target, "op": op, "callers": callers}
         row.update({field: _median(group, field) for field in _MEDIAN_FIELDS})
         row.update(ratio=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios))
@@ -271,15 +303,19 @@ def summarize(samples: list[Sample]) -> list[dict[str, Any]]:
 _MEDIAN_FIELDS = ("qps", "p50_ms", "p99_ms", "server_cpu_us", "client_cpu_us")
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
+def markdown_table(
+    rows: list[dict[str, Any]],
+    ratio_header: str = "QPS / echo Get",
+    is_baseline: Callable[[str], bool] = lambda target: target == "echo",
+) -> str:
     lines = [
         "| Target | Op | Callers | QPS | p50 (ms) | p99 (ms) | Server CPU (µs/call) "
-        "| Client CPU (µs/call) | QPS / echo Get (range) |",
+        f"| Client CPU (µs/call) | {ratio_header} (range) |",
         "|---|---|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for row in sorted(rows, key=lambda r: (r["op"], r["callers"], r["target"] != "echo")):
         ratio = f"{row['ratio']:.2f} ({row['ratio_min']:.2f}-{row['ratio_max']:.2f})"
-        if row["target"] == "echo":
+        if is_baseline(row["target"]):
             ratio = "baseline"
         lines.append(
             f"| {row['target']} | {row['op']} | {row['callers']} | {row['qps']:,.0f} "
@@ -299,6 +335,16 @@ def _verdict(rows: list[dict[str, Any]]) -> str:
     return f"Target: embedded Get >= {TARGET_RATIO}x echo QPS. " + "; ".join(parts)
 
 
+def _auth_verdict(rows: list[dict[str, Any]]) -> str:
+    parts = [
+        f"{r['target']} {r['op']} x{r['callers']}: {r['ratio']:.2f} "
+        f"({'met' if r['ratio'] >= AUTH_TARGET_RATIO else 'NOT met'})"
+        for r in sorted(rows, key=lambda r: (r["target"], r["op"], r["callers"]))
+        if r["target"].endswith(AUTH_SUFFIX)
+    ]
+    return f"Target: QPS with tokens >= {AUTH_TARGET_RATIO}x without. " + "; ".join(parts)
+
+
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per figure")
@@ -313,7 +359,47 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--value-bytes", type=int, default=100, help="length of the stored string value"
     )
+    parser.add_argument(
+        "--compare-auth",
+        action="store_true",
+        help="compare each memsvc server with and without bearer tokens (no echo)",
+    )
     return parser.parse_args(argv)
+
+
+def _start_targets(
+    stack: contextlib.ExitStack, workdir: Path, args: argparse.Namespace, project_id: str
+) -> list[Target]:
+    """Start the servers to measure, in the order of each round; ``stack`` stops them.
+
+    Normally the echo and each memsvc backend. With ``--compare-auth``, each memsvc
+    backend twice: without tokens, then ``+auth`` with a tokens file of one token
+    bound to ``project_id``, which the client sends with every call.
+    """
+    backends: list[tuple[str, tuple[str, ...]]] = [("memsvc-embedded", ())]
+    if not args.skip_redis:
+        # Registered before the servers start, so it runs after they have stopped.
+        stack.callback(_delete_redis_keys, project_id)
+        backends.append(("memsvc-redis", ("--working-memory-url", REDIS_URL)))
+    targets: list[Target] = []
+    if args.compare_auth:
+        token = secrets.token_hex(32)
+        tokens_file = workdir / "tokens"
+        tokens_file.write_text(f"{token} {project_id}\n")
+        auth_flags = ("--auth-tokens-file", str(tokens_file))
+        metadata = (("authorization", f"Bearer {token}"),)
+        for name, flags in backends:
+            targets.append(stack.enter_context(_memsvc(name, workdir, *flags)))
+            auth_name = name + AUTH_SUFFIX
+            auth = stack.enter_context(_memsvc(auth_name, workdir, *flags, *auth_flags))
+            targets.append(replace(auth, metadata=metadata))
+        return targets
+    echo_port = free_port()
+    echo_argv = [sys.executable, "-m", "bench._echo_server", str(echo_port)]
+    echo_argv.append(str(args.value_bytes))
+    targets.append(stack.enter_context(_server("echo", echo_argv, workdir, echo_port)))
+    targets.extend(stack.enter_context(_memsvc(name, workdir, *f)) for name, f in backends)
+    return targets
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -329,25 +415,21 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.now(UTC)
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="memsvc-bench-")))
-        echo_port = free_port()
-        echo_argv = [sys.executable, "-m", "bench._echo_server", str(echo_port)]
-        targets = [
-            stack.enter_context(
-                _server("echo", [*echo_argv, str(args.value_bytes)], workdir, echo_port)
-            ),
-            stack.enter_context(_memsvc("memsvc-embedded", workdir)),
-        ]
-        if not args.skip_redis:
-            # Registered first, so it runs after the Redis-backed server has stopped.
-            stack.callback(_delete_redis_keys, project_id)
-            redis_flags = ("--working-memory-url", REDIS_URL)
-            targets.append(stack.enter_context(_memsvc("memsvc-redis", workdir, *redis_flags)))
+        targets = _start_targets(stack, workdir, args, project_id)
         samples = asyncio.run(_run_rounds(args, targets, ids))
-    rows = summarize(samples)
-    table = markdown_table(rows)
+    if args.compare_auth:
+        rows = summarize_auth(samples)
+        table = markdown_table(
+            rows, "QPS auth on / off", lambda target: not target.endswith(AUTH_SUFFIX)
+        )
+        verdict, results = _auth_verdict(rows), AUTH_RESULTS
+    else:
+        rows = summarize(samples)
+        table = markdown_table(rows)
+        verdict, results = _verdict(rows), RESULTS
     print(table)
-    print(_verdict(rows))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    print(verdict)
+    results.parent.mkdir(parents=True, exist_ok=True)
     document = {
         "started": started.isoformat(timespec="seconds"),
         "machine": {
@@ -363,13 +445,15 @@ def main(argv: list[str] | None = None) -> int:
             "callers": args.callers,
             "value_bytes": args.value_bytes,
             "set_keys": SET_KEYS,
+            "compare_auth": args.compare_auth,
         },
         "summary": rows,
         "samples": [asdict(sample) for sample in samples],
         "table": table,
+        "verdict": verdict,
     }
-    RESULTS.write_text(json.dumps(document, indent=2) + "\n")
-    print(f"JSON results: {RESULTS.relative_to(ROOT)}", file=sys.stderr)
+    results.write_text(json.dumps(document, indent=2) + "\n")
+    print(f"JSON results: {results.relative_to(ROOT)}", file=sys.stderr)
     return 0
 
 
