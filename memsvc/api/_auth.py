@@ -28,11 +28,10 @@ from google.protobuf.descriptor import Descriptor
 from grpc_status import rpc_status
 
 from memsvc.api._errors import to_rpc_status
+from memsvc.api._intercept import HandlerWrapper
 from memsvc.auth import Grant, TokenTable
 from memsvc.domain._errors import PermissionDenied, Unauthenticated
 from memsvc.v1 import data_removal_pb2, episodic_pb2, lifecycle_pb2, working_memory_pb2
-
-_OWN_METHOD_PREFIX = "/memsvc."
 
 ProjectOf = Callable[[Any], str]
 # (code, details, trailing metadata): what context.abort() takes.
@@ -91,7 +90,7 @@ def _denied(project_id: str) -> Refusal:
     return _refusal(PermissionDenied(message, project_id))
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class AuthInterceptor(HandlerWrapper):
     """Admits a memsvc call only with a valid bearer token that covers its project.
 
     ``tokens`` is read at each call; assign a new table with :meth:`replace_tokens`,
@@ -99,8 +98,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """
 
     def __init__(self, tokens: TokenTable) -> None:
+        super().__init__()
         self.tokens = tokens
-        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
         # Open streams: their task, token digest and project, and why a revoked
         # one was cancelled.
         self._streams: dict[asyncio.Task[Any], tuple[bytes, str]] = {}
@@ -122,22 +121,6 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             ended += 1
         return ended
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        method: str = handler_call_details.method
-        wrapped = self._wrapped.get(method)
-        if wrapped is not None:
-            return wrapped
-        handler = await continuation(handler_call_details)
-        if handler is None or not method.startswith(_OWN_METHOD_PREFIX):
-            return handler
-        wrapped = self._wrap(handler, PROJECT_OF.get(method))
-        self._wrapped[method] = wrapped
-        return wrapped
-
     def _check(
         self, request: Any, context: grpc.aio.ServicerContext, project_of: ProjectOf | None
     ) -> Grant | Refusal:
@@ -151,9 +134,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return grant
         return _denied(project_id)
 
-    def _wrap(
-        self, handler: grpc.RpcMethodHandler, project_of: ProjectOf | None
-    ) -> grpc.RpcMethodHandler:
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        project_of = PROJECT_OF.get(method)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._unary(handler.unary_unary, project_of),

@@ -20,6 +20,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from memsvc.api._intercept import OWN_METHOD_PREFIX, HandlerWrapper
 from memsvc.domain import (
     AlreadyExists,
     BackendUnavailable,
@@ -39,7 +40,6 @@ log = logging.getLogger(__name__)
 
 ERROR_DOMAIN = "memsvc.dev"
 # Only memsvc's own services are wrapped; health and reflection are left as they are.
-_OWN_METHOD_PREFIX = "/memsvc."
 
 _CODES: tuple[tuple[type[MemsvcError], code_pb2.Code.ValueType], ...] = (
     (InvalidArgument, code_pb2.INVALID_ARGUMENT),
@@ -130,34 +130,18 @@ class StreamTracker:
         return len(self._tasks)
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class ErrorInterceptor(HandlerWrapper):
     """Maps domain errors to statuses, sets each call's deadline and log context,
     and registers server streams with the StreamTracker."""
 
-    def __init__(self, streams: StreamTracker) -> None:
-        self._streams = streams
-        # Wrapped handlers by method name: the lookup depends on the method alone,
-        # and wrapping once keeps the per-call cost to a dict lookup.
-        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+    own_only = False  # every handler: streams are tracked for shutdown too
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        method: str = handler_call_details.method
-        wrapped = self._wrapped.get(method)
-        if wrapped is not None:
-            return wrapped
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        wrapped = self._wrap(handler, method)
-        self._wrapped[method] = wrapped
-        return wrapped
+    def __init__(self, streams: StreamTracker) -> None:
+        super().__init__()
+        self._streams = streams
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-        own = method.startswith(_OWN_METHOD_PREFIX)
+        own = method.startswith(OWN_METHOD_PREFIX)
         if handler.unary_unary is not None and own:
             return grpc.unary_unary_rpc_method_handler(
                 _map_errors(handler.unary_unary, method),

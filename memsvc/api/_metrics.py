@@ -9,9 +9,8 @@ from typing import Any
 
 import grpc
 
+from memsvc.api._intercept import HandlerWrapper
 from memsvc.metrics import Metrics
-
-_OWN_METHOD_PREFIX = "/memsvc."
 
 
 def _code(context: grpc.aio.ServicerContext) -> str:
@@ -24,31 +23,15 @@ def _code(context: grpc.aio.ServicerContext) -> str:
     return next((c.name for c in grpc.StatusCode if c.value[0] == code), str(code))
 
 
-class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class MetricsInterceptor(HandlerWrapper):
     """Counts started and handled RPCs by method and code, and times unary ones.
 
     Install it before the ErrorInterceptor, so it sees the status that one sets.
     """
 
     def __init__(self, metrics: Metrics) -> None:
+        super().__init__()
         self._metrics = metrics
-        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        method: str = handler_call_details.method
-        wrapped = self._wrapped.get(method)
-        if wrapped is not None:
-            return wrapped
-        handler = await continuation(handler_call_details)
-        if handler is None or not method.startswith(_OWN_METHOD_PREFIX):
-            return handler
-        wrapped = self._wrap(handler, method)
-        self._wrapped[method] = wrapped
-        return wrapped
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         service, _, name = method.lstrip("/").rpartition("/")
