@@ -31,7 +31,13 @@ from memsvc.api._errors import to_rpc_status
 from memsvc.api._intercept import HandlerWrapper
 from memsvc.auth import Grant, TokenTable
 from memsvc.domain._errors import PermissionDenied, Unauthenticated
-from memsvc.v1 import data_removal_pb2, episodic_pb2, lifecycle_pb2, working_memory_pb2
+from memsvc.v1 import (
+    data_removal_pb2,
+    episodic_pb2,
+    graph_checkpoint_pb2,
+    lifecycle_pb2,
+    working_memory_pb2,
+)
 
 ProjectOf = Callable[[Any], str]
 # (code, details, trailing metadata): what context.abort() takes.
@@ -51,7 +57,13 @@ def _project_getter(request_type: Descriptor) -> ProjectOf | None:
 
 def _project_getters() -> dict[str, ProjectOf | None]:
     getters: dict[str, ProjectOf | None] = {}
-    for module in (working_memory_pb2, lifecycle_pb2, episodic_pb2, data_removal_pb2):
+    for module in (
+        working_memory_pb2,
+        lifecycle_pb2,
+        episodic_pb2,
+        data_removal_pb2,
+        graph_checkpoint_pb2,
+    ):
         for service in module.DESCRIPTOR.services_by_name.values():
             for method in service.methods:
                 getters[f"/{service.full_name}/{method.name}"] = _project_getter(method.input_type)

@@ -37,6 +37,8 @@ from memsvc.client._errors import (
     EpisodeNotFound,
     ErrorReason,
     FailedPrecondition,
+    GraphCheckpointConflict,
+    GraphCheckpointNotFound,
     Internal,
     InvalidArgument,
     InvalidTransition,
@@ -60,8 +62,16 @@ from memsvc.client._errors import (
     WatchPositionCompacted,
     WorkingMemoryLost,
 )
+from memsvc.client._graphs import AsyncGraphClient
 from memsvc.client._retry import RetryPolicy
-from memsvc.client._sync import Client, EpisodesClient, Pager, SessionClient, Watch
+from memsvc.client._sync import (
+    Client,
+    EpisodesClient,
+    GraphClient,
+    Pager,
+    SessionClient,
+    Watch,
+)
 from memsvc.client._types import (
     AsyncPager,
     Checkpoint,
@@ -98,6 +108,7 @@ __all__ = [
     "AlreadyExists",
     "AsyncClient",
     "AsyncEpisodesClient",
+    "AsyncGraphClient",
     "AsyncPager",
     "AsyncSessionClient",
     "AsyncWatch",
@@ -119,6 +130,9 @@ __all__ = [
     "ErrorReason",
     "EventType",
     "FailedPrecondition",
+    "GraphCheckpointConflict",
+    "GraphCheckpointNotFound",
+    "GraphClient",
     "Internal",
     "InvalidArgument",
     "InvalidTransition",

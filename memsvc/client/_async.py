@@ -20,6 +20,7 @@ from memsvc import __version__
 from memsvc.client import _convert
 from memsvc.client._auth import TLS, BearerToken
 from memsvc.client._errors import KeyNotFound
+from memsvc.client._graphs import AsyncGraphClient
 from memsvc.client._retry import Invoker, RetryPolicy
 from memsvc.client._types import (
     AsyncPager,
@@ -59,6 +60,7 @@ from memsvc.v1 import (
     data_removal_pb2_grpc,
     episodic_pb2,
     episodic_pb2_grpc,
+    graph_checkpoint_pb2_grpc,
     lifecycle_pb2,
     lifecycle_pb2_grpc,
     working_memory_pb2,
@@ -174,7 +176,7 @@ class AsyncClient:
         self._owns_channel = True
         bearer = _bearer(token, token_file)
         self._invoke = Invoker(retry or RetryPolicy(), timeout, grpc_metadata, bearer)
-        self._stubs: tuple[Any, Any, Any, Any] | None = None
+        self._stubs: tuple[Any, Any, Any, Any, Any] | None = None
         self._closed = False
 
     @classmethod
@@ -234,6 +236,7 @@ class AsyncClient:
                 lifecycle_pb2_grpc.LifecycleServiceStub(channel),
                 episodic_pb2_grpc.EpisodicMemoryServiceStub(channel),
                 data_removal_pb2_grpc.DataRemovalServiceStub(channel),
+                graph_checkpoint_pb2_grpc.GraphCheckpointServiceStub(channel),
             )
         return self._stubs[index]
 
@@ -311,6 +314,10 @@ class AsyncClient:
         return AsyncEpisodesClient(self, project_id)
 
     # LifecycleService, project level.
+
+    def graphs(self, project_id: str) -> AsyncGraphClient:
+        """A project's graph checkpoints (GraphCheckpointService)."""
+        return AsyncGraphClient(self, project_id)
 
     def list_sessions(
         self,

@@ -199,6 +199,7 @@ def purge_report(message: data_removal_pb2.PurgeDataResponse) -> PurgeReport:
         episodes_deleted=message.episodes_deleted,
         request_answers_deleted=message.request_answers_deleted,
         events_tombstoned=message.events_tombstoned,
+        graph_checkpoints_deleted=message.graph_checkpoints_deleted,
     )
 
 

@@ -13,6 +13,7 @@ missing thing and ``except KeyNotFound`` only keys::
     |   +-- SessionNotFound
     |   +-- CheckpointNotFound       (.checkpoint_id)
     |   +-- EpisodeNotFound          (.episode_id)
+    |   +-- GraphCheckpointNotFound  (.checkpoint_id)
     +-- AlreadyExists
     |   +-- SessionAlreadyExists     (.state)
     |   +-- CheckpointAlreadyExists
@@ -22,6 +23,7 @@ missing thing and ``except KeyNotFound`` only keys::
     |   +-- CheckpointProtected
     |   +-- WorkingMemoryLost
     |   +-- SimilarityScopeTooLarge
+    |   +-- GraphCheckpointConflict  (.latest_checkpoint_id): the writer fence refused a put
     +-- ResourceExhausted
     |   +-- SessionLimitExceeded     (.limit)
     |   +-- TooManyWatchers
@@ -72,6 +74,8 @@ class ErrorReason(enum.StrEnum):
     SIMILARITY_SCOPE_TOO_LARGE = "ERROR_REASON_SIMILARITY_SCOPE_TOO_LARGE"
     UNAUTHENTICATED = "ERROR_REASON_UNAUTHENTICATED"
     PERMISSION_DENIED = "ERROR_REASON_PERMISSION_DENIED"
+    GRAPH_CHECKPOINT_CONFLICT = "ERROR_REASON_GRAPH_CHECKPOINT_CONFLICT"
+    GRAPH_CHECKPOINT_NOT_FOUND = "ERROR_REASON_GRAPH_CHECKPOINT_NOT_FOUND"
 
 
 class MemsvcError(Exception):
@@ -233,6 +237,23 @@ class EpisodeNotFound(NotFound):
         return self.metadata.get("episode_id", "")
 
 
+class GraphCheckpointNotFound(NotFound):
+    """No such graph checkpoint (or the thread and namespace have none)."""
+
+    @property
+    def checkpoint_id(self) -> str:
+        return self.metadata.get("checkpoint_id", "")
+
+
+class GraphCheckpointConflict(FailedPrecondition):
+    """The writer fence refused a put: its parent is no longer the thread's latest."""
+
+    @property
+    def latest_checkpoint_id(self) -> str:
+        """The thread's latest checkpoint ("" when it has none)."""
+        return self.metadata.get("latest_checkpoint_id", "")
+
+
 class SessionAlreadyExists(AlreadyExists):
     """The session id is in use, or was (terminated ids are never reused)."""
 
@@ -355,6 +376,8 @@ _BY_REASON: dict[str, type[MemsvcError]] = {
     ErrorReason.TOO_MANY_WATCHERS: TooManyWatchers,
     ErrorReason.BACKEND_UNAVAILABLE: BackendUnavailable,
     ErrorReason.WATCH_POSITION_COMPACTED: WatchPositionCompacted,
+    ErrorReason.GRAPH_CHECKPOINT_CONFLICT: GraphCheckpointConflict,
+    ErrorReason.GRAPH_CHECKPOINT_NOT_FOUND: GraphCheckpointNotFound,
 }
 
 

@@ -30,6 +30,7 @@ from memsvc.client._async import (
     AsyncSessionClient,
 )
 from memsvc.client._auth import TLS
+from memsvc.client._graphs import AsyncGraphClient, PruneStrategy
 from memsvc.client._retry import RetryPolicy
 from memsvc.client._types import (
     AsyncPager,
@@ -50,6 +51,7 @@ from memsvc.client._types import (
     WatchStart,
 )
 from memsvc.client._watch import AsyncWatch
+from memsvc.v1 import graph_checkpoint_pb2
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -294,6 +296,10 @@ class Client(_Wrapper):
     def episodes(self, project_id: str) -> EpisodesClient:
         """A project's episodic memory."""
         return EpisodesClient(self._portal, self._inner.episodes(project_id))
+
+    def graphs(self, project_id: str) -> GraphClient:
+        """A project's graph checkpoints (GraphCheckpointService)."""
+        return GraphClient(self._portal, self._inner.graphs(project_id))
 
     def list_sessions(
         self,
@@ -613,3 +619,59 @@ class EpisodesClient(_Wrapper):
                 timeout=timeout,
             ),
         )
+
+
+class GraphClient(_Wrapper):
+    """A project's graph checkpoints (from ``client.graphs()``)."""
+
+    _inner: AsyncGraphClient
+
+    def __init__(self, portal: _Portal, inner: AsyncGraphClient) -> None:
+        self._portal = portal
+        self._inner = inner
+        self.project_id = inner.project_id
+
+    def __repr__(self) -> str:
+        return repr(self._inner).removeprefix("Async")
+
+    put_checkpoint = _blocking(AsyncGraphClient.put_checkpoint)
+    put_writes = _blocking(AsyncGraphClient.put_writes)
+    get_checkpoint = _blocking(AsyncGraphClient.get_checkpoint)
+    delete_thread = _blocking(AsyncGraphClient.delete_thread)
+    delete_runs = _blocking(AsyncGraphClient.delete_runs)
+    copy_thread = _blocking(AsyncGraphClient.copy_thread)
+
+    def checkpoints(
+        self,
+        thread_id: str | None = None,
+        *,
+        checkpoint_ns: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        before: str | None = None,
+        page_size: int | None = None,
+        page_token: str | None = None,
+        timeout: float | None = None,
+    ) -> Pager[graph_checkpoint_pb2.GraphCheckpoint]:
+        """Checkpoints newest first; see AsyncGraphClient.checkpoints."""
+        return Pager(
+            self._portal,
+            self._inner.checkpoints(
+                thread_id,
+                checkpoint_ns=checkpoint_ns,
+                metadata=metadata,
+                before=before,
+                page_size=page_size,
+                page_token=page_token,
+                timeout=timeout,
+            ),
+        )
+
+    def prune(
+        self,
+        thread_ids: Iterable[str],
+        *,
+        strategy: PruneStrategy = "keep_latest",
+        timeout: float | None = None,
+    ) -> int:
+        """Keep each namespace's latest checkpoint, or delete all; see AsyncGraphClient.prune."""
+        return self._portal.run(self._inner.prune(thread_ids, strategy=strategy, timeout=timeout))

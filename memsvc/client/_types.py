@@ -240,6 +240,7 @@ class PurgeReport:
     episodes_deleted: int
     request_answers_deleted: int
     events_tombstoned: int
+    graph_checkpoints_deleted: int = 0
 
 
 @dataclass(frozen=True)

@@ -6,16 +6,21 @@ from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
 from memsvc.domain._episodes import EpisodeDatabase, EpisodeTransaction
+from memsvc.domain._graph_checkpoints import GraphDatabase, GraphTransaction
 from memsvc.domain._lifecycle_records import LifecycleDatabase, LifecycleTransaction
 from memsvc.domain._purge import PurgeDatabase, PurgeTransaction
 from memsvc.domain._watch import EventSource
 
 
-class DurableTransaction(LifecycleTransaction, EpisodeTransaction, PurgeTransaction, Protocol):
+class DurableTransaction(
+    LifecycleTransaction, EpisodeTransaction, PurgeTransaction, GraphTransaction, Protocol
+):
     """One durable-store transaction: every feature's writes."""
 
 
-class DurableStore(LifecycleDatabase, EpisodeDatabase, PurgeDatabase, EventSource, Protocol):
+class DurableStore(
+    LifecycleDatabase, EpisodeDatabase, PurgeDatabase, GraphDatabase, EventSource, Protocol
+):
     """SQLite (embedded default) or PostgreSQL (production): connection,
     migrations and health here, each feature's data through the base ports."""
 

@@ -3,7 +3,8 @@
 One durable-store transaction deletes the scope's sessions (holding their row
 locks, so no lifecycle operation on them runs meanwhile), and before it
 commits, their working memory. Checkpoints, episodes (with their search
-entries) and remembered answers go in the same transaction; the scope's events
+entries), graph checkpoints (every thread of a project, the threads linked to
+an agent instance or session) and remembered answers go in the same transaction; the scope's events
 become tombstones that keep their sequence, type and time, so the log stays
 gap-free. If the working-memory step succeeds and the commit fails, the
 working memory is gone while the rows remain: a purge is meant to forget, and
@@ -34,6 +35,7 @@ class PurgeReport:
     episodes_deleted: int = 0
     request_answers_deleted: int = 0
     events_tombstoned: int = 0
+    graph_checkpoints_deleted: int = 0
 
 
 class PurgeTransaction(RequestLog, Protocol):
@@ -52,6 +54,10 @@ class PurgeTransaction(RequestLog, Protocol):
 
     async def tombstone_events(self, scope: SessionRef) -> int:
         """Strip ids and metadata from the scope's events; return how many."""
+
+    async def purge_graph(self, scope: SessionRef) -> int:
+        """Delete the project's graph threads, or those linked to the agent
+        instance or session; return how many checkpoints."""
 
 
 class PurgeDatabase(Protocol):
@@ -92,6 +98,7 @@ class Purger:
                 episodes_deleted=await tx.purge_episodes(scope),
                 request_answers_deleted=await tx.purge_requests(scope, request_id),
                 events_tombstoned=await tx.tombstone_events(scope),
+                graph_checkpoints_deleted=await tx.purge_graph(scope),
             )
             if request_id:
                 await tx.remember_response(

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmemsvc/v1/data_removal.proto\x12\tmemsvc.v1\"i\n\x10PurgeDataRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\x19\n\x11\x61gent_instance_id\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\xc2\x01\n\x11PurgeDataResponse\x12\x18\n\x10sessions_deleted\x18\x01 \x01(\x03\x12 \n\x18working_memories_deleted\x18\x02 \x01(\x03\x12\x1b\n\x13\x63heckpoints_deleted\x18\x03 \x01(\x03\x12\x18\n\x10\x65pisodes_deleted\x18\x04 \x01(\x03\x12\x1f\n\x17request_answers_deleted\x18\x05 \x01(\x03\x12\x19\n\x11\x65vents_tombstoned\x18\x06 \x01(\x03\x32\\\n\x12\x44\x61taRemovalService\x12\x46\n\tPurgeData\x12\x1b.memsvc.v1.PurgeDataRequest\x1a\x1c.memsvc.v1.PurgeDataResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cmemsvc/v1/data_removal.proto\x12\tmemsvc.v1\"i\n\x10PurgeDataRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\x19\n\x11\x61gent_instance_id\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\xe5\x01\n\x11PurgeDataResponse\x12\x18\n\x10sessions_deleted\x18\x01 \x01(\x03\x12 \n\x18working_memories_deleted\x18\x02 \x01(\x03\x12\x1b\n\x13\x63heckpoints_deleted\x18\x03 \x01(\x03\x12\x18\n\x10\x65pisodes_deleted\x18\x04 \x01(\x03\x12\x1f\n\x17request_answers_deleted\x18\x05 \x01(\x03\x12\x19\n\x11\x65vents_tombstoned\x18\x06 \x01(\x03\x12!\n\x19graph_checkpoints_deleted\x18\x07 \x01(\x03\x32\\\n\x12\x44\x61taRemovalService\x12\x46\n\tPurgeData\x12\x1b.memsvc.v1.PurgeDataRequest\x1a\x1c.memsvc.v1.PurgeDataResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,7 +34,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PURGEDATAREQUEST']._serialized_start=43
   _globals['_PURGEDATAREQUEST']._serialized_end=148
   _globals['_PURGEDATARESPONSE']._serialized_start=151
-  _globals['_PURGEDATARESPONSE']._serialized_end=345
-  _globals['_DATAREMOVALSERVICE']._serialized_start=347
-  _globals['_DATAREMOVALSERVICE']._serialized_end=439
+  _globals['_PURGEDATARESPONSE']._serialized_end=380
+  _globals['_DATAREMOVALSERVICE']._serialized_start=382
+  _globals['_DATAREMOVALSERVICE']._serialized_end=474
 # @@protoc_insertion_point(module_scope)

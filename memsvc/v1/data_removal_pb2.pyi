@@ -66,6 +66,7 @@ class PurgeDataResponse(_message.Message):
     EPISODES_DELETED_FIELD_NUMBER: _builtins.int
     REQUEST_ANSWERS_DELETED_FIELD_NUMBER: _builtins.int
     EVENTS_TOMBSTONED_FIELD_NUMBER: _builtins.int
+    GRAPH_CHECKPOINTS_DELETED_FIELD_NUMBER: _builtins.int
     sessions_deleted: _builtins.int
     """Sessions removed (each with its working memory)."""
     working_memories_deleted: _builtins.int
@@ -78,6 +79,10 @@ class PurgeDataResponse(_message.Message):
     """Remembered request answers removed."""
     events_tombstoned: _builtins.int
     """Lifecycle events turned into tombstones."""
+    graph_checkpoints_deleted: _builtins.int
+    """Graph checkpoints removed: every thread of a purged project, and the
+    threads linked to a purged agent instance or session.
+    """
     def __init__(
         self,
         *,
@@ -87,10 +92,11 @@ class PurgeDataResponse(_message.Message):
         episodes_deleted: _builtins.int = ...,
         request_answers_deleted: _builtins.int = ...,
         events_tombstoned: _builtins.int = ...,
+        graph_checkpoints_deleted: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoints_deleted", b"checkpoints_deleted", "episodes_deleted", b"episodes_deleted", "events_tombstoned", b"events_tombstoned", "request_answers_deleted", b"request_answers_deleted", "sessions_deleted", b"sessions_deleted", "working_memories_deleted", b"working_memories_deleted"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoints_deleted", b"checkpoints_deleted", "episodes_deleted", b"episodes_deleted", "events_tombstoned", b"events_tombstoned", "graph_checkpoints_deleted", b"graph_checkpoints_deleted", "request_answers_deleted", b"request_answers_deleted", "sessions_deleted", b"sessions_deleted", "working_memories_deleted", b"working_memories_deleted"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

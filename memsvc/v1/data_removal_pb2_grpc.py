@@ -51,7 +51,7 @@ class DataRemovalServiceServicer:
     def PurgeData(self, request, context):
         """PurgeData forgets a session, an agent instance or a whole project in
         every store: working memory, sessions, checkpoints, episodes (search
-        indexes included) and remembered request answers. Lifecycle events of the
+        indexes included), graph checkpoints and remembered request answers. Lifecycle events of the
         scope become tombstones: each keeps its sequence, type and time, and loses
         its ids and metadata, so the log stays gap-free for subscribers.
 

@@ -38,7 +38,7 @@ class DataRemovalServiceStub:
     PurgeData: _grpc.UnaryUnaryMultiCallable[_data_removal_pb2.PurgeDataRequest, _data_removal_pb2.PurgeDataResponse]
     """PurgeData forgets a session, an agent instance or a whole project in
     every store: working memory, sessions, checkpoints, episodes (search
-    indexes included) and remembered request answers. Lifecycle events of the
+    indexes included), graph checkpoints and remembered request answers. Lifecycle events of the
     scope become tombstones: each keeps its sequence, type and time, and loses
     its ids and metadata, so the log stays gap-free for subscribers.
 
@@ -59,7 +59,7 @@ class DataRemovalServiceAsyncStub(DataRemovalServiceStub):
     PurgeData: _aio.UnaryUnaryMultiCallable[_data_removal_pb2.PurgeDataRequest, _data_removal_pb2.PurgeDataResponse]  # type: ignore[assignment]
     """PurgeData forgets a session, an agent instance or a whole project in
     every store: working memory, sessions, checkpoints, episodes (search
-    indexes included) and remembered request answers. Lifecycle events of the
+    indexes included), graph checkpoints and remembered request answers. Lifecycle events of the
     scope become tombstones: each keeps its sequence, type and time, and loses
     its ids and metadata, so the log stays gap-free for subscribers.
 
@@ -83,7 +83,7 @@ class DataRemovalServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_data_removal_pb2.PurgeDataResponse, _abc.Awaitable[_data_removal_pb2.PurgeDataResponse]]:
         """PurgeData forgets a session, an agent instance or a whole project in
         every store: working memory, sessions, checkpoints, episodes (search
-        indexes included) and remembered request answers. Lifecycle events of the
+        indexes included), graph checkpoints and remembered request answers. Lifecycle events of the
         scope become tombstones: each keeps its sequence, type and time, and loses
         its ids and metadata, so the log stays gap-free for subscribers.
 

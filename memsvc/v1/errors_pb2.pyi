@@ -117,6 +117,19 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     empty for a watch without a project filter). Status code:
     PERMISSION_DENIED.
     """
+    ERROR_REASON_GRAPH_CHECKPOINT_CONFLICT: _ErrorReason.ValueType  # 30
+    """A put with `require_latest_parent` named a parent that is no longer the
+    latest checkpoint of its graph thread and namespace: another writer got
+    there first. Read the latest checkpoint and decide. Metadata:
+    "thread_id", "checkpoint_ns", "parent_checkpoint_id",
+    "latest_checkpoint_id" (empty when the thread has none). Status code:
+    FAILED_PRECONDITION.
+    """
+    ERROR_REASON_GRAPH_CHECKPOINT_NOT_FOUND: _ErrorReason.ValueType  # 31
+    """No such graph checkpoint (or the thread and namespace have none).
+    Metadata: "thread_id", "checkpoint_ns", "checkpoint_id". Status code:
+    NOT_FOUND.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason enumerates the machine-readable causes of a failed call.
@@ -223,5 +236,18 @@ call names (for WatchLifecycle: a bound token must name one of its
 projects in `project_id`). Metadata: "project_id" (the project asked for;
 empty for a watch without a project filter). Status code:
 PERMISSION_DENIED.
+"""
+ERROR_REASON_GRAPH_CHECKPOINT_CONFLICT: ErrorReason.ValueType  # 30
+"""A put with `require_latest_parent` named a parent that is no longer the
+latest checkpoint of its graph thread and namespace: another writer got
+there first. Read the latest checkpoint and decide. Metadata:
+"thread_id", "checkpoint_ns", "parent_checkpoint_id",
+"latest_checkpoint_id" (empty when the thread has none). Status code:
+FAILED_PRECONDITION.
+"""
+ERROR_REASON_GRAPH_CHECKPOINT_NOT_FOUND: ErrorReason.ValueType  # 31
+"""No such graph checkpoint (or the thread and namespace have none).
+Metadata: "thread_id", "checkpoint_ns", "checkpoint_id". Status code:
+NOT_FOUND.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -17,10 +17,12 @@ import pytest
 from memsvc.client import (
     AsyncClient,
     AsyncEpisodesClient,
+    AsyncGraphClient,
     AsyncSessionClient,
     Client,
     EpisodesClient,
     EventType,
+    GraphClient,
     KeyNotFound,
     SessionClient,
     SessionState,
@@ -102,6 +104,7 @@ def test_a_closed_client_refuses_calls():
         (Client, AsyncClient),
         (SessionClient, AsyncSessionClient),
         (EpisodesClient, AsyncEpisodesClient),
+        (GraphClient, AsyncGraphClient),
     ],
 )
 def test_sync_methods_mirror_the_async_ones(sync_class: type, async_class: type):

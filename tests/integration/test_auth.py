@@ -33,6 +33,7 @@ from memsvc.testing import free_port, wait_for_port
 from memsvc.v1 import (
     data_removal_pb2,
     episodic_pb2,
+    graph_checkpoint_pb2,
     lifecycle_pb2,
     lifecycle_pb2_grpc,
     working_memory_pb2,
@@ -40,6 +41,9 @@ from memsvc.v1 import (
 )
 from tests.client._credentials import new_token, write_token, write_tokens
 from tests.conftest import DEPLOYMENTS, Deployment
+
+# Every memsvc service's proto module.
+_MODULES = (working_memory_pb2, lifecycle_pb2, episodic_pb2, data_removal_pb2, graph_checkpoint_pb2)
 
 MEMSVC = str(Path(sys.executable).parent / "memsvc")
 PROJECT = "0f8fad5b-d9cb-469f-a165-70867728950e"
@@ -251,7 +255,7 @@ def test_every_memsvc_method_names_the_project_it_acts_in():
     """A method whose request names no project could not be checked for a bound token."""
     methods = {
         f"/{service.full_name}/{method.name}"
-        for module in (working_memory_pb2, lifecycle_pb2, episodic_pb2, data_removal_pb2)
+        for module in _MODULES
         for service in module.DESCRIPTOR.services_by_name.values()
         for method in service.methods
     }
@@ -262,7 +266,7 @@ def test_every_memsvc_method_names_the_project_it_acts_in():
 async def test_every_method_refuses_a_bound_token_in_another_project(
     channel: grpc.aio.Channel, tokens: Tokens
 ):
-    for module in (working_memory_pb2, lifecycle_pb2, episodic_pb2, data_removal_pb2):
+    for module in _MODULES:
         for service in module.DESCRIPTOR.services_by_name.values():
             for method in service.methods:
                 request: Any = message_factory.GetMessageClass(method.input_type)()

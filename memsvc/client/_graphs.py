@@ -1,0 +1,184 @@
+# ASYNC109: ``timeout`` is the gRPC deadline of a call, the name gRPC APIs use.
+# ruff: noqa: ASYNC109
+"""Graph checkpoints in the SDK: GraphCheckpointService for one project.
+
+These calls carry LangGraph's data as the messages of ``memsvc.v1.graph_checkpoint``
+(``GraphCheckpoint``, ``GraphWrite``): values are the serializer's (type, bytes)
+pairs, which only the client reads. ``memsvc.langgraph.MemsvcSaver`` is the
+friendly face over them; use these for tools (the CLI) or other frameworks.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+from memsvc.client._types import AsyncPager, Page
+from memsvc.v1 import graph_checkpoint_pb2 as pb
+
+if TYPE_CHECKING:
+    from memsvc.client._async import AsyncClient
+
+PruneStrategy = Literal["keep_latest", "delete"]
+_STRATEGIES = {
+    "keep_latest": pb.GRAPH_PRUNE_STRATEGY_KEEP_LATEST,
+    "delete": pb.GRAPH_PRUNE_STRATEGY_DELETE,
+}
+
+
+class AsyncGraphClient:
+    """A project's graph checkpoints (from ``client.graphs(project_id)``)."""
+
+    def __init__(self, client: AsyncClient, project_id: str) -> None:
+        self.client = client
+        self.project_id = project_id
+
+    def __repr__(self) -> str:
+        return f"AsyncGraphClient(project_id={self.project_id!r})"
+
+    @property
+    def _stub(self) -> Any:
+        return self.client._stub(4)
+
+    async def put_checkpoint(
+        self,
+        checkpoint: pb.GraphCheckpoint,
+        *,
+        require_latest_parent: bool = False,
+        options: pb.GraphThreadOptions | None = None,
+        timeout: float | None = None,
+    ) -> int:
+        """Store a checkpoint with its changed values (PutGraphCheckpoint); returns
+        how many values were new. Raises GraphCheckpointConflict when
+        ``require_latest_parent`` and another writer moved the thread on.
+
+        Safe to retry: putting the same checkpoint again replaces it.
+        """
+        request = pb.PutGraphCheckpointRequest(
+            project_id=self.project_id,
+            checkpoint=checkpoint,
+            require_latest_parent=require_latest_parent,
+            options=options,
+        )
+        response = await self.client._invoke(
+            self._stub.PutGraphCheckpoint, request, timeout=timeout
+        )
+        return int(response.values_stored)
+
+    async def put_writes(
+        self,
+        thread_id: str,
+        checkpoint_id: str,
+        writes: Sequence[pb.GraphWrite],
+        *,
+        checkpoint_ns: str = "",
+        replace: bool = False,
+        timeout: float | None = None,
+    ) -> None:
+        """Store pending writes against a checkpoint (PutGraphWrites). Safe to retry."""
+        request = pb.PutGraphWritesRequest(
+            project_id=self.project_id,
+            thread_id=thread_id,
+            checkpoint_ns=checkpoint_ns,
+            checkpoint_id=checkpoint_id,
+            writes=writes,
+            replace=replace,
+        )
+        await self.client._invoke(self._stub.PutGraphWrites, request, timeout=timeout)
+
+    async def get_checkpoint(
+        self,
+        thread_id: str,
+        checkpoint_id: str | None = None,
+        *,
+        checkpoint_ns: str = "",
+        timeout: float | None = None,
+    ) -> pb.GraphCheckpoint:
+        """One checkpoint, the latest without an id (GetGraphCheckpoint), with its
+        values and writes. Raises GraphCheckpointNotFound."""
+        request = pb.GetGraphCheckpointRequest(
+            project_id=self.project_id,
+            thread_id=thread_id,
+            checkpoint_ns=checkpoint_ns,
+            checkpoint_id=checkpoint_id or "",
+        )
+        response = await self.client._invoke(
+            self._stub.GetGraphCheckpoint, request, timeout=timeout
+        )
+        checkpoint: pb.GraphCheckpoint = response.checkpoint
+        return checkpoint
+
+    def checkpoints(
+        self,
+        thread_id: str | None = None,
+        *,
+        checkpoint_ns: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        before: str | None = None,
+        page_size: int | None = None,
+        page_token: str | None = None,
+        timeout: float | None = None,
+    ) -> AsyncPager[pb.GraphCheckpoint]:
+        """Checkpoints newest first (ListGraphCheckpoints): of a thread (or all),
+        one namespace (or all), whose metadata holds ``metadata``, before a
+        checkpoint id."""
+        request = pb.ListGraphCheckpointsRequest(
+            project_id=self.project_id,
+            thread_id=thread_id or "",
+            metadata_filter_json=json.dumps(dict(metadata)) if metadata else "",
+            before_checkpoint_id=before or "",
+            page_size=page_size or 0,
+        )
+        if checkpoint_ns is not None:
+            request.checkpoint_ns = checkpoint_ns
+        client = self.client
+
+        async def fetch(token: str) -> Page[pb.GraphCheckpoint]:
+            request.page_token = token
+            response = await client._invoke(
+                self._stub.ListGraphCheckpoints, request, timeout=timeout
+            )
+            return Page(tuple(response.checkpoints), response.next_page_token or None)
+
+        return AsyncPager(fetch, page_token)
+
+    async def delete_thread(self, thread_id: str, *, timeout: float | None = None) -> int:
+        """Forget a thread (DeleteGraphThread); returns how many checkpoints went."""
+        request = pb.DeleteGraphThreadRequest(project_id=self.project_id, thread_id=thread_id)
+        response = await self.client._invoke(self._stub.DeleteGraphThread, request, timeout=timeout)
+        return int(response.checkpoints_deleted)
+
+    async def delete_runs(self, run_ids: Iterable[str], *, timeout: float | None = None) -> int:
+        """Delete the checkpoints of these runs (DeleteGraphRuns)."""
+        request = pb.DeleteGraphRunsRequest(project_id=self.project_id, run_ids=list(run_ids))
+        response = await self.client._invoke(self._stub.DeleteGraphRuns, request, timeout=timeout)
+        return int(response.checkpoints_deleted)
+
+    async def copy_thread(
+        self, source_thread_id: str, target_thread_id: str, *, timeout: float | None = None
+    ) -> int:
+        """Copy a thread into another (CopyGraphThread); returns checkpoints copied."""
+        request = pb.CopyGraphThreadRequest(
+            project_id=self.project_id,
+            source_thread_id=source_thread_id,
+            target_thread_id=target_thread_id,
+        )
+        response = await self.client._invoke(self._stub.CopyGraphThread, request, timeout=timeout)
+        return int(response.checkpoints_copied)
+
+    async def prune(
+        self,
+        thread_ids: Iterable[str],
+        *,
+        strategy: PruneStrategy = "keep_latest",
+        timeout: float | None = None,
+    ) -> int:
+        """Keep each namespace's latest checkpoint, or delete all (PruneGraphThreads)."""
+        request = pb.PruneGraphThreadsRequest(
+            project_id=self.project_id,
+            thread_ids=list(thread_ids),
+            strategy=_STRATEGIES[strategy],
+        )
+        response = await self.client._invoke(self._stub.PruneGraphThreads, request, timeout=timeout)
+        return int(response.checkpoints_deleted)

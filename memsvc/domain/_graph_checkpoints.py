@@ -1,0 +1,708 @@
+"""Graph checkpoints: what a LangGraph checkpointer stores, served to any language.
+
+Per project, thread and checkpoint namespace: checkpoints (an opaque document,
+its parent, JSON metadata and channel versions), channel values stored once per
+(channel, version) and shared by every checkpoint that holds that version, and
+pending writes per (checkpoint, task, index). Values are the client
+serializer's (type, bytes) pairs; memsvc never reads them.
+
+Each write locks the thread's row first (``graph_threads``), so a put, a prune
+and a retention sweep of one thread never interleave: the writer fence (a put
+naming a parent that is no longer the latest checkpoint is refused) and the
+collection of values no checkpoint refers to any more are both exact.
+Retention (a TTL per thread, most-recent-N per namespace, the end of a linked
+session) runs in the background sweep; see docs/langgraph.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field, replace
+from enum import IntEnum
+from typing import Any, Protocol
+
+from memsvc.domain._errors import FailedPrecondition, FieldViolation, NotFound
+from memsvc.domain._ids import SessionRef, check_session_id, check_uuid, raise_if_any
+from memsvc.domain._pagination import Page, check_page_size, decode_page_token, fingerprint, page_of
+
+MAX_THREAD_ID_BYTES = 512
+MAX_NAMESPACE_BYTES = 2048
+MAX_CHANNEL_BYTES = 512
+MAX_VERSION_CHARS = 128
+MAX_TYPE_CHARS = 64
+MAX_TASK_ID_CHARS = 256
+MAX_TASK_PATH_CHARS = 2048
+MAX_RUN_ID_CHARS = 256
+MAX_CHANNELS = 10_000
+MAX_WRITES = 10_000
+MAX_METADATA_BYTES = 1 << 20
+MAX_FILTER_BYTES = 64 << 10
+MAX_JSON_DEPTH = 64
+MAX_THREADS_PER_CALL = 1_000
+MAX_RUN_IDS = 1_000
+MAX_KEEP_LAST = 1_000_000
+LIST_PAGE = (100, 1_000)  # (default, maximum) page size
+LIST_PAGE_BYTES = 3 << 20  # a page ends once it holds this much value data
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+class SessionEndAction(IntEnum):
+    """Numbered as memsvc.v1.GraphSessionEndAction."""
+
+    NONE = 0
+    KEEP_LATEST = 1
+    DELETE = 2
+
+
+class PruneStrategy(IntEnum):
+    """Numbered as memsvc.v1.GraphPruneStrategy (0 is KEEP_LATEST)."""
+
+    KEEP_LATEST = 1
+    DELETE = 2
+
+
+@dataclass(frozen=True, slots=True)
+class GraphValue:
+    """A channel's value at one version (or a pending write's value)."""
+
+    channel: str
+    version: str
+    type: str
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class GraphWrite:
+    """One pending write of a task."""
+
+    task_id: str
+    task_path: str
+    idx: int
+    channel: str
+    type: str
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class GraphThreadOptions:
+    """Retention and session link of a thread; None or 0 turns each off."""
+
+    ttl_ms: int | None = None
+    keep_last: int = 0
+    session: SessionRef | None = None
+    on_session_end: int = SessionEndAction.NONE
+
+
+@dataclass(frozen=True, slots=True)
+class GraphCheckpointRecord:
+    """A checkpoint; ``values`` and ``writes`` are filled on reads."""
+
+    project_id: str
+    thread_id: str
+    checkpoint_ns: str
+    checkpoint_id: str
+    parent_checkpoint_id: str | None
+    doc_type: str
+    doc: bytes
+    metadata: dict[str, Any]
+    channel_versions: dict[str, str]
+    create_ms: int = 0
+    values: tuple[GraphValue, ...] = ()
+    writes: tuple[GraphWrite, ...] = ()
+
+    @property
+    def run_id(self) -> str | None:
+        run_id = self.metadata.get("run_id")
+        return run_id if isinstance(run_id, str) and run_id else None
+
+    def size(self) -> int:
+        """Bytes of values, writes and document: what page budgets count."""
+        return (
+            len(self.doc)
+            + sum(len(v.data) for v in self.values)
+            + sum(len(w.data) for w in self.writes)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class GraphListScope:
+    """Which checkpoints of a project a List covers; None matches all."""
+
+    project_id: str
+    thread_id: str | None = None
+    checkpoint_ns: str | None = None
+    metadata_filter: dict[str, Any] = field(default_factory=dict)
+    before_checkpoint_id: str | None = None
+
+    def fingerprint(self) -> str:
+        return fingerprint(
+            self.project_id,
+            repr(self.thread_id),
+            repr(self.checkpoint_ns),
+            json.dumps(self.metadata_filter, sort_keys=True),
+            repr(self.before_checkpoint_id),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class GraphSweep:
+    """What one retention sweep of graph checkpoints removed."""
+
+    threads_expired: int = 0
+    checkpoints_pruned: int = 0
+    threads_ended: int = 0
+
+
+class GraphCheckpointConflict(FailedPrecondition):
+    """The writer fence refused a put: its parent is no longer the latest checkpoint."""
+
+    reason = "ERROR_REASON_GRAPH_CHECKPOINT_CONFLICT"
+
+    def __init__(self, thread_id: str, ns: str, parent: str | None, latest: str | None) -> None:
+        super().__init__(
+            f"checkpoint {parent or '(none)'!s} is not the latest of thread {thread_id!r} "
+            f"namespace {ns!r} (the latest is {latest or '(none)'!s}): another writer "
+            "moved the thread on; read the latest checkpoint and decide",
+            metadata={
+                "thread_id": thread_id,
+                "checkpoint_ns": ns,
+                "parent_checkpoint_id": parent or "",
+                "latest_checkpoint_id": latest or "",
+            },
+        )
+
+
+class GraphCheckpointNotFound(NotFound):
+    """No such graph checkpoint (or the thread and namespace have none)."""
+
+    reason = "ERROR_REASON_GRAPH_CHECKPOINT_NOT_FOUND"
+
+    def __init__(self, thread_id: str, ns: str, checkpoint_id: str | None) -> None:
+        what = f"checkpoint {checkpoint_id!r}" if checkpoint_id else "no checkpoint"
+        super().__init__(
+            f"{what} not found in graph thread {thread_id!r} namespace {ns!r}"
+            if checkpoint_id
+            else f"graph thread {thread_id!r} namespace {ns!r} has no checkpoint",
+            metadata={
+                "thread_id": thread_id,
+                "checkpoint_ns": ns,
+                "checkpoint_id": checkpoint_id or "",
+            },
+        )
+
+
+class GraphTransaction(Protocol):
+    """Graph-checkpoint writes inside one durable-store transaction."""
+
+    async def lock_graph_thread(
+        self, project_id: str, thread_id: str, now_ms: int, options: GraphThreadOptions | None
+    ) -> None:
+        """Create or touch the thread's row (locking it), replacing its options if given."""
+
+    async def lock_graph_thread_row(self, project_id: str, thread_id: str) -> int | None:
+        """Lock the thread's row without touching it; its expiry (-1: none), or
+        None when the thread has no row."""
+
+    async def latest_graph_checkpoint_id(
+        self, project_id: str, thread_id: str, ns: str
+    ) -> str | None: ...
+
+    async def insert_graph_values(
+        self, project_id: str, thread_id: str, ns: str, values: Sequence[GraphValue]
+    ) -> int:
+        """Store values not stored yet; return how many were new."""
+
+    async def upsert_graph_checkpoint(self, record: GraphCheckpointRecord) -> None: ...
+
+    async def insert_graph_writes(
+        self,
+        project_id: str,
+        thread_id: str,
+        ns: str,
+        checkpoint_id: str,
+        writes: Sequence[GraphWrite],
+        replace: bool,
+    ) -> None: ...
+
+    async def delete_graph_thread(self, project_id: str, thread_id: str) -> int:
+        """Delete every row of the thread; return how many checkpoints."""
+
+    async def graph_run_threads(
+        self, project_id: str, run_ids: Sequence[str]
+    ) -> list[tuple[str, str, str]]:
+        """(thread_id, ns, checkpoint_id) of the runs' checkpoints."""
+
+    async def delete_graph_checkpoints(
+        self, project_id: str, thread_id: str, ns: str, checkpoint_ids: Sequence[str]
+    ) -> int:
+        """Delete these checkpoints, their writes, and the values no other
+        checkpoint of the namespace holds; return how many checkpoints."""
+
+    async def keep_latest_graph_checkpoints(
+        self, project_id: str, thread_id: str, keep: int
+    ) -> int:
+        """Keep the ``keep`` newest checkpoints of each namespace (0: none),
+        with what they need; return how many checkpoints were deleted."""
+
+    async def copy_graph_thread(
+        self, project_id: str, source: str, target: str, now_ms: int
+    ) -> int:
+        """Copy every row of ``source`` into ``target``; return how many
+        checkpoints were new there."""
+
+    async def expired_graph_threads(self, now_ms: int, limit: int) -> list[tuple[str, str]]:
+        """(project_id, thread_id) of threads whose TTL ran out."""
+
+    async def graph_threads_to_prune(self, limit: int) -> list[tuple[str, str, int]]:
+        """(project_id, thread_id, keep_last) of threads written since their last prune."""
+
+    async def graph_threads_prune_done(self, project_id: str, thread_id: str) -> None: ...
+
+    async def graph_threads_of_ended_sessions(self, limit: int) -> list[tuple[str, str, int]]:
+        """(project_id, thread_id, action) of threads linked to terminated sessions."""
+
+    async def graph_thread_session_done(self, project_id: str, thread_id: str) -> None:
+        """Forget the thread's session link (its action has been applied)."""
+
+    async def purge_graph(self, scope: SessionRef) -> int:
+        """Delete the project's threads, or those linked to the agent instance or
+        session; return how many checkpoints."""
+
+
+class GraphDatabase(Protocol):
+    """The durable store's graph-checkpoint side."""
+
+    def transaction(self) -> AbstractAsyncContextManager[GraphTransaction]: ...
+
+    async def get_graph_checkpoint(
+        self, project_id: str, thread_id: str, ns: str, checkpoint_id: str | None
+    ) -> GraphCheckpointRecord | None:
+        """One checkpoint (the latest without an id) with its values and writes."""
+
+    async def list_graph_checkpoints(
+        self,
+        scope: GraphListScope,
+        after: tuple[str, str, str] | None,
+        limit: int,
+        byte_budget: int,
+    ) -> list[GraphCheckpointRecord]:
+        """Newest first by (checkpoint_id, thread_id, ns), strictly after
+        ``after`` in that order, with values and writes; stops early once the
+        checkpoints read hold ``byte_budget`` bytes (at least one is read)."""
+
+
+class GraphCheckpoints:
+    """Graph checkpoints over a durable store."""
+
+    def __init__(
+        self,
+        database: GraphDatabase,
+        *,
+        clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+    ) -> None:
+        self._db = database
+        self._clock_ms = clock_ms
+
+    async def put(
+        self,
+        record: GraphCheckpointRecord,
+        new_values: Sequence[GraphValue],
+        *,
+        require_latest_parent: bool,
+        options: GraphThreadOptions | None,
+        prefix: str = "checkpoint",
+        violations: list[FieldViolation] | None = None,
+    ) -> int:
+        """Validate and store a checkpoint with its new values; return how many
+        values were new. ``violations`` found before (by the API) join those found here."""
+        violations = list(violations or [])
+        record = check_checkpoint(record, new_values, prefix, violations)
+        if options is not None:
+            options = check_options(options, "options", violations)
+        raise_if_any(violations)
+        now = self._clock_ms()
+        async with self._db.transaction() as tx:
+            project, thread, ns = record.project_id, record.thread_id, record.checkpoint_ns
+            await tx.lock_graph_thread(project, thread, now, options)
+            if require_latest_parent:
+                latest = await tx.latest_graph_checkpoint_id(project, thread, ns)
+                if latest not in (record.parent_checkpoint_id, record.checkpoint_id):
+                    raise GraphCheckpointConflict(thread, ns, record.parent_checkpoint_id, latest)
+            stored = await tx.insert_graph_values(project, thread, ns, new_values)
+            await tx.upsert_graph_checkpoint(replace(record, create_ms=now))
+        return stored
+
+    async def put_writes(
+        self,
+        project_id: str,
+        thread_id: str,
+        ns: str,
+        checkpoint_id: str,
+        writes: Sequence[GraphWrite],
+        replace_existing: bool,
+    ) -> None:
+        violations: list[FieldViolation] = []
+        project = check_uuid(project_id, "project_id", violations)
+        check_thread_id(thread_id, "thread_id", violations)
+        check_namespace(ns, "checkpoint_ns", violations)
+        check_session_id(checkpoint_id, "checkpoint_id", violations)
+        check_writes(writes, "writes", violations)
+        raise_if_any(violations)
+        async with self._db.transaction() as tx:
+            await tx.lock_graph_thread(project, thread_id, self._clock_ms(), None)
+            await tx.insert_graph_writes(
+                project, thread_id, ns, checkpoint_id, writes, replace_existing
+            )
+
+    async def get(
+        self, project_id: str, thread_id: str, ns: str, checkpoint_id: str
+    ) -> GraphCheckpointRecord:
+        violations: list[FieldViolation] = []
+        project = check_uuid(project_id, "project_id", violations)
+        check_thread_id(thread_id, "thread_id", violations)
+        check_namespace(ns, "checkpoint_ns", violations)
+        if checkpoint_id:
+            check_session_id(checkpoint_id, "checkpoint_id", violations)
+        raise_if_any(violations)
+        found = await self._db.get_graph_checkpoint(project, thread_id, ns, checkpoint_id or None)
+        if found is None:
+            raise GraphCheckpointNotFound(thread_id, ns, checkpoint_id or None)
+        return found
+
+    async def list_checkpoints(
+        self, scope: GraphListScope, page_size: int, page_token: str
+    ) -> Page[GraphCheckpointRecord]:
+        violations: list[FieldViolation] = []
+        project = check_uuid(scope.project_id, "project_id", violations)
+        if scope.thread_id is not None:
+            check_thread_id(scope.thread_id, "thread_id", violations)
+        if scope.checkpoint_ns is not None:
+            check_namespace(scope.checkpoint_ns, "checkpoint_ns", violations)
+        if scope.before_checkpoint_id is not None:
+            check_session_id(scope.before_checkpoint_id, "before_checkpoint_id", violations)
+        limit = check_page_size(
+            page_size, default=LIST_PAGE[0], maximum=LIST_PAGE[1], violations=violations
+        )
+        raise_if_any(violations)
+        scope = replace(scope, project_id=project)
+        token_scope = scope.fingerprint()
+        after_text = decode_page_token(page_token, token_scope)
+        after: tuple[str, str, str] | None = None
+        if after_text is not None:
+            position = json.loads(after_text)
+            after = (str(position[0]), str(position[1]), str(position[2]))
+        items = await self._db.list_graph_checkpoints(scope, after, limit + 1, LIST_PAGE_BYTES)
+        if len(items) <= limit and _over_budget(items):
+            # The byte budget ended the read: more may follow.
+            items = [*items, items[-1]]
+            limit = len(items) - 1
+        return page_of(
+            items, limit, token_scope, lambda c: [c.checkpoint_id, c.thread_id, c.checkpoint_ns]
+        )
+
+    async def delete_thread(self, project_id: str, thread_id: str) -> int:
+        violations: list[FieldViolation] = []
+        project = check_uuid(project_id, "project_id", violations)
+        check_thread_id(thread_id, "thread_id", violations)
+        raise_if_any(violations)
+        async with self._db.transaction() as tx:
+            return await tx.delete_graph_thread(project, thread_id)
+
+    async def delete_runs(self, project_id: str, run_ids: Sequence[str]) -> int:
+        violations: list[FieldViolation] = []
+        project = check_uuid(project_id, "project_id", violations)
+        if len(run_ids) > MAX_RUN_IDS:
+            violations.append(
+                FieldViolation("run_ids", f"has {len(run_ids)} ids, over {MAX_RUN_IDS}")
+            )
+        for index, run_id in enumerate(run_ids):
+            _check_text(run_id, f"run_ids[{index}]", MAX_RUN_ID_CHARS, True, violations)
+        raise_if_any(violations)
+        if not run_ids:
+            return 0
+        deleted = 0
+        async with self._db.transaction() as tx:
+            found = await tx.graph_run_threads(project, run_ids)
+            groups: dict[tuple[str, str], list[str]] = {}
+            for thread_id, ns, checkpoint_id in found:
+                groups.setdefault((thread_id, ns), []).append(checkpoint_id)
+            for thread_id in sorted({thread_id for thread_id, _ in groups}):
+                await tx.lock_graph_thread_row(project, thread_id)
+            for (thread_id, ns), ids in sorted(groups.items()):
+                deleted += await tx.delete_graph_checkpoints(project, thread_id, ns, ids)
+        return deleted
+
+    async def copy_thread(self, project_id: str, source: str, target: str) -> int:
+        violations: list[FieldViolation] = []
+        project = check_uuid(project_id, "project_id", violations)
+        check_thread_id(source, "source_thread_id", violations)
+        check_thread_id(target, "target_thread_id", violations)
+        if source and source == target:
+            violations.append(
+                FieldViolation("target_thread_id", "must differ from source_thread_id")
+            )
+        raise_if_any(violations)
+        now = self._clock_ms()
+        async with self._db.transaction() as tx:
+            for thread_id in sorted((source, target)):
+                await tx.lock_graph_thread(project, thread_id, now, None)
+            return await tx.copy_graph_thread(project, source, target, now)
+
+    async def prune(self, project_id: str, thread_ids: Sequence[str], strategy: int) -> int:
+        violations: list[FieldViolation] = []
+        project = check_uuid(project_id, "project_id", violations)
+        if len(thread_ids) > MAX_THREADS_PER_CALL:
+            violations.append(
+                FieldViolation(
+                    "thread_ids", f"has {len(thread_ids)} threads, over {MAX_THREADS_PER_CALL}"
+                )
+            )
+        for index, thread_id in enumerate(thread_ids):
+            check_thread_id(thread_id, f"thread_ids[{index}]", violations)
+        if strategy not in (0, *PruneStrategy):
+            violations.append(FieldViolation("strategy", f"unknown strategy {strategy}"))
+        raise_if_any(violations)
+        keep = 0 if strategy == PruneStrategy.DELETE else 1
+        deleted = 0
+        for thread_id in sorted(set(thread_ids)):
+            async with self._db.transaction() as tx:
+                if await tx.lock_graph_thread_row(project, thread_id) is not None:
+                    deleted += await tx.keep_latest_graph_checkpoints(project, thread_id, keep)
+        return deleted
+
+    async def sweep(self, limit: int = 100) -> GraphSweep:
+        """Apply retention: expired threads go, threads over their keep_last are
+        pruned, threads of terminated linked sessions get their end action.
+        Each thread is a short transaction of its own."""
+        now = self._clock_ms()
+        async with self._db.transaction() as tx:
+            expired = await tx.expired_graph_threads(now, limit)
+        for project, thread_id in expired:
+            async with self._db.transaction() as tx:
+                # Checked again under the lock: a put may have renewed it.
+                expire_ms = await tx.lock_graph_thread_row(project, thread_id)
+                if expire_ms is not None and 0 <= expire_ms <= now:
+                    await tx.delete_graph_thread(project, thread_id)
+        pruned = 0
+        async with self._db.transaction() as tx:
+            to_prune = await tx.graph_threads_to_prune(limit)
+        for project, thread_id, keep in to_prune:
+            async with self._db.transaction() as tx:
+                await tx.lock_graph_thread_row(project, thread_id)
+                pruned += await tx.keep_latest_graph_checkpoints(project, thread_id, keep)
+                await tx.graph_threads_prune_done(project, thread_id)
+        async with self._db.transaction() as tx:
+            ended = await tx.graph_threads_of_ended_sessions(limit)
+        for project, thread_id, action in ended:
+            async with self._db.transaction() as tx:
+                await tx.lock_graph_thread_row(project, thread_id)
+                if action == SessionEndAction.DELETE:
+                    await tx.delete_graph_thread(project, thread_id)
+                    continue
+                if action == SessionEndAction.KEEP_LATEST:
+                    pruned += await tx.keep_latest_graph_checkpoints(project, thread_id, 1)
+                await tx.graph_thread_session_done(project, thread_id)
+        return GraphSweep(len(expired), pruned, len(ended))
+
+
+def _over_budget(items: list[GraphCheckpointRecord]) -> bool:
+    return bool(items) and sum(item.size() for item in items) >= LIST_PAGE_BYTES
+
+
+def _check_text(
+    value: str, field: str, max_bytes: int, required: bool, violations: list[FieldViolation]
+) -> None:
+    if not value:
+        if required:
+            violations.append(FieldViolation(field, "is required"))
+        return
+    size = len(value.encode("utf-8", "surrogatepass"))
+    if size > max_bytes:
+        violations.append(
+            FieldViolation(field, f"is {size} bytes of UTF-8, over the maximum of {max_bytes}")
+        )
+    elif _CONTROL.search(value):
+        violations.append(FieldViolation(field, "must not contain control characters"))
+    else:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            violations.append(FieldViolation(field, "must be valid UTF-8"))
+
+
+def check_thread_id(value: str, field: str, violations: list[FieldViolation]) -> None:
+    """A thread id: 1 to 512 bytes of UTF-8, no control characters."""
+    _check_text(value, field, MAX_THREAD_ID_BYTES, True, violations)
+
+
+def check_namespace(value: str, field: str, violations: list[FieldViolation]) -> None:
+    """A checkpoint namespace: at most 2,048 bytes of UTF-8, no control characters."""
+    _check_text(value, field, MAX_NAMESPACE_BYTES, False, violations)
+
+
+def _check_type(value: str, field: str, violations: list[FieldViolation]) -> None:
+    _check_text(value, field, MAX_TYPE_CHARS, True, violations)
+
+
+def parse_json_object(
+    text: str, field: str, max_bytes: int, violations: list[FieldViolation]
+) -> dict[str, Any]:
+    """A JSON object of at most ``max_bytes``, finite numbers, no NUL characters."""
+    if not text:
+        return {}
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > max_bytes:
+        violations.append(FieldViolation(field, f"is {size} bytes, over {max_bytes}"))
+        return {}
+
+    def refuse(constant: str) -> Any:
+        raise ValueError(f"{constant} is not a finite number")
+
+    try:
+        value = json.loads(text, parse_constant=refuse)
+    except (ValueError, RecursionError) as error:
+        violations.append(FieldViolation(field, f"is not valid JSON: {str(error)[:200]}"))
+        return {}
+    if not isinstance(value, dict):
+        violations.append(FieldViolation(field, "must be a JSON object"))
+        return {}
+    problem = _json_problem(value, 0)
+    if problem:
+        violations.append(FieldViolation(field, problem))
+        return {}
+    return value
+
+
+def _json_problem(value: Any, depth: int) -> str | None:
+    if depth > MAX_JSON_DEPTH:
+        return f"nests deeper than {MAX_JSON_DEPTH} levels"
+    if isinstance(value, str):
+        return "must not contain NUL characters" if "\x00" in value else None
+    if isinstance(value, float) and not math.isfinite(value):
+        return "must hold only finite numbers"
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if "\x00" in key:
+                return "must not contain NUL characters"
+            problem = _json_problem(item, depth + 1)
+            if problem:
+                return problem
+    if isinstance(value, list):
+        for item in value:
+            problem = _json_problem(item, depth + 1)
+            if problem:
+                return problem
+    return None
+
+
+def check_checkpoint(
+    record: GraphCheckpointRecord,
+    new_values: Sequence[GraphValue],
+    prefix: str,
+    violations: list[FieldViolation],
+) -> GraphCheckpointRecord:
+    """Every violation of the put rules; the record with its project canonical."""
+    project = check_uuid(record.project_id, "project_id", violations)
+    check_thread_id(record.thread_id, f"{prefix}.thread_id", violations)
+    check_namespace(record.checkpoint_ns, f"{prefix}.checkpoint_ns", violations)
+    check_session_id(record.checkpoint_id, f"{prefix}.checkpoint_id", violations)
+    parent = record.parent_checkpoint_id
+    if parent:
+        check_session_id(parent, f"{prefix}.parent_checkpoint_id", violations)
+        if parent == record.checkpoint_id:
+            violations.append(
+                FieldViolation(f"{prefix}.parent_checkpoint_id", "must differ from checkpoint_id")
+            )
+    _check_type(record.doc_type, f"{prefix}.checkpoint.type", violations)
+    if len(record.channel_versions) > MAX_CHANNELS:
+        violations.append(
+            FieldViolation(
+                f"{prefix}.channel_versions",
+                f"has {len(record.channel_versions)} channels, over {MAX_CHANNELS}",
+            )
+        )
+    else:
+        for channel, version in record.channel_versions.items():
+            field = f"{prefix}.channel_versions[{channel[:64]!r}]"
+            _check_text(channel, field, MAX_CHANNEL_BYTES, True, violations)
+            _check_text(version, field, MAX_VERSION_CHARS, True, violations)
+    if len(new_values) > MAX_CHANNELS:
+        violations.append(
+            FieldViolation(
+                f"{prefix}.channel_values", f"has {len(new_values)} values, over {MAX_CHANNELS}"
+            )
+        )
+    else:
+        seen: set[str] = set()
+        for index, value in enumerate(new_values):
+            field = f"{prefix}.channel_values[{index}]"
+            if value.channel in seen:
+                violations.append(FieldViolation(f"{field}.channel", "appears twice"))
+            seen.add(value.channel)
+            if record.channel_versions.get(value.channel) != value.version:
+                violations.append(
+                    FieldViolation(
+                        f"{field}.version",
+                        "must be the channel's version in channel_versions",
+                    )
+                )
+            _check_type(value.type, f"{field}.value.type", violations)
+    return replace(record, project_id=project, parent_checkpoint_id=parent or None)
+
+
+def check_writes(
+    writes: Sequence[GraphWrite], field: str, violations: list[FieldViolation]
+) -> None:
+    if not writes:
+        violations.append(FieldViolation(field, "needs at least one write"))
+        return
+    if len(writes) > MAX_WRITES:
+        violations.append(FieldViolation(field, f"has {len(writes)} writes, over {MAX_WRITES}"))
+        return
+    seen: set[tuple[str, int]] = set()
+    for index, write in enumerate(writes):
+        name = f"{field}[{index}]"
+        _check_text(write.task_id, f"{name}.task_id", MAX_TASK_ID_CHARS, True, violations)
+        _check_text(write.task_path, f"{name}.task_path", MAX_TASK_PATH_CHARS, False, violations)
+        _check_text(write.channel, f"{name}.channel", MAX_CHANNEL_BYTES, True, violations)
+        _check_type(write.type, f"{name}.value.type", violations)
+        if (write.task_id, write.idx) in seen:
+            violations.append(FieldViolation(f"{name}.idx", "repeats a (task_id, idx) pair"))
+        seen.add((write.task_id, write.idx))
+
+
+def check_options(
+    options: GraphThreadOptions, field: str, violations: list[FieldViolation]
+) -> GraphThreadOptions:
+    if options.ttl_ms is not None and options.ttl_ms < 0:
+        violations.append(FieldViolation(f"{field}.ttl", "must not be negative"))
+    if not 0 <= options.keep_last <= MAX_KEEP_LAST:
+        violations.append(
+            FieldViolation(
+                f"{field}.keep_last", f"must be from 0 to {MAX_KEEP_LAST}, got {options.keep_last}"
+            )
+        )
+    if options.on_session_end not in tuple(SessionEndAction):
+        violations.append(
+            FieldViolation(
+                f"{field}.session.on_session_end", f"unknown action {options.on_session_end}"
+            )
+        )
+    session = options.session
+    if session is not None:
+        agent = check_uuid(
+            session.agent_instance_id, f"{field}.session.agent_instance_id", violations
+        )
+        check_session_id(session.session_id, f"{field}.session.session_id", violations)
+        session = SessionRef(session.project_id.lower(), agent, session.session_id)
+    elif options.on_session_end:
+        violations.append(
+            FieldViolation(f"{field}.session.on_session_end", "needs a session to link")
+        )
+    return replace(options, session=session)

@@ -1,0 +1,494 @@
+"""MemsvcSaver: a LangGraph checkpointer whose storage is memsvc's GraphCheckpointService.
+
+What LangGraph hands a checkpointer is split as the PostgreSQL saver splits it: the
+checkpoint document (without its channel values) and each channel value are
+encoded by the saver's serializer (``serde``, LangGraph's JsonPlusSerializer by
+default) into (type, bytes) pairs; memsvc stores them without reading them. A
+channel value is sent only in the checkpoint where its version is new
+(``new_versions``) and stored once per (thread, namespace, channel, version).
+Metadata travels as JSON, which memsvc filters on.
+
+The async methods use an :class:`memsvc.client.AsyncClient` (its channel opens in
+the caller's event loop on first use); the sync ones use a :class:`memsvc.client.Client`,
+whose private loop runs in a background thread, so sync graphs work as well.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.base import (
+    WRITES_IDX_MAP,
+    BaseCheckpointSaver,
+    ChannelVersions,
+    Checkpoint,
+    CheckpointMetadata,
+    CheckpointTuple,
+    get_checkpoint_id,
+    get_serializable_checkpoint_metadata,
+)
+from langgraph.checkpoint.serde.base import SerializerProtocol
+
+from memsvc.client import (
+    TLS,
+    AsyncClient,
+    AsyncGraphClient,
+    Client,
+    GraphCheckpointNotFound,
+    GraphClient,
+    RetryPolicy,
+)
+from memsvc.client._async import DEFAULT_TARGET, DEFAULT_TIMEOUT
+from memsvc.v1 import graph_checkpoint_pb2 as pb
+
+_END_ACTIONS = {
+    None: pb.GRAPH_SESSION_END_ACTION_UNSPECIFIED,
+    "keep_latest": pb.GRAPH_SESSION_END_ACTION_KEEP_LATEST,
+    "delete": pb.GRAPH_SESSION_END_ACTION_DELETE,
+}
+
+
+@dataclass(frozen=True)
+class SessionLink:
+    """Links the saver's threads to a memsvc session.
+
+    When the session is terminated, memsvc applies ``on_end`` to the threads
+    ("keep_latest": only each namespace's latest checkpoint stays; "delete": the
+    threads go); purging the session, its agent instance or its project forgets them.
+    """
+
+    agent_instance_id: str
+    session_id: str
+    on_end: Literal["keep_latest", "delete"] | None = None
+
+
+class MemsvcSaver(BaseCheckpointSaver[str]):
+    """A LangGraph checkpointer that stores checkpoints in memsvc.
+
+    Args:
+        target: memsvc's address (``host:port`` or ``unix:/path``).
+        project_id: the project (a UUID) every thread belongs to; tokens bound to
+            projects apply.
+        fence: refuse a put whose parent is no longer its thread's latest checkpoint
+            (``memsvc.client.GraphCheckpointConflict``) instead of forking silently.
+        ttl: seconds after a thread's last write when memsvc forgets it (None: never).
+        keep_last: checkpoints memsvc keeps per thread and namespace (0: all).
+        session: link the threads to a memsvc session (see :class:`SessionLink`).
+        serde: LangGraph serializer (default: JsonPlusSerializer).
+        timeout, retry, token, token_file, tls: as for :class:`memsvc.client.AsyncClient`.
+        client: an AsyncClient to use for the async methods (the caller closes it).
+
+    Use ``async with MemsvcSaver(...) as saver`` (or ``with`` for sync graphs), or
+    call ``aclose()`` / ``close()``.
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        project_id: str,
+        fence: bool = False,
+        ttl: float | None = None,
+        keep_last: int = 0,
+        session: SessionLink | None = None,
+        serde: SerializerProtocol | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = None,
+        token: str | None = None,
+        token_file: str | os.PathLike[str] | None = None,
+        tls: TLS | bool | None = None,
+        client: AsyncClient | None = None,
+    ) -> None:
+        super().__init__(serde=serde)
+        self.project_id = project_id
+        self.fence = fence
+        self._client_args: dict[str, Any] = {
+            "timeout": timeout,
+            "retry": retry,
+            "token": token,
+            "token_file": token_file,
+            "tls": tls,
+        }
+        self._target = target
+        self._own_async = client is None
+        self._async_client = client
+        self._sync_client: Client | None = None
+        self._options = _options(ttl, keep_last, session)
+
+    # Clients, opened on first use.
+
+    @property
+    def _agraphs(self) -> AsyncGraphClient:
+        if self._async_client is None:
+            self._async_client = AsyncClient(self._target, **self._client_args)
+        return self._async_client.graphs(self.project_id)
+
+    @property
+    def _graphs(self) -> GraphClient:
+        if self._sync_client is None:
+            self._sync_client = Client(self._target, **self._client_args)
+        return self._sync_client.graphs(self.project_id)
+
+    async def aclose(self) -> None:
+        """Close the clients this saver opened."""
+        if self._own_async and self._async_client is not None:
+            await self._async_client.close()
+            self._async_client = None
+        if self._sync_client is not None:
+            self._sync_client.close()
+            self._sync_client = None
+
+    def close(self) -> None:
+        """Close the sync client (an async one opened too needs ``aclose()``)."""
+        if self._sync_client is not None:
+            self._sync_client.close()
+            self._sync_client = None
+
+    async def __aenter__(self) -> MemsvcSaver:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def __enter__(self) -> MemsvcSaver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # Versions: as the PostgreSQL saver's, so both read each other's threads alike.
+
+    def get_next_version(self, current: str | None, channel: None) -> str:
+        if current is None:
+            current_v = 0
+        elif isinstance(current, int):
+            current_v = current
+        else:
+            current_v = int(current.split(".")[0])
+        return f"{current_v + 1:032}.{random.random():016}"
+
+    # Encoding.
+
+    def _put_request(
+        self,
+        config: RunnableConfig,
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> tuple[pb.GraphCheckpoint, RunnableConfig]:
+        configurable = config["configurable"]
+        thread_id = str(configurable["thread_id"])
+        ns = str(configurable.get("checkpoint_ns", ""))
+        document: dict[str, Any] = dict(checkpoint)
+        values = document.pop("channel_values", {}) or {}
+        versions = {k: str(v) for k, v in checkpoint["channel_versions"].items()}
+        doc_type, doc = self.serde.dumps_typed(document)
+        message = pb.GraphCheckpoint(
+            thread_id=thread_id,
+            checkpoint_ns=ns,
+            checkpoint_id=checkpoint["id"],
+            parent_checkpoint_id=configurable.get("checkpoint_id") or "",
+            checkpoint=pb.TypedValue(type=doc_type, data=doc),
+            metadata_json=json.dumps(
+                get_serializable_checkpoint_metadata(config, metadata), ensure_ascii=False
+            ),
+            channel_versions=versions,
+        )
+        for channel, version in new_versions.items():
+            if channel in values and versions.get(channel) == str(version):
+                value_type, data = self.serde.dumps_typed(values[channel])
+                message.channel_values.add(
+                    channel=channel,
+                    version=str(version),
+                    value=pb.TypedValue(type=value_type, data=data),
+                )
+        next_config: RunnableConfig = {
+            "configurable": {
+                "thread_id": thread_id,
+                "checkpoint_ns": ns,
+                "checkpoint_id": checkpoint["id"],
+            }
+        }
+        return message, next_config
+
+    def _writes(
+        self, writes: Sequence[tuple[str, Any]], task_id: str, task_path: str
+    ) -> tuple[list[pb.GraphWrite], bool]:
+        messages = []
+        for index, (channel, value) in enumerate(writes):
+            value_type, data = self.serde.dumps_typed(value)
+            messages.append(
+                pb.GraphWrite(
+                    task_id=task_id,
+                    task_path=task_path,
+                    idx=WRITES_IDX_MAP.get(channel, index),
+                    channel=channel,
+                    value=pb.TypedValue(type=value_type, data=data),
+                )
+            )
+        # As the PostgreSQL saver: special channels (errors, interrupts) replace.
+        replace = all(channel in WRITES_IDX_MAP for channel, _ in writes)
+        return messages, replace
+
+    def _tuple(self, message: pb.GraphCheckpoint) -> CheckpointTuple:
+        document: dict[str, Any] = self.serde.loads_typed(
+            (message.checkpoint.type, message.checkpoint.data)
+        )
+        document["channel_values"] = {
+            v.channel: self.serde.loads_typed((v.value.type, v.value.data))
+            for v in message.channel_values
+            if v.value.type != "empty"
+        }
+        config: RunnableConfig = {
+            "configurable": {
+                "thread_id": message.thread_id,
+                "checkpoint_ns": message.checkpoint_ns,
+                "checkpoint_id": message.checkpoint_id,
+            }
+        }
+        parent: RunnableConfig | None = None
+        if message.parent_checkpoint_id:
+            parent = {
+                "configurable": {
+                    "thread_id": message.thread_id,
+                    "checkpoint_ns": message.checkpoint_ns,
+                    "checkpoint_id": message.parent_checkpoint_id,
+                }
+            }
+        writes = [
+            (w.task_id, w.channel, self.serde.loads_typed((w.value.type, w.value.data)))
+            for w in message.pending_writes
+        ]
+        metadata: CheckpointMetadata = json.loads(message.metadata_json or "{}")
+        return CheckpointTuple(config, document, metadata, parent, writes)  # type: ignore[arg-type]
+
+    # Async.
+
+    async def aput(
+        self,
+        config: RunnableConfig,
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> RunnableConfig:
+        message, next_config = self._put_request(config, checkpoint, metadata, new_versions)
+        await self._agraphs.put_checkpoint(
+            message, require_latest_parent=self.fence, options=self._options
+        )
+        return next_config
+
+    async def aput_writes(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[tuple[str, Any]],
+        task_id: str,
+        task_path: str = "",
+    ) -> None:
+        if not writes:
+            return
+        configurable = config["configurable"]
+        messages, replace = self._writes(writes, task_id, task_path)
+        await self._agraphs.put_writes(
+            str(configurable["thread_id"]),
+            str(configurable["checkpoint_id"]),
+            messages,
+            checkpoint_ns=str(configurable.get("checkpoint_ns", "")),
+            replace=replace,
+        )
+
+    async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        configurable = config["configurable"]
+        try:
+            message = await self._agraphs.get_checkpoint(
+                str(configurable["thread_id"]),
+                get_checkpoint_id(config),
+                checkpoint_ns=str(configurable.get("checkpoint_ns", "")),
+            )
+        except GraphCheckpointNotFound:
+            return None
+        return self._tuple(message)
+
+    async def alist(
+        self,
+        config: RunnableConfig | None,
+        *,
+        filter: dict[str, Any] | None = None,
+        before: RunnableConfig | None = None,
+        limit: int | None = None,
+    ) -> AsyncIterator[CheckpointTuple]:
+        if limit is not None and limit <= 0:
+            return
+        if config is not None and get_checkpoint_id(config):
+            found = await self.aget_tuple(config)
+            if found is not None and _listed(found, filter, before):
+                yield found
+            return
+        thread_id, ns = _list_scope(config)
+        pager = self._agraphs.checkpoints(
+            thread_id,
+            checkpoint_ns=ns,
+            metadata=filter,
+            before=get_checkpoint_id(before) if before else None,
+            page_size=min(limit, 1000) if limit else None,
+        )
+        count = 0
+        async for page in pager.pages():
+            for message in page.items:
+                yield self._tuple(message)
+                count += 1
+                if limit is not None and count >= limit:
+                    return
+
+    async def adelete_thread(self, thread_id: str) -> None:
+        await self._agraphs.delete_thread(str(thread_id))
+
+    async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
+        if run_ids:
+            await self._agraphs.delete_runs([str(r) for r in run_ids])
+
+    async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        await self._agraphs.copy_thread(str(source_thread_id), str(target_thread_id))
+
+    async def aprune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
+        if thread_ids:
+            await self._agraphs.prune([str(t) for t in thread_ids], strategy=_strategy(strategy))
+
+    # Sync.
+
+    def put(
+        self,
+        config: RunnableConfig,
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> RunnableConfig:
+        message, next_config = self._put_request(config, checkpoint, metadata, new_versions)
+        self._graphs.put_checkpoint(
+            message, require_latest_parent=self.fence, options=self._options
+        )
+        return next_config
+
+    def put_writes(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[tuple[str, Any]],
+        task_id: str,
+        task_path: str = "",
+    ) -> None:
+        if not writes:
+            return
+        configurable = config["configurable"]
+        messages, replace = self._writes(writes, task_id, task_path)
+        self._graphs.put_writes(
+            str(configurable["thread_id"]),
+            str(configurable["checkpoint_id"]),
+            messages,
+            checkpoint_ns=str(configurable.get("checkpoint_ns", "")),
+            replace=replace,
+        )
+
+    def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        configurable = config["configurable"]
+        try:
+            message = self._graphs.get_checkpoint(
+                str(configurable["thread_id"]),
+                get_checkpoint_id(config),
+                checkpoint_ns=str(configurable.get("checkpoint_ns", "")),
+            )
+        except GraphCheckpointNotFound:
+            return None
+        return self._tuple(message)
+
+    def list(
+        self,
+        config: RunnableConfig | None,
+        *,
+        filter: dict[str, Any] | None = None,
+        before: RunnableConfig | None = None,
+        limit: int | None = None,
+    ) -> Iterator[CheckpointTuple]:
+        if limit is not None and limit <= 0:
+            return
+        if config is not None and get_checkpoint_id(config):
+            found = self.get_tuple(config)
+            if found is not None and _listed(found, filter, before):
+                yield found
+            return
+        thread_id, ns = _list_scope(config)
+        pager = self._graphs.checkpoints(
+            thread_id,
+            checkpoint_ns=ns,
+            metadata=filter,
+            before=get_checkpoint_id(before) if before else None,
+            page_size=min(limit, 1000) if limit else None,
+        )
+        for count, message in enumerate(pager, start=1):
+            yield self._tuple(message)
+            if limit is not None and count >= limit:
+                return
+
+    def delete_thread(self, thread_id: str) -> None:
+        self._graphs.delete_thread(str(thread_id))
+
+    def delete_for_runs(self, run_ids: Sequence[str]) -> None:
+        if run_ids:
+            self._graphs.delete_runs([str(r) for r in run_ids])
+
+    def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        self._graphs.copy_thread(str(source_thread_id), str(target_thread_id))
+
+    def prune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
+        if thread_ids:
+            self._graphs.prune([str(t) for t in thread_ids], strategy=_strategy(strategy))
+
+
+def _options(
+    ttl: float | None, keep_last: int, session: SessionLink | None
+) -> pb.GraphThreadOptions | None:
+    if ttl is None and not keep_last and session is None:
+        return None
+    options = pb.GraphThreadOptions(keep_last=keep_last)
+    if ttl is not None:
+        options.ttl.FromMilliseconds(max(1, round(ttl * 1000)))
+    if session is not None:
+        options.session.CopyFrom(
+            pb.GraphSessionLink(
+                agent_instance_id=session.agent_instance_id,
+                session_id=session.session_id,
+                on_session_end=_END_ACTIONS[session.on_end],
+            )
+        )
+    return options
+
+
+def _strategy(strategy: str) -> Literal["keep_latest", "delete"]:
+    if strategy == "keep_latest":
+        return "keep_latest"
+    if strategy == "delete":
+        return "delete"
+    raise ValueError(f"unknown prune strategy {strategy!r}: use 'keep_latest' or 'delete'")
+
+
+def _list_scope(config: RunnableConfig | None) -> tuple[str | None, str | None]:
+    if config is None:
+        return None, None
+    configurable = config.get("configurable") or {}
+    thread_id = configurable.get("thread_id")
+    ns = configurable.get("checkpoint_ns")
+    return (None if thread_id is None else str(thread_id)), (None if ns is None else str(ns))
+
+
+def _listed(
+    found: CheckpointTuple, filter: Mapping[str, Any] | None, before: RunnableConfig | None
+) -> bool:
+    """Whether a checkpoint read by id passes a listing's filter and before."""
+    if filter and any(found.metadata.get(k) != v for k, v in filter.items()):
+        return False
+    before_id = get_checkpoint_id(before) if before else None
+    return before_id is None or found.checkpoint["id"] < before_id

@@ -1,0 +1,559 @@
+"""Graph-checkpoint SQL shared by the SQLite and PostgreSQL stores.
+
+Lists of ids and (channel, version) pairs travel as one parameter: an array
+(``= ANY``) on PostgreSQL, JSON read by ``json_each`` on SQLite. Values no
+checkpoint refers to any more are found in Python (the deleted checkpoints'
+versions less those the remaining ones hold), which both databases share and
+which costs one read of the namespace's version maps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from memsvc.domain import SessionRef
+from memsvc.domain._graph_checkpoints import (
+    GraphCheckpointRecord,
+    GraphListScope,
+    GraphThreadOptions,
+    GraphValue,
+    GraphWrite,
+)
+from memsvc.store._lifecycle_sql import Connection, Dialect, SqlQueries, text
+
+_COLUMNS = (
+    "c.project_id, c.thread_id, c.checkpoint_ns, c.checkpoint_id, c.parent_checkpoint_id,"
+    " c.checkpoint_type, c.checkpoint, c.metadata, c.channel_versions, c.create_time"
+)
+_THREAD = "project_id = ? AND thread_id = ?"
+_NAMESPACE = "project_id = ? AND thread_id = ? AND checkpoint_ns = ?"
+# Rows per multi-row INSERT (SQLite allows 32,766 parameters a statement).
+_CHUNK = 500
+
+
+def _in(dialect: Dialect, column: str, values: Sequence[str]) -> tuple[str, Any]:
+    """``column`` is one of ``values``: the condition and its one parameter."""
+    if dialect.name == "postgres":
+        return f"{column} = ANY(?)", list(values)
+    return f"{column} IN (SELECT value FROM json_each(?))", json.dumps(list(values))
+
+
+def _pairs(dialect: Dialect) -> str:
+    """A subquery of (channel, version) pairs from one JSON parameter."""
+    if dialect.name == "postgres":
+        return "SELECT e->>0, e->>1 FROM jsonb_array_elements(?::jsonb) e"
+    return "SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?)"
+
+
+def _record(row: Sequence[Any], dialect: Dialect) -> GraphCheckpointRecord:
+    return GraphCheckpointRecord(
+        project_id=str(text(row[0])),
+        thread_id=row[1],
+        checkpoint_ns=row[2],
+        checkpoint_id=row[3],
+        parent_checkpoint_id=row[4],
+        doc_type=row[5],
+        doc=bytes(row[6]),
+        metadata=dialect.json_value(row[7]),
+        channel_versions=dialect.json_value(row[8]),
+        create_ms=dialect.time_value(row[9]),
+    )
+
+
+async def _attach(
+    conn: Connection, dialect: Dialect, records: list[GraphCheckpointRecord]
+) -> list[GraphCheckpointRecord]:
+    """The records with the values their versions name and their pending writes."""
+    groups: dict[tuple[str, str, str], list[int]] = {}
+    for index, record in enumerate(records):
+        key = (record.project_id, record.thread_id, record.checkpoint_ns)
+        groups.setdefault(key, []).append(index)
+    values: dict[int, list[GraphValue]] = {i: [] for i in range(len(records))}
+    writes: dict[int, list[GraphWrite]] = {i: [] for i in range(len(records))}
+    for key, indexes in groups.items():
+        pairs = sorted(
+            {(ch, ver) for i in indexes for ch, ver in records[i].channel_versions.items()}
+        )
+        found: dict[tuple[str, str], GraphValue] = {}
+        if pairs:
+            cursor = await dialect.execute_bulk_read(
+                conn,
+                "SELECT channel, version, value_type, value FROM graph_values"
+                f" WHERE {_NAMESPACE} AND (channel, version) IN ({_pairs(dialect)})",
+                [*key, json.dumps(pairs)],
+            )
+            for row in await cursor.fetchall():
+                found[(row[0], row[1])] = GraphValue(row[0], row[1], row[2], bytes(row[3]))
+        for i in indexes:
+            versions = records[i].channel_versions
+            values[i] = [found[(c, v)] for c, v in sorted(versions.items()) if (c, v) in found]
+        by_id = {records[i].checkpoint_id: i for i in indexes}
+        condition, ids = _in(dialect, "checkpoint_id", list(by_id))
+        cursor = await dialect.execute_bulk_read(
+            conn,
+            "SELECT checkpoint_id, task_id, task_path, idx, channel, value_type, value"
+            f" FROM graph_writes WHERE {_NAMESPACE} AND {condition}"
+            " ORDER BY task_path, task_id, idx",
+            [*key, ids],
+        )
+        for row in await cursor.fetchall():
+            writes[by_id[row[0]]].append(
+                GraphWrite(row[1], row[2], int(row[3]), row[4], row[5], bytes(row[6]))
+            )
+    return [
+        dataclasses.replace(r, values=tuple(values[i]), writes=tuple(writes[i]))
+        for i, r in enumerate(records)
+    ]
+
+
+async def get_graph_checkpoint(
+    conn: Connection,
+    dialect: Dialect,
+    project_id: str,
+    thread_id: str,
+    ns: str,
+    checkpoint_id: str | None,
+) -> GraphCheckpointRecord | None:
+    condition, params = "", [project_id, thread_id, ns]
+    if checkpoint_id is not None:
+        condition = " AND c.checkpoint_id = ?"
+        params.append(checkpoint_id)
+    cursor = await dialect.execute_bulk_read(
+        conn,
+        f"SELECT {_COLUMNS} FROM graph_checkpoints c"
+        " WHERE c.project_id = ? AND c.thread_id = ? AND c.checkpoint_ns = ?"
+        f"{condition} ORDER BY c.checkpoint_id DESC LIMIT 1",
+        params,
+    )
+    row = await cursor.fetchone()
+    if row is None:
+        return None
+    return (await _attach(conn, dialect, [_record(row, dialect)]))[0]
+
+
+def _metadata_condition(dialect: Dialect, key: str, value: Any) -> tuple[str, list[Any]]:
+    """The metadata's ``key`` holds a JSON value equal to ``value``."""
+    encoded = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    if dialect.name == "postgres":
+        return "c.metadata -> ? = ?::jsonb", [key, encoded]
+    # json_each gives containers as JSON text and scalars as SQL values.
+    return (
+        "EXISTS (SELECT 1 FROM json_each(c.metadata) m WHERE m.key = ? AND"
+        " (CASE m.type WHEN 'true' THEN 'true' WHEN 'false' THEN 'false'"
+        " WHEN 'null' THEN 'null' WHEN 'object' THEN json(m.value)"
+        " WHEN 'array' THEN json(m.value) ELSE json_quote(m.value) END) = json(?))",
+        [key, encoded],
+    )
+
+
+async def list_graph_checkpoints(
+    conn: Connection,
+    dialect: Dialect,
+    scope: GraphListScope,
+    after: tuple[str, str, str] | None,
+    limit: int,
+    byte_budget: int,
+) -> list[GraphCheckpointRecord]:
+    conditions = ["c.project_id = ?"]
+    params: list[Any] = [scope.project_id]
+    if scope.thread_id is not None:
+        conditions.append("c.thread_id = ?")
+        params.append(scope.thread_id)
+    if scope.checkpoint_ns is not None:
+        conditions.append("c.checkpoint_ns = ?")
+        params.append(scope.checkpoint_ns)
+    if scope.before_checkpoint_id is not None:
+        conditions.append("c.checkpoint_id < ?")
+        params.append(scope.before_checkpoint_id)
+    for key, value in sorted(scope.metadata_filter.items()):
+        condition, extra = _metadata_condition(dialect, key, value)
+        conditions.append(condition)
+        params += extra
+    if after is not None:
+        conditions.append("(c.checkpoint_id, c.thread_id, c.checkpoint_ns) < (?, ?, ?)")
+        params += list(after)
+    cursor = await dialect.execute_bulk_read(
+        conn,
+        f"SELECT {_COLUMNS} FROM graph_checkpoints c WHERE {' AND '.join(conditions)}"
+        " ORDER BY c.checkpoint_id DESC, c.thread_id DESC, c.checkpoint_ns DESC"
+        f" LIMIT {int(limit)}",
+        params,
+    )
+    records = [_record(row, dialect) for row in await cursor.fetchall()]
+    # Read values in slices, so a page of large checkpoints stops at the budget.
+    result: list[GraphCheckpointRecord] = []
+    size = 0
+    start = 0
+    step = 10
+    while start < len(records) and size < byte_budget:
+        chunk = await _attach(conn, dialect, records[start : start + step])
+        for record in chunk:
+            result.append(record)
+            size += record.size()
+            if size >= byte_budget:
+                break
+        start += step
+    return result
+
+
+class SqlGraphWrites:
+    """The graph-checkpoint writes of a durable-store transaction."""
+
+    _conn: Connection
+    _d: Dialect
+
+    async def _rows(self, statement: str, params: Sequence[Any]) -> list[Any]:
+        cursor = await self._conn.execute(self._d.sql(statement), params)
+        return list(await cursor.fetchall())
+
+    async def lock_graph_thread(
+        self, project_id: str, thread_id: str, now_ms: int, options: GraphThreadOptions | None
+    ) -> None:
+        if options is None:
+            await self._conn.execute(
+                self._d.sql(
+                    "INSERT INTO graph_threads (project_id, thread_id, update_ms)"
+                    " VALUES (?, ?, ?) ON CONFLICT (project_id, thread_id) DO UPDATE SET"
+                    " update_ms = excluded.update_ms,"
+                    " expire_ms = excluded.update_ms + graph_threads.ttl_ms,"
+                    " prune_pending = graph_threads.keep_last > 0"
+                ),
+                (project_id, thread_id, now_ms),
+            )
+            return
+        session = options.session
+        ttl = options.ttl_ms or None
+        await self._conn.execute(
+            self._d.sql(
+                "INSERT INTO graph_threads (project_id, thread_id, update_ms, ttl_ms, expire_ms,"
+                " keep_last, prune_pending, agent_instance_id, session_id, on_session_end)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (project_id, thread_id) DO UPDATE SET"
+                " update_ms = excluded.update_ms, ttl_ms = excluded.ttl_ms,"
+                " expire_ms = excluded.expire_ms, keep_last = excluded.keep_last,"
+                " prune_pending = excluded.prune_pending,"
+                " agent_instance_id = excluded.agent_instance_id,"
+                " session_id = excluded.session_id, on_session_end = excluded.on_session_end"
+            ),
+            (
+                project_id,
+                thread_id,
+                now_ms,
+                ttl,
+                None if ttl is None else now_ms + ttl,
+                options.keep_last,
+                options.keep_last > 0,
+                session.agent_instance_id if session else None,
+                session.session_id if session else None,
+                int(options.on_session_end),
+            ),
+        )
+
+    async def lock_graph_thread_row(self, project_id: str, thread_id: str) -> int | None:
+        rows = await self._rows(
+            "SELECT coalesce(expire_ms, -1) FROM graph_threads"
+            f" WHERE {_THREAD}{self._d.for_update}",
+            (project_id, thread_id),
+        )
+        return None if not rows else int(rows[0][0])
+
+    async def latest_graph_checkpoint_id(
+        self, project_id: str, thread_id: str, ns: str
+    ) -> str | None:
+        rows = await self._rows(
+            f"SELECT max(checkpoint_id) FROM graph_checkpoints WHERE {_NAMESPACE}",
+            (project_id, thread_id, ns),
+        )
+        return None if not rows or rows[0][0] is None else str(rows[0][0])
+
+    async def insert_graph_values(
+        self, project_id: str, thread_id: str, ns: str, values: Sequence[GraphValue]
+    ) -> int:
+        stored = 0
+        for start in range(0, len(values), _CHUNK):
+            chunk = values[start : start + _CHUNK]
+            marks = ", ".join("(?, ?, ?, ?, ?, ?, ?)" for _ in chunk)
+            params: list[Any] = []
+            for value in chunk:
+                params += [project_id, thread_id, ns, value.channel, value.version]
+                params += [value.type, value.data]
+            rows = await self._rows(
+                "INSERT INTO graph_values (project_id, thread_id, checkpoint_ns, channel,"
+                f" version, value_type, value) VALUES {marks} ON CONFLICT DO NOTHING RETURNING 1",
+                params,
+            )
+            stored += len(rows)
+        return stored
+
+    async def upsert_graph_checkpoint(self, record: GraphCheckpointRecord) -> None:
+        await self._conn.execute(
+            self._d.sql(
+                "INSERT INTO graph_checkpoints (project_id, thread_id, checkpoint_ns,"
+                " checkpoint_id, parent_checkpoint_id, checkpoint_type, checkpoint, metadata,"
+                " channel_versions, run_id, create_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (project_id, thread_id, checkpoint_ns, checkpoint_id) DO UPDATE SET"
+                " parent_checkpoint_id = excluded.parent_checkpoint_id,"
+                " checkpoint_type = excluded.checkpoint_type, checkpoint = excluded.checkpoint,"
+                " metadata = excluded.metadata, channel_versions = excluded.channel_versions,"
+                " run_id = excluded.run_id"
+            ),
+            (
+                record.project_id,
+                record.thread_id,
+                record.checkpoint_ns,
+                record.checkpoint_id,
+                record.parent_checkpoint_id,
+                record.doc_type,
+                record.doc,
+                self._d.json_param(record.metadata),
+                self._d.json_param(record.channel_versions),
+                record.run_id,
+                self._d.time_param(record.create_ms),
+            ),
+        )
+
+    async def insert_graph_writes(
+        self,
+        project_id: str,
+        thread_id: str,
+        ns: str,
+        checkpoint_id: str,
+        writes: Sequence[GraphWrite],
+        replace: bool,
+    ) -> None:
+        conflict = (
+            "DO UPDATE SET task_path = excluded.task_path, channel = excluded.channel,"
+            " value_type = excluded.value_type, value = excluded.value"
+            if replace
+            else "DO NOTHING"
+        )
+        for start in range(0, len(writes), _CHUNK):
+            chunk = writes[start : start + _CHUNK]
+            marks = ", ".join("(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)" for _ in chunk)
+            params: list[Any] = []
+            for write in chunk:
+                params += [project_id, thread_id, ns, checkpoint_id, write.task_id, write.idx]
+                params += [write.task_path, write.channel, write.type, write.data]
+            await self._conn.execute(
+                self._d.sql(
+                    "INSERT INTO graph_writes (project_id, thread_id, checkpoint_ns,"
+                    " checkpoint_id, task_id, idx, task_path, channel, value_type, value)"
+                    f" VALUES {marks} ON CONFLICT (project_id, thread_id, checkpoint_ns,"
+                    f" checkpoint_id, task_id, idx) {conflict}"
+                ),
+                params,
+            )
+
+    async def delete_graph_thread(self, project_id: str, thread_id: str) -> int:
+        key = (project_id, thread_id)
+        deleted = await self._rows(
+            f"DELETE FROM graph_checkpoints WHERE {_THREAD} RETURNING 1", key
+        )
+        for table in ("graph_values", "graph_writes", "graph_threads"):
+            await self._conn.execute(self._d.sql(f"DELETE FROM {table} WHERE {_THREAD}"), key)
+        return len(deleted)
+
+    async def graph_run_threads(
+        self, project_id: str, run_ids: Sequence[str]
+    ) -> list[tuple[str, str, str]]:
+        condition, ids = _in(self._d, "run_id", run_ids)
+        rows = await self._rows(
+            "SELECT thread_id, checkpoint_ns, checkpoint_id FROM graph_checkpoints"
+            f" WHERE project_id = ? AND {condition}",
+            (project_id, ids),
+        )
+        return [(str(r[0]), str(r[1]), str(r[2])) for r in rows]
+
+    async def delete_graph_checkpoints(
+        self, project_id: str, thread_id: str, ns: str, checkpoint_ids: Sequence[str]
+    ) -> int:
+        if not checkpoint_ids:
+            return 0
+        key = (project_id, thread_id, ns)
+        condition, ids = _in(self._d, "checkpoint_id", checkpoint_ids)
+        await self._conn.execute(
+            self._d.sql(f"DELETE FROM graph_writes WHERE {_NAMESPACE} AND {condition}"),
+            (*key, ids),
+        )
+        freed = await self._rows(
+            f"DELETE FROM graph_checkpoints WHERE {_NAMESPACE} AND {condition}"
+            " RETURNING channel_versions",
+            (*key, ids),
+        )
+        parent_condition, _ = _in(self._d, "parent_checkpoint_id", checkpoint_ids)
+        await self._conn.execute(
+            self._d.sql(
+                f"UPDATE graph_checkpoints SET parent_checkpoint_id = NULL"
+                f" WHERE {_NAMESPACE} AND {parent_condition}"
+            ),
+            (*key, ids),
+        )
+        await self._collect_values(key, (self._d.json_value(row[0]) for row in freed))
+        return len(freed)
+
+    async def _collect_values(
+        self, key: tuple[str, str, str], freed: Iterable[dict[str, str]]
+    ) -> None:
+        """Delete the values the freed version maps name that no checkpoint of the
+        namespace still holds."""
+        candidates = {(c, v) for versions in freed for c, v in versions.items()}
+        if not candidates:
+            return
+        for row in await self._rows(
+            f"SELECT channel_versions FROM graph_checkpoints WHERE {_NAMESPACE}", key
+        ):
+            candidates -= set(self._d.json_value(row[0]).items())
+            if not candidates:
+                return
+        garbage = sorted(candidates)
+        for start in range(0, len(garbage), 5_000):
+            await self._conn.execute(
+                self._d.sql(
+                    f"DELETE FROM graph_values WHERE {_NAMESPACE}"
+                    f" AND (channel, version) IN ({_pairs(self._d)})"
+                ),
+                (*key, json.dumps(garbage[start : start + 5_000])),
+            )
+
+    async def keep_latest_graph_checkpoints(
+        self, project_id: str, thread_id: str, keep: int
+    ) -> int:
+        if keep <= 0:
+            deleted = await self._rows(
+                f"DELETE FROM graph_checkpoints WHERE {_THREAD} RETURNING 1",
+                (project_id, thread_id),
+            )
+            for table in ("graph_values", "graph_writes"):
+                await self._conn.execute(
+                    self._d.sql(f"DELETE FROM {table} WHERE {_THREAD}"), (project_id, thread_id)
+                )
+            return len(deleted)
+        rows = await self._rows(
+            "SELECT checkpoint_ns, checkpoint_id FROM graph_checkpoints"
+            f" WHERE {_THREAD} ORDER BY checkpoint_ns, checkpoint_id DESC",
+            (project_id, thread_id),
+        )
+        by_ns: dict[str, list[str]] = {}
+        for ns, checkpoint_id in rows:
+            by_ns.setdefault(str(ns), []).append(str(checkpoint_id))
+        deleted_count = 0
+        for ns, ids in by_ns.items():
+            deleted_count += await self.delete_graph_checkpoints(
+                project_id, thread_id, ns, ids[keep:]
+            )
+        return deleted_count
+
+    async def copy_graph_thread(
+        self, project_id: str, source: str, target: str, now_ms: int
+    ) -> int:
+        copied = await self._rows(
+            "INSERT INTO graph_checkpoints (project_id, thread_id, checkpoint_ns, checkpoint_id,"
+            " parent_checkpoint_id, checkpoint_type, checkpoint, metadata, channel_versions,"
+            " run_id, create_time) SELECT project_id, ?, checkpoint_ns, checkpoint_id,"
+            " parent_checkpoint_id, checkpoint_type, checkpoint, metadata, channel_versions,"
+            f" run_id, ? FROM graph_checkpoints WHERE {_THREAD} ON CONFLICT DO NOTHING RETURNING 1",
+            (target, self._d.time_param(now_ms), project_id, source),
+        )
+        await self._conn.execute(
+            self._d.sql(
+                "INSERT INTO graph_values (project_id, thread_id, checkpoint_ns, channel, version,"
+                " value_type, value) SELECT project_id, ?, checkpoint_ns, channel, version,"
+                f" value_type, value FROM graph_values WHERE {_THREAD} ON CONFLICT DO NOTHING"
+            ),
+            (target, project_id, source),
+        )
+        await self._conn.execute(
+            self._d.sql(
+                "INSERT INTO graph_writes (project_id, thread_id, checkpoint_ns, checkpoint_id,"
+                " task_id, idx, task_path, channel, value_type, value) SELECT project_id, ?,"
+                " checkpoint_ns, checkpoint_id, task_id, idx, task_path, channel, value_type,"
+                f" value FROM graph_writes WHERE {_THREAD} ON CONFLICT DO NOTHING"
+            ),
+            (target, project_id, source),
+        )
+        return len(copied)
+
+    async def expired_graph_threads(self, now_ms: int, limit: int) -> list[tuple[str, str]]:
+        rows = await self._rows(
+            "SELECT project_id, thread_id FROM graph_threads WHERE expire_ms <= ?"
+            f" ORDER BY expire_ms LIMIT {int(limit)}",
+            (now_ms,),
+        )
+        return [(str(text(r[0])), str(r[1])) for r in rows]
+
+    async def graph_threads_to_prune(self, limit: int) -> list[tuple[str, str, int]]:
+        rows = await self._rows(
+            "SELECT project_id, thread_id, keep_last FROM graph_threads"
+            f" WHERE prune_pending AND keep_last > 0 LIMIT {int(limit)}",
+            (),
+        )
+        return [(str(text(r[0])), str(r[1]), int(r[2])) for r in rows]
+
+    async def graph_threads_prune_done(self, project_id: str, thread_id: str) -> None:
+        await self._conn.execute(
+            self._d.sql(f"UPDATE graph_threads SET prune_pending = ? WHERE {_THREAD}"),
+            (False, project_id, thread_id),
+        )
+
+    async def graph_threads_of_ended_sessions(self, limit: int) -> list[tuple[str, str, int]]:
+        rows = await self._rows(
+            "SELECT t.project_id, t.thread_id, t.on_session_end FROM graph_threads t"
+            " JOIN sessions s ON s.project_id = t.project_id"
+            " AND s.agent_instance_id = t.agent_instance_id AND s.session_id = t.session_id"
+            f" WHERE t.on_session_end <> 0 AND s.state = 3 LIMIT {int(limit)}",
+            (),
+        )
+        return [(str(text(r[0])), str(r[1]), int(r[2])) for r in rows]
+
+    async def graph_thread_session_done(self, project_id: str, thread_id: str) -> None:
+        await self._conn.execute(
+            self._d.sql(f"UPDATE graph_threads SET on_session_end = 0 WHERE {_THREAD}"),
+            (project_id, thread_id),
+        )
+
+    async def purge_graph(self, scope: SessionRef) -> int:
+        if not scope.agent_instance_id:
+            deleted = await self._rows(
+                "DELETE FROM graph_checkpoints WHERE project_id = ? RETURNING 1",
+                (scope.project_id,),
+            )
+            for table in ("graph_values", "graph_writes", "graph_threads"):
+                await self._conn.execute(
+                    self._d.sql(f"DELETE FROM {table} WHERE project_id = ?"), (scope.project_id,)
+                )
+            return len(deleted)
+        conditions = "project_id = ? AND agent_instance_id = ?"
+        params: list[Any] = [scope.project_id, scope.agent_instance_id]
+        if scope.session_id:
+            conditions += " AND session_id = ?"
+            params.append(scope.session_id)
+        threads = await self._rows(
+            f"SELECT thread_id FROM graph_threads WHERE {conditions}"
+            f" ORDER BY thread_id{self._d.for_update}",
+            params,
+        )
+        deleted_count = 0
+        for (thread_id,) in threads:
+            deleted_count += await self.delete_graph_thread(scope.project_id, str(thread_id))
+        return deleted_count
+
+
+class SqlGraphReads(SqlQueries):
+    """The reads of GraphDatabase, written once for both stores."""
+
+    async def get_graph_checkpoint(
+        self, project_id: str, thread_id: str, ns: str, checkpoint_id: str | None
+    ) -> GraphCheckpointRecord | None:
+        return await self._query(get_graph_checkpoint, project_id, thread_id, ns, checkpoint_id)
+
+    async def list_graph_checkpoints(
+        self,
+        scope: GraphListScope,
+        after: tuple[str, str, str] | None,
+        limit: int,
+        byte_budget: int,
+    ) -> list[GraphCheckpointRecord]:
+        return await self._query(list_graph_checkpoints, scope, after, limit, byte_budget)
