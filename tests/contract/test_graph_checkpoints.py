@@ -1,0 +1,303 @@
+"""GraphCheckpointService contract: validation, values stored once, the writer fence,
+retention, session links and purges (the LangGraph conformance suite covers the
+checkpointer semantics, in tests/langgraph)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from typing import Any
+
+import grpc
+import pytest
+
+from memsvc.server import Server
+from memsvc.v1 import data_removal_pb2 as dr
+from memsvc.v1 import graph_checkpoint_pb2 as pb
+from memsvc.v1 import lifecycle_pb2 as lc
+from memsvc.v1.data_removal_pb2_grpc import DataRemovalServiceStub
+from memsvc.v1.graph_checkpoint_pb2_grpc import GraphCheckpointServiceStub
+from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
+from tests.helpers import expect_error, sql_rows
+
+
+@pytest.fixture
+def graphs(channel: grpc.aio.Channel) -> GraphCheckpointServiceStub:
+    return GraphCheckpointServiceStub(channel)
+
+
+def checkpoint(
+    thread_id: str,
+    checkpoint_id: str,
+    *,
+    parent: str = "",
+    ns: str = "",
+    versions: dict[str, str] | None = None,
+    new: dict[str, bytes] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> pb.GraphCheckpoint:
+    versions = versions or {}
+    message = pb.GraphCheckpoint(
+        thread_id=thread_id,
+        checkpoint_ns=ns,
+        checkpoint_id=checkpoint_id,
+        parent_checkpoint_id=parent,
+        checkpoint=pb.TypedValue(type="json", data=b'{"v": 4}'),
+        metadata_json=json.dumps(metadata or {"step": 0}),
+        channel_versions=versions,
+    )
+    for channel, data in (new or {}).items():
+        message.channel_values.add(
+            channel=channel,
+            version=versions.get(channel, "9"),
+            value=pb.TypedValue(type="bytes", data=data),
+        )
+    return message
+
+
+async def put(
+    graphs: GraphCheckpointServiceStub, project: str, message: pb.GraphCheckpoint, **extra: Any
+) -> pb.PutGraphCheckpointResponse:
+    return await graphs.PutGraphCheckpoint(
+        pb.PutGraphCheckpointRequest(project_id=project, checkpoint=message, **extra)
+    )
+
+
+async def ids(graphs: GraphCheckpointServiceStub, project: str, thread_id: str) -> list[str]:
+    response = await graphs.ListGraphCheckpoints(
+        pb.ListGraphCheckpointsRequest(project_id=project, thread_id=thread_id)
+    )
+    return [c.checkpoint_id for c in response.checkpoints]
+
+
+async def value_rows(server: Server, project: str) -> int:
+    rows = await sql_rows(
+        server.config.database_url,
+        "SELECT count(*) FROM graph_values WHERE project_id = ?",
+        project,
+    )
+    return int(rows[0][0])
+
+
+async def test_a_bad_put_names_every_bad_field_and_writes_nothing(graphs, scope):
+    """Malformed ids, JSON and versions: one INVALID_ARGUMENT, nothing stored."""
+    project = scope["project_id"]
+    bad = checkpoint("t\x01", "", versions={"a": "1"}, new={"a": b"x", "b": b"y"})
+    bad.metadata_json = "[1, 2]"
+    bad.checkpoint.type = ""
+    error = await expect_error(put(graphs, "not-a-uuid", bad), grpc.StatusCode.INVALID_ARGUMENT)
+    assert error.reason == "ERROR_REASON_INVALID_ARGUMENT"
+    assert set(error.violations) == {
+        "project_id",
+        "checkpoint.thread_id",
+        "checkpoint.checkpoint_id",
+        "checkpoint.metadata_json",
+        "checkpoint.checkpoint.type",
+        "checkpoint.channel_values[1].version",
+    }
+    nan = checkpoint("t", "c1")
+    nan.metadata_json = '{"score": NaN}'
+    error = await expect_error(put(graphs, project, nan), grpc.StatusCode.INVALID_ARGUMENT)
+    assert set(error.violations) == {"checkpoint.metadata_json"}
+    assert await ids(graphs, project, "t") == []
+
+
+async def test_a_channel_version_is_stored_once(graphs, scope, server):
+    """Checkpoints sharing a channel version share its one stored value."""
+    project = scope["project_id"]
+    await put(
+        graphs,
+        project,
+        checkpoint(
+            "t", "c1", versions={"big": "1", "n": "1"}, new={"big": b"B" * 10_000, "n": b"1"}
+        ),
+    )
+    for step in range(2, 6):
+        await put(
+            graphs,
+            project,
+            checkpoint(
+                "t", f"c{step}", parent=f"c{step - 1}", versions={"big": "1", "n": str(step)},
+                new={"n": str(step).encode()},
+            ),
+        )  # fmt: skip
+    assert await value_rows(server, project) == 6  # big once, n five times
+    got = await graphs.GetGraphCheckpoint(
+        pb.GetGraphCheckpointRequest(project_id=project, thread_id="t")
+    )
+    assert got.checkpoint.checkpoint_id == "c5"
+    assert {v.channel: v.value.data for v in got.checkpoint.channel_values} == {
+        "big": b"B" * 10_000,
+        "n": b"5",
+    }
+
+
+async def test_the_writer_fence_refuses_a_stale_parent(graphs, scope):
+    """With require_latest_parent, a put whose parent is no longer the latest is refused."""
+    project = scope["project_id"]
+    await put(graphs, project, checkpoint("t", "c1"), require_latest_parent=True)
+    await put(graphs, project, checkpoint("t", "c2", parent="c1"), require_latest_parent=True)
+    # A retry of the same put passes the fence (the latest is that checkpoint).
+    await put(graphs, project, checkpoint("t", "c2", parent="c1"), require_latest_parent=True)
+    error = await expect_error(
+        put(graphs, project, checkpoint("t", "c3", parent="c1"), require_latest_parent=True),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+    assert error.reason == "ERROR_REASON_GRAPH_CHECKPOINT_CONFLICT"
+    assert error.metadata["latest_checkpoint_id"] == "c2"
+    assert error.metadata["parent_checkpoint_id"] == "c1"
+    # Without the fence the fork is stored, as LangGraph's savers do.
+    await put(graphs, project, checkpoint("t", "c3", parent="c1"))
+    assert await ids(graphs, project, "t") == ["c3", "c2", "c1"]
+
+
+async def test_concurrent_fenced_writers_never_both_succeed(graphs, scope):
+    """Two writers extending the same parent at once: exactly one wins."""
+    project = scope["project_id"]
+    await put(graphs, project, checkpoint("t", "c1"))
+    results = await asyncio.gather(
+        *(
+            put(
+                graphs, project, checkpoint("t", f"c2-{i}", parent="c1"), require_latest_parent=True
+            )
+            for i in range(4)
+        ),
+        return_exceptions=True,
+    )
+    refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert len(refused) == 3
+    assert all(r.code() == grpc.StatusCode.FAILED_PRECONDITION for r in refused)
+
+
+async def test_pages_follow_tokens_and_filters_apply(graphs, scope):
+    """Newest first, page by page, no repeats; metadata filters and before."""
+    project = scope["project_id"]
+    for step in range(1, 6):
+        await put(graphs, project, checkpoint("t", f"c{step}", metadata={"step": step % 2}))
+    seen, token = [], ""
+    while True:
+        page = await graphs.ListGraphCheckpoints(
+            pb.ListGraphCheckpointsRequest(
+                project_id=project, thread_id="t", page_size=2, page_token=token
+            )
+        )
+        seen += [c.checkpoint_id for c in page.checkpoints]
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == ["c5", "c4", "c3", "c2", "c1"]
+    odd = await graphs.ListGraphCheckpoints(
+        pb.ListGraphCheckpointsRequest(
+            project_id=project,
+            thread_id="t",
+            metadata_filter_json='{"step": 1}',
+            before_checkpoint_id="c5",
+        )
+    )
+    assert [c.checkpoint_id for c in odd.checkpoints] == ["c3", "c1"]
+    await expect_error(
+        graphs.ListGraphCheckpoints(
+            pb.ListGraphCheckpointsRequest(
+                project_id=project, thread_id="u", page_token=token or "x"
+            )
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+
+
+async def test_retention_forgets_expired_threads_and_keeps_the_newest(graphs, scope, server):
+    """A thread past its TTL goes; keep_last prunes each namespace and frees old values."""
+    project = scope["project_id"]
+    expiring = pb.GraphThreadOptions(keep_last=0)
+    expiring.ttl.FromMilliseconds(1)
+    await put(graphs, project, checkpoint("gone", "c1"), options=expiring)
+    kept = pb.GraphThreadOptions(keep_last=2)
+    for step in range(1, 5):
+        await put(
+            graphs,
+            project,
+            checkpoint("kept", f"c{step}", versions={"n": str(step)}, new={"n": b"v"}),
+            options=kept,
+        )
+    await asyncio.sleep(0.01)
+    assert server.graphs is not None
+    swept = await server.graphs.sweep()
+    assert swept.threads_expired >= 1
+    assert await ids(graphs, project, "gone") == []
+    assert await ids(graphs, project, "kept") == ["c4", "c3"]
+    assert await value_rows(server, project) == 2
+
+
+async def test_a_linked_session_ends_its_threads(graphs, scope, server, channel):
+    """Terminating a linked session prunes (keep_latest) or deletes its threads."""
+    project = scope["project_id"]
+    life = LifecycleServiceStub(channel)
+    await life.Spawn(lc.SpawnRequest(**scope))
+    for thread_id, action in (
+        ("pruned", pb.GRAPH_SESSION_END_ACTION_KEEP_LATEST),
+        ("deleted", pb.GRAPH_SESSION_END_ACTION_DELETE),
+    ):
+        link = pb.GraphThreadOptions(
+            session=pb.GraphSessionLink(
+                agent_instance_id=scope["agent_instance_id"],
+                session_id=scope["session_id"],
+                on_session_end=action,
+            )
+        )
+        for step in range(1, 4):
+            await put(graphs, project, checkpoint(thread_id, f"c{step}"), options=link)
+    await life.Terminate(lc.TerminateRequest(**scope))
+    assert server.graphs is not None
+    swept = await server.graphs.sweep()
+    assert swept.threads_ended >= 2
+    assert await ids(graphs, project, "pruned") == ["c3"]
+    assert await ids(graphs, project, "deleted") == []
+
+
+async def test_a_purge_forgets_linked_threads_and_whole_projects(graphs, scope, server, channel):
+    """Purging an agent instance forgets its linked threads; purging the project, all."""
+    project = scope["project_id"]
+    link = pb.GraphThreadOptions(
+        session=pb.GraphSessionLink(
+            agent_instance_id=scope["agent_instance_id"], session_id=scope["session_id"]
+        )
+    )
+    await put(
+        graphs,
+        project,
+        checkpoint("linked", "c1", versions={"a": "1"}, new={"a": b"x"}),
+        options=link,
+    )
+    await put(graphs, project, checkpoint("free", "c1"))
+    removal = DataRemovalServiceStub(channel)
+    report = await removal.PurgeData(
+        dr.PurgeDataRequest(project_id=project, agent_instance_id=scope["agent_instance_id"])
+    )
+    assert report.graph_checkpoints_deleted == 1
+    assert await ids(graphs, project, "linked") == []
+    assert await ids(graphs, project, "free") == ["c1"]
+    report = await removal.PurgeData(dr.PurgeDataRequest(project_id=project))
+    assert report.graph_checkpoints_deleted == 1
+    assert await ids(graphs, project, "free") == []
+    assert await value_rows(server, project) == 0
+
+
+async def test_threads_of_other_projects_are_invisible(graphs, scope):
+    """The same thread id in two projects names two threads."""
+    other = str(uuid.uuid4())
+    await put(graphs, scope["project_id"], checkpoint("t", "mine"))
+    await put(graphs, other, checkpoint("t", "theirs"))
+    assert await ids(graphs, scope["project_id"], "t") == ["mine"]
+    copied = await graphs.CopyGraphThread(
+        pb.CopyGraphThreadRequest(project_id=other, source_thread_id="t", target_thread_id="u")
+    )
+    assert copied.checkpoints_copied == 1
+    assert await ids(graphs, scope["project_id"], "u") == []
+    error = await expect_error(
+        graphs.GetGraphCheckpoint(
+            pb.GetGraphCheckpointRequest(project_id=scope["project_id"], thread_id="u")
+        ),
+        grpc.StatusCode.NOT_FOUND,
+    )
+    assert error.reason == "ERROR_REASON_GRAPH_CHECKPOINT_NOT_FOUND"
