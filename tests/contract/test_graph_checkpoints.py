@@ -59,9 +59,10 @@ def checkpoint(
 async def put(
     graphs: GraphCheckpointServiceStub, project: str, message: pb.GraphCheckpoint, **extra: Any
 ) -> pb.PutGraphCheckpointResponse:
-    return await graphs.PutGraphCheckpoint(
+    response: pb.PutGraphCheckpointResponse = await graphs.PutGraphCheckpoint(
         pb.PutGraphCheckpointRequest(project_id=project, checkpoint=message, **extra)
     )
+    return response
 
 
 async def ids(graphs: GraphCheckpointServiceStub, project: str, thread_id: str) -> list[str]:
