@@ -522,6 +522,8 @@ def _check_text(
         if required:
             violations.append(FieldViolation(field, "is required"))
         return
+    if value.isascii() and value.isprintable() and len(value) <= max_bytes:
+        return  # the common case, without a regular expression
     size = len(value.encode("utf-8", "surrogatepass"))
     if size > max_bytes:
         violations.append(

@@ -48,6 +48,28 @@ def _pairs(dialect: Dialect) -> str:
     return "SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?)"
 
 
+def _values_by_pairs(dialect: Dialect) -> str:
+    """Values looked up one pair at a time by primary key (a JSON array of pairs,
+    then the namespace), so a read costs the same however many versions are stored.
+    On PostgreSQL the LIMIT keeps the planner from turning the lookups into a hash
+    join over every stored version of the namespace."""
+    if dialect.name == "postgres":
+        return (
+            "SELECT v.channel, v.version, v.value_type, v.value"
+            " FROM jsonb_array_elements(?::jsonb) e CROSS JOIN LATERAL"
+            " (SELECT channel, version, value_type, value FROM graph_values"
+            "  WHERE project_id = ? AND thread_id = ? AND checkpoint_ns = ?"
+            "  AND channel = e->>0 AND version = e->>1 LIMIT 1) v"
+        )
+    # CROSS JOIN: SQLite keeps the pairs as the outer loop.
+    return (
+        "SELECT v.channel, v.version, v.value_type, v.value FROM json_each(?) e"
+        " CROSS JOIN graph_values v WHERE v.project_id = ? AND v.thread_id = ?"
+        " AND v.checkpoint_ns = ? AND v.channel = json_extract(e.value, '$[0]')"
+        " AND v.version = json_extract(e.value, '$[1]')"
+    )
+
+
 def _record(row: Sequence[Any], dialect: Dialect) -> GraphCheckpointRecord:
     return GraphCheckpointRecord(
         project_id=str(text(row[0])),
@@ -80,10 +102,7 @@ async def _attach(
         found: dict[tuple[str, str], GraphValue] = {}
         if pairs:
             cursor = await dialect.execute_bulk_read(
-                conn,
-                "SELECT channel, version, value_type, value FROM graph_values"
-                f" WHERE {_NAMESPACE} AND (channel, version) IN ({_pairs(dialect)})",
-                [*key, json.dumps(pairs)],
+                conn, _values_by_pairs(dialect), [json.dumps(pairs), *key]
             )
             for row in await cursor.fetchall():
                 found[(row[0], row[1])] = GraphValue(row[0], row[1], row[2], bytes(row[3]))
@@ -272,6 +291,27 @@ class SqlGraphWrites:
     async def insert_graph_values(
         self, project_id: str, thread_id: str, ns: str, values: Sequence[GraphValue]
     ) -> int:
+        if not values:
+            return 0
+        if self._d.name == "postgres":
+            # Arrays, not a VALUES list: one short statement however many values,
+            # sent in binary (%b), which psycopg encodes much faster than text arrays.
+            rows = await self._rows(
+                "INSERT INTO graph_values (project_id, thread_id, checkpoint_ns, channel,"
+                " version, value_type, value) SELECT ?, ?, ?, * FROM"
+                " unnest(%b::text[], %b::text[], %b::text[], %b::bytea[])"
+                " ON CONFLICT DO NOTHING RETURNING 1",
+                (
+                    project_id,
+                    thread_id,
+                    ns,
+                    [v.channel for v in values],
+                    [v.version for v in values],
+                    [v.type for v in values],
+                    [v.data for v in values],
+                ),
+            )
+            return len(rows)
         stored = 0
         for start in range(0, len(values), _CHUNK):
             chunk = values[start : start + _CHUNK]
@@ -330,6 +370,31 @@ class SqlGraphWrites:
             if replace
             else "DO NOTHING"
         )
+        columns = (
+            "INSERT INTO graph_writes (project_id, thread_id, checkpoint_ns, checkpoint_id,"
+            " task_id, idx, task_path, channel, value_type, value)"
+        )
+        key = "(project_id, thread_id, checkpoint_ns, checkpoint_id, task_id, idx)"
+        if self._d.name == "postgres":
+            await self._conn.execute(
+                self._d.sql(
+                    f"{columns} SELECT ?, ?, ?, ?, * FROM unnest(%b::text[], %b::int[], %b::text[],"
+                    f" %b::text[], %b::text[], %b::bytea[]) ON CONFLICT {key} {conflict}"
+                ),
+                (
+                    project_id,
+                    thread_id,
+                    ns,
+                    checkpoint_id,
+                    [w.task_id for w in writes],
+                    [w.idx for w in writes],
+                    [w.task_path for w in writes],
+                    [w.channel for w in writes],
+                    [w.type for w in writes],
+                    [w.data for w in writes],
+                ),
+            )
+            return
         for start in range(0, len(writes), _CHUNK):
             chunk = writes[start : start + _CHUNK]
             marks = ", ".join("(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)" for _ in chunk)
@@ -338,13 +403,7 @@ class SqlGraphWrites:
                 params += [project_id, thread_id, ns, checkpoint_id, write.task_id, write.idx]
                 params += [write.task_path, write.channel, write.type, write.data]
             await self._conn.execute(
-                self._d.sql(
-                    "INSERT INTO graph_writes (project_id, thread_id, checkpoint_ns,"
-                    " checkpoint_id, task_id, idx, task_path, channel, value_type, value)"
-                    f" VALUES {marks} ON CONFLICT (project_id, thread_id, checkpoint_ns,"
-                    f" checkpoint_id, task_id, idx) {conflict}"
-                ),
-                params,
+                self._d.sql(f"{columns} VALUES {marks} ON CONFLICT {key} {conflict}"), params
             )
 
     async def delete_graph_thread(self, project_id: str, thread_id: str) -> int:
