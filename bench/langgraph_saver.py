@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import statistics
 import sys
@@ -119,6 +120,10 @@ class Thread:
         assert len(found.checkpoint["channel_values"]) == len(self.values)
 
 
+async def _echo(put: Any, get: Any, op: str, payload: bytes) -> None:
+    await (put(payload) if op == "aput" else get(SMALL))
+
+
 async def _timed(call: Callable[[], Awaitable[None]]) -> float:
     started = time.perf_counter_ns()
     await call()
@@ -158,11 +163,9 @@ async def measure_latency(
         for _ in range(rounds):
             for op in ("aput", "aget_tuple"):
                 for system in ("memsvc", "postgres", "echo"):
+                    call: Callable[[], Awaitable[None]]
                     if system == "echo":
-
-                        async def call(op: str = op, payload: bytes = put_payload) -> None:
-                            await (put_echo(payload) if op == "aput" else get_echo(SMALL))
-
+                        call = functools.partial(_echo, put_echo, get_echo, op, put_payload)
                     else:
                         thread = threads[system]
                         call = thread.put if op == "aput" else thread.get
