@@ -296,6 +296,16 @@ class GraphDatabase(Protocol):
         ``after`` in that order, with values and writes; stops early once the
         checkpoints read hold ``byte_budget`` bytes (at least one is read)."""
 
+    async def put_graph_checkpoint_at_once(
+        self,
+        record: GraphCheckpointRecord,
+        values: Sequence[GraphValue],
+        options: GraphThreadOptions | None,
+    ) -> int | None:
+        """An unfenced put in one atomic step, where the store can (None: it cannot;
+        use a transaction): the thread's row touched, new values and the checkpoint
+        stored. Returns how many values were new."""
+
 
 class GraphCheckpoints:
     """Graph checkpoints over a durable store."""
@@ -327,6 +337,11 @@ class GraphCheckpoints:
             options = check_options(options, "options", violations)
         raise_if_any(violations)
         now = self._clock_ms()
+        record = replace(record, create_ms=now)
+        if not require_latest_parent:
+            stored = await self._db.put_graph_checkpoint_at_once(record, new_values, options)
+            if stored is not None:
+                return stored
         async with self._db.transaction() as tx:
             project, thread, ns = record.project_id, record.thread_id, record.checkpoint_ns
             await tx.lock_graph_thread(project, thread, now, options)
@@ -335,7 +350,7 @@ class GraphCheckpoints:
                 if latest not in (record.parent_checkpoint_id, record.checkpoint_id):
                     raise GraphCheckpointConflict(thread, ns, record.parent_checkpoint_id, latest)
             stored = await tx.insert_graph_values(project, thread, ns, new_values)
-            await tx.upsert_graph_checkpoint(replace(record, create_ms=now))
+            await tx.upsert_graph_checkpoint(record)
         return stored
 
     async def put_writes(

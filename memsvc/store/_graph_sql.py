@@ -99,29 +99,30 @@ async def _attach(
         pairs = sorted(
             {(ch, ver) for i in indexes for ch, ver in records[i].channel_versions.items()}
         )
+        by_id = {records[i].checkpoint_id: i for i in indexes}
+        condition, ids = _in(dialect, "checkpoint_id", list(by_id))
+        # Values and writes in one round trip: ("v", channel, version, ...) rows
+        # and ("w", channel, checkpoint id, task id, task path, idx, ...) rows.
+        cursor = await dialect.execute_bulk_read(
+            conn,
+            f"SELECT 'v', v.channel, v.version, NULL, NULL, 0, v.value_type, v.value"
+            f" FROM ({_values_by_pairs(dialect)}) v UNION ALL"
+            " SELECT 'w', channel, checkpoint_id, task_id, task_path, idx, value_type, value"
+            f" FROM graph_writes WHERE {_NAMESPACE} AND {condition}",
+            [json.dumps(pairs), *key, *key, ids],
+        )
         found: dict[tuple[str, str], GraphValue] = {}
-        if pairs:
-            cursor = await dialect.execute_bulk_read(
-                conn, _values_by_pairs(dialect), [json.dumps(pairs), *key]
-            )
-            for row in await cursor.fetchall():
-                found[(row[0], row[1])] = GraphValue(row[0], row[1], row[2], bytes(row[3]))
+        for row in await cursor.fetchall():
+            if row[0] == "v":
+                found[(row[1], row[2])] = GraphValue(row[1], row[2], row[6], bytes(row[7]))
+            else:
+                writes[by_id[row[2]]].append(
+                    GraphWrite(row[3], row[4], int(row[5]), row[1], row[6], bytes(row[7]))
+                )
         for i in indexes:
             versions = records[i].channel_versions
             values[i] = [found[(c, v)] for c, v in sorted(versions.items()) if (c, v) in found]
-        by_id = {records[i].checkpoint_id: i for i in indexes}
-        condition, ids = _in(dialect, "checkpoint_id", list(by_id))
-        cursor = await dialect.execute_bulk_read(
-            conn,
-            "SELECT checkpoint_id, task_id, task_path, idx, channel, value_type, value"
-            f" FROM graph_writes WHERE {_NAMESPACE} AND {condition}"
-            " ORDER BY task_path, task_id, idx",
-            [*key, ids],
-        )
-        for row in await cursor.fetchall():
-            writes[by_id[row[0]]].append(
-                GraphWrite(row[1], row[2], int(row[3]), row[4], row[5], bytes(row[6]))
-            )
+            writes[i].sort(key=lambda w: (w.task_path, w.task_id, w.idx))
     return [
         dataclasses.replace(r, values=tuple(values[i]), writes=tuple(writes[i]))
         for i, r in enumerate(records)
@@ -218,6 +219,128 @@ async def list_graph_checkpoints(
     return result
 
 
+def _touch_thread(
+    project_id: str, thread_id: str, now_ms: int, options: GraphThreadOptions | None
+) -> tuple[str, list[Any]]:
+    """The upsert of a thread's row that every write makes first (it locks the row)."""
+    if options is None:
+        return (
+            "INSERT INTO graph_threads (project_id, thread_id, update_ms)"
+            " VALUES (?, ?, ?) ON CONFLICT (project_id, thread_id) DO UPDATE SET"
+            " update_ms = excluded.update_ms,"
+            " expire_ms = excluded.update_ms + graph_threads.ttl_ms,"
+            " prune_pending = graph_threads.keep_last > 0",
+            [project_id, thread_id, now_ms],
+        )
+    session = options.session
+    ttl = options.ttl_ms or None
+    return (
+        "INSERT INTO graph_threads (project_id, thread_id, update_ms, ttl_ms, expire_ms,"
+        " keep_last, prune_pending, agent_instance_id, session_id, on_session_end)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (project_id, thread_id) DO UPDATE SET"
+        " update_ms = excluded.update_ms, ttl_ms = excluded.ttl_ms,"
+        " expire_ms = excluded.expire_ms, keep_last = excluded.keep_last,"
+        " prune_pending = excluded.prune_pending,"
+        " agent_instance_id = excluded.agent_instance_id,"
+        " session_id = excluded.session_id, on_session_end = excluded.on_session_end",
+        [
+            project_id,
+            thread_id,
+            now_ms,
+            ttl,
+            None if ttl is None else now_ms + ttl,
+            options.keep_last,
+            options.keep_last > 0,
+            session.agent_instance_id if session else None,
+            session.session_id if session else None,
+            int(options.on_session_end),
+        ],
+    )
+
+
+def _insert_values_from_arrays(
+    project_id: str, thread_id: str, ns: str, values: Sequence[GraphValue]
+) -> tuple[str, list[Any]]:
+    """PostgreSQL: values from arrays, not a VALUES list, so the statement stays short
+    however many there are; sent in binary (%b), which psycopg encodes much faster."""
+    return (
+        "INSERT INTO graph_values (project_id, thread_id, checkpoint_ns, channel,"
+        " version, value_type, value) SELECT ?, ?, ?, * FROM"
+        " unnest(%b::text[], %b::text[], %b::text[], %b::bytea[]) ON CONFLICT DO NOTHING",
+        [
+            project_id,
+            thread_id,
+            ns,
+            [v.channel for v in values],
+            [v.version for v in values],
+            [v.type for v in values],
+            [v.data for v in values],
+        ],
+    )
+
+
+def _upsert_checkpoint(dialect: Dialect, record: GraphCheckpointRecord) -> tuple[str, list[Any]]:
+    return (
+        "INSERT INTO graph_checkpoints (project_id, thread_id, checkpoint_ns,"
+        " checkpoint_id, parent_checkpoint_id, checkpoint_type, checkpoint, metadata,"
+        " channel_versions, run_id, create_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (project_id, thread_id, checkpoint_ns, checkpoint_id) DO UPDATE SET"
+        " parent_checkpoint_id = excluded.parent_checkpoint_id,"
+        " checkpoint_type = excluded.checkpoint_type, checkpoint = excluded.checkpoint,"
+        " metadata = excluded.metadata, channel_versions = excluded.channel_versions,"
+        " run_id = excluded.run_id",
+        [
+            record.project_id,
+            record.thread_id,
+            record.checkpoint_ns,
+            record.checkpoint_id,
+            record.parent_checkpoint_id,
+            record.doc_type,
+            record.doc,
+            dialect.json_param(record.metadata),
+            dialect.json_param(record.channel_versions),
+            record.run_id,
+            dialect.time_param(record.create_ms),
+        ],
+    )
+
+
+async def put_graph_checkpoint_at_once(
+    conn: Connection,
+    dialect: Dialect,
+    record: GraphCheckpointRecord,
+    values: Sequence[GraphValue],
+    options: GraphThreadOptions | None,
+) -> int | None:
+    """PostgreSQL: an unfenced put as ONE statement (its data-modifying CTEs commit
+    together, in autocommit), one round trip instead of five. None on SQLite, whose
+    writes go through the store's transaction."""
+    if dialect.name != "postgres":
+        return None
+    thread, thread_params = _touch_thread(
+        record.project_id, record.thread_id, record.create_ms, options
+    )
+    checkpoint, checkpoint_params = _upsert_checkpoint(dialect, record)
+    values_sql, values_params = "SELECT 1 WHERE false", list[Any]()
+    if values:
+        values_sql, values_params = _insert_values_from_arrays(
+            record.project_id, record.thread_id, record.checkpoint_ns, values
+        )
+        values_sql += " RETURNING 1"
+    cursor = await conn.execute(
+        dialect.sql(
+            f"WITH thread AS ({thread} RETURNING 1), stored AS ({values_sql}),"
+            f" checkpoint AS ({checkpoint} RETURNING 1)"
+            " SELECT (SELECT count(*) FROM stored), (SELECT count(*) FROM thread),"
+            " (SELECT count(*) FROM checkpoint)"
+        ),
+        [*thread_params, *values_params, *checkpoint_params],
+    )
+    row = await cursor.fetchone()
+    return int(row[0])
+
+
 class SqlGraphWrites:
     """The graph-checkpoint writes of a durable-store transaction."""
 
@@ -231,45 +354,8 @@ class SqlGraphWrites:
     async def lock_graph_thread(
         self, project_id: str, thread_id: str, now_ms: int, options: GraphThreadOptions | None
     ) -> None:
-        if options is None:
-            await self._conn.execute(
-                self._d.sql(
-                    "INSERT INTO graph_threads (project_id, thread_id, update_ms)"
-                    " VALUES (?, ?, ?) ON CONFLICT (project_id, thread_id) DO UPDATE SET"
-                    " update_ms = excluded.update_ms,"
-                    " expire_ms = excluded.update_ms + graph_threads.ttl_ms,"
-                    " prune_pending = graph_threads.keep_last > 0"
-                ),
-                (project_id, thread_id, now_ms),
-            )
-            return
-        session = options.session
-        ttl = options.ttl_ms or None
-        await self._conn.execute(
-            self._d.sql(
-                "INSERT INTO graph_threads (project_id, thread_id, update_ms, ttl_ms, expire_ms,"
-                " keep_last, prune_pending, agent_instance_id, session_id, on_session_end)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (project_id, thread_id) DO UPDATE SET"
-                " update_ms = excluded.update_ms, ttl_ms = excluded.ttl_ms,"
-                " expire_ms = excluded.expire_ms, keep_last = excluded.keep_last,"
-                " prune_pending = excluded.prune_pending,"
-                " agent_instance_id = excluded.agent_instance_id,"
-                " session_id = excluded.session_id, on_session_end = excluded.on_session_end"
-            ),
-            (
-                project_id,
-                thread_id,
-                now_ms,
-                ttl,
-                None if ttl is None else now_ms + ttl,
-                options.keep_last,
-                options.keep_last > 0,
-                session.agent_instance_id if session else None,
-                session.session_id if session else None,
-                int(options.on_session_end),
-            ),
-        )
+        statement, params = _touch_thread(project_id, thread_id, now_ms, options)
+        await self._conn.execute(self._d.sql(statement), params)
 
     async def lock_graph_thread_row(self, project_id: str, thread_id: str) -> int | None:
         rows = await self._rows(
@@ -294,24 +380,8 @@ class SqlGraphWrites:
         if not values:
             return 0
         if self._d.name == "postgres":
-            # Arrays, not a VALUES list: one short statement however many values,
-            # sent in binary (%b), which psycopg encodes much faster than text arrays.
-            rows = await self._rows(
-                "INSERT INTO graph_values (project_id, thread_id, checkpoint_ns, channel,"
-                " version, value_type, value) SELECT ?, ?, ?, * FROM"
-                " unnest(%b::text[], %b::text[], %b::text[], %b::bytea[])"
-                " ON CONFLICT DO NOTHING RETURNING 1",
-                (
-                    project_id,
-                    thread_id,
-                    ns,
-                    [v.channel for v in values],
-                    [v.version for v in values],
-                    [v.type for v in values],
-                    [v.data for v in values],
-                ),
-            )
-            return len(rows)
+            statement, arrays = _insert_values_from_arrays(project_id, thread_id, ns, values)
+            return len(await self._rows(f"{statement} RETURNING 1", arrays))
         stored = 0
         for start in range(0, len(values), _CHUNK):
             chunk = values[start : start + _CHUNK]
@@ -329,31 +399,8 @@ class SqlGraphWrites:
         return stored
 
     async def upsert_graph_checkpoint(self, record: GraphCheckpointRecord) -> None:
-        await self._conn.execute(
-            self._d.sql(
-                "INSERT INTO graph_checkpoints (project_id, thread_id, checkpoint_ns,"
-                " checkpoint_id, parent_checkpoint_id, checkpoint_type, checkpoint, metadata,"
-                " channel_versions, run_id, create_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (project_id, thread_id, checkpoint_ns, checkpoint_id) DO UPDATE SET"
-                " parent_checkpoint_id = excluded.parent_checkpoint_id,"
-                " checkpoint_type = excluded.checkpoint_type, checkpoint = excluded.checkpoint,"
-                " metadata = excluded.metadata, channel_versions = excluded.channel_versions,"
-                " run_id = excluded.run_id"
-            ),
-            (
-                record.project_id,
-                record.thread_id,
-                record.checkpoint_ns,
-                record.checkpoint_id,
-                record.parent_checkpoint_id,
-                record.doc_type,
-                record.doc,
-                self._d.json_param(record.metadata),
-                self._d.json_param(record.channel_versions),
-                record.run_id,
-                self._d.time_param(record.create_ms),
-            ),
-        )
+        statement, params = _upsert_checkpoint(self._d, record)
+        await self._conn.execute(self._d.sql(statement), params)
 
     async def insert_graph_writes(
         self,
@@ -616,3 +663,12 @@ class SqlGraphReads(SqlQueries):
         byte_budget: int,
     ) -> list[GraphCheckpointRecord]:
         return await self._query(list_graph_checkpoints, scope, after, limit, byte_budget)
+
+    async def put_graph_checkpoint_at_once(
+        self,
+        record: GraphCheckpointRecord,
+        values: Sequence[GraphValue],
+        options: GraphThreadOptions | None,
+    ) -> int | None:
+        # Safe to retry: every part is an upsert, so a repeat leaves the same rows.
+        return await self._query(put_graph_checkpoint_at_once, record, values, options)

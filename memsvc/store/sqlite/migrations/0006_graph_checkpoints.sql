@@ -32,7 +32,6 @@ CREATE TABLE graph_checkpoints (
     create_time TEXT NOT NULL,
     PRIMARY KEY (project_id, thread_id, checkpoint_ns, checkpoint_id)
 );
-CREATE INDEX graph_checkpoints_newest ON graph_checkpoints (project_id, checkpoint_id DESC);
 CREATE INDEX graph_checkpoints_run ON graph_checkpoints (project_id, run_id)
     WHERE run_id IS NOT NULL;
 
