@@ -16,8 +16,8 @@ import enum
 import json
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from datetime import datetime, timedelta
-from typing import Any, TextIO
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal, TextIO
 
 import grpc
 
@@ -73,6 +73,7 @@ COMMANDS = (
     "set",
     "episodes",
     "watch",
+    "graph",
 )
 
 Handler = Callable[[AsyncClient, argparse.Namespace, TextIO], Awaitable[None]]
@@ -128,6 +129,26 @@ def add_commands(commands: Any) -> None:
     listing = actions.add_parser("list", parents=[session], help="newest first")
     listing.add_argument("--limit", type=int, default=100)
     listing.set_defaults(handler=_list_checkpoints)
+
+    graph = commands.add_parser("graph", help="LangGraph checkpoints of graph threads")
+    actions = graph.add_subparsers(dest="action", required=True, metavar="ACTION")
+    thread = argparse.ArgumentParser(add_help=False, parents=[common])
+    thread.add_argument("-p", "--project", required=True, help="project id (a UUID)")
+    thread.add_argument("-t", "--thread", required=True, help="thread id")
+    listing = actions.add_parser("list", parents=[thread], help="a thread's checkpoints")
+    listing.add_argument("--ns", help="only this checkpoint namespace (default: all)")
+    listing.add_argument("--limit", type=int, default=100)
+    listing.set_defaults(handler=_list_graph_checkpoints)
+    actions.add_parser("delete", parents=[thread], help="forget a thread").set_defaults(
+        handler=_delete_graph_thread
+    )
+    prune = actions.add_parser("prune", parents=[thread], help="keep the latest checkpoints")
+    prune.add_argument(
+        "--delete",
+        action="store_true",
+        help="delete every checkpoint instead of all but the latest",
+    )
+    prune.set_defaults(handler=_prune_graph_thread)
 
     spawn = commands.add_parser("spawn", parents=[session], help="spawn a session")
     spawn.add_argument("--agent-type", help="agent type id (a UUID)")
@@ -298,6 +319,48 @@ async def _list_checkpoints(client: AsyncClient, args: argparse.Namespace, out: 
             f"{c.checkpoint_id}  {_time(c.create_time)}  {c.key_count} keys"
             f"  {c.size_bytes} bytes  expires {expires}\n"
         )
+
+
+async def _list_graph_checkpoints(
+    client: AsyncClient, args: argparse.Namespace, out: TextIO
+) -> None:
+    pager = client.graphs(args.project).checkpoints(args.thread, checkpoint_ns=args.ns)
+    found = await pager.collect(limit=args.limit)
+    rows = [
+        {
+            "checkpoint_id": c.checkpoint_id,
+            "checkpoint_ns": c.checkpoint_ns,
+            "parent_checkpoint_id": c.parent_checkpoint_id or None,
+            "create_time": _time(c.create_time.ToDatetime(UTC)),
+            "metadata": json.loads(c.metadata_json or "{}"),
+            "channels": len(c.channel_versions),
+            "pending_writes": len(c.pending_writes),
+            "value_bytes": sum(len(v.value.data) for v in c.channel_values),
+        }
+        for c in found
+    ]
+    if args.json:
+        return _json(out, rows)
+    for row in rows:
+        ns = f"  ns {row['checkpoint_ns']!r}" if row["checkpoint_ns"] else ""
+        step = row["metadata"].get("step", "-")
+        source = row["metadata"].get("source", "-")
+        out.write(
+            f"{row['checkpoint_id']}{ns}  {row['create_time']}  step {step} ({source})"
+            f"  {row['channels']} channels  {row['value_bytes']} bytes"
+            f"  {row['pending_writes']} writes\n"
+        )
+
+
+async def _delete_graph_thread(client: AsyncClient, args: argparse.Namespace, out: TextIO) -> None:
+    deleted = await client.graphs(args.project).delete_thread(args.thread)
+    _show(out, args, {"checkpoints_deleted": deleted}, f"deleted {deleted} checkpoint(s)")
+
+
+async def _prune_graph_thread(client: AsyncClient, args: argparse.Namespace, out: TextIO) -> None:
+    strategy: Literal["keep_latest", "delete"] = "delete" if args.delete else "keep_latest"
+    deleted = await client.graphs(args.project).prune([args.thread], strategy=strategy)
+    _show(out, args, {"checkpoints_deleted": deleted}, f"deleted {deleted} checkpoint(s)")
 
 
 async def _spawn(client: AsyncClient, args: argparse.Namespace, out: TextIO) -> None:
