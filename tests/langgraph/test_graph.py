@@ -14,11 +14,13 @@ import uuid
 from dataclasses import replace
 from typing import Annotated, Any, TypedDict
 
+import pytest
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import Command, interrupt
 
+from memsvc.client import GraphCheckpointConflict
 from memsvc.langgraph import MemsvcSaver
 from memsvc.server import Server
 
@@ -134,3 +136,32 @@ async def test_a_sync_graph_runs_on_the_sync_methods(server: Server):
     assert final["log"] == ["write", "review:no", "discard"]
     assert final["approved"] is False
     assert [s.metadata["step"] for s in history] == [3, 2, 1, 0, -1]
+
+
+async def test_the_fence_refuses_a_stale_writer_and_plain_forks_still_work(server: Server):
+    """With fence=True, a writer extending an old checkpoint is refused instead of forking
+    the thread; without it, LangGraph's time travel forks as usual."""
+    project, thread_id = str(uuid.uuid4()), f"thread-{uuid.uuid4()}"
+    config: Any = {"configurable": {"thread_id": thread_id}}
+    target = f"127.0.0.1:{server.port}"
+    async with MemsvcSaver(target, project_id=project, fence=True) as saver:
+        graph = compile_graph(saver)
+        await graph.ainvoke({"topic": "otters"}, config)
+        history = [s async for s in graph.aget_state_history(config)]
+        stale = history[1].config  # the checkpoint before the latest
+        with pytest.raises(GraphCheckpointConflict) as refused:
+            await graph.ainvoke(None, stale)
+        assert (
+            refused.value.latest_checkpoint_id == history[0].config["configurable"]["checkpoint_id"]
+        )
+        assert [s.config async for s in graph.aget_state_history(config)] == [
+            s.config for s in history
+        ]
+        # The rightful writer, extending the latest, goes on.
+        final = await graph.ainvoke(Command(resume="yes"), config)
+        assert final["log"] == ["write", "review:yes", "publish"]
+    async with MemsvcSaver(target, project_id=project) as saver:
+        graph = compile_graph(saver)
+        await graph.ainvoke(None, stale)  # unfenced: a fork from the old checkpoint
+        forked = [s async for s in graph.aget_state_history(config)]
+        assert len(forked) > len(history) + 3
