@@ -465,8 +465,13 @@ class GraphCheckpoints:
         raise_if_any(violations)
         now = self._clock_ms()
         async with self._db.transaction() as tx:
-            for thread_id in sorted((source, target)):
-                await tx.lock_graph_thread(project, thread_id, now, None)
+            # Both rows locked in one order, so two opposite copies cannot deadlock.
+            locked = {
+                t: await tx.lock_graph_thread_row(project, t) for t in sorted({source, target})
+            }
+            if locked[source] is None:
+                return 0  # nothing to copy, and no empty thread made
+            await tx.lock_graph_thread(project, target, now, None)
             return await tx.copy_graph_thread(project, source, target, now)
 
     async def prune(self, project_id: str, thread_ids: Sequence[str], strategy: int) -> int:
