@@ -47,7 +47,7 @@ MAX_THREADS_PER_CALL = 1_000
 MAX_RUN_IDS = 1_000
 MAX_KEEP_LAST = 1_000_000
 LIST_PAGE = (100, 1_000)  # (default, maximum) page size
-LIST_PAGE_BYTES = 3 << 20  # a page ends once it holds this much value data
+LIST_PAGE_BYTES = 3 << 20  # what a List page carries at most (3/4 of a default message)
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
@@ -291,10 +291,11 @@ class GraphDatabase(Protocol):
         after: tuple[str, str, str] | None,
         limit: int,
         byte_budget: int,
-    ) -> list[GraphCheckpointRecord]:
-        """Newest first by (checkpoint_id, thread_id, ns), strictly after
-        ``after`` in that order, with values and writes; stops early once the
-        checkpoints read hold ``byte_budget`` bytes (at least one is read)."""
+    ) -> tuple[list[GraphCheckpointRecord], bool]:
+        """Up to ``limit`` checkpoints newest first by (checkpoint_id, thread_id, ns),
+        strictly after ``after`` in that order, with values and writes, and whether the
+        byte budget ended the read early: the first checkpoint always comes, the
+        others only while their values and writes stay within ``byte_budget``."""
 
     async def put_graph_checkpoint_at_once(
         self,
@@ -315,9 +316,12 @@ class GraphCheckpoints:
         database: GraphDatabase,
         *,
         clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+        page_bytes: int = LIST_PAGE_BYTES,
     ) -> None:
         self._db = database
         self._clock_ms = clock_ms
+        # Values and writes a List page carries at most (its first checkpoint aside).
+        self._page_bytes = page_bytes
 
     async def put(
         self,
@@ -412,11 +416,13 @@ class GraphCheckpoints:
         if after_text is not None:
             position = json.loads(after_text)
             after = (str(position[0]), str(position[1]), str(position[2]))
-        items = await self._db.list_graph_checkpoints(scope, after, limit + 1, LIST_PAGE_BYTES)
-        if len(items) <= limit and _over_budget(items):
-            # The byte budget ended the read: more may follow.
-            items = [*items, items[-1]]
-            limit = len(items) - 1
+        items, truncated = await self._db.list_graph_checkpoints(
+            scope, after, limit + 1, self._page_bytes
+        )
+        if truncated:
+            # The byte budget ended the page (before ``limit``): a token resumes
+            # after its last item.
+            items, limit = [*items, items[-1]], len(items)
         return page_of(
             items, limit, token_scope, lambda c: [c.checkpoint_id, c.thread_id, c.checkpoint_ns]
         )
@@ -529,10 +535,6 @@ class GraphCheckpoints:
                     pruned += await tx.keep_latest_graph_checkpoints(project, thread_id, 1)
                 await tx.graph_thread_session_done(project, thread_id)
         return GraphSweep(len(expired), pruned, len(ended))
-
-
-def _over_budget(items: list[GraphCheckpointRecord]) -> bool:
-    return bool(items) and sum(item.size() for item in items) >= LIST_PAGE_BYTES
 
 
 def _check_text(

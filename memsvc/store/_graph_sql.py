@@ -176,7 +176,7 @@ async def list_graph_checkpoints(
     after: tuple[str, str, str] | None,
     limit: int,
     byte_budget: int,
-) -> list[GraphCheckpointRecord]:
+) -> tuple[list[GraphCheckpointRecord], bool]:
     conditions = ["c.project_id = ?"]
     params: list[Any] = [scope.project_id]
     if scope.thread_id is not None:
@@ -203,20 +203,18 @@ async def list_graph_checkpoints(
         params,
     )
     records = [_record(row, dialect) for row in await cursor.fetchall()]
-    # Read values in slices, so a page of large checkpoints stops at the budget.
+    # Values are read in slices, so a page of large checkpoints stops at the budget:
+    # a checkpoint that would take the page past it waits for the next page (unless
+    # it is the first, which is always returned).
     result: list[GraphCheckpointRecord] = []
     size = 0
-    start = 0
-    step = 10
-    while start < len(records) and size < byte_budget:
-        chunk = await _attach(conn, dialect, records[start : start + step])
-        for record in chunk:
+    for start in range(0, len(records), 10):
+        for record in await _attach(conn, dialect, records[start : start + 10]):
+            if result and size + record.size() > byte_budget:
+                return result, True
             result.append(record)
             size += record.size()
-            if size >= byte_budget:
-                break
-        start += step
-    return result
+    return result, False
 
 
 def _touch_thread(
@@ -661,7 +659,7 @@ class SqlGraphReads(SqlQueries):
         after: tuple[str, str, str] | None,
         limit: int,
         byte_budget: int,
-    ) -> list[GraphCheckpointRecord]:
+    ) -> tuple[list[GraphCheckpointRecord], bool]:
         return await self._query(list_graph_checkpoints, scope, after, limit, byte_budget)
 
     async def put_graph_checkpoint_at_once(

@@ -302,3 +302,26 @@ async def test_threads_of_other_projects_are_invisible(graphs, scope):
         grpc.StatusCode.NOT_FOUND,
     )
     assert error.reason == "ERROR_REASON_GRAPH_CHECKPOINT_NOT_FOUND"
+
+
+async def test_a_page_ends_before_its_values_outgrow_a_message(graphs, scope):
+    """Pages stop at 3 MiB of values: large checkpoints come a few at a time, none lost."""
+    project = scope["project_id"]
+    big = b"x" * (1 << 20)
+    for step in range(1, 6):
+        await put(
+            graphs,
+            project,
+            checkpoint("t", f"c{step}", versions={"v": str(step)}, new={"v": big}),
+        )
+    pages, token = [], ""
+    while True:
+        page = await graphs.ListGraphCheckpoints(
+            pb.ListGraphCheckpointsRequest(project_id=project, thread_id="t", page_token=token)
+        )
+        pages.append([c.checkpoint_id for c in page.checkpoints])
+        token = page.next_page_token
+        if not token:
+            break
+    assert [c for p in pages for c in p] == ["c5", "c4", "c3", "c2", "c1"]
+    assert max(len(p) for p in pages) <= 3 and len(pages) >= 2
