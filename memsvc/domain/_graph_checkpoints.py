@@ -47,7 +47,7 @@ MAX_THREADS_PER_CALL = 1_000
 MAX_RUN_IDS = 1_000
 MAX_KEEP_LAST = 1_000_000
 LIST_PAGE = (100, 1_000)  # (default, maximum) page size
-LIST_PAGE_BYTES = 3 << 20  # what a List page carries at most (3/4 of a default message)
+LIST_PAGE_BYTES = 3 << 20  # a List page at most (the server passes 3/4 of max_message_bytes)
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
