@@ -223,8 +223,8 @@ async def test_retention_forgets_expired_threads_and_keeps_the_newest(graphs, sc
         )
     await asyncio.sleep(0.01)
     assert server.graphs is not None
-    swept = await server.graphs.sweep()
-    assert swept.threads_expired >= 1
+    # (The server's own sweep may have run first: the state is what counts.)
+    await server.graphs.sweep()
     assert await ids(graphs, project, "gone") == []
     assert await ids(graphs, project, "kept") == ["c4", "c3"]
     assert await value_rows(server, project) == 2
@@ -250,8 +250,7 @@ async def test_a_linked_session_ends_its_threads(graphs, scope, server, channel)
             await put(graphs, project, checkpoint(thread_id, f"c{step}"), options=link)
     await life.Terminate(lc.TerminateRequest(**scope))
     assert server.graphs is not None
-    swept = await server.graphs.sweep()
-    assert swept.threads_ended >= 2
+    await server.graphs.sweep()
     assert await ids(graphs, project, "pruned") == ["c3"]
     assert await ids(graphs, project, "deleted") == []
 
