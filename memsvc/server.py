@@ -20,6 +20,7 @@ import socket
 import stat
 import sys
 import uuid
+from collections.abc import Awaitable, Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -33,7 +34,7 @@ from memsvc.api import ErrorInterceptor, WorkingMemoryServicer
 from memsvc.api._auth import AuthInterceptor
 from memsvc.api._data_removal import DataRemovalServicer
 from memsvc.api._episodic import EpisodicMemoryServicer
-from memsvc.api._errors import StreamTracker
+from memsvc.api._errors import CallTracker
 from memsvc.api._lifecycle import LifecycleServicer, render_value
 from memsvc.api._metrics import MetricsInterceptor
 from memsvc.auth import CertificateFiles, Certificates, CredentialsError, TokenFile
@@ -60,6 +61,10 @@ from memsvc.v1 import (
 )
 
 log = logging.getLogger(__name__)
+
+# The longest one shutdown step may take (beyond the grace period for the gRPC
+# server) before it is logged and skipped, so a stop can never hang.
+STEP_LIMIT_SECONDS = 10.0
 
 WORKING_MEMORY_SERVICE = working_memory_pb2.DESCRIPTOR.services_by_name[
     "WorkingMemoryService"
@@ -108,7 +113,7 @@ class Server:
         # The probe port (grpc.health.v1 only) and the metrics port, when enabled.
         self.health_port: int | None = None
         self._probe: grpc.aio.Server | None = None
-        self._streams = StreamTracker()
+        self._calls = CallTracker()
         self._grpc: grpc.aio.Server | None = None
         self._monitor: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -186,7 +191,7 @@ class Server:
         if self.tokens is not None:
             self._auth = AuthInterceptor(self.tokens.table)
             interceptors.append(self._auth)
-        interceptors.append(ErrorInterceptor(self._streams))
+        interceptors.append(ErrorInterceptor(self._calls))
         server = grpc.aio.server(
             interceptors=interceptors,
             options=self._grpc_options(),
@@ -260,7 +265,13 @@ class Server:
         self._warn_if_open()
 
     async def stop(self, grace: float | None = None) -> None:
-        """Shut down gracefully; safe to call more than once."""
+        """Shut down gracefully; safe to call more than once.
+
+        Every step is bounded: a step that overruns (a handler that ignores its
+        cancellation, a backend that stops answering) is logged with the stacks
+        of the tasks still running and skipped, so the process always exits and
+        the stores are always closed.
+        """
         if self._stopped.is_set():
             return
         grace = self.config.shutdown_grace_seconds if grace is None else grace
@@ -269,27 +280,43 @@ class Server:
         for task in (self._monitor, self._sweeper, self._reloader):
             if task is not None:
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await _bounded(f"stopping task {task.get_name()}", task, STEP_LIMIT_SECONDS)
         if self.lifecycle is not None:
-            try:
-                await self.lifecycle.release_background(self.instance_id)
-            except Exception as error:  # the lease then lapses by itself
-                log.warning("could not release the background-jobs lease: %s", error)
+            # Without this the lease lapses by itself, later.
+            await _bounded(
+                "releasing the background-jobs lease",
+                self.lifecycle.release_background(self.instance_id),
+                STEP_LIMIT_SECONDS,
+            )
         if self._grpc is not None:
             # Let health watchers receive NOT_SERVING before their streams end.
             await asyncio.sleep(0.05)
-            ended = self._streams.end_all()
+            ended = self._calls.end_streams()
             if ended:
                 log.info("ended %d open stream(s) with UNAVAILABLE", ended)
-            await self._grpc.stop(grace)
+            await _bounded(
+                "stopping the gRPC server", self._grpc.stop(grace), grace + STEP_LIMIT_SECONDS
+            )
+            # gRPC is done with the calls, but their handlers may still be
+            # unwinding (grpc issue 37239): the stores close only after them.
+            stuck = await self._calls.settle(STEP_LIMIT_SECONDS)
+            if stuck:
+                log.error(
+                    "shutdown: %d handler(s) still running after %.1fs; closing the stores "
+                    "under them:\n%s",
+                    len(stuck),
+                    STEP_LIMIT_SECONDS,
+                    _stacks(stuck),
+                )
         if self._probe is not None:
-            await self._probe.stop(0)
+            await _bounded("stopping the probe server", self._probe.stop(0), STEP_LIMIT_SECONDS)
         self.metrics.stop()
         if self.tracer_provider is not None and hasattr(self.tracer_provider, "shutdown"):
             self.tracer_provider.shutdown()  # flushes the spans still batched
-        await self.working_memory_store.aclose()
-        await self.durable_store.aclose()
+        await _bounded(
+            "closing working memory", self.working_memory_store.aclose(), STEP_LIMIT_SECONDS
+        )
+        await _bounded("closing the durable store", self.durable_store.aclose(), STEP_LIMIT_SECONDS)
         if self.config.unix_socket:
             with contextlib.suppress(FileNotFoundError):
                 Path(self.config.unix_socket).unlink()  # noqa: ASYNC240 - one fast syscall
@@ -473,6 +500,39 @@ class Server:
         while True:
             await asyncio.sleep(self.config.health_interval_seconds)
             await self._check_health()
+
+
+async def _bounded(step: str, work: Awaitable[object], seconds: float) -> None:
+    """Await one shutdown step for at most ``seconds``; log, never raise, if it fails.
+
+    An overrun is logged with the stack of every task still running, so the
+    step that hung can be found from the log alone.
+    """
+    waiter = asyncio.ensure_future(work)
+    done, _ = await asyncio.wait({waiter}, timeout=seconds)
+    if not done:
+        waiter.cancel()
+        others = asyncio.all_tasks() - {asyncio.current_task()}
+        log.error(
+            "shutdown: %s took over %.1fs, skipped; tasks:\n%s", step, seconds, _stacks(others)
+        )
+        return
+    if not waiter.cancelled() and waiter.exception() is not None:
+        error = waiter.exception()
+        if not isinstance(error, asyncio.CancelledError):
+            log.warning("shutdown: %s failed: %r", step, error)
+
+
+def _stacks(tasks: Iterable[asyncio.Task[Any]]) -> str:
+    """Where each task is waiting, innermost frame last, for a log line."""
+    lines = []
+    for task in tasks:
+        lines.append(f"  task {task.get_name()}:")
+        # Task.print_stack() chokes on Cython frames (grpc's), whose line is None.
+        for frame in task.get_stack(limit=8):
+            code = frame.f_code
+            lines.append(f"    {code.co_filename}:{frame.f_lineno or '?'} in {code.co_name}")
+    return "\n".join(lines)
 
 
 def _remove_stale_socket(path: Path) -> None:

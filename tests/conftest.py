@@ -8,6 +8,8 @@ skipping.
 
 from __future__ import annotations
 
+import asyncio
+import io
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -115,6 +117,17 @@ def base_config(deployment: Deployment, tmp_path: Path, request: pytest.FixtureR
     )
 
 
+async def stop_or_explain(server: Server, limit: float = 30) -> None:
+    """Stop a test server; if that hangs, fail with every task's stack, not a bare timeout."""
+    try:
+        await asyncio.wait_for(server.stop(), limit)
+    except TimeoutError:
+        stacks = io.StringIO()
+        for task in asyncio.all_tasks():
+            task.print_stack(file=stacks)
+        pytest.fail(f"Server.stop() did not finish in {limit}s; tasks:\n{stacks.getvalue()}")
+
+
 @pytest.fixture
 def config_overrides() -> dict[str, object]:
     """Override in a test module (or with indirect parametrization) to change limits."""
@@ -123,8 +136,12 @@ def config_overrides() -> dict[str, object]:
 
 @pytest.fixture
 async def server(base_config: Config, config_overrides: dict[str, object]) -> AsyncIterator[Server]:
-    async with Server(replace(base_config, **config_overrides)) as running:  # type: ignore[arg-type]
+    running = Server(replace(base_config, **config_overrides))  # type: ignore[arg-type]
+    await running.start()
+    try:
         yield running
+    finally:
+        await stop_or_explain(running)
 
 
 @pytest.fixture

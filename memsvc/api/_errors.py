@@ -10,9 +10,10 @@ a logged traceback, so internals never leak to callers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
@@ -103,48 +104,69 @@ async def _abort(context: grpc.aio.ServicerContext, error: BaseException, method
     await context.abort(grpc.StatusCode.INTERNAL, "internal error; the server log has the details")
 
 
-class StreamTracker:
-    """Knows every open server-streaming call, so shutdown can end them.
+class CallTracker:
+    """Knows every call in flight, so shutdown can end streams and wait for the rest.
 
     ``server.stop(grace)`` would otherwise wait the whole grace period for
-    streams that never end on their own (health Watch, event watchers). At
-    shutdown, :meth:`end_all` cancels them, and each ends with UNAVAILABLE so
-    its client knows to reconnect elsewhere.
+    streams that never end on their own (health Watch, event watchers): at
+    shutdown, :meth:`end_streams` cancels them, and each ends with UNAVAILABLE
+    so its client knows to reconnect elsewhere. And grpc.aio's ``stop()``
+    returns once the calls are over for gRPC core, which is before their
+    handlers have unwound (grpc issue 37239): :meth:`settle` waits for those,
+    so the stores are never closed under a handler still using them.
     """
 
     def __init__(self) -> None:
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._streams: set[asyncio.Task[Any]] = set()
+        self._unary: set[asyncio.Task[Any]] = set()
         self.shutting_down = False
 
-    def add(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.add(task)
+    @contextlib.contextmanager
+    def tracking(self, *, stream: bool) -> Iterator[None]:
+        """Count the current task as a call in flight for the duration of the block."""
+        task = asyncio.current_task()
+        assert task is not None
+        calls = self._streams if stream else self._unary
+        calls.add(task)
+        try:
+            yield
+        finally:
+            calls.discard(task)
 
-    def discard(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-
-    def end_all(self) -> int:
+    def end_streams(self) -> int:
         """Cancel every open stream; return how many there were."""
         self.shutting_down = True
-        for task in self._tasks:
+        for task in self._streams:
             task.cancel()
-        return len(self._tasks)
+        return len(self._streams)
+
+    async def settle(self, seconds: float) -> set[asyncio.Task[Any]]:
+        """Cancel the handlers still running and wait up to ``seconds`` for them to
+        unwind; return those that did not."""
+        running = self._streams | self._unary
+        for task in running:
+            task.cancel()
+        if not running:
+            return set()
+        _, pending = await asyncio.wait(running, timeout=seconds)
+        return pending
 
 
 class ErrorInterceptor(HandlerWrapper):
     """Maps domain errors to statuses, sets each call's deadline and log context,
-    and registers server streams with the StreamTracker."""
+    and registers every call with the CallTracker."""
 
     own_only = False  # every handler: streams are tracked for shutdown too
 
-    def __init__(self, streams: StreamTracker) -> None:
+    def __init__(self, calls: CallTracker) -> None:
         super().__init__()
-        self._streams = streams
+        self._calls = calls
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         own = method.startswith(OWN_METHOD_PREFIX)
         if handler.unary_unary is not None and own:
             return grpc.unary_unary_rpc_method_handler(
-                _map_errors(handler.unary_unary, method),
+                _map_errors(handler.unary_unary, method, self._calls),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
@@ -159,11 +181,11 @@ class ErrorInterceptor(HandlerWrapper):
     def _track_stream(self, behavior: Callable[..., Any], method: str, own: bool) -> Any:
         """Wrap a server-streaming handler, either style grpc.aio allows: an async
         generator that yields responses, or a coroutine that calls context.write()."""
-        streams = self._streams
+        calls = self._calls
 
         async def end_with_status(context: grpc.aio.ServicerContext, error: BaseException) -> None:
             if isinstance(error, asyncio.CancelledError):
-                if not streams.shutting_down:
+                if not calls.shutting_down:
                     raise error
                 await context.abort(
                     grpc.StatusCode.UNAVAILABLE, "server shutting down; reconnect to continue"
@@ -178,40 +200,34 @@ class ErrorInterceptor(HandlerWrapper):
                 request: Any, context: grpc.aio.ServicerContext
             ) -> AsyncIterator[Any]:
                 rpc_method.set(method)
-                task = asyncio.current_task()
-                assert task is not None
-                streams.add(task)
-                try:
-                    async for response in behavior(request, context):
-                        yield response
-                except (Exception, asyncio.CancelledError) as error:
-                    await end_with_status(context, error)
-                finally:
-                    streams.discard(task)
+                with calls.tracking(stream=True):
+                    try:
+                        async for response in behavior(request, context):
+                            yield response
+                    except (Exception, asyncio.CancelledError) as error:
+                        await end_with_status(context, error)
 
             return generator
 
         async def writer(request: Any, context: grpc.aio.ServicerContext) -> None:
             rpc_method.set(method)
-            task = asyncio.current_task()
-            assert task is not None
-            streams.add(task)
-            try:
-                await behavior(request, context)
-            except (Exception, asyncio.CancelledError) as error:
-                await end_with_status(context, error)
-            finally:
-                streams.discard(task)
+            with calls.tracking(stream=True):
+                try:
+                    await behavior(request, context)
+                except (Exception, asyncio.CancelledError) as error:
+                    await end_with_status(context, error)
 
         return writer
 
 
 def _map_errors(
-    behavior: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]], method: str
+    behavior: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]],
+    method: str,
+    calls: CallTracker,
 ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
     async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
         rpc_method.set(method)
-        with call_deadline(context.time_remaining()):
+        with calls.tracking(stream=False), call_deadline(context.time_remaining()):
             try:
                 return await behavior(request, context)
             except (grpc.aio.AbortError, asyncio.CancelledError):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import stat
 import subprocess
 import sys
@@ -18,6 +20,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from memsvc import server as server_module
 from memsvc.config import Config
 from memsvc.domain import BatchRead, SessionRef
 from memsvc.server import Server
@@ -84,6 +87,7 @@ async def test_reflection_lists_every_service(embedded):
             "memsvc.v1.LifecycleService",
             "memsvc.v1.EpisodicMemoryService",
             "memsvc.v1.DataRemovalService",
+            "memsvc.v1.GraphCheckpointService",
             "grpc.health.v1.Health",
             "grpc.reflection.v1alpha.ServerReflection",
         }
@@ -206,3 +210,40 @@ async def test_stop_cancels_calls_still_running_after_the_grace_period(embedded)
         with pytest.raises(grpc.aio.AioRpcError) as cancelled:
             await call
         assert cancelled.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+
+
+class StubbornStore(GatedStore):
+    """Reads that ignore their cancellation: a handler that never unwinds."""
+
+    async def get_entries(
+        self, session: SessionRef, keys: Sequence[str], budget_bytes: int
+    ) -> BatchRead:
+        self.entered.set()
+        while not self.gate.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.gate.wait()
+        return await super(GatedStore, self).get_entries(session, keys, budget_bytes)
+
+
+async def test_stop_never_hangs_on_a_handler_that_ignores_cancellation(
+    embedded, monkeypatch, caplog
+):
+    """A stuck step is logged with the stacks of the tasks still running and skipped:
+    the stores still close and stop() returns."""
+    monkeypatch.setattr(server_module, "STEP_LIMIT_SECONDS", 0.5)
+    caplog.set_level(logging.INFO, logger="memsvc.server")
+    store = StubbornStore()
+    server = Server(embedded, working_memory=store)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            call = WorkingMemoryServiceStub(channel).Get(pb.GetRequest(**scope(), key="k"))
+            await asyncio.wait_for(store.entered.wait(), 10)
+            await asyncio.wait_for(server.stop(grace=0.1), 30)
+            call.cancel()
+    finally:
+        store.gate.set()  # let the stubborn handler go, so the test leaves nothing behind
+    stuck = [r for r in caplog.records if "handler(s) still running" in r.message]
+    assert stuck, [r.message for r in caplog.records]
+    assert "WorkingMemoryService/Get" in stuck[0].message, "the log names the stuck call"
+    assert caplog.records[-1].message == "stopped", "the steps after the stuck one still ran"
