@@ -35,12 +35,14 @@ from memsvc.api._auth import AuthInterceptor
 from memsvc.api._data_removal import DataRemovalServicer
 from memsvc.api._episodic import EpisodicMemoryServicer
 from memsvc.api._errors import CallTracker
+from memsvc.api._graph_checkpoints import GraphCheckpointServicer
 from memsvc.api._lifecycle import LifecycleServicer, render_value
 from memsvc.api._metrics import MetricsInterceptor
 from memsvc.auth import CertificateFiles, Certificates, CredentialsError, TokenFile
 from memsvc.config import Config, ConfigError, listen_is_loopback
 from memsvc.domain import DurableStore, MemoryStore, WorkingMemory
 from memsvc.domain._episodes import Episodes
+from memsvc.domain._graph_checkpoints import GraphCheckpoints
 from memsvc.domain._lifecycle import Lifecycle
 from memsvc.domain._lifecycle_records import CheckpointRetention
 from memsvc.domain._purge import Purger
@@ -54,6 +56,8 @@ from memsvc.v1 import (
     data_removal_pb2_grpc,
     episodic_pb2,
     episodic_pb2_grpc,
+    graph_checkpoint_pb2,
+    graph_checkpoint_pb2_grpc,
     lifecycle_pb2,
     lifecycle_pb2_grpc,
     working_memory_pb2,
@@ -74,6 +78,9 @@ EPISODIC_MEMORY_SERVICE = episodic_pb2.DESCRIPTOR.services_by_name[
     "EpisodicMemoryService"
 ].full_name
 DATA_REMOVAL_SERVICE = data_removal_pb2.DESCRIPTOR.services_by_name["DataRemovalService"].full_name
+GRAPH_CHECKPOINT_SERVICE = graph_checkpoint_pb2.DESCRIPTOR.services_by_name[
+    "GraphCheckpointService"
+].full_name
 # On the probe port: "liveness" is the process (SERVING until shutdown), so a
 # backend outage never restarts the sidecar; "readiness" and "" follow the backends.
 LIVENESS = "liveness"
@@ -86,6 +93,7 @@ _HEALTH_SERVICES = (
     LIFECYCLE_SERVICE,
     EPISODIC_MEMORY_SERVICE,
     DATA_REMOVAL_SERVICE,
+    GRAPH_CHECKPOINT_SERVICE,
 )
 
 
@@ -118,6 +126,7 @@ class Server:
         self._monitor: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self.lifecycle: Lifecycle | None = None
+        self.graphs: GraphCheckpoints | None = None
         self.hub: EventHub | None = None
         self._healthy: bool | None = None
         self._stopped = asyncio.Event()
@@ -211,6 +220,12 @@ class Server:
         data_removal_pb2_grpc.add_DataRemovalServiceServicer_to_server(
             DataRemovalServicer(Purger(self.working_memory_store, self.durable_store)), server
         )
+        self.graphs = GraphCheckpoints(
+            self.durable_store, page_bytes=self.config.response_budget_bytes
+        )
+        graph_checkpoint_pb2_grpc.add_GraphCheckpointServiceServicer_to_server(
+            GraphCheckpointServicer(self.graphs), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (
@@ -218,6 +233,7 @@ class Server:
                 LIFECYCLE_SERVICE,
                 EPISODIC_MEMORY_SERVICE,
                 DATA_REMOVAL_SERVICE,
+                GRAPH_CHECKPOINT_SERVICE,
                 health.SERVICE_NAME,
                 reflection.SERVICE_NAME,
             ),
@@ -398,6 +414,7 @@ class Server:
                 continue
             if swept is None:
                 continue  # another replica runs the background jobs
+            await self._sweep_graphs()
             checkpoints, requests, events = swept
             if checkpoints or requests or events:
                 log.info(
@@ -406,6 +423,24 @@ class Server:
                     requests,
                     events,
                 )
+
+    async def _sweep_graphs(self) -> None:
+        """Graph-checkpoint retention (TTL, keep_last, ended sessions), on the lease holder."""
+        if self.graphs is None:
+            return
+        try:
+            graphs = await self.graphs.sweep()
+        except Exception as error:
+            log.warning("graph checkpoint retention failed: %s", error)
+            return
+        if graphs.threads_expired or graphs.checkpoints_pruned or graphs.threads_ended:
+            log.info(
+                "graph retention: %d thread(s) expired, %d checkpoint(s) pruned, "
+                "%d thread(s) of ended sessions",
+                graphs.threads_expired,
+                graphs.checkpoints_pruned,
+                graphs.threads_ended,
+            )
 
     def _load_credentials(self) -> None:
         """Read the tokens and TLS files named by the configuration (ConfigError if unusable)."""
