@@ -28,7 +28,7 @@ from google.protobuf.descriptor import Descriptor
 from grpc_status import rpc_status
 
 from memsvc.api._errors import to_rpc_status
-from memsvc.api._intercept import HandlerWrapper
+from memsvc.api._intercept import HandlerWrapper, Undecodable
 from memsvc.auth import Grant, TokenTable
 from memsvc.domain._errors import PermissionDenied, Unauthenticated
 from memsvc.v1 import (
@@ -74,6 +74,13 @@ def _project_getters() -> dict[str, ProjectOf | None]:
 # token bound to projects may not call it; tests/integration/test_auth.py checks there
 # is no such method).
 PROJECT_OF: dict[str, ProjectOf | None] = _project_getters()
+
+
+def _project(request: Any, project_of: ProjectOf | None) -> str:
+    """The project ``request`` names; "" when none (or it could not be parsed)."""
+    if project_of is None or isinstance(request, Undecodable):
+        return ""
+    return project_of(request)
 
 
 def _refusal(error: Unauthenticated | PermissionDenied) -> Refusal:
@@ -141,7 +148,7 @@ class AuthInterceptor(HandlerWrapper):
             return _UNAUTHENTICATED[grant]
         if grant.projects is None:
             return grant
-        project_id = project_of(request) if project_of is not None else ""
+        project_id = _project(request, project_of)
         if project_id and project_id.lower() in grant.projects:
             return grant
         return _denied(project_id)
@@ -184,8 +191,7 @@ class AuthInterceptor(HandlerWrapper):
     def _open(self, grant: Grant, request: Any, project_of: ProjectOf | None) -> asyncio.Task[Any]:
         task = asyncio.current_task()
         assert task is not None
-        project_id = project_of(request) if project_of is not None else ""
-        self._streams[task] = (grant.digest, project_id)
+        self._streams[task] = (grant.digest, _project(request, project_of))
         return task
 
     def _close(self, task: asyncio.Task[Any]) -> None:

@@ -8,7 +8,9 @@ the wire; TTLs are Durations on the wire and milliseconds in the domain.
 
 from __future__ import annotations
 
-from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
+from typing import Any
+
+from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 
 from memsvc.domain import FieldViolation, InvalidArgument
 
@@ -22,6 +24,26 @@ def encode_value(message: struct_pb2.Value, present: bool) -> bytes | None:
     # Deterministic: map entries in key order, so equal values have equal bytes in
     # every process (a request id's arguments hash depends on it).
     return message.SerializeToString(deterministic=True)
+
+
+def plain_struct(message: struct_pb2.Struct, field: str) -> dict[str, Any]:
+    """A Struct (metadata, an action) as plain Python, to be stored as JSON.
+
+    JSON has no NaN or Infinity, so a Struct holding one is a bad request, not
+    a failure of the server.
+    """
+    try:
+        return dict(json_format.MessageToDict(message))
+    except ValueError as error:
+        raise InvalidArgument.single(
+            field, "numbers must be finite: it is stored as JSON, which has no NaN or Infinity"
+        ) from error
+
+
+def seconds_of(duration: duration_pb2.Duration) -> float:
+    """A Duration in seconds, for any value the wire can carry (ToTimedelta()
+    overflows past ~1e9 days); range checks are the caller's."""
+    return duration.seconds + duration.nanos / 1e9
 
 
 def ttl_ms(duration: duration_pb2.Duration, present: bool, field: str) -> int | None:

@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import grpc
-from google.protobuf import json_format, struct_pb2
 
-from memsvc.api._convert import epoch_ms, timestamp
+from memsvc.api._convert import epoch_ms, plain_struct, seconds_of, timestamp
 from memsvc.domain import SessionRef
 from memsvc.domain._episodes import Episodes, EpisodeScope, unpack_embedding
 from memsvc.domain._lifecycle_records import EpisodeRecord
 from memsvc.v1 import episodic_pb2 as pb
 from memsvc.v1 import episodic_pb2_grpc as pb_grpc
 from memsvc.v1 import lifecycle_pb2
-
-
-def _struct(value: struct_pb2.Struct) -> dict[str, Any]:
-    return dict(json_format.MessageToDict(value))
 
 
 def episode_record(message: pb.Episode) -> EpisodeRecord:
@@ -30,13 +23,16 @@ def episode_record(message: pb.Episode) -> EpisodeRecord:
         task_description=message.task_description,
         outcome=int(message.outcome),
         outcome_details=message.outcome_details,
-        actions=[_struct(action) for action in message.actions],
+        actions=[
+            plain_struct(action, f"episode.actions[{index}]")
+            for index, action in enumerate(message.actions)
+        ],
         context_summary=message.context_summary,
         lessons_learned=list(message.lessons_learned),
-        duration_seconds=duration.seconds + duration.nanos / 1e9,
+        duration_seconds=seconds_of(duration),
         tokens_used=message.tokens_used,
         importance=message.importance,
-        metadata=_struct(message.metadata),
+        metadata=plain_struct(message.metadata, "episode.metadata"),
         create_ms=epoch_ms(message.create_time) if message.HasField("create_time") else 0,
         embedding_dimensions=message.embedding_dimensions,
     )

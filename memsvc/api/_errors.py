@@ -21,7 +21,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from memsvc.api._intercept import OWN_METHOD_PREFIX, HandlerWrapper
+from memsvc.api._intercept import OWN_METHOD_PREFIX, HandlerWrapper, Undecodable, lenient
 from memsvc.domain import (
     AlreadyExists,
     BackendUnavailable,
@@ -164,16 +164,20 @@ class ErrorInterceptor(HandlerWrapper):
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         own = method.startswith(OWN_METHOD_PREFIX)
+        # Our handlers refuse an unparsable request with INVALID_ARGUMENT (not grpc's UNKNOWN).
+        deserializer = (
+            lenient(handler.request_deserializer) if own else handler.request_deserializer
+        )
         if handler.unary_unary is not None and own:
             return grpc.unary_unary_rpc_method_handler(
                 _map_errors(handler.unary_unary, method, self._calls),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
                 self._track_stream(handler.unary_stream, method, own),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         return handler
@@ -202,6 +206,8 @@ class ErrorInterceptor(HandlerWrapper):
                 rpc_method.set(method)
                 with calls.tracking(stream=True):
                     try:
+                        if isinstance(request, Undecodable):
+                            raise request.error()
                         async for response in behavior(request, context):
                             yield response
                     except (Exception, asyncio.CancelledError) as error:
@@ -213,6 +219,8 @@ class ErrorInterceptor(HandlerWrapper):
             rpc_method.set(method)
             with calls.tracking(stream=True):
                 try:
+                    if isinstance(request, Undecodable):
+                        raise request.error()
                     await behavior(request, context)
                 except (Exception, asyncio.CancelledError) as error:
                     await end_with_status(context, error)
@@ -229,6 +237,8 @@ def _map_errors(
         rpc_method.set(method)
         with calls.tracking(stream=False), call_deadline(context.time_remaining()):
             try:
+                if isinstance(request, Undecodable):
+                    raise request.error()
                 return await behavior(request, context)
             except (grpc.aio.AbortError, asyncio.CancelledError):
                 raise

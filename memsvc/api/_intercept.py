@@ -3,12 +3,49 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import grpc
+from google.protobuf.message import DecodeError
+
+from memsvc.domain import InvalidArgument
 
 # memsvc's own services; health and reflection are left as they are where it matters.
 OWN_METHOD_PREFIX = "/memsvc."
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """A request body protobuf could not parse (malformed, or nested past its depth
+    limit). grpc would answer it with UNKNOWN before any handler ran; with
+    :func:`lenient` the request reaches the handler as this value instead, and is
+    refused with INVALID_ARGUMENT like any other bad request."""
+
+    problem: str
+
+    def error(self) -> InvalidArgument:
+        return InvalidArgument.single(
+            "request",
+            f"could not be parsed ({self.problem}); check the message type, and that "
+            "values nest less than 100 levels deep (protobuf's limit, about 50 levels "
+            "of lists or maps in a Value)",
+        )
+
+
+def lenient(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """``deserialize``, answering :class:`Undecodable` instead of raising."""
+    if deserialize is None:
+        return None
+    parse = deserialize
+
+    def parse_or_undecodable(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as error:
+            return Undecodable(str(error) or "malformed message")
+
+    return parse_or_undecodable
 
 
 class HandlerWrapper(grpc.aio.ServerInterceptor):  # type: ignore[misc]

@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format, struct_pb2
 
-from memsvc.api._convert import encode_value, timestamp, ttl_ms
+from memsvc.api._convert import encode_value, plain_struct, seconds_of, timestamp, ttl_ms
 from memsvc.domain import SessionRef
 from memsvc.domain._lifecycle import Lifecycle
 from memsvc.domain._lifecycle_records import CheckpointRecord, SessionRecord
@@ -29,7 +29,7 @@ def metadata_of(request: Any) -> dict[str, Any]:
     """The request's metadata Struct as a dict ({} when unset)."""
     if not request.HasField("metadata"):
         return {}
-    return dict(json_format.MessageToDict(request.metadata))
+    return plain_struct(request.metadata, "metadata")
 
 
 def _session_ref(request: Any) -> SessionRef:
@@ -242,9 +242,7 @@ class LifecycleServicer(pb_grpc.LifecycleServiceServicer):
         self, request: pb.WatchLifecycleRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WatchLifecycleResponse]:
         interval = (
-            request.progress_interval.ToTimedelta().total_seconds()
-            if request.HasField("progress_interval")
-            else None
+            seconds_of(request.progress_interval) if request.HasField("progress_interval") else None
         )
         event_filter, progress_seconds = check_watch_request(
             request.project_id,

@@ -313,6 +313,8 @@ async def _next(iterator: AsyncIterator[None]) -> None:
 
 
 MIN_PROGRESS_SECONDS = 0.1
+# A quiet subscriber's cursor must stay current: at least one progress an hour.
+MAX_PROGRESS_SECONDS = 3600.0
 DEFAULT_PROGRESS_SECONDS = 10.0
 
 
@@ -343,9 +345,12 @@ def check_watch_request(
     if after_sequence < 0:
         violations.append(FieldViolation("after_sequence", "must not be negative"))
     interval = DEFAULT_PROGRESS_SECONDS if progress_seconds is None else progress_seconds
-    if interval < MIN_PROGRESS_SECONDS:
+    if not MIN_PROGRESS_SECONDS <= interval <= MAX_PROGRESS_SECONDS:
         violations.append(
-            FieldViolation("progress_interval", f"must be at least {MIN_PROGRESS_SECONDS}s")
+            FieldViolation(
+                "progress_interval",
+                f"must be from {MIN_PROGRESS_SECONDS}s to {MAX_PROGRESS_SECONDS:.0f}s",
+            )
         )
     raise_if_any(violations)
     return EventFilter(project_id, agent_instance_id, session_id, frozenset(types)), interval

@@ -289,7 +289,7 @@ class WatchLifecycleRequest(_message.Message):
     @_builtins.property
     def progress_interval(self) -> _duration_pb2.Duration:
         """How often to send a progress message while nothing matches. Unset: 10 s.
-        At least 100 ms.
+        From 100 ms to 1 hour.
         """
 
     def __init__(

@@ -177,8 +177,8 @@ def to_struct(fields: dict[str, Any]) -> struct_pb2.Struct:
 
 # Each level of a list is two protobuf messages (Value, ListValue) and each level of
 # a struct three (Struct, map entry, Value): a request nested past the server's
-# parser limit of 100 messages fails with UNKNOWN, a known bug that
-# test_too_deep_a_value_is_invalid_argument covers, so the fuzzer stays below it.
+# parser limit of 100 messages cannot be built as a message (the Python runtime
+# refuses it); test_too_deep_a_value_is_invalid_argument sends its raw bytes instead.
 MAX_LIST_DEPTH = 45
 MAX_STRUCT_DEPTH = 30
 
@@ -802,32 +802,42 @@ async def test_data_removal_requests(
     await check_call(stubs, ids, name, request)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a request nested past protobuf's parser depth limit (100) is refused by "
-    "grpc's deserializer with UNKNOWN, never reaching memsvc's error mapping",
-)
 async def test_too_deep_a_value_is_invalid_argument(
     channel: grpc.aio.Channel, projects: list[str]
 ) -> None:
+    """A value nested past protobuf's parser limit (100 messages) cannot even be built
+    as a message by a protobuf runtime, but any client can send its bytes: memsvc
+    answers INVALID_ARGUMENT naming the limit (grpc alone would answer UNKNOWN)."""
     stubs = Stubs(channel)
     ids = await seed(stubs, projects, paused=False)
-    deep = to_value(nested(60, as_struct=False))
-    try:
-        await stubs.wm.Set(pb.SetRequest(**ids.scope, key="deep", value=deep))
-    except grpc.aio.AioRpcError as error:
-        details = details_of(error)
-        assert details.code == grpc.StatusCode.INVALID_ARGUMENT, details
-        assert details.reason == "ERROR_REASON_INVALID_ARGUMENT"
-    else:
-        raise AssertionError("a value nested 60 levels deep was stored")
+    deep = to_value(nested(60, as_struct=False)).SerializeToString()
+    # SetRequest.value is field 5, length-delimited: the request's bytes with it appended.
+    body = pb.SetRequest(**ids.scope, key="deep").SerializeToString()
+    body += b"\x2a" + _varint(len(deep)) + deep
+    send = channel.unary_unary(
+        "/memsvc.v1.WorkingMemoryService/Set",
+        request_serializer=None,
+        response_deserializer=pb.SetResponse.FromString,
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await send(body)
+    details = details_of(refused.value)
+    assert details.code == grpc.StatusCode.INVALID_ARGUMENT, details
+    assert details.reason == "ERROR_REASON_INVALID_ARGUMENT"
+    assert "100 levels" in details.message
+    page = await stubs.wm.ListKeys(pb.ListKeysRequest(**ids.scope))
+    assert "deep" not in [info.key for info in page.keys], "nothing was written"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="WatchLifecycle converts progress_interval with Duration.ToTimedelta(), which "
-    "overflows past ~8.6e13 s: INTERNAL instead of INVALID_ARGUMENT",
-)
+def _varint(number: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, number = number & 0x7F, number >> 7
+        out.append(low | (0x80 if number else 0))
+        if not number:
+            return bytes(out)
+
+
 async def test_an_out_of_range_progress_interval_is_invalid_argument(
     channel: grpc.aio.Channel, projects: list[str]
 ) -> None:
@@ -847,15 +857,12 @@ async def test_an_out_of_range_progress_interval_is_invalid_argument(
         call.cancel()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="memsvc/api/_episodic.py _struct converts metadata with json_format, which "
-    "raises on NaN and infinity: INTERNAL instead of INVALID_ARGUMENT",
-)
 async def test_non_finite_metadata_is_not_internal(
     channel: grpc.aio.Channel, projects: list[str]
 ) -> None:
-    """Found by the fuzzer: RecordEpisode with metadata {'': inf} is INTERNAL."""
+    """Found by the fuzzer: RecordEpisode with metadata {'': inf} was INTERNAL. Metadata
+    and actions are stored as JSON, which has no NaN or Infinity: INVALID_ARGUMENT
+    naming the field, on every RPC that takes them."""
     stubs = Stubs(channel)
     ids = await seed(stubs, projects, paused=False)
     episode = ep.Episode(
@@ -865,7 +872,33 @@ async def test_non_finite_metadata_is_not_internal(
         task_type="code_review",
         metadata=to_struct({"": math.inf}),
     )
-    try:
-        await stubs.episodic.RecordEpisode(ep.RecordEpisodeRequest(episode=episode))
-    except grpc.aio.AioRpcError as error:
-        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    with_action = ep.Episode(
+        project_id=ids.project,
+        agent_instance_id=ids.agent,
+        session_id=ids.session,
+        task_type="code_review",
+        actions=[to_struct({"score": math.nan})],
+    )
+    calls = {
+        "episode.metadata": stubs.episodic.RecordEpisode(ep.RecordEpisodeRequest(episode=episode)),
+        "episode.actions[0]": stubs.episodic.RecordEpisode(
+            ep.RecordEpisodeRequest(episode=with_action)
+        ),
+        "metadata": stubs.life.CreateCheckpoint(
+            lc.CreateCheckpointRequest(**ids.scope, metadata=to_struct({"x": -math.inf}))
+        ),
+    }
+    episodes_before = await stubs.episodic.ListEpisodes(
+        ep.ListEpisodesRequest(project_id=ids.project)
+    )
+    checkpoints_before = await stubs.life.ListCheckpoints(lc.ListCheckpointsRequest(**ids.scope))
+    for field, call in calls.items():
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call
+        details = details_of(refused.value)
+        assert details.code == grpc.StatusCode.INVALID_ARGUMENT, details
+        assert list(details.violations) == [field], details
+    episodes = await stubs.episodic.ListEpisodes(ep.ListEpisodesRequest(project_id=ids.project))
+    assert episodes == episodes_before, "nothing was recorded"
+    checkpoints = await stubs.life.ListCheckpoints(lc.ListCheckpointsRequest(**ids.scope))
+    assert checkpoints == checkpoints_before, "no checkpoint was created"

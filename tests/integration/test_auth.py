@@ -182,6 +182,24 @@ async def test_the_token_is_checked_before_the_request(channel: grpc.aio.Channel
     await refused(wm.Get(working_memory_pb2.GetRequest(project_id="nope")), *UNAUTHENTICATED)
 
 
+async def test_an_unparsable_request_is_checked_like_any_other(
+    channel: grpc.aio.Channel, tokens: Tokens
+):
+    """Bytes protobuf cannot parse: no token, UNAUTHENTICATED; a bound token cannot be
+    matched to a project, PERMISSION_DENIED; the admin token, INVALID_ARGUMENT."""
+    send = channel.unary_unary(
+        "/memsvc.v1.WorkingMemoryService/Get",
+        request_serializer=None,
+        response_deserializer=working_memory_pb2.GetResponse.FromString,
+    )
+    garbage = b"\x0a\xff\xff\xff\xff\x0f"  # field 1, a length far past the end
+    await refused(send(garbage), *UNAUTHENTICATED)
+    await refused(send(garbage, metadata=bearer(tokens.bound)), *PERMISSION_DENIED)
+    with pytest.raises(grpc.aio.AioRpcError) as invalid:
+        await send(garbage, metadata=bearer(tokens.admin))
+    assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT, invalid.value.details()
+
+
 # ---- PERMISSION_DENIED --------------------------------------------------------------
 
 
