@@ -8,9 +8,18 @@ MISSING = "missing"
 TRANSITIONAL = frozenset({"spawning", "pausing", "resuming", "terminating"})
 
 
-class NoSession(Exception):
-    """A read found no marker: the session was never spawned, ended, or was lost."""
+# States in which a read is not served: the memory's contents depend on whether
+# the operation committed (spawn seeds it, resume replaces it, terminate deletes
+# it), so the marker is settled by the database's truth first. A pause changes
+# no contents: reads go on while it runs.
+READ_BLOCKING = frozenset({"spawning", "resuming", "terminating"})
 
-    def __init__(self, session_id: str) -> None:
-        super().__init__(f"no working memory for session {session_id!r}")
+
+class NoSession(Exception):
+    """A read found no marker (``state`` MISSING: never spawned, ended, or lost by
+    the store), or one in a READ_BLOCKING state."""
+
+    def __init__(self, session_id: str, state: str = MISSING) -> None:
+        super().__init__(f"no working memory for session {session_id!r} ({state})")
         self.session_id = session_id
+        self.state = state

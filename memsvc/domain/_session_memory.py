@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from memsvc.domain._ids import SessionRef
-from memsvc.domain._markers import MISSING, TRANSITIONAL, NoSession
+from memsvc.domain._markers import MISSING, READ_BLOCKING, TRANSITIONAL, NoSession
 from memsvc.domain._purge import ForgettingStore
 from memsvc.domain._snapshot import SnapshotEntry, decode_snapshot
 from memsvc.domain._working_memory import EntryWrite, WorkingMemoryStore
@@ -25,6 +25,7 @@ from memsvc.domain._working_memory import EntryWrite, WorkingMemoryStore
 # Re-exported: the stores import these from here with the lifecycle steps.
 __all__ = [
     "MISSING",
+    "READ_BLOCKING",
     "TRANSITIONAL",
     "LostOperation",
     "Marker",

@@ -208,12 +208,17 @@ class WorkingMemory:
                 if self.guard is None or attempt == 2:
                     raise
                 explained = await self.guard.refusal(session, state, write=True)
-            except NoSession:
+            except NoSession as unread:
                 if self.guard is None:
-                    raise SessionNotFound(session.session_id) from None
-                explained = await self.guard.refusal(session, MISSING, write=write)
+                    if unread.state == MISSING:
+                        raise SessionNotFound(session.session_id) from None
+                    raise SessionNotWritable(session.session_id, unread.state) from None
+                explained = await self.guard.refusal(session, unread.state, write=write)
                 if explained is None and attempt == 2:
-                    raise SessionNotFound(session.session_id) from None
+                    if unread.state == MISSING:
+                        raise SessionNotFound(session.session_id) from None
+                    # Healed, and another operation began at once: say so; a retry waits it out.
+                    raise SessionNotWritable(session.session_id, unread.state) from None
             if explained is not None:
                 raise explained
         raise AssertionError("unreachable")

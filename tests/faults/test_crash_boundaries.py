@@ -204,7 +204,7 @@ async def check_consistent(
     terminated = [e for e in log if e.event_type == lc.EVENT_TYPE_SESSION_TERMINATED]
     assert [e.episode_id for e in episodes] == [e.episode_id for e in terminated]
     # Working memory follows the state. A write first: a refused write heals a
-    # transitional marker, and reads do not (see the xfail test below).
+    # transitional marker (reads do too: see the test below).
     write = stubs.wm.Set(pb.SetRequest(**ids, key="probe", value=value(1)), timeout=10)
     if state == ACTIVE:
         await write
@@ -300,12 +300,6 @@ def assert_same_answer(operation: str, reply: Any, event: lc.LifecycleEvent) -> 
         assert reply.checkpoint.checkpoint_id == event.checkpoint_id == "seed"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="memsvc bug: reads do not heal a transitional marker, so after a committed "
-    "Resume/Terminate whose step 3 did not run, Get serves the memory the commit replaced "
-    "(or deleted) until a write or a lifecycle call heals it",
-)
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("operation", ["resume", "terminate"])
 async def test_the_first_read_after_a_crash_past_the_commit_sees_the_commit(

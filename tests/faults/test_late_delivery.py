@@ -6,7 +6,9 @@ closed the connection: a Lua script that memsvc timed out on (and retried on a
 new connection, as every backend call is retried) can still run afterwards. The
 proxy holds memsvc's one Redis connection, lets the retry through a new one, and
 releases the held bytes once the operation has completed and been acknowledged.
-A late copy of a step that was already settled must change nothing.
+A late copy of a step that was already settled must change nothing: each step 1
+is refused by the script itself once its operation has settled (the marker keeps
+the last few settled operation ids).
 """
 
 from __future__ import annotations
@@ -18,8 +20,6 @@ import grpc
 import pytest
 import redis
 
-from memsvc.domain import SessionRef
-from memsvc.store.redis import session_keys
 from memsvc.v1 import lifecycle_pb2 as lc
 from memsvc.v1 import working_memory_pb2 as pb
 from tests.faults._support import Stubs, eventually, expect_code, wait_serving
@@ -31,13 +31,6 @@ class PreconditionFailed(RuntimeError):
     """The scenario did not unfold as designed (not the bug under test)."""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="memsvc bug: lifecycle step-1 scripts are not fenced against a late duplicate "
-    "of an operation already settled: a late begin_spawn wipes the working memory, a late "
-    "begin_restore re-stages the checkpoint over later writes",
-)
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("operation", ["spawn", "resume"])
 async def test_a_late_copy_of_a_settled_step_changes_nothing(make_rig: RigFactory, operation: str):
@@ -48,7 +41,6 @@ async def test_a_late_copy_of_a_settled_step_changes_nothing(make_rig: RigFactor
     assert proxy is not None
     ids: dict[str, Any] = {"project_id": str(uuid.uuid4()), "agent_instance_id": str(uuid.uuid4()),
            "session_id": f"late-{operation}"}  # fmt: skip
-    marker_key = session_keys(SessionRef(**ids))[3]
     async with grpc.aio.insecure_channel(memsvc.target) as channel:
         stubs = Stubs(channel)
         await wait_serving(stubs)
@@ -78,14 +70,12 @@ async def test_a_late_copy_of_a_settled_step_changes_nothing(make_rig: RigFactor
         if proxy.accepted == accepted:
             raise PreconditionFailed("the step was not retried on a new connection")
         await stubs.wm.Set(pb.SetRequest(**ids, key="b", value=value(2)), timeout=10)
+        scripts_run = scripts_run_by(rig.redis.port)
         proxy.release()  # the first copy of step 1 arrives now
 
-        def landed() -> bool:
-            with redis.Redis(port=rig.redis.port, socket_timeout=5) as client:
-                return client.hget(marker_key, "state") in (b"spawning", b"resuming")
-
         async def late_copy_ran() -> bool:
-            return landed()
+            # Nothing else runs a script meanwhile (no health probe, no call in flight).
+            return scripts_run_by(rig.redis.port) > scripts_run
 
         try:
             await eventually(late_copy_ran, "the late copy runs", timeout=10)
@@ -95,6 +85,13 @@ async def test_a_late_copy_of_a_settled_step_changes_nothing(make_rig: RigFactor
         assert await value_of(stubs, ids, "b") == 2
         await stubs.wm.Set(pb.SetRequest(**ids, key="c", value=value(3)), timeout=10)
         assert await value_of(stubs, ids, "b") == 2
+
+
+def scripts_run_by(port: int) -> int:
+    """How many EVALSHA calls the Redis on ``port`` has run (its INFO commandstats)."""
+    with redis.Redis(port=port, socket_timeout=5) as client:
+        stats = client.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
 
 
 async def value_of(stubs: Stubs, ids: dict[str, Any], key: str) -> Any:

@@ -128,7 +128,10 @@ async def test_restore_is_staged_then_swapped_with_ttls(store, session):
         session, "op3", "epoch-2", encode_snapshot(checkpoint), False, {"active"}
     )
     assert count == 2
-    assert await contents(store, session) == {"old": b"o", "both": b"1"}, "live untouched"
+    # Until the commit is known, no read is served (the caller heals the marker first).
+    with pytest.raises(NoSession) as unread:
+        await contents(store, session)
+    assert unread.value.state == "resuming"
     with pytest.raises(SessionNotWritable):
         await store.set_entries(session, [EntryWrite("x", b"x", None)])
     await store.finish(session, "op3", "active", swap=True, clear=False)
@@ -139,6 +142,25 @@ async def test_restore_is_staged_then_swapped_with_ttls(store, session):
     assert read.found[0].expire_at_ms is not None
     assert read.found[1].expire_at_ms is None
     await store.set_entries(session, [EntryWrite("x", b"x", None)])
+
+
+async def test_reads_wait_out_spawn_resume_and_terminate_but_not_pause(store, session):
+    """Spawn seeds, resume replaces and terminate deletes the contents: while one is
+    between its steps, the store serves no read (get or list) and names the state.
+    A pause changes no contents, so reads go on while it runs."""
+    await store.begin_spawn(session, "op-s", "epoch-1", [EntryWrite("k", b"v", None)])
+    for read in (contents(store, session), store.get_entries(session, ["k"], 1 << 20)):
+        with pytest.raises(NoSession) as unread:
+            await read
+        assert unread.value.state == "spawning"
+    await store.finish(session, "op-s", "active", swap=False, clear=False)
+    await store.begin_snapshot(session, "op-p", "pausing", False, {"active"})
+    assert await contents(store, session) == {"k": b"v"}, "a pause changes no contents"
+    await store.finish(session, "op-p", "paused", swap=False, clear=False)
+    await store.begin_snapshot(session, "op-t", "terminating", True, {"paused"})
+    with pytest.raises(NoSession) as unread:
+        await store.get_entries(session, ["k"], 1 << 20)
+    assert unread.value.state == "terminating"
 
 
 async def test_merge_restore_keeps_keys_absent_from_the_checkpoint(store, session):

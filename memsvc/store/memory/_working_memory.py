@@ -30,6 +30,7 @@ from memsvc.domain import (
 )
 from memsvc.domain._session_memory import (
     MISSING,
+    READ_BLOCKING,
     LostOperation,
     Marker,
     MarkerStateError,
@@ -237,10 +238,13 @@ class InMemoryWorkingMemoryStore:
         return state
 
     def _live(self, session: SessionRef) -> _Session:
-        """The session for a read; NoSession when it has no marker."""
+        """The session for a read; NoSession when it has no marker, or one that
+        blocks reads."""
         state = self._session(session, self._clock_ms())
         if state is None or state.marker is None:
             raise NoSession(session.session_id)
+        if state.marker.state in READ_BLOCKING:
+            raise NoSession(session.session_id, state.marker.state)
         return state
 
     def _drop_if_empty(self, session: SessionRef, state: _Session) -> None:

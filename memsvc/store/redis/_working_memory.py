@@ -239,7 +239,7 @@ class RedisWorkingMemoryStore:
         reply = await self._run("get_entries", session, [budget_bytes, *keys])
         processed = int(reply[0])
         if processed < 0:
-            raise NoSession(session.session_id)
+            raise NoSession(session.session_id, reply[1].decode())
         found: list[StoredEntry] = []
         missing: list[str] = []
         for i, key in enumerate(keys[:processed]):
@@ -261,7 +261,7 @@ class RedisWorkingMemoryStore:
     ) -> tuple[list[KeyMeta], bool]:
         reply = await self._run("list_entries", session, [after or "", limit, 0, 0])
         if int(reply[0]) < 0:
-            raise NoSession(session.session_id)
+            raise NoSession(session.session_id, reply[1].decode())
         items = [
             KeyMeta(reply[i].decode(), int(reply[i + 1]), _expiry(reply[i + 2]))
             for i in range(1, len(reply), 3)
@@ -273,7 +273,7 @@ class RedisWorkingMemoryStore:
     ) -> tuple[list[StoredEntry], bool]:
         reply = await self._run("list_entries", session, [after or "", limit, 1, budget_bytes])
         if int(reply[0]) < 0:
-            raise NoSession(session.session_id)
+            raise NoSession(session.session_id, reply[1].decode())
         items = [
             StoredEntry(reply[i].decode(), reply[i + 1], _expiry(reply[i + 2]))
             for i in range(1, len(reply), 3)
@@ -312,7 +312,8 @@ class RedisWorkingMemoryStore:
         args: list[Any] = [op, epoch]
         for write in writes:
             args += [write.key, write.value, write.ttl_ms or 0]
-        await self._run_lifecycle("lifecycle_begin_spawn", session, args)
+        reply = await self._run_lifecycle("lifecycle_begin_spawn", session, args)
+        _refuse_late(reply)
 
     async def begin_snapshot(
         self,
@@ -324,6 +325,7 @@ class RedisWorkingMemoryStore:
     ) -> Snapshot:
         args = [op, new_state or "", "1" if clear_on_finish else "0", *allowed]
         reply = await self._run_lifecycle("lifecycle_begin_snapshot", session, args)
+        _refuse_late(reply)
         if reply[0] == b"state":
             raise MarkerStateError(reply[1].decode())
         blob, count, size = encode_flat(reply[2], reply[3], int(reply[4]))
@@ -342,6 +344,7 @@ class RedisWorkingMemoryStore:
         args: list[Any] = [op, next_epoch, merge_flag, self._max_keys, self._max_bytes]
         args += [",".join(allowed), snapshot]
         reply = await self._run_lifecycle("lifecycle_begin_restore", session, args)
+        _refuse_late(reply)
         if reply[0] == b"state":
             raise MarkerStateError(reply[1].decode())
         if reply[0] == b"limit":
@@ -460,3 +463,10 @@ class RedisWorkingMemoryStore:
                     log.debug("Redis Cluster slot moving, waiting %.0f ms: %r", pause * 1000, error)
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.2)
+
+
+def _refuse_late(reply: list[Any]) -> None:
+    """A step 1 refused as a copy of an operation already settled: it cannot be this
+    call's (operation ids are unique per call), so say the operation is gone."""
+    if reply[0] == b"late":
+        raise LostOperation("settled")

@@ -84,7 +84,41 @@ local function write_blocked()
   return state or 'missing'
 end
 
--- Reads need a marker too: without one the session does not exist here.
-local function session_missing()
-  return redis.call('EXISTS', M) == 0
+-- The lifecycle operations settled here last (finished or aborted), so that a
+-- step 1 of one of them that arrives late (a copy the network held back after
+-- memsvc retried it on a new connection) changes nothing. Operation ids are
+-- unique per call; a late copy comes within seconds, long before four more
+-- operations of the same session, so four are kept (about 150 bytes).
+local SETTLED_KEEP = 4
+
+local function already_settled(op)
+  local list = redis.call('HGET', M, 'settled')
+  return list and string.find(',' .. list .. ',', ',' .. op .. ',', 1, true) ~= nil
+end
+
+local function remember_settled(op)
+  local ops = {}
+  for item in string.gmatch(redis.call('HGET', M, 'settled') or '', '[^,]+') do
+    ops[#ops + 1] = item
+  end
+  ops[#ops + 1] = op
+  while #ops > SETTLED_KEEP do
+    table.remove(ops, 1)
+  end
+  redis.call('HSET', M, 'settled', table.concat(ops, ','))
+end
+
+-- Returns why a read cannot be served now, or false when it can: 'missing'
+-- without a marker (the session does not exist here), or the state of a
+-- spawn, resume or terminate between its steps: what the memory holds then
+-- depends on whether that operation committed, which only the database knows.
+local function read_blocked()
+  local state = redis.call('HGET', M, 'state')
+  if not state then
+    return 'missing'
+  end
+  if state == 'spawning' or state == 'resuming' or state == 'terminating' then
+    return state
+  end
+  return false
 end

@@ -2,9 +2,10 @@
 -- ARGV: budget_bytes, then the keys.
 -- Returns {processed, value_1, expire_at_1, ...} for the first `processed`
 -- keys; a missing key has value false (nil) and expire_at false.
--- Returns {-1} when the session has no marker.
-if session_missing() then
-  return {-1}
+-- Returns {-1} when a read cannot be served (read_blocked).
+local blocked = read_blocked()
+if blocked then
+  return {-1, blocked}
 end
 purge(now_ms())
 local budget = tonumber(ARGV[1])

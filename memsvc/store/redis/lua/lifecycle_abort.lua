@@ -15,5 +15,6 @@ if state == 'spawning' or prior == 'missing' or not prior then
 end
 redis.call('HSET', M, 'state', prior)
 redis.call('HDEL', M, 'op', 'prior', 'next_epoch', 'staged_bytes', 'clear')
+remember_settled(ARGV[1])
 refresh_session_expiry()
 return {'ok', prior}

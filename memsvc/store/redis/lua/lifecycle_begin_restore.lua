@@ -8,7 +8,11 @@
 -- parsed here so that no argument per key crosses the wire.
 -- Returns {'ok', key_count}, {'state', state} or
 -- {'limit', 'keys'|'bytes', limit, current, requested}.
+-- {'late'} (nothing changed) for a step of an operation already settled.
 local SD, SX, SK = KEYS[5], KEYS[6], KEYS[7]
+if already_settled(ARGV[1]) then
+  return {'late'}
+end
 local now = now_ms()
 purge(now)
 local state = redis.call('HGET', M, 'state') or 'missing'

@@ -5,7 +5,11 @@
 -- the states the marker may be in ('missing' allows a lost working memory).
 -- Returns {'ok', state, HGETALL of the data, ZRANGE WITHSCORES of the expiries,
 -- Redis's now in ms},
--- {'state', state} when the marker is in another state.
+-- {'state', state} when the marker is in another state, or {'late'} (nothing
+-- changed) for a step of an operation already settled.
+if already_settled(ARGV[1]) then
+  return {'late'}
+end
 local now = now_ms()
 purge(now)
 local state = redis.call('HGET', M, 'state') or 'missing'

@@ -3,7 +3,10 @@
 -- anything left here is an orphan of an unfinished call and is replaced.
 -- KEYS[5..7]: staging D', X', K' (cleared too).
 -- ARGV: op, epoch, then triples (key, value, ttl_ms; 0 = none).
--- Returns {'ok'}.
+-- Returns {'ok'}, or {'late'} (nothing changed) for a step of a settled operation.
+if already_settled(ARGV[1]) then
+  return {'late'}
+end
 local now = now_ms()
 redis.call('DEL', D, X, K, M, KEYS[5], KEYS[6], KEYS[7])
 local op, epoch = ARGV[1], ARGV[2]

@@ -34,5 +34,6 @@ if epoch then
 end
 redis.call('HSET', M, 'state', ARGV[2])
 redis.call('HDEL', M, 'op', 'prior', 'next_epoch', 'staged_bytes', 'clear')
+remember_settled(ARGV[1])
 refresh_session_expiry()
 return {'ok'}

@@ -1,9 +1,10 @@
 -- Lists live keys after a position, in byte order, with values or sizes.
 -- ARGV: after ('' = from the start), limit, with_values (0|1), budget_bytes.
 -- Returns {more, key_1, value_or_size_1, expire_at_1, ...}; more is 1 when
--- keys follow the last one returned. Returns {-1} when the session has no marker.
-if session_missing() then
-  return {-1}
+-- keys follow the last one returned. Returns {-1} when a read cannot be served (read_blocked).
+local blocked = read_blocked()
+if blocked then
+  return {-1, blocked}
 end
 purge(now_ms())
 local after, limit = ARGV[1], tonumber(ARGV[2])
