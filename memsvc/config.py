@@ -149,12 +149,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("shutdown_grace_seconds", _positive_float, "10", "On SIGTERM/SIGINT, how long in-flight calls may take to finish."),
     Setting("health_interval_seconds", _positive_float, "2", "How often the backends are probed for the health service."),
     Setting("checkpoint_max_age_seconds", _positive_int, "604800", "Checkpoints older than this are deleted (7 days); a paused session's resume checkpoint always stays."),
+    Setting("max_checkpoints_per_session", _positive_int, "1000", "Most checkpoints one session may have; Pause and CreateCheckpoint beyond it get RESOURCE_EXHAUSTED (delete some, or let `checkpoint_keep_last` prune them)."),
     Setting("checkpoint_keep_last", _non_negative_int, "0", "Keep at most this many checkpoints per session, newest first (0: no limit)."),
     Setting("request_id_ttl_seconds", _positive_int, "86400", "How long a request_id is remembered, so a retry returns the first answer (24 hours)."),
     Setting("retention_interval_seconds", _positive_float, "60", "How often expired checkpoints and request ids are deleted."),
     Setting("event_max_age_seconds", _positive_int, "604800", "Lifecycle events older than this are compacted away (7 days); watchers resuming from before get OUT_OF_RANGE."),
     Setting("event_keep_last", _non_negative_int, "0", "Keep at most this many lifecycle events (0: no limit)."),
     Setting("max_watchers", _positive_int, "1000", "Most WatchLifecycle streams one process serves; beyond it, RESOURCE_EXHAUSTED."),
+    Setting("max_concurrent_calls", _positive_int, "256", "Most calls (other than watch streams) one process runs at once; beyond it, RESOURCE_EXHAUSTED at once instead of a growing queue."),
+    Setting("default_deadline_seconds", _positive_float, "30", "Deadline of a call that sets none: past it the call ends with DEADLINE_EXCEEDED and its backend retries stop (watch streams have none)."),
     Setting("event_poll_interval_seconds", _positive_float, "1", "How often the event tail polls when no NOTIFY wakes it."),
     Setting("max_similarity_candidates", _positive_int, "10000", "Most episodes one similarity search compares (in this process); beyond it, FAILED_PRECONDITION."),
     Setting("otel_tracing", _parse_bool, "false", "Trace gRPC calls with OpenTelemetry, exported over OTLP as the standard `OTEL_EXPORTER_OTLP_*` variables say (needs `memsvc[tracing]`)."),
@@ -193,12 +196,15 @@ class Config:
     shutdown_grace_seconds: float = 10.0
     health_interval_seconds: float = 2.0
     checkpoint_max_age_seconds: int = 7 * 24 * 3600
+    max_checkpoints_per_session: int = 1000
     checkpoint_keep_last: int = 0
     request_id_ttl_seconds: int = 24 * 3600
     retention_interval_seconds: float = 60.0
     event_max_age_seconds: int = 7 * 24 * 3600
     event_keep_last: int = 0
     max_watchers: int = 1000
+    max_concurrent_calls: int = 256
+    default_deadline_seconds: float = 30.0
     event_poll_interval_seconds: float = 1.0
     max_similarity_candidates: int = 10_000
     otel_tracing: bool = False

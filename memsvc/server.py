@@ -174,6 +174,7 @@ class Server:
                 event_max_age_ms=self.config.event_max_age_seconds * 1000,
                 event_keep_last=self.config.event_keep_last,
             ),
+            max_checkpoints=self.config.max_checkpoints_per_session,
         )
         hub = EventHub(
             self.durable_store,
@@ -200,7 +201,11 @@ class Server:
         if self.tokens is not None:
             self._auth = AuthInterceptor(self.tokens.table)
             interceptors.append(self._auth)
-        interceptors.append(ErrorInterceptor(self._calls))
+        interceptors.append(
+            ErrorInterceptor(
+                self._calls, self.config.max_concurrent_calls, self.config.default_deadline_seconds
+            )
+        )
         server = grpc.aio.server(
             interceptors=interceptors,
             options=self._grpc_options(),

@@ -14,6 +14,7 @@ import contextlib
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -31,9 +32,13 @@ from memsvc.domain import (
     NotFound,
     OutOfRange,
     ResourceExhausted,
-    SessionLimitExceeded,
 )
-from memsvc.domain._errors import PermissionDenied, Unauthenticated
+from memsvc.domain._errors import (
+    DeadlineExceeded,
+    PermissionDenied,
+    TooManyCalls,
+    Unauthenticated,
+)
 from memsvc.log import rpc_method
 from memsvc.store._retry import call_deadline
 
@@ -50,6 +55,7 @@ _CODES: tuple[tuple[type[MemsvcError], code_pb2.Code.ValueType], ...] = (
     (ResourceExhausted, code_pb2.RESOURCE_EXHAUSTED),
     (OutOfRange, code_pb2.OUT_OF_RANGE),
     (BackendUnavailable, code_pb2.UNAVAILABLE),
+    (DeadlineExceeded, code_pb2.DEADLINE_EXCEEDED),
     (Unauthenticated, code_pb2.UNAUTHENTICATED),
     (PermissionDenied, code_pb2.PERMISSION_DENIED),
 )
@@ -74,7 +80,7 @@ def to_rpc_status(error: MemsvcError) -> status_pb2.Status:
                 ]
             )
         )
-    if isinstance(error, SessionLimitExceeded):
+    if isinstance(error, ResourceExhausted):
         details.append(
             error_details_pb2.QuotaFailure(
                 violations=[
@@ -102,6 +108,15 @@ async def _abort(context: grpc.aio.ServicerContext, error: BaseException, method
         await context.abort(status.code, status.details, status.trailing_metadata)
     log.error("unexpected error in %s", method, exc_info=error)
     await context.abort(grpc.StatusCode.INTERNAL, "internal error; the server log has the details")
+
+
+@dataclass(frozen=True)
+class CallLimits:
+    """What one process allows its unary calls (config: max_concurrent_calls,
+    default_deadline_seconds)."""
+
+    max_concurrent_calls: int
+    default_deadline_seconds: float
 
 
 class CallTracker:
@@ -133,6 +148,11 @@ class CallTracker:
         finally:
             calls.discard(task)
 
+    @property
+    def unary_in_flight(self) -> int:
+        """Unary calls running now (the current one included, inside ``tracking``)."""
+        return len(self._unary)
+
     def end_streams(self) -> int:
         """Cancel every open stream; return how many there were."""
         self.shutting_down = True
@@ -158,9 +178,12 @@ class ErrorInterceptor(HandlerWrapper):
 
     own_only = False  # every handler: streams are tracked for shutdown too
 
-    def __init__(self, calls: CallTracker) -> None:
+    def __init__(
+        self, calls: CallTracker, max_concurrent_calls: int, default_deadline_seconds: float
+    ) -> None:
         super().__init__()
         self._calls = calls
+        self._limits = CallLimits(max_concurrent_calls, default_deadline_seconds)
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         own = method.startswith(OWN_METHOD_PREFIX)
@@ -170,7 +193,7 @@ class ErrorInterceptor(HandlerWrapper):
         )
         if handler.unary_unary is not None and own:
             return grpc.unary_unary_rpc_method_handler(
-                _map_errors(handler.unary_unary, method, self._calls),
+                _map_errors(handler.unary_unary, method, self._calls, self._limits),
                 request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
@@ -232,14 +255,26 @@ def _map_errors(
     behavior: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]],
     method: str,
     calls: CallTracker,
+    limits: CallLimits,
 ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
     async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
         rpc_method.set(method)
-        with calls.tracking(stream=False), call_deadline(context.time_remaining()):
+        client_deadline = context.time_remaining()
+        seconds = limits.default_deadline_seconds if client_deadline is None else client_deadline
+        # The client's deadline ends the call by itself; the default one is ours to enforce.
+        own_deadline = asyncio.timeout(seconds if client_deadline is None else None)
+        with calls.tracking(stream=False), call_deadline(seconds):
             try:
+                if calls.unary_in_flight > limits.max_concurrent_calls:
+                    raise TooManyCalls(limits.max_concurrent_calls)
                 if isinstance(request, Undecodable):
                     raise request.error()
-                return await behavior(request, context)
+                async with own_deadline:
+                    return await behavior(request, context)
+            except TimeoutError as error:
+                if not own_deadline.expired():
+                    await _abort(context, error, method)
+                await _abort(context, DeadlineExceeded(seconds), method)
             except (grpc.aio.AbortError, asyncio.CancelledError):
                 raise
             except Exception as error:

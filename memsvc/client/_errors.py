@@ -74,6 +74,9 @@ class ErrorReason(enum.StrEnum):
     SIMILARITY_SCOPE_TOO_LARGE = "ERROR_REASON_SIMILARITY_SCOPE_TOO_LARGE"
     UNAUTHENTICATED = "ERROR_REASON_UNAUTHENTICATED"
     PERMISSION_DENIED = "ERROR_REASON_PERMISSION_DENIED"
+    TOO_MANY_CALLS = "ERROR_REASON_TOO_MANY_CALLS"
+    CHECKPOINT_LIMIT = "ERROR_REASON_CHECKPOINT_LIMIT"
+    DEADLINE_EXCEEDED = "ERROR_REASON_DEADLINE_EXCEEDED"
     GRAPH_CHECKPOINT_CONFLICT = "ERROR_REASON_GRAPH_CHECKPOINT_CONFLICT"
     GRAPH_CHECKPOINT_NOT_FOUND = "ERROR_REASON_GRAPH_CHECKPOINT_NOT_FOUND"
 
@@ -307,6 +310,20 @@ class TooManyWatchers(ResourceExhausted):
     """The server already serves its maximum number of watch streams."""
 
 
+class TooManyCalls(ResourceExhausted):
+    """The server already runs its maximum number of calls; nothing was done, so
+    retrying after a backoff is safe."""
+
+
+class CheckpointLimitExceeded(ResourceExhausted):
+    """The session already has its maximum number of checkpoints (nothing changed):
+    delete some before taking another."""
+
+    @property
+    def limit(self) -> int | None:
+        return _int(self.metadata.get("limit"))
+
+
 class BackendUnavailable(Unavailable):
     """A memsvc backend is down; the SDK retries this within the call's deadline."""
 
@@ -374,6 +391,9 @@ _BY_REASON: dict[str, type[MemsvcError]] = {
     ErrorReason.SESSION_KEY_LIMIT: SessionLimitExceeded,
     ErrorReason.SESSION_SIZE_LIMIT: SessionLimitExceeded,
     ErrorReason.TOO_MANY_WATCHERS: TooManyWatchers,
+    ErrorReason.TOO_MANY_CALLS: TooManyCalls,
+    ErrorReason.CHECKPOINT_LIMIT: CheckpointLimitExceeded,
+    ErrorReason.DEADLINE_EXCEEDED: DeadlineExceeded,
     ErrorReason.BACKEND_UNAVAILABLE: BackendUnavailable,
     ErrorReason.WATCH_POSITION_COMPACTED: WatchPositionCompacted,
     ErrorReason.GRAPH_CHECKPOINT_CONFLICT: GraphCheckpointConflict,

@@ -62,12 +62,22 @@ class InvalidArgument(MemsvcError):
 
     reason = "ERROR_REASON_INVALID_ARGUMENT"
 
+    # The first violations only: a status travels in trailers that gRPC caps (16 KiB
+    # by default), and a batch of 1,000 bad keys would not fit.
+    MAX_REPORTED = 20
+
     def __init__(self, violations: list[FieldViolation]) -> None:
         if not violations:
             raise ValueError("InvalidArgument needs at least one violation")
-        message = "; ".join(f"{v.field}: {v.description}" for v in violations)
+        reported = violations[: self.MAX_REPORTED]
+        if len(violations) > self.MAX_REPORTED:
+            more = len(violations) - self.MAX_REPORTED
+            reported.append(FieldViolation("", f"and {more} more violation(s) like these"))
+        message = "; ".join(f"{v.field}: {v.description}" for v in reported[:3])
+        if len(violations) > 3:
+            message += f" (and {len(violations) - 3} more: see the BadRequest details)"
         super().__init__(f"invalid request: {message}")
-        self.violations = tuple(violations)
+        self.violations = tuple(reported)
 
     @classmethod
     def single(cls, field: str, description: str) -> InvalidArgument:
@@ -121,7 +131,49 @@ class SessionNotWritable(FailedPrecondition):
 
 
 class ResourceExhausted(MemsvcError):
-    """A configured limit would be exceeded."""
+    """A configured limit would be exceeded; ``subject`` names the quota."""
+
+    subject = "limit"
+
+
+class TooManyCalls(ResourceExhausted):
+    """The process already runs ``max_concurrent_calls`` calls."""
+
+    reason = "ERROR_REASON_TOO_MANY_CALLS"
+    subject = "concurrent calls"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"this memsvc already runs {limit} calls; retry with backoff or on another replica",
+            metadata={"limit": str(limit)},
+        )
+
+
+class CheckpointLimitExceeded(ResourceExhausted):
+    """A session already has ``max_checkpoints_per_session`` checkpoints."""
+
+    reason = "ERROR_REASON_CHECKPOINT_LIMIT"
+    subject = "checkpoints per session"
+
+    def __init__(self, session_id: str, limit: int) -> None:
+        super().__init__(
+            f"session {session_id!r} already has {limit} checkpoints, its limit; delete "
+            "some (or let checkpoint_keep_last prune them) before taking another",
+            metadata={"limit": str(limit), "session_id": session_id},
+        )
+
+
+class DeadlineExceeded(MemsvcError):
+    """The call ran past its deadline; whether it took effect is unknown."""
+
+    reason = "ERROR_REASON_DEADLINE_EXCEEDED"
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(
+            f"the call did not finish within its deadline of {seconds:g}s; its effect is "
+            "unknown: retry with the same request_id",
+            metadata={"deadline_seconds": f"{seconds:g}"},
+        )
 
 
 class SessionLimitExceeded(ResourceExhausted):

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 from memsvc.domain._episodes import OUTCOMES
 from memsvc.domain._errors import (
     CheckpointAlreadyExists,
+    CheckpointLimitExceeded,
     CheckpointNotFound,
     CheckpointProtected,
     FieldViolation,
@@ -110,9 +111,11 @@ class Lifecycle:
         clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
         failpoints: Failpoints | None = None,
         retention: CheckpointRetention | None = None,
+        max_checkpoints: int = 1000,
     ) -> None:
         self._failpoints = failpoints or Failpoints()
         self.retention = retention or CheckpointRetention()
+        self.max_checkpoints = max_checkpoints
         self._memory = memory
         self._db = database
         self._wm = working_memory
@@ -174,6 +177,7 @@ class Lifecycle:
 
         async def body(tx: LifecycleTransaction) -> PauseResult:
             record = await self._locked(tx, ref, "pause", {SessionState.ACTIVE})
+            await self._room_for_checkpoint(tx, ref)
             snapshot = await self._begin(
                 record,
                 steps,
@@ -201,6 +205,15 @@ class Lifecycle:
             )
 
         return await self._run("Pause", ref, request_id, arguments, PauseResult, steps, body)
+
+    async def _room_for_checkpoint(self, tx: LifecycleTransaction, ref: SessionRef) -> None:
+        """Refuse a new checkpoint past ``max_checkpoints`` (before step 1, so nothing
+        needs undoing). With a smaller ``keep_last``, pruning bounds the count already."""
+        keep_last = self.retention.keep_last
+        if keep_last and keep_last < self.max_checkpoints:
+            return
+        if await tx.count_checkpoints(ref) >= self.max_checkpoints:
+            raise CheckpointLimitExceeded(ref.session_id, self.max_checkpoints)
 
     async def _store_checkpoint(
         self,
@@ -239,6 +252,7 @@ class Lifecycle:
 
         async def body(tx: LifecycleTransaction) -> CheckpointResult:
             record = await self._locked(tx, ref, "checkpoint", {SessionState.ACTIVE})
+            await self._room_for_checkpoint(tx, ref)
             snapshot = await self._begin(
                 record,
                 None,

@@ -140,6 +140,9 @@ class LifecycleTransaction(RequestLog, Protocol):
     async def insert_checkpoint(self, record: CheckpointRecord, contents: bytes) -> None:
         """Store a checkpoint; raises CheckpointIdTaken on a duplicate id."""
 
+    async def count_checkpoints(self, ref: SessionRef) -> int:
+        """How many checkpoints the session has."""
+
     async def read_checkpoint(
         self, ref: SessionRef, checkpoint_id: str
     ) -> tuple[CheckpointRecord, bytes] | None:

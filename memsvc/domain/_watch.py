@@ -92,6 +92,7 @@ class TooManyWatchers(ResourceExhausted):
     """The process already serves its maximum number of watchers."""
 
     reason = "ERROR_REASON_TOO_MANY_WATCHERS"
+    subject = "watchers"
 
     def __init__(self, limit: int) -> None:
         super().__init__(

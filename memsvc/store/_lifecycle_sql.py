@@ -224,6 +224,10 @@ class SqlLifecycleTransaction:
     ) -> tuple[CheckpointRecord, bytes] | None:
         return await read_checkpoint(self._conn, self._d, ref, checkpoint_id)
 
+    async def count_checkpoints(self, ref: SessionRef) -> int:
+        row = await self._one(f"SELECT count(*) FROM checkpoints WHERE {_SESSION_KEY}", _key(ref))
+        return int(row[0])
+
     async def delete_checkpoint(self, ref: SessionRef, checkpoint_id: str) -> bool:
         row = await self._one(
             f"DELETE FROM checkpoints WHERE {_SESSION_KEY} AND checkpoint_id = ?"

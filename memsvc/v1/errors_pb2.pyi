@@ -117,6 +117,22 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     empty for a watch without a project filter). Status code:
     PERMISSION_DENIED.
     """
+    ERROR_REASON_TOO_MANY_CALLS: _ErrorReason.ValueType  # 21
+    """The server already runs its maximum number of concurrent calls
+    (`max_concurrent_calls`); retry with backoff, or on another replica.
+    Metadata: "limit". Status code: RESOURCE_EXHAUSTED.
+    """
+    ERROR_REASON_CHECKPOINT_LIMIT: _ErrorReason.ValueType  # 22
+    """The session already has its maximum number of checkpoints
+    (`max_checkpoints_per_session`): delete some first. Metadata: "limit",
+    "session_id". Status code: RESOURCE_EXHAUSTED.
+    """
+    ERROR_REASON_DEADLINE_EXCEEDED: _ErrorReason.ValueType  # 23
+    """The call ran past its deadline: the client's, or the server's default
+    (`default_deadline_seconds`) for a call that set none. Its effect is
+    unknown: retry with the same request_id. Metadata: "deadline_seconds".
+    Status code: DEADLINE_EXCEEDED.
+    """
     ERROR_REASON_GRAPH_CHECKPOINT_CONFLICT: _ErrorReason.ValueType  # 30
     """A put with `require_latest_parent` named a parent that is no longer the
     latest checkpoint of its graph thread and namespace: another writer got
@@ -236,6 +252,22 @@ call names (for WatchLifecycle: a bound token must name one of its
 projects in `project_id`). Metadata: "project_id" (the project asked for;
 empty for a watch without a project filter). Status code:
 PERMISSION_DENIED.
+"""
+ERROR_REASON_TOO_MANY_CALLS: ErrorReason.ValueType  # 21
+"""The server already runs its maximum number of concurrent calls
+(`max_concurrent_calls`); retry with backoff, or on another replica.
+Metadata: "limit". Status code: RESOURCE_EXHAUSTED.
+"""
+ERROR_REASON_CHECKPOINT_LIMIT: ErrorReason.ValueType  # 22
+"""The session already has its maximum number of checkpoints
+(`max_checkpoints_per_session`): delete some first. Metadata: "limit",
+"session_id". Status code: RESOURCE_EXHAUSTED.
+"""
+ERROR_REASON_DEADLINE_EXCEEDED: ErrorReason.ValueType  # 23
+"""The call ran past its deadline: the client's, or the server's default
+(`default_deadline_seconds`) for a call that set none. Its effect is
+unknown: retry with the same request_id. Metadata: "deadline_seconds".
+Status code: DEADLINE_EXCEEDED.
 """
 ERROR_REASON_GRAPH_CHECKPOINT_CONFLICT: ErrorReason.ValueType  # 30
 """A put with `require_latest_parent` named a parent that is no longer the

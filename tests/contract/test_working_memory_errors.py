@@ -163,6 +163,20 @@ async def test_batches_refuse_duplicates_empty_and_oversize(wm, seeded):
     await assert_unchanged(wm, seeded)
 
 
+async def test_a_thousand_bad_keys_get_a_bounded_report(wm, seeded):
+    """Every key bad: the first 20 are named, then how many more; the status still fits
+    gRPC's trailers, and the server carries on."""
+    keys = [f"{i:03d}" + "x" * 600 for i in range(1000)]  # each past the 512-byte limit
+    error = await expect_error(
+        wm.BatchGet(pb.BatchGetRequest(**seeded, keys=keys)), grpc.StatusCode.INVALID_ARGUMENT
+    )
+    assert len(error.violations) == 21
+    assert "keys[0]" in error.violations and "keys[19]" in error.violations
+    assert error.violations[""] == "and 980 more violation(s) like these"
+    assert "980" not in error.message and "997 more" in error.message
+    await assert_unchanged(wm, seeded)
+
+
 async def test_bad_pagination_is_invalid_argument(wm, seeded, scope):
     error = await expect_error(
         wm.ListKeys(pb.ListKeysRequest(**seeded, page_size=-1)), grpc.StatusCode.INVALID_ARGUMENT

@@ -1,0 +1,76 @@
+"""LifecycleService contract: the checkpoints-per-session limit (both deployments)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+import pytest
+
+from memsvc.v1 import lifecycle_pb2 as lc
+from memsvc.v1 import working_memory_pb2 as pb
+from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
+from memsvc.v1.working_memory_pb2_grpc import WorkingMemoryServiceStub
+from tests.helpers import expect_error, value
+
+
+@pytest.fixture
+def config_overrides(request: pytest.FixtureRequest) -> dict[str, object]:
+    overrides: dict[str, object] = getattr(request, "param", {"max_checkpoints_per_session": 2})
+    return overrides
+
+
+@pytest.fixture
+def life(channel: grpc.aio.Channel) -> LifecycleServiceStub:
+    return LifecycleServiceStub(channel)
+
+
+async def checkpoint_ids(life: LifecycleServiceStub, scope: dict[str, Any]) -> list[str]:
+    page = await life.ListCheckpoints(lc.ListCheckpointsRequest(**scope))
+    return sorted(c.checkpoint_id for c in page.checkpoints)
+
+
+async def test_past_the_checkpoint_limit_pause_and_create_are_refused_and_change_nothing(
+    life: LifecycleServiceStub, wm: WorkingMemoryServiceStub, scope: dict[str, Any]
+):
+    await life.Spawn(lc.SpawnRequest(**scope))
+    for checkpoint_id in ("one", "two"):
+        await life.CreateCheckpoint(
+            lc.CreateCheckpointRequest(**scope, checkpoint_id=checkpoint_id)
+        )
+    created = await expect_error(
+        life.CreateCheckpoint(lc.CreateCheckpointRequest(**scope, checkpoint_id="three")),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    )
+    assert created.reason == "ERROR_REASON_CHECKPOINT_LIMIT"
+    assert created.metadata == {"limit": "2", "session_id": scope["session_id"]}
+    assert created.quota_subjects == ["checkpoints per session"]
+    paused = await expect_error(
+        life.Pause(lc.PauseRequest(**scope, checkpoint_id="resume-point")),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    )
+    assert paused.reason == "ERROR_REASON_CHECKPOINT_LIMIT"
+    # Nothing changed: still ACTIVE and writable, the same two checkpoints, no event.
+    session = (await life.GetSession(lc.GetSessionRequest(**scope))).session
+    assert session.state == lc.SESSION_STATE_ACTIVE
+    await wm.Set(pb.SetRequest(**scope, key="k", value=value(1)))
+    assert await checkpoint_ids(life, scope) == ["one", "two"]
+    # Room again once one is deleted.
+    await life.DeleteCheckpoint(lc.DeleteCheckpointRequest(**scope, checkpoint_id="one"))
+    await life.Pause(lc.PauseRequest(**scope, checkpoint_id="resume-point"))
+    assert await checkpoint_ids(life, scope) == ["resume-point", "two"]
+
+
+PRUNING = {"max_checkpoints_per_session": 2, "checkpoint_keep_last": 1}
+
+
+@pytest.mark.parametrize("config_overrides", [PRUNING], indirect=True)
+async def test_keep_last_below_the_limit_prunes_instead_of_refusing(
+    life: LifecycleServiceStub, scope: dict[str, Any]
+):
+    await life.Spawn(lc.SpawnRequest(**scope))
+    for checkpoint_id in ("one", "two", "three"):
+        await life.CreateCheckpoint(
+            lc.CreateCheckpointRequest(**scope, checkpoint_id=checkpoint_id)
+        )
+    assert await checkpoint_ids(life, scope) == ["three"]

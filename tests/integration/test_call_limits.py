@@ -1,0 +1,120 @@
+"""Per-process call limits: concurrent calls and the default deadline.
+
+A store whose reads wait on a gate holds calls in flight for as long as a test needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from memsvc.config import Config
+from memsvc.domain import BatchRead, SessionRef
+from memsvc.server import Server
+from memsvc.store.memory import InMemoryWorkingMemoryStore
+from memsvc.v1 import lifecycle_pb2 as lc
+from memsvc.v1 import working_memory_pb2 as pb
+from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
+from memsvc.v1.working_memory_pb2_grpc import WorkingMemoryServiceStub
+from tests.helpers import eventually, expect_error, python, value
+
+
+class GatedStore(InMemoryWorkingMemoryStore):
+    """Reads wait for the gate; ``waiting`` counts the reads held."""
+
+    def __init__(self) -> None:
+        super().__init__(max_session_keys=100, max_session_bytes=1 << 20)
+        self.gate = asyncio.Event()
+        self.waiting = 0
+
+    async def get_entries(
+        self, session: SessionRef, keys: Sequence[str], budget_bytes: int
+    ) -> BatchRead:
+        self.waiting += 1
+        try:
+            await self.gate.wait()
+        finally:
+            self.waiting -= 1
+        return await super().get_entries(session, keys, budget_bytes)
+
+
+async def holding(store: GatedStore, calls: int) -> bool:
+    return store.waiting == calls
+
+
+@pytest.fixture
+def store() -> GatedStore:
+    return GatedStore()
+
+
+@pytest.fixture
+async def stubs(
+    tmp_path: Path, store: GatedStore, request: pytest.FixtureRequest
+) -> AsyncIterator[tuple[WorkingMemoryServiceStub, dict[str, Any]]]:
+    config = Config(listen="127.0.0.1:0", data_dir=str(tmp_path), health_listen="",
+                    metrics_listen="")  # fmt: skip
+    server = Server(replace(config, **request.param), working_memory=store)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            ids: dict[str, Any] = {
+                "project_id": str(uuid.uuid4()),
+                "agent_instance_id": str(uuid.uuid4()),
+                "session_id": "s",
+            }
+            await LifecycleServiceStub(channel).Spawn(lc.SpawnRequest(**ids))
+            wm = WorkingMemoryServiceStub(channel)
+            await wm.Set(pb.SetRequest(**ids, key="k", value=value("v")))
+            yield wm, ids
+    finally:
+        store.gate.set()
+        await server.stop(grace=1)
+
+
+@pytest.mark.parametrize("stubs", [{"max_concurrent_calls": 2}], indirect=True)
+async def test_past_the_concurrent_call_limit_calls_are_refused_at_once(stubs, store):
+    wm, ids = stubs
+    held = [asyncio.ensure_future(wm.Get(pb.GetRequest(**ids, key="k"))) for _ in range(2)]
+    await eventually(lambda: holding(store, 2))
+    refused = await expect_error(
+        wm.Set(pb.SetRequest(**ids, key="other", value=value(1))),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    )
+    assert refused.reason == "ERROR_REASON_TOO_MANY_CALLS"
+    assert refused.metadata == {"limit": "2"}
+    assert refused.quota_subjects == ["concurrent calls"]
+    store.gate.set()
+    for call in held:
+        assert python((await call).entry.value) == "v"
+    # The refused write changed nothing, and calls are admitted again.
+    await expect_error(wm.Get(pb.GetRequest(**ids, key="other")), grpc.StatusCode.NOT_FOUND)
+    await wm.Set(pb.SetRequest(**ids, key="other", value=value(1)))
+
+
+@pytest.mark.parametrize("stubs", [{"default_deadline_seconds": 0.3}], indirect=True)
+async def test_a_call_without_a_deadline_gets_the_default_one(stubs, store):
+    wm, ids = stubs
+    late = await expect_error(
+        wm.Get(pb.GetRequest(**ids, key="k")), grpc.StatusCode.DEADLINE_EXCEEDED
+    )
+    assert late.reason == "ERROR_REASON_DEADLINE_EXCEEDED"
+    assert late.metadata == {"deadline_seconds": "0.3"}
+    assert store.waiting == 0, "the handler was cancelled, not left running"
+
+
+@pytest.mark.parametrize("stubs", [{"default_deadline_seconds": 0.3}], indirect=True)
+async def test_the_clients_own_deadline_wins_over_the_default(stubs, store):
+    wm, ids = stubs
+    call = asyncio.ensure_future(wm.Get(pb.GetRequest(**ids, key="k"), timeout=10))
+    await eventually(lambda: holding(store, 1))
+    await asyncio.sleep(0.6)  # twice the default deadline: still running
+    assert not call.done()
+    store.gate.set()
+    assert python((await call).entry.value) == "v"
