@@ -228,6 +228,8 @@ class Server:
         self.graphs = GraphCheckpoints(
             self.durable_store, page_bytes=self.config.response_budget_bytes
         )
+        # Terminate ends the session's linked graph threads in its own transaction.
+        lifecycle.session_end_hooks.append(self.graphs.session_ended)
         graph_checkpoint_pb2_grpc.add_GraphCheckpointServiceServicer_to_server(
             GraphCheckpointServicer(self.graphs), server
         )

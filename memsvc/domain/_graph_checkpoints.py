@@ -264,8 +264,11 @@ class GraphTransaction(Protocol):
 
     async def graph_threads_prune_done(self, project_id: str, thread_id: str) -> None: ...
 
-    async def graph_threads_of_ended_sessions(self, limit: int) -> list[tuple[str, str, int]]:
-        """(project_id, thread_id, action) of threads linked to terminated sessions."""
+    async def graph_threads_of_ended_sessions(
+        self, limit: int, session: SessionRef | None = None
+    ) -> list[tuple[str, str, int]]:
+        """(project_id, thread_id, action) of threads linked to terminated sessions
+        (to ``session`` only, when given)."""
 
     async def graph_thread_session_done(self, project_id: str, thread_id: str) -> None:
         """Forget the thread's session link (its action has been applied)."""
@@ -523,18 +526,42 @@ class GraphCheckpoints:
                 await tx.lock_graph_thread_row(project, thread_id)
                 pruned += await tx.keep_latest_graph_checkpoints(project, thread_id, keep)
                 await tx.graph_threads_prune_done(project, thread_id)
+        # Terminate applies these itself (session_ended); this catches what a crash
+        # between the two left, and sessions terminated before the link was made.
         async with self._db.transaction() as tx:
             ended = await tx.graph_threads_of_ended_sessions(limit)
         for project, thread_id, action in ended:
             async with self._db.transaction() as tx:
-                await tx.lock_graph_thread_row(project, thread_id)
-                if action == SessionEndAction.DELETE:
-                    await tx.delete_graph_thread(project, thread_id)
-                    continue
-                if action == SessionEndAction.KEEP_LATEST:
-                    pruned += await tx.keep_latest_graph_checkpoints(project, thread_id, 1)
-                await tx.graph_thread_session_done(project, thread_id)
+                pruned += await _apply_session_end(tx, project, thread_id, action)
         return GraphSweep(len(expired), pruned, len(ended))
+
+    async def session_ended(self, tx: GraphTransaction, session: SessionRef) -> None:
+        """Apply the end action of every thread linked to ``session``, inside the
+        transaction that terminates it (so both commit, or neither)."""
+        for project, thread_id, action in await tx.graph_threads_of_ended_sessions(
+            _SESSION_THREADS_LIMIT, session
+        ):
+            await _apply_session_end(tx, project, thread_id, action)
+
+
+# Threads one Terminate ends itself; the sweep ends any beyond (a session is
+# rarely linked to more than a few).
+_SESSION_THREADS_LIMIT = 1000
+
+
+async def _apply_session_end(
+    tx: GraphTransaction, project_id: str, thread_id: str, action: int
+) -> int:
+    """Delete or prune one thread of an ended session; return checkpoints pruned."""
+    await tx.lock_graph_thread_row(project_id, thread_id)
+    if action == SessionEndAction.DELETE:
+        await tx.delete_graph_thread(project_id, thread_id)
+        return 0
+    pruned = 0
+    if action == SessionEndAction.KEEP_LATEST:
+        pruned = await tx.keep_latest_graph_checkpoints(project_id, thread_id, 1)
+    await tx.graph_thread_session_done(project_id, thread_id)
+    return pruned
 
 
 def _check_text(

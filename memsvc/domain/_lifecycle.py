@@ -116,6 +116,9 @@ class Lifecycle:
         self._failpoints = failpoints or Failpoints()
         self.retention = retention or CheckpointRetention()
         self.max_checkpoints = max_checkpoints
+        # Run inside a Terminate's transaction, after the session is TERMINATED: what
+        # other stores tie to a session ends with it, atomically (graph threads).
+        self.session_end_hooks: list[Callable[[Any, SessionRef], Awaitable[None]]] = []
         self._memory = memory
         self._db = database
         self._wm = working_memory
@@ -430,6 +433,8 @@ class Lifecycle:
                 episode_id=episode_id,
                 metadata=metadata,
             )
+            for hook in self.session_end_hooks:
+                await hook(tx, ref)
             count = snapshot.key_count
             return TerminateResult(
                 ended, episode_id, count if consolidate else 0, count if cleanup else 0, outcome

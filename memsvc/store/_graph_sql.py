@@ -602,13 +602,19 @@ class SqlGraphWrites:
             (False, project_id, thread_id),
         )
 
-    async def graph_threads_of_ended_sessions(self, limit: int) -> list[tuple[str, str, int]]:
+    async def graph_threads_of_ended_sessions(
+        self, limit: int, session: SessionRef | None = None
+    ) -> list[tuple[str, str, int]]:
+        only, params = "", tuple[str, ...]()
+        if session is not None:
+            only = " AND s.project_id = ? AND s.agent_instance_id = ? AND s.session_id = ?"
+            params = (session.project_id, session.agent_instance_id, session.session_id)
         rows = await self._rows(
             "SELECT t.project_id, t.thread_id, t.on_session_end FROM graph_threads t"
             " JOIN sessions s ON s.project_id = t.project_id"
             " AND s.agent_instance_id = t.agent_instance_id AND s.session_id = t.session_id"
-            f" WHERE t.on_session_end <> 0 AND s.state = 3 LIMIT {int(limit)}",
-            (),
+            f" WHERE t.on_session_end <> 0 AND s.state = 3{only} LIMIT {int(limit)}",
+            params,
         )
         return [(str(text(r[0])), str(r[1]), int(r[2])) for r in rows]
 

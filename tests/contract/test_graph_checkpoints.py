@@ -231,7 +231,8 @@ async def test_retention_forgets_expired_threads_and_keeps_the_newest(graphs, sc
 
 
 async def test_a_linked_session_ends_its_threads(graphs, scope, server, channel):
-    """Terminating a linked session prunes (keep_latest) or deletes its threads."""
+    """Terminating a linked session prunes (keep_latest) or deletes its threads, in
+    the Terminate's own transaction: the moment it returns, no sweep needed."""
     project = scope["project_id"]
     life = LifecycleServiceStub(channel)
     await life.Spawn(lc.SpawnRequest(**scope))
@@ -249,10 +250,10 @@ async def test_a_linked_session_ends_its_threads(graphs, scope, server, channel)
         for step in range(1, 4):
             await put(graphs, project, checkpoint(thread_id, f"c{step}"), options=link)
     await life.Terminate(lc.TerminateRequest(**scope))
-    assert server.graphs is not None
-    await server.graphs.sweep()
     assert await ids(graphs, project, "pruned") == ["c3"]
     assert await ids(graphs, project, "deleted") == []
+    assert server.graphs is not None
+    assert (await server.graphs.sweep()).threads_ended == 0, "nothing left for the sweep"
 
 
 async def test_a_purge_forgets_linked_threads_and_whole_projects(graphs, scope, server, channel):
