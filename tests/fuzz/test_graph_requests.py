@@ -22,20 +22,16 @@ import grpc
 from google.protobuf import duration_pb2
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from memsvc.v1 import graph_checkpoint_pb2 as pb
 from memsvc.v1.graph_checkpoint_pb2_grpc import GraphCheckpointServiceStub
+from tests.fuzz.test_requests import CALL_TIMEOUT
+from tests.fuzz.test_requests import FUZZ as REQUEST_FUZZ
 from tests.helpers import details_of
 
-FUZZ = settings(
-    max_examples=40,
-    deadline=None,
-    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink],
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
-CALL_TIMEOUT = 15.0
+FUZZ = settings(REQUEST_FUZZ, max_examples=40)
 ALLOWED = {
     grpc.StatusCode.OK,
     grpc.StatusCode.INVALID_ARGUMENT,
