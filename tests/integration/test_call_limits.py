@@ -69,9 +69,10 @@ async def stubs(
                 "agent_instance_id": str(uuid.uuid4()),
                 "session_id": "s",
             }
-            await LifecycleServiceStub(channel).Spawn(lc.SpawnRequest(**ids))
+            # Deadlines of their own: a short default deadline must not cut the set-up.
+            await LifecycleServiceStub(channel).Spawn(lc.SpawnRequest(**ids), timeout=30)
             wm = WorkingMemoryServiceStub(channel)
-            await wm.Set(pb.SetRequest(**ids, key="k", value=value("v")))
+            await wm.Set(pb.SetRequest(**ids, key="k", value=value("v")), timeout=30)
             yield wm, ids
     finally:
         store.gate.set()
