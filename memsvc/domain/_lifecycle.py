@@ -179,8 +179,9 @@ class Lifecycle:
         steps = _Steps(op=uuid7())
 
         async def body(tx: LifecycleTransaction) -> PauseResult:
-            record = await self._locked(tx, ref, "pause", {SessionState.ACTIVE})
-            await self._room_for_checkpoint(tx, ref)
+            record = await self._locked(
+                tx, ref, "pause", {SessionState.ACTIVE}, new_checkpoint=True
+            )
             snapshot = await self._begin(
                 record,
                 steps,
@@ -208,15 +209,6 @@ class Lifecycle:
             )
 
         return await self._run("Pause", ref, request_id, arguments, PauseResult, steps, body)
-
-    async def _room_for_checkpoint(self, tx: LifecycleTransaction, ref: SessionRef) -> None:
-        """Refuse a new checkpoint past ``max_checkpoints`` (before step 1, so nothing
-        needs undoing). With a smaller ``keep_last``, pruning bounds the count already."""
-        keep_last = self.retention.keep_last
-        if keep_last and keep_last < self.max_checkpoints:
-            return
-        if await tx.count_checkpoints(ref) >= self.max_checkpoints:
-            raise CheckpointLimitExceeded(ref.session_id, self.max_checkpoints)
 
     async def _store_checkpoint(
         self,
@@ -254,8 +246,9 @@ class Lifecycle:
         steps = _Steps(op=uuid7())
 
         async def body(tx: LifecycleTransaction) -> CheckpointResult:
-            record = await self._locked(tx, ref, "checkpoint", {SessionState.ACTIVE})
-            await self._room_for_checkpoint(tx, ref)
+            record = await self._locked(
+                tx, ref, "checkpoint", {SessionState.ACTIVE}, new_checkpoint=True
+            )
             snapshot = await self._begin(
                 record,
                 None,
@@ -566,12 +559,25 @@ class Lifecycle:
         ref: SessionRef,
         operation: str,
         allowed: set[SessionState],
+        new_checkpoint: bool = False,
     ) -> SessionRecord:
-        record = await tx.lock_session(ref)
+        """Lock the session's row and check the transition; for an operation that takes
+        a checkpoint, also refuse one past ``max_checkpoints`` (before step 1, so
+        nothing needs undoing; a smaller ``keep_last`` bounds the count already)."""
+        keep_last = self.retention.keep_last
+        counted = new_checkpoint and not (keep_last and keep_last < self.max_checkpoints)
+        checkpoints = 0
+        if counted:
+            locked = await tx.lock_session_counting_checkpoints(ref)
+            record, checkpoints = locked if locked is not None else (None, 0)
+        else:
+            record = await tx.lock_session(ref)
         if record is None:
             raise SessionNotFound(ref.session_id)
         if record.state not in allowed:
             raise InvalidTransition(ref.session_id, record.state.name, operation)
+        if checkpoints >= self.max_checkpoints:
+            raise CheckpointLimitExceeded(ref.session_id, self.max_checkpoints)
         return record
 
     async def _begin(

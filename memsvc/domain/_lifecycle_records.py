@@ -140,8 +140,10 @@ class LifecycleTransaction(RequestLog, Protocol):
     async def insert_checkpoint(self, record: CheckpointRecord, contents: bytes) -> None:
         """Store a checkpoint; raises CheckpointIdTaken on a duplicate id."""
 
-    async def count_checkpoints(self, ref: SessionRef) -> int:
-        """How many checkpoints the session has."""
+    async def lock_session_counting_checkpoints(
+        self, ref: SessionRef
+    ) -> tuple[SessionRecord, int] | None:
+        """As lock_session, with the number of the session's checkpoints (one round trip)."""
 
     async def read_checkpoint(
         self, ref: SessionRef, checkpoint_id: str

@@ -172,6 +172,16 @@ class SqlLifecycleTransaction:
         )
         return None if row is None else session_from_row(row, self._d)
 
+    async def lock_session_counting_checkpoints(
+        self, ref: SessionRef
+    ) -> tuple[SessionRecord, int] | None:
+        row = await self._one(
+            f"SELECT {_SESSION_COLUMNS}, (SELECT count(*) FROM checkpoints"
+            f" WHERE {_SESSION_KEY}) FROM sessions WHERE {_SESSION_KEY}{self._d.for_update}",
+            (*_key(ref), *_key(ref)),
+        )
+        return None if row is None else (session_from_row(row[:-1], self._d), int(row[-1]))
+
     async def insert_session(self, record: SessionRecord) -> bool:
         row = await self._one(
             f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -223,10 +233,6 @@ class SqlLifecycleTransaction:
         self, ref: SessionRef, checkpoint_id: str
     ) -> tuple[CheckpointRecord, bytes] | None:
         return await read_checkpoint(self._conn, self._d, ref, checkpoint_id)
-
-    async def count_checkpoints(self, ref: SessionRef) -> int:
-        row = await self._one(f"SELECT count(*) FROM checkpoints WHERE {_SESSION_KEY}", _key(ref))
-        return int(row[0])
 
     async def delete_checkpoint(self, ref: SessionRef, checkpoint_id: str) -> bool:
         row = await self._one(
