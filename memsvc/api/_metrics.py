@@ -38,27 +38,35 @@ class MetricsInterceptor(HandlerWrapper):
         if handler.unary_unary is not None:
             labels = ("unary", service, name)
             return grpc.unary_unary_rpc_method_handler(
-                self._unary(handler.unary_unary, labels),
+                self._call(handler.unary_unary, labels, timed=True),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
-        if handler.unary_stream is not None and inspect.isasyncgenfunction(handler.unary_stream):
+        if handler.unary_stream is not None:
             labels = ("server_stream", service, name)
+            behavior = handler.unary_stream
             return grpc.unary_stream_rpc_method_handler(
-                self._stream(handler.unary_stream, labels),
+                # A stream that writes with context.write() is one awaited call.
+                self._stream(behavior, labels)
+                if inspect.isasyncgenfunction(behavior)
+                else self._call(behavior, labels, timed=False),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         return handler
 
-    def _unary(
-        self, behavior: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]], labels: Any
+    def _call(
+        self,
+        behavior: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]],
+        labels: Any,
+        timed: bool,
     ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+        """Count a unary call (and time it), or a stream written with context.write()."""
         metrics = self._metrics
         started_counter = metrics.rpc_started.labels(*labels)
-        latency = metrics.rpc_seconds.labels(*labels)
+        latency = metrics.rpc_seconds.labels(*labels) if timed else None
 
-        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
             started_counter.inc()
             started = time.perf_counter()
             code = "UNKNOWN"
@@ -73,10 +81,11 @@ class MetricsInterceptor(HandlerWrapper):
                 code = "CANCELLED"
                 raise
             finally:
-                latency.observe(time.perf_counter() - started)
+                if latency is not None:
+                    latency.observe(time.perf_counter() - started)
                 metrics.rpc_handled.labels(*labels, code).inc()
 
-        return unary
+        return call
 
     def _stream(
         self, behavior: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]], labels: Any
