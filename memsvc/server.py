@@ -66,6 +66,8 @@ from memsvc.v1 import (
 
 log = logging.getLogger(__name__)
 
+# Rows one retention job deletes per transaction (see sweep_until_caught_up).
+SWEEP_BATCH = 1000
 # The longest one shutdown step may take (beyond the grace period for the gRPC
 # server) before it is logged and skipped, so a stop can never hang.
 STEP_LIMIT_SECONDS = 10.0
@@ -407,29 +409,37 @@ class Server:
         # Background jobs (retention, compaction) on the replica holding the lease.
         while True:
             await asyncio.sleep(self.config.retention_interval_seconds)
-            if self.lifecycle is None:
-                continue
+            await self.sweep_until_caught_up()
+
+    async def sweep_until_caught_up(self) -> tuple[int, int, int]:
+        """Run the background jobs, batch after batch while a job still fills its
+        batch: each is a short transaction, and a backlog (more expired rows than one
+        batch, which a busy project writes in seconds) is cleared in one interval
+        instead of growing. Returns what was deleted (nothing on another replica)."""
+        totals = (0, 0, 0)
+        if self.lifecycle is None:
+            return totals
+        while True:
             try:
                 # One replica at a time holds the lease; it lapses after three
                 # missed intervals (a replica that died), and another takes over.
                 swept = await self.lifecycle.sweep(
+                    SWEEP_BATCH,
                     holder=self.instance_id,
                     lease_ms=int(3 * self.config.retention_interval_seconds * 1000),
                 )
             except Exception as error:
                 log.warning("retention sweep failed: %s", error)
-                continue
+                return totals
             if swept is None:
-                continue  # another replica runs the background jobs
-            await self._sweep_graphs()
-            checkpoints, requests, events = swept
-            if checkpoints or requests or events:
-                log.info(
-                    "retention deleted %d checkpoint(s), %d request id(s), %d event(s)",
-                    checkpoints,
-                    requests,
-                    events,
-                )
+                return totals  # another replica runs the background jobs
+            totals = (totals[0] + swept[0], totals[1] + swept[1], totals[2] + swept[2])
+            if max(swept) < SWEEP_BATCH:
+                break
+        await self._sweep_graphs()
+        if any(totals):
+            log.info("retention deleted %d checkpoint(s), %d request id(s), %d event(s)", *totals)
+        return totals
 
     async def _sweep_graphs(self) -> None:
         """Graph-checkpoint retention (TTL, keep_last, ended sessions), on the lease holder."""

@@ -10,6 +10,7 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 
+from memsvc import server as server_module
 from memsvc.domain import SessionRef
 from memsvc.server import Server
 from memsvc.store.redis import session_keys
@@ -17,7 +18,7 @@ from memsvc.v1 import lifecycle_pb2 as lc
 from memsvc.v1 import working_memory_pb2 as pb
 from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
 from memsvc.v1.working_memory_pb2_grpc import WorkingMemoryServiceStub
-from tests.helpers import eventually, expect_error, python, value
+from tests.helpers import eventually, expect_error, python, sql_rows, value
 
 
 @pytest.fixture
@@ -128,3 +129,27 @@ async def test_one_replica_at_a_time_runs_the_background_jobs(server):
     await asyncio.sleep(0.01)  # second's 1 ms lease lapses: nothing is asserted on time
     assert await lifecycle.sweep(holder=first, lease_ms=60_000) is not None
     await lifecycle.release_background(first)
+
+
+async def test_a_backlog_past_one_batch_is_cleared_in_one_interval(base_config, monkeypatch):
+    """More expired rows than one batch: the jobs run batch after batch until a batch
+    comes back short, so retention keeps up with a busy project."""
+    monkeypatch.setattr(server_module, "SWEEP_BATCH", 2)
+    config = replace(base_config, request_id_ttl_seconds=1, retention_interval_seconds=3600)
+    remembered = "SELECT count(*) FROM request_log WHERE project_id = ?"
+    project = str(uuid.uuid4())
+    async with (
+        Server(config) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        life = LifecycleServiceStub(channel)
+        for index in range(5):
+            await life.Spawn(
+                lc.SpawnRequest(project_id=project, agent_instance_id=str(uuid.uuid4()),
+                                session_id=f"s{index}", request_id=str(uuid.uuid4()))
+            )  # fmt: skip
+        assert (await sql_rows(config.database_url, remembered, project))[0][0] == 5
+        await asyncio.sleep(1.5)  # past the 1 s TTL of all five
+        _, requests, _ = await server.sweep_until_caught_up()
+        assert requests == 5, "three batches (2 + 2 + 1) in one call"
+        assert (await sql_rows(config.database_url, remembered, project))[0][0] == 0
