@@ -395,7 +395,10 @@ class Lifecycle:
             snapshot = await self._begin(
                 record,
                 steps,
-                lambda: self._memory.begin_snapshot(ref, steps.op, "terminating", cleanup, allowed),
+                # Without an episode nothing reads the values: only count them.
+                lambda: self._memory.begin_snapshot(
+                    ref, steps.op, "terminating", cleanup, allowed, with_contents=consolidate
+                ),
             )
             steps.final_state = None if cleanup else "terminated"
             steps.clear = cleanup

@@ -104,8 +104,11 @@ class SessionMemoryStore(Protocol):
         new_state: str | None,
         clear_on_finish: bool,
         allowed: Collection[str],
+        with_contents: bool = True,
     ) -> Snapshot:
-        """Read everything at once; set ``new_state`` unless None.
+        """Read everything at once; set ``new_state`` unless None. Without
+        ``with_contents`` only the key count and size are read (the blob is empty):
+        a Terminate that records no episode moves no values.
 
         Raises MarkerStateError when the marker's state is not in ``allowed``.
         """

@@ -223,3 +223,16 @@ async def test_terminate_clears_everything(store, session):
         await contents(store, session)
     with pytest.raises(SessionNotWritable):
         await store.set_entries(session, [EntryWrite("a", b"1", None)])
+
+
+async def test_a_snapshot_without_contents_only_counts(store, session):
+    """Terminate without an episode: the marker changes as usual, the key count and
+    size are those of the full snapshot, and no value is read."""
+    await spawn(store, session, {"a": b"1", "bb": b"22"})
+    full = await store.begin_snapshot(session, "op-c", None, False, {"active"})
+    counted = await store.begin_snapshot(
+        session, "op-t", "terminating", True, {"active"}, with_contents=False
+    )
+    assert (counted.key_count, counted.size_bytes) == (full.key_count, full.size_bytes) == (2, 6)
+    assert counted.entries() == []
+    assert (await store.read_marker(session)).state == "terminating"

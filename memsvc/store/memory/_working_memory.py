@@ -274,6 +274,7 @@ class InMemoryWorkingMemoryStore:
         new_state: str | None,
         clear_on_finish: bool,
         allowed: Collection[str],
+        with_contents: bool = True,
     ) -> Snapshot:
         now = self._clock_ms()
         state, current = self._marked(session, now, allowed)
@@ -288,7 +289,8 @@ class InMemoryWorkingMemoryStore:
         ]
         self._drop_if_empty(session, state)
         size = sum(len(e.key.encode()) + len(e.value) for e in entries)
-        return Snapshot(current, encode_snapshot(entries), len(entries), size)
+        blob = encode_snapshot(entries if with_contents else [])
+        return Snapshot(current, blob, len(entries), size)
 
     async def begin_restore(
         self,

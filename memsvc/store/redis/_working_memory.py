@@ -42,7 +42,7 @@ from memsvc.domain._session_memory import (
     NoSession,
     Snapshot,
 )
-from memsvc.domain._snapshot import encode_flat
+from memsvc.domain._snapshot import encode_flat, encode_snapshot
 from memsvc.store._observe import BackendObserver, ignore, observed
 from memsvc.store._retry import with_retries
 from memsvc.store.redis._cluster import (
@@ -322,12 +322,16 @@ class RedisWorkingMemoryStore:
         new_state: str | None,
         clear_on_finish: bool,
         allowed: Collection[str],
+        with_contents: bool = True,
     ) -> Snapshot:
-        args = [op, new_state or "", "1" if clear_on_finish else "0", *allowed]
+        flags = ["1" if clear_on_finish else "0", "1" if with_contents else "0"]
+        args = [op, new_state or "", *flags, *allowed]
         reply = await self._run_lifecycle("lifecycle_begin_snapshot", session, args)
         _refuse_late(reply)
         if reply[0] == b"state":
             raise MarkerStateError(reply[1].decode())
+        if not with_contents:
+            return Snapshot(reply[1].decode(), EMPTY_SNAPSHOT, int(reply[5]), int(reply[6]))
         blob, count, size = encode_flat(reply[2], reply[3], int(reply[4]))
         return Snapshot(reply[1].decode(), blob, count, size)
 
@@ -463,6 +467,9 @@ class RedisWorkingMemoryStore:
                     log.debug("Redis Cluster slot moving, waiting %.0f ms: %r", pause * 1000, error)
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.2)
+
+
+EMPTY_SNAPSHOT = encode_snapshot([])
 
 
 def _refuse_late(reply: list[Any]) -> None:

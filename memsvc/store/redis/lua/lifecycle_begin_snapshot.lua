@@ -1,10 +1,12 @@
 -- Lifecycle step 1 of Pause, Terminate and CreateCheckpoint (ADR 0004): read the
 -- whole working memory in one atomic step and, for Pause and Terminate, set the
 -- transitional marker that refuses writes from this moment on.
--- ARGV: op, new_state ('' = leave the marker), clear_on_finish ('0'|'1'), then
--- the states the marker may be in ('missing' allows a lost working memory).
+-- ARGV: op, new_state ('' = leave the marker), clear_on_finish ('0'|'1'),
+-- with_contents ('0'|'1'), then the states the marker may be in ('missing' allows
+-- a lost working memory).
 -- Returns {'ok', state, HGETALL of the data, ZRANGE WITHSCORES of the expiries,
--- Redis's now in ms},
+-- Redis's now in ms, key count, bytes}; without contents, the data and expiries
+-- are empty (a Terminate that records no episode moves no values),
 -- {'state', state} when the marker is in another state, or {'late'} (nothing
 -- changed) for a step of an operation already settled.
 if already_settled(ARGV[1]) then
@@ -14,7 +16,7 @@ local now = now_ms()
 purge(now)
 local state = redis.call('HGET', M, 'state') or 'missing'
 local allowed = false
-for i = 4, #ARGV do
+for i = 5, #ARGV do
   if ARGV[i] == state then
     allowed = true
   end
@@ -28,4 +30,9 @@ end
 -- Two flat replies, not one element per key: Redis stays quick (building the
 -- checkpoint string in Lua cost more Redis time than it saved), and memsvc packs
 -- them into the checkpoint format in one pass.
-return {'ok', state, redis.call('HGETALL', D), redis.call('ZRANGE', X, 0, -1, 'WITHSCORES'), now}
+local count, bytes = redis.call('HLEN', D), tonumber(redis.call('HGET', M, 'bytes') or '0')
+if ARGV[4] == '0' then
+  return {'ok', state, {}, {}, now, count, bytes}
+end
+return {'ok', state, redis.call('HGETALL', D), redis.call('ZRANGE', X, 0, -1, 'WITHSCORES'), now,
+  count, bytes}
