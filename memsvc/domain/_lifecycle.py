@@ -600,6 +600,11 @@ class Lifecycle:
             except MarkerStateError as error:
                 if error.state in TRANSITIONAL and attempt == 0:
                     await self._heal_locked(record)
+                    if steps is not None:
+                        # The healed operation may be this call's own first attempt
+                        # (its reply lost): its id is settled now, and step 1 refuses
+                        # a settled id (the fence against late copies). A new one.
+                        steps.op = uuid7()
                     continue
                 if error.state == MISSING:
                     raise WorkingMemoryLost(record.ref.session_id) from None
