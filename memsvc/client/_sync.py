@@ -108,6 +108,18 @@ class _Wrapper:
     _inner: Any
 
 
+class _ProjectWrapper(_Wrapper):
+    """The sync face of a client bound to a project (sessions, episodes, graphs)."""
+
+    def __init__(self, portal: _Portal, inner: Any) -> None:
+        self._portal = portal
+        self._inner = inner
+        self.project_id: str = inner.project_id
+
+    def __repr__(self) -> str:
+        return repr(self._inner).removeprefix("Async")
+
+
 def _blocking(
     method: Callable[Concatenate[Any, P], Coroutine[Any, Any, T]],
 ) -> Callable[Concatenate[_Wrapper, P], T]:
@@ -390,20 +402,15 @@ class Client(_Wrapper):
     purge = _blocking(AsyncClient.purge)
 
 
-class SessionClient(_Wrapper):
+class SessionClient(_ProjectWrapper):
     """One session (from ``client.session()``); methods as AsyncSessionClient's."""
 
     _inner: AsyncSessionClient
 
     def __init__(self, portal: _Portal, inner: AsyncSessionClient) -> None:
-        self._portal = portal
-        self._inner = inner
-        self.project_id = inner.project_id
+        super().__init__(portal, inner)
         self.agent_instance_id = inner.agent_instance_id
         self.session_id = inner.session_id
-
-    def __repr__(self) -> str:
-        return repr(self._inner).removeprefix("Async")
 
     set = _blocking(AsyncSessionClient.set)
     get = _blocking(AsyncSessionClient.get)
@@ -533,18 +540,10 @@ class SessionClient(_Wrapper):
         )
 
 
-class EpisodesClient(_Wrapper):
+class EpisodesClient(_ProjectWrapper):
     """A project's episodic memory (from ``client.episodes()``)."""
 
     _inner: AsyncEpisodesClient
-
-    def __init__(self, portal: _Portal, inner: AsyncEpisodesClient) -> None:
-        self._portal = portal
-        self._inner = inner
-        self.project_id = inner.project_id
-
-    def __repr__(self) -> str:
-        return repr(self._inner).removeprefix("Async")
 
     record = _blocking(AsyncEpisodesClient.record)
     get = _blocking(AsyncEpisodesClient.get)
@@ -621,18 +620,10 @@ class EpisodesClient(_Wrapper):
         )
 
 
-class GraphClient(_Wrapper):
+class GraphClient(_ProjectWrapper):
     """A project's graph checkpoints (from ``client.graphs()``)."""
 
     _inner: AsyncGraphClient
-
-    def __init__(self, portal: _Portal, inner: AsyncGraphClient) -> None:
-        self._portal = portal
-        self._inner = inner
-        self.project_id = inner.project_id
-
-    def __repr__(self) -> str:
-        return repr(self._inner).removeprefix("Async")
 
     put_checkpoint = _blocking(AsyncGraphClient.put_checkpoint)
     put_writes = _blocking(AsyncGraphClient.put_writes)
