@@ -77,19 +77,17 @@ import redis.asyncio as aioredis
 from google.protobuf import duration_pb2, struct_pb2
 
 from bench.working_memory import (
-    MEMSVC,
     REDIS_URL,
     ROOT,
     SessionIds,
     Target,
     _delete_redis_keys,
-    _server,
+    _memsvc,
 )
 from memsvc.testing import (
     BackendUnreachable,
     create_postgres_database,
     drop_postgres_database,
-    free_port,
     require_backend,
 )
 from memsvc.v1 import lifecycle_pb2 as lc
@@ -726,32 +724,17 @@ def main(argv: list[str] | None = None) -> int:
         # Registered before the server starts, so they run after it has stopped.
         stack.callback(drop_postgres_database, POSTGRES_ADMIN_URL, database_url)
         stack.callback(_delete_redis_keys, project_id)
-        port = free_port()
-        data_dir = workdir / "data"
-        data_dir.mkdir()
-        argv_ = [
-            str(MEMSVC),
-            "serve",
-            "--health-listen=",
-            "--metrics-listen=",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--data-dir",
-            str(data_dir),
-            "--working-memory-url",
-            REDIS_URL,
-            "--database-url",
-            database_url,
-            "--retention-interval-seconds",
-            str(args.retention_interval),
-            "--checkpoint-max-age-seconds",
-            str(args.checkpoint_max_age),
-            "--request-id-ttl-seconds",
-            str(args.request_id_ttl),
-            "--event-max-age-seconds",
-            str(args.event_max_age),
-        ]
-        server = stack.enter_context(_server("memsvc", argv_, workdir, port))
+        server = stack.enter_context(
+            _memsvc(
+                "memsvc",
+                workdir,
+                *("--working-memory-url", REDIS_URL, "--database-url", database_url),
+                *("--retention-interval-seconds", str(args.retention_interval)),
+                *("--checkpoint-max-age-seconds", str(args.checkpoint_max_age)),
+                *("--request-id-ttl-seconds", str(args.request_id_ttl)),
+                *("--event-max-age-seconds", str(args.event_max_age)),
+            )
+        )
         outcome = asyncio.run(_soak(args, server, project_id, database_url, stats))
     summary, passed = summarize(args, stats, outcome)
     if log_lines:
