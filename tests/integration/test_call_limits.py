@@ -1,13 +1,10 @@
-"""Per-process call limits: concurrent calls and the default deadline.
-
-A store whose reads wait on a gate holds calls in flight for as long as a test needs.
-"""
+"""Per-process call limits: concurrent calls and the default deadline."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -16,33 +13,13 @@ import grpc
 import pytest
 
 from memsvc.config import Config
-from memsvc.domain import BatchRead, SessionRef
 from memsvc.server import Server
-from memsvc.store.memory import InMemoryWorkingMemoryStore
 from memsvc.v1 import lifecycle_pb2 as lc
 from memsvc.v1 import working_memory_pb2 as pb
 from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
 from memsvc.v1.working_memory_pb2_grpc import WorkingMemoryServiceStub
 from tests.helpers import eventually, expect_error, python, value
-
-
-class GatedStore(InMemoryWorkingMemoryStore):
-    """Reads wait for the gate; ``waiting`` counts the reads held."""
-
-    def __init__(self) -> None:
-        super().__init__(max_session_keys=100, max_session_bytes=1 << 20)
-        self.gate = asyncio.Event()
-        self.waiting = 0
-
-    async def get_entries(
-        self, session: SessionRef, keys: Sequence[str], budget_bytes: int
-    ) -> BatchRead:
-        self.waiting += 1
-        try:
-            await self.gate.wait()
-        finally:
-            self.waiting -= 1
-        return await super().get_entries(session, keys, budget_bytes)
+from tests.integration._gated import GatedStore
 
 
 async def holding(store: GatedStore, calls: int) -> bool:

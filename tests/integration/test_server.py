@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import stat
@@ -22,14 +21,13 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from memsvc import server as server_module
 from memsvc.config import Config
-from memsvc.domain import BatchRead, SessionRef
 from memsvc.server import Server
-from memsvc.store.memory import InMemoryWorkingMemoryStore
 from memsvc.v1 import lifecycle_pb2 as lc
 from memsvc.v1 import working_memory_pb2 as pb
 from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
 from memsvc.v1.working_memory_pb2_grpc import WorkingMemoryServiceStub
 from tests.helpers import expect_error, python, value
+from tests.integration._gated import GatedStore, StubbornStore
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -147,22 +145,6 @@ async def test_unix_socket_serves_the_api(embedded, tmp_path):
     assert not path.exists(), "the socket file is removed at shutdown"
 
 
-class GatedStore(InMemoryWorkingMemoryStore):
-    """The in-process store, with reads that wait for a gate: a call held in flight."""
-
-    def __init__(self) -> None:
-        super().__init__(max_session_keys=100, max_session_bytes=1 << 20)
-        self.entered = asyncio.Event()
-        self.gate = asyncio.Event()
-
-    async def get_entries(
-        self, session: SessionRef, keys: Sequence[str], budget_bytes: int
-    ) -> BatchRead:
-        self.entered.set()
-        await self.gate.wait()
-        return await super().get_entries(session, keys, budget_bytes)
-
-
 async def test_graceful_shutdown_finishes_in_flight_calls_and_refuses_new_ones(embedded):
     """On stop: health NOT_SERVING, watchers end with UNAVAILABLE, the call in flight
     completes, new calls are refused."""
@@ -210,19 +192,6 @@ async def test_stop_cancels_calls_still_running_after_the_grace_period(embedded)
         with pytest.raises(grpc.aio.AioRpcError) as cancelled:
             await call
         assert cancelled.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
-
-
-class StubbornStore(GatedStore):
-    """Reads that ignore their cancellation: a handler that never unwinds."""
-
-    async def get_entries(
-        self, session: SessionRef, keys: Sequence[str], budget_bytes: int
-    ) -> BatchRead:
-        self.entered.set()
-        while not self.gate.is_set():
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.gate.wait()
-        return await super(GatedStore, self).get_entries(session, keys, budget_bytes)
 
 
 async def test_stop_never_hangs_on_a_handler_that_ignores_cancellation(
