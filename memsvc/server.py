@@ -331,7 +331,7 @@ class Server:
                     "under them:\n%s",
                     len(stuck),
                     STEP_LIMIT_SECONDS,
-                    _stacks(stuck),
+                    task_stacks(stuck),
                 )
         if self._probe is not None:
             await _bounded("stopping the probe server", self._probe.stop(0), STEP_LIMIT_SECONDS)
@@ -566,7 +566,7 @@ async def _bounded(step: str, work: Awaitable[object], seconds: float) -> None:
         waiter.cancel()
         others = asyncio.all_tasks() - {asyncio.current_task()}
         log.error(
-            "shutdown: %s took over %.1fs, skipped; tasks:\n%s", step, seconds, _stacks(others)
+            "shutdown: %s took over %.1fs, skipped; tasks:\n%s", step, seconds, task_stacks(others)
         )
         return
     if not waiter.cancelled() and waiter.exception() is not None:
@@ -575,7 +575,7 @@ async def _bounded(step: str, work: Awaitable[object], seconds: float) -> None:
             log.warning("shutdown: %s failed: %r", step, error)
 
 
-def _stacks(tasks: Iterable[asyncio.Task[Any]]) -> str:
+def task_stacks(tasks: Iterable[asyncio.Task[Any]]) -> str:
     """Where each task is waiting, innermost frame last, for a log line."""
     lines = []
     for task in tasks:

@@ -9,7 +9,6 @@ skipping.
 from __future__ import annotations
 
 import asyncio
-import io
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -20,7 +19,7 @@ import grpc
 import pytest
 
 from memsvc.config import Config
-from memsvc.server import Server
+from memsvc.server import Server, task_stacks
 from memsvc.testing import (
     BackendUnreachable,
     create_postgres_database,
@@ -122,10 +121,8 @@ async def stop_or_explain(server: Server, limit: float = 30) -> None:
     try:
         await asyncio.wait_for(server.stop(), limit)
     except TimeoutError:
-        stacks = io.StringIO()
-        for task in asyncio.all_tasks():
-            task.print_stack(file=stacks)
-        pytest.fail(f"Server.stop() did not finish in {limit}s; tasks:\n{stacks.getvalue()}")
+        stacks = task_stacks(asyncio.all_tasks())
+        pytest.fail(f"Server.stop() did not finish in {limit}s; tasks:\n{stacks}")
 
 
 @pytest.fixture
