@@ -60,7 +60,6 @@ import contextlib
 import gc
 import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -81,7 +80,7 @@ from google.protobuf import struct_pb2
 from bench._echo_server import ECHO_METHOD, GET_KEY, identity
 from bench._wire import WireCounts, WireMeter
 from bench.lifecycle import _git_describe, _memsvc_at, cpu_ns
-from bench.working_memory import MEMSVC, ROOT, SessionIds, _server
+from bench.working_memory import MEMSVC, ROOT, SessionIds, _server, machine
 from memsvc.domain import EventRecord, EventType, SessionRef
 from memsvc.store.postgres import PostgresDurableStore
 from memsvc.testing import (
@@ -967,12 +966,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"memsvc {described}")
     document = {
         "started": started.isoformat(timespec="seconds"),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "grpcio": grpc.__version__,
-        },
+        "machine": machine(),
         "memsvc": described,
         "settings": vars(args),
         "rss_kib": rss,

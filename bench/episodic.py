@@ -58,8 +58,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
-import platform
 import random
 import shlex
 import sys
@@ -96,6 +94,7 @@ from bench.working_memory import (
     _delete_redis_keys,
     _drive,
     _server,
+    machine,
 )
 from memsvc.testing import BackendUnreachable, free_port, require_backend
 from memsvc.v1 import episodic_pb2 as pb
@@ -709,12 +708,7 @@ def main(argv: list[str] | None = None) -> int:
         "started": started.isoformat(timespec="seconds"),
         "command": command,
         "memsvc": described,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "grpcio": grpc.__version__,
-        },
+        "machine": machine(),
         "settings": vars(args)
         | {
             "warmup_seconds": WARMUP_SECONDS,

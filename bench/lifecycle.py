@@ -54,7 +54,6 @@ import contextlib
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -83,7 +82,15 @@ from bench._lifecycle_echo import (
     SMALL,
 )
 from bench._reference_lifecycle import DEFAULT_SCAN_COUNT, ReferenceLifecycle
-from bench.working_memory import MEMSVC, ROOT, SessionIds, Target, _delete_redis_keys, _server
+from bench.working_memory import (
+    MEMSVC,
+    ROOT,
+    SessionIds,
+    Target,
+    _delete_redis_keys,
+    _server,
+    machine,
+)
 from memsvc.testing import (
     BackendUnreachable,
     create_postgres_database,
@@ -833,13 +840,7 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     document = {
         "started": started.isoformat(timespec="seconds"),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "grpcio": grpc.__version__,
-            "langgraph-checkpoint-postgres": langgraph_version,
-        },
+        "machine": {**machine(), "langgraph-checkpoint-postgres": langgraph_version},
         "memsvc": _git_describe(args.git_ref or "HEAD") + ("" if args.git_ref else " (work tree)"),
         "settings": {key: value for key, value in vars(args).items() if not key.startswith("_")}
         | {"value_bytes": VALUE_BYTES, "payload_bytes": run.payload_bytes},

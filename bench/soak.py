@@ -57,7 +57,6 @@ import contextlib
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -83,6 +82,7 @@ from bench.working_memory import (
     Target,
     _delete_redis_keys,
     _memsvc,
+    machine,
 )
 from memsvc.testing import (
     BackendUnreachable,
@@ -659,12 +659,7 @@ def _write_results(
     document = {
         "started": started.isoformat(timespec="seconds"),
         "memsvc": commit,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "grpcio": grpc.__version__,
-        },
+        "machine": machine(),
         "settings": vars(args),
         "calls": dict(stats.calls),
         "errors": dict(stats.errors),

@@ -58,8 +58,6 @@ import base64
 import contextlib
 import json
 import math
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -77,7 +75,7 @@ from google.protobuf import struct_pb2
 
 from bench._echo_server import identity
 from bench._watch_fanout import PUBLISH_METHOD, SUBSCRIBE_METHOD
-from bench.working_memory import Target, _cpu_seconds, _memsvc, _server
+from bench.working_memory import Target, _cpu_seconds, _memsvc, _server, machine
 from memsvc.testing import (
     BackendUnreachable,
     create_postgres_database,
@@ -745,12 +743,7 @@ def main(argv: list[str] | None = None) -> int:
     document = {
         "started": started.isoformat(timespec="seconds"),
         "memsvc": commit,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "grpcio": grpc.__version__,
-        },
+        "machine": machine(),
         "settings": {**vars(args), "warmup_seconds": WARMUP_SECONDS, "sessions": SESSIONS},
         "message_bytes": message_bytes,
         "commits": commit_rows,

@@ -250,6 +250,16 @@ def _memsvc(name: str, workdir: Path, *extra: str) -> contextlib.AbstractContext
     return _server(name, [*argv, *extra], workdir, port)
 
 
+def machine() -> dict[str, Any]:
+    """What a results file says of the machine and the libraries that ran it."""
+    return {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+    }
+
+
 def _delete_redis_keys(project_id: str) -> None:
     """Remove every working-memory key of the benchmark's project from Redis."""
     client = redis.Redis.from_url(REDIS_URL)
@@ -432,12 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     results.parent.mkdir(parents=True, exist_ok=True)
     document = {
         "started": started.isoformat(timespec="seconds"),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "grpcio": grpc.__version__,
-        },
+        "machine": machine(),
         "settings": {
             "seconds": args.seconds,
             "warmup_seconds": WARMUP_SECONDS,
