@@ -49,7 +49,9 @@ def _add(step: str, seconds: float) -> None:
 
 
 def _time_async(owner: Any, name: str, label: str, op: str | None = None) -> None:
-    original = getattr(owner, name)
+    original = getattr(owner, name, None)
+    if original is None:  # a step the measured commit does not have
+        return
 
     @functools.wraps(original)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -97,6 +99,9 @@ def _instrumented_serve(source: str, out: str, argv: list[str]) -> int:
     _time_async(redis_store, "begin_restore", "redis.begin_restore+args")
     for method in (
         "lock_session",
+        "lock_session_reading_checkpoint",
+        "lock_session_for_checkpoint",
+        "lock_session_counting_checkpoints",
         "insert_checkpoint",
         "read_checkpoint",
         "update_session",

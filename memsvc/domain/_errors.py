@@ -42,6 +42,11 @@ class FieldViolation:
     description: str
 
 
+class Rollback(Exception):
+    """Raised in a transaction block to end it on purpose, changing nothing (a
+    retried request answered from the request log): nobody's failure."""
+
+
 class MemsvcError(Exception):
     """Base of every error memsvc reports to callers.
 

@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from memsvc.domain._episodes import OUTCOMES
 from memsvc.domain._errors import (
@@ -30,6 +30,7 @@ from memsvc.domain._errors import (
     InvalidArgument,
     InvalidTransition,
     MemsvcError,
+    Rollback,
     SessionAlreadyExists,
     SessionNotFound,
     SessionNotWritable,
@@ -44,7 +45,7 @@ from memsvc.domain._ids import (
 )
 from memsvc.domain._lifecycle_reads import LifecycleReads
 from memsvc.domain._lifecycle_records import (
-    CheckpointIdTaken,
+    CheckpointLock,
     CheckpointRecord,
     CheckpointRetention,
     EpisodeRecord,
@@ -62,8 +63,8 @@ from memsvc.domain._lifecycle_results import (
     ResumeResult,
     SpawnResult,
     TerminateResult,
+    answer_of,
     arguments_hash,
-    claim,
     decode_result,
     encode_result,
     uuid7,
@@ -83,6 +84,7 @@ from memsvc.failpoints import Failpoints
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+L = TypeVar("L")
 
 OUTCOME_SUCCESS = 1
 _MARKER_FOR = {SessionState.ACTIVE: "active", SessionState.PAUSED: "paused"}
@@ -152,22 +154,28 @@ class Lifecycle:
         self._wm.check_fits_session(writes)
         steps = _Steps(op=uuid7())
 
-        async def body(tx: LifecycleTransaction) -> SpawnResult:
+        async def insert(tx: LifecycleTransaction) -> SessionRecord | None:
             now = self._clock_ms()
             record = SessionRecord(
                 ref, agent_type, SessionState.ACTIVE, metadata, 1, uuid7(), None, now, now
             )
-            if not await tx.insert_session(record):
+            return record if await tx.insert_session(record) else None
+
+        async def body(tx: LifecycleTransaction, record: SessionRecord | None) -> SpawnResult:
+            if record is None:
                 existing = await tx.lock_session(ref)
                 state = existing.state.name if existing else "unknown"
                 raise SessionAlreadyExists(ref.session_id, state)
             steps.started = True
             await self._memory.begin_spawn(ref, steps.op, record.memory_epoch, writes)
             steps.final_state = "active"
-            await tx.append_event(self._event(EventType.SPAWNED, record, now, request_id))
+            event = self._event(EventType.SPAWNED, record, record.create_ms, request_id)
+            await tx.append_event(event)
             return SpawnResult(record, len(writes))
 
-        return await self._run("Spawn", ref, request_id, arguments, SpawnResult, steps, body)
+        return await self._run(
+            "Spawn", ref, request_id, arguments, SpawnResult, steps, insert, body
+        )
 
     # Pause and checkpoints ----------------------------------------------------
 
@@ -178,10 +186,8 @@ class Lifecycle:
         arguments = arguments_hash("Pause", ref, checkpoint_id, metadata)
         steps = _Steps(op=uuid7())
 
-        async def body(tx: LifecycleTransaction) -> PauseResult:
-            record = await self._locked(
-                tx, ref, "pause", {SessionState.ACTIVE}, new_checkpoint=True
-            )
+        async def body(tx: LifecycleTransaction, locked: CheckpointLock | None) -> PauseResult:
+            record = self._admit_checkpoint(ref, locked, "pause", checkpoint_id)
             snapshot = await self._begin(
                 record,
                 steps,
@@ -208,7 +214,10 @@ class Lifecycle:
                 paused, self.retention.with_expiry(checkpoint, checkpoint.checkpoint_id)
             )
 
-        return await self._run("Pause", ref, request_id, arguments, PauseResult, steps, body)
+        return await self._run(
+            "Pause", ref, request_id, arguments, PauseResult, steps,
+            self._lock_for_checkpoint(ref, checkpoint_id), body,
+        )  # fmt: skip
 
     async def _store_checkpoint(
         self,
@@ -223,10 +232,7 @@ class Lifecycle:
         checkpoint = CheckpointRecord(
             ref, checkpoint_id, now, snapshot.key_count, snapshot.size_bytes, metadata
         )
-        try:
-            await tx.insert_checkpoint(checkpoint, snapshot.blob)
-        except CheckpointIdTaken:
-            raise CheckpointAlreadyExists(ref.session_id, checkpoint_id) from None
+        await tx.insert_checkpoint(checkpoint, snapshot.blob)
         if self.retention.keep_last:
             pruned = await tx.prune_checkpoints(ref, self.retention.keep_last, protected)
             for old_id in pruned:
@@ -245,10 +251,8 @@ class Lifecycle:
         # No marker change: the snapshot is one atomic read, nothing to settle after.
         steps = _Steps(op=uuid7())
 
-        async def body(tx: LifecycleTransaction) -> CheckpointResult:
-            record = await self._locked(
-                tx, ref, "checkpoint", {SessionState.ACTIVE}, new_checkpoint=True
-            )
+        async def body(tx: LifecycleTransaction, locked: CheckpointLock | None) -> CheckpointResult:
+            record = self._admit_checkpoint(ref, locked, "checkpoint", checkpoint_id)
             snapshot = await self._begin(
                 record,
                 None,
@@ -271,8 +275,9 @@ class Lifecycle:
             return CheckpointResult(record, self.retention.with_expiry(checkpoint, None))
 
         result = await self._run(
-            "CreateCheckpoint", ref, request_id, arguments, CheckpointResult, steps, body
-        )
+            "CreateCheckpoint", ref, request_id, arguments, CheckpointResult, steps,
+            self._lock_for_checkpoint(ref, checkpoint_id), body,
+        )  # fmt: skip
         return result.checkpoint
 
     async def delete_checkpoint(
@@ -285,8 +290,7 @@ class Lifecycle:
         arguments = arguments_hash("DeleteCheckpoint", ref, checkpoint_id)
         steps = _Steps(op=uuid7())
 
-        async def body(tx: LifecycleTransaction) -> DeleteResult:
-            record = await tx.lock_session(ref)
+        async def body(tx: LifecycleTransaction, record: SessionRecord | None) -> DeleteResult:
             if record is None:
                 raise SessionNotFound(ref.session_id)
             if record.state == SessionState.PAUSED and record.resume_checkpoint_id == checkpoint_id:
@@ -305,7 +309,10 @@ class Lifecycle:
             )
             return DeleteResult(record)
 
-        await self._run("DeleteCheckpoint", ref, request_id, arguments, DeleteResult, steps, body)
+        await self._run(
+            "DeleteCheckpoint", ref, request_id, arguments, DeleteResult, steps,
+            _locking(ref), body,
+        )  # fmt: skip
 
     # Resume -----------------------------------------------------------------
 
@@ -321,17 +328,18 @@ class Lifecycle:
         arguments = arguments_hash("Resume", ref, checkpoint_id, merge, metadata)
         steps = _Steps(op=uuid7())
 
-        async def body(tx: LifecycleTransaction) -> ResumeResult:
-            record = await self._locked(
-                tx, ref, "resume", {SessionState.ACTIVE, SessionState.PAUSED}
-            )
+        async def lock(tx: LifecycleTransaction) -> _LockedWithCheckpoint:
+            return await tx.lock_session_reading_checkpoint(ref, checkpoint_id or None)
+
+        async def body(tx: LifecycleTransaction, locked: _LockedWithCheckpoint) -> ResumeResult:
+            record, found = locked
+            record = _admit(ref, record, "resume", {SessionState.ACTIVE, SessionState.PAUSED})
             wanted = checkpoint_id or record.resume_checkpoint_id
             if not wanted:
                 # Only a PAUSED session has a resume checkpoint to default to.
                 raise InvalidTransition(
                     ref.session_id, record.state.name, "resume without a checkpoint_id"
                 )
-            found = await tx.read_checkpoint(ref, wanted)
             if found is None:
                 raise CheckpointNotFound(ref.session_id, wanted)
             checkpoint, contents = found
@@ -358,7 +366,9 @@ class Lifecycle:
             )
             return ResumeResult(resumed, self.retention.with_expiry(checkpoint, None), count)
 
-        return await self._run("Resume", ref, request_id, arguments, ResumeResult, steps, body)
+        return await self._run(
+            "Resume", ref, request_id, arguments, ResumeResult, steps, lock, body
+        )
 
     # Terminate --------------------------------------------------------------
 
@@ -387,10 +397,8 @@ class Lifecycle:
         )
         steps = _Steps(op=uuid7())
 
-        async def body(tx: LifecycleTransaction) -> TerminateResult:
-            record = await self._locked(
-                tx, ref, "terminate", {SessionState.ACTIVE, SessionState.PAUSED}
-            )
+        async def body(tx: LifecycleTransaction, locked: SessionRecord | None) -> TerminateResult:
+            record = _admit(ref, locked, "terminate", {SessionState.ACTIVE, SessionState.PAUSED})
             allowed = {_MARKER_FOR[record.state], MISSING}
             snapshot = await self._begin(
                 record,
@@ -437,7 +445,7 @@ class Lifecycle:
             )
 
         return await self._run(
-            "Terminate", ref, request_id, arguments, TerminateResult, steps, body
+            "Terminate", ref, request_id, arguments, TerminateResult, steps, _locking(ref), body
         )
 
     def _episode(
@@ -556,31 +564,32 @@ class Lifecycle:
         raise_if_any(violations)
         return ref
 
-    async def _locked(
-        self,
-        tx: LifecycleTransaction,
-        ref: SessionRef,
-        operation: str,
-        allowed: set[SessionState],
-        new_checkpoint: bool = False,
-    ) -> SessionRecord:
-        """Lock the session's row and check the transition; for an operation that takes
-        a checkpoint, also refuse one past ``max_checkpoints`` (before step 1, so
-        nothing needs undoing; a smaller ``keep_last`` bounds the count already)."""
+    def _lock_for_checkpoint(
+        self, ref: SessionRef, checkpoint_id: str
+    ) -> Callable[[LifecycleTransaction], Awaitable[CheckpointLock | None]]:
+        """Lock the session's row for an operation that takes a checkpoint, with
+        what _admit_checkpoint needs (counted only when a smaller ``keep_last``
+        does not bound the count already)."""
         keep_last = self.retention.keep_last
-        counted = new_checkpoint and not (keep_last and keep_last < self.max_checkpoints)
-        checkpoints = 0
-        if counted:
-            locked = await tx.lock_session_counting_checkpoints(ref)
-            record, checkpoints = locked if locked is not None else (None, 0)
-        else:
-            record = await tx.lock_session(ref)
-        if record is None:
+        count = not (keep_last and keep_last < self.max_checkpoints)
+
+        async def lock(tx: LifecycleTransaction) -> CheckpointLock | None:
+            return await tx.lock_session_for_checkpoint(ref, checkpoint_id or None, count)
+
+        return lock
+
+    def _admit_checkpoint(
+        self, ref: SessionRef, locked: CheckpointLock | None, operation: str, checkpoint_id: str
+    ) -> SessionRecord:
+        """Check the transition, the checkpoint limit and the requested id, before
+        step 1, so that a refusal needs no undoing."""
+        if locked is None:
             raise SessionNotFound(ref.session_id)
-        if record.state not in allowed:
-            raise InvalidTransition(ref.session_id, record.state.name, operation)
-        if checkpoints >= self.max_checkpoints:
+        record = _admit(ref, locked.record, operation, {SessionState.ACTIVE})
+        if locked.checkpoints >= self.max_checkpoints:
             raise CheckpointLimitExceeded(ref.session_id, self.max_checkpoints)
+        if locked.id_taken:
+            raise CheckpointAlreadyExists(ref.session_id, checkpoint_id)
         return record
 
     async def _begin(
@@ -663,23 +672,32 @@ class Lifecycle:
         arguments: str,
         kind: type[T],
         steps: _Steps,
-        body: Callable[[LifecycleTransaction], Awaitable[T]],
+        lock: Callable[[LifecycleTransaction], Awaitable[L]],
+        body: Callable[[LifecycleTransaction, L], Awaitable[T]],
     ) -> T:
+        """One operation's transaction: claim the request id, ``lock`` the
+        session (the claim travels with it, one round trip on PostgreSQL), then
+        either return the first answer of a retried request (changing nothing)
+        or run ``body`` on what ``lock`` read, remember its answer and commit."""
         committing = False
         try:
             async with self._db.transaction() as tx:
+                pending = None
                 if request_id:
-                    previous = await claim(tx, ref, request_id, method, arguments)
-                    if previous is not None:
-                        replayed = decode_result(kind, previous)
-                        return replayed
-                result = await body(tx)
+                    pending = await tx.send_claim(ref, request_id, method, arguments)
+                locked = await lock(tx)
+                previous = await answer_of(pending, request_id) if pending else None
+                if previous is not None:
+                    raise _Replayed(decode_result(kind, previous))
+                result = await body(tx, locked)
                 if steps.started:
                     self._failpoints.hit(f"{method.lower()}.after_prepare")
                 if request_id:
                     await tx.remember_response(ref.project_id, request_id, encode_result(result))
                 # From here the failure of COMMIT leaves its outcome unknown.
                 committing = True
+        except _Replayed as replayed:
+            return cast(T, replayed.result)
         except BaseException:
             if steps.started:
                 if committing:
@@ -767,6 +785,37 @@ class Lifecycle:
             request_id=request_id or None,
             metadata=record.metadata if metadata is None else metadata,
         )
+
+
+_LockedWithCheckpoint = tuple[SessionRecord | None, tuple[CheckpointRecord, bytes] | None]
+
+
+class _Replayed(Rollback):
+    """A retried request's first answer: the transaction rolls back, changing nothing."""
+
+    def __init__(self, result: object) -> None:
+        super().__init__()
+        self.result = result
+
+
+def _locking(
+    ref: SessionRef,
+) -> Callable[[LifecycleTransaction], Awaitable[SessionRecord | None]]:
+    async def lock(tx: LifecycleTransaction) -> SessionRecord | None:
+        return await tx.lock_session(ref)
+
+    return lock
+
+
+def _admit(
+    ref: SessionRef, record: SessionRecord | None, operation: str, allowed: set[SessionState]
+) -> SessionRecord:
+    """The locked session, if it exists and ``operation`` may run in its state."""
+    if record is None:
+        raise SessionNotFound(ref.session_id)
+    if record.state not in allowed:
+        raise InvalidTransition(ref.session_id, record.state.name, operation)
+    return record
 
 
 def _check_request_id(request_id: str, violations: list[FieldViolation]) -> None:

@@ -104,22 +104,34 @@ class RequestIdReused(Exception):
     """A request id came back with different arguments."""
 
 
-class CheckpointIdTaken(Exception):
-    """The session already has a checkpoint with this id."""
+@dataclass(frozen=True, slots=True)
+class CheckpointLock:
+    """A locked session about to take a checkpoint (one round trip)."""
+
+    record: SessionRecord
+    checkpoints: int  # how many the session has (0 when not counted)
+    id_taken: bool  # whether the requested checkpoint id exists already
+
+
+class PendingClaim(Protocol):
+    """A request id claimed by a statement that may not have been answered yet."""
+
+    async def answer(self) -> bytes | None:
+        """None when this call claimed the id; the first answer when it was
+        already served. Raises RequestIdReused when the id was used with other
+        arguments."""
 
 
 class RequestLog(Protocol):
     """Remembered answers of calls that carried a request id (in a transaction)."""
 
-    async def claim_request(
+    async def send_claim(
         self, scope: SessionRef, request_id: str, method: str, arguments_hash: str
-    ) -> bytes | None:
+    ) -> PendingClaim:
         """Record the request id (remembered within ``scope``, which a purge
-        forgets; its agent and session may be empty); return the first answer
-        if it was already served.
-
-        Raises RequestIdReused when the id was used with other arguments.
-        """
+        forgets; its agent and session may be empty). Its answer, read later,
+        is the first answer if the id was already served; on PostgreSQL the
+        claim travels in one round trip with the statement read next."""
 
     async def remember_response(self, project_id: str, request_id: str, response: bytes) -> None:
         """Store the answer to return for a retry with the same request id."""
@@ -138,12 +150,19 @@ class LifecycleTransaction(RequestLog, Protocol):
         """Overwrite the (locked) row's mutable fields."""
 
     async def insert_checkpoint(self, record: CheckpointRecord, contents: bytes) -> None:
-        """Store a checkpoint; raises CheckpointIdTaken on a duplicate id."""
+        """Store a checkpoint whose id lock_session_for_checkpoint found free."""
 
-    async def lock_session_counting_checkpoints(
-        self, ref: SessionRef
-    ) -> tuple[SessionRecord, int] | None:
-        """As lock_session, with the number of the session's checkpoints (one round trip)."""
+    async def lock_session_for_checkpoint(
+        self, ref: SessionRef, checkpoint_id: str | None, count: bool
+    ) -> CheckpointLock | None:
+        """As lock_session, with whether ``checkpoint_id`` is taken and, when
+        ``count``, the number of the session's checkpoints (one round trip)."""
+
+    async def lock_session_reading_checkpoint(
+        self, ref: SessionRef, checkpoint_id: str | None
+    ) -> tuple[SessionRecord | None, tuple[CheckpointRecord, bytes] | None]:
+        """As lock_session, with the checkpoint ``checkpoint_id`` (None: the
+        session's resume checkpoint) and its contents (one round trip)."""
 
     async def read_checkpoint(
         self, ref: SessionRef, checkpoint_id: str
@@ -182,14 +201,15 @@ class LifecycleTransaction(RequestLog, Protocol):
         """Delete up to ``limit`` of the oldest events older than ``before_ms`` or
         beyond the newest ``keep_last``; return how many."""
 
-    async def delete_checkpoints(self, ref: SessionRef) -> int:
-        """Delete every checkpoint of the session; return how many."""
+    async def delete_checkpoints(self, ref: SessionRef) -> None:
+        """Delete every checkpoint of the session."""
 
     async def insert_episode(self, record: EpisodeRecord) -> None:
         """Store an episode."""
 
-    async def append_event(self, event: EventRecord) -> int:
-        """Append an event; return its gap-free sequence. Call it last."""
+    async def append_event(self, event: EventRecord) -> None:
+        """Append an event. Call it last: it holds the event counter to commit.
+        Its gap-free sequence is known once committed (the store's ``appended``)."""
 
 
 class LifecycleDatabase(Protocol):

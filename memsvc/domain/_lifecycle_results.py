@@ -15,6 +15,7 @@ from memsvc.domain._errors import RequestIdConflict
 from memsvc.domain._ids import SessionRef
 from memsvc.domain._lifecycle_records import (
     CheckpointRecord,
+    PendingClaim,
     RequestIdReused,
     RequestLog,
     SessionRecord,
@@ -98,8 +99,13 @@ async def claim(
 ) -> bytes | None:
     """Claim ``request_id`` for this call; the first answer when it was already
     served. The same id with other arguments is RequestIdConflict."""
+    return await answer_of(await tx.send_claim(scope, request_id, method, arguments), request_id)
+
+
+async def answer_of(pending: PendingClaim, request_id: str) -> bytes | None:
+    """The answer of a claim sent earlier (see claim)."""
     try:
-        return await tx.claim_request(scope, request_id, method, arguments)
+        return await pending.answer()
     except RequestIdReused:
         raise RequestIdConflict(request_id) from None
 

@@ -19,7 +19,7 @@ from psycopg.types.json import Jsonb
 
 from memsvc.domain import SessionRef
 from memsvc.domain._lifecycle_records import (
-    CheckpointIdTaken,
+    CheckpointLock,
     CheckpointRecord,
     EventRecord,
     EventType,
@@ -53,6 +53,10 @@ class Dialect:
     # Read large bytea values as binary results: as they are, instead of as hex
     # text twice as long to send and decode (psycopg's ``binary=True``).
     binary_reads: bool = False
+    # Transactions run in psycopg's pipeline mode: a statement whose result is
+    # not read yet costs no round trip of its own; it travels with the next one
+    # read, or with COMMIT.
+    pipelined: bool = False
 
     async def execute_bulk_read(
         self, conn: Connection, statement: str, params: Sequence[Any]
@@ -91,7 +95,14 @@ T = TypeVar("T")
 
 SQLITE = Dialect("sqlite", "?", "")
 # SQLite has no row locks: its write lock (BEGIN IMMEDIATE) serializes instead.
-POSTGRES = Dialect("postgres", "%s", " FOR UPDATE", single_statement_append=True, binary_reads=True)
+POSTGRES = Dialect(
+    "postgres",
+    "%s",
+    " FOR UPDATE",
+    single_statement_append=True,
+    binary_reads=True,
+    pipelined=True,
+)
 EVENT_CHANNEL = "memsvc_events"
 
 
@@ -115,29 +126,89 @@ def _key(ref: SessionRef) -> tuple[str, str, str]:
     return ref.project_id, ref.agent_instance_id, ref.session_id
 
 
+class _Pending:
+    """A statement's first row, read when needed: on a pipelined connection,
+    reading it sends everything queued so far in one round trip."""
+
+    def __init__(self, cursor: Any, dialect: Dialect) -> None:
+        self._cursor = cursor
+        self._read = not dialect.pipelined
+        self._row: Any = None
+
+    async def start(self) -> _Pending:
+        # Not pipelined (SQLite): read now, so that no statement stays open.
+        if self._read:
+            self._row = await self._cursor.fetchone()
+        return self
+
+    async def row(self) -> Any:
+        if not self._read:
+            self._row, self._read = await self._cursor.fetchone(), True
+        return self._row
+
+
+class _SqlPendingClaim:
+    def __init__(
+        self,
+        tx: SqlLifecycleTransaction,
+        inserted: _Pending,
+        project_id: str,
+        request_id: str,
+        method: str,
+        arguments_hash: str,
+    ) -> None:
+        self._tx, self._inserted = tx, inserted
+        self._id = (project_id, request_id)
+        self._call = (method, arguments_hash)
+
+    async def answer(self) -> bytes | None:
+        if await self._inserted.row() is not None:
+            return None
+        row = await self._tx._one(
+            "SELECT method, arguments_hash, response FROM request_log"
+            " WHERE project_id = ? AND request_id = ?",
+            self._id,
+        )
+        if row is None or (row[0], row[1]) != self._call:
+            raise RequestIdReused(self._id[1])
+        return bytes(row[2]) if row[2] is not None else None
+
+
 class SqlLifecycleTransaction:
     """LifecycleTransaction over one connection inside an open transaction."""
 
     def __init__(self, conn: Connection, dialect: Dialect) -> None:
         self._conn = conn
         self._d = dialect
-        # Events this transaction appended: handed to the event hub once committed.
+        # Events this transaction appended: complete (with their sequences) once
+        # committed, then handed to the event hub.
         self.appended: list[StoredEvent] = []
+        self._appending: list[tuple[_Pending, EventRecord]] = []
+
+    async def committed(self) -> list[StoredEvent]:
+        """The events this transaction appended, with their sequences (after COMMIT)."""
+        for pending, event in self._appending:
+            self.appended.append(StoredEvent(int((await pending.row())[0]), event))
+        self._appending.clear()
+        return self.appended
 
     async def _one(self, statement: str, params: Sequence[Any]) -> Any:
         cursor = await self._conn.execute(self._d.sql(statement), params)
         return await cursor.fetchone()
 
-    async def claim_request(
+    async def _send(self, statement: str, params: Sequence[Any]) -> _Pending:
+        cursor = await self._conn.execute(self._d.sql(statement), params)
+        return await _Pending(cursor, self._d).start()
+
+    async def send_claim(
         self, scope: SessionRef, request_id: str, method: str, arguments_hash: str
-    ) -> bytes | None:
-        project_id = scope.project_id
-        inserted = await self._one(
+    ) -> _SqlPendingClaim:
+        inserted = await self._send(
             "INSERT INTO request_log (project_id, agent_instance_id, session_id, request_id,"
             " method, arguments_hash, create_time) VALUES (?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT DO NOTHING RETURNING request_id",
             (
-                project_id,
+                scope.project_id,
                 scope.agent_instance_id or None,
                 scope.session_id or None,
                 request_id,
@@ -146,16 +217,9 @@ class SqlLifecycleTransaction:
                 self._d.time_param(_now_ms()),
             ),
         )
-        if inserted is not None:
-            return None
-        row = await self._one(
-            "SELECT method, arguments_hash, response FROM request_log"
-            " WHERE project_id = ? AND request_id = ?",
-            (project_id, request_id),
+        return _SqlPendingClaim(
+            self, inserted, scope.project_id, request_id, method, arguments_hash
         )
-        if row is None or row[0] != method or row[1] != arguments_hash:
-            raise RequestIdReused(request_id)
-        return bytes(row[2]) if row[2] is not None else None
 
     async def remember_response(self, project_id: str, request_id: str, response: bytes) -> None:
         await self._conn.execute(
@@ -172,15 +236,42 @@ class SqlLifecycleTransaction:
         )
         return None if row is None else session_from_row(row, self._d)
 
-    async def lock_session_counting_checkpoints(
-        self, ref: SessionRef
-    ) -> tuple[SessionRecord, int] | None:
+    async def lock_session_for_checkpoint(
+        self, ref: SessionRef, checkpoint_id: str | None, count: bool
+    ) -> CheckpointLock | None:
+        counted = f"(SELECT count(*) FROM checkpoints WHERE {_SESSION_KEY})" if count else "0"
         row = await self._one(
-            f"SELECT {_SESSION_COLUMNS}, (SELECT count(*) FROM checkpoints"
-            f" WHERE {_SESSION_KEY}) FROM sessions WHERE {_SESSION_KEY}{self._d.for_update}",
-            (*_key(ref), *_key(ref)),
+            f"SELECT {_SESSION_COLUMNS}, {counted}, EXISTS (SELECT 1 FROM checkpoints"
+            f" WHERE {_SESSION_KEY} AND checkpoint_id = ?)"
+            f" FROM sessions WHERE {_SESSION_KEY}{self._d.for_update}",
+            (*(_key(ref) if count else ()), *_key(ref), checkpoint_id, *_key(ref)),
         )
-        return None if row is None else (session_from_row(row[:-1], self._d), int(row[-1]))
+        if row is None:
+            return None
+        return CheckpointLock(session_from_row(row[:-2], self._d), int(row[-2]), bool(row[-1]))
+
+    async def lock_session_reading_checkpoint(
+        self, ref: SessionRef, checkpoint_id: str | None
+    ) -> tuple[SessionRecord | None, tuple[CheckpointRecord, bytes] | None]:
+        # Sent together: the read runs after the lock, so it sees the locked row.
+        locked = await self._send(
+            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE {_SESSION_KEY}{self._d.for_update}",
+            _key(ref),
+        )
+        cursor = await self._d.execute_bulk_read(
+            self._conn,
+            f"SELECT {_CHECKPOINT_COLUMNS}, contents FROM checkpoints WHERE {_SESSION_KEY}"
+            " AND checkpoint_id = coalesce(?, (SELECT resume_checkpoint_id FROM sessions"
+            f" WHERE {_SESSION_KEY}))",
+            (*_key(ref), checkpoint_id, *_key(ref)),
+        )
+        found = await cursor.fetchone()
+        row = await locked.row()
+        record = None if row is None else session_from_row(row, self._d)
+        return record, None if found is None else (
+            checkpoint_from_row(found, self._d),
+            bytes(found[8]),
+        )
 
     async def insert_session(self, record: SessionRecord) -> bool:
         row = await self._one(
@@ -213,9 +304,11 @@ class SqlLifecycleTransaction:
         )
 
     async def insert_checkpoint(self, record: CheckpointRecord, contents: bytes) -> None:
-        row = await self._one(
-            f"INSERT INTO checkpoints ({_CHECKPOINT_COLUMNS}, contents)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING checkpoint_id",
+        await self._conn.execute(
+            self._d.sql(
+                f"INSERT INTO checkpoints ({_CHECKPOINT_COLUMNS}, contents)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            ),
             (
                 *_key(record.ref),
                 record.checkpoint_id,
@@ -226,8 +319,6 @@ class SqlLifecycleTransaction:
                 contents,
             ),
         )
-        if row is None:
-            raise CheckpointIdTaken(record.checkpoint_id)
 
     async def read_checkpoint(
         self, ref: SessionRef, checkpoint_id: str
@@ -294,18 +385,12 @@ class SqlLifecycleTransaction:
         ).fetchall()
         return len(rows)
 
-    async def delete_checkpoints(self, ref: SessionRef) -> int:
-        rows = await (
-            await self._conn.execute(
-                self._d.sql(
-                    f"DELETE FROM checkpoints WHERE {_SESSION_KEY} RETURNING checkpoint_id"
-                ),
-                _key(ref),
-            )
-        ).fetchall()
-        return len(rows)
+    async def delete_checkpoints(self, ref: SessionRef) -> None:
+        await self._conn.execute(
+            self._d.sql(f"DELETE FROM checkpoints WHERE {_SESSION_KEY}"), _key(ref)
+        )
 
-    async def append_event(self, event: EventRecord) -> int:
+    async def append_event(self, event: EventRecord) -> None:
         # The counter row serializes writers from here to commit: keep this last.
         values = (
             event.event_id,
@@ -319,8 +404,8 @@ class SqlLifecycleTransaction:
             self._d.time_param(event.time_ms),
         )
         if self._d.single_statement_append:
-            # One round trip: bump the counter, insert, and NOTIFY (sent at commit).
-            row = await self._one(
+            # One statement: bump the counter, insert, and NOTIFY (sent at commit).
+            pending = await self._send(
                 "WITH s AS (UPDATE event_sequence SET last_sequence = last_sequence + 1"
                 " RETURNING last_sequence), ins AS (INSERT INTO lifecycle_events"
                 f" ({_EVENT_COLUMNS}) SELECT s.last_sequence, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?"
@@ -328,8 +413,8 @@ class SqlLifecycleTransaction:
                 f" SELECT sequence, pg_notify('{EVENT_CHANNEL}', sequence::text) FROM ins",
                 values,
             )
-            self.appended.append(StoredEvent(int(row[0]), event))
-            return int(row[0])
+            self._appending.append((pending, event))
+            return
         row = await self._one(
             "UPDATE event_sequence SET last_sequence = last_sequence + 1 RETURNING last_sequence",
             (),
@@ -343,7 +428,6 @@ class SqlLifecycleTransaction:
             (sequence, *values),
         )
         self.appended.append(StoredEvent(sequence, event))
-        return sequence
 
     async def acquire_lease(self, job: str, holder: str, now_ms: int, lease_ms: int) -> bool:
         """Take or renew ``job``'s lease for ``holder`` unless another holds it unexpired."""

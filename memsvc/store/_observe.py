@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Protocol, runtime_checkable
 
-from memsvc.domain import BackendUnavailable, MemsvcError
+from memsvc.domain import BackendUnavailable, MemsvcError, Rollback
 
 BackendObserver = Callable[[str, float, BaseException | None], None]
 """Told (operation, seconds, error or None) after each backend operation."""
@@ -30,8 +30,8 @@ def observed(observe: BackendObserver, operation: str) -> Iterator[None]:
     """Report the block's duration, and its error if it raises, to ``observe``.
 
     A domain error raised inside a transaction (an invalid transition, say) is
-    the caller's, not the backend's, and a cancelled call is the client's: both
-    count as answers, not failures.
+    the caller's, not the backend's, a cancelled call is the client's, and a
+    Rollback is on purpose: all count as answers, not failures.
     """
     started = time.perf_counter()
     error: BaseException | None = None
@@ -39,7 +39,7 @@ def observed(observe: BackendObserver, operation: str) -> Iterator[None]:
         yield
     except BaseException as raised:
         domain = isinstance(raised, MemsvcError) and not isinstance(raised, BackendUnavailable)
-        if not domain and not isinstance(raised, asyncio.CancelledError):
+        if not domain and not isinstance(raised, asyncio.CancelledError | Rollback):
             error = raised
         raise
     finally:

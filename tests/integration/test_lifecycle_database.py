@@ -11,7 +11,6 @@ import pytest
 
 from memsvc.domain import SessionRef
 from memsvc.domain._lifecycle_records import (
-    CheckpointIdTaken,
     CheckpointRecord,
     EventRecord,
     EventType,
@@ -74,9 +73,8 @@ async def test_uncommitted_changes_are_invisible_and_rolled_back(db):
             raise RuntimeError("boom")
     assert await db.get_session(record.ref) is None
     async with db.transaction() as tx:
-        assert await tx.append_event(event_for(record.ref)) == 1, (
-            "the rolled-back sequence is reused"
-        )
+        await tx.append_event(event_for(record.ref))
+    assert [e.sequence for e in tx.appended] == [1], "the rolled-back sequence is reused"
 
 
 async def test_checkpoints_are_unique_and_listed_newest_first(db):
@@ -87,8 +85,12 @@ async def test_checkpoints_are_unique_and_listed_newest_first(db):
             checkpoint = CheckpointRecord(record.ref, f"c{i}", created, i, 10 * i, {"i": i})
             contents = encode_snapshot([SnapshotEntry(f"k{i}", b"v", i or None)])
             await tx.insert_checkpoint(checkpoint, contents)
-        with pytest.raises(CheckpointIdTaken):
-            await tx.insert_checkpoint(CheckpointRecord(record.ref, "c0", 5, 0, 0), b"")
+    async with db.transaction() as tx:
+        taken = await tx.lock_session_for_checkpoint(record.ref, "c0", count=True)
+        assert (taken.record, taken.checkpoints, taken.id_taken) == (record, 4, True)
+        free = await tx.lock_session_for_checkpoint(record.ref, "c9", count=False)
+        assert (free.checkpoints, free.id_taken) == (0, False)
+        assert await tx.lock_session_for_checkpoint(new_session().ref, None, True) is None
     newest = await db.list_checkpoints(record.ref, None, 2)
     assert [c.checkpoint_id for c in newest] == ["c3", "c1"]
     rest = await db.list_checkpoints(
@@ -101,23 +103,50 @@ async def test_checkpoints_are_unique_and_listed_newest_first(db):
         assert found[0].metadata == {"i": 2}
         assert decode_snapshot(found[1]) == [SnapshotEntry("k2", b"v", 2)]
         assert await tx.read_checkpoint(record.ref, "nope") is None
-        assert await tx.delete_checkpoints(record.ref) == 4
+        locked, named = await tx.lock_session_reading_checkpoint(record.ref, "c1")
+        assert locked == record
+        assert named is not None and named[0].checkpoint_id == "c1"
+        assert await tx.lock_session_reading_checkpoint(record.ref, None) == (record, None), (
+            "an ACTIVE session has no resume checkpoint"
+        )
+        await tx.delete_checkpoints(record.ref)
     assert await db.list_checkpoints(record.ref, None, 10) == []
+
+
+async def test_the_resume_checkpoint_is_read_with_the_lock(db):
+    record = new_session()
+    paused = SessionRecord(
+        **{**_fields(record), "state": SessionState.PAUSED, "resume_checkpoint_id": "c1"}
+    )
+    async with db.transaction() as tx:
+        await tx.insert_session(paused)
+        for checkpoint_id in ("c0", "c1"):
+            await tx.insert_checkpoint(
+                CheckpointRecord(record.ref, checkpoint_id, 1000, 0, 0), encode_snapshot([])
+            )
+    async with db.transaction() as tx:
+        locked, found = await tx.lock_session_reading_checkpoint(record.ref, None)
+    assert locked == paused
+    assert found is not None and found[0].checkpoint_id == "c1"
+    async with db.transaction() as tx:
+        assert await tx.lock_session_reading_checkpoint(new_session().ref, "c1") == (None, None)
 
 
 async def test_request_ids_return_the_first_answer(db):
     project = str(uuid.uuid4())
     scope = SessionRef(project, str(uuid.uuid4()), "s")
     async with db.transaction() as tx:
-        assert await tx.claim_request(scope, "r1", "Pause", "hash-a") is None
+        assert await (await tx.send_claim(scope, "r1", "Pause", "hash-a")).answer() is None
         await tx.remember_response(project, "r1", b"answer")
     async with db.transaction() as tx:
-        assert await tx.claim_request(scope, "r1", "Pause", "hash-a") == b"answer"
+        pending = await tx.send_claim(scope, "r1", "Pause", "hash-a")
+        assert await tx.lock_session(scope) is None, "a statement sent after the claim"
+        assert await pending.answer() == b"answer"
         with pytest.raises(RequestIdReused):
-            await tx.claim_request(scope, "r1", "Pause", "hash-b")
+            await (await tx.send_claim(scope, "r1", "Pause", "hash-b")).answer()
     other_project = SessionRef(str(uuid.uuid4()), "", "")
     async with db.transaction() as tx:
-        assert await tx.claim_request(other_project, "r1", "Pause", "hash-b") is None
+        assert await (await tx.send_claim(other_project, "r1", "Pause", "hash-b")).answer() is None
 
 
 async def test_event_sequences_are_gap_free_across_concurrent_writers(database_url, db):
@@ -131,7 +160,8 @@ async def test_event_sequences_are_gap_free_across_concurrent_writers(database_u
         sequences = []
         for _ in range(10):
             async with store.transaction() as tx:
-                sequences.append(await tx.append_event(event_for(ref)))
+                await tx.append_event(event_for(ref))
+            sequences += [event.sequence for event in tx.appended]
         return sequences
 
     try:

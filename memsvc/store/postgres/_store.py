@@ -158,13 +158,18 @@ class PostgresDurableStore(SqlDurableReads):
         """
         try:
             with observed(self.observe, "transaction"):
-                async with self._connections.connection() as conn, conn.transaction():
-                    tx = SqlTransaction(conn, POSTGRES)
-                    yield tx
+                async with self._connections.connection() as conn:
+                    # Pipelined (POSTGRES.pipelined): BEGIN, and every statement
+                    # whose result is not read at once, travel with the next
+                    # statement read or with COMMIT, which the pipeline's end sends.
+                    async with conn.pipeline(), conn.transaction():
+                        tx = SqlTransaction(conn, POSTGRES)
+                        yield tx
+                    appended = await tx.committed()
         except TRANSIENT_ERRORS as error:
             raise BackendUnavailable(self.backend_name, error) from error
-        if tx.appended:
-            self.events_committed(tx.appended)
+        if appended:
+            self.events_committed(appended)
 
     @contextlib.asynccontextmanager
     async def event_wakeups(self) -> AsyncIterator[AsyncIterator[None]]:

@@ -97,8 +97,9 @@ class SqliteDurableStore(SqlDurableReads):
         with observed(self.observe, "transaction"):
             async with self._transaction() as tx:
                 yield tx
-        if tx.appended:
-            self.events_committed(tx.appended)
+        appended = await tx.committed()
+        if appended:
+            self.events_committed(appended)
 
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[SqlTransaction]:
