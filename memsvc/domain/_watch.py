@@ -13,10 +13,11 @@ own pace, before it rejoins (etcd's synced and unsynced watchers).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from memsvc.domain._errors import FieldViolation, OutOfRange, ResourceExhausted
@@ -103,11 +104,40 @@ class TooManyWatchers(ResourceExhausted):
 
 @dataclass(eq=False)
 class _Subscriber:
+    """One watch stream's place in the hub: a bounded queue and how it waits.
+
+    Not an asyncio.Queue read with wait_for: on Python 3.11 that costs a new
+    task and a timer per delivery. The stream waits on a plain future that an
+    offered event resolves, and its progress timer is armed once per interval,
+    not once per wait.
+    """
+
     event_filter: EventFilter
-    queue: asyncio.Queue[StoredEvent]
+    capacity: int
     # Events up to here were delivered (or did not match); the hub skips them.
     cursor: int
     lagging: bool = False
+    queue: collections.deque[StoredEvent] = field(default_factory=collections.deque)
+    waiter: asyncio.Future[None] | None = None
+    timer: asyncio.TimerHandle | None = None
+
+    def offer(self, stored: StoredEvent) -> bool:
+        """Queue an event for the stream; False (lagging from now) when full."""
+        if len(self.queue) >= self.capacity:
+            self.lagging = True
+            return False
+        self.queue.append(stored)
+        self.wake()
+        return True
+
+    def wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    def ring(self) -> None:
+        """The progress timer fired."""
+        self.timer = None
+        self.wake()
 
 
 class EventHub:
@@ -187,7 +217,7 @@ class EventHub:
         if cursor < oldest:
             raise PositionTooOld(cursor, oldest)
         self._streams += 1
-        subscriber = _Subscriber(event_filter, asyncio.Queue(self._queue_size), cursor)
+        subscriber = _Subscriber(event_filter, self._queue_size, cursor)
         try:
             yield cursor
             while True:
@@ -228,32 +258,43 @@ class EventHub:
     async def _live(
         self, subscriber: _Subscriber, progress_interval: float
     ) -> AsyncIterator[StoredEvent | int]:
-        while True:
-            if subscriber.lagging and subscriber.queue.empty():
-                self._subscribers.discard(subscriber)
-                return
-            try:
-                # A burst drains the queue without a timer per event (wait_for
-                # creates a task each time); only an empty queue waits.
-                stored = subscriber.queue.get_nowait()
-            except asyncio.QueueEmpty:
-                pass
-            else:
-                if stored.sequence > subscriber.cursor:
-                    subscriber.cursor = stored.sequence
-                    yield stored
-                continue
-            try:
-                stored = await asyncio.wait_for(subscriber.queue.get(), progress_interval)
-            except TimeoutError:
-                if not subscriber.lagging and subscriber.queue.empty():
+        """The events offered to ``subscriber``, and a progress position whenever
+        ``progress_interval`` passes without one; returns once it lagged and
+        has drained its queue."""
+        loop = asyncio.get_running_loop()
+        queue = subscriber.queue
+        quiet_since = loop.time()
+        try:
+            while True:
+                while queue:
+                    stored = queue.popleft()
+                    if stored.sequence > subscriber.cursor:
+                        subscriber.cursor = stored.sequence
+                        yield stored
+                        quiet_since = loop.time()
+                if subscriber.lagging:
+                    self._subscribers.discard(subscriber)
+                    return
+                due = quiet_since + progress_interval
+                if loop.time() >= due:
                     # Everything up to the hub's position was offered and taken.
                     subscriber.cursor = max(subscriber.cursor, self.position)
                     yield subscriber.cursor
-                continue
-            if stored.sequence > subscriber.cursor:
-                subscriber.cursor = stored.sequence
-                yield stored
+                    quiet_since = loop.time()
+                    continue
+                if subscriber.timer is None:
+                    # Left armed while events flow: when it fires early, the
+                    # stream finds its new due time and arms it again.
+                    subscriber.timer = loop.call_at(due, subscriber.ring)
+                subscriber.waiter = loop.create_future()
+                try:
+                    await subscriber.waiter
+                finally:
+                    subscriber.waiter = None
+        finally:
+            if subscriber.timer is not None:
+                subscriber.timer.cancel()
+                subscriber.timer = None
 
     async def _follow(self) -> None:
         """The tail: read new events and offer them to the live subscribers."""
@@ -301,11 +342,8 @@ class EventHub:
                 or not subscriber.event_filter.matches(stored.event)
             ):
                 continue
-            try:
-                subscriber.queue.put_nowait(stored)
-            except asyncio.QueueFull:
+            if not subscriber.offer(stored):
                 # Never wait for a slow reader: it catches up from the store.
-                subscriber.lagging = True
                 self.watcher_lagged()
 
 

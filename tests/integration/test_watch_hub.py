@@ -93,6 +93,46 @@ async def test_a_thousand_connect_cancel_cycles_leave_nothing_behind(sqlite_stor
     assert hub.watchers == 0
     assert not hub.tailing
     assert len(asyncio.all_tasks()) <= before
+    assert progress_timers() == [], "a closed stream leaves its progress timer armed"
+
+
+def progress_timers() -> list[asyncio.TimerHandle]:
+    """Armed timers of watch streams (the loop's private heap: no public view)."""
+    scheduled: list[asyncio.TimerHandle] = asyncio.get_running_loop()._scheduled  # type: ignore[attr-defined]
+    return [
+        timer
+        for timer in scheduled
+        if not timer.cancelled()
+        and type(getattr(timer._callback, "__self__", None)).__name__ == "_Subscriber"  # type: ignore[attr-defined]
+    ]
+
+
+async def test_progress_comes_once_events_stop_and_carries_the_last_position(sqlite_store):
+    hub = EventHub(sqlite_store, poll_interval=0.05)
+    ref = SessionRef(str(uuid.uuid4()), str(uuid.uuid4()), "s")
+    stream: Any = hub.watch(EventFilter(), None, 0.1)
+    assert await anext(stream) == 0
+    first = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0.02)
+    await append(sqlite_store, 3, ref)
+    hub.notify()
+    delivered = [await asyncio.wait_for(first, 10), *[await anext(stream) for _ in range(2)]]
+    assert [item.sequence for item in delivered] == [1, 2, 3]
+    assert len(progress_timers()) == 1, "one timer per stream, not one per wait"
+    # Nothing more comes: the next item is a progress at the last position.
+    assert await asyncio.wait_for(anext(stream), 10) == 3
+    other = SessionRef(ref.project_id, ref.agent_instance_id, "other")
+    filtered: Any = hub.watch(EventFilter(session_id="s"), None, 0.1)
+    assert await anext(filtered) == 3
+    waiting = asyncio.ensure_future(anext(filtered))
+    await asyncio.sleep(0.02)
+    await append(sqlite_store, 2, other)
+    hub.notify()
+    # Events the filter rejects still move a quiet stream's position forward.
+    assert await asyncio.wait_for(waiting, 10) == 5
+    await stream.aclose()
+    await filtered.aclose()
+    assert progress_timers() == []
 
 
 @pytest.fixture
