@@ -28,6 +28,10 @@ resume; the Redis commands that cycle caused are counted), then the cycles are
 interleaved: one of memsvc, one of reference, one of langgraph, one of echo, and
 again, ``--cycles`` times (100; ``--large-cycles``, 20, from 5,000 keys, where
 the reference makes ``--reference-large-cycles``, 5, as each takes seconds).
+With ``--warm-cycles K``, each measured cycle of a system comes right after K
+unmeasured cycles of the same system ("warm"); without (0), after the other
+systems' cycles ("cold": on this machine a process woken after tens of ms idle
+runs each call up to 3x slower, and memsvc's call wakes four processes in turn).
 Each call's latency is timed alone; the CPU time of this process, of the server
 process (memsvc or echo), of Redis and of the run's PostgreSQL backends is read
 around it from /proc. The tables show the median and p99 per (size, system,
@@ -452,6 +456,9 @@ async def _measure_size(
                 if cycle > _cycles(args, size, system.name):
                     continue
                 gc.collect()
+                for _ in range(args.warm_cycles):
+                    for op in OPS:
+                        await getattr(system, op)()
                 for op in OPS:
                     sample = await _timed(system, op, size, cycle, meters)
                     run.samples.append(sample)
@@ -726,6 +733,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--git-ref",
         default="",
         help="run memsvc as committed at this git ref (e.g. HEAD) instead of the work tree",
+    )
+    parser.add_argument(
+        "--warm-cycles",
+        type=int,
+        default=0,
+        help="unmeasured cycles of a system right before each of its measured ones",
     )
     parser.add_argument("--skip-reference", action="store_true", help="leave out (a)")
     parser.add_argument("--skip-langgraph", action="store_true", help="leave out (b)")
