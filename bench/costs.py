@@ -9,7 +9,7 @@ counters), durable store in a fresh database on the local PostgreSQL
 
 Part 1, per call (``--sessions`` sessions per size, calls made one at a time).
 memsvc reaches Redis and PostgreSQL, and the client reaches memsvc, through
-counting proxies (bench/_wire.py), which give per call: round trips, Redis
+counting proxies (memsvc/testing/_wire.py), which give per call: round trips, Redis
 commands (a script call is one), PostgreSQL statements (Q/Execute messages, by
 SQL verb) and bytes each way. CPU per call is read from /proc around each group
 of calls: memsvc's process, the private Redis, and the PostgreSQL backends
@@ -78,7 +78,7 @@ import redis
 from google.protobuf import struct_pb2
 
 from bench._echo_server import ECHO_METHOD, GET_KEY, identity
-from bench._wire import WireCounts, WireMeter
+from memsvc.testing import WireCounts, WireMeter
 from bench.lifecycle import _git_describe, _memsvc_at, cpu_ns
 from bench.working_memory import MEMSVC, ROOT, SessionIds, _server, machine
 from memsvc.domain import EventRecord, EventType, SessionRef

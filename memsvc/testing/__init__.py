@@ -9,11 +9,14 @@ from memsvc.testing._backends import (
 )
 from memsvc.testing._cluster import PrivateRedisCluster
 from memsvc.testing._processes import PrivateRedis, wait_for_port
+from memsvc.testing._wire import WireCounts, WireMeter
 
 __all__ = [
     "BackendUnreachable",
     "PrivateRedis",
     "PrivateRedisCluster",
+    "WireCounts",
+    "WireMeter",
     "create_postgres_database",
     "drop_postgres_database",
     "free_port",

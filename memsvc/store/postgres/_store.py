@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import psycopg
 import psycopg_pool
+from psycopg.pq import TransactionStatus
 
 from memsvc.domain import BackendUnavailable
 from memsvc.domain._durable import DurableTransaction
@@ -51,6 +52,32 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
     applied_at timestamptz NOT NULL DEFAULT now()
 )
 """
+
+
+@contextlib.asynccontextmanager
+async def _pipelined_transaction(
+    conn: psycopg.AsyncConnection[Any],
+) -> AsyncIterator[SqlTransaction]:
+    """A transaction in psycopg's pipeline mode (POSTGRES.pipelined): BEGIN, and
+    every statement whose result is not read at once, travel with the next
+    statement read; the writes and COMMIT with the pipeline's one final Sync.
+
+    BEGIN and COMMIT are plain statements: psycopg's ``conn.transaction()``
+    would wait for a Sync after BEGIN and another before COMMIT, three round
+    trips more per transaction.
+    """
+    try:
+        async with conn.pipeline():
+            await conn.execute("BEGIN")
+            yield SqlTransaction(conn, POSTGRES)
+            await conn.execute("COMMIT")
+    except BaseException:
+        # The block failed (the pipeline has synced): end what BEGIN started,
+        # unless the connection is gone (the pool then discards it).
+        if conn.info.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
+            with contextlib.suppress(psycopg.Error):
+                await conn.execute("ROLLBACK")
+        raise
 
 
 class PostgresDurableStore(SqlDurableReads):
@@ -159,11 +186,7 @@ class PostgresDurableStore(SqlDurableReads):
         try:
             with observed(self.observe, "transaction"):
                 async with self._connections.connection() as conn:
-                    # Pipelined (POSTGRES.pipelined): BEGIN, and every statement
-                    # whose result is not read at once, travel with the next
-                    # statement read or with COMMIT, which the pipeline's end sends.
-                    async with conn.pipeline(), conn.transaction():
-                        tx = SqlTransaction(conn, POSTGRES)
+                    async with _pipelined_transaction(conn) as tx:
                         yield tx
                     appended = await tx.committed()
         except TRANSIENT_ERRORS as error:

@@ -1,6 +1,7 @@
 """A counting TCP proxy: what crosses the wire between memsvc and one backend.
 
-``bench.costs`` puts one :class:`WireMeter` between memsvc and its Redis, one
+tests/integration/test_round_trips.py counts memsvc's round trips to PostgreSQL
+with it, and ``bench.costs`` puts one :class:`WireMeter` between memsvc and its Redis, one
 between memsvc and PostgreSQL and one between the client and memsvc's gRPC
 port. Each forwards bytes unchanged and counts, over all its connections:
 
