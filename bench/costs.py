@@ -78,7 +78,6 @@ import redis
 from google.protobuf import struct_pb2
 
 from bench._echo_server import ECHO_METHOD, GET_KEY, identity
-from memsvc.testing import WireCounts, WireMeter
 from bench.lifecycle import _git_describe, _memsvc_at, cpu_ns
 from bench.working_memory import MEMSVC, ROOT, SessionIds, _server, machine
 from memsvc.domain import EventRecord, EventType, SessionRef
@@ -86,6 +85,8 @@ from memsvc.store.postgres import PostgresDurableStore
 from memsvc.testing import (
     BackendUnreachable,
     PrivateRedis,
+    WireCounts,
+    WireMeter,
     create_postgres_database,
     drop_postgres_database,
     free_port,
