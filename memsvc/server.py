@@ -316,12 +316,15 @@ class Server:
         if self._grpc is not None:
             # Let health watchers receive NOT_SERVING before their streams end.
             await asyncio.sleep(0.05)
+            # gRPC first closes its listeners, then waits for the calls in flight:
+            # from now on a new call is refused (UNAVAILABLE), where one that
+            # slipped in before would be accepted and then cancelled.
+            grpc_stopped = asyncio.ensure_future(self._grpc.stop(grace))
+            await asyncio.sleep(0)
             ended = self._calls.end_streams()
             if ended:
                 log.info("ended %d open stream(s) with UNAVAILABLE", ended)
-            await _bounded(
-                "stopping the gRPC server", self._grpc.stop(grace), grace + STEP_LIMIT_SECONDS
-            )
+            await _bounded("stopping the gRPC server", grpc_stopped, grace + STEP_LIMIT_SECONDS)
             # gRPC is done with the calls, but their handlers may still be
             # unwinding (grpc issue 37239): the stores close only after them.
             stuck = await self._calls.settle(STEP_LIMIT_SECONDS)
