@@ -74,10 +74,10 @@ class _Source:
         return 0, len(self.events)
 
     @contextlib.asynccontextmanager
-    async def event_wakeups(self) -> AsyncIterator[AsyncIterator[None]]:
-        async def never() -> AsyncIterator[None]:
+    async def event_wakeups(self) -> AsyncIterator[AsyncIterator[int]]:
+        async def never() -> AsyncIterator[int]:
             await asyncio.Event().wait()
-            yield None
+            yield 0
 
         yield never()
 

@@ -18,7 +18,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 from memsvc.domain._errors import FieldViolation, OutOfRange, ResourceExhausted
 from memsvc.domain._ids import check_session_id, check_uuid, raise_if_any
@@ -71,9 +71,10 @@ class EventSource(Protocol):
     events_committed: Callable[[list[StoredEvent]], None]
     """Set by the hub: called with the events of each transaction this process commits."""
 
-    def event_wakeups(self) -> contextlib.AbstractAsyncContextManager[AsyncIterator[None]]:
-        """Wake-ups when other processes commit events (PostgreSQL LISTEN);
-        an iterator that never yields where there is no such channel."""
+    def event_wakeups(self) -> contextlib.AbstractAsyncContextManager[AsyncIterator[int]]:
+        """Wake-ups when other processes commit events (PostgreSQL LISTEN), each
+        with the sequence committed (0: unknown); an iterator that never yields
+        where there is no such channel."""
 
 
 class PositionTooOld(OutOfRange):
@@ -299,7 +300,7 @@ class EventHub:
     async def _follow(self) -> None:
         """The tail: read new events and offer them to the live subscribers."""
         async with self._source.event_wakeups() as wakeups:
-            waiter: asyncio.Future[None] = asyncio.ensure_future(_next(wakeups))
+            listener = asyncio.create_task(self._listen(wakeups), name="memsvc-event-listen")
             try:
                 while self._subscribers:
                     self._kick.clear()
@@ -317,21 +318,20 @@ class EventHub:
                         self.position = stored.sequence
                     if len(batch) == READ_BATCH:
                         continue
-                    kick = asyncio.ensure_future(self._kick.wait())
-                    either: set[asyncio.Future[Any]] = {kick, waiter}
-                    try:
-                        done, _ = await asyncio.wait(
-                            either,
-                            timeout=self._poll_interval,
-                            return_when=asyncio.FIRST_COMPLETED,
-                        )
-                    finally:
-                        # Also when the tail itself is cancelled: no waiter may outlive it.
-                        kick.cancel()
-                    if waiter in done:
-                        waiter = asyncio.ensure_future(_next(wakeups))
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._kick.wait(), self._poll_interval)
             finally:
-                waiter.cancel()
+                listener.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await listener
+
+    async def _listen(self, wakeups: AsyncIterator[int]) -> None:
+        """Turn commit notifications into kicks of the tail: one read for however
+        many arrived while it was reading, and none for an event already offered
+        (this process's own commits, which publish_committed handed over)."""
+        async for sequence in wakeups:
+            if sequence == 0 or sequence > self.position:
+                self._kick.set()
 
     def _offer(self, stored: StoredEvent) -> None:
         self.event_offered(stored)
@@ -345,10 +345,6 @@ class EventHub:
             if not subscriber.offer(stored):
                 # Never wait for a slow reader: it catches up from the store.
                 self.watcher_lagged()
-
-
-async def _next(iterator: AsyncIterator[None]) -> None:
-    await iterator.__anext__()
 
 
 MIN_PROGRESS_SECONDS = 0.1

@@ -709,7 +709,7 @@ class SqlReads(SqlQueries):
         return await self._query(event_bounds)
 
 
-async def never_wakes() -> AsyncIterator[None]:
+async def never_wakes() -> AsyncIterator[int]:
     """Wake-ups for a store without a notification channel: none (the tail polls)."""
     await asyncio.Event().wait()
-    yield
+    yield 0

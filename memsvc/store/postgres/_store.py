@@ -195,7 +195,7 @@ class PostgresDurableStore(SqlDurableReads):
             self.events_committed(appended)
 
     @contextlib.asynccontextmanager
-    async def event_wakeups(self) -> AsyncIterator[AsyncIterator[None]]:
+    async def event_wakeups(self) -> AsyncIterator[AsyncIterator[int]]:
         """LISTEN on a connection of its own (outside the pool, since it holds
         session state), held while the event tail runs. If it cannot connect,
         the tail falls back to polling."""
@@ -213,10 +213,11 @@ class PostgresDurableStore(SqlDurableReads):
         try:
             await conn.execute(f"LISTEN {EVENT_CHANNEL}")
 
-            async def wakeups() -> AsyncIterator[None]:
+            async def wakeups() -> AsyncIterator[int]:
                 try:
-                    async for _ in conn.notifies():
-                        yield None
+                    async for notify in conn.notifies():
+                        # The payload is the committed event's sequence (append_event).
+                        yield int(notify.payload) if notify.payload.isdigit() else 0
                 except psycopg.OperationalError as error:
                     log.warning("event LISTEN connection lost, polling: %s", error)
                 await asyncio.Event().wait()

@@ -122,7 +122,7 @@ class SqliteDurableStore(SqlDurableReads):
             return await read(self._read_conn, SQLITE, *args)
 
     @contextlib.asynccontextmanager
-    async def event_wakeups(self) -> AsyncIterator[AsyncIterator[None]]:
+    async def event_wakeups(self) -> AsyncIterator[AsyncIterator[int]]:
         """SQLite has no cross-process channel: the hub polls, and this process's
         own commits wake it directly."""
         yield never_wakes()

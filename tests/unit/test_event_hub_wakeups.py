@@ -1,0 +1,106 @@
+"""The event hub's tail reads the log once per burst of commit notifications, and not
+at all for events this process already offered (its own commits)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from memsvc.domain import EventRecord, EventType, SessionRef
+from memsvc.domain._watch import EventFilter, EventHub, StoredEvent
+
+REF = SessionRef(str(uuid.uuid4()), str(uuid.uuid4()), "s")
+
+
+def event(sequence: int) -> StoredEvent:
+    return StoredEvent(sequence, EventRecord(str(uuid.uuid4()), EventType.SPAWNED, REF, None, 0))
+
+
+class NotifyingLog:
+    """An event log whose reads are counted and slow, and whose commit
+    notifications the test sends (as PostgreSQL's LISTEN would)."""
+
+    def __init__(self) -> None:
+        self.events: list[StoredEvent] = []
+        self.reads = 0
+        self.notifications: asyncio.Queue[int] = asyncio.Queue()
+        self.events_committed: Any = lambda events: None
+
+    async def read_events(
+        self, after: int, limit: int, event_filter: EventFilter
+    ) -> list[StoredEvent]:
+        self.reads += 1
+        await asyncio.sleep(0.01)  # long enough for notifications to pile up
+        return [e for e in self.events if e.sequence > after][:limit]
+
+    async def event_bounds(self) -> tuple[int, int]:
+        return 0, len(self.events)
+
+    @contextlib.asynccontextmanager
+    async def event_wakeups(self) -> AsyncIterator[AsyncIterator[int]]:
+        async def notified() -> AsyncIterator[int]:
+            while True:
+                yield await self.notifications.get()
+
+        yield notified()
+
+    def commit(self, count: int) -> list[StoredEvent]:
+        """Append ``count`` events and notify each, as ``count`` transactions would."""
+        new = [event(len(self.events) + i + 1) for i in range(count)]
+        self.events += new
+        for stored in new:
+            self.notifications.put_nowait(stored.sequence)
+        return new
+
+
+async def settle() -> None:
+    """Long enough for the tail to take every notification and finish its reads."""
+    await asyncio.sleep(0.1)
+
+
+async def next_events(stream: Any, count: int) -> list[int]:
+    got: list[int] = []
+    while len(got) < count:
+        item = await asyncio.wait_for(anext(stream), 10)
+        if isinstance(item, StoredEvent):
+            got.append(item.sequence)
+    return got
+
+
+async def test_a_burst_of_notifications_costs_a_read_or_two_not_one_each():
+    log = NotifyingLog()
+    hub = EventHub(log, poll_interval=30)
+    stream: Any = hub.watch(EventFilter(), None, 30)
+    assert await anext(stream) == 0
+    first = asyncio.ensure_future(next_events(stream, 50))
+    await settle()
+    reads = log.reads
+    log.commit(50)  # 50 commits by another replica, notified at once
+    assert await first == list(range(1, 51))
+    await settle()
+    assert log.reads - reads <= 3, f"{log.reads - reads} reads for one burst of 50"
+    await stream.aclose()
+
+
+async def test_notifications_of_events_already_offered_cause_no_read():
+    log = NotifyingLog()
+    hub = EventHub(log, poll_interval=30)
+    stream: Any = hub.watch(EventFilter(), None, 30)
+    assert await anext(stream) == 0
+    first = asyncio.ensure_future(next_events(stream, 5))
+    await settle()
+    reads = log.reads
+    # This process's own commits: handed over directly, then notified by the log.
+    committed = log.commit(5)
+    hub.publish_committed(committed)
+    assert await first == [1, 2, 3, 4, 5]
+    await settle()
+    assert log.reads == reads, "the tail read the log again for its own commits"
+    # A commit by another replica still wakes it.
+    log.commit(1)
+    assert await next_events(stream, 1) == [6]
+    assert log.reads == reads + 1
+    await stream.aclose()
