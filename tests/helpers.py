@@ -149,3 +149,16 @@ def reuse(module_name: str, namespace: dict[str, Any], *, leave_out: Collection[
     for name, item in vars(module).items():
         if not name.startswith("__") and name not in leave_out:
             namespace.setdefault(name, item)
+
+
+async def take_events(stream: Any, count: int) -> list[int]:
+    """The sequences of the next ``count`` events of an EventHub stream (progress
+    positions skipped)."""
+    from memsvc.domain._watch import StoredEvent
+
+    got: list[int] = []
+    while len(got) < count:
+        item = await asyncio.wait_for(anext(stream), 10)
+        if isinstance(item, StoredEvent):
+            got.append(item.sequence)
+    return got

@@ -28,18 +28,13 @@ import contextlib
 import logging
 import socket
 import struct
-import threading
-from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Any, TypeVar
+
+from memsvc.testing._loop_thread import LoopThread
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
 _CHUNK = 65536
-_CONTROL_TIMEOUT = 10.0
 
 
 @dataclass(eq=False)
@@ -59,12 +54,13 @@ class _Link:
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
 
-class TcpProxy:
+class TcpProxy(LoopThread):
     """``with TcpProxy(upstream_port) as proxy``: connect to ``proxy.port`` instead."""
 
     def __init__(
         self, upstream_port: int, *, upstream_host: str = "127.0.0.1", port: int = 0
     ) -> None:
+        super().__init__(f"tcp-proxy-{upstream_port}")
         self.upstream = (upstream_host, upstream_port)
         self.port = port
         self.mode = "pass"
@@ -76,8 +72,6 @@ class TcpProxy:
         self._lose_after: bytes | None = None
         self._links: set[_Link] = set()
         self._server: asyncio.Server | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
 
     # Control (from any thread) ------------------------------------------------
 
@@ -85,27 +79,6 @@ class TcpProxy:
     def connections(self) -> int:
         """Connections open right now."""
         return len(self._links)
-
-    def start(self) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        self._thread = threading.Thread(
-            target=loop.run_forever, name=f"tcp-proxy-{self.upstream[1]}", daemon=True
-        )
-        self._thread.start()
-        self._call(self._listen())
-
-    def close(self) -> None:
-        """Reset every connection, stop listening and stop the thread."""
-        if self._loop is None:
-            return
-        with contextlib.suppress(Exception):
-            self._call(self._shutdown())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread is not None:
-            self._thread.join(timeout=_CONTROL_TIMEOUT)
-        self._loop.close()
-        self._loop = None
 
     def restore(self) -> None:
         """Forward everything again, at once: listen if refused, no latency, held
@@ -144,24 +117,6 @@ class TcpProxy:
     def refuse(self) -> None:
         """Stop listening: new connections are refused (open ones are left alone)."""
         self._call(self._unlisten())
-
-    def __enter__(self) -> TcpProxy:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        if self._loop is None:
-            coroutine.close()
-            raise RuntimeError("TcpProxy used before start() or after close()")
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(_CONTROL_TIMEOUT)
 
     # On the proxy's loop ------------------------------------------------------
 

@@ -30,7 +30,8 @@ import struct
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
-from types import TracebackType
+
+from memsvc.testing._loop_thread import LoopThread
 
 _CHUNK = 65536
 _STARTUP_CODES_THEN_STARTUP = (80877103, 80877104)  # SSLRequest, GSSENCRequest
@@ -153,19 +154,18 @@ def _first_word(sql: bytes) -> str:
     return words[0].decode(errors="replace").upper() if words else "?"
 
 
-class WireMeter:
+class WireMeter(LoopThread):
     """``with WireMeter(upstream_port, "redis") as meter``: connect to ``meter.port``."""
 
     def __init__(self, upstream_port: int, protocol: str = "raw") -> None:
         if protocol not in ("raw", "redis", "postgres"):
             raise ValueError(f"unknown protocol {protocol!r}")
+        super().__init__("wire-meter")
         self.upstream_port = upstream_port
         self.protocol = protocol
         self.port = 0
         self._counts = WireCounts()
         self._lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -177,37 +177,6 @@ class WireMeter:
                 c.connections, c.bytes_up, c.bytes_down, c.round_trips, c.commands,
                 Counter(c.by_name),
             )  # fmt: skip
-
-    def start(self) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        self._thread = threading.Thread(target=loop.run_forever, name="wire-meter", daemon=True)
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._listen(), loop).result(10)
-
-    def close(self) -> None:
-        loop = self._loop
-        if loop is None:
-            return
-        with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(self._shutdown(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        loop.close()
-        self._loop = None
-
-    def __enter__(self) -> WireMeter:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     async def _listen(self) -> None:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)

@@ -24,7 +24,7 @@ from memsvc.store.sqlite import SqliteDurableStore
 from memsvc.testing import free_port, wait_for_port
 from memsvc.v1 import lifecycle_pb2 as lc
 from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
-from tests.helpers import details_of, eventually
+from tests.helpers import details_of, eventually, take_events
 
 MEMSVC = str(Path(sys.executable).parent / "memsvc")
 
@@ -44,16 +44,6 @@ async def sqlite_store(tmp_path: Path) -> Any:
     await store.aclose()
 
 
-async def take(stream: Any, count: int) -> list[int]:
-    """The sequences of the next ``count`` events of a hub stream."""
-    got: list[int] = []
-    while len(got) < count:
-        item = await asyncio.wait_for(anext(stream), 10)
-        if isinstance(item, StoredEvent):
-            got.append(item.sequence)
-    return got
-
-
 async def test_a_subscriber_that_reads_nothing_does_not_delay_others(sqlite_store):
     hub = EventHub(sqlite_store, queue_size=5, poll_interval=0.05)
     ref = SessionRef(str(uuid.uuid4()), str(uuid.uuid4()), "s")
@@ -66,11 +56,11 @@ async def test_a_subscriber_that_reads_nothing_does_not_delay_others(sqlite_stor
     await asyncio.sleep(0.05)
     await append(sqlite_store, 50, ref)
     hub.notify()
-    assert await take(reader, 50) == list(range(1, 51))
+    assert await take_events(reader, 50) == list(range(1, 51))
     # It overflowed its queue meanwhile; it catches up from the store, in order.
     first = await asyncio.wait_for(stalled_first, 10)
     assert isinstance(first, StoredEvent)
-    assert [first.sequence, *await take(stalled, 49)] == list(range(1, 51))
+    assert [first.sequence, *await take_events(stalled, 49)] == list(range(1, 51))
     await stalled.aclose()
     await reader.aclose()
     assert hub.watchers == 0
@@ -320,7 +310,7 @@ async def test_local_and_foreign_commits_arrive_once_in_order(tmp_path, sqlite_s
         await asyncio.gather(append(sqlite_store, 20, ref), append(foreign, 20, ref))
         got = await asyncio.wait_for(first, 10)
         assert isinstance(got, StoredEvent)
-        assert [got.sequence, *await take(stream, 39)] == list(range(1, 41))
+        assert [got.sequence, *await take_events(stream, 39)] == list(range(1, 41))
     finally:
         await stream.aclose()
         await foreign.aclose()

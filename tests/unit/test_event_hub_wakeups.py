@@ -11,6 +11,7 @@ from typing import Any
 
 from memsvc.domain import EventRecord, EventType, SessionRef
 from memsvc.domain._watch import EventFilter, EventHub, StoredEvent
+from tests.helpers import take_events
 
 REF = SessionRef(str(uuid.uuid4()), str(uuid.uuid4()), "s")
 
@@ -61,21 +62,12 @@ async def settle() -> None:
     await asyncio.sleep(0.1)
 
 
-async def next_events(stream: Any, count: int) -> list[int]:
-    got: list[int] = []
-    while len(got) < count:
-        item = await asyncio.wait_for(anext(stream), 10)
-        if isinstance(item, StoredEvent):
-            got.append(item.sequence)
-    return got
-
-
 async def test_a_burst_of_notifications_costs_a_read_or_two_not_one_each():
     log = NotifyingLog()
     hub = EventHub(log, poll_interval=30)
     stream: Any = hub.watch(EventFilter(), None, 30)
     assert await anext(stream) == 0
-    first = asyncio.ensure_future(next_events(stream, 50))
+    first = asyncio.ensure_future(take_events(stream, 50))
     await settle()
     reads = log.reads
     log.commit(50)  # 50 commits by another replica, notified at once
@@ -90,7 +82,7 @@ async def test_notifications_of_events_already_offered_cause_no_read():
     hub = EventHub(log, poll_interval=30)
     stream: Any = hub.watch(EventFilter(), None, 30)
     assert await anext(stream) == 0
-    first = asyncio.ensure_future(next_events(stream, 5))
+    first = asyncio.ensure_future(take_events(stream, 5))
     await settle()
     reads = log.reads
     # This process's own commits: handed over directly, then notified by the log.
@@ -101,6 +93,6 @@ async def test_notifications_of_events_already_offered_cause_no_read():
     assert log.reads == reads, "the tail read the log again for its own commits"
     # A commit by another replica still wakes it.
     log.commit(1)
-    assert await next_events(stream, 1) == [6]
+    assert await take_events(stream, 1) == [6]
     assert log.reads == reads + 1
     await stream.aclose()
