@@ -460,7 +460,6 @@ class Lifecycle:
     ) -> EpisodeRecord:
         """The reference consolidation: one episode summarising the session's state."""
         keys = sorted(e.key for e in entries)
-        state = {e.key: self._render_value(e.value) for e in entries}
         description = (task_description or f"Session {record.ref.session_id} completed")[:500]
         return EpisodeRecord(
             episode_id=uuid7(),
@@ -472,7 +471,7 @@ class Lifecycle:
             actions=[
                 {"type": "session_completion", "state_keys": keys, "outcome": OUTCOMES[outcome]}
             ],
-            context_summary=json.dumps(state, sort_keys=True, default=str)[:1000],
+            context_summary=state_summary(entries, self._render_value, SUMMARY_CHARS),
             lessons_learned=lessons,
             duration_seconds=max(0.0, (now - record.create_ms) / 1000),
             tokens_used=0,
@@ -785,6 +784,33 @@ class Lifecycle:
             request_id=request_id or None,
             metadata=record.metadata if metadata is None else metadata,
         )
+
+
+SUMMARY_CHARS = 1000
+
+
+def state_summary(
+    entries: Sequence[SnapshotEntry], render: Callable[[bytes], Any], limit: int
+) -> str:
+    """``json.dumps({key: render(value)}, sort_keys=True, default=str)[:limit]``, the
+    reference's context summary, rendering only the values the prefix shows: a
+    session of 10,000 keys summarises the first few, not all of them."""
+    parts = ["{"]
+    size = 1
+    for index, entry in enumerate(sorted(entries, key=lambda e: e.key)):
+        if size >= limit:
+            break
+        item = (
+            ("" if index == 0 else ", ")
+            + json.dumps(entry.key)
+            + ": "
+            + json.dumps(render(entry.value), sort_keys=True, default=str)
+        )
+        parts.append(item)
+        size += len(item)
+    else:
+        parts.append("}")
+    return "".join(parts)[:limit]
 
 
 _LockedWithCheckpoint = tuple[SessionRecord | None, tuple[CheckpointRecord, bytes] | None]

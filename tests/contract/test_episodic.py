@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from typing import Any
 
@@ -13,9 +14,10 @@ from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 from memsvc.server import Server
 from memsvc.v1 import episodic_pb2 as ep
 from memsvc.v1 import lifecycle_pb2 as lc
+from memsvc.v1 import working_memory_pb2 as wm
 from memsvc.v1.episodic_pb2_grpc import EpisodicMemoryServiceStub
 from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
-from tests.helpers import expect_error, sql_rows
+from tests.helpers import expect_error, sql_rows, value
 
 
 @pytest.fixture
@@ -511,6 +513,34 @@ async def test_terminate_records_its_episode_in_episodic_memory(channel, episodi
     assert list(got.lessons_learned) == ["small steps"]
     assert await search_ids(episodic, scope["project_id"], "scheduler") == [ended.episode_id]
     assert json_format.MessageToDict(got.actions[0])["type"] == "session_completion"
+
+
+@pytest.mark.parametrize("keys", [3, 400])
+async def test_terminate_summarises_the_state_as_sorted_json_cut_to_1000_chars(
+    channel, episodic, scope, keys
+):
+    """The reference's context summary: the whole state rendered as JSON with sorted
+    keys, cut to 1,000 characters, whatever the session's size."""
+    # Numbers are doubles (google.protobuf.Value), so they render as floats.
+    state: dict[str, Any] = {
+        f"k{i:03d}": {"step": i + 0.5, "notes": ["ok", None, True]} for i in range(keys)
+    }
+    state["~last"] = 'é and "quotes"'
+    lifecycle = LifecycleServiceStub(channel)
+    await lifecycle.Spawn(
+        lc.SpawnRequest(
+            **scope,
+            initial_entries=[wm.EntryInput(key=k, value=value(v)) for k, v in state.items()],
+        )
+    )
+    ended = await lifecycle.Terminate(lc.TerminateRequest(**scope))
+    got = (
+        await episodic.GetEpisode(
+            ep.GetEpisodeRequest(project_id=scope["project_id"], episode_id=ended.episode_id)
+        )
+    ).episode
+    assert got.context_summary == json.dumps(state, sort_keys=True)[:1000]
+    assert json_format.MessageToDict(got.actions[0])["state_keys"] == sorted(state)
 
 
 async def test_query_syntax_of_either_database_is_plain_text(episodic, scope):
