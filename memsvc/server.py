@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import grp
 import logging
 import os
@@ -629,6 +630,19 @@ def _give_socket_to(path: str, gid: int) -> None:
         ) from None
 
 
+def settle_heap() -> None:
+    """Take what start-up built out of the cyclic garbage collector's way.
+
+    Modules, protobuf descriptors, stores and servicers live as long as the
+    process, yet every full collection walked them: about 65,000 objects, and
+    with 1,000 watchers full collections of 37-56 ms (up to 80 ms) that stalled
+    the event loop and every stream with it. Frozen, a full collection walks only
+    what came later (1.7-12 ms in the same benchmark, docs/performance.md).
+    """
+    gc.collect()
+    gc.freeze()
+
+
 async def serve(config: Config) -> None:
     """Run a server until SIGTERM or SIGINT, then shut it down gracefully.
 
@@ -651,6 +665,7 @@ async def serve(config: Config) -> None:
         # A tokens or TLS file that cannot be used is a configuration error (exit 2).
         print(f"memsvc: configuration error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    settle_heap()
     stop_requested = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop_requested.set)
