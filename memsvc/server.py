@@ -657,8 +657,12 @@ async def serve(config: Config) -> None:
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
-    # Before start: a SIGHUP sent once the port answers must not end the process.
+    # Before start: a signal sent once the port answers must be handled, not end the
+    # process with the default action (a SIGTERM then stops it gracefully).
     loop.add_signal_handler(signal.SIGHUP, reload)
+    stop_requested = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop_requested.set)
     try:
         await server.start()
     except ConfigError as error:
@@ -666,8 +670,5 @@ async def serve(config: Config) -> None:
         print(f"memsvc: configuration error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     settle_heap()
-    stop_requested = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop_requested.set)
     await stop_requested.wait()
     await server.stop()
