@@ -53,6 +53,7 @@ from memsvc.domain._lifecycle_records import (
     EventType,
     LifecycleDatabase,
     LifecycleTransaction,
+    LockedWithCheckpoint,
     SessionRecord,
     SessionState,
 )
@@ -328,10 +329,10 @@ class Lifecycle:
         arguments = arguments_hash("Resume", ref, checkpoint_id, merge, metadata)
         steps = _Steps(op=uuid7())
 
-        async def lock(tx: LifecycleTransaction) -> _LockedWithCheckpoint:
+        async def lock(tx: LifecycleTransaction) -> LockedWithCheckpoint:
             return await tx.lock_session_reading_checkpoint(ref, checkpoint_id or None)
 
-        async def body(tx: LifecycleTransaction, locked: _LockedWithCheckpoint) -> ResumeResult:
+        async def body(tx: LifecycleTransaction, locked: LockedWithCheckpoint) -> ResumeResult:
             record, found = locked
             record = _admit(ref, record, "resume", {SessionState.ACTIVE, SessionState.PAUSED})
             wanted = checkpoint_id or record.resume_checkpoint_id
@@ -811,9 +812,6 @@ def state_summary(
     else:
         parts.append("}")
     return "".join(parts)[:limit]
-
-
-_LockedWithCheckpoint = tuple[SessionRecord | None, tuple[CheckpointRecord, bytes] | None]
 
 
 class _Replayed(Rollback):

@@ -113,6 +113,10 @@ class CheckpointLock:
     id_taken: bool  # whether the requested checkpoint id exists already
 
 
+# A locked session (None: none) and a checkpoint with its contents (None: none).
+LockedWithCheckpoint = tuple[SessionRecord | None, tuple[CheckpointRecord, bytes] | None]
+
+
 class PendingClaim(Protocol):
     """A request id claimed by a statement that may not have been answered yet."""
 
@@ -160,14 +164,10 @@ class LifecycleTransaction(RequestLog, Protocol):
 
     async def lock_session_reading_checkpoint(
         self, ref: SessionRef, checkpoint_id: str | None
-    ) -> tuple[SessionRecord | None, tuple[CheckpointRecord, bytes] | None]:
+    ) -> LockedWithCheckpoint:
         """As lock_session, with the checkpoint ``checkpoint_id`` (None: the
-        session's resume checkpoint) and its contents (one round trip)."""
-
-    async def read_checkpoint(
-        self, ref: SessionRef, checkpoint_id: str
-    ) -> tuple[CheckpointRecord, bytes] | None:
-        """A checkpoint and its contents (the snapshot format), or None."""
+        session's resume checkpoint) and its contents in the snapshot format
+        (one round trip)."""
 
     async def delete_checkpoint(self, ref: SessionRef, checkpoint_id: str) -> bool:
         """Delete one checkpoint; False when it did not exist."""

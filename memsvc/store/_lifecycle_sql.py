@@ -122,24 +122,31 @@ _CHECKPOINT_COLUMNS = (
 )
 
 
+# A checkpoint and its contents, by id (the placeholder or expression that follows).
+_READ_CHECKPOINT = (
+    f"SELECT {_CHECKPOINT_COLUMNS}, contents FROM checkpoints"
+    f" WHERE {_SESSION_KEY} AND checkpoint_id = "
+)
+
+
 def _key(ref: SessionRef) -> tuple[str, str, str]:
     return ref.project_id, ref.agent_instance_id, ref.session_id
+
+
+def _lock_statement(dialect: Dialect) -> str:
+    return f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE {_SESSION_KEY}{dialect.for_update}"
+
+
+def _checkpoint_found(row: Any, dialect: Dialect) -> tuple[CheckpointRecord, bytes] | None:
+    return None if row is None else (checkpoint_from_row(row, dialect), bytes(row[8]))
 
 
 class _Pending:
     """A statement's first row, read when needed: on a pipelined connection,
     reading it sends everything queued so far in one round trip."""
 
-    def __init__(self, cursor: Any, dialect: Dialect) -> None:
-        self._cursor = cursor
-        self._read = not dialect.pipelined
-        self._row: Any = None
-
-    async def start(self) -> _Pending:
-        # Not pipelined (SQLite): read now, so that no statement stays open.
-        if self._read:
-            self._row = await self._cursor.fetchone()
-        return self
+    def __init__(self, cursor: Any, row: Any = None, read: bool = False) -> None:
+        self._cursor, self._row, self._read = cursor, row, read
 
     async def row(self) -> Any:
         if not self._read:
@@ -180,16 +187,16 @@ class SqlLifecycleTransaction:
     def __init__(self, conn: Connection, dialect: Dialect) -> None:
         self._conn = conn
         self._d = dialect
-        # Events this transaction appended: complete (with their sequences) once
-        # committed, then handed to the event hub.
-        self.appended: list[StoredEvent] = []
+        # Events this transaction appended, each with the statement that numbered
+        # it: on PostgreSQL the sequence is read after COMMIT (committed()).
         self._appending: list[tuple[_Pending, EventRecord]] = []
+        self.appended: list[StoredEvent] = []
 
     async def committed(self) -> list[StoredEvent]:
         """The events this transaction appended, with their sequences (after COMMIT)."""
-        for pending, event in self._appending:
-            self.appended.append(StoredEvent(int((await pending.row())[0]), event))
-        self._appending.clear()
+        self.appended = [
+            StoredEvent(int((await pending.row())[0]), event) for pending, event in self._appending
+        ]
         return self.appended
 
     async def _one(self, statement: str, params: Sequence[Any]) -> Any:
@@ -198,7 +205,10 @@ class SqlLifecycleTransaction:
 
     async def _send(self, statement: str, params: Sequence[Any]) -> _Pending:
         cursor = await self._conn.execute(self._d.sql(statement), params)
-        return await _Pending(cursor, self._d).start()
+        if self._d.pipelined:
+            return _Pending(cursor)
+        # SQLite: read now, so that no statement stays open.
+        return _Pending(cursor, await cursor.fetchone(), read=True)
 
     async def send_claim(
         self, scope: SessionRef, request_id: str, method: str, arguments_hash: str
@@ -230,21 +240,27 @@ class SqlLifecycleTransaction:
         )
 
     async def lock_session(self, ref: SessionRef) -> SessionRecord | None:
-        row = await self._one(
-            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE {_SESSION_KEY}{self._d.for_update}",
-            _key(ref),
-        )
+        row = await self._one(_lock_statement(self._d), _key(ref))
         return None if row is None else session_from_row(row, self._d)
 
     async def lock_session_for_checkpoint(
         self, ref: SessionRef, checkpoint_id: str | None, count: bool
     ) -> CheckpointLock | None:
+        # Each subquery only when asked for: a server-made id is never taken.
         counted = f"(SELECT count(*) FROM checkpoints WHERE {_SESSION_KEY})" if count else "0"
+        taken = (
+            f"EXISTS (SELECT 1 FROM checkpoints WHERE {_SESSION_KEY} AND checkpoint_id = ?)"
+            if checkpoint_id
+            else "0"
+        )
         row = await self._one(
-            f"SELECT {_SESSION_COLUMNS}, {counted}, EXISTS (SELECT 1 FROM checkpoints"
-            f" WHERE {_SESSION_KEY} AND checkpoint_id = ?)"
+            f"SELECT {_SESSION_COLUMNS}, {counted}, {taken}"
             f" FROM sessions WHERE {_SESSION_KEY}{self._d.for_update}",
-            (*(_key(ref) if count else ()), *_key(ref), checkpoint_id, *_key(ref)),
+            (
+                *(_key(ref) if count else ()),
+                *((*_key(ref), checkpoint_id) if checkpoint_id else ()),
+                *_key(ref),
+            ),
         )
         if row is None:
             return None
@@ -254,24 +270,17 @@ class SqlLifecycleTransaction:
         self, ref: SessionRef, checkpoint_id: str | None
     ) -> tuple[SessionRecord | None, tuple[CheckpointRecord, bytes] | None]:
         # Sent together: the read runs after the lock, so it sees the locked row.
-        locked = await self._send(
-            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE {_SESSION_KEY}{self._d.for_update}",
-            _key(ref),
-        )
+        locked = await self._send(_lock_statement(self._d), _key(ref))
         cursor = await self._d.execute_bulk_read(
             self._conn,
-            f"SELECT {_CHECKPOINT_COLUMNS}, contents FROM checkpoints WHERE {_SESSION_KEY}"
-            " AND checkpoint_id = coalesce(?, (SELECT resume_checkpoint_id FROM sessions"
+            _READ_CHECKPOINT + "coalesce(?, (SELECT resume_checkpoint_id FROM sessions"
             f" WHERE {_SESSION_KEY}))",
             (*_key(ref), checkpoint_id, *_key(ref)),
         )
         found = await cursor.fetchone()
         row = await locked.row()
         record = None if row is None else session_from_row(row, self._d)
-        return record, None if found is None else (
-            checkpoint_from_row(found, self._d),
-            bytes(found[8]),
-        )
+        return record, _checkpoint_found(found, self._d)
 
     async def insert_session(self, record: SessionRecord) -> bool:
         row = await self._one(
@@ -319,11 +328,6 @@ class SqlLifecycleTransaction:
                 contents,
             ),
         )
-
-    async def read_checkpoint(
-        self, ref: SessionRef, checkpoint_id: str
-    ) -> tuple[CheckpointRecord, bytes] | None:
-        return await read_checkpoint(self._conn, self._d, ref, checkpoint_id)
 
     async def delete_checkpoint(self, ref: SessionRef, checkpoint_id: str) -> bool:
         row = await self._one(
@@ -427,7 +431,7 @@ class SqlLifecycleTransaction:
             ),
             (sequence, *values),
         )
-        self.appended.append(StoredEvent(sequence, event))
+        self._appending.append((_Pending(None, row, read=True), event))
 
     async def acquire_lease(self, job: str, holder: str, now_ms: int, lease_ms: int) -> bool:
         """Take or renew ``job``'s lease for ``holder`` unless another holds it unexpired."""
@@ -591,15 +595,9 @@ async def read_checkpoint(
 ) -> tuple[CheckpointRecord, bytes] | None:
     """A checkpoint and its contents, or None."""
     cursor = await dialect.execute_bulk_read(
-        conn,
-        f"SELECT {_CHECKPOINT_COLUMNS}, contents FROM checkpoints"
-        f" WHERE {_SESSION_KEY} AND checkpoint_id = ?",
-        (*_key(ref), checkpoint_id),
+        conn, _READ_CHECKPOINT + "?", (*_key(ref), checkpoint_id)
     )
-    row = await cursor.fetchone()
-    if row is None:
-        return None
-    return checkpoint_from_row(row, dialect), bytes(row[8])
+    return _checkpoint_found(await cursor.fetchone(), dialect)
 
 
 async def list_checkpoints(

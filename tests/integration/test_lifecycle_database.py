@@ -97,12 +97,12 @@ async def test_checkpoints_are_unique_and_listed_newest_first(db):
         record.ref, (newest[-1].create_ms, newest[-1].checkpoint_id), 10
     )
     assert [c.checkpoint_id for c in rest] == ["c2", "c0"]
+    found = await db.read_checkpoint(record.ref, "c2")
+    assert found is not None
+    assert found[0].metadata == {"i": 2}
+    assert decode_snapshot(found[1]) == [SnapshotEntry("k2", b"v", 2)]
+    assert await db.read_checkpoint(record.ref, "nope") is None
     async with db.transaction() as tx:
-        found = await tx.read_checkpoint(record.ref, "c2")
-        assert found is not None
-        assert found[0].metadata == {"i": 2}
-        assert decode_snapshot(found[1]) == [SnapshotEntry("k2", b"v", 2)]
-        assert await tx.read_checkpoint(record.ref, "nope") is None
         locked, named = await tx.lock_session_reading_checkpoint(record.ref, "c1")
         assert locked == record
         assert named is not None and named[0].checkpoint_id == "c1"

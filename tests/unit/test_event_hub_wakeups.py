@@ -62,13 +62,20 @@ async def settle() -> None:
     await asyncio.sleep(0.1)
 
 
-async def test_a_burst_of_notifications_costs_a_read_or_two_not_one_each():
-    log = NotifyingLog()
+async def watching(log: NotifyingLog, count: int) -> tuple[EventHub, Any, Any]:
+    """A hub over ``log`` (polling out of the way) with one live stream whose next
+    ``count`` events are awaited; the tail has done its first read."""
     hub = EventHub(log, poll_interval=30)
     stream: Any = hub.watch(EventFilter(), None, 30)
     assert await anext(stream) == 0
-    first = asyncio.ensure_future(take_events(stream, 50))
+    first = asyncio.ensure_future(take_events(stream, count))
     await settle()
+    return hub, stream, first
+
+
+async def test_a_burst_of_notifications_costs_a_read_or_two_not_one_each():
+    log = NotifyingLog()
+    _, stream, first = await watching(log, 50)
     reads = log.reads
     log.commit(50)  # 50 commits by another replica, notified at once
     assert await first == list(range(1, 51))
@@ -79,11 +86,7 @@ async def test_a_burst_of_notifications_costs_a_read_or_two_not_one_each():
 
 async def test_notifications_of_events_already_offered_cause_no_read():
     log = NotifyingLog()
-    hub = EventHub(log, poll_interval=30)
-    stream: Any = hub.watch(EventFilter(), None, 30)
-    assert await anext(stream) == 0
-    first = asyncio.ensure_future(take_events(stream, 5))
-    await settle()
+    hub, stream, first = await watching(log, 5)
     reads = log.reads
     # This process's own commits: handed over directly, then notified by the log.
     committed = log.commit(5)
