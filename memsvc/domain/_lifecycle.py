@@ -73,8 +73,10 @@ from memsvc.domain._lifecycle_results import (
 from memsvc.domain._session_memory import (
     MISSING,
     TRANSITIONAL,
+    ContentsNeeded,
     LostOperation,
     MarkerStateError,
+    ResumePoint,
     SessionMemoryStore,
     Snapshot,
     SnapshotEntry,
@@ -189,14 +191,16 @@ class Lifecycle:
 
         async def body(tx: LifecycleTransaction, locked: CheckpointLock | None) -> PauseResult:
             record = self._admit_checkpoint(ref, locked, "pause", checkpoint_id)
+            new_id = checkpoint_id or uuid7()
             snapshot = await self._begin(
                 record,
                 steps,
-                lambda: self._memory.begin_snapshot(ref, steps.op, "pausing", False, {"active"}),
+                lambda: self._memory.begin_snapshot(
+                    ref, steps.op, "pausing", False, {"active"}, checkpoint_id=new_id
+                ),
             )
             steps.final_state = "paused"
             now = self._clock_ms()
-            new_id = checkpoint_id or uuid7()
             checkpoint = await self._store_checkpoint(
                 tx, ref, new_id, snapshot, metadata, now, protected=new_id
             )
@@ -233,7 +237,7 @@ class Lifecycle:
         checkpoint = CheckpointRecord(
             ref, checkpoint_id, now, snapshot.key_count, snapshot.size_bytes, metadata
         )
-        await tx.insert_checkpoint(checkpoint, snapshot.blob)
+        await tx.insert_checkpoint(checkpoint, snapshot.blob, snapshot.timed_keys)
         if self.retention.keep_last:
             pruned = await tx.prune_checkpoints(ref, self.retention.keep_last, protected)
             for old_id in pruned:
@@ -346,11 +350,24 @@ class Lifecycle:
             checkpoint, contents = found
             epoch = uuid7()
             allowed = {_MARKER_FOR[record.state], MISSING}
-            count = await self._begin(
-                record,
-                steps,
-                lambda: self._memory.begin_restore(ref, steps.op, epoch, contents, merge, allowed),
+            held = ResumePoint(
+                checkpoint.checkpoint_id, checkpoint.key_count, checkpoint.size_bytes
             )
+
+            def restore() -> Awaitable[int]:
+                return self._memory.begin_restore(
+                    ref, steps.op, epoch, contents, merge, allowed, held=held
+                )
+
+            try:
+                count = await self._begin(record, steps, restore)
+            except ContentsNeeded:
+                # The database left the contents out because the paused memory
+                # most likely held them; it did not (lost, or evicted): read them.
+                contents = await tx.read_contents(ref, checkpoint.checkpoint_id)
+                if contents is None:
+                    raise CheckpointNotFound(ref.session_id, checkpoint.checkpoint_id) from None
+                count = await self._begin(record, steps, restore)
             steps.final_state, steps.swap = "active", True
             now = self._clock_ms()
             resumed = await self._transition(

@@ -113,8 +113,9 @@ class CheckpointLock:
     id_taken: bool  # whether the requested checkpoint id exists already
 
 
-# A locked session (None: none) and a checkpoint with its contents (None: none).
-LockedWithCheckpoint = tuple[SessionRecord | None, tuple[CheckpointRecord, bytes] | None]
+# A locked session (None: none) and a checkpoint (None: none) with its contents
+# (None: not read, see lock_session_reading_checkpoint).
+LockedWithCheckpoint = tuple[SessionRecord | None, tuple[CheckpointRecord, bytes | None] | None]
 
 
 class PendingClaim(Protocol):
@@ -153,8 +154,11 @@ class LifecycleTransaction(RequestLog, Protocol):
     async def update_session(self, record: SessionRecord) -> None:
         """Overwrite the (locked) row's mutable fields."""
 
-    async def insert_checkpoint(self, record: CheckpointRecord, contents: bytes) -> None:
-        """Store a checkpoint whose id lock_session_for_checkpoint found free."""
+    async def insert_checkpoint(
+        self, record: CheckpointRecord, contents: bytes, timed_keys: int | None
+    ) -> None:
+        """Store a checkpoint whose id lock_session_for_checkpoint found free;
+        ``timed_keys`` of its keys have a TTL (None: unknown)."""
 
     async def lock_session_for_checkpoint(
         self, ref: SessionRef, checkpoint_id: str | None, count: bool
@@ -167,7 +171,12 @@ class LifecycleTransaction(RequestLog, Protocol):
     ) -> LockedWithCheckpoint:
         """As lock_session, with the checkpoint ``checkpoint_id`` (None: the
         session's resume checkpoint) and its contents in the snapshot format
-        (one round trip)."""
+        (one round trip). The contents are not read (None) when the checkpoint
+        is the resume checkpoint of the PAUSED session and none of its keys has
+        a TTL: the paused working memory most likely holds it still."""
+
+    async def read_contents(self, ref: SessionRef, checkpoint_id: str) -> bytes | None:
+        """A checkpoint's contents, or None when it does not exist."""
 
     async def delete_checkpoint(self, ref: SessionRef, checkpoint_id: str) -> bool:
         """Delete one checkpoint; False when it did not exist."""

@@ -27,11 +27,13 @@ __all__ = [
     "MISSING",
     "READ_BLOCKING",
     "TRANSITIONAL",
+    "ContentsNeeded",
     "LostOperation",
     "Marker",
     "MarkerStateError",
     "MemoryStore",
     "NoSession",
+    "ResumePoint",
     "SessionMemoryStore",
     "Snapshot",
     "SnapshotEntry",
@@ -51,6 +53,7 @@ class Snapshot:
     blob: bytes
     key_count: int
     size_bytes: int
+    timed_keys: int = 0  # how many keys have a TTL
 
     def entries(self) -> list[SnapshotEntry]:
         """The entries, decoded (only when they are needed one by one)."""
@@ -68,6 +71,29 @@ class Marker:
     prior: str | None = None
     next_epoch: str | None = None
     clear: bool = False
+    # The checkpoint the Pause that set ``paused`` took (ResumePoint).
+    snapshot: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ResumePoint:
+    """The checkpoint a PAUSED session resumes from, as its Pause took it.
+
+    A paused working memory refuses writes and, without keys that expire, cannot
+    change: while its marker still names this checkpoint and its key count and
+    size match, it holds exactly these contents, so a Resume keeps it as it is
+    instead of moving every entry back in (no contents read, nothing staged).
+    """
+
+    checkpoint_id: str
+    key_count: int
+    size_bytes: int
+
+
+class ContentsNeeded(Exception):
+    """begin_restore got no contents, and the working memory does not hold the
+    checkpoint (lost, changed, or keys with a TTL): nothing changed; call again
+    with the contents."""
 
 
 class MarkerStateError(Exception):
@@ -105,10 +131,12 @@ class SessionMemoryStore(Protocol):
         clear_on_finish: bool,
         allowed: Collection[str],
         with_contents: bool = True,
+        checkpoint_id: str = "",
     ) -> Snapshot:
-        """Read everything at once; set ``new_state`` unless None. Without
-        ``with_contents`` only the key count and size are read (the blob is empty):
-        a Terminate that records no episode moves no values.
+        """Read everything at once; set ``new_state`` unless None, recording
+        ``checkpoint_id``, the checkpoint this snapshot becomes (a Pause's, for
+        ResumePoint). Without ``with_contents`` only the key count and size are
+        read (the blob is empty): a Terminate that records no episode moves no values.
 
         Raises MarkerStateError when the marker's state is not in ``allowed``.
         """
@@ -118,11 +146,17 @@ class SessionMemoryStore(Protocol):
         session: SessionRef,
         op: str,
         next_epoch: str,
-        snapshot: bytes,
+        snapshot: bytes | None,
         merge: bool,
         allowed: Collection[str],
+        held: ResumePoint | None = None,
     ) -> int:
         """Stage the resumed working memory, marker ``resuming``; return its key count.
+
+        When the memory still holds ``held`` exactly (a paused session resuming
+        from its Pause's checkpoint, see ResumePoint), nothing is staged and it
+        is kept as it is; otherwise the checkpoint's contents, ``snapshot``, are
+        staged, and ContentsNeeded is raised when they were not given.
 
         Raises MarkerStateError, or SessionLimitExceeded when the result would
         pass the session limits (nothing is staged then).
@@ -131,8 +165,9 @@ class SessionMemoryStore(Protocol):
     async def finish(
         self, session: SessionRef, op: str, final_state: str | None, swap: bool, clear: bool
     ) -> None:
-        """Settle after commit: swap staging in, clear, set the final marker
-        (None removes it). Raises LostOperation when ``op`` no longer owns it."""
+        """Settle after commit: swap staging in (if a restore staged any), clear,
+        set the final marker (None removes it). Raises LostOperation when ``op``
+        no longer owns it."""
 
     async def abort(self, session: SessionRef, op: str) -> str:
         """Undo step 1 of ``op``; return the restored state (``missing`` for a spawn).

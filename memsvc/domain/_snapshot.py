@@ -53,12 +53,12 @@ def encode_snapshot(entries: Iterable[SnapshotEntry]) -> bytes:
 
 def encode_flat(
     flat: Sequence[bytes], expiries: Sequence[bytes], now_ms: int
-) -> tuple[bytes, int, int]:
+) -> tuple[bytes, int, int, int]:
     """The stored form of a snapshot given as Redis replies, in one pass.
 
     ``flat`` alternates keys and values (HGETALL); ``expiries`` alternates keys
     and expiry times in ms (ZRANGE WITHSCORES). Returns (snapshot, key count,
-    bytes of keys and values).
+    bytes of keys and values, keys with a TTL).
     """
     expire_at = {expiries[i]: int(float(expiries[i + 1])) for i in range(0, len(expiries), 2)}
     count = len(flat) // 2
@@ -70,7 +70,7 @@ def encode_flat(
         ttl = -1 if at is None else max(1, at - now_ms)
         parts += [_LENGTH.pack(len(key)), key, _LENGTH.pack(len(value)), value, _TTL.pack(ttl)]
         size += len(key) + len(value)
-    return b"".join(parts), count, size
+    return b"".join(parts), count, size, len(expire_at)
 
 
 def decode_snapshot(data: bytes) -> list[SnapshotEntry]:

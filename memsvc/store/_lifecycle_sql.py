@@ -23,6 +23,7 @@ from memsvc.domain._lifecycle_records import (
     CheckpointRecord,
     EventRecord,
     EventType,
+    LockedWithCheckpoint,
     RequestIdReused,
     SessionRecord,
     SessionState,
@@ -139,6 +140,17 @@ def _lock_statement(dialect: Dialect) -> str:
 
 def _checkpoint_found(row: Any, dialect: Dialect) -> tuple[CheckpointRecord, bytes] | None:
     return None if row is None else (checkpoint_from_row(row, dialect), bytes(row[8]))
+
+
+# As _READ_CHECKPOINT, but without the contents (NULL) of the checkpoint a
+# PAUSED session's Pause took when none of its keys has a TTL: the working
+# memory most likely still holds exactly that (SessionMemoryStore.begin_restore).
+_READ_CHECKPOINT_UNLESS_HELD = (
+    f"SELECT {_CHECKPOINT_COLUMNS}, CASE WHEN timed_keys = 0 AND checkpoint_id ="
+    f" (SELECT resume_checkpoint_id FROM sessions WHERE {_SESSION_KEY} AND state = ?)"
+    " THEN NULL ELSE contents END"
+    f" FROM checkpoints WHERE {_SESSION_KEY} AND checkpoint_id = "
+)
 
 
 class _Pending:
@@ -268,19 +280,31 @@ class SqlLifecycleTransaction:
 
     async def lock_session_reading_checkpoint(
         self, ref: SessionRef, checkpoint_id: str | None
-    ) -> tuple[SessionRecord | None, tuple[CheckpointRecord, bytes] | None]:
+    ) -> LockedWithCheckpoint:
         # Sent together: the read runs after the lock, so it sees the locked row.
         locked = await self._send(_lock_statement(self._d), _key(ref))
         cursor = await self._d.execute_bulk_read(
             self._conn,
-            _READ_CHECKPOINT + "coalesce(?, (SELECT resume_checkpoint_id FROM sessions"
+            _READ_CHECKPOINT_UNLESS_HELD + "coalesce(?, (SELECT resume_checkpoint_id FROM sessions"
             f" WHERE {_SESSION_KEY}))",
-            (*_key(ref), checkpoint_id, *_key(ref)),
+            (*_key(ref), int(SessionState.PAUSED), *_key(ref), checkpoint_id, *_key(ref)),
         )
         found = await cursor.fetchone()
         row = await locked.row()
         record = None if row is None else session_from_row(row, self._d)
-        return record, _checkpoint_found(found, self._d)
+        if found is None:
+            return record, None
+        contents = None if found[8] is None else bytes(found[8])
+        return record, (checkpoint_from_row(found, self._d), contents)
+
+    async def read_contents(self, ref: SessionRef, checkpoint_id: str) -> bytes | None:
+        cursor = await self._d.execute_bulk_read(
+            self._conn,
+            f"SELECT contents FROM checkpoints WHERE {_SESSION_KEY} AND checkpoint_id = ?",
+            (*_key(ref), checkpoint_id),
+        )
+        row = await cursor.fetchone()
+        return None if row is None else bytes(row[0])
 
     async def insert_session(self, record: SessionRecord) -> bool:
         row = await self._one(
@@ -312,11 +336,13 @@ class SqlLifecycleTransaction:
             self._d.time_param(record.update_ms),
         )
 
-    async def insert_checkpoint(self, record: CheckpointRecord, contents: bytes) -> None:
+    async def insert_checkpoint(
+        self, record: CheckpointRecord, contents: bytes, timed_keys: int | None
+    ) -> None:
         await self._conn.execute(
             self._d.sql(
-                f"INSERT INTO checkpoints ({_CHECKPOINT_COLUMNS}, contents)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                f"INSERT INTO checkpoints ({_CHECKPOINT_COLUMNS}, contents, timed_keys)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
             ),
             (
                 *_key(record.ref),
@@ -326,6 +352,7 @@ class SqlLifecycleTransaction:
                 record.size_bytes,
                 self._d.json_param(record.metadata),
                 contents,
+                timed_keys,
             ),
         )
 

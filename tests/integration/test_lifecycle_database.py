@@ -84,7 +84,7 @@ async def test_checkpoints_are_unique_and_listed_newest_first(db):
         for i, created in enumerate([1000, 3000, 2000, 3000]):
             checkpoint = CheckpointRecord(record.ref, f"c{i}", created, i, 10 * i, {"i": i})
             contents = encode_snapshot([SnapshotEntry(f"k{i}", b"v", i or None)])
-            await tx.insert_checkpoint(checkpoint, contents)
+            await tx.insert_checkpoint(checkpoint, contents, 1 if i else 0)
     async with db.transaction() as tx:
         taken = await tx.lock_session_for_checkpoint(record.ref, "c0", count=True)
         assert (taken.record, taken.checkpoints, taken.id_taken) == (record, 4, True)
@@ -118,18 +118,44 @@ async def test_the_resume_checkpoint_is_read_with_the_lock(db):
     paused = SessionRecord(
         **{**_fields(record), "state": SessionState.PAUSED, "resume_checkpoint_id": "c1"}
     )
+    contents = {c: encode_snapshot([SnapshotEntry(c, b"v", None)]) for c in ("c0", "c1")}
     async with db.transaction() as tx:
         await tx.insert_session(paused)
         for checkpoint_id in ("c0", "c1"):
             await tx.insert_checkpoint(
-                CheckpointRecord(record.ref, checkpoint_id, 1000, 0, 0), encode_snapshot([])
+                CheckpointRecord(record.ref, checkpoint_id, 1000, 1, 3), contents[checkpoint_id], 0
             )
     async with db.transaction() as tx:
         locked, found = await tx.lock_session_reading_checkpoint(record.ref, None)
-    assert locked == paused
-    assert found is not None and found[0].checkpoint_id == "c1"
+        assert locked == paused
+        assert found is not None and found[0].checkpoint_id == "c1"
+        assert found[1] is None, "the paused memory most likely holds its resume checkpoint"
+        assert await tx.read_contents(record.ref, "c1") == contents["c1"]
+        assert await tx.read_contents(record.ref, "nope") is None
+        _, named = await tx.lock_session_reading_checkpoint(record.ref, "c1")
+        assert named is not None and named[1] is None
+        _, older = await tx.lock_session_reading_checkpoint(record.ref, "c0")
+        assert older is not None and older[1] == contents["c0"], "not the resume checkpoint"
     async with db.transaction() as tx:
         assert await tx.lock_session_reading_checkpoint(new_session().ref, "c1") == (None, None)
+
+
+@pytest.mark.parametrize("timed_keys", [1, None], ids=["a key with a TTL", "taken before 0008"])
+async def test_the_resume_checkpoint_is_read_when_the_memory_cannot_hold_it(db, timed_keys):
+    """Keys that expire may have gone while paused; an older checkpoint's are unknown."""
+    record = new_session()
+    paused = SessionRecord(
+        **{**_fields(record), "state": SessionState.PAUSED, "resume_checkpoint_id": "c1"}
+    )
+    contents = encode_snapshot([SnapshotEntry("k", b"v", 60_000)])
+    async with db.transaction() as tx:
+        await tx.insert_session(paused)
+        await tx.insert_checkpoint(
+            CheckpointRecord(record.ref, "c1", 1000, 1, 2), contents, timed_keys
+        )
+    async with db.transaction() as tx:
+        _, found = await tx.lock_session_reading_checkpoint(record.ref, None)
+    assert found is not None and found[1] == contents
 
 
 async def test_request_ids_return_the_first_answer(db):

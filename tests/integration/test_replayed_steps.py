@@ -36,11 +36,11 @@ class RepliesLostOnce(RedisWorkingMemoryStore):
         super().__init__(REDIS_URL, max_session_keys=100, max_session_bytes=1 << 20)
         self.replayed: set[str] = set()
 
-    async def begin_restore(self, session: SessionRef, op: str, *args: Any) -> int:
+    async def begin_restore(self, session: SessionRef, op: str, *args: Any, **kw: Any) -> int:
         if "restore" not in self.replayed:
             self.replayed.add("restore")
-            await super().begin_restore(session, op, *args)
-        return await super().begin_restore(session, op, *args)
+            await super().begin_restore(session, op, *args, **kw)
+        return await super().begin_restore(session, op, *args, **kw)
 
     async def begin_snapshot(
         self, session: SessionRef, op: str, new_state: str | None, *args: Any, **kw: Any

@@ -12,9 +12,11 @@ import redis.asyncio as aioredis
 
 from memsvc.domain import EntryWrite, SessionLimitExceeded, SessionNotWritable, SessionRef
 from memsvc.domain._session_memory import (
+    ContentsNeeded,
     LostOperation,
     MarkerStateError,
     NoSession,
+    ResumePoint,
     SnapshotEntry,
 )
 from memsvc.domain._snapshot import encode_snapshot
@@ -236,3 +238,90 @@ async def test_a_snapshot_without_contents_only_counts(store, session):
     assert (counted.key_count, counted.size_bytes) == (full.key_count, full.size_bytes) == (2, 6)
     assert counted.entries() == []
     assert (await store.read_marker(session)).state == "terminating"
+
+
+async def pause(store: Any, session: SessionRef, checkpoint_id: str) -> ResumePoint:
+    """Pause as the lifecycle does; the ResumePoint of the checkpoint it took."""
+    snapshot = await store.begin_snapshot(
+        session, f"pause-{checkpoint_id}", "pausing", False, {"active"}, checkpoint_id=checkpoint_id
+    )
+    await store.finish(session, f"pause-{checkpoint_id}", "paused", swap=False, clear=False)
+    return ResumePoint(checkpoint_id, snapshot.key_count, snapshot.size_bytes)
+
+
+async def test_a_paused_memory_that_holds_its_checkpoint_is_kept_on_resume(store, session):
+    """No contents needed: the memory is staged as it is, and swapped back in."""
+    await spawn(store, session, {"a": b"1", "b": b"22"})
+    held = await pause(store, session, "c1")
+    assert (held.key_count, held.size_bytes) == (2, 5)
+    count = await store.begin_restore(session, "r1", "epoch-2", None, False, {"paused"}, held=held)
+    assert count == 2
+    with pytest.raises(NoSession) as unread:
+        await contents(store, session)
+    assert unread.value.state == "resuming"
+    await store.finish(session, "r1", "active", swap=True, clear=False)
+    assert await contents(store, session) == {"a": b"1", "b": b"22"}
+    marker = await store.read_marker(session)
+    assert (marker.state, marker.epoch, marker.snapshot) == ("active", "epoch-2", None)
+    # The key index and the byte count came through too: listing pages, limits hold.
+    assert [k.key for k in (await store.list_keys(session, "a", 10))[0]] == ["b"]
+    with pytest.raises(SessionLimitExceeded):
+        await store.set_entries(session, [EntryWrite("big", b"x" * 996, None)])
+
+
+async def test_an_aborted_kept_resume_leaves_the_paused_memory_as_it_was(store, session):
+    await spawn(store, session, {"a": b"1"})
+    held = await pause(store, session, "c1")
+    await store.begin_restore(session, "r1", "epoch-2", None, True, {"paused"}, held=held)
+    assert await store.abort(session, "r1") == "paused"
+    assert await contents(store, session) == {"a": b"1"}
+    assert (await store.read_marker(session)).snapshot == "c1"
+    assert await store.begin_restore(session, "r2", "e3", None, False, {"paused"}, held=held) == 1
+    await store.finish(session, "r2", "active", swap=True, clear=False)
+    assert await contents(store, session) == {"a": b"1"}
+
+
+@pytest.mark.parametrize(
+    "why",
+    ["another checkpoint", "a key with a TTL", "other contents", "past the limits", "resumed"],
+)
+async def test_contents_are_needed_unless_the_memory_holds_the_checkpoint(store, session, why):
+    """Without contents the step changes nothing; with them it restores them."""
+    await spawn(store, session, {"a": b"1"}, ttl=60_000 if why == "a key with a TTL" else None)
+    held = await pause(store, session, "c1")
+    if why == "another checkpoint":
+        held = ResumePoint("c0", held.key_count, held.size_bytes)
+    elif why == "other contents":
+        held = ResumePoint("c1", held.key_count, held.size_bytes + 1)
+    elif why == "past the limits":
+        held = ResumePoint("c1", 11, held.size_bytes)
+    allowed = {"paused"}
+    if why == "resumed":
+        # Resumed since (and written to): a rollback to c1 must move c1 back in.
+        await store.begin_restore(session, "r0", "e1", None, False, allowed, held=held)
+        await store.finish(session, "r0", "active", swap=True, clear=False)
+        await store.set_entries(session, [EntryWrite("a", b"2", None)])
+        allowed = {"active"}
+    before = await store.read_marker(session)
+    with pytest.raises(ContentsNeeded):
+        await store.begin_restore(session, "r1", "e2", None, False, allowed, held=held)
+    assert await store.read_marker(session) == before
+    checkpoint = encode_snapshot([SnapshotEntry("c", b"from the checkpoint", None)])
+    if why != "past the limits":
+        await store.begin_restore(session, "r2", "e2", checkpoint, False, allowed, held=held)
+        await store.finish(session, "r2", "active", swap=True, clear=False)
+        assert await contents(store, session) == {"c": b"from the checkpoint"}
+
+
+@pytest.mark.parametrize("store", ["redis"], indirect=True)
+async def test_a_paused_memory_that_lost_its_data_is_not_kept(store, session):
+    """Redis may evict or lose the data but keep the marker: counted, not trusted."""
+    await spawn(store, session, {"a": b"1", "b": b"2"})
+    held = await pause(store, session, "c1")
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        await client.hdel(session_keys(session)[0], "b")
+    finally:
+        await client.aclose()
+    with pytest.raises(ContentsNeeded):
+        await store.begin_restore(session, "r1", "e2", None, False, {"paused"}, held=held)

@@ -62,7 +62,7 @@ def test_encoding_from_redis_replies_matches(snapshot):
         if e.remaining_ttl_ms is not None
         for part in (e.key.encode(), str(now + e.remaining_ttl_ms).encode())
     ]
-    blob, count, size = encode_flat(flat, expiries, now)
+    blob, count, size, timed = encode_flat(flat, expiries, now)
     expected = [
         SnapshotEntry(
             e.key, e.value, None if e.remaining_ttl_ms is None else max(1, e.remaining_ttl_ms)
@@ -72,3 +72,4 @@ def test_encoding_from_redis_replies_matches(snapshot):
     assert decode_snapshot(blob) == expected
     assert count == len(unique)
     assert size == sum(len(e.key.encode()) + len(e.value) for e in unique)
+    assert timed == sum(1 for e in unique if e.remaining_ttl_ms is not None)

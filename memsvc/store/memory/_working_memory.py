@@ -31,10 +31,12 @@ from memsvc.domain import (
 from memsvc.domain._session_memory import (
     MISSING,
     READ_BLOCKING,
+    ContentsNeeded,
     LostOperation,
     Marker,
     MarkerStateError,
     NoSession,
+    ResumePoint,
     Snapshot,
     SnapshotEntry,
 )
@@ -275,13 +277,19 @@ class InMemoryWorkingMemoryStore:
         clear_on_finish: bool,
         allowed: Collection[str],
         with_contents: bool = True,
+        checkpoint_id: str = "",
     ) -> Snapshot:
         now = self._clock_ms()
         state, current = self._marked(session, now, allowed)
         if new_state is not None:
-            epoch = state.marker.epoch if state.marker else None
+            marker = state.marker
             state.marker = Marker(
-                new_state, epoch=epoch, op=op, prior=current, clear=clear_on_finish
+                new_state,
+                epoch=marker.epoch if marker else None,
+                op=op,
+                prior=current,
+                clear=clear_on_finish,
+                snapshot=checkpoint_id or (marker.snapshot if marker else None),
             )
         entries = [
             SnapshotEntry(key, value, None if at is None else max(1, at - now))
@@ -290,20 +298,29 @@ class InMemoryWorkingMemoryStore:
         self._drop_if_empty(session, state)
         size = sum(len(e.key.encode()) + len(e.value) for e in entries)
         blob = encode_snapshot(entries if with_contents else [])
-        return Snapshot(current, blob, len(entries), size)
+        timed = sum(1 for entry in entries if entry.remaining_ttl_ms is not None)
+        return Snapshot(current, blob, len(entries), size, timed)
 
     async def begin_restore(
         self,
         session: SessionRef,
         op: str,
         next_epoch: str,
-        snapshot: bytes,
+        snapshot: bytes | None,
         merge: bool,
         allowed: Collection[str],
+        held: ResumePoint | None = None,
     ) -> int:
         now = self._clock_ms()
-        entries = decode_snapshot(snapshot)
         state, current = self._marked(session, now, allowed)
+        if held is not None and self._holds(state, held):
+            # Writes are refused until finish(): staging may share the containers.
+            staged = _Session(state.values, state.order, state.expiries, state.total_bytes)
+            return self._stage(state, staged, op, current, next_epoch)
+        if snapshot is None:
+            self._drop_if_empty(session, state)
+            raise ContentsNeeded()
+        entries = decode_snapshot(snapshot)
         staged = state.copy_data() if merge else _Session()
         for entry in entries:
             ttl = entry.remaining_ttl_ms
@@ -317,9 +334,34 @@ class InMemoryWorkingMemoryStore:
                 current=len(state.values) if over_keys else state.total_bytes,
                 requested=len(staged.values) if over_keys else staged.total_bytes,
             )
-        epoch = state.marker.epoch if state.marker else None
+        return self._stage(state, staged, op, current, next_epoch)
+
+    def _holds(self, state: _Session, held: ResumePoint) -> bool:
+        """Whether the paused memory is still exactly the checkpoint its Pause took."""
+        marker = state.marker
+        return (
+            marker is not None
+            and marker.state == "paused"
+            and marker.snapshot == held.checkpoint_id
+            and len(state.values) == held.key_count
+            and state.total_bytes == held.size_bytes
+            and all(at is None for _, at in state.values.values())
+            and held.key_count <= self._max_keys
+            and held.size_bytes <= self._max_bytes
+        )
+
+    @staticmethod
+    def _stage(state: _Session, staged: _Session, op: str, current: str, next_epoch: str) -> int:
+        marker = state.marker
         state.staged = staged
-        state.marker = Marker("resuming", epoch=epoch, op=op, prior=current, next_epoch=next_epoch)
+        state.marker = Marker(
+            "resuming",
+            epoch=marker.epoch if marker else None,
+            op=op,
+            prior=current,
+            next_epoch=next_epoch,
+            snapshot=marker.snapshot if marker else None,
+        )
         return len(staged.values)
 
     async def finish(
@@ -337,7 +379,10 @@ class InMemoryWorkingMemoryStore:
         if final_state is None:
             del self._sessions[session]
             return
-        state.marker = Marker(final_state, epoch=marker.next_epoch or marker.epoch)
+        snapshot = marker.snapshot if final_state == "paused" else None
+        state.marker = Marker(
+            final_state, epoch=marker.next_epoch or marker.epoch, snapshot=snapshot
+        )
 
     async def abort(self, session: SessionRef, op: str) -> str:
         state = self._owned(session, op)
@@ -348,7 +393,8 @@ class InMemoryWorkingMemoryStore:
             del self._sessions[session]
             return MISSING
         assert marker.prior is not None
-        state.marker = Marker(marker.prior, epoch=marker.epoch)
+        snapshot = marker.snapshot if marker.prior == "paused" else None
+        state.marker = Marker(marker.prior, epoch=marker.epoch, snapshot=snapshot)
         return marker.prior
 
     async def forget(self, sessions: Sequence[SessionRef]) -> int:

@@ -36,10 +36,12 @@ from memsvc.domain import (
     WriteResult,
 )
 from memsvc.domain._session_memory import (
+    ContentsNeeded,
     LostOperation,
     Marker,
     MarkerStateError,
     NoSession,
+    ResumePoint,
     Snapshot,
 )
 from memsvc.domain._snapshot import encode_flat, encode_snapshot
@@ -304,6 +306,7 @@ class RedisWorkingMemoryStore:
             prior=text(b"prior"),
             next_epoch=text(b"next_epoch"),
             clear=fields.get(b"clear") == b"1",
+            snapshot=text(b"snapshot"),
         )
 
     async def begin_spawn(
@@ -323,34 +326,39 @@ class RedisWorkingMemoryStore:
         clear_on_finish: bool,
         allowed: Collection[str],
         with_contents: bool = True,
+        checkpoint_id: str = "",
     ) -> Snapshot:
         flags = ["1" if clear_on_finish else "0", "1" if with_contents else "0"]
-        args = [op, new_state or "", *flags, *allowed]
+        args = [op, new_state or "", *flags, checkpoint_id, *allowed]
         reply = await self._run_lifecycle("lifecycle_begin_snapshot", session, args)
         _refuse_late(reply)
         if reply[0] == b"state":
             raise MarkerStateError(reply[1].decode())
         if not with_contents:
             return Snapshot(reply[1].decode(), EMPTY_SNAPSHOT, int(reply[5]), int(reply[6]))
-        blob, count, size = encode_flat(reply[2], reply[3], int(reply[4]))
-        return Snapshot(reply[1].decode(), blob, count, size)
+        blob, count, size, timed = encode_flat(reply[2], reply[3], int(reply[4]))
+        return Snapshot(reply[1].decode(), blob, count, size, timed)
 
     async def begin_restore(
         self,
         session: SessionRef,
         op: str,
         next_epoch: str,
-        snapshot: bytes,
+        snapshot: bytes | None,
         merge: bool,
         allowed: Collection[str],
+        held: ResumePoint | None = None,
     ) -> int:
         merge_flag = "1" if merge else "0"
         args: list[Any] = [op, next_epoch, merge_flag, self._max_keys, self._max_bytes]
-        args += [",".join(allowed), snapshot]
+        args += [",".join(allowed), snapshot or b""]
+        args += [held.checkpoint_id, held.key_count, held.size_bytes] if held else ["", 0, 0]
         reply = await self._run_lifecycle("lifecycle_begin_restore", session, args)
         _refuse_late(reply)
         if reply[0] == b"state":
             raise MarkerStateError(reply[1].decode())
+        if reply[0] == b"contents":
+            raise ContentsNeeded()
         if reply[0] == b"limit":
             raise SessionLimitExceeded(
                 what=reply[1].decode(),

@@ -1,10 +1,18 @@
 -- Undo a lifecycle step 1 whose database transaction did not commit (ADR 0004):
 -- only if the marker still belongs to operation `op`, drop the staging keys and
 -- put the marker back in the state it had; an aborted Spawn removes everything.
+-- A resume that kept the memory ('kept') renamed it into staging: renamed back.
 -- KEYS[5..7]: staging D', X', K'.
 -- ARGV: op. Returns {'ok', restored_state} or {'lost', state_or_missing}.
 if redis.call('HGET', M, 'op') ~= ARGV[1] then
   return {'lost', redis.call('HGET', M, 'state') or 'missing'}
+end
+if redis.call('HGET', M, 'kept') == '1' then
+  for i, live in ipairs({D, X, K}) do
+    if redis.call('EXISTS', KEYS[4 + i]) == 1 then
+      redis.call('RENAME', KEYS[4 + i], live)
+    end
+  end
 end
 redis.call('DEL', KEYS[5], KEYS[6], KEYS[7])
 local state = redis.call('HGET', M, 'state')
@@ -14,7 +22,10 @@ if state == 'spawning' or prior == 'missing' or not prior then
   return {'ok', 'missing'}
 end
 redis.call('HSET', M, 'state', prior)
-redis.call('HDEL', M, 'op', 'prior', 'next_epoch', 'staged_bytes', 'clear')
+redis.call('HDEL', M, 'op', 'prior', 'next_epoch', 'staged_bytes', 'clear', 'kept')
+if prior ~= 'paused' then
+  redis.call('HDEL', M, 'snapshot')
+end
 remember_settled(ARGV[1])
 refresh_session_expiry()
 return {'ok', prior}

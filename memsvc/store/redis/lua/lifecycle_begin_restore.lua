@@ -3,12 +3,19 @@
 -- marker (writes refused). Step 3 swaps staging into live with RENAME.
 -- KEYS[5..7]: staging D', X', K'.
 -- ARGV: op, next_epoch, merge ('0'|'1'), max_keys, max_bytes, allowed states
--- (comma-separated; 'missing' allows a lost working memory), and the
--- checkpoint as one string in its stored format (memsvc/domain/_snapshot.py),
--- parsed here so that no argument per key crosses the wire.
--- Returns {'ok', key_count}, {'state', state} or
--- {'limit', 'keys'|'bytes', limit, current, requested}.
--- {'late'} (nothing changed) for a step of an operation already settled.
+-- (comma-separated; 'missing' allows a lost working memory), the checkpoint
+-- as one string in its stored format (memsvc/domain/_snapshot.py), parsed here
+-- so that no argument per key crosses the wire ('' when memsvc did not read
+-- it), then the held checkpoint: id ('' for none), key count, bytes.
+-- A paused memory that still holds the held checkpoint (the Pause that took it
+-- set the marker, no key can expire, count and size match) is not rebuilt: its
+-- keys are renamed into staging as they are (O(1)) and 'kept' is set, so that
+-- lifecycle_finish swaps them back as usual and lifecycle_abort renames them
+-- back instead of dropping them.
+-- Returns {'ok', key_count}, {'state', state},
+-- {'limit', 'keys'|'bytes', limit, current, requested}, {'contents'} (nothing
+-- changed) when the memory does not hold the checkpoint and no contents came,
+-- or {'late'} (nothing changed) for a step of an operation already settled.
 local SD, SX, SK = KEYS[5], KEYS[6], KEYS[7]
 if already_settled(ARGV[1]) then
   return {'late'}
@@ -20,6 +27,23 @@ if not string.find(',' .. ARGV[6] .. ',', ',' .. state .. ',', 1, true) then
   return {'state', state}
 end
 redis.call('DEL', SD, SX, SK)
+local held_count, held_bytes = tonumber(ARGV[9]), tonumber(ARGV[10])
+local current_bytes = tonumber(redis.call('HGET', M, 'bytes') or '0')
+if ARGV[8] ~= '' and state == 'paused' and redis.call('HGET', M, 'snapshot') == ARGV[8]
+    and redis.call('EXISTS', X) == 0 and redis.call('HLEN', D) == held_count
+    and redis.call('ZCARD', K) == held_count and current_bytes == held_bytes
+    and held_count <= tonumber(ARGV[4]) and held_bytes <= tonumber(ARGV[5]) then
+  if held_count > 0 then
+    redis.call('RENAME', D, SD)
+    redis.call('RENAME', K, SK)
+  end
+  redis.call('HSET', M, 'state', 'resuming', 'op', ARGV[1], 'prior', state,
+    'next_epoch', ARGV[2], 'staged_bytes', held_bytes, 'kept', '1')
+  return {'ok', held_count}
+end
+if ARGV[7] == '' then
+  return {'contents'}
+end
 local bytes = 0
 if ARGV[3] == '1' and redis.call('EXISTS', D) == 1 then
   redis.call('COPY', D, SD)

@@ -2,7 +2,9 @@
 -- whole working memory in one atomic step and, for Pause and Terminate, set the
 -- transitional marker that refuses writes from this moment on.
 -- ARGV: op, new_state ('' = leave the marker), clear_on_finish ('0'|'1'),
--- with_contents ('0'|'1'), then the states the marker may be in ('missing' allows
+-- with_contents ('0'|'1'), the id of the checkpoint this snapshot becomes
+-- (recorded with a new state: lifecycle_begin_restore keeps a paused memory
+-- that still holds it), then the states the marker may be in ('missing' allows
 -- a lost working memory).
 -- Returns {'ok', state, HGETALL of the data, ZRANGE WITHSCORES of the expiries,
 -- Redis's now in ms, key count, bytes}; without contents, the data and expiries
@@ -16,7 +18,7 @@ local now = now_ms()
 purge(now)
 local state = redis.call('HGET', M, 'state') or 'missing'
 local allowed = false
-for i = 5, #ARGV do
+for i = 6, #ARGV do
   if ARGV[i] == state then
     allowed = true
   end
@@ -26,6 +28,9 @@ if not allowed then
 end
 if ARGV[2] ~= '' then
   redis.call('HSET', M, 'state', ARGV[2], 'op', ARGV[1], 'prior', state, 'clear', ARGV[3])
+  if ARGV[5] ~= '' then
+    redis.call('HSET', M, 'snapshot', ARGV[5])
+  end
 end
 -- Two flat replies, not one element per key: Redis stays quick (building the
 -- checkpoint string in Lua cost more Redis time than it saved), and memsvc packs

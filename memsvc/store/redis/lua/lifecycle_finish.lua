@@ -33,7 +33,10 @@ if epoch then
   redis.call('HSET', M, 'epoch', epoch)
 end
 redis.call('HSET', M, 'state', ARGV[2])
-redis.call('HDEL', M, 'op', 'prior', 'next_epoch', 'staged_bytes', 'clear')
+redis.call('HDEL', M, 'op', 'prior', 'next_epoch', 'staged_bytes', 'clear', 'kept')
+if ARGV[2] ~= 'paused' then
+  redis.call('HDEL', M, 'snapshot')
+end
 remember_settled(ARGV[1])
 refresh_session_expiry()
 return {'ok'}
