@@ -19,6 +19,13 @@ object of 200 bytes, one run measures a pause and a resume of the same state by:
   that receives the state's bytes (pause) or sends them (resume), the
   protobuf encoding of the session's entries, with identity (de)serializers.
 
+memsvc's cycle has a third call, ``restore``: a Resume of the now ACTIVE session
+from the checkpoint the pause made (a rollback). A Resume of a PAUSED session
+from its Pause's checkpoint keeps the working memory that still holds it (ADR
+0004); ``restore`` shows what a Resume costs when it has to move the checkpoint
+back in (a rollback, or after Redis lost the memory). Its ratios are taken
+against the other systems' resume.
+
 ``langgraph`` plus ``echo`` is the floor: storing the state durably once plus
 moving it through gRPC once. Before measuring, 10,000 keys of other sessions
 (``--noise-keys``) are written to the same Redis so that SCAN walks them.
@@ -115,7 +122,9 @@ VALUE_BYTES = 200
 BATCH_SET_MAX = 1000
 LARGE_SIZE = 5000
 SYSTEMS = ("memsvc", "reference", "langgraph", "echo")
-OPS = ("pause", "resume")
+OPS = ("pause", "resume", "restore")
+# The op of the other systems that an op of memsvc is compared with.
+COMPARED_AS = {"restore": "resume"}
 TARGET_SIZE = 1000
 TARGET_SPEEDUP = 20.0
 TARGET_FLOOR_RATIO = 1.5
@@ -235,6 +244,11 @@ class System(Protocol):
     async def resume(self) -> None: ...
 
 
+def _ops(system: System) -> list[str]:
+    """The ops of one cycle of ``system`` (only memsvc has ``restore``)."""
+    return [op for op in OPS if hasattr(system, op)]
+
+
 class MemsvcSystem:
     name = "memsvc"
 
@@ -245,6 +259,7 @@ class MemsvcSystem:
         self._size = size
         self._pause = lc.PauseRequest(**ids)
         self._resume = lc.ResumeRequest(**ids)
+        self._rollback = lc.ResumeRequest(**ids)  # named after each pause
         self.server_pid: int | None = pid
 
     async def setup(self, state: State) -> None:
@@ -260,10 +275,15 @@ class MemsvcSystem:
     async def pause(self) -> None:
         reply = await self._life.Pause(self._pause)
         _expect(reply.checkpoint.key_count, self._size, "memsvc pause")
+        self._rollback.checkpoint_id = reply.checkpoint.checkpoint_id
 
     async def resume(self) -> None:
         reply = await self._life.Resume(self._resume)
         _expect(reply.entries_restored, self._size, "memsvc resume")
+
+    async def restore(self) -> None:
+        reply = await self._life.Resume(self._rollback)
+        _expect(reply.entries_restored, self._size, "memsvc restore")
 
 
 class ReferenceSystem:
@@ -354,7 +374,7 @@ def _delta_ms(after: int | None, before: int | None) -> float | None:
 
 
 async def _timed(system: System, op: str, size: int, cycle: int, meters: Meters) -> Sample:
-    call: Callable[[], Awaitable[None]] = system.pause if op == "pause" else system.resume
+    call: Callable[[], Awaitable[None]] = getattr(system, op)
     before = meters.read(system.server_pid)
     started = time.perf_counter()
     await call()
@@ -444,7 +464,7 @@ async def _measure_size(
     meters.postgres = postgres_pids(run.database_urls)
     try:
         for system in systems:  # warm-up cycle, counting the Redis commands it causes
-            for op in OPS:
+            for op in _ops(system):
                 gc.collect()
                 before = await _redis_calls(client)
                 run.samples.append(await _timed(system, op, size, 0, meters))
@@ -457,12 +477,12 @@ async def _measure_size(
                     continue
                 gc.collect()
                 for _ in range(args.warm_cycles):
-                    for op in OPS:
+                    for op in _ops(system):
                         await getattr(system, op)()
-                for op in OPS:
+                for op in _ops(system):
                     sample = await _timed(system, op, size, cycle, meters)
                     run.samples.append(sample)
-            last = [s for s in run.samples[-2 * len(systems) :] if s.cycle == cycle]
+            last = [s for s in run.samples[-len(OPS) * len(systems) :] if s.cycle == cycle]
             print(
                 f"{size:>6} keys  cycle {cycle:>3}  "
                 + "  ".join(f"{s.system} {s.op} {s.ms:.2f}" for s in last),
@@ -574,14 +594,15 @@ def ratios(samples: list[Sample]) -> list[dict[str, Any]]:
         if s.cycle > 0:
             by_cycle.setdefault((s.size, s.op, s.cycle), {})[s.system] = s.ms
     found: dict[tuple[int, str], dict[str, list[float]]] = {}
-    for (size, op, _), times in by_cycle.items():
+    for (size, op, cycle), times in by_cycle.items():
         if "memsvc" not in times:
             continue
+        others = by_cycle.get((size, COMPARED_AS.get(op, op), cycle), {})
         lists = found.setdefault((size, op), {"speedup": [], "floor": []})
-        if "reference" in times:
-            lists["speedup"].append(times["reference"] / times["memsvc"])
-        if "langgraph" in times and "echo" in times:
-            lists["floor"].append(times["memsvc"] / (times["langgraph"] + times["echo"]))
+        if "reference" in others:
+            lists["speedup"].append(others["reference"] / times["memsvc"])
+        if "langgraph" in others and "echo" in others:
+            lists["floor"].append(times["memsvc"] / (others["langgraph"] + others["echo"]))
     rows = []
     for (size, op), lists in sorted(found.items()):
         row: dict[str, Any] = {"size": size, "op": op}
@@ -682,6 +703,7 @@ def scaling_table(rows: list[dict[str, Any]], payload_bytes: dict[int, int]) -> 
 
 
 def _floor(medians: dict[tuple[int, str, str], float], size: int, op: str) -> float | None:
+    op = COMPARED_AS.get(op, op)
     parts = [medians.get((size, "langgraph", op)), medians.get((size, "echo", op))]
     return None if None in parts else sum(p for p in parts if p is not None)
 
@@ -689,7 +711,7 @@ def _floor(medians: dict[tuple[int, str, str], float], size: int, op: str) -> fl
 def verdict(ratio_rows: list[dict[str, Any]]) -> str:
     lines = []
     for r in ratio_rows:
-        if r["size"] != TARGET_SIZE:
+        if r["size"] != TARGET_SIZE or r["op"] in COMPARED_AS:  # targets: pause, resume
             continue
         if "speedup" in r:
             met = "met" if r["speedup"] >= TARGET_SPEEDUP else "NOT met"
