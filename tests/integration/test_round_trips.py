@@ -125,10 +125,23 @@ async def costs(rig: Rig, keys: int) -> dict[str, Any]:
             ]
             await wm.BatchSet(pb.BatchSetRequest(**scope, entries=entries))
         result: dict[str, Any] = {}
+        paused: list[str] = []
+
+        async def pause() -> None:
+            reply = await life.Pause(lc.PauseRequest(**scope, request_id=rid()))
+            paused.append(reply.checkpoint.checkpoint_id)
+
+        async def rollback() -> None:
+            # The ACTIVE session back to the pause's checkpoint: every entry moves.
+            request = lc.ResumeRequest(**scope, checkpoint_id=paused[0], request_id=rid())
+            assert (await life.Resume(request)).entries_restored == keys
+
         # With request ids, as the SDKs send them: the claim must cost no round trip.
         for name, call in (
-            ("pause", lambda: life.Pause(lc.PauseRequest(**scope, request_id=rid()))),
+            ("pause", pause),
+            # The paused memory still holds the checkpoint: kept, nothing moves.
             ("resume", lambda: life.Resume(lc.ResumeRequest(**scope, request_id=rid()))),
+            ("rollback", rollback),
             ("terminate", lambda: life.Terminate(lc.TerminateRequest(**scope, request_id=rid()))),
         ):
             before = meter.snapshot()
