@@ -39,6 +39,7 @@ def durable_store(config: Config) -> DurableStore:
         url,
         max_connections=config.database_max_connections,
         listen_url=config.database_listen_url or None,
+        prepared_statements=config.database_prepared_statements,
     )
 
 

@@ -67,5 +67,7 @@ def base_config(
         base_config,
         database_url=pgbouncer.url(database),
         database_listen_url=postgres_url if listen == "direct" else "off",
+        # PgBouncer 1.18 (Debian's) in transaction mode cannot keep prepared statements.
+        database_prepared_statements=False,
         event_poll_interval_seconds=1.0 if listen == "direct" else 0.1,
     )

@@ -1,7 +1,10 @@
 """The durable store in PostgreSQL, through a small psycopg 3 connection pool.
 
-Connections run in autocommit with server-side prepared statements off, so no
-state lives on a pooled connection (PgBouncer in transaction mode stays safe).
+Connections run in autocommit. Statements run often are prepared (named, from
+their 5th run on a connection), which spares PostgreSQL parsing and planning them
+each time; ``prepared_statements=False`` keeps every statement unnamed, so no state
+lives on a pooled connection, for a transaction pooler that does not track
+prepared statements (PgBouncer before 1.21).
 Migrations take a transaction-scoped advisory lock, so a thousand sidecars
 starting at once apply each migration exactly once, and the lock cannot leak
 when a process dies.
@@ -92,8 +95,11 @@ class PostgresDurableStore(SqlDurableReads):
         max_connections: int = 4,
         connect_timeout_seconds: float = 5.0,
         listen_url: str | None = None,
+        prepared_statements: bool = True,
     ) -> None:
         self._url = url
+        # psycopg prepares a statement from its 5th run (None: never).
+        self._prepare_threshold = 5 if prepared_statements else None
         # Told the events of each committed transaction (the event hub listens).
         self.events_committed: Callable[[list[StoredEvent]], None] = lambda events: None
         # LISTEN needs a direct connection, not one through a transaction pooler:
@@ -112,7 +118,7 @@ class PostgresDurableStore(SqlDurableReads):
             max_size=self._max_connections,
             timeout=self._timeout,
             open=False,
-            kwargs={"autocommit": True, "prepare_threshold": None},
+            kwargs={"autocommit": True, "prepare_threshold": self._prepare_threshold},
             name="memsvc",
         )
         # Do not wait for the database: readiness reports it until it answers.
@@ -145,22 +151,27 @@ class PostgresDurableStore(SqlDurableReads):
         async with self._connections.connection() as conn:
             for migration in load_migrations("memsvc.store.postgres"):
                 async with conn.transaction():
-                    await conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
-                    await conn.execute(_SCHEMA_TABLE)
+                    # Never prepared: the schema changes under these statements.
+                    await conn.execute(
+                        "SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,), prepare=False
+                    )
+                    await conn.execute(_SCHEMA_TABLE, prepare=False)
                     cursor = await conn.execute(
                         "SELECT checksum FROM schema_migrations WHERE version = %s",
                         (migration.version,),
+                        prepare=False,
                     )
                     row = await cursor.fetchone()
                     if row is not None:
                         check_applied(migration, row[0])
                         continue
                     # No parameters: psycopg sends the whole file as one simple query.
-                    await conn.execute(migration.sql.encode())
+                    await conn.execute(migration.sql.encode(), prepare=False)
                     await conn.execute(
                         "INSERT INTO schema_migrations (version, name, checksum) "
                         "VALUES (%s, %s, %s)",
                         (migration.version, migration.name, migration.checksum),
+                        prepare=False,
                     )
                 log.info("applied migration %04d_%s", migration.version, migration.name)
                 applied_now.append(migration.version)
