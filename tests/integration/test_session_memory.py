@@ -273,6 +273,8 @@ async def test_an_aborted_kept_resume_leaves_the_paused_memory_as_it_was(store, 
     await spawn(store, session, {"a": b"1"})
     held = await pause(store, session, "c1")
     await store.begin_restore(session, "r1", "epoch-2", None, True, {"paused"}, held=held)
+    with pytest.raises(SessionNotWritable):  # a write meanwhile finds no live data
+        await store.set_entries(session, [EntryWrite("b", b"2", None)])
     assert await store.abort(session, "r1") == "paused"
     assert await contents(store, session) == {"a": b"1"}
     assert (await store.read_marker(session)).snapshot == "c1"

@@ -13,6 +13,8 @@ if redis.call('HGET', M, 'kept') == '1' then
       redis.call('RENAME', KEYS[4 + i], live)
     end
   end
+  -- A script that ran meanwhile found no live data and reset the byte count.
+  redis.call('HSET', M, 'bytes', redis.call('HGET', M, 'staged_bytes') or '0')
 end
 redis.call('DEL', KEYS[5], KEYS[6], KEYS[7])
 local state = redis.call('HGET', M, 'state')
