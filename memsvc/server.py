@@ -337,6 +337,12 @@ class Server:
                     STEP_LIMIT_SECONDS,
                     task_stacks(stuck),
                 )
+        if self.lifecycle is not None:
+            await _bounded(
+                "settling the markers of answered pauses",
+                self.lifecycle.settled(),
+                STEP_LIMIT_SECONDS,
+            )
         if self._probe is not None:
             await _bounded("stopping the probe server", self._probe.stop(0), STEP_LIMIT_SECONDS)
         self.metrics.stop()

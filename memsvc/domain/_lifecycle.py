@@ -11,6 +11,7 @@ meets it (:meth:`Lifecycle.heal`), which reads the committed truth.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -129,6 +130,8 @@ class Lifecycle:
         self._wm = working_memory
         self._render_value = render_value
         self._clock_ms = clock_ms
+        # Step 3 of the Pauses answered already (see _run).
+        self._settling: set[asyncio.Future[None]] = set()
         self.reads = LifecycleReads(memory, database, working_memory.limits, self.retention)
 
     # Spawn ------------------------------------------------------------------
@@ -724,14 +727,31 @@ class Lifecycle:
             raise
         if steps.started:
             self._failpoints.hit(f"{method.lower()}.before_finish")
-            try:
-                await self._memory.finish(ref, steps.op, steps.final_state, steps.swap, steps.clear)
-            except LostOperation:
-                pass  # another caller already settled it from the committed state
-            except MemsvcError as error:
-                # Committed: the marker stays transitional and the next call heals it.
-                log.warning("%s committed but settling working memory failed: %s", method, error)
+            if steps.final_state == "paused":
+                # Answered before the marker settles: 'pausing' and 'paused' both
+                # refuse writes and serve reads, and whatever meets 'pausing' first
+                # heals it by the committed state, so nobody waits for this step.
+                task = asyncio.ensure_future(self._finish(method, ref, steps))
+                self._settling.add(task)
+                task.add_done_callback(self._settling.discard)
+            else:
+                await self._finish(method, ref, steps)
         return result
+
+    async def _finish(self, method: str, ref: SessionRef, steps: _Steps) -> None:
+        """Step 3: settle the marker after the commit."""
+        try:
+            await self._memory.finish(ref, steps.op, steps.final_state, steps.swap, steps.clear)
+        except LostOperation:
+            pass  # another caller already settled it from the committed state
+        except MemsvcError as error:
+            # Committed: the marker stays transitional and the next call heals it.
+            log.warning("%s committed but settling working memory failed: %s", method, error)
+
+    async def settled(self) -> None:
+        """Wait for the markers still settling after their answer (at shutdown)."""
+        while self._settling:
+            await asyncio.gather(*self._settling, return_exceptions=True)
 
     async def _settle_by_truth(self, ref: SessionRef) -> None:
         """After a COMMIT whose outcome is unknown (its answer was lost), settle the

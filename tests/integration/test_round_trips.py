@@ -148,6 +148,8 @@ async def costs(rig: Rig, keys: int) -> dict[str, Any]:
 
             async def run(call: Any = call) -> None:
                 await call()
+                assert server.lifecycle is not None
+                await server.lifecycle.settled()  # a Pause's step 3 runs after its answer
 
             redis_commands = await commands.count(run)
             database = meter.snapshot().minus(before)

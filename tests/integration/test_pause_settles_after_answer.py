@@ -1,0 +1,99 @@
+"""A Pause answers once it has committed; its marker settles after the answer.
+
+Whatever meets the session meanwhile sees a paused session: a write is refused
+(FAILED_PRECONDITION), a read is served, and a Resume heals the marker by the
+committed state and goes on. The late step 3 then finds the marker taken and
+changes nothing. The store here holds the Pause's own step 3 until released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from memsvc.config import Config
+from memsvc.domain import SessionRef
+from memsvc.server import Server
+from memsvc.store.memory import InMemoryWorkingMemoryStore
+from memsvc.v1 import lifecycle_pb2 as lc
+from memsvc.v1 import working_memory_pb2 as pb
+from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
+from memsvc.v1.working_memory_pb2_grpc import WorkingMemoryServiceStub
+from tests.helpers import python, value
+
+
+class PauseSettlesLate(InMemoryWorkingMemoryStore):
+    """Holds the first step 3 of a Pause (final state ``paused``) until ``release``
+    is set; a heal's settling goes through."""
+
+    def __init__(self) -> None:
+        super().__init__(max_session_keys=100, max_session_bytes=1 << 20)
+        self.release = asyncio.Event()
+        self.held = 0
+        self.lost: list[str] = []
+
+    async def finish(
+        self, session: SessionRef, op: str, final_state: str | None, swap: bool, clear: bool
+    ) -> None:
+        if final_state == "paused" and not self.held:
+            self.held += 1
+            await self.release.wait()
+            try:
+                await super().finish(session, op, final_state, swap, clear)
+            except Exception as error:
+                self.lost.append(type(error).__name__)
+                raise
+            return
+        await super().finish(session, op, final_state, swap, clear)
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[tuple[Server, PauseSettlesLate, grpc.aio.Channel]]:
+    store = PauseSettlesLate()
+    config = Config(listen="127.0.0.1:0", data_dir=str(tmp_path), health_listen="",
+                    metrics_listen="")  # fmt: skip
+    async with (
+        Server(config, working_memory=store) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        yield server, store, channel
+
+
+async def test_a_pause_answers_before_its_marker_settles(rig):
+    server, store, channel = rig
+    ids: dict[str, Any] = {
+        "project_id": str(uuid.uuid4()),
+        "agent_instance_id": str(uuid.uuid4()),
+        "session_id": "settles-late",
+    }
+    life, wm = LifecycleServiceStub(channel), WorkingMemoryServiceStub(channel)
+    await life.Spawn(lc.SpawnRequest(**ids, initial_entries=[
+        pb.EntryInput(key="k", value=value("kept"))]))  # fmt: skip
+    paused = await life.Pause(lc.PauseRequest(**ids))
+    assert paused.session.state == lc.SESSION_STATE_PAUSED
+    assert store.held == 1, "the answer came while step 3 was still held"
+    ref = SessionRef(ids["project_id"], ids["agent_instance_id"], ids["session_id"])
+    assert (await store.read_marker(ref)).state == "pausing"
+
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await wm.Set(pb.SetRequest(**ids, key="k", value=value("lost")))
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "is paused" in (refused.value.details() or "")
+    assert python((await wm.Get(pb.GetRequest(**ids, key="k"))).entry.value) == "kept"
+
+    resumed = await life.Resume(lc.ResumeRequest(**ids))
+    assert resumed.session.state == lc.SESSION_STATE_ACTIVE
+    assert resumed.entries_restored == 1
+
+    store.release.set()
+    await server.lifecycle.settled()
+    assert store.lost == ["LostOperation"], "the late step 3 found the marker taken"
+    await wm.Set(pb.SetRequest(**ids, key="k", value=value("after")))
+    assert python((await wm.Get(pb.GetRequest(**ids, key="k"))).entry.value) == "after"
+    assert (await store.read_marker(ref)).state == "active"
