@@ -747,6 +747,9 @@ class Lifecycle:
         except MemsvcError as error:
             # Committed: the marker stays transitional and the next call heals it.
             log.warning("%s committed but settling working memory failed: %s", method, error)
+        except Exception:
+            # The same, for a failure nobody expected: the answer stands (committed).
+            log.exception("%s committed but settling working memory failed", method)
 
     async def settled(self) -> None:
         """Wait for the markers still settling after their answer (at shutdown)."""
