@@ -1,6 +1,6 @@
 """The durable store in PostgreSQL, through a small psycopg 3 connection pool.
 
-Connections run in autocommit. Statements run often are prepared (named, from
+Connections run in autocommit. Statements run often are prepared (named, after
 their 5th run on a connection), which spares PostgreSQL parsing and planning them
 each time; ``prepared_statements=False`` keeps every statement unnamed, so no state
 lives on a pooled connection, for a transaction pooler that does not track
@@ -98,7 +98,7 @@ class PostgresDurableStore(SqlDurableReads):
         prepared_statements: bool = True,
     ) -> None:
         self._url = url
-        # psycopg prepares a statement from its 5th run (None: never).
+        # psycopg prepares a statement after its 5th run (None: never).
         self._prepare_threshold = 5 if prepared_statements else None
         # Told the events of each committed transaction (the event hub listens).
         self.events_committed: Callable[[list[StoredEvent]], None] = lambda events: None
