@@ -123,10 +123,22 @@ _CHECKPOINT_COLUMNS = (
 )
 
 
-# A checkpoint and its contents, by id (the placeholder or expression that follows).
-_READ_CHECKPOINT = (
-    f"SELECT {_CHECKPOINT_COLUMNS}, contents FROM checkpoints"
-    f" WHERE {_SESSION_KEY} AND checkpoint_id = "
+def _reading_checkpoint(contents: str) -> str:
+    """A checkpoint and ``contents`` (an expression), by id (the placeholder or
+    expression that follows)."""
+    return (
+        f"SELECT {_CHECKPOINT_COLUMNS}, {contents} FROM checkpoints"
+        f" WHERE {_SESSION_KEY} AND checkpoint_id = "
+    )
+
+
+_READ_CHECKPOINT = _reading_checkpoint("contents")
+# Without the contents (NULL) of the checkpoint a PAUSED session's Pause took
+# when none of its keys has a TTL: the working memory most likely still holds
+# exactly that (SessionMemoryStore.begin_restore).
+_READ_CHECKPOINT_UNLESS_HELD = _reading_checkpoint(
+    "CASE WHEN timed_keys = 0 AND checkpoint_id = (SELECT resume_checkpoint_id FROM sessions"
+    f" WHERE {_SESSION_KEY} AND state = ?) THEN NULL ELSE contents END"
 )
 
 
@@ -140,17 +152,6 @@ def _lock_statement(dialect: Dialect) -> str:
 
 def _checkpoint_found(row: Any, dialect: Dialect) -> tuple[CheckpointRecord, bytes] | None:
     return None if row is None else (checkpoint_from_row(row, dialect), bytes(row[8]))
-
-
-# As _READ_CHECKPOINT, but without the contents (NULL) of the checkpoint a
-# PAUSED session's Pause took when none of its keys has a TTL: the working
-# memory most likely still holds exactly that (SessionMemoryStore.begin_restore).
-_READ_CHECKPOINT_UNLESS_HELD = (
-    f"SELECT {_CHECKPOINT_COLUMNS}, CASE WHEN timed_keys = 0 AND checkpoint_id ="
-    f" (SELECT resume_checkpoint_id FROM sessions WHERE {_SESSION_KEY} AND state = ?)"
-    " THEN NULL ELSE contents END"
-    f" FROM checkpoints WHERE {_SESSION_KEY} AND checkpoint_id = "
-)
 
 
 class _Pending:
@@ -298,13 +299,8 @@ class SqlLifecycleTransaction:
         return record, (checkpoint_from_row(found, self._d), contents)
 
     async def read_contents(self, ref: SessionRef, checkpoint_id: str) -> bytes | None:
-        cursor = await self._d.execute_bulk_read(
-            self._conn,
-            f"SELECT contents FROM checkpoints WHERE {_SESSION_KEY} AND checkpoint_id = ?",
-            (*_key(ref), checkpoint_id),
-        )
-        row = await cursor.fetchone()
-        return None if row is None else bytes(row[0])
+        found = await read_checkpoint(self._conn, self._d, ref, checkpoint_id)
+        return None if found is None else found[1]
 
     async def insert_session(self, record: SessionRecord) -> bool:
         row = await self._one(
