@@ -103,6 +103,8 @@ class _Steps:
     final_state: str | None = None
     swap: bool = False
     clear: bool = False
+    # Settle after the answer instead of before it (a Pause, see _run).
+    after_answer: bool = False
 
 
 class Lifecycle:
@@ -130,7 +132,7 @@ class Lifecycle:
         self._wm = working_memory
         self._render_value = render_value
         self._clock_ms = clock_ms
-        # Step 3 of the Pauses answered already (see _run).
+        # Step 3 of the operations answered already (_Steps.after_answer).
         self._settling: set[asyncio.Future[None]] = set()
         self.reads = LifecycleReads(memory, database, working_memory.limits, self.retention)
 
@@ -202,7 +204,11 @@ class Lifecycle:
                     ref, steps.op, "pausing", False, {"active"}, checkpoint_id=new_id
                 ),
             )
-            steps.final_state = "paused"
+            # Answered before its marker settles: 'pausing' and 'paused' both refuse
+            # writes and serve reads, and whatever meets 'pausing' first heals it by
+            # the committed state. (After a Resume or Spawn the next call is usually
+            # a write, which would have to heal: those settle first.)
+            steps.final_state, steps.after_answer = "paused", True
             now = self._clock_ms()
             checkpoint = await self._store_checkpoint(
                 tx, ref, new_id, snapshot, metadata, now, protected=new_id
@@ -727,10 +733,7 @@ class Lifecycle:
             raise
         if steps.started:
             self._failpoints.hit(f"{method.lower()}.before_finish")
-            if steps.final_state == "paused":
-                # Answered before the marker settles: 'pausing' and 'paused' both
-                # refuse writes and serve reads, and whatever meets 'pausing' first
-                # heals it by the committed state, so nobody waits for this step.
+            if steps.after_answer:
                 task = asyncio.ensure_future(self._finish(method, ref, steps))
                 self._settling.add(task)
                 task.add_done_callback(self._settling.discard)
