@@ -9,19 +9,17 @@ from several threads at once. Its loop thread is a daemon; ``close()`` (or the
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import os
-import threading
 import warnings
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future
 from datetime import datetime
 from types import TracebackType
 from typing import Any, Concatenate, Generic, Literal, ParamSpec, TypeVar, overload
 
 import grpc
 
+from memsvc._loop_portal import LoopPortal
 from memsvc.client._async import (
     DEFAULT_TARGET,
     DEFAULT_TIMEOUT,
@@ -58,60 +56,17 @@ T = TypeVar("T")
 Item = TypeVar("Item")
 
 
-class _Portal:
-    """An event loop in a daemon thread, and a way to run coroutines on it."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._serve, name="memsvc-client", daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        try:
-            self.loop.run_forever()
-        finally:
-            pending = asyncio.all_tasks(self.loop)
-            for task in pending:
-                task.cancel()
-            self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
-            self.loop.close()
-
-    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        """Run ``coroutine`` on the loop and wait for its result (or its exception)."""
-        if threading.current_thread() is self._thread:
-            coroutine.close()
-            raise RuntimeError("the sync memsvc Client cannot be called from its own loop")
-        if self.loop.is_closed() or not self._thread.is_alive():
-            coroutine.close()
-            raise RuntimeError("this memsvc Client is closed")
-        future: Future[T] = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
-        try:
-            return future.result()
-        except BaseException:
-            # KeyboardInterrupt and friends: stop the call too.
-            future.cancel()
-            raise
-
-    def stop(self, wait: bool = True) -> None:
-        if self._thread.is_alive():
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            if wait and threading.current_thread() is not self._thread:
-                self._thread.join()
-
-
 class _Wrapper:
     """A sync face of an async object; ``_blocking`` methods run on ``_portal``."""
 
-    _portal: _Portal
+    _portal: LoopPortal
     _inner: Any
 
 
 class _ProjectWrapper(_Wrapper):
     """The sync face of a client bound to a project (sessions, episodes, graphs)."""
 
-    def __init__(self, portal: _Portal, inner: Any) -> None:
+    def __init__(self, portal: LoopPortal, inner: Any) -> None:
         self._portal = portal
         self._inner = inner
         self.project_id: str = inner.project_id
@@ -140,7 +95,7 @@ class Pager(Generic[T]):
     ``pager.pages()`` iterates whole pages; ``pager.collect()`` reads all into a list.
     """
 
-    def __init__(self, portal: _Portal, pager: AsyncPager[T]) -> None:
+    def __init__(self, portal: LoopPortal, pager: AsyncPager[T]) -> None:
         self._portal = portal
         self._pager = pager
 
@@ -170,7 +125,7 @@ class Watch(Generic[Item]):
     ``with client.watch(...) as events: for event in events: ...``
     """
 
-    def __init__(self, portal: _Portal, watch: AsyncWatch[Item]) -> None:
+    def __init__(self, portal: LoopPortal, watch: AsyncWatch[Item]) -> None:
         self._portal = portal
         self._watch = watch
 
@@ -245,7 +200,7 @@ class Client(_Wrapper):
             credentials=credentials,
             grpc_metadata=grpc_metadata,
         )
-        self._portal = _Portal()
+        self._portal = LoopPortal("memsvc-client", "the sync memsvc Client")
         self._inner = inner
         self._closed = False
 
@@ -407,7 +362,7 @@ class SessionClient(_ProjectWrapper):
 
     _inner: AsyncSessionClient
 
-    def __init__(self, portal: _Portal, inner: AsyncSessionClient) -> None:
+    def __init__(self, portal: LoopPortal, inner: AsyncSessionClient) -> None:
         super().__init__(portal, inner)
         self.agent_instance_id = inner.agent_instance_id
         self.session_id = inner.session_id
