@@ -8,6 +8,7 @@ and snapshot encoding are wrapped with timers (no memsvc file is changed), drive
 and prints the mean wall time of each step per call::
 
     .venv/bin/python -m bench._lifecycle_probe --git-ref HEAD --size 1000 --cycles 100
+    .venv/bin/python -m bench._lifecycle_probe --idle-ms 50   # each call after 50 ms idle
 
 ``servicer`` is the whole RPC handler; the rest of the client's latency is gRPC.
 ``redis.begin_snapshot+parse`` includes the script's round trip
@@ -136,8 +137,10 @@ def _instrumented_serve(source: str, out: str, argv: list[str]) -> int:
     return int(cli.main(argv))
 
 
-async def _drive(port: int, project_id: str, size: int, cycles: int) -> dict[str, float]:
-    """Mean client latency of Pause and Resume, called back to back."""
+async def _drive(
+    port: int, project_id: str, size: int, cycles: int, idle_ms: float
+) -> dict[str, float]:
+    """Mean client latency of Pause and Resume, each after ``idle_ms`` of idleness."""
     from bench.lifecycle import MemsvcSystem, make_state
     from bench.working_memory import SessionIds
 
@@ -150,6 +153,8 @@ async def _drive(port: int, project_id: str, size: int, cycles: int) -> dict[str
         times: dict[str, list[float]] = {"pause": [], "resume": []}
         for _ in range(cycles):
             for op, call in (("pause", system.pause), ("resume", system.resume)):
+                if idle_ms:
+                    await asyncio.sleep(idle_ms / 1e3)
                 started = time.perf_counter()
                 await call()
                 times[op].append(time.perf_counter() - started)
@@ -173,6 +178,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--git-ref", default="HEAD", help="memsvc as committed at this ref")
     parser.add_argument("--size", type=int, default=1000, help="keys in the session")
     parser.add_argument("--cycles", type=int, default=100, help="Pause/Resume cycles")
+    parser.add_argument(
+        "--idle-ms",
+        type=float,
+        default=0,
+        help="idle time before each call (0: back to back; the benchmark's calls come"
+        " after tens of ms of other systems' work, which leaves every process cold)",
+    )
     args = parser.parse_args(argv)
     project_id = str(uuid.uuid4())
     with tempfile.TemporaryDirectory(prefix="memsvc-probe-") as workdir:
@@ -192,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         server = subprocess.Popen([*command, str(source), str(out), *serve], cwd=ROOT, env=env)
         try:
             wait_for_port(port, 30)
-            latency = asyncio.run(_drive(port, project_id, args.size, args.cycles))
+            latency = asyncio.run(_drive(port, project_id, args.size, args.cycles, args.idle_ms))
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(30)

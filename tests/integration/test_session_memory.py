@@ -23,6 +23,7 @@ from memsvc.domain._snapshot import encode_snapshot
 from memsvc.store.memory import InMemoryWorkingMemoryStore
 from memsvc.store.redis import RedisWorkingMemoryStore, session_keys
 from memsvc.store.redis._working_memory import staging_keys
+from memsvc.testing import PrivateRedis, free_port
 from tests.conftest import REDIS_URL, need
 
 
@@ -327,3 +328,33 @@ async def test_a_paused_memory_that_lost_its_data_is_not_kept(store, session):
         await client.aclose()
     with pytest.raises(ContentsNeeded):
         await store.begin_restore(session, "r1", "e2", None, False, {"paused"}, held=held)
+
+
+async def test_a_snapshot_after_redis_forgot_its_scripts(tmp_path):
+    """A pause's snapshot is a script plus plain reads in one MULTI/EXEC; after a
+    SCRIPT FLUSH (or a restart) the script is refused inside the transaction, is
+    loaded and the whole step runs again, once, with the same result."""
+    redis = PrivateRedis(free_port(), tmp_path / "redis")
+    redis.start()
+    store = RedisWorkingMemoryStore(redis.url, max_session_keys=10, max_session_bytes=1000)
+    client = aioredis.Redis.from_url(redis.url)
+    try:
+        await store.open()
+        session = SessionRef(str(uuid.uuid4()), str(uuid.uuid4()), "forgotten-scripts")
+        await spawn(store, session, {"a": b"1"})
+        await store.set_entries(session, [EntryWrite("t", b"2", 60_000)])
+        await client.script_flush()
+        snapshot = await store.begin_snapshot(session, "op", "pausing", False, {"active"})
+        by_key = {e.key: e for e in snapshot.entries()}
+        assert by_key["a"] == SnapshotEntry("a", b"1", None)
+        assert 0 < by_key["t"].remaining_ttl_ms <= 60_000
+        assert (snapshot.key_count, snapshot.timed_keys) == (2, 1)
+        assert (await store.read_marker(session)).state == "pausing"
+        stats = await client.info("commandstats")
+        # Refused once inside the transaction (NOSCRIPT), then run.
+        assert stats["cmdstat_evalsha"]["calls"] >= 2
+        assert stats["cmdstat_evalsha"]["failed_calls"] == 1
+    finally:
+        await client.aclose()
+        await store.aclose()
+        redis.kill()

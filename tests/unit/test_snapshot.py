@@ -56,13 +56,12 @@ def test_encoding_from_redis_replies_matches(snapshot):
     now = 1_000_000
     unique = list({e.key: e for e in snapshot}.values())
     flat = [part for e in unique for part in (e.key.encode(), e.value)]
-    expiries = [
-        part
+    expire_at = {
+        e.key.encode(): str(now + e.remaining_ttl_ms).encode()
         for e in unique
         if e.remaining_ttl_ms is not None
-        for part in (e.key.encode(), str(now + e.remaining_ttl_ms).encode())
-    ]
-    blob, count, size, timed = encode_flat(flat, expiries, now)
+    }
+    blob, count, size, timed = encode_flat(flat[0::2], flat[1::2], expire_at, now)
     expected = [
         SnapshotEntry(
             e.key, e.value, None if e.remaining_ttl_ms is None else max(1, e.remaining_ttl_ms)

@@ -328,16 +328,61 @@ class RedisWorkingMemoryStore:
         with_contents: bool = True,
         checkpoint_id: str = "",
     ) -> Snapshot:
-        flags = ["1" if clear_on_finish else "0", "1" if with_contents else "0"]
+        # On a single Redis the script only checks and sets the marker, and the
+        # contents come from plain HGETALL and ZRANGE queued behind it in one
+        # MULTI/EXEC: as atomic, but the script does not copy every entry into Lua
+        # and back (at 1,000 keys 0.4 ms of Redis time against 0.12 ms). On a
+        # cluster the script reads them itself: its guard key is what makes a node
+        # refuse it whole while the slot migrates (ADR 0007).
+        native = with_contents and not self._cluster
+        flags = ["1" if clear_on_finish else "0", "1" if with_contents and not native else "0"]
         args = [op, new_state or "", *flags, checkpoint_id, *allowed]
-        reply = await self._run_lifecycle("lifecycle_begin_snapshot", session, args)
+        if native:
+            reply, keys, values, expire_at = await self._snapshot_in_transaction(session, args)
+        else:
+            reply = await self._run_lifecycle("lifecycle_begin_snapshot", session, args)
         _refuse_late(reply)
         if reply[0] == b"state":
             raise MarkerStateError(reply[1].decode())
         if not with_contents:
             return Snapshot(reply[1].decode(), EMPTY_SNAPSHOT, int(reply[5]), int(reply[6]))
-        blob, count, size, timed = encode_flat(reply[2], reply[3], int(reply[4]))
+        if not native:
+            keys, values = reply[2][0::2], reply[2][1::2]
+            expire_at = dict(zip(reply[3][0::2], reply[3][1::2], strict=True))
+        blob, count, size, timed = encode_flat(keys, values, expire_at, int(reply[4]))
         return Snapshot(reply[1].decode(), blob, count, size, timed)
+
+    async def _snapshot_in_transaction(
+        self, session: SessionRef, args: list[Any]
+    ) -> tuple[list[Any], list[bytes], list[bytes], dict[bytes, float]]:
+        """lifecycle_begin_snapshot without contents, then HGETALL of the data and
+        ZRANGE WITHSCORES of the expiries, in one MULTI/EXEC (one round trip).
+        Returns the script's reply, the keys, the values and their expiries."""
+        script = self._scripts["lifecycle_begin_snapshot"]
+        keys = [*session_keys(session), *staging_keys(session), guard_key(session)]
+
+        async def attempt(load_script: bool) -> list[Any]:
+            if load_script:
+                await self._redis.script_load(script.script)
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+            pipe.hgetall(keys[0])
+            pipe.zrange(keys[1], 0, -1, withscores=True)
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+            if isinstance(results[0], redis_errors.NoScriptError) and not load_script:
+                # Redis restarted or flushed its scripts. Nothing ran (EVALSHA
+                # failed, the reads change nothing): load it and send it all again.
+                return await attempt(load_script=True)
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+            return results
+
+        reply, data, expiries = await self._retrying(
+            lambda: attempt(load_script=False), name="lifecycle_begin_snapshot"
+        )
+        # (member, score) pairs whatever the protocol (RESP2 or RESP3).
+        return reply, list(data), list(data.values()), dict(expiries)
 
     async def begin_restore(
         self,

@@ -2,13 +2,14 @@
 -- whole working memory in one atomic step and, for Pause and Terminate, set the
 -- transitional marker that refuses writes from this moment on.
 -- ARGV: op, new_state ('' = leave the marker), clear_on_finish ('0'|'1'),
--- with_contents ('0'|'1'), the id of the checkpoint this snapshot becomes
+-- with_contents ('0'|'1', see below), the id of the checkpoint this snapshot becomes
 -- (recorded with a new state: lifecycle_begin_restore keeps a paused memory
 -- that still holds it), then the states the marker may be in ('missing' allows
 -- a lost working memory).
 -- Returns {'ok', state, HGETALL of the data, ZRANGE WITHSCORES of the expiries,
 -- Redis's now in ms, key count, bytes}; without contents, the data and expiries
--- are empty (a Terminate that records no episode moves no values),
+-- are empty (a Terminate that records no episode moves no values, or memsvc
+-- reads them with plain commands after the script),
 -- {'state', state} when the marker is in another state, or {'late'} (nothing
 -- changed) for a step of an operation already settled.
 if already_settled(ARGV[1]) then
@@ -32,9 +33,11 @@ if ARGV[2] ~= '' then
     redis.call('HSET', M, 'snapshot', ARGV[5])
   end
 end
--- Two flat replies, not one element per key: Redis stays quick (building the
--- checkpoint string in Lua cost more Redis time than it saved), and memsvc packs
--- them into the checkpoint format in one pass.
+-- Contents only when asked (ARGV[4] '1', a Redis Cluster): on a single Redis,
+-- memsvc queues HGETALL and ZRANGE behind this script in the same MULTI/EXEC,
+-- which costs Redis a third of copying every entry into Lua and back. Either
+-- way two flat replies, not one element per key: memsvc packs them into the
+-- checkpoint format (building that string in Lua cost more than it saved).
 local count, bytes = redis.call('HLEN', D), tonumber(redis.call('HGET', M, 'bytes') or '0')
 if ARGV[4] == '0' then
   return {'ok', state, {}, {}, now, count, bytes}
