@@ -156,9 +156,7 @@ class Lifecycle:
         writes = self._wm.check_entries(initial, "initial_entries", violations, allow_empty=True)
         _check_request_id(request_id, violations)
         raise_if_any(violations)
-        arguments = arguments_hash(
-            "Spawn", ref, agent_type, [dataclasses.astuple(w) for w in writes], metadata
-        )
+        arguments = (ref, agent_type, [dataclasses.astuple(w) for w in writes], metadata)
         self._wm.check_fits_session(writes)
         steps = _Steps(op=uuid7())
 
@@ -191,7 +189,7 @@ class Lifecycle:
         self, session: SessionRef, checkpoint_id: str, metadata: dict[str, Any], request_id: str
     ) -> PauseResult:
         ref = self._check(session, checkpoint_id, request_id)
-        arguments = arguments_hash("Pause", ref, checkpoint_id, metadata)
+        arguments = (ref, checkpoint_id, metadata)
         steps = _Steps(op=uuid7())
 
         async def body(tx: LifecycleTransaction, locked: CheckpointLock | None) -> PauseResult:
@@ -261,7 +259,7 @@ class Lifecycle:
     ) -> CheckpointRecord:
         """Snapshot an ACTIVE session without pausing it."""
         ref = self._check(session, checkpoint_id, request_id)
-        arguments = arguments_hash("CreateCheckpoint", ref, checkpoint_id, metadata)
+        arguments = (ref, checkpoint_id, metadata)
         # No marker change: the snapshot is one atomic read, nothing to settle after.
         steps = _Steps(op=uuid7())
 
@@ -301,7 +299,7 @@ class Lifecycle:
         ref = self._check(session, checkpoint_id, request_id)
         if not checkpoint_id:
             raise InvalidArgument.single("checkpoint_id", "is required")
-        arguments = arguments_hash("DeleteCheckpoint", ref, checkpoint_id)
+        arguments = (ref, checkpoint_id)
         steps = _Steps(op=uuid7())
 
         async def body(tx: LifecycleTransaction, record: SessionRecord | None) -> DeleteResult:
@@ -339,7 +337,7 @@ class Lifecycle:
         request_id: str,
     ) -> ResumeResult:
         ref = self._check(session, checkpoint_id, request_id)
-        arguments = arguments_hash("Resume", ref, checkpoint_id, merge, metadata)
+        arguments = (ref, checkpoint_id, merge, metadata)
         steps = _Steps(op=uuid7())
 
         async def lock(tx: LifecycleTransaction) -> LockedWithCheckpoint:
@@ -412,8 +410,7 @@ class Lifecycle:
     ) -> TerminateResult:
         ref = self._check(session, "", request_id)
         outcome = outcome or OUTCOME_SUCCESS
-        arguments = arguments_hash(
-            "Terminate",
+        arguments = (
             ref,
             task_description,
             outcome,
@@ -695,7 +692,7 @@ class Lifecycle:
         method: str,
         ref: SessionRef,
         request_id: str,
-        arguments: str,
+        arguments: tuple[Any, ...],
         kind: type[T],
         steps: _Steps,
         lock: Callable[[LifecycleTransaction], Awaitable[L]],
@@ -710,7 +707,9 @@ class Lifecycle:
             async with self._db.transaction() as tx:
                 pending = None
                 if request_id:
-                    pending = await tx.send_claim(ref, request_id, method, arguments)
+                    # What a retry must repeat; hashed only when a request id asks.
+                    hashed = arguments_hash(method, *arguments)
+                    pending = await tx.send_claim(ref, request_id, method, hashed)
                 locked = await lock(tx)
                 previous = await answer_of(pending, request_id) if pending else None
                 if previous is not None:
