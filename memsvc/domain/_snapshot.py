@@ -39,18 +39,8 @@ class SnapshotFormatError(ValueError):
 def encode_snapshot(entries: Iterable[SnapshotEntry]) -> bytes:
     """The stored form of a snapshot."""
     items = list(entries)
-    parts = [MAGIC, _LENGTH.pack(len(items))]
-    for entry in items:
-        key = entry.key.encode("utf-8")
-        ttl = -1 if entry.remaining_ttl_ms is None else entry.remaining_ttl_ms
-        parts += [
-            _LENGTH.pack(len(key)),
-            key,
-            _LENGTH.pack(len(entry.value)),
-            entry.value,
-            _TTL.pack(ttl),
-        ]
-    return b"".join(parts)
+    ttls = [_NO_TTL if e.remaining_ttl_ms is None else _TTL.pack(e.remaining_ttl_ms) for e in items]
+    return _pack([e.key.encode("utf-8") for e in items], [e.value for e in items], ttls)[0]
 
 
 def encode_flat(
@@ -65,20 +55,27 @@ def encode_flat(
     (HGETALL); ``expire_at`` maps the keys that have a TTL to their expiry time
     in ms (the scores of ZRANGE WITHSCORES, as numbers or as Redis's text).
     Returns (snapshot, key count, bytes of keys and values, keys with a TTL).
-    The entries are interleaved by slice assignments of C-level iterators, not
-    a Python loop: at 1,000 keys this is the step memsvc runs between the Redis
-    reply and the database write.
     """
-    count = len(keys)
+    ttls: Iterable[bytes] = itertools.repeat(_NO_TTL, len(keys))
     if expire_at:
-        ttls: Iterable[bytes] = [
+        ttls = [
             _NO_TTL
             if (at := expire_at.get(key)) is None
             else _TTL.pack(max(1, int(float(at)) - now_ms))
             for key in keys
         ]
-    else:
-        ttls = itertools.repeat(_NO_TTL, count)
+    blob, size = _pack(keys, values, ttls)
+    return blob, len(keys), size, len(expire_at)
+
+
+def _pack(
+    keys: Sequence[bytes], values: Sequence[bytes], ttls: Iterable[bytes]
+) -> tuple[bytes, int]:
+    """The snapshot of these entries (``ttls`` already packed) and the bytes of their
+    keys and values. The entries are interleaved by slice assignments of C-level
+    iterators, not a Python loop: at 1,000 keys a pause runs this between the
+    Redis reply and the database write."""
+    count = len(keys)
     key_lengths = list(map(len, keys))
     value_lengths = list(map(len, values))
     parts: list[bytes] = [MAGIC, _LENGTH.pack(count), *itertools.repeat(b"", 5 * count)]
@@ -87,8 +84,7 @@ def encode_flat(
     parts[4::5] = map(_LENGTH.pack, value_lengths)
     parts[5::5] = values
     parts[6::5] = ttls
-    blob = b"".join(parts)
-    return blob, count, sum(key_lengths) + sum(value_lengths), len(expire_at)
+    return b"".join(parts), sum(key_lengths) + sum(value_lengths)
 
 
 def decode_snapshot(data: bytes) -> list[SnapshotEntry]:
