@@ -347,9 +347,11 @@ async def test_a_snapshot_after_redis_forgot_its_scripts(tmp_path):
         snapshot = await store.begin_snapshot(session, "op", "pausing", False, {"active"})
         by_key = {e.key: e for e in snapshot.entries()}
         assert by_key["a"] == SnapshotEntry("a", b"1", None)
-        assert 0 < by_key["t"].remaining_ttl_ms <= 60_000
+        ttl = by_key["t"].remaining_ttl_ms
+        assert ttl is not None and 0 < ttl <= 60_000
         assert (snapshot.key_count, snapshot.timed_keys) == (2, 1)
-        assert (await store.read_marker(session)).state == "pausing"
+        marker = await store.read_marker(session)
+        assert marker is not None and marker.state == "pausing"
         stats = await client.info("commandstats")
         # Refused once inside the transaction (NOSCRIPT), then run.
         assert stats["cmdstat_evalsha"]["calls"] >= 2
