@@ -120,6 +120,17 @@ def _key_base(session: SessionRef) -> str:
     return f"{KEY_PREFIX}:{{{tag}}}"
 
 
+def _script_keys(session: SessionRef, staging: bool) -> list[str]:
+    """The KEYS of a session's script. The guard key comes last: KEYS[5] of the
+    data scripts, KEYS[8] of the lifecycle ones (which also see the staging
+    keys); no script reads it (see guard_key)."""
+    return [
+        *session_keys(session),
+        *(staging_keys(session) if staging else []),
+        guard_key(session),
+    ]
+
+
 def _load_script(name: str) -> str:
     package = resources.files("memsvc.store.redis") / "lua"
     prelude = (package / "_prelude.lua").read_text()
@@ -359,15 +370,16 @@ class RedisWorkingMemoryStore:
         ZRANGE WITHSCORES of the expiries, in one MULTI/EXEC (one round trip).
         Returns the script's reply, the keys, the values and their expiries."""
         script = self._scripts["lifecycle_begin_snapshot"]
-        keys = [*session_keys(session), *staging_keys(session), guard_key(session)]
+        keys = _script_keys(session, staging=True)
+        data, expiries = session_keys(session)[:2]
 
         async def attempt(load_script: bool) -> list[Any]:
             if load_script:
                 await self._redis.script_load(script.script)
             pipe = self._redis.pipeline(transaction=True)
             pipe.evalsha(script.sha, len(keys), *keys, *args)
-            pipe.hgetall(keys[0])
-            pipe.zrange(keys[1], 0, -1, withscores=True)
+            pipe.hgetall(data)
+            pipe.zrange(expiries, 0, -1, withscores=True)
             results: list[Any] = await pipe.execute(raise_on_error=False)
             if isinstance(results[0], redis_errors.NoScriptError) and not load_script:
                 # Redis restarted or flushed its scripts. Nothing ran (EVALSHA
@@ -378,11 +390,11 @@ class RedisWorkingMemoryStore:
                     raise result
             return results
 
-        reply, data, expiries = await self._retrying(
+        reply, entries, expire_at = await self._retrying(
             lambda: attempt(load_script=False), name="lifecycle_begin_snapshot"
         )
         # (member, score) pairs whatever the protocol (RESP2 or RESP3).
-        return reply, list(data), list(data.values()), dict(expiries)
+        return reply, list(entries), list(entries.values()), dict(expire_at)
 
     async def begin_restore(
         self,
@@ -474,13 +486,7 @@ class RedisWorkingMemoryStore:
     async def _run(
         self, script: str, session: SessionRef, args: list[Any], staging: bool = False
     ) -> list[Any]:
-        # The guard key comes last: KEYS[5] of the data scripts, KEYS[8] of the
-        # lifecycle ones; no script reads it (see guard_key).
-        keys = [
-            *session_keys(session),
-            *(staging_keys(session) if staging else []),
-            guard_key(session),
-        ]
+        keys = _script_keys(session, staging)
         runner = self._scripts[script]
         reply = await self._retrying(
             lambda: runner(keys=keys, args=args, client=self._redis), name=script
