@@ -155,10 +155,10 @@ class LifecycleTransaction(RequestLog, Protocol):
         """Overwrite the (locked) row's mutable fields."""
 
     async def insert_checkpoint(
-        self, record: CheckpointRecord, contents: bytes, timed_keys: int | None
+        self, record: CheckpointRecord, contents: bytes, timed_keys: int
     ) -> None:
         """Store a checkpoint whose id lock_session_for_checkpoint found free;
-        ``timed_keys`` of its keys have a TTL (None: unknown)."""
+        ``timed_keys`` of its keys have a TTL."""
 
     async def lock_session_for_checkpoint(
         self, ref: SessionRef, checkpoint_id: str | None, count: bool

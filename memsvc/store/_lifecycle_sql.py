@@ -150,10 +150,6 @@ def _lock_statement(dialect: Dialect) -> str:
     return f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE {_SESSION_KEY}{dialect.for_update}"
 
 
-def _checkpoint_found(row: Any, dialect: Dialect) -> tuple[CheckpointRecord, bytes] | None:
-    return None if row is None else (checkpoint_from_row(row, dialect), bytes(row[8]))
-
-
 class _Pending:
     """A statement's first row, read when needed: on a pipelined connection,
     reading it sends everything queued so far in one round trip."""
@@ -333,7 +329,7 @@ class SqlLifecycleTransaction:
         )
 
     async def insert_checkpoint(
-        self, record: CheckpointRecord, contents: bytes, timed_keys: int | None
+        self, record: CheckpointRecord, contents: bytes, timed_keys: int
     ) -> None:
         await self._conn.execute(
             self._d.sql(
@@ -620,7 +616,8 @@ async def read_checkpoint(
     cursor = await dialect.execute_bulk_read(
         conn, _READ_CHECKPOINT + "?", (*_key(ref), checkpoint_id)
     )
-    return _checkpoint_found(await cursor.fetchone(), dialect)
+    row = await cursor.fetchone()
+    return None if row is None else (checkpoint_from_row(row, dialect), bytes(row[8]))
 
 
 async def list_checkpoints(

@@ -379,10 +379,7 @@ class InMemoryWorkingMemoryStore:
         if final_state is None:
             del self._sessions[session]
             return
-        snapshot = marker.snapshot if final_state == "paused" else None
-        state.marker = Marker(
-            final_state, epoch=marker.next_epoch or marker.epoch, snapshot=snapshot
-        )
+        state.marker = _settled(marker, final_state, marker.next_epoch or marker.epoch)
 
     async def abort(self, session: SessionRef, op: str) -> str:
         state = self._owned(session, op)
@@ -393,8 +390,7 @@ class InMemoryWorkingMemoryStore:
             del self._sessions[session]
             return MISSING
         assert marker.prior is not None
-        snapshot = marker.snapshot if marker.prior == "paused" else None
-        state.marker = Marker(marker.prior, epoch=marker.epoch, snapshot=snapshot)
+        state.marker = _settled(marker, marker.prior, marker.epoch)
         return marker.prior
 
     async def forget(self, sessions: Sequence[SessionRef]) -> int:
@@ -431,3 +427,9 @@ class InMemoryWorkingMemoryStore:
             for ref, state in list(self._sessions.items()):
                 state.purge(now)
                 self._drop_if_empty(ref, state)
+
+
+def _settled(marker: Marker, state: str, epoch: str | None) -> Marker:
+    """The marker once ``marker``'s operation ends in ``state`` (the scripts'
+    settle_marker): the checkpoint a Pause took stays only while paused."""
+    return Marker(state, epoch=epoch, snapshot=marker.snapshot if state == "paused" else None)

@@ -120,6 +120,11 @@ def _key_base(session: SessionRef) -> str:
     return f"{KEY_PREFIX}:{{{tag}}}"
 
 
+# A snapshot step's reply (as lifecycle_begin_snapshot gives it), then the keys,
+# the values and the expiry times of the keys that have one.
+_SnapshotRead = tuple[list[Any], list[bytes], list[bytes], dict[bytes, float | bytes]]
+
+
 def _script_keys(session: SessionRef, staging: bool) -> list[str]:
     """The KEYS of a session's script. The guard key comes last: KEYS[5] of the
     data scripts, KEYS[8] of the lifecycle ones (which also see the staging
@@ -348,27 +353,28 @@ class RedisWorkingMemoryStore:
         native = with_contents and not self._cluster
         flags = ["1" if clear_on_finish else "0", "1" if with_contents and not native else "0"]
         args = [op, new_state or "", *flags, checkpoint_id, *allowed]
-        if native:
-            reply, keys, values, expire_at = await self._snapshot_in_transaction(session, args)
-        else:
-            reply = await self._run_lifecycle("lifecycle_begin_snapshot", session, args)
+        read = self._snapshot_in_transaction if native else self._snapshot_by_script
+        reply, keys, values, expire_at = await read(session, args)
         _refuse_late(reply)
         if reply[0] == b"state":
             raise MarkerStateError(reply[1].decode())
         if not with_contents:
             return Snapshot(reply[1].decode(), EMPTY_SNAPSHOT, int(reply[5]), int(reply[6]))
-        if not native:
-            keys, values = reply[2][0::2], reply[2][1::2]
-            expire_at = dict(zip(reply[3][0::2], reply[3][1::2], strict=True))
         blob, count, size, timed = encode_flat(keys, values, expire_at, int(reply[4]))
         return Snapshot(reply[1].decode(), blob, count, size, timed)
 
-    async def _snapshot_in_transaction(
-        self, session: SessionRef, args: list[Any]
-    ) -> tuple[list[Any], list[bytes], list[bytes], dict[bytes, float]]:
+    async def _snapshot_by_script(self, session: SessionRef, args: list[Any]) -> _SnapshotRead:
+        """lifecycle_begin_snapshot, reading the contents itself (when asked)."""
+        reply = await self._run_lifecycle("lifecycle_begin_snapshot", session, args)
+        if reply[0] != b"ok":
+            return reply, [], [], {}
+        data, expiries = reply[2], reply[3]
+        expire_at = dict(zip(expiries[0::2], expiries[1::2], strict=True))
+        return reply, data[0::2], data[1::2], expire_at
+
+    async def _snapshot_in_transaction(self, session: SessionRef, args: list[Any]) -> _SnapshotRead:
         """lifecycle_begin_snapshot without contents, then HGETALL of the data and
-        ZRANGE WITHSCORES of the expiries, in one MULTI/EXEC (one round trip).
-        Returns the script's reply, the keys, the values and their expiries."""
+        ZRANGE WITHSCORES of the expiries, in one MULTI/EXEC (one round trip)."""
         script = self._scripts["lifecycle_begin_snapshot"]
         keys = _script_keys(session, staging=True)
         data, expiries = session_keys(session)[:2]

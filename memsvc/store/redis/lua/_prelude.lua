@@ -108,6 +108,19 @@ local function remember_settled(op)
   redis.call('HSET', M, 'settled', table.concat(ops, ','))
 end
 
+-- Ends operation `op` with the marker in `state` (step 3, or the undo of step 1):
+-- the operation's fields go, and the checkpoint a Pause took ('snapshot') stays
+-- only while the memory is paused.
+local function settle_marker(state, op)
+  redis.call('HSET', M, 'state', state)
+  redis.call('HDEL', M, 'op', 'prior', 'next_epoch', 'staged_bytes', 'clear', 'kept')
+  if state ~= 'paused' then
+    redis.call('HDEL', M, 'snapshot')
+  end
+  remember_settled(op)
+  refresh_session_expiry()
+end
+
 -- Returns why a read cannot be served now, or false when it can: 'missing'
 -- without a marker (the session does not exist here), or the state of a
 -- spawn, resume or terminate between its steps: what the memory holds then

@@ -23,11 +23,5 @@ if state == 'spawning' or prior == 'missing' or not prior then
   redis.call('DEL', D, X, K, M)
   return {'ok', 'missing'}
 end
-redis.call('HSET', M, 'state', prior)
-redis.call('HDEL', M, 'op', 'prior', 'next_epoch', 'staged_bytes', 'clear', 'kept')
-if prior ~= 'paused' then
-  redis.call('HDEL', M, 'snapshot')
-end
-remember_settled(ARGV[1])
-refresh_session_expiry()
+settle_marker(prior, ARGV[1])
 return {'ok', prior}

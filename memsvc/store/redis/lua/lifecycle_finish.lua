@@ -32,11 +32,5 @@ local epoch = redis.call('HGET', M, 'next_epoch')
 if epoch then
   redis.call('HSET', M, 'epoch', epoch)
 end
-redis.call('HSET', M, 'state', ARGV[2])
-redis.call('HDEL', M, 'op', 'prior', 'next_epoch', 'staged_bytes', 'clear', 'kept')
-if ARGV[2] ~= 'paused' then
-  redis.call('HDEL', M, 'snapshot')
-end
-remember_settled(ARGV[1])
-refresh_session_expiry()
+settle_marker(ARGV[2], ARGV[1])
 return {'ok'}
