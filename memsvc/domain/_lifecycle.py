@@ -49,6 +49,7 @@ from memsvc.domain._lifecycle_records import (
     CheckpointLock,
     CheckpointRecord,
     CheckpointRetention,
+    EndLock,
     EpisodeRecord,
     EventRecord,
     EventType,
@@ -124,8 +125,9 @@ class Lifecycle:
         self._failpoints = failpoints or Failpoints()
         self.retention = retention or CheckpointRetention()
         self.max_checkpoints = max_checkpoints
-        # Run inside a Terminate's transaction, after the session is TERMINATED: what
-        # other stores tie to a session ends with it, atomically (graph threads).
+        # Run inside a Terminate's transaction, after the session is TERMINATED: the
+        # graph threads linked to the session end with it, atomically. Run only when
+        # the Terminate's lock found such a thread (EndLock.linked_threads).
         self.session_end_hooks: list[Callable[[Any, SessionRef], Awaitable[None]]] = []
         self._memory = memory
         self._db = database
@@ -421,8 +423,16 @@ class Lifecycle:
         )
         steps = _Steps(op=uuid7())
 
-        async def body(tx: LifecycleTransaction, locked: SessionRecord | None) -> TerminateResult:
-            record = _admit(ref, locked, "terminate", {SessionState.ACTIVE, SessionState.PAUSED})
+        async def lock(tx: LifecycleTransaction) -> EndLock | None:
+            return await tx.lock_session_to_end(ref)
+
+        async def body(tx: LifecycleTransaction, locked: EndLock | None) -> TerminateResult:
+            record = _admit(
+                ref,
+                locked.record if locked else None,
+                "terminate",
+                {SessionState.ACTIVE, SessionState.PAUSED},
+            )
             allowed = {_MARKER_FOR[record.state], MISSING}
             snapshot = await self._begin(
                 record,
@@ -461,15 +471,18 @@ class Lifecycle:
                 episode_id=episode_id,
                 metadata=metadata,
             )
-            for hook in self.session_end_hooks:
-                await hook(tx, ref)
+            if locked is not None and locked.linked_threads:
+                # Looking the threads up is a round trip of its own, so only when
+                # the lock saw one. A thread linked since is ended by the sweep.
+                for hook in self.session_end_hooks:
+                    await hook(tx, ref)
             count = snapshot.key_count
             return TerminateResult(
                 ended, episode_id, count if consolidate else 0, count if cleanup else 0, outcome
             )
 
         return await self._run(
-            "Terminate", ref, request_id, arguments, TerminateResult, steps, _locking(ref), body
+            "Terminate", ref, request_id, arguments, TerminateResult, steps, lock, body
         )
 
     def _episode(

@@ -113,6 +113,16 @@ class CheckpointLock:
     id_taken: bool  # whether the requested checkpoint id exists already
 
 
+@dataclass(frozen=True)
+class EndLock:
+    """A locked session about to end (one round trip)."""
+
+    record: SessionRecord
+    # Whether a graph thread linked to the session waits for its end (an action
+    # other than none): only then does the Terminate look the threads up.
+    linked_threads: bool
+
+
 # A locked session (None: none) and a checkpoint (None: none) with its contents
 # (None: not read, see lock_session_reading_checkpoint).
 LockedWithCheckpoint = tuple[SessionRecord | None, tuple[CheckpointRecord, bytes | None] | None]
@@ -165,6 +175,10 @@ class LifecycleTransaction(RequestLog, Protocol):
     ) -> CheckpointLock | None:
         """As lock_session, with whether ``checkpoint_id`` is taken and, when
         ``count``, the number of the session's checkpoints (one round trip)."""
+
+    async def lock_session_to_end(self, ref: SessionRef) -> EndLock | None:
+        """As lock_session, with whether a graph thread linked to the session
+        has an end action (one round trip)."""
 
     async def lock_session_reading_checkpoint(
         self, ref: SessionRef, checkpoint_id: str | None

@@ -21,6 +21,7 @@ from memsvc.domain import SessionRef
 from memsvc.domain._lifecycle_records import (
     CheckpointLock,
     CheckpointRecord,
+    EndLock,
     EventRecord,
     EventType,
     LockedWithCheckpoint,
@@ -251,6 +252,17 @@ class SqlLifecycleTransaction:
     async def lock_session(self, ref: SessionRef) -> SessionRecord | None:
         row = await self._one(_lock_statement(self._d), _key(ref))
         return None if row is None else session_from_row(row, self._d)
+
+    async def lock_session_to_end(self, ref: SessionRef) -> EndLock | None:
+        row = await self._one(
+            f"SELECT {_SESSION_COLUMNS}, EXISTS (SELECT 1 FROM graph_threads"
+            f" WHERE {_SESSION_KEY} AND on_session_end <> 0)"
+            f" FROM sessions WHERE {_SESSION_KEY}{self._d.for_update}",
+            (*_key(ref), *_key(ref)),
+        )
+        if row is None:
+            return None
+        return EndLock(session_from_row(row[:-1], self._d), bool(row[-1]))
 
     async def lock_session_for_checkpoint(
         self, ref: SessionRef, checkpoint_id: str | None, count: bool

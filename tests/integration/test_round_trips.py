@@ -22,8 +22,10 @@ import redis.asyncio as aioredis
 from memsvc.config import Config
 from memsvc.server import Server
 from memsvc.testing import PrivateRedis, WireMeter, free_port
+from memsvc.v1 import graph_checkpoint_pb2 as gpb
 from memsvc.v1 import lifecycle_pb2 as lc
 from memsvc.v1 import working_memory_pb2 as pb
+from memsvc.v1.graph_checkpoint_pb2_grpc import GraphCheckpointServiceStub
 from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
 from memsvc.v1.working_memory_pb2_grpc import WorkingMemoryServiceStub
 from tests.helpers import value
@@ -105,8 +107,10 @@ async def rig(tmp_path: Path, postgres_url: str) -> AsyncIterator[Rig]:
         redis.kill()
 
 
-async def costs(rig: Rig, keys: int) -> dict[str, Any]:
-    """Per operation: (Redis commands by name, PostgreSQL statements, round trips)."""
+async def costs(rig: Rig, keys: int, linked_thread: bool = False) -> dict[str, Any]:
+    """Per operation: (Redis commands by name, PostgreSQL statements, round trips).
+    With ``linked_thread``, a graph thread linked to the session (to be pruned at
+    its end) is written before the Terminate."""
     server, commands, meter = rig
     scope: dict[str, Any] = {
         "project_id": str(uuid.uuid4()),
@@ -136,6 +140,26 @@ async def costs(rig: Rig, keys: int) -> dict[str, Any]:
             request = lc.ResumeRequest(**scope, checkpoint_id=paused[0], request_id=rid())
             assert (await life.Resume(request)).entries_restored == keys
 
+        async def link_thread() -> None:
+            link = gpb.GraphSessionLink(
+                agent_instance_id=scope["agent_instance_id"],
+                session_id=scope["session_id"],
+                on_session_end=gpb.GRAPH_SESSION_END_ACTION_KEEP_LATEST,
+            )
+            request = gpb.PutGraphCheckpointRequest(
+                project_id=scope["project_id"],
+                checkpoint=gpb.GraphCheckpoint(
+                    thread_id="linked",
+                    checkpoint_id="c1",
+                    checkpoint=gpb.TypedValue(type="json", data=b"{}"),
+                    metadata_json="{}",
+                ),
+                options=gpb.GraphThreadOptions(session=link),
+            )
+            await GraphCheckpointServiceStub(channel).PutGraphCheckpoint(request)
+
+        if linked_thread:
+            await link_thread()
         # With request ids, as the SDKs send them: the claim must cost no round trip.
         for name, call in (
             ("pause", pause),
@@ -175,6 +199,17 @@ async def test_lifecycle_round_trips_do_not_grow_with_keys(rig):
         assert redis_commands == expected, (name, redis_commands)
         assert statements <= 12, (name, statements)
         # Pipelined: BEGIN, the request-id claim and the row lock (plus, for a
-        # Resume, the checkpoint) in one; the writes and COMMIT in another.
-        # Terminate also looks up the graph threads linked to the session.
-        assert round_trips == (3 if name == "terminate" else 2), (name, round_trips, small)
+        # Resume, the checkpoint; for a Terminate, whether a graph thread waits
+        # for the session's end) in one; the writes and COMMIT in another.
+        assert round_trips == 2, (name, round_trips, small)
+
+
+async def test_terminate_looks_up_linked_graph_threads_only_when_there_are_some(rig):
+    """The threads' lookup is a round trip of its own, paid only by a session
+    that has a linked thread, and then the same at 10 keys as at 10,000."""
+    small = await costs(rig, 10, linked_thread=True)
+    large = await costs(rig, 10_000, linked_thread=True)
+    assert small["terminate"] == large["terminate"], (small, large)
+    # The lock; the lookup; the thread's row lock and its prune (each read);
+    # the writes and COMMIT. Without a linked thread, only the first and last.
+    assert small["terminate"][2] == 5, small["terminate"]
