@@ -665,7 +665,9 @@ class Lifecycle:
         if marker is None or marker.state not in TRANSITIONAL:
             return
         async with self._db.transaction() as tx:
-            record = await tx.lock_session(session)
+            # A 'spawning' marker may belong to a Spawn still committing, whose row
+            # no other transaction sees yet: wait for it, never abort a live Spawn.
+            record = await tx.lock_session_after_spawn(session)
             if record is None:
                 if marker.op is not None:
                     with contextlib.suppress(LostOperation):

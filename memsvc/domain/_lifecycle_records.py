@@ -158,8 +158,13 @@ class LifecycleTransaction(RequestLog, Protocol):
     async def lock_session(self, ref: SessionRef) -> SessionRecord | None:
         """Read the session row and hold its lock until the transaction ends."""
 
+    async def lock_session_after_spawn(self, ref: SessionRef) -> SessionRecord | None:
+        """As lock_session, once a Spawn of the session still in flight has ended:
+        its row, invisible until it commits, would read as none (one round trip)."""
+
     async def insert_session(self, record: SessionRecord) -> bool:
-        """Create the row; False when one exists (or existed) already."""
+        """Create the row; False when one exists (or existed) already. Until the
+        transaction ends, lock_session_after_spawn waits for it."""
 
     async def update_session(self, record: SessionRecord) -> None:
         """Overwrite the (locked) row's mutable fields."""

@@ -204,10 +204,13 @@ class WorkingMemory:
             try:
                 return await call()
             except SessionNotWritable as refused:
-                state = refused.metadata["state"]
-                if self.guard is None or attempt == 2:
+                if self.guard is None:
                     raise
-                explained = await self.guard.refusal(session, state, write=True)
+                # Asked again after a heal too: a Terminate that settled meanwhile
+                # leaves no marker, which only the database can call "terminated".
+                explained = await self.guard.refusal(session, refused.metadata["state"], write=True)
+                if explained is None and attempt == 2:
+                    raise  # healed, and another operation began at once
             except NoSession as unread:
                 if self.guard is None:
                     if unread.state == MISSING:

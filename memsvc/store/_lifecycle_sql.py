@@ -59,6 +59,11 @@ class Dialect:
     # not read yet costs no round trip of its own; it travels with the next one
     # read, or with COMMIT.
     pipelined: bool = False
+    # A lock on a session's key, held to the end of the transaction ("" for none).
+    # A Spawn's INSERT stays invisible to other transactions until it commits, so
+    # a row lock cannot make them wait for it; this lock can. (SQLite's write
+    # lock already serializes every writing transaction.)
+    session_key_lock: str = ""
 
     async def execute_bulk_read(
         self, conn: Connection, statement: str, params: Sequence[Any]
@@ -104,6 +109,7 @@ POSTGRES = Dialect(
     single_statement_append=True,
     binary_reads=True,
     pipelined=True,
+    session_key_lock="SELECT pg_advisory_xact_lock(hashtextextended(?, 0))",
 )
 EVENT_CHANNEL = "memsvc_events"
 
@@ -310,7 +316,17 @@ class SqlLifecycleTransaction:
         found = await read_checkpoint(self._conn, self._d, ref, checkpoint_id)
         return None if found is None else found[1]
 
+    async def _hold_session_key(self, ref: SessionRef) -> None:
+        if self._d.session_key_lock:
+            key = f"memsvc session {ref.project_id}/{ref.agent_instance_id}/{ref.session_id}"
+            await self._conn.execute(self._d.sql(self._d.session_key_lock), (key,))
+
+    async def lock_session_after_spawn(self, ref: SessionRef) -> SessionRecord | None:
+        await self._hold_session_key(ref)  # travels with the lock: no round trip of its own
+        return await self.lock_session(ref)
+
     async def insert_session(self, record: SessionRecord) -> bool:
+        await self._hold_session_key(record.ref)
         row = await self._one(
             f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT DO NOTHING RETURNING version",
