@@ -61,6 +61,7 @@ from memsvc.client._errors import (
     Unavailable,
     Unimplemented,
     Unknown,
+    WatchPositionAhead,
     WatchPositionCompacted,
     WorkingMemoryLost,
 )
@@ -174,6 +175,7 @@ __all__ = [
     "Unimplemented",
     "Unknown",
     "Watch",
+    "WatchPositionAhead",
     "WatchPositionCompacted",
     "WatchProgress",
     "WithTTL",

@@ -69,6 +69,7 @@ class ErrorReason(enum.StrEnum):
     REQUEST_ID_REUSED = "ERROR_REASON_REQUEST_ID_REUSED"
     WORKING_MEMORY_LOST = "ERROR_REASON_WORKING_MEMORY_LOST"
     WATCH_POSITION_COMPACTED = "ERROR_REASON_WATCH_POSITION_COMPACTED"
+    WATCH_POSITION_AHEAD = "ERROR_REASON_WATCH_POSITION_AHEAD"
     TOO_MANY_WATCHERS = "ERROR_REASON_TOO_MANY_WATCHERS"
     EPISODE_NOT_FOUND = "ERROR_REASON_EPISODE_NOT_FOUND"
     SIMILARITY_SCOPE_TOO_LARGE = "ERROR_REASON_SIMILARITY_SCOPE_TOO_LARGE"
@@ -345,6 +346,21 @@ class WatchPositionCompacted(OutOfRange):
         return _int(self.metadata.get("after_sequence"))
 
 
+class WatchPositionAhead(OutOfRange):
+    """A watch asked to resume after a position past the latest event: a cursor
+    that is not of this event log (another deployment's, or from before a
+    database restore). Resume after ``latest_sequence``, or start from now."""
+
+    @property
+    def latest_sequence(self) -> int | None:
+        """The latest event's sequence when the watch was refused."""
+        return _int(self.metadata.get("latest_sequence"))
+
+    @property
+    def after_sequence(self) -> int | None:
+        return _int(self.metadata.get("after_sequence"))
+
+
 def _int(text: str | None) -> int | None:
     try:
         return int(text) if text is not None else None
@@ -396,6 +412,7 @@ _BY_REASON: dict[str, type[MemsvcError]] = {
     ErrorReason.DEADLINE_EXCEEDED: DeadlineExceeded,
     ErrorReason.BACKEND_UNAVAILABLE: BackendUnavailable,
     ErrorReason.WATCH_POSITION_COMPACTED: WatchPositionCompacted,
+    ErrorReason.WATCH_POSITION_AHEAD: WatchPositionAhead,
     ErrorReason.GRAPH_CHECKPOINT_CONFLICT: GraphCheckpointConflict,
     ErrorReason.GRAPH_CHECKPOINT_NOT_FOUND: GraphCheckpointNotFound,
 }

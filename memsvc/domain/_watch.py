@@ -90,6 +90,20 @@ class PositionTooOld(OutOfRange):
         )
 
 
+class PositionAhead(OutOfRange):
+    """The start position is past the latest event: not a cursor of this log."""
+
+    reason = "ERROR_REASON_WATCH_POSITION_AHEAD"
+
+    def __init__(self, asked: int, latest: int) -> None:
+        super().__init__(
+            f"after_sequence {asked} is past the latest event, {latest}: it is not a "
+            "position of this event log (a cursor from another deployment, or from before "
+            "a database restore?); resume after the latest, or start from now",
+            metadata={"latest_sequence": str(latest), "after_sequence": str(asked)},
+        )
+
+
 class TooManyWatchers(ResourceExhausted):
     """The process already serves its maximum number of watchers."""
 
@@ -213,18 +227,35 @@ class EventHub:
         """
         if self._streams >= self.max_watchers:
             raise TooManyWatchers(self.max_watchers)
-        oldest, latest = await self._source.event_bounds()
-        cursor = (oldest if from_oldest else latest) if after is None else after
-        if cursor < oldest:
-            raise PositionTooOld(cursor, oldest)
+        # Counted before the first await: streams arriving together cannot all
+        # pass the limit while they wait for the bounds.
         self._streams += 1
-        subscriber = _Subscriber(event_filter, self._queue_size, cursor)
+        subscriber: _Subscriber | None = None
         try:
+            oldest, latest = await self._source.event_bounds()
+            cursor = (oldest if from_oldest else latest) if after is None else after
+            if cursor < oldest:
+                raise PositionTooOld(cursor, oldest)
+            if cursor > latest:
+                # Taken as the hub's position, it would hide every event up to it.
+                raise PositionAhead(cursor, latest)
+            subscriber = _Subscriber(event_filter, self._queue_size, cursor)
+            if not self._subscribers and not self.tailing:
+                # The tail this stream will start begins at the latest event; up to
+                # there the stream reads the store itself, where compaction is
+                # checked (a tail started further back would not check it).
+                self.position = max(self.position, latest)
             yield cursor
             while True:
                 # Catch up from the store until the hub's position...
                 while cursor < (target := self.position):
                     batch = await self._source.read_events(cursor, READ_BATCH, event_filter)
+                    oldest, _ = await self._source.event_bounds()
+                    if cursor < oldest:
+                        # Compacted while this stream caught up: what it had not read
+                        # yet may be gone (oldest only grows, so a later check passing
+                        # means the read missed nothing).
+                        raise PositionTooOld(cursor, oldest)
                     batch = [stored for stored in batch if stored.sequence <= target]
                     for stored in batch:
                         cursor = stored.sequence
@@ -239,7 +270,8 @@ class EventHub:
                 # _live returns only when the subscriber lagged: catch up again.
         finally:
             self._streams -= 1
-            self._leave(subscriber)
+            if subscriber is not None:
+                self._leave(subscriber)
 
     def _join(self, subscriber: _Subscriber, cursor: int) -> None:
         subscriber.cursor = cursor
@@ -321,6 +353,10 @@ class EventHub:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._kick.wait(), self._poll_interval)
             finally:
+                # From here this tail serves nobody: a stream that (re)joins while
+                # it closes must start another, not count on this one.
+                if self._tail is asyncio.current_task():
+                    self._tail = None
                 listener.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await listener

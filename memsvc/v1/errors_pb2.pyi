@@ -133,6 +133,12 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     unknown: retry with the same request_id. Metadata: "deadline_seconds".
     Status code: DEADLINE_EXCEEDED.
     """
+    ERROR_REASON_WATCH_POSITION_AHEAD: _ErrorReason.ValueType  # 24
+    """A watch asked to start after a position past the latest event: not a
+    cursor of this event log (another deployment's, or from before a database
+    restore). Metadata: "latest_sequence", "after_sequence". Status code:
+    OUT_OF_RANGE.
+    """
     ERROR_REASON_GRAPH_CHECKPOINT_CONFLICT: _ErrorReason.ValueType  # 30
     """A put with `require_latest_parent` named a parent that is no longer the
     latest checkpoint of its graph thread and namespace: another writer got
@@ -268,6 +274,12 @@ ERROR_REASON_DEADLINE_EXCEEDED: ErrorReason.ValueType  # 23
 (`default_deadline_seconds`) for a call that set none. Its effect is
 unknown: retry with the same request_id. Metadata: "deadline_seconds".
 Status code: DEADLINE_EXCEEDED.
+"""
+ERROR_REASON_WATCH_POSITION_AHEAD: ErrorReason.ValueType  # 24
+"""A watch asked to start after a position past the latest event: not a
+cursor of this event log (another deployment's, or from before a database
+restore). Metadata: "latest_sequence", "after_sequence". Status code:
+OUT_OF_RANGE.
 """
 ERROR_REASON_GRAPH_CHECKPOINT_CONFLICT: ErrorReason.ValueType  # 30
 """A put with `require_latest_parent` named a parent that is no longer the

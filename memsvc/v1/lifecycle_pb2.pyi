@@ -278,7 +278,8 @@ class WatchLifecycleRequest(_message.Message):
     after_sequence: _builtins.int
     """Start after this sequence (exclusive): the first event delivered is the
     first matching one with a greater sequence; 0 means from the first event
-    ever (OUT_OF_RANGE once it was compacted). Unset: `start` decides.
+    ever (OUT_OF_RANGE once it was compacted). At most the latest sequence
+    (OUT_OF_RANGE beyond). Unset: `start` decides.
     """
     start: Global___WatchStart.ValueType
     """Where to start when `after_sequence` is unset."""

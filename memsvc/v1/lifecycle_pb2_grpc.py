@@ -227,7 +227,8 @@ class LifecycleServiceServicer:
         fresh. Reconnect with `after_sequence` = the last sequence seen (event or
         progress) to continue without gap or duplicate.
         Errors: INVALID_ARGUMENT, OUT_OF_RANGE (the position is older than the
-        retained events; ErrorInfo metadata "oldest_sequence"), RESOURCE_EXHAUSTED
+        retained events, at the start or while catching up; ErrorInfo metadata
+        "oldest_sequence"; or it is past the latest event), RESOURCE_EXHAUSTED
         (too many watchers), UNAVAILABLE (server shutting down: reconnect with the
         cursor).
         """

@@ -1,0 +1,135 @@
+"""Start positions the log cannot serve end a watch with OUT_OF_RANGE, and never
+disturb the other watchers; the tail is there for a stream that rejoins while
+the last one closes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from memsvc.domain._watch import (
+    EventFilter,
+    EventHub,
+    PositionAhead,
+    PositionTooOld,
+    StoredEvent,
+    TooManyWatchers,
+)
+from tests.helpers import take_events
+from tests.unit.test_event_hub_wakeups import NotifyingLog, settle
+
+
+class CompactingLog(NotifyingLog):
+    """A log whose retention drops events up to ``compact_to`` just before the
+    next read (as a sweep running during it would); ``closing`` holds a tail's
+    notification channel open while it shuts down, until set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.oldest = 0
+        self.compact_to: int | None = None
+        self.closing = asyncio.Event()
+        self.closing.set()
+
+    async def read_events(
+        self, after: int, limit: int, event_filter: EventFilter
+    ) -> list[StoredEvent]:
+        if self.compact_to is not None:
+            self.events = [e for e in self.events if e.sequence > self.compact_to]
+            self.oldest, self.compact_to = self.compact_to, None
+        return await super().read_events(after, limit, event_filter)
+
+    async def event_bounds(self) -> tuple[int, int]:
+        latest = self.events[-1].sequence if self.events else self.oldest
+        return self.oldest, latest
+
+    @contextlib.asynccontextmanager
+    async def event_wakeups(self) -> AsyncIterator[AsyncIterator[int]]:
+        async with super().event_wakeups() as wakeups:
+            yield wakeups
+        await self.closing.wait()
+
+
+async def test_a_position_past_the_latest_is_refused_and_hides_nothing():
+    log = CompactingLog()
+    log.commit(5)
+    hub = EventHub(log, poll_interval=30)
+    watcher: Any = hub.watch(EventFilter(), None, 30)
+    assert await anext(watcher) == 5
+    first = asyncio.ensure_future(take_events(watcher, 1))
+    await settle()
+    ahead: Any = hub.watch(EventFilter(), 10**9, 30)
+    with pytest.raises(PositionAhead) as refused:
+        await anext(ahead)
+    assert refused.value.metadata == {"latest_sequence": "5", "after_sequence": str(10**9)}
+    log.commit(1)
+    assert await first == [6], "the refused position moved the tail"
+    assert hub.position == 6
+    await watcher.aclose()
+
+
+@pytest.mark.parametrize("others", [False, True], ids=["first watcher", "tail running"])
+async def test_compaction_overtaking_a_catch_up_ends_the_stream(others: bool):
+    log = CompactingLog()
+    log.commit(10)
+    hub = EventHub(log, poll_interval=30)
+    other: Any = hub.watch(EventFilter(), None, 30)
+    if others:  # a live watcher: the tail runs, at the latest event
+        assert await anext(other) == 10
+        pending = asyncio.ensure_future(anext(other))
+        await settle()
+        assert hub.tailing
+    behind: Any = hub.watch(EventFilter(), 0, 30)
+    assert await anext(behind) == 0  # events 1-10 retained when it started
+    log.compact_to = 5  # ...and 1-5 gone before it reads them
+    with pytest.raises(PositionTooOld) as ended:
+        await take_events(behind, 10)
+    assert ended.value.metadata["oldest_sequence"] == "5"
+    if others:
+        pending.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pending
+    await other.aclose()
+
+
+async def test_a_lagging_stream_that_rejoins_while_the_tail_closes_gets_a_new_tail():
+    log = CompactingLog()
+    hub = EventHub(log, queue_size=1, poll_interval=30)
+    stream: Any = hub.watch(EventFilter(), None, 30)
+    assert await anext(stream) == 0
+    first = asyncio.ensure_future(take_events(stream, 1))
+    await settle()
+    log.commit(3)  # the queue holds 1: the stream lags
+    assert await first == [1]
+    log.closing.clear()  # the next tail to stop stays in its shutdown
+    # The stream leaves the hub to catch up from the store; the event committed
+    # meanwhile wakes the tail, which finds nobody and shuts down.
+    catching_up = asyncio.ensure_future(take_events(stream, 3))
+    await asyncio.sleep(0.005)
+    log.commit(1)
+    assert await catching_up == [2, 3, 4]  # read from the store; rejoined
+    log.closing.set()
+    log.commit(1)
+    assert await take_events(stream, 1) == [5], "no tail delivers to the rejoined stream"
+    await stream.aclose()
+
+
+async def test_streams_arriving_together_cannot_pass_the_watcher_limit_together():
+    class SlowBounds(CompactingLog):
+        async def event_bounds(self) -> tuple[int, int]:
+            await asyncio.sleep(0.05)  # every arrival waits here at the same time
+            return await super().event_bounds()
+
+    hub = EventHub(SlowBounds(), poll_interval=30, max_watchers=2)
+    streams: list[Any] = [hub.watch(EventFilter(), None, 30) for _ in range(5)]
+    started = await asyncio.gather(*(anext(s) for s in streams), return_exceptions=True)
+    refused = [r for r in started if isinstance(r, TooManyWatchers)]
+    assert len(refused) == 3, started
+    assert hub.watchers == 2
+    for stream in streams:
+        await stream.aclose()
+    assert hub.watchers == 0
