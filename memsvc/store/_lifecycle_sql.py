@@ -509,12 +509,15 @@ class SqlLifecycleTransaction:
 
     async def compact_events(self, before_ms: int, keep_last: int, limit: int) -> int:
         """Of the ``limit`` oldest events, delete those older than ``before_ms``
-        or beyond the newest ``keep_last`` (0: no count limit).
+        or beyond the newest ``keep_last`` (0: no count limit), up to the first
+        one that is neither: only ever a prefix of the log.
 
+        A watch resumes anywhere after the oldest retained sequence, so a hole
+        further on would be skipped without a word. Event times are not in
+        sequence order (stamped before the sequence is taken, by clocks that may
+        differ): an event stamped late keeps the ones after it until it expires.
         Only the oldest are examined (a range of the primary key, whatever the
-        table's size): event times grow with sequences, so when the oldest are
-        not expired, none are. An event stamped late by a replica's clock waits
-        for the ones before it.
+        table's size).
         """
         conditions = ["event_time < ?"]
         params: list[Any] = [self._d.time_param(before_ms)]
@@ -522,17 +525,26 @@ class SqlLifecycleTransaction:
             conditions.append(
                 f"sequence <= (SELECT last_sequence FROM event_sequence) - {int(keep_last)}"
             )
+        oldest = (
+            "SELECT sequence, event_time FROM lifecycle_events"
+            f" ORDER BY sequence LIMIT {int(limit)}"
+        )
         rows = await (
             await self._conn.execute(
                 self._d.sql(
                     "DELETE FROM lifecycle_events WHERE sequence IN (SELECT sequence FROM"
-                    f" lifecycle_events ORDER BY sequence LIMIT {int(limit)})"
-                    f" AND ({' OR '.join(conditions)}) RETURNING sequence"
+                    f" ({oldest}) examined) AND sequence < COALESCE((SELECT min(sequence) FROM"
+                    f" ({oldest}) kept WHERE NOT ({' OR '.join(conditions)})), {_NO_SEQUENCE})"
+                    " RETURNING sequence"
                 ),
                 params,
             )
         ).fetchall()
         return len(rows)
+
+
+# Greater than any sequence (PostgreSQL's bigint maximum).
+_NO_SEQUENCE = 2**63 - 1
 
 
 _EVENT_COLUMNS = (

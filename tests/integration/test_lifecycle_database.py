@@ -196,3 +196,27 @@ async def test_event_sequences_are_gap_free_across_concurrent_writers(database_u
         for store in stores:
             await store.aclose()
     assert sorted(s for result in results for s in result) == list(range(1, 81))
+
+
+async def test_compaction_removes_only_a_prefix_of_the_log(db):
+    """Event times are not in sequence order (stamped before the sequence is taken,
+    by replicas whose clocks differ): an expired event behind one that is not stays,
+    since a watch resuming at the oldest retained position would skip the hole."""
+    ref = SessionRef(str(uuid.uuid4()), str(uuid.uuid4()), "s")
+    t = 1_700_000_000_000
+    # sequence 1 expired, 2 stamped late (not expired), 3 expired, 4 not
+    for stamp in (t, t + 500, t + 10, t + 900):
+        async with db.transaction() as tx:
+            await tx.append_event(
+                EventRecord(str(uuid.uuid4()), EventType.SPAWNED, ref, None, stamp)
+            )
+    oldest, latest = await db.event_bounds()
+    async with db.transaction() as tx:
+        assert await tx.compact_events(t + 100, 0, 1000) == 1  # sequence 1 only
+    assert await db.event_bounds() == (oldest + 1, latest)
+    async with db.transaction() as tx:
+        assert await tx.compact_events(t + 600, 0, 1000) == 2  # then 2 and 3
+    assert await db.event_bounds() == (oldest + 3, latest)
+    # The count limit is a prefix too, and stops at the first event it keeps.
+    async with db.transaction() as tx:
+        assert await tx.compact_events(0, 1, 1000) == 0  # only the newest left

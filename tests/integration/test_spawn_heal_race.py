@@ -64,14 +64,6 @@ class SpawnHeldAfterStepOne(InMemoryWorkingMemoryStore):
         return await super().abort(session, op)
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def database_url(request: pytest.FixtureRequest) -> str:
-    if request.param == "sqlite":
-        return ""  # the embedded default
-    url: str = request.getfixturevalue("postgres_url")
-    return url
-
-
 async def test_a_read_during_a_spawn_waits_for_its_commit(tmp_path: Path, database_url: str):
     store = SpawnHeldAfterStepOne()
     config = Config(
