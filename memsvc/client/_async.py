@@ -11,10 +11,9 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Literal, TypedDict, TypeVar, overload
+from typing import Any, Literal, TypedDict, overload
 
 import grpc
-from google.protobuf.message import Message
 
 from memsvc import __version__
 from memsvc.client import _convert
@@ -105,17 +104,6 @@ def _bearer(token: str | None, token_file: str | os.PathLike[str] | None) -> Bea
 
 def _request_id(given: str | None) -> str:
     return given if given else str(uuid.uuid4())
-
-
-Request = TypeVar("Request", bound=Message)
-
-
-def _at(request: Request, page_token: str) -> Request:
-    """A copy of a list request for one page (a pager may be iterated more than once)."""
-    page = type(request)()
-    page.CopyFrom(request)
-    page.page_token = page_token  # type: ignore[attr-defined]
-    return page
 
 
 def _page_size(page_size: int | None) -> int:
@@ -340,7 +328,7 @@ class AsyncClient:
 
         async def fetch(token: str) -> Page[Session]:
             response = await self._invoke(
-                self._lifecycle.ListSessions, _at(request, token), timeout=timeout
+                self._lifecycle.ListSessions, _convert.page_request(request, token), timeout=timeout
             )
             return Page(
                 tuple(_convert.session(s) for s in response.sessions),
@@ -614,7 +602,7 @@ class AsyncSessionClient:
 
         async def fetch(token: str) -> Page[KeyInfo]:
             response = await client._invoke(
-                client._wm.ListKeys, _at(request, token), timeout=timeout
+                client._wm.ListKeys, _convert.page_request(request, token), timeout=timeout
             )
             return Page(
                 tuple(_convert.key_info(k) for k in response.keys),
@@ -638,7 +626,7 @@ class AsyncSessionClient:
 
         async def fetch(token: str) -> Page[Entry]:
             response = await client._invoke(
-                client._wm.ListEntries, _at(request, token), timeout=timeout
+                client._wm.ListEntries, _convert.page_request(request, token), timeout=timeout
             )
             return Page(
                 tuple(_convert.entry(e) for e in response.entries),
@@ -874,7 +862,9 @@ class AsyncSessionClient:
 
         async def fetch(token: str) -> Page[Checkpoint]:
             response = await client._invoke(
-                client._lifecycle.ListCheckpoints, _at(request, token), timeout=timeout
+                client._lifecycle.ListCheckpoints,
+                _convert.page_request(request, token),
+                timeout=timeout,
             )
             return Page(
                 tuple(_convert.checkpoint(c) for c in response.checkpoints),
@@ -911,7 +901,9 @@ class AsyncSessionClient:
 
         async def fetch(token: str) -> Page[CheckpointEntry]:
             response = await client._invoke(
-                client._lifecycle.GetCheckpoint, _at(request, token), timeout=timeout
+                client._lifecycle.GetCheckpoint,
+                _convert.page_request(request, token),
+                timeout=timeout,
             )
             return Page(
                 tuple(_convert.checkpoint_entry(e) for e in response.entries),
@@ -1156,7 +1148,9 @@ class AsyncEpisodesClient:
 
         async def fetch(token: str) -> Page[SearchResult]:
             response = await client._invoke(
-                client._episodic.SearchEpisodes, _at(request, token), timeout=timeout
+                client._episodic.SearchEpisodes,
+                _convert.page_request(request, token),
+                timeout=timeout,
             )
             return Page(
                 tuple(_convert.search_result(r) for r in response.results),
@@ -1203,7 +1197,9 @@ class AsyncEpisodesClient:
 
         async def fetch(token: str) -> Page[Episode]:
             response = await client._invoke(
-                client._episodic.ListEpisodes, _at(request, token), timeout=timeout
+                client._episodic.ListEpisodes,
+                _convert.page_request(request, token),
+                timeout=timeout,
             )
             return Page(
                 tuple(_convert.episode(e) for e in response.episodes),

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TypeVar
 
+from google.protobuf.message import Message
+
 from memsvc.client._types import (
     Checkpoint,
     CheckpointEntry,
@@ -26,6 +28,18 @@ from memsvc.client._types import (
 )
 from memsvc.client._values import from_duration, from_struct, from_timestamp, from_value
 from memsvc.v1 import data_removal_pb2, episodic_pb2, lifecycle_pb2, working_memory_pb2
+
+Request = TypeVar("Request", bound=Message)
+
+
+def page_request(request: Request, page_token: str) -> Request:
+    """A copy of a list request for one page (a pager may be iterated more than once,
+    and by two iterations at a time)."""
+    page = type(request)()
+    page.CopyFrom(request)
+    page.page_token = page_token  # type: ignore[attr-defined]
+    return page
+
 
 _SESSION_STATES = {
     lifecycle_pb2.SESSION_STATE_ACTIVE: SessionState.ACTIVE,

@@ -14,6 +14,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
+from memsvc.client._convert import page_request
 from memsvc.client._types import AsyncPager, Page
 from memsvc.v1 import graph_checkpoint_pb2 as pb
 
@@ -135,9 +136,8 @@ class AsyncGraphClient:
         client = self.client
 
         async def fetch(token: str) -> Page[pb.GraphCheckpoint]:
-            request.page_token = token
             response = await client._invoke(
-                self._stub.ListGraphCheckpoints, request, timeout=timeout
+                self._stub.ListGraphCheckpoints, page_request(request, token), timeout=timeout
             )
             return Page(tuple(response.checkpoints), response.next_page_token or None)
 

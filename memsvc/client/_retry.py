@@ -29,9 +29,17 @@ from typing import Any, TypeVar
 import grpc
 
 from memsvc.client._auth import BearerToken
-from memsvc.client._errors import from_rpc_error
+from memsvc.client._errors import Cancelled, from_rpc_error
 
 log = logging.getLogger("memsvc.client")
+
+
+def being_cancelled() -> bool:
+    """Whether the running task itself is being cancelled, not only a call it
+    awaited (grpc.aio raises CancelledError for a call cancelled locally too)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
 
 Response = TypeVar("Response")
 
@@ -168,6 +176,15 @@ class Invoker:
             sent = self.metadata()
             try:
                 return await rpc(request, timeout=attempt_timeout, metadata=sent)
+            except asyncio.CancelledError as error:
+                if being_cancelled():
+                    raise
+                # The call alone was cancelled: the client closed its channel.
+                raise Cancelled(
+                    "the call was cancelled: the client was closed while it ran",
+                    request_id=request_id,
+                    attempts=attempt,
+                ) from error
             except grpc.RpcError as error:
                 failure = from_rpc_error(error, request_id=request_id, attempts=attempt)
                 if self._token_rotated(failure.code, sent) and attempt < policy.max_attempts:

@@ -19,7 +19,7 @@ import grpc
 
 from memsvc.client import _convert
 from memsvc.client._errors import MemsvcError, from_rpc_error
-from memsvc.client._retry import RetryPolicy, log
+from memsvc.client._retry import RetryPolicy, being_cancelled, log
 from memsvc.client._types import LifecycleEvent, WatchProgress
 from memsvc.v1 import lifecycle_pb2
 
@@ -95,6 +95,7 @@ class AsyncWatch(Generic[Item]):
         self._failures = 0
         self._connections = 0
         self._failing_since: float | None = None
+        self._on_call = 0  # messages received on the current stream
         self._started = False
         self._received = 0
         self._pending: LifecycleEvent | WatchProgress | None = None
@@ -167,6 +168,8 @@ class AsyncWatch(Generic[Item]):
         except asyncio.CancelledError:
             # A cancelled read cancels the stream; the next read reconnects from the cursor.
             self._drop_call()
+            if self._closed and not being_cancelled():
+                return None  # aclose() (from another task or thread) ended it: iteration stops
             raise
         except (grpc.RpcError, _StreamEnded, _Silent) as error:
             self._drop_call()
@@ -174,21 +177,26 @@ class AsyncWatch(Generic[Item]):
                 await self._after_failure(error)
             return None
         self._received += 1
-        self._failures = 0
-        self._failing_since = None
+        self._on_call += 1
+        item: LifecycleEvent | WatchProgress | None = None
         if message.HasField("progress"):
             sequence = message.progress.sequence
-            if self._cursor is not None and sequence <= self._cursor:
-                return None
-            self._cursor = sequence
-            return WatchProgress(sequence)
-        if message.HasField("event"):
+            if self._cursor is None or sequence > self._cursor:
+                self._cursor = sequence
+                item = WatchProgress(sequence)
+        elif message.HasField("event"):
             event = message.event
-            if self._cursor is not None and event.sequence <= self._cursor:
-                return None  # already delivered (never expected; a safety net)
-            self._cursor = event.sequence
-            return _convert.lifecycle_event(event)
-        return None
+            # An event at or before the cursor was delivered already (never expected).
+            if self._cursor is None or event.sequence > self._cursor:
+                self._cursor = event.sequence
+                item = _convert.lifecycle_event(event)
+        if item is not None or self._on_call > 1:
+            # The stream works: it moved the cursor, or lived past its first message
+            # (which only repeats the cursor). A server that accepts and then fails
+            # every stream keeps backing off, and reconnect_timeout still runs.
+            self._failures = 0
+            self._failing_since = None
+        return item
 
     async def _read(self) -> lifecycle_pb2.WatchLifecycleResponse:
         try:
@@ -208,6 +216,7 @@ class AsyncWatch(Generic[Item]):
             # 0 included: the log was empty at the cursor, so every event is after it.
             request.after_sequence = self._cursor
         self._connections += 1
+        self._on_call = 0
         self._connected_with = self._metadata()
         self._call = self._open_stream(request, self._connected_with)
 

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import pytest
 
 from memsvc.config import Config
 from memsvc.domain import EntryWrite, Marker, SessionRef

@@ -1,0 +1,138 @@
+"""Closing a watch or a client while something waits on it ends the wait the
+documented way, and a watch facing a server that accepts and then fails every
+stream keeps backing off until ``reconnect_timeout``.
+
+A stub grpc.aio server plays the server that behaves this way (memsvc itself
+neither holds a call forever nor fails every stream on purpose).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+
+from memsvc.client import AsyncClient, Cancelled, Client, RetryPolicy, Unavailable
+from memsvc.v1 import lifecycle_pb2 as lc
+
+SERVICE = "memsvc.v1.LifecycleService"
+SCOPE = (str(uuid.uuid4()), str(uuid.uuid4()), "s")
+NO_RETRY = RetryPolicy(max_attempts=1)
+
+
+class StubServer:
+    """WatchLifecycle sends a progress at sequence 5, then either stays open or
+    fails with UNAVAILABLE (``fail_streams``); GetSession never answers."""
+
+    def __init__(self, fail_streams: bool) -> None:
+        self.fail_streams = fail_streams
+        self.streams = 0
+        self.server = grpc.aio.server()
+        self.port = 0
+
+    async def watch(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        self.streams += 1
+        yield lc.WatchLifecycleResponse(progress=lc.WatchProgress(sequence=5))
+        if self.fail_streams:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "failing on purpose")
+        await asyncio.Event().wait()
+
+    async def get_session(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await asyncio.Event().wait()
+
+    async def __aenter__(self) -> StubServer:
+        handlers = {
+            "WatchLifecycle": grpc.unary_stream_rpc_method_handler(
+                self.watch,
+                request_deserializer=lc.WatchLifecycleRequest.FromString,
+                response_serializer=lc.WatchLifecycleResponse.SerializeToString,
+            ),
+            "GetSession": grpc.unary_unary_rpc_method_handler(
+                self.get_session,
+                request_deserializer=lc.GetSessionRequest.FromString,
+                response_serializer=lc.GetSessionResponse.SerializeToString,
+            ),
+        }
+        self.server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE, handlers),)
+        )
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        await self.server.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.server.stop(0)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+@pytest.fixture
+async def holding() -> AsyncIterator[StubServer]:
+    async with StubServer(fail_streams=False) as stub:
+        yield stub
+
+
+async def test_closing_a_watch_that_another_task_reads_ends_its_loop(holding: StubServer):
+    async with AsyncClient(holding.target, retry=NO_RETRY) as client:
+        watch = await client.watch(SCOPE[0]).start()
+        seen: list[Any] = []
+
+        async def consume() -> str:
+            async for event in watch:
+                seen.append(event)
+            return "ended"
+
+        reader = asyncio.ensure_future(consume())
+        await asyncio.sleep(0.2)  # the reader waits in read()
+        await watch.aclose()
+        assert await asyncio.wait_for(reader, 10) == "ended"
+        assert seen == []
+
+
+async def test_closing_a_blocking_watch_from_another_thread_ends_its_loop(holding: StubServer):
+    def blocking() -> str:
+        with Client(holding.target, retry=NO_RETRY) as client:
+            watch = client.watch(SCOPE[0]).start()
+            closer = threading.Timer(0.3, watch.close)
+            closer.start()
+            try:
+                for _ in watch:
+                    return "an event"
+                return "ended"
+            finally:
+                closer.cancel()
+
+    assert await asyncio.wait_for(asyncio.to_thread(blocking), 20) == "ended"
+
+
+async def test_a_call_in_flight_when_the_client_closes_raises_cancelled(holding: StubServer):
+    client = AsyncClient(holding.target, retry=NO_RETRY)
+    call = asyncio.ensure_future(client.session(*SCOPE).describe())
+    await asyncio.sleep(0.2)  # the call is in flight
+    await client.close()
+    with pytest.raises(Cancelled):
+        await asyncio.wait_for(call, 10)
+
+
+async def test_streams_that_fail_after_their_first_message_back_off_until_the_timeout():
+    policy = RetryPolicy(max_attempts=5, initial_backoff=0.05, max_backoff=1.0)
+    async with (
+        StubServer(fail_streams=True) as failing,
+        AsyncClient(failing.target, retry=policy) as client,
+    ):
+        watch = client.watch(SCOPE[0], reconnect_timeout=1.0)
+        with pytest.raises(Unavailable):
+            await asyncio.wait_for(watch.start(), 20)
+            async for _ in watch:
+                pass
+        # Each stream said hello and failed: that is no working stream, so the
+        # pauses grew (0.05, 0.1, 0.2, ... s) and the timeout ran out, instead of
+        # a reconnection every 50 ms for ever.
+        assert watch.connections < 12, watch.connections
