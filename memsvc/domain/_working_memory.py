@@ -37,6 +37,11 @@ from memsvc.domain._pagination import (
     fingerprint,
 )
 
+# The longest TTL: protobuf's Duration range (10,000 years). Far past it, expiry
+# times in milliseconds pass 2**53: Redis then writes their scores in exponent
+# form, which PEXPIREAT refuses halfway through a script.
+MAX_TTL_MS = 315_576_000_000 * 1000
+
 
 @dataclass(frozen=True, slots=True)
 class WorkingMemoryLimits:
@@ -357,6 +362,14 @@ class WorkingMemory:
             violations.append(
                 FieldViolation(
                     f"{prefix}ttl", "must not be negative (omit it or use 0 for no expiry)"
+                )
+            )
+        elif ttl_ms is not None and ttl_ms > MAX_TTL_MS:
+            violations.append(
+                FieldViolation(
+                    f"{prefix}ttl",
+                    f"must be at most {MAX_TTL_MS // 1000} seconds (10,000 years, protobuf's "
+                    "Duration limit; omit it or use 0 for no expiry)",
                 )
             )
 

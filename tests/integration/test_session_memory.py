@@ -177,6 +177,17 @@ async def test_merge_restore_keeps_keys_absent_from_the_checkpoint(store, sessio
     assert len(await contents(store, session)) == 3
 
 
+async def test_a_merge_restore_outlives_the_live_keys_expiry(store, session):
+    """Every live key has a TTL, so the live memory expires as a whole; what the
+    merge staged (the checkpoint's entries, one with no TTL) must not go with it."""
+    await spawn(store, session, {"short": b"s"}, ttl=300)
+    checkpoint = encode_snapshot([SnapshotEntry("restored", b"r", None)])
+    await store.begin_restore(session, "op", "e2", checkpoint, True, {"active"})
+    await asyncio.sleep(0.5)  # the live key expires between step 1 and step 3
+    await store.finish(session, "op", "active", swap=True, clear=False)
+    assert await contents(store, session) == {"restored": b"r"}
+
+
 async def test_restore_past_the_limits_stages_nothing(store, session):
     await spawn(store, session, {"a": b"1"})
     too_many = [SnapshotEntry(f"k{i}", b"v", None) for i in range(11)]

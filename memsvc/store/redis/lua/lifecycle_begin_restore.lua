@@ -51,6 +51,12 @@ if ARGV[3] == '1' and redis.call('EXISTS', D) == 1 then
   if redis.call('EXISTS', X) == 1 then
     redis.call('COPY', X, SX)
   end
+  -- COPY keeps the live keys' expiry (set when every live key has a TTL), but
+  -- the checkpoint's entries land in staging too: it must not expire with
+  -- them. Step 3 sets the session's expiry again after the swap.
+  redis.call('PERSIST', SD)
+  redis.call('PERSIST', SK)
+  redis.call('PERSIST', SX)
   bytes = tonumber(redis.call('HGET', M, 'bytes') or '0')
 end
 local blob = ARGV[7]
