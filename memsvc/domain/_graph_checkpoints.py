@@ -151,6 +151,17 @@ class GraphListScope:
 
 
 @dataclass(frozen=True, slots=True)
+class PendingThreadWork:
+    """What retention still has to do to a thread, read under its row lock: the
+    sweep's list was read earlier, and a put may have changed the options since."""
+
+    keep_last: int
+    prune_pending: bool
+    # The linked session's end action, once that session is TERMINATED (0: none).
+    end_action: int
+
+
+@dataclass(frozen=True, slots=True)
 class GraphSweep:
     """What one retention sweep of graph checkpoints removed."""
 
@@ -209,6 +220,11 @@ class GraphTransaction(Protocol):
         """Lock the thread's row without touching it; its expiry (-1: none), or
         None when the thread has no row."""
 
+    async def lock_graph_thread_work(
+        self, project_id: str, thread_id: str
+    ) -> PendingThreadWork | None:
+        """As lock_graph_thread_row, with what retention has to do to the thread now."""
+
     async def latest_graph_checkpoint_id(
         self, project_id: str, thread_id: str, ns: str
     ) -> str | None: ...
@@ -259,16 +275,16 @@ class GraphTransaction(Protocol):
     async def expired_graph_threads(self, now_ms: int, limit: int) -> list[tuple[str, str]]:
         """(project_id, thread_id) of threads whose TTL ran out."""
 
-    async def graph_threads_to_prune(self, limit: int) -> list[tuple[str, str, int]]:
-        """(project_id, thread_id, keep_last) of threads written since their last prune."""
+    async def graph_threads_to_prune(self, limit: int) -> list[tuple[str, str]]:
+        """(project_id, thread_id) of threads written since their last prune."""
 
     async def graph_threads_prune_done(self, project_id: str, thread_id: str) -> None: ...
 
     async def graph_threads_of_ended_sessions(
         self, limit: int, session: SessionRef | None = None
-    ) -> list[tuple[str, str, int]]:
-        """(project_id, thread_id, action) of threads linked to terminated sessions
-        (to ``session`` only, when given)."""
+    ) -> list[tuple[str, str]]:
+        """(project_id, thread_id) of threads with an end action linked to terminated
+        sessions (to ``session`` only, when given)."""
 
     async def graph_thread_session_done(self, project_id: str, thread_id: str) -> None:
         """Forget the thread's session link (its action has been applied)."""
@@ -521,27 +537,31 @@ class GraphCheckpoints:
         pruned = 0
         async with self._db.transaction() as tx:
             to_prune = await tx.graph_threads_to_prune(limit)
-        for project, thread_id, keep in to_prune:
+        for project, thread_id in to_prune:
             async with self._db.transaction() as tx:
-                await tx.lock_graph_thread_row(project, thread_id)
-                pruned += await tx.keep_latest_graph_checkpoints(project, thread_id, keep)
-                await tx.graph_threads_prune_done(project, thread_id)
+                # Read again under the lock: a put may have changed keep_last.
+                work = await tx.lock_graph_thread_work(project, thread_id)
+                if work is not None and work.prune_pending and work.keep_last > 0:
+                    pruned += await tx.keep_latest_graph_checkpoints(
+                        project, thread_id, work.keep_last
+                    )
+                    await tx.graph_threads_prune_done(project, thread_id)
         # Terminate applies these itself (session_ended); this catches what a crash
         # between the two left, and sessions terminated before the link was made.
         async with self._db.transaction() as tx:
             ended = await tx.graph_threads_of_ended_sessions(limit)
-        for project, thread_id, action in ended:
+        for project, thread_id in ended:
             async with self._db.transaction() as tx:
-                pruned += await _apply_session_end(tx, project, thread_id, action)
+                pruned += await _apply_session_end(tx, project, thread_id)
         return GraphSweep(len(expired), pruned, len(ended))
 
     async def session_ended(self, tx: GraphTransaction, session: SessionRef) -> None:
         """Apply the end action of every thread linked to ``session``, inside the
         transaction that terminates it (so both commit, or neither)."""
-        for project, thread_id, action in await tx.graph_threads_of_ended_sessions(
+        for project, thread_id in await tx.graph_threads_of_ended_sessions(
             _SESSION_THREADS_LIMIT, session
         ):
-            await _apply_session_end(tx, project, thread_id, action)
+            await _apply_session_end(tx, project, thread_id)
 
 
 # Threads one Terminate ends itself; the sweep ends any beyond (a session is
@@ -549,11 +569,15 @@ class GraphCheckpoints:
 _SESSION_THREADS_LIMIT = 1000
 
 
-async def _apply_session_end(
-    tx: GraphTransaction, project_id: str, thread_id: str, action: int
-) -> int:
-    """Delete or prune one thread of an ended session; return checkpoints pruned."""
-    await tx.lock_graph_thread_row(project_id, thread_id)
+async def _apply_session_end(tx: GraphTransaction, project_id: str, thread_id: str) -> int:
+    """Delete or prune one thread of an ended session; return checkpoints pruned.
+
+    The action is read under the thread's lock: since the threads were listed, a
+    put may have linked the thread to another session or changed its action."""
+    work = await tx.lock_graph_thread_work(project_id, thread_id)
+    action = work.end_action if work is not None else 0
+    if not action:
+        return 0
     if action == SessionEndAction.DELETE:
         await tx.delete_graph_thread(project_id, thread_id)
         return 0

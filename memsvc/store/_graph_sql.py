@@ -21,6 +21,7 @@ from memsvc.domain._graph_checkpoints import (
     GraphThreadOptions,
     GraphValue,
     GraphWrite,
+    PendingThreadWork,
 )
 from memsvc.store._lifecycle_sql import Connection, Dialect, SqlQueries, text
 
@@ -363,6 +364,21 @@ class SqlGraphWrites:
         )
         return None if not rows else int(rows[0][0])
 
+    async def lock_graph_thread_work(
+        self, project_id: str, thread_id: str
+    ) -> PendingThreadWork | None:
+        rows = await self._rows(
+            "SELECT keep_last, prune_pending, CASE WHEN EXISTS (SELECT 1 FROM sessions s"
+            " WHERE s.project_id = t.project_id AND s.agent_instance_id = t.agent_instance_id"
+            " AND s.session_id = t.session_id AND s.state = 3) THEN on_session_end ELSE 0 END"
+            f" FROM graph_threads t WHERE {_THREAD}{self._d.for_update}",
+            (project_id, thread_id),
+        )
+        if not rows:
+            return None
+        keep_last, prune_pending, end_action = rows[0]
+        return PendingThreadWork(int(keep_last), bool(prune_pending), int(end_action))
+
     async def latest_graph_checkpoint_id(
         self, project_id: str, thread_id: str, ns: str
     ) -> str | None:
@@ -588,13 +604,13 @@ class SqlGraphWrites:
         )
         return [(str(text(r[0])), str(r[1])) for r in rows]
 
-    async def graph_threads_to_prune(self, limit: int) -> list[tuple[str, str, int]]:
+    async def graph_threads_to_prune(self, limit: int) -> list[tuple[str, str]]:
         rows = await self._rows(
-            "SELECT project_id, thread_id, keep_last FROM graph_threads"
+            "SELECT project_id, thread_id FROM graph_threads"
             f" WHERE prune_pending AND keep_last > 0 LIMIT {int(limit)}",
             (),
         )
-        return [(str(text(r[0])), str(r[1]), int(r[2])) for r in rows]
+        return [(str(text(r[0])), str(r[1])) for r in rows]
 
     async def graph_threads_prune_done(self, project_id: str, thread_id: str) -> None:
         await self._conn.execute(
@@ -604,19 +620,19 @@ class SqlGraphWrites:
 
     async def graph_threads_of_ended_sessions(
         self, limit: int, session: SessionRef | None = None
-    ) -> list[tuple[str, str, int]]:
+    ) -> list[tuple[str, str]]:
         only, params = "", tuple[str, ...]()
         if session is not None:
             only = " AND s.project_id = ? AND s.agent_instance_id = ? AND s.session_id = ?"
             params = (session.project_id, session.agent_instance_id, session.session_id)
         rows = await self._rows(
-            "SELECT t.project_id, t.thread_id, t.on_session_end FROM graph_threads t"
+            "SELECT t.project_id, t.thread_id FROM graph_threads t"
             " JOIN sessions s ON s.project_id = t.project_id"
             " AND s.agent_instance_id = t.agent_instance_id AND s.session_id = t.session_id"
             f" WHERE t.on_session_end <> 0 AND s.state = 3{only} LIMIT {int(limit)}",
             params,
         )
-        return [(str(text(r[0])), str(r[1]), int(r[2])) for r in rows]
+        return [(str(text(r[0])), str(r[1])) for r in rows]
 
     async def graph_thread_session_done(self, project_id: str, thread_id: str) -> None:
         await self._conn.execute(

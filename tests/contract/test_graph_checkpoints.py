@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 import pytest
 
+from memsvc.domain._graph_checkpoints import _apply_session_end
 from memsvc.server import Server
 from memsvc.v1 import data_removal_pb2 as dr
 from memsvc.v1 import graph_checkpoint_pb2 as pb
@@ -254,6 +255,39 @@ async def test_a_linked_session_ends_its_threads(graphs, scope, server, channel)
     assert await ids(graphs, project, "deleted") == []
     assert server.graphs is not None
     assert (await server.graphs.sweep()).threads_ended == 0, "nothing left for the sweep"
+
+
+async def test_an_end_action_is_read_again_under_the_thread_lock(graphs, scope, server, channel):
+    """The sweep lists the threads of ended sessions, then ends each in a transaction
+    of its own: a put that relinked a thread in between (to a live session, no end
+    action) must win, not the stale list."""
+    project = scope["project_id"]
+    life = LifecycleServiceStub(channel)
+    await life.Spawn(lc.SpawnRequest(**scope))
+    await life.Terminate(lc.TerminateRequest(**scope))
+
+    def link(session_id: str, action: pb.GraphSessionEndAction.ValueType) -> pb.GraphThreadOptions:
+        return pb.GraphThreadOptions(
+            session=pb.GraphSessionLink(
+                agent_instance_id=scope["agent_instance_id"],
+                session_id=session_id,
+                on_session_end=action,
+            )
+        )
+
+    # Linked after its session ended: left to the sweep.
+    await put(graphs, project, checkpoint("t", "c1"),
+              options=link(scope["session_id"], pb.GRAPH_SESSION_END_ACTION_DELETE))  # fmt: skip
+    async with server.durable_store.transaction() as tx:
+        listed = await tx.graph_threads_of_ended_sessions(100)
+    assert (project, "t") in listed
+    live = {**scope, "session_id": "live"}
+    await life.Spawn(lc.SpawnRequest(**live))
+    await put(graphs, project, checkpoint("t", "c2", parent="c1"),
+              options=link("live", pb.GRAPH_SESSION_END_ACTION_UNSPECIFIED))  # fmt: skip
+    async with server.durable_store.transaction() as tx:
+        assert await _apply_session_end(tx, project, "t") == 0
+    assert await ids(graphs, project, "t") == ["c2", "c1"], "the relinked thread was ended"
 
 
 async def test_a_purge_forgets_linked_threads_and_whole_projects(graphs, scope, server, channel):
