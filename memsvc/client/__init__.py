@@ -63,6 +63,7 @@ from memsvc.client._errors import (
     Unknown,
     WatchPositionAhead,
     WatchPositionCompacted,
+    WatchPositionRefused,
     WorkingMemoryLost,
 )
 from memsvc.client._graphs import AsyncGraphClient
@@ -177,6 +178,7 @@ __all__ = [
     "Watch",
     "WatchPositionAhead",
     "WatchPositionCompacted",
+    "WatchPositionRefused",
     "WatchProgress",
     "WithTTL",
     "WorkingMemoryLost",

@@ -329,7 +329,16 @@ class BackendUnavailable(Unavailable):
     """A memsvc backend is down; the SDK retries this within the call's deadline."""
 
 
-class WatchPositionCompacted(OutOfRange):
+class WatchPositionRefused(OutOfRange):
+    """A watch's start position is not one the event log can serve."""
+
+    @property
+    def after_sequence(self) -> int | None:
+        """The position the watch asked to resume after."""
+        return _int(self.metadata.get("after_sequence"))
+
+
+class WatchPositionCompacted(WatchPositionRefused):
     """A watch asked to resume from a position older than the retained events.
 
     Events after ``after_sequence`` up to ``oldest_sequence`` are gone; start again
@@ -341,12 +350,8 @@ class WatchPositionCompacted(OutOfRange):
         """The oldest position a watch may resume after."""
         return _int(self.metadata.get("oldest_sequence"))
 
-    @property
-    def after_sequence(self) -> int | None:
-        return _int(self.metadata.get("after_sequence"))
 
-
-class WatchPositionAhead(OutOfRange):
+class WatchPositionAhead(WatchPositionRefused):
     """A watch asked to resume after a position past the latest event: a cursor
     that is not of this event log (another deployment's, or from before a
     database restore). Resume after ``latest_sequence``, or start from now."""
@@ -355,10 +360,6 @@ class WatchPositionAhead(OutOfRange):
     def latest_sequence(self) -> int | None:
         """The latest event's sequence when the watch was refused."""
         return _int(self.metadata.get("latest_sequence"))
-
-    @property
-    def after_sequence(self) -> int | None:
-        return _int(self.metadata.get("after_sequence"))
 
 
 def _int(text: str | None) -> int | None:
