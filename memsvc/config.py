@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -91,8 +92,10 @@ def _failpoints(text: str) -> str:
 
 def _positive_float(text: str) -> float:
     value = float(text)
-    if value <= 0:
-        raise ValueError(f"must be positive, got {value}")
+    # Not NaN (asyncio takes it as "due now": every deadline and sleep ends at
+    # once) nor infinity (a shutdown that waits for ever).
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"must be a positive finite number, got {text!r}")
     return value
 
 

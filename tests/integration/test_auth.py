@@ -520,7 +520,7 @@ def test_a_non_loopback_api_needs_tokens_tls_or_an_explicit_override(tmp_path: P
         ({"MEMSVC_TLS_KEY_FILE": "/k"}, "set both or neither"),
         ({"MEMSVC_TLS_CLIENT_CA_FILE": "/ca"}, "needs tls_cert_file"),
         ({"MEMSVC_UNIX_SOCKET_GROUP": "agents"}, "unix_socket is not"),
-        ({"MEMSVC_AUTH_RELOAD_INTERVAL_SECONDS": "0"}, "must be positive"),
+        ({"MEMSVC_AUTH_RELOAD_INTERVAL_SECONDS": "0"}, "positive finite"),
     ],
 )
 def test_inconsistent_security_settings_are_refused(env: dict[str, str], complaint: str):

@@ -49,6 +49,9 @@ def test_unknown_variables_are_refused_but_kubernetes_service_links_ignored():
         ({"MEMSVC_LISTEN": "no-port"}, "host:port"),
         ({"MEMSVC_DATABASE_URL": "mysql://x"}, "database_url"),
         ({"MEMSVC_MAX_VALUE_BYTES": "4000000"}, "3/4 of max_message_bytes"),
+        ({"MEMSVC_DEFAULT_DEADLINE_SECONDS": "nan"}, "positive finite"),
+        ({"MEMSVC_SHUTDOWN_GRACE_SECONDS": "inf"}, "positive finite"),
+        ({"MEMSVC_HEALTH_INTERVAL_SECONDS": "0"}, "positive finite"),
     ],
 )
 def test_bad_values_are_refused_with_the_setting_named(env, message):
