@@ -13,6 +13,7 @@ from typing import Any
 from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 
 from memsvc.domain import FieldViolation, InvalidArgument
+from memsvc.domain._episodes import NUL_FREE, holds_nul
 
 _NANOS_PER_MS = 1_000_000
 
@@ -33,11 +34,14 @@ def plain_struct(message: struct_pb2.Struct, field: str) -> dict[str, Any]:
     a failure of the server.
     """
     try:
-        return dict(json_format.MessageToDict(message))
+        plain = dict(json_format.MessageToDict(message))
     except ValueError as error:
         raise InvalidArgument.single(
             field, "numbers must be finite: it is stored as JSON, which has no NaN or Infinity"
         ) from error
+    if holds_nul(plain):
+        raise InvalidArgument.single(field, NUL_FREE)
+    return plain
 
 
 def seconds_of(duration: duration_pb2.Duration) -> float:

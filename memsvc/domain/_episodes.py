@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from memsvc.domain._errors import (
     EpisodeNotFound,
     FieldViolation,
+    InvalidArgument,
     SimilarityScopeTooLarge,
 )
 from memsvc.domain._ids import SessionRef, check_session_id, check_uuid, raise_if_any
@@ -43,6 +44,11 @@ MAX_ACTIONS_BYTES = 1 << 20
 MAX_METADATA_BYTES = 64 << 10
 MAX_EMBEDDING_DIMENSIONS = 4_096
 MAX_QUERY_CHARS = 1_000
+# protobuf's Duration and Timestamp ranges: what the API can send back.
+MAX_DURATION_SECONDS = 315_576_000_000
+MIN_TIME_MS = -62_135_596_800_000  # 0001-01-01T00:00:00Z
+MAX_TIME_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
+NUL_FREE = "must not contain NUL characters (U+0000), which PostgreSQL cannot store in text"
 LIST_PAGE = (100, 1_000)  # (default, maximum) page size
 SEARCH_PAGE = (20, 100)
 
@@ -269,8 +275,12 @@ def _position(after: str | None, *kinds: Callable[[Any], Any]) -> Any:
     """The keyset position a page token carries, as a tuple of ``kinds``."""
     if after is None:
         return None
-    values = json.loads(after)
-    return tuple(kind(value) for kind, value in zip(kinds, values, strict=True))
+    try:
+        values = json.loads(after)
+        return tuple(kind(value) for kind, value in zip(kinds, values, strict=True))
+    except (ValueError, TypeError):
+        # The token's fingerprint matched, but what it carries is not a position.
+        raise InvalidArgument.single("page_token", "is not a page token of this query") from None
 
 
 def _check_episode_name(project_id: str, episode_id: str) -> tuple[str, str]:
@@ -305,6 +315,13 @@ def check_scope(scope: EpisodeScope, violations: list[FieldViolation]) -> Episod
                 "filter.min_importance", f"must be from 0 to 1, got {scope.min_importance}"
             )
         )
+    for name, moment in (("start_time", scope.start_ms), ("end_time", scope.end_ms)):
+        if moment is not None and not MIN_TIME_MS <= moment <= MAX_TIME_MS:
+            violations.append(
+                FieldViolation(f"filter.{name}", "must be from year 1 to year 9999 (UTC)")
+            )
+    if scope.task_type is not None and holds_nul(scope.task_type):
+        violations.append(FieldViolation("filter.task_type", NUL_FREE))
     if scope.start_ms is not None and scope.end_ms is not None and scope.start_ms >= scope.end_ms:
         violations.append(FieldViolation("filter.end_time", "must be after filter.start_time"))
     return dataclasses.replace(scope, project_id=project, agent_instance_id=agent)
@@ -380,29 +397,73 @@ def check_episode(episode: EpisodeRecord, prefix: str) -> list[FieldViolation]:
     if not episode.task_type:
         bad("task_type", "is required (for example 'code_review')")
     too_long("task_type", episode.task_type, MAX_TASK_TYPE_CHARS)
-    if episode.outcome not in OUTCOMES:
-        expected = "OUTCOME_SUCCESS, OUTCOME_FAILURE or OUTCOME_PARTIAL"
-        bad("outcome", f"must be {expected}, got {episode.outcome}")
-    too_long("task_description", episode.task_description, MAX_TEXT_CHARS)
     too_long("outcome_details", episode.outcome_details, MAX_TEXT_CHARS)
     too_long("context_summary", episode.context_summary, MAX_CONTEXT_SUMMARY_CHARS)
-    if len(episode.lessons_learned) > MAX_LESSONS:
-        bad("lessons_learned", f"has {len(episode.lessons_learned)} lessons, over {MAX_LESSONS}")
-    for index, lesson in enumerate(episode.lessons_learned):
-        too_long(f"lessons_learned[{index}]", lesson, MAX_LESSON_CHARS)
+    for name in ("task_type", "outcome_details", "context_summary"):
+        if holds_nul(getattr(episode, name)):
+            bad(name, NUL_FREE)
+    check_story(
+        bad, episode.task_description, episode.outcome, episode.lessons_learned, episode.metadata
+    )
     if len(episode.actions) > MAX_ACTIONS:
         bad("actions", f"has {len(episode.actions)} actions, over the maximum of {MAX_ACTIONS}")
     elif _json_size(episode.actions) > MAX_ACTIONS_BYTES:
         bad("actions", f"is over {MAX_ACTIONS_BYTES} bytes of JSON")
-    if _json_size(episode.metadata) > MAX_METADATA_BYTES:
-        bad("metadata", f"is over {MAX_METADATA_BYTES} bytes of JSON")
+    elif holds_nul(episode.actions):
+        bad("actions", NUL_FREE)
     if not math.isfinite(episode.duration_seconds) or episode.duration_seconds < 0:
         bad("duration", "must not be negative")
+    elif episode.duration_seconds > MAX_DURATION_SECONDS:
+        bad("duration", f"must be at most {MAX_DURATION_SECONDS} seconds (10,000 years)")
     if episode.tokens_used < 0:
         bad("tokens_used", f"must not be negative, got {episode.tokens_used}")
     if not (math.isfinite(episode.importance) and 0 <= episode.importance <= 1):
         bad("importance", f"must be from 0 to 1, got {episode.importance}")
     return violations
+
+
+def check_story(
+    bad: Callable[[str, str], None],
+    task_description: str,
+    outcome: int,
+    lessons: Sequence[str],
+    metadata: Any,
+) -> None:
+    """The rules of an episode's story, whoever writes it: RecordEpisode, or a
+    Terminate that consolidates the session into one."""
+    if outcome not in OUTCOMES:
+        expected = "OUTCOME_SUCCESS, OUTCOME_FAILURE or OUTCOME_PARTIAL"
+        bad("outcome", f"must be {expected}, got {outcome}")
+    if len(task_description) > MAX_TEXT_CHARS:
+        bad(
+            "task_description",
+            f"is {len(task_description)} characters, over the maximum of {MAX_TEXT_CHARS}",
+        )
+    elif holds_nul(task_description):
+        bad("task_description", NUL_FREE)
+    if len(lessons) > MAX_LESSONS:
+        bad("lessons_learned", f"has {len(lessons)} lessons, over {MAX_LESSONS}")
+    for index, lesson in enumerate(lessons):
+        if len(lesson) > MAX_LESSON_CHARS:
+            bad(
+                f"lessons_learned[{index}]",
+                f"is {len(lesson)} characters, over the maximum of {MAX_LESSON_CHARS}",
+            )
+        elif holds_nul(lesson):
+            bad(f"lessons_learned[{index}]", NUL_FREE)
+    if _json_size(metadata) > MAX_METADATA_BYTES:
+        bad("metadata", f"is over {MAX_METADATA_BYTES} bytes of JSON")
+
+
+def holds_nul(value: Any) -> bool:
+    """Whether a text, or any string or key of a JSON-like value, holds U+0000."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(holds_nul(key) or holds_nul(item) for key, item in value.items())
+    if isinstance(value, list):
+        return any(holds_nul(item) for item in value)
+    return False
 
 
 def _json_size(value: Any) -> int:

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
-from memsvc.domain._episodes import OUTCOMES
+from memsvc.domain._episodes import OUTCOMES, check_story
 from memsvc.domain._errors import (
     CheckpointAlreadyExists,
     CheckpointLimitExceeded,
@@ -412,6 +412,15 @@ class Lifecycle:
     ) -> TerminateResult:
         ref = self._check(session, "", request_id)
         outcome = outcome or OUTCOME_SUCCESS
+        violations: list[FieldViolation] = []
+        check_story(
+            lambda name, problem: violations.append(FieldViolation(name, problem)),
+            task_description,
+            outcome,
+            lessons_learned,
+            metadata,
+        )
+        raise_if_any(violations)
         arguments = (
             ref,
             task_description,

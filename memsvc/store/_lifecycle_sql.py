@@ -89,7 +89,9 @@ class Dialect:
         moment = datetime.fromtimestamp(ms / 1000, UTC)
         if self.name == "postgres":
             return moment
-        return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+        # The year zero-padded (strftime's %Y is not, before 1000): these strings
+        # are compared as text.
+        return f"{moment.year:04d}" + moment.strftime("-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
 
     def time_value(self, raw: Any) -> int:
         if isinstance(raw, datetime):

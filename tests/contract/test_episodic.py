@@ -162,6 +162,13 @@ async def test_unknown_episodes_are_not_found_in_any_project(episodic, scope):
         ({"duration": duration_pb2.Duration(seconds=-1)}, "episode.duration"),
         ({"embedding": [float("inf")]}, "episode.embedding"),
         ({"embedding": [0.1] * 4_097}, "episode.embedding"),
+        # Past protobuf's Duration range: stored, it could never be sent back.
+        ({"duration": duration_pb2.Duration(seconds=10**15)}, "episode.duration"),
+        # NUL: PostgreSQL stores no U+0000 in text or jsonb.
+        ({"task_description": "a\x00b"}, "episode.task_description"),
+        ({"lessons_learned": ["a\x00b"]}, "episode.lessons_learned[0]"),
+        ({"metadata": struct({"k": "a\x00b"})}, "episode.metadata"),
+        ({"actions": [struct({"a\x00": 1})]}, "episode.actions[0]"),
     ],
 )
 async def test_every_bad_field_is_refused_and_nothing_is_written(episodic, scope, fields, field):
@@ -293,6 +300,17 @@ async def test_bad_list_requests_are_refused(episodic, scope):
                 filter=ep.EpisodeFilter(outcome=8),  # type: ignore[arg-type]
             ),
             "filter.outcome",
+        ),
+        (
+            ep.ListEpisodesRequest(
+                project_id=project,
+                filter=ep.EpisodeFilter(start_time=timestamp_pb2.Timestamp(seconds=10**12)),
+            ),
+            "filter.start_time",
+        ),
+        (
+            ep.ListEpisodesRequest(project_id=project, filter=ep.EpisodeFilter(task_type="a\x00")),
+            "filter.task_type",
         ),
     ]:
         details = await expect_error(
@@ -513,6 +531,40 @@ async def test_terminate_records_its_episode_in_episodic_memory(channel, episodi
     assert list(got.lessons_learned) == ["small steps"]
     assert await search_ids(episodic, scope["project_id"], "scheduler") == [ended.episode_id]
     assert json_format.MessageToDict(got.actions[0])["type"] == "session_completion"
+
+
+async def test_a_time_filter_before_year_1000_means_the_same_on_both_databases(episodic, scope):
+    await record(episodic, episode(scope))
+    early = timestamp_pb2.Timestamp()
+    early.FromJsonString("0500-01-01T00:00:00Z")
+    found = await episodic.ListEpisodes(
+        ep.ListEpisodesRequest(
+            project_id=scope["project_id"], filter=ep.EpisodeFilter(start_time=early)
+        )
+    )
+    assert len(found.episodes) == 1
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"outcome": 5}, "outcome"),
+        ({"task_description": "x" * 10_001}, "task_description"),
+        ({"lessons_learned": ["l"] * 101}, "lessons_learned"),
+        ({"lessons_learned": ["a\x00b"]}, "lessons_learned[0]"),
+        ({"metadata": struct({"k": "a\x00b"})}, "metadata"),
+    ],
+)
+async def test_terminate_refuses_what_record_episode_refuses(channel, scope, fields, field):
+    lifecycle = LifecycleServiceStub(channel)
+    await lifecycle.Spawn(lc.SpawnRequest(**scope))
+    details = await expect_error(
+        lifecycle.Terminate(lc.TerminateRequest(**scope, **fields)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert field in details.violations, details.violations
+    status = await lifecycle.GetSession(lc.GetSessionRequest(**scope))
+    assert status.session.state == lc.SESSION_STATE_ACTIVE
 
 
 @pytest.mark.parametrize("keys", [3, 400])
