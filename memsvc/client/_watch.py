@@ -44,6 +44,11 @@ class _Silent(Exception):
     """Nothing arrived for longer than the watch tolerates: reconnect."""
 
 
+# A stream that delivered its first message and stayed up this long worked:
+# its failure starts a new count of reconnections.
+STREAM_WORKED_SECONDS = 1.0
+
+
 class AsyncWatch(Generic[Item]):
     """An async iterator of lifecycle events (and, if asked, progress messages).
 
@@ -96,6 +101,7 @@ class AsyncWatch(Generic[Item]):
         self._connections = 0
         self._failing_since: float | None = None
         self._on_call = 0  # messages received on the current stream
+        self._connected_at = 0.0
         self._started = False
         self._received = 0
         self._pending: LifecycleEvent | WatchProgress | None = None
@@ -173,6 +179,8 @@ class AsyncWatch(Generic[Item]):
             raise
         except (grpc.RpcError, _StreamEnded, _Silent) as error:
             self._drop_call()
+            if self._on_call and self._lived() >= STREAM_WORKED_SECONDS:
+                self._stream_worked()  # a failure after a while is a new one
             if not self._closed:
                 await self._after_failure(error)
             return None
@@ -190,13 +198,20 @@ class AsyncWatch(Generic[Item]):
             if self._cursor is None or event.sequence > self._cursor:
                 self._cursor = event.sequence
                 item = _convert.lifecycle_event(event)
-        if item is not None or self._on_call > 1:
-            # The stream works: it moved the cursor, or lived past its first message
-            # (which only repeats the cursor). A server that accepts and then fails
-            # every stream keeps backing off, and reconnect_timeout still runs.
-            self._failures = 0
-            self._failing_since = None
+        if item is not None:
+            self._stream_worked()
         return item
+
+    def _lived(self) -> float:
+        return asyncio.get_running_loop().time() - self._connected_at
+
+    def _stream_worked(self) -> None:
+        """The stream moved the cursor, or failed only after STREAM_WORKED_SECONDS.
+        Its first message alone proves nothing (it repeats the cursor): a server
+        that accepts and then fails every stream keeps backing off, and
+        reconnect_timeout still runs."""
+        self._failures = 0
+        self._failing_since = None
 
     async def _read(self) -> lifecycle_pb2.WatchLifecycleResponse:
         try:
@@ -217,6 +232,7 @@ class AsyncWatch(Generic[Item]):
             request.after_sequence = self._cursor
         self._connections += 1
         self._on_call = 0
+        self._connected_at = asyncio.get_running_loop().time()
         self._connected_with = self._metadata()
         self._call = self._open_stream(request, self._connected_with)
 

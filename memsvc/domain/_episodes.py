@@ -428,30 +428,34 @@ def check_story(
     outcome: int,
     lessons: Sequence[str],
     metadata: Any,
+    *,
+    limits: bool = True,
 ) -> None:
     """The rules of an episode's story, whoever writes it: RecordEpisode, or a
-    Terminate that consolidates the session into one."""
+    Terminate that consolidates the session into one. Terminate's contract cuts
+    its description instead of refusing it, so there (``limits=False``) only what
+    no store can keep is refused: an unknown outcome, a NUL character."""
     if outcome not in OUTCOMES:
         expected = "OUTCOME_SUCCESS, OUTCOME_FAILURE or OUTCOME_PARTIAL"
         bad("outcome", f"must be {expected}, got {outcome}")
-    if len(task_description) > MAX_TEXT_CHARS:
+    if limits and len(task_description) > MAX_TEXT_CHARS:
         bad(
             "task_description",
             f"is {len(task_description)} characters, over the maximum of {MAX_TEXT_CHARS}",
         )
     elif holds_nul(task_description):
         bad("task_description", NUL_FREE)
-    if len(lessons) > MAX_LESSONS:
+    if limits and len(lessons) > MAX_LESSONS:
         bad("lessons_learned", f"has {len(lessons)} lessons, over {MAX_LESSONS}")
     for index, lesson in enumerate(lessons):
-        if len(lesson) > MAX_LESSON_CHARS:
+        if limits and len(lesson) > MAX_LESSON_CHARS:
             bad(
                 f"lessons_learned[{index}]",
                 f"is {len(lesson)} characters, over the maximum of {MAX_LESSON_CHARS}",
             )
         elif holds_nul(lesson):
             bad(f"lessons_learned[{index}]", NUL_FREE)
-    if _json_size(metadata) > MAX_METADATA_BYTES:
+    if limits and _json_size(metadata) > MAX_METADATA_BYTES:
         bad("metadata", f"is over {MAX_METADATA_BYTES} bytes of JSON")
 
 

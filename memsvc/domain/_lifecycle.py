@@ -419,6 +419,7 @@ class Lifecycle:
             outcome,
             lessons_learned,
             metadata,
+            limits=False,
         )
         raise_if_any(violations)
         arguments = (

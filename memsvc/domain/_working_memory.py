@@ -37,10 +37,10 @@ from memsvc.domain._pagination import (
     fingerprint,
 )
 
-# The longest TTL: protobuf's Duration range (10,000 years). Far past it, expiry
-# times in milliseconds pass 2**53: Redis then writes their scores in exponent
-# form, which PEXPIREAT refuses halfway through a script.
-MAX_TTL_MS = 315_576_000_000 * 1000
+# The longest TTL: 1,000 years. The expiry (now + TTL) must stay a Timestamp
+# (up to year 9999) for the API to send it back, and an exact integer in Redis's
+# scores (below 2**53 ms), which PEXPIREAT needs.
+MAX_TTL_MS = 31_557_600_000 * 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -368,8 +368,8 @@ class WorkingMemory:
             violations.append(
                 FieldViolation(
                     f"{prefix}ttl",
-                    f"must be at most {MAX_TTL_MS // 1000} seconds (10,000 years, protobuf's "
-                    "Duration limit; omit it or use 0 for no expiry)",
+                    f"must be at most {MAX_TTL_MS // 1000} seconds (1,000 years; omit it "
+                    "or use 0 for no expiry)",
                 )
             )
 

@@ -105,7 +105,7 @@ class EntryInput(_message.Message):
     @_builtins.property
     def ttl(self) -> _duration_pb2.Duration:
         """Time to live, at millisecond resolution (rounded up). Unset or zero: the
-        key never expires. Negative, or past Duration's range (10,000 years):
+        key never expires. Negative, or over 1,000 years:
         INVALID_ARGUMENT.
         """
 
@@ -153,8 +153,8 @@ class SetRequest(_message.Message):
     @_builtins.property
     def ttl(self) -> _duration_pb2.Duration:
         """Time to live, at millisecond resolution (rounded up). Unset or zero: the
-        key never expires (and a previous TTL is removed). Negative, or past
-        Duration's range (10,000 years): INVALID_ARGUMENT.
+        key never expires (and a previous TTL is removed). Negative, or over
+        1,000 years: INVALID_ARGUMENT.
         """
 
     def __init__(

@@ -18,6 +18,7 @@ import grpc
 import pytest
 
 from memsvc.client import AsyncClient, Cancelled, Client, RetryPolicy, Unavailable
+from memsvc.client._watch import STREAM_WORKED_SECONDS
 from memsvc.v1 import lifecycle_pb2 as lc
 
 SERVICE = "memsvc.v1.LifecycleService"
@@ -26,11 +27,11 @@ NO_RETRY = RetryPolicy(max_attempts=1)
 
 
 class StubServer:
-    """WatchLifecycle sends a progress at sequence 5, then either stays open or
-    fails with UNAVAILABLE (``fail_streams``); GetSession never answers."""
+    """WatchLifecycle sends a progress at sequence 5, then stays open, or fails
+    with UNAVAILABLE ``fail_after`` seconds later; GetSession never answers."""
 
-    def __init__(self, fail_streams: bool) -> None:
-        self.fail_streams = fail_streams
+    def __init__(self, fail_after: float | None) -> None:
+        self.fail_after = fail_after
         self.streams = 0
         self.server = grpc.aio.server()
         self.port = 0
@@ -38,7 +39,8 @@ class StubServer:
     async def watch(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         self.streams += 1
         yield lc.WatchLifecycleResponse(progress=lc.WatchProgress(sequence=5))
-        if self.fail_streams:
+        if self.fail_after is not None:
+            await asyncio.sleep(self.fail_after)
             await context.abort(grpc.StatusCode.UNAVAILABLE, "failing on purpose")
         await asyncio.Event().wait()
 
@@ -75,7 +77,7 @@ class StubServer:
 
 @pytest.fixture
 async def holding() -> AsyncIterator[StubServer]:
-    async with StubServer(fail_streams=False) as stub:
+    async with StubServer(fail_after=None) as stub:
         yield stub
 
 
@@ -124,7 +126,7 @@ async def test_a_call_in_flight_when_the_client_closes_raises_cancelled(holding:
 async def test_streams_that_fail_after_their_first_message_back_off_until_the_timeout():
     policy = RetryPolicy(max_attempts=5, initial_backoff=0.05, max_backoff=1.0)
     async with (
-        StubServer(fail_streams=True) as failing,
+        StubServer(fail_after=0) as failing,
         AsyncClient(failing.target, retry=policy) as client,
     ):
         watch = client.watch(SCOPE[0], reconnect_timeout=1.0)
@@ -136,3 +138,19 @@ async def test_streams_that_fail_after_their_first_message_back_off_until_the_ti
         # pauses grew (0.05, 0.1, 0.2, ... s) and the timeout ran out, instead of
         # a reconnection every 50 ms for ever.
         assert watch.connections < 12, watch.connections
+
+
+async def test_streams_that_work_for_a_while_before_failing_keep_the_watch_going():
+    """A stream that stayed up past STREAM_WORKED_SECONDS worked: its failure starts
+    a new count, even before the first event or progress that moves the cursor."""
+    async with (
+        StubServer(fail_after=STREAM_WORKED_SECONDS + 0.3) as flaky,
+        AsyncClient(flaky.target, retry=RetryPolicy(initial_backoff=0.05)) as client,
+    ):
+        watch = await client.watch(SCOPE[0], reconnect_timeout=0.5).start()
+        reading = asyncio.ensure_future(anext(watch))
+        done, _ = await asyncio.wait({reading}, timeout=3 * (STREAM_WORKED_SECONDS + 0.3) + 1)
+        assert not done, reading.result()  # no error: the watch is still reconnecting
+        assert watch.connections >= 3
+        reading.cancel()
+        await watch.aclose()

@@ -549,8 +549,8 @@ async def test_a_time_filter_before_year_1000_means_the_same_on_both_databases(e
     ("fields", "field"),
     [
         ({"outcome": 5}, "outcome"),
-        ({"task_description": "x" * 10_001}, "task_description"),
-        ({"lessons_learned": ["l"] * 101}, "lessons_learned"),
+        ({"outcome": 5, "skip_consolidation": True}, "outcome"),
+        ({"task_description": "a\x00b"}, "task_description"),
         ({"lessons_learned": ["a\x00b"]}, "lessons_learned[0]"),
         ({"metadata": struct({"k": "a\x00b"})}, "metadata"),
     ],

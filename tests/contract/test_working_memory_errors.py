@@ -81,8 +81,10 @@ def _bad_sets() -> list[tuple[str, dict[str, Any], str]]:
         ("negative ttl", {"ttl": duration_pb2.Duration(seconds=-1)}, "ttl"),
         ("negative sub-ms ttl", {"ttl": duration_pb2.Duration(nanos=-5)}, "ttl"),
         ("malformed ttl", {"ttl": duration_pb2.Duration(seconds=1, nanos=-1)}, "ttl"),
-        # Past protobuf's Duration range (10,000 years): the parser accepts it.
+        # Past protobuf's Duration range: the parser accepts it.
         ("ttl over 10,000 years", {"ttl": duration_pb2.Duration(seconds=10**14)}, "ttl"),
+        # Within it, but the expiry would pass year 9999 (no Timestamp holds it).
+        ("ttl over 1,000 years", {"ttl": duration_pb2.Duration(seconds=31_557_600_001)}, "ttl"),
     ]
 
 
