@@ -25,13 +25,19 @@ from typing import Any, Protocol
 from memsvc.domain._errors import (
     EpisodeNotFound,
     FieldViolation,
-    InvalidArgument,
     SimilarityScopeTooLarge,
 )
 from memsvc.domain._ids import SessionRef, check_session_id, check_uuid, raise_if_any
 from memsvc.domain._lifecycle_records import EpisodeRecord, RequestLog
 from memsvc.domain._lifecycle_results import arguments_hash, claim, uuid7
-from memsvc.domain._pagination import Page, check_page_size, decode_page_token, fingerprint, page_of
+from memsvc.domain._pagination import (
+    Page,
+    check_page_size,
+    decode_page_token,
+    fingerprint,
+    page_of,
+    page_position,
+)
 
 OUTCOMES = {1: "SUCCESS", 2: "FAILURE", 3: "PARTIAL"}
 MAX_TASK_TYPE_CHARS = 128
@@ -275,12 +281,9 @@ def _position(after: str | None, *kinds: Callable[[Any], Any]) -> Any:
     """The keyset position a page token carries, as a tuple of ``kinds``."""
     if after is None:
         return None
-    try:
-        values = json.loads(after)
-        return tuple(kind(value) for kind, value in zip(kinds, values, strict=True))
-    except (ValueError, TypeError):
-        # The token's fingerprint matched, but what it carries is not a position.
-        raise InvalidArgument.single("page_token", "is not a page token of this query") from None
+    return page_position(
+        after, lambda values: tuple(kind(v) for kind, v in zip(kinds, values, strict=True))
+    )
 
 
 def _check_episode_name(project_id: str, episode_id: str) -> tuple[str, str]:

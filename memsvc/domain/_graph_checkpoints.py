@@ -28,7 +28,14 @@ from typing import Any, Protocol
 
 from memsvc.domain._errors import FailedPrecondition, FieldViolation, NotFound
 from memsvc.domain._ids import SessionRef, check_session_id, check_uuid, raise_if_any
-from memsvc.domain._pagination import Page, check_page_size, decode_page_token, fingerprint, page_of
+from memsvc.domain._pagination import (
+    Page,
+    check_page_size,
+    decode_page_token,
+    fingerprint,
+    page_of,
+    page_position,
+)
 
 MAX_THREAD_ID_BYTES = 512
 MAX_NAMESPACE_BYTES = 2048
@@ -370,7 +377,13 @@ class GraphCheckpoints:
             await tx.lock_graph_thread(project, thread, now, options)
             if require_latest_parent:
                 latest = await tx.latest_graph_checkpoint_id(project, thread, ns)
-                if latest not in (record.parent_checkpoint_id, record.checkpoint_id):
+                retry = latest == record.checkpoint_id
+                # Extending the latest also means becoming it: an id that sorts before
+                # it (a writer whose clock runs behind) would fork the thread unseen.
+                extends = latest == record.parent_checkpoint_id and (
+                    not latest or record.checkpoint_id > latest
+                )
+                if not (retry or extends):
                     raise GraphCheckpointConflict(thread, ns, record.parent_checkpoint_id, latest)
             stored = await tx.insert_graph_values(project, thread, ns, new_values)
             await tx.upsert_graph_checkpoint(record)
@@ -433,8 +446,7 @@ class GraphCheckpoints:
         after_text = decode_page_token(page_token, token_scope)
         after: tuple[str, str, str] | None = None
         if after_text is not None:
-            position = json.loads(after_text)
-            after = (str(position[0]), str(position[1]), str(position[2]))
+            after = page_position(after_text, lambda p: (str(p[0]), str(p[1]), str(p[2])))
         items, truncated = await self._db.list_graph_checkpoints(
             scope, after, limit + 1, self._page_bytes
         )

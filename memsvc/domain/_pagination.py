@@ -20,6 +20,7 @@ from typing import Any, Generic, TypeVar
 from memsvc.domain._errors import FieldViolation, InvalidArgument
 
 T = TypeVar("T")
+P = TypeVar("P")
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +81,18 @@ def decode_page_token(token: str, scope: str, field: str = "page_token") -> str 
             ]
         )
     return str(after)
+
+
+def page_position(after: str, read: Callable[[Any], P]) -> P:
+    """The keyset position ``after`` (from decode_page_token), read from its JSON
+    by ``read``. The fingerprint only binds a token to its request, and a client
+    can forge one: a position that does not read is INVALID_ARGUMENT."""
+    try:
+        return read(json.loads(after))
+    except (ValueError, TypeError, IndexError, KeyError):
+        raise InvalidArgument.single(
+            "page_token", "is not a token returned by this call; start again with an empty one"
+        ) from None
 
 
 def check_page_size(

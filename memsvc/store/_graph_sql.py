@@ -469,10 +469,14 @@ class SqlGraphWrites:
 
     async def delete_graph_thread(self, project_id: str, thread_id: str) -> int:
         key = (project_id, thread_id)
+        # The thread's row first: deleting it locks it, and every write locks that
+        # row first, so no put commits a checkpoint whose values the next
+        # statements would then delete (each statement sees the latest commits).
+        await self._conn.execute(self._d.sql(f"DELETE FROM graph_threads WHERE {_THREAD}"), key)
         deleted = await self._rows(
             f"DELETE FROM graph_checkpoints WHERE {_THREAD} RETURNING 1", key
         )
-        for table in ("graph_values", "graph_writes", "graph_threads"):
+        for table in ("graph_values", "graph_writes"):
             await self._conn.execute(self._d.sql(f"DELETE FROM {table} WHERE {_THREAD}"), key)
         return len(deleted)
 
@@ -642,13 +646,17 @@ class SqlGraphWrites:
 
     async def purge_graph(self, scope: SessionRef) -> int:
         if not scope.agent_instance_id:
-            deleted = await self._rows(
-                "DELETE FROM graph_checkpoints WHERE project_id = ? RETURNING 1",
-                (scope.project_id,),
+            project = (scope.project_id,)
+            # Thread rows first, as in delete_graph_thread.
+            await self._conn.execute(
+                self._d.sql("DELETE FROM graph_threads WHERE project_id = ?"), project
             )
-            for table in ("graph_values", "graph_writes", "graph_threads"):
+            deleted = await self._rows(
+                "DELETE FROM graph_checkpoints WHERE project_id = ? RETURNING 1", project
+            )
+            for table in ("graph_values", "graph_writes"):
                 await self._conn.execute(
-                    self._d.sql(f"DELETE FROM {table} WHERE project_id = ?"), (scope.project_id,)
+                    self._d.sql(f"DELETE FROM {table} WHERE project_id = ?"), project
                 )
             return len(deleted)
         conditions = "project_id = ? AND agent_instance_id = ?"

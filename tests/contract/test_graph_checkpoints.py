@@ -5,6 +5,7 @@ checkpointer semantics, in tests/langgraph)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import uuid
 from typing import Any
@@ -152,6 +153,51 @@ async def test_the_writer_fence_refuses_a_stale_parent(graphs, scope):
     # Without the fence the fork is stored, as LangGraph's savers do.
     await put(graphs, project, checkpoint("t", "c3", parent="c1"))
     assert await ids(graphs, project, "t") == ["c3", "c2", "c1"]
+
+
+async def test_the_writer_fence_refuses_an_id_that_would_not_become_the_latest(graphs, scope):
+    """Two fenced writers whose clocks run behind the one that wrote the latest both
+    name it as parent with lower ids: the first would fork the thread unseen."""
+    project = scope["project_id"]
+    await put(graphs, project, checkpoint("t", "c5"), require_latest_parent=True)
+    error = await expect_error(
+        put(graphs, project, checkpoint("t", "c4", parent="c5"), require_latest_parent=True),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+    assert error.reason == "ERROR_REASON_GRAPH_CHECKPOINT_CONFLICT"
+    assert await ids(graphs, project, "t") == ["c5"]
+
+
+async def test_a_forged_page_token_is_invalid_argument(graphs, scope):
+    project = scope["project_id"]
+    for step in range(1, 4):
+        await put(graphs, project, checkpoint("t", f"c{step}"))
+    first = await graphs.ListGraphCheckpoints(
+        pb.ListGraphCheckpointsRequest(project_id=project, thread_id="t", page_size=1)
+    )
+    # The token of this very request, its position replaced: the fingerprint
+    # still matches (it binds the request, not the position).
+    for position in ('"x"', '["a"]', "{}"):
+        error = await expect_error(
+            graphs.ListGraphCheckpoints(
+                pb.ListGraphCheckpointsRequest(
+                    project_id=project,
+                    thread_id="t",
+                    page_size=1,
+                    page_token=forge(first.next_page_token, position),
+                )
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        )
+        assert "page_token" in error.violations
+
+
+def forge(token: str, position: str) -> str:
+    """``token`` with its position replaced by ``position`` (JSON text)."""
+    padded = token + "=" * (-len(token) % 4)
+    document = json.loads(base64.urlsafe_b64decode(padded))
+    document["a"] = position
+    return base64.urlsafe_b64encode(json.dumps(document).encode()).decode().rstrip("=")
 
 
 async def test_concurrent_fenced_writers_never_both_succeed(graphs, scope):
