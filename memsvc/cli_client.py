@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import enum
 import json
+import math
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -153,7 +154,12 @@ def add_commands(commands: Any) -> None:
     spawn = commands.add_parser("spawn", parents=[session], help="spawn a session")
     spawn.add_argument("--agent-type", help="agent type id (a UUID)")
     spawn.add_argument(
-        "--set", action="append", default=[], metavar="KEY=JSON", help="an initial entry"
+        "--set",
+        action="append",
+        default=[],
+        type=_key_value,
+        metavar="KEY=JSON",
+        help="an initial entry",
     )
     spawn.set_defaults(handler=_spawn)
 
@@ -181,7 +187,7 @@ def add_commands(commands: Any) -> None:
     put = commands.add_parser("set", parents=[session], help="write a working-memory key")
     put.add_argument("key")
     put.add_argument("value", help="a JSON value (a bare word is taken as a string)")
-    put.add_argument("--ttl", type=float, help="seconds until it expires")
+    put.add_argument("--ttl", type=_seconds, help="seconds until it expires")
     put.set_defaults(handler=_set)
 
     episodes = commands.add_parser("episodes", help="list or search episodes")
@@ -364,7 +370,7 @@ async def _prune_graph_thread(client: AsyncClient, args: argparse.Namespace, out
 
 
 async def _spawn(client: AsyncClient, args: argparse.Namespace, out: TextIO) -> None:
-    initial = dict(_key_value(item) for item in args.set)
+    initial = dict(args.set)
     session = await _session(client, args).spawn(initial=initial, agent_type_id=args.agent_type)
     _show(out, args, session)
 
@@ -490,10 +496,22 @@ def _json_value(text: str) -> Any:
 
 
 def _key_value(item: str) -> tuple[str, Any]:
+    """An argparse type: a bad one is a usage error (exit code 2)."""
     key, sep, text = item.partition("=")
     if not sep or not key:
-        raise SystemExit(f"memsvc: --set expects KEY=JSON, got {item!r}")
+        raise argparse.ArgumentTypeError(f"expects KEY=JSON, got {item!r}")
     return key, _json_value(text)
+
+
+def _seconds(text: str) -> float:
+    """An argparse type for durations: finite and not negative."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects seconds, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expects a finite number of seconds >= 0, got {text!r}")
+    return value
 
 
 def _show(out: TextIO, args: argparse.Namespace, value: Any, text: str | None = None) -> None:

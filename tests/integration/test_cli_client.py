@@ -110,6 +110,10 @@ async def test_bad_input_and_an_unreachable_server(cli: Cli):
     assert "UNAVAILABLE" in err and "is memsvc running at 127.0.0.1:1?" in err
     code, _, err = await cli.run("spawn", "-p", "x")  # missing required options
     assert code == 2 and "required" in err
+    code, _, err = await cli.run("spawn", *cli.ids, "--set", "no-equals-sign")
+    assert code == 2 and "KEY=JSON" in err
+    code, _, err = await cli.run("set", *cli.ids, "k", "1", "--ttl", "nan")
+    assert code == 2 and "finite" in err
 
 
 async def test_watch_prints_events_live_and_resumes_from_a_cursor(cli: Cli):
