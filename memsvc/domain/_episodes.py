@@ -90,6 +90,10 @@ class ScoredEpisode:
 class EpisodeTransaction(RequestLog, Protocol):
     """The writes of episodic memory, inside one durable-store transaction."""
 
+    async def lock_project(self, project_id: str, exclusive: bool) -> None:
+        """Hold the project's lock (shared: writes; exclusive: a purge) until the
+        transaction ends."""
+
     async def insert_episode(self, record: EpisodeRecord) -> None: ...
 
     async def delete_episode(self, project_id: str, episode_id: str) -> bool:
@@ -159,6 +163,8 @@ class Episodes:
             episode.ref.session_id,
         )
         async with self._db.transaction() as tx:
+            # Not inside a purge of the project (it travels with the next statement).
+            await tx.lock_project(ref.project_id, exclusive=False)
             if request_id:
                 arguments = arguments_hash(
                     "RecordEpisode",

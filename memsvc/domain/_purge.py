@@ -42,6 +42,10 @@ class PurgeTransaction(RequestLog, Protocol):
     """The purge's writes, inside one durable-store transaction. ``scope`` is a
     SessionRef whose empty agent instance or session id matches every one."""
 
+    async def lock_project(self, project_id: str, exclusive: bool) -> None:
+        """Hold the project's lock until the transaction ends (exclusive: no
+        Spawn or RecordEpisode in the project commits meanwhile)."""
+
     async def purge_sessions(self, scope: SessionRef) -> tuple[list[SessionRef], int]:
         """Delete the scope's sessions and checkpoints; return the deleted
         sessions and the number of checkpoints."""
@@ -85,6 +89,9 @@ class Purger:
         scope = check_purge_scope(project_id, agent_instance_id, session_id, request_id)
         arguments = arguments_hash("PurgeData", scope)
         async with self._db.transaction() as tx:
+            # Each statement below sees what committed before it: a session spawned
+            # or an episode recorded between two of them would be half purged.
+            await tx.lock_project(scope.project_id, exclusive=True)
             if request_id:
                 project = SessionRef(scope.project_id, "", "")
                 previous = await claim(tx, project, request_id, "PurgeData", arguments)

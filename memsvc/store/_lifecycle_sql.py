@@ -64,6 +64,10 @@ class Dialect:
     # a row lock cannot make them wait for it; this lock can. (SQLite's write
     # lock already serializes every writing transaction.)
     session_key_lock: str = ""
+    # A project's lock, held to the end of the transaction, in shared ({mode}
+    # "_shared") or exclusive ("") mode ("" for none): what a purge and the
+    # writes that add a project's rows take, so none commits inside a purge.
+    project_lock: str = ""
 
     async def execute_bulk_read(
         self, conn: Connection, statement: str, params: Sequence[Any]
@@ -112,6 +116,7 @@ POSTGRES = Dialect(
     binary_reads=True,
     pipelined=True,
     session_key_lock="SELECT pg_advisory_xact_lock(hashtextextended(?, 0))",
+    project_lock="SELECT pg_advisory_xact_lock{mode}(hashtextextended(?, 0))",
 )
 EVENT_CHANNEL = "memsvc_events"
 
@@ -323,11 +328,21 @@ class SqlLifecycleTransaction:
             key = f"memsvc session {ref.project_id}/{ref.agent_instance_id}/{ref.session_id}"
             await self._conn.execute(self._d.sql(self._d.session_key_lock), (key,))
 
+    async def lock_project(self, project_id: str, exclusive: bool) -> None:
+        """Shared by the writes that add a project's rows (Spawn, RecordEpisode),
+        exclusive for a purge: a purge runs statement after statement, each seeing
+        what committed before it, so nothing may commit in the project meanwhile."""
+        if self._d.project_lock:
+            statement = self._d.project_lock.format(mode="" if exclusive else "_shared")
+            await self._conn.execute(self._d.sql(statement), (f"memsvc project {project_id}",))
+
     async def lock_session_after_spawn(self, ref: SessionRef) -> SessionRecord | None:
         await self._hold_session_key(ref)  # travels with the lock: no round trip of its own
         return await self.lock_session(ref)
 
     async def insert_session(self, record: SessionRecord) -> bool:
+        # The project's lock first, then the session key's: always in this order.
+        await self.lock_project(record.ref.project_id, exclusive=False)
         await self._hold_session_key(record.ref)
         row = await self._one(
             f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
