@@ -46,6 +46,7 @@ from memsvc.domain._ids import (
 )
 from memsvc.domain._lifecycle_reads import LifecycleReads
 from memsvc.domain._lifecycle_records import (
+    REQUEST_ID_CLOCK_MARGIN,
     CheckpointLock,
     CheckpointRecord,
     CheckpointRetention,
@@ -560,7 +561,8 @@ class Lifecycle:
                     )  # fmt: skip
         async with self._db.transaction() as tx:
             if await tx.try_lead("request-retention"):
-                forgotten = await tx.forget_requests(now - self.retention.request_id_ttl_ms, limit)
+                ttl = self.retention.request_id_ttl_ms * (1 + REQUEST_ID_CLOCK_MARGIN)
+                forgotten = await tx.forget_requests(now - int(ttl), limit)
         async with self._db.transaction() as tx:
             if await tx.try_lead("event-compaction"):
                 compacted = await tx.compact_events(

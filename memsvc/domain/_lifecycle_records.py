@@ -270,6 +270,12 @@ class LifecycleDatabase(Protocol):
         """Sessions newest first, strictly before (create_ms, agent, session) when given."""
 
 
+# A request id is stamped by the replica that claims it and forgotten by the one
+# that sweeps, by their own clocks: forgetting it 1% past its TTL (14.4 minutes
+# of 24 hours) keeps "remembered at least the TTL" under that much clock skew.
+REQUEST_ID_CLOCK_MARGIN = 0.01
+
+
 @dataclass(frozen=True, slots=True)
 class CheckpointRetention:
     """How long checkpoints live (the resume point of a PAUSED session always stays)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from dataclasses import replace
 
@@ -154,3 +155,26 @@ async def test_a_backlog_past_one_batch_is_cleared_in_one_interval(base_config, 
         # The database may hold other tests' expired ids too: at least three batches.
         assert requests >= 5
         assert (await sql_rows(config.database_url, remembered, project))[0][0] == 0
+
+
+async def test_request_ids_are_remembered_a_margin_past_their_ttl(base_config, monkeypatch):
+    """Claimed by one replica's clock, forgotten by the sweeper's: 1% past the TTL
+    (14.4 minutes of 24 hours) absorbs that much clock skew."""
+    config = replace(base_config, request_id_ttl_seconds=100, retention_interval_seconds=3600)
+    remembered = "SELECT count(*) FROM request_log WHERE project_id = ?"
+    project = str(uuid.uuid4())
+    async with (
+        Server(config) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        claimed_ms = time.time_ns() // 1_000_000
+        await LifecycleServiceStub(channel).Spawn(
+            lc.SpawnRequest(project_id=project, agent_instance_id=str(uuid.uuid4()),
+                            session_id="s", request_id=str(uuid.uuid4()))
+        )  # fmt: skip
+        assert server.lifecycle is not None
+        for after_ms, left in ((100_500, 1), (102_000, 0)):  # the TTL is 100 s
+            now = claimed_ms + after_ms
+            monkeypatch.setattr(server.lifecycle, "_clock_ms", lambda now=now: now)
+            await server.lifecycle.sweep()
+            assert (await sql_rows(config.database_url, remembered, project))[0][0] == left
