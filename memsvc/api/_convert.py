@@ -13,7 +13,7 @@ from typing import Any
 from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 
 from memsvc.domain import FieldViolation, InvalidArgument
-from memsvc.domain._episodes import NUL_FREE, holds_nul
+from memsvc.domain._storable import json_problem
 
 _NANOS_PER_MS = 1_000_000
 
@@ -39,8 +39,9 @@ def plain_struct(message: struct_pb2.Struct, field: str) -> dict[str, Any]:
         raise InvalidArgument.single(
             field, "numbers must be finite: it is stored as JSON, which has no NaN or Infinity"
         ) from error
-    if holds_nul(plain):
-        raise InvalidArgument.single(field, NUL_FREE)
+    problem = json_problem(plain)
+    if problem:
+        raise InvalidArgument.single(field, problem)
     return plain
 
 

@@ -38,6 +38,7 @@ from memsvc.domain._pagination import (
     page_of,
     page_position,
 )
+from memsvc.domain._storable import json_problem
 
 OUTCOMES = {1: "SUCCESS", 2: "FAILURE", 3: "PARTIAL"}
 MAX_TASK_TYPE_CHARS = 128
@@ -54,7 +55,6 @@ MAX_QUERY_CHARS = 1_000
 MAX_DURATION_SECONDS = 315_576_000_000
 MIN_TIME_MS = -62_135_596_800_000  # 0001-01-01T00:00:00Z
 MAX_TIME_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
-NUL_FREE = "must not contain NUL characters (U+0000), which PostgreSQL cannot store in text"
 LIST_PAGE = (100, 1_000)  # (default, maximum) page size
 SEARCH_PAGE = (20, 100)
 
@@ -329,8 +329,8 @@ def check_scope(scope: EpisodeScope, violations: list[FieldViolation]) -> Episod
             violations.append(
                 FieldViolation(f"filter.{name}", "must be from year 1 to year 9999 (UTC)")
             )
-    if scope.task_type is not None and holds_nul(scope.task_type):
-        violations.append(FieldViolation("filter.task_type", NUL_FREE))
+    if scope.task_type is not None and (problem := json_problem(scope.task_type)):
+        violations.append(FieldViolation("filter.task_type", problem))
     if scope.start_ms is not None and scope.end_ms is not None and scope.start_ms >= scope.end_ms:
         violations.append(FieldViolation("filter.end_time", "must be after filter.start_time"))
     return dataclasses.replace(scope, project_id=project, agent_instance_id=agent)
@@ -389,10 +389,6 @@ def check_episode(episode: EpisodeRecord, prefix: str) -> list[FieldViolation]:
     def bad(name: str, problem: str) -> None:
         violations.append(FieldViolation(f"{prefix}.{name}", problem))
 
-    def too_long(name: str, value: str, limit: int) -> None:
-        if len(value) > limit:
-            bad(name, f"is {len(value)} characters, over the maximum of {limit}")
-
     ref = episode.ref
     check_uuid(ref.project_id, f"{prefix}.project_id", violations)
     check_uuid(ref.agent_instance_id, f"{prefix}.agent_instance_id", violations)
@@ -405,12 +401,9 @@ def check_episode(episode: EpisodeRecord, prefix: str) -> list[FieldViolation]:
         bad("embedding_dimensions", "is computed by the server; leave it 0")
     if not episode.task_type:
         bad("task_type", "is required (for example 'code_review')")
-    too_long("task_type", episode.task_type, MAX_TASK_TYPE_CHARS)
-    too_long("outcome_details", episode.outcome_details, MAX_TEXT_CHARS)
-    too_long("context_summary", episode.context_summary, MAX_CONTEXT_SUMMARY_CHARS)
-    for name in ("task_type", "outcome_details", "context_summary"):
-        if holds_nul(getattr(episode, name)):
-            bad(name, NUL_FREE)
+    _check_text(bad, "task_type", episode.task_type, MAX_TASK_TYPE_CHARS)
+    _check_text(bad, "outcome_details", episode.outcome_details, MAX_TEXT_CHARS)
+    _check_text(bad, "context_summary", episode.context_summary, MAX_CONTEXT_SUMMARY_CHARS)
     check_story(
         bad, episode.task_description, episode.outcome, episode.lessons_learned, episode.metadata
     )
@@ -418,8 +411,8 @@ def check_episode(episode: EpisodeRecord, prefix: str) -> list[FieldViolation]:
         bad("actions", f"has {len(episode.actions)} actions, over the maximum of {MAX_ACTIONS}")
     elif _json_size(episode.actions) > MAX_ACTIONS_BYTES:
         bad("actions", f"is over {MAX_ACTIONS_BYTES} bytes of JSON")
-    elif holds_nul(episode.actions):
-        bad("actions", NUL_FREE)
+    elif problem := json_problem(episode.actions):
+        bad("actions", problem)
     if not math.isfinite(episode.duration_seconds) or episode.duration_seconds < 0:
         bad("duration", "must not be negative")
     elif episode.duration_seconds > MAX_DURATION_SECONDS:
@@ -447,36 +440,21 @@ def check_story(
     if outcome not in OUTCOMES:
         expected = "OUTCOME_SUCCESS, OUTCOME_FAILURE or OUTCOME_PARTIAL"
         bad("outcome", f"must be {expected}, got {outcome}")
-    if limits and len(task_description) > MAX_TEXT_CHARS:
-        bad(
-            "task_description",
-            f"is {len(task_description)} characters, over the maximum of {MAX_TEXT_CHARS}",
-        )
-    elif holds_nul(task_description):
-        bad("task_description", NUL_FREE)
+    _check_text(bad, "task_description", task_description, MAX_TEXT_CHARS if limits else None)
     if limits and len(lessons) > MAX_LESSONS:
         bad("lessons_learned", f"has {len(lessons)} lessons, over {MAX_LESSONS}")
     for index, lesson in enumerate(lessons):
-        if limits and len(lesson) > MAX_LESSON_CHARS:
-            bad(
-                f"lessons_learned[{index}]",
-                f"is {len(lesson)} characters, over the maximum of {MAX_LESSON_CHARS}",
-            )
-        elif holds_nul(lesson):
-            bad(f"lessons_learned[{index}]", NUL_FREE)
+        _check_text(bad, f"lessons_learned[{index}]", lesson, MAX_LESSON_CHARS if limits else None)
     if limits and _json_size(metadata) > MAX_METADATA_BYTES:
         bad("metadata", f"is over {MAX_METADATA_BYTES} bytes of JSON")
 
 
-def holds_nul(value: Any) -> bool:
-    """Whether a text, or any string or key of a JSON-like value, holds U+0000."""
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(holds_nul(key) or holds_nul(item) for key, item in value.items())
-    if isinstance(value, list):
-        return any(holds_nul(item) for item in value)
-    return False
+def _check_text(bad: Callable[[str, str], None], name: str, value: str, limit: int | None) -> None:
+    """One violation at most: longer than ``limit`` (when given), or not storable."""
+    if limit is not None and len(value) > limit:
+        bad(name, f"is {len(value)} characters, over the maximum of {limit}")
+    elif problem := json_problem(value):
+        bad(name, problem)
 
 
 def _json_size(value: Any) -> int:

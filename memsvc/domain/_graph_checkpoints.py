@@ -17,7 +17,6 @@ session) runs in the background sweep; see docs/langgraph.md.
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -36,6 +35,7 @@ from memsvc.domain._pagination import (
     page_of,
     page_position,
 )
+from memsvc.domain._storable import json_problem
 
 MAX_THREAD_ID_BYTES = 512
 MAX_NAMESPACE_BYTES = 2048
@@ -49,7 +49,6 @@ MAX_CHANNELS = 10_000
 MAX_WRITES = 10_000
 MAX_METADATA_BYTES = 1 << 20
 MAX_FILTER_BYTES = 64 << 10
-MAX_JSON_DEPTH = 64
 MAX_THREADS_PER_CALL = 1_000
 MAX_RUN_IDS = 1_000
 MAX_KEEP_LAST = 1_000_000
@@ -659,33 +658,11 @@ def parse_json_object(
     if not isinstance(value, dict):
         violations.append(FieldViolation(field, "must be a JSON object"))
         return {}
-    problem = _json_problem(value, 0)
+    problem = json_problem(value)
     if problem:
         violations.append(FieldViolation(field, problem))
         return {}
     return value
-
-
-def _json_problem(value: Any, depth: int) -> str | None:
-    if depth > MAX_JSON_DEPTH:
-        return f"nests deeper than {MAX_JSON_DEPTH} levels"
-    if isinstance(value, str):
-        return "must not contain NUL characters" if "\x00" in value else None
-    if isinstance(value, float) and not math.isfinite(value):
-        return "must hold only finite numbers"
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if "\x00" in key:
-                return "must not contain NUL characters"
-            problem = _json_problem(item, depth + 1)
-            if problem:
-                return problem
-    if isinstance(value, list):
-        for item in value:
-            problem = _json_problem(item, depth + 1)
-            if problem:
-                return problem
-    return None
 
 
 def check_checkpoint(

@@ -59,15 +59,11 @@ class Dialect:
     # not read yet costs no round trip of its own; it travels with the next one
     # read, or with COMMIT.
     pipelined: bool = False
-    # A lock on a session's key, held to the end of the transaction ("" for none).
-    # A Spawn's INSERT stays invisible to other transactions until it commits, so
-    # a row lock cannot make them wait for it; this lock can. (SQLite's write
-    # lock already serializes every writing transaction.)
-    session_key_lock: str = ""
-    # A project's lock, held to the end of the transaction, in shared ({mode}
-    # "_shared") or exclusive ("") mode ("" for none): what a purge and the
-    # writes that add a project's rows take, so none commits inside a purge.
-    project_lock: str = ""
+    # Named locks held to the end of the transaction (PostgreSQL's advisory
+    # locks), for what row locks cannot order: rows not committed yet (a Spawn's
+    # session), or not there at all (a purge's project). SQLite's write lock
+    # already serializes every writing transaction.
+    named_locks: bool = False
 
     async def execute_bulk_read(
         self, conn: Connection, statement: str, params: Sequence[Any]
@@ -115,8 +111,7 @@ POSTGRES = Dialect(
     single_statement_append=True,
     binary_reads=True,
     pipelined=True,
-    session_key_lock="SELECT pg_advisory_xact_lock(hashtextextended(?, 0))",
-    project_lock="SELECT pg_advisory_xact_lock{mode}(hashtextextended(?, 0))",
+    named_locks=True,
 )
 EVENT_CHANNEL = "memsvc_events"
 
@@ -160,8 +155,18 @@ def _key(ref: SessionRef) -> tuple[str, str, str]:
     return ref.project_id, ref.agent_instance_id, ref.session_id
 
 
-def _lock_statement(dialect: Dialect) -> str:
-    return f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE {_SESSION_KEY}{dialect.for_update}"
+def _project_lock(project_id: str) -> str:
+    return f"memsvc project {project_id}"
+
+
+def _session_lock(ref: SessionRef) -> str:
+    return f"memsvc session {ref.project_id}/{ref.agent_instance_id}/{ref.session_id}"
+
+
+def _lock_statement(dialect: Dialect, *extra: str) -> str:
+    """Read and lock a session's row, with ``extra`` columns after its own."""
+    columns = ", ".join((_SESSION_COLUMNS, *extra))
+    return f"SELECT {columns} FROM sessions WHERE {_SESSION_KEY}{dialect.for_update}"
 
 
 class _Pending:
@@ -267,12 +272,10 @@ class SqlLifecycleTransaction:
         return None if row is None else session_from_row(row, self._d)
 
     async def lock_session_to_end(self, ref: SessionRef) -> EndLock | None:
-        row = await self._one(
-            f"SELECT {_SESSION_COLUMNS}, EXISTS (SELECT 1 FROM graph_threads"
-            f" WHERE {_SESSION_KEY} AND on_session_end <> 0)"
-            f" FROM sessions WHERE {_SESSION_KEY}{self._d.for_update}",
-            (*_key(ref), *_key(ref)),
+        linked = (
+            f"EXISTS (SELECT 1 FROM graph_threads WHERE {_SESSION_KEY} AND on_session_end <> 0)"
         )
+        row = await self._one(_lock_statement(self._d, linked), (*_key(ref), *_key(ref)))
         if row is None:
             return None
         return EndLock(session_from_row(row[:-1], self._d), bool(row[-1]))
@@ -288,8 +291,7 @@ class SqlLifecycleTransaction:
             else "0"
         )
         row = await self._one(
-            f"SELECT {_SESSION_COLUMNS}, {counted}, {taken}"
-            f" FROM sessions WHERE {_SESSION_KEY}{self._d.for_update}",
+            _lock_statement(self._d, counted, taken),
             (
                 *(_key(ref) if count else ()),
                 *((*_key(ref), checkpoint_id) if checkpoint_id else ()),
@@ -323,27 +325,36 @@ class SqlLifecycleTransaction:
         found = await read_checkpoint(self._conn, self._d, ref, checkpoint_id)
         return None if found is None else found[1]
 
-    async def _hold_session_key(self, ref: SessionRef) -> None:
-        if self._d.session_key_lock:
-            key = f"memsvc session {ref.project_id}/{ref.agent_instance_id}/{ref.session_id}"
-            await self._conn.execute(self._d.sql(self._d.session_key_lock), (key,))
+    async def _named_locks(self, *locks: tuple[str, bool]) -> None:
+        """Hold each (name, shared) lock, in order, to the end of the transaction
+        (Dialect.named_locks), in one statement. Sent, not read: it travels with
+        the next statement read."""
+        if self._d.named_locks:
+            calls = ", ".join(
+                f"pg_advisory_xact_lock{'_shared' if shared else ''}(hashtextextended(?, 0))"
+                for _, shared in locks
+            )
+            await self._conn.execute(
+                self._d.sql(f"SELECT {calls}"), tuple(name for name, _ in locks)
+            )
 
     async def lock_project(self, project_id: str, exclusive: bool) -> None:
         """Shared by the writes that add a project's rows (Spawn, RecordEpisode),
         exclusive for a purge: a purge runs statement after statement, each seeing
         what committed before it, so nothing may commit in the project meanwhile."""
-        if self._d.project_lock:
-            statement = self._d.project_lock.format(mode="" if exclusive else "_shared")
-            await self._conn.execute(self._d.sql(statement), (f"memsvc project {project_id}",))
+        await self._named_locks((_project_lock(project_id), not exclusive))
 
     async def lock_session_after_spawn(self, ref: SessionRef) -> SessionRecord | None:
-        await self._hold_session_key(ref)  # travels with the lock: no round trip of its own
+        # A Spawn's INSERT stays invisible until it commits: its session key's lock
+        # makes this wait for it (and travels with the row lock: no round trip).
+        await self._named_locks((_session_lock(ref), False))
         return await self.lock_session(ref)
 
     async def insert_session(self, record: SessionRecord) -> bool:
-        # The project's lock first, then the session key's: always in this order.
-        await self.lock_project(record.ref.project_id, exclusive=False)
-        await self._hold_session_key(record.ref)
+        # The project's lock, then the session key's: always in this order.
+        await self._named_locks(
+            (_project_lock(record.ref.project_id), True), (_session_lock(record.ref), False)
+        )
         row = await self._one(
             f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT DO NOTHING RETURNING version",

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from memsvc.config import Config
+
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
@@ -14,3 +16,16 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path}/memsvc.db"
     url: str = request.getfixturevalue("fresh_postgres_url")
     return url
+
+
+@pytest.fixture
+def local_config(tmp_path: Path, database_url: str) -> Config:
+    """A server on a free local port over ``database_url``, without the health and
+    metrics listeners (for tests that bring their own working-memory store)."""
+    return Config(
+        listen="127.0.0.1:0",
+        data_dir=str(tmp_path),
+        database_url=database_url,
+        health_listen="",
+        metrics_listen="",
+    )

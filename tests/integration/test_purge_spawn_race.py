@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -46,18 +45,11 @@ class SpawnDuringForget(InMemoryWorkingMemoryStore):
         return await super().forget(sessions)
 
 
-async def test_a_spawn_during_a_purge_is_not_half_purged(tmp_path: Path, database_url: str):
+async def test_a_spawn_during_a_purge_is_not_half_purged(local_config: Config, database_url: str):
     store = SpawnDuringForget()
-    config = Config(
-        listen="127.0.0.1:0",
-        data_dir=str(tmp_path),
-        database_url=database_url,
-        health_listen="",
-        metrics_listen="",
-    )
     project, agent = str(uuid.uuid4()), str(uuid.uuid4())
     async with (
-        Server(config, working_memory=store) as server,
+        Server(local_config, working_memory=store) as server,
         grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
     ):
         life = LifecycleServiceStub(channel)

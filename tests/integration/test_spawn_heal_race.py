@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -63,22 +62,15 @@ class SpawnHeldAfterStepOne(InMemoryWorkingMemoryStore):
         return await super().abort(session, op)
 
 
-async def test_a_read_during_a_spawn_waits_for_its_commit(tmp_path: Path, database_url: str):
+async def test_a_read_during_a_spawn_waits_for_its_commit(local_config: Config):
     store = SpawnHeldAfterStepOne()
-    config = Config(
-        listen="127.0.0.1:0",
-        data_dir=str(tmp_path),
-        database_url=database_url,
-        health_listen="",
-        metrics_listen="",
-    )
     ids: dict[str, Any] = {
         "project_id": str(uuid.uuid4()),
         "agent_instance_id": str(uuid.uuid4()),
         "session_id": "spawn-race",
     }
     async with (
-        Server(config, working_memory=store) as server,
+        Server(local_config, working_memory=store) as server,
         grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
     ):
         life, wm = LifecycleServiceStub(channel), WorkingMemoryServiceStub(channel)
