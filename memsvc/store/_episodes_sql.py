@@ -16,7 +16,7 @@ from typing import Any
 from memsvc.domain import SessionRef
 from memsvc.domain._episodes import EpisodeScope, ScoredEpisode
 from memsvc.domain._lifecycle_records import EpisodeRecord
-from memsvc.store._lifecycle_sql import Connection, Dialect, SqlQueries, text
+from memsvc.store._lifecycle_sql import Connection, Dialect, SqlQueries, SqlWrites, text
 
 _COLUMNS = (
     "e.episode_id, e.project_id, e.agent_instance_id, e.session_id, e.task_type,"
@@ -202,21 +202,16 @@ async def embeddings(
     return [(str(text(row[0])), bytes(row[1])) for row in await cursor.fetchall()]
 
 
-class SqlEpisodeWrites:
+class SqlEpisodeWrites(SqlWrites):
     """The episode writes of a durable-store transaction."""
 
-    _conn: Connection
-    _d: Dialect
-
     async def insert_episode(self, record: EpisodeRecord) -> None:
-        await self._conn.execute(
-            self._d.sql(
-                "INSERT INTO episodes (episode_id, project_id, agent_instance_id, session_id,"
-                " task_type, task_description, outcome, outcome_details, actions,"
-                " context_summary, lessons_learned, duration_seconds, tokens_used, importance,"
-                " metadata, create_time, embedding, embedding_dimensions)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-            ),
+        await self._write(
+            "INSERT INTO episodes (episode_id, project_id, agent_instance_id, session_id,"
+            " task_type, task_description, outcome, outcome_details, actions,"
+            " context_summary, lessons_learned, duration_seconds, tokens_used, importance,"
+            " metadata, create_time, embedding, embedding_dimensions)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 record.episode_id,
                 record.ref.project_id,

@@ -23,7 +23,7 @@ from memsvc.domain._graph_checkpoints import (
     GraphWrite,
     PendingThreadWork,
 )
-from memsvc.store._lifecycle_sql import Connection, Dialect, SqlQueries, text
+from memsvc.store._lifecycle_sql import Connection, Dialect, SqlQueries, SqlWrites, text
 
 _COLUMNS = (
     "c.project_id, c.thread_id, c.checkpoint_ns, c.checkpoint_id, c.parent_checkpoint_id,"
@@ -340,11 +340,8 @@ async def put_graph_checkpoint_at_once(
     return int(row[0])
 
 
-class SqlGraphWrites:
+class SqlGraphWrites(SqlWrites):
     """The graph-checkpoint writes of a durable-store transaction."""
-
-    _conn: Connection
-    _d: Dialect
 
     async def _rows(self, statement: str, params: Sequence[Any]) -> list[Any]:
         cursor = await self._conn.execute(self._d.sql(statement), params)

@@ -64,6 +64,10 @@ class Dialect:
     # session), or not there at all (a purge's project). SQLite's write lock
     # already serializes every writing transaction.
     named_locks: bool = False
+    # Writes whose outcome nobody reads wait for the next event append, which
+    # carries them as data-modifying CTEs (WriteBatch): psycopg's CPU cost is per
+    # statement, and most of a transaction's statements are such writes.
+    batched_writes: bool = False
 
     async def execute_bulk_read(
         self, conn: Connection, statement: str, params: Sequence[Any]
@@ -112,6 +116,7 @@ POSTGRES = Dialect(
     binary_reads=True,
     pipelined=True,
     named_locks=True,
+    batched_writes=True,
 )
 EVENT_CHANNEL = "memsvc_events"
 
@@ -169,6 +174,35 @@ def _lock_statement(dialect: Dialect, *extra: str) -> str:
     return f"SELECT {columns} FROM sessions WHERE {_SESSION_KEY}{dialect.for_update}"
 
 
+class WriteBatch:
+    """A PostgreSQL transaction's connection (Dialect.batched_writes): writes
+    whose outcome nobody reads wait (:meth:`defer`) for the next event append,
+    which takes them (:meth:`take`) into its own statement; every other
+    statement sends them first, one by one and in order, so that every read
+    sees the transaction's writes and no write changes place with another."""
+
+    def __init__(self, conn: Connection, dialect: Dialect) -> None:
+        self._conn = conn
+        self._d = dialect
+        self._waiting: list[tuple[str, Sequence[Any]]] = []
+
+    def defer(self, statement: str, params: Sequence[Any]) -> None:
+        self._waiting.append((statement, params))
+
+    def take(self) -> list[tuple[str, Sequence[Any]]]:
+        """The waiting writes (``?`` placeholders), which the caller now sends."""
+        waiting, self._waiting = self._waiting, []
+        return waiting
+
+    async def flush(self) -> None:
+        for statement, params in self.take():
+            await self._conn.execute(self._d.sql(statement), params)
+
+    async def execute(self, sql: Any, params: Sequence[Any] = (), **options: Any) -> Any:
+        await self.flush()
+        return await self._conn.execute(sql, params, **options)
+
+
 class _Pending:
     """A statement's first row, read when needed: on a pipelined connection,
     reading it sends everything queued so far in one round trip."""
@@ -209,12 +243,33 @@ class _SqlPendingClaim:
         return bytes(row[2]) if row[2] is not None else None
 
 
-class SqlLifecycleTransaction:
+class SqlWrites:
+    """The base of a durable-store transaction's writes, on one connection
+    inside an open transaction."""
+
+    def __init__(self, conn: Connection, dialect: Dialect) -> None:
+        self._batch = WriteBatch(conn, dialect) if dialect.batched_writes else None
+        self._conn: Connection = self._batch or conn
+        self._d = dialect
+
+    async def send_waiting_writes(self) -> None:
+        """Send the writes still waiting for an event append (before COMMIT)."""
+        if self._batch is not None:
+            await self._batch.flush()
+
+    async def _write(self, statement: str, params: Sequence[Any]) -> None:
+        """A write whose outcome nobody reads: batched where the dialect allows."""
+        if self._batch is not None:
+            self._batch.defer(statement, params)
+        else:
+            await self._conn.execute(self._d.sql(statement), params)
+
+
+class SqlLifecycleTransaction(SqlWrites):
     """LifecycleTransaction over one connection inside an open transaction."""
 
     def __init__(self, conn: Connection, dialect: Dialect) -> None:
-        self._conn = conn
-        self._d = dialect
+        super().__init__(conn, dialect)
         # Events this transaction appended, each with the statement that numbered
         # it: on PostgreSQL the sequence is read after COMMIT (committed()).
         self._appending: list[tuple[_Pending, EventRecord]] = []
@@ -363,12 +418,10 @@ class SqlLifecycleTransaction:
         return row is not None
 
     async def update_session(self, record: SessionRecord) -> None:
-        await self._conn.execute(
-            self._d.sql(
-                "UPDATE sessions SET agent_type_id = ?, state = ?, metadata = ?, version = ?,"
-                " memory_epoch = ?, resume_checkpoint_id = ?, create_time = ?, update_time = ?"
-                f" WHERE {_SESSION_KEY}"
-            ),
+        await self._write(
+            "UPDATE sessions SET agent_type_id = ?, state = ?, metadata = ?, version = ?,"
+            " memory_epoch = ?, resume_checkpoint_id = ?, create_time = ?, update_time = ?"
+            f" WHERE {_SESSION_KEY}",
             (*self._session_values(record), *_key(record.ref)),
         )
 
@@ -387,11 +440,9 @@ class SqlLifecycleTransaction:
     async def insert_checkpoint(
         self, record: CheckpointRecord, contents: bytes, timed_keys: int
     ) -> None:
-        await self._conn.execute(
-            self._d.sql(
-                f"INSERT INTO checkpoints ({_CHECKPOINT_COLUMNS}, contents, timed_keys)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-            ),
+        await self._write(
+            f"INSERT INTO checkpoints ({_CHECKPOINT_COLUMNS}, contents, timed_keys)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 *_key(record.ref),
                 record.checkpoint_id,
@@ -465,9 +516,7 @@ class SqlLifecycleTransaction:
         return len(rows)
 
     async def delete_checkpoints(self, ref: SessionRef) -> None:
-        await self._conn.execute(
-            self._d.sql(f"DELETE FROM checkpoints WHERE {_SESSION_KEY}"), _key(ref)
-        )
+        await self._write(f"DELETE FROM checkpoints WHERE {_SESSION_KEY}", _key(ref))
 
     async def append_event(self, event: EventRecord) -> None:
         # The counter row serializes writers from here to commit: keep this last.
@@ -483,14 +532,21 @@ class SqlLifecycleTransaction:
             self._d.time_param(event.time_ms),
         )
         if self._d.single_statement_append:
-            # One statement: bump the counter, insert, and NOTIFY (sent at commit).
+            # One statement: the writes waiting in the batch, then bump the counter,
+            # insert, and NOTIFY (sent at commit).
+            waiting = self._batch.take() if self._batch is not None else []
+            writes = "".join(f"w{i} AS ({sql} RETURNING 1), " for i, (sql, _) in enumerate(waiting))
+            # Unreferenced, a data-modifying CTE runs at the statement's end, after
+            # the counter row is locked (held to COMMIT, it serializes every writer):
+            # read by the counter's UPDATE, each runs to completion before it.
+            first = " AND ".join(f"(SELECT count(*) FROM w{i}) >= 0" for i in range(len(waiting)))
             pending = await self._send(
-                "WITH s AS (UPDATE event_sequence SET last_sequence = last_sequence + 1"
-                " RETURNING last_sequence), ins AS (INSERT INTO lifecycle_events"
-                f" ({_EVENT_COLUMNS}) SELECT s.last_sequence, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?"
-                " FROM s RETURNING sequence)"
+                f"WITH {writes}s AS (UPDATE event_sequence SET last_sequence = last_sequence + 1"
+                f"{f' WHERE {first}' if waiting else ''} RETURNING last_sequence),"
+                f" ins AS (INSERT INTO lifecycle_events ({_EVENT_COLUMNS}) SELECT"
+                " s.last_sequence, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? FROM s RETURNING sequence)"
                 f" SELECT sequence, pg_notify('{EVENT_CHANNEL}', sequence::text) FROM ins",
-                values,
+                (*(param for _, params in waiting for param in params), *values),
             )
             self._appending.append((pending, event))
             return

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from memsvc.domain import SessionRef
-from memsvc.store._lifecycle_sql import Connection, Dialect, text
+from memsvc.store._lifecycle_sql import SqlWrites, text
 
 # What a tombstone's ids become: the columns are NOT NULL UUIDs.
 NIL_UUID = "00000000-0000-0000-0000-000000000000"
@@ -24,11 +24,8 @@ def _scope(scope: SessionRef) -> tuple[str, list[Any]]:
     return " AND ".join(conditions), params
 
 
-class SqlPurgeWrites:
+class SqlPurgeWrites(SqlWrites):
     """The purge writes of a durable-store transaction."""
-
-    _conn: Connection
-    _d: Dialect
 
     async def _count(self, statement: str, params: list[Any]) -> int:
         """Run a DELETE or UPDATE; return how many rows it changed (from its

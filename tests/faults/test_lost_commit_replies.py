@@ -1,4 +1,4 @@
-"""A lifecycle transaction that commits, but whose COMMIT answer never reaches
+"""A lifecycle transaction that commits, but whose commit's answer never reaches
 memsvc: the connection to PostgreSQL is reset right after the server committed.
 
 memsvc cannot know whether it committed; the caller gets UNAVAILABLE and retries
@@ -31,6 +31,8 @@ from tests.faults.test_crash_boundaries import (
 )
 from tests.helpers import value
 
+# PostgreSQL's Sync message: type S, length 4.
+SYNC = b"S\x00\x00\x00\x04"
 AFTER = {"spawn": ACTIVE, "pause": PAUSED, "resume": ACTIVE, "terminate": TERMINATED}
 
 
@@ -62,12 +64,13 @@ async def test_working_memory_follows_a_commit_whose_answer_was_lost(
         stubs = Stubs(channel)
         await wait_serving(stubs)
         await prepare(stubs, session, "resume" if operation == "resume" else operation)
-        proxy.lose_reply_after(b"COMMIT")
+        # The transaction ends with the pipeline's Sync, which commits (ADR 0009).
+        proxy.lose_reply_after(SYNC)
         await expect_code(
             the_call(stubs, session, operation, request_id), grpc.StatusCode.UNAVAILABLE
         )
         if proxy.replies_lost != 1:
-            raise RuntimeError("the COMMIT answer was not the one lost")
+            raise RuntimeError("the commit's answer was not the one lost")
         # The database committed.
         got = (await stubs.life.GetSession(lc.GetSessionRequest(**session.ids))).session
         if got.state != AFTER[operation]:

@@ -20,7 +20,6 @@ from typing import Any, TypeVar
 
 import psycopg
 import psycopg_pool
-from psycopg.pq import TransactionStatus
 
 from memsvc.domain import BackendUnavailable
 from memsvc.domain._durable import DurableTransaction
@@ -61,25 +60,44 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 async def _pipelined_transaction(
     conn: psycopg.AsyncConnection[Any],
 ) -> AsyncIterator[SqlTransaction]:
-    """A transaction in psycopg's pipeline mode (POSTGRES.pipelined): BEGIN, and
-    every statement whose result is not read at once, travel with the next
-    statement read; the writes and COMMIT with the pipeline's one final Sync.
+    """A transaction in psycopg's pipeline mode (POSTGRES.pipelined): every
+    statement whose result is not read at once travels with the next one read,
+    the last ones with the pipeline's final Sync.
 
-    BEGIN and COMMIT are plain statements: psycopg's ``conn.transaction()``
-    would wait for a Sync after BEGIN and another before COMMIT, three round
-    trips more per transaction.
+    Neither BEGIN nor COMMIT: in the extended query protocol the statements up to
+    a Sync run as one transaction (an implicit block), which the Sync commits,
+    and psycopg sends a Sync only when the pipeline ends (a read sends a Flush).
+    That is two statements fewer per transaction, and psycopg's cost is per
+    statement. (psycopg's ``conn.transaction()`` would add three round trips.)
+
+    The price is on the way out of a failed block: the Sync would commit what ran
+    so far. :func:`_abandon` rolls it back first.
     """
+    async with conn.pipeline():
+        tx = SqlTransaction(conn, POSTGRES)
+        try:
+            yield tx
+            await tx.send_waiting_writes()
+        except BaseException as error:
+            await _abandon(conn, error)
+            raise
+
+
+async def _abandon(conn: psycopg.AsyncConnection[Any], error: BaseException) -> None:
+    """Make sure the pipeline's coming Sync commits nothing of a failed block."""
+    if isinstance(error, psycopg.Error) and error.sqlstate:
+        # PostgreSQL failed a statement: it skips to the Sync, which rolls back.
+        return
     try:
-        async with conn.pipeline():
-            await conn.execute("BEGIN")
-            yield SqlTransaction(conn, POSTGRES)
-            await conn.execute("COMMIT")
+        # BEGIN turns the implicit block into an explicit one, with what ran so
+        # far, and ROLLBACK ends it (a bare ROLLBACK would too, but PostgreSQL
+        # logs a warning for it).
+        await conn.execute("BEGIN")
+        await conn.execute("ROLLBACK")
     except BaseException:
-        # The block failed (the pipeline has synced): end what BEGIN started,
-        # unless the connection is gone (the pool then discards it).
-        if conn.info.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
-            with contextlib.suppress(psycopg.Error):
-                await conn.execute("ROLLBACK")
+        # Unknown state (a cancellation, a lost connection): close it before any
+        # Sync is sent, and PostgreSQL rolls back. The pool replaces it.
+        await conn.close()
         raise
 
 
