@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -174,6 +175,14 @@ def _lock_statement(dialect: Dialect, *extra: str) -> str:
     return f"SELECT {columns} FROM sessions WHERE {_SESSION_KEY}{dialect.for_update}"
 
 
+def _written_table(statement: str) -> str:
+    """The table an INSERT, UPDATE or DELETE statement writes."""
+    found = re.match(r"(?:INSERT INTO|UPDATE|DELETE FROM) (\w+)", statement)
+    if found is None:
+        raise ValueError(f"not a write of one table: {statement[:40]!r}")
+    return found.group(1)
+
+
 class WriteBatch:
     """A PostgreSQL transaction's connection (Dialect.batched_writes): writes
     whose outcome nobody reads wait (:meth:`defer`) for the next event append,
@@ -185,6 +194,13 @@ class WriteBatch:
         self._conn = conn
         self._d = dialect
         self._waiting: list[tuple[str, Sequence[Any]]] = []
+
+    def holds(self, statement: str) -> bool:
+        """Whether a write to the table ``statement`` writes is waiting already.
+        Two writes of one table must not share a statement: its parts see one
+        snapshot, not each other's effects (the second UPDATE of a row is skipped)."""
+        table = _written_table(statement)
+        return any(_written_table(waiting) == table for waiting, _ in self._waiting)
 
     def defer(self, statement: str, params: Sequence[Any]) -> None:
         self._waiting.append((statement, params))
@@ -260,6 +276,8 @@ class SqlWrites:
     async def _write(self, statement: str, params: Sequence[Any]) -> None:
         """A write whose outcome nobody reads: batched where the dialect allows."""
         if self._batch is not None:
+            if self._batch.holds(statement):
+                await self._batch.flush()
             self._batch.defer(statement, params)
         else:
             await self._conn.execute(self._d.sql(statement), params)

@@ -19,7 +19,13 @@ import psycopg
 import pytest
 
 from memsvc.domain import SessionRef
-from memsvc.domain._lifecycle_records import EventRecord, EventType, SessionRecord, SessionState
+from memsvc.domain._lifecycle_records import (
+    CheckpointRecord,
+    EventRecord,
+    EventType,
+    SessionRecord,
+    SessionState,
+)
 from memsvc.domain._lifecycle_results import uuid7
 from memsvc.store.postgres import PostgresDurableStore
 
@@ -85,6 +91,53 @@ async def test_a_failed_block_commits_nothing_and_keeps_postgres_quiet(
     assert stored is not None and stored.version == 1
     # Not PostgreSQL's "there is no transaction in progress" warning.
     assert notices == []
+
+
+async def test_a_failed_block_on_a_lost_connection_raises_its_own_error(
+    store: PostgresDurableStore, fresh_postgres_url: str
+) -> None:
+    """When the connection died meanwhile, the error that failed the block (here a
+    refusal; a replayed answer travels the same way) is still what the caller sees."""
+    ref = new_ref()
+    with pytest.raises(Refused):
+        async with store.transaction() as tx:
+            assert await tx.insert_session(session(ref))
+            await tx.update_session(dataclasses.replace(session(ref), version=2))
+            async with await psycopg.AsyncConnection.connect(
+                fresh_postgres_url, autocommit=True
+            ) as other:
+                others = (
+                    " FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND pid <> pg_backend_pid()"
+                )
+                await other.execute("SELECT pg_terminate_backend(pid)" + others)
+                for _ in range(500):  # until the transaction's backend is gone
+                    cursor = await other.execute("SELECT count(*)" + others)
+                    if (await cursor.fetchone()) == (0,):
+                        break
+                    await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)  # its goodbye reaches the client's socket
+            raise Refused
+    assert await store.get_session(ref) is None
+
+
+async def test_writes_of_one_table_never_share_a_statement(store: PostgresDurableStore) -> None:
+    """The parts of one statement see one snapshot, not each other's effects: a
+    second write of a table already waiting sends the first on its own."""
+    ref = new_ref()
+    async with store.transaction() as tx:
+        assert await tx.insert_session(session(ref))
+    now = session(ref).update_ms
+    async with store.transaction() as tx:
+        checkpoint = CheckpointRecord(ref, uuid7(), now, 0, 0, {})
+        await tx.insert_checkpoint(checkpoint, b"MSN1\x00\x00\x00\x00", 0)
+        await tx.delete_checkpoints(ref)  # must see the INSERT before it
+        await tx.update_session(dataclasses.replace(session(ref), version=2))
+        await tx.update_session(dataclasses.replace(session(ref), version=3))
+        await tx.append_event(EventRecord(uuid7(), EventType.RESUMED, ref, None, now))
+    assert await store.list_checkpoints(ref, None, 10) == []
+    stored = await store.get_session(ref)
+    assert stored is not None and stored.version == 3
 
 
 async def test_a_block_that_succeeds_commits_the_writes_left_waiting(

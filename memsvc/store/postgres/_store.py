@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import psycopg
 import psycopg_pool
+from psycopg import pq
 
 from memsvc.domain import BackendUnavailable
 from memsvc.domain._durable import DurableTransaction
@@ -85,8 +86,11 @@ async def _pipelined_transaction(
 
 async def _abandon(conn: psycopg.AsyncConnection[Any], error: BaseException) -> None:
     """Make sure the pipeline's coming Sync commits nothing of a failed block."""
-    if isinstance(error, psycopg.Error) and error.sqlstate:
-        # PostgreSQL failed a statement: it skips to the Sync, which rolls back.
+    failed = isinstance(error, psycopg.Error) and error.sqlstate
+    if failed or conn.closed or conn.pgconn.pipeline_status == pq.PipelineStatus.ABORTED:
+        # PostgreSQL failed a statement (psycopg may have read the failure itself,
+        # cancelling a statement for a cancelled task): it skips to the Sync,
+        # which rolls back. Or the connection is gone, and PostgreSQL rolls back.
         return
     try:
         # BEGIN turns the implicit block into an explicit one, with what ran so
@@ -94,10 +98,13 @@ async def _abandon(conn: psycopg.AsyncConnection[Any], error: BaseException) -> 
         # logs a warning for it).
         await conn.execute("BEGIN")
         await conn.execute("ROLLBACK")
-    except BaseException:
-        # Unknown state (a cancellation, a lost connection): close it before any
-        # Sync is sent, and PostgreSQL rolls back. The pool replaces it.
+    except Exception:
+        # Unknown state (a lost connection): close it before any Sync is sent,
+        # and PostgreSQL rolls back. The pool replaces it. The caller raises
+        # ``error``, which says what happened (a refusal, a replayed answer).
         await conn.close()
+    except BaseException:
+        await conn.close()  # cancelled again meanwhile: the same, and cancelled
         raise
 
 
