@@ -36,6 +36,7 @@ from google.protobuf import struct_pb2
 
 from bench.costs import backend_pids
 from bench.lifecycle import POSTGRES_ADMIN_URL, _memsvc_at, cpu_ns
+from bench.working_memory import SessionIds
 from memsvc.testing import (
     create_postgres_database,
     drop_postgres_database,
@@ -70,20 +71,23 @@ def _memsvc(ref: str, workdir: Path) -> Iterator[tuple[int, int, str]]:
         drop_postgres_database(POSTGRES_ADMIN_URL, url)
 
 
-async def _load(port: int, writers: int, seconds: float) -> tuple[int, float]:
-    """Closed-loop CreateCheckpoint calls by ``writers`` callers: (calls, elapsed s)."""
+async def _round(
+    pid: int, port: int, database: str, writers: int, seconds: float
+) -> dict[str, float]:
+    """Closed-loop CreateCheckpoint calls by ``writers`` callers after a warm-up:
+    calls/s and the CPU per call of memsvc and of its PostgreSQL backends."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = LifecycleServiceStub(channel)
         project, agent = str(uuid.uuid4()), str(uuid.uuid4())
         sessions = [
-            {"project_id": project, "agent_instance_id": agent, "session_id": f"c-{i:02d}"}
+            SessionIds(project_id=project, agent_instance_id=agent, session_id=f"c-{i:02d}")
             for i in range(writers)
         ]
         for ids in sessions:
             await stub.Spawn(lc.SpawnRequest(**ids))
         calls = 0
 
-        async def caller(ids: dict[str, str], until: float) -> None:
+        async def caller(ids: SessionIds, until: float) -> None:
             nonlocal calls
             while time.monotonic() < until:
                 metadata = struct_pb2.Struct()
@@ -93,26 +97,19 @@ async def _load(port: int, writers: int, seconds: float) -> tuple[int, float]:
 
         until = time.monotonic() + WARMUP_SECONDS
         await asyncio.gather(*(caller(ids, until) for ids in sessions))
+        before = {p: cpu_ns(p) for p in [pid, *backend_pids(database)]}
         calls = 0
         started = time.monotonic()
-        until = started + seconds
-        await asyncio.gather(*(caller(ids, until) for ids in sessions))
-        return calls, time.monotonic() - started
-
-
-def _round(pid: int, port: int, database: str, writers: int, seconds: float) -> dict[str, float]:
-    pids = backend_pids(database)
-    server, postgres = cpu_ns(pid), sum(cpu_ns(p) for p in pids)
-    calls, elapsed = asyncio.run(_load(port, writers, seconds))
-    pids = [p for p in backend_pids(database) if p in pids]
-    server_ns = cpu_ns(pid) - server
-    postgres_ns = sum(cpu_ns(p) for p in pids) - postgres
+        await asyncio.gather(*(caller(ids, started + seconds) for ids in sessions))
+        elapsed = time.monotonic() - started
+        # A backend that connected meanwhile counts whole.
+        spent = {p: cpu_ns(p) - before.get(p, 0) for p in [pid, *backend_pids(database)]}
     with psycopg.connect(POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{database}") as conn:
         conn.execute("DELETE FROM checkpoints")
     return {
         "calls_per_s": calls / elapsed,
-        "server_us": server_ns / calls / 1e3,
-        "postgres_us": postgres_ns / calls / 1e3,
+        "server_us": spent.pop(pid) / calls / 1e3,
+        "postgres_us": sum(spent.values()) / calls / 1e3,
     }
 
 
@@ -133,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         for number in range(args.rounds):
             order = refs if number % 2 == 0 else refs[::-1]
             for ref in order:
-                result = _round(*servers[ref], args.writers, args.seconds)
+                result = asyncio.run(_round(*servers[ref], args.writers, args.seconds))
                 results[ref].append(result)
                 print(
                     f"round {number + 1} {ref:>12}: {result['calls_per_s']:6.0f} calls/s,"
