@@ -269,7 +269,7 @@ class SqlWrites:
         self._d = dialect
 
     async def send_waiting_writes(self) -> None:
-        """Send the writes still waiting for an event append (before COMMIT)."""
+        """Send the writes still waiting for an event append (before the Sync commits)."""
         if self._batch is not None:
             await self._batch.flush()
 
