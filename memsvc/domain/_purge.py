@@ -75,6 +75,11 @@ class ForgettingStore(Protocol):
         """Remove everything of these sessions (entries, marker, staging);
         return how many held anything."""
 
+    async def forget_unknown(self, scope: SessionRef, known: Sequence[SessionRef]) -> int:
+        """Remove everything of the other sessions in ``scope`` (empty ids match
+        all): working memory whose session the durable store has no row for, left
+        by a Spawn that died after its first step. Return how many held anything."""
+
 
 class Purger:
     """Runs purges over a working-memory store and the durable store."""
@@ -100,7 +105,10 @@ class Purger:
             sessions, checkpoints = await tx.purge_sessions(scope)
             report = PurgeReport(
                 sessions_deleted=len(sessions),
-                working_memories_deleted=await self._memory.forget(sessions),
+                working_memories_deleted=await self._memory.forget(sessions)
+                # Under the project's lock no Spawn is between its first step and
+                # its commit: what the durable store does not know is an orphan.
+                + await self._memory.forget_unknown(scope, sessions),
                 checkpoints_deleted=checkpoints,
                 episodes_deleted=await tx.purge_episodes(scope),
                 request_answers_deleted=await tx.purge_requests(scope, request_id),

@@ -336,3 +336,29 @@ async def test_checkpoints_survive_a_restart_and_lost_memory_is_reported(
         resumed = await life.Resume(lc.ResumeRequest(**scope))
         assert resumed.checkpoint.checkpoint_id == paused.checkpoint.checkpoint_id
         assert python((await wm.Get(pb.GetRequest(**scope, key="k"))).entry.value) == {"v": 1}
+
+
+async def test_forget_unknown_finds_a_scopes_sessions_on_every_master(
+    store: RedisWorkingMemoryStore, redis_cluster: PrivateRedisCluster, raw_cluster: RedisCluster
+):
+    """A purge's SCAN for the working memory the database has no row for (a Spawn
+    that died after its first step) must walk every master, not one."""
+    project, agent = str(uuid.uuid4()), str(uuid.uuid4())
+    by_master: dict[int, SessionRef] = {}
+    for i in range(10_000):
+        session = SessionRef(project, agent, f"s{i}")
+        by_master.setdefault(redis_cluster.owner_of(slot_of(session)), session)
+        if len(by_master) == len(redis_cluster.ports):
+            break
+    sessions = list(by_master.values())
+    other_project = new_session()
+    for session in [*sessions, other_project]:
+        await spawn(store, session, a=b"1")
+    known, unknown = sessions[0], sessions[1:]
+
+    assert await store.forget_unknown(SessionRef(project, "", ""), [known]) == len(unknown)
+
+    for session in unknown:
+        assert await raw_cluster.exists(*session_keys(session)) == 0
+    assert await contents(store, known) == {"a": b"1"}
+    assert await contents(store, other_project) == {"a": b"1"}

@@ -99,6 +99,12 @@ def staging_keys(session: SessionRef) -> list[str]:
     return [f"{key}'" for key in session_keys(session)[:3]]
 
 
+def _all_keys(base: str) -> list[str]:
+    """Every key a session with this key base may have: its four, then staging."""
+    keys = [f"{base}:d", f"{base}:x", f"{base}:k", f"{base}:m"]
+    return [*keys, *(f"{key}'" for key in keys[:3])]
+
+
 def session_keys(session: SessionRef) -> list[str]:
     """The four Redis keys of a session's working memory, under one hash tag.
 
@@ -107,17 +113,22 @@ def session_keys(session: SessionRef) -> list[str]:
     ``}`` or ``:``; the mapping is injective, so two sessions never share a
     key, and Redis Cluster hashes exactly the tag.
     """
-    base = _key_base(session)
-    return [f"{base}:d", f"{base}:x", f"{base}:k", f"{base}:m"]
+    return _all_keys(_key_base(session))[:4]
 
 
 def _key_base(session: SessionRef) -> str:
-    session_b64 = base64.urlsafe_b64encode(session.session_id.encode()).decode().rstrip("=")
-    tag = (
-        f"{session.project_id.replace('-', '')}."
-        f"{session.agent_instance_id.replace('-', '')}.{session_b64}"
-    )
-    return f"{KEY_PREFIX}:{{{tag}}}"
+    return f"{KEY_PREFIX}:{{{_tag_start(session)}}}"
+
+
+def _tag_start(scope: SessionRef) -> str:
+    """The hash tag of a session, or how the tags of a scope's sessions start (a
+    project's, or an agent instance's: the ids left empty are left out)."""
+    tag = scope.project_id.replace("-", "") + "."
+    if scope.agent_instance_id:
+        tag += scope.agent_instance_id.replace("-", "") + "."
+        if scope.session_id:
+            tag += base64.urlsafe_b64encode(scope.session_id.encode()).decode().rstrip("=")
+    return tag
 
 
 # A snapshot step's reply (as lifecycle_begin_snapshot gives it), then the keys,
@@ -446,28 +457,46 @@ class RedisWorkingMemoryStore:
         return str(reply[1].decode())
 
     async def forget(self, sessions: Sequence[SessionRef]) -> int:
-        """One DEL of each session's keys (one slot per session), pipelined.
+        return await self._delete_sessions([_key_base(session) for session in sessions])
+
+    async def forget_unknown(self, scope: SessionRef, known: Sequence[SessionRef]) -> int:
+        """The scope's sessions found by SCAN of their keys' common start, which
+        walks the whole keyspace (every node of a cluster): a purge is rare."""
+        if scope.session_id:
+            return 0 if scope in known else await self.forget([scope])
+        skip = {_key_base(session) for session in known}
+        found: set[str] = set()
+        pattern = f"{KEY_PREFIX}:{{{_tag_start(scope)}*"
+        async for key in self._redis.scan_iter(match=pattern, count=1000):
+            base = (key.decode() if isinstance(key, bytes) else key).split("}", 1)[0] + "}"
+            if base not in skip:
+                found.add(base)
+        return await self._delete_sessions(sorted(found))
+
+    async def _delete_sessions(self, bases: Sequence[str]) -> int:
+        """One DEL of each session's keys (one slot per session), pipelined;
+        how many sessions had any.
 
         On a cluster the pipeline is split by node and sent to all of them at
         once; a DEL refused because its slot is moving is sent again, alone,
         until it succeeds (only the refused ones: the count stays exact).
         """
-        if not sessions:
+        if not bases:
             return 0
-        pending = list(sessions)
+        pending = list(bases)
         forgotten = 0
 
         async def delete_pending() -> int:
             nonlocal pending, forgotten
             pipe = self._redis.pipeline(transaction=False)
-            for session in pending:
-                pipe.delete(*session_keys(session), *staging_keys(session))
+            for base in pending:
+                pipe.delete(*_all_keys(base))
             results = await pipe.execute(raise_on_error=False)
-            refused: list[SessionRef] = []
+            refused: list[str] = []
             error: BaseException | None = None
-            for session, result in zip(pending, results, strict=True):
+            for base, result in zip(pending, results, strict=True):
                 if isinstance(result, BaseException):
-                    refused.append(session)
+                    refused.append(base)
                     error = error or result
                 elif result:
                     forgotten += 1

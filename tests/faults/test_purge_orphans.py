@@ -1,0 +1,79 @@
+"""A purge forgets the working memory of a Spawn that died after its first step.
+
+Such a Spawn leaves the session's entries and a 'spawning' marker in Redis, and no
+row in the database. Nothing lists the session, and nothing would heal the marker
+unless the same id were spawned again, so only the purge of its scope can remove
+the entries. It must, and it must leave other scopes' memory alone.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import grpc
+import pytest
+import redis
+
+from memsvc.failpoints import CRASH_EXIT_STATUS
+from memsvc.v1 import data_removal_pb2 as dr
+from memsvc.v1 import lifecycle_pb2 as lc
+from memsvc.v1 import working_memory_pb2 as pb
+from memsvc.v1.data_removal_pb2_grpc import DataRemovalServiceStub
+from tests.faults._support import Stubs, expect_code, wait_serving
+from tests.faults.conftest import Rig, RigFactory
+from tests.helpers import value
+
+
+def keys_of(rig: Rig, project_id: str) -> list[bytes]:
+    """Every Redis key of the project's working memory (its sessions' hash tags
+    start with the project id's 32 hex digits)."""
+    with redis.Redis(port=rig.redis.port, socket_timeout=5) as client:
+        return list(client.scan_iter(match=f"*{{{project_id.replace('-', '')}.*"))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("scope", ["project", "agent_instance", "session"])
+async def test_a_purge_forgets_the_memory_a_crashed_spawn_left(make_rig: RigFactory, scope: str):
+    rig = make_rig()
+    memsvc = rig.start(failpoints="spawn.after_prepare=crash")
+    project, agent = str(uuid.uuid4()), str(uuid.uuid4())
+    orphan: dict[str, Any] = {
+        "project_id": project,
+        "agent_instance_id": agent,
+        "session_id": "orphan",
+    }
+    entries = [pb.EntryInput(key="secret", value=value("forget me"))]
+    async with grpc.aio.insecure_channel(memsvc.target) as channel:
+        await expect_code(
+            Stubs(channel).life.Spawn(lc.SpawnRequest(**orphan, initial_entries=entries)),
+            grpc.StatusCode.UNAVAILABLE,
+        )
+    assert memsvc.wait(30) == CRASH_EXIT_STATUS, memsvc.log_tail()
+    assert keys_of(rig, project), "the crashed Spawn left its working memory"
+
+    memsvc.start()
+    # Another session of the agent instance, spawned for real, and one of another
+    # project, which no purge here may touch.
+    known = {**orphan, "session_id": "known"}
+    other = {**orphan, "project_id": str(uuid.uuid4())}
+    async with grpc.aio.insecure_channel(memsvc.target) as channel:
+        stubs = Stubs(channel)
+        await wait_serving(stubs)
+        for ids in (known, other):
+            await stubs.life.Spawn(lc.SpawnRequest(**ids, initial_entries=entries))
+        request = dr.PurgeDataRequest(
+            project_id=project,
+            agent_instance_id=agent if scope != "project" else "",
+            session_id="orphan" if scope == "session" else "",
+        )
+        report = await DataRemovalServiceStub(channel).PurgeData(request)
+    assert report.sessions_deleted == (0 if scope == "session" else 1)
+    # The orphan's memory, and the known session's unless the scope left it out.
+    assert report.working_memories_deleted == (1 if scope == "session" else 2)
+    remaining = keys_of(rig, project)
+    assert all(b"{" in key and b".orphan" not in key for key in remaining)
+    orphan_tag = "b3JwaGFu"  # "orphan" in the keys' URL-safe base64
+    assert not [key for key in remaining if orphan_tag.encode() in key], remaining
+    assert bool(remaining) == (scope == "session"), remaining
+    assert keys_of(rig, other["project_id"]), "another project's memory was touched"
