@@ -75,10 +75,9 @@ class ForgettingStore(Protocol):
         """Remove everything of these sessions (entries, marker, staging);
         return how many held anything."""
 
-    async def forget_unknown(self, scope: SessionRef, known: Sequence[SessionRef]) -> int:
-        """Remove everything of the other sessions in ``scope`` (empty ids match
-        all): working memory whose session the durable store has no row for, left
-        by a Spawn that died after its first step. Return how many held anything."""
+    async def sessions_in(self, scope: SessionRef) -> list[SessionRef]:
+        """The sessions of ``scope`` (empty ids match all) that this store may hold
+        working memory of, whether the durable store knows them or not."""
 
 
 class Purger:
@@ -93,6 +92,9 @@ class Purger:
     ) -> PurgeReport:
         scope = check_purge_scope(project_id, agent_instance_id, session_id, request_id)
         arguments = arguments_hash("PurgeData", scope)
+        # Looked for before the transaction: on Redis this walks the whole keyspace,
+        # which no lock should wait for.
+        held = await self._memory.sessions_in(scope)
         async with self._db.transaction() as tx:
             # Each statement below sees what committed before it: a session spawned
             # or an episode recorded between two of them would be half purged.
@@ -103,12 +105,15 @@ class Purger:
                 if previous is not None:
                     return PurgeReport(**json.loads(previous))
             sessions, checkpoints = await tx.purge_sessions(scope)
+            # Under the project's lock no Spawn is between its first step and its
+            # commit: working memory of a session without a row is an orphan, left by
+            # a Spawn that died after its first step. (One left after the search
+            # waits for a later purge.)
+            known = set(sessions)
+            orphans = [session for session in held if session not in known]
             report = PurgeReport(
                 sessions_deleted=len(sessions),
-                working_memories_deleted=await self._memory.forget(sessions)
-                # Under the project's lock no Spawn is between its first step and
-                # its commit: what the durable store does not know is an orphan.
-                + await self._memory.forget_unknown(scope, sessions),
+                working_memories_deleted=await self._memory.forget([*sessions, *orphans]),
                 checkpoints_deleted=checkpoints,
                 episodes_deleted=await tx.purge_episodes(scope),
                 request_answers_deleted=await tx.purge_requests(scope, request_id),

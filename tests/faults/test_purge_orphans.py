@@ -15,7 +15,9 @@ import grpc
 import pytest
 import redis
 
+from memsvc.domain import SessionRef
 from memsvc.failpoints import CRASH_EXIT_STATUS
+from memsvc.store.redis import session_keys
 from memsvc.v1 import data_removal_pb2 as dr
 from memsvc.v1 import lifecycle_pb2 as lc
 from memsvc.v1 import working_memory_pb2 as pb
@@ -53,14 +55,15 @@ async def test_a_purge_forgets_the_memory_a_crashed_spawn_left(make_rig: RigFact
     assert keys_of(rig, project), "the crashed Spawn left its working memory"
 
     memsvc.start()
-    # Another session of the agent instance, spawned for real, and one of another
-    # project, which no purge here may touch.
+    # Spawned for real: a session of the same agent instance, one of another agent
+    # instance of the project, and one of another project, which no purge here touches.
     known = {**orphan, "session_id": "known"}
+    cousin = {**orphan, "agent_instance_id": str(uuid.uuid4()), "session_id": "cousin"}
     other = {**orphan, "project_id": str(uuid.uuid4())}
     async with grpc.aio.insecure_channel(memsvc.target) as channel:
         stubs = Stubs(channel)
         await wait_serving(stubs)
-        for ids in (known, other):
+        for ids in (known, cousin, other):
             await stubs.life.Spawn(lc.SpawnRequest(**ids, initial_entries=entries))
         request = dr.PurgeDataRequest(
             project_id=project,
@@ -68,12 +71,19 @@ async def test_a_purge_forgets_the_memory_a_crashed_spawn_left(make_rig: RigFact
             session_id="orphan" if scope == "session" else "",
         )
         report = await DataRemovalServiceStub(channel).PurgeData(request)
-    assert report.sessions_deleted == (0 if scope == "session" else 1)
-    # The orphan's memory, and the known session's unless the scope left it out.
-    assert report.working_memories_deleted == (1 if scope == "session" else 2)
-    remaining = keys_of(rig, project)
-    assert all(b"{" in key and b".orphan" not in key for key in remaining)
-    orphan_tag = "b3JwaGFu"  # "orphan" in the keys' URL-safe base64
-    assert not [key for key in remaining if orphan_tag.encode() in key], remaining
-    assert bool(remaining) == (scope == "session"), remaining
+    purged = {"project": ["known", "cousin"], "agent_instance": ["known"], "session": []}[scope]
+    assert report.sessions_deleted == len(purged)
+    # The orphan's working memory too: no row named it.
+    assert report.working_memories_deleted == len(purged) + 1
+    remaining = {tag_of(key) for key in keys_of(rig, project)}
+    expected = {tag_of_ids(ids) for ids in (known, cousin) if ids["session_id"] not in purged}
+    assert remaining == expected
     assert keys_of(rig, other["project_id"]), "another project's memory was touched"
+
+
+def tag_of(key: bytes) -> str:
+    return key.decode().split("{", 1)[1].split("}", 1)[0]
+
+
+def tag_of_ids(ids: dict[str, Any]) -> str:
+    return tag_of(session_keys(SessionRef(**ids))[0].encode())

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import uuid
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from importlib import resources
 from typing import Any, TypeVar
@@ -118,6 +119,17 @@ def session_keys(session: SessionRef) -> list[str]:
 
 def _key_base(session: SessionRef) -> str:
     return f"{KEY_PREFIX}:{{{_tag_start(session)}}}"
+
+
+def _session_of_tag(tag: str) -> SessionRef | None:
+    """The session whose keys carry this hash tag (None: not one memsvc writes)."""
+    try:
+        project, agent, encoded = tag.split(".", 2)
+        session_id = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
+        return SessionRef(str(uuid.UUID(hex=project)), str(uuid.UUID(hex=agent)), session_id)
+    except ValueError:  # also binascii.Error and UnicodeDecodeError
+        log.warning("a key under %s is not a session's: {%s}", KEY_PREFIX, tag)
+        return None
 
 
 def _tag_start(scope: SessionRef) -> str:
@@ -459,19 +471,23 @@ class RedisWorkingMemoryStore:
     async def forget(self, sessions: Sequence[SessionRef]) -> int:
         return await self._delete_sessions([_key_base(session) for session in sessions])
 
-    async def forget_unknown(self, scope: SessionRef, known: Sequence[SessionRef]) -> int:
-        """The scope's sessions found by SCAN of their keys' common start, which
-        walks the whole keyspace (every node of a cluster): a purge is rare."""
+    async def sessions_in(self, scope: SessionRef) -> list[SessionRef]:
+        """A SCAN of the scope's keys' common start, which walks the whole keyspace
+        (every master of a cluster): a purge is rare. Each attempt starts over."""
         if scope.session_id:
-            return 0 if scope in known else await self.forget([scope])
-        skip = {_key_base(session) for session in known}
-        found: set[str] = set()
+            return [scope]
         pattern = f"{KEY_PREFIX}:{{{_tag_start(scope)}*"
-        async for key in self._redis.scan_iter(match=pattern, count=1000):
-            base = (key.decode() if isinstance(key, bytes) else key).split("}", 1)[0] + "}"
-            if base not in skip:
-                found.add(base)
-        return await self._delete_sessions(sorted(found))
+
+        async def scan() -> list[SessionRef]:
+            found: dict[str, SessionRef | None] = {}
+            async for key in self._redis.scan_iter(match=pattern, count=1000):
+                name = key.decode(errors="replace") if isinstance(key, bytes) else key
+                tag = name.split("{", 1)[1].split("}", 1)[0]
+                if tag not in found:
+                    found[tag] = _session_of_tag(tag)
+            return [session for session in found.values() if session is not None]
+
+        return await self._retrying(scan, name="scan")
 
     async def _delete_sessions(self, bases: Sequence[str]) -> int:
         """One DEL of each session's keys (one slot per session), pipelined;

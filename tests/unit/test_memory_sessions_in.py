@@ -1,5 +1,6 @@
-"""The in-process store's half of a purge: the scope's sessions the database does
-not know (docs/decisions: a Spawn that died after its first step)."""
+"""The in-process store's part of a purge: the sessions of a scope it holds working
+memory of, whether the database knows them or not (a Spawn that died after its
+first step leaves one it does not)."""
 
 from __future__ import annotations
 
@@ -17,15 +18,18 @@ async def spawned(store: InMemoryWorkingMemoryStore, session: SessionRef) -> Non
 
 
 @pytest.mark.parametrize(
-    ("scope_of", "forgotten"),
+    ("scope_of", "found"),
     [
-        (lambda s: SessionRef(s.project_id, "", ""), {"orphan", "sibling", "cousin"}),
-        (lambda s: SessionRef(s.project_id, s.agent_instance_id, ""), {"orphan", "sibling"}),
+        (lambda s: SessionRef(s.project_id, "", ""), {"orphan", "sibling", "known", "cousin"}),
+        (
+            lambda s: SessionRef(s.project_id, s.agent_instance_id, ""),
+            {"orphan", "sibling", "known"},
+        ),
         (lambda s: s, {"orphan"}),
     ],
     ids=["project", "agent_instance", "session"],
 )
-async def test_forget_unknown_takes_the_scope_but_not_the_known(scope_of, forgotten) -> None:
+async def test_sessions_in_a_scope(scope_of, found) -> None:
     store = InMemoryWorkingMemoryStore(max_session_keys=10, max_session_bytes=1 << 20)
     project, agent = str(uuid.uuid4()), str(uuid.uuid4())
     sessions = {
@@ -39,7 +43,4 @@ async def test_forget_unknown_takes_the_scope_but_not_the_known(scope_of, forgot
         await spawned(store, session)
 
     scope = scope_of(sessions["orphan"])
-    assert await store.forget_unknown(scope, [sessions["known"]]) == len(forgotten)
-
-    for name, session in sessions.items():
-        assert (await store.read_marker(session) is None) == (name in forgotten), name
+    assert set(await store.sessions_in(scope)) == {sessions[name] for name in found}
