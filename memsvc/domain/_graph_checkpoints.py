@@ -217,6 +217,11 @@ class GraphCheckpointNotFound(NotFound):
 class GraphTransaction(Protocol):
     """Graph-checkpoint writes inside one durable-store transaction."""
 
+    async def lock_project(self, project_id: str, exclusive: bool) -> None:
+        """Hold the project's lock to the end of the transaction: shared by the
+        writes that may add a thread, exclusive for a purge, which then never
+        sees a put commit between its statements."""
+
     async def lock_graph_thread(
         self, project_id: str, thread_id: str, now_ms: int, options: GraphThreadOptions | None
     ) -> None:
@@ -373,6 +378,7 @@ class GraphCheckpoints:
                 return stored
         async with self._db.transaction() as tx:
             project, thread, ns = record.project_id, record.thread_id, record.checkpoint_ns
+            await tx.lock_project(project, exclusive=False)
             await tx.lock_graph_thread(project, thread, now, options)
             if require_latest_parent:
                 latest = await tx.latest_graph_checkpoint_id(project, thread, ns)
@@ -405,6 +411,7 @@ class GraphCheckpoints:
         check_writes(writes, "writes", violations)
         raise_if_any(violations)
         async with self._db.transaction() as tx:
+            await tx.lock_project(project, exclusive=False)
             await tx.lock_graph_thread(project, thread_id, self._clock_ms(), None)
             await tx.insert_graph_writes(
                 project, thread_id, ns, checkpoint_id, writes, replace_existing

@@ -23,7 +23,15 @@ from memsvc.domain._graph_checkpoints import (
     GraphWrite,
     PendingThreadWork,
 )
-from memsvc.store._lifecycle_sql import Connection, Dialect, SqlQueries, SqlWrites, text
+from memsvc.store._lifecycle_sql import (
+    PROJECT_LOCK_SHARED,
+    Connection,
+    Dialect,
+    SqlQueries,
+    SqlWrites,
+    project_lock,
+    text,
+)
 
 _COLUMNS = (
     "c.project_id, c.thread_id, c.checkpoint_ns, c.checkpoint_id, c.parent_checkpoint_id,"
@@ -327,15 +335,21 @@ async def put_graph_checkpoint_at_once(
             record.project_id, record.thread_id, record.checkpoint_ns, values
         )
         values_sql += " RETURNING 1"
-    cursor = await conn.execute(
-        dialect.sql(
-            f"WITH thread AS ({thread} RETURNING 1), stored AS ({values_sql}),"
-            f" checkpoint AS ({checkpoint} RETURNING 1)"
-            " SELECT (SELECT count(*) FROM stored), (SELECT count(*) FROM thread),"
-            " (SELECT count(*) FROM checkpoint)"
-        ),
-        [*thread_params, *values_params, *checkpoint_params],
-    )
+    execute: Any = conn.execute
+    # The project's lock (shared), then the put, in one pipeline: one transaction
+    # (ADR 0009) and one round trip. A purge of the project, which holds the lock
+    # exclusively, never sees this put commit between two of its statements.
+    async with conn.pipeline():  # type: ignore[attr-defined]
+        await execute(dialect.sql(PROJECT_LOCK_SHARED), (project_lock(record.project_id),))
+        cursor = await execute(
+            dialect.sql(
+                f"WITH thread AS ({thread} RETURNING 1), stored AS ({values_sql}),"
+                f" checkpoint AS ({checkpoint} RETURNING 1)"
+                " SELECT (SELECT count(*) FROM stored), (SELECT count(*) FROM thread),"
+                " (SELECT count(*) FROM checkpoint)"
+            ),
+            [*thread_params, *values_params, *checkpoint_params],
+        )
     row = await cursor.fetchone()
     return int(row[0])
 

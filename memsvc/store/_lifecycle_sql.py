@@ -161,8 +161,18 @@ def _key(ref: SessionRef) -> tuple[str, str, str]:
     return ref.project_id, ref.agent_instance_id, ref.session_id
 
 
-def _project_lock(project_id: str) -> str:
+def project_lock(project_id: str) -> str:
+    """The name of a project's lock (Dialect.named_locks)."""
     return f"memsvc project {project_id}"
+
+
+def _lock_call(shared: bool) -> str:
+    """Take one named lock (its name the placeholder) to the end of the transaction."""
+    return f"pg_advisory_xact_lock{'_shared' if shared else ''}(hashtextextended(?, 0))"
+
+
+# A project's lock, shared: for a statement of its own.
+PROJECT_LOCK_SHARED = f"SELECT {_lock_call(shared=True)}"
 
 
 def _session_lock(ref: SessionRef) -> str:
@@ -403,10 +413,7 @@ class SqlLifecycleTransaction(SqlWrites):
         (Dialect.named_locks), in one statement. Sent, not read: it travels with
         the next statement read."""
         if self._d.named_locks:
-            calls = ", ".join(
-                f"pg_advisory_xact_lock{'_shared' if shared else ''}(hashtextextended(?, 0))"
-                for _, shared in locks
-            )
+            calls = ", ".join(_lock_call(shared) for _, shared in locks)
             await self._conn.execute(
                 self._d.sql(f"SELECT {calls}"), tuple(name for name, _ in locks)
             )
@@ -415,7 +422,7 @@ class SqlLifecycleTransaction(SqlWrites):
         """Shared by the writes that add a project's rows (Spawn, RecordEpisode),
         exclusive for a purge: a purge runs statement after statement, each seeing
         what committed before it, so nothing may commit in the project meanwhile."""
-        await self._named_locks((_project_lock(project_id), not exclusive))
+        await self._named_locks((project_lock(project_id), not exclusive))
 
     async def lock_session_after_spawn(self, ref: SessionRef) -> SessionRecord | None:
         # A Spawn's INSERT stays invisible until it commits: its session key's lock
@@ -426,7 +433,7 @@ class SqlLifecycleTransaction(SqlWrites):
     async def insert_session(self, record: SessionRecord) -> bool:
         # The project's lock, then the session key's: always in this order.
         await self._named_locks(
-            (_project_lock(record.ref.project_id), True), (_session_lock(record.ref), False)
+            (project_lock(record.ref.project_id), True), (_session_lock(record.ref), False)
         )
         row = await self._one(
             f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
