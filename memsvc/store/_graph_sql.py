@@ -321,8 +321,8 @@ async def put_graph_checkpoint_at_once(
     options: GraphThreadOptions | None,
 ) -> int | None:
     """PostgreSQL: an unfenced put as ONE statement (its data-modifying CTEs commit
-    together, in autocommit), one round trip instead of five. None on SQLite, whose
-    writes go through the store's transaction."""
+    together), after the project's lock, one round trip instead of five. None on
+    SQLite, whose writes go through the store's transaction."""
     if dialect.name != "postgres":
         return None
     thread, thread_params = _touch_thread(
