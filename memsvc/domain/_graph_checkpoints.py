@@ -508,6 +508,7 @@ class GraphCheckpoints:
         raise_if_any(violations)
         now = self._clock_ms()
         async with self._db.transaction() as tx:
+            await tx.lock_project(project, exclusive=False)  # it may add a thread
             # Both rows locked in one order, so two opposite copies cannot deadlock.
             locked = {
                 t: await tx.lock_graph_thread_row(project, t) for t in sorted({source, target})

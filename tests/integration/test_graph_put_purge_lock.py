@@ -14,11 +14,13 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 import grpc
+import psycopg
 import pytest
 
 from memsvc.config import Config
 from memsvc.domain import SessionRef
 from memsvc.server import Server
+from memsvc.store._lifecycle_sql import project_lock
 from memsvc.store.postgres import PostgresDurableStore
 from memsvc.v1 import graph_checkpoint_pb2 as gpb
 from memsvc.v1.graph_checkpoint_pb2_grpc import GraphCheckpointServiceStub
@@ -61,7 +63,14 @@ async def put_writes(stub: GraphCheckpointServiceStub, project: str) -> object:
     return await stub.PutGraphWrites(request)
 
 
-@pytest.mark.parametrize("call", [put, fenced_put, put_writes], ids=lambda c: c.__name__)
+async def copy(stub: GraphCheckpointServiceStub, project: str) -> object:
+    request = gpb.CopyGraphThreadRequest(
+        project_id=project, source_thread_id="source", target_thread_id="t"
+    )
+    return await stub.CopyGraphThread(request)
+
+
+@pytest.mark.parametrize("call", [put, fenced_put, put_writes, copy], ids=lambda c: c.__name__)
 async def test_a_graph_put_waits_for_a_purge_of_its_project(
     tmp_path, fresh_postgres_url: str, call: Put
 ) -> None:
@@ -81,6 +90,10 @@ async def test_a_graph_put_waits_for_a_purge_of_its_project(
         await holder.open()
         try:
             stub = GraphCheckpointServiceStub(channel)
+            source = checkpoint("source", "c0")
+            await stub.PutGraphCheckpoint(
+                gpb.PutGraphCheckpointRequest(project_id=project, checkpoint=source)
+            )
             async with holder.transaction() as tx:
                 await tx.lock_project(project, exclusive=True)
                 # A read: the lock above has been taken once it answers.
@@ -91,3 +104,55 @@ async def test_a_graph_put_waits_for_a_purge_of_its_project(
             await asyncio.wait_for(writing, 10)
         finally:
             await holder.aclose()
+
+
+@pytest.mark.parametrize("call", [put, fenced_put, put_writes, copy], ids=lambda c: c.__name__)
+async def test_a_graph_put_holds_its_projects_lock_until_it_commits(
+    tmp_path, fresh_postgres_url: str, call: Put
+) -> None:
+    """Not taken and let go at once: while the put waits for its thread's row
+    (held here), a purge could still not take the project's lock."""
+    config = Config(
+        listen="127.0.0.1:0",
+        data_dir=str(tmp_path),
+        database_url=fresh_postgres_url,
+        health_listen="",
+        metrics_listen="",
+    )
+    project = str(uuid.uuid4())
+    async with (
+        Server(config) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+        await psycopg.AsyncConnection.connect(fresh_postgres_url) as rows,
+        await psycopg.AsyncConnection.connect(fresh_postgres_url, autocommit=True) as purge,
+    ):
+        stub = GraphCheckpointServiceStub(channel)
+        source = checkpoint("source", "c0")
+        await stub.PutGraphCheckpoint(
+            gpb.PutGraphCheckpointRequest(project_id=project, checkpoint=source)
+        )
+        await put_writes(stub, project)  # thread t's row, with no checkpoint to fence on
+        await rows.execute(
+            "SELECT 1 FROM graph_threads WHERE project_id = %s AND thread_id = 't' FOR UPDATE",
+            (project,),
+        )
+        writing = asyncio.ensure_future(call(stub, project))
+        try_exclusive = (
+            "SELECT pg_try_advisory_xact_lock(hashtextextended(%s, 0))",
+            (project_lock(project),),
+        )
+        for _ in range(500):  # until the put waits for the row, its project's lock taken
+            cursor = await purge.execute(*try_exclusive)
+            if (await cursor.fetchone()) == (False,):
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the put never held its project's lock")
+        await asyncio.sleep(0.2)
+        assert not writing.done()
+        cursor = await purge.execute(*try_exclusive)
+        assert (await cursor.fetchone()) == (False,), "the lock went before the put committed"
+        await rows.rollback()
+        await asyncio.wait_for(writing, 10)
+        cursor = await purge.execute(*try_exclusive)
+        assert (await cursor.fetchone()) == (True,)
