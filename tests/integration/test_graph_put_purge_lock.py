@@ -28,6 +28,10 @@ from memsvc.v1.graph_checkpoint_pb2_grpc import GraphCheckpointServiceStub
 Put = Callable[[GraphCheckpointServiceStub, str], Awaitable[object]]
 
 
+# PostgreSQL only: SQLite's write lock serializes every write already.
+postgres_only = pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+
+
 def checkpoint(thread: str, checkpoint_id: str) -> gpb.GraphCheckpoint:
     return gpb.GraphCheckpoint(
         thread_id=thread,
@@ -70,21 +74,15 @@ async def copy(stub: GraphCheckpointServiceStub, project: str) -> object:
     return await stub.CopyGraphThread(request)
 
 
+@postgres_only
 @pytest.mark.parametrize("call", [put, fenced_put, put_writes, copy], ids=lambda c: c.__name__)
 async def test_a_graph_put_waits_for_a_purge_of_its_project(
-    tmp_path, fresh_postgres_url: str, call: Put
+    local_config: Config, database_url: str, call: Put
 ) -> None:
-    config = Config(
-        listen="127.0.0.1:0",
-        data_dir=str(tmp_path),
-        database_url=fresh_postgres_url,
-        health_listen="",
-        metrics_listen="",
-    )
     project = str(uuid.uuid4())
-    holder = PostgresDurableStore(fresh_postgres_url, max_connections=1)
+    holder = PostgresDurableStore(database_url, max_connections=1)
     async with (
-        Server(config) as server,
+        Server(local_config) as server,
         grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
     ):
         await holder.open()
@@ -106,25 +104,19 @@ async def test_a_graph_put_waits_for_a_purge_of_its_project(
             await holder.aclose()
 
 
+@postgres_only
 @pytest.mark.parametrize("call", [put, fenced_put, put_writes, copy], ids=lambda c: c.__name__)
 async def test_a_graph_put_holds_its_projects_lock_until_it_commits(
-    tmp_path, fresh_postgres_url: str, call: Put
+    local_config: Config, database_url: str, call: Put
 ) -> None:
     """Not taken and let go at once: while the put waits for its thread's row
     (held here), a purge could still not take the project's lock."""
-    config = Config(
-        listen="127.0.0.1:0",
-        data_dir=str(tmp_path),
-        database_url=fresh_postgres_url,
-        health_listen="",
-        metrics_listen="",
-    )
     project = str(uuid.uuid4())
     async with (
-        Server(config) as server,
+        Server(local_config) as server,
         grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
-        await psycopg.AsyncConnection.connect(fresh_postgres_url) as rows,
-        await psycopg.AsyncConnection.connect(fresh_postgres_url, autocommit=True) as purge,
+        await psycopg.AsyncConnection.connect(database_url) as rows,
+        await psycopg.AsyncConnection.connect(database_url, autocommit=True) as purge,
     ):
         stub = GraphCheckpointServiceStub(channel)
         source = checkpoint("source", "c0")
