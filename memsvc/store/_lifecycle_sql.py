@@ -203,22 +203,23 @@ class WriteBatch:
     def __init__(self, conn: Connection, dialect: Dialect) -> None:
         self._conn = conn
         self._d = dialect
-        self._waiting: list[tuple[str, Sequence[Any]]] = []
+        # Each waiting write: the table it writes, its statement, its parameters.
+        self._waiting: list[tuple[str, str, Sequence[Any]]] = []
 
     def holds(self, statement: str) -> bool:
         """Whether a write to the table ``statement`` writes is waiting already.
         Two writes of one table must not share a statement: its parts see one
         snapshot, not each other's effects (the second UPDATE of a row is skipped)."""
         table = _written_table(statement)
-        return any(_written_table(waiting) == table for waiting, _ in self._waiting)
+        return any(waiting == table for waiting, _, _ in self._waiting)
 
     def defer(self, statement: str, params: Sequence[Any]) -> None:
-        self._waiting.append((statement, params))
+        self._waiting.append((_written_table(statement), statement, params))
 
     def take(self) -> list[tuple[str, Sequence[Any]]]:
         """The waiting writes (``?`` placeholders), which the caller now sends."""
         waiting, self._waiting = self._waiting, []
-        return waiting
+        return [(statement, params) for _, statement, params in waiting]
 
     async def flush(self) -> None:
         for statement, params in self.take():

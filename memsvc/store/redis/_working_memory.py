@@ -97,7 +97,7 @@ def guard_key(session: SessionRef) -> str:
 
 def staging_keys(session: SessionRef) -> list[str]:
     """The staging copies of the data keys that a Resume builds (ADR 0004)."""
-    return [f"{key}'" for key in session_keys(session)[:3]]
+    return _all_keys(_key_base(session))[4:]
 
 
 def _all_keys(base: str) -> list[str]:
