@@ -12,6 +12,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from memsvc import server as server_module
+from memsvc.config import Config
 from memsvc.domain import SessionRef
 from memsvc.server import Server
 from memsvc.store.redis import session_keys
@@ -132,49 +133,55 @@ async def test_one_replica_at_a_time_runs_the_background_jobs(server):
     await lifecycle.release_background(first)
 
 
+async def remembered(config: Config, project: str) -> int:
+    """How many request ids of ``project`` the database remembers."""
+    rows = await sql_rows(
+        config.database_url, "SELECT count(*) FROM request_log WHERE project_id = ?", project
+    )
+    return int(rows[0][0])
+
+
+async def spawn_with_request_id(channel: grpc.aio.Channel, project: str, session_id: str) -> None:
+    await LifecycleServiceStub(channel).Spawn(
+        lc.SpawnRequest(project_id=project, agent_instance_id=str(uuid.uuid4()),
+                        session_id=session_id, request_id=str(uuid.uuid4()))
+    )  # fmt: skip
+
+
 async def test_a_backlog_past_one_batch_is_cleared_in_one_interval(base_config, monkeypatch):
     """More expired rows than one batch: the jobs run batch after batch until a batch
     comes back short, so retention keeps up with a busy project."""
     monkeypatch.setattr(server_module, "SWEEP_BATCH", 2)
     config = replace(base_config, request_id_ttl_seconds=1, retention_interval_seconds=3600)
-    remembered = "SELECT count(*) FROM request_log WHERE project_id = ?"
     project = str(uuid.uuid4())
     async with (
         Server(config) as server,
         grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
     ):
-        life = LifecycleServiceStub(channel)
         for index in range(5):
-            await life.Spawn(
-                lc.SpawnRequest(project_id=project, agent_instance_id=str(uuid.uuid4()),
-                                session_id=f"s{index}", request_id=str(uuid.uuid4()))
-            )  # fmt: skip
-        assert (await sql_rows(config.database_url, remembered, project))[0][0] == 5
+            await spawn_with_request_id(channel, project, f"s{index}")
+        assert await remembered(config, project) == 5
         await asyncio.sleep(1.5)  # past the 1 s TTL of all five
         _, requests, _ = await server.sweep_until_caught_up()
         # The database may hold other tests' expired ids too: at least three batches.
         assert requests >= 5
-        assert (await sql_rows(config.database_url, remembered, project))[0][0] == 0
+        assert await remembered(config, project) == 0
 
 
 async def test_request_ids_are_remembered_a_margin_past_their_ttl(base_config, monkeypatch):
     """Claimed by one replica's clock, forgotten by the sweeper's: 1% past the TTL
     (14.4 minutes of 24 hours) absorbs that much clock skew."""
     config = replace(base_config, request_id_ttl_seconds=100, retention_interval_seconds=3600)
-    remembered = "SELECT count(*) FROM request_log WHERE project_id = ?"
     project = str(uuid.uuid4())
     async with (
         Server(config) as server,
         grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
     ):
         claimed_ms = time.time_ns() // 1_000_000
-        await LifecycleServiceStub(channel).Spawn(
-            lc.SpawnRequest(project_id=project, agent_instance_id=str(uuid.uuid4()),
-                            session_id="s", request_id=str(uuid.uuid4()))
-        )  # fmt: skip
+        await spawn_with_request_id(channel, project, "s")
         assert server.lifecycle is not None
         for after_ms, left in ((100_500, 1), (102_000, 0)):  # the TTL is 100 s
             now = claimed_ms + after_ms
             monkeypatch.setattr(server.lifecycle, "_clock_ms", lambda now=now: now)
             await server.lifecycle.sweep()
-            assert (await sql_rows(config.database_url, remembered, project))[0][0] == left
+            assert await remembered(config, project) == left
