@@ -338,6 +338,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     for setting in SETTINGS:
         help_text = f"{setting.help} [env {setting.env}, default {setting.default}]"
+        help_text = help_text.replace("%", "%%")  # argparse %-formats help strings
         if setting.parse is _parse_bool:
             parser.add_argument(
                 setting.flag, dest=setting.name, action=argparse.BooleanOptionalAction,

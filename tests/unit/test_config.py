@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from memsvc.config import ConfigError, load, markdown_table
+from memsvc.config import SETTINGS, ConfigError, load, markdown_table
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 
@@ -62,3 +62,16 @@ def test_bad_values_are_refused_with_the_setting_named(env, message):
 def test_docs_table_matches_the_settings():
     """docs/configuration.md embeds `memsvc config` output; regenerate it when settings change."""
     assert markdown_table() in DOCS.read_text(), "run `memsvc config` and paste it into the docs"
+
+
+@pytest.mark.parametrize("command", ["serve", "migrate"])
+def test_help_lists_every_setting(command, capsys):
+    """`memsvc serve --help` once crashed on a '%' in a setting's help text."""
+    from memsvc.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    shown = capsys.readouterr().out
+    for setting in SETTINGS:
+        assert setting.flag in shown
