@@ -6,7 +6,7 @@ from collections import OrderedDict
 from typing import Any
 
 import grpc
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 
 from memsvc.api._convert import encode_value, plain_struct, seconds_of, timestamp, ttl_ms
 from memsvc.domain import SessionRef
@@ -20,8 +20,24 @@ _RESPONSE_CACHE = 4096
 
 
 def render_value(stored: bytes) -> Any:
-    """A stored value as plain JSON-like Python (for episode summaries)."""
-    return json_format.MessageToDict(struct_pb2.Value.FromString(stored))
+    """A stored value as plain JSON-like Python (for episode summaries).
+
+    A Value may hold NaN or an infinity (working memory stores any Value), which
+    json_format.MessageToDict refuses: here it stays a float, and the summary's
+    json.dumps spells it NaN or Infinity, as the reference's json.dumps did.
+    """
+    return _plain(struct_pb2.Value.FromString(stored))
+
+
+def _plain(value: struct_pb2.Value) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "struct_value":
+        return {key: _plain(item) for key, item in value.struct_value.fields.items()}
+    if kind == "list_value":
+        return [_plain(item) for item in value.list_value.values]
+    if kind is None or kind == "null_value":
+        return None
+    return getattr(value, kind)
 
 
 def metadata_of(request: Any) -> dict[str, Any]:

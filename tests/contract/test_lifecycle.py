@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import sqlite3
 import time
 import uuid
@@ -13,8 +14,10 @@ import psycopg
 import pytest
 from google.protobuf import duration_pb2, struct_pb2
 
+from memsvc.v1 import episodic_pb2 as ep
 from memsvc.v1 import lifecycle_pb2 as lc
 from memsvc.v1 import working_memory_pb2 as pb
+from memsvc.v1.episodic_pb2_grpc import EpisodicMemoryServiceStub
 from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
 from tests.helpers import expect_error, python, value
 
@@ -103,6 +106,24 @@ async def test_full_lifecycle(life, wm, scope, server):
     assert events[3][2] == ended.episode_id
     sequences = [e[0] for e in events]
     assert sequences == sorted(sequences)
+
+
+async def test_non_finite_numbers_are_kept_and_consolidated(life, wm, scope, channel):
+    """Working memory stores any Value, NaN and infinities included (they come back
+    exactly); Terminate's summary spells them as json.dumps does, never INTERNAL."""
+    await life.Spawn(lc.SpawnRequest(**scope))
+    nested = struct_pb2.Value()
+    nested.list_value.values.add().number_value = float("-inf")
+    for key, stored in (("n", struct_pb2.Value(number_value=float("nan"))), ("l", nested)):
+        await wm.Set(pb.SetRequest(**scope, key=key, value=stored))
+    got = (await wm.Get(pb.GetRequest(**scope, key="n"))).entry.value.number_value
+    assert math.isnan(got)
+    ended = await life.Terminate(lc.TerminateRequest(**scope))
+    assert ended.entries_consolidated == 2
+    episode = await EpisodicMemoryServiceStub(channel).GetEpisode(
+        ep.GetEpisodeRequest(project_id=scope["project_id"], episode_id=ended.episode_id)
+    )
+    assert episode.episode.context_summary == '{"l": [-Infinity], "n": NaN}'
 
 
 async def test_writes_are_refused_while_paused_and_reads_work(life, wm, scope):
