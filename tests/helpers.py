@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import importlib
+import json
 import time
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
@@ -77,6 +79,15 @@ def value(python: Any) -> struct_pb2.Value:
 def python(message: struct_pb2.Value) -> Any:
     """The JSON-like Python value held by a google.protobuf.Value."""
     return json_format.MessageToDict(message)
+
+
+def forge_page_token(token: str, position: str) -> str:
+    """``token`` with its position replaced by ``position`` (JSON text): its
+    fingerprint still matches the request (it binds the request, not the position)."""
+    padded = token + "=" * (-len(token) % 4)
+    document = json.loads(base64.urlsafe_b64decode(padded))
+    document["a"] = position
+    return base64.urlsafe_b64encode(json.dumps(document).encode()).decode().rstrip("=")
 
 
 async def eventually(

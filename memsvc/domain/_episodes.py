@@ -37,8 +37,11 @@ from memsvc.domain._pagination import (
     fingerprint,
     page_of,
     page_position,
+    position_ms,
+    position_score,
+    position_text,
 )
-from memsvc.domain._storable import json_problem
+from memsvc.domain._storable import MAX_TIME_MS, MIN_TIME_MS, json_problem
 
 OUTCOMES = {1: "SUCCESS", 2: "FAILURE", 3: "PARTIAL"}
 MAX_TASK_TYPE_CHARS = 128
@@ -51,10 +54,8 @@ MAX_ACTIONS_BYTES = 1 << 20
 MAX_METADATA_BYTES = 64 << 10
 MAX_EMBEDDING_DIMENSIONS = 4_096
 MAX_QUERY_CHARS = 1_000
-# protobuf's Duration and Timestamp ranges: what the API can send back.
+# protobuf's Duration range: what the API can send back.
 MAX_DURATION_SECONDS = 315_576_000_000
-MIN_TIME_MS = -62_135_596_800_000  # 0001-01-01T00:00:00Z
-MAX_TIME_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
 LIST_PAGE = (100, 1_000)  # (default, maximum) page size
 SEARCH_PAGE = (20, 100)
 
@@ -213,7 +214,7 @@ class Episodes:
         raise_if_any(violations)
         token_scope = scope.fingerprint("list")
         after = decode_page_token(page_token, token_scope)
-        before = _position(after, int, str)
+        before = page_position(after, position_ms, position_text)
         items = await self._db.list_episodes(scope, before, limit + 1, with_embedding)
         return page_of(items, limit, token_scope, lambda e: [e.create_ms, e.episode_id])
 
@@ -235,7 +236,9 @@ class Episodes:
         vector = check_embedding(query_embedding, "query_embedding", violations)
         raise_if_any(violations)
         token_scope = scope.fingerprint("search", json.dumps(terms), vector.hex() if vector else "")
-        after = _position(decode_page_token(page_token, token_scope), float, str)
+        after = page_position(
+            decode_page_token(page_token, token_scope), position_score, position_text
+        )
         if vector is None:
             items = await self._db.search_episodes(scope, terms, after, limit + 1, with_embedding)
         else:
@@ -281,15 +284,6 @@ class Episodes:
         by_id = {episode.episode_id: episode for episode in found}
         # An episode deleted since the ranking read is left out.
         return [ScoredEpisode(by_id[i], s) for s, i in ranked if i in by_id]
-
-
-def _position(after: str | None, *kinds: Callable[[Any], Any]) -> Any:
-    """The keyset position a page token carries, as a tuple of ``kinds``."""
-    if after is None:
-        return None
-    return page_position(
-        after, lambda values: tuple(kind(v) for kind, v in zip(kinds, values, strict=True))
-    )
 
 
 def _check_episode_name(project_id: str, episode_id: str) -> tuple[str, str]:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from memsvc.domain._errors import FailedPrecondition, FieldViolation, NotFound
 from memsvc.domain._ids import SessionRef, check_session_id, check_uuid, raise_if_any
@@ -34,6 +34,7 @@ from memsvc.domain._pagination import (
     fingerprint,
     page_of,
     page_position,
+    position_text,
 )
 from memsvc.domain._storable import json_problem
 
@@ -449,10 +450,15 @@ class GraphCheckpoints:
         raise_if_any(violations)
         scope = replace(scope, project_id=project)
         token_scope = scope.fingerprint()
-        after_text = decode_page_token(page_token, token_scope)
-        after: tuple[str, str, str] | None = None
-        if after_text is not None:
-            after = page_position(after_text, lambda p: (str(p[0]), str(p[1]), str(p[2])))
+        after = cast(
+            tuple[str, str, str] | None,
+            page_position(
+                decode_page_token(page_token, token_scope),
+                position_text,
+                position_text,
+                position_text,
+            ),
+        )
         items, truncated = await self._db.list_graph_checkpoints(
             scope, after, limit + 1, self._page_bytes
         )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+from typing import cast
 
 from memsvc.domain._errors import (
     CheckpointNotFound,
@@ -30,6 +30,9 @@ from memsvc.domain._pagination import (
     encode_page_token,
     fingerprint,
     page_of,
+    page_position,
+    position_ms,
+    position_text,
 )
 from memsvc.domain._session_memory import SessionMemoryStore, SnapshotEntry
 from memsvc.domain._snapshot import decode_snapshot
@@ -123,11 +126,12 @@ class LifecycleReads:
         limit = self._limits.page_size(page_size, violations)
         raise_if_any(violations)
         scope = fingerprint("sessions", project, agent or "", str(state))
-        after = decode_page_token(page_token, scope)
-        before = None
-        if after is not None:
-            create_ms, agent_after, session_after = json.loads(after)
-            before = (int(create_ms), str(agent_after), str(session_after))
+        before = cast(
+            tuple[int, str, str] | None,
+            page_position(
+                decode_page_token(page_token, scope), position_ms, position_text, position_text
+            ),
+        )
         items = await self._db.list_sessions(project, agent, wanted, before, limit + 1)
         return page_of(
             items,
@@ -162,11 +166,10 @@ class LifecycleReads:
         limit = self._limits.page_size(page_size, violations)
         raise_if_any(violations)
         scope = fingerprint("checkpoints", ref.project_id, ref.agent_instance_id, ref.session_id)
-        after = decode_page_token(page_token, scope)
-        before = None
-        if after is not None:
-            create_ms, checkpoint_id = json.loads(after)
-            before = (int(create_ms), str(checkpoint_id))
+        before = cast(
+            tuple[int, str] | None,
+            page_position(decode_page_token(page_token, scope), position_ms, position_text),
+        )
         record = await self._db.get_session(ref)
         if record is None:
             raise SessionNotFound(ref.session_id)

@@ -13,11 +13,13 @@ import base64
 import binascii
 import hashlib
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from memsvc.domain._errors import FieldViolation, InvalidArgument
+from memsvc.domain._storable import MAX_TIME_MS, MIN_TIME_MS
 
 T = TypeVar("T")
 P = TypeVar("P")
@@ -83,16 +85,45 @@ def decode_page_token(token: str, scope: str, field: str = "page_token") -> str 
     return str(after)
 
 
-def page_position(after: str, read: Callable[[Any], P]) -> P:
-    """The keyset position ``after`` (from decode_page_token), read from its JSON
-    by ``read``. The fingerprint only binds a token to its request, and a client
-    can forge one: a position that does not read is INVALID_ARGUMENT."""
+def page_position(after: str | None, *kinds: Callable[[Any], Any]) -> tuple[Any, ...] | None:
+    """The keyset position ``after`` (from decode_page_token; None for the first
+    page): its JSON list, one item per ``kinds`` reader (:func:`position_ms`,
+    :func:`position_text`, :func:`position_score`). The fingerprint only binds a
+    token to its request, and a client can forge one: a position that does not
+    read is INVALID_ARGUMENT, never a failure further down."""
+    if after is None:
+        return None
     try:
-        return read(json.loads(after))
-    except (ValueError, TypeError, IndexError, KeyError):
+        values = json.loads(after)
+        if not isinstance(values, list):
+            raise TypeError("a position is a list")
+        return tuple(kind(value) for kind, value in zip(kinds, values, strict=True))
+    except (ValueError, TypeError):
         raise InvalidArgument.single(
             "page_token", "is not a token returned by this call; start again with an empty one"
         ) from None
+
+
+def position_ms(value: Any) -> int:
+    """A time (Unix ms) in a position: an integer within protobuf's Timestamp range."""
+    if type(value) is not int or not MIN_TIME_MS <= value <= MAX_TIME_MS:
+        raise ValueError(f"not a time in milliseconds: {value!r}")
+    return value
+
+
+def position_text(value: Any) -> str:
+    """An id or key in a position: text without NUL, which no id or key holds
+    (and PostgreSQL cannot compare)."""
+    if not isinstance(value, str) or "\x00" in value:
+        raise ValueError(f"not an id: {value!r}")
+    return value
+
+
+def position_score(value: Any) -> float:
+    """A search score in a position: a finite number."""
+    if type(value) not in (int, float) or not math.isfinite(value):
+        raise ValueError(f"not a score: {value!r}")
+    return float(value)
 
 
 def check_page_size(

@@ -6,6 +6,9 @@ import math
 from typing import Any
 
 MAX_JSON_DEPTH = 64
+# protobuf's Timestamp range: the times the API can send back (and both databases hold).
+MIN_TIME_MS = -62_135_596_800_000  # 0001-01-01T00:00:00Z
+MAX_TIME_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
 NUL_FREE = "must not contain NUL characters (U+0000), which PostgreSQL cannot store in text"
 
 

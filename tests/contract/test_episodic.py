@@ -17,7 +17,7 @@ from memsvc.v1 import lifecycle_pb2 as lc
 from memsvc.v1 import working_memory_pb2 as wm
 from memsvc.v1.episodic_pb2_grpc import EpisodicMemoryServiceStub
 from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
-from tests.helpers import expect_error, sql_rows, value
+from tests.helpers import expect_error, forge_page_token, sql_rows, value
 
 
 @pytest.fixture
@@ -410,6 +410,25 @@ async def test_search_applies_filters_and_pages_without_repeats(episodic, scope)
             break
     assert sorted(seen) == sorted(wanted)
     assert scores == sorted(scores, reverse=True)
+
+
+async def test_forged_page_tokens_are_invalid_argument(episodic, scope):
+    """A token's position replaced (its fingerprint still matches) is refused."""
+    project = scope["project_id"]
+    for _ in range(2):
+        await record(episodic, episode(scope, task_description="incident review"))
+    listing = ep.ListEpisodesRequest(project_id=project, page_size=1)
+    search = ep.SearchEpisodesRequest(project_id=project, query="incident", page_size=1)
+    for call, request, positions in (
+        (episodic.ListEpisodes, listing, ('[99999999999999999999, "x"]', '[1.5, "x"]')),
+        (episodic.SearchEpisodes, search, ('["NaN", "x"]', '[1e400, "x"]', '[1, "\\u0000"]')),
+    ):
+        token = (await call(request)).next_page_token
+        assert token
+        for position in ('"x"', "[1]", *positions):
+            request.page_token = forge_page_token(token, position)
+            error = await expect_error(call(request), grpc.StatusCode.INVALID_ARGUMENT)
+            assert "page_token" in error.violations, position
 
 
 async def test_bad_search_requests_are_refused(episodic, scope):

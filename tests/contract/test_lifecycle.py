@@ -19,7 +19,7 @@ from memsvc.v1 import lifecycle_pb2 as lc
 from memsvc.v1 import working_memory_pb2 as pb
 from memsvc.v1.episodic_pb2_grpc import EpisodicMemoryServiceStub
 from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
-from tests.helpers import expect_error, python, value
+from tests.helpers import expect_error, forge_page_token, python, value
 
 ACTIVE, PAUSED, TERMINATED = (
     lc.SESSION_STATE_ACTIVE,
@@ -340,6 +340,30 @@ async def test_list_sessions_filters_and_pages(life, scope):
         lc.ListSessionsRequest(project_id=scope["project_id"], state=PAUSED)
     )
     assert [s.session_id for s in paused.sessions] == ["s1"]
+
+
+# A page token's position replaced (its fingerprint still matches): not a list,
+# the wrong length, a time outside protobuf's range, a NUL in an id.
+FORGED_POSITIONS = ('"x"', "[1]", '[1e400, "a", "b"]', '[1, "a\\u0000", "b"]',
+                    '[99999999999999999999, "a", "b"]', '["1", "a", "b"]')  # fmt: skip
+
+
+async def test_forged_page_tokens_are_invalid_argument(life, scope):
+    for name in (scope["session_id"], "other"):
+        await life.Spawn(lc.SpawnRequest(**{**scope, "session_id": name}))
+    await life.CreateCheckpoint(lc.CreateCheckpointRequest(**scope))
+    await life.CreateCheckpoint(lc.CreateCheckpointRequest(**scope))
+    sessions = lc.ListSessionsRequest(project_id=scope["project_id"], page_size=1)
+    checkpoints = lc.ListCheckpointsRequest(**scope, page_size=1)
+    for call, request in ((life.ListSessions, sessions), (life.ListCheckpoints, checkpoints)):
+        token = (await call(request)).next_page_token
+        for position in FORGED_POSITIONS:
+            # ListCheckpoints' position has two parts: keep the same defects.
+            if call == life.ListCheckpoints and position.startswith("["):
+                position = position.replace(', "b"]', "]")
+            request.page_token = forge_page_token(token, position)
+            error = await expect_error(call(request), grpc.StatusCode.INVALID_ARGUMENT)
+            assert "page_token" in error.violations, position
 
 
 async def test_bad_lifecycle_input_is_invalid_argument(life, scope):
