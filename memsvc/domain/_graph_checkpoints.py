@@ -37,6 +37,7 @@ from memsvc.domain._pagination import (
     position_text,
 )
 from memsvc.domain._storable import json_problem
+from memsvc.domain._working_memory import check_ttl
 
 MAX_THREAD_ID_BYTES = 512
 MAX_NAMESPACE_BYTES = 2048
@@ -758,8 +759,7 @@ def check_writes(
 def check_options(
     options: GraphThreadOptions, field: str, violations: list[FieldViolation]
 ) -> GraphThreadOptions:
-    if options.ttl_ms is not None and options.ttl_ms < 0:
-        violations.append(FieldViolation(f"{field}.ttl", "must not be negative"))
+    check_ttl(options.ttl_ms, f"{field}.ttl", violations)
     if not 0 <= options.keep_last <= MAX_KEEP_LAST:
         violations.append(
             FieldViolation(

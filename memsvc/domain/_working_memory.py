@@ -43,6 +43,22 @@ from memsvc.domain._pagination import (
 MAX_TTL_MS = 31_557_600_000 * 1000
 
 
+def check_ttl(ttl_ms: int | None, field: str, violations: list[FieldViolation]) -> None:
+    """A TTL (None: none) must be from 0 to MAX_TTL_MS."""
+    if ttl_ms is not None and ttl_ms < 0:
+        violations.append(
+            FieldViolation(field, "must not be negative (omit it or use 0 for no expiry)")
+        )
+    elif ttl_ms is not None and ttl_ms > MAX_TTL_MS:
+        violations.append(
+            FieldViolation(
+                field,
+                f"must be at most {MAX_TTL_MS // 1000} seconds (1,000 years; omit it "
+                "or use 0 for no expiry)",
+            )
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class WorkingMemoryLimits:
     """Per-value, per-session and per-response limits (see docs/configuration.md)."""
@@ -358,20 +374,7 @@ class WorkingMemory:
                     f"{self.limits.max_value_bytes} bytes; store smaller values or split them",
                 )
             )
-        if ttl_ms is not None and ttl_ms < 0:
-            violations.append(
-                FieldViolation(
-                    f"{prefix}ttl", "must not be negative (omit it or use 0 for no expiry)"
-                )
-            )
-        elif ttl_ms is not None and ttl_ms > MAX_TTL_MS:
-            violations.append(
-                FieldViolation(
-                    f"{prefix}ttl",
-                    f"must be at most {MAX_TTL_MS // 1000} seconds (1,000 years; omit it "
-                    "or use 0 for no expiry)",
-                )
-            )
+        check_ttl(ttl_ms, f"{prefix}ttl", violations)
 
     def _check_batch_size(self, count: int, field: str, violations: list[FieldViolation]) -> None:
         if count == 0:

@@ -300,7 +300,7 @@ class GraphThreadOptions(_message.Message):
     @_builtins.property
     def ttl(self) -> _duration_pb2.Duration:
         """Forget the whole thread this long after its last put or write; unset or
-        zero: never.
+        zero: never. Negative, or over 1,000 years: INVALID_ARGUMENT.
         """
 
     @_builtins.property

@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import duration_pb2
 
 from memsvc.domain._graph_checkpoints import _apply_session_end
 from memsvc.server import Server
@@ -102,6 +103,14 @@ async def test_a_bad_put_names_every_bad_field_and_writes_nothing(graphs, scope)
     nan.metadata_json = '{"score": NaN}'
     error = await expect_error(put(graphs, project, nan), grpc.StatusCode.INVALID_ARGUMENT)
     assert set(error.violations) == {"checkpoint.metadata_json"}
+    # A thread's TTL is bounded like a key's: at most 1,000 years.
+    for seconds in (31_557_600_000_001, 2**62):
+        options = pb.GraphThreadOptions(ttl=duration_pb2.Duration(seconds=seconds))
+        error = await expect_error(
+            put(graphs, project, checkpoint("t", "c1"), options=options),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        )
+        assert set(error.violations) == {"options.ttl"}
     assert await ids(graphs, project, "t") == []
 
 
