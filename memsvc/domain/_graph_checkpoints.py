@@ -183,14 +183,30 @@ class GraphCheckpointConflict(FailedPrecondition):
 
     reason = "ERROR_REASON_GRAPH_CHECKPOINT_CONFLICT"
 
-    def __init__(self, thread_id: str, ns: str, parent: str | None, latest: str | None) -> None:
+    def __init__(
+        self, thread_id: str, ns: str, checkpoint_id: str, parent: str | None, latest: str | None
+    ) -> None:
+        where = f"of thread {thread_id!r} namespace {ns!r}"
+        if parent == latest:
+            # The parent is the latest, but the new id sorts before it: the put
+            # would not become the latest (the greatest id is), forking the thread.
+            message = (
+                f"checkpoint id {checkpoint_id!r} sorts before the latest checkpoint "
+                f"{latest!r} {where}: a checkpoint that extends the latest must have a "
+                "greater id (LangGraph's ids are time-ordered; is this writer's clock behind?)"
+            )
+        else:
+            message = (
+                f"checkpoint {parent or '(none)'!s} is not the latest {where} (the latest "
+                f"is {latest or '(none)'!s}): another writer moved the thread on; read the "
+                "latest checkpoint and decide"
+            )
         super().__init__(
-            f"checkpoint {parent or '(none)'!s} is not the latest of thread {thread_id!r} "
-            f"namespace {ns!r} (the latest is {latest or '(none)'!s}): another writer "
-            "moved the thread on; read the latest checkpoint and decide",
+            message,
             metadata={
                 "thread_id": thread_id,
                 "checkpoint_ns": ns,
+                "checkpoint_id": checkpoint_id,
                 "parent_checkpoint_id": parent or "",
                 "latest_checkpoint_id": latest or "",
             },
@@ -391,7 +407,9 @@ class GraphCheckpoints:
                     not latest or record.checkpoint_id > latest
                 )
                 if not (retry or extends):
-                    raise GraphCheckpointConflict(thread, ns, record.parent_checkpoint_id, latest)
+                    raise GraphCheckpointConflict(
+                        thread, ns, record.checkpoint_id, record.parent_checkpoint_id, latest
+                    )
             stored = await tx.insert_graph_values(project, thread, ns, new_values)
             await tx.upsert_graph_checkpoint(record)
         return stored

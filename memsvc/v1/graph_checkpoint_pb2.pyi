@@ -370,8 +370,10 @@ class PutGraphCheckpointRequest(_message.Message):
     require_latest_parent: _builtins.bool
     """Writer fence: refuse the put (FAILED_PRECONDITION,
     ERROR_REASON_GRAPH_CHECKPOINT_CONFLICT) unless `parent_checkpoint_id` is
-    the latest checkpoint of the thread and namespace (or both are empty, or
-    the latest is this very checkpoint: a retry).
+    the latest checkpoint of the thread and namespace and the new id sorts
+    after it, so that the put becomes the latest (the latest is the greatest
+    id; LangGraph's ids are time-ordered); or both are empty, or the latest is
+    this very checkpoint: a retry.
     """
     @_builtins.property
     def checkpoint(self) -> Global___GraphCheckpoint:

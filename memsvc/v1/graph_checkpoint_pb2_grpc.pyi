@@ -54,7 +54,7 @@ class GraphCheckpointServiceStub:
     changed in it. Putting a checkpoint id again replaces its document and
     metadata (so a retry is safe). With `require_latest_parent`, the put is
     refused unless the parent it names is still the latest checkpoint of its
-    thread and namespace (a writer fence).
+    thread and namespace, and the put's id sorts after it (a writer fence).
     Errors: INVALID_ARGUMENT; FAILED_PRECONDITION
     (ERROR_REASON_GRAPH_CHECKPOINT_CONFLICT) when the fence refuses it.
     """
@@ -126,7 +126,7 @@ class GraphCheckpointServiceAsyncStub(GraphCheckpointServiceStub):
     changed in it. Putting a checkpoint id again replaces its document and
     metadata (so a retry is safe). With `require_latest_parent`, the put is
     refused unless the parent it names is still the latest checkpoint of its
-    thread and namespace (a writer fence).
+    thread and namespace, and the put's id sorts after it (a writer fence).
     Errors: INVALID_ARGUMENT; FAILED_PRECONDITION
     (ERROR_REASON_GRAPH_CHECKPOINT_CONFLICT) when the fence refuses it.
     """
@@ -201,7 +201,7 @@ class GraphCheckpointServiceServicer(metaclass=_abc_1.ABCMeta):
         changed in it. Putting a checkpoint id again replaces its document and
         metadata (so a retry is safe). With `require_latest_parent`, the put is
         refused unless the parent it names is still the latest checkpoint of its
-        thread and namespace (a writer fence).
+        thread and namespace, and the put's id sorts after it (a writer fence).
         Errors: INVALID_ARGUMENT; FAILED_PRECONDITION
         (ERROR_REASON_GRAPH_CHECKPOINT_CONFLICT) when the fence refuses it.
         """

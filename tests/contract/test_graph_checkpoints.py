@@ -173,6 +173,8 @@ async def test_the_writer_fence_refuses_an_id_that_would_not_become_the_latest(g
         grpc.StatusCode.FAILED_PRECONDITION,
     )
     assert error.reason == "ERROR_REASON_GRAPH_CHECKPOINT_CONFLICT"
+    assert error.metadata["checkpoint_id"] == "c4"
+    assert "'c4' sorts before the latest checkpoint 'c5'" in error.message
     assert await ids(graphs, project, "t") == ["c5"]
 
 
