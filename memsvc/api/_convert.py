@@ -12,7 +12,7 @@ from typing import Any
 
 from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 
-from memsvc.domain import FieldViolation, InvalidArgument
+from memsvc.domain import InvalidArgument
 from memsvc.domain._storable import json_problem
 
 _NANOS_PER_MS = 1_000_000
@@ -45,35 +45,37 @@ def plain_struct(message: struct_pb2.Struct, field: str) -> dict[str, Any]:
     return plain
 
 
-def seconds_of(duration: duration_pb2.Duration) -> float:
+def seconds_of(duration: duration_pb2.Duration, field: str) -> float:
     """A Duration in seconds, for any value the wire can carry (ToTimedelta()
-    overflows past ~1e9 days); range checks are the caller's."""
+    overflows past ~1e9 days); a malformed one is INVALID_ARGUMENT, range checks
+    are the caller's."""
+    _check_duration(duration, field)
     return duration.seconds + duration.nanos / 1e9
 
 
 def ttl_ms(duration: duration_pb2.Duration, present: bool, field: str) -> int | None:
     """A TTL in whole milliseconds, rounded up; None when absent or zero.
 
-    A negative TTL is returned as is for the domain to reject; a Duration whose
-    seconds and nanos disagree in sign is malformed and rejected here.
+    A negative TTL is returned as is for the domain to reject; a malformed
+    Duration is rejected here.
     """
     if not present:
         return None
-    seconds, nanos = duration.seconds, duration.nanos
-    if (seconds > 0 and nanos < 0) or (seconds < 0 and nanos > 0) or abs(nanos) >= 1_000_000_000:
-        raise InvalidArgument(
-            [
-                FieldViolation(
-                    field,
-                    "is not a valid Duration (seconds and nanos must share a sign, |nanos| < 1e9)",
-                )
-            ]
-        )
-    total = seconds * 1_000_000_000 + nanos
+    _check_duration(duration, field)
+    total = duration.seconds * 1_000_000_000 + duration.nanos
     if total < 0:
         return min(-1, total // _NANOS_PER_MS)
     milliseconds = -(-total // _NANOS_PER_MS)
     return milliseconds or None
+
+
+def _check_duration(duration: duration_pb2.Duration, field: str) -> None:
+    """protobuf's rule for a Duration: seconds and nanos share a sign, |nanos| < 1e9."""
+    seconds, nanos = duration.seconds, duration.nanos
+    if (seconds > 0 and nanos < 0) or (seconds < 0 and nanos > 0) or abs(nanos) >= 1_000_000_000:
+        raise InvalidArgument.single(
+            field, "is not a valid Duration (seconds and nanos must share a sign, |nanos| < 1e9)"
+        )
 
 
 def timestamp(epoch_ms: int) -> timestamp_pb2.Timestamp:

@@ -29,7 +29,7 @@ def episode_record(message: pb.Episode) -> EpisodeRecord:
         ],
         context_summary=message.context_summary,
         lessons_learned=list(message.lessons_learned),
-        duration_seconds=seconds_of(duration),
+        duration_seconds=seconds_of(duration, "episode.duration"),
         tokens_used=message.tokens_used,
         importance=message.importance,
         metadata=plain_struct(message.metadata, "episode.metadata"),

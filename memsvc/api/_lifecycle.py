@@ -259,7 +259,9 @@ class LifecycleServicer(pb_grpc.LifecycleServiceServicer):
         self, request: pb.WatchLifecycleRequest, context: grpc.aio.ServicerContext
     ) -> None:
         interval = (
-            seconds_of(request.progress_interval) if request.HasField("progress_interval") else None
+            seconds_of(request.progress_interval, "progress_interval")
+            if request.HasField("progress_interval")
+            else None
         )
         event_filter, progress_seconds = check_watch_request(
             request.project_id,
@@ -267,6 +269,7 @@ class LifecycleServicer(pb_grpc.LifecycleServiceServicer):
             request.session_id,
             list(request.event_types),
             request.after_sequence,
+            request.start,
             interval,
         )
         after = request.after_sequence if request.HasField("after_sequence") else None

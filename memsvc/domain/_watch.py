@@ -389,15 +389,20 @@ MAX_PROGRESS_SECONDS = 3600.0
 DEFAULT_PROGRESS_SECONDS = 10.0
 
 
+# WatchStart's values: UNSPECIFIED (as NOW), NOW, OLDEST.
+WATCH_STARTS = range(3)
+
+
 def check_watch_request(
     project_id: str,
     agent_instance_id: str,
     session_id: str,
     event_types: Sequence[int],
     after_sequence: int,
+    start: int,
     progress_seconds: float | None,
 ) -> tuple[EventFilter, float]:
-    """Validate a watch request: its filter and progress interval."""
+    """Validate a watch request: its filter, start position and progress interval."""
     violations: list[FieldViolation] = []
     if project_id:
         project_id = check_uuid(project_id, "project_id", violations)
@@ -415,6 +420,10 @@ def check_watch_request(
             )
     if after_sequence < 0:
         violations.append(FieldViolation("after_sequence", "must not be negative"))
+    if start not in WATCH_STARTS:
+        violations.append(
+            FieldViolation("start", f"is not a WatchStart value (0, 1 or 2): {start}")
+        )
     interval = DEFAULT_PROGRESS_SECONDS if progress_seconds is None else progress_seconds
     if not MIN_PROGRESS_SECONDS <= interval <= MAX_PROGRESS_SECONDS:
         violations.append(

@@ -160,6 +160,7 @@ async def test_unknown_episodes_are_not_found_in_any_project(episodic, scope):
         ({"episode_id": str(uuid.uuid4())}, "episode.episode_id"),
         ({"tokens_used": -1}, "episode.tokens_used"),
         ({"duration": duration_pb2.Duration(seconds=-1)}, "episode.duration"),
+        ({"duration": duration_pb2.Duration(seconds=5, nanos=-1)}, "episode.duration"),
         ({"embedding": [float("inf")]}, "episode.embedding"),
         ({"embedding": [0.1] * 4_097}, "episode.embedding"),
         # Past protobuf's Duration range: stored, it could never be sent back.

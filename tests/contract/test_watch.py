@@ -125,6 +125,13 @@ async def test_bad_watch_requests_are_invalid_argument(life):
             lc.WatchLifecycleRequest(progress_interval=duration_pb2.Duration(nanos=1000)),
             "progress_interval",
         ),
+        (  # malformed: seconds and nanos of opposite signs
+            lc.WatchLifecycleRequest(
+                progress_interval=duration_pb2.Duration(seconds=1, nanos=-500_000_000)
+            ),
+            "progress_interval",
+        ),
+        (lc.WatchLifecycleRequest(start=lc.WatchStart.ValueType(7)), "start"),
     ]:
         call = life.WatchLifecycle(request)
         with pytest.raises(grpc.aio.AioRpcError) as error:
