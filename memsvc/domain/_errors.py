@@ -222,9 +222,9 @@ class InvalidTransition(FailedPrecondition):
 
     reason = "ERROR_REASON_INVALID_TRANSITION"
 
-    def __init__(self, session_id: str, state: str, operation: str) -> None:
+    def __init__(self, session_id: str, state: str, operation: str, hint: str = "") -> None:
         super().__init__(
-            f"cannot {operation} session {session_id!r}: it is {state}",
+            f"cannot {operation} session {session_id!r}: it is {state}{hint}",
             metadata={"session_id": session_id, "state": state},
         )
 

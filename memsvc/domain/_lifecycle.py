@@ -353,7 +353,10 @@ class Lifecycle:
             if not wanted:
                 # Only a PAUSED session has a resume checkpoint to default to.
                 raise InvalidTransition(
-                    ref.session_id, record.state.name, "resume without a checkpoint_id"
+                    ref.session_id,
+                    record.state.name,
+                    "resume",
+                    ", with no checkpoint to resume from: name one in checkpoint_id",
                 )
             if found is None:
                 raise CheckpointNotFound(ref.session_id, wanted)

@@ -179,6 +179,16 @@ async def test_invalid_transitions_are_refused_with_the_state(life, scope):
     error = await expect_error(life.Pause(lc.PauseRequest(**scope)), grpc.StatusCode.NOT_FOUND)
     assert error.reason == "ERROR_REASON_SESSION_NOT_FOUND"
     await life.Spawn(lc.SpawnRequest(**scope))
+    # Only a PAUSED session has a checkpoint to resume from by default.
+    error = await expect_error(
+        life.Resume(lc.ResumeRequest(**scope)), grpc.StatusCode.FAILED_PRECONDITION
+    )
+    assert error.reason == "ERROR_REASON_INVALID_TRANSITION"
+    assert error.metadata["state"] == "ACTIVE"
+    assert error.message == (
+        f"cannot resume session {scope['session_id']!r}: it is ACTIVE, with no checkpoint"
+        " to resume from: name one in checkpoint_id"
+    )
     await life.Pause(lc.PauseRequest(**scope))
     error = await expect_error(
         life.Pause(lc.PauseRequest(**scope)), grpc.StatusCode.FAILED_PRECONDITION
