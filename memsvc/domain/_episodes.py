@@ -27,7 +27,13 @@ from memsvc.domain._errors import (
     FieldViolation,
     SimilarityScopeTooLarge,
 )
-from memsvc.domain._ids import SessionRef, check_session_id, check_uuid, raise_if_any
+from memsvc.domain._ids import (
+    SessionRef,
+    check_request_id,
+    check_session_id,
+    check_uuid,
+    raise_if_any,
+)
 from memsvc.domain._lifecycle_records import EpisodeRecord, RequestLog
 from memsvc.domain._lifecycle_results import arguments_hash, claim, uuid7
 from memsvc.domain._pagination import (
@@ -155,8 +161,7 @@ class Episodes:
         embedding dimensions are assigned here)."""
         violations = check_episode(episode, "episode")
         packed = check_embedding(embedding, "episode.embedding", violations)
-        if request_id:
-            check_uuid(request_id, "request_id", violations)
+        request_id = check_request_id(request_id, violations)
         raise_if_any(violations)
         ref = SessionRef(
             episode.ref.project_id.lower(),

@@ -50,6 +50,12 @@ def check_uuid(value: str, field: str, violations: list[FieldViolation]) -> str:
     return value.lower()
 
 
+def check_request_id(request_id: str, violations: list[FieldViolation]) -> str:
+    """An optional request id (empty: none) must be a UUID; its canonical form, so
+    that a retry spelling it in another case is the same request."""
+    return check_uuid(request_id, "request_id", violations) if request_id else ""
+
+
 def check_session_id(value: str, field: str, violations: list[FieldViolation]) -> str:
     """Validate a session id: 1 to 128 printable ASCII characters, no spaces."""
     if not value:

@@ -39,6 +39,7 @@ from memsvc.domain._errors import (
 )
 from memsvc.domain._ids import (
     SessionRef,
+    check_request_id,
     check_session_id,
     check_session_ref,
     check_uuid,
@@ -157,7 +158,7 @@ class Lifecycle:
             check_uuid(agent_type_id, "agent_type_id", violations) if agent_type_id else None
         )
         writes = self._wm.check_entries(initial, "initial_entries", violations, allow_empty=True)
-        _check_request_id(request_id, violations)
+        request_id = check_request_id(request_id, violations)
         raise_if_any(violations)
         arguments = (ref, agent_type, [dataclasses.astuple(w) for w in writes], metadata)
         self._wm.check_fits_session(writes)
@@ -191,7 +192,7 @@ class Lifecycle:
     async def pause(
         self, session: SessionRef, checkpoint_id: str, metadata: dict[str, Any], request_id: str
     ) -> PauseResult:
-        ref = self._check(session, checkpoint_id, request_id)
+        ref, request_id = self._check(session, checkpoint_id, request_id)
         arguments = (ref, checkpoint_id, metadata)
         steps = _Steps(op=uuid7())
 
@@ -261,7 +262,7 @@ class Lifecycle:
         self, session: SessionRef, checkpoint_id: str, metadata: dict[str, Any], request_id: str
     ) -> CheckpointRecord:
         """Snapshot an ACTIVE session without pausing it."""
-        ref = self._check(session, checkpoint_id, request_id)
+        ref, request_id = self._check(session, checkpoint_id, request_id)
         arguments = (ref, checkpoint_id, metadata)
         # No marker change: the snapshot is one atomic read, nothing to settle after.
         steps = _Steps(op=uuid7())
@@ -299,7 +300,7 @@ class Lifecycle:
         self, session: SessionRef, checkpoint_id: str, request_id: str
     ) -> None:
         """Delete a checkpoint, unless a PAUSED session will resume from it."""
-        ref = self._check(session, checkpoint_id, request_id)
+        ref, request_id = self._check(session, checkpoint_id, request_id)
         if not checkpoint_id:
             raise InvalidArgument.single("checkpoint_id", "is required")
         arguments = (ref, checkpoint_id)
@@ -339,7 +340,7 @@ class Lifecycle:
         metadata: dict[str, Any],
         request_id: str,
     ) -> ResumeResult:
-        ref = self._check(session, checkpoint_id, request_id)
+        ref, request_id = self._check(session, checkpoint_id, request_id)
         arguments = (ref, checkpoint_id, merge, metadata)
         steps = _Steps(op=uuid7())
 
@@ -414,7 +415,7 @@ class Lifecycle:
         metadata: dict[str, Any],
         request_id: str,
     ) -> TerminateResult:
-        ref = self._check(session, "", request_id)
+        ref, request_id = self._check(session, "", request_id)
         outcome = outcome or OUTCOME_SUCCESS
         violations: list[FieldViolation] = []
         check_story(
@@ -604,16 +605,19 @@ class Lifecycle:
 
     # Shared machinery ---------------------------------------------------------
 
-    def _check(self, session: SessionRef, checkpoint_id: str, request_id: str) -> SessionRef:
+    def _check(
+        self, session: SessionRef, checkpoint_id: str, request_id: str
+    ) -> tuple[SessionRef, str]:
+        """The canonical session and request id of a call on a session."""
         violations: list[FieldViolation] = []
         ref = check_session_ref(
             session.project_id, session.agent_instance_id, session.session_id, violations
         )
         if checkpoint_id:
             check_session_id(checkpoint_id, "checkpoint_id", violations)
-        _check_request_id(request_id, violations)
+        request_id = check_request_id(request_id, violations)
         raise_if_any(violations)
-        return ref
+        return ref, request_id
 
     def _lock_for_checkpoint(
         self, ref: SessionRef, checkpoint_id: str
@@ -912,8 +916,3 @@ def _admit(
     if record.state not in allowed:
         raise InvalidTransition(ref.session_id, record.state.name, operation)
     return record
-
-
-def _check_request_id(request_id: str, violations: list[FieldViolation]) -> None:
-    if request_id:
-        check_uuid(request_id, "request_id", violations)

@@ -20,7 +20,13 @@ from dataclasses import asdict, dataclass
 from typing import Protocol
 
 from memsvc.domain._errors import FieldViolation
-from memsvc.domain._ids import SessionRef, check_session_id, check_uuid, raise_if_any
+from memsvc.domain._ids import (
+    SessionRef,
+    check_request_id,
+    check_session_id,
+    check_uuid,
+    raise_if_any,
+)
 from memsvc.domain._lifecycle_records import RequestLog
 from memsvc.domain._lifecycle_results import arguments_hash, claim
 
@@ -90,7 +96,7 @@ class Purger:
     async def purge(
         self, project_id: str, agent_instance_id: str, session_id: str, request_id: str
     ) -> PurgeReport:
-        scope = check_purge_scope(project_id, agent_instance_id, session_id, request_id)
+        scope, request_id = check_purge_scope(project_id, agent_instance_id, session_id, request_id)
         arguments = arguments_hash("PurgeData", scope)
         # Looked for before the transaction: on Redis this walks the whole keyspace,
         # which no lock should wait for.
@@ -129,8 +135,9 @@ class Purger:
 
 def check_purge_scope(
     project_id: str, agent_instance_id: str, session_id: str, request_id: str
-) -> SessionRef:
-    """The canonical scope; empty agent instance or session ids mean "all"."""
+) -> tuple[SessionRef, str]:
+    """The canonical scope (empty agent instance or session ids mean "all") and
+    request id."""
     violations: list[FieldViolation] = []
     project = check_uuid(project_id, "project_id", violations)
     agent = (
@@ -140,7 +147,6 @@ def check_purge_scope(
         check_session_id(session_id, "session_id", violations)
         if not agent_instance_id:
             violations.append(FieldViolation("session_id", "requires agent_instance_id"))
-    if request_id:
-        check_uuid(request_id, "request_id", violations)
+    request_id = check_request_id(request_id, violations)
     raise_if_any(violations)
-    return SessionRef(project, agent, session_id)
+    return SessionRef(project, agent, session_id), request_id

@@ -217,7 +217,9 @@ class LifecycleEvent(_message.Message):
     episode_id: _builtins.str
     """The episode recorded, for terminate with consolidation."""
     request_id: _builtins.str
-    """The request_id of the call that made the change, when it had one."""
+    """The request_id of the call that made the change, when it had one (in
+    lower case).
+    """
     purged: _builtins.bool
     """True for a tombstone: its subject was purged (DataRemovalService), so only
     sequence, event_id, event_type and event_time remain; every other field

@@ -193,6 +193,7 @@ async def test_a_retried_record_returns_the_first_answer(episodic, scope):
     first = await record(episodic, episode(scope), request_id=request_id)
     again = await record(episodic, episode(scope), request_id=request_id)
     assert again == first
+    assert await record(episodic, episode(scope), request_id=request_id.upper()) == first
     details = await expect_error(
         record(episodic, episode(scope, importance=0.9), request_id=request_id),
         grpc.StatusCode.INVALID_ARGUMENT,

@@ -243,6 +243,9 @@ async def test_request_id_makes_retries_safe(life, scope):
     first = await life.Pause(lc.PauseRequest(**scope, request_id=request_id))
     again = await life.Pause(lc.PauseRequest(**scope, request_id=request_id))
     assert again == first
+    # A UUID in any case is the same request id.
+    shouted = await life.Pause(lc.PauseRequest(**scope, request_id=request_id.upper()))
+    assert shouted == first
     error = await expect_error(
         life.Pause(lc.PauseRequest(**scope, request_id=request_id, checkpoint_id="other")),
         grpc.StatusCode.INVALID_ARGUMENT,

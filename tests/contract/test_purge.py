@@ -224,6 +224,8 @@ async def test_purge_is_idempotent_and_a_request_id_returns_the_first_report(
     first = await stubs.removal.PurgeData(dr.PurgeDataRequest(**request))
     assert first.sessions_deleted == 1
     assert await stubs.removal.PurgeData(dr.PurgeDataRequest(**request)) == first
+    shouted = {**request, "request_id": request["request_id"].upper()}
+    assert await stubs.removal.PurgeData(dr.PurgeDataRequest(**shouted)) == first
     again = await stubs.removal.PurgeData(dr.PurgeDataRequest(project_id=scope["project_id"]))
     # Only the first purge's remembered report was left to forget.
     assert again == dr.PurgeDataResponse(request_answers_deleted=1)
