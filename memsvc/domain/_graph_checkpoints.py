@@ -42,11 +42,11 @@ from memsvc.domain._working_memory import check_ttl
 MAX_THREAD_ID_BYTES = 512
 MAX_NAMESPACE_BYTES = 2048
 MAX_CHANNEL_BYTES = 512
-MAX_VERSION_CHARS = 128
-MAX_TYPE_CHARS = 64
-MAX_TASK_ID_CHARS = 256
-MAX_TASK_PATH_CHARS = 2048
-MAX_RUN_ID_CHARS = 256
+MAX_VERSION_BYTES = 128
+MAX_TYPE_BYTES = 64
+MAX_TASK_ID_BYTES = 256
+MAX_TASK_PATH_BYTES = 2048
+MAX_RUN_ID_BYTES = 256
 MAX_CHANNELS = 10_000
 MAX_WRITES = 10_000
 MAX_METADATA_BYTES = 1 << 20
@@ -505,7 +505,7 @@ class GraphCheckpoints:
                 FieldViolation("run_ids", f"has {len(run_ids)} ids, over {MAX_RUN_IDS}")
             )
         for index, run_id in enumerate(run_ids):
-            _check_text(run_id, f"run_ids[{index}]", MAX_RUN_ID_CHARS, True, violations)
+            _check_text(run_id, f"run_ids[{index}]", MAX_RUN_ID_BYTES, True, violations)
         raise_if_any(violations)
         if not run_ids:
             return 0
@@ -666,7 +666,7 @@ def check_namespace(value: str, field: str, violations: list[FieldViolation]) ->
 
 
 def _check_type(value: str, field: str, violations: list[FieldViolation]) -> None:
-    _check_text(value, field, MAX_TYPE_CHARS, True, violations)
+    _check_text(value, field, MAX_TYPE_BYTES, True, violations)
 
 
 def parse_json_object(
@@ -728,7 +728,7 @@ def check_checkpoint(
         for channel, version in record.channel_versions.items():
             field = f"{prefix}.channel_versions[{channel[:64]!r}]"
             _check_text(channel, field, MAX_CHANNEL_BYTES, True, violations)
-            _check_text(version, field, MAX_VERSION_CHARS, True, violations)
+            _check_text(version, field, MAX_VERSION_BYTES, True, violations)
     if len(new_values) > MAX_CHANNELS:
         violations.append(
             FieldViolation(
@@ -765,8 +765,8 @@ def check_writes(
     seen: set[tuple[str, int]] = set()
     for index, write in enumerate(writes):
         name = f"{field}[{index}]"
-        _check_text(write.task_id, f"{name}.task_id", MAX_TASK_ID_CHARS, True, violations)
-        _check_text(write.task_path, f"{name}.task_path", MAX_TASK_PATH_CHARS, False, violations)
+        _check_text(write.task_id, f"{name}.task_id", MAX_TASK_ID_BYTES, True, violations)
+        _check_text(write.task_path, f"{name}.task_path", MAX_TASK_PATH_BYTES, False, violations)
         _check_text(write.channel, f"{name}.channel", MAX_CHANNEL_BYTES, True, violations)
         _check_type(write.type, f"{name}.value.type", violations)
         if (write.task_id, write.idx) in seen:

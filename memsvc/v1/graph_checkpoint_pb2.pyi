@@ -81,7 +81,7 @@ class TypedValue(_message.Message):
     DATA_FIELD_NUMBER: _builtins.int
     type: _builtins.str
     """The serializer's type tag (LangGraph: "msgpack", "json", "bytes",
-    "null"...): 1 to 64 characters.
+    "null"...): 1 to 64 bytes of UTF-8, no control characters.
     """
     data: _builtins.bytes
     """The encoded value. The message as a whole is bounded by the server's
@@ -113,7 +113,7 @@ class ChannelValue(_message.Message):
     channel: _builtins.str
     """Channel name: 1 to 512 bytes of UTF-8, no control characters."""
     version: _builtins.str
-    """Channel version, as text: 1 to 128 characters."""
+    """Channel version, as text: 1 to 128 bytes of UTF-8, no control characters."""
     @_builtins.property
     def value(self) -> Global___TypedValue:
         """The value."""
@@ -145,10 +145,10 @@ class GraphWrite(_message.Message):
     CHANNEL_FIELD_NUMBER: _builtins.int
     VALUE_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
-    """Task that made the write: 1 to 256 characters."""
+    """Task that made the write: 1 to 256 bytes of UTF-8, no control characters."""
     task_path: _builtins.str
     """The task's path (LangGraph's `task_path`); orders writes. At most 2,048
-    characters.
+    bytes of UTF-8, no control characters.
     """
     idx: _builtins.int
     """Index of the write within its task; LangGraph's special channels use
@@ -689,7 +689,9 @@ class DeleteGraphRunsRequest(_message.Message):
     """Project: a UUID. Required."""
     @_builtins.property
     def run_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Run ids (metadata key "run_id"): up to 1,000, each 1 to 256 characters."""
+        """Run ids (metadata key "run_id"): up to 1,000, each 1 to 256 bytes of
+        UTF-8, no control characters.
+        """
 
     def __init__(
         self,
