@@ -126,7 +126,7 @@ class _WorkingMemoryStatus:
 class _WorkingMemoryStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WorkingMemoryStatus.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     WORKING_MEMORY_STATUS_UNSPECIFIED: _WorkingMemoryStatus.ValueType  # 0
-    """Not reported (for example for TERMINATED sessions)."""
+    """Not reported: TERMINATED sessions, and sessions listed by ListSessions."""
     WORKING_MEMORY_STATUS_INTACT: _WorkingMemoryStatus.ValueType  # 1
     """The working-memory store holds this session's memory."""
     WORKING_MEMORY_STATUS_LOST: _WorkingMemoryStatus.ValueType  # 2
@@ -140,7 +140,7 @@ class WorkingMemoryStatus(_WorkingMemoryStatus, metaclass=_WorkingMemoryStatusEn
     """
 
 WORKING_MEMORY_STATUS_UNSPECIFIED: WorkingMemoryStatus.ValueType  # 0
-"""Not reported (for example for TERMINATED sessions)."""
+"""Not reported: TERMINATED sessions, and sessions listed by ListSessions."""
 WORKING_MEMORY_STATUS_INTACT: WorkingMemoryStatus.ValueType  # 1
 """The working-memory store holds this session's memory."""
 WORKING_MEMORY_STATUS_LOST: WorkingMemoryStatus.ValueType  # 2

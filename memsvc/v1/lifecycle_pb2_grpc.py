@@ -153,7 +153,8 @@ class LifecycleServiceServicer:
         """Resume replaces (or merges into) the working memory from a checkpoint, all
         at once, and makes the session ACTIVE.
         Errors: INVALID_ARGUMENT, NOT_FOUND (session or checkpoint),
-        FAILED_PRECONDITION (TERMINATED), UNAVAILABLE.
+        FAILED_PRECONDITION (TERMINATED; ACTIVE without `checkpoint_id`),
+        RESOURCE_EXHAUSTED (a merge past the session limits), UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -179,6 +180,8 @@ class LifecycleServiceServicer:
 
     def ListSessions(self, request, context):
         """ListSessions lists a project's sessions, newest first, with filters.
+        It reads the durable store only: `working_memory_status` is left
+        unspecified (GetSession reports it).
         Errors: INVALID_ARGUMENT, UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -66,7 +66,8 @@ class LifecycleServiceStub:
     """Resume replaces (or merges into) the working memory from a checkpoint, all
     at once, and makes the session ACTIVE.
     Errors: INVALID_ARGUMENT, NOT_FOUND (session or checkpoint),
-    FAILED_PRECONDITION (TERMINATED), UNAVAILABLE.
+    FAILED_PRECONDITION (TERMINATED; ACTIVE without `checkpoint_id`),
+    RESOURCE_EXHAUSTED (a merge past the session limits), UNAVAILABLE.
     """
     Terminate: _grpc.UnaryUnaryMultiCallable[_lifecycle_pb2.TerminateRequest, _lifecycle_pb2.TerminateResponse]
     """Terminate ends the session: by default it records one episode of it and
@@ -80,6 +81,8 @@ class LifecycleServiceStub:
     """
     ListSessions: _grpc.UnaryUnaryMultiCallable[_lifecycle_pb2.ListSessionsRequest, _lifecycle_pb2.ListSessionsResponse]
     """ListSessions lists a project's sessions, newest first, with filters.
+    It reads the durable store only: `working_memory_status` is left
+    unspecified (GetSession reports it).
     Errors: INVALID_ARGUMENT, UNAVAILABLE.
     """
     CreateCheckpoint: _grpc.UnaryUnaryMultiCallable[_lifecycle_pb2.CreateCheckpointRequest, _lifecycle_pb2.CreateCheckpointResponse]
@@ -152,7 +155,8 @@ class LifecycleServiceAsyncStub(LifecycleServiceStub):
     """Resume replaces (or merges into) the working memory from a checkpoint, all
     at once, and makes the session ACTIVE.
     Errors: INVALID_ARGUMENT, NOT_FOUND (session or checkpoint),
-    FAILED_PRECONDITION (TERMINATED), UNAVAILABLE.
+    FAILED_PRECONDITION (TERMINATED; ACTIVE without `checkpoint_id`),
+    RESOURCE_EXHAUSTED (a merge past the session limits), UNAVAILABLE.
     """
     Terminate: _aio.UnaryUnaryMultiCallable[_lifecycle_pb2.TerminateRequest, _lifecycle_pb2.TerminateResponse]  # type: ignore[assignment]
     """Terminate ends the session: by default it records one episode of it and
@@ -166,6 +170,8 @@ class LifecycleServiceAsyncStub(LifecycleServiceStub):
     """
     ListSessions: _aio.UnaryUnaryMultiCallable[_lifecycle_pb2.ListSessionsRequest, _lifecycle_pb2.ListSessionsResponse]  # type: ignore[assignment]
     """ListSessions lists a project's sessions, newest first, with filters.
+    It reads the durable store only: `working_memory_status` is left
+    unspecified (GetSession reports it).
     Errors: INVALID_ARGUMENT, UNAVAILABLE.
     """
     CreateCheckpoint: _aio.UnaryUnaryMultiCallable[_lifecycle_pb2.CreateCheckpointRequest, _lifecycle_pb2.CreateCheckpointResponse]  # type: ignore[assignment]
@@ -253,7 +259,8 @@ class LifecycleServiceServicer(metaclass=_abc_1.ABCMeta):
         """Resume replaces (or merges into) the working memory from a checkpoint, all
         at once, and makes the session ACTIVE.
         Errors: INVALID_ARGUMENT, NOT_FOUND (session or checkpoint),
-        FAILED_PRECONDITION (TERMINATED), UNAVAILABLE.
+        FAILED_PRECONDITION (TERMINATED; ACTIVE without `checkpoint_id`),
+        RESOURCE_EXHAUSTED (a merge past the session limits), UNAVAILABLE.
         """
 
     @_abc_1.abstractmethod
@@ -285,6 +292,8 @@ class LifecycleServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_lifecycle_pb2.ListSessionsResponse, _abc.Awaitable[_lifecycle_pb2.ListSessionsResponse]]:
         """ListSessions lists a project's sessions, newest first, with filters.
+        It reads the durable store only: `working_memory_status` is left
+        unspecified (GetSession reports it).
         Errors: INVALID_ARGUMENT, UNAVAILABLE.
         """
 
