@@ -261,6 +261,7 @@ class AsyncClient:
         Calls in flight end with CANCELLED; later calls raise RuntimeError.
         """
         self._closed = True
+        self._invoke.close()
         channel, self._channel = self._channel, None
         self._stubs = None
         if channel is not None and self._owns_channel:

@@ -129,6 +129,20 @@ class Invoker:
         self.timeout = timeout
         self.grpc_metadata = tuple(grpc_metadata)
         self.token = token
+        # Set by close(): a call waiting to retry ends at once, and none starts again.
+        self._closed = asyncio.Event()
+
+    def close(self) -> None:
+        """The client closed: calls waiting between attempts raise Cancelled."""
+        self._closed.set()
+
+    async def _closed_within(self, delay: float) -> bool:
+        """Wait ``delay`` seconds before a retry; True as soon as the client closes."""
+        try:
+            await asyncio.wait_for(self._closed.wait(), delay)
+        except TimeoutError:
+            return False
+        return True
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """The metadata of the next call: the client's own, then the token's."""
@@ -204,4 +218,9 @@ class Invoker:
                     request_id,
                     delay,
                 )
-            await asyncio.sleep(delay)
+            if await self._closed_within(delay):
+                raise Cancelled(
+                    "the call was cancelled: the client was closed while it waited to retry",
+                    request_id=request_id,
+                    attempts=attempt,
+                )

@@ -28,6 +28,7 @@ from memsvc.client._async import (
     AsyncSessionClient,
 )
 from memsvc.client._auth import TLS
+from memsvc.client._errors import Cancelled
 from memsvc.client._graphs import AsyncGraphClient, PruneStrategy
 from memsvc.client._retry import RetryPolicy
 from memsvc.client._types import (
@@ -144,7 +145,13 @@ class Watch(Generic[Item]):
         return self
 
     def close(self) -> None:
-        self._portal.run(self._watch.aclose())
+        if self._portal.closed:
+            return  # the client was closed: its loop, and this stream, are gone
+        try:
+            self._portal.run(self._watch.aclose())
+        except (Cancelled, RuntimeError):
+            if not self._portal.closed:
+                raise
 
     def __enter__(self) -> Watch[Item]:
         return self.start()
@@ -200,7 +207,7 @@ class Client(_Wrapper):
             credentials=credentials,
             grpc_metadata=grpc_metadata,
         )
-        self._portal = LoopPortal("memsvc-client", "the sync memsvc Client")
+        self._portal = LoopPortal("memsvc-client", "the sync memsvc Client", cut_off=Cancelled)
         self._inner = inner
         self._closed = False
 

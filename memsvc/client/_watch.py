@@ -18,7 +18,7 @@ from typing import Any, Generic, TypeVar
 import grpc
 
 from memsvc.client import _convert
-from memsvc.client._errors import MemsvcError, from_rpc_error
+from memsvc.client._errors import Cancelled, MemsvcError, from_rpc_error
 from memsvc.client._retry import RetryPolicy, being_cancelled, log
 from memsvc.client._types import LifecycleEvent, WatchProgress
 from memsvc.v1 import lifecycle_pb2
@@ -171,12 +171,16 @@ class AsyncWatch(Generic[Item]):
             self._connect()
         try:
             message = await self._read()
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as error:
             # A cancelled read cancels the stream; the next read reconnects from the cursor.
             self._drop_call()
-            if self._closed and not being_cancelled():
+            if being_cancelled():
+                raise
+            if self._closed:
                 return None  # aclose() (from another task or thread) ended it: iteration stops
-            raise
+            # Only the stream was cancelled: the client closed its channel.
+            self._closed = True
+            raise Cancelled("the watch was cancelled: its client was closed") from error
         except (grpc.RpcError, _StreamEnded, _Silent) as error:
             self._drop_call()
             if self._on_call and self._lived() >= STREAM_WORKED_SECONDS:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,6 +20,7 @@ import pytest
 
 from memsvc.client import AsyncClient, Cancelled, Client, RetryPolicy, Unavailable
 from memsvc.client._watch import STREAM_WORKED_SECONDS
+from memsvc.testing import free_port
 from memsvc.v1 import lifecycle_pb2 as lc
 
 SERVICE = "memsvc.v1.LifecycleService"
@@ -154,3 +156,78 @@ async def test_streams_that_work_for_a_while_before_failing_keep_the_watch_going
         assert watch.connections >= 3
         reading.cancel()
         await watch.aclose()
+
+
+async def test_a_call_waiting_to_retry_when_the_client_closes_raises_cancelled():
+    """Nothing listens: the call fails, waits a long backoff, and the close ends the
+    wait at once with Cancelled (not grpc's UsageError from the closed channel)."""
+    slow = RetryPolicy(max_attempts=5, initial_backoff=30, max_backoff=30)
+    client = AsyncClient(f"127.0.0.1:{free_port()}", retry=slow, timeout=None)
+    call = asyncio.ensure_future(client.session(*SCOPE).describe())
+    await asyncio.sleep(0.5)  # the first attempt failed; the call waits to retry
+    assert not call.done()
+    await client.close()
+    with pytest.raises(Cancelled) as raised:
+        await asyncio.wait_for(call, 5)
+    assert raised.value.attempts == 1
+
+
+async def test_a_watch_read_when_its_client_closes_raises_cancelled(holding: StubServer):
+    """The reading task gets the SDK's Cancelled, not a bare CancelledError that would
+    mark the task itself cancelled."""
+    client = AsyncClient(holding.target, retry=NO_RETRY)
+    watch = await client.watch(SCOPE[0]).start()
+
+    async def consume() -> None:
+        async for _ in watch:
+            pass
+
+    reader = asyncio.ensure_future(consume())
+    await asyncio.sleep(0.2)  # the reader waits in read()
+    await client.close()
+    with pytest.raises(Cancelled):
+        await asyncio.wait_for(reader, 10)
+    assert not reader.cancelled()
+
+
+async def test_closing_a_blocking_client_ends_its_watch_and_calls_in_other_threads(
+    holding: StubServer,
+):
+    """Closed from the main thread while another thread reads a watch and a third
+    waits on a call: both end (Cancelled, or the watch just stops), none hangs.
+    Repeated, since the close races with the threads."""
+
+    def round_trip() -> tuple[str, str]:
+        client = Client(holding.target, retry=NO_RETRY)
+        watch = client.watch(SCOPE[0]).start()
+        outcomes: dict[str, str] = {}
+
+        def read() -> None:
+            try:
+                with watch:
+                    for _ in watch:
+                        pass
+                outcomes["watch"] = "ended"
+            except Cancelled:
+                outcomes["watch"] = "cancelled"
+
+        def call() -> None:
+            try:
+                client.session(*SCOPE).describe()
+            except Cancelled:
+                outcomes["call"] = "cancelled"
+
+        threads = [threading.Thread(target=read), threading.Thread(target=call)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.2)
+        client.close()
+        for thread in threads:
+            thread.join(10)
+            assert not thread.is_alive(), "a thread still waits on the closed client"
+        return outcomes["watch"], outcomes["call"]
+
+    for _ in range(8):
+        watch, call = await asyncio.to_thread(round_trip)
+        assert watch in ("ended", "cancelled")
+        assert call == "cancelled"
