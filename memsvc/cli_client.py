@@ -22,7 +22,8 @@ from typing import Any, Literal, TextIO
 
 import grpc
 
-from memsvc.client import TLS, AsyncClient, LifecycleEvent, MemsvcError
+from memsvc.client import TLS, AsyncClient, EventType, LifecycleEvent, MemsvcError
+from memsvc.client._values import to_value
 from memsvc.config import CLIENT_VARIABLES
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -62,6 +63,19 @@ _EXIT_BY_CODE = {
     grpc.StatusCode.UNAUTHENTICATED: EXIT_DENIED,
     grpc.StatusCode.PERMISSION_DENIED: EXIT_DENIED,
 }
+
+# --type of watch: every event type by name, and a session event's short name too.
+EVENT_TYPE_NAMES = {
+    **{t.value: t.value for t in EventType if t is not EventType.UNKNOWN},
+    **{
+        t.value.removeprefix("session_"): t.value
+        for t in EventType
+        if t.value.startswith("session_")
+    },
+}
+
+# `watch` prints a notice when its first connection takes longer than this.
+WATCH_NOTICE_SECONDS = 5.0
 
 COMMANDS = (
     "sessions",
@@ -105,7 +119,9 @@ def add_commands(commands: Any) -> None:
     common.add_argument(
         "--tls-server-name", help="the name the server's certificate must carry, if not the host"
     )
-    common.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
+    common.add_argument(
+        "--timeout", type=_positive_seconds, default=10.0, help="seconds per call (more than 0)"
+    )
     common.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     session = argparse.ArgumentParser(add_help=False, parents=[common])
@@ -116,10 +132,10 @@ def add_commands(commands: Any) -> None:
     sessions = commands.add_parser("sessions", help="list or show sessions")
     actions = sessions.add_subparsers(dest="action", required=True, metavar="ACTION")
     listing = actions.add_parser("list", parents=[common], help="a project's sessions")
-    listing.add_argument("-p", "--project", required=True)
+    listing.add_argument("-p", "--project", required=True, help="project id (a UUID)")
     listing.add_argument("-a", "--agent", help="only this agent instance's")
     listing.add_argument("--state", choices=("active", "paused", "terminated"))
-    listing.add_argument("--limit", type=int, default=100, help="at most this many")
+    listing.add_argument("--limit", type=_at_least(1), default=100, help="at most this many")
     listing.set_defaults(handler=_list_sessions)
     actions.add_parser("show", parents=[session], help="one session").set_defaults(
         handler=_show_session
@@ -128,7 +144,7 @@ def add_commands(commands: Any) -> None:
     checkpoints = commands.add_parser("checkpoints", help="list a session's checkpoints")
     actions = checkpoints.add_subparsers(dest="action", required=True, metavar="ACTION")
     listing = actions.add_parser("list", parents=[session], help="newest first")
-    listing.add_argument("--limit", type=int, default=100)
+    listing.add_argument("--limit", type=_at_least(1), default=100)
     listing.set_defaults(handler=_list_checkpoints)
 
     graph = commands.add_parser("graph", help="LangGraph checkpoints of graph threads")
@@ -138,7 +154,7 @@ def add_commands(commands: Any) -> None:
     thread.add_argument("-t", "--thread", required=True, help="thread id")
     listing = actions.add_parser("list", parents=[thread], help="a thread's checkpoints")
     listing.add_argument("--ns", help="only this checkpoint namespace (default: all)")
-    listing.add_argument("--limit", type=int, default=100)
+    listing.add_argument("--limit", type=_at_least(1), default=100)
     listing.set_defaults(handler=_list_graph_checkpoints)
     actions.add_parser("delete", parents=[thread], help="forget a thread").set_defaults(
         handler=_delete_graph_thread
@@ -186,7 +202,9 @@ def add_commands(commands: Any) -> None:
 
     put = commands.add_parser("set", parents=[session], help="write a working-memory key")
     put.add_argument("key")
-    put.add_argument("value", help="a JSON value (a bare word is taken as a string)")
+    put.add_argument(
+        "value", type=_json_value, help="a JSON value (a bare word is taken as a string)"
+    )
     put.add_argument("--ttl", type=_seconds, help="seconds until it expires")
     put.set_defaults(handler=_set)
 
@@ -197,7 +215,7 @@ def add_commands(commands: Any) -> None:
         ("search", _search_episodes, "ranked by relevance"),
     ):
         action = actions.add_parser(name, parents=[common], help=text)
-        action.add_argument("-p", "--project", required=True)
+        action.add_argument("-p", "--project", required=True, help="project id (a UUID)")
         if name == "search":
             action.add_argument("query")
         action.add_argument("-a", "--agent")
@@ -205,22 +223,29 @@ def add_commands(commands: Any) -> None:
         action.add_argument("--outcome", choices=("success", "failure", "partial"))
         action.add_argument("--task-type")
         action.add_argument("--min-importance", type=float)
-        action.add_argument("--limit", type=int, default=20)
+        action.add_argument("--limit", type=_at_least(1), default=20)
         action.set_defaults(handler=handler)
 
     watch = commands.add_parser(
         "watch", parents=[common], help="print lifecycle events live, resuming after reconnects"
     )
-    watch.add_argument("-p", "--project")
-    watch.add_argument("-a", "--agent")
-    watch.add_argument("-s", "--session")
+    watch.add_argument("-p", "--project", help="only this project's events (a UUID)")
+    watch.add_argument("-a", "--agent", help="only this agent instance's (a UUID)")
+    watch.add_argument("-s", "--session", help="only this session's")
     watch.add_argument(
-        "--type", action="append", default=[], dest="types", help="an event type, e.g. paused"
+        "--type",
+        action="append",
+        default=[],
+        dest="types",
+        type=_event_type,
+        help="an event type (repeatable): " + ", ".join(EVENT_TYPE_NAMES),
     )
     start = watch.add_mutually_exclusive_group()
-    start.add_argument("--after", type=int, help="start after this sequence (a saved cursor)")
+    start.add_argument(
+        "--after", type=_at_least(0), help="start after this sequence (a saved cursor)"
+    )
     start.add_argument("--from-oldest", action="store_true", help="every retained event")
-    watch.add_argument("--count", type=int, help="stop after this many events")
+    watch.add_argument("--count", type=_at_least(1), help="stop after this many events")
     watch.set_defaults(handler=_watch)
 
 
@@ -409,7 +434,7 @@ async def _get(client: AsyncClient, args: argparse.Namespace, out: TextIO) -> No
 
 
 async def _set(client: AsyncClient, args: argparse.Namespace, out: TextIO) -> None:
-    result = await _session(client, args).set(args.key, _json_value(args.value), ttl=args.ttl)
+    result = await _session(client, args).set(args.key, args.value, ttl=args.ttl)
     expires = f", expires {_time(result.expire_time)}" if result.expire_time else ""
     _show(out, args, result, f"{'created' if result.created else 'replaced'} {args.key}{expires}")
 
@@ -431,26 +456,37 @@ async def _search_episodes(client: AsyncClient, args: argparse.Namespace, out: T
     if args.json:
         return _json(out, results)
     for r in results:
-        out.write(f"{r.score:8.4f}  {r.episode.episode_id}  {r.episode.task_type}"
+        out.write(f"{r.score:10.4g}  {r.episode.episode_id}  {r.episode.task_type}"
                   f"  {r.episode.task_description[:80]}\n")  # fmt: skip
 
 
 async def _watch(client: AsyncClient, args: argparse.Namespace, out: TextIO) -> None:
+    # The watch reconnects forever: say so when the first connection does not come.
+    notice = asyncio.get_running_loop().call_later(
+        WATCH_NOTICE_SECONDS,
+        lambda: sys.stderr.write(
+            f"memsvc: no answer from {client.target} yet; still trying (Ctrl-C to stop)\n"
+        ),
+    )
     seen = 0
-    async with client.watch(
-        args.project,
-        agent_instance_id=args.agent,
-        session_id=args.session,
-        event_types=args.types or None,
-        after_sequence=args.after,
-        start="oldest" if args.from_oldest else "now",
-    ) as events:
-        async for event in events:
-            out.write(_json_line(event) if args.json else event_line(event))
-            out.flush()
-            seen += 1
-            if args.count is not None and seen >= args.count:
-                return
+    try:
+        async with client.watch(
+            args.project,
+            agent_instance_id=args.agent,
+            session_id=args.session,
+            event_types=args.types or None,
+            after_sequence=args.after,
+            start="oldest" if args.from_oldest else "now",
+        ) as events:
+            notice.cancel()  # connected: the server sent its first message
+            async for event in events:
+                out.write(_json_line(event) if args.json else event_line(event))
+                out.flush()
+                seen += 1
+                if args.count is not None and seen >= args.count:
+                    return
+    finally:
+        notice.cancel()
 
 
 # Formatting -----------------------------------------------------------------------
@@ -488,11 +524,46 @@ def _episode_filters(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _json_value(text: str) -> Any:
-    """A JSON value from the command line; a bare word that is not JSON is a string."""
+    """An argparse type: a JSON value, or a bare word that is not JSON as a string.
+    Text that starts like JSON but does not parse, and values the SDK refuses (NaN,
+    integers past 2**53), are usage errors (exit code 2), not strings."""
     try:
-        return json.loads(text)
-    except json.JSONDecodeError:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        if text.lstrip()[:1] in ("{", "[", '"'):
+            raise argparse.ArgumentTypeError(f"is not valid JSON ({error}): {text!r}") from None
         return text
+    try:
+        to_value(value)
+    except (ValueError, TypeError) as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return value
+
+
+def _event_type(text: str) -> str:
+    """An argparse type: an event type by name (``session_paused``), or a session
+    event's short name (``paused``)."""
+    name = EVENT_TYPE_NAMES.get(text.lower())
+    if name is None:
+        raise argparse.ArgumentTypeError(
+            f"unknown event type {text!r}; one of {', '.join(EVENT_TYPE_NAMES)}"
+        )
+    return name
+
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expects an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
 
 
 def _key_value(item: str) -> tuple[str, Any]:
@@ -514,6 +585,14 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _positive_seconds(text: str) -> float:
+    """An argparse type for a timeout: finite and more than 0."""
+    value = _seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("expects more than 0 seconds")
+    return value
+
+
 def _show(out: TextIO, args: argparse.Namespace, value: Any, text: str | None = None) -> None:
     if args.json:
         _json(out, value)
@@ -521,7 +600,8 @@ def _show(out: TextIO, args: argparse.Namespace, value: Any, text: str | None = 
         out.write(text + "\n")
     else:
         for name, field in _plain(value).items():
-            out.write(f"{name}: {json.dumps(field) if isinstance(field, dict | list) else field}\n")
+            shown = json.dumps(field) if isinstance(field, dict | list) else field
+            out.write(f"{name}: {'-' if field is None else shown}\n")
 
 
 def _json(out: TextIO, value: Any) -> None:

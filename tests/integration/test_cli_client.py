@@ -138,3 +138,34 @@ async def test_watch_prints_events_live_and_resumes_from_a_cursor(cli: Cli):
     lines = out.splitlines()
     assert [line.split()[0] for line in lines] == [f"#{e['sequence']}" for e in events[1:]]
     assert "session_paused" in lines[0] and "checkpoint=" in lines[0]
+    # A session event's short name works as --type.
+    code, out, err = await cli.run(
+        "watch", "-p", cli.ids[1], "--after", after, "--type", "resumed", "--count", "1"
+    )
+    assert code == 0, err
+    assert out.split()[0] == f"#{events[2]['sequence']}" and "session_resumed" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (("set", "IDS", "k", "NaN"), "not a JSON number"),
+        (("set", "IDS", "k", "12345678901234567890123"), "2**53"),
+        (("set", "IDS", "k", '{"a":'), "is not valid JSON"),
+        (("spawn", "IDS", "--set", "k=Infinity"), "not a JSON number"),
+        (("watch", "--type", "bogus"), "unknown event type 'bogus'"),
+        (("watch", "--after", "-5"), "must be at least 0"),
+        (("watch", "--count", "0"), "must be at least 1"),
+        (("sessions", "list", "-p", "P", "--limit", "0"), "must be at least 1"),
+        (("sessions", "list", "-p", "P", "--timeout", "0"), "more than 0 seconds"),
+    ],
+)
+async def test_bad_command_lines_are_usage_errors_without_a_traceback(
+    cli: Cli, args: tuple[str, ...], says: str
+):
+    """Refused before any call: exit code 2 and one clear line, never a traceback."""
+    expanded = [a for arg in args for a in (cli.ids if arg == "IDS" else [arg])]
+    expanded = [cli.ids[1] if arg == "P" else arg for arg in expanded]
+    code, out, err = await cli.run(*expanded)
+    assert (code, out) == (2, ""), err
+    assert says in err and "Traceback" not in err
