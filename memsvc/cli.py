@@ -78,9 +78,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 0
     except Exception as error:
-        log.error("memsvc %s failed: %s", args.command, error, exc_info=True)
+        # An address in use, a backend unreachable, a data dir that cannot be made:
+        # the message says what to fix. Anything else is a bug: its traceback too.
+        log.error("memsvc %s failed: %s", args.command, error, exc_info=not _explained(error))
         return EXIT_FAILURE
     return 0
+
+
+def _explained(error: Exception) -> bool:
+    """Whether ``error``'s message says all an operator needs (no traceback)."""
+    from memsvc.domain import MemsvcError  # the service's errors: loaded by now
+
+    return isinstance(error, config_module.StartupError | OSError | MemsvcError)
 
 
 if __name__ == "__main__":

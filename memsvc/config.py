@@ -46,6 +46,10 @@ class ConfigError(ValueError):
     """A setting has an invalid value or an unknown name."""
 
 
+class StartupError(Exception):
+    """memsvc cannot start, for a reason its message states (an address in use)."""
+
+
 def listen_is_loopback(listen: str) -> bool:
     """Whether a ``host:port`` to listen on is reachable only from this host."""
     host = listen.rsplit(":", 1)[0].strip("[]")
@@ -223,8 +227,11 @@ class Config:
                 Path(self.data_dir).expanduser().resolve() / "memsvc.db"
             ).lstrip("/")
             object.__setattr__(self, "database_url", url)
-        if not re.fullmatch(r".+:\d+", self.listen):
-            raise ConfigError(f"listen must be host:port, got {self.listen!r}")
+        _check_address("listen", self.listen)
+        if self.health_listen:
+            _check_address("health_listen", self.health_listen)
+        if self.metrics_listen:
+            _check_address("metrics_listen", self.metrics_listen)
         if not self.working_memory_url.startswith(
             ("memory://", "redis://", "rediss://", "unix://", "redis+cluster://",
              "rediss+cluster://")
@@ -322,6 +329,13 @@ def load(
         return Config(**values)
     except TypeError as error:  # pragma: no cover - SETTINGS and Config out of sync
         raise ConfigError(str(error)) from error
+
+
+def _check_address(name: str, address: str) -> None:
+    """A TCP host:port to listen on; port 0 picks a free one."""
+    found = re.fullmatch(r"(.+):(\d+)", address)
+    if found is None or int(found[2]) > 65535:
+        raise ConfigError(f"{name} must be host:port with a port from 0 to 65535, got {address!r}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

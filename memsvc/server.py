@@ -21,7 +21,7 @@ import socket
 import stat
 import sys
 import uuid
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -40,7 +40,7 @@ from memsvc.api._graph_checkpoints import GraphCheckpointServicer
 from memsvc.api._lifecycle import LifecycleServicer, render_value
 from memsvc.api._metrics import MetricsInterceptor
 from memsvc.auth import CertificateFiles, Certificates, CredentialsError, TokenFile
-from memsvc.config import Config, ConfigError, listen_is_loopback
+from memsvc.config import Config, ConfigError, StartupError, listen_is_loopback
 from memsvc.domain import DurableStore, MemoryStore, WorkingMemory
 from memsvc.domain._episodes import Episodes
 from memsvc.domain._graph_checkpoints import GraphCheckpoints
@@ -249,10 +249,11 @@ class Server:
             ),
             server,
         )
-        if self.certificates is not None:
-            self.port = server.add_secure_port(self.config.listen, self._server_credentials())
-        else:
-            self.port = server.add_insecure_port(self.config.listen)
+        with _binding("the gRPC API", self.config.listen):
+            if self.certificates is not None:
+                self.port = server.add_secure_port(self.config.listen, self._server_credentials())
+            else:
+                self.port = server.add_insecure_port(self.config.listen)
         if self.config.unix_socket:
             # No TLS on the socket: its file mode and group guard it (tokens still apply).
             _remove_stale_socket(Path(self.config.unix_socket))
@@ -270,10 +271,12 @@ class Server:
         if self.config.health_listen:
             self._probe = grpc.aio.server(options=self._grpc_options())
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self._probe)
-            self.health_port = self._probe.add_insecure_port(self.config.health_listen)
+            with _binding("health probes", self.config.health_listen):
+                self.health_port = self._probe.add_insecure_port(self.config.health_listen)
             await self._probe.start()
         if self.config.metrics_listen:
-            self.metrics.start(self.config.metrics_listen)
+            with _binding("metrics", self.config.metrics_listen):
+                self.metrics.start(self.config.metrics_listen)
         self._monitor = asyncio.create_task(self._monitor_health(), name="memsvc-health")
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="memsvc-retention")
         if self.tokens is not None or self.certificates is not None:
@@ -649,6 +652,17 @@ def settle_heap() -> None:
     gc.freeze()
 
 
+@contextlib.contextmanager
+def _binding(what: str, address: str) -> Iterator[None]:
+    """Binding ``address`` for ``what``: a failure says which address and why."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:  # grpc raises RuntimeError
+        raise StartupError(
+            f"cannot listen on {address} for {what}: {error} (is another process using it?)"
+        ) from error
+
+
 async def serve(config: Config) -> None:
     """Run a server until SIGTERM or SIGINT, then shut it down gracefully.
 
@@ -669,8 +683,20 @@ async def serve(config: Config) -> None:
     stop_requested = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop_requested.set)
+    # A signal during start-up (which retries an unreachable backend for a while)
+    # cancels it: start() closes what it opened.
+    starting = asyncio.ensure_future(server.start())
+    stopping = asyncio.ensure_future(stop_requested.wait())
+    await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        log.info("stopped during start-up")
+        return
+    stopping.cancel()
     try:
-        await server.start()
+        starting.result()
     except ConfigError as error:
         # A tokens or TLS file that cannot be used is a configuration error (exit 2).
         print(f"memsvc: configuration error: {error}", file=sys.stderr)

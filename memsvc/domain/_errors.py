@@ -210,7 +210,10 @@ class BackendUnavailable(MemsvcError):
     reason = "ERROR_REASON_BACKEND_UNAVAILABLE"
 
     def __init__(self, backend: str, cause: BaseException | None = None) -> None:
-        detail = f": {type(cause).__name__}: {cause}" if cause else ""
+        detail = ""
+        if cause is not None:
+            text = str(cause)  # empty for some (a bare TimeoutError)
+            detail = f": {type(cause).__name__}" + (f": {text}" if text else "")
         super().__init__(
             f"the {backend} backend is unavailable{detail}; retry later",
             metadata={"backend": backend},

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -108,3 +109,52 @@ def test_configuration_errors_exit_2_with_a_message(args, env, complaint):
     )
     assert done.returncode == 2
     assert complaint in done.stderr
+
+
+def test_start_up_failures_say_what_to_fix_without_a_traceback(tmp_path):
+    """An address in use, a data dir that is a file: exit 1 and one error line naming
+    the address or path (a traceback is for bugs)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MEMSVC_")}
+    process, port = start(tmp_path / "first")
+    try:
+        taken = subprocess.run(
+            [MEMSVC, "serve", "--health-listen=", "--metrics-listen=",
+             "--listen", f"127.0.0.1:{port}", "--data-dir", str(tmp_path / "second")],
+            capture_output=True, text=True, timeout=60, env=clean,
+        )  # fmt: skip
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=30)
+    (tmp_path / "a-file").write_text("")
+    not_a_dir = subprocess.run(
+        [MEMSVC, "serve", "--health-listen=", "--metrics-listen=",
+         "--listen", f"127.0.0.1:{free_port()}", "--data-dir", str(tmp_path / "a-file")],
+        capture_output=True, text=True, timeout=60, env=clean,
+    )  # fmt: skip
+    for done, says in (
+        (taken, f"cannot listen on 127.0.0.1:{port} for the gRPC API"),
+        (not_a_dir, str(tmp_path / "a-file")),
+    ):
+        assert done.returncode == 1, done.stderr
+        assert says in done.stderr
+        assert "Traceback" not in done.stderr
+
+
+def test_sigterm_during_start_up_stops_at_once(tmp_path):
+    """Start-up retries an unreachable database for about 15 s; SIGTERM ends it now."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MEMSVC_")}
+    process = subprocess.Popen(
+        [MEMSVC, "serve", "--health-listen=", "--metrics-listen=",
+         "--listen", f"127.0.0.1:{free_port()}", "--data-dir", str(tmp_path),
+         "--database-url", f"postgresql://postgres@127.0.0.1:{free_port()}/x"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean,
+    )  # fmt: skip
+    try:
+        time.sleep(3)  # start-up is retrying the database now
+        assert process.poll() is None, "start-up ended by itself before the signal"
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=5)  # not the ~15 s of retries
+    finally:
+        process.kill()
+    assert process.returncode == 0, stderr
+    assert "stopped during start-up" in stderr
