@@ -283,7 +283,7 @@ class Server:
             self._reloader = asyncio.create_task(self._reload_forever(), name="memsvc-credentials")
         host = self.config.listen.rsplit(":", 1)[0]
         log.info(
-            "memsvc serving on %s:%d%s (%s; working memory: %s, durable store: %s)",
+            "memsvc serving on %s:%d%s (%s; %s, %s)",
             host,
             self.port,
             f" and unix:{self.config.unix_socket}" if self.config.unix_socket else "",
