@@ -370,6 +370,22 @@ class AsyncClient:
         reconnect_timeout: float | None = None,
     ) -> AsyncWatch[LifecycleEvent | WatchProgress]: ...
 
+    @overload
+    def watch(
+        self,
+        project_id: str | None = None,
+        *,
+        agent_instance_id: str | None = None,
+        session_id: str | None = None,
+        event_types: Iterable[EventTypeLike] | None = None,
+        after_sequence: int | None = None,
+        start: WatchStart = "now",
+        progress_interval: Seconds | None = None,
+        include_progress: bool = False,
+        reconnect: bool = True,
+        reconnect_timeout: float | None = None,
+    ) -> AsyncWatch[LifecycleEvent | WatchProgress]: ...
+
     def watch(
         self,
         project_id: str | None = None,
