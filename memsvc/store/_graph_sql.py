@@ -168,14 +168,38 @@ def _metadata_condition(dialect: Dialect, key: str, value: Any) -> tuple[str, li
     encoded = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
     if dialect.name == "postgres":
         return "c.metadata -> ? = ?::jsonb", [key, encoded]
-    # json_each gives containers as JSON text and scalars as SQL values.
+    # json_each gives containers as JSON text and scalars as SQL values: the CASE
+    # makes JSON text of each, and memsvc_json_equal compares values as jsonb does.
     return (
         "EXISTS (SELECT 1 FROM json_each(c.metadata) m WHERE m.key = ? AND"
-        " (CASE m.type WHEN 'true' THEN 'true' WHEN 'false' THEN 'false'"
-        " WHEN 'null' THEN 'null' WHEN 'object' THEN json(m.value)"
-        " WHEN 'array' THEN json(m.value) ELSE json_quote(m.value) END) = json(?))",
+        f" {SQLITE_JSON_EQUAL}(CASE m.type WHEN 'true' THEN 'true' WHEN 'false' THEN 'false'"
+        " WHEN 'null' THEN 'null' WHEN 'object' THEN m.value"
+        " WHEN 'array' THEN m.value ELSE json_quote(m.value) END, ?))",
         [key, encoded],
     )
+
+
+# The SQL function each SQLite connection gets (SqliteDurableStore): json_equal.
+SQLITE_JSON_EQUAL = "memsvc_json_equal"
+
+
+def json_equal(left: str, right: str) -> bool:
+    """Whether two JSON texts hold equal values, as PostgreSQL's jsonb compares them:
+    numbers by value (1 = 1.0), objects whatever their key order, true never 1."""
+    equal: bool = _comparable(json.loads(left)) == _comparable(json.loads(right))
+    return equal
+
+
+def _comparable(value: Any) -> Any:
+    if isinstance(value, bool) or value is None:
+        return ("literal", value)
+    if isinstance(value, int | float):
+        return ("number", value)  # int == float compares exactly
+    if isinstance(value, str):
+        return ("string", value)
+    if isinstance(value, list):
+        return ("array", tuple(_comparable(item) for item in value))
+    return ("object", frozenset((key, _comparable(item)) for key, item in value.items()))
 
 
 async def list_graph_checkpoints(

@@ -565,7 +565,8 @@ class ListGraphCheckpointsRequest(_message.Message):
     """Only this namespace; unset: every namespace."""
     metadata_filter_json: _builtins.str
     """Only checkpoints whose metadata has each key of this JSON object with an
-    equal value; empty: no filter. At most 64 KiB.
+    equal value (JSON values: numbers by value, objects in any key order);
+    empty: no filter. At most 64 KiB.
     """
     before_checkpoint_id: _builtins.str
     """Only checkpoints whose id sorts before this one."""

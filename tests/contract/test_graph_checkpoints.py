@@ -202,6 +202,34 @@ async def test_a_forged_page_token_is_invalid_argument(graphs, scope):
         assert "page_token" in error.violations
 
 
+@pytest.mark.parametrize(
+    ("filter_json", "expected"),
+    [
+        ('{"n": 1}', ["one-float", "one-int"]),  # numbers compare by value
+        ('{"n": 1.0}', ["one-float", "one-int"]),
+        ('{"n": true}', ["true"]),  # true is not 1
+        ('{"o": {"b": 2, "a": [1, null]}}', ["nested"]),  # key order does not matter
+        ('{"o": {"a": [1, null]}}', []),  # an object equals only all of it
+        ('{"s": "1"}', ["string"]),
+    ],
+)
+async def test_metadata_filters_compare_json_values_alike_on_every_backend(
+    graphs, scope, filter_json, expected
+):
+    """As PostgreSQL's jsonb compares them, SQLite too (it stores JSON text)."""
+    project = scope["project_id"]
+    for name, metadata in (("one-int", '{"n": 1}'), ("one-float", '{"n": 1.0}'),
+                           ("true", '{"n": true}'), ("string", '{"s": "1"}'),
+                           ("nested", '{"o": {"a": [1.0, null], "b": 2}}')):  # fmt: skip
+        message = checkpoint(name, "c1")
+        message.metadata_json = metadata
+        await put(graphs, project, message)
+    found = await graphs.ListGraphCheckpoints(
+        pb.ListGraphCheckpointsRequest(project_id=project, metadata_filter_json=filter_json)
+    )
+    assert sorted(c.thread_id for c in found.checkpoints) == expected
+
+
 async def test_pages_follow_tokens_and_filters_apply(graphs, scope):
     """Newest first, page by page, no repeats; metadata filters and before."""
     project = scope["project_id"]
