@@ -235,21 +235,26 @@ class MemsvcSaver(BaseCheckpointSaver[str]):
     def _writes(
         self, writes: Sequence[tuple[str, Any]], task_id: str, task_path: str
     ) -> tuple[list[pb.GraphWrite], bool]:
-        messages = []
-        for index, (channel, value) in enumerate(writes):
-            value_type, data = self.serde.dumps_typed(value)
-            messages.append(
-                pb.GraphWrite(
-                    task_id=task_id,
-                    task_path=task_path,
-                    idx=WRITES_IDX_MAP.get(channel, index),
-                    channel=channel,
-                    value=pb.TypedValue(type=value_type, data=data),
-                )
-            )
         # As the PostgreSQL saver: special channels (errors, interrupts) replace.
         replace = all(channel in WRITES_IDX_MAP for channel, _ in writes)
-        return messages, replace
+        # A special channel written twice in one batch (a node that called interrupt()
+        # twice resumes with two RESUME writes) has one index: keep one write, as the
+        # PostgreSQL saver's statements do, the last when replacing (its upsert), else
+        # the first (its ON CONFLICT DO NOTHING). memsvc refuses repeated indexes.
+        by_index: dict[int, pb.GraphWrite] = {}
+        for index, (channel, value) in enumerate(writes):
+            idx = WRITES_IDX_MAP.get(channel, index)
+            if idx in by_index and not replace:
+                continue
+            value_type, data = self.serde.dumps_typed(value)
+            by_index[idx] = pb.GraphWrite(
+                task_id=task_id,
+                task_path=task_path,
+                idx=idx,
+                channel=channel,
+                value=pb.TypedValue(type=value_type, data=data),
+            )
+        return list(by_index.values()), replace
 
     def _tuple(self, message: pb.GraphCheckpoint) -> CheckpointTuple:
         document: dict[str, Any] = self.serde.loads_typed(
@@ -370,14 +375,14 @@ class MemsvcSaver(BaseCheckpointSaver[str]):
 
     async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
         if run_ids:
-            await self._agraphs.delete_runs([str(r) for r in run_ids])
+            await self._agraphs.delete_runs(_ids(run_ids, "run_ids"))
 
     async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
         await self._agraphs.copy_thread(str(source_thread_id), str(target_thread_id))
 
     async def aprune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
         if thread_ids:
-            await self._agraphs.prune([str(t) for t in thread_ids], strategy=_strategy(strategy))
+            await self._agraphs.prune(_ids(thread_ids, "thread_ids"), strategy=_strategy(strategy))
 
     # Sync.
 
@@ -458,14 +463,14 @@ class MemsvcSaver(BaseCheckpointSaver[str]):
 
     def delete_for_runs(self, run_ids: Sequence[str]) -> None:
         if run_ids:
-            self._graphs.delete_runs([str(r) for r in run_ids])
+            self._graphs.delete_runs(_ids(run_ids, "run_ids"))
 
     def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
         self._graphs.copy_thread(str(source_thread_id), str(target_thread_id))
 
     def prune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
         if thread_ids:
-            self._graphs.prune([str(t) for t in thread_ids], strategy=_strategy(strategy))
+            self._graphs.prune(_ids(thread_ids, "thread_ids"), strategy=_strategy(strategy))
 
 
 INLINE_MAX_CHARS = 64
@@ -495,6 +500,14 @@ def _options(
             )
         )
     return options
+
+
+def _ids(ids: Sequence[str], name: str) -> list[str]:
+    """A sequence of ids as strings; a lone string is refused, as the PostgreSQL
+    saver does (iterated, "ab" would mean the ids "a" and "b")."""
+    if isinstance(ids, str | bytes):
+        raise TypeError(f"{name} must be a sequence of ids, not a {type(ids).__name__}")
+    return [str(item) for item in ids]
 
 
 def _strategy(strategy: str) -> Literal["keep_latest", "delete"]:

@@ -165,3 +165,49 @@ async def test_the_fence_refuses_a_stale_writer_and_plain_forks_still_work(serve
         await graph.ainvoke(None, stale)  # unfenced: a fork from the old checkpoint
         forked = [s async for s in graph.aget_state_history(config)]
         assert len(forked) > len(history) + 3
+
+
+class Answers(TypedDict, total=False):
+    out: str
+
+
+def ask_twice(state: Answers) -> Answers:
+    return {"out": f"{interrupt('first?')}/{interrupt('second?')}"}
+
+
+async def test_a_node_that_interrupts_twice_resumes_to_its_end(server: Server):
+    """Its last resume saves two RESUME writes with one index: the saver keeps one,
+    as LangGraph's savers do, instead of the whole batch being refused."""
+    project = str(uuid.uuid4())
+    results = []
+    for saver_of in (
+        lambda: MemsvcSaver(f"127.0.0.1:{server.port}", project_id=project),
+        InMemorySaver,
+    ):
+        builder = StateGraph(Answers)
+        builder.add_node("ask", ask_twice)
+        builder.add_edge(START, "ask")
+        builder.add_edge("ask", END)
+        config: Any = {"configurable": {"thread_id": f"twice-{uuid.uuid4()}"}}
+        saver = saver_of()
+        try:
+            graph = builder.compile(checkpointer=saver)
+            await graph.ainvoke({"out": ""}, config)
+            await graph.ainvoke(Command(resume="A"), config)
+            final = await graph.ainvoke(Command(resume="B"), config)
+            history = [s.next async for s in graph.aget_state_history(config)]
+            results.append((final, (await graph.aget_state(config)).next, history))
+        finally:
+            if isinstance(saver, MemsvcSaver):
+                await saver.aclose()
+    assert results[0] == results[1]
+    assert results[0][0] == {"out": "A/B"}
+
+
+async def test_prune_refuses_a_lone_string(server: Server):
+    """As LangGraph's PostgreSQL saver: "ab" is not the thread ids "a" and "b"."""
+    async with MemsvcSaver(f"127.0.0.1:{server.port}", project_id=str(uuid.uuid4())) as saver:
+        with pytest.raises(TypeError, match="thread_ids must be a sequence"):
+            await saver.aprune("ab")
+        with pytest.raises(TypeError, match="run_ids must be a sequence"):
+            await saver.adelete_for_runs("ab")
