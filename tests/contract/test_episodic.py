@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import uuid
 from typing import Any
 
@@ -449,6 +450,25 @@ async def test_bad_search_requests_are_refused(episodic, scope):
             episodic.SearchEpisodes(request), grpc.StatusCode.INVALID_ARGUMENT
         )
         assert field in details.violations, (field, details.violations)
+
+
+async def test_similarity_scores_every_candidate_of_a_large_scope(episodic, scope):
+    """More candidates than the server scores at once (it works in slices): every
+    score is the cosine, whichever slice the episode fell in."""
+    angles = [index * math.pi / 100 for index in range(100)]
+    stored = [
+        await record(episodic, episode(scope, embedding=[math.cos(a), math.sin(a), 0.0]))
+        for a in angles
+    ]
+    response = await episodic.SearchEpisodes(
+        ep.SearchEpisodesRequest(
+            project_id=scope["project_id"], query_embedding=[1.0, 0.0, 0.0], page_size=100
+        )
+    )
+    scores = {r.episode.episode_id: r.score for r in response.results}
+    assert len(scores) == 100
+    for stored_episode, angle in zip(stored, angles, strict=True):
+        assert scores[stored_episode.episode_id] == pytest.approx(math.cos(angle), abs=1e-6)
 
 
 async def test_similarity_ranks_by_cosine_within_the_filtered_scope(episodic, scope):
