@@ -238,20 +238,34 @@ class TokenFile:
             return None
         try:
             table = _parse_file(self.path)
+            if self._files.signature() != signature:
+                return None  # changed while being read: take it at the next check
         except CredentialsError as error:
             self._files.refuse(error)
             return None
         self._files.accept(signature)
-        old = {grant.digest for grant in self.table}
-        new = {grant.digest for grant in table}
+        old = {grant.digest: grant for grant in self.table}
+        new = {grant.digest: grant for grant in table}
+        rebound = [
+            f"{fingerprint(d)} to {_scope_of(grant)}"
+            for d, grant in new.items()
+            if d in old and old[d].projects != grant.projects
+        ]
         log.info(
-            "reloaded %s: %d token(s); added %s; removed %s",
+            "reloaded %s: %d token(s); added %s; removed %s; rebound %s",
             self.path,
             len(table),
-            ", ".join(sorted(fingerprint(d) for d in new - old)) or "none",
-            ", ".join(sorted(fingerprint(d) for d in old - new)) or "none",
+            ", ".join(sorted(fingerprint(d) for d in new.keys() - old.keys())) or "none",
+            ", ".join(sorted(fingerprint(d) for d in old.keys() - new.keys())) or "none",
+            ", ".join(sorted(rebound)) or "none",
         )
         return table
+
+
+def _scope_of(grant: Grant) -> str:
+    if grant.projects is None:
+        return "every project"
+    return f"{len(grant.projects)} project(s)"
 
 
 @dataclass(frozen=True)

@@ -546,7 +546,15 @@ class Server:
 
     def _warn_if_open(self) -> None:
         config = self.config
-        if listen_is_loopback(config.listen) or self.tokens is not None:
+        if listen_is_loopback(config.listen):
+            return
+        if self.tokens is not None:
+            if self.certificates is None:
+                log.warning(
+                    "the API on %s takes bearer tokens without TLS: anyone who can see its "
+                    "traffic can read the tokens (docs/security.md)",
+                    config.listen,
+                )
             return
         if self.certificates is None:
             log.warning(

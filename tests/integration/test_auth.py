@@ -6,11 +6,13 @@ serve an open API on a non-loopback address."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import stat
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -26,7 +28,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
 from memsvc.api._auth import PROJECT_OF
-from memsvc.auth import CredentialsError, parse_tokens
+from memsvc.auth import CredentialsError, TokenFile, digest, fingerprint, parse_tokens
 from memsvc.config import Config, ConfigError, load
 from memsvc.server import Server
 from memsvc.testing import free_port, wait_for_port
@@ -666,3 +668,33 @@ async def eventually(attempt: Any, timeout: float = 5.0) -> Any:
             if loop.time() > deadline:
                 raise
             await asyncio.sleep(0.05)
+
+
+def test_a_reload_logs_tokens_rebound_to_other_projects(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """A token whose projects changed is named in the log (by fingerprint), as added and
+    removed ones are: a line cut before its project ids would widen its token."""
+    token, other = new_token(), new_token()
+    path = tmp_path / "tokens"
+    path.write_text(f"{token} {PROJECT}\n{other}\n")
+    tokens = TokenFile(path)
+    path.write_text(f"{token}\n{other}\n")
+    os.utime(path, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))  # a new mtime
+    with caplog.at_level(logging.INFO, logger="memsvc.auth"):
+        table = tokens.reload()
+    assert table is not None and table.lookup(token).projects is None  # type: ignore[union-attr]
+    rebound = f"rebound {fingerprint(digest(token))} to every project"
+    assert rebound in caplog.text and token not in caplog.text
+
+
+async def test_tokens_without_tls_on_a_network_address_are_warned_of(
+    base_config: Config, tokens: Tokens, caplog: pytest.LogCaptureFixture
+):
+    config = replace(
+        base_config, listen=f"0.0.0.0:{free_port()}", auth_tokens_file=str(tokens.path)
+    )
+    with caplog.at_level(logging.WARNING, logger="memsvc.server"):
+        async with Server(config):
+            pass
+    assert "takes bearer tokens without TLS" in caplog.text
