@@ -148,6 +148,15 @@ class AuthInterceptor(HandlerWrapper):
             return _UNAUTHENTICATED[grant]
         if grant.projects is None:
             return grant
+        if isinstance(request, Undecodable):
+            # Refused, as its project cannot be read; saying so beats "name a project".
+            return _refusal(
+                PermissionDenied(
+                    f"this token is bound to projects, and the request could not be parsed "
+                    f"({request.problem}) to read its project_id",
+                    "",
+                )
+            )
         project_id = _project(request, project_of)
         if project_id and project_id.lower() in grant.projects:
             return grant

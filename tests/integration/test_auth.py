@@ -197,6 +197,9 @@ async def test_an_unparsable_request_is_checked_like_any_other(
     garbage = b"\x0a\xff\xff\xff\xff\x0f"  # field 1, a length far past the end
     await refused(send(garbage), *UNAUTHENTICATED)
     await refused(send(garbage, metadata=bearer(tokens.bound)), *PERMISSION_DENIED)
+    with pytest.raises(grpc.aio.AioRpcError) as denied:
+        await send(garbage, metadata=bearer(tokens.bound))
+    assert "the request could not be parsed" in (denied.value.details() or "")
     with pytest.raises(grpc.aio.AioRpcError) as invalid:
         await send(garbage, metadata=bearer(tokens.admin))
     assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT, invalid.value.details()
