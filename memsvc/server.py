@@ -234,7 +234,7 @@ class Server:
         # Terminate ends the session's linked graph threads in its own transaction.
         lifecycle.session_end_hooks.append(self.graphs.session_ended)
         graph_checkpoint_pb2_grpc.add_GraphCheckpointServiceServicer_to_server(
-            GraphCheckpointServicer(self.graphs), server
+            GraphCheckpointServicer(self.graphs, self.config.max_message_bytes), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(

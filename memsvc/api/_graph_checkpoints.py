@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import grpc
 
@@ -13,6 +14,7 @@ from memsvc.domain._graph_checkpoints import (
     MAX_METADATA_BYTES,
     GraphCheckpointRecord,
     GraphCheckpoints,
+    GraphCheckpointTooLarge,
     GraphListScope,
     GraphThreadOptions,
     GraphValue,
@@ -102,8 +104,25 @@ def thread_options(project_id: str, message: pb.GraphThreadOptions) -> GraphThre
 class GraphCheckpointServicer(pb_grpc.GraphCheckpointServiceServicer):
     """Serves memsvc.v1.GraphCheckpointService over a GraphCheckpoints domain object."""
 
-    def __init__(self, graphs: GraphCheckpoints) -> None:
+    def __init__(self, graphs: GraphCheckpoints, max_response_bytes: int) -> None:
         self._graphs = graphs
+        # grpc's own refusal of a larger response says only "Sent message larger than max".
+        self._max_response_bytes = max_response_bytes
+
+    def _fits(self, response: Any, checkpoint: pb.GraphCheckpoint) -> None:
+        """A response carries a checkpoint with all its values: one too large for a
+        response (a thread whose state grew past it, put by put) is refused by name.
+        List pages stop at a byte budget below the limit, so only a page of one
+        checkpoint can be too large."""
+        size = response.ByteSize()
+        if size > self._max_response_bytes:
+            raise GraphCheckpointTooLarge(
+                checkpoint.thread_id,
+                checkpoint.checkpoint_ns,
+                checkpoint.checkpoint_id,
+                size,
+                self._max_response_bytes,
+            )
 
     async def PutGraphCheckpoint(
         self, request: pb.PutGraphCheckpointRequest, context: grpc.aio.ServicerContext
@@ -146,7 +165,9 @@ class GraphCheckpointServicer(pb_grpc.GraphCheckpointServiceServicer):
         found = await self._graphs.get(
             request.project_id, request.thread_id, request.checkpoint_ns, request.checkpoint_id
         )
-        return pb.GetGraphCheckpointResponse(checkpoint=checkpoint_message(found))
+        response = pb.GetGraphCheckpointResponse(checkpoint=checkpoint_message(found))
+        self._fits(response, response.checkpoint)
+        return response
 
     async def ListGraphCheckpoints(
         self, request: pb.ListGraphCheckpointsRequest, context: grpc.aio.ServicerContext
@@ -164,10 +185,13 @@ class GraphCheckpointServicer(pb_grpc.GraphCheckpointServiceServicer):
             before_checkpoint_id=request.before_checkpoint_id or None,
         )
         page = await self._graphs.list_checkpoints(scope, request.page_size, request.page_token)
-        return pb.ListGraphCheckpointsResponse(
+        response = pb.ListGraphCheckpointsResponse(
             checkpoints=[checkpoint_message(c) for c in page.items],
             next_page_token=page.next_page_token,
         )
+        if response.checkpoints:
+            self._fits(response, response.checkpoints[0])
+        return response
 
     async def DeleteGraphThread(
         self, request: pb.DeleteGraphThreadRequest, context: grpc.aio.ServicerContext

@@ -79,6 +79,9 @@ DEFAULT_CHANNEL_OPTIONS: dict[str, str | int] = {
     "grpc.initial_reconnect_backoff_ms": 250,
     "grpc.min_reconnect_backoff_ms": 250,
     "grpc.max_reconnect_backoff_ms": 5_000,
+    # Any size memsvc sends: its max_message_bytes bounds responses (grpc's client
+    # default, 4 MiB, would refuse what a memsvc configured larger sends).
+    "grpc.max_receive_message_length": -1,
 }
 
 

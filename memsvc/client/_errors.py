@@ -80,6 +80,7 @@ class ErrorReason(enum.StrEnum):
     DEADLINE_EXCEEDED = "ERROR_REASON_DEADLINE_EXCEEDED"
     GRAPH_CHECKPOINT_CONFLICT = "ERROR_REASON_GRAPH_CHECKPOINT_CONFLICT"
     GRAPH_CHECKPOINT_NOT_FOUND = "ERROR_REASON_GRAPH_CHECKPOINT_NOT_FOUND"
+    GRAPH_CHECKPOINT_TOO_LARGE = "ERROR_REASON_GRAPH_CHECKPOINT_TOO_LARGE"
 
 
 class MemsvcError(Exception):
@@ -325,6 +326,19 @@ class CheckpointLimitExceeded(ResourceExhausted):
         return _int(self.metadata.get("limit"))
 
 
+class GraphCheckpointTooLarge(ResourceExhausted):
+    """A graph checkpoint with all its values is larger than one response memsvc may
+    send (its ``max_message_bytes``): raise that limit on memsvc."""
+
+    @property
+    def limit(self) -> int | None:
+        return _int(self.metadata.get("limit"))
+
+    @property
+    def size(self) -> int | None:
+        return _int(self.metadata.get("size"))
+
+
 class BackendUnavailable(Unavailable):
     """A memsvc backend is down; the SDK retries this within the call's deadline."""
 
@@ -410,6 +424,7 @@ _BY_REASON: dict[str, type[MemsvcError]] = {
     ErrorReason.TOO_MANY_WATCHERS: TooManyWatchers,
     ErrorReason.TOO_MANY_CALLS: TooManyCalls,
     ErrorReason.CHECKPOINT_LIMIT: CheckpointLimitExceeded,
+    ErrorReason.GRAPH_CHECKPOINT_TOO_LARGE: GraphCheckpointTooLarge,
     ErrorReason.DEADLINE_EXCEEDED: DeadlineExceeded,
     ErrorReason.BACKEND_UNAVAILABLE: BackendUnavailable,
     ErrorReason.WATCH_POSITION_COMPACTED: WatchPositionCompacted,

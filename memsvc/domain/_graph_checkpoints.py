@@ -25,7 +25,12 @@ from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from typing import Any, Protocol, cast
 
-from memsvc.domain._errors import FailedPrecondition, FieldViolation, NotFound
+from memsvc.domain._errors import (
+    FailedPrecondition,
+    FieldViolation,
+    NotFound,
+    ResourceExhausted,
+)
 from memsvc.domain._ids import SessionRef, check_session_id, check_uuid, raise_if_any
 from memsvc.domain._pagination import (
     Page,
@@ -209,6 +214,28 @@ class GraphCheckpointConflict(FailedPrecondition):
                 "checkpoint_id": checkpoint_id,
                 "parent_checkpoint_id": parent or "",
                 "latest_checkpoint_id": latest or "",
+            },
+        )
+
+
+class GraphCheckpointTooLarge(ResourceExhausted):
+    """A checkpoint with all its values does not fit in one response."""
+
+    reason = "ERROR_REASON_GRAPH_CHECKPOINT_TOO_LARGE"
+    subject = "response size"
+
+    def __init__(self, thread_id: str, ns: str, checkpoint_id: str, size: int, limit: int) -> None:
+        super().__init__(
+            f"checkpoint {checkpoint_id!r} of graph thread {thread_id!r} namespace {ns!r} "
+            f"takes {size} bytes with its values, over the {limit} one response may carry: "
+            "raise max_message_bytes on memsvc (its clients too, if they limit what they "
+            "receive), or delete the thread",
+            metadata={
+                "thread_id": thread_id,
+                "checkpoint_ns": ns,
+                "checkpoint_id": checkpoint_id,
+                "limit": str(limit),
+                "size": str(size),
             },
         )
 

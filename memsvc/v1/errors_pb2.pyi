@@ -152,6 +152,13 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     Metadata: "thread_id", "checkpoint_ns", "checkpoint_id". Status code:
     NOT_FOUND.
     """
+    ERROR_REASON_GRAPH_CHECKPOINT_TOO_LARGE: _ErrorReason.ValueType  # 32
+    """A graph checkpoint's values together (not only those one put sent) are
+    larger than one response may carry (`max_message_bytes`): raise it on
+    memsvc (the Python SDK receives any size memsvc sends). Metadata:
+    "thread_id", "checkpoint_ns", "checkpoint_id", "limit" and "size" (bytes).
+    Status code: RESOURCE_EXHAUSTED.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason enumerates the machine-readable causes of a failed call.
@@ -293,5 +300,12 @@ ERROR_REASON_GRAPH_CHECKPOINT_NOT_FOUND: ErrorReason.ValueType  # 31
 """No such graph checkpoint (or the thread and namespace have none).
 Metadata: "thread_id", "checkpoint_ns", "checkpoint_id". Status code:
 NOT_FOUND.
+"""
+ERROR_REASON_GRAPH_CHECKPOINT_TOO_LARGE: ErrorReason.ValueType  # 32
+"""A graph checkpoint's values together (not only those one put sent) are
+larger than one response may carry (`max_message_bytes`): raise it on
+memsvc (the Python SDK receives any size memsvc sends). Metadata:
+"thread_id", "checkpoint_ns", "checkpoint_id", "limit" and "size" (bytes).
+Status code: RESOURCE_EXHAUSTED.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
