@@ -202,6 +202,24 @@ async def test_a_forged_page_token_is_invalid_argument(graphs, scope):
         assert "page_token" in error.violations
 
 
+async def test_concurrent_fenced_writers_never_both_succeed(graphs, scope):
+    """Two writers extending the same parent at once: exactly one wins."""
+    project = scope["project_id"]
+    await put(graphs, project, checkpoint("t", "c1"))
+    results = await asyncio.gather(
+        *(
+            put(
+                graphs, project, checkpoint("t", f"c2-{i}", parent="c1"), require_latest_parent=True
+            )
+            for i in range(4)
+        ),
+        return_exceptions=True,
+    )
+    refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert len(refused) == 3
+    assert all(r.code() == grpc.StatusCode.FAILED_PRECONDITION for r in refused)
+
+
 @pytest.mark.parametrize(
     ("filter_json", "expected"),
     [
