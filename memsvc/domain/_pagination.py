@@ -61,7 +61,7 @@ def decode_page_token(token: str, scope: str, field: str = "page_token") -> str 
         document = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
         after, token_scope = document["a"], document["s"]
         valid = document.get("v") == _TOKEN_VERSION and isinstance(after, str)
-    except (ValueError, KeyError, TypeError, binascii.Error, UnicodeError):
+    except (ValueError, KeyError, TypeError, RecursionError, binascii.Error, UnicodeError):
         valid = False
     if not valid:
         raise InvalidArgument(
@@ -98,7 +98,7 @@ def page_position(after: str | None, *kinds: Callable[[Any], Any]) -> tuple[Any,
         if not isinstance(values, list):
             raise TypeError("a position is a list")
         return tuple(kind(value) for kind, value in zip(kinds, values, strict=True))
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):  # RecursionError: nested past json's depth
         raise InvalidArgument.single(
             "page_token", "is not a token returned by this call; start again with an empty one"
         ) from None
@@ -116,6 +116,7 @@ def position_text(value: Any) -> str:
     (and PostgreSQL cannot compare)."""
     if not isinstance(value, str) or "\x00" in value:
         raise ValueError(f"not an id: {value!r}")
+    value.encode("utf-8")  # UnicodeEncodeError (a ValueError) for a lone surrogate
     return value
 
 

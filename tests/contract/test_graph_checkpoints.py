@@ -187,7 +187,9 @@ async def test_a_forged_page_token_is_invalid_argument(graphs, scope):
     )
     # The token of this very request, its position replaced: the fingerprint
     # still matches (it binds the request, not the position).
-    for position in ('"x"', '["a"]', "{}", '["c1", "t\\u0000", ""]', '[1, "t", ""]'):
+    forged = ('"x"', '["a"]', "{}", '["c1", "t\\u0000", ""]', '[1, "t", ""]',
+              '["c1", "t\\ud800", ""]', "[" * 100_000)  # fmt: skip
+    for position in forged:
         error = await expect_error(
             graphs.ListGraphCheckpoints(
                 pb.ListGraphCheckpointsRequest(

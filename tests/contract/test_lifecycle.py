@@ -358,7 +358,8 @@ async def test_list_sessions_filters_and_pages(life, scope):
 # A page token's position replaced (its fingerprint still matches): not a list,
 # the wrong length, a time outside protobuf's range, a NUL in an id.
 FORGED_POSITIONS = ('"x"', "[1]", '[1e400, "a", "b"]', '[1, "a\\u0000", "b"]',
-                    '[99999999999999999999, "a", "b"]', '["1", "a", "b"]')  # fmt: skip
+                    '[99999999999999999999, "a", "b"]', '["1", "a", "b"]',
+                    '[1, "a\\ud800", "b"]', "[" * 100_000)  # fmt: skip
 
 
 async def test_forged_page_tokens_are_invalid_argument(life, scope):
