@@ -46,17 +46,20 @@ class LoopPortal:
         try:
             self.loop.run_forever()
         finally:
-            pending = asyncio.all_tasks(self.loop)
-            for task in pending:
-                task.cancel()
-            self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            # A call submitted as the loop stopped may start a task during this
+            # clean-up: cancel until none is left.
+            while pending := asyncio.all_tasks(self.loop):
+                for task in pending:
+                    task.cancel()
+                self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             self.loop.run_until_complete(self.loop.shutdown_asyncgens())
             with self._lock:
                 self._ended = True
                 left, self._waiting = self._waiting, set()
-            self.loop.close()
+            # Submitted and never run: their callers would wait forever.
             for future in left:
                 future.cancel()
+            self.loop.close()
 
     def run(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """Run ``coroutine`` on the loop and wait for its result (or its exception),
@@ -89,9 +92,10 @@ class LoopPortal:
 
     def stop(self, wait: bool = True, timeout: float | None = None) -> None:
         """Stop the loop; with ``wait``, join its thread (at most ``timeout`` seconds)."""
-        self._stopping = True
-        if self._thread.is_alive():
-            with contextlib.suppress(RuntimeError):  # closed meanwhile
-                self.loop.call_soon_threadsafe(self.loop.stop)
-            if wait and threading.current_thread() is not self._thread:
-                self._thread.join(timeout)
+        with self._lock:  # no run() submits between the flag and the stop
+            self._stopping = True
+            if self._thread.is_alive():
+                with contextlib.suppress(RuntimeError):  # closed meanwhile
+                    self.loop.call_soon_threadsafe(self.loop.stop)
+        if wait and self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)

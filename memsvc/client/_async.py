@@ -480,6 +480,7 @@ class AsyncClient:
             reconnect_timeout=reconnect_timeout,
             grpc_metadata=self._invoke.metadata,
             token_rotated=self._invoke.token_rotated,
+            closing=self._invoke,
         )
 
     # DataRemovalService.

@@ -136,7 +136,11 @@ class Invoker:
         """The client closed: calls waiting between attempts raise Cancelled."""
         self._closed.set()
 
-    async def _closed_within(self, delay: float) -> bool:
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    async def closed_within(self, delay: float) -> bool:
         """Wait ``delay`` seconds before a retry; True as soon as the client closes."""
         try:
             await asyncio.wait_for(self._closed.wait(), delay)
@@ -218,7 +222,7 @@ class Invoker:
                     request_id,
                     delay,
                 )
-            if await self._closed_within(delay):
+            if await self.closed_within(delay):
                 raise Cancelled(
                     "the call was cancelled: the client was closed while it waited to retry",
                     request_id=request_id,

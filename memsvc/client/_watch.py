@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NoReturn, Protocol, TypeVar
 
 import grpc
 
@@ -49,6 +49,15 @@ class _Silent(Exception):
 STREAM_WORKED_SECONDS = 1.0
 
 
+class Closing(Protocol):
+    """What a watch knows of its client's close (the client's Invoker)."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    async def closed_within(self, delay: float) -> bool: ...
+
+
 class AsyncWatch(Generic[Item]):
     """An async iterator of lifecycle events (and, if asked, progress messages).
 
@@ -71,8 +80,11 @@ class AsyncWatch(Generic[Item]):
         reconnect_timeout: float | None,
         grpc_metadata: Sequence[tuple[str, str]] | Callable[[], Sequence[tuple[str, str]]],
         token_rotated: Callable[[Sequence[tuple[str, str]]], bool] | None = None,
+        closing: Closing | None = None,
     ) -> None:
         self._open_stream = open_stream
+        # The client's close: it ends a wait to reconnect, and no stream opens after it.
+        self._closing = closing
         self._request = request
         self._include_progress = include_progress
         self._policy = policy
@@ -179,8 +191,7 @@ class AsyncWatch(Generic[Item]):
             if self._closed:
                 return None  # aclose() (from another task or thread) ended it: iteration stops
             # Only the stream was cancelled: the client closed its channel.
-            self._closed = True
-            raise Cancelled("the watch was cancelled: its client was closed") from error
+            self._client_closed(error)
         except (grpc.RpcError, _StreamEnded, _Silent) as error:
             self._drop_call()
             if self._on_call and self._lived() >= STREAM_WORKED_SECONDS:
@@ -229,6 +240,8 @@ class AsyncWatch(Generic[Item]):
         return result
 
     def _connect(self) -> None:
+        if self._closing is not None and self._closing.closed:
+            self._client_closed()
         request = lifecycle_pb2.WatchLifecycleRequest()
         request.CopyFrom(self._request)
         if self._cursor is not None:
@@ -239,6 +252,10 @@ class AsyncWatch(Generic[Item]):
         self._connected_at = asyncio.get_running_loop().time()
         self._connected_with = self._metadata()
         self._call = self._open_stream(request, self._connected_with)
+
+    def _client_closed(self, cause: BaseException | None = None) -> NoReturn:
+        self._closed = True
+        raise Cancelled("the watch was cancelled: its client was closed") from cause
 
     def _drop_call(self) -> None:
         call, self._call = self._call, None
@@ -286,4 +303,7 @@ class AsyncWatch(Generic[Item]):
             self._cursor,
             delay,
         )
-        await asyncio.sleep(delay)
+        if self._closing is None:
+            await asyncio.sleep(delay)
+        elif await self._closing.closed_within(delay):
+            self._client_closed()

@@ -231,3 +231,24 @@ async def test_closing_a_blocking_client_ends_its_watch_and_calls_in_other_threa
         watch, call = await asyncio.to_thread(round_trip)
         assert watch in ("ended", "cancelled")
         assert call == "cancelled"
+
+
+async def test_a_watch_waiting_to_reconnect_when_its_client_closes_raises_cancelled():
+    """The stream failed and the watch waits a long backoff: the close ends the wait at
+    once with Cancelled (not a RuntimeError from reconnecting on the closed client)."""
+    slow = RetryPolicy(initial_backoff=30, max_backoff=30)
+    async with StubServer(fail_after=0.1) as failing:
+        client = AsyncClient(failing.target, retry=slow)
+        watch = await client.watch(SCOPE[0]).start()
+
+        async def consume() -> None:
+            async for _ in watch:
+                pass
+
+        reader = asyncio.ensure_future(consume())
+        await asyncio.sleep(0.6)  # the stream failed; the watch waits to reconnect
+        assert not reader.done()
+        await client.close()
+        with pytest.raises(Cancelled):
+            await asyncio.wait_for(reader, 5)
+        assert failing.streams == 1
