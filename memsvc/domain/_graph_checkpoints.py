@@ -135,9 +135,11 @@ class GraphCheckpointRecord:
         return run_id if isinstance(run_id, str) and run_id else None
 
     def size(self) -> int:
-        """Bytes of values, writes and document: what page budgets count."""
+        """Bytes of document, metadata, values and writes: what page budgets count
+        (metadata too: up to 1 MiB each, it could take a page past the response's limit)."""
         return (
             len(self.doc)
+            + len(json.dumps(self.metadata, separators=(",", ":")))
             + sum(len(v.data) for v in self.values)
             + sum(len(w.data) for w in self.writes)
         )

@@ -57,3 +57,18 @@ async def test_the_sdk_reads_what_a_memsvc_with_a_larger_limit_sends(base_config
         await put_growing_thread(client, project, values=2, size=3_000_000)  # 6 MB
         latest = await client.graphs(project).get_checkpoint("t")
     assert [len(v.value.data) for v in latest.channel_values] == [3_000_000, 3_000_000]
+
+
+async def test_list_pages_count_metadata_so_each_fits_a_response(base_config: Config):
+    """Checkpoints with large metadata (up to 1 MiB each): a page stops at the byte
+    budget counting it, instead of outgrowing the response."""
+    config = replace(base_config, max_message_bytes=2 << 20)
+    project = str(uuid.uuid4())
+    async with Server(config) as server, AsyncClient(f"127.0.0.1:{server.port}") as client:
+        graphs = client.graphs(project)
+        for step in range(1, 4):
+            await graphs.put_checkpoint(
+                checkpoint("t", f"c{step}", metadata={"notes": "n" * 700_000})
+            )
+        listed = await graphs.checkpoints("t").collect()
+    assert [c.checkpoint_id for c in listed] == ["c3", "c2", "c1"]
