@@ -87,9 +87,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _explained(error: Exception) -> bool:
     """Whether ``error``'s message says all an operator needs (no traceback)."""
-    from memsvc.domain import MemsvcError  # the service's errors: loaded by now
+    from memsvc.domain import BackendUnavailable  # a server module: loaded by now
 
-    return isinstance(error, config_module.StartupError | OSError | MemsvcError)
+    return isinstance(error, config_module.StartupError | OSError | BackendUnavailable)
 
 
 if __name__ == "__main__":

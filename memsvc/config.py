@@ -228,10 +228,11 @@ class Config:
             ).lstrip("/")
             object.__setattr__(self, "database_url", url)
         _check_address("listen", self.listen)
+        # An empty host (":9464") means every interface, as it always did there.
         if self.health_listen:
-            _check_address("health_listen", self.health_listen)
+            _check_address("health_listen", self.health_listen, empty_host=True)
         if self.metrics_listen:
-            _check_address("metrics_listen", self.metrics_listen)
+            _check_address("metrics_listen", self.metrics_listen, empty_host=True)
         if not self.working_memory_url.startswith(
             ("memory://", "redis://", "rediss://", "unix://", "redis+cluster://",
              "rediss+cluster://")
@@ -331,9 +332,9 @@ def load(
         raise ConfigError(str(error)) from error
 
 
-def _check_address(name: str, address: str) -> None:
+def _check_address(name: str, address: str, empty_host: bool = False) -> None:
     """A TCP host:port to listen on; port 0 picks a free one."""
-    found = re.fullmatch(r"(.+):(\d+)", address)
+    found = re.fullmatch(r"(.*):(\d+)" if empty_host else r"(.+):(\d+)", address)
     if found is None or int(found[2]) > 65535:
         raise ConfigError(f"{name} must be host:port with a port from 0 to 65535, got {address!r}")
 

@@ -249,9 +249,10 @@ class Server:
             ),
             server,
         )
+        credentials = self._server_credentials() if self.certificates is not None else None
         with _binding("the gRPC API", self.config.listen):
-            if self.certificates is not None:
-                self.port = server.add_secure_port(self.config.listen, self._server_credentials())
+            if credentials is not None:
+                self.port = server.add_secure_port(self.config.listen, credentials)
             else:
                 self.port = server.add_insecure_port(self.config.listen)
         if self.config.unix_socket:

@@ -139,7 +139,9 @@ class GraphCheckpointServiceServicer:
         namespace when no id is given) with its channel values and pending
         writes.
         Errors: INVALID_ARGUMENT, NOT_FOUND
-        (ERROR_REASON_GRAPH_CHECKPOINT_NOT_FOUND).
+        (ERROR_REASON_GRAPH_CHECKPOINT_NOT_FOUND), RESOURCE_EXHAUSTED
+        (ERROR_REASON_GRAPH_CHECKPOINT_TOO_LARGE: with its values, larger than one
+        response).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -148,7 +150,8 @@ class GraphCheckpointServiceServicer:
     def ListGraphCheckpoints(self, request, context):
         """ListGraphCheckpoints returns checkpoints newest first (by checkpoint id),
         filtered, with their channel values and pending writes. Paginated.
-        Errors: INVALID_ARGUMENT.
+        Errors: INVALID_ARGUMENT, RESOURCE_EXHAUSTED
+        (ERROR_REASON_GRAPH_CHECKPOINT_TOO_LARGE, for a page's first checkpoint).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

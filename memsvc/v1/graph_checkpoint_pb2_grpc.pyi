@@ -69,12 +69,15 @@ class GraphCheckpointServiceStub:
     namespace when no id is given) with its channel values and pending
     writes.
     Errors: INVALID_ARGUMENT, NOT_FOUND
-    (ERROR_REASON_GRAPH_CHECKPOINT_NOT_FOUND).
+    (ERROR_REASON_GRAPH_CHECKPOINT_NOT_FOUND), RESOURCE_EXHAUSTED
+    (ERROR_REASON_GRAPH_CHECKPOINT_TOO_LARGE: with its values, larger than one
+    response).
     """
     ListGraphCheckpoints: _grpc.UnaryUnaryMultiCallable[_graph_checkpoint_pb2.ListGraphCheckpointsRequest, _graph_checkpoint_pb2.ListGraphCheckpointsResponse]
     """ListGraphCheckpoints returns checkpoints newest first (by checkpoint id),
     filtered, with their channel values and pending writes. Paginated.
-    Errors: INVALID_ARGUMENT.
+    Errors: INVALID_ARGUMENT, RESOURCE_EXHAUSTED
+    (ERROR_REASON_GRAPH_CHECKPOINT_TOO_LARGE, for a page's first checkpoint).
     """
     DeleteGraphThread: _grpc.UnaryUnaryMultiCallable[_graph_checkpoint_pb2.DeleteGraphThreadRequest, _graph_checkpoint_pb2.DeleteGraphThreadResponse]
     """DeleteGraphThread forgets a thread: every namespace, checkpoint, value,
@@ -141,12 +144,15 @@ class GraphCheckpointServiceAsyncStub(GraphCheckpointServiceStub):
     namespace when no id is given) with its channel values and pending
     writes.
     Errors: INVALID_ARGUMENT, NOT_FOUND
-    (ERROR_REASON_GRAPH_CHECKPOINT_NOT_FOUND).
+    (ERROR_REASON_GRAPH_CHECKPOINT_NOT_FOUND), RESOURCE_EXHAUSTED
+    (ERROR_REASON_GRAPH_CHECKPOINT_TOO_LARGE: with its values, larger than one
+    response).
     """
     ListGraphCheckpoints: _aio.UnaryUnaryMultiCallable[_graph_checkpoint_pb2.ListGraphCheckpointsRequest, _graph_checkpoint_pb2.ListGraphCheckpointsResponse]  # type: ignore[assignment]
     """ListGraphCheckpoints returns checkpoints newest first (by checkpoint id),
     filtered, with their channel values and pending writes. Paginated.
-    Errors: INVALID_ARGUMENT.
+    Errors: INVALID_ARGUMENT, RESOURCE_EXHAUSTED
+    (ERROR_REASON_GRAPH_CHECKPOINT_TOO_LARGE, for a page's first checkpoint).
     """
     DeleteGraphThread: _aio.UnaryUnaryMultiCallable[_graph_checkpoint_pb2.DeleteGraphThreadRequest, _graph_checkpoint_pb2.DeleteGraphThreadResponse]  # type: ignore[assignment]
     """DeleteGraphThread forgets a thread: every namespace, checkpoint, value,
@@ -228,7 +234,9 @@ class GraphCheckpointServiceServicer(metaclass=_abc_1.ABCMeta):
         namespace when no id is given) with its channel values and pending
         writes.
         Errors: INVALID_ARGUMENT, NOT_FOUND
-        (ERROR_REASON_GRAPH_CHECKPOINT_NOT_FOUND).
+        (ERROR_REASON_GRAPH_CHECKPOINT_NOT_FOUND), RESOURCE_EXHAUSTED
+        (ERROR_REASON_GRAPH_CHECKPOINT_TOO_LARGE: with its values, larger than one
+        response).
         """
 
     @_abc_1.abstractmethod
@@ -239,7 +247,8 @@ class GraphCheckpointServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_graph_checkpoint_pb2.ListGraphCheckpointsResponse, _abc.Awaitable[_graph_checkpoint_pb2.ListGraphCheckpointsResponse]]:
         """ListGraphCheckpoints returns checkpoints newest first (by checkpoint id),
         filtered, with their channel values and pending writes. Paginated.
-        Errors: INVALID_ARGUMENT.
+        Errors: INVALID_ARGUMENT, RESOURCE_EXHAUSTED
+        (ERROR_REASON_GRAPH_CHECKPOINT_TOO_LARGE, for a page's first checkpoint).
         """
 
     @_abc_1.abstractmethod

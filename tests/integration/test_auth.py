@@ -701,3 +701,22 @@ async def test_tokens_without_tls_on_a_network_address_are_warned_of(
         async with Server(config):
             pass
     assert "takes bearer tokens without TLS" in caplog.text
+
+
+def test_a_tokens_file_changing_while_read_is_taken_at_the_next_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    token, other = new_token(), new_token()
+    path = tmp_path / "tokens"
+    path.write_text(f"{token}\n")
+    tokens = TokenFile(path)
+    path.write_text(f"{token}\n{other}\n")
+    os.utime(path, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
+    real = tokens._files.signature
+    calls = iter(range(10**6))
+    # Every look at the file sees another signature: a writer still at work.
+    monkeypatch.setattr(tokens._files, "signature", lambda: (real(), next(calls)))
+    assert tokens.reload() is None
+    monkeypatch.setattr(tokens._files, "signature", real)
+    table = tokens.reload()
+    assert table is not None and table.lookup(other) is not None

@@ -62,6 +62,13 @@ def test_bad_values_are_refused_with_the_setting_named(env, message):
         load({}, env)
 
 
+def test_probe_and_metrics_addresses_may_leave_the_host_empty():
+    config = load({"metrics_listen": ":9464", "health_listen": ":8081"}, {})
+    assert (config.metrics_listen, config.health_listen) == (":9464", ":8081")
+    with pytest.raises(ConfigError, match="listen must be host:port"):
+        load({"listen": ":50051"}, {})
+
+
 def test_docs_table_matches_the_settings():
     """docs/configuration.md embeds `memsvc config` output; regenerate it when settings change."""
     assert markdown_table() in DOCS.read_text(), "run `memsvc config` and paste it into the docs"
