@@ -381,8 +381,17 @@ class MemsvcSaver(BaseCheckpointSaver[str]):
         await self._agraphs.copy_thread(str(source_thread_id), str(target_thread_id))
 
     async def aprune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
-        if thread_ids:
-            await self._agraphs.prune(_ids(thread_ids, "thread_ids"), strategy=_strategy(strategy))
+        """As LangGraph's PostgreSQL saver: "keep_latest" refuses a thread that uses a
+        DeltaChannel (NotImplementedError), whose values older checkpoints rebuild."""
+        ids = _ids(thread_ids, "thread_ids")
+        if not ids:
+            return
+        if strategy == "keep_latest":
+            for thread_id in ids:
+                _refuse_delta_thread(
+                    thread_id, [c async for c in self._agraphs.checkpoints(thread_id)]
+                )
+        await self._agraphs.prune(ids, strategy=_strategy(strategy))
 
     # Sync.
 
@@ -469,8 +478,14 @@ class MemsvcSaver(BaseCheckpointSaver[str]):
         self._graphs.copy_thread(str(source_thread_id), str(target_thread_id))
 
     def prune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
-        if thread_ids:
-            self._graphs.prune(_ids(thread_ids, "thread_ids"), strategy=_strategy(strategy))
+        """See :meth:`aprune`."""
+        ids = _ids(thread_ids, "thread_ids")
+        if not ids:
+            return
+        if strategy == "keep_latest":
+            for thread_id in ids:
+                _refuse_delta_thread(thread_id, list(self._graphs.checkpoints(thread_id)))
+        self._graphs.prune(ids, strategy=_strategy(strategy))
 
 
 INLINE_MAX_CHARS = 64
@@ -500,6 +515,22 @@ def _options(
             )
         )
     return options
+
+
+# What a DeltaChannel leaves in checkpoint metadata (LangGraph Python: its update
+# counters since the last snapshot; LangGraph.js: a marker on its threads).
+_DELTA_METADATA_KEYS = ("counters_since_delta_snapshot", "delta_writes_versioned")
+
+
+def _refuse_delta_thread(thread_id: str, checkpoints: Sequence[pb.GraphCheckpoint]) -> None:
+    """keep_latest would keep no older checkpoint, and a DeltaChannel rebuilds its
+    value from older checkpoints' writes: its state would silently empty."""
+    for message in checkpoints:
+        metadata = json.loads(message.metadata_json or "{}")
+        if any(key in metadata for key in _DELTA_METADATA_KEYS):
+            raise NotImplementedError(
+                f"keep_latest can't prune thread {thread_id!r}: it uses a DeltaChannel"
+            )
 
 
 def _ids(ids: Sequence[str], name: str) -> list[str]:

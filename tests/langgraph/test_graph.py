@@ -15,6 +15,7 @@ from dataclasses import replace
 from typing import Annotated, Any, TypedDict
 
 import pytest
+from langgraph.channels.delta import DeltaChannel
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, StateGraph
@@ -211,3 +212,38 @@ async def test_prune_refuses_a_lone_string(server: Server):
             await saver.aprune("ab")
         with pytest.raises(TypeError, match="run_ids must be a sequence"):
             await saver.adelete_for_runs("ab")
+
+
+def _extend(state: list[str] | None, writes: Any) -> list[str]:
+    return [*(state or []), *(item for write in writes for item in write)]
+
+
+class Items(TypedDict):
+    items: Annotated[list[str], DeltaChannel(_extend, snapshot_frequency=100)]
+
+
+async def test_keep_latest_refuses_a_thread_with_a_delta_channel(server: Server):
+    """As LangGraph's PostgreSQL saver: pruning to the latest checkpoint would empty a
+    DeltaChannel, which rebuilds its value from older checkpoints' writes."""
+    builder = StateGraph(Items)
+    builder.add_node("add", lambda state: {"items": ["a"]})
+    builder.add_edge(START, "add")
+    builder.add_edge("add", END)
+    thread_id, plain = f"delta-{uuid.uuid4()}", f"plain-{uuid.uuid4()}"
+    async with MemsvcSaver(f"127.0.0.1:{server.port}", project_id=str(uuid.uuid4())) as saver:
+        graph = builder.compile(checkpointer=saver)
+        config: Any = {"configurable": {"thread_id": thread_id}}
+        await graph.ainvoke({"items": ["x"]}, config)
+        await graph.ainvoke({"items": ["y"]}, config)
+        before = (await graph.aget_state(config)).values
+        with pytest.raises(NotImplementedError, match="DeltaChannel"):
+            await saver.aprune([thread_id])
+        assert (await graph.aget_state(config)).values == before == {"items": ["x", "a", "y", "a"]}
+        # A thread without one is pruned; "delete" needs no check.
+        draft = compile_graph(saver)
+        plain_config: Any = {"configurable": {"thread_id": plain}}
+        await draft.ainvoke({"topic": "otters"}, plain_config)
+        await saver.aprune([plain])
+        assert len([c async for c in saver.alist(plain_config)]) == 1
+        await saver.aprune([thread_id], strategy="delete")
+        assert [c async for c in saver.alist(config)] == []
