@@ -172,17 +172,22 @@ async def test_a_call_waiting_to_retry_when_the_client_closes_raises_cancelled()
     assert raised.value.attempts == 1
 
 
-async def test_a_watch_read_when_its_client_closes_raises_cancelled(holding: StubServer):
-    """The reading task gets the SDK's Cancelled, not a bare CancelledError that would
-    mark the task itself cancelled."""
-    client = AsyncClient(holding.target, retry=NO_RETRY)
+async def reading(client: AsyncClient) -> asyncio.Future[None]:
+    """A task reading a started watch of ``client`` to its end."""
     watch = await client.watch(SCOPE[0]).start()
 
     async def consume() -> None:
         async for _ in watch:
             pass
 
-    reader = asyncio.ensure_future(consume())
+    return asyncio.ensure_future(consume())
+
+
+async def test_a_watch_read_when_its_client_closes_raises_cancelled(holding: StubServer):
+    """The reading task gets the SDK's Cancelled, not a bare CancelledError that would
+    mark the task itself cancelled."""
+    client = AsyncClient(holding.target, retry=NO_RETRY)
+    reader = await reading(client)
     await asyncio.sleep(0.2)  # the reader waits in read()
     await client.close()
     with pytest.raises(Cancelled):
@@ -239,13 +244,7 @@ async def test_a_watch_waiting_to_reconnect_when_its_client_closes_raises_cancel
     slow = RetryPolicy(initial_backoff=30, max_backoff=30)
     async with StubServer(fail_after=0.1) as failing:
         client = AsyncClient(failing.target, retry=slow)
-        watch = await client.watch(SCOPE[0]).start()
-
-        async def consume() -> None:
-            async for _ in watch:
-                pass
-
-        reader = asyncio.ensure_future(consume())
+        reader = await reading(client)
         await asyncio.sleep(0.6)  # the stream failed; the watch waits to reconnect
         assert not reader.done()
         await client.close()
