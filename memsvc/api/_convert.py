@@ -8,11 +8,12 @@ the wire; TTLs are Durations on the wire and milliseconds in the domain.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 
-from memsvc.domain import InvalidArgument
+from memsvc.domain import FieldViolation, InvalidArgument
 from memsvc.domain._storable import json_problem
 
 _NANOS_PER_MS = 1_000_000
@@ -25,6 +26,19 @@ def encode_value(message: struct_pb2.Value, present: bool) -> bytes | None:
     # Deterministic: map entries in key order, so equal values have equal bytes in
     # every process (a request id's arguments hash depends on it).
     return message.SerializeToString(deterministic=True)
+
+
+T = TypeVar("T")
+
+
+def collected(violations: list[FieldViolation], convert: Callable[[], T], default: T) -> T:
+    """``convert()``, or ``default`` with its violations added to ``violations``, for
+    the domain to report with its own: one INVALID_ARGUMENT names every bad field."""
+    try:
+        return convert()
+    except InvalidArgument as error:
+        violations.extend(error.violations)
+        return default
 
 
 def plain_struct(message: struct_pb2.Struct, field: str) -> dict[str, Any]:
@@ -67,6 +81,12 @@ def ttl_ms(duration: duration_pb2.Duration, present: bool, field: str) -> int | 
         return min(-1, total // _NANOS_PER_MS)
     milliseconds = -(-total // _NANOS_PER_MS)
     return milliseconds or None
+
+
+def ttl_of(message: Any, field: str, violations: list[FieldViolation]) -> int | None:
+    """The TTL of a message with a ``ttl`` Duration (an entry, a thread's options),
+    as ttl_ms gives it; a malformed one goes to ``violations``."""
+    return collected(violations, lambda: ttl_ms(message.ttl, message.HasField("ttl"), field), None)
 
 
 def _check_duration(duration: duration_pb2.Duration, field: str) -> None:

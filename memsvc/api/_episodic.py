@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+
 import grpc
 
-from memsvc.api._convert import epoch_ms, plain_struct, seconds_of, timestamp
-from memsvc.domain import SessionRef
+from memsvc.api._convert import collected, epoch_ms, plain_struct, seconds_of, timestamp
+from memsvc.domain import FieldViolation, SessionRef
 from memsvc.domain._episodes import Episodes, EpisodeScope, unpack_embedding
 from memsvc.domain._lifecycle_records import EpisodeRecord
 from memsvc.v1 import episodic_pb2 as pb
@@ -13,8 +15,9 @@ from memsvc.v1 import episodic_pb2_grpc as pb_grpc
 from memsvc.v1 import lifecycle_pb2
 
 
-def episode_record(message: pb.Episode) -> EpisodeRecord:
-    """The domain form of a request's episode (validated by the domain)."""
+def episode_record(message: pb.Episode, violations: list[FieldViolation]) -> EpisodeRecord:
+    """The domain form of a request's episode (validated by the domain; what cannot
+    be converted goes to ``violations``)."""
     duration = message.duration
     return EpisodeRecord(
         episode_id=message.episode_id,
@@ -24,16 +27,26 @@ def episode_record(message: pb.Episode) -> EpisodeRecord:
         outcome=int(message.outcome),
         outcome_details=message.outcome_details,
         actions=[
-            plain_struct(action, f"episode.actions[{index}]")
-            for index, action in enumerate(message.actions)
+            collected(
+                violations, functools.partial(plain_struct, action, f"episode.actions[{i}]"), {}
+            )
+            for i, action in enumerate(message.actions)
         ],
         context_summary=message.context_summary,
         lessons_learned=list(message.lessons_learned),
-        duration_seconds=seconds_of(duration, "episode.duration"),
+        duration_seconds=collected(
+            violations, lambda: seconds_of(duration, "episode.duration"), 0.0
+        ),
         tokens_used=message.tokens_used,
         importance=message.importance,
-        metadata=plain_struct(message.metadata, "episode.metadata"),
-        create_ms=epoch_ms(message.create_time) if message.HasField("create_time") else 0,
+        metadata=collected(
+            violations, lambda: plain_struct(message.metadata, "episode.metadata"), {}
+        ),
+        create_ms=(
+            collected(violations, lambda: epoch_ms(message.create_time), 0)
+            if message.HasField("create_time")
+            else 0
+        ),
         embedding_dimensions=message.embedding_dimensions,
     )
 
@@ -88,8 +101,12 @@ class EpisodicMemoryServicer(pb_grpc.EpisodicMemoryServiceServicer):
     async def RecordEpisode(
         self, request: pb.RecordEpisodeRequest, context: grpc.aio.ServicerContext
     ) -> pb.RecordEpisodeResponse:
+        violations: list[FieldViolation] = []
         stored = await self._episodes.record(
-            episode_record(request.episode), list(request.episode.embedding), request.request_id
+            episode_record(request.episode, violations),
+            list(request.episode.embedding),
+            request.request_id,
+            violations,
         )
         return pb.RecordEpisodeResponse(episode=episode_message(stored))
 

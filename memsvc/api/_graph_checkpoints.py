@@ -7,7 +7,7 @@ from typing import Any
 
 import grpc
 
-from memsvc.api._convert import timestamp, ttl_ms
+from memsvc.api._convert import timestamp, ttl_of
 from memsvc.domain import FieldViolation, SessionRef
 from memsvc.domain._graph_checkpoints import (
     MAX_FILTER_BYTES,
@@ -86,15 +86,18 @@ def checkpoint_message(record: GraphCheckpointRecord) -> pb.GraphCheckpoint:
     )
 
 
-def thread_options(project_id: str, message: pb.GraphThreadOptions) -> GraphThreadOptions:
-    """The domain form of a thread's options (validated by the domain)."""
+def thread_options(
+    project_id: str, message: pb.GraphThreadOptions, violations: list[FieldViolation]
+) -> GraphThreadOptions:
+    """The domain form of a thread's options (validated by the domain; a malformed
+    TTL goes to ``violations``)."""
     session = None
     if message.HasField("session"):
         session = SessionRef(
             project_id, message.session.agent_instance_id, message.session.session_id
         )
     return GraphThreadOptions(
-        ttl_ms=ttl_ms(message.ttl, message.HasField("ttl"), "options.ttl"),
+        ttl_ms=ttl_of(message, "options.ttl", violations),
         keep_last=message.keep_last,
         session=session,
         on_session_end=int(message.session.on_session_end) if session else 0,
@@ -130,7 +133,7 @@ class GraphCheckpointServicer(pb_grpc.GraphCheckpointServiceServicer):
         violations: list[FieldViolation] = []
         record, values = checkpoint_record(request.project_id, request.checkpoint, violations)
         options = (
-            thread_options(request.project_id, request.options)
+            thread_options(request.project_id, request.options, violations)
             if request.HasField("options")
             else None
         )

@@ -8,8 +8,15 @@ from typing import Any
 import grpc
 from google.protobuf import struct_pb2
 
-from memsvc.api._convert import encode_value, plain_struct, seconds_of, timestamp, ttl_ms
-from memsvc.domain import SessionRef
+from memsvc.api._convert import (
+    collected,
+    encode_value,
+    plain_struct,
+    seconds_of,
+    timestamp,
+    ttl_of,
+)
+from memsvc.domain import FieldViolation, SessionRef
 from memsvc.domain._lifecycle import Lifecycle
 from memsvc.domain._lifecycle_records import CheckpointRecord, SessionRecord
 from memsvc.domain._watch import EventHub, StoredEvent, check_watch_request
@@ -40,11 +47,12 @@ def _plain(value: struct_pb2.Value) -> Any:
     return getattr(value, kind)
 
 
-def metadata_of(request: Any) -> dict[str, Any]:
-    """The request's metadata Struct as a dict ({} when unset)."""
+def metadata_of(request: Any, violations: list[FieldViolation]) -> dict[str, Any]:
+    """The request's metadata Struct as a dict ({} when unset, or bad: then in
+    ``violations``)."""
     if not request.HasField("metadata"):
         return {}
-    return plain_struct(request.metadata, "metadata")
+    return collected(violations, lambda: plain_struct(request.metadata, "metadata"), {})
 
 
 def _session_ref(request: Any) -> SessionRef:
@@ -117,11 +125,12 @@ class LifecycleServicer(pb_grpc.LifecycleServiceServicer):
     async def Spawn(
         self, request: pb.SpawnRequest, context: grpc.aio.ServicerContext
     ) -> pb.SpawnResponse:
+        violations: list[FieldViolation] = []
         initial = [
             (
                 item.key,
                 encode_value(item.value, item.HasField("value")),
-                ttl_ms(item.ttl, item.HasField("ttl"), f"initial_entries[{index}].ttl"),
+                ttl_of(item, f"initial_entries[{index}].ttl", violations),
             )
             for index, item in enumerate(request.initial_entries)
         ]
@@ -129,8 +138,9 @@ class LifecycleServicer(pb_grpc.LifecycleServiceServicer):
             _session_ref(request),
             request.agent_type_id,
             initial,
-            metadata_of(request),
+            metadata_of(request, violations),
             request.request_id,
+            violations,
         )
         return pb.SpawnResponse(
             session=session_message(result.session, True),
@@ -140,8 +150,10 @@ class LifecycleServicer(pb_grpc.LifecycleServiceServicer):
     async def Pause(
         self, request: pb.PauseRequest, context: grpc.aio.ServicerContext
     ) -> pb.PauseResponse:
+        violations: list[FieldViolation] = []
+        metadata = metadata_of(request, violations)
         result = await self._lifecycle.pause(
-            _session_ref(request), request.checkpoint_id, metadata_of(request), request.request_id
+            _session_ref(request), request.checkpoint_id, metadata, request.request_id, violations
         )
         return pb.PauseResponse(
             session=session_message(result.session, True),
@@ -151,12 +163,14 @@ class LifecycleServicer(pb_grpc.LifecycleServiceServicer):
     async def Resume(
         self, request: pb.ResumeRequest, context: grpc.aio.ServicerContext
     ) -> pb.ResumeResponse:
+        violations: list[FieldViolation] = []
         result = await self._lifecycle.resume(
             _session_ref(request),
             request.checkpoint_id,
             request.merge_with_current,
-            metadata_of(request),
+            metadata_of(request, violations),
             request.request_id,
+            violations,
         )
         return pb.ResumeResponse(
             session=session_message(result.session, True),
@@ -167,6 +181,7 @@ class LifecycleServicer(pb_grpc.LifecycleServiceServicer):
     async def Terminate(
         self, request: pb.TerminateRequest, context: grpc.aio.ServicerContext
     ) -> pb.TerminateResponse:
+        violations: list[FieldViolation] = []
         result = await self._lifecycle.terminate(
             _session_ref(request),
             request.task_description,
@@ -174,8 +189,9 @@ class LifecycleServicer(pb_grpc.LifecycleServiceServicer):
             list(request.lessons_learned),
             consolidate=not request.skip_consolidation,
             cleanup=not request.keep_working_memory,
-            metadata=metadata_of(request),
+            metadata=metadata_of(request, violations),
             request_id=request.request_id,
+            found=violations,
         )
         return pb.TerminateResponse(
             session=session_message(result.session),
@@ -220,8 +236,13 @@ class LifecycleServicer(pb_grpc.LifecycleServiceServicer):
     async def CreateCheckpoint(
         self, request: pb.CreateCheckpointRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateCheckpointResponse:
+        violations: list[FieldViolation] = []
         checkpoint = await self._lifecycle.create_checkpoint(
-            _session_ref(request), request.checkpoint_id, metadata_of(request), request.request_id
+            _session_ref(request),
+            request.checkpoint_id,
+            metadata_of(request, violations),
+            request.request_id,
+            violations,
         )
         return pb.CreateCheckpointResponse(checkpoint=checkpoint_message(checkpoint))
 
@@ -258,8 +279,13 @@ class LifecycleServicer(pb_grpc.LifecycleServiceServicer):
     async def WatchLifecycle(  # type: ignore[override]
         self, request: pb.WatchLifecycleRequest, context: grpc.aio.ServicerContext
     ) -> None:
+        violations: list[FieldViolation] = []
         interval = (
-            seconds_of(request.progress_interval, "progress_interval")
+            collected(
+                violations,
+                lambda: seconds_of(request.progress_interval, "progress_interval"),
+                None,
+            )
             if request.HasField("progress_interval")
             else None
         )
@@ -271,6 +297,7 @@ class LifecycleServicer(pb_grpc.LifecycleServiceServicer):
             request.after_sequence,
             request.start,
             interval,
+            violations,
         )
         after = request.after_sequence if request.HasField("after_sequence") else None
         oldest = after is None and request.start == pb.WATCH_START_OLDEST

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import grpc
 
-from memsvc.api._convert import encode_value, timestamp, ttl_ms
-from memsvc.domain import KeyNotFound, SessionRef, StoredEntry, WorkingMemory, WriteResult
+from memsvc.api._convert import encode_value, timestamp, ttl_of
+from memsvc.domain import (
+    FieldViolation,
+    KeyNotFound,
+    SessionRef,
+    StoredEntry,
+    WorkingMemory,
+    WriteResult,
+)
 from memsvc.v1 import working_memory_pb2 as pb
 from memsvc.v1 import working_memory_pb2_grpc as pb_grpc
 
@@ -40,11 +47,13 @@ class WorkingMemoryServicer(pb_grpc.WorkingMemoryServiceServicer):
     async def Set(
         self, request: pb.SetRequest, context: grpc.aio.ServicerContext
     ) -> pb.SetResponse:
+        violations: list[FieldViolation] = []
         result = await self._memory.set(
             _session(request),
             request.key,
             encode_value(request.value, request.HasField("value")),
-            ttl_ms(request.ttl, request.HasField("ttl"), "ttl"),
+            ttl_of(request, "ttl", violations),
+            violations,
         )
         response = pb.SetResponse()
         _fill_result(response, result)
@@ -103,15 +112,16 @@ class WorkingMemoryServicer(pb_grpc.WorkingMemoryServiceServicer):
     async def BatchSet(
         self, request: pb.BatchSetRequest, context: grpc.aio.ServicerContext
     ) -> pb.BatchSetResponse:
+        violations: list[FieldViolation] = []
         entries = [
             (
                 item.key,
                 encode_value(item.value, item.HasField("value")),
-                ttl_ms(item.ttl, item.HasField("ttl"), f"entries[{index}].ttl"),
+                ttl_of(item, f"entries[{index}].ttl", violations),
             )
             for index, item in enumerate(request.entries)
         ]
-        results = await self._memory.set_many(_session(request), entries)
+        results = await self._memory.set_many(_session(request), entries, violations)
         response = pb.BatchSetResponse()
         for result in results:
             _fill_result(response.results.add(), result)

@@ -157,11 +157,16 @@ class Episodes:
         self._clock_ms = clock_ms
 
     async def record(
-        self, episode: EpisodeRecord, embedding: Sequence[float], request_id: str
+        self,
+        episode: EpisodeRecord,
+        embedding: Sequence[float],
+        request_id: str,
+        found: Sequence[FieldViolation] = (),
     ) -> EpisodeRecord:
         """Validate and store ``episode`` with ``embedding`` (its id, time and
-        embedding dimensions are assigned here)."""
-        violations = check_episode(episode, "episode")
+        embedding dimensions are assigned here); ``found``: violations found
+        before (by the API), reported with these."""
+        violations = [*found, *check_episode(episode, "episode")]
         packed = check_embedding(embedding, "episode.embedding", violations)
         request_id = check_request_id(request_id, violations)
         raise_if_any(violations)

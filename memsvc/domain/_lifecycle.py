@@ -149,8 +149,11 @@ class Lifecycle:
         initial: Sequence[tuple[str, bytes | None, int | None]],
         metadata: dict[str, Any],
         request_id: str,
+        found: Sequence[FieldViolation] = (),
     ) -> SpawnResult:
-        violations: list[FieldViolation] = []
+        """``found``: the request's violations found before (by the API): one
+        INVALID_ARGUMENT names them all."""
+        violations = list(found)
         ref = check_session_ref(
             session.project_id, session.agent_instance_id, session.session_id, violations
         )
@@ -190,9 +193,14 @@ class Lifecycle:
     # Pause and checkpoints ----------------------------------------------------
 
     async def pause(
-        self, session: SessionRef, checkpoint_id: str, metadata: dict[str, Any], request_id: str
+        self,
+        session: SessionRef,
+        checkpoint_id: str,
+        metadata: dict[str, Any],
+        request_id: str,
+        found: Sequence[FieldViolation] = (),
     ) -> PauseResult:
-        ref, request_id = self._check(session, checkpoint_id, request_id)
+        ref, request_id = self._check(session, checkpoint_id, request_id, found)
         arguments = (ref, checkpoint_id, metadata)
         steps = _Steps(op=uuid7())
 
@@ -259,10 +267,15 @@ class Lifecycle:
         return checkpoint
 
     async def create_checkpoint(
-        self, session: SessionRef, checkpoint_id: str, metadata: dict[str, Any], request_id: str
+        self,
+        session: SessionRef,
+        checkpoint_id: str,
+        metadata: dict[str, Any],
+        request_id: str,
+        found: Sequence[FieldViolation] = (),
     ) -> CheckpointRecord:
         """Snapshot an ACTIVE session without pausing it."""
-        ref, request_id = self._check(session, checkpoint_id, request_id)
+        ref, request_id = self._check(session, checkpoint_id, request_id, found)
         arguments = (ref, checkpoint_id, metadata)
         # No marker change: the snapshot is one atomic read, nothing to settle after.
         steps = _Steps(op=uuid7())
@@ -339,8 +352,9 @@ class Lifecycle:
         merge: bool,
         metadata: dict[str, Any],
         request_id: str,
+        found: Sequence[FieldViolation] = (),
     ) -> ResumeResult:
-        ref, request_id = self._check(session, checkpoint_id, request_id)
+        ref, request_id = self._check(session, checkpoint_id, request_id, found)
         arguments = (ref, checkpoint_id, merge, metadata)
         steps = _Steps(op=uuid7())
 
@@ -414,10 +428,10 @@ class Lifecycle:
         cleanup: bool,
         metadata: dict[str, Any],
         request_id: str,
+        found: Sequence[FieldViolation] = (),
     ) -> TerminateResult:
-        ref, request_id = self._check(session, "", request_id)
         outcome = outcome or OUTCOME_SUCCESS
-        violations: list[FieldViolation] = []
+        violations = list(found)
         check_story(
             lambda name, problem: violations.append(FieldViolation(name, problem)),
             task_description,
@@ -426,7 +440,7 @@ class Lifecycle:
             metadata,
             limits=False,
         )
-        raise_if_any(violations)
+        ref, request_id = self._check(session, "", request_id, violations)
         arguments = (
             ref,
             task_description,
@@ -606,10 +620,15 @@ class Lifecycle:
     # Shared machinery ---------------------------------------------------------
 
     def _check(
-        self, session: SessionRef, checkpoint_id: str, request_id: str
+        self,
+        session: SessionRef,
+        checkpoint_id: str,
+        request_id: str,
+        found: Sequence[FieldViolation] = (),
     ) -> tuple[SessionRef, str]:
-        """The canonical session and request id of a call on a session."""
-        violations: list[FieldViolation] = []
+        """The canonical session and request id of a call on a session; raises one
+        InvalidArgument for these and the violations ``found`` before."""
+        violations = list(found)
         ref = check_session_ref(
             session.project_id, session.agent_instance_id, session.session_id, violations
         )

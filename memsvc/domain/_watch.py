@@ -401,9 +401,11 @@ def check_watch_request(
     after_sequence: int,
     start: int,
     progress_seconds: float | None,
+    found: Sequence[FieldViolation] = (),
 ) -> tuple[EventFilter, float]:
-    """Validate a watch request: its filter, start position and progress interval."""
-    violations: list[FieldViolation] = []
+    """Validate a watch request: its filter, start position and progress interval
+    (with the violations ``found`` before, by the API)."""
+    violations = list(found)
     if project_id:
         project_id = check_uuid(project_id, "project_id", violations)
     if agent_instance_id:

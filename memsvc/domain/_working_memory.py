@@ -248,10 +248,15 @@ class WorkingMemory:
         raise AssertionError("unreachable")
 
     async def set(
-        self, session: SessionRef, key: str, value: bytes | None, ttl_ms: int | None
+        self,
+        session: SessionRef,
+        key: str,
+        value: bytes | None,
+        ttl_ms: int | None,
+        found: Sequence[FieldViolation] = (),
     ) -> WriteResult:
         """Store one value (see ``set_many``)."""
-        violations: list[FieldViolation] = []
+        violations = list(found)
         ref = check_session_ref(*_fields(session), violations)
         self._check_write(key, value, ttl_ms, "", violations)
         raise_if_any(violations)
@@ -261,10 +266,14 @@ class WorkingMemory:
         return result
 
     async def set_many(
-        self, session: SessionRef, entries: Sequence[tuple[str, bytes | None, int | None]]
+        self,
+        session: SessionRef,
+        entries: Sequence[tuple[str, bytes | None, int | None]],
+        found: Sequence[FieldViolation] = (),
     ) -> list[WriteResult]:
-        """Store up to ``max_batch_keys`` entries atomically; keys must be distinct."""
-        violations: list[FieldViolation] = []
+        """Store up to ``max_batch_keys`` entries atomically; keys must be distinct.
+        ``found``: violations found before (by the API), reported with these."""
+        violations = list(found)
         ref = check_session_ref(*_fields(session), violations)
         writes = self.check_entries(entries, "entries", violations)
         raise_if_any(violations)
