@@ -30,7 +30,8 @@ class LoopPortal:
         self.loop = asyncio.new_event_loop()
         # Calls submitted and not finished; after the loop ends, any left (submitted
         # as it ended, never run) are cancelled, so no caller waits forever.
-        self._lock = threading.Lock()
+        # Re-entrant: a collected Client's __del__ may stop() from inside run().
+        self._lock = threading.RLock()
         self._waiting: set[Future[Any]] = set()
         self._stopping = self._ended = False
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)

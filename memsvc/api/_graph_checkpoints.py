@@ -21,7 +21,6 @@ from memsvc.domain._graph_checkpoints import (
     GraphWrite,
     parse_json_object,
 )
-from memsvc.domain._ids import raise_if_any
 from memsvc.v1 import graph_checkpoint_pb2 as pb
 from memsvc.v1 import graph_checkpoint_pb2_grpc as pb_grpc
 
@@ -179,7 +178,6 @@ class GraphCheckpointServicer(pb_grpc.GraphCheckpointServiceServicer):
         metadata_filter = parse_json_object(
             request.metadata_filter_json, "metadata_filter_json", MAX_FILTER_BYTES, violations
         )
-        raise_if_any(violations)
         scope = GraphListScope(
             project_id=request.project_id,
             thread_id=request.thread_id or None,
@@ -187,7 +185,9 @@ class GraphCheckpointServicer(pb_grpc.GraphCheckpointServiceServicer):
             metadata_filter=metadata_filter,
             before_checkpoint_id=request.before_checkpoint_id or None,
         )
-        page = await self._graphs.list_checkpoints(scope, request.page_size, request.page_token)
+        page = await self._graphs.list_checkpoints(
+            scope, request.page_size, request.page_token, violations
+        )
         response = pb.ListGraphCheckpointsResponse(
             checkpoints=[checkpoint_message(c) for c in page.items],
             next_page_token=page.next_page_token,

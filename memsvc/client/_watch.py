@@ -305,5 +305,5 @@ class AsyncWatch(Generic[Item]):
         )
         if self._closing is None:
             await asyncio.sleep(delay)
-        elif await self._closing.closed_within(delay):
-            self._client_closed()
+        elif await self._closing.closed_within(delay) and not self._closed:
+            self._client_closed()  # (closed by aclose() meanwhile: iteration just stops)

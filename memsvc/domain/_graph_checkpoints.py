@@ -140,8 +140,9 @@ class GraphCheckpointRecord:
         return (
             len(self.doc)
             + len(json.dumps(self.metadata, separators=(",", ":")))
-            + sum(len(v.data) for v in self.values)
-            + sum(len(w.data) for w in self.writes)
+            + sum(len(channel) + len(version) for channel, version in self.channel_versions.items())
+            + sum(len(v.data) + len(v.channel) + len(v.version) for v in self.values)
+            + sum(len(w.data) + len(w.channel) + len(w.task_id) for w in self.writes)
         )
 
 
@@ -482,9 +483,14 @@ class GraphCheckpoints:
         return found
 
     async def list_checkpoints(
-        self, scope: GraphListScope, page_size: int, page_token: str
+        self,
+        scope: GraphListScope,
+        page_size: int,
+        page_token: str,
+        found: Sequence[FieldViolation] = (),
     ) -> Page[GraphCheckpointRecord]:
-        violations: list[FieldViolation] = []
+        """``found``: violations found before (by the API), reported with these."""
+        violations = list(found)
         project = check_uuid(scope.project_id, "project_id", violations)
         if scope.thread_id is not None:
             check_thread_id(scope.thread_id, "thread_id", violations)

@@ -61,6 +61,8 @@ def decode_page_token(token: str, scope: str, field: str = "page_token") -> str 
         document = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
         after, token_scope = document["a"], document["s"]
         valid = document.get("v") == _TOKEN_VERSION and isinstance(after, str)
+        if valid:
+            after.encode("utf-8")  # a lone surrogate: no key or id holds one
     except (ValueError, KeyError, TypeError, RecursionError, binascii.Error, UnicodeError):
         valid = False
     if not valid:

@@ -382,12 +382,13 @@ class MemsvcSaver(BaseCheckpointSaver[str]):
 
     async def aprune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
         """As LangGraph's PostgreSQL saver: "keep_latest" refuses a thread that uses a
-        DeltaChannel (NotImplementedError), whose values older checkpoints rebuild."""
+        DeltaChannel (NotImplementedError), whose values older checkpoints rebuild. To
+        tell, it reads the threads' checkpoints first (their metadata says)."""
         ids = _ids(thread_ids, "thread_ids")
         if not ids:
             return
         if strategy == "keep_latest":
-            for thread_id in ids:
+            for thread_id in filter(None, ids):  # an empty id: refused by memsvc
                 _refuse_delta_thread(
                     thread_id, [c async for c in self._agraphs.checkpoints(thread_id)]
                 )
@@ -483,7 +484,7 @@ class MemsvcSaver(BaseCheckpointSaver[str]):
         if not ids:
             return
         if strategy == "keep_latest":
-            for thread_id in ids:
+            for thread_id in filter(None, ids):  # an empty id: refused by memsvc
                 _refuse_delta_thread(thread_id, list(self._graphs.checkpoints(thread_id)))
         self._graphs.prune(ids, strategy=_strategy(strategy))
 

@@ -243,10 +243,11 @@ async def list_graph_checkpoints(
     size = 0
     for start in range(0, len(records), 10):
         for record in await _attach(conn, dialect, records[start : start + 10]):
-            if result and size + record.size() > byte_budget:
+            record_size = record.size()
+            if result and size + record_size > byte_budget:
                 return result, True
             result.append(record)
-            size += record.size()
+            size += record_size
     return result, False
 
 

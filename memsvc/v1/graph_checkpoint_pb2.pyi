@@ -572,8 +572,9 @@ class ListGraphCheckpointsRequest(_message.Message):
     """Only checkpoints whose id sorts before this one."""
     page_size: _builtins.int
     """Maximum number of checkpoints to return. Zero: 100. At most 1,000.
-    Negative: INVALID_ARGUMENT. A page also ends once it holds 3 MiB of
-    values and writes (but has at least one checkpoint).
+    Negative: INVALID_ARGUMENT. A page also ends once its checkpoints (with
+    their metadata, versions, values and writes) reach 3/4 of
+    `max_message_bytes`, 3 MiB by default (but it has at least one).
     """
     page_token: _builtins.str
     """Token from a previous response; empty for the first page. Only valid with

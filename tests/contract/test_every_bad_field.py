@@ -114,3 +114,34 @@ async def test_put_graph_checkpoint(channel, scope):
         grpc.StatusCode.INVALID_ARGUMENT,
     )
     assert {"checkpoint.checkpoint_id", "options.ttl", "options.keep_last"} <= set(error.violations)
+
+
+async def test_list_graph_checkpoints(channel):
+    graphs = GraphCheckpointServiceStub(channel)
+    error = await expect_error(
+        graphs.ListGraphCheckpoints(
+            gpb.ListGraphCheckpointsRequest(
+                project_id="nope", metadata_filter_json="[1]", page_size=-1
+            )
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert {"project_id", "metadata_filter_json", "page_size"} <= set(error.violations)
+
+
+async def test_a_bad_conversion_alone_writes_nothing(wm, life, scope):
+    """Only the converted field is bad: still refused, and nothing written."""
+    await life.Spawn(lc.SpawnRequest(**scope))
+    error = await expect_error(
+        wm.Set(pb.SetRequest(**scope, key="k", value=value(1), ttl=MALFORMED)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert set(error.violations) == {"ttl"}
+    error = await expect_error(
+        life.CreateCheckpoint(lc.CreateCheckpointRequest(**scope, metadata=nan_struct())),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert set(error.violations) == {"metadata"}
+    assert (await wm.ListKeys(pb.ListKeysRequest(**scope))).keys == []
+    listed = await life.ListCheckpoints(lc.ListCheckpointsRequest(**scope))
+    assert list(listed.checkpoints) == []

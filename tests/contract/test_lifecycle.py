@@ -362,9 +362,15 @@ FORGED_POSITIONS = ('"x"', "[1]", '[1e400, "a", "b"]', '[1, "a\\u0000", "b"]',
                     '[1, "a\\ud800", "b"]', "[" * 100_000)  # fmt: skip
 
 
-async def test_forged_page_tokens_are_invalid_argument(life, scope):
+async def test_forged_page_tokens_are_invalid_argument(life, wm, scope):
     for name in (scope["session_id"], "other"):
         await life.Spawn(lc.SpawnRequest(**{**scope, "session_id": name}))
+    # Working memory's position is a key: one no key can be is refused too.
+    await wm.BatchSet(pb.BatchSetRequest(**scope, entries=entries(a=1, b=2)))
+    keys = pb.ListKeysRequest(**scope, page_size=1)
+    keys.page_token = forge_page_token((await wm.ListKeys(keys)).next_page_token, "\ud800")
+    error = await expect_error(wm.ListKeys(keys), grpc.StatusCode.INVALID_ARGUMENT)
+    assert "page_token" in error.violations
     await life.CreateCheckpoint(lc.CreateCheckpointRequest(**scope))
     await life.CreateCheckpoint(lc.CreateCheckpointRequest(**scope))
     sessions = lc.ListSessionsRequest(project_id=scope["project_id"], page_size=1)
