@@ -870,6 +870,7 @@ async def test_non_finite_metadata_is_not_internal(
         agent_instance_id=ids.agent,
         session_id=ids.session,
         task_type="code_review",
+        outcome=lc.OUTCOME_SUCCESS,
         metadata=to_struct({"": math.inf}),
     )
     with_action = ep.Episode(
@@ -877,6 +878,7 @@ async def test_non_finite_metadata_is_not_internal(
         agent_instance_id=ids.agent,
         session_id=ids.session,
         task_type="code_review",
+        outcome=lc.OUTCOME_SUCCESS,
         actions=[to_struct({"score": math.nan})],
     )
     calls = {
