@@ -521,13 +521,13 @@ def _entry_inputs(
     if not isinstance(values, Mapping):
         raise TypeError(f"{what}: expected a mapping of key to value")
     for key, given in values.items():
-        ttl_of = ttl
+        entry_ttl = ttl
         if isinstance(given, WithTTL):
-            given, ttl_of = given.value, given.ttl
+            given, entry_ttl = given.value, given.ttl
         entry = target.add(key=key)
         to_value(given, entry.value)
-        if ttl_of is not None:
-            fill_duration(ttl_of, entry.ttl, f"{what}[{key!r}].ttl")
+        if entry_ttl is not None:
+            fill_duration(entry_ttl, entry.ttl, f"{what}[{key!r}].ttl")
 
 
 class _Ids(TypedDict):
