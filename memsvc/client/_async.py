@@ -168,7 +168,6 @@ class AsyncClient:
         bearer = _bearer(token, token_file)
         self._invoke = Invoker(retry or RetryPolicy(), timeout, grpc_metadata, bearer)
         self._stubs: tuple[Any, Any, Any, Any, Any] | None = None
-        self._closed = False
 
     @classmethod
     def from_channel(
@@ -206,7 +205,7 @@ class AsyncClient:
     @property
     def channel(self) -> grpc.aio.Channel:
         """The gRPC channel (opened now if it is not yet)."""
-        if self._closed:
+        if self._invoke.closed:
             raise RuntimeError(f"{self!r} is closed")
         if self._channel is None:
             if self._credentials is None:
@@ -263,8 +262,7 @@ class AsyncClient:
 
         Calls in flight end with CANCELLED; later calls raise RuntimeError.
         """
-        self._closed = True
-        self._invoke.close()
+        self._invoke.close()  # what tells the client, its calls and watches it is closed
         channel, self._channel = self._channel, None
         self._stubs = None
         if channel is not None and self._owns_channel:
