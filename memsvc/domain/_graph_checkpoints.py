@@ -41,8 +41,7 @@ from memsvc.domain._pagination import (
     page_position,
     position_text,
 )
-from memsvc.domain._storable import json_problem
-from memsvc.domain._working_memory import check_ttl
+from memsvc.domain._storable import check_ttl, json_problem
 
 MAX_THREAD_ID_BYTES = 512
 MAX_NAMESPACE_BYTES = 2048

@@ -36,27 +36,7 @@ from memsvc.domain._pagination import (
     encode_page_token,
     fingerprint,
 )
-
-# The longest TTL: 1,000 years. The expiry (now + TTL) must stay a Timestamp
-# (up to year 9999) for the API to send it back, and an exact integer in Redis's
-# scores (below 2**53 ms), which PEXPIREAT needs.
-MAX_TTL_MS = 31_557_600_000 * 1000
-
-
-def check_ttl(ttl_ms: int | None, field: str, violations: list[FieldViolation]) -> None:
-    """A TTL (None: none) must be from 0 to MAX_TTL_MS."""
-    if ttl_ms is not None and ttl_ms < 0:
-        violations.append(
-            FieldViolation(field, "must not be negative (omit it or use 0 for no expiry)")
-        )
-    elif ttl_ms is not None and ttl_ms > MAX_TTL_MS:
-        violations.append(
-            FieldViolation(
-                field,
-                f"must be at most {MAX_TTL_MS // 1000} seconds (1,000 years; omit it "
-                "or use 0 for no expiry)",
-            )
-        )
+from memsvc.domain._storable import check_ttl
 
 
 @dataclass(frozen=True, slots=True)
