@@ -366,22 +366,6 @@ class AsyncClient:
         after_sequence: int | None = None,
         start: WatchStart = "now",
         progress_interval: Seconds | None = None,
-        include_progress: Literal[True],
-        reconnect: bool = True,
-        reconnect_timeout: float | None = None,
-    ) -> AsyncWatch[LifecycleEvent | WatchProgress]: ...
-
-    @overload
-    def watch(
-        self,
-        project_id: str | None = None,
-        *,
-        agent_instance_id: str | None = None,
-        session_id: str | None = None,
-        event_types: Iterable[EventTypeLike] | None = None,
-        after_sequence: int | None = None,
-        start: WatchStart = "now",
-        progress_interval: Seconds | None = None,
         include_progress: bool = False,
         reconnect: bool = True,
         reconnect_timeout: float | None = None,
@@ -969,7 +953,7 @@ class AsyncSessionClient:
         after_sequence: int | None = None,
         start: WatchStart = "now",
         progress_interval: Seconds | None = None,
-        include_progress: Literal[True],
+        include_progress: bool = False,
         reconnect: bool = True,
         reconnect_timeout: float | None = None,
     ) -> AsyncWatch[LifecycleEvent | WatchProgress]: ...

@@ -325,22 +325,6 @@ class Client(_Wrapper):
         after_sequence: int | None = None,
         start: WatchStart = "now",
         progress_interval: Seconds | None = None,
-        include_progress: Literal[True],
-        reconnect: bool = True,
-        reconnect_timeout: float | None = None,
-    ) -> Watch[LifecycleEvent | WatchProgress]: ...
-
-    @overload
-    def watch(
-        self,
-        project_id: str | None = None,
-        *,
-        agent_instance_id: str | None = None,
-        session_id: str | None = None,
-        event_types: Iterable[EventTypeLike] | None = None,
-        after_sequence: int | None = None,
-        start: WatchStart = "now",
-        progress_interval: Seconds | None = None,
         include_progress: bool = False,
         reconnect: bool = True,
         reconnect_timeout: float | None = None,
@@ -484,7 +468,7 @@ class SessionClient(_ProjectWrapper):
         after_sequence: int | None = None,
         start: WatchStart = "now",
         progress_interval: Seconds | None = None,
-        include_progress: Literal[True],
+        include_progress: bool = False,
         reconnect: bool = True,
         reconnect_timeout: float | None = None,
     ) -> Watch[LifecycleEvent | WatchProgress]: ...

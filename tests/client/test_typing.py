@@ -18,3 +18,14 @@ async def test_include_progress_may_be_a_bool_variable() -> None:
     ):
         first: LifecycleEvent | WatchProgress = await anext(items)
     assert first == WatchProgress(5)
+
+
+async def test_a_session_watch_takes_a_bool_variable_too() -> None:
+    include_progress: bool = len(SCOPE) > 0
+    async with (
+        StubServer(fail_after=None) as stub,
+        AsyncClient(stub.target, retry=NO_RETRY) as client,
+        client.session(*SCOPE).watch(include_progress=include_progress) as items,
+    ):
+        first: LifecycleEvent | WatchProgress = await anext(items)
+    assert first == WatchProgress(5)
