@@ -86,7 +86,9 @@ def from_value(message: struct_pb2.Value) -> JSONValue:
     kind = message.WhichOneof("kind")
     if kind == "number_value":
         number = message.number_value
-        if number.is_integer() and abs(number) <= MAX_EXACT_INT:
+        # -0.0 stays a float: int() would drop its sign.
+        negative_zero = number == 0 and math.copysign(1, number) < 0
+        if number.is_integer() and abs(number) <= MAX_EXACT_INT and not negative_zero:
             return int(number)
         return number
     if kind == "string_value":
@@ -122,7 +124,12 @@ def fill_duration(duration: Seconds, message: duration_pb2.Duration, what: str) 
     seconds = seconds_of(duration, what)
     if not math.isfinite(seconds):
         raise ValueError(f"{what}: {seconds} is not a duration")
-    message.FromNanoseconds(round(seconds * _NANOS))
+    nanos = round(seconds * _NANOS)
+    if nanos == 0 and seconds != 0:
+        # A zero Duration means "none" (a TTL that never expires): a tiny one must
+        # not round to it, nor may a tiny negative one slip past the sign check.
+        nanos = 1 if seconds > 0 else -1
+    message.FromNanoseconds(nanos)
 
 
 def from_duration(message: duration_pb2.Duration) -> timedelta:

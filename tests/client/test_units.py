@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -74,6 +75,9 @@ def test_numbers_are_doubles():
         with pytest.raises(ValueError, match="not a JSON number"):
             to_value(bad)
     assert from_value(struct_pb2.Value()) is None  # an empty Value reads as None
+    negative_zero = from_value(to_value(-0.0))
+    assert isinstance(negative_zero, float) and math.copysign(1, negative_zero) == -1
+    assert from_value(to_value(0.0)) == 0 and isinstance(from_value(to_value(0.0)), int)
 
 
 def test_structs_and_type_errors():
@@ -92,6 +96,13 @@ def test_durations_and_timestamps():
     assert (duration.seconds, duration.nanos) == (1, 500_000_000)
     fill_duration(timedelta(milliseconds=3), duration, "ttl")
     assert (duration.seconds, duration.nanos) == (0, 3_000_000)
+    # Zero means "no TTL": a tiny duration keeps its sign instead of rounding to it.
+    fill_duration(1e-10, duration, "ttl")
+    assert (duration.seconds, duration.nanos) == (0, 1)
+    fill_duration(-1e-10, duration, "ttl")
+    assert (duration.seconds, duration.nanos) == (0, -1)
+    fill_duration(0.0, duration, "ttl")
+    assert (duration.seconds, duration.nanos) == (0, 0)
     with pytest.raises(TypeError):
         fill_duration("5", duration, "ttl")  # type: ignore[arg-type]
     stamp = timestamp_pb2.Timestamp()
