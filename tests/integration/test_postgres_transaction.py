@@ -18,7 +18,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from memsvc.domain import SessionRef
+from memsvc.domain import InvalidArgument, SessionRef
 from memsvc.domain._lifecycle_records import (
     CheckpointRecord,
     EventRecord,
@@ -206,3 +206,31 @@ async def wait_until_blocked(
             return
         await asyncio.sleep(0.01)
     raise AssertionError("the batched statement never waited for the row lock")
+
+
+# PostgreSQL refuses this with SQLSTATE 54000 (program limit exceeded), as it
+# refuses an index row or a tsvector past its size.
+_PAST_A_LIMIT = "SELECT ('a' || repeat('b', 3000))::tsvector"
+
+
+async def test_a_statement_past_a_postgres_limit_is_the_request_to_change(
+    store: PostgresDurableStore,
+) -> None:
+    """Class 54 is not transient: the same request fails the same way every time,
+    so it is INVALID_ARGUMENT at once, not retried and told to retry (UNAVAILABLE)."""
+    attempts = 0
+
+    async def read(conn: Any, dialect: Any) -> None:
+        nonlocal attempts
+        attempts += 1
+        await conn.execute(_PAST_A_LIMIT)
+
+    with pytest.raises(InvalidArgument, match=r"beyond a limit of the database.*word is too long"):
+        await store._query(read)
+    assert attempts == 1
+    ref = new_ref()
+    with pytest.raises(InvalidArgument, match="beyond a limit of the database"):
+        async with store.transaction() as tx:
+            assert await tx.insert_session(session(ref))
+            await tx._one(_PAST_A_LIMIT, ())  # type: ignore[attr-defined]
+    assert await store.get_session(ref) is None

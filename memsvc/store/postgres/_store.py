@@ -22,7 +22,7 @@ import psycopg
 import psycopg_pool
 from psycopg import pq
 
-from memsvc.domain import BackendUnavailable
+from memsvc.domain import BackendUnavailable, InvalidArgument
 from memsvc.domain._durable import DurableTransaction
 from memsvc.domain._watch import StoredEvent
 from memsvc.store._lifecycle_sql import (
@@ -46,6 +46,21 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     psycopg.OperationalError,
     psycopg_pool.PoolTimeout,
 )
+
+
+def _beyond_limit(error: psycopg.errors.ProgramLimitExceeded) -> InvalidArgument:
+    """What a statement past one of PostgreSQL's limits (SQLSTATE class 54: an
+    index row or a tsvector too large, too many parameters) tells the caller.
+
+    psycopg files class 54 under OperationalError, which memsvc retries and
+    reports as UNAVAILABLE; but the same request fails the same way every time,
+    so it is the request to change: INVALID_ARGUMENT, never "retry later".
+    """
+    detail = error.diag.message_primary or str(error)
+    return InvalidArgument.single(
+        "request", f"is beyond a limit of the database ({detail}); make its longest values shorter"
+    )
+
 
 _SCHEMA_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -225,6 +240,8 @@ class PostgresDurableStore(SqlDurableReads):
                     async with _pipelined_transaction(conn) as tx:
                         yield tx
                     appended = await tx.committed()
+        except psycopg.errors.ProgramLimitExceeded as error:
+            raise _beyond_limit(error) from error
         except TRANSIENT_ERRORS as error:
             raise BackendUnavailable(self.backend_name, error) from error
         if appended:
@@ -267,7 +284,10 @@ class PostgresDurableStore(SqlDurableReads):
 
         async def attempt() -> T:
             async with self._connections.connection() as conn:
-                return await read(conn, POSTGRES, *args)
+                try:
+                    return await read(conn, POSTGRES, *args)
+                except psycopg.errors.ProgramLimitExceeded as error:
+                    raise _beyond_limit(error) from error
 
         with observed(self.observe, read.__name__):
             return await with_retries(
