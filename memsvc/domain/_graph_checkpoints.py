@@ -43,8 +43,11 @@ from memsvc.domain._pagination import (
 )
 from memsvc.domain._storable import check_ttl, json_problem
 
+# Every key column at its maximum must fit one PostgreSQL btree entry (2,704
+# bytes): graph_values' key is project, thread, namespace, channel and version,
+# 16 + 512 + 1,024 + 512 + 128 bytes plus headers.
 MAX_THREAD_ID_BYTES = 512
-MAX_NAMESPACE_BYTES = 2048
+MAX_NAMESPACE_BYTES = 1024
 MAX_CHANNEL_BYTES = 512
 MAX_VERSION_BYTES = 128
 MAX_TYPE_BYTES = 64
@@ -695,7 +698,7 @@ def check_thread_id(value: str, field: str, violations: list[FieldViolation]) ->
 
 
 def check_namespace(value: str, field: str, violations: list[FieldViolation]) -> None:
-    """A checkpoint namespace: at most 2,048 bytes of UTF-8, no control characters."""
+    """A checkpoint namespace: at most 1,024 bytes of UTF-8, no control characters."""
     _check_text(value, field, MAX_NAMESPACE_BYTES, False, violations)
 
 

@@ -217,11 +217,11 @@ class GraphCheckpoint(_message.Message):
     """Thread: 1 to 512 bytes of UTF-8, no control characters."""
     checkpoint_ns: _builtins.str
     """Checkpoint namespace ("" is the root graph; subgraphs have their own): at
-    most 2,048 bytes of UTF-8, no control characters.
+    most 1,024 bytes of UTF-8, no control characters.
     """
     checkpoint_id: _builtins.str
-    """Checkpoint id: 1 to 128 printable ASCII characters. LangGraph's ids are
-    time-ordered (UUIDv6), and "latest" means the greatest id.
+    """Checkpoint id: 1 to 128 printable ASCII characters, no spaces. LangGraph's
+    ids are time-ordered (UUIDv6), and "latest" means the greatest id.
     """
     parent_checkpoint_id: _builtins.str
     """The checkpoint this one follows in its thread and namespace; empty for

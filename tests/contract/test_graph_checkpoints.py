@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
+import string
 import uuid
 from typing import Any
 
@@ -394,6 +396,49 @@ async def test_a_purge_forgets_linked_threads_and_whole_projects(graphs, scope, 
     assert report.graph_checkpoints_deleted == 1
     assert await ids(graphs, project, "free") == []
     assert await value_rows(server, project) == 0
+
+
+async def test_ids_at_their_longest_are_stored_on_every_backend(graphs, scope):
+    """Every key column at its documented maximum, in characters that do not
+    compress: the keys still fit a PostgreSQL index entry (2,704 bytes)."""
+    project = scope["project_id"]
+    rng = random.Random(7)
+
+    def text(size: int) -> str:
+        return "".join(rng.choices(string.ascii_letters + string.digits, k=size))
+
+    thread, ns, checkpoint_id = text(512), text(1024), text(128)
+    channel, version = text(512), text(128)
+    message = checkpoint(
+        thread, checkpoint_id, ns=ns, versions={channel: version}, new={channel: b"v"}
+    )
+    await put(graphs, project, message)
+    await graphs.PutGraphWrites(
+        pb.PutGraphWritesRequest(
+            project_id=project,
+            thread_id=thread,
+            checkpoint_ns=ns,
+            checkpoint_id=checkpoint_id,
+            writes=[
+                pb.GraphWrite(
+                    task_id=text(256),
+                    task_path=text(2048),
+                    idx=0,
+                    channel=channel,
+                    value=pb.TypedValue(type="bytes", data=b"w"),
+                )
+            ],
+        )
+    )
+    got = await graphs.GetGraphCheckpoint(
+        pb.GetGraphCheckpointRequest(project_id=project, thread_id=thread, checkpoint_ns=ns)
+    )
+    assert got.checkpoint.checkpoint_id == checkpoint_id
+    assert [(v.channel, v.version) for v in got.checkpoint.channel_values] == [(channel, version)]
+    assert len(got.checkpoint.pending_writes) == 1
+    too_long = checkpoint(thread, checkpoint_id, ns=text(1025))
+    error = await expect_error(put(graphs, project, too_long), grpc.StatusCode.INVALID_ARGUMENT)
+    assert set(error.violations) == {"checkpoint.checkpoint_ns"}
 
 
 async def test_threads_of_other_projects_are_invisible(graphs, scope):
