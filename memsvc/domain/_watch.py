@@ -20,7 +20,12 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from memsvc.domain._errors import FieldViolation, OutOfRange, ResourceExhausted
+from memsvc.domain._errors import (
+    BackendUnavailable,
+    FieldViolation,
+    OutOfRange,
+    ResourceExhausted,
+)
 from memsvc.domain._ids import check_session_id, check_uuid, raise_if_any
 from memsvc.domain._lifecycle_records import EventRecord, EventType
 
@@ -135,6 +140,8 @@ class _Subscriber:
     queue: collections.deque[StoredEvent] = field(default_factory=collections.deque)
     waiter: asyncio.Future[None] | None = None
     timer: asyncio.TimerHandle | None = None
+    # Set when the tail that fed this stream failed: the stream ends with it.
+    failure: BackendUnavailable | None = None
 
     def offer(self, stored: StoredEvent) -> bool:
         """Queue an event for the stream; False (lagging from now) when full."""
@@ -144,6 +151,11 @@ class _Subscriber:
         self.queue.append(stored)
         self.wake()
         return True
+
+    def fail(self, cause: BaseException) -> None:
+        """The tail is gone: end the stream (UNAVAILABLE) after what it queued."""
+        self.failure = BackendUnavailable("event log", cause)
+        self.wake()
 
     def wake(self) -> None:
         if self.waiter is not None and not self.waiter.done():
@@ -276,9 +288,14 @@ class EventHub:
     def _join(self, subscriber: _Subscriber, cursor: int) -> None:
         subscriber.cursor = cursor
         subscriber.lagging = False
+        alone = not self._subscribers
         self._subscribers.add(subscriber)
         if not self.tailing:
-            self.position = max(self.position, cursor)
+            if alone:
+                # Nobody else waits on the events up to here: the new tail may
+                # start where this stream stands. With others, it starts where
+                # they stand, and this stream skips what it already has.
+                self.position = max(self.position, cursor)
             self._tail = asyncio.create_task(self._follow(), name="memsvc-event-tail")
 
     def _leave(self, subscriber: _Subscriber) -> None:
@@ -305,6 +322,8 @@ class EventHub:
                         subscriber.cursor = stored.sequence
                         yield stored
                         quiet_since = loop.time()
+                if subscriber.failure is not None:
+                    raise subscriber.failure
                 if subscriber.lagging:
                     self._subscribers.discard(subscriber)
                     return
@@ -330,36 +349,57 @@ class EventHub:
                 subscriber.timer = None
 
     async def _follow(self) -> None:
-        """The tail: read new events and offer them to the live subscribers."""
-        async with self._source.event_wakeups() as wakeups:
-            listener = asyncio.create_task(self._listen(wakeups), name="memsvc-event-listen")
+        """The tail: read new events and offer them to the live subscribers.
+
+        Should it fail (it retries reads; the store falls back to polling when
+        notifications fail), its subscribers end with UNAVAILABLE, so that their
+        clients reconnect with their cursors: a stream never waits, receiving
+        progress at a stale position, on a tail that is gone.
+        """
+        try:
+            async with self._source.event_wakeups() as wakeups:
+                listener = asyncio.create_task(self._listen(wakeups), name="memsvc-event-listen")
+                try:
+                    await self._read_while_watched()
+                finally:
+                    self._let_go()
+                    listener.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await listener
+        except Exception as error:
+            self._let_go()
+            if not self.tailing:  # unless a stream that joined since started another
+                log.exception(
+                    "the event tail failed: its %d watchers must reconnect", len(self._subscribers)
+                )
+                for subscriber in self._subscribers:
+                    subscriber.fail(error)
+        finally:
+            self._let_go()
+
+    def _let_go(self) -> None:
+        """From here this tail serves nobody: a stream that (re)joins while it
+        closes must start another, not count on this one."""
+        if self._tail is asyncio.current_task():
+            self._tail = None
+
+    async def _read_while_watched(self) -> None:
+        while self._subscribers:
+            self._kick.clear()
             try:
-                while self._subscribers:
-                    self._kick.clear()
-                    try:
-                        batch = await self._source.read_events(
-                            self.position, READ_BATCH, EventFilter()
-                        )
-                    except Exception as error:
-                        log.warning("event tail read failed: %s", error)
-                        batch = []
-                    for stored in batch:
-                        if stored.sequence <= self.position:
-                            continue  # already offered by publish_committed meanwhile
-                        self._offer(stored)
-                        self.position = stored.sequence
-                    if len(batch) == READ_BATCH:
-                        continue
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._kick.wait(), self._poll_interval)
-            finally:
-                # From here this tail serves nobody: a stream that (re)joins while
-                # it closes must start another, not count on this one.
-                if self._tail is asyncio.current_task():
-                    self._tail = None
-                listener.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await listener
+                batch = await self._source.read_events(self.position, READ_BATCH, EventFilter())
+            except Exception as error:
+                log.warning("event tail read failed: %s", error)
+                batch = []
+            for stored in batch:
+                if stored.sequence <= self.position:
+                    continue  # already offered by publish_committed meanwhile
+                self._offer(stored)
+                self.position = stored.sequence
+            if len(batch) == READ_BATCH:
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), self._poll_interval)
 
     async def _listen(self, wakeups: AsyncIterator[int]) -> None:
         """Turn commit notifications into kicks of the tail: one read for however

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from memsvc.domain import BackendUnavailable
 from memsvc.domain._watch import (
     EventFilter,
     EventHub,
@@ -133,3 +134,42 @@ async def test_streams_arriving_together_cannot_pass_the_watcher_limit_together(
     for stream in streams:
         await stream.aclose()
     assert hub.watchers == 0
+
+
+class FailingWakeupsLog(NotifyingLog):
+    """A log whose commit notifications cannot be set up, ``failures`` times."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    @contextlib.asynccontextmanager
+    async def event_wakeups(self) -> AsyncIterator[AsyncIterator[int]]:
+        if self.failures:
+            self.failures -= 1
+            raise OSError("LISTEN failed")
+        async with super().event_wakeups() as wakeups:
+            yield wakeups
+
+
+async def test_a_failed_tail_ends_its_streams_and_a_reconnect_loses_nothing():
+    """A stream fed by a tail that died must not wait on it (it would get progress
+    at a stale position, and a cursor past events it never saw): it ends with
+    UNAVAILABLE, and reconnecting after its cursor delivers every event."""
+    log = FailingWakeupsLog(failures=1)
+    log.commit(3)
+    hub = EventHub(log, poll_interval=30)
+    stream: Any = hub.watch(EventFilter(), None, 30)
+    assert await anext(stream) == 3
+    log.commit(5)  # 4 to 8, committed while the tail fails
+    with pytest.raises(BackendUnavailable, match="event log"):
+        await take_events(stream, 1)
+    assert not hub.tailing
+    again: Any = hub.watch(EventFilter(), 3, 30)
+    assert await anext(again) == 3
+    assert await take_events(again, 5) == [4, 5, 6, 7, 8]
+    log.commit(2)
+    assert await take_events(again, 2) == [9, 10]
+    await again.aclose()
+    await settle()
+    assert not hub.tailing

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import psycopg
@@ -38,6 +38,9 @@ from memsvc.store._sql import SqlDurableReads, SqlTransaction
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# Reconnecting a lost LISTEN connection: the first wait and the longest.
+_LISTEN_BACKOFF_SECONDS = (0.5, 30.0)
 
 # pg_advisory_xact_lock key for migrations: "memsvc" in ASCII.
 MIGRATION_LOCK_KEY = 0x6D656D737663
@@ -249,35 +252,47 @@ class PostgresDurableStore(SqlDurableReads):
 
     @contextlib.asynccontextmanager
     async def event_wakeups(self) -> AsyncIterator[AsyncIterator[int]]:
-        """LISTEN on a connection of its own (outside the pool, since it holds
-        session state), held while the event tail runs. If it cannot connect,
-        the tail falls back to polling."""
+        """Commit notifications, held while the event tail runs (the tail polls
+        as well, so they only make it prompt)."""
         if self._listen_url == "off":
             yield never_wakes()
             return
+        notifications = self._notifications()
         try:
-            conn = await psycopg.AsyncConnection.connect(
-                self._listen_url or self._url, autocommit=True
-            )
-        except psycopg.OperationalError as error:
-            log.warning("cannot LISTEN for events, polling instead: %s", error)
-            yield never_wakes()
-            return
-        try:
-            await conn.execute(f"LISTEN {EVENT_CHANNEL}")
+            yield notifications
+        finally:
+            await notifications.aclose()
 
-            async def wakeups() -> AsyncIterator[int]:
+    async def _notifications(self) -> AsyncGenerator[int, None]:
+        """The sequences of committed events, from LISTEN on a connection of its
+        own (outside the pool, since it holds session state).
+
+        Whenever that connection cannot be made or is lost (a PostgreSQL restart,
+        a failover, an idle-connection reaper), it is made again with backoff; a
+        0 after each connection has the tail read what it may have missed.
+        """
+        backoff = _LISTEN_BACKOFF_SECONDS[0]
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(
+                    self._listen_url or self._url, autocommit=True
+                )
+            except Exception as error:  # a refused connection, a malformed URL
+                log.warning("cannot LISTEN for events, polling meanwhile: %s", error)
+            else:
                 try:
+                    await conn.execute(f"LISTEN {EVENT_CHANNEL}")
+                    backoff = _LISTEN_BACKOFF_SECONDS[0]
+                    yield 0
                     async for notify in conn.notifies():
                         # The payload is the committed event's sequence (append_event).
                         yield int(notify.payload) if notify.payload.isdigit() else 0
-                except psycopg.OperationalError as error:
-                    log.warning("event LISTEN connection lost, polling: %s", error)
-                await asyncio.Event().wait()
-
-            yield wakeups()
-        finally:
-            await conn.close()
+                except psycopg.Error as error:
+                    log.warning("event LISTEN connection lost, polling meanwhile: %s", error)
+                finally:
+                    await conn.close()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, _LISTEN_BACKOFF_SECONDS[1])
 
     async def _query(self, read: Callable[..., Awaitable[T]], *args: Any) -> T:
         """Reads are idempotent: retried within the call's deadline."""
