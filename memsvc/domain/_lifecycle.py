@@ -220,9 +220,7 @@ class Lifecycle:
             # a write, which would have to heal: those settle first.)
             steps.final_state, steps.after_answer = "paused", True
             now = self._clock_ms()
-            checkpoint = await self._store_checkpoint(
-                tx, ref, new_id, snapshot, metadata, now, protected=new_id
-            )
+            checkpoint = await self._store_checkpoint(tx, ref, new_id, snapshot, metadata, now)
             paused = await self._transition(
                 tx,
                 record,
@@ -251,14 +249,16 @@ class Lifecycle:
         snapshot: Snapshot,
         metadata: dict[str, Any],
         now: int,
-        protected: str | None,
     ) -> CheckpointRecord:
         checkpoint = CheckpointRecord(
             ref, checkpoint_id, now, snapshot.key_count, snapshot.size_bytes, metadata
         )
         await tx.insert_checkpoint(checkpoint, snapshot.blob, snapshot.timed_keys)
         if self.retention.keep_last:
-            pruned = await tx.prune_checkpoints(ref, self.retention.keep_last, protected)
+            # Never the checkpoint just made, even when stamped before the newest
+            # (a replica whose clock is behind): the call must not answer with one
+            # it deleted. Nor the resume point a Pause makes it.
+            pruned = await tx.prune_checkpoints(ref, self.retention.keep_last, checkpoint_id)
             for old_id in pruned:
                 await tx.append_event(
                     EventRecord(uuid7(), EventType.CHECKPOINT_DELETED, ref, None, now,
@@ -289,7 +289,7 @@ class Lifecycle:
             )
             now = self._clock_ms()
             checkpoint = await self._store_checkpoint(
-                tx, ref, checkpoint_id or uuid7(), snapshot, metadata, now, protected=None
+                tx, ref, checkpoint_id or uuid7(), snapshot, metadata, now
             )
             await tx.append_event(
                 self._event(
@@ -642,10 +642,11 @@ class Lifecycle:
         self, ref: SessionRef, checkpoint_id: str
     ) -> Callable[[LifecycleTransaction], Awaitable[CheckpointLock | None]]:
         """Lock the session's row for an operation that takes a checkpoint, with
-        what _admit_checkpoint needs (counted only when a smaller ``keep_last``
-        does not bound the count already)."""
+        what _admit_checkpoint needs (counted only when ``keep_last`` does not
+        bound the count already: at or below the limit, the prune after the
+        insert keeps it there)."""
         keep_last = self.retention.keep_last
-        count = not (keep_last and keep_last < self.max_checkpoints)
+        count = not (keep_last and keep_last <= self.max_checkpoints)
 
         async def lock(tx: LifecycleTransaction) -> CheckpointLock | None:
             return await tx.lock_session_for_checkpoint(ref, checkpoint_id or None, count)

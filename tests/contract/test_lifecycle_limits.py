@@ -62,15 +62,39 @@ async def test_past_the_checkpoint_limit_pause_and_create_are_refused_and_change
 
 
 PRUNING = {"max_checkpoints_per_session": 2, "checkpoint_keep_last": 1}
+# keep_last at the limit: the prune after each insert makes room as well.
+PRUNING_AT_THE_LIMIT = {"max_checkpoints_per_session": 2, "checkpoint_keep_last": 2}
 
 
-@pytest.mark.parametrize("config_overrides", [PRUNING], indirect=True)
-async def test_keep_last_below_the_limit_prunes_instead_of_refusing(
-    life: LifecycleServiceStub, scope: dict[str, Any]
+@pytest.mark.parametrize(
+    "config_overrides", [PRUNING, PRUNING_AT_THE_LIMIT], indirect=True, ids=["below", "at"]
+)
+async def test_keep_last_up_to_the_limit_prunes_instead_of_refusing(
+    life: LifecycleServiceStub, scope: dict[str, Any], config_overrides: dict[str, object]
 ):
     await life.Spawn(lc.SpawnRequest(**scope))
     for checkpoint_id in ("one", "two", "three"):
         await life.CreateCheckpoint(
             lc.CreateCheckpointRequest(**scope, checkpoint_id=checkpoint_id)
         )
-    assert await checkpoint_ids(life, scope) == ["three"]
+    kept = ["three", "two"][: int(str(config_overrides["checkpoint_keep_last"]))]
+    assert await checkpoint_ids(life, scope) == sorted(kept)
+
+
+@pytest.mark.parametrize("config_overrides", [PRUNING], indirect=True)
+async def test_a_new_checkpoint_is_never_pruned_by_its_own_call(
+    life: LifecycleServiceStub,
+    scope: dict[str, Any],
+    server: Any,
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """Stamped earlier than the newest one (a replica whose clock is behind, a
+    clock stepped back), it still survives the prune that makes room for it."""
+    await life.Spawn(lc.SpawnRequest(**scope))
+    await life.CreateCheckpoint(lc.CreateCheckpointRequest(**scope, checkpoint_id="one"))
+    behind = server.lifecycle._clock_ms() - 60_000
+    monkeypatch.setattr(server.lifecycle, "_clock_ms", lambda: behind)
+    made = await life.CreateCheckpoint(lc.CreateCheckpointRequest(**scope, checkpoint_id="late"))
+    got = await life.GetCheckpoint(lc.GetCheckpointRequest(**scope, checkpoint_id="late"))
+    assert got.checkpoint.create_time == made.checkpoint.create_time
+    assert "late" in await checkpoint_ids(life, scope)
