@@ -489,22 +489,26 @@ class Lifecycle:
                 episode_id = episode.episode_id
             if cleanup:
                 await tx.delete_checkpoints(ref)
+
+            async def end_linked_threads() -> None:
+                # Looking the threads up is a round trip of its own, so only when
+                # the lock saw one. A thread linked since is ended by the sweep.
+                if locked is not None and locked.linked_threads:
+                    for hook in self.session_end_hooks:
+                        await hook(tx, ref)
+
             ended = await self._transition(
                 tx,
                 record,
                 EventType.TERMINATED,
                 now,
                 request_id,
+                before_event=end_linked_threads,
                 state=SessionState.TERMINATED,
                 resume_checkpoint_id=None,
                 episode_id=episode_id,
                 metadata=metadata,
             )
-            if locked is not None and locked.linked_threads:
-                # Looking the threads up is a round trip of its own, so only when
-                # the lock saw one. A thread linked since is ended by the sweep.
-                for hook in self.session_end_hooks:
-                    await hook(tx, ref)
             count = snapshot.key_count
             return TerminateResult(
                 ended, episode_id, count if consolidate else 0, count if cleanup else 0, outcome
@@ -841,11 +845,19 @@ class Lifecycle:
         checkpoint_id: str | None = None,
         episode_id: str | None = None,
         metadata: dict[str, Any] | None = None,
+        before_event: Callable[[], Awaitable[None]] | None = None,
         **changes: Any,
     ) -> SessionRecord:
-        """Store the session's next version and append the event announcing it."""
+        """Store the session's next version and append the event announcing it.
+
+        ``before_event`` runs in between: it sees the new version, and whatever
+        it locks or waits for, it does so before the append locks the event
+        counter, which every writer of the deployment waits for until COMMIT.
+        """
         changed = dataclasses.replace(record, version=record.version + 1, update_ms=now, **changes)
         await tx.update_session(changed)
+        if before_event is not None:
+            await before_event()
         await tx.append_event(
             self._event(
                 kind,

@@ -23,7 +23,10 @@ from memsvc.server import Server
 from memsvc.store._lifecycle_sql import project_lock
 from memsvc.store.postgres import PostgresDurableStore
 from memsvc.v1 import graph_checkpoint_pb2 as gpb
+from memsvc.v1 import lifecycle_pb2 as lc
 from memsvc.v1.graph_checkpoint_pb2_grpc import GraphCheckpointServiceStub
+from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
+from tests.helpers import expect_error
 
 Put = Callable[[GraphCheckpointServiceStub, str], Awaitable[object]]
 
@@ -148,3 +151,54 @@ async def test_a_graph_put_holds_its_projects_lock_until_it_commits(
         await asyncio.wait_for(writing, 10)
         cursor = await purge.execute(*try_exclusive)
         assert (await cursor.fetchone()) == (True,)
+
+
+@postgres_only
+async def test_a_terminate_waiting_for_a_linked_thread_holds_no_other_writer_back(
+    local_config: Config, database_url: str
+) -> None:
+    """A Terminate ends its session's linked threads under their row locks. It
+    must wait for those before its event append locks the event counter, which
+    every lifecycle write of the deployment needs until COMMIT: a Spawn in
+    another project goes through while the Terminate waits."""
+    project, agent = str(uuid.uuid4()), str(uuid.uuid4())
+    scope = {"project_id": project, "agent_instance_id": agent, "session_id": "s"}
+    async with (
+        Server(local_config) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+        await psycopg.AsyncConnection.connect(database_url) as rows,
+    ):
+        life = LifecycleServiceStub(channel)
+        graphs = GraphCheckpointServiceStub(channel)
+        await life.Spawn(lc.SpawnRequest(**scope))
+        link = gpb.GraphThreadOptions(
+            session=gpb.GraphSessionLink(
+                agent_instance_id=agent,
+                session_id="s",
+                on_session_end=gpb.GRAPH_SESSION_END_ACTION_DELETE,
+            )
+        )
+        await graphs.PutGraphCheckpoint(
+            gpb.PutGraphCheckpointRequest(
+                project_id=project, checkpoint=checkpoint("t", "c1"), options=link
+            )
+        )
+        await rows.execute(
+            "SELECT 1 FROM graph_threads WHERE project_id = %s AND thread_id = 't' FOR UPDATE",
+            (project,),
+        )
+        terminating = asyncio.ensure_future(life.Terminate(lc.TerminateRequest(**scope)))
+        done, _ = await asyncio.wait({terminating}, timeout=0.5)
+        assert not done, "the Terminate did not wait for its thread's row"
+        other = {"project_id": str(uuid.uuid4()), "agent_instance_id": agent, "session_id": "s"}
+        await asyncio.wait_for(life.Spawn(lc.SpawnRequest(**other)), 5)
+        assert not terminating.done()
+        await rows.rollback()
+        await asyncio.wait_for(terminating, 10)
+        error = await expect_error(
+            graphs.GetGraphCheckpoint(
+                gpb.GetGraphCheckpointRequest(project_id=project, thread_id="t")
+            ),
+            grpc.StatusCode.NOT_FOUND,
+        )
+        assert error.reason == "ERROR_REASON_GRAPH_CHECKPOINT_NOT_FOUND"
