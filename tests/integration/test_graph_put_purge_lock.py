@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
 import psycopg
@@ -162,7 +163,7 @@ async def test_a_terminate_waiting_for_a_linked_thread_holds_no_other_writer_bac
     every lifecycle write of the deployment needs until COMMIT: a Spawn in
     another project goes through while the Terminate waits."""
     project, agent = str(uuid.uuid4()), str(uuid.uuid4())
-    scope = {"project_id": project, "agent_instance_id": agent, "session_id": "s"}
+    scope: dict[str, Any] = {"project_id": project, "agent_instance_id": agent, "session_id": "s"}
     async with (
         Server(local_config) as server,
         grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
@@ -190,7 +191,11 @@ async def test_a_terminate_waiting_for_a_linked_thread_holds_no_other_writer_bac
         terminating = asyncio.ensure_future(life.Terminate(lc.TerminateRequest(**scope)))
         done, _ = await asyncio.wait({terminating}, timeout=0.5)
         assert not done, "the Terminate did not wait for its thread's row"
-        other = {"project_id": str(uuid.uuid4()), "agent_instance_id": agent, "session_id": "s"}
+        other: dict[str, Any] = {
+            "project_id": str(uuid.uuid4()),
+            "agent_instance_id": agent,
+            "session_id": "s",
+        }
         await asyncio.wait_for(life.Spawn(lc.SpawnRequest(**other)), 5)
         assert not terminating.done()
         await rows.rollback()
