@@ -18,11 +18,14 @@ NUL_FREE = "must not contain NUL characters (U+0000), which PostgreSQL cannot st
 def json_problem(value: Any, depth: int = 0) -> str | None:
     """Why ``value`` (a text, or any JSON-like value) cannot be stored, or None:
     a NUL character in a string or key (PostgreSQL keeps none in text or jsonb),
-    a number that is not finite (JSON has none), nesting past MAX_JSON_DEPTH."""
+    a lone surrogate (JSON text may escape one, "\\ud800"; UTF-8 has none), a
+    number that is not finite (JSON has none), nesting past MAX_JSON_DEPTH."""
     if depth > MAX_JSON_DEPTH:
         return f"nests deeper than {MAX_JSON_DEPTH} levels"
     if isinstance(value, str):
-        return NUL_FREE if "\x00" in value else None
+        if "\x00" in value:
+            return NUL_FREE
+        return None if value.isascii() or _encodes(value) else NOT_UTF8
     if isinstance(value, float) and not math.isfinite(value):
         return "must hold only finite numbers"
     if isinstance(value, dict):
@@ -36,6 +39,17 @@ def json_problem(value: Any, depth: int = 0) -> str | None:
             if problem:
                 return problem
     return None
+
+
+NOT_UTF8 = "must be valid Unicode: a lone surrogate (such as \\ud800) has no UTF-8 form"
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # The longest TTL: 1,000 years. The expiry (now + TTL) must stay a Timestamp

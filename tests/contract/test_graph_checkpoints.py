@@ -398,6 +398,26 @@ async def test_a_purge_forgets_linked_threads_and_whole_projects(graphs, scope, 
     assert await value_rows(server, project) == 0
 
 
+@pytest.mark.parametrize("metadata_json", ['{"a": "\\ud800"}', '{"\\udfff": 1}'])
+async def test_a_lone_surrogate_in_json_is_invalid_argument(graphs, scope, metadata_json):
+    """JSON text may escape a lone surrogate, which no UTF-8 (so no database text
+    or jsonb) holds: refused, in metadata and in a filter, never stored."""
+    project = scope["project_id"]
+    bad = checkpoint("t", "c1")
+    bad.metadata_json = metadata_json
+    error = await expect_error(put(graphs, project, bad), grpc.StatusCode.INVALID_ARGUMENT)
+    assert set(error.violations) == {"checkpoint.metadata_json"}
+    assert "surrogate" in error.message
+    assert await ids(graphs, project, "t") == []
+    error = await expect_error(
+        graphs.ListGraphCheckpoints(
+            pb.ListGraphCheckpointsRequest(project_id=project, metadata_filter_json=metadata_json)
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert set(error.violations) == {"metadata_filter_json"}
+
+
 async def test_ids_at_their_longest_are_stored_on_every_backend(graphs, scope):
     """Every key column at its documented maximum, in characters that do not
     compress: the keys still fit a PostgreSQL index entry (2,704 bytes)."""
