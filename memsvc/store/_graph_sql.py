@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Iterable, Sequence
+from decimal import Decimal
 from typing import Any
 
 from memsvc.domain import SessionRef
@@ -163,38 +164,49 @@ async def get_graph_checkpoint(
     return (await _attach(conn, dialect, [_record(row, dialect)]))[0]
 
 
-def _metadata_condition(dialect: Dialect, key: str, value: Any) -> tuple[str, list[Any]]:
-    """The metadata's ``key`` holds a JSON value equal to ``value``."""
-    encoded = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+def _metadata_conditions(dialect: Dialect, wanted: dict[str, Any]) -> tuple[list[str], list[Any]]:
+    """The metadata holds each key of ``wanted`` with a JSON value equal to its own."""
+    if not wanted:
+        return [], []
     if dialect.name == "postgres":
-        return "c.metadata -> ? = ?::jsonb", [key, encoded]
-    # json_each gives containers as JSON text and scalars as SQL values: the CASE
-    # makes JSON text of each, and memsvc_json_equal compares values as jsonb does.
-    return (
-        "EXISTS (SELECT 1 FROM json_each(c.metadata) m WHERE m.key = ? AND"
-        f" {SQLITE_JSON_EQUAL}(CASE m.type WHEN 'true' THEN 'true' WHEN 'false' THEN 'false'"
-        " WHEN 'null' THEN 'null' WHEN 'object' THEN m.value"
-        " WHEN 'array' THEN m.value ELSE json_quote(m.value) END, ?))",
-        [key, encoded],
+        conditions, params = [], []
+        for key, value in sorted(wanted.items()):
+            conditions.append("c.metadata -> ? = ?::jsonb")
+            params += [key, _json_text(value)]
+        return conditions, params
+    # One call whatever the number of keys (a condition per key made an
+    # expression past SQLite's depth limit at about 1,000 keys).
+    return [f"{SQLITE_JSON_HOLDS}(c.metadata, ?)"], [_json_text(wanted)]
+
+
+def _json_text(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+# The SQL function each SQLite connection gets (SqliteDurableStore): json_holds.
+SQLITE_JSON_HOLDS = "memsvc_json_holds"
+
+
+def json_holds(document: str, wanted: str) -> bool:
+    """Whether the JSON object ``document`` holds every key of the JSON object
+    ``wanted`` with an equal value, as PostgreSQL's jsonb compares them: numbers
+    exactly and by value (1 = 1.0, 0.3 <> 0.30000000000000004, 2**64 exact),
+    objects whatever their key order, true never 1."""
+    held = _comparable(json.loads(document, parse_float=Decimal))
+    if held[0] != "object":
+        return False
+    items = dict(held[1])
+    return all(
+        key in items and items[key] == value
+        for key, value in _comparable(json.loads(wanted, parse_float=Decimal))[1]
     )
-
-
-# The SQL function each SQLite connection gets (SqliteDurableStore): json_equal.
-SQLITE_JSON_EQUAL = "memsvc_json_equal"
-
-
-def json_equal(left: str, right: str) -> bool:
-    """Whether two JSON texts hold equal values, as PostgreSQL's jsonb compares them:
-    numbers by value (1 = 1.0), objects whatever their key order, true never 1."""
-    equal: bool = _comparable(json.loads(left)) == _comparable(json.loads(right))
-    return equal
 
 
 def _comparable(value: Any) -> Any:
     if isinstance(value, bool) or value is None:
         return ("literal", value)
-    if isinstance(value, int | float):
-        return ("number", value)  # int == float compares exactly
+    if isinstance(value, int | Decimal):
+        return ("number", value)  # int == Decimal compares exactly
     if isinstance(value, str):
         return ("string", value)
     if isinstance(value, list):
@@ -221,10 +233,9 @@ async def list_graph_checkpoints(
     if scope.before_checkpoint_id is not None:
         conditions.append("c.checkpoint_id < ?")
         params.append(scope.before_checkpoint_id)
-    for key, value in sorted(scope.metadata_filter.items()):
-        condition, extra = _metadata_condition(dialect, key, value)
-        conditions.append(condition)
-        params += extra
+    filtered, extra = _metadata_conditions(dialect, scope.metadata_filter)
+    conditions += filtered
+    params += extra
     if after is not None:
         conditions.append("(c.checkpoint_id, c.thread_id, c.checkpoint_ns) < (?, ?, ?)")
         params += list(after)

@@ -224,6 +224,9 @@ async def test_concurrent_fenced_writers_never_both_succeed(graphs, scope):
     assert all(r.code() == grpc.StatusCode.FAILED_PRECONDITION for r in refused)
 
 
+MANY_KEYS = {f"key{i}": i for i in range(1000)}
+
+
 @pytest.mark.parametrize(
     ("filter_json", "expected"),
     [
@@ -233,7 +236,16 @@ async def test_concurrent_fenced_writers_never_both_succeed(graphs, scope):
         ('{"o": {"b": 2, "a": [1, null]}}', ["nested"]),  # key order does not matter
         ('{"o": {"a": [1, null]}}', []),  # an object equals only all of it
         ('{"s": "1"}', ["string"]),
+        # Exactly: no rounding to 15 digits, no big integer as a float.
+        ('{"k": 0.30000000000000004}', ["precise"]),
+        ('{"k": 0.3}', []),
+        ('{"big": 18446744073709551616}', ["precise"]),
+        ('{"t": 1765000000.123456}', ["precise"]),
+        ('{"k": 0.30000000000000004, "big": 18446744073709551616, "n": 1}', []),
+        # Any number of keys (a condition per key was too deep for SQLite at 1,000).
+        (json.dumps(MANY_KEYS), ["many"]),
     ],
+    ids=lambda value: value if isinstance(value, list) or len(value) < 80 else "many keys",
 )
 async def test_metadata_filters_compare_json_values_alike_on_every_backend(
     graphs, scope, filter_json, expected
@@ -242,7 +254,10 @@ async def test_metadata_filters_compare_json_values_alike_on_every_backend(
     project = scope["project_id"]
     for name, metadata in (("one-int", '{"n": 1}'), ("one-float", '{"n": 1.0}'),
                            ("true", '{"n": true}'), ("string", '{"s": "1"}'),
-                           ("nested", '{"o": {"a": [1.0, null], "b": 2}}')):  # fmt: skip
+                           ("nested", '{"o": {"a": [1.0, null], "b": 2}}'),
+                           ("precise", '{"k": 0.30000000000000004, "big": 18446744073709551616,'
+                                       ' "t": 1765000000.123456}'),
+                           ("many", json.dumps(MANY_KEYS))):  # fmt: skip
         message = checkpoint(name, "c1")
         message.metadata_json = metadata
         await put(graphs, project, message)

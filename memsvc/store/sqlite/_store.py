@@ -20,7 +20,7 @@ import aiosqlite
 from memsvc.domain import BackendUnavailable
 from memsvc.domain._durable import DurableTransaction
 from memsvc.domain._watch import StoredEvent
-from memsvc.store._graph_sql import SQLITE_JSON_EQUAL, json_equal
+from memsvc.store._graph_sql import SQLITE_JSON_HOLDS, json_holds
 from memsvc.store._lifecycle_sql import (
     SQLITE,
     never_wakes,
@@ -84,7 +84,7 @@ class SqliteDurableStore(SqlDurableReads):
             "PRAGMA foreign_keys=ON",
         ):
             await db.execute(pragma)
-        await db.create_function(SQLITE_JSON_EQUAL, 2, json_equal, deterministic=True)
+        await db.create_function(SQLITE_JSON_HOLDS, 2, json_holds, deterministic=True)
         return db
 
     async def aclose(self) -> None:
