@@ -332,6 +332,13 @@ def load(
         raise ConfigError(str(error)) from error
 
 
+def bind_address(address: str) -> str:
+    """The address to bind for ``address``: an empty host (``:9464``, allowed for
+    the probes and metrics) is every IPv4 interface, which neither gRPC nor the
+    HTTP server would take as it is."""
+    return "0.0.0.0" + address if address.startswith(":") else address
+
+
 def _check_address(name: str, address: str, empty_host: bool = False) -> None:
     """A TCP host:port to listen on; port 0 picks a free one."""
     found = re.fullmatch(r"(.*):(\d+)" if empty_host else r"(.+):(\d+)", address)

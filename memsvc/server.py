@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import grp
 import logging
@@ -40,7 +41,7 @@ from memsvc.api._graph_checkpoints import GraphCheckpointServicer
 from memsvc.api._lifecycle import LifecycleServicer, render_value
 from memsvc.api._metrics import MetricsInterceptor
 from memsvc.auth import CertificateFiles, Certificates, CredentialsError, TokenFile
-from memsvc.config import Config, ConfigError, StartupError, listen_is_loopback
+from memsvc.config import Config, ConfigError, StartupError, bind_address, listen_is_loopback
 from memsvc.domain import DurableStore, MemoryStore, WorkingMemory
 from memsvc.domain._episodes import Episodes
 from memsvc.domain._graph_checkpoints import GraphCheckpoints
@@ -273,11 +274,13 @@ class Server:
             self._probe = grpc.aio.server(options=self._grpc_options())
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self._probe)
             with _binding("health probes", self.config.health_listen):
-                self.health_port = self._probe.add_insecure_port(self.config.health_listen)
+                self.health_port = self._probe.add_insecure_port(
+                    bind_address(self.config.health_listen)
+                )
             await self._probe.start()
         if self.config.metrics_listen:
             with _binding("metrics", self.config.metrics_listen):
-                self.metrics.start(self.config.metrics_listen)
+                self.metrics.start(bind_address(self.config.metrics_listen))
         self._monitor = asyncio.create_task(self._monitor_health(), name="memsvc-health")
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="memsvc-retention")
         if self.tokens is not None or self.certificates is not None:
@@ -666,10 +669,12 @@ def _binding(what: str, address: str) -> Iterator[None]:
     """Binding ``address`` for ``what``: a failure says which address and why."""
     try:
         yield
-    except (OSError, RuntimeError) as error:  # grpc raises RuntimeError
-        raise StartupError(
-            f"cannot listen on {address} for {what}: {error} (is another process using it?)"
-        ) from error
+    except (OSError, RuntimeError) as error:  # grpc raises RuntimeError, errno unknown
+        if isinstance(error, OSError) and error.errno != errno.EADDRINUSE:
+            hint = ""
+        else:
+            hint = " (is another process using it, and is the host an address of this machine?)"
+        raise StartupError(f"cannot listen on {address} for {what}: {error}{hint}") from error
 
 
 async def serve(config: Config) -> None:

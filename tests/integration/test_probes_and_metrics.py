@@ -102,3 +102,21 @@ async def test_backend_failures_are_counted(base_config: Config, scope: dict[str
         await asyncio.sleep(0)
         assert (metric(server, "memsvc_backend_errors_total", operation="get_session") or 0) >= 1
         assert metric(server, "memsvc_backend_up", backend="durable store (PostgreSQL)") == 0
+
+
+async def test_an_empty_host_listens_on_every_interface(base_config: Config):
+    """``:port`` is documented for the probes and metrics: it binds, and both
+    answer on loopback (one of every interface)."""
+    config = replace(base_config, health_listen=":0", metrics_listen=":0")
+    async with Server(config) as server:
+        assert server.health_port and server.metrics.port
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.health_port}") as probe:
+            reply = await health_pb2_grpc.HealthStub(probe).Check(
+                health_pb2.HealthCheckRequest(service="liveness")
+            )
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.metrics.port)
+        writer.write(b"GET /metrics HTTP/1.0\r\n\r\n")
+        answer = await reader.read()
+        writer.close()
+        assert answer.startswith(b"HTTP/1.0 200") and b"memsvc_watchers" in answer
