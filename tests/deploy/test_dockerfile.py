@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
 
+from memsvc import config
 from tests.deploy import dockerfile
 from tests.deploy.support import DOCKERFILE, DOCKERIGNORE, ROOT, load_healthcheck, require_tool
 from tests.deploy.support import parsed_dockerfile as parsed
@@ -146,3 +148,18 @@ def test_the_healthcheck_script_fails_when_nothing_answers():
 
     module = load_healthcheck()
     assert module.main(["liveness", f"127.0.0.1:{free_port()}"], {}) == 1
+
+
+def test_the_documented_docker_run_is_a_configuration_memsvc_accepts(tmp_path: Path) -> None:
+    """docs/deployment.md's "try the image alone" command, with the image's own
+    environment: memsvc must start with it, not refuse it (exit 2)."""
+    docs = (ROOT / "docs" / "deployment.md").read_text()
+    command = re.search(r"```sh\n(docker run .*?)\n```", docs, re.DOTALL)
+    assert command is not None
+    env = dict(re.findall(r"-e (MEMSVC_\w+)=(\S+)", command[1]))
+    assert "MEMSVC_LISTEN" in env
+    image_env = {
+        name: value for name, value in parsed().final.env().items() if name.startswith("MEMSVC_")
+    }
+    loaded = config.load(env={**image_env, **env, "MEMSVC_DATA_DIR": str(tmp_path)})
+    assert loaded.listen == env["MEMSVC_LISTEN"]
