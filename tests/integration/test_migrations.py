@@ -13,6 +13,8 @@ import psycopg
 import pytest
 
 from memsvc.store._migrations import MigrationError, load_migrations
+from memsvc.store.postgres import PostgresDurableStore
+from memsvc.store.postgres._store import MIGRATION_LOCK_KEY
 from tests.helpers import durable_store_at
 
 MEMSVC = str(Path(sys.executable).parent / "memsvc")
@@ -51,6 +53,24 @@ async def test_concurrent_migrators_apply_each_migration_exactly_once(database_u
     applied = sorted(v for result in results for v in result)
     assert applied == list(range(1, LATEST[kind(database_url)] + 1))
     assert installation_rows(database_url) == 1
+
+
+async def test_a_migration_waits_as_long_as_another_replica_migrates(fresh_postgres_url):
+    """The connect timeout bounds reaching the database, not the migrations: a
+    replica that waits for another's (here the migration lock, held past three
+    connect timeouts) applies them once it may, instead of giving up."""
+    store = PostgresDurableStore(fresh_postgres_url, connect_timeout_seconds=0.2)
+    await store.open()
+    try:
+        async with await psycopg.AsyncConnection.connect(fresh_postgres_url) as other:
+            await other.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
+            migrating = asyncio.ensure_future(store.migrate())
+            await asyncio.sleep(1.5)  # 2.5x the retry budget
+            assert not migrating.done()
+            await other.rollback()
+        assert await asyncio.wait_for(migrating, 30) == list(range(1, LATEST["postgres"] + 1))
+    finally:
+        await store.aclose()
 
 
 def installation_rows(url: str) -> int:

@@ -173,21 +173,32 @@ class PostgresDurableStore(SqlDurableReads):
             self._pool = None
 
     async def ping(self) -> None:
-        async def select_one() -> None:
-            async with self._connections.connection() as conn:
-                await conn.execute("SELECT 1")
-
         await with_retries(
-            select_one, backend=self.backend_name, transient=TRANSIENT_ERRORS, attempts=1
+            self._select_one, backend=self.backend_name, transient=TRANSIENT_ERRORS, attempts=1
         )
 
+    async def _select_one(self) -> None:
+        async with self._connections.connection() as conn:
+            await conn.execute("SELECT 1")
+
     async def migrate(self) -> list[int]:
-        return await with_retries(
-            self._migrate_once,
+        """Apply the migrations not applied yet, one replica at a time.
+
+        Reaching the database is retried within three connect timeouts; the
+        migrations themselves, and the wait for another replica's, take what
+        they take (an index built over a large table, a lock a long transaction
+        holds): cut off and rolled back, they could never be applied.
+        """
+        await with_retries(
+            self._select_one,
             backend=self.backend_name,
             transient=TRANSIENT_ERRORS,
             budget_seconds=self._timeout * 3,
         )
+        try:
+            return await self._migrate_once()
+        except TRANSIENT_ERRORS as error:
+            raise BackendUnavailable(self.backend_name, error) from error
 
     async def _migrate_once(self) -> list[int]:
         applied_now = []
