@@ -239,20 +239,30 @@ class Config:
         ):  # fmt: skip
             raise ConfigError(
                 "working_memory_url must start with memory://, redis://, rediss://, unix://, "
-                f"redis+cluster:// or rediss+cluster://, got {self.working_memory_url!r}"
+                f"redis+cluster:// or rediss+cluster://, got {redacted(self.working_memory_url)!r}"
             )
         if self.database_listen_url not in ("", "off") and not self.database_listen_url.startswith(
             ("postgresql://", "postgres://")
         ):
             raise ConfigError(
                 "database_listen_url must be empty, `off` or a postgresql:// URL, got "
-                f"{self.database_listen_url!r}"
+                f"{redacted(self.database_listen_url)!r}"
             )
         if not self.database_url.startswith(("sqlite://", "postgresql://", "postgres://")):
             raise ConfigError(
                 f"database_url must start with sqlite://, postgresql:// or postgres://, got "
-                f"{self.database_url!r}"
+                f"{redacted(self.database_url)!r}"
             )
+        for name in ("database_url", "database_listen_url", "working_memory_url"):
+            url = getattr(self, name)
+            if not url.startswith("sqlite:") and _BAD_ESCAPE.search(url):
+                # Caught here: the drivers' own errors quote the text around the
+                # '%', which is usually the password, and retry it for seconds.
+                raise ConfigError(
+                    f"{name} has a '%' that does not start a percent-encoded byte: in a user "
+                    f"name or password, write '%' as %25 (and '@', ':', '/' as %40, %3A, "
+                    f"%2F); got {redacted(url)!r}"
+                )
         try:
             self.working_memory_limits()
         except ValueError as error:
@@ -330,6 +340,16 @@ def load(
         return Config(**values)
     except TypeError as error:  # pragma: no cover - SETTINGS and Config out of sync
         raise ConfigError(str(error)) from error
+
+
+# A '%' not followed by two hex digits: no URL decoder takes it.
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
+def redacted(url: str) -> str:
+    """``url`` without its password (in the user information or a parameter), for messages."""
+    url = re.sub(r"^([a-z+]+://[^/@:]*:)[^/@]*@", r"\1***@", url, flags=re.IGNORECASE)
+    return re.sub(r"([?&]password=)[^&]*", r"\1***", url, flags=re.IGNORECASE)
 
 
 def bind_address(address: str) -> str:

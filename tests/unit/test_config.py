@@ -62,6 +62,35 @@ def test_bad_values_are_refused_with_the_setting_named(env, message):
         load({}, env)
 
 
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        # A scheme typo: the message quotes the URL, not its password.
+        ({"MEMSVC_DATABASE_URL": "postgresq://u:s3cretpw@h/db"}, "'postgresq://u:\\*\\*\\*@h/db'"),
+        # An unencoded '%': the driver's error would quote the password, again and again.
+        (
+            {"MEMSVC_DATABASE_URL": "postgresql://memsvc:my%Secret5Pw@127.0.0.1:5432/x"},
+            "write '%' as %25",
+        ),
+        (
+            {"MEMSVC_DATABASE_LISTEN_URL": "postgresql://h/db?password=s3cret%"},
+            "password=\\*\\*\\*",
+        ),
+        ({"MEMSVC_WORKING_MEMORY_URL": "redis://:s3cret%zz@h:6379/0"}, "redis://:\\*\\*\\*@h"),
+    ],
+)
+def test_a_bad_url_is_refused_without_its_password(env, message):
+    with pytest.raises(ConfigError, match=message) as refused:
+        load({}, env)
+    assert "s3cret" not in str(refused.value) and "Secret5Pw" not in str(refused.value)
+
+
+def test_percent_encoded_passwords_and_sqlite_paths_are_accepted():
+    url = "postgresql://memsvc:my%25Secret%40@127.0.0.1:5432/x"
+    assert load({}, {"MEMSVC_DATABASE_URL": url}).database_url == url
+    assert load({}, {"MEMSVC_DATABASE_URL": "sqlite:///tmp/100%done.db"}).database_url
+
+
 def test_probe_and_metrics_addresses_may_leave_the_host_empty():
     config = load({"metrics_listen": ":9464", "health_listen": ":8081"}, {})
     assert (config.metrics_listen, config.health_listen) == (":9464", ":8081")
