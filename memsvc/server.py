@@ -133,6 +133,10 @@ class Server:
         self.graphs: GraphCheckpoints | None = None
         self.hub: EventHub | None = None
         self._healthy: bool | None = None
+        # Without migrations (a Job runs them), the schema is checked once the
+        # database answers: until it is, readiness is NOT_SERVING.
+        self._schema_checked = config.migrate
+        self._schema_behind = ""
         self._stopped = asyncio.Event()
         # Credentials (auth_tokens_file, tls_*), read at start and again when they change.
         self.tokens: TokenFile | None = None
@@ -262,6 +266,9 @@ class Server:
             server.add_insecure_port(f"unix:{self.config.unix_socket}")
         await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         await self._check_health()
+        if self._schema_behind:
+            # Found at once: stop, rather than report ready and fail every call.
+            raise StartupError(self._schema_behind)
         await server.start()
         self._grpc = server
         if self.config.unix_socket:
@@ -404,6 +411,14 @@ class Server:
                     await store.ping()
             except Exception as error:
                 problems.append(f"{store.backend_name}: {error}")
+        if not problems and not self._schema_checked:
+            try:
+                async with asyncio.timeout(timeout):
+                    problem = await self._schema_problem()
+            except Exception as error:
+                problem = f"cannot read the schema version: {error!r}"
+            if problem:
+                problems.append(f"{self.durable_store.backend_name}: {problem}")
         for store in (self.working_memory_store, self.durable_store):
             up = not any(p.startswith(f"{store.backend_name}:") for p in problems)
             self.metrics.backend_up.labels(store.backend_name).set(1 if up else 0)
@@ -412,7 +427,7 @@ class Server:
             if healthy:
                 log.info("backends reachable: serving")
             else:
-                log.warning("backend unreachable, health NOT_SERVING: %s", "; ".join(problems))
+                log.warning("backends not ready, health NOT_SERVING: %s", "; ".join(problems))
             self._healthy = healthy
         status = (
             health_pb2.HealthCheckResponse.SERVING
@@ -421,6 +436,20 @@ class Server:
         )
         for service in _HEALTH_SERVICES:
             await self.health.set(service, status)
+
+    async def _schema_problem(self) -> str:
+        """Why the database's schema cannot serve this memsvc ('' once it can):
+        behind the migrations it brings, every call would fail."""
+        have = await self.durable_store.schema_version()
+        need = self.durable_store.bundled_schema_version()
+        if have < need:
+            self._schema_behind = (
+                f"the database's schema is at version {have}, and this memsvc needs {need}: "
+                "run `memsvc migrate` first (or serve with migrations on)"
+            )
+            return self._schema_behind
+        self._schema_checked = True
+        return ""
 
     async def _sweep_forever(self) -> None:
         # Background jobs (retention, compaction) on the replica holding the lease.

@@ -46,3 +46,6 @@ class DurableStore(
 
     async def schema_version(self) -> int:
         """The highest migration version applied to the database (0 for none)."""
+
+    def bundled_schema_version(self) -> int:
+        """The highest migration version this memsvc brings: the schema it needs."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -12,11 +13,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from memsvc.config import Config
 from memsvc.server import Server
 from memsvc.testing import PrivateRedis, free_port
+from memsvc.testing._proxy import TcpProxy
 from memsvc.v1 import lifecycle_pb2 as lc
 from memsvc.v1 import working_memory_pb2 as pb
 from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
 from memsvc.v1.working_memory_pb2_grpc import WorkingMemoryServiceStub
-from tests.helpers import eventually, expect_error, metric, python, value
+from tests.helpers import durable_store_at, eventually, expect_error, metric, python, value
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -122,3 +124,47 @@ async def test_unreachable_database_means_not_serving_from_the_start(tmp_path: P
         grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch,
     ):
         assert await status_of(ch) == NOT_SERVING
+
+
+async def test_without_migrations_readiness_waits_for_the_schema(
+    tmp_path: Path, fresh_postgres_url: str
+):
+    """--no-migrate with the database down at start: once it answers, its schema
+    is checked; behind this memsvc's, health stays NOT_SERVING (every call would
+    fail) until someone migrates it."""
+    database = urlsplit(fresh_postgres_url)
+    with TcpProxy(database.port or 5432) as proxy:
+        proxy.refuse()
+        through_proxy = database._replace(netloc=f"postgres@127.0.0.1:{proxy.port}")
+        config = Config(
+            listen="127.0.0.1:0",
+            data_dir=str(tmp_path),
+            database_url=through_proxy.geturl() + "?connect_timeout=1",
+            migrate=False,
+            health_interval_seconds=0.2,
+            health_listen="",
+            metrics_listen="",
+        )
+        async with (
+            Server(config) as server,
+            grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+        ):
+            assert await status_of(channel) == NOT_SERVING
+            proxy.restore()
+
+            async def schema_read() -> bool:
+                return bool(server._schema_behind)
+
+            await eventually(schema_read)
+            assert await status_of(channel) == NOT_SERVING
+            store = durable_store_at(fresh_postgres_url)
+            await store.open()
+            try:
+                await store.migrate()
+            finally:
+                await store.aclose()
+
+            async def serving() -> bool:
+                return await status_of(channel) == SERVING
+
+            await eventually(serving)

@@ -26,6 +26,16 @@ from tests.helpers import python, value
 MEMSVC = str(Path(sys.executable).parent / "memsvc")
 
 
+def run_to_end(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``memsvc serve`` that is expected to exit by itself."""
+    return subprocess.run(
+        [MEMSVC, "serve", "--health-listen=", "--metrics-listen=",
+         "--listen", f"127.0.0.1:{free_port()}", "--data-dir", str(tmp_path), *args],
+        capture_output=True, text=True, timeout=30,
+        env={k: v for k, v in os.environ.items() if not k.startswith("MEMSVC_")},
+    )  # fmt: skip
+
+
 def start(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], int]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEMSVC_")}
@@ -80,17 +90,24 @@ async def test_serve_answers_then_exits_cleanly_on_sigterm(tmp_path):
     assert (tmp_path / "memsvc.db").exists(), "the embedded store lives under --data-dir"
 
 
-async def test_no_migrate_leaves_the_schema_alone(tmp_path):
-    process, _ = start(tmp_path, "--no-migrate")
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=30)
-    assert process.returncode == 0, stderr
+async def test_no_migrate_leaves_the_schema_alone_and_needs_it_migrated(tmp_path):
+    """--no-migrate on a store nobody migrated: memsvc leaves it alone and exits,
+    saying what to run; once migrated, it serves."""
+    refused = run_to_end(tmp_path, "--no-migrate")
+    assert refused.returncode == 1, refused.stderr
+    assert "schema is at version 0" in refused.stderr, refused.stderr
+    assert "run `memsvc migrate`" in refused.stderr
     store = SqliteDurableStore(f"sqlite:///{tmp_path}/memsvc.db")
     await store.open()
     try:
         assert await store.schema_version() == 0
+        await store.migrate()
     finally:
         await store.aclose()
+    process, _ = start(tmp_path, "--no-migrate")
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 0, stderr
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import sqlite3
 import subprocess
@@ -12,6 +13,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from memsvc.config import StartupError
+from memsvc.server import Server
 from memsvc.store._migrations import MigrationError, load_migrations
 from memsvc.store.postgres import PostgresDurableStore
 from memsvc.store.postgres._store import MIGRATION_LOCK_KEY
@@ -71,6 +74,25 @@ async def test_a_migration_waits_as_long_as_another_replica_migrates(fresh_postg
         assert await asyncio.wait_for(migrating, 30) == list(range(1, LATEST["postgres"] + 1))
     finally:
         await store.aclose()
+
+
+async def test_without_migrations_a_database_behind_the_code_stops_the_start(
+    local_config, database_url
+):
+    """--no-migrate (a migration Job runs them instead): had that Job not run,
+    memsvc would report ready and fail every call; it refuses to start instead."""
+    unmigrated = dataclasses.replace(local_config, migrate=False)
+    with pytest.raises(StartupError, match=r"schema is at version 0.*run `memsvc migrate`"):
+        async with Server(unmigrated):
+            pass
+    store = durable_store_at(database_url)
+    await store.open()
+    try:
+        await store.migrate()
+    finally:
+        await store.aclose()
+    async with Server(unmigrated) as server:
+        assert server.port
 
 
 def installation_rows(url: str) -> int:

@@ -231,15 +231,25 @@ class PostgresDurableStore(SqlDurableReads):
                 applied_now.append(migration.version)
         return applied_now
 
+    def bundled_schema_version(self) -> int:
+        return load_migrations("memsvc.store.postgres")[-1].version
+
     async def schema_version(self) -> int:
-        async with self._connections.connection() as conn:
-            cursor = await conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL")
-            exists = await cursor.fetchone()
-            if not exists or not exists[0]:
-                return 0
-            cursor = await conn.execute("SELECT coalesce(max(version), 0) FROM schema_migrations")
-            row = await cursor.fetchone()
-        return int(row[0]) if row else 0
+        async def read() -> int:
+            async with self._connections.connection() as conn:
+                cursor = await conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL")
+                exists = await cursor.fetchone()
+                if not exists or not exists[0]:
+                    return 0
+                cursor = await conn.execute(
+                    "SELECT coalesce(max(version), 0) FROM schema_migrations"
+                )
+                row = await cursor.fetchone()
+            return int(row[0]) if row else 0
+
+        return await with_retries(
+            read, backend=self.backend_name, transient=TRANSIENT_ERRORS, attempts=1
+        )
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[DurableTransaction]:

@@ -174,6 +174,9 @@ class SqliteDurableStore(SqlDurableReads):
             applied_now.append(migration.version)
         return applied_now
 
+    def bundled_schema_version(self) -> int:
+        return load_migrations("memsvc.store.sqlite")[-1].version
+
     async def schema_version(self) -> int:
         await self._conn.execute(_SCHEMA_TABLE)
         async with self._conn.execute(
