@@ -165,6 +165,6 @@ async def test_without_migrations_readiness_waits_for_the_schema(
                 await store.aclose()
 
             async def serving() -> bool:
-                return await status_of(channel) == SERVING
+                return bool(await status_of(channel) == SERVING)
 
             await eventually(serving)
