@@ -12,9 +12,11 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
+from google.protobuf.message import DecodeError
 
 from memsvc.domain import FieldViolation, InvalidArgument
 from memsvc.domain._storable import json_problem
+from memsvc.v1 import working_memory_pb2
 
 _NANOS_PER_MS = 1_000_000
 
@@ -26,6 +28,40 @@ def encode_value(message: struct_pb2.Value, present: bool) -> bytes | None:
     # Deterministic: map entries in key order, so equal values have equal bytes in
     # every process (a request id's arguments hash depends on it).
     return message.SerializeToString(deterministic=True)
+
+
+def _length_delimited(field_number: int, payload: bytes) -> bytes:
+    header, number = bytearray(), (field_number << 3) | 2
+    for part in (number, len(payload)):
+        while part > 0x7F:
+            header.append(part & 0x7F | 0x80)
+            part >>= 7
+        header.append(part)
+    return bytes(header) + payload
+
+
+_ENTRY_IN_RESPONSE = working_memory_pb2.GetResponse.DESCRIPTOR.fields_by_name["entry"].number
+_VALUE_IN_ENTRY = working_memory_pb2.Entry.DESCRIPTOR.fields_by_name["value"].number
+
+
+def check_readable(encoded: bytes | None, field: str, violations: list[FieldViolation]) -> None:
+    """A value must fit where every response puts it, inside an Entry (a
+    CheckpointEntry, one level deep as well): protobuf refuses messages nested
+    past 100 levels, and a SetRequest holds its value a level nearer the top.
+    Accepted, it could never be read back, nor could any page holding it."""
+    if encoded is None or len(encoded) < 150:  # 100 levels take 2 bytes each at least
+        return
+    wrapped = _length_delimited(_ENTRY_IN_RESPONSE, _length_delimited(_VALUE_IN_ENTRY, encoded))
+    try:
+        working_memory_pb2.GetResponse.FromString(wrapped)
+    except DecodeError:
+        violations.append(
+            FieldViolation(
+                field,
+                "nests too deep: a response holding it would pass protobuf's limit of 100 "
+                "nested messages (each list takes 2, each object 3)",
+            )
+        )
 
 
 T = TypeVar("T")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from memsvc.api._convert import encode_value, timestamp, ttl_of
+from memsvc.api._convert import check_readable, encode_value, timestamp, ttl_of
 from memsvc.domain import (
     FieldViolation,
     KeyNotFound,
@@ -48,10 +48,12 @@ class WorkingMemoryServicer(pb_grpc.WorkingMemoryServiceServicer):
         self, request: pb.SetRequest, context: grpc.aio.ServicerContext
     ) -> pb.SetResponse:
         violations: list[FieldViolation] = []
+        encoded = encode_value(request.value, request.HasField("value"))
+        check_readable(encoded, "value", violations)
         result = await self._memory.set(
             _session(request),
             request.key,
-            encode_value(request.value, request.HasField("value")),
+            encoded,
             ttl_of(request, "ttl", violations),
             violations,
         )

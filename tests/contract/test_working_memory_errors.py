@@ -7,6 +7,7 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import duration_pb2, struct_pb2
+from google.protobuf.message import DecodeError
 
 from memsvc.v1 import working_memory_pb2 as pb
 from tests.helpers import expect_error, python, value
@@ -200,3 +201,43 @@ async def test_bad_pagination_is_invalid_argument(wm, seeded, scope):
         grpc.StatusCode.INVALID_ARGUMENT,
     )
     assert "another session" in error.violations["page_token"]
+
+
+def _nested(lists: int) -> struct_pb2.Value:
+    """A one-field object inside ``lists`` lists."""
+    nested = struct_pb2.Value()
+    nested.struct_value.fields["a"].string_value = "x"
+    for _ in range(lists):
+        outer = struct_pb2.Value()
+        outer.list_value.values.add().CopyFrom(nested)
+        nested = outer
+    return nested
+
+
+async def test_set_accepts_only_values_every_read_can_send_back(wm, scope):
+    """A SetRequest holds its value a level nearer the top than the responses that
+    carry it, and protobuf refuses messages nested past 100 levels: a value Set
+    takes must come back through Get and ListEntries, with the keys beside it."""
+    await wm.Set(pb.SetRequest(**scope, key="plain", value=value(1)))
+    accepted, refused = [], []
+    for lists in range(44, 60):
+        key = f"deep{lists}"
+        try:
+            request = pb.SetRequest(**scope, key=key, value=_nested(lists))
+        except DecodeError:
+            break  # too deep for any request: the client cannot even build it
+        try:
+            await wm.Set(request)
+        except grpc.aio.AioRpcError as error:
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error
+            assert "nests too deep" in str(error.details())
+            refused.append(lists)
+            continue
+        accepted.append(lists)
+        got = await wm.Get(pb.GetRequest(**scope, key=key))
+        assert got.entry.value == _nested(lists)
+    assert accepted and refused and max(accepted) < min(refused)
+    page = await wm.ListEntries(pb.ListEntriesRequest(**scope))
+    assert sorted(e.key for e in page.entries) == sorted(
+        ["plain", *(f"deep{lists}" for lists in accepted)]
+    )
