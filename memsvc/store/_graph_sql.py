@@ -303,14 +303,16 @@ def _touch_thread(
 
 
 def _insert_values_from_arrays(
-    project_id: str, thread_id: str, ns: str, values: Sequence[GraphValue]
+    project_id: str, thread_id: str, ns: str, values: Sequence[GraphValue], condition: str = ""
 ) -> tuple[str, list[Any]]:
     """PostgreSQL: values from arrays, not a VALUES list, so the statement stays short
-    however many there are; sent in binary (%b), which psycopg encodes much faster."""
+    however many there are; sent in binary (%b), which psycopg encodes much faster.
+    ``condition``: a WHERE clause the rows wait for."""
     return (
         "INSERT INTO graph_values (project_id, thread_id, checkpoint_ns, channel,"
         " version, value_type, value) SELECT ?, ?, ?, * FROM"
-        " unnest(%b::text[], %b::text[], %b::text[], %b::bytea[]) ON CONFLICT DO NOTHING",
+        f" unnest(%b::text[], %b::text[], %b::text[], %b::bytea[]){condition}"
+        " ON CONFLICT DO NOTHING",
         [
             project_id,
             thread_id,
@@ -323,11 +325,19 @@ def _insert_values_from_arrays(
     )
 
 
-def _upsert_checkpoint(dialect: Dialect, record: GraphCheckpointRecord) -> tuple[str, list[Any]]:
+def _upsert_checkpoint(
+    dialect: Dialect, record: GraphCheckpointRecord, condition: str = ""
+) -> tuple[str, list[Any]]:
+    """``condition`` (PostgreSQL): a WHERE clause the row waits for."""
+    row = (
+        f"SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?{condition}"
+        if condition
+        else ("VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+    )
     return (
         "INSERT INTO graph_checkpoints (project_id, thread_id, checkpoint_ns,"
         " checkpoint_id, parent_checkpoint_id, checkpoint_type, checkpoint, metadata,"
-        " channel_versions, run_id, create_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        f" channel_versions, run_id, create_time) {row}"
         " ON CONFLICT (project_id, thread_id, checkpoint_ns, checkpoint_id) DO UPDATE SET"
         " parent_checkpoint_id = excluded.parent_checkpoint_id,"
         " checkpoint_type = excluded.checkpoint_type, checkpoint = excluded.checkpoint,"
@@ -364,11 +374,16 @@ async def put_graph_checkpoint_at_once(
     thread, thread_params = _touch_thread(
         record.project_id, record.thread_id, record.create_ms, options
     )
-    checkpoint, checkpoint_params = _upsert_checkpoint(dialect, record)
+    # The thread's row first: every write of a thread takes its lock first, so a
+    # delete or prune holding it cannot remove a value this put found stored
+    # (and skipped) before it waited. Data-modifying CTEs run in no set order;
+    # reading ``thread`` makes the others wait for it.
+    after_thread = " WHERE EXISTS (SELECT 1 FROM thread)"
+    checkpoint, checkpoint_params = _upsert_checkpoint(dialect, record, after_thread)
     values_sql, values_params = "SELECT 1 WHERE false", list[Any]()
     if values:
         values_sql, values_params = _insert_values_from_arrays(
-            record.project_id, record.thread_id, record.checkpoint_ns, values
+            record.project_id, record.thread_id, record.checkpoint_ns, values, after_thread
         )
         values_sql += " RETURNING 1"
     execute: Any = conn.execute

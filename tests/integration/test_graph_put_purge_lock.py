@@ -207,3 +207,44 @@ async def test_a_terminate_waiting_for_a_linked_thread_holds_no_other_writer_bac
             grpc.StatusCode.NOT_FOUND,
         )
         assert error.reason == "ERROR_REASON_GRAPH_CHECKPOINT_NOT_FOUND"
+
+
+@postgres_only
+async def test_a_put_waiting_for_its_thread_stores_its_values_after_the_wait(
+    local_config: Config, database_url: str
+) -> None:
+    """A put retried while a delete holds the thread's row (the delete removes a
+    checkpoint and its values, then commits): the put must find the values gone
+    and store them again, not skip them as stored before it waited, leaving a
+    checkpoint without its values."""
+    project = str(uuid.uuid4())
+    message = checkpoint("t", "c1")
+    message.channel_versions["a"] = "1"
+    message.channel_values.add(
+        channel="a", version="1", value=gpb.TypedValue(type="json", data=b'"v"')
+    )
+    request = gpb.PutGraphCheckpointRequest(project_id=project, checkpoint=message)
+    async with (
+        Server(local_config) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+        await psycopg.AsyncConnection.connect(database_url) as deleter,
+    ):
+        stub = GraphCheckpointServiceStub(channel)
+        await stub.PutGraphCheckpoint(request)
+        await deleter.execute(
+            "SELECT 1 FROM graph_threads WHERE project_id = %s AND thread_id = 't' FOR UPDATE",
+            (project,),
+        )
+        retried = asyncio.ensure_future(stub.PutGraphCheckpoint(request))
+        done, _ = await asyncio.wait({retried}, timeout=0.5)
+        assert not done, "the put did not wait for its thread's row"
+        for table in ("graph_checkpoints", "graph_values"):
+            await deleter.execute(
+                f"DELETE FROM {table} WHERE project_id = %s AND thread_id = 't'", (project,)
+            )
+        await deleter.commit()
+        await asyncio.wait_for(retried, 10)
+        got = await stub.GetGraphCheckpoint(
+            gpb.GetGraphCheckpointRequest(project_id=project, thread_id="t")
+        )
+        assert [(v.channel, v.value.data) for v in got.checkpoint.channel_values] == [("a", b'"v"')]
