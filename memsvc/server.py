@@ -44,7 +44,7 @@ from memsvc.auth import CertificateFiles, Certificates, CredentialsError, TokenF
 from memsvc.config import Config, ConfigError, StartupError, bind_address, listen_is_loopback
 from memsvc.domain import DurableStore, MemoryStore, WorkingMemory
 from memsvc.domain._episodes import Episodes
-from memsvc.domain._graph_checkpoints import GraphCheckpoints
+from memsvc.domain._graph_checkpoints import GraphCheckpoints, GraphSweep
 from memsvc.domain._lifecycle import Lifecycle
 from memsvc.domain._lifecycle_records import CheckpointRetention
 from memsvc.domain._purge import Purger
@@ -488,21 +488,33 @@ class Server:
         return totals
 
     async def _sweep_graphs(self) -> None:
-        """Graph-checkpoint retention (TTL, keep_last, ended sessions), on the lease holder."""
+        """Graph-checkpoint retention (TTL, keep_last, ended sessions), on the lease
+        holder: batch after batch while one fills and changes something, so a
+        backlog (more threads expiring per interval than a batch) is cleared."""
         if self.graphs is None:
             return
-        try:
-            graphs = await self.graphs.sweep()
-        except Exception as error:
-            log.warning("graph checkpoint retention failed: %s", error)
-            return
-        if graphs.threads_expired or graphs.checkpoints_pruned or graphs.threads_ended:
+        total = GraphSweep()
+        while True:
+            try:
+                graphs = await self.graphs.sweep()
+            except Exception as error:
+                log.warning("graph checkpoint retention failed: %s", error)
+                break
+            total = GraphSweep(
+                total.threads_expired + graphs.threads_expired,
+                total.checkpoints_pruned + graphs.checkpoints_pruned,
+                total.threads_ended + graphs.threads_ended,
+            )
+            changed = graphs.threads_expired or graphs.checkpoints_pruned or graphs.threads_ended
+            if not (graphs.more and changed):
+                break
+        if total.threads_expired or total.checkpoints_pruned or total.threads_ended:
             log.info(
                 "graph retention: %d thread(s) expired, %d checkpoint(s) pruned, "
                 "%d thread(s) of ended sessions",
-                graphs.threads_expired,
-                graphs.checkpoints_pruned,
-                graphs.threads_ended,
+                total.threads_expired,
+                total.checkpoints_pruned,
+                total.threads_ended,
             )
 
     def _load_credentials(self) -> None:

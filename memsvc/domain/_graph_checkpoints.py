@@ -186,6 +186,8 @@ class GraphSweep:
     threads_expired: int = 0
     checkpoints_pruned: int = 0
     threads_ended: int = 0
+    # A kind of work filled its batch: another sweep right away may find more.
+    more: bool = False
 
 
 class GraphCheckpointConflict(FailedPrecondition):
@@ -605,16 +607,19 @@ class GraphCheckpoints:
     async def sweep(self, limit: int = 100) -> GraphSweep:
         """Apply retention: expired threads go, threads over their keep_last are
         pruned, threads of terminated linked sessions get their end action.
-        Each thread is a short transaction of its own."""
+        Each thread is a short transaction of its own; up to ``limit`` threads of
+        each kind per call (``more`` says whether a kind filled its batch)."""
         now = self._clock_ms()
         async with self._db.transaction() as tx:
             expired = await tx.expired_graph_threads(now, limit)
+        deleted = 0
         for project, thread_id in expired:
             async with self._db.transaction() as tx:
                 # Checked again under the lock: a put may have renewed it.
                 expire_ms = await tx.lock_graph_thread_row(project, thread_id)
                 if expire_ms is not None and 0 <= expire_ms <= now:
                     await tx.delete_graph_thread(project, thread_id)
+                    deleted += 1
         pruned = 0
         async with self._db.transaction() as tx:
             to_prune = await tx.graph_threads_to_prune(limit)
@@ -622,11 +627,13 @@ class GraphCheckpoints:
             async with self._db.transaction() as tx:
                 # Read again under the lock: a put may have changed keep_last.
                 work = await tx.lock_graph_thread_work(project, thread_id)
-                if work is not None and work.prune_pending and work.keep_last > 0:
+                if work is None or not work.prune_pending:
+                    continue
+                if work.keep_last > 0:
                     pruned += await tx.keep_latest_graph_checkpoints(
                         project, thread_id, work.keep_last
                     )
-                    await tx.graph_threads_prune_done(project, thread_id)
+                await tx.graph_threads_prune_done(project, thread_id)
         # Terminate applies these itself (session_ended); this catches what a crash
         # between the two left, and sessions terminated before the link was made.
         async with self._db.transaction() as tx:
@@ -634,7 +641,8 @@ class GraphCheckpoints:
         for project, thread_id in ended:
             async with self._db.transaction() as tx:
                 pruned += await _apply_session_end(tx, project, thread_id)
-        return GraphSweep(len(expired), pruned, len(ended))
+        more = limit in (len(expired), len(to_prune), len(ended))
+        return GraphSweep(deleted, pruned, len(ended), more=more)
 
     async def session_ended(self, tx: GraphTransaction, session: SessionRef) -> None:
         """Apply the end action of every thread linked to ``session``, inside the

@@ -326,6 +326,25 @@ async def test_retention_forgets_expired_threads_and_keeps_the_newest(graphs, sc
     assert await value_rows(server, project) == 2
 
 
+async def test_one_interval_clears_a_backlog_past_one_batch(graphs, scope, server):
+    """More threads expire than one batch (100): one interval's sweep deletes them
+    all, instead of 100 per interval while more keep expiring."""
+    project = scope["project_id"]
+    expiring = pb.GraphThreadOptions()
+    expiring.ttl.FromMilliseconds(1)
+    await asyncio.gather(
+        *(put(graphs, project, checkpoint(f"t{i}", "c1"), options=expiring) for i in range(150))
+    )
+    await asyncio.sleep(0.01)
+    await server._sweep_graphs()
+    rows = await sql_rows(
+        server.config.database_url,
+        "SELECT count(*) FROM graph_threads WHERE project_id = ?",
+        project,
+    )
+    assert int(rows[0][0]) == 0
+
+
 async def test_a_linked_session_ends_its_threads(graphs, scope, server, channel):
     """Terminating a linked session prunes (keep_latest) or deletes its threads, in
     the Terminate's own transaction: the moment it returns, no sweep needed."""
