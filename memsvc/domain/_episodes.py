@@ -45,7 +45,7 @@ from memsvc.domain._pagination import (
     page_position,
     position_ms,
     position_score,
-    position_text,
+    position_uuid,
 )
 from memsvc.domain._storable import MAX_TIME_MS, MIN_TIME_MS, json_problem
 
@@ -226,7 +226,7 @@ class Episodes:
         raise_if_any(violations)
         token_scope = scope.fingerprint("list")
         after = decode_page_token(page_token, token_scope)
-        before = page_position(after, position_ms, position_text)
+        before = page_position(after, position_ms, position_uuid)
         items = await self._db.list_episodes(scope, before, limit + 1, with_embedding)
         return page_of(items, limit, token_scope, lambda e: [e.create_ms, e.episode_id])
 
@@ -249,7 +249,7 @@ class Episodes:
         raise_if_any(violations)
         token_scope = scope.fingerprint("search", json.dumps(terms), vector.hex() if vector else "")
         after = page_position(
-            decode_page_token(page_token, token_scope), position_score, position_text
+            decode_page_token(page_token, token_scope), position_score, position_uuid
         )
         if vector is None:
             items = await self._db.search_episodes(scope, terms, after, limit + 1, with_embedding)
@@ -470,7 +470,9 @@ def _check_text(bad: Callable[[str, str], None], name: str, value: str, limit: i
 
 
 def _json_size(value: Any) -> int:
-    return len(json.dumps(value, separators=(",", ":")).encode())
+    """Bytes of UTF-8 JSON (not of ASCII escapes: an emoji is 4 bytes, not 12)."""
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 def encode_episode(episode: EpisodeRecord) -> bytes:

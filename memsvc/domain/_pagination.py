@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from memsvc.domain._errors import FieldViolation, InvalidArgument
+from memsvc.domain._ids import check_uuid
 from memsvc.domain._storable import MAX_TIME_MS, MIN_TIME_MS
 
 T = TypeVar("T")
@@ -120,6 +121,15 @@ def position_text(value: Any) -> str:
         raise ValueError(f"not an id: {value!r}")
     value.encode("utf-8")  # UnicodeEncodeError (a ValueError) for a lone surrogate
     return value
+
+
+def position_uuid(value: Any) -> str:
+    """A UUID in a position (an episode id), in the canonical form ids are stored in."""
+    problems: list[FieldViolation] = []
+    canonical = check_uuid(position_text(value), "position", problems)
+    if problems or canonical != value:
+        raise ValueError(f"not a UUID: {value!r}")
+    return canonical
 
 
 def position_score(value: Any) -> float:

@@ -181,6 +181,19 @@ async def test_every_bad_field_is_refused_and_nothing_is_written(episodic, scope
     assert await list_all(episodic, scope["project_id"]) == []
 
 
+async def test_json_limits_count_bytes_of_utf8(episodic, scope):
+    """Metadata (64 KiB) and actions (1 MiB) are measured in bytes of UTF-8 JSON,
+    not of ASCII escapes (which count an emoji 12 bytes instead of 4)."""
+    emoji = "\U0001f600" * 12_000  # 48,000 bytes
+    stored = await record(episodic, episode(scope, metadata=struct({"note": emoji})))
+    assert stored.metadata["note"] == emoji
+    details = await expect_error(
+        record(episodic, episode(scope, metadata=struct({"note": emoji * 2}))),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert set(details.violations) == {"episode.metadata"}
+
+
 async def test_one_error_names_every_bad_field(episodic, scope):
     details = await expect_error(
         record(episodic, episode(scope, importance=2, outcome=7, task_type="")),
@@ -423,9 +436,12 @@ async def test_forged_page_tokens_are_invalid_argument(episodic, scope):
     listing = ep.ListEpisodesRequest(project_id=project, page_size=1)
     search = ep.SearchEpisodesRequest(project_id=project, query="incident", page_size=1)
     for call, request, positions in (
-        (episodic.ListEpisodes, listing, ('[99999999999999999999, "x"]', '[1.5, "x"]')),
-        (episodic.SearchEpisodes, search, ('["NaN", "x"]', '[1e400, "x"]', '[1, "\\u0000"]')),
-    ):
+        # An episode id that is not a UUID (PostgreSQL compares a uuid column with it).
+        (episodic.ListEpisodes, listing, ('[99999999999999999999, "x"]', '[1.5, "x"]',
+                                           '[1700000000000, "zzz"]')),
+        (episodic.SearchEpisodes, search, ('["NaN", "x"]', '[1e400, "x"]', '[1, "\\u0000"]',
+                                           '[1.0, "zzz"]')),
+    ):  # fmt: skip
         token = (await call(request)).next_page_token
         assert token
         for position in ('"x"', "[1]", *positions):
