@@ -225,7 +225,9 @@ class Server:
             LifecycleServicer(lifecycle, hub), server
         )
         episodes = Episodes(
-            self.durable_store, max_similarity_candidates=self.config.max_similarity_candidates
+            self.durable_store,
+            max_similarity_candidates=self.config.max_similarity_candidates,
+            page_bytes=self.config.response_budget_bytes,
         )
         episodic_pb2_grpc.add_EpisodicMemoryServiceServicer_to_server(
             EpisodicMemoryServicer(episodes), server

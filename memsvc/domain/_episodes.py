@@ -150,10 +150,13 @@ class Episodes:
         database: EpisodeDatabase,
         *,
         max_similarity_candidates: int = 10_000,
+        page_bytes: int = 3 << 20,
         clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
     ) -> None:
         self._db = database
         self._max_candidates = max_similarity_candidates
+        # Pages end before their episodes outgrow this (a response is one message).
+        self._page_bytes = page_bytes
         self._clock_ms = clock_ms
 
     async def record(
@@ -228,7 +231,14 @@ class Episodes:
         after = decode_page_token(page_token, token_scope)
         before = page_position(after, position_ms, position_uuid)
         items = await self._db.list_episodes(scope, before, limit + 1, with_embedding)
-        return page_of(items, limit, token_scope, lambda e: [e.create_ms, e.episode_id])
+        return page_of(
+            items,
+            limit,
+            token_scope,
+            lambda e: [e.create_ms, e.episode_id],
+            EpisodeRecord.size,
+            self._page_bytes,
+        )
 
     async def search(
         self,
@@ -255,7 +265,14 @@ class Episodes:
             items = await self._db.search_episodes(scope, terms, after, limit + 1, with_embedding)
         else:
             items = await self._similar(scope, terms, vector, after, limit + 1, with_embedding)
-        return page_of(items, limit, token_scope, lambda s: [s.score, s.episode.episode_id])
+        return page_of(
+            items,
+            limit,
+            token_scope,
+            lambda s: [s.score, s.episode.episode_id],
+            lambda s: s.episode.size(),
+            self._page_bytes,
+        )
 
     async def _similar(
         self,

@@ -9,6 +9,7 @@ from enum import IntEnum
 from typing import Any, Protocol
 
 from memsvc.domain._ids import SessionRef
+from memsvc.domain._pagination import wire_size
 
 
 class SessionState(IntEnum):
@@ -98,6 +99,19 @@ class EpisodeRecord:
     # Little-endian float32 values; None without an embedding (or when not read).
     embedding: bytes | None = None
     embedding_dimensions: int = 0
+
+    def size(self) -> int:
+        """An upper bound of its bytes in a response (pages end within a budget)."""
+        texts = (self.task_type, self.task_description, self.outcome_details,
+                 self.context_summary, self.ref.session_id, *self.lessons_learned)  # fmt: skip
+        return (
+            512  # ids, numbers, times and framing
+            + sum(6 + len(text.encode("utf-8", "surrogatepass")) for text in texts)
+            + wire_size(self.actions)
+            + wire_size(self.metadata)
+            + 6 * len(self.lessons_learned)
+            + (len(self.embedding) + 6 if self.embedding else 0)
+        )
 
 
 class RequestIdReused(Exception):

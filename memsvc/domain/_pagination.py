@@ -151,12 +151,41 @@ def check_page_size(
     return min(page_size, maximum)
 
 
-def page_of(items: list[T], limit: int, scope: str, position: Callable[[T], list[Any]]) -> Page[T]:
+def page_of(
+    items: list[T],
+    limit: int,
+    scope: str,
+    position: Callable[[T], list[Any]],
+    size: Callable[[T], int] | None = None,
+    budget: int = 0,
+) -> Page[T]:
     """The page for ``items`` read with ``limit + 1``: the extra one says more follow.
 
-    The token records ``position(last item)`` (JSON), where the next page starts after.
+    With ``size``, the page also ends before its items outgrow ``budget`` bytes
+    (one item at least): a response must fit in a gRPC message. The token records
+    ``position(last item)`` (JSON), where the next page starts after.
     """
-    if len(items) <= limit:
+    kept = items[:limit]
+    if size is not None:
+        total = 0
+        for count, item in enumerate(kept):
+            total += size(item)
+            if count and total > budget:
+                kept = kept[:count]
+                break
+    if len(kept) == len(items):
         return Page(items, "")
-    items = items[:limit]
-    return Page(items, encode_page_token(json.dumps(position(items[-1])), scope))
+    return Page(kept, encode_page_token(json.dumps(position(kept[-1])), scope))
+
+
+def wire_size(value: Any) -> int:
+    """An upper bound of the bytes of a JSON-like value as a google.protobuf.Value
+    (a number takes 9 bytes, whatever its JSON; lengths count 5)."""
+    if isinstance(value, str):
+        return 6 + len(value.encode("utf-8", "surrogatepass"))
+    if isinstance(value, list):
+        return 6 + sum(6 + wire_size(item) for item in value)
+    if isinstance(value, dict):
+        return 6 + sum(12 + len(key.encode("utf-8", "surrogatepass")) + 6 + wire_size(item)
+                       for key, item in value.items())  # fmt: skip
+    return 9

@@ -428,6 +428,34 @@ async def test_search_applies_filters_and_pages_without_repeats(episodic, scope)
     assert scores == sorted(scores, reverse=True)
 
 
+async def test_pages_end_before_they_outgrow_a_response(episodic, scope):
+    """Five episodes of about 1 MB each: a page of the default size (20) would be
+    5 MB, past gRPC's 4 MiB; pages end early instead, and no episode is lost."""
+    project = scope["project_id"]
+    actions = [struct({"step": i, "output": "x" * 1000}) for i in range(900)]
+    recorded = [
+        (await record(
+            episodic,
+            episode(scope, task_description=f"bulky {n}", actions=actions,
+                    context_summary="incident " * 10_000),
+        )).episode_id
+        for n in range(5)
+    ]  # fmt: skip
+    listed = await list_all(episodic, project)
+    assert sorted(e.episode_id for e in listed) == sorted(recorded)
+    found, token, pages = [], "", 0
+    while True:
+        page = await episodic.SearchEpisodes(
+            ep.SearchEpisodesRequest(project_id=project, query="incident", page_token=token)
+        )
+        found += [r.episode.episode_id for r in page.results]
+        pages += 1
+        token = page.next_page_token
+        if not token:
+            break
+    assert sorted(found) == sorted(recorded) and pages > 1
+
+
 async def test_forged_page_tokens_are_invalid_argument(episodic, scope):
     """A token's position replaced (its fingerprint still matches) is refused."""
     project = scope["project_id"]
