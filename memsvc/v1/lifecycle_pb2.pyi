@@ -827,7 +827,9 @@ class TerminateRequest(_message.Message):
     """Optional UUID making the call safe to retry."""
     @_builtins.property
     def lessons_learned(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Lessons learned, recorded in the episode."""
+        """Lessons learned, recorded in the episode: at most 100, each at most 2,000
+        characters (an Episode's limits).
+        """
 
     @_builtins.property
     def metadata(self) -> _struct_pb2.Struct:

@@ -474,3 +474,21 @@ async def test_checkpoint_events_are_recorded(life, scope, server):
     await life.DeleteCheckpoint(lc.DeleteCheckpointRequest(**scope, checkpoint_id="c"))
     events = events_of(server, scope)
     assert [(kind, ref) for _, kind, ref in events] == [(1, None), (5, "c"), (6, "c")]
+
+
+@pytest.mark.parametrize(
+    ("lessons", "field"),
+    [(["lesson"] * 101, "lessons_learned"), (["x" * 2001], "lessons_learned[0]")],
+    ids=["101 lessons", "a lesson of 2,001 characters"],
+)
+async def test_terminate_lessons_have_the_episode_limits(life, scope, lessons, field):
+    """They become the episode's lessons as they are (only the description is cut),
+    so an episode recorded by Terminate keeps the Episode contract."""
+    await life.Spawn(lc.SpawnRequest(**scope))
+    error = await expect_error(
+        life.Terminate(lc.TerminateRequest(**scope, lessons_learned=lessons)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert set(error.violations) == {field}
+    got = await life.GetSession(lc.GetSessionRequest(**scope))
+    assert got.session.state == ACTIVE
