@@ -68,7 +68,26 @@ LIST_PAGE = (100, 1_000)  # (default, maximum) page size
 SEARCH_PAGE = (20, 100)
 
 _TERM = re.compile(r'"([^"]*)"|([^\s"]+)')
-_WORD = re.compile(r"\w+")
+# A word, for search: letters and digits, as SQLite's FTS5 (unicode61) splits text.
+_WORD = re.compile(r"[^\W_]+")
+_NOT_WORDS = re.compile(r"[\W_]+")
+# Searchable text per episode indexed on PostgreSQL (description and lessons
+# first): a tsvector holds at most 1 MiB, about 6.5 bytes per character at worst.
+SEARCH_TEXT_CHARS = 120_000
+
+
+def search_words(text: str) -> str:
+    """``text`` as the words search sees: every run of other characters one space."""
+    return _NOT_WORDS.sub(" ", text).strip()
+
+
+def search_texts(episode: EpisodeRecord) -> tuple[str, str]:
+    """The words an episode is found by, weighted high (description and lessons)
+    and low (context summary), together at most SEARCH_TEXT_CHARS."""
+    high = search_words(" ".join((episode.task_description, *episode.lessons_learned)))
+    high = high[:SEARCH_TEXT_CHARS]
+    low = search_words(episode.context_summary)[: SEARCH_TEXT_CHARS - len(high)]
+    return high, low
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,18 +3,23 @@
 Everything but full-text matching is written once. Full text differs: on
 PostgreSQL a generated ``tsvector`` column with a GIN index, matched by
 ``websearch_to_tsquery`` and ranked by ``ts_rank``; on SQLite an FTS5 table
-kept in step by triggers, matched by an FTS5 query and ranked by ``bm25``.
-Both receive the same terms (words and phrases of word characters only, see
-``memsvc.domain._episodes.check_query``), every one of which must match.
+kept in step by triggers, matched by an FTS5 query and ranked by ``text_rank``.
+Both see text as words of letters and digits: FTS5's unicode61 tokenizer splits
+it so, and on PostgreSQL memsvc writes the document from the text with every
+other character made a space (``search_texts``), parsed by ``memsvc_english``
+(English stems, no stop words; migration 0009). Both receive the same terms
+(words and phrases, see ``memsvc.domain._episodes.check_query``), every one of
+which must match.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 from memsvc.domain import SessionRef
-from memsvc.domain._episodes import EpisodeScope, ScoredEpisode
+from memsvc.domain._episodes import EpisodeScope, ScoredEpisode, search_texts
 from memsvc.domain._lifecycle_records import EpisodeRecord
 from memsvc.store._lifecycle_sql import Connection, Dialect, SqlQueries, SqlWrites, text
 
@@ -24,8 +29,26 @@ _COLUMNS = (
     " e.lessons_learned, e.duration_seconds, e.tokens_used, e.importance, e.metadata,"
     " e.create_time, e.embedding_dimensions"
 )
-# bm25 weights of the FTS5 columns: description, context summary, lessons.
-_BM25 = "bm25(episodes_fts, 2.0, 1.0, 2.0)"
+
+
+def _matches_in(column: int) -> str:
+    """How many matches FTS5 finds in one column of the row (highlight() marks each;
+    an episode without lessons has none in that column: NULL)."""
+    marked = f"highlight(episodes_fts, {column}, char(1), '')"
+    return f"coalesce(length({marked}) - length(replace({marked}, char(1), '')), 0)"
+
+
+# The SQL function each SQLite connection gets (SqliteDurableStore): text_rank.
+SQLITE_TEXT_RANK = "memsvc_text_rank"
+
+
+def text_rank(description: int, summary: int, lessons: int, length: int) -> float:
+    """A search score from one episode alone: its matches, description and lessons
+    weighing twice the summary, divided by 1 + ln(1 + its length in characters)
+    (as ts_rank's normalization 1 divides by 1 + log(length)). Not FTS5's bm25,
+    whose corpus statistics move with every episode recorded (in any project): a
+    page position taken from one search would no longer compare with the next."""
+    return (2.0 * description + summary + 2.0 * lessons) / (1.0 + math.log1p(length))
 
 
 def _columns(with_embedding: bool) -> str:
@@ -79,25 +102,26 @@ def _scope(scope: EpisodeScope, dialect: Dialect) -> tuple[list[str], list[Any]]
     return conditions, params
 
 
-def _text_match(dialect: Dialect, terms: Sequence[str]) -> tuple[str, str, str, str]:
-    """(FROM clause, match condition, score expression, query parameter)."""
-    # Quoted, every term must match: a phrase as a phrase, a word as a word.
-    query = " ".join(f'"{term}"' for term in terms)
+def _text_match(dialect: Dialect, terms: Sequence[str]) -> tuple[str, str, str, list[str]]:
+    """(FROM clause, match condition, score expression, query parameters)."""
     if dialect.name == "postgres":
+        # Every term must match, a phrase as a phrase (its words in a row).
+        query = " && ".join("phraseto_tsquery('memsvc_english', ?)" for _ in terms)
         return (
-            "episodes e, websearch_to_tsquery('english', ?) q",
-            "e.search_document @@ q",
+            f"episodes e, (SELECT {query}) AS m(q)",
+            "e.search_document @@ m.q",
             # Normalization 1: divide by 1 + log(length), so long summaries do not win.
             # float8: a real would reach Python rounded by its text form, and the
             # page position would then no longer compare equal to it.
-            "ts_rank(e.search_document, q, 1)::float8",
-            query,
+            "ts_rank(e.search_document, m.q, 1)::float8",
+            list(terms),
         )
     return (
         "episodes_fts JOIN episodes e ON e.search_rowid = episodes_fts.rowid",
         "episodes_fts MATCH ?",
-        f"-{_BM25}",
-        query,
+        f"{SQLITE_TEXT_RANK}({_matches_in(0)}, {_matches_in(1)}, {_matches_in(2)},"
+        " length(e.task_description) + length(e.context_summary) + length(e.lessons_learned))",
+        [" ".join(f'"{term}"' for term in terms)],
     )
 
 
@@ -168,7 +192,7 @@ async def search_episodes(
             f" FROM {source} WHERE {match} AND {' AND '.join(conditions)}) ranked{outer}"
             f" ORDER BY score DESC, episode_id DESC LIMIT {int(limit)}"
         ),
-        [query, *params, *outer_params],
+        [*query, *params, *outer_params],
     )
     return [
         ScoredEpisode(episode_from_row(row, dialect), float(row[18]))
@@ -191,7 +215,7 @@ async def embeddings(
     if terms:
         source, match, _, query = _text_match(dialect, terms)
         conditions.insert(0, match)
-        params.insert(0, query)
+        params = [*query, *params]
     cursor = await conn.execute(
         dialect.sql(
             f"SELECT e.episode_id, e.embedding FROM {source}"
@@ -206,33 +230,42 @@ class SqlEpisodeWrites(SqlWrites):
     """The episode writes of a durable-store transaction."""
 
     async def insert_episode(self, record: EpisodeRecord) -> None:
-        await self._write(
-            "INSERT INTO episodes (episode_id, project_id, agent_instance_id, session_id,"
-            " task_type, task_description, outcome, outcome_details, actions,"
-            " context_summary, lessons_learned, duration_seconds, tokens_used, importance,"
-            " metadata, create_time, embedding, embedding_dimensions)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                record.episode_id,
-                record.ref.project_id,
-                record.ref.agent_instance_id,
-                record.ref.session_id,
-                record.task_type,
-                record.task_description,
-                record.outcome,
-                record.outcome_details,
-                self._d.json_param(record.actions),
-                record.context_summary,
-                self._d.json_param(record.lessons_learned),
-                record.duration_seconds,
-                record.tokens_used,
-                record.importance,
-                self._d.json_param(record.metadata),
-                self._d.time_param(record.create_ms),
-                record.embedding,
-                record.embedding_dimensions,
-            ),
+        columns = (
+            "episode_id, project_id, agent_instance_id, session_id, task_type,"
+            " task_description, outcome, outcome_details, actions, context_summary,"
+            " lessons_learned, duration_seconds, tokens_used, importance, metadata,"
+            " create_time, embedding, embedding_dimensions"
         )
+        values: list[Any] = [
+            record.episode_id,
+            record.ref.project_id,
+            record.ref.agent_instance_id,
+            record.ref.session_id,
+            record.task_type,
+            record.task_description,
+            record.outcome,
+            record.outcome_details,
+            self._d.json_param(record.actions),
+            record.context_summary,
+            self._d.json_param(record.lessons_learned),
+            record.duration_seconds,
+            record.tokens_used,
+            record.importance,
+            self._d.json_param(record.metadata),
+            self._d.time_param(record.create_ms),
+            record.embedding,
+            record.embedding_dimensions,
+        ]
+        marks = ", ".join("?" for _ in values)
+        if self._d.name == "postgres":
+            # The search document, from memsvc's words (on SQLite, triggers fill FTS5).
+            columns += ", search_document"
+            marks += (
+                ", setweight(to_tsvector('memsvc_english', ?), 'A')"
+                " || setweight(to_tsvector('memsvc_english', ?), 'B')"
+            )
+            values += search_texts(record)
+        await self._write(f"INSERT INTO episodes ({columns}) VALUES ({marks})", values)
 
     async def delete_episode(self, project_id: str, episode_id: str) -> bool:
         cursor = await self._conn.execute(

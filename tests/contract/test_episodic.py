@@ -392,6 +392,97 @@ async def test_search_ranks_the_relevant_episode_first(episodic, scope):
     assert await search_ids(episodic, str(uuid.uuid4()), "vault") == []
 
 
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("main.py", {0}),
+        ("main", {0}),  # a word of a file name
+        ("v1.2.3", {0}),
+        ("example.com", {1}),
+        ("alice@example.com", {1}),
+        ("3.14", {3}),
+        ("snake_case", {3}),
+        ("case", {3}),
+        ("the", {0, 2}),  # no stop words: "the" is a word like any other
+        ("was not", {2}),
+        ('"build was"', {2}),
+    ],
+)
+async def test_search_sees_the_same_words_on_every_backend(episodic, scope, query, expected):
+    """Text is words of letters and digits on both databases: PostgreSQL's parser
+    alone would index "main.py" or "alice@example.com" as one token that no word
+    of a query matches, and drop stop words."""
+    texts = [
+        "Fix the bug in main.py for release v1.2.3",
+        "Mail alice@example.com about example.com",
+        "The build was not green",
+        "Pi is 3.14 in snake_case",
+    ]
+    ids = [
+        (await record(episodic, episode(scope, task_description=text))).episode_id for text in texts
+    ]
+    found = await search_ids(episodic, scope["project_id"], query)
+    assert {ids.index(episode_id) for episode_id in found} == expected
+
+
+async def test_search_pages_hold_while_episodes_are_recorded(episodic, scope):
+    """A score comes from its episode alone: episodes recorded between two pages
+    (here in another project, and ones not matching in this one) move no page
+    position. FTS5's bm25 moved every score with the corpus, and the next page
+    came back empty."""
+    project = scope["project_id"]
+    wanted = set()
+    for index in range(6):
+        text = f"quarterly zebrafish audit {'notes ' * index}"
+        wanted.add((await record(episodic, episode(scope, task_description=text))).episode_id)
+    request = ep.SearchEpisodesRequest(project_id=project, query="zebrafish", page_size=3)
+    first = await episodic.SearchEpisodes(request)
+    other = dict(scope, project_id=str(uuid.uuid4()))
+    for index in range(40):
+        await record(episodic, episode(other, task_description=f"unrelated work {index}"))
+        await record(episodic, episode(scope, task_description=f"another audit {index}"))
+    request.page_token = first.next_page_token
+    second = await episodic.SearchEpisodes(request)
+    seen = [r.episode.episode_id for r in (*first.results, *second.results)]
+    assert sorted(seen) == sorted(wanted) and not second.next_page_token
+
+
+async def test_a_query_without_a_word_is_refused(episodic, scope):
+    for query in ("___", "_", "... !!"):
+        details = await expect_error(
+            episodic.SearchEpisodes(
+                ep.SearchEpisodesRequest(project_id=scope["project_id"], query=query)
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        )
+        assert set(details.violations) == {"query"}, query
+
+
+async def test_the_longest_episodes_are_recorded_and_found(episodic, scope):
+    """Every text at its limit, in distinct words of 4-byte characters (the most a
+    text index holds per character): recorded on both databases, and found."""
+    counter = iter(range(10**6))
+
+    def words(chars: int) -> str:
+        out: list[str] = []
+        while len(out) * 5 < chars - 5:
+            n = next(counter)
+            out.append("".join(chr(0x20000 + (n >> shift) % 4096) for shift in (0, 12, 24, 36)))
+        return " ".join(out)
+
+    description = "findme " + words(9_990)
+    stored = await record(
+        episodic,
+        episode(
+            scope,
+            task_description=description,
+            lessons_learned=[words(2_000) for _ in range(100)],
+            context_summary=words(100_000),
+        ),
+    )
+    assert await search_ids(episodic, scope["project_id"], "findme") == [stored.episode_id]
+
+
 async def test_search_applies_filters_and_pages_without_repeats(episodic, scope):
     project = scope["project_id"]
     wanted = set()

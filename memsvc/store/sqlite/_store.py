@@ -20,6 +20,7 @@ import aiosqlite
 from memsvc.domain import BackendUnavailable
 from memsvc.domain._durable import DurableTransaction
 from memsvc.domain._watch import StoredEvent
+from memsvc.store._episodes_sql import SQLITE_TEXT_RANK, text_rank
 from memsvc.store._graph_sql import SQLITE_JSON_HOLDS, json_holds
 from memsvc.store._lifecycle_sql import (
     SQLITE,
@@ -85,6 +86,7 @@ class SqliteDurableStore(SqlDurableReads):
         ):
             await db.execute(pragma)
         await db.create_function(SQLITE_JSON_HOLDS, 2, json_holds, deterministic=True)
+        await db.create_function(SQLITE_TEXT_RANK, 4, text_rank, deterministic=True)
         return db
 
     async def aclose(self) -> None:
