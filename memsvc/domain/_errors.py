@@ -316,8 +316,9 @@ class WorkingMemoryLost(FailedPrecondition):
 
     def __init__(self, session_id: str) -> None:
         super().__init__(
-            f"the working memory of session {session_id!r} was lost by its store; "
-            "Resume it from a checkpoint",
+            f"the working memory of session {session_id!r} was lost by its store, or is "
+            "not what memsvc left there (a store restored from an older copy); Resume it "
+            "from a checkpoint",
             metadata={"session_id": session_id},
         )
 

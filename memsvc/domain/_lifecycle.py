@@ -47,6 +47,7 @@ from memsvc.domain._ids import (
 )
 from memsvc.domain._lifecycle_reads import LifecycleReads
 from memsvc.domain._lifecycle_records import (
+    MARKER_FOR,
     REQUEST_ID_CLOCK_MARGIN,
     CheckpointLock,
     CheckpointRecord,
@@ -74,6 +75,7 @@ from memsvc.domain._lifecycle_results import (
     encode_result,
     uuid7,
 )
+from memsvc.domain._markers import SETTLED
 from memsvc.domain._session_memory import (
     MISSING,
     TRANSITIONAL,
@@ -94,7 +96,6 @@ T = TypeVar("T")
 L = TypeVar("L")
 
 OUTCOME_SUCCESS = 1
-_MARKER_FOR = {SessionState.ACTIVE: "active", SessionState.PAUSED: "paused"}
 
 
 @dataclass
@@ -377,7 +378,11 @@ class Lifecycle:
                 raise CheckpointNotFound(ref.session_id, wanted)
             checkpoint, contents = found
             epoch = uuid7()
-            allowed = {_MARKER_FOR[record.state], MISSING}
+            # A resume that replaces the memory takes it in any settled state: one
+            # that disagrees with the database (a store restored from an older
+            # copy) is replaced like a lost one. A merge keeps what is there, so
+            # it must be what memsvc left.
+            allowed = {*SETTLED, MISSING} if not merge else {MARKER_FOR[record.state], MISSING}
             held = ResumePoint(
                 checkpoint.checkpoint_id, checkpoint.key_count, checkpoint.size_bytes
             )
@@ -462,7 +467,7 @@ class Lifecycle:
                 "terminate",
                 {SessionState.ACTIVE, SessionState.PAUSED},
             )
-            allowed = {_MARKER_FOR[record.state], MISSING}
+            allowed = {MARKER_FOR[record.state], MISSING}
             snapshot = await self._begin(
                 record,
                 steps,
@@ -471,6 +476,10 @@ class Lifecycle:
                     ref, steps.op, "terminating", cleanup, allowed, with_contents=consolidate
                 ),
             )
+            if consolidate and snapshot.prior_state == MISSING:
+                # An episode of an empty memory would pass for the session's record,
+                # and a cleanup would then delete its only copy (the checkpoints).
+                raise WorkingMemoryLost(ref.session_id)
             steps.final_state = None if cleanup else "terminated"
             steps.clear = cleanup
             now = self._clock_ms()
@@ -694,7 +703,9 @@ class Lifecycle:
                         # a settled id (the fence against late copies). A new one.
                         steps.op = uuid7()
                     continue
-                if error.state == MISSING:
+                if error.state == MISSING or error.state in SETTLED:
+                    # Settled in a state the database contradicts (the step allows
+                    # the one the committed state implies): not what memsvc left.
                     raise WorkingMemoryLost(record.ref.session_id) from None
                 raise InvalidTransition(record.ref.session_id, error.state, "change") from None
             if steps is not None:
@@ -738,7 +749,7 @@ class Lifecycle:
                     record.ref, marker.op, final, swap=False, clear=marker.clear
                 )
             else:
-                final = _MARKER_FOR.get(record.state, "active")
+                final = MARKER_FOR.get(record.state, "active")
                 swap = marker.state == "resuming"
                 await self._memory.finish(record.ref, marker.op, final, swap=swap, clear=False)
             log.info("healed %s marker of session %s", marker.state, record.ref.session_id)

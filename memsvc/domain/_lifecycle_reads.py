@@ -17,6 +17,7 @@ from memsvc.domain._ids import (
     raise_if_any,
 )
 from memsvc.domain._lifecycle_records import (
+    MARKER_FOR,
     CheckpointRecord,
     CheckpointRetention,
     LifecycleDatabase,
@@ -34,7 +35,7 @@ from memsvc.domain._pagination import (
     position_ms,
     position_text,
 )
-from memsvc.domain._session_memory import SessionMemoryStore, SnapshotEntry
+from memsvc.domain._session_memory import TRANSITIONAL, Marker, SessionMemoryStore, SnapshotEntry
 from memsvc.domain._snapshot import decode_snapshot
 from memsvc.domain._working_memory import WorkingMemoryLimits
 
@@ -153,7 +154,15 @@ class LifecycleReads:
         if record.state == SessionState.TERMINATED:
             return record, None
         marker = await self._memory.read_marker(ref)
-        return record, marker is not None
+        if marker is None:
+            return record, False
+        if not _left_by_memsvc(record, marker):
+            # An operation may have settled the marker after the record was read
+            # (the record commits first): compare with the record as it is now.
+            record = await self._db.get_session(ref) or record
+            if record.state == SessionState.TERMINATED:
+                return record, None
+        return record, _left_by_memsvc(record, marker)
 
     async def list_checkpoints(
         self, session: SessionRef, page_size: int, page_token: str
@@ -179,3 +188,14 @@ class LifecycleReads:
             for c in await self._db.list_checkpoints(ref, before, limit + 1)
         ]
         return page_of(items, limit, scope, lambda last: [last.create_ms, last.checkpoint_id])
+
+
+def _left_by_memsvc(record: SessionRecord, marker: Marker) -> bool:
+    """Whether the marker is what the committed record implies (an operation in
+    flight, whose marker is transitional, counts): a store restored from an older
+    copy holds a memory of another state or epoch, which is as good as lost."""
+    if marker.state in TRANSITIONAL:
+        return True
+    if marker.state != MARKER_FOR.get(record.state):
+        return False
+    return marker.epoch is None or marker.epoch == record.memory_epoch

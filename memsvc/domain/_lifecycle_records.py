@@ -20,6 +20,10 @@ class SessionState(IntEnum):
     TERMINATED = 3
 
 
+# The settled marker (memsvc.domain._markers) each live state leaves in working memory.
+MARKER_FOR = {SessionState.ACTIVE: "active", SessionState.PAUSED: "paused"}
+
+
 class EventType(IntEnum):
     """Kinds of lifecycle event (the watch issue exposes them as an enum)."""
 

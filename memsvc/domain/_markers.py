@@ -6,6 +6,8 @@ from __future__ import annotations
 MISSING = "missing"
 # A lifecycle operation is between its step 1 and step 3.
 TRANSITIONAL = frozenset({"spawning", "pausing", "resuming", "terminating"})
+# Where operations leave the marker (terminated: a Terminate that kept the memory).
+SETTLED = frozenset({"active", "paused", "terminated"})
 
 
 # States in which a read is not served: the memory's contents depend on whether

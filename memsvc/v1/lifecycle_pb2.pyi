@@ -817,7 +817,11 @@ class TerminateRequest(_message.Message):
     outcome: Global___Outcome.ValueType
     """Outcome for the episode; unspecified means SUCCESS."""
     skip_consolidation: _builtins.bool
-    """False (the default): record one episode of the session. True: record none."""
+    """False (the default): record one episode of the session; if its working
+    memory was lost, the call fails (FAILED_PRECONDITION,
+    ERROR_REASON_WORKING_MEMORY_LOST) and changes nothing: Resume it first. True:
+    record none.
+    """
     keep_working_memory: _builtins.bool
     """False (the default): delete the working memory and the checkpoints.
     True: keep both; the working memory stays readable (read-only) and the

@@ -20,6 +20,7 @@ from memsvc.v1 import lifecycle_pb2 as lc
 from memsvc.v1 import working_memory_pb2 as pb
 from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
 from memsvc.v1.working_memory_pb2_grpc import WorkingMemoryServiceStub
+from tests.conftest import DEPLOYMENTS
 from tests.helpers import eventually, expect_error, python, sql_rows, value
 
 
@@ -109,6 +110,12 @@ async def test_checkpoints_survive_a_restart_and_lost_memory_is_reported(server,
             wm.Get(pb.GetRequest(**scope, key="k")), grpc.StatusCode.FAILED_PRECONDITION
         )
         assert error.reason == "ERROR_REASON_WORKING_MEMORY_LOST"
+        # No episode of an empty memory, and no cleanup of the only copy left.
+        error = await expect_error(
+            life.Terminate(lc.TerminateRequest(**scope)), grpc.StatusCode.FAILED_PRECONDITION
+        )
+        assert error.reason == "ERROR_REASON_WORKING_MEMORY_LOST"
+        assert await checkpoint_ids(life, scope) == [paused.checkpoint.checkpoint_id]
         resumed = await life.Resume(lc.ResumeRequest(**scope))
         assert resumed.checkpoint.checkpoint_id == paused.checkpoint.checkpoint_id
         assert python((await wm.Get(pb.GetRequest(**scope, key="k"))).entry.value) == {"v": 1}
@@ -185,3 +192,39 @@ async def test_request_ids_are_remembered_a_margin_past_their_ttl(base_config, m
             monkeypatch.setattr(server.lifecycle, "_clock_ms", lambda now=now: now)
             await server.lifecycle.sweep()
             assert await remembered(config, project) == left
+
+
+@pytest.mark.parametrize("deployment", [DEPLOYMENTS["production"]], ids=["production"])
+async def test_a_store_restored_from_an_older_copy_is_lost_memory(server, scope):
+    """Redis brought back in an older state (a replica that lagged, an old RDB):
+    the memory is not what memsvc left. It is reported lost, Terminate refuses to
+    make an episode of it, and Resume replaces it; the session never gets stuck."""
+    client = aioredis.Redis.from_url(server.config.working_memory_url)
+    keys = session_keys(SessionRef(**scope))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            life = LifecycleServiceStub(channel)
+            wm = WorkingMemoryServiceStub(channel)
+            await life.Spawn(lc.SpawnRequest(**scope))
+            await wm.Set(pb.SetRequest(**scope, key="k", value=value("paused")))
+            older = {key: await client.dump(key) for key in keys}
+            await life.Pause(lc.PauseRequest(**scope))
+            for key, data in older.items():
+                await client.delete(key)
+                if data is not None:
+                    await client.restore(key, 0, data)
+            session = (await life.GetSession(lc.GetSessionRequest(**scope))).session
+            assert session.state == lc.SESSION_STATE_PAUSED
+            assert session.working_memory_status == lc.WORKING_MEMORY_STATUS_LOST
+            error = await expect_error(
+                life.Terminate(lc.TerminateRequest(**scope)), grpc.StatusCode.FAILED_PRECONDITION
+            )
+            assert error.reason == "ERROR_REASON_WORKING_MEMORY_LOST"
+            await life.Resume(lc.ResumeRequest(**scope))
+            session = (await life.GetSession(lc.GetSessionRequest(**scope))).session
+            assert session.working_memory_status == lc.WORKING_MEMORY_STATUS_INTACT
+            assert python((await wm.Get(pb.GetRequest(**scope, key="k"))).entry.value) == "paused"
+            await wm.Set(pb.SetRequest(**scope, key="k", value=value("again")))
+            await life.Terminate(lc.TerminateRequest(**scope))
+    finally:
+        await client.aclose()
