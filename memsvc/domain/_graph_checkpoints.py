@@ -137,15 +137,27 @@ class GraphCheckpointRecord:
         return run_id if isinstance(run_id, str) and run_id else None
 
     def size(self) -> int:
-        """Bytes of document, metadata, values and writes: what page budgets count
-        (metadata too: up to 1 MiB each, it could take a page past the response's limit)."""
+        """An upper bound of its bytes in a response: every field, with 6 bytes of
+        framing per field and per message (what page budgets count; metadata too,
+        up to 1 MiB, and task paths, up to 2 KiB per write)."""
+        texts = (self.thread_id, self.checkpoint_ns, self.checkpoint_id,
+                 self.parent_checkpoint_id or "", self.doc_type)  # fmt: skip
         return (
-            len(self.doc)
-            + len(json.dumps(self.metadata, separators=(",", ":")))
-            + sum(len(channel) + len(version) for channel, version in self.channel_versions.items())
-            + sum(len(v.data) + len(v.channel) + len(v.version) for v in self.values)
-            + sum(len(w.data) + len(w.channel) + len(w.task_id) for w in self.writes)
-        )
+            64  # times and the message's own framing
+            + sum(6 + _utf8(text) for text in texts)
+            + 6 + len(self.doc)
+            + 6 + _utf8(json.dumps(self.metadata, separators=(",", ":"), ensure_ascii=False))
+            + sum(12 + _utf8(channel) + _utf8(version)
+                  for channel, version in self.channel_versions.items())
+            + sum(30 + _utf8(v.channel) + _utf8(v.version) + _utf8(v.type) + len(v.data)
+                  for v in self.values)
+            + sum(40 + _utf8(w.task_id) + _utf8(w.task_path) + _utf8(w.channel) + _utf8(w.type)
+                  + len(w.data) for w in self.writes)
+        )  # fmt: skip
+
+
+def _utf8(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -495,6 +495,38 @@ async def test_ids_at_their_longest_are_stored_on_every_backend(graphs, scope):
     assert set(error.violations) == {"checkpoint.checkpoint_ns"}
 
 
+async def test_a_page_counts_every_field_against_its_budget(graphs, scope):
+    """Pending writes with long task paths (2 KiB each, which the budget left out):
+    every page still fits a response, and every checkpoint is listed."""
+    project = scope["project_id"]
+    for step in range(12):
+        checkpoint_id = f"c{step:02}"
+        await put(graphs, project, checkpoint("t", checkpoint_id))
+        await graphs.PutGraphWrites(
+            pb.PutGraphWritesRequest(
+                project_id=project,
+                thread_id="t",
+                checkpoint_id=checkpoint_id,
+                writes=[
+                    pb.GraphWrite(task_id="task", task_path="p" * 2048, idx=index, channel="c",
+                                  value=pb.TypedValue(type="t", data=b""))
+                    for index in range(200)
+                ],
+            )
+        )  # fmt: skip
+    listed, token = [], ""
+    while True:
+        page = await graphs.ListGraphCheckpoints(
+            pb.ListGraphCheckpointsRequest(project_id=project, thread_id="t", page_token=token)
+        )
+        assert page.ByteSize() <= 4 << 20
+        listed += [c.checkpoint_id for c in page.checkpoints]
+        token = page.next_page_token
+        if not token:
+            break
+    assert listed == [f"c{step:02}" for step in reversed(range(12))]
+
+
 async def test_threads_of_other_projects_are_invisible(graphs, scope):
     """The same thread id in two projects names two threads."""
     other = str(uuid.uuid4())
