@@ -23,6 +23,7 @@ from memsvc.domain._errors import (
     SessionNotWritable,
 )
 from memsvc.domain._ids import (
+    MAX_KEY_BYTES,
     SessionRef,
     check_key,
     check_session_ref,
@@ -38,6 +39,10 @@ from memsvc.domain._pagination import (
 )
 from memsvc.domain._storable import check_ttl
 
+# An entry's bytes in a response besides its key and value (field tags and
+# lengths, its expiry): the stores count it with each entry's key (list_entries.lua).
+ENTRY_FRAMING_BYTES = 40
+
 
 @dataclass(frozen=True, slots=True)
 class WorkingMemoryLimits:
@@ -49,9 +54,16 @@ class WorkingMemoryLimits:
     max_batch_keys: int = 1_000
     default_page_size: int = 100
     max_page_size: int = 1_000
-    # Values returned by one response stop before this many bytes, so a reply
-    # always fits under the 4 MiB gRPC message limit with room for framing.
+    # What one response carries stops before this many bytes, so a reply always
+    # fits under the 4 MiB gRPC message limit with room for framing: its values,
+    # and its keys with ENTRY_FRAMING_BYTES each.
     response_budget_bytes: int = 3 << 20
+
+    def values_budget(self, keys: Sequence[str]) -> int:
+        """Bytes of values a BatchGet of ``keys`` may carry: every key comes back,
+        found, missing or unprocessed, so the budget is what they leave."""
+        room = sum(len(key.encode()) + ENTRY_FRAMING_BYTES for key in keys)
+        return max(0, self.response_budget_bytes - room)
 
     def page_size(self, requested: int, violations: list[FieldViolation]) -> int:
         """The page size to use for a request's ``page_size`` (AIP-158 rules)."""
@@ -63,11 +75,12 @@ class WorkingMemoryLimits:
         )
 
     def __post_init__(self) -> None:
-        if self.max_value_bytes >= self.response_budget_bytes:
+        if self.max_value_bytes + MAX_KEY_BYTES + ENTRY_FRAMING_BYTES > self.response_budget_bytes:
             raise ValueError(
                 f"max_value_bytes ({self.max_value_bytes}) must be below the response budget "
-                f"({self.response_budget_bytes} bytes, 3/4 of max_message_bytes) so that any "
-                "one value can be read back"
+                f"({self.response_budget_bytes} bytes, 3/4 of max_message_bytes) by at least "
+                f"{MAX_KEY_BYTES + ENTRY_FRAMING_BYTES} bytes (a key and its framing) so that "
+                "any one value can be read back"
             )
         if self.max_value_bytes > self.max_session_bytes:
             raise ValueError("max_value_bytes must not exceed max_session_bytes")
@@ -169,7 +182,8 @@ class WorkingMemoryStore(Protocol):
     async def list_entries(
         self, session: SessionRef, after: str | None, limit: int, budget_bytes: int
     ) -> tuple[list[StoredEntry], bool]:
-        """As list_keys with values, stopping early at ``budget_bytes`` of values."""
+        """As list_keys with values, stopping early before the entries (each its
+        value, key and ENTRY_FRAMING_BYTES) pass ``budget_bytes``; one at least."""
 
 
 class SessionGuard(Protocol):
@@ -293,7 +307,7 @@ class WorkingMemory:
         ref = check_session_ref(*_fields(session), violations)
         check_key(key, "key", violations)
         raise_if_any(violations)
-        budget = self.limits.response_budget_bytes
+        budget = self.limits.values_budget([key])
         read = await self._guarded(ref, False, lambda: self._store.get_entries(ref, [key], budget))
         return read.found[0] if read.found else None
 
@@ -302,7 +316,7 @@ class WorkingMemory:
         violations: list[FieldViolation] = []
         ref = self._check_keys(session, keys, violations)
         raise_if_any(violations)
-        budget = self.limits.response_budget_bytes
+        budget = self.limits.values_budget(keys)
         return await self._guarded(ref, False, lambda: self._store.get_entries(ref, keys, budget))
 
     async def delete(self, session: SessionRef, key: str) -> bool:

@@ -114,9 +114,10 @@ async def test_expired_keys_do_not_count_against_limits(wm, scope):
 
 
 async def test_list_entries_pages_by_bytes(wm, scope):
-    """Pages stop before 3 KiB of values and still list every entry exactly once."""
+    """Pages stop before 3 KiB of entries (values, keys and their framing) and still
+    list every entry exactly once."""
     for i in range(4):  # one by one: a batch of them would pass the 4 KiB message limit
-        await wm.Set(pb.SetRequest(**scope, key=f"k{i}", value=blob(1000)))
+        await wm.Set(pb.SetRequest(**scope, key=f"k{i}", value=blob(900)))
     sizes = []
     seen = []
     token = ""
@@ -133,11 +134,40 @@ async def test_list_entries_pages_by_bytes(wm, scope):
 
 async def test_batch_get_returns_unprocessed_keys_past_the_budget(wm, scope):
     for i in range(4):  # one by one: a batch of them would pass the 4 KiB message limit
-        await wm.Set(pb.SetRequest(**scope, key=f"k{i}", value=blob(1000)))
+        await wm.Set(pb.SetRequest(**scope, key=f"k{i}", value=blob(900)))
     reply = await wm.BatchGet(pb.BatchGetRequest(**scope, keys=["k3", "none", "k2", "k1", "k0"]))
     assert [e.key for e in reply.entries] == ["k3", "k2", "k1"]
     assert list(reply.missing_keys) == ["none"]
     assert list(reply.unprocessed_keys) == ["k0"]
     rest = await wm.BatchGet(pb.BatchGetRequest(**scope, keys=list(reply.unprocessed_keys)))
     assert [e.key for e in rest.entries] == ["k0"]
-    assert python(rest.entries[0].value) == "x" * 997
+    assert python(rest.entries[0].value) == "x" * 897
+
+
+LONG_KEYS = {"max_message_bytes": 1 << 20, "max_value_bytes": 256 << 10}
+
+
+@pytest.mark.parametrize("config_overrides", [LONG_KEYS], ids=["1 MiB messages"])
+async def test_long_keys_count_against_the_response_budget(wm, scope, config_overrides):
+    """1,000 keys of 512 bytes are half a megabyte of a response by themselves:
+    pages and batches count them, and stay within the message limit."""
+    keys = [f"{i:04}".ljust(512, "k") for i in range(1000)]
+    for start in range(0, 1000, 250):
+        entries = [pb.EntryInput(key=key, value=blob(690)) for key in keys[start : start + 250]]
+        await wm.BatchSet(pb.BatchSetRequest(**scope, entries=entries))
+    listed, token = [], ""
+    while True:
+        page = await wm.ListEntries(
+            pb.ListEntriesRequest(**scope, page_size=1000, page_token=token)
+        )
+        listed += [e.key for e in page.entries]
+        token = page.next_page_token
+        if not token:
+            break
+    assert listed == keys
+    got, pending = [], keys
+    while pending:
+        reply = await wm.BatchGet(pb.BatchGetRequest(**scope, keys=pending))
+        got += [e.key for e in reply.entries]
+        pending = list(reply.unprocessed_keys)
+    assert got == keys

@@ -41,6 +41,7 @@ from memsvc.domain._session_memory import (
     SnapshotEntry,
 )
 from memsvc.domain._snapshot import decode_snapshot, encode_snapshot
+from memsvc.domain._working_memory import ENTRY_FRAMING_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -224,9 +225,10 @@ class InMemoryWorkingMemoryStore:
         used = 0
         for key in keys[:limit]:
             value, expire_at = state.values[key]
-            if items and used + len(value) > budget_bytes:
+            size = len(value) + len(key.encode()) + ENTRY_FRAMING_BYTES
+            if items and used + size > budget_bytes:
                 return items, True
-            used += len(value)
+            used += size
             items.append(StoredEntry(key, value, expire_at))
         return items, len(keys) > limit
 

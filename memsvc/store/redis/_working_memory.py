@@ -46,6 +46,7 @@ from memsvc.domain._session_memory import (
     Snapshot,
 )
 from memsvc.domain._snapshot import encode_flat, encode_snapshot
+from memsvc.domain._working_memory import ENTRY_FRAMING_BYTES
 from memsvc.store._observe import BackendObserver, ignore, observed
 from memsvc.store._retry import with_retries
 from memsvc.store.redis._cluster import (
@@ -300,7 +301,7 @@ class RedisWorkingMemoryStore:
     async def list_keys(
         self, session: SessionRef, after: str | None, limit: int
     ) -> tuple[list[KeyMeta], bool]:
-        reply = await self._run("list_entries", session, [after or "", limit, 0, 0])
+        reply = await self._run("list_entries", session, [after or "", limit, 0, 0, 0])
         if int(reply[0]) < 0:
             raise NoSession(session.session_id, reply[1].decode())
         items = [
@@ -312,7 +313,9 @@ class RedisWorkingMemoryStore:
     async def list_entries(
         self, session: SessionRef, after: str | None, limit: int, budget_bytes: int
     ) -> tuple[list[StoredEntry], bool]:
-        reply = await self._run("list_entries", session, [after or "", limit, 1, budget_bytes])
+        reply = await self._run(
+            "list_entries", session, [after or "", limit, 1, budget_bytes, ENTRY_FRAMING_BYTES]
+        )
         if int(reply[0]) < 0:
             raise NoSession(session.session_id, reply[1].decode())
         items = [
