@@ -34,6 +34,22 @@ class EventType(IntEnum):
     CHECKPOINT_CREATED = 5
     CHECKPOINT_DELETED = 6
 
+    @classmethod
+    def _missing_(cls, value: object) -> EventType | None:
+        """A type a newer memsvc wrote to the shared log (a rolling upgrade): kept
+        as its number, which the API sends as it is (protobuf enums are open).
+        Refused, a row would stop every event tail that reads it."""
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            return None
+        member = int.__new__(cls, value)
+        member._name_ = f"UNKNOWN_{value}"
+        member._value_ = value
+        return member
+
+
+# The event types this memsvc writes (and that a watch filter may name).
+KNOWN_EVENT_TYPES = frozenset(EventType.__members__.values())
+
 
 @dataclass(frozen=True, slots=True)
 class SessionRecord:

@@ -27,7 +27,7 @@ from memsvc.domain._errors import (
     ResourceExhausted,
 )
 from memsvc.domain._ids import check_session_id, check_uuid, raise_if_any
-from memsvc.domain._lifecycle_records import EventRecord, EventType
+from memsvc.domain._lifecycle_records import KNOWN_EVENT_TYPES, EventRecord, EventType
 
 log = logging.getLogger(__name__)
 
@@ -454,9 +454,9 @@ def check_watch_request(
         check_session_id(session_id, "session_id", violations)
     types = set()
     for index, value in enumerate(event_types):
-        try:
+        if value in KNOWN_EVENT_TYPES:
             types.add(EventType(value))
-        except ValueError:
+        else:
             violations.append(
                 FieldViolation(f"event_types[{index}]", f"is not an EventType value: {value}")
             )

@@ -12,7 +12,7 @@ from google.protobuf import duration_pb2
 
 from memsvc.v1 import lifecycle_pb2 as lc
 from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
-from tests.helpers import details_of
+from tests.helpers import details_of, sql_rows
 
 FAST = duration_pb2.Duration(nanos=200_000_000)
 
@@ -158,3 +158,29 @@ async def test_after_sequence_zero_means_from_the_first_event(life, scope):
         assert int(details_of(error).metadata["oldest_sequence"]) > 0
     finally:
         call.cancel()
+
+
+async def test_an_event_type_from_a_newer_memsvc_is_delivered_as_its_number(life, scope, server):
+    """In a rolling upgrade a newer replica may log a type this one does not know:
+    its tail delivers it (protobuf enums are open) and goes on, instead of failing
+    on that row forever while every watcher waits."""
+    call = life.WatchLifecycle(lc.WatchLifecycleRequest(project_id=scope["project_id"]))
+    await start_position(call)
+    await life.Spawn(lc.SpawnRequest(**scope))
+    url = server.config.database_url
+    await sql_rows(url, "UPDATE event_sequence SET last_sequence = last_sequence + 1")
+    await sql_rows(
+        url,
+        "INSERT INTO lifecycle_events (sequence, event_id, event_type, project_id,"
+        " agent_instance_id, session_id, metadata, event_time)"
+        " SELECT last_sequence, ?, 99, ?, ?, ?, '{}', '2026-12-06T00:00:00.000Z'"
+        " FROM event_sequence",
+        str(uuid.uuid4()),
+        scope["project_id"],
+        scope["agent_instance_id"],
+        scope["session_id"],
+    )
+    await life.Pause(lc.PauseRequest(**scope))  # commits after it, and wakes the tail
+    types = [(await next_event(call)).event_type for _ in range(3)]
+    assert types == [lc.EVENT_TYPE_SESSION_SPAWNED, 99, lc.EVENT_TYPE_SESSION_PAUSED]
+    call.cancel()
