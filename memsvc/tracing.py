@@ -11,9 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from memsvc.config import StartupError
 
-class TracingUnavailable(RuntimeError):
-    """Tracing was asked for, but the tracing extra is not installed."""
+
+class TracingUnavailable(StartupError):
+    """Tracing was asked for, but the tracing extra is not installed (a start-up
+    failure that says what to fix: one line, not a traceback)."""
 
 
 def make_tracer_provider() -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -114,3 +115,14 @@ def test_help_lists_every_setting(command, capsys):
     shown = capsys.readouterr().out
     for setting in SETTINGS:
         assert setting.flag in shown
+
+
+def test_tracing_without_its_extra_is_a_startup_error(monkeypatch):
+    """--otel-tracing where the tracing extra is not installed (the image installs
+    only the server extra) says what to install, as a start-up failure does."""
+    from memsvc import tracing
+    from memsvc.config import StartupError
+
+    monkeypatch.setitem(sys.modules, "opentelemetry.sdk.trace", None)  # import fails
+    with pytest.raises(StartupError, match=r"pip install 'memsvc\[tracing\]'"):
+        tracing.make_tracer_provider()
