@@ -41,11 +41,15 @@ def _with_database(url: str, database: str) -> str:
     return urlunsplit(parts._replace(path="/" + database))
 
 
-def create_postgres_database(admin_url: str, prefix: str = "memsvc_test") -> str:
-    """Create an empty database with a unique name; return its URL."""
+def create_postgres_database(
+    admin_url: str, prefix: str = "memsvc_test", locale: str | None = None
+) -> str:
+    """Create an empty database with a unique name (and ``locale``, else the
+    server's default); return its URL."""
     name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    options = "" if locale is None else f" TEMPLATE template0 ENCODING 'UTF8' LOCALE '{locale}'"
     with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
+        conn.execute(f'CREATE DATABASE "{name}"{options}')
     return _with_database(admin_url, name)
 
 

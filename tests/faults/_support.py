@@ -379,10 +379,11 @@ class Worker:
             await self._step(session, step)
 
     async def _end_lost(self, session: SessionLedger) -> None:
-        """The working memory is gone and there is no checkpoint: end the session."""
+        """The working memory is gone and there is no checkpoint: end the session,
+        without an episode (memsvc refuses to make one of a lost memory)."""
         if session.state != lc.SESSION_STATE_TERMINATED:
             session.memory = None
-            await self.terminate(session, keep=False)
+            await self.terminate(session, keep=False, consolidate=False)
 
     async def spawn(self, session: SessionLedger) -> None:
         rid = str(uuid.uuid4())
@@ -432,12 +433,13 @@ class Worker:
         contents = session.checkpoints.get(checkpoint_id or session.last_checkpoint or "")
         session.memory = None if contents is None else dict(contents)
 
-    async def terminate(self, session: SessionLedger, keep: bool) -> None:
+    async def terminate(self, session: SessionLedger, keep: bool, consolidate: bool = True) -> None:
         rid = str(uuid.uuid4())
         request = lc.TerminateRequest(
             **session.ids,
             task_description=f"fault suite {session.ids['session_id']}",
             keep_working_memory=keep,
+            skip_consolidation=not consolidate,
             request_id=rid,
         )
         reply = await self.client.call(
@@ -446,13 +448,18 @@ class Worker:
         session.state = lc.SESSION_STATE_TERMINATED
         session.events.append((lc.EVENT_TYPE_SESSION_TERMINATED, rid))
         session.episode_id = reply.episode_id
-        if session.memory is not None and reply.entries_consolidated != len(session.memory):
-            # Terminate does not refuse a lost working memory: it consolidates
-            # what is left (nothing). Only the count tells.
+        if (
+            consolidate
+            and session.memory is not None
+            and reply.entries_consolidated != len(session.memory)
+        ):
+            # An episode of less than the session held: Terminate refuses a lost
+            # working memory, so this would be a loss nothing reported.
             self.ledger.silent_losses.append(session.ids["session_id"])
             session.memory = None
         session.memory_kept = keep
-        self.ledger.episodes[reply.episode_id] = None
+        if consolidate:
+            self.ledger.episodes[reply.episode_id] = None
         if not keep:
             session.checkpoints.clear()  # Terminate deletes them: acknowledged, not lost
 
@@ -859,8 +866,8 @@ async def under_traffic(
     ``inject`` starts the fault and checks what must hold while it lasts, ``heal``
     ends it. memsvc is never restarted: it must recover by itself (health SERVING
     again, every worker making progress). Every failed call must have a code in
-    ``allowed``; everything acknowledged must pass :func:`audit`. Unless
-    ``working_memory_lost``, no session may have lost its working memory.
+    ``allowed``; everything acknowledged must pass :func:`audit`. A working memory
+    lost (``working_memory_lost``) must be reported, never consolidated as it is.
     """
     async with Traffic(memsvc.target, str(uuid.uuid4())) as traffic:
         await wait_serving(traffic.stubs)
@@ -880,8 +887,8 @@ async def under_traffic(
         assert not unexpected(traffic.ledger.failures, allowed), unexpected(
             traffic.ledger.failures, allowed
         )
-        if not working_memory_lost:
-            assert not traffic.ledger.silent_losses, traffic.ledger.silent_losses
+        # Even when the working memory was lost: it is reported, never consolidated.
+        assert not traffic.ledger.silent_losses, traffic.ledger.silent_losses
         log = await read_log(traffic.stubs, project_id=traffic.ledger.project_id)
         await traffic.wait_watched(int(log[-1].sequence))
         await audit(traffic.stubs, traffic.ledger, traffic.watched, working_memory_lost)

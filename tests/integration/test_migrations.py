@@ -8,6 +8,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import psycopg
@@ -93,6 +94,63 @@ async def test_without_migrations_a_database_behind_the_code_stops_the_start(
         await store.aclose()
     async with Server(unmigrated) as server:
         assert server.port
+
+
+@pytest.mark.parametrize("locale", [None, "C"], ids=["default locale", "C locale"])
+async def test_migration_0009_indexes_episodes_as_words_whoever_inserts_them(locale, monkeypatch):
+    """PostgreSQL: episodes recorded before 0009, and those a memsvc that predates
+    it records afterwards (a rolling upgrade), are indexed as the words memsvc
+    now writes itself, under a C locale too (whose classes know only ASCII)."""
+    import memsvc.store.postgres._store as postgres_store
+    from memsvc.domain._episodes import EpisodeScope
+    from memsvc.testing._backends import create_postgres_database, drop_postgres_database
+    from tests.conftest import DATABASE_URL, need
+    from tests.helpers import sql_rows
+
+    need(DATABASE_URL)
+    url = create_postgres_database(DATABASE_URL, locale=locale)
+    project = str(uuid.uuid4())
+
+    async def insert_as_before(episode_id: str, description: str, summary: str) -> None:
+        await sql_rows(
+            url,
+            "INSERT INTO episodes (episode_id, project_id, agent_instance_id, session_id,"
+            " task_type, task_description, outcome, outcome_details, actions, context_summary,"
+            " lessons_learned, duration_seconds, tokens_used, importance, metadata, create_time)"
+            " VALUES (?, ?, ?, 's', 't', ?, 1, '', '[]', ?, '[\"measure pauses first\"]', 0, 0,"
+            " 0.5, '{}', '2026-11-01T00:00:00.000Z')",
+            episode_id, project, str(uuid.uuid4()), description, summary,
+        )  # fmt: skip
+
+    try:
+        monkeypatch.setattr(
+            postgres_store, "load_migrations", lambda package: load_migrations(package)[:8]
+        )
+        store = PostgresDurableStore(url)
+        await store.open()
+        try:
+            await store.migrate()
+        finally:
+            await store.aclose()
+        monkeypatch.undo()
+        before, after = str(uuid.uuid4()), str(uuid.uuid4())
+        await insert_as_before(before, "Tune the collector of gc.py", "naïve 東京 notes")
+        store = PostgresDurableStore(url)
+        await store.open()
+        try:
+            assert await store.migrate() == [9]
+            await insert_as_before(after, "Deploy api.example.com", "the rollout")
+            for terms, found in (
+                (["gc"], [before]), (["gc py"], [before]), (["pauses"], [before, after]),
+                (["東京"], [before]), (["the"], [before, after]), (["api"], [after]),
+                (["example com"], [after]),
+            ):  # fmt: skip
+                hits = await store.search_episodes(EpisodeScope(project), terms, None, 10, False)
+                assert sorted(h.episode.episode_id for h in hits) == sorted(found), terms
+        finally:
+            await store.aclose()
+    finally:
+        drop_postgres_database(DATABASE_URL, url)
 
 
 def installation_rows(url: str) -> int:

@@ -1,10 +1,14 @@
--- Full-text search tokenized as on SQLite: words of letters and digits. The
--- document is built by memsvc from its text with every other character made a
--- space (memsvc.domain._episodes.search_words), so "main.py", "3.14" and
--- "alice@example.com" are words as SQLite's FTS5 sees them, not one file, number
--- or e-mail token that no query word matches. English stemming without stop
--- words (FTS5's porter keeps them too), and at most 120,000 characters of text
--- per episode: a tsvector holds at most 1 MiB, and valid episodes reach that.
+-- Full-text search tokenized as on SQLite: words of letters and digits. memsvc
+-- writes each episode's document itself from its text with every other
+-- character made a space (memsvc.domain._episodes.search_texts), so "main.py",
+-- "3.14" and "alice@example.com" are words as SQLite's FTS5 sees them, not one
+-- file, number or e-mail token that no query word matches. English stemming
+-- without stop words (FTS5's porter keeps them too), and at most 120,000
+-- characters of text per episode: a tsvector holds at most 1 MiB, and valid
+-- episodes reach that.
+--
+-- The episodes table is rewritten under its lock while this runs: on a large
+-- one, run `memsvc migrate` when episodes can wait.
 
 CREATE TEXT SEARCH DICTIONARY memsvc_english_stem (TEMPLATE = snowball, Language = english);
 CREATE TEXT SEARCH CONFIGURATION memsvc_english (COPY = english);
@@ -13,30 +17,38 @@ ALTER TEXT SEARCH CONFIGURATION memsvc_english
                       numword, numhword, hword_numpart
     WITH memsvc_english_stem;
 
-DROP INDEX episodes_search;
-ALTER TABLE episodes DROP COLUMN search_document;
--- Written by each insert (description and lessons weigh A, the summary B).
-ALTER TABLE episodes ADD COLUMN search_document tsvector;
+-- The document of an episode, computed here: for the episodes recorded before,
+-- and for those a memsvc that predates this migration records (a rolling
+-- upgrade, a rollback). Words by PostgreSQL's own character classes, which
+-- under a C locale know only ASCII: there every other ASCII character is a
+-- separator and the rest of Unicode is letters (as the text parser reads it).
+CREATE FUNCTION memsvc_search_document(description text, lessons jsonb, summary text)
+RETURNS tsvector LANGUAGE sql STABLE AS $$
+    SELECT setweight(to_tsvector('memsvc_english', t.high), 'A')
+        || setweight(to_tsvector('memsvc_english', left(t.low, 120000 - length(t.high))), 'B')
+    FROM (SELECT left(regexp_replace(description || ' ' || coalesce(
+                          (SELECT string_agg(value, ' ') FROM jsonb_array_elements_text(lessons)),
+                          ''), w.pattern, ' ', 'g'), 120000) AS high,
+                 regexp_replace(summary, w.pattern, ' ', 'g') AS low
+          FROM (SELECT CASE WHEN current_setting('lc_ctype') IN ('C', 'POSIX')
+                            THEN E'[\\x01-/:-@[-`{-\\x7f]+' ELSE '[^[:alnum:]]+' END
+                       AS pattern) w) t
+$$;
 
--- Episodes recorded before: the same words, by PostgreSQL's own classes. Under a
--- C locale those know only ASCII letters, so the text is indexed as it is there.
-DO $$
-DECLARE
-    words text := CASE WHEN current_setting('lc_ctype') IN ('C', 'POSIX')
-                       THEN '[\s]+' ELSE '[^[:alnum:]]+' END;
+CREATE FUNCTION memsvc_fill_search_document() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    UPDATE episodes e SET search_document =
-        setweight(to_tsvector('memsvc_english', t.a), 'A')
-        || setweight(to_tsvector('memsvc_english', left(t.b, 120000 - length(t.a))), 'B')
-    FROM (
-        SELECT episode_id,
-               left(regexp_replace(task_description || ' ' || coalesce(
-                   (SELECT string_agg(value, ' ') FROM jsonb_array_elements_text(lessons_learned)),
-                   ''), words, ' ', 'g'), 120000) AS a,
-               regexp_replace(context_summary, words, ' ', 'g') AS b
-        FROM episodes
-    ) t
-    WHERE e.episode_id = t.episode_id;
+    IF NEW.search_document IS NULL THEN
+        NEW.search_document :=
+            memsvc_search_document(NEW.task_description, NEW.lessons_learned, NEW.context_summary);
+    END IF;
+    RETURN NEW;
 END $$;
 
+DROP INDEX episodes_search;
+ALTER TABLE episodes DROP COLUMN search_document;
+ALTER TABLE episodes ADD COLUMN search_document tsvector;
+UPDATE episodes
+SET search_document = memsvc_search_document(task_description, lessons_learned, context_summary);
+CREATE TRIGGER episodes_search_document BEFORE INSERT ON episodes
+    FOR EACH ROW EXECUTE FUNCTION memsvc_fill_search_document();
 CREATE INDEX episodes_search ON episodes USING gin (search_document);
