@@ -496,6 +496,10 @@ class Server:
         if self.graphs is None:
             return
         total = GraphSweep()
+        # Within one interval: under steady puts, threads keep asking to be pruned,
+        # and the other jobs (and this replica's lease) must not wait behind them.
+        loop = asyncio.get_running_loop()
+        stop_at = loop.time() + self.config.retention_interval_seconds
         while True:
             try:
                 graphs = await self.graphs.sweep()
@@ -508,7 +512,7 @@ class Server:
                 total.threads_ended + graphs.threads_ended,
             )
             changed = graphs.threads_expired or graphs.checkpoints_pruned or graphs.threads_ended
-            if not (graphs.more and changed):
+            if not (graphs.more and changed) or loop.time() >= stop_at:
                 break
         if total.threads_expired or total.checkpoints_pruned or total.threads_ended:
             log.info(

@@ -32,6 +32,8 @@ from memsvc.domain._lifecycle_records import KNOWN_EVENT_TYPES, EventRecord, Eve
 log = logging.getLogger(__name__)
 
 READ_BATCH = 500
+# How long the tail retries failing reads before its streams end (UNAVAILABLE).
+TAIL_FAILING_SECONDS = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -384,11 +386,21 @@ class EventHub:
             self._tail = None
 
     async def _read_while_watched(self) -> None:
+        loop = asyncio.get_running_loop()
+        failing_since: float | None = None
         while self._subscribers:
             self._kick.clear()
             try:
                 batch = await self._source.read_events(self.position, READ_BATCH, EventFilter())
+                failing_since = None
             except Exception as error:
+                # Retried (a database that restarts comes back): streams wait and
+                # get progress meanwhile. Past TAIL_FAILING_SECONDS the tail gives
+                # up, and its streams end with UNAVAILABLE and reconnect.
+                now = loop.time()
+                failing_since = now if failing_since is None else failing_since
+                if now - failing_since >= TAIL_FAILING_SECONDS:
+                    raise
                 log.warning("event tail read failed: %s", error)
                 batch = []
             for stored in batch:

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from memsvc.domain import BackendUnavailable
+from memsvc.domain import _watch as watch_module
 from memsvc.domain._watch import (
     EventFilter,
     EventHub,
@@ -172,4 +173,34 @@ async def test_a_failed_tail_ends_its_streams_and_a_reconnect_loses_nothing():
     assert await take_events(again, 2) == [9, 10]
     await again.aclose()
     await settle()
+    assert not hub.tailing
+
+
+class BrokenLog(NotifyingLog):
+    """A log whose reads past ``good`` fail (a database that stays down)."""
+
+    def __init__(self, good: int) -> None:
+        super().__init__()
+        self.good = good
+
+    async def read_events(
+        self, after: int, limit: int, event_filter: EventFilter
+    ) -> list[StoredEvent]:
+        if after >= self.good:
+            raise OSError("the database is down")
+        return await super().read_events(after, limit, event_filter)
+
+
+async def test_a_tail_whose_reads_keep_failing_ends_its_streams(monkeypatch):
+    """Retried for a while (a restart comes back), then given up: the streams end
+    with UNAVAILABLE instead of waiting on a tail that reads nothing."""
+    monkeypatch.setattr(watch_module, "TAIL_FAILING_SECONDS", 0.3)
+    log = BrokenLog(good=2)
+    log.commit(2)
+    hub = EventHub(log, poll_interval=0.05)
+    stream: Any = hub.watch(EventFilter(), None, 30)
+    assert await anext(stream) == 2
+    log.commit(1)
+    with pytest.raises(BackendUnavailable, match="event log"):
+        await take_events(stream, 1)
     assert not hub.tailing
