@@ -347,9 +347,17 @@ _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 
 def redacted(url: str) -> str:
-    """``url`` without its password (in the user information or a parameter), for messages."""
-    url = re.sub(r"^([a-z+]+://[^/@:]*:)[^/@]*@", r"\1***@", url, flags=re.IGNORECASE)
-    return re.sub(r"([?&]password=)[^&]*", r"\1***", url, flags=re.IGNORECASE)
+    """``url`` without its password, for messages: whatever follows the user name
+    up to the last '@' of the part before any '?' (a password that is not
+    percent-encoded may hold '@', ':' or '/'), and any ``*password=`` parameter."""
+    scheme, separator, rest = url.partition("://")
+    if separator:
+        authority, question, query = rest.partition("?")
+        userinfo, at, host = authority.rpartition("@")
+        if at and ":" in userinfo:
+            authority = f"{userinfo.split(':', 1)[0]}:***@{host}"
+        url = f"{scheme}://{authority}{question}{query}"
+    return re.sub(r"(password=)[^&]*", r"\1***", url, flags=re.IGNORECASE)
 
 
 def bind_address(address: str) -> str:

@@ -86,6 +86,20 @@ def test_a_bad_url_is_refused_without_its_password(env, message):
     assert "s3cret" not in str(refused.value) and "Secret5Pw" not in str(refused.value)
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://u:s3cret/x%zz@h/db",  # a '/' in the password
+        "postgresql://u:s3cret@x%zz@h/db",  # an '@' in the password
+        "postgresql://h/db?sslpassword=s3cret%zz",
+    ],
+)
+def test_passwords_with_reserved_characters_are_left_out_too(url):
+    with pytest.raises(ConfigError, match="%25") as refused:
+        load({}, {"MEMSVC_DATABASE_URL": url})
+    assert "s3cret" not in str(refused.value) and "zz" not in str(refused.value)
+
+
 def test_percent_encoded_passwords_and_sqlite_paths_are_accepted():
     url = "postgresql://memsvc:my%25Secret%40@127.0.0.1:5432/x"
     assert load({}, {"MEMSVC_DATABASE_URL": url}).database_url == url

@@ -51,7 +51,13 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def _beyond_limit(error: psycopg.errors.ProgramLimitExceeded) -> InvalidArgument:
+def _past_a_limit(error: psycopg.OperationalError) -> bool:
+    """SQLSTATE class 54: 54000 and its siblings (a statement too complex, too
+    many columns or arguments), which are not subclasses of ProgramLimitExceeded."""
+    return (error.sqlstate or "").startswith("54")
+
+
+def _beyond_limit(error: psycopg.OperationalError) -> InvalidArgument:
     """What a statement past one of PostgreSQL's limits (SQLSTATE class 54: an
     index row or a tsvector too large, too many parameters) tells the caller.
 
@@ -264,8 +270,10 @@ class PostgresDurableStore(SqlDurableReads):
                     async with _pipelined_transaction(conn) as tx:
                         yield tx
                     appended = await tx.committed()
-        except psycopg.errors.ProgramLimitExceeded as error:
-            raise _beyond_limit(error) from error
+        except psycopg.OperationalError as error:
+            if _past_a_limit(error):
+                raise _beyond_limit(error) from error
+            raise BackendUnavailable(self.backend_name, error) from error
         except TRANSIENT_ERRORS as error:
             raise BackendUnavailable(self.backend_name, error) from error
         if appended:
@@ -322,8 +330,10 @@ class PostgresDurableStore(SqlDurableReads):
             async with self._connections.connection() as conn:
                 try:
                     return await read(conn, POSTGRES, *args)
-                except psycopg.errors.ProgramLimitExceeded as error:
-                    raise _beyond_limit(error) from error
+                except psycopg.OperationalError as error:
+                    if _past_a_limit(error):
+                        raise _beyond_limit(error) from error
+                    raise
 
         with observed(self.observe, read.__name__):
             return await with_retries(
