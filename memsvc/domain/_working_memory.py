@@ -23,7 +23,6 @@ from memsvc.domain._errors import (
     SessionNotWritable,
 )
 from memsvc.domain._ids import (
-    MAX_KEY_BYTES,
     SessionRef,
     check_key,
     check_session_ref,
@@ -75,12 +74,11 @@ class WorkingMemoryLimits:
         )
 
     def __post_init__(self) -> None:
-        if self.max_value_bytes + MAX_KEY_BYTES + ENTRY_FRAMING_BYTES > self.response_budget_bytes:
+        if self.max_value_bytes >= self.response_budget_bytes:
             raise ValueError(
                 f"max_value_bytes ({self.max_value_bytes}) must be below the response budget "
-                f"({self.response_budget_bytes} bytes, 3/4 of max_message_bytes) by at least "
-                f"{MAX_KEY_BYTES + ENTRY_FRAMING_BYTES} bytes (a key and its framing) so that "
-                "any one value can be read back"
+                f"({self.response_budget_bytes} bytes, 3/4 of max_message_bytes) so that any "
+                "one value can be read back"
             )
         if self.max_value_bytes > self.max_session_bytes:
             raise ValueError("max_value_bytes must not exceed max_session_bytes")
@@ -315,8 +313,20 @@ class WorkingMemory:
         """Read up to ``max_batch_keys`` distinct keys under the response budget."""
         violations: list[FieldViolation] = []
         ref = self._check_keys(session, keys, violations)
-        raise_if_any(violations)
         budget = self.limits.values_budget(keys)
+        if not violations and budget < self.limits.max_value_bytes:
+            # The first value found always comes back: with these keys beside it,
+            # one of max_value_bytes could pass the message limit. Only with a
+            # small max_message_bytes, and many long keys.
+            violations.append(
+                FieldViolation(
+                    "keys",
+                    f"take {self.limits.response_budget_bytes - budget} bytes of a response, "
+                    f"which leaves less than max_value_bytes ({self.limits.max_value_bytes}) "
+                    "for their values: ask for fewer keys at once",
+                )
+            )
+        raise_if_any(violations)
         return await self._guarded(ref, False, lambda: self._store.get_entries(ref, keys, budget))
 
     async def delete(self, session: SessionRef, key: str) -> bool:

@@ -165,9 +165,28 @@ async def test_long_keys_count_against_the_response_budget(wm, scope, config_ove
         if not token:
             break
     assert listed == keys
-    got, pending = [], keys
-    while pending:
-        reply = await wm.BatchGet(pb.BatchGetRequest(**scope, keys=pending))
-        got += [e.key for e in reply.entries]
-        pending = list(reply.unprocessed_keys)
+    got = []
+    for start in range(0, 1000, 250):  # 1,000 such keys at once are refused (below)
+        pending = keys[start : start + 250]
+        while pending:
+            reply = await wm.BatchGet(pb.BatchGetRequest(**scope, keys=pending))
+            got += [e.key for e in reply.entries]
+            pending = list(reply.unprocessed_keys)
     assert got == keys
+
+
+LARGE_VALUES = {"max_message_bytes": 1 << 20, "max_value_bytes": 700_000}
+
+
+@pytest.mark.parametrize("config_overrides", [LARGE_VALUES], ids=["700 KB values"])
+async def test_a_batch_whose_keys_leave_no_room_for_a_value_is_refused(wm, scope, config_overrides):
+    """1,000 keys of 512 bytes beside a value of 700 KB would pass a 1 MiB message
+    (every key comes back, found, missing or unprocessed): refused, fewer work."""
+    keys = [f"{i:04}".ljust(512, "k") for i in range(1000)]
+    await wm.Set(pb.SetRequest(**scope, key=keys[0], value=value("x" * 600_000)))
+    error = await expect_error(
+        wm.BatchGet(pb.BatchGetRequest(**scope, keys=keys)), grpc.StatusCode.INVALID_ARGUMENT
+    )
+    assert set(error.violations) == {"keys"} and "fewer keys" in error.message
+    reply = await wm.BatchGet(pb.BatchGetRequest(**scope, keys=keys[:100]))
+    assert [e.key for e in reply.entries] == [keys[0]] and len(reply.missing_keys) == 99
