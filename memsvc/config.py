@@ -228,7 +228,7 @@ class Config:
             ).lstrip("/")
             object.__setattr__(self, "database_url", url)
         _check_address("listen", self.listen)
-        # An empty host (":9464") means every interface, as it always did there.
+        # An empty host (":9464") means every IPv4 interface (bind_address).
         if self.health_listen:
             _check_address("health_listen", self.health_listen, empty_host=True)
         if self.metrics_listen:

@@ -717,10 +717,12 @@ def _binding(what: str, address: str) -> Iterator[None]:
     try:
         yield
     except (OSError, RuntimeError) as error:  # grpc raises RuntimeError, errno unknown
-        if isinstance(error, OSError) and error.errno != errno.EADDRINUSE:
-            hint = ""
-        else:
-            hint = " (is another process using it, and is the host an address of this machine?)"
+        errno_of = error.errno if isinstance(error, OSError) else None
+        hint = {
+            errno.EADDRINUSE: " (is another process using it?)",
+            errno.EADDRNOTAVAIL: " (is the host an address of this machine?)",
+            None: " (is another process using it, and is the host an address of this machine?)",
+        }.get(errno_of, "")
         raise StartupError(f"cannot listen on {address} for {what}: {error}{hint}") from error
 
 

@@ -480,20 +480,23 @@ def check_story(
     metadata: Any,
     *,
     limits: bool = True,
+    lesson_limits: bool = True,
 ) -> None:
     """The rules of an episode's story, whoever writes it: RecordEpisode, or a
     Terminate that consolidates the session into one. Terminate's contract cuts
     its description instead of refusing it, and its metadata has the lifecycle's
     limits (``limits=False``); its lessons become the episode's as they are, so
-    they have the episode's limits."""
+    they have the episode's limits when it records one (``lesson_limits``)."""
     if outcome not in OUTCOMES:
         expected = "OUTCOME_SUCCESS, OUTCOME_FAILURE or OUTCOME_PARTIAL"
         bad("outcome", f"must be {expected}, got {outcome}")
     _check_text(bad, "task_description", task_description, MAX_TEXT_CHARS if limits else None)
-    if len(lessons) > MAX_LESSONS:
+    if lesson_limits and len(lessons) > MAX_LESSONS:
         bad("lessons_learned", f"has {len(lessons)} lessons, over {MAX_LESSONS}")
     for index, lesson in enumerate(lessons):
-        _check_text(bad, f"lessons_learned[{index}]", lesson, MAX_LESSON_CHARS)
+        _check_text(
+            bad, f"lessons_learned[{index}]", lesson, MAX_LESSON_CHARS if lesson_limits else None
+        )
     if limits and _json_size(metadata) > MAX_METADATA_BYTES:
         bad("metadata", f"is over {MAX_METADATA_BYTES} bytes of JSON")
 

@@ -48,6 +48,9 @@ from memsvc.domain._storable import check_ttl, json_problem
 # 16 + 512 + 1,024 + 512 + 128 bytes plus headers.
 MAX_THREAD_ID_BYTES = 512
 MAX_NAMESPACE_BYTES = 1024
+# Namespaces put before that bound (up to 2,048 bytes, stored on SQLite) stay
+# readable, and their checkpoints writable: reads and writes take them.
+MAX_STORED_NAMESPACE_BYTES = 2048
 MAX_CHANNEL_BYTES = 512
 MAX_VERSION_BYTES = 128
 MAX_TYPE_BYTES = 64
@@ -472,7 +475,7 @@ class GraphCheckpoints:
         violations: list[FieldViolation] = []
         project = check_uuid(project_id, "project_id", violations)
         check_thread_id(thread_id, "thread_id", violations)
-        check_namespace(ns, "checkpoint_ns", violations)
+        check_namespace(ns, "checkpoint_ns", violations, MAX_STORED_NAMESPACE_BYTES)
         check_session_id(checkpoint_id, "checkpoint_id", violations)
         check_writes(writes, "writes", violations)
         raise_if_any(violations)
@@ -489,7 +492,7 @@ class GraphCheckpoints:
         violations: list[FieldViolation] = []
         project = check_uuid(project_id, "project_id", violations)
         check_thread_id(thread_id, "thread_id", violations)
-        check_namespace(ns, "checkpoint_ns", violations)
+        check_namespace(ns, "checkpoint_ns", violations, MAX_STORED_NAMESPACE_BYTES)
         if checkpoint_id:
             check_session_id(checkpoint_id, "checkpoint_id", violations)
         raise_if_any(violations)
@@ -511,7 +514,9 @@ class GraphCheckpoints:
         if scope.thread_id is not None:
             check_thread_id(scope.thread_id, "thread_id", violations)
         if scope.checkpoint_ns is not None:
-            check_namespace(scope.checkpoint_ns, "checkpoint_ns", violations)
+            check_namespace(
+                scope.checkpoint_ns, "checkpoint_ns", violations, MAX_STORED_NAMESPACE_BYTES
+            )
         if scope.before_checkpoint_id is not None:
             check_session_id(scope.before_checkpoint_id, "before_checkpoint_id", violations)
         limit = check_page_size(
@@ -717,9 +722,12 @@ def check_thread_id(value: str, field: str, violations: list[FieldViolation]) ->
     _check_text(value, field, MAX_THREAD_ID_BYTES, True, violations)
 
 
-def check_namespace(value: str, field: str, violations: list[FieldViolation]) -> None:
-    """A checkpoint namespace: at most 1,024 bytes of UTF-8, no control characters."""
-    _check_text(value, field, MAX_NAMESPACE_BYTES, False, violations)
+def check_namespace(
+    value: str, field: str, violations: list[FieldViolation], max_bytes: int = MAX_NAMESPACE_BYTES
+) -> None:
+    """A checkpoint namespace: at most ``max_bytes`` of UTF-8 (1,024 for a new
+    checkpoint), no control characters."""
+    _check_text(value, field, max_bytes, False, violations)
 
 
 def _check_type(value: str, field: str, violations: list[FieldViolation]) -> None:

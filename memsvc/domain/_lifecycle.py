@@ -444,6 +444,7 @@ class Lifecycle:
             lessons_learned,
             metadata,
             limits=False,
+            lesson_limits=consolidate,
         )
         ref, request_id = self._check(session, "", request_id, violations)
         arguments = (

@@ -832,7 +832,7 @@ class TerminateRequest(_message.Message):
     @_builtins.property
     def lessons_learned(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Lessons learned, recorded in the episode: at most 100, each at most 2,000
-        characters (an Episode's limits).
+        characters (an Episode's limits) unless skip_consolidation.
         """
 
     @_builtins.property

@@ -493,6 +493,16 @@ async def test_ids_at_their_longest_are_stored_on_every_backend(graphs, scope):
     too_long = checkpoint(thread, checkpoint_id, ns=text(1025))
     error = await expect_error(put(graphs, project, too_long), grpc.StatusCode.INVALID_ARGUMENT)
     assert set(error.violations) == {"checkpoint.checkpoint_ns"}
+    # Namespaces of up to 2,048 bytes were put before that bound: still readable.
+    for size, code in ((2048, grpc.StatusCode.NOT_FOUND), (2049, grpc.StatusCode.INVALID_ARGUMENT)):
+        await expect_error(
+            graphs.GetGraphCheckpoint(
+                pb.GetGraphCheckpointRequest(
+                    project_id=project, thread_id=thread, checkpoint_ns=text(size)
+                )
+            ),
+            code,
+        )
 
 
 async def test_a_page_counts_every_field_against_its_budget(graphs, scope):

@@ -492,3 +492,12 @@ async def test_terminate_lessons_have_the_episode_limits(life, scope, lessons, f
     assert set(error.violations) == {field}
     got = await life.GetSession(lc.GetSessionRequest(**scope))
     assert got.session.state == ACTIVE
+
+
+async def test_terminate_without_an_episode_takes_any_lessons(life, scope):
+    """Lessons go nowhere without consolidation: they are not the episode's."""
+    await life.Spawn(lc.SpawnRequest(**scope))
+    ended = await life.Terminate(
+        lc.TerminateRequest(**scope, lessons_learned=["lesson"] * 101, skip_consolidation=True)
+    )
+    assert ended.session.state == TERMINATED and not ended.episode_id
