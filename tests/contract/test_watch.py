@@ -168,18 +168,27 @@ async def test_an_event_type_from_a_newer_memsvc_is_delivered_as_its_number(life
     await start_position(call)
     await life.Spawn(lc.SpawnRequest(**scope))
     url = server.config.database_url
-    await sql_rows(url, "UPDATE event_sequence SET last_sequence = last_sequence + 1")
-    await sql_rows(
-        url,
+    insert = (
         "INSERT INTO lifecycle_events (sequence, event_id, event_type, project_id,"
         " agent_instance_id, session_id, metadata, event_time)"
-        " SELECT last_sequence, ?, 99, ?, ?, ?, '{}', '2026-12-06T00:00:00.000Z'"
-        " FROM event_sequence",
+        " SELECT last_sequence, ?, 99, ?, ?, ?, '{}', '2026-12-06T00:00:00.000Z' FROM {source}"
+    )
+    event = (
         str(uuid.uuid4()),
         scope["project_id"],
         scope["agent_instance_id"],
         scope["session_id"],
     )
+    bump = "UPDATE event_sequence SET last_sequence = last_sequence + 1"
+    if url.startswith("sqlite"):  # this server's own file: nobody appends in between
+        await sql_rows(url, bump)
+        await sql_rows(url, insert.replace("{source}", "event_sequence"), *event)
+    else:  # one statement: other servers of the run may append to the same log
+        await sql_rows(
+            url,
+            f"WITH s AS ({bump} RETURNING last_sequence) " + insert.replace("{source}", "s"),
+            *event,
+        )
     await life.Pause(lc.PauseRequest(**scope))  # commits after it, and wakes the tail
     types = [(await next_event(call)).event_type for _ in range(3)]
     assert types == [lc.EVENT_TYPE_SESSION_SPAWNED, 99, lc.EVENT_TYPE_SESSION_PAUSED]
