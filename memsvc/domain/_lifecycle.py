@@ -78,6 +78,7 @@ from memsvc.domain._lifecycle_results import (
 from memsvc.domain._markers import SETTLED
 from memsvc.domain._session_memory import (
     MISSING,
+    STALE,
     TRANSITIONAL,
     ContentsNeeded,
     LostOperation,
@@ -212,7 +213,13 @@ class Lifecycle:
                 record,
                 steps,
                 lambda: self._memory.begin_snapshot(
-                    ref, steps.op, "pausing", False, {"active"}, checkpoint_id=new_id
+                    ref,
+                    steps.op,
+                    "pausing",
+                    False,
+                    {"active"},
+                    checkpoint_id=new_id,
+                    epoch=record.memory_epoch,
                 ),
             )
             # Answered before its marker settles: 'pausing' and 'paused' both refuse
@@ -286,7 +293,9 @@ class Lifecycle:
             snapshot = await self._begin(
                 record,
                 None,
-                lambda: self._memory.begin_snapshot(ref, steps.op, None, False, {"active"}),
+                lambda: self._memory.begin_snapshot(
+                    ref, steps.op, None, False, {"active"}, epoch=record.memory_epoch
+                ),
             )
             now = self._clock_ms()
             checkpoint = await self._store_checkpoint(
@@ -474,7 +483,13 @@ class Lifecycle:
                 steps,
                 # Without an episode nothing reads the values: only count them.
                 lambda: self._memory.begin_snapshot(
-                    ref, steps.op, "terminating", cleanup, allowed, with_contents=consolidate
+                    ref,
+                    steps.op,
+                    "terminating",
+                    cleanup,
+                    allowed,
+                    with_contents=consolidate,
+                    epoch=record.memory_epoch,
                 ),
             )
             if consolidate and snapshot.prior_state == MISSING:
@@ -704,9 +719,10 @@ class Lifecycle:
                         # a settled id (the fence against late copies). A new one.
                         steps.op = uuid7()
                     continue
-                if error.state == MISSING or error.state in SETTLED:
-                    # Settled in a state the database contradicts (the step allows
-                    # the one the committed state implies): not what memsvc left.
+                if error.state in (MISSING, STALE) or error.state in SETTLED:
+                    # Settled in a state (or an epoch) the database contradicts: the
+                    # step allows the one the committed state implies. Not what
+                    # memsvc left.
                     raise WorkingMemoryLost(record.ref.session_id) from None
                 raise InvalidTransition(record.ref.session_id, error.state, "change") from None
             if steps is not None:

@@ -8,6 +8,9 @@ MISSING = "missing"
 TRANSITIONAL = frozenset({"spawning", "pausing", "resuming", "terminating"})
 # Where operations leave the marker (terminated: a Terminate that kept the memory).
 SETTLED = frozenset({"active", "paused", "terminated"})
+# Not a marker state: what a step reports for a marker of another epoch than the
+# database's (a store restored from a copy older than the last Resume).
+STALE = "stale"
 
 
 # States in which a read is not served: the memory's contents depend on whether

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from memsvc.domain._ids import SessionRef
-from memsvc.domain._markers import MISSING, READ_BLOCKING, TRANSITIONAL, NoSession
+from memsvc.domain._markers import MISSING, READ_BLOCKING, STALE, TRANSITIONAL, NoSession
 from memsvc.domain._purge import ForgettingStore
 from memsvc.domain._snapshot import SnapshotEntry, decode_snapshot
 from memsvc.domain._working_memory import EntryWrite, WorkingMemoryStore
@@ -26,6 +26,7 @@ from memsvc.domain._working_memory import EntryWrite, WorkingMemoryStore
 __all__ = [
     "MISSING",
     "READ_BLOCKING",
+    "STALE",
     "TRANSITIONAL",
     "ContentsNeeded",
     "LostOperation",
@@ -132,13 +133,15 @@ class SessionMemoryStore(Protocol):
         allowed: Collection[str],
         with_contents: bool = True,
         checkpoint_id: str = "",
+        epoch: str | None = None,
     ) -> Snapshot:
         """Read everything at once; set ``new_state`` unless None, recording
         ``checkpoint_id``, the checkpoint this snapshot becomes (a Pause's, for
         ResumePoint). Without ``with_contents`` only the key count and size are
         read (the blob is empty): a Terminate that records no episode moves no values.
 
-        Raises MarkerStateError when the marker's state is not in ``allowed``.
+        Raises MarkerStateError when the marker's state is not in ``allowed``,
+        or (state STALE) when it holds another epoch than ``epoch``.
         """
 
     async def begin_restore(

@@ -13,5 +13,6 @@ reuse(
     leave_out={
         "test_checkpoints_survive_a_restart_and_lost_memory_is_reported",
         "test_a_store_restored_from_an_older_copy_is_lost_memory",
+        "test_a_copy_from_before_the_last_resume_is_lost_memory",
     },
 )

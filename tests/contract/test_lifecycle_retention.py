@@ -228,3 +228,43 @@ async def test_a_store_restored_from_an_older_copy_is_lost_memory(server, scope)
             await life.Terminate(lc.TerminateRequest(**scope))
     finally:
         await client.aclose()
+
+
+@pytest.mark.parametrize("deployment", [DEPLOYMENTS["production"]], ids=["production"])
+async def test_a_copy_from_before_the_last_resume_is_lost_memory(server, scope):
+    """A copy taken before a Resume holds the session in the same state (ACTIVE)
+    but of the earlier epoch: Pause, CreateCheckpoint and Terminate refuse it as
+    lost (their atomic steps compare the epoch), and Resume replaces it."""
+    client = aioredis.Redis.from_url(server.config.working_memory_url)
+    keys = session_keys(SessionRef(**scope))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            life = LifecycleServiceStub(channel)
+            wm = WorkingMemoryServiceStub(channel)
+            await life.Spawn(lc.SpawnRequest(**scope))
+            await wm.Set(pb.SetRequest(**scope, key="k", value=value("before")))
+            older = {key: await client.dump(key) for key in keys}
+            paused = await life.Pause(lc.PauseRequest(**scope))
+            await life.Resume(lc.ResumeRequest(**scope))
+            for key, data in older.items():
+                await client.delete(key)
+                if data is not None:
+                    await client.restore(key, 0, data)
+            session = (await life.GetSession(lc.GetSessionRequest(**scope))).session
+            assert session.state == lc.SESSION_STATE_ACTIVE
+            assert session.working_memory_status == lc.WORKING_MEMORY_STATUS_LOST
+            for call in (
+                life.Pause(lc.PauseRequest(**scope)),
+                life.CreateCheckpoint(lc.CreateCheckpointRequest(**scope)),
+                life.Terminate(lc.TerminateRequest(**scope)),
+            ):
+                error = await expect_error(call, grpc.StatusCode.FAILED_PRECONDITION)
+                assert error.reason == "ERROR_REASON_WORKING_MEMORY_LOST"
+            await life.Resume(
+                lc.ResumeRequest(**scope, checkpoint_id=paused.checkpoint.checkpoint_id)
+            )
+            session = (await life.GetSession(lc.GetSessionRequest(**scope))).session
+            assert session.working_memory_status == lc.WORKING_MEMORY_STATUS_INTACT
+            await life.Pause(lc.PauseRequest(**scope))
+    finally:
+        await client.aclose()

@@ -31,6 +31,7 @@ from memsvc.domain import (
 from memsvc.domain._session_memory import (
     MISSING,
     READ_BLOCKING,
+    STALE,
     ContentsNeeded,
     LostOperation,
     Marker,
@@ -280,9 +281,13 @@ class InMemoryWorkingMemoryStore:
         allowed: Collection[str],
         with_contents: bool = True,
         checkpoint_id: str = "",
+        epoch: str | None = None,
     ) -> Snapshot:
         now = self._clock_ms()
         state, current = self._marked(session, now, allowed)
+        held = state.marker.epoch if state.marker else None
+        if epoch and held and held != epoch:
+            raise MarkerStateError(STALE)
         if new_state is not None:
             marker = state.marker
             state.marker = Marker(

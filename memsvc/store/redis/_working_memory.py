@@ -369,6 +369,7 @@ class RedisWorkingMemoryStore:
         allowed: Collection[str],
         with_contents: bool = True,
         checkpoint_id: str = "",
+        epoch: str | None = None,
     ) -> Snapshot:
         # On a single Redis the script only checks and sets the marker, and the
         # contents come from plain HGETALL and ZRANGE queued behind it in one
@@ -378,7 +379,7 @@ class RedisWorkingMemoryStore:
         # refuse it whole while the slot migrates (ADR 0007).
         native = with_contents and not self._cluster
         flags = ["1" if clear_on_finish else "0", "1" if with_contents and not native else "0"]
-        args = [op, new_state or "", *flags, checkpoint_id, *allowed]
+        args = [op, new_state or "", *flags, checkpoint_id, epoch or "", *allowed]
         read = self._snapshot_in_transaction if native else self._snapshot_by_script
         reply, keys, values, expire_at = await read(session, args)
         _refuse_late(reply)

@@ -4,8 +4,10 @@
 -- ARGV: op, new_state ('' = leave the marker), clear_on_finish ('0'|'1'),
 -- with_contents ('0'|'1', see below), the id of the checkpoint this snapshot becomes
 -- (recorded with a new state: lifecycle_begin_restore keeps a paused memory
--- that still holds it), then the states the marker may be in ('missing' allows
--- a lost working memory).
+-- that still holds it), the epoch the database says the memory is in ('' =
+-- unchecked; a marker of another one is reported as state 'stale': a Redis
+-- restored from a copy older than the last Resume), then the states the marker
+-- may be in ('missing' allows a lost working memory).
 -- Returns {'ok', state, HGETALL of the data, ZRANGE WITHSCORES of the expiries,
 -- Redis's now in ms, key count, bytes}; without contents, the data and expiries
 -- are empty (a Terminate that records no episode moves no values, or memsvc
@@ -19,13 +21,17 @@ local now = now_ms()
 purge(now)
 local state = redis.call('HGET', M, 'state') or 'missing'
 local allowed = false
-for i = 6, #ARGV do
+for i = 7, #ARGV do
   if ARGV[i] == state then
     allowed = true
   end
 end
 if not allowed then
   return {'state', state}
+end
+local epoch = redis.call('HGET', M, 'epoch')
+if ARGV[6] ~= '' and epoch and epoch ~= ARGV[6] then
+  return {'state', 'stale'}
 end
 if ARGV[2] ~= '' then
   redis.call('HSET', M, 'state', ARGV[2], 'op', ARGV[1], 'prior', state, 'clear', ARGV[3])
