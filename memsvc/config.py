@@ -348,15 +348,16 @@ _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 def redacted(url: str) -> str:
     """``url`` without its password, for messages: whatever follows the user name
-    up to the last '@' of the part before any '?' (a password that is not
-    percent-encoded may hold '@', ':' or '/'), and any ``*password=`` parameter."""
+    up to the last '@' (a password that is not percent-encoded may hold '@', ':',
+    '/' or '?'), and any ``*password=`` parameter."""
     scheme, separator, rest = url.partition("://")
     if separator:
-        authority, question, query = rest.partition("?")
-        userinfo, at, host = authority.rpartition("@")
+        # The last '@' of the whole rest: a password may hold '?' or '/' as well
+        # (leaving out too much of a malformed URL is harmless).
+        userinfo, at, after = rest.rpartition("@")
         if at and ":" in userinfo:
-            authority = f"{userinfo.split(':', 1)[0]}:***@{host}"
-        url = f"{scheme}://{authority}{question}{query}"
+            rest = f"{userinfo.split(':', 1)[0]}:***@{after}"
+        url = f"{scheme}://{rest}"
     return re.sub(r"(password=)[^&]*", r"\1***", url, flags=re.IGNORECASE)
 
 

@@ -401,6 +401,21 @@ class Lifecycle:
                     ref, steps.op, epoch, contents, merge, allowed, held=held
                 )
 
+            if merge:
+                # A merge keeps what is there: it must be what memsvc left, of the
+                # epoch the database records (not a Redis copy from before the
+                # last Resume). The row lock keeps every other operation's marker
+                # out until this one commits.
+                # (A transitional marker is healed by the step, to its epoch.)
+                marker = await self._memory.read_marker(ref)
+                if (
+                    marker is not None
+                    and marker.state in SETTLED
+                    and marker.epoch
+                    and marker.epoch != record.memory_epoch
+                ):
+                    raise WorkingMemoryLost(ref.session_id)
+
             try:
                 count = await self._begin(record, steps, restore)
             except ContentsNeeded:
@@ -477,11 +492,13 @@ class Lifecycle:
                 "terminate",
                 {SessionState.ACTIVE, SessionState.PAUSED},
             )
-            allowed = {MARKER_FOR[record.state], MISSING}
+            # Without an episode nothing reads the values (only their count), and
+            # whatever the memory holds, lost or an older copy, it may end with the
+            # session: so a session always has a way to end.
+            allowed = {MARKER_FOR[record.state], MISSING} if consolidate else {*SETTLED, MISSING}
             snapshot = await self._begin(
                 record,
                 steps,
-                # Without an episode nothing reads the values: only count them.
                 lambda: self._memory.begin_snapshot(
                     ref,
                     steps.op,
@@ -489,7 +506,7 @@ class Lifecycle:
                     cleanup,
                     allowed,
                     with_contents=consolidate,
-                    epoch=record.memory_epoch,
+                    epoch=record.memory_epoch if consolidate else None,
                 ),
             )
             if consolidate and snapshot.prior_state == MISSING:

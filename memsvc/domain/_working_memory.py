@@ -314,16 +314,18 @@ class WorkingMemory:
         violations: list[FieldViolation] = []
         ref = self._check_keys(session, keys, violations)
         budget = self.limits.values_budget(keys)
-        if not violations and budget < self.limits.max_value_bytes:
+        room = self.limits.response_budget_bytes - budget
+        message_bytes = self.limits.response_budget_bytes * 4 // 3  # max_message_bytes
+        if not violations and len(keys) > 1 and room + self.limits.max_value_bytes > message_bytes:
             # The first value found always comes back: with these keys beside it,
             # one of max_value_bytes could pass the message limit. Only with a
-            # small max_message_bytes, and many long keys.
+            # small max_message_bytes, and many long keys; one key always goes.
             violations.append(
                 FieldViolation(
                     "keys",
-                    f"take {self.limits.response_budget_bytes - budget} bytes of a response, "
-                    f"which leaves less than max_value_bytes ({self.limits.max_value_bytes}) "
-                    "for their values: ask for fewer keys at once",
+                    f"take {room} bytes of a response, which leaves less than max_value_bytes "
+                    f"({self.limits.max_value_bytes}) of the message limit for their values: "
+                    "ask for fewer keys at once",
                 )
             )
         raise_if_any(violations)

@@ -14,5 +14,6 @@ reuse(
         "test_checkpoints_survive_a_restart_and_lost_memory_is_reported",
         "test_a_store_restored_from_an_older_copy_is_lost_memory",
         "test_a_copy_from_before_the_last_resume_is_lost_memory",
+        "test_an_older_copy_with_no_checkpoint_left_can_still_end",
     },
 )

@@ -253,18 +253,50 @@ async def test_a_copy_from_before_the_last_resume_is_lost_memory(server, scope):
             session = (await life.GetSession(lc.GetSessionRequest(**scope))).session
             assert session.state == lc.SESSION_STATE_ACTIVE
             assert session.working_memory_status == lc.WORKING_MEMORY_STATUS_LOST
+            checkpoint_id = paused.checkpoint.checkpoint_id
             for call in (
                 life.Pause(lc.PauseRequest(**scope)),
                 life.CreateCheckpoint(lc.CreateCheckpointRequest(**scope)),
                 life.Terminate(lc.TerminateRequest(**scope)),
+                # A merge keeps what is there: not an older copy.
+                life.Resume(
+                    lc.ResumeRequest(**scope, checkpoint_id=checkpoint_id, merge_with_current=True)
+                ),
             ):
                 error = await expect_error(call, grpc.StatusCode.FAILED_PRECONDITION)
                 assert error.reason == "ERROR_REASON_WORKING_MEMORY_LOST"
-            await life.Resume(
-                lc.ResumeRequest(**scope, checkpoint_id=paused.checkpoint.checkpoint_id)
-            )
+            await life.Resume(lc.ResumeRequest(**scope, checkpoint_id=checkpoint_id))
             session = (await life.GetSession(lc.GetSessionRequest(**scope))).session
             assert session.working_memory_status == lc.WORKING_MEMORY_STATUS_INTACT
             await life.Pause(lc.PauseRequest(**scope))
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize("deployment", [DEPLOYMENTS["production"]], ids=["production"])
+async def test_an_older_copy_with_no_checkpoint_left_can_still_end(server, scope):
+    """No checkpoint to resume from: Terminate without an episode still ends the
+    session (nothing reads the copy), so no session is ever stuck."""
+    client = aioredis.Redis.from_url(server.config.working_memory_url)
+    keys = session_keys(SessionRef(**scope))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            life = LifecycleServiceStub(channel)
+            await life.Spawn(lc.SpawnRequest(**scope))
+            older = {key: await client.dump(key) for key in keys}
+            paused = await life.Pause(lc.PauseRequest(**scope))
+            await life.Resume(lc.ResumeRequest(**scope))
+            await life.DeleteCheckpoint(
+                lc.DeleteCheckpointRequest(**scope, checkpoint_id=paused.checkpoint.checkpoint_id)
+            )
+            for key, data in older.items():
+                await client.delete(key)
+                if data is not None:
+                    await client.restore(key, 0, data)
+            await expect_error(
+                life.Terminate(lc.TerminateRequest(**scope)), grpc.StatusCode.FAILED_PRECONDITION
+            )
+            ended = await life.Terminate(lc.TerminateRequest(**scope, skip_consolidation=True))
+            assert ended.session.state == lc.SESSION_STATE_TERMINATED
     finally:
         await client.aclose()

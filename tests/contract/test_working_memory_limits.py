@@ -190,3 +190,14 @@ async def test_a_batch_whose_keys_leave_no_room_for_a_value_is_refused(wm, scope
     assert set(error.violations) == {"keys"} and "fewer keys" in error.message
     reply = await wm.BatchGet(pb.BatchGetRequest(**scope, keys=keys[:100]))
     assert [e.key for e in reply.entries] == [keys[0]] and len(reply.missing_keys) == 99
+
+
+NEAR_THE_BUDGET = {"max_message_bytes": 4096, "max_value_bytes": 3060}
+
+
+@pytest.mark.parametrize("config_overrides", [NEAR_THE_BUDGET], ids=["3060-byte values"])
+async def test_one_key_always_goes(wm, scope, config_overrides):
+    """A value just under the budget: a BatchGet of its key alone is never refused."""
+    await wm.Set(pb.SetRequest(**scope, key="k", value=blob(3050)))
+    reply = await wm.BatchGet(pb.BatchGetRequest(**scope, keys=["k"]))
+    assert [e.key for e in reply.entries] == ["k"]

@@ -78,6 +78,7 @@ def test_bad_values_are_refused_with_the_setting_named(env, message):
             "password=\\*\\*\\*",
         ),
         ({"MEMSVC_WORKING_MEMORY_URL": "redis://:s3cret%zz@h:6379/0"}, "redis://:\\*\\*\\*@h"),
+        ({"MEMSVC_WORKING_MEMORY_URL": "redis://:s3cret?zz%@h:6379/0"}, "redis://:\\*\\*\\*@h"),
     ],
 )
 def test_a_bad_url_is_refused_without_its_password(env, message):
@@ -91,6 +92,7 @@ def test_a_bad_url_is_refused_without_its_password(env, message):
     [
         "postgresql://u:s3cret/x%zz@h/db",  # a '/' in the password
         "postgresql://u:s3cret@x%zz@h/db",  # an '@' in the password
+        "postgresql://u:s3cret?x%zz@h/db",  # a '?' in the password
         "postgresql://h/db?sslpassword=s3cret%zz",
     ],
 )

@@ -22,6 +22,7 @@ ALTER TEXT SEARCH CONFIGURATION memsvc_english
 -- upgrade, a rollback). Words by PostgreSQL's own character classes, which
 -- under a C locale know only ASCII: there every other ASCII character is a
 -- separator and the rest of Unicode is letters (as the text parser reads it).
+-- The classes are asked, not the locale's name (ICU collations decide them too).
 CREATE FUNCTION memsvc_search_document(description text, lessons jsonb, summary text)
 RETURNS tsvector LANGUAGE sql STABLE AS $$
     SELECT setweight(to_tsvector('memsvc_english', t.high), 'A')
@@ -30,8 +31,9 @@ RETURNS tsvector LANGUAGE sql STABLE AS $$
                           (SELECT string_agg(value, ' ') FROM jsonb_array_elements_text(lessons)),
                           ''), w.pattern, ' ', 'g'), 120000) AS high,
                  regexp_replace(summary, w.pattern, ' ', 'g') AS low
-          FROM (SELECT CASE WHEN current_setting('lc_ctype') IN ('C', 'POSIX')
-                            THEN E'[\\x01-/:-@[-`{-\\x7f]+' ELSE '[^[:alnum:]]+' END
+          -- Whether the classes know 'é' (chr(233)): a C locale's do not.
+          FROM (SELECT CASE WHEN chr(233) ~ '[[:alpha:]]' THEN '[^[:alnum:]]+'
+                            ELSE E'[\\x01-/:-@[-`{-\\x7f]+' END
                        AS pattern) w) t
 $$;
 
