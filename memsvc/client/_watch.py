@@ -18,7 +18,7 @@ from typing import Any, Generic, NoReturn, Protocol, TypeVar
 import grpc
 
 from memsvc.client import _convert
-from memsvc.client._errors import Cancelled, MemsvcError, from_rpc_error
+from memsvc.client._errors import Cancelled, MemsvcError, TooManyWatchers, from_rpc_error
 from memsvc.client._retry import RetryPolicy, being_cancelled, log
 from memsvc.client._types import LifecycleEvent, WatchProgress
 from memsvc.v1 import lifecycle_pb2
@@ -275,7 +275,10 @@ class AsyncWatch(Generic[Item]):
                 # The token file holds a new token: reconnect with it at once.
                 log.info("memsvc watch: the token was refused; reconnecting with the new one")
                 return
-            if failure.code not in RECONNECT_CODES or not self._reconnect:
+            # A replica at its watcher limit says to retry later or elsewhere (a
+            # load balancer may pick another): a resuming watch backs off and does.
+            reconnectable = failure.code in RECONNECT_CODES or isinstance(failure, TooManyWatchers)
+            if not reconnectable or not self._reconnect:
                 self._closed = True
                 raise failure from error
         elif not self._reconnect:

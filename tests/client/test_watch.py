@@ -303,3 +303,24 @@ async def test_a_watch_that_started_on_an_empty_log_misses_nothing(
         (event,) = await take(events, 1)
     assert event.session_id == "during-outage" and event.sequence == 1
     assert events.connections >= 2
+
+
+@pytest.mark.parametrize("config_overrides", [{"max_watchers": 1}])
+async def test_a_full_replica_is_retried_until_a_watcher_leaves(client: AsyncClient, scope):
+    """TooManyWatchers says to retry later (or elsewhere): a resuming watch backs
+    off and connects once a slot is free, missing nothing committed meanwhile."""
+    project = scope["project_id"]
+    s = client.session(project, scope["agent_instance_id"], scope["session_id"])
+    first = client.watch(project)
+    async with first:
+        await s.spawn()
+        assert [e.event_type for e in await take(first, 1)] == [EventType.SESSION_SPAWNED]
+        second = client.watch(project, start="oldest")
+        waiting = asyncio.ensure_future(take(second, 2))
+        await asyncio.sleep(0.5)
+        assert not waiting.done(), "the second watch connected past the limit"
+    await s.pause()
+    got = await asyncio.wait_for(waiting, WAIT)
+    assert [e.event_type for e in got] == [EventType.SESSION_SPAWNED, EventType.SESSION_PAUSED]
+    assert second.connections >= 1
+    await second.aclose()
