@@ -194,25 +194,40 @@ async def test_request_ids_are_remembered_a_margin_past_their_ttl(base_config, m
             assert await remembered(config, project) == left
 
 
+class RedisCopy:
+    """A copy of one session's Redis keys, put back later: a Redis restored from an
+    older copy (a replica that lagged, an old RDB file)."""
+
+    def __init__(self, url: str, scope: dict[str, str]) -> None:
+        self.client = aioredis.Redis.from_url(url)
+        self.keys = session_keys(SessionRef(**scope))
+        self.saved: dict[str, bytes | None] = {}
+
+    async def take(self) -> None:
+        self.saved = {key: await self.client.dump(key) for key in self.keys}
+
+    async def put_back(self) -> None:
+        for key, data in self.saved.items():
+            await self.client.delete(key)
+            if data is not None:
+                await self.client.restore(key, 0, data)
+
+
 @pytest.mark.parametrize("deployment", [DEPLOYMENTS["production"]], ids=["production"])
 async def test_a_store_restored_from_an_older_copy_is_lost_memory(server, scope):
     """Redis brought back in an older state (a replica that lagged, an old RDB):
     the memory is not what memsvc left. It is reported lost, Terminate refuses to
     make an episode of it, and Resume replaces it; the session never gets stuck."""
-    client = aioredis.Redis.from_url(server.config.working_memory_url)
-    keys = session_keys(SessionRef(**scope))
+    copy = RedisCopy(server.config.working_memory_url, scope)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             life = LifecycleServiceStub(channel)
             wm = WorkingMemoryServiceStub(channel)
             await life.Spawn(lc.SpawnRequest(**scope))
             await wm.Set(pb.SetRequest(**scope, key="k", value=value("paused")))
-            older = {key: await client.dump(key) for key in keys}
+            await copy.take()
             await life.Pause(lc.PauseRequest(**scope))
-            for key, data in older.items():
-                await client.delete(key)
-                if data is not None:
-                    await client.restore(key, 0, data)
+            await copy.put_back()
             session = (await life.GetSession(lc.GetSessionRequest(**scope))).session
             assert session.state == lc.SESSION_STATE_PAUSED
             assert session.working_memory_status == lc.WORKING_MEMORY_STATUS_LOST
@@ -227,7 +242,7 @@ async def test_a_store_restored_from_an_older_copy_is_lost_memory(server, scope)
             await wm.Set(pb.SetRequest(**scope, key="k", value=value("again")))
             await life.Terminate(lc.TerminateRequest(**scope))
     finally:
-        await client.aclose()
+        await copy.client.aclose()
 
 
 @pytest.mark.parametrize("deployment", [DEPLOYMENTS["production"]], ids=["production"])
@@ -235,21 +250,17 @@ async def test_a_copy_from_before_the_last_resume_is_lost_memory(server, scope):
     """A copy taken before a Resume holds the session in the same state (ACTIVE)
     but of the earlier epoch: Pause, CreateCheckpoint and Terminate refuse it as
     lost (their atomic steps compare the epoch), and Resume replaces it."""
-    client = aioredis.Redis.from_url(server.config.working_memory_url)
-    keys = session_keys(SessionRef(**scope))
+    copy = RedisCopy(server.config.working_memory_url, scope)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             life = LifecycleServiceStub(channel)
             wm = WorkingMemoryServiceStub(channel)
             await life.Spawn(lc.SpawnRequest(**scope))
             await wm.Set(pb.SetRequest(**scope, key="k", value=value("before")))
-            older = {key: await client.dump(key) for key in keys}
+            await copy.take()
             paused = await life.Pause(lc.PauseRequest(**scope))
             await life.Resume(lc.ResumeRequest(**scope))
-            for key, data in older.items():
-                await client.delete(key)
-                if data is not None:
-                    await client.restore(key, 0, data)
+            await copy.put_back()
             session = (await life.GetSession(lc.GetSessionRequest(**scope))).session
             assert session.state == lc.SESSION_STATE_ACTIVE
             assert session.working_memory_status == lc.WORKING_MEMORY_STATUS_LOST
@@ -270,33 +281,29 @@ async def test_a_copy_from_before_the_last_resume_is_lost_memory(server, scope):
             assert session.working_memory_status == lc.WORKING_MEMORY_STATUS_INTACT
             await life.Pause(lc.PauseRequest(**scope))
     finally:
-        await client.aclose()
+        await copy.client.aclose()
 
 
 @pytest.mark.parametrize("deployment", [DEPLOYMENTS["production"]], ids=["production"])
 async def test_an_older_copy_with_no_checkpoint_left_can_still_end(server, scope):
     """No checkpoint to resume from: Terminate without an episode still ends the
     session (nothing reads the copy), so no session is ever stuck."""
-    client = aioredis.Redis.from_url(server.config.working_memory_url)
-    keys = session_keys(SessionRef(**scope))
+    copy = RedisCopy(server.config.working_memory_url, scope)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             life = LifecycleServiceStub(channel)
             await life.Spawn(lc.SpawnRequest(**scope))
-            older = {key: await client.dump(key) for key in keys}
+            await copy.take()
             paused = await life.Pause(lc.PauseRequest(**scope))
             await life.Resume(lc.ResumeRequest(**scope))
             await life.DeleteCheckpoint(
                 lc.DeleteCheckpointRequest(**scope, checkpoint_id=paused.checkpoint.checkpoint_id)
             )
-            for key, data in older.items():
-                await client.delete(key)
-                if data is not None:
-                    await client.restore(key, 0, data)
+            await copy.put_back()
             await expect_error(
                 life.Terminate(lc.TerminateRequest(**scope)), grpc.StatusCode.FAILED_PRECONDITION
             )
             ended = await life.Terminate(lc.TerminateRequest(**scope, skip_consolidation=True))
             assert ended.session.state == lc.SESSION_STATE_TERMINATED
     finally:
-        await client.aclose()
+        await copy.client.aclose()
