@@ -40,6 +40,10 @@ def _length_delimited(field_number: int, payload: bytes) -> bytes:
     return bytes(header) + payload
 
 
+_NESTING_TAGS = frozenset(
+    (struct_pb2.Value.DESCRIPTOR.fields_by_name[name].number << 3) | 2
+    for name in ("struct_value", "list_value")
+)
 _ENTRY_IN_RESPONSE = working_memory_pb2.GetResponse.DESCRIPTOR.fields_by_name["entry"].number
 _VALUE_IN_ENTRY = working_memory_pb2.Entry.DESCRIPTOR.fields_by_name["value"].number
 
@@ -49,7 +53,10 @@ def check_readable(encoded: bytes | None, field: str, violations: list[FieldViol
     CheckpointEntry, one level deep as well): protobuf refuses messages nested
     past 100 levels, and a SetRequest holds its value a level nearer the top.
     Accepted, it could never be read back, nor could any page holding it."""
-    if encoded is None or len(encoded) < 150:  # 100 levels take 2 bytes each at least
+    # Only a list or an object nests (a Value's first byte is its field's tag:
+    # struct_value 5 and list_value 6, length-delimited), and 100 levels take 2
+    # bytes each at least: a string of any size is never parsed again.
+    if encoded is None or len(encoded) < 150 or encoded[0] not in _NESTING_TAGS:
         return
     wrapped = _length_delimited(_ENTRY_IN_RESPONSE, _length_delimited(_VALUE_IN_ENTRY, encoded))
     try:

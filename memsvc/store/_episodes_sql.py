@@ -31,24 +31,31 @@ _COLUMNS = (
 )
 
 
-def _matches_in(column: int) -> str:
-    """How many matches FTS5 finds in one column of the row (highlight() marks each;
-    an episode without lessons has none in that column: NULL)."""
-    marked = f"highlight(episodes_fts, {column}, char(1), '')"
-    return f"coalesce(length({marked}) - length(replace({marked}, char(1), '')), 0)"
+def _marked(column: int) -> str:
+    """One column of the row with each match FTS5 finds in it marked by char(1)
+    (NULL for an episode without lessons)."""
+    return f"highlight(episodes_fts, {column}, char(1), '')"
 
 
 # The SQL function each SQLite connection gets (SqliteDurableStore): text_rank.
 SQLITE_TEXT_RANK = "memsvc_text_rank"
+_MATCH = "\x01"
 
 
-def text_rank(description: int, summary: int, lessons: int, length: int) -> float:
-    """A search score from one episode alone: its matches, description and lessons
-    weighing twice the summary, divided by 1 + ln(1 + its length in characters)
-    (as ts_rank's normalization 1 divides by 1 + log(length)). Not FTS5's bm25,
-    whose corpus statistics move with every episode recorded (in any project): a
-    page position taken from one search would no longer compare with the next."""
-    return (2.0 * description + summary + 2.0 * lessons) / (1.0 + math.log1p(length))
+def text_rank(
+    description: str | None, summary: str | None, lessons: str | None, length: int
+) -> float:
+    """A search score from one episode alone: its matches (the columns as
+    ``_marked`` gives them, each marked once), description and lessons weighing
+    twice the summary, divided by 1 + ln(1 + its length in characters) (as
+    ts_rank's normalization 1 divides by 1 + log(length)). Not FTS5's bm25, whose
+    corpus statistics move with every episode recorded (in any project): a page
+    position taken from one search would no longer compare with the next."""
+    weighted = sum(
+        weight * (text or "").count(_MATCH)
+        for weight, text in ((2.0, description), (1.0, summary), (2.0, lessons))
+    )
+    return weighted / (1.0 + math.log1p(length))
 
 
 def _columns(with_embedding: bool) -> str:
@@ -119,7 +126,7 @@ def _text_match(dialect: Dialect, terms: Sequence[str]) -> tuple[str, str, str, 
     return (
         "episodes_fts JOIN episodes e ON e.search_rowid = episodes_fts.rowid",
         "episodes_fts MATCH ?",
-        f"{SQLITE_TEXT_RANK}({_matches_in(0)}, {_matches_in(1)}, {_matches_in(2)},"
+        f"{SQLITE_TEXT_RANK}({_marked(0)}, {_marked(1)}, {_marked(2)},"
         " length(e.task_description) + length(e.context_summary) + length(e.lessons_learned))",
         [" ".join(f'"{term}"' for term in terms)],
     )
