@@ -305,6 +305,7 @@ class Config:
             max_session_keys=self.max_session_keys,
             max_session_bytes=self.max_session_bytes,
             response_budget_bytes=self.response_budget_bytes,
+            message_bytes=self.max_message_bytes,
         )
 
 

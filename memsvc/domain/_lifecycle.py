@@ -45,7 +45,7 @@ from memsvc.domain._ids import (
     check_uuid,
     raise_if_any,
 )
-from memsvc.domain._lifecycle_reads import LifecycleReads
+from memsvc.domain._lifecycle_reads import LifecycleReads, left_by_memsvc
 from memsvc.domain._lifecycle_records import (
     MARKER_FOR,
     REQUEST_ID_CLOCK_MARGIN,
@@ -408,12 +408,7 @@ class Lifecycle:
                 # out until this one commits.
                 # (A transitional marker is healed by the step, to its epoch.)
                 marker = await self._memory.read_marker(ref)
-                if (
-                    marker is not None
-                    and marker.state in SETTLED
-                    and marker.epoch
-                    and marker.epoch != record.memory_epoch
-                ):
+                if marker is not None and not left_by_memsvc(record, marker):
                     raise WorkingMemoryLost(ref.session_id)
 
             try:

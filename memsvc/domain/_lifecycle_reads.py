@@ -156,13 +156,13 @@ class LifecycleReads:
         marker = await self._memory.read_marker(ref)
         if marker is None:
             return record, False
-        if not _left_by_memsvc(record, marker):
+        if not left_by_memsvc(record, marker):
             # An operation may have settled the marker after the record was read
             # (the record commits first): compare with the record as it is now.
             record = await self._db.get_session(ref) or record
             if record.state == SessionState.TERMINATED:
                 return record, None
-        return record, _left_by_memsvc(record, marker)
+        return record, left_by_memsvc(record, marker)
 
     async def list_checkpoints(
         self, session: SessionRef, page_size: int, page_token: str
@@ -190,7 +190,7 @@ class LifecycleReads:
         return page_of(items, limit, scope, lambda last: [last.create_ms, last.checkpoint_id])
 
 
-def _left_by_memsvc(record: SessionRecord, marker: Marker) -> bool:
+def left_by_memsvc(record: SessionRecord, marker: Marker) -> bool:
     """Whether the marker is what the committed record implies (an operation in
     flight, whose marker is transitional, counts): a store restored from an older
     copy holds a memory of another state or epoch, which is as good as lost."""

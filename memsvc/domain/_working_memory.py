@@ -58,11 +58,18 @@ class WorkingMemoryLimits:
     # and its keys with ENTRY_FRAMING_BYTES each.
     response_budget_bytes: int = 3 << 20
 
+    # The gRPC message limit the budget is 3/4 of (the rest is slack for framing).
+    message_bytes: int = 4 << 20
+
+    @staticmethod
+    def key_room(keys: Sequence[str]) -> int:
+        """Bytes ``keys`` take in a BatchGet response: every key comes back, found,
+        missing or unprocessed."""
+        return sum(len(key.encode()) + ENTRY_FRAMING_BYTES for key in keys)
+
     def values_budget(self, keys: Sequence[str]) -> int:
-        """Bytes of values a BatchGet of ``keys`` may carry: every key comes back,
-        found, missing or unprocessed, so the budget is what they leave."""
-        room = sum(len(key.encode()) + ENTRY_FRAMING_BYTES for key in keys)
-        return max(0, self.response_budget_bytes - room)
+        """Bytes of values a BatchGet of ``keys`` may carry: what its keys leave."""
+        return max(0, self.response_budget_bytes - self.key_room(keys))
 
     def page_size(self, requested: int, violations: list[FieldViolation]) -> int:
         """The page size to use for a request's ``page_size`` (AIP-158 rules)."""
@@ -313,10 +320,9 @@ class WorkingMemory:
         """Read up to ``max_batch_keys`` distinct keys under the response budget."""
         violations: list[FieldViolation] = []
         ref = self._check_keys(session, keys, violations)
-        budget = self.limits.values_budget(keys)
-        room = self.limits.response_budget_bytes - budget
-        message_bytes = self.limits.response_budget_bytes * 4 // 3  # max_message_bytes
-        if not violations and len(keys) > 1 and room + self.limits.max_value_bytes > message_bytes:
+        room = self.limits.key_room(keys)
+        too_big = room + self.limits.max_value_bytes > self.limits.message_bytes
+        if not violations and len(keys) > 1 and too_big:
             # The first value found always comes back: with these keys beside it,
             # one of max_value_bytes could pass the message limit. Only with a
             # small max_message_bytes, and many long keys; one key always goes.
@@ -329,6 +335,7 @@ class WorkingMemory:
                 )
             )
         raise_if_any(violations)
+        budget = self.limits.values_budget(keys)
         return await self._guarded(ref, False, lambda: self._store.get_entries(ref, keys, budget))
 
     async def delete(self, session: SessionRef, key: str) -> bool:

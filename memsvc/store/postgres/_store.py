@@ -51,24 +51,23 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def _past_a_limit(error: psycopg.OperationalError) -> bool:
-    """SQLSTATE class 54: 54000 and its siblings (a statement too complex, too
-    many columns or arguments), which are not subclasses of ProgramLimitExceeded."""
-    return (error.sqlstate or "").startswith("54")
-
-
-def _beyond_limit(error: psycopg.OperationalError) -> InvalidArgument:
-    """What a statement past one of PostgreSQL's limits (SQLSTATE class 54: an
-    index row or a tsvector too large, too many parameters) tells the caller.
+def _raise_if_past_a_limit(error: BaseException) -> None:
+    """Raise what a statement past one of PostgreSQL's limits tells the caller:
+    SQLSTATE class 54 (an index row or a tsvector too large, a statement too
+    complex, too many columns or arguments; only 54000 is ProgramLimitExceeded).
 
     psycopg files class 54 under OperationalError, which memsvc retries and
     reports as UNAVAILABLE; but the same request fails the same way every time,
     so it is the request to change: INVALID_ARGUMENT, never "retry later".
     """
+    if not isinstance(error, psycopg.OperationalError):
+        return
+    if not (error.sqlstate or "").startswith("54"):
+        return
     detail = error.diag.message_primary or str(error)
-    return InvalidArgument.single(
+    raise InvalidArgument.single(
         "request", f"is beyond a limit of the database ({detail}); make its longest values shorter"
-    )
+    ) from error
 
 
 _SCHEMA_TABLE = """
@@ -270,11 +269,8 @@ class PostgresDurableStore(SqlDurableReads):
                     async with _pipelined_transaction(conn) as tx:
                         yield tx
                     appended = await tx.committed()
-        except psycopg.OperationalError as error:
-            if _past_a_limit(error):
-                raise _beyond_limit(error) from error
-            raise BackendUnavailable(self.backend_name, error) from error
         except TRANSIENT_ERRORS as error:
+            _raise_if_past_a_limit(error)
             raise BackendUnavailable(self.backend_name, error) from error
         if appended:
             self.events_committed(appended)
@@ -331,8 +327,7 @@ class PostgresDurableStore(SqlDurableReads):
                 try:
                     return await read(conn, POSTGRES, *args)
                 except psycopg.OperationalError as error:
-                    if _past_a_limit(error):
-                        raise _beyond_limit(error) from error
+                    _raise_if_past_a_limit(error)
                     raise
 
         with observed(self.observe, read.__name__):
