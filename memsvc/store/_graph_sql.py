@@ -16,6 +16,7 @@ from decimal import Decimal
 from typing import Any
 
 from memsvc.domain import SessionRef
+from memsvc.domain._errors import BackendUnavailable
 from memsvc.domain._graph_checkpoints import (
     GraphCheckpointRecord,
     GraphListScope,
@@ -95,48 +96,73 @@ def _record(row: Sequence[Any], dialect: Dialect) -> GraphCheckpointRecord:
     )
 
 
+def _as_text(dialect: Dialect, column: str) -> str:
+    """A JSON column as its text (PostgreSQL keeps it as jsonb)."""
+    return f"{column}::text" if dialect.name == "postgres" else column
+
+
+# Times a read starts again when a checkpoint it read changed under it.
+_REREADS = 5
+
+
 async def _attach(
     conn: Connection, dialect: Dialect, records: list[GraphCheckpointRecord]
-) -> list[GraphCheckpointRecord]:
-    """The records with the values their versions name and their pending writes."""
+) -> tuple[list[GraphCheckpointRecord], list[GraphCheckpointRecord]]:
+    """The records with the values their versions name and their pending writes,
+    and the records that changed since they were read.
+
+    The checkpoint rows were read by an earlier statement, so each one is read again
+    with its values and writes, in one statement and so one snapshot: a record
+    deleted meanwhile (a pruned checkpoint, a deleted thread or run) or put again
+    with other versions comes back among the changed, never without its values.
+    """
     groups: dict[tuple[str, str, str], list[int]] = {}
     for index, record in enumerate(records):
         key = (record.project_id, record.thread_id, record.checkpoint_ns)
         groups.setdefault(key, []).append(index)
     values: dict[int, list[GraphValue]] = {i: [] for i in range(len(records))}
     writes: dict[int, list[GraphWrite]] = {i: [] for i in range(len(records))}
+    current: set[int] = set()
     for key, indexes in groups.items():
         pairs = sorted(
             {(ch, ver) for i in indexes for ch, ver in records[i].channel_versions.items()}
         )
         by_id = {records[i].checkpoint_id: i for i in indexes}
         condition, ids = _in(dialect, "checkpoint_id", list(by_id))
-        # Values and writes in one round trip: ("v", channel, version, ...) rows
-        # and ("w", channel, checkpoint id, task id, task path, idx, ...) rows.
+        # Values, writes and the checkpoints themselves in one round trip:
+        # ("v", channel, version, ...), ("w", channel, checkpoint id, task id,
+        # task path, idx, ...) and ("c", checkpoint id, channel versions) rows.
         cursor = await dialect.execute_bulk_read(
             conn,
             f"SELECT 'v', v.channel, v.version, NULL, NULL, 0, v.value_type, v.value"
             f" FROM ({_values_by_pairs(dialect)}) v UNION ALL"
             " SELECT 'w', channel, checkpoint_id, task_id, task_path, idx, value_type, value"
-            f" FROM graph_writes WHERE {_NAMESPACE} AND {condition}",
-            [json.dumps(pairs), *key, *key, ids],
+            f" FROM graph_writes WHERE {_NAMESPACE} AND {condition} UNION ALL"
+            f" SELECT 'c', checkpoint_id, {_as_text(dialect, 'channel_versions')},"
+            " NULL, NULL, 0, NULL, NULL"
+            f" FROM graph_checkpoints WHERE {_NAMESPACE} AND {condition}",
+            [json.dumps(pairs), *key, *key, ids, *key, ids],
         )
         found: dict[tuple[str, str], GraphValue] = {}
         for row in await cursor.fetchall():
             if row[0] == "v":
                 found[(row[1], row[2])] = GraphValue(row[1], row[2], row[6], bytes(row[7]))
-            else:
+            elif row[0] == "w":
                 writes[by_id[row[2]]].append(
                     GraphWrite(row[3], row[4], int(row[5]), row[1], row[6], bytes(row[7]))
                 )
+            elif json.loads(row[2]) == records[by_id[row[1]]].channel_versions:
+                current.add(by_id[row[1]])
         for i in indexes:
             versions = records[i].channel_versions
             values[i] = [found[(c, v)] for c, v in sorted(versions.items()) if (c, v) in found]
             writes[i].sort(key=lambda w: (w.task_path, w.task_id, w.idx))
-    return [
+    attached = [
         dataclasses.replace(r, values=tuple(values[i]), writes=tuple(writes[i]))
         for i, r in enumerate(records)
+        if i in current
     ]
+    return attached, [r for i, r in enumerate(records) if i not in current]
 
 
 async def get_graph_checkpoint(
@@ -151,17 +177,22 @@ async def get_graph_checkpoint(
     if checkpoint_id is not None:
         condition = " AND c.checkpoint_id = ?"
         params.append(checkpoint_id)
-    cursor = await dialect.execute_bulk_read(
-        conn,
-        f"SELECT {_COLUMNS} FROM graph_checkpoints c"
-        " WHERE c.project_id = ? AND c.thread_id = ? AND c.checkpoint_ns = ?"
-        f"{condition} ORDER BY c.checkpoint_id DESC LIMIT 1",
-        params,
-    )
-    row = await cursor.fetchone()
-    if row is None:
-        return None
-    return (await _attach(conn, dialect, [_record(row, dialect)]))[0]
+    for _ in range(_REREADS):
+        cursor = await dialect.execute_bulk_read(
+            conn,
+            f"SELECT {_COLUMNS} FROM graph_checkpoints c"
+            " WHERE c.project_id = ? AND c.thread_id = ? AND c.checkpoint_ns = ?"
+            f"{condition} ORDER BY c.checkpoint_id DESC LIMIT 1",
+            params,
+        )
+        row = await cursor.fetchone()
+        if row is None:
+            return None
+        attached, _ = await _attach(conn, dialect, [_record(row, dialect)])
+        if attached:
+            return attached[0]
+        # Deleted or put again between the two statements: what is there now?
+    raise _kept_changing(dialect)
 
 
 def _metadata_conditions(dialect: Dialect, wanted: dict[str, Any]) -> tuple[list[str], list[Any]]:
@@ -253,13 +284,54 @@ async def list_graph_checkpoints(
     result: list[GraphCheckpointRecord] = []
     size = 0
     for start in range(0, len(records), 10):
-        for record in await _attach(conn, dialect, records[start : start + 10]):
+        for record in await _attach_current(conn, dialect, records[start : start + 10]):
             record_size = record.size()
             if result and size + record_size > byte_budget:
                 return result, True
             result.append(record)
             size += record_size
     return result, False
+
+
+async def _attach_current(
+    conn: Connection, dialect: Dialect, records: list[GraphCheckpointRecord]
+) -> list[GraphCheckpointRecord]:
+    """The records as _attach gives them, in their order: one deleted since it was
+    read is left out (a list is not one snapshot across its statements, but each
+    checkpoint in it is whole), one put again is read again."""
+    attached, changed = await _attach(conn, dialect, records)
+    for _ in range(_REREADS):
+        if not changed:
+            break
+        again = await _reread(conn, dialect, changed)
+        more, changed = await _attach(conn, dialect, again)
+        attached += more
+    else:
+        raise _kept_changing(dialect)
+    order = {(r.thread_id, r.checkpoint_ns, r.checkpoint_id): i for i, r in enumerate(records)}
+    return sorted(attached, key=lambda r: order[(r.thread_id, r.checkpoint_ns, r.checkpoint_id)])
+
+
+def _kept_changing(dialect: Dialect) -> BackendUnavailable:
+    """A read that met a change on every try (writers putting one id again and
+    again): UNAVAILABLE, which tells the caller to retry."""
+    return BackendUnavailable(dialect.name, RuntimeError("checkpoints kept changing while read"))
+
+
+async def _reread(
+    conn: Connection, dialect: Dialect, records: list[GraphCheckpointRecord]
+) -> list[GraphCheckpointRecord]:
+    """The checkpoint rows of these records as they are now (the deleted ones gone)."""
+    found: list[GraphCheckpointRecord] = []
+    for record in records:
+        cursor = await dialect.execute_bulk_read(
+            conn,
+            f"SELECT {_COLUMNS} FROM graph_checkpoints c WHERE c.project_id = ?"
+            " AND c.thread_id = ? AND c.checkpoint_ns = ? AND c.checkpoint_id = ?",
+            [record.project_id, record.thread_id, record.checkpoint_ns, record.checkpoint_id],
+        )
+        found += [_record(row, dialect) for row in await cursor.fetchall()]
+    return found
 
 
 def _touch_thread(

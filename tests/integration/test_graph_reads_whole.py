@@ -1,0 +1,162 @@
+"""A graph checkpoint is read whole or not at all.
+
+Get and List read the checkpoint rows in one statement, then their values and
+writes in another. A delete (of the thread, a run, or by retention) that commits
+between the two must not turn into a checkpoint without its values: Get then
+answers as it would after the delete, and List leaves that checkpoint out.
+The delete is made to commit exactly there by running it just before the second
+statement.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import pytest
+
+from memsvc.config import Config
+from memsvc.server import Server
+from memsvc.store import _graph_sql
+from memsvc.v1 import graph_checkpoint_pb2 as gpb
+from memsvc.v1.graph_checkpoint_pb2_grpc import GraphCheckpointServiceStub
+from tests.helpers import expect_error
+
+
+@pytest.fixture
+async def graphs(local_config: Config) -> AsyncIterator[GraphCheckpointServiceStub]:
+    server = Server(local_config)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            yield GraphCheckpointServiceStub(channel)
+    finally:
+        await server.stop()
+
+
+def checkpoint(thread: str, checkpoint_id: str, run_id: str) -> gpb.GraphCheckpoint:
+    return gpb.GraphCheckpoint(
+        thread_id=thread,
+        checkpoint_id=checkpoint_id,
+        checkpoint=gpb.TypedValue(type="json", data=b"{}"),
+        metadata_json=f'{{"run_id": "{run_id}"}}',
+        channel_versions={"messages": checkpoint_id},
+        channel_values=[
+            gpb.ChannelValue(
+                channel="messages",
+                version=checkpoint_id,
+                value=gpb.TypedValue(type="json", data=f'"{checkpoint_id}"'.encode()),
+            )
+        ],
+    )
+
+
+def before_the_values_are_read(
+    monkeypatch: pytest.MonkeyPatch, change: Callable[[], Awaitable[object]]
+) -> None:
+    """Runs ``change`` once, between a read's checkpoint rows and its values."""
+    real = _graph_sql._attach
+    pending = [change]
+
+    async def attach(*args: Any) -> Any:
+        if pending:
+            await pending.pop()()
+        return await real(*args)
+
+    monkeypatch.setattr(_graph_sql, "_attach", attach)
+
+
+async def test_get_of_a_checkpoint_deleted_meanwhile_is_not_found(
+    graphs: GraphCheckpointServiceStub, monkeypatch: pytest.MonkeyPatch
+):
+    project = str(uuid.uuid4())
+    await graphs.PutGraphCheckpoint(
+        gpb.PutGraphCheckpointRequest(project_id=project, checkpoint=checkpoint("t", "c1", "r1"))
+    )
+    before_the_values_are_read(
+        monkeypatch,
+        lambda: graphs.DeleteGraphThread(
+            gpb.DeleteGraphThreadRequest(project_id=project, thread_id="t")
+        ),
+    )
+    request = gpb.GetGraphCheckpointRequest(project_id=project, thread_id="t", checkpoint_id="c1")
+    error = await expect_error(graphs.GetGraphCheckpoint(request), grpc.StatusCode.NOT_FOUND)
+    assert error.reason == "ERROR_REASON_GRAPH_CHECKPOINT_NOT_FOUND"
+
+
+async def test_get_of_the_latest_deleted_meanwhile_answers_the_one_before(
+    graphs: GraphCheckpointServiceStub, monkeypatch: pytest.MonkeyPatch
+):
+    project = str(uuid.uuid4())
+    for checkpoint_id, run_id in (("c1", "r1"), ("c2", "r2")):
+        await graphs.PutGraphCheckpoint(
+            gpb.PutGraphCheckpointRequest(
+                project_id=project, checkpoint=checkpoint("t", checkpoint_id, run_id)
+            )
+        )
+    before_the_values_are_read(
+        monkeypatch,
+        lambda: graphs.DeleteGraphRuns(
+            gpb.DeleteGraphRunsRequest(project_id=project, run_ids=["r2"])
+        ),
+    )
+    got = await graphs.GetGraphCheckpoint(
+        gpb.GetGraphCheckpointRequest(project_id=project, thread_id="t")
+    )
+    assert got.checkpoint.checkpoint_id == "c1"
+    assert [v.value.data for v in got.checkpoint.channel_values] == [b'"c1"']
+
+
+async def test_list_leaves_out_a_checkpoint_deleted_meanwhile(
+    graphs: GraphCheckpointServiceStub, monkeypatch: pytest.MonkeyPatch
+):
+    project = str(uuid.uuid4())
+    for checkpoint_id, run_id in (("c1", "r1"), ("c2", "r2"), ("c3", "r3")):
+        await graphs.PutGraphCheckpoint(
+            gpb.PutGraphCheckpointRequest(
+                project_id=project, checkpoint=checkpoint("t", checkpoint_id, run_id)
+            )
+        )
+    before_the_values_are_read(
+        monkeypatch,
+        lambda: graphs.DeleteGraphRuns(
+            gpb.DeleteGraphRunsRequest(project_id=project, run_ids=["r2"])
+        ),
+    )
+    listed = await graphs.ListGraphCheckpoints(
+        gpb.ListGraphCheckpointsRequest(project_id=project, thread_id="t")
+    )
+    assert [c.checkpoint_id for c in listed.checkpoints] == ["c3", "c1"]
+    for item in listed.checkpoints:
+        data = [v.value.data for v in item.channel_values]
+        assert data == [f'"{item.checkpoint_id}"'.encode()]
+
+
+async def test_reads_of_a_checkpoint_put_again_meanwhile_have_its_new_values(
+    graphs: GraphCheckpointServiceStub, monkeypatch: pytest.MonkeyPatch
+):
+    project = str(uuid.uuid4())
+    await graphs.PutGraphCheckpoint(
+        gpb.PutGraphCheckpointRequest(project_id=project, checkpoint=checkpoint("t", "c1", "r1"))
+    )
+    again = checkpoint("t", "c1", "r1")
+    again.channel_versions["messages"] = "v2"
+    del again.channel_values[:]
+    again.channel_values.add(
+        channel="messages", version="v2", value=gpb.TypedValue(type="json", data=b'"v2"')
+    )
+
+    before_the_values_are_read(
+        monkeypatch,
+        lambda: graphs.PutGraphCheckpoint(
+            gpb.PutGraphCheckpointRequest(project_id=project, checkpoint=again)
+        ),
+    )
+    listed = await graphs.ListGraphCheckpoints(
+        gpb.ListGraphCheckpointsRequest(project_id=project, thread_id="t")
+    )
+    [item] = listed.checkpoints
+    assert dict(item.channel_versions) == {"messages": "v2"}
+    assert [v.value.data for v in item.channel_values] == [b'"v2"']
