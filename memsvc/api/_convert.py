@@ -16,7 +16,7 @@ from google.protobuf.message import DecodeError
 
 from memsvc.domain import FieldViolation, InvalidArgument
 from memsvc.domain._storable import json_problem
-from memsvc.v1 import working_memory_pb2
+from memsvc.v1 import episodic_pb2, working_memory_pb2
 
 _NANOS_PER_MS = 1_000_000
 
@@ -96,10 +96,51 @@ def plain_struct(message: struct_pb2.Struct, field: str) -> dict[str, Any]:
         raise InvalidArgument.single(
             field, "numbers must be finite: it is stored as JSON, which has no NaN or Infinity"
         ) from error
-    problem = json_problem(plain)
+    problem = json_problem(plain) or _unreadable_struct(message, plain)
     if problem:
         raise InvalidArgument.single(field, problem)
     return plain
+
+
+# Where a Struct sits deepest in any response: an episode's metadata or action in
+# SearchEpisodesResponse.results[].episode (a Terminate's metadata becomes its
+# episode's). Lifecycle events and sessions hold metadata nearer the top.
+_DEEPEST_STRUCT_PATH = (
+    episodic_pb2.SearchEpisodesResponse.DESCRIPTOR.fields_by_name["results"].number,
+    episodic_pb2.SearchResult.DESCRIPTOR.fields_by_name["episode"].number,
+    episodic_pb2.Episode.DESCRIPTOR.fields_by_name["metadata"].number,
+)
+# JSON levels below which no Struct can reach protobuf's limit (each level takes
+# 3 nested messages at most, an object: Struct, map entry, Value).
+_SHALLOW_JSON = 30
+
+
+def _unreadable_struct(message: struct_pb2.Struct, plain: dict[str, Any]) -> str | None:
+    """Why a Struct could not be sent back, or None: protobuf refuses messages
+    nested past 100 levels, and every response holds a request's Struct deeper than
+    the request did. Accepted, it would be stored and then fail every read, page
+    and watch event that carries it."""
+    if _json_depth(plain) < _SHALLOW_JSON:
+        return None
+    wrapped = message.SerializeToString()
+    for number in reversed(_DEEPEST_STRUCT_PATH):
+        wrapped = _length_delimited(number, wrapped)
+    try:
+        episodic_pb2.SearchEpisodesResponse.FromString(wrapped)
+    except DecodeError:
+        return (
+            "nests too deep: a response holding it would pass protobuf's limit of 100 "
+            "nested messages (each list takes 2, each object 3)"
+        )
+    return None
+
+
+def _json_depth(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(_json_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_json_depth, value), default=0)
+    return 0
 
 
 def seconds_of(duration: duration_pb2.Duration, field: str) -> float:

@@ -19,6 +19,7 @@ from memsvc.api._convert import (
 from memsvc.domain import FieldViolation, SessionRef
 from memsvc.domain._lifecycle import Lifecycle
 from memsvc.domain._lifecycle_records import CheckpointRecord, SessionRecord
+from memsvc.domain._storable import metadata_problem
 from memsvc.domain._watch import EventHub, StoredEvent, check_watch_request
 from memsvc.v1 import lifecycle_pb2 as pb
 from memsvc.v1 import lifecycle_pb2_grpc as pb_grpc
@@ -52,7 +53,12 @@ def metadata_of(request: Any, violations: list[FieldViolation]) -> dict[str, Any
     ``violations``)."""
     if not request.HasField("metadata"):
         return {}
-    return collected(violations, lambda: plain_struct(request.metadata, "metadata"), {})
+    metadata = collected(violations, lambda: plain_struct(request.metadata, "metadata"), None)
+    if metadata is None:
+        return {}
+    if problem := metadata_problem(metadata):
+        violations.append(FieldViolation("metadata", problem))
+    return metadata
 
 
 def _session_ref(request: Any) -> SessionRef:

@@ -47,7 +47,13 @@ from memsvc.domain._pagination import (
     position_score,
     position_uuid,
 )
-from memsvc.domain._storable import MAX_TIME_MS, MIN_TIME_MS, json_problem
+from memsvc.domain._storable import (
+    MAX_TIME_MS,
+    MIN_TIME_MS,
+    json_problem,
+    json_size,
+    metadata_problem,
+)
 
 OUTCOMES = {1: "SUCCESS", 2: "FAILURE", 3: "PARTIAL"}
 MAX_TASK_TYPE_CHARS = 128
@@ -57,7 +63,6 @@ MAX_LESSONS = 100
 MAX_LESSON_CHARS = 2_000
 MAX_ACTIONS = 1_000
 MAX_ACTIONS_BYTES = 1 << 20
-MAX_METADATA_BYTES = 64 << 10
 MAX_EMBEDDING_DIMENSIONS = 4_096
 MAX_QUERY_CHARS = 1_000
 # protobuf's Duration range: what the API can send back.
@@ -191,6 +196,17 @@ class Episodes:
         violations = [*found, *check_episode(episode, "episode")]
         packed = check_embedding(embedding, "episode.embedding", violations)
         request_id = check_request_id(request_id, violations)
+        size = dataclasses.replace(episode, embedding=packed).size()
+        if not violations and size > self._page_bytes:
+            # Within every field's limit, but too large for a response as a whole.
+            violations.append(
+                FieldViolation(
+                    "episode",
+                    f"is {size} bytes with all its fields, over the {self._page_bytes} bytes "
+                    "one response carries (3/4 of max_message_bytes): shorten its text, "
+                    "actions or lessons",
+                )
+            )
         raise_if_any(violations)
         ref = SessionRef(
             episode.ref.project_id.lower(),
@@ -457,7 +473,7 @@ def check_episode(episode: EpisodeRecord, prefix: str) -> list[FieldViolation]:
     )
     if len(episode.actions) > MAX_ACTIONS:
         bad("actions", f"has {len(episode.actions)} actions, over the maximum of {MAX_ACTIONS}")
-    elif _json_size(episode.actions) > MAX_ACTIONS_BYTES:
+    elif json_size(episode.actions) > MAX_ACTIONS_BYTES:
         bad("actions", f"is over {MAX_ACTIONS_BYTES} bytes of JSON")
     elif problem := json_problem(episode.actions):
         bad("actions", problem)
@@ -497,8 +513,8 @@ def check_story(
         _check_text(
             bad, f"lessons_learned[{index}]", lesson, MAX_LESSON_CHARS if lesson_limits else None
         )
-    if limits and _json_size(metadata) > MAX_METADATA_BYTES:
-        bad("metadata", f"is over {MAX_METADATA_BYTES} bytes of JSON")
+    if limits and (problem := metadata_problem(metadata)):
+        bad("metadata", problem)
 
 
 def _check_text(bad: Callable[[str, str], None], name: str, value: str, limit: int | None) -> None:
@@ -507,12 +523,6 @@ def _check_text(bad: Callable[[str, str], None], name: str, value: str, limit: i
         bad(name, f"is {len(value)} characters, over the maximum of {limit}")
     elif problem := json_problem(value):
         bad(name, problem)
-
-
-def _json_size(value: Any) -> int:
-    """Bytes of UTF-8 JSON (not of ASCII escapes: an emoji is 4 bytes, not 12)."""
-    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-    return len(text.encode("utf-8", "surrogatepass"))
 
 
 def encode_episode(episode: EpisodeRecord) -> bytes:

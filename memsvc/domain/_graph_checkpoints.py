@@ -19,9 +19,10 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, replace
+from decimal import Decimal
 from enum import IntEnum
 from typing import Any, Protocol, cast
 
@@ -760,7 +761,38 @@ def parse_json_object(
     if problem:
         violations.append(FieldViolation(field, problem))
         return {}
+    served = served_json_size(value)
+    if served > max_bytes:
+        violations.append(
+            FieldViolation(
+                field,
+                f"is {served} bytes as reads send it back (numbers in plain decimal form, "
+                f"as PostgreSQL writes them: 1e300 takes 301 digits), over {max_bytes}",
+            )
+        )
+        return {}
     return value
+
+
+def served_json_size(value: Any) -> int:
+    """Bytes of ``value`` as compact JSON with every float in plain decimal form:
+    at least what reads send back, from either database (PostgreSQL's jsonb prints
+    a number without an exponent; SQLite keeps Python's shorter form)."""
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return len(text.encode("utf-8", "surrogatepass")) + sum(
+        len(format(Decimal(repr(number)), "f")) - len(repr(number)) for number in _floats(value)
+    )
+
+
+def _floats(value: Any) -> Iterator[float]:
+    if isinstance(value, float):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _floats(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _floats(item)
 
 
 def check_checkpoint(
@@ -782,6 +814,12 @@ def check_checkpoint(
                 FieldViolation(f"{prefix}.parent_checkpoint_id", "must differ from checkpoint_id")
             )
     _check_type(record.doc_type, f"{prefix}.checkpoint.type", violations)
+    run_id = record.metadata.get("run_id")
+    if isinstance(run_id, str):
+        # DeleteGraphRuns must be able to name it: the same rule as its run_ids.
+        found: list[FieldViolation] = []
+        _check_text(run_id, f"{prefix}.metadata_json", MAX_RUN_ID_BYTES, False, found)
+        violations += [replace(v, description=f"run_id {v.description}") for v in found]
     if len(record.channel_versions) > MAX_CHANNELS:
         violations.append(
             FieldViolation(

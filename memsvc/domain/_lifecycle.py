@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
-from memsvc.domain._episodes import OUTCOMES, check_story
+from memsvc.domain._episodes import MAX_ACTIONS_BYTES, OUTCOMES, check_story
 from memsvc.domain._errors import (
     CheckpointAlreadyExists,
     CheckpointLimitExceeded,
@@ -565,19 +565,27 @@ class Lifecycle:
         metadata: dict[str, Any],
         now: int,
     ) -> EpisodeRecord:
-        """The reference consolidation: one episode summarising the session's state."""
+        """The reference consolidation: one episode summarising the session's state.
+
+        Its action lists the state's keys, as many as an episode's actions may hold
+        and one response can carry with the rest of the episode (10,000 keys of
+        512 bytes would not); when they are cut, the action says so and counts them.
+        """
         keys = sorted(e.key for e in entries)
         description = (task_description or f"Session {record.ref.session_id} completed")[:500]
-        return EpisodeRecord(
+        action: dict[str, Any] = {
+            "type": "session_completion",
+            "state_keys": [],
+            "outcome": OUTCOMES[outcome],
+        }
+        episode = EpisodeRecord(
             episode_id=uuid7(),
             ref=record.ref,
             task_type="session_completion",
             task_description=description,
             outcome=outcome,
             outcome_details=f"Session terminated with {len(entries)} state items",
-            actions=[
-                {"type": "session_completion", "state_keys": keys, "outcome": OUTCOMES[outcome]}
-            ],
+            actions=[action],
             context_summary=state_summary(entries, self._render_value, SUMMARY_CHARS),
             lessons_learned=lessons,
             duration_seconds=max(0.0, (now - record.create_ms) / 1000),
@@ -586,6 +594,14 @@ class Lifecycle:
             metadata=metadata,
             create_ms=now,
         )
+        # Room for the keys: what is left of the response budget (and of an
+        # episode's actions), less what a cut list adds.
+        room = min(MAX_ACTIONS_BYTES, self._wm.limits.response_budget_bytes - episode.size()) - 64
+        listed = keys_within(keys, room)
+        action["state_keys"] = listed
+        if len(listed) < len(keys):
+            action.update(state_keys_truncated=True, state_key_count=len(keys))
+        return episode
 
     # Reads ------------------------------------------------------------------
 
@@ -936,6 +952,21 @@ class Lifecycle:
 
 
 SUMMARY_CHARS = 1000
+
+
+def keys_within(keys: list[str], room: int) -> list[str]:
+    """The first ``keys`` whose list takes at most ``room`` bytes, as JSON or as a
+    protobuf ListValue (each key quoted and escaped, or framed: 12 bytes at most)."""
+    # At most 6 bytes a character (a JSON escape, \u0001), so most lists need no
+    # character-by-character count.
+    if sum(12 + 6 * len(key) for key in keys) <= room:
+        return keys
+    used = 0
+    for count, key in enumerate(keys):
+        used += 12 + len(json.dumps(key, ensure_ascii=False).encode("utf-8", "surrogatepass"))
+        if used > room:
+            return keys[:count]
+    return keys
 
 
 def state_summary(

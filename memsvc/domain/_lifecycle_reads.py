@@ -139,6 +139,8 @@ class LifecycleReads:
             limit,
             scope,
             lambda last: [last.create_ms, last.ref.agent_instance_id, last.ref.session_id],
+            SessionRecord.size,
+            self._limits.response_budget_bytes,
         )
 
     async def get_session(self, session: SessionRef) -> tuple[SessionRecord, bool | None]:
@@ -187,7 +189,14 @@ class LifecycleReads:
             self.retention.with_expiry(c, protected)
             for c in await self._db.list_checkpoints(ref, before, limit + 1)
         ]
-        return page_of(items, limit, scope, lambda last: [last.create_ms, last.checkpoint_id])
+        return page_of(
+            items,
+            limit,
+            scope,
+            lambda last: [last.create_ms, last.checkpoint_id],
+            CheckpointRecord.size,
+            self._limits.response_budget_bytes,
+        )
 
 
 def left_by_memsvc(record: SessionRecord, marker: Marker) -> bool:

@@ -65,6 +65,11 @@ class SessionRecord:
     create_ms: int
     update_ms: int
 
+    def size(self) -> int:
+        """An upper bound of its bytes in a response (pages end within a budget)."""
+        texts = (self.ref.session_id, self.resume_checkpoint_id or "")
+        return 256 + _texts_size(texts) + wire_size(self.metadata)  # 256: ids, times, framing
+
 
 @dataclass(frozen=True, slots=True)
 class CheckpointRecord:
@@ -79,6 +84,11 @@ class CheckpointRecord:
     # When retention deletes it at the latest; None while it is protected (the
     # resume point of a PAUSED session). Computed, not stored.
     expire_ms: int | None = None
+
+    def size(self) -> int:
+        """An upper bound of its bytes in a response (pages end within a budget)."""
+        texts = (self.ref.session_id, self.checkpoint_id)
+        return 256 + _texts_size(texts) + wire_size(self.metadata)  # 256: ids, times, framing
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,12 +136,17 @@ class EpisodeRecord:
                  self.context_summary, self.ref.session_id, *self.lessons_learned)  # fmt: skip
         return (
             512  # ids, numbers, times and framing
-            + sum(6 + len(text.encode("utf-8", "surrogatepass")) for text in texts)
+            + _texts_size(texts)
             + wire_size(self.actions)
             + wire_size(self.metadata)
             + 6 * len(self.lessons_learned)
             + (len(self.embedding) + 6 if self.embedding else 0)
         )
+
+
+def _texts_size(texts: tuple[str, ...]) -> int:
+    """Bytes of these strings in a message, with their framing."""
+    return sum(6 + len(text.encode("utf-8", "surrogatepass")) for text in texts)
 
 
 class RequestIdReused(Exception):

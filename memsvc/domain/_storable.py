@@ -3,6 +3,7 @@ the longest TTL any store keeps."""
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -13,6 +14,10 @@ MAX_JSON_DEPTH = 64
 MIN_TIME_MS = -62_135_596_800_000  # 0001-01-01T00:00:00Z
 MAX_TIME_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
 NUL_FREE = "must not contain NUL characters (U+0000), which PostgreSQL cannot store in text"
+# Metadata of a lifecycle call or an episode: each lifecycle event carries its
+# call's metadata to every watcher, and a page of sessions, checkpoints or episodes
+# carries many, so it stays a small fraction of one gRPC message.
+MAX_METADATA_BYTES = 64 << 10
 
 
 def json_problem(value: Any, depth: int = 0) -> str | None:
@@ -38,6 +43,20 @@ def json_problem(value: Any, depth: int = 0) -> str | None:
             problem = json_problem(item, depth + 1)
             if problem:
                 return problem
+    return None
+
+
+def json_size(value: Any) -> int:
+    """Bytes of compact UTF-8 JSON (not of ASCII escapes: an emoji is 4 bytes, not 12)."""
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def metadata_problem(metadata: dict[str, Any]) -> str | None:
+    """Why metadata is too large to store, or None."""
+    size = json_size(metadata)
+    if size > MAX_METADATA_BYTES:
+        return f"is {size} bytes of JSON, over the maximum of {MAX_METADATA_BYTES} bytes"
     return None
 
 

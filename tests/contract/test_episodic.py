@@ -32,6 +32,14 @@ def struct(data: dict[str, Any]) -> struct_pb2.Struct:
     return message
 
 
+def nested(depth: int) -> dict[str, Any]:
+    """An object ``depth`` levels deep: {"a": {"a": ... 1}}."""
+    value: Any = 1
+    for _ in range(depth):
+        value = {"a": value}
+    return dict(value)
+
+
 def episode(scope: dict[str, str], **fields: Any) -> ep.Episode:
     """A valid episode of the test's session, with ``fields`` overriding."""
     values: dict[str, Any] = {
@@ -171,6 +179,10 @@ async def test_unknown_episodes_are_not_found_in_any_project(episodic, scope):
         ({"lessons_learned": ["a\x00b"]}, "episode.lessons_learned[0]"),
         ({"metadata": struct({"k": "a\x00b"})}, "episode.metadata"),
         ({"actions": [struct({"a\x00": 1})]}, "episode.actions[0]"),
+        # Nested so deep that SearchEpisodes, which holds them deepest, could not send
+        # them (protobuf's 100 levels), though the request itself parses.
+        ({"metadata": struct(nested(33))}, "episode.metadata"),
+        ({"actions": [struct(nested(33))]}, "episode.actions[0]"),
     ],
 )
 async def test_every_bad_field_is_refused_and_nothing_is_written(episodic, scope, fields, field):
@@ -179,6 +191,17 @@ async def test_every_bad_field_is_refused_and_nothing_is_written(episodic, scope
     )
     assert field in details.violations, details.violations
     assert await list_all(episodic, scope["project_id"]) == []
+
+
+async def test_the_deepest_metadata_and_actions_accepted_come_back_from_search(episodic, scope):
+    deepest = struct({"word": "zebrafish", **nested(32)})
+    await record(episodic, episode(scope, metadata=deepest, actions=[deepest]))
+    response = await episodic.SearchEpisodes(
+        ep.SearchEpisodesRequest(project_id=scope["project_id"], query="review")
+    )
+    [result] = response.results
+    assert result.episode.metadata == deepest
+    assert list(result.episode.actions) == [deepest]
 
 
 async def test_json_limits_count_bytes_of_utf8(episodic, scope):

@@ -578,3 +578,38 @@ async def test_a_page_ends_before_its_values_outgrow_a_message(graphs, scope):
             break
     assert [c for p in pages for c in p] == ["c5", "c4", "c3", "c2", "c1"]
     assert max(len(p) for p in pages) <= 3 and len(pages) >= 2
+
+
+@pytest.mark.parametrize(
+    ("metadata_json", "problem"),
+    [
+        # 1e300 reads back as 301 digits on PostgreSQL: 2 KiB of input is over 1 MiB.
+        ('{"a": [' + ",".join(["1e300"] * 3_600) + "]}", "plain decimal"),
+        # A run DeleteGraphRuns could not name: the same rules as its run_ids.
+        ('{"run_id": "a\\nb"}', "run_id must not contain control characters"),
+        ('{"run_id": "' + "r" * 257 + '"}', "run_id is 257 bytes"),
+    ],
+    ids=["expands", "run-id-control", "run-id-long"],
+)
+async def test_metadata_that_could_not_be_read_back_or_named_is_refused(
+    graphs, scope, metadata_json, problem
+):
+    project = scope["project_id"]
+    bad = checkpoint("t", "c1")
+    bad.metadata_json = metadata_json
+    error = await expect_error(put(graphs, project, bad), grpc.StatusCode.INVALID_ARGUMENT)
+    assert set(error.violations) == {"checkpoint.metadata_json"}
+    assert problem in error.violations["checkpoint.metadata_json"]
+    assert await ids(graphs, project, "t") == []
+
+
+async def test_metadata_at_its_limit_as_read_back_is_stored_and_read(graphs, scope):
+    project = scope["project_id"]
+    numbers = [1e300] * 3_000  # 3,000 x 302 bytes read back: under 1 MiB
+    stored = checkpoint("t", "c1", metadata={"a": numbers, "run_id": "r" * 256})
+    await put(graphs, project, stored)
+    got = await graphs.GetGraphCheckpoint(
+        pb.GetGraphCheckpointRequest(project_id=project, thread_id="t")
+    )
+    # PostgreSQL gives it back as the integer 10**300 (jsonb keeps numbers as numeric).
+    assert [float(n) for n in json.loads(got.checkpoint.metadata_json)["a"]] == numbers

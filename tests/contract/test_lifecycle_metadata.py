@@ -1,0 +1,240 @@
+"""What a lifecycle call stores comes back in one response (both deployments):
+metadata has a size and a depth limit, pages of sessions and checkpoints end within
+a response however large their metadata, and so does a Terminate's episode however
+many keys the session held."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import json_format, struct_pb2
+
+from memsvc.v1 import episodic_pb2 as ep
+from memsvc.v1 import lifecycle_pb2 as lc
+from memsvc.v1 import working_memory_pb2 as wm_pb
+from memsvc.v1.episodic_pb2_grpc import EpisodicMemoryServiceStub
+from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
+from memsvc.v1.working_memory_pb2_grpc import WorkingMemoryServiceStub
+from tests.helpers import expect_error, value
+
+LIMIT = 64 * 1024
+MESSAGE_BYTES = 256 * 1024
+
+
+@pytest.fixture
+def config_overrides() -> dict[str, object]:
+    # Small messages, so that a few sessions of large metadata fill a page.
+    return {"max_message_bytes": MESSAGE_BYTES, "max_value_bytes": 64 * 1024}
+
+
+@pytest.fixture
+def life(channel: grpc.aio.Channel) -> LifecycleServiceStub:
+    return LifecycleServiceStub(channel)
+
+
+def json_size(struct: struct_pb2.Struct) -> int:
+    plain = json_format.MessageToDict(struct)
+    return len(json.dumps(plain, separators=(",", ":"), ensure_ascii=False).encode())
+
+
+def metadata_of_size(size: int) -> struct_pb2.Struct:
+    """A Struct whose compact JSON is ``size`` bytes (of two-byte characters, so
+    that a limit counted in characters or escapes would be caught)."""
+    room = size - len('{"note":""}')
+    struct = struct_pb2.Struct()
+    struct.update({"note": "é" * (room // 2) + "x" * (room % 2)})
+    return struct
+
+
+def test_the_helper_makes_the_size_it_is_asked_for():
+    for size in (LIMIT, LIMIT + 1):
+        assert json_size(metadata_of_size(size)) == size
+
+
+async def test_every_call_refuses_metadata_past_the_limit_and_changes_nothing(
+    life: LifecycleServiceStub, scope: dict[str, Any]
+):
+    over = metadata_of_size(LIMIT + 1)
+    calls: list[Callable[[struct_pb2.Struct], Awaitable[Any]]] = [
+        lambda m: life.Spawn(lc.SpawnRequest(**scope, metadata=m)),
+        lambda m: life.CreateCheckpoint(lc.CreateCheckpointRequest(**scope, metadata=m)),
+        lambda m: life.Pause(lc.PauseRequest(**scope, checkpoint_id="held", metadata=m)),
+        lambda m: life.Resume(lc.ResumeRequest(**scope, metadata=m)),
+        lambda m: life.Terminate(lc.TerminateRequest(**scope, metadata=m)),
+    ]
+    for call in calls:
+        error = await expect_error(call(over), grpc.StatusCode.INVALID_ARGUMENT)
+        assert list(error.violations) == ["metadata"]
+        assert f"{LIMIT} bytes" in error.violations["metadata"]
+        # At the limit the same call goes through: each step of the lifecycle in turn.
+        await call(metadata_of_size(LIMIT))
+    session = (await life.GetSession(lc.GetSessionRequest(**scope))).session
+    assert session.state == lc.SESSION_STATE_TERMINATED
+    # Five calls went through, one each: the refused ones left no event.
+    kinds = [
+        lc.EVENT_TYPE_SESSION_SPAWNED,
+        lc.EVENT_TYPE_CHECKPOINT_CREATED,
+        lc.EVENT_TYPE_SESSION_PAUSED,
+        lc.EVENT_TYPE_SESSION_RESUMED,
+        lc.EVENT_TYPE_SESSION_TERMINATED,
+    ]
+    events = life.WatchLifecycle(
+        lc.WatchLifecycleRequest(
+            project_id=scope["project_id"], start=lc.WATCH_START_OLDEST, event_types=kinds
+        )
+    )
+    seen: list[int] = []
+    async for message in events:
+        if message.HasField("event"):
+            seen.append(message.event.event_type)
+            assert len(message.event.metadata["note"]) > LIMIT // 4
+        if len(seen) == 5:
+            break
+    events.cancel()
+    assert seen == kinds
+
+
+async def test_session_pages_end_within_a_response(
+    life: LifecycleServiceStub, scope: dict[str, Any]
+):
+    big = metadata_of_size(LIMIT)
+    spawned: set[str] = set()
+    for index in range(8):  # 8 x 64 KiB: twice a 256 KiB message
+        session_id = f"big-{index}"
+        await life.Spawn(lc.SpawnRequest(**{**scope, "session_id": session_id}, metadata=big))
+        spawned.add(session_id)
+    listed: list[str] = []
+    token = ""
+    pages = 0
+    while True:
+        page = await life.ListSessions(
+            lc.ListSessionsRequest(project_id=scope["project_id"], page_size=100, page_token=token)
+        )
+        pages += 1
+        assert page.sessions, "every page holds a session at least"
+        listed += [s.session_id for s in page.sessions]
+        token = page.next_page_token
+        if not token:
+            break
+    assert sorted(listed) == sorted(spawned)
+    assert pages > 2
+
+
+async def test_checkpoint_pages_end_within_a_response(
+    life: LifecycleServiceStub, scope: dict[str, Any]
+):
+    big = metadata_of_size(LIMIT)
+    await life.Spawn(lc.SpawnRequest(**scope))
+    made: set[str] = set()
+    for index in range(8):
+        checkpoint_id = f"big-{index}"
+        await life.CreateCheckpoint(
+            lc.CreateCheckpointRequest(**scope, checkpoint_id=checkpoint_id, metadata=big)
+        )
+        made.add(checkpoint_id)
+    listed: list[str] = []
+    token = ""
+    pages = 0
+    while True:
+        page = await life.ListCheckpoints(
+            lc.ListCheckpointsRequest(**scope, page_size=100, page_token=token)
+        )
+        pages += 1
+        assert page.checkpoints
+        listed += [c.checkpoint_id for c in page.checkpoints]
+        token = page.next_page_token
+        if not token:
+            break
+    assert sorted(listed) == sorted(made)
+    assert pages > 2
+
+
+def nested(depth: int) -> struct_pb2.Struct:
+    """A Struct ``depth`` objects deep: {"a": {"a": ... 1}}."""
+    value: Any = 1
+    for _ in range(depth):
+        value = {"a": value}
+    struct = struct_pb2.Struct()
+    struct.update(value)
+    return struct
+
+
+async def test_metadata_too_deep_to_send_back_is_refused_and_the_deepest_accepted_reads_back(
+    life: LifecycleServiceStub, channel: grpc.aio.Channel, scope: dict[str, Any]
+):
+    # 33 objects parse in a request, but not in a search result, where a consolidating
+    # Terminate's metadata ends up (protobuf's limit of 100 nested messages).
+    error = await expect_error(
+        life.Spawn(lc.SpawnRequest(**scope, metadata=nested(33))),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert "nests too deep" in error.violations["metadata"]
+    await expect_error(life.GetSession(lc.GetSessionRequest(**scope)), grpc.StatusCode.NOT_FOUND)
+    deepest = nested(32)
+    await life.Spawn(lc.SpawnRequest(**scope, metadata=deepest))
+    await life.Terminate(lc.TerminateRequest(**scope, task_description="deep", metadata=deepest))
+    assert (await life.GetSession(lc.GetSessionRequest(**scope))).session.metadata == deepest
+    episodes = EpisodicMemoryServiceStub(channel)
+    found = await episodes.SearchEpisodes(
+        ep.SearchEpisodesRequest(project_id=scope["project_id"], query="deep")
+    )
+    [result] = found.results
+    assert result.episode.metadata == deepest
+
+
+async def test_a_terminate_of_many_long_keys_records_an_episode_one_response_carries(
+    life: LifecycleServiceStub,
+    wm: WorkingMemoryServiceStub,
+    channel: grpc.aio.Channel,
+    scope: dict[str, Any],
+):
+    # 1,000 keys of 400 bytes: a list of them is twice what a response may carry here.
+    await life.Spawn(lc.SpawnRequest(**scope))
+    keys = [f"{index:04d}" + "k" * 396 for index in range(1_000)]
+    for start in range(0, len(keys), 250):
+        entries = [wm_pb.EntryInput(key=key, value=value(1)) for key in keys[start : start + 250]]
+        await wm.BatchSet(wm_pb.BatchSetRequest(**scope, entries=entries))
+    ended = await life.Terminate(lc.TerminateRequest(**scope, task_description="many keys"))
+    episodes = EpisodicMemoryServiceStub(channel)
+    got = await episodes.GetEpisode(
+        ep.GetEpisodeRequest(project_id=scope["project_id"], episode_id=ended.episode_id)
+    )
+    [action] = got.episode.actions
+    listed = list(action["state_keys"])
+    assert 100 < len(listed) < len(keys)
+    assert listed == keys[: len(listed)]  # the first keys, in order
+    assert action["state_keys_truncated"] is True
+    assert action["state_key_count"] == len(keys)
+    assert got.episode.ByteSize() <= MESSAGE_BYTES * 3 // 4
+    found = await episodes.SearchEpisodes(
+        ep.SearchEpisodesRequest(project_id=scope["project_id"], query="many keys")
+    )
+    assert [r.episode.episode_id for r in found.results] == [ended.episode_id]
+
+
+async def test_an_episode_too_large_for_one_response_is_refused(
+    channel: grpc.aio.Channel, scope: dict[str, Any]
+):
+    episodes = EpisodicMemoryServiceStub(channel)
+    # Every field within its own limit (100,000 characters), 200 KB as a whole.
+    episode = ep.Episode(
+        project_id=scope["project_id"],
+        agent_instance_id=scope["agent_instance_id"],
+        session_id=scope["session_id"],
+        task_type="t",
+        outcome=lc.OUTCOME_SUCCESS,
+        context_summary="é" * 100_000,
+    )
+    error = await expect_error(
+        episodes.RecordEpisode(ep.RecordEpisodeRequest(episode=episode)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert "one response carries" in error.violations["episode"]
+    listed = await episodes.ListEpisodes(ep.ListEpisodesRequest(project_id=scope["project_id"]))
+    assert list(listed.episodes) == []
+    episode.context_summary = "é" * 50_000
+    await episodes.RecordEpisode(ep.RecordEpisodeRequest(episode=episode))
