@@ -105,6 +105,9 @@ def _denied(project_id: str) -> Refusal:
             "every project is refused)"
         )
     else:
+        # Quoted in part: a request's project_id can be megabytes long, and status
+        # details travel in trailers, which gRPC caps (16 KiB by default).
+        project_id = project_id[:64]
         message = f"this token may not access project {project_id!r}"
     return _refusal(PermissionDenied(message, project_id))
 

@@ -28,7 +28,6 @@ from memsvc.domain._errors import (
     CheckpointNotFound,
     CheckpointProtected,
     FieldViolation,
-    InvalidArgument,
     InvalidTransition,
     MemsvcError,
     Rollback,
@@ -323,9 +322,8 @@ class Lifecycle:
         self, session: SessionRef, checkpoint_id: str, request_id: str
     ) -> None:
         """Delete a checkpoint, unless a PAUSED session will resume from it."""
-        ref, request_id = self._check(session, checkpoint_id, request_id)
-        if not checkpoint_id:
-            raise InvalidArgument.single("checkpoint_id", "is required")
+        required = [] if checkpoint_id else [FieldViolation("checkpoint_id", "is required")]
+        ref, request_id = self._check(session, checkpoint_id, request_id, required)
         arguments = (ref, checkpoint_id)
         steps = _Steps(op=uuid7())
 

@@ -71,6 +71,10 @@ async def test_lifecycle_calls(life, scope):
         grpc.StatusCode.INVALID_ARGUMENT,
     )
     assert {"session_id", "outcome", "metadata"} <= set(error.violations)
+    error = await expect_error(
+        life.DeleteCheckpoint(lc.DeleteCheckpointRequest(**bad)), grpc.StatusCode.INVALID_ARGUMENT
+    )
+    assert set(error.violations) == {"session_id", "checkpoint_id"}
     watch = life.WatchLifecycle(
         lc.WatchLifecycleRequest(project_id="nope", progress_interval=MALFORMED)
     )

@@ -233,6 +233,20 @@ async def test_a_bound_token_acts_only_in_its_projects(channel: grpc.aio.Channel
     )
 
 
+async def test_a_huge_project_id_is_refused_with_a_readable_status(
+    channel: grpc.aio.Channel, tokens: Tokens
+):
+    """The refusal quotes the first 64 characters: status details travel in trailers,
+    which gRPC caps (16 KiB by default), so quoting all of it left no status."""
+    lifecycle = lifecycle_pb2_grpc.LifecycleServiceStub(channel)
+    huge = dict(ids(), project_id="p" * 100_000)
+    info = await refused(
+        lifecycle.Spawn(lifecycle_pb2.SpawnRequest(**huge), metadata=bearer(tokens.bound)),
+        *PERMISSION_DENIED,
+    )
+    assert dict(info.metadata) == {"project_id": "p" * 64}
+
+
 async def test_record_episode_is_checked_on_the_episodes_project(
     channel: grpc.aio.Channel, tokens: Tokens
 ):
