@@ -390,7 +390,8 @@ class AsyncClient:
         Filters (``None`` matches everything): project, agent instance, session, event
         types. Start: after ``after_sequence`` (a cursor saved from ``watch.sequence``),
         else ``start`` = "now" or "oldest" (every retained event). ``after_sequence=0``
-        means from the first event, like "oldest".
+        means from the first event ever, which fails with WatchPositionCompacted once
+        retention compacted it: use ``start="oldest"`` for every retained event.
 
         On UNAVAILABLE (a server shutting down or unreachable), ABORTED,
         DEADLINE_EXCEEDED, a stream that ends or one silent for three progress
@@ -648,14 +649,17 @@ class AsyncSessionClient:
         """The values of up to 1,000 keys (BatchGet); absent keys are left out.
 
         Keys the server leaves unprocessed (past 3 MiB of values) are read with
-        further calls, so the result is complete.
+        further calls, so the result is complete; ``timeout`` is the budget of them all.
         """
         client = self.client
         wanted = list(keys)
         found: dict[str, JSONValue] = {}
+        deadline = client._invoke.deadline(timeout)
         while wanted:
             request = working_memory_pb2.BatchGetRequest(**self._ids, keys=wanted)
-            response = await client._invoke(client._wm.BatchGet, request, timeout=timeout)
+            response = await client._invoke(
+                client._wm.BatchGet, request, timeout=client._invoke.remaining(deadline)
+            )
             for entry in response.entries:
                 found[entry.key] = _convert.entry(entry).value
             remaining = list(response.unprocessed_keys)

@@ -27,9 +27,10 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from memsvc.client._auth import BearerToken
-from memsvc.client._errors import Cancelled, from_rpc_error
+from memsvc.client._errors import Cancelled, MemsvcError, TooManyCalls, from_rpc_error
 
 log = logging.getLogger("memsvc.client")
 
@@ -100,7 +101,9 @@ class RetryPolicy:
         Exponential from ``initial_backoff``, capped at ``max_backoff``, minus up to
         ``jitter`` of it; never shorter than a delay the server asked for.
         """
-        exponent = max(failures - 1, 0)
+        # Capped before the power: 2.0**1024 overflows, and a watch that keeps
+        # reconnecting for hours counts that many failures.
+        exponent = min(max(failures - 1, 0), 64)
         base = min(self.max_backoff, self.initial_backoff * self.multiplier**exponent)
         delay = base * (1 - self.jitter * rand())
         if server_delay is not None:
@@ -108,9 +111,32 @@ class RetryPolicy:
         return delay
 
 
-def retryable(code: grpc.StatusCode, has_request_id: bool) -> bool:
-    """Whether a failed attempt with ``code`` may be tried again."""
-    return code in (RETRIED_WITH_REQUEST_ID if has_request_id else ALWAYS_RETRIED)
+# Requests that change nothing: an attempt that timed out or was aborted may run
+# again, as a call with a request id may.
+READ_ONLY_REQUESTS = frozenset(
+    f"memsvc.v1.{name}Request"
+    for name in (
+        "Get", "BatchGet", "ListKeys", "ListEntries",
+        "GetSession", "ListSessions", "ListCheckpoints", "GetCheckpoint",
+        "GetEpisode", "ListEpisodes", "SearchEpisodes",
+        "GetGraphCheckpoint", "ListGraphCheckpoints",
+    )
+)  # fmt: skip
+
+
+def read_only(request: object) -> bool:
+    """Whether ``request`` is one of READ_ONLY_REQUESTS."""
+    return isinstance(request, Message) and request.DESCRIPTOR.full_name in READ_ONLY_REQUESTS
+
+
+def retryable(failure: MemsvcError, repeatable: bool) -> bool:
+    """Whether a failed attempt may be tried again: UNAVAILABLE always, and a
+    refusal past the server's call limit (nothing was done); DEADLINE_EXCEEDED and
+    ABORTED when running the call twice has one effect (``repeatable``: a request
+    id, or a read)."""
+    if isinstance(failure, TooManyCalls):
+        return True
+    return failure.code in (RETRIED_WITH_REQUEST_ID if repeatable else ALWAYS_RETRIED)
 
 
 class Invoker:
@@ -148,6 +174,22 @@ class Invoker:
             return False
         return True
 
+    def deadline(self, timeout: float | None) -> float | None:
+        """The event-loop time a call's budget ends at (None: never); ``timeout``
+        None is the client's default budget, infinity none."""
+        budget = self.timeout if timeout is None else timeout
+        if budget is None or math.isinf(budget):
+            return None
+        return asyncio.get_running_loop().time() + budget
+
+    @staticmethod
+    def remaining(deadline: float | None) -> float:
+        """What is left of a budget ending at ``deadline``, as a call's timeout
+        (infinity for none), for a method that makes several calls."""
+        if deadline is None:
+            return math.inf
+        return max(deadline - asyncio.get_running_loop().time(), 0.0)
+
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """The metadata of the next call: the client's own, then the token's."""
         if self.token is None:
@@ -177,10 +219,7 @@ class Invoker:
     ) -> Response:
         """Call ``rpc(request)``; ``request_id`` is what ``request`` carries, if any."""
         loop = asyncio.get_running_loop()
-        budget = self.timeout if timeout is None else timeout
-        if budget is not None and math.isinf(budget):
-            budget = None
-        deadline = None if budget is None else loop.time() + budget
+        deadline = self.deadline(timeout)
         policy = self.policy
         attempt = 0
         while True:
@@ -208,9 +247,8 @@ class Invoker:
                 if self._token_rotated(failure.code, sent) and attempt < policy.max_attempts:
                     log.info("memsvc refused the token; retrying with the new one from its file")
                     continue
-                if attempt >= policy.max_attempts or not retryable(
-                    failure.code, request_id is not None
-                ):
+                repeatable = request_id is not None or read_only(request)
+                if attempt >= policy.max_attempts or not retryable(failure, repeatable):
                     raise failure from error
                 delay = policy.backoff(attempt, failure.retry_delay)
                 if deadline is not None and loop.time() + delay >= deadline:

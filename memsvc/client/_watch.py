@@ -117,6 +117,7 @@ class AsyncWatch(Generic[Item]):
         self._started = False
         self._received = 0
         self._pending: LifecycleEvent | WatchProgress | None = None
+        self._stopped = asyncio.Event()  # set by aclose()
 
     @property
     def sequence(self) -> int | None:
@@ -173,8 +174,9 @@ class AsyncWatch(Generic[Item]):
             return item  # type: ignore[return-value]
 
     async def aclose(self) -> None:
-        """End the stream; iteration stops."""
+        """End the stream; iteration stops (at once, even while it waits to reconnect)."""
         self._closed = True
+        self._stopped.set()
         self._drop_call()
 
     async def _next_message(self) -> LifecycleEvent | WatchProgress | None:
@@ -306,7 +308,22 @@ class AsyncWatch(Generic[Item]):
             self._cursor,
             delay,
         )
-        if self._closing is None:
-            await asyncio.sleep(delay)
-        elif await self._closing.closed_within(delay) and not self._closed:
-            self._client_closed()  # (closed by aclose() meanwhile: iteration just stops)
+        waits: set[asyncio.Future[bool]] = {asyncio.ensure_future(self._stopped.wait())}
+        client_closed = None
+        if self._closing is not None:
+            client_closed = asyncio.ensure_future(self._closing.closed_within(delay))
+            waits.add(client_closed)
+        try:
+            # The backoff ends early when aclose() or the client's close ends the watch.
+            await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
+        closed_by_client = (
+            client_closed is not None
+            and client_closed.done()
+            and not client_closed.cancelled()
+            and client_closed.result()
+        )
+        if closed_by_client and not self._closed:
+            self._client_closed()

@@ -11,7 +11,6 @@ import grpc
 import pytest
 
 from memsvc.client import (
-    Aborted,
     AsyncClient,
     AsyncSessionClient,
     DeadlineExceeded,
@@ -162,11 +161,21 @@ async def test_a_call_without_request_id_is_not_retried_on_deadline_exceeded(
     assert raised.value.attempts == 1 and raised.value.request_id is None
     assert len(proxy.calls("Set")) == 1
     assert await session.get("k") == "first"  # the attempt did take effect
-    proxy.fail_after("Get", ABORTED)
-    with pytest.raises(Aborted) as aborted:
-        await flaky.get("k")
-    assert aborted.value.attempts == 1
-    assert len(proxy.calls("Get")) == 1
+
+
+async def test_a_read_is_retried_on_deadline_exceeded_and_aborted(
+    proxy: FaultProxy, flaky: AsyncSessionClient, session: AsyncSessionClient
+):
+    """A read changes nothing, so an attempt that timed out runs again within the
+    call's budget (attempt_timeout would otherwise be every read's deadline)."""
+    await session.spawn()
+    await session.set("k", "v")
+    proxy.fail_after("Get", DEADLINE_EXCEEDED, ABORTED)
+    assert await flaky.get("k") == "v"
+    assert len(proxy.calls("Get")) == 3
+    proxy.fail_after("ListSessions", ABORTED)
+    listed = flaky.client.list_sessions(session.project_id)
+    assert [s.session_id async for s in listed] == [session.session_id]
 
 
 async def test_a_call_without_request_id_is_retried_on_unavailable(

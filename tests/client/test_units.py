@@ -28,7 +28,7 @@ from memsvc.client import (
 )
 from memsvc.client._convert import event_types_wire, outcome_wire, state_wire
 from memsvc.client._errors import error_class, from_rpc_error
-from memsvc.client._retry import Invoker, retryable
+from memsvc.client._retry import READ_ONLY_REQUESTS, Invoker, retryable
 from memsvc.client._values import (
     fill_duration,
     fill_timestamp,
@@ -38,7 +38,13 @@ from memsvc.client._values import (
     to_struct,
     to_value,
 )
-from memsvc.v1 import errors_pb2, lifecycle_pb2
+from memsvc.v1 import (
+    episodic_pb2,
+    errors_pb2,
+    graph_checkpoint_pb2,
+    lifecycle_pb2,
+    working_memory_pb2,
+)
 
 
 @pytest.mark.parametrize(
@@ -203,14 +209,40 @@ def test_a_reason_refines_only_its_own_code():
     assert error_class(grpc.StatusCode.OK, "") is MemsvcError
 
 
+def failure(code: grpc.StatusCode, reason: str = "") -> MemsvcError:
+    details = [error_details_pb2.ErrorInfo(reason=reason, domain="memsvc.dev")] if reason else []
+    return from_rpc_error(rpc_error(code, "failed", *details))
+
+
 def test_what_is_retried():
-    assert retryable(grpc.StatusCode.UNAVAILABLE, has_request_id=False)
-    assert not retryable(grpc.StatusCode.DEADLINE_EXCEEDED, has_request_id=False)
-    assert not retryable(grpc.StatusCode.ABORTED, has_request_id=False)
-    assert retryable(grpc.StatusCode.DEADLINE_EXCEEDED, has_request_id=True)
-    assert retryable(grpc.StatusCode.ABORTED, has_request_id=True)
-    assert not retryable(grpc.StatusCode.INTERNAL, has_request_id=True)
-    assert not retryable(grpc.StatusCode.RESOURCE_EXHAUSTED, has_request_id=True)
+    unavailable = failure(grpc.StatusCode.UNAVAILABLE)
+    assert retryable(unavailable, repeatable=False)
+    for code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED):
+        assert not retryable(failure(code), repeatable=False)
+        assert retryable(failure(code), repeatable=True)
+    assert not retryable(failure(grpc.StatusCode.INTERNAL), repeatable=True)
+    assert not retryable(failure(grpc.StatusCode.RESOURCE_EXHAUSTED), repeatable=True)
+    # Refused past the server's call limit: nothing was done, whatever the call.
+    too_many = failure(grpc.StatusCode.RESOURCE_EXHAUSTED, "ERROR_REASON_TOO_MANY_CALLS")
+    assert retryable(too_many, repeatable=False)
+    watchers = failure(grpc.StatusCode.RESOURCE_EXHAUSTED, "ERROR_REASON_TOO_MANY_WATCHERS")
+    assert not retryable(watchers, repeatable=True)
+
+
+def test_the_read_only_requests_are_the_reads_of_the_contract():
+    """Every Get, List, Search and BatchGet request of memsvc.v1, and nothing else."""
+    reads = {
+        name
+        for module in (working_memory_pb2, lifecycle_pb2, episodic_pb2, graph_checkpoint_pb2)
+        for name in module.DESCRIPTOR.message_types_by_name
+        if name.endswith("Request") and name.startswith(("Get", "List", "Search", "BatchGet"))
+    }
+    assert {f"memsvc.v1.{name}" for name in reads} == READ_ONLY_REQUESTS
+
+
+def test_backoff_never_overflows():
+    policy = RetryPolicy()
+    assert policy.backoff(100_000, rand=lambda: 0.0) == policy.max_backoff
 
 
 def test_backoff_grows_is_capped_jittered_and_honours_the_server():
@@ -302,3 +334,17 @@ async def test_pagers_follow_tokens_and_can_restart():
     assert asked[-1:] == [""]  # the limit was reached on the first page
     assert await AsyncPager(fetch, "t1").collect() == [3]
     assert (await pager.fetch_page("t1")).next_page_token == "t2"
+
+
+async def test_a_budget_shared_by_several_calls():
+    """get_many's calls share its one budget: each gets what is left of it."""
+    invoker = Invoker(RetryPolicy(), timeout=30.0, grpc_metadata=())
+    default = invoker.deadline(None)  # the client's default budget
+    assert default is not None
+    assert 0 < Invoker.remaining(default) <= 30.0
+    mine = invoker.deadline(2.0)
+    first = Invoker.remaining(mine)
+    await asyncio.sleep(0.01)
+    assert 0 <= Invoker.remaining(mine) < first <= 2.0
+    assert invoker.deadline(math.inf) is None and Invoker.remaining(None) == math.inf
+    assert Invoker.remaining(invoker.deadline(0.0)) == 0.0

@@ -18,6 +18,7 @@ from memsvc.client import (
     AsyncClient,
     EventType,
     LifecycleEvent,
+    RetryPolicy,
     Unavailable,
     WatchPositionCompacted,
     WatchProgress,
@@ -240,6 +241,25 @@ async def test_watch_gives_up_after_reconnect_timeout(proxy: FaultProxy, scope, 
         with pytest.raises(Unavailable):
             await asyncio.wait_for(anext(events), WAIT)
     assert len(proxy.calls("WatchLifecycle")) >= 2
+
+
+async def test_aclose_ends_a_watch_waiting_to_reconnect(proxy: FaultProxy, scope, auth_token):
+    """The backoff before a reconnection (an hour here) ends with aclose() from
+    another task: iteration stops at once instead of after it."""
+    slow = RetryPolicy(initial_backoff=3600, max_backoff=3600)
+    async with AsyncClient(proxy.target, retry=slow, token=auth_token) as sdk:
+        events = sdk.watch(scope["project_id"])
+        await events.start()
+        proxy.refuse()
+        proxy.cut_streams()
+        reading = asyncio.ensure_future(anext(events))
+        async with asyncio.timeout(WAIT):
+            while events._failures == 0:  # noqa: ASYNC110 (until the read met the cut)
+                await asyncio.sleep(0.01)
+        assert not reading.done()
+        await events.aclose()
+        with pytest.raises(StopAsyncIteration):
+            await asyncio.wait_for(reading, WAIT)
 
 
 async def test_a_compacted_cursor_raises_with_the_oldest_sequence(
