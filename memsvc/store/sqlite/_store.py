@@ -109,8 +109,17 @@ class SqliteDurableStore(SqlDurableReads):
     async def _transaction(self) -> AsyncIterator[SqlTransaction]:
         async with self._write_lock:
             db = self._conn
+            begin = asyncio.ensure_future(db.execute("BEGIN IMMEDIATE"))
             try:
-                await db.execute("BEGIN IMMEDIATE")
+                await asyncio.shield(begin)
+            except asyncio.CancelledError:
+                # aiosqlite runs the statement whether or not anyone still awaits it
+                # (it may wait up to busy_timeout for another process's lock): end
+                # the transaction it opens, or every later BEGIN finds one open.
+                with contextlib.suppress(aiosqlite.Error):
+                    await begin
+                    await db.execute("ROLLBACK")
+                raise
             except aiosqlite.OperationalError as error:  # locked by another process too long
                 raise BackendUnavailable(self.backend_name, error) from error
             tx = SqlTransaction(db, SQLITE)
