@@ -485,29 +485,49 @@ class Lifecycle:
                 "terminate",
                 {SessionState.ACTIVE, SessionState.PAUSED},
             )
-            # Without an episode nothing reads the values (only their count), and
-            # whatever the memory holds, lost or an older copy, it may end with the
-            # session: so a session always has a way to end.
-            allowed = {MARKER_FOR[record.state], MISSING} if consolidate else {*SETTLED, MISSING}
-            snapshot = await self._begin(
-                record,
-                steps,
-                lambda: self._memory.begin_snapshot(
+            own = {MARKER_FOR[record.state], MISSING}
+
+            def begin(allowed: set[str], epoch: str | None, clear: bool) -> Awaitable[Snapshot]:
+                return self._memory.begin_snapshot(
                     ref,
                     steps.op,
                     "terminating",
-                    cleanup,
+                    clear,
                     allowed,
                     with_contents=consolidate,
-                    epoch=record.memory_epoch if consolidate else None,
-                ),
-            )
-            if consolidate and snapshot.prior_state == MISSING:
-                # An episode of an empty memory would pass for the session's record,
-                # and a cleanup would then delete its only copy (the checkpoints).
-                raise WorkingMemoryLost(ref.session_id)
-            steps.final_state = None if cleanup else "terminated"
-            steps.clear = cleanup
+                    epoch=epoch,
+                )
+
+            # A memory memsvc did not leave (lost, or an older copy) is neither
+            # consolidated nor kept as the session's final memory. Without an
+            # episode, though, the session still ends: whatever the memory holds is
+            # dropped, so a session always has a way to end.
+            clear = cleanup
+            if consolidate or not cleanup:
+                try:
+                    snapshot = await self._begin(
+                        record, steps, lambda: begin(own, record.memory_epoch, cleanup)
+                    )
+                except WorkingMemoryLost:
+                    if consolidate:
+                        raise
+                    clear = True
+                    snapshot = await self._begin(
+                        record, steps, lambda: begin({*SETTLED, MISSING}, None, clear)
+                    )
+            else:
+                snapshot = await self._begin(
+                    record, steps, lambda: begin({*SETTLED, MISSING}, None, clear)
+                )
+            if snapshot.prior_state == MISSING:
+                if consolidate:
+                    # An episode of an empty memory would pass for the session's
+                    # record, and a cleanup would then delete its only copy (the
+                    # checkpoints).
+                    raise WorkingMemoryLost(ref.session_id)
+                clear = True  # nothing to keep: reads then say the session ended
+            steps.final_state = None if clear else "terminated"
+            steps.clear = clear
             now = self._clock_ms()
             episode_id = None
             if consolidate:
@@ -546,7 +566,7 @@ class Lifecycle:
             )
             count = snapshot.key_count
             return TerminateResult(
-                ended, episode_id, count if consolidate else 0, count if cleanup else 0, outcome
+                ended, episode_id, count if consolidate else 0, count if clear else 0, outcome
             )
 
         return await self._run(

@@ -80,6 +80,52 @@ async def test_age_retention_deletes_expired_checkpoints_except_the_resume_point
     )
 
 
+@pytest.mark.parametrize("deployment", [DEPLOYMENTS["production"]], ids=["production"])
+@pytest.mark.parametrize("memory", ["older copy", "lost"])
+async def test_a_memory_memsvc_did_not_leave_is_not_kept_as_the_final_one(server, scope, memory):
+    """Terminate with skip_consolidation and keep_working_memory ends such a session,
+    but does not keep an older copy (or nothing) as if it were its final memory:
+    reads then say the session ended, never serve the copy or an empty memory."""
+    copy = RedisCopy(server.config.working_memory_url, scope)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            life = LifecycleServiceStub(channel)
+            wm = WorkingMemoryServiceStub(channel)
+            await life.Spawn(lc.SpawnRequest(**scope))
+            await wm.Set(pb.SetRequest(**scope, key="k", value=value("before")))
+            await copy.take()
+            await life.Pause(lc.PauseRequest(**scope))
+            await life.Resume(lc.ResumeRequest(**scope))
+            await wm.Set(pb.SetRequest(**scope, key="k", value=value("after")))
+            if memory == "lost":
+                await copy.client.delete(*copy.keys)
+            else:
+                await copy.put_back()
+            ended = await life.Terminate(
+                lc.TerminateRequest(**scope, skip_consolidation=True, keep_working_memory=True)
+            )
+            assert ended.session.state == lc.SESSION_STATE_TERMINATED
+            for read in (
+                wm.Get(pb.GetRequest(**scope, key="k")),
+                wm.ListKeys(pb.ListKeysRequest(**scope)),
+            ):
+                error = await expect_error(read, grpc.StatusCode.NOT_FOUND)
+                assert error.reason == "ERROR_REASON_SESSION_NOT_FOUND"
+            assert await copy.client.exists(*copy.keys) == 0
+    finally:
+        await copy.client.aclose()
+
+
+async def test_a_kept_memory_stays_readable_after_terminate(life, wm, scope):
+    await life.Spawn(lc.SpawnRequest(**scope))
+    await wm.Set(pb.SetRequest(**scope, key="k", value=value("kept")))
+    ended = await life.Terminate(
+        lc.TerminateRequest(**scope, skip_consolidation=True, keep_working_memory=True)
+    )
+    assert ended.entries_cleared == 0
+    assert python((await wm.Get(pb.GetRequest(**scope, key="k"))).entry.value) == "kept"
+
+
 async def test_checkpoints_survive_a_restart_and_lost_memory_is_reported(server, scope):
     """After memsvc restarts (the embedded working memory dies with it), the session
     says its memory is lost and Resume from the durable checkpoint restores it."""
