@@ -391,7 +391,10 @@ class Lifecycle:
             # it must be what memsvc left.
             allowed = {*SETTLED, MISSING} if not merge else {MARKER_FOR[record.state], MISSING}
             held = ResumePoint(
-                checkpoint.checkpoint_id, checkpoint.key_count, checkpoint.size_bytes
+                checkpoint.checkpoint_id,
+                checkpoint.key_count,
+                checkpoint.size_bytes,
+                record.memory_epoch,
             )
 
             def restore() -> Awaitable[int]:

@@ -89,6 +89,10 @@ class ResumePoint:
     checkpoint_id: str
     key_count: int
     size_bytes: int
+    # The session's memory epoch: a store restored from an older copy may hold a
+    # paused memory of the same checkpoint id and size (a Pause after the id was
+    # deleted and used again), which is not the one to keep.
+    epoch: str = ""
 
 
 class ContentsNeeded(Exception):

@@ -16,5 +16,6 @@ reuse(
         "test_a_copy_from_before_the_last_resume_is_lost_memory",
         "test_an_older_copy_with_no_checkpoint_left_can_still_end",
         "test_a_memory_memsvc_did_not_leave_is_not_kept_as_the_final_one",
+        "test_resume_replaces_an_older_copy_of_a_paused_memory_of_the_same_size",
     },
 )

@@ -116,6 +116,32 @@ async def test_a_memory_memsvc_did_not_leave_is_not_kept_as_the_final_one(server
         await copy.client.aclose()
 
 
+@pytest.mark.parametrize("deployment", [DEPLOYMENTS["production"]], ids=["production"])
+async def test_resume_replaces_an_older_copy_of_a_paused_memory_of_the_same_size(server, scope):
+    """A Resume keeps a paused memory that still holds its checkpoint instead of
+    rebuilding it. A copy from an earlier Pause under the same checkpoint id (deleted,
+    then used again), with as many keys and bytes, is not that memory: its epoch
+    differs, and Resume rebuilds from the durable checkpoint."""
+    copy = RedisCopy(server.config.working_memory_url, scope)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            life = LifecycleServiceStub(channel)
+            wm = WorkingMemoryServiceStub(channel)
+            await life.Spawn(lc.SpawnRequest(**scope))
+            await wm.Set(pb.SetRequest(**scope, key="k", value=value("A")))
+            await life.Pause(lc.PauseRequest(**scope, checkpoint_id="cp"))
+            await copy.take()
+            await life.Resume(lc.ResumeRequest(**scope))
+            await wm.Set(pb.SetRequest(**scope, key="k", value=value("B")))
+            await life.DeleteCheckpoint(lc.DeleteCheckpointRequest(**scope, checkpoint_id="cp"))
+            await life.Pause(lc.PauseRequest(**scope, checkpoint_id="cp"))
+            await copy.put_back()
+            await life.Resume(lc.ResumeRequest(**scope))
+            assert python((await wm.Get(pb.GetRequest(**scope, key="k"))).entry.value) == "B"
+    finally:
+        await copy.client.aclose()
+
+
 async def test_a_kept_memory_stays_readable_after_terminate(life, wm, scope):
     await life.Spawn(lc.SpawnRequest(**scope))
     await wm.Set(pb.SetRequest(**scope, key="k", value=value("kept")))

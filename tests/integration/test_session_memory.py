@@ -258,7 +258,7 @@ async def pause(store: Any, session: SessionRef, checkpoint_id: str) -> ResumePo
         session, f"pause-{checkpoint_id}", "pausing", False, {"active"}, checkpoint_id=checkpoint_id
     )
     await store.finish(session, f"pause-{checkpoint_id}", "paused", swap=False, clear=False)
-    return ResumePoint(checkpoint_id, snapshot.key_count, snapshot.size_bytes)
+    return ResumePoint(checkpoint_id, snapshot.key_count, snapshot.size_bytes, "epoch-1")
 
 
 async def test_a_paused_memory_that_holds_its_checkpoint_is_kept_on_resume(store, session):
@@ -297,7 +297,14 @@ async def test_an_aborted_kept_resume_leaves_the_paused_memory_as_it_was(store, 
 
 @pytest.mark.parametrize(
     "why",
-    ["another checkpoint", "a key with a TTL", "other contents", "past the limits", "resumed"],
+    [
+        "another checkpoint",
+        "a key with a TTL",
+        "other contents",
+        "past the limits",
+        "resumed",
+        "another epoch",
+    ],
 )
 async def test_contents_are_needed_unless_the_memory_holds_the_checkpoint(store, session, why):
     """Without contents the step changes nothing; with them it restores them."""
@@ -309,6 +316,8 @@ async def test_contents_are_needed_unless_the_memory_holds_the_checkpoint(store,
         held = ResumePoint("c1", held.key_count, held.size_bytes + 1)
     elif why == "past the limits":
         held = ResumePoint("c1", 11, held.size_bytes)
+    elif why == "another epoch":  # an older copy of the store, paused at c1 too
+        held = ResumePoint("c1", held.key_count, held.size_bytes, "epoch-2")
     allowed = {"paused"}
     if why == "resumed":
         # Resumed since (and written to): a rollback to c1 must move c1 back in.

@@ -350,6 +350,7 @@ class InMemoryWorkingMemoryStore:
             marker is not None
             and marker.state == "paused"
             and marker.snapshot == held.checkpoint_id
+            and (not held.epoch or marker.epoch is None or marker.epoch == held.epoch)
             and len(state.values) == held.key_count
             and state.total_bytes == held.size_bytes
             and all(at is None for _, at in state.values.values())

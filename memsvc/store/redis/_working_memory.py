@@ -442,7 +442,11 @@ class RedisWorkingMemoryStore:
         merge_flag = "1" if merge else "0"
         args: list[Any] = [op, next_epoch, merge_flag, self._max_keys, self._max_bytes]
         args += [",".join(allowed), snapshot or b""]
-        args += [held.checkpoint_id, held.key_count, held.size_bytes] if held else ["", 0, 0]
+        args += (
+            [held.checkpoint_id, held.key_count, held.size_bytes, held.epoch]
+            if held
+            else ["", 0, 0, ""]
+        )
         reply = await self._run_lifecycle("lifecycle_begin_restore", session, args)
         _refuse_late(reply)
         if reply[0] == b"state":

@@ -6,7 +6,8 @@
 -- (comma-separated; 'missing' allows a lost working memory), the checkpoint
 -- as one string in its stored format (memsvc/domain/_snapshot.py), parsed here
 -- so that no argument per key crosses the wire ('' when memsvc did not read
--- it), then the held checkpoint: id ('' for none), key count, bytes.
+-- it), then the held checkpoint: id ('' for none), key count, bytes, and the
+-- session's memory epoch (a marker of another epoch is an older copy: not kept).
 -- A paused memory that still holds the held checkpoint (the Pause that took it
 -- set the marker, no key can expire, count and size match) is not rebuilt: its
 -- keys are renamed into staging as they are (O(1)) and 'kept' is set, so that
@@ -29,7 +30,9 @@ end
 redis.call('DEL', SD, SX, SK)
 local held_count, held_bytes = tonumber(ARGV[9]), tonumber(ARGV[10])
 local current_bytes = tonumber(redis.call('HGET', M, 'bytes') or '0')
+local marker_epoch = redis.call('HGET', M, 'epoch')
 if ARGV[8] ~= '' and state == 'paused' and redis.call('HGET', M, 'snapshot') == ARGV[8]
+    and (ARGV[11] == '' or not marker_epoch or marker_epoch == ARGV[11])
     and redis.call('EXISTS', X) == 0 and redis.call('HLEN', D) == held_count
     and redis.call('ZCARD', K) == held_count and current_bytes == held_bytes
     and held_count <= tonumber(ARGV[4]) and held_bytes <= tonumber(ARGV[5]) then
