@@ -37,7 +37,7 @@ from memsvc.domain._pagination import (
 )
 from memsvc.domain._session_memory import TRANSITIONAL, Marker, SessionMemoryStore, SnapshotEntry
 from memsvc.domain._snapshot import decode_snapshot
-from memsvc.domain._working_memory import WorkingMemoryLimits
+from memsvc.domain._working_memory import ENTRY_FRAMING_BYTES, WorkingMemoryLimits
 
 
 class LifecycleReads:
@@ -90,12 +90,15 @@ class LifecycleReads:
         ordered = sorted(entries, key=lambda e: e.key.encode())
         if after is not None:
             ordered = [e for e in ordered if e.key.encode() > after.encode()]
+        # The budget counts what a response carries: the checkpoint itself, then
+        # each entry's key, value and framing (as ListEntries counts them).
         page: list[SnapshotEntry] = []
-        used = 0
+        used = checkpoint.size()
         for entry in ordered[:limit]:
-            if page and used + len(entry.value) > self._limits.response_budget_bytes:
+            size = len(entry.value) + len(entry.key.encode()) + ENTRY_FRAMING_BYTES
+            if page and used + size > self._limits.response_budget_bytes:
                 break
-            used += len(entry.value)
+            used += size
             page.append(entry)
         more = len(page) < len(ordered)
         return checkpoint, Page(

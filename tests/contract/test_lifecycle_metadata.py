@@ -186,18 +186,51 @@ async def test_metadata_too_deep_to_send_back_is_refused_and_the_deepest_accepte
     assert result.episode.metadata == deepest
 
 
+async def many_long_keys(wm: WorkingMemoryServiceStub, scope: dict[str, Any]) -> list[str]:
+    """1,000 keys of 400 bytes, small values: twice what a response carries here."""
+    keys = [f"{index:04d}" + "k" * 396 for index in range(1_000)]
+    for start in range(0, len(keys), 250):
+        entries = [wm_pb.EntryInput(key=key, value=value(1)) for key in keys[start : start + 250]]
+        await wm.BatchSet(wm_pb.BatchSetRequest(**scope, entries=entries))
+    return keys
+
+
+async def test_checkpoint_entry_pages_count_keys_too(
+    life: LifecycleServiceStub, wm: WorkingMemoryServiceStub, scope: dict[str, Any]
+):
+    await life.Spawn(lc.SpawnRequest(**scope))
+    keys = await many_long_keys(wm, scope)
+    made = await life.CreateCheckpoint(
+        lc.CreateCheckpointRequest(**scope, metadata=metadata_of_size(LIMIT))
+    )
+    listed: list[str] = []
+    token = ""
+    while True:
+        page = await life.GetCheckpoint(
+            lc.GetCheckpointRequest(
+                **scope,
+                checkpoint_id=made.checkpoint.checkpoint_id,
+                include_entries=True,
+                page_size=1_000,
+                page_token=token,
+            )
+        )
+        assert page.entries
+        listed += [entry.key for entry in page.entries]
+        token = page.next_page_token
+        if not token:
+            break
+    assert listed == keys
+
+
 async def test_a_terminate_of_many_long_keys_records_an_episode_one_response_carries(
     life: LifecycleServiceStub,
     wm: WorkingMemoryServiceStub,
     channel: grpc.aio.Channel,
     scope: dict[str, Any],
 ):
-    # 1,000 keys of 400 bytes: a list of them is twice what a response may carry here.
     await life.Spawn(lc.SpawnRequest(**scope))
-    keys = [f"{index:04d}" + "k" * 396 for index in range(1_000)]
-    for start in range(0, len(keys), 250):
-        entries = [wm_pb.EntryInput(key=key, value=value(1)) for key in keys[start : start + 250]]
-        await wm.BatchSet(wm_pb.BatchSetRequest(**scope, entries=entries))
+    keys = await many_long_keys(wm, scope)
     ended = await life.Terminate(lc.TerminateRequest(**scope, task_description="many keys"))
     episodes = EpisodicMemoryServiceStub(channel)
     got = await episodes.GetEpisode(

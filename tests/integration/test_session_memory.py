@@ -380,3 +380,27 @@ async def test_a_snapshot_after_redis_forgot_its_scripts(tmp_path):
         await client.aclose()
         await store.aclose()
         redis.kill()
+
+
+@pytest.mark.parametrize("store", ["redis"], indirect=True)
+async def test_a_late_copy_of_a_failed_spawns_step_leaves_the_live_session(store, session):
+    """A Spawn whose step 1 the network held back failed (its transaction rolled
+    back, its undo found nothing); the client's retry spawned the session under
+    another operation id, and writes followed. The held copy then arrives: it must
+    not wipe the live session (its op was never settled, so only the settled state
+    of the memory can refuse it)."""
+    await spawn(store, session, {"a": b"1"})
+    await store.set_entries(session, [EntryWrite("b", b"2", None)])
+    late = ["op-failed", "epoch-0", "0", "a", b"old", 0]  # as the failed call sent it
+    reply = await store._run_lifecycle("lifecycle_begin_spawn", session, late)
+    assert reply == [b"settled", b"active"]
+    assert await contents(store, session) == {"a": b"1", "b": b"2"}
+    assert (await store.read_marker(session)).state == "active"
+    # A Spawn that holds a new row (the database had none): the memory is an orphan,
+    # and the call replaces it. The fence of settled operations survives that.
+    await store.begin_spawn(session, "op-new", "epoch-2", [EntryWrite("c", b"3", None)])
+    await store.finish(session, "op-new", "active", swap=False, clear=False)
+    assert await contents(store, session) == {"c": b"3"}
+    with pytest.raises(LostOperation):
+        await store.begin_spawn(session, "op-spawn", "epoch-1", [])  # settled before
+    assert await contents(store, session) == {"c": b"3"}

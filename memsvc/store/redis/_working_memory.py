@@ -354,10 +354,17 @@ class RedisWorkingMemoryStore:
     async def begin_spawn(
         self, session: SessionRef, op: str, epoch: str, writes: Sequence[EntryWrite]
     ) -> None:
-        args: list[Any] = [op, epoch]
+        args: list[Any] = [op, epoch, "0"]
         for write in writes:
             args += [write.key, write.value, write.ttl_ms or 0]
         reply = await self._run_lifecycle("lifecycle_begin_spawn", session, args)
+        if reply[0] == b"settled":
+            # This call holds the session's new row, so the memory is an orphan
+            # (the database lost the session, or a purge raced it): replace it.
+            # The script leaves that to the call itself (a late copy of another
+            # Spawn's step would otherwise wipe a live session).
+            args[2] = "1"
+            reply = await self._run_lifecycle("lifecycle_begin_spawn", session, args)
         _refuse_late(reply)
 
     async def begin_snapshot(
