@@ -23,6 +23,7 @@ from memsvc.domain._errors import (
     SessionNotWritable,
 )
 from memsvc.domain._ids import (
+    MAX_KEY_BYTES,
     SessionRef,
     check_key,
     check_session_ref,
@@ -359,6 +360,10 @@ class WorkingMemory:
     ) -> Page[KeyMeta]:
         """One page of live keys, in byte order."""
         ref, scope, after, limit = self._check_list(session, page_size, page_token)
+        # As many keys as a response carries, each at its longest (a small
+        # max_message_bytes holds fewer than a page of 512-byte keys).
+        fits = self.limits.response_budget_bytes // (MAX_KEY_BYTES + ENTRY_FRAMING_BYTES)
+        limit = max(1, min(limit, fits))
         items, more = await self._guarded(
             ref, False, lambda: self._store.list_keys(ref, after, limit)
         )

@@ -195,6 +195,23 @@ async def many_long_keys(wm: WorkingMemoryServiceStub, scope: dict[str, Any]) ->
     return keys
 
 
+async def test_key_pages_end_within_a_response(
+    life: LifecycleServiceStub, wm: WorkingMemoryServiceStub, scope: dict[str, Any]
+):
+    await life.Spawn(lc.SpawnRequest(**scope))
+    keys = await many_long_keys(wm, scope)
+    listed: list[str] = []
+    token = ""
+    while True:
+        page = await wm.ListKeys(wm_pb.ListKeysRequest(**scope, page_size=1_000, page_token=token))
+        assert page.keys
+        listed += [item.key for item in page.keys]
+        token = page.next_page_token
+        if not token:
+            break
+    assert listed == keys
+
+
 async def test_checkpoint_entry_pages_count_keys_too(
     life: LifecycleServiceStub, wm: WorkingMemoryServiceStub, scope: dict[str, Any]
 ):
