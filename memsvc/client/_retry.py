@@ -30,7 +30,13 @@ import grpc
 from google.protobuf.message import Message
 
 from memsvc.client._auth import BearerToken
-from memsvc.client._errors import Cancelled, MemsvcError, TooManyCalls, from_rpc_error
+from memsvc.client._errors import (
+    Cancelled,
+    ErrorReason,
+    MemsvcError,
+    TooManyCalls,
+    from_rpc_error,
+)
 
 log = logging.getLogger("memsvc.client")
 
@@ -63,7 +69,8 @@ class RetryPolicy:
         jitter: fraction of each wait taken off at random (0 to 1), so that many
             clients failing together do not retry together.
         attempt_timeout: optional deadline of each attempt, in seconds, within the
-            call's budget; lets a hung attempt be retried (calls with a request id).
+            call's budget; lets a hung attempt be retried (calls with a request id,
+            and reads).
     """
 
     max_attempts: int = 5
@@ -129,14 +136,23 @@ def read_only(request: object) -> bool:
     return isinstance(request, Message) and request.DESCRIPTOR.full_name in READ_ONLY_REQUESTS
 
 
-def retryable(failure: MemsvcError, repeatable: bool) -> bool:
+def retryable(failure: MemsvcError, has_request_id: bool, read_only: bool = False) -> bool:
     """Whether a failed attempt may be tried again: UNAVAILABLE always, and a
     refusal past the server's call limit (nothing was done); DEADLINE_EXCEEDED and
-    ABORTED when running the call twice has one effect (``repeatable``: a request
-    id, or a read)."""
+    ABORTED for a call with a request id (a retry has one effect) and for a read
+    (it has none), except that a read the server itself cut at its own deadline
+    would only run as long again."""
     if isinstance(failure, TooManyCalls):
         return True
-    return failure.code in (RETRIED_WITH_REQUEST_ID if repeatable else ALWAYS_RETRIED)
+    if failure.code in ALWAYS_RETRIED or (
+        has_request_id and failure.code in RETRIED_WITH_REQUEST_ID
+    ):
+        return True
+    return (
+        read_only
+        and failure.code in RETRIED_WITH_REQUEST_ID
+        and failure.reason != ErrorReason.DEADLINE_EXCEEDED
+    )
 
 
 class Invoker:
@@ -247,8 +263,9 @@ class Invoker:
                 if self._token_rotated(failure.code, sent) and attempt < policy.max_attempts:
                     log.info("memsvc refused the token; retrying with the new one from its file")
                     continue
-                repeatable = request_id is not None or read_only(request)
-                if attempt >= policy.max_attempts or not retryable(failure, repeatable):
+                if attempt >= policy.max_attempts or not retryable(
+                    failure, request_id is not None, read_only(request)
+                ):
                     raise failure from error
                 delay = policy.backoff(attempt, failure.retry_delay)
                 if deadline is not None and loop.time() + delay >= deadline:

@@ -775,12 +775,15 @@ def parse_json_object(
 
 
 def served_json_size(value: Any) -> int:
-    """Bytes of ``value`` as compact JSON with every float in plain decimal form:
-    at least what reads send back, from either database (PostgreSQL's jsonb prints
-    a number without an exponent; SQLite keeps Python's shorter form)."""
+    """Bytes of ``value`` as compact JSON as reads send it back, from either
+    database: PostgreSQL's jsonb prints a number without an exponent, and a large
+    one comes back as an integer of that many digits (1e300: 301); a small one
+    comes back as a float, which JSON writes short again (1e-300)."""
     text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
     return len(text.encode("utf-8", "surrogatepass")) + sum(
-        len(format(Decimal(repr(number)), "f")) - len(repr(number)) for number in _floats(value)
+        max(0, len(format(Decimal(repr(number)), "f")) - len(repr(number)))
+        for number in _floats(value)
+        if abs(number) >= 1
     )
 
 

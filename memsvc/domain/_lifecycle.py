@@ -810,10 +810,10 @@ class Lifecycle:
             if not committed:
                 await self._memory.abort(record.ref, marker.op)
             elif marker.state == "terminating":
-                final = None if marker.clear else "terminated"
-                await self._memory.finish(
-                    record.ref, marker.op, final, swap=False, clear=marker.clear
-                )
+                # A Terminate that kept a lost memory keeps nothing (see terminate).
+                clear = marker.clear or marker.prior == MISSING
+                final = None if clear else "terminated"
+                await self._memory.finish(record.ref, marker.op, final, swap=False, clear=clear)
             else:
                 final = MARKER_FOR.get(record.state, "active")
                 swap = marker.state == "resuming"

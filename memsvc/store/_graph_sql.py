@@ -270,13 +270,27 @@ async def list_graph_checkpoints(
     if after is not None:
         conditions.append("(c.checkpoint_id, c.thread_id, c.checkpoint_ns) < (?, ?, ?)")
         params += list(after)
-    cursor = await dialect.execute_bulk_read(
-        conn,
+    statement = (
         f"SELECT {_COLUMNS} FROM graph_checkpoints c WHERE {' AND '.join(conditions)}"
         " ORDER BY c.checkpoint_id DESC, c.thread_id DESC, c.checkpoint_ns DESC"
-        f" LIMIT {int(limit)}",
-        params,
+        f" LIMIT {int(limit)}"
     )
+    for _ in range(_REREADS):
+        page = await _list_page(conn, dialect, statement, params, byte_budget)
+        if page is not None:
+            return page
+        # A checkpoint of the page was deleted or put again between its row and its
+        # values: the page is read again, so that it holds what its filters match
+        # and ``limit`` still says whether more follow.
+    raise _kept_changing(dialect)
+
+
+async def _list_page(
+    conn: Connection, dialect: Dialect, statement: str, params: list[Any], byte_budget: int
+) -> tuple[list[GraphCheckpointRecord], bool] | None:
+    """The page and whether the budget ended it, or None when a checkpoint in it
+    changed before its values were read."""
+    cursor = await dialect.execute_bulk_read(conn, statement, params)
     records = [_record(row, dialect) for row in await cursor.fetchall()]
     # Values are read in slices, so a page of large checkpoints stops at the budget:
     # a checkpoint that would take the page past it waits for the next page (unless
@@ -284,7 +298,10 @@ async def list_graph_checkpoints(
     result: list[GraphCheckpointRecord] = []
     size = 0
     for start in range(0, len(records), 10):
-        for record in await _attach_current(conn, dialect, records[start : start + 10]):
+        attached, changed = await _attach(conn, dialect, records[start : start + 10])
+        if changed:
+            return None
+        for record in attached:
             record_size = record.size()
             if result and size + record_size > byte_budget:
                 return result, True
@@ -293,45 +310,10 @@ async def list_graph_checkpoints(
     return result, False
 
 
-async def _attach_current(
-    conn: Connection, dialect: Dialect, records: list[GraphCheckpointRecord]
-) -> list[GraphCheckpointRecord]:
-    """The records as _attach gives them, in their order: one deleted since it was
-    read is left out (a list is not one snapshot across its statements, but each
-    checkpoint in it is whole), one put again is read again."""
-    attached, changed = await _attach(conn, dialect, records)
-    for _ in range(_REREADS):
-        if not changed:
-            break
-        again = await _reread(conn, dialect, changed)
-        more, changed = await _attach(conn, dialect, again)
-        attached += more
-    else:
-        raise _kept_changing(dialect)
-    order = {(r.thread_id, r.checkpoint_ns, r.checkpoint_id): i for i, r in enumerate(records)}
-    return sorted(attached, key=lambda r: order[(r.thread_id, r.checkpoint_ns, r.checkpoint_id)])
-
-
 def _kept_changing(dialect: Dialect) -> BackendUnavailable:
     """A read that met a change on every try (writers putting one id again and
     again): UNAVAILABLE, which tells the caller to retry."""
     return BackendUnavailable(dialect.name, RuntimeError("checkpoints kept changing while read"))
-
-
-async def _reread(
-    conn: Connection, dialect: Dialect, records: list[GraphCheckpointRecord]
-) -> list[GraphCheckpointRecord]:
-    """The checkpoint rows of these records as they are now (the deleted ones gone)."""
-    found: list[GraphCheckpointRecord] = []
-    for record in records:
-        cursor = await dialect.execute_bulk_read(
-            conn,
-            f"SELECT {_COLUMNS} FROM graph_checkpoints c WHERE c.project_id = ?"
-            " AND c.thread_id = ? AND c.checkpoint_ns = ? AND c.checkpoint_id = ?",
-            [record.project_id, record.thread_id, record.checkpoint_ns, record.checkpoint_id],
-        )
-        found += [_record(row, dialect) for row in await cursor.fetchall()]
-    return found
 
 
 def _touch_thread(

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import math
 from datetime import UTC, datetime, timedelta, timezone
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -14,7 +15,9 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from memsvc.client import (
+    AsyncClient,
     AsyncPager,
+    AsyncSessionClient,
     DeadlineExceeded,
     ErrorReason,
     InvalidArgument,
@@ -216,17 +219,23 @@ def failure(code: grpc.StatusCode, reason: str = "") -> MemsvcError:
 
 def test_what_is_retried():
     unavailable = failure(grpc.StatusCode.UNAVAILABLE)
-    assert retryable(unavailable, repeatable=False)
+    assert retryable(unavailable, has_request_id=False)
     for code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED):
-        assert not retryable(failure(code), repeatable=False)
-        assert retryable(failure(code), repeatable=True)
-    assert not retryable(failure(grpc.StatusCode.INTERNAL), repeatable=True)
-    assert not retryable(failure(grpc.StatusCode.RESOURCE_EXHAUSTED), repeatable=True)
+        assert not retryable(failure(code), has_request_id=False)
+        assert retryable(failure(code), has_request_id=True)
+        assert retryable(failure(code), has_request_id=False, read_only=True)
+    assert not retryable(failure(grpc.StatusCode.INTERNAL), has_request_id=True, read_only=True)
+    exhausted = failure(grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert not retryable(exhausted, has_request_id=True, read_only=True)
     # Refused past the server's call limit: nothing was done, whatever the call.
     too_many = failure(grpc.StatusCode.RESOURCE_EXHAUSTED, "ERROR_REASON_TOO_MANY_CALLS")
-    assert retryable(too_many, repeatable=False)
+    assert retryable(too_many, has_request_id=False)
     watchers = failure(grpc.StatusCode.RESOURCE_EXHAUSTED, "ERROR_REASON_TOO_MANY_WATCHERS")
-    assert not retryable(watchers, repeatable=True)
+    assert not retryable(watchers, has_request_id=True, read_only=True)
+    # The server's own deadline cut the read: it would run as long again.
+    served_late = failure(grpc.StatusCode.DEADLINE_EXCEEDED, "ERROR_REASON_DEADLINE_EXCEEDED")
+    assert not retryable(served_late, has_request_id=False, read_only=True)
+    assert retryable(served_late, has_request_id=True)
 
 
 def test_the_read_only_requests_are_the_reads_of_the_contract():
@@ -336,15 +345,27 @@ async def test_pagers_follow_tokens_and_can_restart():
     assert (await pager.fetch_page("t1")).next_page_token == "t2"
 
 
-async def test_a_budget_shared_by_several_calls():
-    """get_many's calls share its one budget: each gets what is left of it."""
-    invoker = Invoker(RetryPolicy(), timeout=30.0, grpc_metadata=())
-    default = invoker.deadline(None)  # the client's default budget
-    assert default is not None
-    assert 0 < Invoker.remaining(default) <= 30.0
-    mine = invoker.deadline(2.0)
-    first = Invoker.remaining(mine)
-    await asyncio.sleep(0.01)
-    assert 0 <= Invoker.remaining(mine) < first <= 2.0
-    assert invoker.deadline(math.inf) is None and Invoker.remaining(None) == math.inf
-    assert Invoker.remaining(invoker.deadline(0.0)) == 0.0
+async def test_get_many_spends_one_budget_across_its_calls():
+    """Keys left unprocessed are read by further BatchGets, each with what is left
+    of the one ``timeout``, not a new one."""
+    timeouts: list[float | None] = []
+
+    async def batch_get(request: Any, *, timeout: float | None, metadata: Any) -> Any:
+        timeouts.append(timeout)
+        await asyncio.sleep(0.05)
+        first, *rest = request.keys  # one value per call, the rest unprocessed
+        return working_memory_pb2.BatchGetResponse(
+            entries=[working_memory_pb2.Entry(key=first, value=struct_pb2.Value(number_value=1))],
+            unprocessed_keys=rest,
+        )
+
+    client = SimpleNamespace(
+        _invoke=Invoker(RetryPolicy(), timeout=None, grpc_metadata=()),
+        _wm=SimpleNamespace(BatchGet=batch_get),
+    )
+    session = AsyncSessionClient(cast(AsyncClient, client), "p", "a", "s")
+    assert await session.get_many(["a", "b", "c"], timeout=2.0) == {"a": 1, "b": 1, "c": 1}
+    budgets = [t for t in timeouts if t is not None]
+    assert len(budgets) == 3
+    assert budgets[0] <= 2.0 and budgets[2] < budgets[1] < budgets[0]
+    assert budgets[0] - budgets[2] >= 0.1  # what the first two calls spent

@@ -613,3 +613,10 @@ async def test_metadata_at_its_limit_as_read_back_is_stored_and_read(graphs, sco
     )
     # PostgreSQL gives it back as the integer 10**300 (jsonb keeps numbers as numeric).
     assert [float(n) for n in json.loads(got.checkpoint.metadata_json)["a"]] == numbers
+    # Tiny numbers come back as floats, written short again: not counted long.
+    tiny = [1e-300] * 4_000  # 4,000 x 302 bytes would be over 1 MiB
+    await put(graphs, project, checkpoint("t", "c2", metadata={"a": tiny}))
+    got = await graphs.GetGraphCheckpoint(
+        pb.GetGraphCheckpointRequest(project_id=project, thread_id="t")
+    )
+    assert json.loads(got.checkpoint.metadata_json)["a"] == tiny

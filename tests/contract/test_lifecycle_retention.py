@@ -117,6 +117,30 @@ async def test_a_memory_memsvc_did_not_leave_is_not_kept_as_the_final_one(server
 
 
 @pytest.mark.parametrize("deployment", [DEPLOYMENTS["production"]], ids=["production"])
+@pytest.mark.parametrize("config_overrides", [{"failpoints": "terminate.before_finish=error"}])
+async def test_a_lost_memory_is_not_kept_when_the_terminate_is_finished_by_a_heal(server, scope):
+    """The Terminate commits, then fails before its last Redis step: the next call
+    that meets its marker finishes it, and keeps no lost memory either."""
+    copy = RedisCopy(server.config.working_memory_url, scope)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            life = LifecycleServiceStub(channel)
+            wm = WorkingMemoryServiceStub(channel)
+            await life.Spawn(lc.SpawnRequest(**scope))
+            await copy.client.delete(*copy.keys)
+            keep = lc.TerminateRequest(**scope, skip_consolidation=True, keep_working_memory=True)
+            await expect_error(life.Terminate(keep), grpc.StatusCode.INTERNAL)
+            session = (await life.GetSession(lc.GetSessionRequest(**scope))).session
+            assert session.state == lc.SESSION_STATE_TERMINATED  # committed
+            error = await expect_error(
+                wm.ListKeys(pb.ListKeysRequest(**scope)), grpc.StatusCode.NOT_FOUND
+            )
+            assert error.reason == "ERROR_REASON_SESSION_NOT_FOUND"
+    finally:
+        await copy.client.aclose()
+
+
+@pytest.mark.parametrize("deployment", [DEPLOYMENTS["production"]], ids=["production"])
 async def test_resume_replaces_an_older_copy_of_a_paused_memory_of_the_same_size(server, scope):
     """A Resume keeps a paused memory that still holds its checkpoint instead of
     rebuilding it. A copy from an earlier Pause under the same checkpoint id (deleted,

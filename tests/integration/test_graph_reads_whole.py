@@ -160,3 +160,36 @@ async def test_reads_of_a_checkpoint_put_again_meanwhile_have_its_new_values(
     [item] = listed.checkpoints
     assert dict(item.channel_versions) == {"messages": "v2"}
     assert [v.value.data for v in item.channel_values] == [b'"v2"']
+
+
+async def test_a_page_that_lost_a_checkpoint_meanwhile_still_leads_to_the_rest(
+    graphs: GraphCheckpointServiceStub, monkeypatch: pytest.MonkeyPatch
+):
+    """A page reads one row more than it holds to know whether more follow: a row
+    deleted before its values were read must not end the listing early."""
+    project = str(uuid.uuid4())
+    for number in range(1, 6):
+        await graphs.PutGraphCheckpoint(
+            gpb.PutGraphCheckpointRequest(
+                project_id=project, checkpoint=checkpoint("t", f"c{number}", f"r{number}")
+            )
+        )
+    before_the_values_are_read(
+        monkeypatch,
+        lambda: graphs.DeleteGraphRuns(
+            gpb.DeleteGraphRunsRequest(project_id=project, run_ids=["r4"])
+        ),
+    )
+    listed: list[str] = []
+    token = ""
+    while True:
+        page = await graphs.ListGraphCheckpoints(
+            gpb.ListGraphCheckpointsRequest(
+                project_id=project, thread_id="t", page_size=2, page_token=token
+            )
+        )
+        listed += [c.checkpoint_id for c in page.checkpoints]
+        token = page.next_page_token
+        if not token:
+            break
+    assert listed == ["c5", "c3", "c2", "c1"]

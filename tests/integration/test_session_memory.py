@@ -393,9 +393,15 @@ async def test_a_late_copy_of_a_failed_spawns_step_leaves_the_live_session(store
     await store.set_entries(session, [EntryWrite("b", b"2", None)])
     late = ["op-failed", "epoch-0", "0", "a", b"old", 0]  # as the failed call sent it
     reply = await store._run_lifecycle("lifecycle_begin_spawn", session, late)
-    assert reply == [b"settled", b"active"]
+    assert reply == [b"exists", b"active"]
     assert await contents(store, session) == {"a": b"1", "b": b"2"}
     assert (await store.read_marker(session)).state == "active"
+    # Nor while an operation of the live session is between its steps.
+    await store.begin_snapshot(session, "op-pause", "pausing", False, {"active"})
+    reply = await store._run_lifecycle("lifecycle_begin_spawn", session, late)
+    assert reply == [b"exists", b"pausing"]
+    await store.finish(session, "op-pause", "active", swap=False, clear=False)
+    assert await contents(store, session) == {"a": b"1", "b": b"2"}
     # A Spawn that holds a new row (the database had none): the memory is an orphan,
     # and the call replaces it. The fence of settled operations survives that.
     await store.begin_spawn(session, "op-new", "epoch-2", [EntryWrite("c", b"3", None)])

@@ -35,6 +35,9 @@ async def test_a_write_cancelled_while_waiting_for_the_lock_leaves_the_store_wri
         waiting = asyncio.ensure_future(write())
         await asyncio.sleep(0.5)  # BEGIN is waiting for the lock (busy_timeout: 5 s)
         waiting.cancel()
+        await asyncio.sleep(0.2)
+        waiting.cancel()  # a second cancellation (a deadline, then the client) as well
+        await asyncio.sleep(0.2)
         other.execute("COMMIT")  # the lock is free: the abandoned BEGIN now succeeds
         other.close()
         with contextlib.suppress(asyncio.CancelledError):

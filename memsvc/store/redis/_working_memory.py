@@ -358,7 +358,7 @@ class RedisWorkingMemoryStore:
         for write in writes:
             args += [write.key, write.value, write.ttl_ms or 0]
         reply = await self._run_lifecycle("lifecycle_begin_spawn", session, args)
-        if reply[0] == b"settled":
+        if reply[0] == b"exists":
             # This call holds the session's new row, so the memory is an orphan
             # (the database lost the session, or a purge raced it): replace it.
             # The script leaves that to the call itself (a late copy of another

@@ -116,9 +116,11 @@ class SqliteDurableStore(SqlDurableReads):
                 # aiosqlite runs the statement whether or not anyone still awaits it
                 # (it may wait up to busy_timeout for another process's lock): end
                 # the transaction it opens, or every later BEGIN finds one open.
-                with contextlib.suppress(aiosqlite.Error):
-                    await begin
-                    await db.execute("ROLLBACK")
+                # Another cancellation meanwhile must not cut that short either.
+                ending = asyncio.ensure_future(_rollback_once_begun(db, begin))
+                while not ending.done():
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await asyncio.shield(ending)
                 raise
             except aiosqlite.OperationalError as error:  # locked by another process too long
                 raise BackendUnavailable(self.backend_name, error) from error
@@ -201,3 +203,10 @@ class SqliteDurableStore(SqlDurableReads):
         if self._db is None:
             raise RuntimeError("SqliteDurableStore used before open()")
         return self._db
+
+
+async def _rollback_once_begun(db: aiosqlite.Connection, begin: asyncio.Future[Any]) -> None:
+    """End the transaction ``begin`` opens, if it opens one."""
+    with contextlib.suppress(aiosqlite.Error):
+        await begin
+        await db.execute("ROLLBACK")

@@ -1,21 +1,22 @@
 -- Lifecycle step 1 of Spawn (ADR 0004): the caller holds the new session's row
 -- in an open database transaction, so no other session of this name exists;
 -- anything left here is an orphan of an unfinished call and is replaced.
--- A settled memory (active, paused, terminated) is replaced only when the call
--- says so (ARGV[3] = '1'): a late copy of the step 1 of a Spawn that failed,
--- arriving after a retry of it spawned the session, must not wipe that live
--- session, and only the call that is still waiting for the reply can tell.
+-- An existing memory (any marker) is replaced only when the call says so
+-- (ARGV[3] = '1'): a late copy of the step 1 of a Spawn that failed, arriving
+-- after a retry of it spawned the session (or while the retry, or a later
+-- operation, is between its steps), must not wipe that live session, and only
+-- the call that is still waiting for the reply can tell.
 -- KEYS[5..7]: staging D', X', K' (cleared too).
 -- ARGV: op, epoch, replace settled ('0'|'1'), then triples (key, value,
 -- ttl_ms; 0 = none).
--- Returns {'ok'}, {'settled', state} (nothing changed), or {'late'} (nothing
+-- Returns {'ok'}, {'exists', state} (nothing changed), or {'late'} (nothing
 -- changed) for a step of a settled operation.
 if already_settled(ARGV[1]) then
   return {'late'}
 end
 local state = redis.call('HGET', M, 'state')
-if ARGV[3] ~= '1' and (state == 'active' or state == 'paused' or state == 'terminated') then
-  return {'settled', state}
+if ARGV[3] ~= '1' and state then
+  return {'exists', state}
 end
 local now = now_ms()
 -- The fence of settled operations outlives the orphan it replaces.
