@@ -50,6 +50,24 @@ def metadata_of_size(size: int) -> struct_pb2.Struct:
     return struct
 
 
+Fetch = Callable[[str], Awaitable[tuple[list[str], str]]]
+
+
+async def every_page(fetch: Fetch) -> tuple[list[str], int]:
+    """The names on all pages, in order, following page tokens from the first page,
+    and how many pages held them (one name at least each)."""
+    listed: list[str] = []
+    pages = 0
+    token = ""
+    while True:
+        names, token = await fetch(token)
+        assert names, "every page holds one item at least"
+        listed += names
+        pages += 1
+        if not token:
+            return listed, pages
+
+
 def test_the_helper_makes_the_size_it_is_asked_for():
     for size in (LIMIT, LIMIT + 1):
         assert json_size(metadata_of_size(size)) == size
@@ -107,19 +125,14 @@ async def test_session_pages_end_within_a_response(
         session_id = f"big-{index}"
         await life.Spawn(lc.SpawnRequest(**{**scope, "session_id": session_id}, metadata=big))
         spawned.add(session_id)
-    listed: list[str] = []
-    token = ""
-    pages = 0
-    while True:
+
+    async def fetch(token: str) -> tuple[list[str], str]:
         page = await life.ListSessions(
             lc.ListSessionsRequest(project_id=scope["project_id"], page_size=100, page_token=token)
         )
-        pages += 1
-        assert page.sessions, "every page holds a session at least"
-        listed += [s.session_id for s in page.sessions]
-        token = page.next_page_token
-        if not token:
-            break
+        return [s.session_id for s in page.sessions], page.next_page_token
+
+    listed, pages = await every_page(fetch)
     assert sorted(listed) == sorted(spawned)
     assert pages > 2
 
@@ -136,19 +149,14 @@ async def test_checkpoint_pages_end_within_a_response(
             lc.CreateCheckpointRequest(**scope, checkpoint_id=checkpoint_id, metadata=big)
         )
         made.add(checkpoint_id)
-    listed: list[str] = []
-    token = ""
-    pages = 0
-    while True:
+
+    async def fetch(token: str) -> tuple[list[str], str]:
         page = await life.ListCheckpoints(
             lc.ListCheckpointsRequest(**scope, page_size=100, page_token=token)
         )
-        pages += 1
-        assert page.checkpoints
-        listed += [c.checkpoint_id for c in page.checkpoints]
-        token = page.next_page_token
-        if not token:
-            break
+        return [c.checkpoint_id for c in page.checkpoints], page.next_page_token
+
+    listed, pages = await every_page(fetch)
     assert sorted(listed) == sorted(made)
     assert pages > 2
 
@@ -200,16 +208,12 @@ async def test_key_pages_end_within_a_response(
 ):
     await life.Spawn(lc.SpawnRequest(**scope))
     keys = await many_long_keys(wm, scope)
-    listed: list[str] = []
-    token = ""
-    while True:
+
+    async def fetch(token: str) -> tuple[list[str], str]:
         page = await wm.ListKeys(wm_pb.ListKeysRequest(**scope, page_size=1_000, page_token=token))
-        assert page.keys
-        listed += [item.key for item in page.keys]
-        token = page.next_page_token
-        if not token:
-            break
-    assert listed == keys
+        return [item.key for item in page.keys], page.next_page_token
+
+    assert (await every_page(fetch))[0] == keys
 
 
 async def test_checkpoint_entry_pages_count_keys_too(
@@ -220,9 +224,8 @@ async def test_checkpoint_entry_pages_count_keys_too(
     made = await life.CreateCheckpoint(
         lc.CreateCheckpointRequest(**scope, metadata=metadata_of_size(LIMIT))
     )
-    listed: list[str] = []
-    token = ""
-    while True:
+
+    async def fetch(token: str) -> tuple[list[str], str]:
         page = await life.GetCheckpoint(
             lc.GetCheckpointRequest(
                 **scope,
@@ -232,12 +235,9 @@ async def test_checkpoint_entry_pages_count_keys_too(
                 page_token=token,
             )
         )
-        assert page.entries
-        listed += [entry.key for entry in page.entries]
-        token = page.next_page_token
-        if not token:
-            break
-    assert listed == keys
+        return [entry.key for entry in page.entries], page.next_page_token
+
+    assert (await every_page(fetch))[0] == keys
 
 
 async def test_a_terminate_of_many_long_keys_records_an_episode_one_response_carries(

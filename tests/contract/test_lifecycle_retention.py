@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import grpc
@@ -82,88 +83,71 @@ async def test_age_retention_deletes_expired_checkpoints_except_the_resume_point
 
 @pytest.mark.parametrize("deployment", [DEPLOYMENTS["production"]], ids=["production"])
 @pytest.mark.parametrize("memory", ["older copy", "lost"])
-async def test_a_memory_memsvc_did_not_leave_is_not_kept_as_the_final_one(server, scope, memory):
+async def test_a_memory_memsvc_did_not_leave_is_not_kept_as_the_final_one(
+    copy, life, scope, wm, memory
+):
     """Terminate with skip_consolidation and keep_working_memory ends such a session,
     but does not keep an older copy (or nothing) as if it were its final memory:
     reads then say the session ended, never serve the copy or an empty memory."""
-    copy = RedisCopy(server.config.working_memory_url, scope)
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            life = LifecycleServiceStub(channel)
-            wm = WorkingMemoryServiceStub(channel)
-            await life.Spawn(lc.SpawnRequest(**scope))
-            await wm.Set(pb.SetRequest(**scope, key="k", value=value("before")))
-            await copy.take()
-            await life.Pause(lc.PauseRequest(**scope))
-            await life.Resume(lc.ResumeRequest(**scope))
-            await wm.Set(pb.SetRequest(**scope, key="k", value=value("after")))
-            if memory == "lost":
-                await copy.client.delete(*copy.keys)
-            else:
-                await copy.put_back()
-            ended = await life.Terminate(
-                lc.TerminateRequest(**scope, skip_consolidation=True, keep_working_memory=True)
-            )
-            assert ended.session.state == lc.SESSION_STATE_TERMINATED
-            for read in (
-                wm.Get(pb.GetRequest(**scope, key="k")),
-                wm.ListKeys(pb.ListKeysRequest(**scope)),
-            ):
-                error = await expect_error(read, grpc.StatusCode.NOT_FOUND)
-                assert error.reason == "ERROR_REASON_SESSION_NOT_FOUND"
-            assert await copy.client.exists(*copy.keys) == 0
-    finally:
-        await copy.client.aclose()
+    await life.Spawn(lc.SpawnRequest(**scope))
+    await wm.Set(pb.SetRequest(**scope, key="k", value=value("before")))
+    await copy.take()
+    await life.Pause(lc.PauseRequest(**scope))
+    await life.Resume(lc.ResumeRequest(**scope))
+    await wm.Set(pb.SetRequest(**scope, key="k", value=value("after")))
+    if memory == "lost":
+        await copy.client.delete(*copy.keys)
+    else:
+        await copy.put_back()
+    ended = await life.Terminate(
+        lc.TerminateRequest(**scope, skip_consolidation=True, keep_working_memory=True)
+    )
+    assert ended.session.state == lc.SESSION_STATE_TERMINATED
+    for read in (
+        wm.Get(pb.GetRequest(**scope, key="k")),
+        wm.ListKeys(pb.ListKeysRequest(**scope)),
+    ):
+        error = await expect_error(read, grpc.StatusCode.NOT_FOUND)
+        assert error.reason == "ERROR_REASON_SESSION_NOT_FOUND"
+    assert await copy.client.exists(*copy.keys) == 0
 
 
 @pytest.mark.parametrize("deployment", [DEPLOYMENTS["production"]], ids=["production"])
 @pytest.mark.parametrize("config_overrides", [{"failpoints": "terminate.before_finish=error"}])
-async def test_a_lost_memory_is_not_kept_when_the_terminate_is_finished_by_a_heal(server, scope):
+async def test_a_lost_memory_is_not_kept_when_the_terminate_is_finished_by_a_heal(
+    copy, life, scope, wm
+):
     """The Terminate commits, then fails before its last Redis step: the next call
     that meets its marker finishes it, and keeps no lost memory either."""
-    copy = RedisCopy(server.config.working_memory_url, scope)
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            life = LifecycleServiceStub(channel)
-            wm = WorkingMemoryServiceStub(channel)
-            await life.Spawn(lc.SpawnRequest(**scope))
-            await copy.client.delete(*copy.keys)
-            keep = lc.TerminateRequest(**scope, skip_consolidation=True, keep_working_memory=True)
-            await expect_error(life.Terminate(keep), grpc.StatusCode.INTERNAL)
-            session = (await life.GetSession(lc.GetSessionRequest(**scope))).session
-            assert session.state == lc.SESSION_STATE_TERMINATED  # committed
-            error = await expect_error(
-                wm.ListKeys(pb.ListKeysRequest(**scope)), grpc.StatusCode.NOT_FOUND
-            )
-            assert error.reason == "ERROR_REASON_SESSION_NOT_FOUND"
-    finally:
-        await copy.client.aclose()
+    await life.Spawn(lc.SpawnRequest(**scope))
+    await copy.client.delete(*copy.keys)
+    keep = lc.TerminateRequest(**scope, skip_consolidation=True, keep_working_memory=True)
+    await expect_error(life.Terminate(keep), grpc.StatusCode.INTERNAL)
+    session = (await life.GetSession(lc.GetSessionRequest(**scope))).session
+    assert session.state == lc.SESSION_STATE_TERMINATED  # committed
+    error = await expect_error(wm.ListKeys(pb.ListKeysRequest(**scope)), grpc.StatusCode.NOT_FOUND)
+    assert error.reason == "ERROR_REASON_SESSION_NOT_FOUND"
 
 
 @pytest.mark.parametrize("deployment", [DEPLOYMENTS["production"]], ids=["production"])
-async def test_resume_replaces_an_older_copy_of_a_paused_memory_of_the_same_size(server, scope):
+async def test_resume_replaces_an_older_copy_of_a_paused_memory_of_the_same_size(
+    copy, life, scope, wm
+):
     """A Resume keeps a paused memory that still holds its checkpoint instead of
     rebuilding it. A copy from an earlier Pause under the same checkpoint id (deleted,
     then used again), with as many keys and bytes, is not that memory: its epoch
     differs, and Resume rebuilds from the durable checkpoint."""
-    copy = RedisCopy(server.config.working_memory_url, scope)
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            life = LifecycleServiceStub(channel)
-            wm = WorkingMemoryServiceStub(channel)
-            await life.Spawn(lc.SpawnRequest(**scope))
-            await wm.Set(pb.SetRequest(**scope, key="k", value=value("A")))
-            await life.Pause(lc.PauseRequest(**scope, checkpoint_id="cp"))
-            await copy.take()
-            await life.Resume(lc.ResumeRequest(**scope))
-            await wm.Set(pb.SetRequest(**scope, key="k", value=value("B")))
-            await life.DeleteCheckpoint(lc.DeleteCheckpointRequest(**scope, checkpoint_id="cp"))
-            await life.Pause(lc.PauseRequest(**scope, checkpoint_id="cp"))
-            await copy.put_back()
-            await life.Resume(lc.ResumeRequest(**scope))
-            assert python((await wm.Get(pb.GetRequest(**scope, key="k"))).entry.value) == "B"
-    finally:
-        await copy.client.aclose()
+    await life.Spawn(lc.SpawnRequest(**scope))
+    await wm.Set(pb.SetRequest(**scope, key="k", value=value("A")))
+    await life.Pause(lc.PauseRequest(**scope, checkpoint_id="cp"))
+    await copy.take()
+    await life.Resume(lc.ResumeRequest(**scope))
+    await wm.Set(pb.SetRequest(**scope, key="k", value=value("B")))
+    await life.DeleteCheckpoint(lc.DeleteCheckpointRequest(**scope, checkpoint_id="cp"))
+    await life.Pause(lc.PauseRequest(**scope, checkpoint_id="cp"))
+    await copy.put_back()
+    await life.Resume(lc.ResumeRequest(**scope))
+    assert python((await wm.Get(pb.GetRequest(**scope, key="k"))).entry.value) == "B"
 
 
 async def test_a_kept_memory_stays_readable_after_terminate(life, wm, scope):
@@ -309,97 +293,87 @@ class RedisCopy:
                 await self.client.restore(key, 0, data)
 
 
+@pytest.fixture
+async def copy(server: Server, scope: dict[str, str]) -> AsyncIterator[RedisCopy]:
+    """The test session's Redis keys, to take and put back (a restored older copy)."""
+    taken = RedisCopy(server.config.working_memory_url, scope)
+    try:
+        yield taken
+    finally:
+        await taken.client.aclose()
+
+
 @pytest.mark.parametrize("deployment", [DEPLOYMENTS["production"]], ids=["production"])
-async def test_a_store_restored_from_an_older_copy_is_lost_memory(server, scope):
+async def test_a_store_restored_from_an_older_copy_is_lost_memory(copy, life, scope, wm):
     """Redis brought back in an older state (a replica that lagged, an old RDB):
     the memory is not what memsvc left. It is reported lost, Terminate refuses to
     make an episode of it, and Resume replaces it; the session never gets stuck."""
-    copy = RedisCopy(server.config.working_memory_url, scope)
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            life = LifecycleServiceStub(channel)
-            wm = WorkingMemoryServiceStub(channel)
-            await life.Spawn(lc.SpawnRequest(**scope))
-            await wm.Set(pb.SetRequest(**scope, key="k", value=value("paused")))
-            await copy.take()
-            await life.Pause(lc.PauseRequest(**scope))
-            await copy.put_back()
-            session = (await life.GetSession(lc.GetSessionRequest(**scope))).session
-            assert session.state == lc.SESSION_STATE_PAUSED
-            assert session.working_memory_status == lc.WORKING_MEMORY_STATUS_LOST
-            error = await expect_error(
-                life.Terminate(lc.TerminateRequest(**scope)), grpc.StatusCode.FAILED_PRECONDITION
-            )
-            assert error.reason == "ERROR_REASON_WORKING_MEMORY_LOST"
-            await life.Resume(lc.ResumeRequest(**scope))
-            session = (await life.GetSession(lc.GetSessionRequest(**scope))).session
-            assert session.working_memory_status == lc.WORKING_MEMORY_STATUS_INTACT
-            assert python((await wm.Get(pb.GetRequest(**scope, key="k"))).entry.value) == "paused"
-            await wm.Set(pb.SetRequest(**scope, key="k", value=value("again")))
-            await life.Terminate(lc.TerminateRequest(**scope))
-    finally:
-        await copy.client.aclose()
+    await life.Spawn(lc.SpawnRequest(**scope))
+    await wm.Set(pb.SetRequest(**scope, key="k", value=value("paused")))
+    await copy.take()
+    await life.Pause(lc.PauseRequest(**scope))
+    await copy.put_back()
+    session = (await life.GetSession(lc.GetSessionRequest(**scope))).session
+    assert session.state == lc.SESSION_STATE_PAUSED
+    assert session.working_memory_status == lc.WORKING_MEMORY_STATUS_LOST
+    error = await expect_error(
+        life.Terminate(lc.TerminateRequest(**scope)), grpc.StatusCode.FAILED_PRECONDITION
+    )
+    assert error.reason == "ERROR_REASON_WORKING_MEMORY_LOST"
+    await life.Resume(lc.ResumeRequest(**scope))
+    session = (await life.GetSession(lc.GetSessionRequest(**scope))).session
+    assert session.working_memory_status == lc.WORKING_MEMORY_STATUS_INTACT
+    assert python((await wm.Get(pb.GetRequest(**scope, key="k"))).entry.value) == "paused"
+    await wm.Set(pb.SetRequest(**scope, key="k", value=value("again")))
+    await life.Terminate(lc.TerminateRequest(**scope))
 
 
 @pytest.mark.parametrize("deployment", [DEPLOYMENTS["production"]], ids=["production"])
-async def test_a_copy_from_before_the_last_resume_is_lost_memory(server, scope):
+async def test_a_copy_from_before_the_last_resume_is_lost_memory(copy, life, scope, wm):
     """A copy taken before a Resume holds the session in the same state (ACTIVE)
     but of the earlier epoch: Pause, CreateCheckpoint and Terminate refuse it as
     lost (their atomic steps compare the epoch), and Resume replaces it."""
-    copy = RedisCopy(server.config.working_memory_url, scope)
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            life = LifecycleServiceStub(channel)
-            wm = WorkingMemoryServiceStub(channel)
-            await life.Spawn(lc.SpawnRequest(**scope))
-            await wm.Set(pb.SetRequest(**scope, key="k", value=value("before")))
-            await copy.take()
-            paused = await life.Pause(lc.PauseRequest(**scope))
-            await life.Resume(lc.ResumeRequest(**scope))
-            await copy.put_back()
-            session = (await life.GetSession(lc.GetSessionRequest(**scope))).session
-            assert session.state == lc.SESSION_STATE_ACTIVE
-            assert session.working_memory_status == lc.WORKING_MEMORY_STATUS_LOST
-            checkpoint_id = paused.checkpoint.checkpoint_id
-            for call in (
-                life.Pause(lc.PauseRequest(**scope)),
-                life.CreateCheckpoint(lc.CreateCheckpointRequest(**scope)),
-                life.Terminate(lc.TerminateRequest(**scope)),
-                # A merge keeps what is there: not an older copy.
-                life.Resume(
-                    lc.ResumeRequest(**scope, checkpoint_id=checkpoint_id, merge_with_current=True)
-                ),
-            ):
-                error = await expect_error(call, grpc.StatusCode.FAILED_PRECONDITION)
-                assert error.reason == "ERROR_REASON_WORKING_MEMORY_LOST"
-            await life.Resume(lc.ResumeRequest(**scope, checkpoint_id=checkpoint_id))
-            session = (await life.GetSession(lc.GetSessionRequest(**scope))).session
-            assert session.working_memory_status == lc.WORKING_MEMORY_STATUS_INTACT
-            await life.Pause(lc.PauseRequest(**scope))
-    finally:
-        await copy.client.aclose()
+    await life.Spawn(lc.SpawnRequest(**scope))
+    await wm.Set(pb.SetRequest(**scope, key="k", value=value("before")))
+    await copy.take()
+    paused = await life.Pause(lc.PauseRequest(**scope))
+    await life.Resume(lc.ResumeRequest(**scope))
+    await copy.put_back()
+    session = (await life.GetSession(lc.GetSessionRequest(**scope))).session
+    assert session.state == lc.SESSION_STATE_ACTIVE
+    assert session.working_memory_status == lc.WORKING_MEMORY_STATUS_LOST
+    checkpoint_id = paused.checkpoint.checkpoint_id
+    for call in (
+        life.Pause(lc.PauseRequest(**scope)),
+        life.CreateCheckpoint(lc.CreateCheckpointRequest(**scope)),
+        life.Terminate(lc.TerminateRequest(**scope)),
+        # A merge keeps what is there: not an older copy.
+        life.Resume(
+            lc.ResumeRequest(**scope, checkpoint_id=checkpoint_id, merge_with_current=True)
+        ),
+    ):
+        error = await expect_error(call, grpc.StatusCode.FAILED_PRECONDITION)
+        assert error.reason == "ERROR_REASON_WORKING_MEMORY_LOST"
+    await life.Resume(lc.ResumeRequest(**scope, checkpoint_id=checkpoint_id))
+    session = (await life.GetSession(lc.GetSessionRequest(**scope))).session
+    assert session.working_memory_status == lc.WORKING_MEMORY_STATUS_INTACT
+    await life.Pause(lc.PauseRequest(**scope))
 
 
 @pytest.mark.parametrize("deployment", [DEPLOYMENTS["production"]], ids=["production"])
-async def test_an_older_copy_with_no_checkpoint_left_can_still_end(server, scope):
+async def test_an_older_copy_with_no_checkpoint_left_can_still_end(copy, life, scope):
     """No checkpoint to resume from: Terminate without an episode still ends the
     session (nothing reads the copy), so no session is ever stuck."""
-    copy = RedisCopy(server.config.working_memory_url, scope)
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            life = LifecycleServiceStub(channel)
-            await life.Spawn(lc.SpawnRequest(**scope))
-            await copy.take()
-            paused = await life.Pause(lc.PauseRequest(**scope))
-            await life.Resume(lc.ResumeRequest(**scope))
-            await life.DeleteCheckpoint(
-                lc.DeleteCheckpointRequest(**scope, checkpoint_id=paused.checkpoint.checkpoint_id)
-            )
-            await copy.put_back()
-            await expect_error(
-                life.Terminate(lc.TerminateRequest(**scope)), grpc.StatusCode.FAILED_PRECONDITION
-            )
-            ended = await life.Terminate(lc.TerminateRequest(**scope, skip_consolidation=True))
-            assert ended.session.state == lc.SESSION_STATE_TERMINATED
-    finally:
-        await copy.client.aclose()
+    await life.Spawn(lc.SpawnRequest(**scope))
+    await copy.take()
+    paused = await life.Pause(lc.PauseRequest(**scope))
+    await life.Resume(lc.ResumeRequest(**scope))
+    await life.DeleteCheckpoint(
+        lc.DeleteCheckpointRequest(**scope, checkpoint_id=paused.checkpoint.checkpoint_id)
+    )
+    await copy.put_back()
+    await expect_error(
+        life.Terminate(lc.TerminateRequest(**scope)), grpc.StatusCode.FAILED_PRECONDITION
+    )
+    ended = await life.Terminate(lc.TerminateRequest(**scope, skip_consolidation=True))
+    assert ended.session.state == lc.SESSION_STATE_TERMINATED
