@@ -10,10 +10,14 @@ What is retried:
 
 - UNAVAILABLE, always: the server was not reached, is shutting down, or a backend is
   down (memsvc then says how long to wait in RetryInfo, which is honoured).
-- DEADLINE_EXCEEDED and ABORTED, only for calls that carry a request id. The first
+- RESOURCE_EXHAUSTED from the server's call limit (TooManyCalls), always: the call
+  was refused before anything was done.
+- DEADLINE_EXCEEDED and ABORTED for calls that carry a request id. The first
   attempt may have taken effect; the request id makes the server answer the retry
   with the first attempt's answer instead of doing it twice. The SDK makes one id
   (a UUID4) per call and sends it with every attempt of that call.
+- DEADLINE_EXCEEDED and ABORTED for reads (READ_ONLY_REQUESTS), which change
+  nothing, unless memsvc's own deadline ended the read (it would run as long again).
 """
 
 from __future__ import annotations

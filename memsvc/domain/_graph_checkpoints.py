@@ -766,8 +766,9 @@ def parse_json_object(
         violations.append(
             FieldViolation(
                 field,
-                f"is {served} bytes as reads send it back (numbers in plain decimal form, "
-                f"as PostgreSQL writes them: 1e300 takes 301 digits), over {max_bytes}",
+                f"is {served} bytes as reads send it back (numbers of 1 and above in plain "
+                f"decimal form, as PostgreSQL writes them: 1e300 takes 301 digits), "
+                f"over {max_bytes}",
             )
         )
         return {}

@@ -279,17 +279,18 @@ async def list_graph_checkpoints(
         page = await _list_page(conn, dialect, statement, params, byte_budget)
         if page is not None:
             return page
-        # A checkpoint of the page was deleted or put again between its row and its
-        # values: the page is read again, so that it holds what its filters match
-        # and ``limit`` still says whether more follow.
+        # The page's first checkpoint was deleted or put again between its row
+        # and its values: the page is read again.
     raise _kept_changing(dialect)
 
 
 async def _list_page(
     conn: Connection, dialect: Dialect, statement: str, params: list[Any], byte_budget: int
 ) -> tuple[list[GraphCheckpointRecord], bool] | None:
-    """The page and whether the budget ended it, or None when a checkpoint in it
-    changed before its values were read."""
+    """The page and whether it ended early (the byte budget, or a checkpoint that
+    changed between its row and its values: the page ends before it, and the next
+    one reads it as it is then, through its filters), or None when its first
+    checkpoint changed."""
     cursor = await dialect.execute_bulk_read(conn, statement, params)
     records = [_record(row, dialect) for row in await cursor.fetchall()]
     # Values are read in slices, so a page of large checkpoints stops at the budget:
@@ -299,15 +300,22 @@ async def _list_page(
     size = 0
     for start in range(0, len(records), 10):
         attached, changed = await _attach(conn, dialect, records[start : start + 10])
-        if changed:
-            return None
         for record in attached:
+            if changed and _position(record) < max(map(_position, changed)):
+                break  # past a changed one: the page ends before it
             record_size = record.size()
             if result and size + record_size > byte_budget:
                 return result, True
             result.append(record)
             size += record_size
+        if changed:
+            return (result, True) if result else None
     return result, False
+
+
+def _position(record: GraphCheckpointRecord) -> tuple[str, str, str]:
+    """Where a checkpoint sorts in a list (newest first: larger comes first)."""
+    return (record.checkpoint_id, record.thread_id, record.checkpoint_ns)
 
 
 def _kept_changing(dialect: Dialect) -> BackendUnavailable:

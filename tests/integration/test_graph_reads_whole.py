@@ -54,11 +54,12 @@ def checkpoint(thread: str, checkpoint_id: str, run_id: str) -> gpb.GraphCheckpo
 
 
 def before_the_values_are_read(
-    monkeypatch: pytest.MonkeyPatch, change: Callable[[], Awaitable[object]]
+    monkeypatch: pytest.MonkeyPatch, change: Callable[[], Awaitable[object]], times: int = 1
 ) -> None:
-    """Runs ``change`` once, between a read's checkpoint rows and its values."""
+    """Runs ``change`` between a read's checkpoint rows and its values, at the
+    first ``times`` reads."""
     real = _graph_sql._attach
-    pending = [change]
+    pending = [change] * times
 
     async def attach(*args: Any) -> Any:
         if pending:
@@ -66,6 +67,25 @@ def before_the_values_are_read(
         return await real(*args)
 
     monkeypatch.setattr(_graph_sql, "_attach", attach)
+
+
+async def list_all(
+    graphs: GraphCheckpointServiceStub, project: str, page_size: int = 0
+) -> list[gpb.GraphCheckpoint]:
+    """Thread t's checkpoints, page after page (a page may end early, before a
+    checkpoint that changed while it was read)."""
+    listed: list[gpb.GraphCheckpoint] = []
+    token = ""
+    while True:
+        page = await graphs.ListGraphCheckpoints(
+            gpb.ListGraphCheckpointsRequest(
+                project_id=project, thread_id="t", page_size=page_size, page_token=token
+            )
+        )
+        listed += page.checkpoints
+        token = page.next_page_token
+        if not token:
+            return listed
 
 
 async def test_get_of_a_checkpoint_deleted_meanwhile_is_not_found(
@@ -125,11 +145,9 @@ async def test_list_leaves_out_a_checkpoint_deleted_meanwhile(
             gpb.DeleteGraphRunsRequest(project_id=project, run_ids=["r2"])
         ),
     )
-    listed = await graphs.ListGraphCheckpoints(
-        gpb.ListGraphCheckpointsRequest(project_id=project, thread_id="t")
-    )
-    assert [c.checkpoint_id for c in listed.checkpoints] == ["c3", "c1"]
-    for item in listed.checkpoints:
+    listed = await list_all(graphs, project)
+    assert [c.checkpoint_id for c in listed] == ["c3", "c1"]
+    for item in listed:
         data = [v.value.data for v in item.channel_values]
         assert data == [f'"{item.checkpoint_id}"'.encode()]
 
@@ -154,10 +172,7 @@ async def test_reads_of_a_checkpoint_put_again_meanwhile_have_its_new_values(
             gpb.PutGraphCheckpointRequest(project_id=project, checkpoint=again)
         ),
     )
-    listed = await graphs.ListGraphCheckpoints(
-        gpb.ListGraphCheckpointsRequest(project_id=project, thread_id="t")
-    )
-    [item] = listed.checkpoints
+    [item] = await list_all(graphs, project)
     assert dict(item.channel_versions) == {"messages": "v2"}
     assert [v.value.data for v in item.channel_values] == [b'"v2"']
 
@@ -180,16 +195,33 @@ async def test_a_page_that_lost_a_checkpoint_meanwhile_still_leads_to_the_rest(
             gpb.DeleteGraphRunsRequest(project_id=project, run_ids=["r4"])
         ),
     )
-    listed: list[str] = []
-    token = ""
-    while True:
-        page = await graphs.ListGraphCheckpoints(
-            gpb.ListGraphCheckpointsRequest(
-                project_id=project, thread_id="t", page_size=2, page_token=token
+    listed = await list_all(graphs, project, page_size=2)
+    assert [c.checkpoint_id for c in listed] == ["c5", "c3", "c2", "c1"]
+
+
+async def test_a_page_ends_before_a_checkpoint_that_keeps_changing(
+    graphs: GraphCheckpointServiceStub, monkeypatch: pytest.MonkeyPatch
+):
+    """The checkpoints before it make a page of their own, instead of the whole page
+    being read again until it fails (a page read again five times is UNAVAILABLE)."""
+    project = str(uuid.uuid4())
+    for checkpoint_id, run_id in (("c1", "r1"), ("c2", "r2"), ("c3", "r3")):
+        await graphs.PutGraphCheckpoint(
+            gpb.PutGraphCheckpointRequest(
+                project_id=project, checkpoint=checkpoint("t", checkpoint_id, run_id)
             )
         )
-        listed += [c.checkpoint_id for c in page.checkpoints]
-        token = page.next_page_token
-        if not token:
-            break
-    assert listed == ["c5", "c3", "c2", "c1"]
+    versions = iter(range(100))
+
+    async def put_c1_again() -> object:
+        again = checkpoint("t", "c1", "r1")
+        version = f"v{next(versions)}"
+        again.channel_versions["messages"] = version
+        again.channel_values[0].version = version
+        request = gpb.PutGraphCheckpointRequest(project_id=project, checkpoint=again)
+        return await graphs.PutGraphCheckpoint(request)
+
+    before_the_values_are_read(monkeypatch, put_c1_again, times=5)
+    listed = await list_all(graphs, project)
+    assert [c.checkpoint_id for c in listed] == ["c3", "c2", "c1"]
+    assert dict(listed[2].channel_versions) == {"messages": "v4"}

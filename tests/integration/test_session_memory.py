@@ -387,19 +387,24 @@ async def test_a_late_copy_of_a_failed_spawns_step_leaves_the_live_session(store
     """A Spawn whose step 1 the network held back failed (its transaction rolled
     back, its undo found nothing); the client's retry spawned the session under
     another operation id, and writes followed. The held copy then arrives: it must
-    not wipe the live session (its op was never settled, so only the settled state
-    of the memory can refuse it)."""
+    not wipe the live session (its op was never settled, so only the memory it
+    finds can refuse it: any memory but the one its call named)."""
     await spawn(store, session, {"a": b"1"})
     await store.set_entries(session, [EntryWrite("b", b"2", None)])
-    late = ["op-failed", "epoch-0", "0", "a", b"old", 0]  # as the failed call sent it
+    late = ["op-failed", "epoch-0", "", "a", b"old", 0]  # as the failed call sent it
     reply = await store._run_lifecycle("lifecycle_begin_spawn", session, late)
-    assert reply == [b"exists", b"active"]
+    assert reply[0] == b"exists" and reply[1].startswith(b"active|")
     assert await contents(store, session) == {"a": b"1", "b": b"2"}
     assert (await store.read_marker(session)).state == "active"
     # Nor while an operation of the live session is between its steps.
     await store.begin_snapshot(session, "op-pause", "pausing", False, {"active"})
     reply = await store._run_lifecycle("lifecycle_begin_spawn", session, late)
-    assert reply == [b"exists", b"pausing"]
+    assert reply[0] == b"exists" and reply[1].startswith(b"pausing|op-pause|")
+    # A late copy of a call that named the memory it met (an orphan, then) finds
+    # another one there now.
+    named = ["op-failed", "epoch-0", b"spawning|op-dead||epoch-dead", "a", b"old", 0]
+    reply = await store._run_lifecycle("lifecycle_begin_spawn", session, named)
+    assert reply[0] == b"exists"
     await store.finish(session, "op-pause", "active", swap=False, clear=False)
     assert await contents(store, session) == {"a": b"1", "b": b"2"}
     # A Spawn that holds a new row (the database had none): the memory is an orphan,

@@ -27,6 +27,7 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
 from memsvc.domain import (
+    BackendUnavailable,
     BatchRead,
     EntryWrite,
     KeyMeta,
@@ -354,17 +355,23 @@ class RedisWorkingMemoryStore:
     async def begin_spawn(
         self, session: SessionRef, op: str, epoch: str, writes: Sequence[EntryWrite]
     ) -> None:
-        args: list[Any] = [op, epoch, "0"]
+        args: list[Any] = [op, epoch, ""]
         for write in writes:
             args += [write.key, write.value, write.ttl_ms or 0]
         reply = await self._run_lifecycle("lifecycle_begin_spawn", session, args)
         if reply[0] == b"exists":
-            # This call holds the session's new row, so the memory is an orphan
-            # (the database lost the session, or a purge raced it): replace it.
-            # The script leaves that to the call itself (a late copy of another
-            # Spawn's step would otherwise wipe a live session).
-            args[2] = "1"
+            # This call holds the session's new row, so the memory there is an
+            # orphan (a dead Spawn's, or the database lost the session): replace
+            # it, naming it. The script leaves that to the call itself: a late
+            # copy of another Spawn's step would otherwise wipe a live session.
+            args[2] = reply[1]
             reply = await self._run_lifecycle("lifecycle_begin_spawn", session, args)
+            if reply[0] == b"exists":
+                # Changed again within a round trip (a late step of another call):
+                # nothing was written; a retry sees what is there then.
+                raise BackendUnavailable(
+                    self.backend_name, RuntimeError("the session's memory changed during Spawn")
+                )
         _refuse_late(reply)
 
     async def begin_snapshot(
