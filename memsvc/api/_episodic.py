@@ -154,5 +154,7 @@ class EpisodicMemoryServicer(pb_grpc.EpisodicMemoryServiceServicer):
     async def DeleteEpisode(
         self, request: pb.DeleteEpisodeRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteEpisodeResponse:
-        await self._episodes.delete(request.project_id, request.episode_id, request.allow_missing)
+        await self._episodes.delete(
+            request.project_id, request.episode_id, request.allow_missing, request.request_id
+        )
         return pb.DeleteEpisodeResponse()

@@ -1100,15 +1100,27 @@ class AsyncEpisodesClient:
         return _convert.episode(response.episode)
 
     async def delete(
-        self, episode_id: str, *, allow_missing: bool = False, timeout: float | None = None
+        self,
+        episode_id: str,
+        *,
+        allow_missing: bool = False,
+        request_id: str | None = None,
+        timeout: float | None = None,
     ) -> None:
         """Forget one episode (DeleteEpisode). Raises EpisodeNotFound unless
-        ``allow_missing``."""
+        ``allow_missing``. The request id (made for you) makes a retry after a lost
+        answer succeed as the first attempt did, instead of finding nothing."""
         client = self.client
+        rid = _request_id(request_id)
         request = episodic_pb2.DeleteEpisodeRequest(
-            project_id=self.project_id, episode_id=episode_id, allow_missing=allow_missing
+            project_id=self.project_id,
+            episode_id=episode_id,
+            allow_missing=allow_missing,
+            request_id=rid,
         )
-        await client._invoke(client._episodic.DeleteEpisode, request, timeout=timeout)
+        await client._invoke(
+            client._episodic.DeleteEpisode, request, timeout=timeout, request_id=rid
+        )
 
     def search(
         self,

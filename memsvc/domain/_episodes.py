@@ -246,12 +246,27 @@ class Episodes:
             raise EpisodeNotFound(episode_id)
         return found[0]
 
-    async def delete(self, project_id: str, episode_id: str, allow_missing: bool) -> None:
-        project, episode = _check_episode_name(project_id, episode_id)
+    async def delete(
+        self, project_id: str, episode_id: str, allow_missing: bool, request_id: str = ""
+    ) -> None:
+        """Delete an episode; with ``request_id``, a retry of a call that deleted it
+        answers OK again (the first answer), not NOT_FOUND."""
+        violations: list[FieldViolation] = []
+        project, episode = _check_episode_name(project_id, episode_id, violations)
+        request_id = check_request_id(request_id, violations)
+        raise_if_any(violations)
         async with self._db.transaction() as tx:
+            if request_id:
+                arguments = arguments_hash("DeleteEpisode", project, episode, allow_missing)
+                scope = SessionRef(project, "", "")
+                if await claim(tx, scope, request_id, "DeleteEpisode", arguments) is not None:
+                    return  # answered before: the episode is gone
             deleted = await tx.delete_episode(project, episode)
-        if not deleted and not allow_missing:
-            raise EpisodeNotFound(episode_id)
+            if not deleted and not allow_missing:
+                # Raised inside the transaction: a refused call claims no request id.
+                raise EpisodeNotFound(episode_id)
+            if request_id:
+                await tx.remember_response(project, request_id, b"deleted")
 
     async def list_episodes(
         self, scope: EpisodeScope, page_size: int, page_token: str, with_embedding: bool
@@ -356,11 +371,16 @@ class Episodes:
         return [ScoredEpisode(by_id[i], s) for s, i in ranked if i in by_id]
 
 
-def _check_episode_name(project_id: str, episode_id: str) -> tuple[str, str]:
-    violations: list[FieldViolation] = []
-    project = check_uuid(project_id, "project_id", violations)
-    episode = check_uuid(episode_id, "episode_id", violations)
-    raise_if_any(violations)
+def _check_episode_name(
+    project_id: str, episode_id: str, violations: list[FieldViolation] | None = None
+) -> tuple[str, str]:
+    """The canonical project and episode ids; raises for bad ones, unless the
+    caller collects ``violations`` to report with its own."""
+    found: list[FieldViolation] = [] if violations is None else violations
+    project = check_uuid(project_id, "project_id", found)
+    episode = check_uuid(episode_id, "episode_id", found)
+    if violations is None:
+        raise_if_any(found)
     return project, episode
 
 

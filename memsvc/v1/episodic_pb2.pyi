@@ -493,6 +493,7 @@ class DeleteEpisodeRequest(_message.Message):
     PROJECT_ID_FIELD_NUMBER: _builtins.int
     EPISODE_ID_FIELD_NUMBER: _builtins.int
     ALLOW_MISSING_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     project_id: _builtins.str
     """Project of the episode: a UUID. Required."""
     episode_id: _builtins.str
@@ -501,16 +502,22 @@ class DeleteEpisodeRequest(_message.Message):
     """True: an episode that does not exist (for example on a retry) is not an
     error.
     """
+    request_id: _builtins.str
+    """Optional UUID naming this call: a retry with the same id answers as the first
+    call did (OK once it deleted the episode, even when its answer was lost),
+    instead of NOT_FOUND. The same id with other arguments is INVALID_ARGUMENT.
+    """
     def __init__(
         self,
         *,
         project_id: _builtins.str = ...,
         episode_id: _builtins.str = ...,
         allow_missing: _builtins.bool = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_missing", b"allow_missing", "episode_id", b"episode_id", "project_id", b"project_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_missing", b"allow_missing", "episode_id", b"episode_id", "project_id", b"project_id", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

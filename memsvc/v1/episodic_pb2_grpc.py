@@ -123,8 +123,10 @@ class EpisodicMemoryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteEpisode(self, request, context):
-        """DeleteEpisode forgets one episode, its search index entries included.
-        Errors: INVALID_ARGUMENT, NOT_FOUND (ERROR_REASON_EPISODE_NOT_FOUND).
+        """DeleteEpisode forgets one episode, its search index entries included. With
+        a `request_id`, a retry answers as the first call did.
+        Errors: INVALID_ARGUMENT (any bad field, or a reused request_id), NOT_FOUND
+        (ERROR_REASON_EPISODE_NOT_FOUND).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -67,8 +67,10 @@ class EpisodicMemoryServiceStub:
     compare more episodes than the server allows: narrow the filters.
     """
     DeleteEpisode: _grpc.UnaryUnaryMultiCallable[_episodic_pb2.DeleteEpisodeRequest, _episodic_pb2.DeleteEpisodeResponse]
-    """DeleteEpisode forgets one episode, its search index entries included.
-    Errors: INVALID_ARGUMENT, NOT_FOUND (ERROR_REASON_EPISODE_NOT_FOUND).
+    """DeleteEpisode forgets one episode, its search index entries included. With
+    a `request_id`, a retry answers as the first call did.
+    Errors: INVALID_ARGUMENT (any bad field, or a reused request_id), NOT_FOUND
+    (ERROR_REASON_EPISODE_NOT_FOUND).
     """
 
 @_typing.type_check_only
@@ -110,8 +112,10 @@ class EpisodicMemoryServiceAsyncStub(EpisodicMemoryServiceStub):
     compare more episodes than the server allows: narrow the filters.
     """
     DeleteEpisode: _aio.UnaryUnaryMultiCallable[_episodic_pb2.DeleteEpisodeRequest, _episodic_pb2.DeleteEpisodeResponse]  # type: ignore[assignment]
-    """DeleteEpisode forgets one episode, its search index entries included.
-    Errors: INVALID_ARGUMENT, NOT_FOUND (ERROR_REASON_EPISODE_NOT_FOUND).
+    """DeleteEpisode forgets one episode, its search index entries included. With
+    a `request_id`, a retry answers as the first call did.
+    Errors: INVALID_ARGUMENT (any bad field, or a reused request_id), NOT_FOUND
+    (ERROR_REASON_EPISODE_NOT_FOUND).
     """
 
 class EpisodicMemoryServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -180,8 +184,10 @@ class EpisodicMemoryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _episodic_pb2.DeleteEpisodeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_episodic_pb2.DeleteEpisodeResponse, _abc.Awaitable[_episodic_pb2.DeleteEpisodeResponse]]:
-        """DeleteEpisode forgets one episode, its search index entries included.
-        Errors: INVALID_ARGUMENT, NOT_FOUND (ERROR_REASON_EPISODE_NOT_FOUND).
+        """DeleteEpisode forgets one episode, its search index entries included. With
+        a `request_id`, a retry answers as the first call did.
+        Errors: INVALID_ARGUMENT (any bad field, or a reused request_id), NOT_FOUND
+        (ERROR_REASON_EPISODE_NOT_FOUND).
         """
 
 def add_EpisodicMemoryServiceServicer_to_server(servicer: EpisodicMemoryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

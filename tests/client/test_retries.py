@@ -14,6 +14,7 @@ from memsvc.client import (
     AsyncClient,
     AsyncSessionClient,
     DeadlineExceeded,
+    EpisodeNotFound,
     EventType,
     RetryPolicy,
     SessionState,
@@ -98,6 +99,25 @@ async def test_record_episode_retried_twice_records_one_episode(
     one_request_id(proxy, "RecordEpisode", attempts=3)
     stored = await client.episodes(scope["project_id"]).list().collect()
     assert [e.episode_id for e in stored] == [recorded.episode_id]
+
+
+async def test_delete_episode_retried_after_a_lost_answer_succeeds(
+    proxy: FaultProxy, via_proxy: AsyncClient, client: AsyncClient, scope: dict[str, str]
+):
+    """The first attempt deleted the episode, its answer was lost: the retry, with the
+    same request id, answers OK instead of EpisodeNotFound."""
+    recorded = await client.episodes(scope["project_id"]).record(
+        agent_instance_id=scope["agent_instance_id"],
+        session_id=scope["session_id"],
+        task_type="code_review",
+        outcome="success",
+    )
+    proxy.fail_after("DeleteEpisode", UNAVAILABLE, DEADLINE_EXCEEDED)
+    await via_proxy.episodes(scope["project_id"]).delete(recorded.episode_id)
+    one_request_id(proxy, "DeleteEpisode", attempts=3)
+    assert await client.episodes(scope["project_id"]).list().collect() == []
+    with pytest.raises(EpisodeNotFound):  # a new call finds nothing, as before
+        await client.episodes(scope["project_id"]).delete(recorded.episode_id)
 
 
 async def test_pause_resume_terminate_retried_take_effect_once(

@@ -241,6 +241,34 @@ async def test_a_retried_record_returns_the_first_answer(episodic, scope):
     ]
 
 
+async def test_a_retried_delete_answers_as_the_first_call_did(episodic, scope):
+    first = await record(episodic, episode(scope))
+    second = await record(episodic, episode(scope))
+    request_id = str(uuid.uuid4())
+
+    def delete(episode_id: str, rid: str = request_id) -> Any:
+        return episodic.DeleteEpisode(
+            ep.DeleteEpisodeRequest(
+                project_id=scope["project_id"], episode_id=episode_id, request_id=rid
+            )
+        )
+
+    await delete(first.episode_id)
+    await delete(first.episode_id)  # gone, yet the retry answers OK as the first did
+    details = await expect_error(delete(second.episode_id), grpc.StatusCode.INVALID_ARGUMENT)
+    assert details.reason == "ERROR_REASON_REQUEST_ID_REUSED"
+    # A refused call claims no id: its retry is refused the same way.
+    missing = str(uuid.uuid4())
+    other = str(uuid.uuid4())
+    for _ in range(2):
+        await expect_error(delete(missing, other), grpc.StatusCode.NOT_FOUND)
+    details = await expect_error(delete(first.episode_id, "nope"), grpc.StatusCode.INVALID_ARGUMENT)
+    assert set(details.violations) == {"request_id"}
+    assert [e.episode_id for e in await list_all(episodic, scope["project_id"])] == [
+        second.episode_id
+    ]
+
+
 async def test_concurrent_retries_record_one_episode(episodic, scope):
     request_id = str(uuid.uuid4())
     answers = await asyncio.gather(
