@@ -57,6 +57,7 @@ from memsvc.store.redis._cluster import (
     cluster_client,
     is_cluster_url,
 )
+from memsvc.store.redis._connections import connection_class_for
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +221,8 @@ class RedisWorkingMemoryStore:
                 # memsvc's own bounded retries (store/_retry.py) are the only ones.
                 retry=Retry(NoBackoff(), 0),
             )
+            # Set after from_url, whose URL options (rediss://) always win.
+            pool.connection_class = connection_class_for(self._url) or pool.connection_class
             self._client = aioredis.Redis.from_pool(pool)
         for name in (
             "set_entries",

@@ -1,0 +1,53 @@
+"""Redis connections that take their unsent bytes with them when they close.
+
+memsvc gives up on a command after ``socket_timeout`` and runs it again on a new
+connection (every backend call is retried). Closed gracefully, the connection it
+gave up on still delivers what the kernel holds for it: once a partition heals,
+TCP retransmits the old command, and Redis runs it after the retry, after the
+client's next write even, which it then silently undoes (a Set of the old value,
+a Delete of a key written since). A connection whose socket lingers for 0 seconds
+closes with a reset instead: the kernel drops the unsent bytes and sends nothing
+more. Lifecycle steps are fenced besides (a late copy of a settled step changes
+nothing, ADR 0004); data writes have only this.
+
+A Redis Cluster client builds its connections itself (redis-py takes no connection
+class for it), so cluster connections still close gracefully.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from typing import Any
+
+from redis.asyncio.connection import Connection, SSLConnection
+
+# struct linger {l_onoff = 1, l_linger = 0}: close() resets the connection.
+_RESET_ON_CLOSE = struct.pack("ii", 1, 0)
+
+
+class _ResetsOnClose:
+    """A redis-py connection whose close drops the bytes it has not sent."""
+
+    _writer: Any
+
+    async def _connect(self) -> None:
+        await super()._connect()  # type: ignore[misc]
+        sock = self._writer.transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
+
+
+class ResettingConnection(_ResetsOnClose, Connection):
+    """redis://: TCP."""
+
+
+class ResettingSSLConnection(_ResetsOnClose, SSLConnection):
+    """rediss://: TCP with TLS."""
+
+
+def connection_class_for(url: str) -> type[Connection] | None:
+    """The connection class for a single-node URL; None (redis-py's choice) for a
+    Unix socket, which no network partition holds bytes for."""
+    scheme = url.split(":", 1)[0].lower()
+    return {"redis": ResettingConnection, "rediss": ResettingSSLConnection}.get(scheme)
