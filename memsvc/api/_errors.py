@@ -229,6 +229,7 @@ class ErrorInterceptor(HandlerWrapper):
                 rpc_method.set(method)
                 with calls.tracking(stream=True):
                     try:
+                        refuse_when_shutting_down(calls)
                         if isinstance(request, Undecodable):
                             raise request.error()
                         async for response in behavior(request, context):
@@ -242,6 +243,7 @@ class ErrorInterceptor(HandlerWrapper):
             rpc_method.set(method)
             with calls.tracking(stream=True):
                 try:
+                    refuse_when_shutting_down(calls)
                     if isinstance(request, Undecodable):
                         raise request.error()
                     await behavior(request, context)
@@ -249,6 +251,14 @@ class ErrorInterceptor(HandlerWrapper):
                     await end_with_status(context, error)
 
         return writer
+
+
+def refuse_when_shutting_down(calls: CallTracker) -> None:
+    """A stream that opens once shutdown has ended the others ends as they did
+    (UNAVAILABLE: reconnect elsewhere), instead of running until the grace period
+    cancels it, which the client would not take as a cue to reconnect."""
+    if calls.shutting_down:
+        raise asyncio.CancelledError
 
 
 def _map_errors(

@@ -115,11 +115,15 @@ class LifecycleServicer(pb_grpc.LifecycleServiceServicer):
         # One event goes to many watchers: build its message once (recent ones kept).
         # An event changes only when a purge makes it a tombstone (on any replica),
         # so the key includes that flag and a tombstone read back is never served
-        # from its earlier message.
-        self._responses: OrderedDict[tuple[int, bool], pb.WatchLifecycleResponse] = OrderedDict()
+        # from its earlier message. It includes the event's id too: a database
+        # failed over to a standby that lost the last commits (or restored) gives
+        # their sequences to other events, which must never get their messages.
+        self._responses: OrderedDict[tuple[int, str, bool], pb.WatchLifecycleResponse] = (
+            OrderedDict()
+        )
 
     def _event_response(self, stored: StoredEvent) -> pb.WatchLifecycleResponse:
-        key = (stored.sequence, stored.event.purged)
+        key = (stored.sequence, stored.event.event_id, stored.event.purged)
         response = self._responses.get(key)
         if response is None:
             response = pb.WatchLifecycleResponse(event=event_message(stored))

@@ -181,6 +181,27 @@ async def test_graceful_shutdown_finishes_in_flight_calls_and_refuses_new_ones(e
     await channel.close()
 
 
+async def test_a_stream_opened_once_shutdown_began_ends_as_the_others_did(embedded):
+    """Shutdown ends the open streams with UNAVAILABLE; one whose handler starts just
+    after that (accepted on an open connection) ends the same way, at once."""
+    server = Server(embedded)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            life = LifecycleServiceStub(channel)
+            await life.Spawn(lc.SpawnRequest(**scope()))
+            server._calls.end_streams()  # the step of stop() that ends the streams
+            for stream in (
+                life.WatchLifecycle(lc.WatchLifecycleRequest(project_id=str(uuid.uuid4()))),
+                health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest()),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as ended:
+                    await asyncio.wait_for(stream.read(), 10)
+                assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await server.stop()
+
+
 async def test_stop_cancels_calls_still_running_after_the_grace_period(embedded):
     store = GatedStore()
     server = Server(embedded, working_memory=store)
