@@ -22,6 +22,7 @@ missing thing and ``except KeyNotFound`` only keys::
     |   +-- SessionNotWritable       (.state)
     |   +-- CheckpointProtected
     |   +-- WorkingMemoryLost
+    |   +-- RequestPurged            (a retry of a call whose data a purge forgot)
     |   +-- SimilarityScopeTooLarge
     |   +-- GraphCheckpointConflict  (.latest_checkpoint_id): the writer fence refused a put
     +-- ResourceExhausted
@@ -81,6 +82,7 @@ class ErrorReason(enum.StrEnum):
     GRAPH_CHECKPOINT_CONFLICT = "ERROR_REASON_GRAPH_CHECKPOINT_CONFLICT"
     GRAPH_CHECKPOINT_NOT_FOUND = "ERROR_REASON_GRAPH_CHECKPOINT_NOT_FOUND"
     GRAPH_CHECKPOINT_TOO_LARGE = "ERROR_REASON_GRAPH_CHECKPOINT_TOO_LARGE"
+    REQUEST_PURGED = "ERROR_REASON_REQUEST_PURGED"
 
 
 class MemsvcError(Exception):
@@ -296,6 +298,11 @@ class WorkingMemoryLost(FailedPrecondition):
     """The working-memory store lost the session's memory: resume from a checkpoint."""
 
 
+class RequestPurged(FailedPrecondition):
+    """A retry of a call whose data and answer a PurgeData forgot: not run again
+    (that would bring the data back). A new call needs a new request id."""
+
+
 class SimilarityScopeTooLarge(FailedPrecondition):
     """A similarity search would compare too many episodes: narrow the filters."""
 
@@ -425,6 +432,7 @@ _BY_REASON: dict[str, type[MemsvcError]] = {
     ErrorReason.TOO_MANY_CALLS: TooManyCalls,
     ErrorReason.CHECKPOINT_LIMIT: CheckpointLimitExceeded,
     ErrorReason.GRAPH_CHECKPOINT_TOO_LARGE: GraphCheckpointTooLarge,
+    ErrorReason.REQUEST_PURGED: RequestPurged,
     ErrorReason.DEADLINE_EXCEEDED: DeadlineExceeded,
     ErrorReason.BACKEND_UNAVAILABLE: BackendUnavailable,
     ErrorReason.WATCH_POSITION_COMPACTED: WatchPositionCompacted,

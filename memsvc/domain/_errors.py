@@ -292,6 +292,20 @@ class CheckpointProtected(FailedPrecondition):
         )
 
 
+class RequestPurged(FailedPrecondition):
+    """A retry of a call whose effect and answer a purge forgot: not run again."""
+
+    reason = "ERROR_REASON_REQUEST_PURGED"
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(
+            f"request {request_id} was served before a PurgeData forgot its data and its "
+            "answer: it is not run again (that would bring the data back); use a new "
+            "request id for a new call",
+            metadata={"request_id": request_id},
+        )
+
+
 class RequestIdConflict(InvalidArgument):
     """A request id was reused with different arguments."""
 

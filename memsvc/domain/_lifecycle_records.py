@@ -153,6 +153,15 @@ class RequestIdReused(Exception):
     """A request id came back with different arguments."""
 
 
+# What a purge leaves of a remembered answer in its scope: the request id stays
+# claimed (a retry must not run again), its answer and data are gone.
+PURGED_ANSWER = b"\x00memsvc:purged"
+
+
+class AnswerPurged(Exception):
+    """A request id's answer was forgotten by a purge."""
+
+
 @dataclass(frozen=True, slots=True)
 class CheckpointLock:
     """A locked session about to take a checkpoint (one round trip)."""

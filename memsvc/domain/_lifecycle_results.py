@@ -11,9 +11,10 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from memsvc.domain._errors import RequestIdConflict
+from memsvc.domain._errors import RequestIdConflict, RequestPurged
 from memsvc.domain._ids import SessionRef
 from memsvc.domain._lifecycle_records import (
+    AnswerPurged,
     CheckpointRecord,
     PendingClaim,
     RequestIdReused,
@@ -108,6 +109,8 @@ async def answer_of(pending: PendingClaim, request_id: str) -> bytes | None:
         return await pending.answer()
     except RequestIdReused:
         raise RequestIdConflict(request_id) from None
+    except AnswerPurged:
+        raise RequestPurged(request_id) from None
 
 
 def arguments_hash(method: str, *parts: Any) -> str:

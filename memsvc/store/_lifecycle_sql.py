@@ -20,6 +20,8 @@ from psycopg.types.json import Jsonb
 
 from memsvc.domain import SessionRef
 from memsvc.domain._lifecycle_records import (
+    PURGED_ANSWER,
+    AnswerPurged,
     CheckpointLock,
     CheckpointRecord,
     EndLock,
@@ -267,6 +269,8 @@ class _SqlPendingClaim:
         )
         if row is None or (row[0], row[1]) != self._call:
             raise RequestIdReused(self._id[1])
+        if row[2] is not None and bytes(row[2]) == PURGED_ANSWER:
+            raise AnswerPurged(self._id[1])
         return bytes(row[2]) if row[2] is not None else None
 
 

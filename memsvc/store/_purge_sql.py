@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from memsvc.domain import SessionRef
+from memsvc.domain._lifecycle_records import PURGED_ANSWER
 from memsvc.store._lifecycle_sql import SqlWrites, text
 
 # What a tombstone's ids become: the columns are NOT NULL UUIDs.
@@ -59,10 +60,16 @@ class SqlPurgeWrites(SqlWrites):
         return await self._count(f"DELETE FROM episodes WHERE {where}", params)
 
     async def purge_requests(self, scope: SessionRef, keep_request_id: str) -> int:
+        """Forget the answers of the scope's requests and whose they were, but not
+        their ids: a retry of one finds it claimed (AnswerPurged) instead of running
+        again and bringing the purged data back. A purge's own answers hold only
+        counts, and stay."""
         where, params = _scope(scope)
         return await self._count(
-            f"DELETE FROM request_log WHERE {where} AND request_id <> ?",
-            [*params, keep_request_id],
+            "UPDATE request_log SET response = ?, agent_instance_id = NULL, session_id = NULL"
+            f" WHERE {where} AND request_id <> ? AND method <> 'PurgeData'"
+            " AND (response IS NULL OR response <> ?)",
+            [PURGED_ANSWER, *params, keep_request_id, PURGED_ANSWER],
         )
 
     async def tombstone_events(self, scope: SessionRef) -> int:

@@ -76,7 +76,9 @@ class PurgeDataResponse(_message.Message):
     episodes_deleted: _builtins.int
     """Episodes removed, from their table and the search index."""
     request_answers_deleted: _builtins.int
-    """Remembered request answers removed."""
+    """Remembered request answers forgotten. Their request ids stay claimed, so a
+    retry of one is refused (ERROR_REASON_REQUEST_PURGED) instead of run again.
+    """
     events_tombstoned: _builtins.int
     """Lifecycle events turned into tombstones."""
     graph_checkpoints_deleted: _builtins.int

@@ -159,6 +159,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     "thread_id", "checkpoint_ns", "checkpoint_id", "limit" and "size" (bytes).
     Status code: RESOURCE_EXHAUSTED.
     """
+    ERROR_REASON_REQUEST_PURGED: _ErrorReason.ValueType  # 33
+    """A retry (same request_id) of a call whose answer a PurgeData forgot, with
+    the data the call had written: the call is not run again, which would bring
+    that data back. Metadata: "request_id". Status code: FAILED_PRECONDITION.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason enumerates the machine-readable causes of a failed call.
@@ -307,5 +312,10 @@ larger than one response may carry (`max_message_bytes`): raise it on
 memsvc (the Python SDK receives any size memsvc sends). Metadata:
 "thread_id", "checkpoint_ns", "checkpoint_id", "limit" and "size" (bytes).
 Status code: RESOURCE_EXHAUSTED.
+"""
+ERROR_REASON_REQUEST_PURGED: ErrorReason.ValueType  # 33
+"""A retry (same request_id) of a call whose answer a PurgeData forgot, with
+the data the call had written: the call is not run again, which would bring
+that data back. Metadata: "request_id". Status code: FAILED_PRECONDITION.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -227,14 +227,46 @@ async def test_purge_is_idempotent_and_a_request_id_returns_the_first_report(
     shouted = {**request, "request_id": request["request_id"].upper()}
     assert await stubs.removal.PurgeData(dr.PurgeDataRequest(**shouted)) == first
     again = await stubs.removal.PurgeData(dr.PurgeDataRequest(project_id=scope["project_id"]))
-    # Only the first purge's remembered report was left to forget.
-    assert again == dr.PurgeDataResponse(request_answers_deleted=1)
-    third = await stubs.removal.PurgeData(dr.PurgeDataRequest(project_id=scope["project_id"]))
-    assert third == dr.PurgeDataResponse()
+    # Nothing left to forget: a purge's own report holds only counts, and stays, so
+    # a retry of the first purge still gets its first report.
+    assert again == dr.PurgeDataResponse()
+    assert await stubs.removal.PurgeData(dr.PurgeDataRequest(**request)) == first
     # The purged session id may be spawned again, afresh.
     await stubs.lifecycle.Spawn(lc.SpawnRequest(**scope))
     keys = await stubs.wm.ListKeys(wm_pb.ListKeysRequest(**scope))
     assert list(keys.keys) == []
+
+
+async def test_a_retry_after_a_purge_does_not_bring_the_data_back(
+    stubs: Stubs, scope: dict[str, Any]
+):
+    """A call that committed, then lost its answer, is retried with its request id
+    after a purge of its scope: it is not run again (that would spawn the session or
+    record the episode anew), and says why."""
+    spawn = lc.SpawnRequest(**scope, request_id=str(uuid.uuid4()))
+    await stubs.lifecycle.Spawn(spawn)
+    episode = ep.RecordEpisodeRequest(
+        episode=ep.Episode(**scope, task_type="research", outcome=lc.OUTCOME_SUCCESS),
+        request_id=str(uuid.uuid4()),
+    )
+    await stubs.episodic.RecordEpisode(episode)
+    report = await stubs.removal.PurgeData(
+        dr.PurgeDataRequest(project_id=scope["project_id"], session_id=scope["session_id"],
+                            agent_instance_id=scope["agent_instance_id"])
+    )  # fmt: skip
+    assert report.request_answers_deleted == 2
+    for retry in (stubs.lifecycle.Spawn(spawn), stubs.episodic.RecordEpisode(episode)):
+        error = await expect_error(retry, grpc.StatusCode.FAILED_PRECONDITION)
+        assert error.reason == "ERROR_REASON_REQUEST_PURGED"
+    await expect_error(
+        stubs.lifecycle.GetSession(lc.GetSessionRequest(**scope)), grpc.StatusCode.NOT_FOUND
+    )
+    listed = await stubs.episodic.ListEpisodes(
+        ep.ListEpisodesRequest(project_id=scope["project_id"])
+    )
+    assert list(listed.episodes) == []
+    # A new call (a new request id) spawns the purged id afresh.
+    await stubs.lifecycle.Spawn(lc.SpawnRequest(**scope, request_id=str(uuid.uuid4())))
 
 
 async def test_bad_purge_requests_change_nothing(stubs: Stubs, scope: dict[str, Any]):
