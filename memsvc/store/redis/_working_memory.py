@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Collection, Sequence
@@ -498,21 +499,42 @@ class RedisWorkingMemoryStore:
 
     async def sessions_in(self, scope: SessionRef) -> list[SessionRef]:
         """A SCAN of the scope's keys' common start, which walks the whole keyspace
-        (every master of a cluster): a purge is rare. Each attempt starts over."""
+        (every master of a cluster): a purge is rare. Page by page, each page a
+        retried call of its own, so a keyspace of any size is walked within the
+        call's deadline (one budget for the whole walk cut a large one short, and
+        each retry started it over)."""
         if scope.session_id:
             return [scope]
         pattern = f"{KEY_PREFIX}:{{{_tag_start(scope)}*"
+        found: dict[str, SessionRef | None] = {}
+        client = self._redis
+        nodes: list[Any] = client.get_primaries() if isinstance(client, RedisCluster) else [None]
+        for node in nodes:
+            cursor = 0
+            while True:
+                cursor, keys = await self._retrying(
+                    functools.partial(self._scan_page, node, cursor, pattern), name="scan"
+                )
+                for key in keys:
+                    name = key.decode(errors="replace") if isinstance(key, bytes) else key
+                    tag = name.split("{", 1)[1].split("}", 1)[0]
+                    if tag not in found:
+                        found[tag] = _session_of_tag(tag)
+                if cursor == 0:
+                    break
+        return [session for session in found.values() if session is not None]
 
-        async def scan() -> list[SessionRef]:
-            found: dict[str, SessionRef | None] = {}
-            async for key in self._redis.scan_iter(match=pattern, count=1000):
-                name = key.decode(errors="replace") if isinstance(key, bytes) else key
-                tag = name.split("{", 1)[1].split("}", 1)[0]
-                if tag not in found:
-                    found[tag] = _session_of_tag(tag)
-            return [session for session in found.values() if session is not None]
-
-        return await self._retrying(scan, name="scan")
+    async def _scan_page(self, node: Any, cursor: int, pattern: str) -> tuple[int, list[Any]]:
+        """One SCAN page from ``cursor``: of the single Redis, or of one cluster node
+        (whose reply maps node names to cursors)."""
+        client: Any = self._redis
+        if node is None:
+            next_cursor, keys = await client.scan(cursor=cursor, match=pattern, count=1000)
+            return int(next_cursor), list(keys)
+        cursors, keys = await client.scan(
+            cursor=cursor, match=pattern, count=1000, target_nodes=node
+        )
+        return int(cursors[node.name]), list(keys)
 
     async def _delete_sessions(self, bases: Sequence[str]) -> int:
         """One DEL of each session's keys (one slot per session), pipelined;
