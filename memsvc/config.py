@@ -263,6 +263,13 @@ class Config:
                     f"name or password, write '%' as %25 (and '@', ':', '/' as %40, %3A, "
                     f"%2F); got {redacted(url)!r}"
                 )
+            if not url.startswith("sqlite:") and _reserved_in_userinfo(url):
+                # The drivers would read part of the password as the host or port and
+                # quote it in their errors, logged at every retry.
+                raise ConfigError(
+                    f"{name} has a '/', '?' or '#' in its user name or password: write them "
+                    f"percent-encoded (%2F, %3F, %23); got {redacted(url)!r}"
+                )
         try:
             self.working_memory_limits()
         except ValueError as error:
@@ -345,6 +352,14 @@ def load(
 
 # A '%' not followed by two hex digits: no URL decoder takes it.
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
+def _reserved_in_userinfo(url: str) -> bool:
+    """Whether an '@' comes after the first '/', '?' or '#' of the authority: the
+    user name or password holds one of them unencoded, so the authority ends early."""
+    rest = url.partition("://")[2]
+    ends = [index for index in (rest.find(c) for c in "/?#") if index >= 0]
+    return bool(ends) and "@" in rest[min(ends) :]
 
 
 def redacted(url: str) -> str:

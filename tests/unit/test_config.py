@@ -102,9 +102,28 @@ def test_passwords_with_reserved_characters_are_left_out_too(url):
     assert "s3cret" not in str(refused.value) and "zz" not in str(refused.value)
 
 
+@pytest.mark.parametrize(
+    ("name", "url"),
+    [
+        ("MEMSVC_WORKING_MEMORY_URL", "redis://:pa/s3cret@h:6379/0"),  # read as port 'pa'
+        ("MEMSVC_DATABASE_URL", "postgresql://memsvc:s3/cret@db/x"),  # read as port 's3'
+        ("MEMSVC_DATABASE_URL", "postgresql://memsvc:s#3cret@db/x"),
+        ("MEMSVC_DATABASE_LISTEN_URL", "postgresql://memsvc:s?3cret@db/x"),
+    ],
+)
+def test_an_unencoded_slash_question_mark_or_hash_in_a_password_is_refused(name, url):
+    """A driver would read part of the password as the port, and quote it in an
+    error logged at every retry."""
+    with pytest.raises(ConfigError, match="%2F, %3F, %23") as refused:
+        load({}, {name: url})
+    assert "3cret" not in str(refused.value) and "pa/" not in str(refused.value)
+
+
 def test_percent_encoded_passwords_and_sqlite_paths_are_accepted():
-    url = "postgresql://memsvc:my%25Secret%40@127.0.0.1:5432/x"
+    url = "postgresql://memsvc:my%25Secret%40%2F%3F%23@127.0.0.1:5432/x?sslmode=disable"
     assert load({}, {"MEMSVC_DATABASE_URL": url}).database_url == url
+    cluster = "redis+cluster://:pw@h1:7000,h2:7001/0"
+    assert load({}, {"MEMSVC_WORKING_MEMORY_URL": cluster}).working_memory_url == cluster
     assert load({}, {"MEMSVC_DATABASE_URL": "sqlite:///tmp/100%done.db"}).database_url
 
 
