@@ -722,6 +722,23 @@ class SqlGraphWrites(SqlWrites):
             ),
             (target, project_id, source),
         )
+        # A copy belongs where its source does: a target without settings of its own
+        # takes the source's session link (so a purge or the session's end reaches
+        # it), TTL and keep_last.
+        await self._conn.execute(
+            self._d.sql(
+                "UPDATE graph_threads SET ttl_ms = s.ttl_ms,"
+                " expire_ms = CASE WHEN s.ttl_ms IS NULL THEN NULL ELSE ? + s.ttl_ms END,"
+                " keep_last = s.keep_last, prune_pending = s.keep_last > 0,"
+                " agent_instance_id = s.agent_instance_id, session_id = s.session_id,"
+                " on_session_end = s.on_session_end"
+                " FROM graph_threads s WHERE s.project_id = ? AND s.thread_id = ?"
+                " AND graph_threads.project_id = ? AND graph_threads.thread_id = ?"
+                " AND graph_threads.agent_instance_id IS NULL AND graph_threads.ttl_ms IS NULL"
+                " AND graph_threads.keep_last = 0"
+            ),
+            (now_ms, project_id, source, project_id, target),
+        )
         return len(copied)
 
     async def expired_graph_threads(self, now_ms: int, limit: int) -> list[tuple[str, str]]:

@@ -419,12 +419,20 @@ async def test_a_purge_forgets_linked_threads_and_whole_projects(graphs, scope, 
         options=link,
     )
     await put(graphs, project, checkpoint("free", "c1"))
+    # A copy (a fork) belongs where its source does: linked as well.
+    await graphs.CopyGraphThread(
+        pb.CopyGraphThreadRequest(
+            project_id=project, source_thread_id="linked", target_thread_id="forked"
+        )
+    )
+    assert await ids(graphs, project, "forked") == ["c1"]
     removal = DataRemovalServiceStub(channel)
     report = await removal.PurgeData(
         dr.PurgeDataRequest(project_id=project, agent_instance_id=scope["agent_instance_id"])
     )
-    assert report.graph_checkpoints_deleted == 1
+    assert report.graph_checkpoints_deleted == 2
     assert await ids(graphs, project, "linked") == []
+    assert await ids(graphs, project, "forked") == []
     assert await ids(graphs, project, "free") == ["c1"]
     report = await removal.PurgeData(dr.PurgeDataRequest(project_id=project))
     assert report.graph_checkpoints_deleted == 1
