@@ -36,6 +36,15 @@ READ_BATCH = 500
 TAIL_FAILING_SECONDS = 30.0
 
 
+class EventsCompacted(Exception):
+    """The tail's next event is past the next sequence: the ones between are gone."""
+
+    def __init__(self, position: int, found: int) -> None:
+        super().__init__(
+            f"events {position + 1} to {found - 1} were compacted before the tail read them"
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class StoredEvent:
     """An event with its position in the log."""
@@ -406,6 +415,12 @@ class EventHub:
             for stored in batch:
                 if stored.sequence <= self.position:
                     continue  # already offered by publish_committed meanwhile
+                if stored.sequence != self.position + 1:
+                    # Sequences have no gaps (purges leave tombstones): compaction
+                    # removed events this tail had not read (it fell behind by more
+                    # than event_keep_last). Its streams end and reconnect from their
+                    # cursors, which the catch-up refuses with OUT_OF_RANGE.
+                    raise EventsCompacted(self.position, stored.sequence)
                 self._offer(stored)
                 self.position = stored.sequence
             if len(batch) == READ_BATCH:

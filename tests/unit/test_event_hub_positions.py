@@ -204,3 +204,25 @@ async def test_a_tail_whose_reads_keep_failing_ends_its_streams(monkeypatch):
     with pytest.raises(BackendUnavailable, match="event log"):
         await take_events(stream, 1)
     assert not hub.tailing
+
+
+async def test_a_tail_that_fell_behind_compaction_ends_its_streams():
+    """A tail that falls behind by more than event_keep_last (its reads failed a while,
+    or the process stalled) finds its next events compacted: its streams end with
+    UNAVAILABLE instead of going on past the gap, and a reconnect with their
+    cursor is refused with OUT_OF_RANGE."""
+    log = CompactingLog()
+    log.commit(3)
+    hub = EventHub(log, poll_interval=30)
+    stream: Any = hub.watch(EventFilter(), None, 30)
+    assert await anext(stream) == 3
+    reading = asyncio.ensure_future(take_events(stream, 1))
+    await settle()
+    log.compact_to = 6  # 4 to 6 go before the tail reads them
+    log.commit(5)
+    with pytest.raises(BackendUnavailable, match="event log"):
+        await reading
+    again: Any = hub.watch(EventFilter(), 3, 30)
+    with pytest.raises(PositionTooOld):
+        await anext(again)
+    await stream.aclose()
