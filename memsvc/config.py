@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from memsvc.domain import WorkingMemoryLimits
 from memsvc.failpoints import Failpoints
@@ -355,11 +356,18 @@ _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 
 def _reserved_in_userinfo(url: str) -> bool:
-    """Whether an '@' comes after the first '/', '?' or '#' of the authority: the
-    user name or password holds one of them unencoded, so the authority ends early."""
-    rest = url.partition("://")[2]
-    ends = [index for index in (rest.find(c) for c in "/?#") if index >= 0]
-    return bool(ends) and "@" in rest[min(ends) :]
+    """Whether the user name or password holds an unencoded '/', '?' or '#': the
+    authority then ends inside it, so what is left of it reads as a host and a port
+    that is no number ("u:s" of "u:s/3cret@db"), and an '@' follows. (An '@' in a
+    query, "?user=app@server", leaves the authority whole.)"""
+    parts = urlsplit(url)
+    if "@" in parts.netloc or "," in parts.netloc or "@" not in url:
+        return False  # credentials parsed whole, or several hosts (checked by the driver)
+    try:
+        _ = parts.port  # raises ValueError for a port that is no number
+    except ValueError:
+        return True
+    return False
 
 
 def redacted(url: str) -> str:

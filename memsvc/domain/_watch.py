@@ -263,7 +263,7 @@ class EventHub:
                 # Taken as the hub's position, it would hide every event up to it.
                 raise PositionAhead(cursor, latest)
             subscriber = _Subscriber(event_filter, self._queue_size, cursor)
-            if not self._subscribers and not self.tailing:
+            if not self._fed() and not self.tailing:
                 # The tail this stream will start begins at the latest event; up to
                 # there the stream reads the store itself, where compaction is
                 # checked (a tail started further back would not check it).
@@ -299,7 +299,7 @@ class EventHub:
     def _join(self, subscriber: _Subscriber, cursor: int) -> None:
         subscriber.cursor = cursor
         subscriber.lagging = False
-        alone = not self._subscribers
+        alone = not self._fed()
         self._subscribers.add(subscriber)
         if not self.tailing:
             if alone:
@@ -308,6 +308,12 @@ class EventHub:
                 # they stand, and this stream skips what it already has.
                 self.position = max(self.position, cursor)
             self._tail = asyncio.create_task(self._follow(), name="memsvc-event-tail")
+
+    def _fed(self) -> bool:
+        """Whether a subscriber waits on the tail for events. One whose tail failed
+        only writes out what it holds: a new tail need not start where it stands
+        (where the old one failed, say on events compaction removed)."""
+        return any(subscriber.failure is None for subscriber in self._subscribers)
 
     def _leave(self, subscriber: _Subscriber) -> None:
         self._subscribers.discard(subscriber)
@@ -441,6 +447,7 @@ class EventHub:
         for subscriber in self._subscribers:
             if (
                 subscriber.lagging
+                or subscriber.failure is not None  # its tail failed: it ends, gets no more
                 or stored.sequence <= subscriber.cursor
                 or not subscriber.event_filter.matches(stored.event)
             ):

@@ -60,14 +60,15 @@ class SqlPurgeWrites(SqlWrites):
         return await self._count(f"DELETE FROM episodes WHERE {where}", params)
 
     async def purge_requests(self, scope: SessionRef, keep_request_id: str) -> int:
-        """Forget the answers of the scope's requests and whose they were, but not
-        their ids: a retry of one finds it claimed (AnswerPurged) instead of running
-        again and bringing the purged data back. A purge's own answers hold only
-        counts, and stay."""
+        """Forget the answers of the scope's requests and their agent and session
+        ids, but not the request ids: a retry of one finds it claimed (AnswerPurged)
+        instead of running again and bringing the purged data back. Answers that hold
+        no data stay (a purge's counts, a deleted episode's), so their retries still
+        get them."""
         where, params = _scope(scope)
         return await self._count(
             "UPDATE request_log SET response = ?, agent_instance_id = NULL, session_id = NULL"
-            f" WHERE {where} AND request_id <> ? AND method <> 'PurgeData'"
+            f" WHERE {where} AND request_id <> ? AND method NOT IN ('PurgeData', 'DeleteEpisode')"
             " AND (response IS NULL OR response <> ?)",
             [PURGED_ANSWER, *params, keep_request_id, PURGED_ANSWER],
         )

@@ -178,8 +178,10 @@ class GraphCheckpointServiceServicer:
     def CopyGraphThread(self, request, context):
         """CopyGraphThread copies every checkpoint, value and write of one thread
         (all namespaces, ids unchanged) into another thread of the project.
-        Checkpoints the target already has are kept. Copying an unknown thread
-        copies nothing.
+        Checkpoints the target already has are kept. A target without settings of
+        its own takes the source's session link, TTL and keep_last, so a purge of
+        the source's scope, or its session's end, reaches the copy too. Copying an
+        unknown thread copies nothing.
         Errors: INVALID_ARGUMENT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

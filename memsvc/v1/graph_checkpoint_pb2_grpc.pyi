@@ -92,8 +92,10 @@ class GraphCheckpointServiceStub:
     CopyGraphThread: _grpc.UnaryUnaryMultiCallable[_graph_checkpoint_pb2.CopyGraphThreadRequest, _graph_checkpoint_pb2.CopyGraphThreadResponse]
     """CopyGraphThread copies every checkpoint, value and write of one thread
     (all namespaces, ids unchanged) into another thread of the project.
-    Checkpoints the target already has are kept. Copying an unknown thread
-    copies nothing.
+    Checkpoints the target already has are kept. A target without settings of
+    its own takes the source's session link, TTL and keep_last, so a purge of
+    the source's scope, or its session's end, reaches the copy too. Copying an
+    unknown thread copies nothing.
     Errors: INVALID_ARGUMENT.
     """
     PruneGraphThreads: _grpc.UnaryUnaryMultiCallable[_graph_checkpoint_pb2.PruneGraphThreadsRequest, _graph_checkpoint_pb2.PruneGraphThreadsResponse]
@@ -167,8 +169,10 @@ class GraphCheckpointServiceAsyncStub(GraphCheckpointServiceStub):
     CopyGraphThread: _aio.UnaryUnaryMultiCallable[_graph_checkpoint_pb2.CopyGraphThreadRequest, _graph_checkpoint_pb2.CopyGraphThreadResponse]  # type: ignore[assignment]
     """CopyGraphThread copies every checkpoint, value and write of one thread
     (all namespaces, ids unchanged) into another thread of the project.
-    Checkpoints the target already has are kept. Copying an unknown thread
-    copies nothing.
+    Checkpoints the target already has are kept. A target without settings of
+    its own takes the source's session link, TTL and keep_last, so a purge of
+    the source's scope, or its session's end, reaches the copy too. Copying an
+    unknown thread copies nothing.
     Errors: INVALID_ARGUMENT.
     """
     PruneGraphThreads: _aio.UnaryUnaryMultiCallable[_graph_checkpoint_pb2.PruneGraphThreadsRequest, _graph_checkpoint_pb2.PruneGraphThreadsResponse]  # type: ignore[assignment]
@@ -281,8 +285,10 @@ class GraphCheckpointServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_graph_checkpoint_pb2.CopyGraphThreadResponse, _abc.Awaitable[_graph_checkpoint_pb2.CopyGraphThreadResponse]]:
         """CopyGraphThread copies every checkpoint, value and write of one thread
         (all namespaces, ids unchanged) into another thread of the project.
-        Checkpoints the target already has are kept. Copying an unknown thread
-        copies nothing.
+        Checkpoints the target already has are kept. A target without settings of
+        its own takes the source's session link, TTL and keep_last, so a purge of
+        the source's scope, or its session's end, reaches the copy too. Copying an
+        unknown thread copies nothing.
         Errors: INVALID_ARGUMENT.
         """
 

@@ -241,7 +241,7 @@ async def test_a_retried_record_returns_the_first_answer(episodic, scope):
     ]
 
 
-async def test_a_retried_delete_answers_as_the_first_call_did(episodic, scope):
+async def test_a_retried_delete_answers_as_the_first_call_did(episodic, scope, server):
     first = await record(episodic, episode(scope))
     second = await record(episodic, episode(scope))
     request_id = str(uuid.uuid4())
@@ -262,6 +262,10 @@ async def test_a_retried_delete_answers_as_the_first_call_did(episodic, scope):
     other = str(uuid.uuid4())
     for _ in range(2):
         await expect_error(delete(missing, other), grpc.StatusCode.NOT_FOUND)
+    claimed = await sql_rows(
+        server.config.database_url, "SELECT count(*) FROM request_log WHERE request_id = ?", other
+    )
+    assert claimed[0][0] == 0
     details = await expect_error(delete(first.episode_id, "nope"), grpc.StatusCode.INVALID_ARGUMENT)
     assert set(details.violations) == {"request_id"}
     assert [e.episode_id for e in await list_all(episodic, scope["project_id"])] == [

@@ -249,6 +249,17 @@ async def test_a_retry_after_a_purge_does_not_bring_the_data_back(
         episode=ep.Episode(**scope, task_type="research", outcome=lc.OUTCOME_SUCCESS),
         request_id=str(uuid.uuid4()),
     )
+    recorded = await stubs.episodic.RecordEpisode(
+        ep.RecordEpisodeRequest(
+            episode=ep.Episode(**scope, task_type="research", outcome=lc.OUTCOME_SUCCESS)
+        )
+    )
+    delete = ep.DeleteEpisodeRequest(
+        project_id=scope["project_id"],
+        episode_id=recorded.episode.episode_id,
+        request_id=str(uuid.uuid4()),
+    )
+    await stubs.episodic.DeleteEpisode(delete)
     await stubs.episodic.RecordEpisode(episode)
     report = await stubs.removal.PurgeData(
         dr.PurgeDataRequest(project_id=scope["project_id"], session_id=scope["session_id"],
@@ -258,6 +269,10 @@ async def test_a_retry_after_a_purge_does_not_bring_the_data_back(
     for retry in (stubs.lifecycle.Spawn(spawn), stubs.episodic.RecordEpisode(episode)):
         error = await expect_error(retry, grpc.StatusCode.FAILED_PRECONDITION)
         assert error.reason == "ERROR_REASON_REQUEST_PURGED"
+    # A delete's answer holds no data: its retry still gets it, even past a purge of
+    # the whole project (its request id is the project's).
+    await stubs.removal.PurgeData(dr.PurgeDataRequest(project_id=scope["project_id"]))
+    await stubs.episodic.DeleteEpisode(delete)
     await expect_error(
         stubs.lifecycle.GetSession(lc.GetSessionRequest(**scope)), grpc.StatusCode.NOT_FOUND
     )

@@ -346,16 +346,24 @@ async def test_refused_calls_are_counted_by_their_code(channel: grpc.aio.Channel
     wm = working_memory_pb2_grpc.WorkingMemoryServiceStub(channel)
     with pytest.raises(grpc.aio.AioRpcError):
         await wm.Get(working_memory_pb2.GetRequest(**ids(), key="k"))
-    handled = server.metrics.registry.get_sample_value(
-        "grpc_server_handled_total",
-        {
-            "grpc_type": "unary",
-            "grpc_service": "memsvc.v1.WorkingMemoryService",
-            "grpc_method": "Get",
-            "grpc_code": "UNAUTHENTICATED",
-        },
-    )
-    assert handled == 1
+
+    def handled() -> float | None:
+        return server.metrics.registry.get_sample_value(
+            "grpc_server_handled_total",
+            {
+                "grpc_type": "unary",
+                "grpc_service": "memsvc.v1.WorkingMemoryService",
+                "grpc_method": "Get",
+                "grpc_code": "UNAUTHENTICATED",
+            },
+        )
+
+    async def counted_once() -> None:
+        assert handled() == 1
+
+    # The server counts the call once its handler has unwound, which may be just
+    # after the client has its answer.
+    await eventually(counted_once)
 
 
 # ---- reloading the tokens file ------------------------------------------------------

@@ -124,6 +124,15 @@ def test_percent_encoded_passwords_and_sqlite_paths_are_accepted():
     assert load({}, {"MEMSVC_DATABASE_URL": url}).database_url == url
     cluster = "redis+cluster://:pw@h1:7000,h2:7001/0"
     assert load({}, {"MEMSVC_WORKING_MEMORY_URL": cluster}).working_memory_url == cluster
+    # An '@' in a query leaves the user name and password whole.
+    for url in (
+        "postgresql:///memsvc?host=/var/run/postgresql&user=memsvc@EXAMPLE.COM",
+        "postgresql://h.example.com/db?user=app@h",
+        "postgresql://u:p@[::1]:5432/db",
+    ):
+        assert load({}, {"MEMSVC_DATABASE_URL": url}).database_url == url
+    unix = "unix:///run/redis.sock?password=p@ss"
+    assert load({}, {"MEMSVC_WORKING_MEMORY_URL": unix}).working_memory_url == unix
     assert load({}, {"MEMSVC_DATABASE_URL": "sqlite:///tmp/100%done.db"}).database_url
 
 

@@ -226,3 +226,31 @@ async def test_a_tail_that_fell_behind_compaction_ends_its_streams():
     with pytest.raises(PositionTooOld):
         await anext(again)
     await stream.aclose()
+
+
+async def test_a_new_stream_is_not_failed_by_the_gap_that_ended_the_others():
+    """A stream still writing out what it held when its tail hit a gap stays
+    subscribed a while; a stream that joins meanwhile starts a tail from its own
+    position, not from the gap, which would end it too."""
+    log = CompactingLog()
+    log.commit(3)
+    hub = EventHub(log, poll_interval=30)
+    failed: Any = hub.watch(EventFilter(), None, 30)
+    assert await anext(failed) == 3
+    reading = asyncio.ensure_future(take_events(failed, 1))
+    await settle()
+    log.commit(1)
+    assert await reading == [4]  # subscribed, and not read any further for now
+    log.compact_to = 7
+    log.commit(5)  # 5 to 7 go before the tail reads them
+    await settle()
+    assert not hub.tailing
+    fresh: Any = hub.watch(EventFilter(), None, 30)
+    assert await anext(fresh) == 9
+    joined = asyncio.ensure_future(take_events(fresh, 2))
+    await settle()
+    log.commit(2)
+    assert await joined == [10, 11]
+    with pytest.raises(BackendUnavailable, match="event log"):
+        await take_events(failed, 1)
+    await fresh.aclose()

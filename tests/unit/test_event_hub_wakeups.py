@@ -50,7 +50,8 @@ class NotifyingLog:
 
     def commit(self, count: int) -> list[StoredEvent]:
         """Append ``count`` events and notify each, as ``count`` transactions would."""
-        new = [event(len(self.events) + i + 1) for i in range(count)]
+        last = self.events[-1].sequence if self.events else 0  # compaction keeps numbering
+        new = [event(last + i + 1) for i in range(count)]
         self.events += new
         for stored in new:
             self.notifications.put_nowait(stored.sequence)

@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import socket
 import struct
+from collections.abc import Mapping
 from typing import Any
 
 from redis.asyncio.connection import Connection, SSLConnection
 
 # struct linger {l_onoff = 1, l_linger = 0}: close() resets the connection.
 _RESET_ON_CLOSE = struct.pack("ii", 1, 0)
+# How long a closing TLS connection waits for the peer's close_notify.
+_TLS_SHUTDOWN_SECONDS = 0.1
 
 
 class _ResetsOnClose:
@@ -43,7 +46,12 @@ class ResettingConnection(_ResetsOnClose, Connection):
 
 
 class ResettingSSLConnection(_ResetsOnClose, SSLConnection):
-    """rediss://: TCP with TLS."""
+    """rediss://: TCP with TLS. Its close first sends TLS's close_notify and waits
+    for the peer's (30 s by default), all that time leaving the socket open and
+    TCP retransmitting what it held: the wait is cut to a moment."""
+
+    def _connection_arguments(self) -> Mapping[str, Any]:
+        return {**super()._connection_arguments(), "ssl_shutdown_timeout": _TLS_SHUTDOWN_SECONDS}
 
 
 def connection_class_for(url: str) -> type[Connection] | None:

@@ -508,7 +508,11 @@ class RedisWorkingMemoryStore:
         pattern = f"{KEY_PREFIX}:{{{_tag_start(scope)}*"
         found: dict[str, SessionRef | None] = {}
         client = self._redis
-        nodes: list[Any] = client.get_primaries() if isinstance(client, RedisCluster) else [None]
+        nodes: list[Any] = [None]
+        if isinstance(client, RedisCluster):
+            # The slot map is read lazily: a purge may be the client's first call.
+            await self._retrying(client.initialize, name="scan")
+            nodes = client.get_primaries()
         for node in nodes:
             cursor = 0
             while True:
