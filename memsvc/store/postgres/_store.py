@@ -156,6 +156,10 @@ class PostgresDurableStore(SqlDurableReads):
         self._max_connections = max_connections
         self._timeout = connect_timeout_seconds
         self._pool: psycopg_pool.AsyncConnectionPool | None = None
+        # The readiness probe's own connection: a pool that busy calls hold whole
+        # says nothing about the database, and would turn a busy replica unready.
+        self._probe: psycopg.AsyncConnection[Any] | None = None
+        self._probe_lock = asyncio.Lock()
         # Told each operation's time and outcome (the server's metrics).
         self.observe: BackendObserver = ignore
 
@@ -173,14 +177,38 @@ class PostgresDurableStore(SqlDurableReads):
         await self._pool.open(wait=False)
 
     async def aclose(self) -> None:
+        async with self._probe_lock:
+            if self._probe is not None:
+                await self._probe.close()
+                self._probe = None
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
 
     async def ping(self) -> None:
+        """The database answers, on the probe's own connection (made again when lost)."""
         await with_retries(
-            self._select_one, backend=self.backend_name, transient=TRANSIENT_ERRORS, attempts=1
+            self._probe_select, backend=self.backend_name, transient=TRANSIENT_ERRORS, attempts=1
         )
+
+    async def _probe_select(self) -> None:
+        async with self._probe_lock:
+            try:
+                if self._probe is None or self._probe.closed:
+                    self._probe = await psycopg.AsyncConnection.connect(
+                        self._url,
+                        autocommit=True,
+                        prepare_threshold=self._prepare_threshold,
+                        connect_timeout=max(1, round(self._timeout)),
+                    )
+                await self._probe.execute("SELECT 1")
+            except BaseException:
+                # Cut off or failed, the connection may be mid-statement: a new one next time.
+                if self._probe is not None:
+                    with contextlib.suppress(Exception):
+                        await self._probe.close()
+                    self._probe = None
+                raise
 
     async def _select_one(self) -> None:
         async with self._connections.connection() as conn:
