@@ -21,7 +21,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from memsvc.domain import WorkingMemoryLimits
 from memsvc.failpoints import Failpoints
@@ -357,17 +356,15 @@ _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 def _reserved_in_userinfo(url: str) -> bool:
     """Whether the user name or password holds an unencoded '/', '?' or '#': the
-    authority then ends inside it, so what is left of it reads as a host and a port
-    that is no number ("u:s" of "u:s/3cret@db"), and an '@' follows. (An '@' in a
-    query, "?user=app@server", leaves the authority whole.)"""
-    parts = urlsplit(url)
-    if "@" in parts.netloc or "," in parts.netloc or "@" not in url:
-        return False  # credentials parsed whole, or several hosts (checked by the driver)
-    try:
-        _ = parts.port  # raises ValueError for a port that is no number
-    except ValueError:
-        return True
-    return False
+    authority then ends inside it, and its '@' comes after that character ("u:s/3cret@db"
+    reads as host "u", port "s"). An '@' in a query value ("?user=app@server") is no
+    sign of it."""
+    rest = url.partition("://")[2]
+    cut = min((index for index in (rest.find(c) for c in "/?#") if index >= 0), default=len(rest))
+    head, tail = rest[:cut], rest[cut:]
+    if "@" in head or "@" not in tail:
+        return False  # the credentials end before the authority does, or there are none
+    return "=" not in tail[: tail.index("@")]
 
 
 def redacted(url: str) -> str:

@@ -317,8 +317,9 @@ class EventHub:
 
     def _leave(self, subscriber: _Subscriber) -> None:
         self._subscribers.discard(subscriber)
-        if not self._subscribers and self._tail is not None:
-            # Release the tail (and its LISTEN connection) with the last watcher.
+        if not self._fed() and self._tail is not None:
+            # Release the tail (and its LISTEN connection) with the last watcher it
+            # feeds (one whose tail failed only writes out what it holds).
             self._tail.cancel()
             self._tail = None
 
@@ -378,6 +379,12 @@ class EventHub:
                 listener = asyncio.create_task(self._listen(wakeups), name="memsvc-event-listen")
                 try:
                     await self._read_while_watched()
+                except Exception as error:
+                    # Before letting go (no await in between): a stream that joins
+                    # while this tail closes starts another from its own position,
+                    # not from where this one failed (a gap would fail it too).
+                    self._fail_subscribers(error)
+                    raise
                 finally:
                     self._let_go()
                     listener.cancel()
@@ -386,13 +393,21 @@ class EventHub:
         except Exception as error:
             self._let_go()
             if not self.tailing:  # unless a stream that joined since started another
-                log.exception(
-                    "the event tail failed: its %d watchers must reconnect", len(self._subscribers)
-                )
-                for subscriber in self._subscribers:
-                    subscriber.fail(error)
+                self._fail_subscribers(error)
         finally:
             self._let_go()
+
+    def _fail_subscribers(self, error: BaseException) -> None:
+        """End the streams this tail fed (UNAVAILABLE: they reconnect with their cursors)."""
+        fed = [subscriber for subscriber in self._subscribers if subscriber.failure is None]
+        if fed:
+            log.error(
+                "the event tail failed: its %d watchers must reconnect",
+                len(fed),
+                exc_info=(type(error), error, error.__traceback__),
+            )
+        for subscriber in fed:
+            subscriber.fail(error)
 
     def _let_go(self) -> None:
         """From here this tail serves nobody: a stream that (re)joins while it
@@ -403,7 +418,7 @@ class EventHub:
     async def _read_while_watched(self) -> None:
         loop = asyncio.get_running_loop()
         failing_since: float | None = None
-        while self._subscribers:
+        while self._fed():
             self._kick.clear()
             try:
                 batch = await self._source.read_events(self.position, READ_BATCH, EventFilter())

@@ -109,6 +109,10 @@ def test_passwords_with_reserved_characters_are_left_out_too(url):
         ("MEMSVC_DATABASE_URL", "postgresql://memsvc:s3/cret@db/x"),  # read as port 's3'
         ("MEMSVC_DATABASE_URL", "postgresql://memsvc:s#3cret@db/x"),
         ("MEMSVC_DATABASE_LISTEN_URL", "postgresql://memsvc:s?3cret@db/x"),
+        ("MEMSVC_DATABASE_URL", "postgresql://memsvc:2024/s3cret@db/x"),  # a valid "port"
+        ("MEMSVC_DATABASE_URL", "postgresql://memsvc:/s3cret@db/x"),  # an empty one
+        ("MEMSVC_DATABASE_URL", "postgresql://mem/svc:s3cret@db/x"),  # in the user name
+        ("MEMSVC_DATABASE_URL", "postgresql://memsvc:a,b/s3cret@db/x"),  # "several hosts"
     ],
 )
 def test_an_unencoded_slash_question_mark_or_hash_in_a_password_is_refused(name, url):
@@ -129,6 +133,8 @@ def test_percent_encoded_passwords_and_sqlite_paths_are_accepted():
         "postgresql:///memsvc?host=/var/run/postgresql&user=memsvc@EXAMPLE.COM",
         "postgresql://h.example.com/db?user=app@h",
         "postgresql://u:p@[::1]:5432/db",
+        "postgresql://u:p[ss@h/db",  # brackets are no reserved character here
+        "postgresql://h/db?application_name=memsvc@pod-1",
     ):
         assert load({}, {"MEMSVC_DATABASE_URL": url}).database_url == url
     unix = "unix:///run/redis.sock?password=p@ss"

@@ -51,9 +51,11 @@ class CompactingLog(NotifyingLog):
 
     @contextlib.asynccontextmanager
     async def event_wakeups(self) -> AsyncIterator[AsyncIterator[int]]:
-        async with super().event_wakeups() as wakeups:
-            yield wakeups
-        await self.closing.wait()
+        try:
+            async with super().event_wakeups() as wakeups:
+                yield wakeups
+        finally:
+            await self.closing.wait()  # however the tail ends
 
 
 async def test_a_position_past_the_latest_is_refused_and_hides_nothing():
@@ -228,7 +230,8 @@ async def test_a_tail_that_fell_behind_compaction_ends_its_streams():
     await stream.aclose()
 
 
-async def test_a_new_stream_is_not_failed_by_the_gap_that_ended_the_others():
+@pytest.mark.parametrize("closing", [False, True], ids=["after", "while the tail closes"])
+async def test_a_new_stream_is_not_failed_by_the_gap_that_ended_the_others(closing: bool):
     """A stream still writing out what it held when its tail hit a gap stays
     subscribed a while; a stream that joins meanwhile starts a tail from its own
     position, not from the gap, which would end it too."""
@@ -241,6 +244,8 @@ async def test_a_new_stream_is_not_failed_by_the_gap_that_ended_the_others():
     await settle()
     log.commit(1)
     assert await reading == [4]  # subscribed, and not read any further for now
+    if closing:
+        log.closing.clear()  # the failed tail stays in its shutdown meanwhile
     log.compact_to = 7
     log.commit(5)  # 5 to 7 go before the tail reads them
     await settle()
@@ -249,8 +254,13 @@ async def test_a_new_stream_is_not_failed_by_the_gap_that_ended_the_others():
     assert await anext(fresh) == 9
     joined = asyncio.ensure_future(take_events(fresh, 2))
     await settle()
+    log.closing.set()
+    await settle()
     log.commit(2)
     assert await joined == [10, 11]
+    await fresh.aclose()
+    await settle()
+    # A stream whose tail failed is fed by no tail: none runs for it alone.
+    assert not hub.tailing
     with pytest.raises(BackendUnavailable, match="event log"):
         await take_events(failed, 1)
-    await fresh.aclose()
