@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from memsvc.domain import FieldViolation, InvalidArgument
 from memsvc.domain._storable import json_problem
@@ -44,8 +44,27 @@ _NESTING_TAGS = frozenset(
     (struct_pb2.Value.DESCRIPTOR.fields_by_name[name].number << 3) | 2
     for name in ("struct_value", "list_value")
 )
-_ENTRY_IN_RESPONSE = working_memory_pb2.GetResponse.DESCRIPTOR.fields_by_name["entry"].number
-_VALUE_IN_ENTRY = working_memory_pb2.Entry.DESCRIPTOR.fields_by_name["value"].number
+# Where a value sits in a response: GetResponse.entry.value.
+_VALUE_PATH = (
+    working_memory_pb2.GetResponse.DESCRIPTOR.fields_by_name["entry"].number,
+    working_memory_pb2.Entry.DESCRIPTOR.fields_by_name["value"].number,
+)
+TOO_DEEP = (
+    "nests too deep: a response holding it would pass protobuf's limit of 100 "
+    "nested messages (each list takes 2, each object 3)"
+)
+
+
+def _parses_at(encoded: bytes, path: tuple[int, ...], response: type[Message]) -> bool:
+    """Whether ``encoded``, placed at ``path`` (field numbers from the top) of a
+    ``response`` message, still parses within protobuf's nesting limit."""
+    for number in reversed(path):
+        encoded = _length_delimited(number, encoded)
+    try:
+        response.FromString(encoded)
+    except DecodeError:
+        return False
+    return True
 
 
 def check_readable(encoded: bytes | None, field: str, violations: list[FieldViolation]) -> None:
@@ -58,17 +77,8 @@ def check_readable(encoded: bytes | None, field: str, violations: list[FieldViol
     # bytes each at least: a string of any size is never parsed again.
     if encoded is None or len(encoded) < 150 or encoded[0] not in _NESTING_TAGS:
         return
-    wrapped = _length_delimited(_ENTRY_IN_RESPONSE, _length_delimited(_VALUE_IN_ENTRY, encoded))
-    try:
-        working_memory_pb2.GetResponse.FromString(wrapped)
-    except DecodeError:
-        violations.append(
-            FieldViolation(
-                field,
-                "nests too deep: a response holding it would pass protobuf's limit of 100 "
-                "nested messages (each list takes 2, each object 3)",
-            )
-        )
+    if not _parses_at(encoded, _VALUE_PATH, working_memory_pb2.GetResponse):
+        violations.append(FieldViolation(field, TOO_DEEP))
 
 
 T = TypeVar("T")
@@ -122,17 +132,10 @@ def _unreadable_struct(message: struct_pb2.Struct, plain: dict[str, Any]) -> str
     and watch event that carries it."""
     if _json_depth(plain) < _SHALLOW_JSON:
         return None
-    wrapped = message.SerializeToString()
-    for number in reversed(_DEEPEST_STRUCT_PATH):
-        wrapped = _length_delimited(number, wrapped)
-    try:
-        episodic_pb2.SearchEpisodesResponse.FromString(wrapped)
-    except DecodeError:
-        return (
-            "nests too deep: a response holding it would pass protobuf's limit of 100 "
-            "nested messages (each list takes 2, each object 3)"
-        )
-    return None
+    encoded = message.SerializeToString()
+    if _parses_at(encoded, _DEEPEST_STRUCT_PATH, episodic_pb2.SearchEpisodesResponse):
+        return None
+    return TOO_DEEP
 
 
 def _json_depth(value: Any) -> int:

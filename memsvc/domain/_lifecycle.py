@@ -506,7 +506,8 @@ class Lifecycle:
             # episode, though, the session still ends: whatever the memory holds is
             # dropped, so a session always has a way to end.
             clear = cleanup
-            if consolidate or not cleanup:
+            snapshot: Snapshot | None = None
+            if consolidate or not cleanup:  # the memory is read or kept: it must be memsvc's
                 try:
                     snapshot = await self._begin(
                         record, steps, lambda: begin(own, record.memory_epoch, cleanup)
@@ -515,10 +516,7 @@ class Lifecycle:
                     if consolidate:
                         raise
                     clear = True
-                    snapshot = await self._begin(
-                        record, steps, lambda: begin({*SETTLED, MISSING}, None, clear)
-                    )
-            else:
+            if snapshot is None:
                 snapshot = await self._begin(
                     record, steps, lambda: begin({*SETTLED, MISSING}, None, clear)
                 )

@@ -53,6 +53,25 @@ def checkpoint(thread: str, checkpoint_id: str, run_id: str) -> gpb.GraphCheckpo
     )
 
 
+async def put_checkpoints(graphs: GraphCheckpointServiceStub, project: str, count: int) -> None:
+    """Checkpoints c1 to c<count> of thread t, each of its own run (r1, r2...)."""
+    for number in range(1, count + 1):
+        await graphs.PutGraphCheckpoint(
+            gpb.PutGraphCheckpointRequest(
+                project_id=project, checkpoint=checkpoint("t", f"c{number}", f"r{number}")
+            )
+        )
+
+
+def delete_run(
+    graphs: GraphCheckpointServiceStub, project: str, run_id: str
+) -> Callable[[], Awaitable[object]]:
+    """The change of deleting one run's checkpoints."""
+    return lambda: graphs.DeleteGraphRuns(
+        gpb.DeleteGraphRunsRequest(project_id=project, run_ids=[run_id])
+    )
+
+
 def before_the_values_are_read(
     monkeypatch: pytest.MonkeyPatch, change: Callable[[], Awaitable[object]], times: int = 1
 ) -> None:
@@ -92,9 +111,7 @@ async def test_get_of_a_checkpoint_deleted_meanwhile_is_not_found(
     graphs: GraphCheckpointServiceStub, monkeypatch: pytest.MonkeyPatch
 ):
     project = str(uuid.uuid4())
-    await graphs.PutGraphCheckpoint(
-        gpb.PutGraphCheckpointRequest(project_id=project, checkpoint=checkpoint("t", "c1", "r1"))
-    )
+    await put_checkpoints(graphs, project, 1)
     before_the_values_are_read(
         monkeypatch,
         lambda: graphs.DeleteGraphThread(
@@ -110,18 +127,8 @@ async def test_get_of_the_latest_deleted_meanwhile_answers_the_one_before(
     graphs: GraphCheckpointServiceStub, monkeypatch: pytest.MonkeyPatch
 ):
     project = str(uuid.uuid4())
-    for checkpoint_id, run_id in (("c1", "r1"), ("c2", "r2")):
-        await graphs.PutGraphCheckpoint(
-            gpb.PutGraphCheckpointRequest(
-                project_id=project, checkpoint=checkpoint("t", checkpoint_id, run_id)
-            )
-        )
-    before_the_values_are_read(
-        monkeypatch,
-        lambda: graphs.DeleteGraphRuns(
-            gpb.DeleteGraphRunsRequest(project_id=project, run_ids=["r2"])
-        ),
-    )
+    await put_checkpoints(graphs, project, 2)
+    before_the_values_are_read(monkeypatch, delete_run(graphs, project, "r2"))
     got = await graphs.GetGraphCheckpoint(
         gpb.GetGraphCheckpointRequest(project_id=project, thread_id="t")
     )
@@ -133,18 +140,8 @@ async def test_list_leaves_out_a_checkpoint_deleted_meanwhile(
     graphs: GraphCheckpointServiceStub, monkeypatch: pytest.MonkeyPatch
 ):
     project = str(uuid.uuid4())
-    for checkpoint_id, run_id in (("c1", "r1"), ("c2", "r2"), ("c3", "r3")):
-        await graphs.PutGraphCheckpoint(
-            gpb.PutGraphCheckpointRequest(
-                project_id=project, checkpoint=checkpoint("t", checkpoint_id, run_id)
-            )
-        )
-    before_the_values_are_read(
-        monkeypatch,
-        lambda: graphs.DeleteGraphRuns(
-            gpb.DeleteGraphRunsRequest(project_id=project, run_ids=["r2"])
-        ),
-    )
+    await put_checkpoints(graphs, project, 3)
+    before_the_values_are_read(monkeypatch, delete_run(graphs, project, "r2"))
     listed = await list_all(graphs, project)
     assert [c.checkpoint_id for c in listed] == ["c3", "c1"]
     for item in listed:
@@ -156,9 +153,7 @@ async def test_reads_of_a_checkpoint_put_again_meanwhile_have_its_new_values(
     graphs: GraphCheckpointServiceStub, monkeypatch: pytest.MonkeyPatch
 ):
     project = str(uuid.uuid4())
-    await graphs.PutGraphCheckpoint(
-        gpb.PutGraphCheckpointRequest(project_id=project, checkpoint=checkpoint("t", "c1", "r1"))
-    )
+    await put_checkpoints(graphs, project, 1)
     again = checkpoint("t", "c1", "r1")
     again.channel_versions["messages"] = "v2"
     del again.channel_values[:]
@@ -183,18 +178,8 @@ async def test_a_page_that_lost_a_checkpoint_meanwhile_still_leads_to_the_rest(
     """A page reads one row more than it holds to know whether more follow: a row
     deleted before its values were read must not end the listing early."""
     project = str(uuid.uuid4())
-    for number in range(1, 6):
-        await graphs.PutGraphCheckpoint(
-            gpb.PutGraphCheckpointRequest(
-                project_id=project, checkpoint=checkpoint("t", f"c{number}", f"r{number}")
-            )
-        )
-    before_the_values_are_read(
-        monkeypatch,
-        lambda: graphs.DeleteGraphRuns(
-            gpb.DeleteGraphRunsRequest(project_id=project, run_ids=["r4"])
-        ),
-    )
+    await put_checkpoints(graphs, project, 5)
+    before_the_values_are_read(monkeypatch, delete_run(graphs, project, "r4"))
     listed = await list_all(graphs, project, page_size=2)
     assert [c.checkpoint_id for c in listed] == ["c5", "c3", "c2", "c1"]
 
@@ -205,12 +190,7 @@ async def test_a_page_ends_before_a_checkpoint_that_keeps_changing(
     """The checkpoints before it make a page of their own, instead of the whole page
     being read again until it fails (a page read again five times is UNAVAILABLE)."""
     project = str(uuid.uuid4())
-    for checkpoint_id, run_id in (("c1", "r1"), ("c2", "r2"), ("c3", "r3")):
-        await graphs.PutGraphCheckpoint(
-            gpb.PutGraphCheckpointRequest(
-                project_id=project, checkpoint=checkpoint("t", checkpoint_id, run_id)
-            )
-        )
+    await put_checkpoints(graphs, project, 3)
     versions = iter(range(100))
 
     async def put_c1_again() -> object:
