@@ -40,6 +40,9 @@ CLIENT_VARIABLES = frozenset(
     }
 )
 _KUBERNETES_INJECTED = re.compile(r"MEMSVC_(PORT(_.*)?|SERVICE_.*)")
+# The test suite's own variables (the backends it uses, README): a developer who
+# exports them for `make test` can still run `make serve` in the same shell.
+_TEST_SUITE_VARIABLES = re.compile(r"MEMSVC_TEST_.*")
 
 
 class ConfigError(ValueError):
@@ -329,6 +332,7 @@ def load(
         if name.startswith(ENV_PREFIX)
         and name not in known
         and not _KUBERNETES_INJECTED.fullmatch(name)
+        and not _TEST_SUITE_VARIABLES.fullmatch(name)
     )
     if unknown:
         raise ConfigError(

@@ -41,6 +41,20 @@ def test_unknown_variables_are_refused_but_kubernetes_service_links_ignored():
     assert load({}, injected).listen == "127.0.0.1:50051"
 
 
+def test_the_test_suites_variables_are_ignored():
+    """README: the tests take their backends from MEMSVC_TEST_*; exported for
+    `make test`, they must not stop `make serve` in the same shell."""
+    env = {
+        "MEMSVC_TEST_REDIS_URL": "redis://127.0.0.1:6379/0",
+        "MEMSVC_TEST_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/test",
+        "MEMSVC_TEST_POSTGRES_BIN": "/usr/lib/postgresql/15/bin",
+    }
+    config = load({}, env)
+    assert config.working_memory_url == load({}, {}).working_memory_url
+    with pytest.raises(ConfigError, match="MEMSVC_TESTS_REDIS_URL"):
+        load({}, {"MEMSVC_TESTS_REDIS_URL": "redis://127.0.0.1:6379/0"})
+
+
 @pytest.mark.parametrize(
     ("env", "message"),
     [
