@@ -435,7 +435,8 @@ class SearchResult(_message.Message):
     SCORE_FIELD_NUMBER: _builtins.int
     score: _builtins.float
     """Relevance: higher is better. Full text: the backend's rank (PostgreSQL
-    ts_rank, SQLite bm25 negated), comparable only within one search.
+    ts_rank; SQLite memsvc's own rank, the matches weighted over the
+    document's length), comparable only within one search.
     Similarity: cosine similarity from -1 to 1.
     """
     @_builtins.property

@@ -85,7 +85,9 @@ class EpisodicMemoryServiceServicer:
     def RecordEpisode(self, request, context):
         """RecordEpisode stores one episode. With a `request_id`, a retry returns the
         first answer and records nothing more.
-        Errors: INVALID_ARGUMENT (any bad field, or a reused request_id).
+        Errors: INVALID_ARGUMENT (any bad field, or a reused request_id),
+        FAILED_PRECONDITION (ERROR_REASON_REQUEST_PURGED: a retry of a call whose
+        answer a purge forgot).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -126,7 +128,8 @@ class EpisodicMemoryServiceServicer:
         """DeleteEpisode forgets one episode, its search index entries included. With
         a `request_id`, a retry answers as the first call did.
         Errors: INVALID_ARGUMENT (any bad field, or a reused request_id), NOT_FOUND
-        (ERROR_REASON_EPISODE_NOT_FOUND).
+        (ERROR_REASON_EPISODE_NOT_FOUND), FAILED_PRECONDITION
+        (ERROR_REASON_REQUEST_PURGED, as RecordEpisode).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -45,7 +45,9 @@ class EpisodicMemoryServiceStub:
     RecordEpisode: _grpc.UnaryUnaryMultiCallable[_episodic_pb2.RecordEpisodeRequest, _episodic_pb2.RecordEpisodeResponse]
     """RecordEpisode stores one episode. With a `request_id`, a retry returns the
     first answer and records nothing more.
-    Errors: INVALID_ARGUMENT (any bad field, or a reused request_id).
+    Errors: INVALID_ARGUMENT (any bad field, or a reused request_id),
+    FAILED_PRECONDITION (ERROR_REASON_REQUEST_PURGED: a retry of a call whose
+    answer a purge forgot).
     """
     GetEpisode: _grpc.UnaryUnaryMultiCallable[_episodic_pb2.GetEpisodeRequest, _episodic_pb2.GetEpisodeResponse]
     """GetEpisode reads one episode.
@@ -70,7 +72,8 @@ class EpisodicMemoryServiceStub:
     """DeleteEpisode forgets one episode, its search index entries included. With
     a `request_id`, a retry answers as the first call did.
     Errors: INVALID_ARGUMENT (any bad field, or a reused request_id), NOT_FOUND
-    (ERROR_REASON_EPISODE_NOT_FOUND).
+    (ERROR_REASON_EPISODE_NOT_FOUND), FAILED_PRECONDITION
+    (ERROR_REASON_REQUEST_PURGED, as RecordEpisode).
     """
 
 @_typing.type_check_only
@@ -90,7 +93,9 @@ class EpisodicMemoryServiceAsyncStub(EpisodicMemoryServiceStub):
     RecordEpisode: _aio.UnaryUnaryMultiCallable[_episodic_pb2.RecordEpisodeRequest, _episodic_pb2.RecordEpisodeResponse]  # type: ignore[assignment]
     """RecordEpisode stores one episode. With a `request_id`, a retry returns the
     first answer and records nothing more.
-    Errors: INVALID_ARGUMENT (any bad field, or a reused request_id).
+    Errors: INVALID_ARGUMENT (any bad field, or a reused request_id),
+    FAILED_PRECONDITION (ERROR_REASON_REQUEST_PURGED: a retry of a call whose
+    answer a purge forgot).
     """
     GetEpisode: _aio.UnaryUnaryMultiCallable[_episodic_pb2.GetEpisodeRequest, _episodic_pb2.GetEpisodeResponse]  # type: ignore[assignment]
     """GetEpisode reads one episode.
@@ -115,7 +120,8 @@ class EpisodicMemoryServiceAsyncStub(EpisodicMemoryServiceStub):
     """DeleteEpisode forgets one episode, its search index entries included. With
     a `request_id`, a retry answers as the first call did.
     Errors: INVALID_ARGUMENT (any bad field, or a reused request_id), NOT_FOUND
-    (ERROR_REASON_EPISODE_NOT_FOUND).
+    (ERROR_REASON_EPISODE_NOT_FOUND), FAILED_PRECONDITION
+    (ERROR_REASON_REQUEST_PURGED, as RecordEpisode).
     """
 
 class EpisodicMemoryServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -138,7 +144,9 @@ class EpisodicMemoryServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_episodic_pb2.RecordEpisodeResponse, _abc.Awaitable[_episodic_pb2.RecordEpisodeResponse]]:
         """RecordEpisode stores one episode. With a `request_id`, a retry returns the
         first answer and records nothing more.
-        Errors: INVALID_ARGUMENT (any bad field, or a reused request_id).
+        Errors: INVALID_ARGUMENT (any bad field, or a reused request_id),
+        FAILED_PRECONDITION (ERROR_REASON_REQUEST_PURGED: a retry of a call whose
+        answer a purge forgot).
         """
 
     @_abc_1.abstractmethod
@@ -187,7 +195,8 @@ class EpisodicMemoryServiceServicer(metaclass=_abc_1.ABCMeta):
         """DeleteEpisode forgets one episode, its search index entries included. With
         a `request_id`, a retry answers as the first call did.
         Errors: INVALID_ARGUMENT (any bad field, or a reused request_id), NOT_FOUND
-        (ERROR_REASON_EPISODE_NOT_FOUND).
+        (ERROR_REASON_EPISODE_NOT_FOUND), FAILED_PRECONDITION
+        (ERROR_REASON_REQUEST_PURGED, as RecordEpisode).
         """
 
 def add_EpisodicMemoryServiceServicer_to_server(servicer: EpisodicMemoryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -35,8 +35,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     ERROR_REASON_SESSION_KEY_LIMIT: _ErrorReason.ValueType  # 3
     """A write would take the session past its maximum number of keys.
-    Metadata: "limit", "current". Status code: RESOURCE_EXHAUSTED (with a
-    google.rpc.QuotaFailure detail).
+    Metadata: "limit", "current", "requested". Status code: RESOURCE_EXHAUSTED
+    (with a google.rpc.QuotaFailure detail).
     """
     ERROR_REASON_SESSION_SIZE_LIMIT: _ErrorReason.ValueType  # 4
     """A write would take the session past its maximum total size (keys plus
@@ -59,12 +59,12 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     FAILED_PRECONDITION.
     """
     ERROR_REASON_SESSION_NOT_FOUND: _ErrorReason.ValueType  # 8
-    """The session was never spawned. Metadata: "session_id". Status code:
-    NOT_FOUND.
+    """The session was never spawned (or, for working-memory reads, it is
+    terminated). Metadata: "session_id". Status code: NOT_FOUND.
     """
     ERROR_REASON_SESSION_ALREADY_EXISTS: _ErrorReason.ValueType  # 9
     """The session id is in use or was used before (terminated ids are never
-    reused). Metadata: "session_id", "state". Status code: ALREADY_EXISTS.
+    reused, unless PurgeData forgot the session). Metadata: "session_id", "state". Status code: ALREADY_EXISTS.
     """
     ERROR_REASON_CHECKPOINT_NOT_FOUND: _ErrorReason.ValueType  # 10
     """The checkpoint does not exist (or retention removed it). Metadata:
@@ -189,8 +189,8 @@ working memory. Metadata: "session_id", "key". Status code: NOT_FOUND.
 """
 ERROR_REASON_SESSION_KEY_LIMIT: ErrorReason.ValueType  # 3
 """A write would take the session past its maximum number of keys.
-Metadata: "limit", "current". Status code: RESOURCE_EXHAUSTED (with a
-google.rpc.QuotaFailure detail).
+Metadata: "limit", "current", "requested". Status code: RESOURCE_EXHAUSTED
+(with a google.rpc.QuotaFailure detail).
 """
 ERROR_REASON_SESSION_SIZE_LIMIT: ErrorReason.ValueType  # 4
 """A write would take the session past its maximum total size (keys plus
@@ -213,12 +213,12 @@ current state. Metadata: "session_id", "state". Status code:
 FAILED_PRECONDITION.
 """
 ERROR_REASON_SESSION_NOT_FOUND: ErrorReason.ValueType  # 8
-"""The session was never spawned. Metadata: "session_id". Status code:
-NOT_FOUND.
+"""The session was never spawned (or, for working-memory reads, it is
+terminated). Metadata: "session_id". Status code: NOT_FOUND.
 """
 ERROR_REASON_SESSION_ALREADY_EXISTS: ErrorReason.ValueType  # 9
 """The session id is in use or was used before (terminated ids are never
-reused). Metadata: "session_id", "state". Status code: ALREADY_EXISTS.
+reused, unless PurgeData forgot the session). Metadata: "session_id", "state". Status code: ALREADY_EXISTS.
 """
 ERROR_REASON_CHECKPOINT_NOT_FOUND: ErrorReason.ValueType  # 10
 """The checkpoint does not exist (or retention removed it). Metadata:

@@ -104,7 +104,9 @@ class _SessionStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SessionS
     SESSION_STATE_PAUSED: _SessionState.ValueType  # 2
     """Working memory is read-only until Resume."""
     SESSION_STATE_TERMINATED: _SessionState.ValueType  # 3
-    """Ended for good; the id can never be spawned again."""
+    """Ended for good; the id can never be spawned again (unless PurgeData
+    forgets the session).
+    """
 
 class SessionState(_SessionState, metaclass=_SessionStateEnumTypeWrapper):
     """SessionState is where a session is in its lifecycle."""
@@ -116,7 +118,9 @@ SESSION_STATE_ACTIVE: SessionState.ValueType  # 1
 SESSION_STATE_PAUSED: SessionState.ValueType  # 2
 """Working memory is read-only until Resume."""
 SESSION_STATE_TERMINATED: SessionState.ValueType  # 3
-"""Ended for good; the id can never be spawned again."""
+"""Ended for good; the id can never be spawned again (unless PurgeData
+forgets the session).
+"""
 Global___SessionState: _TypeAlias = SessionState  # noqa: Y015
 
 class _WorkingMemoryStatus:

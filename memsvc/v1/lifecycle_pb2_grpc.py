@@ -37,7 +37,7 @@ class LifecycleServiceStub:
     Transitions: Spawn creates an ACTIVE session. Pause: ACTIVE to PAUSED.
     Resume: PAUSED to ACTIVE, or ACTIVE to ACTIVE (a rollback to a checkpoint).
     Terminate: ACTIVE or PAUSED to TERMINATED. A terminated session id is never
-    spawned again. Any other transition fails with FAILED_PRECONDITION and
+    spawned again, unless PurgeData forgets the session. Any other transition fails with FAILED_PRECONDITION and
     ERROR_REASON_INVALID_TRANSITION, whose metadata carries the current state.
 
     Every mutating request takes an optional `request_id` (a UUID): a retry
@@ -121,7 +121,7 @@ class LifecycleServiceServicer:
     Transitions: Spawn creates an ACTIVE session. Pause: ACTIVE to PAUSED.
     Resume: PAUSED to ACTIVE, or ACTIVE to ACTIVE (a rollback to a checkpoint).
     Terminate: ACTIVE or PAUSED to TERMINATED. A terminated session id is never
-    spawned again. Any other transition fails with FAILED_PRECONDITION and
+    spawned again, unless PurgeData forgets the session. Any other transition fails with FAILED_PRECONDITION and
     ERROR_REASON_INVALID_TRANSITION, whose metadata carries the current state.
 
     Every mutating request takes an optional `request_id` (a UUID): a retry
@@ -317,7 +317,7 @@ class LifecycleService:
     Transitions: Spawn creates an ACTIVE session. Pause: ACTIVE to PAUSED.
     Resume: PAUSED to ACTIVE, or ACTIVE to ACTIVE (a rollback to a checkpoint).
     Terminate: ACTIVE or PAUSED to TERMINATED. A terminated session id is never
-    spawned again. Any other transition fails with FAILED_PRECONDITION and
+    spawned again, unless PurgeData forgets the session. Any other transition fails with FAILED_PRECONDITION and
     ERROR_REASON_INVALID_TRANSITION, whose metadata carries the current state.
 
     Every mutating request takes an optional `request_id` (a UUID): a retry

@@ -38,7 +38,7 @@ class LifecycleServiceStub:
     Transitions: Spawn creates an ACTIVE session. Pause: ACTIVE to PAUSED.
     Resume: PAUSED to ACTIVE, or ACTIVE to ACTIVE (a rollback to a checkpoint).
     Terminate: ACTIVE or PAUSED to TERMINATED. A terminated session id is never
-    spawned again. Any other transition fails with FAILED_PRECONDITION and
+    spawned again, unless PurgeData forgets the session. Any other transition fails with FAILED_PRECONDITION and
     ERROR_REASON_INVALID_TRANSITION, whose metadata carries the current state.
 
     Every mutating request takes an optional `request_id` (a UUID): a retry
@@ -130,7 +130,7 @@ class LifecycleServiceAsyncStub(LifecycleServiceStub):
     Transitions: Spawn creates an ACTIVE session. Pause: ACTIVE to PAUSED.
     Resume: PAUSED to ACTIVE, or ACTIVE to ACTIVE (a rollback to a checkpoint).
     Terminate: ACTIVE or PAUSED to TERMINATED. A terminated session id is never
-    spawned again. Any other transition fails with FAILED_PRECONDITION and
+    spawned again, unless PurgeData forgets the session. Any other transition fails with FAILED_PRECONDITION and
     ERROR_REASON_INVALID_TRANSITION, whose metadata carries the current state.
 
     Every mutating request takes an optional `request_id` (a UUID): a retry
@@ -218,7 +218,7 @@ class LifecycleServiceServicer(metaclass=_abc_1.ABCMeta):
     Transitions: Spawn creates an ACTIVE session. Pause: ACTIVE to PAUSED.
     Resume: PAUSED to ACTIVE, or ACTIVE to ACTIVE (a rollback to a checkpoint).
     Terminate: ACTIVE or PAUSED to TERMINATED. A terminated session id is never
-    spawned again. Any other transition fails with FAILED_PRECONDITION and
+    spawned again, unless PurgeData forgets the session. Any other transition fails with FAILED_PRECONDITION and
     ERROR_REASON_INVALID_TRANSITION, whose metadata carries the current state.
 
     Every mutating request takes an optional `request_id` (a UUID): a retry

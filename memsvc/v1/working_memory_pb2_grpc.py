@@ -141,8 +141,10 @@ class WorkingMemoryServiceServicer:
 
     def Get(self, request, context):
         """Get returns the value stored under a key.
-        Errors: INVALID_ARGUMENT, NOT_FOUND (no such key, or it expired),
-        UNAVAILABLE.
+        Errors: INVALID_ARGUMENT, NOT_FOUND (no such key, or it expired:
+        ERROR_REASON_KEY_NOT_FOUND; a session never spawned or terminated:
+        ERROR_REASON_SESSION_NOT_FOUND), FAILED_PRECONDITION
+        (ERROR_REASON_WORKING_MEMORY_LOST), UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -161,6 +163,8 @@ class WorkingMemoryServiceServicer:
         """ListKeys lists the session's live keys in byte order of their UTF-8
         encoding, without values, one page at a time.
         Errors: INVALID_ARGUMENT (bad id, negative page size, bad page token),
+        NOT_FOUND (ERROR_REASON_SESSION_NOT_FOUND: a session never spawned or
+        terminated), FAILED_PRECONDITION (ERROR_REASON_WORKING_MEMORY_LOST),
         UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -179,7 +183,7 @@ class WorkingMemoryServiceServicer:
     def BatchGet(self, request, context):
         """BatchGet reads up to 1,000 keys in one call and one backend round trip.
         Errors: INVALID_ARGUMENT (bad id or key, too many or duplicate keys),
-        UNAVAILABLE. Missing keys are reported in the response, not as errors.
+        NOT_FOUND and FAILED_PRECONDITION as ListKeys, UNAVAILABLE. Missing keys are reported in the response, not as errors.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -66,8 +66,10 @@ class WorkingMemoryServiceStub:
     """
     Get: _grpc.UnaryUnaryMultiCallable[_working_memory_pb2.GetRequest, _working_memory_pb2.GetResponse]
     """Get returns the value stored under a key.
-    Errors: INVALID_ARGUMENT, NOT_FOUND (no such key, or it expired),
-    UNAVAILABLE.
+    Errors: INVALID_ARGUMENT, NOT_FOUND (no such key, or it expired:
+    ERROR_REASON_KEY_NOT_FOUND; a session never spawned or terminated:
+    ERROR_REASON_SESSION_NOT_FOUND), FAILED_PRECONDITION
+    (ERROR_REASON_WORKING_MEMORY_LOST), UNAVAILABLE.
     """
     Delete: _grpc.UnaryUnaryMultiCallable[_working_memory_pb2.DeleteRequest, _working_memory_pb2.DeleteResponse]
     """Delete removes a key. Deleting an absent key succeeds and reports
@@ -78,6 +80,8 @@ class WorkingMemoryServiceStub:
     """ListKeys lists the session's live keys in byte order of their UTF-8
     encoding, without values, one page at a time.
     Errors: INVALID_ARGUMENT (bad id, negative page size, bad page token),
+    NOT_FOUND (ERROR_REASON_SESSION_NOT_FOUND: a session never spawned or
+    terminated), FAILED_PRECONDITION (ERROR_REASON_WORKING_MEMORY_LOST),
     UNAVAILABLE.
     """
     ListEntries: _grpc.UnaryUnaryMultiCallable[_working_memory_pb2.ListEntriesRequest, _working_memory_pb2.ListEntriesResponse]
@@ -88,7 +92,7 @@ class WorkingMemoryServiceStub:
     BatchGet: _grpc.UnaryUnaryMultiCallable[_working_memory_pb2.BatchGetRequest, _working_memory_pb2.BatchGetResponse]
     """BatchGet reads up to 1,000 keys in one call and one backend round trip.
     Errors: INVALID_ARGUMENT (bad id or key, too many or duplicate keys),
-    UNAVAILABLE. Missing keys are reported in the response, not as errors.
+    NOT_FOUND and FAILED_PRECONDITION as ListKeys, UNAVAILABLE. Missing keys are reported in the response, not as errors.
     """
     BatchSet: _grpc.UnaryUnaryMultiCallable[_working_memory_pb2.BatchSetRequest, _working_memory_pb2.BatchSetResponse]
     """BatchSet writes up to 1,000 entries atomically: all of them or none.
@@ -137,8 +141,10 @@ class WorkingMemoryServiceAsyncStub(WorkingMemoryServiceStub):
     """
     Get: _aio.UnaryUnaryMultiCallable[_working_memory_pb2.GetRequest, _working_memory_pb2.GetResponse]  # type: ignore[assignment]
     """Get returns the value stored under a key.
-    Errors: INVALID_ARGUMENT, NOT_FOUND (no such key, or it expired),
-    UNAVAILABLE.
+    Errors: INVALID_ARGUMENT, NOT_FOUND (no such key, or it expired:
+    ERROR_REASON_KEY_NOT_FOUND; a session never spawned or terminated:
+    ERROR_REASON_SESSION_NOT_FOUND), FAILED_PRECONDITION
+    (ERROR_REASON_WORKING_MEMORY_LOST), UNAVAILABLE.
     """
     Delete: _aio.UnaryUnaryMultiCallable[_working_memory_pb2.DeleteRequest, _working_memory_pb2.DeleteResponse]  # type: ignore[assignment]
     """Delete removes a key. Deleting an absent key succeeds and reports
@@ -149,6 +155,8 @@ class WorkingMemoryServiceAsyncStub(WorkingMemoryServiceStub):
     """ListKeys lists the session's live keys in byte order of their UTF-8
     encoding, without values, one page at a time.
     Errors: INVALID_ARGUMENT (bad id, negative page size, bad page token),
+    NOT_FOUND (ERROR_REASON_SESSION_NOT_FOUND: a session never spawned or
+    terminated), FAILED_PRECONDITION (ERROR_REASON_WORKING_MEMORY_LOST),
     UNAVAILABLE.
     """
     ListEntries: _aio.UnaryUnaryMultiCallable[_working_memory_pb2.ListEntriesRequest, _working_memory_pb2.ListEntriesResponse]  # type: ignore[assignment]
@@ -159,7 +167,7 @@ class WorkingMemoryServiceAsyncStub(WorkingMemoryServiceStub):
     BatchGet: _aio.UnaryUnaryMultiCallable[_working_memory_pb2.BatchGetRequest, _working_memory_pb2.BatchGetResponse]  # type: ignore[assignment]
     """BatchGet reads up to 1,000 keys in one call and one backend round trip.
     Errors: INVALID_ARGUMENT (bad id or key, too many or duplicate keys),
-    UNAVAILABLE. Missing keys are reported in the response, not as errors.
+    NOT_FOUND and FAILED_PRECONDITION as ListKeys, UNAVAILABLE. Missing keys are reported in the response, not as errors.
     """
     BatchSet: _aio.UnaryUnaryMultiCallable[_working_memory_pb2.BatchSetRequest, _working_memory_pb2.BatchSetResponse]  # type: ignore[assignment]
     """BatchSet writes up to 1,000 entries atomically: all of them or none.
@@ -217,8 +225,10 @@ class WorkingMemoryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_working_memory_pb2.GetResponse, _abc.Awaitable[_working_memory_pb2.GetResponse]]:
         """Get returns the value stored under a key.
-        Errors: INVALID_ARGUMENT, NOT_FOUND (no such key, or it expired),
-        UNAVAILABLE.
+        Errors: INVALID_ARGUMENT, NOT_FOUND (no such key, or it expired:
+        ERROR_REASON_KEY_NOT_FOUND; a session never spawned or terminated:
+        ERROR_REASON_SESSION_NOT_FOUND), FAILED_PRECONDITION
+        (ERROR_REASON_WORKING_MEMORY_LOST), UNAVAILABLE.
         """
 
     @_abc_1.abstractmethod
@@ -241,6 +251,8 @@ class WorkingMemoryServiceServicer(metaclass=_abc_1.ABCMeta):
         """ListKeys lists the session's live keys in byte order of their UTF-8
         encoding, without values, one page at a time.
         Errors: INVALID_ARGUMENT (bad id, negative page size, bad page token),
+        NOT_FOUND (ERROR_REASON_SESSION_NOT_FOUND: a session never spawned or
+        terminated), FAILED_PRECONDITION (ERROR_REASON_WORKING_MEMORY_LOST),
         UNAVAILABLE.
         """
 
@@ -263,7 +275,7 @@ class WorkingMemoryServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_working_memory_pb2.BatchGetResponse, _abc.Awaitable[_working_memory_pb2.BatchGetResponse]]:
         """BatchGet reads up to 1,000 keys in one call and one backend round trip.
         Errors: INVALID_ARGUMENT (bad id or key, too many or duplicate keys),
-        UNAVAILABLE. Missing keys are reported in the response, not as errors.
+        NOT_FOUND and FAILED_PRECONDITION as ListKeys, UNAVAILABLE. Missing keys are reported in the response, not as errors.
         """
 
     @_abc_1.abstractmethod
