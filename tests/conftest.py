@@ -17,9 +17,11 @@ from pathlib import Path
 
 import grpc
 import pytest
+import redis
 
 from memsvc.config import Config
 from memsvc.server import Server, task_stacks
+from memsvc.store.redis._working_memory import KEY_PREFIX
 from memsvc.testing import (
     BackendUnreachable,
     create_postgres_database,
@@ -43,6 +45,56 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         if reporter:
             reporter.write_line(f"CI=true: {skipped} test(s) skipped; failing the run", red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# Projects whose working memory a test may have put in the shared Redis: those of the
+# `scope` fixture and any a test names with track_project. Their keys are deleted after
+# each test (once its servers have stopped: the autouse fixture below is set up first,
+# so torn down last) and, for what a late write may add, again at the end of the run.
+_TEST_PROJECTS: set[str] = set()
+_RUN_PROJECTS: set[str] = set()
+
+
+def track_project(project_id: str) -> str:
+    """Have this test's Redis keys of ``project_id`` deleted after it; returns the id."""
+    _TEST_PROJECTS.add(project_id)
+    _RUN_PROJECTS.add(project_id)
+    return project_id
+
+
+def delete_project_keys(projects: set[str]) -> None:
+    """Delete the shared Redis's memsvc keys of these projects (one SCAN of memsvc's
+    keys, whatever the number of projects); nothing when Redis is not there."""
+    if not projects:
+        return
+    tags = {project.lower().replace("-", "") for project in projects}
+    client = redis.Redis.from_url(REDIS_URL, socket_timeout=5)
+    try:
+        doomed = [
+            key
+            for key in client.scan_iter(match=f"{KEY_PREFIX}:{{*", count=1000)
+            if key.decode().partition("{")[2].partition(".")[0] in tags
+        ]
+        for start in range(0, len(doomed), 1000):
+            client.delete(*doomed[start : start + 1000])
+    except redis.ConnectionError:
+        pass  # no shared Redis, so nothing of these projects in it
+    finally:
+        client.close()
+
+
+@pytest.fixture(autouse=True)
+def _forget_test_projects() -> Iterator[None]:
+    _TEST_PROJECTS.clear()
+    yield
+    delete_project_keys(_TEST_PROJECTS)
+    _TEST_PROJECTS.clear()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _forget_run_projects() -> Iterator[None]:
+    yield
+    delete_project_keys(_RUN_PROJECTS)
 
 
 def need(url: str) -> None:
@@ -156,7 +208,7 @@ def wm(channel: grpc.aio.Channel) -> working_memory_pb2_grpc.WorkingMemoryServic
 def scope() -> dict[str, str]:
     """Fresh scope ids for one test, so tests never see each other's data."""
     return {
-        "project_id": str(uuid.uuid4()),
+        "project_id": track_project(str(uuid.uuid4())),
         "agent_instance_id": str(uuid.uuid4()),
         "session_id": f"session-{uuid.uuid4().hex[:8]}",
     }

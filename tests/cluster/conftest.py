@@ -5,7 +5,7 @@ below replace the ``deployment`` of tests/conftest.py with one deployment,
 ``cluster``: working memory on a private Redis Cluster started once per test
 run (``redis-server --cluster-enabled yes`` on free ports, joined with
 ``redis-cli --cluster create``), durable store on PostgreSQL. No test here
-touches the shared Redis, so the contract suite's ``_clean_redis`` is not used;
+touches the shared Redis (the cleanup of tests/conftest.py finds nothing there);
 the private cluster is flushed after each test instead.
 """
 

@@ -21,7 +21,7 @@ from memsvc.v1 import lifecycle_pb2 as lc
 from memsvc.v1 import working_memory_pb2 as pb
 from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
 from memsvc.v1.working_memory_pb2_grpc import WorkingMemoryServiceStub
-from tests.conftest import DEPLOYMENTS
+from tests.conftest import DEPLOYMENTS, track_project
 from tests.helpers import eventually, expect_error, python, sql_rows, value
 
 
@@ -240,7 +240,7 @@ async def test_a_backlog_past_one_batch_is_cleared_in_one_interval(base_config, 
     comes back short, so retention keeps up with a busy project."""
     monkeypatch.setattr(server_module, "SWEEP_BATCH", 2)
     config = replace(base_config, request_id_ttl_seconds=1, retention_interval_seconds=3600)
-    project = str(uuid.uuid4())
+    project = track_project(str(uuid.uuid4()))
     async with (
         Server(config) as server,
         grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
@@ -259,7 +259,7 @@ async def test_request_ids_are_remembered_a_margin_past_their_ttl(base_config, m
     """Claimed by one replica's clock, forgotten by the sweeper's: 1% past the TTL
     (14.4 minutes of 24 hours) absorbs that much clock skew."""
     config = replace(base_config, request_id_ttl_seconds=100, retention_interval_seconds=3600)
-    project = str(uuid.uuid4())
+    project = track_project(str(uuid.uuid4()))
     async with (
         Server(config) as server,
         grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,

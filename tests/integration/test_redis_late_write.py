@@ -27,7 +27,7 @@ import pytest
 
 from memsvc.domain import EntryWrite, SessionRef
 from memsvc.store.redis import RedisWorkingMemoryStore
-from tests.conftest import REDIS_URL
+from tests.conftest import REDIS_URL, track_project
 
 
 class _Link:
@@ -156,7 +156,7 @@ async def test_a_write_given_up_on_does_not_undo_a_later_one(
     proxied_store: tuple[RedisWorkingMemoryStore, HoldingProxy],
 ):
     store, proxy = proxied_store
-    session = SessionRef(str(uuid.uuid4()), str(uuid.uuid4()), "late-write")
+    session = SessionRef(track_project(str(uuid.uuid4())), str(uuid.uuid4()), "late-write")
     await store.begin_spawn(session, "op-spawn", "epoch-1", [])
     await store.finish(session, "op-spawn", "active", swap=False, clear=False)
     try:

@@ -30,7 +30,7 @@ import pytest
 
 from memsvc.testing import free_port, wait_for_port
 from tests.client._credentials import Pki, new_token, write_token, write_tokens
-from tests.conftest import IN_CI, REDIS_URL, Deployment, need
+from tests.conftest import IN_CI, REDIS_URL, Deployment, need, track_project
 
 HERE = Path(__file__).resolve().parent
 MEMSVC = Path(sys.executable).parent / "memsvc"
@@ -217,7 +217,7 @@ def serving(
 @pytest.fixture
 def flow_project() -> str:
     """The project the Node flow works in; the `memsvc` fixture's token is bound to it."""
-    return str(uuid.uuid4())
+    return track_project(str(uuid.uuid4()))
 
 
 @pytest.fixture

@@ -22,9 +22,9 @@ from memsvc.config import Config
 from memsvc.testing import free_port
 from memsvc.testing._pgbouncer import PrivatePgBouncer
 from tests.conftest import IN_CI, Deployment
-from tests.contract.conftest import _clean_redis, spawned
+from tests.contract.conftest import spawned
 
-__all__ = ["_clean_redis", "spawned"]  # the contract suite's fixtures, here too
+__all__ = ["spawned"]  # the contract suite's fixture, here too
 
 POOLER = Deployment("pooler", "redis", "postgres")
 
