@@ -87,6 +87,7 @@ from memsvc.domain._session_memory import (
     Snapshot,
     SnapshotEntry,
 )
+from memsvc.domain._snapshot import decode_snapshot
 from memsvc.domain._working_memory import WorkingMemory
 from memsvc.failpoints import Failpoints
 
@@ -479,7 +480,7 @@ class Lifecycle:
         steps = _Steps(op=uuid7())
 
         async def lock(tx: LifecycleTransaction) -> EndLock | None:
-            return await tx.lock_session_to_end(ref)
+            return await tx.lock_session_to_end(ref, read_resume_point=consolidate)
 
         async def body(tx: LifecycleTransaction, locked: EndLock | None) -> TerminateResult:
             record = _admit(
@@ -489,6 +490,11 @@ class Lifecycle:
                 {SessionState.ACTIVE, SessionState.PAUSED},
             )
             own = {MARKER_FOR[record.state], MISSING}
+            # A PAUSED session is consolidated as paused, from its resume checkpoint:
+            # its memory may have lost keys since (their TTLs run on while paused),
+            # which a Resume would bring back, and the cleanup deletes that checkpoint.
+            paused_state = locked.resume_contents if locked else None
+            read_memory = consolidate and paused_state is None
 
             def begin(allowed: set[str], epoch: str | None, clear: bool) -> Awaitable[Snapshot]:
                 return self._memory.begin_snapshot(
@@ -497,7 +503,7 @@ class Lifecycle:
                     "terminating",
                     clear,
                     allowed,
-                    with_contents=consolidate,
+                    with_contents=read_memory,
                     epoch=epoch,
                 )
 
@@ -507,13 +513,13 @@ class Lifecycle:
             # dropped, so a session always has a way to end.
             clear = cleanup
             snapshot: Snapshot | None = None
-            if consolidate or not cleanup:  # the memory is read or kept: it must be memsvc's
+            if read_memory or not cleanup:  # the memory is read or kept: it must be memsvc's
                 try:
                     snapshot = await self._begin(
                         record, steps, lambda: begin(own, record.memory_epoch, cleanup)
                     )
                 except WorkingMemoryLost:
-                    if consolidate:
+                    if read_memory:
                         raise
                     clear = True
             if snapshot is None:
@@ -521,7 +527,7 @@ class Lifecycle:
                     record, steps, lambda: begin({*SETTLED, MISSING}, None, clear)
                 )
             if snapshot.prior_state == MISSING:
-                if consolidate:
+                if read_memory:
                     # An episode of an empty memory would pass for the session's
                     # record, and a cleanup would then delete its only copy (the
                     # checkpoints).
@@ -531,10 +537,15 @@ class Lifecycle:
             steps.clear = clear
             now = self._clock_ms()
             episode_id = None
+            consolidated = 0
             if consolidate:
+                entries = (
+                    snapshot.entries() if paused_state is None else decode_snapshot(paused_state)
+                )
+                consolidated = len(entries)
                 episode = self._episode(
                     record,
-                    snapshot.entries(),
+                    entries,
                     task_description,
                     outcome,
                     list(lessons_learned),
@@ -565,10 +576,8 @@ class Lifecycle:
                 episode_id=episode_id,
                 metadata=metadata,
             )
-            count = snapshot.key_count
-            return TerminateResult(
-                ended, episode_id, count if consolidate else 0, count if clear else 0, outcome
-            )
+            cleared = snapshot.key_count if clear else 0
+            return TerminateResult(ended, episode_id, consolidated, cleared, outcome)
 
         return await self._run(
             "Terminate", ref, request_id, arguments, TerminateResult, steps, lock, body

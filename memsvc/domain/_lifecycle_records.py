@@ -179,6 +179,10 @@ class EndLock:
     # Whether a graph thread linked to the session waits for its end (an action
     # other than none): only then does the Terminate look the threads up.
     linked_threads: bool
+    # The contents of a PAUSED session's resume checkpoint (read when asked):
+    # the state as paused, which its working memory may have lost keys of since,
+    # their TTLs running on, though a Resume would bring them back.
+    resume_contents: bytes | None = None
 
 
 # A locked session (None: none) and a checkpoint (None: none) with its contents
@@ -239,9 +243,10 @@ class LifecycleTransaction(RequestLog, Protocol):
         """As lock_session, with whether ``checkpoint_id`` is taken and, when
         ``count``, the number of the session's checkpoints (one round trip)."""
 
-    async def lock_session_to_end(self, ref: SessionRef) -> EndLock | None:
+    async def lock_session_to_end(self, ref: SessionRef, read_resume_point: bool) -> EndLock | None:
         """As lock_session, with whether a graph thread linked to the session
-        has an end action (one round trip)."""
+        has an end action and, when ``read_resume_point``, the contents of a
+        PAUSED session's resume checkpoint (one round trip)."""
 
     async def lock_session_reading_checkpoint(
         self, ref: SessionRef, checkpoint_id: str | None

@@ -159,6 +159,12 @@ _READ_CHECKPOINT_UNLESS_HELD = _reading_checkpoint(
 )
 
 
+_READ_RESUME_CONTENTS = (
+    f"SELECT contents FROM checkpoints WHERE {_SESSION_KEY} AND checkpoint_id ="
+    f" (SELECT resume_checkpoint_id FROM sessions WHERE {_SESSION_KEY} AND state = ?)"
+)
+
+
 def _key(ref: SessionRef) -> tuple[str, str, str]:
     return ref.project_id, ref.agent_instance_id, ref.session_id
 
@@ -359,14 +365,26 @@ class SqlLifecycleTransaction(SqlWrites):
         row = await self._one(_lock_statement(self._d), _key(ref))
         return None if row is None else session_from_row(row, self._d)
 
-    async def lock_session_to_end(self, ref: SessionRef) -> EndLock | None:
+    async def lock_session_to_end(self, ref: SessionRef, read_resume_point: bool) -> EndLock | None:
         linked = (
             f"EXISTS (SELECT 1 FROM graph_threads WHERE {_SESSION_KEY} AND on_session_end <> 0)"
         )
-        row = await self._one(_lock_statement(self._d, linked), (*_key(ref), *_key(ref)))
+        locked = await self._send(_lock_statement(self._d, linked), (*_key(ref), *_key(ref)))
+        contents = None
+        if read_resume_point:
+            # Sent together: the read runs after the lock, so it sees the locked row
+            # (and a checkpoint committed while this waited for it).
+            cursor = await self._d.execute_bulk_read(
+                self._conn,
+                _READ_RESUME_CONTENTS,
+                (*_key(ref), *_key(ref), int(SessionState.PAUSED)),
+            )
+            found = await cursor.fetchone()
+            contents = None if found is None or found[0] is None else bytes(found[0])
+        row = await locked.row()
         if row is None:
             return None
-        return EndLock(session_from_row(row[:-1], self._d), bool(row[-1]))
+        return EndLock(session_from_row(row[:-1], self._d), bool(row[-1]), contents)
 
     async def lock_session_for_checkpoint(
         self, ref: SessionRef, checkpoint_id: str | None, count: bool

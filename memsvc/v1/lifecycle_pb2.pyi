@@ -821,10 +821,12 @@ class TerminateRequest(_message.Message):
     outcome: Global___Outcome.ValueType
     """Outcome for the episode; unspecified means SUCCESS."""
     skip_consolidation: _builtins.bool
-    """False (the default): record one episode of the session; if its working
-    memory was lost, the call fails (FAILED_PRECONDITION,
-    ERROR_REASON_WORKING_MEMORY_LOST) and changes nothing: Resume it first. True:
-    record none.
+    """False (the default): record one episode of the session. An ACTIVE
+    session's is its working memory; if that was lost, the call fails
+    (FAILED_PRECONDITION, ERROR_REASON_WORKING_MEMORY_LOST) and changes nothing:
+    Resume it first. A PAUSED session's is its resume checkpoint, the state as
+    paused (keys whose TTL ran out while paused included, as a Resume would
+    restore them). True: record none.
     """
     keep_working_memory: _builtins.bool
     """False (the default): delete the working memory and the checkpoints.
@@ -879,7 +881,9 @@ class TerminateResponse(_message.Message):
     episode_id: _builtins.str
     """The episode recorded; empty when consolidation was skipped."""
     entries_consolidated: _builtins.int
-    """Number of working-memory entries consolidated into the episode."""
+    """Number of entries consolidated into the episode (of a PAUSED session, its
+    resume checkpoint's).
+    """
     entries_cleared: _builtins.int
     """Number of working-memory entries deleted."""
     outcome: Global___Outcome.ValueType

@@ -18,5 +18,6 @@ reuse(
         "test_a_memory_memsvc_did_not_leave_is_not_kept_as_the_final_one",
         "test_resume_replaces_an_older_copy_of_a_paused_memory_of_the_same_size",
         "test_a_lost_memory_is_not_kept_when_the_terminate_is_finished_by_a_heal",
+        "test_a_paused_session_whose_memory_was_lost_ends_with_its_checkpoint",
     },
 )

@@ -19,7 +19,7 @@ from memsvc.v1 import lifecycle_pb2 as lc
 from memsvc.v1 import working_memory_pb2 as pb
 from memsvc.v1.episodic_pb2_grpc import EpisodicMemoryServiceStub
 from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
-from tests.helpers import expect_error, forge_page_token, python, value
+from tests.helpers import eventually, expect_error, forge_page_token, python, value
 
 ACTIVE, PAUSED, TERMINATED = (
     lc.SESSION_STATE_ACTIVE,
@@ -173,6 +173,30 @@ async def test_ttls_survive_pause_and_resume(life, wm, scope):
     assert got.entry.HasField("expire_time")
     assert got.entry.expire_time.ToMilliseconds() > time.time() * 1000
     assert not (await wm.Get(pb.GetRequest(**scope, key="p"))).entry.HasField("expire_time")
+
+
+async def test_terminate_of_a_paused_session_records_it_as_paused(life, wm, scope, channel):
+    """A key whose TTL runs out while paused is gone from the working memory, but a
+    Resume would bring it back (the checkpoint keeps its remaining TTL): Terminate
+    records the session as paused, not what is left, before deleting the checkpoint."""
+    await life.Spawn(lc.SpawnRequest(**scope, initial_entries=entries(kept=1)))
+    await wm.Set(
+        pb.SetRequest(**scope, key="brief", value=value(2), ttl=duration_pb2.Duration(nanos=10**8))
+    )
+    await life.Pause(lc.PauseRequest(**scope))
+
+    async def expired() -> bool:
+        listed = await wm.ListKeys(pb.ListKeysRequest(**scope))
+        return [info.key for info in listed.keys] == ["kept"]
+
+    await eventually(expired)
+    ended = await life.Terminate(lc.TerminateRequest(**scope))
+    assert (ended.entries_consolidated, ended.entries_cleared) == (2, 1)
+    episode = await EpisodicMemoryServiceStub(channel).GetEpisode(
+        ep.GetEpisodeRequest(project_id=scope["project_id"], episode_id=ended.episode_id)
+    )
+    assert episode.episode.context_summary == '{"brief": 2.0, "kept": 1.0}'
+    assert list(python(episode.episode.actions[0])["state_keys"]) == ["brief", "kept"]
 
 
 async def test_invalid_transitions_are_refused_with_the_state(life, scope):

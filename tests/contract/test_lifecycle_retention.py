@@ -17,8 +17,10 @@ from memsvc.config import Config
 from memsvc.domain import SessionRef
 from memsvc.server import Server
 from memsvc.store.redis import session_keys
+from memsvc.v1 import episodic_pb2 as ep
 from memsvc.v1 import lifecycle_pb2 as lc
 from memsvc.v1 import working_memory_pb2 as pb
+from memsvc.v1.episodic_pb2_grpc import EpisodicMemoryServiceStub
 from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
 from memsvc.v1.working_memory_pb2_grpc import WorkingMemoryServiceStub
 from tests.conftest import DEPLOYMENTS, track_project
@@ -190,17 +192,35 @@ async def test_checkpoints_survive_a_restart_and_lost_memory_is_reported(server,
             wm.Get(pb.GetRequest(**scope, key="k")), grpc.StatusCode.FAILED_PRECONDITION
         )
         assert error.reason == "ERROR_REASON_WORKING_MEMORY_LOST"
-        # No episode of an empty memory, and no cleanup of the only copy left.
-        error = await expect_error(
-            life.Terminate(lc.TerminateRequest(**scope)), grpc.StatusCode.FAILED_PRECONDITION
-        )
-        assert error.reason == "ERROR_REASON_WORKING_MEMORY_LOST"
         assert await checkpoint_ids(life, scope) == [paused.checkpoint.checkpoint_id]
         resumed = await life.Resume(lc.ResumeRequest(**scope))
         assert resumed.checkpoint.checkpoint_id == paused.checkpoint.checkpoint_id
         assert python((await wm.Get(pb.GetRequest(**scope, key="k"))).entry.value) == {"v": 1}
         session = (await life.GetSession(lc.GetSessionRequest(**scope))).session
         assert session.working_memory_status == lc.WORKING_MEMORY_STATUS_INTACT
+
+
+@pytest.mark.parametrize("deployment", [DEPLOYMENTS["production"]], ids=["production"])
+async def test_a_paused_session_whose_memory_was_lost_ends_with_its_checkpoint(
+    server, life, scope, channel
+):
+    """A PAUSED session's state is its resume checkpoint: Terminate records that
+    episode even when the working memory was lost meanwhile, then cleans up."""
+    await life.Spawn(lc.SpawnRequest(**scope))
+    await WorkingMemoryServiceStub(channel).Set(pb.SetRequest(**scope, key="k", value=value(7)))
+    await life.Pause(lc.PauseRequest(**scope))
+    client = aioredis.Redis.from_url(server.config.working_memory_url)
+    await client.delete(*session_keys(SessionRef(**scope)))
+    await client.aclose()
+    session = (await life.GetSession(lc.GetSessionRequest(**scope))).session
+    assert session.working_memory_status == lc.WORKING_MEMORY_STATUS_LOST
+    ended = await life.Terminate(lc.TerminateRequest(**scope))
+    assert (ended.entries_consolidated, ended.entries_cleared) == (1, 0)
+    episode = await EpisodicMemoryServiceStub(channel).GetEpisode(
+        ep.GetEpisodeRequest(project_id=scope["project_id"], episode_id=ended.episode_id)
+    )
+    assert episode.episode.context_summary == '{"k": 7.0}'
+    assert await checkpoint_ids(life, scope) == []
 
 
 # The server's own sweeper waits an hour: only the test's holders compete.
@@ -306,8 +326,8 @@ async def copy(server: Server, scope: dict[str, str]) -> AsyncIterator[RedisCopy
 @pytest.mark.parametrize("deployment", [DEPLOYMENTS["production"]], ids=["production"])
 async def test_a_store_restored_from_an_older_copy_is_lost_memory(copy, life, scope, wm):
     """Redis brought back in an older state (a replica that lagged, an old RDB):
-    the memory is not what memsvc left. It is reported lost, Terminate refuses to
-    make an episode of it, and Resume replaces it; the session never gets stuck."""
+    the memory is not what memsvc left. It is reported lost, Resume replaces it,
+    and the session never gets stuck."""
     await life.Spawn(lc.SpawnRequest(**scope))
     await wm.Set(pb.SetRequest(**scope, key="k", value=value("paused")))
     await copy.take()
@@ -316,10 +336,6 @@ async def test_a_store_restored_from_an_older_copy_is_lost_memory(copy, life, sc
     session = (await life.GetSession(lc.GetSessionRequest(**scope))).session
     assert session.state == lc.SESSION_STATE_PAUSED
     assert session.working_memory_status == lc.WORKING_MEMORY_STATUS_LOST
-    error = await expect_error(
-        life.Terminate(lc.TerminateRequest(**scope)), grpc.StatusCode.FAILED_PRECONDITION
-    )
-    assert error.reason == "ERROR_REASON_WORKING_MEMORY_LOST"
     await life.Resume(lc.ResumeRequest(**scope))
     session = (await life.GetSession(lc.GetSessionRequest(**scope))).session
     assert session.working_memory_status == lc.WORKING_MEMORY_STATUS_INTACT

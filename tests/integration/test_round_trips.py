@@ -198,13 +198,15 @@ async def test_lifecycle_round_trips_do_not_grow_with_keys(rig):
         expected = {"EVALSHA": 2, **(reads if name in ("pause", "terminate") else {})}
         assert redis_commands == expected, (name, redis_commands)
         # The request-id claim and the row lock (plus, for a Resume, the
-        # checkpoint's read), then one statement for every write and the event
+        # checkpoint's read; for a Terminate with an episode, a paused session's
+        # resume checkpoint), then one statement for every write and the event
         # (the write batch), then the answer remembered. No BEGIN or COMMIT: the
         # pipeline's Sync ends the transaction.
-        assert statements == (5 if name in ("resume", "rollback") else 4), (name, statements)
+        assert statements == (4 if name == "pause" else 5), (name, statements)
         # Pipelined: the claim and the row lock (plus, for a Resume, the
         # checkpoint; for a Terminate, whether a graph thread waits for the
-        # session's end) in one round trip; the writes and the Sync in another.
+        # session's end, and the resume checkpoint) in one round trip; the
+        # writes and the Sync in another.
         assert round_trips == 2, (name, round_trips, small)
 
 
