@@ -279,8 +279,10 @@ class LifecycleServicer(pb_grpc.LifecycleServiceServicer):
     async def DeleteCheckpoint(
         self, request: pb.DeleteCheckpointRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteCheckpointResponse:
+        violations: list[FieldViolation] = []
+        metadata = metadata_of(request, violations)
         await self._lifecycle.delete_checkpoint(
-            _session_ref(request), request.checkpoint_id, request.request_id
+            _session_ref(request), request.checkpoint_id, metadata, request.request_id, violations
         )
         return pb.DeleteCheckpointResponse()
 

@@ -923,6 +923,7 @@ class AsyncSessionClient:
         self,
         checkpoint_id: str,
         *,
+        metadata: Mapping[str, JSONValue] | None = None,
         request_id: str | None = None,
         timeout: float | None = None,
     ) -> None:
@@ -932,6 +933,7 @@ class AsyncSessionClient:
         request = lifecycle_pb2.DeleteCheckpointRequest(
             **self._ids, checkpoint_id=checkpoint_id, request_id=rid
         )
+        to_struct(metadata, request.metadata)
         await client._invoke(
             client._lifecycle.DeleteCheckpoint, request, timeout=timeout, request_id=rid
         )

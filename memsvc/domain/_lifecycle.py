@@ -228,7 +228,9 @@ class Lifecycle:
             # a write, which would have to heal: those settle first.)
             steps.final_state, steps.after_answer = "paused", True
             now = self._clock_ms()
-            checkpoint = await self._store_checkpoint(tx, ref, new_id, snapshot, metadata, now)
+            checkpoint = await self._store_checkpoint(
+                tx, record, new_id, snapshot, metadata, now, request_id
+            )
             paused = await self._transition(
                 tx,
                 record,
@@ -252,12 +254,16 @@ class Lifecycle:
     async def _store_checkpoint(
         self,
         tx: LifecycleTransaction,
-        ref: SessionRef,
+        record: SessionRecord,
         checkpoint_id: str,
         snapshot: Snapshot,
         metadata: dict[str, Any],
         now: int,
+        request_id: str,
     ) -> CheckpointRecord:
+        """Insert the checkpoint; the checkpoints ``keep_last`` prunes then are
+        announced as the call's events (its request id, the session's agent type)."""
+        ref = record.ref
         checkpoint = CheckpointRecord(
             ref, checkpoint_id, now, snapshot.key_count, snapshot.size_bytes, metadata
         )
@@ -269,8 +275,8 @@ class Lifecycle:
             pruned = await tx.prune_checkpoints(ref, self.retention.keep_last, checkpoint_id)
             for old_id in pruned:
                 await tx.append_event(
-                    EventRecord(uuid7(), EventType.CHECKPOINT_DELETED, ref, None, now,
-                                checkpoint_id=old_id, metadata={"reason": "retention"})
+                    self._event(EventType.CHECKPOINT_DELETED, record, now, request_id,
+                                checkpoint_id=old_id, metadata=RETENTION)
                 )  # fmt: skip
         return checkpoint
 
@@ -299,7 +305,7 @@ class Lifecycle:
             )
             now = self._clock_ms()
             checkpoint = await self._store_checkpoint(
-                tx, ref, checkpoint_id or uuid7(), snapshot, metadata, now
+                tx, record, checkpoint_id or uuid7(), snapshot, metadata, now, request_id
             )
             await tx.append_event(
                 self._event(
@@ -320,12 +326,17 @@ class Lifecycle:
         return result.checkpoint
 
     async def delete_checkpoint(
-        self, session: SessionRef, checkpoint_id: str, request_id: str
+        self,
+        session: SessionRef,
+        checkpoint_id: str,
+        metadata: dict[str, Any],
+        request_id: str,
+        found: Sequence[FieldViolation] = (),
     ) -> None:
         """Delete a checkpoint, unless a PAUSED session will resume from it."""
         required = [] if checkpoint_id else [FieldViolation("checkpoint_id", "is required")]
-        ref, request_id = self._check(session, checkpoint_id, request_id, required)
-        arguments = (ref, checkpoint_id)
+        ref, request_id = self._check(session, checkpoint_id, request_id, [*found, *required])
+        arguments = (ref, checkpoint_id, metadata)
         steps = _Steps(op=uuid7())
 
         async def body(tx: LifecycleTransaction, record: SessionRecord | None) -> DeleteResult:
@@ -343,6 +354,7 @@ class Lifecycle:
                     now,
                     request_id,
                     checkpoint_id=checkpoint_id,
+                    metadata=metadata,
                 )
             )
             return DeleteResult(record)
@@ -414,14 +426,14 @@ class Lifecycle:
                     raise WorkingMemoryLost(ref.session_id)
 
             try:
-                count = await self._begin(record, steps, restore)
+                await self._begin(record, steps, restore)
             except ContentsNeeded:
                 # The database left the contents out because the paused memory
                 # most likely held them; it did not (lost, or evicted): read them.
                 contents = await tx.read_contents(ref, checkpoint.checkpoint_id)
                 if contents is None:
                     raise CheckpointNotFound(ref.session_id, checkpoint.checkpoint_id) from None
-                count = await self._begin(record, steps, restore)
+                await self._begin(record, steps, restore)
             steps.final_state, steps.swap = "active", True
             now = self._clock_ms()
             resumed = await self._transition(
@@ -436,7 +448,10 @@ class Lifecycle:
                 checkpoint_id=checkpoint.checkpoint_id,
                 metadata=metadata,
             )
-            return ResumeResult(resumed, self.retention.with_expiry(checkpoint, None), count)
+            # The checkpoint's entries, all written back (as the reference counted
+            # them), not what a merge leaves in the memory.
+            restored = checkpoint.key_count
+            return ResumeResult(resumed, self.retention.with_expiry(checkpoint, None), restored)
 
         return await self._run(
             "Resume", ref, request_id, arguments, ResumeResult, steps, lock, body
@@ -651,16 +666,16 @@ class Lifecycle:
             async with self._db.transaction() as tx:
                 if not await tx.acquire_lease("background", holder, now, lease_ms):
                     return None
-        expired: list[tuple[SessionRef, str]] = []
+        expired: list[tuple[SessionRef, str, str | None]] = []
         forgotten = compacted = 0
         async with self._db.transaction() as tx:
             if await tx.try_lead("checkpoint-retention"):
                 cutoff = now - self.retention.max_age_ms
                 expired = await tx.delete_expired_checkpoints(cutoff, limit)
-                for ref, checkpoint_id in expired:
+                for ref, checkpoint_id, agent_type_id in expired:
                     await tx.append_event(
-                        EventRecord(uuid7(), EventType.CHECKPOINT_DELETED, ref, None, now,
-                                    checkpoint_id=checkpoint_id, metadata={"reason": "retention"})
+                        EventRecord(uuid7(), EventType.CHECKPOINT_DELETED, ref, agent_type_id,
+                                    now, checkpoint_id=checkpoint_id, metadata=RETENTION)
                     )  # fmt: skip
         async with self._db.transaction() as tx:
             if await tx.try_lead("request-retention"):
@@ -980,6 +995,8 @@ class Lifecycle:
 
 
 SUMMARY_CHARS = 1000
+# The metadata of the CHECKPOINT_DELETED events of retention (keep_last, max age).
+RETENTION: dict[str, Any] = {"reason": "retention"}
 
 
 def keys_within(keys: list[str], room: int) -> list[str]:

@@ -34,6 +34,7 @@ from memsvc.domain._pagination import (
     page_position,
     position_ms,
     position_text,
+    position_uuid,
 )
 from memsvc.domain._session_memory import TRANSITIONAL, Marker, SessionMemoryStore, SnapshotEntry
 from memsvc.domain._snapshot import decode_snapshot
@@ -81,7 +82,9 @@ class LifecycleReads:
         # Plain reads: showing a checkpoint takes no lock and opens no transaction.
         found = await self._db.read_checkpoint(ref, checkpoint_id)
         record = await self._db.get_session(ref)
-        if found is None or record is None:
+        if record is None:  # as ListCheckpoints says: a wrong session, not a checkpoint
+            raise SessionNotFound(ref.session_id)
+        if found is None:
             raise CheckpointNotFound(ref.session_id, checkpoint_id)
         checkpoint = self.retention.with_expiry(found[0], protected_checkpoint(record))
         entries = decode_snapshot(found[1]) if include_entries else []
@@ -133,7 +136,7 @@ class LifecycleReads:
         before = cast(
             tuple[int, str, str] | None,
             page_position(
-                decode_page_token(page_token, scope), position_ms, position_text, position_text
+                decode_page_token(page_token, scope), position_ms, position_uuid, position_text
             ),
         )
         items = await self._db.list_sessions(project, agent, wanted, before, limit + 1)

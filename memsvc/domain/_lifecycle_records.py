@@ -271,9 +271,10 @@ class LifecycleTransaction(RequestLog, Protocol):
 
     async def delete_expired_checkpoints(
         self, cutoff_ms: int, limit: int
-    ) -> list[tuple[SessionRef, str]]:
+    ) -> list[tuple[SessionRef, str, str | None]]:
         """Delete up to ``limit`` checkpoints created before ``cutoff_ms``, except
-        resume points of PAUSED sessions; return what was deleted."""
+        resume points of PAUSED sessions; return what was deleted, each with its
+        session's agent type (for the event)."""
 
     async def forget_requests(self, cutoff_ms: int, limit: int) -> int:
         """Delete up to ``limit`` remembered request ids older than ``cutoff_ms``."""

@@ -532,7 +532,7 @@ class SqlLifecycleTransaction(SqlWrites):
 
     async def delete_expired_checkpoints(
         self, cutoff_ms: int, limit: int
-    ) -> list[tuple[SessionRef, str]]:
+    ) -> list[tuple[SessionRef, str, str | None]]:
         rows = await (
             await self._conn.execute(
                 self._d.sql(
@@ -543,12 +543,19 @@ class SqlLifecycleTransaction(SqlWrites):
                     " AND s.agent_instance_id = c.agent_instance_id"
                     " AND s.session_id = c.session_id AND s.state = 2"
                     f" AND s.resume_checkpoint_id = c.checkpoint_id) LIMIT {int(limit)})"
-                    " RETURNING project_id, agent_instance_id, session_id, checkpoint_id"
+                    " RETURNING project_id, agent_instance_id, session_id, checkpoint_id,"
+                    " (SELECT s.agent_type_id FROM sessions s"
+                    " WHERE s.project_id = checkpoints.project_id"
+                    " AND s.agent_instance_id = checkpoints.agent_instance_id"
+                    " AND s.session_id = checkpoints.session_id)"
                 ),
                 (self._d.time_param(cutoff_ms),),
             )
         ).fetchall()
-        return [(SessionRef(str(text(r[0])), str(text(r[1])), str(r[2])), str(r[3])) for r in rows]
+        return [
+            (SessionRef(str(text(r[0])), str(text(r[1])), str(r[2])), str(r[3]), text(r[4]))
+            for r in rows
+        ]
 
     async def forget_requests(self, cutoff_ms: int, limit: int) -> int:
         rows = await (

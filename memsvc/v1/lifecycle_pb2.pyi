@@ -463,8 +463,8 @@ class Checkpoint(_message.Message):
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     checkpoint_id: _builtins.str
     """The checkpoint id: a UUIDv7 made by memsvc (time-ordered), or the
-    caller's own id (1 to 128 printable ASCII characters, unique within the
-    session).
+    caller's own id (1 to 128 printable ASCII characters, no spaces, unique
+    within the session).
     """
     project_id: _builtins.str
     """Project that owns the session: a UUID."""
@@ -646,8 +646,8 @@ class PauseRequest(_message.Message):
     session_id: _builtins.str
     """Session to pause."""
     checkpoint_id: _builtins.str
-    """Optional id for the checkpoint (1 to 128 printable ASCII characters,
-    unique within the session); empty: memsvc makes a UUIDv7.
+    """Optional id for the checkpoint (1 to 128 printable ASCII characters, no
+    spaces, unique within the session); empty: memsvc makes a UUIDv7.
     """
     request_id: _builtins.str
     """Optional UUID making the call safe to retry."""
@@ -766,8 +766,10 @@ class ResumeResponse(_message.Message):
     CHECKPOINT_FIELD_NUMBER: _builtins.int
     ENTRIES_RESTORED_FIELD_NUMBER: _builtins.int
     entries_restored: _builtins.int
-    """Number of entries restored (entries whose TTL ran out while paused are
-    restored with their remaining TTL, not dropped).
+    """Number of the checkpoint's entries restored, all of them (entries whose
+    TTL ran out while paused are restored with their remaining TTL, not
+    dropped); with merge_with_current, the current keys it did not name are
+    not counted.
     """
     @_builtins.property
     def session(self) -> Global___Session:
@@ -1266,6 +1268,7 @@ class DeleteCheckpointRequest(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     CHECKPOINT_ID_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
     project_id: _builtins.str
     """Project that owns the session: a UUID."""
     agent_instance_id: _builtins.str
@@ -1276,6 +1279,10 @@ class DeleteCheckpointRequest(_message.Message):
     """The checkpoint to delete."""
     request_id: _builtins.str
     """Optional UUID making the call safe to retry."""
+    @_builtins.property
+    def metadata(self) -> _struct_pb2.Struct:
+        """Optional free-form metadata for the event (at most 64 KiB as JSON)."""
+
     def __init__(
         self,
         *,
@@ -1284,10 +1291,11 @@ class DeleteCheckpointRequest(_message.Message):
         session_id: _builtins.str = ...,
         checkpoint_id: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        metadata: _struct_pb2.Struct | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_instance_id", b"agent_instance_id", "checkpoint_id", b"checkpoint_id", "project_id", b"project_id", "request_id", b"request_id", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_instance_id", b"agent_instance_id", "checkpoint_id", b"checkpoint_id", "metadata", b"metadata", "project_id", b"project_id", "request_id", b"request_id", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

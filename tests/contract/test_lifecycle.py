@@ -150,6 +150,7 @@ async def test_resume_rolls_back_an_active_session_and_merges_on_request(life, w
     )
     assert merged.session.state == ACTIVE
     assert await memory_of(wm, scope) == {"a": 1, "b": 1, "c": 3}
+    assert merged.entries_restored == 2  # the checkpoint's entries, not "c" it left alone
     await life.Resume(lc.ResumeRequest(**scope, checkpoint_id=checkpoint.checkpoint_id))
     assert await memory_of(wm, scope) == {"a": 1, "b": 1}
 
@@ -181,9 +182,10 @@ async def test_terminate_of_a_paused_session_records_it_as_paused(life, wm, scop
     records the session as paused, not what is left, before deleting the checkpoint."""
     await life.Spawn(lc.SpawnRequest(**scope, initial_entries=entries(kept=1)))
     await wm.Set(
-        pb.SetRequest(**scope, key="brief", value=value(2), ttl=duration_pb2.Duration(nanos=10**8))
+        pb.SetRequest(**scope, key="brief", value=value(2), ttl=duration_pb2.Duration(seconds=1))
     )
-    await life.Pause(lc.PauseRequest(**scope))
+    paused = await life.Pause(lc.PauseRequest(**scope))
+    assert paused.checkpoint.key_count == 2  # paused before "brief" expired
 
     async def expired() -> bool:
         listed = await wm.ListKeys(pb.ListKeysRequest(**scope))
@@ -242,7 +244,19 @@ async def test_spawn_of_a_live_session_is_already_exists(life, scope):
 
 
 async def test_unknown_checkpoint_is_not_found(life, scope):
+    # Of a session never spawned, every checkpoint read says so, not "no checkpoint".
+    for call in (
+        life.GetCheckpoint(lc.GetCheckpointRequest(**scope, checkpoint_id="nope")),
+        life.ListCheckpoints(lc.ListCheckpointsRequest(**scope)),
+    ):
+        error = await expect_error(call, grpc.StatusCode.NOT_FOUND)
+        assert error.reason == "ERROR_REASON_SESSION_NOT_FOUND"
     await life.Spawn(lc.SpawnRequest(**scope))
+    error = await expect_error(
+        life.GetCheckpoint(lc.GetCheckpointRequest(**scope, checkpoint_id="nope")),
+        grpc.StatusCode.NOT_FOUND,
+    )
+    assert error.reason == "ERROR_REASON_CHECKPOINT_NOT_FOUND"
     error = await expect_error(
         life.Resume(lc.ResumeRequest(**scope, checkpoint_id="nope")), grpc.StatusCode.NOT_FOUND
     )
@@ -408,6 +422,14 @@ async def test_forged_page_tokens_are_invalid_argument(life, wm, scope):
             request.page_token = forge_page_token(token, position)
             error = await expect_error(call(request), grpc.StatusCode.INVALID_ARGUMENT)
             assert "page_token" in error.violations, position
+    # A ListSessions position names an agent instance: a valid time and text that is
+    # no UUID is refused too (PostgreSQL's uuid column cannot compare it).
+    sessions.page_token = ""
+    sessions.page_token = forge_page_token(
+        (await life.ListSessions(sessions)).next_page_token, '[1700000000000, "not-a-uuid", "b"]'
+    )
+    error = await expect_error(life.ListSessions(sessions), grpc.StatusCode.INVALID_ARGUMENT)
+    assert "page_token" in error.violations
 
 
 async def test_bad_lifecycle_input_is_invalid_argument(life, scope):

@@ -7,10 +7,12 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from typing import Any
 
 import grpc
 import pytest
 import redis.asyncio as aioredis
+from google.protobuf import json_format, struct_pb2
 
 from memsvc import server as server_module
 from memsvc.config import Config
@@ -46,6 +48,15 @@ async def checkpoint_ids(life, scope) -> list[str]:
     return [c.checkpoint_id for c in page.checkpoints]
 
 
+# No age limit within the test (a slow machine would otherwise expire c2 and c3).
+HOUR_AGE = {
+    "checkpoint_keep_last": 2,
+    "checkpoint_max_age_seconds": 3600,
+    "retention_interval_seconds": 3600,
+}
+
+
+@pytest.mark.parametrize("config_overrides", [HOUR_AGE])
 async def test_keep_last_prunes_older_checkpoints_but_never_the_resume_point(life, scope):
     await life.Spawn(lc.SpawnRequest(**scope))
     paused = await life.Pause(lc.PauseRequest(**scope, checkpoint_id="resume-point"))
@@ -55,15 +66,74 @@ async def test_keep_last_prunes_older_checkpoints_but_never_the_resume_point(lif
     for name in ("c1", "c2", "c3"):
         made = await life.CreateCheckpoint(lc.CreateCheckpointRequest(**scope, checkpoint_id=name))
         assert made.checkpoint.expire_time.ToMilliseconds() == (
-            made.checkpoint.create_time.ToMilliseconds() + 1000
+            made.checkpoint.create_time.ToMilliseconds() + 3_600_000
         )
     assert sorted(await checkpoint_ids(life, scope)) == ["c2", "c3"]
     paused = await life.Pause(lc.PauseRequest(**scope, checkpoint_id="p2"))
     assert sorted(await checkpoint_ids(life, scope)) == ["c3", "p2"]
 
 
+async def deletions(call: Any, count: int) -> list[lc.LifecycleEvent]:
+    """The next ``count`` events of a watch of CHECKPOINT_DELETED events."""
+    found: list[lc.LifecycleEvent] = []
+    while len(found) < count:
+        message = await asyncio.wait_for(call.read(), 10)
+        assert message is not grpc.aio.EOF
+        if message.HasField("event"):
+            found.append(message.event)
+    return found
+
+
+@pytest.mark.parametrize("config_overrides", [HOUR_AGE])
+async def test_checkpoint_deletions_are_announced_with_the_session_and_the_call(life, scope):
+    """A prune is the call's doing: its event has the call's request id and the
+    session's agent type. DeleteCheckpoint's event carries that call's metadata."""
+    agent_type, request_id = str(uuid.uuid4()), str(uuid.uuid4())
+    call = life.WatchLifecycle(
+        lc.WatchLifecycleRequest(
+            project_id=scope["project_id"],
+            session_id=scope["session_id"],
+            event_types=[lc.EVENT_TYPE_CHECKPOINT_DELETED],
+        )
+    )
+    await asyncio.wait_for(call.read(), 10)  # the start message
+    spawn_metadata = struct_pb2.Struct()
+    spawn_metadata.update({"reason": "spawned by the test"})
+    await life.Spawn(lc.SpawnRequest(**scope, agent_type_id=agent_type, metadata=spawn_metadata))
+    for name in ("c1", "c2"):
+        await life.CreateCheckpoint(lc.CreateCheckpointRequest(**scope, checkpoint_id=name))
+    await life.CreateCheckpoint(
+        lc.CreateCheckpointRequest(**scope, checkpoint_id="c3", request_id=request_id)
+    )
+    deleted_metadata = struct_pb2.Struct()
+    deleted_metadata.update({"why": "superseded"})
+    await life.DeleteCheckpoint(
+        lc.DeleteCheckpointRequest(**scope, checkpoint_id="c2", metadata=deleted_metadata)
+    )
+    pruned, deleted = await deletions(call, 2)
+    call.cancel()
+    assert (pruned.checkpoint_id, pruned.agent_type_id) == ("c1", agent_type)
+    assert pruned.request_id == request_id
+    assert python_struct(pruned.metadata) == {"reason": "retention"}
+    assert (deleted.checkpoint_id, deleted.agent_type_id) == ("c2", agent_type)
+    assert python_struct(deleted.metadata) == {"why": "superseded"}
+
+
+def python_struct(struct: struct_pb2.Struct) -> dict[str, Any]:
+    return json_format.MessageToDict(struct)
+
+
 async def test_age_retention_deletes_expired_checkpoints_except_the_resume_point(life, scope):
-    await life.Spawn(lc.SpawnRequest(**scope))
+    agent_type = str(uuid.uuid4())
+    call = life.WatchLifecycle(
+        lc.WatchLifecycleRequest(
+            project_id=scope["project_id"],
+            session_id=scope["session_id"],
+            event_types=[lc.EVENT_TYPE_CHECKPOINT_DELETED],
+        )
+    )
+    await asyncio.wait_for(call.read(), 10)  # the start message
+    await life.Spawn(lc.SpawnRequest(**scope, agent_type_id=agent_type))
     await life.CreateCheckpoint(lc.CreateCheckpointRequest(**scope, checkpoint_id="old"))
     await life.Pause(lc.PauseRequest(**scope, checkpoint_id="resume-point"))
 
@@ -71,6 +141,10 @@ async def test_age_retention_deletes_expired_checkpoints_except_the_resume_point
         return await checkpoint_ids(life, scope) == ["resume-point"]
 
     await eventually(only_resume_point_left)
+    (swept,) = await deletions(call, 1)
+    call.cancel()
+    assert (swept.checkpoint_id, swept.agent_type_id, swept.request_id) == ("old", agent_type, "")
+    assert python_struct(swept.metadata) == {"reason": "retention"}
     resumed = await life.Resume(lc.ResumeRequest(**scope))
     assert resumed.checkpoint.checkpoint_id == "resume-point"
 
