@@ -495,7 +495,9 @@ class Lifecycle:
         steps = _Steps(op=uuid7())
 
         async def lock(tx: LifecycleTransaction) -> EndLock | None:
-            return await tx.lock_session_to_end(ref, read_resume_point=consolidate)
+            return await tx.lock_session_to_end(
+                ref, checkpoints=cleanup, resume_contents=consolidate
+            )
 
         async def body(tx: LifecycleTransaction, locked: EndLock | None) -> TerminateResult:
             record = _admit(
@@ -571,6 +573,13 @@ class Lifecycle:
                 episode_id = episode.episode_id
             if cleanup:
                 await tx.delete_checkpoints(ref)
+                # Announced one by one, as DeleteCheckpoint and retention do, so a
+                # watcher that mirrors checkpoints never keeps a deleted one.
+                for checkpoint_id in locked.checkpoint_ids if locked else ():
+                    await tx.append_event(
+                        self._event(EventType.CHECKPOINT_DELETED, record, now, request_id,
+                                    checkpoint_id=checkpoint_id, metadata=ENDED)
+                    )  # fmt: skip
 
             async def end_linked_threads() -> None:
                 # Looking the threads up is a round trip of its own, so only when
@@ -995,8 +1004,10 @@ class Lifecycle:
 
 
 SUMMARY_CHARS = 1000
-# The metadata of the CHECKPOINT_DELETED events of retention (keep_last, max age).
+# The metadata of the CHECKPOINT_DELETED events of retention (keep_last, max age),
+# and of a Terminate's cleanup.
 RETENTION: dict[str, Any] = {"reason": "retention"}
+ENDED: dict[str, Any] = {"reason": "terminate"}
 
 
 def keys_within(keys: list[str], room: int) -> list[str]:

@@ -179,6 +179,9 @@ class EndLock:
     # Whether a graph thread linked to the session waits for its end (an action
     # other than none): only then does the Terminate look the threads up.
     linked_threads: bool
+    # The session's checkpoints, oldest first (read when asked: a Terminate that
+    # deletes them announces each).
+    checkpoint_ids: tuple[str, ...] = ()
     # The contents of a PAUSED session's resume checkpoint (read when asked):
     # the state as paused, which its working memory may have lost keys of since,
     # their TTLs running on, though a Resume would bring them back.
@@ -243,10 +246,13 @@ class LifecycleTransaction(RequestLog, Protocol):
         """As lock_session, with whether ``checkpoint_id`` is taken and, when
         ``count``, the number of the session's checkpoints (one round trip)."""
 
-    async def lock_session_to_end(self, ref: SessionRef, read_resume_point: bool) -> EndLock | None:
+    async def lock_session_to_end(
+        self, ref: SessionRef, *, checkpoints: bool, resume_contents: bool
+    ) -> EndLock | None:
         """As lock_session, with whether a graph thread linked to the session
-        has an end action and, when ``read_resume_point``, the contents of a
-        PAUSED session's resume checkpoint (one round trip)."""
+        has an end action, the ids of its ``checkpoints`` and, when
+        ``resume_contents``, the contents of a PAUSED session's resume checkpoint
+        (one round trip)."""
 
     async def lock_session_reading_checkpoint(
         self, ref: SessionRef, checkpoint_id: str | None

@@ -159,9 +159,13 @@ _READ_CHECKPOINT_UNLESS_HELD = _reading_checkpoint(
 )
 
 
-_READ_RESUME_CONTENTS = (
-    f"SELECT contents FROM checkpoints WHERE {_SESSION_KEY} AND checkpoint_id ="
+# A session's checkpoints, oldest first, with the contents of a PAUSED session's
+# resume checkpoint when the first placeholder is 1 (NULL for every other one).
+_READ_CHECKPOINTS_TO_END = (
+    "SELECT checkpoint_id, CASE WHEN ? = 1 AND checkpoint_id ="
     f" (SELECT resume_checkpoint_id FROM sessions WHERE {_SESSION_KEY} AND state = ?)"
+    f" THEN contents END FROM checkpoints WHERE {_SESSION_KEY}"
+    " ORDER BY create_time, checkpoint_id"
 )
 
 
@@ -365,26 +369,32 @@ class SqlLifecycleTransaction(SqlWrites):
         row = await self._one(_lock_statement(self._d), _key(ref))
         return None if row is None else session_from_row(row, self._d)
 
-    async def lock_session_to_end(self, ref: SessionRef, read_resume_point: bool) -> EndLock | None:
+    async def lock_session_to_end(
+        self, ref: SessionRef, *, checkpoints: bool, resume_contents: bool
+    ) -> EndLock | None:
         linked = (
             f"EXISTS (SELECT 1 FROM graph_threads WHERE {_SESSION_KEY} AND on_session_end <> 0)"
         )
         locked = await self._send(_lock_statement(self._d, linked), (*_key(ref), *_key(ref)))
+        ids: list[str] = []
         contents = None
-        if read_resume_point:
+        if checkpoints or resume_contents:
             # Sent together: the read runs after the lock, so it sees the locked row
             # (and a checkpoint committed while this waited for it).
             cursor = await self._d.execute_bulk_read(
                 self._conn,
-                _READ_RESUME_CONTENTS,
-                (*_key(ref), *_key(ref), int(SessionState.PAUSED)),
+                _READ_CHECKPOINTS_TO_END,
+                (int(resume_contents), *_key(ref), int(SessionState.PAUSED), *_key(ref)),
             )
-            found = await cursor.fetchone()
-            contents = None if found is None or found[0] is None else bytes(found[0])
+            for checkpoint_id, held in await cursor.fetchall():
+                ids.append(str(checkpoint_id))
+                if held is not None:
+                    contents = bytes(held)
         row = await locked.row()
         if row is None:
             return None
-        return EndLock(session_from_row(row[:-1], self._d), bool(row[-1]), contents)
+        record = session_from_row(row[:-1], self._d)
+        return EndLock(record, bool(row[-1]), tuple(ids) if checkpoints else (), contents)
 
     async def lock_session_for_checkpoint(
         self, ref: SessionRef, checkpoint_id: str | None, count: bool

@@ -50,13 +50,17 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     ERROR_REASON_SESSION_NOT_WRITABLE: _ErrorReason.ValueType  # 6
     """The session does not accept writes in its current state (for example it
-    is paused or terminated). Metadata: "session_id", "state". Status code:
-    FAILED_PRECONDITION.
+    is paused or terminated). Metadata: "session_id", "state": the working
+    memory's state, in lower case: "paused", "terminated", "not spawned", or
+    an operation under way ("spawning", "pausing", "resuming",
+    "terminating"). Status code: FAILED_PRECONDITION.
     """
     ERROR_REASON_INVALID_TRANSITION: _ErrorReason.ValueType  # 7
     """The lifecycle transition asked for is not allowed from the session's
-    current state. Metadata: "session_id", "state". Status code:
-    FAILED_PRECONDITION.
+    current state. Metadata: "session_id", "state": the session's state as a
+    SessionState name without its prefix ("ACTIVE", "PAUSED", "TERMINATED"),
+    or, rarely, the lower-case name of another operation still under way on
+    its working memory ("pausing"...; retry). Status code: FAILED_PRECONDITION.
     """
     ERROR_REASON_SESSION_NOT_FOUND: _ErrorReason.ValueType  # 8
     """The session was never spawned (or, for working-memory reads, it is
@@ -204,13 +208,17 @@ code: UNAVAILABLE; safe to retry.
 """
 ERROR_REASON_SESSION_NOT_WRITABLE: ErrorReason.ValueType  # 6
 """The session does not accept writes in its current state (for example it
-is paused or terminated). Metadata: "session_id", "state". Status code:
-FAILED_PRECONDITION.
+is paused or terminated). Metadata: "session_id", "state": the working
+memory's state, in lower case: "paused", "terminated", "not spawned", or
+an operation under way ("spawning", "pausing", "resuming",
+"terminating"). Status code: FAILED_PRECONDITION.
 """
 ERROR_REASON_INVALID_TRANSITION: ErrorReason.ValueType  # 7
 """The lifecycle transition asked for is not allowed from the session's
-current state. Metadata: "session_id", "state". Status code:
-FAILED_PRECONDITION.
+current state. Metadata: "session_id", "state": the session's state as a
+SessionState name without its prefix ("ACTIVE", "PAUSED", "TERMINATED"),
+or, rarely, the lower-case name of another operation still under way on
+its working memory ("pausing"...; retry). Status code: FAILED_PRECONDITION.
 """
 ERROR_REASON_SESSION_NOT_FOUND: ErrorReason.ValueType  # 8
 """The session was never spawned (or, for working-memory reads, it is

@@ -42,8 +42,11 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     EVENT_TYPE_CHECKPOINT_CREATED: _EventType.ValueType  # 5
     """A checkpoint was created without pausing (checkpoint_id set)."""
     EVENT_TYPE_CHECKPOINT_DELETED: _EventType.ValueType  # 6
-    """A checkpoint was deleted, by a call or by retention (checkpoint_id set;
-    metadata "reason": "retention" for the latter).
+    """A checkpoint was deleted (checkpoint_id set): by DeleteCheckpoint (its
+    metadata), by retention (metadata "reason": "retention"), or by a
+    Terminate that did not keep the checkpoints (metadata "reason":
+    "terminate"; one event per checkpoint, just before the session's
+    SESSION_TERMINATED).
     """
 
 class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper):
@@ -62,8 +65,11 @@ EVENT_TYPE_SESSION_TERMINATED: EventType.ValueType  # 4
 EVENT_TYPE_CHECKPOINT_CREATED: EventType.ValueType  # 5
 """A checkpoint was created without pausing (checkpoint_id set)."""
 EVENT_TYPE_CHECKPOINT_DELETED: EventType.ValueType  # 6
-"""A checkpoint was deleted, by a call or by retention (checkpoint_id set;
-metadata "reason": "retention" for the latter).
+"""A checkpoint was deleted (checkpoint_id set): by DeleteCheckpoint (its
+metadata), by retention (metadata "reason": "retention"), or by a
+Terminate that did not keep the checkpoints (metadata "reason":
+"terminate"; one event per checkpoint, just before the session's
+SESSION_TERMINATED).
 """
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
 

@@ -60,12 +60,15 @@ def sync_flow(port: int, scope: dict[str, str], token_file: Path) -> None:
             }
             s.resume()
             ended = s.terminate(outcome="success")
-            kinds = [next(events).event_type for _ in range(5)]
+            kinds = [next(events).event_type for _ in range(7)]
         assert kinds == [
             EventType.SESSION_SPAWNED,
             EventType.CHECKPOINT_CREATED,
             EventType.SESSION_PAUSED,
             EventType.SESSION_RESUMED,
+            # The Terminate deletes both checkpoints, oldest first, then ends.
+            EventType.CHECKPOINT_DELETED,
+            EventType.CHECKPOINT_DELETED,
             EventType.SESSION_TERMINATED,
         ]
         assert ended.episode_id is not None

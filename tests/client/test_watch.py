@@ -153,7 +153,7 @@ async def test_watch_resumes_after_an_outage_from_its_progress_cursor(
             await watched.terminate()
 
             async def terminated_arrived() -> bool:
-                return len(matched()) >= 4
+                return len(matched()) >= 5
 
             await eventually(terminated_arrived, timeout=WAIT)
         finally:
@@ -165,6 +165,7 @@ async def test_watch_resumes_after_an_outage_from_its_progress_cursor(
         EventType.SESSION_SPAWNED,
         EventType.SESSION_PAUSED,
         EventType.SESSION_RESUMED,
+        EventType.CHECKPOINT_DELETED,  # the Pause's, by the Terminate
         EventType.SESSION_TERMINATED,
     ]
     assert {e.session_id for e in events_seen} == {"watched"}

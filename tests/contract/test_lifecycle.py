@@ -101,9 +101,11 @@ async def test_full_lifecycle(life, wm, scope, server):
     assert got.session.working_memory_status == lc.WORKING_MEMORY_STATUS_UNSPECIFIED
 
     events = events_of(server, scope)
-    assert [e[1] for e in events] == [1, 2, 3, 4]
+    # Spawned, paused, resumed, the pause's checkpoint deleted by the Terminate, terminated.
+    assert [e[1] for e in events] == [1, 2, 3, 6, 4]
     assert events[1][2] == paused.checkpoint.checkpoint_id
-    assert events[3][2] == ended.episode_id
+    assert events[3][2] == paused.checkpoint.checkpoint_id
+    assert events[4][2] == ended.episode_id
     sequences = [e[0] for e in events]
     assert sequences == sorted(sequences)
 
@@ -300,6 +302,20 @@ async def test_concurrent_terminates_with_one_request_id_have_one_effect(life, s
     assert [e[1] for e in events_of(server, scope)] == [1, 4]
 
 
+@pytest.mark.parametrize("keep", [False, True], ids=["cleanup", "keep"])
+async def test_terminate_announces_each_checkpoint_it_deletes(life, scope, server, keep):
+    """A watcher mirroring checkpoints learns of every deletion, Terminate's too;
+    checkpoints a Terminate keeps stay unannounced (and listable)."""
+    await life.Spawn(lc.SpawnRequest(**scope))
+    for name in ("a", "b"):
+        await life.CreateCheckpoint(lc.CreateCheckpointRequest(**scope, checkpoint_id=name))
+    await life.Terminate(lc.TerminateRequest(**scope, keep_working_memory=keep))
+    deleted = [e[2] for e in events_of(server, scope) if e[1] == lc.EVENT_TYPE_CHECKPOINT_DELETED]
+    assert deleted == ([] if keep else ["a", "b"])
+    listed = await life.ListCheckpoints(lc.ListCheckpointsRequest(**scope))
+    assert len(listed.checkpoints) == (2 if keep else 0)
+
+
 async def test_concurrent_lifecycle_calls_are_serialized(life, scope, server):
     """Pause/Resume/Terminate racing: each success bumps the version once, no torn state."""
     await life.Spawn(lc.SpawnRequest(**scope, initial_entries=entries(a=1)))
@@ -318,7 +334,10 @@ async def test_concurrent_lifecycle_calls_are_serialized(life, scope, server):
     succeeded = sum(await asyncio.gather(*(attempt(c) for c in calls)))
     final = (await life.GetSession(lc.GetSessionRequest(**scope))).session
     assert final.version == 1 + succeeded
-    assert len(events_of(server, scope)) == 1 + succeeded
+    # One event per change of the session; besides, each checkpoint the Terminate
+    # deleted (it ran last if it succeeded) is announced.
+    changes = [e for e in events_of(server, scope) if e[1] != lc.EVENT_TYPE_CHECKPOINT_DELETED]
+    assert len(changes) == 1 + succeeded
 
 
 async def test_checkpoints_are_listed_newest_first_and_deletable(life, scope):

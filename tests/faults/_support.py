@@ -446,6 +446,8 @@ class Worker:
             "Terminate", lambda t: self.client.stubs.life.Terminate(request, timeout=t)
         )
         session.state = lc.SESSION_STATE_TERMINATED
+        if not keep:  # each checkpoint it deletes is announced first, oldest first
+            session.events += [(lc.EVENT_TYPE_CHECKPOINT_DELETED, rid)] * len(session.checkpoints)
         session.events.append((lc.EVENT_TYPE_SESSION_TERMINATED, rid))
         session.episode_id = reply.episode_id
         if (

@@ -224,9 +224,21 @@ async def check_consistent(
     return log
 
 
+def change_events(log: list[lc.LifecycleEvent], request_id: str) -> list[lc.LifecycleEvent]:
+    """The events of the call with ``request_id`` that change the session (a
+    Terminate's CHECKPOINT_DELETED events carry its request id too)."""
+    return [
+        e
+        for e in log
+        if e.request_id == request_id and e.event_type != lc.EVENT_TYPE_CHECKPOINT_DELETED
+    ]
+
+
 def apply(session: Session, operation: str, checkpoint_id: str) -> None:
     """What the operation, once done, did to the session (``checkpoint_id``: the
     one a pause made)."""
+    if operation == "terminate":  # each checkpoint it deletes is announced first
+        session.events += [lc.EVENT_TYPE_CHECKPOINT_DELETED] * len(session.checkpoints)
     session.events.append(EVENT_OF[operation])
     if operation == "spawn":
         session.memory = dict(SEED)
@@ -269,7 +281,7 @@ async def test_crash_at_the_boundary_then_retry(make_rig: RigFactory, operation:
         stubs = Stubs(channel)
         await wait_serving(stubs)
         # Only the event log can say what a crashed call did: its answer was lost.
-        ours = [e for e in await session_log(stubs, session) if e.request_id == request_id]
+        ours = change_events(await session_log(stubs, session), request_id)
         assert len(ours) == (1 if committed else 0), "the crashed call's event"
         if committed:
             apply(session, operation, ours[0].checkpoint_id)
@@ -282,7 +294,7 @@ async def test_crash_at_the_boundary_then_retry(make_rig: RigFactory, operation:
         log = await check_consistent(
             stubs, session, CASES[operation, "before_finish"][1], operation
         )
-        ours = [e for e in log if e.request_id == request_id]
+        ours = change_events(log, request_id)
         assert len(ours) == 1, "one event for the request id"
         assert_same_answer(operation, reply, ours[0])
         # Once more: the same answer, and nothing new.

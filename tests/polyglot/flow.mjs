@@ -15,9 +15,10 @@
 // then Spawn (with initial entries), Set and Get, Pause, a Set while paused
 // (must fail: FAILED_PRECONDITION, ERROR_REASON_SESSION_NOT_WRITABLE), Resume,
 // Get (the value is back), Terminate (an episode id), GetEpisode. The watch must
-// have delivered SPAWNED, PAUSED, RESUMED, TERMINATED for the session, in order,
-// with increasing sequences; a second watch from afterSequence = the PAUSED
-// event must resume exactly at RESUMED.
+// have delivered SPAWNED, PAUSED, RESUMED, CHECKPOINT_DELETED (the Terminate
+// deletes the Pause's checkpoint), TERMINATED for the session, in order, with
+// increasing sequences; a second watch from afterSequence = the PAUSED event must
+// resume exactly at RESUMED.
 //
 // Success: one JSON summary on stdout, exit status 0. Any mismatch: a message
 // on stderr, exit status 1.
@@ -420,7 +421,7 @@ async function run({ address, ids }) {
     );
 
     // 6. The live watch saw the four transitions, in order.
-    const events = await collectEvents(live.watch, 4);
+    const events = await collectEvents(live.watch, 5);
     checkLifecycleEvents(events, ids, { paused, resumed, terminated }, live.startsAfter);
 
     // 7. Reconnecting after the PAUSED event resumes exactly at RESUMED.
@@ -435,13 +436,13 @@ async function run({ address, ids }) {
       "the resumed watch must start after the cursor",
       again.startsAfter,
     );
-    const replayed = await collectEvents(again.watch, 2);
+    const replayed = await collectEvents(again.watch, 3);
     check(
       isDeepStrictEqual(
         replayed.map((e) => e.eventId),
         events.slice(2).map((e) => e.eventId),
       ),
-      "the resumed watch must deliver RESUMED then TERMINATED, nothing before",
+      "the resumed watch must deliver RESUMED, CHECKPOINT_DELETED, TERMINATED, nothing before",
       replayed.map((e) => [e.sequence, e.eventType]),
     );
 
@@ -514,10 +515,11 @@ function checkLifecycleEvents(events, ids, { paused, resumed, terminated }, star
         "EVENT_TYPE_SESSION_SPAWNED",
         "EVENT_TYPE_SESSION_PAUSED",
         "EVENT_TYPE_SESSION_RESUMED",
+        "EVENT_TYPE_CHECKPOINT_DELETED",
         "EVENT_TYPE_SESSION_TERMINATED",
       ],
     ),
-    "the watch must deliver SPAWNED, PAUSED, RESUMED, TERMINATED",
+    "the watch must deliver SPAWNED, PAUSED, RESUMED, CHECKPOINT_DELETED, TERMINATED",
     summary,
   );
   for (const event of events) {
@@ -547,9 +549,14 @@ function checkLifecycleEvents(events, ids, { paused, resumed, terminated }, star
     events[2],
   );
   check(
-    events[3].episodeId === terminated.episodeId,
-    "the TERMINATED event must name the episode",
+    events[3].checkpointId === paused.checkpoint.checkpointId,
+    "the CHECKPOINT_DELETED event must name the Pause's checkpoint",
     events[3],
+  );
+  check(
+    events[4].episodeId === terminated.episodeId,
+    "the TERMINATED event must name the episode",
+    events[4],
   );
 }
 
