@@ -845,6 +845,12 @@ class Lifecycle:
                 clear = marker.clear or marker.prior == MISSING
                 final = None if clear else "terminated"
                 await self._memory.finish(record.ref, marker.op, final, swap=False, clear=clear)
+            elif marker.state != "pausing" and record.state != SessionState.ACTIVE:
+                # A Spawn or Resume committed, yet the database has moved on (PAUSED):
+                # every later call heals a transitional marker first, so this is an
+                # older copy of Redis, not what memsvc left. Dropped, it reads as
+                # lost (Resume restores it); settled, it would pass for the memory.
+                await self._memory.finish(record.ref, marker.op, None, swap=False, clear=True)
             else:
                 final = MARKER_FOR.get(record.state, "active")
                 swap = marker.state == "resuming"
@@ -888,13 +894,22 @@ class Lifecycle:
                 # From here the failure of COMMIT leaves its outcome unknown.
                 committing = True
         except _Replayed as replayed:
+            # A retry of a call that committed and then died before its step 3 is
+            # the one call sure to come: it settles the marker. (Else a Terminate's
+            # memory would stay: every other call on a TERMINATED session is
+            # refused before it meets the marker, and nothing else looks.)
+            await self._settle_by_truth(ref)
             return cast(T, replayed.result)
-        except BaseException:
+        except BaseException as error:
             if steps.started:
                 if committing:
                     await self._settle_by_truth(ref)
                 else:
                     await self._undo(ref, steps)
+            elif isinstance(error, InvalidTransition) and error.metadata.get("state") == (
+                SessionState.TERMINATED.name
+            ):
+                await self._settle_by_truth(ref)  # the same, for a retry without its id
             raise
         if steps.started:
             self._failpoints.hit(f"{method.lower()}.before_finish")

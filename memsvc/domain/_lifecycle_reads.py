@@ -210,7 +210,10 @@ def left_by_memsvc(record: SessionRecord, marker: Marker) -> bool:
     flight, whose marker is transitional, counts): a store restored from an older
     copy holds a memory of another state or epoch, which is as good as lost."""
     if marker.state in TRANSITIONAL:
-        return True
+        # In flight, unless it is a Spawn or Resume the database shows committed
+        # and then moved on from (PAUSED): an older copy (Lifecycle._heal_locked).
+        committed = marker.state != "pausing" and marker.next_epoch == record.memory_epoch
+        return not committed or record.state == SessionState.ACTIVE
     if marker.state != MARKER_FOR.get(record.state):
         return False
     return marker.epoch is None or marker.epoch == record.memory_epoch

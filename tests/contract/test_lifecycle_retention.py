@@ -206,6 +206,52 @@ async def test_a_lost_memory_is_not_kept_when_the_terminate_is_finished_by_a_hea
 
 
 @pytest.mark.parametrize("deployment", [DEPLOYMENTS["production"]], ids=["production"])
+@pytest.mark.parametrize("config_overrides", [{"failpoints": "spawn.before_finish=error"}])
+async def test_an_older_copy_taken_before_a_spawn_settled_is_lost_memory(copy, life, scope, wm):
+    """Redis comes back from a copy taken between a Spawn's commit and its last
+    step, after the session took writes and paused. Settled by the database's
+    state now, that copy passed for the paused memory (and Terminate consolidated
+    it): it is the Spawn's memory, reported lost as any older copy."""
+    spawn = lc.SpawnRequest(**scope, initial_entries=[pb.EntryInput(key="a", value=value(1))])
+    await expect_error(life.Spawn(spawn), grpc.StatusCode.INTERNAL)  # committed, not settled
+    await copy.take()
+    await wm.Set(pb.SetRequest(**scope, key="b", value=value(2)))  # heals the Spawn first
+    paused = await life.Pause(lc.PauseRequest(**scope))
+    assert paused.checkpoint.key_count == 2
+    await copy.put_back()
+    session = (await life.GetSession(lc.GetSessionRequest(**scope))).session
+    assert session.working_memory_status == lc.WORKING_MEMORY_STATUS_LOST
+    error = await expect_error(
+        wm.Get(pb.GetRequest(**scope, key="a")), grpc.StatusCode.FAILED_PRECONDITION
+    )
+    assert error.reason == "ERROR_REASON_WORKING_MEMORY_LOST"
+    await life.Resume(lc.ResumeRequest(**scope))
+    assert python((await wm.Get(pb.GetRequest(**scope, key="b"))).entry.value) == 2
+
+
+@pytest.mark.parametrize("deployment", [DEPLOYMENTS["production"]], ids=["production"])
+@pytest.mark.parametrize("config_overrides", [{"failpoints": "terminate.before_finish=error"}])
+@pytest.mark.parametrize("same_request_id", [True, False], ids=["retried", "called-again"])
+async def test_a_terminate_that_died_before_its_last_step_is_finished_by_its_retry(
+    copy, life, scope, wm, same_request_id
+):
+    """A Terminate commits, then dies before deleting the working memory. Every
+    other call on a TERMINATED session is refused before it meets the marker, so
+    its retry (or a second Terminate) must finish it: no memory is left behind."""
+    await life.Spawn(lc.SpawnRequest(**scope))
+    await wm.Set(pb.SetRequest(**scope, key="secret", value=value("x")))
+    request = lc.TerminateRequest(**scope, request_id=str(uuid.uuid4()))
+    await expect_error(life.Terminate(request), grpc.StatusCode.INTERNAL)  # committed
+    assert await copy.client.exists(*copy.keys) > 0  # the marker and the data are left
+    if same_request_id:
+        assert (await life.Terminate(request)).entries_cleared == 1  # the first answer
+    else:
+        retry = lc.TerminateRequest(**scope)
+        await expect_error(life.Terminate(retry), grpc.StatusCode.FAILED_PRECONDITION)
+    assert await copy.client.exists(*copy.keys) == 0
+
+
+@pytest.mark.parametrize("deployment", [DEPLOYMENTS["production"]], ids=["production"])
 async def test_resume_replaces_an_older_copy_of_a_paused_memory_of_the_same_size(
     copy, life, scope, wm
 ):
