@@ -401,22 +401,26 @@ class SqlLifecycleTransaction(SqlWrites):
     ) -> CheckpointLock | None:
         # Each subquery only when asked for: a server-made id is never taken.
         counted = f"(SELECT count(*) FROM checkpoints WHERE {_SESSION_KEY})" if count else "0"
-        taken = (
-            f"EXISTS (SELECT 1 FROM checkpoints WHERE {_SESSION_KEY} AND checkpoint_id = ?)"
-            if checkpoint_id
-            else "0"
+        counted_params = _key(ref) if count else ()
+        if not checkpoint_id:
+            row = await self._one(_lock_statement(self._d, counted), (*counted_params, *_key(ref)))
+            if row is None:
+                return None
+            return CheckpointLock(session_from_row(row[:-1], self._d), int(row[-1]), False)
+        # A requested id is looked up in a statement of its own, sent with the lock
+        # and run after it: the lock's own subqueries would read the snapshot from
+        # before it waited, and miss that id committed meanwhile by a concurrent call
+        # (whose INSERT would then fail this one's commit, not refuse it).
+        locked = await self._send(_lock_statement(self._d), _key(ref))
+        found = await self._one(
+            f"SELECT {counted}, EXISTS (SELECT 1 FROM checkpoints WHERE {_SESSION_KEY}"
+            " AND checkpoint_id = ?)",
+            (*counted_params, *_key(ref), checkpoint_id),
         )
-        row = await self._one(
-            _lock_statement(self._d, counted, taken),
-            (
-                *(_key(ref) if count else ()),
-                *((*_key(ref), checkpoint_id) if checkpoint_id else ()),
-                *_key(ref),
-            ),
-        )
+        row = await locked.row()
         if row is None:
             return None
-        return CheckpointLock(session_from_row(row[:-2], self._d), int(row[-2]), bool(row[-1]))
+        return CheckpointLock(session_from_row(row, self._d), int(found[0]), bool(found[1]))
 
     async def lock_session_reading_checkpoint(
         self, ref: SessionRef, checkpoint_id: str | None

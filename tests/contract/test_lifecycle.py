@@ -277,6 +277,24 @@ async def test_client_checkpoint_ids_are_unique_per_session(life, scope):
     assert (await life.GetSession(lc.GetSessionRequest(**scope))).session.state == ACTIVE
 
 
+async def test_concurrent_calls_naming_one_checkpoint_id_make_it_once(life, wm, scope):
+    """Calls racing to make the same checkpoint id: one makes it, the others are
+    refused with ALREADY_EXISTS (never INTERNAL), and the session stays writable."""
+    await life.Spawn(lc.SpawnRequest(**scope))
+    for round_number in range(5):
+        name = f"same-{round_number}"
+        calls = [
+            life.CreateCheckpoint(lc.CreateCheckpointRequest(**scope, checkpoint_id=name))
+            for _ in range(4)
+        ]
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        made = [o for o in outcomes if not isinstance(o, BaseException)]
+        refused = [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
+        assert len(made) == 1 and len(refused) == 3, outcomes
+        assert {error.code() for error in refused} == {grpc.StatusCode.ALREADY_EXISTS}
+    await wm.Set(pb.SetRequest(**scope, key="after", value=value(1)))
+
+
 async def test_request_id_makes_retries_safe(life, scope):
     await life.Spawn(lc.SpawnRequest(**scope))
     request_id = str(uuid.uuid4())
