@@ -45,6 +45,18 @@ class EventsCompacted(Exception):
         )
 
 
+class EventsRewound(Exception):
+    """The log's latest sequence is behind the tail's position: the database lost
+    its last commits (a failover to a standby that had not received them, a
+    restore) and reuses their sequences."""
+
+    def __init__(self, position: int, latest: int) -> None:
+        super().__init__(
+            f"the event log went back from sequence {position} to {latest}: the database"
+            " lost its last commits"
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class StoredEvent:
     """An event with its position in the log."""
@@ -102,7 +114,13 @@ class PositionTooOld(OutOfRange):
         super().__init__(
             f"events after {asked} are no longer retained; the oldest position to resume "
             f"after is {oldest} (start again from there or from now)",
-            metadata={"oldest_sequence": str(oldest), "after_sequence": str(asked)},
+            metadata={
+                "oldest_sequence": str(oldest),
+                # The oldest event still retained (the one a resume after
+                # oldest_sequence gets first), for clients that want it by name.
+                "oldest_retained_sequence": str(oldest + 1),
+                "after_sequence": str(asked),
+            },
         )
 
 
@@ -266,8 +284,10 @@ class EventHub:
             if not self._fed() and not self.tailing:
                 # The tail this stream will start begins at the latest event; up to
                 # there the stream reads the store itself, where compaction is
-                # checked (a tail started further back would not check it).
-                self.position = max(self.position, latest)
+                # checked (a tail started further back would not check it). The
+                # latest, not the higher of it and where an earlier tail stopped: a
+                # database that lost its last commits reuses their sequences.
+                self.position = latest
             yield cursor
             while True:
                 # Catch up from the store until the hub's position...
@@ -420,8 +440,16 @@ class EventHub:
         failing_since: float | None = None
         while self._fed():
             self._kick.clear()
+            # Where the log was known to reach before reading: publish_committed may
+            # move the position on during the reads, past what they see.
+            reached = self.position
+            latest: int | None = None
             try:
-                batch = await self._source.read_events(self.position, READ_BATCH, EventFilter())
+                batch = await self._source.read_events(reached, READ_BATCH, EventFilter())
+                if not batch:
+                    # Nothing new: the log must not have gone back behind this tail,
+                    # which would then skip the events that reuse its sequences.
+                    _, latest = await self._source.event_bounds()
                 failing_since = None
             except Exception as error:
                 # Retried (a database that restarts comes back): streams wait and
@@ -446,6 +474,8 @@ class EventHub:
                 self.position = stored.sequence
             if len(batch) == READ_BATCH:
                 continue
+            if latest is not None and latest < reached:
+                raise EventsRewound(reached, latest)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._kick.wait(), self._poll_interval)
 

@@ -94,6 +94,7 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     ERROR_REASON_WATCH_POSITION_COMPACTED: _ErrorReason.ValueType  # 15
     """A watch asked to start after a position older than the retained events.
     Metadata: "oldest_sequence" (the oldest position to resume after),
+    "oldest_retained_sequence" (the oldest event kept, one more),
     "after_sequence". Status code: OUT_OF_RANGE.
     """
     ERROR_REASON_TOO_MANY_WATCHERS: _ErrorReason.ValueType  # 16
@@ -252,6 +253,7 @@ checkpoint. Metadata: "session_id". Status code: FAILED_PRECONDITION.
 ERROR_REASON_WATCH_POSITION_COMPACTED: ErrorReason.ValueType  # 15
 """A watch asked to start after a position older than the retained events.
 Metadata: "oldest_sequence" (the oldest position to resume after),
+"oldest_retained_sequence" (the oldest event kept, one more),
 "after_sequence". Status code: OUT_OF_RANGE.
 """
 ERROR_REASON_TOO_MANY_WATCHERS: ErrorReason.ValueType  # 16

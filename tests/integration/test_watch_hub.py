@@ -17,7 +17,7 @@ import pytest
 from google.protobuf import duration_pb2
 
 from memsvc.config import Config
-from memsvc.domain import EventRecord, EventType, SessionRef
+from memsvc.domain import BackendUnavailable, EventRecord, EventType, SessionRef
 from memsvc.domain._watch import EventFilter, EventHub, StoredEvent
 from memsvc.server import Server
 from memsvc.store.sqlite import SqliteDurableStore
@@ -65,6 +65,36 @@ async def test_a_subscriber_that_reads_nothing_does_not_delay_others(sqlite_stor
     await reader.aclose()
     assert hub.watchers == 0
     assert not hub.tailing
+
+
+async def test_a_log_that_went_back_is_followed_from_where_it_is(sqlite_store, tmp_path):
+    """The database loses its last commits (a failover to a standby that had not
+    received them, a restore) and reuses their sequences. A live stream ends with
+    UNAVAILABLE (its cursor is past the log now), and a stream that starts then
+    gets the events that reuse those sequences, instead of nothing up to the
+    position an earlier tail had reached."""
+    other = SqliteDurableStore(f"sqlite:///{tmp_path}/events.db")  # another replica
+    await other.open()
+    hub = EventHub(sqlite_store, poll_interval=0.05)
+    ref = SessionRef(str(uuid.uuid4()), str(uuid.uuid4()), "s")
+    try:
+        live: Any = hub.watch(EventFilter(), None, 0.2)
+        assert await anext(live) == 0
+        await append(other, 10, ref)
+        assert await take_events(live, 10) == list(range(1, 11))
+        db = sqlite_store._conn  # the database comes back without its last five
+        await db.execute("DELETE FROM lifecycle_events WHERE sequence > 5")
+        await db.execute("UPDATE event_sequence SET last_sequence = 5")
+        await db.commit()
+        with pytest.raises(BackendUnavailable, match="went back from sequence 10 to 5"):
+            await asyncio.wait_for(anext(live), 10)
+        fresh: Any = hub.watch(EventFilter(), None, 0.2)
+        assert await anext(fresh) == 5
+        await append(other, 3, ref)
+        assert await take_events(fresh, 3) == [6, 7, 8]
+        await fresh.aclose()
+    finally:
+        await other.aclose()
 
 
 async def test_a_thousand_connect_cancel_cycles_leave_nothing_behind(sqlite_store):
@@ -159,6 +189,7 @@ async def test_compacted_positions_are_out_of_range_with_the_oldest(config):
         assert details.code == grpc.StatusCode.OUT_OF_RANGE
         assert details.reason == "ERROR_REASON_WATCH_POSITION_COMPACTED"
         assert details.metadata["oldest_sequence"] == "3"
+        assert details.metadata["oldest_retained_sequence"] == "4"
         ok = life.WatchLifecycle(lc.WatchLifecycleRequest(after_sequence=3))
         assert (await ok.read()).progress.sequence == 3
         assert (await ok.read()).event.sequence == 4
