@@ -44,6 +44,9 @@ from memsvc.store._retry import call_deadline
 
 log = logging.getLogger(__name__)
 
+# What grpc raises from a stream's write once its client has gone.
+_STREAM_BROKEN = (grpc.aio.InternalError, grpc.aio.UsageError)
+
 ERROR_DOMAIN = "memsvc.dev"
 # Only memsvc's own services are wrapped; health and reflection are left as they are.
 
@@ -219,6 +222,14 @@ class ErrorInterceptor(HandlerWrapper):
                 )
             if isinstance(error, grpc.aio.AbortError) or not own:
                 raise error
+            if context.cancelled() or isinstance(error, _STREAM_BROKEN):
+                # The client left (a cancel, a deadline, a dropped connection) while
+                # a write waited for it: grpc fails the write (ExecuteBatchError, an
+                # InternalError) before it marks the call cancelled. Nobody to answer,
+                # and no error of memsvc's: the handler just ends (raised, grpc would
+                # log it as a servicer error; aborted, memsvc as INTERNAL).
+                log.info("%s: the stream ended: the client left (%s)", method, error)
+                return
             await _abort(context, error, method)
 
         if inspect.isasyncgenfunction(behavior):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from typing import Any
 
@@ -313,13 +314,17 @@ class LifecycleServicer(pb_grpc.LifecycleServiceServicer):
         )
         after = request.after_sequence if request.HasField("after_sequence") else None
         oldest = after is None and request.start == pb.WATCH_START_OLDEST
-        async for item in self._hub.watch(event_filter, after, progress_seconds, oldest):
-            if isinstance(item, StoredEvent):
-                await context.write(self._event_response(item))
-            else:
-                await context.write(
-                    pb.WatchLifecycleResponse(progress=pb.WatchProgress(sequence=item))
-                )
+        # Closed as the handler ends, however it ends: the stream's place in the hub
+        # is freed then, not whenever the generator is collected.
+        stream = self._hub.watch(event_filter, after, progress_seconds, oldest)
+        async with contextlib.aclosing(stream):
+            async for item in stream:
+                if isinstance(item, StoredEvent):
+                    await context.write(self._event_response(item))
+                else:
+                    await context.write(
+                        pb.WatchLifecycleResponse(progress=pb.WatchProgress(sequence=item))
+                    )
 
 
 def event_message(stored: StoredEvent) -> pb.LifecycleEvent:

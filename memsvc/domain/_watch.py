@@ -16,7 +16,7 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -259,7 +259,7 @@ class EventHub:
         after: int | None,
         progress_interval: float,
         from_oldest: bool = False,
-    ) -> AsyncIterator[StoredEvent | int]:
+    ) -> AsyncGenerator[StoredEvent | int, None]:
         """Yield matching events after ``after`` (None: now, or the oldest retained
         with ``from_oldest``), and progress positions.
 
@@ -345,7 +345,7 @@ class EventHub:
 
     async def _live(
         self, subscriber: _Subscriber, progress_interval: float
-    ) -> AsyncIterator[StoredEvent | int]:
+    ) -> AsyncGenerator[StoredEvent | int, None]:
         """The events offered to ``subscriber``, and a progress position whenever
         ``progress_interval`` passes without one; returns once it lagged and
         has drained its queue."""

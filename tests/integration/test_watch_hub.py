@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import subprocess
@@ -14,7 +15,7 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, struct_pb2
 
 from memsvc.config import Config
 from memsvc.domain import BackendUnavailable, EventRecord, EventType, SessionRef
@@ -194,6 +195,36 @@ async def test_compacted_positions_are_out_of_range_with_the_oldest(config):
         assert (await ok.read()).progress.sequence == 3
         assert (await ok.read()).event.sequence == 4
         ok.cancel()
+
+
+async def test_a_client_that_leaves_while_the_server_writes_is_no_error(config, caplog):
+    """A watcher that stops reading (the server's writes wait for it), then goes:
+    its stream just ends. Logged as an error and answered INTERNAL, every client
+    that disconnects from a busy stream would page someone."""
+    ids: dict[str, Any] = {"project_id": str(uuid.uuid4()), "agent_instance_id": str(uuid.uuid4())}
+    bulky = struct_pb2.Struct()
+    bulky.update({"blob": "x" * 60_000})
+    async with (
+        Server(config) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch,
+    ):
+        life = LifecycleServiceStub(ch)
+        for index in range(300):  # 18 MB of events, far more than the flow-control windows
+            await life.Spawn(lc.SpawnRequest(**ids, session_id=f"s{index}", metadata=bulky))
+        call = life.WatchLifecycle(lc.WatchLifecycleRequest(start=lc.WATCH_START_OLDEST))
+        await call.read()
+        await asyncio.sleep(1)  # unread, the windows fill: the server's write waits
+        call.cancel()
+
+        hub = server.hub
+        assert hub is not None
+
+        async def released() -> bool:
+            return hub.watchers == 0
+
+        await eventually(released)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []
 
 
 async def test_too_many_watchers_is_resource_exhausted(config):
