@@ -25,7 +25,10 @@ from memsvc.domain._watch import EventHub, StoredEvent, check_watch_request
 from memsvc.v1 import lifecycle_pb2 as pb
 from memsvc.v1 import lifecycle_pb2_grpc as pb_grpc
 
+# The watch messages kept: recent events, at most this many and about this many
+# bytes (an event's metadata may be 64 KiB: 4,096 of those would be 256 MiB).
 _RESPONSE_CACHE = 4096
+_RESPONSE_CACHE_BYTES = 16 << 20
 
 
 def render_value(stored: bytes) -> Any:
@@ -119,18 +122,24 @@ class LifecycleServicer(pb_grpc.LifecycleServiceServicer):
         # from its earlier message. It includes the event's id too: a database
         # failed over to a standby that lost the last commits (or restored) gives
         # their sequences to other events, which must never get their messages.
-        self._responses: OrderedDict[tuple[int, str, bool], pb.WatchLifecycleResponse] = (
-            OrderedDict()
-        )
+        self._responses: OrderedDict[
+            tuple[int, str, bool], tuple[pb.WatchLifecycleResponse, int]
+        ] = OrderedDict()
+        self._responses_bytes = 0
 
     def _event_response(self, stored: StoredEvent) -> pb.WatchLifecycleResponse:
         key = (stored.sequence, stored.event.event_id, stored.event.purged)
-        response = self._responses.get(key)
-        if response is None:
-            response = pb.WatchLifecycleResponse(event=event_message(stored))
-            self._responses[key] = response
-            if len(self._responses) > _RESPONSE_CACHE:
-                self._responses.popitem(last=False)
+        cached = self._responses.get(key)
+        if cached is not None:
+            return cached[0]
+        response = pb.WatchLifecycleResponse(event=event_message(stored))
+        size = response.ByteSize()
+        self._responses[key] = (response, size)
+        self._responses_bytes += size
+        while len(self._responses) > 1 and (
+            len(self._responses) > _RESPONSE_CACHE or self._responses_bytes > _RESPONSE_CACHE_BYTES
+        ):
+            self._responses_bytes -= self._responses.popitem(last=False)[1][1]
         return response
 
     async def Spawn(

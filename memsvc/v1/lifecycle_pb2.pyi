@@ -237,7 +237,10 @@ class LifecycleEvent(_message.Message):
     """
     @_builtins.property
     def event_time(self) -> _timestamp_pb2.Timestamp:
-        """When the change was committed."""
+        """When the call made the change, by the clock of the replica that served it,
+        just before its commit: not ordered by sequence (replicas' clocks differ,
+        and a commit may wait for another's); order events by sequence.
+        """
 
     @_builtins.property
     def metadata(self) -> _struct_pb2.Struct:

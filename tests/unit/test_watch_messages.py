@@ -6,13 +6,16 @@ from __future__ import annotations
 import uuid
 from typing import Any, cast
 
+from memsvc.api import _lifecycle as lifecycle_api
 from memsvc.api._lifecycle import LifecycleServicer
 from memsvc.domain import SessionRef
 from memsvc.domain._lifecycle_records import EventRecord, EventType
 from memsvc.domain._watch import StoredEvent
 
 
-def stored(sequence: int, project_id: str, purged: bool = False) -> StoredEvent:
+def stored(
+    sequence: int, project_id: str, purged: bool = False, metadata: dict[str, Any] | None = None
+) -> StoredEvent:
     event = EventRecord(
         event_id=str(uuid.uuid4()),
         event_type=EventType.SPAWNED,
@@ -20,6 +23,7 @@ def stored(sequence: int, project_id: str, purged: bool = False) -> StoredEvent:
         agent_type_id=None,
         time_ms=1_000,
         purged=purged,
+        metadata=metadata or {},
     )
     return StoredEvent(sequence, event)
 
@@ -38,3 +42,20 @@ def test_a_sequence_given_to_another_event_gets_that_events_message():
         reused.event.event_id,
         reused.event.ref.project_id,
     )
+
+
+def test_the_messages_kept_are_bounded_in_bytes_too():
+    """Events carry up to 64 KiB of metadata: the messages kept for watchers stay
+    within a byte budget, not just a count (4,096 such events would be 256 MiB)."""
+    servicer = LifecycleServicer(cast(Any, None), cast(Any, None))
+    project = str(uuid.uuid4())
+    events = [
+        stored(sequence, project, metadata={"blob": "x" * 60_000}) for sequence in range(1, 400)
+    ]
+    first = servicer._event_response(events[0])
+    for event in events[1:]:
+        servicer._event_response(event)
+    assert servicer._responses_bytes <= lifecycle_api._RESPONSE_CACHE_BYTES
+    assert len(servicer._responses) < len(events)
+    assert servicer._event_response(events[-1]) is servicer._event_response(events[-1])
+    assert servicer._event_response(events[0]) is not first  # evicted, built again
