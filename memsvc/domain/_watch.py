@@ -438,7 +438,9 @@ class EventHub:
     async def _read_while_watched(self) -> None:
         loop = asyncio.get_running_loop()
         failing_since: float | None = None
-        while self._fed():
+        # Only while it is the hub's tail: a tail let go (cancelled) ends, even if a
+        # cancellation was lost (see below) and streams joined a new tail since.
+        while self._fed() and self._tail is asyncio.current_task():
             self._kick.clear()
             # Where the log was known to reach before reading: publish_committed may
             # move the position on during the reads, past what they see.
@@ -476,8 +478,11 @@ class EventHub:
                 continue
             if latest is not None and latest < reached:
                 raise EventsRewound(reached, latest)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns normally
+            # when a cancellation arrives as the kick completes, losing it.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._kick.wait(), self._poll_interval)
+                async with asyncio.timeout(self._poll_interval):
+                    await self._kick.wait()
 
     async def _listen(self, wakeups: AsyncIterator[int]) -> None:
         """Turn commit notifications into kicks of the tail: one read for however

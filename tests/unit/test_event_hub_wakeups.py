@@ -100,3 +100,30 @@ async def test_notifications_of_events_already_offered_cause_no_read():
     assert await take_events(stream, 1) == [6]
     assert log.reads == reads + 1
     await stream.aclose()
+
+
+def running_tails() -> list[asyncio.Task[Any]]:
+    return [t for t in asyncio.all_tasks() if t.get_name() == "memsvc-event-tail" and not t.done()]
+
+
+async def test_a_kick_in_the_tick_the_last_watcher_leaves_leaves_one_tail():
+    """The last watcher leaves (its tail is cancelled) in the same tick as a kick,
+    and another stream joins: on Python 3.11 asyncio.wait_for lost that
+    cancellation, and two tails ran (two readers, two LISTEN connections)."""
+    hub = EventHub(NotifyingLog(), poll_interval=30)
+    first: Any = hub.watch(EventFilter(), None, 30)
+    await anext(first)
+    first_next = asyncio.ensure_future(anext(first))
+    await asyncio.sleep(0.1)  # joined: its tail waits for a kick
+    second: Any = hub.watch(EventFilter(), None, 30)
+    await anext(second)  # its start position; not joined yet
+    hub.notify()  # all in one tick: a kick, the first leaves, the second joins
+    first_next.cancel()
+    second_next = asyncio.ensure_future(anext(second))
+    await asyncio.sleep(0.1)
+    assert running_tails() == [hub._tail]
+    second_next.cancel()
+    await asyncio.sleep(0.1)
+    assert running_tails() == [] and not hub.tailing
+    for stream in (first, second):
+        await stream.aclose()
