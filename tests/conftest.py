@@ -37,13 +37,20 @@ DATABASE_URL = os.environ.get(
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+# Outcomes that, under CI=true, fail a run whose tests otherwise passed: CI must
+# never go green by skipping, expecting a failure, or leaving tests out.
+_NOT_RUN_IN_CI = ("skipped", "xfailed", "xpassed", "deselected")
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Under CI=true a skipped test fails the run: CI must never go green by skipping."""
+    """Under CI=true a test skipped, expected to fail or deselected fails the run."""
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    skipped = len(reporter.stats.get("skipped", [])) if reporter else 0
-    if IN_CI and skipped and session.exitstatus == 0:
-        if reporter:
-            reporter.write_line(f"CI=true: {skipped} test(s) skipped; failing the run", red=True)
+    if not IN_CI or reporter is None or session.exitstatus != 0:
+        return
+    counts = {outcome: len(reporter.stats.get(outcome, [])) for outcome in _NOT_RUN_IN_CI}
+    found = ", ".join(f"{count} {outcome}" for outcome, count in counts.items() if count)
+    if found:
+        reporter.write_line(f"CI=true: {found}; failing the run", red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 

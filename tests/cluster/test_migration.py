@@ -15,7 +15,7 @@ import asyncio
 import itertools
 import logging
 import random
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
 from memsvc.v1.working_memory_pb2_grpc import WorkingMemoryServiceStub
 from tests.cluster._support import held_by, slot_of
 from tests.cluster.conftest import start_cluster
-from tests.helpers import python, value
+from tests.helpers import eventually, python, value
 
 CALL_TIMEOUT = 15.0  # seconds; bounds each call of a broken run, measures nothing
 
@@ -157,20 +157,30 @@ async def test_a_session_moves_to_another_master_while_it_is_used(
                 if stop.is_set():
                     return
 
+        kinds = ("Set", "BatchSet", "Get", "Pause", "Resume")
+
+        def every_kind_ran(since: dict[str, int]) -> Callable[[], Awaitable[bool]]:
+            async def ran() -> bool:
+                return all(traffic.calls.get(name, 0) > since.get(name, 0) for name in kinds)
+
+            return ran
+
         clients = [asyncio.create_task(run()) for run in (setter, batcher, getter, pause_resume)]
         try:
-            await asyncio.sleep(0.3)
+            # Each kind of call runs before the migration and again after it,
+            # whatever the machine's speed (polled, not slept).
+            await eventually(every_kind_ran({}), timeout=30)
             before = dict(traffic.calls)
             await cluster.migrate_slot(slot, target, batch=1, pause_seconds=0.1)
             during = dict(traffic.calls)
-            await asyncio.sleep(0.3)
+            await eventually(every_kind_ran(during), timeout=30)
         finally:
             stop.set()
             await asyncio.gather(*clients)
 
         assert traffic.failures == []
         # Every kind of call ran before the migration and again after it.
-        for name in ("Set", "BatchSet", "Get", "Pause", "Resume"):
+        for name in kinds:
             assert 0 < before.get(name, 0) <= during.get(name, 0) < traffic.calls[name], name
         # ... and met it: memsvc waited for the moving slot.
         assert any("slot moving" in record.getMessage() for record in caplog.records)

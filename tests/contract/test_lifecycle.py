@@ -44,8 +44,14 @@ def struct(**fields: Any) -> struct_pb2.Struct:
 
 
 async def memory_of(wm, scope) -> dict[str, Any]:
-    page = await wm.ListEntries(pb.ListEntriesRequest(**scope))
-    return {e.key: python(e.value) for e in page.entries}
+    """The session's whole working memory, every page of it."""
+    memory: dict[str, Any] = {}
+    token = ""
+    while True:
+        page = await wm.ListEntries(pb.ListEntriesRequest(**scope, page_token=token))
+        memory.update({e.key: python(e.value) for e in page.entries})
+        if not (token := page.next_page_token):
+            return memory
 
 
 def events_of(server, scope) -> list[tuple[int, int, str | None]]:
@@ -524,19 +530,28 @@ async def test_terminate_can_keep_working_memory_read_only(life, wm, scope):
 
 
 async def test_concurrent_writes_during_pause_never_tear_the_checkpoint(life, wm, scope):
-    """Every write acknowledged while a Pause runs is in its checkpoint."""
+    """Every write acknowledged while a Pause runs is in its checkpoint. Writers
+    keep writing until the Pause refuses them, so the Pause always meets writes."""
     await life.Spawn(lc.SpawnRequest(**scope))
     acknowledged: list[str] = []
 
     async def writer(index: int) -> None:
-        try:
-            await wm.Set(pb.SetRequest(**scope, key=f"k{index:03d}", value=value(index)))
-            acknowledged.append(f"k{index:03d}")
-        except grpc.aio.AioRpcError as error:
-            assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+        for attempt in range(10_000):
+            key = f"k{index:02d}-{attempt:04d}"
+            try:
+                await wm.Set(pb.SetRequest(**scope, key=key, value=value(attempt)))
+            except grpc.aio.AioRpcError as error:
+                assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+                return  # paused
+            acknowledged.append(key)
+        raise AssertionError("the Pause never refused this writer")
 
-    writers = [asyncio.ensure_future(writer(i)) for i in range(60)]
-    await asyncio.sleep(0.005)
+    writers = [asyncio.ensure_future(writer(i)) for i in range(8)]
+
+    async def writing() -> bool:
+        return len(acknowledged) >= 20
+
+    await eventually(writing)
     paused = await life.Pause(lc.PauseRequest(**scope))
     await asyncio.gather(*writers)
     detail = await life.GetCheckpoint(

@@ -53,7 +53,8 @@ async def test_events_arrive_live_with_their_fields(life, scope):
     assert spawned.HasField("event_time")
     pause_event = await next_event(call)
     assert pause_event.event_type == lc.EVENT_TYPE_SESSION_PAUSED
-    assert pause_event.sequence == spawned.sequence + 1 or pause_event.sequence > spawned.sequence
+    # Later, not necessarily next: the server's retention sweep may append between.
+    assert pause_event.sequence > spawned.sequence
     assert pause_event.checkpoint_id == paused.checkpoint.checkpoint_id
     call.cancel()
 
@@ -141,21 +142,24 @@ async def test_bad_watch_requests_are_invalid_argument(life):
         assert field in details.violations
 
 
-async def test_after_sequence_zero_means_from_the_first_event(life, scope):
+async def test_after_sequence_zero_means_from_the_first_event(life, scope, server):
     """An explicit 0 is a position (before the first event), not "now"."""
     await life.Spawn(lc.SpawnRequest(**scope))
+    # The run's database is shared: a test before this one may have compacted its
+    # first events (tests/client/test_watch.py does), and then 0 is too old.
+    oldest, _ = await server.durable_store.event_bounds()
     call = life.WatchLifecycle(
         lc.WatchLifecycleRequest(project_id=scope["project_id"], after_sequence=0)
     )
     try:
-        start = await start_position(call)
-        assert start == 0
-        assert (await next_event(call)).event_type == lc.EVENT_TYPE_SESSION_SPAWNED
-    except grpc.aio.AioRpcError as error:
-        # A log whose first events were compacted (a long-lived test database)
-        # cannot resume after 0: it says where it can.
-        assert error.code() == grpc.StatusCode.OUT_OF_RANGE
-        assert int(details_of(error).metadata["oldest_sequence"]) > 0
+        if oldest == 0:
+            assert await start_position(call) == 0
+            assert (await next_event(call)).event_type == lc.EVENT_TYPE_SESSION_SPAWNED
+        else:
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await call.read()
+            assert raised.value.code() == grpc.StatusCode.OUT_OF_RANGE
+            assert details_of(raised.value).metadata["oldest_sequence"] == str(oldest)
     finally:
         call.cancel()
 

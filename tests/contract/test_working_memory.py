@@ -165,10 +165,12 @@ async def test_ttl_expires_keys_everywhere(wm, scope):
 
 async def test_ttl_rounds_up_to_milliseconds(wm, scope):
     """A TTL below one millisecond still expires in the future, not immediately or never."""
+    before_ms = time.time_ns() // 1_000_000
     reply = await wm.Set(
         pb.SetRequest(**scope, key="k", value=value(1), ttl=duration_pb2.Duration(nanos=1))
     )
     assert reply.HasField("expire_time")
+    assert reply.expire_time.ToMilliseconds() >= before_ms + 1
 
 
 async def test_list_keys_paginates_in_byte_order_without_gaps(wm, scope):

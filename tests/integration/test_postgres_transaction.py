@@ -199,6 +199,7 @@ async def wait_until_blocked(
         assert not writer.done(), writer
         cursor = await conn.execute(
             "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+            " AND datname = current_database()"  # another run's database is not ours
             " AND query LIKE 'WITH w0 AS (UPDATE sessions%%'"
         )
         row = await cursor.fetchone()
