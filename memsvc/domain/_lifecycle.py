@@ -17,7 +17,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -336,7 +336,9 @@ class Lifecycle:
         """Delete a checkpoint, unless a PAUSED session will resume from it."""
         required = [] if checkpoint_id else [FieldViolation("checkpoint_id", "is required")]
         ref, request_id = self._check(session, checkpoint_id, request_id, [*found, *required])
-        arguments = (ref, checkpoint_id, metadata)
+        # Metadata in the request's hash only when given: a retry of a call that a
+        # replica from before it existed answered must still match.
+        arguments = (ref, checkpoint_id, metadata) if metadata else (ref, checkpoint_id)
         steps = _Steps(op=uuid7())
 
         async def body(tx: LifecycleTransaction, record: SessionRecord | None) -> DeleteResult:
@@ -897,8 +899,9 @@ class Lifecycle:
             # A retry of a call that committed and then died before its step 3 is
             # the one call sure to come: it settles the marker. (Else a Terminate's
             # memory would stay: every other call on a TERMINATED session is
-            # refused before it meets the marker, and nothing else looks.)
-            await self._settle_by_truth(ref)
+            # refused before it meets the marker, and nothing else looks.) After
+            # the answer: the answer is the database's, and needs no Redis.
+            self._after_answer(self._settle_by_truth(ref))
             return cast(T, replayed.result)
         except BaseException as error:
             if steps.started:
@@ -909,17 +912,21 @@ class Lifecycle:
             elif isinstance(error, InvalidTransition) and error.metadata.get("state") == (
                 SessionState.TERMINATED.name
             ):
-                await self._settle_by_truth(ref)  # the same, for a retry without its id
+                self._after_answer(self._settle_by_truth(ref))  # a retry without its id
             raise
         if steps.started:
             self._failpoints.hit(f"{method.lower()}.before_finish")
             if steps.after_answer:
-                task = asyncio.ensure_future(self._finish(method, ref, steps))
-                self._settling.add(task)
-                task.add_done_callback(self._settling.discard)
+                self._after_answer(self._finish(method, ref, steps))
             else:
                 await self._finish(method, ref, steps)
         return result
+
+    def _after_answer(self, settling: Coroutine[Any, Any, None]) -> None:
+        """Run ``settling`` once the call has answered (awaited at shutdown: settled)."""
+        task = asyncio.ensure_future(settling)
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
 
     async def _finish(self, method: str, ref: SessionRef, steps: _Steps) -> None:
         """Step 3: settle the marker after the commit."""

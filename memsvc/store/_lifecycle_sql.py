@@ -159,13 +159,18 @@ _READ_CHECKPOINT_UNLESS_HELD = _reading_checkpoint(
 )
 
 
+_RESUME_POINT = f"(SELECT resume_checkpoint_id FROM sessions WHERE {_SESSION_KEY} AND state = ?)"
 # A session's checkpoints, oldest first, with the contents of a PAUSED session's
 # resume checkpoint when the first placeholder is 1 (NULL for every other one).
 _READ_CHECKPOINTS_TO_END = (
-    "SELECT checkpoint_id, CASE WHEN ? = 1 AND checkpoint_id ="
-    f" (SELECT resume_checkpoint_id FROM sessions WHERE {_SESSION_KEY} AND state = ?)"
+    f"SELECT checkpoint_id, CASE WHEN ? = 1 AND checkpoint_id = {_RESUME_POINT}"
     f" THEN contents END FROM checkpoints WHERE {_SESSION_KEY}"
     " ORDER BY create_time, checkpoint_id"
+)
+# A PAUSED session's resume checkpoint alone, with its contents.
+_READ_RESUME_POINT = (
+    f"SELECT checkpoint_id, contents FROM checkpoints WHERE {_SESSION_KEY}"
+    f" AND checkpoint_id = {_RESUME_POINT}"
 )
 
 
@@ -378,14 +383,21 @@ class SqlLifecycleTransaction(SqlWrites):
         locked = await self._send(_lock_statement(self._d, linked), (*_key(ref), *_key(ref)))
         ids: list[str] = []
         contents = None
-        if checkpoints or resume_contents:
+        paused = int(SessionState.PAUSED)
+        reading: tuple[str, tuple[Any, ...]] | None = None
+        if checkpoints:
+            # Locked too: the retention sweep (which takes no session lock) must not
+            # delete one in between, which this Terminate would then announce again.
+            reading = (
+                _READ_CHECKPOINTS_TO_END + self._d.for_update,
+                (int(resume_contents), *_key(ref), paused, *_key(ref)),
+            )
+        elif resume_contents:
+            reading = (_READ_RESUME_POINT, (*_key(ref), *_key(ref), paused))
+        if reading is not None:
             # Sent together: the read runs after the lock, so it sees the locked row
             # (and a checkpoint committed while this waited for it).
-            cursor = await self._d.execute_bulk_read(
-                self._conn,
-                _READ_CHECKPOINTS_TO_END,
-                (int(resume_contents), *_key(ref), int(SessionState.PAUSED), *_key(ref)),
-            )
+            cursor = await self._d.execute_bulk_read(self._conn, *reading)
             for checkpoint_id, held in await cursor.fetchall():
                 ids.append(str(checkpoint_id))
                 if held is not None:
@@ -547,6 +559,9 @@ class SqlLifecycleTransaction(SqlWrites):
     async def delete_expired_checkpoints(
         self, cutoff_ms: int, limit: int
     ) -> list[tuple[SessionRef, str, str | None]]:
+        # Checkpoints a call has locked are left to it (a Terminate deleting them,
+        # which announces each): waiting for them could deadlock with its locks.
+        skip_locked = " FOR UPDATE OF c SKIP LOCKED" if self._d.for_update else ""
         rows = await (
             await self._conn.execute(
                 self._d.sql(
@@ -556,7 +571,8 @@ class SqlLifecycleTransaction(SqlWrites):
                     " (SELECT 1 FROM sessions s WHERE s.project_id = c.project_id"
                     " AND s.agent_instance_id = c.agent_instance_id"
                     " AND s.session_id = c.session_id AND s.state = 2"
-                    f" AND s.resume_checkpoint_id = c.checkpoint_id) LIMIT {int(limit)})"
+                    " AND s.resume_checkpoint_id = c.checkpoint_id)"
+                    f" LIMIT {int(limit)}{skip_locked})"
                     " RETURNING project_id, agent_instance_id, session_id, checkpoint_id,"
                     " (SELECT s.agent_type_id FROM sessions s"
                     " WHERE s.project_id = checkpoints.project_id"

@@ -14,6 +14,9 @@ import psycopg
 import pytest
 from google.protobuf import duration_pb2, struct_pb2
 
+from memsvc.domain import SessionRef
+from memsvc.domain import _lifecycle as lifecycle_module
+from memsvc.domain._lifecycle_results import arguments_hash
 from memsvc.v1 import episodic_pb2 as ep
 from memsvc.v1 import lifecycle_pb2 as lc
 from memsvc.v1 import working_memory_pb2 as pb
@@ -299,6 +302,36 @@ async def test_concurrent_calls_naming_one_checkpoint_id_make_it_once(life, wm, 
         assert len(made) == 1 and len(refused) == 3, outcomes
         assert {error.code() for error in refused} == {grpc.StatusCode.ALREADY_EXISTS}
     await wm.Set(pb.SetRequest(**scope, key="after", value=value(1)))
+
+
+async def test_delete_checkpoint_hashes_its_request_as_before_unless_given_metadata(
+    life, scope, monkeypatch
+):
+    """A request id's arguments are hashed to refuse its reuse for another call. A
+    DeleteCheckpoint without metadata hashes what replicas before the field did, so
+    a retry answered first by an older replica (a rolling upgrade) still matches."""
+    hashed: list[tuple[Any, ...]] = []
+    original = arguments_hash
+
+    def recording(method: str, *arguments: Any) -> str:
+        hashed.append((method, *arguments))
+        return original(method, *arguments)
+
+    monkeypatch.setattr(lifecycle_module, "arguments_hash", recording)
+    await life.Spawn(lc.SpawnRequest(**scope))
+    for name in ("plain", "noted"):
+        await life.CreateCheckpoint(lc.CreateCheckpointRequest(**scope, checkpoint_id=name))
+    noted = struct_pb2.Struct()
+    noted.update({"why": "done"})
+    for name, metadata in (("plain", None), ("noted", noted)):
+        await life.DeleteCheckpoint(
+            lc.DeleteCheckpointRequest(
+                **scope, checkpoint_id=name, request_id=str(uuid.uuid4()), metadata=metadata
+            )
+        )
+    deletes = [h[1:] for h in hashed if h[0] == "DeleteCheckpoint"]
+    ref = SessionRef(**scope)
+    assert deletes == [(ref, "plain"), (ref, "noted", {"why": "done"})]
 
 
 async def test_request_id_makes_retries_safe(life, scope):

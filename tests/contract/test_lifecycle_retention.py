@@ -233,7 +233,7 @@ async def test_an_older_copy_taken_before_a_spawn_settled_is_lost_memory(copy, l
 @pytest.mark.parametrize("config_overrides", [{"failpoints": "terminate.before_finish=error"}])
 @pytest.mark.parametrize("same_request_id", [True, False], ids=["retried", "called-again"])
 async def test_a_terminate_that_died_before_its_last_step_is_finished_by_its_retry(
-    copy, life, scope, wm, same_request_id
+    copy, life, scope, wm, server, same_request_id
 ):
     """A Terminate commits, then dies before deleting the working memory. Every
     other call on a TERMINATED session is refused before it meets the marker, so
@@ -248,6 +248,7 @@ async def test_a_terminate_that_died_before_its_last_step_is_finished_by_its_ret
     else:
         retry = lc.TerminateRequest(**scope)
         await expect_error(life.Terminate(retry), grpc.StatusCode.FAILED_PRECONDITION)
+    await server.lifecycle.settled()  # finished after the answer
     assert await copy.client.exists(*copy.keys) == 0
 
 
