@@ -50,11 +50,13 @@ class EventsRewound(Exception):
     its last commits (a failover to a standby that had not received them, a
     restore) and reuses their sequences."""
 
-    def __init__(self, position: int, latest: int) -> None:
-        super().__init__(
-            f"the event log went back from sequence {position} to {latest}: the database"
-            " lost its last commits"
+    def __init__(self, position: int, latest: int | None) -> None:
+        went = (
+            f"went back from sequence {position} to {latest}"
+            if latest is not None
+            else f"holds another event at sequence {position}"
         )
+        super().__init__(f"the event log {went}: the database lost its last commits")
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +217,10 @@ class EventHub:
         self._streams = 0
         # Every event up to here has been offered to the live subscribers.
         self.position = 0
+        # The id of the event at the position, when the hub offered it: a log that
+        # went back (a database that lost its last commits) and grew again holds
+        # another event there.
+        self._position_event: str | None = None
         self._tail: asyncio.Task[None] | None = None
         self._kick = asyncio.Event()
         # Told each event as the tail hands it to the watchers, and each time a
@@ -251,7 +257,10 @@ class EventHub:
                 self.notify()
                 return
             self._offer(stored)
-            self.position = stored.sequence
+            self._offered_up_to(stored)
+
+    def _offered_up_to(self, stored: StoredEvent) -> None:
+        self.position, self._position_event = stored.sequence, stored.event.event_id
 
     async def watch(
         self,
@@ -287,7 +296,7 @@ class EventHub:
                 # checked (a tail started further back would not check it). The
                 # latest, not the higher of it and where an earlier tail stopped: a
                 # database that lost its last commits reuses their sequences.
-                self.position = latest
+                self.position, self._position_event = latest, None
             yield cursor
             while True:
                 # Catch up from the store until the hub's position...
@@ -322,11 +331,11 @@ class EventHub:
         alone = not self._fed()
         self._subscribers.add(subscriber)
         if not self.tailing:
-            if alone:
+            if alone and cursor > self.position:
                 # Nobody else waits on the events up to here: the new tail may
                 # start where this stream stands. With others, it starts where
                 # they stand, and this stream skips what it already has.
-                self.position = max(self.position, cursor)
+                self.position, self._position_event = cursor, None
             self._tail = asyncio.create_task(self._follow(), name="memsvc-event-tail")
 
     def _fed(self) -> bool:
@@ -444,13 +453,23 @@ class EventHub:
             self._kick.clear()
             # Where the log was known to reach before reading: publish_committed may
             # move the position on during the reads, past what they see.
-            reached = self.position
+            reached, known = self.position, self._position_event
+            # With the event at the position (when its id is known): the log must not
+            # have gone back behind this tail and grown again, which would make it
+            # skip the events that reuse those sequences.
+            start = reached - 1 if known is not None else reached
             latest: int | None = None
+            replaced = False
             try:
-                batch = await self._source.read_events(reached, READ_BATCH, EventFilter())
-                if not batch:
-                    # Nothing new: the log must not have gone back behind this tail,
-                    # which would then skip the events that reuse its sequences.
+                batch = await self._source.read_events(start, READ_BATCH, EventFilter())
+                full = len(batch) == READ_BATCH
+                verified = False
+                if start < reached and batch and batch[0].sequence == reached:
+                    replaced = batch[0].event.event_id != known
+                    batch, verified = batch[1:], True
+                if not verified and (start < reached or not batch):
+                    # The event at the position is gone (compacted, or the log went
+                    # back), or not known and nothing new: compare with the log's end.
                     _, latest = await self._source.event_bounds()
                 failing_since = None
             except Exception as error:
@@ -462,7 +481,9 @@ class EventHub:
                 if now - failing_since >= TAIL_FAILING_SECONDS:
                     raise
                 log.warning("event tail read failed: %s", error)
-                batch = []
+                batch, full = [], False
+            if replaced:
+                raise EventsRewound(reached, None)
             for stored in batch:
                 if stored.sequence <= self.position:
                     continue  # already offered by publish_committed meanwhile
@@ -473,8 +494,8 @@ class EventHub:
                     # cursors, which the catch-up refuses with OUT_OF_RANGE.
                     raise EventsCompacted(self.position, stored.sequence)
                 self._offer(stored)
-                self.position = stored.sequence
-            if len(batch) == READ_BATCH:
+                self._offered_up_to(stored)
+            if full:
                 continue
             if latest is not None and latest < reached:
                 raise EventsRewound(reached, latest)

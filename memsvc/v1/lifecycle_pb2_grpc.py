@@ -232,8 +232,8 @@ class LifecycleServiceServicer:
         Errors: INVALID_ARGUMENT, OUT_OF_RANGE (the position is older than the
         retained events, at the start or while catching up; ErrorInfo metadata
         "oldest_sequence"; or it is past the latest event), RESOURCE_EXHAUSTED
-        (too many watchers), UNAVAILABLE (server shutting down: reconnect with the
-        cursor).
+        (too many watchers), UNAVAILABLE (server shutting down, or the database
+        lost its last commits: reconnect with the cursor).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

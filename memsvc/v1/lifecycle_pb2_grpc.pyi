@@ -113,8 +113,8 @@ class LifecycleServiceStub:
     Errors: INVALID_ARGUMENT, OUT_OF_RANGE (the position is older than the
     retained events, at the start or while catching up; ErrorInfo metadata
     "oldest_sequence"; or it is past the latest event), RESOURCE_EXHAUSTED
-    (too many watchers), UNAVAILABLE (server shutting down: reconnect with the
-    cursor).
+    (too many watchers), UNAVAILABLE (server shutting down, or the database
+    lost its last commits: reconnect with the cursor).
     """
 
 @_typing.type_check_only
@@ -202,8 +202,8 @@ class LifecycleServiceAsyncStub(LifecycleServiceStub):
     Errors: INVALID_ARGUMENT, OUT_OF_RANGE (the position is older than the
     retained events, at the start or while catching up; ErrorInfo metadata
     "oldest_sequence"; or it is past the latest event), RESOURCE_EXHAUSTED
-    (too many watchers), UNAVAILABLE (server shutting down: reconnect with the
-    cursor).
+    (too many watchers), UNAVAILABLE (server shutting down, or the database
+    lost its last commits: reconnect with the cursor).
     """
 
 class LifecycleServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -354,8 +354,8 @@ class LifecycleServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors: INVALID_ARGUMENT, OUT_OF_RANGE (the position is older than the
         retained events, at the start or while catching up; ErrorInfo metadata
         "oldest_sequence"; or it is past the latest event), RESOURCE_EXHAUSTED
-        (too many watchers), UNAVAILABLE (server shutting down: reconnect with the
-        cursor).
+        (too many watchers), UNAVAILABLE (server shutting down, or the database
+        lost its last commits: reconnect with the cursor).
         """
 
 def add_LifecycleServiceServicer_to_server(servicer: LifecycleServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -98,6 +98,32 @@ async def test_a_log_that_went_back_is_followed_from_where_it_is(sqlite_store, t
         await other.aclose()
 
 
+async def test_a_log_that_went_back_and_grew_again_ends_the_streams(sqlite_store, tmp_path):
+    """The same, but others commit before the tail looks again: the log is past
+    the tail's position once more, yet holds other events at its sequences. Taken
+    for new ones, the events reusing sequences 6 to 10 would never be delivered."""
+    other = SqliteDurableStore(f"sqlite:///{tmp_path}/events.db")  # another replica
+    await other.open()
+    hub = EventHub(sqlite_store, poll_interval=30)  # only a kick makes the tail read
+    ref = SessionRef(str(uuid.uuid4()), str(uuid.uuid4()), "s")
+    try:
+        live: Any = hub.watch(EventFilter(), None, 30)
+        assert await anext(live) == 0
+        await append(other, 10, ref)
+        hub.notify()
+        assert await take_events(live, 10) == list(range(1, 11))
+        db = sqlite_store._conn  # the database comes back without its last five...
+        await db.execute("DELETE FROM lifecycle_events WHERE sequence > 5")
+        await db.execute("UPDATE event_sequence SET last_sequence = 5")
+        await db.commit()
+        await append(other, 6, ref)  # ...and takes six commits: 6 to 11
+        hub.notify()
+        with pytest.raises(BackendUnavailable, match="holds another event at sequence 10"):
+            await asyncio.wait_for(anext(live), 10)
+    finally:
+        await other.aclose()
+
+
 async def test_a_thousand_connect_cancel_cycles_leave_nothing_behind(sqlite_store):
     hub = EventHub(sqlite_store, poll_interval=0.05)
     before = len(asyncio.all_tasks())
