@@ -73,6 +73,19 @@ async def test_keep_last_prunes_older_checkpoints_but_never_the_resume_point(lif
     assert sorted(await checkpoint_ids(life, scope)) == ["c3", "p2"]
 
 
+async def watch_deletions(life: LifecycleServiceStub, scope: dict[str, str]) -> Any:
+    """A watch of the session's CHECKPOINT_DELETED events, past its start message."""
+    call = life.WatchLifecycle(
+        lc.WatchLifecycleRequest(
+            project_id=scope["project_id"],
+            session_id=scope["session_id"],
+            event_types=[lc.EVENT_TYPE_CHECKPOINT_DELETED],
+        )
+    )
+    await asyncio.wait_for(call.read(), 10)
+    return call
+
+
 async def deletions(call: Any, count: int) -> list[lc.LifecycleEvent]:
     """The next ``count`` events of a watch of CHECKPOINT_DELETED events."""
     found: list[lc.LifecycleEvent] = []
@@ -89,14 +102,7 @@ async def test_checkpoint_deletions_are_announced_with_the_session_and_the_call(
     """A prune is the call's doing: its event has the call's request id and the
     session's agent type. DeleteCheckpoint's event carries that call's metadata."""
     agent_type, request_id = str(uuid.uuid4()), str(uuid.uuid4())
-    call = life.WatchLifecycle(
-        lc.WatchLifecycleRequest(
-            project_id=scope["project_id"],
-            session_id=scope["session_id"],
-            event_types=[lc.EVENT_TYPE_CHECKPOINT_DELETED],
-        )
-    )
-    await asyncio.wait_for(call.read(), 10)  # the start message
+    call = await watch_deletions(life, scope)
     spawn_metadata = struct_pb2.Struct()
     spawn_metadata.update({"reason": "spawned by the test"})
     await life.Spawn(lc.SpawnRequest(**scope, agent_type_id=agent_type, metadata=spawn_metadata))
@@ -125,14 +131,7 @@ def python_struct(struct: struct_pb2.Struct) -> dict[str, Any]:
 
 async def test_age_retention_deletes_expired_checkpoints_except_the_resume_point(life, scope):
     agent_type = str(uuid.uuid4())
-    call = life.WatchLifecycle(
-        lc.WatchLifecycleRequest(
-            project_id=scope["project_id"],
-            session_id=scope["session_id"],
-            event_types=[lc.EVENT_TYPE_CHECKPOINT_DELETED],
-        )
-    )
-    await asyncio.wait_for(call.read(), 10)  # the start message
+    call = await watch_deletions(life, scope)
     await life.Spawn(lc.SpawnRequest(**scope, agent_type_id=agent_type))
     await life.CreateCheckpoint(lc.CreateCheckpointRequest(**scope, checkpoint_id="old"))
     await life.Pause(lc.PauseRequest(**scope, checkpoint_id="resume-point"))
