@@ -138,8 +138,10 @@ class Lifecycle:
         self._wm = working_memory
         self._render_value = render_value
         self._clock_ms = clock_ms
-        # Step 3 of the operations answered already (_Steps.after_answer).
+        # Step 3 of the operations answered already (_Steps.after_answer), and heals
+        # after answering (at most one pending a session: _heal_after_answer).
         self._settling: set[asyncio.Future[None]] = set()
+        self._healing: dict[SessionRef, asyncio.Future[None]] = {}
         self.reads = LifecycleReads(memory, database, working_memory.limits, self.retention)
 
     # Spawn ------------------------------------------------------------------
@@ -575,20 +577,21 @@ class Lifecycle:
                 episode_id = episode.episode_id
             if cleanup:
                 await tx.delete_checkpoints(ref)
-                # Announced one by one, as DeleteCheckpoint and retention do, so a
-                # watcher that mirrors checkpoints never keeps a deleted one.
-                for checkpoint_id in locked.checkpoint_ids if locked else ():
-                    await tx.append_event(
-                        self._event(EventType.CHECKPOINT_DELETED, record, now, request_id,
-                                    checkpoint_id=checkpoint_id, metadata=ENDED)
-                    )  # fmt: skip
 
-            async def end_linked_threads() -> None:
+            async def before_the_events() -> None:
                 # Looking the threads up is a round trip of its own, so only when
                 # the lock saw one. A thread linked since is ended by the sweep.
                 if locked is not None and locked.linked_threads:
                     for hook in self.session_end_hooks:
                         await hook(tx, ref)
+                # The deleted checkpoints are announced one by one, as DeleteCheckpoint
+                # and retention do, so a watcher that mirrors checkpoints never keeps
+                # one; after the hooks, whose locks must come before the event counter.
+                for checkpoint_id in locked.checkpoint_ids if cleanup and locked else ():
+                    await tx.append_event(
+                        self._event(EventType.CHECKPOINT_DELETED, record, now, request_id,
+                                    checkpoint_id=checkpoint_id, metadata=ENDED)
+                    )  # fmt: skip
 
             ended = await self._transition(
                 tx,
@@ -596,7 +599,7 @@ class Lifecycle:
                 EventType.TERMINATED,
                 now,
                 request_id,
-                before_event=end_linked_threads,
+                before_event=before_the_events,
                 state=SessionState.TERMINATED,
                 resume_checkpoint_id=None,
                 episode_id=episode_id,
@@ -901,7 +904,8 @@ class Lifecycle:
             # memory would stay: every other call on a TERMINATED session is
             # refused before it meets the marker, and nothing else looks.) After
             # the answer: the answer is the database's, and needs no Redis.
-            self._after_answer(self._settle_by_truth(ref))
+            if method in _MARKER_STEPS:
+                self._heal_after_answer(ref)
             return cast(T, replayed.result)
         except BaseException as error:
             if steps.started:
@@ -912,7 +916,7 @@ class Lifecycle:
             elif isinstance(error, InvalidTransition) and error.metadata.get("state") == (
                 SessionState.TERMINATED.name
             ):
-                self._after_answer(self._settle_by_truth(ref))  # a retry without its id
+                self._heal_after_answer(ref)  # a retry without its id, or another call
             raise
         if steps.started:
             self._failpoints.hit(f"{method.lower()}.before_finish")
@@ -922,11 +926,28 @@ class Lifecycle:
                 await self._finish(method, ref, steps)
         return result
 
-    def _after_answer(self, settling: Coroutine[Any, Any, None]) -> None:
+    def _after_answer(self, settling: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
         """Run ``settling`` once the call has answered (awaited at shutdown: settled)."""
         task = asyncio.ensure_future(settling)
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
+        return task
+
+    def _heal_after_answer(self, ref: SessionRef) -> None:
+        """Heal the session's marker in the background, unless a heal of it is
+        pending already: a burst of retries must not queue a transaction each
+        on its row lock, nor hold a Redis connection each while Redis is away."""
+        if ref in self._healing:
+            return
+        task = self._after_answer(self._heal_quietly(ref))
+        self._healing[ref] = task
+        task.add_done_callback(lambda _: self._healing.pop(ref, None))
+
+    async def _heal_quietly(self, ref: SessionRef) -> None:
+        try:
+            await self.heal(ref)
+        except Exception as error:
+            log.warning("could not settle the working memory of %s yet: %s", ref.session_id, error)
 
     async def _finish(self, method: str, ref: SessionRef, steps: _Steps) -> None:
         """Step 3: settle the marker after the commit."""
@@ -982,7 +1003,8 @@ class Lifecycle:
 
         ``before_event`` runs in between: it sees the new version, and whatever
         it locks or waits for, it does so before the append locks the event
-        counter, which every writer of the deployment waits for until COMMIT.
+        counter, which every writer of the deployment waits for until COMMIT
+        (events it appends itself come last in it, and before this one).
         """
         changed = dataclasses.replace(record, version=record.version + 1, update_ms=now, **changes)
         await tx.update_session(changed)
@@ -1024,6 +1046,9 @@ class Lifecycle:
             metadata=record.metadata if metadata is None else metadata,
         )
 
+
+# The calls whose step 1 changes a marker: a replay of one heals what it may have left.
+_MARKER_STEPS = frozenset({"Spawn", "Pause", "Resume", "Terminate"})
 
 SUMMARY_CHARS = 1000
 # The metadata of the CHECKPOINT_DELETED events of retention (keep_last, max age),

@@ -7,6 +7,7 @@ the database stored must not wait on a Redis that does not respond.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,10 @@ async def test_a_replayed_answer_needs_no_redis(tmp_path: Path, postgres_url: st
             grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
         ):
             life = LifecycleServiceStub(channel)
-            await life.Spawn(lc.SpawnRequest(**ids))
+            lifecycle = server.lifecycle
+            assert lifecycle is not None
+            spawn = lc.SpawnRequest(**ids, request_id=str(uuid.uuid4()))
+            await life.Spawn(spawn)
             await life.CreateCheckpoint(lc.CreateCheckpointRequest(**ids, checkpoint_id="c"))
             delete = lc.DeleteCheckpointRequest(
                 **ids, checkpoint_id="c", request_id=str(uuid.uuid4())
@@ -53,5 +57,10 @@ async def test_a_replayed_answer_needs_no_redis(tmp_path: Path, postgres_url: st
             proxy.blackhole()  # Redis stops answering (a partition)
             try:
                 await life.DeleteCheckpoint(delete, timeout=3)  # the first answer, at once
+                assert not lifecycle._healing  # no marker step: nothing to heal
+                # A burst of retries of a Spawn: answered at once, and one heal pending
+                # (not one each, queued on the row lock or holding Redis connections).
+                await asyncio.gather(*(life.Spawn(spawn, timeout=3) for _ in range(5)))
+                assert len(lifecycle._healing) == 1
             finally:
                 proxy.restore()

@@ -3,7 +3,7 @@
 The Terminate reads and locks the session's checkpoints in its first round trip,
 then deletes them and announces each (CHECKPOINT_DELETED, reason "terminate"). The
 sweep takes no session lock: it skips the checkpoints a call has locked, so no
-checkpoint is announced twice, and the two never wait for each other.
+checkpoint is announced twice, and the sweep never waits for the Terminate.
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
 
 
 async def test_a_sweep_during_a_terminate_announces_no_checkpoint_twice(
-    tmp_path: Path, postgres_url: str
+    tmp_path: Path, fresh_postgres_url: str
 ):
     config = Config(
         listen="127.0.0.1:0",
         data_dir=str(tmp_path),
-        database_url=postgres_url,
+        database_url=fresh_postgres_url,  # its own: the sweep here expires every checkpoint
         health_listen="",
         metrics_listen="",
         retention_interval_seconds=3600,
