@@ -298,11 +298,18 @@ class EventHub:
                 # database that lost its last commits reuses their sequences.
                 self.position, self._position_event = latest, None
             yield cursor
+            # A stream that asked for the oldest event and has had none yet follows
+            # compaction instead of failing: the oldest is whatever is kept.
+            following_oldest = after is None and from_oldest
             while True:
                 # Catch up from the store until the hub's position...
                 while cursor < (target := self.position):
                     batch = await self._source.read_events(cursor, READ_BATCH, event_filter)
                     oldest, _ = await self._source.event_bounds()
+                    if cursor < oldest and following_oldest:
+                        cursor = oldest
+                        yield cursor  # a progress: nothing up to there is kept
+                        continue
                     if cursor < oldest:
                         # Compacted while this stream caught up: what it had not read
                         # yet may be gone (oldest only grows, so a later check passing
@@ -310,11 +317,12 @@ class EventHub:
                         raise PositionTooOld(cursor, oldest)
                     batch = [stored for stored in batch if stored.sequence <= target]
                     for stored in batch:
-                        cursor = stored.sequence
+                        cursor, following_oldest = stored.sequence, False
                         yield stored
                     if len(batch) < READ_BATCH:
                         cursor = target
                 # ...then join it, with no await in between: nothing slips past.
+                following_oldest = False
                 self._join(subscriber, cursor)
                 async for item in self._live(subscriber, progress_interval):
                     cursor = item.sequence if isinstance(item, StoredEvent) else item

@@ -84,7 +84,10 @@ class _WatchStartEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WatchStart
     WATCH_START_NOW: _WatchStart.ValueType  # 1
     """Only events committed after the stream starts."""
     WATCH_START_OLDEST: _WatchStart.ValueType  # 2
-    """Every retained event, from the oldest."""
+    """Every retained event, from the oldest. Should compaction remove the first
+    ones before the stream delivers any, it moves on to the new oldest (a
+    progress message says where) instead of failing.
+    """
 
 class WatchStart(_WatchStart, metaclass=_WatchStartEnumTypeWrapper):
     """WatchStart is where a watch begins when `after_sequence` is unset."""
@@ -94,7 +97,10 @@ WATCH_START_UNSPECIFIED: WatchStart.ValueType  # 0
 WATCH_START_NOW: WatchStart.ValueType  # 1
 """Only events committed after the stream starts."""
 WATCH_START_OLDEST: WatchStart.ValueType  # 2
-"""Every retained event, from the oldest."""
+"""Every retained event, from the oldest. Should compaction remove the first
+ones before the stream delivers any, it moves on to the new oldest (a
+progress message says where) instead of failing.
+"""
 Global___WatchStart: _TypeAlias = WatchStart  # noqa: Y015
 
 class _SessionState:

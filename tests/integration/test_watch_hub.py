@@ -124,6 +124,43 @@ async def test_a_log_that_went_back_and_grew_again_ends_the_streams(sqlite_store
         await other.aclose()
 
 
+class CompactingFirst:
+    """The store, but the first catch-up read finds the oldest events compacted
+    (the retention sweep ran between a stream's bounds and its first read)."""
+
+    def __init__(self, store: Any, up_to: int) -> None:
+        self._store, self._up_to, self.compacted = store, up_to, False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def read_events(self, after: int, limit: int, event_filter: EventFilter) -> Any:
+        if not self.compacted:
+            self.compacted = True
+            db = self._store._conn
+            await db.execute("DELETE FROM lifecycle_events WHERE sequence <= ?", (self._up_to,))
+            await db.commit()
+        return await self._store.read_events(after, limit, event_filter)
+
+
+async def test_a_stream_from_the_oldest_follows_compaction_before_its_first_event(
+    sqlite_store,
+):
+    """Asked for the oldest retained event, a stream whose first events are
+    compacted before it reads them starts after the new oldest (a progress says
+    so) instead of ending with OUT_OF_RANGE for a position it never asked for."""
+    ref = SessionRef(str(uuid.uuid4()), str(uuid.uuid4()), "s")
+    await append(sqlite_store, 6, ref)
+    source = CompactingFirst(sqlite_store, up_to=3)
+    hub = EventHub(source, poll_interval=0.05)
+    stream: Any = hub.watch(EventFilter(), None, 30, from_oldest=True)
+    assert await anext(stream) == 0  # the oldest when it started
+    assert await anext(stream) == 3  # compacted meanwhile: the stream moves on
+    assert await take_events(stream, 3) == [4, 5, 6]
+    assert source.compacted
+    await stream.aclose()
+
+
 async def test_a_thousand_connect_cancel_cycles_leave_nothing_behind(sqlite_store):
     hub = EventHub(sqlite_store, poll_interval=0.05)
     before = len(asyncio.all_tasks())
