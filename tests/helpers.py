@@ -162,6 +162,16 @@ def reuse(module_name: str, namespace: dict[str, Any], *, leave_out: Collection[
             namespace.setdefault(name, item)
 
 
+async def next_event(call: Any, timeout: float = 10) -> Any:
+    """The next event (a memsvc.v1.LifecycleEvent) of a WatchLifecycle call,
+    progress messages skipped."""
+    while True:
+        message = await asyncio.wait_for(call.read(), timeout)
+        assert message is not grpc.aio.EOF
+        if message.HasField("event"):
+            return message.event
+
+
 async def take_events(stream: Any, count: int) -> list[int]:
     """The sequences of the next ``count`` events of an EventHub stream (progress
     positions skipped)."""

@@ -240,7 +240,9 @@ class Episodes:
         return answer
 
     async def get(self, project_id: str, episode_id: str, with_embedding: bool) -> EpisodeRecord:
-        project, episode = _check_episode_name(project_id, episode_id)
+        violations: list[FieldViolation] = []
+        project, episode = _check_episode_name(project_id, episode_id, violations)
+        raise_if_any(violations)
         found = await self._db.get_episodes(project, [episode], with_embedding)
         if not found:
             raise EpisodeNotFound(episode_id)
@@ -372,16 +374,13 @@ class Episodes:
 
 
 def _check_episode_name(
-    project_id: str, episode_id: str, violations: list[FieldViolation] | None = None
+    project_id: str, episode_id: str, violations: list[FieldViolation]
 ) -> tuple[str, str]:
-    """The canonical project and episode ids; raises for bad ones, unless the
-    caller collects ``violations`` to report with its own."""
-    found: list[FieldViolation] = [] if violations is None else violations
-    project = check_uuid(project_id, "project_id", found)
-    episode = check_uuid(episode_id, "episode_id", found)
-    if violations is None:
-        raise_if_any(found)
-    return project, episode
+    """The canonical project and episode ids; bad ones go to ``violations``."""
+    return (
+        check_uuid(project_id, "project_id", violations),
+        check_uuid(episode_id, "episode_id", violations),
+    )
 
 
 def check_scope(scope: EpisodeScope, violations: list[FieldViolation]) -> EpisodeScope:

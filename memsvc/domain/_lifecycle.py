@@ -910,7 +910,7 @@ class Lifecycle:
         except BaseException as error:
             if steps.started:
                 if committing:
-                    await self._settle_by_truth(ref)
+                    await self._settle_by_truth(ref, "a COMMIT whose outcome is unknown")
                 else:
                     await self._undo(ref, steps)
             elif isinstance(error, InvalidTransition) and error.metadata.get("state") == (
@@ -939,15 +939,9 @@ class Lifecycle:
         on its row lock, nor hold a Redis connection each while Redis is away."""
         if ref in self._healing:
             return
-        task = self._after_answer(self._heal_quietly(ref))
+        task = self._after_answer(self._settle_by_truth(ref, "a retried or refused call"))
         self._healing[ref] = task
         task.add_done_callback(lambda _: self._healing.pop(ref, None))
-
-    async def _heal_quietly(self, ref: SessionRef) -> None:
-        try:
-            await self.heal(ref)
-        except Exception as error:
-            log.warning("could not settle the working memory of %s yet: %s", ref.session_id, error)
 
     async def _finish(self, method: str, ref: SessionRef, steps: _Steps) -> None:
         """Step 3: settle the marker after the commit."""
@@ -967,15 +961,14 @@ class Lifecycle:
         while self._settling:
             await asyncio.gather(*self._settling, return_exceptions=True)
 
-    async def _settle_by_truth(self, ref: SessionRef) -> None:
-        """After a COMMIT whose outcome is unknown (its answer was lost), settle the
-        transitional marker by what the database holds, not by guessing. When the
-        database cannot tell now, the marker stays transitional: the next call on
-        the session heals it."""
+    async def _settle_by_truth(self, ref: SessionRef, after: str) -> None:
+        """Settle a transitional marker by what the database holds, not by guessing
+        (``after``: what left the doubt, for the log). When that cannot be done
+        now, the marker stays transitional: the next call on the session heals it."""
         try:
             await self.heal(ref)
         except Exception as error:
-            log.warning("commit outcome of %s unknown, settling later: %s", ref.session_id, error)
+            log.warning("after %s, %s: settling later: %s", after, ref.session_id, error)
 
     async def _undo(self, ref: SessionRef, steps: _Steps) -> None:
         try:

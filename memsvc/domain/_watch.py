@@ -16,7 +16,7 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -346,11 +346,14 @@ class EventHub:
                 self.position, self._position_event = cursor, None
             self._tail = asyncio.create_task(self._follow(), name="memsvc-event-tail")
 
-    def _fed(self) -> bool:
-        """Whether a subscriber waits on the tail for events. One whose tail failed
+    def _waiting(self) -> Iterator[_Subscriber]:
+        """The subscribers that wait on the tail for events. One whose tail failed
         only writes out what it holds: a new tail need not start where it stands
         (where the old one failed, say on events compaction removed)."""
-        return any(subscriber.failure is None for subscriber in self._subscribers)
+        return (subscriber for subscriber in self._subscribers if subscriber.failure is None)
+
+    def _fed(self) -> bool:
+        return next(self._waiting(), None) is not None
 
     def _leave(self, subscriber: _Subscriber) -> None:
         self._subscribers.discard(subscriber)
@@ -436,7 +439,7 @@ class EventHub:
 
     def _fail_subscribers(self, error: BaseException) -> None:
         """End the streams this tail fed (UNAVAILABLE: they reconnect with their cursors)."""
-        fed = [subscriber for subscriber in self._subscribers if subscriber.failure is None]
+        fed = list(self._waiting())
         if fed:
             log.error(
                 "the event tail failed: its %d watchers must reconnect",

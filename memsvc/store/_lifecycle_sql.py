@@ -149,17 +149,15 @@ def _reading_checkpoint(contents: str) -> str:
     )
 
 
+# The checkpoint a session in the state of the placeholder (PAUSED) resumes from.
+_RESUME_POINT = f"(SELECT resume_checkpoint_id FROM sessions WHERE {_SESSION_KEY} AND state = ?)"
 _READ_CHECKPOINT = _reading_checkpoint("contents")
 # Without the contents (NULL) of the checkpoint a PAUSED session's Pause took
 # when none of its keys has a TTL: the working memory most likely still holds
 # exactly that (SessionMemoryStore.begin_restore).
 _READ_CHECKPOINT_UNLESS_HELD = _reading_checkpoint(
-    "CASE WHEN timed_keys = 0 AND checkpoint_id = (SELECT resume_checkpoint_id FROM sessions"
-    f" WHERE {_SESSION_KEY} AND state = ?) THEN NULL ELSE contents END"
+    f"CASE WHEN timed_keys = 0 AND checkpoint_id = {_RESUME_POINT} THEN NULL ELSE contents END"
 )
-
-
-_RESUME_POINT = f"(SELECT resume_checkpoint_id FROM sessions WHERE {_SESSION_KEY} AND state = ?)"
 # A session's checkpoints, oldest first, with the contents of a PAUSED session's
 # resume checkpoint when the first placeholder is 1 (NULL for every other one).
 _READ_CHECKPOINTS_TO_END = (

@@ -26,7 +26,7 @@ from memsvc.v1.episodic_pb2_grpc import EpisodicMemoryServiceStub
 from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
 from memsvc.v1.working_memory_pb2_grpc import WorkingMemoryServiceStub
 from tests.conftest import DEPLOYMENTS, track_project
-from tests.helpers import eventually, expect_error, python, sql_rows, value
+from tests.helpers import eventually, expect_error, next_event, python, sql_rows, value
 
 
 @pytest.fixture
@@ -86,17 +86,6 @@ async def watch_deletions(life: LifecycleServiceStub, scope: dict[str, str]) -> 
     return call
 
 
-async def deletions(call: Any, count: int) -> list[lc.LifecycleEvent]:
-    """The next ``count`` events of a watch of CHECKPOINT_DELETED events."""
-    found: list[lc.LifecycleEvent] = []
-    while len(found) < count:
-        message = await asyncio.wait_for(call.read(), 10)
-        assert message is not grpc.aio.EOF
-        if message.HasField("event"):
-            found.append(message.event)
-    return found
-
-
 @pytest.mark.parametrize("config_overrides", [HOUR_AGE])
 async def test_checkpoint_deletions_are_announced_with_the_session_and_the_call(life, scope):
     """A prune is the call's doing: its event has the call's request id and the
@@ -116,7 +105,7 @@ async def test_checkpoint_deletions_are_announced_with_the_session_and_the_call(
     await life.DeleteCheckpoint(
         lc.DeleteCheckpointRequest(**scope, checkpoint_id="c2", metadata=deleted_metadata)
     )
-    pruned, deleted = await deletions(call, 2)
+    pruned, deleted = [await next_event(call) for _ in range(2)]
     call.cancel()
     assert (pruned.checkpoint_id, pruned.agent_type_id) == ("c1", agent_type)
     assert pruned.request_id == request_id
@@ -140,7 +129,7 @@ async def test_age_retention_deletes_expired_checkpoints_except_the_resume_point
         return await checkpoint_ids(life, scope) == ["resume-point"]
 
     await eventually(only_resume_point_left)
-    (swept,) = await deletions(call, 1)
+    swept = await next_event(call)
     call.cancel()
     assert (swept.checkpoint_id, swept.agent_type_id, swept.request_id) == ("old", agent_type, "")
     assert python_struct(swept.metadata) == {"reason": "retention"}

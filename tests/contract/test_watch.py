@@ -12,7 +12,7 @@ from google.protobuf import duration_pb2
 
 from memsvc.v1 import lifecycle_pb2 as lc
 from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
-from tests.helpers import details_of, sql_rows
+from tests.helpers import details_of, next_event, sql_rows
 
 FAST = duration_pb2.Duration(nanos=200_000_000)
 
@@ -20,16 +20,6 @@ FAST = duration_pb2.Duration(nanos=200_000_000)
 @pytest.fixture
 def life(channel: grpc.aio.Channel) -> LifecycleServiceStub:
     return LifecycleServiceStub(channel)
-
-
-async def next_event(call: Any, timeout: float = 10) -> lc.LifecycleEvent:
-    """The next event of a stream, skipping progress messages."""
-    while True:
-        message = await asyncio.wait_for(call.read(), timeout)
-        assert message is not grpc.aio.EOF
-        if message.HasField("event"):
-            event: lc.LifecycleEvent = message.event
-            return event
 
 
 async def start_position(call: Any) -> int:

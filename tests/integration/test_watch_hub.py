@@ -68,6 +68,15 @@ async def test_a_subscriber_that_reads_nothing_does_not_delay_others(sqlite_stor
     assert not hub.tailing
 
 
+async def lose_commits_after(store: Any, sequence: int) -> None:
+    """The database comes back without its commits after ``sequence`` (a failover
+    to a standby that had not received them): their sequences will be reused."""
+    db = store._conn
+    await db.execute("DELETE FROM lifecycle_events WHERE sequence > ?", (sequence,))
+    await db.execute("UPDATE event_sequence SET last_sequence = ?", (sequence,))
+    await db.commit()
+
+
 async def test_a_log_that_went_back_is_followed_from_where_it_is(sqlite_store, tmp_path):
     """The database loses its last commits (a failover to a standby that had not
     received them, a restore) and reuses their sequences. A live stream ends with
@@ -83,10 +92,7 @@ async def test_a_log_that_went_back_is_followed_from_where_it_is(sqlite_store, t
         assert await anext(live) == 0
         await append(other, 10, ref)
         assert await take_events(live, 10) == list(range(1, 11))
-        db = sqlite_store._conn  # the database comes back without its last five
-        await db.execute("DELETE FROM lifecycle_events WHERE sequence > 5")
-        await db.execute("UPDATE event_sequence SET last_sequence = 5")
-        await db.commit()
+        await lose_commits_after(sqlite_store, 5)
         with pytest.raises(BackendUnavailable, match="went back from sequence 10 to 5"):
             await asyncio.wait_for(anext(live), 10)
         fresh: Any = hub.watch(EventFilter(), None, 0.2)
@@ -112,11 +118,8 @@ async def test_a_log_that_went_back_and_grew_again_ends_the_streams(sqlite_store
         await append(other, 10, ref)
         hub.notify()
         assert await take_events(live, 10) == list(range(1, 11))
-        db = sqlite_store._conn  # the database comes back without its last five...
-        await db.execute("DELETE FROM lifecycle_events WHERE sequence > 5")
-        await db.execute("UPDATE event_sequence SET last_sequence = 5")
-        await db.commit()
-        await append(other, 6, ref)  # ...and takes six commits: 6 to 11
+        await lose_commits_after(sqlite_store, 5)
+        await append(other, 6, ref)  # then takes six commits: 6 to 11
         hub.notify()
         with pytest.raises(BackendUnavailable, match="holds another event at sequence 10"):
             await asyncio.wait_for(anext(live), 10)
