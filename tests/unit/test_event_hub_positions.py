@@ -58,14 +58,23 @@ class CompactingLog(NotifyingLog):
             await self.closing.wait()  # however the tail ends
 
 
+async def joined_stream(
+    log: CompactingLog, committed: int, **hub_options: Any
+) -> tuple[EventHub, Any, asyncio.Future[list[int]]]:
+    """A hub over ``log`` after ``committed`` events, a stream from now, and its
+    wait for its next event (which has joined it to the hub's tail)."""
+    log.commit(committed)
+    hub = EventHub(log, poll_interval=30, **hub_options)
+    stream: Any = hub.watch(EventFilter(), None, 30)
+    assert await anext(stream) == committed
+    waiting = asyncio.ensure_future(take_events(stream, 1))
+    await settle()
+    return hub, stream, waiting
+
+
 async def test_a_position_past_the_latest_is_refused_and_hides_nothing():
     log = CompactingLog()
-    log.commit(5)
-    hub = EventHub(log, poll_interval=30)
-    watcher: Any = hub.watch(EventFilter(), None, 30)
-    assert await anext(watcher) == 5
-    first = asyncio.ensure_future(take_events(watcher, 1))
-    await settle()
+    hub, watcher, first = await joined_stream(log, 5)
     ahead: Any = hub.watch(EventFilter(), 10**9, 30)
     with pytest.raises(PositionAhead) as refused:
         await anext(ahead)
@@ -102,11 +111,7 @@ async def test_compaction_overtaking_a_catch_up_ends_the_stream(others: bool):
 
 async def test_a_lagging_stream_that_rejoins_while_the_tail_closes_gets_a_new_tail():
     log = CompactingLog()
-    hub = EventHub(log, queue_size=1, poll_interval=30)
-    stream: Any = hub.watch(EventFilter(), None, 30)
-    assert await anext(stream) == 0
-    first = asyncio.ensure_future(take_events(stream, 1))
-    await settle()
+    _, stream, first = await joined_stream(log, 0, queue_size=1)
     log.commit(3)  # the queue holds 1: the stream lags
     assert await first == [1]
     log.closing.clear()  # the next tail to stop stays in its shutdown
@@ -214,12 +219,7 @@ async def test_a_tail_that_fell_behind_compaction_ends_its_streams():
     UNAVAILABLE instead of going on past the gap, and a reconnect with their
     cursor is refused with OUT_OF_RANGE."""
     log = CompactingLog()
-    log.commit(3)
-    hub = EventHub(log, poll_interval=30)
-    stream: Any = hub.watch(EventFilter(), None, 30)
-    assert await anext(stream) == 3
-    reading = asyncio.ensure_future(take_events(stream, 1))
-    await settle()
+    hub, stream, reading = await joined_stream(log, 3)
     log.compact_to = 6  # 4 to 6 go before the tail reads them
     log.commit(5)
     with pytest.raises(BackendUnavailable, match="event log"):
@@ -236,12 +236,7 @@ async def test_a_new_stream_is_not_failed_by_the_gap_that_ended_the_others(closi
     subscribed a while; a stream that joins meanwhile starts a tail from its own
     position, not from the gap, which would end it too."""
     log = CompactingLog()
-    log.commit(3)
-    hub = EventHub(log, poll_interval=30)
-    failed: Any = hub.watch(EventFilter(), None, 30)
-    assert await anext(failed) == 3
-    reading = asyncio.ensure_future(take_events(failed, 1))
-    await settle()
+    hub, failed, reading = await joined_stream(log, 3)
     log.commit(1)
     assert await reading == [4]  # subscribed, and not read any further for now
     if closing:
