@@ -587,11 +587,12 @@ class Lifecycle:
                 # The deleted checkpoints are announced one by one, as DeleteCheckpoint
                 # and retention do, so a watcher that mirrors checkpoints never keeps
                 # one; after the hooks, whose locks must come before the event counter.
-                for checkpoint_id in locked.checkpoint_ids if cleanup and locked else ():
-                    await tx.append_event(
+                if cleanup and locked and locked.checkpoint_ids:
+                    await tx.append_events([
                         self._event(EventType.CHECKPOINT_DELETED, record, now, request_id,
                                     checkpoint_id=checkpoint_id, metadata=ENDED)
-                    )  # fmt: skip
+                        for checkpoint_id in locked.checkpoint_ids
+                    ])  # fmt: skip
 
             ended = await self._transition(
                 tx,
@@ -686,11 +687,11 @@ class Lifecycle:
             if await tx.try_lead("checkpoint-retention"):
                 cutoff = now - self.retention.max_age_ms
                 expired = await tx.delete_expired_checkpoints(cutoff, limit)
-                for ref, checkpoint_id, agent_type_id in expired:
-                    await tx.append_event(
-                        EventRecord(uuid7(), EventType.CHECKPOINT_DELETED, ref, agent_type_id,
-                                    now, checkpoint_id=checkpoint_id, metadata=RETENTION)
-                    )  # fmt: skip
+                await tx.append_events([
+                    EventRecord(uuid7(), EventType.CHECKPOINT_DELETED, ref, agent_type_id,
+                                now, checkpoint_id=checkpoint_id, metadata=RETENTION)
+                    for ref, checkpoint_id, agent_type_id in expired
+                ])  # fmt: skip
         async with self._db.transaction() as tx:
             if await tx.try_lead("request-retention"):
                 ttl = self.retention.request_id_ttl_ms * (1 + REQUEST_ID_CLOCK_MARGIN)

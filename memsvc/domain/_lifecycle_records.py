@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -308,6 +309,10 @@ class LifecycleTransaction(RequestLog, Protocol):
     async def append_event(self, event: EventRecord) -> None:
         """Append an event. Call it last: it holds the event counter to commit.
         Its gap-free sequence is known once committed (the store's ``appended``)."""
+
+    async def append_events(self, events: Sequence[EventRecord]) -> None:
+        """Append events, in order, as :meth:`append_event` does, in as few
+        statements as the database allows (not one per event)."""
 
 
 class LifecycleDatabase(Protocol):

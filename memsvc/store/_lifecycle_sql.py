@@ -9,6 +9,7 @@ returning a cursor with ``fetchone``/``fetchall``, which is all this uses.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -316,16 +317,19 @@ class SqlLifecycleTransaction(SqlWrites):
 
     def __init__(self, conn: Connection, dialect: Dialect) -> None:
         super().__init__(conn, dialect)
-        # Events this transaction appended, each with the statement that numbered
-        # it: on PostgreSQL the sequence is read after COMMIT (committed()).
-        self._appending: list[tuple[_Pending, EventRecord]] = []
+        # Events this transaction appended, each chunk with the statement that
+        # numbered it (its row: the chunk's last sequence). On PostgreSQL the
+        # sequences are read after COMMIT (committed()).
+        self._appending: list[tuple[_Pending, Sequence[EventRecord]]] = []
         self.appended: list[StoredEvent] = []
 
     async def committed(self) -> list[StoredEvent]:
         """The events this transaction appended, with their sequences (after COMMIT)."""
-        self.appended = [
-            StoredEvent(int((await pending.row())[0]), event) for pending, event in self._appending
-        ]
+        self.appended = []
+        for pending, events in self._appending:
+            last = int((await pending.row())[0])
+            first = last - len(events) + 1
+            self.appended += [StoredEvent(first + i, event) for i, event in enumerate(events)]
         return self.appended
 
     async def _one(self, statement: str, params: Sequence[Any]) -> Any:
@@ -602,8 +606,58 @@ class SqlLifecycleTransaction(SqlWrites):
         await self._write(f"DELETE FROM checkpoints WHERE {_SESSION_KEY}", _key(ref))
 
     async def append_event(self, event: EventRecord) -> None:
+        await self.append_events([event])
+
+    async def append_events(self, events: Sequence[EventRecord]) -> None:
         # The counter row serializes writers from here to commit: keep this last.
-        values = (
+        # One statement per _APPEND_CHUNK events, however many: a Terminate or a
+        # retention sweep that announces a thousand deleted checkpoints holds the
+        # counter for one statement, not a thousand.
+        for start in range(0, len(events), _APPEND_CHUNK):
+            await self._append_chunk(events[start : start + _APPEND_CHUNK])
+
+    async def _append_chunk(self, events: Sequence[EventRecord]) -> None:
+        rows = [self._event_values(event) for event in events]
+        if self._d.single_statement_append:
+            # One statement: the writes waiting in the batch, then bump the counter,
+            # insert, and NOTIFY the last sequence (sent at commit).
+            waiting = self._batch.take() if self._batch is not None else []
+            writes = "".join(f"w{i} AS ({sql} RETURNING 1), " for i, (sql, _) in enumerate(waiting))
+            # Unreferenced, a data-modifying CTE runs at the statement's end, after
+            # the counter row is locked (held to COMMIT, it serializes every writer):
+            # read by the counter's UPDATE, each runs to completion before it.
+            first = " AND ".join(f"(SELECT count(*) FROM w{i}) >= 0" for i in range(len(waiting)))
+            # The events take the counter's last len(rows) values, in order.
+            values = ", ".join(
+                f"((SELECT last_sequence FROM s) - {len(rows) - 1 - i}, {_EVENT_PLACEHOLDERS})"
+                for i in range(len(rows))
+            )
+            pending = await self._send(
+                f"WITH {writes}s AS (UPDATE event_sequence SET last_sequence = last_sequence"
+                f" + {len(rows)}{f' WHERE {first}' if waiting else ''} RETURNING last_sequence),"
+                f" ins AS (INSERT INTO lifecycle_events ({_EVENT_COLUMNS}) VALUES {values}"
+                " RETURNING sequence)"
+                " SELECT max(sequence),"
+                f" pg_notify('{EVENT_CHANNEL}', max(sequence)::text) FROM ins",
+                (*(param for _, params in waiting for param in params), *itertools.chain(*rows)),
+            )
+            self._appending.append((pending, events))
+            return
+        row = await self._one(
+            "UPDATE event_sequence SET last_sequence = last_sequence + ? RETURNING last_sequence",
+            (len(rows),),
+        )
+        first_sequence = int(row[0]) - len(rows) + 1
+        insert = self._d.sql(
+            f"INSERT INTO lifecycle_events ({_EVENT_COLUMNS}) VALUES (?, {_EVENT_PLACEHOLDERS})"
+        )
+        for i, row_values in enumerate(rows):
+            await self._conn.execute(insert, (first_sequence + i, *row_values))
+        self._appending.append((_Pending(None, row, read=True), events))
+
+    def _event_values(self, event: EventRecord) -> tuple[Any, ...]:
+        """An event's columns after its sequence, as parameters."""
+        return (
             event.event_id,
             int(event.event_type),
             *_key(event.ref),
@@ -614,38 +668,6 @@ class SqlLifecycleTransaction(SqlWrites):
             self._d.json_param(event.metadata),
             self._d.time_param(event.time_ms),
         )
-        if self._d.single_statement_append:
-            # One statement: the writes waiting in the batch, then bump the counter,
-            # insert, and NOTIFY (sent at commit).
-            waiting = self._batch.take() if self._batch is not None else []
-            writes = "".join(f"w{i} AS ({sql} RETURNING 1), " for i, (sql, _) in enumerate(waiting))
-            # Unreferenced, a data-modifying CTE runs at the statement's end, after
-            # the counter row is locked (held to COMMIT, it serializes every writer):
-            # read by the counter's UPDATE, each runs to completion before it.
-            first = " AND ".join(f"(SELECT count(*) FROM w{i}) >= 0" for i in range(len(waiting)))
-            pending = await self._send(
-                f"WITH {writes}s AS (UPDATE event_sequence SET last_sequence = last_sequence + 1"
-                f"{f' WHERE {first}' if waiting else ''} RETURNING last_sequence),"
-                f" ins AS (INSERT INTO lifecycle_events ({_EVENT_COLUMNS}) SELECT"
-                " s.last_sequence, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? FROM s RETURNING sequence)"
-                f" SELECT sequence, pg_notify('{EVENT_CHANNEL}', sequence::text) FROM ins",
-                (*(param for _, params in waiting for param in params), *values),
-            )
-            self._appending.append((pending, event))
-            return
-        row = await self._one(
-            "UPDATE event_sequence SET last_sequence = last_sequence + 1 RETURNING last_sequence",
-            (),
-        )
-        sequence = int(row[0])
-        await self._conn.execute(
-            self._d.sql(
-                f"INSERT INTO lifecycle_events ({_EVENT_COLUMNS})"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-            ),
-            (sequence, *values),
-        )
-        self._appending.append((_Pending(None, row, read=True), event))
 
     async def acquire_lease(self, job: str, holder: str, now_ms: int, lease_ms: int) -> bool:
         """Take or renew ``job``'s lease for ``holder`` unless another holds it unexpired."""
@@ -718,6 +740,11 @@ _EVENT_COLUMNS = (
     "sequence, event_id, event_type, project_id, agent_instance_id, session_id,"
     " agent_type_id, checkpoint_id, episode_id, request_id, metadata, event_time"
 )
+# The placeholders of an event's columns after its sequence (_event_values).
+_EVENT_PLACEHOLDERS = ", ".join("?" * 11)
+# The most events one append statement carries: 11 parameters each, and
+# PostgreSQL takes at most 65,535 in a statement.
+_APPEND_CHUNK = 1000
 
 
 def event_from_row(row: Sequence[Any], dialect: Dialect) -> StoredEvent:

@@ -20,6 +20,7 @@ from memsvc.domain._lifecycle_records import (
 )
 from memsvc.domain._session_memory import SnapshotEntry
 from memsvc.domain._snapshot import decode_snapshot, encode_snapshot
+from memsvc.domain._watch import EventFilter
 from tests.helpers import durable_store_at
 
 
@@ -196,6 +197,30 @@ async def test_event_sequences_are_gap_free_across_concurrent_writers(database_u
         for store in stores:
             await store.aclose()
     assert sorted(s for result in results for s in result) == list(range(1, 81))
+
+
+async def test_appended_events_take_consecutive_sequences_in_order(db):
+    """Many events appended at once (more than one statement carries) between
+    two single appends: every one stored, numbered in the order given, with no
+    gap, and each as given."""
+    ref = new_session().ref
+    many = [
+        EventRecord(str(uuid.uuid4()), EventType.CHECKPOINT_DELETED, ref, None,
+                    1_700_000_000_000 + i, checkpoint_id=f"c-{i}", metadata={"i": i})
+        for i in range(2_345)
+    ]  # fmt: skip
+    async with db.transaction() as tx:
+        await tx.append_event(event_for(ref))
+        await tx.append_events(many)
+        await tx.append_event(event_for(ref, EventType.TERMINATED))
+    sequences = [stored.sequence for stored in tx.appended]
+    assert sequences == list(range(sequences[0], sequences[0] + len(many) + 2))
+    assert [stored.event for stored in tx.appended[1:-1]] == many
+    stored = await db.read_events(sequences[0] - 1, 5_000, EventFilter(project_id=ref.project_id))
+    assert [(e.sequence, e.event.event_id) for e in stored] == [
+        (e.sequence, e.event.event_id) for e in tx.appended
+    ]
+    assert [e.event.metadata for e in stored[1:-1]] == [{"i": i} for i in range(len(many))]
 
 
 async def test_compaction_removes_only_a_prefix_of_the_log(db):

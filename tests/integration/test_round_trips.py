@@ -220,3 +220,28 @@ async def test_terminate_looks_up_linked_graph_threads_only_when_there_are_some(
     # The lock; the lookup; the thread's row lock and its prune (each read);
     # the writes and COMMIT. Without a linked thread, only the first and last.
     assert small["terminate"][2] == 5, small["terminate"]
+
+
+async def terminate_statements(rig: Rig, checkpoints: int) -> int:
+    """PostgreSQL statements of the Terminate of a session with ``checkpoints``."""
+    server, _, meter = rig
+    scope: dict[str, Any] = {
+        "project_id": str(uuid.uuid4()),
+        "agent_instance_id": str(uuid.uuid4()),
+        "session_id": f"rt-checkpoints-{checkpoints}",
+    }
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        life = LifecycleServiceStub(channel)
+        await life.Spawn(lc.SpawnRequest(**scope))
+        for _ in range(checkpoints):
+            await life.CreateCheckpoint(lc.CreateCheckpointRequest(**scope))
+        before = meter.snapshot()
+        await life.Terminate(lc.TerminateRequest(**scope, request_id=rid()))
+        return meter.snapshot().minus(before).commands
+
+
+async def test_terminate_statements_do_not_grow_with_checkpoints(rig):
+    """A Terminate announces each checkpoint it deletes, all in one statement:
+    the event counter, which every writer waits for, is held for one statement
+    whether the session had 1 checkpoint or 60."""
+    assert await terminate_statements(rig, 1) == await terminate_statements(rig, 60)

@@ -338,7 +338,7 @@ class PostgresDurableStore(SqlDurableReads):
                     backoff = _LISTEN_BACKOFF_SECONDS[0]
                     yield 0
                     async for notify in conn.notifies():
-                        # The payload is the committed event's sequence (append_event).
+                        # The payload is the last sequence an append committed (append_events).
                         yield int(notify.payload) if notify.payload.isdigit() else 0
                 except psycopg.Error as error:
                     log.warning("event LISTEN connection lost, polling meanwhile: %s", error)
