@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import aiosqlite
 
+from memsvc.config import StartupError
 from memsvc.domain import BackendUnavailable
 from memsvc.domain._durable import DurableTransaction
 from memsvc.domain._watch import StoredEvent
@@ -78,8 +80,17 @@ class SqliteDurableStore(SqlDurableReads):
 
     async def _connect(self) -> aiosqlite.Connection:
         db = await aiosqlite.connect(self.path, isolation_level=None)
+        # WAL lets reads run beside the writer; in the rollback journal a reader
+        # makes COMMIT fail, and SQLite falls back to it where WAL cannot work (a
+        # network filesystem) without an error: said here, not met later.
+        (mode,) = next(iter(await db.execute_fetchall("PRAGMA journal_mode=WAL")))
+        if str(mode).lower() != "wal":
+            await db.close()
+            raise StartupError(
+                f"SQLite cannot use WAL mode for {self.path} (it uses {mode!r}); put the "
+                "data directory on a local filesystem"
+            )
         for pragma in (
-            "PRAGMA journal_mode=WAL",
             "PRAGMA synchronous=FULL",
             "PRAGMA busy_timeout=5000",
             "PRAGMA foreign_keys=ON",
@@ -126,15 +137,28 @@ class SqliteDurableStore(SqlDurableReads):
                 raise BackendUnavailable(self.backend_name, error) from error
             tx = SqlTransaction(db, SQLITE)
             try:
-                yield tx
-            except BaseException:
-                await db.execute("ROLLBACK")
-                raise
-            await db.execute("COMMIT")
+                try:
+                    yield tx
+                except BaseException:
+                    await _rollback(db)
+                    raise
+                try:
+                    await db.execute("COMMIT")
+                except BaseException:
+                    # A COMMIT that fails may leave the transaction open (SQLITE_BUSY):
+                    # the next caller's BEGIN would fail, and a later COMMIT make
+                    # this one's writes durable with its own.
+                    await _rollback(db)
+                    raise
+            except sqlite3.OperationalError as error:  # disk full, I/O error, locked
+                raise BackendUnavailable(self.backend_name, error) from error
 
     async def _query(self, read: Callable[..., Awaitable[T]], *args: Any) -> T:
         with observed(self.observe, read.__name__):
-            return await read(self._read_conn, SQLITE, *args)
+            try:
+                return await read(self._read_conn, SQLITE, *args)
+            except sqlite3.OperationalError as error:
+                raise BackendUnavailable(self.backend_name, error) from error
 
     @contextlib.asynccontextmanager
     async def event_wakeups(self) -> AsyncIterator[AsyncIterator[int]]:
@@ -143,10 +167,10 @@ class SqliteDurableStore(SqlDurableReads):
         yield never_wakes()
 
     @property
-    def _read_conn(self) -> aiosqlite.Connection:
+    def _read_conn(self) -> _WholeReads:
         if self._reader is None:
             raise RuntimeError("SqliteDurableStore used before open()")
-        return self._reader
+        return _WholeReads(self._reader)
 
     async def ping(self) -> None:
         try:
@@ -203,6 +227,50 @@ class SqliteDurableStore(SqlDurableReads):
         if self._db is None:
             raise RuntimeError("SqliteDurableStore used before open()")
         return self._db
+
+
+class _WholeReads:
+    """The reader connection as the shared reads use it (execute, then fetch),
+    each statement run to its end in one aiosqlite job.
+
+    A statement left unfinished pins its connection's read snapshot, and every
+    statement started on that connection meanwhile reads that snapshot too. Reads
+    interleaved on the one reader (an execute, another read's execute, then the
+    first one's fetch) would see the database as it was before commits that were
+    already answered: a watcher's catch-up would skip an event, the tail would
+    take the log for rewound, GetSession would show the state before a Pause.
+    """
+
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self._conn = conn
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> _Rows:
+        return _Rows(await self._conn.execute_fetchall(sql, params))
+
+
+class _Rows:
+    """A finished statement's rows, fetched as from a cursor."""
+
+    def __init__(self, rows: Iterable[Any]) -> None:
+        self._rows = iter(rows)
+
+    async def fetchone(self) -> Any:
+        return next(self._rows, None)
+
+    async def fetchall(self) -> list[Any]:
+        return list(self._rows)
+
+
+async def _rollback(db: aiosqlite.Connection) -> None:
+    """End the open transaction, if one is still open: SQLite rolls back by
+    itself a transaction that met a full disk or an I/O error, and a ROLLBACK
+    then fails, which must not hide that error."""
+    if db.in_transaction:
+        try:
+            await db.execute("ROLLBACK")
+        except sqlite3.OperationalError:
+            if db.in_transaction:
+                raise
 
 
 async def _rollback_once_begun(db: aiosqlite.Connection, begin: asyncio.Future[Any]) -> None:

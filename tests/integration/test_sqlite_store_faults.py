@@ -1,0 +1,109 @@
+"""The embedded SQLite store under concurrent reads and failing writes.
+
+Reads outside transactions share one reader connection, and a statement left
+unfinished on it would pin the snapshot every other read on it sees. A write
+whose COMMIT fails must leave no transaction open (the next caller's writes would
+join it), and a full disk or an I/O error is UNAVAILABLE with its cause, as on
+PostgreSQL, never INTERNAL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from memsvc.domain import BackendUnavailable, SessionRef
+from memsvc.domain._lifecycle_records import EventRecord, EventType
+from memsvc.domain._watch import EventFilter
+from memsvc.store.sqlite import SqliteDurableStore
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteDurableStore]:
+    opened = SqliteDurableStore(f"sqlite:///{tmp_path / 'memsvc.db'}")
+    await opened.open()
+    await opened.migrate()
+    try:
+        yield opened
+    finally:
+        await opened.aclose()
+
+
+REF = SessionRef(str(uuid.uuid4()), str(uuid.uuid4()), "s")
+
+
+def an_event(metadata: dict[str, str] | None = None) -> EventRecord:
+    return EventRecord(
+        str(uuid.uuid4()), EventType.SPAWNED, REF, None, 1_700_000_000_000, metadata=metadata or {}
+    )
+
+
+async def append(store: SqliteDurableStore, event: EventRecord) -> int:
+    async with store.transaction() as tx:
+        await tx.append_event(event)
+    return tx.appended[0].sequence
+
+
+async def test_reads_see_every_answered_commit_while_other_reads_run(store):
+    """Other reads in flight on the reader (a watcher's bounds, its catch-up,
+    a GetSession) never make a read started after a commit miss it."""
+    everything = EventFilter()
+    stop = asyncio.Event()
+
+    async def other_reads() -> None:
+        while not stop.is_set():
+            await store.event_bounds()
+            await store.read_events(0, 5, everything)
+
+    readers = [asyncio.create_task(other_reads()) for _ in range(4)]
+    try:
+        for _ in range(200):
+            sequence = await append(store, an_event())
+            read = await store.read_events(sequence - 1, 10, everything)
+            assert [e.sequence for e in read] == [sequence]
+            assert (await store.event_bounds())[1] == sequence
+    finally:
+        stop.set()
+        await asyncio.gather(*readers)
+
+
+async def test_a_commit_that_fails_leaves_no_transaction_open(store):
+    """A failed COMMIT (here refused once by an authorizer; SQLITE_BUSY does the
+    same) commits nothing, and the next write starts a transaction of its own."""
+    refused = False
+
+    def refuse_one_commit(action: int, arg1: str | None, *_: object) -> int:
+        nonlocal refused
+        if action == sqlite3.SQLITE_TRANSACTION and arg1 == "COMMIT" and not refused:
+            refused = True
+            return sqlite3.SQLITE_DENY
+        return sqlite3.SQLITE_OK
+
+    assert store._db is not None
+    await store._db.set_authorizer(refuse_one_commit)
+    lost = an_event()
+    with pytest.raises(sqlite3.DatabaseError):
+        await append(store, lost)
+    kept = an_event()
+    async with asyncio.timeout(10):
+        sequence = await append(store, kept)
+    stored = await store.read_events(0, 10, EventFilter())
+    assert [e.event.event_id for e in stored] == [kept.event_id]
+    assert sequence == 1  # the failed transaction's counter was rolled back too
+
+
+async def test_a_full_disk_is_unavailable_with_its_cause_and_writes_nothing(store):
+    assert store._db is not None
+    (pages,) = next(iter(await store._db.execute_fetchall("PRAGMA page_count")))
+    await store._db.execute(f"PRAGMA max_page_count = {pages + 2}")
+    big = an_event({"text": "x" * 200_000})
+    with pytest.raises(BackendUnavailable, match="full"):
+        await append(store, big)
+    await store._db.execute("PRAGMA max_page_count = 1073741823")
+    assert await store.read_events(0, 10, EventFilter()) == []
+    assert await append(store, an_event()) == 1
