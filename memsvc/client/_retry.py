@@ -4,7 +4,8 @@
 
 A call's ``timeout`` is its whole budget: every attempt and every backoff sleep fit
 in it, and each attempt's gRPC deadline is what is left of it (or
-``RetryPolicy.attempt_timeout``, when that is shorter).
+``RetryPolicy.attempt_timeout``, when that is shorter, for the calls retried after
+a DEADLINE_EXCEEDED).
 
 What is retried:
 
@@ -73,8 +74,9 @@ class RetryPolicy:
         jitter: fraction of each wait taken off at random (0 to 1), so that many
             clients failing together do not retry together.
         attempt_timeout: optional deadline of each attempt, in seconds, within the
-            call's budget; lets a hung attempt be retried (calls with a request id,
-            and reads).
+            call's budget; lets a hung attempt be retried. Only calls that such a
+            retry is safe for have it (calls with a request id, and reads); the
+            others get the whole budget.
     """
 
     max_attempts: int = 5
@@ -241,10 +243,13 @@ class Invoker:
         loop = asyncio.get_running_loop()
         deadline = self.deadline(timeout)
         policy = self.policy
+        # Only an attempt whose DEADLINE_EXCEEDED is retried is cut short: a write
+        # without a request id, cut short, would fail and might still take effect.
+        cut_short = request_id is not None or read_only(request)
         attempt = 0
         while True:
             attempt += 1
-            attempt_timeout = policy.attempt_timeout
+            attempt_timeout = policy.attempt_timeout if cut_short else None
             if deadline is not None:
                 remaining = max(deadline - loop.time(), 0.0)
                 attempt_timeout = (

@@ -67,8 +67,11 @@ class _Wrapper:
 class _ProjectWrapper(_Wrapper):
     """The sync face of a client bound to a project (sessions, episodes, graphs)."""
 
-    def __init__(self, portal: LoopPortal, inner: Any) -> None:
-        self._portal = portal
+    def __init__(self, client: Client, inner: Any) -> None:
+        # Held: a Client collected while something it made is in use would stop
+        # the loop under it.
+        self._client = client
+        self._portal = client._portal
         self._inner = inner
         self.project_id: str = inner.project_id
 
@@ -96,8 +99,9 @@ class Pager(Generic[T]):
     ``pager.pages()`` iterates whole pages; ``pager.collect()`` reads all into a list.
     """
 
-    def __init__(self, portal: LoopPortal, pager: AsyncPager[T]) -> None:
-        self._portal = portal
+    def __init__(self, client: Client, pager: AsyncPager[T]) -> None:
+        self._client = client  # held: its loop runs the pages (see _ProjectWrapper)
+        self._portal = client._portal
         self._pager = pager
 
     def fetch_page(self, page_token: str | None = None) -> Page[T]:
@@ -126,8 +130,9 @@ class Watch(Generic[Item]):
     ``with client.watch(...) as events: for event in events: ...``
     """
 
-    def __init__(self, portal: LoopPortal, watch: AsyncWatch[Item]) -> None:
-        self._portal = portal
+    def __init__(self, client: Client, watch: AsyncWatch[Item]) -> None:
+        self._client = client  # held: its loop runs the stream (see _ProjectWrapper)
+        self._portal = client._portal
         self._watch = watch
 
     @property
@@ -263,17 +268,15 @@ class Client(_Wrapper):
 
     def session(self, project_id: str, agent_instance_id: str, session_id: str) -> SessionClient:
         """The session named by these ids: its working memory, lifecycle and checkpoints."""
-        return SessionClient(
-            self._portal, self._inner.session(project_id, agent_instance_id, session_id)
-        )
+        return SessionClient(self, self._inner.session(project_id, agent_instance_id, session_id))
 
     def episodes(self, project_id: str) -> EpisodesClient:
         """A project's episodic memory."""
-        return EpisodesClient(self._portal, self._inner.episodes(project_id))
+        return EpisodesClient(self, self._inner.episodes(project_id))
 
     def graphs(self, project_id: str) -> GraphClient:
         """A project's graph checkpoints (GraphCheckpointService)."""
-        return GraphClient(self._portal, self._inner.graphs(project_id))
+        return GraphClient(self, self._inner.graphs(project_id))
 
     def list_sessions(
         self,
@@ -287,7 +290,7 @@ class Client(_Wrapper):
     ) -> Pager[Session]:
         """A project's sessions, newest first (ListSessions), optionally filtered."""
         return Pager(
-            self._portal,
+            self,
             self._inner.list_sessions(
                 project_id,
                 agent_instance_id=agent_instance_id,
@@ -346,7 +349,7 @@ class Client(_Wrapper):
     ) -> Watch[Any]:
         """Follow lifecycle events live, reconnecting on its own; see AsyncClient.watch."""
         return Watch(
-            self._portal,
+            self,
             self._inner._open_watch(
                 project_id=project_id,
                 agent_instance_id=agent_instance_id,
@@ -369,8 +372,8 @@ class SessionClient(_ProjectWrapper):
 
     _inner: AsyncSessionClient
 
-    def __init__(self, portal: LoopPortal, inner: AsyncSessionClient) -> None:
-        super().__init__(portal, inner)
+    def __init__(self, client: Client, inner: AsyncSessionClient) -> None:
+        super().__init__(client, inner)
         self.agent_instance_id = inner.agent_instance_id
         self.session_id = inner.session_id
 
@@ -401,7 +404,7 @@ class SessionClient(_ProjectWrapper):
     ) -> Pager[KeyInfo]:
         """The live keys with sizes and expiry, no values, in byte order (ListKeys)."""
         return Pager(
-            self._portal,
+            self._client,
             self._inner.keys(page_size=page_size, page_token=page_token, timeout=timeout),
         )
 
@@ -414,7 +417,7 @@ class SessionClient(_ProjectWrapper):
     ) -> Pager[Entry]:
         """The live entries with values, in byte order of their keys (ListEntries)."""
         return Pager(
-            self._portal,
+            self._client,
             self._inner.entries(page_size=page_size, page_token=page_token, timeout=timeout),
         )
 
@@ -427,7 +430,7 @@ class SessionClient(_ProjectWrapper):
     ) -> Pager[Checkpoint]:
         """The session's checkpoints, newest first (ListCheckpoints)."""
         return Pager(
-            self._portal,
+            self._client,
             self._inner.checkpoints(page_size=page_size, page_token=page_token, timeout=timeout),
         )
 
@@ -441,7 +444,7 @@ class SessionClient(_ProjectWrapper):
     ) -> Pager[CheckpointEntry]:
         """A checkpoint's entries in byte order of their keys."""
         return Pager(
-            self._portal,
+            self._client,
             self._inner.checkpoint_entries(
                 checkpoint_id, page_size=page_size, page_token=page_token, timeout=timeout
             ),
@@ -486,7 +489,7 @@ class SessionClient(_ProjectWrapper):
     ) -> Watch[Any]:
         """This session's lifecycle events: ``client.watch()`` filtered to it."""
         return Watch(
-            self._portal,
+            self._client,
             self._inner.client._open_watch(
                 project_id=self._inner.project_id,
                 agent_instance_id=self._inner.agent_instance_id,
@@ -530,7 +533,7 @@ class EpisodesClient(_ProjectWrapper):
     ) -> Pager[SearchResult]:
         """Episodes ranked best first (SearchEpisodes); see AsyncEpisodesClient.search."""
         return Pager(
-            self._portal,
+            self._client,
             self._inner.search(
                 query,
                 embedding=embedding,
@@ -565,7 +568,7 @@ class EpisodesClient(_ProjectWrapper):
     ) -> Pager[Episode]:
         """The project's episodes, newest first (ListEpisodes), optionally filtered."""
         return Pager(
-            self._portal,
+            self._client,
             self._inner.list(
                 agent_instance_id=agent_instance_id,
                 session_id=session_id,
@@ -607,7 +610,7 @@ class GraphClient(_ProjectWrapper):
     ) -> Pager[graph_checkpoint_pb2.GraphCheckpoint]:
         """Checkpoints newest first; see AsyncGraphClient.checkpoints."""
         return Pager(
-            self._portal,
+            self._client,
             self._inner.checkpoints(
                 thread_id,
                 checkpoint_ns=checkpoint_ns,

@@ -5,7 +5,8 @@ UNAVAILABLE, ABORTED, DEADLINE_EXCEEDED, a stream that ends, or a stream silent 
 longer than three progress intervals, the watch reconnects with backoff and
 ``after_sequence`` = the cursor: every matching event arrives once, in order.
 OUT_OF_RANGE (the cursor's events were compacted away) ends it with
-:class:`WatchPositionCompacted`.
+:class:`WatchPositionCompacted`, except for a watch from the oldest event that has
+had no event yet: it starts from the oldest again.
 """
 
 from __future__ import annotations
@@ -18,7 +19,13 @@ from typing import Any, Generic, NoReturn, Protocol, TypeVar
 import grpc
 
 from memsvc.client import _convert
-from memsvc.client._errors import Cancelled, MemsvcError, TooManyWatchers, from_rpc_error
+from memsvc.client._errors import (
+    Cancelled,
+    MemsvcError,
+    TooManyWatchers,
+    WatchPositionCompacted,
+    from_rpc_error,
+)
 from memsvc.client._retry import RetryPolicy, being_cancelled, log
 from memsvc.client._types import LifecycleEvent, WatchProgress
 from memsvc.v1 import lifecycle_pb2
@@ -103,7 +110,9 @@ class AsyncWatch(Generic[Item]):
             if request.HasField("progress_interval")
             else SERVER_PROGRESS_INTERVAL
         )
-        self._silence_limit = 3 * interval + 1.0
+        # Never below a second: a bad interval (the server refuses it) must not
+        # make every read time out before the refusal arrives.
+        self._silence_limit = 3 * max(interval, 0.0) + 1.0
         self._cursor: int | None = (
             request.after_sequence if request.HasField("after_sequence") else None
         )
@@ -113,7 +122,14 @@ class AsyncWatch(Generic[Item]):
         self._connections = 0
         self._failing_since: float | None = None
         self._on_call = 0  # messages received on the current stream
-        self._connected_at = 0.0
+        self._first_message_at = 0.0  # when the current stream's first message came
+        # A watch from the oldest event that has had no event yet follows compaction,
+        # as its stream does on the server: a reconnection refused because the
+        # oldest events it had passed were compacted starts from the oldest again.
+        self._following_oldest = (
+            request.start == lifecycle_pb2.WATCH_START_OLDEST and self._cursor is None
+        )
+        self._restart_from_oldest = False
         self._started = False
         self._received = 0
         self._pending: LifecycleEvent | WatchProgress | None = None
@@ -202,6 +218,8 @@ class AsyncWatch(Generic[Item]):
                 await self._after_failure(error)
             return None
         self._received += 1
+        if self._on_call == 0:
+            self._first_message_at = asyncio.get_running_loop().time()
         self._on_call += 1
         item: LifecycleEvent | WatchProgress | None = None
         if message.HasField("progress"):
@@ -214,13 +232,15 @@ class AsyncWatch(Generic[Item]):
             # An event at or before the cursor was delivered already (never expected).
             if self._cursor is None or event.sequence > self._cursor:
                 self._cursor = event.sequence
+                self._following_oldest = False
                 item = _convert.lifecycle_event(event)
         if item is not None:
             self._stream_worked()
         return item
 
     def _lived(self) -> float:
-        return asyncio.get_running_loop().time() - self._connected_at
+        """How long the current stream has been up since its first message."""
+        return asyncio.get_running_loop().time() - self._first_message_at
 
     def _stream_worked(self) -> None:
         """The stream moved the cursor, or failed only after STREAM_WORKED_SECONDS.
@@ -246,12 +266,12 @@ class AsyncWatch(Generic[Item]):
             self._client_closed()
         request = lifecycle_pb2.WatchLifecycleRequest()
         request.CopyFrom(self._request)
-        if self._cursor is not None:
+        if self._cursor is not None and not self._restart_from_oldest:
             # 0 included: the log was empty at the cursor, so every event is after it.
             request.after_sequence = self._cursor
+        self._restart_from_oldest = False
         self._connections += 1
         self._on_call = 0
-        self._connected_at = asyncio.get_running_loop().time()
         self._connected_with = self._metadata()
         self._call = self._open_stream(request, self._connected_with)
 
@@ -269,6 +289,11 @@ class AsyncWatch(Generic[Item]):
         failure: MemsvcError | None = None
         if isinstance(error, grpc.RpcError):
             failure = from_rpc_error(error)
+            if isinstance(failure, WatchPositionCompacted) and self._following_oldest:
+                # Nothing it had not seen was lost: it moves on to the new oldest.
+                log.info("memsvc watch: compacted past its position; starting from the oldest")
+                self._restart_from_oldest = True
+                return
             if (
                 failure.code == grpc.StatusCode.UNAUTHENTICATED
                 and self._token_rotated is not None

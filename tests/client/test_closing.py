@@ -13,10 +13,13 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Self
 
 import grpc
 import pytest
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from memsvc.client import AsyncClient, Cancelled, Client, RetryPolicy, Unavailable
 from memsvc.client._watch import STREAM_WORKED_SECONDS
@@ -32,14 +35,16 @@ class StubServer:
     """WatchLifecycle sends a progress at sequence 5, then stays open, or fails
     with UNAVAILABLE ``fail_after`` seconds later; GetSession never answers."""
 
-    def __init__(self, fail_after: float | None) -> None:
+    def __init__(self, fail_after: float | None, first_after: float = 0.0) -> None:
         self.fail_after = fail_after
+        self.first_after = first_after  # the wait before each stream's first message
         self.streams = 0
         self.server = grpc.aio.server()
         self.port = 0
 
     async def watch(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         self.streams += 1
+        await asyncio.sleep(self.first_after)
         yield lc.WatchLifecycleResponse(progress=lc.WatchProgress(sequence=5))
         if self.fail_after is not None:
             await asyncio.sleep(self.fail_after)
@@ -49,7 +54,7 @@ class StubServer:
     async def get_session(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         await asyncio.Event().wait()
 
-    async def __aenter__(self) -> StubServer:
+    async def __aenter__(self) -> Self:
         handlers = {
             "WatchLifecycle": grpc.unary_stream_rpc_method_handler(
                 self.watch,
@@ -75,6 +80,60 @@ class StubServer:
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+
+class CompactedOnReconnect(StubServer):
+    """A watch from the oldest event: its first stream reports position 5, then
+    fails. Resuming after 5 is refused: the events up to 8 were compacted. A stream
+    from the oldest (no after_sequence) reports 8, then sends event 9."""
+
+    def __init__(self) -> None:
+        super().__init__(fail_after=None)
+        self.requests: list[Any] = []
+
+    async def watch(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        self.requests.append(request)
+        if len(self.requests) == 1:
+            yield lc.WatchLifecycleResponse(progress=lc.WatchProgress(sequence=5))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
+        if request.HasField("after_sequence"):
+            info = error_details_pb2.ErrorInfo(
+                reason="ERROR_REASON_WATCH_POSITION_COMPACTED",
+                domain="memsvc",
+                metadata={"oldest_sequence": "8", "after_sequence": "5"},
+            )
+            detail = any_pb2.Any()
+            detail.Pack(info)
+            compacted = status_pb2.Status(
+                code=code_pb2.OUT_OF_RANGE, message="compacted", details=[detail]
+            )
+            await context.abort_with_status(rpc_status.to_status(compacted))
+        yield lc.WatchLifecycleResponse(progress=lc.WatchProgress(sequence=8))
+        event = lc.LifecycleEvent(
+            sequence=9,
+            event_id=str(uuid.uuid4()),
+            event_type=lc.EVENT_TYPE_SESSION_SPAWNED,
+            project_id=SCOPE[0],
+            agent_instance_id=SCOPE[1],
+            session_id=SCOPE[2],
+        )
+        yield lc.WatchLifecycleResponse(event=event)
+        await asyncio.Event().wait()
+
+
+async def test_a_watch_from_the_oldest_follows_compaction_until_its_first_event():
+    """Reconnecting before its first event, an "oldest" watch whose position was
+    compacted meanwhile starts from the oldest again (it never asked for that
+    position; nothing it had not seen is lost), as its stream on the server does."""
+    async with (
+        CompactedOnReconnect() as stub,
+        AsyncClient(stub.target, retry=RetryPolicy(initial_backoff=0.01)) as client,
+    ):
+        async with client.watch(SCOPE[0], start="oldest") as events:
+            event = await asyncio.wait_for(anext(events), 10)
+        assert event.sequence == 9
+        assert [r.HasField("after_sequence") for r in stub.requests] == [False, True, False]
+        assert stub.requests[-1].start == lc.WATCH_START_OLDEST
 
 
 @pytest.fixture
@@ -140,6 +199,22 @@ async def test_streams_that_fail_after_their_first_message_back_off_until_the_ti
         # pauses grew (0.05, 0.1, 0.2, ... s) and the timeout ran out, instead of
         # a reconnection every 50 ms for ever.
         assert watch.connections < 12, watch.connections
+
+
+async def test_streams_slow_to_their_first_message_still_back_off_until_the_timeout():
+    """A stream counts as working from its first message on, not from its
+    connection: each of these takes longer than STREAM_WORKED_SECONDS to say hello,
+    then fails at once, and the watch gives up after its reconnect_timeout."""
+    policy = RetryPolicy(max_attempts=5, initial_backoff=0.05, max_backoff=1.0)
+    async with (
+        StubServer(fail_after=0, first_after=STREAM_WORKED_SECONDS + 0.2) as failing,
+        AsyncClient(failing.target, retry=policy) as client,
+    ):
+        watch = client.watch(SCOPE[0], reconnect_timeout=1.0)
+        with pytest.raises(Unavailable):
+            await asyncio.wait_for(watch.start(), 10)
+            async for _ in watch:
+                pass
 
 
 async def test_streams_that_work_for_a_while_before_failing_keep_the_watch_going():

@@ -7,6 +7,7 @@ thread (``asyncio.to_thread``) while that loop keeps serving.
 from __future__ import annotations
 
 import asyncio
+import gc
 import inspect
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -24,11 +25,14 @@ from memsvc.client import (
     EventType,
     GraphClient,
     KeyNotFound,
+    RetryPolicy,
     SessionClient,
     SessionState,
+    Unavailable,
     WithTTL,
 )
 from memsvc.server import Server
+from memsvc.testing import free_port
 from tests.client.conftest import FAST_RETRY
 
 
@@ -148,3 +152,18 @@ async def test_a_closed_async_client_refuses_calls():
         pass
     with pytest.raises(RuntimeError, match="closed"):
         await sdk.session("p", "a", "s").describe()
+
+
+def test_what_a_client_made_keeps_the_client_open():
+    """``Client(...).session(...)`` drops the Client at once: the session (like a
+    pager or a watch) keeps it, so its calls still run (here to a port nobody
+    listens on: Unavailable, not "the Client is closed"). The unclosed Client is
+    reported when the last thing it made goes."""
+    target = f"127.0.0.1:{free_port()}"
+    made = [Client(target, timeout=0.5, retry=RetryPolicy(max_attempts=1)).session("p", "a", "s")]
+    gc.collect()
+    with pytest.raises(Unavailable):
+        made[0].describe()
+    gc.collect()  # the error's traceback, which referred to the session too
+    with pytest.warns(ResourceWarning, match="unclosed"):
+        made.clear()  # the session, then the Client it held (collected at once)

@@ -318,10 +318,12 @@ async def test_invoker_attempt_timeout_and_request_ids():
     with_id = FakeRpc(late)
     assert await Invoker(policy, None, ())(with_id, "q", request_id="r") == "answer to q"
     assert with_id.timeouts == [0.5, 0.5]
+    # A write without a request id is never cut short by attempt_timeout (cut, it
+    # could still take effect after the error): the call's whole budget, once.
     without_id = FakeRpc(late)
     with pytest.raises(DeadlineExceeded):
-        await Invoker(policy, None, ())(without_id, "q")
-    assert without_id.timeouts == [0.5]
+        await Invoker(policy, 10.0, ())(without_id, "q")
+    assert len(without_id.timeouts) == 1 and 9 < (without_id.timeouts[0] or 0) <= 10
     no_deadline = FakeRpc()
     await Invoker(RetryPolicy(), None, ())(no_deadline, "q")
     assert no_deadline.timeouts == [None]

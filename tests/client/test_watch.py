@@ -17,6 +17,7 @@ import pytest
 from memsvc.client import (
     AsyncClient,
     EventType,
+    InvalidArgument,
     LifecycleEvent,
     RetryPolicy,
     Unavailable,
@@ -217,6 +218,15 @@ async def test_watch_from_oldest_and_from_a_saved_cursor(client: AsyncClient, sc
     async with client.watch(project, start="now", include_progress=True) as live:
         start = await asyncio.wait_for(anext(live), WAIT)
         assert isinstance(start, WatchProgress) and start.sequence >= third.sequence
+
+
+async def test_a_bad_progress_interval_is_refused_not_reconnected_for_ever(client, scope):
+    """The server refuses a negative interval; the watch must hear it, not time
+    each stream out (three intervals of silence) before its first message."""
+    watch = client.watch(scope["project_id"], progress_interval=-1)
+    with pytest.raises(InvalidArgument):
+        await asyncio.wait_for(watch.start(), WAIT)
+    assert watch.connections == 1
 
 
 async def test_watch_without_reconnect_raises_unavailable(
