@@ -65,10 +65,16 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Errors after which the same command may succeed: connection loss, timeouts, a
-# Redis still loading its data. NOSCRIPT is handled by the Script objects.
+# Redis still loading its data, and refusals of a Redis that cannot take writes
+# now: a replica (the old primary after a failover, until connections reach the
+# new one) or one out of memory under ``noeviction``. Conditions of the backend,
+# so UNAVAILABLE once retries run out, never INTERNAL. NOSCRIPT is handled by
+# the Script objects.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     redis_errors.ConnectionError,
     redis_errors.TimeoutError,
+    redis_errors.ReadOnlyError,
+    redis_errors.OutOfMemoryError,
     ConnectionError,
 )
 

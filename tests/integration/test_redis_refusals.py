@@ -1,0 +1,59 @@
+"""A Redis that refuses writes (a replica, as the old primary after a failover; or
+out of memory under ``noeviction``, mapped alike) makes the calls that write it
+UNAVAILABLE, with the refusal named: a condition of the backend to wait out or
+fix, never INTERNAL."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import redis.asyncio as aioredis
+
+from memsvc.config import Config
+from memsvc.server import Server
+from memsvc.testing import PrivateRedis, free_port
+from memsvc.v1 import lifecycle_pb2 as lc
+from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
+
+
+async def test_a_redis_that_refuses_writes_is_unavailable(tmp_path: Path, postgres_url: str):
+    redis = PrivateRedis(free_port(), tmp_path / "redis")
+    redis.start()
+    try:
+        config = Config(
+            listen="127.0.0.1:0",
+            data_dir=str(tmp_path),
+            working_memory_url=redis.url,
+            database_url=postgres_url,
+            health_listen="",
+            metrics_listen="",
+        )
+        scope: dict[str, Any] = {
+            "project_id": str(uuid.uuid4()),
+            "agent_instance_id": str(uuid.uuid4()),
+            "session_id": "refused",
+        }
+        # A replica that refuses writes, as the old primary after a failover.
+        admin = aioredis.Redis.from_url(redis.url)
+        await admin.config_set("replica-read-only", "yes")
+        await admin.replicaof("127.0.0.1", free_port())
+        await admin.aclose()
+        async with (
+            Server(config) as server,
+            grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+        ):
+            life = LifecycleServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await life.Spawn(lc.SpawnRequest(**scope), timeout=30)
+            assert raised.value.code() == grpc.StatusCode.UNAVAILABLE, raised.value.details()
+            assert "ReadOnlyError" in (raised.value.details() or "")
+            # Nothing was spawned: the database's insert was rolled back with it.
+            with pytest.raises(grpc.aio.AioRpcError) as missing:
+                await life.GetSession(lc.GetSessionRequest(**scope))
+            assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        redis.kill()
