@@ -87,7 +87,7 @@ from memsvc.domain._session_memory import (
     Snapshot,
     SnapshotEntry,
 )
-from memsvc.domain._snapshot import decode_snapshot
+from memsvc.domain._snapshot import decode_snapshot, encode_snapshot
 from memsvc.domain._working_memory import WorkingMemory
 from memsvc.failpoints import Failpoints
 
@@ -401,12 +401,20 @@ class Lifecycle:
             if found is None:
                 raise CheckpointNotFound(ref.session_id, wanted)
             checkpoint, contents = found
+            merging = merge
+            if merging and record.state == SessionState.PAUSED:
+                # A PAUSED session's entries are its resume checkpoint's (each with
+                # the TTL it had left, as a plain Resume gives them back), whatever
+                # the store holds meanwhile: keys whose TTL ran out since, or
+                # nothing, if it lost them. The merge goes over those.
+                contents = await self._merged_over_paused(tx, record, checkpoint, contents)
+                merging = False
             epoch = uuid7()
             # A resume that replaces the memory takes it in any settled state: one
             # that disagrees with the database (a store restored from an older
             # copy) is replaced like a lost one. A merge keeps what is there, so
             # it must be what memsvc left.
-            allowed = {*SETTLED, MISSING} if not merge else {MARKER_FOR[record.state], MISSING}
+            allowed = {*SETTLED, MISSING} if not merging else {MARKER_FOR[record.state], MISSING}
             held = ResumePoint(
                 checkpoint.checkpoint_id,
                 checkpoint.key_count,
@@ -416,10 +424,10 @@ class Lifecycle:
 
             def restore() -> Awaitable[int]:
                 return self._memory.begin_restore(
-                    ref, steps.op, epoch, contents, merge, allowed, held=held
+                    ref, steps.op, epoch, contents, merging, allowed, held=held
                 )
 
-            if merge:
+            if merging:
                 # A merge keeps what is there: it must be what memsvc left, of the
                 # epoch the database records (not a Redis copy from before the
                 # last Resume). The row lock keeps every other operation's marker
@@ -460,6 +468,30 @@ class Lifecycle:
         return await self._run(
             "Resume", ref, request_id, arguments, ResumeResult, steps, lock, body
         )
+
+    async def _merged_over_paused(
+        self,
+        tx: LifecycleTransaction,
+        record: SessionRecord,
+        checkpoint: CheckpointRecord,
+        contents: bytes | None,
+    ) -> bytes | None:
+        """What a merge Resume of the PAUSED session ``record`` leaves: the
+        checkpoint's entries over its resume checkpoint's, as one snapshot (None:
+        the checkpoint is the resume checkpoint itself, over which it changes nothing)."""
+        paused_at = record.resume_checkpoint_id
+        if paused_at is None or checkpoint.checkpoint_id == paused_at:
+            return contents
+        paused = await tx.read_contents(record.ref, paused_at)
+        if contents is None:
+            contents = await tx.read_contents(record.ref, checkpoint.checkpoint_id)
+        if paused is None or contents is None:
+            raise CheckpointNotFound(record.ref.session_id, paused_at if paused is None else
+                                     checkpoint.checkpoint_id)  # fmt: skip
+        # The store's restore checks the result against the session's limits.
+        entries = {entry.key: entry for entry in decode_snapshot(paused)}
+        entries.update((entry.key, entry) for entry in decode_snapshot(contents))
+        return encode_snapshot(entries.values())
 
     # Terminate --------------------------------------------------------------
 

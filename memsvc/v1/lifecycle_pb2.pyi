@@ -744,7 +744,9 @@ class ResumeRequest(_message.Message):
     merge_with_current: _builtins.bool
     """False (the default): the working memory becomes exactly the checkpoint.
     True: the checkpoint's entries are written over the current ones, and
-    keys absent from the checkpoint stay.
+    keys absent from the checkpoint stay. A PAUSED session's current entries
+    are those it paused with (its resume checkpoint's, each with the TTL it
+    had left), even if the working memory lost some or all of them meanwhile.
     """
     request_id: _builtins.str
     """Optional UUID making the call safe to retry."""

@@ -212,6 +212,34 @@ async def test_terminate_of_a_paused_session_records_it_as_paused(life, wm, scop
     assert list(python(episode.episode.actions[0])["state_keys"]) == ["brief", "kept"]
 
 
+async def test_a_merge_resume_of_a_paused_session_goes_over_its_paused_entries(life, wm, scope):
+    """A PAUSED session's entries are its resume checkpoint's: a merge Resume writes
+    the named checkpoint over those, keys whose TTL ran out while paused included
+    (with the TTL they had left, as a plain Resume gives it back)."""
+    await life.Spawn(lc.SpawnRequest(**scope, initial_entries=entries(c=1)))
+    earlier = (await life.CreateCheckpoint(lc.CreateCheckpointRequest(**scope))).checkpoint
+    await wm.Set(pb.SetRequest(**scope, key="c", value=value(2)))
+    await wm.Set(pb.SetRequest(**scope, key="a", value=value(3)))
+    await wm.Set(
+        pb.SetRequest(**scope, key="brief", value=value(4), ttl=duration_pb2.Duration(seconds=1))
+    )
+    await life.Pause(lc.PauseRequest(**scope))
+
+    async def expired() -> bool:
+        listed = await wm.ListKeys(pb.ListKeysRequest(**scope))
+        return "brief" not in [info.key for info in listed.keys]
+
+    await eventually(expired)
+    resumed = await life.Resume(
+        lc.ResumeRequest(**scope, checkpoint_id=earlier.checkpoint_id, merge_with_current=True)
+    )
+    assert resumed.entries_restored == 1
+    listed = await wm.ListEntries(pb.ListEntriesRequest(**scope))
+    assert {e.key: python(e.value) for e in listed.entries} == {"a": 3, "brief": 4, "c": 1}
+    brief = (await wm.Get(pb.GetRequest(**scope, key="brief"))).entry
+    assert brief.expire_time.ToMilliseconds() > time.time() * 1000
+
+
 async def test_invalid_transitions_are_refused_with_the_state(life, scope):
     error = await expect_error(life.Pause(lc.PauseRequest(**scope)), grpc.StatusCode.NOT_FOUND)
     assert error.reason == "ERROR_REASON_SESSION_NOT_FOUND"

@@ -98,3 +98,34 @@ async def test_a_new_checkpoint_is_never_pruned_by_its_own_call(
     got = await life.GetCheckpoint(lc.GetCheckpointRequest(**scope, checkpoint_id="late"))
     assert got.checkpoint.create_time == made.checkpoint.create_time
     assert "late" in await checkpoint_ids(life, scope)
+
+
+@pytest.mark.parametrize("config_overrides", [{"max_session_keys": 2}], indirect=True)
+@pytest.mark.parametrize("paused", [False, True], ids=["active", "paused"])
+async def test_a_merge_resume_past_the_key_limit_is_refused_and_changes_nothing(
+    life: LifecycleServiceStub, wm: WorkingMemoryServiceStub, scope: dict[str, Any], paused: bool
+):
+    """The checkpoint's keys over the current ones (a PAUSED session's: those it
+    paused with) would pass the session's key limit: refused, nothing changes."""
+    await life.Spawn(lc.SpawnRequest(**scope))
+    await wm.Set(pb.SetRequest(**scope, key="a", value=value(1)))
+    earlier = (await life.CreateCheckpoint(lc.CreateCheckpointRequest(**scope))).checkpoint
+    await wm.Delete(pb.DeleteRequest(**scope, key="a"))
+    await wm.Set(pb.SetRequest(**scope, key="b", value=value(2)))
+    await wm.Set(pb.SetRequest(**scope, key="c", value=value(3)))
+    if paused:
+        await life.Pause(lc.PauseRequest(**scope))
+    refused = await expect_error(
+        life.Resume(
+            lc.ResumeRequest(**scope, checkpoint_id=earlier.checkpoint_id, merge_with_current=True)
+        ),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    )
+    assert refused.reason == "ERROR_REASON_SESSION_KEY_LIMIT"
+    assert (refused.metadata["current"], refused.metadata["requested"]) == ("2", "3")
+    session = (await life.GetSession(lc.GetSessionRequest(**scope))).session
+    assert session.state == (lc.SESSION_STATE_PAUSED if paused else lc.SESSION_STATE_ACTIVE)
+    if paused:
+        await life.Resume(lc.ResumeRequest(**scope))
+    listed = await wm.ListKeys(pb.ListKeysRequest(**scope))
+    assert [info.key for info in listed.keys] == ["b", "c"]

@@ -332,6 +332,30 @@ async def test_a_paused_session_whose_memory_was_lost_ends_with_its_checkpoint(
     assert await checkpoint_ids(life, scope) == []
 
 
+@pytest.mark.parametrize("deployment", [DEPLOYMENTS["production"]], ids=["production"])
+async def test_a_merge_resume_over_a_lost_paused_memory_keeps_the_paused_entries(
+    server, life, scope, channel
+):
+    """Lost while PAUSED, the working memory is still the resume checkpoint: a
+    merge Resume from an earlier checkpoint goes over that, not over nothing."""
+    wm = WorkingMemoryServiceStub(channel)
+    await life.Spawn(lc.SpawnRequest(**scope))
+    await wm.Set(pb.SetRequest(**scope, key="c", value=value(1)))
+    earlier = (await life.CreateCheckpoint(lc.CreateCheckpointRequest(**scope))).checkpoint
+    await wm.Set(pb.SetRequest(**scope, key="a", value=value(2)))
+    await life.Pause(lc.PauseRequest(**scope))
+    client = aioredis.Redis.from_url(server.config.working_memory_url)
+    await client.delete(*session_keys(SessionRef(**scope)))
+    await client.aclose()
+    await life.Resume(
+        lc.ResumeRequest(**scope, checkpoint_id=earlier.checkpoint_id, merge_with_current=True)
+    )
+    listed = await wm.ListEntries(pb.ListEntriesRequest(**scope))
+    assert {e.key: python(e.value) for e in listed.entries} == {"a": 2, "c": 1}
+    session = (await life.GetSession(lc.GetSessionRequest(**scope))).session
+    assert session.working_memory_status == lc.WORKING_MEMORY_STATUS_INTACT
+
+
 # The server's own sweeper waits an hour: only the test's holders compete.
 @pytest.mark.parametrize("config_overrides", [{"retention_interval_seconds": 3600}])
 async def test_one_replica_at_a_time_runs_the_background_jobs(server):
