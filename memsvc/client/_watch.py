@@ -5,8 +5,8 @@ UNAVAILABLE, ABORTED, DEADLINE_EXCEEDED, a stream that ends, or a stream silent 
 longer than three progress intervals, the watch reconnects with backoff and
 ``after_sequence`` = the cursor: every matching event arrives once, in order.
 OUT_OF_RANGE (the cursor's events were compacted away) ends it with
-:class:`WatchPositionCompacted`, except for a watch from the oldest event that has
-had no event yet: it starts from the oldest again.
+:class:`WatchPositionCompacted`, except for a watch from the oldest event whose
+cursor has not moved past its first stream's start: it starts from the oldest again.
 """
 
 from __future__ import annotations
@@ -123,9 +123,11 @@ class AsyncWatch(Generic[Item]):
         self._failing_since: float | None = None
         self._on_call = 0  # messages received on the current stream
         self._first_message_at = 0.0  # when the current stream's first message came
-        # A watch from the oldest event that has had no event yet follows compaction,
-        # as its stream does on the server: a reconnection refused because the
-        # oldest events it had passed were compacted starts from the oldest again.
+        # A watch from the oldest event whose cursor is still where its first stream
+        # started follows compaction: a reconnection refused because the events
+        # after that start were compacted starts from the oldest again (it had seen
+        # none of them, and asked for what is kept). Once the cursor moved on (an
+        # event, or a progress past the start), a refusal is a real loss and ends it.
         self._following_oldest = (
             request.start == lifecycle_pb2.WATCH_START_OLDEST and self._cursor is None
         )
@@ -225,6 +227,7 @@ class AsyncWatch(Generic[Item]):
         if message.HasField("progress"):
             sequence = message.progress.sequence
             if self._cursor is None or sequence > self._cursor:
+                self._following_oldest &= self._cursor is None  # moved past the start
                 self._cursor = sequence
                 item = WatchProgress(sequence)
         elif message.HasField("event"):
@@ -290,8 +293,8 @@ class AsyncWatch(Generic[Item]):
         if isinstance(error, grpc.RpcError):
             failure = from_rpc_error(error)
             if isinstance(failure, WatchPositionCompacted) and self._following_oldest:
-                # Nothing it had not seen was lost: it moves on to the new oldest.
-                log.info("memsvc watch: compacted past its position; starting from the oldest")
+                # Still at its start: it moves on to the new oldest, as asked.
+                log.info("memsvc watch: compacted past its start; starting from the oldest")
                 self._restart_from_oldest = True
                 return
             if (

@@ -482,12 +482,11 @@ class Lifecycle:
         paused_at = record.resume_checkpoint_id
         if paused_at is None or checkpoint.checkpoint_id == paused_at:
             return contents
+        # Only the resume checkpoint's contents are left out of the lock's read.
+        assert contents is not None
         paused = await tx.read_contents(record.ref, paused_at)
-        if contents is None:
-            contents = await tx.read_contents(record.ref, checkpoint.checkpoint_id)
-        if paused is None or contents is None:
-            raise CheckpointNotFound(record.ref.session_id, paused_at if paused is None else
-                                     checkpoint.checkpoint_id)  # fmt: skip
+        if paused is None:  # never deleted while the session is PAUSED
+            raise CheckpointNotFound(record.ref.session_id, paused_at)
         # The store's restore checks the result against the session's limits.
         entries = {entry.key: entry for entry in decode_snapshot(paused)}
         entries.update((entry.key, entry) for entry in decode_snapshot(contents))

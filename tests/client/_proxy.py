@@ -122,7 +122,9 @@ class FaultProxy:
                 raw, timeout=context.time_remaining(), metadata=_forwarded(context)
             )
         except grpc.aio.AioRpcError as error:
-            await context.abort(error.code(), error.details(), error.trailing_metadata())
+            await context.abort(
+                error.code(), error.details(), tuple(error.trailing_metadata() or ())
+            )
         faults = self._faults[method.rsplit("/", 1)[-1]]
         if faults:
             await context.abort(faults.popleft(), "proxy: injected after forwarding")
@@ -150,7 +152,9 @@ class FaultProxy:
                 try:
                     message = read.result()
                 except grpc.aio.AioRpcError as error:
-                    await context.abort(error.code(), error.details(), error.trailing_metadata())
+                    await context.abort(
+                        error.code(), error.details(), tuple(error.trailing_metadata() or ())
+                    )
                 if message is grpc.aio.EOF:
                     return
                 if stall.is_set():

@@ -21,7 +21,14 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from memsvc.client import AsyncClient, Cancelled, Client, RetryPolicy, Unavailable
+from memsvc.client import (
+    AsyncClient,
+    Cancelled,
+    Client,
+    RetryPolicy,
+    Unavailable,
+    WatchPositionCompacted,
+)
 from memsvc.client._watch import STREAM_WORKED_SECONDS
 from memsvc.testing import free_port
 from memsvc.v1 import lifecycle_pb2 as lc
@@ -83,18 +90,22 @@ class StubServer:
 
 
 class CompactedOnReconnect(StubServer):
-    """A watch from the oldest event: its first stream reports position 5, then
-    fails. Resuming after 5 is refused: the events up to 8 were compacted. A stream
-    from the oldest (no after_sequence) reports 8, then sends event 9."""
+    """A watch from the oldest event: its first stream reports position 5 (and,
+    ``moved``, then 7: it caught up that far), then fails. Resuming is refused: the
+    events up to 8 were compacted. A stream from the oldest (no after_sequence)
+    reports 8, then sends event 9."""
 
-    def __init__(self) -> None:
+    def __init__(self, moved: bool = False) -> None:
         super().__init__(fail_after=None)
+        self.moved = moved
         self.requests: list[Any] = []
 
     async def watch(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         self.requests.append(request)
         if len(self.requests) == 1:
             yield lc.WatchLifecycleResponse(progress=lc.WatchProgress(sequence=5))
+            if self.moved:
+                yield lc.WatchLifecycleResponse(progress=lc.WatchProgress(sequence=7))
             await context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
         if request.HasField("after_sequence"):
             info = error_details_pb2.ErrorInfo(
@@ -134,6 +145,20 @@ async def test_a_watch_from_the_oldest_follows_compaction_until_its_first_event(
         assert event.sequence == 9
         assert [r.HasField("after_sequence") for r in stub.requests] == [False, True, False]
         assert stub.requests[-1].start == lc.WATCH_START_OLDEST
+
+
+async def test_a_watch_from_the_oldest_that_moved_on_ends_when_compacted_past_it():
+    """Once its cursor moved past its start (here a progress at 7: the stream had
+    read that far), a compaction past the cursor may have taken events the watch
+    would have had: WatchPositionCompacted, never a silent start from the oldest."""
+    async with (
+        CompactedOnReconnect(moved=True) as stub,
+        AsyncClient(stub.target, retry=RetryPolicy(initial_backoff=0.01)) as client,
+    ):
+        with pytest.raises(WatchPositionCompacted):
+            async with client.watch(SCOPE[0], start="oldest") as events:
+                await asyncio.wait_for(anext(events), 10)
+        assert len(stub.requests) == 2
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ reuse(
         "test_resume_replaces_an_older_copy_of_a_paused_memory_of_the_same_size",
         "test_a_lost_memory_is_not_kept_when_the_terminate_is_finished_by_a_heal",
         "test_a_paused_session_whose_memory_was_lost_ends_with_its_checkpoint",
+        "test_a_merge_resume_over_a_lost_paused_memory_keeps_the_paused_entries",
         "test_an_older_copy_taken_before_a_spawn_settled_is_lost_memory",
         "test_a_terminate_that_died_before_its_last_step_is_finished_by_its_retry",
     },

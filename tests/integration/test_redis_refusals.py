@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 from memsvc.config import Config
 from memsvc.server import Server
 from memsvc.testing import PrivateRedis, free_port
+from memsvc.testing._proxy import TcpProxy
 from memsvc.v1 import lifecycle_pb2 as lc
 from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
 
@@ -57,3 +58,39 @@ async def test_a_redis_that_refuses_writes_is_unavailable(tmp_path: Path, postgr
             assert missing.value.code() == grpc.StatusCode.NOT_FOUND
     finally:
         redis.kill()
+
+
+async def test_after_a_failover_calls_reach_the_new_primary(tmp_path: Path, postgres_url: str):
+    """The address memsvc uses (a proxy here, a DNS name or a Service in production)
+    now leads to the new primary, while its pooled connections still reach the old
+    one, a replica now: the READONLY answer drops them, and the retry reaches the
+    new primary. Before, every call kept failing until memsvc restarted."""
+    old, new = (PrivateRedis(free_port(), tmp_path / name) for name in ("old", "new"))
+    old.start()
+    new.start()
+    try:
+        with TcpProxy(old.port) as address:
+            config = Config(
+                listen="127.0.0.1:0",
+                data_dir=str(tmp_path),
+                working_memory_url=f"redis://127.0.0.1:{address.port}/0",
+                database_url=postgres_url,
+                health_listen="",
+                metrics_listen="",
+            )
+            project, agent = str(uuid.uuid4()), str(uuid.uuid4())
+            async with (
+                Server(config) as server,
+                grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+            ):
+                life = LifecycleServiceStub(channel)
+                request: dict[str, Any] = {"project_id": project, "agent_instance_id": agent}
+                await life.Spawn(lc.SpawnRequest(**request, session_id="before"))
+                demoted = aioredis.Redis.from_url(old.url)
+                await demoted.replicaof("127.0.0.1", new.port)  # the failover
+                await demoted.aclose()
+                address.upstream = ("127.0.0.1", new.port)  # new connections: new primary
+                await life.Spawn(lc.SpawnRequest(**request, session_id="after"), timeout=30)
+    finally:
+        old.kill()
+        new.kill()

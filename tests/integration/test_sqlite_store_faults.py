@@ -14,6 +14,7 @@ import sqlite3
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
@@ -46,7 +47,8 @@ def an_event(metadata: dict[str, str] | None = None) -> EventRecord:
 async def append(store: SqliteDurableStore, event: EventRecord) -> int:
     async with store.transaction() as tx:
         await tx.append_event(event)
-    return tx.appended[0].sequence
+    sequence: int = cast(Any, tx).appended[0].sequence
+    return sequence
 
 
 async def test_reads_see_every_answered_commit_while_other_reads_run(store):
@@ -107,3 +109,14 @@ async def test_a_full_disk_is_unavailable_with_its_cause_and_writes_nothing(stor
     await store._db.execute("PRAGMA max_page_count = 1073741823")
     assert await store.read_events(0, 10, EventFilter()) == []
     assert await append(store, an_event()) == 1
+
+
+async def test_a_statement_sqlite_cannot_run_is_not_unavailable(store):
+    """Only conditions of the database are UNAVAILABLE (which clients retry): a
+    statement SQLite refuses would fail the same way on every retry."""
+
+    async def unknown_column(conn: Any, dialect: Any) -> Any:
+        return await (await conn.execute("SELECT no_such_column FROM sessions")).fetchall()
+
+    with pytest.raises(sqlite3.OperationalError, match="no such column"):
+        await store._query(unknown_column)

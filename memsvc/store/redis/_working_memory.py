@@ -66,8 +66,8 @@ T = TypeVar("T")
 
 # Errors after which the same command may succeed: connection loss, timeouts, a
 # Redis still loading its data, and refusals of a Redis that cannot take writes
-# now: a replica (the old primary after a failover, until connections reach the
-# new one) or one out of memory under ``noeviction``. Conditions of the backend,
+# now: a replica (the old primary after a failover: the retry reconnects, see
+# _away_from_replicas) or one out of memory under ``noeviction``. Conditions of the backend,
 # so UNAVAILABLE once retries run out, never INTERNAL. NOSCRIPT is handled by
 # the Script objects.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
@@ -606,10 +606,31 @@ class RedisWorkingMemoryStore:
         self, operation: Callable[[], Awaitable[T]], *, name: str, attempts: int = 4
     ) -> T:
         attempt = operation if self._limit is None else lambda: self._through_moves(operation)
+        if self._limit is None:
+            attempt = self._away_from_replicas(attempt)
         with observed(self.observe, name):
             return await with_retries(
                 attempt, backend=self.backend_name, transient=self._transient, attempts=attempts
             )
+
+    def _away_from_replicas(
+        self, operation: Callable[[], Awaitable[T]]
+    ) -> Callable[[], Awaitable[T]]:
+        """``operation``, dropping the pool's idle connections when Redis answers
+        READONLY: the primary they reached is a replica now (a failover behind a
+        DNS name or a Service), and every pooled connection would reach it again.
+        The retry opens a new one, to wherever the address leads now."""
+
+        async def attempt() -> T:
+            try:
+                return await operation()
+            except redis_errors.ReadOnlyError:
+                client = self._redis
+                if isinstance(client, aioredis.Redis):
+                    await client.connection_pool.disconnect(inuse_connections=False)
+                raise
+
+        return attempt
 
     async def _through_moves(self, operation: Callable[[], Awaitable[T]]) -> T:
         """Cluster mode: run ``operation``, waiting while its slot is moving.

@@ -150,15 +150,19 @@ class SqliteDurableStore(SqlDurableReads):
                     # this one's writes durable with its own.
                     await _rollback(db)
                     raise
-            except sqlite3.OperationalError as error:  # disk full, I/O error, locked
-                raise BackendUnavailable(self.backend_name, error) from error
+            except sqlite3.OperationalError as error:
+                if _unavailable(error):
+                    raise BackendUnavailable(self.backend_name, error) from error
+                raise
 
     async def _query(self, read: Callable[..., Awaitable[T]], *args: Any) -> T:
         with observed(self.observe, read.__name__):
             try:
                 return await read(self._read_conn, SQLITE, *args)
             except sqlite3.OperationalError as error:
-                raise BackendUnavailable(self.backend_name, error) from error
+                if _unavailable(error):
+                    raise BackendUnavailable(self.backend_name, error) from error
+                raise
 
     @contextlib.asynccontextmanager
     async def event_wakeups(self) -> AsyncIterator[AsyncIterator[int]]:
@@ -259,6 +263,23 @@ class _Rows:
 
     async def fetchall(self) -> list[Any]:
         return list(self._rows)
+
+
+# SQLite's primary result codes of a condition to wait out or fix: locked by
+# another process (past busy_timeout), out of memory, a read-only or full disk, an
+# I/O error, a file that cannot be opened. Others (SQLITE_ERROR: a statement SQLite
+# cannot run, such as one with too many variables) are not the backend's state:
+# retrying them would fail the same way.
+_UNAVAILABLE_CODES = frozenset({
+    sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_NOMEM, sqlite3.SQLITE_READONLY,
+    sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PROTOCOL,
+})  # fmt: skip
+
+
+def _unavailable(error: sqlite3.OperationalError) -> bool:
+    """Whether ``error`` is a condition of the database (UNAVAILABLE), not of the statement."""
+    code = getattr(error, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in _UNAVAILABLE_CODES
 
 
 async def _rollback(db: aiosqlite.Connection) -> None:
