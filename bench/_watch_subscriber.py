@@ -15,8 +15,9 @@ Commands arrive as JSON lines on stdin; each gets one JSON line on stdout:
 * ``{"op": "expect", "events"}``: forget what was counted; each stream should
   now receive ``events`` events.
 * ``{"op": "collect", "timeout"}``: wait until they have (or the timeout), then
-  answer the deliveries, the first and last delivery times and the latencies
-  (µs).
+  answer the deliveries, the first and last delivery times, the latencies (µs),
+  and how many streams got other than exactly the events expected, and how many
+  deliveries came out of sequence order or repeated a stream's last sequence.
 * ``{"op": "close"}``: cancel the streams and close the channels.
 
 End of input ends the process::
@@ -48,6 +49,13 @@ CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]
 class _Tally:
     expected: int = 0
     deliveries: int = 0
+    # Per stream: its deliveries, and the sequence of its last event; deliveries
+    # whose sequence was lower than the stream's previous one (out of order), or
+    # equal to it (a repeat, for a target whose events have sequences of their own).
+    per_stream: list[int] = field(default_factory=list)
+    last_sequence: list[int] = field(default_factory=list)
+    disordered: int = 0
+    repeated: int = 0
     first: float = 0.0
     last: float = 0.0
     message_bytes: int = 0
@@ -62,6 +70,7 @@ class Subscriber:
         self.calls: list[Any] = []
         self.readers: list[asyncio.Task[None]] = []
         self.tally = _Tally()
+        self.events = 0  # expected on each stream
 
     async def subscribe(
         self, target: str, method: str, request: bytes, streams: int, channels: int
@@ -81,10 +90,12 @@ class Subscriber:
         ]
         # The first message (a progress) says the stream is registered.
         await asyncio.gather(*(call.read() for call in self.calls))
-        self.readers = [asyncio.create_task(self._read(call)) for call in self.calls]
+        self.readers = [
+            asyncio.create_task(self._read(call, index)) for index, call in enumerate(self.calls)
+        ]
         return {"ok": True, "seconds": time.perf_counter() - started}
 
-    async def _read(self, call: Any) -> None:
+    async def _read(self, call: Any, index: int) -> None:
         try:
             while True:
                 message = await call.read()
@@ -100,6 +111,13 @@ class Subscriber:
                     tally.first = now
                     tally.message_bytes = message.ByteSize()
                 tally.deliveries += 1
+                tally.per_stream[index] += 1
+                sequence = message.event.sequence
+                if sequence < tally.last_sequence[index]:
+                    tally.disordered += 1
+                elif sequence == tally.last_sequence[index]:
+                    tally.repeated += 1
+                tally.last_sequence[index] = sequence
                 tally.last = now
                 if tally.deliveries >= tally.expected:
                     tally.done.set()
@@ -110,7 +128,11 @@ class Subscriber:
                 self.tally.errors.append(f"{error.code().name}: {error.details()}")
 
     def expect(self, events: int) -> dict[str, Any]:
-        self.tally = _Tally(expected=events * len(self.calls))
+        streams = len(self.calls)
+        self.tally = _Tally(
+            expected=events * streams, per_stream=[0] * streams, last_sequence=[-1] * streams
+        )
+        self.events = events
         return {"ok": True}
 
     async def collect(self, wait_seconds: float) -> dict[str, Any]:
@@ -121,6 +143,11 @@ class Subscriber:
         return {
             "deliveries": tally.deliveries,
             "expected": tally.expected,
+            # Streams that did not get exactly the events expected (a loss on one
+            # and a repeat on another would leave the total right).
+            "streams_off": sum(1 for count in tally.per_stream if count != self.events),
+            "disordered": tally.disordered,
+            "repeated": tally.repeated,
             "first": tally.first,
             "last": tally.last,
             "message_bytes": tally.message_bytes,

@@ -260,9 +260,9 @@ def machine() -> dict[str, Any]:
     }
 
 
-def _delete_redis_keys(project_id: str) -> None:
+def _delete_redis_keys(project_id: str, url: str = REDIS_URL) -> None:
     """Remove every working-memory key of the benchmark's project from Redis."""
-    client = redis.Redis.from_url(REDIS_URL)
+    client = redis.Redis.from_url(url)
     try:
         pattern = f"memsvc:wm:{{{project_id.replace('-', '')}.*"
         keys = list(client.scan_iter(match=pattern, count=1000))
