@@ -76,6 +76,7 @@ class Subscriber:
         self, target: str, method: str, request: bytes, streams: int, channels: int
     ) -> dict[str, Any]:
         started = time.perf_counter()
+        self.tally, self.events = _Tally(), 0  # nothing counted until expect()
         self.channels = [
             grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
             for _ in range(max(1, min(channels, streams)))
@@ -105,6 +106,8 @@ class Subscriber:
                 if not message.HasField("event"):
                     continue
                 tally = self.tally
+                if index >= len(tally.per_stream):
+                    continue  # before expect(): nothing is counted
                 sent = message.event.metadata.fields["sent"].number_value
                 tally.latencies_us.append(round((now - sent) * 1e6))
                 if not tally.deliveries:

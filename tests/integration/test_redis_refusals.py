@@ -21,18 +21,22 @@ from memsvc.v1 import lifecycle_pb2 as lc
 from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
 
 
+def config_for(tmp_path: Path, working_memory_url: str, database_url: str) -> Config:
+    return Config(
+        listen="127.0.0.1:0",
+        data_dir=str(tmp_path),
+        working_memory_url=working_memory_url,
+        database_url=database_url,
+        health_listen="",
+        metrics_listen="",
+    )
+
+
 async def test_a_redis_that_refuses_writes_is_unavailable(tmp_path: Path, postgres_url: str):
     redis = PrivateRedis(free_port(), tmp_path / "redis")
     redis.start()
     try:
-        config = Config(
-            listen="127.0.0.1:0",
-            data_dir=str(tmp_path),
-            working_memory_url=redis.url,
-            database_url=postgres_url,
-            health_listen="",
-            metrics_listen="",
-        )
+        config = config_for(tmp_path, redis.url, postgres_url)
         scope: dict[str, Any] = {
             "project_id": str(uuid.uuid4()),
             "agent_instance_id": str(uuid.uuid4()),
@@ -70,14 +74,7 @@ async def test_after_a_failover_calls_reach_the_new_primary(tmp_path: Path, post
     new.start()
     try:
         with TcpProxy(old.port) as address:
-            config = Config(
-                listen="127.0.0.1:0",
-                data_dir=str(tmp_path),
-                working_memory_url=f"redis://127.0.0.1:{address.port}/0",
-                database_url=postgres_url,
-                health_listen="",
-                metrics_listen="",
-            )
+            config = config_for(tmp_path, f"redis://127.0.0.1:{address.port}/0", postgres_url)
             project, agent = str(uuid.uuid4()), str(uuid.uuid4())
             async with (
                 Server(config) as server,

@@ -107,16 +107,21 @@ async def rig(tmp_path: Path, postgres_url: str) -> AsyncIterator[Rig]:
         redis.kill()
 
 
+def new_scope(session_id: str) -> dict[str, Any]:
+    """The ids of a session of its own (in a project of its own)."""
+    return {
+        "project_id": str(uuid.uuid4()),
+        "agent_instance_id": str(uuid.uuid4()),
+        "session_id": session_id,
+    }
+
+
 async def costs(rig: Rig, keys: int, linked_thread: bool = False) -> dict[str, Any]:
     """Per operation: (Redis commands by name, PostgreSQL statements, round trips).
     With ``linked_thread``, a graph thread linked to the session (to be pruned at
     its end) is written before the Terminate."""
     server, commands, meter = rig
-    scope: dict[str, Any] = {
-        "project_id": str(uuid.uuid4()),
-        "agent_instance_id": str(uuid.uuid4()),
-        "session_id": f"rt-{keys}",
-    }
+    scope = new_scope(f"rt-{keys}")
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         life = LifecycleServiceStub(channel)
         wm = WorkingMemoryServiceStub(channel)
@@ -225,11 +230,7 @@ async def test_terminate_looks_up_linked_graph_threads_only_when_there_are_some(
 async def terminate_statements(rig: Rig, checkpoints: int) -> int:
     """PostgreSQL statements of the Terminate of a session with ``checkpoints``."""
     server, _, meter = rig
-    scope: dict[str, Any] = {
-        "project_id": str(uuid.uuid4()),
-        "agent_instance_id": str(uuid.uuid4()),
-        "session_id": f"rt-checkpoints-{checkpoints}",
-    }
+    scope = new_scope(f"rt-checkpoints-{checkpoints}")
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         life = LifecycleServiceStub(channel)
         await life.Spawn(lc.SpawnRequest(**scope))

@@ -616,10 +616,12 @@ class RedisWorkingMemoryStore:
     def _away_from_replicas(
         self, operation: Callable[[], Awaitable[T]]
     ) -> Callable[[], Awaitable[T]]:
-        """``operation``, dropping the pool's idle connections when Redis answers
+        """``operation``, retiring the pool's connections when Redis answers
         READONLY: the primary they reached is a replica now (a failover behind a
-        DNS name or a Service), and every pooled connection would reach it again.
-        The retry opens a new one, to wherever the address leads now."""
+        DNS name or a Service), and every pooled connection would reach it again
+        (reads too, which a replica answers, a replication lag behind). The idle
+        ones are closed now, the ones in use when they come back; the retry opens
+        a new one, to wherever the address leads now."""
 
         async def attempt() -> T:
             try:
@@ -627,7 +629,9 @@ class RedisWorkingMemoryStore:
             except redis_errors.ReadOnlyError:
                 client = self._redis
                 if isinstance(client, aioredis.Redis):
-                    await client.connection_pool.disconnect(inuse_connections=False)
+                    pool = client.connection_pool
+                    await pool.update_active_connections_for_reconnect()  # type: ignore[no-untyped-call]
+                    await pool.disconnect(inuse_connections=False)
                 raise
 
         return attempt

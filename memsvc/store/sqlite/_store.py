@@ -266,12 +266,12 @@ class _Rows:
 
 
 # SQLite's primary result codes of a condition to wait out or fix: locked by
-# another process (past busy_timeout), out of memory, a read-only or full disk, an
-# I/O error, a file that cannot be opened. Others (SQLITE_ERROR: a statement SQLite
-# cannot run, such as one with too many variables) are not the backend's state:
-# retrying them would fail the same way.
+# another process (past busy_timeout), a read-only or full disk, an I/O error, a
+# file that cannot be opened (out of memory is Python's MemoryError). Others
+# (SQLITE_ERROR: a statement SQLite cannot run, such as one with too many
+# variables) are not the backend's state: retrying them would fail the same way.
 _UNAVAILABLE_CODES = frozenset({
-    sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_NOMEM, sqlite3.SQLITE_READONLY,
+    sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_READONLY,
     sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PROTOCOL,
 })  # fmt: skip
 
