@@ -101,7 +101,8 @@ def page_position(after: str | None, *kinds: Callable[[Any], Any]) -> tuple[Any,
         if not isinstance(values, list):
             raise TypeError("a position is a list")
         return tuple(kind(value) for kind, value in zip(kinds, values, strict=True))
-    except (ValueError, TypeError, RecursionError):  # RecursionError: nested past json's depth
+    # RecursionError: nested past json's depth; OverflowError: an integer past a float.
+    except (ValueError, TypeError, RecursionError, OverflowError):
         raise InvalidArgument.single(
             "page_token", "is not a token returned by this call; start again with an empty one"
         ) from None

@@ -76,7 +76,14 @@ class EventFilter:
     session_id: str = ""
     event_types: frozenset[EventType] = frozenset()
 
+    @property
+    def scoped(self) -> bool:
+        """Whether it names a project, an agent instance or a session."""
+        return bool(self.project_id or self.agent_instance_id or self.session_id)
+
     def matches(self, event: EventRecord) -> bool:
+        if event.purged and self.scoped:
+            return False  # a tombstone's ids are not its subject's (nil): it matches none
         return (
             (not self.project_id or event.ref.project_id == self.project_id)
             and (

@@ -780,6 +780,9 @@ async def read_events(
         if wanted:
             conditions.append(f"{column} = ?")
             params.append(wanted)
+    if event_filter.scoped:
+        # A tombstone's ids are the nil UUID, not its subject's: no scope's events.
+        conditions.append("NOT purged")
     if event_filter.event_types:
         marks = ", ".join("?" for _ in event_filter.event_types)
         conditions.append(f"event_type IN ({marks})")

@@ -399,7 +399,7 @@ class SearchEpisodesRequest(_message.Message):
     @_builtins.property
     def query_embedding(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """Optional embedding to rank by cosine similarity; only episodes whose
-        embedding has the same number of dimensions are compared.
+        embedding has the same number of dimensions are compared. Not all zeros.
         """
 
     @_builtins.property

@@ -615,7 +615,7 @@ async def test_forged_page_tokens_are_invalid_argument(episodic, scope):
         (episodic.ListEpisodes, listing, ('[99999999999999999999, "x"]', '[1.5, "x"]',
                                            '[1700000000000, "zzz"]')),
         (episodic.SearchEpisodes, search, ('["NaN", "x"]', '[1e400, "x"]', '[1, "\\u0000"]',
-                                           '[1.0, "zzz"]')),
+                                           '[1.0, "zzz"]', f'[1{"0" * 400}, "{uuid.uuid4()}"]')),
     ):  # fmt: skip
         token = (await call(request)).next_page_token
         assert token
@@ -633,6 +633,16 @@ async def test_bad_search_requests_are_refused(episodic, scope):
         (ep.SearchEpisodesRequest(project_id=project, query="x" * 1001), "query"),
         (
             ep.SearchEpisodesRequest(project_id=project, query_embedding=[float("nan")]),
+            "query_embedding",
+        ),
+        # With an embedding the query filters: one with no word would filter nothing.
+        (
+            ep.SearchEpisodesRequest(project_id=project, query="???", query_embedding=[1.0]),
+            "query",
+        ),
+        # No direction: every cosine would be undefined.
+        (
+            ep.SearchEpisodesRequest(project_id=project, query_embedding=[0.0, -0.0]),
             "query_embedding",
         ),
         (ep.SearchEpisodesRequest(project_id=project, query="a", page_size=-3), "page_size"),

@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 from google.protobuf import duration_pb2
 
 from memsvc.server import Server
+from memsvc.store._purge_sql import NIL_UUID
 from memsvc.store.redis._working_memory import session_keys, staging_keys
 from memsvc.v1 import data_removal_pb2 as dr
 from memsvc.v1 import episodic_pb2 as ep
@@ -204,6 +205,21 @@ async def test_events_become_tombstones_and_the_log_stays_gap_free(
         lc.WatchLifecycleRequest(
             project_id=scope["project_id"],
             agent_instance_id=scope["agent_instance_id"],
+            after_sequence=before,
+            start=lc.WATCH_START_OLDEST if before == 0 else lc.WATCH_START_UNSPECIFIED,
+            progress_interval=duration_pb2.Duration(nanos=100_000_000),
+        )
+    )
+    async for response in call:
+        assert response.HasField("progress"), response
+        if response.progress.sequence >= sequences[-1]:
+            break
+    call.cancel()
+    # Nor does one filtering by the nil UUID, the ids a tombstone is left with: it
+    # would see the purged events of every project.
+    call = stubs.lifecycle.WatchLifecycle(
+        lc.WatchLifecycleRequest(
+            project_id=NIL_UUID,
             after_sequence=before,
             start=lc.WATCH_START_OLDEST if before == 0 else lc.WATCH_START_UNSPECIFIED,
             progress_interval=duration_pb2.Duration(nanos=100_000_000),
