@@ -342,8 +342,9 @@ class GraphTransaction(Protocol):
     async def keep_latest_graph_checkpoints(
         self, project_id: str, thread_id: str, keep: int
     ) -> int:
-        """Keep the ``keep`` newest checkpoints of each namespace (0: none),
-        with what they need; return how many checkpoints were deleted."""
+        """Keep the ``keep`` newest checkpoints of each namespace (at least 1;
+        delete_graph_thread deletes them all), with what they need; return how
+        many checkpoints were deleted."""
 
     async def copy_graph_thread(
         self, project_id: str, source: str, target: str, now_ms: int
@@ -614,12 +615,17 @@ class GraphCheckpoints:
         if strategy not in (0, *PruneStrategy):
             violations.append(FieldViolation("strategy", f"unknown strategy {strategy}"))
         raise_if_any(violations)
-        keep = 0 if strategy == PruneStrategy.DELETE else 1
         deleted = 0
         for thread_id in sorted(set(thread_ids)):
             async with self._db.transaction() as tx:
-                if await tx.lock_graph_thread_row(project, thread_id) is not None:
-                    deleted += await tx.keep_latest_graph_checkpoints(project, thread_id, keep)
+                if await tx.lock_graph_thread_row(project, thread_id) is None:
+                    continue
+                if strategy == PruneStrategy.DELETE:
+                    # Whole, as DeleteGraphThread: its settings too (TTL, keep_last, a
+                    # session link), which a later thread of the same id must not inherit.
+                    deleted += await tx.delete_graph_thread(project, thread_id)
+                else:
+                    deleted += await tx.keep_latest_graph_checkpoints(project, thread_id, 1)
         return deleted
 
     async def sweep(self, limit: int = 100) -> GraphSweep:

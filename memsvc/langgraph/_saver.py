@@ -37,6 +37,7 @@ from langgraph.checkpoint.base import (
 )
 from langgraph.checkpoint.serde.base import SerializerProtocol
 
+from memsvc._json_match import json_holds
 from memsvc.client import (
     TLS,
     AsyncClient,
@@ -84,7 +85,8 @@ class MemsvcSaver(BaseCheckpointSaver[str]):
         session: link the threads to a memsvc session (see :class:`SessionLink`).
         serde: LangGraph serializer (default: JsonPlusSerializer).
         timeout, retry, token, token_file, tls: as for :class:`memsvc.client.AsyncClient`.
-        client: an AsyncClient to use for the async methods (the caller closes it).
+        client: an AsyncClient to use (the caller closes it); the saver then serves
+            the async methods only, and a sync one raises RuntimeError.
 
     Use ``async with MemsvcSaver(...) as saver`` (or ``with`` for sync graphs), or
     call ``aclose()`` / ``close()``.
@@ -133,6 +135,13 @@ class MemsvcSaver(BaseCheckpointSaver[str]):
 
     @property
     def _graphs(self) -> GraphClient:
+        if not self._own_async:
+            # The given client's address and credentials are its own: a blocking
+            # client made from this saver's arguments would reach another server.
+            raise RuntimeError(
+                "MemsvcSaver(client=...) serves LangGraph's async methods only (ainvoke, "
+                "aget_state...); for the sync ones, give target= and the credentials instead"
+            )
         if self._sync_client is None:
             self._sync_client = Client(self._target, **self._client_args)
         return self._sync_client.graphs(self.project_id)
@@ -562,8 +571,10 @@ def _list_scope(config: RunnableConfig | None) -> tuple[str | None, str | None]:
 def _listed(
     found: CheckpointTuple, filter: Mapping[str, Any] | None, before: RunnableConfig | None
 ) -> bool:
-    """Whether a checkpoint read by id passes a listing's filter and before."""
-    if filter and any(found.metadata.get(k) != v for k, v in filter.items()):
+    """Whether a checkpoint read by id passes a listing's filter and before, the
+    filter compared as the server compares it for a listing by thread (JSON values:
+    ``true`` is not ``1``, a key asked for must be there, even for ``None``)."""
+    if filter and not json_holds(json.dumps(found.metadata), json.dumps(filter)):
         return False
     before_id = get_checkpoint_id(before) if before else None
     return before_id is None or found.checkpoint["id"] < before_id

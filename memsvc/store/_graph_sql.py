@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Iterable, Sequence
-from decimal import Decimal
 from typing import Any
 
 from memsvc.domain import SessionRef
@@ -214,35 +213,9 @@ def _json_text(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
-# The SQL function each SQLite connection gets (SqliteDurableStore): json_holds.
+# The SQL function each SQLite connection gets (SqliteDurableStore): json_holds
+# (memsvc/_json_match.py).
 SQLITE_JSON_HOLDS = "memsvc_json_holds"
-
-
-def json_holds(document: str, wanted: str) -> bool:
-    """Whether the JSON object ``document`` holds every key of the JSON object
-    ``wanted`` with an equal value, as PostgreSQL's jsonb compares them: numbers
-    exactly and by value (1 = 1.0, 0.3 <> 0.30000000000000004, 2**64 exact),
-    objects whatever their key order, true never 1."""
-    held = _comparable(json.loads(document, parse_float=Decimal))
-    if held[0] != "object":
-        return False
-    items = dict(held[1])
-    return all(
-        key in items and items[key] == value
-        for key, value in _comparable(json.loads(wanted, parse_float=Decimal))[1]
-    )
-
-
-def _comparable(value: Any) -> Any:
-    if isinstance(value, bool) or value is None:
-        return ("literal", value)
-    if isinstance(value, int | Decimal):
-        return ("number", value)  # int == Decimal compares exactly
-    if isinstance(value, str):
-        return ("string", value)
-    if isinstance(value, list):
-        return ("array", tuple(_comparable(item) for item in value))
-    return ("object", frozenset((key, _comparable(item)) for key, item in value.items()))
 
 
 async def list_graph_checkpoints(
@@ -669,16 +642,8 @@ class SqlGraphWrites(SqlWrites):
     async def keep_latest_graph_checkpoints(
         self, project_id: str, thread_id: str, keep: int
     ) -> int:
-        if keep <= 0:
-            deleted = await self._rows(
-                f"DELETE FROM graph_checkpoints WHERE {_THREAD} RETURNING 1",
-                (project_id, thread_id),
-            )
-            for table in ("graph_values", "graph_writes"):
-                await self._conn.execute(
-                    self._d.sql(f"DELETE FROM {table} WHERE {_THREAD}"), (project_id, thread_id)
-                )
-            return len(deleted)
+        if keep < 1:
+            raise ValueError("keep at least 1 checkpoint (delete_graph_thread deletes all)")
         rows = await self._rows(
             "SELECT checkpoint_ns, checkpoint_id FROM graph_checkpoints"
             f" WHERE {_THREAD} ORDER BY checkpoint_ns, checkpoint_id DESC",

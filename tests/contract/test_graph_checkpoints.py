@@ -371,6 +371,33 @@ async def test_a_linked_session_ends_its_threads(graphs, scope, server, channel)
     assert (await server.graphs.sweep()).threads_ended == 0, "nothing left for the sweep"
 
 
+async def test_a_thread_pruned_whole_leaves_nothing_a_new_thread_of_its_id_inherits(
+    graphs, scope, channel
+):
+    """PruneGraphThreads(DELETE) deletes a thread whole, as DeleteGraphThread: its
+    session link goes too, so a later thread of the same id outlives the session."""
+    project = scope["project_id"]
+    life = LifecycleServiceStub(channel)
+    await life.Spawn(lc.SpawnRequest(**scope))
+    link = pb.GraphThreadOptions(
+        session=pb.GraphSessionLink(
+            agent_instance_id=scope["agent_instance_id"],
+            session_id=scope["session_id"],
+            on_session_end=pb.GRAPH_SESSION_END_ACTION_DELETE,
+        )
+    )
+    await put(graphs, project, checkpoint("t", "c1"), options=link)
+    pruned = await graphs.PruneGraphThreads(
+        pb.PruneGraphThreadsRequest(
+            project_id=project, thread_ids=["t"], strategy=pb.GRAPH_PRUNE_STRATEGY_DELETE
+        )
+    )
+    assert pruned.checkpoints_deleted == 1
+    await put(graphs, project, checkpoint("t", "d1"))  # another writer, no options
+    await life.Terminate(lc.TerminateRequest(**scope))
+    assert await ids(graphs, project, "t") == ["d1"]
+
+
 async def test_an_end_action_is_read_again_under_the_thread_lock(graphs, scope, server, channel):
     """The sweep lists the threads of ended sessions, then ends each in a transaction
     of its own: a put that relinked a thread in between (to a live session, no end

@@ -15,13 +15,14 @@ from dataclasses import replace
 from typing import Annotated, Any, TypedDict
 
 import pytest
+from langchain_core.runnables import RunnableConfig
 from langgraph.channels.delta import DeltaChannel
-from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.checkpoint.base import BaseCheckpointSaver, empty_checkpoint
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import Command, interrupt
 
-from memsvc.client import GraphCheckpointConflict
+from memsvc.client import AsyncClient, GraphCheckpointConflict
 from memsvc.langgraph import MemsvcSaver
 from memsvc.server import Server
 
@@ -212,6 +213,32 @@ async def test_prune_refuses_a_lone_string(server: Server):
             await saver.aprune("ab")
         with pytest.raises(TypeError, match="run_ids must be a sequence"):
             await saver.adelete_for_runs("ab")
+
+
+async def test_a_saver_on_a_given_client_serves_async_methods_only(server: Server):
+    """The given client's address and credentials are its own: a sync method would
+    have made a client of the saver's defaults, another server (127.0.0.1:50051)."""
+    project = str(uuid.uuid4())
+    config: RunnableConfig = {"configurable": {"thread_id": "t", "checkpoint_ns": ""}}
+    async with AsyncClient(f"127.0.0.1:{server.port}") as client:
+        saver = MemsvcSaver(project_id=project, client=client)
+        assert await saver.aget_tuple(config) is None
+        with pytest.raises(RuntimeError, match="async methods only"):
+            await asyncio.to_thread(saver.get_tuple, config)
+        await saver.aclose()
+
+
+async def test_a_listing_by_checkpoint_id_filters_as_a_listing_by_thread(server: Server):
+    """alist with a checkpoint id reads that checkpoint and checks the filter
+    itself: with the server's JSON rule, as a listing by thread (true is not 1, a
+    key asked for with None must be there, 1.0 is 1)."""
+    async with MemsvcSaver(f"127.0.0.1:{server.port}", project_id=str(uuid.uuid4())) as saver:
+        thread: RunnableConfig = {"configurable": {"thread_id": "t", "checkpoint_ns": ""}}
+        stored = await saver.aput(thread, empty_checkpoint(), {"k": 1}, {})  # type: ignore[typeddict-unknown-key]
+        for wanted, found in (({"k": True}, 0), ({"missing": None}, 0), ({"k": 1.0}, 1)):
+            by_id = [c async for c in saver.alist(stored, filter=wanted)]
+            by_thread = [c async for c in saver.alist(thread, filter=wanted)]
+            assert (len(by_id), len(by_thread)) == (found, found), wanted
 
 
 def _extend(state: list[str] | None, writes: Any) -> list[str]:

@@ -18,12 +18,13 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
+from memsvc._json_match import json_holds
 from memsvc.config import StartupError
 from memsvc.domain import BackendUnavailable
 from memsvc.domain._durable import DurableTransaction
 from memsvc.domain._watch import StoredEvent
 from memsvc.store._episodes_sql import SQLITE_TEXT_RANK, text_rank
-from memsvc.store._graph_sql import SQLITE_JSON_HOLDS, json_holds
+from memsvc.store._graph_sql import SQLITE_JSON_HOLDS
 from memsvc.store._lifecycle_sql import (
     SQLITE,
     never_wakes,
