@@ -321,7 +321,14 @@ def _touch_thread(
         " expire_ms = excluded.expire_ms, keep_last = excluded.keep_last,"
         " prune_pending = excluded.prune_pending,"
         " agent_instance_id = excluded.agent_instance_id,"
-        " session_id = excluded.session_id, on_session_end = excluded.on_session_end",
+        " session_id = excluded.session_id,"
+        # An end action already applied (stored negated) stays applied when the same
+        # link and action come again (the saver sends its options with every put):
+        # a run still writing after its session ended is not pruned again and again.
+        " on_session_end = CASE WHEN graph_threads.on_session_end = -excluded.on_session_end"
+        " AND graph_threads.agent_instance_id = excluded.agent_instance_id"
+        " AND graph_threads.session_id = excluded.session_id"
+        " THEN graph_threads.on_session_end ELSE excluded.on_session_end END",
         [
             project_id,
             thread_id,
@@ -467,7 +474,8 @@ class SqlGraphWrites(SqlWrites):
         rows = await self._rows(
             "SELECT keep_last, prune_pending, CASE WHEN EXISTS (SELECT 1 FROM sessions s"
             " WHERE s.project_id = t.project_id AND s.agent_instance_id = t.agent_instance_id"
-            " AND s.session_id = t.session_id AND s.state = 3) THEN on_session_end ELSE 0 END"
+            " AND s.session_id = t.session_id AND s.state = 3) AND on_session_end > 0"
+            " THEN on_session_end ELSE 0 END"
             f" FROM graph_threads t WHERE {_THREAD}{self._d.for_update}",
             (project_id, thread_id),
         )
@@ -739,14 +747,18 @@ class SqlGraphWrites(SqlWrites):
             "SELECT t.project_id, t.thread_id FROM graph_threads t"
             " JOIN sessions s ON s.project_id = t.project_id"
             " AND s.agent_instance_id = t.agent_instance_id AND s.session_id = t.session_id"
-            f" WHERE t.on_session_end <> 0 AND s.state = 3{only} LIMIT {int(limit)}",
+            f" WHERE t.on_session_end > 0 AND s.state = 3{only} LIMIT {int(limit)}",
             params,
         )
         return [(str(text(r[0])), str(r[1])) for r in rows]
 
     async def graph_thread_session_done(self, project_id: str, thread_id: str) -> None:
         await self._conn.execute(
-            self._d.sql(f"UPDATE graph_threads SET on_session_end = 0 WHERE {_THREAD}"),
+            # Negated, not zeroed: applied, as _touch_thread's upsert reads it.
+            self._d.sql(
+                "UPDATE graph_threads SET on_session_end = -on_session_end"
+                f" WHERE {_THREAD} AND on_session_end > 0"
+            ),
             (project_id, thread_id),
         )
 

@@ -379,9 +379,7 @@ class SqlLifecycleTransaction(SqlWrites):
     async def lock_session_to_end(
         self, ref: SessionRef, *, checkpoints: bool, resume_contents: bool
     ) -> EndLock | None:
-        linked = (
-            f"EXISTS (SELECT 1 FROM graph_threads WHERE {_SESSION_KEY} AND on_session_end <> 0)"
-        )
+        linked = f"EXISTS (SELECT 1 FROM graph_threads WHERE {_SESSION_KEY} AND on_session_end > 0)"
         locked = await self._send(_lock_statement(self._d, linked), (*_key(ref), *_key(ref)))
         ids: list[str] = []
         contents = None

@@ -398,6 +398,41 @@ async def test_a_thread_pruned_whole_leaves_nothing_a_new_thread_of_its_id_inher
     assert await ids(graphs, project, "t") == ["d1"]
 
 
+async def test_an_applied_end_action_is_not_applied_again_for_the_same_link(
+    graphs, scope, server, channel
+):
+    """The saver sends its link with every put: a run still writing after its
+    session ended keeps its new checkpoints (the action ran once); another action
+    for the link is a new one, applied at the next sweep."""
+    project = scope["project_id"]
+    life = LifecycleServiceStub(channel)
+    await life.Spawn(lc.SpawnRequest(**scope))
+
+    def linked(action: pb.GraphSessionEndAction.ValueType) -> pb.GraphThreadOptions:
+        return pb.GraphThreadOptions(
+            session=pb.GraphSessionLink(
+                agent_instance_id=scope["agent_instance_id"],
+                session_id=scope["session_id"],
+                on_session_end=action,
+            )
+        )
+
+    keep_latest = linked(pb.GRAPH_SESSION_END_ACTION_KEEP_LATEST)
+    for step in range(1, 4):
+        await put(graphs, project, checkpoint("t", f"c{step}"), options=keep_latest)
+    await life.Terminate(lc.TerminateRequest(**scope))
+    assert await ids(graphs, project, "t") == ["c3"]
+    for step in range(4, 7):
+        await put(graphs, project, checkpoint("t", f"c{step}"), options=keep_latest)
+    assert server.graphs is not None
+    assert (await server.graphs.sweep()).threads_ended == 0
+    assert sorted(await ids(graphs, project, "t")) == ["c3", "c4", "c5", "c6"]
+    await put(graphs, project, checkpoint("t", "c7"), options=linked(
+        pb.GRAPH_SESSION_END_ACTION_DELETE))  # fmt: skip
+    assert (await server.graphs.sweep()).threads_ended == 1
+    assert await ids(graphs, project, "t") == []
+
+
 async def test_an_end_action_is_read_again_under_the_thread_lock(graphs, scope, server, channel):
     """The sweep lists the threads of ended sessions, then ends each in a transaction
     of its own: a put that relinked a thread in between (to a live session, no end
