@@ -1,6 +1,7 @@
-"""JSON containment as PostgreSQL's jsonb ``@>`` compares a metadata filter: one
-rule for SQLite (a SQL function the store registers) and for the LangGraph saver's
-own check of a checkpoint it read by id (memsvc/langgraph), so every path of a
+"""How a metadata filter matches, as memsvc's PostgreSQL listing compares it
+(``metadata -> key = value::jsonb`` for each key of the filter): one rule for
+SQLite (a SQL function the store registers) and for the LangGraph saver's own
+check of a checkpoint it read by id (memsvc/langgraph), so every path of a
 listing filters alike. Standard library only: the client side imports it."""
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ from typing import Any
 
 
 def json_holds(document: str, wanted: str) -> bool:
-    """Whether the JSON object ``document`` holds every key of the JSON object
-    ``wanted`` with an equal value, as PostgreSQL's jsonb compares them: numbers
-    exactly and by value (1 = 1.0, 0.3 <> 0.30000000000000004, 2**64 exact),
-    objects whatever their key order, true never 1."""
+    """Whether the JSON object ``document`` holds every top-level key of the JSON
+    object ``wanted`` with an equal value (a nested object equal as a whole, not
+    contained), as PostgreSQL's jsonb compares values: numbers exactly and by value
+    (1 = 1.0, 0.3 <> 0.30000000000000004, 2**64 exact), objects whatever their key
+    order, true never 1."""
     held = _comparable(json.loads(document, parse_float=Decimal))
     if held[0] != "object":
         return False
@@ -28,10 +30,14 @@ def json_holds(document: str, wanted: str) -> bool:
 def _comparable(value: Any) -> Any:
     if isinstance(value, bool) or value is None:
         return ("literal", value)
-    if isinstance(value, int | Decimal):
-        return ("number", value)  # int == Decimal compares exactly
+    if isinstance(value, int | Decimal | float):
+        # int == Decimal compares exactly; a float is only NaN or an infinity here
+        # (Python's json reads them so), which equal nothing JSON can hold.
+        return ("number", value)
     if isinstance(value, str):
         return ("string", value)
     if isinstance(value, list):
         return ("array", tuple(_comparable(item) for item in value))
-    return ("object", frozenset((key, _comparable(item)) for key, item in value.items()))
+    if isinstance(value, dict):
+        return ("object", frozenset((key, _comparable(item)) for key, item in value.items()))
+    raise TypeError(f"not a JSON value: {value!r}")

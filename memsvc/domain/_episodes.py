@@ -464,7 +464,8 @@ def cosine_scores(embeddings: Sequence[bytes], vector: bytes, dimensions: int) -
         norms = np.sqrt(np.einsum("ij,ij->i", matrix, matrix)) * query_norm
         dots = np.einsum("ij,j->i", matrix, query)
         np.divide(dots, norms, out=scores[start : start + len(rows)], where=norms > 0)
-    return scores
+    # Rounding can take a vector's score against itself past 1: the proto says -1 to 1.
+    return np.clip(scores, -1.0, 1.0)
 
 
 def check_embedding(

@@ -56,7 +56,9 @@ class _GraphPruneStrategyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Gr
     GRAPH_PRUNE_STRATEGY_KEEP_LATEST: _GraphPruneStrategy.ValueType  # 1
     """Keep the latest checkpoint of each namespace, with its writes."""
     GRAPH_PRUNE_STRATEGY_DELETE: _GraphPruneStrategy.ValueType  # 2
-    """Delete the threads' checkpoints, values and writes."""
+    """Delete the threads whole: checkpoints, values, writes and settings (TTL,
+    keep_last, session link), as DeleteGraphThread.
+    """
 
 class GraphPruneStrategy(_GraphPruneStrategy, metaclass=_GraphPruneStrategyEnumTypeWrapper):
     """GraphPruneStrategy says what PruneGraphThreads keeps."""
@@ -66,7 +68,9 @@ GRAPH_PRUNE_STRATEGY_UNSPECIFIED: GraphPruneStrategy.ValueType  # 0
 GRAPH_PRUNE_STRATEGY_KEEP_LATEST: GraphPruneStrategy.ValueType  # 1
 """Keep the latest checkpoint of each namespace, with its writes."""
 GRAPH_PRUNE_STRATEGY_DELETE: GraphPruneStrategy.ValueType  # 2
-"""Delete the threads' checkpoints, values and writes."""
+"""Delete the threads whole: checkpoints, values, writes and settings (TTL,
+keep_last, session link), as DeleteGraphThread.
+"""
 Global___GraphPruneStrategy: _TypeAlias = GraphPruneStrategy  # noqa: Y015
 
 @_typing.final
