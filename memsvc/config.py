@@ -171,7 +171,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("default_deadline_seconds", _positive_float, "30", "Deadline of a call that sets none: past it the call ends with DEADLINE_EXCEEDED and its backend retries stop (watch streams have none)."),
     Setting("event_poll_interval_seconds", _positive_float, "1", "How often the event tail polls when no NOTIFY wakes it."),
     Setting("max_similarity_candidates", _positive_int, "10000", "Most episodes one similarity search compares (in this process); beyond it, FAILED_PRECONDITION."),
-    Setting("otel_tracing", _parse_bool, "false", "Trace gRPC calls with OpenTelemetry, exported over OTLP as the standard `OTEL_EXPORTER_OTLP_*` variables say (needs `memsvc[tracing]`)."),
+    Setting("otel_tracing", _parse_bool, "false", "Trace unary gRPC calls (not streams) with OpenTelemetry, exported over OTLP as the standard `OTEL_EXPORTER_OTLP_*` variables say (needs `memsvc[tracing]`)."),
     Setting("failpoints", _failpoints, "", "Test only: failpoints to switch on, `name=crash|error` (see memsvc/failpoints.py)."),
     Setting("log_level", _choice("debug", "info", "warning", "error"), "info", "Lowest level of log records written."),
     Setting("log_format", _choice("json", "text"), "json", "`json` (one object per line) or `text`."),

@@ -4,12 +4,15 @@ The tracing packages are an extra (``memsvc[tracing]``), imported only when
 tracing is switched on. Spans go to an OTLP exporter configured by the
 standard ``OTEL_EXPORTER_OTLP_*`` and ``OTEL_SERVICE_NAME`` variables; the
 provider is this server's own (not the process-global one), so it can be
-flushed when the server stops.
+flushed when the server stops. Unary calls are traced, streams are not.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
+
+import grpc
 
 from memsvc.config import StartupError
 
@@ -35,12 +38,40 @@ def make_tracer_provider() -> Any:
     return provider
 
 
-def server_interceptor(tracer_provider: Any) -> Any:
-    """The grpc.aio server interceptor that makes one span per call."""
+def server_interceptor(tracer_provider: Any) -> grpc.aio.ServerInterceptor:
+    """The grpc.aio server interceptor that makes one span per unary call."""
     try:
         from opentelemetry.instrumentation.grpc import aio_server_interceptor
     except ImportError as error:
         raise TracingUnavailable(
             "otel_tracing needs the tracing extra: pip install 'memsvc[tracing]'"
         ) from error
-    return aio_server_interceptor(tracer_provider=tracer_provider)  # type: ignore[no-untyped-call]
+    spans = aio_server_interceptor(tracer_provider=tracer_provider)  # type: ignore[no-untyped-call]
+    return _UnaryOnly(spans)
+
+
+class _UnaryOnly(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """``inner`` for unary calls; a streaming call's handler goes untouched.
+
+    OpenTelemetry's aio interceptor iterates a stream handler's result with
+    ``async for``: memsvc's stream handlers (WatchLifecycle) and grpc's health Watch
+    write with ``context.write`` instead, and every such stream failed with UNKNOWN
+    under it. Streams are not traced.
+    """
+
+    def __init__(self, inner: grpc.aio.ServerInterceptor) -> None:
+        self._inner = inner
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+
+        async def found(_: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+            return handler
+
+        return await self._inner.intercept_service(found, handler_call_details)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -41,3 +43,25 @@ async def test_calls_are_traced(base_config: Config, scope: dict[str, Any]):
     assert get.attributes.get("rpc.grpc.status_code") == grpc.StatusCode.NOT_FOUND.value[0]
     # OpenTelemetry's server conventions: NOT_FOUND is the caller's error, not the span's.
     assert get.status.status_code == StatusCode.UNSET
+
+
+async def test_streams_work_with_tracing_on(base_config: Config, scope: dict[str, Any]):
+    """OpenTelemetry's aio interceptor takes only async-generator stream handlers:
+    memsvc's watch and grpc's health Watch write with context.write, and failed with
+    UNKNOWN under it. Streams pass untraced; their first message arrives."""
+    provider = TracerProvider()
+    config = replace(base_config, otel_tracing=True)
+    async with (
+        Server(config, tracer_provider=provider) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        watch = LifecycleServiceStub(channel).WatchLifecycle(
+            lc.WatchLifecycleRequest(project_id=scope["project_id"])
+        )
+        first = await asyncio.wait_for(watch.read(), 10)
+        assert first.HasField("progress"), first
+        watch.cancel()
+        health = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+        status = await asyncio.wait_for(health.read(), 10)
+        assert status.status == health_pb2.HealthCheckResponse.SERVING
+        health.cancel()
