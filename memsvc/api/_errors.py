@@ -33,6 +33,7 @@ from memsvc.domain import (
     OutOfRange,
     ResourceExhausted,
 )
+from memsvc.domain._call_deadline import call_deadline
 from memsvc.domain._errors import (
     DeadlineExceeded,
     PermissionDenied,
@@ -40,7 +41,6 @@ from memsvc.domain._errors import (
     Unauthenticated,
 )
 from memsvc.log import rpc_method
-from memsvc.store._retry import call_deadline
 
 log = logging.getLogger(__name__)
 

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
+from memsvc.domain._call_deadline import past_the_call
 from memsvc.domain._episodes import MAX_ACTIONS_BYTES, OUTCOMES, check_story
 from memsvc.domain._errors import (
     CheckpointAlreadyExists,
@@ -959,8 +960,9 @@ class Lifecycle:
         return result
 
     def _after_answer(self, settling: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
-        """Run ``settling`` once the call has answered (awaited at shutdown: settled)."""
-        task = asyncio.ensure_future(settling)
+        """Run ``settling`` once the call has answered (awaited at shutdown: settled),
+        bounded by the backends' own retry budget, not by the call's deadline."""
+        task = asyncio.get_running_loop().create_task(settling, context=past_the_call())
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
         return task

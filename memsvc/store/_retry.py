@@ -1,7 +1,7 @@
 """Bounded retries of transient backend errors, never past the caller's deadline.
 
 The gRPC layer records each call's deadline in a context variable
-(:func:`call_deadline`); :func:`with_retries` retries an idempotent backend
+(memsvc/domain/_call_deadline.py); :func:`with_retries` retries an idempotent backend
 operation with jittered exponential backoff until it succeeds, the attempts
 run out, the retry budget is spent or the deadline would pass, whichever comes
 first. Then it raises ``BackendUnavailable`` (UNAVAILABLE for the caller).
@@ -12,10 +12,8 @@ that decides how often memsvc retries.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterator
-from contextvars import ContextVar
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from tenacity import (
@@ -27,27 +25,14 @@ from tenacity import (
 )
 
 from memsvc.domain import BackendUnavailable
+from memsvc.domain._call_deadline import current_deadline
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Absolute deadline of the current call on the event loop's clock (loop.time()).
-_deadline: ContextVar[float | None] = ContextVar("memsvc_call_deadline", default=None)
-
 DEFAULT_ATTEMPTS = 4
 DEFAULT_BUDGET_SECONDS = 5.0
-
-
-@contextlib.contextmanager
-def call_deadline(seconds_left: float | None) -> Iterator[None]:
-    """Bound every backend retry inside this block by ``seconds_left``."""
-    absolute = None if seconds_left is None else asyncio.get_running_loop().time() + seconds_left
-    token = _deadline.set(absolute)
-    try:
-        yield
-    finally:
-        _deadline.reset(token)
 
 
 async def with_retries(
@@ -65,7 +50,7 @@ async def with_retries(
     """
     loop = asyncio.get_running_loop()
     stop_at = loop.time() + budget_seconds
-    deadline = _deadline.get()
+    deadline = current_deadline()
     if deadline is not None:
         stop_at = min(stop_at, deadline)
     retryable: tuple[type[BaseException], ...] = (*transient, TimeoutError)

@@ -15,11 +15,11 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
 from memsvc.domain import BackendUnavailable, EntryWrite, SessionRef
+from memsvc.domain._call_deadline import call_deadline
 from memsvc.domain._session_memory import SnapshotEntry
 from memsvc.domain._snapshot import encode_snapshot
 from memsvc.server import Server
 from memsvc.store import working_memory_store
-from memsvc.store._retry import call_deadline
 from memsvc.store.redis import RedisWorkingMemoryStore, session_keys
 from memsvc.store.redis._cluster import parse_cluster_url
 from memsvc.store.redis._working_memory import guard_key, staging_keys

@@ -7,7 +7,8 @@ import asyncio
 import pytest
 
 from memsvc.domain import BackendUnavailable
-from memsvc.store._retry import call_deadline, with_retries
+from memsvc.domain._call_deadline import call_deadline
+from memsvc.store._retry import with_retries
 
 
 class Flaky:
