@@ -127,6 +127,8 @@ class Server:
         self._probe: grpc.aio.Server | None = None
         self._calls = CallTracker()
         self._grpc: grpc.aio.Server | None = None
+        # The inode of the Unix socket this run made (only that one is removed at stop).
+        self._socket_inode: int | None = None
         self._monitor: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self.lifecycle: Lifecycle | None = None
@@ -279,6 +281,8 @@ class Server:
             if socket_group is not None:
                 _give_socket_to(self.config.unix_socket, socket_group)
             os.chmod(self.config.unix_socket, 0o660)
+            # This run's socket: stop() removes it, and nothing else found at its path.
+            self._socket_inode = os.stat(self.config.unix_socket).st_ino
         if self.config.health_listen:
             self._probe = grpc.aio.server(options=self._grpc_options())
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self._probe)
@@ -368,9 +372,11 @@ class Server:
             "closing working memory", self.working_memory_store.aclose(), STEP_LIMIT_SECONDS
         )
         await _bounded("closing the durable store", self.durable_store.aclose(), STEP_LIMIT_SECONDS)
-        if self.config.unix_socket:
+        if self.config.unix_socket and self._socket_inode is not None:
+            socket_path = Path(self.config.unix_socket)
             with contextlib.suppress(FileNotFoundError):
-                Path(self.config.unix_socket).unlink()  # noqa: ASYNC240 - one fast syscall
+                if socket_path.stat().st_ino == self._socket_inode:  # noqa: ASYNC240 - fast
+                    socket_path.unlink()  # noqa: ASYNC240 - one fast syscall
         self._stopped.set()
         log.info("stopped")
 
@@ -660,14 +666,25 @@ def task_stacks(tasks: Iterable[asyncio.Task[Any]]) -> str:
 
 
 def _remove_stale_socket(path: Path) -> None:
-    """Remove a Unix socket left by a previous run; refuse to remove anything else."""
+    """Remove a Unix socket left by a previous run; refuse to remove anything else,
+    or a socket another process still serves on (its clients would lose it)."""
     try:
         mode = path.lstat().st_mode
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(mode):
         raise FileExistsError(f"{path} exists and is not a socket; choose another unix_socket")
-    path.unlink()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            pass  # nobody listens: left by a run that ended
+        else:
+            raise StartupError(
+                f"another process serves on {path}; stop it or choose another unix_socket"
+            )
+    path.unlink(missing_ok=True)
 
 
 def _certificate_configuration(certificates: Certificates) -> Any:

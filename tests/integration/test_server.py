@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from memsvc import server as server_module
-from memsvc.config import Config
+from memsvc.config import Config, StartupError
 from memsvc.server import Server
 from memsvc.v1 import lifecycle_pb2 as lc
 from memsvc.v1 import working_memory_pb2 as pb
@@ -143,6 +143,26 @@ async def test_unix_socket_serves_the_api(embedded, tmp_path):
             python((await wm.Get(pb.GetRequest(**ids, key="k"))).entry.value) == "over the socket"
         )
     assert not path.exists(), "the socket file is removed at shutdown"
+
+
+async def test_a_second_server_on_a_served_socket_leaves_it_to_the_first(embedded, tmp_path):
+    """A second memsvc configured with the same socket refuses to start (and one that
+    fails to start for another reason, here its TCP port, leaves the socket alone):
+    the first keeps serving on it."""
+    path = tmp_path / "memsvc.sock"
+    first_config = replace(embedded, unix_socket=str(path))
+    async with Server(first_config) as first:
+        other_dir = tmp_path / "other"
+        other_dir.mkdir()
+        with pytest.raises(StartupError, match="another process serves"):
+            await Server(replace(first_config, data_dir=str(other_dir))).start()
+        taken_port = replace(first_config, data_dir=str(other_dir),
+                             listen=f"127.0.0.1:{first.port}")  # fmt: skip
+        with pytest.raises(StartupError):
+            await Server(taken_port).start()
+        async with grpc.aio.insecure_channel(f"unix:{path}") as ch:
+            await LifecycleServiceStub(ch).Spawn(lc.SpawnRequest(**scope()))
+    assert not path.exists(), "the first removes its own socket at shutdown"
 
 
 async def test_graceful_shutdown_finishes_in_flight_calls_and_refuses_new_ones(embedded):
