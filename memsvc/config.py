@@ -92,6 +92,36 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _int_from(low: int, high: int) -> Callable[[str], int]:
+    """An integer from ``low`` to ``high``: past them a setting breaks only later,
+    at runtime (a date out of range in every sweep, an option gRPC cannot take)."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise ValueError(f"must be from {low:,} to {high:,}, got {value:,}")
+        return value
+
+    return parse
+
+
+def _seconds_from(low: float) -> Callable[[str], float]:
+    """A positive finite number of seconds, at least ``low`` (a shorter interval
+    busy-loops, or times out every probe)."""
+
+    def parse(text: str) -> float:
+        value = _positive_float(text)
+        if value < low:
+            raise ValueError(f"must be at least {low} seconds, got {text!r}")
+        return value
+
+    return parse
+
+
+# An age or time to live: up to 100 years, so that "now minus it" stays a date.
+_age_seconds = _int_from(1, 100 * 365 * 86_400)
+
+
 def _failpoints(text: str) -> str:
     Failpoints(text)  # raises ValueError naming the bad failpoint
     return text
@@ -154,17 +184,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_value_bytes", _positive_int, "1048576", "Largest value accepted, in bytes of its protobuf encoding."),
     Setting("max_session_keys", _positive_int, "10000", "Most keys one session's working memory may hold."),
     Setting("max_session_bytes", _positive_int, "16777216", "Most bytes (keys plus values) one session's working memory may hold."),
-    Setting("max_message_bytes", _positive_int, "4194304", "Largest gRPC message received or sent; responses carry at most 3/4 of it in values."),
+    Setting("max_message_bytes", _int_from(1, 2**31 - 1), "4194304", "Largest gRPC message received or sent (below 2 GiB); responses carry at most 3/4 of it in values."),
     Setting("redis_max_connections", _positive_int, "8", "Size of the Redis connection pool."),
     Setting("database_max_connections", _positive_int, "4", "Size of the PostgreSQL connection pool."),
     Setting("shutdown_grace_seconds", _positive_float, "10", "On SIGTERM/SIGINT, how long in-flight calls may take to finish."),
-    Setting("health_interval_seconds", _positive_float, "2", "How often the backends are probed for the health service."),
-    Setting("checkpoint_max_age_seconds", _positive_int, "604800", "Checkpoints older than this are deleted (7 days); a paused session's resume checkpoint always stays."),
+    Setting("health_interval_seconds", _seconds_from(0.05), "2", "How often the backends are probed for the health service (at least 0.05 s)."),
+    Setting("checkpoint_max_age_seconds", _age_seconds, "604800", "Checkpoints older than this are deleted (7 days; at most 100 years); a paused session's resume checkpoint always stays."),
     Setting("max_checkpoints_per_session", _positive_int, "1000", "Most checkpoints one session may have; Pause and CreateCheckpoint beyond it get RESOURCE_EXHAUSTED (delete some, or let `checkpoint_keep_last` prune them)."),
     Setting("checkpoint_keep_last", _non_negative_int, "0", "Keep at most this many checkpoints per session, newest first (0: no limit)."),
-    Setting("request_id_ttl_seconds", _positive_int, "86400", "How long a request_id is remembered, so a retry returns the first answer (24 hours)."),
-    Setting("retention_interval_seconds", _positive_float, "60", "How often expired checkpoints and request ids are deleted."),
-    Setting("event_max_age_seconds", _positive_int, "604800", "Lifecycle events older than this are compacted away (7 days); watchers resuming from before get OUT_OF_RANGE."),
+    Setting("request_id_ttl_seconds", _age_seconds, "86400", "How long a request_id is remembered, so a retry returns the first answer (24 hours; at most 100 years)."),
+    Setting("retention_interval_seconds", _seconds_from(0.05), "60", "How often expired checkpoints and request ids are deleted (at least 0.05 s)."),
+    Setting("event_max_age_seconds", _age_seconds, "604800", "Lifecycle events older than this are compacted away (7 days; at most 100 years); watchers resuming from before get OUT_OF_RANGE."),
     Setting("event_keep_last", _non_negative_int, "0", "Keep at most this many lifecycle events (0: no limit)."),
     Setting("max_watchers", _positive_int, "1000", "Most WatchLifecycle streams one process serves; beyond it, RESOURCE_EXHAUSTED."),
     Setting("max_concurrent_calls", _positive_int, "256", "Most calls (other than watch streams) one process runs at once; beyond it, RESOURCE_EXHAUSTED at once instead of a growing queue."),

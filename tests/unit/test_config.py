@@ -70,6 +70,14 @@ def test_the_test_suites_variables_are_ignored():
         ({"MEMSVC_DEFAULT_DEADLINE_SECONDS": "nan"}, "positive finite"),
         ({"MEMSVC_SHUTDOWN_GRACE_SECONDS": "inf"}, "positive finite"),
         ({"MEMSVC_HEALTH_INTERVAL_SECONDS": "0"}, "positive finite"),
+        # Past these, a setting broke only at runtime: every probe timed out at once,
+        # every sweep failed on a date out of range, gRPC could not take the option.
+        ({"MEMSVC_HEALTH_INTERVAL_SECONDS": "0.000001"}, "at least 0.05 seconds"),
+        ({"MEMSVC_RETENTION_INTERVAL_SECONDS": "0.0001"}, "at least 0.05 seconds"),
+        ({"MEMSVC_EVENT_MAX_AGE_SECONDS": "100000000000"}, "from 1 to 3,153,600,000"),
+        ({"MEMSVC_CHECKPOINT_MAX_AGE_SECONDS": "100000000000"}, "from 1 to"),
+        ({"MEMSVC_REQUEST_ID_TTL_SECONDS": "0"}, "from 1 to"),
+        ({"MEMSVC_MAX_MESSAGE_BYTES": str(2**31)}, "from 1 to 2,147,483,647"),
     ],
 )
 def test_bad_values_are_refused_with_the_setting_named(env, message):
