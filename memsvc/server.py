@@ -21,8 +21,9 @@ import signal
 import socket
 import stat
 import sys
+import threading
 import uuid
-from collections.abc import Awaitable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -327,13 +328,6 @@ class Server:
             if task is not None:
                 task.cancel()
                 await _bounded(f"stopping task {task.get_name()}", task, STEP_LIMIT_SECONDS)
-        if self.lifecycle is not None:
-            # Without this the lease lapses by itself, later.
-            await _bounded(
-                "releasing the background-jobs lease",
-                self.lifecycle.release_background(self.instance_id),
-                STEP_LIMIT_SECONDS,
-            )
         if self._grpc is not None:
             # Let health watchers receive NOT_SERVING before their streams end.
             await asyncio.sleep(0.05)
@@ -363,11 +357,25 @@ class Server:
                 self.lifecycle.settled(),
                 STEP_LIMIT_SECONDS,
             )
+            # Without this the lease lapses by itself, later. A database call: only
+            # once no new call is accepted (during an outage it may wait its timeout).
+            await _bounded(
+                "releasing the background-jobs lease",
+                self.lifecycle.release_background(self.instance_id),
+                STEP_LIMIT_SECONDS,
+            )
         if self._probe is not None:
             await _bounded("stopping the probe server", self._probe.stop(0), STEP_LIMIT_SECONDS)
         self.metrics.stop()
         if self.tracer_provider is not None and hasattr(self.tracer_provider, "shutdown"):
-            self.tracer_provider.shutdown()  # flushes the spans still batched
+            # Flushes the spans still batched: synchronous, up to the exporter's own
+            # timeout (30 s) against a collector that never answers, so in a thread
+            # of its own, bounded like every step, the event loop free meanwhile.
+            await _bounded(
+                "flushing traces",
+                _in_daemon_thread(self.tracer_provider.shutdown),
+                STEP_LIMIT_SECONDS,
+            )
         await _bounded(
             "closing working memory", self.working_memory_store.aclose(), STEP_LIMIT_SECONDS
         )
@@ -663,6 +671,29 @@ def task_stacks(tasks: Iterable[asyncio.Task[Any]]) -> str:
             code = frame.f_code
             lines.append(f"    {code.co_filename}:{frame.f_lineno or '?'} in {code.co_name}")
     return "\n".join(lines)
+
+
+async def _in_daemon_thread(function: Callable[[], object]) -> None:
+    """Run ``function`` in a daemon thread and wait for it: one that outlives its
+    bound does not hold the process's exit, as an executor thread would."""
+    loop = asyncio.get_running_loop()
+    finished: asyncio.Future[None] = loop.create_future()
+
+    def done() -> None:
+        if not finished.done():
+            finished.set_result(None)
+
+    def run() -> None:
+        try:
+            function()
+        except Exception:
+            log.exception("%s failed", getattr(function, "__qualname__", function))
+        finally:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(done)
+
+    threading.Thread(target=run, name="memsvc-shutdown-step", daemon=True).start()
+    await finished
 
 
 def _remove_stale_socket(path: Path) -> None:

@@ -8,6 +8,7 @@ import logging
 import stat
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import replace
@@ -163,6 +164,59 @@ async def test_a_second_server_on_a_served_socket_leaves_it_to_the_first(embedde
         async with grpc.aio.insecure_channel(f"unix:{path}") as ch:
             await LifecycleServiceStub(ch).Spawn(lc.SpawnRequest(**scope()))
     assert not path.exists(), "the first removes its own socket at shutdown"
+
+
+async def test_shutdown_refuses_new_calls_before_its_database_work(embedded):
+    """Releasing the background lease is a database call (during an outage it waits
+    its timeout): it comes after the listener closed, so new calls are refused at
+    once, not accepted meanwhile."""
+    server = Server(embedded)
+    await server.start()
+    assert server.lifecycle is not None
+    releasing, release = asyncio.Event(), asyncio.Event()
+    real_release = server.lifecycle.release_background
+
+    async def slow_release(holder: str) -> None:
+        releasing.set()
+        await release.wait()
+        await real_release(holder)
+
+    server.lifecycle.release_background = slow_release  # type: ignore[method-assign]
+    stopping = asyncio.ensure_future(server.stop(grace=1))
+    try:
+        await asyncio.wait_for(releasing.wait(), 30)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            await expect_error(
+                LifecycleServiceStub(channel).Spawn(lc.SpawnRequest(**scope()), timeout=5),
+                grpc.StatusCode.UNAVAILABLE,
+            )
+    finally:
+        release.set()
+        await stopping
+
+
+async def test_flushing_traces_at_shutdown_leaves_the_event_loop_free(embedded):
+    """The tracer provider's shutdown is synchronous (up to its exporter's timeout
+    against a collector that never answers): it runs in a thread of its own, and
+    the event loop goes on meanwhile."""
+    flushing, loop_ran = threading.Event(), threading.Event()
+    saw_the_loop: list[bool] = []
+
+    class SlowProvider:
+        def shutdown(self) -> None:
+            flushing.set()
+            saw_the_loop.append(loop_ran.wait(5))
+
+    async def tick() -> None:
+        await asyncio.to_thread(flushing.wait, 30)
+        loop_ran.set()  # only once the loop runs again
+
+    server = Server(embedded, tracer_provider=SlowProvider())
+    await server.start()
+    ticking = asyncio.ensure_future(tick())
+    await server.stop(grace=1)
+    ticking.cancel()
+    assert saw_the_loop == [True]
 
 
 async def test_graceful_shutdown_finishes_in_flight_calls_and_refuses_new_ones(embedded):
