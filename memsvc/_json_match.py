@@ -30,10 +30,12 @@ def json_holds(document: str, wanted: str) -> bool:
 def _comparable(value: Any) -> Any:
     if isinstance(value, bool) or value is None:
         return ("literal", value)
-    if isinstance(value, int | Decimal | float):
-        # int == Decimal compares exactly; a float is only NaN or an infinity here
-        # (Python's json reads them so), which equal nothing JSON can hold.
-        return ("number", value)
+    if isinstance(value, int | Decimal):
+        return ("number", value)  # int == Decimal compares exactly
+    if isinstance(value, float):
+        # Only NaN or an infinity here (Python's json reads them so), which no JSON
+        # value equals: a marker of its own, equal to nothing (not even itself).
+        return ("non-finite", object())
     if isinstance(value, str):
         return ("string", value)
     if isinstance(value, list):

@@ -128,8 +128,8 @@ class Server:
         self._probe: grpc.aio.Server | None = None
         self._calls = CallTracker()
         self._grpc: grpc.aio.Server | None = None
-        # The inode of the Unix socket this run made (only that one is removed at stop).
-        self._socket_inode: int | None = None
+        # (device, inode) of the Unix socket this run made: only it is removed at stop.
+        self._socket_inode: tuple[int, int] | None = None
         self._monitor: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self.lifecycle: Lifecycle | None = None
@@ -269,6 +269,10 @@ class Server:
             # No TLS on the socket: its file mode and group guard it (tokens still apply).
             _remove_stale_socket(Path(self.config.unix_socket))
             server.add_insecure_port(f"unix:{self.config.unix_socket}")
+            # This run's socket (bound now): stop() removes it, even after a failed
+            # start, and nothing else found at its path.
+            made = os.stat(self.config.unix_socket)
+            self._socket_inode = (made.st_dev, made.st_ino)
         await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         await self._check_health()
         if self._schema_behind:
@@ -282,8 +286,6 @@ class Server:
             if socket_group is not None:
                 _give_socket_to(self.config.unix_socket, socket_group)
             os.chmod(self.config.unix_socket, 0o660)
-            # This run's socket: stop() removes it, and nothing else found at its path.
-            self._socket_inode = os.stat(self.config.unix_socket).st_ino
         if self.config.health_listen:
             self._probe = grpc.aio.server(options=self._grpc_options())
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self._probe)
@@ -383,7 +385,8 @@ class Server:
         if self.config.unix_socket and self._socket_inode is not None:
             socket_path = Path(self.config.unix_socket)
             with contextlib.suppress(FileNotFoundError):
-                if socket_path.stat().st_ino == self._socket_inode:  # noqa: ASYNC240 - fast
+                found = socket_path.stat()  # noqa: ASYNC240 - one fast syscall
+                if (found.st_dev, found.st_ino) == self._socket_inode:
                     socket_path.unlink()  # noqa: ASYNC240 - one fast syscall
         self._stopped.set()
         log.info("stopped")
@@ -711,6 +714,11 @@ def _remove_stale_socket(path: Path) -> None:
             probe.connect(str(path))
         except (ConnectionRefusedError, FileNotFoundError):
             pass  # nobody listens: left by a run that ended
+        except OSError as error:  # not ours to connect to, or a listener too busy
+            raise StartupError(
+                f"cannot tell whether another process serves on {path} ({error}); "
+                "remove it or choose another unix_socket"
+            ) from error
         else:
             raise StartupError(
                 f"another process serves on {path}; stop it or choose another unix_socket"

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
-from memsvc.domain._call_deadline import past_the_call
+from memsvc.domain._call_deadline import call_deadline, past_the_call
 from memsvc.domain._episodes import MAX_ACTIONS_BYTES, OUTCOMES, check_story
 from memsvc.domain._errors import (
     CheckpointAlreadyExists,
@@ -942,10 +942,13 @@ class Lifecycle:
             return cast(T, replayed.result)
         except BaseException as error:
             if steps.started:
-                if committing:
-                    await self._settle_by_truth(ref, "a COMMIT whose outcome is unknown")
-                else:
-                    await self._undo(ref, steps)
+                # Without the call's deadline: it is often what failed the call, and
+                # under it these would not even try, leaving the marker transitional.
+                with call_deadline(None):
+                    if committing:
+                        await self._settle_by_truth(ref, "a COMMIT whose outcome is unknown")
+                    else:
+                        await self._undo(ref, steps)
             elif isinstance(error, InvalidTransition) and error.metadata.get("state") == (
                 SessionState.TERMINATED.name
             ):
