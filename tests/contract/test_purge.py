@@ -200,34 +200,29 @@ async def test_events_become_tombstones_and_the_log_stays_gap_free(
         assert not tombstone.checkpoint_id and not tombstone.metadata.fields
     assert not any(e.agent_instance_id == scope["agent_instance_id"] for e in events)
     assert sum(e.agent_instance_id == kept["agent_instance_id"] for e in events) == 2
-    # A subscriber filtering by the purged project no longer sees them.
+    # A subscriber filtering by the purged project no longer sees them; nor does one
+    # filtering by the nil UUID, the ids a tombstone is left with: it would see the
+    # purged events of every project.
+    for ids in (
+        {"project_id": scope["project_id"], "agent_instance_id": scope["agent_instance_id"]},
+        {"project_id": NIL_UUID},
+    ):
+        await expect_no_event(stubs, ids, after=before, until=sequences[-1])
+
+
+async def expect_no_event(stubs: Stubs, ids: dict[str, Any], after: int, until: int) -> None:
+    """A watch filtering by ``ids`` from ``after`` gets only progress up to ``until``."""
     call = stubs.lifecycle.WatchLifecycle(
         lc.WatchLifecycleRequest(
-            project_id=scope["project_id"],
-            agent_instance_id=scope["agent_instance_id"],
-            after_sequence=before,
-            start=lc.WATCH_START_OLDEST if before == 0 else lc.WATCH_START_UNSPECIFIED,
+            **ids,
+            after_sequence=after,
+            start=lc.WATCH_START_OLDEST if after == 0 else lc.WATCH_START_UNSPECIFIED,
             progress_interval=duration_pb2.Duration(nanos=100_000_000),
         )
     )
     async for response in call:
         assert response.HasField("progress"), response
-        if response.progress.sequence >= sequences[-1]:
-            break
-    call.cancel()
-    # Nor does one filtering by the nil UUID, the ids a tombstone is left with: it
-    # would see the purged events of every project.
-    call = stubs.lifecycle.WatchLifecycle(
-        lc.WatchLifecycleRequest(
-            project_id=NIL_UUID,
-            after_sequence=before,
-            start=lc.WATCH_START_OLDEST if before == 0 else lc.WATCH_START_UNSPECIFIED,
-            progress_interval=duration_pb2.Duration(nanos=100_000_000),
-        )
-    )
-    async for response in call:
-        assert response.HasField("progress"), response
-        if response.progress.sequence >= sequences[-1]:
+        if response.progress.sequence >= until:
             break
     call.cancel()
 
