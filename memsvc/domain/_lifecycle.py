@@ -276,11 +276,11 @@ class Lifecycle:
             # (a replica whose clock is behind): the call must not answer with one
             # it deleted. Nor the resume point a Pause makes it.
             pruned = await tx.prune_checkpoints(ref, self.retention.keep_last, checkpoint_id)
-            for old_id in pruned:
-                await tx.append_event(
-                    self._event(EventType.CHECKPOINT_DELETED, record, now, request_id,
-                                checkpoint_id=old_id, metadata=RETENTION)
-                )  # fmt: skip
+            await tx.append_events([
+                self._event(EventType.CHECKPOINT_DELETED, record, now, request_id,
+                            checkpoint_id=old_id, metadata=RETENTION)
+                for old_id in pruned
+            ])  # fmt: skip
         return checkpoint
 
     async def create_checkpoint(
