@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -137,33 +137,20 @@ class SqliteDurableStore(SqlDurableReads):
             except aiosqlite.OperationalError as error:  # locked by another process too long
                 raise BackendUnavailable(self.backend_name, error) from error
             tx = SqlTransaction(db, SQLITE)
-            try:
+            with _conditions_unavailable(self.backend_name):
                 try:
                     yield tx
-                except BaseException:
-                    await _rollback(db)
-                    raise
-                try:
                     await db.execute("COMMIT")
                 except BaseException:
-                    # A COMMIT that fails may leave the transaction open (SQLITE_BUSY):
-                    # the next caller's BEGIN would fail, and a later COMMIT make
-                    # this one's writes durable with its own.
+                    # A failed block, or a COMMIT that failed: that may leave the
+                    # transaction open (SQLITE_BUSY), and the next caller's BEGIN would
+                    # fail, or a later COMMIT make these writes durable with its own.
                     await _rollback(db)
                     raise
-            except sqlite3.OperationalError as error:
-                if _unavailable(error):
-                    raise BackendUnavailable(self.backend_name, error) from error
-                raise
 
     async def _query(self, read: Callable[..., Awaitable[T]], *args: Any) -> T:
-        with observed(self.observe, read.__name__):
-            try:
-                return await read(self._read_conn, SQLITE, *args)
-            except sqlite3.OperationalError as error:
-                if _unavailable(error):
-                    raise BackendUnavailable(self.backend_name, error) from error
-                raise
+        with observed(self.observe, read.__name__), _conditions_unavailable(self.backend_name):
+            return await read(self._read_conn, SQLITE, *args)
 
     @contextlib.asynccontextmanager
     async def event_wakeups(self) -> AsyncIterator[AsyncIterator[int]]:
@@ -277,10 +264,17 @@ _UNAVAILABLE_CODES = frozenset({
 })  # fmt: skip
 
 
-def _unavailable(error: sqlite3.OperationalError) -> bool:
-    """Whether ``error`` is a condition of the database (UNAVAILABLE), not of the statement."""
-    code = getattr(error, "sqlite_errorcode", None)
-    return code is not None and code & 0xFF in _UNAVAILABLE_CODES
+@contextlib.contextmanager
+def _conditions_unavailable(backend: str) -> Iterator[None]:
+    """Raise BackendUnavailable for an error that is a condition of the database
+    (UNAVAILABLE), and any other error as it is."""
+    try:
+        yield
+    except sqlite3.OperationalError as error:
+        code = getattr(error, "sqlite_errorcode", None)
+        if code is not None and code & 0xFF in _UNAVAILABLE_CODES:
+            raise BackendUnavailable(backend, error) from error
+        raise
 
 
 async def _rollback(db: aiosqlite.Connection) -> None:
