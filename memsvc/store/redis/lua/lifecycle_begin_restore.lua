@@ -65,25 +65,32 @@ end
 local blob = ARGV[7]
 local entries, pos = struct.unpack('<I4', blob, 5)
 local fields, lex, timed = {}, {}, {}
+-- Lengths kept in locals: '#t' searches for the table's border on every append.
+local n_fields, n_lex, n_timed = 0, 0, 0
+local merging = ARGV[3] == '1'
 local key, value, ttl
 for _ = 1, entries do
   -- One call per entry: 'c0' reads a string whose length is the preceding u32.
   key, value, ttl, pos = struct.unpack('<I4c0I4c0i8', blob, pos)
-  if ARGV[3] == '1' then
+  if merging then
     local old = redis.call('HSTRLEN', SD, key)
     if old > 0 then
       bytes = bytes - #key - old
     end
   end
   bytes = bytes + #key + #value
-  fields[#fields + 1] = key
-  fields[#fields + 1] = value
-  lex[#lex + 1] = 0
-  lex[#lex + 1] = key
+  fields[n_fields + 1] = key
+  fields[n_fields + 2] = value
+  n_fields = n_fields + 2
+  -- The score as a string: a Lua number is formatted with '%.17g' for every member.
+  lex[n_lex + 1] = '0'
+  lex[n_lex + 2] = key
+  n_lex = n_lex + 2
   if ttl >= 0 then
-    timed[#timed + 1] = now + math.max(1, ttl)
-    timed[#timed + 1] = key
-  elseif ARGV[3] == '1' then
+    timed[n_timed + 1] = now + math.max(1, ttl)
+    timed[n_timed + 2] = key
+    n_timed = n_timed + 2
+  elseif merging then
     redis.call('ZREM', SX, key)
   end
 end
