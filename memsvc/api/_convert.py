@@ -25,6 +25,11 @@ def encode_value(message: struct_pb2.Value, present: bool) -> bytes | None:
     """The stored form of a request's value; None when it is absent or empty."""
     if not present or message.WhichOneof("kind") is None:
         return None
+    # A Value has no fields beyond its own: unknown ones (kept by the parser, at
+    # any depth) would be stored and sent back in every response holding the
+    # value, where check_readable does not look for them (e.g. groups nested
+    # past protobuf's limit after a bool, which no response could then parse).
+    message.DiscardUnknownFields()
     # Deterministic: map entries in key order, so equal values have equal bytes in
     # every process (a request id's arguments hash depends on it).
     return message.SerializeToString(deterministic=True)
@@ -192,6 +197,12 @@ def timestamp(epoch_ms: int) -> timestamp_pb2.Timestamp:
     )
 
 
-def epoch_ms(moment: timestamp_pb2.Timestamp) -> int:
-    """Unix milliseconds of a Timestamp (rounded down)."""
+def epoch_ms(moment: timestamp_pb2.Timestamp, field: str) -> int:
+    """Unix milliseconds of a Timestamp (rounded down); a malformed one (nanos
+    outside 0..999,999,999, which protobuf's rule forbids) is INVALID_ARGUMENT,
+    range checks are the caller's."""
+    if not 0 <= moment.nanos < 1_000_000_000:
+        raise InvalidArgument.single(
+            field, "is not a valid Timestamp (nanos must be from 0 to 999,999,999)"
+        )
     return int(moment.seconds * 1000 + moment.nanos // _NANOS_PER_MS)

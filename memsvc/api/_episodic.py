@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Literal
 
 import grpc
 
@@ -19,6 +20,11 @@ def episode_record(message: pb.Episode, violations: list[FieldViolation]) -> Epi
     """The domain form of a request's episode (validated by the domain; what cannot
     be converted goes to ``violations``)."""
     duration = message.duration
+    if message.HasField("create_time"):
+        # Its presence, not its value: the Unix epoch itself is a time someone set.
+        violations.append(
+            FieldViolation("episode.create_time", "is assigned by the server; leave it unset")
+        )
     return EpisodeRecord(
         episode_id=message.episode_id,
         ref=SessionRef(message.project_id, message.agent_instance_id, message.session_id),
@@ -42,11 +48,7 @@ def episode_record(message: pb.Episode, violations: list[FieldViolation]) -> Epi
         metadata=collected(
             violations, lambda: plain_struct(message.metadata, "episode.metadata"), {}
         ),
-        create_ms=(
-            collected(violations, lambda: epoch_ms(message.create_time), 0)
-            if message.HasField("create_time")
-            else 0
-        ),
+        create_ms=0,
         embedding_dimensions=message.embedding_dimensions,
     )
 
@@ -77,17 +79,26 @@ def episode_message(record: EpisodeRecord) -> pb.Episode:
     return message
 
 
-def episode_scope(project_id: str, request_filter: pb.EpisodeFilter) -> EpisodeScope:
-    """The domain form of a project and its filters (unset fields match all)."""
+def episode_scope(
+    project_id: str, request_filter: pb.EpisodeFilter, violations: list[FieldViolation]
+) -> EpisodeScope:
+    """The domain form of a project and its filters (unset fields match all; what
+    cannot be converted goes to ``violations``)."""
     f = request_filter
+
+    def moment(name: Literal["start_time", "end_time"]) -> int | None:
+        if not f.HasField(name):
+            return None
+        return collected(violations, lambda: epoch_ms(getattr(f, name), f"filter.{name}"), None)
+
     return EpisodeScope(
         project_id=project_id,
         agent_instance_id=f.agent_instance_id or None,
         session_id=f.session_id or None,
         outcome=int(f.outcome) or None,
         task_type=f.task_type or None,
-        start_ms=epoch_ms(f.start_time) if f.HasField("start_time") else None,
-        end_ms=epoch_ms(f.end_time) if f.HasField("end_time") else None,
+        start_ms=moment("start_time"),
+        end_ms=moment("end_time"),
         min_importance=f.min_importance or None,
     )
 
@@ -121,11 +132,13 @@ class EpisodicMemoryServicer(pb_grpc.EpisodicMemoryServiceServicer):
     async def ListEpisodes(
         self, request: pb.ListEpisodesRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListEpisodesResponse:
+        violations: list[FieldViolation] = []
         page = await self._episodes.list_episodes(
-            episode_scope(request.project_id, request.filter),
+            episode_scope(request.project_id, request.filter, violations),
             request.page_size,
             request.page_token,
             request.include_embedding,
+            violations,
         )
         return pb.ListEpisodesResponse(
             episodes=[episode_message(e) for e in page.items],
@@ -135,13 +148,15 @@ class EpisodicMemoryServicer(pb_grpc.EpisodicMemoryServiceServicer):
     async def SearchEpisodes(
         self, request: pb.SearchEpisodesRequest, context: grpc.aio.ServicerContext
     ) -> pb.SearchEpisodesResponse:
+        violations: list[FieldViolation] = []
         page = await self._episodes.search(
-            episode_scope(request.project_id, request.filter),
+            episode_scope(request.project_id, request.filter, violations),
             request.query,
             list(request.query_embedding),
             request.page_size,
             request.page_token,
             request.include_embedding,
+            violations,
         )
         return pb.SearchEpisodesResponse(
             results=[

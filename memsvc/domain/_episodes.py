@@ -271,9 +271,14 @@ class Episodes:
                 await tx.remember_response(project, request_id, b"deleted")
 
     async def list_episodes(
-        self, scope: EpisodeScope, page_size: int, page_token: str, with_embedding: bool
+        self,
+        scope: EpisodeScope,
+        page_size: int,
+        page_token: str,
+        with_embedding: bool,
+        found: Sequence[FieldViolation] = (),
     ) -> Page[EpisodeRecord]:
-        violations: list[FieldViolation] = []
+        violations = list(found)
         scope = check_scope(scope, violations)
         limit = check_page_size(
             page_size, default=LIST_PAGE[0], maximum=LIST_PAGE[1], violations=violations
@@ -300,8 +305,9 @@ class Episodes:
         page_size: int,
         page_token: str,
         with_embedding: bool,
+        found: Sequence[FieldViolation] = (),
     ) -> Page[ScoredEpisode]:
-        violations: list[FieldViolation] = []
+        violations = list(found)
         scope = check_scope(scope, violations)
         limit = check_page_size(
             page_size, default=SEARCH_PAGE[0], maximum=SEARCH_PAGE[1], violations=violations
@@ -507,8 +513,6 @@ def check_episode(episode: EpisodeRecord, prefix: str) -> list[FieldViolation]:
     check_session_id(ref.session_id, f"{prefix}.session_id", violations)
     if episode.episode_id:
         bad("episode_id", "is assigned by the server; leave it empty")
-    if episode.create_ms:
-        bad("create_time", "is assigned by the server; leave it unset")
     if episode.embedding_dimensions:
         bad("embedding_dimensions", "is computed by the server; leave it 0")
     if not episode.task_type:

@@ -579,6 +579,14 @@ def check_watch_request(
     for index, value in enumerate(event_types):
         if value in KNOWN_EVENT_TYPES:
             types.add(EventType(value))
+        elif value == 0:
+            violations.append(
+                FieldViolation(
+                    f"event_types[{index}]",
+                    "is EVENT_TYPE_UNSPECIFIED, which no event has: list the types to"
+                    " watch, or none to watch every type",
+                )
+            )
         else:
             violations.append(
                 FieldViolation(f"event_types[{index}]", f"is not an EventType value: {value}")

@@ -167,6 +167,10 @@ async def test_unknown_episodes_are_not_found_in_any_project(episodic, scope):
         ({"agent_instance_id": ""}, "episode.agent_instance_id"),
         ({"session_id": "has space"}, "episode.session_id"),
         ({"episode_id": str(uuid.uuid4())}, "episode.episode_id"),
+        ({"create_time": timestamp_pb2.Timestamp(seconds=1_700_000_000)}, "episode.create_time"),
+        # Set, though to the Unix epoch (within its first millisecond): still set.
+        ({"create_time": timestamp_pb2.Timestamp()}, "episode.create_time"),
+        ({"create_time": timestamp_pb2.Timestamp(nanos=999_999)}, "episode.create_time"),
         ({"tokens_used": -1}, "episode.tokens_used"),
         ({"duration": duration_pb2.Duration(seconds=-1)}, "episode.duration"),
         ({"duration": duration_pb2.Duration(seconds=5, nanos=-1)}, "episode.duration"),
@@ -382,6 +386,21 @@ async def test_bad_list_requests_are_refused(episodic, scope):
         (
             ep.ListEpisodesRequest(project_id=project, filter=ep.EpisodeFilter(task_type="a\x00")),
             "filter.task_type",
+        ),
+        # Malformed Timestamps (protobuf: 0 <= nanos < 1e9), not read as other times.
+        (
+            ep.ListEpisodesRequest(
+                project_id=project,
+                filter=ep.EpisodeFilter(start_time=timestamp_pb2.Timestamp(nanos=-5)),
+            ),
+            "filter.start_time",
+        ),
+        (
+            ep.ListEpisodesRequest(
+                project_id=project,
+                filter=ep.EpisodeFilter(end_time=timestamp_pb2.Timestamp(nanos=2_000_000_000)),
+            ),
+            "filter.end_time",
         ),
     ]:
         details = await expect_error(
@@ -646,6 +665,16 @@ async def test_bad_search_requests_are_refused(episodic, scope):
             "query_embedding",
         ),
         (ep.SearchEpisodesRequest(project_id=project, query="a", page_size=-3), "page_size"),
+        (
+            ep.SearchEpisodesRequest(
+                project_id=project,
+                query="a",
+                filter=ep.EpisodeFilter(
+                    start_time=timestamp_pb2.Timestamp(seconds=10**10, nanos=-999_999_999)
+                ),
+            ),
+            "filter.start_time",
+        ),
     ]:
         details = await expect_error(
             episodic.SearchEpisodes(request), grpc.StatusCode.INVALID_ARGUMENT

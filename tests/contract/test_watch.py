@@ -113,6 +113,12 @@ async def test_bad_watch_requests_are_invalid_argument(life):
         (lc.WatchLifecycleRequest(after_sequence=-1), "after_sequence"),
         (lc.WatchLifecycleRequest(event_types=[lc.EventType.ValueType(99)]), "event_types[0]"),
         (
+            lc.WatchLifecycleRequest(
+                event_types=[lc.EVENT_TYPE_SESSION_PAUSED, lc.EVENT_TYPE_UNSPECIFIED]
+            ),
+            "event_types[1]",
+        ),
+        (
             lc.WatchLifecycleRequest(progress_interval=duration_pb2.Duration(nanos=1000)),
             "progress_interval",
         ),
@@ -130,6 +136,9 @@ async def test_bad_watch_requests_are_invalid_argument(life):
         details = details_of(error.value)
         assert details.code == grpc.StatusCode.INVALID_ARGUMENT
         assert field in details.violations
+        if request.event_types[1:] == [lc.EVENT_TYPE_UNSPECIFIED]:
+            # What to do instead, not "is not an EventType value: 0".
+            assert "none to watch every type" in details.violations[field]
 
 
 async def test_after_sequence_zero_means_from_the_first_event(life, scope, server):

@@ -9,6 +9,7 @@ import pytest
 from google.protobuf import duration_pb2, struct_pb2
 from google.protobuf.message import DecodeError
 
+from memsvc.api._convert import _length_delimited
 from memsvc.v1 import working_memory_pb2 as pb
 from tests.helpers import expect_error, python, value
 
@@ -241,3 +242,25 @@ async def test_set_accepts_only_values_every_read_can_send_back(wm, scope):
     assert sorted(e.key for e in page.entries) == sorted(
         ["plain", *(f"deep{lists}" for lists in accepted)]
     )
+
+
+async def test_unknown_fields_inside_a_value_are_not_stored(wm, scope, channel):
+    """Found by a review: a bool Value followed by unknown groups nested 99 deep was
+    stored as sent, and then no Get, page or checkpoint holding it could be parsed
+    (protobuf's 100 levels). A Value has no fields beyond its own: they are dropped."""
+    raw_set = channel.unary_unary(
+        "/memsvc.v1.WorkingMemoryService/Set",
+        request_serializer=lambda raw: raw,
+        response_deserializer=pb.SetResponse.FromString,
+    )
+    groups = 99
+    poisoned = b"\x20\x01" + b"\x7b" * groups + b"\x7c" * groups  # bool_value, group 15...
+    value_field = pb.SetRequest.DESCRIPTOR.fields_by_name["value"].number
+    request = pb.SetRequest(**scope, key="odd").SerializeToString() + _length_delimited(
+        value_field, poisoned
+    )
+    await raw_set(request)
+    got = await wm.Get(pb.GetRequest(**scope, key="odd"))
+    assert got.entry.value == struct_pb2.Value(bool_value=True)
+    page = await wm.ListEntries(pb.ListEntriesRequest(**scope))
+    assert [e.key for e in page.entries] == ["odd"]
