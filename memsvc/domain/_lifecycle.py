@@ -760,7 +760,9 @@ class Lifecycle:
             if write:
                 return SessionNotWritable(session.session_id, "terminated")
             return SessionNotFound(session.session_id, terminated=True)
-        if state == MISSING:
+        if state == MISSING or state != MARKER_FOR.get(record.state):
+            # A marker the database disagrees with (a store restored from an older
+            # copy) holds no memory memsvc left: GetSession reports it lost too.
             return WorkingMemoryLost(session.session_id)
         return SessionNotWritable(session.session_id, state)
 

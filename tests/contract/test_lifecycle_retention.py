@@ -478,6 +478,27 @@ async def test_a_store_restored_from_an_older_copy_is_lost_memory(copy, life, sc
 
 
 @pytest.mark.parametrize("deployment", [DEPLOYMENTS["production"]], ids=["production"])
+async def test_a_paused_copy_of_an_active_session_refuses_writes_as_lost(copy, life, scope, wm):
+    """Found by a review: a copy taken while PAUSED, put back after the Resume, made
+    writes fail as SESSION_NOT_WRITABLE ('paused') while GetSession said ACTIVE with
+    its memory LOST. A refusal by a marker the database disagrees with says LOST."""
+    await life.Spawn(lc.SpawnRequest(**scope))
+    await wm.Set(pb.SetRequest(**scope, key="k", value=value("before")))
+    await life.Pause(lc.PauseRequest(**scope))
+    await copy.take()
+    await life.Resume(lc.ResumeRequest(**scope))
+    await copy.put_back()
+    session = (await life.GetSession(lc.GetSessionRequest(**scope))).session
+    assert session.state == lc.SESSION_STATE_ACTIVE
+    assert session.working_memory_status == lc.WORKING_MEMORY_STATUS_LOST
+    error = await expect_error(
+        wm.Set(pb.SetRequest(**scope, key="k", value=value("after"))),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+    assert error.reason == "ERROR_REASON_WORKING_MEMORY_LOST", error
+
+
+@pytest.mark.parametrize("deployment", [DEPLOYMENTS["production"]], ids=["production"])
 async def test_a_copy_from_before_the_last_resume_is_lost_memory(copy, life, scope, wm):
     """A copy taken before a Resume holds the session in the same state (ACTIVE)
     but of the earlier epoch: Pause, CreateCheckpoint and Terminate refuse it as
