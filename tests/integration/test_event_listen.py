@@ -7,12 +7,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
 
 from memsvc.store._lifecycle_sql import EVENT_CHANNEL
 from memsvc.store.postgres import PostgresDurableStore
+from memsvc.store.postgres import _store as postgres_store
+from memsvc.testing._proxy import TcpProxy
 
 
 @pytest.fixture
@@ -58,3 +61,33 @@ async def test_a_lost_listen_connection_is_made_again(
                 break
             await asyncio.sleep(0.05)
         assert await listeners(admin) == []
+
+
+async def test_a_silent_listen_connection_is_made_again(
+    fresh_postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by a review: a LISTEN connection that went half-open (a failover behind
+    the same address, a NAT dropping it) never raises, so wake-ups stopped for good.
+    A quiet connection is now asked a question and made again when it does not answer."""
+    monkeypatch.setattr(postgres_store, "_LISTEN_QUIET_SECONDS", (0.5, 0.5))
+    database = urlsplit(fresh_postgres_url)
+    proxy = TcpProxy(database.port or 5432)
+    proxy.start()
+    through_proxy = fresh_postgres_url.replace(f":{database.port}/", f":{proxy.port}/")
+    store = PostgresDurableStore(fresh_postgres_url, max_connections=1, listen_url=through_proxy)
+    await store.open()
+    await store.migrate()
+    admin = await psycopg.AsyncConnection.connect(fresh_postgres_url, autocommit=True)
+    try:
+        async with admin, store.event_wakeups() as wakeups:
+            assert await asyncio.wait_for(anext(wakeups), 10) == 0
+            proxy.hold()  # the connection stays open and says nothing, new ones pass
+            await admin.execute("SELECT pg_notify(%s, '7')", (EVENT_CHANNEL,))
+            # Connected again (a 0: read what may have been missed), notified again.
+            assert await asyncio.wait_for(anext(wakeups), 10) == 0
+            await admin.execute("SELECT pg_notify(%s, '8')", (EVENT_CHANNEL,))
+            assert await asyncio.wait_for(anext(wakeups), 10) == 8
+    finally:
+        proxy.release()
+        await store.aclose()
+        proxy.close()

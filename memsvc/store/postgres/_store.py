@@ -41,6 +41,12 @@ T = TypeVar("T")
 
 # Reconnecting a lost LISTEN connection: the first wait and the longest.
 _LISTEN_BACKOFF_SECONDS = (0.5, 30.0)
+# Every this many seconds the LISTEN connection is asked a question, which it must
+# answer within the second figure: one that went half-open (a failover behind the
+# same address, a NAT or firewall forgetting it) never raises, and would otherwise
+# leave the tail polling until the process restarts. (Notifications that arrive
+# meanwhile wait in psycopg's backlog.)
+_LISTEN_QUIET_SECONDS = (30.0, 10.0)
 
 # pg_advisory_xact_lock key for migrations: "memsvc" in ASCII.
 MIGRATION_LOCK_KEY = 0x6D656D737663
@@ -131,6 +137,14 @@ async def _abandon(conn: psycopg.AsyncConnection[Any], error: BaseException) -> 
         raise
 
 
+async def _check_pool(pool: psycopg_pool.AsyncConnectionPool) -> None:
+    """Replace the pool's idle connections that no longer answer."""
+    try:
+        await pool.check()
+    except Exception as error:  # the database still down: the next failure checks again
+        log.warning("cannot check the database connections: %s", error)
+
+
 class PostgresDurableStore(SqlDurableReads):
     """Durable data in PostgreSQL."""
 
@@ -162,6 +176,8 @@ class PostgresDurableStore(SqlDurableReads):
         self._probe_lock = asyncio.Lock()
         # Told each operation's time and outcome (the server's metrics).
         self.observe: BackendObserver = ignore
+        # The test of the pool's idle connections after one failed (_check_soon).
+        self._pool_check: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
         self._pool = psycopg_pool.AsyncConnectionPool(
@@ -177,6 +193,10 @@ class PostgresDurableStore(SqlDurableReads):
         await self._pool.open(wait=False)
 
     async def aclose(self) -> None:
+        if self._pool_check is not None:
+            self._pool_check.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._pool_check
         async with self._probe_lock:
             if self._probe is not None:
                 await self._probe.close()
@@ -298,6 +318,7 @@ class PostgresDurableStore(SqlDurableReads):
                         yield tx
                     appended = await tx.committed()
         except TRANSIENT_ERRORS as error:
+            self._check_soon(error)
             _raise_if_past_a_limit(error)
             raise BackendUnavailable(self.backend_name, error) from error
         if appended:
@@ -333,15 +354,24 @@ class PostgresDurableStore(SqlDurableReads):
             except Exception as error:  # a refused connection, a malformed URL
                 log.warning("cannot LISTEN for events, polling meanwhile: %s", error)
             else:
+                quiet, answer_within = _LISTEN_QUIET_SECONDS
                 try:
                     await conn.execute(f"LISTEN {EVENT_CHANNEL}")
                     backoff = _LISTEN_BACKOFF_SECONDS[0]
                     yield 0
-                    async for notify in conn.notifies():
-                        # The payload is the last sequence an append committed (append_events).
-                        yield int(notify.payload) if notify.payload.isdigit() else 0
+                    while True:
+                        async for notify in conn.notifies(timeout=quiet):
+                            # The payload is the last sequence an append committed
+                            # (append_events).
+                            yield int(notify.payload) if notify.payload.isdigit() else 0
+                        await asyncio.wait_for(conn.execute("SELECT 1"), answer_within)
                 except psycopg.Error as error:
                     log.warning("event LISTEN connection lost, polling meanwhile: %s", error)
+                except TimeoutError:
+                    log.warning(
+                        "event LISTEN connection silent for %.0f s, connecting again",
+                        quiet + answer_within,
+                    )
                 finally:
                     await conn.close()
             await asyncio.sleep(backoff)
@@ -355,6 +385,7 @@ class PostgresDurableStore(SqlDurableReads):
                 try:
                     return await read(conn, POSTGRES, *args)
                 except psycopg.OperationalError as error:
+                    self._check_soon(error)
                     _raise_if_past_a_limit(error)
                     raise
 
@@ -362,6 +393,17 @@ class PostgresDurableStore(SqlDurableReads):
             return await with_retries(
                 attempt, backend=self.backend_name, transient=TRANSIENT_ERRORS
             )
+
+    def _check_soon(self, error: BaseException) -> None:
+        """After a connection failed (PostgreSQL restarted or failed over, a reaper
+        closed it), test the pool's idle connections in the background: the pool
+        hands out connections untested, so each that died with this one would
+        otherwise fail a call of its own (a transaction is never retried) once
+        the database is back and ready again."""
+        if not isinstance(error, psycopg.OperationalError) or self._pool is None:
+            return
+        if self._pool_check is None or self._pool_check.done():
+            self._pool_check = asyncio.create_task(_check_pool(self._pool))
 
     @property
     def _connections(self) -> psycopg_pool.AsyncConnectionPool:
