@@ -261,6 +261,18 @@ async def pause(store: Any, session: SessionRef, checkpoint_id: str) -> ResumePo
     return ResumePoint(checkpoint_id, snapshot.key_count, snapshot.size_bytes, "epoch-1")
 
 
+@pytest.mark.parametrize("with_contents", [True, False])
+async def test_a_snapshot_counts_the_same_on_every_store(store, session, with_contents):
+    """Found by a review: without its contents, Redis's snapshot said no key had a TTL."""
+    await spawn(store, session, {"a": b"1", "b": b"22"}, ttl=60_000)
+    await store.set_entries(session, [EntryWrite("c", b"333", None)])
+    snapshot = await store.begin_snapshot(
+        session, "op-end", "terminating", True, {"active"}, with_contents=with_contents
+    )
+    assert (snapshot.key_count, snapshot.size_bytes, snapshot.timed_keys) == (3, 9, 2)
+    assert len(snapshot.entries()) == (3 if with_contents else 0)
+
+
 async def test_a_paused_memory_that_holds_its_checkpoint_is_kept_on_resume(store, session):
     """No contents needed: the memory is staged as it is, and swapped back in."""
     await spawn(store, session, {"a": b"1", "b": b"22"})

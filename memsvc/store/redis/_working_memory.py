@@ -410,7 +410,8 @@ class RedisWorkingMemoryStore:
         if reply[0] == b"state":
             raise MarkerStateError(reply[1].decode())
         if not with_contents:
-            return Snapshot(reply[1].decode(), EMPTY_SNAPSHOT, int(reply[5]), int(reply[6]))
+            counts = (int(reply[5]), int(reply[6]), int(reply[7]))
+            return Snapshot(reply[1].decode(), EMPTY_SNAPSHOT, *counts)
         blob, count, size, timed = encode_flat(keys, values, expire_at, int(reply[4]))
         return Snapshot(reply[1].decode(), blob, count, size, timed)
 

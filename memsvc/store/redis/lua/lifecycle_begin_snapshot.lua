@@ -11,7 +11,8 @@
 -- Returns {'ok', state, HGETALL of the data, ZRANGE WITHSCORES of the expiries,
 -- Redis's now in ms, key count, bytes}; without contents, the data and expiries
 -- are empty (a Terminate that records no episode moves no values, or memsvc
--- reads them with plain commands after the script),
+-- reads them with plain commands after the script) and the keys with a TTL are
+-- counted after the bytes,
 -- {'state', state} when the marker is in another state, or {'late'} (nothing
 -- changed) for a step of an operation already settled.
 if already_settled(ARGV[1]) then
@@ -46,7 +47,7 @@ end
 -- checkpoint format (building that string in Lua cost more than it saved).
 local count, bytes = redis.call('HLEN', D), tonumber(redis.call('HGET', M, 'bytes') or '0')
 if ARGV[4] == '0' then
-  return {'ok', state, {}, {}, now, count, bytes}
+  return {'ok', state, {}, {}, now, count, bytes, redis.call('ZCARD', X)}
 end
 return {'ok', state, redis.call('HGETALL', D), redis.call('ZRANGE', X, 0, -1, 'WITHSCORES'), now,
   count, bytes}
