@@ -187,7 +187,10 @@ class SetResponse(_message.Message):
     key: _builtins.str
     """The key that was written."""
     created: _builtins.bool
-    """True when the key did not exist before this call (or had expired)."""
+    """True when the key did not exist before this call (or had expired). A call
+    retried after a lost reply (by memsvc or the client) whose first attempt
+    created the key reports false.
+    """
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp:
         """When the key expires; unset when it has no TTL."""
@@ -594,7 +597,9 @@ class SetResult(_message.Message):
     key: _builtins.str
     """The key that was written."""
     created: _builtins.bool
-    """True when the key did not exist before this call (or had expired)."""
+    """True when the key did not exist before this call (or had expired); false
+    after a retry whose first attempt created it, as in SetResponse.
+    """
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp:
         """When the key expires; unset when it has no TTL."""

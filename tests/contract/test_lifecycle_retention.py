@@ -457,6 +457,38 @@ async def copy(server: Server, scope: dict[str, str]) -> AsyncIterator[RedisCopy
 
 
 @pytest.mark.parametrize("deployment", [DEPLOYMENTS["production"]], ids=["production"])
+@pytest.mark.parametrize("evicted", ["data", "key index"])
+async def test_a_session_redis_evicted_in_part_is_lost_memory(server, life, scope, wm, evicted):
+    """Found by a review: a Redis that evicts (any maxmemory-policy but noeviction)
+    dropped one of a session's keys and not the others, and memsvc served what was
+    left: an empty session, or keys that Get found and ListKeys did not. The data
+    and its index live and die together, so one without the other is a loss."""
+    await life.Spawn(lc.SpawnRequest(**scope))
+    for key in ("a", "b"):
+        await wm.Set(pb.SetRequest(**scope, key=key, value=value(key)))
+    checkpoint = (await life.CreateCheckpoint(lc.CreateCheckpointRequest(**scope))).checkpoint
+    data, _, index, _ = session_keys(SessionRef(**scope))
+    client = aioredis.Redis.from_url(server.config.working_memory_url)
+    try:
+        await client.delete(data if evicted == "data" else index)
+    finally:
+        await client.aclose()
+    session = (await life.GetSession(lc.GetSessionRequest(**scope))).session
+    assert session.working_memory_status == lc.WORKING_MEMORY_STATUS_LOST
+    for call in (
+        wm.Get(pb.GetRequest(**scope, key="a")),
+        wm.ListKeys(pb.ListKeysRequest(**scope)),
+        wm.Set(pb.SetRequest(**scope, key="c", value=value("c"))),
+    ):
+        error = await expect_error(call, grpc.StatusCode.FAILED_PRECONDITION)
+        assert error.reason == "ERROR_REASON_WORKING_MEMORY_LOST", error
+    await life.Resume(lc.ResumeRequest(**scope, checkpoint_id=checkpoint.checkpoint_id))
+    listed = await wm.ListKeys(pb.ListKeysRequest(**scope))
+    assert [info.key for info in listed.keys] == ["a", "b"]
+    await life.Terminate(lc.TerminateRequest(**scope))
+
+
+@pytest.mark.parametrize("deployment", [DEPLOYMENTS["production"]], ids=["production"])
 async def test_a_store_restored_from_an_older_copy_is_lost_memory(copy, life, scope, wm):
     """Redis brought back in an older state (a replica that lagged, an old RDB):
     the memory is not what memsvc left. It is reported lost, Resume replaces it,

@@ -5,6 +5,7 @@ fix, never INTERNAL."""
 
 from __future__ import annotations
 
+import logging
 import uuid
 from pathlib import Path
 from typing import Any
@@ -12,13 +13,16 @@ from typing import Any
 import grpc
 import pytest
 import redis.asyncio as aioredis
+from google.protobuf import struct_pb2
 
 from memsvc.config import Config
 from memsvc.server import Server
 from memsvc.testing import PrivateRedis, free_port
 from memsvc.testing._proxy import TcpProxy
 from memsvc.v1 import lifecycle_pb2 as lc
+from memsvc.v1 import working_memory_pb2 as wm
 from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
+from memsvc.v1.working_memory_pb2_grpc import WorkingMemoryServiceStub
 
 
 def config_for(tmp_path: Path, working_memory_url: str, database_url: str) -> Config:
@@ -91,3 +95,65 @@ async def test_after_a_failover_calls_reach_the_new_primary(tmp_path: Path, post
     finally:
         old.kill()
         new.kill()
+
+
+async def test_a_full_redis_still_terminates_sessions(tmp_path: Path, postgres_url: str):
+    """Found by a review: a Redis out of memory under noeviction (the policy memsvc
+    asks for) refused every lifecycle script at its first write, so no session could
+    be Terminated to free it. The steps that only mark the session or free memory run
+    anyway; writes of data are still refused."""
+    redis = PrivateRedis(free_port(), tmp_path / "redis")
+    redis.start()
+    try:
+        config = config_for(tmp_path, redis.url, postgres_url)
+        scope: dict[str, Any] = {
+            "project_id": str(uuid.uuid4()),
+            "agent_instance_id": str(uuid.uuid4()),
+            "session_id": "full",
+        }
+        async with (
+            Server(config) as server,
+            grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+        ):
+            life = LifecycleServiceStub(channel)
+            memory = WorkingMemoryServiceStub(channel)
+            await life.Spawn(lc.SpawnRequest(**scope))
+            one = struct_pb2.Value(number_value=1)
+            await memory.Set(wm.SetRequest(**scope, key="k", value=one))
+            admin = aioredis.Redis.from_url(redis.url)
+            try:
+                for filler in range(256):
+                    await admin.set(f"filler{filler}", b"x" * (4 << 10))
+                used = int((await admin.info("memory"))["used_memory"])
+                # Full from now on: under noeviction, Redis refuses what needs memory.
+                await admin.config_set("maxmemory-policy", "noeviction")
+                await admin.config_set("maxmemory", used - (256 << 10))
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await memory.Set(wm.SetRequest(**scope, key="j", value=one), timeout=30)
+                assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert "OutOfMemoryError" in (refused.value.details() or "")
+                ended = await life.Terminate(lc.TerminateRequest(**scope), timeout=30)
+                assert ended.session.state == lc.SESSION_STATE_TERMINATED
+                assert await admin.keys("memsvc:wm:*") == []  # its memory freed
+            finally:
+                await admin.aclose()
+    finally:
+        redis.kill()
+
+
+async def test_a_redis_that_evicts_is_named_at_start(
+    tmp_path: Path, postgres_url: str, caplog: pytest.LogCaptureFixture
+):
+    """memsvc needs noeviction (docs/deployment.md): another policy is logged at start."""
+    redis = PrivateRedis(free_port(), tmp_path / "redis")
+    redis.start()
+    try:
+        admin = aioredis.Redis.from_url(redis.url)
+        await admin.config_set("maxmemory-policy", "allkeys-lru")
+        await admin.aclose()
+        with caplog.at_level(logging.WARNING, logger="memsvc"):
+            async with Server(config_for(tmp_path, redis.url, postgres_url)):
+                pass
+        assert "maxmemory-policy allkeys-lru" in caplog.text
+    finally:
+        redis.kill()

@@ -169,10 +169,21 @@ def _script_keys(session: SessionRef, staging: bool) -> list[str]:
     ]
 
 
+# Scripts Redis runs even when it is out of memory under noeviction: they write
+# only a few marker fields, or free memory (a Terminate must be able to free a
+# full Redis). Without the flag, Redis refuses a script at its first write then.
+_ALLOW_OOM = frozenset({"lifecycle_begin_snapshot", "lifecycle_finish", "lifecycle_abort"})
+
+
 def _load_script(name: str) -> str:
     package = resources.files("memsvc.store.redis") / "lua"
     prelude = (package / "_prelude.lua").read_text()
-    return prelude + "\n" + (package / f"{name}.lua").read_text()
+    shebang = "#!lua flags=allow-oom\n" if name in _ALLOW_OOM else ""
+    return shebang + prelude + "\n" + (package / f"{name}.lua").read_text()
+
+
+class _RefusedInTransaction(Exception):
+    """Redis refused the snapshot script inside MULTI/EXEC (out of memory)."""
 
 
 def _expiry(raw: bytes | None) -> int | None:
@@ -248,6 +259,29 @@ class RedisWorkingMemoryStore:
                 await self._client.script_load(script.script)
         except self._transient as error:
             log.warning("could not preload Lua scripts (Redis unreachable): %s", error)
+            return
+        await self._warn_if_evicting()
+
+    async def _warn_if_evicting(self) -> None:
+        """Redis must keep what memsvc stores (maxmemory-policy noeviction,
+        docs/deployment.md): one that evicts drops sessions, or parts of them,
+        which memsvc then reports lost (purge in lua/_prelude.lua)."""
+        try:
+            info: dict[str, Any] = await self._redis.info("memory")
+        except (*self._transient, redis_errors.ResponseError) as error:
+            log.warning("could not read Redis's maxmemory-policy: %s", error)
+            return
+        # A cluster client answers for each node, keyed by node.
+        nodes = info.values() if "maxmemory_policy" not in info else [info]
+        policies = {
+            str(node.get("maxmemory_policy")) for node in nodes if isinstance(node, dict)
+        } - {"None", "noeviction"}
+        if policies:
+            log.warning(
+                "Redis may evict working memory (maxmemory-policy %s): a session it "
+                "evicts, whole or in part, is reported lost; set noeviction",
+                ", ".join(sorted(policies)),
+            )
 
     async def aclose(self) -> None:
         if self._client is not None:
@@ -339,10 +373,19 @@ class RedisWorkingMemoryStore:
     # session's keys and its staging keys.
 
     async def read_marker(self, session: SessionRef) -> Marker | None:
-        meta_key = session_keys(session)[3]
-        raw_fields: dict[Any, Any] = await self._retrying(
-            lambda: self._redis.hgetall(meta_key), name="read_marker"
-        )
+        data_key, _, index_key, meta_key = session_keys(session)
+
+        async def read() -> list[Any]:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.hgetall(meta_key)
+            pipe.exists(data_key)
+            pipe.exists(index_key)
+            return list(await pipe.execute())
+
+        raw_fields, has_data, has_index = await self._retrying(read, name="read_marker")
+        if has_data != has_index:
+            # Part of the session evicted: lost (the next script drops the rest).
+            return None
         fields: dict[bytes, bytes] = raw_fields
         state = fields.get(b"state")
         if state is None:
@@ -402,10 +445,21 @@ class RedisWorkingMemoryStore:
         # cluster the script reads them itself: its guard key is what makes a node
         # refuse it whole while the slot migrates (ADR 0007).
         native = with_contents and not self._cluster
-        flags = ["1" if clear_on_finish else "0", "1" if with_contents and not native else "0"]
-        args = [op, new_state or "", *flags, checkpoint_id, epoch or "", *allowed]
-        read = self._snapshot_in_transaction if native else self._snapshot_by_script
-        reply, keys, values, expire_at = await read(session, args)
+
+        def args_for(script_reads: bool) -> list[Any]:
+            flags = ["1" if clear_on_finish else "0", "1" if script_reads else "0"]
+            return [op, new_state or "", *flags, checkpoint_id, epoch or "", *allowed]
+
+        if native:
+            try:
+                read = await self._snapshot_in_transaction(session, args_for(False))
+            except _RefusedInTransaction:
+                # Out of memory: Redis 7.0 refuses the script inside MULTI even
+                # though it may run then (a Terminate frees memory); alone it runs.
+                read = await self._snapshot_by_script(session, args_for(True))
+        else:
+            read = await self._snapshot_by_script(session, args_for(with_contents))
+        reply, keys, values, expire_at = read
         _refuse_late(reply)
         if reply[0] == b"state":
             raise MarkerStateError(reply[1].decode())
@@ -438,7 +492,11 @@ class RedisWorkingMemoryStore:
             pipe.evalsha(script.sha, len(keys), *keys, *args)
             pipe.hgetall(data)
             pipe.zrange(expiries, 0, -1, withscores=True)
-            results: list[Any] = await pipe.execute(raise_on_error=False)
+            try:
+                results: list[Any] = await pipe.execute(raise_on_error=False)
+            except redis_errors.OutOfMemoryError as error:
+                # Refused while queued: the transaction was discarded whole.
+                raise _RefusedInTransaction from error
             if isinstance(results[0], redis_errors.NoScriptError) and not load_script:
                 # Redis restarted or flushed its scripts. Nothing ran (EVALSHA
                 # failed, the reads change nothing): load it and send it all again.

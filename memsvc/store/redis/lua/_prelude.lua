@@ -30,6 +30,15 @@ local function remove_members(members)
 end
 
 local function purge(now)
+  if redis.call('EXISTS', D) ~= redis.call('EXISTS', K) then
+    -- The data and its key index are written, expired and renamed together: one
+    -- without the other was evicted by Redis (a maxmemory-policy other than
+    -- noeviction). What is left is not the session: it is dropped with its
+    -- marker, so that every call reports the memory lost, as after a flush,
+    -- instead of serving part of it.
+    redis.call('DEL', D, X, K, M)
+    return
+  end
   if redis.call('EXISTS', D) == 0 then
     -- The whole session expired (or never existed): reset what it left behind.
     redis.call('DEL', X, K)

@@ -8,6 +8,11 @@ if blocked then
   return {-1, blocked}
 end
 purge(now_ms())
+-- Again: purge drops a session that Redis evicted in part, marker included.
+blocked = read_blocked()
+if blocked then
+  return {-1, blocked}
+end
 local budget = tonumber(ARGV[1])
 local used = 0
 local found = 0
