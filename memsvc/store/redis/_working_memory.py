@@ -266,9 +266,10 @@ class RedisWorkingMemoryStore:
         """Redis must keep what memsvc stores (maxmemory-policy noeviction,
         docs/deployment.md): one that evicts drops sessions, or parts of them,
         which memsvc then reports lost (purge in lua/_prelude.lua)."""
+        unreadable: tuple[type[BaseException], ...] = (*self._transient, redis_errors.ResponseError)
         try:
             info: dict[str, Any] = await self._redis.info("memory")
-        except (*self._transient, redis_errors.ResponseError) as error:
+        except unreadable as error:
             log.warning("could not read Redis's maxmemory-policy: %s", error)
             return
         # A cluster client answers for each node, keyed by node.
