@@ -760,10 +760,22 @@ class Lifecycle:
             if write:
                 return SessionNotWritable(session.session_id, "terminated")
             return SessionNotFound(session.session_id, terminated=True)
-        if state == MISSING or state != MARKER_FOR.get(record.state):
-            # A marker the database disagrees with (a store restored from an older
-            # copy) holds no memory memsvc left: GetSession reports it lost too.
+        if state == MISSING:
             return WorkingMemoryLost(session.session_id)
+        # The marker as it is now, not as the store found it: an operation may have
+        # settled in between (a Resume of the PAUSED session, say).
+        marker = await self._memory.read_marker(session)
+        if marker is None:
+            return WorkingMemoryLost(session.session_id)
+        if marker.state in TRANSITIONAL:
+            await self.heal(session)
+            return None
+        if not left_by_memsvc(record, marker):
+            # Not what the database says memsvc left (a store restored from an
+            # older copy): lost, as GetSession reports it.
+            return WorkingMemoryLost(session.session_id)
+        if marker.state != state:
+            return None  # settled differently since: the caller tries once more
         return SessionNotWritable(session.session_id, state)
 
     # Shared machinery ---------------------------------------------------------

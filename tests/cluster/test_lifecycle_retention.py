@@ -23,6 +23,7 @@ reuse(
         "test_an_older_copy_taken_before_a_spawn_settled_is_lost_memory",
         "test_a_terminate_that_died_before_its_last_step_is_finished_by_its_retry",
         "test_a_paused_copy_of_an_active_session_refuses_writes_as_lost",
+        "test_a_paused_copy_of_an_earlier_epoch_refuses_writes_as_lost",
         "test_a_session_redis_evicted_in_part_is_lost_memory",
     },
 )

@@ -531,6 +531,27 @@ async def test_a_paused_copy_of_an_active_session_refuses_writes_as_lost(copy, l
 
 
 @pytest.mark.parametrize("deployment", [DEPLOYMENTS["production"]], ids=["production"])
+async def test_a_paused_copy_of_an_earlier_epoch_refuses_writes_as_lost(copy, life, scope, wm):
+    """The copy's state is the database's (PAUSED) but of the epoch before the last
+    Resume: GetSession says LOST, and so does a refused write (a review found it
+    said SESSION_NOT_WRITABLE)."""
+    await life.Spawn(lc.SpawnRequest(**scope))
+    await life.Pause(lc.PauseRequest(**scope))
+    await copy.take()
+    await life.Resume(lc.ResumeRequest(**scope))
+    await life.Pause(lc.PauseRequest(**scope))
+    await copy.put_back()
+    session = (await life.GetSession(lc.GetSessionRequest(**scope))).session
+    assert session.state == lc.SESSION_STATE_PAUSED
+    assert session.working_memory_status == lc.WORKING_MEMORY_STATUS_LOST
+    error = await expect_error(
+        wm.Set(pb.SetRequest(**scope, key="k", value=value("after"))),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+    assert error.reason == "ERROR_REASON_WORKING_MEMORY_LOST", error
+
+
+@pytest.mark.parametrize("deployment", [DEPLOYMENTS["production"]], ids=["production"])
 async def test_a_copy_from_before_the_last_resume_is_lost_memory(copy, life, scope, wm):
     """A copy taken before a Resume holds the session in the same state (ACTIVE)
     but of the earlier epoch: Pause, CreateCheckpoint and Terminate refuse it as

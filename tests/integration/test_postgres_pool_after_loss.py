@@ -3,9 +3,9 @@ reaper), one call fails, not one per pooled connection.
 
 The pool hands out connections untested and a transaction is never retried (its
 commit may have happened), so each connection that died would otherwise fail a
-call of its own once the database is back. The first failure has the pool test
-its idle connections. Found by a review: 4 of 6 writes failed after a restart
-with a pool of 4.
+call of its own once the database is back. After the first failure the pool tests
+each connection before handing it out, for a while. Found by a review: 4 of 6
+writes failed after a restart with a pool of 4.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from memsvc.domain import BackendUnavailable, SessionRef
 from memsvc.domain._lifecycle_records import SessionRecord, SessionState
 from memsvc.domain._lifecycle_results import uuid7
 from memsvc.store.postgres import PostgresDurableStore
+from memsvc.testing._proxy import TcpProxy
 from tests.conftest import DATABASE_URL
 
 POOL_SIZE = 4
@@ -53,6 +54,14 @@ async def fill_the_pool(store: PostgresDurableStore) -> None:
     await asyncio.gather(*tasks)
 
 
+async def insert_a_session(store: PostgresDurableStore) -> None:
+    ref = SessionRef(str(uuid.uuid4()), str(uuid.uuid4()), "s")
+    now = int(time.time() * 1000)
+    record = SessionRecord(ref, None, SessionState.ACTIVE, {}, 1, uuid7(), None, now, now)
+    async with store.transaction() as tx:
+        assert await tx.insert_session(record)
+
+
 def close_every_connection_to(database_url: str) -> None:
     """What a restart does to the pool: every backend of the database is ended."""
     database = urlsplit(database_url).path.lstrip("/")
@@ -80,17 +89,36 @@ async def test_one_call_fails_after_the_pools_connections_are_closed(
     close_every_connection_to(fresh_postgres_url)
     failed = 0
     for _ in range(POOL_SIZE + 2):
-        ref = SessionRef(str(uuid.uuid4()), str(uuid.uuid4()), "s")
-        now = int(time.time() * 1000)
-        record = SessionRecord(ref, None, SessionState.ACTIVE, {}, 1, uuid7(), None, now, now)
         try:
-            async with store.transaction() as tx:
-                assert await tx.insert_session(record)
+            await insert_a_session(store)
         except BackendUnavailable:
             failed += 1
-            # The next calls come a moment later: by then the pool tested its
-            # idle connections and replaced the dead ones.
-            await asyncio.sleep(0.2)
-            if store._pool_check is not None:
-                await asyncio.wait_for(asyncio.shield(store._pool_check), 10)
     assert failed == 1, f"{failed} of {POOL_SIZE + 2} transactions failed"
+
+
+async def test_a_pooled_connection_that_went_silent_is_replaced(fresh_postgres_url: str) -> None:
+    """Connections that stay open and answer nothing (half-open) fail their test in
+    a bounded time and are replaced: a call may time out meanwhile, but the pool
+    recovers (a review found a version of this check that starved it for good)."""
+    port = urlsplit(fresh_postgres_url).port or 5432
+    with TcpProxy(port) as proxy:
+        through = fresh_postgres_url.replace(f":{port}/", f":{proxy.port}/")
+        store = PostgresDurableStore(through, max_connections=POOL_SIZE, connect_timeout_seconds=1)
+        await store.open()
+        await store.migrate()
+        try:
+            await fill_the_pool(store)
+            proxy.hold()  # the open connections go silent; new ones pass
+            store._suspect_connections(psycopg.OperationalError("server closed the connection"))
+            outcomes = []
+            for _ in range(8):
+                try:
+                    async with asyncio.timeout(10):
+                        await insert_a_session(store)
+                    outcomes.append("ok")
+                except BackendUnavailable:
+                    outcomes.append("unavailable")
+            assert outcomes[-3:] == ["ok"] * 3, outcomes
+        finally:
+            proxy.release()
+            await store.aclose()

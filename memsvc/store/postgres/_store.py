@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -41,6 +42,8 @@ T = TypeVar("T")
 
 # Reconnecting a lost LISTEN connection: the first wait and the longest.
 _LISTEN_BACKOFF_SECONDS = (0.5, 30.0)
+# How long after a lost connection the pool tests each one it hands out.
+_SUSPECT_SECONDS = 10.0
 # Every this many seconds the LISTEN connection is asked a question, which it must
 # answer within the second figure: one that went half-open (a failover behind the
 # same address, a NAT or firewall forgetting it) never raises, and would otherwise
@@ -137,12 +140,37 @@ async def _abandon(conn: psycopg.AsyncConnection[Any], error: BaseException) -> 
         raise
 
 
-async def _check_pool(pool: psycopg_pool.AsyncConnectionPool) -> None:
-    """Replace the pool's idle connections that no longer answer."""
+async def _answers_within(conn: psycopg.AsyncConnection[Any], seconds: float) -> None:
+    """Ask ``conn`` a question; TimeoutError, with the connection closed, when no
+    answer comes within ``seconds``. Not asyncio.wait_for: a cancelled query makes
+    psycopg ask the server to cancel it and wait for the answer (without a bound in
+    older psycopg releases), which a half-open connection never gives."""
+    ping = asyncio.ensure_future(conn.execute("SELECT 1"))
     try:
-        await pool.check()
-    except Exception as error:  # the database still down: the next failure checks again
-        log.warning("cannot check the database connections: %s", error)
+        done, _ = await asyncio.wait({ping}, timeout=seconds)
+        if done:
+            ping.result()  # its error, if any
+            return
+        raise TimeoutError(f"no answer within {seconds:.0f} s")
+    finally:
+        if not ping.done():
+            conn.pgconn.finish()  # closed here: the cancelled query waits for nothing
+            ping.cancel()
+            with contextlib.suppress(asyncio.CancelledError, psycopg.Error):
+                await ping
+
+
+def _lost_connection(error: BaseException) -> bool:
+    """Whether ``error`` says the connection itself failed (closed by the server,
+    a restart, a failover, the network), not a statement or the pool's wait."""
+    if isinstance(error, psycopg_pool.PoolTimeout) or not isinstance(
+        error, psycopg.OperationalError
+    ):
+        return False
+    state = error.sqlstate
+    # None: failed in the client (the server closed it); 08: connection exception;
+    # 57P01-57P03: the server shutting down or not accepting connections yet.
+    return state is None or state.startswith("08") or state in ("57P01", "57P02", "57P03")
 
 
 class PostgresDurableStore(SqlDurableReads):
@@ -176,8 +204,9 @@ class PostgresDurableStore(SqlDurableReads):
         self._probe_lock = asyncio.Lock()
         # Told each operation's time and outcome (the server's metrics).
         self.observe: BackendObserver = ignore
-        # The test of the pool's idle connections after one failed (_check_soon).
-        self._pool_check: asyncio.Task[None] | None = None
+        # Until when the pool tests a connection before handing it out (a while
+        # after one was found lost: _suspect_connections).
+        self._suspect_until = 0.0
 
     async def open(self) -> None:
         self._pool = psycopg_pool.AsyncConnectionPool(
@@ -187,16 +216,13 @@ class PostgresDurableStore(SqlDurableReads):
             timeout=self._timeout,
             open=False,
             kwargs={"autocommit": True, "prepare_threshold": self._prepare_threshold},
+            check=self._test_if_suspect,
             name="memsvc",
         )
         # Do not wait for the database: readiness reports it until it answers.
         await self._pool.open(wait=False)
 
     async def aclose(self) -> None:
-        if self._pool_check is not None:
-            self._pool_check.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._pool_check
         async with self._probe_lock:
             if self._probe is not None:
                 await self._probe.close()
@@ -318,7 +344,7 @@ class PostgresDurableStore(SqlDurableReads):
                         yield tx
                     appended = await tx.committed()
         except TRANSIENT_ERRORS as error:
-            self._check_soon(error)
+            self._suspect_connections(error)
             _raise_if_past_a_limit(error)
             raise BackendUnavailable(self.backend_name, error) from error
         if appended:
@@ -364,13 +390,13 @@ class PostgresDurableStore(SqlDurableReads):
                             # The payload is the last sequence an append committed
                             # (append_events).
                             yield int(notify.payload) if notify.payload.isdigit() else 0
-                        await asyncio.wait_for(conn.execute("SELECT 1"), answer_within)
+                        await _answers_within(conn, answer_within)
                 except psycopg.Error as error:
                     log.warning("event LISTEN connection lost, polling meanwhile: %s", error)
                 except TimeoutError:
                     log.warning(
-                        "event LISTEN connection silent for %.0f s, connecting again",
-                        quiet + answer_within,
+                        "event LISTEN connection did not answer within %g s, connecting again",
+                        answer_within,
                     )
                 finally:
                     await conn.close()
@@ -385,7 +411,7 @@ class PostgresDurableStore(SqlDurableReads):
                 try:
                     return await read(conn, POSTGRES, *args)
                 except psycopg.OperationalError as error:
-                    self._check_soon(error)
+                    self._suspect_connections(error)
                     _raise_if_past_a_limit(error)
                     raise
 
@@ -394,16 +420,20 @@ class PostgresDurableStore(SqlDurableReads):
                 attempt, backend=self.backend_name, transient=TRANSIENT_ERRORS
             )
 
-    def _check_soon(self, error: BaseException) -> None:
-        """After a connection failed (PostgreSQL restarted or failed over, a reaper
-        closed it), test the pool's idle connections in the background: the pool
-        hands out connections untested, so each that died with this one would
-        otherwise fail a call of its own (a transaction is never retried) once
-        the database is back and ready again."""
-        if not isinstance(error, psycopg.OperationalError) or self._pool is None:
-            return
-        if self._pool_check is None or self._pool_check.done():
-            self._pool_check = asyncio.create_task(_check_pool(self._pool))
+    def _suspect_connections(self, error: BaseException) -> None:
+        """A connection was lost (PostgreSQL restarted or failed over, a reaper
+        closed it): the pool's idle ones most likely died with it, and the pool
+        hands connections out untested, so each would fail a call of its own (a
+        transaction is never retried) once the database is back. For a while,
+        each is tested before it is handed out instead (_test_if_suspect)."""
+        if _lost_connection(error):
+            self._suspect_until = time.monotonic() + _SUSPECT_SECONDS
+
+    async def _test_if_suspect(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """The pool's check: a round trip, bounded, only while connections are
+        suspect; one that fails it is replaced and the caller gets another."""
+        if time.monotonic() < self._suspect_until:
+            await _answers_within(conn, self._timeout)
 
     @property
     def _connections(self) -> psycopg_pool.AsyncConnectionPool:

@@ -1,0 +1,71 @@
+"""A write refused by a marker that an operation settled right after is tried
+again, not reported with the old marker's reason.
+
+Between the store's refusal (the session PAUSED) and the explanation (which reads
+the database), another client's Resume may commit. Found by a review: the write was
+then answered WORKING_MEMORY_LOST, for an intact ACTIVE session, and the SDK's
+advice for that reason (resume from a checkpoint) would throw away its writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+
+from memsvc.config import Config
+from memsvc.domain import EntryWrite, SessionNotWritable, SessionRef, WriteResult
+from memsvc.server import Server
+from memsvc.store.memory import InMemoryWorkingMemoryStore
+from memsvc.v1 import lifecycle_pb2 as lc
+from memsvc.v1 import working_memory_pb2 as pb
+from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
+from memsvc.v1.working_memory_pb2_grpc import WorkingMemoryServiceStub
+from tests.helpers import python, value
+
+
+class RefusedThenResumed(InMemoryWorkingMemoryStore):
+    """Holds the first refused write until ``resumed`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__(max_session_keys=100, max_session_bytes=1 << 20)
+        self.refused = asyncio.Event()
+        self.resumed = asyncio.Event()
+
+    async def set_entries(
+        self, session: SessionRef, writes: Sequence[EntryWrite]
+    ) -> list[WriteResult]:
+        try:
+            return await super().set_entries(session, writes)
+        except SessionNotWritable:
+            if not self.refused.is_set():
+                self.refused.set()
+                await self.resumed.wait()
+            raise
+
+
+async def test_a_write_refused_just_before_a_resume_is_written(local_config: Config):
+    store = RefusedThenResumed()
+    ids: dict[str, Any] = {
+        "project_id": str(uuid.uuid4()),
+        "agent_instance_id": str(uuid.uuid4()),
+        "session_id": "refused-then-resumed",
+    }
+    async with (
+        Server(local_config, working_memory=store) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        life, wm = LifecycleServiceStub(channel), WorkingMemoryServiceStub(channel)
+        await life.Spawn(lc.SpawnRequest(**ids))
+        await wm.Set(pb.SetRequest(**ids, key="k", value=value("before")))
+        await life.Pause(lc.PauseRequest(**ids))
+        write = asyncio.ensure_future(wm.Set(pb.SetRequest(**ids, key="k", value=value("after"))))
+        await asyncio.wait_for(store.refused.wait(), 10)
+        await life.Resume(lc.ResumeRequest(**ids))
+        store.resumed.set()
+        await asyncio.wait_for(write, 10)
+        got = await wm.Get(pb.GetRequest(**ids, key="k"))
+        assert python(got.entry.value) == "after"
