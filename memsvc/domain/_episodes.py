@@ -513,6 +513,8 @@ def check_episode(episode: EpisodeRecord, prefix: str) -> list[FieldViolation]:
     check_session_id(ref.session_id, f"{prefix}.session_id", violations)
     if episode.episode_id:
         bad("episode_id", "is assigned by the server; leave it empty")
+    if episode.create_ms:  # the API refuses a set create_time itself (its presence)
+        bad("create_time", "is assigned by the server; leave it unset")
     if episode.embedding_dimensions:
         bad("embedding_dimensions", "is computed by the server; leave it 0")
     if not episode.task_type:
