@@ -37,8 +37,8 @@ def target(service: str, env: Mapping[str, str]) -> tuple[str, str]:
     health_listen = env.get("MEMSVC_HEALTH_LISTEN", DEFAULT_HEALTH_LISTEN)
     if health_listen:
         return _local(health_listen), service
-    # No probe port: the API's health service knows only "" (the whole server).
-    return _local(env.get("MEMSVC_LISTEN", DEFAULT_LISTEN)), ""
+    # No probe port: the API serves the same health services (liveness, readiness).
+    return _local(env.get("MEMSVC_LISTEN", DEFAULT_LISTEN)), service
 
 
 def check(address: str, service: str, timeout: float = TIMEOUT_SECONDS) -> bool:

@@ -23,6 +23,7 @@ log = logging.getLogger("memsvc.cli")
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -76,7 +77,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             asyncio.run(serve(config))
     except KeyboardInterrupt:
-        return 0
+        # serve handles SIGINT itself (a clean stop); an interrupted migrate did not
+        # finish, which its caller (a script, a deploy step) must see.
+        return EXIT_INTERRUPTED if args.command == "migrate" else 0
     except Exception as error:
         # An address in use, a backend unreachable, a data dir that cannot be made:
         # the message says what to fix. Anything else is a bug: its traceback too.

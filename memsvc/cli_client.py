@@ -205,7 +205,9 @@ def add_commands(commands: Any) -> None:
     put.add_argument(
         "value", type=_json_value, help="a JSON value (a bare word is taken as a string)"
     )
-    put.add_argument("--ttl", type=_seconds, help="seconds until it expires")
+    put.add_argument(
+        "--ttl", type=_ttl_seconds, help="seconds until it expires (more than 0; none: never)"
+    )
     put.set_defaults(handler=_set)
 
     episodes = commands.add_parser("episodes", help="list or search episodes")
@@ -310,7 +312,9 @@ def describe_error(error: MemsvcError, address: str) -> str:
     message = "invalid request" if error.violations else error.message
     lines = [f"memsvc: {error.code.name}{reason}: {message}"]
     lines += [f"  {field}: {problem}" for field, problem in error.violations.items()]
-    if error.code == grpc.StatusCode.UNAVAILABLE:
+    if error.reason == "ERROR_REASON_BACKEND_UNAVAILABLE":
+        lines.append("  memsvc answered; the backend named above is down or unreachable")
+    elif error.code == grpc.StatusCode.UNAVAILABLE:
         lines.append(
             f"  is memsvc running at {address}? (--address or ${ADDRESS_VARIABLE}; "
             "--tls-ca if it serves TLS)"
@@ -582,6 +586,18 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expects seconds, got {text!r}") from None
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"expects a finite number of seconds >= 0, got {text!r}")
+    return value
+
+
+# The longest protobuf Duration (10,000 years): a TTL the request can carry.
+_MAX_DURATION_SECONDS = 315_576_000_000
+
+
+def _ttl_seconds(text: str) -> float:
+    """An argparse type for a TTL: more than 0 (0 would mean none) and a Duration."""
+    value = _positive_seconds(text)
+    if value > _MAX_DURATION_SECONDS:
+        raise argparse.ArgumentTypeError(f"expects at most {_MAX_DURATION_SECONDS} seconds")
     return value
 
 

@@ -303,6 +303,9 @@ class Config:
                     f"{name} has a '/', '?' or '#' in its user name or password: write them "
                     f"percent-encoded (%2F, %3F, %23); got {redacted(url)!r}"
                 )
+            if url.startswith(("redis", "postgres")) and (problem := _host_problem(url)):
+                # Else the driver fails at start with a traceback (and the URL in it).
+                raise ConfigError(f"{name} {problem}; got {redacted(url)!r}")
         try:
             self.working_memory_limits()
         except ValueError as error:
@@ -399,6 +402,21 @@ def _reserved_in_userinfo(url: str) -> bool:
     if "@" in head or "@" not in tail:
         return False  # the credentials end before the authority does, or there are none
     return "=" not in tail[: tail.index("@")]
+
+
+def _host_problem(url: str) -> str | None:
+    """What is wrong with the hosts of a Redis or PostgreSQL URL (one or several,
+    comma-separated, as both drivers take them), or None. The user name and
+    password may hold anything but '/', '?' and '#' (checked before)."""
+    netloc = re.split(r"[/?#]", url.partition("://")[2], maxsplit=1)[0]
+    for host in netloc.rpartition("@")[2].split(","):
+        if host.startswith("[") and "]" not in host:
+            return f"has an IPv6 address without its closing ']' ({host!r})"
+        port = host.rpartition("]")[2] if host.startswith("[") else host
+        port = port.rpartition(":")[2] if ":" in port else ""
+        if port and not (port.isdigit() and 0 < int(port) < 65536):
+            return f"has a port that is not a number from 1 to 65535 ({port!r})"
+    return None
 
 
 def redacted(url: str) -> str:

@@ -428,6 +428,8 @@ class Server:
             try:
                 async with asyncio.timeout(timeout):
                     await store.ping()
+            except TimeoutError:
+                problems.append(f"{store.backend_name}: no answer within {timeout:g} s")
             except Exception as error:
                 problems.append(f"{store.backend_name}: {error}")
         if not problems and not self._schema_checked:

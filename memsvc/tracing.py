@@ -9,6 +9,7 @@ flushed when the server stops. Unary calls are traced, streams are not.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -33,7 +34,12 @@ def make_tracer_provider() -> Any:
         raise TracingUnavailable(
             "otel_tracing needs the tracing extra: pip install 'memsvc[tracing]'"
         ) from error
-    provider = TracerProvider(resource=Resource.create({"service.name": "memsvc"}))
+    # memsvc's name unless the environment names the service (OTEL_SERVICE_NAME, or
+    # service.name in OTEL_RESOURCE_ATTRIBUTES), which Resource.create() reads.
+    named = bool(os.environ.get("OTEL_SERVICE_NAME")) or "service.name=" in os.environ.get(
+        "OTEL_RESOURCE_ATTRIBUTES", ""
+    )
+    provider = TracerProvider(resource=Resource.create({} if named else {"service.name": "memsvc"}))
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     return provider
 

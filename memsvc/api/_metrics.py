@@ -13,7 +13,16 @@ from memsvc.api._intercept import HandlerWrapper
 from memsvc.metrics import Metrics
 
 
+def _past_deadline(context: grpc.aio.ServicerContext) -> bool:
+    """Whether the call's deadline passed: the client saw DEADLINE_EXCEEDED,
+    whatever the handler did after it (ended with an error, or was cancelled)."""
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= 0
+
+
 def _code(context: grpc.aio.ServicerContext) -> str:
+    if _past_deadline(context):
+        return "DEADLINE_EXCEEDED"
     code = context.code()
     if code is None:
         return "OK"
@@ -78,7 +87,7 @@ class MetricsInterceptor(HandlerWrapper):
                 code = _code(context)
                 raise
             except BaseException:
-                code = "CANCELLED"
+                code = "DEADLINE_EXCEEDED" if _past_deadline(context) else "CANCELLED"
                 raise
             finally:
                 if latency is not None:
@@ -103,7 +112,7 @@ class MetricsInterceptor(HandlerWrapper):
                 code = _code(context)
                 raise
             except BaseException:
-                code = "CANCELLED"
+                code = "DEADLINE_EXCEEDED" if _past_deadline(context) else "CANCELLED"
                 raise
             finally:
                 metrics.rpc_handled.labels(*labels, code).inc()

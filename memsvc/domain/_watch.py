@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -351,7 +352,11 @@ class EventHub:
                 # start where this stream stands. With others, it starts where
                 # they stand, and this stream skips what it already has.
                 self.position, self._position_event = cursor, None
-            self._tail = asyncio.create_task(self._follow(), name="memsvc-event-tail")
+            # A context of its own: the tail serves every stream, not the call that
+            # happened to start it (its deadline, the method its logs name).
+            self._tail = asyncio.create_task(
+                self._follow(), name="memsvc-event-tail", context=contextvars.Context()
+            )
 
     def _waiting(self) -> Iterator[_Subscriber]:
         """The subscribers that wait on the tail for events. One whose tail failed

@@ -26,12 +26,14 @@ def ignore(operation: str, seconds: float, error: BaseException | None) -> None:
 
 
 @contextlib.contextmanager
-def observed(observe: BackendObserver, operation: str) -> Iterator[None]:
+def observed(observe: BackendObserver, operation: str, backend: str = "") -> Iterator[None]:
     """Report the block's duration, and its error if it raises, to ``observe``.
 
     A domain error raised inside a transaction (an invalid transition, say) is
     the caller's, not the backend's, a cancelled call is the client's, and a
-    Rollback is on purpose: all count as answers, not failures.
+    Rollback is on purpose: all count as answers, not failures. So is another
+    backend's unavailability, raised inside this one's block (a Redis step inside
+    a database transaction), when ``backend`` names this one.
     """
     started = time.perf_counter()
     error: BaseException | None = None
@@ -39,7 +41,12 @@ def observed(observe: BackendObserver, operation: str) -> Iterator[None]:
         yield
     except BaseException as raised:
         domain = isinstance(raised, MemsvcError) and not isinstance(raised, BackendUnavailable)
-        if not domain and not isinstance(raised, asyncio.CancelledError | Rollback):
+        elsewhere = (
+            isinstance(raised, BackendUnavailable)
+            and bool(backend)
+            and raised.metadata.get("backend") != backend
+        )
+        if not (domain or elsewhere) and not isinstance(raised, asyncio.CancelledError | Rollback):
             error = raised
         raise
     finally:

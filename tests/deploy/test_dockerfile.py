@@ -128,12 +128,13 @@ def test_the_dockerignore_sends_every_copied_source_and_nothing_else():
         ({"MEMSVC_HEALTH_LISTEN": "0.0.0.0:9000"}, "readiness", ("127.0.0.1:9000", "readiness")),
         ({"MEMSVC_HEALTH_LISTEN": "[::]:9000"}, "liveness", ("127.0.0.1:9000", "liveness")),
         ({"MEMSVC_HEALTH_LISTEN": "10.1.2.3:8081"}, "liveness", ("10.1.2.3:8081", "liveness")),
-        # Probe port off: the API, whose health service knows only "".
-        ({"MEMSVC_HEALTH_LISTEN": ""}, "liveness", ("127.0.0.1:50051", "")),
+        # Probe port off: the API, which serves the same health services (a review
+        # found it asked for "", which follows the backends, for liveness).
+        ({"MEMSVC_HEALTH_LISTEN": ""}, "liveness", ("127.0.0.1:50051", "liveness")),
         (
             {"MEMSVC_HEALTH_LISTEN": "", "MEMSVC_LISTEN": "127.0.0.1:6000"},
-            "liveness",
-            ("127.0.0.1:6000", ""),
+            "readiness",
+            ("127.0.0.1:6000", "readiness"),
         ),
     ],
 )

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from memsvc.config import Config
@@ -168,3 +170,47 @@ async def test_without_migrations_readiness_waits_for_the_schema(
                 return bool(await status_of(channel) == SERVING)
 
             await eventually(serving)
+
+
+async def test_the_api_serves_liveness_when_the_probe_port_is_off(tmp_path: Path):
+    """The image's HEALTHCHECK asks the API for liveness when MEMSVC_HEALTH_LISTEN is
+    empty: it is there, and stays SERVING while a backend is down."""
+    config = Config(
+        listen="127.0.0.1:0",
+        data_dir=str(tmp_path),
+        working_memory_url="redis://127.0.0.1:1/0?socket_connect_timeout=0.2",
+        health_listen="",
+        metrics_listen="",
+        health_interval_seconds=0.2,
+    )
+    async with (
+        Server(config) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        health = health_pb2_grpc.HealthStub(channel)
+        answer = await health.Check(health_pb2.HealthCheckRequest(service="liveness"))
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_a_backend_that_hangs_is_named_with_a_reason(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """Found by a review: a backend that did not answer was logged as
+    "working memory (Redis): " (a bare TimeoutError says nothing)."""
+    with TcpProxy(free_port()) as proxy:
+        proxy.blackhole()  # accepts, and answers nothing
+        config = Config(
+            listen="127.0.0.1:0",
+            data_dir=str(tmp_path),
+            working_memory_url=f"redis://127.0.0.1:{proxy.port}/0",
+            health_listen="",
+            metrics_listen="",
+            health_interval_seconds=0.2,
+        )
+        with caplog.at_level(logging.WARNING, logger="memsvc"):
+            async with Server(config):
+
+                async def logged() -> bool:
+                    return "working memory (Redis): no answer within 0.2 s" in caplog.text
+
+                await eventually(logged)

@@ -175,3 +175,21 @@ def test_sigterm_during_start_up_stops_at_once(tmp_path):
         process.kill()
     assert process.returncode == 0, stderr
     assert "stopped during start-up" in stderr
+
+
+def test_an_interrupted_migrate_does_not_exit_0():
+    """Found by a review: Ctrl-C during `memsvc migrate` (here while it retries an
+    unreachable database) exited 0, so a script took the migrations as applied."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MEMSVC_")}
+    process = subprocess.Popen(
+        [MEMSVC, "migrate", "--database-url", f"postgresql://postgres@127.0.0.1:{free_port()}/x"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean,
+    )  # fmt: skip
+    try:
+        time.sleep(3)  # retrying the database now
+        assert process.poll() is None, "migrate ended by itself before the signal"
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=10)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr

@@ -114,6 +114,11 @@ async def test_bad_input_and_an_unreachable_server(cli: Cli):
     assert code == 2 and "KEY=JSON" in err
     code, _, err = await cli.run("set", *cli.ids, "k", "1", "--ttl", "nan")
     assert code == 2 and "finite" in err
+    # Found by a review: 0 meant no expiry, and 1e20 a traceback.
+    code, _, err = await cli.run("set", *cli.ids, "k", "1", "--ttl", "0")
+    assert code == 2 and "more than 0" in err
+    code, _, err = await cli.run("set", *cli.ids, "k", "1", "--ttl", "1e20")
+    assert code == 2 and "at most" in err and "Traceback" not in err
 
 
 async def test_watch_prints_events_live_and_resumes_from_a_cursor(cli: Cli):

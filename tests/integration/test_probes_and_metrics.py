@@ -120,3 +120,62 @@ async def test_an_empty_host_listens_on_every_interface(base_config: Config):
         answer = await reader.read()
         writer.close()
         assert answer.startswith(b"HTTP/1.0 200") and b"memsvc_watchers" in answer
+
+
+async def test_one_backends_failure_is_not_counted_against_another(
+    base_config: Config, scope: dict[str, Any]
+):
+    """Found by a review: a Spawn whose Redis step failed inside the database's
+    transaction counted as a failure of the database too, so an alert on database
+    errors fired during a Redis outage."""
+    config = replace(
+        base_config,
+        metrics_listen="127.0.0.1:0",
+        working_memory_url="redis://127.0.0.1:1/0?socket_connect_timeout=0.2",
+    )
+    async with (
+        Server(config) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        await expect_error(
+            LifecycleServiceStub(channel).Spawn(lc.SpawnRequest(**scope), timeout=20),
+            grpc.StatusCode.UNAVAILABLE,
+        )
+        await asyncio.sleep(0)
+        redis = "working memory (Redis)"
+        assert (metric(server, "memsvc_backend_errors_total", backend=redis) or 0) >= 1
+        database = server.durable_store.backend_name
+        errors = metric(server, "memsvc_backend_errors_total", backend=database)
+        assert not errors, f"{database}: {errors} errors"
+
+
+async def test_a_call_past_its_deadline_is_counted_as_such(
+    base_config: Config, scope: dict[str, Any]
+):
+    """Found by a review: the client saw DEADLINE_EXCEEDED while the metrics said
+    UNAVAILABLE (the handler's retries end at the deadline) or CANCELLED."""
+    config = replace(
+        base_config,
+        metrics_listen="127.0.0.1:0",
+        database_url="postgresql://postgres@127.0.0.1:1/none?connect_timeout=1",
+        migrate=False,
+    )
+    async with (
+        Server(config) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        await expect_error(
+            LifecycleServiceStub(channel).GetSession(lc.GetSessionRequest(**scope), timeout=0.5),
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+        )
+
+        async def counted() -> bool:
+            handled = metric(
+                server,
+                "grpc_server_handled_total",
+                grpc_method="GetSession",
+                grpc_code="DEADLINE_EXCEEDED",
+            )
+            return (handled or 0) >= 1
+
+        await eventually(counted)

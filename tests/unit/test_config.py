@@ -198,3 +198,56 @@ def test_tracing_without_its_extra_is_a_startup_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "opentelemetry.sdk.trace", None)  # import fails
     with pytest.raises(StartupError, match=r"pip install 'memsvc\[tracing\]'"):
         tracing.make_tracer_provider()
+
+
+@pytest.mark.parametrize(
+    ("name", "url", "says"),
+    [
+        ("MEMSVC_WORKING_MEMORY_URL", "redis://:R3disPW@127.0.0.1:notaport/0", "port"),
+        ("MEMSVC_WORKING_MEMORY_URL", "redis://:R3disPW@[::1/0", "closing"),
+        ("MEMSVC_DATABASE_URL", "postgresql://u:R3disPW@db:70000/x", "port"),
+        ("MEMSVC_DATABASE_URL", "postgresql://u:R3disPW@db1:5432,db2:x/x", "port"),
+    ],
+)
+def test_a_url_with_a_bad_host_or_port_is_a_configuration_error(name, url, says):
+    """Found by a review: memsvc started, and failed with a traceback (exit 1)."""
+    with pytest.raises(ConfigError, match=says) as refused:
+        load({}, {name: url})
+    assert "R3disPW" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "url"),
+    [
+        ("MEMSVC_DATABASE_URL", "postgresql://u:pw@db1:5432,db2:5433/x"),
+        ("MEMSVC_WORKING_MEMORY_URL", "redis+cluster://a:7000,b:7001,[::1]:7002"),
+        ("MEMSVC_WORKING_MEMORY_URL", "redis://[::1]/0"),
+        ("MEMSVC_WORKING_MEMORY_URL", "unix:///run/redis.sock"),
+    ],
+)
+def test_urls_with_several_hosts_or_none_are_taken(name, url):
+    assert getattr(load({}, {name: url}), name.removeprefix("MEMSVC_").lower()) == url
+
+
+@pytest.mark.parametrize(
+    ("env", "name"),
+    [
+        ({}, "memsvc"),
+        ({"OTEL_SERVICE_NAME": "agent-42-memsvc"}, "agent-42-memsvc"),
+        ({"OTEL_RESOURCE_ATTRIBUTES": "service.name=pod-7,team=ai"}, "pod-7"),
+    ],
+)
+def test_traces_name_the_service_the_environment_names(monkeypatch, env, name):
+    """Found by a review: OTEL_SERVICE_NAME, which the tracing docs mention, lost to
+    memsvc's own name."""
+    from memsvc import tracing
+
+    for variable in ("OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES"):
+        monkeypatch.delenv(variable, raising=False)
+    for variable, text in env.items():
+        monkeypatch.setenv(variable, text)
+    provider = tracing.make_tracer_provider()
+    try:
+        assert provider.resource.attributes["service.name"] == name
+    finally:
+        provider.shutdown()

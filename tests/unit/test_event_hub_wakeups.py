@@ -127,3 +127,42 @@ async def test_a_kick_in_the_tick_the_last_watcher_leaves_leaves_one_tail():
     assert running_tails() == [] and not hub.tailing
     for stream in (first, second):
         await stream.aclose()
+
+
+class ContextRecordingLog(NotifyingLog):
+    """Records the call deadline and logged method its reads run under."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[float | None, str | None]] = []
+
+    async def read_events(
+        self, after: int, limit: int, event_filter: EventFilter
+    ) -> list[StoredEvent]:
+        from memsvc.domain._call_deadline import current_deadline
+        from memsvc.log import rpc_method
+
+        self.seen.append((current_deadline(), rpc_method.get()))
+        return await super().read_events(after, limit, event_filter)
+
+
+async def test_the_tail_does_not_inherit_the_watch_call_that_started_it():
+    """Found by a review: the tail, shared by every stream, ran in the context of
+    the watch call that started it: its logs named that call, and its reads were
+    bounded by that call's deadline."""
+    from memsvc.domain._call_deadline import call_deadline
+    from memsvc.log import rpc_method
+
+    log = ContextRecordingLog()
+    hub = EventHub(log, poll_interval=0.05)
+    token = rpc_method.set("/memsvc.v1.LifecycleService/WatchLifecycle")
+    try:
+        with call_deadline(60):
+            stream = hub.watch(EventFilter(), None, 30)
+            assert await anext(stream) == 0
+            log.commit(1)
+            assert isinstance(await asyncio.wait_for(anext(stream), 5), StoredEvent)
+    finally:
+        rpc_method.reset(token)
+    await stream.aclose()
+    assert log.seen and all(seen == (None, None) for seen in log.seen), log.seen

@@ -338,7 +338,7 @@ class PostgresDurableStore(SqlDurableReads):
         only the caller (with a request_id) can safely try again.
         """
         try:
-            with observed(self.observe, "transaction"):
+            with observed(self.observe, "transaction", self.backend_name):
                 async with self._connections.connection() as conn:
                     async with _pipelined_transaction(conn) as tx:
                         yield tx

@@ -110,7 +110,7 @@ class SqliteDurableStore(SqlDurableReads):
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[DurableTransaction]:
         """One write transaction at a time per process (SQLite has one writer)."""
-        with observed(self.observe, "transaction"):
+        with observed(self.observe, "transaction", self.backend_name):
             async with self._transaction() as tx:
                 yield tx
         appended = await tx.committed()
