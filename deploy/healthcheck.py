@@ -4,7 +4,7 @@ Usage: ``python healthcheck.py [SERVICE [HOST:PORT]]``.
 
 Without an address it asks the probe port that memsvc serves (``MEMSVC_HEALTH_LISTEN``,
 default ``0.0.0.0:8081``), or, when that is switched off (empty), the API
-(``MEMSVC_LISTEN``, default ``127.0.0.1:50051``) for the whole-server service ``""``.
+(``MEMSVC_LISTEN``, default ``127.0.0.1:50051``), which serves the same services.
 A wildcard host (``0.0.0.0``, ``::``) is asked on loopback. The service defaults to
 ``liveness`` (the process is up); ``readiness`` also needs the backends.
 

@@ -9,7 +9,6 @@ flushed when the server stops. Unary calls are traced, streams are not.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -36,10 +35,10 @@ def make_tracer_provider() -> Any:
         ) from error
     # memsvc's name unless the environment names the service (OTEL_SERVICE_NAME, or
     # service.name in OTEL_RESOURCE_ATTRIBUTES), which Resource.create() reads.
-    named = bool(os.environ.get("OTEL_SERVICE_NAME")) or "service.name=" in os.environ.get(
-        "OTEL_RESOURCE_ATTRIBUTES", ""
-    )
-    provider = TracerProvider(resource=Resource.create({} if named else {"service.name": "memsvc"}))
+    found = Resource.create({})  # with what the environment says
+    unnamed = str(found.attributes.get("service.name", "")).startswith("unknown_service")
+    resource = found.merge(Resource({"service.name": "memsvc"})) if unnamed else found
+    provider = TracerProvider(resource=resource)
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     return provider
 

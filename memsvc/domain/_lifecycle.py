@@ -770,12 +770,14 @@ class Lifecycle:
         if marker.state in TRANSITIONAL:
             await self.heal(session)
             return None
+        if marker.state != state:
+            # Settled differently since (the record read above may be older still):
+            # the caller tries once more.
+            return None
         if not left_by_memsvc(record, marker):
             # Not what the database says memsvc left (a store restored from an
             # older copy): lost, as GetSession reports it.
             return WorkingMemoryLost(session.session_id)
-        if marker.state != state:
-            return None  # settled differently since: the caller tries once more
         return SessionNotWritable(session.session_id, state)
 
     # Shared machinery ---------------------------------------------------------

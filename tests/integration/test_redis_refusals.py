@@ -100,8 +100,8 @@ async def test_after_a_failover_calls_reach_the_new_primary(tmp_path: Path, post
 async def test_a_full_redis_still_terminates_sessions(tmp_path: Path, postgres_url: str):
     """Found by a review: a Redis out of memory under noeviction (the policy memsvc
     asks for) refused every lifecycle script at its first write, so no session could
-    be Terminated to free it. The steps that only mark the session or free memory run
-    anyway; writes of data are still refused."""
+    be Paused, or Terminated to free it. The steps that only mark the session or free
+    memory run anyway; writes of data are still refused."""
     redis = PrivateRedis(free_port(), tmp_path / "redis")
     redis.start()
     try:
@@ -132,6 +132,10 @@ async def test_a_full_redis_still_terminates_sessions(tmp_path: Path, postgres_u
                     await memory.Set(wm.SetRequest(**scope, key="j", value=one), timeout=30)
                 assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
                 assert "OutOfMemoryError" in (refused.value.details() or "")
+                # A Pause reads the memory in a transaction, which Redis refuses
+                # then: it reads it in its script instead.
+                paused = await life.Pause(lc.PauseRequest(**scope), timeout=30)
+                assert paused.checkpoint.key_count == 1
                 ended = await life.Terminate(lc.TerminateRequest(**scope), timeout=30)
                 assert ended.session.state == lc.SESSION_STATE_TERMINATED
                 assert await admin.keys("memsvc:wm:*") == []  # its memory freed

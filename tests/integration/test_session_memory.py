@@ -382,12 +382,12 @@ async def test_a_snapshot_after_redis_forgot_its_scripts(tmp_path):
         ttl = by_key["t"].remaining_ttl_ms
         assert ttl is not None and 0 < ttl <= 60_000
         assert (snapshot.key_count, snapshot.timed_keys) == (2, 1)
-        marker = await store.read_marker(session)
-        assert marker is not None and marker.state == "pausing"
         stats = await client.info("commandstats")
         # Refused once inside the transaction (NOSCRIPT), then run.
         assert stats["cmdstat_evalsha"]["calls"] >= 2
         assert stats["cmdstat_evalsha"]["failed_calls"] == 1
+        marker = await store.read_marker(session)
+        assert marker is not None and marker.state == "pausing"
     finally:
         await client.aclose()
         await store.aclose()
@@ -427,3 +427,23 @@ async def test_a_late_copy_of_a_failed_spawns_step_leaves_the_live_session(store
     with pytest.raises(LostOperation):
         await store.begin_spawn(session, "op-spawn", "epoch-1", [])  # settled before
     assert await contents(store, session) == {"c": b"3"}
+
+
+@pytest.mark.parametrize("store", ["redis"], indirect=True)
+async def test_an_eviction_during_a_resume_is_left_to_the_resume(store, session):
+    """A Redis that evicts the key index of a session between a Resume's steps: the
+    next script drops what is left of the live keys but keeps the Resume's marker,
+    whose last step swaps its staged checkpoint in (dropping the marker too would
+    lose a Resume that committed)."""
+    await spawn(store, session, {"a": b"1"})
+    checkpoint = encode_snapshot([SnapshotEntry("c", b"from the checkpoint", None)])
+    await store.begin_restore(session, "r1", "epoch-2", checkpoint, False, {"active"})
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        await client.delete(session_keys(session)[2])  # the key index, evicted
+    finally:
+        await client.aclose()
+    with pytest.raises(SessionNotWritable):  # resuming; its purge drops the rest
+        await store.set_entries(session, [EntryWrite("b", b"2", None)])
+    await store.finish(session, "r1", "active", swap=True, clear=False)
+    assert await contents(store, session) == {"c": b"from the checkpoint"}

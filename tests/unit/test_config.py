@@ -235,6 +235,7 @@ def test_urls_with_several_hosts_or_none_are_taken(name, url):
         ({}, "memsvc"),
         ({"OTEL_SERVICE_NAME": "agent-42-memsvc"}, "agent-42-memsvc"),
         ({"OTEL_RESOURCE_ATTRIBUTES": "service.name=pod-7,team=ai"}, "pod-7"),
+        ({"OTEL_RESOURCE_ATTRIBUTES": "team.service.name=x"}, "memsvc"),
     ],
 )
 def test_traces_name_the_service_the_environment_names(monkeypatch, env, name):

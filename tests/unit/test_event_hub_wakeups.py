@@ -148,8 +148,9 @@ class ContextRecordingLog(NotifyingLog):
 
 async def test_the_tail_does_not_inherit_the_watch_call_that_started_it():
     """Found by a review: the tail, shared by every stream, ran in the context of
-    the watch call that started it: its logs named that call, and its reads were
-    bounded by that call's deadline."""
+    the watch call that started it: its logs named that call (and, had the stream
+    a call deadline set, which only unary calls have today, its reads would have
+    been bounded by it)."""
     from memsvc.domain._call_deadline import call_deadline
     from memsvc.log import rpc_method
 

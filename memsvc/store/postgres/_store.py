@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -42,8 +43,6 @@ T = TypeVar("T")
 
 # Reconnecting a lost LISTEN connection: the first wait and the longest.
 _LISTEN_BACKOFF_SECONDS = (0.5, 30.0)
-# How long after a lost connection the pool tests each one it hands out.
-_SUSPECT_SECONDS = 10.0
 # Every this many seconds the LISTEN connection is asked a question, which it must
 # answer within the second figure: one that went half-open (a failover behind the
 # same address, a NAT or firewall forgetting it) never raises, and would otherwise
@@ -151,13 +150,16 @@ async def _answers_within(conn: psycopg.AsyncConnection[Any], seconds: float) ->
         if done:
             ping.result()  # its error, if any
             return
-        raise TimeoutError(f"no answer within {seconds:.0f} s")
+        raise TimeoutError(f"no answer within {seconds:g} s")
     finally:
         if not ping.done():
             conn.pgconn.finish()  # closed here: the cancelled query waits for nothing
             ping.cancel()
-            with contextlib.suppress(asyncio.CancelledError, psycopg.Error):
-                await ping
+            # Waited without raising its outcome (a cancellation of the caller
+            # arriving meanwhile still propagates), then its outcome is consumed.
+            await asyncio.wait({ping})
+            if not ping.cancelled():
+                ping.exception()
 
 
 def _lost_connection(error: BaseException) -> bool:
@@ -204,9 +206,13 @@ class PostgresDurableStore(SqlDurableReads):
         self._probe_lock = asyncio.Lock()
         # Told each operation's time and outcome (the server's metrics).
         self.observe: BackendObserver = ignore
-        # Until when the pool tests a connection before handing it out (a while
-        # after one was found lost: _suspect_connections).
-        self._suspect_until = 0.0
+        # When a connection was last found lost, and when each pooled one was last
+        # known to answer: the pool tests one before handing it out when that was
+        # before the loss (_test_if_suspect).
+        self._lost_at = 0.0
+        self._answered: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], float] = (
+            weakref.WeakKeyDictionary()
+        )
 
     async def open(self) -> None:
         self._pool = psycopg_pool.AsyncConnectionPool(
@@ -217,6 +223,7 @@ class PostgresDurableStore(SqlDurableReads):
             open=False,
             kwargs={"autocommit": True, "prepare_threshold": self._prepare_threshold},
             check=self._test_if_suspect,
+            configure=self._new_connection,
             name="memsvc",
         )
         # Do not wait for the database: readiness reports it until it answers.
@@ -424,16 +431,22 @@ class PostgresDurableStore(SqlDurableReads):
         """A connection was lost (PostgreSQL restarted or failed over, a reaper
         closed it): the pool's idle ones most likely died with it, and the pool
         hands connections out untested, so each would fail a call of its own (a
-        transaction is never retried) once the database is back. For a while,
-        each is tested before it is handed out instead (_test_if_suspect)."""
+        transaction is never retried) once the database is back. From now on each
+        is tested once before it is handed out (_test_if_suspect)."""
         if _lost_connection(error):
-            self._suspect_until = time.monotonic() + _SUSPECT_SECONDS
+            self._lost_at = time.monotonic()
+
+    async def _new_connection(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        self._answered[conn] = time.monotonic()
 
     async def _test_if_suspect(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        """The pool's check: a round trip, bounded, only while connections are
-        suspect; one that fails it is replaced and the caller gets another."""
-        if time.monotonic() < self._suspect_until:
-            await _answers_within(conn, self._timeout)
+        """The pool's check: a bounded round trip for a connection not known to
+        answer since the last loss (none at all until one); one that fails it is
+        replaced, and the caller gets another."""
+        if self._answered.get(conn, 0.0) >= self._lost_at:
+            return
+        await _answers_within(conn, self._timeout)
+        self._answered[conn] = time.monotonic()
 
     @property
     def _connections(self) -> psycopg_pool.AsyncConnectionPool:

@@ -182,10 +182,6 @@ def _load_script(name: str) -> str:
     return shebang + prelude + "\n" + (package / f"{name}.lua").read_text()
 
 
-class _RefusedInTransaction(Exception):
-    """Redis refused the snapshot script inside MULTI/EXEC (out of memory)."""
-
-
 def _expiry(raw: bytes | None) -> int | None:
     return None if raw is None else int(float(raw))
 
@@ -247,6 +243,7 @@ class RedisWorkingMemoryStore:
             "get_entries",
             "delete_entries",
             "list_entries",
+            "read_marker",
             *LIFECYCLE_SCRIPTS,
         ):
             self._scripts[name] = self._client.register_script(_load_script(name))
@@ -267,20 +264,27 @@ class RedisWorkingMemoryStore:
         docs/deployment.md): one that evicts drops sessions, or parts of them,
         which memsvc then reports lost (purge in lua/_prelude.lua)."""
         unreadable: tuple[type[BaseException], ...] = (*self._transient, redis_errors.ResponseError)
+        client = self._redis
         try:
-            info: dict[str, Any] = await self._redis.info("memory")
+            if isinstance(client, RedisCluster):
+                info: dict[str, Any] = await client.info(
+                    "memory", target_nodes=RedisCluster.PRIMARIES
+                )
+            else:
+                info = await client.info("memory")
         except unreadable as error:
             log.warning("could not read Redis's maxmemory-policy: %s", error)
             return
-        # A cluster client answers for each node, keyed by node.
+        # Asked of every primary, a cluster client answers for each, keyed by node.
         nodes = info.values() if "maxmemory_policy" not in info else [info]
         policies = {
             str(node.get("maxmemory_policy")) for node in nodes if isinstance(node, dict)
         } - {"None", "noeviction"}
         if policies:
             log.warning(
-                "Redis may evict working memory (maxmemory-policy %s): a session it "
-                "evicts, whole or in part, is reported lost; set noeviction",
+                "Redis may evict working memory (maxmemory-policy %s): memsvc reports "
+                "the sessions it can tell were evicted as lost, not every one; set "
+                "noeviction",
                 ", ".join(sorted(policies)),
             )
 
@@ -374,20 +378,8 @@ class RedisWorkingMemoryStore:
     # session's keys and its staging keys.
 
     async def read_marker(self, session: SessionRef) -> Marker | None:
-        data_key, _, index_key, meta_key = session_keys(session)
-
-        async def read() -> list[Any]:
-            pipe = self._redis.pipeline(transaction=False)
-            pipe.hgetall(meta_key)
-            pipe.exists(data_key)
-            pipe.exists(index_key)
-            return list(await pipe.execute())
-
-        raw_fields, has_data, has_index = await self._retrying(read, name="read_marker")
-        if has_data != has_index:
-            # Part of the session evicted: lost (the next script drops the rest).
-            return None
-        fields: dict[bytes, bytes] = raw_fields
+        reply = await self._run("read_marker", session, [])
+        fields = dict(zip(reply[0::2], reply[1::2], strict=True))
         state = fields.get(b"state")
         if state is None:
             return None
@@ -451,14 +443,8 @@ class RedisWorkingMemoryStore:
             flags = ["1" if clear_on_finish else "0", "1" if script_reads else "0"]
             return [op, new_state or "", *flags, checkpoint_id, epoch or "", *allowed]
 
-        if native:
-            try:
-                read = await self._snapshot_in_transaction(session, args_for(False))
-            except _RefusedInTransaction:
-                # Out of memory: Redis 7.0 refuses the script inside MULTI even
-                # though it may run then (a Terminate frees memory); alone it runs.
-                read = await self._snapshot_by_script(session, args_for(True))
-        else:
+        read = await self._snapshot_in_transaction(session, args_for(False)) if native else None
+        if read is None:
             read = await self._snapshot_by_script(session, args_for(with_contents))
         reply, keys, values, expire_at = read
         _refuse_late(reply)
@@ -479,14 +465,19 @@ class RedisWorkingMemoryStore:
         expire_at = dict(zip(expiries[0::2], expiries[1::2], strict=True))
         return reply, data[0::2], data[1::2], expire_at
 
-    async def _snapshot_in_transaction(self, session: SessionRef, args: list[Any]) -> _SnapshotRead:
+    async def _snapshot_in_transaction(
+        self, session: SessionRef, args: list[Any]
+    ) -> _SnapshotRead | None:
         """lifecycle_begin_snapshot without contents, then HGETALL of the data and
-        ZRANGE WITHSCORES of the expiries, in one MULTI/EXEC (one round trip)."""
+        ZRANGE WITHSCORES of the expiries, in one MULTI/EXEC (one round trip);
+        None, having changed nothing, when Redis refuses the transaction (out of
+        memory: Redis 7.0 refuses the script inside MULTI even though it may run
+        then, as a Terminate frees memory; alone it runs)."""
         script = self._scripts["lifecycle_begin_snapshot"]
         keys = _script_keys(session, staging=True)
         data, expiries = session_keys(session)[:2]
 
-        async def attempt(load_script: bool) -> list[Any]:
+        async def attempt(load_script: bool) -> list[Any] | None:
             if load_script:
                 await self._redis.script_load(script.script)
             pipe = self._redis.pipeline(transaction=True)
@@ -495,9 +486,8 @@ class RedisWorkingMemoryStore:
             pipe.zrange(expiries, 0, -1, withscores=True)
             try:
                 results: list[Any] = await pipe.execute(raise_on_error=False)
-            except redis_errors.OutOfMemoryError as error:
-                # Refused while queued: the transaction was discarded whole.
-                raise _RefusedInTransaction from error
+            except redis_errors.OutOfMemoryError:
+                return None  # refused while queued: the transaction was discarded whole
             if isinstance(results[0], redis_errors.NoScriptError) and not load_script:
                 # Redis restarted or flushed its scripts. Nothing ran (EVALSHA
                 # failed, the reads change nothing): load it and send it all again.
@@ -507,9 +497,12 @@ class RedisWorkingMemoryStore:
                     raise result
             return results
 
-        reply, entries, expire_at = await self._retrying(
+        results = await self._retrying(
             lambda: attempt(load_script=False), name="lifecycle_begin_snapshot"
         )
+        if results is None:
+            return None
+        reply, entries, expire_at = results
         # (member, score) pairs whatever the protocol (RESP2 or RESP3).
         return reply, list(entries), list(entries.values()), dict(expire_at)
 
