@@ -69,3 +69,42 @@ async def test_a_write_refused_just_before_a_resume_is_written(local_config: Con
         await asyncio.wait_for(write, 10)
         got = await wm.Get(pb.GetRequest(**ids, key="k"))
         assert python(got.entry.value) == "after"
+
+
+async def test_a_resume_settling_while_the_refusal_reads_the_database(local_config: Config):
+    """The same race one step later: the refusal read the record (PAUSED) before the
+    Resume committed, and the marker after its last step (active, a new epoch). Found
+    by a review of the first fix, which judged that pair as lost memory."""
+    ids: dict[str, Any] = {
+        "project_id": str(uuid.uuid4()),
+        "agent_instance_id": str(uuid.uuid4()),
+        "session_id": "record-then-marker",
+    }
+    async with (
+        Server(local_config) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        life, wm = LifecycleServiceStub(channel), WorkingMemoryServiceStub(channel)
+        await life.Spawn(lc.SpawnRequest(**ids))
+        await wm.Set(pb.SetRequest(**ids, key="k", value=value("before")))
+        await life.Pause(lc.PauseRequest(**ids))
+        assert server.lifecycle is not None
+        database: Any = server.lifecycle._db
+        read_record = database.get_session
+        record_read, resumed = asyncio.Event(), asyncio.Event()
+
+        async def get_session(ref: SessionRef) -> Any:
+            record = await read_record(ref)
+            if not record_read.is_set():  # the refusal's read: held until resumed
+                record_read.set()
+                await resumed.wait()
+            return record
+
+        database.get_session = get_session
+        write = asyncio.ensure_future(wm.Set(pb.SetRequest(**ids, key="k", value=value("after"))))
+        await asyncio.wait_for(record_read.wait(), 10)
+        await life.Resume(lc.ResumeRequest(**ids))
+        resumed.set()
+        await asyncio.wait_for(write, 10)
+        got = await wm.Get(pb.GetRequest(**ids, key="k"))
+        assert python(got.entry.value) == "after"
