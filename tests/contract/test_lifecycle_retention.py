@@ -509,6 +509,24 @@ async def test_a_store_restored_from_an_older_copy_is_lost_memory(copy, life, sc
     await life.Terminate(lc.TerminateRequest(**scope))
 
 
+async def reported_lost_and_refusing_writes(
+    life: LifecycleServiceStub,
+    wm: WorkingMemoryServiceStub,
+    scope: dict[str, Any],
+    state: lc.SessionState.ValueType,
+) -> None:
+    """GetSession says the session is in ``state`` with its memory LOST, and a write
+    is refused as WORKING_MEMORY_LOST, as GetSession's answer implies."""
+    session = (await life.GetSession(lc.GetSessionRequest(**scope))).session
+    assert session.state == state
+    assert session.working_memory_status == lc.WORKING_MEMORY_STATUS_LOST
+    error = await expect_error(
+        wm.Set(pb.SetRequest(**scope, key="k", value=value("after"))),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+    assert error.reason == "ERROR_REASON_WORKING_MEMORY_LOST", error
+
+
 @pytest.mark.parametrize("deployment", [DEPLOYMENTS["production"]], ids=["production"])
 async def test_a_paused_copy_of_an_active_session_refuses_writes_as_lost(copy, life, scope, wm):
     """Found by a review: a copy taken while PAUSED, put back after the Resume, made
@@ -520,14 +538,7 @@ async def test_a_paused_copy_of_an_active_session_refuses_writes_as_lost(copy, l
     await copy.take()
     await life.Resume(lc.ResumeRequest(**scope))
     await copy.put_back()
-    session = (await life.GetSession(lc.GetSessionRequest(**scope))).session
-    assert session.state == lc.SESSION_STATE_ACTIVE
-    assert session.working_memory_status == lc.WORKING_MEMORY_STATUS_LOST
-    error = await expect_error(
-        wm.Set(pb.SetRequest(**scope, key="k", value=value("after"))),
-        grpc.StatusCode.FAILED_PRECONDITION,
-    )
-    assert error.reason == "ERROR_REASON_WORKING_MEMORY_LOST", error
+    await reported_lost_and_refusing_writes(life, wm, scope, lc.SESSION_STATE_ACTIVE)
 
 
 @pytest.mark.parametrize("deployment", [DEPLOYMENTS["production"]], ids=["production"])
@@ -541,14 +552,7 @@ async def test_a_paused_copy_of_an_earlier_epoch_refuses_writes_as_lost(copy, li
     await life.Resume(lc.ResumeRequest(**scope))
     await life.Pause(lc.PauseRequest(**scope))
     await copy.put_back()
-    session = (await life.GetSession(lc.GetSessionRequest(**scope))).session
-    assert session.state == lc.SESSION_STATE_PAUSED
-    assert session.working_memory_status == lc.WORKING_MEMORY_STATUS_LOST
-    error = await expect_error(
-        wm.Set(pb.SetRequest(**scope, key="k", value=value("after"))),
-        grpc.StatusCode.FAILED_PRECONDITION,
-    )
-    assert error.reason == "ERROR_REASON_WORKING_MEMORY_LOST", error
+    await reported_lost_and_refusing_writes(life, wm, scope, lc.SESSION_STATE_PAUSED)
 
 
 @pytest.mark.parametrize("deployment", [DEPLOYMENTS["production"]], ids=["production"])

@@ -83,14 +83,19 @@ async def test_metrics_count_rpcs_backends_and_watchers(
     assert metric(server, "grpc_server_handled_total", grpc_method="WatchLifecycle") == 1
 
 
-async def test_backend_failures_are_counted(base_config: Config, scope: dict[str, Any]):
-    """A durable store that is unreachable: its reads fail, and the metrics say so."""
-    config = replace(
+def with_database_down(base_config: Config) -> Config:
+    """Metrics served, and a durable store that cannot be reached."""
+    return replace(
         base_config,
         metrics_listen="127.0.0.1:0",
         database_url="postgresql://postgres@127.0.0.1:1/none?connect_timeout=1",
         migrate=False,
     )
+
+
+async def test_backend_failures_are_counted(base_config: Config, scope: dict[str, Any]):
+    """A durable store that is unreachable: its reads fail, and the metrics say so."""
+    config = with_database_down(base_config)
     async with (
         Server(config) as server,
         grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
@@ -154,12 +159,7 @@ async def test_a_call_past_its_deadline_is_counted_as_such(
 ):
     """Found by a review: the client saw DEADLINE_EXCEEDED while the metrics said
     UNAVAILABLE (the handler's retries end at the deadline) or CANCELLED."""
-    config = replace(
-        base_config,
-        metrics_listen="127.0.0.1:0",
-        database_url="postgresql://postgres@127.0.0.1:1/none?connect_timeout=1",
-        migrate=False,
-    )
+    config = with_database_down(base_config)
     async with (
         Server(config) as server,
         grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,

@@ -36,16 +36,20 @@ def config_for(tmp_path: Path, working_memory_url: str, database_url: str) -> Co
     )
 
 
+def new_scope(session_id: str) -> dict[str, Any]:
+    return {
+        "project_id": str(uuid.uuid4()),
+        "agent_instance_id": str(uuid.uuid4()),
+        "session_id": session_id,
+    }
+
+
 async def test_a_redis_that_refuses_writes_is_unavailable(tmp_path: Path, postgres_url: str):
     redis = PrivateRedis(free_port(), tmp_path / "redis")
     redis.start()
     try:
         config = config_for(tmp_path, redis.url, postgres_url)
-        scope: dict[str, Any] = {
-            "project_id": str(uuid.uuid4()),
-            "agent_instance_id": str(uuid.uuid4()),
-            "session_id": "refused",
-        }
+        scope = new_scope("refused")
         # A replica that refuses writes, as the old primary after a failover.
         admin = aioredis.Redis.from_url(redis.url)
         await admin.config_set("replica-read-only", "yes")
@@ -106,11 +110,7 @@ async def test_a_full_redis_still_terminates_sessions(tmp_path: Path, postgres_u
     redis.start()
     try:
         config = config_for(tmp_path, redis.url, postgres_url)
-        scope: dict[str, Any] = {
-            "project_id": str(uuid.uuid4()),
-            "agent_instance_id": str(uuid.uuid4()),
-            "session_id": "full",
-        }
+        scope = new_scope("full")
         async with (
             Server(config) as server,
             grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
