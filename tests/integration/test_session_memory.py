@@ -430,11 +430,11 @@ async def test_a_late_copy_of_a_failed_spawns_step_leaves_the_live_session(store
 
 
 @pytest.mark.parametrize("store", ["redis"], indirect=True)
-async def test_an_eviction_during_a_resume_is_left_to_the_resume(store, session):
+async def test_an_eviction_during_a_resume_leaves_the_session_lost(store, session):
     """A Redis that evicts the key index of a session between a Resume's steps: the
-    next script drops what is left of the live keys but keeps the Resume's marker,
-    whose last step swaps its staged checkpoint in (dropping the marker too would
-    lose a Resume that committed)."""
+    next script drops what is left, marker included, and the Resume's last step
+    finds it gone. Lost, reported as such (Resume from a checkpoint restores it),
+    never an empty or half memory served as intact."""
     await spawn(store, session, {"a": b"1"})
     checkpoint = encode_snapshot([SnapshotEntry("c", b"from the checkpoint", None)])
     await store.begin_restore(session, "r1", "epoch-2", checkpoint, False, {"active"})
@@ -443,7 +443,27 @@ async def test_an_eviction_during_a_resume_is_left_to_the_resume(store, session)
         await client.delete(session_keys(session)[2])  # the key index, evicted
     finally:
         await client.aclose()
-    with pytest.raises(SessionNotWritable):  # resuming; its purge drops the rest
+    assert await store.read_marker(session) is None
+    with pytest.raises(SessionNotWritable):
         await store.set_entries(session, [EntryWrite("b", b"2", None)])
-    await store.finish(session, "r1", "active", swap=True, clear=False)
-    assert await contents(store, session) == {"c": b"from the checkpoint"}
+    with pytest.raises(LostOperation):
+        await store.finish(session, "r1", "active", swap=True, clear=False)
+    assert await store.read_marker(session) is None
+
+
+@pytest.mark.parametrize("store", ["redis"], indirect=True)
+async def test_keys_expiring_a_moment_apart_are_not_an_eviction(store, session):
+    """The data and its index share one expiry, yet may go a moment apart (a slot
+    moved between nodes re-bases TTLs): one left with little time to live is an
+    expiry, and the session stays (empty), not reported lost."""
+    await spawn(store, session, {"a": b"1"}, ttl=60_000)
+    data, _, index, _ = session_keys(session)
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        await client.delete(index)
+        await client.pexpire(data, 500)  # about to expire too
+    finally:
+        await client.aclose()
+    marker = await store.read_marker(session)
+    assert marker is not None and marker.state == "active"
+    assert await store.set_entries(session, [EntryWrite("b", b"2", None)])

@@ -29,40 +29,31 @@ local function remove_members(members)
   end
 end
 
--- Whether Redis evicted the session's keys, whole or in part (a maxmemory-policy
--- other than noeviction): the data and its key index are written, expired and
--- renamed together, so one without the other was evicted; neither, while the
--- marker still counts bytes, was evicted too, unless they expired together when
--- refresh_session_expiry said (a Resume that kept the memory holds it in staging
--- meanwhile).
-local function evicted(now)
+-- Whether Redis evicted part of the session (a maxmemory-policy other than
+-- noeviction): the data and its key index are written, renamed and expired
+-- together, so one without the other was evicted; unless the one left is about
+-- to expire, a moment apart from the other (a slot moved to another node re-bases
+-- TTLs). Both evicted at once look like a session that expired: not detected.
+local function evicted()
   local has_data = redis.call('EXISTS', D)
-  if has_data ~= redis.call('EXISTS', K) then
-    return true
-  end
-  if has_data == 1 or redis.call('HGET', M, 'kept') == '1' then
+  if has_data == redis.call('EXISTS', K) then
     return false
   end
-  local bytes = tonumber(redis.call('HGET', M, 'bytes') or '0')
-  local expires = tonumber(redis.call('HGET', M, 'expires') or '0')
-  return bytes > 0 and (expires == 0 or now < expires)
+  local ttl = redis.call('PTTL', has_data == 1 and D or K)
+  return not (ttl >= 0 and ttl <= 1000)
 end
 
 local function purge(now)
-  if evicted(now) then
-    local state = redis.call('HGET', M, 'state')
-    if redis.call('HGET', M, 'op') and state ~= 'spawning' then
-      -- An operation between its steps settles the marker: a Resume replaces the
-      -- keys from staging, a Pause or a Terminate read them already (a Resume
-      -- rebuilds a paused memory that no longer holds its checkpoint).
-      redis.call('DEL', D, X, K)
-      redis.call('HDEL', M, 'bytes')
-      return
-    end
+  if evicted() then
     -- What is left is not the session: dropped with its marker, so that every
-    -- call reports the memory lost, as after a flush, instead of serving part of it.
+    -- call reports the memory lost, as after a flush, instead of serving part of
+    -- it (an operation between its steps finds its marker gone: lost as well).
     redis.call('DEL', D, X, K, M)
     return
+  end
+  if redis.call('EXISTS', D) ~= redis.call('EXISTS', K) then
+    -- Expiring together, a moment apart: expired.
+    redis.call('DEL', D)
   end
   if redis.call('EXISTS', D) == 0 then
     -- The whole session expired (or never existed): reset what it left behind.
@@ -97,10 +88,7 @@ local function refresh_session_expiry()
     redis.call('PEXPIREAT', D, at)
     redis.call('PEXPIREAT', X, at)
     redis.call('PEXPIREAT', K, at)
-    if keep_meta then
-      -- When they expire together: before then, their absence is an eviction (purge).
-      redis.call('HSET', M, 'expires', at)
-    else
+    if not keep_meta then
       redis.call('PEXPIREAT', M, at)
     end
   else
@@ -108,7 +96,6 @@ local function refresh_session_expiry()
     redis.call('PERSIST', X)
     redis.call('PERSIST', K)
     redis.call('PERSIST', M)
-    redis.call('HDEL', M, 'expires')
   end
 end
 

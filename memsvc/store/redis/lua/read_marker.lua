@@ -1,8 +1,8 @@
 -- The session's marker (GetSession, a refusal's explanation, a heal), read in one
--- atomic step without changing anything: none when Redis evicted the session's
--- keys (purge, which the next script runs, drops what is left).
+-- atomic step without changing anything: none when Redis evicted part of the
+-- session (purge, which the next script runs, drops the rest and the marker).
 -- Returns the marker's fields as HGETALL does (empty: no marker).
-if evicted(now_ms()) then
+if evicted() then
   return {}
 end
 return redis.call('HGETALL', M)
