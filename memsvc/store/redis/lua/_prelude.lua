@@ -30,13 +30,13 @@ local function remove_members(members)
 end
 
 -- Whether Redis evicted part of the session (a maxmemory-policy other than
--- noeviction): the data and its key index are written, renamed and expired
--- together, so one without the other was evicted; unless the one left is about
--- to expire, a moment apart from the other (a slot moved to another node re-bases
--- TTLs). Both evicted at once look like a session that expired: not detected.
-local function evicted()
-  local has_data = redis.call('EXISTS', D)
-  if has_data == redis.call('EXISTS', K) then
+-- noeviction), given whether its data and its key index exist: they are written,
+-- renamed and expired together, so one without the other was evicted; unless the
+-- one left is about to expire, a moment apart from the other (a slot moved to
+-- another node re-bases TTLs). Both evicted at once look like a session that
+-- expired: not detected.
+local function evicted(has_data, has_index)
+  if has_data == has_index then
     return false
   end
   local ttl = redis.call('PTTL', has_data == 1 and D or K)
@@ -44,20 +44,18 @@ local function evicted()
 end
 
 local function purge(now)
-  if evicted() then
+  local has_data, has_index = redis.call('EXISTS', D), redis.call('EXISTS', K)
+  if evicted(has_data, has_index) then
     -- What is left is not the session: dropped with its marker, so that every
     -- call reports the memory lost, as after a flush, instead of serving part of
     -- it (an operation between its steps finds its marker gone: lost as well).
     redis.call('DEL', D, X, K, M)
     return
   end
-  if redis.call('EXISTS', D) ~= redis.call('EXISTS', K) then
-    -- Expiring together, a moment apart: expired.
-    redis.call('DEL', D)
-  end
-  if redis.call('EXISTS', D) == 0 then
-    -- The whole session expired (or never existed): reset what it left behind.
-    redis.call('DEL', X, K)
+  if has_data == 0 or has_index == 0 then
+    -- The whole session expired (or never existed; or its keys are expiring a
+    -- moment apart): reset what it left behind.
+    redis.call('DEL', D, X, K)
     redis.call('HDEL', M, 'bytes')
     return
   end
