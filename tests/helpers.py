@@ -8,9 +8,9 @@ import contextlib
 import importlib
 import json
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from google.protobuf import json_format, struct_pb2
@@ -102,6 +102,28 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not reached within {timeout}s")
         await asyncio.sleep(interval)
+
+
+class _DurableStore(Protocol):
+    async def open(self) -> None: ...
+
+    async def migrate(self) -> Any: ...
+
+    async def aclose(self) -> None: ...
+
+
+S = TypeVar("S", bound=_DurableStore)
+
+
+@contextlib.asynccontextmanager
+async def migrated(store: S) -> AsyncIterator[S]:
+    """``store`` opened and migrated for the block, closed after it."""
+    await store.open()
+    await store.migrate()
+    try:
+        yield store
+    finally:
+        await store.aclose()
 
 
 def durable_store_at(url: str) -> Any:

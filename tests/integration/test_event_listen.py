@@ -16,17 +16,13 @@ from memsvc.store._lifecycle_sql import EVENT_CHANNEL
 from memsvc.store.postgres import PostgresDurableStore
 from memsvc.store.postgres import _store as postgres_store
 from memsvc.testing._proxy import TcpProxy
+from tests.helpers import migrated
 
 
 @pytest.fixture
 async def store(fresh_postgres_url: str) -> AsyncIterator[PostgresDurableStore]:
-    store = PostgresDurableStore(fresh_postgres_url, max_connections=1)
-    await store.open()
-    await store.migrate()
-    try:
+    async with migrated(PostgresDurableStore(fresh_postgres_url, max_connections=1)) as store:
         yield store
-    finally:
-        await store.aclose()
 
 
 async def listeners(admin: psycopg.AsyncConnection[Any]) -> list[int]:

@@ -25,19 +25,17 @@ from memsvc.domain._lifecycle_results import uuid7
 from memsvc.store.postgres import PostgresDurableStore
 from memsvc.testing._proxy import TcpProxy
 from tests.conftest import DATABASE_URL
+from tests.helpers import migrated
 
 POOL_SIZE = 4
 
 
 @pytest.fixture
 async def store(fresh_postgres_url: str) -> AsyncIterator[PostgresDurableStore]:
-    store = PostgresDurableStore(fresh_postgres_url, max_connections=POOL_SIZE)
-    await store.open()
-    await store.migrate()
-    try:
+    async with migrated(
+        PostgresDurableStore(fresh_postgres_url, max_connections=POOL_SIZE)
+    ) as store:
         yield store
-    finally:
-        await store.aclose()
 
 
 async def fill_the_pool(store: PostgresDurableStore) -> None:
@@ -104,21 +102,19 @@ async def test_a_pooled_connection_that_went_silent_is_replaced(fresh_postgres_u
     with TcpProxy(port) as proxy:
         through = fresh_postgres_url.replace(f":{port}/", f":{proxy.port}/")
         store = PostgresDurableStore(through, max_connections=POOL_SIZE, connect_timeout_seconds=1)
-        await store.open()
-        await store.migrate()
-        try:
-            await fill_the_pool(store)
-            proxy.hold()  # the open connections go silent; new ones pass
-            store._suspect_connections(psycopg.OperationalError("server closed the connection"))
-            outcomes = []
-            for _ in range(8):
-                try:
-                    async with asyncio.timeout(10):
-                        await insert_a_session(store)
-                    outcomes.append("ok")
-                except BackendUnavailable:
-                    outcomes.append("unavailable")
-            assert outcomes[-3:] == ["ok"] * 3, outcomes
-        finally:
-            proxy.release()
-            await store.aclose()
+        async with migrated(store):
+            try:
+                await fill_the_pool(store)
+                proxy.hold()  # the open connections go silent; new ones pass
+                store._suspect_connections(psycopg.OperationalError("server closed the connection"))
+                outcomes = []
+                for _ in range(8):
+                    try:
+                        async with asyncio.timeout(10):
+                            await insert_a_session(store)
+                        outcomes.append("ok")
+                    except BackendUnavailable:
+                        outcomes.append("unavailable")
+                assert outcomes[-3:] == ["ok"] * 3, outcomes
+            finally:
+                proxy.release()  # before the store closes its connections

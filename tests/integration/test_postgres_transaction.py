@@ -28,18 +28,14 @@ from memsvc.domain._lifecycle_records import (
 )
 from memsvc.domain._lifecycle_results import uuid7
 from memsvc.store.postgres import PostgresDurableStore
+from tests.helpers import migrated
 
 
 @pytest.fixture
 async def store(fresh_postgres_url: str) -> AsyncIterator[PostgresDurableStore]:
     # One connection: every transaction of a test runs on the same one.
-    store = PostgresDurableStore(fresh_postgres_url, max_connections=1)
-    await store.open()
-    await store.migrate()
-    try:
+    async with migrated(PostgresDurableStore(fresh_postgres_url, max_connections=1)) as store:
         yield store
-    finally:
-        await store.aclose()
 
 
 def session(ref: SessionRef) -> SessionRecord:

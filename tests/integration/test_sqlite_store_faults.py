@@ -22,17 +22,13 @@ from memsvc.domain import BackendUnavailable, SessionRef
 from memsvc.domain._lifecycle_records import EventRecord, EventType
 from memsvc.domain._watch import EventFilter
 from memsvc.store.sqlite import SqliteDurableStore
+from tests.helpers import migrated
 
 
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[SqliteDurableStore]:
-    opened = SqliteDurableStore(f"sqlite:///{tmp_path / 'memsvc.db'}")
-    await opened.open()
-    await opened.migrate()
-    try:
+    async with migrated(SqliteDurableStore(f"sqlite:///{tmp_path / 'memsvc.db'}")) as opened:
         yield opened
-    finally:
-        await opened.aclose()
 
 
 REF = SessionRef(str(uuid.uuid4()), str(uuid.uuid4()), "s")
