@@ -209,37 +209,35 @@ async def test_a_call_in_flight_when_the_client_closes_raises_cancelled(holding:
         await asyncio.wait_for(call, 10)
 
 
-async def test_streams_that_fail_after_their_first_message_back_off_until_the_timeout():
+async def given_up_watch(wait: float, **stub: float) -> Any:
+    """A watch (reconnect_timeout 1 s) of a server whose streams fail right after
+    their hello (``stub``: more StubServer options), once it ended with Unavailable."""
     policy = RetryPolicy(max_attempts=5, initial_backoff=0.05, max_backoff=1.0)
     async with (
-        StubServer(fail_after=0) as failing,
+        StubServer(fail_after=0, **stub) as failing,
         AsyncClient(failing.target, retry=policy) as client,
     ):
         watch = client.watch(SCOPE[0], reconnect_timeout=1.0)
         with pytest.raises(Unavailable):
-            await asyncio.wait_for(watch.start(), 20)
+            await asyncio.wait_for(watch.start(), wait)
             async for _ in watch:
                 pass
-        # Each stream said hello and failed: that is no working stream, so the
-        # pauses grew (0.05, 0.1, 0.2, ... s) and the timeout ran out, instead of
-        # a reconnection every 50 ms for ever.
-        assert watch.connections < 12, watch.connections
+        return watch
+
+
+async def test_streams_that_fail_after_their_first_message_back_off_until_the_timeout():
+    watch = await given_up_watch(wait=20)
+    # Each stream said hello and failed: that is no working stream, so the
+    # pauses grew (0.05, 0.1, 0.2, ... s) and the timeout ran out, instead of
+    # a reconnection every 50 ms for ever.
+    assert watch.connections < 12, watch.connections
 
 
 async def test_streams_slow_to_their_first_message_still_back_off_until_the_timeout():
     """A stream counts as working from its first message on, not from its
     connection: each of these takes longer than STREAM_WORKED_SECONDS to say hello,
     then fails at once, and the watch gives up after its reconnect_timeout."""
-    policy = RetryPolicy(max_attempts=5, initial_backoff=0.05, max_backoff=1.0)
-    async with (
-        StubServer(fail_after=0, first_after=STREAM_WORKED_SECONDS + 0.2) as failing,
-        AsyncClient(failing.target, retry=policy) as client,
-    ):
-        watch = client.watch(SCOPE[0], reconnect_timeout=1.0)
-        with pytest.raises(Unavailable):
-            await asyncio.wait_for(watch.start(), 10)
-            async for _ in watch:
-                pass
+    await given_up_watch(wait=10, first_after=STREAM_WORKED_SECONDS + 0.2)
 
 
 async def test_streams_that_work_for_a_while_before_failing_keep_the_watch_going():
