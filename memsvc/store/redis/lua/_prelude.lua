@@ -43,6 +43,8 @@ local function evicted(has_data, has_index)
   return not (ttl >= 0 and ttl <= 1000)
 end
 
+-- Drops what has expired; returns true when it dropped the whole session,
+-- marker included, as Redis had evicted part of it.
 local function purge(now)
   local has_data, has_index = redis.call('EXISTS', D), redis.call('EXISTS', K)
   if evicted(has_data, has_index) then
@@ -50,7 +52,7 @@ local function purge(now)
     -- call reports the memory lost, as after a flush, instead of serving part of
     -- it (an operation between its steps finds its marker gone: lost as well).
     redis.call('DEL', D, X, K, M)
-    return
+    return true
   end
   if has_data == 0 or has_index == 0 then
     -- The whole session expired (or never existed; or its keys are expiring a

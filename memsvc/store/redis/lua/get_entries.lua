@@ -7,11 +7,8 @@ local blocked = read_blocked()
 if blocked then
   return {-1, blocked}
 end
-purge(now_ms())
--- Again: purge drops a session that Redis evicted in part, marker included.
-blocked = read_blocked()
-if blocked then
-  return {-1, blocked}
+if purge(now_ms()) then
+  return {-1, 'missing'}  -- evicted in part: dropped, marker included
 end
 local budget = tonumber(ARGV[1])
 local used = 0
