@@ -619,7 +619,7 @@ class Lifecycle:
                 # The deleted checkpoints are announced one by one, as DeleteCheckpoint
                 # and retention do, so a watcher that mirrors checkpoints never keeps
                 # one; after the hooks, whose locks must come before the event counter.
-                if cleanup and locked and locked.checkpoint_ids:
+                if cleanup and locked:
                     await tx.append_events([
                         self._event(EventType.CHECKPOINT_DELETED, record, now, request_id,
                                     checkpoint_id=checkpoint_id, metadata=ENDED)

@@ -26,14 +26,14 @@ def ignore(operation: str, seconds: float, error: BaseException | None) -> None:
 
 
 @contextlib.contextmanager
-def observed(observe: BackendObserver, operation: str, backend: str = "") -> Iterator[None]:
+def observed(observe: BackendObserver, operation: str, backend: str) -> Iterator[None]:
     """Report the block's duration, and its error if it raises, to ``observe``.
 
     A domain error raised inside a transaction (an invalid transition, say) is
     the caller's, not the backend's, a cancelled call is the client's, and a
     Rollback is on purpose: all count as answers, not failures. So is another
-    backend's unavailability, raised inside this one's block (a Redis step inside
-    a database transaction), when ``backend`` names this one.
+    backend's unavailability than ``backend``'s (this one), raised inside its
+    block (a Redis step inside a database transaction).
     """
     started = time.perf_counter()
     error: BaseException | None = None
@@ -42,9 +42,7 @@ def observed(observe: BackendObserver, operation: str, backend: str = "") -> Ite
     except BaseException as raised:
         domain = isinstance(raised, MemsvcError) and not isinstance(raised, BackendUnavailable)
         elsewhere = (
-            isinstance(raised, BackendUnavailable)
-            and bool(backend)
-            and raised.metadata.get("backend") != backend
+            isinstance(raised, BackendUnavailable) and raised.metadata.get("backend") != backend
         )
         if not (domain or elsewhere) and not isinstance(raised, asyncio.CancelledError | Rollback):
             error = raised

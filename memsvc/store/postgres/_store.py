@@ -422,7 +422,7 @@ class PostgresDurableStore(SqlDurableReads):
                     _raise_if_past_a_limit(error)
                     raise
 
-        with observed(self.observe, read.__name__):
+        with observed(self.observe, read.__name__, self.backend_name):
             return await with_retries(
                 attempt, backend=self.backend_name, transient=TRANSIENT_ERRORS
             )

@@ -18,7 +18,7 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from importlib import resources
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
@@ -658,10 +658,12 @@ class RedisWorkingMemoryStore:
     async def _retrying(
         self, operation: Callable[[], Awaitable[T]], *, name: str, attempts: int = 4
     ) -> T:
-        attempt = operation if self._limit is None else lambda: self._through_moves(operation)
-        if self._limit is None:
-            attempt = self._away_from_replicas(attempt)
-        with observed(self.observe, name):
+        attempt = (
+            self._away_from_replicas(operation)
+            if self._limit is None
+            else lambda: self._through_moves(operation)
+        )
+        with observed(self.observe, name, self.backend_name):
             return await with_retries(
                 attempt, backend=self.backend_name, transient=self._transient, attempts=attempts
             )
@@ -680,11 +682,10 @@ class RedisWorkingMemoryStore:
             try:
                 return await operation()
             except redis_errors.ReadOnlyError:
-                client = self._redis
-                if isinstance(client, aioredis.Redis):
-                    pool = client.connection_pool
-                    await pool.update_active_connections_for_reconnect()  # type: ignore[no-untyped-call]
-                    await pool.disconnect(inuse_connections=False)
+                # A single Redis (a cluster's client follows its own failovers).
+                pool = cast(aioredis.Redis, self._redis).connection_pool
+                await pool.update_active_connections_for_reconnect()  # type: ignore[no-untyped-call]
+                await pool.disconnect(inuse_connections=False)
                 raise
 
         return attempt

@@ -149,7 +149,8 @@ class SqliteDurableStore(SqlDurableReads):
                     raise
 
     async def _query(self, read: Callable[..., Awaitable[T]], *args: Any) -> T:
-        with observed(self.observe, read.__name__), _conditions_unavailable(self.backend_name):
+        observing = observed(self.observe, read.__name__, self.backend_name)
+        with observing, _conditions_unavailable(self.backend_name):
             return await read(self._read_conn, SQLITE, *args)
 
     @contextlib.asynccontextmanager
