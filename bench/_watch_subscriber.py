@@ -17,7 +17,8 @@ Commands arrive as JSON lines on stdin; each gets one JSON line on stdout:
 * ``{"op": "collect", "timeout"}``: wait until they have (or the timeout), then
   answer the deliveries, the first and last delivery times, the latencies (µs),
   and how many streams got other than exactly the events expected, and how many
-  deliveries came out of sequence order or repeated a stream's last sequence.
+  deliveries came out of sequence order or repeated a sequence the stream had
+  already received.
 * ``{"op": "close"}``: cancel the streams and close the channels.
 
 End of input ends the process::
@@ -49,11 +50,13 @@ CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]
 class _Tally:
     expected: int = 0
     deliveries: int = 0
-    # Per stream: its deliveries, and the sequence of its last event; deliveries
-    # whose sequence was lower than the stream's previous one (out of order), or
-    # equal to it (a repeat, for a target whose events have sequences of their own).
+    # Per stream: its deliveries, the sequence of its last event and every sequence
+    # it received; deliveries whose sequence was lower than the stream's previous
+    # one (out of order), or one it had received before (a repeat, in any order:
+    # bare's concurrent publishers may reach its server out of order).
     per_stream: list[int] = field(default_factory=list)
     last_sequence: list[int] = field(default_factory=list)
+    seen: list[set[int]] = field(default_factory=list)
     disordered: int = 0
     repeated: int = 0
     first: float = 0.0
@@ -116,10 +119,12 @@ class Subscriber:
                 tally.deliveries += 1
                 tally.per_stream[index] += 1
                 sequence = message.event.sequence
-                if sequence < tally.last_sequence[index]:
-                    tally.disordered += 1
-                elif sequence == tally.last_sequence[index]:
+                seen = tally.seen[index]
+                if sequence in seen:
                     tally.repeated += 1
+                elif sequence < tally.last_sequence[index]:
+                    tally.disordered += 1
+                seen.add(sequence)
                 tally.last_sequence[index] = sequence
                 tally.last = now
                 if tally.deliveries >= tally.expected:
@@ -133,7 +138,10 @@ class Subscriber:
     def expect(self, events: int) -> dict[str, Any]:
         streams = len(self.calls)
         self.tally = _Tally(
-            expected=events * streams, per_stream=[0] * streams, last_sequence=[-1] * streams
+            expected=events * streams,
+            per_stream=[0] * streams,
+            last_sequence=[-1] * streams,
+            seen=[set() for _ in range(streams)],
         )
         self.events = events
         return {"ok": True}

@@ -3,7 +3,8 @@ two memsvc commits compared in interleaved rounds.
 
 For a change to the commit path (the PostgreSQL transaction, the event append):
 each ``--refs`` commit runs as ``memsvc serve`` from a ``git archive`` (working
-memory in process, a private PostgreSQL database each), and ``--writers`` closed-loop
+memory in process, or where ``--working-memory-url`` says, such as the local Redis
+as in production; a private PostgreSQL database each), and ``--writers`` closed-loop
 callers make CreateCheckpoint calls on as many ACTIVE sessions for ``--seconds``
 after a 1 s warm-up. Per call: memsvc's CPU (all its threads, /proc schedstat), the
 CPU of the PostgreSQL backends connected to its database, and calls per second.
@@ -13,6 +14,7 @@ Checkpoints are deleted between rounds (as bench/watch.py does), so no session
 holds more than one round's checkpoints. Rerun::
 
     .venv/bin/python -m bench.commit_load --refs d15579e,HEAD --rounds 3
+    .venv/bin/python -m bench.commit_load --refs HEAD --working-memory-url redis://127.0.0.1:6379/0
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from google.protobuf import struct_pb2
 
 from bench.costs import backend_pids
 from bench.lifecycle import POSTGRES_ADMIN_URL, _memsvc_at, cpu_ns
-from bench.working_memory import SessionIds
+from bench.working_memory import SessionIds, _delete_redis_keys
 from memsvc.testing import (
     create_postgres_database,
     drop_postgres_database,
@@ -50,7 +52,7 @@ WARMUP_SECONDS = 1.0
 
 
 @contextlib.contextmanager
-def _memsvc(ref: str, workdir: Path) -> Iterator[tuple[int, int, str]]:
+def _memsvc(ref: str, workdir: Path, working_memory_url: str) -> Iterator[tuple[int, int, str]]:
     """memsvc at ``ref`` on a database of its own: (pid, port, database name)."""
     url = create_postgres_database(POSTGRES_ADMIN_URL, "memsvc_commit_load")
     name = f"{ref.replace('/', '_')}-{uuid.uuid4().hex[:6]}"
@@ -60,7 +62,9 @@ def _memsvc(ref: str, workdir: Path) -> Iterator[tuple[int, int, str]]:
     data.mkdir()
     argv = [*command, "serve", "--health-listen=", "--metrics-listen=",
             "--listen", f"127.0.0.1:{port}", "--data-dir", str(data),
-            "--database-url", url]  # fmt: skip
+            "--database-url", url, "--working-memory-url", working_memory_url,
+            # Thousands of checkpoints per session in a long round: not what is measured.
+            "--max-checkpoints-per-session", "1000000000"]  # fmt: skip
     server = subprocess.Popen(argv, env={**os.environ, "MEMSVC_LOG_LEVEL": "warning"})
     try:
         wait_for_port(port, 30)
@@ -72,13 +76,14 @@ def _memsvc(ref: str, workdir: Path) -> Iterator[tuple[int, int, str]]:
 
 
 async def _round(
-    pid: int, port: int, database: str, writers: int, seconds: float
+    pid: int, port: int, database: str, writers: int, seconds: float, project: str
 ) -> dict[str, float]:
-    """Closed-loop CreateCheckpoint calls by ``writers`` callers after a warm-up:
-    calls/s and the CPU per call of memsvc and of its PostgreSQL backends."""
+    """Closed-loop CreateCheckpoint calls by ``writers`` callers after a warm-up, on
+    sessions of ``project``: calls/s and the CPU per call of memsvc and of its
+    PostgreSQL backends."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = LifecycleServiceStub(channel)
-        project, agent = str(uuid.uuid4()), str(uuid.uuid4())
+        agent = str(uuid.uuid4())
         sessions = [
             SessionIds(project_id=project, agent_instance_id=agent, session_id=f"c-{i:02d}")
             for i in range(writers)
@@ -119,18 +124,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--writers", type=int, default=16, help="concurrent callers")
     parser.add_argument("--seconds", type=float, default=10.0, help="seconds per measurement")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    parser.add_argument(
+        "--working-memory-url",
+        default="memory://",
+        help="the servers' working memory (default in process; redis://... as in "
+        "production, where the run's keys are deleted at the end)",
+    )
     args = parser.parse_args(argv)
+    project = str(uuid.uuid4())
     refs = args.refs.split(",")
     results: dict[str, list[dict[str, float]]] = {ref: [] for ref in refs}
     with (
         tempfile.TemporaryDirectory(prefix="memsvc-commit-load-") as workdir,
         contextlib.ExitStack() as stack,
     ):
-        servers = {ref: stack.enter_context(_memsvc(ref, Path(workdir))) for ref in refs}
+        if args.working_memory_url.startswith("redis://"):
+            stack.callback(_delete_redis_keys, project, args.working_memory_url)
+        servers = {
+            ref: stack.enter_context(_memsvc(ref, Path(workdir), args.working_memory_url))
+            for ref in refs
+        }
         for number in range(args.rounds):
             order = refs if number % 2 == 0 else refs[::-1]
             for ref in order:
-                result = asyncio.run(_round(*servers[ref], args.writers, args.seconds))
+                # One project for the run, so its Redis keys are found at the end;
+                # each round spawns sessions of its own within it.
+                result = asyncio.run(_round(*servers[ref], args.writers, args.seconds, project))
                 results[ref].append(result)
                 print(
                     f"round {number + 1} {ref:>12}: {result['calls_per_s']:6.0f} calls/s,"
