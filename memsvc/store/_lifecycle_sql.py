@@ -411,24 +411,24 @@ class SqlLifecycleTransaction(SqlWrites):
     async def lock_session_for_checkpoint(
         self, ref: SessionRef, checkpoint_id: str | None, count: bool
     ) -> CheckpointLock | None:
+        if not checkpoint_id and not count:
+            row = await self._one(_lock_statement(self._d), _key(ref))
+            return None if row is None else CheckpointLock(session_from_row(row, self._d), 0, False)
+        # The count and the requested id are read in a statement of their own, sent
+        # with the lock and run after it: the lock's own subqueries would read the
+        # snapshot from before it waited (PostgreSQL, READ COMMITTED), and miss the
+        # checkpoints a concurrent call committed meanwhile: concurrent Pauses would
+        # go past the checkpoint limit, and a duplicate id fail the commit, not the call.
         # Each subquery only when asked for: a server-made id is never taken.
-        counted = f"(SELECT count(*) FROM checkpoints WHERE {_SESSION_KEY})" if count else "0"
-        counted_params = _key(ref) if count else ()
-        if not checkpoint_id:
-            row = await self._one(_lock_statement(self._d, counted), (*counted_params, *_key(ref)))
-            if row is None:
-                return None
-            return CheckpointLock(session_from_row(row[:-1], self._d), int(row[-1]), False)
-        # A requested id is looked up in a statement of its own, sent with the lock
-        # and run after it: the lock's own subqueries would read the snapshot from
-        # before it waited, and miss that id committed meanwhile by a concurrent call
-        # (whose INSERT would then fail this one's commit, not refuse it).
+        counted, taken, params = "0", "0", list[Any]()
+        if count:
+            counted = f"(SELECT count(*) FROM checkpoints WHERE {_SESSION_KEY})"
+            params += _key(ref)
+        if checkpoint_id:
+            taken = f"EXISTS (SELECT 1 FROM checkpoints WHERE {_SESSION_KEY} AND checkpoint_id = ?)"
+            params += (*_key(ref), checkpoint_id)
         locked = await self._send(_lock_statement(self._d), _key(ref))
-        found = await self._one(
-            f"SELECT {counted}, EXISTS (SELECT 1 FROM checkpoints WHERE {_SESSION_KEY}"
-            " AND checkpoint_id = ?)",
-            (*counted_params, *_key(ref), checkpoint_id),
-        )
+        found = await self._one(f"SELECT {counted}, {taken}", params)
         row = await locked.row()
         if row is None:
             return None

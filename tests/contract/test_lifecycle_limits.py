@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import grpc
@@ -59,6 +60,27 @@ async def test_past_the_checkpoint_limit_pause_and_create_are_refused_and_change
     await life.DeleteCheckpoint(lc.DeleteCheckpointRequest(**scope, checkpoint_id="one"))
     await life.Pause(lc.PauseRequest(**scope, checkpoint_id="resume-point"))
     assert await checkpoint_ids(life, scope) == ["resume-point", "two"]
+
+
+async def test_concurrent_checkpoints_without_ids_stop_at_the_limit(
+    life: LifecycleServiceStub, scope: dict[str, Any]
+):
+    # Each waits for the session's lock while another commits: the count it checks
+    # must include the checkpoints committed meanwhile (PostgreSQL reads a
+    # statement's subqueries with the snapshot from before it waited).
+    await life.Spawn(lc.SpawnRequest(**scope))
+    await life.CreateCheckpoint(lc.CreateCheckpointRequest(**scope))
+
+    async def create() -> grpc.StatusCode:
+        try:
+            await life.CreateCheckpoint(lc.CreateCheckpointRequest(**scope))
+        except grpc.aio.AioRpcError as error:
+            return error.code()
+        return grpc.StatusCode.OK
+
+    codes = await asyncio.gather(*(create() for _ in range(8)))
+    assert sorted(code.name for code in codes) == ["OK"] + ["RESOURCE_EXHAUSTED"] * 7
+    assert len(await checkpoint_ids(life, scope)) == 2
 
 
 PRUNING = {"max_checkpoints_per_session": 2, "checkpoint_keep_last": 1}
