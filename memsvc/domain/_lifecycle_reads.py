@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from typing import cast
 
 from memsvc.domain._errors import (
@@ -75,10 +76,6 @@ class LifecycleReads:
             check_session_id(checkpoint_id, "checkpoint_id", violations)
         limit = self._limits.page_size(page_size, violations)
         raise_if_any(violations)
-        scope = fingerprint(
-            "checkpoint", ref.project_id, ref.agent_instance_id, ref.session_id, checkpoint_id
-        )
-        after = decode_page_token(page_token, scope) if include_entries else None
         # Plain reads: showing a checkpoint takes no lock and opens no transaction.
         found = await self._db.read_checkpoint(ref, checkpoint_id)
         record = await self._db.get_session(ref)
@@ -87,10 +84,21 @@ class LifecycleReads:
         if found is None:
             raise CheckpointNotFound(ref.session_id, checkpoint_id)
         checkpoint = self.retention.with_expiry(found[0], protected_checkpoint(record))
-        entries = decode_snapshot(found[1]) if include_entries else []
         if not include_entries:
             return checkpoint, Page([], "")
-        ordered = sorted(entries, key=lambda e: e.key.encode())
+        # A token is bound to these contents, not only to the id: one deleted and
+        # taken again under the same id must not finish a listing of the old one.
+        scope = fingerprint(
+            "checkpoint",
+            ref.project_id,
+            ref.agent_instance_id,
+            ref.session_id,
+            checkpoint_id,
+            str(checkpoint.create_ms),
+            str(zlib.crc32(found[1])),
+        )
+        after = decode_page_token(page_token, scope)
+        ordered = sorted(decode_snapshot(found[1]), key=lambda e: e.key.encode())
         if after is not None:
             ordered = [e for e in ordered if e.key.encode() > after.encode()]
         # The budget counts what a response carries: the checkpoint itself, then

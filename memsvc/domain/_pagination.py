@@ -80,8 +80,9 @@ def decode_page_token(token: str, scope: str, field: str = "page_token") -> str 
             [
                 FieldViolation(
                     field,
-                    "belongs to a different request (another session or "
-                    "filter); start again with an empty page_token",
+                    "belongs to a different request (another session or filter, or a "
+                    "checkpoint taken again under its id); start again with an empty "
+                    "page_token",
                 )
             ]
         )

@@ -303,6 +303,33 @@ async def test_unknown_checkpoint_is_not_found(life, scope):
     assert (await life.GetSession(lc.GetSessionRequest(**scope))).session.version == 1
 
 
+async def test_a_contents_page_token_ends_with_its_checkpoint(life, wm, scope):
+    """A checkpoint deleted and taken again under the same id holds other contents:
+    a token of the first one's listing must not continue in the second's."""
+    await life.Spawn(lc.SpawnRequest(**scope))
+    for key in "abcd":
+        await wm.Set(pb.SetRequest(**scope, key=key, value=value(1)))
+    await life.CreateCheckpoint(lc.CreateCheckpointRequest(**scope, checkpoint_id="cp"))
+    request = lc.GetCheckpointRequest(
+        **scope, checkpoint_id="cp", include_entries=True, page_size=2
+    )
+    first = await life.GetCheckpoint(request)
+    assert [entry.key for entry in first.entries] == ["a", "b"]
+    await life.DeleteCheckpoint(lc.DeleteCheckpointRequest(**scope, checkpoint_id="cp"))
+    await wm.Set(pb.SetRequest(**scope, key="c", value=value(2)))
+    await life.CreateCheckpoint(lc.CreateCheckpointRequest(**scope, checkpoint_id="cp"))
+    request.page_token = first.next_page_token
+    error = await expect_error(life.GetCheckpoint(request), grpc.StatusCode.INVALID_ARGUMENT)
+    assert list(error.violations) == ["page_token"]
+    # A listing of the new one starts again.
+    request.page_token = ""
+    again = await life.GetCheckpoint(request)
+    assert [entry.key for entry in again.entries] == ["a", "b"]
+    request.page_token = again.next_page_token
+    rest = await life.GetCheckpoint(request)
+    assert [(entry.key, python(entry.value)) for entry in rest.entries] == [("c", 2), ("d", 1)]
+
+
 async def test_client_checkpoint_ids_are_unique_per_session(life, scope):
     await life.Spawn(lc.SpawnRequest(**scope))
     await life.CreateCheckpoint(lc.CreateCheckpointRequest(**scope, checkpoint_id="before-tool"))
