@@ -19,7 +19,7 @@ from typing import Any, Protocol, TypeVar
 
 from psycopg.types.json import Jsonb
 
-from memsvc.domain import SessionRef
+from memsvc.domain import BackendUnavailable, SessionRef
 from memsvc.domain._lifecycle_records import (
     PURGED_ANSWER,
     AnswerPurged,
@@ -259,33 +259,65 @@ class _Pending:
         return self._row
 
 
+async def _send_claim_insert(
+    tx: SqlLifecycleTransaction, scope: SessionRef, request_id: str, call: tuple[str, str]
+) -> _Pending:
+    """Claim a request id for a call (method, arguments hash): an INSERT that
+    returns a row, or none when the id is taken."""
+    return await tx._send(
+        "INSERT INTO request_log (project_id, agent_instance_id, session_id, request_id,"
+        " method, arguments_hash, create_time) VALUES (?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT DO NOTHING RETURNING request_id",
+        (
+            scope.project_id,
+            scope.agent_instance_id or None,
+            scope.session_id or None,
+            request_id,
+            *call,
+            tx._d.time_param(_now_ms()),
+        ),
+    )
+
+
 class _SqlPendingClaim:
     def __init__(
         self,
         tx: SqlLifecycleTransaction,
-        inserted: _Pending,
-        project_id: str,
+        scope: SessionRef,
         request_id: str,
-        method: str,
-        arguments_hash: str,
+        call: tuple[str, str],
+        inserted: _Pending,
     ) -> None:
-        self._tx, self._inserted = tx, inserted
-        self._id = (project_id, request_id)
-        self._call = (method, arguments_hash)
+        self._tx, self._scope, self._request_id = tx, scope, request_id
+        self._call = call  # method, arguments hash
+        self._inserted = inserted
 
     async def answer(self) -> bytes | None:
-        if await self._inserted.row() is not None:
-            return None
-        row = await self._tx._one(
-            "SELECT method, arguments_hash, response FROM request_log"
-            " WHERE project_id = ? AND request_id = ?",
-            self._id,
+        for _ in range(3):
+            if await self._inserted.row() is not None:
+                return None
+            row = await self._tx._one(
+                "SELECT method, arguments_hash, response FROM request_log"
+                " WHERE project_id = ? AND request_id = ?",
+                (self._scope.project_id, self._request_id),
+            )
+            if row is None:
+                # The sweep forgot the expired answer the INSERT met (PostgreSQL,
+                # READ COMMITTED: this read sees its commit): claim the id again,
+                # which inserts now, or meets a duplicate that claimed it meanwhile.
+                self._inserted = await _send_claim_insert(
+                    self._tx, self._scope, self._request_id, self._call
+                )
+                continue
+            if (row[0], row[1]) != self._call:
+                raise RequestIdReused(self._request_id)
+            if row[2] is not None and bytes(row[2]) == PURGED_ANSWER:
+                raise AnswerPurged(self._request_id)
+            return bytes(row[2]) if row[2] is not None else None
+        # Never a reuse without the call that took the id to compare with.
+        raise BackendUnavailable(
+            "database", RuntimeError(f"request id {self._request_id!r} kept vanishing")
         )
-        if row is None or (row[0], row[1]) != self._call:
-            raise RequestIdReused(self._id[1])
-        if row[2] is not None and bytes(row[2]) == PURGED_ANSWER:
-            raise AnswerPurged(self._id[1])
-        return bytes(row[2]) if row[2] is not None else None
 
 
 class SqlWrites:
@@ -346,23 +378,9 @@ class SqlLifecycleTransaction(SqlWrites):
     async def send_claim(
         self, scope: SessionRef, request_id: str, method: str, arguments_hash: str
     ) -> _SqlPendingClaim:
-        inserted = await self._send(
-            "INSERT INTO request_log (project_id, agent_instance_id, session_id, request_id,"
-            " method, arguments_hash, create_time) VALUES (?, ?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT DO NOTHING RETURNING request_id",
-            (
-                scope.project_id,
-                scope.agent_instance_id or None,
-                scope.session_id or None,
-                request_id,
-                method,
-                arguments_hash,
-                self._d.time_param(_now_ms()),
-            ),
-        )
-        return _SqlPendingClaim(
-            self, inserted, scope.project_id, request_id, method, arguments_hash
-        )
+        call = (method, arguments_hash)
+        inserted = await _send_claim_insert(self, scope, request_id, call)
+        return _SqlPendingClaim(self, scope, request_id, call, inserted)
 
     async def remember_response(self, project_id: str, request_id: str, response: bytes) -> None:
         await self._conn.execute(

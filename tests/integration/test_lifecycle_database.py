@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -174,6 +175,34 @@ async def test_request_ids_return_the_first_answer(db):
     other_project = SessionRef(str(uuid.uuid4()), "", "")
     async with db.transaction() as tx:
         assert await (await tx.send_claim(other_project, "r1", "Pause", "hash-b")).answer() is None
+
+
+async def test_a_claim_whose_answer_is_forgotten_meanwhile_claims_the_id_again(
+    fresh_postgres_url: str,
+) -> None:
+    """PostgreSQL (READ COMMITTED): the claim's INSERT meets a remembered answer that
+    the sweep forgets before the claim reads it. The id is claimed again (the call
+    runs as new, as after expiry), not refused as reused by another call."""
+    store = durable_store_at(fresh_postgres_url)
+    await store.open()
+    await store.migrate()
+    try:
+        project = str(uuid.uuid4())
+        scope = SessionRef(project, str(uuid.uuid4()), "s")
+        async with store.transaction() as tx:
+            assert await (await tx.send_claim(scope, "r1", "Pause", "hash-a")).answer() is None
+            await tx.remember_response(project, "r1", b"answer")
+        async with store.transaction() as tx:
+            pending = await tx.send_claim(scope, "r1", "Pause", "hash-a")
+            assert await tx.lock_session(scope) is None, "sent after the claim: it ran"
+            async with store.transaction() as sweep:
+                assert await sweep.forget_requests(time.time_ns() // 1_000_000 + 60_000, 10) == 1
+            assert await pending.answer() is None
+        async with store.transaction() as tx:
+            with pytest.raises(RequestIdReused):  # this call holds the id now
+                await (await tx.send_claim(scope, "r1", "Pause", "hash-b")).answer()
+    finally:
+        await store.aclose()
 
 
 async def test_event_sequences_are_gap_free_across_concurrent_writers(database_url, db):
