@@ -9,7 +9,11 @@ skipping.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
+import sys
+import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
@@ -44,6 +48,7 @@ _NOT_RUN_IN_CI = ("skipped", "xfailed", "xpassed", "deselected")
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Under CI=true a test skipped, expected to fail or deselected fails the run."""
+    _run_status.append(int(session.exitstatus))
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if not IN_CI or reporter is None or session.exitstatus != 0:
         return
@@ -52,6 +57,39 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if found:
         reporter.write_line(f"CI=true: {found}; failing the run", red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        _run_status.append(int(session.exitstatus))
+
+
+_run_status: list[int] = []
+LINGERING_THREADS_SECONDS = 10.0
+
+
+def _lingering_threads() -> list[threading.Thread]:
+    return [
+        thread
+        for thread in threading.enumerate()
+        if thread is not threading.main_thread() and not thread.daemon and thread.is_alive()
+    ]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """A test that fails before stopping its server leaves the server's non-daemon
+    threads running (aiosqlite's workers, an HTTP listener), and the interpreter
+    would wait for them for ever: a run that must fail loudly would hang instead.
+    They get a moment to end; then the run exits, failed (a leak is a defect too),
+    after the exit handlers (which stop the private backends tests started)."""
+    deadline = time.monotonic() + LINGERING_THREADS_SECONDS
+    for thread in _lingering_threads():
+        thread.join(max(0.0, deadline - time.monotonic()))
+    lingering = _lingering_threads()
+    if not lingering:
+        return
+    names = ", ".join(sorted(thread.name for thread in lingering))
+    print(f"\nthreads left running by the tests: {names}; exiting without them", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    atexit._run_exitfuncs()
+    os._exit((_run_status[-1] if _run_status else 0) or pytest.ExitCode.TESTS_FAILED)
 
 
 # Projects whose working memory a test may have put in the shared Redis: those of the
