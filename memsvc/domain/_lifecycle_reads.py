@@ -77,14 +77,15 @@ class LifecycleReads:
         limit = self._limits.page_size(page_size, violations)
         raise_if_any(violations)
         # Plain reads: showing a checkpoint takes no lock and opens no transaction.
-        found = await self._db.read_checkpoint(ref, checkpoint_id)
+        found = await self._db.read_checkpoint(ref, checkpoint_id, with_contents=include_entries)
         record = await self._db.get_session(ref)
         if record is None:  # as ListCheckpoints says: a wrong session, not a checkpoint
             raise SessionNotFound(ref.session_id)
         if found is None:
             raise CheckpointNotFound(ref.session_id, checkpoint_id)
         checkpoint = self.retention.with_expiry(found[0], protected_checkpoint(record))
-        if not include_entries:
+        contents = found[1]
+        if not include_entries or contents is None:
             return checkpoint, Page([], "")
         # A token is bound to these contents, not only to the id: one deleted and
         # taken again under the same id must not finish a listing of the old one.
@@ -95,10 +96,10 @@ class LifecycleReads:
             ref.session_id,
             checkpoint_id,
             str(checkpoint.create_ms),
-            str(zlib.crc32(found[1])),
+            str(zlib.crc32(contents)),
         )
         after = decode_page_token(page_token, scope)
-        ordered = sorted(decode_snapshot(found[1]), key=lambda e: e.key.encode())
+        ordered = sorted(decode_snapshot(contents), key=lambda e: e.key.encode())
         if after is not None:
             ordered = [e for e in ordered if e.key.encode() > after.encode()]
         # The budget counts what a response carries: the checkpoint itself, then

@@ -325,9 +325,10 @@ class LifecycleDatabase(Protocol):
         """Read a session without locking it."""
 
     async def read_checkpoint(
-        self, ref: SessionRef, checkpoint_id: str
-    ) -> tuple[CheckpointRecord, bytes] | None:
-        """Read a checkpoint and its contents without locking anything."""
+        self, ref: SessionRef, checkpoint_id: str, with_contents: bool = True
+    ) -> tuple[CheckpointRecord, bytes | None] | None:
+        """Read a checkpoint and, ``with_contents``, its contents (else None),
+        without locking anything."""
 
     async def list_checkpoints(
         self, ref: SessionRef, before: tuple[int, str] | None, limit: int

@@ -153,6 +153,8 @@ def _reading_checkpoint(contents: str) -> str:
 # The checkpoint a session in the state of the placeholder (PAUSED) resumes from.
 _RESUME_POINT = f"(SELECT resume_checkpoint_id FROM sessions WHERE {_SESSION_KEY} AND state = ?)"
 _READ_CHECKPOINT = _reading_checkpoint("contents")
+# Its record only: the contents may be megabytes.
+_READ_CHECKPOINT_RECORD = _reading_checkpoint("NULL")
 # Without the contents (NULL) of the checkpoint a PAUSED session's Pause took
 # when none of its keys has a TTL: the working memory most likely still holds
 # exactly that (SessionMemoryStore.begin_restore).
@@ -863,14 +865,19 @@ async def get_session(conn: Connection, dialect: Dialect, ref: SessionRef) -> Se
 
 
 async def read_checkpoint(
-    conn: Connection, dialect: Dialect, ref: SessionRef, checkpoint_id: str
-) -> tuple[CheckpointRecord, bytes] | None:
-    """A checkpoint and its contents, or None."""
-    cursor = await dialect.execute_bulk_read(
-        conn, _READ_CHECKPOINT + "?", (*_key(ref), checkpoint_id)
-    )
+    conn: Connection,
+    dialect: Dialect,
+    ref: SessionRef,
+    checkpoint_id: str,
+    with_contents: bool = True,
+) -> tuple[CheckpointRecord, bytes | None] | None:
+    """A checkpoint and, ``with_contents``, its contents (else None), or None."""
+    statement = _READ_CHECKPOINT if with_contents else _READ_CHECKPOINT_RECORD
+    cursor = await dialect.execute_bulk_read(conn, statement + "?", (*_key(ref), checkpoint_id))
     row = await cursor.fetchone()
-    return None if row is None else (checkpoint_from_row(row, dialect), bytes(row[8]))
+    if row is None:
+        return None
+    return checkpoint_from_row(row, dialect), None if row[8] is None else bytes(row[8])
 
 
 async def list_checkpoints(
@@ -952,9 +959,9 @@ class SqlReads(SqlQueries):
         return await self._query(get_session, ref)
 
     async def read_checkpoint(
-        self, ref: SessionRef, checkpoint_id: str
-    ) -> tuple[CheckpointRecord, bytes] | None:
-        return await self._query(read_checkpoint, ref, checkpoint_id)
+        self, ref: SessionRef, checkpoint_id: str, with_contents: bool = True
+    ) -> tuple[CheckpointRecord, bytes | None] | None:
+        return await self._query(read_checkpoint, ref, checkpoint_id, with_contents)
 
     async def list_checkpoints(
         self, ref: SessionRef, before: tuple[int, str] | None, limit: int
