@@ -37,6 +37,7 @@ from memsvc.domain._call_deadline import call_deadline
 from memsvc.domain._errors import (
     DeadlineExceeded,
     PermissionDenied,
+    ServerShuttingDown,
     TooManyCalls,
     Unauthenticated,
 )
@@ -58,6 +59,7 @@ _CODES: tuple[tuple[type[MemsvcError], code_pb2.Code.ValueType], ...] = (
     (ResourceExhausted, code_pb2.RESOURCE_EXHAUSTED),
     (OutOfRange, code_pb2.OUT_OF_RANGE),
     (BackendUnavailable, code_pb2.UNAVAILABLE),
+    (ServerShuttingDown, code_pb2.UNAVAILABLE),
     (DeadlineExceeded, code_pb2.DEADLINE_EXCEEDED),
     (Unauthenticated, code_pb2.UNAUTHENTICATED),
     (PermissionDenied, code_pb2.PERMISSION_DENIED),
@@ -217,9 +219,7 @@ class ErrorInterceptor(HandlerWrapper):
             if isinstance(error, asyncio.CancelledError):
                 if not calls.shutting_down:
                     raise error
-                await context.abort(
-                    grpc.StatusCode.UNAVAILABLE, "server shutting down; reconnect to continue"
-                )
+                await _abort(context, ServerShuttingDown(), method)
             if isinstance(error, grpc.aio.AbortError) or not own:
                 raise error
             if context.cancelled() or isinstance(error, _STREAM_BROKEN):

@@ -180,7 +180,8 @@ class AsyncClient:
         token_file: str | os.PathLike[str] | None = None,
         grpc_metadata: Sequence[tuple[str, str]] = (),
     ) -> AsyncClient:
-        """A client over a channel the caller owns (``close()`` leaves it open)."""
+        """A client over a channel the caller owns (``close()`` leaves it open, and
+        cancels only this client's calls and watches on it)."""
         client = cls(
             timeout=timeout,
             retry=retry,
@@ -260,9 +261,12 @@ class AsyncClient:
     async def close(self) -> None:
         """Close the channel (unless it came from ``from_channel``); idempotent.
 
-        Calls in flight end with CANCELLED; later calls raise RuntimeError.
+        Calls in flight and open watches raise Cancelled (over a channel from
+        ``from_channel`` too); later calls raise RuntimeError.
         """
-        self._invoke.close()  # what tells the client, its calls and watches it is closed
+        # What tells the client, its calls and watches it is closed; it cancels
+        # their gRPC calls itself, as the channel may stay open.
+        self._invoke.close()
         channel, self._channel = self._channel, None
         self._stubs = None
         if channel is not None and self._owns_channel:
@@ -388,19 +392,22 @@ class AsyncClient:
         """Follow lifecycle events live (WatchLifecycle), reconnecting on its own.
 
         Filters (``None`` matches everything): project, agent instance, session, event
-        types. Start: after ``after_sequence`` (a cursor saved from ``watch.sequence``),
-        else ``start`` = "now" or "oldest" (every retained event). ``after_sequence=0``
-        means from the first event ever, which fails with WatchPositionCompacted once
-        retention compacted it: use ``start="oldest"`` for every retained event.
+        types (an empty collection is refused). Start: after ``after_sequence`` (a
+        cursor saved from ``watch.sequence``), else ``start`` = "now" or "oldest"
+        (every retained event). ``after_sequence=0`` means from the first event ever,
+        which fails with WatchPositionCompacted once retention compacted it: use
+        ``start="oldest"`` for every retained event.
 
         On UNAVAILABLE (a server shutting down or unreachable), ABORTED,
         DEADLINE_EXCEEDED, a stream that ends or one silent for three progress
         intervals, the watch reconnects with the retry policy's backoff and resumes
         after the last sequence it saw (events and progress both count): no event is
-        repeated or skipped. It gives up after ``reconnect_timeout`` seconds without a
-        connection (None: never) or at once with ``reconnect=False``. A cursor older
-        than the retained events raises ``WatchPositionCompacted`` (with
-        ``oldest_sequence``). Use it as ``async with client.watch(...) as events``.
+        repeated or skipped. It gives up after ``reconnect_timeout`` seconds (> 0; None:
+        never) without a working stream, counted from the loss of the last one or from
+        ``start()``, raising ``Unavailable`` chained to the last error; with
+        ``reconnect=False`` it ends at the first failure. A cursor older than the
+        retained events raises ``WatchPositionCompacted`` (with ``oldest_sequence``).
+        Use it as ``async with client.watch(...) as events``.
         """
         return self._open_watch(
             project_id=project_id,
@@ -435,7 +442,18 @@ class AsyncClient:
             session_id=session_id or "",
         )
         if event_types is not None:
-            request.event_types.extend(_convert.event_types_wire(event_types))
+            wanted = _convert.event_types_wire(event_types)
+            if not wanted:
+                # The server reads no type as every type: a filter that emptied
+                # (nothing selected) must not widen to everything.
+                raise ValueError("event_types is empty: pass None to watch every type")
+            request.event_types.extend(wanted)
+        if reconnect_timeout is not None and not reconnect_timeout > 0:
+            # It bounds the first connection too, which 0 s would always fail.
+            raise ValueError(
+                "reconnect_timeout must be > 0 seconds (None: never give up); "
+                "reconnect=False ends the watch at its first failure"
+            )
         if after_sequence is not None:
             if after_sequence < 0:
                 raise ValueError("after_sequence must not be negative")

@@ -32,6 +32,7 @@ missing thing and ``except KeyNotFound`` only keys::
     |   +-- WatchPositionCompacted   (.oldest_sequence, .after_sequence)
     +-- Unavailable
     |   +-- BackendUnavailable
+    |   +-- ServerShuttingDown       (reconnect, to another replica where there is one)
     +-- Unauthenticated              (no valid bearer token)
     +-- PermissionDenied             (.project_id: outside the token's projects)
     +-- DeadlineExceeded, Aborted, Cancelled, Internal, Unknown, Unimplemented, DataLoss
@@ -83,6 +84,7 @@ class ErrorReason(enum.StrEnum):
     GRAPH_CHECKPOINT_NOT_FOUND = "ERROR_REASON_GRAPH_CHECKPOINT_NOT_FOUND"
     GRAPH_CHECKPOINT_TOO_LARGE = "ERROR_REASON_GRAPH_CHECKPOINT_TOO_LARGE"
     REQUEST_PURGED = "ERROR_REASON_REQUEST_PURGED"
+    SERVER_SHUTTING_DOWN = "ERROR_REASON_SERVER_SHUTTING_DOWN"
 
 
 class MemsvcError(Exception):
@@ -350,6 +352,10 @@ class BackendUnavailable(Unavailable):
     """A memsvc backend is down; the SDK retries this within the call's deadline."""
 
 
+class ServerShuttingDown(Unavailable):
+    """The memsvc process is shutting down and ended the stream; a watch reconnects."""
+
+
 class WatchPositionRefused(OutOfRange):
     """A watch's start position is not one the event log can serve."""
 
@@ -435,6 +441,7 @@ _BY_REASON: dict[str, type[MemsvcError]] = {
     ErrorReason.REQUEST_PURGED: RequestPurged,
     ErrorReason.DEADLINE_EXCEEDED: DeadlineExceeded,
     ErrorReason.BACKEND_UNAVAILABLE: BackendUnavailable,
+    ErrorReason.SERVER_SHUTTING_DOWN: ServerShuttingDown,
     ErrorReason.WATCH_POSITION_COMPACTED: WatchPositionCompacted,
     ErrorReason.WATCH_POSITION_AHEAD: WatchPositionAhead,
     ErrorReason.GRAPH_CHECKPOINT_CONFLICT: GraphCheckpointConflict,

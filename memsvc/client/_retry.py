@@ -27,6 +27,7 @@ import asyncio
 import logging
 import math
 import random
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -68,7 +69,8 @@ class RetryPolicy:
     Attributes:
         max_attempts: attempts per call, the first included (1 disables retries).
             ``watch()`` reconnects without this limit (see ``reconnect_timeout``).
-        initial_backoff: seconds before the first retry.
+        initial_backoff: seconds before the first retry (more than 0: the later
+            waits grow from it).
         max_backoff: the longest wait between two attempts.
         multiplier: growth of the wait after each failed attempt.
         jitter: fraction of each wait taken off at random (0 to 1), so that many
@@ -89,8 +91,16 @@ class RetryPolicy:
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
-        if self.initial_backoff < 0 or self.max_backoff < self.initial_backoff:
-            raise ValueError("need 0 <= initial_backoff <= max_backoff")
+        # 0 would stay 0 at every growth: each retry, and each reconnection of a
+        # watch, would follow its failure at once, in a hot loop. (``not > 0``
+        # refuses NaN too.)
+        if not self.initial_backoff > 0:
+            raise ValueError(
+                f"initial_backoff must be > 0 seconds (got {self.initial_backoff!r}); "
+                "use a small value such as 0.01 for quick retries"
+            )
+        if self.max_backoff < self.initial_backoff:
+            raise ValueError("need initial_backoff <= max_backoff")
         if self.multiplier < 1:
             raise ValueError("multiplier must be at least 1")
         if not 0 <= self.jitter <= 1:
@@ -179,10 +189,33 @@ class Invoker:
         self.token = token
         # Set by close(): a call waiting to retry ends at once, and none starts again.
         self._closed = asyncio.Event()
+        # The client's grpc.aio calls in flight (unary attempts, watch streams).
+        # close() cancels them itself: closing the channel would, but a channel
+        # given to ``from_channel`` stays open, and others may be using it. Weak:
+        # the stream of a watch dropped unclosed is still cancelled when collected.
+        self._in_flight: weakref.WeakSet[Any] = weakref.WeakSet()
 
     def close(self) -> None:
-        """The client closed: calls waiting between attempts raise Cancelled."""
+        """The client closed: its calls in flight, those waiting between attempts
+        and its watches raise Cancelled."""
         self._closed.set()
+        in_flight, self._in_flight = list(self._in_flight), weakref.WeakSet()
+        for call in in_flight:
+            call.cancel()
+
+    def track(self, call: object) -> None:
+        """Cancel this grpc.aio call when the client closes (at once if it is closed)."""
+        if not isinstance(call, grpc.aio.Call):
+            return  # not a gRPC call (a stand-in of a test): nothing to cancel
+        if self.closed:
+            call.cancel()
+        else:
+            self._in_flight.add(call)
+
+    def untrack(self, call: object) -> None:
+        """The call ended: close() has nothing more to cancel there."""
+        if isinstance(call, grpc.aio.Call):
+            self._in_flight.discard(call)
 
     @property
     def closed(self) -> bool:
@@ -256,12 +289,15 @@ class Invoker:
                     remaining if attempt_timeout is None else min(attempt_timeout, remaining)
                 )
             sent = self.metadata()
+            call: Awaitable[Response] | None = None
             try:
-                return await rpc(request, timeout=attempt_timeout, metadata=sent)
+                call = rpc(request, timeout=attempt_timeout, metadata=sent)
+                self.track(call)
+                return await call
             except asyncio.CancelledError as error:
                 if being_cancelled():
                     raise
-                # The call alone was cancelled: the client closed its channel.
+                # The call alone was cancelled: the client was closed.
                 raise Cancelled(
                     "the call was cancelled: the client was closed while it ran",
                     request_id=request_id,
@@ -286,6 +322,8 @@ class Invoker:
                     request_id,
                     delay,
                 )
+            finally:
+                self.untrack(call)
             if await self.closed_within(delay):
                 raise Cancelled(
                     "the call was cancelled: the client was closed while it waited to retry",

@@ -7,6 +7,11 @@ longer than three progress intervals, the watch reconnects with backoff and
 OUT_OF_RANGE (the cursor's events were compacted away) ends it with
 :class:`WatchPositionCompacted`, except for a watch from the oldest event whose
 cursor has not moved past its first stream's start: it starts from the oldest again.
+
+``reconnect_timeout`` bounds each time without a working stream, from the loss of the
+last one (or from the start, for a watch that never had one): each stream gets what is
+left of it for its first message, no backoff is slept past it, and then the watch
+raises :class:`Unavailable` chained to the last error.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from memsvc.client._errors import (
     Cancelled,
     MemsvcError,
     TooManyWatchers,
+    Unavailable,
     WatchPositionCompacted,
     from_rpc_error,
 )
@@ -46,9 +52,15 @@ SERVER_PROGRESS_INTERVAL = 10.0
 class _StreamEnded(Exception):
     """The server ended the stream without a status: reconnect."""
 
+    def __init__(self) -> None:
+        super().__init__("the server ended the stream without a status")
+
 
 class _Silent(Exception):
     """Nothing arrived for longer than the watch tolerates: reconnect."""
+
+    def __init__(self, waited: float) -> None:
+        super().__init__(f"nothing arrived within {waited:.3g} s")
 
 
 # A stream that delivered its first message and stayed up this long worked:
@@ -63,6 +75,10 @@ class Closing(Protocol):
     def closed(self) -> bool: ...
 
     async def closed_within(self, delay: float) -> bool: ...
+
+    def track(self, call: object) -> None: ...  # the client's close cancels the call
+
+    def untrack(self, call: object) -> None: ...
 
 
 class AsyncWatch(Generic[Item]):
@@ -120,6 +136,9 @@ class AsyncWatch(Generic[Item]):
         self._closed = False
         self._failures = 0
         self._connections = 0
+        # When the watch last had no working stream (its start, or the loss of its
+        # last working stream): reconnect_timeout counts from there. None while a
+        # stream works.
         self._failing_since: float | None = None
         self._on_call = 0  # messages received on the current stream
         self._first_message_at = 0.0  # when the current stream's first message came
@@ -253,12 +272,26 @@ class AsyncWatch(Generic[Item]):
         self._failures = 0
         self._failing_since = None
 
+    def _budget_left(self) -> float | None:
+        """Seconds left of reconnect_timeout without a working stream (None: no limit)."""
+        if self._reconnect_timeout is None or self._failing_since is None or not self._reconnect:
+            return None
+        spent = asyncio.get_running_loop().time() - self._failing_since
+        return max(self._reconnect_timeout - spent, 0.0)
+
     async def _read(self) -> lifecycle_pb2.WatchLifecycleResponse:
+        limit = self._silence_limit
+        left = self._budget_left()
+        if self._on_call == 0 and left is not None:
+            # A stream that has not answered yet is no connection: it may not hold
+            # the watch past its reconnect_timeout (a server that accepts streams
+            # and never writes would, by a silence limit each time).
+            limit = min(limit, left)
         try:
-            async with asyncio.timeout(self._silence_limit):
+            async with asyncio.timeout(limit):
                 message = await self._call.read()
         except TimeoutError:
-            raise _Silent from None
+            raise _Silent(limit) from None
         if message is grpc.aio.EOF:
             raise _StreamEnded
         result: lifecycle_pb2.WatchLifecycleResponse = message
@@ -267,6 +300,10 @@ class AsyncWatch(Generic[Item]):
     def _connect(self) -> None:
         if self._closing is not None and self._closing.closed:
             self._client_closed()
+        if self._failing_since is None:
+            # No stream works from now on (the start, or a working stream dropped
+            # without counting as a failure): reconnect_timeout counts from here.
+            self._failing_since = asyncio.get_running_loop().time()
         request = lifecycle_pb2.WatchLifecycleRequest()
         request.CopyFrom(self._request)
         if self._cursor is not None and not self._restart_from_oldest:
@@ -277,6 +314,17 @@ class AsyncWatch(Generic[Item]):
         self._on_call = 0
         self._connected_with = self._metadata()
         self._call = self._open_stream(request, self._connected_with)
+        if self._closing is not None:
+            # The client's close cancels it, over a channel it does not own too.
+            self._closing.track(self._call)
+
+    def _give_up(self, cause: BaseException) -> NoReturn:
+        self._closed = True
+        detail = str(cause) or type(cause).__name__
+        raise Unavailable(
+            f"the watch had no working stream for its reconnect_timeout "
+            f"({self._reconnect_timeout:g} s); last error: {detail}"
+        ) from cause
 
     def _client_closed(self, cause: BaseException | None = None) -> NoReturn:
         self._closed = True
@@ -286,6 +334,8 @@ class AsyncWatch(Generic[Item]):
         call, self._call = self._call, None
         if call is not None:
             call.cancel()
+            if self._closing is not None:
+                self._closing.untrack(call)
 
     async def _after_failure(self, error: BaseException) -> None:
         """Raise a final error, or wait before the next reconnection."""
@@ -314,22 +364,18 @@ class AsyncWatch(Generic[Item]):
         elif not self._reconnect:
             self._closed = True
             raise MemsvcError(f"watch stream ended: {type(error).__name__}") from error
-        loop = asyncio.get_running_loop()
-        now = loop.time()
         if self._failing_since is None:
-            self._failing_since = now
-        elif (
-            self._reconnect_timeout is not None
-            and now - self._failing_since >= self._reconnect_timeout
-        ):
-            self._closed = True
-            if failure is not None:
-                raise failure from error
-            raise MemsvcError(f"watch could not reconnect: {type(error).__name__}") from error
+            # A working stream was lost: reconnect_timeout counts from now.
+            self._failing_since = asyncio.get_running_loop().time()
         self._failures += 1
         delay = self._policy.backoff(
             self._failures, failure.retry_delay if failure is not None else None
         )
+        left = self._budget_left()
+        if left is not None and delay >= left:
+            # Spent, or no reconnection could start before it is: give up now
+            # rather than sleep past it.
+            self._give_up(failure if failure is not None else error)
         log.info(
             "memsvc watch disconnected (%s); reconnecting after sequence %s in %.2fs",
             failure.code.name if failure is not None else type(error).__name__,

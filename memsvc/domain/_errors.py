@@ -220,6 +220,18 @@ class BackendUnavailable(MemsvcError):
         )
 
 
+class ServerShuttingDown(MemsvcError):
+    """This process is shutting down: what it ended goes on elsewhere (reconnect)."""
+
+    reason = "ERROR_REASON_SERVER_SHUTTING_DOWN"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "this memsvc is shutting down; reconnect (to another replica) to go on: a watch"
+            " resumes after the last sequence it received"
+        )
+
+
 class InvalidTransition(FailedPrecondition):
     """The operation is not allowed from the session's current state."""
 

@@ -46,7 +46,9 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     ERROR_REASON_BACKEND_UNAVAILABLE: _ErrorReason.ValueType  # 5
     """A backend (working-memory store or durable store) could not be reached
     after retries within the call's deadline. Metadata: "backend". Status
-    code: UNAVAILABLE; safe to retry.
+    code: UNAVAILABLE. Retry reads as they are, and mutating calls with the
+    same request_id: a call whose commit happened before its answer was lost
+    has taken effect, and without a request_id a retry would run it again.
     """
     ERROR_REASON_SESSION_NOT_WRITABLE: _ErrorReason.ValueType  # 6
     """The session does not accept writes in its current state (for example it
@@ -63,8 +65,9 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     its working memory ("pausing"...; retry). Status code: FAILED_PRECONDITION.
     """
     ERROR_REASON_SESSION_NOT_FOUND: _ErrorReason.ValueType  # 8
-    """The session was never spawned (or, for working-memory reads, it is
-    terminated). Metadata: "session_id". Status code: NOT_FOUND.
+    """The session was never spawned (or, for working-memory reads, it was
+    terminated without `keep_working_memory`). Metadata: "session_id".
+    Status code: NOT_FOUND.
     """
     ERROR_REASON_SESSION_ALREADY_EXISTS: _ErrorReason.ValueType  # 9
     """The session id is in use or was used before (terminated ids are never
@@ -133,10 +136,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     "session_id". Status code: RESOURCE_EXHAUSTED.
     """
     ERROR_REASON_DEADLINE_EXCEEDED: _ErrorReason.ValueType  # 23
-    """The call ran past its deadline: the client's, or the server's default
-    (`default_deadline_seconds`) for a call that set none. Its effect is
-    unknown: retry with the same request_id. Metadata: "deadline_seconds".
-    Status code: DEADLINE_EXCEEDED.
+    """The call ran past the server's default deadline
+    (`default_deadline_seconds`), having set none of its own. (A call past its
+    own deadline ends on the client's side: DEADLINE_EXCEEDED without
+    details.) Its effect is unknown: retry with the same request_id.
+    Metadata: "deadline_seconds". Status code: DEADLINE_EXCEEDED.
     """
     ERROR_REASON_WATCH_POSITION_AHEAD: _ErrorReason.ValueType  # 24
     """A watch asked to start after a position past the latest event: not a
@@ -169,13 +173,23 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     the data the call had written: the call is not run again, which would bring
     that data back. Metadata: "request_id". Status code: FAILED_PRECONDITION.
     """
+    ERROR_REASON_SERVER_SHUTTING_DOWN: _ErrorReason.ValueType  # 34
+    """This memsvc process is shutting down: it ended a stream (a watch) or
+    refused a call. Reconnect, to another replica where there is one, and go
+    on: a watch resumes after the last sequence it received. (A call that
+    reaches a server past this point is refused by gRPC itself, UNAVAILABLE
+    without details.) Status code: UNAVAILABLE.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason enumerates the machine-readable causes of a failed call.
 
     Every error memsvc returns carries a google.rpc.ErrorInfo detail whose
     `reason` is the name of one of these values (for example
-    "ERROR_REASON_KEY_NOT_FOUND") and whose `domain` is "memsvc.dev". Clients
+    "ERROR_REASON_KEY_NOT_FOUND") and whose `domain` is "memsvc.dev". (Errors
+    that gRPC makes itself carry none: a call past its own deadline, a server
+    that cannot be reached or has stopped accepting calls, a message past the
+    size limit, an unknown method.) Clients
     can parse the reason back into this enum and branch on it. ErrorInfo
     `metadata` carries the identifiers and limits involved, under the keys that
     each value documents.
@@ -205,7 +219,9 @@ Status code: RESOURCE_EXHAUSTED (with a google.rpc.QuotaFailure detail).
 ERROR_REASON_BACKEND_UNAVAILABLE: ErrorReason.ValueType  # 5
 """A backend (working-memory store or durable store) could not be reached
 after retries within the call's deadline. Metadata: "backend". Status
-code: UNAVAILABLE; safe to retry.
+code: UNAVAILABLE. Retry reads as they are, and mutating calls with the
+same request_id: a call whose commit happened before its answer was lost
+has taken effect, and without a request_id a retry would run it again.
 """
 ERROR_REASON_SESSION_NOT_WRITABLE: ErrorReason.ValueType  # 6
 """The session does not accept writes in its current state (for example it
@@ -222,8 +238,9 @@ or, rarely, the lower-case name of another operation still under way on
 its working memory ("pausing"...; retry). Status code: FAILED_PRECONDITION.
 """
 ERROR_REASON_SESSION_NOT_FOUND: ErrorReason.ValueType  # 8
-"""The session was never spawned (or, for working-memory reads, it is
-terminated). Metadata: "session_id". Status code: NOT_FOUND.
+"""The session was never spawned (or, for working-memory reads, it was
+terminated without `keep_working_memory`). Metadata: "session_id".
+Status code: NOT_FOUND.
 """
 ERROR_REASON_SESSION_ALREADY_EXISTS: ErrorReason.ValueType  # 9
 """The session id is in use or was used before (terminated ids are never
@@ -292,10 +309,11 @@ ERROR_REASON_CHECKPOINT_LIMIT: ErrorReason.ValueType  # 22
 "session_id". Status code: RESOURCE_EXHAUSTED.
 """
 ERROR_REASON_DEADLINE_EXCEEDED: ErrorReason.ValueType  # 23
-"""The call ran past its deadline: the client's, or the server's default
-(`default_deadline_seconds`) for a call that set none. Its effect is
-unknown: retry with the same request_id. Metadata: "deadline_seconds".
-Status code: DEADLINE_EXCEEDED.
+"""The call ran past the server's default deadline
+(`default_deadline_seconds`), having set none of its own. (A call past its
+own deadline ends on the client's side: DEADLINE_EXCEEDED without
+details.) Its effect is unknown: retry with the same request_id.
+Metadata: "deadline_seconds". Status code: DEADLINE_EXCEEDED.
 """
 ERROR_REASON_WATCH_POSITION_AHEAD: ErrorReason.ValueType  # 24
 """A watch asked to start after a position past the latest event: not a
@@ -327,5 +345,12 @@ ERROR_REASON_REQUEST_PURGED: ErrorReason.ValueType  # 33
 """A retry (same request_id) of a call whose answer a PurgeData forgot, with
 the data the call had written: the call is not run again, which would bring
 that data back. Metadata: "request_id". Status code: FAILED_PRECONDITION.
+"""
+ERROR_REASON_SERVER_SHUTTING_DOWN: ErrorReason.ValueType  # 34
+"""This memsvc process is shutting down: it ended a stream (a watch) or
+refused a call. Reconnect, to another replica where there is one, and go
+on: a watch resumes after the last sequence it received. (A call that
+reaches a server past this point is refused by gRPC itself, UNAVAILABLE
+without details.) Status code: UNAVAILABLE.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -904,7 +904,10 @@ class TerminateResponse(_message.Message):
     resume checkpoint's).
     """
     entries_cleared: _builtins.int
-    """Number of working-memory entries deleted."""
+    """Number of working-memory entries the call deletes. Should the working
+    memory fail after the commit, they stay until the next call that meets the
+    session heals it (docs/reliability.md); they are never served meanwhile.
+    """
     outcome: Global___Outcome.ValueType
     """The outcome recorded."""
     @_builtins.property
@@ -1213,11 +1216,14 @@ class GetCheckpointRequest(_message.Message):
     """False (the default): metadata only. True: also one page of entries."""
     page_size: _builtins.int
     """With include_entries: maximum entries per page. Zero: 100. At most 1,000.
-    A page also ends early at 3 MiB of values.
+    A page also ends early once the response (the checkpoint, then each
+    entry's key and value) reaches 3/4 of `max_message_bytes`, 3 MiB by
+    default (but it has at least one entry).
     """
     page_token: _builtins.str
     """With include_entries: token from a previous response; empty for the
-    first page.
+    first page. Only valid with the same session and checkpoint (a checkpoint
+    deleted and taken again under its id is another: INVALID_ARGUMENT).
     """
     def __init__(
         self,

@@ -40,10 +40,13 @@ class LifecycleServiceStub:
     spawned again, unless PurgeData forgets the session. Any other transition fails with FAILED_PRECONDITION and
     ERROR_REASON_INVALID_TRANSITION, whose metadata carries the current state.
 
-    Every mutating request takes an optional `request_id` (a UUID): a retry
-    with the same id returns the first answer and changes nothing; the same id
-    with different arguments is INVALID_ARGUMENT. Ids are remembered for at
-    least 24 hours.
+    Every mutating request takes an optional `request_id` (a UUID), unique
+    within its project: a retry with the same id returns the first answer and
+    changes nothing; the same id with different arguments is INVALID_ARGUMENT.
+    Ids are remembered for at least `request_id_ttl_seconds` (24 hours by
+    default). Retry a mutating call that failed with UNAVAILABLE or
+    DEADLINE_EXCEEDED with its request_id: without one, a call whose commit
+    happened before its answer was lost would run again.
     """
 
     def __init__(self, channel):
@@ -124,10 +127,13 @@ class LifecycleServiceServicer:
     spawned again, unless PurgeData forgets the session. Any other transition fails with FAILED_PRECONDITION and
     ERROR_REASON_INVALID_TRANSITION, whose metadata carries the current state.
 
-    Every mutating request takes an optional `request_id` (a UUID): a retry
-    with the same id returns the first answer and changes nothing; the same id
-    with different arguments is INVALID_ARGUMENT. Ids are remembered for at
-    least 24 hours.
+    Every mutating request takes an optional `request_id` (a UUID), unique
+    within its project: a retry with the same id returns the first answer and
+    changes nothing; the same id with different arguments is INVALID_ARGUMENT.
+    Ids are remembered for at least `request_id_ttl_seconds` (24 hours by
+    default). Retry a mutating call that failed with UNAVAILABLE or
+    DEADLINE_EXCEEDED with its request_id: without one, a call whose commit
+    happened before its answer was lost would run again.
     """
 
     def Spawn(self, request, context):
@@ -142,8 +148,11 @@ class LifecycleServiceServicer:
     def Pause(self, request, context):
         """Pause snapshots the working memory into a durable checkpoint, atomically,
         and refuses writes until the session is resumed.
-        Errors: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION (not ACTIVE),
-        ALREADY_EXISTS (checkpoint id taken), UNAVAILABLE.
+        Errors: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION (not ACTIVE;
+        ERROR_REASON_WORKING_MEMORY_LOST: resume from a checkpoint first),
+        ALREADY_EXISTS (checkpoint id taken), RESOURCE_EXHAUSTED
+        (`max_checkpoints_per_session`: ERROR_REASON_CHECKPOINT_LIMIT),
+        UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -232,7 +241,8 @@ class LifecycleServiceServicer:
         Errors: INVALID_ARGUMENT, OUT_OF_RANGE (the position is older than the
         retained events, at the start or while catching up; ErrorInfo metadata
         "oldest_sequence"; or it is past the latest event), RESOURCE_EXHAUSTED
-        (too many watchers), UNAVAILABLE (server shutting down, or the database
+        (too many watchers), UNAVAILABLE (server shutting down:
+        ERROR_REASON_SERVER_SHUTTING_DOWN; or the database
         lost its last commits: reconnect with the cursor).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -320,10 +330,13 @@ class LifecycleService:
     spawned again, unless PurgeData forgets the session. Any other transition fails with FAILED_PRECONDITION and
     ERROR_REASON_INVALID_TRANSITION, whose metadata carries the current state.
 
-    Every mutating request takes an optional `request_id` (a UUID): a retry
-    with the same id returns the first answer and changes nothing; the same id
-    with different arguments is INVALID_ARGUMENT. Ids are remembered for at
-    least 24 hours.
+    Every mutating request takes an optional `request_id` (a UUID), unique
+    within its project: a retry with the same id returns the first answer and
+    changes nothing; the same id with different arguments is INVALID_ARGUMENT.
+    Ids are remembered for at least `request_id_ttl_seconds` (24 hours by
+    default). Retry a mutating call that failed with UNAVAILABLE or
+    DEADLINE_EXCEEDED with its request_id: without one, a call whose commit
+    happened before its answer was lost would run again.
     """
 
     @staticmethod

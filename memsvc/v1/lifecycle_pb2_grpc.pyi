@@ -41,10 +41,13 @@ class LifecycleServiceStub:
     spawned again, unless PurgeData forgets the session. Any other transition fails with FAILED_PRECONDITION and
     ERROR_REASON_INVALID_TRANSITION, whose metadata carries the current state.
 
-    Every mutating request takes an optional `request_id` (a UUID): a retry
-    with the same id returns the first answer and changes nothing; the same id
-    with different arguments is INVALID_ARGUMENT. Ids are remembered for at
-    least 24 hours.
+    Every mutating request takes an optional `request_id` (a UUID), unique
+    within its project: a retry with the same id returns the first answer and
+    changes nothing; the same id with different arguments is INVALID_ARGUMENT.
+    Ids are remembered for at least `request_id_ttl_seconds` (24 hours by
+    default). Retry a mutating call that failed with UNAVAILABLE or
+    DEADLINE_EXCEEDED with its request_id: without one, a call whose commit
+    happened before its answer was lost would run again.
     """
 
     @_typing.overload
@@ -59,8 +62,11 @@ class LifecycleServiceStub:
     Pause: _grpc.UnaryUnaryMultiCallable[_lifecycle_pb2.PauseRequest, _lifecycle_pb2.PauseResponse]
     """Pause snapshots the working memory into a durable checkpoint, atomically,
     and refuses writes until the session is resumed.
-    Errors: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION (not ACTIVE),
-    ALREADY_EXISTS (checkpoint id taken), UNAVAILABLE.
+    Errors: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION (not ACTIVE;
+    ERROR_REASON_WORKING_MEMORY_LOST: resume from a checkpoint first),
+    ALREADY_EXISTS (checkpoint id taken), RESOURCE_EXHAUSTED
+    (`max_checkpoints_per_session`: ERROR_REASON_CHECKPOINT_LIMIT),
+    UNAVAILABLE.
     """
     Resume: _grpc.UnaryUnaryMultiCallable[_lifecycle_pb2.ResumeRequest, _lifecycle_pb2.ResumeResponse]
     """Resume replaces (or merges into) the working memory from a checkpoint, all
@@ -113,7 +119,8 @@ class LifecycleServiceStub:
     Errors: INVALID_ARGUMENT, OUT_OF_RANGE (the position is older than the
     retained events, at the start or while catching up; ErrorInfo metadata
     "oldest_sequence"; or it is past the latest event), RESOURCE_EXHAUSTED
-    (too many watchers), UNAVAILABLE (server shutting down, or the database
+    (too many watchers), UNAVAILABLE (server shutting down:
+    ERROR_REASON_SERVER_SHUTTING_DOWN; or the database
     lost its last commits: reconnect with the cursor).
     """
 
@@ -133,10 +140,13 @@ class LifecycleServiceAsyncStub(LifecycleServiceStub):
     spawned again, unless PurgeData forgets the session. Any other transition fails with FAILED_PRECONDITION and
     ERROR_REASON_INVALID_TRANSITION, whose metadata carries the current state.
 
-    Every mutating request takes an optional `request_id` (a UUID): a retry
-    with the same id returns the first answer and changes nothing; the same id
-    with different arguments is INVALID_ARGUMENT. Ids are remembered for at
-    least 24 hours.
+    Every mutating request takes an optional `request_id` (a UUID), unique
+    within its project: a retry with the same id returns the first answer and
+    changes nothing; the same id with different arguments is INVALID_ARGUMENT.
+    Ids are remembered for at least `request_id_ttl_seconds` (24 hours by
+    default). Retry a mutating call that failed with UNAVAILABLE or
+    DEADLINE_EXCEEDED with its request_id: without one, a call whose commit
+    happened before its answer was lost would run again.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -148,8 +158,11 @@ class LifecycleServiceAsyncStub(LifecycleServiceStub):
     Pause: _aio.UnaryUnaryMultiCallable[_lifecycle_pb2.PauseRequest, _lifecycle_pb2.PauseResponse]  # type: ignore[assignment]
     """Pause snapshots the working memory into a durable checkpoint, atomically,
     and refuses writes until the session is resumed.
-    Errors: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION (not ACTIVE),
-    ALREADY_EXISTS (checkpoint id taken), UNAVAILABLE.
+    Errors: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION (not ACTIVE;
+    ERROR_REASON_WORKING_MEMORY_LOST: resume from a checkpoint first),
+    ALREADY_EXISTS (checkpoint id taken), RESOURCE_EXHAUSTED
+    (`max_checkpoints_per_session`: ERROR_REASON_CHECKPOINT_LIMIT),
+    UNAVAILABLE.
     """
     Resume: _aio.UnaryUnaryMultiCallable[_lifecycle_pb2.ResumeRequest, _lifecycle_pb2.ResumeResponse]  # type: ignore[assignment]
     """Resume replaces (or merges into) the working memory from a checkpoint, all
@@ -202,7 +215,8 @@ class LifecycleServiceAsyncStub(LifecycleServiceStub):
     Errors: INVALID_ARGUMENT, OUT_OF_RANGE (the position is older than the
     retained events, at the start or while catching up; ErrorInfo metadata
     "oldest_sequence"; or it is past the latest event), RESOURCE_EXHAUSTED
-    (too many watchers), UNAVAILABLE (server shutting down, or the database
+    (too many watchers), UNAVAILABLE (server shutting down:
+    ERROR_REASON_SERVER_SHUTTING_DOWN; or the database
     lost its last commits: reconnect with the cursor).
     """
 
@@ -221,10 +235,13 @@ class LifecycleServiceServicer(metaclass=_abc_1.ABCMeta):
     spawned again, unless PurgeData forgets the session. Any other transition fails with FAILED_PRECONDITION and
     ERROR_REASON_INVALID_TRANSITION, whose metadata carries the current state.
 
-    Every mutating request takes an optional `request_id` (a UUID): a retry
-    with the same id returns the first answer and changes nothing; the same id
-    with different arguments is INVALID_ARGUMENT. Ids are remembered for at
-    least 24 hours.
+    Every mutating request takes an optional `request_id` (a UUID), unique
+    within its project: a retry with the same id returns the first answer and
+    changes nothing; the same id with different arguments is INVALID_ARGUMENT.
+    Ids are remembered for at least `request_id_ttl_seconds` (24 hours by
+    default). Retry a mutating call that failed with UNAVAILABLE or
+    DEADLINE_EXCEEDED with its request_id: without one, a call whose commit
+    happened before its answer was lost would run again.
     """
 
     @_abc_1.abstractmethod
@@ -246,8 +263,11 @@ class LifecycleServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_lifecycle_pb2.PauseResponse, _abc.Awaitable[_lifecycle_pb2.PauseResponse]]:
         """Pause snapshots the working memory into a durable checkpoint, atomically,
         and refuses writes until the session is resumed.
-        Errors: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION (not ACTIVE),
-        ALREADY_EXISTS (checkpoint id taken), UNAVAILABLE.
+        Errors: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION (not ACTIVE;
+        ERROR_REASON_WORKING_MEMORY_LOST: resume from a checkpoint first),
+        ALREADY_EXISTS (checkpoint id taken), RESOURCE_EXHAUSTED
+        (`max_checkpoints_per_session`: ERROR_REASON_CHECKPOINT_LIMIT),
+        UNAVAILABLE.
         """
 
     @_abc_1.abstractmethod
@@ -354,7 +374,8 @@ class LifecycleServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors: INVALID_ARGUMENT, OUT_OF_RANGE (the position is older than the
         retained events, at the start or while catching up; ErrorInfo metadata
         "oldest_sequence"; or it is past the latest event), RESOURCE_EXHAUSTED
-        (too many watchers), UNAVAILABLE (server shutting down, or the database
+        (too many watchers), UNAVAILABLE (server shutting down:
+        ERROR_REASON_SERVER_SHUTTING_DOWN; or the database
         lost its last commits: reconnect with the cursor).
         """
 

@@ -419,7 +419,8 @@ class ListEntriesRequest(_message.Message):
     page_size: _builtins.int
     """Maximum number of entries to return. Zero: 100. At most 1,000 (larger
     values are treated as 1,000). Negative: INVALID_ARGUMENT. A page also
-    ends early once it holds 3 MiB of values.
+    ends early once its keys and values reach 3/4 of `max_message_bytes`,
+    3 MiB by default (but it has at least one entry).
     """
     page_token: _builtins.str
     """Token from a previous response's `next_page_token`; empty for the first

@@ -142,8 +142,8 @@ class WorkingMemoryServiceServicer:
     def Get(self, request, context):
         """Get returns the value stored under a key.
         Errors: INVALID_ARGUMENT, NOT_FOUND (no such key, or it expired:
-        ERROR_REASON_KEY_NOT_FOUND; a session never spawned or terminated:
-        ERROR_REASON_SESSION_NOT_FOUND), FAILED_PRECONDITION
+        ERROR_REASON_KEY_NOT_FOUND; a session never spawned, or terminated
+        without `keep_working_memory`: ERROR_REASON_SESSION_NOT_FOUND), FAILED_PRECONDITION
         (ERROR_REASON_WORKING_MEMORY_LOST), UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -163,8 +163,8 @@ class WorkingMemoryServiceServicer:
         """ListKeys lists the session's live keys in byte order of their UTF-8
         encoding, without values, one page at a time.
         Errors: INVALID_ARGUMENT (bad id, negative page size, bad page token),
-        NOT_FOUND (ERROR_REASON_SESSION_NOT_FOUND: a session never spawned or
-        terminated), FAILED_PRECONDITION (ERROR_REASON_WORKING_MEMORY_LOST),
+        NOT_FOUND (ERROR_REASON_SESSION_NOT_FOUND: a session never spawned, or
+        terminated without `keep_working_memory`), FAILED_PRECONDITION (ERROR_REASON_WORKING_MEMORY_LOST),
         UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -67,8 +67,8 @@ class WorkingMemoryServiceStub:
     Get: _grpc.UnaryUnaryMultiCallable[_working_memory_pb2.GetRequest, _working_memory_pb2.GetResponse]
     """Get returns the value stored under a key.
     Errors: INVALID_ARGUMENT, NOT_FOUND (no such key, or it expired:
-    ERROR_REASON_KEY_NOT_FOUND; a session never spawned or terminated:
-    ERROR_REASON_SESSION_NOT_FOUND), FAILED_PRECONDITION
+    ERROR_REASON_KEY_NOT_FOUND; a session never spawned, or terminated
+    without `keep_working_memory`: ERROR_REASON_SESSION_NOT_FOUND), FAILED_PRECONDITION
     (ERROR_REASON_WORKING_MEMORY_LOST), UNAVAILABLE.
     """
     Delete: _grpc.UnaryUnaryMultiCallable[_working_memory_pb2.DeleteRequest, _working_memory_pb2.DeleteResponse]
@@ -80,8 +80,8 @@ class WorkingMemoryServiceStub:
     """ListKeys lists the session's live keys in byte order of their UTF-8
     encoding, without values, one page at a time.
     Errors: INVALID_ARGUMENT (bad id, negative page size, bad page token),
-    NOT_FOUND (ERROR_REASON_SESSION_NOT_FOUND: a session never spawned or
-    terminated), FAILED_PRECONDITION (ERROR_REASON_WORKING_MEMORY_LOST),
+    NOT_FOUND (ERROR_REASON_SESSION_NOT_FOUND: a session never spawned, or
+    terminated without `keep_working_memory`), FAILED_PRECONDITION (ERROR_REASON_WORKING_MEMORY_LOST),
     UNAVAILABLE.
     """
     ListEntries: _grpc.UnaryUnaryMultiCallable[_working_memory_pb2.ListEntriesRequest, _working_memory_pb2.ListEntriesResponse]
@@ -142,8 +142,8 @@ class WorkingMemoryServiceAsyncStub(WorkingMemoryServiceStub):
     Get: _aio.UnaryUnaryMultiCallable[_working_memory_pb2.GetRequest, _working_memory_pb2.GetResponse]  # type: ignore[assignment]
     """Get returns the value stored under a key.
     Errors: INVALID_ARGUMENT, NOT_FOUND (no such key, or it expired:
-    ERROR_REASON_KEY_NOT_FOUND; a session never spawned or terminated:
-    ERROR_REASON_SESSION_NOT_FOUND), FAILED_PRECONDITION
+    ERROR_REASON_KEY_NOT_FOUND; a session never spawned, or terminated
+    without `keep_working_memory`: ERROR_REASON_SESSION_NOT_FOUND), FAILED_PRECONDITION
     (ERROR_REASON_WORKING_MEMORY_LOST), UNAVAILABLE.
     """
     Delete: _aio.UnaryUnaryMultiCallable[_working_memory_pb2.DeleteRequest, _working_memory_pb2.DeleteResponse]  # type: ignore[assignment]
@@ -155,8 +155,8 @@ class WorkingMemoryServiceAsyncStub(WorkingMemoryServiceStub):
     """ListKeys lists the session's live keys in byte order of their UTF-8
     encoding, without values, one page at a time.
     Errors: INVALID_ARGUMENT (bad id, negative page size, bad page token),
-    NOT_FOUND (ERROR_REASON_SESSION_NOT_FOUND: a session never spawned or
-    terminated), FAILED_PRECONDITION (ERROR_REASON_WORKING_MEMORY_LOST),
+    NOT_FOUND (ERROR_REASON_SESSION_NOT_FOUND: a session never spawned, or
+    terminated without `keep_working_memory`), FAILED_PRECONDITION (ERROR_REASON_WORKING_MEMORY_LOST),
     UNAVAILABLE.
     """
     ListEntries: _aio.UnaryUnaryMultiCallable[_working_memory_pb2.ListEntriesRequest, _working_memory_pb2.ListEntriesResponse]  # type: ignore[assignment]
@@ -226,8 +226,8 @@ class WorkingMemoryServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_working_memory_pb2.GetResponse, _abc.Awaitable[_working_memory_pb2.GetResponse]]:
         """Get returns the value stored under a key.
         Errors: INVALID_ARGUMENT, NOT_FOUND (no such key, or it expired:
-        ERROR_REASON_KEY_NOT_FOUND; a session never spawned or terminated:
-        ERROR_REASON_SESSION_NOT_FOUND), FAILED_PRECONDITION
+        ERROR_REASON_KEY_NOT_FOUND; a session never spawned, or terminated
+        without `keep_working_memory`: ERROR_REASON_SESSION_NOT_FOUND), FAILED_PRECONDITION
         (ERROR_REASON_WORKING_MEMORY_LOST), UNAVAILABLE.
         """
 
@@ -251,8 +251,8 @@ class WorkingMemoryServiceServicer(metaclass=_abc_1.ABCMeta):
         """ListKeys lists the session's live keys in byte order of their UTF-8
         encoding, without values, one page at a time.
         Errors: INVALID_ARGUMENT (bad id, negative page size, bad page token),
-        NOT_FOUND (ERROR_REASON_SESSION_NOT_FOUND: a session never spawned or
-        terminated), FAILED_PRECONDITION (ERROR_REASON_WORKING_MEMORY_LOST),
+        NOT_FOUND (ERROR_REASON_SESSION_NOT_FOUND: a session never spawned, or
+        terminated without `keep_working_memory`), FAILED_PRECONDITION (ERROR_REASON_WORKING_MEMORY_LOST),
         UNAVAILABLE.
         """
 

@@ -209,15 +209,15 @@ async def test_a_call_in_flight_when_the_client_closes_raises_cancelled(holding:
         await asyncio.wait_for(call, 10)
 
 
-async def given_up_watch(wait: float, **stub: float) -> Any:
-    """A watch (reconnect_timeout 1 s) of a server whose streams fail right after
-    their hello (``stub``: more StubServer options), once it ended with Unavailable."""
+async def given_up_watch(wait: float, reconnect_timeout: float = 1.0, **stub: float) -> Any:
+    """A watch of a server whose streams fail right after their hello (``stub``:
+    more StubServer options), once it ended with Unavailable."""
     policy = RetryPolicy(max_attempts=5, initial_backoff=0.05, max_backoff=1.0)
     async with (
         StubServer(fail_after=0, **stub) as failing,
         AsyncClient(failing.target, retry=policy) as client,
     ):
-        watch = client.watch(SCOPE[0], reconnect_timeout=1.0)
+        watch = client.watch(SCOPE[0], reconnect_timeout=reconnect_timeout)
         with pytest.raises(Unavailable):
             await asyncio.wait_for(watch.start(), wait)
             async for _ in watch:
@@ -236,8 +236,9 @@ async def test_streams_that_fail_after_their_first_message_back_off_until_the_ti
 async def test_streams_slow_to_their_first_message_still_back_off_until_the_timeout():
     """A stream counts as working from its first message on, not from its
     connection: each of these takes longer than STREAM_WORKED_SECONDS to say hello,
-    then fails at once, and the watch gives up after its reconnect_timeout."""
-    await given_up_watch(wait=10, first_after=STREAM_WORKED_SECONDS + 0.2)
+    then fails at once, and the watch gives up after its reconnect_timeout (long
+    enough for a few hellos: a shorter one would end the wait for the first)."""
+    await given_up_watch(wait=20, reconnect_timeout=3.0, first_after=STREAM_WORKED_SECONDS + 0.2)
 
 
 async def test_streams_that_work_for_a_while_before_failing_keep_the_watch_going():
@@ -349,3 +350,83 @@ async def test_a_watch_waiting_to_reconnect_when_its_client_closes_raises_cancel
         with pytest.raises(Cancelled):
             await asyncio.wait_for(reader, 5)
         assert failing.streams == 1
+
+
+async def test_reconnect_timeout_bounds_the_wait_for_a_first_message():
+    """A server that accepts the stream and never writes: the watch gives up after
+    its reconnect_timeout (counted from start()), not after one or two silence
+    limits (3 progress intervals + 1 s, 16 s here), with Unavailable."""
+    async with (
+        StubServer(fail_after=None, first_after=3600) as mute,
+        AsyncClient(mute.target, retry=RetryPolicy(initial_backoff=0.05)) as client,
+    ):
+        watch = client.watch(SCOPE[0], progress_interval=5, reconnect_timeout=1.0)
+        with pytest.raises(Unavailable) as raised:
+            await asyncio.wait_for(watch.start(), 10)
+        assert "reconnect_timeout" in str(raised.value)
+        assert raised.value.__cause__ is not None  # what went wrong last
+        assert watch.connections == 1  # no time was left for another stream
+
+
+class AnswersOnce(StubServer):
+    """Its first stream says hello and fails with UNAVAILABLE ``fail_after`` seconds
+    later; later streams are accepted and never written to (a server that hangs)."""
+
+    async def watch(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        if self.streams:
+            self.streams += 1
+            await asyncio.Event().wait()
+        async for message in super().watch(request, context):
+            yield message
+
+
+async def test_reconnect_timeout_counts_from_the_loss_of_the_stream():
+    """The first stream worked, then failed; the next one never answers: the watch
+    gives up a reconnect_timeout after the loss, not after a silence limit (16 s)."""
+    async with (
+        AnswersOnce(fail_after=0.2) as server,
+        AsyncClient(server.target, retry=RetryPolicy(initial_backoff=0.05)) as client,
+    ):
+        watch = await client.watch(SCOPE[0], progress_interval=5, reconnect_timeout=1.0).start()
+        with pytest.raises(Unavailable):
+            await asyncio.wait_for(anext(watch), 10)
+        assert watch.connections == 2
+
+
+async def test_a_backoff_longer_than_what_is_left_of_reconnect_timeout_is_not_slept():
+    """The stream failed and the next attempt could only start after 24-30 s: the
+    watch gives up at once, chained to the server's error, instead of sleeping past
+    its reconnect_timeout."""
+    slow = RetryPolicy(initial_backoff=30, max_backoff=30)
+    async with (
+        StubServer(fail_after=0) as failing,
+        AsyncClient(failing.target, retry=slow) as client,
+    ):
+        watch = await client.watch(SCOPE[0], reconnect_timeout=1.0).start()
+        with pytest.raises(Unavailable) as raised:
+            await asyncio.wait_for(anext(watch), 10)
+        assert isinstance(raised.value.__cause__, Unavailable)
+        assert "failing on purpose" in str(raised.value.__cause__)
+        assert failing.streams == 1
+
+
+async def test_closing_a_client_over_a_given_channel_cancels_its_watches_and_calls(
+    holding: StubServer,
+):
+    """close() of a client from from_channel leaves the channel open (it is the
+    caller's), yet its watch being read and its call in flight raise Cancelled."""
+    async with grpc.aio.insecure_channel(holding.target) as channel:
+        client = AsyncClient.from_channel(channel, retry=NO_RETRY, timeout=None)
+        reader = await reading(client)
+        call = asyncio.ensure_future(client.session(*SCOPE).describe())
+        await asyncio.sleep(0.2)  # the reader waits in read(), the call for its answer
+        await client.close()
+        for pending in (reader, call):
+            with pytest.raises(Cancelled):
+                await asyncio.wait_for(pending, 10)
+        # The channel still serves its other users.
+        other = AsyncClient.from_channel(channel, retry=NO_RETRY)
+        watch = await asyncio.wait_for(other.watch(SCOPE[0]).start(), 10)
+        assert watch.sequence == 5
+        await watch.aclose()
+        await other.close()

@@ -272,6 +272,40 @@ def test_backoff_grows_is_capped_jittered_and_honours_the_server():
         RetryPolicy(jitter=2)
 
 
+@pytest.mark.parametrize("initial_backoff", [0, 0.0, -0.1, math.nan])
+def test_an_initial_backoff_of_zero_is_refused(initial_backoff: float):
+    """0 stays 0 at every growth: each retry and watch reconnection would follow its
+    failure at once, in a hot loop."""
+    with pytest.raises(ValueError, match=r"initial_backoff must be > 0"):
+        RetryPolicy(initial_backoff=initial_backoff)
+
+
+def test_max_backoff_may_not_be_below_initial_backoff():
+    with pytest.raises(ValueError, match="initial_backoff <= max_backoff"):
+        RetryPolicy(initial_backoff=2, max_backoff=1)
+    assert RetryPolicy(initial_backoff=0.001, max_backoff=0.001).backoff(3, rand=lambda: 0) == 0.001
+
+
+@pytest.mark.parametrize("empty", [list, tuple, set, lambda: iter(())])
+def test_an_empty_event_types_is_refused(empty: Any):
+    """The server reads no type as every type: an empty filter would watch them all."""
+    client = AsyncClient()
+    with pytest.raises(ValueError, match="pass None to watch every type"):
+        client.watch("p", event_types=empty())
+    with pytest.raises(ValueError, match="pass None to watch every type"):
+        client.session("p", "a", "s").watch(event_types=empty())
+    assert list(client.watch("p", event_types=["session_spawned"])._request.event_types) == [
+        lifecycle_pb2.EVENT_TYPE_SESSION_SPAWNED
+    ]
+
+
+@pytest.mark.parametrize("reconnect_timeout", [0, -1.0, math.nan])
+def test_a_reconnect_timeout_that_leaves_no_time_is_refused(reconnect_timeout: float):
+    """It bounds the first connection too: 0 s would fail every watch at its start."""
+    with pytest.raises(ValueError, match="reconnect_timeout must be > 0"):
+        AsyncClient().watch("p", reconnect_timeout=reconnect_timeout)
+
+
 class FakeRpc:
     """Fails with the given errors in turn, then answers; records each attempt's timeout."""
 

@@ -27,7 +27,7 @@ from memsvc.v1 import lifecycle_pb2 as lc
 from memsvc.v1 import working_memory_pb2 as pb
 from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
 from memsvc.v1.working_memory_pb2_grpc import WorkingMemoryServiceStub
-from tests.helpers import expect_error, python, value
+from tests.helpers import details_of, expect_error, python, value
 from tests.integration._gated import GatedStore, StubbornStore
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -240,6 +240,7 @@ async def test_graceful_shutdown_finishes_in_flight_calls_and_refuses_new_ones(e
     with pytest.raises(grpc.aio.AioRpcError) as ended:
         await asyncio.wait_for(watch.read(), 10)
     assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert details_of(ended.value).reason == "ERROR_REASON_SERVER_SHUTTING_DOWN"
 
     # A second connection is refused (the listener is closed) while the first call still runs.
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as late:
@@ -272,6 +273,7 @@ async def test_a_stream_opened_once_shutdown_began_ends_as_the_others_did(embedd
                 with pytest.raises(grpc.aio.AioRpcError) as ended:
                     await asyncio.wait_for(stream.read(), 10)
                 assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert details_of(ended.value).reason == "ERROR_REASON_SERVER_SHUTTING_DOWN"
     finally:
         await server.stop()
 
