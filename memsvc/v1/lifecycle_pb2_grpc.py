@@ -173,7 +173,8 @@ class LifecycleServiceServicer:
         """Terminate ends the session: by default it records one episode of it and
         deletes its working memory and checkpoints.
         Errors: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION (already
-        TERMINATED), UNAVAILABLE.
+        TERMINATED; ERROR_REASON_WORKING_MEMORY_LOST when it would consolidate a
+        lost working memory: see `skip_consolidation`), UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

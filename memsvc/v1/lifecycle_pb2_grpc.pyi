@@ -79,7 +79,8 @@ class LifecycleServiceStub:
     """Terminate ends the session: by default it records one episode of it and
     deletes its working memory and checkpoints.
     Errors: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION (already
-    TERMINATED), UNAVAILABLE.
+    TERMINATED; ERROR_REASON_WORKING_MEMORY_LOST when it would consolidate a
+    lost working memory: see `skip_consolidation`), UNAVAILABLE.
     """
     GetSession: _grpc.UnaryUnaryMultiCallable[_lifecycle_pb2.GetSessionRequest, _lifecycle_pb2.GetSessionResponse]
     """GetSession returns a session's status and whether its working memory is
@@ -175,7 +176,8 @@ class LifecycleServiceAsyncStub(LifecycleServiceStub):
     """Terminate ends the session: by default it records one episode of it and
     deletes its working memory and checkpoints.
     Errors: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION (already
-    TERMINATED), UNAVAILABLE.
+    TERMINATED; ERROR_REASON_WORKING_MEMORY_LOST when it would consolidate a
+    lost working memory: see `skip_consolidation`), UNAVAILABLE.
     """
     GetSession: _aio.UnaryUnaryMultiCallable[_lifecycle_pb2.GetSessionRequest, _lifecycle_pb2.GetSessionResponse]  # type: ignore[assignment]
     """GetSession returns a session's status and whether its working memory is
@@ -292,7 +294,8 @@ class LifecycleServiceServicer(metaclass=_abc_1.ABCMeta):
         """Terminate ends the session: by default it records one episode of it and
         deletes its working memory and checkpoints.
         Errors: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION (already
-        TERMINATED), UNAVAILABLE.
+        TERMINATED; ERROR_REASON_WORKING_MEMORY_LOST when it would consolidate a
+        lost working memory: see `skip_consolidation`), UNAVAILABLE.
         """
 
     @_abc_1.abstractmethod

@@ -132,7 +132,8 @@ class WorkingMemoryServiceServicer:
     def Set(self, request, context):
         """Set stores a value under a key, replacing any previous value and TTL.
         Errors: INVALID_ARGUMENT (bad id, key, value or TTL), RESOURCE_EXHAUSTED
-        (session limits), FAILED_PRECONDITION (session not writable),
+        (session limits), FAILED_PRECONDITION (ERROR_REASON_SESSION_NOT_WRITABLE;
+        ERROR_REASON_WORKING_MEMORY_LOST: Resume from a checkpoint first),
         UNAVAILABLE (backend down).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -153,7 +154,7 @@ class WorkingMemoryServiceServicer:
     def Delete(self, request, context):
         """Delete removes a key. Deleting an absent key succeeds and reports
         `existed = false`.
-        Errors: INVALID_ARGUMENT, FAILED_PRECONDITION, UNAVAILABLE.
+        Errors: INVALID_ARGUMENT, FAILED_PRECONDITION (as Set), UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -61,7 +61,8 @@ class WorkingMemoryServiceStub:
     Set: _grpc.UnaryUnaryMultiCallable[_working_memory_pb2.SetRequest, _working_memory_pb2.SetResponse]
     """Set stores a value under a key, replacing any previous value and TTL.
     Errors: INVALID_ARGUMENT (bad id, key, value or TTL), RESOURCE_EXHAUSTED
-    (session limits), FAILED_PRECONDITION (session not writable),
+    (session limits), FAILED_PRECONDITION (ERROR_REASON_SESSION_NOT_WRITABLE;
+    ERROR_REASON_WORKING_MEMORY_LOST: Resume from a checkpoint first),
     UNAVAILABLE (backend down).
     """
     Get: _grpc.UnaryUnaryMultiCallable[_working_memory_pb2.GetRequest, _working_memory_pb2.GetResponse]
@@ -74,7 +75,7 @@ class WorkingMemoryServiceStub:
     Delete: _grpc.UnaryUnaryMultiCallable[_working_memory_pb2.DeleteRequest, _working_memory_pb2.DeleteResponse]
     """Delete removes a key. Deleting an absent key succeeds and reports
     `existed = false`.
-    Errors: INVALID_ARGUMENT, FAILED_PRECONDITION, UNAVAILABLE.
+    Errors: INVALID_ARGUMENT, FAILED_PRECONDITION (as Set), UNAVAILABLE.
     """
     ListKeys: _grpc.UnaryUnaryMultiCallable[_working_memory_pb2.ListKeysRequest, _working_memory_pb2.ListKeysResponse]
     """ListKeys lists the session's live keys in byte order of their UTF-8
@@ -136,7 +137,8 @@ class WorkingMemoryServiceAsyncStub(WorkingMemoryServiceStub):
     Set: _aio.UnaryUnaryMultiCallable[_working_memory_pb2.SetRequest, _working_memory_pb2.SetResponse]  # type: ignore[assignment]
     """Set stores a value under a key, replacing any previous value and TTL.
     Errors: INVALID_ARGUMENT (bad id, key, value or TTL), RESOURCE_EXHAUSTED
-    (session limits), FAILED_PRECONDITION (session not writable),
+    (session limits), FAILED_PRECONDITION (ERROR_REASON_SESSION_NOT_WRITABLE;
+    ERROR_REASON_WORKING_MEMORY_LOST: Resume from a checkpoint first),
     UNAVAILABLE (backend down).
     """
     Get: _aio.UnaryUnaryMultiCallable[_working_memory_pb2.GetRequest, _working_memory_pb2.GetResponse]  # type: ignore[assignment]
@@ -149,7 +151,7 @@ class WorkingMemoryServiceAsyncStub(WorkingMemoryServiceStub):
     Delete: _aio.UnaryUnaryMultiCallable[_working_memory_pb2.DeleteRequest, _working_memory_pb2.DeleteResponse]  # type: ignore[assignment]
     """Delete removes a key. Deleting an absent key succeeds and reports
     `existed = false`.
-    Errors: INVALID_ARGUMENT, FAILED_PRECONDITION, UNAVAILABLE.
+    Errors: INVALID_ARGUMENT, FAILED_PRECONDITION (as Set), UNAVAILABLE.
     """
     ListKeys: _aio.UnaryUnaryMultiCallable[_working_memory_pb2.ListKeysRequest, _working_memory_pb2.ListKeysResponse]  # type: ignore[assignment]
     """ListKeys lists the session's live keys in byte order of their UTF-8
@@ -214,7 +216,8 @@ class WorkingMemoryServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_working_memory_pb2.SetResponse, _abc.Awaitable[_working_memory_pb2.SetResponse]]:
         """Set stores a value under a key, replacing any previous value and TTL.
         Errors: INVALID_ARGUMENT (bad id, key, value or TTL), RESOURCE_EXHAUSTED
-        (session limits), FAILED_PRECONDITION (session not writable),
+        (session limits), FAILED_PRECONDITION (ERROR_REASON_SESSION_NOT_WRITABLE;
+        ERROR_REASON_WORKING_MEMORY_LOST: Resume from a checkpoint first),
         UNAVAILABLE (backend down).
         """
 
@@ -239,7 +242,7 @@ class WorkingMemoryServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_working_memory_pb2.DeleteResponse, _abc.Awaitable[_working_memory_pb2.DeleteResponse]]:
         """Delete removes a key. Deleting an absent key succeeds and reports
         `existed = false`.
-        Errors: INVALID_ARGUMENT, FAILED_PRECONDITION, UNAVAILABLE.
+        Errors: INVALID_ARGUMENT, FAILED_PRECONDITION (as Set), UNAVAILABLE.
         """
 
     @_abc_1.abstractmethod
