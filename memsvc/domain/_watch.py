@@ -481,6 +481,7 @@ class EventHub:
             # have gone back behind this tail and grown again, which would make it
             # skip the events that reuse those sequences.
             start = reached - 1 if known is not None else reached
+            oldest: int | None = None
             latest: int | None = None
             replaced = False
             try:
@@ -492,8 +493,8 @@ class EventHub:
                     batch, verified = batch[1:], True
                 if not verified and (start < reached or not batch):
                     # The event at the position is gone (compacted, or the log went
-                    # back), or not known and nothing new: compare with the log's end.
-                    _, latest = await self._source.event_bounds()
+                    # back), or not known and nothing new: compare with the log's ends.
+                    oldest, latest = await self._source.event_bounds()
                 failing_since = None
             except Exception as error:
                 # Retried (a database that restarts comes back): streams wait and
@@ -522,6 +523,10 @@ class EventHub:
                 continue
             if latest is not None and latest < reached:
                 raise EventsRewound(reached, latest)
+            if oldest is not None and oldest > self.position:
+                # Compaction removed every event after this tail's position (a tail
+                # behind by more than the retention): no later event shows the gap.
+                raise EventsCompacted(self.position, oldest + 1)
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns normally
             # when a cancellation arrives as the kick completes, losing it.
             with contextlib.suppress(TimeoutError):

@@ -230,6 +230,20 @@ async def test_a_tail_that_fell_behind_compaction_ends_its_streams():
     await stream.aclose()
 
 
+async def test_a_tail_whose_every_next_event_was_compacted_ends_its_streams():
+    """Compaction (keep_last 0 and a maximum age) may remove every event after the
+    tail's position: no later event then shows the gap, and the streams must not
+    wait on, receiving progress at a position the log has left behind."""
+    log = CompactingLog()
+    hub, stream, reading = await joined_stream(log, 3)
+    log.compact_to = 6
+    log.commit(3)  # 4 to 6, gone with 1 to 3 before the tail reads them
+    with pytest.raises(BackendUnavailable, match="event log"):
+        await asyncio.wait_for(reading, 10)
+    assert not hub.tailing
+    await stream.aclose()
+
+
 @pytest.mark.parametrize("closing", [False, True], ids=["after", "while the tail closes"])
 async def test_a_new_stream_is_not_failed_by_the_gap_that_ended_the_others(closing: bool):
     """A stream still writing out what it held when its tail hit a gap stays
