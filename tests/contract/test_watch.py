@@ -8,13 +8,19 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, json_format, struct_pb2
 
 from memsvc.v1 import lifecycle_pb2 as lc
 from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
 from tests.helpers import details_of, next_event, sql_rows
 
 FAST = duration_pb2.Duration(nanos=200_000_000)
+
+
+def struct(values: dict[str, Any]) -> struct_pb2.Struct:
+    message = struct_pb2.Struct()
+    message.update(values)
+    return message
 
 
 @pytest.fixture
@@ -31,21 +37,54 @@ async def start_position(call: Any) -> int:
 async def test_events_arrive_live_with_their_fields(life, scope):
     call = life.WatchLifecycle(lc.WatchLifecycleRequest(project_id=scope["project_id"]))
     start = await start_position(call)
+    # Sent in upper case: the event carries the canonical (lower-case) form.
+    agent_type_id, request_id = str(uuid.uuid4()).upper(), str(uuid.uuid4()).upper()
+    spawn_metadata = {"owner": "watch-test", "attempt": 2, "tags": ["a", "b"]}
+    pause_request_id = str(uuid.uuid4())
     await life.Spawn(
-        lc.SpawnRequest(**scope, agent_type_id=str(uuid.uuid4()), request_id=str(uuid.uuid4()))
+        lc.SpawnRequest(
+            **scope,
+            agent_type_id=agent_type_id,
+            request_id=request_id,
+            metadata=struct(spawn_metadata),
+        )
     )
-    paused = await life.Pause(lc.PauseRequest(**scope))
+    paused = await life.Pause(
+        lc.PauseRequest(**scope, request_id=pause_request_id, metadata=struct({"why": "test"}))
+    )
     spawned = await next_event(call)
     assert spawned.event_type == lc.EVENT_TYPE_SESSION_SPAWNED
     assert spawned.sequence > start
-    assert (spawned.project_id, spawned.session_id) == (scope["project_id"], scope["session_id"])
-    assert spawned.agent_type_id and spawned.request_id and spawned.event_id
+    assert (
+        spawned.project_id,
+        spawned.agent_instance_id,
+        spawned.session_id,
+        spawned.agent_type_id,
+        spawned.request_id,
+    ) == (
+        scope["project_id"],
+        scope["agent_instance_id"],
+        scope["session_id"],
+        agent_type_id.lower(),
+        request_id.lower(),
+    )
+    assert json_format.MessageToDict(spawned.metadata) == spawn_metadata
     assert spawned.HasField("event_time")
     pause_event = await next_event(call)
     assert pause_event.event_type == lc.EVENT_TYPE_SESSION_PAUSED
     # Later, not necessarily next: the server's retention sweep may append between.
     assert pause_event.sequence > spawned.sequence
     assert pause_event.checkpoint_id == paused.checkpoint.checkpoint_id
+    assert (pause_event.session_id, pause_event.agent_type_id, pause_event.request_id) == (
+        scope["session_id"],
+        agent_type_id.lower(),
+        pause_request_id,
+    )
+    assert json_format.MessageToDict(pause_event.metadata) == {"why": "test"}
+    # Event ids are UUIDs (canonical form), one of its own per event.
+    ids = [spawned.event_id, pause_event.event_id]
+    assert [str(uuid.UUID(event_id)) for event_id in ids] == ids
+    assert ids[0] != ids[1]
     call.cancel()
 
 
@@ -105,6 +144,22 @@ async def test_progress_messages_keep_a_quiet_cursor_fresh(life, scope):
         latest = message.progress.sequence
     assert latest > start
     quiet.cancel()
+
+
+async def test_a_watch_with_no_commits_at_all_gets_periodic_progress(life):
+    """Periodic, not one progress after a commit somewhere: nobody writes to this
+    project, and messages still come, each at or after the start position."""
+    quiet = life.WatchLifecycle(
+        lc.WatchLifecycleRequest(project_id=str(uuid.uuid4()), progress_interval=FAST)
+    )
+    try:
+        start = await start_position(quiet)
+        for _ in range(2):
+            message = await asyncio.wait_for(quiet.read(), 10)
+            assert message.HasField("progress"), "nothing matches this filter"
+            assert message.progress.sequence >= start
+    finally:
+        quiet.cancel()
 
 
 async def test_bad_watch_requests_are_invalid_argument(life):

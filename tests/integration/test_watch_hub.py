@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import logging
 import os
 import signal
 import subprocess
 import sys
+import tracemalloc
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -25,7 +29,7 @@ from memsvc.store.sqlite import SqliteDurableStore
 from memsvc.testing import free_port, wait_for_port
 from memsvc.v1 import lifecycle_pb2 as lc
 from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
-from tests.helpers import details_of, eventually, take_events
+from tests.helpers import details_of, eventually, sql_rows, take_events
 
 MEMSVC = str(Path(sys.executable).parent / "memsvc")
 
@@ -45,23 +49,89 @@ async def sqlite_store(tmp_path: Path) -> Any:
     await store.aclose()
 
 
+async def joined(hub: EventHub, count: int, *, interval: float = 0.01) -> None:
+    """Wait until ``count`` streams have joined the hub's fan-out (``hub.watchers``
+    counts a stream from its start, before it asks for events and joins; the hub
+    has no public count of the joined ones)."""
+
+    async def enough() -> bool:
+        return len(hub._subscribers) >= count
+
+    await eventually(enough, interval=interval)
+
+
+class RecordingReads:
+    """The store, recording the filter and position of every ``read_events``: the
+    tail reads with an empty filter, a stream catching up with its own."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self.reads: list[tuple[EventFilter, int]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def read_events(
+        self, after: int, limit: int, event_filter: EventFilter, *window: Any
+    ) -> Any:
+        self.reads.append((event_filter, after))
+        return await self._store.read_events(after, limit, event_filter, *window)
+
+    def by(self, event_filter: EventFilter) -> list[int]:
+        """The positions a stream with ``event_filter`` read after."""
+        return [after for used, after in self.reads if used == event_filter]
+
+
+QUEUE_SIZE = 5
+SLOW_TOTAL = 30
+
+
 async def test_a_subscriber_that_reads_nothing_does_not_delay_others(sqlite_store):
-    hub = EventHub(sqlite_store, queue_size=5, poll_interval=0.05)
+    """A stalled subscriber holds at most queue_size events; past that it is left out
+    of the fan-out (never waited for) and later catches up by reading the store
+    itself, while another subscriber gets every event live, from the tail."""
+    source = RecordingReads(sqlite_store)
+    hub = EventHub(source, queue_size=QUEUE_SIZE, poll_interval=30)  # the kicks make it read
+    lags: list[None] = []
+    hub.watcher_lagged = lambda: lags.append(None)
     ref = SessionRef(str(uuid.uuid4()), str(uuid.uuid4()), "s")
-    stalled: Any = hub.watch(EventFilter(), None, 0.2)
-    reader: Any = hub.watch(EventFilter(), None, 0.2)
+    # Both filters match every event here; they tell whose catch-up read is whose.
+    stalled_filter = EventFilter(project_id=ref.project_id)
+    reader_filter = EventFilter(agent_instance_id=ref.agent_instance_id)
+    stalled: Any = hub.watch(stalled_filter, None, 30)
+    reader: Any = hub.watch(reader_filter, None, 30)
     assert await anext(stalled) == 0
     assert await anext(reader) == 0
-    # The stalled one has joined the hub once it asks for its first event.
+    # Each joins the hub when it asks for its next item.
     stalled_first = asyncio.ensure_future(anext(stalled))
-    await asyncio.sleep(0.05)
-    await append(sqlite_store, 50, ref)
-    hub.notify()
-    assert await take_events(reader, 50) == list(range(1, 51))
-    # It overflowed its queue meanwhile; it catches up from the store, in order.
-    first = await asyncio.wait_for(stalled_first, 10)
-    assert isinstance(first, StoredEvent)
-    assert [first.sequence, *await take_events(stalled, 49)] == list(range(1, 51))
+    reader_first = asyncio.ensure_future(anext(reader))
+    await joined(hub, 2)
+    # One commit at a time, each taken by the reader before the next: the reader
+    # never has more than one event queued, so whatever lags is the stalled one.
+    for sequence in range(1, SLOW_TOTAL + 1):
+        await append(sqlite_store, 1, ref)
+        hub.notify()
+        if sequence == 1:
+            got = [await asyncio.wait_for(reader_first, 10)]
+            # The stalled one takes the first event, then reads nothing more.
+            first = await asyncio.wait_for(stalled_first, 10)
+            assert isinstance(first, StoredEvent) and first.sequence == 1
+        else:
+            got = [await asyncio.wait_for(anext(reader), 10)]
+        assert [item.sequence for item in got if isinstance(item, StoredEvent)] == [sequence]
+    # Every event reached the reader live: no stream read the store yet.
+    assert source.by(reader_filter) == source.by(stalled_filter) == []
+    # The stalled subscriber's queue is full, never more, and the hub stopped
+    # offering it events: it lagged once (the reader never did).
+    (state,) = [s for s in hub._subscribers if s.event_filter == stalled_filter]
+    assert state.lagging
+    assert [e.sequence for e in state.queue] == list(range(2, 2 + QUEUE_SIZE))
+    assert len(lags) == 1
+    # It catches up in order: what its queue held, then the rest read from the store.
+    assert await take_events(stalled, SLOW_TOTAL - 1) == list(range(2, SLOW_TOTAL + 1))
+    caught_up = source.by(stalled_filter)
+    assert caught_up and caught_up[0] == 1 + QUEUE_SIZE
+    assert source.by(reader_filter) == []
     await stalled.aclose()
     await reader.aclose()
     assert hub.watchers == 0
@@ -137,13 +207,15 @@ class CompactingFirst:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
 
-    async def read_events(self, after: int, limit: int, event_filter: EventFilter) -> Any:
+    async def read_events(
+        self, after: int, limit: int, event_filter: EventFilter, *window: Any
+    ) -> Any:
         if not self.compacted:
             self.compacted = True
             db = self._store._conn
             await db.execute("DELETE FROM lifecycle_events WHERE sequence <= ?", (self._up_to,))
             await db.commit()
-        return await self._store.read_events(after, limit, event_filter)
+        return await self._store.read_events(after, limit, event_filter, *window)
 
 
 async def test_a_stream_from_the_oldest_follows_compaction_before_its_first_event(
@@ -171,12 +243,16 @@ async def test_a_thousand_connect_cancel_cycles_leave_nothing_behind(sqlite_stor
         stream: Any = hub.watch(EventFilter(), None, 0.2)
         await anext(stream)
         waiting = asyncio.ensure_future(anext(stream))
-        await asyncio.sleep(0)
+        await joined(hub, 1, interval=0)  # cancelled once it waits in the fan-out
         waiting.cancel()
         with pytest.raises((asyncio.CancelledError, StopAsyncIteration)):
             await waiting
         await stream.aclose()
-    await asyncio.sleep(0.1)
+
+    async def tasks_ended() -> bool:
+        return len(asyncio.all_tasks()) <= before
+
+    await eventually(tasks_ended)  # the last cancelled tail's task has finished
     assert hub.watchers == 0
     assert not hub.tailing
     assert len(asyncio.all_tasks()) <= before
@@ -200,7 +276,7 @@ async def test_progress_comes_once_events_stop_and_carries_the_last_position(sql
     stream: Any = hub.watch(EventFilter(), None, 0.1)
     assert await anext(stream) == 0
     first = asyncio.ensure_future(anext(stream))
-    await asyncio.sleep(0.02)
+    await joined(hub, 1)
     await append(sqlite_store, 3, ref)
     hub.notify()
     delivered = [await asyncio.wait_for(first, 10), *[await anext(stream) for _ in range(2)]]
@@ -212,7 +288,7 @@ async def test_progress_comes_once_events_stop_and_carries_the_last_position(sql
     filtered: Any = hub.watch(EventFilter(session_id="s"), None, 0.1)
     assert await anext(filtered) == 3
     waiting = asyncio.ensure_future(anext(filtered))
-    await asyncio.sleep(0.02)
+    await joined(hub, 2)
     await append(sqlite_store, 2, other)
     hub.notify()
     # Events the filter rejects still move a quiet stream's position forward.
@@ -222,11 +298,29 @@ async def test_progress_comes_once_events_stop_and_carries_the_last_position(sql
     assert progress_timers() == []
 
 
+async def test_a_stream_with_no_commits_at_all_gets_progress_periodically(sqlite_store):
+    """Nothing is committed while it watches: progress still comes, again and again
+    (not only once, or after a commit elsewhere), at the start position."""
+    ref = SessionRef(str(uuid.uuid4()), str(uuid.uuid4()), "s")
+    await append(sqlite_store, 2, ref)
+    hub = EventHub(sqlite_store, poll_interval=30)
+    stream: Any = hub.watch(EventFilter(), None, 0.1)
+    try:
+        assert await anext(stream) == 2
+        progress = [await asyncio.wait_for(anext(stream), 10) for _ in range(3)]
+        assert progress == [2, 2, 2]
+    finally:
+        await stream.aclose()
+
+
 @pytest.fixture
-def config(tmp_path: Path) -> Config:
+def config(tmp_path: Path, database_url: str) -> Config:
+    """A server on a free port over each durable store (``database_url``: SQLite, and a
+    PostgreSQL database of the test's own)."""
     return Config(
         listen="127.0.0.1:0",
         data_dir=str(tmp_path),
+        database_url=database_url,
         health_interval_seconds=5,
         health_listen="",
         metrics_listen="",
@@ -263,7 +357,32 @@ async def test_compacted_positions_are_out_of_range_with_the_oldest(config):
         ok.cancel()
 
 
-async def test_a_client_that_leaves_while_the_server_writes_is_no_error(config, caplog):
+BULKY_EVENTS = 300
+
+
+def count_items(hub: EventHub, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the items the hub's streams hand out (one counter per stream, in the
+    returned list). The servicer takes a stream's next item only once its write of
+    the last one returned, so a count that stops short of the end while the client
+    reads nothing is a write waiting for the flow-control windows."""
+    counts: list[int] = []
+    watch = hub.watch
+
+    async def counted(*args: Any, **kwargs: Any) -> AsyncIterator[StoredEvent | int]:
+        index = len(counts)
+        counts.append(0)
+        async with contextlib.aclosing(watch(*args, **kwargs)) as stream:
+            async for item in stream:
+                counts[index] += 1
+                yield item
+
+    monkeypatch.setattr(hub, "watch", counted)
+    return counts
+
+
+async def test_a_client_that_leaves_while_the_server_writes_is_no_error(
+    config, caplog, monkeypatch
+):
     """A watcher that stops reading (the server's writes wait for it), then goes:
     its stream just ends. Logged as an error and answered INTERNAL, every client
     that disconnects from a busy stream would page someone."""
@@ -275,15 +394,33 @@ async def test_a_client_that_leaves_while_the_server_writes_is_no_error(config, 
         grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch,
     ):
         life = LifecycleServiceStub(ch)
-        for index in range(300):  # 18 MB of events, far more than the flow-control windows
-            await life.Spawn(lc.SpawnRequest(**ids, session_id=f"s{index}", metadata=bulky))
-        call = life.WatchLifecycle(lc.WatchLifecycleRequest(start=lc.WATCH_START_OLDEST))
-        await call.read()
-        await asyncio.sleep(1)  # unread, the windows fill: the server's write waits
-        call.cancel()
-
+        # 18 MB of events, far more than the flow-control windows (spawned 25 at a time).
+        for first in range(0, BULKY_EVENTS, 25):
+            await asyncio.gather(
+                *(
+                    life.Spawn(lc.SpawnRequest(**ids, session_id=f"s{index}", metadata=bulky))
+                    for index in range(first, first + 25)
+                )
+            )
         hub = server.hub
         assert hub is not None
+        items = count_items(hub, monkeypatch)
+        call = life.WatchLifecycle(
+            lc.WatchLifecycleRequest(project_id=ids["project_id"], start=lc.WATCH_START_OLDEST)
+        )
+        await call.read()
+        looked = [-1]
+
+        async def write_waits() -> bool:
+            # Time must pass here: a write that waits shows only as a count that
+            # stays put between two looks, short of the end (the start and
+            # BULKY_EVENTS events), while the client reads nothing.
+            (now,), before = items, looked[0]
+            looked[0] = now
+            return 1 < now == before < 1 + BULKY_EVENTS
+
+        await eventually(write_waits, interval=0.2)
+        call.cancel()
 
         async def released() -> bool:
             return hub.watchers == 0
@@ -333,8 +470,22 @@ REPLICAS = 4
 SPAWNS_PER_REPLICA = 15
 
 
+# How each replica's tail learns of the others' commits: NOTIFY, with a poll far
+# slower than any wait in the test (a delivery across replicas within the test
+# needs NOTIFY); or, with LISTEN off, a short poll (the fallback delivers too).
+WAKE_UPS = [
+    pytest.param(("--event-poll-interval-seconds", "3600"), id="notify"),
+    pytest.param(
+        ("--database-listen-url", "off", "--event-poll-interval-seconds", "0.2"), id="polling"
+    ),
+]
+
+
 @pytest.mark.timeout(120)
-async def test_four_replicas_deliver_one_order_to_every_subscriber(tmp_path, fresh_postgres_url):
+@pytest.mark.parametrize("wake_up", WAKE_UPS)
+async def test_four_replicas_deliver_one_order_to_every_subscriber(
+    tmp_path, fresh_postgres_url, wake_up
+):
     """Four memsvc processes on one PostgreSQL, writers and subscribers on each: every
     subscriber sees the same events in the same order, no gap, no duplicate."""
     replicas = []
@@ -344,8 +495,7 @@ async def test_four_replicas_deliver_one_order_to_every_subscriber(tmp_path, fre
             [MEMSVC, "serve", "--health-listen=", "--metrics-listen=",
             "--listen", f"127.0.0.1:{port}",
              "--data-dir", str(tmp_path / f"r{i}"), "--database-url", fresh_postgres_url,
-             # Slow polls: a delivery across replicas within the test needs NOTIFY.
-             "--event-poll-interval-seconds", "5"],
+             *wake_up],
             stderr=subprocess.DEVNULL,
             env={k: v for k, v in os.environ.items() if not k.startswith("MEMSVC_")},
         )  # fmt: skip
@@ -375,14 +525,20 @@ async def test_four_replicas_deliver_one_order_to_every_subscriber(tmp_path, fre
 
         await asyncio.gather(*(writer(stub, f"r{i}") for i, stub in enumerate(stubs)))
         total = REPLICAS * SPAWNS_PER_REPLICA
-        orders = []
-        for call in watches:
+
+        async def events_of(call: Any) -> list[tuple[int, str]]:
             got: list[tuple[int, str]] = []
             while len(got) < total:
-                message = await asyncio.wait_for(call.read(), 10)
+                message = await call.read()
                 if message.HasField("event"):
                     got.append((message.event.sequence, message.event.session_id))
-            orders.append(got)
+            return got
+
+        orders = []
+        for call in watches:
+            # A bound on all of a stream's events, not on each read: progress
+            # messages come every second, events that never come must fail the test.
+            orders.append(await asyncio.wait_for(events_of(call), 10))
             call.cancel()
         assert all(order == orders[0] for order in orders)
         sequences = [s for s, _ in orders[0]]
@@ -396,30 +552,75 @@ async def test_four_replicas_deliver_one_order_to_every_subscriber(tmp_path, fre
             await asyncio.to_thread(process.wait, 30)
 
 
+CYCLES = 1000
+MEMORY_GROWTH_LIMIT = 1 << 20
+
+
+async def listening_backends(database_url: str) -> int:
+    """Backends of the server's PostgreSQL database that LISTEN (the event tail's
+    connection: its last statement is the LISTEN until it is quiet for 30 s)."""
+    rows = await sql_rows(
+        database_url,
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND pid <> pg_backend_pid() AND starts_with(query, 'LISTEN ')",
+    )
+    return int(rows[0][0])
+
+
 async def test_a_thousand_grpc_watch_cancellations_free_everything(config):
+    """Watchers that connect, get their start and cancel leave no task, no memory
+    and (on PostgreSQL) no LISTEN connection behind: the tail goes with the last."""
+    postgres = not config.database_url.startswith("sqlite")
     async with (
         Server(config) as server,
         grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch,
     ):
         life = LifecycleServiceStub(ch)
-        warm = life.WatchLifecycle(lc.WatchLifecycleRequest())
-        await warm.read()
-        warm.cancel()
-        await asyncio.sleep(0.2)
-        baseline = len(asyncio.all_tasks())
-        for _ in range(1000):
-            call = life.WatchLifecycle(lc.WatchLifecycleRequest())
-            await call.read()
-            call.cancel()
         hub = server.hub
         assert hub is not None
 
-        async def all_released() -> bool:
+        async def released() -> bool:
             return hub.watchers == 0 and not hub.tailing
 
-        await eventually(all_released)
-        await asyncio.sleep(0.2)
-        assert len(asyncio.all_tasks()) <= baseline + 2
+        async def listening() -> bool:
+            return await listening_backends(config.database_url) == 1
+
+        async def not_listening() -> bool:
+            return await listening_backends(config.database_url) == 0
+
+        baseline = len(asyncio.all_tasks())
+        warm = life.WatchLifecycle(lc.WatchLifecycleRequest())
+        await warm.read()
+        if postgres:  # the query does see the tail's LISTEN while a watcher holds it
+            await eventually(listening)
+        warm.cancel()
+        await eventually(released)
+        tracemalloc.start()
+        try:
+            gc.collect()
+            before = tracemalloc.take_snapshot()
+            for _ in range(CYCLES):
+                call = life.WatchLifecycle(lc.WatchLifecycleRequest())
+                await call.read()
+                call.cancel()
+            await eventually(released)
+
+            async def tasks_ended() -> bool:
+                return len(asyncio.all_tasks()) <= baseline + 2
+
+            await eventually(tasks_ended)
+            gc.collect()
+            after = tracemalloc.take_snapshot()
+        finally:
+            tracemalloc.stop()
+        grown = after.compare_to(before, "lineno")
+        growth = sum(stat.size_diff for stat in grown)
+        # A few dozen KB of caches and free lists; a leak of 1 KB per cycle would be 1 MB.
+        assert growth < MEMORY_GROWTH_LIMIT, "\n".join(
+            [f"memory grew by {growth} B over {CYCLES} cycles:", *map(str, grown[:10])]
+        )
+        if postgres:
+            await eventually(not_listening)
 
 
 async def test_local_and_foreign_commits_arrive_once_in_order(tmp_path, sqlite_store):
@@ -433,7 +634,7 @@ async def test_local_and_foreign_commits_arrive_once_in_order(tmp_path, sqlite_s
     stream: Any = hub.watch(EventFilter(), None, 0.2)
     assert await anext(stream) == 0
     first = asyncio.ensure_future(anext(stream))
-    await asyncio.sleep(0.05)
+    await joined(hub, 1)
     try:
         await asyncio.gather(append(sqlite_store, 20, ref), append(foreign, 20, ref))
         got = await asyncio.wait_for(first, 10)
