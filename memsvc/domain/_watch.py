@@ -33,6 +33,12 @@ from memsvc.domain._lifecycle_records import KNOWN_EVENT_TYPES, EventRecord, Eve
 log = logging.getLogger(__name__)
 
 READ_BATCH = 500
+# The most of the log one catch-up read scans, in sequences. A filtered read finds
+# its events by scanning the log in order (no index per scope or type, which every
+# commit would pay for), so over a large log a quiet scope's read would run for
+# seconds, past its retry budget, and the stream could never catch up; window by
+# window, each read is short, and a long catch-up reports its progress.
+CATCH_UP_WINDOW = 20_000
 # How long the tail retries failing reads before its streams end (UNAVAILABLE).
 TAIL_FAILING_SECONDS = 30.0
 
@@ -99,9 +105,10 @@ class EventSource(Protocol):
     """What the hub needs from the durable store."""
 
     async def read_events(
-        self, after: int, limit: int, event_filter: EventFilter
+        self, after: int, limit: int, event_filter: EventFilter, until: int | None = None
     ) -> list[StoredEvent]:
-        """Up to ``limit`` matching events with sequence > ``after``, in order."""
+        """Up to ``limit`` matching events with sequence > ``after`` (and <= ``until``,
+        when given), in order."""
 
     async def event_bounds(self) -> tuple[int, int]:
         """(the oldest position a watch may start after, the latest sequence)."""
@@ -312,7 +319,8 @@ class EventHub:
             while True:
                 # Catch up from the store until the hub's position...
                 while cursor < (target := self.position):
-                    batch = await self._source.read_events(cursor, READ_BATCH, event_filter)
+                    until = min(target, cursor + CATCH_UP_WINDOW)
+                    batch = await self._source.read_events(cursor, READ_BATCH, event_filter, until)
                     oldest, _ = await self._source.event_bounds()
                     if cursor < oldest and following_oldest:
                         cursor = oldest
@@ -323,12 +331,13 @@ class EventHub:
                         # yet may be gone (oldest only grows, so a later check passing
                         # means the read missed nothing).
                         raise PositionTooOld(cursor, oldest)
-                    batch = [stored for stored in batch if stored.sequence <= target]
                     for stored in batch:
                         cursor, following_oldest = stored.sequence, False
                         yield stored
                     if len(batch) < READ_BATCH:
-                        cursor = target
+                        cursor = until  # nothing else of the window matches
+                        if not batch and until < target:
+                            yield cursor  # a progress: a long catch-up moves on
                 # ...then join it, with no await in between: nothing slips past.
                 following_oldest = False
                 self._join(subscriber, cursor)

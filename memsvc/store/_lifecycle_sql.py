@@ -785,11 +785,22 @@ def event_from_row(row: Sequence[Any], dialect: Dialect) -> StoredEvent:
 
 
 async def read_events(
-    conn: Connection, dialect: Dialect, after: int, limit: int, event_filter: EventFilter
+    conn: Connection,
+    dialect: Dialect,
+    after: int,
+    limit: int,
+    event_filter: EventFilter,
+    until: int | None = None,
 ) -> list[StoredEvent]:
-    """Up to ``limit`` events with sequence > ``after`` that match, in order."""
+    """Up to ``limit`` events with sequence > ``after`` (and <= ``until``) that
+    match, in order."""
     conditions = ["sequence > ?"]
     params: list[Any] = [after]
+    if until is not None:
+        # The read scans the log by sequence (no index serves a scope or a type):
+        # ``until`` bounds how much of it one read may scan.
+        conditions.append("sequence <= ?")
+        params.append(until)
     for column, wanted in (
         ("project_id", event_filter.project_id),
         ("agent_instance_id", event_filter.agent_instance_id),
@@ -979,9 +990,9 @@ class SqlReads(SqlQueries):
         return await self._query(list_sessions, project_id, agent_instance_id, state, before, limit)
 
     async def read_events(
-        self, after: int, limit: int, event_filter: EventFilter
+        self, after: int, limit: int, event_filter: EventFilter, until: int | None = None
     ) -> list[StoredEvent]:
-        return await self._query(read_events, after, limit, event_filter)
+        return await self._query(read_events, after, limit, event_filter, until)
 
     async def event_bounds(self) -> tuple[int, int]:
         return await self._query(event_bounds)

@@ -252,6 +252,23 @@ async def test_appended_events_take_consecutive_sequences_in_order(db):
     assert [e.event.metadata for e in stored[1:-1]] == [{"i": i} for i in range(len(many))]
 
 
+async def test_a_read_of_events_stops_at_its_window(db):
+    """``until`` bounds the sequences one read may cover (a filtered catch-up reads
+    a large log window by window): matching events past it wait for the next read."""
+    ours, other = new_session().ref, new_session().ref
+    async with db.transaction() as tx:
+        for ref in (ours, other, ours, other, ours):
+            await tx.append_event(event_for(ref))
+    first = tx.appended[0].sequence
+    ours_only = EventFilter(project_id=ours.project_id)
+    window = await db.read_events(first - 1, 500, ours_only, until=first + 3)
+    assert [e.sequence for e in window] == [first, first + 2]
+    rest = await db.read_events(first + 3, 500, ours_only, until=first + 4)
+    assert [e.sequence for e in rest] == [first + 4]
+    unbounded = await db.read_events(first - 1, 500, EventFilter())
+    assert [e.sequence for e in unbounded] == list(range(first, first + 5))
+
+
 async def test_compaction_removes_only_a_prefix_of_the_log(db):
     """Event times are not in sequence order (stamped before the sequence is taken,
     by replicas whose clocks differ): an expired event behind one that is not stays,

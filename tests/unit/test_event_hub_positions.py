@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
-from memsvc.domain import BackendUnavailable
+from memsvc.domain import BackendUnavailable, SessionRef
 from memsvc.domain import _watch as watch_module
 from memsvc.domain._watch import (
     EventFilter,
@@ -38,12 +40,12 @@ class CompactingLog(NotifyingLog):
         self.closing.set()
 
     async def read_events(
-        self, after: int, limit: int, event_filter: EventFilter
+        self, after: int, limit: int, event_filter: EventFilter, until: int | None = None
     ) -> list[StoredEvent]:
         if self.compact_to is not None:
             self.events = [e for e in self.events if e.sequence > self.compact_to]
             self.oldest, self.compact_to = self.compact_to, None
-        return await super().read_events(after, limit, event_filter)
+        return await super().read_events(after, limit, event_filter, until)
 
     async def event_bounds(self) -> tuple[int, int]:
         latest = self.events[-1].sequence if self.events else self.oldest
@@ -191,11 +193,11 @@ class BrokenLog(NotifyingLog):
         self.good = good
 
     async def read_events(
-        self, after: int, limit: int, event_filter: EventFilter
+        self, after: int, limit: int, event_filter: EventFilter, until: int | None = None
     ) -> list[StoredEvent]:
         if after >= self.good:
             raise OSError("the database is down")
-        return await super().read_events(after, limit, event_filter)
+        return await super().read_events(after, limit, event_filter, until)
 
 
 async def test_a_tail_whose_reads_keep_failing_ends_its_streams(monkeypatch):
@@ -273,3 +275,37 @@ async def test_a_new_stream_is_not_failed_by_the_gap_that_ended_the_others(closi
     assert not hub.tailing
     with pytest.raises(BackendUnavailable, match="event log"):
         await take_events(failed, 1)
+
+
+class ScopedLog(CompactingLog):
+    """A log that filters as the store does, and records each read's window."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.windows: list[tuple[int, int | None]] = []
+
+    async def read_events(
+        self, after: int, limit: int, event_filter: EventFilter, until: int | None = None
+    ) -> list[StoredEvent]:
+        self.windows.append((after, until))
+        found = await super().read_events(after, 10**9, EventFilter(), until)
+        return [e for e in found if event_filter.matches(e.event)][:limit]
+
+
+async def test_a_filtered_catch_up_reads_the_log_window_by_window(monkeypatch):
+    """A filtered read scans the log in order: over a large log a quiet scope's
+    read would run past its budget. Each read covers a window of the log, and a
+    window without a match moves the stream on with a progress."""
+    monkeypatch.setattr(watch_module, "CATCH_UP_WINDOW", 10)
+    log = ScopedLog()
+    log.commit(34)
+    wanted = SessionRef(str(uuid.uuid4()), str(uuid.uuid4()), "wanted")
+    log.events[30] = StoredEvent(31, replace(log.events[30].event, ref=wanted))
+    hub = EventHub(log, poll_interval=30)
+    stream: Any = hub.watch(EventFilter(project_id=wanted.project_id), 0, 30)
+    items = [await anext(stream) for _ in range(5)]
+    # The start, a progress after each quiet window, then the one event that matches.
+    assert items[:4] == [0, 10, 20, 30]
+    assert isinstance(items[4], StoredEvent) and items[4].sequence == 31
+    assert log.windows == [(0, 10), (10, 20), (20, 30), (30, 34)]
+    await stream.aclose()

@@ -31,11 +31,12 @@ class NotifyingLog:
         self.events_committed: Any = lambda events: None
 
     async def read_events(
-        self, after: int, limit: int, event_filter: EventFilter
+        self, after: int, limit: int, event_filter: EventFilter, until: int | None = None
     ) -> list[StoredEvent]:
         self.reads += 1
         await asyncio.sleep(0.01)  # long enough for notifications to pile up
-        return [e for e in self.events if e.sequence > after][:limit]
+        last = until if until is not None else float("inf")
+        return [e for e in self.events if after < e.sequence <= last][:limit]
 
     async def event_bounds(self) -> tuple[int, int]:
         return 0, len(self.events)
@@ -137,13 +138,13 @@ class ContextRecordingLog(NotifyingLog):
         self.seen: list[tuple[float | None, str | None]] = []
 
     async def read_events(
-        self, after: int, limit: int, event_filter: EventFilter
+        self, after: int, limit: int, event_filter: EventFilter, until: int | None = None
     ) -> list[StoredEvent]:
         from memsvc.domain._call_deadline import current_deadline
         from memsvc.log import rpc_method
 
         self.seen.append((current_deadline(), rpc_method.get()))
-        return await super().read_events(after, limit, event_filter)
+        return await super().read_events(after, limit, event_filter, until)
 
 
 async def test_the_tail_does_not_inherit_the_watch_call_that_started_it():
