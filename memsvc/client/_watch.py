@@ -363,7 +363,7 @@ class AsyncWatch(Generic[Item]):
                 raise failure from error
         elif not self._reconnect:
             self._closed = True
-            raise MemsvcError(f"watch stream ended: {type(error).__name__}") from error
+            raise Unavailable(f"watch stream ended: {error or type(error).__name__}") from error
         if self._failing_since is None:
             # A working stream was lost: reconnect_timeout counts from now.
             self._failing_since = asyncio.get_running_loop().time()

@@ -368,6 +368,20 @@ async def test_reconnect_timeout_bounds_the_wait_for_a_first_message():
         assert watch.connections == 1  # no time was left for another stream
 
 
+async def test_a_watch_without_reconnection_ends_a_silent_stream_with_unavailable():
+    """reconnect=False: a stream that goes silent (or ends without a status) ends the
+    watch with Unavailable, which callers catch as they catch a server's, not with
+    a bare MemsvcError of code UNKNOWN."""
+    async with (
+        StubServer(fail_after=None) as silent,
+        AsyncClient(silent.target, retry=NO_RETRY) as client,
+    ):
+        watch = await client.watch(SCOPE[0], progress_interval=0.1, reconnect=False).start()
+        with pytest.raises(Unavailable, match="watch stream ended"):
+            await asyncio.wait_for(anext(watch), 10)
+        assert silent.streams == 1
+
+
 class AnswersOnce(StubServer):
     """Its first stream says hello and fails with UNAVAILABLE ``fail_after`` seconds
     later; later streams are accepted and never written to (a server that hangs)."""
