@@ -205,3 +205,86 @@ async def take_events(stream: Any, count: int) -> list[int]:
         if isinstance(item, StoredEvent):
             got.append(item.sequence)
     return got
+
+
+# Lifecycle checks shared by the contract, fault and crash-recovery tests --------
+
+
+@dataclass(frozen=True)
+class LoggedEvent:
+    """One row of lifecycle_events, as the database holds it."""
+
+    sequence: int
+    event_type: int
+    ref: str | None  # the checkpoint id, or the episode id
+    request_id: str | None
+
+
+async def lifecycle_log(database_url: str, scope: dict[str, Any]) -> list[LoggedEvent]:
+    """Every event of the session named by ``scope``, in sequence order, read
+    straight from the durable store."""
+    rows = await sql_rows(
+        database_url,
+        "SELECT sequence, event_type, coalesce(checkpoint_id, CAST(episode_id AS TEXT)),"
+        " request_id FROM lifecycle_events WHERE project_id = ? AND session_id = ?"
+        " ORDER BY sequence",
+        scope["project_id"],
+        scope["session_id"],
+    )
+    return [LoggedEvent(int(r[0]), int(r[1]), r[2], r[3]) for r in rows]
+
+
+async def whole_memory(wm: Any, scope: dict[str, Any]) -> dict[str, Any]:
+    """A session's whole working memory (every key and value, every page)."""
+    from memsvc.v1 import working_memory_pb2 as pb
+
+    found: dict[str, Any] = {}
+    token = ""
+    while True:
+        page = await wm.ListEntries(
+            pb.ListEntriesRequest(**scope, page_size=1000, page_token=token), timeout=10
+        )
+        found.update({entry.key: python(entry.value) for entry in page.entries})
+        if not (token := page.next_page_token):
+            return found
+
+
+async def checkpoint_contents(
+    life: Any, scope: dict[str, Any], checkpoint_id: str
+) -> dict[str, Any]:
+    """Every entry a checkpoint holds, decoded."""
+    from memsvc.v1 import lifecycle_pb2 as lc
+
+    found: dict[str, Any] = {}
+    token = ""
+    while True:
+        reply = await life.GetCheckpoint(
+            lc.GetCheckpointRequest(**scope, checkpoint_id=checkpoint_id, include_entries=True,
+                                    page_size=1000, page_token=token),
+            timeout=10,
+        )  # fmt: skip
+        found.update({entry.key: python(entry.value) for entry in reply.entries})
+        if not (token := reply.next_page_token):
+            return found
+
+
+async def session_episodes(channel: grpc.aio.Channel, scope: dict[str, Any]) -> list[str]:
+    """The ids of the episodes recorded for the session named by ``scope``."""
+    from memsvc.v1 import episodic_pb2 as ep
+    from memsvc.v1.episodic_pb2_grpc import EpisodicMemoryServiceStub
+
+    episodic = EpisodicMemoryServiceStub(channel)
+    wanted = ep.EpisodeFilter(
+        agent_instance_id=scope["agent_instance_id"], session_id=scope["session_id"]
+    )
+    found: list[str] = []
+    token = ""
+    while True:
+        page = await episodic.ListEpisodes(
+            ep.ListEpisodesRequest(project_id=scope["project_id"], filter=wanted,
+                                   page_size=100, page_token=token),
+            timeout=10,
+        )  # fmt: skip
+        found += [episode.episode_id for episode in page.episodes]
+        if not (token := page.next_page_token):
+            return found

@@ -7,6 +7,8 @@ import math
 import sqlite3
 import time
 import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -22,7 +24,18 @@ from memsvc.v1 import lifecycle_pb2 as lc
 from memsvc.v1 import working_memory_pb2 as pb
 from memsvc.v1.episodic_pb2_grpc import EpisodicMemoryServiceStub
 from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
-from tests.helpers import eventually, expect_error, forge_page_token, python, value
+from tests.helpers import (
+    LoggedEvent,
+    checkpoint_contents,
+    details_of,
+    eventually,
+    expect_error,
+    forge_page_token,
+    lifecycle_log,
+    python,
+    session_episodes,
+    value,
+)
 
 ACTIVE, PAUSED, TERMINATED = (
     lc.SESSION_STATE_ACTIVE,
@@ -115,8 +128,9 @@ async def test_full_lifecycle(life, wm, scope, server):
     assert events[1][2] == paused.checkpoint.checkpoint_id
     assert events[3][2] == paused.checkpoint.checkpoint_id
     assert events[4][2] == ended.episode_id
+    # Gap-free in commit order, and nothing else ran: the session's events are consecutive.
     sequences = [e[0] for e in events]
-    assert sequences == sorted(sequences)
+    assert sequences == list(range(sequences[0], sequences[0] + len(events)))
 
 
 async def test_non_finite_numbers_are_kept_and_consolidated(life, wm, scope, channel):
@@ -166,25 +180,43 @@ async def test_resume_rolls_back_an_active_session_and_merges_on_request(life, w
     assert await memory_of(wm, scope) == {"a": 1, "b": 1}
 
 
+async def remaining_ttls(life, scope, checkpoint_id: str) -> dict[str, int]:
+    """The remaining TTL (ms) a checkpoint recorded, of each of its keys that has one."""
+    detail = await life.GetCheckpoint(
+        lc.GetCheckpointRequest(**scope, checkpoint_id=checkpoint_id, include_entries=True)
+    )
+    return {
+        e.key: e.remaining_ttl.ToMilliseconds()
+        for e in detail.entries
+        if e.HasField("remaining_ttl")
+    }
+
+
 async def test_ttls_survive_pause_and_resume(life, wm, scope):
+    """A checkpoint records what is left of each TTL, and Resume gives back that, not
+    the full TTL: a later checkpoint never holds more of it than an earlier one."""
     await life.Spawn(lc.SpawnRequest(**scope))
     await wm.Set(
         pb.SetRequest(**scope, key="t", value=value(1), ttl=duration_pb2.Duration(seconds=600))
     )
     await wm.Set(pb.SetRequest(**scope, key="p", value=value(2)))
+    # Some of the TTL runs out while ACTIVE, so what is left differs from the full
+    # TTL (at least this much has passed: a lower bound, no speed is measured).
+    await asyncio.sleep(0.3)
     paused = await life.Pause(lc.PauseRequest(**scope))
-    detail = await life.GetCheckpoint(
-        lc.GetCheckpointRequest(**scope, checkpoint_id=paused.checkpoint.checkpoint_id,
-                                include_entries=True)
-    )  # fmt: skip
-    ttls = {e.key: e.HasField("remaining_ttl") for e in detail.entries}
-    assert ttls == {"p": False, "t": True}
-    assert 0 < detail.entries[1].remaining_ttl.ToMilliseconds() <= 600_000
+    first = await remaining_ttls(life, scope, paused.checkpoint.checkpoint_id)
+    assert list(first) == ["t"]  # "p" has no TTL
+    assert 0 < first["t"] <= 600_000 - 250
     await life.Resume(lc.ResumeRequest(**scope))
     got = await wm.Get(pb.GetRequest(**scope, key="t"))
     assert got.entry.HasField("expire_time")
     assert got.entry.expire_time.ToMilliseconds() > time.time() * 1000
     assert not (await wm.Get(pb.GetRequest(**scope, key="p"))).entry.HasField("expire_time")
+    # What Resume set is what was left: a full TTL again would exceed the first.
+    again = await life.Pause(lc.PauseRequest(**scope))
+    second = await remaining_ttls(life, scope, again.checkpoint.checkpoint_id)
+    assert list(second) == ["t"]
+    assert 0 < second["t"] <= first["t"]
 
 
 async def test_terminate_of_a_paused_session_records_it_as_paused(life, wm, scope, channel):
@@ -220,10 +252,12 @@ async def test_a_merge_resume_of_a_paused_session_goes_over_its_paused_entries(l
     earlier = (await life.CreateCheckpoint(lc.CreateCheckpointRequest(**scope))).checkpoint
     await wm.Set(pb.SetRequest(**scope, key="c", value=value(2)))
     await wm.Set(pb.SetRequest(**scope, key="a", value=value(3)))
-    await wm.Set(
-        pb.SetRequest(**scope, key="brief", value=value(4), ttl=duration_pb2.Duration(seconds=1))
-    )
-    await life.Pause(lc.PauseRequest(**scope))
+    brief_ttl = duration_pb2.Duration(seconds=1, nanos=500_000_000)
+    await wm.Set(pb.SetRequest(**scope, key="brief", value=value(4), ttl=brief_ttl))
+    await asyncio.sleep(0.4)  # some of its TTL runs out while ACTIVE (a lower bound)
+    paused = await life.Pause(lc.PauseRequest(**scope))
+    left = (await remaining_ttls(life, scope, paused.checkpoint.checkpoint_id))["brief"]
+    assert 0 < left <= 1_500 - 350
 
     async def expired() -> bool:
         listed = await wm.ListKeys(pb.ListKeysRequest(**scope))
@@ -238,6 +272,9 @@ async def test_a_merge_resume_of_a_paused_session_goes_over_its_paused_entries(l
     assert {e.key: python(e.value) for e in listed.entries} == {"a": 3, "brief": 4, "c": 1}
     brief = (await wm.Get(pb.GetRequest(**scope, key="brief"))).entry
     assert brief.expire_time.ToMilliseconds() > time.time() * 1000
+    # What it had left, not its full TTL again: no more than the pause recorded.
+    later = await life.CreateCheckpoint(lc.CreateCheckpointRequest(**scope))
+    assert 0 < (await remaining_ttls(life, scope, later.checkpoint.checkpoint_id))["brief"] <= left
 
 
 async def test_invalid_transitions_are_refused_with_the_state(life, scope):
@@ -406,12 +443,105 @@ async def test_request_id_makes_retries_safe(life, scope):
     assert (await life.GetSession(lc.GetSessionRequest(**scope))).session.version == 2
 
 
-async def test_concurrent_terminates_with_one_request_id_have_one_effect(life, scope, server):
+async def duplicates(method: Callable[[Any], Awaitable[Any]], request: Any) -> Any:
+    """Five concurrent calls of one request (one request id): every answer the same."""
+    answers = await asyncio.gather(*(method(request) for _ in range(5)))
+    assert all(answer == answers[0] for answer in answers), answers
+    return answers[0]
+
+
+async def test_concurrent_duplicates_with_one_request_id_have_one_effect(life, wm, scope, server):
+    """Spawn, CreateCheckpoint, DeleteCheckpoint, Pause and Resume, each called five
+    times at once with one request id: one answer, one event, one checkpoint made
+    or deleted, one version step, and nothing else changed (Terminate: below)."""
+    database = server.config.database_url
+    expected: list[tuple[int, str | None, str | None]] = []
+
+    async def leaves(memory: dict[str, Any], checkpoints: dict[str, Any], version: int) -> None:
+        log = await lifecycle_log(database, scope)
+        assert [(e.event_type, e.ref, e.request_id) for e in log] == expected
+        assert await memory_of(wm, scope) == memory
+        listed = await life.ListCheckpoints(lc.ListCheckpointsRequest(**scope))
+        assert sorted(c.checkpoint_id for c in listed.checkpoints) == sorted(checkpoints)
+        for name, contents in checkpoints.items():
+            assert await checkpoint_contents(life, scope, name) == contents
+        assert (await life.GetSession(lc.GetSessionRequest(**scope))).session.version == version
+
+    rid = str(uuid.uuid4())
+    spawn = lc.SpawnRequest(**scope, initial_entries=entries(a=1), request_id=rid)
+    spawned = await duplicates(life.Spawn, spawn)
+    assert (spawned.session.state, spawned.session.version) == (ACTIVE, 1)
+    expected.append((lc.EVENT_TYPE_SESSION_SPAWNED, None, rid))
+    await leaves({"a": 1}, {}, 1)
+
+    await wm.Set(pb.SetRequest(**scope, key="b", value=value(2)))
+    rid = str(uuid.uuid4())
+    made = await duplicates(
+        life.CreateCheckpoint, lc.CreateCheckpointRequest(**scope, request_id=rid)
+    )
+    mark = made.checkpoint.checkpoint_id  # generated by the server: one, whoever asked
+    expected.append((lc.EVENT_TYPE_CHECKPOINT_CREATED, mark, rid))
+    checkpoints: dict[str, Any] = {mark: {"a": 1, "b": 2}}
+    await leaves({"a": 1, "b": 2}, checkpoints, 1)
+
+    await life.CreateCheckpoint(lc.CreateCheckpointRequest(**scope, checkpoint_id="doomed"))
+    expected.append((lc.EVENT_TYPE_CHECKPOINT_CREATED, "doomed", None))
+    rid = str(uuid.uuid4())
+    delete = lc.DeleteCheckpointRequest(**scope, checkpoint_id="doomed", request_id=rid)
+    await duplicates(life.DeleteCheckpoint, delete)  # none of them NOT_FOUND
+    expected.append((lc.EVENT_TYPE_CHECKPOINT_DELETED, "doomed", rid))
+    await leaves({"a": 1, "b": 2}, checkpoints, 1)
+
+    await wm.Set(pb.SetRequest(**scope, key="c", value=value(3)))
+    rid = str(uuid.uuid4())
+    paused = await duplicates(life.Pause, lc.PauseRequest(**scope, request_id=rid))
+    assert (paused.session.state, paused.session.version) == (PAUSED, 2)
+    taken = paused.checkpoint.checkpoint_id
+    expected.append((lc.EVENT_TYPE_SESSION_PAUSED, taken, rid))
+    checkpoints[taken] = {"a": 1, "b": 2, "c": 3}
+    await leaves({"a": 1, "b": 2, "c": 3}, checkpoints, 2)
+
+    rid = str(uuid.uuid4())
+    resume = lc.ResumeRequest(**scope, checkpoint_id=mark, request_id=rid)
+    resumed = await duplicates(life.Resume, resume)
+    assert (resumed.session.state, resumed.session.version) == (ACTIVE, 3)
+    assert resumed.entries_restored == 2
+    expected.append((lc.EVENT_TYPE_SESSION_RESUMED, mark, rid))
+    await leaves({"a": 1, "b": 2}, checkpoints, 3)
+
+
+async def test_concurrent_terminates_with_one_request_id_have_one_effect(
+    life, wm, scope, server, channel
+):
+    """Five Terminates at once with one request id: one answer, one episode, one
+    TERMINATED event, each checkpoint deleted (and announced) once."""
     await life.Spawn(lc.SpawnRequest(**scope, initial_entries=entries(a=1)))
-    request = lc.TerminateRequest(**scope, request_id=str(uuid.uuid4()))
-    results = await asyncio.gather(*(life.Terminate(request) for _ in range(5)))
-    assert len({r.episode_id for r in results}) == 1
-    assert [e[1] for e in events_of(server, scope)] == [1, 4]
+    await life.CreateCheckpoint(lc.CreateCheckpointRequest(**scope, checkpoint_id="kept"))
+    taken = (await life.Pause(lc.PauseRequest(**scope))).checkpoint.checkpoint_id
+    rid = str(uuid.uuid4())
+    ended = await duplicates(life.Terminate, lc.TerminateRequest(**scope, request_id=rid))
+    assert (ended.session.state, ended.session.version) == (TERMINATED, 3)
+    assert (ended.entries_consolidated, ended.entries_cleared) == (1, 1)
+    assert await session_episodes(channel, scope) == [ended.episode_id]
+    log = [
+        (e.event_type, e.ref, e.request_id)
+        for e in await lifecycle_log(server.config.database_url, scope)
+    ]
+    assert log[:3] == [
+        (lc.EVENT_TYPE_SESSION_SPAWNED, None, None),
+        (lc.EVENT_TYPE_CHECKPOINT_CREATED, "kept", None),
+        (lc.EVENT_TYPE_SESSION_PAUSED, taken, None),
+    ]
+    deleted = sorted(log[3:5])
+    assert deleted == sorted(
+        (lc.EVENT_TYPE_CHECKPOINT_DELETED, name, rid) for name in ("kept", taken)
+    )
+    assert log[5:] == [(lc.EVENT_TYPE_SESSION_TERMINATED, ended.episode_id, rid)]
+    listed = await life.ListCheckpoints(lc.ListCheckpointsRequest(**scope))
+    assert not listed.checkpoints
+    got = (await life.GetSession(lc.GetSessionRequest(**scope))).session
+    assert (got.state, got.version) == (TERMINATED, 3)
+    await expect_error(memory_of(wm, scope), grpc.StatusCode.NOT_FOUND)
 
 
 @pytest.mark.parametrize("keep", [False, True], ids=["cleanup", "keep"])
@@ -428,28 +558,119 @@ async def test_terminate_announces_each_checkpoint_it_deletes(life, scope, serve
     assert len(listed.checkpoints) == (2 if keep else 0)
 
 
-async def test_concurrent_lifecycle_calls_are_serialized(life, scope, server):
-    """Pause/Resume/Terminate racing: each success bumps the version once, no torn state."""
+@dataclass
+class Replayed:
+    """A session as its event log says it must be."""
+
+    state: int
+    memory: dict[str, Any]
+    checkpoints: dict[str, dict[str, Any]]
+    resume_from: str = ""
+    events: int = 0  # how many events were replayed
+
+
+def replay(events: list[LoggedEvent], session: Replayed, named: set[str]) -> None:
+    """Run ``events`` through the state machine from ``session``, failing on any
+    illegal step: Pause only from ACTIVE; Resume from PAUSED (to its resume
+    checkpoint) or from either state to a checkpoint the calls named (``named``),
+    one that exists; a Terminate's checkpoint deletions right before it, the
+    terminate once and last."""
+    for index, event in enumerate(events):
+        where = f"event {session.events + index}: {event}, session {session.state}"
+        assert session.state != TERMINATED, f"{where}: after the terminate"
+        kind, ref = event.event_type, event.ref or ""
+        if kind == lc.EVENT_TYPE_SESSION_PAUSED:
+            assert session.state == ACTIVE, where
+            assert ref not in session.checkpoints, where
+            session.checkpoints[ref] = dict(session.memory)
+            session.state, session.resume_from = PAUSED, ref
+        elif kind == lc.EVENT_TYPE_SESSION_RESUMED:
+            assert session.state in (ACTIVE, PAUSED), where
+            assert ref in session.checkpoints, where
+            own = session.state == PAUSED and ref == session.resume_from
+            assert own or ref in named, f"{where}: resumed from a checkpoint nobody named"
+            session.memory = dict(session.checkpoints[ref])
+            session.state = ACTIVE
+        elif kind == lc.EVENT_TYPE_CHECKPOINT_DELETED:
+            assert ref in session.checkpoints, where
+            following = {e.event_type for e in events[index + 1 :]}
+            assert following <= {lc.EVENT_TYPE_CHECKPOINT_DELETED, lc.EVENT_TYPE_SESSION_TERMINATED}
+            assert lc.EVENT_TYPE_SESSION_TERMINATED in following, where
+            del session.checkpoints[ref]
+        elif kind == lc.EVENT_TYPE_SESSION_TERMINATED:
+            assert not session.checkpoints, f"{where}: checkpoints left"
+            session.state, session.memory = TERMINATED, {}
+        else:
+            raise AssertionError(f"{where}: not a Pause, Resume or Terminate")
+    session.events += len(events)
+
+
+async def test_concurrent_lifecycle_calls_are_serialized(life, wm, scope, server):
+    """Pause/Resume/Terminate racing: the event log replays through the state
+    machine, each success is one event and one version step, and the state, the
+    checkpoints and the working memory are what the last event left."""
     await life.Spawn(lc.SpawnRequest(**scope, initial_entries=entries(a=1)))
+    await life.CreateCheckpoint(lc.CreateCheckpointRequest(**scope, checkpoint_id="base"))
+    await wm.Set(pb.SetRequest(**scope, key="b", value=value(2)))
+    session = Replayed(ACTIVE, {"a": 1, "b": 2}, {"base": {"a": 1}}, events=2)
 
-    async def attempt(call: Any) -> bool:
+    async def attempt(call: Any) -> Any:
         try:
-            await call
+            return await call
         except grpc.aio.AioRpcError as error:
-            assert error.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND)
-            return False
-        return True
+            details = details_of(error)
+            assert details.code == grpc.StatusCode.FAILED_PRECONDITION, details
+            assert details.reason == "ERROR_REASON_INVALID_TRANSITION", details
+            return None
 
-    calls = [life.Pause(lc.PauseRequest(**scope)) for _ in range(3)]
-    calls += [life.Resume(lc.ResumeRequest(**scope)) for _ in range(3)]
-    calls += [life.Terminate(lc.TerminateRequest(**scope))]
-    succeeded = sum(await asyncio.gather(*(attempt(c) for c in calls)))
-    final = (await life.GetSession(lc.GetSessionRequest(**scope))).session
-    assert final.version == 1 + succeeded
-    # One event per change of the session; besides, each checkpoint the Terminate
-    # deleted (it ran last if it succeeded) is announced.
-    changes = [e for e in events_of(server, scope) if e[1] != lc.EVENT_TYPE_CHECKPOINT_DELETED]
-    assert len(changes) == 1 + succeeded
+    for terminate in (False, True):
+        calls = [life.Pause(lc.PauseRequest(**scope)) for _ in range(3)]
+        calls += [life.Resume(lc.ResumeRequest(**scope)) for _ in range(2)]
+        calls += [life.Resume(lc.ResumeRequest(**scope, checkpoint_id="base")) for _ in range(2)]
+        calls += [life.Terminate(lc.TerminateRequest(**scope))] if terminate else []
+        answers = [a for a in await asyncio.gather(*(attempt(c) for c in calls)) if a is not None]
+        log = await lifecycle_log(server.config.database_url, scope)
+        assert [e.sequence - log[0].sequence for e in log] == list(range(len(log)))  # no gaps
+        new = log[session.events :]
+        replay(new, session, named={"base"})
+        # Each answer is one of the new events, and each change event one answer.
+        changes = [e for e in new if e.event_type != lc.EVENT_TYPE_CHECKPOINT_DELETED]
+        assert sorted((e.event_type, e.ref) for e in changes) == sorted(
+            answered(answer) for answer in answers
+        )
+        got = (await life.GetSession(lc.GetSessionRequest(**scope))).session
+        assert got.state == session.state
+        assert got.version == 1 + len([e for e in log if e.event_type in TRANSITION_EVENTS])
+        if session.state == PAUSED:
+            assert got.resume_checkpoint_id == session.resume_from
+        listed = await life.ListCheckpoints(lc.ListCheckpointsRequest(**scope, page_size=100))
+        assert sorted(c.checkpoint_id for c in listed.checkpoints) == sorted(session.checkpoints)
+        for name, contents in session.checkpoints.items():
+            assert await checkpoint_contents(life, scope, name) == contents
+        if session.state == TERMINATED:
+            await expect_error(memory_of(wm, scope), grpc.StatusCode.NOT_FOUND)
+        else:
+            assert await memory_of(wm, scope) == session.memory
+        write = wm.Set(pb.SetRequest(**scope, key="b", value=value(2)))
+        if session.state == ACTIVE:
+            await write
+            session.memory["b"] = 2
+        else:
+            await expect_error(write, grpc.StatusCode.FAILED_PRECONDITION)
+
+
+TRANSITION_EVENTS = frozenset(
+    {lc.EVENT_TYPE_SESSION_PAUSED, lc.EVENT_TYPE_SESSION_RESUMED, lc.EVENT_TYPE_SESSION_TERMINATED}
+)
+
+
+def answered(answer: Any) -> tuple[int, str]:
+    """The (event type, checkpoint or episode id) an answer announces."""
+    if isinstance(answer, lc.PauseResponse):
+        return lc.EVENT_TYPE_SESSION_PAUSED, answer.checkpoint.checkpoint_id
+    if isinstance(answer, lc.ResumeResponse):
+        return lc.EVENT_TYPE_SESSION_RESUMED, answer.checkpoint.checkpoint_id
+    return lc.EVENT_TYPE_SESSION_TERMINATED, answer.episode_id
 
 
 async def test_checkpoints_are_listed_newest_first_and_deletable(life, scope):

@@ -21,11 +21,11 @@ from memsvc.failpoints import CRASH_EXIT_STATUS
 from memsvc.store.redis import session_keys
 from memsvc.testing import free_port, wait_for_port
 from memsvc.v1 import lifecycle_pb2 as lc
-from memsvc.v1 import working_memory_pb2 as pb
 from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
 from memsvc.v1.working_memory_pb2_grpc import WorkingMemoryServiceStub
 from tests.conftest import REDIS_URL, need
-from tests.helpers import expect_error, python, value
+from tests.contract.test_lifecycle_faults import apply, check, ours, prepare, the_call
+from tests.helpers import expect_error, lifecycle_log
 
 MEMSVC = str(Path(sys.executable).parent / "memsvc")
 
@@ -56,38 +56,51 @@ def serve(
 async def test_killed_mid_operation_recovers_on_restart(
     tmp_path, fresh_postgres_url, point, state_after
 ):
+    """The session takes a "seed" checkpoint, then changes a key and adds others;
+    the Pause snapshots that later memory, the Resume rolls back to the seed. After
+    the restart the whole memory, the checkpoints, the event log and the state are
+    exactly the old ones or exactly the new ones, and a retry with the same request
+    id completes the call with one effect (tests/faults/test_crash_boundaries.py
+    adds spawn, terminate and private backends)."""
     need(REDIS_URL)
     ids: dict[str, Any] = {"project_id": str(uuid.uuid4()), "agent_instance_id": str(uuid.uuid4()),
                            "session_id": "crash"}  # fmt: skip
+    operation, when = point.split(".")
+    committed = when == "before_finish"
+    request_id = str(uuid.uuid4())
     port = free_port()
     process = serve(port, tmp_path, fresh_postgres_url, f"{point}=crash")
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             life, wm = LifecycleServiceStub(channel), WorkingMemoryServiceStub(channel)
-            await life.Spawn(lc.SpawnRequest(**ids))
-            await wm.Set(pb.SetRequest(**ids, key="k", value=value("before")))
-            if point.startswith("resume"):
-                await life.Pause(lc.PauseRequest(**ids))
-                call = life.Resume(lc.ResumeRequest(**ids), timeout=10)
-            else:
-                call = life.Pause(lc.PauseRequest(**ids), timeout=10)
+            model = await prepare(life, wm, ids, operation)
+            await check(life, wm, channel, fresh_postgres_url, ids, model)
+            call = the_call(life, ids, operation, request_id)
             await expect_error(call, grpc.StatusCode.UNAVAILABLE)
         assert await asyncio.to_thread(process.wait, 30) == CRASH_EXIT_STATUS
         process = serve(port, tmp_path, fresh_postgres_url)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             life, wm = LifecycleServiceStub(channel), WorkingMemoryServiceStub(channel)
-            session = (await life.GetSession(lc.GetSessionRequest(**ids))).session
-            assert session.state == state_after
-            got = await wm.Get(pb.GetRequest(**ids, key="k"))
-            assert python(got.entry.value) == "before"
-            write = wm.Set(pb.SetRequest(**ids, key="k", value=value("after")))
-            if state_after == lc.SESSION_STATE_ACTIVE:
-                await write
-            else:
-                await expect_error(write, grpc.StatusCode.FAILED_PRECONDITION)
-                await life.Resume(lc.ResumeRequest(**ids))
-                await wm.Set(pb.SetRequest(**ids, key="k", value=value("after")))
-            assert python((await wm.Get(pb.GetRequest(**ids, key="k"))).entry.value) == "after"
+            # Only the event log says what the crashed call did: its answer was lost.
+            mine = ours(await lifecycle_log(fresh_postgres_url, ids), request_id)
+            assert len(mine) == (1 if committed else 0)
+            if committed:
+                apply(model, operation, request_id, mine[0].ref or "")
+            assert model.state == state_after
+            await check(life, wm, channel, fresh_postgres_url, ids, model)
+
+            # The client retries with the same request id: one effect in all.
+            reply = await the_call(life, ids, operation, request_id)
+            if not committed:
+                mine = ours(await lifecycle_log(fresh_postgres_url, ids), request_id)
+                assert len(mine) == 1
+                apply(model, operation, request_id, mine[0].ref or "")
+            assert reply.checkpoint.checkpoint_id == (
+                model.resume_checkpoint if operation == "pause" else "seed"
+            )
+            log = await check(life, wm, channel, fresh_postgres_url, ids, model)
+            assert await the_call(life, ids, operation, request_id) == reply
+            assert await lifecycle_log(fresh_postgres_url, ids) == log
     finally:
         process.terminate()
         await asyncio.to_thread(process.wait, 30)
