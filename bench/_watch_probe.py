@@ -66,9 +66,10 @@ class _Source:
         self.events_committed: Callable[[list[StoredEvent]], None] = lambda events: None
 
     async def read_events(
-        self, after: int, limit: int, event_filter: EventFilter
+        self, after: int, limit: int, event_filter: EventFilter, until: int | None = None
     ) -> list[StoredEvent]:
-        return [e for e in self.events if e.sequence > after][:limit]
+        last = until if until is not None else float("inf")
+        return [e for e in self.events if after < e.sequence <= last][:limit]
 
     async def event_bounds(self) -> tuple[int, int]:
         return 0, len(self.events)
