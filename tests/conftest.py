@@ -46,6 +46,7 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 _NOT_RUN_IN_CI = ("skipped", "xfailed", "xpassed", "deselected")
 
 
+@pytest.hookimpl(trylast=True)  # the status other plugins settled on, for the exit below
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Under CI=true a test skipped, expected to fail or deselected fails the run."""
     _run_status.append(int(session.exitstatus))
@@ -72,6 +73,7 @@ def _lingering_threads() -> list[threading.Thread]:
     ]
 
 
+@pytest.hookimpl(trylast=True)  # after every other plugin's (output capture stopped)
 def pytest_unconfigure(config: pytest.Config) -> None:
     """A test that fails before stopping its server leaves the server's non-daemon
     threads running (aiosqlite's workers, an HTTP listener), and the interpreter

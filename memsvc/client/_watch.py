@@ -300,9 +300,11 @@ class AsyncWatch(Generic[Item]):
     def _connect(self) -> None:
         if self._closing is not None and self._closing.closed:
             self._client_closed()
-        if self._failing_since is None:
-            # No stream works from now on (the start, or a working stream dropped
-            # without counting as a failure): reconnect_timeout counts from here.
+        if self._connections == 0:
+            # The start: reconnect_timeout counts from here until a stream works.
+            # (Later, from the loss of a working stream, in _after_failure; not from
+            # a stream dropped because its reader cancelled a read, which is no
+            # failure, and on a quiet log no message would ever stop that count.)
             self._failing_since = asyncio.get_running_loop().time()
         request = lifecycle_pb2.WatchLifecycleRequest()
         request.CopyFrom(self._request)
@@ -363,7 +365,8 @@ class AsyncWatch(Generic[Item]):
                 raise failure from error
         elif not self._reconnect:
             self._closed = True
-            raise Unavailable(f"watch stream ended: {error or type(error).__name__}") from error
+            detail = str(error) or type(error).__name__
+            raise Unavailable(f"watch stream ended: {detail}") from error
         if self._failing_since is None:
             # A working stream was lost: reconnect_timeout counts from now.
             self._failing_since = asyncio.get_running_loop().time()

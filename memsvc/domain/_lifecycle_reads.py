@@ -28,6 +28,7 @@ from memsvc.domain._lifecycle_records import (
 )
 from memsvc.domain._pagination import (
     Page,
+    check_page_token,
     decode_page_token,
     encode_page_token,
     fingerprint,
@@ -76,6 +77,8 @@ class LifecycleReads:
             check_session_id(checkpoint_id, "checkpoint_id", violations)
         limit = self._limits.page_size(page_size, violations)
         raise_if_any(violations)
+        if include_entries:
+            check_page_token(page_token)  # its scope is checked once the checkpoint is read
         # Plain reads: showing a checkpoint takes no lock and opens no transaction.
         found = await self._db.read_checkpoint(ref, checkpoint_id, with_contents=include_entries)
         record = await self._db.get_session(ref)
@@ -84,9 +87,11 @@ class LifecycleReads:
         if found is None:
             raise CheckpointNotFound(ref.session_id, checkpoint_id)
         checkpoint = self.retention.with_expiry(found[0], protected_checkpoint(record))
-        contents = found[1]
-        if not include_entries or contents is None:
+        if not include_entries:
             return checkpoint, Page([], "")
+        contents = found[1]
+        if contents is None:
+            raise RuntimeError(f"checkpoint {checkpoint_id!r} was read without its contents")
         # A token is bound to these contents, not only to the id: one deleted and
         # taken again under the same id must not finish a listing of the old one.
         scope = fingerprint(

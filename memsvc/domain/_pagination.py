@@ -57,6 +57,30 @@ def decode_page_token(token: str, scope: str, field: str = "page_token") -> str 
     """
     if not token:
         return None
+    after, token_scope = _token_parts(token, field)
+    if token_scope != scope:
+        raise InvalidArgument(
+            [
+                FieldViolation(
+                    field,
+                    "belongs to a different request (another session or filter, or a "
+                    "checkpoint taken again under its id); start again with an empty "
+                    "page_token",
+                )
+            ]
+        )
+    return after
+
+
+def check_page_token(token: str, field: str = "page_token") -> None:
+    """Raise InvalidArgument for a malformed token (before reading anything, when
+    the scope it must match is known only from what a read returns)."""
+    if token:
+        _token_parts(token, field)
+
+
+def _token_parts(token: str, field: str) -> tuple[str, str]:
+    """A token's position and scope; InvalidArgument when it is malformed."""
     try:
         padded = token + "=" * (-len(token) % 4)
         document = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
@@ -75,18 +99,7 @@ def decode_page_token(token: str, scope: str, field: str = "page_token") -> str 
                 )
             ]
         )
-    if token_scope != scope:
-        raise InvalidArgument(
-            [
-                FieldViolation(
-                    field,
-                    "belongs to a different request (another session or filter, or a "
-                    "checkpoint taken again under its id); start again with an empty "
-                    "page_token",
-                )
-            ]
-        )
-    return str(after)
+    return str(after), str(token_scope)
 
 
 def page_position(after: str | None, *kinds: Callable[[Any], Any]) -> tuple[Any, ...] | None:

@@ -313,6 +313,8 @@ class EventHub:
                 # database that lost its last commits reuses their sequences.
                 self.position, self._position_event = latest, None
             yield cursor
+            loop = asyncio.get_running_loop()
+            sent_at = loop.time()  # of the stream's last message
             # A stream that asked for the oldest event and has had none yet follows
             # compaction instead of failing: the oldest is whatever is kept.
             following_oldest = after is None and from_oldest
@@ -325,6 +327,7 @@ class EventHub:
                     if cursor < oldest and following_oldest:
                         cursor = oldest
                         yield cursor  # a progress: nothing up to there is kept
+                        sent_at = loop.time()
                         continue
                     if cursor < oldest:
                         # Compacted while this stream caught up: what it had not read
@@ -334,10 +337,16 @@ class EventHub:
                     for stored in batch:
                         cursor, following_oldest = stored.sequence, False
                         yield stored
+                        sent_at = loop.time()
                     if len(batch) < READ_BATCH:
                         cursor = until  # nothing else of the window matches
-                        if not batch and until < target:
-                            yield cursor  # a progress: a long catch-up moves on
+                        if until < target and loop.time() - sent_at >= progress_interval:
+                            # A long catch-up reports its progress, as a live stream
+                            # does while nothing matches. The client takes it as past
+                            # its start: from here a compaction past it is a loss.
+                            following_oldest = False
+                            yield cursor
+                            sent_at = loop.time()
                 # ...then join it, with no await in between: nothing slips past.
                 following_oldest = False
                 self._join(subscriber, cursor)

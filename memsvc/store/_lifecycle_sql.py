@@ -316,7 +316,12 @@ class _SqlPendingClaim:
             if row[2] is not None and bytes(row[2]) == PURGED_ANSWER:
                 raise AnswerPurged(self._request_id)
             return bytes(row[2]) if row[2] is not None else None
-        # Never a reuse without the call that took the id to compare with.
+        # Not reached in practice: a row met after one vanished is a fresh claim,
+        # which the sweep does not take. (A duplicate that claimed the id meanwhile
+        # and waits for this call's session lock makes the second INSERT wait for
+        # it: PostgreSQL breaks that deadlock after deadlock_timeout, and one of the
+        # two gets UNAVAILABLE, retried with its request_id.) Never a reuse without
+        # the call that took the id to compare with.
         raise BackendUnavailable(
             "database", RuntimeError(f"request id {self._request_id!r} kept vanishing")
         )
@@ -432,8 +437,8 @@ class SqlLifecycleTransaction(SqlWrites):
         self, ref: SessionRef, checkpoint_id: str | None, count: bool
     ) -> CheckpointLock | None:
         if not checkpoint_id and not count:
-            row = await self._one(_lock_statement(self._d), _key(ref))
-            return None if row is None else CheckpointLock(session_from_row(row, self._d), 0, False)
+            record = await self.lock_session(ref)
+            return None if record is None else CheckpointLock(record, 0, False)
         # The count and the requested id are read in a statement of their own, sent
         # with the lock and run after it: the lock's own subqueries would read the
         # snapshot from before it waited (PostgreSQL, READ COMMITTED), and miss the

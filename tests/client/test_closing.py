@@ -382,6 +382,23 @@ async def test_a_watch_without_reconnection_ends_a_silent_stream_with_unavailabl
         assert silent.streams == 1
 
 
+async def test_reads_cancelled_by_their_reader_never_exhaust_reconnect_timeout():
+    """A reader that bounds each read with a timeout drops the stream each time (the
+    next read reconnects from the cursor): no failure, however long it goes on,
+    even on a quiet log where no message moves the cursor."""
+    async with (
+        StubServer(fail_after=None) as quiet,
+        AsyncClient(quiet.target, retry=RetryPolicy(initial_backoff=0.05)) as client,
+    ):
+        watch = await client.watch(SCOPE[0], progress_interval=5, reconnect_timeout=0.3).start()
+        for _ in range(6):  # 1.2 s of reads, four times the reconnect_timeout
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.2):
+                    await anext(watch)
+        assert quiet.streams >= 2
+        await watch.aclose()
+
+
 class AnswersOnce(StubServer):
     """Its first stream says hello and fails with UNAVAILABLE ``fail_after`` seconds
     later; later streams are accepted and never written to (a server that hangs)."""

@@ -292,20 +292,23 @@ class ScopedLog(CompactingLog):
         return [e for e in found if event_filter.matches(e.event)][:limit]
 
 
-async def test_a_filtered_catch_up_reads_the_log_window_by_window(monkeypatch):
+@pytest.mark.parametrize("interval", [0.0, 30.0], ids=["progress due", "progress not due"])
+async def test_a_filtered_catch_up_reads_the_log_window_by_window(monkeypatch, interval):
     """A filtered read scans the log in order: over a large log a quiet scope's
     read would run past its budget. Each read covers a window of the log, and a
-    window without a match moves the stream on with a progress."""
+    window without a match moves the stream on with a progress, once the progress
+    interval has passed since its last message (as a live stream's)."""
     monkeypatch.setattr(watch_module, "CATCH_UP_WINDOW", 10)
     log = ScopedLog()
     log.commit(34)
     wanted = SessionRef(str(uuid.uuid4()), str(uuid.uuid4()), "wanted")
     log.events[30] = StoredEvent(31, replace(log.events[30].event, ref=wanted))
     hub = EventHub(log, poll_interval=30)
-    stream: Any = hub.watch(EventFilter(project_id=wanted.project_id), 0, 30)
-    items = [await anext(stream) for _ in range(5)]
-    # The start, a progress after each quiet window, then the one event that matches.
-    assert items[:4] == [0, 10, 20, 30]
-    assert isinstance(items[4], StoredEvent) and items[4].sequence == 31
+    stream: Any = hub.watch(EventFilter(project_id=wanted.project_id), 0, interval)
+    progress = [10, 20, 30] if interval == 0 else []
+    items = [await anext(stream) for _ in range(2 + len(progress))]
+    # The start, a progress after each quiet window when due, then the one event.
+    assert items[:-1] == [0, *progress]
+    assert isinstance(items[-1], StoredEvent) and items[-1].sequence == 31
     assert log.windows == [(0, 10), (10, 20), (20, 30), (30, 34)]
     await stream.aclose()
