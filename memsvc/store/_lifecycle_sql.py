@@ -261,26 +261,6 @@ class _Pending:
         return self._row
 
 
-async def _send_claim_insert(
-    tx: SqlLifecycleTransaction, scope: SessionRef, request_id: str, call: tuple[str, str]
-) -> _Pending:
-    """Claim a request id for a call (method, arguments hash): an INSERT that
-    returns a row, or none when the id is taken."""
-    return await tx._send(
-        "INSERT INTO request_log (project_id, agent_instance_id, session_id, request_id,"
-        " method, arguments_hash, create_time) VALUES (?, ?, ?, ?, ?, ?, ?)"
-        " ON CONFLICT DO NOTHING RETURNING request_id",
-        (
-            scope.project_id,
-            scope.agent_instance_id or None,
-            scope.session_id or None,
-            request_id,
-            *call,
-            tx._d.time_param(_now_ms()),
-        ),
-    )
-
-
 class _SqlPendingClaim:
     def __init__(
         self,
@@ -307,8 +287,8 @@ class _SqlPendingClaim:
                 # The sweep forgot the expired answer the INSERT met (PostgreSQL,
                 # READ COMMITTED: this read sees its commit): claim the id again,
                 # which inserts now, or meets a duplicate that claimed it meanwhile.
-                self._inserted = await _send_claim_insert(
-                    self._tx, self._scope, self._request_id, self._call
+                self._inserted = await self._tx.insert_claim(
+                    self._scope, self._request_id, self._call
                 )
                 continue
             if (row[0], row[1]) != self._call:
@@ -386,8 +366,27 @@ class SqlLifecycleTransaction(SqlWrites):
         self, scope: SessionRef, request_id: str, method: str, arguments_hash: str
     ) -> _SqlPendingClaim:
         call = (method, arguments_hash)
-        inserted = await _send_claim_insert(self, scope, request_id, call)
+        inserted = await self.insert_claim(scope, request_id, call)
         return _SqlPendingClaim(self, scope, request_id, call, inserted)
+
+    async def insert_claim(
+        self, scope: SessionRef, request_id: str, call: tuple[str, str]
+    ) -> _Pending:
+        """Claim a request id for a call (method, arguments hash): an INSERT that
+        returns a row, or none when the id is taken."""
+        return await self._send(
+            "INSERT INTO request_log (project_id, agent_instance_id, session_id, request_id,"
+            " method, arguments_hash, create_time) VALUES (?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT DO NOTHING RETURNING request_id",
+            (
+                scope.project_id,
+                scope.agent_instance_id or None,
+                scope.session_id or None,
+                request_id,
+                *call,
+                self._d.time_param(_now_ms()),
+            ),
+        )
 
     async def remember_response(self, project_id: str, request_id: str, response: bytes) -> None:
         await self._conn.execute(
