@@ -203,12 +203,13 @@ async def test_lifecycle_round_trips_do_not_grow_with_keys(rig):
         expected = {"EVALSHA": 2, **(reads if name in ("pause", "terminate") else {})}
         assert redis_commands == expected, (name, redis_commands)
         # The request-id claim and the row lock (plus, for a Resume, the
-        # checkpoint's read; for a Terminate, the session's checkpoints, with a
+        # checkpoint's read; for a Pause, the count of the session's checkpoints,
+        # read after the lock; for a Terminate, the session's checkpoints, with a
         # paused session's resume point for the episode), then one statement for
         # every write and the event (the write batch), then the answer remembered.
         # No BEGIN or COMMIT: the pipeline's Sync ends the transaction. The
         # Terminate also announces the one checkpoint it deletes: one more event.
-        assert statements == {"pause": 4, "terminate": 6}.get(name, 5), (name, statements)
+        assert statements == {"terminate": 6}.get(name, 5), (name, statements)
         # Pipelined: the claim and the row lock (plus, for a Resume, the
         # checkpoint; for a Terminate, whether a graph thread waits for the
         # session's end, and the resume checkpoint) in one round trip; the
