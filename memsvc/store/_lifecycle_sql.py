@@ -740,13 +740,16 @@ class SqlLifecycleTransaction(SqlWrites):
             "SELECT sequence, event_time FROM lifecycle_events"
             f" ORDER BY sequence LIMIT {int(limit)}"
         )
+        # The examined events locked first, in sequence order, as a purge locks the
+        # events it makes tombstones of: in the delete's own (hash) order, the two
+        # deadlocked.
         rows = await (
             await self._conn.execute(
                 self._d.sql(
                     "DELETE FROM lifecycle_events WHERE sequence IN (SELECT sequence FROM"
-                    f" ({oldest}) examined) AND sequence < COALESCE((SELECT min(sequence) FROM"
-                    f" ({oldest}) kept WHERE NOT ({' OR '.join(conditions)})), {_NO_SEQUENCE})"
-                    " RETURNING sequence"
+                    f" ({oldest}{self._d.for_update}) examined) AND sequence < COALESCE((SELECT"
+                    f" min(sequence) FROM ({oldest}) kept WHERE NOT ({' OR '.join(conditions)})),"
+                    f" {_NO_SEQUENCE}) RETURNING sequence"
                 ),
                 params,
             )

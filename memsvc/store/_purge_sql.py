@@ -75,9 +75,14 @@ class SqlPurgeWrites(SqlWrites):
 
     async def tombstone_events(self, scope: SessionRef) -> int:
         where, params = _scope(scope)
+        # Locked in sequence order, as compaction locks them: in the order of a
+        # scan of the table (no index serves a scope), the two deadlocked on old
+        # events of the scope.
         return await self._count(
             "UPDATE lifecycle_events SET purged = ?, project_id = ?, agent_instance_id = ?,"
             " session_id = '', agent_type_id = NULL, checkpoint_id = NULL, episode_id = NULL,"
-            f" request_id = NULL, metadata = ? WHERE {where} AND purged = ?",
+            " request_id = NULL, metadata = ? WHERE sequence IN (SELECT sequence FROM"
+            f" lifecycle_events WHERE {where} AND purged = ? ORDER BY sequence"
+            f"{self._d.for_update})",
             [True, NIL_UUID, NIL_UUID, self._d.json_param({}), *params, False],
         )
