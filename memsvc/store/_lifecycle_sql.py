@@ -564,18 +564,21 @@ class SqlLifecycleTransaction(SqlWrites):
     async def prune_checkpoints(
         self, ref: SessionRef, keep_last: int, protected: str | None
     ) -> list[str]:
+        # The protected one (just made) first among those kept, however it is
+        # stamped (a clock behind): kept besides the newest, it would leave one
+        # more than keep_last.
         rows = await (
             await self._conn.execute(
                 self._d.sql(
                     f"DELETE FROM checkpoints WHERE {_SESSION_KEY} AND checkpoint_id <> ?"
                     " AND checkpoint_id NOT IN (SELECT checkpoint_id FROM checkpoints"
-                    f" WHERE {_SESSION_KEY} ORDER BY create_time DESC, checkpoint_id DESC"
-                    f" LIMIT {int(keep_last)})"
+                    f" WHERE {_SESSION_KEY} ORDER BY checkpoint_id = ? DESC, create_time DESC,"
+                    f" checkpoint_id DESC LIMIT {int(keep_last)})"
                     " AND checkpoint_id NOT IN (SELECT resume_checkpoint_id FROM sessions"
                     f" WHERE {_SESSION_KEY} AND state = 2 AND resume_checkpoint_id IS NOT NULL)"
                     " RETURNING checkpoint_id"
                 ),
-                (*_key(ref), protected or "", *_key(ref), *_key(ref)),
+                (*_key(ref), protected or "", *_key(ref), protected or "", *_key(ref)),
             )
         ).fetchall()
         return [str(row[0]) for row in rows]

@@ -103,23 +103,32 @@ async def test_keep_last_up_to_the_limit_prunes_instead_of_refusing(
     assert await checkpoint_ids(life, scope) == sorted(kept)
 
 
-@pytest.mark.parametrize("config_overrides", [PRUNING], indirect=True)
+@pytest.mark.parametrize(
+    "config_overrides", [PRUNING, PRUNING_AT_THE_LIMIT], indirect=True, ids=["below", "at"]
+)
 async def test_a_new_checkpoint_is_never_pruned_by_its_own_call(
     life: LifecycleServiceStub,
     scope: dict[str, Any],
     server: Any,
     monkeypatch: pytest.MonkeyPatch,
+    config_overrides: dict[str, object],
 ):
     """Stamped earlier than the newest one (a replica whose clock is behind, a
-    clock stepped back), it still survives the prune that makes room for it."""
+    clock stepped back), it still survives the prune that makes room for it, and
+    counts among the ones kept: the session holds keep_last checkpoints, never one
+    more (at the limit, the count is not checked: the prune keeps to it)."""
     await life.Spawn(lc.SpawnRequest(**scope))
-    await life.CreateCheckpoint(lc.CreateCheckpointRequest(**scope, checkpoint_id="one"))
+    for checkpoint_id in ("one", "two"):
+        await life.CreateCheckpoint(
+            lc.CreateCheckpointRequest(**scope, checkpoint_id=checkpoint_id)
+        )
     behind = server.lifecycle._clock_ms() - 60_000
     monkeypatch.setattr(server.lifecycle, "_clock_ms", lambda: behind)
     made = await life.CreateCheckpoint(lc.CreateCheckpointRequest(**scope, checkpoint_id="late"))
     got = await life.GetCheckpoint(lc.GetCheckpointRequest(**scope, checkpoint_id="late"))
     assert got.checkpoint.create_time == made.checkpoint.create_time
-    assert "late" in await checkpoint_ids(life, scope)
+    kept = ["late", "two"][: int(str(config_overrides["checkpoint_keep_last"]))]
+    assert await checkpoint_ids(life, scope) == sorted(kept)
 
 
 @pytest.mark.parametrize("config_overrides", [{"max_session_keys": 2}], indirect=True)
