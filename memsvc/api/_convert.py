@@ -197,12 +197,13 @@ def timestamp(epoch_ms: int) -> timestamp_pb2.Timestamp:
     )
 
 
-def epoch_ms(moment: timestamp_pb2.Timestamp, field: str) -> int:
-    """Unix milliseconds of a Timestamp (rounded down); a malformed one (nanos
-    outside 0..999,999,999, which protobuf's rule forbids) is INVALID_ARGUMENT,
-    range checks are the caller's."""
+def epoch_ms(moment: timestamp_pb2.Timestamp, field: str, round_up: bool = False) -> int:
+    """Unix milliseconds of a Timestamp (rounded down, or up); a malformed one
+    (nanos outside 0..999,999,999, which protobuf's rule forbids) is
+    INVALID_ARGUMENT, range checks are the caller's."""
     if not 0 <= moment.nanos < 1_000_000_000:
         raise InvalidArgument.single(
             field, "is not a valid Timestamp (nanos must be from 0 to 999,999,999)"
         )
-    return int(moment.seconds * 1000 + moment.nanos // _NANOS_PER_MS)
+    whole, rest = divmod(moment.nanos, _NANOS_PER_MS)
+    return int(moment.seconds * 1000 + whole + (1 if round_up and rest else 0))

@@ -87,9 +87,16 @@ def episode_scope(
     f = request_filter
 
     def moment(name: Literal["start_time", "end_time"]) -> int | None:
+        """Rounded up to the millisecond, as episodes are stamped: an episode of
+        millisecond T is at or after a start in (T-1, T] and before an end in
+        (T, T+1]."""
         if not f.HasField(name):
             return None
-        return collected(violations, lambda: epoch_ms(getattr(f, name), f"filter.{name}"), None)
+        return collected(
+            violations,
+            lambda: epoch_ms(getattr(f, name), f"filter.{name}", round_up=True),
+            None,
+        )
 
     return EpisodeScope(
         project_id=project_id,

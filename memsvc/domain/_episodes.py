@@ -412,8 +412,10 @@ def check_scope(scope: EpisodeScope, violations: list[FieldViolation]) -> Episod
             )
     if scope.task_type is not None and (problem := json_problem(scope.task_type)):
         violations.append(FieldViolation("filter.task_type", problem))
-    if scope.start_ms is not None and scope.end_ms is not None and scope.start_ms >= scope.end_ms:
-        violations.append(FieldViolation("filter.end_time", "must be after filter.start_time"))
+    # Equal is an empty range, not a mistake: bounds within one millisecond round
+    # to the same one (and no episode is stamped between them).
+    if scope.start_ms is not None and scope.end_ms is not None and scope.start_ms > scope.end_ms:
+        violations.append(FieldViolation("filter.end_time", "must not be before filter.start_time"))
     return dataclasses.replace(scope, project_id=project, agent_instance_id=agent)
 
 

@@ -43,17 +43,29 @@ _MATCH = "\x01"
 
 
 def text_rank(
-    description: str | None, summary: str | None, lessons: str | None, length: int
+    description: str | None,
+    summary: str | None,
+    lessons: str | None,
+    raw_description: str | None,
+    raw_summary: str | None,
+    raw_lessons: str | None,
+    length: int,
 ) -> float:
     """A search score from one episode alone: its matches (the columns as
-    ``_marked`` gives them, each marked once), description and lessons weighing
-    twice the summary, divided by 1 + ln(1 + its length in characters) (as
-    ts_rank's normalization 1 divides by 1 + log(length)). Not FTS5's bm25, whose
-    corpus statistics move with every episode recorded (in any project): a page
-    position taken from one search would no longer compare with the next."""
+    ``_marked`` gives them, each marked once; less the marks the stored text
+    holds itself, which an episode could otherwise use to rank itself first),
+    description and lessons weighing twice the summary, divided by
+    1 + ln(1 + its length in characters) (as ts_rank's normalization 1 divides by
+    1 + log(length)). Not FTS5's bm25, whose corpus statistics move with every
+    episode recorded (in any project): a page position taken from one search
+    would no longer compare with the next."""
     weighted = sum(
-        weight * (text or "").count(_MATCH)
-        for weight, text in ((2.0, description), (1.0, summary), (2.0, lessons))
+        weight * ((marked or "").count(_MATCH) - (raw or "").count(_MATCH))
+        for weight, marked, raw in (
+            (2.0, description, raw_description),
+            (1.0, summary, raw_summary),
+            (2.0, lessons, raw_lessons),
+        )
     )
     return weighted / (1.0 + math.log1p(length))
 
@@ -127,6 +139,7 @@ def _text_match(dialect: Dialect, terms: Sequence[str]) -> tuple[str, str, str, 
         "episodes_fts JOIN episodes e ON e.search_rowid = episodes_fts.rowid",
         "episodes_fts MATCH ?",
         f"{SQLITE_TEXT_RANK}({_marked(0)}, {_marked(1)}, {_marked(2)},"
+        " episodes_fts.task_description, episodes_fts.context_summary, episodes_fts.lessons,"
         " length(e.task_description) + length(e.context_summary) + length(e.lessons_learned))",
         [" ".join(f'"{term}"' for term in terms)],
     )

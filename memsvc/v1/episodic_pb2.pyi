@@ -159,11 +159,15 @@ class EpisodeFilter(_message.Message):
     """Only episodes whose importance is at least this (0 to 1)."""
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
-        """Only episodes created at or after this time."""
+        """Only episodes created at or after this time. Episodes are stamped to the
+        millisecond: a finer time is rounded up to the next millisecond.
+        """
 
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp:
-        """Only episodes created before this time."""
+        """Only episodes created before this time (rounded up to the millisecond too;
+        an end within the start's millisecond selects nothing).
+        """
 
     def __init__(
         self,

@@ -321,6 +321,31 @@ async def test_list_filters_and_orders_newest_first(episodic, scope):
     assert await ids(start_time=future) == []
 
 
+async def test_time_filters_between_milliseconds_keep_their_meaning(episodic, scope):
+    """Episodes are stamped to the millisecond; a bound finer than that must still
+    mean "at or after" and "before": rounded down, an episode of millisecond T
+    passed a start of T + 0.5 ms and failed an end of T + 0.5 ms."""
+    made = await record(episodic, episode(scope))
+    at = made.create_time.seconds * 1_000_000_000 + made.create_time.nanos
+
+    def moment(nanos: int) -> timestamp_pb2.Timestamp:
+        return timestamp_pb2.Timestamp(seconds=nanos // 10**9, nanos=nanos % 10**9)
+
+    async def found(start: int, end: int | None = None) -> bool:
+        bounds = {"start_time": moment(start)}
+        if end is not None:
+            bounds["end_time"] = moment(end)
+        listed = await list_all(episodic, scope["project_id"], **bounds)
+        return made.episode_id in {e.episode_id for e in listed}
+
+    half_ms = 500_000
+    assert not await found(at + half_ms)  # created before that start
+    assert await found(at - half_ms, at + half_ms)
+    assert await found(at - 1, at + 1)
+    assert not await found(at + 1, at + 2)  # within one millisecond: empty, not refused
+    assert not await found(at - 2 * half_ms, at)  # the end is exclusive
+
+
 async def test_pages_neither_skip_nor_repeat_while_episodes_arrive(episodic, scope):
     project = scope["project_id"]
     original = {(await record(episodic, episode(scope))).episode_id for _ in range(23)}
@@ -465,6 +490,24 @@ async def test_search_ranks_the_relevant_episode_first(episodic, scope):
     assert await search_ids(episodic, project, "nonexistentword") == []
     # Another project sees nothing.
     assert await search_ids(episodic, str(uuid.uuid4()), "vault") == []
+
+
+async def test_control_characters_in_an_episode_do_not_raise_its_rank(episodic, scope):
+    """SQLite marks each match with U+0001 to count them: an episode holding that
+    character itself was counted a match per copy, and ranked first for any query
+    it matched at all. Padded with it or with spaces (neither is a word), an
+    episode scores the same."""
+    padded = {}
+    for pad in ("\x01", " "):
+        padded[pad] = await record(
+            episodic,
+            episode(scope, task_description="apple " + pad * 300, context_summary=pad * 500),
+        )
+    response = await episodic.SearchEpisodes(
+        ep.SearchEpisodesRequest(project_id=scope["project_id"], query="apple", page_size=10)
+    )
+    scores = {result.episode.episode_id: result.score for result in response.results}
+    assert scores[padded["\x01"].episode_id] == pytest.approx(scores[padded[" "].episode_id])
 
 
 @pytest.mark.parametrize(

@@ -98,7 +98,7 @@ class SqliteDurableStore(SqlDurableReads):
         ):
             await db.execute(pragma)
         await db.create_function(SQLITE_JSON_HOLDS, 2, json_holds, deterministic=True)
-        await db.create_function(SQLITE_TEXT_RANK, 4, text_rank, deterministic=True)
+        await db.create_function(SQLITE_TEXT_RANK, 7, text_rank, deterministic=True)
         return db
 
     async def aclose(self) -> None:
