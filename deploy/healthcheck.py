@@ -3,8 +3,9 @@
 Usage: ``python healthcheck.py [SERVICE [HOST:PORT]]``.
 
 Without an address it asks the probe port that memsvc serves (``MEMSVC_HEALTH_LISTEN``,
-default ``0.0.0.0:8081``), or, when that is switched off (empty), the API
-(``MEMSVC_LISTEN``, default ``127.0.0.1:50051``), which serves the same services.
+default ``127.0.0.1:8081``; the image sets ``0.0.0.0:8081``), or, when that is switched
+off (empty), the API (``MEMSVC_LISTEN``, default ``127.0.0.1:50051``), which serves the
+same services.
 A wildcard host (``0.0.0.0``, ``::``) is asked on loopback. The service defaults to
 ``liveness`` (the process is up); ``readiness`` also needs the backends.
 
@@ -18,7 +19,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 
-DEFAULT_HEALTH_LISTEN = "0.0.0.0:8081"
+DEFAULT_HEALTH_LISTEN = "127.0.0.1:8081"
 DEFAULT_LISTEN = "127.0.0.1:50051"
 TIMEOUT_SECONDS = 3.0
 _WILDCARDS = {"", "0.0.0.0", "::", "[::]", "*"}

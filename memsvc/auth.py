@@ -204,13 +204,27 @@ class _WatchedFiles:
             self._last_error = message
 
 
-def _parse_file(path: Path) -> TokenTable:
+def _read_tokens(path: Path) -> tuple[str, TokenTable]:
+    """The tokens file's text and the tokens it holds."""
     data = _read(path, "tokens file")
     try:
         text = data.decode("ascii")
     except UnicodeDecodeError:
         raise CredentialsError(f"{path}: a tokens file holds ASCII text only") from None
-    return parse_tokens(text, str(path))
+    return text, parse_tokens(text, str(path))
+
+
+def _unfinished_widening(text: str, old: TokenTable) -> bool:
+    """Whether the file's last line has no end of line and holds a token alone that
+    did not already act in every project: maybe a line cut before its project ids,
+    in a file caught half written, which would widen the token to every project."""
+    if text.endswith("\n"):
+        return False
+    fields = _COMMENT.sub("", text.rsplit("\n", 1)[-1]).split()
+    if len(fields) != 1:
+        return False
+    grant = old.lookup(fields[0])
+    return grant is None or grant.projects is not None
 
 
 class TokenFile:
@@ -221,8 +235,10 @@ class TokenFile:
         self.path = Path(path)
         self._files = _WatchedFiles(self.path)
         signature = self._files.signature()
-        self.table = _parse_file(self.path)
+        self.table = _read_tokens(self.path)[1]
         self._files.accept(signature)
+        # The text of a file whose last line may be unfinished, held back one check.
+        self._held: str | None = None
         bound = sum(1 for grant in self.table if grant.projects is not None)
         log.info(
             "loaded %d token(s) from %s (%d bound to projects)", len(self.table), self.path, bound
@@ -237,12 +253,24 @@ class TokenFile:
         if signature is None:
             return None
         try:
-            table = _parse_file(self.path)
+            text, table = _read_tokens(self.path)
             if self._files.signature() != signature:
                 return None  # changed while being read: take it at the next check
         except CredentialsError as error:
             self._files.refuse(error)
             return None
+        if _unfinished_widening(text, self.table) and text != self._held:
+            # Taken only if it is still so at the next check: a writer that paused
+            # mid-line has finished by then (replace the file in one step to never
+            # meet this; a Kubernetes Secret's update does).
+            self._held = text
+            log.warning(
+                "%s: its last line has no end of line and lets its token act in every "
+                "project: taken if unchanged at the next check",
+                self.path,
+            )
+            return None
+        self._held = None
         self._files.accept(signature)
         old = {grant.digest: grant for grant in self.table}
         new = {grant.digest: grant for grant in table}

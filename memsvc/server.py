@@ -273,6 +273,13 @@ class Server:
             # start, and nothing else found at its path.
             made = os.stat(self.config.unix_socket)
             self._socket_inode = (made.st_dev, made.st_ino)
+            # Its mode and group before the server starts, not after: until then the
+            # socket has the mode the process's umask gave it (0777 under umask 0).
+            # Read-write for the group too: an agent container that shares the
+            # pod's fsGroup (or unix_socket_group) connects without memsvc's user.
+            if socket_group is not None:
+                _give_socket_to(self.config.unix_socket, socket_group)
+            os.chmod(self.config.unix_socket, 0o660)
         await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         await self._check_health()
         if self._schema_behind:
@@ -280,12 +287,6 @@ class Server:
             raise StartupError(self._schema_behind)
         await server.start()
         self._grpc = server
-        if self.config.unix_socket:
-            # Read-write for the group too: an agent container that shares the
-            # pod's fsGroup (or unix_socket_group) connects without memsvc's user.
-            if socket_group is not None:
-                _give_socket_to(self.config.unix_socket, socket_group)
-            os.chmod(self.config.unix_socket, 0o660)
         if self.config.health_listen:
             self._probe = grpc.aio.server(options=self._grpc_options())
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self._probe)

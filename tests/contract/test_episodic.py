@@ -332,7 +332,7 @@ async def test_time_filters_between_milliseconds_keep_their_meaning(episodic, sc
         return timestamp_pb2.Timestamp(seconds=nanos // 10**9, nanos=nanos % 10**9)
 
     async def found(start: int, end: int | None = None) -> bool:
-        bounds = {"start_time": moment(start)}
+        bounds: dict[str, Any] = {"start_time": moment(start)}
         if end is not None:
             bounds["end_time"] = moment(end)
         listed = await list_all(episodic, scope["project_id"], **bounds)

@@ -78,6 +78,12 @@ def test_entrypoint_cmd_ports_and_healthcheck():
     expose = final.last("EXPOSE")
     assert expose is not None
     assert set(expose.text.split()) == {"50051", "8081", "9464"}
+    # memsvc's own defaults are loopback; the image opens the probe and metrics ports
+    # (neither serves memory) for the kubelet and scrapers outside the container.
+    environment = " ".join(instruction.text for instruction in final.all("ENV")).split()
+    assert {"MEMSVC_HEALTH_LISTEN=0.0.0.0:8081", "MEMSVC_METRICS_LISTEN=0.0.0.0:9464"} <= set(
+        environment
+    )
     healthcheck = final.last("HEALTHCHECK")
     assert healthcheck is not None
     options, rest = healthcheck.options()

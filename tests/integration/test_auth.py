@@ -28,7 +28,14 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
 from memsvc.api._auth import PROJECT_OF
-from memsvc.auth import CredentialsError, TokenFile, digest, fingerprint, parse_tokens
+from memsvc.auth import (
+    CredentialsError,
+    TokenFile,
+    TokenTable,
+    digest,
+    fingerprint,
+    parse_tokens,
+)
 from memsvc.config import Config, ConfigError, load
 from memsvc.server import Server
 from memsvc.testing import free_port, wait_for_port
@@ -711,6 +718,32 @@ def test_a_reload_logs_tokens_rebound_to_other_projects(
     assert table is not None and table.lookup(token).projects is None  # type: ignore[union-attr]
     rebound = f"rebound {fingerprint(digest(token))} to every project"
     assert rebound in caplog.text and token not in caplog.text
+
+
+def test_a_line_cut_before_its_project_ids_does_not_widen_its_token_at_once(tmp_path: Path):
+    """A tokens file caught half written (rewritten in place, the writer paused
+    mid-line) ends with a token alone: taken at once, it would let the token act in
+    every project until the rest arrived. Held back one check: a finished line then
+    binds it as before; a file that stays so (a last line without its end of line,
+    on purpose) is taken then."""
+    token, other = new_token(), new_token()
+    path = tmp_path / "tokens"
+    path.write_text(f"{other}\n{token} {PROJECT}\n")
+    tokens = TokenFile(path)
+
+    def rewrite(text: str) -> TokenTable | None:
+        path.write_text(text)
+        os.utime(path, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))  # a new mtime
+        return tokens.reload()
+
+    assert rewrite(f"{other}\n{token}") is None  # cut: held back
+    finished = rewrite(f"{other}\n{token} {PROJECT}\n")
+    assert finished is not None
+    assert finished.lookup(token).projects == frozenset({PROJECT})  # type: ignore[union-attr]
+    tokens.table = finished
+    assert rewrite(f"{other}\n{token}") is None
+    kept = tokens.reload()  # unchanged at the next check: meant so
+    assert kept is not None and kept.lookup(token).projects is None  # type: ignore[union-attr]
 
 
 async def test_tokens_without_tls_on_a_network_address_are_warned_of(

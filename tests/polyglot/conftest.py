@@ -124,7 +124,7 @@ def _server_environment(
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEMSVC_")}
     env |= {
         "MEMSVC_LISTEN": f"127.0.0.1:{port}",
-        # By default these bind 0.0.0.0:8081 and 0.0.0.0:9464: two servers (or a
+        # By default these bind 127.0.0.1:8081 and 127.0.0.1:9464: two servers (or a
         # developer's own memsvc) would collide. The tests need neither.
         "MEMSVC_HEALTH_LISTEN": "",
         "MEMSVC_METRICS_LISTEN": "",

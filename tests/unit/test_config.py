@@ -15,6 +15,9 @@ DOCS = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 def test_defaults_are_the_embedded_deployment():
     config = load({}, {"XDG_DATA_HOME": "/srv/data"})
     assert config.listen == "127.0.0.1:50051"
+    # Every listener on loopback without settings (docs/security.md).
+    assert config.health_listen == "127.0.0.1:8081"
+    assert config.metrics_listen == "127.0.0.1:9464"
     assert config.working_memory_url == "memory://"
     assert config.database_url == "sqlite:///srv/data/memsvc/memsvc.db"
     assert config.migrate is True
