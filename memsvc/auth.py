@@ -26,7 +26,8 @@ import logging
 import os
 import re
 import ssl
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -231,14 +232,22 @@ class TokenFile:
     """The tokens file named by ``auth_tokens_file``; ``table`` is what calls are checked
     against. ``reload()`` reads it again if it changed (run it off the event loop)."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        hold_seconds: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.path = Path(path)
+        # How long a file that may be cut mid-line must stay unchanged before it is
+        # taken (the reload interval: a SIGHUP sent on every write must not cut it short).
+        self._hold_seconds, self._clock = hold_seconds, clock
         self._files = _WatchedFiles(self.path)
         signature = self._files.signature()
         self.table = _read_tokens(self.path)[1]
         self._files.accept(signature)
-        # The text of a file whose last line may be unfinished, held back one check.
-        self._held: str | None = None
+        # The text of a file whose last line may be unfinished, held back, and since when.
+        self._held: tuple[str, float] | None = None
         bound = sum(1 for grant in self.table if grant.projects is not None)
         log.info(
             "loaded %d token(s) from %s (%d bound to projects)", len(self.table), self.path, bound
@@ -259,17 +268,22 @@ class TokenFile:
         except CredentialsError as error:
             self._files.refuse(error)
             return None
-        if _unfinished_widening(text, self.table) and text != self._held:
-            # Taken only if it is still so at the next check: a writer that paused
-            # mid-line has finished by then (replace the file in one step to never
-            # meet this; a Kubernetes Secret's update does).
-            self._held = text
-            log.warning(
-                "%s: its last line has no end of line and lets its token act in every "
-                "project: taken if unchanged at the next check",
-                self.path,
-            )
-            return None
+        if _unfinished_widening(text, self.table):
+            # Taken only once it has stayed so for a while: a writer that paused
+            # mid-line has finished by then. (End the last line with a newline to
+            # never meet this: the check reads the text, however it was written.)
+            now = self._clock()
+            if self._held is None or self._held[0] != text:
+                self._held = (text, now)
+                log.warning(
+                    "%s: its last line has no end of line and lets its token act in every "
+                    "project: taken if unchanged in %g s",
+                    self.path,
+                    self._hold_seconds,
+                )
+                return None
+            if now - self._held[1] < self._hold_seconds:
+                return None
         self._held = None
         self._files.accept(signature)
         old = {grant.digest: grant for grant in self.table}

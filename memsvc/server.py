@@ -268,14 +268,19 @@ class Server:
         if self.config.unix_socket:
             # No TLS on the socket: its file mode and group guard it (tokens still apply).
             _remove_stale_socket(Path(self.config.unix_socket))
-            server.add_insecure_port(f"unix:{self.config.unix_socket}")
+            # Bound (and listening) with no access for others from its first moment,
+            # whatever the process's umask; its mode and group are set just below.
+            umask = os.umask(0o007)
+            try:
+                server.add_insecure_port(f"unix:{self.config.unix_socket}")
+            finally:
+                os.umask(umask)
             # This run's socket (bound now): stop() removes it, even after a failed
             # start, and nothing else found at its path.
             made = os.stat(self.config.unix_socket)
             self._socket_inode = (made.st_dev, made.st_ino)
-            # Its mode and group before the server starts, not after: until then the
-            # socket has the mode the process's umask gave it (0777 under umask 0).
-            # Read-write for the group too: an agent container that shares the
+            # Its mode and group before the server starts, not after. Read-write for
+            # the group too: an agent container that shares the
             # pod's fsGroup (or unix_socket_group) connects without memsvc's user.
             if socket_group is not None:
                 _give_socket_to(self.config.unix_socket, socket_group)
@@ -548,7 +553,9 @@ class Server:
         config = self.config
         try:
             if config.auth_tokens_file:
-                self.tokens = TokenFile(config.auth_tokens_file)
+                self.tokens = TokenFile(
+                    config.auth_tokens_file, hold_seconds=config.auth_reload_interval_seconds
+                )
             if config.tls_cert_file:
                 self.certificates = CertificateFiles(
                     config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file or None

@@ -11,6 +11,7 @@ from memsvc.api._convert import collected, epoch_ms, plain_struct, seconds_of, t
 from memsvc.domain import FieldViolation, SessionRef
 from memsvc.domain._episodes import Episodes, EpisodeScope, unpack_embedding
 from memsvc.domain._lifecycle_records import EpisodeRecord
+from memsvc.domain._storable import MAX_TIME_MS
 from memsvc.v1 import episodic_pb2 as pb
 from memsvc.v1 import episodic_pb2_grpc as pb_grpc
 from memsvc.v1 import lifecycle_pb2
@@ -89,12 +90,12 @@ def episode_scope(
     def moment(name: Literal["start_time", "end_time"]) -> int | None:
         """Rounded up to the millisecond, as episodes are stamped: an episode of
         millisecond T is at or after a start in (T-1, T] and before an end in
-        (T, T+1]."""
+        (T, T+1]. (The latest Timestamp, a common "no end", stays in range.)"""
         if not f.HasField(name):
             return None
         return collected(
             violations,
-            lambda: epoch_ms(getattr(f, name), f"filter.{name}", round_up=True),
+            lambda: min(epoch_ms(getattr(f, name), f"filter.{name}", round_up=True), MAX_TIME_MS),
             None,
         )
 

@@ -743,16 +743,19 @@ class SqlLifecycleTransaction(SqlWrites):
             "SELECT sequence, event_time FROM lifecycle_events"
             f" ORDER BY sequence LIMIT {int(limit)}"
         )
-        # The examined events locked first, in sequence order, as a purge locks the
-        # events it makes tombstones of: in the delete's own (hash) order, the two
-        # deadlocked.
+        # The events to delete are locked first, in sequence order, as a purge locks
+        # the events it makes tombstones of (in the delete's own order, on a large log
+        # the primary key's, the two deadlocked); none when none is due.
+        first_kept = (
+            f"COALESCE((SELECT min(sequence) FROM ({oldest}) kept"
+            f" WHERE NOT ({' OR '.join(conditions)})), {_NO_SEQUENCE})"
+        )
         rows = await (
             await self._conn.execute(
                 self._d.sql(
                     "DELETE FROM lifecycle_events WHERE sequence IN (SELECT sequence FROM"
-                    f" ({oldest}{self._d.for_update}) examined) AND sequence < COALESCE((SELECT"
-                    f" min(sequence) FROM ({oldest}) kept WHERE NOT ({' OR '.join(conditions)})),"
-                    f" {_NO_SEQUENCE}) RETURNING sequence"
+                    f" lifecycle_events WHERE sequence < {first_kept} ORDER BY sequence"
+                    f" LIMIT {int(limit)}{self._d.for_update}) RETURNING sequence"
                 ),
                 params,
             )

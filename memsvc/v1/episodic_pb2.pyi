@@ -166,7 +166,7 @@ class EpisodeFilter(_message.Message):
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp:
         """Only episodes created before this time (rounded up to the millisecond too;
-        an end within the start's millisecond selects nothing).
+        an end that rounds to the start's millisecond selects nothing).
         """
 
     def __init__(

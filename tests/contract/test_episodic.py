@@ -344,6 +344,10 @@ async def test_time_filters_between_milliseconds_keep_their_meaning(episodic, sc
     assert await found(at - 1, at + 1)
     assert not await found(at + 1, at + 2)  # within one millisecond: empty, not refused
     assert not await found(at - 2 * half_ms, at)  # the end is exclusive
+    # The latest Timestamp there is, a common "no end", rounds up past year 9999
+    # but stays a valid end.
+    latest = 253_402_300_799 * 10**9 + 999_999_999
+    assert await found(at - half_ms, latest)
 
 
 async def test_pages_neither_skip_nor_repeat_while_episodes_arrive(episodic, scope):

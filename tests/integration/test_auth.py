@@ -729,7 +729,8 @@ def test_a_line_cut_before_its_project_ids_does_not_widen_its_token_at_once(tmp_
     token, other = new_token(), new_token()
     path = tmp_path / "tokens"
     path.write_text(f"{other}\n{token} {PROJECT}\n")
-    tokens = TokenFile(path)
+    now = [0.0]
+    tokens = TokenFile(path, hold_seconds=5, clock=lambda: now[0])
 
     def rewrite(text: str) -> TokenTable | None:
         path.write_text(text)
@@ -742,7 +743,10 @@ def test_a_line_cut_before_its_project_ids_does_not_widen_its_token_at_once(tmp_
     assert finished.lookup(token).projects == frozenset({PROJECT})  # type: ignore[union-attr]
     tokens.table = finished
     assert rewrite(f"{other}\n{token}") is None
-    kept = tokens.reload()  # unchanged at the next check: meant so
+    now[0] = 1.0
+    assert tokens.reload() is None  # a check soon after (a SIGHUP per write): still held
+    now[0] = 5.0
+    kept = tokens.reload()  # unchanged for the hold: meant so
     assert kept is not None and kept.lookup(token).projects is None  # type: ignore[union-attr]
 
 

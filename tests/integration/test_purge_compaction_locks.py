@@ -9,7 +9,9 @@ lock in sequence order, so whichever comes first goes first.
 
 The test makes the interleaving certain: event 1 is stored after event 2 in the
 table (rewritten by an UPDATE), a third connection holds event 1, both statements
-queue behind it, and it lets go.
+queue behind it, and it lets go. Before the fix the two orders differed only on the
+large log's plan (compaction through the primary key); on the small log's both
+followed the table, so that case covers the plans rather than the old deadlock.
 """
 
 from __future__ import annotations
