@@ -90,14 +90,17 @@ def episode_scope(
     def moment(name: Literal["start_time", "end_time"]) -> int | None:
         """Rounded up to the millisecond, as episodes are stamped: an episode of
         millisecond T is at or after a start in (T-1, T] and before an end in
-        (T, T+1]. (The latest Timestamp, a common "no end", stays in range.)"""
+        (T, T+1]. Not past year 9999, though: the latest Timestamp is a common
+        "no end" (a time beyond it is refused by the range check as before)."""
         if not f.HasField(name):
             return None
-        return collected(
-            violations,
-            lambda: min(epoch_ms(getattr(f, name), f"filter.{name}", round_up=True), MAX_TIME_MS),
-            None,
-        )
+        given, field = getattr(f, name), f"filter.{name}"
+
+        def rounded() -> int:
+            up = epoch_ms(given, field, round_up=True)
+            return up if up <= MAX_TIME_MS else epoch_ms(given, field)
+
+        return collected(violations, rounded, None)
 
     return EpisodeScope(
         project_id=project_id,
