@@ -419,8 +419,9 @@ class ListEntriesRequest(_message.Message):
     page_size: _builtins.int
     """Maximum number of entries to return. Zero: 100. At most 1,000 (larger
     values are treated as 1,000). Negative: INVALID_ARGUMENT. A page also
-    ends early once its keys and values reach 3/4 of `max_message_bytes`,
-    3 MiB by default (but it has at least one entry).
+    ends before the entry that would take its keys and values (with 40 bytes
+    of framing each) past 3/4 of `max_message_bytes`, 3 MiB by default (but
+    it has at least one entry).
     """
     page_token: _builtins.str
     """Token from a previous response's `next_page_token`; empty for the first
@@ -567,7 +568,9 @@ class BatchSetRequest(_message.Message):
     @_builtins.property
     def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___EntryInput]:
         """Entries to write: 1 to 1,000, no duplicate keys. The whole request must
-        also fit in the gRPC message limit (4 MiB by default).
+        also fit in the gRPC message limit (4 MiB by default): a larger one is
+        refused by gRPC itself, RESOURCE_EXHAUSTED without an ErrorInfo (unlike a
+        session limit's); split it into several BatchSets.
         """
 
     def __init__(
