@@ -214,7 +214,10 @@ class Server:
             interceptors.append(self._auth)
         interceptors.append(
             ErrorInterceptor(
-                self._calls, self.config.max_concurrent_calls, self.config.default_deadline_seconds
+                self._calls,
+                self.config.max_concurrent_calls,
+                self.config.default_deadline_seconds,
+                max_other_streams=self.config.max_watchers,
             )
         )
         server = grpc.aio.server(

@@ -41,6 +41,7 @@ from memsvc.domain._errors import (
     TooManyCalls,
     Unauthenticated,
 )
+from memsvc.domain._watch import TooManyWatchers
 from memsvc.log import rpc_method
 
 log = logging.getLogger(__name__)
@@ -139,19 +140,30 @@ class CallTracker:
     def __init__(self) -> None:
         self._streams: set[asyncio.Task[Any]] = set()
         self._unary: set[asyncio.Task[Any]] = set()
+        # The streams of services not memsvc's own (grpc.health.v1 Watch).
+        self._other_streams: set[asyncio.Task[Any]] = set()
         self.shutting_down = False
 
     @contextlib.contextmanager
-    def tracking(self, *, stream: bool) -> Iterator[None]:
+    def tracking(self, *, stream: bool, own: bool = True) -> Iterator[None]:
         """Count the current task as a call in flight for the duration of the block."""
         task = asyncio.current_task()
         assert task is not None
-        calls = self._streams if stream else self._unary
-        calls.add(task)
+        counts = [self._streams if stream else self._unary]
+        if stream and not own:
+            counts.append(self._other_streams)
+        for calls in counts:
+            calls.add(task)
         try:
             yield
         finally:
-            calls.discard(task)
+            for calls in counts:
+                calls.discard(task)
+
+    @property
+    def other_streams(self) -> int:
+        """Streams of other services open now (the current one included)."""
+        return len(self._other_streams)
 
     @property
     def unary_in_flight(self) -> int:
@@ -184,11 +196,18 @@ class ErrorInterceptor(HandlerWrapper):
     own_only = False  # every handler: streams are tracked for shutdown too
 
     def __init__(
-        self, calls: CallTracker, max_concurrent_calls: int, default_deadline_seconds: float
+        self,
+        calls: CallTracker,
+        max_concurrent_calls: int,
+        default_deadline_seconds: float,
+        max_other_streams: int,
     ) -> None:
         super().__init__()
         self._calls = calls
         self._limits = CallLimits(max_concurrent_calls, default_deadline_seconds)
+        # Health Watch streams need no token (probes have none): without a bound,
+        # anyone who reaches the port could open them until memory runs out.
+        self._max_other_streams = max_other_streams
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         own = method.startswith(OWN_METHOD_PREFIX)
@@ -214,6 +233,11 @@ class ErrorInterceptor(HandlerWrapper):
         """Wrap a server-streaming handler, either style grpc.aio allows: an async
         generator that yields responses, or a coroutine that calls context.write()."""
         calls = self._calls
+        limit = self._max_other_streams
+
+        async def refuse_beyond_the_limit(context: grpc.aio.ServicerContext) -> None:
+            if not own and calls.other_streams > limit:
+                await _abort(context, TooManyWatchers(limit), method)
 
         async def end_with_status(context: grpc.aio.ServicerContext, error: BaseException) -> None:
             if isinstance(error, asyncio.CancelledError):
@@ -238,9 +262,10 @@ class ErrorInterceptor(HandlerWrapper):
                 request: Any, context: grpc.aio.ServicerContext
             ) -> AsyncIterator[Any]:
                 rpc_method.set(method)
-                with calls.tracking(stream=True):
+                with calls.tracking(stream=True, own=own):
                     try:
                         refuse_when_shutting_down(calls)
+                        await refuse_beyond_the_limit(context)
                         if isinstance(request, Undecodable):
                             raise request.error()
                         async for response in behavior(request, context):
@@ -252,9 +277,10 @@ class ErrorInterceptor(HandlerWrapper):
 
         async def writer(request: Any, context: grpc.aio.ServicerContext) -> None:
             rpc_method.set(method)
-            with calls.tracking(stream=True):
+            with calls.tracking(stream=True, own=own):
                 try:
                     refuse_when_shutting_down(calls)
+                    await refuse_beyond_the_limit(context)
                     if isinstance(request, Undecodable):
                         raise request.error()
                     await behavior(request, context)

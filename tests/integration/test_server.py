@@ -27,7 +27,7 @@ from memsvc.v1 import lifecycle_pb2 as lc
 from memsvc.v1 import working_memory_pb2 as pb
 from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
 from memsvc.v1.working_memory_pb2_grpc import WorkingMemoryServiceStub
-from tests.helpers import details_of, expect_error, python, value
+from tests.helpers import details_of, eventually, expect_error, python, value
 from tests.integration._gated import GatedStore, StubbornStore
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -254,6 +254,43 @@ async def test_graceful_shutdown_finishes_in_flight_calls_and_refuses_new_ones(e
     assert python(reply.entry.value) == "v"
     await asyncio.wait_for(stopping, 10)
     await channel.close()
+
+
+async def test_health_watches_on_the_api_are_bounded(embedded):
+    """grpc.health.v1 Watch needs no token (probes have none): beyond max_watchers
+    open ones, another is RESOURCE_EXHAUSTED, so nobody can hold the server's memory
+    with them. WatchLifecycle streams have their own count."""
+    async with (
+        Server(replace(embedded, max_watchers=2)) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        health = health_pb2_grpc.HealthStub(channel)
+        held = [health.Watch(health_pb2.HealthCheckRequest()) for _ in range(2)]
+        for stream in held:
+            assert (await asyncio.wait_for(stream.read(), 10)).status == SERVING
+        refused = health.Watch(health_pb2.HealthCheckRequest())
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await asyncio.wait_for(refused.read(), 10)
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert details_of(error.value).reason == "ERROR_REASON_TOO_MANY_WATCHERS"
+        events = LifecycleServiceStub(channel).WatchLifecycle(
+            lc.WatchLifecycleRequest(project_id=str(uuid.uuid4()))
+        )
+        assert (await asyncio.wait_for(events.read(), 10)).HasField("progress")
+        held[0].cancel()  # a slot comes free
+
+        async def admitted() -> bool:
+            again = health.Watch(health_pb2.HealthCheckRequest())
+            try:
+                return bool((await asyncio.wait_for(again.read(), 10)).status == SERVING)
+            except grpc.aio.AioRpcError:
+                return False
+            finally:
+                again.cancel()
+
+        await eventually(admitted)
+        for stream in (*held, events):
+            stream.cancel()
 
 
 async def test_a_stream_opened_once_shutdown_began_ends_as_the_others_did(embedded):
