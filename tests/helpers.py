@@ -249,10 +249,10 @@ async def whole_memory(wm: Any, scope: dict[str, Any]) -> dict[str, Any]:
             return found
 
 
-async def checkpoint_contents(
+async def checkpoint_with_contents(
     life: Any, scope: dict[str, Any], checkpoint_id: str
-) -> dict[str, Any]:
-    """Every entry a checkpoint holds, decoded."""
+) -> tuple[Any, dict[str, Any]]:
+    """A checkpoint (``lifecycle_pb2.Checkpoint``) and every entry it holds, decoded."""
     from memsvc.v1 import lifecycle_pb2 as lc
 
     found: dict[str, Any] = {}
@@ -265,7 +265,14 @@ async def checkpoint_contents(
         )  # fmt: skip
         found.update({entry.key: python(entry.value) for entry in reply.entries})
         if not (token := reply.next_page_token):
-            return found
+            return reply.checkpoint, found
+
+
+async def checkpoint_contents(
+    life: Any, scope: dict[str, Any], checkpoint_id: str
+) -> dict[str, Any]:
+    """Every entry a checkpoint holds, decoded."""
+    return (await checkpoint_with_contents(life, scope, checkpoint_id))[1]
 
 
 async def session_episodes(channel: grpc.aio.Channel, scope: dict[str, Any]) -> list[str]:

@@ -33,7 +33,13 @@ from memsvc.v1 import working_memory_pb2 as pb
 from memsvc.v1.episodic_pb2_grpc import EpisodicMemoryServiceStub
 from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
 from memsvc.v1.working_memory_pb2_grpc import WorkingMemoryServiceStub
-from tests.helpers import ErrorDetails, details_of, python, value
+from tests.helpers import (
+    ErrorDetails,
+    checkpoint_with_contents,
+    details_of,
+    value,
+    whole_memory,
+)
 
 T = TypeVar("T")
 
@@ -631,40 +637,6 @@ async def read_log(stubs: Stubs, **scope: Any) -> list[lc.LifecycleEvent]:
         call.cancel()
 
 
-async def working_memory(stubs: Stubs, ids: dict[str, Any]) -> dict[str, Any]:
-    """A session's whole working memory, every page."""
-    found: dict[str, Any] = {}
-    token = ""
-    while True:
-        page = await stubs.wm.ListEntries(
-            pb.ListEntriesRequest(**ids, page_size=1000, page_token=token), timeout=10
-        )
-        for entry in page.entries:
-            found[entry.key] = python(entry.value)
-        token = page.next_page_token
-        if not token:
-            return found
-
-
-async def checkpoint_contents(
-    stubs: Stubs, ids: dict[str, Any], checkpoint_id: str
-) -> tuple[lc.Checkpoint, dict[str, Any]]:
-    """A checkpoint and every entry it holds, decoded."""
-    found: dict[str, Any] = {}
-    token = ""
-    while True:
-        reply = await stubs.life.GetCheckpoint(
-            lc.GetCheckpointRequest(**ids, checkpoint_id=checkpoint_id, include_entries=True,
-                                    page_size=1000, page_token=token),
-            timeout=10,
-        )  # fmt: skip
-        for entry in reply.entries:
-            found[entry.key] = python(entry.value)
-        token = reply.next_page_token
-        if not token:
-            return reply.checkpoint, found
-
-
 async def checkpoint_ids(stubs: Stubs, ids: dict[str, Any]) -> list[str]:
     reply = await stubs.life.ListCheckpoints(
         lc.ListCheckpointsRequest(**ids, page_size=1000), timeout=10
@@ -748,7 +720,7 @@ async def audit(
                 assert event.episode_id == session.episode_id
         assert sorted(await checkpoint_ids(stubs, ids)) == sorted(session.checkpoints), ids
         for checkpoint_id, contents in session.checkpoints.items():
-            checkpoint, stored = await checkpoint_contents(stubs, ids, checkpoint_id)
+            checkpoint, stored = await checkpoint_with_contents(stubs.life, ids, checkpoint_id)
             assert checkpoint.key_count == len(stored)
             if contents is not None:
                 assert stored == contents, f"checkpoint {checkpoint_id} of {ids['session_id']}"
@@ -767,7 +739,7 @@ async def audit(
             except grpc.aio.AioRpcError as error:
                 assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error
             try:
-                assert await working_memory(stubs, ids) == session.memory, ids
+                assert await whole_memory(stubs.wm, ids) == session.memory, ids
             except grpc.aio.AioRpcError as error:
                 if not (working_memory_lost and session.state == lc.SESSION_STATE_TERMINATED):
                     raise

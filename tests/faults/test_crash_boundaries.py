@@ -43,16 +43,14 @@ from memsvc.v1 import working_memory_pb2 as pb
 from tests.faults._support import (
     STATE_OF_EVENT,
     Stubs,
-    checkpoint_contents,
     checkpoint_ids,
     episodes_of,
     expect_code,
     read_log,
     wait_serving,
-    working_memory,
 )
 from tests.faults.conftest import Rig, RigFactory
-from tests.helpers import value
+from tests.helpers import checkpoint_with_contents, value, whole_memory
 
 ACTIVE, PAUSED, TERMINATED = (
     lc.SESSION_STATE_ACTIVE,
@@ -191,7 +189,7 @@ async def check_consistent(
     # Checkpoints: exactly the expected ones, each complete.
     assert sorted(await checkpoint_ids(stubs, ids)) == sorted(session.checkpoints)
     for checkpoint_id, contents in session.checkpoints.items():
-        checkpoint, stored = await checkpoint_contents(stubs, ids, checkpoint_id)
+        checkpoint, stored = await checkpoint_with_contents(stubs.life, ids, checkpoint_id)
         assert stored == contents, f"checkpoint {checkpoint_id} is not complete"
         assert checkpoint.key_count == len(contents)
     # Episodes: one per committed terminate.
@@ -217,7 +215,7 @@ async def check_consistent(
             stubs.wm.Get(pb.GetRequest(**ids, key="plan"), timeout=10), grpc.StatusCode.NOT_FOUND
         )
         return log
-    assert await working_memory(stubs, ids) == session.memory
+    assert await whole_memory(stubs.wm, ids) == session.memory
     if state != TERMINATED:
         reply = (await stubs.life.GetSession(lc.GetSessionRequest(**ids), timeout=10)).session
         assert reply.working_memory_status == lc.WORKING_MEMORY_STATUS_INTACT

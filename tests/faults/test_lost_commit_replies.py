@@ -17,7 +17,7 @@ import pytest
 
 from memsvc.v1 import lifecycle_pb2 as lc
 from memsvc.v1 import working_memory_pb2 as pb
-from tests.faults._support import Stubs, expect_code, wait_serving, working_memory
+from tests.faults._support import Stubs, expect_code, wait_serving
 from tests.faults.conftest import RigFactory
 from tests.faults.test_crash_boundaries import (
     ACTIVE,
@@ -29,7 +29,7 @@ from tests.faults.test_crash_boundaries import (
     prepare,
     the_call,
 )
-from tests.helpers import value
+from tests.helpers import value, whole_memory
 
 # PostgreSQL's Sync message: type S, length 4.
 SYNC = b"S\x00\x00\x00\x04"
@@ -83,7 +83,7 @@ async def test_working_memory_follows_a_commit_whose_answer_was_lost(
             "resume": SEED,
         }.get(operation)
         if expected is not None:
-            assert await working_memory(stubs, session.ids) == expected
+            assert await whole_memory(stubs.wm, session.ids) == expected
         # And the retry completes with the first answer.
         await the_call(stubs, session, operation, request_id)
         assert await writable(stubs, session.ids) == (AFTER[operation] == ACTIVE)
