@@ -49,7 +49,7 @@ _NOT_RUN_IN_CI = ("skipped", "xfailed", "xpassed", "deselected")
 @pytest.hookimpl(trylast=True)  # the status other plugins settled on, for the exit below
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Under CI=true a test skipped, expected to fail or deselected fails the run."""
-    _run_status.append(int(session.exitstatus))
+    _finished.append(session)
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if not IN_CI or reporter is None or session.exitstatus != 0:
         return
@@ -58,10 +58,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if found:
         reporter.write_line(f"CI=true: {found}; failing the run", red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
-        _run_status.append(int(session.exitstatus))
 
 
-_run_status: list[int] = []
+# The session whose final status the exit below reports.
+_finished: list[pytest.Session] = []
 LINGERING_THREADS_SECONDS = 10.0
 
 
@@ -91,7 +91,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     atexit._run_exitfuncs()
-    os._exit((_run_status[-1] if _run_status else 0) or pytest.ExitCode.TESTS_FAILED)
+    status = int(_finished[-1].exitstatus) if _finished else 0
+    os._exit(status or pytest.ExitCode.TESTS_FAILED)
 
 
 # Projects whose working memory a test may have put in the shared Redis: those of the

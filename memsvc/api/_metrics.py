@@ -20,9 +20,13 @@ def _past_deadline(context: grpc.aio.ServicerContext) -> bool:
     return remaining is not None and remaining <= 0
 
 
-def _code(context: grpc.aio.ServicerContext) -> str:
+def _code(context: grpc.aio.ServicerContext, interrupted: bool = False) -> str:
+    """The status the call ended with; ``interrupted``: its handler was cancelled
+    or raised past the error mapping (CANCELLED, unless its deadline passed)."""
     if _past_deadline(context):
         return "DEADLINE_EXCEEDED"
+    if interrupted:
+        return "CANCELLED"
     code = context.code()
     if code is None:
         return "OK"
@@ -87,7 +91,7 @@ class MetricsInterceptor(HandlerWrapper):
                 code = _code(context)
                 raise
             except BaseException:
-                code = "DEADLINE_EXCEEDED" if _past_deadline(context) else "CANCELLED"
+                code = _code(context, interrupted=True)
                 raise
             finally:
                 if latency is not None:
@@ -112,7 +116,7 @@ class MetricsInterceptor(HandlerWrapper):
                 code = _code(context)
                 raise
             except BaseException:
-                code = "DEADLINE_EXCEEDED" if _past_deadline(context) else "CANCELLED"
+                code = _code(context, interrupted=True)
                 raise
             finally:
                 metrics.rpc_handled.labels(*labels, code).inc()

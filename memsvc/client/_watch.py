@@ -49,6 +49,11 @@ RECONNECT_CODES = frozenset(
 SERVER_PROGRESS_INTERVAL = 10.0
 
 
+def _described(error: BaseException) -> str:
+    """An error's message, or its kind when it has none."""
+    return str(error) or type(error).__name__
+
+
 class _StreamEnded(Exception):
     """The server ended the stream without a status: reconnect."""
 
@@ -322,10 +327,9 @@ class AsyncWatch(Generic[Item]):
 
     def _give_up(self, cause: BaseException) -> NoReturn:
         self._closed = True
-        detail = str(cause) or type(cause).__name__
         raise Unavailable(
             f"the watch had no working stream for its reconnect_timeout "
-            f"({self._reconnect_timeout:g} s); last error: {detail}"
+            f"({self._reconnect_timeout:g} s); last error: {_described(cause)}"
         ) from cause
 
     def _client_closed(self, cause: BaseException | None = None) -> NoReturn:
@@ -365,8 +369,7 @@ class AsyncWatch(Generic[Item]):
                 raise failure from error
         elif not self._reconnect:
             self._closed = True
-            detail = str(error) or type(error).__name__
-            raise Unavailable(f"watch stream ended: {detail}") from error
+            raise Unavailable(f"watch stream ended: {_described(error)}") from error
         if self._failing_since is None:
             # A working stream was lost: reconnect_timeout counts from now.
             self._failing_since = asyncio.get_running_loop().time()
