@@ -62,6 +62,7 @@ class _Tally:
     first: float = 0.0
     last: float = 0.0
     message_bytes: int = 0
+    messages: int = 0  # fewer than deliveries when events come in batches
     latencies_us: list[int] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -106,26 +107,33 @@ class Subscriber:
                 if message is grpc.aio.EOF:
                     return
                 now = time.time()
-                if not message.HasField("event"):
+                kind = message.WhichOneof("kind")
+                if kind == "event":
+                    events: Any = (message.event,)
+                elif kind == "batch":
+                    events = message.batch.events
+                else:
                     continue
                 tally = self.tally
                 if index >= len(tally.per_stream):
                     continue  # before expect(): nothing is counted
-                sent = message.event.metadata.fields["sent"].number_value
-                tally.latencies_us.append(round((now - sent) * 1e6))
                 if not tally.deliveries:
                     tally.first = now
                     tally.message_bytes = message.ByteSize()
-                tally.deliveries += 1
-                tally.per_stream[index] += 1
-                sequence = message.event.sequence
                 seen = tally.seen[index]
-                if sequence in seen:
-                    tally.repeated += 1
-                elif sequence < tally.last_sequence[index]:
-                    tally.disordered += 1
-                seen.add(sequence)
-                tally.last_sequence[index] = sequence
+                for event in events:
+                    sent = event.metadata.fields["sent"].number_value
+                    tally.latencies_us.append(round((now - sent) * 1e6))
+                    tally.deliveries += 1
+                    tally.per_stream[index] += 1
+                    sequence = event.sequence
+                    if sequence in seen:
+                        tally.repeated += 1
+                    elif sequence < tally.last_sequence[index]:
+                        tally.disordered += 1
+                    seen.add(sequence)
+                    tally.last_sequence[index] = sequence
+                tally.messages += 1
                 tally.last = now
                 if tally.deliveries >= tally.expected:
                     tally.done.set()
@@ -162,6 +170,7 @@ class Subscriber:
             "first": tally.first,
             "last": tally.last,
             "message_bytes": tally.message_bytes,
+            "messages": tally.messages,
             "latencies_us": tally.latencies_us,
             "errors": tally.errors[:5],
         }

@@ -108,6 +108,9 @@ BURST_RATIO_TARGET = 0.7
 SAME_REPLICA_P99_MS = 25.0
 CROSS_REPLICA_P99_MS = 150.0
 TARGETS = ("bare", "memsvc-same", "memsvc-cross")
+# The same two, with streams that ask for batches (max_events_per_message).
+BATCHED_TARGETS = ("memsvc-same-batched", "memsvc-cross-batched")
+ALL_TARGETS = TARGETS + BATCHED_TARGETS
 
 
 class SessionIds(TypedDict):
@@ -192,6 +195,7 @@ class FanoutSample:
     write_p99_ms: float
     server_cpu_us: float  # CPU of the server the subscribers watch, per delivery
     message_bytes: int
+    messages: int  # stream messages that carried the deliveries
     subscribe_seconds: float
 
 
@@ -419,6 +423,7 @@ async def _phase(
         write_p99_ms=write_p99,
         server_cpu_us=cpu / max(deliveries, 1) * 1e6,
         message_bytes=max(int(a["message_bytes"]) for a in answers),
+        messages=sum(int(a["messages"]) for a in answers),
         subscribe_seconds=phase.subscribe_seconds,
     )
 
@@ -491,6 +496,7 @@ async def _setup(
     replica2: Target,
     project_id: str,
     channels: list[grpc.aio.Channel],
+    max_events_per_message: int,
 ) -> Setup:
     """Spawn the writer sessions and take one real event as the bare message."""
     memsvc_channel, bare_channel = channels
@@ -511,17 +517,21 @@ async def _setup(
     assert template.HasField("event"), template
     call.cancel()
     watch_request = lc.WatchLifecycleRequest(project_id=project_id).SerializeToString()
+    batched_request = lc.WatchLifecycleRequest(
+        project_id=project_id, max_events_per_message=max_events_per_message
+    ).SerializeToString()
+    watched = {
+        "bare": Watched("bare", bare, SUBSCRIBE_METHOD, b""),
+        "memsvc-same": Watched("memsvc-same", replica1, WATCH_METHOD, watch_request),
+        "memsvc-cross": Watched("memsvc-cross", replica2, WATCH_METHOD, watch_request),
+    }
+    if max_events_per_message:
+        for name, replica in zip(BATCHED_TARGETS, (replica1, replica2), strict=True):
+            watched[name] = Watched(name, replica, WATCH_METHOD, batched_request)
     return Setup(
-        watched={
-            "bare": Watched("bare", bare, SUBSCRIBE_METHOD, b""),
-            "memsvc-same": Watched("memsvc-same", replica1, WATCH_METHOD, watch_request),
-            "memsvc-cross": Watched("memsvc-cross", replica2, WATCH_METHOD, watch_request),
-        },
-        writers={
-            "bare": BareWriter(bare_channel, template),
-            "memsvc-same": memsvc_writer,
-            "memsvc-cross": memsvc_writer,
-        },
+        watched=watched,
+        writers={"bare": BareWriter(bare_channel, template)}
+        | {name: memsvc_writer for name in watched if name != "bare"},
         template=template,
     )
 
@@ -553,7 +563,15 @@ async def _run(
         grpc.aio.insecure_channel(f"127.0.0.1:{replica1.port}") as memsvc_channel,
         grpc.aio.insecure_channel(f"127.0.0.1:{bare.port}") as bare_channel,
     ):
-        setup = await _setup(bare, replica1, replica2, project_id, [memsvc_channel, bare_channel])
+        setup = await _setup(
+            bare,
+            replica1,
+            replica2,
+            project_id,
+            [memsvc_channel, bare_channel],
+            args.max_events_per_message,
+        )
+        targets = list(setup.watched)
         message_bytes = setup.template.ByteSize()
         print(
             f"message: {message_bytes} bytes (WatchLifecycleResponse with one event)",
@@ -562,7 +580,7 @@ async def _run(
         await workers.start()
         try:
             # Warm-up, not recorded: connections, first calls, the memsvc tails.
-            for name in TARGETS:
+            for name in targets:
                 await workers.subscribe(setup.watched[name], min(args.subscribers))
                 await workers.expect(MIN_EVENTS)
                 await _burst(setup.writers[name], MIN_EVENTS, args.burst_writers)
@@ -586,7 +604,7 @@ async def _run(
                         )
                 for subscribers in args.subscribers:
                     rate: float | None = None
-                    for name in TARGETS:
+                    for name in targets:
                         _forget_checkpoints(database_url, project_id)
                         samples = await _fanout(
                             args,
@@ -598,7 +616,7 @@ async def _run(
                             rate,
                         )
                         fanouts.extend(samples)
-                        rate = samples[1].rate
+                        rate = samples[1].rate  # every target paced as bare's half
         finally:
             await workers.stop()
     return commits, fanouts, message_bytes
@@ -664,9 +682,12 @@ def summarize(
                     s.exact and bare[(s.round, s.subscribers, s.mode)].exact for s in burst + paced
                 ),
                 "message_bytes": max(s.message_bytes for s in burst + paced),
+                "burst_events_per_message": _median(
+                    [b.deliveries / max(b.messages, 1) for b in burst]
+                ),
             }
         )
-    rows.sort(key=lambda r: (r["subscribers"], TARGETS.index(r["target"])))
+    rows.sort(key=lambda r: (r["subscribers"], ALL_TARGETS.index(r["target"])))
     return commit_rows, rows
 
 
@@ -689,8 +710,9 @@ def markdown_tables(commit_rows: list[dict[str, Any]], rows: list[dict[str, Any]
         "",
         "| Subscribers | Target | Burst deliveries/s | Burst / bare (range) "
         "| Server CPU (µs/delivery) | Paced events/s | Paced p50 (ms) | Paced p99 (ms) "
-        "| p99 - bare p99 (ms, range) | Paced write call p50 / p99 (ms) |",
-        "|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| p99 - bare p99 (ms, range) | Paced write call p50 / p99 (ms) "
+        "| Burst events/message |",
+        "|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in rows:
         if r["target"] == "bare":
@@ -709,7 +731,8 @@ def markdown_tables(commit_rows: list[dict[str, Any]], rows: list[dict[str, Any]
             f"| {r['burst_deliveries_per_s']:,.0f} "
             f"| {ratio} | {r['burst_server_cpu_us']:.0f} | {r['paced_rate']:.1f} "
             f"| {r['paced_p50_ms']:.1f} | {r['paced_p99_ms']:.1f} | {excess} "
-            f"| {r['paced_write_p50_ms']:.1f} / {r['paced_write_p99_ms']:.1f} |"
+            f"| {r['paced_write_p50_ms']:.1f} / {r['paced_write_p99_ms']:.1f} "
+            f"| {r['burst_events_per_message']:.2f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -719,7 +742,8 @@ def verdict(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         if r["target"] == "bare":
             continue
-        limit = SAME_REPLICA_P99_MS if r["target"] == "memsvc-same" else CROSS_REPLICA_P99_MS
+        same = r["target"].startswith("memsvc-same")
+        limit = SAME_REPLICA_P99_MS if same else CROSS_REPLICA_P99_MS
         # A run that lost, repeated or reordered an event meets nothing.
         burst_ok = r["burst_ratio"] >= BURST_RATIO_TARGET and r["complete"]
         paced_ok = r["p99_excess_ms"] <= limit and r["complete"]
@@ -751,6 +775,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=40_000,
         help="a burst publishes this many deliveries / subscribers events (at least 20)",
+    )
+    parser.add_argument(
+        "--max-events-per-message",
+        type=int,
+        default=100,
+        help="also measure memsvc streams that ask for up to this many events per message "
+        "(targets memsvc-same-batched and memsvc-cross-batched); 0: not",
     )
     parser.add_argument("--processes", type=int, default=4, help="subscriber processes")
     parser.add_argument(

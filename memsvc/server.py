@@ -228,7 +228,7 @@ class Server:
             WorkingMemoryServicer(memory), server
         )
         lifecycle_pb2_grpc.add_LifecycleServiceServicer_to_server(
-            LifecycleServicer(lifecycle, hub), server
+            LifecycleServicer(lifecycle, hub, self.config.response_budget_bytes), server
         )
         episodes = Episodes(
             self.durable_store,

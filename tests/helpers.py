@@ -194,6 +194,18 @@ async def next_event(call: Any, timeout: float = 10) -> Any:
             return message.event
 
 
+async def one_by_one(stream: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """An EventHub stream (with the default ``max_events=1``) item by item: each
+    event alone (its list of one unpacked), progress positions as they are."""
+    async with contextlib.aclosing(stream):  # type: ignore[type-var]
+        async for item in stream:
+            if isinstance(item, list):
+                assert len(item) == 1, f"{len(item)} events in a list, asked for one"
+                yield item[0]
+            else:
+                yield item
+
+
 async def take_events(stream: Any, count: int) -> list[int]:
     """The sequences of the next ``count`` events of an EventHub stream (progress
     positions skipped)."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -29,6 +31,10 @@ from memsvc.v1 import lifecycle_pb2_grpc as pb_grpc
 # bytes (an event's metadata may be 64 KiB: 4,096 of those would be 256 MiB).
 _RESPONSE_CACHE = 4096
 _RESPONSE_CACHE_BYTES = 16 << 20
+# The events a stream without max_events_per_message takes from the hub at once,
+# each then written in a message of its own: fewer trips through the hub's
+# generators when several are ready (a burst), and no more held than this.
+_EVENTS_TAKEN_AT_ONCE = 64
 
 
 def render_value(stored: bytes) -> Any:
@@ -107,40 +113,72 @@ def checkpoint_message(record: CheckpointRecord) -> pb.Checkpoint:
     return message
 
 
+@dataclass(frozen=True)
+class _EventMessages:
+    """One event's watch messages: alone (``event``) and as a batch of one."""
+
+    single: pb.WatchLifecycleResponse
+    alone: pb.WatchLifecycleResponse
+    size: int  # of the event, serialized
+
+
 class LifecycleServicer(pb_grpc.LifecycleServiceServicer):
     """Serves memsvc.v1.LifecycleService over a Lifecycle domain object.
 
     RPCs not overridden here answer UNIMPLEMENTED (the generated base class).
     """
 
-    def __init__(self, lifecycle: Lifecycle, hub: EventHub) -> None:
+    def __init__(self, lifecycle: Lifecycle, hub: EventHub, batch_bytes: int = 3 << 20) -> None:
         self._lifecycle = lifecycle
         self._hub = hub
+        # A watch batch ends before this many bytes (the server's response budget).
+        self._batch_bytes = batch_bytes
         # One event goes to many watchers: build its message once (recent ones kept).
         # An event changes only when a purge makes it a tombstone (on any replica),
         # so the key includes that flag and a tombstone read back is never served
         # from its earlier message. It includes the event's id too: a database
         # failed over to a standby that lost the last commits (or restored) gives
         # their sequences to other events, which must never get their messages.
-        self._responses: OrderedDict[
-            tuple[int, str, bool], tuple[pb.WatchLifecycleResponse, int]
-        ] = OrderedDict()
+        self._responses: OrderedDict[tuple[int, str, bool], _EventMessages] = OrderedDict()
         self._responses_bytes = 0
 
-    def _event_response(self, stored: StoredEvent) -> pb.WatchLifecycleResponse:
+    def _event_response(self, stored: StoredEvent) -> _EventMessages:
+        """The messages of one event (built once for every watcher)."""
         key = (stored.sequence, stored.event.event_id, stored.event.purged)
         cached = self._responses.get(key)
         if cached is not None:
-            return cached[0]
-        response = pb.WatchLifecycleResponse(event=event_message(stored))
-        size = response.ByteSize()
-        self._responses[key] = (response, size)
-        self._responses_bytes += size
+            return cached
+        event = event_message(stored)
+        built = _EventMessages(
+            pb.WatchLifecycleResponse(event=event),
+            pb.WatchLifecycleResponse(batch=pb.LifecycleEventBatch(events=[event])),
+            event.ByteSize(),
+        )
+        self._responses[key] = built
+        self._responses_bytes += built.size
         while len(self._responses) > 1 and (
             len(self._responses) > _RESPONSE_CACHE or self._responses_bytes > _RESPONSE_CACHE_BYTES
         ):
-            self._responses_bytes -= self._responses.popitem(last=False)[1][1]
-        return response
+            self._responses_bytes -= self._responses.popitem(last=False)[1].size
+        return built
+
+    def _batches(self, ready: list[StoredEvent]) -> Iterator[pb.WatchLifecycleResponse]:
+        """``ready`` in batch messages, each ending before the batch budget (one
+        event at least, whatever its size)."""
+        if len(ready) == 1:
+            yield self._event_response(ready[0]).alone  # most batches, when not busy
+            return
+        batch = pb.WatchLifecycleResponse(batch=pb.LifecycleEventBatch())
+        size = 0
+        for stored in ready:
+            messages = self._event_response(stored)
+            if size and size + messages.size > self._batch_bytes:
+                yield batch
+                batch = pb.WatchLifecycleResponse(batch=pb.LifecycleEventBatch())
+                size = 0
+            batch.batch.events.append(messages.single.event)
+            size += messages.size
+        yield batch
 
     async def Spawn(
         self, request: pb.SpawnRequest, context: grpc.aio.ServicerContext
@@ -319,21 +357,28 @@ class LifecycleServicer(pb_grpc.LifecycleServiceServicer):
             request.after_sequence,
             request.start,
             interval,
+            request.max_events_per_message,
             violations,
         )
         after = request.after_sequence if request.HasField("after_sequence") else None
         oldest = after is None and request.start == pb.WATCH_START_OLDEST
+        batched = request.max_events_per_message > 0
+        taken = request.max_events_per_message if batched else _EVENTS_TAKEN_AT_ONCE
         # Closed as the handler ends, however it ends: the stream's place in the hub
         # is freed then, not whenever the generator is collected.
-        stream = self._hub.watch(event_filter, after, progress_seconds, oldest)
+        stream = self._hub.watch(event_filter, after, progress_seconds, oldest, taken)
         async with contextlib.aclosing(stream):
             async for item in stream:
-                if isinstance(item, StoredEvent):
-                    await context.write(self._event_response(item))
-                else:
+                if isinstance(item, int):
                     await context.write(
                         pb.WatchLifecycleResponse(progress=pb.WatchProgress(sequence=item))
                     )
+                elif batched:
+                    for batch in self._batches(item):
+                        await context.write(batch)
+                else:
+                    for stored in item:
+                        await context.write(self._event_response(stored).single)
 
 
 def event_message(stored: StoredEvent) -> pb.LifecycleEvent:

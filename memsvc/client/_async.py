@@ -53,7 +53,7 @@ from memsvc.client._values import (
     to_struct,
     to_value,
 )
-from memsvc.client._watch import AsyncWatch
+from memsvc.client._watch import EVENTS_PER_MESSAGE, AsyncWatch
 from memsvc.v1 import (
     data_removal_pb2,
     data_removal_pb2_grpc,
@@ -466,6 +466,7 @@ class AsyncClient:
             raise ValueError(f"start must be 'now' or 'oldest', got {start!r}")
         if progress_interval is not None:
             fill_duration(progress_interval, request.progress_interval, "progress_interval")
+        request.max_events_per_message = EVENTS_PER_MESSAGE
 
         def open_stream(
             message: lifecycle_pb2.WatchLifecycleRequest, metadata: Sequence[tuple[str, str]]

@@ -17,6 +17,7 @@ raises :class:`Unavailable` chained to the last error.
 from __future__ import annotations
 
 import asyncio
+import collections
 from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, Generic, NoReturn, Protocol, TypeVar
@@ -47,6 +48,10 @@ RECONNECT_CODES = frozenset(
 )
 # The server's progress interval when the request does not set one.
 SERVER_PROGRESS_INTERVAL = 10.0
+# The events a watch asks the server to put in one message (max_events_per_message).
+# The watch still hands them out one at a time; batches only save messages (the
+# server's and this process's CPU) when events come faster than they are written.
+EVENTS_PER_MESSAGE = 100
 
 
 def _described(error: BaseException) -> str:
@@ -159,6 +164,8 @@ class AsyncWatch(Generic[Item]):
         self._started = False
         self._received = 0
         self._pending: LifecycleEvent | WatchProgress | None = None
+        # The rest of a batch, not handed out yet: the cursor moves as each is.
+        self._batched: collections.deque[lifecycle_pb2.LifecycleEvent] = collections.deque()
         self._stopped = asyncio.Event()  # set by aclose()
 
     @property
@@ -223,6 +230,8 @@ class AsyncWatch(Generic[Item]):
 
     async def _next_message(self) -> LifecycleEvent | WatchProgress | None:
         """The next new item, or None when the message was old or a reconnect happened."""
+        if self._batched:
+            return self._hand_out(self._batched.popleft())
         if self._call is None:
             self._connect()
         try:
@@ -258,12 +267,24 @@ class AsyncWatch(Generic[Item]):
             event = message.event
             # An event at or before the cursor was delivered already (never expected).
             if self._cursor is None or event.sequence > self._cursor:
-                self._cursor = event.sequence
-                self._following_oldest = False
-                item = _convert.lifecycle_event(event)
+                item = self._hand_out(event)
+        elif message.HasField("batch"):
+            last = self._cursor
+            for event in message.batch.events:
+                if last is None or event.sequence > last:
+                    last = event.sequence
+                    self._batched.append(event)
+            if self._batched:
+                item = self._hand_out(self._batched.popleft())
         if item is not None:
             self._stream_worked()
         return item
+
+    def _hand_out(self, event: lifecycle_pb2.LifecycleEvent) -> LifecycleEvent:
+        """``event``, now the cursor: a cursor saved after it resumes after it."""
+        self._cursor = event.sequence
+        self._following_oldest = False
+        return _convert.lifecycle_event(event)
 
     def _lived(self) -> float:
         """How long the current stream has been up since its first message."""

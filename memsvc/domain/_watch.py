@@ -283,12 +283,16 @@ class EventHub:
         after: int | None,
         progress_interval: float,
         from_oldest: bool = False,
-    ) -> AsyncGenerator[StoredEvent | int, None]:
+        max_events: int = 1,
+    ) -> AsyncGenerator[list[StoredEvent] | int, None]:
         """Yield matching events after ``after`` (None: now, or the oldest retained
         with ``from_oldest``), and progress positions.
 
-        The first item is the start position; later ints are progress positions,
-        sent when nothing matched for ``progress_interval`` seconds.
+        Events come in lists of 1 to ``max_events``, in sequence order: those ready
+        together (read together, or queued while the stream wrote the last ones).
+        No list waits to be filled. The first item is the start position; later
+        ints are progress positions, sent when nothing matched for
+        ``progress_interval`` seconds.
         """
         if self._streams >= self.max_watchers:
             raise TooManyWatchers(self.max_watchers)
@@ -334,9 +338,10 @@ class EventHub:
                         # yet may be gone (oldest only grows, so a later check passing
                         # means the read missed nothing).
                         raise PositionTooOld(cursor, oldest)
-                    for stored in batch:
-                        cursor, following_oldest = stored.sequence, False
-                        yield stored
+                    for start in range(0, len(batch), max_events):
+                        ready = batch[start : start + max_events]
+                        cursor, following_oldest = ready[-1].sequence, False
+                        yield ready
                         sent_at = loop.time()
                     if len(batch) < READ_BATCH:
                         cursor = until  # nothing else of the window matches
@@ -350,8 +355,8 @@ class EventHub:
                 # ...then join it, with no await in between: nothing slips past.
                 following_oldest = False
                 self._join(subscriber, cursor)
-                async for item in self._live(subscriber, progress_interval):
-                    cursor = item.sequence if isinstance(item, StoredEvent) else item
+                async for item in self._live(subscriber, progress_interval, max_events):
+                    cursor = item if isinstance(item, int) else item[-1].sequence
                     yield item
                 # _live returns only when the subscriber lagged: catch up again.
         finally:
@@ -394,21 +399,25 @@ class EventHub:
             self._tail = None
 
     async def _live(
-        self, subscriber: _Subscriber, progress_interval: float
-    ) -> AsyncGenerator[StoredEvent | int, None]:
-        """The events offered to ``subscriber``, and a progress position whenever
-        ``progress_interval`` passes without one; returns once it lagged and
-        has drained its queue."""
+        self, subscriber: _Subscriber, progress_interval: float, max_events: int
+    ) -> AsyncGenerator[list[StoredEvent] | int, None]:
+        """The events offered to ``subscriber``, up to ``max_events`` at a time,
+        and a progress position whenever ``progress_interval`` passes without
+        one; returns once it lagged and has drained its queue."""
         loop = asyncio.get_running_loop()
         queue = subscriber.queue
         quiet_since = loop.time()
         try:
             while True:
                 while queue:
-                    stored = queue.popleft()
-                    if stored.sequence > subscriber.cursor:
-                        subscriber.cursor = stored.sequence
-                        yield stored
+                    ready: list[StoredEvent] = []
+                    while queue and len(ready) < max_events:
+                        stored = queue.popleft()
+                        if stored.sequence > subscriber.cursor:
+                            subscriber.cursor = stored.sequence
+                            ready.append(stored)
+                    if ready:
+                        yield ready
                         quiet_since = loop.time()
                 if subscriber.failure is not None:
                     raise subscriber.failure
@@ -578,6 +587,8 @@ MIN_PROGRESS_SECONDS = 0.1
 # A quiet subscriber's cursor must stay current: at least one progress an hour.
 MAX_PROGRESS_SECONDS = 3600.0
 DEFAULT_PROGRESS_SECONDS = 10.0
+# The most events a stream may ask to get in one message (max_events_per_message).
+MAX_EVENTS_PER_MESSAGE = 1000
 
 
 # WatchStart's values: UNSPECIFIED (as NOW), NOW, OLDEST.
@@ -592,10 +603,11 @@ def check_watch_request(
     after_sequence: int,
     start: int,
     progress_seconds: float | None,
+    max_events_per_message: int = 0,
     found: Sequence[FieldViolation] = (),
 ) -> tuple[EventFilter, float]:
-    """Validate a watch request: its filter, start position and progress interval
-    (with the violations ``found`` before, by the API)."""
+    """Validate a watch request: its filter, start position, progress interval and
+    batch size (with the violations ``found`` before, by the API)."""
     violations = list(found)
     if project_id:
         project_id = check_uuid(project_id, "project_id", violations)
@@ -631,6 +643,13 @@ def check_watch_request(
             FieldViolation(
                 "progress_interval",
                 f"must be from {MIN_PROGRESS_SECONDS}s to {MAX_PROGRESS_SECONDS:.0f}s",
+            )
+        )
+    if not 0 <= max_events_per_message <= MAX_EVENTS_PER_MESSAGE:
+        violations.append(
+            FieldViolation(
+                "max_events_per_message",
+                f"must be from 1 to {MAX_EVENTS_PER_MESSAGE:,}, or 0 for one event per message",
             )
         )
     raise_if_any(violations)

@@ -290,6 +290,7 @@ class WatchLifecycleRequest(_message.Message):
     AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
     START_FIELD_NUMBER: _builtins.int
     PROGRESS_INTERVAL_FIELD_NUMBER: _builtins.int
+    MAX_EVENTS_PER_MESSAGE_FIELD_NUMBER: _builtins.int
     project_id: _builtins.str
     """Only events of this project (a UUID); empty: every project."""
     agent_instance_id: _builtins.str
@@ -304,6 +305,13 @@ class WatchLifecycleRequest(_message.Message):
     """
     start: Global___WatchStart.ValueType
     """Where to start when `after_sequence` is unset."""
+    max_events_per_message: _builtins.int
+    """At most this many events per message, sent in `batch`: a stream that
+    falls behind live events (a burst, a slow reader) then gets those that
+    are ready in fewer, larger messages, and never waits to fill one. From 1
+    to 1,000; a batch also ends before 3/4 of the server's maximum message
+    size (one event at least). Unset or 0: one event per message, in `event`.
+    """
     @_builtins.property
     def event_types(self) -> _containers.RepeatedScalarFieldContainer[Global___EventType.ValueType]:
         """Only events of these types; empty: every type."""
@@ -324,10 +332,11 @@ class WatchLifecycleRequest(_message.Message):
         after_sequence: _builtins.int | None = ...,
         start: Global___WatchStart.ValueType = ...,
         progress_interval: _duration_pb2.Duration | None = ...,
+        max_events_per_message: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_after_sequence", b"_after_sequence", "after_sequence", b"after_sequence", "progress_interval", b"progress_interval"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_after_sequence", b"_after_sequence", "after_sequence", b"after_sequence", "agent_instance_id", b"agent_instance_id", "event_types", b"event_types", "progress_interval", b"progress_interval", "project_id", b"project_id", "session_id", b"session_id", "start", b"start"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_after_sequence", b"_after_sequence", "after_sequence", b"after_sequence", "agent_instance_id", b"agent_instance_id", "event_types", b"event_types", "max_events_per_message", b"max_events_per_message", "progress_interval", b"progress_interval", "project_id", b"project_id", "session_id", b"session_id", "start", b"start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__after_sequence: _TypeAlias = _typing.Literal["after_sequence"]  # noqa: Y015
     _WhichOneofArgType__after_sequence: _TypeAlias = _typing.Literal["_after_sequence", b"_after_sequence"]  # noqa: Y015
@@ -360,6 +369,30 @@ class WatchProgress(_message.Message):
 Global___WatchProgress: _TypeAlias = WatchProgress  # noqa: Y015
 
 @_typing.final
+class LifecycleEventBatch(_message.Message):
+    """LifecycleEventBatch is consecutive events of one stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___LifecycleEvent]:
+        """One or more matching events, in sequence order."""
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___LifecycleEvent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LifecycleEventBatch: _TypeAlias = LifecycleEventBatch  # noqa: Y015
+
+@_typing.final
 class WatchLifecycleResponse(_message.Message):
     """WatchLifecycleResponse is one message of the stream."""
 
@@ -367,25 +400,33 @@ class WatchLifecycleResponse(_message.Message):
 
     EVENT_FIELD_NUMBER: _builtins.int
     PROGRESS_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def event(self) -> Global___LifecycleEvent:
-        """A matching event."""
+        """A matching event (streams without `max_events_per_message`)."""
 
     @_builtins.property
     def progress(self) -> Global___WatchProgress:
         """Where the stream stands; the first message of every stream is one."""
+
+    @_builtins.property
+    def batch(self) -> Global___LifecycleEventBatch:
+        """Matching events (streams with `max_events_per_message`, which get every
+        event in a batch, of one event when no other is ready).
+        """
 
     def __init__(
         self,
         *,
         event: Global___LifecycleEvent | None = ...,
         progress: Global___WatchProgress | None = ...,
+        batch: Global___LifecycleEventBatch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "kind", b"kind", "progress", b"progress"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "event", b"event", "kind", b"kind", "progress", b"progress"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "kind", b"kind", "progress", b"progress"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "event", b"event", "kind", b"kind", "progress", b"progress"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["event", "progress"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["event", "progress", "batch"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 

@@ -116,7 +116,9 @@ class LifecycleServiceStub:
     no event matches the filter, progress messages repeat every
     `progress_interval` with the latest sequence, so a saved cursor stays
     fresh. Reconnect with `after_sequence` = the last sequence seen (event or
-    progress) to continue without gap or duplicate.
+    progress) to continue without gap or duplicate. With
+    `max_events_per_message`, events come in batches (`batch`) of those ready
+    together, which saves messages when events come faster than they are sent.
     Errors: INVALID_ARGUMENT, OUT_OF_RANGE (the position is older than the
     retained events, at the start or while catching up; ErrorInfo metadata
     "oldest_sequence"; or it is past the latest event), RESOURCE_EXHAUSTED
@@ -213,7 +215,9 @@ class LifecycleServiceAsyncStub(LifecycleServiceStub):
     no event matches the filter, progress messages repeat every
     `progress_interval` with the latest sequence, so a saved cursor stays
     fresh. Reconnect with `after_sequence` = the last sequence seen (event or
-    progress) to continue without gap or duplicate.
+    progress) to continue without gap or duplicate. With
+    `max_events_per_message`, events come in batches (`batch`) of those ready
+    together, which saves messages when events come faster than they are sent.
     Errors: INVALID_ARGUMENT, OUT_OF_RANGE (the position is older than the
     retained events, at the start or while catching up; ErrorInfo metadata
     "oldest_sequence"; or it is past the latest event), RESOURCE_EXHAUSTED
@@ -373,7 +377,9 @@ class LifecycleServiceServicer(metaclass=_abc_1.ABCMeta):
         no event matches the filter, progress messages repeat every
         `progress_interval` with the latest sequence, so a saved cursor stays
         fresh. Reconnect with `after_sequence` = the last sequence seen (event or
-        progress) to continue without gap or duplicate.
+        progress) to continue without gap or duplicate. With
+        `max_events_per_message`, events come in batches (`batch`) of those ready
+        together, which saves messages when events come faster than they are sent.
         Errors: INVALID_ARGUMENT, OUT_OF_RANGE (the position is older than the
         retained events, at the start or while catching up; ErrorInfo metadata
         "oldest_sequence"; or it is past the latest event), RESOURCE_EXHAUSTED

@@ -220,6 +220,34 @@ async def test_watch_from_oldest_and_from_a_saved_cursor(client: AsyncClient, sc
         assert isinstance(start, WatchProgress) and start.sequence >= third.sequence
 
 
+async def test_events_that_came_in_one_message_are_handed_out_one_at_a_time(
+    client: AsyncClient, scope
+):
+    """The watch asks for batches: five events already in the log come in one
+    message. The cursor moves as each is handed out, not as the message arrives,
+    so a cursor saved after the first resumes with the other four."""
+    project = scope["project_id"]
+    s = client.session(project, scope["agent_instance_id"], scope["session_id"])
+    async with client.watch(project, include_progress=True) as now:
+        before = await asyncio.wait_for(anext(now), WAIT)
+    assert isinstance(before, WatchProgress)
+    await s.spawn()
+    for _ in range(4):
+        await s.create_checkpoint()
+    async with client.watch(project, after_sequence=before.sequence) as events:
+        (first,) = await take(events, 1)
+        assert events.sequence == first.sequence
+        saved = events.sequence
+        rest_in_this_stream = await take(events, 4)
+    async with client.watch(project, after_sequence=saved) as resumed:
+        rest = await take(resumed, 4)
+    assert [e.event_id for e in rest] == [e.event_id for e in rest_in_this_stream]
+    assert_once_in_order([first, *rest])
+    assert [e.event_type for e in [first, *rest]] == [EventType.SESSION_SPAWNED] + [
+        EventType.CHECKPOINT_CREATED
+    ] * 4
+
+
 async def test_a_bad_progress_interval_is_refused_not_reconnected_for_ever(client, scope):
     """The server refuses a negative interval; the watch must hear it, not time
     each stream out (three intervals of silence) before its first message."""

@@ -111,6 +111,68 @@ async def test_resume_after_a_sequence_is_exact(life, scope):
     oldest.cancel()
 
 
+async def next_batch(call: Any) -> list[lc.LifecycleEvent]:
+    """The events of the next batch of a stream that asked for batches (progress
+    messages skipped; an event alone in `event` fails the test)."""
+    while True:
+        message = await asyncio.wait_for(call.read(), 10)
+        assert message is not grpc.aio.EOF
+        assert not message.HasField("event"), "a batching stream got an event alone"
+        if message.HasField("batch"):
+            assert message.batch.events, "an empty batch"
+            return list(message.batch.events)
+
+
+async def test_a_stream_that_asks_for_batches_gets_events_ready_together_in_one_message(
+    life, scope
+):
+    """max_events_per_message: events ready together come in one message, never
+    more than asked, in order, each once; a batch's last sequence is a cursor."""
+    session = {**scope}
+    now = life.WatchLifecycle(lc.WatchLifecycleRequest(**session))
+    before = await start_position(now)
+    now.cancel()
+    await life.Spawn(lc.SpawnRequest(**scope))
+    for _ in range(6):
+        await life.CreateCheckpoint(lc.CreateCheckpointRequest(**scope))
+    # Seven events in the log: a stream from before them reads them together.
+    call = life.WatchLifecycle(
+        lc.WatchLifecycleRequest(**session, after_sequence=before, max_events_per_message=3)
+    )
+    assert await start_position(call) == before
+    batches = [await next_batch(call) for _ in range(3)]
+    assert [len(batch) for batch in batches] == [3, 3, 1]
+    caught_up = [event for batch in batches for event in batch]
+    assert [e.event_type for e in caught_up] == [lc.EVENT_TYPE_SESSION_SPAWNED] + [
+        lc.EVENT_TYPE_CHECKPOINT_CREATED
+    ] * 6
+    sequences = [e.sequence for e in caught_up]
+    assert sequences == sorted(set(sequences)) and sequences[0] > before
+    # Live: events committed together come in batches of 1 to 3, each once, in order.
+    await asyncio.gather(
+        *(life.CreateCheckpoint(lc.CreateCheckpointRequest(**scope)) for _ in range(8))
+    )
+    live: list[lc.LifecycleEvent] = []
+    while len(live) < 8:
+        batch = await next_batch(call)
+        assert 1 <= len(batch) <= 3
+        live.extend(batch)
+    assert len(live) == 8
+    live_sequences = [e.sequence for e in live]
+    assert live_sequences == sorted(set(live_sequences)) and live_sequences[0] > sequences[-1]
+    call.cancel()
+    # Resuming after a batch's last event (here the fourth's, mid-stream) is exact.
+    again = life.WatchLifecycle(
+        lc.WatchLifecycleRequest(
+            **session, after_sequence=sequences[3], max_events_per_message=1000
+        )
+    )
+    await start_position(again)
+    rest = await next_batch(again)
+    assert [e.event_id for e in rest] == [e.event_id for e in caught_up[4:] + live]
+    again.cancel()
+
+
 async def test_filters_select_sessions_and_types(life, scope):
     other = dict(scope, session_id=scope["session_id"] + "-other")
     call = life.WatchLifecycle(
@@ -184,6 +246,8 @@ async def test_bad_watch_requests_are_invalid_argument(life):
             "progress_interval",
         ),
         (lc.WatchLifecycleRequest(start=lc.WatchStart.ValueType(7)), "start"),
+        (lc.WatchLifecycleRequest(max_events_per_message=-1), "max_events_per_message"),
+        (lc.WatchLifecycleRequest(max_events_per_message=1001), "max_events_per_message"),
     ]:
         call = life.WatchLifecycle(request)
         with pytest.raises(grpc.aio.AioRpcError) as error:

@@ -29,7 +29,7 @@ from memsvc.store.sqlite import SqliteDurableStore
 from memsvc.testing import free_port, wait_for_port
 from memsvc.v1 import lifecycle_pb2 as lc
 from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
-from tests.helpers import details_of, eventually, sql_rows, take_events
+from tests.helpers import details_of, eventually, one_by_one, sql_rows, take_events
 
 MEMSVC = str(Path(sys.executable).parent / "memsvc")
 
@@ -98,8 +98,8 @@ async def test_a_subscriber_that_reads_nothing_does_not_delay_others(sqlite_stor
     # Both filters match every event here; they tell whose catch-up read is whose.
     stalled_filter = EventFilter(project_id=ref.project_id)
     reader_filter = EventFilter(agent_instance_id=ref.agent_instance_id)
-    stalled: Any = hub.watch(stalled_filter, None, 30)
-    reader: Any = hub.watch(reader_filter, None, 30)
+    stalled: Any = one_by_one(hub.watch(stalled_filter, None, 30))
+    reader: Any = one_by_one(hub.watch(reader_filter, None, 30))
     assert await anext(stalled) == 0
     assert await anext(reader) == 0
     # Each joins the hub when it asks for its next item.
@@ -158,14 +158,14 @@ async def test_a_log_that_went_back_is_followed_from_where_it_is(sqlite_store, t
     hub = EventHub(sqlite_store, poll_interval=0.05)
     ref = SessionRef(str(uuid.uuid4()), str(uuid.uuid4()), "s")
     try:
-        live: Any = hub.watch(EventFilter(), None, 0.2)
+        live: Any = one_by_one(hub.watch(EventFilter(), None, 0.2))
         assert await anext(live) == 0
         await append(other, 10, ref)
         assert await take_events(live, 10) == list(range(1, 11))
         await lose_commits_after(sqlite_store, 5)
         with pytest.raises(BackendUnavailable, match="went back from sequence 10 to 5"):
             await asyncio.wait_for(anext(live), 10)
-        fresh: Any = hub.watch(EventFilter(), None, 0.2)
+        fresh: Any = one_by_one(hub.watch(EventFilter(), None, 0.2))
         assert await anext(fresh) == 5
         await append(other, 3, ref)
         assert await take_events(fresh, 3) == [6, 7, 8]
@@ -183,7 +183,7 @@ async def test_a_log_that_went_back_and_grew_again_ends_the_streams(sqlite_store
     hub = EventHub(sqlite_store, poll_interval=30)  # only a kick makes the tail read
     ref = SessionRef(str(uuid.uuid4()), str(uuid.uuid4()), "s")
     try:
-        live: Any = hub.watch(EventFilter(), None, 30)
+        live: Any = one_by_one(hub.watch(EventFilter(), None, 30))
         assert await anext(live) == 0
         await append(other, 10, ref)
         hub.notify()
@@ -228,7 +228,7 @@ async def test_a_stream_from_the_oldest_follows_compaction_before_its_first_even
     await append(sqlite_store, 6, ref)
     source = CompactingFirst(sqlite_store, up_to=3)
     hub = EventHub(source, poll_interval=0.05)
-    stream: Any = hub.watch(EventFilter(), None, 30, from_oldest=True)
+    stream: Any = one_by_one(hub.watch(EventFilter(), None, 30, from_oldest=True))
     assert await anext(stream) == 0  # the oldest when it started
     assert await anext(stream) == 3  # compacted meanwhile: the stream moves on
     assert await take_events(stream, 3) == [4, 5, 6]
@@ -240,7 +240,7 @@ async def test_a_thousand_connect_cancel_cycles_leave_nothing_behind(sqlite_stor
     hub = EventHub(sqlite_store, poll_interval=0.05)
     before = len(asyncio.all_tasks())
     for _ in range(1000):
-        stream: Any = hub.watch(EventFilter(), None, 0.2)
+        stream: Any = one_by_one(hub.watch(EventFilter(), None, 0.2))
         await anext(stream)
         waiting = asyncio.ensure_future(anext(stream))
         await joined(hub, 1, interval=0)  # cancelled once it waits in the fan-out
@@ -273,7 +273,7 @@ def progress_timers() -> list[asyncio.TimerHandle]:
 async def test_progress_comes_once_events_stop_and_carries_the_last_position(sqlite_store):
     hub = EventHub(sqlite_store, poll_interval=0.05)
     ref = SessionRef(str(uuid.uuid4()), str(uuid.uuid4()), "s")
-    stream: Any = hub.watch(EventFilter(), None, 0.1)
+    stream: Any = one_by_one(hub.watch(EventFilter(), None, 0.1))
     assert await anext(stream) == 0
     first = asyncio.ensure_future(anext(stream))
     await joined(hub, 1)
@@ -285,7 +285,7 @@ async def test_progress_comes_once_events_stop_and_carries_the_last_position(sql
     # Nothing more comes: the next item is a progress at the last position.
     assert await asyncio.wait_for(anext(stream), 10) == 3
     other = SessionRef(ref.project_id, ref.agent_instance_id, "other")
-    filtered: Any = hub.watch(EventFilter(session_id="s"), None, 0.1)
+    filtered: Any = one_by_one(hub.watch(EventFilter(session_id="s"), None, 0.1))
     assert await anext(filtered) == 3
     waiting = asyncio.ensure_future(anext(filtered))
     await joined(hub, 2)
@@ -304,7 +304,7 @@ async def test_a_stream_with_no_commits_at_all_gets_progress_periodically(sqlite
     ref = SessionRef(str(uuid.uuid4()), str(uuid.uuid4()), "s")
     await append(sqlite_store, 2, ref)
     hub = EventHub(sqlite_store, poll_interval=30)
-    stream: Any = hub.watch(EventFilter(), None, 0.1)
+    stream: Any = one_by_one(hub.watch(EventFilter(), None, 0.1))
     try:
         assert await anext(stream) == 2
         progress = [await asyncio.wait_for(anext(stream), 10) for _ in range(3)]
@@ -368,7 +368,7 @@ def count_items(hub: EventHub, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     counts: list[int] = []
     watch = hub.watch
 
-    async def counted(*args: Any, **kwargs: Any) -> AsyncIterator[StoredEvent | int]:
+    async def counted(*args: Any, **kwargs: Any) -> AsyncIterator[list[StoredEvent] | int]:
         index = len(counts)
         counts.append(0)
         async with contextlib.aclosing(watch(*args, **kwargs)) as stream:
@@ -631,7 +631,7 @@ async def test_local_and_foreign_commits_arrive_once_in_order(tmp_path, sqlite_s
     foreign = SqliteDurableStore(f"sqlite:///{sqlite_store.path}")  # another "process"
     await foreign.open()
     ref = SessionRef(str(uuid.uuid4()), str(uuid.uuid4()), "s")
-    stream: Any = hub.watch(EventFilter(), None, 0.2)
+    stream: Any = one_by_one(hub.watch(EventFilter(), None, 0.2))
     assert await anext(stream) == 0
     first = asyncio.ensure_future(anext(stream))
     await joined(hub, 1)

@@ -23,7 +23,7 @@ from memsvc.domain._watch import (
     StoredEvent,
     TooManyWatchers,
 )
-from tests.helpers import take_events
+from tests.helpers import one_by_one, take_events
 from tests.unit.test_event_hub_wakeups import NotifyingLog, settle
 
 
@@ -67,7 +67,7 @@ async def joined_stream(
     wait for its next event (which has joined it to the hub's tail)."""
     log.commit(committed)
     hub = EventHub(log, poll_interval=30, **hub_options)
-    stream: Any = hub.watch(EventFilter(), None, 30)
+    stream: Any = one_by_one(hub.watch(EventFilter(), None, 30))
     assert await anext(stream) == committed
     waiting = asyncio.ensure_future(take_events(stream, 1))
     await settle()
@@ -77,7 +77,7 @@ async def joined_stream(
 async def test_a_position_past_the_latest_is_refused_and_hides_nothing():
     log = CompactingLog()
     hub, watcher, first = await joined_stream(log, 5)
-    ahead: Any = hub.watch(EventFilter(), 10**9, 30)
+    ahead: Any = one_by_one(hub.watch(EventFilter(), 10**9, 30))
     with pytest.raises(PositionAhead) as refused:
         await anext(ahead)
     assert refused.value.metadata == {"latest_sequence": "5", "after_sequence": str(10**9)}
@@ -92,13 +92,13 @@ async def test_compaction_overtaking_a_catch_up_ends_the_stream(others: bool):
     log = CompactingLog()
     log.commit(10)
     hub = EventHub(log, poll_interval=30)
-    other: Any = hub.watch(EventFilter(), None, 30)
+    other: Any = one_by_one(hub.watch(EventFilter(), None, 30))
     if others:  # a live watcher: the tail runs, at the latest event
         assert await anext(other) == 10
         pending = asyncio.ensure_future(anext(other))
         await settle()
         assert hub.tailing
-    behind: Any = hub.watch(EventFilter(), 0, 30)
+    behind: Any = one_by_one(hub.watch(EventFilter(), 0, 30))
     assert await anext(behind) == 0  # events 1-10 retained when it started
     log.compact_to = 5  # ...and 1-5 gone before it reads them
     with pytest.raises(PositionTooOld) as ended:
@@ -136,7 +136,7 @@ async def test_streams_arriving_together_cannot_pass_the_watcher_limit_together(
             return await super().event_bounds()
 
     hub = EventHub(SlowBounds(), poll_interval=30, max_watchers=2)
-    streams: list[Any] = [hub.watch(EventFilter(), None, 30) for _ in range(5)]
+    streams: list[Any] = [one_by_one(hub.watch(EventFilter(), None, 30)) for _ in range(5)]
     started = await asyncio.gather(*(anext(s) for s in streams), return_exceptions=True)
     refused = [r for r in started if isinstance(r, TooManyWatchers)]
     assert len(refused) == 3, started
@@ -169,13 +169,13 @@ async def test_a_failed_tail_ends_its_streams_and_a_reconnect_loses_nothing():
     log = FailingWakeupsLog(failures=1)
     log.commit(3)
     hub = EventHub(log, poll_interval=30)
-    stream: Any = hub.watch(EventFilter(), None, 30)
+    stream: Any = one_by_one(hub.watch(EventFilter(), None, 30))
     assert await anext(stream) == 3
     log.commit(5)  # 4 to 8, committed while the tail fails
     with pytest.raises(BackendUnavailable, match="event log"):
         await take_events(stream, 1)
     assert not hub.tailing
-    again: Any = hub.watch(EventFilter(), 3, 30)
+    again: Any = one_by_one(hub.watch(EventFilter(), 3, 30))
     assert await anext(again) == 3
     assert await take_events(again, 5) == [4, 5, 6, 7, 8]
     log.commit(2)
@@ -207,7 +207,7 @@ async def test_a_tail_whose_reads_keep_failing_ends_its_streams(monkeypatch):
     log = BrokenLog(good=2)
     log.commit(2)
     hub = EventHub(log, poll_interval=0.05)
-    stream: Any = hub.watch(EventFilter(), None, 30)
+    stream: Any = one_by_one(hub.watch(EventFilter(), None, 30))
     assert await anext(stream) == 2
     log.commit(1)
     with pytest.raises(BackendUnavailable, match="event log"):
@@ -226,7 +226,7 @@ async def test_a_tail_that_fell_behind_compaction_ends_its_streams():
     log.commit(5)
     with pytest.raises(BackendUnavailable, match="event log"):
         await reading
-    again: Any = hub.watch(EventFilter(), 3, 30)
+    again: Any = one_by_one(hub.watch(EventFilter(), 3, 30))
     with pytest.raises(PositionTooOld):
         await anext(again)
     await stream.aclose()
@@ -261,7 +261,7 @@ async def test_a_new_stream_is_not_failed_by_the_gap_that_ended_the_others(closi
     log.commit(5)  # 5 to 7 go before the tail reads them
     await settle()
     assert not hub.tailing
-    fresh: Any = hub.watch(EventFilter(), None, 30)
+    fresh: Any = one_by_one(hub.watch(EventFilter(), None, 30))
     assert await anext(fresh) == 9
     joined = asyncio.ensure_future(take_events(fresh, 2))
     await settle()
@@ -304,7 +304,7 @@ async def test_a_filtered_catch_up_reads_the_log_window_by_window(monkeypatch, i
     wanted = SessionRef(str(uuid.uuid4()), str(uuid.uuid4()), "wanted")
     log.events[30] = StoredEvent(31, replace(log.events[30].event, ref=wanted))
     hub = EventHub(log, poll_interval=30)
-    stream: Any = hub.watch(EventFilter(project_id=wanted.project_id), 0, interval)
+    stream: Any = one_by_one(hub.watch(EventFilter(project_id=wanted.project_id), 0, interval))
     progress = [10, 20, 30] if interval == 0 else []
     items = [await anext(stream) for _ in range(2 + len(progress))]
     # The start, a progress after each quiet window when due, then the one event.

@@ -11,7 +11,7 @@ from typing import Any
 
 from memsvc.domain import EventRecord, EventType, SessionRef
 from memsvc.domain._watch import EventFilter, EventHub, StoredEvent
-from tests.helpers import take_events
+from tests.helpers import one_by_one, take_events
 
 REF = SessionRef(str(uuid.uuid4()), str(uuid.uuid4()), "s")
 
@@ -68,7 +68,7 @@ async def watching(log: NotifyingLog, count: int) -> tuple[EventHub, Any, Any]:
     """A hub over ``log`` (polling out of the way) with one live stream whose next
     ``count`` events are awaited; the tail has done its first read."""
     hub = EventHub(log, poll_interval=30)
-    stream: Any = hub.watch(EventFilter(), None, 30)
+    stream: Any = one_by_one(hub.watch(EventFilter(), None, 30))
     assert await anext(stream) == 0
     first = asyncio.ensure_future(take_events(stream, count))
     await settle()
@@ -112,11 +112,11 @@ async def test_a_kick_in_the_tick_the_last_watcher_leaves_leaves_one_tail():
     and another stream joins: on Python 3.11 asyncio.wait_for lost that
     cancellation, and two tails ran (two readers, two LISTEN connections)."""
     hub = EventHub(NotifyingLog(), poll_interval=30)
-    first: Any = hub.watch(EventFilter(), None, 30)
+    first: Any = one_by_one(hub.watch(EventFilter(), None, 30))
     await anext(first)
     first_next = asyncio.ensure_future(anext(first))
     await asyncio.sleep(0.1)  # joined: its tail waits for a kick
-    second: Any = hub.watch(EventFilter(), None, 30)
+    second: Any = one_by_one(hub.watch(EventFilter(), None, 30))
     await anext(second)  # its start position; not joined yet
     hub.notify()  # all in one tick: a kick, the first leaves, the second joins
     first_next.cancel()
@@ -160,7 +160,7 @@ async def test_the_tail_does_not_inherit_the_watch_call_that_started_it():
     token = rpc_method.set("/memsvc.v1.LifecycleService/WatchLifecycle")
     try:
         with call_deadline(60):
-            stream = hub.watch(EventFilter(), None, 30)
+            stream: Any = one_by_one(hub.watch(EventFilter(), None, 30))
             assert await anext(stream) == 0
             log.commit(1)
             assert isinstance(await asyncio.wait_for(anext(stream), 5), StoredEvent)

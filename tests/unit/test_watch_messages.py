@@ -37,7 +37,7 @@ def test_a_sequence_given_to_another_event_gets_that_events_message():
     first = servicer._event_response(lost)
     assert servicer._event_response(lost) is first  # built once for every watcher
     reused = stored(7, str(uuid.uuid4()))
-    message = servicer._event_response(reused).event
+    message = servicer._event_response(reused).single.event
     assert (message.event_id, message.project_id) == (
         reused.event.event_id,
         reused.event.ref.project_id,
@@ -59,3 +59,24 @@ def test_the_messages_kept_are_bounded_in_bytes_too():
     assert len(servicer._responses) < len(events)
     assert servicer._event_response(events[-1]) is servicer._event_response(events[-1])
     assert servicer._event_response(events[0]) is not first  # evicted, built again
+
+
+def test_a_batch_ends_before_the_byte_budget_and_keeps_the_order():
+    """A stream that asks for batches gets the events ready together in messages
+    that stay within the server's response budget (one event at least, however
+    large): events of 64 KiB of metadata, 1,000 at once, would be 64 MiB."""
+    servicer = LifecycleServicer(cast(Any, None), cast(Any, None), batch_bytes=2_500)
+    project = str(uuid.uuid4())
+    ready = [stored(sequence, project, metadata={"blob": "x" * 900}) for sequence in range(1, 8)]
+    ready.insert(3, stored(100, project, metadata={"blob": "y" * 5_000}))  # alone over budget
+    batches = list(servicer._batches(ready))
+    sizes = [len(message.batch.events) for message in batches]
+    assert sizes == [2, 1, 1, 2, 2]
+    assert all(message.ByteSize() <= 5_200 for message in batches)
+    assert all(message.ByteSize() <= 2_500 for i, message in enumerate(batches) if i != 2)
+    delivered = [event.event_id for message in batches for event in message.batch.events]
+    assert delivered == [s.event.event_id for s in ready]
+    # One event alone is its prebuilt batch of one, shared by every watcher.
+    alone = list(servicer._batches(ready[:1]))
+    assert alone == [servicer._event_response(ready[0]).alone]
+    assert alone[0] is servicer._event_response(ready[0]).alone
