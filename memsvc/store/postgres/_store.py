@@ -413,8 +413,13 @@ class PostgresDurableStore(SqlDurableReads):
     async def _query(self, read: Callable[..., Awaitable[T]], *args: Any) -> T:
         """Reads are idempotent: retried within the call's deadline."""
 
+        connected = False  # in the last attempt: the pool handed it a connection
+
         async def attempt() -> T:
+            nonlocal connected
+            connected = False
             async with self._connections.connection() as conn:
+                connected = True
                 try:
                     return await read(conn, POSTGRES, *args)
                 except psycopg.OperationalError as error:
@@ -423,9 +428,21 @@ class PostgresDurableStore(SqlDurableReads):
                     raise
 
         with observed(self.observe, read.__name__, self.backend_name):
-            return await with_retries(
-                attempt, backend=self.backend_name, transient=TRANSIENT_ERRORS
-            )
+            try:
+                return await with_retries(
+                    attempt, backend=self.backend_name, transient=TRANSIENT_ERRORS
+                )
+            except BackendUnavailable as error:
+                if isinstance(error.__cause__, TimeoutError):
+                    # Out of time: say on what, so that an operator can tell a pool
+                    # too small for the load (or not connected) from a slow database.
+                    log.warning(
+                        "%s ran out of time %s; pool: %s",
+                        read.__name__,
+                        "waiting for the answer" if connected else "waiting for a connection",
+                        self._connections.get_stats(),
+                    )
+                raise
 
     def _suspect_connections(self, error: BaseException) -> None:
         """A connection was lost (PostgreSQL restarted or failed over, a reaper
