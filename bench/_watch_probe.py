@@ -149,12 +149,13 @@ async def hub_variant(watchers: int, events: int, message: bool) -> float:
 
     async def consume() -> None:
         async for item in hub.watch(EventFilter(project_id=PROJECT), None, 10.0):
-            if not isinstance(item, StoredEvent):
+            if isinstance(item, int):
                 ready.tick()
                 continue
-            if message:
-                respond(item)
-            countdown.tick()
+            for stored in item:
+                if message:
+                    respond(stored)
+                countdown.tick()
 
     def offer(event: StoredEvent) -> None:
         source.events.append(event)

@@ -35,6 +35,10 @@ _RESPONSE_CACHE_BYTES = 16 << 20
 # each then written in a message of its own: fewer trips through the hub's
 # generators when several are ready (a burst), and no more held than this.
 _EVENTS_TAKEN_AT_ONCE = 64
+# A watch batch ends before this many bytes (or 3/4 of max_message_bytes, if less):
+# far below gRPC clients' default receive limit (4 MiB), which a client that asks for
+# batches may keep, while one message already carries thousands of typical events.
+_BATCH_BYTES = 1 << 20
 
 
 def render_value(stored: bytes) -> Any:
@@ -113,13 +117,19 @@ def checkpoint_message(record: CheckpointRecord) -> pb.Checkpoint:
     return message
 
 
-@dataclass(frozen=True)
+@dataclass
 class _EventMessages:
-    """One event's watch messages: alone (``event``) and as a batch of one."""
+    """One event's watch messages: alone in ``event``, and as a batch of one (built
+    when a stream that asks for batches first needs it)."""
 
     single: pb.WatchLifecycleResponse
-    alone: pb.WatchLifecycleResponse
     size: int  # of the event, serialized
+    alone: pb.WatchLifecycleResponse | None = None
+
+    @property
+    def held(self) -> int:
+        """About the bytes its messages hold."""
+        return self.size * (1 if self.alone is None else 2)
 
 
 class LifecycleServicer(pb_grpc.LifecycleServiceServicer):
@@ -128,11 +138,12 @@ class LifecycleServicer(pb_grpc.LifecycleServiceServicer):
     RPCs not overridden here answer UNIMPLEMENTED (the generated base class).
     """
 
-    def __init__(self, lifecycle: Lifecycle, hub: EventHub, batch_bytes: int = 3 << 20) -> None:
+    def __init__(
+        self, lifecycle: Lifecycle, hub: EventHub, response_budget_bytes: int = 3 << 20
+    ) -> None:
         self._lifecycle = lifecycle
         self._hub = hub
-        # A watch batch ends before this many bytes (the server's response budget).
-        self._batch_bytes = batch_bytes
+        self._batch_bytes = min(response_budget_bytes, _BATCH_BYTES)
         # One event goes to many watchers: build its message once (recent ones kept).
         # An event changes only when a purge makes it a tombstone (on any replica),
         # so the key includes that flag and a tombstone read back is never served
@@ -149,24 +160,34 @@ class LifecycleServicer(pb_grpc.LifecycleServiceServicer):
         if cached is not None:
             return cached
         event = event_message(stored)
-        built = _EventMessages(
-            pb.WatchLifecycleResponse(event=event),
-            pb.WatchLifecycleResponse(batch=pb.LifecycleEventBatch(events=[event])),
-            event.ByteSize(),
-        )
+        built = _EventMessages(pb.WatchLifecycleResponse(event=event), event.ByteSize())
         self._responses[key] = built
-        self._responses_bytes += built.size
+        self._responses_bytes += built.held
+        self._trim_responses()
+        return built
+
+    def _trim_responses(self) -> None:
+        """Forget the oldest messages past the cache's bounds (never the newest)."""
         while len(self._responses) > 1 and (
             len(self._responses) > _RESPONSE_CACHE or self._responses_bytes > _RESPONSE_CACHE_BYTES
         ):
-            self._responses_bytes -= self._responses.popitem(last=False)[1].size
-        return built
+            self._responses_bytes -= self._responses.popitem(last=False)[1].held
+
+    def _alone(self, stored: StoredEvent) -> pb.WatchLifecycleResponse:
+        """The batch of ``stored`` alone (built once for every watcher)."""
+        messages = self._event_response(stored)  # in the cache, the newest at worst
+        if messages.alone is None:
+            batch = pb.LifecycleEventBatch(events=[messages.single.event])
+            messages.alone = pb.WatchLifecycleResponse(batch=batch)
+            self._responses_bytes += messages.size
+            self._trim_responses()
+        return messages.alone
 
     def _batches(self, ready: list[StoredEvent]) -> Iterator[pb.WatchLifecycleResponse]:
         """``ready`` in batch messages, each ending before the batch budget (one
         event at least, whatever its size)."""
         if len(ready) == 1:
-            yield self._event_response(ready[0]).alone  # most batches, when not busy
+            yield self._alone(ready[0])  # most batches, when events are not many
             return
         batch = pb.WatchLifecycleResponse(batch=pb.LifecycleEventBatch())
         size = 0

@@ -309,8 +309,9 @@ class WatchLifecycleRequest(_message.Message):
     """At most this many events per message, sent in `batch`: a stream that
     falls behind live events (a burst, a slow reader) then gets those that
     are ready in fewer, larger messages, and never waits to fill one. From 1
-    to 1,000; a batch also ends before 3/4 of the server's maximum message
-    size (one event at least). Unset or 0: one event per message, in `event`.
+    to 1,000; a batch also ends before 1 MiB, or 3/4 of the server's maximum
+    message size if less (one event at least). Unset or 0: one event per
+    message, in `event`.
     """
     @_builtins.property
     def event_types(self) -> _containers.RepeatedScalarFieldContainer[Global___EventType.ValueType]:
@@ -370,7 +371,7 @@ Global___WatchProgress: _TypeAlias = WatchProgress  # noqa: Y015
 
 @_typing.final
 class LifecycleEventBatch(_message.Message):
-    """LifecycleEventBatch is consecutive events of one stream."""
+    """LifecycleEventBatch is consecutive matching events of one stream."""
 
     DESCRIPTOR: _descriptor.Descriptor
 

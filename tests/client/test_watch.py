@@ -221,11 +221,26 @@ async def test_watch_from_oldest_and_from_a_saved_cursor(client: AsyncClient, sc
 
 
 async def test_events_that_came_in_one_message_are_handed_out_one_at_a_time(
-    client: AsyncClient, scope
+    client: AsyncClient, scope, server: Server, monkeypatch
 ):
     """The watch asks for batches: five events already in the log come in one
     message. The cursor moves as each is handed out, not as the message arrives,
     so a cursor saved after the first resumes with the other four."""
+    hub = server.hub
+    assert hub is not None
+    asked: list[int] = []  # each stream's events per message
+    handed: list[int] = []  # how many events each list from the hub held
+    watch = hub.watch
+
+    async def spied(*args: Any) -> AsyncIterator[Any]:
+        asked.append(args[4])
+        async with contextlib.aclosing(watch(*args)) as stream:
+            async for item in stream:
+                if isinstance(item, list):
+                    handed.append(len(item))
+                yield item
+
+    monkeypatch.setattr(hub, "watch", spied)
     project = scope["project_id"]
     s = client.session(project, scope["agent_instance_id"], scope["session_id"])
     async with client.watch(project, include_progress=True) as now:
@@ -239,6 +254,7 @@ async def test_events_that_came_in_one_message_are_handed_out_one_at_a_time(
         assert events.sequence == first.sequence
         saved = events.sequence
         rest_in_this_stream = await take(events, 4)
+    assert handed == [5] and asked == [100, 100]  # one message (the servicer's rule)
     async with client.watch(project, after_sequence=saved) as resumed:
         rest = await take(resumed, 4)
     assert [e.event_id for e in rest] == [e.event_id for e in rest_in_this_stream]

@@ -161,7 +161,7 @@ async def test_a_stream_that_asks_for_batches_gets_events_ready_together_in_one_
     live_sequences = [e.sequence for e in live]
     assert live_sequences == sorted(set(live_sequences)) and live_sequences[0] > sequences[-1]
     call.cancel()
-    # Resuming after a batch's last event (here the fourth's, mid-stream) is exact.
+    # Resuming after any event, here one in the middle of a batch (the fourth), is exact.
     again = life.WatchLifecycle(
         lc.WatchLifecycleRequest(
             **session, after_sequence=sequences[3], max_events_per_message=1000

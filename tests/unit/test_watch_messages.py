@@ -65,7 +65,7 @@ def test_a_batch_ends_before_the_byte_budget_and_keeps_the_order():
     """A stream that asks for batches gets the events ready together in messages
     that stay within the server's response budget (one event at least, however
     large): events of 64 KiB of metadata, 1,000 at once, would be 64 MiB."""
-    servicer = LifecycleServicer(cast(Any, None), cast(Any, None), batch_bytes=2_500)
+    servicer = LifecycleServicer(cast(Any, None), cast(Any, None), response_budget_bytes=2_500)
     project = str(uuid.uuid4())
     ready = [stored(sequence, project, metadata={"blob": "x" * 900}) for sequence in range(1, 8)]
     ready.insert(3, stored(100, project, metadata={"blob": "y" * 5_000}))  # alone over budget
@@ -76,7 +76,26 @@ def test_a_batch_ends_before_the_byte_budget_and_keeps_the_order():
     assert all(message.ByteSize() <= 2_500 for i, message in enumerate(batches) if i != 2)
     delivered = [event.event_id for message in batches for event in message.batch.events]
     assert delivered == [s.event.event_id for s in ready]
-    # One event alone is its prebuilt batch of one, shared by every watcher.
+    # One event alone is its batch of one, built once and shared by every watcher.
     alone = list(servicer._batches(ready[:1]))
-    assert alone == [servicer._event_response(ready[0]).alone]
-    assert alone[0] is servicer._event_response(ready[0]).alone
+    assert [event.event_id for event in alone[0].batch.events] == [ready[0].event.event_id]
+    assert alone[0] is next(servicer._batches(ready[:1]))
+
+
+def test_the_messages_kept_count_the_batches_of_one_too():
+    """A stream that asks for batches makes each event's batch of one, kept beside
+    its message alone: the cache's byte bound counts both."""
+    servicer = LifecycleServicer(cast(Any, None), cast(Any, None))
+    project = str(uuid.uuid4())
+    events = [
+        stored(sequence, project, metadata={"blob": "x" * 60_000}) for sequence in range(1, 400)
+    ]
+    for event in events:
+        servicer._event_response(event)
+        next(servicer._batches([event]))
+    held = sum(
+        messages.single.ByteSize() + (messages.alone.ByteSize() if messages.alone else 0)
+        for messages in servicer._responses.values()
+    )
+    assert held <= lifecycle_api._RESPONSE_CACHE_BYTES * 1.01  # framing bytes aside
+    assert all(messages.alone is not None for messages in servicer._responses.values())
