@@ -102,6 +102,31 @@ _HEALTH_SERVICES = (
 )
 
 
+class _ProbeHealth(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
+    """grpc.health.v1 on the probe port: Check only, answered by the API's servicer.
+
+    That port is open to the whole cluster, with no token and no interceptor (the
+    kubelet's probes use Check), and a Watch holds a stream, and memory, for as long
+    as its caller likes: there, any pod could open thousands. On the API, Watch is
+    served, bounded by max_watchers."""
+
+    def __init__(self, health_servicer: health.aio.HealthServicer) -> None:
+        self._health = health_servicer
+
+    async def Check(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
+    ) -> health_pb2.HealthCheckResponse:
+        return await self._health.Check(request, context)
+
+    async def Watch(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            "the probe port serves Check only; Watch health on the API port",
+        )
+
+
 class Server:
     """One memsvc process: use ``async with Server(config) as server`` or start/stop."""
 
@@ -297,7 +322,7 @@ class Server:
         self._grpc = server
         if self.config.health_listen:
             self._probe = grpc.aio.server(options=self._grpc_options())
-            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._probe)
+            health_pb2_grpc.add_HealthServicer_to_server(_ProbeHealth(self.health), self._probe)
             with _binding("health probes", self.config.health_listen):
                 self.health_port = self._probe.add_insecure_port(
                     bind_address(self.config.health_listen)

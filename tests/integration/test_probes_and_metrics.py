@@ -38,6 +38,19 @@ async def test_the_probe_port_serves_health_and_nothing_else(server: Server, sco
             LifecycleServiceStub(probe).Spawn(lc.SpawnRequest(**scope)),
             grpc.StatusCode.UNIMPLEMENTED,
         )
+        # Check only: the port is open to the cluster, without a token or a limit,
+        # and a Watch would hold a stream (and memory) for as long as its caller likes.
+        watch = health.Watch(health_pb2.HealthCheckRequest(service="readiness"))
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await watch.read()
+        assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert "Watch health on the API port" in (refused.value.details() or "")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as api:
+        watched = health_pb2_grpc.HealthStub(api).Watch(
+            health_pb2.HealthCheckRequest(service="readiness")
+        )
+        assert (await watched.read()).status == health_pb2.HealthCheckResponse.SERVING
+        watched.cancel()
 
 
 async def test_metrics_count_rpcs_backends_and_watchers(
