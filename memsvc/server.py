@@ -113,12 +113,12 @@ class _ProbeHealth(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
     def __init__(self, health_servicer: health.aio.HealthServicer) -> None:
         self._health = health_servicer
 
-    async def Check(
+    async def Check(  # noqa: N802 (the gRPC method name)
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
     ) -> health_pb2.HealthCheckResponse:
         return await self._health.Check(request, context)
 
-    async def Watch(
+    async def Watch(  # noqa: N802 (the gRPC method name)
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
     ) -> None:
         await context.abort(
