@@ -1,8 +1,8 @@
-"""The readiness probe asks PostgreSQL on a connection of its own.
+"""The readiness probe asks PostgreSQL and Redis on connections of their own.
 
 Calls that hold every connection of memsvc's pool (Spawns waiting for a purge's
-project lock, say) make a busy replica, not a database that is down: the probe
-still answers, so readiness does not turn the replica away.
+project lock, say, or a burst of large Pauses) make a busy replica, not a backend
+that is down: the probe still answers, so readiness does not turn the replica away.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 
 from memsvc.store.postgres import PostgresDurableStore
-from tests.conftest import DATABASE_URL, need
+from memsvc.store.redis import RedisWorkingMemoryStore
+from tests.conftest import DATABASE_URL, REDIS_URL, need
 
 
 async def test_the_probe_answers_while_busy_calls_hold_the_whole_pool():
@@ -22,5 +23,28 @@ async def test_the_probe_answers_while_busy_calls_hold_the_whole_pool():
         async with store._connections.connection():  # the pool's only connection, busy
             await asyncio.wait_for(store.ping(), 10)
             await asyncio.wait_for(store.ping(), 10)  # the same probe connection again
+    finally:
+        await store.aclose()
+
+
+async def test_the_redis_probe_answers_while_busy_calls_hold_the_whole_pool():
+    need(REDIS_URL)
+    store = RedisWorkingMemoryStore(
+        REDIS_URL,
+        max_session_keys=10,
+        max_session_bytes=1000,
+        max_connections=1,
+        socket_timeout_seconds=1,
+    )
+    await store.open()
+    try:
+        await asyncio.wait_for(store.ping(), 10)
+        pool = store._redis.connection_pool  # type: ignore[union-attr]
+        busy = await pool.get_connection()  # the pool's only connection, busy
+        try:
+            await asyncio.wait_for(store.ping(), 10)
+            await asyncio.wait_for(store.ping(), 10)
+        finally:
+            await pool.release(busy)
     finally:
         await store.aclose()

@@ -208,6 +208,10 @@ class RedisWorkingMemoryStore:
         self._cluster = is_cluster_url(url)
         self._transient = TRANSIENT_ERRORS + (CLUSTER_TRANSIENT_ERRORS if self._cluster else ())
         self._client: aioredis.Redis | RedisCluster | None = None
+        # The readiness probe's own client (one connection per node): a pool that
+        # busy calls hold whole says nothing about Redis, and would turn a busy
+        # replica unready.
+        self._probe: aioredis.Redis | RedisCluster | None = None
         # Cluster mode only: the per-node pools do not wait for a connection.
         self._limit: ConnectionLimit | None = None
         self._scripts: dict[str, AsyncScript] = {}
@@ -216,28 +220,31 @@ class RedisWorkingMemoryStore:
         # Told each operation's time and outcome (the server's metrics).
         self.observe: BackendObserver = ignore
 
+    def _new_client(self, max_connections: int) -> aioredis.Redis | RedisCluster:
+        """A client with ``max_connections`` connections (per node of a cluster)."""
+        if self._cluster:
+            return cluster_client(
+                self._url, max_connections=max_connections, socket_timeout=self._socket_timeout
+            )
+        pool = aioredis.BlockingConnectionPool.from_url(
+            self._url,
+            max_connections=max_connections,
+            timeout=self._socket_timeout,
+            socket_timeout=self._socket_timeout,
+            socket_connect_timeout=self._socket_timeout,
+            # memsvc's own bounded retries (store/_retry.py) are the only ones.
+            retry=Retry(NoBackoff(), 0),
+        )
+        # Set after from_url, whose URL options (rediss://) always win.
+        pool.connection_class = connection_class_for(self._url) or pool.connection_class
+        return aioredis.Redis.from_pool(pool)
+
     async def open(self) -> None:
+        self._client = self._new_client(self._max_connections)
+        self._probe = self._new_client(1)
         if self._cluster:
             # A pool of max_connections per node, and as many operations in flight.
-            self._client = cluster_client(
-                self._url,
-                max_connections=self._max_connections,
-                socket_timeout=self._socket_timeout,
-            )
             self._limit = ConnectionLimit(self._max_connections, self._socket_timeout)
-        else:
-            pool = aioredis.BlockingConnectionPool.from_url(
-                self._url,
-                max_connections=self._max_connections,
-                timeout=self._socket_timeout,
-                socket_timeout=self._socket_timeout,
-                socket_connect_timeout=self._socket_timeout,
-                # memsvc's own bounded retries (store/_retry.py) are the only ones.
-                retry=Retry(NoBackoff(), 0),
-            )
-            # Set after from_url, whose URL options (rediss://) always win.
-            pool.connection_class = connection_class_for(self._url) or pool.connection_class
-            self._client = aioredis.Redis.from_pool(pool)
         for name in (
             "set_entries",
             "get_entries",
@@ -289,19 +296,27 @@ class RedisWorkingMemoryStore:
             )
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        for client in (self._client, self._probe):
+            if client is not None:
+                await client.aclose()
+        self._client = self._probe = None
 
     async def ping(self) -> None:
-        client = self._redis
-        if isinstance(client, RedisCluster):
-            # Every master: a master that is down makes its slots fail.
-            await self._retrying(
-                lambda: client.ping(target_nodes=RedisCluster.PRIMARIES), attempts=1, name="ping"
+        """Redis answers, on the probe's own connection (every master of a cluster:
+        a master that is down makes its slots fail)."""
+        probe = self._probe
+        if probe is None:
+            raise RuntimeError("RedisWorkingMemoryStore used before open()")
+
+        async def ping_once() -> object:
+            if isinstance(probe, RedisCluster):
+                return await probe.ping(target_nodes=RedisCluster.PRIMARIES)
+            return await probe.ping()
+
+        with observed(self.observe, "ping", self.backend_name):
+            await with_retries(
+                ping_once, backend=self.backend_name, transient=self._transient, attempts=1
             )
-        else:
-            await self._retrying(lambda: client.ping(), attempts=1, name="ping")
 
     async def set_entries(
         self, session: SessionRef, writes: Sequence[EntryWrite]
