@@ -77,6 +77,9 @@ def test_the_test_suites_variables_are_ignored():
         # every sweep failed on a date out of range, gRPC could not take the option.
         ({"MEMSVC_HEALTH_INTERVAL_SECONDS": "0.000001"}, "at least 0.05 seconds"),
         ({"MEMSVC_RETENTION_INTERVAL_SECONDS": "0.0001"}, "at least 0.05 seconds"),
+        # Or busy-looped: the reload checking the files, the tail polling the database.
+        ({"MEMSVC_AUTH_RELOAD_INTERVAL_SECONDS": "1e-9"}, "at least 0.05 seconds"),
+        ({"MEMSVC_EVENT_POLL_INTERVAL_SECONDS": "0.001"}, "at least 0.05 seconds"),
         ({"MEMSVC_EVENT_MAX_AGE_SECONDS": "100000000000"}, "from 1 to 3,153,600,000"),
         ({"MEMSVC_CHECKPOINT_MAX_AGE_SECONDS": "100000000000"}, "from 1 to"),
         ({"MEMSVC_REQUEST_ID_TTL_SECONDS": "0"}, "from 1 to"),
