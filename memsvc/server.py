@@ -187,6 +187,8 @@ class Server:
 
     async def _start(self) -> None:
         socket_group = _socket_group(self.config.unix_socket_group)
+        if self.config.unix_socket:
+            _check_socket_directory(Path(self.config.unix_socket))
         self._load_credentials()
         for store in (self.working_memory_store, self.durable_store):
             if isinstance(store, Observable):
@@ -300,7 +302,8 @@ class Server:
             # whatever the process's umask; its mode and group are set just below.
             umask = os.umask(0o007)
             try:
-                server.add_insecure_port(f"unix:{self.config.unix_socket}")
+                with _binding("the gRPC API", f"unix:{self.config.unix_socket}"):
+                    server.add_insecure_port(f"unix:{self.config.unix_socket}")
             finally:
                 os.umask(umask)
             # This run's socket (bound now): stop() removes it, even after a failed
@@ -737,6 +740,21 @@ async def _in_daemon_thread(function: Callable[[], object]) -> None:
     await finished
 
 
+def _check_socket_directory(path: Path) -> None:
+    """The Unix socket's directory exists and memsvc may create the socket in it:
+    found before the stores open and migrate, not as gRPC's bare bind failure."""
+    directory = path.parent
+    if not directory.is_dir():
+        raise StartupError(
+            f"cannot listen on unix:{path}: {directory} is not a directory (a missing "
+            "volume mount, or a typo in unix_socket?)"
+        )
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise StartupError(
+            f"cannot listen on unix:{path}: memsvc's user may not create files in {directory}"
+        )
+
+
 def _remove_stale_socket(path: Path) -> None:
     """Remove a Unix socket left by a previous run; refuse to remove anything else,
     or a socket another process still serves on (its clients would lose it)."""
@@ -745,7 +763,7 @@ def _remove_stale_socket(path: Path) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(mode):
-        raise FileExistsError(f"{path} exists and is not a socket; choose another unix_socket")
+        raise StartupError(f"{path} exists and is not a socket; choose another unix_socket")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         probe.settimeout(1.0)
         try:

@@ -166,6 +166,21 @@ async def test_a_second_server_on_a_served_socket_leaves_it_to_the_first(embedde
     assert not path.exists(), "the first removes its own socket at shutdown"
 
 
+async def test_a_socket_that_cannot_be_made_is_a_clear_startup_error(embedded, tmp_path):
+    """A missing directory (an absent volume mount, a typo) or a file in the way is
+    said plainly, before the stores open and migrate, not as gRPC's bare bind
+    failure (a traceback, which the docs call a bug)."""
+    missing = replace(embedded, unix_socket=str(tmp_path / "absent" / "memsvc.sock"))
+    with pytest.raises(StartupError, match="is not a directory"):
+        await Server(missing).start()
+    assert not list(tmp_path.glob("*.db*")), "the stores were opened first"
+    in_the_way = tmp_path / "memsvc.sock"
+    in_the_way.write_text("not a socket")
+    with pytest.raises(StartupError, match="is not a socket"):
+        await Server(replace(embedded, unix_socket=str(in_the_way))).start()
+    assert in_the_way.read_text() == "not a socket", "left alone"
+
+
 async def test_shutdown_refuses_new_calls_before_its_database_work(embedded):
     """Releasing the background lease is a database call (during an outage it waits
     its timeout): it comes after the listener closed, so new calls are refused at
