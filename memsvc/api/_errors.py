@@ -227,11 +227,20 @@ class ErrorInterceptor(HandlerWrapper):
                 request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
+        if handler.stream_stream is not None:
+            # Reflection's: a tool (grpcui, evans) keeps one open; untracked, it held
+            # every shutdown for its whole grace period.
+            return grpc.stream_stream_rpc_method_handler(
+                self._track_stream(handler.stream_stream, method, own),
+                request_deserializer=deserializer,
+                response_serializer=handler.response_serializer,
+            )
         return handler
 
     def _track_stream(self, behavior: Callable[..., Any], method: str, own: bool) -> Any:
-        """Wrap a server-streaming handler, either style grpc.aio allows: an async
-        generator that yields responses, or a coroutine that calls context.write()."""
+        """Wrap a server-streaming or bidirectional handler (whose ``request`` is then
+        the requests' iterator), either style grpc.aio allows: an async generator
+        that yields responses, or a coroutine that calls context.write()."""
         calls = self._calls
         limit = self._max_other_streams
 

@@ -330,6 +330,30 @@ async def test_a_stream_opened_once_shutdown_began_ends_as_the_others_did(embedd
         await server.stop()
 
 
+async def test_an_open_reflection_stream_ends_at_shutdown_as_the_others_do(embedded):
+    """Tools (grpcui, evans, Postman) keep a reflection stream open: shutdown ends it
+    with UNAVAILABLE at once, as it ends the watch streams, instead of waiting for it
+    through the whole grace period and then cancelling it."""
+    server = Server(embedded)
+    await server.start()
+    stopping: asyncio.Task[None] | None = None
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stream = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo()
+            await stream.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+            assert (await asyncio.wait_for(stream.read(), 10)).HasField("list_services_response")
+            # A grace far longer than the wait below: only ending the stream lets stop() end.
+            stopping = asyncio.create_task(server.stop(grace=600))
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                await asyncio.wait_for(stream.read(), 20)
+            assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert details_of(ended.value).reason == "ERROR_REASON_SERVER_SHUTTING_DOWN"
+            await asyncio.wait_for(stopping, 20)
+    finally:
+        if stopping is None or not stopping.done():
+            await server.stop(0)  # safe to call again: ends what the first left
+
+
 async def test_stop_cancels_calls_still_running_after_the_grace_period(embedded):
     store = GatedStore()
     server = Server(embedded, working_memory=store)
