@@ -12,7 +12,14 @@ import threading
 import time
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    start_http_server,
+)
 
 from memsvc.store._observe import BackendObserver
 
@@ -27,6 +34,9 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        # process_resident_memory_bytes, process_cpu_seconds_total, open fds...: the
+        # figures deployment.md sizes a sidecar by.
+        ProcessCollector(registry=self.registry)
         labels = ("grpc_type", "grpc_service", "grpc_method")
         self.rpc_started = Counter(
             "grpc_server_started", "RPCs started.", labels, registry=self.registry

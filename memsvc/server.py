@@ -340,10 +340,12 @@ class Server:
             self._reloader = asyncio.create_task(self._reload_forever(), name="memsvc-credentials")
         host = self.config.listen.rsplit(":", 1)[0]
         log.info(
-            "memsvc serving on %s:%d%s (%s; %s, %s)",
+            "memsvc serving on %s:%d%s%s%s (%s; %s, %s)",
             host,
             self.port,
             f" and unix:{self.config.unix_socket}" if self.config.unix_socket else "",
+            f", probes on port {self.health_port}" if self.health_port is not None else "",
+            f", metrics on port {self.metrics.port}" if self.metrics.port is not None else "",
             self._security_summary(),
             self.working_memory_store.backend_name,
             self.durable_store.backend_name,
@@ -405,7 +407,9 @@ class Server:
             )
         if self._probe is not None:
             await _bounded("stopping the probe server", self._probe.stop(0), STEP_LIMIT_SECONDS)
-        self.metrics.stop()
+        # Its HTTP server's shutdown waits up to half a second for its poll loop: in a
+        # thread, the event loop free meanwhile.
+        await _bounded("stopping metrics", _in_daemon_thread(self.metrics.stop), STEP_LIMIT_SECONDS)
         if self.tracer_provider is not None and hasattr(self.tracer_provider, "shutdown"):
             # Flushes the spans still batched: synchronous, up to the exporter's own
             # timeout (30 s) against a collector that never answers, so in a thread

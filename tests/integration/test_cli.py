@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -65,8 +66,10 @@ def start(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], int]:
 
 
 async def test_serve_answers_then_exits_cleanly_on_sigterm(tmp_path):
-    """`memsvc serve` on the embedded default serves, and SIGTERM ends it with status 0."""
-    process, port = start(tmp_path)
+    """`memsvc serve` on the embedded default serves, and SIGTERM ends it with status 0.
+    Its start says where it listens, the probe and metrics ports too (here chosen
+    by the system: port 0)."""
+    process, port = start(tmp_path, "--health-listen=127.0.0.1:0", "--metrics-listen=127.0.0.1:0")
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             wm = WorkingMemoryServiceStub(channel)
@@ -84,7 +87,9 @@ async def test_serve_answers_then_exits_cleanly_on_sigterm(tmp_path):
     assert process.returncode == 0, stderr
     records = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
     messages = [r["message"] for r in records]
-    assert any(m.startswith("memsvc serving on 127.0.0.1:") for m in messages), messages
+    serving = [m for m in messages if m.startswith(f"memsvc serving on 127.0.0.1:{port}, ")]
+    assert len(serving) == 1, messages
+    assert re.search(r", probes on port [1-9]\d*, metrics on port [1-9]\d* \(", serving[0])
     assert messages[-1] == "stopped"
     assert all({"time", "level", "logger", "message"} <= r.keys() for r in records)
     assert (tmp_path / "memsvc.db").exists(), "the embedded store lives under --data-dir"

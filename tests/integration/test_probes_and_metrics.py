@@ -62,6 +62,8 @@ async def test_metrics_count_rpcs_backends_and_watchers(
     await watch.read()  # the start position: the stream is open
 
     assert metric(server, "memsvc_watchers") == 1
+    # The process's own figures, which deployment.md sizes a sidecar by.
+    assert (metric(server, "process_resident_memory_bytes") or 0) > 1 << 20
     await life.Spawn(lc.SpawnRequest(**scope))
     await wm.Set(pb.SetRequest(**scope, key="k", value=value(1)))
     await wm.Get(pb.GetRequest(**scope, key="k"))
