@@ -207,7 +207,8 @@ class GraphSweep:
 
 
 class GraphCheckpointConflict(FailedPrecondition):
-    """The writer fence refused a put: its parent is no longer the latest checkpoint."""
+    """The writer fence refused a put: its parent is no longer the latest checkpoint,
+    or another put stored the latest under its id."""
 
     reason = "ERROR_REASON_GRAPH_CHECKPOINT_CONFLICT"
 
@@ -215,7 +216,13 @@ class GraphCheckpointConflict(FailedPrecondition):
         self, thread_id: str, ns: str, checkpoint_id: str, parent: str | None, latest: str | None
     ) -> None:
         where = f"of thread {thread_id!r} namespace {ns!r}"
-        if parent == latest:
+        if checkpoint_id == latest:
+            message = (
+                f"checkpoint {checkpoint_id!r} is the latest {where}, stored by another put "
+                "(another parent, state, metadata or versions): another writer took this "
+                "id; read the latest checkpoint and decide"
+            )
+        elif parent == latest:
             # The parent is the latest, but the new id sorts before it: the put
             # would not become the latest (the greatest id is), forking the thread.
             message = (
@@ -307,6 +314,11 @@ class GraphTransaction(Protocol):
     async def latest_graph_checkpoint_id(
         self, project_id: str, thread_id: str, ns: str
     ) -> str | None: ...
+
+    async def graph_checkpoint_row(
+        self, project_id: str, thread_id: str, ns: str, checkpoint_id: str
+    ) -> GraphCheckpointRecord | None:
+        """One checkpoint as stored (without its values and writes)."""
 
     async def insert_graph_values(
         self, project_id: str, thread_id: str, ns: str, values: Sequence[GraphValue]
@@ -407,6 +419,17 @@ class GraphDatabase(Protocol):
         stored. Returns how many values were new."""
 
 
+def _same_put(stored: GraphCheckpointRecord | None, put: GraphCheckpointRecord) -> bool:
+    """Whether ``put`` stores what ``stored`` holds (its create time aside)."""
+    return stored is not None and (
+        stored.parent_checkpoint_id,
+        stored.doc_type,
+        stored.doc,
+        stored.metadata,
+        stored.channel_versions,
+    ) == (put.parent_checkpoint_id, put.doc_type, put.doc, put.metadata, put.channel_versions)
+
+
 class GraphCheckpoints:
     """Graph checkpoints over a durable store."""
 
@@ -451,7 +474,12 @@ class GraphCheckpoints:
             await tx.lock_graph_thread(project, thread, now, options)
             if require_latest_parent:
                 latest = await tx.latest_graph_checkpoint_id(project, thread, ns)
-                retry = latest == record.checkpoint_id
+                # A retry of the put that made the latest (its reply lost) is the same
+                # put; another writer's under the same id (ids such as "step-0002" that
+                # two writers both choose) is a conflict, not an overwrite.
+                retry = latest == record.checkpoint_id and _same_put(
+                    await tx.graph_checkpoint_row(project, thread, ns, latest), record
+                )
                 # Extending the latest also means becoming it: an id that sorts before
                 # it (a writer whose clock runs behind) would fork the thread unseen.
                 extends = latest == record.parent_checkpoint_id and (

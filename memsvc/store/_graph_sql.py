@@ -493,6 +493,16 @@ class SqlGraphWrites(SqlWrites):
         )
         return None if not rows or rows[0][0] is None else str(rows[0][0])
 
+    async def graph_checkpoint_row(
+        self, project_id: str, thread_id: str, ns: str, checkpoint_id: str
+    ) -> GraphCheckpointRecord | None:
+        rows = await self._rows(
+            f"SELECT {_COLUMNS} FROM graph_checkpoints c WHERE c.project_id = ?"
+            " AND c.thread_id = ? AND c.checkpoint_ns = ? AND c.checkpoint_id = ?",
+            (project_id, thread_id, ns, checkpoint_id),
+        )
+        return _record(rows[0], self._d) if rows else None
+
     async def insert_graph_values(
         self, project_id: str, thread_id: str, ns: str, values: Sequence[GraphValue]
     ) -> int:

@@ -165,6 +165,35 @@ async def test_the_writer_fence_refuses_a_stale_parent(graphs, scope):
     assert await ids(graphs, project, "t") == ["c3", "c2", "c1"]
 
 
+async def test_the_writer_fence_refuses_another_put_under_the_latest_id(graphs, scope):
+    """Writers that name checkpoints by step ("step-0002") may both choose the latest's
+    id: only a retry of the very put that stored it passes the fence; another one (a
+    parent, a state, metadata or versions of its own) is a conflict, not an overwrite."""
+    project = scope["project_id"]
+    first = checkpoint("t", "s2", parent="s1", versions={"a": "2"}, new={"a": b"writer A"})
+    await put(graphs, project, checkpoint("t", "s1"), require_latest_parent=True)
+    await put(graphs, project, first, require_latest_parent=True)
+    await put(graphs, project, first, require_latest_parent=True)  # its retry
+    others = [
+        checkpoint("t", "s2", parent="bogus", versions={"a": "2"}, new={"a": b"writer A"}),
+        checkpoint("t", "s2", parent="s1", versions={"a": "3"}, new={"a": b"writer B"}),
+        checkpoint("t", "s2", parent="s1", versions={"a": "2"}, metadata={"step": 7}),
+    ]
+    for other in others:
+        error = await expect_error(
+            put(graphs, project, other, require_latest_parent=True),
+            grpc.StatusCode.FAILED_PRECONDITION,
+        )
+        assert error.reason == "ERROR_REASON_GRAPH_CHECKPOINT_CONFLICT"
+        assert error.metadata["latest_checkpoint_id"] == "s2"
+        assert "another writer took this id" in error.message
+    got = await graphs.GetGraphCheckpoint(
+        pb.GetGraphCheckpointRequest(project_id=project, thread_id="t")
+    )
+    assert got.checkpoint.parent_checkpoint_id == "s1"
+    assert {v.channel: v.value.data for v in got.checkpoint.channel_values} == {"a": b"writer A"}
+
+
 async def test_the_writer_fence_refuses_an_id_that_would_not_become_the_latest(graphs, scope):
     """Two fenced writers whose clocks run behind the one that wrote the latest both
     name it as parent with lower ids: the first would fork the thread unseen."""
