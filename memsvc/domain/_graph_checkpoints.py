@@ -581,6 +581,13 @@ class GraphCheckpoints:
         check_thread_id(thread_id, "thread_id", violations)
         raise_if_any(violations)
         async with self._db.transaction() as tx:
+            # As a put does, the project's lock (shared) and then the thread's row,
+            # made if absent: a first put of the thread still in flight has made it
+            # and holds it, so the delete waits for its commit, then deletes all of
+            # it. Deleting an absent row locks nothing, and that put could commit
+            # between the delete's statements: its checkpoint kept, its values not.
+            await tx.lock_project(project, exclusive=False)
+            await tx.lock_graph_thread(project, thread_id, self._clock_ms(), None)
             return await tx.delete_graph_thread(project, thread_id)
 
     async def delete_runs(self, project_id: str, run_ids: Sequence[str]) -> int:

@@ -584,9 +584,9 @@ class SqlGraphWrites(SqlWrites):
 
     async def delete_graph_thread(self, project_id: str, thread_id: str) -> int:
         key = (project_id, thread_id)
-        # The thread's row first: deleting it locks it, and every write locks that
-        # row first, so no put commits a checkpoint whose values the next
-        # statements would then delete (each statement sees the latest commits).
+        # The caller holds the thread's row (lock_graph_thread), which every write
+        # locks first: no put commits a checkpoint whose values the next statements
+        # would then delete (each statement sees the latest commits).
         await self._conn.execute(self._d.sql(f"DELETE FROM graph_threads WHERE {_THREAD}"), key)
         deleted = await self._rows(
             f"DELETE FROM graph_checkpoints WHERE {_THREAD} RETURNING 1", key

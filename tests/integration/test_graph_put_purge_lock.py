@@ -20,6 +20,7 @@ import pytest
 
 from memsvc.config import Config
 from memsvc.domain import SessionRef
+from memsvc.domain._graph_checkpoints import GraphCheckpointRecord, GraphValue
 from memsvc.server import Server
 from memsvc.store._lifecycle_sql import project_lock
 from memsvc.store.postgres import PostgresDurableStore
@@ -248,3 +249,53 @@ async def test_a_put_waiting_for_its_thread_stores_its_values_after_the_wait(
             gpb.GetGraphCheckpointRequest(project_id=project, thread_id="t")
         )
         assert [(v.channel, v.value.data) for v in got.checkpoint.channel_values] == [("a", b'"v"')]
+
+
+@postgres_only
+async def test_deleting_a_thread_waits_for_its_first_put_and_deletes_all_of_it(
+    local_config: Config, database_url: str
+) -> None:
+    """A thread's first put still in flight (it made the thread's row, uncommitted)
+    while DeleteGraphThread runs: the delete waits for it and then deletes all of it.
+    Without the wait, the put could commit between the delete's statements and leave
+    its checkpoint with its values deleted."""
+    project = str(uuid.uuid4())
+    holder = PostgresDurableStore(database_url, max_connections=1)
+    async with (
+        Server(local_config) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        await holder.open()
+        try:
+            stub = GraphCheckpointServiceStub(channel)
+            record = GraphCheckpointRecord(
+                project, "t", "", "c1", None, "json", b"{}", {}, {"a": "1"}, create_ms=1
+            )
+            async with holder.transaction() as tx:  # the put, in flight
+                await tx.lock_project(project, exclusive=False)
+                await tx.lock_graph_thread(project, "t", 1, None)
+                await tx.insert_graph_values(project, "t", "", [GraphValue("a", "1", "json", b"1")])
+                await tx.upsert_graph_checkpoint(record)
+                deleting = asyncio.ensure_future(
+                    stub.DeleteGraphThread(
+                        gpb.DeleteGraphThreadRequest(project_id=project, thread_id="t")
+                    )
+                )
+                done, _ = await asyncio.wait({deleting}, timeout=0.5)
+                assert not done, "the delete did not wait for the thread's first put"
+            deleted = await asyncio.wait_for(deleting, 10)
+            assert deleted.checkpoints_deleted == 1
+            await expect_error(
+                stub.GetGraphCheckpoint(
+                    gpb.GetGraphCheckpointRequest(project_id=project, thread_id="t")
+                ),
+                grpc.StatusCode.NOT_FOUND,
+            )
+            async with await psycopg.AsyncConnection.connect(database_url) as rows:
+                for table in ("graph_values", "graph_checkpoints", "graph_threads"):
+                    cursor = await rows.execute(
+                        f"SELECT count(*) FROM {table} WHERE project_id = %s", (project,)
+                    )
+                    assert await cursor.fetchone() == (0,), table
+        finally:
+            await holder.aclose()
