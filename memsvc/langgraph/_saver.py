@@ -18,6 +18,7 @@ whose private loop runs in a background thread, so sync graphs work as well.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -511,6 +512,9 @@ def _inline(value: Any) -> bool:
 def _options(
     ttl: float | None, keep_last: int, session: SessionLink | None
 ) -> pb.GraphThreadOptions | None:
+    if ttl is not None and not (math.isfinite(ttl) and ttl > 0):
+        # Not made 1 ms: that would forget the thread at the next sweep.
+        raise ValueError(f"ttl must be a positive number of seconds, or None for never: {ttl!r}")
     if ttl is None and not keep_last and session is None:
         return None
     options = pb.GraphThreadOptions(keep_last=keep_last)

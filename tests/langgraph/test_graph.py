@@ -274,3 +274,12 @@ async def test_keep_latest_refuses_a_thread_with_a_delta_channel(server: Server)
         assert len([c async for c in saver.alist(plain_config)]) == 1
         await saver.aprune([thread_id], strategy="delete")
         assert [c async for c in saver.alist(config)] == []
+
+
+@pytest.mark.parametrize("ttl", [0, -5, float("nan"), float("inf")])
+def test_a_ttl_that_is_not_a_positive_number_of_seconds_is_refused(ttl: float):
+    """Made 1 ms, a ttl of 0 or less would have the thread forgotten at the next
+    sweep (the proto's 0 means never: None says that here)."""
+    with pytest.raises(ValueError, match="ttl must be a positive number of seconds"):
+        MemsvcSaver(project_id=str(uuid.uuid4()), ttl=ttl)
+    MemsvcSaver(project_id=str(uuid.uuid4()), ttl=0.5)  # half a second is a TTL
