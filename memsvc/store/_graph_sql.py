@@ -757,7 +757,10 @@ class SqlGraphWrites(SqlWrites):
             "SELECT t.project_id, t.thread_id FROM graph_threads t"
             " JOIN sessions s ON s.project_id = t.project_id"
             " AND s.agent_instance_id = t.agent_instance_id AND s.session_id = t.session_id"
-            f" WHERE t.on_session_end > 0 AND s.state = 3{only} LIMIT {int(limit)}",
+            # In key order, as every caller then locks them: copy, delete_runs and
+            # purge lock threads in that order too, so none can deadlock with another.
+            f" WHERE t.on_session_end > 0 AND s.state = 3{only}"
+            f" ORDER BY t.project_id, t.thread_id LIMIT {int(limit)}",
             params,
         )
         return [(str(text(r[0])), str(r[1])) for r in rows]
