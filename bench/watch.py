@@ -22,9 +22,12 @@ What is measured:
   each) events/s and call latency, beside bare Publish calls (to nobody).
 * **Fan-out** to 100 and 1,000 subscribers (``--subscribers``), which live in
   ``--processes`` subscriber processes (bench/_watch_subscriber.py), each with
-  ``--channels`` channels. Three targets: ``bare``; ``memsvc-same`` (writer
+  ``--channels`` channels. Targets: ``bare``; ``memsvc-same`` (writer
   and watchers on replica 1); ``memsvc-cross`` (writer on replica 1, watchers
-  on replica 2, which learns of commits by PostgreSQL LISTEN/NOTIFY).
+  on replica 2, which learns of commits by PostgreSQL LISTEN/NOTIFY); and, unless
+  ``--max-events-per-message 0``, ``memsvc-same-batched`` and
+  ``memsvc-cross-batched``, whose streams ask for that many events per message
+  (each event of a batch counts as a delivery, with its own latency).
   The writer puts its wall-clock send time into the event (memsvc: the
   request's ``metadata``, copied into the event; bare: the same field of the
   published message); a subscriber's latency is its receive time minus that.
@@ -40,13 +43,14 @@ What is measured:
 Targets (from the issue): in a burst, memsvc reaches at least 0.7x the bare
 deliveries/s; paced, memsvc's p99 exceeds the bare p99 by at most 25 ms on the
 same replica and 150 ms across replicas. Rounds are interleaved (commits, then
-per subscriber count bare, memsvc-same, memsvc-cross), ``--rounds`` times; the
+per subscriber count bare, then each memsvc target), ``--rounds`` times; the
 tables show medians over rounds, and ratios and differences to bare are taken
 within each round. The 2-core machine is shared by the servers, PostgreSQL, the
 subscriber processes and this process: only figures of one run compare.
 
-memsvc runs from the work tree. Rerun (about 4 minutes with the default 3 rounds,
-6 with 5; results in bench/results/watch.json, see docs/performance.md)::
+memsvc runs from the work tree. Rerun (about 8 minutes with the default 3 rounds,
+13 with 5, 5 without the batched targets; results in bench/results/watch.json, see
+docs/performance.md)::
 
     .venv/bin/python -m bench.watch --rounds 5
     .venv/bin/python -m bench.watch --subscribers 100,1000 --rounds 3 --seconds 5

@@ -196,7 +196,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("retention_interval_seconds", _seconds_from(0.05), "60", "How often expired checkpoints and request ids are deleted (at least 0.05 s)."),
     Setting("event_max_age_seconds", _age_seconds, "604800", "Lifecycle events older than this are compacted away (7 days; at most 100 years); watchers resuming from before get OUT_OF_RANGE."),
     Setting("event_keep_last", _non_negative_int, "0", "Keep at most this many lifecycle events (0: no limit)."),
-    Setting("max_watchers", _positive_int, "1000", "Most WatchLifecycle streams one process serves; beyond it, RESOURCE_EXHAUSTED. The API's grpc.health.v1 Watch streams (which need no token) have a bound of their own, the same number."),
+    Setting("max_watchers", _positive_int, "1000", "Most WatchLifecycle streams one process serves; beyond it, RESOURCE_EXHAUSTED. The API's grpc.health.v1 Watch and reflection streams (which need no token) have a bound of their own, the same number."),
     Setting("max_concurrent_calls", _positive_int, "256", "Most calls (other than watch streams) one process runs at once; beyond it, RESOURCE_EXHAUSTED at once instead of a growing queue."),
     Setting("default_deadline_seconds", _positive_float, "30", "Deadline of a call that sets none: past it the call ends with DEADLINE_EXCEEDED and its backend retries stop (watch streams have none)."),
     Setting("event_poll_interval_seconds", _seconds_from(0.05), "1", "How often the event tail polls when no NOTIFY wakes it (at least 0.05 s)."),

@@ -188,7 +188,7 @@ class Server:
     async def _start(self) -> None:
         socket_group = _socket_group(self.config.unix_socket_group)
         if self.config.unix_socket:
-            _check_socket_directory(Path(self.config.unix_socket))
+            _check_socket_path(Path(self.config.unix_socket))
         self._load_credentials()
         for store in (self.working_memory_store, self.durable_store):
             if isinstance(store, Observable):
@@ -744,9 +744,13 @@ async def _in_daemon_thread(function: Callable[[], object]) -> None:
     await finished
 
 
-def _check_socket_directory(path: Path) -> None:
-    """The Unix socket's directory exists and memsvc may create the socket in it:
-    found before the stores open and migrate, not as gRPC's bare bind failure."""
+def _check_socket_path(path: Path) -> None:
+    """The Unix socket's directory exists, memsvc may create the socket in it, and
+    no other kind of file is in the way: found before the stores open and migrate,
+    not as gRPC's bare bind failure."""
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise StartupError(f"{path} exists and is not a socket; choose another unix_socket")
     directory = path.parent
     if not directory.is_dir():
         raise StartupError(

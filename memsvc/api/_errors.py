@@ -140,7 +140,7 @@ class CallTracker:
     def __init__(self) -> None:
         self._streams: set[asyncio.Task[Any]] = set()
         self._unary: set[asyncio.Task[Any]] = set()
-        # The streams of services not memsvc's own (grpc.health.v1 Watch).
+        # The streams of services not memsvc's own (grpc.health.v1 Watch, reflection).
         self._other_streams: set[asyncio.Task[Any]] = set()
         self.shutting_down = False
 

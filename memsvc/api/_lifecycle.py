@@ -39,6 +39,8 @@ _EVENTS_TAKEN_AT_ONCE = 64
 # far below gRPC clients' default receive limit (4 MiB), which a client that asks for
 # batches may keep, while one message already carries thousands of typical events.
 _BATCH_BYTES = 1 << 20
+# An event's tag and length in a batch (and the batch's own, counted once per event).
+_EVENT_FRAMING_BYTES = 10
 
 
 def render_value(stored: bytes) -> Any:
@@ -193,12 +195,13 @@ class LifecycleServicer(pb_grpc.LifecycleServiceServicer):
         size = 0
         for stored in ready:
             messages = self._event_response(stored)
-            if size and size + messages.size > self._batch_bytes:
+            framed = messages.size + _EVENT_FRAMING_BYTES
+            if size and size + framed > self._batch_bytes:
                 yield batch
                 batch = pb.WatchLifecycleResponse(batch=pb.LifecycleEventBatch())
                 size = 0
             batch.batch.events.append(messages.single.event)
-            size += messages.size
+            size += framed
         yield batch
 
     async def Spawn(

@@ -263,14 +263,11 @@ class AsyncWatch(Generic[Item]):
                 self._following_oldest &= self._cursor is None  # moved past the start
                 self._cursor = sequence
                 item = WatchProgress(sequence)
-        elif message.HasField("event"):
-            event = message.event
-            # An event at or before the cursor was delivered already (never expected).
-            if self._cursor is None or event.sequence > self._cursor:
-                item = self._hand_out(event)
-        elif message.HasField("batch"):
+        else:
+            # One event alone, or a batch: those past the cursor are handed out one
+            # at a time (one at or before it was delivered already, never expected).
             last = self._cursor
-            for event in message.batch.events:
+            for event in (message.event,) if message.HasField("event") else message.batch.events:
                 if last is None or event.sequence > last:
                     last = event.sequence
                     self._batched.append(event)

@@ -315,10 +315,9 @@ class GraphTransaction(Protocol):
         self, project_id: str, thread_id: str, ns: str
     ) -> str | None: ...
 
-    async def graph_checkpoint_row(
-        self, project_id: str, thread_id: str, ns: str, checkpoint_id: str
-    ) -> GraphCheckpointRecord | None:
-        """One checkpoint as stored (without its values and writes)."""
+    async def holds_graph_checkpoint(self, record: GraphCheckpointRecord) -> bool:
+        """Whether ``record``'s checkpoint is stored as ``record`` has it: its parent,
+        state, metadata and versions (compared as the database stores them)."""
 
     async def insert_graph_values(
         self, project_id: str, thread_id: str, ns: str, values: Sequence[GraphValue]
@@ -419,17 +418,6 @@ class GraphDatabase(Protocol):
         stored. Returns how many values were new."""
 
 
-def _same_put(stored: GraphCheckpointRecord | None, put: GraphCheckpointRecord) -> bool:
-    """Whether ``put`` stores what ``stored`` holds (its create time aside)."""
-    return stored is not None and (
-        stored.parent_checkpoint_id,
-        stored.doc_type,
-        stored.doc,
-        stored.metadata,
-        stored.channel_versions,
-    ) == (put.parent_checkpoint_id, put.doc_type, put.doc, put.metadata, put.channel_versions)
-
-
 class GraphCheckpoints:
     """Graph checkpoints over a durable store."""
 
@@ -477,9 +465,7 @@ class GraphCheckpoints:
                 # A retry of the put that made the latest (its reply lost) is the same
                 # put; another writer's under the same id (ids such as "step-0002" that
                 # two writers both choose) is a conflict, not an overwrite.
-                retry = latest == record.checkpoint_id and _same_put(
-                    await tx.graph_checkpoint_row(project, thread, ns, latest), record
-                )
+                retry = latest == record.checkpoint_id and await tx.holds_graph_checkpoint(record)
                 # Extending the latest also means becoming it: an id that sorts before
                 # it (a writer whose clock runs behind) would fork the thread unseen.
                 extends = latest == record.parent_checkpoint_id and (

@@ -493,15 +493,27 @@ class SqlGraphWrites(SqlWrites):
         )
         return None if not rows or rows[0][0] is None else str(rows[0][0])
 
-    async def graph_checkpoint_row(
-        self, project_id: str, thread_id: str, ns: str, checkpoint_id: str
-    ) -> GraphCheckpointRecord | None:
+    async def holds_graph_checkpoint(self, record: GraphCheckpointRecord) -> bool:
+        # Compared in SQL, each side as stored: read back from jsonb, a number such
+        # as 1e23 comes as another Python number than the one put (an int).
         rows = await self._rows(
-            f"SELECT {_COLUMNS} FROM graph_checkpoints c WHERE c.project_id = ?"
-            " AND c.thread_id = ? AND c.checkpoint_ns = ? AND c.checkpoint_id = ?",
-            (project_id, thread_id, ns, checkpoint_id),
+            f"SELECT 1 FROM graph_checkpoints WHERE {_NAMESPACE} AND checkpoint_id = ?"
+            # No parent is NULL (no id is empty); IS NOT DISTINCT FROM needs SQLite 3.39.
+            " AND coalesce(parent_checkpoint_id, '') = coalesce(?, '') AND checkpoint_type = ?"
+            " AND checkpoint = ? AND metadata = ? AND channel_versions = ?",
+            (
+                record.project_id,
+                record.thread_id,
+                record.checkpoint_ns,
+                record.checkpoint_id,
+                record.parent_checkpoint_id,
+                record.doc_type,
+                record.doc,
+                self._d.json_param(record.metadata),
+                self._d.json_param(record.channel_versions),
+            ),
         )
-        return _record(rows[0], self._d) if rows else None
+        return bool(rows)
 
     async def insert_graph_values(
         self, project_id: str, thread_id: str, ns: str, values: Sequence[GraphValue]
@@ -584,9 +596,9 @@ class SqlGraphWrites(SqlWrites):
 
     async def delete_graph_thread(self, project_id: str, thread_id: str) -> int:
         key = (project_id, thread_id)
-        # The caller holds the thread's row (lock_graph_thread), which every write
-        # locks first: no put commits a checkpoint whose values the next statements
-        # would then delete (each statement sees the latest commits).
+        # The caller holds the thread's row lock, which every write takes first:
+        # no put commits a checkpoint whose values the next statements would then
+        # delete (each statement sees the latest commits).
         await self._conn.execute(self._d.sql(f"DELETE FROM graph_threads WHERE {_THREAD}"), key)
         deleted = await self._rows(
             f"DELETE FROM graph_checkpoints WHERE {_THREAD} RETURNING 1", key

@@ -377,7 +377,8 @@ class PutGraphCheckpointRequest(_message.Message):
     the latest checkpoint of the thread and namespace and the new id sorts
     after it, so that the put becomes the latest (the latest is the greatest
     id; LangGraph's ids are time-ordered); or both are empty, or the latest is
-    this very checkpoint: a retry.
+    this very checkpoint as this put stores it (parent, state, metadata and
+    versions): a retry. Another put under the latest's id is refused too.
     """
     @_builtins.property
     def checkpoint(self) -> Global___GraphCheckpoint:

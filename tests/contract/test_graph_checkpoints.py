@@ -174,10 +174,17 @@ async def test_the_writer_fence_refuses_another_put_under_the_latest_id(graphs, 
     await put(graphs, project, checkpoint("t", "s1"), require_latest_parent=True)
     await put(graphs, project, first, require_latest_parent=True)
     await put(graphs, project, first, require_latest_parent=True)  # its retry
+    # A retry whose metadata holds numbers the database writes in another form
+    # (jsonb reads 1e23 back as an integer) is still the same put.
+    numbers = checkpoint("t", "s3", parent="s2", metadata={"t": 1e23, "big": 2.0**60})
+    await put(graphs, project, numbers, require_latest_parent=True)
+    await put(graphs, project, numbers, require_latest_parent=True)
+    first = checkpoint("t", "s4", parent="s3", versions={"a": "2"}, new={"a": b"writer A"})
+    await put(graphs, project, first, require_latest_parent=True)
     others = [
-        checkpoint("t", "s2", parent="bogus", versions={"a": "2"}, new={"a": b"writer A"}),
-        checkpoint("t", "s2", parent="s1", versions={"a": "3"}, new={"a": b"writer B"}),
-        checkpoint("t", "s2", parent="s1", versions={"a": "2"}, metadata={"step": 7}),
+        checkpoint("t", "s4", parent="bogus", versions={"a": "2"}, new={"a": b"writer A"}),
+        checkpoint("t", "s4", parent="s3", versions={"a": "3"}, new={"a": b"writer B"}),
+        checkpoint("t", "s4", parent="s3", versions={"a": "2"}, metadata={"step": 7}),
     ]
     for other in others:
         error = await expect_error(
@@ -185,12 +192,12 @@ async def test_the_writer_fence_refuses_another_put_under_the_latest_id(graphs, 
             grpc.StatusCode.FAILED_PRECONDITION,
         )
         assert error.reason == "ERROR_REASON_GRAPH_CHECKPOINT_CONFLICT"
-        assert error.metadata["latest_checkpoint_id"] == "s2"
+        assert error.metadata["latest_checkpoint_id"] == "s4"
         assert "another writer took this id" in error.message
     got = await graphs.GetGraphCheckpoint(
         pb.GetGraphCheckpointRequest(project_id=project, thread_id="t")
     )
-    assert got.checkpoint.parent_checkpoint_id == "s1"
+    assert got.checkpoint.parent_checkpoint_id == "s3"
     assert {v.channel: v.value.data for v in got.checkpoint.channel_values} == {"a": b"writer A"}
 
 

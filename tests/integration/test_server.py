@@ -179,6 +179,7 @@ async def test_a_socket_that_cannot_be_made_is_a_clear_startup_error(embedded, t
     with pytest.raises(StartupError, match="is not a socket"):
         await Server(replace(embedded, unix_socket=str(in_the_way))).start()
     assert in_the_way.read_text() == "not a socket", "left alone"
+    assert not list(tmp_path.glob("*.db*")), "the stores were opened first"
 
 
 async def test_shutdown_refuses_new_calls_before_its_database_work(embedded):

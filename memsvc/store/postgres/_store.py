@@ -433,7 +433,7 @@ class PostgresDurableStore(SqlDurableReads):
                     attempt, backend=self.backend_name, transient=TRANSIENT_ERRORS
                 )
             except BackendUnavailable as error:
-                if isinstance(error.__cause__, TimeoutError):
+                if isinstance(error.__cause__, (TimeoutError, psycopg_pool.PoolTimeout)):
                     # Out of time: say on what, so that an operator can tell a pool
                     # too small for the load (or not connected) from a slow database.
                     log.warning(

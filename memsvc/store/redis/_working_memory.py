@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 import logging
 import uuid
@@ -296,10 +297,11 @@ class RedisWorkingMemoryStore:
             )
 
     async def aclose(self) -> None:
-        for client in (self._client, self._probe):
-            if client is not None:
-                await client.aclose()
-        self._client = self._probe = None
+        clients, self._client, self._probe = (self._client, self._probe), None, None
+        async with contextlib.AsyncExitStack() as closing:  # each, whatever another raises
+            for client in clients:
+                if client is not None:
+                    closing.push_async_callback(client.aclose)
 
     async def ping(self) -> None:
         """Redis answers, on the probe's own connection (every master of a cluster:
