@@ -109,7 +109,8 @@ class EpisodeScope:
     min_importance: float | None = None
 
     def fingerprint(self, *extra: str) -> str:
-        return fingerprint(*(str(v) for v in dataclasses.astuple(self)), *extra)
+        # JSON, not str(): an unset filter (null) is not the text "None".
+        return fingerprint(*(json.dumps(v) for v in dataclasses.astuple(self)), *extra)
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,10 +315,6 @@ class Episodes:
         )
         terms = check_query(query, bool(query_embedding), violations)
         vector = check_embedding(query_embedding, "query_embedding", violations)
-        if vector is not None and not any(query_embedding):  # 0.0 and -0.0 alike
-            violations.append(
-                FieldViolation("query_embedding", "is all zeros: it has no direction to compare")
-            )
         raise_if_any(violations)
         token_scope = scope.fingerprint("search", json.dumps(terms), vector.hex() if vector else "")
         after = page_position(
@@ -362,13 +359,17 @@ class Episodes:
         )
         if after is not None:
             ranked = [item for item in ranked if item < after]
-        ranked = ranked[:limit]
-        found = await self._db.get_episodes(
-            scope.project_id, [episode_id for _, episode_id in ranked], with_embedding
-        )
-        by_id = {episode.episode_id: episode for episode in found}
-        # An episode deleted since the ranking read is left out.
-        return [ScoredEpisode(by_id[i], s) for s, i in ranked if i in by_id]
+        # An episode deleted since the ranking read is left out, and the next ones
+        # in the ranking take its place: a short page would say no more follow.
+        results: list[ScoredEpisode] = []
+        while len(results) < limit and ranked:
+            chunk, ranked = ranked[: limit - len(results)], ranked[limit - len(results) :]
+            found = await self._db.get_episodes(
+                scope.project_id, [episode_id for _, episode_id in chunk], with_embedding
+            )
+            by_id = {episode.episode_id: episode for episode in found}
+            results += [ScoredEpisode(by_id[i], s) for s, i in chunk if i in by_id]
+        return results
 
 
 def _check_episode_name(
@@ -492,7 +493,13 @@ def check_embedding(
     if not all(math.isfinite(v) for v in values):
         violations.append(FieldViolation(field, "must hold only finite numbers"))
         return None
-    return struct.pack(f"<{len(values)}f", *values)
+    packed = struct.pack(f"<{len(values)}f", *values)
+    # As stored (float32): a value too small for it is 0 there. A vector of zeros
+    # has no direction, so no cosine: stored, it would score 0 against any query.
+    if not any(struct.unpack(f"<{len(values)}f", packed)):
+        violations.append(FieldViolation(field, "is all zeros: it has no direction to compare"))
+        return None
+    return packed
 
 
 def unpack_embedding(raw: bytes | None) -> list[float]:

@@ -1,8 +1,8 @@
 """Episode SQL shared by the SQLite and PostgreSQL stores.
 
 Everything but full-text matching is written once. Full text differs: on
-PostgreSQL a generated ``tsvector`` column with a GIN index, matched by
-``websearch_to_tsquery`` and ranked by ``ts_rank``; on SQLite an FTS5 table
+PostgreSQL a ``tsvector`` column that memsvc fills, with a GIN index, matched by
+one ``phraseto_tsquery`` per term and ranked by ``ts_rank``; on SQLite an FTS5 table
 kept in step by triggers, matched by an FTS5 query and ranked by ``text_rank``.
 Both see text as words of letters and digits: FTS5's unicode61 tokenizer splits
 it so, and on PostgreSQL memsvc writes the document from the text with every

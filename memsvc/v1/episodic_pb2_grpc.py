@@ -128,8 +128,7 @@ class EpisodicMemoryServiceServicer:
         """DeleteEpisode forgets one episode, its search index entries included. With
         a `request_id`, a retry answers as the first call did.
         Errors: INVALID_ARGUMENT (any bad field, or a reused request_id), NOT_FOUND
-        (ERROR_REASON_EPISODE_NOT_FOUND), FAILED_PRECONDITION
-        (ERROR_REASON_REQUEST_PURGED, as RecordEpisode).
+        (ERROR_REASON_EPISODE_NOT_FOUND).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -72,8 +72,7 @@ class EpisodicMemoryServiceStub:
     """DeleteEpisode forgets one episode, its search index entries included. With
     a `request_id`, a retry answers as the first call did.
     Errors: INVALID_ARGUMENT (any bad field, or a reused request_id), NOT_FOUND
-    (ERROR_REASON_EPISODE_NOT_FOUND), FAILED_PRECONDITION
-    (ERROR_REASON_REQUEST_PURGED, as RecordEpisode).
+    (ERROR_REASON_EPISODE_NOT_FOUND).
     """
 
 @_typing.type_check_only
@@ -120,8 +119,7 @@ class EpisodicMemoryServiceAsyncStub(EpisodicMemoryServiceStub):
     """DeleteEpisode forgets one episode, its search index entries included. With
     a `request_id`, a retry answers as the first call did.
     Errors: INVALID_ARGUMENT (any bad field, or a reused request_id), NOT_FOUND
-    (ERROR_REASON_EPISODE_NOT_FOUND), FAILED_PRECONDITION
-    (ERROR_REASON_REQUEST_PURGED, as RecordEpisode).
+    (ERROR_REASON_EPISODE_NOT_FOUND).
     """
 
 class EpisodicMemoryServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -195,8 +193,7 @@ class EpisodicMemoryServiceServicer(metaclass=_abc_1.ABCMeta):
         """DeleteEpisode forgets one episode, its search index entries included. With
         a `request_id`, a retry answers as the first call did.
         Errors: INVALID_ARGUMENT (any bad field, or a reused request_id), NOT_FOUND
-        (ERROR_REASON_EPISODE_NOT_FOUND), FAILED_PRECONDITION
-        (ERROR_REASON_REQUEST_PURGED, as RecordEpisode).
+        (ERROR_REASON_EPISODE_NOT_FOUND).
         """
 
 def add_EpisodicMemoryServiceServicer_to_server(servicer: EpisodicMemoryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -176,6 +176,9 @@ async def test_unknown_episodes_are_not_found_in_any_project(episodic, scope):
         ({"duration": duration_pb2.Duration(seconds=5, nanos=-1)}, "episode.duration"),
         ({"embedding": [float("inf")]}, "episode.embedding"),
         ({"embedding": [0.1] * 4_097}, "episode.embedding"),
+        # No direction (as float32, 1e-50 is 0): it would score 0 against any query,
+        # above every episode pointing away from it.
+        ({"embedding": [0.0, -0.0, 1e-50]}, "episode.embedding"),
         # Past protobuf's Duration range: stored, it could never be sent back.
         ({"duration": duration_pb2.Duration(seconds=10**15)}, "episode.duration"),
         # NUL: PostgreSQL stores no U+0000 in text or jsonb.
@@ -787,6 +790,68 @@ async def test_similarity_ranks_by_cosine_within_the_filtered_scope(episodic, sc
         if not token:
             break
     assert paged == ranked
+
+
+async def test_a_ranked_episode_deleted_before_its_page_is_read_is_replaced(
+    episodic, scope, server: Server, monkeypatch
+):
+    """Deleted between the ranking read and the page's read, an episode leaves the
+    page to the next in the ranking: a short page would say that no more follow."""
+    project = scope["project_id"]
+    angles = [0.0, 0.1, 0.2, 0.3]  # in ranking order for the query [1, 0, 0]
+    stored = [
+        await record(episodic, episode(scope, embedding=[math.cos(a), math.sin(a), 0.0]))
+        for a in angles
+    ]
+    store = server.durable_store
+    read_embeddings = store.embeddings
+
+    async def then_delete_the_first(*args: Any, **kwargs: Any) -> Any:
+        candidates = await read_embeddings(*args, **kwargs)
+        async with store.transaction() as tx:
+            await tx.delete_episode(project, stored[0].episode_id)
+        monkeypatch.setattr(store, "embeddings", read_embeddings)  # once
+        return candidates
+
+    monkeypatch.setattr(store, "embeddings", then_delete_the_first)
+    first = await episodic.SearchEpisodes(
+        ep.SearchEpisodesRequest(project_id=project, query_embedding=[1.0, 0.0, 0.0], page_size=2)
+    )
+    assert [r.episode.episode_id for r in first.results] == [e.episode_id for e in stored[1:3]]
+    assert first.next_page_token, "more follow"
+    rest = await episodic.SearchEpisodes(
+        ep.SearchEpisodesRequest(
+            project_id=project,
+            query_embedding=[1.0, 0.0, 0.0],
+            page_size=2,
+            page_token=first.next_page_token,
+        )
+    )
+    assert [r.episode.episode_id for r in rest.results] == [stored[3].episode_id]
+    assert not rest.next_page_token
+
+
+async def test_a_page_token_of_an_unfiltered_list_is_not_one_of_a_filter_spelled_none(
+    episodic, scope
+):
+    """An unset filter is not the text "None": a token of the one is refused by the other."""
+    project = scope["project_id"]
+    for _ in range(3):
+        await record(episodic, episode(scope))
+    first = await episodic.ListEpisodes(ep.ListEpisodesRequest(project_id=project, page_size=1))
+    assert first.next_page_token
+    details = await expect_error(
+        episodic.ListEpisodes(
+            ep.ListEpisodesRequest(
+                project_id=project,
+                page_size=1,
+                page_token=first.next_page_token,
+                filter=ep.EpisodeFilter(task_type="None"),
+            )
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert "page_token" in details.violations
 
 
 @pytest.mark.parametrize("config_overrides", [{"max_similarity_candidates": 2}])
