@@ -287,6 +287,27 @@ class MemsvcSystem:
         reply = await self._life.Resume(self._rollback)
         _expect(reply.entries_restored, self._size, "memsvc restore")
 
+    async def verify(self, state: State) -> None:
+        """The working memory holds ``state``, every key and value (read outside the
+        timed calls): a Resume whose answer counts the entries but that wrote none,
+        or other values, fails the run."""
+        held: dict[str, struct_pb2.Value] = {}
+        token = ""
+        while True:
+            page = await self._wm.ListEntries(
+                pb.ListEntriesRequest(**self._ids, page_size=1000, page_token=token)
+            )
+            held.update((entry.key, entry.value) for entry in page.entries)
+            if not (token := page.next_page_token):
+                break
+        wrong = sorted(key for key in state.keys() | held.keys() if key not in held
+                       or key not in state or held[key] != to_value(state[key]))  # fmt: skip
+        if wrong:
+            raise RuntimeError(
+                f"memsvc's working memory does not hold the state after its cycles: "
+                f"{len(wrong)} keys missing, extra or different (first: {wrong[0]!r})"
+            )
+
 
 class ReferenceSystem:
     name = "reference"
@@ -472,6 +493,7 @@ async def _measure_size(
                 run.samples.append(await _timed(system, op, size, 0, meters))
                 calls = _calls_delta(before, await _redis_calls(client))
                 run.redis_commands[f"{size}/{system.name}/{op}"] = calls
+        await memsvc.verify(state)
         rounds = max(_cycles(args, size, s.name) for s in systems)
         for cycle in range(1, rounds + 1):
             for system in systems:
@@ -490,6 +512,7 @@ async def _measure_size(
                 + "  ".join(f"{s.system} {s.op} {s.ms:.2f}" for s in last),
                 file=sys.stderr,
             )
+        await memsvc.verify(state)
     finally:
         if reference is not None:
             await reference.drop()
