@@ -498,6 +498,15 @@ class GraphCheckpoints:
         async with self._db.transaction() as tx:
             await tx.lock_project(project, exclusive=False)
             await tx.lock_graph_thread(project, thread_id, self._clock_ms(), None)
+            if len(ns.encode("utf-8", "surrogatepass")) > MAX_NAMESPACE_BYTES and (
+                await tx.latest_graph_checkpoint_id(project, thread_id, ns) is None
+            ):
+                # Past the bound of new namespaces, only one that holds checkpoints
+                # (stored before the bound) takes writes: anywhere else they could
+                # never be read with a checkpoint (and PostgreSQL's index refuses
+                # such keys with an error that names no field).
+                check_namespace(ns, "checkpoint_ns", violations)
+                raise_if_any(violations)
             await tx.insert_graph_writes(
                 project, thread_id, ns, checkpoint_id, writes, replace_existing
             )

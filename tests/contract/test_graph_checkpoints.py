@@ -599,6 +599,22 @@ async def test_ids_at_their_longest_are_stored_on_every_backend(graphs, scope):
     too_long = checkpoint(thread, checkpoint_id, ns=text(1025))
     error = await expect_error(put(graphs, project, too_long), grpc.StatusCode.INVALID_ARGUMENT)
     assert set(error.violations) == {"checkpoint.checkpoint_ns"}
+    # Writes to a namespace past the bound that holds no checkpoint: refused, naming
+    # the field (they could never be read with a checkpoint; PostgreSQL's index
+    # refused them with an error naming none).
+    error = await expect_error(
+        graphs.PutGraphWrites(
+            pb.PutGraphWritesRequest(
+                project_id=project,
+                thread_id=thread,
+                checkpoint_ns=text(1500),
+                checkpoint_id=checkpoint_id,
+                writes=[pb.GraphWrite(task_id="t", channel="c", value=pb.TypedValue(type="b"))],
+            )
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert set(error.violations) == {"checkpoint_ns"}
     # Namespaces of up to 2,048 bytes were put before that bound: still readable.
     for size, code in ((2048, grpc.StatusCode.NOT_FOUND), (2049, grpc.StatusCode.INVALID_ARGUMENT)):
         await expect_error(
