@@ -748,9 +748,7 @@ def _check_socket_path(path: Path) -> None:
     """The Unix socket's directory exists, memsvc may create the socket in it, and
     no other kind of file is in the way: found before the stores open and migrate,
     not as gRPC's bare bind failure."""
-    with contextlib.suppress(FileNotFoundError):
-        if not stat.S_ISSOCK(path.lstat().st_mode):
-            raise StartupError(f"{path} exists and is not a socket; choose another unix_socket")
+    _is_a_socket(path)
     directory = path.parent
     if not directory.is_dir():
         raise StartupError(
@@ -763,15 +761,22 @@ def _check_socket_path(path: Path) -> None:
         )
 
 
-def _remove_stale_socket(path: Path) -> None:
-    """Remove a Unix socket left by a previous run; refuse to remove anything else,
-    or a socket another process still serves on (its clients would lose it)."""
+def _is_a_socket(path: Path) -> bool:
+    """Whether a socket is at ``path`` (False: nothing); StartupError for anything else."""
     try:
         mode = path.lstat().st_mode
     except FileNotFoundError:
-        return
+        return False
     if not stat.S_ISSOCK(mode):
         raise StartupError(f"{path} exists and is not a socket; choose another unix_socket")
+    return True
+
+
+def _remove_stale_socket(path: Path) -> None:
+    """Remove a Unix socket left by a previous run; refuse to remove anything else,
+    or a socket another process still serves on (its clients would lose it)."""
+    if not _is_a_socket(path):
+        return
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         probe.settimeout(1.0)
         try:

@@ -205,8 +205,9 @@ class ErrorInterceptor(HandlerWrapper):
         super().__init__()
         self._calls = calls
         self._limits = CallLimits(max_concurrent_calls, default_deadline_seconds)
-        # Health Watch streams need no token (probes have none): without a bound,
-        # anyone who reaches the port could open them until memory runs out.
+        # Health Watch and reflection streams need no token (probes have none):
+        # without a bound, anyone who reaches the port could open them until memory
+        # runs out.
         self._max_other_streams = max_other_streams
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:

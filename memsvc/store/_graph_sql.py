@@ -385,20 +385,24 @@ def _upsert_checkpoint(
         " checkpoint_type = excluded.checkpoint_type, checkpoint = excluded.checkpoint,"
         " metadata = excluded.metadata, channel_versions = excluded.channel_versions,"
         " run_id = excluded.run_id",
-        [
-            record.project_id,
-            record.thread_id,
-            record.checkpoint_ns,
-            record.checkpoint_id,
-            record.parent_checkpoint_id,
-            record.doc_type,
-            record.doc,
-            dialect.json_param(record.metadata),
-            dialect.json_param(record.channel_versions),
-            record.run_id,
-            dialect.time_param(record.create_ms),
-        ],
+        [*_stored_as(dialect, record), record.run_id, dialect.time_param(record.create_ms)],
     )
+
+
+def _stored_as(dialect: Dialect, record: GraphCheckpointRecord) -> list[Any]:
+    """A checkpoint's key, parent, state, metadata and versions, as parameters in the
+    form the database stores them."""
+    return [
+        record.project_id,
+        record.thread_id,
+        record.checkpoint_ns,
+        record.checkpoint_id,
+        record.parent_checkpoint_id,
+        record.doc_type,
+        record.doc,
+        dialect.json_param(record.metadata),
+        dialect.json_param(record.channel_versions),
+    ]
 
 
 async def put_graph_checkpoint_at_once(
@@ -501,17 +505,7 @@ class SqlGraphWrites(SqlWrites):
             # No parent is NULL (no id is empty); IS NOT DISTINCT FROM needs SQLite 3.39.
             " AND coalesce(parent_checkpoint_id, '') = coalesce(?, '') AND checkpoint_type = ?"
             " AND checkpoint = ? AND metadata = ? AND channel_versions = ?",
-            (
-                record.project_id,
-                record.thread_id,
-                record.checkpoint_ns,
-                record.checkpoint_id,
-                record.parent_checkpoint_id,
-                record.doc_type,
-                record.doc,
-                self._d.json_param(record.metadata),
-                self._d.json_param(record.channel_versions),
-            ),
+            _stored_as(self._d, record),
         )
         return bool(rows)
 
