@@ -10,8 +10,9 @@ as a purge does, must hold every kind of put back until it ends.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -79,34 +80,43 @@ async def copy(stub: GraphCheckpointServiceStub, project: str) -> object:
     return await stub.CopyGraphThread(request)
 
 
+@contextlib.asynccontextmanager
+async def served_with_a_holder(
+    config: Config, database_url: str
+) -> AsyncIterator[tuple[GraphCheckpointServiceStub, PostgresDurableStore]]:
+    """A server's graph stub, and a store of the test's own on the same database,
+    which holds locks and transactions while the server's calls run."""
+    holder = PostgresDurableStore(database_url, max_connections=1)
+    async with (
+        Server(config) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        await holder.open()
+        try:
+            yield GraphCheckpointServiceStub(channel), holder
+        finally:
+            await holder.aclose()
+
+
 @postgres_only
 @pytest.mark.parametrize("call", [put, fenced_put, put_writes, copy], ids=lambda c: c.__name__)
 async def test_a_graph_put_waits_for_a_purge_of_its_project(
     local_config: Config, database_url: str, call: Put
 ) -> None:
     project = str(uuid.uuid4())
-    holder = PostgresDurableStore(database_url, max_connections=1)
-    async with (
-        Server(local_config) as server,
-        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
-    ):
-        await holder.open()
-        try:
-            stub = GraphCheckpointServiceStub(channel)
-            source = checkpoint("source", "c0")
-            await stub.PutGraphCheckpoint(
-                gpb.PutGraphCheckpointRequest(project_id=project, checkpoint=source)
-            )
-            async with holder.transaction() as tx:
-                await tx.lock_project(project, exclusive=True)
-                # A read: the lock above has been taken once it answers.
-                assert await tx.lock_session(SessionRef(project, str(uuid.uuid4()), "s")) is None
-                writing = asyncio.ensure_future(call(stub, project))
-                done, _ = await asyncio.wait({writing}, timeout=0.5)
-                assert not done, "the put did not wait for the project's lock"
-            await asyncio.wait_for(writing, 10)
-        finally:
-            await holder.aclose()
+    async with served_with_a_holder(local_config, database_url) as (stub, holder):
+        source = checkpoint("source", "c0")
+        await stub.PutGraphCheckpoint(
+            gpb.PutGraphCheckpointRequest(project_id=project, checkpoint=source)
+        )
+        async with holder.transaction() as tx:
+            await tx.lock_project(project, exclusive=True)
+            # A read: the lock above has been taken once it answers.
+            assert await tx.lock_session(SessionRef(project, str(uuid.uuid4()), "s")) is None
+            writing = asyncio.ensure_future(call(stub, project))
+            done, _ = await asyncio.wait({writing}, timeout=0.5)
+            assert not done, "the put did not wait for the project's lock"
+        await asyncio.wait_for(writing, 10)
 
 
 @postgres_only
@@ -260,42 +270,33 @@ async def test_deleting_a_thread_waits_for_its_first_put_and_deletes_all_of_it(
     Without the wait, the put could commit between the delete's statements and leave
     its checkpoint with its values deleted."""
     project = str(uuid.uuid4())
-    holder = PostgresDurableStore(database_url, max_connections=1)
-    async with (
-        Server(local_config) as server,
-        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
-    ):
-        await holder.open()
-        try:
-            stub = GraphCheckpointServiceStub(channel)
-            record = GraphCheckpointRecord(
-                project, "t", "", "c1", None, "json", b"{}", {}, {"a": "1"}, create_ms=1
-            )
-            async with holder.transaction() as tx:  # the put, in flight
-                await tx.lock_project(project, exclusive=False)
-                await tx.lock_graph_thread(project, "t", 1, None)
-                await tx.insert_graph_values(project, "t", "", [GraphValue("a", "1", "json", b"1")])
-                await tx.upsert_graph_checkpoint(record)
-                deleting = asyncio.ensure_future(
-                    stub.DeleteGraphThread(
-                        gpb.DeleteGraphThreadRequest(project_id=project, thread_id="t")
-                    )
+    async with served_with_a_holder(local_config, database_url) as (stub, holder):
+        record = GraphCheckpointRecord(
+            project, "t", "", "c1", None, "json", b"{}", {}, {"a": "1"}, create_ms=1
+        )
+        async with holder.transaction() as tx:  # the put, in flight
+            await tx.lock_project(project, exclusive=False)
+            await tx.lock_graph_thread(project, "t", 1, None)
+            await tx.insert_graph_values(project, "t", "", [GraphValue("a", "1", "json", b"1")])
+            await tx.upsert_graph_checkpoint(record)
+            deleting = asyncio.ensure_future(
+                stub.DeleteGraphThread(
+                    gpb.DeleteGraphThreadRequest(project_id=project, thread_id="t")
                 )
-                done, _ = await asyncio.wait({deleting}, timeout=0.5)
-                assert not done, "the delete did not wait for the thread's first put"
-            deleted = await asyncio.wait_for(deleting, 10)
-            assert deleted.checkpoints_deleted == 1
-            await expect_error(
-                stub.GetGraphCheckpoint(
-                    gpb.GetGraphCheckpointRequest(project_id=project, thread_id="t")
-                ),
-                grpc.StatusCode.NOT_FOUND,
             )
-            async with await psycopg.AsyncConnection.connect(database_url) as rows:
-                for table in ("graph_values", "graph_checkpoints", "graph_threads"):
-                    cursor = await rows.execute(
-                        f"SELECT count(*) FROM {table} WHERE project_id = %s", (project,)
-                    )
-                    assert await cursor.fetchone() == (0,), table
-        finally:
-            await holder.aclose()
+            done, _ = await asyncio.wait({deleting}, timeout=0.5)
+            assert not done, "the delete did not wait for the thread's first put"
+        deleted = await asyncio.wait_for(deleting, 10)
+        assert deleted.checkpoints_deleted == 1
+        await expect_error(
+            stub.GetGraphCheckpoint(
+                gpb.GetGraphCheckpointRequest(project_id=project, thread_id="t")
+            ),
+            grpc.StatusCode.NOT_FOUND,
+        )
+        async with await psycopg.AsyncConnection.connect(database_url) as rows:
+            for table in ("graph_values", "graph_checkpoints", "graph_threads"):
+                cursor = await rows.execute(
+                    f"SELECT count(*) FROM {table} WHERE project_id = %s", (project,)
+                )
+                assert await cursor.fetchone() == (0,), table
