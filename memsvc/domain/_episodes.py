@@ -144,10 +144,23 @@ class EpisodeDatabase(Protocol):
     ) -> list[EpisodeRecord]:
         """The episodes of ``project_id`` among ``episode_ids`` (any order)."""
 
+    async def ranked_episodes(
+        self, project_id: str, episode_ids: Sequence[str], with_embedding: bool, byte_budget: int
+    ) -> tuple[list[EpisodeRecord], bool]:
+        """The episodes of ``project_id`` among ``episode_ids``, in that order, and
+        whether ``byte_budget`` ended the read before the last (see list_episodes)."""
+
     async def list_episodes(
-        self, scope: EpisodeScope, before: tuple[int, str] | None, limit: int, with_embedding: bool
-    ) -> list[EpisodeRecord]:
-        """Newest first, strictly before (create_ms, episode_id) when given."""
+        self,
+        scope: EpisodeScope,
+        before: tuple[int, str] | None,
+        limit: int,
+        with_embedding: bool,
+        byte_budget: int,
+    ) -> tuple[list[EpisodeRecord], bool]:
+        """Newest first, strictly before (create_ms, episode_id) when given; and
+        whether the read stopped early at about ``byte_budget`` bytes (estimated by
+        the store: the episode that crosses it comes, the rest are not read)."""
 
     async def search_episodes(
         self,
@@ -156,9 +169,11 @@ class EpisodeDatabase(Protocol):
         after: tuple[float, str] | None,
         limit: int,
         with_embedding: bool,
-    ) -> list[ScoredEpisode]:
+        byte_budget: int,
+    ) -> tuple[list[ScoredEpisode], bool]:
         """Episodes matching every term (a word or phrase), best first, ties by
-        episode id descending, strictly after (score, episode_id) when given."""
+        episode id descending, strictly after (score, episode_id) when given; and
+        whether the read stopped early at ``byte_budget`` (as list_episodes)."""
 
     async def embeddings(
         self, scope: EpisodeScope, terms: Sequence[str], dimensions: int, limit: int
@@ -288,7 +303,9 @@ class Episodes:
         token_scope = scope.fingerprint("list")
         after = decode_page_token(page_token, token_scope)
         before = page_position(after, position_ms, position_uuid)
-        items = await self._db.list_episodes(scope, before, limit + 1, with_embedding)
+        items, cut = await self._db.list_episodes(
+            scope, before, limit + 1, with_embedding, self._page_bytes
+        )
         return page_of(
             items,
             limit,
@@ -296,6 +313,7 @@ class Episodes:
             lambda e: [e.create_ms, e.episode_id],
             EpisodeRecord.size,
             self._page_bytes,
+            cut,
         )
 
     async def search(
@@ -321,9 +339,11 @@ class Episodes:
             decode_page_token(page_token, token_scope), position_score, position_uuid
         )
         if vector is None:
-            items = await self._db.search_episodes(scope, terms, after, limit + 1, with_embedding)
+            items, cut = await self._db.search_episodes(
+                scope, terms, after, limit + 1, with_embedding, self._page_bytes
+            )
         else:
-            items = await self._similar(scope, terms, vector, after, limit + 1, with_embedding)
+            items, cut = await self._similar(scope, terms, vector, after, limit + 1, with_embedding)
         return page_of(
             items,
             limit,
@@ -331,6 +351,7 @@ class Episodes:
             lambda s: [s.score, s.episode.episode_id],
             lambda s: s.episode.size(),
             self._page_bytes,
+            cut,
         )
 
     async def _similar(
@@ -341,14 +362,16 @@ class Episodes:
         after: tuple[float, str] | None,
         limit: int,
         with_embedding: bool,
-    ) -> list[ScoredEpisode]:
-        """Rank the scope's embeddings by cosine similarity to ``vector``."""
+    ) -> tuple[list[ScoredEpisode], bool]:
+        """Rank the scope's embeddings by cosine similarity to ``vector``; the
+        best ``limit`` episodes, and whether the page's byte budget stopped the
+        read before them (see list_episodes)."""
         dimensions = len(vector) // 4
         candidates = await self._db.embeddings(scope, terms, dimensions, self._max_candidates + 1)
         if len(candidates) > self._max_candidates:
             raise SimilarityScopeTooLarge(self._max_candidates)
         if not candidates:
-            return []
+            return [], False
         scores = cosine_scores([embedding for _, embedding in candidates], vector, dimensions)
         ranked = sorted(
             (
@@ -362,14 +385,22 @@ class Episodes:
         # An episode deleted since the ranking read is left out, and the next ones
         # in the ranking take its place: a short page would say no more follow.
         results: list[ScoredEpisode] = []
+        used = 0
         while len(results) < limit and ranked:
             chunk, ranked = ranked[: limit - len(results)], ranked[limit - len(results) :]
-            found = await self._db.get_episodes(
-                scope.project_id, [episode_id for _, episode_id in chunk], with_embedding
+            found, cut = await self._db.ranked_episodes(
+                scope.project_id,
+                [episode_id for _, episode_id in chunk],
+                with_embedding,
+                max(0, self._page_bytes - used),
             )
             by_id = {episode.episode_id: episode for episode in found}
-            results += [ScoredEpisode(by_id[i], s) for s, i in chunk if i in by_id]
-        return results
+            kept = [ScoredEpisode(by_id[i], s) for s, i in chunk if i in by_id]
+            results += kept
+            used += sum(s.episode.size() for s in kept)
+            if cut:
+                return results, True
+        return results, False
 
 
 def _check_episode_name(

@@ -559,15 +559,15 @@ class GraphCheckpoints:
                 position_text,
             ),
         )
-        items, truncated = await self._db.list_graph_checkpoints(
+        items, cut = await self._db.list_graph_checkpoints(
             scope, after, limit + 1, self._page_bytes
         )
-        if truncated:
-            # The byte budget ended the page (before ``limit``): a token resumes
-            # after its last item.
-            items, limit = [*items, items[-1]], len(items)
         return page_of(
-            items, limit, token_scope, lambda c: [c.checkpoint_id, c.thread_id, c.checkpoint_ns]
+            items,
+            limit,
+            token_scope,
+            lambda c: [c.checkpoint_id, c.thread_id, c.checkpoint_ns],
+            cut=cut,
         )
 
     async def delete_thread(self, project_id: str, thread_id: str) -> int:

@@ -173,12 +173,15 @@ def page_of(
     position: Callable[[T], list[Any]],
     size: Callable[[T], int] | None = None,
     budget: int = 0,
+    cut: bool = False,
 ) -> Page[T]:
     """The page for ``items`` read with ``limit + 1``: the extra one says more follow.
 
     With ``size``, the page also ends before its items outgrow ``budget`` bytes
-    (one item at least): a response must fit in a gRPC message. The token records
-    ``position(last item)`` (JSON), where the next page starts after.
+    (one item at least): a response must fit in a gRPC message. ``cut``: the read
+    itself stopped early (at a byte budget of its own), so more may follow
+    whatever was read. The token records ``position(last item)`` (JSON), where the
+    next page starts after.
     """
     kept = items[:limit]
     if size is not None:
@@ -188,7 +191,7 @@ def page_of(
             if count and total > budget:
                 kept = kept[:count]
                 break
-    if len(kept) == len(items):
+    if not kept or (len(kept) == len(items) and not cut):
         return Page(items, "")
     return Page(kept, encode_page_token(json.dumps(position(kept[-1])), scope))
 

@@ -165,6 +165,91 @@ async def get_episodes(
     return [episode_from_row(row, dialect) for row in await cursor.fetchall()]
 
 
+async def ranked_episodes(
+    conn: Connection,
+    dialect: Dialect,
+    project_id: str,
+    episode_ids: Sequence[str],
+    with_embedding: bool,
+    byte_budget: int,
+) -> tuple[list[EpisodeRecord], bool]:
+    """The episodes of ``project_id`` among ``episode_ids``, in that order, within
+    ``byte_budget`` (see :func:`_within_budget`)."""
+    if not episode_ids:
+        return [], False
+    marks = ", ".join("?" for _ in episode_ids)
+    place = "CASE e.episode_id " + " ".join(f"WHEN ? THEN {i}" for i in range(len(episode_ids)))
+    rows, cut = await _read_within_budget(
+        conn,
+        dialect,
+        f"SELECT {_columns(with_embedding)}, {place} END AS place,"
+        f" {_weight(dialect, with_embedding)} AS weight FROM episodes e"
+        f" WHERE e.project_id = ? AND e.episode_id IN ({marks})",
+        [*episode_ids, project_id, *episode_ids],
+        "place",
+        len(episode_ids),
+        byte_budget,
+    )
+    return [episode_from_row(row, dialect) for row in rows], cut
+
+
+def _weight(dialect: Dialect, with_embedding: bool) -> str:
+    """An episode row's bytes, estimated without reading its large values: on
+    PostgreSQL octet_length takes a text's length from its header, and
+    pg_column_size a jsonb's as stored (compressed, it counts less than it sends);
+    on SQLite length counts a text's characters. It bounds what a page reads; the
+    page's own budget then applies to the records (page_of)."""
+    texts = ("task_type", "task_description", "outcome_details", "context_summary")
+    if dialect.name == "postgres":
+        parts = [f"octet_length(e.{column})" for column in texts]
+        parts += [
+            f"pg_column_size(e.{column})" for column in ("actions", "lessons_learned", "metadata")
+        ]
+        embedding = "octet_length(e.embedding)"
+    else:
+        parts = [
+            f"length(e.{column})" for column in (*texts, "actions", "lessons_learned", "metadata")
+        ]
+        embedding = "length(e.embedding)"
+    if with_embedding:
+        parts.append(f"coalesce({embedding}, 0)")
+    return " + ".join(parts)
+
+
+async def _read_within_budget(
+    conn: Connection,
+    dialect: Dialect,
+    select: str,
+    params: Sequence[Any],
+    order: str,
+    limit: int,
+    byte_budget: int,
+) -> tuple[list[Any], bool]:
+    """The first ``limit`` rows of ``select`` in ``order`` that start within
+    ``byte_budget`` bytes, by its last column ``weight``, and whether the budget
+    left any out.
+
+    A page of 1,000 episodes of a megabyte each would otherwise be read whole
+    (into memsvc's memory) to send the few that fit in a response. The rows past
+    the budget are counted in the database by their weight, never sent. The first
+    row always comes, and so does the row that crosses the budget: the caller's
+    exact budget (page_of) decides whether it fits.
+    """
+    # ROWS: a running sum row by row (the order is unique: ids break ties).
+    cursor = await dialect.execute_bulk_read(
+        conn,
+        f"SELECT * FROM (SELECT page.*, sum(weight) OVER (ORDER BY {order}"
+        " ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS running"
+        f" FROM ({select}) page ORDER BY {order} LIMIT {int(limit)}) cut"
+        f" WHERE running - weight <= {int(byte_budget)} ORDER BY {order}",
+        params,
+    )
+    rows = await cursor.fetchall()
+    # Fewer than asked, the last one past the budget: the budget left some out.
+    cut = len(rows) < limit and bool(rows) and rows[-1][-1] > byte_budget
+    return [row[:-2] for row in rows], cut
+
+
 async def list_episodes(
     conn: Connection,
     dialect: Dialect,
@@ -172,21 +257,24 @@ async def list_episodes(
     before: tuple[int, str] | None,
     limit: int,
     with_embedding: bool,
-) -> list[EpisodeRecord]:
+    byte_budget: int,
+) -> tuple[list[EpisodeRecord], bool]:
     conditions, params = _scope(scope, dialect)
     if before is not None:
         moment = dialect.time_param(before[0])
         conditions.append("(e.create_time < ? OR (e.create_time = ? AND e.episode_id < ?))")
         params += [moment, moment, before[1]]
-    cursor = await conn.execute(
-        dialect.sql(
-            f"SELECT {_columns(with_embedding)} FROM episodes e"
-            f" WHERE {' AND '.join(conditions)}"
-            f" ORDER BY e.create_time DESC, e.episode_id DESC LIMIT {int(limit)}"
-        ),
+    rows, cut = await _read_within_budget(
+        conn,
+        dialect,
+        f"SELECT {_columns(with_embedding)}, {_weight(dialect, with_embedding)} AS weight"
+        f" FROM episodes e WHERE {' AND '.join(conditions)}",
         params,
+        "create_time DESC, episode_id DESC",
+        limit,
+        byte_budget,
     )
-    return [episode_from_row(row, dialect) for row in await cursor.fetchall()]
+    return [episode_from_row(row, dialect) for row in rows], cut
 
 
 async def search_episodes(
@@ -197,7 +285,8 @@ async def search_episodes(
     after: tuple[float, str] | None,
     limit: int,
     with_embedding: bool,
-) -> list[ScoredEpisode]:
+    byte_budget: int,
+) -> tuple[list[ScoredEpisode], bool]:
     source, match, score, query = _text_match(dialect, terms)
     conditions, params = _scope(scope, dialect)
     outer = ""
@@ -206,18 +295,18 @@ async def search_episodes(
         outer = " WHERE score < ? OR (score = ? AND episode_id < ?)"
         outer_params = [after[0], after[0], after[1]]
     # The rank is computed in a subquery so the page position can compare it.
-    cursor = await conn.execute(
-        dialect.sql(
-            f"SELECT * FROM (SELECT {_columns(with_embedding)}, {score} AS score"
-            f" FROM {source} WHERE {match} AND {' AND '.join(conditions)}) ranked{outer}"
-            f" ORDER BY score DESC, episode_id DESC LIMIT {int(limit)}"
-        ),
+    rows, cut = await _read_within_budget(
+        conn,
+        dialect,
+        f"SELECT * FROM (SELECT {_columns(with_embedding)}, {score} AS score,"
+        f" {_weight(dialect, with_embedding)} AS weight"
+        f" FROM {source} WHERE {match} AND {' AND '.join(conditions)}) ranked{outer}",
         [*query, *params, *outer_params],
+        "score DESC, episode_id DESC",
+        limit,
+        byte_budget,
     )
-    return [
-        ScoredEpisode(episode_from_row(row, dialect), float(row[18]))
-        for row in await cursor.fetchall()
-    ]
+    return [ScoredEpisode(episode_from_row(row, dialect), float(row[18])) for row in rows], cut
 
 
 async def embeddings(
@@ -305,10 +394,22 @@ class SqlEpisodeReads(SqlQueries):
     ) -> list[EpisodeRecord]:
         return await self._query(get_episodes, project_id, episode_ids, with_embedding)
 
+    async def ranked_episodes(
+        self, project_id: str, episode_ids: Sequence[str], with_embedding: bool, byte_budget: int
+    ) -> tuple[list[EpisodeRecord], bool]:
+        return await self._query(
+            ranked_episodes, project_id, episode_ids, with_embedding, byte_budget
+        )
+
     async def list_episodes(
-        self, scope: EpisodeScope, before: tuple[int, str] | None, limit: int, with_embedding: bool
-    ) -> list[EpisodeRecord]:
-        return await self._query(list_episodes, scope, before, limit, with_embedding)
+        self,
+        scope: EpisodeScope,
+        before: tuple[int, str] | None,
+        limit: int,
+        with_embedding: bool,
+        byte_budget: int,
+    ) -> tuple[list[EpisodeRecord], bool]:
+        return await self._query(list_episodes, scope, before, limit, with_embedding, byte_budget)
 
     async def search_episodes(
         self,
@@ -317,8 +418,11 @@ class SqlEpisodeReads(SqlQueries):
         after: tuple[float, str] | None,
         limit: int,
         with_embedding: bool,
-    ) -> list[ScoredEpisode]:
-        return await self._query(search_episodes, scope, terms, after, limit, with_embedding)
+        byte_budget: int,
+    ) -> tuple[list[ScoredEpisode], bool]:
+        return await self._query(
+            search_episodes, scope, terms, after, limit, with_embedding, byte_budget
+        )
 
     async def embeddings(
         self, scope: EpisodeScope, terms: Sequence[str], dimensions: int, limit: int

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import secrets
 import uuid
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 
 from memsvc.server import Server
+from memsvc.store import _episodes_sql
 from memsvc.v1 import episodic_pb2 as ep
 from memsvc.v1 import lifecycle_pb2 as lc
 from memsvc.v1 import working_memory_pb2 as wm
@@ -674,6 +676,66 @@ async def test_pages_end_before_they_outgrow_a_response(episodic, scope):
         if not token:
             break
     assert sorted(found) == sorted(recorded) and pages > 1
+
+
+async def test_a_page_reads_only_the_episodes_that_fit(episodic, scope, monkeypatch):
+    """Twelve episodes of about 600 KB each, asked for in pages of up to 1,000 (100
+    for search): memsvc reads from its store about the episodes a page can carry
+    (4 of them in 3 MiB), not all twelve (a page of 1,000 large episodes would
+    otherwise be read whole into memory to send four). Their values are random,
+    so no store's compression makes them look small."""
+    project = scope["project_id"]
+    recorded = []
+    for n in range(12):
+        actions = [struct({"step": i, "output": secrets.token_urlsafe(750)}) for i in range(600)]
+        message = episode(scope, task_description=f"bulky incident {n}", actions=actions,
+                          embedding=[1.0, float(n + 1)])  # fmt: skip
+        recorded.append((await record(episodic, message)).episode_id)
+    read: list[str] = []
+    real = _episodes_sql.episode_from_row
+
+    def counted(row: Any, dialect: Any) -> Any:
+        found = real(row, dialect)
+        read.append(found.episode_id)
+        return found
+
+    monkeypatch.setattr(_episodes_sql, "episode_from_row", counted)
+
+    async def every_page(call: Any, request: Any, ids: Any) -> list[str]:
+        seen: list[str] = []
+        while True:
+            read.clear()
+            page = await call(request)
+            returned = ids(page)
+            # The crossing one, and one more: the store weighs JSON as it stores it
+            # (text, jsonb), the page as protobuf, a few percent apart.
+            assert returned and len(read) <= len(returned) + 2, (len(read), len(returned))
+            seen += returned
+            if not page.next_page_token:
+                return seen
+            request.page_token = page.next_page_token
+
+    def results(page: Any) -> list[str]:
+        return [r.episode.episode_id for r in page.results]
+
+    listed = await every_page(
+        episodic.ListEpisodes,
+        ep.ListEpisodesRequest(project_id=project, page_size=1000),
+        lambda page: [e.episode_id for e in page.episodes],
+    )
+    assert listed == recorded[::-1]
+    found = await every_page(
+        episodic.SearchEpisodes,
+        ep.SearchEpisodesRequest(project_id=project, query="incident", page_size=100),
+        results,
+    )
+    assert sorted(found) == sorted(recorded)
+    similar = await every_page(
+        episodic.SearchEpisodes,
+        ep.SearchEpisodesRequest(project_id=project, query_embedding=[0.0, 1.0], page_size=100),
+        results,
+    )
+    assert similar == recorded[::-1]  # the larger n, the nearer to (0, 1)
 
 
 async def test_forged_page_tokens_are_invalid_argument(episodic, scope):

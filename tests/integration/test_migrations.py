@@ -145,7 +145,9 @@ async def test_migration_0009_indexes_episodes_as_words_whoever_inserts_them(loc
                 (["東京"], [before]), (["the"], [before, after]), (["api"], [after]),
                 (["example com"], [after]),
             ):  # fmt: skip
-                hits = await store.search_episodes(EpisodeScope(project), terms, None, 10, False)
+                hits, _ = await store.search_episodes(
+                    EpisodeScope(project), terms, None, 10, False, 1 << 20
+                )
                 assert sorted(h.episode.episode_id for h in hits) == sorted(found), terms
         finally:
             await store.aclose()
@@ -246,9 +248,11 @@ async def test_episodes_recorded_before_the_search_migration_are_searchable_afte
     try:
         assert await store.migrate() == list(range(3, LATEST[kind(database_url)] + 1))
         for terms in (["garbage"], ["pauses"], ["gc"], ["the"], ["gc py"]):
-            found = await store.search_episodes(EpisodeScope(project), terms, None, 10, False)
+            found, _ = await store.search_episodes(
+                EpisodeScope(project), terms, None, 10, False, 1 << 20
+            )
             assert [f.episode.episode_id for f in found] == ["01a1f000-0000-7000-8000-000000000001"]
-        listed = await store.list_episodes(EpisodeScope(project), None, 10, False)
+        listed, _ = await store.list_episodes(EpisodeScope(project), None, 10, False, 1 << 20)
         assert listed[0].lessons_learned == ["measure pauses first"]
         assert listed[0].embedding_dimensions == 0
     finally:
