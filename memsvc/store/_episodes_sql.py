@@ -21,6 +21,7 @@ from typing import Any
 from memsvc.domain import SessionRef
 from memsvc.domain._episodes import EpisodeScope, ScoredEpisode, search_texts
 from memsvc.domain._lifecycle_records import EpisodeRecord
+from memsvc.store._budgeted_sql import read_within_budget
 from memsvc.store._lifecycle_sql import Connection, Dialect, SqlQueries, SqlWrites, text
 
 _COLUMNS = (
@@ -174,12 +175,12 @@ async def ranked_episodes(
     byte_budget: int,
 ) -> tuple[list[EpisodeRecord], bool]:
     """The episodes of ``project_id`` among ``episode_ids``, in that order, within
-    ``byte_budget`` (see :func:`_within_budget`)."""
+    ``byte_budget`` (see :func:`read_within_budget`)."""
     if not episode_ids:
         return [], False
     marks = ", ".join("?" for _ in episode_ids)
     place = "CASE e.episode_id " + " ".join(f"WHEN ? THEN {i}" for i in range(len(episode_ids)))
-    rows, cut = await _read_within_budget(
+    rows, cut = await read_within_budget(
         conn,
         dialect,
         f"SELECT {_columns(with_embedding)}, {place} END AS place,"
@@ -216,40 +217,6 @@ def _weight(dialect: Dialect, with_embedding: bool) -> str:
     return " + ".join(parts)
 
 
-async def _read_within_budget(
-    conn: Connection,
-    dialect: Dialect,
-    select: str,
-    params: Sequence[Any],
-    order: str,
-    limit: int,
-    byte_budget: int,
-) -> tuple[list[Any], bool]:
-    """The first ``limit`` rows of ``select`` in ``order`` that start within
-    ``byte_budget`` bytes, by its last column ``weight``, and whether the budget
-    left any out.
-
-    A page of 1,000 episodes of a megabyte each would otherwise be read whole
-    (into memsvc's memory) to send the few that fit in a response. The rows past
-    the budget are counted in the database by their weight, never sent. The first
-    row always comes, and so does the row that crosses the budget: the caller's
-    exact budget (page_of) decides whether it fits.
-    """
-    # ROWS: a running sum row by row (the order is unique: ids break ties).
-    cursor = await dialect.execute_bulk_read(
-        conn,
-        f"SELECT * FROM (SELECT page.*, sum(weight) OVER (ORDER BY {order}"
-        " ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS running"
-        f" FROM ({select}) page ORDER BY {order} LIMIT {int(limit)}) cut"
-        f" WHERE running - weight <= {int(byte_budget)} ORDER BY {order}",
-        params,
-    )
-    rows = await cursor.fetchall()
-    # Fewer than asked, the last one past the budget: the budget left some out.
-    cut = len(rows) < limit and bool(rows) and rows[-1][-1] > byte_budget
-    return [row[:-2] for row in rows], cut
-
-
 async def list_episodes(
     conn: Connection,
     dialect: Dialect,
@@ -264,7 +231,7 @@ async def list_episodes(
         moment = dialect.time_param(before[0])
         conditions.append("(e.create_time < ? OR (e.create_time = ? AND e.episode_id < ?))")
         params += [moment, moment, before[1]]
-    rows, cut = await _read_within_budget(
+    rows, cut = await read_within_budget(
         conn,
         dialect,
         f"SELECT {_columns(with_embedding)}, {_weight(dialect, with_embedding)} AS weight"
@@ -295,7 +262,7 @@ async def search_episodes(
         outer = " WHERE score < ? OR (score = ? AND episode_id < ?)"
         outer_params = [after[0], after[0], after[1]]
     # The rank is computed in a subquery so the page position can compare it.
-    rows, cut = await _read_within_budget(
+    rows, cut = await read_within_budget(
         conn,
         dialect,
         f"SELECT * FROM (SELECT {_columns(with_embedding)}, {score} AS score,"

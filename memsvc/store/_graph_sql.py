@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 from memsvc.domain import SessionRef
@@ -24,6 +24,7 @@ from memsvc.domain._graph_checkpoints import (
     GraphWrite,
     PendingThreadWork,
 )
+from memsvc.store._budgeted_sql import read_within_budget
 from memsvc.store._lifecycle_sql import (
     PROJECT_LOCK_SHARED,
     Connection,
@@ -243,13 +244,27 @@ async def list_graph_checkpoints(
     if after is not None:
         conditions.append("(c.checkpoint_id, c.thread_id, c.checkpoint_ns) < (?, ?, ?)")
         params += list(after)
-    statement = (
-        f"SELECT {_COLUMNS} FROM graph_checkpoints c WHERE {' AND '.join(conditions)}"
-        " ORDER BY c.checkpoint_id DESC, c.thread_id DESC, c.checkpoint_ns DESC"
-        f" LIMIT {int(limit)}"
-    )
+    # Rows past the budget, by their own bytes (their values come later), are not read.
+    if dialect.name == "postgres":
+        weight = "octet_length(c.checkpoint) + pg_column_size(c.metadata)"
+        weight += " + pg_column_size(c.channel_versions)"
+    else:
+        weight = "length(c.checkpoint) + length(c.metadata) + length(c.channel_versions)"
+
+    async def read() -> tuple[list[Any], bool]:
+        return await read_within_budget(
+            conn,
+            dialect,
+            f"SELECT {_COLUMNS}, {weight} AS weight FROM graph_checkpoints c"
+            f" WHERE {' AND '.join(conditions)}",
+            params,
+            "checkpoint_id DESC, thread_id DESC, checkpoint_ns DESC",
+            limit,
+            byte_budget,
+        )
+
     for _ in range(_REREADS):
-        page = await _list_page(conn, dialect, statement, params, byte_budget)
+        page = await _list_page(conn, dialect, read, byte_budget)
         if page is not None:
             return page
         # The page's first checkpoint was deleted or put again between its row
@@ -258,14 +273,18 @@ async def list_graph_checkpoints(
 
 
 async def _list_page(
-    conn: Connection, dialect: Dialect, statement: str, params: list[Any], byte_budget: int
+    conn: Connection,
+    dialect: Dialect,
+    read: Callable[[], Awaitable[tuple[list[Any], bool]]],
+    byte_budget: int,
 ) -> tuple[list[GraphCheckpointRecord], bool] | None:
     """The page and whether it ended early (the byte budget, or a checkpoint that
     changed between its row and its values: the page ends before it, and the next
     one reads it as it is then, through its filters), or None when its first
-    checkpoint changed."""
-    cursor = await dialect.execute_bulk_read(conn, statement, params)
-    records = [_record(row, dialect) for row in await cursor.fetchall()]
+    checkpoint changed. ``read`` gives the checkpoint rows, and whether the budget
+    left some out."""
+    rows, cut = await read()
+    records = [_record(row, dialect) for row in rows]
     # Values are read in slices, so a page of large checkpoints stops at the budget:
     # a checkpoint that would take the page past it waits for the next page (unless
     # it is the first, which is always returned).
@@ -283,7 +302,7 @@ async def _list_page(
             size += record_size
         if changed:
             return (result, True) if result else None
-    return result, False
+    return result, cut
 
 
 def _position(record: GraphCheckpointRecord) -> tuple[str, str, str]:

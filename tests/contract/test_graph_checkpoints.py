@@ -17,6 +17,7 @@ from google.protobuf import duration_pb2
 
 from memsvc.domain._graph_checkpoints import _apply_session_end
 from memsvc.server import Server
+from memsvc.store import _graph_sql
 from memsvc.v1 import data_removal_pb2 as dr
 from memsvc.v1 import graph_checkpoint_pb2 as pb
 from memsvc.v1 import lifecycle_pb2 as lc
@@ -700,6 +701,41 @@ async def test_a_page_ends_before_its_values_outgrow_a_message(graphs, scope):
             break
     assert [c for p in pages for c in p] == ["c5", "c4", "c3", "c2", "c1"]
     assert max(len(p) for p in pages) <= 3 and len(pages) >= 2
+
+
+async def test_a_page_reads_only_the_checkpoints_that_fit(graphs, scope, monkeypatch):
+    """Twelve checkpoints whose documents hold 600 KB each, listed in pages of up to
+    1,000: memsvc reads from its store about the checkpoints a page can carry (4 in
+    3 MiB), not all twelve rows. Random bytes, so no compression makes them small."""
+    project = scope["project_id"]
+    for step in range(1, 13):
+        message = checkpoint("t", f"c{step:02d}")
+        message.checkpoint.data = random.randbytes(600_000)
+        await put(graphs, project, message)
+    read: list[str] = []
+    real = _graph_sql._record
+
+    def counted(row: Any, dialect: Any) -> Any:
+        found = real(row, dialect)
+        read.append(found.checkpoint_id)
+        return found
+
+    monkeypatch.setattr(_graph_sql, "_record", counted)
+    listed, token = [], ""
+    while True:
+        read.clear()
+        page = await graphs.ListGraphCheckpoints(
+            pb.ListGraphCheckpointsRequest(project_id=project, page_size=1000, page_token=token)
+        )
+        returned = [c.checkpoint_id for c in page.checkpoints]
+        # The crossing one, and one more: the store weighs a row by its stored
+        # lengths, the page by its protobuf bytes.
+        assert returned and len(read) <= len(returned) + 2, (len(read), len(returned))
+        listed += returned
+        token = page.next_page_token
+        if not token:
+            break
+    assert listed == [f"c{step:02d}" for step in range(12, 0, -1)]
 
 
 @pytest.mark.parametrize(
