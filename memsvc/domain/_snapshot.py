@@ -116,3 +116,71 @@ def decode_snapshot(data: bytes) -> list[SnapshotEntry]:
     if len(entries) != count:
         raise SnapshotFormatError(f"truncated snapshot: {len(entries)} of {count} entries")
     return entries
+
+
+@dataclass(frozen=True, slots=True)
+class KeyIndex:
+    """Where each entry of a snapshot starts, by its UTF-8 key: in stored order, or
+    in key byte order once :meth:`sorted`. Made without copying any value, so a page
+    of a large snapshot decodes only its own entries."""
+
+    keys: list[bytes]
+    offsets: list[int]
+
+    def sorted(self) -> KeyIndex:
+        pairs = sorted(zip(self.keys, self.offsets, strict=True))
+        return KeyIndex([key for key, _ in pairs], [offset for _, offset in pairs])
+
+    def weight(self) -> int:
+        """About the bytes it holds (a cache's bound)."""
+        return sum(map(len, self.keys)) + 100 * len(self.keys)
+
+
+def key_index(data: bytes) -> KeyIndex:
+    """The keys of a stored snapshot and where their entries start, in stored order
+    (SnapshotFormatError when it is not a whole snapshot of this format)."""
+    if not data.startswith(MAGIC):
+        raise SnapshotFormatError("not a memsvc snapshot (bad header)")
+    unpack = _LENGTH.unpack_from
+    keys: list[bytes] = []
+    offsets: list[int] = []
+    end = len(data)
+    try:
+        (count,) = unpack(data, len(MAGIC))
+        offset = len(MAGIC) + _LENGTH.size
+        while offset < end:
+            offsets.append(offset)
+            (key_length,) = unpack(data, offset)
+            offset += _LENGTH.size
+            keys.append(data[offset : offset + key_length])
+            offset += key_length
+            (value_length,) = unpack(data, offset)
+            offset += _LENGTH.size + value_length + _TTL.size
+    except struct.error as error:
+        raise SnapshotFormatError(f"corrupt snapshot: {error}") from error
+    if offset != end:
+        raise SnapshotFormatError("truncated snapshot")
+    if len(keys) != count:
+        raise SnapshotFormatError(f"truncated snapshot: {len(keys)} of {count} entries")
+    return KeyIndex(keys, offsets)
+
+
+def entries_at(data: bytes, offsets: Iterable[int]) -> list[SnapshotEntry]:
+    """The entries of a snapshot that start at ``offsets`` (from its KeyIndex)."""
+    view = memoryview(data)
+    entries = []
+    try:
+        for offset in offsets:
+            (key_length,) = _LENGTH.unpack_from(view, offset)
+            offset += _LENGTH.size
+            key = bytes(view[offset : offset + key_length]).decode("utf-8")
+            offset += key_length
+            (value_length,) = _LENGTH.unpack_from(view, offset)
+            offset += _LENGTH.size
+            value = bytes(view[offset : offset + value_length])
+            offset += value_length
+            (ttl,) = _TTL.unpack_from(view, offset)
+            entries.append(SnapshotEntry(key, value, None if ttl < 0 else ttl))
+    except (struct.error, UnicodeDecodeError) as error:
+        raise SnapshotFormatError(f"corrupt snapshot: {error}") from error
+    return entries

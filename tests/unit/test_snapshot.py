@@ -12,6 +12,8 @@ from memsvc.domain._snapshot import (
     decode_snapshot,
     encode_flat,
     encode_snapshot,
+    entries_at,
+    key_index,
 )
 
 entries = st.lists(
@@ -30,12 +32,32 @@ def test_round_trip(snapshot):
     assert decode_snapshot(encode_snapshot(snapshot)) == snapshot
 
 
+@given(entries)
+def test_the_key_index_finds_every_entry_in_key_byte_order(snapshot):
+    """A page of a checkpoint decodes only its entries, found by the key index."""
+    encoded = encode_snapshot(snapshot)
+    index = key_index(encoded)
+    assert entries_at(encoded, index.offsets) == snapshot
+    ordered = index.sorted()
+    by_key = sorted(snapshot, key=lambda e: (e.key.encode(), snapshot.index(e)))
+    assert ordered.keys == [e.key.encode() for e in by_key]
+    assert entries_at(encoded, ordered.offsets) == by_key
+
+
 @given(entries.filter(bool), st.data())
 def test_truncated_snapshots_are_refused(snapshot, data):
     encoded = encode_snapshot(snapshot)
     cut = data.draw(st.integers(min_value=0, max_value=len(encoded) - 1))
     with pytest.raises(SnapshotFormatError):
         decode_snapshot(encoded[:cut])
+    with pytest.raises(SnapshotFormatError):
+        key_index(encoded[:cut])
+
+
+@given(entries, st.binary(min_size=1, max_size=20))
+def test_bytes_after_the_last_entry_are_refused(snapshot, extra):
+    with pytest.raises(SnapshotFormatError):
+        key_index(encode_snapshot(snapshot) + extra)
 
 
 # Redis keeps expiries as doubles: exact to the millisecond for any real date.
