@@ -54,6 +54,8 @@ from memsvc.failpoints import Failpoints
 from memsvc.metrics import Metrics
 from memsvc.store import durable_store, working_memory_store
 from memsvc.store._observe import Observable
+from memsvc.store.memory import InMemoryWorkingMemoryStore
+from memsvc.store.sqlite import SqliteDurableStore
 from memsvc.v1 import (
     data_removal_pb2,
     data_removal_pb2_grpc,
@@ -195,9 +197,18 @@ class Server:
                 store.observe = self.metrics.backend_observer(store.backend_name)
         await self.working_memory_store.open()
         await self.durable_store.open()
+        if isinstance(self.working_memory_store, InMemoryWorkingMemoryStore) and isinstance(
+            self.durable_store, SqliteDurableStore
+        ):
+            # The embedded deployment: one process per data directory.
+            self.durable_store.serve_alone()
         if self.config.migrate:
             applied = await self.durable_store.migrate()
             log.info("schema migrations applied: %s", applied or "none pending")
+            self._warn_if_schema_ahead(
+                await self.durable_store.schema_version(),
+                self.durable_store.bundled_schema_version(),
+            )
         memory = WorkingMemory(self.working_memory_store, self.config.working_memory_limits())
         lifecycle = Lifecycle(
             self.working_memory_store,
@@ -499,6 +510,19 @@ class Server:
         for service in _HEALTH_SERVICES:
             await self.health.set(service, status)
 
+    def _warn_if_schema_ahead(self, have: int, need: int) -> None:
+        """Say so when a newer memsvc has migrated the database further than this one
+        knows (a rollback): served, as migrations keep compatibility with the
+        release before them, but nothing checks releases further back."""
+        if have > need:
+            log.warning(
+                "the database's schema is at version %d, ahead of this memsvc's %d: a newer "
+                "memsvc migrated it; serving it relies on those migrations keeping "
+                "compatibility with this release",
+                have,
+                need,
+            )
+
     async def _schema_problem(self) -> str:
         """Why the database's schema cannot serve this memsvc ('' once it can):
         behind the migrations it brings, every call would fail."""
@@ -511,6 +535,7 @@ class Server:
             )
             return self._schema_behind
         self._schema_checked = True
+        self._warn_if_schema_ahead(have, need)
         return ""
 
     async def _sweep_forever(self) -> None:

@@ -155,10 +155,13 @@ async def test_a_second_server_on_a_served_socket_leaves_it_to_the_first(embedde
     async with Server(first_config) as first:
         other_dir = tmp_path / "other"
         other_dir.mkdir()
+        # Its own database too (the data dir alone does not move the derived URL).
+        other = replace(
+            first_config, data_dir=str(other_dir), database_url=f"sqlite:///{other_dir}/memsvc.db"
+        )
         with pytest.raises(StartupError, match="another process serves"):
-            await Server(replace(first_config, data_dir=str(other_dir))).start()
-        taken_port = replace(first_config, data_dir=str(other_dir),
-                             listen=f"127.0.0.1:{first.port}")  # fmt: skip
+            await Server(other).start()
+        taken_port = replace(other, listen=f"127.0.0.1:{first.port}")
         with pytest.raises(StartupError):
             await Server(taken_port).start()
         async with grpc.aio.insecure_channel(f"unix:{path}") as ch:

@@ -69,8 +69,13 @@ async def tls_server(base_config: Config, pki: Pki) -> AsyncIterator[Server]:
 
 
 @pytest.fixture
-async def mtls_server(base_config: Config, pki: Pki) -> AsyncIterator[Server]:
-    async with Server(tls_config(base_config, pki, mutual=True)) as server:
+async def mtls_server(base_config: Config, pki: Pki, tmp_path: Path) -> AsyncIterator[Server]:
+    # A data directory of its own: a test may run it beside tls_server, and the
+    # embedded deployment serves one directory from one process.
+    own = tmp_path / "mtls"
+    config = tls_config(base_config, pki, mutual=True, data_dir=str(own),
+                        database_url=f"sqlite:///{own}/memsvc.db")  # fmt: skip
+    async with Server(config) as server:
         yield server
 
 

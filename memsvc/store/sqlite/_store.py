@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import os
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -70,23 +72,34 @@ class SqliteDurableStore(SqlDurableReads):
         self.events_committed: Callable[[list[StoredEvent]], None] = lambda events: None
         # Told each operation's time and outcome (the server's metrics).
         self.observe: BackendObserver = ignore
+        # The lock file's descriptor while this process serves the file alone.
+        self._alone: int | None = None
 
     async def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _make_private(self.path)
         try:
             self._db = await self._connect()
             self._reader = await self._connect()
         except aiosqlite.Error as error:
-            raise BackendUnavailable(self.backend_name, error) from error
+            raise _open_error(self.path, error) from error
 
     async def _connect(self) -> aiosqlite.Connection:
         db = await aiosqlite.connect(self.path, isolation_level=None)
+        # Closed on any failure: aiosqlite runs each connection on a thread that is
+        # not a daemon, so one left open keeps the process from ever exiting.
+        try:
+            await self._set_up(db)
+        except BaseException:
+            await db.close()
+            raise
+        return db
+
+    async def _set_up(self, db: aiosqlite.Connection) -> None:
         # WAL lets reads run beside the writer; in the rollback journal a reader
         # makes COMMIT fail, and SQLite falls back to it where WAL cannot work (a
         # network filesystem) without an error: said here, not met later.
         (mode,) = next(iter(await db.execute_fetchall("PRAGMA journal_mode=WAL")))
         if str(mode).lower() != "wal":
-            await db.close()
             raise StartupError(
                 f"SQLite cannot use WAL mode for {self.path} (it uses {mode!r}); put the "
                 "data directory on a local filesystem"
@@ -99,13 +112,40 @@ class SqliteDurableStore(SqlDurableReads):
             await db.execute(pragma)
         await db.create_function(SQLITE_JSON_HOLDS, 2, json_holds, deterministic=True)
         await db.create_function(SQLITE_TEXT_RANK, 7, text_rank, deterministic=True)
-        return db
+
+    def serve_alone(self) -> None:
+        """Hold this database for this process alone until :meth:`aclose`
+        (StartupError when another process holds it).
+
+        For a server whose working memory lives in its own process: two such
+        servers on one file would share every session's truth (its state, its
+        epoch) but each serve its own copy of the session's memory, acknowledging
+        writes into a copy the other never sees.
+        """
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip()
+            os.close(descriptor)
+            raise StartupError(
+                f"another memsvc process (pid {holder or 'unknown'}) serves {self.path} with "
+                "its working memory in process: run one process per data directory, or "
+                "give the processes a shared working memory (--working-memory-url redis://...)"
+            ) from None
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+        self._alone = descriptor
 
     async def aclose(self) -> None:
         for db in (self._db, self._reader):
             if db is not None:
                 await db.close()
         self._db = self._reader = None
+        if self._alone is not None:
+            os.close(self._alone)  # and with it the lock
+            self._alone = None
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[DurableTransaction]:
@@ -179,7 +219,7 @@ class SqliteDurableStore(SqlDurableReads):
         applied_now = []
         db = self._conn
         for migration in load_migrations("memsvc.store.sqlite"):
-            await db.execute("BEGIN IMMEDIATE")
+            await _begin_waiting(db, self.path)
             try:
                 await db.execute(_SCHEMA_TABLE)
                 async with db.execute(
@@ -220,6 +260,45 @@ class SqliteDurableStore(SqlDurableReads):
         if self._db is None:
             raise RuntimeError("SqliteDurableStore used before open()")
         return self._db
+
+
+def _make_private(path: Path) -> None:
+    """Make the data directory (0700) and the database file (0600) when absent: they
+    hold every checkpoint and episode, and SQLite gives its WAL and shared-memory
+    files the database file's mode. Existing ones keep the mode they have."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
+def _open_error(path: Path, error: aiosqlite.Error) -> Exception:
+    """What opening ``path`` failed with: a StartupError that says what to fix when
+    waiting will not fix it; else BackendUnavailable."""
+    name = getattr(error, "sqlite_errorname", "")
+    if name in ("SQLITE_NOTADB", "SQLITE_CORRUPT"):
+        return StartupError(
+            f"{path} is not a usable SQLite database ({error}): restore it from a backup, "
+            "or move it away to start with an empty one"
+        )
+    if name.startswith(("SQLITE_CANTOPEN", "SQLITE_READONLY", "SQLITE_PERM")):
+        return StartupError(
+            f"cannot open {path} for writing ({error}): memsvc needs to read and write its "
+            "data directory and the files in it"
+        )
+    return BackendUnavailable(SqliteDurableStore.backend_name, error)
+
+
+async def _begin_waiting(db: aiosqlite.Connection, path: Path) -> None:
+    """BEGIN IMMEDIATE, for as long as another process holds the write lock (its
+    migrations take as long as they take; each try waits busy_timeout)."""
+    while True:
+        try:
+            await db.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as error:
+            if getattr(error, "sqlite_errorname", "") not in ("SQLITE_BUSY", "SQLITE_LOCKED"):
+                raise
+            log.warning("waiting for another process's write lock on %s to migrate", path)
 
 
 class _WholeReads:
