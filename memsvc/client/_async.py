@@ -18,7 +18,7 @@ import grpc
 from memsvc import __version__
 from memsvc.client import _convert
 from memsvc.client._auth import TLS, BearerToken
-from memsvc.client._errors import KeyNotFound
+from memsvc.client._errors import Cancelled, KeyNotFound
 from memsvc.client._graphs import AsyncGraphClient
 from memsvc.client._retry import Invoker, RetryPolicy
 from memsvc.client._types import (
@@ -50,6 +50,7 @@ from memsvc.client._types import (
 from memsvc.client._values import (
     fill_duration,
     fill_timestamp,
+    fill_ttl,
     to_struct,
     to_value,
 )
@@ -83,6 +84,13 @@ DEFAULT_CHANNEL_OPTIONS: dict[str, str | int] = {
     # default, 4 MiB, would refuse what a memsvc configured larger sends).
     "grpc.max_receive_message_length": -1,
 }
+
+
+# How often wait_ready() looks at the channel's state. grpc's channel_ready() would
+# wake at the change instead, but a close ends its wait badly: a closed channel
+# fails it with UsageError, and, cancelled, its watch stays registered with gRPC
+# until the channel goes (one from ``from_channel`` may never go).
+READY_POLL_SECONDS = 0.05
 
 
 class _Missing:
@@ -190,7 +198,7 @@ class AsyncClient:
             grpc_metadata=grpc_metadata,
         )
         client.target = ""
-        client._channel = channel
+        client._channel = client._invoke.channel = channel
         client._owns_channel = False
         return client
 
@@ -217,6 +225,7 @@ class AsyncClient:
                 self._channel = grpc.aio.secure_channel(
                     self.target, self._credentials, options=self._channel_options
                 )
+            self._invoke.channel = self._channel
         return self._channel
 
     def _stub(self, index: int) -> Any:
@@ -250,13 +259,16 @@ class AsyncClient:
     async def wait_ready(self, timeout: float | None = None) -> None:
         """Wait until the channel is connected (a sidecar still starting, say).
 
-        Raises TimeoutError after ``timeout`` seconds.
+        Raises TimeoutError after ``timeout`` seconds, and Cancelled when the client
+        is closed meanwhile (as calls in flight then do).
         """
-        if timeout is None:
-            await self.channel.channel_ready()
-            return
+        channel = self.channel
         async with asyncio.timeout(timeout):
-            await self.channel.channel_ready()
+            while channel.get_state(try_to_connect=True) != grpc.ChannelConnectivity.READY:
+                if await self._invoke.closed_within(READY_POLL_SECONDS):
+                    raise Cancelled(
+                        "wait_ready() was cancelled: the client was closed while it waited"
+                    )
 
     async def close(self) -> None:
         """Close the channel (unless it came from ``from_channel``); idempotent.
@@ -529,7 +541,7 @@ def _entry_inputs(
         entry = target.add(key=key)
         to_value(given, entry.value)
         if entry_ttl is not None:
-            fill_duration(entry_ttl, entry.ttl, f"{what}[{key!r}].ttl")
+            fill_ttl(entry_ttl, entry.ttl, f"{what}[{key!r}].ttl")
 
 
 class _Ids(TypedDict):
@@ -573,14 +585,15 @@ class AsyncSessionClient:
     ) -> SetResult:
         """Store ``value`` under ``key`` (Set), replacing value and TTL.
 
-        ``ttl``: seconds or a timedelta, rounded up to milliseconds; None: no expiry
-        (and an earlier TTL is removed).
+        ``ttl``: seconds or a timedelta (more than 0), rounded up to milliseconds;
+        None: no expiry (and an earlier TTL is removed). 0 raises ValueError: the
+        wire would read it as no expiry.
         """
         client = self.client
         request = working_memory_pb2.SetRequest(**self._ids, key=key)
         to_value(value, request.value)
         if ttl is not None:
-            fill_duration(ttl, request.ttl, "ttl")
+            fill_ttl(ttl, request.ttl, "ttl")
         return _convert.set_result(await client._invoke(client._wm.Set, request, timeout=timeout))
 
     async def get(self, key: str, default: Any = _MISSING, *, timeout: float | None = None) -> Any:
@@ -603,10 +616,7 @@ class AsyncSessionClient:
         return _convert.entry(response.entry)
 
     async def delete(self, key: str, *, timeout: float | None = None) -> bool:
-        """Remove ``key`` (Delete); whether it existed. Absent keys are fine.
-
-        After a retried call this may be False though the first attempt removed it.
-        """
+        """Remove ``key`` (Delete); whether it existed. Absent keys are fine."""
         client = self.client
         request = working_memory_pb2.DeleteRequest(**self._ids, key=key)
         response = await client._invoke(client._wm.Delete, request, timeout=timeout)

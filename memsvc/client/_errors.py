@@ -349,7 +349,9 @@ class GraphCheckpointTooLarge(ResourceExhausted):
 
 
 class BackendUnavailable(Unavailable):
-    """A memsvc backend is down; the SDK retries this within the call's deadline."""
+    """A memsvc backend is down. The SDK retries reads and calls with a request id
+    within the call's deadline; a write without one may have committed first, so
+    it is raised (see docs/client.md, Retries)."""
 
 
 class ServerShuttingDown(Unavailable):

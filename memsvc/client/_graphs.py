@@ -54,7 +54,8 @@ class AsyncGraphClient:
         how many values were new. Raises GraphCheckpointConflict when
         ``require_latest_parent`` and another writer moved the thread on.
 
-        Safe to retry: putting the same checkpoint again replaces it.
+        Retried by the SDK as a call with a request id is: putting the same
+        checkpoint again stores the same step (docs/client.md, Retries).
         """
         request = pb.PutGraphCheckpointRequest(
             project_id=self.project_id,
@@ -77,7 +78,8 @@ class AsyncGraphClient:
         replace: bool = False,
         timeout: float | None = None,
     ) -> None:
-        """Store pending writes against a checkpoint (PutGraphWrites). Safe to retry."""
+        """Store pending writes against a checkpoint (PutGraphWrites); retried by the
+        SDK, as putting them again stores the same writes."""
         request = pb.PutGraphWritesRequest(
             project_id=self.project_id,
             thread_id=thread_id,

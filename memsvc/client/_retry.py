@@ -7,18 +7,33 @@ in it, and each attempt's gRPC deadline is what is left of it (or
 ``RetryPolicy.attempt_timeout``, when that is shorter, for the calls retried after
 a DEADLINE_EXCEEDED).
 
-What is retried:
+What is retried depends on whether a failed attempt may have taken effect:
 
-- UNAVAILABLE, always: the server was not reached, is shutting down, or a backend is
-  down (memsvc then says how long to wait in RetryInfo, which is honoured).
-- RESOURCE_EXHAUSTED from the server's call limit (TooManyCalls), always: the call
-  was refused before anything was done.
-- DEADLINE_EXCEEDED and ABORTED for calls that carry a request id. The first
-  attempt may have taken effect; the request id makes the server answer the retry
-  with the first attempt's answer instead of doing it twice. The SDK makes one id
-  (a UUID4) per call and sends it with every attempt of that call.
-- DEADLINE_EXCEEDED and ABORTED for reads (READ_ONLY_REQUESTS), which change
-  nothing, unless memsvc's own deadline ended the read (it would run as long again).
+- Reads (READ_ONLY_REQUESTS) change nothing: retried on UNAVAILABLE, and on
+  DEADLINE_EXCEEDED and ABORTED unless memsvc's own deadline ended the read (it
+  would run as long again).
+- Calls that carry a request id: retried on UNAVAILABLE, DEADLINE_EXCEEDED and
+  ABORTED. The first attempt may have taken effect; the request id makes the server
+  answer the retry with the first attempt's answer instead of doing it twice. The
+  SDK makes one id (a UUID4) per call and sends it with every attempt of that call.
+  So are the graph puts (REPEATABLE_REQUESTS): putting a checkpoint id again stores
+  the same step again, never over a newer one.
+- Other writes without a request id (Set, BatchSet, Delete, BatchDelete, the graph
+  deletes and copies): retried only when the failure proves that nothing ran. A
+  retry of an attempt that did run could undo another client's later write.
+- Every call: RESOURCE_EXHAUSTED from the server's call limit (TooManyCalls), which
+  refuses a call before doing anything, and UNAUTHENTICATED when the token file
+  holds a new token (the server refused the call before running it).
+
+An attempt does not fail for want of a connection where it can wait for one: after
+an UNAVAILABLE, and, for a call with a deadline, whenever the channel is not
+connected, it is made with gRPC's wait_for_ready, so it starts as soon as the server
+is back (instead of failing at once while gRPC waits out its reconnection backoff).
+It sends nothing until then, so a write that meets a restart is sent once, when it
+can be, instead of failing in a way no retry could tell apart from a lost answer.
+When the deadline passes while it waits, the call raises Unavailable naming the last
+failure: the server was not reached, and a bare DEADLINE_EXCEEDED would suggest a
+slow one.
 """
 
 from __future__ import annotations
@@ -41,6 +56,7 @@ from memsvc.client._errors import (
     ErrorReason,
     MemsvcError,
     TooManyCalls,
+    Unavailable,
     from_rpc_error,
 )
 
@@ -56,7 +72,7 @@ def being_cancelled() -> bool:
 
 Response = TypeVar("Response")
 
-ALWAYS_RETRIED = frozenset({grpc.StatusCode.UNAVAILABLE})
+# The failures retried for calls that may run twice: reads, and calls with a request id.
 RETRIED_WITH_REQUEST_ID = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED}
 )
@@ -79,6 +95,8 @@ class RetryPolicy:
             call's budget; lets a hung attempt be retried. Only calls that such a
             retry is safe for have it (calls with a request id, and reads); the
             others get the whole budget.
+
+    Every number must be finite (ValueError otherwise).
     """
 
     max_attempts: int = 5
@@ -89,6 +107,12 @@ class RetryPolicy:
     attempt_timeout: float | None = None
 
     def __post_init__(self) -> None:
+        # NaN passes every comparison below (each is False) and infinities make
+        # backoff() return nan or inf: refused first, by name.
+        for name in ("max_attempts", "initial_backoff", "max_backoff", "multiplier", "jitter"):
+            _require_finite(name, getattr(self, name))
+        if self.attempt_timeout is not None:
+            _require_finite("attempt_timeout", self.attempt_timeout)
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
         # 0 would stay 0 at every growth: each retry, and each reconnection of a
@@ -134,6 +158,13 @@ class RetryPolicy:
         return delay
 
 
+def _require_finite(name: str, value: float) -> None:
+    """Refuse NaN and infinities (an int is always finite; math.isfinite would
+    overflow on a huge one)."""
+    if not isinstance(value, int) and not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number (got {value!r})")
+
+
 # Requests that change nothing: an attempt that timed out or was aborted may run
 # again, as a call with a request id may.
 READ_ONLY_REQUESTS = frozenset(
@@ -147,23 +178,42 @@ READ_ONLY_REQUESTS = frozenset(
 )  # fmt: skip
 
 
+# Writes whose second run stores what the first did and nothing else: a graph
+# checkpoint's id names one step of one thread, never a newer state, so putting it
+# (or its pending writes) again cannot undo a later write, as a retried Set of a
+# key can. Retried as a call with a request id is (a fenced put's retry is accepted
+# as one when it matches what is stored).
+REPEATABLE_REQUESTS = frozenset(
+    f"memsvc.v1.{name}Request" for name in ("PutGraphCheckpoint", "PutGraphWrites")
+)
+
+
 def read_only(request: object) -> bool:
     """Whether ``request`` is one of READ_ONLY_REQUESTS."""
     return isinstance(request, Message) and request.DESCRIPTOR.full_name in READ_ONLY_REQUESTS
 
 
+def repeatable(request: object) -> bool:
+    """Whether ``request`` is one of REPEATABLE_REQUESTS."""
+    return isinstance(request, Message) and request.DESCRIPTOR.full_name in REPEATABLE_REQUESTS
+
+
 def retryable(failure: MemsvcError, has_request_id: bool, read_only: bool = False) -> bool:
-    """Whether a failed attempt may be tried again: UNAVAILABLE always, and a
-    refusal past the server's call limit (nothing was done); DEADLINE_EXCEEDED and
-    ABORTED for a call with a request id (a retry has one effect) and for a read
-    (it has none), except that a read the server itself cut at its own deadline
-    would only run as long again."""
+    """Whether a failed attempt may be tried again.
+
+    A refusal past the server's call limit, always: nothing was done. Otherwise only
+    a call that may run twice: one with a request id (a retry has one effect) on
+    UNAVAILABLE, DEADLINE_EXCEEDED and ABORTED, and a read (it has none) on those
+    too, except that a read the server itself cut at its own deadline would only
+    run as long again. A write without a request id is not retried on them: the
+    attempt may have run (a backend error after the commit, an answer lost with its
+    connection, a hung call), and a retry would undo a later write of someone else.
+    (Its attempts never fail for want of a connection: they wait for one.)
+    """
     if isinstance(failure, TooManyCalls):
         return True
-    if failure.code in ALWAYS_RETRIED or (
-        has_request_id and failure.code in RETRIED_WITH_REQUEST_ID
-    ):
-        return True
+    if has_request_id:
+        return failure.code in RETRIED_WITH_REQUEST_ID
     return (
         read_only
         and failure.code in RETRIED_WITH_REQUEST_ID
@@ -187,12 +237,19 @@ class Invoker:
         self.timeout = timeout
         self.grpc_metadata = tuple(grpc_metadata)
         self.token = token
+        # The channel the calls go over, set by the client once it has one: whether
+        # it is connected decides whether an attempt waits for a connection. None
+        # (a test's stand-in rpc): unknown, taken as connected.
+        self.channel: grpc.aio.Channel | None = None
         # Set by close(): a call waiting to retry ends at once, and none starts again.
         self._closed = asyncio.Event()
         # The client's grpc.aio calls in flight (unary attempts, watch streams).
         # close() cancels them itself: closing the channel would, but a channel
-        # given to ``from_channel`` stays open, and others may be using it. Weak:
-        # the stream of a watch dropped unclosed is still cancelled when collected.
+        # given to ``from_channel`` stays open, and others may be using it. Weak,
+        # so that an ended call needs no untrack() to be forgotten; being here
+        # keeps nothing alive, and nothing ends a call that is never cancelled
+        # (grpc.aio keeps a call in flight alive by itself: a watch dropped
+        # unclosed cancels its stream from its own finalizer).
         self._in_flight: weakref.WeakSet[Any] = weakref.WeakSet()
 
     def close(self) -> None:
@@ -220,6 +277,17 @@ class Invoker:
     @property
     def closed(self) -> bool:
         return self._closed.is_set()
+
+    @property
+    def connected(self) -> bool:
+        """Whether the channel is connected (READY); True when it is unknown."""
+        return self.channel is None or self._state() == grpc.ChannelConnectivity.READY
+
+    def _state(self) -> grpc.ChannelConnectivity | None:
+        if self.channel is None:
+            return None
+        state: grpc.ChannelConnectivity = self.channel.get_state(try_to_connect=False)
+        return state
 
     async def closed_within(self, delay: float) -> bool:
         """Wait ``delay`` seconds before a retry; True as soon as the client closes."""
@@ -276,10 +344,14 @@ class Invoker:
         loop = asyncio.get_running_loop()
         deadline = self.deadline(timeout)
         policy = self.policy
+        reads = read_only(request)
+        # Calls whose attempts may run twice with one effect.
+        once = request_id is not None or repeatable(request)
         # Only an attempt whose DEADLINE_EXCEEDED is retried is cut short: a write
         # without a request id, cut short, would fail and might still take effect.
-        cut_short = request_id is not None or read_only(request)
+        cut_short = once or reads
         attempt = 0
+        previous: MemsvcError | None = None  # the last attempt's failure
         while True:
             attempt += 1
             attempt_timeout = policy.attempt_timeout if cut_short else None
@@ -288,10 +360,14 @@ class Invoker:
                 attempt_timeout = (
                     remaining if attempt_timeout is None else min(attempt_timeout, remaining)
                 )
+            waits = self._waits_for_connection(previous, deadline)
             sent = self.metadata()
             call: Awaitable[Response] | None = None
             try:
-                call = rpc(request, timeout=attempt_timeout, metadata=sent)
+                # None, not False: a channel's own service config may ask for waits.
+                call = rpc(
+                    request, timeout=attempt_timeout, metadata=sent, wait_for_ready=waits or None
+                )
                 self.track(call)
                 return await call
             except asyncio.CancelledError as error:
@@ -305,12 +381,13 @@ class Invoker:
                 ) from error
             except grpc.RpcError as error:
                 failure = from_rpc_error(error, request_id=request_id, attempts=attempt)
+                if waits and self._never_connected(failure):
+                    failure = self._unreachable(failure, previous)
+                previous = failure
                 if self._token_rotated(failure.code, sent) and attempt < policy.max_attempts:
                     log.info("memsvc refused the token; retrying with the new one from its file")
                     continue
-                if attempt >= policy.max_attempts or not retryable(
-                    failure, request_id is not None, read_only(request)
-                ):
+                if attempt >= policy.max_attempts or not retryable(failure, once, reads):
                     raise failure from error
                 delay = policy.backoff(attempt, failure.retry_delay)
                 if deadline is not None and loop.time() + delay >= deadline:
@@ -330,3 +407,40 @@ class Invoker:
                     request_id=request_id,
                     attempts=attempt,
                 )
+
+    def _waits_for_connection(self, previous: MemsvcError | None, deadline: float | None) -> bool:
+        """Whether the next attempt waits for the channel to connect (gRPC's
+        wait_for_ready) instead of failing at once while it is not connected, as
+        gRPC fails calls for as long as its reconnection backoff lasts (up to 5 s
+        with the SDK's options), however soon the server is back.
+
+        After an UNAVAILABLE (the server may be restarting), within what is left of
+        the call's budget; and whenever the channel is not connected, for a call
+        with a deadline to bound the wait. A call without one waits only after an
+        UNAVAILABLE: its first attempt fails on a server that is not there instead
+        of waiting, unbounded, for one that may never come.
+        """
+        if previous is not None and previous.code == grpc.StatusCode.UNAVAILABLE:
+            return True
+        return deadline is not None and not self.connected
+
+    def _never_connected(self, failure: MemsvcError) -> bool:
+        """Whether an attempt that waited for a connection ran out of time still
+        waiting (gRPC then sends nothing: the server never saw it)."""
+        return failure.code == grpc.StatusCode.DEADLINE_EXCEEDED and not self.connected
+
+    def _unreachable(self, late: MemsvcError, previous: MemsvcError | None) -> Unavailable:
+        """The error of an attempt whose deadline passed while it waited for a
+        connection: memsvc was not reached, which a bare DEADLINE_EXCEEDED would
+        not say (it reads as a server too slow to answer)."""
+        state = self._state()
+        why = (
+            f"last failure: {previous}"
+            if previous is not None
+            else f"the channel stayed {state.name if state is not None else 'unconnected'}"
+        )
+        return Unavailable(
+            f"memsvc could not be reached before the deadline: no connection ({why})",
+            request_id=late.request_id,
+            attempts=late.attempts,
+        )

@@ -127,7 +127,9 @@ class Pager(Generic[T]):
 class Watch(Generic[Item]):
     """A blocking iterator of lifecycle events; see ``AsyncClient.watch``.
 
-    ``with client.watch(...) as events: for event in events: ...``
+    ``with client.watch(...) as events: for event in events: ...``. One dropped
+    without being closed releases its stream when collected, as the AsyncWatch it
+    alone holds does (from this thread, on the client's loop).
     """
 
     def __init__(self, client: Client, watch: AsyncWatch[Item]) -> None:
@@ -229,7 +231,8 @@ class Client(_Wrapper):
         return self._inner.retry
 
     def wait_ready(self, timeout: float | None = None) -> None:
-        """Wait until the channel is connected; TimeoutError after ``timeout`` seconds."""
+        """Wait until the channel is connected; TimeoutError after ``timeout`` seconds,
+        Cancelled when the client is closed meanwhile (from another thread)."""
         self._portal.run(self._inner.wait_ready(timeout))
 
     def close(self) -> None:

@@ -82,7 +82,9 @@ WatchStart: TypeAlias = Literal["now", "oldest"]
 class WithTTL:
     """A value with its own time to live, for ``set_many`` and ``spawn(initial=...)``.
 
-    ``await s.set_many({"plan": plan, "scratch": WithTTL(notes, ttl=60)})``
+    ``await s.set_many({"plan": plan, "scratch": WithTTL(notes, ttl=60)})``. ``ttl``:
+    seconds or a timedelta, more than 0 (a call given 0 raises ValueError); None:
+    no expiry.
     """
 
     value: JSONValue

@@ -132,6 +132,14 @@ def fill_duration(duration: Seconds, message: duration_pb2.Duration, what: str) 
     message.FromNanoseconds(nanos)
 
 
+def fill_ttl(ttl: Seconds, message: duration_pb2.Duration, what: str) -> None:
+    """Fill a TTL Duration. Zero is refused: the wire reads a zero TTL as none at
+    all (never expires), where any positive TTL, however small, expires."""
+    if seconds_of(ttl, what) == 0:
+        raise ValueError(f"{what} must be positive; use None for no expiry (got {ttl!r})")
+    fill_duration(ttl, message, what)
+
+
 def from_duration(message: duration_pb2.Duration) -> timedelta:
     return message.ToTimedelta()
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import weakref
 from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, Generic, NoReturn, Protocol, TypeVar
@@ -91,13 +93,51 @@ class Closing(Protocol):
     def untrack(self, call: object) -> None: ...
 
 
+class _Stream:
+    """A watch's current gRPC stream, kept apart from the watch so that a watch
+    dropped without being closed can cancel it from its finalizer (which must not
+    hold the watch). Nothing else would: grpc.aio keeps a call in flight alive by
+    itself, and with it the server's stream and one of its watcher slots, until
+    the client closes."""
+
+    def __init__(self, closing: Closing | None) -> None:
+        self.call: Any = None
+        self._closing = closing
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def opened(self, call: Any) -> None:
+        """``call`` is the current stream (from the loop it runs on)."""
+        self.call = call
+        self._loop = asyncio.get_running_loop()
+        if self._closing is not None:
+            # The client's close cancels it, over a channel it does not own too.
+            self._closing.track(call)
+
+    def drop(self) -> None:
+        """Cancel the current stream, if any (on its loop)."""
+        call, self.call = self.call, None
+        if call is not None:
+            call.cancel()
+            if self._closing is not None:
+                self._closing.untrack(call)
+
+    def release(self) -> None:
+        """The watch was collected: drop its stream, from whatever thread the
+        collection ran in (grpc.aio calls belong to their loop)."""
+        if self.call is None or self._loop is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is closed, its calls with it
+            self._loop.call_soon_threadsafe(self.drop)
+
+
 class AsyncWatch(Generic[Item]):
     """An async iterator of lifecycle events (and, if asked, progress messages).
 
     Use it as ``async with client.watch(...) as events: async for event in events``:
     entering connects and waits for the server's first message, so the start position
     ("now") is fixed before the block runs; leaving closes the stream. ``sequence`` is
-    the cursor (save it and pass it back as ``after_sequence`` to resume later).
+    the cursor (save it and pass it back as ``after_sequence`` to resume later). A
+    watch dropped without being closed cancels its stream when it is collected.
     """
 
     def __init__(
@@ -142,7 +182,10 @@ class AsyncWatch(Generic[Item]):
         self._cursor: int | None = (
             request.after_sequence if request.HasField("after_sequence") else None
         )
-        self._call: Any = None
+        self._stream = _Stream(closing)
+        # A watch dropped unclosed still ends its stream (close it all the same:
+        # collection may come late, or never for a watch caught in a cycle).
+        weakref.finalize(self, self._stream.release).atexit = False
         self._closed = False
         self._failures = 0
         self._connections = 0
@@ -226,19 +269,19 @@ class AsyncWatch(Generic[Item]):
         """End the stream; iteration stops (at once, even while it waits to reconnect)."""
         self._closed = True
         self._stopped.set()
-        self._drop_call()
+        self._stream.drop()
 
     async def _next_message(self) -> LifecycleEvent | WatchProgress | None:
         """The next new item, or None when the message was old or a reconnect happened."""
         if self._batched:
             return self._hand_out(self._batched.popleft())
-        if self._call is None:
+        if self._stream.call is None:
             self._connect()
         try:
             message = await self._read()
         except asyncio.CancelledError as error:
             # A cancelled read cancels the stream; the next read reconnects from the cursor.
-            self._drop_call()
+            self._stream.drop()
             if being_cancelled():
                 raise
             if self._closed:
@@ -246,7 +289,7 @@ class AsyncWatch(Generic[Item]):
             # Only the stream was cancelled: the client closed its channel.
             self._client_closed(error)
         except (grpc.RpcError, _StreamEnded, _Silent) as error:
-            self._drop_call()
+            self._stream.drop()
             if self._on_call and self._lived() >= STREAM_WORKED_SECONDS:
                 self._stream_worked()  # a failure after a while is a new one
             if not self._closed:
@@ -312,7 +355,7 @@ class AsyncWatch(Generic[Item]):
             limit = min(limit, left)
         try:
             async with asyncio.timeout(limit):
-                message = await self._call.read()
+                message = await self._stream.call.read()
         except TimeoutError:
             raise _Silent(limit) from None
         if message is grpc.aio.EOF:
@@ -338,10 +381,7 @@ class AsyncWatch(Generic[Item]):
         self._connections += 1
         self._on_call = 0
         self._connected_with = self._metadata()
-        self._call = self._open_stream(request, self._connected_with)
-        if self._closing is not None:
-            # The client's close cancels it, over a channel it does not own too.
-            self._closing.track(self._call)
+        self._stream.opened(self._open_stream(request, self._connected_with))
 
     def _give_up(self, cause: BaseException) -> NoReturn:
         self._closed = True
@@ -353,13 +393,6 @@ class AsyncWatch(Generic[Item]):
     def _client_closed(self, cause: BaseException | None = None) -> NoReturn:
         self._closed = True
         raise Cancelled("the watch was cancelled: its client was closed") from cause
-
-    def _drop_call(self) -> None:
-        call, self._call = self._call, None
-        if call is not None:
-            call.cancel()
-            if self._closing is not None:
-                self._closing.untrack(call)
 
     async def _after_failure(self, error: BaseException) -> None:
         """Raise a final error, or wait before the next reconnection."""

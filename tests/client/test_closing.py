@@ -271,6 +271,46 @@ async def test_a_call_waiting_to_retry_when_the_client_closes_raises_cancelled()
     assert raised.value.attempts == 1
 
 
+async def test_wait_ready_when_the_client_closes_raises_cancelled():
+    """Nothing listens, so wait_ready() waits; the close ends it with Cancelled, as
+    it ends calls in flight: not grpc's UsageError from the closed channel, nor, for
+    a client over a channel it does not own (which stays open), never."""
+    target = f"127.0.0.1:{free_port()}"
+    channel = grpc.aio.insecure_channel(target)
+    try:
+        for client in (AsyncClient(target), AsyncClient.from_channel(channel)):
+            waiting = asyncio.ensure_future(client.wait_ready())
+            await asyncio.sleep(0.3)
+            assert not waiting.done()
+            await client.close()
+            with pytest.raises(Cancelled):
+                await asyncio.wait_for(waiting, 5)
+    finally:
+        await channel.close()
+
+
+@pytest.mark.parametrize("timeout", [None, 10.0])
+async def test_a_blocking_wait_ready_when_the_client_closes_raises_cancelled(
+    timeout: float | None,
+):
+    """Closed from another thread. Repeated: the close races with the wait."""
+
+    def blocking() -> str:
+        client = Client(f"127.0.0.1:{free_port()}")
+        closer = threading.Timer(0.2, client.close)
+        closer.start()
+        try:
+            client.wait_ready(timeout)
+        except Cancelled:
+            return "cancelled"
+        finally:
+            closer.join()
+        return "ready"
+
+    for _ in range(5):
+        assert await asyncio.wait_for(asyncio.to_thread(blocking), 20) == "cancelled"
+
+
 async def reading(client: AsyncClient) -> asyncio.Future[None]:
     """A task reading a started watch of ``client`` to its end."""
     watch = await client.watch(SCOPE[0]).start()

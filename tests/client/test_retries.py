@@ -4,8 +4,10 @@ and change nothing more. Both deployments."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import grpc
 import pytest
@@ -21,8 +23,11 @@ from memsvc.client import (
     Unavailable,
 )
 from memsvc.server import Server
+from memsvc.v1 import graph_checkpoint_pb2 as pb
 from tests.client._proxy import FaultProxy
 from tests.client.conftest import FAST_RETRY
+from tests.client.test_graphs import checkpoint
+from tests.helpers import eventually
 
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED
@@ -198,17 +203,95 @@ async def test_a_read_is_retried_on_deadline_exceeded_and_aborted(
     assert [s.session_id async for s in listed] == [session.session_id]
 
 
-async def test_a_call_without_request_id_is_retried_on_unavailable(
-    proxy: FaultProxy, flaky: AsyncSessionClient
+async def test_a_read_is_retried_on_unavailable_and_a_write_without_request_id_is_not(
+    proxy: FaultProxy, flaky: AsyncSessionClient, session: AsyncSessionClient
 ):
+    """The proxy forwards each call, then fails it: a read runs again, but a write
+    without a request id took effect and is not run a second time."""
     await flaky.spawn()
-    proxy.fail_after("Set", UNAVAILABLE)
     proxy.fail_after("BatchGet", UNAVAILABLE, UNAVAILABLE)
-    # The first attempt created the key, so the retry reports it as already there.
-    assert (await flaky.set("k", [1])).created is False
+    proxy.fail_after("Delete", UNAVAILABLE)
+    await session.set("k", [1])
     assert await flaky.get_many(["k"]) == {"k": [1]}
-    assert len(proxy.calls("Set")) == 2
     assert len(proxy.calls("BatchGet")) == 3
+    with pytest.raises(Unavailable) as raised:
+        await flaky.delete("k")
+    assert raised.value.attempts == 1 and len(proxy.calls("Delete")) == 1
+    assert await session.get("k", default=None) is None  # the attempt did take effect
+
+
+async def test_a_graph_put_whose_answer_was_lost_is_retried_to_one_effect(
+    proxy: FaultProxy, via_proxy: AsyncClient, client: AsyncClient, scope: dict[str, str]
+):
+    """A graph put names its step by checkpoint id: its retry stores the same step
+    again (a fenced one's retry matches what is stored), so the SDK retries it
+    after a lost answer, as a call with a request id."""
+    graphs = via_proxy.graphs(scope["project_id"])
+    assert await graphs.put_checkpoint(checkpoint("c1")) == 1
+    proxy.fail_after("PutGraphCheckpoint", UNAVAILABLE)
+    await graphs.put_checkpoint(checkpoint("c2", "c1"), require_latest_parent=True)
+    assert len(proxy.calls("PutGraphCheckpoint")) == 3
+    proxy.fail_after("PutGraphWrites", UNAVAILABLE)
+    write = pb.GraphWrite(task_id="task", channel="a", value=pb.TypedValue(type="bytes", data=b"w"))
+    await graphs.put_writes("t", "c2", [write])
+    assert len(proxy.calls("PutGraphWrites")) == 2
+    stored = await client.graphs(scope["project_id"]).get_checkpoint("t")
+    assert stored.checkpoint_id == "c2" and [w.task_id for w in stored.pending_writes] == ["task"]
+
+
+async def test_a_write_whose_answer_was_lost_is_not_retried_over_a_later_write(
+    proxy: FaultProxy, session: AsyncSessionClient, auth_token: str
+):
+    """A's Set commits and its answer is lost on the way back; B then writes the
+    key. A retry of A's Set (a second later here) would overwrite B's value with
+    A's older one: A gets Unavailable instead, and B's value stays."""
+    await session.spawn()
+    patient = RetryPolicy(initial_backoff=1.0, max_backoff=1.0, jitter=0)
+    async with AsyncClient(proxy.target, retry=patient, timeout=20, token=auth_token) as sdk:
+        a = sdk.session(session.project_id, session.agent_instance_id, session.session_id)
+        proxy.fail_after("Set", UNAVAILABLE)
+        writing = asyncio.ensure_future(a.set("k", "A"))
+
+        async def a_committed() -> bool:
+            return bool(await session.get("k", default=None) == "A")
+
+        await eventually(a_committed, timeout=10)
+        await session.set("k", "B")
+        with pytest.raises(Unavailable) as raised:
+            await asyncio.wait_for(writing, 10)
+    assert raised.value.attempts == 1 and raised.value.request_id is None
+    assert len(proxy.calls("Set")) == 1
+    assert await session.get("k") == "B"
+
+
+async def test_calls_made_while_memsvc_restarts_succeed_once_it_is_back(
+    server: Server, scope: dict[str, str], auth_token: str
+):
+    """gRPC fails calls at once while its channel waits out a reconnection backoff
+    (up to 5 s), however soon memsvc is back. The SDK's attempts wait for the
+    connection instead, within their timeout: a read, and a write without a request
+    id (never retried once it may have run, so it must not fail for want of a
+    connection), made while memsvc is down succeed once it is back."""
+    target = f"127.0.0.1:{server.port}"
+    restart = replace(server.config, listen=target)
+    async with AsyncClient(target, retry=FAST_RETRY, timeout=30, token=auth_token) as sdk:
+        graphs = sdk.graphs(scope["project_id"])
+        await graphs.put_checkpoint(checkpoint("c1"))
+        await server.stop()
+
+        async def disconnected() -> bool:
+            return bool(sdk.channel.get_state() != grpc.ChannelConnectivity.READY)
+
+        await eventually(disconnected, timeout=10)
+        reading = asyncio.ensure_future(graphs.get_checkpoint("t"))
+        writing = asyncio.ensure_future(graphs.put_checkpoint(checkpoint("c2", "c1")))
+        # Longer than FAST_RETRY's five attempts take to fail when none waits (~1 s).
+        await asyncio.sleep(3)
+        assert not reading.done() and not writing.done()
+        async with Server(restart):
+            assert (await asyncio.wait_for(reading, 30)).checkpoint_id == "c1"
+            assert await asyncio.wait_for(writing, 30) == 1
+            assert (await graphs.get_checkpoint("t")).checkpoint_id == "c2"
 
 
 async def test_attempts_stop_at_max_attempts(

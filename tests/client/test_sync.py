@@ -49,7 +49,9 @@ def sync_flow(port: int, scope: dict[str, str], token_file: Path) -> None:
             with pytest.raises(KeyNotFound):
                 s.get("missing")
             s.set_many({"a": 1, "b": WithTTL(2, 30)})
-            assert [k.key for k in s.keys(page_size=2)] == ["a", "b", "notes", "plan"]
+            keys = s.keys(page_size=2)
+            assert [k.key for k in keys] == ["a", "b", "notes", "plan"]
+            assert next(iter(keys)).key == "a"  # an iterable: each iteration starts over
             assert s.get_many(["a", "b", "zz"]) == {"a": 1, "b": 2}
             assert s.delete("a") and s.delete_many(["b"]).deleted_keys == ("b",)
             checkpoint = s.create_checkpoint()

@@ -28,6 +28,7 @@ from memsvc.client import (
     RetryPolicy,
     Unavailable,
     WatchPositionCompacted,
+    WithTTL,
 )
 from memsvc.client._convert import event_types_wire, outcome_wire, state_wire
 from memsvc.client._errors import error_class, from_rpc_error
@@ -121,6 +122,24 @@ def test_durations_and_timestamps():
     assert back == moment and back.tzinfo is UTC
     with pytest.raises(ValueError, match="naive"):
         fill_timestamp(datetime(2026, 1, 1), stamp, "start_time")
+
+
+@pytest.mark.parametrize("zero", [0, 0.0, -0.0, timedelta(0)])
+async def test_a_ttl_of_zero_is_refused(zero: float | timedelta):
+    """The wire reads a zero TTL as none (never expires), while any positive TTL,
+    however small, expires: 0 is refused before any call instead of kept for ever."""
+    # Nothing listens there: a call that got through would fail with Unavailable.
+    async with AsyncClient("127.0.0.1:1", timeout=0.1, retry=RetryPolicy.disabled()) as client:
+        s = client.session("p", "a", "s")
+        calls = (
+            lambda: s.set("k", 1, ttl=zero),
+            lambda: s.set_many({"k": 1}, ttl=zero),
+            lambda: s.set_many({"k": WithTTL(1, zero)}),
+            lambda: s.spawn(initial={"k": WithTTL(1, zero)}),
+        )
+        for call in calls:
+            with pytest.raises(ValueError, match="ttl must be positive; use None for no expiry"):
+                await call()
 
 
 def test_enums_accept_members_and_strings():
@@ -218,12 +237,20 @@ def failure(code: grpc.StatusCode, reason: str = "") -> MemsvcError:
 
 
 def test_what_is_retried():
-    unavailable = failure(grpc.StatusCode.UNAVAILABLE)
-    assert retryable(unavailable, has_request_id=False)
-    for code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED):
+    for code in (
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.ABORTED,
+    ):
+        # A write without a request id may have run: never retried on these.
         assert not retryable(failure(code), has_request_id=False)
         assert retryable(failure(code), has_request_id=True)
         assert retryable(failure(code), has_request_id=False, read_only=True)
+    backend = failure(grpc.StatusCode.UNAVAILABLE, "ERROR_REASON_BACKEND_UNAVAILABLE")
+    assert not retryable(backend, has_request_id=False)  # it may have committed
+    assert retryable(backend, has_request_id=True)
+    shutting_down = failure(grpc.StatusCode.UNAVAILABLE, "ERROR_REASON_SERVER_SHUTTING_DOWN")
+    assert not retryable(shutting_down, has_request_id=False)  # sent for streams only
     assert not retryable(failure(grpc.StatusCode.INTERNAL), has_request_id=True, read_only=True)
     exhausted = failure(grpc.StatusCode.RESOURCE_EXHAUSTED)
     assert not retryable(exhausted, has_request_id=True, read_only=True)
@@ -272,12 +299,24 @@ def test_backoff_grows_is_capped_jittered_and_honours_the_server():
         RetryPolicy(jitter=2)
 
 
-@pytest.mark.parametrize("initial_backoff", [0, 0.0, -0.1, math.nan])
+@pytest.mark.parametrize("initial_backoff", [0, 0.0, -0.1])
 def test_an_initial_backoff_of_zero_is_refused(initial_backoff: float):
     """0 stays 0 at every growth: each retry and watch reconnection would follow its
     failure at once, in a hot loop."""
     with pytest.raises(ValueError, match=r"initial_backoff must be > 0"):
         RetryPolicy(initial_backoff=initial_backoff)
+
+
+@pytest.mark.parametrize(
+    "field",
+    ["max_attempts", "initial_backoff", "max_backoff", "multiplier", "jitter", "attempt_timeout"],
+)
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_a_retry_policy_refuses_values_that_are_not_finite(field: str, value: float):
+    """NaN passes every range check (each comparison is False) and would make
+    backoff() return nan; an infinity, inf or nan waits."""
+    with pytest.raises(ValueError, match=f"{field} must be a finite number"):
+        RetryPolicy(**{field: value})  # type: ignore[arg-type]
 
 
 def test_max_backoff_may_not_be_below_initial_backoff():
@@ -307,14 +346,19 @@ def test_a_reconnect_timeout_that_leaves_no_time_is_refused(reconnect_timeout: f
 
 
 class FakeRpc:
-    """Fails with the given errors in turn, then answers; records each attempt's timeout."""
+    """Fails with the given errors in turn, then answers; records each attempt's
+    timeout and whether it waited for a connection."""
 
     def __init__(self, *errors: grpc.aio.AioRpcError) -> None:
         self.errors = list(errors)
         self.timeouts: list[float | None] = []
+        self.waits: list[bool | None] = []
 
-    async def __call__(self, request: Any, *, timeout: float | None, metadata: Any) -> str:
+    async def __call__(
+        self, request: Any, *, timeout: float | None, metadata: Any, wait_for_ready: bool | None
+    ) -> str:
         self.timeouts.append(timeout)
+        self.waits.append(wait_for_ready)
         if self.errors:
             raise self.errors.pop(0)
         return f"answer to {request}"
@@ -326,7 +370,7 @@ QUICK = RetryPolicy(initial_backoff=0.001, max_backoff=0.002)
 async def test_invoker_retries_within_one_budget():
     rpc = FakeRpc(rpc_error(grpc.StatusCode.UNAVAILABLE), rpc_error(grpc.StatusCode.UNAVAILABLE))
     invoke = Invoker(QUICK, 30.0, [("x-test", "1")])
-    assert await invoke(rpc, "q") == "answer to q"
+    assert await invoke(rpc, "q", request_id="r") == "answer to q"
     assert len(rpc.timeouts) == 3
     budgets = [t for t in rpc.timeouts if t is not None]
     assert len(budgets) == 3 and all(0 < t <= 30.0 for t in budgets)
@@ -341,7 +385,7 @@ async def test_invoker_gives_up_when_the_server_delay_exceeds_the_budget():
     )
     rpc = FakeRpc(slow)
     with pytest.raises(Unavailable) as raised:
-        await Invoker(QUICK, 5.0, ())(rpc, "q")
+        await Invoker(QUICK, 5.0, ())(rpc, "q", request_id="r")
     assert raised.value.attempts == 1 and raised.value.retry_delay == 60
     assert len(rpc.timeouts) == 1
 
@@ -361,6 +405,67 @@ async def test_invoker_attempt_timeout_and_request_ids():
     no_deadline = FakeRpc()
     await Invoker(RetryPolicy(), None, ())(no_deadline, "q")
     assert no_deadline.timeouts == [None]
+
+
+class FakeChannel:
+    """A channel whose connectivity the test sets (only get_state is used)."""
+
+    def __init__(self, state: grpc.ChannelConnectivity) -> None:
+        self.state = state
+
+    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
+        return self.state
+
+
+def invoker_on(
+    state: grpc.ChannelConnectivity, timeout: float | None, policy: RetryPolicy = QUICK
+) -> Invoker:
+    invoke = Invoker(policy, timeout, ())
+    invoke.channel = cast(grpc.aio.Channel, FakeChannel(state))
+    return invoke
+
+
+async def test_an_attempt_waits_for_a_connection_after_unavailable_or_when_unconnected():
+    """gRPC fails a call at once while its channel waits out a reconnection backoff:
+    an attempt after an UNAVAILABLE, and any attempt of a call with a deadline on a
+    channel that is not connected, waits for the connection instead."""
+    unavailable = rpc_error(grpc.StatusCode.UNAVAILABLE)
+    connected = FakeRpc(unavailable)
+    await invoker_on(grpc.ChannelConnectivity.READY, 10.0)(connected, "q", request_id="r")
+    assert connected.waits == [None, True]
+    for state in (
+        grpc.ChannelConnectivity.IDLE,
+        grpc.ChannelConnectivity.CONNECTING,
+        grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+    ):
+        down = FakeRpc()
+        await invoker_on(state, 10.0)(down, "q")
+        assert down.waits == [True], state
+    # Without a deadline nothing would bound the wait: the first attempt fails fast.
+    unbounded = FakeRpc(unavailable)
+    await invoker_on(grpc.ChannelConnectivity.TRANSIENT_FAILURE, None)(
+        unbounded, "q", request_id="r"
+    )
+    assert unbounded.waits == [None, True]
+
+
+async def test_a_deadline_that_passes_while_waiting_for_a_connection_is_unavailable():
+    """Nothing was sent: Unavailable naming the last failure, not DeadlineExceeded."""
+    refused = rpc_error(grpc.StatusCode.UNAVAILABLE, "Connection refused")
+    late = rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+    twice = RetryPolicy(max_attempts=2, initial_backoff=0.001, max_backoff=0.002)
+    invoke = invoker_on(grpc.ChannelConnectivity.TRANSIENT_FAILURE, 10.0, twice)
+    with pytest.raises(
+        Unavailable, match="last failure: UNAVAILABLE: Connection refused"
+    ) as raised:
+        await invoke(FakeRpc(refused, late), "q", request_id="r")
+    assert raised.value.attempts == 2 and raised.value.request_id == "r"
+    assert raised.value.__cause__ is late
+    with pytest.raises(Unavailable, match="the channel stayed TRANSIENT_FAILURE"):
+        await invoke(FakeRpc(late), "q")
+    # Connected, the call was sent and the server was slow: DeadlineExceeded.
+    with pytest.raises(DeadlineExceeded):
+        await invoker_on(grpc.ChannelConnectivity.READY, 10.0)(FakeRpc(late), "q")
 
 
 async def test_pagers_follow_tokens_and_can_restart():
@@ -386,7 +491,9 @@ async def test_get_many_spends_one_budget_across_its_calls():
     of the one ``timeout``, not a new one."""
     timeouts: list[float | None] = []
 
-    async def batch_get(request: Any, *, timeout: float | None, metadata: Any) -> Any:
+    async def batch_get(
+        request: Any, *, timeout: float | None, metadata: Any, wait_for_ready: bool | None
+    ) -> Any:
         timeouts.append(timeout)
         await asyncio.sleep(0.05)
         first, *rest = request.keys  # one value per call, the rest unprocessed

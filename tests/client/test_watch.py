@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 
 from memsvc.client import (
     AsyncClient,
+    Client,
     EventType,
     InvalidArgument,
     LifecycleEvent,
@@ -399,3 +401,45 @@ async def test_a_full_replica_is_retried_until_a_watcher_leaves(client: AsyncCli
     assert [e.event_type for e in got] == [EventType.SESSION_SPAWNED, EventType.SESSION_PAUSED]
     assert second.connections >= 1
     await second.aclose()
+
+
+async def watchers_released(server: Server) -> None:
+    """Wait until the server serves no watch stream any more."""
+    hub = server.hub
+    assert hub is not None
+
+    async def none_left() -> bool:
+        return hub.watchers == 0
+
+    await eventually(none_left, timeout=WAIT)
+
+
+async def test_a_watch_dropped_unclosed_releases_its_stream(
+    client: AsyncClient, server: Server, scope: dict[str, str]
+):
+    """grpc.aio keeps a call in flight alive by itself: without the watch's
+    finalizer, its stream and the server's watcher slot would last until the
+    client closes (it stays open here)."""
+    assert server.hub is not None
+    watches = [await client.watch(scope["project_id"]).start()]
+    assert server.hub.watchers == 1
+    watches.clear()
+    gc.collect()
+    await watchers_released(server)
+
+
+async def test_a_blocking_watch_dropped_unclosed_releases_its_stream(
+    server: Server, scope: dict[str, str], token_file: Path
+):
+    """The same for the blocking Watch, dropped in another thread than the one
+    its stream runs in (the client's loop thread)."""
+    assert server.hub is not None
+    client = await asyncio.to_thread(Client, f"127.0.0.1:{server.port}", token_file=token_file)
+    try:
+        watches = [await asyncio.to_thread(lambda: client.watch(scope["project_id"]).start())]
+        assert server.hub.watchers == 1
+        watches.clear()
+        gc.collect()
+        await watchers_released(server)
+    finally:
+        await asyncio.to_thread(client.close)
