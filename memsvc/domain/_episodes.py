@@ -69,6 +69,8 @@ MAX_QUERY_CHARS = 1_000
 MAX_DURATION_SECONDS = 315_576_000_000
 # Candidates scored per slice in a similarity search (at most 2 MB of float64 each).
 _SCORED_AT_ONCE = 64
+# Embeddings a similarity search reads from the store at once (4 MB at 4,096 values).
+_CANDIDATES_AT_ONCE = 256
 LIST_PAGE = (100, 1_000)  # (default, maximum) page size
 SEARCH_PAGE = (20, 100)
 
@@ -175,11 +177,16 @@ class EpisodeDatabase(Protocol):
         episode id descending, strictly after (score, episode_id) when given; and
         whether the read stopped early at ``byte_budget`` (as list_episodes)."""
 
-    async def embeddings(
+    async def embedded_episodes(
         self, scope: EpisodeScope, terms: Sequence[str], dimensions: int, limit: int
+    ) -> list[str]:
+        """The ids of up to ``limit`` episodes in scope whose embedding has
+        ``dimensions`` values (and that match ``terms``, if any)."""
+
+    async def embeddings(
+        self, project_id: str, episode_ids: Sequence[str]
     ) -> list[tuple[str, bytes]]:
-        """(episode_id, embedding) of up to ``limit`` episodes in scope whose
-        embedding has ``dimensions`` values (and that match ``terms``, if any)."""
+        """(episode_id, embedding) of those of ``episode_ids`` that have one."""
 
 
 class Episodes:
@@ -367,19 +374,25 @@ class Episodes:
         best ``limit`` episodes, and whether the page's byte budget stopped the
         read before them (see list_episodes)."""
         dimensions = len(vector) // 4
-        candidates = await self._db.embeddings(scope, terms, dimensions, self._max_candidates + 1)
+        candidates = await self._db.embedded_episodes(
+            scope, terms, dimensions, self._max_candidates + 1
+        )
         if len(candidates) > self._max_candidates:
             raise SimilarityScopeTooLarge(self._max_candidates)
-        if not candidates:
+        # Their embeddings read and scored a slice at a time: the whole scope's at
+        # once would be 164 MB at 10,000 x 4,096 (a sidecar's memory limit is
+        # 512 MiB), and as much again for every search running beside it.
+        ranked: list[tuple[float, str]] = []
+        for start in range(0, len(candidates), _CANDIDATES_AT_ONCE):
+            read = await self._db.embeddings(
+                scope.project_id, candidates[start : start + _CANDIDATES_AT_ONCE]
+            )
+            if read:
+                scores = cosine_scores([e for _, e in read], vector, dimensions)
+                ranked += zip(map(float, scores), (i for i, _ in read), strict=True)
+        if not ranked:
             return [], False
-        scores = cosine_scores([embedding for _, embedding in candidates], vector, dimensions)
-        ranked = sorted(
-            (
-                (float(score), candidate[0])
-                for score, candidate in zip(scores, candidates, strict=True)
-            ),
-            reverse=True,
-        )
+        ranked.sort(reverse=True)
         if after is not None:
             ranked = [item for item in ranked if item < after]
         # An episode deleted since the ranking read is left out, and the next ones

@@ -276,14 +276,14 @@ async def search_episodes(
     return [ScoredEpisode(episode_from_row(row, dialect), float(row[18])) for row in rows], cut
 
 
-async def embeddings(
+async def embedded_episodes(
     conn: Connection,
     dialect: Dialect,
     scope: EpisodeScope,
     terms: Sequence[str],
     dimensions: int,
     limit: int,
-) -> list[tuple[str, bytes]]:
+) -> list[str]:
     conditions, params = _scope(scope, dialect)
     conditions.append("e.embedding_dimensions = ?")
     params.append(dimensions)
@@ -294,10 +294,24 @@ async def embeddings(
         params = [*query, *params]
     cursor = await conn.execute(
         dialect.sql(
-            f"SELECT e.episode_id, e.embedding FROM {source}"
-            f" WHERE {' AND '.join(conditions)} LIMIT {int(limit)}"
+            f"SELECT e.episode_id FROM {source} WHERE {' AND '.join(conditions)} LIMIT {int(limit)}"
         ),
         params,
+    )
+    return [str(text(row[0])) for row in await cursor.fetchall()]
+
+
+async def embeddings(
+    conn: Connection, dialect: Dialect, project_id: str, episode_ids: Sequence[str]
+) -> list[tuple[str, bytes]]:
+    if not episode_ids:
+        return []
+    marks = ", ".join("?" for _ in episode_ids)
+    cursor = await dialect.execute_bulk_read(
+        conn,
+        "SELECT e.episode_id, e.embedding FROM episodes e WHERE e.project_id = ?"
+        f" AND e.episode_id IN ({marks}) AND e.embedding IS NOT NULL",
+        [project_id, *episode_ids],
     )
     return [(str(text(row[0])), bytes(row[1])) for row in await cursor.fetchall()]
 
@@ -391,7 +405,12 @@ class SqlEpisodeReads(SqlQueries):
             search_episodes, scope, terms, after, limit, with_embedding, byte_budget
         )
 
-    async def embeddings(
+    async def embedded_episodes(
         self, scope: EpisodeScope, terms: Sequence[str], dimensions: int, limit: int
+    ) -> list[str]:
+        return await self._query(embedded_episodes, scope, terms, dimensions, limit)
+
+    async def embeddings(
+        self, project_id: str, episode_ids: Sequence[str]
     ) -> list[tuple[str, bytes]]:
-        return await self._query(embeddings, scope, terms, dimensions, limit)
+        return await self._query(embeddings, project_id, episode_ids)

@@ -13,6 +13,7 @@ import grpc
 import pytest
 from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 
+from memsvc.domain import _episodes as episodes_module
 from memsvc.server import Server
 from memsvc.store import _episodes_sql
 from memsvc.v1 import episodic_pb2 as ep
@@ -815,6 +816,41 @@ async def test_similarity_scores_every_candidate_of_a_large_scope(episodic, scop
     assert len(scores) == 100
     for stored_episode, angle in zip(stored, angles, strict=True):
         assert scores[stored_episode.episode_id] == pytest.approx(math.cos(angle), abs=1e-6)
+
+
+@pytest.mark.parametrize("config_overrides", [{"max_similarity_candidates": 25}])
+async def test_similarity_reads_its_candidates_a_slice_at_a_time(
+    episodic, scope, server: Server, monkeypatch
+):
+    """The scope's embeddings are read from the store a slice at a time (the whole
+    scope at once held 164 MB at 10,000 x 4,096 per search), ranked as one, and
+    counted as one against max_similarity_candidates."""
+    monkeypatch.setattr(episodes_module, "_CANDIDATES_AT_ONCE", 7)
+    store = server.durable_store
+    read_embeddings = store.embeddings
+    reads: list[int] = []
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        candidates = await read_embeddings(*args, **kwargs)
+        reads.append(len(candidates))
+        return candidates
+
+    monkeypatch.setattr(store, "embeddings", counted)
+    angles = [index * math.pi / 25 for index in range(25)]
+    stored = [
+        await record(episodic, episode(scope, embedding=[math.cos(a), math.sin(a)])) for a in angles
+    ]
+    request = ep.SearchEpisodesRequest(
+        project_id=scope["project_id"], query_embedding=[1.0, 0.0], page_size=100
+    )
+    response = await episodic.SearchEpisodes(request)
+    assert [r.episode.episode_id for r in response.results] == [e.episode_id for e in stored]
+    assert reads == [7, 7, 7, 4]
+    await record(episodic, episode(scope, embedding=[0.0, 1.0]))  # the 26th
+    details = await expect_error(
+        episodic.SearchEpisodes(request), grpc.StatusCode.FAILED_PRECONDITION
+    )
+    assert details.reason == "ERROR_REASON_SIMILARITY_SCOPE_TOO_LARGE"
 
 
 async def test_similarity_ranks_by_cosine_within_the_filtered_scope(episodic, scope):
