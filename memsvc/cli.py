@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -24,6 +25,7 @@ log = logging.getLogger("memsvc.cli")
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,16 +43,38 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(Exception):
+    """SIGTERM stopped ``memsvc migrate``."""
+
+
 async def _migrate(config: config_module.Config) -> None:
     from memsvc.store import durable_store  # server dependencies: imported when needed
 
+    # SIGTERM ends it, as SIGINT does: as a container's PID 1 (a migration Job, `docker
+    # run IMAGE migrate`) a signal without a handler is ignored, and the stop would
+    # wait out the grace period (its retries, another replica's migrations) for a SIGKILL.
+    migrating = asyncio.current_task()
+    terminated = False
+
+    def terminate() -> None:
+        nonlocal terminated
+        terminated = True
+        if migrating is not None:
+            migrating.cancel()
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, terminate)
     store = durable_store(config)
-    await store.open()
     try:
-        applied = await store.migrate()
-        version = await store.schema_version()
-    finally:
-        await store.aclose()
+        await store.open()
+        try:
+            applied = await store.migrate()
+            version = await store.schema_version()
+        finally:
+            await store.aclose()
+    except asyncio.CancelledError:
+        if terminated:
+            raise _Terminated() from None
+        raise
     log.info("schema at version %d; applied now: %s", version, applied or "none")
 
 
@@ -80,6 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # serve handles SIGINT itself (a clean stop); an interrupted migrate did not
         # finish, which its caller (a script, a deploy step) must see.
         return EXIT_INTERRUPTED if args.command == "migrate" else 0
+    except _Terminated:
+        log.warning("memsvc migrate stopped by SIGTERM: its migrations may not be applied")
+        return EXIT_TERMINATED
     except Exception as error:
         # An address in use, a backend unreachable, a data dir that cannot be made:
         # the message says what to fix. Anything else is a bug: its traceback too.
