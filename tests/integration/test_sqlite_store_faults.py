@@ -116,3 +116,22 @@ async def test_a_statement_sqlite_cannot_run_is_not_unavailable(store):
 
     with pytest.raises(sqlite3.OperationalError, match="no such column"):
         await store._query(unknown_column)
+
+
+async def test_a_long_read_does_not_hold_up_the_others(store):
+    """Reads outside transactions have connections of their own (each a thread): a
+    read that takes long (a full-text search ranking thousands of episodes, here a
+    counting query) no longer holds up a GetSession or a watcher's reads behind it."""
+
+    async def long_read(conn: Any, dialect: Any) -> Any:
+        cursor = await conn.execute(
+            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 10000000)"
+            " SELECT count(*) FROM c"
+        )
+        return await cursor.fetchall()
+
+    long = asyncio.ensure_future(store._query(long_read))
+    await asyncio.sleep(0.2)  # its statement is running
+    await store.event_bounds()
+    assert not long.done(), "the short read waited for the long one"
+    assert await long == [(10_000_000,)]

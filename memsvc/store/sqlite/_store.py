@@ -1,7 +1,8 @@
 """The durable store in a SQLite file: the embedded default.
 
-One connection, in WAL mode with ``synchronous=FULL`` so that a committed
-transaction survives a crash or power loss. Migrations run under
+One writing connection and READERS reading ones, in WAL mode with
+``synchronous=FULL`` so that a committed transaction survives a crash or power
+loss. Migrations run under
 ``BEGIN IMMEDIATE``, which takes SQLite's write lock, so two processes sharing
 the file never apply the same migration twice.
 """
@@ -9,6 +10,7 @@ the file never apply the same migration twice.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import fcntl
 import logging
@@ -16,7 +18,7 @@ import os
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import aiosqlite
 
@@ -38,6 +40,9 @@ from memsvc.store._sql import SqlDurableReads, SqlTransaction
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# Connections for reads outside transactions (each about 2 MB of page cache at most).
+READERS = 4
 
 _SCHEMA_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -64,9 +69,12 @@ class SqliteDurableStore(SqlDurableReads):
     def __init__(self, url: str) -> None:
         self.path = sqlite_path(url)
         self._db: aiosqlite.Connection | None = None
-        # A second connection for reads outside transactions: on the writer's
-        # connection they would see a transaction's uncommitted rows.
-        self._reader: aiosqlite.Connection | None = None
+        # Connections for reads outside transactions (on the writer's they would see
+        # a transaction's uncommitted rows), READERS of them: each runs its reads on
+        # a thread of its own, so a long one (a full-text search ranking thousands of
+        # episodes) does not hold up GetSession or a watcher's catch-up behind it.
+        self._readers: list[aiosqlite.Connection] = []
+        self._idle_readers = _Lender[aiosqlite.Connection]()
         self._write_lock = asyncio.Lock()
         # Told the events of each committed transaction (the event hub listens).
         self.events_committed: Callable[[list[StoredEvent]], None] = lambda events: None
@@ -79,7 +87,10 @@ class SqliteDurableStore(SqlDurableReads):
         _make_private(self.path)
         try:
             self._db = await self._connect()
-            self._reader = await self._connect()
+            for _ in range(READERS):
+                reader = await self._connect()
+                self._readers.append(reader)
+                self._idle_readers.give_back(reader)
         except aiosqlite.Error as error:
             raise _open_error(self.path, error) from error
 
@@ -139,10 +150,11 @@ class SqliteDurableStore(SqlDurableReads):
         self._alone = descriptor
 
     async def aclose(self) -> None:
-        for db in (self._db, self._reader):
+        for db in (self._db, *self._readers):
             if db is not None:
                 await db.close()
-        self._db = self._reader = None
+        self._db, self._readers = None, []
+        self._idle_readers = _Lender()
         if self._alone is not None:
             os.close(self._alone)  # and with it the lock
             self._alone = None
@@ -189,21 +201,21 @@ class SqliteDurableStore(SqlDurableReads):
                     raise
 
     async def _query(self, read: Callable[..., Awaitable[T]], *args: Any) -> T:
+        if not self._readers:
+            raise RuntimeError("SqliteDurableStore used before open()")
         observing = observed(self.observe, read.__name__, self.backend_name)
         with observing, _conditions_unavailable(self.backend_name):
-            return await read(self._read_conn, SQLITE, *args)
+            reader = await self._idle_readers.borrow()
+            try:
+                return await read(_WholeReads(reader), SQLITE, *args)
+            finally:
+                self._idle_readers.give_back(reader)
 
     @contextlib.asynccontextmanager
     async def event_wakeups(self) -> AsyncIterator[AsyncIterator[int]]:
         """SQLite has no cross-process channel: the hub polls, and this process's
         own commits wake it directly."""
         yield never_wakes()
-
-    @property
-    def _read_conn(self) -> _WholeReads:
-        if self._reader is None:
-            raise RuntimeError("SqliteDurableStore used before open()")
-        return _WholeReads(self._reader)
 
     async def ping(self) -> None:
         try:
@@ -301,14 +313,45 @@ async def _begin_waiting(db: aiosqlite.Connection, path: Path) -> None:
             log.warning("waiting for another process's write lock on %s to migrate", path)
 
 
+class _Lender(Generic[T]):
+    """Lends idle items first come, first served. (asyncio.Queue is not fair: a
+    task that puts an item back and asks again at once takes it before the waiter
+    it woke, and a few busy readers starved every other read.)"""
+
+    def __init__(self) -> None:
+        self._idle: list[T] = []
+        self._waiting: collections.deque[asyncio.Future[T]] = collections.deque()
+
+    async def borrow(self) -> T:
+        if self._idle and not self._waiting:
+            return self._idle.pop()
+        lent: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._waiting.append(lent)
+        try:
+            return await lent
+        except asyncio.CancelledError:
+            if lent.done() and not lent.cancelled():
+                self.give_back(lent.result())  # lent just as the borrower was cancelled
+            raise
+
+    def give_back(self, item: T) -> None:
+        """Return ``item``: to the longest waiting borrower, if any."""
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            if not waiter.done():
+                waiter.set_result(item)
+                return
+        self._idle.append(item)
+
+
 class _WholeReads:
-    """The reader connection as the shared reads use it (execute, then fetch),
+    """A reader connection as the shared reads use it (execute, then fetch),
     each statement run to its end in one aiosqlite job.
 
     A statement left unfinished pins its connection's read snapshot, and every
     statement started on that connection meanwhile reads that snapshot too. Reads
-    interleaved on the one reader (an execute, another read's execute, then the
-    first one's fetch) would see the database as it was before commits that were
+    interleaved on one reader (an execute, another read's execute, then the first
+    one's fetch) would see the database as it was before commits that were
     already answered: a watcher's catch-up would skip an event, the tail would
     take the log for rewound, GetSession would show the state before a Pause.
     """
