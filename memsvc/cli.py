@@ -48,31 +48,35 @@ class _Terminated(Exception):
 
 
 async def _migrate(config: config_module.Config) -> None:
-    from memsvc.store import durable_store  # server dependencies: imported when needed
-
     # SIGTERM ends it, as SIGINT does: as a container's PID 1 (a migration Job, `docker
     # run IMAGE migrate`) a signal without a handler is ignored, and the stop would
-    # wait out the grace period (its retries, another replica's migrations) for a SIGKILL.
+    # wait out the grace period (its retries, another replica's migrations) for a
+    # SIGKILL. Set first, before the store's imports; once the migrations are done
+    # (and said so), a SIGTERM no longer stops the closing.
     migrating = asyncio.current_task()
-    terminated = False
+    stopping = False
+    done = False
 
     def terminate() -> None:
-        nonlocal terminated
-        terminated = True
-        if migrating is not None:
+        nonlocal stopping
+        if migrating is not None and not stopping and not done:
+            stopping = True
             migrating.cancel()
 
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, terminate)
+    from memsvc.store import durable_store  # server dependencies: imported when needed
+
     store = durable_store(config)
     try:
-        await store.open()
         try:
+            await store.open()
             applied = await store.migrate()
             version = await store.schema_version()
+            done = True
         finally:
             await store.aclose()
     except asyncio.CancelledError:
-        if terminated:
+        if stopping:
             raise _Terminated() from None
         raise
     log.info("schema at version %d; applied now: %s", version, applied or "none")

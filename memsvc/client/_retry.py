@@ -381,7 +381,10 @@ class Invoker:
                 ) from error
             except grpc.RpcError as error:
                 failure = from_rpc_error(error, request_id=request_id, attempts=attempt)
-                if waits and self._never_connected(failure):
+                # Not for a write that may not run twice: a channel down at the deadline
+                # may have been up meanwhile, the write sent and run, and "could not be
+                # reached" would invite sending it again. Its DEADLINE_EXCEEDED stays.
+                if waits and (once or reads) and self._never_connected(failure):
                     failure = self._unreachable(failure, previous)
                 previous = failure
                 if self._token_rotated(failure.code, sent) and attempt < policy.max_attempts:
@@ -425,8 +428,9 @@ class Invoker:
         return deadline is not None and not self.connected
 
     def _never_connected(self, failure: MemsvcError) -> bool:
-        """Whether an attempt that waited for a connection ran out of time still
-        waiting (gRPC then sends nothing: the server never saw it)."""
+        """Whether an attempt that waited for a connection ran out of time, it seems,
+        still waiting: the channel is not connected at its deadline (it may have been
+        in between, so only calls that may run twice take this for certain)."""
         return failure.code == grpc.StatusCode.DEADLINE_EXCEEDED and not self.connected
 
     def _unreachable(self, late: MemsvcError, previous: MemsvcError | None) -> Unavailable:

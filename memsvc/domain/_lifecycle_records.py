@@ -133,6 +133,13 @@ class EpisodeRecord:
 
     def size(self) -> int:
         """An upper bound of its bytes in a response (pages end within a budget)."""
+        return self.size_without_embedding() + (
+            len(self.embedding) + EMBEDDING_FRAMING_BYTES if self.embedding else 0
+        )
+
+    def size_without_embedding(self) -> int:
+        """:meth:`size` of the episode read without its embedding (stored with it,
+        so that a page's budget is applied in the database)."""
         texts = (self.task_type, self.task_description, self.outcome_details,
                  self.context_summary, self.ref.session_id, *self.lessons_learned)  # fmt: skip
         return (
@@ -141,8 +148,11 @@ class EpisodeRecord:
             + wire_size(self.actions)
             + wire_size(self.metadata)
             + 6 * len(self.lessons_learned)
-            + (len(self.embedding) + 6 if self.embedding else 0)
         )
+
+
+# An embedding's framing in a response, beside its packed values.
+EMBEDDING_FRAMING_BYTES = 6
 
 
 def _texts_size(texts: tuple[str, ...]) -> int:

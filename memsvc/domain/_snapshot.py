@@ -89,33 +89,7 @@ def _pack(
 
 def decode_snapshot(data: bytes) -> list[SnapshotEntry]:
     """The entries of a stored snapshot, in stored order."""
-    if not data.startswith(MAGIC):
-        raise SnapshotFormatError("not a memsvc snapshot (bad header)")
-    view = memoryview(data)
-    offset = len(MAGIC)
-    entries = []
-    try:
-        (count,) = _LENGTH.unpack_from(view, offset)
-        offset += _LENGTH.size
-        while offset < len(view):
-            (key_length,) = _LENGTH.unpack_from(view, offset)
-            offset += _LENGTH.size
-            key = bytes(view[offset : offset + key_length]).decode("utf-8")
-            offset += key_length
-            (value_length,) = _LENGTH.unpack_from(view, offset)
-            offset += _LENGTH.size
-            value = bytes(view[offset : offset + value_length])
-            offset += value_length
-            (ttl,) = _TTL.unpack_from(view, offset)
-            offset += _TTL.size
-            if len(value) != value_length:
-                raise SnapshotFormatError("truncated snapshot")
-            entries.append(SnapshotEntry(key, value, None if ttl < 0 else ttl))
-    except (struct.error, UnicodeDecodeError) as error:
-        raise SnapshotFormatError(f"corrupt snapshot: {error}") from error
-    if len(entries) != count:
-        raise SnapshotFormatError(f"truncated snapshot: {len(entries)} of {count} entries")
-    return entries
+    return entries_at(data, key_index(data).offsets)
 
 
 @dataclass(frozen=True, slots=True)

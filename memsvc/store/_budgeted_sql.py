@@ -19,7 +19,7 @@ async def read_within_budget(
 ) -> tuple[list[Any], bool]:
     """The first ``limit`` rows of ``select`` in ``order`` that start within
     ``byte_budget`` bytes, by its last column ``weight``, and whether the budget
-    left any out.
+    left any of the ``limit`` out.
 
     A page of 1,000 rows of a megabyte each would otherwise be read whole (into
     memsvc's memory) to send the few that fit in a response. The rows past the
@@ -29,16 +29,17 @@ async def read_within_budget(
     row that crosses the budget: the caller's exact budget (page_of) decides
     whether it fits.
     """
-    # ROWS: a running sum row by row (the order is unique: ids break ties).
+    # The first ``limit`` rows first (an index scan, or a top-N sort), then the
+    # running sum over those alone; ROWS: row by row (ids break every tie).
+    # ``total``: how many the limit kept, so a cut is told from the end of the rows.
     cursor = await dialect.execute_bulk_read(
         conn,
         f"SELECT * FROM (SELECT page.*, sum(weight) OVER (ORDER BY {order}"
-        " ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS running"
-        f" FROM ({select}) page ORDER BY {order} LIMIT {int(limit)}) cut"
-        f" WHERE running - weight <= {int(byte_budget)} ORDER BY {order}",
+        " ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS running,"
+        " count(*) OVER () AS total"
+        f" FROM (SELECT * FROM ({select}) matching ORDER BY {order} LIMIT {int(limit)}) page)"
+        f" cut WHERE running - weight <= {int(byte_budget)} ORDER BY {order}",
         params,
     )
     rows = await cursor.fetchall()
-    # Fewer than asked, the last one past the budget: the budget left some out.
-    cut = len(rows) < limit and bool(rows) and rows[-1][-1] > byte_budget
-    return [row[:-2] for row in rows], cut
+    return [row[:-3] for row in rows], bool(rows) and len(rows) < rows[-1][-1]

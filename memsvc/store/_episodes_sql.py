@@ -20,7 +20,7 @@ from typing import Any
 
 from memsvc.domain import SessionRef
 from memsvc.domain._episodes import EpisodeScope, ScoredEpisode, search_texts
-from memsvc.domain._lifecycle_records import EpisodeRecord
+from memsvc.domain._lifecycle_records import EMBEDDING_FRAMING_BYTES, EpisodeRecord
 from memsvc.store._budgeted_sql import read_within_budget
 from memsvc.store._lifecycle_sql import Connection, Dialect, SqlQueries, SqlWrites, text
 
@@ -195,11 +195,11 @@ async def ranked_episodes(
 
 
 def _weight(dialect: Dialect, with_embedding: bool) -> str:
-    """An episode row's bytes, estimated without reading its large values: on
-    PostgreSQL octet_length takes a text's length from its header, and
-    pg_column_size a jsonb's as stored (compressed, it counts less than it sends);
-    on SQLite length counts a text's characters. It bounds what a page reads; the
-    page's own budget then applies to the records (page_of)."""
+    """An episode row's bytes in a response: what memsvc counted when it recorded
+    it (``response_bytes``), plus its embedding when the page carries them. An
+    episode recorded before that column is weighed by stored lengths, which read
+    no value on PostgreSQL but count jsonb as stored (compressed, far less than it
+    sends), and, on SQLite, a text's characters."""
     texts = ("task_type", "task_description", "outcome_details", "context_summary")
     if dialect.name == "postgres":
         parts = [f"octet_length(e.{column})" for column in texts]
@@ -212,9 +212,10 @@ def _weight(dialect: Dialect, with_embedding: bool) -> str:
             f"length(e.{column})" for column in (*texts, "actions", "lessons_learned", "metadata")
         ]
         embedding = "length(e.embedding)"
+    weight = f"coalesce(e.response_bytes, {' + '.join(parts)})"
     if with_embedding:
-        parts.append(f"coalesce({embedding}, 0)")
-    return " + ".join(parts)
+        weight += f" + coalesce({embedding} + {EMBEDDING_FRAMING_BYTES}, 0)"
+    return weight
 
 
 async def list_episodes(
@@ -324,7 +325,7 @@ class SqlEpisodeWrites(SqlWrites):
             "episode_id, project_id, agent_instance_id, session_id, task_type,"
             " task_description, outcome, outcome_details, actions, context_summary,"
             " lessons_learned, duration_seconds, tokens_used, importance, metadata,"
-            " create_time, embedding, embedding_dimensions"
+            " create_time, embedding, embedding_dimensions, response_bytes"
         )
         values: list[Any] = [
             record.episode_id,
@@ -345,6 +346,7 @@ class SqlEpisodeWrites(SqlWrites):
             self._d.time_param(record.create_ms),
             record.embedding,
             record.embedding_dimensions,
+            record.size_without_embedding(),
         ]
         marks = ", ".join("?" for _ in values)
         if self._d.name == "postgres":

@@ -269,14 +269,18 @@ async def test_calls_made_while_memsvc_restarts_succeed_once_it_is_back(
 ):
     """gRPC fails calls at once while its channel waits out a reconnection backoff
     (up to 5 s), however soon memsvc is back. The SDK's attempts wait for the
-    connection instead, within their timeout: a read, and a write without a request
-    id (never retried once it may have run, so it must not fail for want of a
-    connection), made while memsvc is down succeed once it is back."""
+    connection instead, within their timeout: a read, a graph put, and a write
+    without a request id (a thread's delete: never retried once it may have run, so
+    it must not fail for want of a connection), made while memsvc is down, succeed
+    once it is back."""
     target = f"127.0.0.1:{server.port}"
     restart = replace(server.config, listen=target)
     async with AsyncClient(target, retry=FAST_RETRY, timeout=30, token=auth_token) as sdk:
         graphs = sdk.graphs(scope["project_id"])
         await graphs.put_checkpoint(checkpoint("c1"))
+        gone = checkpoint("g1")
+        gone.thread_id = "gone"
+        await graphs.put_checkpoint(gone)
         await server.stop()
 
         async def disconnected() -> bool:
@@ -285,12 +289,14 @@ async def test_calls_made_while_memsvc_restarts_succeed_once_it_is_back(
         await eventually(disconnected, timeout=10)
         reading = asyncio.ensure_future(graphs.get_checkpoint("t"))
         writing = asyncio.ensure_future(graphs.put_checkpoint(checkpoint("c2", "c1")))
+        deleting = asyncio.ensure_future(graphs.delete_thread("gone"))
         # Longer than FAST_RETRY's five attempts take to fail when none waits (~1 s).
         await asyncio.sleep(3)
-        assert not reading.done() and not writing.done()
+        assert not reading.done() and not writing.done() and not deleting.done()
         async with Server(restart):
             assert (await asyncio.wait_for(reading, 30)).checkpoint_id == "c1"
             assert await asyncio.wait_for(writing, 30) == 1
+            assert await asyncio.wait_for(deleting, 30) == 1
             assert (await graphs.get_checkpoint("t")).checkpoint_id == "c2"
 
 

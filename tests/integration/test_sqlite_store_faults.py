@@ -22,6 +22,7 @@ from memsvc.domain import BackendUnavailable, SessionRef
 from memsvc.domain._lifecycle_records import EventRecord, EventType
 from memsvc.domain._watch import EventFilter
 from memsvc.store.sqlite import SqliteDurableStore
+from memsvc.store.sqlite._store import READERS
 from tests.helpers import migrated
 
 
@@ -135,3 +136,19 @@ async def test_a_long_read_does_not_hold_up_the_others(store):
     await store.event_bounds()
     assert not long.done(), "the short read waited for the long one"
     assert await long == [(10_000_000,)]
+
+
+async def test_reads_waiting_for_a_reader_end_when_the_store_closes(tmp_path):
+    """Every reader lent (here held by the test), a read waits; closing the store
+    ends it with an error instead of leaving it waiting for ever."""
+    store = SqliteDurableStore(f"sqlite:///{tmp_path / 'memsvc.db'}")
+    await store.open()
+    await store.migrate()
+    held = [await store._idle_readers.borrow() for _ in range(READERS)]
+    waiting = asyncio.ensure_future(store.event_bounds())
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    await store.aclose()
+    with pytest.raises(RuntimeError, match="closed"):
+        await asyncio.wait_for(waiting, 10)
+    assert len(held) == READERS

@@ -75,6 +75,8 @@ class SqliteDurableStore(SqlDurableReads):
         # episodes) does not hold up GetSession or a watcher's catch-up behind it.
         self._readers: list[aiosqlite.Connection] = []
         self._idle_readers = _Lender[aiosqlite.Connection]()
+        # Readers of cancelled reads, on their way back (see _query).
+        self._returning: set[asyncio.Future[None]] = set()
         self._write_lock = asyncio.Lock()
         # Told the events of each committed transaction (the event hub listens).
         self.events_committed: Callable[[list[StoredEvent]], None] = lambda events: None
@@ -91,8 +93,12 @@ class SqliteDurableStore(SqlDurableReads):
                 reader = await self._connect()
                 self._readers.append(reader)
                 self._idle_readers.give_back(reader)
-        except aiosqlite.Error as error:
-            raise _open_error(self.path, error) from error
+        except BaseException as error:
+            # The ones already open, closed: each holds a thread that is not a daemon.
+            await self.aclose()
+            if isinstance(error, aiosqlite.Error):
+                raise _open_error(self.path, error) from error
+            raise
 
     async def _connect(self) -> aiosqlite.Connection:
         db = await aiosqlite.connect(self.path, isolation_level=None)
@@ -136,20 +142,27 @@ class SqliteDurableStore(SqlDurableReads):
         lock_path = self.path.with_name(self.path.name + ".lock")
         descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip()
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip()
+                raise StartupError(
+                    f"another memsvc process (pid {holder or 'unknown'}) serves {self.path} "
+                    "with its working memory in process: run one process per data directory, "
+                    "or give the processes a shared working memory (--working-memory-url "
+                    "redis://...)"
+                ) from None
+            os.ftruncate(descriptor, 0)
+            os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+        except BaseException:
             os.close(descriptor)
-            raise StartupError(
-                f"another memsvc process (pid {holder or 'unknown'}) serves {self.path} with "
-                "its working memory in process: run one process per data directory, or "
-                "give the processes a shared working memory (--working-memory-url redis://...)"
-            ) from None
-        os.ftruncate(descriptor, 0)
-        os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+            raise
         self._alone = descriptor
 
     async def aclose(self) -> None:
+        self._idle_readers.close()  # reads waiting for a reader end now
+        for returning in list(self._returning):
+            returning.cancel()
         for db in (self._db, *self._readers):
             if db is not None:
                 await db.close()
@@ -207,9 +220,29 @@ class SqliteDurableStore(SqlDurableReads):
         with observing, _conditions_unavailable(self.backend_name):
             reader = await self._idle_readers.borrow()
             try:
-                return await read(_WholeReads(reader), SQLITE, *args)
-            finally:
+                result = await read(_WholeReads(reader), SQLITE, *args)
+            except asyncio.CancelledError:
+                # aiosqlite runs a statement to its end whoever still awaits it: stop
+                # it, and lend the reader again once its thread is free, or the next
+                # read would queue behind the abandoned one on a reader lent as idle.
+                await reader.interrupt()
+                returning = asyncio.ensure_future(self._give_back_when_free(reader))
+                self._returning.add(returning)
+                returning.add_done_callback(self._returning.discard)
+                raise
+            except BaseException:
                 self._idle_readers.give_back(reader)
+                raise
+            self._idle_readers.give_back(reader)
+            return result
+
+    async def _give_back_when_free(self, reader: aiosqlite.Connection) -> None:
+        """Lend ``reader`` again once the statements queued on it have run."""
+        try:
+            with contextlib.suppress(aiosqlite.Error, ValueError):  # interrupted; closed
+                await reader.execute_fetchall("SELECT 1")  # runs after them
+        finally:
+            self._idle_readers.give_back(reader)
 
     @contextlib.asynccontextmanager
     async def event_wakeups(self) -> AsyncIterator[AsyncIterator[int]]:
@@ -321,8 +354,11 @@ class _Lender(Generic[T]):
     def __init__(self) -> None:
         self._idle: list[T] = []
         self._waiting: collections.deque[asyncio.Future[T]] = collections.deque()
+        self._closed = False
 
     async def borrow(self) -> T:
+        if self._closed:
+            raise RuntimeError("the store was closed")
         if self._idle and not self._waiting:
             return self._idle.pop()
         lent: asyncio.Future[T] = asyncio.get_running_loop().create_future()
@@ -334,8 +370,19 @@ class _Lender(Generic[T]):
                 self.give_back(lent.result())  # lent just as the borrower was cancelled
             raise
 
+    def close(self) -> None:
+        """Lend nothing more: waiting borrowers fail, items given back are dropped."""
+        self._closed = True
+        self._idle.clear()
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            if not waiter.done():
+                waiter.set_exception(RuntimeError("the store was closed"))
+
     def give_back(self, item: T) -> None:
         """Return ``item``: to the longest waiting borrower, if any."""
+        if self._closed:
+            return
         while self._waiting:
             waiter = self._waiting.popleft()
             if not waiter.done():
