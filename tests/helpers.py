@@ -307,3 +307,18 @@ async def session_episodes(channel: grpc.aio.Channel, scope: dict[str, Any]) -> 
         found += [episode.episode_id for episode in page.episodes]
         if not (token := page.next_page_token):
             return found
+
+
+def results_of(monkeypatch: Any, owner: Any, name: str, key: Callable[[Any], Any]) -> list[Any]:
+    """``key`` of every result of ``owner.name`` from now on (the test's end undoes
+    it): what a store read made of its rows, say."""
+    seen: list[Any] = []
+    real = getattr(owner, name)
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        result = real(*args, **kwargs)
+        seen.append(key(result))
+        return result
+
+    monkeypatch.setattr(owner, name, recording)
+    return seen

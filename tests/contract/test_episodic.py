@@ -21,7 +21,7 @@ from memsvc.v1 import lifecycle_pb2 as lc
 from memsvc.v1 import working_memory_pb2 as wm
 from memsvc.v1.episodic_pb2_grpc import EpisodicMemoryServiceStub
 from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
-from tests.helpers import expect_error, forge_page_token, sql_rows, value
+from tests.helpers import expect_error, forge_page_token, results_of, sql_rows, value
 
 
 @pytest.fixture
@@ -697,15 +697,7 @@ async def test_a_page_reads_only_the_episodes_that_fit(episodic, scope, monkeypa
         message = episode(scope, task_description=f"bulky incident {n}", actions=actions,
                           embedding=[1.0, float(n + 1)])  # fmt: skip
         recorded.append((await record(episodic, message)).episode_id)
-    read: list[str] = []
-    real = _episodes_sql.episode_from_row
-
-    def counted(row: Any, dialect: Any) -> Any:
-        found = real(row, dialect)
-        read.append(found.episode_id)
-        return found
-
-    monkeypatch.setattr(_episodes_sql, "episode_from_row", counted)
+    read = results_of(monkeypatch, _episodes_sql, "episode_from_row", lambda e: e.episode_id)
 
     async def every_page(call: Any, request: Any, ids: Any) -> list[str]:
         seen: list[str] = []

@@ -24,7 +24,7 @@ from memsvc.v1 import lifecycle_pb2 as lc
 from memsvc.v1.data_removal_pb2_grpc import DataRemovalServiceStub
 from memsvc.v1.graph_checkpoint_pb2_grpc import GraphCheckpointServiceStub
 from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
-from tests.helpers import expect_error, forge_page_token, sql_rows
+from tests.helpers import expect_error, forge_page_token, results_of, sql_rows
 
 
 @pytest.fixture
@@ -712,15 +712,7 @@ async def test_a_page_reads_only_the_checkpoints_that_fit(graphs, scope, monkeyp
         message = checkpoint("t", f"c{step:02d}")
         message.checkpoint.data = random.randbytes(600_000)
         await put(graphs, project, message)
-    read: list[str] = []
-    real = _graph_sql._record
-
-    def counted(row: Any, dialect: Any) -> Any:
-        found = real(row, dialect)
-        read.append(found.checkpoint_id)
-        return found
-
-    monkeypatch.setattr(_graph_sql, "_record", counted)
+    read = results_of(monkeypatch, _graph_sql, "_record", lambda c: c.checkpoint_id)
     listed, token = [], ""
     while True:
         read.clear()
