@@ -450,7 +450,9 @@ async def test_an_attempt_waits_for_a_connection_after_unavailable_or_when_uncon
 
 
 async def test_a_deadline_that_passes_while_waiting_for_a_connection_is_unavailable():
-    """Nothing was sent: Unavailable naming the last failure, not DeadlineExceeded."""
+    """Nothing was sent: Unavailable naming the last failure, not DeadlineExceeded,
+    for calls that may run twice (a request id, a read). A write that may not keeps
+    DeadlineExceeded: the channel may have been up between, and the write sent."""
     refused = rpc_error(grpc.StatusCode.UNAVAILABLE, "Connection refused")
     late = rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
     twice = RetryPolicy(max_attempts=2, initial_backoff=0.001, max_backoff=0.002)
@@ -462,7 +464,9 @@ async def test_a_deadline_that_passes_while_waiting_for_a_connection_is_unavaila
     assert raised.value.attempts == 2 and raised.value.request_id == "r"
     assert raised.value.__cause__ is late
     with pytest.raises(Unavailable, match="the channel stayed TRANSIENT_FAILURE"):
-        await invoke(FakeRpc(late), "q")
+        await invoke(FakeRpc(late), working_memory_pb2.GetRequest())
+    with pytest.raises(DeadlineExceeded):
+        await invoke(FakeRpc(late), working_memory_pb2.SetRequest())
     # Connected, the call was sent and the server was slow: DeadlineExceeded.
     with pytest.raises(DeadlineExceeded):
         await invoker_on(grpc.ChannelConnectivity.READY, 10.0)(FakeRpc(late), "q")
