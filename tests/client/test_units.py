@@ -463,8 +463,11 @@ async def test_a_deadline_that_passes_while_waiting_for_a_connection_is_unavaila
         await invoke(FakeRpc(refused, late), "q", request_id="r")
     assert raised.value.attempts == 2 and raised.value.request_id == "r"
     assert raised.value.__cause__ is late
+    once = invoker_on(grpc.ChannelConnectivity.TRANSIENT_FAILURE, 10.0, RetryPolicy.disabled())
     with pytest.raises(Unavailable, match="the channel stayed TRANSIENT_FAILURE"):
-        await invoke(FakeRpc(late), working_memory_pb2.GetRequest())
+        await once(FakeRpc(late), working_memory_pb2.GetRequest())
+    with pytest.raises(Unavailable, match="could not be reached before the deadline"):
+        await invoke(FakeRpc(late, late), working_memory_pb2.GetRequest())  # retried, a read
     with pytest.raises(DeadlineExceeded):
         await invoke(FakeRpc(late), working_memory_pb2.SetRequest())
     # Connected, the call was sent and the server was slow: DeadlineExceeded.
