@@ -5,7 +5,8 @@ Usage: ``python healthcheck.py [SERVICE [HOST:PORT]]``.
 Without an address it asks the probe port that memsvc serves (``MEMSVC_HEALTH_LISTEN``,
 default ``127.0.0.1:8081``; the image sets ``0.0.0.0:8081``), or, when that is switched
 off (empty), the API (``MEMSVC_LISTEN``, default ``127.0.0.1:50051``), which serves the
-same services.
+same services, in plaintext: with TLS on (``MEMSVC_TLS_CERT_FILE``) it fails, saying to
+turn the probe port on.
 A wildcard host (``0.0.0.0``, ``::``) is asked on loopback. The service defaults to
 ``liveness`` (the process is up); ``readiness`` also needs the backends.
 
@@ -66,6 +67,16 @@ def main(argv: Sequence[str], env: Mapping[str, str]) -> int:
     if len(argv) > 1:
         address = argv[1]
     else:
+        if env.get("MEMSVC_HEALTH_LISTEN", DEFAULT_HEALTH_LISTEN) == "" and env.get(
+            "MEMSVC_TLS_CERT_FILE"
+        ):
+            # The API speaks TLS (mutual, maybe) and this check has no credentials: it
+            # would report the container unhealthy for ever without saying why.
+            print(
+                "health check: the probe port is off (MEMSVC_HEALTH_LISTEN is empty) and "
+                "the API needs TLS: turn the probe port on for the container's health check"
+            )
+            return 1
         address, service = target(service, env)
     return 0 if check(address, service) else 1
 

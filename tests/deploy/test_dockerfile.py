@@ -150,6 +150,14 @@ def test_the_healthcheck_script_asks_what_memsvc_serves(
     assert load_healthcheck().target(service, env) == expected
 
 
+def test_the_healthcheck_script_says_it_cannot_ask_a_tls_api(capsys):
+    """Probe port off and TLS on: the check has no credentials for the API, and says
+    so (it reported the container unhealthy for ever without a reason)."""
+    env = {"MEMSVC_HEALTH_LISTEN": "", "MEMSVC_TLS_CERT_FILE": "/etc/memsvc/tls/tls.crt"}
+    assert load_healthcheck().main(["liveness"], env) == 1
+    assert "turn the probe port on" in capsys.readouterr().out
+
+
 def test_the_healthcheck_script_fails_when_nothing_answers():
     from memsvc.testing import free_port
 
