@@ -197,11 +197,12 @@ class Server:
                 store.observe = self.metrics.backend_observer(store.backend_name)
         await self.working_memory_store.open()
         await self.durable_store.open()
-        if isinstance(self.working_memory_store, InMemoryWorkingMemoryStore) and isinstance(
-            self.durable_store, SqliteDurableStore
-        ):
-            # The embedded deployment: one process per data directory.
-            self.durable_store.serve_alone()
+        if isinstance(self.durable_store, SqliteDurableStore):
+            # The embedded deployment: one process per data directory (others may
+            # share it only when they share the working memory too).
+            self.durable_store.claim(
+                alone=isinstance(self.working_memory_store, InMemoryWorkingMemoryStore)
+            )
         if self.config.migrate:
             applied = await self.durable_store.migrate()
             log.info("schema migrations applied: %s", applied or "none pending")

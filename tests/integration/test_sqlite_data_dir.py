@@ -42,11 +42,16 @@ async def test_a_second_server_on_a_served_data_dir_is_refused(embedded):
 
 
 async def test_servers_sharing_redis_working_memory_may_share_a_database(embedded):
-    """With Redis, processes share the sessions' memory too: no lock then."""
+    """With Redis, processes share the sessions' memory too: they may share the
+    data directory, but not with a server whose memory is in process."""
     need(REDIS_URL)
     shared = replace(embedded, working_memory_url=REDIS_URL)
     async with Server(shared), Server(shared):
-        pass
+        with pytest.raises(StartupError, match="must be the only one"):
+            await Server(embedded).start()
+    async with Server(embedded):
+        with pytest.raises(StartupError, match="must be the only one"):
+            await Server(shared).start()
 
 
 def test_a_file_that_is_not_a_database_stops_start_up_and_exits(tmp_path):

@@ -82,8 +82,8 @@ class SqliteDurableStore(SqlDurableReads):
         self.events_committed: Callable[[list[StoredEvent]], None] = lambda events: None
         # Told each operation's time and outcome (the server's metrics).
         self.observe: BackendObserver = ignore
-        # The lock file's descriptor while this process serves the file alone.
-        self._alone: int | None = None
+        # The lock file's descriptor while this process serves the file (claim).
+        self._claim: int | None = None
 
     async def open(self) -> None:
         _make_private(self.path)
@@ -130,34 +130,35 @@ class SqliteDurableStore(SqlDurableReads):
         await db.create_function(SQLITE_JSON_HOLDS, 2, json_holds, deterministic=True)
         await db.create_function(SQLITE_TEXT_RANK, 7, text_rank, deterministic=True)
 
-    def serve_alone(self) -> None:
-        """Hold this database for this process alone until :meth:`aclose`
-        (StartupError when another process holds it).
+    def claim(self, alone: bool) -> None:
+        """Hold this database for serving until :meth:`aclose`: ``alone`` for this
+        process only, else with other processes that do not claim it alone
+        (StartupError when the claim cannot be had).
 
-        For a server whose working memory lives in its own process: two such
-        servers on one file would share every session's truth (its state, its
-        epoch) but each serve its own copy of the session's memory, acknowledging
-        writes into a copy the other never sees.
+        A server whose working memory lives in its own process must be alone: two
+        servers on one file share every session's truth (its state, its epoch), and
+        one with its own copy of the memory would acknowledge writes into a copy the
+        other never sees. Servers that share a Redis share the memory too.
         """
         lock_path = self.path.with_name(self.path.name + ".lock")
         descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             try:
-                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(descriptor, (fcntl.LOCK_EX if alone else fcntl.LOCK_SH) | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip()
                 raise StartupError(
-                    f"another memsvc process (pid {holder or 'unknown'}) serves {self.path} "
-                    "with its working memory in process: run one process per data directory, "
-                    "or give the processes a shared working memory (--working-memory-url "
-                    "redis://...)"
+                    f"another memsvc process (pid {holder or 'unknown'}) serves {self.path}, "
+                    "and a server with its working memory in process must be the only one on "
+                    "its data directory: run one process per data directory, or give them all "
+                    "a shared working memory (--working-memory-url redis://...)"
                 ) from None
             os.ftruncate(descriptor, 0)
             os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
         except BaseException:
             os.close(descriptor)
             raise
-        self._alone = descriptor
+        self._claim = descriptor
 
     async def aclose(self) -> None:
         self._idle_readers.close()  # reads waiting for a reader end now
@@ -168,9 +169,9 @@ class SqliteDurableStore(SqlDurableReads):
                 await db.close()
         self._db, self._readers = None, []
         self._idle_readers = _Lender()
-        if self._alone is not None:
-            os.close(self._alone)  # and with it the lock
-            self._alone = None
+        if self._claim is not None:
+            os.close(self._claim)  # and with it the lock
+            self._claim = None
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[DurableTransaction]:
