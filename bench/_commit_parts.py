@@ -32,7 +32,6 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 
-import psycopg
 import redis.asyncio as aioredis
 
 from bench.lifecycle import POSTGRES_ADMIN_URL
@@ -40,6 +39,7 @@ from bench.working_memory import _delete_redis_keys
 from memsvc.config import Config
 from memsvc.domain._ids import SessionRef
 from memsvc.server import Server
+from memsvc.testing import create_postgres_database, drop_postgres_database
 
 Call = Callable[[int], Awaitable[object]]
 
@@ -149,15 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     project = str(uuid.uuid4())
-    database = f"memsvc_commit_parts_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {database}")
+    database_url = create_postgres_database(POSTGRES_ADMIN_URL, "memsvc_commit_parts")
     try:
-        database_url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{database}"
         asyncio.run(_measure(args, project, database_url))
     finally:
-        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
-            admin.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+        drop_postgres_database(POSTGRES_ADMIN_URL, database_url)
         if args.working_memory_url.startswith("redis://"):
             _delete_redis_keys(project, args.working_memory_url)
     return 0
