@@ -197,23 +197,18 @@ async def ranked_episodes(
 def _weight(dialect: Dialect, with_embedding: bool) -> str:
     """An episode row's bytes in a response: what memsvc counted when it recorded
     it (``response_bytes``), plus its embedding when the page carries them. An
-    episode recorded before that column is weighed by stored lengths, which read
-    no value on PostgreSQL but count jsonb as stored (compressed, far less than it
-    sends), and, on SQLite, a text's characters."""
+    episode recorded before that column is weighed by its stored lengths (see
+    Dialect.stored_length: jsonb counts as stored, compressed, far less than it
+    sends)."""
     texts = ("task_type", "task_description", "outcome_details", "context_summary")
-    if dialect.name == "postgres":
-        parts = [f"octet_length(e.{column})" for column in texts]
-        parts += [
-            f"pg_column_size(e.{column})" for column in ("actions", "lessons_learned", "metadata")
-        ]
-        embedding = "octet_length(e.embedding)"
-    else:
-        parts = [
-            f"length(e.{column})" for column in (*texts, "actions", "lessons_learned", "metadata")
-        ]
-        embedding = "length(e.embedding)"
+    parts = [dialect.stored_length(f"e.{column}") for column in texts]
+    parts += [
+        dialect.json_stored_length(f"e.{column}")
+        for column in ("actions", "lessons_learned", "metadata")
+    ]
     weight = f"coalesce(e.response_bytes, {' + '.join(parts)})"
     if with_embedding:
+        embedding = dialect.stored_length("e.embedding")
         weight += f" + coalesce({embedding} + {EMBEDDING_FRAMING_BYTES}, 0)"
     return weight
 

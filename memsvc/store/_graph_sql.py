@@ -245,11 +245,11 @@ async def list_graph_checkpoints(
         conditions.append("(c.checkpoint_id, c.thread_id, c.checkpoint_ns) < (?, ?, ?)")
         params += list(after)
     # Rows past the budget, by their own bytes (their values come later), are not read.
-    if dialect.name == "postgres":
-        weight = "octet_length(c.checkpoint) + pg_column_size(c.metadata)"
-        weight += " + pg_column_size(c.channel_versions)"
-    else:
-        weight = "length(c.checkpoint) + length(c.metadata) + length(c.channel_versions)"
+    weight = " + ".join([
+        dialect.stored_length("c.checkpoint"),
+        dialect.json_stored_length("c.metadata"),
+        dialect.json_stored_length("c.channel_versions"),
+    ])  # fmt: skip
 
     async def read() -> tuple[list[Any], bool]:
         return await read_within_budget(

@@ -85,6 +85,17 @@ class Dialect:
     def sql(self, statement: str) -> str:
         return statement.replace("?", self.placeholder)
 
+    def stored_length(self, column: str) -> str:
+        """SQL for a text or binary column's length, as a row's weight (pages that stop
+        at a byte budget): bytes on PostgreSQL, from the value's header, read without
+        the value; a text's characters on SQLite."""
+        return f"octet_length({column})" if self.name == "postgres" else f"length({column})"
+
+    def json_stored_length(self, column: str) -> str:
+        """As :meth:`stored_length`, for a JSON column: on PostgreSQL the jsonb's size
+        as stored, compressed or not (a compressed one sends far more)."""
+        return f"pg_column_size({column})" if self.name == "postgres" else f"length({column})"
+
     def json_param(self, value: Any) -> Any:
         if self.name == "postgres":
             return Jsonb(value)
