@@ -58,21 +58,24 @@ class _KeyIndexes:
     def __init__(self, max_weight: int) -> None:
         self._max_weight = max_weight
         self._weight = 0
-        self._indexes: OrderedDict[str, KeyIndex] = OrderedDict()
+        # Each index with its weight, taken once (weighing walks every key).
+        self._indexes: OrderedDict[str, tuple[KeyIndex, int]] = OrderedDict()
 
     def get(self, scope: str) -> KeyIndex | None:
-        index = self._indexes.get(scope)
-        if index is not None:
-            self._indexes.move_to_end(scope)
-        return index
+        held = self._indexes.get(scope)
+        if held is None:
+            return None
+        self._indexes.move_to_end(scope)
+        return held[0]
 
     def put(self, scope: str, index: KeyIndex) -> KeyIndex:
-        if scope not in self._indexes and index.weight() <= self._max_weight:
-            self._indexes[scope] = index
-            self._weight += index.weight()
+        weight = index.weight()
+        if scope not in self._indexes and weight <= self._max_weight:
+            self._indexes[scope] = (index, weight)
+            self._weight += weight
             while self._weight > self._max_weight:
-                _, dropped = self._indexes.popitem(last=False)
-                self._weight -= dropped.weight()
+                _, (_, dropped) = self._indexes.popitem(last=False)
+                self._weight -= dropped
         return index
 
 
