@@ -31,9 +31,10 @@ connected, it is made with gRPC's wait_for_ready, so it starts as soon as the se
 is back (instead of failing at once while gRPC waits out its reconnection backoff).
 It sends nothing until then, so a write that meets a restart is sent once, when it
 can be, instead of failing in a way no retry could tell apart from a lost answer.
-When the deadline passes while it waits, the call raises Unavailable naming the last
-failure: the server was not reached, and a bare DEADLINE_EXCEEDED would suggest a
-slow one.
+When the deadline passes while it waits, a call that may run twice (a read, a
+request id, a graph put) raises Unavailable naming the last failure: the server was
+not reached, and a bare DEADLINE_EXCEEDED would suggest a slow one. Another write
+keeps its DEADLINE_EXCEEDED: the channel may have been up in between, the write sent.
 """
 
 from __future__ import annotations
@@ -188,18 +189,23 @@ REPEATABLE_REQUESTS = frozenset(
 )
 
 
+def _one_of(request: object, names: frozenset[str]) -> bool:
+    return isinstance(request, Message) and request.DESCRIPTOR.full_name in names
+
+
 def read_only(request: object) -> bool:
     """Whether ``request`` is one of READ_ONLY_REQUESTS."""
-    return isinstance(request, Message) and request.DESCRIPTOR.full_name in READ_ONLY_REQUESTS
+    return _one_of(request, READ_ONLY_REQUESTS)
 
 
 def repeatable(request: object) -> bool:
     """Whether ``request`` is one of REPEATABLE_REQUESTS."""
-    return isinstance(request, Message) and request.DESCRIPTOR.full_name in REPEATABLE_REQUESTS
+    return _one_of(request, REPEATABLE_REQUESTS)
 
 
 def retryable(failure: MemsvcError, has_request_id: bool, read_only: bool = False) -> bool:
-    """Whether a failed attempt may be tried again.
+    """Whether a failed attempt may be tried again (``has_request_id``: the call
+    carries one, or is REPEATABLE_REQUESTS, whose second run has the first's effect).
 
     A refusal past the server's call limit, always: nothing was done. Otherwise only
     a call that may run twice: one with a request id (a retry has one effect) on
@@ -281,7 +287,7 @@ class Invoker:
     @property
     def connected(self) -> bool:
         """Whether the channel is connected (READY); True when it is unknown."""
-        return self.channel is None or self._state() == grpc.ChannelConnectivity.READY
+        return self._state() in (None, grpc.ChannelConnectivity.READY)
 
     def _state(self) -> grpc.ChannelConnectivity | None:
         if self.channel is None:
