@@ -220,22 +220,22 @@ class SqliteDurableStore(SqlDurableReads):
         observing = observed(self.observe, read.__name__, self.backend_name)
         with observing, _conditions_unavailable(self.backend_name):
             reader = await self._idle_readers.borrow()
+            abandoned = False
             try:
-                result = await read(_WholeReads(reader), SQLITE, *args)
+                return await read(_WholeReads(reader), SQLITE, *args)
             except asyncio.CancelledError:
                 # aiosqlite runs a statement to its end whoever still awaits it: stop
                 # it, and lend the reader again once its thread is free, or the next
                 # read would queue behind the abandoned one on a reader lent as idle.
+                abandoned = True
                 await reader.interrupt()
                 returning = asyncio.ensure_future(self._give_back_when_free(reader))
                 self._returning.add(returning)
                 returning.add_done_callback(self._returning.discard)
                 raise
-            except BaseException:
-                self._idle_readers.give_back(reader)
-                raise
-            self._idle_readers.give_back(reader)
-            return result
+            finally:
+                if not abandoned:
+                    self._idle_readers.give_back(reader)
 
     async def _give_back_when_free(self, reader: aiosqlite.Connection) -> None:
         """Lend ``reader`` again once the statements queued on it have run."""
