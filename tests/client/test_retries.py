@@ -287,7 +287,8 @@ async def test_calls_made_while_memsvc_restarts_succeed_once_it_is_back(
             return bool(sdk.channel.get_state() != grpc.ChannelConnectivity.READY)
 
         await eventually(disconnected, timeout=10)
-        reading = asyncio.ensure_future(graphs.get_checkpoint("t"))
+        # By id: the put below may land first once memsvc is back (the latest is c2 then).
+        reading = asyncio.ensure_future(graphs.get_checkpoint("t", "c1"))
         writing = asyncio.ensure_future(graphs.put_checkpoint(checkpoint("c2", "c1")))
         deleting = asyncio.ensure_future(graphs.delete_thread("gone"))
         # Longer than FAST_RETRY's five attempts take to fail when none waits (~1 s).
