@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from redis.crc import key_slot
 
 from memsvc.testing._backends import free_port
-from memsvc.testing._processes import wait_for_port
+from memsvc.testing._processes import START_ATTEMPTS, ExitedBeforeListening, wait_for_port
 
 
 async def _command(client: aioredis.Redis, *args: Any) -> Any:
@@ -66,24 +66,7 @@ class PrivateRedisCluster:
         deadline = time.monotonic() + timeout
         try:
             for index in range(self.masters):
-                # The bus port is chosen too (cluster-port, Redis 7): port + 10000,
-                # the default, may be taken or out of range.
-                port, bus_port = free_port(), free_port()
-                workdir = self.workdir / f"node-{index}"
-                workdir.mkdir(parents=True, exist_ok=True)
-                process = subprocess.Popen(
-                    [server, "--port", str(port), "--cluster-port", str(bus_port),
-                     "--bind", "127.0.0.1", "--cluster-enabled", "yes",
-                     "--cluster-config-file", str(workdir / "nodes.conf"),
-                     "--cluster-node-timeout", str(self.node_timeout_ms),
-                     "--save", "", "--appendonly", "no", "--dir", str(workdir)],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )  # fmt: skip
-                self._processes.append(process)
-                self.ports.append(port)
-            for port in self.ports:
-                wait_for_port(port, timeout=max(1.0, deadline - time.monotonic()))
+                self._start_node(server, self.workdir / f"node-{index}", deadline)
             subprocess.run(
                 [cli, "--cluster", "create", *(f"127.0.0.1:{port}" for port in self.ports),
                  "--cluster-replicas", "0", "--cluster-yes"],
@@ -95,6 +78,38 @@ class PrivateRedisCluster:
         except BaseException:
             self.stop()
             raise
+
+    def _start_node(self, server: str, workdir: Path, deadline: float) -> None:
+        """One master, listening; on fresh ports again if the first ones were taken."""
+        workdir.mkdir(parents=True, exist_ok=True)
+        log = workdir / "redis.log"
+        for attempt in range(1, START_ATTEMPTS + 1):
+            # The bus port is chosen too (cluster-port, Redis 7): port + 10000,
+            # the default, may be taken or out of range.
+            port, bus_port = free_port(), free_port()
+            (workdir / "nodes.conf").unlink(missing_ok=True)  # a failed start's node id
+            process = subprocess.Popen(
+                [server, "--port", str(port), "--cluster-port", str(bus_port),
+                 "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+                 "--cluster-config-file", str(workdir / "nodes.conf"),
+                 "--cluster-node-timeout", str(self.node_timeout_ms),
+                 "--save", "", "--appendonly", "no", "--dir", str(workdir),
+                 "--logfile", str(log)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            self._processes.append(process)
+            try:
+                wait_for_port(
+                    port, timeout=max(1.0, deadline - time.monotonic()), process=process, log=log
+                )
+            except ExitedBeforeListening:
+                self._processes.remove(process)
+                if attempt == START_ATTEMPTS:
+                    raise
+            else:
+                self.ports.append(port)
+                return
 
     def stop(self) -> None:
         """Kill every server (nothing is kept, so nothing needs a clean shutdown)."""

@@ -12,46 +12,108 @@ import subprocess
 import time
 from pathlib import Path
 
+from memsvc.testing._backends import free_port
 
-def wait_for_port(port: int, timeout: float = 10.0) -> None:
-    """Wait until something accepts TCP connections on 127.0.0.1:port."""
+# How many ports a first start tries. A port free_port() found can be taken
+# before the server binds it (another test's outgoing connection gets the same
+# ephemeral port); the server then exits at once, and another port is tried.
+START_ATTEMPTS = 3
+
+
+class ExitedBeforeListening(RuntimeError):
+    """The process ended before it accepted connections (often: its port was taken)."""
+
+
+def log_tail(path: Path | None, lines: int = 20) -> str:
+    """The last lines of a process's log, for an error message ('' if none)."""
+    if path is None or not path.exists():
+        return ""
+    text = path.read_text(errors="replace").splitlines()[-lines:]
+    return "\n" + "\n".join(text)
+
+
+def wait_for_port(
+    port: int,
+    timeout: float = 10.0,
+    process: subprocess.Popen[bytes] | None = None,
+    log: Path | None = None,
+) -> None:
+    """Wait until something accepts TCP connections on 127.0.0.1:port.
+
+    With ``process``, stop waiting as soon as it exits (ExitedBeforeListening,
+    with the tail of ``log``): a server that could not bind will never listen.
+    """
     deadline = time.monotonic() + timeout
     while True:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 return
         except OSError:
+            if process is not None and process.poll() is not None:
+                raise ExitedBeforeListening(
+                    f"process {process.pid} exited with {process.returncode} before listening"
+                    f" on 127.0.0.1:{port}{log_tail(log)}"
+                ) from None
             if time.monotonic() > deadline:
                 raise TimeoutError(
-                    f"nothing listens on 127.0.0.1:{port} after {timeout}s"
+                    f"nothing listens on 127.0.0.1:{port} after {timeout}s{log_tail(log)}"
                 ) from None
             time.sleep(0.05)
 
 
 class PrivateRedis:
-    """A redis-server of the test's own, on a port of its own, keeping nothing on disk."""
+    """A redis-server of the test's own, on a port of its own, keeping nothing on disk.
+
+    The port given is a first choice: if the server cannot bind it at its first
+    start, another free port is tried, so read ``port`` and ``url`` after
+    ``start``. Restarts keep the port (clients reconnect to it).
+    """
 
     def __init__(self, port: int, workdir: Path) -> None:
         self.port = port
         self.workdir = workdir
         self._process: subprocess.Popen[bytes] | None = None
+        self._started = False
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "redis.log"
+
+    def persistence_arguments(self) -> list[str]:
+        """How the server keeps its data: here, not at all."""
+        return ["--save", "", "--appendonly", "no"]
 
     def start(self) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise FileNotFoundError("redis-server is not installed")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self._process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        wait_for_port(self.port)
+        attempts = 1 if self._started else START_ATTEMPTS
+        for attempt in range(1, attempts + 1):
+            self._process = subprocess.Popen(
+                [binary, "--port", str(self.port), "--bind", "127.0.0.1",
+                 *self.persistence_arguments(), "--dir", str(self.workdir),
+                 "--logfile", str(self.log_path)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            try:
+                wait_for_port(self.port, process=self._process, log=self.log_path)
+            except ExitedBeforeListening:
+                self._process = None
+                if attempt == attempts:
+                    raise
+                self.port = free_port()
+            except BaseException:
+                self.kill()
+                raise
+            else:
+                self._started = True
+                return
 
     def kill(self) -> None:
         """Stop the server abruptly (SIGKILL), as a crash would."""

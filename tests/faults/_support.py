@@ -85,20 +85,8 @@ class AofRedis(PrivateRedis):
     """A private redis-server that keeps its data: an append-only file fsynced before
     every reply, so a killed Redis restarts with everything it acknowledged."""
 
-    def start(self) -> None:
-        import shutil
-
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise FileNotFoundError("redis-server is not installed")
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self._process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        wait_for_port(self.port)
+    def persistence_arguments(self) -> list[str]:
+        return ["--save", "", "--appendonly", "yes", "--appendfsync", "always"]
 
 
 class MemsvcProcess:
