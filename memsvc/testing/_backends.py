@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 import uuid
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -14,12 +16,41 @@ class BackendUnreachable(RuntimeError):
     """A backend the tests need does not answer."""
 
 
+_EPHEMERAL_PORTS = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_CHOOSER = random.SystemRandom()  # not the seeded global one: processes must differ
+
+
+def _outside_ephemeral_range() -> range:
+    """Ports below the kernel's ephemeral range, or none if it cannot be read.
+
+    The kernel gives outgoing connections their local port from that range, as
+    it does ``bind(("127.0.0.1", 0))``. A port found free there can be taken by
+    any connection the tests open before the server meant to listen on it
+    binds it; a port below the range is only ever taken by an explicit bind.
+    """
+    try:
+        low = int(_EPHEMERAL_PORTS.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return range(0)
+    return range(max(1024, low - 16384), low)
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    """A TCP port on 127.0.0.1 that was free a moment ago, outside the ephemeral
+    range where the machine allows it."""
+    candidates = _outside_ephemeral_range()
+    for _ in range(100 if candidates else 0):
+        port = _CHOOSER.choice(candidates)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # taken, or in TIME_WAIT: try another
+            return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+        chosen: int = sock.getsockname()[1]
+        return chosen
 
 
 def require_backend(url: str) -> None:

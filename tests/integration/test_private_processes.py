@@ -1,5 +1,6 @@
 """The private Redis servers of the fault and cluster tests start even when the port
-free_port() found is taken before they bind it.
+free_port() found is taken before they bind it; and free_port() chooses ports
+that outgoing connections never get.
 
 Another test's outgoing connection can get that port as its ephemeral port in
 the moment between the choice and the bind; the server then exits at once. A
@@ -79,3 +80,13 @@ def test_a_cluster_node_whose_port_is_taken_starts_on_another(
         assert taken_port not in cluster.ports
         assert len(cluster.ports) == 3
         assert all(answers(port) for port in cluster.ports)
+
+
+def test_free_ports_lie_below_the_ephemeral_range_that_connections_draw_from() -> None:
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = {free_port() for _ in range(20)}
+    assert all(1024 <= port < low for port in ports), ports
+    assert len(ports) > 1  # chosen at random, not the same port each time
+    for port in ports:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
