@@ -73,6 +73,12 @@ class Metrics:
             ("backend",),
             registry=self.registry,
         )
+        self.schema_behind = Gauge(
+            "memsvc_schema_behind",
+            "1 while the database's schema is behind this memsvc's migrations (readiness"
+            " is NOT_SERVING until `memsvc migrate` runs), else 0.",
+            registry=self.registry,
+        )
         self.watchers = Gauge(
             "memsvc_watchers", "Open WatchLifecycle streams.", registry=self.registry
         )

@@ -478,13 +478,18 @@ class Server:
         timeout = self.config.health_interval_seconds
         problems = []
         for store in (self.working_memory_store, self.durable_store):
+            problem = ""
             try:
                 async with asyncio.timeout(timeout):
                     await store.ping()
             except TimeoutError:
-                problems.append(f"{store.backend_name}: no answer within {timeout:g} s")
+                problem = f"{store.backend_name}: no answer within {timeout:g} s"
             except Exception as error:
-                problems.append(f"{store.backend_name}: {error}")
+                problem = f"{store.backend_name}: {error}"
+            # Whether it answers, alone: a schema behind is memsvc_schema_behind.
+            self.metrics.backend_up.labels(store.backend_name).set(0 if problem else 1)
+            if problem:
+                problems.append(problem)
         if not problems and not self._schema_checked:
             try:
                 async with asyncio.timeout(timeout):
@@ -493,9 +498,7 @@ class Server:
                 problem = f"cannot read the schema version: {error!r}"
             if problem:
                 problems.append(f"{self.durable_store.backend_name}: {problem}")
-        for store in (self.working_memory_store, self.durable_store):
-            up = not any(p.startswith(f"{store.backend_name}:") for p in problems)
-            self.metrics.backend_up.labels(store.backend_name).set(1 if up else 0)
+            self.metrics.schema_behind.set(1 if self._schema_behind else 0)
         healthy = not problems
         if healthy != self._healthy:
             if healthy:
@@ -536,6 +539,7 @@ class Server:
             )
             return self._schema_behind
         self._schema_checked = True
+        self._schema_behind = ""
         self._warn_if_schema_ahead(have, need)
         return ""
 

@@ -145,7 +145,7 @@ async def test_without_migrations_readiness_waits_for_the_schema(
             migrate=False,
             health_interval_seconds=0.2,
             health_listen="",
-            metrics_listen="",
+            metrics_listen="127.0.0.1:0",
         )
         async with (
             Server(config) as server,
@@ -159,6 +159,10 @@ async def test_without_migrations_readiness_waits_for_the_schema(
 
             await eventually(schema_read)
             assert await status_of(channel) == NOT_SERVING
+            # The database answers: what keeps readiness off is its schema.
+            database_name = server.durable_store.backend_name
+            assert metric(server, "memsvc_backend_up", backend=database_name) == 1
+            assert metric(server, "memsvc_schema_behind") == 1
             store = durable_store_at(fresh_postgres_url)
             await store.open()
             try:
@@ -170,6 +174,7 @@ async def test_without_migrations_readiness_waits_for_the_schema(
                 return bool(await status_of(channel) == SERVING)
 
             await eventually(serving)
+            assert metric(server, "memsvc_schema_behind") == 0
 
 
 async def test_the_api_serves_liveness_when_the_probe_port_is_off(tmp_path: Path):
