@@ -747,7 +747,7 @@ class Lifecycle:
         tries once more. This runs only on refused calls, never on the hot path.
         """
         if state in TRANSITIONAL:
-            await self.heal(session)
+            await self._heal_shared(session)
             return None
         record = await self._db.get_session(session)
         if record is None:
@@ -760,15 +760,14 @@ class Lifecycle:
             if write:
                 return SessionNotWritable(session.session_id, "terminated")
             return SessionNotFound(session.session_id, terminated=True)
-        if state == MISSING:
-            return WorkingMemoryLost(session.session_id)
         # The marker as it is now, not as the store found it: an operation may have
-        # settled in between (a Resume of the PAUSED session, say).
+        # settled in between (a Resume of the PAUSED session, say, or a Spawn that
+        # wrote its marker and committed after the store found none).
         marker = await self._memory.read_marker(session)
         if marker is None:
             return WorkingMemoryLost(session.session_id)
         if marker.state in TRANSITIONAL:
-            await self.heal(session)
+            await self._heal_shared(session)
             return None
         if marker.state != state:
             # Settled differently since (the record read above may be older still):
@@ -987,14 +986,34 @@ class Lifecycle:
         return task
 
     def _heal_after_answer(self, ref: SessionRef) -> None:
-        """Heal the session's marker in the background, unless a heal of it is
-        pending already: a burst of retries must not queue a transaction each
-        on its row lock, nor hold a Redis connection each while Redis is away."""
-        if ref in self._healing:
-            return
-        task = self._after_answer(self._settle_by_truth(ref, "a retried or refused call"))
+        """Heal the session's marker in the background (see _healing_of)."""
+        self._healing_of(ref)
+
+    async def _heal_shared(self, ref: SessionRef) -> None:
+        """Heal the session's marker and wait for it, raising what the heal raised
+        (see _healing_of). The caller's deadline ends its wait, not the heal."""
+        await asyncio.shield(self._healing_of(ref))
+
+    def _healing_of(self, ref: SessionRef) -> asyncio.Future[None]:
+        """The heal of the session's marker, started unless one is pending already:
+        a burst of refused or retried calls must not queue a transaction each on
+        the row lock (each holding a pooled connection while it waits, which
+        would starve every other session's calls), nor hold a Redis connection
+        each while Redis is away. A heal's failure is logged, and the marker
+        stays transitional: the next call on the session heals it."""
+        pending = self._healing.get(ref)
+        if pending is not None:
+            return pending
+        task = self._after_answer(self.heal(ref))
         self._healing[ref] = task
-        task.add_done_callback(lambda _: self._healing.pop(ref, None))
+
+        def done(finished: asyncio.Future[None]) -> None:
+            self._healing.pop(ref, None)
+            if not finished.cancelled() and (error := finished.exception()) is not None:
+                log.warning("%s: settling its marker later: %s", ref.session_id, error)
+
+        task.add_done_callback(done)
+        return task
 
     async def _finish(self, method: str, ref: SessionRef, steps: _Steps) -> None:
         """Step 3: settle the marker after the commit."""

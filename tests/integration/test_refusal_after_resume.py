@@ -15,9 +15,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import grpc
+import pytest
 
 from memsvc.config import Config
-from memsvc.domain import EntryWrite, SessionNotWritable, SessionRef, WriteResult
+from memsvc.domain import BatchRead, EntryWrite, SessionNotWritable, SessionRef, WriteResult
+from memsvc.domain._markers import NoSession
 from memsvc.server import Server
 from memsvc.store.memory import InMemoryWorkingMemoryStore
 from memsvc.v1 import lifecycle_pb2 as lc
@@ -108,3 +110,76 @@ async def test_a_resume_settling_while_the_refusal_reads_the_database(local_conf
         await asyncio.wait_for(write, 10)
         got = await wm.Get(pb.GetRequest(**ids, key="k"))
         assert python(got.entry.value) == "after"
+
+
+class RefusedThenSpawned(InMemoryWorkingMemoryStore):
+    """Holds the first call it refuses (no marker: never spawned) until ``spawned``."""
+
+    def __init__(self) -> None:
+        super().__init__(max_session_keys=100, max_session_bytes=1 << 20)
+        self.refused = asyncio.Event()
+        self.spawned = asyncio.Event()
+
+    async def _hold(self) -> None:
+        if not self.refused.is_set():
+            self.refused.set()
+            await self.spawned.wait()
+
+    async def set_entries(
+        self, session: SessionRef, writes: Sequence[EntryWrite]
+    ) -> list[WriteResult]:
+        try:
+            return await super().set_entries(session, writes)
+        except SessionNotWritable:
+            await self._hold()
+            raise
+
+    async def get_entries(
+        self, session: SessionRef, keys: Sequence[str], budget_bytes: int
+    ) -> BatchRead:
+        try:
+            return await super().get_entries(session, keys, budget_bytes)
+        except NoSession:
+            await self._hold()
+            raise
+
+
+async def test_a_call_refused_just_before_a_spawn_is_answered_for_the_new_session(
+    local_config: Config,
+):
+    """A call that found no marker, explained after a Spawn committed: the session is
+    new and intact. Found by a review: the Set and the Get were answered
+    WORKING_MEMORY_LOST, whose advice (resume from a checkpoint, or terminate) would
+    throw the fresh session away."""
+    for call in ("set", "get"):
+        store = RefusedThenSpawned()
+        ids: dict[str, Any] = {
+            "project_id": str(uuid.uuid4()),
+            "agent_instance_id": str(uuid.uuid4()),
+            "session_id": f"refused-then-spawned-{call}",
+        }
+        async with (
+            Server(local_config, working_memory=store) as server,
+            grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+        ):
+            life, wm = LifecycleServiceStub(channel), WorkingMemoryServiceStub(channel)
+            if call == "set":
+                early = wm.Set(pb.SetRequest(**ids, key="k", value=value("early")))
+            else:
+                early = wm.Get(pb.GetRequest(**ids, key="k"))
+            refused = asyncio.ensure_future(early)
+            await asyncio.wait_for(store.refused.wait(), 10)
+            await life.Spawn(lc.SpawnRequest(**ids))
+            store.spawned.set()
+            if call == "set":
+                await asyncio.wait_for(refused, 10)  # written to the new session
+                got = await wm.Get(pb.GetRequest(**ids, key="k"))
+                assert python(got.entry.value) == "early"
+            else:
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await asyncio.wait_for(refused, 10)
+                # The key is not there (the session is): not a lost session.
+                assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+                assert "WORKING_MEMORY_LOST" not in str(caught.value.trailing_metadata())
+            status = await life.GetSession(lc.GetSessionRequest(**ids))
+            assert status.session.working_memory_status == lc.WORKING_MEMORY_STATUS_INTACT

@@ -1,0 +1,90 @@
+"""Calls refused by one session's transitional marker share one heal.
+
+Each refused call used to heal the marker itself: a transaction each, waiting on
+the session's row lock with a pooled connection held, so a burst of writes during
+one slow Pause could take the whole pool (4 connections by default) and stall
+every other session's calls. Found by a review.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import grpc
+
+from memsvc.config import Config
+from memsvc.domain import SessionRef
+from memsvc.server import Server
+from memsvc.store.memory import InMemoryWorkingMemoryStore
+from memsvc.v1 import lifecycle_pb2 as lc
+from memsvc.v1 import working_memory_pb2 as pb
+from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
+from memsvc.v1.working_memory_pb2_grpc import WorkingMemoryServiceStub
+from tests.helpers import eventually, value
+
+WRITERS = 8
+
+
+class SlowToSettle(InMemoryWorkingMemoryStore):
+    """Settles markers (the operations' last step, and heals) only once ``settle`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__(max_session_keys=100, max_session_bytes=1 << 20)
+        self.settle = asyncio.Event()
+        self.settle.set()
+
+    async def finish(
+        self, session: SessionRef, op: str, final_state: str | None, swap: bool, clear: bool
+    ) -> None:
+        await self.settle.wait()
+        await super().finish(session, op, final_state, swap, clear)
+
+
+async def test_writes_refused_during_a_pause_wait_for_one_heal(local_config: Config):
+    store = SlowToSettle()
+    ids: dict[str, Any] = {
+        "project_id": str(uuid.uuid4()),
+        "agent_instance_id": str(uuid.uuid4()),
+        "session_id": "one-heal",
+    }
+    async with (
+        Server(local_config, working_memory=store) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        life, wm = LifecycleServiceStub(channel), WorkingMemoryServiceStub(channel)
+        await life.Spawn(lc.SpawnRequest(**ids))
+        await wm.Set(pb.SetRequest(**ids, key="k", value=value(1)))
+        lifecycle: Any = server.lifecycle
+        heal = lifecycle.heal
+        heals: list[SessionRef] = []
+
+        async def counted_heal(session: SessionRef) -> None:
+            heals.append(session)
+            await heal(session)
+
+        lifecycle.heal = counted_heal
+        store.settle.clear()
+        # Answered before its last step, which now waits: the marker stays 'pausing'.
+        await life.Pause(lc.PauseRequest(**ids))
+        writes = [
+            asyncio.ensure_future(wm.Set(pb.SetRequest(**ids, key=f"w{i}", value=value(i))))
+            for i in range(WRITERS)
+        ]
+
+        async def healing() -> bool:
+            return bool(heals)
+
+        await eventually(healing)
+        await asyncio.sleep(0.3)  # for every write to meet the marker (none can end yet)
+        assert not any(write.done() for write in writes)
+        store.settle.set()
+        outcomes = await asyncio.gather(*writes, return_exceptions=True)
+        assert len(heals) == 1, f"{len(heals)} heals for one marker"
+        for outcome in outcomes:
+            assert isinstance(outcome, grpc.aio.AioRpcError), outcome
+            # Refused by the settled marker: the session is PAUSED.
+            assert outcome.code() == grpc.StatusCode.FAILED_PRECONDITION
+        session = await life.GetSession(lc.GetSessionRequest(**ids))
+        assert session.session.state == lc.SESSION_STATE_PAUSED
