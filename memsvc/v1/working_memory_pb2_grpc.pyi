@@ -47,8 +47,11 @@ class WorkingMemoryServiceStub:
     message limit) and say what is left: `next_page_token` on lists,
     `unprocessed_keys` on BatchGet.
 
-    Set, Delete and their batch forms are idempotent by nature (a retry leaves
-    the same state), so they take no `request_id`.
+    Set, Delete and their batch forms take no `request_id`. Repeated with nothing
+    in between, they leave the same state (but a repeated Set with a TTL starts
+    it again). A repeat after another client's write undoes that write: retry
+    them only where nobody else writes the keys (the Python SDK does not retry
+    them after a failure that may have taken effect).
 
     Errors carry a google.rpc.ErrorInfo detail (see memsvc.v1.ErrorReason) and,
     for INVALID_ARGUMENT, a google.rpc.BadRequest naming each bad field.
@@ -126,8 +129,11 @@ class WorkingMemoryServiceAsyncStub(WorkingMemoryServiceStub):
     message limit) and say what is left: `next_page_token` on lists,
     `unprocessed_keys` on BatchGet.
 
-    Set, Delete and their batch forms are idempotent by nature (a retry leaves
-    the same state), so they take no `request_id`.
+    Set, Delete and their batch forms take no `request_id`. Repeated with nothing
+    in between, they leave the same state (but a repeated Set with a TTL starts
+    it again). A repeat after another client's write undoes that write: retry
+    them only where nobody else writes the keys (the Python SDK does not retry
+    them after a failure that may have taken effect).
 
     Errors carry a google.rpc.ErrorInfo detail (see memsvc.v1.ErrorReason) and,
     for INVALID_ARGUMENT, a google.rpc.BadRequest naming each bad field.
@@ -201,8 +207,11 @@ class WorkingMemoryServiceServicer(metaclass=_abc_1.ABCMeta):
     message limit) and say what is left: `next_page_token` on lists,
     `unprocessed_keys` on BatchGet.
 
-    Set, Delete and their batch forms are idempotent by nature (a retry leaves
-    the same state), so they take no `request_id`.
+    Set, Delete and their batch forms take no `request_id`. Repeated with nothing
+    in between, they leave the same state (but a repeated Set with a TTL starts
+    it again). A repeat after another client's write undoes that write: retry
+    them only where nobody else writes the keys (the Python SDK does not retry
+    them after a failure that may have taken effect).
 
     Errors carry a google.rpc.ErrorInfo detail (see memsvc.v1.ErrorReason) and,
     for INVALID_ARGUMENT, a google.rpc.BadRequest naming each bad field.
