@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -22,6 +24,7 @@ from memsvc.server import Server
 from memsvc.store import working_memory_store
 from memsvc.store.redis import RedisWorkingMemoryStore, session_keys
 from memsvc.store.redis._cluster import parse_cluster_url
+from memsvc.store.redis._connections import ResettingConnection
 from memsvc.store.redis._working_memory import guard_key, staging_keys
 from memsvc.testing import PrivateRedisCluster
 from memsvc.v1 import lifecycle_pb2 as lc
@@ -363,3 +366,23 @@ async def test_sessions_in_a_scope_are_found_on_every_master(
     found = await store.sessions_in(SessionRef(project, agent, ""))
     assert sorted(found, key=str) == sorted(sessions, key=str)
     assert set(await store.sessions_in(SessionRef(project, "", ""))) == {*sessions, cousin}
+
+
+async def test_cluster_connections_reset_when_closed(store: RedisWorkingMemoryStore):
+    """As single-node ones (tests/integration/test_redis_late_write.py): a connection
+    memsvc gave up on drops what it had not sent, instead of TCP delivering an old
+    write after the retry. redis-py builds cluster connections itself, with its own
+    class, unless told where each node takes it. Found by a review."""
+    client: Any = store._client
+    assert await client.ping(target_nodes=RedisCluster.PRIMARIES)  # a connection to each
+    nodes = client.get_nodes()
+    assert len(nodes) == 3
+    for node in nodes:
+        assert node._connections, f"no connection to {node.name}"
+        for connection in node._connections:
+            assert isinstance(connection, ResettingConnection), type(connection)
+            sock = connection._writer.transport.get_extra_info("socket")
+            # SO_LINGER on, 0 seconds: close() resets the connection.
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, 8) == struct.pack(
+                "ii", 1, 0
+            )

@@ -28,6 +28,8 @@ from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from memsvc.store.redis._connections import ResettingConnection, ResettingSSLConnection
+
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 
 # A command that Redis refused without running it because its slot is moving
@@ -111,7 +113,7 @@ def cluster_client(url: str, *, max_connections: int, socket_timeout: float) -> 
     are using at that moment.
     """
     nodes, options = parse_cluster_url(url)
-    return RedisCluster(
+    client = RedisCluster(
         startup_nodes=[ClusterNode(host, port) for host, port in nodes],
         max_connections=max_connections,
         socket_timeout=socket_timeout,
@@ -120,6 +122,15 @@ def cluster_client(url: str, *, max_connections: int, socket_timeout: float) -> 
         reinitialize_steps=0,
         **options,
     )
+    # Connections that reset when closed, as single-node ones (see _connections):
+    # redis-py takes no connection class for a cluster, so it is set where nodes
+    # take theirs. The client's startup nodes exist (not yet connected); every
+    # node found later is built from the nodes manager's keyword arguments.
+    resetting = ResettingSSLConnection if options.get("ssl") else ResettingConnection
+    client.nodes_manager.connection_kwargs["connection_class"] = resetting
+    for node in client.nodes_manager.startup_nodes.values():
+        node.connection_class = resetting
+    return client
 
 
 class ConnectionLimit:

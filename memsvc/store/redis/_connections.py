@@ -10,8 +10,9 @@ closes with a reset instead: the kernel drops the unsent bytes and sends nothing
 more. Lifecycle steps are fenced besides (a late copy of a settled step changes
 nothing, ADR 0004); data writes have only this.
 
-A Redis Cluster client builds its connections itself (redis-py takes no connection
-class for it), so cluster connections still close gracefully.
+A Redis Cluster client takes no connection class (redis-py builds each node's
+connections itself): cluster_client sets it on the nodes, so that cluster
+connections reset when closed too.
 """
 
 from __future__ import annotations
