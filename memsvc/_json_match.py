@@ -1,8 +1,6 @@
 """How a metadata filter matches, as memsvc's PostgreSQL listing compares it
-(``metadata -> key = value::jsonb`` for each key of the filter): one rule for
-SQLite (a SQL function the store registers) and for the LangGraph saver's own
-check of a checkpoint it read by id (memsvc/langgraph), so every path of a
-listing filters alike. Standard library only: the client side imports it."""
+(``metadata -> key = value::jsonb`` for each key of the filter), for SQLite (a
+SQL function the store registers), so a listing filters alike on both databases."""
 
 from __future__ import annotations
 

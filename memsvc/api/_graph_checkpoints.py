@@ -184,6 +184,7 @@ class GraphCheckpointServicer(pb_grpc.GraphCheckpointServiceServicer):
             checkpoint_ns=request.checkpoint_ns if request.HasField("checkpoint_ns") else None,
             metadata_filter=metadata_filter,
             before_checkpoint_id=request.before_checkpoint_id or None,
+            checkpoint_id=request.checkpoint_id or None,
         )
         page = await self._graphs.list_checkpoints(
             scope, request.page_size, request.page_token, violations
@@ -219,7 +220,13 @@ class GraphCheckpointServicer(pb_grpc.GraphCheckpointServiceServicer):
     async def PruneGraphThreads(
         self, request: pb.PruneGraphThreadsRequest, context: grpc.aio.ServicerContext
     ) -> pb.PruneGraphThreadsResponse:
-        deleted = await self._graphs.prune(
-            request.project_id, list(request.thread_ids), int(request.strategy)
+        pruned = await self._graphs.prune(
+            request.project_id,
+            list(request.thread_ids),
+            int(request.strategy),
+            list(request.refuse_metadata_keys),
         )
-        return pb.PruneGraphThreadsResponse(checkpoints_deleted=deleted)
+        return pb.PruneGraphThreadsResponse(
+            checkpoints_deleted=pruned.checkpoints_deleted,
+            refused_thread_ids=pruned.refused_thread_ids,
+        )

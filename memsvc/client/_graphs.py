@@ -117,6 +117,7 @@ class AsyncGraphClient:
         thread_id: str | None = None,
         *,
         checkpoint_ns: str | None = None,
+        checkpoint_id: str | None = None,
         metadata: Mapping[str, Any] | None = None,
         before: str | None = None,
         page_size: int | None = None,
@@ -124,11 +125,12 @@ class AsyncGraphClient:
         timeout: float | None = None,
     ) -> AsyncPager[pb.GraphCheckpoint]:
         """Checkpoints newest first (ListGraphCheckpoints): of a thread (or all),
-        one namespace (or all), whose metadata holds ``metadata``, before a
-        checkpoint id."""
+        one namespace (or all), one checkpoint id (or all: an id may be in several
+        namespaces), whose metadata holds ``metadata``, before a checkpoint id."""
         request = pb.ListGraphCheckpointsRequest(
             project_id=self.project_id,
             thread_id=thread_id or "",
+            checkpoint_id=checkpoint_id or "",
             metadata_filter_json=json.dumps(dict(metadata)) if metadata else "",
             before_checkpoint_id=before or "",
             page_size=page_size or 0,
@@ -176,11 +178,30 @@ class AsyncGraphClient:
         strategy: PruneStrategy = "keep_latest",
         timeout: float | None = None,
     ) -> int:
-        """Keep each namespace's latest checkpoint, or delete all (PruneGraphThreads)."""
+        """Keep each namespace's latest checkpoint, or delete all (PruneGraphThreads);
+        returns how many checkpoints were deleted."""
+        response = await self.prune_threads(thread_ids, strategy=strategy, timeout=timeout)
+        return int(response.checkpoints_deleted)
+
+    async def prune_threads(
+        self,
+        thread_ids: Iterable[str],
+        *,
+        strategy: PruneStrategy = "keep_latest",
+        refuse_metadata_keys: Iterable[str] = (),
+        timeout: float | None = None,
+    ) -> pb.PruneGraphThreadsResponse:
+        """As :meth:`prune`, answering the whole response: with ``keep_latest``, a
+        thread with a checkpoint whose metadata holds one of ``refuse_metadata_keys``
+        is not pruned (when one is found first, none is), and
+        ``refused_thread_ids`` names them."""
         request = pb.PruneGraphThreadsRequest(
             project_id=self.project_id,
             thread_ids=list(thread_ids),
             strategy=_STRATEGIES[strategy],
+            refuse_metadata_keys=list(refuse_metadata_keys),
         )
-        response = await self.client._invoke(self._stub.PruneGraphThreads, request, timeout=timeout)
-        return int(response.checkpoints_deleted)
+        response: pb.PruneGraphThreadsResponse = await self.client._invoke(
+            self._stub.PruneGraphThreads, request, timeout=timeout
+        )
+        return response

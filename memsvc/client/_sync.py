@@ -599,12 +599,14 @@ class GraphClient(_ProjectWrapper):
     delete_thread = _blocking(AsyncGraphClient.delete_thread)
     delete_runs = _blocking(AsyncGraphClient.delete_runs)
     copy_thread = _blocking(AsyncGraphClient.copy_thread)
+    prune_threads = _blocking(AsyncGraphClient.prune_threads)
 
     def checkpoints(
         self,
         thread_id: str | None = None,
         *,
         checkpoint_ns: str | None = None,
+        checkpoint_id: str | None = None,
         metadata: Mapping[str, Any] | None = None,
         before: str | None = None,
         page_size: int | None = None,
@@ -617,6 +619,7 @@ class GraphClient(_ProjectWrapper):
             self._inner.checkpoints(
                 thread_id,
                 checkpoint_ns=checkpoint_ns,
+                checkpoint_id=checkpoint_id,
                 metadata=metadata,
                 before=before,
                 page_size=page_size,

@@ -64,6 +64,8 @@ MAX_METADATA_BYTES = 1 << 20
 MAX_FILTER_BYTES = 64 << 10
 MAX_THREADS_PER_CALL = 1_000
 MAX_RUN_IDS = 1_000
+MAX_REFUSE_KEYS = 16
+MAX_METADATA_KEY_BYTES = 256
 MAX_KEEP_LAST = 1_000_000
 LIST_PAGE = (100, 1_000)  # (default, maximum) page size
 LIST_PAGE_BYTES = 3 << 20  # a List page at most (the server passes 3/4 of max_message_bytes)
@@ -173,6 +175,7 @@ class GraphListScope:
     checkpoint_ns: str | None = None
     metadata_filter: dict[str, Any] = field(default_factory=dict)
     before_checkpoint_id: str | None = None
+    checkpoint_id: str | None = None
 
     def fingerprint(self) -> str:
         return fingerprint(
@@ -181,6 +184,7 @@ class GraphListScope:
             repr(self.checkpoint_ns),
             json.dumps(self.metadata_filter, sort_keys=True),
             repr(self.before_checkpoint_id),
+            repr(self.checkpoint_id),
         )
 
 
@@ -193,6 +197,15 @@ class PendingThreadWork:
     prune_pending: bool
     # The linked session's end action, once that session is TERMINATED (0: none).
     end_action: int
+
+
+@dataclass(frozen=True, slots=True)
+class GraphPrune:
+    """What PruneGraphThreads did."""
+
+    checkpoints_deleted: int = 0
+    # Threads left unpruned: a checkpoint's metadata holds a key the call refused.
+    refused_thread_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,6 +332,17 @@ class GraphTransaction(Protocol):
         """Whether ``record``'s checkpoint is stored as ``record`` has it: its parent,
         state, metadata and versions (compared as the database stores them)."""
 
+    async def graph_checkpoint_versions(
+        self, project_id: str, thread_id: str, ns: str, checkpoint_id: str
+    ) -> dict[str, str] | None:
+        """The stored checkpoint's channel versions (None: not stored)."""
+
+    async def collect_graph_values(
+        self, project_id: str, thread_id: str, ns: str, freed: dict[str, str]
+    ) -> None:
+        """Delete the values of these (channel, version) pairs that no checkpoint of
+        the namespace holds any more."""
+
     async def insert_graph_values(
         self, project_id: str, thread_id: str, ns: str, values: Sequence[GraphValue]
     ) -> int:
@@ -355,7 +379,14 @@ class GraphTransaction(Protocol):
     ) -> int:
         """Keep the ``keep`` newest checkpoints of each namespace (at least 1;
         delete_graph_thread deletes them all), with what they need; return how
-        many checkpoints were deleted."""
+        many checkpoints were deleted. Pending writes of a checkpoint that is not
+        stored go as that checkpoint would: once ``keep`` newer ones are."""
+
+    async def graph_threads_with_metadata_keys(
+        self, project_id: str, thread_ids: Sequence[str], keys: Sequence[str]
+    ) -> list[str]:
+        """The threads, sorted, with a checkpoint whose metadata has one of ``keys``
+        at its top level."""
 
     async def copy_graph_thread(
         self, project_id: str, source: str, target: str, now_ms: int
@@ -413,9 +444,11 @@ class GraphDatabase(Protocol):
         values: Sequence[GraphValue],
         options: GraphThreadOptions | None,
     ) -> int | None:
-        """An unfenced put in one atomic step, where the store can (None: it cannot;
-        use a transaction): the thread's row touched, new values and the checkpoint
-        stored. Returns how many values were new."""
+        """An unfenced put in one atomic step, where the store can: the thread's row
+        touched, new values and the checkpoint stored. Returns how many values were
+        new, or None when it cannot (then a transaction puts it): on SQLite, and for
+        a put that replaces a stored checkpoint's versions, whose freed values the
+        transaction collects."""
 
 
 class GraphCheckpoints:
@@ -460,6 +493,7 @@ class GraphCheckpoints:
             project, thread, ns = record.project_id, record.thread_id, record.checkpoint_ns
             await tx.lock_project(project, exclusive=False)
             await tx.lock_graph_thread(project, thread, now, options)
+            replaced: dict[str, str] | None = None
             if require_latest_parent:
                 latest = await tx.latest_graph_checkpoint_id(project, thread, ns)
                 # A retry of the put that made the latest (its reply lost) is the same
@@ -475,8 +509,25 @@ class GraphCheckpoints:
                     raise GraphCheckpointConflict(
                         thread, ns, record.checkpoint_id, record.parent_checkpoint_id, latest
                     )
+            else:
+                # What the put replaces, read under the thread's lock, so exactly (the
+                # fence lets through only a retry, same versions, or a new id).
+                replaced = await tx.graph_checkpoint_versions(
+                    project, thread, ns, record.checkpoint_id
+                )
             stored = await tx.insert_graph_values(project, thread, ns, new_values)
             await tx.upsert_graph_checkpoint(record)
+            if replaced:
+                # Put again with other versions: the values only the replaced ones
+                # named would stay, unreachable, and no prune would ever collect them
+                # (it collects what the checkpoints it deletes name).
+                freed = {
+                    channel: version
+                    for channel, version in replaced.items()
+                    if record.channel_versions.get(channel) != version
+                }
+                if freed:
+                    await tx.collect_graph_values(project, thread, ns, freed)
         return stored
 
     async def put_writes(
@@ -544,6 +595,8 @@ class GraphCheckpoints:
             )
         if scope.before_checkpoint_id is not None:
             check_session_id(scope.before_checkpoint_id, "before_checkpoint_id", violations)
+        if scope.checkpoint_id is not None:
+            check_session_id(scope.checkpoint_id, "checkpoint_id", violations)
         limit = check_page_size(
             page_size, default=LIST_PAGE[0], maximum=LIST_PAGE[1], violations=violations
         )
@@ -631,7 +684,16 @@ class GraphCheckpoints:
             await tx.lock_graph_thread(project, target, now, None)
             return await tx.copy_graph_thread(project, source, target, now)
 
-    async def prune(self, project_id: str, thread_ids: Sequence[str], strategy: int) -> int:
+    async def prune(
+        self,
+        project_id: str,
+        thread_ids: Sequence[str],
+        strategy: int,
+        refuse_metadata_keys: Sequence[str] = (),
+    ) -> GraphPrune:
+        """Keep each namespace's latest checkpoint (or delete the threads whole),
+        except in threads with a checkpoint whose metadata holds one of
+        ``refuse_metadata_keys``: when any thread has one, none is pruned."""
         violations: list[FieldViolation] = []
         project = check_uuid(project_id, "project_id", violations)
         if len(thread_ids) > MAX_THREADS_PER_CALL:
@@ -644,9 +706,30 @@ class GraphCheckpoints:
             check_thread_id(thread_id, f"thread_ids[{index}]", violations)
         if strategy not in (0, *PruneStrategy):
             violations.append(FieldViolation("strategy", f"unknown strategy {strategy}"))
+        if len(refuse_metadata_keys) > MAX_REFUSE_KEYS:
+            violations.append(
+                FieldViolation(
+                    "refuse_metadata_keys",
+                    f"has {len(refuse_metadata_keys)} keys, over {MAX_REFUSE_KEYS}",
+                )
+            )
+        for index, key in enumerate(refuse_metadata_keys):
+            _check_text(
+                key, f"refuse_metadata_keys[{index}]", MAX_METADATA_KEY_BYTES, True, violations
+            )
         raise_if_any(violations)
-        deleted = 0
-        for thread_id in sorted(set(thread_ids)):
+        threads = sorted(set(thread_ids))
+        # DELETE leaves no state that older checkpoints would have to rebuild.
+        keys = sorted(set(refuse_metadata_keys)) if strategy != PruneStrategy.DELETE else []
+        if keys and threads:
+            # Decided in the store on the checkpoints' metadata: whatever the threads'
+            # size, nothing of them travels, as LangGraph's PostgreSQL saver decides.
+            async with self._db.transaction() as tx:
+                refused = await tx.graph_threads_with_metadata_keys(project, threads, keys)
+            if refused:
+                return GraphPrune(refused_thread_ids=tuple(refused))
+        deleted, skipped = 0, []
+        for thread_id in threads:
             async with self._db.transaction() as tx:
                 if await tx.lock_graph_thread_row(project, thread_id) is None:
                     continue
@@ -654,9 +737,13 @@ class GraphCheckpoints:
                     # Whole, as DeleteGraphThread: its settings too (TTL, keep_last, a
                     # session link), which a later thread of the same id must not inherit.
                     deleted += await tx.delete_graph_thread(project, thread_id)
+                elif keys and await tx.graph_threads_with_metadata_keys(project, [thread_id], keys):
+                    # Such a checkpoint was put since the check above: asked again
+                    # under the thread's lock, which every put takes.
+                    skipped.append(thread_id)
                 else:
                     deleted += await tx.keep_latest_graph_checkpoints(project, thread_id, 1)
-        return deleted
+        return GraphPrune(deleted, tuple(skipped))
 
     async def sweep(self, limit: int = 100) -> GraphSweep:
         """Apply retention: expired threads go, threads over their keep_last are

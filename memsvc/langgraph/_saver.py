@@ -21,7 +21,7 @@ import json
 import math
 import os
 import random
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -38,7 +38,6 @@ from langgraph.checkpoint.base import (
 )
 from langgraph.checkpoint.serde.base import SerializerProtocol
 
-from memsvc._json_match import json_holds
 from memsvc.client import (
     TLS,
     AsyncClient,
@@ -359,15 +358,11 @@ class MemsvcSaver(BaseCheckpointSaver[str]):
     ) -> AsyncIterator[CheckpointTuple]:
         if limit is not None and limit <= 0:
             return
-        if config is not None and get_checkpoint_id(config):
-            found = await self.aget_tuple(config)
-            if found is not None and _listed(found, filter, before):
-                yield found
-            return
-        thread_id, ns = _list_scope(config)
+        thread_id, ns, checkpoint_id = _list_scope(config)
         pager = self._agraphs.checkpoints(
             thread_id,
             checkpoint_ns=ns,
+            checkpoint_id=checkpoint_id,
             metadata=filter,
             before=get_checkpoint_id(before) if before else None,
             page_size=min(limit, 1000) if limit else None,
@@ -391,18 +386,17 @@ class MemsvcSaver(BaseCheckpointSaver[str]):
         await self._agraphs.copy_thread(str(source_thread_id), str(target_thread_id))
 
     async def aprune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
-        """As LangGraph's PostgreSQL saver: "keep_latest" refuses a thread that uses a
-        DeltaChannel (NotImplementedError), whose values older checkpoints rebuild. To
-        tell, it reads the threads' checkpoints first (their metadata says)."""
+        """As LangGraph's PostgreSQL saver: "keep_latest" refuses threads that use a
+        DeltaChannel (NotImplementedError, and none of the threads is pruned), whose
+        values older checkpoints rebuild. memsvc tells from the checkpoints' metadata,
+        in its store: nothing of the threads is read here."""
         ids = _ids(thread_ids, "thread_ids")
-        if not ids:
-            return
-        if strategy == "keep_latest":
-            for thread_id in filter(None, ids):  # an empty id: refused by memsvc
-                _refuse_delta_thread(
-                    thread_id, [c async for c in self._agraphs.checkpoints(thread_id)]
-                )
-        await self._agraphs.prune(ids, strategy=_strategy(strategy))
+        if ids:
+            checked = _strategy(strategy)
+            response = await self._agraphs.prune_threads(
+                ids, strategy=checked, refuse_metadata_keys=_refused_keys(checked)
+            )
+            _refuse_delta_threads(response)
 
     # Sync.
 
@@ -460,15 +454,11 @@ class MemsvcSaver(BaseCheckpointSaver[str]):
     ) -> Iterator[CheckpointTuple]:
         if limit is not None and limit <= 0:
             return
-        if config is not None and get_checkpoint_id(config):
-            found = self.get_tuple(config)
-            if found is not None and _listed(found, filter, before):
-                yield found
-            return
-        thread_id, ns = _list_scope(config)
+        thread_id, ns, checkpoint_id = _list_scope(config)
         pager = self._graphs.checkpoints(
             thread_id,
             checkpoint_ns=ns,
+            checkpoint_id=checkpoint_id,
             metadata=filter,
             before=get_checkpoint_id(before) if before else None,
             page_size=min(limit, 1000) if limit else None,
@@ -491,12 +481,12 @@ class MemsvcSaver(BaseCheckpointSaver[str]):
     def prune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
         """See :meth:`aprune`."""
         ids = _ids(thread_ids, "thread_ids")
-        if not ids:
-            return
-        if strategy == "keep_latest":
-            for thread_id in filter(None, ids):  # an empty id: refused by memsvc
-                _refuse_delta_thread(thread_id, list(self._graphs.checkpoints(thread_id)))
-        self._graphs.prune(ids, strategy=_strategy(strategy))
+        if ids:
+            checked = _strategy(strategy)
+            response = self._graphs.prune_threads(
+                ids, strategy=checked, refuse_metadata_keys=_refused_keys(checked)
+            )
+            _refuse_delta_threads(response)
 
 
 INLINE_MAX_CHARS = 64
@@ -536,15 +526,19 @@ def _options(
 _DELTA_METADATA_KEYS = ("counters_since_delta_snapshot", "delta_writes_versioned")
 
 
-def _refuse_delta_thread(thread_id: str, checkpoints: Sequence[pb.GraphCheckpoint]) -> None:
-    """keep_latest would keep no older checkpoint, and a DeltaChannel rebuilds its
-    value from older checkpoints' writes: its state would silently empty."""
-    for message in checkpoints:
-        metadata = json.loads(message.metadata_json or "{}")
-        if any(key in metadata for key in _DELTA_METADATA_KEYS):
-            raise NotImplementedError(
-                f"keep_latest can't prune thread {thread_id!r}: it uses a DeltaChannel"
-            )
+def _refused_keys(strategy: Literal["keep_latest", "delete"]) -> tuple[str, ...]:
+    """The metadata keys of threads a prune must leave: keep_latest keeps no older
+    checkpoint, and a DeltaChannel rebuilds its value from older checkpoints'
+    writes, so its state would silently empty (delete leaves no state)."""
+    return _DELTA_METADATA_KEYS if strategy == "keep_latest" else ()
+
+
+def _refuse_delta_threads(response: pb.PruneGraphThreadsResponse) -> None:
+    if response.refused_thread_ids:
+        raise NotImplementedError(
+            "keep_latest can't prune threads that use a DeltaChannel: "
+            + ", ".join(map(repr, response.refused_thread_ids))
+        )
 
 
 def _ids(ids: Sequence[str], name: str) -> list[str]:
@@ -563,22 +557,17 @@ def _strategy(strategy: str) -> Literal["keep_latest", "delete"]:
     raise ValueError(f"unknown prune strategy {strategy!r}: use 'keep_latest' or 'delete'")
 
 
-def _list_scope(config: RunnableConfig | None) -> tuple[str | None, str | None]:
+def _list_scope(config: RunnableConfig | None) -> tuple[str | None, str | None, str | None]:
+    """The thread, namespace and checkpoint id a listing keeps to (None: any). As
+    LangGraph's savers, a config without ``checkpoint_ns`` lists every namespace,
+    also when it names a checkpoint id (a subgraph's checkpoint is found by its id)."""
     if config is None:
-        return None, None
+        return None, None, None
     configurable = config.get("configurable") or {}
     thread_id = configurable.get("thread_id")
     ns = configurable.get("checkpoint_ns")
-    return (None if thread_id is None else str(thread_id)), (None if ns is None else str(ns))
-
-
-def _listed(
-    found: CheckpointTuple, filter: Mapping[str, Any] | None, before: RunnableConfig | None
-) -> bool:
-    """Whether a checkpoint read by id passes a listing's filter and before, the
-    filter compared as the server compares it for a listing by thread (JSON values:
-    ``true`` is not ``1``, a key asked for must be there, even for ``None``)."""
-    if filter and not json_holds(json.dumps(found.metadata), json.dumps(filter)):
-        return False
-    before_id = get_checkpoint_id(before) if before else None
-    return before_id is None or found.checkpoint["id"] < before_id
+    return (
+        None if thread_id is None else str(thread_id),
+        None if ns is None else str(ns),
+        get_checkpoint_id(config) or None,
+    )

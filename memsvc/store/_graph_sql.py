@@ -238,6 +238,9 @@ async def list_graph_checkpoints(
     if scope.before_checkpoint_id is not None:
         conditions.append("c.checkpoint_id < ?")
         params.append(scope.before_checkpoint_id)
+    if scope.checkpoint_id is not None:
+        conditions.append("c.checkpoint_id = ?")
+        params.append(scope.checkpoint_id)
     filtered, extra = _metadata_conditions(dialect, scope.metadata_filter)
     conditions += filtered
     params += extra
@@ -389,11 +392,16 @@ def _insert_values_from_arrays(
 def _upsert_checkpoint(
     dialect: Dialect, record: GraphCheckpointRecord, condition: str = ""
 ) -> tuple[str, list[Any]]:
-    """``condition`` (PostgreSQL): a WHERE clause the row waits for."""
+    """``condition`` (PostgreSQL): a WHERE clause the row waits for; with one, a
+    stored checkpoint of the id is replaced only if it has the same versions (else
+    the statement leaves it and returns no row: see put_graph_checkpoint_at_once)."""
     row = (
         f"SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?{condition}"
         if condition
         else ("VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+    )
+    same_versions = (
+        " WHERE graph_checkpoints.channel_versions = excluded.channel_versions" if condition else ""
     )
     return (
         "INSERT INTO graph_checkpoints (project_id, thread_id, checkpoint_ns,"
@@ -403,7 +411,7 @@ def _upsert_checkpoint(
         " parent_checkpoint_id = excluded.parent_checkpoint_id,"
         " checkpoint_type = excluded.checkpoint_type, checkpoint = excluded.checkpoint,"
         " metadata = excluded.metadata, channel_versions = excluded.channel_versions,"
-        " run_id = excluded.run_id",
+        f" run_id = excluded.run_id{same_versions}",
         [*_stored_as(dialect, record), record.run_id, dialect.time_param(record.create_ms)],
     )
 
@@ -433,7 +441,11 @@ async def put_graph_checkpoint_at_once(
 ) -> int | None:
     """PostgreSQL: an unfenced put as ONE statement (its data-modifying CTEs commit
     together), after the project's lock, one round trip instead of five. None on
-    SQLite, whose writes go through the store's transaction."""
+    SQLite, whose writes go through the store's transaction, and when the put
+    would replace a stored checkpoint's versions: the statement then stores
+    nothing but the thread's row, and the transaction that puts it collects the
+    values the old versions alone named (this statement's snapshot, taken before
+    it waits for the thread's lock, cannot tell them)."""
     if dialect.name != "postgres":
         return None
     thread, thread_params = _touch_thread(
@@ -447,8 +459,14 @@ async def put_graph_checkpoint_at_once(
     checkpoint, checkpoint_params = _upsert_checkpoint(dialect, record, after_thread)
     values_sql, values_params = "SELECT 1 WHERE false", list[Any]()
     if values:
+        # After the checkpoint (so after the thread's lock too): none when the
+        # checkpoint is left for the transaction.
         values_sql, values_params = _insert_values_from_arrays(
-            record.project_id, record.thread_id, record.checkpoint_ns, values, after_thread
+            record.project_id,
+            record.thread_id,
+            record.checkpoint_ns,
+            values,
+            " WHERE EXISTS (SELECT 1 FROM checkpoint)",
         )
         values_sql += " RETURNING 1"
     execute: Any = conn.execute
@@ -459,15 +477,15 @@ async def put_graph_checkpoint_at_once(
         await execute(dialect.sql(PROJECT_LOCK_SHARED), (project_lock(record.project_id),))
         cursor = await execute(
             dialect.sql(
-                f"WITH thread AS ({thread} RETURNING 1), stored AS ({values_sql}),"
-                f" checkpoint AS ({checkpoint} RETURNING 1)"
+                f"WITH thread AS ({thread} RETURNING 1),"
+                f" checkpoint AS ({checkpoint} RETURNING 1), stored AS ({values_sql})"
                 " SELECT (SELECT count(*) FROM stored), (SELECT count(*) FROM thread),"
                 " (SELECT count(*) FROM checkpoint)"
             ),
-            [*thread_params, *values_params, *checkpoint_params],
+            [*thread_params, *checkpoint_params, *values_params],
         )
     row = await cursor.fetchone()
-    return int(row[0])
+    return int(row[0]) if row[2] else None
 
 
 class SqlGraphWrites(SqlWrites):
@@ -527,6 +545,21 @@ class SqlGraphWrites(SqlWrites):
             _stored_as(self._d, record),
         )
         return bool(rows)
+
+    async def graph_checkpoint_versions(
+        self, project_id: str, thread_id: str, ns: str, checkpoint_id: str
+    ) -> dict[str, str] | None:
+        rows = await self._rows(
+            f"SELECT channel_versions FROM graph_checkpoints WHERE {_NAMESPACE}"
+            " AND checkpoint_id = ?",
+            (project_id, thread_id, ns, checkpoint_id),
+        )
+        return None if not rows else dict(self._d.json_value(rows[0][0]))
+
+    async def collect_graph_values(
+        self, project_id: str, thread_id: str, ns: str, freed: dict[str, str]
+    ) -> None:
+        await self._collect_values((project_id, thread_id, ns), [freed])
 
     async def insert_graph_values(
         self, project_id: str, thread_id: str, ns: str, values: Sequence[GraphValue]
@@ -700,7 +733,39 @@ class SqlGraphWrites(SqlWrites):
             deleted_count += await self.delete_graph_checkpoints(
                 project_id, thread_id, ns, ids[keep:]
             )
+            if len(ids) >= keep:
+                # Pending writes of a checkpoint never stored (its run failed between
+                # saving them and saving it) go as that checkpoint would have: once
+                # ``keep`` newer ones are stored. Nothing stored sorts below the
+                # oldest kept one now, so the writes below it are theirs. A checkpoint
+                # still being saved keeps its writes: a run saves its checkpoints in
+                # order, so it is newer than every stored one of its namespace.
+                await self._conn.execute(
+                    self._d.sql(
+                        f"DELETE FROM graph_writes WHERE {_NAMESPACE} AND checkpoint_id < ?"
+                    ),
+                    (project_id, thread_id, ns, ids[keep - 1]),
+                )
         return deleted_count
+
+    async def graph_threads_with_metadata_keys(
+        self, project_id: str, thread_ids: Sequence[str], keys: Sequence[str]
+    ) -> list[str]:
+        threads, thread_param = _in(self._d, "c.thread_id", thread_ids)
+        has_key, key_param = _in(self._d, "k.key", keys)
+        # The metadata's top-level keys, as a relation with a column "key".
+        keys_of = (
+            "jsonb_object_keys(c.metadata) AS k(key)"
+            if self._d.name == "postgres"
+            else "json_each(c.metadata) AS k"
+        )
+        rows = await self._rows(
+            f"SELECT DISTINCT c.thread_id FROM graph_checkpoints c"
+            f" WHERE c.project_id = ? AND {threads}"
+            f" AND EXISTS (SELECT 1 FROM {keys_of} WHERE {has_key}) ORDER BY c.thread_id",
+            (project_id, thread_param, key_param),
+        )
+        return [str(r[0]) for r in rows]
 
     async def copy_graph_thread(
         self, project_id: str, source: str, target: str, now_ms: int

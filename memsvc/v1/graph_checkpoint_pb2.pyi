@@ -445,7 +445,11 @@ class PutGraphWritesRequest(_message.Message):
     checkpoint_ns: _builtins.str
     """Namespace of the checkpoint."""
     checkpoint_id: _builtins.str
-    """Checkpoint the writes belong to. Required. It need not be stored yet."""
+    """Checkpoint the writes belong to. Required. It need not be stored yet
+    (LangGraph may save a step's writes before its checkpoint). Until it is,
+    its writes are pruned as it would be: a prune (or keep_last) that keeps N
+    checkpoints of the namespace deletes them once N newer ones are stored.
+    """
     replace: _builtins.bool
     """Replace writes already stored under the same (task, index) instead of
     keeping them.
@@ -562,6 +566,7 @@ class ListGraphCheckpointsRequest(_message.Message):
     BEFORE_CHECKPOINT_ID_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_ID_FIELD_NUMBER: _builtins.int
     project_id: _builtins.str
     """Project: a UUID. Required."""
     thread_id: _builtins.str
@@ -583,7 +588,11 @@ class ListGraphCheckpointsRequest(_message.Message):
     """
     page_token: _builtins.str
     """Token from a previous response; empty for the first page. Only valid with
-    the same project, thread, namespace, filter and before.
+    the same project, thread, namespace, checkpoint id, filter and before.
+    """
+    checkpoint_id: _builtins.str
+    """Only checkpoints of this id (one per namespace that holds it; set
+    `checkpoint_ns` for one namespace); empty: any id.
     """
     def __init__(
         self,
@@ -595,10 +604,11 @@ class ListGraphCheckpointsRequest(_message.Message):
         before_checkpoint_id: _builtins.str = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        checkpoint_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_checkpoint_ns", b"_checkpoint_ns", "checkpoint_ns", b"checkpoint_ns"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_checkpoint_ns", b"_checkpoint_ns", "before_checkpoint_id", b"before_checkpoint_id", "checkpoint_ns", b"checkpoint_ns", "metadata_filter_json", b"metadata_filter_json", "page_size", b"page_size", "page_token", b"page_token", "project_id", b"project_id", "thread_id", b"thread_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_checkpoint_ns", b"_checkpoint_ns", "before_checkpoint_id", b"before_checkpoint_id", "checkpoint_id", b"checkpoint_id", "checkpoint_ns", b"checkpoint_ns", "metadata_filter_json", b"metadata_filter_json", "page_size", b"page_size", "page_token", b"page_token", "project_id", b"project_id", "thread_id", b"thread_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__checkpoint_ns: _TypeAlias = _typing.Literal["checkpoint_ns"]  # noqa: Y015
     _WhichOneofArgType__checkpoint_ns: _TypeAlias = _typing.Literal["_checkpoint_ns", b"_checkpoint_ns"]  # noqa: Y015
@@ -797,6 +807,7 @@ class PruneGraphThreadsRequest(_message.Message):
     PROJECT_ID_FIELD_NUMBER: _builtins.int
     THREAD_IDS_FIELD_NUMBER: _builtins.int
     STRATEGY_FIELD_NUMBER: _builtins.int
+    REFUSE_METADATA_KEYS_FIELD_NUMBER: _builtins.int
     project_id: _builtins.str
     """Project of the threads: a UUID. Required."""
     strategy: Global___GraphPruneStrategy.ValueType
@@ -805,16 +816,28 @@ class PruneGraphThreadsRequest(_message.Message):
     def thread_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Threads to prune: up to 1,000. Unknown threads are skipped."""
 
+    @_builtins.property
+    def refuse_metadata_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """KEEP_LATEST only (DELETE keeps nothing to protect): a thread with a
+        checkpoint whose metadata holds one of these top-level keys is not pruned.
+        When any of the threads has one, none is pruned; a thread that gains one
+        while the others are pruned is skipped. The response names them.
+        LangGraph's saver names the keys a DeltaChannel leaves: its values are
+        rebuilt from older checkpoints' writes. Up to 16 keys, each 1 to 256
+        bytes of UTF-8, no control characters.
+        """
+
     def __init__(
         self,
         *,
         project_id: _builtins.str = ...,
         thread_ids: _abc.Iterable[_builtins.str] | None = ...,
         strategy: Global___GraphPruneStrategy.ValueType = ...,
+        refuse_metadata_keys: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["project_id", b"project_id", "strategy", b"strategy", "thread_ids", b"thread_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["project_id", b"project_id", "refuse_metadata_keys", b"refuse_metadata_keys", "strategy", b"strategy", "thread_ids", b"thread_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -827,16 +850,22 @@ class PruneGraphThreadsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CHECKPOINTS_DELETED_FIELD_NUMBER: _builtins.int
+    REFUSED_THREAD_IDS_FIELD_NUMBER: _builtins.int
     checkpoints_deleted: _builtins.int
     """Checkpoints deleted."""
+    @_builtins.property
+    def refused_thread_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Threads `refuse_metadata_keys` left unpruned, sorted."""
+
     def __init__(
         self,
         *,
         checkpoints_deleted: _builtins.int = ...,
+        refused_thread_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoints_deleted", b"checkpoints_deleted"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoints_deleted", b"checkpoints_deleted", "refused_thread_ids", b"refused_thread_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -113,8 +113,9 @@ class GraphCheckpointServiceServicer:
 
     def PutGraphCheckpoint(self, request, context):
         """PutGraphCheckpoint stores one checkpoint with the channel values that
-        changed in it. Putting a checkpoint id again replaces its document and
-        metadata (so a retry is safe). With `require_latest_parent`, the put is
+        changed in it. Putting a checkpoint id again replaces its document,
+        metadata and versions (so a retry is safe), and deletes the values that
+        only the replaced versions named. With `require_latest_parent`, the put is
         refused unless the parent it names is still the latest checkpoint of its
         thread and namespace, and the put's id sorts after it (a writer fence).
         Errors: INVALID_ARGUMENT; FAILED_PRECONDITION
@@ -191,7 +192,8 @@ class GraphCheckpointServiceServicer:
     def PruneGraphThreads(self, request, context):
         """PruneGraphThreads keeps only the latest checkpoint of each namespace of
         the threads (or deletes them whole), with the values and writes no kept
-        checkpoint needs.
+        checkpoint needs. Threads whose checkpoint metadata holds one of
+        `refuse_metadata_keys` are not pruned, and reported.
         Errors: INVALID_ARGUMENT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -51,8 +51,9 @@ class GraphCheckpointServiceStub:
     def __new__(cls, channel: _aio.Channel) -> GraphCheckpointServiceAsyncStub: ...
     PutGraphCheckpoint: _grpc.UnaryUnaryMultiCallable[_graph_checkpoint_pb2.PutGraphCheckpointRequest, _graph_checkpoint_pb2.PutGraphCheckpointResponse]
     """PutGraphCheckpoint stores one checkpoint with the channel values that
-    changed in it. Putting a checkpoint id again replaces its document and
-    metadata (so a retry is safe). With `require_latest_parent`, the put is
+    changed in it. Putting a checkpoint id again replaces its document,
+    metadata and versions (so a retry is safe), and deletes the values that
+    only the replaced versions named. With `require_latest_parent`, the put is
     refused unless the parent it names is still the latest checkpoint of its
     thread and namespace, and the put's id sorts after it (a writer fence).
     Errors: INVALID_ARGUMENT; FAILED_PRECONDITION
@@ -101,7 +102,8 @@ class GraphCheckpointServiceStub:
     PruneGraphThreads: _grpc.UnaryUnaryMultiCallable[_graph_checkpoint_pb2.PruneGraphThreadsRequest, _graph_checkpoint_pb2.PruneGraphThreadsResponse]
     """PruneGraphThreads keeps only the latest checkpoint of each namespace of
     the threads (or deletes them whole), with the values and writes no kept
-    checkpoint needs.
+    checkpoint needs. Threads whose checkpoint metadata holds one of
+    `refuse_metadata_keys` are not pruned, and reported.
     Errors: INVALID_ARGUMENT.
     """
 
@@ -128,8 +130,9 @@ class GraphCheckpointServiceAsyncStub(GraphCheckpointServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     PutGraphCheckpoint: _aio.UnaryUnaryMultiCallable[_graph_checkpoint_pb2.PutGraphCheckpointRequest, _graph_checkpoint_pb2.PutGraphCheckpointResponse]  # type: ignore[assignment]
     """PutGraphCheckpoint stores one checkpoint with the channel values that
-    changed in it. Putting a checkpoint id again replaces its document and
-    metadata (so a retry is safe). With `require_latest_parent`, the put is
+    changed in it. Putting a checkpoint id again replaces its document,
+    metadata and versions (so a retry is safe), and deletes the values that
+    only the replaced versions named. With `require_latest_parent`, the put is
     refused unless the parent it names is still the latest checkpoint of its
     thread and namespace, and the put's id sorts after it (a writer fence).
     Errors: INVALID_ARGUMENT; FAILED_PRECONDITION
@@ -178,7 +181,8 @@ class GraphCheckpointServiceAsyncStub(GraphCheckpointServiceStub):
     PruneGraphThreads: _aio.UnaryUnaryMultiCallable[_graph_checkpoint_pb2.PruneGraphThreadsRequest, _graph_checkpoint_pb2.PruneGraphThreadsResponse]  # type: ignore[assignment]
     """PruneGraphThreads keeps only the latest checkpoint of each namespace of
     the threads (or deletes them whole), with the values and writes no kept
-    checkpoint needs.
+    checkpoint needs. Threads whose checkpoint metadata holds one of
+    `refuse_metadata_keys` are not pruned, and reported.
     Errors: INVALID_ARGUMENT.
     """
 
@@ -208,8 +212,9 @@ class GraphCheckpointServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_graph_checkpoint_pb2.PutGraphCheckpointResponse, _abc.Awaitable[_graph_checkpoint_pb2.PutGraphCheckpointResponse]]:
         """PutGraphCheckpoint stores one checkpoint with the channel values that
-        changed in it. Putting a checkpoint id again replaces its document and
-        metadata (so a retry is safe). With `require_latest_parent`, the put is
+        changed in it. Putting a checkpoint id again replaces its document,
+        metadata and versions (so a retry is safe), and deletes the values that
+        only the replaced versions named. With `require_latest_parent`, the put is
         refused unless the parent it names is still the latest checkpoint of its
         thread and namespace, and the put's id sorts after it (a writer fence).
         Errors: INVALID_ARGUMENT; FAILED_PRECONDITION
@@ -300,7 +305,8 @@ class GraphCheckpointServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_graph_checkpoint_pb2.PruneGraphThreadsResponse, _abc.Awaitable[_graph_checkpoint_pb2.PruneGraphThreadsResponse]]:
         """PruneGraphThreads keeps only the latest checkpoint of each namespace of
         the threads (or deletes them whole), with the values and writes no kept
-        checkpoint needs.
+        checkpoint needs. Threads whose checkpoint metadata holds one of
+        `refuse_metadata_keys` are not pruned, and reported.
         Errors: INVALID_ARGUMENT.
         """
 

@@ -363,6 +363,126 @@ async def test_retention_forgets_expired_threads_and_keeps_the_newest(graphs, sc
     assert await value_rows(server, project) == 2
 
 
+async def test_a_put_again_with_other_versions_leaves_no_value_behind(graphs, scope, server):
+    """An unfenced put again under a stored id (a writer reusing ids, a replay)
+    replaces its versions: the values only the replaced versions named go with
+    them, as no prune could reach them later; those another checkpoint holds stay."""
+    project = scope["project_id"]
+    await put(graphs, project, checkpoint("t", "c1", versions={"a": "1"}, new={"a": b"a1"}))
+    first = checkpoint("t", "c2", parent="c1", versions={"a": "1", "b": "1"}, new={"b": b"b1"})
+    await put(graphs, project, first)
+    await put(graphs, project, first)  # a retry: the same versions, nothing freed
+    again = checkpoint(
+        "t", "c2", parent="c1", versions={"a": "2", "b": "2"}, new={"a": b"a2", "b": b"b2"}
+    )
+    assert (await put(graphs, project, again)).values_stored == 2
+    stored = await sql_rows(
+        server.config.database_url,
+        "SELECT channel, version FROM graph_values WHERE project_id = ? ORDER BY channel, version",
+        project,
+    )
+    # b@1 went with the version map that named it; c1 still holds a@1.
+    assert [tuple(row) for row in stored] == [("a", "1"), ("a", "2"), ("b", "2")]
+    got = await graphs.GetGraphCheckpoint(
+        pb.GetGraphCheckpointRequest(project_id=project, thread_id="t", checkpoint_id="c2")
+    )
+    assert {v.channel: v.value.data for v in got.checkpoint.channel_values} == {
+        "a": b"a2",
+        "b": b"b2",
+    }
+    await graphs.PruneGraphThreads(
+        pb.PruneGraphThreadsRequest(project_id=project, thread_ids=["t"])
+    )
+    assert await value_rows(server, project) == 2  # c1 and a@1 pruned: c2's values only
+
+
+async def write_ids(server: Server, project: str) -> list[str]:
+    """The checkpoint ids the project's stored pending writes belong to."""
+    rows = await sql_rows(
+        server.config.database_url,
+        "SELECT DISTINCT checkpoint_id FROM graph_writes WHERE project_id = ?"
+        " ORDER BY checkpoint_id",
+        project,
+    )
+    return [str(row[0]) for row in rows]
+
+
+async def test_writes_of_a_checkpoint_never_stored_go_as_it_would(graphs, scope, server):
+    """LangGraph may save a step's writes before its checkpoint, and a run that fails
+    in between leaves them without one. keep_last and keep_latest delete them as
+    they would their checkpoint: once as many newer ones are stored as they keep.
+    Those of a checkpoint newer than every stored one (still being saved) stay,
+    and are read with it once it is put."""
+    project = scope["project_id"]
+    for step in range(1, 5):
+        await put(
+            graphs, project, checkpoint("t", f"c{step}"), options=pb.GraphThreadOptions(keep_last=2)
+        )
+    for checkpoint_id in ("c0", "c25", "c35", "c4", "c9"):
+        await graphs.PutGraphWrites(
+            pb.PutGraphWritesRequest(
+                project_id=project,
+                thread_id="t",
+                checkpoint_id=checkpoint_id,
+                writes=[pb.GraphWrite(task_id="task", channel="ch", value=pb.TypedValue(type="b"))],
+            )
+        )
+    assert server.graphs is not None
+    await server.graphs.sweep()  # keep_last 2 keeps c4 and c3
+    assert await ids(graphs, project, "t") == ["c4", "c3"]
+    assert await write_ids(server, project) == ["c35", "c4", "c9"]
+    await graphs.PruneGraphThreads(
+        pb.PruneGraphThreadsRequest(project_id=project, thread_ids=["t"])
+    )
+    assert await write_ids(server, project) == ["c4", "c9"]
+    await put(graphs, project, checkpoint("t", "c9", parent="c4"))
+    got = await graphs.GetGraphCheckpoint(
+        pb.GetGraphCheckpointRequest(project_id=project, thread_id="t")
+    )
+    assert (got.checkpoint.checkpoint_id, len(got.checkpoint.pending_writes)) == ("c9", 1)
+
+
+async def test_a_prune_leaves_threads_whose_metadata_holds_a_refused_key(graphs, scope):
+    """KEEP_LATEST with refuse_metadata_keys (what MemsvcSaver sends for a DeltaChannel):
+    when a thread has a checkpoint whose metadata holds one, no thread is pruned and
+    the response names it; DELETE ignores them; bad keys are INVALID_ARGUMENT."""
+    project = scope["project_id"]
+    delta = {"counters_since_delta_snapshot": {"items": [1, 1]}}
+    for step in range(1, 4):
+        # Only the oldest checkpoint holds the key (LangGraph drops it at a snapshot).
+        await put(
+            graphs, project, checkpoint("delta", f"c{step}", metadata=delta if step == 1 else None)
+        )
+        await put(graphs, project, checkpoint("plain", f"c{step}"))
+
+    async def prune(threads: list[str], **extra: Any) -> pb.PruneGraphThreadsResponse:
+        response: pb.PruneGraphThreadsResponse = await graphs.PruneGraphThreads(
+            pb.PruneGraphThreadsRequest(project_id=project, thread_ids=threads, **extra)
+        )
+        return response
+
+    keys = ["delta_writes_versioned", "counters_since_delta_snapshot"]
+    refused = await prune(["plain", "delta", "absent"], refuse_metadata_keys=keys)
+    assert (list(refused.refused_thread_ids), refused.checkpoints_deleted) == (["delta"], 0)
+    assert await ids(graphs, project, "plain") == ["c3", "c2", "c1"]
+    assert await ids(graphs, project, "delta") == ["c3", "c2", "c1"]
+    pruned = await prune(["plain"], refuse_metadata_keys=keys)
+    assert (list(pruned.refused_thread_ids), pruned.checkpoints_deleted) == ([], 2)
+    deleted = await prune(
+        ["delta"], strategy=pb.GRAPH_PRUNE_STRATEGY_DELETE, refuse_metadata_keys=keys
+    )
+    assert (list(deleted.refused_thread_ids), deleted.checkpoints_deleted) == ([], 3)
+    error = await expect_error(
+        prune(["plain"], refuse_metadata_keys=[""]), grpc.StatusCode.INVALID_ARGUMENT
+    )
+    assert set(error.violations) == {"refuse_metadata_keys[0]"}
+    error = await expect_error(
+        prune(["plain"], refuse_metadata_keys=[f"k{i}" for i in range(17)]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert set(error.violations) == {"refuse_metadata_keys"}
+
+
 async def test_one_interval_clears_a_backlog_past_one_batch(graphs, scope, server):
     """More threads expire than one batch (100): one interval's sweep deletes them
     all, instead of 100 per interval while more keep expiring."""

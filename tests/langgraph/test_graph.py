@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import operator
+import random
 import uuid
 from dataclasses import replace
 from typing import Annotated, Any, TypedDict
@@ -283,3 +284,103 @@ def test_a_ttl_that_is_not_a_positive_number_of_seconds_is_refused(ttl: float):
     with pytest.raises(ValueError, match="ttl must be a positive number of seconds"):
         MemsvcSaver(project_id=str(uuid.uuid4()), ttl=ttl)
     MemsvcSaver(project_id=str(uuid.uuid4()), ttl=0.5)  # half a second is a TTL
+
+
+async def test_keep_latest_decides_in_memsvc_without_reading_the_threads(server: Server):
+    """aprune sends the DeltaChannel's metadata keys with the prune; memsvc decides on
+    the checkpoints' metadata in its store. A client that cannot receive one of the
+    threads' checkpoints (64 KiB a message, values of 256 KiB) prunes them all the
+    same, and is refused a thread with a DeltaChannel as before: none is pruned."""
+    target = f"127.0.0.1:{server.port}"
+    project = str(uuid.uuid4())
+    async with MemsvcSaver(target, project_id=project) as writer:
+        for thread_id in ("delta", "plain"):
+            config: RunnableConfig = {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}}
+            version = None
+            for step in range(4):
+                version = writer.get_next_version(version, None)
+                stored = empty_checkpoint()
+                stored["channel_values"] = {"blob": random.randbytes(256 << 10)}
+                stored["channel_versions"] = {"blob": version}
+                metadata: dict[str, Any] = {"step": step}
+                if thread_id == "delta" and step == 0:
+                    # LangGraph drops it once a DeltaChannel snapshots: only older ones hold it.
+                    metadata["counters_since_delta_snapshot"] = {"items": [1, 1]}
+                config = await writer.aput(config, stored, metadata, {"blob": version})  # type: ignore[arg-type]
+
+        async def count(thread_id: str) -> int:
+            listed = writer.alist({"configurable": {"thread_id": thread_id}})
+            return len([c async for c in listed])
+
+        small = {"grpc.max_receive_message_length": 64 << 10}
+        async with AsyncClient(target, channel_options=small) as client:
+            saver = MemsvcSaver(project_id=project, client=client)
+            with pytest.raises(NotImplementedError, match="'delta'"):
+                await saver.aprune(["plain", "delta"])
+            assert (await count("plain"), await count("delta")) == (4, 4)
+            await saver.aprune(["plain"])
+            assert await count("plain") == 1
+        # The sync method sends the same prune.
+        with pytest.raises(NotImplementedError, match="DeltaChannel"):
+            await asyncio.to_thread(writer.prune, ["delta"])
+        assert await count("delta") == 4
+
+
+async def test_a_listing_by_checkpoint_id_searches_every_namespace_as_the_postgres_saver(
+    server: Server, fresh_postgres_url: str
+):
+    """LangGraph's AsyncPostgresSaver filters alist by namespace only when the config
+    has ``checkpoint_ns``: a checkpoint id alone finds the checkpoint in whichever
+    namespaces hold it (a subgraph's, too). MemsvcSaver lists the same."""
+    from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
+
+    thread_id = f"thread-{uuid.uuid4()}"
+    root, sub, shared = (empty_checkpoint() for _ in range(3))
+    puts = [
+        ("", root, "root"),
+        ("sub:1", sub, "loop"),
+        ("", shared, "loop"),
+        ("sub:2", shared, "input"),
+    ]
+    queries: list[tuple[dict[str, str], dict[str, Any] | None]] = [
+        ({"checkpoint_id": sub["id"]}, None),
+        ({"checkpoint_id": shared["id"]}, None),
+        ({"checkpoint_id": shared["id"]}, {"source": "input"}),
+        ({"checkpoint_id": sub["id"], "checkpoint_ns": ""}, None),
+        ({"checkpoint_id": shared["id"], "checkpoint_ns": "sub:2"}, None),
+        ({"checkpoint_id": root["id"]}, None),
+    ]
+
+    async def listings(saver: BaseCheckpointSaver[Any]) -> list[list[tuple[str, str]]]:
+        for ns, stored, source in puts:
+            config: RunnableConfig = {"configurable": {"thread_id": thread_id, "checkpoint_ns": ns}}
+            await saver.aput(config, stored, {"source": source}, {})  # type: ignore[typeddict-item]
+        found = []
+        for wanted, metadata in queries:
+            config = {"configurable": {"thread_id": thread_id, **wanted}}
+            listed = [c async for c in saver.alist(config, filter=metadata)]
+            # Sorted: the PostgreSQL saver orders one id's namespaces as it finds them.
+            found.append(
+                sorted(
+                    (c.config["configurable"]["checkpoint_ns"], c.checkpoint["id"]) for c in listed
+                )
+            )
+        return found
+
+    async with (
+        AsyncPostgresSaver.from_conn_string(fresh_postgres_url) as reference,
+        MemsvcSaver(f"127.0.0.1:{server.port}", project_id=str(uuid.uuid4())) as saver,
+    ):
+        await reference.setup()
+        expected = await listings(reference)
+        assert expected[:2] == [
+            [("sub:1", sub["id"])],
+            [("", shared["id"]), ("sub:2", shared["id"])],
+        ]
+        assert await listings(saver) == expected
+        # The sync method lists the same.
+        config: RunnableConfig = {
+            "configurable": {"thread_id": thread_id, "checkpoint_id": sub["id"]}
+        }
+        by_sync = await asyncio.to_thread(lambda: list(saver.list(config)))
+        assert [c.config["configurable"]["checkpoint_ns"] for c in by_sync] == ["sub:1"]
