@@ -227,6 +227,7 @@ def requests(draw: st.DrawFn, ids: Seeded) -> tuple[str, Message]:
             before_checkpoint_id=draw(st.one_of(st.sampled_from(["", "c2"]), BAD_TEXT)),
             page_size=draw(PAGE_SIZES),
             page_token=draw(PAGE_TOKENS),
+            checkpoint_id=draw(st.one_of(st.sampled_from(["", "c1", "c9"]), BAD_TEXT)),
         )
         if draw(st.booleans()):
             request.checkpoint_ns = draw(st.one_of(st.just(""), BAD_TEXT))
@@ -246,6 +247,9 @@ def requests(draw: st.DrawFn, ids: Seeded) -> tuple[str, Message]:
             project_id=project,
             thread_ids=draw(st.lists(IDS, max_size=3)),
             strategy=draw(ENUMS),  # type: ignore[arg-type]
+            refuse_metadata_keys=draw(
+                st.lists(st.one_of(st.sampled_from(["source", "step"]), BAD_TEXT), max_size=20)
+            ),
         )
     return name, request
 
