@@ -161,6 +161,7 @@ class Server:
         self._sweeper: asyncio.Task[None] | None = None
         self.lifecycle: Lifecycle | None = None
         self.graphs: GraphCheckpoints | None = None
+        self.purger: Purger | None = None
         self.hub: EventHub | None = None
         self._healthy: bool | None = None
         # Without migrations (a Job runs them), the schema is checked once the
@@ -277,8 +278,9 @@ class Server:
         episodic_pb2_grpc.add_EpisodicMemoryServiceServicer_to_server(
             EpisodicMemoryServicer(episodes), server
         )
+        self.purger = Purger(self.working_memory_store, self.durable_store)
         data_removal_pb2_grpc.add_DataRemovalServiceServicer_to_server(
-            DataRemovalServicer(Purger(self.working_memory_store, self.durable_store)), server
+            DataRemovalServicer(self.purger), server
         )
         self.graphs = GraphCheckpoints(
             self.durable_store, page_bytes=self.config.response_budget_bytes
@@ -404,6 +406,8 @@ class Server:
                     STEP_LIMIT_SECONDS,
                     task_stacks(stuck),
                 )
+        if self.purger is not None:
+            await _bounded("finishing purges", self.purger.finished(), STEP_LIMIT_SECONDS)
         if self.lifecycle is not None:
             await _bounded(
                 "settling the markers of answered pauses",

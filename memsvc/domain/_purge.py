@@ -1,24 +1,32 @@
 """Purge: forget a session, an agent instance or a project in every store.
 
 One durable-store transaction deletes the scope's sessions (holding their row
-locks, so no lifecycle operation on them runs meanwhile), and before it
-commits, their working memory. Checkpoints, episodes (with their search
-entries), graph checkpoints (every thread of a project, the threads linked to
-an agent instance or session) and remembered answers go in the same transaction; the scope's events
-become tombstones that keep their sequence, type and time, so the log stays
-gap-free. If the working-memory step succeeds and the commit fails, the
-working memory is gone while the rows remain: a purge is meant to forget, and
-running it again finishes the job.
+locks, so no lifecycle operation on them runs meanwhile), checkpoints, episodes
+(with their search entries), graph checkpoints (every thread of a project, the
+threads linked to an agent instance or session) and remembered answers; the
+scope's events become tombstones that keep their sequence, type and time, so
+the log stays gap-free. Last, before the commit, the sessions' working memory
+goes. If that step succeeds and the commit fails, the working memory is gone
+while the rows remain: a purge is meant to forget, and running it again
+finishes the job.
+
+A purge runs to its end whatever the client's deadline: a large scope may take
+longer than a client waits, and a purge cut short rolls back, so a retry would
+start over and be cut short again. A retry with the same request id waits on
+the project's lock for the first and answers what it did.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
+from memsvc.domain._call_deadline import past_the_call
 from memsvc.domain._errors import FieldViolation
 from memsvc.domain._ids import (
     SessionRef,
@@ -29,6 +37,8 @@ from memsvc.domain._ids import (
 )
 from memsvc.domain._lifecycle_records import RequestLog
 from memsvc.domain._lifecycle_results import arguments_hash, claim
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,11 +102,33 @@ class Purger:
     def __init__(self, memory: ForgettingStore, database: PurgeDatabase) -> None:
         self._memory = memory
         self._db = database
+        self._running: set[asyncio.Task[PurgeReport]] = set()
 
     async def purge(
         self, project_id: str, agent_instance_id: str, session_id: str, request_id: str
     ) -> PurgeReport:
         scope, request_id = check_purge_scope(project_id, agent_instance_id, session_id, request_id)
+        # Not the call's task, nor its deadline: a client that stops waiting leaves
+        # the purge running to its end (see the module's docstring).
+        task = asyncio.get_running_loop().create_task(
+            self._purge(scope, request_id), context=past_the_call()
+        )
+        self._running.add(task)
+        task.add_done_callback(self._ended)
+        return await asyncio.shield(task)
+
+    def _ended(self, task: asyncio.Task[PurgeReport]) -> None:
+        self._running.discard(task)
+        # Said here too: the client that asked may have stopped waiting.
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.warning("a purge failed: %s", error)
+
+    async def finished(self) -> None:
+        """Wait for the purges still running (at shutdown, before the stores close)."""
+        while self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
+
+    async def _purge(self, scope: SessionRef, request_id: str) -> PurgeReport:
         arguments = arguments_hash("PurgeData", scope)
         # Looked for before the transaction: on Redis this walks the whole keyspace,
         # which no lock should wait for.
@@ -117,14 +149,20 @@ class Purger:
             # waits for a later purge.)
             known = set(sessions)
             orphans = [session for session in held if session not in known]
+            episodes = await tx.purge_episodes(scope)
+            answers = await tx.purge_requests(scope, request_id)
+            events = await tx.tombstone_events(scope)
+            graph_checkpoints = await tx.purge_graph(scope)
             report = PurgeReport(
                 sessions_deleted=len(sessions),
+                # Last: a purge that fails before (a database error) leaves the
+                # working memory as it was, with the rows that it belongs to.
                 working_memories_deleted=await self._memory.forget([*sessions, *orphans]),
                 checkpoints_deleted=checkpoints,
-                episodes_deleted=await tx.purge_episodes(scope),
-                request_answers_deleted=await tx.purge_requests(scope, request_id),
-                events_tombstoned=await tx.tombstone_events(scope),
-                graph_checkpoints_deleted=await tx.purge_graph(scope),
+                episodes_deleted=episodes,
+                request_answers_deleted=answers,
+                events_tombstoned=events,
+                graph_checkpoints_deleted=graph_checkpoints,
             )
             if request_id:
                 await tx.remember_response(
