@@ -11,6 +11,7 @@ by ``max_similarity_candidates``; see docs/decisions/0006-episodic-memory.md).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import math
@@ -71,6 +72,11 @@ MAX_DURATION_SECONDS = 315_576_000_000
 _SCORED_AT_ONCE = 64
 # Embeddings a similarity search reads from the store at once (4 MB at 4,096 values).
 _CANDIDATES_AT_ONCE = 256
+# Similarity searches that read and score at once in a process; the others wait
+# their turn holding nothing. Each holds a slice of embeddings and its ranking
+# (about 5 MB at 4,096 values); unbounded, 200 concurrent searches took a
+# gigabyte, twice a sidecar's memory limit. As many as the database's readers.
+SIMILARITY_SEARCHES_AT_ONCE = 4
 LIST_PAGE = (100, 1_000)  # (default, maximum) page size
 SEARCH_PAGE = (20, 100)
 
@@ -205,6 +211,7 @@ class Episodes:
         # Pages end before their episodes outgrow this (a response is one message).
         self._page_bytes = page_bytes
         self._clock_ms = clock_ms
+        self._similarity_turns = asyncio.Semaphore(SIMILARITY_SEARCHES_AT_ONCE)
 
     async def record(
         self,
@@ -350,7 +357,10 @@ class Episodes:
                 scope, terms, after, limit + 1, with_embedding, self._page_bytes
             )
         else:
-            items, cut = await self._similar(scope, terms, vector, after, limit + 1, with_embedding)
+            async with self._similarity_turns:
+                items, cut = await self._similar(
+                    scope, terms, vector, after, limit + 1, with_embedding
+                )
         return page_of(
             items,
             limit,
@@ -390,6 +400,9 @@ class Episodes:
             if read:
                 scores = cosine_scores([e for _, e in read], vector, dimensions)
                 ranked += zip(map(float, scores), (i for i, _ in read), strict=True)
+            # Let go of this slice before waiting for the next: held, it doubles
+            # what every search waiting on the database keeps.
+            del read
         if not ranked:
             return [], False
         ranked.sort(reverse=True)

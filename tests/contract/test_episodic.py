@@ -850,6 +850,38 @@ async def test_similarity_reads_its_candidates_a_slice_at_a_time(
     assert details.reason == "ERROR_REASON_SIMILARITY_SCOPE_TOO_LARGE"
 
 
+async def test_similarity_searches_score_a_few_at_a_time(
+    episodic, scope, server: Server, monkeypatch
+):
+    """Each similarity search holds a slice of embeddings and its ranking: 200 at
+    once took a gigabyte. A few read and score at once; the others wait their turn
+    and are answered as well. Found by a review."""
+    store = server.durable_store
+    read_embeddings = store.embeddings
+    reading, most = 0, 0
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal reading, most
+        reading += 1
+        most = max(most, reading)
+        try:
+            await asyncio.sleep(0.01)  # long enough for every search to get here
+            return await read_embeddings(*args, **kwargs)
+        finally:
+            reading -= 1
+
+    monkeypatch.setattr(store, "embeddings", counted)
+    near = await record(episodic, episode(scope, embedding=[1.0, 0.0]))
+    await record(episodic, episode(scope, embedding=[0.0, 1.0]))
+    request = ep.SearchEpisodesRequest(
+        project_id=scope["project_id"], query_embedding=[1.0, 0.1], page_size=1
+    )
+    searches = 4 * episodes_module.SIMILARITY_SEARCHES_AT_ONCE
+    answers = await asyncio.gather(*(episodic.SearchEpisodes(request) for _ in range(searches)))
+    assert all(a.results[0].episode.episode_id == near.episode_id for a in answers)
+    assert most == episodes_module.SIMILARITY_SEARCHES_AT_ONCE
+
+
 async def test_similarity_ranks_by_cosine_within_the_filtered_scope(episodic, scope):
     project = scope["project_id"]
     near = await record(episodic, episode(scope, embedding=[1.0, 0.1, 0.0]))
