@@ -1140,9 +1140,13 @@ def keys_within(keys: list[str], room: int) -> list[str]:
 def state_summary(
     entries: Sequence[SnapshotEntry], render: Callable[[bytes], Any], limit: int
 ) -> str:
-    """``json.dumps({key: render(value)}, sort_keys=True, default=str)[:limit]``, the
-    reference's context summary, rendering only the values the prefix shows: a
-    session of 10,000 keys summarises the first few, not all of them."""
+    """``json.dumps({key: render(value)}, sort_keys=True, default=str,
+    ensure_ascii=False)[:limit]``, the reference's context summary, rendering only
+    the values the prefix shows: a session of 10,000 keys summarises the first
+    few, not all of them. Unlike the reference, text outside ASCII stays as it is
+    (not \\u escapes), so a search finds its words ("Müller", "東京"), and a
+    character takes one of the ``limit``, not six; control characters, NUL
+    among them, are still escaped (PostgreSQL's text holds no NUL)."""
     parts = ["{"]
     size = 1
     for index, entry in enumerate(sorted(entries, key=lambda e: e.key)):
@@ -1150,9 +1154,9 @@ def state_summary(
             break
         item = (
             ("" if index == 0 else ", ")
-            + json.dumps(entry.key)
+            + json.dumps(entry.key, ensure_ascii=False)
             + ": "
-            + json.dumps(render(entry.value), sort_keys=True, default=str)
+            + json.dumps(render(entry.value), sort_keys=True, default=str, ensure_ascii=False)
         )
         parts.append(item)
         size += len(item)

@@ -1063,7 +1063,8 @@ async def test_terminate_summarises_the_state_as_sorted_json_cut_to_1000_chars(
     channel, episodic, scope, keys
 ):
     """The reference's context summary: the whole state rendered as JSON with sorted
-    keys, cut to 1,000 characters, whatever the session's size."""
+    keys, cut to 1,000 characters, whatever the session's size (text outside ASCII
+    as it is, where the reference escaped it: a search finds its words)."""
     # Numbers are doubles (google.protobuf.Value), so they render as floats.
     state: dict[str, Any] = {
         f"k{i:03d}": {"step": i + 0.5, "notes": ["ok", None, True]} for i in range(keys)
@@ -1082,8 +1083,24 @@ async def test_terminate_summarises_the_state_as_sorted_json_cut_to_1000_chars(
             ep.GetEpisodeRequest(project_id=scope["project_id"], episode_id=ended.episode_id)
         )
     ).episode
-    assert got.context_summary == json.dumps(state, sort_keys=True)[:1000]
+    assert got.context_summary == json.dumps(state, sort_keys=True, ensure_ascii=False)[:1000]
     assert json_format.MessageToDict(got.actions[0])["state_keys"] == sorted(state)
+
+
+async def test_a_terminated_sessions_words_outside_ascii_are_found(channel, episodic, scope):
+    """Found by a review: the summary escaped them (\\u00fc), and a search for
+    "Müller" or "東京" found nothing."""
+    lifecycle = LifecycleServiceStub(channel)
+    await lifecycle.Spawn(
+        lc.SpawnRequest(
+            **scope, initial_entries=[wm.EntryInput(key="notizen", value=value("Lösung Müller"))]
+        )
+    )
+    ended = await lifecycle.Terminate(lc.TerminateRequest(**scope))
+    found = await episodic.SearchEpisodes(
+        ep.SearchEpisodesRequest(project_id=scope["project_id"], query="Müller")
+    )
+    assert [r.episode.episode_id for r in found.results] == [ended.episode_id]
 
 
 async def test_query_syntax_of_either_database_is_plain_text(episodic, scope):

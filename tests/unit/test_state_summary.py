@@ -28,7 +28,7 @@ def entries_of(state: dict[str, Any]) -> list[SnapshotEntry]:
 @settings(max_examples=300)
 @given(st.dictionaries(st.text(max_size=12), JSON, max_size=30), st.integers(0, 400))
 def test_the_summary_is_the_prefix_of_the_whole_state(state, limit):
-    whole = json.dumps(state, sort_keys=True, default=str)
+    whole = json.dumps(state, sort_keys=True, default=str, ensure_ascii=False)
     assert state_summary(entries_of(state), json.loads, limit) == whole[:limit]
 
 
@@ -43,6 +43,16 @@ def test_only_the_values_shown_are_rendered():
     summary = state_summary(entries_of(state), render, 1000)
     assert summary == json.dumps(state, sort_keys=True)[:1000]
     assert len(rendered) <= 6, f"{len(rendered)} values rendered for a 1,000-character prefix"
+
+
+def test_text_outside_ascii_stays_searchable_and_control_characters_are_escaped():
+    """Found by a review: escaped as \\u00fc, "Müller" could not be found by a search,
+    and each character took six of the summary's 1,000."""
+    state = {"notizen": "Lösung für Müller", "メモ": "東京で会議", "raw": "a\x00b\x01"}
+    summary = state_summary(entries_of(state), json.loads, 1000)
+    assert "Müller" in summary and "メモ" in summary and "東京で会議" in summary
+    assert "\\u0000" in summary and "\x00" not in summary
+    assert json.loads(summary) == state
 
 
 def test_an_empty_state_is_an_empty_object():
