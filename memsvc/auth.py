@@ -268,18 +268,15 @@ class TokenFile:
         except CredentialsError as error:
             self._files.refuse(error)
             return None
-        if _unfinished_widening(text, self.table):
+        suspicion = self._suspicion(text, table)
+        if suspicion:
             # Taken only once it has stayed so for a while: a writer that paused
-            # mid-line has finished by then. (End the last line with a newline to
-            # never meet this: the check reads the text, however it was written.)
+            # mid-line, or truncated the file to write it again, has finished by then.
             now = self._clock()
             if self._held is None or self._held[0] != text:
                 self._held = (text, now)
                 log.warning(
-                    "%s: its last line has no end of line and lets its token act in every "
-                    "project: taken if unchanged in %g s",
-                    self.path,
-                    self._hold_seconds,
+                    "%s: %s: taken if unchanged in %g s", self.path, suspicion, self._hold_seconds
                 )
                 return None
             if now - self._held[1] < self._hold_seconds:
@@ -301,7 +298,20 @@ class TokenFile:
             ", ".join(sorted(fingerprint(d) for d in old.keys() - new.keys())) or "none",
             ", ".join(sorted(rebound)) or "none",
         )
+        if not table:
+            log.warning("the tokens file %s holds no token: every API call is refused", self.path)
         return table
+
+    def _suspicion(self, text: str, table: TokenTable) -> str:
+        """Why a changed file may be a writer's unfinished work ('' if it looks done)."""
+        if _unfinished_widening(text, self.table):
+            # (End the last line with a newline to never meet this: the check reads
+            # the text, however it was written.)
+            return "its last line has no end of line and lets its token act in every project"
+        if not table and self.table:
+            # Taken at once, it would refuse every call and end every watch.
+            return "it holds no token any more, which refuses every API call (truncated?)"
+        return ""
 
 
 def _scope_of(grant: Grant) -> str:

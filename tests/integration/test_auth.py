@@ -750,6 +750,39 @@ def test_a_line_cut_before_its_project_ids_does_not_widen_its_token_at_once(tmp_
     assert kept is not None and kept.lookup(token).projects is None  # type: ignore[union-attr]
 
 
+def test_a_tokens_file_truncated_to_be_written_again_is_not_taken_at_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """Found by a review: a writer's first step, truncating the file, was taken at the
+    next check, refusing every call and ending every watch until the tokens were back.
+    Held back as a cut line is; a file left empty on purpose is taken after the hold,
+    with a warning."""
+    token = new_token()
+    path = tmp_path / "tokens"
+    path.write_text(f"{token}\n")
+    now = [0.0]
+    tokens = TokenFile(path, hold_seconds=5, clock=lambda: now[0])
+
+    def rewrite(text: str) -> TokenTable | None:
+        path.write_text(text)
+        os.utime(path, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))  # a new mtime
+        return tokens.reload()
+
+    with caplog.at_level(logging.WARNING, logger="memsvc.auth"):
+        assert rewrite("") is None  # truncated: held back
+        assert "holds no token any more" in caplog.text
+    written = rewrite(f"{token}\n")
+    assert written is not None and written.lookup(token) is not None
+    tokens.table = written
+    assert rewrite("") is None
+    now[0] = 5.0
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="memsvc.auth"):
+        emptied = tokens.reload()  # unchanged for the hold: meant so
+    assert emptied is not None and len(emptied) == 0
+    assert "every API call is refused" in caplog.text
+
+
 async def test_tokens_without_tls_on_a_network_address_are_warned_of(
     base_config: Config, tokens: Tokens, caplog: pytest.LogCaptureFixture
 ):
