@@ -83,6 +83,10 @@ class PurgeTransaction(RequestLog, Protocol):
 class PurgeDatabase(Protocol):
     def transaction(self) -> AbstractAsyncContextManager[PurgeTransaction]: ...
 
+    async def erase_deleted(self) -> None:
+        """After a purge committed: leave no copy of what it deleted where the store
+        keeps them for a while (SQLite's write-ahead log); best effort."""
+
 
 class ForgettingStore(Protocol):
     """The working-memory side of a purge."""
@@ -168,6 +172,7 @@ class Purger:
                 await tx.remember_response(
                     scope.project_id, request_id, json.dumps(asdict(report)).encode()
                 )
+        await self._db.erase_deleted()
         return report
 
 

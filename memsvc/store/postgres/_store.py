@@ -238,6 +238,10 @@ class PostgresDurableStore(SqlDurableReads):
             await self._pool.close()
             self._pool = None
 
+    async def erase_deleted(self) -> None:
+        """Nothing to do at once: PostgreSQL's (auto)vacuum reclaims deleted rows and
+        their index entries (docs/security.md)."""
+
     async def ping(self) -> None:
         """The database answers, on the probe's own connection (made again when lost)."""
         await with_retries(

@@ -125,6 +125,9 @@ class SqliteDurableStore(SqlDurableReads):
             "PRAGMA synchronous=FULL",
             "PRAGMA busy_timeout=5000",
             "PRAGMA foreign_keys=ON",
+            # Deleted content is overwritten, not left in free pages: what a purge
+            # forgets must not stay readable in the file (some builds default to it).
+            "PRAGMA secure_delete=ON",
         ):
             await db.execute(pragma)
         await db.create_function(SQLITE_JSON_HOLDS, 2, json_holds, deterministic=True)
@@ -250,6 +253,17 @@ class SqliteDurableStore(SqlDurableReads):
         """SQLite has no cross-process channel: the hub polls, and this process's
         own commits wake it directly."""
         yield never_wakes()
+
+    async def erase_deleted(self) -> None:
+        """Copy the write-ahead log into the database and empty it: until then it
+        holds the pages a purge changed as they were before (a purged episode's text
+        among them). Best effort: a reader that holds an old snapshot for longer than
+        busy_timeout leaves it for SQLite's next automatic checkpoint."""
+        async with self._write_lock:
+            try:
+                await self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except aiosqlite.Error as error:
+                log.warning("after a purge, emptying the write-ahead log failed: %s", error)
 
     async def ping(self) -> None:
         try:

@@ -1,0 +1,70 @@
+"""What a purge forgets is gone from the embedded database's files, not only from
+its tables.
+
+Found by a review: after a purge, the purged episodes' words stayed in SQLite's
+full-text index (FTS5 deletes by adding markers; the old segments keep the
+words until a merge), and the write-ahead log still held the deleted values.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import grpc
+
+from memsvc.config import Config
+from memsvc.server import Server
+from memsvc.v1 import data_removal_pb2 as dr
+from memsvc.v1 import episodic_pb2 as ep
+from memsvc.v1 import lifecycle_pb2 as lc
+from memsvc.v1.data_removal_pb2_grpc import DataRemovalServiceStub
+from memsvc.v1.episodic_pb2_grpc import EpisodicMemoryServiceStub
+
+SECRET = "zqxwvplughsecret"  # one word, sharing no prefix with the others
+
+
+def files_holding(data_dir: Path, needle: bytes) -> list[str]:
+    return sorted(
+        path.name
+        for path in data_dir.iterdir()
+        if path.name.startswith("memsvc.db") and needle in path.read_bytes()
+    )
+
+
+async def test_a_purged_episodes_words_leave_the_sqlite_files(tmp_path: Path):
+    data_dir = tmp_path / "data"
+    config = Config(
+        listen="127.0.0.1:0", data_dir=str(data_dir), health_listen="", metrics_listen=""
+    )
+    project, agent = str(uuid.uuid4()), str(uuid.uuid4())
+    async with (
+        Server(config) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        episodic = EpisodicMemoryServiceStub(channel)
+        for index in range(3):
+            await episodic.RecordEpisode(
+                ep.RecordEpisodeRequest(
+                    request_id=str(uuid.uuid4()),
+                    episode=ep.Episode(
+                        project_id=project,
+                        agent_instance_id=agent,
+                        session_id="s",
+                        task_type="review",
+                        outcome=lc.OUTCOME_SUCCESS,
+                        task_description=f"{SECRET} {index}",
+                        lessons_learned=[f"about {SECRET}"],
+                    ),
+                )
+            )
+        found = await episodic.SearchEpisodes(
+            ep.SearchEpisodesRequest(project_id=project, query=SECRET)
+        )
+        assert len(found.results) == 3
+        assert files_holding(data_dir, SECRET.encode())  # written, as a check of the check
+        report = await DataRemovalServiceStub(channel).PurgeData(
+            dr.PurgeDataRequest(project_id=project)
+        )
+        assert report.episodes_deleted == 3
+        assert files_holding(data_dir, SECRET.encode()) == []
