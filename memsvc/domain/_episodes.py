@@ -77,6 +77,12 @@ _CANDIDATES_AT_ONCE = 256
 # (about 5 MB at 4,096 values); unbounded, 200 concurrent searches took a
 # gigabyte, twice a sidecar's memory limit. As many as the database's readers.
 SIMILARITY_SEARCHES_AT_ONCE = 4
+# Full-text searches that run at once in a process. One ranks every match it
+# finds: on SQLite that rereads each matching episode's text (about 3 ms for a
+# 90,000-character summary), holding one of the 4 readers that every other read
+# shares (GetSession, ListCheckpoints, a watcher catching up). Two at once leave
+# the others to them.
+TEXT_SEARCHES_AT_ONCE = 2
 LIST_PAGE = (100, 1_000)  # (default, maximum) page size
 SEARCH_PAGE = (20, 100)
 
@@ -212,6 +218,7 @@ class Episodes:
         self._page_bytes = page_bytes
         self._clock_ms = clock_ms
         self._similarity_turns = asyncio.Semaphore(SIMILARITY_SEARCHES_AT_ONCE)
+        self._text_search_turns = asyncio.Semaphore(TEXT_SEARCHES_AT_ONCE)
 
     async def record(
         self,
@@ -353,9 +360,10 @@ class Episodes:
             decode_page_token(page_token, token_scope), position_score, position_uuid
         )
         if vector is None:
-            items, cut = await self._db.search_episodes(
-                scope, terms, after, limit + 1, with_embedding, self._page_bytes
-            )
+            async with self._text_search_turns:
+                items, cut = await self._db.search_episodes(
+                    scope, terms, after, limit + 1, with_embedding, self._page_bytes
+                )
         else:
             async with self._similarity_turns:
                 items, cut = await self._similar(

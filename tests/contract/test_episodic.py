@@ -882,6 +882,34 @@ async def test_similarity_searches_score_a_few_at_a_time(
     assert most == episodes_module.SIMILARITY_SEARCHES_AT_ONCE
 
 
+async def test_text_searches_run_two_at_a_time(episodic, scope, server: Server, monkeypatch):
+    """A full-text search ranks every match (on SQLite rereading each one's text),
+    holding one of the readers every other read shares: two run at once, leaving
+    the others to them. Found by a review: four broad searches held GetEpisode up
+    for 20 s."""
+    store = server.durable_store
+    search = store.search_episodes
+    searching, most = 0, 0
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal searching, most
+        searching += 1
+        most = max(most, searching)
+        try:
+            await asyncio.sleep(0.01)  # long enough for every search to get here
+            return await search(*args, **kwargs)
+        finally:
+            searching -= 1
+
+    monkeypatch.setattr(store, "search_episodes", counted)
+    recorded = await record(episodic, episode(scope, task_description="review the parser"))
+    request = ep.SearchEpisodesRequest(project_id=scope["project_id"], query="parser")
+    searches = 4 * episodes_module.TEXT_SEARCHES_AT_ONCE
+    answers = await asyncio.gather(*(episodic.SearchEpisodes(request) for _ in range(searches)))
+    assert all([r.episode.episode_id for r in a.results] == [recorded.episode_id] for a in answers)
+    assert most == episodes_module.TEXT_SEARCHES_AT_ONCE
+
+
 async def test_similarity_ranks_by_cosine_within_the_filtered_scope(episodic, scope):
     project = scope["project_id"]
     near = await record(episodic, episode(scope, embedding=[1.0, 0.1, 0.0]))
