@@ -850,27 +850,33 @@ async def test_similarity_reads_its_candidates_a_slice_at_a_time(
     assert details.reason == "ERROR_REASON_SIMILARITY_SCOPE_TOO_LARGE"
 
 
+class AtOnce:
+    """Counts how many calls of ``owner.name`` (an async method) run at once; each
+    first waits a moment, long enough for every concurrent call to get there."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> None:
+        self.running = self.most = 0
+        call = getattr(owner, name)
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            self.running += 1
+            self.most = max(self.most, self.running)
+            try:
+                await asyncio.sleep(0.01)
+                return await call(*args, **kwargs)
+            finally:
+                self.running -= 1
+
+        monkeypatch.setattr(owner, name, counted)
+
+
 async def test_similarity_searches_score_a_few_at_a_time(
     episodic, scope, server: Server, monkeypatch
 ):
     """Each similarity search holds a slice of embeddings and its ranking: 200 at
     once took a gigabyte. A few read and score at once; the others wait their turn
     and are answered as well. Found by a review."""
-    store = server.durable_store
-    read_embeddings = store.embeddings
-    reading, most = 0, 0
-
-    async def counted(*args: Any, **kwargs: Any) -> Any:
-        nonlocal reading, most
-        reading += 1
-        most = max(most, reading)
-        try:
-            await asyncio.sleep(0.01)  # long enough for every search to get here
-            return await read_embeddings(*args, **kwargs)
-        finally:
-            reading -= 1
-
-    monkeypatch.setattr(store, "embeddings", counted)
+    reads = AtOnce(monkeypatch, server.durable_store, "embeddings")
     near = await record(episodic, episode(scope, embedding=[1.0, 0.0]))
     await record(episodic, episode(scope, embedding=[0.0, 1.0]))
     request = ep.SearchEpisodesRequest(
@@ -879,7 +885,7 @@ async def test_similarity_searches_score_a_few_at_a_time(
     searches = 4 * episodes_module.SIMILARITY_SEARCHES_AT_ONCE
     answers = await asyncio.gather(*(episodic.SearchEpisodes(request) for _ in range(searches)))
     assert all(a.results[0].episode.episode_id == near.episode_id for a in answers)
-    assert most == episodes_module.SIMILARITY_SEARCHES_AT_ONCE
+    assert reads.most == episodes_module.SIMILARITY_SEARCHES_AT_ONCE
 
 
 async def test_text_searches_run_two_at_a_time(episodic, scope, server: Server, monkeypatch):
@@ -887,27 +893,13 @@ async def test_text_searches_run_two_at_a_time(episodic, scope, server: Server, 
     holding one of the readers every other read shares: two run at once, leaving
     the others to them. Found by a review: four broad searches held GetEpisode up
     for 20 s."""
-    store = server.durable_store
-    search = store.search_episodes
-    searching, most = 0, 0
-
-    async def counted(*args: Any, **kwargs: Any) -> Any:
-        nonlocal searching, most
-        searching += 1
-        most = max(most, searching)
-        try:
-            await asyncio.sleep(0.01)  # long enough for every search to get here
-            return await search(*args, **kwargs)
-        finally:
-            searching -= 1
-
-    monkeypatch.setattr(store, "search_episodes", counted)
+    searching = AtOnce(monkeypatch, server.durable_store, "search_episodes")
     recorded = await record(episodic, episode(scope, task_description="review the parser"))
     request = ep.SearchEpisodesRequest(project_id=scope["project_id"], query="parser")
     searches = 4 * episodes_module.TEXT_SEARCHES_AT_ONCE
     answers = await asyncio.gather(*(episodic.SearchEpisodes(request) for _ in range(searches)))
     assert all([r.episode.episode_id for r in a.results] == [recorded.episode_id] for a in answers)
-    assert most == episodes_module.TEXT_SEARCHES_AT_ONCE
+    assert searching.most == episodes_module.TEXT_SEARCHES_AT_ONCE
 
 
 async def test_similarity_ranks_by_cosine_within_the_filtered_scope(episodic, scope):

@@ -720,6 +720,13 @@ def test_a_reload_logs_tokens_rebound_to_other_projects(
     assert rebound in caplog.text and token not in caplog.text
 
 
+def rewritten(tokens: TokenFile, text: str) -> TokenTable | None:
+    """Write ``text`` over the tokens file, with a new mtime, and reload it."""
+    tokens.path.write_text(text)
+    os.utime(tokens.path, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
+    return tokens.reload()
+
+
 def test_a_line_cut_before_its_project_ids_does_not_widen_its_token_at_once(tmp_path: Path):
     """A tokens file caught half written (rewritten in place, the writer paused
     mid-line) ends with a token alone: taken at once, it would let the token act in
@@ -733,9 +740,7 @@ def test_a_line_cut_before_its_project_ids_does_not_widen_its_token_at_once(tmp_
     tokens = TokenFile(path, hold_seconds=5, clock=lambda: now[0])
 
     def rewrite(text: str) -> TokenTable | None:
-        path.write_text(text)
-        os.utime(path, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))  # a new mtime
-        return tokens.reload()
+        return rewritten(tokens, text)
 
     assert rewrite(f"{other}\n{token}") is None  # cut: held back
     finished = rewrite(f"{other}\n{token} {PROJECT}\n")
@@ -764,9 +769,7 @@ def test_a_tokens_file_truncated_to_be_written_again_is_not_taken_at_once(
     tokens = TokenFile(path, hold_seconds=5, clock=lambda: now[0])
 
     def rewrite(text: str) -> TokenTable | None:
-        path.write_text(text)
-        os.utime(path, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))  # a new mtime
-        return tokens.reload()
+        return rewritten(tokens, text)
 
     with caplog.at_level(logging.WARNING, logger="memsvc.auth"):
         assert rewrite("") is None  # truncated: held back

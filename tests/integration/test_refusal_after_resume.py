@@ -29,13 +29,19 @@ from memsvc.v1.working_memory_pb2_grpc import WorkingMemoryServiceStub
 from tests.helpers import python, value
 
 
-class RefusedThenResumed(InMemoryWorkingMemoryStore):
-    """Holds the first refused write until ``resumed`` is set."""
+class HoldsFirstRefusal(InMemoryWorkingMemoryStore):
+    """Holds the first call it refuses (a write, or a read of an unknown session)
+    until ``release`` is set."""
 
     def __init__(self) -> None:
         super().__init__(max_session_keys=100, max_session_bytes=1 << 20)
         self.refused = asyncio.Event()
-        self.resumed = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def _hold(self) -> None:
+        if not self.refused.is_set():
+            self.refused.set()
+            await self.release.wait()
 
     async def set_entries(
         self, session: SessionRef, writes: Sequence[EntryWrite]
@@ -43,14 +49,21 @@ class RefusedThenResumed(InMemoryWorkingMemoryStore):
         try:
             return await super().set_entries(session, writes)
         except SessionNotWritable:
-            if not self.refused.is_set():
-                self.refused.set()
-                await self.resumed.wait()
+            await self._hold()
+            raise
+
+    async def get_entries(
+        self, session: SessionRef, keys: Sequence[str], budget_bytes: int
+    ) -> BatchRead:
+        try:
+            return await super().get_entries(session, keys, budget_bytes)
+        except NoSession:
+            await self._hold()
             raise
 
 
 async def test_a_write_refused_just_before_a_resume_is_written(local_config: Config):
-    store = RefusedThenResumed()
+    store = HoldsFirstRefusal()
     ids: dict[str, Any] = {
         "project_id": str(uuid.uuid4()),
         "agent_instance_id": str(uuid.uuid4()),
@@ -67,7 +80,7 @@ async def test_a_write_refused_just_before_a_resume_is_written(local_config: Con
         write = asyncio.ensure_future(wm.Set(pb.SetRequest(**ids, key="k", value=value("after"))))
         await asyncio.wait_for(store.refused.wait(), 10)
         await life.Resume(lc.ResumeRequest(**ids))
-        store.resumed.set()
+        store.release.set()
         await asyncio.wait_for(write, 10)
         got = await wm.Get(pb.GetRequest(**ids, key="k"))
         assert python(got.entry.value) == "after"
@@ -112,38 +125,6 @@ async def test_a_resume_settling_while_the_refusal_reads_the_database(local_conf
         assert python(got.entry.value) == "after"
 
 
-class RefusedThenSpawned(InMemoryWorkingMemoryStore):
-    """Holds the first call it refuses (no marker: never spawned) until ``spawned``."""
-
-    def __init__(self) -> None:
-        super().__init__(max_session_keys=100, max_session_bytes=1 << 20)
-        self.refused = asyncio.Event()
-        self.spawned = asyncio.Event()
-
-    async def _hold(self) -> None:
-        if not self.refused.is_set():
-            self.refused.set()
-            await self.spawned.wait()
-
-    async def set_entries(
-        self, session: SessionRef, writes: Sequence[EntryWrite]
-    ) -> list[WriteResult]:
-        try:
-            return await super().set_entries(session, writes)
-        except SessionNotWritable:
-            await self._hold()
-            raise
-
-    async def get_entries(
-        self, session: SessionRef, keys: Sequence[str], budget_bytes: int
-    ) -> BatchRead:
-        try:
-            return await super().get_entries(session, keys, budget_bytes)
-        except NoSession:
-            await self._hold()
-            raise
-
-
 async def test_a_call_refused_just_before_a_spawn_is_answered_for_the_new_session(
     local_config: Config,
 ):
@@ -152,7 +133,7 @@ async def test_a_call_refused_just_before_a_spawn_is_answered_for_the_new_sessio
     WORKING_MEMORY_LOST, whose advice (resume from a checkpoint, or terminate) would
     throw the fresh session away."""
     for call in ("set", "get"):
-        store = RefusedThenSpawned()
+        store = HoldsFirstRefusal()
         ids: dict[str, Any] = {
             "project_id": str(uuid.uuid4()),
             "agent_instance_id": str(uuid.uuid4()),
@@ -170,7 +151,7 @@ async def test_a_call_refused_just_before_a_spawn_is_answered_for_the_new_sessio
             refused = asyncio.ensure_future(early)
             await asyncio.wait_for(store.refused.wait(), 10)
             await life.Spawn(lc.SpawnRequest(**ids))
-            store.spawned.set()
+            store.release.set()
             if call == "set":
                 await asyncio.wait_for(refused, 10)  # written to the new session
                 got = await wm.Get(pb.GetRequest(**ids, key="k"))
