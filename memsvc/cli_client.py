@@ -283,6 +283,10 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
 
     address = args.address or os.environ.get(ADDRESS_VARIABLE) or DEFAULT_ADDRESS
     handler: Handler = args.handler
+    refusal = _not_utf8(args, os.environ)
+    if refusal is not None:
+        err.write(f"memsvc: {refusal}\n")
+        return EXIT_USAGE
     try:
         client = connect(args, os.environ)  # opens nothing yet
     except (OSError, ValueError) as error:  # a token or TLS file that cannot be used
@@ -303,6 +307,56 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
     except BrokenPipeError:  # `memsvc watch | head`
         return EXIT_OK
     return EXIT_OK
+
+
+# Options naming files: a path may hold any bytes the system allows.
+_PATH_OPTIONS = frozenset({"token_file", "tls_ca", "tls_cert", "tls_key"})
+# The other client variables, by the flag that wins over each.
+_TEXT_VARIABLES = {"address": ADDRESS_VARIABLE, "tls_server_name": TLS_VARIABLES["tls_server_name"]}
+
+
+def _not_utf8(args: argparse.Namespace, env: Mapping[str, str]) -> str | None:
+    """What is wrong with the first argument (or client variable) that is not UTF-8
+    (None: none is).
+
+    Python reads such bytes of the command line as lone surrogates, which no request
+    can carry: refused here, for every command, before any call."""
+    given = [
+        (f"argument {name}", value)
+        for name, value in vars(args).items()
+        if name not in _PATH_OPTIONS
+    ]
+    given += [
+        (f"${variable}", env.get(variable))
+        for name, variable in _TEXT_VARIABLES.items()
+        if not getattr(args, name, None)
+    ]
+    for name, value in given:
+        for text in _strings(value):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                return f"{name} is not valid UTF-8: {_escaped(text)}"
+    return None
+
+
+def _escaped(text: str) -> str:
+    """``text`` with the bytes that are not UTF-8 shown as escapes (``r\\xffun``)."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate the command line's bytes do not make
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _strings(value: Any) -> list[str]:
+    """The strings in a parsed argument (lists and KEY=JSON pairs included)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list | tuple):
+        return [text for item in value for text in _strings(item)]
+    if isinstance(value, dict):
+        return [text for key, item in value.items() for text in (*_strings(key), *_strings(item))]
+    return []
 
 
 def describe_error(error: MemsvcError, address: str) -> str:
@@ -434,7 +488,7 @@ async def _get(client: AsyncClient, args: argparse.Namespace, out: TextIO) -> No
     entry = await _session(client, args).get_entry(args.key)
     if args.json:
         return _json(out, entry)
-    out.write(json.dumps(entry.value, ensure_ascii=False) + "\n")
+    out.write(_dumps(entry.value) + "\n")
 
 
 async def _set(client: AsyncClient, args: argparse.Namespace, out: TextIO) -> None:
@@ -616,20 +670,34 @@ def _show(out: TextIO, args: argparse.Namespace, value: Any, text: str | None = 
         out.write(text + "\n")
     else:
         for name, field in _plain(value).items():
-            shown = json.dumps(field) if isinstance(field, dict | list) else field
+            shown = _dumps(field, ensure_ascii=True) if isinstance(field, dict | list) else field
             out.write(f"{name}: {'-' if field is None else shown}\n")
 
 
 def _json(out: TextIO, value: Any) -> None:
-    out.write(json.dumps(_plain(value), indent=2, ensure_ascii=False) + "\n")
+    out.write(_dumps(value, indent=2) + "\n")
 
 
 def _json_line(value: Any) -> str:
-    return json.dumps(_plain(value), ensure_ascii=False, separators=(",", ":")) + "\n"
+    return _dumps(value, separators=(",", ":")) + "\n"
+
+
+def _dumps(value: Any, *, ensure_ascii: bool = False, **options: Any) -> str:
+    """``value`` as JSON, never with NaN or Infinity (not JSON; ``_plain`` spells them)."""
+    return json.dumps(_plain(value), ensure_ascii=ensure_ascii, allow_nan=False, **options)
+
+
+# The numbers JSON cannot carry (raw gRPC can store them in a google.protobuf.Value),
+# spelt as protobuf's JSON mapping spells a double's.
+_NAN = "NaN"
+_INFINITY = "Infinity"
 
 
 def _plain(value: Any) -> Any:
-    """The SDK's dataclasses as JSON-ready values (times in RFC 3339, enums by value)."""
+    """The SDK's dataclasses as JSON-ready values (times in RFC 3339, enums by value,
+    NaN and the infinities as the strings "NaN", "Infinity" and "-Infinity")."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return _NAN if math.isnan(value) else _INFINITY if value > 0 else f"-{_INFINITY}"
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, list | tuple):

@@ -10,6 +10,7 @@ again at once and, if the token changed, is retried with the new one. So a rotat
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,11 @@ Metadata = tuple[tuple[str, str], ...]
 
 # Visible ASCII: what a gRPC metadata value may carry.
 _VISIBLE = frozenset(range(0x21, 0x7F))
+
+# The PEM blocks gRPC reads from the TLS files: certificates (under any label OpenSSL
+# takes for one) and private keys (PKCS#8, RSA, EC...).
+_CERTIFICATE = re.compile(rb"-----BEGIN (?:X509 |TRUSTED )?CERTIFICATE-----")
+_PRIVATE_KEY = re.compile(rb"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----")
 
 
 def _check_token(token: str, where: str) -> str:
@@ -120,18 +126,35 @@ class TLS:
             raise ValueError("TLS cert_file and key_file go together: give both or neither")
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
-        """The files read into gRPC channel credentials (read now, once)."""
+        """The files read into gRPC channel credentials (read now, once).
 
-        def read(path: str | os.PathLike[str] | None) -> bytes | None:
-            return None if path is None else Path(path).read_bytes()
-
+        OSError when a file cannot be read; ValueError when one holds no PEM block of
+        its kind (gRPC would take it, then fail every handshake: each call would wait
+        out its deadline as if the server were down).
+        """
+        ca = _read_pem(self.ca_file, "CA", _CERTIFICATE, "CERTIFICATE")
+        chain = _read_pem(self.cert_file, "certificate", _CERTIFICATE, "CERTIFICATE")
+        key = _read_pem(self.key_file, "key", _PRIVATE_KEY, "PRIVATE KEY")
         return grpc.ssl_channel_credentials(
-            root_certificates=read(self.ca_file),
-            private_key=read(self.key_file),
-            certificate_chain=read(self.cert_file),
+            root_certificates=ca, private_key=key, certificate_chain=chain
         )
 
     def channel_options(self) -> list[tuple[str, str]]:
         if self.server_name is None:
             return []
         return [("grpc.ssl_target_name_override", self.server_name)]
+
+
+def _read_pem(
+    path: str | os.PathLike[str] | None, what: str, block: re.Pattern[bytes], label: str
+) -> bytes | None:
+    """The content of a TLS file (None for no file); ValueError without a ``block``."""
+    if path is None:
+        return None
+    content = Path(path).read_bytes()
+    if block.search(content) is None:
+        raise ValueError(
+            f"the TLS {what} file {os.fsdecode(path)} holds no PEM {label.lower()} "
+            f"(a '-----BEGIN {label}-----' block)"
+        )
+    return content

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -159,6 +160,36 @@ def test_credentials_arguments_are_checked(tmp_path: Path):
     with pytest.raises(ValueError, match="not both"):
         Client(token="a" * 20, token_file=tmp_path / "t")
     assert threading.active_count() == threads, "a refused Client starts no thread"
+
+
+def test_tls_files_without_their_pem_blocks_are_refused_at_once(tmp_path: Path):
+    """Found by a review: a token file given as the CA was taken, and every call then
+    waited out its deadline for a handshake that could never succeed, as if memsvc were
+    down. A CA or certificate file needs a PEM certificate, a key file a PEM key."""
+    pki = make_pki(tmp_path / "pki")
+    token = write_token(tmp_path / "token", new_token())
+    refused = [
+        (TLS(ca_file=token), f"the TLS CA file {token} holds no PEM certificate"),
+        (
+            TLS(ca_file=pki.ca, cert_file=pki.client_key, key_file=pki.client_cert),
+            f"the TLS certificate file {pki.client_key} holds no PEM certificate",
+        ),
+        (
+            TLS(cert_file=pki.client_cert, key_file=pki.client_cert),
+            f"the TLS key file {pki.client_cert} holds no PEM private key",
+        ),
+    ]
+    for tls, message in refused:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            AsyncClient(tls=tls)
+        threads = threading.active_count()
+        with pytest.raises(ValueError, match=re.escape(message)):
+            Client(tls=tls)
+        assert threading.active_count() == threads, "a refused Client starts no thread"
+    # The real files pass (a key file holding the certificate too, as some tools write).
+    both = tmp_path / "client.pem"
+    both.write_bytes(pki.client_cert.read_bytes() + pki.client_key.read_bytes())
+    TLS(ca_file=pki.ca, cert_file=pki.client_cert, key_file=both).channel_credentials()
 
 
 @pytest.fixture

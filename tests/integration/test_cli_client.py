@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from google.protobuf import struct_pb2
 
 from memsvc.server import Server
+from memsvc.v1 import working_memory_pb2 as pb
+from memsvc.v1.working_memory_pb2_grpc import WorkingMemoryServiceStub
 
 MEMSVC = str(Path(sys.executable).parent / "memsvc")
 
@@ -174,3 +178,95 @@ async def test_bad_command_lines_are_usage_errors_without_a_traceback(
     code, out, err = await cli.run(*expanded)
     assert (code, out) == (2, ""), err
     assert says in err and "Traceback" not in err
+
+
+def strict_json(text: str) -> Any:
+    """JSON as the standard has it: NaN and Infinity are not (json.loads takes them)."""
+
+    def refuse(constant: str) -> Any:
+        raise AssertionError(f"{constant} is not JSON: {text}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+async def test_numbers_json_cannot_carry_print_as_strings(
+    cli: Cli, wm: WorkingMemoryServiceStub, scope: dict[str, str]
+):
+    """Found by a review: a NaN stored through raw gRPC (the API takes it) printed as
+    NaN, which is not JSON: `get` and --json print protobuf's names as strings."""
+    await cli.ok("spawn", *cli.ids)
+    stored = struct_pb2.Value()
+    stored.struct_value.fields["nan"].number_value = math.nan
+    infinities = stored.struct_value.fields["limits"].list_value.values
+    infinities.add().number_value = math.inf
+    infinities.add().number_value = -math.inf
+    stored.struct_value.fields["one"].number_value = 1.5
+    ids: dict[str, Any] = dict(scope)
+    await wm.Set(pb.SetRequest(**ids, key="odd", value=stored))
+    await wm.Set(pb.SetRequest(**ids, key="nan", value=struct_pb2.Value(number_value=math.nan)))
+
+    expected = {"nan": "NaN", "limits": ["Infinity", "-Infinity"], "one": 1.5}
+    assert strict_json(await cli.ok("get", *cli.ids, "odd")) == expected
+    assert strict_json(await cli.ok("get", *cli.ids, "odd", "--json"))["value"] == expected
+    assert await cli.ok("get", *cli.ids, "nan") == '"NaN"\n'
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (("get", "IDS", "\udcff"), "argument key is not valid UTF-8: \\xff"),
+        (("set", "IDS", "k\udcff", "1"), "argument key is not valid UTF-8: k\\xff"),
+        (("set", "IDS", "k", "\udcff"), "argument value is not valid UTF-8: \\xff"),
+        (("sessions", "show", "-p", "P", "-a", "P", "-s", "r\udcffun"), "session is not valid"),
+        (("watch", "-s", "\udcff"), "argument session is not valid UTF-8: \\xff"),
+        (("terminate", "IDS", "--lesson", "\udcff"), "argument lesson is not valid UTF-8"),
+        (("sessions", "list", "-p", "P", "--address", "\udcff"), "argument address is not"),
+    ],
+)
+async def test_arguments_that_are_not_utf8_are_usage_errors(
+    cli: Cli, args: tuple[str, ...], says: str
+):
+    """Found by a review: bytes that are not UTF-8 (here passed as the surrogates Python
+    reads them as, which the subprocess turns back into bytes) printed a traceback
+    and exited 1. Refused before any call: exit code 2 and one line."""
+    expanded = [a for arg in args for a in (cli.ids if arg == "IDS" else [arg])]
+    expanded = [cli.ids[1] if arg == "P" else arg for arg in expanded]
+    code, out, err = await cli.run(*expanded)
+    assert (code, out) == (2, ""), err
+    assert says in err and len(err.splitlines()) == 1, err
+
+
+async def test_a_non_utf8_address_variable_is_a_usage_error(cli: Cli):
+    cli.env["MEMSVC_ADDRESS"] = "127.0.0.1:\udcff"
+    code, out, err = await cli.run("sessions", "list", "-p", cli.ids[1])
+    assert (code, out, err) == (
+        2,
+        "",
+        "memsvc: $MEMSVC_ADDRESS is not valid UTF-8: 127.0.0.1:\\xff\n",
+    )
+
+
+async def test_tls_files_that_are_not_pem_are_usage_errors_at_once(cli: Cli, tmp_path: Path):
+    """Found by a review: a token file given as --tls-ca made the CLI wait out its
+    --timeout and blame an unreachable memsvc (exit code 5). Each TLS file is checked
+    for a PEM block of its kind before any call: exit code 2, naming the file."""
+    token = tmp_path / "token"
+    token.write_text("0123456789abcdef0123456789abcdef\n")
+    certificate = tmp_path / "client.crt"
+    certificate.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    key = tmp_path / "client.key"
+    key.write_text("-----BEGIN PRIVATE KEY-----\nMIGH\n-----END PRIVATE KEY-----\n")
+    listing = ["sessions", "list", "-p", cli.ids[1], "--timeout", "5"]
+    cases = [
+        (["--tls-ca", str(token)], f"the TLS CA file {token} holds no PEM certificate"),
+        (["--tls-cert", str(key), "--tls-key", str(certificate)], f"certificate file {key}"),
+        (["--tls-cert", str(certificate), "--tls-key", str(token)], f"key file {token} holds"),
+    ]
+    for flags, says in cases:
+        code, out, err = await cli.run(*listing, *flags)
+        assert (code, out) == (2, ""), err
+        assert says in err and "Traceback" not in err
+    # The variables are checked as the flags are.
+    cli.env["MEMSVC_TLS_CA"] = str(token)
+    code, _, err = await cli.run(*listing)
+    assert code == 2 and f"the TLS CA file {token}" in err
