@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,7 +133,7 @@ class TLS:
         its kind (gRPC would take it, then fail every handshake: each call would wait
         out its deadline as if the server were down).
         """
-        ca = _read_pem(self.ca_file, "CA", _CERTIFICATE, "CERTIFICATE")
+        ca = _read_pem(self.ca_file, "CA", _CERTIFICATE, "CERTIFICATE") or _system_roots()
         chain = _read_pem(self.cert_file, "certificate", _CERTIFICATE, "CERTIFICATE")
         key = _read_pem(self.key_file, "key", _PRIVATE_KEY, "PRIVATE KEY")
         return grpc.ssl_channel_credentials(
@@ -143,6 +144,20 @@ class TLS:
         if self.server_name is None:
             return []
         return [("grpc.ssl_target_name_override", self.server_name)]
+
+
+def _system_roots() -> bytes | None:
+    """The system's trusted roots: the bundle OpenSSL reads (``SSL_CERT_FILE`` if set),
+    None where there is none. gRPC's Python package otherwise trusts the bundle it
+    ships, never the system's: a private CA installed on the machine was not
+    trusted."""
+    bundle = ssl.get_default_verify_paths().cafile
+    if bundle is None:
+        return None
+    try:
+        return Path(bundle).read_bytes()
+    except OSError:
+        return None
 
 
 def _read_pem(

@@ -104,6 +104,20 @@ async def test_tls_serves_clients_that_trust_its_ca(tls_server: Server, pki: Pki
             await client.session(*session_ids()).spawn()
 
 
+async def test_tls_without_a_ca_file_trusts_the_systems_roots(
+    tls_server: Server, pki: Pki, monkeypatch: pytest.MonkeyPatch
+):
+    """``tls=True`` trusts the system's roots, here the bundle SSL_CERT_FILE names, as
+    OpenSSL does. Found by a review: gRPC's Python package trusts only the bundle it
+    ships, so a private CA installed on the machine was not trusted."""
+    monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca))
+    async with AsyncClient(
+        f"127.0.0.1:{tls_server.port}", tls=True, retry=ONCE, timeout=5
+    ) as client:
+        session = await client.session(*session_ids()).spawn()
+        assert session.version == 1
+
+
 async def test_the_probe_port_stays_plaintext(tls_server: Server):
     async with grpc.aio.insecure_channel(f"127.0.0.1:{tls_server.health_port}") as channel:
         answer = await health_pb2_grpc.HealthStub(channel).Check(
