@@ -21,7 +21,8 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
-from memsvc.domain._call_deadline import call_deadline, past_the_call
+from memsvc.domain._background import BackgroundWork
+from memsvc.domain._call_deadline import call_deadline
 from memsvc.domain._episodes import MAX_ACTIONS_BYTES, OUTCOMES, check_story
 from memsvc.domain._errors import (
     CheckpointAlreadyExists,
@@ -140,9 +141,9 @@ class Lifecycle:
         self._render_value = render_value
         self._clock_ms = clock_ms
         # Step 3 of the operations answered already (_Steps.after_answer), and heals
-        # after answering (at most one pending a session: _heal_after_answer).
-        self._settling: set[asyncio.Future[None]] = set()
-        self._healing: dict[SessionRef, asyncio.Future[None]] = {}
+        # (at most one running a session, shared by every call that needs it).
+        self._after_calls = BackgroundWork[None]("a lifecycle step after its answer")
+        self._heals = BackgroundWork[None]("healing a session's marker")
         self.reads = LifecycleReads(memory, database, working_memory.limits, self.retention)
 
     # Spawn ------------------------------------------------------------------
@@ -977,43 +978,24 @@ class Lifecycle:
                 await self._finish(method, ref, steps)
         return result
 
-    def _after_answer(self, settling: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
+    def _after_answer(self, settling: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run ``settling`` once the call has answered (awaited at shutdown: settled),
         bounded by the backends' own retry budget, not by the call's deadline."""
-        task = asyncio.get_running_loop().create_task(settling, context=past_the_call())
-        self._settling.add(task)
-        task.add_done_callback(self._settling.discard)
-        return task
+        return self._after_calls.start(None, settling)
 
     def _heal_after_answer(self, ref: SessionRef) -> None:
-        """Heal the session's marker in the background (see _healing_of)."""
-        self._healing_of(ref)
+        """Heal the session's marker in the background (see _heal_shared)."""
+        self._heals.start(ref, self.heal(ref))
 
     async def _heal_shared(self, ref: SessionRef) -> None:
-        """Heal the session's marker and wait for it, raising what the heal raised
-        (see _healing_of). The caller's deadline ends its wait, not the heal."""
-        await asyncio.shield(self._healing_of(ref))
-
-    def _healing_of(self, ref: SessionRef) -> asyncio.Future[None]:
-        """The heal of the session's marker, started unless one is pending already:
-        a burst of refused or retried calls must not queue a transaction each on
-        the row lock (each holding a pooled connection while it waits, which
-        would starve every other session's calls), nor hold a Redis connection
-        each while Redis is away. A heal's failure is logged, and the marker
-        stays transitional: the next call on the session heals it."""
-        pending = self._healing.get(ref)
-        if pending is not None:
-            return pending
-        task = self._after_answer(self.heal(ref))
-        self._healing[ref] = task
-
-        def done(finished: asyncio.Future[None]) -> None:
-            self._healing.pop(ref, None)
-            if not finished.cancelled() and (error := finished.exception()) is not None:
-                log.warning("%s: settling its marker later: %s", ref.session_id, error)
-
-        task.add_done_callback(done)
-        return task
+        """Heal the session's marker and wait for it, raising what the heal raised.
+        One heal a session at a time, which later calls join: a burst of refused or
+        retried calls must not queue a transaction each on the row lock (each
+        holding a pooled connection while it waits, which would starve every other
+        session's calls), nor hold a Redis connection each while Redis is away. The
+        caller's deadline ends its wait, not the heal. A heal that fails leaves the
+        marker transitional: the next call on the session heals it."""
+        await self._heals.wait(self._heals.start(ref, self.heal(ref)))
 
     async def _finish(self, method: str, ref: SessionRef, steps: _Steps) -> None:
         """Step 3: settle the marker after the commit."""
@@ -1030,8 +1012,8 @@ class Lifecycle:
 
     async def settled(self) -> None:
         """Wait for the markers still settling after their answer (at shutdown)."""
-        while self._settling:
-            await asyncio.gather(*self._settling, return_exceptions=True)
+        await self._after_calls.finished()
+        await self._heals.finished()
 
     async def _settle_by_truth(self, ref: SessionRef, after: str) -> None:
         """Settle a transitional marker by what the database holds, not by guessing

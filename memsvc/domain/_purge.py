@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
-from memsvc.domain._call_deadline import past_the_call
+from memsvc.domain._background import BackgroundWork
 from memsvc.domain._errors import FieldViolation
 from memsvc.domain._ids import (
     SessionRef,
@@ -37,8 +36,6 @@ from memsvc.domain._ids import (
 )
 from memsvc.domain._lifecycle_records import RequestLog
 from memsvc.domain._lifecycle_results import arguments_hash, claim
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,33 +103,30 @@ class Purger:
     def __init__(self, memory: ForgettingStore, database: PurgeDatabase) -> None:
         self._memory = memory
         self._db = database
-        self._running: set[asyncio.Task[PurgeReport]] = set()
+        self._purges = BackgroundWork[PurgeReport]("a purge")
+        # One purge at a time in a process, taken before a pooled connection: purges
+        # that wait (for the one running, on its project's lock) hold none.
+        self._one_at_a_time = asyncio.Lock()
 
     async def purge(
         self, project_id: str, agent_instance_id: str, session_id: str, request_id: str
     ) -> PurgeReport:
         scope, request_id = check_purge_scope(project_id, agent_instance_id, session_id, request_id)
         # Not the call's task, nor its deadline: a client that stops waiting leaves
-        # the purge running to its end (see the module's docstring).
-        task = asyncio.get_running_loop().create_task(
-            self._purge(scope, request_id), context=past_the_call()
-        )
-        self._running.add(task)
-        task.add_done_callback(self._ended)
-        return await asyncio.shield(task)
-
-    def _ended(self, task: asyncio.Task[PurgeReport]) -> None:
-        self._running.discard(task)
-        # Said here too: the client that asked may have stopped waiting.
-        if not task.cancelled() and (error := task.exception()) is not None:
-            log.warning("a purge failed: %s", error)
+        # the purge running to its end (see the module's docstring), and its retry
+        # (the same request id) waits for that one instead of starting another.
+        key = (scope, request_id) if request_id else None
+        return await self._purges.wait(self._purges.start(key, self._purge(scope, request_id)))
 
     async def finished(self) -> None:
         """Wait for the purges still running (at shutdown, before the stores close)."""
-        while self._running:
-            await asyncio.gather(*self._running, return_exceptions=True)
+        await self._purges.finished()
 
     async def _purge(self, scope: SessionRef, request_id: str) -> PurgeReport:
+        async with self._one_at_a_time:
+            return await self._purge_now(scope, request_id)
+
+    async def _purge_now(self, scope: SessionRef, request_id: str) -> PurgeReport:
         arguments = arguments_hash("PurgeData", scope)
         # Looked for before the transaction: on Redis this walks the whole keyspace,
         # which no lock should wait for.

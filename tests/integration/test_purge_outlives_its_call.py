@@ -38,8 +38,10 @@ class SlowToForget(InMemoryWorkingMemoryStore):
         super().__init__(max_session_keys=100, max_session_bytes=1 << 20)
         self.forgetting = asyncio.Event()
         self.go = asyncio.Event()
+        self.forgets = 0
 
     async def forget(self, sessions: Sequence[SessionRef]) -> int:
+        self.forgets += 1
         self.forgetting.set()
         await self.go.wait()
         return await super().forget(sessions)
@@ -67,8 +69,16 @@ async def test_a_purge_its_client_gave_up_on_finishes_and_its_retry_answers_it(
         await expect_error(
             removal.PurgeData(request, timeout=0.5), grpc.StatusCode.DEADLINE_EXCEEDED
         )
-        assert store.forgetting.is_set()
+        await asyncio.wait_for(store.forgetting.wait(), 10)
+        # A retry while it still runs waits for it (no second purge queued behind it,
+        # which on PostgreSQL would hold a pooled connection all that time).
+        retry = asyncio.ensure_future(removal.PurgeData(request, timeout=10))
+        await asyncio.sleep(0.2)
+        assert not retry.done()
         store.go.set()
+        joined = await retry
+        assert joined.sessions_deleted == SESSIONS
+        assert store.forgets == 1
 
         async def purged() -> bool:
             try:
@@ -78,7 +88,7 @@ async def test_a_purge_its_client_gave_up_on_finishes_and_its_retry_answers_it(
             return False
 
         await eventually(purged)  # by the first call, which nobody waits for now
-        # A retry gets its answer.
+        # A retry after it ended gets its answer too.
         report = await removal.PurgeData(request, timeout=10)
         assert report.sessions_deleted == SESSIONS
         assert report.working_memories_deleted == SESSIONS
@@ -87,3 +97,41 @@ async def test_a_purge_its_client_gave_up_on_finishes_and_its_retry_answers_it(
                 life.GetSession(lc.GetSessionRequest(**scope)), grpc.StatusCode.NOT_FOUND
             )
             await expect_error(wm.Get(pb.GetRequest(**scope, key="k")), grpc.StatusCode.NOT_FOUND)
+
+
+async def test_purges_waiting_for_one_running_leave_the_pool_to_other_calls(
+    local_config: Config,
+):
+    """Purges of a project that one purge is working on wait for it in the process,
+    holding no pooled connection: each used to take one and then wait on the
+    project's lock, so a few retries took the whole pool (4 by default on
+    PostgreSQL) and every other call stalled. Found by a review."""
+    store = SlowToForget()
+    project, agent = str(uuid.uuid4()), str(uuid.uuid4())
+    other: dict[str, Any] = {
+        "project_id": str(uuid.uuid4()),
+        "agent_instance_id": agent,
+        "session_id": "elsewhere",
+    }
+    async with (
+        Server(local_config, working_memory=store) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        life, removal = LifecycleServiceStub(channel), DataRemovalServiceStub(channel)
+        await life.Spawn(
+            lc.SpawnRequest(project_id=project, agent_instance_id=agent, session_id="s")
+        )
+        await life.Spawn(lc.SpawnRequest(**other))
+        purges = [
+            asyncio.ensure_future(removal.PurgeData(dr.PurgeDataRequest(project_id=project)))
+            for _ in range(6)
+        ]
+        await asyncio.wait_for(store.forgetting.wait(), 10)
+        try:
+            # Another project's session is read while they wait.
+            got = await life.GetSession(lc.GetSessionRequest(**other), timeout=5)
+            assert got.session.session_id == "elsewhere"
+        finally:
+            store.go.set()
+        reports = await asyncio.gather(*purges)
+        assert sorted(r.sessions_deleted for r in reports) == [0, 0, 0, 0, 0, 1]

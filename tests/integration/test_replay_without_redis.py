@@ -57,10 +57,10 @@ async def test_a_replayed_answer_needs_no_redis(tmp_path: Path, postgres_url: st
             proxy.blackhole()  # Redis stops answering (a partition)
             try:
                 await life.DeleteCheckpoint(delete, timeout=3)  # the first answer, at once
-                assert not lifecycle._healing  # no marker step: nothing to heal
+                assert not len(lifecycle._heals)  # no marker step: nothing to heal
                 # A burst of retries of a Spawn: answered at once, and one heal pending
                 # (not one each, queued on the row lock or holding Redis connections).
                 await asyncio.gather(*(life.Spawn(spawn, timeout=3) for _ in range(5)))
-                assert len(lifecycle._healing) == 1
+                assert len(lifecycle._heals) == 1
             finally:
                 proxy.restore()

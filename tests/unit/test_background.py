@@ -1,0 +1,79 @@
+"""BackgroundWork: work past its call, joined by key, its failure said once."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from memsvc.domain._background import BackgroundWork
+
+
+async def test_work_of_a_key_is_joined_not_started_again():
+    work = BackgroundWork[int]("a job")
+    release = asyncio.Event()
+    runs = 0
+
+    async def job() -> int:
+        nonlocal runs
+        runs += 1
+        await release.wait()
+        return runs
+
+    first = work.start("k", job())
+    second = work.start("k", job())  # closed unrun: no "never awaited" warning
+    unkeyed = work.start(None, job())
+    assert second is first and unkeyed is not first
+    assert len(work) == 2
+    release.set()
+    assert await work.wait(first) == await work.wait(second)
+    await work.finished()
+    assert runs == 2 and len(work) == 0
+    assert work.start("k", job()) is not first  # ended: the key is free again
+    await work.finished()
+
+
+async def test_a_waiting_callers_cancellation_leaves_the_work_running():
+    work = BackgroundWork[str]("a job")
+    release = asyncio.Event()
+
+    async def job() -> str:
+        await release.wait()
+        return "done"
+
+    task = work.start("k", job())
+    waiter = asyncio.ensure_future(work.wait(task))
+    await asyncio.sleep(0)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert not task.done()
+    release.set()
+    assert await work.wait(task) == "done"
+
+
+@pytest.mark.parametrize("awaited", [True, False])
+async def test_a_failure_is_said_once(awaited: bool, caplog: pytest.LogCaptureFixture):
+    """To the caller that waits for it, or, when none does, in the log."""
+    work = BackgroundWork[None]("a job")
+    release = asyncio.Event()
+
+    async def job() -> None:
+        await release.wait()
+        raise RuntimeError("broken")
+
+    task = work.start("k", job())
+    waiter = asyncio.ensure_future(work.wait(task))
+    await asyncio.sleep(0)
+    if not awaited:
+        waiter.cancel()
+    with caplog.at_level(logging.WARNING, logger="memsvc.domain._background"):
+        release.set()
+        if awaited:
+            with pytest.raises(RuntimeError, match="broken"):
+                await waiter
+        await work.finished()
+        await asyncio.sleep(0)
+    logged = "a job failed after its call had stopped waiting: broken" in caplog.text
+    assert logged is not awaited
