@@ -161,6 +161,7 @@ class Server:
         self._sweeper: asyncio.Task[None] | None = None
         self.lifecycle: Lifecycle | None = None
         self.graphs: GraphCheckpoints | None = None
+        self.episodes: Episodes | None = None
         self.purger: Purger | None = None
         self.hub: EventHub | None = None
         self._healthy: bool | None = None
@@ -274,7 +275,9 @@ class Server:
             self.durable_store,
             max_similarity_candidates=self.config.max_similarity_candidates,
             page_bytes=self.config.response_budget_bytes,
+            text_search_readers=self.durable_store.readers,
         )
+        self.episodes = episodes
         episodic_pb2_grpc.add_EpisodicMemoryServiceServicer_to_server(
             EpisodicMemoryServicer(episodes), server
         )

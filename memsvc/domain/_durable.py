@@ -26,6 +26,10 @@ class DurableStore(
 
     backend_name: str
 
+    @property
+    def readers(self) -> int:
+        """Reads that can run at once outside a write transaction (connections)."""
+
     def transaction(self) -> AbstractAsyncContextManager[DurableTransaction]:
         """A transaction that commits when the block ends normally."""
 

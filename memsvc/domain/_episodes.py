@@ -77,12 +77,6 @@ _CANDIDATES_AT_ONCE = 256
 # (about 5 MB at 4,096 values); unbounded, 200 concurrent searches took a
 # gigabyte, twice a sidecar's memory limit. As many as the database's readers.
 SIMILARITY_SEARCHES_AT_ONCE = 4
-# Full-text searches that run at once in a process. One ranks every match it
-# finds: on SQLite that rereads each matching episode's text (about 3 ms for a
-# 90,000-character summary), holding one of the 4 readers that every other read
-# shares (GetSession, ListCheckpoints, a watcher catching up). Two at once leave
-# the others to them.
-TEXT_SEARCHES_AT_ONCE = 2
 LIST_PAGE = (100, 1_000)  # (default, maximum) page size
 SEARCH_PAGE = (20, 100)
 
@@ -210,6 +204,7 @@ class Episodes:
         *,
         max_similarity_candidates: int = 10_000,
         page_bytes: int = 3 << 20,
+        text_search_readers: int = 4,
         clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
     ) -> None:
         self._db = database
@@ -218,7 +213,13 @@ class Episodes:
         self._page_bytes = page_bytes
         self._clock_ms = clock_ms
         self._similarity_turns = asyncio.Semaphore(SIMILARITY_SEARCHES_AT_ONCE)
-        self._text_search_turns = asyncio.Semaphore(TEXT_SEARCHES_AT_ONCE)
+        # Full-text searches that run at once: half the store's readers (at least
+        # one). A search ranks every match it finds, on SQLite rereading each one's
+        # text (about 3 ms for a 90,000-character summary), holding a reader that
+        # every other read shares (GetSession, ListCheckpoints, a watcher catching
+        # up): the other half stays theirs.
+        self.text_searches_at_once = max(1, text_search_readers // 2)
+        self._text_search_turns = asyncio.Semaphore(self.text_searches_at_once)
 
     async def record(
         self,

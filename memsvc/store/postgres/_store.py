@@ -238,6 +238,11 @@ class PostgresDurableStore(SqlDurableReads):
             await self._pool.close()
             self._pool = None
 
+    @property
+    def readers(self) -> int:
+        """Reads that can run at once: the pool's connections."""
+        return self._max_connections
+
     async def erase_deleted(self) -> None:
         """Nothing to do at once: PostgreSQL's (auto)vacuum reclaims deleted rows and
         their index entries (docs/security.md)."""

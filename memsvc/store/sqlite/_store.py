@@ -254,6 +254,11 @@ class SqliteDurableStore(SqlDurableReads):
         own commits wake it directly."""
         yield never_wakes()
 
+    @property
+    def readers(self) -> int:
+        """Reads that can run at once (outside the write transaction)."""
+        return READERS
+
     async def erase_deleted(self) -> None:
         """Copy the write-ahead log into the database and empty it: until then it
         holds the pages a purge changed as they were before (a purged episode's text
