@@ -80,9 +80,10 @@ class PurgeTransaction(RequestLog, Protocol):
 class PurgeDatabase(Protocol):
     def transaction(self) -> AbstractAsyncContextManager[PurgeTransaction]: ...
 
-    async def erase_deleted(self) -> None:
-        """After a purge committed: leave no copy of what it deleted where the store
-        keeps them for a while (SQLite's write-ahead log); best effort."""
+    async def erase_deleted(self, episodes: bool) -> None:
+        """After a purge committed (``episodes``: it deleted some): leave no copy of
+        what it deleted where the store keeps them for a while (SQLite's full-text
+        index and write-ahead log); best effort."""
 
 
 class ForgettingStore(Protocol):
@@ -166,7 +167,7 @@ class Purger:
                 await tx.remember_response(
                     scope.project_id, request_id, json.dumps(asdict(report)).encode()
                 )
-        await self._db.erase_deleted()
+        await self._db.erase_deleted(report.episodes_deleted > 0)
         return report
 
 

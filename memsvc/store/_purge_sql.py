@@ -57,13 +57,7 @@ class SqlPurgeWrites(SqlWrites):
 
     async def purge_episodes(self, scope: SessionRef) -> int:
         where, params = _scope(scope)
-        deleted = await self._count(f"DELETE FROM episodes WHERE {where}", params)
-        if deleted and self._d.name == "sqlite":
-            # FTS5 deletes by adding markers: the purged episodes' words stay in the
-            # index's older segments until a merge. 'optimize' merges them all now
-            # (work in proportion to the whole index; purges are rare).
-            await self._conn.execute("INSERT INTO episodes_fts (episodes_fts) VALUES ('optimize')")
-        return deleted
+        return await self._count(f"DELETE FROM episodes WHERE {where}", params)
 
     async def purge_requests(self, scope: SessionRef, keep_request_id: str) -> int:
         """Forget the answers of the scope's requests and their agent and session

@@ -8,10 +8,13 @@ words until a merge), and the write-ahead log still held the deleted values.
 
 from __future__ import annotations
 
+import logging
+import sqlite3
 import uuid
 from pathlib import Path
 
 import grpc
+import pytest
 
 from memsvc.config import Config
 from memsvc.server import Server
@@ -20,6 +23,7 @@ from memsvc.v1 import episodic_pb2 as ep
 from memsvc.v1 import lifecycle_pb2 as lc
 from memsvc.v1.data_removal_pb2_grpc import DataRemovalServiceStub
 from memsvc.v1.episodic_pb2_grpc import EpisodicMemoryServiceStub
+from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
 
 SECRET = "zqxwvplughsecret"  # one word, sharing no prefix with the others
 
@@ -68,3 +72,35 @@ async def test_a_purged_episodes_words_leave_the_sqlite_files(tmp_path: Path):
         )
         assert report.episodes_deleted == 3
         assert files_holding(data_dir, SECRET.encode()) == []
+
+
+async def test_a_read_in_progress_leaves_the_log_for_later_without_holding_writes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """The checkpoint after a purge waits for reads in progress only briefly: a
+    reader that holds its snapshot (here another process's connection) leaves the
+    log to be emptied at its next restart, said in the log, and the purge answers."""
+    data_dir = tmp_path / "data"
+    config = Config(
+        listen="127.0.0.1:0", data_dir=str(data_dir), health_listen="", metrics_listen=""
+    )
+    project = str(uuid.uuid4())
+    async with (
+        Server(config) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        await LifecycleServiceStub(channel).Spawn(
+            lc.SpawnRequest(project_id=project, agent_instance_id=project, session_id="s")
+        )
+        reader = sqlite3.connect(data_dir / "memsvc.db")
+        try:
+            reader.execute("BEGIN")
+            reader.execute("SELECT count(*) FROM sessions").fetchone()  # holds a snapshot
+            with caplog.at_level(logging.INFO, logger="memsvc.store.sqlite._store"):
+                report = await DataRemovalServiceStub(channel).PurgeData(
+                    dr.PurgeDataRequest(project_id=project), timeout=10
+                )
+            assert report.sessions_deleted == 1
+            assert "a read in progress kept the write-ahead log" in caplog.text
+        finally:
+            reader.close()
