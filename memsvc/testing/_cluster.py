@@ -16,7 +16,12 @@ import redis.asyncio as aioredis
 from redis.crc import key_slot
 
 from memsvc.testing._backends import free_port
-from memsvc.testing._processes import START_ATTEMPTS, ExitedBeforeListening, wait_for_port
+from memsvc.testing._processes import (
+    START_ATTEMPTS,
+    ExitedBeforeListening,
+    check_redis_is,
+    wait_for_port,
+)
 
 
 async def _command(client: aioredis.Redis, *args: Any) -> Any:
@@ -87,6 +92,8 @@ class PrivateRedisCluster:
             # The bus port is chosen too (cluster-port, Redis 7): port + 10000,
             # the default, may be taken or out of range.
             port, bus_port = free_port(), free_port()
+            while bus_port == port:
+                bus_port = free_port()
             (workdir / "nodes.conf").unlink(missing_ok=True)  # a failed start's node id
             process = subprocess.Popen(
                 [server, "--port", str(port), "--cluster-port", str(bus_port),
@@ -103,6 +110,7 @@ class PrivateRedisCluster:
                 wait_for_port(
                     port, timeout=max(1.0, deadline - time.monotonic()), process=process, log=log
                 )
+                check_redis_is(process, port)
             except ExitedBeforeListening:
                 self._processes.remove(process)
                 if attempt == START_ATTEMPTS:

@@ -12,6 +12,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import redis
+
 from memsvc.testing._backends import free_port
 
 # How many ports a first start tries. A port free_port() found can be taken
@@ -61,6 +63,20 @@ def wait_for_port(
             time.sleep(0.05)
 
 
+def check_redis_is(process: subprocess.Popen[bytes], port: int) -> None:
+    """ExitedBeforeListening unless the Redis answering on ``port`` is ``process``:
+    when two servers were handed one port, the second cannot bind it, and waiting
+    for the port finds the first one listening."""
+    with redis.Redis(port=port, socket_timeout=5) as client:
+        answering = int(client.info("server")["process_id"])
+    if answering != process.pid:
+        process.kill()
+        process.wait(timeout=10)
+        raise ExitedBeforeListening(
+            f"127.0.0.1:{port} is served by process {answering}, not {process.pid}"
+        )
+
+
 class PrivateRedis:
     """A redis-server of the test's own, on a port of its own, keeping nothing on disk.
 
@@ -103,6 +119,7 @@ class PrivateRedis:
             )  # fmt: skip
             try:
                 wait_for_port(self.port, process=self._process, log=self.log_path)
+                check_redis_is(self._process, self.port)
             except ExitedBeforeListening:
                 self._process = None
                 if attempt == attempts:

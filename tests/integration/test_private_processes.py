@@ -54,6 +54,25 @@ def test_a_private_redis_whose_port_is_taken_starts_on_another(
         server.kill()
 
 
+def test_a_private_redis_handed_the_port_of_another_starts_on_its_own(tmp_path: Path) -> None:
+    """Two servers handed one port: the second cannot bind it, and waiting for the
+    port would find the first listening. Found by a review."""
+    first = PrivateRedis(free_port(), tmp_path / "first")
+    first.start()
+    try:
+        second = PrivateRedis(first.port, tmp_path / "second")
+        second.start()
+        try:
+            assert second.port != first.port
+            with redis.Redis(port=second.port, socket_timeout=5) as client:
+                pid = int(client.info("server")["process_id"])
+            assert second._process is not None and pid == second._process.pid
+        finally:
+            second.kill()
+    finally:
+        first.kill()
+
+
 def test_a_private_redis_that_never_binds_fails_at_once_with_its_log(
     tmp_path: Path, taken_port: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
