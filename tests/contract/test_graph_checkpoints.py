@@ -418,7 +418,7 @@ async def test_writes_of_a_checkpoint_never_stored_go_as_it_would(graphs, scope,
         await put(
             graphs, project, checkpoint("t", f"c{step}"), options=pb.GraphThreadOptions(keep_last=2)
         )
-    for checkpoint_id in ("c0", "c25", "c35", "c4", "c9"):
+    for checkpoint_id in ("c0", "c25", "c3", "c35", "c4", "c9"):
         await graphs.PutGraphWrites(
             pb.PutGraphWritesRequest(
                 project_id=project,
@@ -430,7 +430,8 @@ async def test_writes_of_a_checkpoint_never_stored_go_as_it_would(graphs, scope,
     assert server.graphs is not None
     await server.graphs.sweep()  # keep_last 2 keeps c4 and c3
     assert await ids(graphs, project, "t") == ["c4", "c3"]
-    assert await write_ids(server, project) == ["c35", "c4", "c9"]
+    # The oldest kept checkpoint keeps its writes (the bound is exclusive).
+    assert await write_ids(server, project) == ["c3", "c35", "c4", "c9"]
     await graphs.PruneGraphThreads(
         pb.PruneGraphThreadsRequest(project_id=project, thread_ids=["t"])
     )
