@@ -251,15 +251,21 @@ class Episodes:
             episode.ref.agent_instance_id.lower(),
             episode.ref.session_id,
         )
+        # Before the transaction: hashing a large episode takes a while (0.1 s for
+        # 1 MiB of actions), which no pooled connection or project lock should wait on.
+        arguments = (
+            arguments_hash(
+                "RecordEpisode",
+                dataclasses.astuple(dataclasses.replace(episode, ref=ref)),
+                packed.hex() if packed else None,
+            )
+            if request_id
+            else ""
+        )
         async with self._db.transaction() as tx:
             # Not inside a purge of the project (it travels with the next statement).
             await tx.lock_project(ref.project_id, exclusive=False)
             if request_id:
-                arguments = arguments_hash(
-                    "RecordEpisode",
-                    dataclasses.astuple(dataclasses.replace(episode, ref=ref)),
-                    packed.hex() if packed else None,
-                )
                 previous = await claim(tx, ref, request_id, "RecordEpisode", arguments)
                 if previous is not None:
                     return decode_episode(previous)
