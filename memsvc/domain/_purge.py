@@ -12,8 +12,9 @@ finishes the job.
 
 A purge runs to its end whatever the client's deadline: a large scope may take
 longer than a client waits, and a purge cut short rolls back, so a retry would
-start over and be cut short again. A retry with the same request id waits on
-the project's lock for the first and answers what it did.
+start over and be cut short again. A retry with the same request id joins the
+one running (or, once it ended, answers what it did). Purges run one at a time
+in a process, waiting for their turn before they take a pooled connection.
 """
 
 from __future__ import annotations
@@ -80,10 +81,9 @@ class PurgeTransaction(RequestLog, Protocol):
 class PurgeDatabase(Protocol):
     def transaction(self) -> AbstractAsyncContextManager[PurgeTransaction]: ...
 
-    async def erase_deleted(self, episodes: bool) -> None:
-        """After a purge committed (``episodes``: it deleted some): leave no copy of
-        what it deleted where the store keeps them for a while (SQLite's full-text
-        index and write-ahead log); best effort."""
+    async def erase_deleted(self) -> None:
+        """After a purge (or its replay): leave no copy of what it deleted where the
+        store keeps them for a while (SQLite's write-ahead log); best effort."""
 
 
 class ForgettingStore(Protocol):
@@ -125,7 +125,10 @@ class Purger:
 
     async def _purge(self, scope: SessionRef, request_id: str) -> PurgeReport:
         async with self._one_at_a_time:
-            return await self._purge_now(scope, request_id)
+            report = await self._purge_now(scope, request_id)
+            # Its replay too: a retry after a purge stopped before this step.
+            await self._db.erase_deleted()
+            return report
 
     async def _purge_now(self, scope: SessionRef, request_id: str) -> PurgeReport:
         arguments = arguments_hash("PurgeData", scope)
@@ -167,7 +170,6 @@ class Purger:
                 await tx.remember_response(
                     scope.project_id, request_id, json.dumps(asdict(report)).encode()
                 )
-        await self._db.erase_deleted(report.episodes_deleted > 0)
         return report
 
 

@@ -75,6 +75,8 @@ async def test_a_purge_its_client_gave_up_on_finishes_and_its_retry_answers_it(
         retry = asyncio.ensure_future(removal.PurgeData(request, timeout=10))
         await asyncio.sleep(0.2)
         assert not retry.done()
+        assert server.purger is not None
+        assert len(server.purger._purges) == 1  # joined, not a second purge queued
         store.go.set()
         joined = await retry
         assert joined.sessions_deleted == SESSIONS

@@ -243,7 +243,7 @@ class PostgresDurableStore(SqlDurableReads):
         """Reads that can run at once: the pool's connections."""
         return self._max_connections
 
-    async def erase_deleted(self, episodes: bool) -> None:
+    async def erase_deleted(self) -> None:
         """Nothing to do at once: PostgreSQL's (auto)vacuum reclaims deleted rows and
         their index entries (docs/security.md)."""
 

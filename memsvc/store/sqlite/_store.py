@@ -46,8 +46,6 @@ READERS = 4
 _BUSY_TIMEOUT_MS = 5000
 # How long the checkpoint after a purge waits for reads in progress.
 _CHECKPOINT_WAIT_MS = 200
-# Merges every segment of the full-text index into one, dropping deleted entries.
-_FTS_MERGE = "INSERT INTO episodes_fts (episodes_fts) VALUES ('optimize')"
 
 _SCHEMA_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -267,25 +265,17 @@ class SqliteDurableStore(SqlDurableReads):
         """Reads that can run at once (outside the write transaction)."""
         return READERS
 
-    async def erase_deleted(self, episodes: bool) -> None:
-        """After a purge committed: merge the full-text index if it deleted episodes
-        (FTS5 deletes by adding markers: the words stay in the index's older segments
-        until a merge), then copy the write-ahead log into the database and empty it
-        (it holds the pages the purge changed as they were before).
-
-        Both after the commit: the merge rewrites the whole index (0.9 s for 40,000
-        episodes), which the purge's transaction should not wait for. Best effort:
-        the checkpoint waits at most ``_CHECKPOINT_WAIT_MS`` for the reads in
-        progress; when one is still going, the log is emptied at its next restart
+    async def erase_deleted(self) -> None:
+        """After a purge: copy the write-ahead log into the database and empty it (it
+        holds the pages the purge changed as they were before). Best effort: the
+        checkpoint waits at most ``_CHECKPOINT_WAIT_MS`` for the reads in progress;
+        when one is still going, the log is emptied at its next restart
         (journal_size_limit 0)."""
         try:
-            if episodes:
-                async with self._transaction():
-                    await self._conn.execute(_FTS_MERGE)
             async with self._write_lock:
                 busy = await self._checkpoint()
-        except (aiosqlite.Error, BackendUnavailable) as error:
-            log.warning("after a purge, erasing what it deleted failed: %s", error)
+        except aiosqlite.Error as error:
+            log.warning("after a purge, emptying the write-ahead log failed: %s", error)
             return
         if busy:
             log.info(
