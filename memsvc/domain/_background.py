@@ -38,6 +38,7 @@ class BackgroundWork(Generic[T]):
         """The work running under ``key``: started now, unless some is already
         (then ``work`` is closed unrun, and the running one is the answer). With
         no key, the work is never joined."""
+        label = self._what if key is None else f"{self._what} ({key})"
         if key is None:
             key = object()
         running = self._running.get(key)
@@ -57,7 +58,7 @@ class BackgroundWork(Generic[T]):
                 return
             error = finished.exception()  # retrieved either way: never "unretrieved"
             if error is not None and not waiting:
-                log.warning("%s failed after its call had stopped waiting: %s", self._what, error)
+                _said(label, error)
 
         # Before any caller's wait (shield's callback comes after): when it runs,
         # the callers still waiting are those that will get the failure.
@@ -69,6 +70,12 @@ class BackgroundWork(Generic[T]):
         self._waiting[task] = self._waiting.get(task, 0) + 1
         try:
             return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done() and not task.cancelled() and (error := task.exception()):
+                # Cancelled as the work failed: counted as waiting when it ended, this
+                # caller will not deliver the failure, so it is said here.
+                _said(self._what, error)
+            raise
         finally:
             if task in self._waiting and not task.done():
                 self._waiting[task] -= 1
@@ -81,3 +88,7 @@ class BackgroundWork(Generic[T]):
         """Wait for all the work running now, and any it starts meanwhile."""
         while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _said(what: str, error: BaseException) -> None:
+    log.warning("%s failed after its call had stopped waiting: %s", what, error)

@@ -75,5 +75,30 @@ async def test_a_failure_is_said_once(awaited: bool, caplog: pytest.LogCaptureFi
                 await waiter
         await work.finished()
         await asyncio.sleep(0)
-    logged = "a job failed after its call had stopped waiting: broken" in caplog.text
+    # Named by its key, so a heal's log names its session.
+    logged = "a job (k) failed after its call had stopped waiting: broken" in caplog.text
     assert logged is not awaited
+
+
+async def test_a_caller_cancelled_as_the_work_fails_leaves_it_said(
+    caplog: pytest.LogCaptureFixture,
+):
+    """The failure and the caller's cancellation in one turn of the loop: the caller
+    gets CancelledError, so the failure goes to the log. Found by a review."""
+    work = BackgroundWork[None]("a job")
+    release = asyncio.Event()
+
+    async def job() -> None:
+        await release.wait()
+        raise RuntimeError("broken")
+
+    task = work.start(("session", 1), job())
+    waiter = asyncio.ensure_future(work.wait(task))
+    await asyncio.sleep(0)
+    with caplog.at_level(logging.WARNING, logger="memsvc.domain._background"):
+        release.set()
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        await work.finished()
+    assert "a job failed after its call had stopped waiting: broken" in caplog.text
