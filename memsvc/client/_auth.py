@@ -148,9 +148,11 @@ class TLS:
 
 def _system_roots() -> bytes | None:
     """The system's trusted roots: the bundle OpenSSL reads (``SSL_CERT_FILE`` if set),
-    None where there is none. gRPC's Python package otherwise trusts the bundle it
-    ships, never the system's: a private CA installed on the machine was not
-    trusted."""
+    None where there is none or ``GRPC_DEFAULT_SSL_ROOTS_FILE_PATH`` names others.
+    gRPC's Python package otherwise trusts the bundle it ships, never the system's:
+    a private CA installed on the machine was not trusted."""
+    if os.environ.get("GRPC_DEFAULT_SSL_ROOTS_FILE_PATH"):
+        return None  # gRPC's own setting for its default roots: it reads that file
     bundle = ssl.get_default_verify_paths().cafile
     if bundle is None:
         return None

@@ -110,12 +110,20 @@ async def test_tls_without_a_ca_file_trusts_the_systems_roots(
     """``tls=True`` trusts the system's roots, here the bundle SSL_CERT_FILE names, as
     OpenSSL does. Found by a review: gRPC's Python package trusts only the bundle it
     ships, so a private CA installed on the machine was not trusted."""
+    monkeypatch.delenv("GRPC_DEFAULT_SSL_ROOTS_FILE_PATH", raising=False)
     monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca))
     async with AsyncClient(
         f"127.0.0.1:{tls_server.port}", tls=True, retry=ONCE, timeout=5
     ) as client:
         session = await client.session(*session_ids()).spawn()
         assert session.version == 1
+    # gRPC's own setting for its default roots wins where it is set.
+    monkeypatch.setenv("SSL_CERT_FILE", str(pki.other_ca))
+    monkeypatch.setenv("GRPC_DEFAULT_SSL_ROOTS_FILE_PATH", str(pki.ca))
+    async with AsyncClient(
+        f"127.0.0.1:{tls_server.port}", tls=True, retry=ONCE, timeout=5
+    ) as client:
+        await client.session(*session_ids()).spawn()
 
 
 async def test_the_probe_port_stays_plaintext(tls_server: Server):
