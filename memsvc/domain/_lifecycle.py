@@ -1011,9 +1011,10 @@ class Lifecycle:
             log.exception("%s committed but settling working memory failed", method)
 
     async def settled(self) -> None:
-        """Wait for the markers still settling after their answer (at shutdown)."""
-        await self._after_calls.finished()
-        await self._heals.finished()
+        """Wait for the markers still settling after their answer (at shutdown). Both
+        kinds together: a shutdown that stops waiting cancels them all, not only the
+        first kind (the heals would run on while the stores close)."""
+        await asyncio.gather(self._after_calls.finished(), self._heals.finished())
 
     async def _settle_by_truth(self, ref: SessionRef, after: str) -> None:
         """Settle a transitional marker by what the database holds, not by guessing

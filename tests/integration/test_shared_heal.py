@@ -88,3 +88,42 @@ async def test_writes_refused_during_a_pause_wait_for_one_heal(local_config: Con
             assert outcome.code() == grpc.StatusCode.FAILED_PRECONDITION
         session = await life.GetSession(lc.GetSessionRequest(**ids))
         assert session.session.state == lc.SESSION_STATE_PAUSED
+
+
+async def test_a_shutdown_that_stops_waiting_for_settling_cancels_the_heals_too(
+    local_config: Config,
+):
+    """The server waits a bounded time for the work left after answers, then cancels
+    that wait: the heals went on running (while the stores closed) when the
+    after-answer steps were still running before them. Found by a review."""
+    store = SlowToSettle()
+    ids: dict[str, Any] = {
+        "project_id": str(uuid.uuid4()),
+        "agent_instance_id": str(uuid.uuid4()),
+        "session_id": "cut-short",
+    }
+    async with (
+        Server(local_config, working_memory=store) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        life, wm = LifecycleServiceStub(channel), WorkingMemoryServiceStub(channel)
+        await life.Spawn(lc.SpawnRequest(**ids))
+        lifecycle: Any = server.lifecycle
+        store.settle.clear()
+        await life.Pause(lc.PauseRequest(**ids))  # its step 3 waits
+        write = asyncio.ensure_future(wm.Set(pb.SetRequest(**ids, key="k", value=value(1))))
+
+        async def healing() -> bool:
+            return len(lifecycle._heals) == 1 and len(lifecycle._after_calls) == 1
+
+        await eventually(healing)
+        waiting = asyncio.ensure_future(lifecycle.settled())
+        await asyncio.sleep(0.1)
+        waiting.cancel()
+
+        async def all_cancelled() -> bool:
+            return len(lifecycle._heals) == 0 and len(lifecycle._after_calls) == 0
+
+        await eventually(all_cancelled)
+        store.settle.set()
+        write.cancel()
