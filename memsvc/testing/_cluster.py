@@ -16,12 +16,7 @@ import redis.asyncio as aioredis
 from redis.crc import key_slot
 
 from memsvc.testing._backends import free_port
-from memsvc.testing._processes import (
-    START_ATTEMPTS,
-    ExitedBeforeListening,
-    check_redis_is,
-    wait_for_port,
-)
+from memsvc.testing._processes import launch_redis
 
 
 async def _command(client: aioredis.Redis, *args: Any) -> Any:
@@ -67,11 +62,11 @@ class PrivateRedisCluster:
         self.stop()
 
     def start(self, timeout: float = 30.0) -> None:
-        server, cli = _binary("redis-server"), _binary("redis-cli")
+        cli = _binary("redis-cli")  # redis-server: launch_redis looks for it
         deadline = time.monotonic() + timeout
         try:
             for index in range(self.masters):
-                self._start_node(server, self.workdir / f"node-{index}", deadline)
+                self._start_node(self.workdir / f"node-{index}", deadline)
             subprocess.run(
                 [cli, "--cluster", "create", *(f"127.0.0.1:{port}" for port in self.ports),
                  "--cluster-replicas", "0", "--cluster-yes"],
@@ -84,40 +79,31 @@ class PrivateRedisCluster:
             self.stop()
             raise
 
-    def _start_node(self, server: str, workdir: Path, deadline: float) -> None:
+    def _start_node(self, workdir: Path, deadline: float) -> None:
         """One master, listening; on fresh ports again if the first ones were taken."""
         workdir.mkdir(parents=True, exist_ok=True)
-        log = workdir / "redis.log"
-        for attempt in range(1, START_ATTEMPTS + 1):
+
+        def arguments(port: int) -> list[str]:
             # The bus port is chosen too (cluster-port, Redis 7): port + 10000,
             # the default, may be taken or out of range.
-            port, bus_port = free_port(), free_port()
+            bus_port = free_port()
             while bus_port == port:
                 bus_port = free_port()
             (workdir / "nodes.conf").unlink(missing_ok=True)  # a failed start's node id
-            process = subprocess.Popen(
-                [server, "--port", str(port), "--cluster-port", str(bus_port),
-                 "--bind", "127.0.0.1", "--cluster-enabled", "yes",
-                 "--cluster-config-file", str(workdir / "nodes.conf"),
-                 "--cluster-node-timeout", str(self.node_timeout_ms),
-                 "--save", "", "--appendonly", "no", "--dir", str(workdir),
-                 "--logfile", str(log)],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )  # fmt: skip
-            self._processes.append(process)
-            try:
-                wait_for_port(
-                    port, timeout=max(1.0, deadline - time.monotonic()), process=process, log=log
-                )
-                check_redis_is(process, port)
-            except ExitedBeforeListening:
-                self._processes.remove(process)
-                if attempt == START_ATTEMPTS:
-                    raise
-            else:
-                self.ports.append(port)
-                return
+            return ["--cluster-port", str(bus_port), "--cluster-enabled", "yes",
+                    "--cluster-config-file", str(workdir / "nodes.conf"),
+                    "--cluster-node-timeout", str(self.node_timeout_ms),
+                    "--save", "", "--appendonly", "no", "--dir", str(workdir)]  # fmt: skip
+
+        process, port = launch_redis(
+            arguments,
+            free_port(),
+            workdir / "redis.log",
+            timeout=max(1.0, deadline - time.monotonic()),
+            next_port=free_port,  # this module's: tests replace it
+        )
+        self._processes.append(process)
+        self.ports.append(port)
 
     def stop(self) -> None:
         """Kill every server (nothing is kept, so nothing needs a clean shutdown)."""

@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -80,6 +81,45 @@ def check_redis_is(process: subprocess.Popen[bytes], port: int) -> None:
         )
 
 
+def launch_redis(
+    arguments: Callable[[int], list[str]],
+    port: int,
+    log: Path,
+    *,
+    attempts: int = START_ATTEMPTS,
+    timeout: float = 10.0,
+    next_port: Callable[[], int] | None = None,
+) -> tuple[subprocess.Popen[bytes], int]:
+    """A redis-server on 127.0.0.1:``port`` with ``arguments(port)``, answering there
+    (its log in ``log``); and the port. When the port was taken (the server exits,
+    or another answers there), another from ``next_port`` (free_port), up to
+    ``attempts``."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise FileNotFoundError("redis-server is not installed")
+    for attempt in range(1, attempts + 1):
+        process = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--logfile", str(log),
+             *arguments(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            wait_for_port(port, timeout, process=process, log=log)
+            check_redis_is(process, port)
+        except ExitedBeforeListening:
+            if attempt == attempts:
+                raise
+            port = (next_port or free_port)()
+        except BaseException:
+            process.kill()
+            process.wait(timeout=10)
+            raise
+        else:
+            return process, port
+    raise AssertionError("unreachable")
+
+
 class PrivateRedis:
     """A redis-server of the test's own, on a port of its own, keeping nothing on disk.
 
@@ -107,33 +147,14 @@ class PrivateRedis:
         return ["--save", "", "--appendonly", "no"]
 
     def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise FileNotFoundError("redis-server is not installed")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        attempts = 1 if self._started else START_ATTEMPTS
-        for attempt in range(1, attempts + 1):
-            self._process = subprocess.Popen(
-                [binary, "--port", str(self.port), "--bind", "127.0.0.1",
-                 *self.persistence_arguments(), "--dir", str(self.workdir),
-                 "--logfile", str(self.log_path)],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )  # fmt: skip
-            try:
-                wait_for_port(self.port, process=self._process, log=self.log_path)
-                check_redis_is(self._process, self.port)
-            except ExitedBeforeListening:
-                self._process = None
-                if attempt == attempts:
-                    raise
-                self.port = free_port()
-            except BaseException:
-                self.kill()
-                raise
-            else:
-                self._started = True
-                return
+        self._process, self.port = launch_redis(
+            lambda port: [*self.persistence_arguments(), "--dir", str(self.workdir)],
+            self.port,
+            self.log_path,
+            attempts=1 if self._started else START_ATTEMPTS,
+        )
+        self._started = True
 
     def kill(self) -> None:
         """Stop the server abruptly (SIGKILL), as a crash would."""
