@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import pytest
 
 from memsvc.config import Config
 from memsvc.domain import SessionRef
@@ -42,12 +45,24 @@ class SlowToSettle(InMemoryWorkingMemoryStore):
         await super().finish(session, op, final_state, swap, clear)
 
 
-async def test_writes_refused_during_a_pause_wait_for_one_heal(local_config: Config):
+@dataclass
+class PausedSlowly:
+    """A spawned session, paused: its Pause answered, its last step waiting on ``store``."""
+
+    store: SlowToSettle
+    server: Server
+    life: LifecycleServiceStub
+    wm: WorkingMemoryServiceStub
+    ids: dict[str, Any]
+
+
+@pytest.fixture
+async def paused(local_config: Config) -> AsyncIterator[PausedSlowly]:
     store = SlowToSettle()
     ids: dict[str, Any] = {
         "project_id": str(uuid.uuid4()),
         "agent_instance_id": str(uuid.uuid4()),
-        "session_id": "one-heal",
+        "session_id": "paused-slowly",
     }
     async with (
         Server(local_config, working_memory=store) as server,
@@ -56,74 +71,69 @@ async def test_writes_refused_during_a_pause_wait_for_one_heal(local_config: Con
         life, wm = LifecycleServiceStub(channel), WorkingMemoryServiceStub(channel)
         await life.Spawn(lc.SpawnRequest(**ids))
         await wm.Set(pb.SetRequest(**ids, key="k", value=value(1)))
-        lifecycle: Any = server.lifecycle
-        heal = lifecycle.heal
-        heals: list[SessionRef] = []
-
-        async def counted_heal(session: SessionRef) -> None:
-            heals.append(session)
-            await heal(session)
-
-        lifecycle.heal = counted_heal
         store.settle.clear()
         # Answered before its last step, which now waits: the marker stays 'pausing'.
         await life.Pause(lc.PauseRequest(**ids))
-        writes = [
-            asyncio.ensure_future(wm.Set(pb.SetRequest(**ids, key=f"w{i}", value=value(i))))
-            for i in range(WRITERS)
-        ]
+        try:
+            yield PausedSlowly(store, server, life, wm, ids)
+        finally:
+            store.settle.set()
 
-        async def healing() -> bool:
-            return bool(heals)
 
-        await eventually(healing)
-        await asyncio.sleep(0.3)  # for every write to meet the marker (none can end yet)
-        assert not any(write.done() for write in writes)
-        store.settle.set()
-        outcomes = await asyncio.gather(*writes, return_exceptions=True)
-        assert len(heals) == 1, f"{len(heals)} heals for one marker"
-        for outcome in outcomes:
-            assert isinstance(outcome, grpc.aio.AioRpcError), outcome
-            # Refused by the settled marker: the session is PAUSED.
-            assert outcome.code() == grpc.StatusCode.FAILED_PRECONDITION
-        session = await life.GetSession(lc.GetSessionRequest(**ids))
-        assert session.session.state == lc.SESSION_STATE_PAUSED
+async def test_writes_refused_during_a_pause_wait_for_one_heal(paused: PausedSlowly):
+    store, life, wm, ids = paused.store, paused.life, paused.wm, paused.ids
+    lifecycle: Any = paused.server.lifecycle
+    heal = lifecycle.heal
+    heals: list[SessionRef] = []
+
+    async def counted_heal(session: SessionRef) -> None:
+        heals.append(session)
+        await heal(session)
+
+    lifecycle.heal = counted_heal
+    writes = [
+        asyncio.ensure_future(wm.Set(pb.SetRequest(**ids, key=f"w{i}", value=value(i))))
+        for i in range(WRITERS)
+    ]
+
+    async def healing() -> bool:
+        return bool(heals)
+
+    await eventually(healing)
+    await asyncio.sleep(0.3)  # for every write to meet the marker (none can end yet)
+    assert not any(write.done() for write in writes)
+    store.settle.set()
+    outcomes = await asyncio.gather(*writes, return_exceptions=True)
+    assert len(heals) == 1, f"{len(heals)} heals for one marker"
+    for outcome in outcomes:
+        assert isinstance(outcome, grpc.aio.AioRpcError), outcome
+        # Refused by the settled marker: the session is PAUSED.
+        assert outcome.code() == grpc.StatusCode.FAILED_PRECONDITION
+    session = await life.GetSession(lc.GetSessionRequest(**ids))
+    assert session.session.state == lc.SESSION_STATE_PAUSED
 
 
 async def test_a_shutdown_that_stops_waiting_for_settling_cancels_the_heals_too(
-    local_config: Config,
+    paused: PausedSlowly,
 ):
     """The server waits a bounded time for the work left after answers, then cancels
     that wait: the heals went on running (while the stores closed) when the
     after-answer steps were still running before them. Found by a review."""
-    store = SlowToSettle()
-    ids: dict[str, Any] = {
-        "project_id": str(uuid.uuid4()),
-        "agent_instance_id": str(uuid.uuid4()),
-        "session_id": "cut-short",
-    }
-    async with (
-        Server(local_config, working_memory=store) as server,
-        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
-    ):
-        life, wm = LifecycleServiceStub(channel), WorkingMemoryServiceStub(channel)
-        await life.Spawn(lc.SpawnRequest(**ids))
-        lifecycle: Any = server.lifecycle
-        store.settle.clear()
-        await life.Pause(lc.PauseRequest(**ids))  # its step 3 waits
-        write = asyncio.ensure_future(wm.Set(pb.SetRequest(**ids, key="k", value=value(1))))
+    store, wm, ids = paused.store, paused.wm, paused.ids
+    lifecycle: Any = paused.server.lifecycle
+    write = asyncio.ensure_future(wm.Set(pb.SetRequest(**ids, key="k", value=value(1))))
 
-        async def healing() -> bool:
-            return len(lifecycle._heals) == 1 and len(lifecycle._after_calls) == 1
+    async def healing() -> bool:
+        return len(lifecycle._heals) == 1 and len(lifecycle._after_calls) == 1
 
-        await eventually(healing)
-        waiting = asyncio.ensure_future(lifecycle.settled())
-        await asyncio.sleep(0.1)
-        waiting.cancel()
+    await eventually(healing)
+    waiting = asyncio.ensure_future(lifecycle.settled())
+    await asyncio.sleep(0.1)
+    waiting.cancel()
 
-        async def all_cancelled() -> bool:
-            return len(lifecycle._heals) == 0 and len(lifecycle._after_calls) == 0
+    async def all_cancelled() -> bool:
+        return len(lifecycle._heals) == 0 and len(lifecycle._after_calls) == 0
 
-        await eventually(all_cancelled)
-        store.settle.set()
-        write.cancel()
+    await eventually(all_cancelled)
+    store.settle.set()
+    write.cancel()
