@@ -720,11 +720,20 @@ def test_a_reload_logs_tokens_rebound_to_other_projects(
     assert rebound in caplog.text and token not in caplog.text
 
 
-def rewritten(tokens: TokenFile, text: str) -> TokenTable | None:
-    """Write ``text`` over the tokens file, with a new mtime, and reload it."""
-    tokens.path.write_text(text)
-    os.utime(tokens.path, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
-    return tokens.reload()
+class HeldTokens:
+    """A tokens file holding ``text``, on a clock the test moves (``now``), whose
+    suspicious changes are held back for 5 s."""
+
+    def __init__(self, path: Path, text: str) -> None:
+        path.write_text(text)
+        self.now = 0.0
+        self.file = TokenFile(path, hold_seconds=5, clock=lambda: self.now)
+
+    def rewrite(self, text: str) -> TokenTable | None:
+        """Write ``text`` over the file, with a new mtime, and reload it."""
+        self.file.path.write_text(text)
+        os.utime(self.file.path, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
+        return self.file.reload()
 
 
 def test_a_line_cut_before_its_project_ids_does_not_widen_its_token_at_once(tmp_path: Path):
@@ -734,24 +743,17 @@ def test_a_line_cut_before_its_project_ids_does_not_widen_its_token_at_once(tmp_
     binds it as before; a file that stays so (a last line without its end of line,
     on purpose) is taken then."""
     token, other = new_token(), new_token()
-    path = tmp_path / "tokens"
-    path.write_text(f"{other}\n{token} {PROJECT}\n")
-    now = [0.0]
-    tokens = TokenFile(path, hold_seconds=5, clock=lambda: now[0])
-
-    def rewrite(text: str) -> TokenTable | None:
-        return rewritten(tokens, text)
-
-    assert rewrite(f"{other}\n{token}") is None  # cut: held back
-    finished = rewrite(f"{other}\n{token} {PROJECT}\n")
+    held = HeldTokens(tmp_path / "tokens", f"{other}\n{token} {PROJECT}\n")
+    assert held.rewrite(f"{other}\n{token}") is None  # cut: held back
+    finished = held.rewrite(f"{other}\n{token} {PROJECT}\n")
     assert finished is not None
     assert finished.lookup(token).projects == frozenset({PROJECT})  # type: ignore[union-attr]
-    tokens.table = finished
-    assert rewrite(f"{other}\n{token}") is None
-    now[0] = 1.0
-    assert tokens.reload() is None  # a check soon after (a SIGHUP per write): still held
-    now[0] = 5.0
-    kept = tokens.reload()  # unchanged for the hold: meant so
+    held.file.table = finished
+    assert held.rewrite(f"{other}\n{token}") is None
+    held.now = 1.0
+    assert held.file.reload() is None  # a check soon after (a SIGHUP per write): still held
+    held.now = 5.0
+    kept = held.file.reload()  # unchanged for the hold: meant so
     assert kept is not None and kept.lookup(token).projects is None  # type: ignore[union-attr]
 
 
@@ -763,25 +765,18 @@ def test_a_tokens_file_truncated_to_be_written_again_is_not_taken_at_once(
     Held back as a cut line is; a file left empty on purpose is taken after the hold,
     with a warning."""
     token = new_token()
-    path = tmp_path / "tokens"
-    path.write_text(f"{token}\n")
-    now = [0.0]
-    tokens = TokenFile(path, hold_seconds=5, clock=lambda: now[0])
-
-    def rewrite(text: str) -> TokenTable | None:
-        return rewritten(tokens, text)
-
+    held = HeldTokens(tmp_path / "tokens", f"{token}\n")
     with caplog.at_level(logging.WARNING, logger="memsvc.auth"):
-        assert rewrite("") is None  # truncated: held back
+        assert held.rewrite("") is None  # truncated: held back
         assert "holds no token any more" in caplog.text
-    written = rewrite(f"{token}\n")
+    written = held.rewrite(f"{token}\n")
     assert written is not None and written.lookup(token) is not None
-    tokens.table = written
-    assert rewrite("") is None
-    now[0] = 5.0
+    held.file.table = written
+    assert held.rewrite("") is None
+    held.now = 5.0
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="memsvc.auth"):
-        emptied = tokens.reload()  # unchanged for the hold: meant so
+        emptied = held.file.reload()  # unchanged for the hold: meant so
     assert emptied is not None and len(emptied) == 0
     assert "every API call is refused" in caplog.text
 
