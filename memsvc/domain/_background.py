@@ -30,8 +30,8 @@ class BackgroundWork(Generic[T]):
 
     def __init__(self, what: str) -> None:
         self._what = what  # for the log: "a purge", "a heal"
+        # Each running task under its key (unkeyed work under a key of its own).
         self._running: dict[Hashable, asyncio.Task[T]] = {}
-        self._tasks: set[asyncio.Task[T]] = set()
         self._waiting: dict[asyncio.Task[T], int] = {}
 
     def start(self, key: Hashable | None, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
@@ -46,13 +46,10 @@ class BackgroundWork(Generic[T]):
             work.close()
             return running
         task = asyncio.get_running_loop().create_task(work, context=past_the_call())
-        self._tasks.add(task)
         self._running[key] = task
 
         def ended(finished: asyncio.Task[T]) -> None:
-            self._tasks.discard(finished)
-            if self._running.get(key) is finished:
-                del self._running[key]
+            del self._running[key]
             waiting = self._waiting.pop(finished, 0)
             if finished.cancelled():
                 return
@@ -82,12 +79,12 @@ class BackgroundWork(Generic[T]):
 
     def __len__(self) -> int:
         """How many are running."""
-        return len(self._tasks)
+        return len(self._running)
 
     async def finished(self) -> None:
         """Wait for all the work running now, and any it starts meanwhile."""
-        while self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        while self._running:
+            await asyncio.gather(*self._running.values(), return_exceptions=True)
 
 
 def _said(what: str, error: BaseException) -> None:
