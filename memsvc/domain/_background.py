@@ -86,6 +86,12 @@ class BackgroundWork(Generic[T]):
         while self._running:
             await asyncio.gather(*self._running.values(), return_exceptions=True)
 
+    async def cancelled(self) -> None:
+        """Cancel all the work running now and wait for it to end."""
+        for task in list(self._running.values()):
+            task.cancel()
+        await self.finished()
+
 
 def _said(what: str, error: BaseException) -> None:
     log.warning("%s failed after its call had stopped waiting: %s", what, error)

@@ -100,6 +100,13 @@ L = TypeVar("L")
 
 OUTCOME_SUCCESS = 1
 
+# A step 3 that failed after its commit is retried in the background (as heals),
+# from the first delay doubling to the longest, for at most the whole span: a
+# Terminate has no next call to heal its marker, and its memory would stay.
+SETTLE_RETRY_FIRST_SECONDS = 0.5
+SETTLE_RETRY_LONGEST_SECONDS = 30.0
+SETTLE_RETRY_SPAN_SECONDS = 600.0
+
 
 @dataclass
 class _Steps:
@@ -144,6 +151,8 @@ class Lifecycle:
         # (at most one running a session, shared by every call that needs it).
         self._after_calls = BackgroundWork[None]("a lifecycle step after its answer")
         self._heals = BackgroundWork[None]("healing a session's marker")
+        # Heals tried again after a step 3 failed (one a session; see _finish).
+        self._settling = BackgroundWork[None]("settling a session's marker again")
         self.reads = LifecycleReads(memory, database, working_memory.limits, self.retention)
 
     # Spawn ------------------------------------------------------------------
@@ -1001,29 +1010,67 @@ class Lifecycle:
         """Step 3: settle the marker after the commit."""
         try:
             await self._memory.finish(ref, steps.op, steps.final_state, steps.swap, steps.clear)
+            return
         except LostOperation:
-            pass  # another caller already settled it from the committed state
+            return  # another caller already settled it from the committed state
         except MemsvcError as error:
-            # Committed: the marker stays transitional and the next call heals it.
+            # Committed: the answer stands, the marker stays transitional.
             log.warning("%s committed but settling working memory failed: %s", method, error)
         except Exception:
-            # The same, for a failure nobody expected: the answer stands (committed).
+            # The same, for a failure nobody expected.
             log.exception("%s committed but settling working memory failed", method)
+        # The next call on the session would heal it, but a Terminate has none: its
+        # memory would stay in the store, though the client was told it was cleared.
+        self._settling.start(ref, self._heal_until_settled(ref))
+
+    async def _heal_until_settled(self, ref: SessionRef) -> None:
+        """Heal the session's marker, trying again after each failure (the backend
+        away) for SETTLE_RETRY_SPAN_SECONDS; then the next call on it heals it."""
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + SETTLE_RETRY_SPAN_SECONDS
+        delay = SETTLE_RETRY_FIRST_SECONDS
+        while True:
+            try:
+                await asyncio.sleep(delay)
+                await self._heal_shared(ref)
+                return
+            except asyncio.CancelledError:
+                log.warning(
+                    "session %s: stopped before its marker settled; the next call on"
+                    " it or a purge settles it", ref.session_id,
+                )  # fmt: skip
+                raise
+            except Exception as error:
+                if loop.time() + delay > give_up_at:
+                    log.error(
+                        "session %s: its marker is still transitional after %.0f s of"
+                        " retries (%s); the next call on it or a purge settles it",
+                        ref.session_id, SETTLE_RETRY_SPAN_SECONDS, error,
+                    )  # fmt: skip
+                    return
+            delay = min(delay * 2, SETTLE_RETRY_LONGEST_SECONDS)
 
     async def settled(self) -> None:
         """Wait for the markers still settling after their answer (at shutdown). Both
         kinds together: a shutdown that stops waiting cancels them all, not only the
-        first kind (the heals would run on while the stores close)."""
-        await asyncio.gather(self._after_calls.finished(), self._heals.finished())
+        first kind (the heals would run on while the stores close). Heals waiting to
+        be tried again are cancelled: a backend failed them already (a step 3 that
+        fails meanwhile starts one more: the loop cancels it too)."""
+        while self._settling or self._after_calls or self._heals:
+            await asyncio.gather(
+                self._settling.cancelled(), self._after_calls.finished(), self._heals.finished()
+            )
 
     async def _settle_by_truth(self, ref: SessionRef, after: str) -> None:
         """Settle a transitional marker by what the database holds, not by guessing
         (``after``: what left the doubt, for the log). When that cannot be done
-        now, the marker stays transitional: the next call on the session heals it."""
+        now, it is tried again in the background (a Terminate that committed has
+        no next call to heal it)."""
         try:
             await self.heal(ref)
         except Exception as error:
             log.warning("after %s, %s: settling later: %s", after, ref.session_id, error)
+            self._settling.start(ref, self._heal_until_settled(ref))
 
     async def _undo(self, ref: SessionRef, steps: _Steps) -> None:
         try:
