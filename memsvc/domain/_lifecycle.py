@@ -767,14 +767,16 @@ class Lifecycle:
                 else SessionNotFound(session.session_id)
             )
         if record.state == SessionState.TERMINATED:
-            if write:
-                return SessionNotWritable(session.session_id, "terminated")
-            return SessionNotFound(session.session_id, terminated=True)
+            return _terminated(session, write)
         # The marker as it is now, not as the store found it: an operation may have
         # settled in between (a Resume of the PAUSED session, say, or a Spawn that
         # wrote its marker and committed after the store found none).
         marker = await self._memory.read_marker(session)
         if marker is None:
+            # Or a Terminate, committed since the record was read, dropped it.
+            now = await self._db.get_session(session)
+            if now is not None and now.state == SessionState.TERMINATED:
+                return _terminated(session, write)
             return WorkingMemoryLost(session.session_id)
         if marker.state in TRANSITIONAL:
             await self._heal_shared(session)
@@ -1221,3 +1223,10 @@ def _admit(
     if record.state not in allowed:
         raise InvalidTransition(ref.session_id, record.state.name, operation)
     return record
+
+
+def _terminated(ref: SessionRef, write: bool) -> MemsvcError:
+    """Why working memory refuses a call on a terminated session."""
+    if write:
+        return SessionNotWritable(ref.session_id, "terminated")
+    return SessionNotFound(ref.session_id, terminated=True)

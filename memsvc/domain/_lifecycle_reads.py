@@ -216,15 +216,14 @@ class LifecycleReads:
         if record.state == SessionState.TERMINATED:
             return record, None
         marker = await self._memory.read_marker(ref)
-        if marker is None:
-            return record, False
-        if not left_by_memsvc(record, marker):
+        if marker is None or not left_by_memsvc(record, marker):
             # An operation may have settled the marker after the record was read
-            # (the record commits first): compare with the record as it is now.
+            # (the record commits first), or a Terminate dropped it with the
+            # memory: compare with the record as it is now.
             record = await self._db.get_session(ref) or record
             if record.state == SessionState.TERMINATED:
                 return record, None
-        return record, left_by_memsvc(record, marker)
+        return record, marker is not None and left_by_memsvc(record, marker)
 
     async def list_checkpoints(
         self, session: SessionRef, page_size: int, page_token: str
