@@ -344,7 +344,8 @@ class WorkingMemoryLost(FailedPrecondition):
         super().__init__(
             f"the working memory of session {session_id!r} was lost by its store, or is "
             "not what memsvc left there (a store restored from an older copy); Resume it "
-            "from a checkpoint",
+            "from a checkpoint, or, with none to resume from, Terminate it with "
+            "skip_consolidation",
             metadata={"session_id": session_id},
         )
 
