@@ -162,8 +162,11 @@ class LifecycleServiceServicer:
         """Resume replaces (or merges into) the working memory from a checkpoint, all
         at once, and makes the session ACTIVE.
         Errors: INVALID_ARGUMENT, NOT_FOUND (session or checkpoint),
-        FAILED_PRECONDITION (TERMINATED; ACTIVE without `checkpoint_id`),
-        RESOURCE_EXHAUSTED (a merge past the session limits), UNAVAILABLE.
+        FAILED_PRECONDITION (TERMINATED; ACTIVE without `checkpoint_id`;
+        ERROR_REASON_WORKING_MEMORY_LOST: a merge over a memory that is lost or
+        not what memsvc left, resume without merging), RESOURCE_EXHAUSTED (a merge
+        past the session limits, or a checkpoint past limits lowered since it was
+        made), UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -72,8 +72,11 @@ class LifecycleServiceStub:
     """Resume replaces (or merges into) the working memory from a checkpoint, all
     at once, and makes the session ACTIVE.
     Errors: INVALID_ARGUMENT, NOT_FOUND (session or checkpoint),
-    FAILED_PRECONDITION (TERMINATED; ACTIVE without `checkpoint_id`),
-    RESOURCE_EXHAUSTED (a merge past the session limits), UNAVAILABLE.
+    FAILED_PRECONDITION (TERMINATED; ACTIVE without `checkpoint_id`;
+    ERROR_REASON_WORKING_MEMORY_LOST: a merge over a memory that is lost or
+    not what memsvc left, resume without merging), RESOURCE_EXHAUSTED (a merge
+    past the session limits, or a checkpoint past limits lowered since it was
+    made), UNAVAILABLE.
     """
     Terminate: _grpc.UnaryUnaryMultiCallable[_lifecycle_pb2.TerminateRequest, _lifecycle_pb2.TerminateResponse]
     """Terminate ends the session: by default it records one episode of it and
@@ -171,8 +174,11 @@ class LifecycleServiceAsyncStub(LifecycleServiceStub):
     """Resume replaces (or merges into) the working memory from a checkpoint, all
     at once, and makes the session ACTIVE.
     Errors: INVALID_ARGUMENT, NOT_FOUND (session or checkpoint),
-    FAILED_PRECONDITION (TERMINATED; ACTIVE without `checkpoint_id`),
-    RESOURCE_EXHAUSTED (a merge past the session limits), UNAVAILABLE.
+    FAILED_PRECONDITION (TERMINATED; ACTIVE without `checkpoint_id`;
+    ERROR_REASON_WORKING_MEMORY_LOST: a merge over a memory that is lost or
+    not what memsvc left, resume without merging), RESOURCE_EXHAUSTED (a merge
+    past the session limits, or a checkpoint past limits lowered since it was
+    made), UNAVAILABLE.
     """
     Terminate: _aio.UnaryUnaryMultiCallable[_lifecycle_pb2.TerminateRequest, _lifecycle_pb2.TerminateResponse]  # type: ignore[assignment]
     """Terminate ends the session: by default it records one episode of it and
@@ -285,8 +291,11 @@ class LifecycleServiceServicer(metaclass=_abc_1.ABCMeta):
         """Resume replaces (or merges into) the working memory from a checkpoint, all
         at once, and makes the session ACTIVE.
         Errors: INVALID_ARGUMENT, NOT_FOUND (session or checkpoint),
-        FAILED_PRECONDITION (TERMINATED; ACTIVE without `checkpoint_id`),
-        RESOURCE_EXHAUSTED (a merge past the session limits), UNAVAILABLE.
+        FAILED_PRECONDITION (TERMINATED; ACTIVE without `checkpoint_id`;
+        ERROR_REASON_WORKING_MEMORY_LOST: a merge over a memory that is lost or
+        not what memsvc left, resume without merging), RESOURCE_EXHAUSTED (a merge
+        past the session limits, or a checkpoint past limits lowered since it was
+        made), UNAVAILABLE.
         """
 
     @_abc_1.abstractmethod
