@@ -220,6 +220,12 @@ class PostgresDurableStore(SqlDurableReads):
             min_size=1,
             max_size=self._max_connections,
             timeout=self._timeout,
+            # A connection slot whose attempts keep failing is given up this soon,
+            # and the next call that waits starts a new one at once. psycopg_pool's
+            # own backoff doubles to 64 s (for 5 minutes): after an outage of a
+            # minute the pool stayed empty for up to as long again, the database
+            # answering and readiness saying so.
+            reconnect_timeout=2 * self._timeout,
             open=False,
             kwargs={"autocommit": True, "prepare_threshold": self._prepare_threshold},
             check=self._test_if_suspect,
