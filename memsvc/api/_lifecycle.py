@@ -41,6 +41,9 @@ _EVENTS_TAKEN_AT_ONCE = 64
 _BATCH_BYTES = 1 << 20
 # An event's tag and length in a batch (and the batch's own, counted once per event).
 _EVENT_FRAMING_BYTES = 10
+# Room for what a session, checkpoint or event message holds beside its metadata
+# (ids of up to 128 characters, times, counts): over 1 KiB at most.
+_RECORD_FIELDS_BYTES = 2048
 
 
 def render_value(stored: bytes) -> Any:
@@ -64,10 +67,26 @@ def _plain(value: struct_pb2.Value) -> Any:
     return getattr(value, kind)
 
 
-def metadata_of(request: Any, violations: list[FieldViolation]) -> dict[str, Any]:
+def metadata_of(request: Any, violations: list[FieldViolation], room_bytes: int) -> dict[str, Any]:
     """The request's metadata Struct as a dict ({} when unset, or bad: then in
-    ``violations``)."""
+    ``violations``). ``room_bytes``: the most its encoding may take, so that the
+    session, checkpoint or event that carries it fits one response."""
     if not request.HasField("metadata"):
+        return {}
+    encoded = request.metadata.ByteSize()
+    if encoded > room_bytes:
+        # Else the call would commit, then its answer, and every watch stream
+        # reaching its event, fail with RESOURCE_EXHAUSTED (a Struct of numbers
+        # encodes to about 5 times its JSON).
+        violations.append(
+            FieldViolation(
+                "metadata",
+                f"is {encoded} bytes encoded, over the {room_bytes} that one response or"
+                " event can carry with it (3/4 of max_message_bytes, less"
+                f" {_RECORD_FIELDS_BYTES} for its other fields): shorten it, or raise"
+                " max_message_bytes",
+            )
+        )
         return {}
     metadata = collected(violations, lambda: plain_struct(request.metadata, "metadata"), None)
     if metadata is None:
@@ -146,6 +165,7 @@ class LifecycleServicer(pb_grpc.LifecycleServiceServicer):
         self._lifecycle = lifecycle
         self._hub = hub
         self._batch_bytes = min(response_budget_bytes, _BATCH_BYTES)
+        self._metadata_room = max(0, response_budget_bytes - _RECORD_FIELDS_BYTES)
         # One event goes to many watchers: build its message once (recent ones kept).
         # An event changes only when a purge makes it a tombstone (on any replica),
         # so the key includes that flag and a tombstone read back is never served
@@ -220,7 +240,7 @@ class LifecycleServicer(pb_grpc.LifecycleServiceServicer):
             _session_ref(request),
             request.agent_type_id,
             initial,
-            metadata_of(request, violations),
+            metadata_of(request, violations, self._metadata_room),
             request.request_id,
             violations,
         )
@@ -233,7 +253,7 @@ class LifecycleServicer(pb_grpc.LifecycleServiceServicer):
         self, request: pb.PauseRequest, context: grpc.aio.ServicerContext
     ) -> pb.PauseResponse:
         violations: list[FieldViolation] = []
-        metadata = metadata_of(request, violations)
+        metadata = metadata_of(request, violations, self._metadata_room)
         result = await self._lifecycle.pause(
             _session_ref(request), request.checkpoint_id, metadata, request.request_id, violations
         )
@@ -250,7 +270,7 @@ class LifecycleServicer(pb_grpc.LifecycleServiceServicer):
             _session_ref(request),
             request.checkpoint_id,
             request.merge_with_current,
-            metadata_of(request, violations),
+            metadata_of(request, violations, self._metadata_room),
             request.request_id,
             violations,
         )
@@ -271,7 +291,7 @@ class LifecycleServicer(pb_grpc.LifecycleServiceServicer):
             list(request.lessons_learned),
             consolidate=not request.skip_consolidation,
             cleanup=not request.keep_working_memory,
-            metadata=metadata_of(request, violations),
+            metadata=metadata_of(request, violations, self._metadata_room),
             request_id=request.request_id,
             found=violations,
         )
@@ -322,7 +342,7 @@ class LifecycleServicer(pb_grpc.LifecycleServiceServicer):
         checkpoint = await self._lifecycle.create_checkpoint(
             _session_ref(request),
             request.checkpoint_id,
-            metadata_of(request, violations),
+            metadata_of(request, violations, self._metadata_room),
             request.request_id,
             violations,
         )
@@ -352,7 +372,7 @@ class LifecycleServicer(pb_grpc.LifecycleServiceServicer):
         self, request: pb.DeleteCheckpointRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteCheckpointResponse:
         violations: list[FieldViolation] = []
-        metadata = metadata_of(request, violations)
+        metadata = metadata_of(request, violations, self._metadata_room)
         await self._lifecycle.delete_checkpoint(
             _session_ref(request), request.checkpoint_id, metadata, request.request_id, violations
         )
