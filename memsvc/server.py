@@ -282,6 +282,7 @@ class Server:
             EpisodicMemoryServicer(episodes), server
         )
         self.purger = Purger(self.working_memory_store, self.durable_store)
+        self.purger.events_purged = hub.purged
         data_removal_pb2_grpc.add_DataRemovalServiceServicer_to_server(
             DataRemovalServicer(self.purger), server
         )

@@ -34,6 +34,15 @@ class SessionRef:
     agent_instance_id: str
     session_id: str
 
+    def within(self, scope: SessionRef) -> bool:
+        """Whether this session is in ``scope`` (a purge's: empty agent instance
+        or session ids match every one)."""
+        return (
+            self.project_id == scope.project_id
+            and scope.agent_instance_id in ("", self.agent_instance_id)
+            and scope.session_id in ("", self.session_id)
+        )
+
 
 def check_uuid(value: str, field: str, violations: list[FieldViolation]) -> str:
     """Validate a UUID field; return its canonical lower-case form."""

@@ -109,6 +109,23 @@ class EventRecord:
     purged: bool = False
 
 
+# What a tombstone's ids become (the store's columns are NOT NULL UUIDs).
+NIL_UUID = "00000000-0000-0000-0000-000000000000"
+
+
+def tombstone(event: EventRecord) -> EventRecord:
+    """The event as a purge leaves it in the log (store/_purge_sql.py writes the
+    same form): its id, type and time, nothing of its subject."""
+    return EventRecord(
+        event.event_id,
+        event.event_type,
+        SessionRef(NIL_UUID, NIL_UUID, ""),
+        None,
+        event.time_ms,
+        purged=True,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class EpisodeRecord:
     """An episode row, with the fields of the reference lifecycle."""

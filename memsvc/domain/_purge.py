@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass
 from typing import Protocol
@@ -105,6 +105,9 @@ class Purger:
         self._memory = memory
         self._db = database
         self._purges = BackgroundWork[PurgeReport]("a purge")
+        # Told each scope whose events a purge made tombstones of, once committed
+        # (the watch hub drops their old form from what it holds for its streams).
+        self.events_purged: Callable[[SessionRef], None] = lambda scope: None
         # One purge at a time in a process, taken before a pooled connection: purges
         # that wait (for the one running, on its project's lock) hold none.
         self._one_at_a_time = asyncio.Lock()
@@ -170,6 +173,8 @@ class Purger:
                 await tx.remember_response(
                     scope.project_id, request_id, json.dumps(asdict(report)).encode()
                 )
+        if report.events_tombstoned:
+            self.events_purged(scope)
         return report
 
 

@@ -17,7 +17,7 @@ import collections
 import contextlib
 import contextvars
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -27,8 +27,13 @@ from memsvc.domain._errors import (
     OutOfRange,
     ResourceExhausted,
 )
-from memsvc.domain._ids import check_session_id, check_uuid, raise_if_any
-from memsvc.domain._lifecycle_records import KNOWN_EVENT_TYPES, EventRecord, EventType
+from memsvc.domain._ids import SessionRef, check_session_id, check_uuid, raise_if_any
+from memsvc.domain._lifecycle_records import (
+    KNOWN_EVENT_TYPES,
+    EventRecord,
+    EventType,
+    tombstone,
+)
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +106,11 @@ class EventFilter:
         )
 
 
+# What wakes the tail besides its poll: another process committed events (their
+# last sequence; 0 when unknown), or purged a scope (its events became tombstones).
+Wakeup = int | SessionRef
+
+
 class EventSource(Protocol):
     """What the hub needs from the durable store."""
 
@@ -116,10 +126,9 @@ class EventSource(Protocol):
     events_committed: Callable[[list[StoredEvent]], None]
     """Set by the hub: called with the events of each transaction this process commits."""
 
-    def event_wakeups(self) -> contextlib.AbstractAsyncContextManager[AsyncIterator[int]]:
-        """Wake-ups when other processes commit events (PostgreSQL LISTEN), each
-        with the sequence committed (0: unknown); an iterator that never yields
-        where there is no such channel."""
+    def event_wakeups(self) -> contextlib.AbstractAsyncContextManager[AsyncIterator[Wakeup]]:
+        """Wake-ups when other processes commit events or purge (PostgreSQL
+        LISTEN); an iterator that never yields where there is no such channel."""
 
 
 class PositionTooOld(OutOfRange):
@@ -238,6 +247,9 @@ class EventHub:
         self._position_event: str | None = None
         self._tail: asyncio.Task[None] | None = None
         self._kick = asyncio.Event()
+        # Counts the purges this hub was told of: a catch-up holding events read
+        # before one reads them again (see purged).
+        self._purges = 0
         # Told each event as the tail hands it to the watchers, and each time a
         # watcher falls behind (the server's metrics).
         self.event_offered: Callable[[StoredEvent], None] = lambda stored: None
@@ -273,6 +285,20 @@ class EventHub:
                 return
             self._offer(stored)
             self._offered_up_to(stored)
+
+    def purged(self, scope: SessionRef) -> None:
+        """A purge of ``scope`` committed (here, or on a replica that announced it):
+        the events of that scope this hub holds for its streams become tombstones,
+        as they now are in the log, and those a stream's filter no longer matches
+        go. Catch-ups read what they hold again. What a stream is writing already
+        (up to one message, or _EVENTS_TAKEN_AT_ONCE events) goes out as it was.
+        """
+        self._purges += 1
+        for subscriber in self._subscribers:
+            # In place: the stream's _live holds the deque.
+            kept = list(_scrubbed(subscriber.queue, scope, subscriber.event_filter))
+            subscriber.queue.clear()
+            subscriber.queue.extend(kept)
 
     def _offered_up_to(self, stored: StoredEvent) -> None:
         self.position, self._position_event = stored.sequence, stored.event.event_id
@@ -326,6 +352,7 @@ class EventHub:
                 # Catch up from the store until the hub's position...
                 while cursor < (target := self.position):
                     until = min(target, cursor + CATCH_UP_WINDOW)
+                    purges = self._purges
                     batch = await self._source.read_events(cursor, READ_BATCH, event_filter, until)
                     oldest, _ = await self._source.event_bounds()
                     if cursor < oldest and following_oldest:
@@ -339,10 +366,14 @@ class EventHub:
                         # means the read missed nothing).
                         raise PositionTooOld(cursor, oldest)
                     for start in range(0, len(batch), max_events):
+                        if self._purges != purges:
+                            break  # the rest is read again, tombstones now
                         ready = batch[start : start + max_events]
                         cursor, following_oldest = ready[-1].sequence, False
                         yield ready
                         sent_at = loop.time()
+                    if self._purges != purges:
+                        continue
                     if len(batch) < READ_BATCH:
                         cursor = until  # nothing else of the window matches
                         if until < target and loop.time() - sent_at >= progress_interval:
@@ -560,12 +591,15 @@ class EventHub:
                 async with asyncio.timeout(self._poll_interval):
                     await self._kick.wait()
 
-    async def _listen(self, wakeups: AsyncIterator[int]) -> None:
+    async def _listen(self, wakeups: AsyncIterator[Wakeup]) -> None:
         """Turn commit notifications into kicks of the tail: one read for however
         many arrived while it was reading, and none for an event already offered
-        (this process's own commits, which publish_committed handed over)."""
-        async for sequence in wakeups:
-            if sequence == 0 or sequence > self.position:
+        (this process's own commits, which publish_committed handed over); and
+        another replica's purges into tombstones of what this hub holds."""
+        async for wakeup in wakeups:
+            if isinstance(wakeup, SessionRef):
+                self.purged(wakeup)
+            elif wakeup == 0 or wakeup > self.position:
                 self._kick.set()
 
     def _offer(self, stored: StoredEvent) -> None:
@@ -581,6 +615,19 @@ class EventHub:
             if not subscriber.offer(stored):
                 # Never wait for a slow reader: it catches up from the store.
                 self.watcher_lagged()
+
+
+def _scrubbed(
+    events: Iterable[StoredEvent], scope: SessionRef, event_filter: EventFilter
+) -> Iterator[StoredEvent]:
+    """``events`` as a purge of ``scope`` left them: tombstones of its events,
+    dropped where ``event_filter`` no longer matches them."""
+    for stored in events:
+        if not stored.event.purged and stored.event.ref.within(scope):
+            stored = StoredEvent(stored.sequence, tombstone(stored.event))
+            if not event_filter.matches(stored.event):
+                continue
+        yield stored
 
 
 MIN_PROGRESS_SECONDS = 0.1

@@ -9,6 +9,7 @@ returning a cursor with ``fetchone``/``fetchall``, which is all this uses.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import re
@@ -33,7 +34,7 @@ from memsvc.domain._lifecycle_records import (
     SessionRecord,
     SessionState,
 )
-from memsvc.domain._watch import EventFilter, StoredEvent
+from memsvc.domain._watch import EventFilter, StoredEvent, Wakeup
 
 
 class _Cursor(Protocol):
@@ -134,6 +135,26 @@ POSTGRES = Dialect(
     batched_writes=True,
 )
 EVENT_CHANNEL = "memsvc_events"
+# A notification on EVENT_CHANNEL is the last sequence an append committed, or
+# this prefix and the JSON of a purge's scope: the replicas' watch hubs make
+# tombstones of the events they hold of that scope (see EventHub.purged).
+_PURGE_NOTICE = "purge:"
+
+
+def purge_notice(scope: SessionRef) -> str:
+    """The payload announcing a purge of ``scope`` on EVENT_CHANNEL."""
+    return _PURGE_NOTICE + json.dumps([scope.project_id, scope.agent_instance_id, scope.session_id])
+
+
+def read_notice(payload: str) -> Wakeup:
+    """A payload on EVENT_CHANNEL: a committed sequence (0: unknown), or a purge's scope."""
+    if payload.isdigit():
+        return int(payload)
+    if payload.startswith(_PURGE_NOTICE):
+        with contextlib.suppress(ValueError, TypeError):
+            project, agent, session = json.loads(payload[len(_PURGE_NOTICE) :])
+            return SessionRef(str(project), str(agent), str(session))
+    return 0
 
 
 def text(raw: Any) -> str | None:
@@ -1022,7 +1043,7 @@ class SqlReads(SqlQueries):
         return await self._query(event_bounds)
 
 
-async def never_wakes() -> AsyncIterator[int]:
+async def never_wakes() -> AsyncIterator[Wakeup]:
     """Wake-ups for a store without a notification channel: none (the tail polls)."""
     await asyncio.Event().wait()
     yield 0

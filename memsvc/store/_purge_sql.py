@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from memsvc.domain import SessionRef
-from memsvc.domain._lifecycle_records import PURGED_ANSWER
-from memsvc.store._lifecycle_sql import SqlWrites, text
+from memsvc.domain._lifecycle_records import NIL_UUID, PURGED_ANSWER
+from memsvc.store._lifecycle_sql import EVENT_CHANNEL, SqlWrites, purge_notice, text
 
-# What a tombstone's ids become: the columns are NOT NULL UUIDs.
-NIL_UUID = "00000000-0000-0000-0000-000000000000"
+__all__ = ["NIL_UUID", "SqlPurgeWrites"]
 
 
 def _scope(scope: SessionRef) -> tuple[str, list[Any]]:
@@ -85,7 +84,8 @@ class SqlPurgeWrites(SqlWrites):
         # Locked in sequence order, as compaction locks them: in the order of a
         # scan of the table (no index serves a scope), the two deadlocked on old
         # events of the scope.
-        return await self._count(
+        # The form domain._lifecycle_records.tombstone gives.
+        count = await self._count(
             "UPDATE lifecycle_events SET purged = ?, project_id = ?, agent_instance_id = ?,"
             " session_id = '', agent_type_id = NULL, checkpoint_id = NULL, episode_id = NULL,"
             " request_id = NULL, metadata = ? WHERE sequence IN (SELECT sequence FROM"
@@ -93,3 +93,10 @@ class SqlPurgeWrites(SqlWrites):
             f"{self._d.for_update})",
             [True, NIL_UUID, NIL_UUID, self._d.json_param({}), *params, False],
         )
+        if count and self._d.name == "postgres":
+            # Delivered at commit: the other replicas' hubs drop the old form of
+            # these events from what they hold for their streams.
+            await self._conn.execute(
+                self._d.sql("SELECT pg_notify(?, ?)"), (EVENT_CHANNEL, purge_notice(scope))
+            )
+        return count

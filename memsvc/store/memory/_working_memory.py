@@ -405,13 +405,7 @@ class InMemoryWorkingMemoryStore:
         return sum(1 for session in sessions if self._sessions.pop(session, None) is not None)
 
     async def sessions_in(self, scope: SessionRef) -> list[SessionRef]:
-        return [
-            session
-            for session in self._sessions
-            if session.project_id == scope.project_id
-            and scope.agent_instance_id in ("", session.agent_instance_id)
-            and scope.session_id in ("", session.session_id)
-        ]
+        return [session for session in self._sessions if session.within(scope)]
 
     def _marked(
         self, session: SessionRef, now_ms: int, allowed: Collection[str]

@@ -26,11 +26,12 @@ from psycopg import pq
 
 from memsvc.domain import BackendUnavailable, InvalidArgument
 from memsvc.domain._durable import DurableTransaction
-from memsvc.domain._watch import StoredEvent
+from memsvc.domain._watch import StoredEvent, Wakeup
 from memsvc.store._lifecycle_sql import (
     EVENT_CHANNEL,
     POSTGRES,
     never_wakes,
+    read_notice,
 )
 from memsvc.store._migrations import check_applied, load_migrations
 from memsvc.store._observe import BackendObserver, ignore, observed
@@ -373,7 +374,7 @@ class PostgresDurableStore(SqlDurableReads):
             self.events_committed(appended)
 
     @contextlib.asynccontextmanager
-    async def event_wakeups(self) -> AsyncIterator[AsyncIterator[int]]:
+    async def event_wakeups(self) -> AsyncIterator[AsyncIterator[Wakeup]]:
         """Commit notifications, held while the event tail runs (the tail polls
         as well, so they only make it prompt)."""
         if self._listen_url == "off":
@@ -385,9 +386,9 @@ class PostgresDurableStore(SqlDurableReads):
         finally:
             await notifications.aclose()
 
-    async def _notifications(self) -> AsyncGenerator[int, None]:
-        """The sequences of committed events, from LISTEN on a connection of its
-        own (outside the pool, since it holds session state).
+    async def _notifications(self) -> AsyncGenerator[Wakeup, None]:
+        """The sequences of committed events (and purges' scopes), from LISTEN on a
+        connection of its own (outside the pool, since it holds session state).
 
         Whenever that connection cannot be made or is lost (a PostgreSQL restart,
         a failover, an idle-connection reaper), it is made again with backoff; a
@@ -409,9 +410,9 @@ class PostgresDurableStore(SqlDurableReads):
                     yield 0
                     while True:
                         async for notify in conn.notifies(timeout=quiet):
-                            # The payload is the last sequence an append committed
-                            # (append_events).
-                            yield int(notify.payload) if notify.payload.isdigit() else 0
+                            # The last sequence an append committed (append_events),
+                            # or a purge's scope (tombstone_events).
+                            yield read_notice(notify.payload)
                         await _answers_within(conn, answer_within)
                 except psycopg.Error as error:
                     log.warning("event LISTEN connection lost, polling meanwhile: %s", error)

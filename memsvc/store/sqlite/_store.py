@@ -26,7 +26,7 @@ from memsvc._json_match import json_holds
 from memsvc.config import StartupError
 from memsvc.domain import BackendUnavailable
 from memsvc.domain._durable import DurableTransaction
-from memsvc.domain._watch import StoredEvent
+from memsvc.domain._watch import StoredEvent, Wakeup
 from memsvc.store._episodes_sql import SQLITE_TEXT_RANK, text_rank
 from memsvc.store._graph_sql import SQLITE_JSON_HOLDS
 from memsvc.store._lifecycle_sql import (
@@ -255,7 +255,7 @@ class SqliteDurableStore(SqlDurableReads):
             self._idle_readers.give_back(reader)
 
     @contextlib.asynccontextmanager
-    async def event_wakeups(self) -> AsyncIterator[AsyncIterator[int]]:
+    async def event_wakeups(self) -> AsyncIterator[AsyncIterator[Wakeup]]:
         """SQLite has no cross-process channel: the hub polls, and this process's
         own commits wake it directly."""
         yield never_wakes()
