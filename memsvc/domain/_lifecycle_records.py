@@ -108,6 +108,11 @@ class EventRecord:
     # A tombstone: its subject was purged, so only sequence, id, type and time remain.
     purged: bool = False
 
+    def size(self) -> int:
+        """An upper bound of its bytes in a response."""
+        texts = (self.ref.session_id, self.checkpoint_id or "")
+        return 256 + _texts_size(texts) + wire_size(self.metadata)  # 256: ids, times, framing
+
 
 # What a tombstone's ids become (the store's columns are NOT NULL UUIDs).
 NIL_UUID = "00000000-0000-0000-0000-000000000000"

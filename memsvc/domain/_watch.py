@@ -38,6 +38,12 @@ from memsvc.domain._lifecycle_records import (
 log = logging.getLogger(__name__)
 
 READ_BATCH = 500
+# A stream catching up holds what it read until its client has taken it, and a
+# thousand streams of slow clients hold a thousand such reads: each takes about
+# this many bytes of events at most (at the weight of the events its last read
+# found), not READ_BATCH events of 64 KiB of metadata each. The first takes 16.
+CATCH_UP_BYTES = 1 << 20
+CATCH_UP_FIRST_ROWS = 16
 # The most of the log one catch-up read scans, in sequences. A filtered read finds
 # its events by scanning the log in order (no index per scope or type, which every
 # commit would pay for), so over a large log a quiet scope's read would run for
@@ -348,12 +354,14 @@ class EventHub:
             # A stream that asked for the oldest event and has had none yet follows
             # compaction instead of failing: the oldest is whatever is kept.
             following_oldest = after is None and from_oldest
+            rows = CATCH_UP_FIRST_ROWS
             while True:
                 # Catch up from the store until the hub's position...
                 while cursor < (target := self.position):
                     until = min(target, cursor + CATCH_UP_WINDOW)
                     purges = self._purges
-                    batch = await self._source.read_events(cursor, READ_BATCH, event_filter, until)
+                    batch = await self._source.read_events(cursor, rows, event_filter, until)
+                    asked, rows = rows, _next_rows(rows, batch)
                     oldest, _ = await self._source.event_bounds()
                     if cursor < oldest and following_oldest:
                         cursor = oldest
@@ -374,7 +382,7 @@ class EventHub:
                         sent_at = loop.time()
                     if self._purges != purges:
                         continue
-                    if len(batch) < READ_BATCH:
+                    if len(batch) < asked:
                         cursor = until  # nothing else of the window matches
                         if until < target and loop.time() - sent_at >= progress_interval:
                             # A long catch-up reports its progress, as a live stream
@@ -615,6 +623,15 @@ class EventHub:
             if not subscriber.offer(stored):
                 # Never wait for a slow reader: it catches up from the store.
                 self.watcher_lagged()
+
+
+def _next_rows(rows: int, batch: Sequence[StoredEvent]) -> int:
+    """How many events the next catch-up read may take: twice as many as the last
+    while they stay within CATCH_UP_BYTES at its events' weight, READ_BATCH at most."""
+    if not batch:
+        return rows
+    weight = sum(stored.event.size() for stored in batch) / len(batch)
+    return max(1, min(READ_BATCH, 2 * rows, int(CATCH_UP_BYTES // weight)))
 
 
 def _scrubbed(

@@ -23,7 +23,7 @@ from google.protobuf import duration_pb2, struct_pb2
 
 from memsvc.config import Config
 from memsvc.domain import BackendUnavailable, EventRecord, EventType, SessionRef
-from memsvc.domain._watch import EventFilter, EventHub, StoredEvent
+from memsvc.domain._watch import CATCH_UP_BYTES, EventFilter, EventHub, StoredEvent
 from memsvc.server import Server
 from memsvc.store.sqlite import SqliteDurableStore
 from memsvc.testing import free_port, wait_for_port
@@ -67,6 +67,7 @@ class RecordingReads:
     def __init__(self, store: Any) -> None:
         self._store = store
         self.reads: list[tuple[EventFilter, int]] = []
+        self.weights: list[int] = []  # of the events each read returned (their sizes)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
@@ -75,7 +76,9 @@ class RecordingReads:
         self, after: int, limit: int, event_filter: EventFilter, *window: Any
     ) -> Any:
         self.reads.append((event_filter, after))
-        return await self._store.read_events(after, limit, event_filter, *window)
+        batch = await self._store.read_events(after, limit, event_filter, *window)
+        self.weights.append(sum(stored.event.size() for stored in batch))
+        return batch
 
     def by(self, event_filter: EventFilter) -> list[int]:
         """The positions a stream with ``event_filter`` read after."""
@@ -136,6 +139,29 @@ async def test_a_subscriber_that_reads_nothing_does_not_delay_others(sqlite_stor
     await reader.aclose()
     assert hub.watchers == 0
     assert not hub.tailing
+
+
+HEAVY_EVENTS = 120
+
+
+async def test_a_catch_up_read_holds_about_a_megabyte_whatever_its_events_weigh(sqlite_store):
+    """A stream catching up holds each read until its client took it: reads of
+    events of 60 KB of metadata take a few at a time, not 500 (30 MB a stream)."""
+    source = RecordingReads(sqlite_store)
+    hub = EventHub(source, poll_interval=30)
+    ref = SessionRef(str(uuid.uuid4()), str(uuid.uuid4()), "s")
+    heavy = {"note": "x" * 60_000}
+    async with sqlite_store.transaction() as tx:
+        await tx.append_events([
+            EventRecord(str(uuid.uuid4()), EventType.SPAWNED, ref, None, 0, metadata=heavy)
+            for _ in range(HEAVY_EVENTS)
+        ])  # fmt: skip
+    stream: Any = one_by_one(hub.watch(EventFilter(project_id=ref.project_id), 0, 30, True))
+    assert await anext(stream) == 0
+    assert await take_events(stream, HEAVY_EVENTS) == list(range(1, HEAVY_EVENTS + 1))
+    assert source.weights, "it caught up from the store"
+    assert max(source.weights) <= CATCH_UP_BYTES
+    await stream.aclose()
 
 
 async def lose_commits_after(store: Any, sequence: int) -> None:
