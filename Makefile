@@ -9,8 +9,24 @@ STAMP := $(VENV)/.installed
 
 .PHONY: serve test lint breaking fmt proto lock bench clean
 
+# A .venv that cannot serve (its interpreter gone, older than 3.11, or without pip:
+# a venv made where python3-venv was missing) is made again, never reused: its
+# stamp would otherwise keep make from looking at it.
+VENV_WORKS := $(shell $(BIN)/python -c 'import sys, pip; sys.exit(sys.version_info < (3, 11))' \
+	>/dev/null 2>&1 && echo yes)
+ifneq ($(VENV_WORKS),yes)
+$(shell rm -f $(STAMP))
+endif
+
 $(STAMP): pyproject.toml requirements.lock
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@if [ "$(VENV_WORKS)" != yes ]; then \
+	  $(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
+	    echo "memsvc needs Python 3.11 or later: make PYTHON=python3.11 (or newer)" >&2; exit 1; }; \
+	  rm -rf $(VENV); \
+	  echo "$(PYTHON) -m venv $(VENV)"; \
+	  $(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); \
+	    echo "could not create $(VENV) (Debian, Ubuntu: apt-get install python3-venv)" >&2; exit 1; }; \
+	fi
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev]'
 	touch $(STAMP)
 
