@@ -306,11 +306,28 @@ class Config:
             if url.startswith(("redis", "postgres")) and (problem := _host_problem(url)):
                 # Else the driver fails at start with a traceback (and the URL in it).
                 raise ConfigError(f"{name} {problem}; got {redacted(url)!r}")
+        self._check_store_urls()
         try:
             self.working_memory_limits()
         except ValueError as error:
             raise ConfigError(str(error)) from error
         self._check_security()
+
+    def _check_store_urls(self) -> None:
+        """What the stores' drivers would refuse only at start, with a traceback, or
+        never (a Redis database that is not a number would be database 0)."""
+        # Here, not at the top: the stores import this module.
+        from memsvc.store.redis import RedisWorkingMemoryStore
+        from memsvc.store.sqlite import sqlite_path
+
+        url = self.working_memory_url
+        if not url.startswith("memory:") and (problem := RedisWorkingMemoryStore.url_problem(url)):
+            raise ConfigError(f"working_memory_url {problem}; got {redacted(url)!r}")
+        if self.database_url.startswith("sqlite:"):
+            try:
+                sqlite_path(self.database_url)
+            except ValueError as error:
+                raise ConfigError(f"database_url: {error}") from error
 
     def _check_security(self) -> None:
         if bool(self.tls_cert_file) != bool(self.tls_key_file):

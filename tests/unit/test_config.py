@@ -84,6 +84,12 @@ def test_the_test_suites_variables_are_ignored():
         ({"MEMSVC_CHECKPOINT_MAX_AGE_SECONDS": "100000000000"}, "from 1 to"),
         ({"MEMSVC_REQUEST_ID_TTL_SECONDS": "0"}, "from 1 to"),
         ({"MEMSVC_MAX_MESSAGE_BYTES": str(2**31)}, "from 1 to 2,147,483,647"),
+        # Past these the server started on database 0, or failed with a traceback.
+        ({"MEMSVC_WORKING_MEMORY_URL": "redis://127.0.0.1:6379/abc"}, "database number"),
+        ({"MEMSVC_WORKING_MEMORY_URL": "redis://h:6379/0?socket_timeout=x"}, "socket_timeout"),
+        ({"MEMSVC_WORKING_MEMORY_URL": "redis://h:6379/0?fast=yes"}, "'fast'"),
+        ({"MEMSVC_WORKING_MEMORY_URL": "redis+cluster://h:7000?fast=yes"}, "'fast'"),
+        ({"MEMSVC_DATABASE_URL": "sqlite://"}, "not a SQLite URL"),
     ],
 )
 def test_bad_values_are_refused_with_the_setting_named(env, message):

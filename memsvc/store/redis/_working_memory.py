@@ -16,10 +16,12 @@ import base64
 import contextlib
 import functools
 import logging
+import re
 import uuid
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from importlib import resources
 from typing import Any, TypeVar, cast
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
@@ -220,6 +222,23 @@ class RedisWorkingMemoryStore:
             self.backend_name = "working memory (Redis Cluster)"
         # Told each operation's time and outcome (the server's metrics).
         self.observe: BackendObserver = ignore
+
+    @staticmethod
+    def url_problem(url: str) -> str | None:
+        """What is wrong with ``url`` that redis-py would find only at start (an
+        option it does not take, a bad option value: a traceback) or never (a
+        database that is not a number: database 0 instead). Nothing connects."""
+        parts = urlsplit(url)
+        if parts.scheme in ("redis", "rediss") and not re.fullmatch(r"/?\d*", parts.path):
+            return f"has {parts.path!r} where the database number goes (redis://host:port/0)"
+        store = RedisWorkingMemoryStore(url, max_session_keys=1, max_session_bytes=1)
+        try:
+            client = store._new_client(1)
+            if isinstance(client, aioredis.Redis):
+                client.connection_pool.make_connection()  # takes the URL's options
+        except (ValueError, TypeError) as error:
+            return f"is not a URL redis-py takes: {error}"
+        return None
 
     def _new_client(self, max_connections: int) -> aioredis.Redis | RedisCluster:
         """A client with ``max_connections`` connections (per node of a cluster)."""
