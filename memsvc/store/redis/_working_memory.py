@@ -235,7 +235,8 @@ class RedisWorkingMemoryStore:
         try:
             client = store._new_client(1)
             if isinstance(client, aioredis.Redis):
-                client.connection_pool.make_connection()  # takes the URL's options
+                # A connection object (not connected) takes the URL's options.
+                client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
         except (ValueError, TypeError) as error:
             return f"is not a URL redis-py takes: {error}"
         return None
