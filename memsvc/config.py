@@ -317,6 +317,9 @@ class Config:
         """What the stores' drivers would refuse only at start, with a traceback, or
         never (a Redis database that is not a number would be database 0)."""
         # Here, not at the top: the stores import this module.
+        import psycopg
+        from psycopg.conninfo import conninfo_to_dict
+
         from memsvc.store.redis import RedisWorkingMemoryStore
         from memsvc.store.sqlite import sqlite_path
 
@@ -328,6 +331,13 @@ class Config:
                 sqlite_path(self.database_url)
             except ValueError as error:
                 raise ConfigError(f"database_url: {error}") from error
+        for name in ("database_url", "database_listen_url"):
+            url = getattr(self, name)
+            if url.startswith("postgres"):
+                try:
+                    conninfo_to_dict(url)
+                except psycopg.ProgrammingError as error:  # a query option libpq lacks
+                    raise ConfigError(f"{name}: {error}; got {redacted(url)!r}") from error
 
     def _check_security(self) -> None:
         if bool(self.tls_cert_file) != bool(self.tls_key_file):

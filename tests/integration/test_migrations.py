@@ -15,6 +15,7 @@ import psycopg
 import pytest
 
 from memsvc.config import StartupError
+from memsvc.domain import BackendUnavailable
 from memsvc.server import Server
 from memsvc.store._migrations import MigrationError, load_migrations
 from memsvc.store.postgres import PostgresDurableStore
@@ -257,3 +258,17 @@ async def test_episodes_recorded_before_the_search_migration_are_searchable_afte
         assert listed[0].embedding_dimensions == 0
     finally:
         await store.aclose()
+
+
+async def test_a_database_that_refuses_memsvc_is_named_in_the_start_failure(fresh_postgres_url):
+    """The pool only times out: the failure says why it could not connect (here, a
+    database that does not exist), not just TimeoutError."""
+    missing = fresh_postgres_url.rsplit("/", 1)[0] + f"/memsvc_missing_{uuid.uuid4().hex}"
+    store = PostgresDurableStore(missing, connect_timeout_seconds=0.2)
+    await store.open()
+    try:
+        with pytest.raises(BackendUnavailable) as failed:
+            await store.migrate()
+    finally:
+        await store.aclose()
+    assert "does not exist" in str(failed.value)

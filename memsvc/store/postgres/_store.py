@@ -291,16 +291,35 @@ class PostgresDurableStore(SqlDurableReads):
         they take (an index built over a large table, a lock a long transaction
         holds): cut off and rolled back, they could never be applied.
         """
-        await with_retries(
-            self._select_one,
-            backend=self.backend_name,
-            transient=TRANSIENT_ERRORS,
-            budget_seconds=self._timeout * 3,
-        )
+        try:
+            await with_retries(
+                self._select_one,
+                backend=self.backend_name,
+                transient=TRANSIENT_ERRORS,
+                budget_seconds=self._timeout * 3,
+            )
+        except BackendUnavailable as unavailable:
+            # The pool says only that it timed out: why it could not connect (a
+            # database or role that does not exist, a refused password, nothing
+            # listening) is in one connection attempt of its own.
+            raise BackendUnavailable(self.backend_name, await self._connect_error()) from (
+                unavailable
+            )
         try:
             return await self._migrate_once()
         except TRANSIENT_ERRORS as error:
             raise BackendUnavailable(self.backend_name, error) from error
+
+    async def _connect_error(self) -> BaseException | None:
+        """What one connection to the database fails with now (None: it connects)."""
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                self._url, connect_timeout=max(1, round(self._timeout))
+            )
+        except Exception as error:
+            return error
+        await conn.close()
+        return None
 
     async def _migrate_once(self) -> list[int]:
         applied_now = []
