@@ -90,7 +90,7 @@ def test_the_test_suites_variables_are_ignored():
         ({"MEMSVC_WORKING_MEMORY_URL": "redis://h:6379/0?fast=yes"}, "'fast'"),
         ({"MEMSVC_WORKING_MEMORY_URL": "redis+cluster://h:7000?fast=yes"}, "'fast'"),
         ({"MEMSVC_DATABASE_URL": "sqlite://"}, "not a SQLite URL"),
-        ({"MEMSVC_DATABASE_URL": "postgresql://h/db?fast=yes"}, "parameter: \"fast\""),
+        ({"MEMSVC_DATABASE_URL": "postgresql://h/db?fast=yes"}, 'parameter: "fast"'),
         ({"MEMSVC_DATABASE_LISTEN_URL": "postgresql://h/db?fast=yes"}, "database_listen_url"),
     ],
 )
