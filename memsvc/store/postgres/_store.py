@@ -4,7 +4,7 @@ Connections run in autocommit. Statements run often are prepared (named, after
 their 5th run on a connection), which spares PostgreSQL parsing and planning them
 each time; ``prepared_statements=False`` keeps every statement unnamed, so no state
 lives on a pooled connection, for a transaction pooler that does not track
-prepared statements (PgBouncer before 1.21).
+prepared statements (PgBouncer before 1.22).
 Migrations take a transaction-scoped advisory lock, so a thousand sidecars
 starting at once apply each migration exactly once, and the lock cannot leak
 when a process dies.
