@@ -8,9 +8,12 @@ use them) so existing dashboards work; memsvc's own metrics start ``memsvc_``.
 
 from __future__ import annotations
 
+import socket
+import socketserver
 import threading
 import time
-from wsgiref.simple_server import WSGIServer
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
     CollectorRegistry,
@@ -18,7 +21,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     ProcessCollector,
-    start_http_server,
+    make_wsgi_app,
 )
 
 from memsvc.store._observe import BackendObserver
@@ -27,6 +30,64 @@ from memsvc.store._observe import BackendObserver
 _LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
+
+
+# Each connection to the metrics port has a thread of its own until it closes
+# (prometheus_client's own server waits on an idle one for good: a few thousand
+# left open made as many threads). A connection that sends no request within
+# SCRAPE_IDLE_SECONDS is closed, and past MAX_SCRAPES at once more are refused
+# (a scraper tries again at its next interval).
+SCRAPE_IDLE_SECONDS = 10.0
+MAX_SCRAPES = 16
+
+
+class _ScrapeHandler(WSGIRequestHandler):
+    def setup(self) -> None:
+        super().setup()
+        self.connection.settimeout(SCRAPE_IDLE_SECONDS)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes are not logged."""
+
+
+class _MetricsServer(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._slots = threading.BoundedSemaphore(MAX_SCRAPES)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+def _serve_metrics(
+    host: str, port: int, registry: CollectorRegistry
+) -> tuple[WSGIServer, threading.Thread]:
+    """An HTTP server of ``registry`` on a thread of its own."""
+    family, _, _, _, address = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    server_class = type("_Server", (_MetricsServer,), {"address_family": family})
+    server: WSGIServer = make_server(
+        str(address[0]), port, make_wsgi_app(registry), server_class, handler_class=_ScrapeHandler
+    )
+    thread = threading.Thread(target=server.serve_forever, name="memsvc-metrics", daemon=True)
+    thread.start()
+    return server, thread
 
 
 class Metrics:
@@ -99,7 +160,7 @@ class Metrics:
     def start(self, listen: str) -> None:
         """Serve ``/metrics`` over HTTP on ``host:port`` (port 0: a free one)."""
         host, _, port = listen.rpartition(":")
-        self._http = start_http_server(int(port), host.strip("[]"), self.registry)
+        self._http = _serve_metrics(host.strip("[]"), int(port), self.registry)
         self.port = self._http[0].server_port
 
     def stop(self) -> None:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import threading
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -11,6 +15,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from memsvc import metrics as metrics_module
 from memsvc.config import Config
 from memsvc.domain import SessionRef
 from memsvc.server import Server
@@ -208,3 +213,33 @@ async def test_a_call_past_its_deadline_is_counted_as_such(
             return (handled or 0) >= 1
 
         await eventually(counted)
+
+
+def test_idle_connections_to_the_metrics_port_hold_no_thread_for_long(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """Each connection has a thread until it closes: idle ones are closed after
+    SCRAPE_IDLE_SECONDS and at most MAX_SCRAPES are served at once, so a few
+    thousand left open cannot make as many threads (they did)."""
+    monkeypatch.setattr(metrics_module, "SCRAPE_IDLE_SECONDS", 0.5)
+    served = metrics_module.Metrics()
+    served.start("127.0.0.1:0")
+    assert served.port is not None
+    try:
+        before = threading.active_count()
+        with contextlib.ExitStack() as opened:
+            idle = [
+                opened.enter_context(
+                    socket.create_connection(("127.0.0.1", served.port), timeout=10)
+                )
+                for _ in range(metrics_module.MAX_SCRAPES + 30)
+            ]
+            # Every connection beyond the limit is closed at once, the others once idle
+            # too long: each read ends (b"") instead of waiting out the client's timeout.
+            for connection in idle:
+                assert connection.recv(1) == b""
+            assert threading.active_count() - before <= metrics_module.MAX_SCRAPES
+        with urllib.request.urlopen(f"http://127.0.0.1:{served.port}/metrics") as scraped:
+            assert b"process_resident_memory_bytes" in scraped.read()
+    finally:
+        served.stop()
