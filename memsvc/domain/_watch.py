@@ -386,9 +386,8 @@ class EventHub:
                         cursor = until  # nothing else of the window matches
                         if until < target and loop.time() - sent_at >= progress_interval:
                             # A long catch-up reports its progress, as a live stream
-                            # does while nothing matches. The client takes it as past
-                            # its start: from here a compaction past it is a loss.
-                            following_oldest = False
+                            # does while nothing matches (one from the oldest that has
+                            # had no event still follows compaction past it).
                             yield cursor
                             sent_at = loop.time()
                 # ...then join it, with no await in between: nothing slips past.

@@ -23,7 +23,13 @@ from google.protobuf import duration_pb2, struct_pb2
 
 from memsvc.config import Config
 from memsvc.domain import BackendUnavailable, EventRecord, EventType, SessionRef
-from memsvc.domain._watch import CATCH_UP_BYTES, EventFilter, EventHub, StoredEvent
+from memsvc.domain._watch import (
+    CATCH_UP_BYTES,
+    CATCH_UP_WINDOW,
+    EventFilter,
+    EventHub,
+    StoredEvent,
+)
 from memsvc.server import Server
 from memsvc.store.sqlite import SqliteDurableStore
 from memsvc.testing import free_port, wait_for_port
@@ -260,6 +266,36 @@ async def test_a_stream_from_the_oldest_follows_compaction_before_its_first_even
     assert await take_events(stream, 3) == [4, 5, 6]
     assert source.compacted
     await stream.aclose()
+
+
+async def test_a_stream_from_the_oldest_follows_compaction_past_its_catch_up_progress(
+    sqlite_store,
+):
+    """A stream from the oldest that has had no event follows compaction even past
+    the progress a long catch-up sent (as docs/api.md says, and as the client's
+    watch() takes it): not OUT_OF_RANGE for a position it never chose."""
+    ref = SessionRef(str(uuid.uuid4()), str(uuid.uuid4()), "s")
+    log_size = CATCH_UP_WINDOW + 10
+    async with sqlite_store.transaction() as tx:
+        await tx.append_events([
+            EventRecord(str(uuid.uuid4()), EventType.SPAWNED, ref, None, 0)
+            for _ in range(log_size)
+        ])  # fmt: skip
+    hub = EventHub(sqlite_store, poll_interval=30)
+    elsewhere = EventFilter(project_id=str(uuid.uuid4()))  # matches none of them
+    stream: Any = one_by_one(hub.watch(elsewhere, None, 0, from_oldest=True))
+    assert await anext(stream) == 0
+    assert await anext(stream) == CATCH_UP_WINDOW  # one window read, nothing matched
+    await lose_events_up_to(sqlite_store, log_size - 5)  # compacted past the progress
+    assert await anext(stream) == log_size - 5  # the new oldest
+    await stream.aclose()
+
+
+async def lose_events_up_to(store: Any, sequence: int) -> None:
+    """Compaction, as the sweep leaves the log: the events up to ``sequence`` gone."""
+    db = store._conn
+    await db.execute("DELETE FROM lifecycle_events WHERE sequence <= ?", (sequence,))
+    await db.commit()
 
 
 async def test_a_thousand_connect_cancel_cycles_leave_nothing_behind(sqlite_store):
