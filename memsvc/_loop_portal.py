@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 from collections.abc import Callable, Coroutine
 from concurrent.futures import CancelledError, Future
@@ -27,6 +28,10 @@ class LoopPortal:
         makes the error a call still waiting when the loop stops raises."""
         self._owner = owner
         self._cut_off = cut_off
+        # A fork copies the portal but not its thread: a child's calls are refused
+        # by name, not as a closed portal's (and before the lock, which a thread of
+        # the parent may have held as it forked).
+        self._pid = os.getpid()
         self.loop = asyncio.new_event_loop()
         # Calls submitted and not finished; after the loop ends, any left (submitted
         # as it ended, never run) are cancelled, so no caller waits forever.
@@ -65,10 +70,18 @@ class LoopPortal:
     def run(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """Run ``coroutine`` on the loop and wait for its result (or its exception),
         at most ``timeout`` seconds (then TimeoutError, and the call is cancelled).
-        After ``stop()``, RuntimeError; a call the stop cut off raises ``cut_off``."""
+        After ``stop()``, or in a process forked after the portal was made,
+        RuntimeError; a call the stop cut off raises ``cut_off``."""
         if threading.current_thread() is self._thread:
             coroutine.close()
             raise RuntimeError(f"{self._owner} cannot be called from its own loop")
+        if os.getpid() != self._pid:
+            coroutine.close()
+            raise RuntimeError(
+                f"{self._owner} was created in process {self._pid}, which this one forked "
+                "from, and its loop thread stayed there: create one in each process, "
+                "after the fork"
+            )
         with self._lock:
             if self.closed or self.loop.is_closed():
                 coroutine.close()

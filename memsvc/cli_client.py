@@ -22,7 +22,14 @@ from typing import Any, Literal, TextIO
 
 import grpc
 
-from memsvc.client import TLS, AsyncClient, EventType, LifecycleEvent, MemsvcError
+from memsvc.client import (
+    TLS,
+    AsyncClient,
+    EventType,
+    GraphPruneRefused,
+    LifecycleEvent,
+    MemsvcError,
+)
 from memsvc.client._values import to_value
 from memsvc.config import CLIENT_VARIABLES
 
@@ -164,6 +171,11 @@ def add_commands(commands: Any) -> None:
         "--delete",
         action="store_true",
         help="delete every checkpoint instead of all but the latest",
+    )
+    prune.add_argument(
+        "--force",
+        action="store_true",
+        help="prune a thread that uses a LangGraph DeltaChannel too (its values are lost)",
     )
     prune.set_defaults(handler=_prune_graph_thread)
 
@@ -375,6 +387,8 @@ def describe_error(error: MemsvcError, address: str) -> str:
         )
     elif error.code == grpc.StatusCode.UNAUTHENTICATED:
         lines.append(f"  send a valid token: --token-file or ${TOKEN_FILE_VARIABLE}")
+    elif isinstance(error, GraphPruneRefused):
+        lines.append("  --force prunes it anyway, emptying its DeltaChannel values")
     return "\n".join(lines) + "\n"
 
 
@@ -448,7 +462,9 @@ async def _delete_graph_thread(client: AsyncClient, args: argparse.Namespace, ou
 
 async def _prune_graph_thread(client: AsyncClient, args: argparse.Namespace, out: TextIO) -> None:
     strategy: Literal["keep_latest", "delete"] = "delete" if args.delete else "keep_latest"
-    deleted = await client.graphs(args.project).prune([args.thread], strategy=strategy)
+    deleted = await client.graphs(args.project).prune(
+        [args.thread], strategy=strategy, force=args.force
+    )
     _show(out, args, {"checkpoints_deleted": deleted}, f"deleted {deleted} checkpoint(s)")
 
 

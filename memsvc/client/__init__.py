@@ -41,6 +41,7 @@ from memsvc.client._errors import (
     GraphCheckpointConflict,
     GraphCheckpointNotFound,
     GraphCheckpointTooLarge,
+    GraphPruneRefused,
     Internal,
     InvalidArgument,
     InvalidTransition,
@@ -69,7 +70,7 @@ from memsvc.client._errors import (
     WatchPositionRefused,
     WorkingMemoryLost,
 )
-from memsvc.client._graphs import AsyncGraphClient
+from memsvc.client._graphs import DELTA_METADATA_KEYS, AsyncGraphClient
 from memsvc.client._retry import RetryPolicy
 from memsvc.client._sync import (
     Client,
@@ -110,6 +111,7 @@ __all__ = [
     "DEFAULT_CHANNEL_OPTIONS",
     "DEFAULT_TARGET",
     "DEFAULT_TIMEOUT",
+    "DELTA_METADATA_KEYS",
     "TLS",
     "Aborted",
     "AlreadyExists",
@@ -142,6 +144,7 @@ __all__ = [
     "GraphCheckpointNotFound",
     "GraphCheckpointTooLarge",
     "GraphClient",
+    "GraphPruneRefused",
     "Internal",
     "InvalidArgument",
     "InvalidTransition",

@@ -8,7 +8,7 @@ import asyncio
 import os
 import uuid
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
 from typing import Any, Literal, TypedDict, overload
@@ -411,8 +411,9 @@ class AsyncClient:
         ``start="oldest"`` for every retained event.
 
         On UNAVAILABLE (a server shutting down or unreachable), ABORTED,
-        DEADLINE_EXCEEDED, a stream that ends or one silent for three progress
-        intervals, the watch reconnects with the retry policy's backoff and resumes
+        DEADLINE_EXCEEDED, CANCELLED from the server's side (a proxy resetting the
+        stream), a stream that ends or one silent for three progress intervals, the
+        watch reconnects with the retry policy's backoff and resumes
         after the last sequence it saw (events and progress both count): no event is
         repeated or skipped. It gives up after ``reconnect_timeout`` seconds (> 0; None:
         never) without a working stream, counted from the loss of the last one or from
@@ -652,6 +653,12 @@ class AsyncSessionClient:
         timeout: float | None = None,
     ) -> AsyncPager[Entry]:
         """The live entries with values, in byte order of their keys (ListEntries)."""
+        return self._entries(page_size, page_token, lambda: timeout)
+
+    def _entries(
+        self, page_size: int | None, page_token: str | None, timeout: Callable[[], float | None]
+    ) -> AsyncPager[Entry]:
+        """``entries()``, each page's timeout taken from ``timeout()`` when it is read."""
         client = self.client
         request = working_memory_pb2.ListEntriesRequest(
             **self._ids, page_size=_page_size(page_size)
@@ -659,7 +666,7 @@ class AsyncSessionClient:
 
         async def fetch(token: str) -> Page[Entry]:
             response = await client._invoke(
-                client._wm.ListEntries, _convert.page_request(request, token), timeout=timeout
+                client._wm.ListEntries, _convert.page_request(request, token), timeout=timeout()
             )
             return Page(
                 tuple(_convert.entry(e) for e in response.entries),
@@ -669,8 +676,12 @@ class AsyncSessionClient:
         return AsyncPager(fetch, page_token)
 
     async def get_all(self, *, timeout: float | None = None) -> dict[str, JSONValue]:
-        """The whole working memory as a dict, read page by page (ListEntries)."""
-        return {entry.key: entry.value async for entry in self.entries(timeout=timeout)}
+        """The whole working memory as a dict, read page by page (ListEntries);
+        ``timeout`` is the budget of all the pages together."""
+        invoke = self.client._invoke
+        deadline = invoke.deadline(timeout)
+        pager = self._entries(None, None, lambda: invoke.remaining(deadline))
+        return {entry.key: entry.value async for entry in pager}
 
     async def get_many(
         self, keys: Iterable[str], *, timeout: float | None = None

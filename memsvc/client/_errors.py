@@ -25,6 +25,8 @@ missing thing and ``except KeyNotFound`` only keys::
     |   +-- RequestPurged            (a retry of a call whose data a purge forgot)
     |   +-- SimilarityScopeTooLarge
     |   +-- GraphCheckpointConflict  (.latest_checkpoint_id): the writer fence refused a put
+    |   +-- GraphPruneRefused        (.refused_thread_ids .checkpoints_deleted): no
+    |                                status, raised by prune() for what memsvc left
     +-- ResourceExhausted
     |   +-- SessionLimitExceeded     (.limit)
     |   +-- TooManyWatchers
@@ -261,6 +263,25 @@ class GraphCheckpointConflict(FailedPrecondition):
     def latest_checkpoint_id(self) -> str:
         """The thread's latest checkpoint ("" when it has none)."""
         return self.metadata.get("latest_checkpoint_id", "")
+
+
+class GraphPruneRefused(FailedPrecondition):
+    """A keep_latest prune left threads that use a LangGraph DeltaChannel.
+
+    The call itself succeeded: memsvc reports the threads it refused to prune in
+    its answer (``refused_thread_ids``), and ``prune()`` raises this so that they are
+    not taken as pruned. When it found one first, none of the threads was pruned;
+    ``checkpoints_deleted`` counts what was (of the others, when a thread gained
+    the metadata while they were pruned).
+    """
+
+    def __init__(self, refused_thread_ids: list[str], checkpoints_deleted: int) -> None:
+        super().__init__(
+            "keep_latest left the threads that use a DeltaChannel, which rebuilds its "
+            "values from older checkpoints: " + ", ".join(map(repr, refused_thread_ids))
+        )
+        self.refused_thread_ids = refused_thread_ids
+        self.checkpoints_deleted = checkpoints_deleted
 
 
 class SessionAlreadyExists(AlreadyExists):

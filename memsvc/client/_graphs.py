@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from memsvc.client._convert import page_request
+from memsvc.client._errors import GraphPruneRefused
 from memsvc.client._types import AsyncPager, Page
 from memsvc.v1 import graph_checkpoint_pb2 as pb
 
@@ -26,6 +27,11 @@ _STRATEGIES = {
     "keep_latest": pb.GRAPH_PRUNE_STRATEGY_KEEP_LATEST,
     "delete": pb.GRAPH_PRUNE_STRATEGY_DELETE,
 }
+# What a DeltaChannel leaves in checkpoint metadata (LangGraph Python: its update
+# counters since the last snapshot; LangGraph.js: a marker on its threads). It
+# rebuilds its value from older checkpoints' writes, so a keep_latest prune, which
+# keeps no older checkpoint, would silently empty it: prunes refuse such threads.
+DELTA_METADATA_KEYS = ("counters_since_delta_snapshot", "delta_writes_versioned")
 
 
 class AsyncGraphClient:
@@ -176,11 +182,25 @@ class AsyncGraphClient:
         thread_ids: Iterable[str],
         *,
         strategy: PruneStrategy = "keep_latest",
+        force: bool = False,
         timeout: float | None = None,
     ) -> int:
         """Keep each namespace's latest checkpoint, or delete all (PruneGraphThreads);
-        returns how many checkpoints were deleted."""
-        response = await self.prune_threads(thread_ids, strategy=strategy, timeout=timeout)
+        returns how many checkpoints were deleted.
+
+        ``keep_latest`` leaves threads that use a LangGraph DeltaChannel (their
+        checkpoints' metadata holds one of DELTA_METADATA_KEYS: pruning would empty
+        its value) and raises GraphPruneRefused naming them; when one is found first,
+        none of the threads is pruned. ``force=True`` prunes them too.
+        """
+        keys = () if force else DELTA_METADATA_KEYS
+        response = await self.prune_threads(
+            thread_ids, strategy=strategy, refuse_metadata_keys=keys, timeout=timeout
+        )
+        if response.refused_thread_ids:
+            raise GraphPruneRefused(
+                list(response.refused_thread_ids), int(response.checkpoints_deleted)
+            )
         return int(response.checkpoints_deleted)
 
     async def prune_threads(
@@ -188,12 +208,13 @@ class AsyncGraphClient:
         thread_ids: Iterable[str],
         *,
         strategy: PruneStrategy = "keep_latest",
-        refuse_metadata_keys: Iterable[str] = (),
+        refuse_metadata_keys: Iterable[str] = DELTA_METADATA_KEYS,
         timeout: float | None = None,
     ) -> pb.PruneGraphThreadsResponse:
-        """As :meth:`prune`, answering the whole response: with ``keep_latest``, a
-        thread with a checkpoint whose metadata holds one of ``refuse_metadata_keys``
-        is not pruned (when one is found first, none is), and
+        """As :meth:`prune`, answering the whole response instead of raising: with
+        ``keep_latest``, a thread with a checkpoint whose metadata holds one of
+        ``refuse_metadata_keys`` (by default DELTA_METADATA_KEYS; ``()`` refuses
+        none) is not pruned (when one is found first, none is), and
         ``refused_thread_ids`` names them."""
         request = pb.PruneGraphThreadsRequest(
             project_id=self.project_id,

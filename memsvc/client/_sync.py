@@ -29,7 +29,7 @@ from memsvc.client._async import (
 )
 from memsvc.client._auth import TLS
 from memsvc.client._errors import Cancelled
-from memsvc.client._graphs import AsyncGraphClient, PruneStrategy
+from memsvc.client._graphs import AsyncGraphClient
 from memsvc.client._retry import RetryPolicy
 from memsvc.client._types import (
     AsyncPager,
@@ -599,6 +599,7 @@ class GraphClient(_ProjectWrapper):
     delete_thread = _blocking(AsyncGraphClient.delete_thread)
     delete_runs = _blocking(AsyncGraphClient.delete_runs)
     copy_thread = _blocking(AsyncGraphClient.copy_thread)
+    prune = _blocking(AsyncGraphClient.prune)
     prune_threads = _blocking(AsyncGraphClient.prune_threads)
 
     def checkpoints(
@@ -627,13 +628,3 @@ class GraphClient(_ProjectWrapper):
                 timeout=timeout,
             ),
         )
-
-    def prune(
-        self,
-        thread_ids: Iterable[str],
-        *,
-        strategy: PruneStrategy = "keep_latest",
-        timeout: float | None = None,
-    ) -> int:
-        """Keep each namespace's latest checkpoint, or delete all; see AsyncGraphClient.prune."""
-        return self._portal.run(self._inner.prune(thread_ids, strategy=strategy, timeout=timeout))

@@ -1,12 +1,13 @@
 """``watch()``: a lifecycle event stream that reconnects and resumes on its own.
 
 The cursor is the last sequence seen, from an event or a progress message. On
-UNAVAILABLE, ABORTED, DEADLINE_EXCEEDED, a stream that ends, or a stream silent for
-longer than three progress intervals, the watch reconnects with backoff and
-``after_sequence`` = the cursor: every matching event arrives once, in order.
-OUT_OF_RANGE (the cursor's events were compacted away) ends it with
-:class:`WatchPositionCompacted`, except for a watch from the oldest event whose
-cursor has not moved past its first stream's start: it starts from the oldest again.
+UNAVAILABLE, ABORTED, DEADLINE_EXCEEDED, CANCELLED from the server's side (a proxy
+resetting the stream), a stream that ends, or a stream silent for longer than three
+progress intervals, the watch reconnects with backoff and ``after_sequence`` = the
+cursor: every matching event arrives once, in order. OUT_OF_RANGE (the cursor's
+events were compacted away) ends it with :class:`WatchPositionCompacted`, except for
+a watch from the oldest event that has had no event yet: it starts from the oldest
+again.
 
 ``reconnect_timeout`` bounds each time without a working stream, from the loss of the
 last one (or from the start, for a watch that never had one): each stream gets what is
@@ -46,6 +47,10 @@ RECONNECT_CODES = frozenset(
         grpc.StatusCode.UNAVAILABLE,
         grpc.StatusCode.ABORTED,
         grpc.StatusCode.DEADLINE_EXCEEDED,
+        # Read as a status, CANCELLED came from the other side (a proxy such as
+        # Envoy resetting the stream): a cancel of this client's own (aclose(), a
+        # close of the client, a cancelled read) surfaces as asyncio.CancelledError.
+        grpc.StatusCode.CANCELLED,
     }
 )
 # The server's progress interval when the request does not set one.
@@ -195,11 +200,13 @@ class AsyncWatch(Generic[Item]):
         self._failing_since: float | None = None
         self._on_call = 0  # messages received on the current stream
         self._first_message_at = 0.0  # when the current stream's first message came
-        # A watch from the oldest event whose cursor is still where its first stream
-        # started follows compaction: a reconnection refused because the events
-        # after that start were compacted starts from the oldest again (it had seen
-        # none of them, and asked for what is kept). Once the cursor moved on (an
-        # event, or a progress past the start), a refusal is a real loss and ends it.
+        # A watch from the oldest event that has had no event yet follows
+        # compaction: a reconnection refused because the events after its cursor
+        # were compacted starts from the oldest again (it had none of them, and
+        # asked for what is kept). Progress moves the cursor without ending this:
+        # the server sends one when compaction overtakes such a stream, to say where
+        # the oldest now is. Once an event was handed out, a refusal is a real loss
+        # and ends the watch.
         self._following_oldest = (
             request.start == lifecycle_pb2.WATCH_START_OLDEST and self._cursor is None
         )
@@ -303,7 +310,6 @@ class AsyncWatch(Generic[Item]):
         if message.HasField("progress"):
             sequence = message.progress.sequence
             if self._cursor is None or sequence > self._cursor:
-                self._following_oldest &= self._cursor is None  # moved past the start
                 self._cursor = sequence
                 item = WatchProgress(sequence)
         else:
@@ -400,8 +406,8 @@ class AsyncWatch(Generic[Item]):
         if isinstance(error, grpc.RpcError):
             failure = from_rpc_error(error)
             if isinstance(failure, WatchPositionCompacted) and self._following_oldest:
-                # Still at its start: it moves on to the new oldest, as asked.
-                log.info("memsvc watch: compacted past its start; starting from the oldest")
+                # No event yet: it moves on to the new oldest, as asked.
+                log.info("memsvc watch: compacted before its first event; starting from the oldest")
                 self._restart_from_oldest = True
                 return
             if (

@@ -12,15 +12,18 @@ Metadata travels as JSON, which memsvc filters on.
 
 The async methods use an :class:`memsvc.client.AsyncClient` (its channel opens in
 the caller's event loop on first use); the sync ones use a :class:`memsvc.client.Client`,
-whose private loop runs in a background thread, so sync graphs work as well.
+whose private loop runs in a background thread, so sync graphs work as well. Both
+are held by one :class:`_Clients` that the saver's shallow copies share.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-import random
+import secrets
+import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -45,6 +48,7 @@ from memsvc.client import (
     Client,
     GraphCheckpointNotFound,
     GraphClient,
+    GraphPruneRefused,
     RetryPolicy,
 )
 from memsvc.client._async import DEFAULT_TARGET, DEFAULT_TIMEOUT
@@ -69,6 +73,52 @@ class SessionLink:
     agent_instance_id: str
     session_id: str
     on_end: Literal["keep_latest", "delete"] | None = None
+
+
+class _Clients:
+    """A saver's clients, opened on first use and shared by its shallow copies."""
+
+    def __init__(self, target: str, client_args: dict[str, Any], given: AsyncClient | None) -> None:
+        self._target = target
+        self._client_args = client_args
+        self._own_async = given is None
+        self._async: AsyncClient | None = given
+        self._sync: Client | None = None
+        # Sync graphs may run in several threads: one blocking client (and loop
+        # thread) for them all.
+        self._sync_lock = threading.Lock()
+
+    def async_client(self) -> AsyncClient:
+        if self._async is None:
+            self._async = AsyncClient(self._target, **self._client_args)
+        return self._async
+
+    def sync_client(self) -> Client:
+        if not self._own_async:
+            # The given client's address and credentials are its own: a blocking
+            # client made from this saver's arguments would reach another server.
+            raise RuntimeError(
+                "MemsvcSaver(client=...) serves LangGraph's async methods only (ainvoke, "
+                "aget_state...); for the sync ones, give target= and the credentials instead"
+            )
+        with self._sync_lock:
+            if self._sync is None:
+                self._sync = Client(self._target, **self._client_args)
+            return self._sync
+
+    async def aclose(self) -> None:
+        """Close the clients opened here (a given AsyncClient is its owner's)."""
+        if self._own_async and self._async is not None:
+            client, self._async = self._async, None
+            await client.close()
+        self.close()
+
+    def close(self) -> None:
+        """Close the blocking client, if one was opened."""
+        with self._sync_lock:
+            client, self._sync = self._sync, None
+        if client is not None:
+            client.close()
 
 
 class MemsvcSaver(BaseCheckpointSaver[str]):
@@ -112,54 +162,34 @@ class MemsvcSaver(BaseCheckpointSaver[str]):
         super().__init__(serde=serde)
         self.project_id = project_id
         self.fence = fence
-        self._client_args: dict[str, Any] = {
+        # Shared by the shallow copies LangGraph makes (with_allowlist, when
+        # LANGGRAPH_STRICT_MSGPACK is on, gives each compiled graph one): they use the
+        # same clients, and closing the saver closes the clients its copies opened.
+        client_args = {
             "timeout": timeout,
             "retry": retry,
             "token": token,
             "token_file": token_file,
             "tls": tls,
         }
-        self._target = target
-        self._own_async = client is None
-        self._async_client = client
-        self._sync_client: Client | None = None
+        self._clients = _Clients(target, client_args, client)
         self._options = _options(ttl, keep_last, session)
-
-    # Clients, opened on first use.
 
     @property
     def _agraphs(self) -> AsyncGraphClient:
-        if self._async_client is None:
-            self._async_client = AsyncClient(self._target, **self._client_args)
-        return self._async_client.graphs(self.project_id)
+        return self._clients.async_client().graphs(self.project_id)
 
     @property
     def _graphs(self) -> GraphClient:
-        if not self._own_async:
-            # The given client's address and credentials are its own: a blocking
-            # client made from this saver's arguments would reach another server.
-            raise RuntimeError(
-                "MemsvcSaver(client=...) serves LangGraph's async methods only (ainvoke, "
-                "aget_state...); for the sync ones, give target= and the credentials instead"
-            )
-        if self._sync_client is None:
-            self._sync_client = Client(self._target, **self._client_args)
-        return self._sync_client.graphs(self.project_id)
+        return self._clients.sync_client().graphs(self.project_id)
 
     async def aclose(self) -> None:
-        """Close the clients this saver opened."""
-        if self._own_async and self._async_client is not None:
-            await self._async_client.close()
-            self._async_client = None
-        if self._sync_client is not None:
-            self._sync_client.close()
-            self._sync_client = None
+        """Close the clients this saver (or a copy of it) opened."""
+        await self._clients.aclose()
 
     def close(self) -> None:
         """Close the sync client (an async one opened too needs ``aclose()``)."""
-        if self._sync_client is not None:
-            self._sync_client.close()
-            self._sync_client = None
+        self._clients.close()
 
     async def __aenter__(self) -> MemsvcSaver:
         return self
@@ -185,7 +215,9 @@ class MemsvcSaver(BaseCheckpointSaver[str]):
             current_v = current
         else:
             current_v = int(current.split(".")[0])
-        return f"{current_v + 1:016}.{random.getrandbits(48):012x}"
+        # From the system's randomness, not the random module's generator: a program
+        # that seeds that one would give its processes the same suffixes.
+        return f"{current_v + 1:016}.{secrets.randbits(48):012x}"
 
     # Encoding.
 
@@ -392,11 +424,8 @@ class MemsvcSaver(BaseCheckpointSaver[str]):
         in its store: nothing of the threads is read here."""
         ids = _ids(thread_ids, "thread_ids")
         if ids:
-            checked = _strategy(strategy)
-            response = await self._agraphs.prune_threads(
-                ids, strategy=checked, refuse_metadata_keys=_refused_keys(checked)
-            )
-            _refuse_delta_threads(response)
+            with _delta_threads_refused():
+                await self._agraphs.prune(ids, strategy=_strategy(strategy))
 
     # Sync.
 
@@ -482,11 +511,8 @@ class MemsvcSaver(BaseCheckpointSaver[str]):
         """See :meth:`aprune`."""
         ids = _ids(thread_ids, "thread_ids")
         if ids:
-            checked = _strategy(strategy)
-            response = self._graphs.prune_threads(
-                ids, strategy=checked, refuse_metadata_keys=_refused_keys(checked)
-            )
-            _refuse_delta_threads(response)
+            with _delta_threads_refused():
+                self._graphs.prune(ids, strategy=_strategy(strategy))
 
 
 INLINE_MAX_CHARS = 64
@@ -521,24 +547,17 @@ def _options(
     return options
 
 
-# What a DeltaChannel leaves in checkpoint metadata (LangGraph Python: its update
-# counters since the last snapshot; LangGraph.js: a marker on its threads).
-_DELTA_METADATA_KEYS = ("counters_since_delta_snapshot", "delta_writes_versioned")
-
-
-def _refused_keys(strategy: Literal["keep_latest", "delete"]) -> tuple[str, ...]:
-    """The metadata keys of threads a prune must leave: keep_latest keeps no older
-    checkpoint, and a DeltaChannel rebuilds its value from older checkpoints'
-    writes, so its state would silently empty (delete leaves no state)."""
-    return _DELTA_METADATA_KEYS if strategy == "keep_latest" else ()
-
-
-def _refuse_delta_threads(response: pb.PruneGraphThreadsResponse) -> None:
-    if response.refused_thread_ids:
+@contextlib.contextmanager
+def _delta_threads_refused() -> Iterator[None]:
+    """The SDK's prune refuses threads with a DeltaChannel's metadata keys (under
+    keep_latest): LangGraph's savers say so with NotImplementedError."""
+    try:
+        yield
+    except GraphPruneRefused as refused:
         raise NotImplementedError(
             "keep_latest can't prune threads that use a DeltaChannel: "
-            + ", ".join(map(repr, response.refused_thread_ids))
-        )
+            + ", ".join(map(repr, refused.refused_thread_ids))
+        ) from refused
 
 
 def _ids(ids: Sequence[str], name: str) -> list[str]:

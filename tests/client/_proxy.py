@@ -6,7 +6,8 @@ request (method, request_id, after_sequence), and can:
 - fail a call with a chosen status AFTER forwarding it to memsvc, so the first
   attempt took effect but its caller never saw the answer (``fail_after``);
 - cut every open stream with UNAVAILABLE (``cut_streams``) and refuse new calls
-  with UNAVAILABLE until ``accept()`` (``refuse``): a network outage;
+  with UNAVAILABLE until ``accept()`` (``refuse``): a network outage; or cut them
+  with another status (CANCELLED: a proxy such as Envoy resetting them);
 - stall every open stream: it stays open but forwards nothing more
   (``stall_streams``), as a dead peer behind a silent network would.
 """
@@ -58,6 +59,7 @@ class FaultProxy:
         self.seen: list[Seen] = []
         self._faults: dict[str, deque[grpc.StatusCode]] = defaultdict(deque)
         self._refusing = False
+        self._cut_code = grpc.StatusCode.UNAVAILABLE
         self._streams: set[asyncio.Event] = set()
         self._stalls: set[asyncio.Event] = set()
         self._channel: Any = None
@@ -82,8 +84,9 @@ class FaultProxy:
     def accept(self) -> None:
         self._refusing = False
 
-    def cut_streams(self) -> int:
-        """End every open stream with UNAVAILABLE; return how many there were."""
+    def cut_streams(self, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> int:
+        """End every open stream with ``code``; return how many there were."""
+        self._cut_code = code
         for cut in self._streams:
             cut.set()
         return len(self._streams)
@@ -148,7 +151,7 @@ class FaultProxy:
                 if not read.done():
                     read.cancel()
                     call.cancel()
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, "proxy: stream cut")
+                    await context.abort(self._cut_code, "proxy: stream cut")
                 try:
                     message = read.result()
                 except grpc.aio.AioRpcError as error:

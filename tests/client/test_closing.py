@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 import grpc
 import pytest
@@ -89,23 +89,38 @@ class StubServer:
         return f"127.0.0.1:{self.port}"
 
 
-class CompactedOnReconnect(StubServer):
-    """A watch from the oldest event: its first stream reports position 5 (and,
-    ``moved``, then 7: it caught up that far), then fails. Resuming is refused: the
-    events up to 8 were compacted. A stream from the oldest (no after_sequence)
-    reports 8, then sends event 9."""
+def spawned(sequence: int) -> lc.WatchLifecycleResponse:
+    return lc.WatchLifecycleResponse(
+        event=lc.LifecycleEvent(
+            sequence=sequence,
+            event_id=str(uuid.uuid4()),
+            event_type=lc.EVENT_TYPE_SESSION_SPAWNED,
+            project_id=SCOPE[0],
+            agent_instance_id=SCOPE[1],
+            session_id=SCOPE[2],
+        )
+    )
 
-    def __init__(self, moved: bool = False) -> None:
+
+class CompactedOnReconnect(StubServer):
+    """A watch from the oldest event: its first stream reports position 5, then
+    ``moved_by`` 7 (a progress: it caught up that far; an event), then fails.
+    Resuming is refused: the events up to 8 were compacted. A stream from the
+    oldest (no after_sequence) reports 8, then sends event 9."""
+
+    def __init__(self, moved_by: Literal["progress", "event"] | None = None) -> None:
         super().__init__(fail_after=None)
-        self.moved = moved
+        self.moved_by = moved_by
         self.requests: list[Any] = []
 
     async def watch(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         self.requests.append(request)
         if len(self.requests) == 1:
             yield lc.WatchLifecycleResponse(progress=lc.WatchProgress(sequence=5))
-            if self.moved:
+            if self.moved_by == "progress":
                 yield lc.WatchLifecycleResponse(progress=lc.WatchProgress(sequence=7))
+            elif self.moved_by == "event":
+                yield spawned(7)
             await context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
         if request.HasField("after_sequence"):
             info = error_details_pb2.ErrorInfo(
@@ -120,24 +135,21 @@ class CompactedOnReconnect(StubServer):
             )
             await context.abort_with_status(rpc_status.to_status(compacted))
         yield lc.WatchLifecycleResponse(progress=lc.WatchProgress(sequence=8))
-        event = lc.LifecycleEvent(
-            sequence=9,
-            event_id=str(uuid.uuid4()),
-            event_type=lc.EVENT_TYPE_SESSION_SPAWNED,
-            project_id=SCOPE[0],
-            agent_instance_id=SCOPE[1],
-            session_id=SCOPE[2],
-        )
-        yield lc.WatchLifecycleResponse(event=event)
+        yield spawned(9)
         await asyncio.Event().wait()
 
 
-async def test_a_watch_from_the_oldest_follows_compaction_until_its_first_event():
+@pytest.mark.parametrize("moved_by", [None, "progress"])
+async def test_a_watch_from_the_oldest_follows_compaction_until_its_first_event(
+    moved_by: Literal["progress"] | None,
+):
     """Reconnecting before its first event, an "oldest" watch whose position was
     compacted meanwhile starts from the oldest again (it never asked for that
-    position; nothing it had not seen is lost), as its stream on the server does."""
+    position; nothing it had not seen is lost), as its stream on the server does;
+    also when progress moved its cursor (the server sends one when compaction
+    overtakes such a stream, to say where the oldest now is)."""
     async with (
-        CompactedOnReconnect() as stub,
+        CompactedOnReconnect(moved_by) as stub,
         AsyncClient(stub.target, retry=RetryPolicy(initial_backoff=0.01)) as client,
     ):
         async with client.watch(SCOPE[0], start="oldest") as events:
@@ -147,16 +159,17 @@ async def test_a_watch_from_the_oldest_follows_compaction_until_its_first_event(
         assert stub.requests[-1].start == lc.WATCH_START_OLDEST
 
 
-async def test_a_watch_from_the_oldest_that_moved_on_ends_when_compacted_past_it():
-    """Once its cursor moved past its start (here a progress at 7: the stream had
-    read that far), a compaction past the cursor may have taken events the watch
-    would have had: WatchPositionCompacted, never a silent start from the oldest."""
+async def test_a_watch_from_the_oldest_that_had_an_event_ends_when_compacted_past_it():
+    """Once it handed out an event (7), a compaction past the cursor may have taken
+    events the watch would have had: WatchPositionCompacted, never a silent start
+    from the oldest."""
     async with (
-        CompactedOnReconnect(moved=True) as stub,
+        CompactedOnReconnect("event") as stub,
         AsyncClient(stub.target, retry=RetryPolicy(initial_backoff=0.01)) as client,
     ):
         with pytest.raises(WatchPositionCompacted):
             async with client.watch(SCOPE[0], start="oldest") as events:
+                assert (await asyncio.wait_for(anext(events), 10)).sequence == 7
                 await asyncio.wait_for(anext(events), 10)
         assert len(stub.requests) == 2
 

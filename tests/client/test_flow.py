@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
 
 from memsvc.client import (
@@ -18,6 +23,7 @@ from memsvc.client import (
     WithTTL,
     WorkingMemoryStatus,
 )
+from memsvc.server import Server
 
 PLAN = {"steps": ["search", "summarise"], "budget": 3, "ratio": 0.5, "done": False, "x": None}
 
@@ -200,3 +206,44 @@ async def test_session_watch_sees_its_events(session: AsyncSessionClient):
     assert spawned.session_id == session.session_id and spawned.request_id
     assert paused.sequence > spawned.sequence and paused.checkpoint_id
     assert events.sequence == paused.sequence
+
+
+class ListEntriesTimeouts(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Records the timeout each ListEntries call is sent with, over a link that takes
+    LINK_SECONDS to carry each one (time the next page's budget must show spent)."""
+
+    LINK_SECONDS = 0.2
+
+    def __init__(self) -> None:
+        self.timeouts: list[float | None] = []
+
+    async def intercept_unary_unary(
+        self, continuation: Any, client_call_details: Any, request: Any
+    ) -> Any:
+        method = client_call_details.method
+        if (method.decode() if isinstance(method, bytes) else method).endswith("/ListEntries"):
+            self.timeouts.append(client_call_details.timeout)
+            await asyncio.sleep(self.LINK_SECONDS)
+        return await continuation(client_call_details, request)
+
+
+async def test_get_all_spends_one_timeout_across_its_pages(
+    server: Server, session: AsyncSessionClient, scope: dict[str, str], token_file: Path
+):
+    """Each page is sent with what is left of the one ``timeout``, not a new one: a
+    working memory of many pages cannot take that many timeouts."""
+    await session.spawn()
+    await session.set_many({f"k{i:03}": i for i in range(250)})  # 3 pages of 100
+    recorder = ListEntriesTimeouts()
+    async with (
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", interceptors=[recorder]) as channel,
+        AsyncClient.from_channel(channel, token_file=token_file) as client,
+    ):
+        ids = (scope["project_id"], scope["agent_instance_id"], scope["session_id"])
+        everything = await client.session(*ids).get_all(timeout=30)
+    assert len(everything) == 250
+    budgets = [t for t in recorder.timeouts if t is not None]
+    assert len(budgets) == 3
+    assert budgets[0] <= 30
+    spent = recorder.LINK_SECONDS * 0.95  # asyncio may wake a hair early
+    assert all(later <= earlier - spent for earlier, later in itertools.pairwise(budgets))

@@ -9,7 +9,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import inspect
+import os
 import threading
+import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -105,6 +108,52 @@ def test_a_closed_client_refuses_calls():
     client.close()
     with pytest.raises(RuntimeError, match="closed"):
         client.session("p", "a", "s").describe()
+
+
+def child_call(call: Callable[[], object]) -> str:
+    """Run ``call`` in a forked child; what it raised (or "no error")."""
+    read, write = os.pipe()
+    with warnings.catch_warnings():
+        # Python 3.12 warns that forking a process with threads may deadlock: the
+        # child here only makes one call, which must fail before any lock or I/O.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:
+        try:
+            try:
+                call()
+                outcome = "no error"
+            except BaseException as error:
+                outcome = f"{type(error).__name__}: {error}"
+            os.write(write, outcome.encode())
+        finally:
+            os._exit(0)  # never back into pytest
+    os.close(write)
+    with os.fdopen(read, "rb") as reader:
+        outcome = reader.read().decode()
+    os.waitpid(pid, 0)
+    return outcome
+
+
+async def test_a_forked_child_is_told_to_make_its_own_client(
+    server: Server, scope: dict[str, str], token_file: Path
+):
+    """A fork copies a Client but not its loop thread: a call in the child says so
+    (not that the client is closed: nobody closed it), and the parent's goes on."""
+    ids = (scope["project_id"], scope["agent_instance_id"], scope["session_id"])
+
+    def run() -> str:
+        with Client(f"127.0.0.1:{server.port}", token_file=token_file) as client:
+            session = client.session(*ids)
+            session.spawn()
+            outcome = child_call(session.get_all)
+            session.set("after-the-fork", True)
+            assert session.get_all() == {"after-the-fork": True}
+            return outcome
+
+    outcome = await asyncio.to_thread(run)
+    assert outcome.startswith("RuntimeError: the sync memsvc Client was created in process")
+    assert "create one in each process, after the fork" in outcome
 
 
 @pytest.mark.parametrize(

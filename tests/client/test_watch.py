@@ -8,15 +8,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from memsvc.client import (
     AsyncClient,
+    Cancelled,
     Client,
     EventType,
     InvalidArgument,
@@ -28,9 +31,10 @@ from memsvc.client import (
 )
 from memsvc.config import Config
 from memsvc.server import Server
+from memsvc.v1 import lifecycle_pb2
 from tests.client._proxy import FaultProxy
 from tests.client.conftest import FAST_RETRY
-from tests.conftest import Deployment
+from tests.conftest import Deployment, track_project
 from tests.helpers import eventually
 
 WAIT = 20.0
@@ -199,6 +203,85 @@ async def test_a_silent_stream_is_replaced(
     assert [e.session_id for e in received] == ["a", "b"]
     assert events.connections == 2
     assert proxy.calls("WatchLifecycle")[1].request.after_sequence >= received[0].sequence
+
+
+async def test_a_stream_the_other_side_cancels_is_resumed(
+    proxy: FaultProxy, client: AsyncClient, scope: dict[str, str], auth_token: str
+):
+    """A proxy (Envoy) resetting the stream ends it with CANCELLED: the watch resumes
+    from its cursor, as after UNAVAILABLE. A cancel of the client's own (here, its
+    close) still ends the watch at once."""
+    project, agent = scope["project_id"], scope["agent_instance_id"]
+    async with AsyncClient(proxy.target, retry=FAST_RETRY, token=auth_token) as via_proxy:
+        events = via_proxy.watch(project)
+        async with events:
+            await client.session(project, agent, "a").spawn()
+            received = await take(events, 1)
+            assert proxy.cut_streams(grpc.StatusCode.CANCELLED) == 1
+            await client.session(project, agent, "b").spawn()
+            received += await take(events, 1)
+            assert [e.session_id for e in received] == ["a", "b"]
+            assert events.connections == 2
+            resumed = proxy.calls("WatchLifecycle")[1].request
+            assert resumed.after_sequence == received[0].sequence
+            reading = asyncio.ensure_future(anext(events))
+            await asyncio.sleep(0)  # the read is under way
+            await via_proxy.close()
+            with pytest.raises(Cancelled):
+                await asyncio.wait_for(reading, WAIT)
+    assert len(proxy.calls("WatchLifecycle")) == 2
+
+
+async def test_an_oldest_watch_without_events_follows_compaction_past_its_progress(
+    base_config: Config,
+    deployment: Deployment,
+    request: pytest.FixtureRequest,
+    scope: dict[str, str],
+    token_file: Path,
+):
+    """Progress messages move the cursor of a watch from the oldest event (another
+    project's events pass by), but it has had no event: when compaction passes that
+    cursor during an outage, the resumption refused as compacted starts from the
+    oldest again, as asked, instead of ending the watch with WatchPositionCompacted."""
+    config = replace(base_config, event_keep_last=2, retention_interval_seconds=0.1)
+    if deployment.durable == "postgres":
+        # Compaction is global: give it a database of its own.
+        config = replace(config, database_url=request.getfixturevalue("fresh_postgres_url"))
+    project, agent = scope["project_id"], scope["agent_instance_id"]
+    other = track_project(str(uuid.uuid4()))
+    async with (
+        Server(config) as compacting,
+        FaultProxy(f"127.0.0.1:{compacting.port}") as cutter,
+        AsyncClient(f"127.0.0.1:{compacting.port}", token_file=token_file) as direct,
+        AsyncClient(cutter.target, retry=FAST_RETRY, token_file=token_file) as via_proxy,
+        via_proxy.watch(
+            project, start="oldest", progress_interval=0.1, include_progress=True
+        ) as events,
+    ):
+        started = events.sequence
+        assert started is not None
+        await direct.session(other, agent, "elsewhere").spawn()
+        while (item := await asyncio.wait_for(anext(events), WAIT)).sequence <= started:
+            pass
+        assert isinstance(item, WatchProgress)  # moved on, no event of its own
+        cutter.refuse()
+        assert cutter.cut_streams() == 1
+        for i in range(3):
+            await direct.session(other, agent, f"during-outage-{i}").spawn()
+
+        async def compacted_past_the_cursor() -> bool:
+            oldest, _ = await compacting.durable_store.event_bounds()
+            return bool(oldest > item.sequence)
+
+        await eventually(compacted_past_the_cursor, timeout=WAIT)
+        cutter.accept()
+        await direct.session(project, agent, "mine").spawn()
+        (event,) = await take(events, 1)
+    assert event.session_id == "mine"
+    streams = [c.request for c in cutter.calls("WatchLifecycle")]
+    assert any(r.after_sequence == item.sequence for r in streams)  # refused: compacted
+    assert not streams[-1].HasField("after_sequence")  # then from the oldest again
+    assert streams[-1].start == lifecycle_pb2.WATCH_START_OLDEST
 
 
 async def test_watch_from_oldest_and_from_a_saved_cursor(client: AsyncClient, scope):
