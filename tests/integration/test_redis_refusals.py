@@ -145,6 +145,59 @@ async def test_a_full_redis_still_terminates_sessions(tmp_path: Path, postgres_u
         redis.kill()
 
 
+async def test_a_full_redis_refuses_data_into_empty_sessions_spawns_and_resumes(
+    tmp_path: Path, postgres_url: str
+):
+    """Found by a review: Redis checked an unflagged script's memory only at its first
+    write, and a script that begins by freeing memory (a purge of an empty session,
+    a Spawn's or Resume's DEL) passed it: a Set into an empty session, a Spawn with
+    entries and a Resume wrote into a full Redis unchecked, far past maxmemory."""
+    redis = PrivateRedis(free_port(), tmp_path / "redis")
+    redis.start()
+    try:
+        config = config_for(tmp_path, redis.url, postgres_url)
+        empty, paused = new_scope("empty"), new_scope("paused")
+        async with (
+            Server(config) as server,
+            grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+        ):
+            life = LifecycleServiceStub(channel)
+            memory = WorkingMemoryServiceStub(channel)
+            one = struct_pb2.Value(number_value=1)
+            entries = [wm.EntryInput(key=f"k{i}", value=one) for i in range(100)]
+            await life.Spawn(lc.SpawnRequest(**empty))
+            await life.Spawn(lc.SpawnRequest(**paused, initial_entries=entries))
+            await life.Pause(lc.PauseRequest(**paused))
+            admin = aioredis.Redis.from_url(redis.url)
+            try:
+                for filler in range(256):
+                    await admin.set(f"filler{filler}", b"x" * (4 << 10))
+                used = int((await admin.info("memory"))["used_memory"])
+                await admin.config_set("maxmemory-policy", "noeviction")
+                await admin.config_set("maxmemory", used - (256 << 10))
+                calls = {
+                    "a Set into an empty session": memory.Set(
+                        wm.SetRequest(**empty, key="j", value=one), timeout=30
+                    ),
+                    "a Spawn with entries": life.Spawn(
+                        lc.SpawnRequest(**new_scope("new"), initial_entries=entries), timeout=30
+                    ),
+                    "a Resume": life.Resume(lc.ResumeRequest(**paused), timeout=30),
+                }
+                for what, call in calls.items():
+                    with pytest.raises(grpc.aio.AioRpcError) as refused:
+                        await call
+                    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, what
+                    assert "OutOfMemoryError" in (refused.value.details() or ""), what
+                # Nothing was half done: the paused session is still paused.
+                got = await life.GetSession(lc.GetSessionRequest(**paused))
+                assert got.session.state == lc.SESSION_STATE_PAUSED
+            finally:
+                await admin.aclose()
+    finally:
+        redis.kill()
+
+
 async def test_a_redis_that_evicts_is_named_at_start(
     tmp_path: Path, postgres_url: str, caplog: pytest.LogCaptureFixture
 ):

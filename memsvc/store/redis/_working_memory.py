@@ -172,16 +172,32 @@ def _script_keys(session: SessionRef, staging: bool) -> list[str]:
     ]
 
 
-# Scripts Redis runs even when it is out of memory under noeviction: they write
-# only a few marker fields, or free memory (a Terminate must be able to free a
-# full Redis). Without the flag, Redis refuses a script at its first write then.
-_ALLOW_OOM = frozenset({"lifecycle_begin_snapshot", "lifecycle_finish", "lifecycle_abort"})
+# Each script's flags, in its shebang: Redis 7 checks a flagged script's memory
+# before it starts, and refuses it whole when it is out of memory (noeviction)
+# unless it may run then (allow-oom). An unflagged script was checked only at its
+# first write, which a purge's or a Spawn's DEL, freeing memory, always passed:
+# data then went into a full Redis unchecked, up to the container's OOM kill.
+# allow-oom: the scripts that only mark a session or free memory (a Terminate must
+# be able to free a full Redis); no-writes: the one that only reads.
+_SCRIPT_FLAGS = {
+    "set_entries": "",
+    "lifecycle_begin_spawn": "",
+    "lifecycle_begin_restore": "",
+    "get_entries": "allow-oom",
+    "list_entries": "allow-oom",
+    "delete_entries": "allow-oom",
+    "lifecycle_begin_snapshot": "allow-oom",
+    "lifecycle_finish": "allow-oom",
+    "lifecycle_abort": "allow-oom",
+    "read_marker": "no-writes",
+}
 
 
 def _load_script(name: str) -> str:
     package = resources.files("memsvc.store.redis") / "lua"
     prelude = (package / "_prelude.lua").read_text()
-    shebang = "#!lua flags=allow-oom\n" if name in _ALLOW_OOM else ""
+    flags = _SCRIPT_FLAGS[name]
+    shebang = f"#!lua flags={flags}\n" if flags else "#!lua\n"
     return shebang + prelude + "\n" + (package / f"{name}.lua").read_text()
 
 
