@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from memsvc.v1 import lifecycle_pb2 as lc
 from memsvc.v1 import working_memory_pb2 as wm
 from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
 from memsvc.v1.working_memory_pb2_grpc import WorkingMemoryServiceStub
+from tests.helpers import eventually
 
 
 def config_for(tmp_path: Path, working_memory_url: str, database_url: str) -> Config:
@@ -212,5 +214,29 @@ async def test_a_redis_that_evicts_is_named_at_start(
             async with Server(config_for(tmp_path, redis.url, postgres_url)):
                 pass
         assert "maxmemory-policy allkeys-lru" in caplog.text
+    finally:
+        redis.kill()
+
+
+async def test_a_redis_that_evicts_is_named_once_it_answers_after_the_start(
+    tmp_path: Path, postgres_url: str, caplog: pytest.LogCaptureFixture
+):
+    """A sidecar often starts before Redis: the policy is read, and warned of, once a
+    health probe reaches Redis (before, only at start, so never then)."""
+    redis = PrivateRedis(free_port(), tmp_path / "redis")
+    config = replace(config_for(tmp_path, redis.url, postgres_url), health_interval_seconds=0.1)
+    try:
+        with caplog.at_level(logging.WARNING, logger="memsvc"):
+            async with Server(config):
+                redis.start()
+                admin = aioredis.Redis.from_url(redis.url)
+                await admin.config_set("maxmemory-policy", "allkeys-lru")
+                await admin.aclose()
+
+                async def warned() -> bool:
+                    return "maxmemory-policy allkeys-lru" in caplog.text
+
+                await eventually(warned, timeout=20)
+        assert caplog.text.count("maxmemory-policy allkeys-lru") == 1
     finally:
         redis.kill()

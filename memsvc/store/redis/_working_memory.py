@@ -234,6 +234,9 @@ class RedisWorkingMemoryStore:
         # Cluster mode only: the per-node pools do not wait for a connection.
         self._limit: ConnectionLimit | None = None
         self._scripts: dict[str, AsyncScript] = {}
+        # Whether maxmemory-policy was read (and warned of): at start, or once Redis
+        # answers a probe.
+        self._policy_read = False
         if self._cluster:
             self.backend_name = "working memory (Redis Cluster)"
         # Told each operation's time and outcome (the server's metrics).
@@ -307,7 +310,6 @@ class RedisWorkingMemoryStore:
         """Redis must keep what memsvc stores (maxmemory-policy noeviction,
         docs/deployment.md): one that evicts drops sessions, or parts of them,
         which memsvc then reports lost (purge in lua/_prelude.lua)."""
-        unreadable: tuple[type[BaseException], ...] = (*self._transient, redis_errors.ResponseError)
         client = self._redis
         try:
             if isinstance(client, RedisCluster):
@@ -316,9 +318,14 @@ class RedisWorkingMemoryStore:
                 )
             else:
                 info = await client.info("memory")
-        except unreadable as error:
+        except self._transient as error:
+            log.warning("could not read Redis's maxmemory-policy (read again later): %s", error)
+            return
+        except redis_errors.ResponseError as error:  # INFO renamed or refused: for good
+            self._policy_read = True
             log.warning("could not read Redis's maxmemory-policy: %s", error)
             return
+        self._policy_read = True
         # Asked of every primary, a cluster client answers for each, keyed by node.
         nodes = info.values() if "maxmemory_policy" not in info else [info]
         policies = {
@@ -355,6 +362,9 @@ class RedisWorkingMemoryStore:
             await with_retries(
                 ping_once, backend=self.backend_name, transient=self._transient, attempts=1
             )
+        if not self._policy_read:
+            # Redis was away at start (a sidecar often starts first): said now.
+            await self._warn_if_evicting()
 
     async def set_entries(
         self, session: SessionRef, writes: Sequence[EntryWrite]
