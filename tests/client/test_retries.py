@@ -22,11 +22,14 @@ from memsvc.client import (
     SessionState,
     Unavailable,
 )
+from memsvc.config import Config
 from memsvc.server import Server
+from memsvc.testing import free_port
 from memsvc.v1 import graph_checkpoint_pb2 as pb
 from tests.client._proxy import FaultProxy
 from tests.client.conftest import FAST_RETRY
 from tests.client.test_graphs import checkpoint
+from tests.conftest import stop_or_explain
 from tests.helpers import eventually
 
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
@@ -264,8 +267,21 @@ async def test_a_write_whose_answer_was_lost_is_not_retried_over_a_later_write(
     assert await session.get("k") == "B"
 
 
+@pytest.fixture
+async def restartable(base_config: Config) -> AsyncIterator[Server]:
+    """A server that can be started again on its port: one below the ephemeral
+    range (free_port), where no outgoing connection takes it while the server is
+    down, as one could take the port a server on 127.0.0.1:0 is given."""
+    running = Server(replace(base_config, listen=f"127.0.0.1:{free_port()}"))
+    await running.start()
+    try:
+        yield running
+    finally:
+        await stop_or_explain(running)
+
+
 async def test_calls_made_while_memsvc_restarts_succeed_once_it_is_back(
-    server: Server, scope: dict[str, str], auth_token: str
+    restartable: Server, scope: dict[str, str], auth_token: str
 ):
     """gRPC fails calls at once while its channel waits out a reconnection backoff
     (up to 5 s), however soon memsvc is back. The SDK's attempts wait for the
@@ -273,8 +289,8 @@ async def test_calls_made_while_memsvc_restarts_succeed_once_it_is_back(
     without a request id (a thread's delete: never retried once it may have run, so
     it must not fail for want of a connection), made while memsvc is down, succeed
     once it is back."""
-    target = f"127.0.0.1:{server.port}"
-    restart = replace(server.config, listen=target)
+    server = restartable
+    target, restart = f"127.0.0.1:{server.port}", server.config
     async with AsyncClient(target, retry=FAST_RETRY, timeout=30, token=auth_token) as sdk:
         graphs = sdk.graphs(scope["project_id"])
         await graphs.put_checkpoint(checkpoint("c1"))

@@ -224,8 +224,9 @@ async def test_terminate_of_a_paused_session_records_it_as_paused(life, wm, scop
     Resume would bring it back (the checkpoint keeps its remaining TTL): Terminate
     records the session as paused, not what is left, before deleting the checkpoint."""
     await life.Spawn(lc.SpawnRequest(**scope, initial_entries=entries(kept=1)))
+    # Long enough for the Pause to come first even on a machine that stalls a while.
     await wm.Set(
-        pb.SetRequest(**scope, key="brief", value=value(2), ttl=duration_pb2.Duration(seconds=1))
+        pb.SetRequest(**scope, key="brief", value=value(2), ttl=duration_pb2.Duration(seconds=5))
     )
     paused = await life.Pause(lc.PauseRequest(**scope))
     assert paused.checkpoint.key_count == 2  # paused before "brief" expired
@@ -234,7 +235,7 @@ async def test_terminate_of_a_paused_session_records_it_as_paused(life, wm, scop
         listed = await wm.ListKeys(pb.ListKeysRequest(**scope))
         return [info.key for info in listed.keys] == ["kept"]
 
-    await eventually(expired)
+    await eventually(expired, timeout=15)
     ended = await life.Terminate(lc.TerminateRequest(**scope))
     assert (ended.entries_consolidated, ended.entries_cleared) == (2, 1)
     episode = await EpisodicMemoryServiceStub(channel).GetEpisode(
@@ -252,18 +253,22 @@ async def test_a_merge_resume_of_a_paused_session_goes_over_its_paused_entries(l
     earlier = (await life.CreateCheckpoint(lc.CreateCheckpointRequest(**scope))).checkpoint
     await wm.Set(pb.SetRequest(**scope, key="c", value=value(2)))
     await wm.Set(pb.SetRequest(**scope, key="a", value=value(3)))
-    brief_ttl = duration_pb2.Duration(seconds=1, nanos=500_000_000)
-    await wm.Set(pb.SetRequest(**scope, key="brief", value=value(4), ttl=brief_ttl))
-    await asyncio.sleep(0.4)  # some of its TTL runs out while ACTIVE (a lower bound)
+    # Long enough to outlast the wait below and a machine's stall before the Pause.
+    await wm.Set(
+        pb.SetRequest(**scope, key="brief", value=value(4), ttl=duration_pb2.Duration(seconds=5))
+    )
+    # Not a synchronisation: time that must pass, so that the TTL the Pause records
+    # is visibly less than the full one (a longer stall only makes it less still).
+    await asyncio.sleep(0.4)
     paused = await life.Pause(lc.PauseRequest(**scope))
     left = (await remaining_ttls(life, scope, paused.checkpoint.checkpoint_id))["brief"]
-    assert 0 < left <= 1_500 - 350
+    assert 0 < left <= 5_000 - 350
 
     async def expired() -> bool:
         listed = await wm.ListKeys(pb.ListKeysRequest(**scope))
         return "brief" not in [info.key for info in listed.keys]
 
-    await eventually(expired)
+    await eventually(expired, timeout=15)
     resumed = await life.Resume(
         lc.ResumeRequest(**scope, checkpoint_id=earlier.checkpoint_id, merge_with_current=True)
     )

@@ -280,7 +280,9 @@ async def test_checkpoints_survive_a_restart_and_lost_memory_is_reported(server,
         await life.Spawn(lc.SpawnRequest(**scope))
         await wm.Set(pb.SetRequest(**scope, key="k", value=value({"v": 1})))
         paused = await life.Pause(lc.PauseRequest(**scope))
-    config = replace(server.config, listen=f"127.0.0.1:{server.port}")
+    # Any free port: the first one came from the ephemeral range, where an outgoing
+    # connection may take it while memsvc is down, and nothing here needs it again.
+    config = replace(server.config, listen="127.0.0.1:0")
     await server.stop()
     if config.working_memory_url != "memory://":
         # Redis keeps its data across a memsvc restart; flush this session to make

@@ -125,6 +125,10 @@ async def events_after(stubs: Stubs, after: int) -> list[lc.LifecycleEvent]:
             events.append(response.event)
         if events and events[-1].sequence >= latest:
             break
+    else:  # a stream that ends early would return only part of the events
+        raise AssertionError(
+            f"the watch ended before event {latest}: {[e.sequence for e in events]}"
+        )
     call.cancel()
     return events
 
@@ -224,6 +228,8 @@ async def expect_no_event(stubs: Stubs, ids: dict[str, Any], after: int, until: 
         assert response.HasField("progress"), response
         if response.progress.sequence >= until:
             break
+    else:  # a stream that ends early has shown nothing of the events up to ``until``
+        raise AssertionError(f"the watch ended before progress reached {until}")
     call.cancel()
 
 

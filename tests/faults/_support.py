@@ -381,10 +381,12 @@ class Worker:
 
     async def spawn(self, session: SessionLedger) -> None:
         rid = str(uuid.uuid4())
-        # No value is an object with two or more fields: memsvc would encode it
-        # differently after a restart, and refuse the retry of a Spawn it committed
-        # (a known bug: test_crash_boundaries.py::test_a_spawn_retried_...).
-        seed = {"plan": ["search", "summarise", self.number], "attempt": {"n": 1}}
+        # An object of several fields, as agents send: a Spawn retried on a restarted
+        # memsvc must still match the request id's first arguments.
+        seed = {
+            "plan": ["search", "summarise", self.number],
+            "attempt": {"n": 1, "by": self.number},
+        }
         request = lc.SpawnRequest(
             **session.ids,
             initial_entries=[pb.EntryInput(key=k, value=value(v)) for k, v in seed.items()],
@@ -660,6 +662,30 @@ async def expect_code(call: Awaitable[Any], *codes: grpc.StatusCode) -> ErrorDet
 # The audit ----------------------------------------------------------------------
 
 
+# What a refused write names as the session's state, for the states that refuse.
+REFUSING_STATE: dict[int, str] = {
+    lc.SESSION_STATE_PAUSED: "paused",
+    lc.SESSION_STATE_TERMINATED: "terminated",
+}
+
+
+async def expect_writes_as_in(stubs: Stubs, ids: dict[str, Any], state: int) -> None:
+    """A write to a session whose memory is kept goes as its database state says:
+    accepted when ACTIVE, refused for being PAUSED or TERMINATED otherwise. A marker
+    a dead call left transitional (``pausing``, ``resuming``...) must not outlive the
+    first refused call, which heals it: its name in a refusal is a defect."""
+    touch = pb.SetRequest(**ids, key="audit-touch", value=value(1))
+    if state == lc.SESSION_STATE_ACTIVE:
+        await stubs.wm.Set(touch, timeout=10)
+        await stubs.wm.Delete(pb.DeleteRequest(**ids, key="audit-touch"), timeout=10)
+        return
+    refused = await expect_code(
+        stubs.wm.Set(touch, timeout=10), grpc.StatusCode.FAILED_PRECONDITION
+    )
+    assert refused.reason == "ERROR_REASON_SESSION_NOT_WRITABLE", (ids, refused)
+    assert refused.metadata.get("state") == REFUSING_STATE[state], (ids, refused)
+
+
 async def audit(
     stubs: Stubs,
     ledger: Ledger,
@@ -671,7 +697,8 @@ async def audit(
     - each session's state is the last acknowledged one, and its event history is
       exactly its acknowledged calls, one event per request id, in order;
     - each acknowledged checkpoint exists with all of its contents (and no other);
-    - the working memory of each live session is what its calls left;
+    - the working memory of each live session is what its calls left, and takes
+      writes only if the session is ACTIVE;
     - each acknowledged episode exists once;
     - the event log is gap-free from 1 (the database is the test's own), and the
       live watcher saw exactly that log, in order.
@@ -715,23 +742,16 @@ async def audit(
         if session.state != lc.SESSION_STATE_TERMINATED:
             assert reply.session.working_memory_status == lc.WORKING_MEMORY_STATUS_INTACT, ids
         if session.state != lc.SESSION_STATE_TERMINATED or session.memory_kept:
-            if session.memory is None:
-                continue
-            # A write first, then delete: a refused write heals a transitional marker
-            # left by a call that died past its commit; reads do not (a known bug,
-            # test_crash_boundaries.py::test_the_first_read_after_a_crash_...).
-            touch = pb.SetRequest(**ids, key="audit-touch", value=value(1))
-            try:
-                await stubs.wm.Set(touch, timeout=10)
-                await stubs.wm.Delete(pb.DeleteRequest(**ids, key="audit-touch"), timeout=10)
-            except grpc.aio.AioRpcError as error:
-                assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error
-            try:
-                assert await whole_memory(stubs.wm, ids) == session.memory, ids
-            except grpc.aio.AioRpcError as error:
-                if not (working_memory_lost and session.state == lc.SESSION_STATE_TERMINATED):
-                    raise
-                assert error.code() == grpc.StatusCode.NOT_FOUND, error
+            # Read before any write: a read alone must see what a call that died
+            # past its commit committed (no write settling its marker first).
+            if session.memory is not None:
+                try:
+                    assert await whole_memory(stubs.wm, ids) == session.memory, ids
+                except grpc.aio.AioRpcError as error:
+                    if not (working_memory_lost and session.state == lc.SESSION_STATE_TERMINATED):
+                        raise
+                    assert error.code() == grpc.StatusCode.NOT_FOUND, error
+            await expect_writes_as_in(stubs, ids, session.state)
         else:
             await expect_code(
                 stubs.wm.Get(pb.GetRequest(**ids, key="plan"), timeout=10),

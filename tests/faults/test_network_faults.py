@@ -18,6 +18,7 @@ from memsvc.v1 import working_memory_pb2 as pb
 from tests.faults._support import (
     RETRYABLE,
     FaultRun,
+    MemsvcProcess,
     expect_code,
     under_traffic,
     wait_serving,
@@ -47,6 +48,11 @@ async def expect_unreachable(run: FaultRun, backend: str) -> None:
         call = stubs.life.ListCheckpoints(lc.ListCheckpointsRequest(**ids), timeout=2)
     await expect_code(call, *RETRYABLE)
     await run.met_by_traffic()
+
+
+def redis_retries(memsvc: MemsvcProcess) -> int:
+    """How many times memsvc has logged retrying a Redis call."""
+    return memsvc.log_path.read_text().count("working memory (Redis) backend error, retrying")
 
 
 @pytest.fixture
@@ -104,20 +110,30 @@ async def test_connections_reset(rig: Rig, backend: str):
     lost is covered deterministically, for every operation, by
     test_lost_commit_replies.py."""
     proxy = proxy_of(rig, backend)
-    assert rig.memsvc is not None
+    memsvc = rig.memsvc
+    assert memsvc is not None
     resets = 0
 
     async def reset(run: FaultRun) -> None:
         nonlocal resets
+        retried_before = redis_retries(memsvc)
         for _ in range(12):
             resets += proxy.reset(idle_only=backend == "postgres")
             await asyncio.sleep(0.15)
+        if backend == "postgres":
+            # A reset between a transaction's statements breaks it midway: memsvc
+            # cannot know its outcome, so the call fails (UNAVAILABLE), not retried.
+            await run.met_by_traffic()
+        else:
+            # memsvc retries a Redis call whose connection was reset, so no call need
+            # fail: its log shows that the resets met calls in flight.
+            assert redis_retries(memsvc) > retried_before, "no Redis call met a reset"
         await run.traffic.progress(0)
 
     async def nothing(run: FaultRun) -> None:
         pass
 
-    await under_traffic(rig.memsvc, reset, nothing)
+    await under_traffic(memsvc, reset, nothing)
     assert resets, "no connection was open to reset"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -25,6 +26,8 @@ from memsvc.v1.working_memory_pb2_grpc import WorkingMemoryServiceStub
 from tests.helpers import python, value
 
 MEMSVC = str(Path(sys.executable).parent / "memsvc")
+# What memsvc logs each time it retries a backend (memsvc/store/_retry.py).
+RETRYING = "backend error, retrying"
 
 
 def run_to_end(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -162,6 +165,24 @@ def test_start_up_failures_say_what_to_fix_without_a_traceback(tmp_path):
         assert "Traceback" not in done.stderr
 
 
+def read_stderr_until(process: subprocess.Popen[str], text: str, timeout: float = 30) -> str:
+    """What ``process`` wrote to stderr up to ``text``; fails if it ends, or says
+    nothing of the kind within ``timeout`` (a bound for a broken test, not a measure).
+    Read from the pipe's descriptor, past Python's buffer, as communicate() reads."""
+    assert process.stderr is not None
+    descriptor, said = process.stderr.fileno(), b""
+    deadline = time.monotonic() + timeout
+    while text.encode() not in said:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([descriptor], [], [], left)[0]:
+            raise AssertionError(f"no {text!r} within {timeout}s: {said.decode()}")
+        chunk = os.read(descriptor, 65536)
+        if not chunk:
+            raise AssertionError(f"ended before saying {text!r}: {said.decode()}")
+        said += chunk
+    return said.decode(errors="replace")
+
+
 def test_sigterm_during_start_up_stops_at_once(tmp_path):
     """Start-up retries an unreachable database for about 15 s; SIGTERM ends it now."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MEMSVC_")}
@@ -172,7 +193,7 @@ def test_sigterm_during_start_up_stops_at_once(tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean,
     )  # fmt: skip
     try:
-        time.sleep(3)  # start-up is retrying the database now
+        read_stderr_until(process, RETRYING)  # start-up is retrying the database now
         assert process.poll() is None, "start-up ended by itself before the signal"
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=5)  # not the ~15 s of retries
@@ -194,7 +215,7 @@ def test_an_interrupted_migrate_does_not_exit_0(stop, status):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean,
     )  # fmt: skip
     try:
-        time.sleep(3)  # retrying the database now
+        read_stderr_until(process, RETRYING)  # retrying the database now
         assert process.poll() is None, "migrate ended by itself before the signal"
         process.send_signal(stop)
         _, stderr = process.communicate(timeout=10)

@@ -51,12 +51,15 @@ class Refused(Exception):
     """What a domain check raises inside a transaction."""
 
 
-async def written_then_failed(store: PostgresDurableStore, ref: SessionRef, failure: str) -> None:
+async def written_then_failed(
+    store: PostgresDurableStore, ref: SessionRef, failure: str, written: asyncio.Event
+) -> None:
     """A transaction that sends a write (the session's INSERT, read at once),
-    leaves another waiting in the batch (its UPDATE), then fails."""
+    leaves another waiting in the batch (its UPDATE), sets ``written``, then fails."""
     async with store.transaction() as tx:
         assert await tx.insert_session(session(ref))
         await tx.update_session(dataclasses.replace(session(ref), version=2))
+        written.set()
         if failure == "refusal":
             raise Refused
         await asyncio.Event().wait()  # until cancelled
@@ -70,12 +73,13 @@ async def test_a_failed_block_commits_nothing_and_keeps_postgres_quiet(
     async with store._connections.connection() as conn:
         conn.add_notice_handler(lambda notice: notices.append(str(notice.message_primary)))
     ref = new_ref()
+    written = asyncio.Event()
     if failure == "refusal":
         with pytest.raises(Refused):
-            await written_then_failed(store, ref, failure)
+            await written_then_failed(store, ref, failure, written)
     else:
-        task = asyncio.create_task(written_then_failed(store, ref, failure))
-        await asyncio.sleep(0.2)  # the INSERT has run; the block waits
+        task = asyncio.create_task(written_then_failed(store, ref, failure, written))
+        await asyncio.wait_for(written.wait(), 10)  # the INSERT has run; the block waits
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +18,8 @@ import grpc
 import pytest
 
 from memsvc.config import Config
-from memsvc.domain import SessionRef
+from memsvc.domain import EntryWrite, SessionNotWritable, SessionRef, WriteResult
+from memsvc.domain._markers import TRANSITIONAL
 from memsvc.server import Server
 from memsvc.store.memory import InMemoryWorkingMemoryStore
 from memsvc.v1 import lifecycle_pb2 as lc
@@ -31,12 +32,25 @@ WRITERS = 8
 
 
 class SlowToSettle(InMemoryWorkingMemoryStore):
-    """Settles markers (the operations' last step, and heals) only once ``settle`` is set."""
+    """Settles markers (the operations' last step, and heals) only once ``settle`` is set;
+    counts the writes refused by a transitional marker."""
 
     def __init__(self) -> None:
         super().__init__(max_session_keys=100, max_session_bytes=1 << 20)
         self.settle = asyncio.Event()
         self.settle.set()
+        self.met_transitional = 0
+
+    async def set_entries(
+        self, session: SessionRef, writes: Sequence[EntryWrite]
+    ) -> list[WriteResult]:
+        try:
+            return await super().set_entries(session, writes)
+        except SessionNotWritable as refused:
+            # From here the refused call goes on, without a pause, to wait for a heal.
+            if refused.metadata["state"] in TRANSITIONAL:
+                self.met_transitional += 1
+            raise
 
     async def finish(
         self, session: SessionRef, op: str, final_state: str | None, swap: bool, clear: bool
@@ -96,12 +110,15 @@ async def test_writes_refused_during_a_pause_wait_for_one_heal(paused: PausedSlo
         for i in range(WRITERS)
     ]
 
-    async def healing() -> bool:
-        return bool(heals)
+    async def all_waiting() -> bool:
+        return store.met_transitional == WRITERS
 
-    await eventually(healing)
-    await asyncio.sleep(0.3)  # for every write to meet the marker (none can end yet)
+    # Every writer met the 'pausing' marker, so each waits for a heal: one that came
+    # after the heal would meet 'paused' and be refused without one, and a heal per
+    # writer would go unseen.
+    await eventually(all_waiting)
     assert not any(write.done() for write in writes)
+    assert heals, "no heal began"
     store.settle.set()
     outcomes = await asyncio.gather(*writes, return_exceptions=True)
     assert len(heals) == 1, f"{len(heals)} heals for one marker"

@@ -15,6 +15,7 @@ import sqlite3
 from pathlib import Path
 
 from memsvc.store.sqlite import SqliteDurableStore
+from tests.helpers import eventually
 
 
 async def test_a_write_cancelled_while_waiting_for_the_lock_leaves_the_store_writable(
@@ -28,12 +29,23 @@ async def test_a_write_cancelled_while_waiting_for_the_lock_leaves_the_store_wri
         other = sqlite3.connect(path, isolation_level=None)
         other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
 
+        # Told, on the store's connection thread, of each statement it starts.
+        started: list[str] = []
+        assert store._db is not None
+        await store._db.set_trace_callback(started.append)
+
         async def write() -> None:
             async with store.transaction():
                 pass
 
+        async def begin_waits() -> bool:
+            # Started, it cannot end while the other connection holds the lock: it
+            # waits for it (busy_timeout: 5 s).
+            return "BEGIN IMMEDIATE" in started
+
         waiting = asyncio.ensure_future(write())
-        await asyncio.sleep(0.5)  # BEGIN is waiting for the lock (busy_timeout: 5 s)
+        await eventually(begin_waits)
+        assert not waiting.done()
         waiting.cancel()
         await asyncio.sleep(0.2)
         waiting.cancel()  # a second cancellation (a deadline, then the client) as well

@@ -10,7 +10,6 @@ import stat
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -60,7 +59,6 @@ def test_a_file_that_is_not_a_database_stops_start_up_and_exits(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     (data / "memsvc.db").write_bytes(os.urandom(8192))
-    started = time.monotonic()
     ended = subprocess.run(
         [sys.executable, "-m", "memsvc", "serve", "--listen", "127.0.0.1:0",
          "--data-dir", str(data), "--health-listen=", "--metrics-listen="],
@@ -70,7 +68,6 @@ def test_a_file_that_is_not_a_database_stops_start_up_and_exits(tmp_path):
     assert "is not a usable SQLite database" in ended.stderr
     assert str(data / "memsvc.db") in ended.stderr
     assert "Traceback" not in ended.stderr
-    assert time.monotonic() - started < 30
 
 
 async def test_migrations_wait_for_another_process_s_write_lock(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,7 +24,7 @@ from memsvc.domain._lifecycle_records import EventRecord, EventType
 from memsvc.domain._watch import EventFilter
 from memsvc.store.sqlite import SqliteDurableStore
 from memsvc.store.sqlite._store import READERS
-from tests.helpers import migrated
+from tests.helpers import eventually, migrated
 
 
 @pytest.fixture
@@ -121,21 +122,40 @@ async def test_a_statement_sqlite_cannot_run_is_not_unavailable(store):
 
 async def test_a_long_read_does_not_hold_up_the_others(store):
     """Reads outside transactions have connections of their own (each a thread): a
-    read that takes long (a full-text search ranking thousands of episodes, here a
-    counting query) no longer holds up a GetSession or a watcher's reads behind it."""
+    read that takes long (a full-text search ranking thousands of episodes; here one
+    the test holds until it lets it go) does not hold up a GetSession or a watcher's
+    reads behind it."""
+    running, release = threading.Event(), threading.Event()
+
+    def held() -> int:
+        # On the reader's thread: the statement lasts until the test releases it.
+        running.set()
+        release.wait(60)
+        return 1
+
+    for reader in store._readers:
+        await reader.create_function("held", 0, held)
 
     async def long_read(conn: Any, dialect: Any) -> Any:
-        cursor = await conn.execute(
-            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 10000000)"
-            " SELECT count(*) FROM c"
-        )
-        return await cursor.fetchall()
+        return await (await conn.execute("SELECT held()")).fetchall()
 
     long = asyncio.ensure_future(store._query(long_read))
-    await asyncio.sleep(0.2)  # its statement is running
-    await store.event_bounds()
-    assert not long.done(), "the short read waited for the long one"
-    assert await long == [(10_000_000,)]
+    try:
+
+        async def long_read_running() -> bool:
+            return running.is_set()
+
+        await eventually(long_read_running)
+        # The long read cannot end meanwhile: one queued behind it would wait for ever.
+        try:
+            async with asyncio.timeout(10):
+                await store.event_bounds()
+        except TimeoutError:
+            raise AssertionError("the short read waited for the long one") from None
+        assert not long.done()
+    finally:
+        release.set()
+    assert await long == [(1,)]
 
 
 async def test_reads_waiting_for_a_reader_end_when_the_store_closes(tmp_path):
