@@ -44,6 +44,9 @@ READ_BATCH = 500
 # found), not READ_BATCH events of 64 KiB of metadata each. The first takes 16.
 CATCH_UP_BYTES = 1 << 20
 CATCH_UP_FIRST_ROWS = 16
+# The purges a hub remembers, with their scopes, for the reads they overtook: far
+# more than can commit during one read.
+RECENT_PURGES = 1000
 # The most of the log one catch-up read scans, in sequences. A filtered read finds
 # its events by scanning the log in order (no index per scope or type, which every
 # commit would pay for), so over a large log a quiet scope's read would run for
@@ -253,9 +256,12 @@ class EventHub:
         self._position_event: str | None = None
         self._tail: asyncio.Task[None] | None = None
         self._kick = asyncio.Event()
-        # Counts the purges this hub was told of: a catch-up holding events read
-        # before one reads them again (see purged).
+        # Counts the purges this hub was told of, the latest with their scopes: a
+        # read that a purge overtook makes tombstones of what it read (see purged).
         self._purges = 0
+        self._recent_purges: collections.deque[tuple[int, SessionRef]] = collections.deque(
+            maxlen=RECENT_PURGES
+        )
         # Told each event as the tail hands it to the watchers, and each time a
         # watcher falls behind (the server's metrics).
         self.event_offered: Callable[[StoredEvent], None] = lambda stored: None
@@ -296,15 +302,34 @@ class EventHub:
         """A purge of ``scope`` committed (here, or on a replica that announced it):
         the events of that scope this hub holds for its streams become tombstones,
         as they now are in the log, and those a stream's filter no longer matches
-        go. Catch-ups read what they hold again. What a stream is writing already
-        (up to one message, or _EVENTS_TAKEN_AT_ONCE events) goes out as it was.
+        go; so do the reads of the tail and of catch-ups that were under way (see
+        _as_purged). What a stream is writing already (the events it took from its
+        queue: up to max_events_per_message, or _EVENTS_TAKEN_AT_ONCE without it)
+        goes out as it was.
         """
         self._purges += 1
+        self._recent_purges.append((self._purges, scope))
         for subscriber in self._subscribers:
             # In place: the stream's _live holds the deque.
             kept = list(_scrubbed(subscriber.queue, scope, subscriber.event_filter))
             subscriber.queue.clear()
             subscriber.queue.extend(kept)
+
+    def _as_purged(
+        self, events: list[StoredEvent], purges: int, event_filter: EventFilter
+    ) -> list[StoredEvent] | None:
+        """``events``, read when the hub had been told of ``purges`` purges, as the
+        purges told since left them (tombstones, or gone where ``event_filter`` no
+        longer matches them); None when those purges are no longer all known (more
+        than RECENT_PURGES since): the caller reads them again."""
+        if self._purges == purges:
+            return events
+        since = [scope for number, scope in self._recent_purges if number > purges]
+        if len(since) != self._purges - purges:
+            return None
+        for scope in since:
+            events = list(_scrubbed(events, scope, event_filter))
+        return events
 
     def _offered_up_to(self, stored: StoredEvent) -> None:
         self.position, self._position_event = stored.sequence, stored.event.event_id
@@ -373,15 +398,20 @@ class EventHub:
                         # yet may be gone (oldest only grows, so a later check passing
                         # means the read missed nothing).
                         raise PositionTooOld(cursor, oldest)
-                    for start in range(0, len(batch), max_events):
-                        if self._purges != purges:
-                            break  # the rest is read again, tombstones now
-                        ready = batch[start : start + max_events]
+                    pending: list[StoredEvent] | None = batch
+                    while pending:
+                        # A purge told while this stream read or wrote: what it holds
+                        # goes as the log now has it.
+                        pending = self._as_purged(pending, purges, event_filter)
+                        purges = self._purges
+                        if not pending:
+                            break
+                        ready, pending = pending[:max_events], pending[max_events:]
                         cursor, following_oldest = ready[-1].sequence, False
                         yield ready
                         sent_at = loop.time()
-                    if self._purges != purges:
-                        continue
+                    if pending is None:
+                        continue  # too many purges since to know them all: read again
                     if len(batch) < asked:
                         cursor = until  # nothing else of the window matches
                         if until < target and loop.time() - sent_at >= progress_interval:
@@ -549,6 +579,7 @@ class EventHub:
             oldest: int | None = None
             latest: int | None = None
             replaced = False
+            purges = self._purges
             try:
                 batch = await self._source.read_events(start, READ_BATCH, EventFilter())
                 full = len(batch) == READ_BATCH
@@ -573,6 +604,11 @@ class EventHub:
                 batch, full = [], False
             if replaced:
                 raise EventsRewound(reached, None)
+            # A purge told during the read (its commit came after it): tombstones.
+            as_purged = self._as_purged(batch, purges, EventFilter())
+            if as_purged is None:
+                continue  # too many purges since to know them all: read again
+            batch = as_purged
             for stored in batch:
                 if stored.sequence <= self.position:
                     continue  # already offered by publish_committed meanwhile

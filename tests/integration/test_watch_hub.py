@@ -147,6 +147,56 @@ async def test_a_subscriber_that_reads_nothing_does_not_delay_others(sqlite_stor
     assert not hub.tailing
 
 
+class TailReadHeld:
+    """The store, but the tail's next read (unfiltered), once armed, returns what it
+    read only when released: a purge can commit, and be told, in between."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self.armed = False
+        self.reading, self.release = asyncio.Event(), asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def read_events(
+        self, after: int, limit: int, event_filter: EventFilter, *window: Any
+    ) -> Any:
+        batch = await self._store.read_events(after, limit, event_filter, *window)
+        if self.armed and event_filter == EventFilter() and batch:
+            self.armed = False
+            self.reading.set()
+            await self.release.wait()
+        return batch
+
+
+async def test_a_purge_told_during_the_tails_read_makes_tombstones_of_it(sqlite_store):
+    """Found by a review: the tail read events, a purge of their scope committed and
+    was told, then the tail offered what it had read: in their old form, ids and
+    metadata, after the purge's answer."""
+    source = TailReadHeld(sqlite_store)
+    hub = EventHub(source, poll_interval=30)
+    ref = SessionRef(str(uuid.uuid4()), str(uuid.uuid4()), "s")
+    stream: Any = one_by_one(hub.watch(EventFilter(), None, 30))
+    assert await anext(stream) == 0
+    first = asyncio.ensure_future(anext(stream))
+    await joined(hub, 1)
+    async with sqlite_store.transaction() as tx:
+        await tx.append_events([
+            EventRecord(str(uuid.uuid4()), EventType.SPAWNED, ref, None, 0, metadata={"k": 1})
+            for _ in range(3)
+        ])  # fmt: skip
+    source.armed = True
+    hub.notify()
+    await asyncio.wait_for(source.reading.wait(), 10)
+    hub.purged(SessionRef(ref.project_id, "", ""))  # its commit came after the read
+    source.release.set()
+    got = [await asyncio.wait_for(first, 10), *[await anext(stream) for _ in range(2)]]
+    assert [stored.sequence for stored in got] == [1, 2, 3]
+    assert all(stored.event.purged and not stored.event.metadata for stored in got), got
+    await stream.aclose()
+
+
 HEAVY_EVENTS = 120
 
 

@@ -1,11 +1,10 @@
 """Once PurgeData has answered, no watch stream gets a purged event in its old form.
 
 A stream that reads slowly holds events in its hub queue (up to a thousand), and
-one catching up holds a batch read from the store (up to 500): before, these went
-out as they were read, ids and metadata included, after the purge had made them
-tombstones in the log. The hub now makes tombstones of what it holds when told
-of a purge: by the Purger in its own process, by a NOTIFY on other replicas
-(PostgreSQL).
+one catching up holds a batch read from the store: before, these went out as they
+were read, ids and metadata included, after the purge had made them tombstones in
+the log. The hub now makes tombstones of what it holds when told of a purge: by
+the Purger in its own process, by a NOTIFY on other replicas (PostgreSQL).
 """
 
 from __future__ import annotations
@@ -121,7 +120,7 @@ async def test_events_a_slow_stream_holds_are_tombstones_after_a_purge(local_con
             await stream.aclose()
 
 
-async def test_a_catch_up_reads_again_what_a_purge_changed(local_config: Config):
+async def test_what_a_catch_up_holds_is_made_tombstones_by_a_purge(local_config: Config):
     project = str(uuid.uuid4())
     async with serving(local_config) as rig:
         await rig.spawn(project, SPAWNS)
