@@ -87,10 +87,12 @@ class BackgroundWork(Generic[T]):
             await asyncio.gather(*self._running.values(), return_exceptions=True)
 
     async def cancelled(self) -> None:
-        """Cancel all the work running now and wait for it to end."""
-        for task in list(self._running.values()):
-            task.cancel()
-        await self.finished()
+        """Cancel all the work running now, and any started meanwhile; wait for it."""
+        while self._running:
+            running = list(self._running.values())
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
 
 
 def _said(what: str, error: BaseException) -> None:
