@@ -302,9 +302,10 @@ class PostgresDurableStore(SqlDurableReads):
             # The pool says only that it timed out: why it could not connect (a
             # database or role that does not exist, a refused password, nothing
             # listening) is in one connection attempt of its own.
-            raise BackendUnavailable(self.backend_name, await self._connect_error()) from (
-                unavailable
-            )
+            why = await self._connect_error()
+            if why is None:  # it answers now: the pool's own failure stands
+                raise
+            raise BackendUnavailable(self.backend_name, why) from unavailable
         try:
             return await self._migrate_once()
         except TRANSIENT_ERRORS as error:

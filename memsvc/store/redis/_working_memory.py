@@ -256,7 +256,7 @@ class RedisWorkingMemoryStore:
             if isinstance(client, aioredis.Redis):
                 # A connection object (not connected) takes the URL's options.
                 client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
-        except (ValueError, TypeError) as error:
+        except (ValueError, TypeError, redis_errors.RedisError) as error:
             return f"is not a URL redis-py takes: {error}"
         return None
 
@@ -304,13 +304,12 @@ class RedisWorkingMemoryStore:
         except self._transient as error:
             log.warning("could not preload Lua scripts (Redis unreachable): %s", error)
             return
-        await self._warn_if_evicting()
+        await self._warn_if_evicting(self._redis)
 
-    async def _warn_if_evicting(self) -> None:
+    async def _warn_if_evicting(self, client: aioredis.Redis | RedisCluster) -> None:
         """Redis must keep what memsvc stores (maxmemory-policy noeviction,
         docs/deployment.md): one that evicts drops sessions, or parts of them,
         which memsvc then reports lost (purge in lua/_prelude.lua)."""
-        client = self._redis
         try:
             if isinstance(client, RedisCluster):
                 info: dict[str, Any] = await client.info(
@@ -363,8 +362,9 @@ class RedisWorkingMemoryStore:
                 ping_once, backend=self.backend_name, transient=self._transient, attempts=1
             )
         if not self._policy_read:
-            # Redis was away at start (a sidecar often starts first): said now.
-            await self._warn_if_evicting()
+            # Redis was away at start (a sidecar often starts first): said now, on
+            # the probe's own connection (a busy pool must not fail the probe).
+            await self._warn_if_evicting(probe)
 
     async def set_entries(
         self, session: SessionRef, writes: Sequence[EntryWrite]
