@@ -770,13 +770,12 @@ class Lifecycle:
             return _terminated(session, write)
         # The marker as it is now, not as the store found it: an operation may have
         # settled in between (a Resume of the PAUSED session, say, or a Spawn that
-        # wrote its marker and committed after the store found none).
-        marker = await self._memory.read_marker(session)
+        # wrote its marker and committed after the store found none); or a
+        # Terminate committed since the record was read and dropped it.
+        record, marker = await self.reads.marker_against(record)
+        if record.state == SessionState.TERMINATED:
+            return _terminated(session, write)
         if marker is None:
-            # Or a Terminate, committed since the record was read, dropped it.
-            now = await self._db.get_session(session)
-            if now is not None and now.state == SessionState.TERMINATED:
-                return _terminated(session, write)
             return WorkingMemoryLost(session.session_id)
         if marker.state in TRANSITIONAL:
             await self._heal_shared(session)

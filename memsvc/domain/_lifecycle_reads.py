@@ -215,15 +215,20 @@ class LifecycleReads:
             raise SessionNotFound(ref.session_id)
         if record.state == SessionState.TERMINATED:
             return record, None
-        marker = await self._memory.read_marker(ref)
-        if marker is None or not left_by_memsvc(record, marker):
-            # An operation may have settled the marker after the record was read
-            # (the record commits first), or a Terminate dropped it with the
-            # memory: compare with the record as it is now.
-            record = await self._db.get_session(ref) or record
-            if record.state == SessionState.TERMINATED:
-                return record, None
+        record, marker = await self.marker_against(record)
+        if record.state == SessionState.TERMINATED:
+            return record, None
         return record, marker is not None and left_by_memsvc(record, marker)
+
+    async def marker_against(self, record: SessionRecord) -> tuple[SessionRecord, Marker | None]:
+        """The session's marker, and the record to compare it with: ``record`` (read
+        before), or the record as it is now when the marker disagrees with it or is
+        gone. An operation may have settled the marker after the record was read
+        (the record commits first), or a Terminate dropped it with the memory."""
+        marker = await self._memory.read_marker(record.ref)
+        if marker is None or not left_by_memsvc(record, marker):
+            record = await self._db.get_session(record.ref) or record
+        return record, marker
 
     async def list_checkpoints(
         self, session: SessionRef, page_size: int, page_token: str
