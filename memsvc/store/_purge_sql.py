@@ -8,8 +8,6 @@ from memsvc.domain import SessionRef
 from memsvc.domain._lifecycle_records import NIL_UUID, PURGED_ANSWER
 from memsvc.store._lifecycle_sql import EVENT_CHANNEL, SqlWrites, purge_notice, text
 
-__all__ = ["NIL_UUID", "SqlPurgeWrites"]
-
 
 def _scope(scope: SessionRef) -> tuple[str, list[Any]]:
     """WHERE condition and parameters: empty agent or session ids match all."""

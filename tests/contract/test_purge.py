@@ -10,8 +10,8 @@ import pytest
 import redis.asyncio as aioredis
 from google.protobuf import duration_pb2
 
+from memsvc.domain._lifecycle_records import NIL_UUID
 from memsvc.server import Server
-from memsvc.store._purge_sql import NIL_UUID
 from memsvc.store.redis._working_memory import session_keys, staging_keys
 from memsvc.v1 import data_removal_pb2 as dr
 from memsvc.v1 import episodic_pb2 as ep
