@@ -46,6 +46,16 @@ def new_scope(session_id: str) -> dict[str, Any]:
     }
 
 
+async def fill(admin: aioredis.Redis) -> None:
+    """Make the private Redis full from now on: under noeviction, it refuses what
+    needs memory."""
+    for filler in range(256):
+        await admin.set(f"filler{filler}", b"x" * (4 << 10))
+    used = int((await admin.info("memory"))["used_memory"])
+    await admin.config_set("maxmemory-policy", "noeviction")
+    await admin.config_set("maxmemory", used - (256 << 10))
+
+
 async def test_a_redis_that_refuses_writes_is_unavailable(tmp_path: Path, postgres_url: str):
     redis = PrivateRedis(free_port(), tmp_path / "redis")
     redis.start()
@@ -124,12 +134,7 @@ async def test_a_full_redis_still_terminates_sessions(tmp_path: Path, postgres_u
             await memory.Set(wm.SetRequest(**scope, key="k", value=one))
             admin = aioredis.Redis.from_url(redis.url)
             try:
-                for filler in range(256):
-                    await admin.set(f"filler{filler}", b"x" * (4 << 10))
-                used = int((await admin.info("memory"))["used_memory"])
-                # Full from now on: under noeviction, Redis refuses what needs memory.
-                await admin.config_set("maxmemory-policy", "noeviction")
-                await admin.config_set("maxmemory", used - (256 << 10))
+                await fill(admin)
                 with pytest.raises(grpc.aio.AioRpcError) as refused:
                     await memory.Set(wm.SetRequest(**scope, key="j", value=one), timeout=30)
                 assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -172,11 +177,7 @@ async def test_a_full_redis_refuses_data_into_empty_sessions_spawns_and_resumes(
             await life.Pause(lc.PauseRequest(**paused))
             admin = aioredis.Redis.from_url(redis.url)
             try:
-                for filler in range(256):
-                    await admin.set(f"filler{filler}", b"x" * (4 << 10))
-                used = int((await admin.info("memory"))["used_memory"])
-                await admin.config_set("maxmemory-policy", "noeviction")
-                await admin.config_set("maxmemory", used - (256 << 10))
+                await fill(admin)
                 calls = {
                     "a Set into an empty session": memory.Set(
                         wm.SetRequest(**empty, key="j", value=one), timeout=30
