@@ -67,43 +67,75 @@ _CODES: tuple[tuple[type[MemsvcError], code_pb2.Code.ValueType], ...] = (
 )
 
 
+# A status travels in trailers, which gRPC clients refuse past 8 KiB (a soft limit:
+# some calls already fail there, every one past 16 KiB): the message percent-encoded
+# (grpc-message: 3 bytes for each byte outside printable ASCII), and the whole Status
+# base64-encoded (grpc-status-details-bin, 4/3 of it). Messages and details quote
+# what the client sent (ids of up to 2 KiB, escaped), so both are bounded here.
+_MESSAGE_WIRE_BYTES = 1024
+_STATUS_BYTES = 4096
+_QUOTED_CHARS = 256  # of a metadata value, a violation's field or description
+
+
+def _shortened(text: str, limit: int) -> str:
+    """``text``, cut so that its grpc-message encoding takes at most ``limit`` bytes."""
+    used = 0
+    for index, char in enumerate(text):
+        used += 1 if " " <= char <= "~" and char != "%" else 3 * len(char.encode())
+        if used > limit - 9:  # room for the ellipsis (3 bytes, each encoded)
+            return text[:index] + "\u2026"
+    return text
+
+
 def to_rpc_status(error: MemsvcError) -> status_pb2.Status:
-    """The google.rpc.Status that reports ``error`` to a caller."""
+    """The google.rpc.Status that reports ``error`` to a caller, small enough for
+    trailers (see _STATUS_BYTES): long quotes are cut, and of many violations the
+    first that fit are kept (one at least; the message names the first three)."""
     code = next((c for cls, c in _CODES if isinstance(error, cls)), code_pb2.INTERNAL)
+    message = _shortened(error.message, _MESSAGE_WIRE_BYTES)
+    metadata = {key: value[:_QUOTED_CHARS] for key, value in error.metadata.items()}
     details: list[Any] = [
-        error_details_pb2.ErrorInfo(
-            reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata
-        )
+        error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=metadata)
     ]
-    if isinstance(error, InvalidArgument):
-        details.append(
-            error_details_pb2.BadRequest(
-                field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(
-                        field=v.field, description=v.description
-                    )
-                    for v in error.violations
-                ]
-            )
+    violations = [
+        error_details_pb2.BadRequest.FieldViolation(
+            field=v.field[:_QUOTED_CHARS], description=v.description[:_QUOTED_CHARS]
         )
+        for v in (error.violations if isinstance(error, InvalidArgument) else ())
+    ]
     if isinstance(error, ResourceExhausted):
         details.append(
             error_details_pb2.QuotaFailure(
                 violations=[
                     error_details_pb2.QuotaFailure.Violation(
-                        subject=error.subject, description=error.message
+                        subject=error.subject, description=message
                     )
                 ]
             )
         )
     if isinstance(error, BackendUnavailable):
         details.append(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=1)))
+    while True:
+        status = _status(code, message, details, violations)
+        if status.ByteSize() <= _STATUS_BYTES or len(violations) <= 1:
+            return status
+        violations.pop()
+
+
+def _status(
+    code: int,
+    message: str,
+    details: list[Any],
+    violations: list[error_details_pb2.BadRequest.FieldViolation],
+) -> status_pb2.Status:
+    if violations:
+        details = [*details, error_details_pb2.BadRequest(field_violations=violations)]
     packed = []
     for detail in details:
         any_detail = any_pb2.Any()
         any_detail.Pack(detail)
         packed.append(any_detail)
-    return status_pb2.Status(code=code, message=error.message, details=packed)
+    return status_pb2.Status(code=code, message=message, details=packed)
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: BaseException, method: str) -> None:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from memsvc.domain import BackendUnavailable
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+from memsvc.api._errors import to_rpc_status
+from memsvc.domain import BackendUnavailable, FieldViolation, InvalidArgument
+from memsvc.domain._graph_checkpoints import GraphCheckpointNotFound
 
 
 def test_an_unavailable_backend_names_its_cause_even_without_text():
@@ -13,3 +17,46 @@ def test_an_unavailable_backend_names_its_cause_even_without_text():
     )
     refused = BackendUnavailable("working memory", ConnectionRefusedError("refused"))
     assert "ConnectionRefusedError: refused; retry later" in str(refused)
+
+
+def _wire_bytes(status: status_pb2.Status) -> int:
+    """What the status takes in trailers: the message as grpc-message encodes it, and
+    the Status in base64 (grpc-status-details-bin)."""
+    message = sum(
+        1 if " " <= c <= "~" and c != "%" else 3 * len(c.encode()) for c in status.message
+    )
+    details: int = status.ByteSize()
+    return message + (details + 2) // 3 * 4
+
+
+# A character outside printable ASCII that repr() escapes: 10 characters each.
+TAG = "\U000e0001"
+
+
+def test_a_status_quoting_long_client_text_fits_in_trailers():
+    """Found by a review: messages quote what the client sent (ids of up to 2 KiB, escaped
+    by repr) and travel twice, in grpc-message and in the details; past 8 KiB clients
+    refused the trailers with RESOURCE_EXHAUSTED instead of the error."""
+    thread, namespace = TAG * 128, TAG * 512
+    not_found = GraphCheckpointNotFound(thread, namespace, "")
+    violations = [FieldViolation(f"channel_versions[{TAG * 64!r}]", TAG * 512)] * 25
+    for error in (not_found, InvalidArgument(violations)):
+        status = to_rpc_status(error)
+        assert _wire_bytes(status) < 8 << 10, type(error).__name__
+        assert status.code != code_pb2.INTERNAL
+    status = to_rpc_status(InvalidArgument(violations))
+    bad_request = error_details_pb2.BadRequest()
+    assert status.details[1].Unpack(bad_request)
+    assert 1 <= len(bad_request.field_violations) < len(violations)
+
+
+def test_a_short_status_is_left_whole():
+    error = InvalidArgument([FieldViolation("key", "is required"), FieldViolation("ttl", "< 0")])
+    status = to_rpc_status(error)
+    assert status.message == error.message
+    bad_request = error_details_pb2.BadRequest()
+    assert status.details[1].Unpack(bad_request)
+    assert [(v.field, v.description) for v in bad_request.field_violations] == [
+        ("key", "is required"),
+        ("ttl", "< 0"),
+    ]
