@@ -82,8 +82,9 @@ def metadata_of(request: Any, violations: list[FieldViolation], room_bytes: int)
             FieldViolation(
                 "metadata",
                 f"is {encoded} bytes encoded, over the {room_bytes} that one response or"
-                " event can carry with it (3/4 of max_message_bytes, less"
-                f" {_RECORD_FIELDS_BYTES} for its other fields): shorten it, or raise"
+                " event can carry with it (half of 3/4 of max_message_bytes, less"
+                f" {_RECORD_FIELDS_BYTES} for its other fields: a Pause's answer carries"
+                " the session's metadata and the checkpoint's): shorten it, or raise"
                 " max_message_bytes",
             )
         )
@@ -165,7 +166,9 @@ class LifecycleServicer(pb_grpc.LifecycleServiceServicer):
         self._lifecycle = lifecycle
         self._hub = hub
         self._batch_bytes = min(response_budget_bytes, _BATCH_BYTES)
-        self._metadata_room = max(0, response_budget_bytes - _RECORD_FIELDS_BYTES)
+        # Half the budget: a Pause's or Resume's answer carries two metadata, the
+        # session's (its Spawn's) and the new checkpoint's.
+        self._metadata_room = max(0, response_budget_bytes // 2 - _RECORD_FIELDS_BYTES)
         # One event goes to many watchers: build its message once (recent ones kept).
         # An event changes only when a purge makes it a tombstone (on any replica),
         # so the key includes that flag and a tombstone read back is never served

@@ -64,3 +64,23 @@ async def test_metadata_that_encodes_past_a_response_is_refused_and_changes_noth
     assert session.version == 1
     listed = await life.ListCheckpoints(lc.ListCheckpointsRequest(**scope))
     assert list(listed.checkpoints) == []
+
+
+async def test_no_call_commits_an_answer_it_cannot_send(
+    life: LifecycleServiceStub, scope: dict[str, Any]
+):
+    """Found by a review: each metadata fitted the room alone, but a Pause's answer
+    carries two (the session's and the checkpoint's): the Pause committed, and its
+    answer, and every retry of it, failed with RESOURCE_EXHAUSTED. Each call now
+    either answers or is refused with nothing written."""
+    dense = struct_pb2.Struct()
+    dense.update({"n": [0] * 6_000})  # 66 KB encoded: two are over the budget (96 KiB)
+    # One after the other: a grpc.aio call starts when it is made.
+    for method, request in (
+        (life.Spawn, lc.SpawnRequest(**scope, metadata=dense)),
+        (life.Pause, lc.PauseRequest(**scope, metadata=dense)),
+    ):
+        try:
+            await method(request)
+        except grpc.aio.AioRpcError as error:
+            assert error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
