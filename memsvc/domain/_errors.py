@@ -176,7 +176,8 @@ class DeadlineExceeded(MemsvcError):
     def __init__(self, seconds: float) -> None:
         super().__init__(
             f"the call did not finish within its deadline of {seconds:g}s; its effect is "
-            "unknown: retry with the same request_id",
+            "unknown: retry it (a call that took a request_id: with the same one; a read "
+            "or a working-memory write: as it was)",
             metadata={"deadline_seconds": f"{seconds:g}"},
         )
 
