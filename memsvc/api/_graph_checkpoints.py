@@ -114,6 +114,8 @@ class GraphCheckpointServicer(pb_grpc.GraphCheckpointServiceServicer):
     def _fits(self, response: Any, checkpoint: pb.GraphCheckpoint) -> None:
         """A response carries a checkpoint with all its values: one too large for a
         response (a thread whose state grew past it, put by put) is refused by name.
+        The store refuses it before reading its values when their stored lengths
+        alone are too many; this exact check is the final word on the rest.
         List pages stop at a byte budget below the limit, so only a page of one
         checkpoint can be too large."""
         size = response.ByteSize()
@@ -165,7 +167,11 @@ class GraphCheckpointServicer(pb_grpc.GraphCheckpointServiceServicer):
         self, request: pb.GetGraphCheckpointRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetGraphCheckpointResponse:
         found = await self._graphs.get(
-            request.project_id, request.thread_id, request.checkpoint_ns, request.checkpoint_id
+            request.project_id,
+            request.thread_id,
+            request.checkpoint_ns,
+            request.checkpoint_id,
+            self._max_response_bytes,
         )
         response = pb.GetGraphCheckpointResponse(checkpoint=checkpoint_message(found))
         self._fits(response, response.checkpoint)
@@ -187,7 +193,11 @@ class GraphCheckpointServicer(pb_grpc.GraphCheckpointServiceServicer):
             checkpoint_id=request.checkpoint_id or None,
         )
         page = await self._graphs.list_checkpoints(
-            scope, request.page_size, request.page_token, violations
+            scope,
+            request.page_size,
+            request.page_token,
+            violations,
+            max_bytes=self._max_response_bytes,
         )
         response = pb.ListGraphCheckpointsResponse(
             checkpoints=[checkpoint_message(c) for c in page.items],

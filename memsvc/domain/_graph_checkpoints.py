@@ -69,6 +69,7 @@ MAX_METADATA_KEY_BYTES = 256
 MAX_KEEP_LAST = 1_000_000
 LIST_PAGE = (100, 1_000)  # (default, maximum) page size
 LIST_PAGE_BYTES = 3 << 20  # a List page at most (the server passes 3/4 of max_message_bytes)
+SWEEP_BATCH = 100  # threads of each kind a retention sweep takes per batch
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
@@ -262,7 +263,8 @@ class GraphCheckpointConflict(FailedPrecondition):
 
 
 class GraphCheckpointTooLarge(ResourceExhausted):
-    """A checkpoint with all its values does not fit in one response."""
+    """A checkpoint with all its values does not fit in one response. ``size``: what
+    it takes at least (weighed before its values are read, or exactly, once read)."""
 
     reason = "ERROR_REASON_GRAPH_CHECKPOINT_TOO_LARGE"
     subject = "response size"
@@ -270,9 +272,9 @@ class GraphCheckpointTooLarge(ResourceExhausted):
     def __init__(self, thread_id: str, ns: str, checkpoint_id: str, size: int, limit: int) -> None:
         super().__init__(
             f"checkpoint {checkpoint_id!r} of graph thread {thread_id!r} namespace {ns!r} "
-            f"takes {size} bytes with its values, over the {limit} one response may carry: "
-            "raise max_message_bytes on memsvc (its clients too, if they limit what they "
-            "receive), or delete the thread",
+            f"takes at least {size} bytes with its values, over the {limit} one response may "
+            "carry: raise max_message_bytes on memsvc (its clients too, if they limit what "
+            "they receive), or delete the thread",
             metadata={
                 "thread_id": thread_id,
                 "checkpoint_ns": ns,
@@ -329,7 +331,8 @@ class GraphTransaction(Protocol):
     ) -> str | None: ...
 
     async def holds_graph_checkpoint(self, record: GraphCheckpointRecord) -> bool:
-        """Whether ``record``'s checkpoint is stored as ``record`` has it: its parent,
+        """Whether ``record``'s checkpoint is stored as ``record`` has it: its parent
+        (unless the stored one was cleared, as a prune clears a deleted parent),
         state, metadata and versions (compared as the database stores them)."""
 
     async def graph_checkpoint_versions(
@@ -397,8 +400,11 @@ class GraphTransaction(Protocol):
     async def expired_graph_threads(self, now_ms: int, limit: int) -> list[tuple[str, str]]:
         """(project_id, thread_id) of threads whose TTL ran out."""
 
-    async def graph_threads_to_prune(self, limit: int) -> list[tuple[str, str]]:
-        """(project_id, thread_id) of threads written since their last prune."""
+    async def graph_threads_to_prune(
+        self, limit: int, after: tuple[str, str] | None = None
+    ) -> list[tuple[str, str]]:
+        """(project_id, thread_id) of threads written since their last prune, in that
+        order, after ``after`` when given."""
 
     async def graph_threads_prune_done(self, project_id: str, thread_id: str) -> None: ...
 
@@ -422,9 +428,11 @@ class GraphDatabase(Protocol):
     def transaction(self) -> AbstractAsyncContextManager[GraphTransaction]: ...
 
     async def get_graph_checkpoint(
-        self, project_id: str, thread_id: str, ns: str, checkpoint_id: str | None
+        self, project_id: str, thread_id: str, ns: str, checkpoint_id: str | None, max_bytes: int
     ) -> GraphCheckpointRecord | None:
-        """One checkpoint (the latest without an id) with its values and writes."""
+        """One checkpoint (the latest without an id) with its values and writes.
+        GraphCheckpointTooLarge, before its values are read, when they are sure to
+        take more than ``max_bytes`` in a response."""
 
     async def list_graph_checkpoints(
         self,
@@ -432,11 +440,14 @@ class GraphDatabase(Protocol):
         after: tuple[str, str, str] | None,
         limit: int,
         byte_budget: int,
+        max_bytes: int,
     ) -> tuple[list[GraphCheckpointRecord], bool]:
         """Up to ``limit`` checkpoints newest first by (checkpoint_id, thread_id, ns),
         strictly after ``after`` in that order, with values and writes, and whether the
-        byte budget ended the read early: the first checkpoint always comes, the
-        others only while their values and writes stay within ``byte_budget``."""
+        byte budget ended the read early: the first checkpoint always comes (unless,
+        as get_graph_checkpoint's, it is refused for ``max_bytes``), the others only
+        while their values and writes stay within ``byte_budget``. Checkpoints are
+        weighed before their values are read, and those left out are not read."""
 
     async def put_graph_checkpoint_at_once(
         self,
@@ -465,6 +476,9 @@ class GraphCheckpoints:
         self._clock_ms = clock_ms
         # Values and writes a List page carries at most (its first checkpoint aside).
         self._page_bytes = page_bytes
+        # The last thread the sweep's keep_last pruning reached: the next sweep goes
+        # on after it (None: from the first).
+        self._pruned_up_to: tuple[str, str] | None = None
 
     async def put(
         self,
@@ -509,6 +523,11 @@ class GraphCheckpoints:
                     raise GraphCheckpointConflict(
                         thread, ns, record.checkpoint_id, record.parent_checkpoint_id, latest
                     )
+                if retry:
+                    # The same put, stored with its values (the latest holds its
+                    # versions): nothing to write. Written again, it would bring back
+                    # a parent that a prune has deleted (and cleared) since.
+                    return 0
             else:
                 # What the put replaces, read under the thread's lock, so exactly (the
                 # fence lets through only a retry, same versions, or a new id).
@@ -563,8 +582,11 @@ class GraphCheckpoints:
             )
 
     async def get(
-        self, project_id: str, thread_id: str, ns: str, checkpoint_id: str
+        self, project_id: str, thread_id: str, ns: str, checkpoint_id: str, max_bytes: int
     ) -> GraphCheckpointRecord:
+        """The checkpoint with its values and writes. ``max_bytes``: what one response
+        may carry; a checkpoint sure to take more is refused (GraphCheckpointTooLarge)
+        before its values are read."""
         violations: list[FieldViolation] = []
         project = check_uuid(project_id, "project_id", violations)
         check_thread_id(thread_id, "thread_id", violations)
@@ -572,7 +594,9 @@ class GraphCheckpoints:
         if checkpoint_id:
             check_session_id(checkpoint_id, "checkpoint_id", violations)
         raise_if_any(violations)
-        found = await self._db.get_graph_checkpoint(project, thread_id, ns, checkpoint_id or None)
+        found = await self._db.get_graph_checkpoint(
+            project, thread_id, ns, checkpoint_id or None, max_bytes
+        )
         if found is None:
             raise GraphCheckpointNotFound(thread_id, ns, checkpoint_id or None)
         return found
@@ -583,8 +607,11 @@ class GraphCheckpoints:
         page_size: int,
         page_token: str,
         found: Sequence[FieldViolation] = (),
+        *,
+        max_bytes: int,
     ) -> Page[GraphCheckpointRecord]:
-        """``found``: violations found before (by the API), reported with these."""
+        """``found``: violations found before (by the API), reported with these.
+        ``max_bytes``: as get's, for the page's first checkpoint."""
         violations = list(found)
         project = check_uuid(scope.project_id, "project_id", violations)
         if scope.thread_id is not None:
@@ -613,7 +640,7 @@ class GraphCheckpoints:
             ),
         )
         items, cut = await self._db.list_graph_checkpoints(
-            scope, after, limit + 1, self._page_bytes
+            scope, after, limit + 1, self._page_bytes, max_bytes
         )
         return page_of(
             items,
@@ -745,11 +772,13 @@ class GraphCheckpoints:
                     deleted += await tx.keep_latest_graph_checkpoints(project, thread_id, 1)
         return GraphPrune(deleted, tuple(skipped))
 
-    async def sweep(self, limit: int = 100) -> GraphSweep:
+    async def sweep(self, limit: int | None = None) -> GraphSweep:
         """Apply retention: expired threads go, threads over their keep_last are
         pruned, threads of terminated linked sessions get their end action.
-        Each thread is a short transaction of its own; up to ``limit`` threads of
-        each kind per call (``more`` says whether a kind filled its batch)."""
+        Each thread is a short transaction of its own; batches of ``limit`` threads
+        (SWEEP_BATCH by default), one of each kind per call, but for keep_last (see
+        _prune_flagged); ``more`` says whether another call may find more."""
+        limit = limit or SWEEP_BATCH
         now = self._clock_ms()
         async with self._db.transaction() as tx:
             expired = await tx.expired_graph_threads(now, limit)
@@ -761,20 +790,7 @@ class GraphCheckpoints:
                 if expire_ms is not None and 0 <= expire_ms <= now:
                     await tx.delete_graph_thread(project, thread_id)
                     deleted += 1
-        pruned = 0
-        async with self._db.transaction() as tx:
-            to_prune = await tx.graph_threads_to_prune(limit)
-        for project, thread_id in to_prune:
-            async with self._db.transaction() as tx:
-                # Read again under the lock: a put may have changed keep_last.
-                work = await tx.lock_graph_thread_work(project, thread_id)
-                if work is None or not work.prune_pending:
-                    continue
-                if work.keep_last > 0:
-                    pruned += await tx.keep_latest_graph_checkpoints(
-                        project, thread_id, work.keep_last
-                    )
-                await tx.graph_threads_prune_done(project, thread_id)
+        pruned, more_to_prune = await self._prune_flagged(limit)
         # Terminate applies these itself (session_ended); this catches what a crash
         # between the two left, and sessions terminated before the link was made.
         async with self._db.transaction() as tx:
@@ -782,8 +798,41 @@ class GraphCheckpoints:
         for project, thread_id in ended:
             async with self._db.transaction() as tx:
                 pruned += await _apply_session_end(tx, project, thread_id)
-        more = limit in (len(expired), len(to_prune), len(ended))
+        more = more_to_prune or limit in (len(expired), len(ended))
         return GraphSweep(deleted, pruned, len(ended), more=more)
+
+    async def _prune_flagged(self, limit: int) -> tuple[int, bool]:
+        """Prune the threads written since their last prune to their keep_last, in key
+        order from where the last call stopped; return the checkpoints pruned and
+        whether flagged threads may remain.
+
+        Every put flags its thread again, so under steady puts the first threads in
+        key order would fill every batch, with nothing to prune, and the threads
+        after them would wait for ever. A batch that cleared flags made progress
+        too: the walk goes on to the next batch, up to the last flagged thread, or
+        until a batch pruned something (the caller's next call goes on from there,
+        within its time budget, as it goes on after a call that deleted)."""
+        pruned = 0
+        while True:
+            async with self._db.transaction() as tx:
+                batch = await tx.graph_threads_to_prune(limit, self._pruned_up_to)
+            for project, thread_id in batch:
+                async with self._db.transaction() as tx:
+                    # Read again under the lock: a put may have changed keep_last.
+                    work = await tx.lock_graph_thread_work(project, thread_id)
+                    if work is None or not work.prune_pending:
+                        continue
+                    if work.keep_last > 0:
+                        pruned += await tx.keep_latest_graph_checkpoints(
+                            project, thread_id, work.keep_last
+                        )
+                    await tx.graph_threads_prune_done(project, thread_id)
+            if len(batch) < limit:
+                self._pruned_up_to = None  # the last one: the next call starts again
+                return pruned, False
+            self._pruned_up_to = batch[-1]
+            if pruned:
+                return pruned, True
 
     async def session_ended(self, tx: GraphTransaction, session: SessionRef) -> None:
         """Apply the end action of every thread linked to ``session``, inside the

@@ -12,12 +12,14 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from itertools import accumulate
 from typing import Any
 
 from memsvc.domain import SessionRef
 from memsvc.domain._errors import BackendUnavailable
 from memsvc.domain._graph_checkpoints import (
     GraphCheckpointRecord,
+    GraphCheckpointTooLarge,
     GraphListScope,
     GraphThreadOptions,
     GraphValue,
@@ -43,6 +45,8 @@ _THREAD = "project_id = ? AND thread_id = ?"
 _NAMESPACE = "project_id = ? AND thread_id = ? AND checkpoint_ns = ?"
 # Rows per multi-row INSERT (SQLite allows 32,766 parameters a statement).
 _CHUNK = 500
+# (channel, version) pairs one statement names (in one JSON parameter).
+_PAIRS_PER_STATEMENT = 5_000
 
 
 def _in(dialect: Dialect, column: str, values: Sequence[str]) -> tuple[str, Any]:
@@ -59,26 +63,82 @@ def _pairs(dialect: Dialect) -> str:
     return "SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?)"
 
 
-def _values_by_pairs(dialect: Dialect) -> str:
-    """Values looked up one pair at a time by primary key (a JSON array of pairs,
-    then the namespace), so a read costs the same however many versions are stored.
-    On PostgreSQL the LIMIT keeps the planner from turning the lookups into a hash
-    join over every stored version of the namespace."""
+def _named_values(
+    dialect: Dialect, pairs: tuple[str, str, str], namespace: tuple[str, str, str], columns: str
+) -> str:
+    """``columns`` of the values (``v``) that (channel, version) pairs name in one
+    namespace, looked up one pair at a time by primary key, so a read costs the
+    same however many versions are stored. ``pairs``: a relation ``e`` with its
+    channel and version expressions; ``namespace``: SQL for the project, thread
+    and namespace. On PostgreSQL the LIMIT keeps the planner from turning the
+    lookups into a hash join over every stored version of the namespace."""
+    relation, channel, version = pairs
+    project, thread, ns = namespace
     if dialect.name == "postgres":
         return (
-            "SELECT v.channel, v.version, v.value_type, v.value"
-            " FROM jsonb_array_elements(?::jsonb) e CROSS JOIN LATERAL"
-            " (SELECT channel, version, value_type, value FROM graph_values"
-            "  WHERE project_id = ? AND thread_id = ? AND checkpoint_ns = ?"
-            "  AND channel = e->>0 AND version = e->>1 LIMIT 1) v"
+            f"SELECT {columns} FROM {relation} CROSS JOIN LATERAL"
+            f" (SELECT * FROM graph_values WHERE project_id = {project} AND thread_id = {thread}"
+            f"  AND checkpoint_ns = {ns} AND channel = {channel} AND version = {version}"
+            "  LIMIT 1) v"
         )
     # CROSS JOIN: SQLite keeps the pairs as the outer loop.
     return (
-        "SELECT v.channel, v.version, v.value_type, v.value FROM json_each(?) e"
-        " CROSS JOIN graph_values v WHERE v.project_id = ? AND v.thread_id = ?"
-        " AND v.checkpoint_ns = ? AND v.channel = json_extract(e.value, '$[0]')"
-        " AND v.version = json_extract(e.value, '$[1]')"
+        f"SELECT {columns} FROM {relation} CROSS JOIN graph_values v"
+        f" WHERE v.project_id = {project} AND v.thread_id = {thread}"
+        f" AND v.checkpoint_ns = {ns} AND v.channel = {channel} AND v.version = {version}"
     )
+
+
+def _values_by_pairs(dialect: Dialect, columns: str) -> str:
+    """``columns`` of the values a JSON array of (channel, version) pairs names (the
+    parameters: the array, then the namespace)."""
+    if dialect.name == "postgres":
+        pairs = ("jsonb_array_elements(?::jsonb) e", "e->>0", "e->>1")
+    else:
+        pairs = ("json_each(?) e", "json_extract(e.value, '$[0]')", "json_extract(e.value, '$[1]')")
+    return _named_values(dialect, pairs, ("?", "?", "?"), columns)
+
+
+# A value row of _attach's statement (see there).
+_VALUE_ROW = "'v', v.channel, v.version, NULL, NULL, 0, v.value_type, v.value"
+
+# Bytes a value or pending write takes in a response besides its data, at the
+# least: its message's tag and length, and those of its channel, version (or
+# task id) and type, each at least one byte long (puts refuse them empty).
+_LEAST_FRAMING = 13
+
+
+def _least_payload(dialect: Dialect) -> str:
+    """SQL for the bytes checkpoint ``c``'s values and pending writes take in a
+    response at the least, as stored now: weighed without reading a value. A
+    value's length comes from its header (octet_length of a PostgreSQL bytea is
+    its raw length, compressed or not, without decompressing it or reading its
+    TOAST chunks; SQLite's length of a blob reads no overflow page). For one
+    checkpoint at a time: over many, PostgreSQL's estimate of these lookups (a
+    hundred channels each) soon passes its JIT threshold, and compiling would cost
+    more than the read (_least_sizes weighs many)."""
+    each = "jsonb_each_text" if dialect.name == "postgres" else "json_each"
+    values = _named_values(
+        dialect,
+        (f"{each}(c.channel_versions) e", "e.key", "e.value"),
+        ("c.project_id", "c.thread_id", "c.checkpoint_ns"),
+        f"coalesce(sum({dialect.stored_length('v.value')} + {_LEAST_FRAMING}), 0)",
+    )
+    writes = (
+        f"SELECT coalesce(sum({dialect.stored_length('w.value')} + {_LEAST_FRAMING}), 0)"
+        " FROM graph_writes w WHERE w.project_id = c.project_id AND w.thread_id = c.thread_id"
+        " AND w.checkpoint_ns = c.checkpoint_ns AND w.checkpoint_id = c.checkpoint_id"
+    )
+    return f"({values}) + ({writes})"
+
+
+def _refuse_if_over(record: GraphCheckpointRecord, least_bytes: int, max_bytes: int) -> None:
+    """Refuse a checkpoint that cannot fit in one response, before reading its values:
+    ``least_bytes`` is at most what the response would take, so none that fits is refused."""
+    if least_bytes > max_bytes:
+        raise GraphCheckpointTooLarge(
+            record.thread_id, record.checkpoint_ns, record.checkpoint_id, least_bytes, max_bytes
+        )
 
 
 def _record(row: Sequence[Any], dialect: Dialect) -> GraphCheckpointRecord:
@@ -116,17 +176,11 @@ async def _attach(
     deleted meanwhile (a pruned checkpoint, a deleted thread or run) or put again
     with other versions comes back among the changed, never without its values.
     """
-    groups: dict[tuple[str, str, str], list[int]] = {}
-    for index, record in enumerate(records):
-        key = (record.project_id, record.thread_id, record.checkpoint_ns)
-        groups.setdefault(key, []).append(index)
     values: dict[int, list[GraphValue]] = {i: [] for i in range(len(records))}
     writes: dict[int, list[GraphWrite]] = {i: [] for i in range(len(records))}
     current: set[int] = set()
-    for key, indexes in groups.items():
-        pairs = sorted(
-            {(ch, ver) for i in indexes for ch, ver in records[i].channel_versions.items()}
-        )
+    for key, indexes in _by_namespace(records).items():
+        pairs = _named_pairs(records, indexes)
         by_id = {records[i].checkpoint_id: i for i in indexes}
         condition, ids = _in(dialect, "checkpoint_id", list(by_id))
         # Values, writes and the checkpoints themselves in one round trip:
@@ -134,8 +188,7 @@ async def _attach(
         # task path, idx, ...) and ("c", checkpoint id, channel versions) rows.
         cursor = await dialect.execute_bulk_read(
             conn,
-            f"SELECT 'v', v.channel, v.version, NULL, NULL, 0, v.value_type, v.value"
-            f" FROM ({_values_by_pairs(dialect)}) v UNION ALL"
+            f"{_values_by_pairs(dialect, _VALUE_ROW)} UNION ALL"
             " SELECT 'w', channel, checkpoint_id, task_id, task_path, idx, value_type, value"
             f" FROM graph_writes WHERE {_NAMESPACE} AND {condition} UNION ALL"
             f" SELECT 'c', checkpoint_id, {_as_text(dialect, 'channel_versions')},"
@@ -172,15 +225,17 @@ async def get_graph_checkpoint(
     thread_id: str,
     ns: str,
     checkpoint_id: str | None,
+    max_bytes: int,
 ) -> GraphCheckpointRecord | None:
     condition, params = "", [project_id, thread_id, ns]
     if checkpoint_id is not None:
         condition = " AND c.checkpoint_id = ?"
         params.append(checkpoint_id)
     for _ in range(_REREADS):
+        # The row weighed with its values in the same statement (one snapshot).
         cursor = await dialect.execute_bulk_read(
             conn,
-            f"SELECT {_COLUMNS} FROM graph_checkpoints c"
+            f"SELECT {_COLUMNS}, {_least_payload(dialect)} FROM graph_checkpoints c"
             " WHERE c.project_id = ? AND c.thread_id = ? AND c.checkpoint_ns = ?"
             f"{condition} ORDER BY c.checkpoint_id DESC LIMIT 1",
             params,
@@ -188,7 +243,9 @@ async def get_graph_checkpoint(
         row = await cursor.fetchone()
         if row is None:
             return None
-        attached, _ = await _attach(conn, dialect, [_record(row, dialect)])
+        record = _record(row, dialect)
+        _refuse_if_over(record, len(record.doc) + int(row[-1]), max_bytes)
+        attached, _ = await _attach(conn, dialect, [record])
         if attached:
             return attached[0]
         # Deleted or put again between the two statements: what is there now?
@@ -226,6 +283,7 @@ async def list_graph_checkpoints(
     after: tuple[str, str, str] | None,
     limit: int,
     byte_budget: int,
+    max_bytes: int,
 ) -> tuple[list[GraphCheckpointRecord], bool]:
     conditions = ["c.project_id = ?"]
     params: list[Any] = [scope.project_id]
@@ -267,7 +325,7 @@ async def list_graph_checkpoints(
         )
 
     for _ in range(_REREADS):
-        page = await _list_page(conn, dialect, read, byte_budget)
+        page = await _list_page(conn, dialect, read, byte_budget, max_bytes)
         if page is not None:
             return page
         # The page's first checkpoint was deleted or put again between its row
@@ -280,14 +338,23 @@ async def _list_page(
     dialect: Dialect,
     read: Callable[[], Awaitable[tuple[list[Any], bool]]],
     byte_budget: int,
+    max_bytes: int,
 ) -> tuple[list[GraphCheckpointRecord], bool] | None:
     """The page and whether it ended early (the byte budget, or a checkpoint that
     changed between its row and its values: the page ends before it, and the next
     one reads it as it is then, through its filters), or None when its first
     checkpoint changed. ``read`` gives the checkpoint rows, and whether the budget
-    left some out."""
+    left some out. A first checkpoint larger than ``max_bytes`` is refused."""
     rows, cut = await read()
     records = [_record(row, dialect) for row in rows]
+    # Weighed with their values before any value is read: the checkpoints that
+    # cannot fit are left out (or refused, the first) unread.
+    if records:
+        least = await _least_sizes(conn, dialect, records)
+        _refuse_if_over(records[0], least[0], max_bytes)
+        fitting = max(1, sum(1 for total in accumulate(least) if total <= byte_budget))
+        if fitting < len(records):
+            records, cut = records[:fitting], True
     # Values are read in slices, so a page of large checkpoints stops at the budget:
     # a checkpoint that would take the page past it waits for the next page (unless
     # it is the first, which is always returned).
@@ -306,6 +373,58 @@ async def _list_page(
         if changed:
             return (result, True) if result else None
     return result, cut
+
+
+async def _least_sizes(
+    conn: Connection, dialect: Dialect, records: list[GraphCheckpointRecord]
+) -> list[int]:
+    """Bytes each checkpoint takes in a response at the least, as _least_payload
+    weighs them: its document, the values its versions name and its pending
+    writes, from their stored lengths, in one statement per namespace (a value
+    several checkpoints share is weighed once). A checkpoint that changed since
+    it was read is weighed by what it names as read: reading its values finds the
+    change."""
+    least = [len(record.doc) for record in records]
+    for key, indexes in _by_namespace(records).items():
+        pairs = _named_pairs(records, indexes)
+        by_id = {records[i].checkpoint_id: i for i in indexes}
+        condition, ids = _in(dialect, "checkpoint_id", list(by_id))
+        length = dialect.stored_length
+        cursor = await conn.execute(
+            dialect.sql(
+                _values_by_pairs(dialect, f"'v', v.channel, v.version, {length('v.value')}")
+                + f" UNION ALL SELECT 'w', checkpoint_id, NULL, {length('value')}"
+                f" FROM graph_writes WHERE {_NAMESPACE} AND {condition}"
+            ),
+            (json.dumps(pairs), *key, *key, ids),
+        )
+        found: dict[tuple[str, str], int] = {}
+        for kind, name, version, size in await cursor.fetchall():
+            if kind == "v":
+                found[(name, version)] = int(size)
+            else:
+                least[by_id[name]] += int(size) + _LEAST_FRAMING
+        for i in indexes:
+            least[i] += sum(
+                found[pair] + _LEAST_FRAMING
+                for pair in records[i].channel_versions.items()
+                if pair in found
+            )
+    return least
+
+
+def _named_pairs(records: list[GraphCheckpointRecord], indexes: list[int]) -> list[tuple[str, str]]:
+    """The (channel, version) pairs these records name, each once, sorted."""
+    return sorted({pair for i in indexes for pair in records[i].channel_versions.items()})
+
+
+def _by_namespace(records: list[GraphCheckpointRecord]) -> dict[tuple[str, str, str], list[int]]:
+    """The records' indexes, by (project, thread, namespace)."""
+    groups: dict[tuple[str, str, str], list[int]] = {}
+    for index, record in enumerate(records):
+        key = (record.project_id, record.thread_id, record.checkpoint_ns)
+        groups.setdefault(key, []).append(index)
+    return groups
 
 
 def _position(record: GraphCheckpointRecord) -> tuple[str, str, str]:
@@ -539,9 +658,10 @@ class SqlGraphWrites(SqlWrites):
         # as 1e23 comes as another Python number than the one put (an int).
         rows = await self._rows(
             f"SELECT 1 FROM graph_checkpoints WHERE {_NAMESPACE} AND checkpoint_id = ?"
-            # No parent is NULL (no id is empty); IS NOT DISTINCT FROM needs SQLite 3.39.
-            " AND coalesce(parent_checkpoint_id, '') = coalesce(?, '') AND checkpoint_type = ?"
-            " AND checkpoint = ? AND metadata = ? AND channel_versions = ?",
+            # A parent stored NULL was none, or one a prune deleted (which clears
+            # the parents it leaves dangling): any parent may have made it.
+            " AND (parent_checkpoint_id IS NULL OR parent_checkpoint_id = ?)"
+            " AND checkpoint_type = ? AND checkpoint = ? AND metadata = ? AND channel_versions = ?",
             _stored_as(self._d, record),
         )
         return bool(rows)
@@ -680,6 +800,8 @@ class SqlGraphWrites(SqlWrites):
             " RETURNING channel_versions",
             (*key, ids),
         )
+        # As LangGraph's PostgreSQL saver prunes: a kept checkpoint names no parent
+        # that is gone (reads give it none, rather than one that cannot be read).
         parent_condition, _ = _in(self._d, "parent_checkpoint_id", checkpoint_ids)
         await self._conn.execute(
             self._d.sql(
@@ -706,13 +828,13 @@ class SqlGraphWrites(SqlWrites):
             if not candidates:
                 return
         garbage = sorted(candidates)
-        for start in range(0, len(garbage), 5_000):
+        for start in range(0, len(garbage), _PAIRS_PER_STATEMENT):
             await self._conn.execute(
                 self._d.sql(
                     f"DELETE FROM graph_values WHERE {_NAMESPACE}"
                     f" AND (channel, version) IN ({_pairs(self._d)})"
                 ),
-                (*key, json.dumps(garbage[start : start + 5_000])),
+                (*key, json.dumps(garbage[start : start + _PAIRS_PER_STATEMENT])),
             )
 
     async def keep_latest_graph_checkpoints(
@@ -775,26 +897,19 @@ class SqlGraphWrites(SqlWrites):
             " parent_checkpoint_id, checkpoint_type, checkpoint, metadata, channel_versions,"
             " run_id, create_time) SELECT project_id, ?, checkpoint_ns, checkpoint_id,"
             " parent_checkpoint_id, checkpoint_type, checkpoint, metadata, channel_versions,"
-            f" run_id, ? FROM graph_checkpoints WHERE {_THREAD} ON CONFLICT DO NOTHING RETURNING 1",
+            f" run_id, ? FROM graph_checkpoints WHERE {_THREAD} ON CONFLICT DO NOTHING"
+            " RETURNING checkpoint_ns, checkpoint_id, channel_versions",
             (target, self._d.time_param(now_ms), project_id, source),
         )
-        await self._conn.execute(
-            self._d.sql(
-                "INSERT INTO graph_values (project_id, thread_id, checkpoint_ns, channel, version,"
-                " value_type, value) SELECT project_id, ?, checkpoint_ns, channel, version,"
-                f" value_type, value FROM graph_values WHERE {_THREAD} ON CONFLICT DO NOTHING"
-            ),
-            (target, project_id, source),
-        )
-        await self._conn.execute(
-            self._d.sql(
-                "INSERT INTO graph_writes (project_id, thread_id, checkpoint_ns, checkpoint_id,"
-                " task_id, idx, task_path, channel, value_type, value) SELECT project_id, ?,"
-                " checkpoint_ns, checkpoint_id, task_id, idx, task_path, channel, value_type,"
-                f" value FROM graph_writes WHERE {_THREAD} ON CONFLICT DO NOTHING"
-            ),
-            (target, project_id, source),
-        )
+        # Only what the copied checkpoints need: a checkpoint the target holds
+        # already keeps its own writes, and no value it does not name joins it.
+        by_ns: dict[str, tuple[list[str], set[tuple[str, str]]]] = {}
+        for ns, checkpoint_id, versions in copied:
+            ids, pairs = by_ns.setdefault(str(ns), ([], set()))
+            ids.append(str(checkpoint_id))
+            pairs.update(self._d.json_value(versions).items())
+        for ns, (ids, pairs) in sorted(by_ns.items()):
+            await self._copy_rows(project_id, source, target, ns, ids, sorted(pairs))
         # A copy belongs where its source does: a target without settings of its own
         # takes the source's session link (so a purge or the session's end reaches
         # it), TTL and keep_last.
@@ -814,6 +929,40 @@ class SqlGraphWrites(SqlWrites):
         )
         return len(copied)
 
+    async def _copy_rows(
+        self,
+        project_id: str,
+        source: str,
+        target: str,
+        ns: str,
+        checkpoint_ids: list[str],
+        pairs: list[tuple[str, str]],
+    ) -> None:
+        """Copy into ``target`` the writes of these checkpoints of ``source`` and the
+        values these (channel, version) pairs name, in one namespace."""
+        key = (project_id, source, ns)
+        for start in range(0, len(pairs), _PAIRS_PER_STATEMENT):
+            await self._conn.execute(
+                self._d.sql(
+                    "INSERT INTO graph_values (project_id, thread_id, checkpoint_ns, channel,"
+                    " version, value_type, value) SELECT project_id, ?, checkpoint_ns, channel,"
+                    f" version, value_type, value FROM graph_values WHERE {_NAMESPACE}"
+                    f" AND (channel, version) IN ({_pairs(self._d)}) ON CONFLICT DO NOTHING"
+                ),
+                (target, *key, json.dumps(pairs[start : start + _PAIRS_PER_STATEMENT])),
+            )
+        condition, ids = _in(self._d, "checkpoint_id", checkpoint_ids)
+        await self._conn.execute(
+            self._d.sql(
+                "INSERT INTO graph_writes (project_id, thread_id, checkpoint_ns, checkpoint_id,"
+                " task_id, idx, task_path, channel, value_type, value) SELECT project_id, ?,"
+                " checkpoint_ns, checkpoint_id, task_id, idx, task_path, channel, value_type,"
+                f" value FROM graph_writes WHERE {_NAMESPACE} AND {condition}"
+                " ON CONFLICT DO NOTHING"
+            ),
+            (target, *key, ids),
+        )
+
     async def expired_graph_threads(self, now_ms: int, limit: int) -> list[tuple[str, str]]:
         rows = await self._rows(
             "SELECT project_id, thread_id FROM graph_threads WHERE expire_ms <= ?"
@@ -822,11 +971,17 @@ class SqlGraphWrites(SqlWrites):
         )
         return [(str(text(r[0])), str(r[1])) for r in rows]
 
-    async def graph_threads_to_prune(self, limit: int) -> list[tuple[str, str]]:
+    async def graph_threads_to_prune(
+        self, limit: int, after: tuple[str, str] | None = None
+    ) -> list[tuple[str, str]]:
+        # In the order of the index on flagged threads, from a position: a walk
+        # that reaches every one of them, however many are flagged again meanwhile.
+        position = "" if after is None else " AND (project_id, thread_id) > (?, ?)"
         rows = await self._rows(
             "SELECT project_id, thread_id FROM graph_threads"
-            f" WHERE prune_pending AND keep_last > 0 LIMIT {int(limit)}",
-            (),
+            f" WHERE prune_pending AND keep_last > 0{position}"
+            f" ORDER BY project_id, thread_id LIMIT {int(limit)}",
+            after or (),
         )
         return [(str(text(r[0])), str(r[1])) for r in rows]
 
@@ -900,9 +1055,11 @@ class SqlGraphReads(SqlQueries):
     """The reads of GraphDatabase, written once for both stores."""
 
     async def get_graph_checkpoint(
-        self, project_id: str, thread_id: str, ns: str, checkpoint_id: str | None
+        self, project_id: str, thread_id: str, ns: str, checkpoint_id: str | None, max_bytes: int
     ) -> GraphCheckpointRecord | None:
-        return await self._query(get_graph_checkpoint, project_id, thread_id, ns, checkpoint_id)
+        return await self._query(
+            get_graph_checkpoint, project_id, thread_id, ns, checkpoint_id, max_bytes
+        )
 
     async def list_graph_checkpoints(
         self,
@@ -910,8 +1067,11 @@ class SqlGraphReads(SqlQueries):
         after: tuple[str, str, str] | None,
         limit: int,
         byte_budget: int,
+        max_bytes: int,
     ) -> tuple[list[GraphCheckpointRecord], bool]:
-        return await self._query(list_graph_checkpoints, scope, after, limit, byte_budget)
+        return await self._query(
+            list_graph_checkpoints, scope, after, limit, byte_budget, max_bytes
+        )
 
     async def put_graph_checkpoint_at_once(
         self,

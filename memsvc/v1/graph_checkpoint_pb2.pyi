@@ -117,7 +117,11 @@ class ChannelValue(_message.Message):
     channel: _builtins.str
     """Channel name: 1 to 512 bytes of UTF-8, no control characters."""
     version: _builtins.str
-    """Channel version, as text: 1 to 128 bytes of UTF-8, no control characters."""
+    """Channel version, as text: 1 to 128 bytes of UTF-8, no control characters.
+    A version names exactly one value within its thread, namespace and
+    channel: a value put again under a version already stored is not stored
+    (the value first stored is kept).
+    """
     @_builtins.property
     def value(self) -> Global___TypedValue:
         """The value."""
@@ -244,7 +248,9 @@ class GraphCheckpoint(_message.Message):
     @_builtins.property
     def channel_versions(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Version of each channel the checkpoint holds: channel name to version
-        text. Reads return the values stored at these versions.
+        text. Reads return the values stored at these versions (a version names
+        one value: see ChannelValue.version); a channel whose version has no
+        stored value is left out of `channel_values`.
         """
 
     @_builtins.property
@@ -378,7 +384,9 @@ class PutGraphCheckpointRequest(_message.Message):
     after it, so that the put becomes the latest (the latest is the greatest
     id; LangGraph's ids are time-ordered); or both are empty, or the latest is
     this very checkpoint as this put stores it (parent, state, metadata and
-    versions): a retry. Another put under the latest's id is refused too.
+    versions; a parent that a prune has deleted since, and cleared, is not
+    compared): a retry, which stores nothing again. Another put under the
+    latest's id is refused too.
     """
     @_builtins.property
     def checkpoint(self) -> Global___GraphCheckpoint:

@@ -142,7 +142,8 @@ class GraphCheckpointServiceServicer:
         Errors: INVALID_ARGUMENT, NOT_FOUND
         (ERROR_REASON_GRAPH_CHECKPOINT_NOT_FOUND), RESOURCE_EXHAUSTED
         (ERROR_REASON_GRAPH_CHECKPOINT_TOO_LARGE: with its values, larger than one
-        response).
+        response; refused before its values are read when their stored sizes
+        alone are too large).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -179,10 +180,12 @@ class GraphCheckpointServiceServicer:
     def CopyGraphThread(self, request, context):
         """CopyGraphThread copies every checkpoint, value and write of one thread
         (all namespaces, ids unchanged) into another thread of the project.
-        Checkpoints the target already has are kept. A target without settings of
-        its own takes the source's session link, TTL and keep_last, so a purge of
-        the source's scope, or its session's end, reaches the copy too. Copying an
-        unknown thread copies nothing.
+        Checkpoints the target already has are kept as they are, with their own
+        writes: values and writes come only with the checkpoints copied (pending
+        writes whose checkpoint the source does not hold stay behind). A target
+        without settings of its own takes the source's session link, TTL and
+        keep_last, so a purge of the source's scope, or its session's end,
+        reaches the copy too. Copying an unknown thread copies nothing.
         Errors: INVALID_ARGUMENT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -72,7 +72,8 @@ class GraphCheckpointServiceStub:
     Errors: INVALID_ARGUMENT, NOT_FOUND
     (ERROR_REASON_GRAPH_CHECKPOINT_NOT_FOUND), RESOURCE_EXHAUSTED
     (ERROR_REASON_GRAPH_CHECKPOINT_TOO_LARGE: with its values, larger than one
-    response).
+    response; refused before its values are read when their stored sizes
+    alone are too large).
     """
     ListGraphCheckpoints: _grpc.UnaryUnaryMultiCallable[_graph_checkpoint_pb2.ListGraphCheckpointsRequest, _graph_checkpoint_pb2.ListGraphCheckpointsResponse]
     """ListGraphCheckpoints returns checkpoints newest first (by checkpoint id),
@@ -93,10 +94,12 @@ class GraphCheckpointServiceStub:
     CopyGraphThread: _grpc.UnaryUnaryMultiCallable[_graph_checkpoint_pb2.CopyGraphThreadRequest, _graph_checkpoint_pb2.CopyGraphThreadResponse]
     """CopyGraphThread copies every checkpoint, value and write of one thread
     (all namespaces, ids unchanged) into another thread of the project.
-    Checkpoints the target already has are kept. A target without settings of
-    its own takes the source's session link, TTL and keep_last, so a purge of
-    the source's scope, or its session's end, reaches the copy too. Copying an
-    unknown thread copies nothing.
+    Checkpoints the target already has are kept as they are, with their own
+    writes: values and writes come only with the checkpoints copied (pending
+    writes whose checkpoint the source does not hold stay behind). A target
+    without settings of its own takes the source's session link, TTL and
+    keep_last, so a purge of the source's scope, or its session's end,
+    reaches the copy too. Copying an unknown thread copies nothing.
     Errors: INVALID_ARGUMENT.
     """
     PruneGraphThreads: _grpc.UnaryUnaryMultiCallable[_graph_checkpoint_pb2.PruneGraphThreadsRequest, _graph_checkpoint_pb2.PruneGraphThreadsResponse]
@@ -151,7 +154,8 @@ class GraphCheckpointServiceAsyncStub(GraphCheckpointServiceStub):
     Errors: INVALID_ARGUMENT, NOT_FOUND
     (ERROR_REASON_GRAPH_CHECKPOINT_NOT_FOUND), RESOURCE_EXHAUSTED
     (ERROR_REASON_GRAPH_CHECKPOINT_TOO_LARGE: with its values, larger than one
-    response).
+    response; refused before its values are read when their stored sizes
+    alone are too large).
     """
     ListGraphCheckpoints: _aio.UnaryUnaryMultiCallable[_graph_checkpoint_pb2.ListGraphCheckpointsRequest, _graph_checkpoint_pb2.ListGraphCheckpointsResponse]  # type: ignore[assignment]
     """ListGraphCheckpoints returns checkpoints newest first (by checkpoint id),
@@ -172,10 +176,12 @@ class GraphCheckpointServiceAsyncStub(GraphCheckpointServiceStub):
     CopyGraphThread: _aio.UnaryUnaryMultiCallable[_graph_checkpoint_pb2.CopyGraphThreadRequest, _graph_checkpoint_pb2.CopyGraphThreadResponse]  # type: ignore[assignment]
     """CopyGraphThread copies every checkpoint, value and write of one thread
     (all namespaces, ids unchanged) into another thread of the project.
-    Checkpoints the target already has are kept. A target without settings of
-    its own takes the source's session link, TTL and keep_last, so a purge of
-    the source's scope, or its session's end, reaches the copy too. Copying an
-    unknown thread copies nothing.
+    Checkpoints the target already has are kept as they are, with their own
+    writes: values and writes come only with the checkpoints copied (pending
+    writes whose checkpoint the source does not hold stay behind). A target
+    without settings of its own takes the source's session link, TTL and
+    keep_last, so a purge of the source's scope, or its session's end,
+    reaches the copy too. Copying an unknown thread copies nothing.
     Errors: INVALID_ARGUMENT.
     """
     PruneGraphThreads: _aio.UnaryUnaryMultiCallable[_graph_checkpoint_pb2.PruneGraphThreadsRequest, _graph_checkpoint_pb2.PruneGraphThreadsResponse]  # type: ignore[assignment]
@@ -245,7 +251,8 @@ class GraphCheckpointServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors: INVALID_ARGUMENT, NOT_FOUND
         (ERROR_REASON_GRAPH_CHECKPOINT_NOT_FOUND), RESOURCE_EXHAUSTED
         (ERROR_REASON_GRAPH_CHECKPOINT_TOO_LARGE: with its values, larger than one
-        response).
+        response; refused before its values are read when their stored sizes
+        alone are too large).
         """
 
     @_abc_1.abstractmethod
@@ -290,10 +297,12 @@ class GraphCheckpointServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_graph_checkpoint_pb2.CopyGraphThreadResponse, _abc.Awaitable[_graph_checkpoint_pb2.CopyGraphThreadResponse]]:
         """CopyGraphThread copies every checkpoint, value and write of one thread
         (all namespaces, ids unchanged) into another thread of the project.
-        Checkpoints the target already has are kept. A target without settings of
-        its own takes the source's session link, TTL and keep_last, so a purge of
-        the source's scope, or its session's end, reaches the copy too. Copying an
-        unknown thread copies nothing.
+        Checkpoints the target already has are kept as they are, with their own
+        writes: values and writes come only with the checkpoints copied (pending
+        writes whose checkpoint the source does not hold stay behind). A target
+        without settings of its own takes the source's session link, TTL and
+        keep_last, so a purge of the source's scope, or its session's end,
+        reaches the copy too. Copying an unknown thread copies nothing.
         Errors: INVALID_ARGUMENT.
         """
 

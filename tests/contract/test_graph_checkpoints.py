@@ -15,6 +15,7 @@ import grpc
 import pytest
 from google.protobuf import duration_pb2
 
+from memsvc.domain import _graph_checkpoints
 from memsvc.domain._graph_checkpoints import _apply_session_end
 from memsvc.server import Server
 from memsvc.store import _graph_sql
@@ -215,6 +216,34 @@ async def test_the_writer_fence_refuses_an_id_that_would_not_become_the_latest(g
     assert error.metadata["checkpoint_id"] == "c4"
     assert "'c4' sorts before the latest checkpoint 'c5'" in error.message
     assert await ids(graphs, project, "t") == ["c5"]
+
+
+async def test_a_fenced_put_retried_after_a_prune_passes(graphs, scope):
+    """A prune clears the parent a kept checkpoint names when it deletes that parent
+    (as LangGraph's PostgreSQL saver does): the retry of the put that stored the
+    kept one (its reply lost) is still the same put, and passes the fence."""
+    project = scope["project_id"]
+    await put(graphs, project, checkpoint("t", "c1"), require_latest_parent=True)
+    second = checkpoint("t", "c2", parent="c1", versions={"n": "2"}, new={"n": b"2"})
+    await put(graphs, project, second, require_latest_parent=True)
+    pruned = await graphs.PruneGraphThreads(
+        pb.PruneGraphThreadsRequest(project_id=project, thread_ids=["t"])
+    )
+    assert pruned.checkpoints_deleted == 1
+    await put(graphs, project, second, require_latest_parent=True)  # the retry
+    got = await graphs.GetGraphCheckpoint(
+        pb.GetGraphCheckpointRequest(project_id=project, thread_id="t")
+    )
+    # The retry names c1 again, but c1 is gone: c2 keeps no parent.
+    assert (got.checkpoint.checkpoint_id, got.checkpoint.parent_checkpoint_id) == ("c2", "")
+    assert [v.value.data for v in got.checkpoint.channel_values] == [b"2"]
+    # Another put under c2's id is refused still.
+    other = checkpoint("t", "c2", parent="c1", versions={"n": "3"}, new={"n": b"3"})
+    error = await expect_error(
+        put(graphs, project, other, require_latest_parent=True),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+    assert error.reason == "ERROR_REASON_GRAPH_CHECKPOINT_CONFLICT"
 
 
 async def test_a_forged_page_token_is_invalid_argument(graphs, scope):
@@ -501,6 +530,74 @@ async def test_one_interval_clears_a_backlog_past_one_batch(graphs, scope, serve
         project,
     )
     assert int(rows[0][0]) == 0
+
+
+async def test_keep_last_reaches_every_thread_flagged_for_it(graphs, scope, server, monkeypatch):
+    """Every put flags its thread for keep_last. More flagged threads than one batch
+    with nothing to prune (the first in key order, flagged again and again under
+    steady puts), and a thread past its keep_last after them: one sweep run prunes
+    it, instead of clearing the first batch's flags and stopping there."""
+    monkeypatch.setattr(_graph_checkpoints, "SWEEP_BATCH", 4)
+    project = scope["project_id"]
+    roomy = pb.GraphThreadOptions(keep_last=5)
+    for number in range(10):
+        await put(graphs, project, checkpoint(f"a{number}", "c1"), options=roomy)
+    tight = pb.GraphThreadOptions(keep_last=1)
+    for step in range(1, 4):
+        await put(graphs, project, checkpoint("z", f"c{step}"), options=tight)
+    await server._sweep_graphs()
+    assert await ids(graphs, project, "z") == ["c3"]
+    flagged = await sql_rows(
+        server.config.database_url,
+        "SELECT count(*) FROM graph_threads WHERE project_id = ? AND prune_pending",
+        project,
+    )
+    assert int(flagged[0][0]) == 0
+
+
+async def test_a_copy_leaves_a_checkpoint_the_target_holds_as_it_was(graphs, scope, server):
+    """Copying into a thread that holds one of the source's checkpoint ids keeps the
+    target's checkpoint (as ON CONFLICT DO NOTHING does) without the source's pending
+    writes for it, or values it does not name; the checkpoints copied come whole."""
+    project = scope["project_id"]
+    await put(graphs, project, checkpoint("src", "c1", versions={"a": "1"}, new={"a": b"s1"}))
+    second = checkpoint("src", "c2", parent="c1", versions={"a": "2"}, new={"a": b"s2"})
+    await put(graphs, project, second)
+    for checkpoint_id in ("c1", "c2"):
+        await graphs.PutGraphWrites(
+            pb.PutGraphWritesRequest(
+                project_id=project,
+                thread_id="src",
+                checkpoint_id=checkpoint_id,
+                writes=[pb.GraphWrite(task_id="task", channel="a", value=pb.TypedValue(type="b"))],
+            )
+        )
+    await put(graphs, project, checkpoint("dst", "c1", versions={"a": "9"}, new={"a": b"d9"}))
+    copied = await graphs.CopyGraphThread(
+        pb.CopyGraphThreadRequest(
+            project_id=project, source_thread_id="src", target_thread_id="dst"
+        )
+    )
+    assert copied.checkpoints_copied == 1
+    held = {}
+    for checkpoint_id in ("c1", "c2"):
+        got = await graphs.GetGraphCheckpoint(
+            pb.GetGraphCheckpointRequest(
+                project_id=project, thread_id="dst", checkpoint_id=checkpoint_id
+            )
+        )
+        held[checkpoint_id] = (
+            [v.value.data for v in got.checkpoint.channel_values],
+            [w.task_id for w in got.checkpoint.pending_writes],
+        )
+    assert held == {"c1": ([b"d9"], []), "c2": ([b"s2"], ["task"])}
+    stored = await sql_rows(
+        server.config.database_url,
+        "SELECT version FROM graph_values WHERE project_id = ? AND thread_id = 'dst'"
+        " ORDER BY version",
+        project,
+    )
+    assert [row[0] for row in stored] == ["2", "9"]  # not the source's "1"
 
 
 async def test_a_linked_session_ends_its_threads(graphs, scope, server, channel):
