@@ -36,10 +36,12 @@ from memsvc.domain import (
 from memsvc.domain._call_deadline import call_deadline
 from memsvc.domain._errors import (
     DeadlineExceeded,
+    FieldViolation,
     PermissionDenied,
     ServerShuttingDown,
     TooManyCalls,
     Unauthenticated,
+    more_violations,
 )
 from memsvc.domain._watch import TooManyWatchers
 from memsvc.log import rpc_method
@@ -74,17 +76,29 @@ _CODES: tuple[tuple[type[MemsvcError], code_pb2.Code.ValueType], ...] = (
 # what the client sent (ids of up to 2 KiB, escaped), so both are bounded here.
 _MESSAGE_WIRE_BYTES = 1024
 _STATUS_BYTES = 4096
-_QUOTED_CHARS = 256  # of a metadata value, a violation's field or description
+# Of a violation's field or description; and of a metadata value, which programs
+# read (a key, a thread id: at most 512 bytes), so only the longest are cut (a
+# namespace stored before its limit, 2 KiB).
+_QUOTED_CHARS = 256
+_METADATA_CHARS = 1024
 
 
 def _shortened(text: str, limit: int) -> str:
-    """``text``, cut so that its grpc-message encoding takes at most ``limit`` bytes."""
-    used = 0
-    for index, char in enumerate(text):
-        used += 1 if " " <= char <= "~" and char != "%" else 3 * len(char.encode())
-        if used > limit - 9:  # room for the ellipsis (3 bytes, each encoded)
+    """``text``, cut (and marked so) to take at most ``limit`` bytes as grpc-message
+    encodes it (3 bytes for each byte outside printable ASCII)."""
+    sizes = [1 if " " <= char <= "~" and char != "%" else 3 * len(char.encode()) for char in text]
+    if sum(sizes) <= limit:
+        return text
+    used = 9  # the ellipsis: 3 bytes, each encoded
+    for index, size in enumerate(sizes):
+        used += size
+        if used > limit:
             return text[:index] + "\u2026"
-    return text
+    return text  # not reached: the whole text is over the limit
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
 
 def to_rpc_status(error: MemsvcError) -> status_pb2.Status:
@@ -93,16 +107,15 @@ def to_rpc_status(error: MemsvcError) -> status_pb2.Status:
     first that fit are kept (one at least; the message names the first three)."""
     code = next((c for cls, c in _CODES if isinstance(error, cls)), code_pb2.INTERNAL)
     message = _shortened(error.message, _MESSAGE_WIRE_BYTES)
-    metadata = {key: value[:_QUOTED_CHARS] for key, value in error.metadata.items()}
+    metadata = {key: _cut(value, _METADATA_CHARS) for key, value in error.metadata.items()}
     details: list[Any] = [
         error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=metadata)
     ]
-    violations = [
-        error_details_pb2.BadRequest.FieldViolation(
-            field=v.field[:_QUOTED_CHARS], description=v.description[:_QUOTED_CHARS]
-        )
-        for v in (error.violations if isinstance(error, InvalidArgument) else ())
-    ]
+    violations: list[FieldViolation] = []
+    more = 0  # violations left out, which an "and N more" entry stands for
+    if isinstance(error, InvalidArgument):
+        more = error.unreported
+        violations = list(error.violations[: len(error.violations) - (1 if more else 0)])
     if isinstance(error, ResourceExhausted):
         details.append(
             error_details_pb2.QuotaFailure(
@@ -116,20 +129,28 @@ def to_rpc_status(error: MemsvcError) -> status_pb2.Status:
     if isinstance(error, BackendUnavailable):
         details.append(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=1)))
     while True:
-        status = _status(code, message, details, violations)
+        shown = [*violations, *([more_violations(more)] if more else [])]
+        status = _status(code, message, details, shown)
         if status.ByteSize() <= _STATUS_BYTES or len(violations) <= 1:
             return status
-        violations.pop()
+        violations.pop()  # the last one shown, which the "and N more" entry then counts
+        more += 1
 
 
 def _status(
-    code: int,
-    message: str,
-    details: list[Any],
-    violations: list[error_details_pb2.BadRequest.FieldViolation],
+    code: int, message: str, details: list[Any], violations: list[FieldViolation]
 ) -> status_pb2.Status:
     if violations:
-        details = [*details, error_details_pb2.BadRequest(field_violations=violations)]
+        bad_request = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=_cut(v.field, _QUOTED_CHARS),
+                    description=_cut(v.description, _QUOTED_CHARS),
+                )
+                for v in violations
+            ]
+        )
+        details = [*details, bad_request]
     packed = []
     for detail in details:
         any_detail = any_pb2.Any()

@@ -62,22 +62,29 @@ class MemsvcError(Exception):
         self.metadata: dict[str, str] = dict(metadata or {})
 
 
+def more_violations(count: int) -> FieldViolation:
+    """The entry of a report that stands for ``count`` violations left out of it."""
+    return FieldViolation("", f"and {count} more violation(s) like these")
+
+
 class InvalidArgument(MemsvcError):
     """The request is malformed; ``violations`` names every bad field."""
 
     reason = "ERROR_REASON_INVALID_ARGUMENT"
 
-    # The first violations only: a status travels in trailers that gRPC caps (16 KiB
-    # by default), and a batch of 1,000 bad keys would not fit.
+    # The first violations only: a status travels in trailers that gRPC clients
+    # refuse past 8 KiB, and a batch of 1,000 bad keys would not fit (the API keeps
+    # of these the first that fit, api/_errors.py).
     MAX_REPORTED = 20
 
     def __init__(self, violations: list[FieldViolation]) -> None:
         if not violations:
             raise ValueError("InvalidArgument needs at least one violation")
         reported = violations[: self.MAX_REPORTED]
-        if len(violations) > self.MAX_REPORTED:
-            more = len(violations) - self.MAX_REPORTED
-            reported.append(FieldViolation("", f"and {more} more violation(s) like these"))
+        # How many are left out (the last violation reported then stands for them).
+        self.unreported = max(0, len(violations) - self.MAX_REPORTED)
+        if self.unreported:
+            reported.append(more_violations(self.unreported))
         message = "; ".join(f"{v.field}: {v.description}" for v in reported[:3])
         if len(violations) > 3:
             message += f" (and {len(violations) - 3} more: see the BadRequest details)"
@@ -176,8 +183,9 @@ class DeadlineExceeded(MemsvcError):
     def __init__(self, seconds: float) -> None:
         super().__init__(
             f"the call did not finish within its deadline of {seconds:g}s; its effect is "
-            "unknown: retry it (a call that took a request_id: with the same one; a read "
-            "or a working-memory write: as it was)",
+            "unknown: retry a call that took a request_id with the same one, and a read as "
+            "it was; any other write may have run: read what it would change before "
+            "writing again",
             metadata={"deadline_seconds": f"{seconds:g}"},
         )
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from memsvc.api._errors import to_rpc_status
-from memsvc.domain import BackendUnavailable, FieldViolation, InvalidArgument
+from memsvc.domain import BackendUnavailable, FieldViolation, InvalidArgument, KeyNotFound
 from memsvc.domain._graph_checkpoints import GraphCheckpointNotFound
 
 
@@ -44,10 +44,26 @@ def test_a_status_quoting_long_client_text_fits_in_trailers():
         status = to_rpc_status(error)
         assert _wire_bytes(status) < 8 << 10, type(error).__name__
         assert status.code != code_pb2.INTERNAL
-    status = to_rpc_status(InvalidArgument(violations))
+    error = InvalidArgument(violations)
+    status = to_rpc_status(error)
     bad_request = error_details_pb2.BadRequest()
     assert status.details[1].Unpack(bad_request)
-    assert 1 <= len(bad_request.field_violations) < len(violations)
+    shown = list(bad_request.field_violations)
+    # The first that fit, then one entry counting all the others.
+    assert 2 <= len(shown) < len(error.violations)
+    assert shown[-1].field == ""
+    assert (
+        shown[-1].description
+        == f"and {len(violations) - len(shown) + 1} more violation(s) like these"
+    )
+
+
+def test_a_long_metadata_value_programs_read_is_kept_whole():
+    """A key of 512 bytes in KeyNotFound's metadata: the SDK reads it back."""
+    key = "k" * 512
+    info = error_details_pb2.ErrorInfo()
+    assert to_rpc_status(KeyNotFound("s", key)).details[0].Unpack(info)
+    assert info.metadata["key"] == key
 
 
 def test_a_short_status_is_left_whole():
