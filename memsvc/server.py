@@ -609,8 +609,13 @@ class Server:
                 total.checkpoints_pruned + graphs.checkpoints_pruned,
                 total.threads_ended + graphs.threads_ended,
             )
-            changed = graphs.threads_expired or graphs.checkpoints_pruned or graphs.threads_ended
-            if not (graphs.more and changed) or loop.time() >= stop_at:
+            progress = (
+                graphs.threads_expired
+                or graphs.checkpoints_pruned
+                or graphs.threads_ended
+                or graphs.walked
+            )
+            if not (graphs.more and progress) or loop.time() >= stop_at:
                 break
         if total.threads_expired or total.checkpoints_pruned or total.threads_ended:
             log.info(

@@ -218,6 +218,9 @@ class GraphSweep:
     threads_ended: int = 0
     # A kind of work filled its batch: another sweep right away may find more.
     more: bool = False
+    # The keep_last walk went past a full batch (its flags cleared, if nothing else):
+    # progress, which the next sweep goes on from.
+    walked: bool = False
 
 
 class GraphCheckpointConflict(FailedPrecondition):
@@ -799,40 +802,37 @@ class GraphCheckpoints:
             async with self._db.transaction() as tx:
                 pruned += await _apply_session_end(tx, project, thread_id)
         more = more_to_prune or limit in (len(expired), len(ended))
-        return GraphSweep(deleted, pruned, len(ended), more=more)
+        return GraphSweep(deleted, pruned, len(ended), more=more, walked=more_to_prune)
 
     async def _prune_flagged(self, limit: int) -> tuple[int, bool]:
-        """Prune the threads written since their last prune to their keep_last, in key
-        order from where the last call stopped; return the checkpoints pruned and
-        whether flagged threads may remain.
+        """Prune one batch of the threads written since their last prune to their
+        keep_last, in key order from where the last call stopped; return the
+        checkpoints pruned and whether flagged threads may remain after it.
 
         Every put flags its thread again, so under steady puts the first threads in
         key order would fill every batch, with nothing to prune, and the threads
-        after them would wait for ever. A batch that cleared flags made progress
-        too: the walk goes on to the next batch, up to the last flagged thread, or
-        until a batch pruned something (the caller's next call goes on from there,
-        within its time budget, as it goes on after a call that deleted)."""
+        after them would wait for ever. So the walk goes on from where it stopped,
+        and a batch that only cleared flags counts as progress: the caller calls
+        again (GraphSweep.walked), within its time budget."""
         pruned = 0
-        while True:
+        async with self._db.transaction() as tx:
+            batch = await tx.graph_threads_to_prune(limit, self._pruned_up_to)
+        for project, thread_id in batch:
             async with self._db.transaction() as tx:
-                batch = await tx.graph_threads_to_prune(limit, self._pruned_up_to)
-            for project, thread_id in batch:
-                async with self._db.transaction() as tx:
-                    # Read again under the lock: a put may have changed keep_last.
-                    work = await tx.lock_graph_thread_work(project, thread_id)
-                    if work is None or not work.prune_pending:
-                        continue
-                    if work.keep_last > 0:
-                        pruned += await tx.keep_latest_graph_checkpoints(
-                            project, thread_id, work.keep_last
-                        )
-                    await tx.graph_threads_prune_done(project, thread_id)
-            if len(batch) < limit:
-                self._pruned_up_to = None  # the last one: the next call starts again
-                return pruned, False
-            self._pruned_up_to = batch[-1]
-            if pruned:
-                return pruned, True
+                # Read again under the lock: a put may have changed keep_last.
+                work = await tx.lock_graph_thread_work(project, thread_id)
+                if work is None or not work.prune_pending:
+                    continue
+                if work.keep_last > 0:
+                    pruned += await tx.keep_latest_graph_checkpoints(
+                        project, thread_id, work.keep_last
+                    )
+                await tx.graph_threads_prune_done(project, thread_id)
+        if len(batch) < limit:
+            self._pruned_up_to = None  # the last one: the next call starts again
+            return pruned, False
+        self._pruned_up_to = batch[-1]
+        return pruned, True
 
     async def session_ended(self, tx: GraphTransaction, session: SessionRef) -> None:
         """Apply the end action of every thread linked to ``session``, inside the
