@@ -71,6 +71,24 @@ async def put(
     return response
 
 
+async def put_write(
+    graphs: GraphCheckpointServiceStub,
+    project: str,
+    thread_id: str,
+    checkpoint_id: str,
+    channel: str,
+) -> None:
+    """One pending write (an empty value of type "b") to a checkpoint of the thread."""
+    await graphs.PutGraphWrites(
+        pb.PutGraphWritesRequest(
+            project_id=project,
+            thread_id=thread_id,
+            checkpoint_id=checkpoint_id,
+            writes=[pb.GraphWrite(task_id="task", channel=channel, value=pb.TypedValue(type="b"))],
+        )
+    )
+
+
 async def ids(graphs: GraphCheckpointServiceStub, project: str, thread_id: str) -> list[str]:
     response = await graphs.ListGraphCheckpoints(
         pb.ListGraphCheckpointsRequest(project_id=project, thread_id=thread_id)
@@ -448,14 +466,7 @@ async def test_writes_of_a_checkpoint_never_stored_go_as_it_would(graphs, scope,
             graphs, project, checkpoint("t", f"c{step}"), options=pb.GraphThreadOptions(keep_last=2)
         )
     for checkpoint_id in ("c0", "c25", "c3", "c35", "c4", "c9"):
-        await graphs.PutGraphWrites(
-            pb.PutGraphWritesRequest(
-                project_id=project,
-                thread_id="t",
-                checkpoint_id=checkpoint_id,
-                writes=[pb.GraphWrite(task_id="task", channel="ch", value=pb.TypedValue(type="b"))],
-            )
-        )
+        await put_write(graphs, project, "t", checkpoint_id, "ch")
     assert server.graphs is not None
     await server.graphs.sweep()  # keep_last 2 keeps c4 and c3
     assert await ids(graphs, project, "t") == ["c4", "c3"]
@@ -564,14 +575,7 @@ async def test_a_copy_leaves_a_checkpoint_the_target_holds_as_it_was(graphs, sco
     second = checkpoint("src", "c2", parent="c1", versions={"a": "2"}, new={"a": b"s2"})
     await put(graphs, project, second)
     for checkpoint_id in ("c1", "c2"):
-        await graphs.PutGraphWrites(
-            pb.PutGraphWritesRequest(
-                project_id=project,
-                thread_id="src",
-                checkpoint_id=checkpoint_id,
-                writes=[pb.GraphWrite(task_id="task", channel="a", value=pb.TypedValue(type="b"))],
-            )
-        )
+        await put_write(graphs, project, "src", checkpoint_id, "a")
     await put(graphs, project, checkpoint("dst", "c1", versions={"a": "9"}, new={"a": b"d9"}))
     copied = await graphs.CopyGraphThread(
         pb.CopyGraphThreadRequest(
