@@ -46,6 +46,17 @@ async def append(store: Any, count: int, ref: SessionRef) -> None:
             await tx.append_event(EventRecord(str(uuid.uuid4()), EventType.SPAWNED, ref, None, 0))
 
 
+async def append_at_once(
+    store: Any, count: int, ref: SessionRef, metadata: dict[str, Any] | None = None
+) -> None:
+    """``count`` events of ``ref`` in one transaction (``append`` commits each alone)."""
+    async with store.transaction() as tx:
+        await tx.append_events([
+            EventRecord(str(uuid.uuid4()), EventType.SPAWNED, ref, None, 0, metadata=metadata or {})
+            for _ in range(count)
+        ])  # fmt: skip
+
+
 @pytest.fixture
 async def sqlite_store(tmp_path: Path) -> Any:
     store = SqliteDurableStore(f"sqlite:///{tmp_path}/events.db")
@@ -181,11 +192,7 @@ async def test_a_purge_told_during_the_tails_read_makes_tombstones_of_it(sqlite_
     assert await anext(stream) == 0
     first = asyncio.ensure_future(anext(stream))
     await joined(hub, 1)
-    async with sqlite_store.transaction() as tx:
-        await tx.append_events([
-            EventRecord(str(uuid.uuid4()), EventType.SPAWNED, ref, None, 0, metadata={"k": 1})
-            for _ in range(3)
-        ])  # fmt: skip
+    await append_at_once(sqlite_store, 3, ref, {"k": 1})
     source.armed = True
     hub.notify()
     await asyncio.wait_for(source.reading.wait(), 10)
@@ -207,11 +214,7 @@ async def test_a_catch_up_read_holds_about_a_megabyte_whatever_its_events_weigh(
     hub = EventHub(source, poll_interval=30)
     ref = SessionRef(str(uuid.uuid4()), str(uuid.uuid4()), "s")
     heavy = {"note": "x" * 60_000}
-    async with sqlite_store.transaction() as tx:
-        await tx.append_events([
-            EventRecord(str(uuid.uuid4()), EventType.SPAWNED, ref, None, 0, metadata=heavy)
-            for _ in range(HEAVY_EVENTS)
-        ])  # fmt: skip
+    await append_at_once(sqlite_store, HEAVY_EVENTS, ref, heavy)
     stream: Any = one_by_one(hub.watch(EventFilter(project_id=ref.project_id), 0, 30, True))
     assert await anext(stream) == 0
     assert await take_events(stream, HEAVY_EVENTS) == list(range(1, HEAVY_EVENTS + 1))
@@ -326,11 +329,7 @@ async def test_a_stream_from_the_oldest_follows_compaction_past_its_catch_up_pro
     watch() takes it): not OUT_OF_RANGE for a position it never chose."""
     ref = SessionRef(str(uuid.uuid4()), str(uuid.uuid4()), "s")
     log_size = CATCH_UP_WINDOW + 10
-    async with sqlite_store.transaction() as tx:
-        await tx.append_events([
-            EventRecord(str(uuid.uuid4()), EventType.SPAWNED, ref, None, 0)
-            for _ in range(log_size)
-        ])  # fmt: skip
+    await append_at_once(sqlite_store, log_size, ref)
     hub = EventHub(sqlite_store, poll_interval=30)
     elsewhere = EventFilter(project_id=str(uuid.uuid4()))  # matches none of them
     stream: Any = one_by_one(hub.watch(elsewhere, None, 0, from_oldest=True))
