@@ -10,12 +10,15 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import grpc
 from google.protobuf import json_format, struct_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+
+from memsvc.config import Config
 
 
 @dataclass
@@ -67,6 +70,13 @@ async def expect_error(call: Awaitable[Any], code: grpc.StatusCode) -> ErrorDeta
         assert details.code == code, f"expected {code}, got {details.code}: {details.message}"
         return details
     raise AssertionError(f"expected {code}, but the call succeeded with {response!r}")
+
+
+def embedded_config(data_dir: Path) -> Config:
+    """A server on a free local port over the embedded SQLite store in ``data_dir``,
+    without the health and metrics listeners (for tests that bring their own
+    working-memory store)."""
+    return Config(listen="127.0.0.1:0", data_dir=str(data_dir), health_listen="", metrics_listen="")
 
 
 def value(python: Any) -> struct_pb2.Value:

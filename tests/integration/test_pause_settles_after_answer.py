@@ -17,7 +17,6 @@ from typing import Any
 import grpc
 import pytest
 
-from memsvc.config import Config
 from memsvc.domain import SessionRef
 from memsvc.server import Server
 from memsvc.store.memory import InMemoryWorkingMemoryStore
@@ -25,7 +24,7 @@ from memsvc.v1 import lifecycle_pb2 as lc
 from memsvc.v1 import working_memory_pb2 as pb
 from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
 from memsvc.v1.working_memory_pb2_grpc import WorkingMemoryServiceStub
-from tests.helpers import python, value
+from tests.helpers import embedded_config, python, value
 
 
 class PauseSettlesLate(InMemoryWorkingMemoryStore):
@@ -56,8 +55,7 @@ class PauseSettlesLate(InMemoryWorkingMemoryStore):
 @pytest.fixture
 async def rig(tmp_path: Path) -> AsyncIterator[tuple[Server, PauseSettlesLate, grpc.aio.Channel]]:
     store = PauseSettlesLate()
-    config = Config(listen="127.0.0.1:0", data_dir=str(tmp_path), health_listen="",
-                    metrics_listen="")  # fmt: skip
+    config = embedded_config(tmp_path)
     async with (
         Server(config, working_memory=store) as server,
         grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,

@@ -17,7 +17,6 @@ from typing import Any
 import grpc
 import pytest
 
-from memsvc.config import Config
 from memsvc.domain import SessionRef
 from memsvc.domain._session_memory import Marker
 from memsvc.server import Server
@@ -26,7 +25,7 @@ from memsvc.v1 import lifecycle_pb2 as lc
 from memsvc.v1 import working_memory_pb2 as pb
 from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
 from memsvc.v1.working_memory_pb2_grpc import WorkingMemoryServiceStub
-from tests.helpers import value
+from tests.helpers import embedded_config, value
 
 
 class TerminatesOnMarkerRead(InMemoryWorkingMemoryStore):
@@ -48,8 +47,7 @@ async def rig(
     tmp_path: Path,
 ) -> AsyncIterator[tuple[TerminatesOnMarkerRead, LifecycleServiceStub, WorkingMemoryServiceStub]]:
     store = TerminatesOnMarkerRead()
-    config = Config(listen="127.0.0.1:0", data_dir=str(tmp_path), health_listen="",
-                    metrics_listen="")  # fmt: skip
+    config = embedded_config(tmp_path)
     async with (
         Server(config, working_memory=store) as server,
         grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,

@@ -18,7 +18,6 @@ from typing import Any
 import grpc
 import pytest
 
-from memsvc.config import Config
 from memsvc.domain import SessionRef, _lifecycle
 from memsvc.domain._errors import BackendUnavailable
 from memsvc.server import Server
@@ -26,7 +25,7 @@ from memsvc.store.memory import InMemoryWorkingMemoryStore
 from memsvc.v1 import lifecycle_pb2 as lc
 from memsvc.v1 import working_memory_pb2 as pb
 from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
-from tests.helpers import value
+from tests.helpers import embedded_config, value
 
 
 class FinishFails(InMemoryWorkingMemoryStore):
@@ -67,8 +66,7 @@ def ids() -> dict[str, Any]:
 
 async def _terminated(store: FinishFails, tmp_path: Path, ids: dict[str, Any]) -> Server:
     """A server whose session ``ids`` was spawned with one entry and terminated."""
-    config = Config(listen="127.0.0.1:0", data_dir=str(tmp_path), health_listen="",
-                    metrics_listen="")  # fmt: skip
+    config = embedded_config(tmp_path)
     server = Server(config, working_memory=store)
     await server.__aenter__()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
