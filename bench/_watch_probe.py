@@ -74,6 +74,11 @@ class _Source:
     async def event_bounds(self) -> tuple[int, int]:
         return 0, len(self.events)
 
+    async def read_events_in_bounds(
+        self, after: int, limit: int, event_filter: EventFilter, until: int | None = None
+    ) -> tuple[list[StoredEvent], int, int]:
+        return (await self.read_events(after, limit, event_filter, until), 0, len(self.events))
+
     @contextlib.asynccontextmanager
     async def event_wakeups(self) -> AsyncIterator[AsyncIterator[int]]:
         async def never() -> AsyncIterator[int]:

@@ -132,6 +132,11 @@ class EventSource(Protocol):
     async def event_bounds(self) -> tuple[int, int]:
         """(the oldest position a watch may start after, the latest sequence)."""
 
+    async def read_events_in_bounds(
+        self, after: int, limit: int, event_filter: EventFilter, until: int | None = None
+    ) -> tuple[list[StoredEvent], int, int]:
+        """read_events and event_bounds as of one moment (one snapshot of the log)."""
+
     events_committed: Callable[[list[StoredEvent]], None]
     """Set by the hub: called with the events of each transaction this process commits."""
 
@@ -385,9 +390,12 @@ class EventHub:
                 while cursor < (target := self.position):
                     until = min(target, cursor + CATCH_UP_WINDOW)
                     purges = self._purges
-                    batch = await self._source.read_events(cursor, rows, event_filter, until)
+                    # The read and the log's ends of one snapshot: compaction that
+                    # commits after it cannot make what the read got look lost.
+                    batch, oldest, _ = await self._source.read_events_in_bounds(
+                        cursor, rows, event_filter, until
+                    )
                     asked, rows = rows, _next_rows(rows, batch)
-                    oldest, _ = await self._source.event_bounds()
                     if cursor < oldest and following_oldest:
                         cursor = oldest
                         yield cursor  # a progress: nothing up to there is kept
@@ -395,8 +403,7 @@ class EventHub:
                         continue
                     if cursor < oldest:
                         # Compacted while this stream caught up: what it had not read
-                        # yet may be gone (oldest only grows, so a later check passing
-                        # means the read missed nothing).
+                        # yet is gone.
                         raise PositionTooOld(cursor, oldest)
                     pending: list[StoredEvent] | None = batch
                     while pending:

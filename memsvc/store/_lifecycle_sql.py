@@ -829,16 +829,11 @@ def event_from_row(row: Sequence[Any], dialect: Dialect) -> StoredEvent:
     )
 
 
-async def read_events(
-    conn: Connection,
-    dialect: Dialect,
-    after: int,
-    limit: int,
-    event_filter: EventFilter,
-    until: int | None = None,
-) -> list[StoredEvent]:
-    """Up to ``limit`` events with sequence > ``after`` (and <= ``until``) that
-    match, in order."""
+def _events_query(
+    dialect: Dialect, after: int, limit: int, event_filter: EventFilter, until: int | None
+) -> tuple[str, list[Any]]:
+    """The SELECT of up to ``limit`` matching events after ``after``, and its
+    parameters."""
     conditions = ["sequence > ?"]
     params: list[Any] = [after]
     if until is not None:
@@ -861,27 +856,73 @@ async def read_events(
         marks = ", ".join("?" for _ in event_filter.event_types)
         conditions.append(f"event_type IN ({marks})")
         params += [int(t) for t in event_filter.event_types]
-    cursor = await conn.execute(
-        dialect.sql(
-            f"SELECT {_EVENT_COLUMNS}, purged FROM lifecycle_events"
-            f" WHERE {' AND '.join(conditions)}"
-            f" ORDER BY sequence LIMIT {int(limit)}"
-        ),
-        params,
+    query = (
+        f"SELECT {_EVENT_COLUMNS}, purged FROM lifecycle_events"
+        f" WHERE {' AND '.join(conditions)}"
+        f" ORDER BY sequence LIMIT {int(limit)}"
     )
+    return query, params
+
+
+async def read_events(
+    conn: Connection,
+    dialect: Dialect,
+    after: int,
+    limit: int,
+    event_filter: EventFilter,
+    until: int | None = None,
+) -> list[StoredEvent]:
+    """Up to ``limit`` events with sequence > ``after`` (and <= ``until``) that
+    match, in order."""
+    query, params = _events_query(dialect, after, limit, event_filter, until)
+    cursor = await conn.execute(dialect.sql(query), params)
     return [event_from_row(row, dialect) for row in await cursor.fetchall()]
+
+
+# The log's ends: its first sequence (NULL when empty) and its last ever.
+_BOUNDS_QUERY = (
+    "SELECT (SELECT min(sequence) FROM lifecycle_events) AS first_sequence,"
+    " (SELECT last_sequence FROM event_sequence) AS latest"
+)
+
+
+def _bounds(first: Any, latest: Any) -> tuple[int, int]:
+    """(the oldest position a watch may start after, the latest sequence)."""
+    last = int(latest)
+    return (int(first) - 1 if first is not None else last), last
 
 
 async def event_bounds(conn: Connection, dialect: Dialect) -> tuple[int, int]:
     """(the oldest position a watch may start after, the latest sequence)."""
-    cursor = await conn.execute(
-        "SELECT (SELECT min(sequence) FROM lifecycle_events),"
-        " (SELECT last_sequence FROM event_sequence)"
-    )
+    cursor = await conn.execute(_BOUNDS_QUERY)
     row = await cursor.fetchone()
-    latest = int(row[1])
-    oldest = int(row[0]) - 1 if row[0] is not None else latest
-    return oldest, latest
+    return _bounds(row[0], row[1])
+
+
+async def read_events_in_bounds(
+    conn: Connection,
+    dialect: Dialect,
+    after: int,
+    limit: int,
+    event_filter: EventFilter,
+    until: int | None = None,
+) -> tuple[list[StoredEvent], int, int]:
+    """read_events and event_bounds as one statement, so of one snapshot: a
+    compaction committing between two statements would make the bounds say that
+    events the read did get were gone (a catch-up's false OUT_OF_RANGE)."""
+    query, params = _events_query(dialect, after, limit, event_filter, until)
+    # One row with no event when none matches: the bounds come all the same.
+    cursor = await conn.execute(
+        dialect.sql(
+            f"SELECT events.*, ends.first_sequence, ends.latest FROM ({_BOUNDS_QUERY}) AS ends"
+            f" LEFT JOIN ({query}) AS events ON TRUE ORDER BY events.sequence"
+        ),
+        params,
+    )
+    rows = await cursor.fetchall()
+    oldest, latest = _bounds(rows[0][-2], rows[0][-1])
+    events = [event_from_row(row, dialect) for row in rows if row[0] is not None]
+    return events, oldest, latest
 
 
 def session_from_row(row: Sequence[Any], dialect: Dialect) -> SessionRecord:
@@ -1041,6 +1082,11 @@ class SqlReads(SqlQueries):
 
     async def event_bounds(self) -> tuple[int, int]:
         return await self._query(event_bounds)
+
+    async def read_events_in_bounds(
+        self, after: int, limit: int, event_filter: EventFilter, until: int | None = None
+    ) -> tuple[list[StoredEvent], int, int]:
+        return await self._query(read_events_in_bounds, after, limit, event_filter, until)
 
 
 async def never_wakes() -> AsyncIterator[Wakeup]:

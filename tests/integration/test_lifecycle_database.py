@@ -269,6 +269,26 @@ async def test_a_read_of_events_stops_at_its_window(db):
     assert [e.sequence for e in unbounded] == list(range(first, first + 5))
 
 
+async def test_a_read_with_the_logs_ends_gives_both_as_the_separate_reads_do(db):
+    """A catch-up reads its events and the log's ends in one statement (one
+    snapshot): the same events and bounds as read_events and event_bounds, with
+    the bounds also when nothing matches, and each event's metadata intact."""
+    ours, other = new_session().ref, new_session().ref
+    async with db.transaction() as tx:
+        for ref in (ours, other, ours):
+            await tx.append_event(event_for(ref))
+    first = tx.appended[0].sequence
+    ours_only = EventFilter(project_id=ours.project_id)
+    events, oldest, latest = await db.read_events_in_bounds(first - 1, 500, ours_only)
+    assert events == await db.read_events(first - 1, 500, ours_only)
+    assert [e.sequence for e in events] == [first, first + 2]
+    assert (oldest, latest) == await db.event_bounds()
+    window, *ends = await db.read_events_in_bounds(first - 1, 1, ours_only, until=first + 1)
+    assert [e.sequence for e in window] == [first]
+    nothing, *still = await db.read_events_in_bounds(first + 2, 500, ours_only)
+    assert nothing == [] and still == ends == [oldest, latest]
+
+
 async def test_compaction_removes_only_a_prefix_of_the_log(db):
     """Event times are not in sequence order (stamped before the sequence is taken,
     by replicas whose clocks differ): an expired event behind one that is not stays,

@@ -41,6 +41,14 @@ class NotifyingLog:
     async def event_bounds(self) -> tuple[int, int]:
         return 0, len(self.events)
 
+    async def read_events_in_bounds(
+        self, after: int, limit: int, event_filter: EventFilter, until: int | None = None
+    ) -> tuple[list[StoredEvent], int, int]:
+        # One moment for both: nothing changes the log between them (no await
+        # but the read's own, before which a subclass compacts).
+        found = await self.read_events(after, limit, event_filter, until)
+        return (found, *await self.event_bounds())
+
     @contextlib.asynccontextmanager
     async def event_wakeups(self) -> AsyncIterator[AsyncIterator[int]]:
         async def notified() -> AsyncIterator[int]:
