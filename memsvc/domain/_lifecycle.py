@@ -149,7 +149,9 @@ class Lifecycle:
         self._clock_ms = clock_ms
         # Step 3 of the operations answered already (_Steps.after_answer), and heals
         # (at most one running a session, shared by every call that needs it).
-        self._after_calls = BackgroundWork[None]("a lifecycle step after its answer")
+        self._after_calls = BackgroundWork[bool]("a lifecycle step after its answer")
+        # The latest of those a session, for the calls that meet its marker meanwhile.
+        self._answered: dict[SessionRef, asyncio.Task[bool]] = {}
         self._heals = BackgroundWork[None]("healing a session's marker")
         # Heals tried again after a step 3 failed (one a session; see _finish).
         self._settling = BackgroundWork[None]("settling a session's marker again")
@@ -236,9 +238,8 @@ class Lifecycle:
                 ),
             )
             # Answered before its marker settles: 'pausing' and 'paused' both refuse
-            # writes and serve reads, and whatever meets 'pausing' first heals it by
-            # the committed state. (After a Resume or Spawn the next call is usually
-            # a write, which would have to heal: those settle first.)
+            # writes and serve reads, and whatever meets 'pausing' first waits for
+            # the step or heals it by the committed state (see _heal_shared).
             steps.final_state, steps.after_answer = "paused", True
             now = self._clock_ms()
             checkpoint = await self._store_checkpoint(
@@ -457,7 +458,10 @@ class Lifecycle:
                 if contents is None:
                     raise CheckpointNotFound(ref.session_id, checkpoint.checkpoint_id) from None
                 await self._begin(record, steps, restore)
-            steps.final_state, steps.swap = "active", True
+            # Answered before its marker settles, as a Pause: a call that meets
+            # 'resuming' (reads too: the memory is swapped in by step 3) waits for
+            # the step in this process, or heals it by the committed state.
+            steps.final_state, steps.swap, steps.after_answer = "active", True, True
             now = self._clock_ms()
             resumed = await self._transition(
                 tx,
@@ -983,15 +987,26 @@ class Lifecycle:
         if steps.started:
             self._failpoints.hit(f"{method.lower()}.before_finish")
             if steps.after_answer:
-                self._after_answer(self._finish(method, ref, steps))
+                self._after_answer(ref, self._finish(method, ref, steps))
             else:
                 await self._finish(method, ref, steps)
         return result
 
-    def _after_answer(self, settling: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        """Run ``settling`` once the call has answered (awaited at shutdown: settled),
-        bounded by the backends' own retry budget, not by the call's deadline."""
-        return self._after_calls.start(None, settling)
+    def _after_answer(
+        self, ref: SessionRef, settling: Coroutine[Any, Any, bool]
+    ) -> asyncio.Task[bool]:
+        """Run ``settling``, the step 3 of an operation on ``ref``, once the call has
+        answered (awaited at shutdown: settled), bounded by the backends' own retry
+        budget, not by the call's deadline."""
+        task = self._after_calls.start(None, settling)
+        self._answered[ref] = task
+
+        def done(finished: asyncio.Task[bool]) -> None:
+            if self._answered.get(ref) is finished:
+                del self._answered[ref]
+
+        task.add_done_callback(done)
+        return task
 
     def _heal_after_answer(self, ref: SessionRef) -> None:
         """Heal the session's marker in the background (see _heal_shared)."""
@@ -1004,16 +1019,28 @@ class Lifecycle:
         holding a pooled connection while it waits, which would starve every other
         session's calls), nor hold a Redis connection each while Redis is away. The
         caller's deadline ends its wait, not the heal. A heal that fails leaves the
-        marker transitional: the next call on the session heals it."""
+        marker transitional: the next call on the session heals it.
+
+        A step 3 that this process runs after its answer settles the marker itself:
+        the call waits for it first (the heal then only reads the settled marker),
+        rather than queue a transaction on the row lock as it commits."""
+        answered = self._answered.get(ref)
+        if answered is not None:
+            # Not its failure (_finish logs it) nor its cancellation (a shutdown):
+            # only whether it settled the marker; if not, the heal does.
+            await asyncio.wait((answered,))
+            if not answered.cancelled() and answered.result():
+                return
         await self._heals.wait(self._heals.start(ref, self.heal(ref)))
 
-    async def _finish(self, method: str, ref: SessionRef, steps: _Steps) -> None:
-        """Step 3: settle the marker after the commit."""
+    async def _finish(self, method: str, ref: SessionRef, steps: _Steps) -> bool:
+        """Step 3: settle the marker after the commit. Whether the marker is settled
+        (by this step, or already by another caller); False after a failure."""
         try:
             await self._memory.finish(ref, steps.op, steps.final_state, steps.swap, steps.clear)
-            return
+            return True
         except LostOperation:
-            return  # another caller already settled it from the committed state
+            return True  # another caller already settled it from the committed state
         except MemsvcError as error:
             # Committed: the answer stands, the marker stays transitional.
             log.warning("%s committed but settling working memory failed: %s", method, error)
@@ -1023,6 +1050,7 @@ class Lifecycle:
         # The next call on the session would heal it, but a Terminate has none: its
         # memory would stay in the store, though the client was told it was cleared.
         self._settling.start(ref, self._heal_until_settled(ref))
+        return False
 
     async def _heal_until_settled(self, ref: SessionRef) -> None:
         """Heal the session's marker, trying again after each failure (the backend

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+from memsvc.domain import SessionRef
 from memsvc.domain._call_deadline import call_deadline, current_deadline
 from tests.conftest import DEPLOYMENTS
 
@@ -17,11 +18,12 @@ async def test_work_after_the_answer_runs_without_the_calls_deadline(server):
     assert lifecycle is not None
     seen: list[float | None] = []
 
-    async def after() -> None:
+    async def after() -> bool:
         seen.append(current_deadline())
+        return True
 
     with call_deadline(0.5):
         assert current_deadline() is not None  # the call's own work is bounded
-        task = lifecycle._after_answer(after())
+        task = lifecycle._after_answer(SessionRef("p", "a", "s"), after())
     await task
     assert seen == [None]

@@ -1,9 +1,10 @@
 """A Pause answers once it has committed; its marker settles after the answer.
 
-Whatever meets the session meanwhile sees a paused session: a write is refused
-(FAILED_PRECONDITION), a read is served, and a Resume heals the marker by the
-committed state and goes on. The late step 3 then finds the marker taken and
-changes nothing. The store here holds the Pause's own step 3 until released.
+Whatever meets the session meanwhile sees a paused session: a read is served, a
+write waits for the step this process runs and is refused (FAILED_PRECONDITION),
+and a Resume heals the marker by the committed state and goes on. The late step 3
+then finds the marker taken and changes nothing. The store here holds the Pause's
+own step 3 until released.
 """
 
 from __future__ import annotations
@@ -63,28 +64,59 @@ async def rig(tmp_path: Path) -> AsyncIterator[tuple[Server, PauseSettlesLate, g
         yield server, store, channel
 
 
-async def test_a_pause_answers_before_its_marker_settles(rig):
-    server, store, channel = rig
-    ids: dict[str, Any] = {
+def new_ids() -> dict[str, Any]:
+    return {
         "project_id": str(uuid.uuid4()),
         "agent_instance_id": str(uuid.uuid4()),
         "session_id": "settles-late",
     }
-    life, wm = LifecycleServiceStub(channel), WorkingMemoryServiceStub(channel)
+
+
+async def paused_with_step_3_held(
+    store: PauseSettlesLate, channel: grpc.aio.Channel, ids: dict[str, Any]
+) -> SessionRef:
+    """A session spawned with k='kept' and paused, its step 3 held."""
+    life = LifecycleServiceStub(channel)
     await life.Spawn(lc.SpawnRequest(**ids, initial_entries=[
         pb.EntryInput(key="k", value=value("kept"))]))  # fmt: skip
     paused = await life.Pause(lc.PauseRequest(**ids))
     assert paused.session.state == lc.SESSION_STATE_PAUSED
     assert store.held == 1, "the answer came while step 3 was still held"
     ref = SessionRef(ids["project_id"], ids["agent_instance_id"], ids["session_id"])
-    assert (await store.read_marker(ref)).state == "pausing"
+    marker = await store.read_marker(ref)
+    assert marker is not None and marker.state == "pausing"
+    return ref
 
+
+async def test_a_pause_answers_before_its_marker_settles(rig):
+    """Reads are served meanwhile; a write waits for the step, then is refused."""
+    server, store, channel = rig
+    ids = new_ids()
+    ref = await paused_with_step_3_held(store, channel, ids)
+    wm = WorkingMemoryServiceStub(channel)
+    assert python((await wm.Get(pb.GetRequest(**ids, key="k"))).entry.value) == "kept"
+    write = asyncio.ensure_future(wm.Set(pb.SetRequest(**ids, key="k", value=value("lost"))))
+    await asyncio.sleep(0.2)
+    assert not write.done(), "it waits for the step this process runs"
+
+    store.release.set()
     with pytest.raises(grpc.aio.AioRpcError) as refused:
-        await wm.Set(pb.SetRequest(**ids, key="k", value=value("lost")))
+        await asyncio.wait_for(write, 10)
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "is paused" in (refused.value.details() or "")
+    await server.lifecycle.settled()
+    assert store.lost == [], "the step settled the marker itself"
+    assert (await store.read_marker(ref)).state == "paused"
     assert python((await wm.Get(pb.GetRequest(**ids, key="k"))).entry.value) == "kept"
 
+
+async def test_a_resume_heals_a_pause_still_settling(rig):
+    """A Resume meeting 'pausing' heals it by the committed state and goes on; the
+    late step 3 then finds the marker taken and changes nothing."""
+    server, store, channel = rig
+    ids = new_ids()
+    ref = await paused_with_step_3_held(store, channel, ids)
+    life, wm = LifecycleServiceStub(channel), WorkingMemoryServiceStub(channel)
     resumed = await life.Resume(lc.ResumeRequest(**ids))
     assert resumed.session.state == lc.SESSION_STATE_ACTIVE
     assert resumed.entries_restored == 1

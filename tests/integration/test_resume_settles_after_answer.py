@@ -1,0 +1,101 @@
+"""A Resume answers once it has committed; its marker settles after the answer.
+
+Step 3 swaps the restored memory into place, so until it has run the marker is
+'resuming' and no call may be served from the memory as it was: a read or a
+write that meets it waits for the step this process is running (not a heal
+transaction on the row lock), then is served from the restored memory. The
+store here holds the Resume's step 3 until released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from memsvc.domain import SessionRef
+from memsvc.server import Server
+from memsvc.store.memory import InMemoryWorkingMemoryStore
+from memsvc.v1 import lifecycle_pb2 as lc
+from memsvc.v1 import working_memory_pb2 as pb
+from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
+from memsvc.v1.working_memory_pb2_grpc import WorkingMemoryServiceStub
+from tests.helpers import embedded_config, python, value
+
+
+class ResumeSettlesLate(InMemoryWorkingMemoryStore):
+    """Holds the first swapping step 3 (a Resume's) until ``release`` is set, and
+    counts the markers read (every heal reads one before its transaction)."""
+
+    def __init__(self) -> None:
+        super().__init__(max_session_keys=100, max_session_bytes=1 << 20)
+        self.release = asyncio.Event()
+        self.held = 0
+        self.settled_by: list[str] = []
+
+    async def finish(
+        self, session: SessionRef, op: str, final_state: str | None, swap: bool, clear: bool
+    ) -> None:
+        if swap and not self.held:
+            self.held += 1
+            await self.release.wait()
+            try:
+                await super().finish(session, op, final_state, swap, clear)
+            except Exception as error:
+                self.settled_by.append(type(error).__name__)
+                raise
+            self.settled_by.append("its step 3")
+            return
+        await super().finish(session, op, final_state, swap, clear)
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[tuple[Server, ResumeSettlesLate, grpc.aio.Channel]]:
+    store = ResumeSettlesLate()
+    async with (
+        Server(embedded_config(tmp_path), working_memory=store) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        yield server, store, channel
+
+
+async def test_a_resume_answers_before_its_marker_settles_and_calls_wait_for_it(rig):
+    server, store, channel = rig
+    ids: dict[str, Any] = {
+        "project_id": str(uuid.uuid4()),
+        "agent_instance_id": str(uuid.uuid4()),
+        "session_id": "resumes-late",
+    }
+    life, wm = LifecycleServiceStub(channel), WorkingMemoryServiceStub(channel)
+    await life.Spawn(lc.SpawnRequest(**ids, initial_entries=[
+        pb.EntryInput(key="k", value=value("checkpointed"))]))  # fmt: skip
+    first = await life.CreateCheckpoint(lc.CreateCheckpointRequest(**ids))
+    await wm.Set(pb.SetRequest(**ids, key="k", value=value("later")))
+
+    # A rollback to the checkpoint, answered while its step 3 is held.
+    resumed = await asyncio.wait_for(
+        life.Resume(lc.ResumeRequest(**ids, checkpoint_id=first.checkpoint.checkpoint_id)), 10
+    )
+    assert resumed.session.state == lc.SESSION_STATE_ACTIVE
+    assert store.held == 1, "the answer came while step 3 was still held"
+    ref = SessionRef(ids["project_id"], ids["agent_instance_id"], ids["session_id"])
+    assert (await store.read_marker(ref)).state == "resuming"
+
+    # Neither the memory as it was nor a refusal: both wait for the step.
+    read = asyncio.ensure_future(wm.Get(pb.GetRequest(**ids, key="k")))
+    await asyncio.sleep(0.2)
+    write = asyncio.ensure_future(wm.Set(pb.SetRequest(**ids, key="w", value=value(1))))
+    await asyncio.sleep(0.2)
+    assert not read.done() and not write.done()
+    store.release.set()
+    assert python((await asyncio.wait_for(read, 10)).entry.value) == "checkpointed"
+    await asyncio.wait_for(write, 10)
+    await server.lifecycle.settled()
+    assert store.settled_by == ["its step 3"], "no heal settled the marker before it"
+    assert (await store.read_marker(ref)).state == "active"
+    assert python((await wm.Get(pb.GetRequest(**ids, key="w"))).entry.value) == 1
