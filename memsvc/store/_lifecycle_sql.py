@@ -647,12 +647,16 @@ class SqlLifecycleTransaction(SqlWrites):
         ]
 
     async def forget_requests(self, cutoff_ms: int, limit: int) -> int:
+        # Answers a transaction has locked are left to the next sweep: a purge locks
+        # its project's in another order (the table's), and waiting for them could
+        # deadlock with it, which PostgreSQL would end by aborting one of the two.
+        skip_locked = " FOR UPDATE SKIP LOCKED" if self._d.for_update else ""
         rows = await (
             await self._conn.execute(
                 self._d.sql(
                     "DELETE FROM request_log WHERE (project_id, request_id) IN"
                     " (SELECT project_id, request_id FROM request_log WHERE create_time < ?"
-                    f" LIMIT {int(limit)}) RETURNING request_id"
+                    f" LIMIT {int(limit)}{skip_locked}) RETURNING request_id"
                 ),
                 (self._d.time_param(cutoff_ms),),
             )

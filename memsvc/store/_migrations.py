@@ -42,7 +42,8 @@ def load_migrations(package: str) -> list[Migration]:
     for entry in folder.iterdir():
         match = _NAME.fullmatch(entry.name)
         if match:
-            migrations.append(Migration(int(match[1]), match[2], entry.read_text()))
+            # UTF-8 whatever the locale: the checksum of the same file must not vary.
+            migrations.append(Migration(int(match[1]), match[2], entry.read_text("utf-8")))
         elif entry.name.endswith(".sql"):
             raise MigrationError(f"migration file {entry.name!r} is not named NNNN_name.sql")
     migrations.sort(key=lambda m: m.version)

@@ -205,6 +205,37 @@ async def test_a_claim_whose_answer_is_forgotten_meanwhile_claims_the_id_again(
         await store.aclose()
 
 
+async def test_the_request_sweep_leaves_answers_a_purge_holds_to_the_next_sweep(
+    fresh_postgres_url: str,
+) -> None:
+    """Found by a review: a purge locks its project's answers in the table's order,
+    the sweep of expired request ids locked them in its own, and PostgreSQL aborted
+    one of the two as deadlocked (a whole PurgeData rolled back, or the interval's
+    sweeps skipped). The sweep now skips what a purge holds; it never waits."""
+    store = durable_store_at(fresh_postgres_url)
+    await store.open()
+    await store.migrate()
+    try:
+        purged, other = str(uuid.uuid4()), str(uuid.uuid4())
+        for project in (purged, other):
+            async with store.transaction() as tx:
+                scope = SessionRef(project, str(uuid.uuid4()), "s")
+                for request_id in ("r1", "r2"):
+                    await (await tx.send_claim(scope, request_id, "Pause", "h")).answer()
+                    await tx.remember_response(project, request_id, b"answer")
+        expired = time.time_ns() // 1_000_000 + 60_000
+        async with store.transaction() as purge:
+            assert await purge.purge_requests(SessionRef(purged, "", ""), "") == 2
+            async with store.transaction() as sweep:
+                # Bounded only so that a sweep that waits fails instead of hanging.
+                forgotten = await asyncio.wait_for(sweep.forget_requests(expired, 10), 10)
+            assert forgotten == 2, "the other project's answers, not the purge's"
+        async with store.transaction() as sweep:
+            assert await sweep.forget_requests(expired, 10) == 2, "the next sweep's"
+    finally:
+        await store.aclose()
+
+
 async def test_event_sequences_are_gap_free_across_concurrent_writers(database_url, db):
     """Eight stores (own connections) appending at once: sequences 1..N, each once."""
     stores = [durable_store_at(database_url) for _ in range(8)]

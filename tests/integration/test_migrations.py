@@ -272,3 +272,39 @@ async def test_a_database_that_refuses_memsvc_is_named_in_the_start_failure(fres
     finally:
         await store.aclose()
     assert "does not exist" in str(failed.value)
+
+
+def test_migrations_read_the_same_under_any_locale() -> None:
+    """Found by a review: the files were read in the locale's encoding, and one holds
+    an 'é'. Under the C locale (without Python's UTF-8 coercion) a server could not
+    load them; under latin-1 it computed other checksums, and refused a database
+    migrated under UTF-8 as "changed after it was applied"."""
+    script = (
+        "from memsvc.store._migrations import load_migrations\n"
+        "for package in ('memsvc.store.postgres', 'memsvc.store.sqlite'):\n"
+        "    for m in load_migrations(package):\n"
+        "        print(package, m.version, m.checksum)\n"
+    )
+    expected = "".join(
+        f"{package} {m.version} {m.checksum}\n"
+        for package in ("memsvc.store.postgres", "memsvc.store.sqlite")
+        for m in load_migrations(package)
+    )
+    assert any("é" in m.sql for m in load_migrations("memsvc.store.postgres"))
+    for locale in ("C", "C.UTF-8"):
+        environment = {
+            **os.environ,
+            "LC_ALL": locale,
+            "PYTHONCOERCECLOCALE": "0",
+            "PYTHONUTF8": "0",
+        }
+        loaded = subprocess.run(
+            [sys.executable, "-c", script],
+            env=environment,
+            capture_output=True,
+            text=True,
+            encoding="utf-8",
+            check=False,
+        )
+        assert loaded.returncode == 0, loaded.stderr
+        assert loaded.stdout == expected
