@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -97,6 +98,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"memsvc: configuration error: {error}", file=sys.stderr)
         return EXIT_USAGE
     configure_logging(config.log_level, config.log_format)
+    if args.command == "serve":
+        # A client variable set for a server one: else the only sign is the start
+        # line's "plaintext, no tokens".
+        for warning in config_module.client_variable_warnings(config, os.environ):
+            log.warning("%s", warning)
     try:
         if args.command == "migrate":
             asyncio.run(_migrate(config))

@@ -43,6 +43,16 @@ _KUBERNETES_INJECTED = re.compile(r"MEMSVC_(PORT(_.*)?|SERVICE_.*)")
 # The test suite's own variables (the backends it uses, README): a developer who
 # exports them for `make test` can still run `make serve` in the same shell.
 _TEST_SUITE_VARIABLES = re.compile(r"MEMSVC_TEST_.*")
+# The client variables that look like a server setting's (MEMSVC_TOKEN_FILE for
+# MEMSVC_AUTH_TOKENS_FILE): `memsvc serve` ignores them, so a server configured
+# with them by mistake serves without tokens or TLS (client_variable_warnings).
+# Each with the setting it looks like, and what the server does without that setting.
+CLIENT_VARIABLE_FOR_SETTING = {
+    "MEMSVC_TOKEN_FILE": ("auth_tokens_file", "asks for no token"),
+    "MEMSVC_TLS_CERT": ("tls_cert_file", "serves plaintext"),
+    "MEMSVC_TLS_KEY": ("tls_key_file", "serves plaintext"),
+    "MEMSVC_TLS_CA": ("tls_client_ca_file", "asks for no client certificate"),
+}
 
 
 class ConfigError(ValueError):
@@ -303,6 +313,14 @@ class Config:
                     f"{name} has a '/', '?' or '#' in its user name or password: write them "
                     f"percent-encoded (%2F, %3F, %23); got {redacted(url)!r}"
                 )
+            if url.startswith("postgres") and _authority(url).count("@") > 1:
+                # libpq ends the password at the first '@' (redis-py, as urllib, at the
+                # last): it would read the rest of the password as the host, and quote
+                # it in the error it logs at every retry.
+                raise ConfigError(
+                    f"{name} has an '@' in its user name or password: write it "
+                    f"percent-encoded, as %40; got {redacted(url)!r}"
+                )
             if url.startswith(("redis", "postgres")) and (problem := _host_problem(url)):
                 # Else the driver fails at start with a traceback (and the URL in it).
                 raise ConfigError(f"{name} {problem}; got {redacted(url)!r}")
@@ -336,8 +354,10 @@ class Config:
             if url.startswith("postgres"):
                 try:
                     conninfo_to_dict(url)
-                except psycopg.ProgrammingError as error:  # a query option libpq lacks
-                    raise ConfigError(f"{name}: {error}; got {redacted(url)!r}") from error
+                except psycopg.ProgrammingError as error:
+                    raise ConfigError(
+                        f"{name}: {_libpq_complaint(error)}; got {redacted(url)!r}"
+                    ) from error
 
     def _check_security(self) -> None:
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
@@ -414,6 +434,24 @@ def load(
         raise ConfigError(str(error)) from error
 
 
+def client_variable_warnings(config: Config, env: Mapping[str, str]) -> list[str]:
+    """Warnings for `memsvc serve`: a client variable is set whose server setting is
+    not (a typo that would serve without tokens or TLS). Not an error: a container
+    may set the client variables for the memsvc commands it runs against the server."""
+    by_name = {setting.name: setting for setting in SETTINGS}
+    warnings: list[str] = []
+    for variable, (name, without_it) in CLIENT_VARIABLE_FOR_SETTING.items():
+        if env.get(variable) and not getattr(config, name):
+            setting = by_name[name]
+            warnings.append(
+                f"{variable} is set, but memsvc serve does not read it: it is a variable of "
+                f"the client commands (docs/cli.md). The server's is {setting.env} "
+                f"({setting.flag}), which is not set: the API {without_it}. Ignore this if "
+                f"{variable} is meant for memsvc commands run in this environment."
+            )
+    return warnings
+
+
 # A '%' not followed by two hex digits: no URL decoder takes it.
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
@@ -431,12 +469,19 @@ def _reserved_in_userinfo(url: str) -> bool:
     return "=" not in tail[: tail.index("@")]
 
 
+def _authority(url: str) -> str:
+    """The user name, password and hosts of a URL: what follows the scheme, up to the
+    first '/', '?' or '#'."""
+    return re.split(r"[/?#]", url.partition("://")[2], maxsplit=1)[0]
+
+
 def _host_problem(url: str) -> str | None:
     """What is wrong with the hosts of a Redis or PostgreSQL URL (one or several,
     comma-separated, as both drivers take them), or None. The user name and
-    password may hold anything but '/', '?' and '#' (checked before)."""
-    netloc = re.split(r"[/?#]", url.partition("://")[2], maxsplit=1)[0]
-    for host in netloc.rpartition("@")[2].split(","):
+    password hold no '/', '?' or '#' (checked before), and in a PostgreSQL URL no
+    '@' either; in a Redis URL an '@' may stay unencoded, as redis-py reads the
+    hosts after the last one."""
+    for host in _authority(url).rpartition("@")[2].split(","):
         if host.startswith("[") and "]" not in host:
             return f"has an IPv6 address without its closing ']' ({host!r})"
         port = host.rpartition("]")[2] if host.startswith("[") else host
@@ -444,6 +489,25 @@ def _host_problem(url: str) -> str | None:
         if port and not (port.isdigit() and 0 < int(port) < 65536):
             return f"has a port that is not a number from 1 to 65535 ({port!r})"
     return None
+
+
+# libpq's URL errors that quote only an option's name: any other may quote a
+# password (an unencoded space, a bad or %00 escape) or the whole URL.
+_LIBPQ_ERRORS_WITHOUT_SECRETS = re.compile(
+    r'(invalid|extra key/value separator "=" in) URI query parameter: "\w+"'
+)
+
+
+def _libpq_complaint(error: Exception) -> str:
+    """What to say of a URL that libpq cannot parse: its own words only when they
+    cannot quote a secret."""
+    text = str(error).strip()
+    if _LIBPQ_ERRORS_WITHOUT_SECRETS.fullmatch(text):
+        return text
+    return (
+        "libpq cannot parse it: look for a space (write it as %20), a %00 (which no "
+        "value may hold), or a character after an IPv6 address's ']' other than ':' or '/'"
+    )
 
 
 def redacted(url: str) -> str:

@@ -136,6 +136,51 @@ def test_configuration_errors_exit_2_with_a_message(args, env, complaint):
     assert complaint in done.stderr
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        # libpq took "Horse-Battery@127.0.0.1" for the host: logged at every retry, exit 1.
+        ["--database-url", "postgresql://memsvc:S3cretPW@Horse-Battery@127.0.0.1:5432/x"],
+        ["--working-memory-url", "redis+cluster://:S3cretPW@"],
+        ["--database-url", "postgresql://u:S3cretPW x@127.0.0.1/x"],
+        ["--database-url", "postgresql://u@127.0.0.1/x?password=S3cretPW x"],
+    ],
+)
+def test_a_bad_url_exits_2_without_its_password_on_stderr(args):
+    """Found by a review: each of these put its password (or part of it) on stderr."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MEMSVC_")}
+    done = subprocess.run(
+        [MEMSVC, "serve", *args], capture_output=True, text=True, timeout=60, env=clean
+    )
+    assert done.returncode == 2, done.stderr
+    assert "configuration error" in done.stderr
+    assert "S3cretPW" not in done.stderr + done.stdout
+    assert "Horse-Battery" not in done.stderr + done.stdout
+
+
+def test_serve_warns_of_client_variables_set_for_server_ones(tmp_path):
+    """Found by a review: MEMSVC_TOKEN_FILE (the client commands' variable, not the
+    server's MEMSVC_AUTH_TOKENS_FILE) was ignored without a word, and the server
+    served without tokens. It still serves (a container may set the client variables
+    for its own memsvc commands), but says which variable it reads instead."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEMSVC_")}
+    env["MEMSVC_TOKEN_FILE"] = str(tmp_path / "token")
+    process = subprocess.Popen(
+        [MEMSVC, "serve", "--health-listen=", "--metrics-listen=", "--log-format=text",
+         "--listen", f"127.0.0.1:{free_port()}", "--data-dir", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        said = read_stderr_until(process, "memsvc serving on")
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=30)
+    finally:
+        process.kill()
+    warning = next(line for line in said.splitlines() if "MEMSVC_TOKEN_FILE is set" in line)
+    assert "WARNING" in warning and "MEMSVC_AUTH_TOKENS_FILE" in warning
+    assert "MEMSVC_TLS_CERT_FILE" not in said  # no client TLS variable set
+
+
 def test_start_up_failures_say_what_to_fix_without_a_traceback(tmp_path):
     """An address in use, a data dir that is a file: exit 1 and one error line naming
     the address or path (a traceback is for bugs)."""

@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from memsvc.config import SETTINGS, ConfigError, load, markdown_table
+from memsvc.config import (
+    SETTINGS,
+    ConfigError,
+    client_variable_warnings,
+    load,
+    markdown_table,
+)
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 
@@ -159,6 +165,55 @@ def test_an_unencoded_slash_question_mark_or_hash_in_a_password_is_refused(name,
     assert "3cret" not in str(refused.value) and "pa/" not in str(refused.value)
 
 
+@pytest.mark.parametrize(
+    ("name", "url"),
+    [
+        ("MEMSVC_DATABASE_URL", "postgresql://memsvc:Tr0ub4dor@Horse-Battery@127.0.0.1:5432/x"),
+        ("MEMSVC_DATABASE_LISTEN_URL", "postgresql://memsvc:Tr0ub4dor@Horse-Battery@db/x?a=b"),
+        ("MEMSVC_DATABASE_URL", "postgres://app@corp:Tr0ub4dor@db/x"),  # in the user name
+    ],
+)
+def test_an_unencoded_at_in_a_postgresql_password_is_refused(name, url):
+    """Found by a review: libpq ends the password at the first '@' and took
+    "Horse-Battery@127.0.0.1" for the host, which memsvc logged at every retry
+    before it exited 1; memsvc's checks had split at the last '@' and passed it."""
+    with pytest.raises(ConfigError, match="as %40") as refused:
+        load({}, {name: url})
+    assert "Tr0ub4dor" not in str(refused.value) and "Horse" not in str(refused.value)
+
+
+def test_an_unencoded_at_in_a_redis_password_is_taken_whole():
+    """redis-py (as urllib) ends the password at the last '@': no reason to refuse."""
+    from redis.asyncio.connection import parse_url
+
+    url = "redis://:Tr0ub4dor@Horse-Battery@127.0.0.1:6379/0"
+    assert load({}, {"MEMSVC_WORKING_MEMORY_URL": url}).working_memory_url == url
+    assert parse_url(url)["password"] == "Tr0ub4dor@Horse-Battery"
+
+
+@pytest.mark.parametrize(
+    ("name", "url", "says"),
+    [
+        # A cluster URL without nodes: the cluster parser's own message quoted the URL.
+        ("MEMSVC_WORKING_MEMORY_URL", "redis+cluster://:S3cretPW@", "at least one node"),
+        ("MEMSVC_WORKING_MEMORY_URL", "redis+cluster://user:S3cretPW@/0", "at least one node"),
+        ("MEMSVC_WORKING_MEMORY_URL", "rediss+cluster://:S3cretPW@,", "at least one node"),
+        # libpq's parse errors quote the token they choke on: here the password.
+        ("MEMSVC_DATABASE_URL", "postgresql://u:S3cretPW x@host/db", "a space"),
+        ("MEMSVC_DATABASE_URL", "postgresql://u:p@host/db?password=S3cretPW x", "a space"),
+        ("MEMSVC_DATABASE_LISTEN_URL", "postgresql://u:S3cretPW%00@host/db", "%00"),
+        ("MEMSVC_DATABASE_URL", "postgresql://u:S3cretPW@[::1]x/db", "IPv6"),
+    ],
+)
+def test_configuration_errors_never_quote_a_password(name, url, says):
+    """Found by a review: these messages quoted the password (the cluster parser's
+    copy of the URL, libpq's `unexpected spaces found in "S3cretPW x"`)."""
+    with pytest.raises(ConfigError, match=says) as refused:
+        load({}, {name: url})
+    assert "S3cretPW" not in str(refused.value)
+    assert "***" in str(refused.value)  # the URL is still quoted, redacted
+
+
 def test_percent_encoded_passwords_and_sqlite_paths_are_accepted():
     url = "postgresql://memsvc:my%25Secret%40%2F%3F%23@127.0.0.1:5432/x?sslmode=disable"
     assert load({}, {"MEMSVC_DATABASE_URL": url}).database_url == url
@@ -176,6 +231,33 @@ def test_percent_encoded_passwords_and_sqlite_paths_are_accepted():
     unix = "unix:///run/redis.sock?password=p@ss"
     assert load({}, {"MEMSVC_WORKING_MEMORY_URL": unix}).working_memory_url == unix
     assert load({}, {"MEMSVC_DATABASE_URL": "sqlite:///tmp/100%done.db"}).database_url
+
+
+def test_client_variables_set_for_the_server_are_warned_of():
+    """Found by a review: MEMSVC_TOKEN_FILE and MEMSVC_TLS_* (the client commands'
+    names) were taken by `memsvc serve` and ignored, so a typo served plaintext
+    without tokens, silently. A warning, not a refusal: a container may set them for
+    the memsvc commands it runs."""
+    env = {
+        "MEMSVC_TOKEN_FILE": "/run/token",
+        "MEMSVC_TLS_CERT": "/run/tls.crt",
+        "MEMSVC_TLS_KEY": "/run/tls.key",
+        "MEMSVC_TLS_CA": "/run/ca.crt",
+        "MEMSVC_ADDRESS": "127.0.0.1:50051",  # no server counterpart
+    }
+    warnings = client_variable_warnings(load({}, env), env)
+    assert len(warnings) == 4
+    for client, server in (
+        ("MEMSVC_TOKEN_FILE", "MEMSVC_AUTH_TOKENS_FILE"),
+        ("MEMSVC_TLS_CERT", "MEMSVC_TLS_CERT_FILE"),
+        ("MEMSVC_TLS_KEY", "MEMSVC_TLS_KEY_FILE"),
+        ("MEMSVC_TLS_CA", "MEMSVC_TLS_CLIENT_CA_FILE"),
+    ):
+        assert any(w.startswith(f"{client} is set") and server in w for w in warnings)
+    # With the server's own setting (a flag here) too, the client variable is no typo.
+    served = load({"auth_tokens_file": "/run/tokens"}, env)
+    assert not any("MEMSVC_TOKEN_FILE" in w for w in client_variable_warnings(served, env))
+    assert client_variable_warnings(load({}, {}), {}) == []
 
 
 def test_probe_and_metrics_addresses_may_leave_the_host_empty():

@@ -28,6 +28,7 @@ from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from memsvc.config import redacted
 from memsvc.store.redis._connections import ResettingConnection, ResettingSSLConnection
 
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
@@ -84,11 +85,12 @@ def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
     """
     parts = urlsplit(url)
     if parts.scheme not in CLUSTER_SCHEMES:
-        raise ValueError(f"not a Redis Cluster URL (redis+cluster://...): {url!r}")
+        raise ValueError(f"not a Redis Cluster URL (redis+cluster://...): {redacted(url)!r}")
     userinfo, _, hosts = parts.netloc.rpartition("@")
     nodes = [_split_host(item) for item in hosts.split(",") if item]
     if not nodes:
-        raise ValueError(f"a Redis Cluster URL names at least one node: {url!r}")
+        # Without the URL, which may hold a password: Config quotes it redacted.
+        raise ValueError("a Redis Cluster URL names at least one node")
     if parts.path not in ("", "/", "/0"):
         raise ValueError(f"Redis Cluster has database 0 only, got {parts.path!r}")
     # redis-py parses the credentials and options, as it does for redis:// URLs.
