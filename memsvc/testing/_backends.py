@@ -73,12 +73,20 @@ def _with_database(url: str, database: str) -> str:
 
 
 def create_postgres_database(
-    admin_url: str, prefix: str = "memsvc_test", locale: str | None = None
+    admin_url: str,
+    prefix: str = "memsvc_test",
+    locale: str | None = None,
+    icu_locale: str | None = None,
 ) -> str:
     """Create an empty database with a unique name (and ``locale``, else the
-    server's default); return its URL."""
+    server's default; or ICU's ``icu_locale`` collation); return its URL."""
     name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     options = "" if locale is None else f" TEMPLATE template0 ENCODING 'UTF8' LOCALE '{locale}'"
+    if icu_locale is not None:
+        options = (
+            " TEMPLATE template0 ENCODING 'UTF8' LOCALE 'C.UTF-8' LOCALE_PROVIDER icu"
+            f" ICU_LOCALE '{icu_locale}'"
+        )
     with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"{options}')
     return _with_database(admin_url, name)

@@ -342,3 +342,48 @@ async def test_compaction_removes_only_a_prefix_of_the_log(db):
     # The count limit is a prefix too, and stops at the first event it keeps.
     async with db.transaction() as tx:
         assert await tx.compact_events(0, 1, 1000) == 0  # only the newest left
+
+
+# Ids that sort in another order under a language's collation than byte-wise.
+TIED_IDS = ["Session-B", "session-a", "s_1", "s-2"]
+
+
+async def test_ids_of_one_millisecond_list_byte_wise_in_any_collation() -> None:
+    """Found by a review: on a PostgreSQL database whose collation is a language's
+    (en-US here, through ICU), sessions and checkpoints of one millisecond were
+    listed in that collation's order (s_1 < s-2 < session-a < Session-B), not in
+    SQLite's byte-wise one, so the same contract gave other pages (and keep_last
+    kept other checkpoints). The ids sort byte-wise now (migration 0011)."""
+    from memsvc.testing._backends import create_postgres_database, drop_postgres_database
+    from tests.conftest import DATABASE_URL, need
+
+    need(DATABASE_URL)
+    url = create_postgres_database(DATABASE_URL, icu_locale="en-US")
+    store = durable_store_at(url)
+    try:
+        await store.open()
+        await store.migrate()
+        project, agent = str(uuid.uuid4()), str(uuid.uuid4())
+        async with store.transaction() as tx:
+            for session_id in TIED_IDS:
+                ref = SessionRef(project, agent, session_id)
+                await tx.insert_session(
+                    SessionRecord(ref, None, SessionState.ACTIVE, {}, 1, "e", None, 1000, 1000)
+                )
+            for checkpoint_id in TIED_IDS:
+                checkpoint = CheckpointRecord(ref, checkpoint_id, 2000, 0, 0)
+                await tx.insert_checkpoint(checkpoint, encode_snapshot([]), 0)
+        byte_wise_newest_first = sorted(TIED_IDS, reverse=True)
+        sessions = await store.list_sessions(project, None, None, None, 10)
+        assert [s.ref.session_id for s in sessions] == byte_wise_newest_first
+        first = await store.list_sessions(project, None, None, None, 2)
+        last = first[-1]
+        rest = await store.list_sessions(
+            project, None, None, (last.create_ms, agent, last.ref.session_id), 10
+        )
+        assert [s.ref.session_id for s in first + rest] == byte_wise_newest_first
+        checkpoints = await store.list_checkpoints(ref, None, 10)
+        assert [c.checkpoint_id for c in checkpoints] == byte_wise_newest_first
+    finally:
+        await store.aclose()
+        drop_postgres_database(DATABASE_URL, url)
