@@ -175,7 +175,7 @@ class Setting:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("listen", str, "127.0.0.1:50051", "TCP host:port of the gRPC API. Port 0 picks a free port."),
-    Setting("unix_socket", str, "", "Also serve the API on this Unix socket path (empty: no socket)."),
+    Setting("unix_socket", str, "", "Also serve the API on this Unix socket path (empty: no socket); at most 107 bytes on Linux, 103 on macOS (a socket address's length; a longer path is a configuration error)."),
     Setting("unix_socket_group", str, "", "Group of the Unix socket, a name or a gid (empty: memsvc's own group). The socket's mode is 0660, so this group's members may connect."),
     Setting("auth_tokens_file", str, "", "File of bearer tokens, one per line: `TOKEN` or `TOKEN PROJECT_ID[,PROJECT_ID...]` (docs/security.md). When set, every API call needs `authorization: Bearer <token>`. Re-read when it changes. Empty: no tokens."),
     Setting("auth_reload_interval_seconds", _seconds_from(0.05), "5", "How often the tokens file and the TLS files are checked for changes (SIGHUP checks at once; at least 0.05 s)."),
@@ -197,8 +197,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_message_bytes", _int_from(1, 2**31 - 1), "4194304", "Largest gRPC message received or sent (below 2 GiB); responses carry at most 3/4 of it in values."),
     Setting("redis_max_connections", _positive_int, "8", "Size of the Redis connection pool."),
     Setting("database_max_connections", _positive_int, "4", "Size of the PostgreSQL connection pool."),
-    Setting("shutdown_grace_seconds", _positive_float, "10", "On SIGTERM/SIGINT, how long in-flight calls may take to finish."),
-    Setting("health_interval_seconds", _seconds_from(0.05), "2", "How often the backends are probed for the health service (at least 0.05 s)."),
+    Setting("shutdown_grace_seconds", _positive_float, "10", "On SIGTERM/SIGINT, how long in-flight calls may take to finish. A shutdown takes about this plus a few seconds, even while a backend does not answer (docs/reliability.md)."),
+    Setting("health_interval_seconds", _seconds_from(0.05), "2", "How often the backends are probed for the health service (at least 0.05 s). Each probe may take this long, or the backend's connect timeout if longer (PostgreSQL 5 s, Redis 2 s): a probe connects again first when its connection was lost."),
     Setting("checkpoint_max_age_seconds", _age_seconds, "604800", "Checkpoints older than this are deleted (7 days; at most 100 years); a paused session's resume checkpoint always stays."),
     Setting("max_checkpoints_per_session", _positive_int, "1000", "Most checkpoints one session may have; Pause and CreateCheckpoint beyond it get RESOURCE_EXHAUSTED (delete some, or let `checkpoint_keep_last` prune them)."),
     Setting("checkpoint_keep_last", _non_negative_int, "0", "Keep at most this many checkpoints per session, newest first (0: no limit)."),

@@ -54,6 +54,7 @@ from memsvc.failpoints import Failpoints
 from memsvc.metrics import Metrics
 from memsvc.store import durable_store, working_memory_store
 from memsvc.store._observe import Observable
+from memsvc.store._probe import Reconnects
 from memsvc.store.memory import InMemoryWorkingMemoryStore
 from memsvc.store.sqlite import SqliteDurableStore
 from memsvc.v1 import (
@@ -76,6 +77,15 @@ SWEEP_BATCH = 1000
 # The longest one shutdown step may take (beyond the grace period for the gRPC
 # server) before it is logged and skipped, so a stop can never hang.
 STEP_LIMIT_SECONDS = 10.0
+# Once cancelled at shutdown, how long the background tasks (health monitor,
+# retention, credential reloads) may take to end; they end while gRPC stops.
+BACKGROUND_STOP_SECONDS = 2.0
+# Releasing the background-jobs lease at shutdown: one short transaction. Bounded
+# tightly: without it the lease only lapses later (three retention intervals).
+LEASE_RELEASE_SECONDS = 1.0
+# The longest Unix socket path, in bytes: sun_path holds 108 on Linux (104 on macOS
+# and the BSDs), the terminating NUL included.
+UNIX_SOCKET_PATH_BYTES = 107 if sys.platform.startswith("linux") else 103
 
 WORKING_MEMORY_SERVICE = working_memory_pb2.DESCRIPTOR.services_by_name[
     "WorkingMemoryService"
@@ -165,6 +175,10 @@ class Server:
         self.purger: Purger | None = None
         self.hub: EventHub | None = None
         self._healthy: bool | None = None
+        self._not_ready_because = ""  # what the last health check found wrong
+        # Whether the durable store answered its last health check (None: not asked
+        # yet): at shutdown, a lease release that would wait for nothing is skipped.
+        self._durable_answered: bool | None = None
         # Without migrations (a Job runs them), the schema is checked once the
         # database answers: until it is, readiness is NOT_SERVING.
         self._schema_checked = config.migrate
@@ -383,10 +397,13 @@ class Server:
         grace = self.config.shutdown_grace_seconds if grace is None else grace
         log.info("shutting down (grace %.1fs)", grace)
         await self.health.enter_graceful_shutdown()
-        for task in (self._monitor, self._sweeper, self._reloader):
-            if task is not None:
-                task.cancel()
-                await _bounded(f"stopping task {task.get_name()}", task, STEP_LIMIT_SECONDS)
+        # The background tasks end while gRPC stops, not before it: one cancelled
+        # in a backend call may take seconds to unwind (a database that stopped
+        # answering), and meanwhile new calls would still be accepted.
+        background = [t for t in (self._monitor, self._sweeper, self._reloader) if t is not None]
+        for task in background:
+            task.cancel()
+        tasks_ended = asyncio.ensure_future(_cancelled_tasks_end(background))
         if self._grpc is not None:
             # Let health watchers receive NOT_SERVING before their streams end.
             await asyncio.sleep(0.05)
@@ -410,6 +427,7 @@ class Server:
                     STEP_LIMIT_SECONDS,
                     task_stacks(stuck),
                 )
+        await tasks_ended
         if self.purger is not None:
             await _bounded("finishing purges", self.purger.finished(), STEP_LIMIT_SECONDS)
         if self.lifecycle is not None:
@@ -418,13 +436,7 @@ class Server:
                 self.lifecycle.settled(),
                 STEP_LIMIT_SECONDS,
             )
-            # Without this the lease lapses by itself, later. A database call: only
-            # once no new call is accepted (during an outage it may wait its timeout).
-            await _bounded(
-                "releasing the background-jobs lease",
-                self.lifecycle.release_background(self.instance_id),
-                STEP_LIMIT_SECONDS,
-            )
+            await self._release_background_lease()
         if self._probe is not None:
             await _bounded("stopping the probe server", self._probe.stop(0), STEP_LIMIT_SECONDS)
         # Its HTTP server's shutdown waits up to half a second for its poll loop: in a
@@ -451,6 +463,22 @@ class Server:
                     socket_path.unlink()  # noqa: ASYNC240 - one fast syscall
         self._stopped.set()
         log.info("stopped")
+
+    async def _release_background_lease(self) -> None:
+        """Hand the background jobs to another replica now. Without this the lease
+        lapses by itself, three retention intervals later: so the release is
+        skipped when the durable store failed its last health check, and bounded
+        tightly otherwise, never a long wait for a database that does not answer.
+        A database call: only once no new call is accepted."""
+        assert self.lifecycle is not None
+        if self._durable_answered is False:
+            log.info("shutdown: the database did not answer; its background-jobs lease lapses")
+            return
+        await _bounded(
+            "releasing the background-jobs lease",
+            self.lifecycle.release_background(self.instance_id),
+            LEASE_RELEASE_SECONDS,
+        )
 
     async def wait_stopped(self) -> None:
         """Return once ``stop()`` has finished."""
@@ -482,11 +510,22 @@ class Server:
             ("grpc.http2.max_pings_without_data", 0),
         ]
 
+    def _probe_timeout(self, store: object) -> float:
+        """How long one probe of ``store`` may take: the interval, but never less than
+        the store's connect timeout, since a probe whose connection was lost connects
+        again first. Bounded by the interval alone, a backend whose connection takes
+        longer than the interval (a few round trips to a database far away) would be
+        NOT_SERVING for good while every call it serves succeeds."""
+        interval = self.config.health_interval_seconds
+        if isinstance(store, Reconnects):
+            return max(interval, store.connect_timeout_seconds)
+        return interval
+
     async def _check_health(self) -> None:
-        timeout = self.config.health_interval_seconds
         problems = []
         for store in (self.working_memory_store, self.durable_store):
             problem = ""
+            timeout = self._probe_timeout(store)
             try:
                 async with asyncio.timeout(timeout):
                     await store.ping()
@@ -496,11 +535,13 @@ class Server:
                 problem = f"{store.backend_name}: {error}"
             # Whether it answers, alone: a schema behind is memsvc_schema_behind.
             self.metrics.backend_up.labels(store.backend_name).set(0 if problem else 1)
+            if store is self.durable_store:
+                self._durable_answered = not problem
             if problem:
                 problems.append(problem)
         if not problems and not self._schema_checked:
             try:
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout(self._probe_timeout(self.durable_store)):
                     problem = await self._schema_problem()
             except Exception as error:
                 problem = f"cannot read the schema version: {error!r}"
@@ -508,12 +549,16 @@ class Server:
                 problems.append(f"{self.durable_store.backend_name}: {problem}")
             self.metrics.schema_behind.set(1 if self._schema_behind else 0)
         healthy = not problems
-        if healthy != self._healthy:
+        reasons = "; ".join(problems)
+        # Logged again when the reason changes: a failover first cuts the connections,
+        # then the address may lead to a standby, which only the second reason names.
+        if healthy != self._healthy or reasons != self._not_ready_because:
             if healthy:
                 log.info("backends reachable: serving")
             else:
-                log.warning("backends not ready, health NOT_SERVING: %s", "; ".join(problems))
+                log.warning("backends not ready, health NOT_SERVING: %s", reasons)
             self._healthy = healthy
+            self._not_ready_because = reasons
         status = (
             health_pb2.HealthCheckResponse.SERVING
             if healthy
@@ -752,6 +797,26 @@ async def _bounded(step: str, work: Awaitable[object], seconds: float) -> None:
             log.warning("shutdown: %s failed: %r", step, error)
 
 
+async def _cancelled_tasks_end(tasks: list[asyncio.Task[None]]) -> None:
+    """Wait up to BACKGROUND_STOP_SECONDS for cancelled ``tasks`` to end. One still
+    running then (a transaction's rollback on a connection that stopped answering)
+    is cancelled once more and left behind, its stack logged."""
+    if not tasks:
+        return
+    done, running = await asyncio.wait(tasks, timeout=BACKGROUND_STOP_SECONDS)
+    for task in done:
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("shutdown: %s had failed: %r", task.get_name(), task.exception())
+    if running:
+        for task in running:
+            task.cancel()
+        log.error(
+            "shutdown: background task(s) still running after %.1fs, left behind:\n%s",
+            BACKGROUND_STOP_SECONDS,
+            task_stacks(running),
+        )
+
+
 def task_stacks(tasks: Iterable[asyncio.Task[Any]]) -> str:
     """Where each task is waiting, innermost frame last, for a log line."""
     lines = []
@@ -788,9 +853,16 @@ async def _in_daemon_thread(function: Callable[[], object]) -> None:
 
 
 def _check_socket_path(path: Path) -> None:
-    """The Unix socket's directory exists, memsvc may create the socket in it, and
-    no other kind of file is in the way: found before the stores open and migrate,
-    not as gRPC's bare bind failure."""
+    """The Unix socket's path fits in an address, its directory exists, memsvc may
+    create the socket in it, and no other kind of file is in the way: found before
+    the stores open and migrate, not as gRPC's bare bind failure."""
+    length = len(os.fsencode(path))
+    if length > UNIX_SOCKET_PATH_BYTES:
+        # A setting no retry or restart can fix: a configuration error (exit 2).
+        raise ConfigError(
+            f"unix_socket: {path} is {length} bytes long; a Unix socket's path may have at "
+            f"most {UNIX_SOCKET_PATH_BYTES} (the address's sun_path): choose a shorter one"
+        )
     _is_a_socket(path)
     directory = path.parent
     if not directory.is_dir():

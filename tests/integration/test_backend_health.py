@@ -216,6 +216,45 @@ async def test_a_backend_that_hangs_is_named_with_a_reason(
             async with Server(config):
 
                 async def logged() -> bool:
-                    return "working memory (Redis): no answer within 0.2 s" in caplog.text
+                    # Bounded by Redis's connect timeout (2 s), longer than the interval.
+                    return "working memory (Redis): no answer within 2 s" in caplog.text
 
                 await eventually(logged)
+
+
+async def test_readiness_allows_a_probe_its_connect_timeout(
+    tmp_path: Path, fresh_postgres_url: str
+):
+    """A probe that connects first (at start, or after its connection was lost) may
+    take the store's connect timeout, not only health_interval_seconds. Found by a
+    review: with PostgreSQL 60 ms away each way and a 0.3 s interval, readiness
+    stayed NOT_SERVING for good (every probe connection took longer than the
+    interval), while every call succeeded."""
+    store = durable_store_at(fresh_postgres_url)
+    await store.open()
+    try:
+        await store.migrate()
+    finally:
+        await store.aclose()
+    database = urlsplit(fresh_postgres_url)
+    with TcpProxy(database.port or 5432) as proxy:
+        proxy.delay(0.1)  # a connection takes a few round trips of 0.2 s
+        far_away = database._replace(netloc=f"postgres@127.0.0.1:{proxy.port}")
+        config = Config(
+            listen="127.0.0.1:0",
+            data_dir=str(tmp_path),
+            database_url=far_away.geturl(),
+            migrate=False,
+            health_interval_seconds=0.15,
+            health_listen="",
+            metrics_listen="",
+        )
+        async with (
+            Server(config) as server,
+            grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+        ):
+
+            async def serving() -> bool:
+                return bool(await status_of(channel) == SERVING)
+
+            await eventually(serving)

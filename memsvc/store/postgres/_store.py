@@ -51,12 +51,21 @@ _LISTEN_BACKOFF_SECONDS = (0.5, 30.0)
 # meanwhile wait in psycopg's backlog.)
 _LISTEN_QUIET_SECONDS = (30.0, 10.0)
 
+# How long closing the store waits for the pool's workers (one may be connecting).
+POOL_CLOSE_SECONDS = 1.0
+
 # pg_advisory_xact_lock key for migrations: "memsvc" in ASCII.
 MIGRATION_LOCK_KEY = 0x6D656D737663
 
+# Conditions of the database, after which the same call may succeed: UNAVAILABLE
+# once any retries run out, never INTERNAL. ReadOnlySqlTransaction (25006): the
+# address leads to a database that cannot take writes now (a standby, or the old
+# primary after a failover; or default_transaction_read_only). Nothing of the
+# refused transaction was written, so a retry cannot apply it twice.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     psycopg.OperationalError,
     psycopg_pool.PoolTimeout,
+    psycopg.errors.ReadOnlySqlTransaction,
 )
 
 
@@ -142,25 +151,41 @@ async def _abandon(conn: psycopg.AsyncConnection[Any], error: BaseException) -> 
 
 async def _answers_within(conn: psycopg.AsyncConnection[Any], seconds: float) -> None:
     """Ask ``conn`` a question; TimeoutError, with the connection closed, when no
-    answer comes within ``seconds``. Not asyncio.wait_for: a cancelled query makes
-    psycopg ask the server to cancel it and wait for the answer (without a bound in
-    older psycopg releases), which a half-open connection never gives."""
-    ping = asyncio.ensure_future(conn.execute("SELECT 1"))
+    answer comes within ``seconds`` (see _cut_off_if_cancelled)."""
     try:
-        done, _ = await asyncio.wait({ping}, timeout=seconds)
-        if done:
-            ping.result()  # its error, if any
-            return
-        raise TimeoutError(f"no answer within {seconds:g} s")
+        async with asyncio.timeout(seconds):
+            await _cut_off_if_cancelled(conn, conn.execute("SELECT 1"))
+    except TimeoutError:
+        raise TimeoutError(f"no answer within {seconds:g} s") from None
+
+
+async def _read_only_state(conn: psycopg.AsyncConnection[Any]) -> tuple[bool, bool]:
+    """Whether the database is a standby (in recovery), and whether this session's
+    transactions are read-only (a standby's are, and so are those of a session that
+    started under default_transaction_read_only)."""
+    cursor = await conn.execute(
+        "SELECT pg_is_in_recovery(), current_setting('transaction_read_only') = 'on'"
+    )
+    row = await cursor.fetchone()
+    return (bool(row[0]), bool(row[1])) if row else (False, False)
+
+
+async def _cut_off_if_cancelled(conn: psycopg.AsyncConnection[Any], question: Awaitable[T]) -> T:
+    """Await ``question`` on ``conn``; cancelled (the probe's timeout, a shutdown),
+    close the connection first. A cancelled query otherwise makes psycopg ask the
+    server to cancel it and wait for the answer, which a database that stopped
+    answering never gives: the probe's timeout, and a shutdown, would wait seconds."""
+    asking = asyncio.ensure_future(question)
+    try:
+        await asyncio.wait({asking})
     finally:
-        if not ping.done():
+        if not asking.done():
             conn.pgconn.finish()  # closed here: the cancelled query waits for nothing
-            ping.cancel()
-            # Waited without raising its outcome (a cancellation of the caller
-            # arriving meanwhile still propagates), then its outcome is consumed.
-            await asyncio.wait({ping})
-            if not ping.cancelled():
-                ping.exception()
+            asking.cancel()
+            await asyncio.wait({asking})
+            if not asking.cancelled():
+                asking.exception()
+    return asking.result()
 
 
 def _lost_connection(error: BaseException) -> bool:
@@ -205,6 +230,9 @@ class PostgresDurableStore(SqlDurableReads):
         # says nothing about the database, and would turn a busy replica unready.
         self._probe: psycopg.AsyncConnection[Any] | None = None
         self._probe_lock = asyncio.Lock()
+        # The probe found the database read-only; once it takes writes again, the
+        # pool's connections are replaced (_retire_read_only_connections).
+        self._found_read_only = False
         # Told each operation's time and outcome (the server's metrics).
         self.observe: BackendObserver = ignore
         # When a connection was last found lost, and when each pooled one was last
@@ -242,7 +270,9 @@ class PostgresDurableStore(SqlDurableReads):
                 await self._probe.close()
                 self._probe = None
         if self._pool is not None:
-            await self._pool.close()
+            # A worker may be connecting to a database that does not answer: it is
+            # not waited for to the end of its connect timeout.
+            await self._pool.close(timeout=POOL_CLOSE_SECONDS)
             self._pool = None
 
     @property
@@ -250,12 +280,20 @@ class PostgresDurableStore(SqlDurableReads):
         """Reads that can run at once: the pool's connections."""
         return self._max_connections
 
+    @property
+    def connect_timeout_seconds(self) -> float:
+        """How long the probe's connection attempt may take (libpq counts whole seconds)."""
+        return float(max(1, round(self._timeout)))
+
     async def erase_deleted(self) -> None:
         """Nothing to do at once: PostgreSQL's (auto)vacuum reclaims deleted rows and
         their index entries (docs/security.md)."""
 
     async def ping(self) -> None:
-        """The database answers, on the probe's own connection (made again when lost)."""
+        """The database answers and takes writes, on the probe's own connection
+        (made again when lost). A read-only database (a standby, the old primary
+        after a failover, default_transaction_read_only) is not ready: every
+        write would fail."""
         await with_retries(
             self._probe_select, backend=self.backend_name, transient=TRANSIENT_ERRORS, attempts=1
         )
@@ -268,9 +306,18 @@ class PostgresDurableStore(SqlDurableReads):
                         self._url,
                         autocommit=True,
                         prepare_threshold=self._prepare_threshold,
-                        connect_timeout=max(1, round(self._timeout)),
+                        connect_timeout=round(self.connect_timeout_seconds),
                     )
-                await self._probe.execute("SELECT 1")
+                in_recovery, read_only = await _cut_off_if_cancelled(
+                    self._probe, _read_only_state(self._probe)
+                )
+                if in_recovery or read_only:
+                    self._found_read_only = True
+                    raise psycopg.errors.ReadOnlySqlTransaction(
+                        "the database is read-only"
+                        + (" (a standby in recovery)" if in_recovery else "")
+                        + ": it cannot take writes"
+                    )
             except BaseException:
                 # Cut off or failed, the connection may be mid-statement: a new one next time.
                 if self._probe is not None:
@@ -278,6 +325,18 @@ class PostgresDurableStore(SqlDurableReads):
                         await self._probe.close()
                     self._probe = None
                 raise
+        if self._found_read_only:
+            await self._retire_read_only_connections()
+
+    async def _retire_read_only_connections(self) -> None:
+        """The database takes writes again, but the pool's connections made while it
+        did not may still start their transactions read-only (a session takes its
+        default when it connects), or lead to the old server: each would fail a
+        write of its own. New ones replace them."""
+        self._found_read_only = False
+        if self._pool is not None:
+            log.info("the database takes writes again: replacing the pool's connections")
+            await self._pool.drain()
 
     async def _select_one(self) -> None:
         async with self._connections.connection() as conn:
@@ -383,9 +442,16 @@ class PostgresDurableStore(SqlDurableReads):
         try:
             with observed(self.observe, "transaction", self.backend_name):
                 async with self._connections.connection() as conn:
-                    async with _pipelined_transaction(conn) as tx:
-                        yield tx
-                    appended = await tx.committed()
+                    try:
+                        async with _pipelined_transaction(conn) as tx:
+                            yield tx
+                        appended = await tx.committed()
+                    except psycopg.errors.ReadOnlySqlTransaction:
+                        # Made to a database that cannot take writes (or with its
+                        # sessions' read-only default of then): the pool replaces
+                        # it with one to wherever the address leads now.
+                        await conn.close()
+                        raise
         except TRANSIENT_ERRORS as error:
             self._suspect_connections(error)
             _raise_if_past_a_limit(error)
@@ -458,6 +524,11 @@ class PostgresDurableStore(SqlDurableReads):
                 connected = True
                 try:
                     return await read(conn, POSTGRES, *args)
+                except psycopg.errors.ReadOnlySqlTransaction:
+                    # A write among them (a graph checkpoint's put, an upsert): nothing
+                    # was written; the retry gets a new connection (see transaction()).
+                    await conn.close()
+                    raise
                 except psycopg.OperationalError as error:
                     self._suspect_connections(error)
                     _raise_if_past_a_limit(error)

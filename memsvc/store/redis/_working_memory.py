@@ -345,6 +345,11 @@ class RedisWorkingMemoryStore:
                 if client is not None:
                     closing.push_async_callback(client.aclose)
 
+    @property
+    def connect_timeout_seconds(self) -> float:
+        """How long the probe's connection attempt may take (per node of a cluster)."""
+        return self._socket_timeout
+
     async def ping(self) -> None:
         """Redis answers, on the probe's own connection (every master of a cluster:
         a master that is down makes its slots fail)."""
