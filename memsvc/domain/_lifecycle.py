@@ -906,19 +906,18 @@ class Lifecycle:
             "terminating": record.state == SessionState.TERMINATED,
         }[marker.state]
         try:
-            if not committed:
+            if not left_by_memsvc(record, marker):
+                # An older copy (taken during an operation of an earlier epoch, or a
+                # Spawn or Resume the database has moved on from): undone, it would
+                # pass for the memory. Dropped, it reads as lost (Resume restores it).
+                await self._memory.finish(record.ref, marker.op, None, swap=False, clear=True)
+            elif not committed:
                 await self._memory.abort(record.ref, marker.op)
             elif marker.state == "terminating":
                 # A Terminate that kept a lost memory keeps nothing (see terminate).
                 clear = marker.clear or marker.prior == MISSING
                 final = None if clear else "terminated"
                 await self._memory.finish(record.ref, marker.op, final, swap=False, clear=clear)
-            elif marker.state != "pausing" and record.state != SessionState.ACTIVE:
-                # A Spawn or Resume committed, yet the database has moved on (PAUSED):
-                # every later call heals a transitional marker first, so this is an
-                # older copy of Redis, not what memsvc left. Dropped, it reads as
-                # lost (Resume restores it); settled, it would pass for the memory.
-                await self._memory.finish(record.ref, marker.op, None, swap=False, clear=True)
             else:
                 final = MARKER_FOR.get(record.state, "active")
                 swap = marker.state == "resuming"

@@ -268,10 +268,17 @@ def left_by_memsvc(record: SessionRecord, marker: Marker) -> bool:
     flight, whose marker is transitional, counts): a store restored from an older
     copy holds a memory of another state or epoch, which is as good as lost."""
     if marker.state in TRANSITIONAL:
-        # In flight, unless it is a Spawn or Resume the database shows committed
-        # and then moved on from (PAUSED): an older copy (Lifecycle._heal_locked).
-        committed = marker.state != "pausing" and marker.next_epoch == record.memory_epoch
-        return not committed or record.state == SessionState.ACTIVE
+        if marker.state in ("spawning", "resuming") and marker.next_epoch == record.memory_epoch:
+            # A Spawn or Resume the database shows committed: what memsvc left,
+            # unless the database has moved on since (PAUSED): an older copy.
+            return record.state == SessionState.ACTIVE
+        if marker.state == "spawning":
+            # Not committed, yet the session exists: a copy of an earlier Spawn.
+            return False
+        # In flight (or dead before its commit): the memory is still the one the
+        # operation began from, which must be of the committed epoch; a copy taken
+        # during an operation of an earlier epoch is not (Lifecycle._heal_locked).
+        return marker.epoch is None or marker.epoch == record.memory_epoch
     if marker.state != MARKER_FOR.get(record.state):
         return False
     return marker.epoch is None or marker.epoch == record.memory_epoch

@@ -558,6 +558,37 @@ async def test_a_paused_copy_of_an_earlier_epoch_refuses_writes_as_lost(copy, li
 
 
 @pytest.mark.parametrize("deployment", [DEPLOYMENTS["production"]], ids=["production"])
+@pytest.mark.parametrize("config_overrides", [{"failpoints": "pause.before_finish=error"}])
+@pytest.mark.parametrize("paused_again", [False, True], ids=["active", "paused again"])
+async def test_a_copy_taken_during_a_pause_of_an_earlier_epoch_is_lost_memory(
+    copy, life, scope, wm, paused_again
+):
+    """Found by a review: a copy taken between a Pause's commit and its last step
+    (its marker 'pausing'), put back after a Resume into a new epoch, passed for a
+    pause in flight: GetSession said INTACT, and the first write's heal undid that
+    'pause', made the old memory writable and acknowledged the write into it. The
+    epoch a transitional marker began from is compared too: lost, and dropped."""
+    await life.Spawn(lc.SpawnRequest(**scope))
+    await wm.Set(pb.SetRequest(**scope, key="k", value=value("old")))
+    await expect_error(life.Pause(lc.PauseRequest(**scope)), grpc.StatusCode.INTERNAL)
+    await copy.take()  # committed, its marker still 'pausing'
+    await life.Resume(lc.ResumeRequest(**scope))
+    await wm.Set(pb.SetRequest(**scope, key="k", value=value("current")))
+    if paused_again:
+        await expect_error(life.Pause(lc.PauseRequest(**scope)), grpc.StatusCode.INTERNAL)
+        await life.GetSession(lc.GetSessionRequest(**scope))
+    await copy.put_back()
+    state = lc.SESSION_STATE_PAUSED if paused_again else lc.SESSION_STATE_ACTIVE
+    await reported_lost_and_refusing_writes(life, wm, scope, state)
+    await reported_lost_and_refusing_writes(life, wm, scope, state)  # after the heal too
+    newest = (await life.ListCheckpoints(lc.ListCheckpointsRequest(**scope))).checkpoints[0]
+    resumed = await life.Resume(lc.ResumeRequest(**scope, checkpoint_id=newest.checkpoint_id))
+    assert resumed.session.working_memory_status == lc.WORKING_MEMORY_STATUS_INTACT
+    expected = "current" if paused_again else "old"  # the newest checkpoint's
+    assert python((await wm.Get(pb.GetRequest(**scope, key="k"))).entry.value) == expected
+
+
+@pytest.mark.parametrize("deployment", [DEPLOYMENTS["production"]], ids=["production"])
 async def test_a_copy_from_before_the_last_resume_is_lost_memory(copy, life, scope, wm):
     """A copy taken before a Resume holds the session in the same state (ACTIVE)
     but of the earlier epoch: Pause, CreateCheckpoint and Terminate refuse it as
