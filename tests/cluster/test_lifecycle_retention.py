@@ -25,5 +25,7 @@ reuse(
         "test_a_paused_copy_of_an_active_session_refuses_writes_as_lost",
         "test_a_paused_copy_of_an_earlier_epoch_refuses_writes_as_lost",
         "test_a_session_redis_evicted_in_part_is_lost_memory",
+        "test_a_copy_taken_during_a_pause_of_an_earlier_epoch_is_lost_memory",
+        "test_a_session_whose_keys_all_expired_is_intact_and_empty",
     },
 )

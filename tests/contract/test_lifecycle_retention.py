@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 import pytest
 import redis.asyncio as aioredis
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import duration_pb2, json_format, struct_pb2
 
 from memsvc import server as server_module
 from memsvc.config import Config
@@ -459,12 +459,15 @@ async def copy(server: Server, scope: dict[str, str]) -> AsyncIterator[RedisCopy
 
 
 @pytest.mark.parametrize("deployment", [DEPLOYMENTS["production"]], ids=["production"])
-@pytest.mark.parametrize("evicted", ["data", "key index"])
+@pytest.mark.parametrize("evicted", ["data", "key index", "data and key index"])
 async def test_a_session_redis_evicted_in_part_is_lost_memory(server, life, scope, wm, evicted):
     """Found by a review: a Redis that evicts (any maxmemory-policy but noeviction)
     dropped one of a session's keys and not the others, and memsvc served what was
     left: an empty session, or keys that Get found and ListKeys did not. The data
-    and its index live and die together, so one without the other is a loss."""
+    and its index live and die together, so one without the other is a loss. Both
+    gone while the marker stays (the volatile-* policies never evict the marker)
+    read as an intact empty session, which a Pause checkpointed (found by a later
+    review): the marker's byte count and the session's recorded expiry tell."""
     await life.Spawn(lc.SpawnRequest(**scope))
     for key in ("a", "b"):
         await wm.Set(pb.SetRequest(**scope, key=key, value=value(key)))
@@ -472,7 +475,7 @@ async def test_a_session_redis_evicted_in_part_is_lost_memory(server, life, scop
     data, _, index, _ = session_keys(SessionRef(**scope))
     client = aioredis.Redis.from_url(server.config.working_memory_url)
     try:
-        await client.delete(data if evicted == "data" else index)
+        await client.delete(*{"data": [data], "key index": [index]}.get(evicted, [data, index]))
     finally:
         await client.aclose()
     session = (await life.GetSession(lc.GetSessionRequest(**scope))).session
@@ -488,6 +491,33 @@ async def test_a_session_redis_evicted_in_part_is_lost_memory(server, life, scop
     listed = await wm.ListKeys(pb.ListKeysRequest(**scope))
     assert [info.key for info in listed.keys] == ["a", "b"]
     await life.Terminate(lc.TerminateRequest(**scope))
+
+
+@pytest.mark.parametrize("deployment", [DEPLOYMENTS["production"]], ids=["production"])
+async def test_a_session_whose_keys_all_expired_is_intact_and_empty(server, life, scope, wm):
+    """When every key has a TTL, Redis expires the session's data and key index
+    whole at the last one (the marker stays): that is an expiry, not an eviction.
+    The session stays intact, empty, and writable."""
+    await life.Spawn(lc.SpawnRequest(**scope))
+    for key in ("a", "b"):
+        ttl = duration_pb2.Duration(nanos=300_000_000)
+        await wm.Set(pb.SetRequest(**scope, key=key, value=value(key), ttl=ttl))
+    data, _, index, marker = session_keys(SessionRef(**scope))
+    client = aioredis.Redis.from_url(server.config.working_memory_url)
+    try:
+
+        async def expired_by_redis() -> bool:
+            return await client.exists(data, index) == 0
+
+        await eventually(expired_by_redis)  # by Redis itself: no script ran meanwhile
+        assert await client.exists(marker) == 1
+    finally:
+        await client.aclose()
+    session = (await life.GetSession(lc.GetSessionRequest(**scope))).session
+    assert session.working_memory_status == lc.WORKING_MEMORY_STATUS_INTACT
+    assert (await wm.ListKeys(pb.ListKeysRequest(**scope))).keys == []
+    await wm.Set(pb.SetRequest(**scope, key="c", value=value("c")))
+    assert [k.key for k in (await wm.ListKeys(pb.ListKeysRequest(**scope))).keys] == ["c"]
 
 
 @pytest.mark.parametrize("deployment", [DEPLOYMENTS["production"]], ids=["production"])
