@@ -147,11 +147,11 @@ class Lifecycle:
         self._wm = working_memory
         self._render_value = render_value
         self._clock_ms = clock_ms
-        # Step 3 of the operations answered already (_Steps.after_answer), and heals
-        # (at most one running a session, shared by every call that needs it).
-        self._after_calls = BackgroundWork[bool]("a lifecycle step after its answer")
-        # The latest of those a session, for the calls that meet its marker meanwhile.
-        self._answered: dict[SessionRef, asyncio.Task[bool]] = {}
+        # Step 3 of the operations, run past their calls (_finish_past_the_call), and
+        # heals (at most one running a session, shared by every call that needs it).
+        self._after_calls = BackgroundWork[bool]("a lifecycle step after its commit")
+        # The latest step 3 a session, for the calls that meet its marker meanwhile.
+        self._finishing: dict[SessionRef, asyncio.Task[bool]] = {}
         self._heals = BackgroundWork[None]("healing a session's marker")
         # Heals tried again after a step 3 failed (one a session; see _finish).
         self._settling = BackgroundWork[None]("settling a session's marker again")
@@ -985,24 +985,26 @@ class Lifecycle:
             raise
         if steps.started:
             self._failpoints.hit(f"{method.lower()}.before_finish")
-            if steps.after_answer:
-                self._after_answer(ref, self._finish(method, ref, steps))
-            else:
-                await self._finish(method, ref, steps)
+            finishing = self._finish_past_the_call(ref, self._finish(method, ref, steps))
+            if not steps.after_answer:
+                # Before the answer, but not cut short when the call is cancelled
+                # (its deadline, a client gone): a Terminate's memory would stay in
+                # the store for good, as no later call meets its marker.
+                await self._after_calls.wait(finishing)
         return result
 
-    def _after_answer(
+    def _finish_past_the_call(
         self, ref: SessionRef, settling: Coroutine[Any, Any, bool]
     ) -> asyncio.Task[bool]:
-        """Run ``settling``, the step 3 of an operation on ``ref``, once the call has
-        answered (awaited at shutdown: settled), bounded by the backends' own retry
-        budget, not by the call's deadline."""
+        """Run ``settling``, the step 3 of an operation on ``ref``, as work of its own
+        (awaited at shutdown: settled): bounded by the backends' own retry budget,
+        not by the call's deadline, and not stopped by the call's end."""
         task = self._after_calls.start(None, settling)
-        self._answered[ref] = task
+        self._finishing[ref] = task
 
         def done(finished: asyncio.Task[bool]) -> None:
-            if self._answered.get(ref) is finished:
-                del self._answered[ref]
+            if self._finishing.get(ref) is finished:
+                del self._finishing[ref]
 
         task.add_done_callback(done)
         return task
@@ -1023,12 +1025,12 @@ class Lifecycle:
         A step 3 that this process runs after its answer settles the marker itself:
         the call waits for it first (the heal then only reads the settled marker),
         rather than queue a transaction on the row lock as it commits."""
-        answered = self._answered.get(ref)
-        if answered is not None:
+        finishing = self._finishing.get(ref)
+        if finishing is not None:
             # Not its failure (_finish logs it) nor its cancellation (a shutdown):
             # only whether it settled the marker; if not, the heal does.
-            await asyncio.wait((answered,))
-            if not answered.cancelled() and answered.result():
+            await asyncio.wait((finishing,))
+            if not finishing.cancelled() and finishing.result():
                 return
         await self._heals.wait(self._heals.start(ref, self.heal(ref)))
 

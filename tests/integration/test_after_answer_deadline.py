@@ -24,6 +24,6 @@ async def test_work_after_the_answer_runs_without_the_calls_deadline(server):
 
     with call_deadline(0.5):
         assert current_deadline() is not None  # the call's own work is bounded
-        task = lifecycle._after_answer(SessionRef("p", "a", "s"), after())
+        task = lifecycle._finish_past_the_call(SessionRef("p", "a", "s"), after())
     await task
     assert seen == [None]
