@@ -1,17 +1,20 @@
 """Memory benchmark: what a burst of the largest calls makes memsvc hold.
 
 Each call in flight holds its request until it is served or refused, so the
-resident memory a sidecar needs grows with ``max_concurrent_calls`` times
-``max_message_bytes``. This starts ``memsvc serve`` on the embedded default in
-its own process for each ``--calls`` value (with ``--max-concurrent-calls`` set
-to it), sends that many concurrent BatchSets of about 4 MB (four values of
-1 MB, to a session that does not exist: refused, after being received and
-parsed) over 8 channels, and reads the process's peak resident memory (VmHWM)
-from /proc, against its resident memory when idle.
+resident memory a sidecar needs grows with the large calls its clients send at
+once. This starts ``memsvc serve`` on the embedded default in its own process
+for each ``--calls`` value (``--max-concurrent-calls`` set to ``--limit``), sends
+that many concurrent BatchSets of about 4 MB (four values of 1 MB, to a session
+that does not exist: refused, after being received and parsed) over 8 channels,
+and reads the process's peak resident memory (VmHWM) from /proc, against its
+resident memory when idle. A ``--limit`` below ``--calls`` shows what
+``max_concurrent_calls`` bounds: not this (gRPC receives and parses a request
+before memsvc counts the call).
 
-Rerun (about 20 seconds; see docs/deployment.md, "Sizing")::
+Rerun (about 30 seconds; see docs/deployment.md, "Sizing")::
 
     flock /tmp/memsvc-bench.lock .venv/bin/python -m bench.memory_burst --calls 32,64,256
+    flock /tmp/memsvc-bench.lock .venv/bin/python -m bench.memory_burst --calls 256 --limit 32
 """
 
 from __future__ import annotations
@@ -81,13 +84,13 @@ async def burst(port: int, calls: int) -> Counter[str]:
     return codes
 
 
-def measure(calls: int, workdir: Path) -> None:
+def measure(calls: int, limit: int, workdir: Path) -> None:
     port, health = free_port(), free_port()
     argv = [
         sys.executable, "-m", "memsvc", "serve",
         f"--listen=127.0.0.1:{port}", f"--health-listen=127.0.0.1:{health}",
         "--metrics-listen=", "--working-memory-url=memory://",
-        f"--data-dir={workdir / str(calls)}", f"--max-concurrent-calls={calls}",
+        f"--data-dir={workdir / str(calls)}", f"--max-concurrent-calls={limit}",
     ]  # fmt: skip
     log = workdir / f"memsvc-{calls}.log"
     with log.open("wb") as out:
@@ -98,8 +101,9 @@ def measure(calls: int, workdir: Path) -> None:
         codes = asyncio.run(burst(port, calls))
         peak = memory_kib(server.pid)["VmHWM"]
         print(
-            f"{calls:>5} calls: idle {idle / 1024:6.0f} MiB, peak {peak / 1024:6.0f} MiB"
-            f" (+{(peak - idle) / 1024 / calls:.1f} MiB a call); {dict(codes)}"
+            f"{calls:>5} calls (limit {limit}): idle {idle / 1024:6.0f} MiB,"
+            f" peak {peak / 1024:6.0f} MiB (+{(peak - idle) / 1024 / calls:.1f} MiB a call);"
+            f" {dict(codes)}"
         )
     finally:
         server.terminate()
@@ -112,10 +116,13 @@ def measure(calls: int, workdir: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", default="64,256", help="comma-separated concurrent calls")
+    parser.add_argument(
+        "--limit", type=int, default=256, help="memsvc's --max-concurrent-calls (its default)"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="memsvc-memory-") as workdir:
         for calls in (int(c) for c in args.calls.split(",")):
-            measure(calls, Path(workdir))
+            measure(calls, args.limit, Path(workdir))
 
 
 if __name__ == "__main__":

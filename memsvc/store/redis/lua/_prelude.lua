@@ -29,35 +29,18 @@ local function remove_members(members)
   end
 end
 
--- How far before the session's recorded expiry its keys may go and still count
--- as expired, not evicted: a slot moved to another node re-bases TTLs on that
--- node's clock.
-local EXPIRY_SLACK_MS = 5000
-
 -- Whether Redis evicted part of the session (a maxmemory-policy other than
 -- noeviction), given whether its data and its key index exist: they are written,
 -- renamed and expired together, so one without the other was evicted; unless the
 -- one left is about to expire, a moment apart from the other (a slot moved to
--- another node re-bases TTLs). Both gone while the marker stays (the volatile-*
--- policies never evict a marker, which has no TTL) is an eviction too when the
--- marker counts bytes and records no expiry of the session by now ('expires', see
--- refresh_session_expiry; 0: never). A Resume that keeps the paused memory has
--- moved both into staging meanwhile ('kept'). A marker from before 'expires' was
--- recorded cannot tell: not detected.
+-- another node re-bases TTLs). Both evicted at once look like a session that
+-- expired: not detected.
 local function evicted(has_data, has_index)
-  if has_data ~= has_index then
-    local ttl = redis.call('PTTL', has_data == 1 and D or K)
-    return not (ttl >= 0 and ttl <= 1000)
-  end
-  if has_data == 1 then
+  if has_data == has_index then
     return false
   end
-  local fields = redis.call('HMGET', M, 'bytes', 'expires', 'kept')
-  local bytes, expires = tonumber(fields[1] or '0'), tonumber(fields[2])
-  if bytes <= 0 or expires == nil or fields[3] == '1' then
-    return false
-  end
-  return expires == 0 or now_ms() < expires - EXPIRY_SLACK_MS
+  local ttl = redis.call('PTTL', has_data == 1 and D or K)
+  return not (ttl >= 0 and ttl <= 1000)
 end
 
 -- Drops what has expired; returns true when it dropped the whole session,
@@ -75,7 +58,7 @@ local function purge(now)
     -- The whole session expired (or never existed; or its keys are expiring a
     -- moment apart): reset what it left behind.
     redis.call('DEL', D, X, K)
-    redis.call('HDEL', M, 'bytes', 'expires')
+    redis.call('HDEL', M, 'bytes')
     return
   end
   local expired = redis.call('ZRANGE', X, '-inf', now, 'BYSCORE')
@@ -92,12 +75,10 @@ end
 
 -- After a write: when every key has a TTL, let Redis expire the whole session
 -- at the last expiry, so sessions nobody reads again do not stay forever.
--- The marker records when that is ('expires', 0: never), so that data and key
--- index gone before then are known as evicted, not expired (see evicted).
 local function refresh_session_expiry()
   if redis.call('EXISTS', D) == 0 then
     redis.call('DEL', X, K)
-    redis.call('HDEL', M, 'bytes', 'expires')
+    redis.call('HDEL', M, 'bytes')
     return
   end
   local keep_meta = redis.call('HEXISTS', M, 'state') == 1
@@ -107,9 +88,7 @@ local function refresh_session_expiry()
     redis.call('PEXPIREAT', D, at)
     redis.call('PEXPIREAT', X, at)
     redis.call('PEXPIREAT', K, at)
-    if keep_meta then
-      redis.call('HSET', M, 'expires', at)
-    else
+    if not keep_meta then
       redis.call('PEXPIREAT', M, at)
     end
   else
@@ -117,9 +96,6 @@ local function refresh_session_expiry()
     redis.call('PERSIST', X)
     redis.call('PERSIST', K)
     redis.call('PERSIST', M)
-    if keep_meta then
-      redis.call('HSET', M, 'expires', 0)
-    end
   end
 end
 
