@@ -1035,13 +1035,14 @@ class Lifecycle:
         await self._heals.wait(self._heals.start(ref, self.heal(ref)))
 
     async def _finish(self, method: str, ref: SessionRef, steps: _Steps) -> bool:
-        """Step 3: settle the marker after the commit. Whether the marker is settled
-        (by this step, or already by another caller); False after a failure."""
+        """Step 3: settle the marker after the commit. Whether this step settled it;
+        False when another caller had (the marker may belong to a later operation
+        by now, which a call waiting for this step must heal) or after a failure."""
         try:
             await self._memory.finish(ref, steps.op, steps.final_state, steps.swap, steps.clear)
             return True
         except LostOperation:
-            return True  # another caller already settled it from the committed state
+            return False  # another caller already settled it from the committed state
         except MemsvcError as error:
             # Committed: the answer stands, the marker stays transitional.
             log.warning("%s committed but settling working memory failed: %s", method, error)

@@ -19,6 +19,7 @@ import grpc
 import pytest
 
 from memsvc.domain import SessionRef
+from memsvc.domain._snapshot import encode_snapshot
 from memsvc.server import Server
 from memsvc.store.memory import InMemoryWorkingMemoryStore
 from memsvc.v1 import lifecycle_pb2 as lc
@@ -127,3 +128,30 @@ async def test_a_resume_heals_a_pause_still_settling(rig):
     await wm.Set(pb.SetRequest(**ids, key="k", value=value("after")))
     assert python((await wm.Get(pb.GetRequest(**ids, key="k"))).entry.value) == "after"
     assert (await store.read_marker(ref)).state == "active"
+
+
+async def test_a_call_waiting_for_a_step_another_caller_settled_heals_what_came_next(rig):
+    """Found by a review: a call that met the marker waited for this process's step 3
+    and took its end for a settled marker. But another caller (a replica) had healed
+    that Pause meanwhile and begun the next operation, whose marker the call then
+    met again and reported, though a heal settles it: a read was refused."""
+    _, store, channel = rig
+    ids = new_ids()
+    ref = await paused_with_step_3_held(store, channel, ids)
+    marker = await store.read_marker(ref)
+    assert marker is not None and marker.op is not None
+    # Another replica heals the Pause (its marker 'paused'), then begins a Resume
+    # that it has not committed (and never will: it died).
+    await InMemoryWorkingMemoryStore.finish(store, ref, marker.op, "paused", False, False)
+    empty = encode_snapshot([])
+    await store.begin_restore(ref, "a-dead-resume", "epoch-never", empty, False, {"paused"})
+    assert (await store.read_marker(ref)).state == "resuming"
+
+    wm = WorkingMemoryServiceStub(channel)
+    read = asyncio.ensure_future(wm.Get(pb.GetRequest(**ids, key="k")))
+    await asyncio.sleep(0.2)
+    assert not read.done(), "it waits for this process's step 3"
+    store.release.set()
+    assert python((await asyncio.wait_for(read, 10)).entry.value) == "kept"
+    assert store.lost == ["LostOperation"]
+    assert (await store.read_marker(ref)).state == "paused", "the dead Resume undone"
