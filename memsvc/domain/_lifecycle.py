@@ -425,8 +425,9 @@ class Lifecycle:
             # A resume that replaces the memory takes it in any settled state: one
             # that disagrees with the database (a store restored from an older
             # copy) is replaced like a lost one. A merge keeps what is there, so
-            # it must be what memsvc left.
-            allowed = {*SETTLED, MISSING} if not merging else {MARKER_FOR[record.state], MISSING}
+            # it must be what memsvc left, and there: a merge over a lost memory
+            # would answer OK with the current entries gone.
+            allowed = {*SETTLED, MISSING} if not merging else {MARKER_FOR[record.state]}
             held = ResumePoint(
                 checkpoint.checkpoint_id,
                 checkpoint.key_count,
@@ -446,7 +447,7 @@ class Lifecycle:
                 # out until this one commits.
                 # (A transitional marker is healed by the step, to its epoch.)
                 marker = await self._memory.read_marker(ref)
-                if marker is not None and not left_by_memsvc(record, marker):
+                if marker is None or not left_by_memsvc(record, marker):
                     raise WorkingMemoryLost(ref.session_id)
 
             try:

@@ -114,8 +114,9 @@ class LifecycleReads:
             check_session_id(checkpoint_id, "checkpoint_id", violations)
         limit = self._limits.page_size(page_size, violations)
         raise_if_any(violations)
-        if include_entries:
-            check_page_token(page_token)  # its scope is checked once the checkpoint is read
+        # Checked with or without entries, as page_size is: a bad one is a client's
+        # bug either way. Its scope is checked once the checkpoint is read.
+        check_page_token(page_token)
         # Plain reads: showing a checkpoint takes no lock and opens no transaction.
         found = await self._db.read_checkpoint(ref, checkpoint_id, with_contents=include_entries)
         record = await self._db.get_session(ref)

@@ -743,7 +743,8 @@ def check_watch_request(
         violations.append(
             FieldViolation("start", f"is not a WatchStart value (0, 1 or 2): {start}")
         )
-    interval = DEFAULT_PROGRESS_SECONDS if progress_seconds is None else progress_seconds
+    # Zero as unset, as every other Duration of the API: a client's empty Duration.
+    interval = progress_seconds or DEFAULT_PROGRESS_SECONDS
     if not MIN_PROGRESS_SECONDS <= interval <= MAX_PROGRESS_SECONDS:
         violations.append(
             FieldViolation(

@@ -29,6 +29,15 @@ GRPC_VERSION: str
 class DataRemovalServiceStub:
     """DataRemovalService forgets a scope everywhere memsvc keeps data, for data
     removal requests.
+
+    Besides the errors each RPC lists, any RPC may fail with UNAVAILABLE
+    (ERROR_REASON_BACKEND_UNAVAILABLE, with RetryInfo; or the server shutting
+    down), DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED (ERROR_REASON_TOO_MANY_CALLS),
+    UNAUTHENTICATED and PERMISSION_DENIED (bearer tokens, docs/security.md) and
+    INTERNAL; a mutating RPC with a `request_id` also with INVALID_ARGUMENT
+    (ERROR_REASON_REQUEST_ID_REUSED) or FAILED_PRECONDITION
+    (ERROR_REASON_REQUEST_PURGED). Retry UNAVAILABLE and DEADLINE_EXCEEDED (a
+    mutating call with its request_id).
     """
 
     @_typing.overload
@@ -53,6 +62,15 @@ class DataRemovalServiceStub:
 class DataRemovalServiceAsyncStub(DataRemovalServiceStub):
     """DataRemovalService forgets a scope everywhere memsvc keeps data, for data
     removal requests.
+
+    Besides the errors each RPC lists, any RPC may fail with UNAVAILABLE
+    (ERROR_REASON_BACKEND_UNAVAILABLE, with RetryInfo; or the server shutting
+    down), DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED (ERROR_REASON_TOO_MANY_CALLS),
+    UNAUTHENTICATED and PERMISSION_DENIED (bearer tokens, docs/security.md) and
+    INTERNAL; a mutating RPC with a `request_id` also with INVALID_ARGUMENT
+    (ERROR_REASON_REQUEST_ID_REUSED) or FAILED_PRECONDITION
+    (ERROR_REASON_REQUEST_PURGED). Retry UNAVAILABLE and DEADLINE_EXCEEDED (a
+    mutating call with its request_id).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -73,6 +91,15 @@ class DataRemovalServiceAsyncStub(DataRemovalServiceStub):
 class DataRemovalServiceServicer(metaclass=_abc_1.ABCMeta):
     """DataRemovalService forgets a scope everywhere memsvc keeps data, for data
     removal requests.
+
+    Besides the errors each RPC lists, any RPC may fail with UNAVAILABLE
+    (ERROR_REASON_BACKEND_UNAVAILABLE, with RetryInfo; or the server shutting
+    down), DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED (ERROR_REASON_TOO_MANY_CALLS),
+    UNAUTHENTICATED and PERMISSION_DENIED (bearer tokens, docs/security.md) and
+    INTERNAL; a mutating RPC with a `request_id` also with INVALID_ARGUMENT
+    (ERROR_REASON_REQUEST_ID_REUSED) or FAILED_PRECONDITION
+    (ERROR_REASON_REQUEST_PURGED). Retry UNAVAILABLE and DEADLINE_EXCEEDED (a
+    mutating call with its request_id).
     """
 
     @_abc_1.abstractmethod

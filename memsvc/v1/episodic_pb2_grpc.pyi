@@ -36,6 +36,15 @@ class EpisodicMemoryServiceStub:
 
     Errors carry google.rpc.ErrorInfo with a memsvc.v1.ErrorReason, and
     INVALID_ARGUMENT carries google.rpc.BadRequest naming every bad field.
+
+    Besides the errors each RPC lists, any RPC may fail with UNAVAILABLE
+    (ERROR_REASON_BACKEND_UNAVAILABLE, with RetryInfo; or the server shutting
+    down), DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED (ERROR_REASON_TOO_MANY_CALLS),
+    UNAUTHENTICATED and PERMISSION_DENIED (bearer tokens, docs/security.md) and
+    INTERNAL; a mutating RPC with a `request_id` also with INVALID_ARGUMENT
+    (ERROR_REASON_REQUEST_ID_REUSED) or FAILED_PRECONDITION
+    (ERROR_REASON_REQUEST_PURGED). Retry UNAVAILABLE and DEADLINE_EXCEEDED (a
+    mutating call with its request_id).
     """
 
     @_typing.overload
@@ -86,6 +95,15 @@ class EpisodicMemoryServiceAsyncStub(EpisodicMemoryServiceStub):
 
     Errors carry google.rpc.ErrorInfo with a memsvc.v1.ErrorReason, and
     INVALID_ARGUMENT carries google.rpc.BadRequest naming every bad field.
+
+    Besides the errors each RPC lists, any RPC may fail with UNAVAILABLE
+    (ERROR_REASON_BACKEND_UNAVAILABLE, with RetryInfo; or the server shutting
+    down), DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED (ERROR_REASON_TOO_MANY_CALLS),
+    UNAUTHENTICATED and PERMISSION_DENIED (bearer tokens, docs/security.md) and
+    INTERNAL; a mutating RPC with a `request_id` also with INVALID_ARGUMENT
+    (ERROR_REASON_REQUEST_ID_REUSED) or FAILED_PRECONDITION
+    (ERROR_REASON_REQUEST_PURGED). Retry UNAVAILABLE and DEADLINE_EXCEEDED (a
+    mutating call with its request_id).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -132,6 +150,15 @@ class EpisodicMemoryServiceServicer(metaclass=_abc_1.ABCMeta):
 
     Errors carry google.rpc.ErrorInfo with a memsvc.v1.ErrorReason, and
     INVALID_ARGUMENT carries google.rpc.BadRequest naming every bad field.
+
+    Besides the errors each RPC lists, any RPC may fail with UNAVAILABLE
+    (ERROR_REASON_BACKEND_UNAVAILABLE, with RetryInfo; or the server shutting
+    down), DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED (ERROR_REASON_TOO_MANY_CALLS),
+    UNAUTHENTICATED and PERMISSION_DENIED (bearer tokens, docs/security.md) and
+    INTERNAL; a mutating RPC with a `request_id` also with INVALID_ARGUMENT
+    (ERROR_REASON_REQUEST_ID_REUSED) or FAILED_PRECONDITION
+    (ERROR_REASON_REQUEST_PURGED). Retry UNAVAILABLE and DEADLINE_EXCEEDED (a
+    mutating call with its request_id).
     """
 
     @_abc_1.abstractmethod

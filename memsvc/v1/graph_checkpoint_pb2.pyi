@@ -464,8 +464,8 @@ class PutGraphWritesRequest(_message.Message):
     """
     @_builtins.property
     def writes(self) -> _containers.RepeatedCompositeFieldContainer[Global___GraphWrite]:
-        """The writes: 1 to 10,000, each of this request's task; (task_id, idx)
-        unique.
+        """The writes: 1 to 10,000, of one task or several (LangGraph sends one
+        task's); (task_id, idx) unique.
         """
 
     def __init__(

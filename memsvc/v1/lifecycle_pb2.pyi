@@ -319,8 +319,8 @@ class WatchLifecycleRequest(_message.Message):
 
     @_builtins.property
     def progress_interval(self) -> _duration_pb2.Duration:
-        """How often to send a progress message while nothing matches. Unset: 10 s.
-        From 100 ms to 1 hour.
+        """How often to send a progress message while nothing matches. Unset or
+        zero: 10 s. From 100 ms to 1 hour.
         """
 
     def __init__(
@@ -947,11 +947,14 @@ class TerminateResponse(_message.Message):
     """
     entries_cleared: _builtins.int
     """Number of working-memory entries the call deletes. Should the working
-    memory fail after the commit, they stay until the next call that meets the
-    session heals it (docs/reliability.md); they are never served meanwhile.
+    memory fail after the commit, memsvc deletes them in the background,
+    retrying for 10 minutes, or a retry of the call does (docs/reliability.md);
+    they are never served meanwhile.
     """
     outcome: Global___Outcome.ValueType
-    """The outcome recorded."""
+    """The outcome: the episode's; with consolidation skipped, the request's (no
+    episode records it).
+    """
     @_builtins.property
     def session(self) -> Global___Session:
         """The session, TERMINATED."""

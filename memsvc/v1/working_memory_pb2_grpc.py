@@ -54,6 +54,15 @@ class WorkingMemoryServiceStub:
 
     Errors carry a google.rpc.ErrorInfo detail (see memsvc.v1.ErrorReason) and,
     for INVALID_ARGUMENT, a google.rpc.BadRequest naming each bad field.
+
+    Besides the errors each RPC lists, any RPC may fail with UNAVAILABLE
+    (ERROR_REASON_BACKEND_UNAVAILABLE, with RetryInfo; or the server shutting
+    down), DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED (ERROR_REASON_TOO_MANY_CALLS),
+    UNAUTHENTICATED and PERMISSION_DENIED (bearer tokens, docs/security.md) and
+    INTERNAL; a mutating RPC with a `request_id` also with INVALID_ARGUMENT
+    (ERROR_REASON_REQUEST_ID_REUSED) or FAILED_PRECONDITION
+    (ERROR_REASON_REQUEST_PURGED). Retry UNAVAILABLE and DEADLINE_EXCEEDED (a
+    mutating call with its request_id).
     """
 
     def __init__(self, channel):
@@ -133,6 +142,15 @@ class WorkingMemoryServiceServicer:
 
     Errors carry a google.rpc.ErrorInfo detail (see memsvc.v1.ErrorReason) and,
     for INVALID_ARGUMENT, a google.rpc.BadRequest naming each bad field.
+
+    Besides the errors each RPC lists, any RPC may fail with UNAVAILABLE
+    (ERROR_REASON_BACKEND_UNAVAILABLE, with RetryInfo; or the server shutting
+    down), DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED (ERROR_REASON_TOO_MANY_CALLS),
+    UNAUTHENTICATED and PERMISSION_DENIED (bearer tokens, docs/security.md) and
+    INTERNAL; a mutating RPC with a `request_id` also with INVALID_ARGUMENT
+    (ERROR_REASON_REQUEST_ID_REUSED) or FAILED_PRECONDITION
+    (ERROR_REASON_REQUEST_PURGED). Retry UNAVAILABLE and DEADLINE_EXCEEDED (a
+    mutating call with its request_id).
     """
 
     def Set(self, request, context):
@@ -292,6 +310,15 @@ class WorkingMemoryService:
 
     Errors carry a google.rpc.ErrorInfo detail (see memsvc.v1.ErrorReason) and,
     for INVALID_ARGUMENT, a google.rpc.BadRequest naming each bad field.
+
+    Besides the errors each RPC lists, any RPC may fail with UNAVAILABLE
+    (ERROR_REASON_BACKEND_UNAVAILABLE, with RetryInfo; or the server shutting
+    down), DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED (ERROR_REASON_TOO_MANY_CALLS),
+    UNAUTHENTICATED and PERMISSION_DENIED (bearer tokens, docs/security.md) and
+    INTERNAL; a mutating RPC with a `request_id` also with INVALID_ARGUMENT
+    (ERROR_REASON_REQUEST_ID_REUSED) or FAILED_PRECONDITION
+    (ERROR_REASON_REQUEST_PURGED). Retry UNAVAILABLE and DEADLINE_EXCEEDED (a
+    mutating call with its request_id).
     """
 
     @staticmethod

@@ -55,6 +55,15 @@ class WorkingMemoryServiceStub:
 
     Errors carry a google.rpc.ErrorInfo detail (see memsvc.v1.ErrorReason) and,
     for INVALID_ARGUMENT, a google.rpc.BadRequest naming each bad field.
+
+    Besides the errors each RPC lists, any RPC may fail with UNAVAILABLE
+    (ERROR_REASON_BACKEND_UNAVAILABLE, with RetryInfo; or the server shutting
+    down), DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED (ERROR_REASON_TOO_MANY_CALLS),
+    UNAUTHENTICATED and PERMISSION_DENIED (bearer tokens, docs/security.md) and
+    INTERNAL; a mutating RPC with a `request_id` also with INVALID_ARGUMENT
+    (ERROR_REASON_REQUEST_ID_REUSED) or FAILED_PRECONDITION
+    (ERROR_REASON_REQUEST_PURGED). Retry UNAVAILABLE and DEADLINE_EXCEEDED (a
+    mutating call with its request_id).
     """
 
     @_typing.overload
@@ -137,6 +146,15 @@ class WorkingMemoryServiceAsyncStub(WorkingMemoryServiceStub):
 
     Errors carry a google.rpc.ErrorInfo detail (see memsvc.v1.ErrorReason) and,
     for INVALID_ARGUMENT, a google.rpc.BadRequest naming each bad field.
+
+    Besides the errors each RPC lists, any RPC may fail with UNAVAILABLE
+    (ERROR_REASON_BACKEND_UNAVAILABLE, with RetryInfo; or the server shutting
+    down), DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED (ERROR_REASON_TOO_MANY_CALLS),
+    UNAUTHENTICATED and PERMISSION_DENIED (bearer tokens, docs/security.md) and
+    INTERNAL; a mutating RPC with a `request_id` also with INVALID_ARGUMENT
+    (ERROR_REASON_REQUEST_ID_REUSED) or FAILED_PRECONDITION
+    (ERROR_REASON_REQUEST_PURGED). Retry UNAVAILABLE and DEADLINE_EXCEEDED (a
+    mutating call with its request_id).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -215,6 +233,15 @@ class WorkingMemoryServiceServicer(metaclass=_abc_1.ABCMeta):
 
     Errors carry a google.rpc.ErrorInfo detail (see memsvc.v1.ErrorReason) and,
     for INVALID_ARGUMENT, a google.rpc.BadRequest naming each bad field.
+
+    Besides the errors each RPC lists, any RPC may fail with UNAVAILABLE
+    (ERROR_REASON_BACKEND_UNAVAILABLE, with RetryInfo; or the server shutting
+    down), DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED (ERROR_REASON_TOO_MANY_CALLS),
+    UNAUTHENTICATED and PERMISSION_DENIED (bearer tokens, docs/security.md) and
+    INTERNAL; a mutating RPC with a `request_id` also with INVALID_ARGUMENT
+    (ERROR_REASON_REQUEST_ID_REUSED) or FAILED_PRECONDITION
+    (ERROR_REASON_REQUEST_PURGED). Retry UNAVAILABLE and DEADLINE_EXCEEDED (a
+    mutating call with its request_id).
     """
 
     @_abc_1.abstractmethod

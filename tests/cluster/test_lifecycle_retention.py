@@ -27,5 +27,6 @@ reuse(
         "test_a_session_redis_evicted_in_part_is_lost_memory",
         "test_a_copy_taken_during_a_pause_of_an_earlier_epoch_is_lost_memory",
         "test_a_session_whose_keys_all_expired_is_intact_and_empty",
+        "test_a_merge_resume_over_a_lost_memory_is_refused",
     },
 )

@@ -349,12 +349,17 @@ async def test_a_contents_page_token_ends_with_its_checkpoint(life, wm, scope):
     """A checkpoint deleted and taken again under the same id holds other contents:
     a token of the first one's listing must not continue in the second's."""
     await life.Spawn(lc.SpawnRequest(**scope))
-    # A malformed token is bad input whatever the checkpoint: refused before any read.
-    garbage = lc.GetCheckpointRequest(
-        **scope, checkpoint_id="absent", include_entries=True, page_token="not-a-token"
-    )
-    error = await expect_error(life.GetCheckpoint(garbage), grpc.StatusCode.INVALID_ARGUMENT)
-    assert list(error.violations) == ["page_token"]
+    # A malformed token is bad input whatever the checkpoint: refused before any read,
+    # with or without entries (as a bad page_size is; a review found it ignored).
+    for include_entries in (True, False):
+        garbage = lc.GetCheckpointRequest(
+            **scope,
+            checkpoint_id="absent",
+            include_entries=include_entries,
+            page_token="not-a-token",
+        )
+        error = await expect_error(life.GetCheckpoint(garbage), grpc.StatusCode.INVALID_ARGUMENT)
+        assert list(error.violations) == ["page_token"]
     for key in "abcd":
         await wm.Set(pb.SetRequest(**scope, key=key, value=value(1)))
     await life.CreateCheckpoint(lc.CreateCheckpointRequest(**scope, checkpoint_id="cp"))

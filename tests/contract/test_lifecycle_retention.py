@@ -491,6 +491,28 @@ async def test_a_session_redis_evicted_in_part_is_lost_memory(server, life, scop
 
 
 @pytest.mark.parametrize("deployment", [DEPLOYMENTS["production"]], ids=["production"])
+async def test_a_merge_resume_over_a_lost_memory_is_refused(copy, life, scope, wm):
+    """Found by a review: a merge Resume of an ACTIVE session whose memory was lost
+    answered OK, the entries it was asked to keep gone, though the proto promises
+    WORKING_MEMORY_LOST for a merge over a memory that is lost. A plain Resume
+    restores the checkpoint, as for any lost memory."""
+    await life.Spawn(lc.SpawnRequest(**scope, initial_entries=[
+        pb.EntryInput(key="a", value=value(1))]))  # fmt: skip
+    checkpoint = (await life.CreateCheckpoint(lc.CreateCheckpointRequest(**scope))).checkpoint
+    await wm.Set(pb.SetRequest(**scope, key="b", value=value(2)))
+    await copy.client.delete(*copy.keys)  # lost (a flush, a restart without persistence)
+    merge = lc.ResumeRequest(
+        **scope, checkpoint_id=checkpoint.checkpoint_id, merge_with_current=True
+    )
+    error = await expect_error(life.Resume(merge), grpc.StatusCode.FAILED_PRECONDITION)
+    assert error.reason == "ERROR_REASON_WORKING_MEMORY_LOST"
+    session = (await life.GetSession(lc.GetSessionRequest(**scope))).session
+    assert session.working_memory_status == lc.WORKING_MEMORY_STATUS_LOST  # unchanged
+    await life.Resume(lc.ResumeRequest(**scope, checkpoint_id=checkpoint.checkpoint_id))
+    assert [k.key for k in (await wm.ListKeys(pb.ListKeysRequest(**scope))).keys] == ["a"]
+
+
+@pytest.mark.parametrize("deployment", [DEPLOYMENTS["production"]], ids=["production"])
 async def test_a_session_whose_keys_all_expired_is_intact_and_empty(server, life, scope, wm):
     """When every key has a TTL, Redis expires the session's data and key index
     whole at the last one (the marker stays): that is an expiry, not an eviction.

@@ -266,6 +266,17 @@ async def test_bad_watch_requests_are_invalid_argument(life):
             assert "none to watch every type" in details.violations[field]
 
 
+async def test_a_zero_progress_interval_is_the_default(life):
+    """Found by a review: an empty Duration (grpcurl's "0s", Go's zero value) was
+    INVALID_ARGUMENT, where every other Duration of the API takes zero as unset."""
+    call = life.WatchLifecycle(
+        lc.WatchLifecycleRequest(progress_interval=duration_pb2.Duration(seconds=0))
+    )
+    first = await call.read()
+    assert first.WhichOneof("kind") == "progress"
+    call.cancel()
+
+
 def on_database(url: str, database: str) -> str:
     """``url`` (a postgresql:// URL, maybe through a pooler) naming ``database`` instead."""
     return urlunsplit(urlsplit(url)._replace(path=f"/{database}"))
