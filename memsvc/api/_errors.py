@@ -101,13 +101,17 @@ def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
 
-def to_rpc_status(error: MemsvcError) -> status_pb2.Status:
+def to_rpc_status(error: MemsvcError, request: object = None) -> status_pb2.Status:
     """The google.rpc.Status that reports ``error`` to a caller, small enough for
     trailers (see _STATUS_BYTES): long quotes are cut, and of many violations the
-    first that fit are kept (one at least; the message names the first three)."""
+    first that fit are kept (one at least; the message names the first three).
+    An error that names a session gets the rest of its identity from ``request``."""
     code = next((c for cls, c in _CODES if isinstance(error, cls)), code_pb2.INTERNAL)
     message = _shortened(error.message, _MESSAGE_WIRE_BYTES)
-    metadata = {key: _cut(value, _METADATA_CHARS) for key, value in error.metadata.items()}
+    metadata = {
+        key: _cut(value, _METADATA_CHARS)
+        for key, value in {**_session_scope(error, request), **error.metadata}.items()
+    }
     details: list[Any] = [
         error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=metadata)
     ]
@@ -137,6 +141,20 @@ def to_rpc_status(error: MemsvcError) -> status_pb2.Status:
         more += 1
 
 
+def _session_scope(error: MemsvcError, request: object) -> dict[str, str]:
+    """The project and agent instance of the session ``error`` names, from the
+    request that named it: a session id is unique only within its agent instance,
+    and a client with many sessions must know which one failed."""
+    if "session_id" not in error.metadata:
+        return {}
+    scope = {}
+    for field in ("project_id", "agent_instance_id"):
+        value = getattr(request, field, None)
+        if isinstance(value, str) and value:
+            scope[field] = value.lower()  # as memsvc keeps UUIDs
+    return scope
+
+
 def _status(
     code: int, message: str, details: list[Any], violations: list[FieldViolation]
 ) -> status_pb2.Status:
@@ -159,11 +177,13 @@ def _status(
     return status_pb2.Status(code=code, message=message, details=packed)
 
 
-async def _abort(context: grpc.aio.ServicerContext, error: BaseException, method: str) -> None:
+async def _abort(
+    context: grpc.aio.ServicerContext, error: BaseException, method: str, request: object = None
+) -> None:
     if isinstance(error, MemsvcError):
         if isinstance(error, BackendUnavailable):
             log.warning("%s failed: %s", method, error.message)
-        status = rpc_status.to_status(to_rpc_status(error))
+        status = rpc_status.to_status(to_rpc_status(error, request))
         await context.abort(status.code, status.details, status.trailing_metadata)
     log.error("unexpected error in %s", method, exc_info=error)
     await context.abort(grpc.StatusCode.INTERNAL, "internal error; the server log has the details")
@@ -302,7 +322,9 @@ class ErrorInterceptor(HandlerWrapper):
             if not own and calls.other_streams > limit:
                 await _abort(context, TooManyWatchers(limit), method)
 
-        async def end_with_status(context: grpc.aio.ServicerContext, error: BaseException) -> None:
+        async def end_with_status(
+            context: grpc.aio.ServicerContext, error: BaseException, request: object
+        ) -> None:
             if isinstance(error, asyncio.CancelledError):
                 if not calls.shutting_down:
                     raise error
@@ -317,7 +339,7 @@ class ErrorInterceptor(HandlerWrapper):
                 # log it as a servicer error; aborted, memsvc as INTERNAL).
                 log.info("%s: the stream ended: the client left (%s)", method, error)
                 return
-            await _abort(context, error, method)
+            await _abort(context, error, method, request)
 
         if inspect.isasyncgenfunction(behavior):
 
@@ -334,7 +356,7 @@ class ErrorInterceptor(HandlerWrapper):
                         async for response in behavior(request, context):
                             yield response
                     except (Exception, asyncio.CancelledError) as error:
-                        await end_with_status(context, error)
+                        await end_with_status(context, error, request)
 
             return generator
 
@@ -348,7 +370,7 @@ class ErrorInterceptor(HandlerWrapper):
                         raise request.error()
                     await behavior(request, context)
                 except (Exception, asyncio.CancelledError) as error:
-                    await end_with_status(context, error)
+                    await end_with_status(context, error, request)
 
         return writer
 
@@ -383,11 +405,11 @@ def _map_errors(
                     return await behavior(request, context)
             except TimeoutError as error:
                 if not own_deadline.expired():
-                    await _abort(context, error, method)
+                    await _abort(context, error, method, request)
                 await _abort(context, DeadlineExceeded(seconds), method)
             except (grpc.aio.AbortError, asyncio.CancelledError):
                 raise
             except Exception as error:
-                await _abort(context, error, method)
+                await _abort(context, error, method, request)
 
     return unary_unary

@@ -192,7 +192,9 @@ class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     size limit, an unknown method.) Clients
     can parse the reason back into this enum and branch on it. ErrorInfo
     `metadata` carries the identifiers and limits involved, under the keys that
-    each value documents.
+    each value documents; where they name a "session_id", also the session's
+    "project_id" and "agent_instance_id" (a session id is unique only within its
+    agent instance).
     """
 
 ERROR_REASON_UNSPECIFIED: ErrorReason.ValueType  # 0

@@ -40,7 +40,12 @@ async def test_missing_key_is_key_not_found_with_metadata(session: AsyncSessionC
     assert error.code == grpc.StatusCode.NOT_FOUND
     assert error.reason == ErrorReason.KEY_NOT_FOUND
     assert error.reason == "ERROR_REASON_KEY_NOT_FOUND"
-    assert error.metadata == {"session_id": session.session_id, "key": "absent"}
+    assert error.metadata == {
+        "project_id": session.project_id,
+        "agent_instance_id": session.agent_instance_id,
+        "session_id": session.session_id,
+        "key": "absent",
+    }
     assert error.attempts == 1 and error.request_id is None
     assert "ERROR_REASON_KEY_NOT_FOUND" in str(error)
 

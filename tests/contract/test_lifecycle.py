@@ -321,7 +321,7 @@ async def test_invalid_transitions_are_refused_with_the_state(life, scope):
 async def test_spawn_of_a_live_session_is_already_exists(life, scope):
     await life.Spawn(lc.SpawnRequest(**scope))
     error = await expect_error(life.Spawn(lc.SpawnRequest(**scope)), grpc.StatusCode.ALREADY_EXISTS)
-    assert error.metadata == {"session_id": scope["session_id"], "state": "ACTIVE"}
+    assert error.metadata == {**scope, "state": "ACTIVE"}
 
 
 async def test_unknown_checkpoint_is_not_found(life, scope):

@@ -44,7 +44,7 @@ async def test_past_the_checkpoint_limit_pause_and_create_are_refused_and_change
         grpc.StatusCode.RESOURCE_EXHAUSTED,
     )
     assert created.reason == "ERROR_REASON_CHECKPOINT_LIMIT"
-    assert created.metadata == {"limit": "2", "session_id": scope["session_id"]}
+    assert created.metadata == {"limit": "2", **scope}
     assert created.quota_subjects == ["checkpoints per session"]
     paused = await expect_error(
         life.Pause(lc.PauseRequest(**scope, checkpoint_id="resume-point")),

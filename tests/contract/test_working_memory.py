@@ -70,12 +70,20 @@ async def test_set_overwrites_value_and_ttl(wm, scope):
 
 
 async def test_get_missing_key_is_not_found_with_details(wm, scope):
-    """Get of an absent key: NOT_FOUND, reason KEY_NOT_FOUND, the key in metadata."""
+    """Get of an absent key: NOT_FOUND, reason KEY_NOT_FOUND, the key and the whole
+    session's identity in metadata (a session id is unique only within its agent
+    instance; a review found the metadata named the session id alone), in the
+    canonical lower case however the request spelled the UUIDs."""
+    shouted = dict(
+        scope,
+        project_id=scope["project_id"].upper(),
+        agent_instance_id=scope["agent_instance_id"].upper(),
+    )
     error = await expect_error(
-        wm.Get(pb.GetRequest(**scope, key="nope")), grpc.StatusCode.NOT_FOUND
+        wm.Get(pb.GetRequest(**shouted, key="nope")), grpc.StatusCode.NOT_FOUND
     )
     assert error.reason == "ERROR_REASON_KEY_NOT_FOUND"
-    assert error.metadata == {"session_id": scope["session_id"], "key": "nope"}
+    assert error.metadata == {**scope, "key": "nope"}
     assert "nope" in error.message
 
 
