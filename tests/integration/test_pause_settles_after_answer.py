@@ -27,36 +27,13 @@ from memsvc.v1 import working_memory_pb2 as pb
 from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
 from memsvc.v1.working_memory_pb2_grpc import WorkingMemoryServiceStub
 from tests.helpers import embedded_config, python, value
-
-
-class PauseSettlesLate(InMemoryWorkingMemoryStore):
-    """Holds the first step 3 of a Pause (final state ``paused``) until ``release``
-    is set; a heal's settling goes through."""
-
-    def __init__(self) -> None:
-        super().__init__(max_session_keys=100, max_session_bytes=1 << 20)
-        self.release = asyncio.Event()
-        self.held = 0
-        self.lost: list[str] = []
-
-    async def finish(
-        self, session: SessionRef, op: str, final_state: str | None, swap: bool, clear: bool
-    ) -> None:
-        if final_state == "paused" and not self.held:
-            self.held += 1
-            await self.release.wait()
-            try:
-                await super().finish(session, op, final_state, swap, clear)
-            except Exception as error:
-                self.lost.append(type(error).__name__)
-                raise
-            return
-        await super().finish(session, op, final_state, swap, clear)
+from tests.integration._held_step import HeldStep3
 
 
 @pytest.fixture
-async def rig(tmp_path: Path) -> AsyncIterator[tuple[Server, PauseSettlesLate, grpc.aio.Channel]]:
-    store = PauseSettlesLate()
+async def rig(tmp_path: Path) -> AsyncIterator[tuple[Server, HeldStep3, grpc.aio.Channel]]:
+    # The first step 3 of a Pause (final state paused); a heal's after it goes through.
+    store = HeldStep3(lambda final_state, swap: final_state == "paused")
     config = embedded_config(tmp_path)
     async with (
         Server(config, working_memory=store) as server,
@@ -74,7 +51,7 @@ def new_ids() -> dict[str, Any]:
 
 
 async def paused_with_step_3_held(
-    store: PauseSettlesLate, channel: grpc.aio.Channel, ids: dict[str, Any]
+    store: HeldStep3, channel: grpc.aio.Channel, ids: dict[str, Any]
 ) -> SessionRef:
     """A session spawned with k='kept' and paused, its step 3 held."""
     life = LifecycleServiceStub(channel)
@@ -106,7 +83,7 @@ async def test_a_pause_answers_before_its_marker_settles(rig):
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "is paused" in (refused.value.details() or "")
     await server.lifecycle.settled()
-    assert store.lost == [], "the step settled the marker itself"
+    assert store.outcomes == ["settled"], "the step settled the marker itself"
     assert (await store.read_marker(ref)).state == "paused"
     assert python((await wm.Get(pb.GetRequest(**ids, key="k"))).entry.value) == "kept"
 
@@ -124,7 +101,7 @@ async def test_a_resume_heals_a_pause_still_settling(rig):
 
     store.release.set()
     await server.lifecycle.settled()
-    assert store.lost == ["LostOperation"], "the late step 3 found the marker taken"
+    assert store.outcomes == ["LostOperation"], "the late step 3 found the marker taken"
     await wm.Set(pb.SetRequest(**ids, key="k", value=value("after")))
     assert python((await wm.Get(pb.GetRequest(**ids, key="k"))).entry.value) == "after"
     assert (await store.read_marker(ref)).state == "active"
@@ -153,5 +130,5 @@ async def test_a_call_waiting_for_a_step_another_caller_settled_heals_what_came_
     assert not read.done(), "it waits for this process's step 3"
     store.release.set()
     assert python((await asyncio.wait_for(read, 10)).entry.value) == "kept"
-    assert store.lost == ["LostOperation"]
+    assert store.outcomes == ["LostOperation"]
     assert (await store.read_marker(ref)).state == "paused", "the dead Resume undone"

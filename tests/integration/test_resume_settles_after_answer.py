@@ -20,43 +20,17 @@ import pytest
 
 from memsvc.domain import SessionRef
 from memsvc.server import Server
-from memsvc.store.memory import InMemoryWorkingMemoryStore
 from memsvc.v1 import lifecycle_pb2 as lc
 from memsvc.v1 import working_memory_pb2 as pb
 from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
 from memsvc.v1.working_memory_pb2_grpc import WorkingMemoryServiceStub
 from tests.helpers import embedded_config, python, value
-
-
-class ResumeSettlesLate(InMemoryWorkingMemoryStore):
-    """Holds the first swapping step 3 (a Resume's) until ``release`` is set, and
-    counts the markers read (every heal reads one before its transaction)."""
-
-    def __init__(self) -> None:
-        super().__init__(max_session_keys=100, max_session_bytes=1 << 20)
-        self.release = asyncio.Event()
-        self.held = 0
-        self.settled_by: list[str] = []
-
-    async def finish(
-        self, session: SessionRef, op: str, final_state: str | None, swap: bool, clear: bool
-    ) -> None:
-        if swap and not self.held:
-            self.held += 1
-            await self.release.wait()
-            try:
-                await super().finish(session, op, final_state, swap, clear)
-            except Exception as error:
-                self.settled_by.append(type(error).__name__)
-                raise
-            self.settled_by.append("its step 3")
-            return
-        await super().finish(session, op, final_state, swap, clear)
+from tests.integration._held_step import HeldStep3
 
 
 @pytest.fixture
-async def rig(tmp_path: Path) -> AsyncIterator[tuple[Server, ResumeSettlesLate, grpc.aio.Channel]]:
-    store = ResumeSettlesLate()
+async def rig(tmp_path: Path) -> AsyncIterator[tuple[Server, HeldStep3, grpc.aio.Channel]]:
+    store = HeldStep3(lambda final_state, swap: swap)  # a Resume's step 3
     async with (
         Server(embedded_config(tmp_path), working_memory=store) as server,
         grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
@@ -96,6 +70,6 @@ async def test_a_resume_answers_before_its_marker_settles_and_calls_wait_for_it(
     assert python((await asyncio.wait_for(read, 10)).entry.value) == "checkpointed"
     await asyncio.wait_for(write, 10)
     await server.lifecycle.settled()
-    assert store.settled_by == ["its step 3"], "no heal settled the marker before it"
+    assert store.outcomes == ["settled"], "no heal settled the marker before it"
     assert (await store.read_marker(ref)).state == "active"
     assert python((await wm.Get(pb.GetRequest(**ids, key="w"))).entry.value) == 1

@@ -9,7 +9,6 @@ stayed in the store for good: no later call on a terminated session meets them.
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,33 +19,17 @@ import pytest
 
 from memsvc.domain import SessionRef
 from memsvc.server import Server
-from memsvc.store.memory import InMemoryWorkingMemoryStore
 from memsvc.v1 import lifecycle_pb2 as lc
 from memsvc.v1 import working_memory_pb2 as pb
 from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
 from tests.helpers import embedded_config, value
-
-
-class SlowToClear(InMemoryWorkingMemoryStore):
-    """Holds a Terminate's last step (it removes the marker) until ``release``."""
-
-    def __init__(self) -> None:
-        super().__init__(max_session_keys=100, max_session_bytes=1 << 20)
-        self.release = asyncio.Event()
-        self.clearing = asyncio.Event()
-
-    async def finish(
-        self, session: SessionRef, op: str, final_state: str | None, swap: bool, clear: bool
-    ) -> None:
-        if final_state is None:
-            self.clearing.set()
-            await self.release.wait()
-        await super().finish(session, op, final_state, swap, clear)
+from tests.integration._held_step import HeldStep3
 
 
 @pytest.fixture
-async def rig(tmp_path: Path) -> AsyncIterator[tuple[Server, SlowToClear, grpc.aio.Channel]]:
-    store = SlowToClear()
+async def rig(tmp_path: Path) -> AsyncIterator[tuple[Server, HeldStep3, grpc.aio.Channel]]:
+    # A Terminate's step 3 (it removes the marker: no final state).
+    store = HeldStep3(lambda final_state, swap: final_state is None)
     async with (
         Server(embedded_config(tmp_path), working_memory=store) as server,
         grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
@@ -68,7 +51,7 @@ async def test_a_terminate_cancelled_in_its_last_step_still_clears_the_memory(ri
     with pytest.raises(grpc.aio.AioRpcError) as cut:
         await life.Terminate(request, timeout=1.0)  # runs out during the held step
     assert cut.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert store.clearing.is_set()
+    assert store.reached.is_set()
     session = (await life.GetSession(lc.GetSessionRequest(**ids))).session
     assert session.state == lc.SESSION_STATE_TERMINATED  # committed
 
