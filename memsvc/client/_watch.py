@@ -176,11 +176,12 @@ class AsyncWatch(Generic[Item]):
             self._metadata = lambda: fixed
         self._token_rotated = token_rotated
         self._connected_with: Sequence[tuple[str, str]] = ()
+        # Zero, as unset, is the server's default (as the server takes it).
         interval = (
             request.progress_interval.ToTimedelta().total_seconds()
             if request.HasField("progress_interval")
-            else SERVER_PROGRESS_INTERVAL
-        )
+            else 0.0
+        ) or SERVER_PROGRESS_INTERVAL
         # Never below a second: a bad interval (the server refuses it) must not
         # make every read time out before the refusal arrives.
         self._silence_limit = 3 * max(interval, 0.0) + 1.0

@@ -47,10 +47,8 @@ class GraphCheckpointServiceStub:
     (ERROR_REASON_BACKEND_UNAVAILABLE, with RetryInfo; or the server shutting
     down), DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED (ERROR_REASON_TOO_MANY_CALLS),
     UNAUTHENTICATED and PERMISSION_DENIED (bearer tokens, docs/security.md) and
-    INTERNAL; a mutating RPC with a `request_id` also with INVALID_ARGUMENT
-    (ERROR_REASON_REQUEST_ID_REUSED) or FAILED_PRECONDITION
-    (ERROR_REASON_REQUEST_PURGED). Retry UNAVAILABLE and DEADLINE_EXCEEDED (a
-    mutating call with its request_id).
+    INTERNAL. Retry UNAVAILABLE and DEADLINE_EXCEEDED: reads, and puts, which
+    store the same again.
     """
 
     def __init__(self, channel):
@@ -123,10 +121,8 @@ class GraphCheckpointServiceServicer:
     (ERROR_REASON_BACKEND_UNAVAILABLE, with RetryInfo; or the server shutting
     down), DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED (ERROR_REASON_TOO_MANY_CALLS),
     UNAUTHENTICATED and PERMISSION_DENIED (bearer tokens, docs/security.md) and
-    INTERNAL; a mutating RPC with a `request_id` also with INVALID_ARGUMENT
-    (ERROR_REASON_REQUEST_ID_REUSED) or FAILED_PRECONDITION
-    (ERROR_REASON_REQUEST_PURGED). Retry UNAVAILABLE and DEADLINE_EXCEEDED (a
-    mutating call with its request_id).
+    INTERNAL. Retry UNAVAILABLE and DEADLINE_EXCEEDED: reads, and puts, which
+    store the same again.
     """
 
     def PutGraphCheckpoint(self, request, context):
@@ -294,10 +290,8 @@ class GraphCheckpointService:
     (ERROR_REASON_BACKEND_UNAVAILABLE, with RetryInfo; or the server shutting
     down), DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED (ERROR_REASON_TOO_MANY_CALLS),
     UNAUTHENTICATED and PERMISSION_DENIED (bearer tokens, docs/security.md) and
-    INTERNAL; a mutating RPC with a `request_id` also with INVALID_ARGUMENT
-    (ERROR_REASON_REQUEST_ID_REUSED) or FAILED_PRECONDITION
-    (ERROR_REASON_REQUEST_PURGED). Retry UNAVAILABLE and DEADLINE_EXCEEDED (a
-    mutating call with its request_id).
+    INTERNAL. Retry UNAVAILABLE and DEADLINE_EXCEEDED: reads, and puts, which
+    store the same again.
     """
 
     @staticmethod

@@ -48,10 +48,8 @@ class GraphCheckpointServiceStub:
     (ERROR_REASON_BACKEND_UNAVAILABLE, with RetryInfo; or the server shutting
     down), DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED (ERROR_REASON_TOO_MANY_CALLS),
     UNAUTHENTICATED and PERMISSION_DENIED (bearer tokens, docs/security.md) and
-    INTERNAL; a mutating RPC with a `request_id` also with INVALID_ARGUMENT
-    (ERROR_REASON_REQUEST_ID_REUSED) or FAILED_PRECONDITION
-    (ERROR_REASON_REQUEST_PURGED). Retry UNAVAILABLE and DEADLINE_EXCEEDED (a
-    mutating call with its request_id).
+    INTERNAL. Retry UNAVAILABLE and DEADLINE_EXCEEDED: reads, and puts, which
+    store the same again.
     """
 
     @_typing.overload
@@ -142,10 +140,8 @@ class GraphCheckpointServiceAsyncStub(GraphCheckpointServiceStub):
     (ERROR_REASON_BACKEND_UNAVAILABLE, with RetryInfo; or the server shutting
     down), DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED (ERROR_REASON_TOO_MANY_CALLS),
     UNAUTHENTICATED and PERMISSION_DENIED (bearer tokens, docs/security.md) and
-    INTERNAL; a mutating RPC with a `request_id` also with INVALID_ARGUMENT
-    (ERROR_REASON_REQUEST_ID_REUSED) or FAILED_PRECONDITION
-    (ERROR_REASON_REQUEST_PURGED). Retry UNAVAILABLE and DEADLINE_EXCEEDED (a
-    mutating call with its request_id).
+    INTERNAL. Retry UNAVAILABLE and DEADLINE_EXCEEDED: reads, and puts, which
+    store the same again.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -232,10 +228,8 @@ class GraphCheckpointServiceServicer(metaclass=_abc_1.ABCMeta):
     (ERROR_REASON_BACKEND_UNAVAILABLE, with RetryInfo; or the server shutting
     down), DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED (ERROR_REASON_TOO_MANY_CALLS),
     UNAUTHENTICATED and PERMISSION_DENIED (bearer tokens, docs/security.md) and
-    INTERNAL; a mutating RPC with a `request_id` also with INVALID_ARGUMENT
-    (ERROR_REASON_REQUEST_ID_REUSED) or FAILED_PRECONDITION
-    (ERROR_REASON_REQUEST_PURGED). Retry UNAVAILABLE and DEADLINE_EXCEEDED (a
-    mutating call with its request_id).
+    INTERNAL. Retry UNAVAILABLE and DEADLINE_EXCEEDED: reads, and puts, which
+    store the same again.
     """
 
     @_abc_1.abstractmethod

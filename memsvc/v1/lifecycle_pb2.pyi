@@ -1268,7 +1268,8 @@ class GetCheckpointRequest(_message.Message):
     page_token: _builtins.str
     """With include_entries: token from a previous response; empty for the
     first page. Only valid with the same session and checkpoint (a checkpoint
-    deleted and taken again under its id is another: INVALID_ARGUMENT).
+    deleted and taken again under its id is another: INVALID_ARGUMENT). A
+    malformed one is INVALID_ARGUMENT with or without include_entries.
     """
     def __init__(
         self,

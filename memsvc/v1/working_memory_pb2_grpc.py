@@ -59,10 +59,8 @@ class WorkingMemoryServiceStub:
     (ERROR_REASON_BACKEND_UNAVAILABLE, with RetryInfo; or the server shutting
     down), DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED (ERROR_REASON_TOO_MANY_CALLS),
     UNAUTHENTICATED and PERMISSION_DENIED (bearer tokens, docs/security.md) and
-    INTERNAL; a mutating RPC with a `request_id` also with INVALID_ARGUMENT
-    (ERROR_REASON_REQUEST_ID_REUSED) or FAILED_PRECONDITION
-    (ERROR_REASON_REQUEST_PURGED). Retry UNAVAILABLE and DEADLINE_EXCEEDED (a
-    mutating call with its request_id).
+    INTERNAL. Retry UNAVAILABLE and DEADLINE_EXCEEDED as the paragraph on
+    retries above says.
     """
 
     def __init__(self, channel):
@@ -147,10 +145,8 @@ class WorkingMemoryServiceServicer:
     (ERROR_REASON_BACKEND_UNAVAILABLE, with RetryInfo; or the server shutting
     down), DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED (ERROR_REASON_TOO_MANY_CALLS),
     UNAUTHENTICATED and PERMISSION_DENIED (bearer tokens, docs/security.md) and
-    INTERNAL; a mutating RPC with a `request_id` also with INVALID_ARGUMENT
-    (ERROR_REASON_REQUEST_ID_REUSED) or FAILED_PRECONDITION
-    (ERROR_REASON_REQUEST_PURGED). Retry UNAVAILABLE and DEADLINE_EXCEEDED (a
-    mutating call with its request_id).
+    INTERNAL. Retry UNAVAILABLE and DEADLINE_EXCEEDED as the paragraph on
+    retries above says.
     """
 
     def Set(self, request, context):
@@ -315,10 +311,8 @@ class WorkingMemoryService:
     (ERROR_REASON_BACKEND_UNAVAILABLE, with RetryInfo; or the server shutting
     down), DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED (ERROR_REASON_TOO_MANY_CALLS),
     UNAUTHENTICATED and PERMISSION_DENIED (bearer tokens, docs/security.md) and
-    INTERNAL; a mutating RPC with a `request_id` also with INVALID_ARGUMENT
-    (ERROR_REASON_REQUEST_ID_REUSED) or FAILED_PRECONDITION
-    (ERROR_REASON_REQUEST_PURGED). Retry UNAVAILABLE and DEADLINE_EXCEEDED (a
-    mutating call with its request_id).
+    INTERNAL. Retry UNAVAILABLE and DEADLINE_EXCEEDED as the paragraph on
+    retries above says.
     """
 
     @staticmethod

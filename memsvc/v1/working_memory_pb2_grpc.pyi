@@ -60,10 +60,8 @@ class WorkingMemoryServiceStub:
     (ERROR_REASON_BACKEND_UNAVAILABLE, with RetryInfo; or the server shutting
     down), DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED (ERROR_REASON_TOO_MANY_CALLS),
     UNAUTHENTICATED and PERMISSION_DENIED (bearer tokens, docs/security.md) and
-    INTERNAL; a mutating RPC with a `request_id` also with INVALID_ARGUMENT
-    (ERROR_REASON_REQUEST_ID_REUSED) or FAILED_PRECONDITION
-    (ERROR_REASON_REQUEST_PURGED). Retry UNAVAILABLE and DEADLINE_EXCEEDED (a
-    mutating call with its request_id).
+    INTERNAL. Retry UNAVAILABLE and DEADLINE_EXCEEDED as the paragraph on
+    retries above says.
     """
 
     @_typing.overload
@@ -151,10 +149,8 @@ class WorkingMemoryServiceAsyncStub(WorkingMemoryServiceStub):
     (ERROR_REASON_BACKEND_UNAVAILABLE, with RetryInfo; or the server shutting
     down), DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED (ERROR_REASON_TOO_MANY_CALLS),
     UNAUTHENTICATED and PERMISSION_DENIED (bearer tokens, docs/security.md) and
-    INTERNAL; a mutating RPC with a `request_id` also with INVALID_ARGUMENT
-    (ERROR_REASON_REQUEST_ID_REUSED) or FAILED_PRECONDITION
-    (ERROR_REASON_REQUEST_PURGED). Retry UNAVAILABLE and DEADLINE_EXCEEDED (a
-    mutating call with its request_id).
+    INTERNAL. Retry UNAVAILABLE and DEADLINE_EXCEEDED as the paragraph on
+    retries above says.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -238,10 +234,8 @@ class WorkingMemoryServiceServicer(metaclass=_abc_1.ABCMeta):
     (ERROR_REASON_BACKEND_UNAVAILABLE, with RetryInfo; or the server shutting
     down), DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED (ERROR_REASON_TOO_MANY_CALLS),
     UNAUTHENTICATED and PERMISSION_DENIED (bearer tokens, docs/security.md) and
-    INTERNAL; a mutating RPC with a `request_id` also with INVALID_ARGUMENT
-    (ERROR_REASON_REQUEST_ID_REUSED) or FAILED_PRECONDITION
-    (ERROR_REASON_REQUEST_PURGED). Retry UNAVAILABLE and DEADLINE_EXCEEDED (a
-    mutating call with its request_id).
+    INTERNAL. Retry UNAVAILABLE and DEADLINE_EXCEEDED as the paragraph on
+    retries above says.
     """
 
     @_abc_1.abstractmethod

@@ -359,6 +359,24 @@ async def test_a_bad_progress_interval_is_refused_not_reconnected_for_ever(clien
     assert watch.connections == 1
 
 
+async def test_a_zero_progress_interval_is_the_servers_default_here_too(client, scope):
+    """The server takes a zero interval as its default (10 s); the watch must too:
+    a review found it timed each quiet stream out after a second of silence
+    (three zero intervals, plus one) and reconnected, for as long as it ran."""
+    async with client.watch(scope["project_id"], progress_interval=0) as events:
+
+        async def read_on() -> None:
+            async for _ in events:
+                pass
+
+        reading = asyncio.ensure_future(read_on())
+        # Reading on, well past that second, twice: a stream replaced meanwhile counts.
+        await asyncio.sleep(2.5)
+        assert not reading.done()
+        reading.cancel()
+        assert events.connections == 1
+
+
 async def test_watch_without_reconnect_raises_unavailable(
     server: Server, scope: dict[str, str], auth_token: str
 ):

@@ -274,6 +274,10 @@ async def test_a_zero_progress_interval_is_the_default(life):
     )
     first = await call.read()
     assert first.WhichOneof("kind") == "progress"
+    # Not an interval of zero either (progress as fast as it can go): nothing
+    # matches here, and the next progress is ten seconds away.
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(call.read(), 1.0)
     call.cancel()
 
 
