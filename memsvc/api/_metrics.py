@@ -22,10 +22,12 @@ def _past_deadline(context: grpc.aio.ServicerContext) -> bool:
 
 def _code(context: grpc.aio.ServicerContext, interrupted: bool = False) -> str:
     """The status the call ended with; ``interrupted``: its handler was cancelled
-    or raised past the error mapping (CANCELLED, unless its deadline passed)."""
+    or raised past the error mapping (CANCELLED, unless its deadline passed). A
+    call its client cancelled is CANCELLED too when the handler ended quietly (a
+    stream whose write failed as its client left returns without an error)."""
     if _past_deadline(context):
         return "DEADLINE_EXCEEDED"
-    if interrupted:
+    if interrupted or context.cancelled():
         return "CANCELLED"
     code = context.code()
     if code is None:
