@@ -338,6 +338,19 @@ class PostgresDurableStore(SqlDurableReads):
             log.info("the database takes writes again: replacing the pool's connections")
             await self._pool.drain()
 
+    @contextlib.asynccontextmanager
+    async def _writable_connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A pooled connection, closed (not returned) when a write on it is refused
+        as read-only: it was made to a database that cannot take writes, or took
+        the read-only default of then, and the pool replaces it with one to
+        wherever the address leads now."""
+        async with self._connections.connection() as conn:
+            try:
+                yield conn
+            except psycopg.errors.ReadOnlySqlTransaction:
+                await conn.close()
+                raise
+
     async def _select_one(self) -> None:
         async with self._connections.connection() as conn:
             await conn.execute("SELECT 1")
@@ -441,17 +454,10 @@ class PostgresDurableStore(SqlDurableReads):
         """
         try:
             with observed(self.observe, "transaction", self.backend_name):
-                async with self._connections.connection() as conn:
-                    try:
-                        async with _pipelined_transaction(conn) as tx:
-                            yield tx
-                        appended = await tx.committed()
-                    except psycopg.errors.ReadOnlySqlTransaction:
-                        # Made to a database that cannot take writes (or with its
-                        # sessions' read-only default of then): the pool replaces
-                        # it with one to wherever the address leads now.
-                        await conn.close()
-                        raise
+                async with self._writable_connection() as conn:
+                    async with _pipelined_transaction(conn) as tx:
+                        yield tx
+                    appended = await tx.committed()
         except TRANSIENT_ERRORS as error:
             self._suspect_connections(error)
             _raise_if_past_a_limit(error)
@@ -520,15 +526,13 @@ class PostgresDurableStore(SqlDurableReads):
         async def attempt() -> T:
             nonlocal connected
             connected = False
-            async with self._connections.connection() as conn:
+            # A write among the reads (a graph checkpoint's put, an upsert) may be
+            # refused as read-only: nothing was written, and the retry gets a new
+            # connection.
+            async with self._writable_connection() as conn:
                 connected = True
                 try:
                     return await read(conn, POSTGRES, *args)
-                except psycopg.errors.ReadOnlySqlTransaction:
-                    # A write among them (a graph checkpoint's put, an upsert): nothing
-                    # was written; the retry gets a new connection (see transaction()).
-                    await conn.close()
-                    raise
                 except psycopg.OperationalError as error:
                     self._suspect_connections(error)
                     _raise_if_past_a_limit(error)
