@@ -76,7 +76,20 @@ def embedded_config(data_dir: Path) -> Config:
     """A server on a free local port over the embedded SQLite store in ``data_dir``,
     without the health and metrics listeners (for tests that bring their own
     working-memory store)."""
-    return Config(listen="127.0.0.1:0", data_dir=str(data_dir), health_listen="", metrics_listen="")
+    return local_server_config(data_dir)
+
+
+def local_server_config(data_dir: Path, database_url: str = "", **settings: Any) -> Config:
+    """A server on a free local port, its data in ``data_dir``, over ``database_url``
+    (empty: the embedded SQLite store), without the health and metrics listeners
+    unless ``settings`` (any other Config fields) say otherwise."""
+    defaults: dict[str, Any] = {"health_listen": "", "metrics_listen": ""}
+    return Config(
+        listen="127.0.0.1:0",
+        data_dir=str(data_dir),
+        database_url=database_url,
+        **{**defaults, **settings},
+    )
 
 
 def value(python: Any) -> struct_pb2.Value:

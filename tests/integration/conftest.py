@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from memsvc.config import Config
+from tests.helpers import local_server_config
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -22,10 +23,4 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 def local_config(tmp_path: Path, database_url: str) -> Config:
     """A server on a free local port over ``database_url``, without the health and
     metrics listeners (for tests that bring their own working-memory store)."""
-    return Config(
-        listen="127.0.0.1:0",
-        data_dir=str(tmp_path),
-        database_url=database_url,
-        health_listen="",
-        metrics_listen="",
-    )
+    return local_server_config(tmp_path, database_url)

@@ -20,7 +20,15 @@ from memsvc.v1 import lifecycle_pb2 as lc
 from memsvc.v1 import working_memory_pb2 as pb
 from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
 from memsvc.v1.working_memory_pb2_grpc import WorkingMemoryServiceStub
-from tests.helpers import durable_store_at, eventually, expect_error, metric, python, value
+from tests.helpers import (
+    durable_store_at,
+    eventually,
+    expect_error,
+    local_server_config,
+    metric,
+    python,
+    value,
+)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -112,14 +120,11 @@ async def test_redis_outage_turns_health_off_and_calls_unavailable(tmp_path: Pat
 
 async def test_unreachable_database_means_not_serving_from_the_start(tmp_path: Path):
     """With the durable store down (and migrations skipped), the server starts NOT_SERVING."""
-    config = Config(
-        listen="127.0.0.1:0",
-        data_dir=str(tmp_path),
-        database_url=f"postgresql://postgres@127.0.0.1:{free_port()}/none?connect_timeout=1",
+    config = local_server_config(
+        tmp_path,
+        f"postgresql://postgres@127.0.0.1:{free_port()}/none?connect_timeout=1",
         migrate=False,
         health_interval_seconds=0.2,
-        health_listen="",
-        metrics_listen="",
     )
     async with (
         Server(config) as server,
@@ -240,14 +245,8 @@ async def test_readiness_allows_a_probe_its_connect_timeout(
     with TcpProxy(database.port or 5432) as proxy:
         proxy.delay(0.1)  # a connection takes a few round trips of 0.2 s
         far_away = database._replace(netloc=f"postgres@127.0.0.1:{proxy.port}")
-        config = Config(
-            listen="127.0.0.1:0",
-            data_dir=str(tmp_path),
-            database_url=far_away.geturl(),
-            migrate=False,
-            health_interval_seconds=0.15,
-            health_listen="",
-            metrics_listen="",
+        config = local_server_config(
+            tmp_path, far_away.geturl(), migrate=False, health_interval_seconds=0.15
         )
         async with (
             Server(config) as server,

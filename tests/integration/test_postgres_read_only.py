@@ -22,12 +22,11 @@ import psycopg
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from memsvc.config import Config
 from memsvc.server import Server
 from memsvc.v1 import lifecycle_pb2 as lc
 from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
 from tests.conftest import DATABASE_URL
-from tests.helpers import eventually, expect_error
+from tests.helpers import eventually, expect_error, local_server_config
 from tests.integration.test_postgres_pool_after_loss import close_every_connection_to
 
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -60,14 +59,12 @@ async def test_a_read_only_database_is_unavailable_and_not_ready_until_it_takes_
     tmp_path: Path, fresh_postgres_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="memsvc.server")
-    config = Config(
-        listen="127.0.0.1:0",
-        data_dir=str(tmp_path),
+    config = local_server_config(
+        tmp_path,
+        fresh_postgres_url,
         working_memory_url="memory://",
-        database_url=fresh_postgres_url,
         health_interval_seconds=0.2,
         health_listen="127.0.0.1:0",
-        metrics_listen="",
     )
     async with (
         Server(config) as server,
