@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import grpc
 
 from memsvc.domain import SessionRef
+from memsvc.server import Server
 from memsvc.store.memory import InMemoryWorkingMemoryStore
+from tests.helpers import embedded_config
 
 
 class HeldStep3(InMemoryWorkingMemoryStore):
@@ -38,3 +44,17 @@ class HeldStep3(InMemoryWorkingMemoryStore):
             self.outcomes.append(type(error).__name__)
             raise
         self.outcomes.append("settled")
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    holds: Callable[[str | None, bool], bool], data_dir: Path
+) -> AsyncIterator[tuple[Server, HeldStep3, grpc.aio.Channel]]:
+    """An embedded server over a HeldStep3 store that holds what ``holds`` picks,
+    and a channel to it."""
+    store = HeldStep3(holds)
+    async with (
+        Server(embedded_config(data_dir), working_memory=store) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        yield server, store, channel

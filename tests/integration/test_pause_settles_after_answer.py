@@ -26,20 +26,18 @@ from memsvc.v1 import lifecycle_pb2 as lc
 from memsvc.v1 import working_memory_pb2 as pb
 from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
 from memsvc.v1.working_memory_pb2_grpc import WorkingMemoryServiceStub
-from tests.helpers import embedded_config, python, value
-from tests.integration._held_step import HeldStep3
+from tests.helpers import python, value
+from tests.integration._held_step import HeldStep3, serving
 
 
 @pytest.fixture
 async def rig(tmp_path: Path) -> AsyncIterator[tuple[Server, HeldStep3, grpc.aio.Channel]]:
     # The first step 3 of a Pause (final state paused); a heal's after it goes through.
-    store = HeldStep3(lambda final_state, swap: final_state == "paused")
-    config = embedded_config(tmp_path)
-    async with (
-        Server(config, working_memory=store) as server,
-        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
-    ):
-        yield server, store, channel
+    def holds(final_state: str | None, swap: bool) -> bool:
+        return final_state == "paused"
+
+    async with serving(holds, tmp_path) as served:
+        yield served
 
 
 def new_ids() -> dict[str, Any]:

@@ -24,18 +24,17 @@ from memsvc.v1 import lifecycle_pb2 as lc
 from memsvc.v1 import working_memory_pb2 as pb
 from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
 from memsvc.v1.working_memory_pb2_grpc import WorkingMemoryServiceStub
-from tests.helpers import embedded_config, python, value
-from tests.integration._held_step import HeldStep3
+from tests.helpers import python, value
+from tests.integration._held_step import HeldStep3, serving
 
 
 @pytest.fixture
 async def rig(tmp_path: Path) -> AsyncIterator[tuple[Server, HeldStep3, grpc.aio.Channel]]:
-    store = HeldStep3(lambda final_state, swap: swap)  # a Resume's step 3
-    async with (
-        Server(embedded_config(tmp_path), working_memory=store) as server,
-        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
-    ):
-        yield server, store, channel
+    def holds(final_state: str | None, swap: bool) -> bool:
+        return swap  # a Resume's step 3
+
+    async with serving(holds, tmp_path) as served:
+        yield served
 
 
 async def test_a_resume_answers_before_its_marker_settles_and_calls_wait_for_it(rig):

@@ -22,19 +22,17 @@ from memsvc.server import Server
 from memsvc.v1 import lifecycle_pb2 as lc
 from memsvc.v1 import working_memory_pb2 as pb
 from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
-from tests.helpers import embedded_config, value
-from tests.integration._held_step import HeldStep3
+from tests.helpers import value
+from tests.integration._held_step import HeldStep3, serving
 
 
 @pytest.fixture
 async def rig(tmp_path: Path) -> AsyncIterator[tuple[Server, HeldStep3, grpc.aio.Channel]]:
-    # A Terminate's step 3 (it removes the marker: no final state).
-    store = HeldStep3(lambda final_state, swap: final_state is None)
-    async with (
-        Server(embedded_config(tmp_path), working_memory=store) as server,
-        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
-    ):
-        yield server, store, channel
+    def holds(final_state: str | None, swap: bool) -> bool:
+        return final_state is None  # a Terminate's step 3 removes the marker
+
+    async with serving(holds, tmp_path) as served:
+        yield served
 
 
 async def test_a_terminate_cancelled_in_its_last_step_still_clears_the_memory(rig):
