@@ -62,6 +62,7 @@ from memsvc.v1 import (
     data_removal_pb2_grpc,
     episodic_pb2,
     episodic_pb2_grpc,
+    errors_pb2,  # noqa: F401 (see enable_server_reflection below)
     graph_checkpoint_pb2,
     graph_checkpoint_pb2_grpc,
     lifecycle_pb2,
@@ -309,6 +310,9 @@ class Server:
             GraphCheckpointServicer(self.graphs, self.config.max_message_bytes), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        # Reflection describes what the process has loaded: errors.proto has no
+        # service, and only its import above lets a client look up
+        # memsvc.v1.ErrorReason, whose names every error's ErrorInfo carries.
         reflection.enable_server_reflection(
             (
                 WORKING_MEMORY_SERVICE,

@@ -16,6 +16,9 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import descriptor_pb2
+from grpc_reflection.v1alpha.reflection_pb2 import ServerReflectionRequest
+from grpc_reflection.v1alpha.reflection_pb2_grpc import ServerReflectionStub
 
 from memsvc.store.sqlite import SqliteDurableStore
 from memsvc.testing import free_port, wait_for_port
@@ -267,3 +270,28 @@ def test_an_interrupted_migrate_does_not_exit_0(stop, status):
     finally:
         process.kill()
     assert process.returncode == status, stderr
+
+
+async def test_reflection_describes_the_error_reasons(tmp_path):
+    """Every error carries a memsvc.v1.ErrorReason name in its ErrorInfo; a client
+    that knows only reflection (grpcurl) can look the enum up. Asked of a `memsvc
+    serve` process: in the suite's own process a test may have loaded it already."""
+    process, port = start(tmp_path)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = ServerReflectionStub(channel).ServerReflectionInfo()
+            asked = ServerReflectionRequest(file_containing_symbol="memsvc.v1.ErrorReason")
+            await call.write(asked)
+            reply = await call.read()
+            await call.done_writing()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=30)
+    assert reply.HasField("file_descriptor_response"), reply.error_response.error_message
+    files = [
+        descriptor_pb2.FileDescriptorProto.FromString(raw)
+        for raw in reply.file_descriptor_response.file_descriptor_proto
+    ]
+    errors = next(f for f in files if f.name == "memsvc/v1/errors.proto")
+    reasons = {value.name for value in errors.enum_type[0].value}
+    assert {"ERROR_REASON_SESSION_NOT_FOUND", "ERROR_REASON_WORKING_MEMORY_LOST"} <= reasons
