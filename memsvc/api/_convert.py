@@ -114,7 +114,20 @@ def plain_struct(message: struct_pb2.Struct, field: str) -> dict[str, Any]:
     problem = json_problem(plain) or _unreadable_struct(message, plain)
     if problem:
         raise InvalidArgument.single(field, problem)
-    return plain
+    return {key: _without_negative_zero(item) for key, item in plain.items()}
+
+
+def _without_negative_zero(value: Any) -> Any:
+    """``value`` with every -0.0 made 0.0: PostgreSQL's jsonb has no negative zero
+    and SQLite's JSON text keeps it, so the two stores read back different metadata
+    (and a retry with what was read back differed from its first call)."""
+    if isinstance(value, float):
+        return value + 0.0  # -0.0 + 0.0 is 0.0; any other number is itself
+    if isinstance(value, dict):
+        return {key: _without_negative_zero(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_without_negative_zero(item) for item in value]
+    return value
 
 
 # Where a Struct sits deepest in any response: an episode's metadata or action in

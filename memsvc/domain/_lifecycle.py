@@ -533,6 +533,27 @@ class Lifecycle:
             limits=False,
             lesson_limits=consolidate,
         )
+        if consolidate and not violations:
+            # Refused before anything changes, whatever the session holds, as
+            # RecordEpisode refuses it: stored, the episode would fail every read
+            # and every page of episodes that reached it.
+            largest = (
+                self._episode(
+                    session, 0, (), task_description, outcome, list(lessons_learned), metadata, 0
+                ).size()
+                + _SUMMARY_BOUND_BYTES
+                + _KEYS_LEAST_BYTES
+            )
+            if largest > (budget := self._wm.limits.response_budget_bytes):
+                violations.append(
+                    FieldViolation(
+                        "lessons_learned",
+                        f"make the episode this Terminate records up to {largest} bytes with"
+                        f" its metadata and description, over the {budget} bytes one"
+                        " response carries (3/4 of max_message_bytes): shorten them, or"
+                        " set skip_consolidation",
+                    )
+                )
         ref, request_id = self._check(session, "", request_id, violations)
         arguments = (
             ref,
@@ -612,7 +633,8 @@ class Lifecycle:
                 )
                 consolidated = len(entries)
                 episode = self._episode(
-                    record,
+                    record.ref,
+                    record.create_ms,
                     entries,
                     task_description,
                     outcome,
@@ -662,7 +684,8 @@ class Lifecycle:
 
     def _episode(
         self,
-        record: SessionRecord,
+        ref: SessionRef,
+        began_ms: int,
         entries: Sequence[SnapshotEntry],
         task_description: str,
         outcome: int,
@@ -677,7 +700,7 @@ class Lifecycle:
         512 bytes would not); when they are cut, the action says so and counts them.
         """
         keys = sorted(e.key for e in entries)
-        description = (task_description or f"Session {record.ref.session_id} completed")[:500]
+        description = (task_description or f"Session {ref.session_id} completed")[:500]
         action: dict[str, Any] = {
             "type": "session_completion",
             "state_keys": [],
@@ -685,7 +708,7 @@ class Lifecycle:
         }
         episode = EpisodeRecord(
             episode_id=uuid7(),
-            ref=record.ref,
+            ref=ref,
             task_type="session_completion",
             task_description=description,
             outcome=outcome,
@@ -693,7 +716,7 @@ class Lifecycle:
             actions=[action],
             context_summary=state_summary(entries, self._render_value, SUMMARY_CHARS),
             lessons_learned=lessons,
-            duration_seconds=max(0.0, (now - record.create_ms) / 1000),
+            duration_seconds=max(0.0, (now - began_ms) / 1000),
             tokens_used=0,
             importance=0.6,
             metadata=metadata,
@@ -701,7 +724,10 @@ class Lifecycle:
         )
         # Room for the keys: what is left of the response budget (and of an
         # episode's actions), less what a cut list adds.
-        room = min(MAX_ACTIONS_BYTES, self._wm.limits.response_budget_bytes - episode.size()) - 64
+        room = (
+            min(MAX_ACTIONS_BYTES, self._wm.limits.response_budget_bytes - episode.size())
+            - _KEYS_LEAST_BYTES
+        )
         listed = keys_within(keys, room)
         action["state_keys"] = listed
         if len(listed) < len(keys):
@@ -1178,6 +1204,11 @@ class Lifecycle:
 _MARKER_STEPS = frozenset({"Spawn", "Pause", "Resume", "Terminate"})
 
 SUMMARY_CHARS = 1000
+# What a summary of SUMMARY_CHARS characters takes at most (4 bytes a character in
+# UTF-8), and the count in the episode's outcome details; and the least a key list
+# takes, cut or not (with state_keys_truncated and state_key_count).
+_SUMMARY_BOUND_BYTES = 4 * SUMMARY_CHARS + 16
+_KEYS_LEAST_BYTES = 64
 # The metadata of the CHECKPOINT_DELETED events of retention (keep_last, max age),
 # and of a Terminate's cleanup.
 RETENTION: dict[str, Any] = {"reason": "retention"}

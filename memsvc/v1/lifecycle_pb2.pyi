@@ -899,7 +899,10 @@ class TerminateRequest(_message.Message):
     @_builtins.property
     def lessons_learned(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Lessons learned, recorded in the episode: at most 100, each at most 2,000
-        characters (an Episode's limits) unless skip_consolidation.
+        characters (an Episode's limits) unless skip_consolidation. With the
+        metadata and description, they must leave the episode room in one response
+        (3/4 of the server's max_message_bytes, less 4 KB for the summary): else
+        INVALID_ARGUMENT, and nothing changes.
         """
 
     @_builtins.property

@@ -6,6 +6,8 @@ many keys the session held."""
 from __future__ import annotations
 
 import json
+import math
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -288,3 +290,92 @@ async def test_an_episode_too_large_for_one_response_is_refused(
     assert list(listed.episodes) == []
     episode.context_summary = "é" * 50_000
     await episodes.RecordEpisode(ep.RecordEpisodeRequest(episode=episode))
+
+
+async def test_a_terminate_whose_episode_would_not_fit_a_response_is_refused_and_changes_nothing(
+    life: LifecycleServiceStub,
+    wm: WorkingMemoryServiceStub,
+    channel: grpc.aio.Channel,
+    scope: dict[str, Any],
+):
+    """Found by a review: each lesson within its limit, the episode a Terminate
+    recorded could still outgrow a response (RecordEpisode refused the same
+    episode), and then failed GetEpisode and every ListEpisodes page reaching it."""
+    await life.Spawn(lc.SpawnRequest(**scope))
+    await wm.Set(wm_pb.SetRequest(**scope, key="plan", value=value("kept")))
+    too_many = ["é" * 2_000] * 60  # 240,000 bytes of lessons, over 3/4 of 256 KiB
+    error = await expect_error(
+        life.Terminate(lc.TerminateRequest(**scope, lessons_learned=too_many)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert "one response carries" in error.violations["lessons_learned"]
+    assert "skip_consolidation" in error.violations["lessons_learned"]
+    session = (await life.GetSession(lc.GetSessionRequest(**scope))).session
+    assert session.state == lc.SESSION_STATE_ACTIVE
+    got = await wm.Get(wm_pb.GetRequest(**scope, key="plan"))
+    assert got.entry.value == value("kept")
+    await wm.Set(wm_pb.SetRequest(**scope, key="after", value=value(1)))  # still writable
+    episodes = EpisodicMemoryServiceStub(channel)
+    project = {"project_id": scope["project_id"]}
+    assert list((await episodes.ListEpisodes(ep.ListEpisodesRequest(**project))).episodes) == []
+
+    fitting = ["é" * 2_000] * 45  # 180,000 bytes: room left for the rest
+    ended = await life.Terminate(lc.TerminateRequest(**scope, lessons_learned=fitting))
+    got_episode = await episodes.GetEpisode(
+        ep.GetEpisodeRequest(**project, episode_id=ended.episode_id)
+    )
+    assert list(got_episode.episode.lessons_learned) == fitting
+    assert got_episode.episode.ByteSize() <= MESSAGE_BYTES * 3 // 4
+    listed = await episodes.ListEpisodes(ep.ListEpisodesRequest(**project))
+    assert [e.episode_id for e in listed.episodes] == [ended.episode_id]
+
+
+def negative_zeros() -> struct_pb2.Struct:
+    struct = struct_pb2.Struct()
+    struct.update({"z": -0.0, "nested": {"list": [-0.0, 1.5]}})
+    return struct
+
+
+def signs(struct: struct_pb2.Struct) -> list[float]:
+    """The sign (1.0 or -1.0) of each zero in a negative_zeros() Struct as read back."""
+    plain = json_format.MessageToDict(struct)
+    return [math.copysign(1.0, plain["z"]), math.copysign(1.0, plain["nested"]["list"][0])]
+
+
+async def test_a_negative_zero_in_metadata_reads_back_as_zero_on_every_store(
+    life: LifecycleServiceStub, channel: grpc.aio.Channel, scope: dict[str, Any]
+):
+    """Found by reviews: PostgreSQL's jsonb has no -0.0, SQLite keeps it, so the
+    deployments read back different metadata, and on PostgreSQL a call's answer
+    differed from what was then read (a retry with the metadata read back was refused
+    as a reused request id)."""
+    request_id = str(uuid.uuid4())
+    spawned = await life.Spawn(
+        lc.SpawnRequest(**scope, metadata=negative_zeros(), request_id=request_id)
+    )
+    assert signs(spawned.session.metadata) == [1.0, 1.0]
+    read = (await life.GetSession(lc.GetSessionRequest(**scope))).session.metadata
+    assert signs(read) == [1.0, 1.0]
+    again = await life.Spawn(lc.SpawnRequest(**scope, metadata=read, request_id=request_id))
+    assert again.session == spawned.session  # the same arguments: the first answer
+
+    episodes = EpisodicMemoryServiceStub(channel)
+    recorded = await episodes.RecordEpisode(
+        ep.RecordEpisodeRequest(
+            episode=ep.Episode(
+                project_id=scope["project_id"],
+                agent_instance_id=scope["agent_instance_id"],
+                session_id=scope["session_id"],
+                task_type="t",
+                outcome=lc.OUTCOME_SUCCESS,
+                actions=[negative_zeros()],
+                metadata=negative_zeros(),
+            )
+        )
+    )
+    got = await episodes.GetEpisode(
+        ep.GetEpisodeRequest(project_id=scope["project_id"], episode_id=recorded.episode.episode_id)
+    )
+    for episode in (recorded.episode, got.episode):
+        assert signs(episode.metadata) == [1.0, 1.0]
+        assert signs(episode.actions[0]) == [1.0, 1.0]
