@@ -115,6 +115,12 @@ _HEALTH_SERVICES = (
 )
 
 
+# The largest request the probe port takes: a HealthCheckRequest names a service.
+# Larger, gRPC refuses it (RESOURCE_EXHAUSTED) before reading it: the port is open
+# to the whole cluster, and 64 concurrent Checks of 4 MB took 580 MB (a review).
+PROBE_MESSAGE_BYTES = 1024
+
+
 class _ProbeHealth(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
     """grpc.health.v1 on the probe port: Check only, answered by the API's servicer.
 
@@ -360,7 +366,7 @@ class Server:
         await server.start()
         self._grpc = server
         if self.config.health_listen:
-            self._probe = grpc.aio.server(options=self._grpc_options())
+            self._probe = grpc.aio.server(options=self._grpc_options(PROBE_MESSAGE_BYTES))
             health_pb2_grpc.add_HealthServicer_to_server(_ProbeHealth(self.health), self._probe)
             with _binding("health probes", self.config.health_listen):
                 self.health_port = self._probe.add_insecure_port(
@@ -500,9 +506,11 @@ class Server:
     ) -> None:
         await self.stop()
 
-    def _grpc_options(self) -> list[tuple[str, int]]:
+    def _grpc_options(self, max_receive_bytes: int | None = None) -> list[tuple[str, int]]:
+        """The gRPC server's options: requests of at most ``max_receive_bytes``
+        (max_message_bytes by default), refused by gRPC before they are read whole."""
         return [
-            ("grpc.max_receive_message_length", self.config.max_message_bytes),
+            ("grpc.max_receive_message_length", max_receive_bytes or self.config.max_message_bytes),
             ("grpc.max_send_message_length", self.config.max_message_bytes),
             # Fail loudly when the port is taken instead of sharing it silently.
             ("grpc.so_reuseport", 0),

@@ -33,6 +33,29 @@ class Undecodable:
         )
 
 
+@dataclass(frozen=True)
+class Oversized(Undecodable):
+    """A request larger than its method takes (see :func:`within`), never parsed."""
+
+    def error(self) -> InvalidArgument:
+        return InvalidArgument.single("request", self.problem)
+
+
+def within(deserialize: Callable[[bytes], Any] | None, limit: int) -> Callable[[bytes], Any] | None:
+    """``deserialize`` for a request of at most ``limit`` bytes: a larger one is
+    :class:`Oversized`, never parsed (so never held past the call's start)."""
+    if deserialize is None:
+        return None
+    parse = deserialize
+
+    def parse_if_within(data: bytes) -> Any:
+        if len(data) > limit:
+            return Oversized(f"is {len(data)} bytes, over the {limit} this method takes")
+        return parse(data)
+
+    return parse_if_within
+
+
 def lenient(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
     """``deserialize``, answering :class:`Undecodable` instead of raising."""
     if deserialize is None:

@@ -315,7 +315,7 @@ class WatchLifecycleRequest(_message.Message):
     """
     @_builtins.property
     def event_types(self) -> _containers.RepeatedScalarFieldContainer[Global___EventType.ValueType]:
-        """Only events of these types; empty: every type."""
+        """Only events of these types; empty: every type. At most 64 entries."""
 
     @_builtins.property
     def progress_interval(self) -> _duration_pb2.Duration:

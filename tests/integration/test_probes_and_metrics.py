@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from memsvc import metrics as metrics_module
 from memsvc.config import Config
@@ -56,6 +57,47 @@ async def test_the_probe_port_serves_health_and_nothing_else(server: Server, sco
         )
         assert (await watched.read()).status == health_pb2.HealthCheckResponse.SERVING
         watched.cancel()
+
+
+async def test_health_and_reflection_refuse_requests_larger_than_they_take(server: Server):
+    """Found by a review: health and reflection need no token, and took requests of
+    max_message_bytes. 64 concurrent probe Checks of 4 MB took 580 MB; a health Watch
+    on the API kept its 4 MB service name (19 MB resident) as long as it stayed open."""
+    long_name = "s" * 2_000
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.health_port}") as probe:
+        health = health_pb2_grpc.HealthStub(probe)
+        await expect_error(
+            health.Check(health_pb2.HealthCheckRequest(service=long_name)),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,  # gRPC's own refusal, before reading it
+        )
+        reply = await health.Check(health_pb2.HealthCheckRequest(service="readiness"))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as api:
+        health = health_pb2_grpc.HealthStub(api)
+        error = await expect_error(
+            health.Check(health_pb2.HealthCheckRequest(service=long_name)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        )
+        assert "over the 1024 this method takes" in error.violations["request"]
+        watch = health.Watch(health_pb2.HealthCheckRequest(service=long_name))
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await watch.read()
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+        reflection = reflection_pb2_grpc.ServerReflectionStub(api)
+        call = reflection.ServerReflectionInfo()
+        await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+        assert (await call.read()).HasField("list_services_response")
+        await call.write(
+            reflection_pb2.ServerReflectionRequest(file_containing_symbol="x" * 70_000)
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call.read()
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "over the 65536 this method takes" in (refused.value.details() or "")
+        # The API serves health as before.
+        reply = await health.Check(health_pb2.HealthCheckRequest(service="readiness"))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
 async def test_metrics_count_rpcs_backends_and_watchers(
