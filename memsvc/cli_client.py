@@ -18,13 +18,14 @@ import math
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal, TextIO
+from typing import Any, Literal, TextIO, TypeVar
 
 import grpc
 
 from memsvc.client import (
     TLS,
     AsyncClient,
+    AsyncPager,
     EventType,
     GraphPruneRefused,
     LifecycleEvent,
@@ -32,6 +33,8 @@ from memsvc.client import (
 )
 from memsvc.client._values import to_value
 from memsvc.config import CLIENT_VARIABLES
+
+T = TypeVar("T")
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 # Read by the client commands only; the server allows and ignores them.
@@ -142,7 +145,7 @@ def add_commands(commands: Any) -> None:
     listing.add_argument("-p", "--project", required=True, help="project id (a UUID)")
     listing.add_argument("-a", "--agent", help="only this agent instance's")
     listing.add_argument("--state", choices=("active", "paused", "terminated"))
-    listing.add_argument("--limit", type=_at_least(1), default=100, help="at most this many")
+    listing.add_argument("--limit", type=_at_least(1), default=100, help=LIMIT_HELP)
     listing.set_defaults(handler=_list_sessions)
     actions.add_parser("show", parents=[session], help="one session").set_defaults(
         handler=_show_session
@@ -151,7 +154,7 @@ def add_commands(commands: Any) -> None:
     checkpoints = commands.add_parser("checkpoints", help="list a session's checkpoints")
     actions = checkpoints.add_subparsers(dest="action", required=True, metavar="ACTION")
     listing = actions.add_parser("list", parents=[session], help="newest first")
-    listing.add_argument("--limit", type=_at_least(1), default=100)
+    listing.add_argument("--limit", type=_at_least(1), default=100, help=LIMIT_HELP)
     listing.set_defaults(handler=_list_checkpoints)
 
     graph = commands.add_parser("graph", help="LangGraph checkpoints of graph threads")
@@ -161,7 +164,7 @@ def add_commands(commands: Any) -> None:
     thread.add_argument("-t", "--thread", required=True, help="thread id")
     listing = actions.add_parser("list", parents=[thread], help="a thread's checkpoints")
     listing.add_argument("--ns", help="only this checkpoint namespace (default: all)")
-    listing.add_argument("--limit", type=_at_least(1), default=100)
+    listing.add_argument("--limit", type=_at_least(1), default=100, help=LIMIT_HELP)
     listing.set_defaults(handler=_list_graph_checkpoints)
     actions.add_parser("delete", parents=[thread], help="forget a thread").set_defaults(
         handler=_delete_graph_thread
@@ -237,7 +240,7 @@ def add_commands(commands: Any) -> None:
         action.add_argument("--outcome", choices=("success", "failure", "partial"))
         action.add_argument("--task-type")
         action.add_argument("--min-importance", type=float)
-        action.add_argument("--limit", type=_at_least(1), default=20)
+        action.add_argument("--limit", type=_at_least(1), default=20, help=LIMIT_HELP)
         action.set_defaults(handler=handler)
 
     watch = commands.add_parser(
@@ -394,10 +397,21 @@ def describe_error(error: MemsvcError, address: str) -> str:
 
 # Handlers ---------------------------------------------------------------------
 
+LIMIT_HELP = "at most this many (default: %(default)s); stderr says when more exist"
+
+
+async def _first(pager: AsyncPager[T], limit: int) -> list[T]:
+    """The first ``limit`` items, saying on stderr when there are more (a listing
+    cut without a word passed for the whole one)."""
+    items = await pager.collect(limit=limit + 1)
+    if len(items) > limit:
+        sys.stderr.write(f"memsvc: showing the first {limit}; there are more (--limit)\n")
+    return items[:limit]
+
 
 async def _list_sessions(client: AsyncClient, args: argparse.Namespace, out: TextIO) -> None:
     pager = client.list_sessions(args.project, agent_instance_id=args.agent, state=args.state)
-    sessions = await pager.collect(limit=args.limit)
+    sessions = await _first(pager, args.limit)
     if args.json:
         return _json(out, sessions)
     for s in sessions:
@@ -413,7 +427,7 @@ async def _show_session(client: AsyncClient, args: argparse.Namespace, out: Text
 
 
 async def _list_checkpoints(client: AsyncClient, args: argparse.Namespace, out: TextIO) -> None:
-    checkpoints = await _session(client, args).checkpoints().collect(limit=args.limit)
+    checkpoints = await _first(_session(client, args).checkpoints(), args.limit)
     if args.json:
         return _json(out, checkpoints)
     for c in checkpoints:
@@ -428,7 +442,7 @@ async def _list_graph_checkpoints(
     client: AsyncClient, args: argparse.Namespace, out: TextIO
 ) -> None:
     pager = client.graphs(args.project).checkpoints(args.thread, checkpoint_ns=args.ns)
-    found = await pager.collect(limit=args.limit)
+    found = await _first(pager, args.limit)
     rows = [
         {
             "checkpoint_id": c.checkpoint_id,
@@ -514,8 +528,8 @@ async def _set(client: AsyncClient, args: argparse.Namespace, out: TextIO) -> No
 
 
 async def _list_episodes(client: AsyncClient, args: argparse.Namespace, out: TextIO) -> None:
-    episodes = (
-        await client.episodes(args.project).list(**_episode_filters(args)).collect(limit=args.limit)
+    episodes = await _first(
+        client.episodes(args.project).list(**_episode_filters(args)), args.limit
     )
     if args.json:
         return _json(out, episodes)
@@ -526,7 +540,7 @@ async def _list_episodes(client: AsyncClient, args: argparse.Namespace, out: Tex
 
 async def _search_episodes(client: AsyncClient, args: argparse.Namespace, out: TextIO) -> None:
     pager = client.episodes(args.project).search(args.query, **_episode_filters(args))
-    results = await pager.collect(limit=args.limit)
+    results = await _first(pager, args.limit)
     if args.json:
         return _json(out, results)
     for r in results:

@@ -405,7 +405,10 @@ class Server:
         if self._stopped.is_set():
             return
         grace = self.config.shutdown_grace_seconds if grace is None else grace
-        log.info("shutting down (grace %.1fs)", grace)
+        # A start that failed closes what it opened: quietly, beside its error (it
+        # never served: "shutting down" and "stopped" read as if it had).
+        say = log.info if self._grpc is not None else log.debug
+        say("shutting down (grace %.1fs)", grace)
         await self.health.enter_graceful_shutdown()
         # The background tasks end while gRPC stops, not before it: one cancelled
         # in a backend call may take seconds to unwind (a database that stopped
@@ -472,7 +475,7 @@ class Server:
                 if (found.st_dev, found.st_ino) == self._socket_inode:
                     socket_path.unlink()  # noqa: ASYNC240 - one fast syscall
         self._stopped.set()
-        log.info("stopped")
+        say("stopped")
 
     async def _release_background_lease(self) -> None:
         """Hand the background jobs to another replica now. Without this the lease
@@ -481,6 +484,8 @@ class Server:
         tightly otherwise, never a long wait for a database that does not answer.
         A database call: only once no new call is accepted."""
         assert self.lifecycle is not None
+        if self._sweeper is None:
+            return  # the jobs never ran (a start that failed): no lease to hand over
         if self._durable_answered is False:
             log.info("shutdown: the database did not answer; its background-jobs lease lapses")
             return

@@ -108,6 +108,9 @@ async def test_no_migrate_leaves_the_schema_alone_and_needs_it_migrated(tmp_path
     assert refused.returncode == 1, refused.stderr
     assert "schema is at version 0" in refused.stderr, refused.stderr
     assert "run `memsvc migrate`" in refused.stderr
+    # Found by a review: nothing else, as if it had served (a lease release that
+    # failed on the missing table, "shutting down", "stopped").
+    assert "lease" not in refused.stderr and "stopped" not in refused.stderr, refused.stderr
     store = SqliteDurableStore(f"sqlite:///{tmp_path}/memsvc.db")
     await store.open()
     try:

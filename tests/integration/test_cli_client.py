@@ -270,3 +270,18 @@ async def test_tls_files_that_are_not_pem_are_usage_errors_at_once(cli: Cli, tmp
     cli.env["MEMSVC_TLS_CA"] = str(token)
     code, _, err = await cli.run(*listing)
     assert code == 2 and f"the TLS CA file {token}" in err
+
+
+async def test_a_listing_cut_by_its_limit_says_so(cli: Cli, scope: dict[str, str]):
+    """Found by a review: `sessions list` stopped at 100 without a word, and passed
+    for the whole list."""
+    project, agent = scope["project_id"], scope["agent_instance_id"]
+    for session in ("s1", "s2", "s3"):
+        await cli.ok("spawn", "-p", project, "-a", agent, "-s", session)
+    code, out, err = await cli.run("sessions", "list", "-p", project, "--limit", "2")
+    assert code == 0 and len(out.splitlines()) == 2
+    assert "showing the first 2; there are more (--limit)" in err
+    code, out, err = await cli.run("sessions", "list", "-p", project, "--limit", "3")
+    assert code == 0 and len(out.splitlines()) == 3 and err == ""
+    code, out, err = await cli.run("sessions", "list", "-p", project, "--limit", "2", "--json")
+    assert len(json.loads(out)) == 2 and "there are more" in err  # stdout stays JSON
