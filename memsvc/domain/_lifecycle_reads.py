@@ -225,10 +225,23 @@ class LifecycleReads:
         """The session's marker, and the record to compare it with: ``record`` (read
         before), or the record as it is now when the marker disagrees with it or is
         gone. An operation may have settled the marker after the record was read
-        (the record commits first), or a Terminate dropped it with the memory."""
-        marker = await self._memory.read_marker(record.ref)
-        if marker is None or not left_by_memsvc(record, marker):
-            record = await self._db.get_session(record.ref) or record
+        (the record commits first), or a Terminate dropped it with the memory.
+
+        A disagreement counts only when the record stayed the same across the
+        marker's read: a record that changed meanwhile (another operation
+        committed) is compared with the marker read again. Compared with the
+        newer record alone, a marker a Pause settled (paused, epoch E1) met the
+        Resume committed just after it (ACTIVE, epoch E2) and read as lost memory
+        (a review: GetSession said LOST, writes were refused, in thousands of
+        calls racing Pauses and Resumes)."""
+        for _ in range(MARKER_READS):
+            marker = await self._memory.read_marker(record.ref)
+            if marker is not None and left_by_memsvc(record, marker):
+                return record, marker
+            now = await self._db.get_session(record.ref)
+            if now is None or now.version == record.version:
+                return record, marker  # the same record before and after: it disagrees
+            record = now
         return record, marker
 
     async def list_checkpoints(
@@ -262,6 +275,11 @@ class LifecycleReads:
             CheckpointRecord.size,
             self._limits.response_budget_bytes,
         )
+
+
+# Reads of the marker against a record that keeps changing (operations committing
+# between the reads) before the last pair is taken as it is.
+MARKER_READS = 5
 
 
 def left_by_memsvc(record: SessionRecord, marker: Marker) -> bool:
