@@ -94,22 +94,12 @@ def search_words(text: str) -> str:
     return _NOT_WORDS.sub(" ", text).strip()
 
 
-def search_case(text: str) -> str:
-    """``text`` in lower case, as PostgreSQL gets documents and query terms: its
-    parser lowercases by the database's LC_CTYPE, and under C that knows ASCII
-    only ("Über" stayed "Über", found by no "über"). Lowercased here, search finds
-    words whatever the ctype. One character for one (the length limits hold): "İ",
-    the only one Python lowers to two, becomes "i", as SQLite's FTS5 folds it."""
-    return text.replace("\u0130", "i").lower()
-
-
 def search_texts(episode: EpisodeRecord) -> tuple[str, str]:
-    """The words an episode is found by on PostgreSQL, in lower case (search_case),
-    weighted high (description and lessons) and low (context summary), together at
-    most SEARCH_TEXT_CHARS."""
+    """The words an episode is found by, weighted high (description and lessons)
+    and low (context summary), together at most SEARCH_TEXT_CHARS."""
     high = search_words(" ".join((episode.task_description, *episode.lessons_learned)))
-    high = search_case(high[:SEARCH_TEXT_CHARS])
-    low = search_case(search_words(episode.context_summary)[: SEARCH_TEXT_CHARS - len(high)])
+    high = high[:SEARCH_TEXT_CHARS]
+    low = search_words(episode.context_summary)[: SEARCH_TEXT_CHARS - len(high)]
     return high, low
 
 

@@ -6,8 +6,7 @@ one ``phraseto_tsquery`` per term and ranked by ``ts_rank``; on SQLite an FTS5 t
 kept in step by triggers, matched by an FTS5 query and ranked by ``text_rank``.
 Both see text as words of letters and digits: FTS5's unicode61 tokenizer splits
 it so, and on PostgreSQL memsvc writes the document from the text with every
-other character made a space and in lower case (``search_texts``; the query terms
-too, ``search_case``, whatever the database's LC_CTYPE), parsed by ``memsvc_english``
+other character made a space (``search_texts``), parsed by ``memsvc_english``
 (English stems, no stop words; migration 0009). Both receive the same terms
 (words and phrases, see ``memsvc.domain._episodes.check_query``), every one of
 which must match.
@@ -20,7 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from memsvc.domain import SessionRef
-from memsvc.domain._episodes import EpisodeScope, ScoredEpisode, search_case, search_texts
+from memsvc.domain._episodes import EpisodeScope, ScoredEpisode, search_texts
 from memsvc.domain._lifecycle_records import EMBEDDING_FRAMING_BYTES, EpisodeRecord
 from memsvc.store._budgeted_sql import read_within_budget
 from memsvc.store._lifecycle_sql import Connection, Dialect, SqlQueries, SqlWrites, text
@@ -135,7 +134,7 @@ def _text_match(dialect: Dialect, terms: Sequence[str]) -> tuple[str, str, str, 
             # float8: a real would reach Python rounded by its text form, and the
             # page position would then no longer compare equal to it.
             "ts_rank(e.search_document, m.q, 1)::float8",
-            [search_case(term) for term in terms],
+            list(terms),
         )
     return (
         "episodes_fts JOIN episodes e ON e.search_rowid = episodes_fts.rowid",

@@ -379,9 +379,29 @@ class PostgresDurableStore(SqlDurableReads):
                 raise
             raise BackendUnavailable(self.backend_name, why) from unavailable
         try:
-            return await self._migrate_once()
+            applied = await self._migrate_once()
+            await self._warn_if_search_folds_ascii_only()
+            return applied
         except TRANSIENT_ERRORS as error:
             raise BackendUnavailable(self.backend_name, error) from error
+
+    async def _warn_if_search_folds_ascii_only(self) -> None:
+        """Say so when the database's LC_CTYPE lowercases ASCII only (C, POSIX): its
+        text search parser then keeps the case of every other letter, so
+        SearchEpisodes finds "Über" by "Über" alone, not by "über" (docs/api.md)."""
+        async with self._connections.connection() as conn:
+            cursor = await conn.execute(
+                "SELECT to_tsvector('simple', chr(201)) = to_tsvector('simple', chr(233)),"
+                " current_setting('lc_ctype')"
+            )
+            row = await cursor.fetchone()
+        if row is not None and not row[0]:
+            log.warning(
+                "this database's LC_CTYPE (%s) lowercases ASCII only: SearchEpisodes matches"
+                ' other letters by their exact case ("Über" is not found by "über"); a'
+                " database made with a UTF-8 LC_CTYPE (C.UTF-8, en_US.UTF-8) matches any case",
+                row[1],
+            )
 
     async def _connect_error(self) -> BaseException | None:
         """What one connection to the database fails with now (None: it connects)."""
