@@ -402,9 +402,16 @@ LIMIT_HELP = "at most this many (default: %(default)s); stderr says when more ex
 
 async def _first(pager: AsyncPager[T], limit: int) -> list[T]:
     """The first ``limit`` items, saying on stderr when there are more (a listing
-    cut without a word passed for the whole one)."""
-    items = await pager.collect(limit=limit + 1)
-    if len(items) > limit:
+    cut without a word passed for the whole one). A page token says so: no page
+    is read for it (a search would run again)."""
+    items: list[T] = []
+    more = False
+    async for page in pager.pages():
+        items.extend(page.items)
+        more = len(items) > limit or page.next_page_token is not None
+        if len(items) >= limit:
+            break
+    if more:
         sys.stderr.write(f"memsvc: showing the first {limit}; there are more (--limit)\n")
     return items[:limit]
 

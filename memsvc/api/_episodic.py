@@ -45,7 +45,7 @@ def episode_record(message: pb.Episode, violations: list[FieldViolation]) -> Epi
             violations, lambda: seconds_of(duration, "episode.duration"), 0.0
         ),
         tokens_used=message.tokens_used,
-        importance=message.importance,
+        importance=message.importance + 0.0,  # -0.0 as 0.0 (PostgreSQL keeps the sign)
         metadata=collected(
             violations, lambda: plain_struct(message.metadata, "episode.metadata"), {}
         ),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 import string
 import uuid
@@ -349,6 +350,19 @@ async def test_metadata_filters_compare_json_values_alike_on_every_backend(
         pb.ListGraphCheckpointsRequest(project_id=project, metadata_filter_json=filter_json)
     )
     assert sorted(c.thread_id for c in found.checkpoints) == expected
+
+
+async def test_a_negative_zero_in_metadata_reads_back_as_zero_on_every_backend(graphs, scope):
+    """Found by a review: PostgreSQL's jsonb has no -0.0, SQLite's JSON text kept it."""
+    message = checkpoint("zeros", "c1")
+    message.metadata_json = '{"x": -0.0, "y": [-0.0, 1.5]}'
+    await put(graphs, scope["project_id"], message)
+    got = await graphs.GetGraphCheckpoint(
+        pb.GetGraphCheckpointRequest(project_id=scope["project_id"], thread_id="zeros")
+    )
+    metadata = json.loads(got.checkpoint.metadata_json)
+    assert metadata == {"x": 0.0, "y": [0.0, 1.5]}
+    assert [math.copysign(1.0, metadata["x"]), math.copysign(1.0, metadata["y"][0])] == [1, 1]
 
 
 async def test_pages_follow_tokens_and_filters_apply(graphs, scope):

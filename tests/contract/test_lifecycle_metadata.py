@@ -370,6 +370,7 @@ async def test_a_negative_zero_in_metadata_reads_back_as_zero_on_every_store(
                 outcome=lc.OUTCOME_SUCCESS,
                 actions=[negative_zeros()],
                 metadata=negative_zeros(),
+                importance=-0.0,
             )
         )
     )
@@ -379,3 +380,4 @@ async def test_a_negative_zero_in_metadata_reads_back_as_zero_on_every_store(
     for episode in (recorded.episode, got.episode):
         assert signs(episode.metadata) == [1.0, 1.0]
         assert signs(episode.actions[0]) == [1.0, 1.0]
+        assert math.copysign(1.0, episode.importance) == 1.0
