@@ -268,19 +268,24 @@ async def test_a_terminate_of_many_long_keys_records_an_episode_one_response_car
     assert [r.episode.episode_id for r in found.results] == [ended.episode_id]
 
 
-async def test_an_episode_too_large_for_one_response_is_refused(
-    channel: grpc.aio.Channel, scope: dict[str, Any]
-):
-    episodes = EpisodicMemoryServiceStub(channel)
-    # Every field within its own limit (100,000 characters), 200 KB as a whole.
-    episode = ep.Episode(
+def episode_of(scope: dict[str, Any], **fields: Any) -> ep.Episode:
+    """An episode of the test's session (task type "t", a success) with ``fields``."""
+    return ep.Episode(
         project_id=scope["project_id"],
         agent_instance_id=scope["agent_instance_id"],
         session_id=scope["session_id"],
         task_type="t",
         outcome=lc.OUTCOME_SUCCESS,
-        context_summary="é" * 100_000,
+        **fields,
     )
+
+
+async def test_an_episode_too_large_for_one_response_is_refused(
+    channel: grpc.aio.Channel, scope: dict[str, Any]
+):
+    episodes = EpisodicMemoryServiceStub(channel)
+    # Every field within its own limit (100,000 characters), 200 KB as a whole.
+    episode = episode_of(scope, context_summary="é" * 100_000)
     error = await expect_error(
         episodes.RecordEpisode(ep.RecordEpisodeRequest(episode=episode)),
         grpc.StatusCode.INVALID_ARGUMENT,
@@ -362,15 +367,8 @@ async def test_a_negative_zero_in_metadata_reads_back_as_zero_on_every_store(
     episodes = EpisodicMemoryServiceStub(channel)
     recorded = await episodes.RecordEpisode(
         ep.RecordEpisodeRequest(
-            episode=ep.Episode(
-                project_id=scope["project_id"],
-                agent_instance_id=scope["agent_instance_id"],
-                session_id=scope["session_id"],
-                task_type="t",
-                outcome=lc.OUTCOME_SUCCESS,
-                actions=[negative_zeros()],
-                metadata=negative_zeros(),
-                importance=-0.0,
+            episode=episode_of(
+                scope, actions=[negative_zeros()], metadata=negative_zeros(), importance=-0.0
             )
         )
     )
