@@ -15,7 +15,7 @@ from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 from google.protobuf.message import DecodeError, Message
 
 from memsvc.domain import FieldViolation, InvalidArgument
-from memsvc.domain._storable import json_problem
+from memsvc.domain._storable import json_problem, without_negative_zero
 from memsvc.v1 import episodic_pb2, working_memory_pb2
 
 _NANOS_PER_MS = 1_000_000
@@ -114,20 +114,7 @@ def plain_struct(message: struct_pb2.Struct, field: str) -> dict[str, Any]:
     problem = json_problem(plain) or _unreadable_struct(message, plain)
     if problem:
         raise InvalidArgument.single(field, problem)
-    return {key: _without_negative_zero(item) for key, item in plain.items()}
-
-
-def _without_negative_zero(value: Any) -> Any:
-    """``value`` with every -0.0 made 0.0: PostgreSQL's jsonb has no negative zero
-    and SQLite's JSON text keeps it, so the two stores read back different metadata
-    (and a retry with what was read back differed from its first call)."""
-    if isinstance(value, float):
-        return value + 0.0  # -0.0 + 0.0 is 0.0; any other number is itself
-    if isinstance(value, dict):
-        return {key: _without_negative_zero(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_without_negative_zero(item) for item in value]
-    return value
+    return {key: without_negative_zero(item) for key, item in plain.items()}
 
 
 # Where a Struct sits deepest in any response: an episode's metadata or action in

@@ -11,7 +11,7 @@ from memsvc.api._convert import collected, epoch_ms, plain_struct, seconds_of, t
 from memsvc.domain import FieldViolation, SessionRef
 from memsvc.domain._episodes import Episodes, EpisodeScope, unpack_embedding
 from memsvc.domain._lifecycle_records import EpisodeRecord
-from memsvc.domain._storable import MAX_TIME_MS
+from memsvc.domain._storable import MAX_TIME_MS, unsigned_zero
 from memsvc.v1 import episodic_pb2 as pb
 from memsvc.v1 import episodic_pb2_grpc as pb_grpc
 from memsvc.v1 import lifecycle_pb2
@@ -45,7 +45,7 @@ def episode_record(message: pb.Episode, violations: list[FieldViolation]) -> Epi
             violations, lambda: seconds_of(duration, "episode.duration"), 0.0
         ),
         tokens_used=message.tokens_used,
-        importance=message.importance + 0.0,  # -0.0 as 0.0 (PostgreSQL keeps the sign)
+        importance=unsigned_zero(message.importance),
         metadata=collected(
             violations, lambda: plain_struct(message.metadata, "episode.metadata"), {}
         ),

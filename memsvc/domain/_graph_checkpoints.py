@@ -42,7 +42,7 @@ from memsvc.domain._pagination import (
     page_position,
     position_text,
 )
-from memsvc.domain._storable import check_ttl, json_problem
+from memsvc.domain._storable import check_ttl, json_problem, unsigned_zero
 
 # Every key column at its maximum must fit one PostgreSQL btree entry (2,704
 # bytes): graph_values' key is project, thread, namespace, channel and version,
@@ -907,10 +907,6 @@ def _check_type(value: str, field: str, violations: list[FieldViolation]) -> Non
     _check_text(value, field, MAX_TYPE_BYTES, True, violations)
 
 
-def _float_without_sign_of_zero(text: str) -> float:
-    return float(text) + 0.0  # -0.0 + 0.0 is 0.0; any other number is itself
-
-
 def parse_json_object(
     text: str, field: str, max_bytes: int, violations: list[FieldViolation]
 ) -> dict[str, Any]:
@@ -926,9 +922,9 @@ def parse_json_object(
         raise ValueError(f"{constant} is not a finite number")
 
     try:
-        # -0.0 read as 0.0: PostgreSQL's jsonb has no negative zero, and SQLite's
-        # JSON text keeps it (the two stores read back different metadata).
-        value = json.loads(text, parse_constant=refuse, parse_float=_float_without_sign_of_zero)
+        value = json.loads(
+            text, parse_constant=refuse, parse_float=lambda number: unsigned_zero(float(number))
+        )
     except (ValueError, RecursionError) as error:
         violations.append(FieldViolation(field, f"is not valid JSON: {str(error)[:200]}"))
         return {}

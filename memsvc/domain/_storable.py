@@ -46,6 +46,24 @@ def json_problem(value: Any, depth: int = 0) -> str | None:
     return None
 
 
+def unsigned_zero(number: float) -> float:
+    """``number``, with -0.0 made 0.0: PostgreSQL's jsonb and double keep no sign of
+    zero where SQLite keeps it, so the stores would read back different values (and
+    a retry with what was read back would differ from its first call)."""
+    return number + 0.0  # -0.0 + 0.0 is 0.0; any other number is itself
+
+
+def without_negative_zero(value: Any) -> Any:
+    """A JSON-like ``value`` with every float passed through :func:`unsigned_zero`."""
+    if isinstance(value, float):
+        return unsigned_zero(value)
+    if isinstance(value, dict):
+        return {key: without_negative_zero(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [without_negative_zero(item) for item in value]
+    return value
+
+
 def json_size(value: Any) -> int:
     """Bytes of compact UTF-8 JSON (not of ASCII escapes: an emoji is 4 bytes, not 12)."""
     text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
