@@ -344,8 +344,7 @@ class ErrorInterceptor(HandlerWrapper):
 
             async def checked() -> AsyncIterator[Any]:
                 async for each in request:
-                    if isinstance(each, Undecodable):
-                        await _abort(context, each.error(), method)
+                    await _refuse_undecodable(context, each, method)
                     yield each
 
             return checked()
@@ -379,8 +378,7 @@ class ErrorInterceptor(HandlerWrapper):
                     try:
                         refuse_when_shutting_down(calls)
                         await refuse_beyond_the_limit(context)
-                        if isinstance(request, Undecodable):
-                            await _abort(context, request.error(), method)
+                        await _refuse_undecodable(context, request, method)
                         async for response in behavior(requests_of(request, context), context):
                             yield response
                     except (Exception, asyncio.CancelledError) as error:
@@ -394,8 +392,7 @@ class ErrorInterceptor(HandlerWrapper):
                 try:
                     refuse_when_shutting_down(calls)
                     await refuse_beyond_the_limit(context)
-                    if isinstance(request, Undecodable):
-                        await _abort(context, request.error(), method)
+                    await _refuse_undecodable(context, request, method)
                     await behavior(requests_of(request, context), context)
                 except (Exception, asyncio.CancelledError) as error:
                     await end_with_status(context, error, request)
@@ -410,9 +407,18 @@ _REFLECTION_REQUEST_BYTES = 64 * 1024
 
 
 def _other_request_bytes(method: str) -> int:
-    return (
-        _HEALTH_REQUEST_BYTES if method.startswith("/grpc.health.") else (_REFLECTION_REQUEST_BYTES)
-    )
+    if method.startswith("/grpc.health."):
+        return _HEALTH_REQUEST_BYTES
+    return _REFLECTION_REQUEST_BYTES
+
+
+async def _refuse_undecodable(
+    context: grpc.aio.ServicerContext, request: object, method: str
+) -> None:
+    """End the call with INVALID_ARGUMENT when ``request`` could not be taken (not
+    parsed, or larger than its method takes)."""
+    if isinstance(request, Undecodable):
+        await _abort(context, request.error(), method)
 
 
 def _refusing_undecodable(
@@ -422,8 +428,7 @@ def _refusing_undecodable(
     not parse with INVALID_ARGUMENT."""
 
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        if isinstance(request, Undecodable):
-            await _abort(context, request.error(), method)
+        await _refuse_undecodable(context, request, method)
         return await behavior(request, context)
 
     return unary
