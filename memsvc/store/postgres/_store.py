@@ -379,22 +379,21 @@ class PostgresDurableStore(SqlDurableReads):
                 raise
             raise BackendUnavailable(self.backend_name, why) from unavailable
         try:
-            applied = await self._migrate_once()
-            await self._warn_if_search_folds_ascii_only()
-            return applied
+            return await self._migrate_once()
         except TRANSIENT_ERRORS as error:
             raise BackendUnavailable(self.backend_name, error) from error
 
-    async def _warn_if_search_folds_ascii_only(self) -> None:
+    @staticmethod
+    async def _warn_if_search_folds_ascii_only(conn: psycopg.AsyncConnection[Any]) -> None:
         """Say so when the database's LC_CTYPE lowercases ASCII only (C, POSIX): its
         text search parser then keeps the case of every other letter, so
         SearchEpisodes finds "Über" by "Über" alone, not by "über" (docs/api.md)."""
-        async with self._connections.connection() as conn:
-            cursor = await conn.execute(
-                "SELECT to_tsvector('simple', chr(201)) = to_tsvector('simple', chr(233)),"
-                " current_setting('lc_ctype')"
-            )
-            row = await cursor.fetchone()
+        cursor = await conn.execute(
+            "SELECT to_tsvector('simple', chr(201)) = to_tsvector('simple', chr(233)),"
+            " current_setting('lc_ctype')",
+            prepare=False,
+        )
+        row = await cursor.fetchone()
         if row is not None and not row[0]:
             log.warning(
                 "this database's LC_CTYPE (%s) lowercases ASCII only: SearchEpisodes matches"
@@ -443,6 +442,7 @@ class PostgresDurableStore(SqlDurableReads):
                     )
                 log.info("applied migration %04d_%s", migration.version, migration.name)
                 applied_now.append(migration.version)
+            await self._warn_if_search_folds_ascii_only(conn)
         return applied_now
 
     def bundled_schema_version(self) -> int:
