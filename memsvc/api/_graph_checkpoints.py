@@ -172,6 +172,7 @@ class GraphCheckpointServicer(pb_grpc.GraphCheckpointServiceServicer):
             request.checkpoint_ns,
             request.checkpoint_id,
             self._max_response_bytes,
+            request.channels,
         )
         response = pb.GetGraphCheckpointResponse(checkpoint=checkpoint_message(found))
         self._fits(response, response.checkpoint)
@@ -191,6 +192,7 @@ class GraphCheckpointServicer(pb_grpc.GraphCheckpointServiceServicer):
             metadata_filter=metadata_filter,
             before_checkpoint_id=request.before_checkpoint_id or None,
             checkpoint_id=request.checkpoint_id or None,
+            channels=tuple(request.channels),
         )
         page = await self._graphs.list_checkpoints(
             scope,

@@ -102,15 +102,18 @@ class AsyncGraphClient:
         checkpoint_id: str | None = None,
         *,
         checkpoint_ns: str = "",
+        channels: Iterable[str] = (),
         timeout: float | None = None,
     ) -> pb.GraphCheckpoint:
         """One checkpoint, the latest without an id (GetGraphCheckpoint), with its
-        values and writes. Raises GraphCheckpointNotFound."""
+        values and writes (only those of ``channels``, if any are named). Raises
+        GraphCheckpointNotFound."""
         request = pb.GetGraphCheckpointRequest(
             project_id=self.project_id,
             thread_id=thread_id,
             checkpoint_ns=checkpoint_ns,
             checkpoint_id=checkpoint_id or "",
+            channels=list(channels),
         )
         response = await self.client._invoke(
             self._stub.GetGraphCheckpoint, request, timeout=timeout
@@ -128,11 +131,13 @@ class AsyncGraphClient:
         before: str | None = None,
         page_size: int | None = None,
         page_token: str | None = None,
+        channels: Iterable[str] = (),
         timeout: float | None = None,
     ) -> AsyncPager[pb.GraphCheckpoint]:
         """Checkpoints newest first (ListGraphCheckpoints): of a thread (or all),
         one namespace (or all), one checkpoint id (or all: an id may be in several
-        namespaces), whose metadata holds ``metadata``, before a checkpoint id."""
+        namespaces), whose metadata holds ``metadata``, before a checkpoint id;
+        with only the values and writes of ``channels``, if any are named."""
         request = pb.ListGraphCheckpointsRequest(
             project_id=self.project_id,
             thread_id=thread_id or "",
@@ -140,6 +145,7 @@ class AsyncGraphClient:
             metadata_filter_json=json.dumps(dict(metadata)) if metadata else "",
             before_checkpoint_id=before or "",
             page_size=page_size or 0,
+            channels=list(channels),
         )
         if checkpoint_ns is not None:
             request.checkpoint_ns = checkpoint_ns

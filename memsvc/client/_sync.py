@@ -612,6 +612,7 @@ class GraphClient(_ProjectWrapper):
         before: str | None = None,
         page_size: int | None = None,
         page_token: str | None = None,
+        channels: Iterable[str] = (),
         timeout: float | None = None,
     ) -> Pager[graph_checkpoint_pb2.GraphCheckpoint]:
         """Checkpoints newest first; see AsyncGraphClient.checkpoints."""
@@ -625,6 +626,7 @@ class GraphClient(_ProjectWrapper):
                 before=before,
                 page_size=page_size,
                 page_token=page_token,
+                channels=channels,
                 timeout=timeout,
             ),
         )

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
@@ -59,6 +59,7 @@ MAX_TASK_ID_BYTES = 256
 MAX_TASK_PATH_BYTES = 2048
 MAX_RUN_ID_BYTES = 256
 MAX_CHANNELS = 10_000
+MAX_SELECTED_CHANNELS = 256  # channel names one read may ask for
 MAX_WRITES = 10_000
 MAX_METADATA_BYTES = 1 << 20
 MAX_FILTER_BYTES = 64 << 10
@@ -177,6 +178,8 @@ class GraphListScope:
     metadata_filter: dict[str, Any] = field(default_factory=dict)
     before_checkpoint_id: str | None = None
     checkpoint_id: str | None = None
+    # Only these channels' values and writes come with each checkpoint (empty: all).
+    channels: tuple[str, ...] = ()
 
     def fingerprint(self) -> str:
         return fingerprint(
@@ -186,6 +189,7 @@ class GraphListScope:
             json.dumps(self.metadata_filter, sort_keys=True),
             repr(self.before_checkpoint_id),
             repr(self.checkpoint_id),
+            repr(sorted(set(self.channels))),
         )
 
 
@@ -431,11 +435,18 @@ class GraphDatabase(Protocol):
     def transaction(self) -> AbstractAsyncContextManager[GraphTransaction]: ...
 
     async def get_graph_checkpoint(
-        self, project_id: str, thread_id: str, ns: str, checkpoint_id: str | None, max_bytes: int
+        self,
+        project_id: str,
+        thread_id: str,
+        ns: str,
+        checkpoint_id: str | None,
+        max_bytes: int,
+        channels: frozenset[str] | None = None,
     ) -> GraphCheckpointRecord | None:
-        """One checkpoint (the latest without an id) with its values and writes.
-        GraphCheckpointTooLarge, before its values are read, when they are sure to
-        take more than ``max_bytes`` in a response."""
+        """One checkpoint (the latest without an id) with its values and writes
+        (only those of ``channels``, unless None). GraphCheckpointTooLarge, before
+        its values are read, when they are sure to take more than ``max_bytes`` in
+        a response."""
 
     async def list_graph_checkpoints(
         self,
@@ -585,20 +596,27 @@ class GraphCheckpoints:
             )
 
     async def get(
-        self, project_id: str, thread_id: str, ns: str, checkpoint_id: str, max_bytes: int
+        self,
+        project_id: str,
+        thread_id: str,
+        ns: str,
+        checkpoint_id: str,
+        max_bytes: int,
+        channels: Sequence[str] = (),
     ) -> GraphCheckpointRecord:
-        """The checkpoint with its values and writes. ``max_bytes``: what one response
-        may carry; a checkpoint sure to take more is refused (GraphCheckpointTooLarge)
-        before its values are read."""
+        """The checkpoint with its values and writes (only those of ``channels``,
+        unless empty). ``max_bytes``: what one response may carry; a checkpoint sure
+        to take more is refused (GraphCheckpointTooLarge) before its values are read."""
         violations: list[FieldViolation] = []
         project = check_uuid(project_id, "project_id", violations)
         check_thread_id(thread_id, "thread_id", violations)
         check_namespace(ns, "checkpoint_ns", violations, MAX_STORED_NAMESPACE_BYTES)
         if checkpoint_id:
             check_session_id(checkpoint_id, "checkpoint_id", violations)
+        selected = check_channel_selection(channels, "channels", violations)
         raise_if_any(violations)
         found = await self._db.get_graph_checkpoint(
-            project, thread_id, ns, checkpoint_id or None, max_bytes
+            project, thread_id, ns, checkpoint_id or None, max_bytes, selected
         )
         if found is None:
             raise GraphCheckpointNotFound(thread_id, ns, checkpoint_id or None)
@@ -627,6 +645,7 @@ class GraphCheckpoints:
             check_session_id(scope.before_checkpoint_id, "before_checkpoint_id", violations)
         if scope.checkpoint_id is not None:
             check_session_id(scope.checkpoint_id, "checkpoint_id", violations)
+        check_channel_selection(scope.channels, "channels", violations)
         limit = check_page_size(
             page_size, default=LIST_PAGE[0], maximum=LIST_PAGE[1], violations=violations
         )
@@ -865,6 +884,21 @@ async def _apply_session_end(tx: GraphTransaction, project_id: str, thread_id: s
         pruned = await tx.keep_latest_graph_checkpoints(project_id, thread_id, 1)
     await tx.graph_thread_session_done(project_id, thread_id)
     return pruned
+
+
+def check_channel_selection(
+    channels: Iterable[str], field: str, violations: list[FieldViolation]
+) -> frozenset[str] | None:
+    """The channels a read asks for (None: every channel, when none is named)."""
+    names = list(channels)
+    if len(names) > MAX_SELECTED_CHANNELS:
+        violations.append(
+            FieldViolation(field, f"names {len(names)} channels, over {MAX_SELECTED_CHANNELS}")
+        )
+        return None
+    for index, name in enumerate(names):
+        _check_text(name, f"{field}[{index}]", MAX_CHANNEL_BYTES, True, violations)
+    return frozenset(names) or None
 
 
 def _check_text(

@@ -19,12 +19,13 @@ are held by one :class:`_Clients` that the saver's shallow copies share.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
 import secrets
 import threading
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -36,6 +37,7 @@ from langgraph.checkpoint.base import (
     Checkpoint,
     CheckpointMetadata,
     CheckpointTuple,
+    DeltaChannelHistory,
     get_checkpoint_id,
     get_serializable_checkpoint_metadata,
 )
@@ -52,6 +54,8 @@ from memsvc.client import (
     RetryPolicy,
 )
 from memsvc.client._async import DEFAULT_TARGET, DEFAULT_TIMEOUT
+from memsvc.langgraph._delta import PAGE_SIZE as DELTA_PAGE_SIZE
+from memsvc.langgraph._delta import DeltaWalk
 from memsvc.v1 import graph_checkpoint_pb2 as pb
 
 _END_ACTIONS = {
@@ -369,16 +373,46 @@ class MemsvcSaver(BaseCheckpointSaver[str]):
         )
 
     async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        return await self._aread(config, ())
+
+    async def _aread(
+        self, config: RunnableConfig, channels: Sequence[str]
+    ) -> CheckpointTuple | None:
+        """The checkpoint, with only ``channels``' values and writes if any are named."""
         configurable = config["configurable"]
         try:
             message = await self._agraphs.get_checkpoint(
                 str(configurable["thread_id"]),
                 get_checkpoint_id(config),
                 checkpoint_ns=str(configurable.get("checkpoint_ns", "")),
+                channels=channels,
             )
         except GraphCheckpointNotFound:
             return None
         return self._tuple(message)
+
+    async def aget_delta_channel_history(
+        self, *, config: RunnableConfig, channels: Sequence[str]
+    ) -> Mapping[str, DeltaChannelHistory]:
+        """LangGraph's walk (see DeltaWalk), a listing page per call, reading only
+        ``channels``' values and writes."""
+        if not channels:
+            return {}
+        walk = DeltaWalk(channels)
+        walk.begin(await self._aread(config, channels))
+        while walk.wanting:
+            async for message in self._agraphs.checkpoints(
+                str(config["configurable"]["thread_id"]),
+                checkpoint_ns=str(config["configurable"].get("checkpoint_ns", "")),
+                before=walk.below,
+                page_size=DELTA_PAGE_SIZE,
+                channels=channels,
+            ):
+                if not walk.offer(message.checkpoint_id, functools.partial(self._tuple, message)):
+                    break
+            if walk.wanting:  # not where the listing would have it
+                walk.take(await self._aread(_at(config, walk.wanted), channels))
+        return walk.history()
 
     async def alist(
         self,
@@ -462,16 +496,43 @@ class MemsvcSaver(BaseCheckpointSaver[str]):
         )
 
     def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        return self._read(config, ())
+
+    def _read(self, config: RunnableConfig, channels: Sequence[str]) -> CheckpointTuple | None:
+        """As _aread."""
         configurable = config["configurable"]
         try:
             message = self._graphs.get_checkpoint(
                 str(configurable["thread_id"]),
                 get_checkpoint_id(config),
                 checkpoint_ns=str(configurable.get("checkpoint_ns", "")),
+                channels=channels,
             )
         except GraphCheckpointNotFound:
             return None
         return self._tuple(message)
+
+    def get_delta_channel_history(
+        self, *, config: RunnableConfig, channels: Sequence[str]
+    ) -> Mapping[str, DeltaChannelHistory]:
+        """As aget_delta_channel_history."""
+        if not channels:
+            return {}
+        walk = DeltaWalk(channels)
+        walk.begin(self._read(config, channels))
+        while walk.wanting:
+            for message in self._graphs.checkpoints(
+                str(config["configurable"]["thread_id"]),
+                checkpoint_ns=str(config["configurable"].get("checkpoint_ns", "")),
+                before=walk.below,
+                page_size=DELTA_PAGE_SIZE,
+                channels=channels,
+            ):
+                if not walk.offer(message.checkpoint_id, functools.partial(self._tuple, message)):
+                    break
+            if walk.wanting:  # not where the listing would have it
+                walk.take(self._read(_at(config, walk.wanted), channels))
+        return walk.history()
 
     def list(
         self,
@@ -516,6 +577,18 @@ class MemsvcSaver(BaseCheckpointSaver[str]):
 
 
 INLINE_MAX_CHARS = 64
+
+
+def _at(config: RunnableConfig, checkpoint_id: str | None) -> RunnableConfig:
+    """``config``'s thread and namespace, at another checkpoint."""
+    configurable = config["configurable"]
+    return {
+        "configurable": {
+            "thread_id": configurable["thread_id"],
+            "checkpoint_ns": configurable.get("checkpoint_ns", ""),
+            "checkpoint_id": checkpoint_id,
+        }
+    }
 
 
 def _inline(value: Any) -> bool:

@@ -166,10 +166,14 @@ _REREADS = 5
 
 
 async def _attach(
-    conn: Connection, dialect: Dialect, records: list[GraphCheckpointRecord]
+    conn: Connection,
+    dialect: Dialect,
+    records: list[GraphCheckpointRecord],
+    channels: frozenset[str] | None,
 ) -> tuple[list[GraphCheckpointRecord], list[GraphCheckpointRecord]]:
-    """The records with the values their versions name and their pending writes,
-    and the records that changed since they were read.
+    """The records with the values their versions name and their pending writes
+    (only those of ``channels``, unless None), and the records that changed since
+    they were read.
 
     The checkpoint rows were read by an earlier statement, so each one is read again
     with its values and writes, in one statement and so one snapshot: a record
@@ -179,8 +183,9 @@ async def _attach(
     values: dict[int, list[GraphValue]] = {i: [] for i in range(len(records))}
     writes: dict[int, list[GraphWrite]] = {i: [] for i in range(len(records))}
     current: set[int] = set()
+    only, selected = _channel_condition(dialect, channels)
     for key, indexes in _by_namespace(records).items():
-        pairs = _named_pairs(records, indexes)
+        pairs = _named_pairs(records, indexes, channels)
         by_id = {records[i].checkpoint_id: i for i in indexes}
         condition, ids = _in(dialect, "checkpoint_id", list(by_id))
         # Values, writes and the checkpoints themselves in one round trip:
@@ -190,11 +195,11 @@ async def _attach(
             conn,
             f"{_values_by_pairs(dialect, _VALUE_ROW)} UNION ALL"
             " SELECT 'w', channel, checkpoint_id, task_id, task_path, idx, value_type, value"
-            f" FROM graph_writes WHERE {_NAMESPACE} AND {condition} UNION ALL"
+            f" FROM graph_writes WHERE {_NAMESPACE} AND {condition}{only} UNION ALL"
             f" SELECT 'c', checkpoint_id, {_as_text(dialect, 'channel_versions')},"
             " NULL, NULL, 0, NULL, NULL"
             f" FROM graph_checkpoints WHERE {_NAMESPACE} AND {condition}",
-            [json.dumps(pairs), *key, *key, ids, *key, ids],
+            [json.dumps(pairs), *key, *key, ids, *selected, *key, ids],
         )
         found: dict[tuple[str, str], GraphValue] = {}
         for row in await cursor.fetchall():
@@ -226,16 +231,19 @@ async def get_graph_checkpoint(
     ns: str,
     checkpoint_id: str | None,
     max_bytes: int,
+    channels: frozenset[str] | None,
 ) -> GraphCheckpointRecord | None:
     condition, params = "", [project_id, thread_id, ns]
     if checkpoint_id is not None:
         condition = " AND c.checkpoint_id = ?"
         params.append(checkpoint_id)
+    # The row weighed with all its values in the same statement (one snapshot);
+    # with some channels only, by theirs in a statement of its own (_least_sizes).
+    weight = f", {_least_payload(dialect)}" if channels is None else ""
     for _ in range(_REREADS):
-        # The row weighed with its values in the same statement (one snapshot).
         cursor = await dialect.execute_bulk_read(
             conn,
-            f"SELECT {_COLUMNS}, {_least_payload(dialect)} FROM graph_checkpoints c"
+            f"SELECT {_COLUMNS}{weight} FROM graph_checkpoints c"
             " WHERE c.project_id = ? AND c.thread_id = ? AND c.checkpoint_ns = ?"
             f"{condition} ORDER BY c.checkpoint_id DESC LIMIT 1",
             params,
@@ -244,8 +252,12 @@ async def get_graph_checkpoint(
         if row is None:
             return None
         record = _record(row, dialect)
-        _refuse_if_over(record, len(record.doc) + int(row[-1]), max_bytes)
-        attached, _ = await _attach(conn, dialect, [record])
+        if channels is None:
+            least = len(record.doc) + int(row[-1])
+        else:
+            least = (await _least_sizes(conn, dialect, [record], channels))[0]
+        _refuse_if_over(record, least, max_bytes)
+        attached, _ = await _attach(conn, dialect, [record], channels)
         if attached:
             return attached[0]
         # Deleted or put again between the two statements: what is there now?
@@ -324,8 +336,9 @@ async def list_graph_checkpoints(
             byte_budget,
         )
 
+    channels = frozenset(scope.channels) or None
     for _ in range(_REREADS):
-        page = await _list_page(conn, dialect, read, byte_budget, max_bytes)
+        page = await _list_page(conn, dialect, read, byte_budget, max_bytes, channels)
         if page is not None:
             return page
         # The page's first checkpoint was deleted or put again between its row
@@ -339,6 +352,7 @@ async def _list_page(
     read: Callable[[], Awaitable[tuple[list[Any], bool]]],
     byte_budget: int,
     max_bytes: int,
+    channels: frozenset[str] | None,
 ) -> tuple[list[GraphCheckpointRecord], bool] | None:
     """The page and whether it ended early (the byte budget, or a checkpoint that
     changed between its row and its values: the page ends before it, and the next
@@ -350,7 +364,7 @@ async def _list_page(
     # Weighed with their values before any value is read: the checkpoints that
     # cannot fit are left out (or refused, the first) unread.
     if records:
-        least = await _least_sizes(conn, dialect, records)
+        least = await _least_sizes(conn, dialect, records, channels)
         _refuse_if_over(records[0], least[0], max_bytes)
         fitting = max(1, sum(1 for total in accumulate(least) if total <= byte_budget))
         if fitting < len(records):
@@ -361,7 +375,7 @@ async def _list_page(
     result: list[GraphCheckpointRecord] = []
     size = 0
     for start in range(0, len(records), 10):
-        attached, changed = await _attach(conn, dialect, records[start : start + 10])
+        attached, changed = await _attach(conn, dialect, records[start : start + 10], channels)
         for record in attached:
             if changed and _position(record) < max(map(_position, changed)):
                 break  # past a changed one: the page ends before it
@@ -376,17 +390,22 @@ async def _list_page(
 
 
 async def _least_sizes(
-    conn: Connection, dialect: Dialect, records: list[GraphCheckpointRecord]
+    conn: Connection,
+    dialect: Dialect,
+    records: list[GraphCheckpointRecord],
+    channels: frozenset[str] | None,
 ) -> list[int]:
     """Bytes each checkpoint takes in a response at the least, as _least_payload
     weighs them: its document, the values its versions name and its pending
-    writes, from their stored lengths, in one statement per namespace (a value
+    writes (of ``channels`` only, unless None), from their stored lengths, in one
+    statement per namespace (a value
     several checkpoints share is weighed once). A checkpoint that changed since
     it was read is weighed by what it names as read: reading its values finds the
     change."""
     least = [len(record.doc) for record in records]
+    only, selected = _channel_condition(dialect, channels)
     for key, indexes in _by_namespace(records).items():
-        pairs = _named_pairs(records, indexes)
+        pairs = _named_pairs(records, indexes, channels)
         by_id = {records[i].checkpoint_id: i for i in indexes}
         condition, ids = _in(dialect, "checkpoint_id", list(by_id))
         length = dialect.stored_length
@@ -394,9 +413,9 @@ async def _least_sizes(
             dialect.sql(
                 _values_by_pairs(dialect, f"'v', v.channel, v.version, {length('v.value')}")
                 + f" UNION ALL SELECT 'w', checkpoint_id, NULL, {length('value')}"
-                f" FROM graph_writes WHERE {_NAMESPACE} AND {condition}"
+                f" FROM graph_writes WHERE {_NAMESPACE} AND {condition}{only}"
             ),
-            (json.dumps(pairs), *key, *key, ids),
+            (json.dumps(pairs), *key, *key, ids, *selected),
         )
         found: dict[tuple[str, str], int] = {}
         for kind, name, version, size in await cursor.fetchall():
@@ -413,9 +432,26 @@ async def _least_sizes(
     return least
 
 
-def _named_pairs(records: list[GraphCheckpointRecord], indexes: list[int]) -> list[tuple[str, str]]:
-    """The (channel, version) pairs these records name, each once, sorted."""
-    return sorted({pair for i in indexes for pair in records[i].channel_versions.items()})
+def _named_pairs(
+    records: list[GraphCheckpointRecord], indexes: list[int], channels: frozenset[str] | None
+) -> list[tuple[str, str]]:
+    """The (channel, version) pairs these records name (of ``channels`` only,
+    unless None), each once, sorted."""
+    return sorted({
+        pair
+        for i in indexes
+        for pair in records[i].channel_versions.items()
+        if channels is None or pair[0] in channels
+    })  # fmt: skip
+
+
+def _channel_condition(dialect: Dialect, channels: frozenset[str] | None) -> tuple[str, list[Any]]:
+    """SQL that keeps pending writes of ``channels`` only (nothing for None), to
+    append to a WHERE clause, and its parameters."""
+    if channels is None:
+        return "", []
+    condition, names = _in(dialect, "channel", sorted(channels))
+    return f" AND {condition}", [names]
 
 
 def _by_namespace(records: list[GraphCheckpointRecord]) -> dict[tuple[str, str, str], list[int]]:
@@ -1055,10 +1091,16 @@ class SqlGraphReads(SqlQueries):
     """The reads of GraphDatabase, written once for both stores."""
 
     async def get_graph_checkpoint(
-        self, project_id: str, thread_id: str, ns: str, checkpoint_id: str | None, max_bytes: int
+        self,
+        project_id: str,
+        thread_id: str,
+        ns: str,
+        checkpoint_id: str | None,
+        max_bytes: int,
+        channels: frozenset[str] | None = None,
     ) -> GraphCheckpointRecord | None:
         return await self._query(
-            get_graph_checkpoint, project_id, thread_id, ns, checkpoint_id, max_bytes
+            get_graph_checkpoint, project_id, thread_id, ns, checkpoint_id, max_bytes, channels
         )
 
     async def list_graph_checkpoints(

@@ -513,6 +513,7 @@ class GetGraphCheckpointRequest(_message.Message):
     THREAD_ID_FIELD_NUMBER: _builtins.int
     CHECKPOINT_NS_FIELD_NUMBER: _builtins.int
     CHECKPOINT_ID_FIELD_NUMBER: _builtins.int
+    CHANNELS_FIELD_NUMBER: _builtins.int
     project_id: _builtins.str
     """Project of the thread: a UUID. Required."""
     thread_id: _builtins.str
@@ -521,6 +522,15 @@ class GetGraphCheckpointRequest(_message.Message):
     """Namespace ("" is the root graph)."""
     checkpoint_id: _builtins.str
     """Checkpoint id; empty: the latest of the thread and namespace."""
+    @_builtins.property
+    def channels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only these channels' values and pending writes; empty: every channel's.
+        The document, metadata and `channel_versions` always come whole. What a
+        reader that needs a few channels of many checkpoints asks for (LangGraph's
+        DeltaChannel history), so that the other channels neither travel nor count
+        towards `max_message_bytes`. At most 256 names, each as a stored channel's.
+        """
+
     def __init__(
         self,
         *,
@@ -528,10 +538,11 @@ class GetGraphCheckpointRequest(_message.Message):
         thread_id: _builtins.str = ...,
         checkpoint_ns: _builtins.str = ...,
         checkpoint_id: _builtins.str = ...,
+        channels: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_id", b"checkpoint_id", "checkpoint_ns", b"checkpoint_ns", "project_id", b"project_id", "thread_id", b"thread_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "checkpoint_id", b"checkpoint_id", "checkpoint_ns", b"checkpoint_ns", "project_id", b"project_id", "thread_id", b"thread_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -575,6 +586,7 @@ class ListGraphCheckpointsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     CHECKPOINT_ID_FIELD_NUMBER: _builtins.int
+    CHANNELS_FIELD_NUMBER: _builtins.int
     project_id: _builtins.str
     """Project: a UUID. Required."""
     thread_id: _builtins.str
@@ -596,12 +608,20 @@ class ListGraphCheckpointsRequest(_message.Message):
     """
     page_token: _builtins.str
     """Token from a previous response; empty for the first page. Only valid with
-    the same project, thread, namespace, checkpoint id, filter and before.
+    the same project, thread, namespace, checkpoint id, filter, before and
+    channels.
     """
     checkpoint_id: _builtins.str
     """Only checkpoints of this id (one per namespace that holds it; set
     `checkpoint_ns` for one namespace); empty: any id.
     """
+    @_builtins.property
+    def channels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only these channels' values and pending writes in each checkpoint, as in
+        GetGraphCheckpointRequest; empty: every channel's. A page token is only
+        valid with the same channels.
+        """
+
     def __init__(
         self,
         *,
@@ -613,10 +633,11 @@ class ListGraphCheckpointsRequest(_message.Message):
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
         checkpoint_id: _builtins.str = ...,
+        channels: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_checkpoint_ns", b"_checkpoint_ns", "checkpoint_ns", b"checkpoint_ns"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_checkpoint_ns", b"_checkpoint_ns", "before_checkpoint_id", b"before_checkpoint_id", "checkpoint_id", b"checkpoint_id", "checkpoint_ns", b"checkpoint_ns", "metadata_filter_json", b"metadata_filter_json", "page_size", b"page_size", "page_token", b"page_token", "project_id", b"project_id", "thread_id", b"thread_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_checkpoint_ns", b"_checkpoint_ns", "before_checkpoint_id", b"before_checkpoint_id", "channels", b"channels", "checkpoint_id", b"checkpoint_id", "checkpoint_ns", b"checkpoint_ns", "metadata_filter_json", b"metadata_filter_json", "page_size", b"page_size", "page_token", b"page_token", "project_id", b"project_id", "thread_id", b"thread_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__checkpoint_ns: _TypeAlias = _typing.Literal["checkpoint_ns"]  # noqa: Y015
     _WhichOneofArgType__checkpoint_ns: _TypeAlias = _typing.Literal["_checkpoint_ns", b"_checkpoint_ns"]  # noqa: Y015

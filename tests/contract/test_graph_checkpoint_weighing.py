@@ -163,3 +163,88 @@ async def test_a_page_reads_no_values_it_leaves_for_the_next(graphs, scope, byte
         if not token:
             break
     assert listed == [f"c{step}" for step in range(6, 0, -1)]
+
+
+async def test_a_read_of_some_channels_weighs_and_reads_only_theirs(graphs, scope, bytes_read):
+    """A checkpoint too large whole is read for the channels asked for: only their
+    values and pending writes come (and are read), its versions and document whole;
+    a List with channels pages as one without, and its token keeps them."""
+    project = scope["project_id"]
+    await put_growing_thread(graphs, project, 4)  # c4 holds 1.2 MB of values
+    small = pb.GraphWrite(task_id="task", channel="ch2", value=pb.TypedValue(type="b", data=b"w"))
+    large = pb.GraphWrite(
+        task_id="task",
+        idx=1,
+        channel="ch3",
+        value=pb.TypedValue(type="b", data=random.randbytes(VALUE)),
+    )
+    await graphs.PutGraphWrites(
+        pb.PutGraphWritesRequest(
+            project_id=project, thread_id="t", checkpoint_id="c4", writes=[small, large]
+        )
+    )
+    bytes_read.clear()
+    got = await graphs.GetGraphCheckpoint(
+        pb.GetGraphCheckpointRequest(project_id=project, thread_id="t", channels=["ch2", "nope"])
+    )
+    found = got.checkpoint
+    assert found.checkpoint_id == "c4"
+    assert dict(found.channel_versions) == {f"ch{i}": "1" for i in range(1, 5)}
+    assert [v.channel for v in found.channel_values] == ["ch2"]
+    assert len(found.channel_values[0].value.data) == VALUE
+    assert [(w.channel, w.value.data) for w in found.pending_writes] == [("ch2", b"w")]
+    assert sum(bytes_read) == VALUE + 1
+    # Asked for too much still, it is refused unread.
+    bytes_read.clear()
+    error = await expect_error(
+        graphs.GetGraphCheckpoint(
+            pb.GetGraphCheckpointRequest(
+                project_id=project, thread_id="t", channels=["ch1", "ch2", "ch3", "ch4"]
+            )
+        ),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    )
+    assert error.reason == "ERROR_REASON_GRAPH_CHECKPOINT_TOO_LARGE"
+    assert sum(bytes_read) == 0
+    # A List with channels: ch4's value (c4's only) and no write, in one page.
+    listed = await graphs.ListGraphCheckpoints(
+        pb.ListGraphCheckpointsRequest(project_id=project, thread_id="t", channels=["ch4"])
+    )
+    assert [
+        (c.checkpoint_id, [v.channel for v in c.channel_values], len(c.pending_writes))
+        for c in listed.checkpoints
+    ] == [("c4", ["ch4"], 0), ("c3", [], 0), ("c2", [], 0), ("c1", [], 0)]
+    # A token only continues the listing of the same channels.
+    first = await graphs.ListGraphCheckpoints(
+        pb.ListGraphCheckpointsRequest(
+            project_id=project, thread_id="t", channels=["ch1"], page_size=1
+        )
+    )
+    again = pb.ListGraphCheckpointsRequest(
+        project_id=project, thread_id="t", channels=["ch1"], page_size=1,
+        page_token=first.next_page_token,
+    )  # fmt: skip
+    assert [c.checkpoint_id for c in (await graphs.ListGraphCheckpoints(again)).checkpoints] == [
+        "c3"
+    ]
+    again.channels[:] = ["ch2"]
+    error = await expect_error(graphs.ListGraphCheckpoints(again), grpc.StatusCode.INVALID_ARGUMENT)
+    assert "page_token" in error.violations
+
+
+async def test_a_channel_selection_is_checked(graphs, scope):
+    project = scope["project_id"]
+    for request in (
+        pb.GetGraphCheckpointRequest(project_id=project, thread_id="t", channels=["a", ""]),
+        pb.ListGraphCheckpointsRequest(project_id=project, thread_id="t", channels=["a", ""]),
+    ):
+        method = (
+            graphs.GetGraphCheckpoint
+            if isinstance(request, pb.GetGraphCheckpointRequest)
+            else graphs.ListGraphCheckpoints
+        )
+        error = await expect_error(method(request), grpc.StatusCode.INVALID_ARGUMENT)
+        assert "channels[1]" in error.violations
+        request.channels[:] = [f"c{i}" for i in range(257)]
+        error = await expect_error(method(request), grpc.StatusCode.INVALID_ARGUMENT)
+        assert "channels" in error.violations
