@@ -5,6 +5,7 @@ process's write lock makes migrations wait, and the files are private."""
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
 import stat
 import subprocess
@@ -51,6 +52,59 @@ async def test_servers_sharing_redis_working_memory_may_share_a_database(embedde
     async with Server(embedded):
         with pytest.raises(StartupError, match="must be the only one"):
             await Server(shared).start()
+
+
+async def test_a_refusal_never_names_a_server_that_has_stopped(embedded):
+    """Each server sharing the file writes its pid over the last one's: the last
+    one clears it as it stops, so the refusal says it does not know the holder
+    rather than name a process that has stopped."""
+    need(REDIS_URL)
+    shared = replace(embedded, working_memory_url=REDIS_URL)
+    async with Server(shared):
+        async with Server(shared):
+            pass
+        with pytest.raises(StartupError, match=r"another memsvc process \(pid unknown\)"):
+            await Server(embedded).start()
+
+
+def test_a_data_dir_memsvc_may_not_write_stops_start_up(tmp_path):
+    """SQLite opens a file it may not write read-only, without a word: memsvc would
+    serve, ready, and answer every write UNAVAILABLE. It refuses to start instead,
+    naming the file, whether the database, a log file a crash left, or the
+    directory is the one it may not write (root without CAP_DAC_OVERRIDE, so that
+    file modes apply as to any other user)."""
+    data = tmp_path / "data"
+    started = subprocess.run(
+        [sys.executable, "-m", "memsvc", "migrate", "--data-dir", str(data)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    database = data / "memsvc.db"
+    log = data / "memsvc.db-wal"
+    log.touch(mode=0o600)
+    for read_only, named in ((database, database), (log, log), (data, database)):
+        read_only.chmod(0o500 if read_only.is_dir() else 0o400)
+        ended = subprocess.run(
+            [*_without_file_override(), sys.executable, "-m", "memsvc", "serve",
+             "--listen", "127.0.0.1:0", "--data-dir", str(data),
+             "--health-listen=", "--metrics-listen="],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        read_only.chmod(0o700 if read_only.is_dir() else 0o600)
+        assert ended.returncode == 1, ended.stderr
+        assert f"cannot open {named} for writing" in ended.stderr
+        assert "Traceback" not in ended.stderr
+
+
+def _without_file_override() -> list[str]:
+    """A command prefix under which file modes bind this process (as root, one
+    without the capabilities that override them)."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root, and setpriv (util-linux) is not installed")
+    drop = "-dac_override,-dac_read_search"
+    return ["setpriv", f"--bounding-set={drop}", f"--inh-caps={drop}"]
 
 
 def test_a_file_that_is_not_a_database_stops_start_up_and_exits(tmp_path):

@@ -90,6 +90,7 @@ class SqliteDurableStore(SqlDurableReads):
 
     async def open(self) -> None:
         _make_private(self.path)
+        _check_writable(self.path)
         try:
             self._db = await self._connect()
             for _ in range(READERS):
@@ -179,6 +180,14 @@ class SqliteDurableStore(SqlDurableReads):
         self._db, self._readers = None, []
         self._idle_readers = _Lender()
         if self._claim is not None:
+            # The lock file names the last process to claim it: that process clears it
+            # as it lets go, so that no refusal names a process that has stopped
+            # (servers sharing the file each wrote their pid over the last one's).
+            with contextlib.suppress(OSError):
+                if os.pread(self._claim, 32, 0).decode(errors="replace").strip() == str(
+                    os.getpid()
+                ):
+                    os.ftruncate(self._claim, 0)
             os.close(self._claim)  # and with it the lock
             self._claim = None
 
@@ -355,9 +364,34 @@ def _make_private(path: Path) -> None:
     """Make the data directory (0700) and the database file (0600) when absent: they
     hold every checkpoint and episode, and SQLite gives its WAL and shared-memory
     files the database file's mode. Existing ones keep the mode they have."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    with contextlib.suppress(FileExistsError):
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as error:
+        raise _not_writable(path, error) from error
+
+
+def _check_writable(path: Path) -> None:
+    """StartupError unless this process may write the database and the log files a
+    crash left beside it. SQLite opens a file it may not write read-only, without a
+    word: memsvc would start, report itself ready, and answer every write with
+    UNAVAILABLE, which no retry clears. Opened for writing as SQLite would, so the
+    kernel decides (file modes, capabilities, a read-only mount)."""
+    for file in (path, *(path.with_name(path.name + s) for s in ("-wal", "-shm"))):
+        try:
+            os.close(os.open(file, os.O_RDWR))
+        except FileNotFoundError:
+            continue  # no log files: SQLite makes them, as the directory allows
+        except OSError as error:
+            raise _not_writable(file, error) from error
+
+
+def _not_writable(path: Path, cause: BaseException) -> StartupError:
+    return StartupError(
+        f"cannot open {path} for writing ({cause}): memsvc needs to read and write its "
+        "data directory and the files in it"
+    )
 
 
 def _open_error(path: Path, error: aiosqlite.Error) -> Exception:
@@ -370,10 +404,7 @@ def _open_error(path: Path, error: aiosqlite.Error) -> Exception:
             "or move it away to start with an empty one"
         )
     if name.startswith(("SQLITE_CANTOPEN", "SQLITE_READONLY", "SQLITE_PERM")):
-        return StartupError(
-            f"cannot open {path} for writing ({error}): memsvc needs to read and write its "
-            "data directory and the files in it"
-        )
+        return _not_writable(path, error)
     return BackendUnavailable(SqliteDurableStore.backend_name, error)
 
 
