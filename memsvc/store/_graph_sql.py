@@ -886,8 +886,16 @@ class SqlGraphWrites(SqlWrites):
         by_ns: dict[str, list[str]] = {}
         for ns, checkpoint_id in rows:
             by_ns.setdefault(str(ns), []).append(str(checkpoint_id))
+        finished = await self._finished_subgraph_calls(project_id, thread_id, by_ns, keep)
         deleted_count = 0
         for ns, ids in by_ns.items():
+            if ns in finished:
+                deleted_count += await self.delete_graph_checkpoints(project_id, thread_id, ns, ids)
+                await self._conn.execute(
+                    self._d.sql(f"DELETE FROM graph_writes WHERE {_NAMESPACE}"),
+                    (project_id, thread_id, ns),
+                )
+                continue
             deleted_count += await self.delete_graph_checkpoints(
                 project_id, thread_id, ns, ids[keep:]
             )
@@ -905,6 +913,38 @@ class SqlGraphWrites(SqlWrites):
                     (project_id, thread_id, ns, ids[keep - 1]),
                 )
         return deleted_count
+
+    async def _finished_subgraph_calls(
+        self, project_id: str, thread_id: str, by_ns: dict[str, list[str]], keep: int
+    ) -> set[str]:
+        """The namespaces of subgraph calls that a prune keeping ``keep`` checkpoints
+        deletes whole, as LangGraph's PostgreSQL saver does: a call's namespace has
+        its task id after a ':' (new for each call, unlike a ``checkpointer=True``
+        subgraph's, whose state outlives its calls) and goes with the root
+        checkpoint it started from (its latest checkpoint's ``metadata.parents[""]``)
+        once that one is stored and not kept. Stored: a run saves its checkpoints in
+        the background, so a call's may be stored before its root's. ``by_ns``: the
+        thread's checkpoint ids by namespace, newest first."""
+        heads = {ns: ids[0] for ns, ids in by_ns.items() if ":" in ns}
+        if not heads:
+            return set()
+        roots = by_ns.get("", [])
+        stored, kept = set(roots), set(roots[:keep])
+        condition, ids = _in(self._d, "checkpoint_id", sorted(set(heads.values())))
+        rows = await self._rows(
+            "SELECT checkpoint_ns, checkpoint_id, metadata FROM graph_checkpoints"
+            f" WHERE {_THREAD} AND {condition}",
+            (project_id, thread_id, ids),
+        )
+        finished = set()
+        for ns, checkpoint_id, metadata in rows:
+            if heads.get(str(ns)) != str(checkpoint_id):
+                continue  # the same id in another namespace
+            parents = self._d.json_value(metadata).get("parents")
+            root = parents.get("") if isinstance(parents, dict) else None
+            if root in stored and root not in kept:
+                finished.add(str(ns))
+        return finished
 
     async def graph_threads_with_metadata_keys(
         self, project_id: str, thread_ids: Sequence[str], keys: Sequence[str]

@@ -384,3 +384,60 @@ async def test_a_listing_by_checkpoint_id_searches_every_namespace_as_the_postgr
         }
         by_sync = await asyncio.to_thread(lambda: list(saver.list(config)))
         assert [c.config["configurable"]["checkpoint_ns"] for c in by_sync] == ["sub:1"]
+
+
+class Inner(TypedDict, total=False):
+    blob: str
+    answer: str
+
+
+class Outer(TypedDict, total=False):
+    log: Annotated[list[str], operator.add]
+    answer: str
+
+
+def graph_with_a_subgraph(saver: BaseCheckpointSaver[Any], *, asks: bool) -> Any:
+    """A root graph whose second node is a subgraph (a namespace 'sub:<task id>',
+    new for each call), which may ask a human (an interrupt)."""
+    inner = StateGraph(Inner)
+    inner.add_node("fill", lambda state: {"blob": "y" * 1000})
+    inner.add_node("ask", lambda state: {"answer": interrupt("go?") if asks else "auto"})
+    inner.add_edge(START, "fill")
+    inner.add_edge("fill", "ask")
+    outer = StateGraph(Outer)
+    outer.add_node("top", lambda state: {"log": ["t"]})
+    outer.add_node("sub", inner.compile())
+    outer.add_edge(START, "top")
+    outer.add_edge("top", "sub")
+    return outer.compile(checkpointer=saver)
+
+
+async def test_keep_latest_deletes_finished_subgraph_calls_as_the_postgres_saver(server: Server):
+    """Each call of a subgraph has a namespace of its own. keep_latest deletes those
+    whose root checkpoint it does not keep (as LangGraph's PostgreSQL saver prunes):
+    runs and prunes leave one checkpoint, not one per call; a call interrupted in
+    the subgraph keeps its namespace (its root is the one kept) and resumes."""
+    thread = f"subgraphs-{uuid.uuid4()}"
+    config: Any = {"configurable": {"thread_id": thread}}
+    everything: Any = {"configurable": {"thread_id": thread}}
+    async with MemsvcSaver(f"127.0.0.1:{server.port}", project_id=str(uuid.uuid4())) as saver:
+        graph = graph_with_a_subgraph(saver, asks=False)
+        for _ in range(4):
+            await graph.ainvoke({"log": ["i"]}, config)
+            await saver.aprune([thread])
+        left = [t.config["configurable"] async for t in saver.alist(everything)]
+        assert [c["checkpoint_ns"] for c in left] == [""]
+        assert (await graph.aget_state(config)).values["log"] == ["i", "t"] * 4
+        asking = graph_with_a_subgraph(saver, asks=True)
+        await asking.ainvoke({"log": ["i"]}, config)
+        await saver.aprune([thread])
+        namespaces = {
+            t.config["configurable"]["checkpoint_ns"] async for t in saver.alist(everything)
+        }
+        assert "" in namespaces and any(ns.startswith("sub:") for ns in namespaces)
+        final = await asking.ainvoke(Command(resume="yes"), config)
+        assert final == {"log": ["i", "t"] * 5, "answer": "yes"}
+        await saver.aprune([thread])
+        assert [
+            t.config["configurable"]["checkpoint_ns"] async for t in saver.alist(everything)
+        ] == [""]
