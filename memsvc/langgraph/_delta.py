@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import (
     CheckpointTuple,
     DeltaChannelHistory,
@@ -50,6 +51,18 @@ class DeltaWalk:
     @property
     def wanting(self) -> bool:
         return self.wanted is not None and bool(self._remaining)
+
+    def listing(self, config: RunnableConfig) -> dict[str, Any]:
+        """The arguments of the graph client's ``checkpoints`` for the next listing:
+        the thread and namespace of ``config``, below ``below``, these channels."""
+        configurable = config["configurable"]
+        return {
+            "thread_id": str(configurable["thread_id"]),
+            "checkpoint_ns": str(configurable.get("checkpoint_ns", "")),
+            "before": self.below,
+            "page_size": PAGE_SIZE,
+            "channels": self._channels,
+        }
 
     def begin(self, target: CheckpointTuple | None) -> None:
         """Start from the target (its own writes are not part of its history)."""

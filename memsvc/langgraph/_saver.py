@@ -54,7 +54,6 @@ from memsvc.client import (
     RetryPolicy,
 )
 from memsvc.client._async import DEFAULT_TARGET, DEFAULT_TIMEOUT
-from memsvc.langgraph._delta import PAGE_SIZE as DELTA_PAGE_SIZE
 from memsvc.langgraph._delta import DeltaWalk
 from memsvc.v1 import graph_checkpoint_pb2 as pb
 
@@ -401,13 +400,7 @@ class MemsvcSaver(BaseCheckpointSaver[str]):
         walk = DeltaWalk(channels)
         walk.begin(await self._aread(config, channels))
         while walk.wanting:
-            async for message in self._agraphs.checkpoints(
-                str(config["configurable"]["thread_id"]),
-                checkpoint_ns=str(config["configurable"].get("checkpoint_ns", "")),
-                before=walk.below,
-                page_size=DELTA_PAGE_SIZE,
-                channels=channels,
-            ):
+            async for message in self._agraphs.checkpoints(**walk.listing(config)):
                 if not walk.offer(message.checkpoint_id, functools.partial(self._tuple, message)):
                     break
             if walk.wanting:  # not where the listing would have it
@@ -521,13 +514,7 @@ class MemsvcSaver(BaseCheckpointSaver[str]):
         walk = DeltaWalk(channels)
         walk.begin(self._read(config, channels))
         while walk.wanting:
-            for message in self._graphs.checkpoints(
-                str(config["configurable"]["thread_id"]),
-                checkpoint_ns=str(config["configurable"].get("checkpoint_ns", "")),
-                before=walk.below,
-                page_size=DELTA_PAGE_SIZE,
-                channels=channels,
-            ):
+            for message in self._graphs.checkpoints(**walk.listing(config)):
                 if not walk.offer(message.checkpoint_id, functools.partial(self._tuple, message)):
                     break
             if walk.wanting:  # not where the listing would have it
