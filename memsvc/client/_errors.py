@@ -52,6 +52,8 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from memsvc.client._types import SessionState
+
 ERROR_DOMAIN = "memsvc.dev"
 
 
@@ -288,8 +290,9 @@ class SessionAlreadyExists(AlreadyExists):
     """The session id is in use, or was (terminated ids are never reused)."""
 
     @property
-    def state(self) -> str:
-        return self.metadata.get("state", "")
+    def state(self) -> SessionState:
+        """The session's state (UNKNOWN when memsvc did not say)."""
+        return _session_state(self.metadata.get("state", ""))
 
 
 class CheckpointAlreadyExists(AlreadyExists):
@@ -300,9 +303,9 @@ class InvalidTransition(FailedPrecondition):
     """The lifecycle operation is not allowed from the session's current state."""
 
     @property
-    def state(self) -> str:
-        """The session's current state, as the server names it."""
-        return self.metadata.get("state", "")
+    def state(self) -> SessionState:
+        """The session's current state (UNKNOWN when memsvc did not say)."""
+        return _session_state(self.metadata.get("state", ""))
 
 
 class SessionNotWritable(FailedPrecondition):
@@ -310,6 +313,9 @@ class SessionNotWritable(FailedPrecondition):
 
     @property
     def state(self) -> str:
+        """Why, as its working memory says: "not spawned", "paused", "terminated",
+        or an operation under way ("pausing", "resuming", "terminating"...). Not a
+        SessionState: a session being paused is still ACTIVE."""
         return self.metadata.get("state", "")
 
 
@@ -531,3 +537,11 @@ def _details(error: grpc.RpcError) -> list[Any]:
         # without trailing metadata: keep the code and message alone.
         return []
     return [] if status is None else list(status.details)
+
+
+def _session_state(named: str) -> SessionState:
+    """A session state as an error's details name it (memsvc writes them in capitals)."""
+    try:
+        return SessionState(named.lower())
+    except ValueError:
+        return SessionState.UNKNOWN

@@ -26,6 +26,7 @@ from memsvc.client import (
     SessionLimitExceeded,
     SessionNotFound,
     SessionNotWritable,
+    SessionState,
     Unavailable,
 )
 from memsvc.server import Server
@@ -64,6 +65,8 @@ async def test_bad_ids_are_invalid_argument_with_violations(client: AsyncClient)
 
 
 async def test_lifecycle_errors_name_the_state(session: AsyncSessionClient):
+    """A session's state comes as the SDK's SessionState (memsvc's details write it
+    in capitals); a refused write says why in its working memory's own words."""
     with pytest.raises(SessionNotFound):
         await session.describe()
     with pytest.raises(SessionNotWritable) as not_spawned:
@@ -74,10 +77,11 @@ async def test_lifecycle_errors_name_the_state(session: AsyncSessionClient):
     with pytest.raises(SessionAlreadyExists) as twice:
         await session.spawn()
     assert isinstance(twice.value, AlreadyExists)
+    assert twice.value.state is SessionState.ACTIVE
     paused = await session.pause()
     with pytest.raises(InvalidTransition) as again:
         await session.pause()
-    assert again.value.state.lower() == "paused"
+    assert again.value.state is SessionState.PAUSED
     with pytest.raises(SessionNotWritable) as read_only:
         await session.set("k", 1)
     assert read_only.value.state == "paused"
