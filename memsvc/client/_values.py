@@ -107,13 +107,18 @@ def from_struct(message: struct_pb2.Struct) -> dict[str, JSONValue]:
     return {key: from_value(item) for key, item in message.fields.items()}
 
 
+# What a google.protobuf.Duration holds, either way (10,000 years).
+_MAX_DURATION_SECONDS = 315_576_000_000
+
+
 def seconds_of(duration: Seconds, what: str) -> float:
-    """Seconds of a number or a timedelta."""
+    """Seconds of a number or a timedelta (inf for a number past any Duration:
+    float() of a huge int would raise OverflowError, not say what is wrong)."""
     if isinstance(duration, timedelta):
         return duration.total_seconds()
     if isinstance(duration, bool) or not isinstance(duration, int | float):
         raise TypeError(f"{what}: expected seconds or a timedelta, got {type(duration).__name__}")
-    return float(duration)
+    return float(duration) if abs(duration) <= _MAX_DURATION_SECONDS else math.inf
 
 
 def fill_duration(duration: Seconds, message: duration_pb2.Duration, what: str) -> None:
@@ -122,8 +127,10 @@ def fill_duration(duration: Seconds, message: duration_pb2.Duration, what: str) 
         message.FromTimedelta(duration)
         return
     seconds = seconds_of(duration, what)
-    if not math.isfinite(seconds):
-        raise ValueError(f"{what}: {seconds} is not a duration")
+    if not math.isfinite(seconds) or abs(seconds) > _MAX_DURATION_SECONDS:
+        raise ValueError(
+            f"{what}: {seconds:g} seconds is not a duration (at most 10,000 years either way)"
+        )
     nanos = round(seconds * _NANOS)
     if nanos == 0 and seconds != 0:
         # A zero Duration means "none" (a TTL that never expires): a tiny one must

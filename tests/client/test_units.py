@@ -115,6 +115,12 @@ def test_durations_and_timestamps():
     assert (duration.seconds, duration.nanos) == (0, 0)
     with pytest.raises(TypeError):
         fill_duration("5", duration, "ttl")  # type: ignore[arg-type]
+    # Past what a Duration holds: a ValueError that says so, never an OverflowError.
+    for too_long in (10**400, 1e300, -1e20, 315_576_000_001, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="is not a duration"):
+            fill_duration(too_long, duration, "ttl")
+    fill_duration(-315_576_000_000, duration, "ttl")
+    assert duration.seconds == -315_576_000_000
     stamp = timestamp_pb2.Timestamp()
     moment = datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=timezone(timedelta(hours=2)))
     fill_timestamp(moment, stamp, "start_time")
