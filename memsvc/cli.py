@@ -17,6 +17,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
+import memsvc._quiet_grpc  # noqa: F401 (before grpc is imported)
 from memsvc import __version__, cli_client
 from memsvc import config as config_module
 from memsvc.log import configure as configure_logging

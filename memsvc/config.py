@@ -213,7 +213,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_similarity_candidates", _positive_int, "10000", "Most episodes one similarity search compares (in this process); beyond it, FAILED_PRECONDITION."),
     Setting("otel_tracing", _parse_bool, "false", "Trace unary gRPC calls (not streams) with OpenTelemetry, exported over OTLP as the standard `OTEL_EXPORTER_OTLP_*` variables say (needs `memsvc[tracing]`)."),
     Setting("failpoints", _failpoints, "", "Test only: failpoints to switch on, `name=crash|error` (see memsvc/failpoints.py)."),
-    Setting("log_level", _choice("debug", "info", "warning", "error"), "info", "Lowest level of log records written."),
+    Setting("log_level", _choice("debug", "info", "warning", "error"), "info", "Lowest level of log records written (debug: memsvc's own; other libraries log at info and above, their debug output carrying stored data)."),
     Setting("log_format", _choice("json", "text"), "json", "`json` (one object per line) or `text`."),
 )  # fmt: skip
 

@@ -50,14 +50,28 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(document, default=str)
 
 
+class TextFormatter(logging.Formatter):
+    """A line for humans: time, level, logger, message, and the call's method."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        method = getattr(record, "rpc_method", None)
+        return line if method is None else f"{line} [{method}]"
+
+
 def configure(level: str = "info", fmt: str = "json") -> None:
-    """Send memsvc's logs to stderr in the chosen format."""
+    """Send logs to stderr in the chosen format: memsvc's own at ``level``, other
+    libraries' at info and above whatever ``level`` is. Their debug output is not
+    memsvc's to vouch for: aiosqlite's logs every statement with its parameters,
+    which hold sessions' metadata and working-memory values."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_ContextFilter())
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    chosen = logging.getLevelName(level.upper())
+    root.setLevel(max(chosen, logging.INFO))
+    logging.getLogger("memsvc").setLevel(chosen)

@@ -78,6 +78,8 @@ SWEEP_BATCH = 1000
 # The longest one shutdown step may take (beyond the grace period for the gRPC
 # server) before it is logged and skipped, so a stop can never hang.
 STEP_LIMIT_SECONDS = 10.0
+# Spans still batched at shutdown wait this long for the trace collector.
+TRACE_FLUSH_SECONDS = 2.0
 # Once cancelled at shutdown, how long the background tasks (health monitor,
 # retention, credential reloads) may take to end; they end while gRPC stops.
 BACKGROUND_STOP_SECONDS = 2.0
@@ -456,14 +458,7 @@ class Server:
         # thread, the event loop free meanwhile.
         await _bounded("stopping metrics", _in_daemon_thread(self.metrics.stop), STEP_LIMIT_SECONDS)
         if self.tracer_provider is not None and hasattr(self.tracer_provider, "shutdown"):
-            # Flushes the spans still batched: synchronous, up to the exporter's own
-            # timeout (30 s) against a collector that never answers, so in a thread
-            # of its own, bounded like every step, the event loop free meanwhile.
-            await _bounded(
-                "flushing traces",
-                _in_daemon_thread(self.tracer_provider.shutdown),
-                STEP_LIMIT_SECONDS,
-            )
+            await _flush_traces(self.tracer_provider)
         await _bounded(
             "closing working memory", self.working_memory_store.aclose(), STEP_LIMIT_SECONDS
         )
@@ -791,6 +786,25 @@ class Server:
         while True:
             await asyncio.sleep(self.config.health_interval_seconds)
             await self._check_health()
+
+
+async def _flush_traces(provider: Any) -> None:
+    """Flush the spans still batched, for at most TRACE_FLUSH_SECONDS. The flush is
+    synchronous, up to the exporter's own timeout against a collector that never
+    answers, so it runs in a thread of its own, the event loop free meanwhile. A
+    collector that is down is no hang of memsvc's (no task stacks): it costs the
+    last spans, said once, and not the exporter's ten seconds more of shutdown."""
+    flushing = asyncio.ensure_future(_in_daemon_thread(provider.shutdown))
+    done, _ = await asyncio.wait({flushing}, timeout=TRACE_FLUSH_SECONDS)
+    if not done:
+        flushing.cancel()
+        log.warning(
+            "shutdown: the trace collector took no spans within %.0fs; the last spans "
+            "are dropped",
+            TRACE_FLUSH_SECONDS,
+        )
+    elif not flushing.cancelled() and flushing.exception() is not None:
+        log.warning("shutdown: flushing traces failed: %r", flushing.exception())
 
 
 async def _bounded(step: str, work: Awaitable[object], seconds: float) -> None:

@@ -13,21 +13,45 @@ from memsvc.api._intercept import HandlerWrapper
 from memsvc.metrics import Metrics
 
 
-def _past_deadline(context: grpc.aio.ServicerContext) -> bool:
-    """Whether the call's deadline passed: the client saw DEADLINE_EXCEEDED,
-    whatever the handler did after it (ended with an error, or was cancelled)."""
+# A client ends its call at its own deadline, a little before the server's: gRPC
+# sends the time left rounded up (to three significant figures), taken after the
+# client's clock started. A call cancelled this close to the server's deadline ran
+# out of time (its client saw DEADLINE_EXCEEDED): a fixed part and a share of the
+# call's whole timeout.
+_DEADLINE_SLACK_SECONDS = 0.05
+_DEADLINE_SLACK_SHARE = 0.01
+
+
+def _past_deadline(
+    context: grpc.aio.ServicerContext, cancelled: bool, timeout: float | None
+) -> bool:
+    """Whether the client saw DEADLINE_EXCEEDED, whatever the handler did after it
+    (ended with an error, or was cancelled). ``timeout``: the time the call had
+    left when it started."""
     remaining = context.time_remaining()
-    return remaining is not None and remaining <= 0
+    if remaining is None:
+        return False
+    if remaining <= 0:
+        return True
+    return (
+        cancelled
+        and timeout is not None
+        and remaining <= _DEADLINE_SLACK_SECONDS + timeout * _DEADLINE_SLACK_SHARE
+    )
 
 
-def _code(context: grpc.aio.ServicerContext, interrupted: bool = False) -> str:
+def _code(
+    context: grpc.aio.ServicerContext, interrupted: bool = False, timeout: float | None = None
+) -> str:
     """The status the call ended with; ``interrupted``: its handler was cancelled
     or raised past the error mapping (CANCELLED, unless its deadline passed). A
     call its client cancelled is CANCELLED too when the handler ended quietly (a
-    stream whose write failed as its client left returns without an error)."""
-    if _past_deadline(context):
+    stream whose write failed as its client left returns without an error).
+    ``timeout``: the time the call had left when it started."""
+    cancelled = interrupted or context.cancelled()
+    if _past_deadline(context, cancelled, timeout):
         return "DEADLINE_EXCEEDED"
-    if interrupted or context.cancelled():
+    if cancelled:
         return "CANCELLED"
     code = context.code()
     if code is None:
@@ -84,16 +108,17 @@ class MetricsInterceptor(HandlerWrapper):
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
             started_counter.inc()
             started = time.perf_counter()
+            timeout = context.time_remaining()
             code = "UNKNOWN"
             try:
                 response = await behavior(request, context)
-                code = _code(context)
+                code = _code(context, timeout=timeout)
                 return response
             except grpc.aio.AbortError:
-                code = _code(context)
+                code = _code(context, timeout=timeout)
                 raise
             except BaseException:
-                code = _code(context, interrupted=True)
+                code = _code(context, interrupted=True, timeout=timeout)
                 raise
             finally:
                 if latency is not None:
@@ -109,16 +134,17 @@ class MetricsInterceptor(HandlerWrapper):
 
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             metrics.rpc_started.labels(*labels).inc()
+            timeout = context.time_remaining()
             code = "UNKNOWN"
             try:
                 async for response in behavior(request, context):
                     yield response
-                code = _code(context)
+                code = _code(context, timeout=timeout)
             except grpc.aio.AbortError:
-                code = _code(context)
+                code = _code(context, timeout=timeout)
                 raise
             except BaseException:
-                code = _code(context, interrupted=True)
+                code = _code(context, interrupted=True, timeout=timeout)
                 raise
             finally:
                 metrics.rpc_handled.labels(*labels, code).inc()

@@ -7,6 +7,7 @@ import os
 import re
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -26,6 +27,7 @@ from memsvc.v1 import lifecycle_pb2 as lc
 from memsvc.v1 import working_memory_pb2 as pb
 from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
 from memsvc.v1.working_memory_pb2_grpc import WorkingMemoryServiceStub
+from tests.client._credentials import make_pki
 from tests.helpers import python, value
 
 MEMSVC = str(Path(sys.executable).parent / "memsvc")
@@ -298,3 +300,25 @@ async def test_reflection_describes_the_error_reasons(tmp_path):
     errors = next(f for f in files if f.name == "memsvc/v1/errors.proto")
     reasons = {value.name for value in errors.enum_type[0].value}
     assert {"ERROR_REASON_SESSION_NOT_FOUND", "ERROR_REASON_WORKING_MEMORY_LOST"} <= reasons
+
+
+def test_every_line_of_a_json_log_is_json_even_from_grpc_s_core(tmp_path):
+    """gRPC's C core logs a line of its own format for every failed TLS handshake:
+    `memsvc serve` keeps it to errors (GRPC_VERBOSITY, unless set), so plaintext
+    connections to a TLS port leave the log one JSON object per line."""
+    pki = make_pki(tmp_path / "pki")
+    process, port = start(
+        tmp_path, "--tls-cert-file", str(pki.server_cert), "--tls-key-file", str(pki.server_key)
+    )
+    try:
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as plaintext:
+                plaintext.sendall(b"GET / HTTP/1.1\r\nHost: memsvc\r\n\r\n")
+                plaintext.recv(100)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 0, stderr
+    lines = stderr.splitlines()
+    assert [line for line in lines if not line.startswith("{")] == []
+    assert json.loads(lines[-1])["message"] == "stopped"

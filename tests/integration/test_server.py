@@ -349,6 +349,31 @@ async def test_flushing_traces_at_shutdown_leaves_the_event_loop_free(embedded):
     assert saw_the_loop == [True]
 
 
+async def test_a_trace_collector_that_never_answers_costs_only_the_last_spans(
+    embedded, caplog, monkeypatch
+):
+    """A collector down is not memsvc hanging: shutdown stops waiting for the flush
+    after TRACE_FLUSH_SECONDS (its exporter would wait ten seconds and more) and
+    says the last spans are dropped, without the hang report's task stacks."""
+    monkeypatch.setattr(server_module, "TRACE_FLUSH_SECONDS", 0.2)
+    released = threading.Event()
+
+    class UnansweredProvider:
+        def shutdown(self) -> None:
+            released.wait(30)
+
+    server = Server(embedded, tracer_provider=UnansweredProvider())
+    await server.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="memsvc.server"):
+            await server.stop(grace=1)
+    finally:
+        released.set()
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("trace collector took no spans" in m for m in messages), messages
+    assert not any("took over" in m for m in messages), messages
+
+
 async def test_graceful_shutdown_finishes_in_flight_calls_and_refuses_new_ones(embedded):
     """On stop: health NOT_SERVING, watchers end with UNAVAILABLE, the call in flight
     completes, new calls are refused."""

@@ -42,3 +42,23 @@ def test_a_call_is_counted_under_the_status_it_ended_with(
     call: EndedCall, interrupted: bool, expected: str
 ) -> None:
     assert _code(call, interrupted) == expected
+
+
+@pytest.mark.parametrize(
+    ("timeout", "remaining", "expected"),
+    [
+        # Found by a review: a client with a deadline of 1.2 s gives up at it; the
+        # server, sent the time left rounded up, still had about 8 ms.
+        (1.2083, 0.0075, "DEADLINE_EXCEEDED"),
+        (300.0, 2.5, "DEADLINE_EXCEEDED"),  # three significant figures of 300 s
+        (1.2083, 0.4, "CANCELLED"),  # a client that gave up well before
+        (300.0, 10.0, "CANCELLED"),
+    ],
+)
+def test_a_call_its_client_ended_at_its_deadline_is_counted_deadline_exceeded(
+    timeout: float, remaining: float, expected: str
+) -> None:
+    assert _code(EndedCall(cancelled=True, remaining=remaining), timeout=timeout) == expected
+    # Ended by the server before its deadline, it keeps the status it ended with.
+    found = EndedCall(cancelled=False, code=grpc.StatusCode.NOT_FOUND, remaining=remaining)
+    assert _code(found, timeout=timeout) == "NOT_FOUND"
