@@ -799,8 +799,7 @@ async def _flush_traces(provider: Any) -> None:
     if not done:
         flushing.cancel()
         log.warning(
-            "shutdown: the trace collector took no spans within %.0fs; the last spans "
-            "are dropped",
+            "shutdown: the trace collector took no spans within %.0fs; the last spans are dropped",
             TRACE_FLUSH_SECONDS,
         )
     elif not flushing.cancelled() and flushing.exception() is not None:

@@ -12,7 +12,6 @@ import grpc
 from memsvc.api._intercept import HandlerWrapper
 from memsvc.metrics import Metrics
 
-
 # A client ends its call at its own deadline, a little before the server's: gRPC
 # sends the time left rounded up (to three significant figures), taken after the
 # client's clock started. A call cancelled this close to the server's deadline ran
