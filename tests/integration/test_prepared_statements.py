@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
+import grpc
+import psycopg
 import pytest
 
+from memsvc.config import Config
 from memsvc.domain import SessionRef
+from memsvc.server import Server
 from memsvc.store.postgres import PostgresDurableStore
+from memsvc.v1 import lifecycle_pb2 as lc
+from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
 
 
 async def prepared_after_locking(url: str, prepared_statements: bool) -> list[str]:
@@ -37,3 +44,45 @@ async def test_statements_run_often_are_prepared_only_when_on(
     statements = await prepared_after_locking(fresh_postgres_url, prepared_statements)
     locks = [s for s in statements if "FROM sessions" in s and "FOR UPDATE" in s]
     assert len(locks) == (1 if prepared_statements else 0), statements
+
+
+async def test_a_newer_schema_changing_a_returned_type_costs_no_internal_error(
+    fresh_postgres_url: str, tmp_path: Path
+) -> None:
+    """A newer memsvc's migration may change the type of a column this process's
+    prepared statements return; PostgreSQL then refuses them ("cached plan must
+    not change result type", as 0011 did to older replicas in a rolling update).
+    Reads go on (retried on new connections); a transaction is UNAVAILABLE at
+    most once, its retry with the request id succeeds; nothing is INTERNAL."""
+    config = Config(
+        listen="127.0.0.1:0", data_dir=str(tmp_path), health_listen="", metrics_listen="",
+        database_url=fresh_postgres_url, database_max_connections=1,
+    )  # fmt: skip
+    ids = {"project_id": str(uuid.uuid4()), "agent_instance_id": str(uuid.uuid4()),
+           "session_id": "s"}  # fmt: skip
+    async with (
+        Server(config) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        lifecycle = LifecycleServiceStub(channel)
+        await lifecycle.Spawn(lc.SpawnRequest(**ids))
+        for _ in range(6):  # prepared from the 5th run on the pool's one connection
+            await lifecycle.GetSession(lc.GetSessionRequest(**ids))
+            await lifecycle.Pause(lc.PauseRequest(**ids))
+            await lifecycle.Resume(lc.ResumeRequest(**ids))
+        async with await psycopg.AsyncConnection.connect(
+            fresh_postgres_url, autocommit=True
+        ) as admin:
+            await admin.execute("ALTER TABLE sessions ALTER COLUMN memory_epoch TYPE varchar(200)")
+        assert (await lifecycle.GetSession(lc.GetSessionRequest(**ids))).session.state == (
+            lc.SESSION_STATE_ACTIVE
+        )
+        pause = lc.PauseRequest(**ids, request_id=str(uuid.uuid4()))
+        try:
+            paused = await lifecycle.Pause(pause)
+        except grpc.aio.AioRpcError as refused:
+            assert refused.code() == grpc.StatusCode.UNAVAILABLE, refused
+            paused = await lifecycle.Pause(pause)
+        assert paused.session.state == lc.SESSION_STATE_PAUSED
+        resumed = await lifecycle.Resume(lc.ResumeRequest(**ids))
+        assert resumed.session.state == lc.SESSION_STATE_ACTIVE

@@ -62,11 +62,30 @@ MIGRATION_LOCK_KEY = 0x6D656D737663
 # address leads to a database that cannot take writes now (a standby, or the old
 # primary after a failover; or default_transaction_read_only). Nothing of the
 # refused transaction was written, so a retry cannot apply it twice.
+class StalePlans(Exception):
+    """PostgreSQL refused a statement this process prepared: a migration of a
+    newer memsvc changed the type of a column it returns (``cached plan must not
+    change result type``, as when 0011 gave the ids COLLATE "C"). The statement
+    failed, so nothing of its transaction was written; the pool's connections are
+    replaced (each keeps its prepared statements for its life, an hour), and the
+    same statement on a new connection succeeds. A rolling update stays possible."""
+
+
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     psycopg.OperationalError,
     psycopg_pool.PoolTimeout,
     psycopg.errors.ReadOnlySqlTransaction,
+    StalePlans,
 )
+
+
+def _stale_plans(error: BaseException) -> bool:
+    """Whether ``error`` is PostgreSQL refusing a prepared statement whose result
+    changed type (told by the function that raised it: its message is localized)."""
+    return (
+        isinstance(error, psycopg.errors.FeatureNotSupported)
+        and error.diag.source_function == "RevalidateCachedQuery"
+    )
 
 
 def _raise_if_past_a_limit(error: BaseException) -> None:
@@ -474,7 +493,7 @@ class PostgresDurableStore(SqlDurableReads):
         """
         try:
             with observed(self.observe, "transaction", self.backend_name):
-                async with self._writable_connection() as conn:
+                async with self._replacing_stale_plans(), self._writable_connection() as conn:
                     async with _pipelined_transaction(conn) as tx:
                         yield tx
                     appended = await tx.committed()
@@ -549,7 +568,7 @@ class PostgresDurableStore(SqlDurableReads):
             # A write among the reads (a graph checkpoint's put, an upsert) may be
             # refused as read-only: nothing was written, and the retry gets a new
             # connection.
-            async with self._writable_connection() as conn:
+            async with self._replacing_stale_plans(), self._writable_connection() as conn:
                 connected = True
                 try:
                     return await read(conn, POSTGRES, *args)
@@ -574,6 +593,23 @@ class PostgresDurableStore(SqlDurableReads):
                         self._connections.get_stats(),
                     )
                 raise
+
+    @contextlib.asynccontextmanager
+    async def _replacing_stale_plans(self) -> AsyncIterator[None]:
+        """Around a connection's use (outside it, so that the connection is back in
+        the pool): a statement refused for a stale plan replaces every connection,
+        and is StalePlans, transient."""
+        try:
+            yield
+        except psycopg.errors.FeatureNotSupported as error:
+            if not _stale_plans(error):
+                raise
+            log.warning(
+                "the database's schema changed under this process's prepared statements"
+                " (a newer memsvc migrated it); replacing its connections"
+            )
+            await self._connections.drain()
+            raise StalePlans(str(error)) from error
 
     def _suspect_connections(self, error: BaseException) -> None:
         """A connection was lost (PostgreSQL restarted or failed over, a reaper
