@@ -57,6 +57,7 @@ POOL_CLOSE_SECONDS = 1.0
 # pg_advisory_xact_lock key for migrations: "memsvc" in ASCII.
 MIGRATION_LOCK_KEY = 0x6D656D737663
 
+
 # Conditions of the database, after which the same call may succeed: UNAVAILABLE
 # once any retries run out, never INTERNAL. ReadOnlySqlTransaction (25006): the
 # address leads to a database that cannot take writes now (a standby, or the old
