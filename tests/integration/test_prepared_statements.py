@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
+from typing import Any
 
 import grpc
 import psycopg
@@ -58,7 +59,7 @@ async def test_a_newer_schema_changing_a_returned_type_costs_no_internal_error(
         listen="127.0.0.1:0", data_dir=str(tmp_path), health_listen="", metrics_listen="",
         database_url=fresh_postgres_url, database_max_connections=1,
     )  # fmt: skip
-    ids = {"project_id": str(uuid.uuid4()), "agent_instance_id": str(uuid.uuid4()),
+    ids: dict[str, Any] = {"project_id": str(uuid.uuid4()), "agent_instance_id": str(uuid.uuid4()),
            "session_id": "s"}  # fmt: skip
     async with (
         Server(config) as server,
