@@ -88,17 +88,22 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(f"expected true or false, got {text!r}")
 
 
+# Counts reach the stores as 64-bit integers (PostgreSQL's bigint, SQLite's
+# INTEGER): past it a setting would start and then fail every call that uses it.
+_INT64_MAX = (1 << 63) - 1
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
-    if value < 1:
-        raise ValueError(f"must be at least 1, got {value}")
+    if not 1 <= value <= _INT64_MAX:
+        raise ValueError(f"must be from 1 to {_INT64_MAX:,}, got {value:,}")
     return value
 
 
 def _non_negative_int(text: str) -> int:
     value = int(text)
-    if value < 0:
-        raise ValueError(f"must not be negative, got {value}")
+    if not 0 <= value <= _INT64_MAX:
+        raise ValueError(f"must be from 0 to {_INT64_MAX:,}, got {value:,}")
     return value
 
 

@@ -15,11 +15,14 @@ import sqlite3
 from dataclasses import dataclass
 from importlib import resources
 
+from memsvc.config import StartupError
+
 _NAME = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
 
 
-class MigrationError(RuntimeError):
-    """The database's schema history does not match this build's migrations."""
+class MigrationError(StartupError):
+    """The database's schema history does not match this build's migrations (a
+    start-up failure its message explains: no traceback)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +61,10 @@ def check_applied(migration: Migration, recorded_checksum: str) -> None:
     if recorded_checksum != migration.checksum:
         raise MigrationError(
             f"migration {migration.version:04d}_{migration.name} was changed after it was "
-            "applied to this database; restore the file and add a new migration instead"
+            "applied to this database: this memsvc's schema history differs from the one "
+            "that built it (a build from before a release). Run the memsvc that built it, "
+            "or start on a new database; a developer who changed the file: restore it and "
+            "add a new migration instead"
         )
 
 

@@ -8,6 +8,7 @@ import re
 import select
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -28,6 +29,7 @@ from memsvc.v1 import working_memory_pb2 as pb
 from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
 from memsvc.v1.working_memory_pb2_grpc import WorkingMemoryServiceStub
 from tests.client._credentials import make_pki
+from tests.conftest import REDIS_URL, need
 from tests.helpers import python, value
 
 MEMSVC = str(Path(sys.executable).parent / "memsvc")
@@ -209,13 +211,42 @@ def test_start_up_failures_say_what_to_fix_without_a_traceback(tmp_path):
          "--listen", f"127.0.0.1:{free_port()}", "--data-dir", str(tmp_path / "a-file")],
         capture_output=True, text=True, timeout=60, env=clean,
     )  # fmt: skip
+    # Found by a review: these two printed a traceback. A database whose migration
+    # history differs from this build's (its first migration's checksum altered)...
+    migrated = tmp_path / "migrated"
+    subprocess.run([MEMSVC, "migrate", "--data-dir", str(migrated)], check=True, env=clean)
+    with sqlite3.connect(migrated / "memsvc.db") as db:
+        db.execute("UPDATE schema_migrations SET checksum = 'other' WHERE version = 1")
+    db.close()
+    changed = subprocess.run(
+        [MEMSVC, "migrate", "--data-dir", str(migrated)],
+        capture_output=True, text=True, timeout=60, env=clean,
+    )  # fmt: skip
     for done, says in (
         (taken, f"cannot listen on 127.0.0.1:{port} for the gRPC API"),
         (not_a_dir, str(tmp_path / "a-file")),
+        (changed, "0001_installation was changed after it was applied"),
     ):
         assert done.returncode == 1, done.stderr
         assert says in done.stderr
         assert "Traceback" not in done.stderr
+
+
+def test_a_redis_database_the_server_does_not_have_stops_start_up_in_one_line(tmp_path):
+    """Found by a review: a database number past the Redis server's `databases`
+    printed a traceback; it is a URL to fix, named without its password."""
+    need(REDIS_URL)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MEMSVC_")}
+    done = subprocess.run(
+        [MEMSVC, "serve", "--health-listen=", "--metrics-listen=",
+         "--listen", f"127.0.0.1:{free_port()}", "--data-dir", str(tmp_path),
+         "--working-memory-url", f"{REDIS_URL.rsplit('/', 1)[0]}/99999"],
+        capture_output=True, text=True, timeout=60, env=clean,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert "Redis refused memsvc's connection (DB index is out of range)" in done.stderr
+    assert "check working_memory_url" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def read_stderr_until(process: subprocess.Popen[str], text: str, timeout: float = 30) -> str:

@@ -30,6 +30,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
+from memsvc.config import StartupError, redacted
 from memsvc.domain import (
     BackendUnavailable,
     BatchRead,
@@ -304,6 +305,13 @@ class RedisWorkingMemoryStore:
         except self._transient as error:
             log.warning("could not preload Lua scripts (Redis unreachable): %s", error)
             return
+        except redis_errors.ResponseError as error:
+            # Refused as memsvc connects (SELECT of a database number the server
+            # does not have): no retry helps, the URL is to fix.
+            raise StartupError(
+                f"Redis refused memsvc's connection ({error}): check working_memory_url"
+                f" (its database number, user and password); got {redacted(self._url)!r}"
+            ) from error
         await self._warn_if_evicting(self._redis)
 
     async def _warn_if_evicting(self, client: aioredis.Redis | RedisCluster) -> None:
