@@ -304,7 +304,8 @@ class InvalidTransition(FailedPrecondition):
 
     @property
     def state(self) -> SessionState:
-        """The session's current state (UNKNOWN when memsvc did not say)."""
+        """The session's current state (UNKNOWN when the details name none: no
+        state, or a step under way)."""
         return _session_state(self.metadata.get("state", ""))
 
 

@@ -112,13 +112,23 @@ _MAX_DURATION_SECONDS = 315_576_000_000
 
 
 def seconds_of(duration: Seconds, what: str) -> float:
-    """Seconds of a number or a timedelta (inf for a number past any Duration:
-    float() of a huge int would raise OverflowError, not say what is wrong)."""
+    """Seconds of a number or a timedelta. ValueError past what a Duration holds,
+    NaN included (float() of a huge int would raise OverflowError instead)."""
     if isinstance(duration, timedelta):
         return duration.total_seconds()
     if isinstance(duration, bool) or not isinstance(duration, int | float):
         raise TypeError(f"{what}: expected seconds or a timedelta, got {type(duration).__name__}")
-    return float(duration) if abs(duration) <= _MAX_DURATION_SECONDS else math.inf
+    if not abs(duration) <= _MAX_DURATION_SECONDS:
+        if isinstance(duration, float):
+            shown = repr(duration)
+        elif duration.bit_length() <= 256:
+            shown = str(duration)
+        else:  # not written out (nor may Python write one of over 4,300 digits)
+            shown = f"an integer of {duration.bit_length()} bits"
+        raise ValueError(
+            f"{what}: {shown} is not a duration in seconds (at most 10,000 years either way)"
+        )
+    return float(duration)
 
 
 def fill_duration(duration: Seconds, message: duration_pb2.Duration, what: str) -> None:
@@ -127,10 +137,6 @@ def fill_duration(duration: Seconds, message: duration_pb2.Duration, what: str) 
         message.FromTimedelta(duration)
         return
     seconds = seconds_of(duration, what)
-    if not math.isfinite(seconds) or abs(seconds) > _MAX_DURATION_SECONDS:
-        raise ValueError(
-            f"{what}: {seconds:g} seconds is not a duration (at most 10,000 years either way)"
-        )
     nanos = round(seconds * _NANOS)
     if nanos == 0 and seconds != 0:
         # A zero Duration means "none" (a TTL that never expires): a tiny one must

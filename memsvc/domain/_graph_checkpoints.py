@@ -59,7 +59,9 @@ MAX_TASK_ID_BYTES = 256
 MAX_TASK_PATH_BYTES = 2048
 MAX_RUN_ID_BYTES = 256
 MAX_CHANNELS = 10_000
-MAX_SELECTED_CHANNELS = 256  # channel names one read may ask for
+# Channel names one read may ask for: as many as a checkpoint may have (LangGraph
+# asks for all of a graph's DeltaChannels at once).
+MAX_SELECTED_CHANNELS = MAX_CHANNELS
 MAX_WRITES = 10_000
 MAX_METADATA_BYTES = 1 << 20
 MAX_FILTER_BYTES = 64 << 10
@@ -189,7 +191,9 @@ class GraphListScope:
             json.dumps(self.metadata_filter, sort_keys=True),
             repr(self.before_checkpoint_id),
             repr(self.checkpoint_id),
-            repr(sorted(set(self.channels))),
+            # Only when named: the tokens of listings without it stay those of the
+            # release before it (a rolling update moves a listing across both).
+            *([repr(sorted(set(self.channels)))] if self.channels else []),
         )
 
 

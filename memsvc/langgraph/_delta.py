@@ -1,4 +1,4 @@
-"""LangGraph's DeltaChannel history, walked over memsvc's listings.
+"""LangGraph's DeltaChannel history, read with only the channels it needs.
 
 ``BaseCheckpointSaver.get_delta_channel_history`` reads each ancestor of a
 checkpoint whole, one call per ancestor (LangGraph's default), until every channel
@@ -6,13 +6,18 @@ asked for has met a stored value. Over memsvc that moved every channel of every
 ancestor, and an ancestor too large for one response (an input checkpoint holds
 its input twice: as a value and as a pending write) made the thread unreadable
 though the channels asked for were small. :class:`DeltaWalk` keeps the default's
-contract and is fed instead from ListGraphCheckpoints with only those channels:
-a page of ancestors per call, newest first, the other channels left on the server.
+walk and contract, and its caller reads each ancestor with GetGraphCheckpoint's
+``channels``: only those channels' values and writes travel.
+
+One read per ancestor, as the default: a listing of the namespace would take fewer
+calls on a straight thread, but it holds every other fork's checkpoints too (time
+travel leaves thousands between a checkpoint and its parent), and one of them too
+large for a response would fail a walk that never needed it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from langchain_core.runnables import RunnableConfig
@@ -23,45 +28,39 @@ from langgraph.checkpoint.base import (
     get_checkpoint_id,
 )
 
-# Ancestors per listing page: DeltaChannel snapshots its value every 100 updates
-# by default, so most walks end within one page.
-PAGE_SIZE = 100
-
 
 class DeltaWalk:
     """The parent-chain walk of ``get_delta_channel_history`` for ``channels``.
 
-    The caller reads the target (``begin``), then lists the namespace's
-    checkpoints below ``below``, newest first, and ``offer``s each one. A listing
-    holds every older checkpoint of the namespace: those of other forks are passed
-    over. When an ancestor is not where the listing would have it (an id that
-    does not sort below its child's), ``offer`` says stop and the caller reads
-    ``wanted`` itself and passes it to ``take``; a missing ancestor (pruned,
-    deleted) ends the walk, as it ends LangGraph's.
+    The caller reads the target (``begin``), then, while ``wanting``, the checkpoint
+    at ``next_config`` (``take``); a missing ancestor (pruned, deleted) ends the
+    walk, as it ends LangGraph's.
     """
 
-    def __init__(self, channels: Sequence[str]) -> None:
+    def __init__(self, config: RunnableConfig, channels: Sequence[str]) -> None:
+        configurable = config["configurable"]
+        self._thread_id = configurable["thread_id"]
+        self._ns = configurable.get("checkpoint_ns", "")
         self._channels = channels
         self._remaining = set(channels)
         self._writes: dict[str, list[PendingWrite]] = {c: [] for c in channels}
         self._seeds: dict[str, Any] = {}
-        self.wanted: str | None = None  # the next ancestor's checkpoint id
-        self.below = ""  # the last checkpoint read: the next listing starts below it
+        self._wanted: str | None = None  # the next ancestor's checkpoint id
+        self._seen: set[str] = set()  # ids a parent chain that loops would repeat
 
     @property
     def wanting(self) -> bool:
-        return self.wanted is not None and bool(self._remaining)
+        return self._wanted is not None and bool(self._remaining)
 
-    def listing(self, config: RunnableConfig) -> dict[str, Any]:
-        """The arguments of the graph client's ``checkpoints`` for the next listing:
-        the thread and namespace of ``config``, below ``below``, these channels."""
-        configurable = config["configurable"]
+    @property
+    def next_config(self) -> RunnableConfig:
+        """Where the next ancestor is."""
         return {
-            "thread_id": str(configurable["thread_id"]),
-            "checkpoint_ns": str(configurable.get("checkpoint_ns", "")),
-            "before": self.below,
-            "page_size": PAGE_SIZE,
-            "channels": self._channels,
+            "configurable": {
+                "thread_id": self._thread_id,
+                "checkpoint_ns": self._ns,
+                "checkpoint_id": self._wanted,
+            }
         }
 
     def begin(self, target: CheckpointTuple | None) -> None:
@@ -69,19 +68,10 @@ class DeltaWalk:
         if target is not None:
             self._follow(target)
 
-    def offer(self, checkpoint_id: str, read: Callable[[], CheckpointTuple]) -> bool:
-        """Take the next listed checkpoint if it is the wanted ancestor (``read``
-        decodes it); whether to go on with the listing."""
-        if self.wanted is None or checkpoint_id < self.wanted:
-            return False
-        if checkpoint_id == self.wanted:
-            self.take(read())
-        return self.wanting
-
     def take(self, ancestor: CheckpointTuple | None) -> None:
         """Fold in the wanted ancestor (None: it is gone, and the walk ends)."""
         if ancestor is None:
-            self.wanted = None
+            self._wanted = None
             return
         for write in reversed(ancestor.pending_writes or ()):
             if write[1] in self._remaining:
@@ -93,9 +83,11 @@ class DeltaWalk:
         self._follow(ancestor)
 
     def _follow(self, checkpoint: CheckpointTuple) -> None:
-        self.below = str(get_checkpoint_id(checkpoint.config))
+        self._seen.add(str(get_checkpoint_id(checkpoint.config)))
         parent = checkpoint.parent_config
-        self.wanted = get_checkpoint_id(parent) if parent else None
+        wanted = get_checkpoint_id(parent) if parent else None
+        # A chain that comes back to a checkpoint it passed would never end.
+        self._wanted = None if wanted in self._seen else wanted
 
     def history(self) -> dict[str, DeltaChannelHistory]:
         """Per channel asked for: its writes oldest first, and its seed if found."""

@@ -19,7 +19,6 @@ are held by one :class:`_Clients` that the saver's shallow copies share.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import math
 import os
@@ -393,18 +392,14 @@ class MemsvcSaver(BaseCheckpointSaver[str]):
     async def aget_delta_channel_history(
         self, *, config: RunnableConfig, channels: Sequence[str]
     ) -> Mapping[str, DeltaChannelHistory]:
-        """LangGraph's walk (see DeltaWalk), a listing page per call, reading only
-        ``channels``' values and writes."""
+        """LangGraph's walk (see DeltaWalk), reading only ``channels``' values and
+        writes of each ancestor."""
         if not channels:
             return {}
-        walk = DeltaWalk(channels)
+        walk = DeltaWalk(config, channels)
         walk.begin(await self._aread(config, channels))
         while walk.wanting:
-            async for message in self._agraphs.checkpoints(**walk.listing(config)):
-                if not walk.offer(message.checkpoint_id, functools.partial(self._tuple, message)):
-                    break
-            if walk.wanting:  # not where the listing would have it
-                walk.take(await self._aread(_at(config, walk.wanted), channels))
+            walk.take(await self._aread(walk.next_config, channels))
         return walk.history()
 
     async def alist(
@@ -511,14 +506,10 @@ class MemsvcSaver(BaseCheckpointSaver[str]):
         """As aget_delta_channel_history."""
         if not channels:
             return {}
-        walk = DeltaWalk(channels)
+        walk = DeltaWalk(config, channels)
         walk.begin(self._read(config, channels))
         while walk.wanting:
-            for message in self._graphs.checkpoints(**walk.listing(config)):
-                if not walk.offer(message.checkpoint_id, functools.partial(self._tuple, message)):
-                    break
-            if walk.wanting:  # not where the listing would have it
-                walk.take(self._read(_at(config, walk.wanted), channels))
+            walk.take(self._read(walk.next_config, channels))
         return walk.history()
 
     def list(
@@ -564,18 +555,6 @@ class MemsvcSaver(BaseCheckpointSaver[str]):
 
 
 INLINE_MAX_CHARS = 64
-
-
-def _at(config: RunnableConfig, checkpoint_id: str | None) -> RunnableConfig:
-    """``config``'s thread and namespace, at another checkpoint."""
-    configurable = config["configurable"]
-    return {
-        "configurable": {
-            "thread_id": configurable["thread_id"],
-            "checkpoint_ns": configurable.get("checkpoint_ns", ""),
-            "checkpoint_id": checkpoint_id,
-        }
-    }
 
 
 def _inline(value: Any) -> bool:

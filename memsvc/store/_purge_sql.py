@@ -55,11 +55,13 @@ class SqlPurgeWrites(SqlWrites):
     async def purge_episodes(self, scope: SessionRef) -> int:
         where, params = _scope(scope)
         deleted = await self._count(f"DELETE FROM episodes WHERE {where}", params)
-        if deleted and self._d.name == "sqlite":
-            # FTS5 deletes by adding markers: the purged episodes' words stay in the
-            # index's older segments until a merge. Merged here, with the delete, so
-            # no crash or failure after the commit can leave them (the merge rewrites
-            # the whole index: 0.9 s for 40,000 episodes; purges are rare).
+        if self._d.name == "sqlite":
+            # FTS5 deletes by adding markers: the words of the purged episodes, and
+            # of the scope's episodes DeleteEpisode deleted before (even when this
+            # purge deletes none), stay in the index's older segments until a merge.
+            # Merged here, with the delete, so no crash or failure after the commit
+            # can leave them (the merge rewrites the whole index: 0.9 s for 40,000
+            # episodes; purges are rare).
             await self._conn.execute("INSERT INTO episodes_fts (episodes_fts) VALUES ('optimize')")
         return deleted
 

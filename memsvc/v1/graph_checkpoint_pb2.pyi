@@ -30,7 +30,7 @@ class _GraphSessionEndActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[
     GRAPH_SESSION_END_ACTION_UNSPECIFIED: _GraphSessionEndAction.ValueType  # 0
     """Nothing: the thread stays as it is."""
     GRAPH_SESSION_END_ACTION_KEEP_LATEST: _GraphSessionEndAction.ValueType  # 1
-    """Keep only the latest checkpoint of each namespace."""
+    """Keep only the latest checkpoint of each namespace (as PruneGraphThreads)."""
     GRAPH_SESSION_END_ACTION_DELETE: _GraphSessionEndAction.ValueType  # 2
     """Delete the thread."""
 
@@ -40,7 +40,7 @@ class GraphSessionEndAction(_GraphSessionEndAction, metaclass=_GraphSessionEndAc
 GRAPH_SESSION_END_ACTION_UNSPECIFIED: GraphSessionEndAction.ValueType  # 0
 """Nothing: the thread stays as it is."""
 GRAPH_SESSION_END_ACTION_KEEP_LATEST: GraphSessionEndAction.ValueType  # 1
-"""Keep only the latest checkpoint of each namespace."""
+"""Keep only the latest checkpoint of each namespace (as PruneGraphThreads)."""
 GRAPH_SESSION_END_ACTION_DELETE: GraphSessionEndAction.ValueType  # 2
 """Delete the thread."""
 Global___GraphSessionEndAction: _TypeAlias = GraphSessionEndAction  # noqa: Y015
@@ -54,7 +54,9 @@ class _GraphPruneStrategyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Gr
     GRAPH_PRUNE_STRATEGY_UNSPECIFIED: _GraphPruneStrategy.ValueType  # 0
     """Treated as KEEP_LATEST."""
     GRAPH_PRUNE_STRATEGY_KEEP_LATEST: _GraphPruneStrategy.ValueType  # 1
-    """Keep the latest checkpoint of each namespace, with its writes."""
+    """Keep the latest checkpoint of each namespace, with its writes; finished
+    subgraph calls go whole (see PruneGraphThreads).
+    """
     GRAPH_PRUNE_STRATEGY_DELETE: _GraphPruneStrategy.ValueType  # 2
     """Delete the threads whole: checkpoints, values, writes and settings (TTL,
     keep_last, session link), as DeleteGraphThread.
@@ -66,7 +68,9 @@ class GraphPruneStrategy(_GraphPruneStrategy, metaclass=_GraphPruneStrategyEnumT
 GRAPH_PRUNE_STRATEGY_UNSPECIFIED: GraphPruneStrategy.ValueType  # 0
 """Treated as KEEP_LATEST."""
 GRAPH_PRUNE_STRATEGY_KEEP_LATEST: GraphPruneStrategy.ValueType  # 1
-"""Keep the latest checkpoint of each namespace, with its writes."""
+"""Keep the latest checkpoint of each namespace, with its writes; finished
+subgraph calls go whole (see PruneGraphThreads).
+"""
 GRAPH_PRUNE_STRATEGY_DELETE: GraphPruneStrategy.ValueType  # 2
 """Delete the threads whole: checkpoints, values, writes and settings (TTL,
 keep_last, session link), as DeleteGraphThread.
@@ -305,7 +309,8 @@ class GraphThreadOptions(_message.Message):
     SESSION_FIELD_NUMBER: _builtins.int
     keep_last: _builtins.int
     """Keep only this many newest checkpoints per namespace (with the values
-    and writes they need); 0: all. Enforced in the background.
+    and writes they need; finished subgraph calls go as PruneGraphThreads
+    says); 0: all. Enforced in the background.
     """
     @_builtins.property
     def ttl(self) -> _duration_pb2.Duration:
@@ -528,7 +533,8 @@ class GetGraphCheckpointRequest(_message.Message):
         The document, metadata and `channel_versions` always come whole. What a
         reader that needs a few channels of many checkpoints asks for (LangGraph's
         DeltaChannel history), so that the other channels neither travel nor count
-        towards `max_message_bytes`. At most 256 names, each as a stored channel's.
+        towards `max_message_bytes`. At most 10,000 names, each as a stored
+        channel's.
         """
 
     def __init__(

@@ -209,7 +209,10 @@ class GraphCheckpointServiceServicer:
     def PruneGraphThreads(self, request, context):
         """PruneGraphThreads keeps only the latest checkpoint of each namespace of
         the threads (or deletes them whole), with the values and writes no kept
-        checkpoint needs. Threads whose checkpoint metadata holds one of
+        checkpoint needs. A finished subgraph call's namespace (a task id after a
+        ':') goes whole with the root checkpoint it started from (its metadata's
+        `parents[""]`), once that one is stored and not kept, as LangGraph's
+        PostgreSQL saver prunes. Threads whose checkpoint metadata holds one of
         `refuse_metadata_keys` are not pruned, and reported.
         Errors: INVALID_ARGUMENT.
         """

@@ -112,7 +112,10 @@ class GraphCheckpointServiceStub:
     PruneGraphThreads: _grpc.UnaryUnaryMultiCallable[_graph_checkpoint_pb2.PruneGraphThreadsRequest, _graph_checkpoint_pb2.PruneGraphThreadsResponse]
     """PruneGraphThreads keeps only the latest checkpoint of each namespace of
     the threads (or deletes them whole), with the values and writes no kept
-    checkpoint needs. Threads whose checkpoint metadata holds one of
+    checkpoint needs. A finished subgraph call's namespace (a task id after a
+    ':') goes whole with the root checkpoint it started from (its metadata's
+    `parents[""]`), once that one is stored and not kept, as LangGraph's
+    PostgreSQL saver prunes. Threads whose checkpoint metadata holds one of
     `refuse_metadata_keys` are not pruned, and reported.
     Errors: INVALID_ARGUMENT.
     """
@@ -201,7 +204,10 @@ class GraphCheckpointServiceAsyncStub(GraphCheckpointServiceStub):
     PruneGraphThreads: _aio.UnaryUnaryMultiCallable[_graph_checkpoint_pb2.PruneGraphThreadsRequest, _graph_checkpoint_pb2.PruneGraphThreadsResponse]  # type: ignore[assignment]
     """PruneGraphThreads keeps only the latest checkpoint of each namespace of
     the threads (or deletes them whole), with the values and writes no kept
-    checkpoint needs. Threads whose checkpoint metadata holds one of
+    checkpoint needs. A finished subgraph call's namespace (a task id after a
+    ':') goes whole with the root checkpoint it started from (its metadata's
+    `parents[""]`), once that one is stored and not kept, as LangGraph's
+    PostgreSQL saver prunes. Threads whose checkpoint metadata holds one of
     `refuse_metadata_keys` are not pruned, and reported.
     Errors: INVALID_ARGUMENT.
     """
@@ -335,7 +341,10 @@ class GraphCheckpointServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_graph_checkpoint_pb2.PruneGraphThreadsResponse, _abc.Awaitable[_graph_checkpoint_pb2.PruneGraphThreadsResponse]]:
         """PruneGraphThreads keeps only the latest checkpoint of each namespace of
         the threads (or deletes them whole), with the values and writes no kept
-        checkpoint needs. Threads whose checkpoint metadata holds one of
+        checkpoint needs. A finished subgraph call's namespace (a task id after a
+        ':') goes whole with the root checkpoint it started from (its metadata's
+        `parents[""]`), once that one is stored and not kept, as LangGraph's
+        PostgreSQL saver prunes. Threads whose checkpoint metadata holds one of
         `refuse_metadata_keys` are not pruned, and reported.
         Errors: INVALID_ARGUMENT.
         """

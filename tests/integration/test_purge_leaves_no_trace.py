@@ -105,3 +105,36 @@ async def test_a_read_in_progress_leaves_the_log_for_later(
             assert "a read in progress kept the write-ahead log" in caplog.text
         finally:
             reader.close()
+
+
+async def test_words_of_an_episode_deleted_before_a_purge_leave_the_files_too(tmp_path: Path):
+    """Found by a review: DeleteEpisode leaves the words in the index's segments
+    (no merge per call), and a purge of their scope that deleted no episode itself
+    left them there; the purge merges the index whatever it deletes."""
+    data_dir = tmp_path / "data"
+    config = Config(
+        listen="127.0.0.1:0", data_dir=str(data_dir), health_listen="", metrics_listen=""
+    )
+    project = str(uuid.uuid4())
+    async with (
+        Server(config) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        episodic = EpisodicMemoryServiceStub(channel)
+        recorded = await episodic.RecordEpisode(
+            ep.RecordEpisodeRequest(
+                episode=ep.Episode(
+                    project_id=project, agent_instance_id=str(uuid.uuid4()), session_id="s",
+                    task_type="review", outcome=lc.OUTCOME_SUCCESS,
+                    task_description=f"{SECRET} once",
+                ),
+            )
+        )  # fmt: skip
+        await episodic.DeleteEpisode(
+            ep.DeleteEpisodeRequest(project_id=project, episode_id=recorded.episode.episode_id)
+        )
+        report = await DataRemovalServiceStub(channel).PurgeData(
+            dr.PurgeDataRequest(project_id=project)
+        )
+        assert report.episodes_deleted == 0
+        assert files_holding(data_dir, SECRET.encode()) == []

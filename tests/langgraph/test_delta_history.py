@@ -154,3 +154,39 @@ async def test_ancestors_whose_ids_do_not_sort_below_their_children_are_read_too
             if leaf == "k8":
                 assert got["items"].get("seed") == ["seed"]
                 assert [w[2] for w in got["items"]["writes"]] == [["k5"], ["k9"], ["k7"]]
+
+
+async def test_a_fork_too_large_for_a_response_does_not_fail_another_branch_s_walk(
+    server: Server,
+):
+    """Only the ancestors are read: a checkpoint of another fork whose writes of the
+    channel are past one response (1 MiB here) sits between a checkpoint and its
+    parent, as time travel leaves them, and the walk never meets it."""
+    thread = f"forks-{uuid.uuid4()}"
+    async with MemsvcSaver(f"127.0.0.1:{server.port}", project_id=str(uuid.uuid4())) as saver:
+
+        async def put(checkpoint_id: str, parent: str | None, values: dict[str, Any]) -> Any:
+            checkpoint = empty_checkpoint()
+            checkpoint["id"] = checkpoint_id
+            checkpoint["channel_values"] = values
+            checkpoint["channel_versions"] = {"x": saver.get_next_version(None, None)}
+            config: Any = {"configurable": {"thread_id": thread, "checkpoint_ns": "",
+                                            "checkpoint_id": parent}}  # fmt: skip
+            new_versions = checkpoint["channel_versions"] if values else {}
+            return await saver.aput(config, checkpoint, {"step": 0}, new_versions)
+
+        await put("m1", None, {"x": ["seed"]})
+        main = await put("m5", "m1", {})
+        await saver.aput_writes(main, [("x", ["on the main branch"])], "task-m5")
+        fork = await put("m7", "m1", {})
+        for index in range(5):  # 1.25 MB of writes of x
+            await saver.aput_writes(fork, [("x", ["y" * 250_000])], f"task-m7-{index}")
+        await put("m9", "m5", {})
+        leaf: Any = {"configurable": {"thread_id": thread, "checkpoint_ns": "",
+                                      "checkpoint_id": "m9"}}  # fmt: skip
+        history = await saver.aget_delta_channel_history(config=leaf, channels=["x"])
+        assert history == await BaseCheckpointSaver.aget_delta_channel_history(
+            saver, config=leaf, channels=["x"]
+        )
+        assert history["x"].get("seed") == ["seed"]
+        assert [w[2] for w in history["x"]["writes"]] == [["on the main branch"]]
