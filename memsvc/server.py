@@ -793,7 +793,8 @@ async def _flush_traces(provider: Any) -> None:
     synchronous, up to the exporter's own timeout against a collector that never
     answers, so it runs in a thread of its own, the event loop free meanwhile. A
     collector that is down is no hang of memsvc's (no task stacks): it costs the
-    last spans, said once, and not the exporter's ten seconds more of shutdown."""
+    last spans, said once, and not the exporter's ten seconds more of shutdown. (A
+    flush that fails is logged by _in_daemon_thread.)"""
     flushing = asyncio.ensure_future(_in_daemon_thread(provider.shutdown))
     done, _ = await asyncio.wait({flushing}, timeout=TRACE_FLUSH_SECONDS)
     if not done:
@@ -802,8 +803,6 @@ async def _flush_traces(provider: Any) -> None:
             "shutdown: the trace collector took no spans within %.0fs; the last spans are dropped",
             TRACE_FLUSH_SECONDS,
         )
-    elif not flushing.cancelled() and flushing.exception() is not None:
-        log.warning("shutdown: flushing traces failed: %r", flushing.exception())
 
 
 async def _bounded(step: str, work: Awaitable[object], seconds: float) -> None:

@@ -245,6 +245,13 @@ async def test_a_channel_selection_is_checked(graphs, scope):
         )
         error = await expect_error(method(request), grpc.StatusCode.INVALID_ARGUMENT)
         assert "channels[1]" in error.violations
+        # As many as a checkpoint may hold (LangGraph asks for all of a graph's
+        # DeltaChannels at once; 300 were refused at a bound of 256), not more.
+        request.channels[:] = [f"c{i}" for i in range(300)]
+        if isinstance(request, pb.GetGraphCheckpointRequest):
+            await expect_error(method(request), grpc.StatusCode.NOT_FOUND)  # checked, no thread
+        else:
+            assert not (await method(request)).checkpoints
         request.channels[:] = [f"c{i}" for i in range(10_001)]
         error = await expect_error(method(request), grpc.StatusCode.INVALID_ARGUMENT)
         assert "channels" in error.violations

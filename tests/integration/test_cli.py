@@ -134,7 +134,7 @@ async def test_no_migrate_leaves_the_schema_alone_and_needs_it_migrated(tmp_path
         ([], {"MEMSVC_LISTN": "x"}, "unknown environment variable(s) MEMSVC_LISTN"),
         ([], {"MEMSVC_MAX_VALUE_BYTES": "lots"}, "MEMSVC_MAX_VALUE_BYTES"),
         (["--working-memory-url", "mongodb://x"], {}, "working_memory_url must start with"),
-        (["--max-value-bytes", "0"], {}, "must be at least 1"),
+        (["--max-value-bytes", "0"], {}, "must be from 1 to"),
     ],
 )
 def test_configuration_errors_exit_2_with_a_message(args, env, complaint):
@@ -245,7 +245,7 @@ def test_a_redis_database_the_server_does_not_have_stops_start_up_in_one_line(tm
     )  # fmt: skip
     assert done.returncode == 1, done.stderr
     assert "Redis refused memsvc's connection (DB index is out of range)" in done.stderr
-    assert "check working_memory_url" in done.stderr
+    assert "check working_memory_url (its database number" in done.stderr
     assert "Traceback" not in done.stderr
 
 

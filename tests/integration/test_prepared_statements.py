@@ -16,6 +16,7 @@ from memsvc.server import Server
 from memsvc.store.postgres import PostgresDurableStore
 from memsvc.v1 import lifecycle_pb2 as lc
 from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
+from tests.helpers import expect_error
 
 
 async def prepared_after_locking(url: str, prepared_statements: bool) -> list[str]:
@@ -69,24 +70,33 @@ async def test_a_newer_schema_changing_a_returned_type_costs_no_internal_error(
         grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
     ):
         lifecycle = LifecycleServiceStub(channel)
+
+        async def prepare_then_change(column_type: str) -> None:
+            """Each statement run 5 times on the pool's one connection is prepared;
+            then the column those statements return changes type."""
+            for _ in range(6):
+                await lifecycle.GetSession(lc.GetSessionRequest(**ids))
+                await lifecycle.Pause(lc.PauseRequest(**ids))
+                await lifecycle.Resume(lc.ResumeRequest(**ids))
+            async with await psycopg.AsyncConnection.connect(
+                fresh_postgres_url, autocommit=True
+            ) as admin:
+                await admin.execute(
+                    f"ALTER TABLE sessions ALTER COLUMN memory_epoch TYPE {column_type}"
+                )
+
         await lifecycle.Spawn(lc.SpawnRequest(**ids))
-        for _ in range(6):  # prepared from the 5th run on the pool's one connection
-            await lifecycle.GetSession(lc.GetSessionRequest(**ids))
-            await lifecycle.Pause(lc.PauseRequest(**ids))
-            await lifecycle.Resume(lc.ResumeRequest(**ids))
-        async with await psycopg.AsyncConnection.connect(
-            fresh_postgres_url, autocommit=True
-        ) as admin:
-            await admin.execute("ALTER TABLE sessions ALTER COLUMN memory_epoch TYPE varchar(200)")
-        assert (await lifecycle.GetSession(lc.GetSessionRequest(**ids))).session.state == (
-            lc.SESSION_STATE_ACTIVE
-        )
+        # A transaction first: UNAVAILABLE once (nothing written), its retry succeeds.
+        await prepare_then_change("varchar(200)")
         pause = lc.PauseRequest(**ids, request_id=str(uuid.uuid4()))
-        try:
-            paused = await lifecycle.Pause(pause)
-        except grpc.aio.AioRpcError as refused:
-            assert refused.code() == grpc.StatusCode.UNAVAILABLE, refused
-            paused = await lifecycle.Pause(pause)
+        refused = await expect_error(lifecycle.Pause(pause), grpc.StatusCode.UNAVAILABLE)
+        assert refused.reason == "ERROR_REASON_BACKEND_UNAVAILABLE"
+        paused = await lifecycle.Pause(pause)
         assert paused.session.state == lc.SESSION_STATE_PAUSED
         resumed = await lifecycle.Resume(lc.ResumeRequest(**ids))
         assert resumed.session.state == lc.SESSION_STATE_ACTIVE
+        # A read first: retried on a new connection, it answers.
+        await prepare_then_change("text")
+        read = await lifecycle.GetSession(lc.GetSessionRequest(**ids))
+        assert read.session.state == lc.SESSION_STATE_ACTIVE
+        await lifecycle.Pause(lc.PauseRequest(**ids))  # and the connections are new

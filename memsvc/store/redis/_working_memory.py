@@ -310,7 +310,7 @@ class RedisWorkingMemoryStore:
             # does not have): no retry helps, the URL is to fix.
             raise StartupError(
                 f"Redis refused memsvc's connection ({error}): check working_memory_url"
-                f" (its database number, user and password); got {redacted(self._url)!r}"
+                f" (its database number, for one); got {redacted(self._url)!r}"
             ) from error
         await self._warn_if_evicting(self._redis)
 
