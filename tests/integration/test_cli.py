@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -232,20 +233,39 @@ def test_start_up_failures_say_what_to_fix_without_a_traceback(tmp_path):
         assert "Traceback" not in done.stderr
 
 
-def test_a_redis_database_the_server_does_not_have_stops_start_up_in_one_line(tmp_path):
-    """Found by a review: a database number past the Redis server's `databases`
-    printed a traceback; it is a URL to fix, named without its password."""
+@pytest.mark.parametrize(
+    ("url_of", "says"),
+    [
+        (
+            lambda url: f"{url.rsplit('/', 1)[0]}/99999",
+            "Redis refused memsvc's connection (DB index is out of range): check "
+            "working_memory_url (its database number",
+        ),
+        (
+            lambda url: url.replace("redis://", "redis://nobody:wrong@", 1),
+            "Redis refused memsvc's credentials (invalid username-password pair",
+        ),
+    ],
+    ids=["database-number", "credentials"],
+)
+def test_a_redis_url_to_fix_stops_start_up_in_one_line(
+    tmp_path: Path, url_of: Callable[[str], str], says: str
+):
+    """Found by reviews: a database number past the Redis server's `databases`
+    printed a traceback, and wrong credentials let memsvc serve, NOT_SERVING, every
+    call UNAVAILABLE. No retry helps either: start-up stops, the URL named without
+    its password."""
     need(REDIS_URL)
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MEMSVC_")}
     done = subprocess.run(
         [MEMSVC, "serve", "--health-listen=", "--metrics-listen=",
          "--listen", f"127.0.0.1:{free_port()}", "--data-dir", str(tmp_path),
-         "--working-memory-url", f"{REDIS_URL.rsplit('/', 1)[0]}/99999"],
-        capture_output=True, text=True, timeout=60, env=clean,
+         "--working-memory-url", url_of(REDIS_URL)],
+        capture_output=True, text=True, timeout=30, env=clean,
     )  # fmt: skip
     assert done.returncode == 1, done.stderr
-    assert "Redis refused memsvc's connection (DB index is out of range)" in done.stderr
-    assert "check working_memory_url (its database number" in done.stderr
+    assert says in done.stderr
+    assert "wrong" not in done.stderr
     assert "Traceback" not in done.stderr
 
 

@@ -302,6 +302,13 @@ class RedisWorkingMemoryStore:
         try:
             for script in self._scripts.values():
                 await self._client.script_load(script.script)
+        except redis_errors.AuthenticationError as error:
+            # A ConnectionError to redis-py, but no retry helps: the URL is to fix
+            # (else memsvc served, NOT_SERVING, every call UNAVAILABLE).
+            raise StartupError(
+                f"Redis refused memsvc's credentials ({error}): check the user and password"
+                f" in working_memory_url; got {redacted(self._url)!r}"
+            ) from error
         except self._transient as error:
             log.warning("could not preload Lua scripts (Redis unreachable): %s", error)
             return
