@@ -194,7 +194,10 @@ class WorkingMemoryServiceServicer:
 
     def ListEntries(self, request, context):
         """ListEntries lists the session's live keys with their values, in the same
-        order as ListKeys, one page at a time. Use it to read a whole session.
+        order as ListKeys, one page at a time. Use it to read a whole session. Each
+        page is read at once; pages are not one snapshot: a BatchSet between two
+        pages shows in the later ones only. For a consistent copy of the whole
+        session, CreateCheckpoint, then GetCheckpoint with its entries.
         Errors: as ListKeys.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

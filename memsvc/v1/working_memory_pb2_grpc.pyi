@@ -97,7 +97,10 @@ class WorkingMemoryServiceStub:
     """
     ListEntries: _grpc.UnaryUnaryMultiCallable[_working_memory_pb2.ListEntriesRequest, _working_memory_pb2.ListEntriesResponse]
     """ListEntries lists the session's live keys with their values, in the same
-    order as ListKeys, one page at a time. Use it to read a whole session.
+    order as ListKeys, one page at a time. Use it to read a whole session. Each
+    page is read at once; pages are not one snapshot: a BatchSet between two
+    pages shows in the later ones only. For a consistent copy of the whole
+    session, CreateCheckpoint, then GetCheckpoint with its entries.
     Errors: as ListKeys.
     """
     BatchGet: _grpc.UnaryUnaryMultiCallable[_working_memory_pb2.BatchGetRequest, _working_memory_pb2.BatchGetResponse]
@@ -183,7 +186,10 @@ class WorkingMemoryServiceAsyncStub(WorkingMemoryServiceStub):
     """
     ListEntries: _aio.UnaryUnaryMultiCallable[_working_memory_pb2.ListEntriesRequest, _working_memory_pb2.ListEntriesResponse]  # type: ignore[assignment]
     """ListEntries lists the session's live keys with their values, in the same
-    order as ListKeys, one page at a time. Use it to read a whole session.
+    order as ListKeys, one page at a time. Use it to read a whole session. Each
+    page is read at once; pages are not one snapshot: a BatchSet between two
+    pages shows in the later ones only. For a consistent copy of the whole
+    session, CreateCheckpoint, then GetCheckpoint with its entries.
     Errors: as ListKeys.
     """
     BatchGet: _aio.UnaryUnaryMultiCallable[_working_memory_pb2.BatchGetRequest, _working_memory_pb2.BatchGetResponse]  # type: ignore[assignment]
@@ -296,7 +302,10 @@ class WorkingMemoryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_working_memory_pb2.ListEntriesResponse, _abc.Awaitable[_working_memory_pb2.ListEntriesResponse]]:
         """ListEntries lists the session's live keys with their values, in the same
-        order as ListKeys, one page at a time. Use it to read a whole session.
+        order as ListKeys, one page at a time. Use it to read a whole session. Each
+        page is read at once; pages are not one snapshot: a BatchSet between two
+        pages shows in the later ones only. For a consistent copy of the whole
+        session, CreateCheckpoint, then GetCheckpoint with its entries.
         Errors: as ListKeys.
         """
 
