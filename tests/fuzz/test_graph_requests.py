@@ -21,13 +21,13 @@ from typing import Any
 import grpc
 from google.protobuf import duration_pb2
 from google.protobuf.message import Message
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2_grpc
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from memsvc.v1 import graph_checkpoint_pb2 as pb
 from memsvc.v1.graph_checkpoint_pb2_grpc import GraphCheckpointServiceStub
-from tests.fuzz.test_requests import CALL_TIMEOUT
+from tests.fuzz.test_requests import CALL_TIMEOUT, check_healthy
 from tests.fuzz.test_requests import FUZZ as REQUEST_FUZZ
 from tests.helpers import details_of
 
@@ -278,6 +278,4 @@ async def test_graph_checkpoint_requests(
         assert details.reason, f"{name} -> {details.code} without ErrorInfo: {details.message}"
         if name not in READS:
             assert await snapshot(graphs, ids.project_id) == before, f"{name} failed yet wrote"
-    health = health_pb2_grpc.HealthStub(channel)
-    answer = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
-    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    await check_healthy(health_pb2_grpc.HealthStub(channel))
