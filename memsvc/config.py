@@ -191,9 +191,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("health_listen", str, "127.0.0.1:8081", "TCP host:port serving only grpc.health.v1 (services `liveness`, `readiness`, ''), for kubelet probes (which need `0.0.0.0:8081`, as the image and the manifests set); empty: none."),
     Setting("metrics_listen", str, "127.0.0.1:9464", "TCP host:port of the Prometheus metrics endpoint (HTTP, `/metrics`; `0.0.0.0:9464` for a scraper elsewhere, as the image and the manifests set); empty: none."),
     Setting("data_dir", str, "$XDG_DATA_HOME/memsvc or ~/.local/share/memsvc", "Directory for the embedded SQLite file."),
-    Setting("working_memory_url", str, "memory://", "Working-memory backend: `memory://` (in process), `redis://host:port/db` (`rediss://` for TLS), or a Redis Cluster: `redis+cluster://host:port[,host:port...]` (`rediss+cluster://` for TLS; a pool of `redis_max_connections` per node)."),
+    Setting("working_memory_url", str, "memory://", "Working-memory backend: `memory://` (in process; nothing after it), `redis://host:port/db` (`rediss://` for TLS), or a Redis Cluster: `redis+cluster://host:port[,host:port...]` (`rediss+cluster://` for TLS; a pool of `redis_max_connections` per node)."),
     Setting("database_url", str, "sqlite:///<data_dir>/memsvc.db", "Durable store: `sqlite:///path/file.db` or `postgresql://user@host:port/db`."),
-    Setting("database_listen_url", str, "", "Where the event tail LISTENs for new events (PostgreSQL): empty, `database_url` itself; a direct URL when `database_url` goes through a transaction pooler such as PgBouncer; `off` to poll only (docs/scaling.md)."),
+    Setting("database_listen_url", str, "", "Where the event tail LISTENs for new events (PostgreSQL): empty, `database_url` itself; a direct URL when `database_url` goes through a transaction pooler such as PgBouncer; `off` to poll only (docs/scaling.md). PostgreSQL only: set with a SQLite store, it is refused."),
     Setting("database_prepared_statements", _parse_bool, "true", "Let PostgreSQL keep the plans of memsvc's statements (named prepared statements, after a statement's 5th run on a connection): 20-40% less PostgreSQL CPU per lifecycle call (docs/scaling.md). Turn it off (`--no-database-prepared-statements`) when `database_url` goes through a transaction pooler that does not track prepared statements: PgBouncer before 1.22 (psycopg sends `DEALLOCATE ALL` after a ROLLBACK, which 1.21 passes to a shared server connection), or later without `max_prepared_statements`."),
     Setting("migrate", _parse_bool, "true", "Apply pending schema migrations at start (`--no-migrate` skips them)."),
     Setting("max_value_bytes", _positive_int, "1048576", "Largest value accepted, in bytes of its protobuf encoding."),
@@ -289,6 +289,14 @@ class Config:
                 "working_memory_url must start with memory://, redis://, rediss://, unix://, "
                 f"redis+cluster:// or rediss+cluster://, got {redacted(self.working_memory_url)!r}"
             )
+        if self.working_memory_url.startswith("memory://") and self.working_memory_url != (
+            "memory://"
+        ):
+            # Nothing after it is read: a host or option there was meant for another URL.
+            raise ConfigError(
+                "working_memory_url memory:// takes nothing after it (in-process working "
+                f"memory), got {redacted(self.working_memory_url)!r}"
+            )
         if self.database_listen_url not in ("", "off") and not self.database_listen_url.startswith(
             ("postgresql://", "postgres://")
         ):
@@ -330,6 +338,16 @@ class Config:
                 # Else the driver fails at start with a traceback (and the URL in it).
                 raise ConfigError(f"{name} {problem}; got {redacted(url)!r}")
         self._check_store_urls()
+        if self.database_url.startswith("sqlite://") and self.database_listen_url not in (
+            "",
+            "off",
+        ):
+            # A SQLite store's events need no LISTEN: the URL was meant for a
+            # PostgreSQL database_url that is not set.
+            raise ConfigError(
+                "database_listen_url is for a PostgreSQL database_url; this one is SQLite"
+                f" ({redacted(self.database_url)!r})"
+            )
         try:
             self.working_memory_limits()
         except ValueError as error:

@@ -100,8 +100,10 @@ def test_the_test_suites_variables_are_ignored():
         ({"MEMSVC_WORKING_MEMORY_URL": "redis://h:6379/0?fast=yes"}, "'fast'"),
         ({"MEMSVC_WORKING_MEMORY_URL": "redis+cluster://h:7000?fast=yes"}, "'fast'"),
         ({"MEMSVC_DATABASE_URL": "sqlite://"}, "not a SQLite URL"),
+        ({"MEMSVC_WORKING_MEMORY_URL": "memory://redis-host:6379"}, "takes nothing after it"),
         ({"MEMSVC_DATABASE_URL": "postgresql://h/db?fast=yes"}, 'parameter: "fast"'),
         ({"MEMSVC_DATABASE_LISTEN_URL": "postgresql://h/db?fast=yes"}, "database_listen_url"),
+        ({"MEMSVC_DATABASE_LISTEN_URL": "postgresql://h/db"}, "is for a PostgreSQL database_url"),
     ],
 )
 def test_bad_values_are_refused_with_the_setting_named(env, message):
