@@ -494,10 +494,13 @@ class PostgresDurableStore(SqlDurableReads):
         """
         try:
             with observed(self.observe, "transaction", self.backend_name):
-                async with self._replacing_stale_plans(), self._writable_connection() as conn:
+                async with self._writable_connection() as conn:
                     async with _pipelined_transaction(conn) as tx:
                         yield tx
                     appended = await tx.committed()
+        except psycopg.errors.FeatureNotSupported as error:
+            await self._replace_if_stale(error)
+            raise BackendUnavailable(self.backend_name, error) from error
         except TRANSIENT_ERRORS as error:
             self._suspect_connections(error)
             _raise_if_past_a_limit(error)
@@ -569,14 +572,18 @@ class PostgresDurableStore(SqlDurableReads):
             # A write among the reads (a graph checkpoint's put, an upsert) may be
             # refused as read-only: nothing was written, and the retry gets a new
             # connection.
-            async with self._replacing_stale_plans(), self._writable_connection() as conn:
-                connected = True
-                try:
-                    return await read(conn, POSTGRES, *args)
-                except psycopg.OperationalError as error:
-                    self._suspect_connections(error)
-                    _raise_if_past_a_limit(error)
-                    raise
+            try:
+                async with self._writable_connection() as conn:
+                    connected = True
+                    try:
+                        return await read(conn, POSTGRES, *args)
+                    except psycopg.OperationalError as error:
+                        self._suspect_connections(error)
+                        _raise_if_past_a_limit(error)
+                        raise
+            except psycopg.errors.FeatureNotSupported as error:
+                await self._replace_if_stale(error)
+                raise StalePlans(str(error)) from error  # transient: retried
 
         with observed(self.observe, read.__name__, self.backend_name):
             try:
@@ -595,22 +602,18 @@ class PostgresDurableStore(SqlDurableReads):
                     )
                 raise
 
-    @contextlib.asynccontextmanager
-    async def _replacing_stale_plans(self) -> AsyncIterator[None]:
-        """Around a connection's use (outside it, so that the connection is back in
-        the pool): a statement refused for a stale plan replaces every connection,
-        and is StalePlans, transient."""
-        try:
-            yield
-        except psycopg.errors.FeatureNotSupported as error:
-            if not _stale_plans(error):
-                raise
-            log.warning(
-                "the database's schema changed under this process's prepared statements"
-                " (a newer memsvc migrated it); replacing its connections"
-            )
-            await self._connections.drain()
-            raise StalePlans(str(error)) from error
+    async def _replace_if_stale(self, error: psycopg.errors.FeatureNotSupported) -> None:
+        """After a connection's use ended with ``error`` (the connection back in the
+        pool): re-raise it unless it is a statement refused for a stale plan; then
+        replace every connection, and the caller says the failure is transient.
+        Caught in an ``except``, free when nothing fails, on every transaction."""
+        if not _stale_plans(error):
+            raise error
+        log.warning(
+            "the database's schema changed under this process's prepared statements"
+            " (a newer memsvc migrated it); replacing its connections"
+        )
+        await self._connections.drain()
 
     def _suspect_connections(self, error: BaseException) -> None:
         """A connection was lost (PostgreSQL restarted or failed over, a reaper
