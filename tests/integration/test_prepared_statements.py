@@ -49,7 +49,7 @@ async def test_statements_run_often_are_prepared_only_when_on(
 
 
 async def test_a_newer_schema_changing_a_returned_type_costs_no_internal_error(
-    fresh_postgres_url: str, tmp_path: Path
+    fresh_postgres_url: str, tmp_path: Path, scope: dict[str, str]
 ) -> None:
     """A newer memsvc's migration may change the type of a column this process's
     prepared statements return; PostgreSQL then refuses them ("cached plan must
@@ -60,11 +60,7 @@ async def test_a_newer_schema_changing_a_returned_type_costs_no_internal_error(
         listen="127.0.0.1:0", data_dir=str(tmp_path), health_listen="", metrics_listen="",
         database_url=fresh_postgres_url, database_max_connections=1,
     )  # fmt: skip
-    ids: dict[str, Any] = {
-        "project_id": str(uuid.uuid4()),
-        "agent_instance_id": str(uuid.uuid4()),
-        "session_id": "s",
-    }
+    ids: dict[str, Any] = scope
     async with (
         Server(config) as server,
         grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,

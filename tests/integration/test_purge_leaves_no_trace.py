@@ -28,6 +28,11 @@ from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
 SECRET = "zqxwvplughsecret"  # one word, sharing no prefix with the others
 
 
+def embedded_at(data_dir: Path) -> Config:
+    """The embedded deployment (SQLite, working memory in process) in ``data_dir``."""
+    return Config(listen="127.0.0.1:0", data_dir=str(data_dir), health_listen="", metrics_listen="")
+
+
 def files_holding(data_dir: Path, needle: bytes) -> list[str]:
     return sorted(
         path.name
@@ -38,9 +43,7 @@ def files_holding(data_dir: Path, needle: bytes) -> list[str]:
 
 async def test_a_purged_episodes_words_leave_the_sqlite_files(tmp_path: Path):
     data_dir = tmp_path / "data"
-    config = Config(
-        listen="127.0.0.1:0", data_dir=str(data_dir), health_listen="", metrics_listen=""
-    )
+    config = embedded_at(data_dir)
     project, agent = str(uuid.uuid4()), str(uuid.uuid4())
     async with (
         Server(config) as server,
@@ -82,9 +85,7 @@ async def test_a_read_in_progress_leaves_the_log_for_later(
     log says the log is left to its next restart. (The checkpoint waits 200 ms for
     such reads, not busy_timeout's 5 s: not asserted, a test asserts no time.)"""
     data_dir = tmp_path / "data"
-    config = Config(
-        listen="127.0.0.1:0", data_dir=str(data_dir), health_listen="", metrics_listen=""
-    )
+    config = embedded_at(data_dir)
     project = str(uuid.uuid4())
     async with (
         Server(config) as server,
@@ -112,9 +113,7 @@ async def test_words_of_an_episode_deleted_before_a_purge_leave_the_files_too(tm
     (no merge per call), and a purge of their scope that deleted no episode itself
     left them there; the purge merges the index whatever it deletes."""
     data_dir = tmp_path / "data"
-    config = Config(
-        listen="127.0.0.1:0", data_dir=str(data_dir), health_listen="", metrics_listen=""
-    )
+    config = embedded_at(data_dir)
     project = str(uuid.uuid4())
     async with (
         Server(config) as server,

@@ -56,6 +56,31 @@ def counting_graph(saver: BaseCheckpointSaver[Any], state: type[Any] = Counted) 
     return builder.compile(checkpointer=saver)
 
 
+def at_checkpoint(thread: str, checkpoint_id: str | None) -> Any:
+    """The config of a checkpoint of ``thread``'s root namespace."""
+    return {"configurable": {"thread_id": thread, "checkpoint_ns": "",
+                             "checkpoint_id": checkpoint_id}}  # fmt: skip
+
+
+async def put_checkpoint(
+    saver: MemsvcSaver,
+    thread: str,
+    checkpoint_id: str,
+    parent: str | None,
+    channel: str,
+    values: dict[str, Any],
+) -> Any:
+    """Put a checkpoint under ``parent`` with a new version of ``channel``, storing
+    ``values`` (none: a version without a value, as a DeltaChannel's between its
+    snapshots). Its config comes back."""
+    checkpoint = empty_checkpoint()
+    checkpoint["id"] = checkpoint_id
+    checkpoint["channel_values"] = values
+    checkpoint["channel_versions"] = {channel: saver.get_next_version(None, None)}
+    new_versions = checkpoint["channel_versions"] if values else {}
+    return await saver.aput(at_checkpoint(thread, parent), checkpoint, {"step": 0}, new_versions)
+
+
 async def test_a_thread_whose_input_checkpoint_is_past_one_response_stays_readable(server: Server):
     """The input checkpoint holds a 600 KB input twice (a value and a pending
     write): past the 1 MiB response, though every state of the thread fits. Its
@@ -122,9 +147,8 @@ async def test_the_history_is_the_default_walks_on_every_checkpoint_and_fork(ser
 
 
 async def test_ancestors_whose_ids_do_not_sort_below_their_children_are_read_too(server: Server):
-    """Ids are the client's: a parent's may sort after its child's, where a listing
-    below the child does not hold it. The walk reads such an ancestor on its own,
-    and goes on listing below it; a missing one ends it, as it ends the default's."""
+    """Ids are the client's: a parent's may sort after its child's. The walk follows
+    the parent ids whatever their order, as LangGraph's default does."""
     project = str(uuid.uuid4())
     thread = f"odd-{uuid.uuid4()}"
     async with MemsvcSaver(f"127.0.0.1:{server.port}", project_id=project) as saver:
@@ -132,20 +156,11 @@ async def test_ancestors_whose_ids_do_not_sort_below_their_children_are_read_too
         # k5 (root, stores "items"), then k9 under it, then k7 under k9, then k8.
         for checkpoint_id, values in (("k5", {"items": ["seed"]}), ("k9", {}), ("k7", {}),
                                       ("k8", {})):  # fmt: skip
-            checkpoint = empty_checkpoint()
-            checkpoint["id"] = checkpoint_id
-            checkpoint["channel_values"] = values
-            checkpoint["channel_versions"] = {"items": saver.get_next_version(None, None)}
-            config: Any = {"configurable": {"thread_id": thread, "checkpoint_ns": "",
-                                            "checkpoint_id": parent}}  # fmt: skip
-            written = await saver.aput(
-                config, checkpoint, {"step": 0}, checkpoint["channel_versions"] if values else {}
-            )
+            written = await put_checkpoint(saver, thread, checkpoint_id, parent, "items", values)
             await saver.aput_writes(written, [("items", [checkpoint_id])], f"task-{checkpoint_id}")
             parent = checkpoint_id
         for leaf in ("k8", "k7", "k9"):
-            at: Any = {"configurable": {"thread_id": thread, "checkpoint_ns": "",
-                                        "checkpoint_id": leaf}}  # fmt: skip
+            at = at_checkpoint(thread, leaf)
             expected = await BaseCheckpointSaver.aget_delta_channel_history(
                 saver, config=at, channels=["items"]
             )
@@ -166,14 +181,7 @@ async def test_a_fork_too_large_for_a_response_does_not_fail_another_branch_s_wa
     async with MemsvcSaver(f"127.0.0.1:{server.port}", project_id=str(uuid.uuid4())) as saver:
 
         async def put(checkpoint_id: str, parent: str | None, values: dict[str, Any]) -> Any:
-            checkpoint = empty_checkpoint()
-            checkpoint["id"] = checkpoint_id
-            checkpoint["channel_values"] = values
-            checkpoint["channel_versions"] = {"x": saver.get_next_version(None, None)}
-            config: Any = {"configurable": {"thread_id": thread, "checkpoint_ns": "",
-                                            "checkpoint_id": parent}}  # fmt: skip
-            new_versions = checkpoint["channel_versions"] if values else {}
-            return await saver.aput(config, checkpoint, {"step": 0}, new_versions)
+            return await put_checkpoint(saver, thread, checkpoint_id, parent, "x", values)
 
         await put("m1", None, {"x": ["seed"]})
         main = await put("m5", "m1", {})
@@ -182,8 +190,7 @@ async def test_a_fork_too_large_for_a_response_does_not_fail_another_branch_s_wa
         for index in range(5):  # 1.25 MB of writes of x
             await saver.aput_writes(fork, [("x", ["y" * 250_000])], f"task-m7-{index}")
         await put("m9", "m5", {})
-        leaf: Any = {"configurable": {"thread_id": thread, "checkpoint_ns": "",
-                                      "checkpoint_id": "m9"}}  # fmt: skip
+        leaf = at_checkpoint(thread, "m9")
         history = await saver.aget_delta_channel_history(config=leaf, channels=["x"])
         assert history == await BaseCheckpointSaver.aget_delta_channel_history(
             saver, config=leaf, channels=["x"]
