@@ -202,6 +202,44 @@ async def test_operations_wait_when_no_connection_is_free(redis_cluster: Private
         await limited.aclose()
 
 
+async def test_a_master_that_stops_answering_holds_up_only_its_own_sessions(
+    redis_cluster: PrivateRedisCluster,
+):
+    """The connection limit is per master: calls that wait on a stalled master
+    (CLIENT PAUSE stands in for a hung or partitioned one) take up its
+    connections only, and a call on another master goes through meanwhile."""
+    limited = RedisWorkingMemoryStore(
+        redis_cluster.url,
+        max_session_keys=100,
+        max_session_bytes=1 << 20,
+        max_connections=2,
+        socket_timeout_seconds=30,  # the stalled calls wait out the pause, no retry
+    )
+    await limited.open()
+    sessions = on_every_master(redis_cluster, each=2)
+    stalled_port = redis_cluster.ports[0]
+    stalled = [s for s in sessions if redis_cluster.owner_of(slot_of(s)) == stalled_port]
+    elsewhere = next(s for s in sessions if s not in stalled)
+    try:
+        await asyncio.gather(*(spawn(limited, session, a=b"1") for session in sessions))
+        with redis.Redis(port=stalled_port, socket_timeout=5) as client:
+            # Shorter than the cluster's node timeout (5 s): no node is marked failed.
+            client.execute_command("CLIENT", "PAUSE", 4000, "ALL")
+        try:
+            waiting = [asyncio.create_task(contents(limited, s)) for s in stalled]
+            await asyncio.sleep(0.2)  # both of the stalled master's connections taken
+            assert await contents(limited, elsewhere) == {"a": b"1"}
+            # Before the change, this read waited for a connection the stalled
+            # calls held, and got one only when they had their answers.
+            assert not any(task.done() for task in waiting)
+        finally:
+            with redis.Redis(port=stalled_port, socket_timeout=5) as client:
+                client.execute_command("CLIENT", "UNPAUSE")
+        assert await asyncio.gather(*waiting) == [{"a": b"1"}] * len(stalled)
+    finally:
+        await limited.aclose()
+
+
 async def test_without_the_guard_key_redis_can_fail_a_script_midway(
     redis_cluster: PrivateRedisCluster,
 ):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection, Iterable
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -136,29 +136,51 @@ def cluster_client(url: str, *, max_connections: int, socket_timeout: float) -> 
 
 
 class ConnectionLimit:
-    """At most ``size`` operations in flight; the next waits up to ``timeout`` seconds.
+    """At most ``size`` operations in flight on each node; the next waits up to
+    ``timeout`` seconds.
 
     The cluster client's per-node pools do not wait for a free connection (they
     raise MaxConnectionsError at once); this gives cluster mode the waiting of
-    the single-node BlockingConnectionPool. An operation holds at most one
-    connection per node at a time, so no node ever sees more than ``size``
-    connections from this process.
+    the single-node BlockingConnectionPool, node by node: an operation holds one
+    connection on each node it uses, so no node sees more than ``size``
+    connections from this process, and a master that stops answering holds up
+    the operations on its own slots only, not those of the others.
     """
 
     def __init__(self, size: int, timeout: float) -> None:
-        self._semaphore = asyncio.Semaphore(size)
+        self._size = size
         self._timeout = timeout
+        # By node name (host:port); as many as the cluster has had masters.
+        self._semaphores: dict[str, asyncio.Semaphore] = {}
 
     @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
+    async def slots(self, nodes: Collection[str]) -> AsyncIterator[None]:
+        """A slot on each of ``nodes`` (none: an operation that no node limits)."""
+        held: list[asyncio.Semaphore] = []
         try:
-            async with asyncio.timeout(self._timeout):
-                await self._semaphore.acquire()
-        except TimeoutError:
-            raise redis_errors.ConnectionError(
-                f"no Redis connection free within {self._timeout:g}s"
-            ) from None
-        try:
+            try:
+                async with asyncio.timeout(self._timeout):
+                    # In one order for every operation: two that need the same
+                    # nodes never hold one each and wait for the other's.
+                    for name in sorted(nodes):
+                        semaphore = self._semaphores.get(name)
+                        if semaphore is None:
+                            semaphore = self._semaphores[name] = asyncio.Semaphore(self._size)
+                        await semaphore.acquire()
+                        held.append(semaphore)
+            except TimeoutError:
+                raise redis_errors.ConnectionError(
+                    f"no Redis connection free within {self._timeout:g}s"
+                    f" (on {', '.join(sorted(nodes))})"
+                ) from None
             yield
         finally:
-            self._semaphore.release()
+            for semaphore in held:
+                semaphore.release()
+
+
+def masters_of(client: RedisCluster, keys: Iterable[str]) -> set[str]:
+    """The names of the masters that hold ``keys`` in the client's slot map (read
+    by ``initialize()``). A slot missing from it raises SlotNotCoveredError, one of
+    SLOT_MOVING_ERRORS: the operation waits for a map that covers it."""
+    return {client.nodes_manager.get_node_from_slot(client.keyslot(key)).name for key in keys}

@@ -61,12 +61,17 @@ from memsvc.store.redis._cluster import (
     ConnectionLimit,
     cluster_client,
     is_cluster_url,
+    masters_of,
 )
 from memsvc.store.redis._connections import connection_class_for
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# Cluster mode: the masters an operation will use, by the client's slot map (each
+# holds one of its connections there meanwhile: see ConnectionLimit).
+Route = Callable[[RedisCluster], Collection[str]]
 
 # Errors after which the same command may succeed: connection loss, timeouts, a
 # Redis still loading its data, and refusals of a Redis that cannot take writes
@@ -284,7 +289,7 @@ class RedisWorkingMemoryStore:
         self._client = self._new_client(self._max_connections)
         self._probe = self._new_client(1)
         if self._cluster:
-            # A pool of max_connections per node, and as many operations in flight.
+            # A pool of max_connections per node, and as many operations in flight there.
             self._limit = ConnectionLimit(self._max_connections, self._socket_timeout)
         for name in (
             "set_entries",
@@ -581,7 +586,9 @@ class RedisWorkingMemoryStore:
             return results
 
         results = await self._retrying(
-            lambda: attempt(load_script=False), name="lifecycle_begin_snapshot"
+            lambda: attempt(load_script=False),
+            name="lifecycle_begin_snapshot",
+            on=lambda client: masters_of(client, keys[:1]),
         )
         if results is None:
             return None
@@ -653,13 +660,16 @@ class RedisWorkingMemoryStore:
         nodes: list[Any] = [None]
         if isinstance(client, RedisCluster):
             # The slot map is read lazily: a purge may be the client's first call.
-            await self._retrying(client.initialize, name="scan")
+            await self._retrying(client.initialize, name="scan", on=_nowhere)
             nodes = client.get_primaries()
         for node in nodes:
+            where: Route = _nowhere if node is None else functools.partial(_only, node.name)
             cursor = 0
             while True:
                 cursor, keys = await self._retrying(
-                    functools.partial(self._scan_page, node, cursor, pattern), name="scan"
+                    functools.partial(self._scan_page, node, cursor, pattern),
+                    name="scan",
+                    on=where,
                 )
                 for key in keys:
                     name = key.decode(errors="replace") if isinstance(key, bytes) else key
@@ -715,7 +725,11 @@ class RedisWorkingMemoryStore:
             return forgotten
 
         # DEL is idempotent: a retry after a lost reply deletes nothing twice.
-        return await self._retrying(delete_pending, name="forget")
+        return await self._retrying(
+            delete_pending,
+            name="forget",
+            on=lambda client: masters_of(client, (_all_keys(base)[0] for base in pending)),
+        )
 
     async def _run_lifecycle(self, script: str, session: SessionRef, args: list[Any]) -> list[Any]:
         """Lifecycle scripts also see the session's staging keys (KEYS[5..7])."""
@@ -733,18 +747,22 @@ class RedisWorkingMemoryStore:
         keys = _script_keys(session, staging)
         runner = self._scripts[script]
         reply = await self._retrying(
-            lambda: runner(keys=keys, args=args, client=self._redis), name=script
+            lambda: runner(keys=keys, args=args, client=self._redis),
+            name=script,
+            on=lambda client: masters_of(client, keys[:1]),
         )
         assert isinstance(reply, list)
         return reply
 
     async def _retrying(
-        self, operation: Callable[[], Awaitable[T]], *, name: str, attempts: int = 4
+        self, operation: Callable[[], Awaitable[T]], *, name: str, on: Route, attempts: int = 4
     ) -> T:
+        """``operation`` with memsvc's bounded retries; in cluster mode, ``on``
+        names the masters it uses (it waits for a connection on each)."""
         attempt = (
             self._away_from_replicas(operation)
             if self._limit is None
-            else lambda: self._through_moves(operation)
+            else lambda: self._through_moves(operation, on)
         )
         with observed(self.observe, name, self.backend_name):
             return await with_retries(
@@ -773,29 +791,44 @@ class RedisWorkingMemoryStore:
 
         return attempt
 
-    async def _through_moves(self, operation: Callable[[], Awaitable[T]]) -> T:
+    async def _through_moves(self, operation: Callable[[], Awaitable[T]], on: Route) -> T:
         """Cluster mode: run ``operation``, waiting while its slot is moving.
 
         A refusal in SLOT_MOVING_ERRORS means nothing ran, so the operation is
         simply sent again (redis-py has already followed the redirects it could)
         until the slot settles, for up to SLOT_WAIT_SECONDS; then the refusal
-        goes to with_retries like any transient error. Each try holds one
-        in-flight slot of the connection limit, released while waiting.
+        goes to with_retries like any transient error. Each try holds a
+        connection slot on each master ``on`` names (ConnectionLimit), released
+        while it waits.
         """
         assert self._limit is not None
+        client = cast(RedisCluster, self._redis)
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + SLOT_WAIT_SECONDS
         pause = 0.01
         while True:
-            async with self._limit.slot():
-                try:
+            try:
+                # The slot map first, to know the masters: read on the client's
+                # first call, a no-op after it.
+                await client.initialize()
+                async with self._limit.slots(on(client)):
                     return await operation()
-                except SLOT_MOVING_ERRORS as error:
-                    if loop.time() + pause >= give_up_at:
-                        raise
-                    log.debug("Redis Cluster slot moving, waiting %.0f ms: %r", pause * 1000, error)
+            except SLOT_MOVING_ERRORS as error:
+                if loop.time() + pause >= give_up_at:
+                    raise
+                log.debug("Redis Cluster slot moving, waiting %.0f ms: %r", pause * 1000, error)
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.2)
+
+
+def _nowhere(client: RedisCluster) -> Collection[str]:
+    """The route of an operation that no node's connection limit holds back."""
+    return ()
+
+
+def _only(name: str, client: RedisCluster) -> Collection[str]:
+    """The route of an operation sent to the node ``name`` itself."""
+    return (name,)
 
 
 EMPTY_SNAPSHOT = encode_snapshot([])
