@@ -14,11 +14,14 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import grpc
+import redis.asyncio as aioredis
 from google.protobuf import json_format, struct_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from memsvc.config import Config
+from memsvc.store.redis._cluster import is_cluster_url, parse_cluster_url
 
 
 @dataclass
@@ -345,3 +348,15 @@ def results_of(monkeypatch: Any, owner: Any, name: str, key: Callable[[Any], Any
 
     monkeypatch.setattr(owner, name, recording)
     return seen
+
+
+def redis_client(url: str) -> aioredis.Redis | RedisCluster:
+    """A redis-py client of the working-memory Redis at ``url``, for a test's own
+    reads and writes: a cluster client for ``redis+cluster://`` (a session's keys
+    share one slot, so commands on several of them work there too)."""
+    if is_cluster_url(url):
+        nodes, options = parse_cluster_url(url)
+        return RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in nodes], **options
+        )
+    return aioredis.Redis.from_url(url)

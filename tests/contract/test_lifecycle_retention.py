@@ -11,7 +11,6 @@ from typing import Any
 
 import grpc
 import pytest
-import redis.asyncio as aioredis
 from google.protobuf import duration_pb2, json_format, struct_pb2
 
 from memsvc import server as server_module
@@ -26,7 +25,15 @@ from memsvc.v1.episodic_pb2_grpc import EpisodicMemoryServiceStub
 from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
 from memsvc.v1.working_memory_pb2_grpc import WorkingMemoryServiceStub
 from tests.conftest import DEPLOYMENTS, track_project
-from tests.helpers import eventually, expect_error, next_event, python, sql_rows, value
+from tests.helpers import (
+    eventually,
+    expect_error,
+    next_event,
+    python,
+    redis_client,
+    sql_rows,
+    value,
+)
 
 
 @pytest.fixture
@@ -287,7 +294,7 @@ async def test_checkpoints_survive_a_restart_and_lost_memory_is_reported(server,
     if config.working_memory_url != "memory://":
         # Redis keeps its data across a memsvc restart; flush this session to make
         # the loss real (the private-Redis test covers a whole Redis restart).
-        client = aioredis.Redis.from_url(config.working_memory_url)
+        client = redis_client(config.working_memory_url)
         await client.delete(*session_keys(SessionRef(**scope)))
         await client.aclose()
     async with (
@@ -320,7 +327,7 @@ async def test_a_paused_session_whose_memory_was_lost_ends_with_its_checkpoint(
     await life.Spawn(lc.SpawnRequest(**scope))
     await WorkingMemoryServiceStub(channel).Set(pb.SetRequest(**scope, key="k", value=value(7)))
     await life.Pause(lc.PauseRequest(**scope))
-    client = aioredis.Redis.from_url(server.config.working_memory_url)
+    client = redis_client(server.config.working_memory_url)
     await client.delete(*session_keys(SessionRef(**scope)))
     await client.aclose()
     session = (await life.GetSession(lc.GetSessionRequest(**scope))).session
@@ -346,7 +353,7 @@ async def test_a_merge_resume_over_a_lost_paused_memory_keeps_the_paused_entries
     earlier = (await life.CreateCheckpoint(lc.CreateCheckpointRequest(**scope))).checkpoint
     await wm.Set(pb.SetRequest(**scope, key="a", value=value(2)))
     await life.Pause(lc.PauseRequest(**scope))
-    client = aioredis.Redis.from_url(server.config.working_memory_url)
+    client = redis_client(server.config.working_memory_url)
     await client.delete(*session_keys(SessionRef(**scope)))
     await client.aclose()
     await life.Resume(
@@ -434,7 +441,7 @@ class RedisCopy:
     older copy (a replica that lagged, an old RDB file)."""
 
     def __init__(self, url: str, scope: dict[str, str]) -> None:
-        self.client = aioredis.Redis.from_url(url)
+        self.client = redis_client(url)
         self.keys = session_keys(SessionRef(**scope))
         self.saved: dict[str, bytes | None] = {}
 
@@ -470,7 +477,7 @@ async def test_a_session_redis_evicted_in_part_is_lost_memory(server, life, scop
         await wm.Set(pb.SetRequest(**scope, key=key, value=value(key)))
     checkpoint = (await life.CreateCheckpoint(lc.CreateCheckpointRequest(**scope))).checkpoint
     data, _, index, _ = session_keys(SessionRef(**scope))
-    client = aioredis.Redis.from_url(server.config.working_memory_url)
+    client = redis_client(server.config.working_memory_url)
     try:
         await client.delete(data if evicted == "data" else index)
     finally:
@@ -523,7 +530,7 @@ async def test_a_session_whose_keys_all_expired_is_intact_and_empty(server, life
         ttl = duration_pb2.Duration(nanos=300_000_000)
         await wm.Set(pb.SetRequest(**scope, key=key, value=value(key), ttl=ttl))
     data, _, index, marker = session_keys(SessionRef(**scope))
-    client = aioredis.Redis.from_url(server.config.working_memory_url)
+    client = redis_client(server.config.working_memory_url)
     try:
 
         async def expired_by_redis() -> bool:
