@@ -101,8 +101,8 @@ _UNAUTHENTICATED = {"missing": _MISSING, "malformed": _MALFORMED, "unknown": _UN
 def _denied(project_id: str) -> Refusal:
     if not project_id:
         message = (
-            "this token is bound to projects: name one of them in project_id (a watch of "
-            "every project is refused)"
+            "this token is bound to projects and the call names none: set project_id to"
+            " one of them (a watch of every project is refused too)"
         )
     else:
         # Quoted in part: a request's project_id can be megabytes long, and status

@@ -240,6 +240,19 @@ async def test_a_bound_token_acts_only_in_its_projects(channel: grpc.aio.Channel
     )
 
 
+async def test_a_call_without_a_project_is_told_to_name_one(
+    channel: grpc.aio.Channel, tokens: Tokens
+):
+    """Found by a review: the refusal spoke of a watch of every project, whatever the
+    call; it says what this call lacks (the watch's case is said too)."""
+    wm = working_memory_pb2_grpc.WorkingMemoryServiceStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await wm.Get(working_memory_pb2.GetRequest(key="k"), metadata=bearer(tokens.bound))
+    assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    details = raised.value.details() or ""
+    assert "names none: set project_id" in details, details
+
+
 async def test_a_huge_project_id_is_refused_with_a_readable_status(
     channel: grpc.aio.Channel, tokens: Tokens
 ):
