@@ -314,7 +314,9 @@ class ListEpisodesRequest(_message.Message):
     """Project whose episodes are listed: a UUID. Required."""
     page_size: _builtins.int
     """Maximum number of episodes to return. Zero: 100. At most 1,000.
-    Negative: INVALID_ARGUMENT.
+    Negative: INVALID_ARGUMENT. A page also ends early once the response
+    reaches 3/4 of `max_message_bytes`, 3 MiB by default (but it has at least
+    one episode).
     """
     page_token: _builtins.str
     """Token from a previous response; empty for the first page. Only valid with
@@ -392,7 +394,9 @@ class SearchEpisodesRequest(_message.Message):
     """
     page_size: _builtins.int
     """Maximum number of results to return. Zero: 20. At most 100.
-    Negative: INVALID_ARGUMENT.
+    Negative: INVALID_ARGUMENT. A page also ends early once the response
+    reaches 3/4 of `max_message_bytes`, 3 MiB by default (but it has at least
+    one result).
     """
     page_token: _builtins.str
     """Token from a previous response; empty for the first page. Only valid with

@@ -71,7 +71,9 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     ERROR_REASON_SESSION_ALREADY_EXISTS: _ErrorReason.ValueType  # 9
     """The session id is in use or was used before (terminated ids are never
-    reused, unless PurgeData forgot the session). Metadata: "session_id", "state". Status code: ALREADY_EXISTS.
+    reused, unless PurgeData forgot the session). Metadata: "session_id",
+    "state" (the session's, in capitals: "ACTIVE", "PAUSED", "TERMINATED").
+    Status code: ALREADY_EXISTS.
     """
     ERROR_REASON_CHECKPOINT_NOT_FOUND: _ErrorReason.ValueType  # 10
     """The checkpoint does not exist (or retention removed it). Metadata:
@@ -162,9 +164,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     NOT_FOUND.
     """
     ERROR_REASON_GRAPH_CHECKPOINT_TOO_LARGE: _ErrorReason.ValueType  # 32
-    """A graph checkpoint's values together (not only those one put sent) are
-    larger than one response may carry (`max_message_bytes`): raise it on
-    memsvc (the Python SDK receives any size memsvc sends). Metadata:
+    """A graph checkpoint's values and pending writes together (not only those
+    one put sent: values grow put by put, and writes add up over
+    PutGraphWrites calls) are larger than one response may carry
+    (`max_message_bytes`): raise it on memsvc (the Python SDK receives any
+    size memsvc sends), or read fewer channels (`channels`). Metadata:
     "thread_id", "checkpoint_ns", "checkpoint_id", "limit" and "size" (bytes).
     Status code: RESOURCE_EXHAUSTED.
     """
@@ -246,7 +250,9 @@ Status code: NOT_FOUND.
 """
 ERROR_REASON_SESSION_ALREADY_EXISTS: ErrorReason.ValueType  # 9
 """The session id is in use or was used before (terminated ids are never
-reused, unless PurgeData forgot the session). Metadata: "session_id", "state". Status code: ALREADY_EXISTS.
+reused, unless PurgeData forgot the session). Metadata: "session_id",
+"state" (the session's, in capitals: "ACTIVE", "PAUSED", "TERMINATED").
+Status code: ALREADY_EXISTS.
 """
 ERROR_REASON_CHECKPOINT_NOT_FOUND: ErrorReason.ValueType  # 10
 """The checkpoint does not exist (or retention removed it). Metadata:
@@ -337,9 +343,11 @@ Metadata: "thread_id", "checkpoint_ns", "checkpoint_id". Status code:
 NOT_FOUND.
 """
 ERROR_REASON_GRAPH_CHECKPOINT_TOO_LARGE: ErrorReason.ValueType  # 32
-"""A graph checkpoint's values together (not only those one put sent) are
-larger than one response may carry (`max_message_bytes`): raise it on
-memsvc (the Python SDK receives any size memsvc sends). Metadata:
+"""A graph checkpoint's values and pending writes together (not only those
+one put sent: values grow put by put, and writes add up over
+PutGraphWrites calls) are larger than one response may carry
+(`max_message_bytes`): raise it on memsvc (the Python SDK receives any
+size memsvc sends), or read fewer channels (`channels`). Metadata:
 "thread_id", "checkpoint_ns", "checkpoint_id", "limit" and "size" (bytes).
 Status code: RESOURCE_EXHAUSTED.
 """

@@ -267,7 +267,9 @@ class GraphCheckpoint(_message.Message):
     @_builtins.property
     def pending_writes(self) -> _containers.RepeatedCompositeFieldContainer[Global___GraphWrite]:
         """Output only: the pending writes saved against this checkpoint, in
-        (task_path, task_id, idx) order.
+        (task_path, task_id, idx) order. They count with the values toward what
+        one response may carry (ERROR_REASON_GRAPH_CHECKPOINT_TOO_LARGE), and
+        PutGraphWrites calls add up: no single call is refused for the total.
         """
 
     @_builtins.property
@@ -299,7 +301,11 @@ Global___GraphCheckpoint: _TypeAlias = GraphCheckpoint  # noqa: Y015
 @_typing.final
 class GraphThreadOptions(_message.Message):
     """GraphThreadOptions are the retention and session link of a thread. Given on
-    a put, they replace the thread's previous options.
+    a put, they replace the thread's previous options whole: a put that sets
+    only `ttl` or `keep_last` also unlinks the thread from its session (then
+    neither the session's end nor a purge of its scope reaches the thread), so
+    send the link again with every put that sends options. A put without
+    options leaves them as they are.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -310,7 +316,8 @@ class GraphThreadOptions(_message.Message):
     keep_last: _builtins.int
     """Keep only this many newest checkpoints per namespace (with the values
     and writes they need; finished subgraph calls go as PruneGraphThreads
-    says); 0: all. Enforced in the background.
+    says); 0: all. At most 1,000,000; negative: INVALID_ARGUMENT. Enforced
+    in the background.
     """
     @_builtins.property
     def ttl(self) -> _duration_pb2.Duration:
@@ -399,7 +406,9 @@ class PutGraphCheckpointRequest(_message.Message):
 
     @_builtins.property
     def options(self) -> Global___GraphThreadOptions:
-        """Optional: replaces the thread's retention and session link."""
+        """Optional: replaces the thread's retention and session link, all of them
+        (see GraphThreadOptions); unset: they stay as they are.
+        """
 
     def __init__(
         self,

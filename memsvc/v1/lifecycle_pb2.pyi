@@ -296,7 +296,10 @@ class WatchLifecycleRequest(_message.Message):
     agent_instance_id: _builtins.str
     """Only events of this agent instance (a UUID); empty: every agent instance."""
     session_id: _builtins.str
-    """Only events of this session id; empty: every session."""
+    """Only events of this session id; empty: every session. Without
+    agent_instance_id (and project_id) it matches that id in every agent
+    instance (and project): session ids are unique within an agent instance only.
+    """
     after_sequence: _builtins.int
     """Start after this sequence (exclusive): the first event delivered is the
     first matching one with a greater sequence; 0 means from the first event
@@ -635,7 +638,7 @@ class SpawnRequest(_message.Message):
 
     @_builtins.property
     def metadata(self) -> _struct_pb2.Struct:
-        """Optional free-form metadata, kept with the session and its events."""
+        """Optional free-form metadata, kept with the session and its events (at most 64 KiB as JSON)."""
 
     def __init__(
         self,
@@ -710,7 +713,7 @@ class PauseRequest(_message.Message):
     """Optional UUID making the call safe to retry."""
     @_builtins.property
     def metadata(self) -> _struct_pb2.Struct:
-        """Optional free-form metadata for the checkpoint and the event."""
+        """Optional free-form metadata for the checkpoint and the event (at most 64 KiB as JSON)."""
 
     def __init__(
         self,
@@ -794,7 +797,7 @@ class ResumeRequest(_message.Message):
     """Optional UUID making the call safe to retry."""
     @_builtins.property
     def metadata(self) -> _struct_pb2.Struct:
-        """Optional free-form metadata for the event."""
+        """Optional free-form metadata for the event (at most 64 KiB as JSON)."""
 
     def __init__(
         self,
@@ -907,7 +910,7 @@ class TerminateRequest(_message.Message):
 
     @_builtins.property
     def metadata(self) -> _struct_pb2.Struct:
-        """Optional free-form metadata for the episode and the event."""
+        """Optional free-form metadata for the episode and the event (at most 64 KiB as JSON)."""
 
     def __init__(
         self,
@@ -1127,7 +1130,7 @@ class CreateCheckpointRequest(_message.Message):
     """Optional UUID making the call safe to retry."""
     @_builtins.property
     def metadata(self) -> _struct_pb2.Struct:
-        """Optional free-form metadata for the checkpoint."""
+        """Optional free-form metadata for the checkpoint (at most 64 KiB as JSON)."""
 
     def __init__(
         self,
@@ -1193,7 +1196,9 @@ class ListCheckpointsRequest(_message.Message):
     Negative: INVALID_ARGUMENT.
     """
     page_token: _builtins.str
-    """Token from a previous response; empty for the first page."""
+    """Token from a previous response; empty for the first page. Only valid for
+    the same session: another session's is INVALID_ARGUMENT.
+    """
     def __init__(
         self,
         *,
@@ -1264,6 +1269,7 @@ class GetCheckpointRequest(_message.Message):
     """False (the default): metadata only. True: also one page of entries."""
     page_size: _builtins.int
     """With include_entries: maximum entries per page. Zero: 100. At most 1,000.
+    Negative: INVALID_ARGUMENT (with or without include_entries).
     A page also ends early once the response (the checkpoint, then each
     entry's key and value) reaches 3/4 of `max_message_bytes`, 3 MiB by
     default (but it has at least one entry).
