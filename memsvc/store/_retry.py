@@ -62,6 +62,9 @@ async def with_retries(
     except retryable as error:
         if attempts <= 1 or loop.time() >= stop_at:
             raise BackendUnavailable(backend, error) from error
+        # One warning per call that retries; its later attempts at debug level, and
+        # a call that fails after them is said once more, by the API layer: during
+        # an outage every call fails, and four lines each drowned the log.
         log.warning("%s backend error, retrying: %r", backend, error)
     try:
         async for attempt in AsyncRetrying(
@@ -70,7 +73,7 @@ async def with_retries(
             wait=wait_exponential_jitter(multiplier=0.05, max=1.0, jitter=0.05),
             retry=retry_if_exception_type(retryable),
             reraise=True,
-            before_sleep=lambda state: log.warning(
+            before_sleep=lambda state: log.debug(
                 "%s backend error, retrying (attempt %d): %r",
                 backend,
                 state.attempt_number + 1,

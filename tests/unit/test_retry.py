@@ -60,3 +60,20 @@ async def test_retries_stop_at_the_call_deadline():
             with_retries(hang, backend="b", transient=(ConnectionError,), budget_seconds=3600),
             timeout=30,
         )
+
+
+async def test_a_call_that_retries_warns_once(caplog: pytest.LogCaptureFixture):
+    """Found by a review: every attempt was a warning, so during an outage each
+    failed call wrote four lines (three retries and its failure); the later
+    attempts are at debug level now."""
+    operation = Flaky(10, ConnectionError("reset"))
+    with (
+        caplog.at_level("DEBUG", logger="memsvc.store._retry"),
+        pytest.raises(BackendUnavailable),
+    ):
+        await with_retries(
+            operation, backend="test", transient=(ConnectionError,), budget_seconds=30
+        )
+    assert operation.calls == 4
+    levels = [record.levelname for record in caplog.records]
+    assert levels == ["WARNING", "DEBUG", "DEBUG"], levels
