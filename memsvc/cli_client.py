@@ -227,9 +227,10 @@ def add_commands(commands: Any) -> None:
 
     episodes = commands.add_parser("episodes", help="list or search episodes")
     actions = episodes.add_subparsers(dest="action", required=True, metavar="ACTION")
-    for name, handler, text in (
-        ("list", _list_episodes, "newest first"),
-        ("search", _search_episodes, "ranked by relevance"),
+    # As many as the server's default page: 100 listed, the best 20 found.
+    for name, handler, text, limit in (
+        ("list", _list_episodes, "newest first", 100),
+        ("search", _search_episodes, "ranked by relevance", 20),
     ):
         action = actions.add_parser(name, parents=[common], help=text)
         action.add_argument("-p", "--project", required=True, help="project id (a UUID)")
@@ -240,7 +241,7 @@ def add_commands(commands: Any) -> None:
         action.add_argument("--outcome", choices=("success", "failure", "partial"))
         action.add_argument("--task-type")
         action.add_argument("--min-importance", type=float)
-        action.add_argument("--limit", type=_at_least(1), default=20, help=LIMIT_HELP)
+        action.add_argument("--limit", type=_at_least(1), default=limit, help=LIMIT_HELP)
         action.set_defaults(handler=handler)
 
     watch = commands.add_parser(
