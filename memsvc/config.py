@@ -188,7 +188,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("tls_key_file", str, "", "PEM private key of `tls_cert_file`."),
     Setting("tls_client_ca_file", str, "", "PEM CA certificate(s) for mutual TLS: clients must present a certificate one of them signed. Empty: no client certificate asked."),
     Setting("allow_insecure_remote", _parse_bool, "false", "Start even though `listen` is not a loopback address and neither tokens nor TLS are configured: an open API (docs/security.md)."),
-    Setting("health_listen", str, "127.0.0.1:8081", "TCP host:port serving only grpc.health.v1 (services `liveness`, `readiness`, ''), for kubelet probes (which need `0.0.0.0:8081`, as the image and the manifests set); empty: none."),
+    Setting("health_listen", str, "127.0.0.1:8081", "TCP host:port serving only grpc.health.v1 Check (`liveness`, `readiness`, and the API's health names), for kubelet probes (which need `0.0.0.0:8081`, as the image and the manifests set); empty: none."),
     Setting("metrics_listen", str, "127.0.0.1:9464", "TCP host:port of the Prometheus metrics endpoint (HTTP, `/metrics`; `0.0.0.0:9464` for a scraper elsewhere, as the image and the manifests set); empty: none."),
     Setting("data_dir", str, "$XDG_DATA_HOME/memsvc or ~/.local/share/memsvc", "Directory for the embedded SQLite file."),
     Setting("working_memory_url", str, "memory://", "Working-memory backend: `memory://` (in process; nothing after it), `redis://host:port/db` (`rediss://` for TLS), or a Redis Cluster: `redis+cluster://host:port[,host:port...]` (`rediss+cluster://` for TLS; a pool of `redis_max_connections` per node)."),
