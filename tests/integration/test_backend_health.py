@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from memsvc.config import Config
 from memsvc.server import Server
+from memsvc.store.redis import RedisWorkingMemoryStore
 from memsvc.testing import PrivateRedis, free_port
 from memsvc.testing._proxy import TcpProxy
 from memsvc.v1 import lifecycle_pb2 as lc
@@ -27,6 +28,7 @@ from tests.helpers import (
     local_server_config,
     metric,
     python,
+    redis_client,
     value,
 )
 
@@ -39,6 +41,30 @@ async def status_of(channel: grpc.aio.Channel, service: str = "") -> int:
         health_pb2.HealthCheckRequest(service=service)
     )
     return int(reply.status)
+
+
+async def test_a_redis_probe_whose_connection_was_cut_asks_again(tmp_path: Path):
+    """Found by a review: a probe whose own connection Redis had closed (CLIENT
+    KILL, a restart that was over) reported Redis unready for a whole health
+    interval while Redis answered."""
+    redis = PrivateRedis(free_port(), tmp_path / "redis")
+    redis.start()
+    store = RedisWorkingMemoryStore(redis.url, max_session_keys=10, max_session_bytes=1000)
+    try:
+        await store.open()
+        await store.ping()
+        client = redis_client(redis.url)
+        try:
+            killed = await client.execute_command(
+                "CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"
+            )
+        finally:
+            await client.aclose()
+        assert int(killed) >= 1  # the probe's connection, at least
+        await store.ping()  # raised BackendUnavailable before
+    finally:
+        await store.aclose()
+        redis.kill()
 
 
 async def test_redis_outage_turns_health_off_and_calls_unavailable(tmp_path: Path):

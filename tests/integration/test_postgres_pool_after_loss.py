@@ -118,3 +118,27 @@ async def test_a_pooled_connection_that_went_silent_is_replaced(fresh_postgres_u
                 assert outcomes[-3:] == ["ok"] * 3, outcomes
             finally:
                 proxy.release()  # before the store closes its connections
+
+
+async def test_a_probe_whose_connection_was_closed_asks_again_on_a_new_one(
+    store: PostgresDurableStore, fresh_postgres_url: str
+) -> None:
+    """Found by a review: the probe reported the database unready, for a whole
+    health interval, when only its own connection had been closed (a restart that
+    was over, a reaper) and the database answered."""
+    await store.ping()
+    close_every_connection_to(fresh_postgres_url)
+    await store.ping()  # raised BackendUnavailable before
+
+
+async def test_after_a_probe_meets_a_loss_no_call_fails_for_a_dead_pooled_connection(
+    store: PostgresDurableStore, fresh_postgres_url: str
+) -> None:
+    """Found by a review: health was SERVING again, and the next write still failed
+    on a pooled connection that died with the restart the probe had seen."""
+    await fill_the_pool(store)
+    await store.ping()
+    close_every_connection_to(fresh_postgres_url)
+    await store.ping()
+    for _ in range(POOL_SIZE + 2):
+        await insert_a_session(store)

@@ -259,6 +259,9 @@ class PostgresDurableStore(SqlDurableReads):
         # known to answer: the pool tests one before handing it out when that was
         # before the loss (_test_if_suspect).
         self._lost_at = 0.0
+        # When the pool's connections were last replaced after a loss (by a probe
+        # that found the database answering again: _replace_lost_connections).
+        self._replaced_at = 0.0
         self._answered: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], float] = (
             weakref.WeakKeyDictionary()
         )
@@ -320,33 +323,65 @@ class PostgresDurableStore(SqlDurableReads):
 
     async def _probe_select(self) -> None:
         async with self._probe_lock:
+            had_connection = self._probe is not None and not self._probe.closed
             try:
-                if self._probe is None or self._probe.closed:
-                    self._probe = await psycopg.AsyncConnection.connect(
-                        self._url,
-                        autocommit=True,
-                        prepare_threshold=self._prepare_threshold,
-                        connect_timeout=round(self.connect_timeout_seconds),
-                    )
-                in_recovery, read_only = await _cut_off_if_cancelled(
-                    self._probe, _read_only_state(self._probe)
-                )
-                if in_recovery or read_only:
-                    self._found_read_only = True
-                    raise psycopg.errors.ReadOnlySqlTransaction(
-                        "the database is read-only"
-                        + (" (a standby in recovery)" if in_recovery else "")
-                        + ": it cannot take writes"
-                    )
-            except BaseException:
-                # Cut off or failed, the connection may be mid-statement: a new one next time.
-                if self._probe is not None:
-                    with contextlib.suppress(Exception):
-                        await self._probe.close()
-                    self._probe = None
-                raise
+                await self._ask_probe()
+            except BaseException as error:
+                if not _lost_connection(error):
+                    raise
+                # The pool's idle connections most likely went with it: each is
+                # tested before its next call (not failing that call).
+                self._suspect_connections(error)
+                if not had_connection:
+                    raise
+                # The probe's own connection was lost (a restart that is over by
+                # now, a reaper), which says nothing yet of the database: a new
+                # connection asks again before the probe reports it unready.
+                await self._ask_probe()
         if self._found_read_only:
             await self._retire_read_only_connections()
+        elif self._lost_at > self._replaced_at:
+            await self._replace_lost_connections()
+
+    async def _replace_lost_connections(self) -> None:
+        """The database answers after a connection was lost: the pool's connections
+        from before most likely died with it (a restart closes them all). New ones
+        replace them now; tested one by one as calls take them, each dead one cost
+        a call a second or more of the pool's backoff, and several could run a call
+        out of time."""
+        self._replaced_at = time.monotonic()
+        if self._pool is not None:
+            log.info("a database connection was lost: replacing the pool's connections")
+            await self._pool.drain()
+
+    async def _ask_probe(self) -> None:
+        """The read-only check on the probe's connection (made first if there is
+        none); a connection that fails or is cut off is closed."""
+        try:
+            if self._probe is None or self._probe.closed:
+                self._probe = await psycopg.AsyncConnection.connect(
+                    self._url,
+                    autocommit=True,
+                    prepare_threshold=self._prepare_threshold,
+                    connect_timeout=round(self.connect_timeout_seconds),
+                )
+            in_recovery, read_only = await _cut_off_if_cancelled(
+                self._probe, _read_only_state(self._probe)
+            )
+            if in_recovery or read_only:
+                self._found_read_only = True
+                raise psycopg.errors.ReadOnlySqlTransaction(
+                    "the database is read-only"
+                    + (" (a standby in recovery)" if in_recovery else "")
+                    + ": it cannot take writes"
+                )
+        except BaseException:
+            # Cut off or failed, the connection may be mid-statement: a new one next time.
+            if self._probe is not None:
+                with contextlib.suppress(Exception):
+                    await self._probe.close()
+                self._probe = None
+            raise
 
     async def _retire_read_only_connections(self) -> None:
         """The database takes writes again, but the pool's connections made while it

@@ -382,9 +382,21 @@ class RedisWorkingMemoryStore:
                 return await probe.ping(target_nodes=RedisCluster.PRIMARIES)
             return await probe.ping()
 
+        async def ping_on_a_live_connection() -> object:
+            try:
+                return await ping_once()
+            except redis_errors.ConnectionError:
+                # The probe's connection may be what was lost (a client kill, a
+                # restart that is over): a new one asks again before the probe
+                # reports Redis unready. A Redis that is down refuses this one too.
+                return await ping_once()
+
         with observed(self.observe, "ping", self.backend_name):
             await with_retries(
-                ping_once, backend=self.backend_name, transient=self._transient, attempts=1
+                ping_on_a_live_connection,
+                backend=self.backend_name,
+                transient=self._transient,
+                attempts=1,
             )
         if not self._policy_read:
             # Redis was away at start (a sidecar often starts first): said now, on
