@@ -27,12 +27,20 @@ from tests.faults.conftest import RigFactory
 class Writer:
     """Puts checkpoints c0, c1, ... on one thread, retrying each until acknowledged."""
 
-    def __init__(self, graphs: GraphCheckpointServiceStub, project: str, thread: str) -> None:
+    def __init__(
+        self,
+        graphs: GraphCheckpointServiceStub,
+        project: str,
+        thread: str,
+        outage: asyncio.Event,
+    ) -> None:
         self.graphs = graphs
         self.project = project
         self.thread = thread
+        self.outage = outage  # set while PostgreSQL is down
         self.acknowledged: list[str] = []
-        self.refusals: list[grpc.StatusCode] = []
+        # Puts sent while PostgreSQL was down: each was refused, or waited it out.
+        self.sent_in_outage = 0
 
     async def put(self, step: int) -> None:
         checkpoint_id = f"c{step:04d}"
@@ -69,12 +77,12 @@ class Writer:
             (self.graphs.PutGraphWrites, writes),
         ):
             while True:
+                self.sent_in_outage += self.outage.is_set()
                 try:
                     await call(message, timeout=5)
                     break
                 except grpc.aio.AioRpcError as error:
                     assert error.code() in RETRYABLE, f"{error.code()}: {error.details()}"
-                    self.refusals.append(error.code())
                     await asyncio.sleep(0.2)
         self.acknowledged.append(checkpoint_id)
 
@@ -93,16 +101,19 @@ async def test_acknowledged_graph_puts_survive_a_postgres_restart(make_rig: RigF
     project = str(uuid.uuid4())
     async with grpc.aio.insecure_channel(memsvc.target) as channel:
         graphs = GraphCheckpointServiceStub(channel)
-        writers = [Writer(graphs, project, f"thread-{i}") for i in range(3)]
+        outage = asyncio.Event()
+        writers = [Writer(graphs, project, f"thread-{i}", outage) for i in range(3)]
         stop = asyncio.Event()
         tasks = [asyncio.create_task(w.run(stop)) for w in writers]
         await asyncio.sleep(0.5)
+        outage.set()
         if how == "killed":
             rig.postgres.kill()
         else:
             rig.postgres.stop("fast")
         await asyncio.sleep(1.5)  # traffic meets the outage
         rig.postgres.start()
+        outage.clear()
         deadline = time.monotonic() + 40
         before = sum(len(w.acknowledged) for w in writers)
         while sum(len(w.acknowledged) for w in writers) < before + 9:
@@ -110,7 +121,9 @@ async def test_acknowledged_graph_puts_survive_a_postgres_restart(make_rig: RigF
             await asyncio.sleep(0.1)
         stop.set()
         await asyncio.gather(*tasks)
-        assert any(w.refusals for w in writers), "no put met the outage"
+        # Each put sent meanwhile was refused or waited for the database (a probe that
+        # saw the loss has the pool test its connections, so a put may never fail).
+        assert sum(w.sent_in_outage for w in writers) > 0, "no put met the outage"
         await wait_serving(Stubs(channel))
         for writer in writers:
             listed = await graphs.ListGraphCheckpoints(
