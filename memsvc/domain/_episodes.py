@@ -18,6 +18,7 @@ import math
 import re
 import struct
 import time
+import unicodedata
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -81,17 +82,46 @@ LIST_PAGE = (100, 1_000)  # (default, maximum) page size
 SEARCH_PAGE = (20, 100)
 
 _TERM = re.compile(r'"([^"]*)"|([^\s"]+)')
-# A word, for search: letters and digits, as SQLite's FTS5 (unicode61) splits text.
-_WORD = re.compile(r"[^\W_]+")
-_NOT_WORDS = re.compile(r"[\W_]+")
+
+
+def _number_signs() -> str:
+    """A regex class body of the characters that are numbers but not digits
+    (Unicode No and Nl: ½, ², ①, Ⅻ): Python's \\w takes them for word characters,
+    PostgreSQL's parser does not (planes 0 and 1 hold them all)."""
+    ranges: list[str] = []
+    start: int | None = None
+    for code in range(0x20001):
+        if code < 0x20000 and unicodedata.category(chr(code)) in ("No", "Nl"):
+            start = code if start is None else start
+        elif start is not None:
+            ranges.append(f"{re.escape(chr(start))}-{re.escape(chr(code - 1))}")
+            start = None
+    return "".join(ranges)
+
+
+# A word, for search: a run of letters and digits, split out of the text before
+# either store's tokenizer sees it, so both index and match the same words.
+_NUMBER_SIGNS = _number_signs()
+_WORD = re.compile(rf"[^\W_{_NUMBER_SIGNS}]+")
+_NOT_WORDS = re.compile(rf"[\W_{_NUMBER_SIGNS}]+")
+# PostgreSQL ignores a word longer than this (in UTF-8 bytes), in text and in
+# queries alike: such words are left out of what both stores index, and refused
+# in a query (a term PostgreSQL dropped would match every episode).
+MAX_WORD_BYTES = 2047
+# The fewest characters a word over MAX_WORD_BYTES can have (4 bytes each).
+_MAYBE_TOO_LONG = re.compile(f"[^ ]{{{MAX_WORD_BYTES // 4 + 1},}}")
 # Searchable text per episode indexed on PostgreSQL (description and lessons
 # first): a tsvector holds at most 1 MiB, about 6.5 bytes per character at worst.
 SEARCH_TEXT_CHARS = 120_000
 
 
 def search_words(text: str) -> str:
-    """``text`` as the words search sees: every run of other characters one space."""
-    return _NOT_WORDS.sub(" ", text).strip()
+    """``text`` as the words search sees: every run of other characters one space,
+    and no word over MAX_WORD_BYTES."""
+    words = _NOT_WORDS.sub(" ", text).strip()
+    if _MAYBE_TOO_LONG.search(words):
+        words = " ".join(w for w in words.split(" ") if len(w.encode()) <= MAX_WORD_BYTES)
+    return words
 
 
 def search_texts(episode: EpisodeRecord) -> tuple[str, str]:
@@ -503,6 +533,15 @@ def check_query(query: str, has_embedding: bool, violations: list[FieldViolation
     terms = []
     for phrase, word in _TERM.findall(query):
         words = _WORD.findall(phrase or word)
+        if any(len(found.encode()) > MAX_WORD_BYTES for found in words):
+            violations.append(
+                FieldViolation(
+                    "query",
+                    f"has a word over {MAX_WORD_BYTES} bytes (UTF-8), which no episode"
+                    " can be found by (PostgreSQL indexes no longer words)",
+                )
+            )
+            return []
         if words:
             terms.append(" ".join(words))
     if not terms and not has_embedding:

@@ -4,12 +4,13 @@ Everything but full-text matching is written once. Full text differs: on
 PostgreSQL a ``tsvector`` column that memsvc fills, with a GIN index, matched by
 one ``phraseto_tsquery`` per term and ranked by ``ts_rank``; on SQLite an FTS5 table
 kept in step by triggers, matched by an FTS5 query and ranked by ``text_rank``.
-Both see text as words of letters and digits: FTS5's unicode61 tokenizer splits
-it so, and on PostgreSQL memsvc writes the document from the text with every
-other character made a space (``search_texts``), parsed by ``memsvc_english``
-(English stems, no stop words; migration 0009). Both receive the same terms
-(words and phrases, see ``memsvc.domain._episodes.check_query``), every one of
-which must match.
+Both see text as memsvc's words of letters and digits: the text with every
+other character made a space (``search_words``), which FTS5's triggers get
+through the SQL function ``memsvc_search_words`` (SQLite migration 0009) and
+PostgreSQL's document is written from (``search_texts``), parsed by
+``memsvc_english`` (English stems, no stop words; PostgreSQL migration 0009).
+Both receive the same terms (words and phrases, see
+``memsvc.domain._episodes.check_query``), every one of which must match.
 """
 
 from __future__ import annotations
@@ -38,8 +39,10 @@ def _marked(column: int) -> str:
     return f"highlight(episodes_fts, {column}, char(1), '')"
 
 
-# The SQL function each SQLite connection gets (SqliteDurableStore): text_rank.
+# The SQL functions each SQLite connection gets (SqliteDurableStore): text_rank,
+# and search_words, which the FTS5 triggers call (migration 0009).
 SQLITE_TEXT_RANK = "memsvc_text_rank"
+SQLITE_SEARCH_WORDS = "memsvc_search_words"
 _MATCH = "\x01"
 
 

@@ -558,6 +558,45 @@ async def test_search_sees_the_same_words_on_every_backend(episodic, scope, quer
     assert {ids.index(episode_id) for episode_id in found} == expected
 
 
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("sugar ¾", {0}),  # ¾ is no word, on either database
+        ("alpha ½", {1}),
+        ('"alpha ① release"', {1}),
+        ("x", {2}),  # x² is the word x
+        ("H O", {2}),  # H₂O: H and O
+        ("alpha " + "あ" * 600, set()),  # a long word (1,800 bytes) is a word
+        ("release", {1, 3}),  # found by its other words: the 2,100-byte one is left out
+    ],
+)
+async def test_numbers_that_are_not_digits_and_very_long_words_are_no_words(
+    episodic, scope, query, expected
+):
+    """Found by a review: PostgreSQL's parser drops ½, ², ① and words over 2,047
+    bytes, and a query term that came to nothing stopped being required there,
+    so `sugar ¾` found episodes without ¾ on PostgreSQL and none on SQLite. Both
+    now see the same words: letters and digits, each at most 2,047 bytes."""
+    texts = [
+        "add ½ cup of sugar",
+        "alpha release notes",
+        "x² and H₂O",
+        "release " + "あ" * 700,
+    ]
+    ids = [
+        (await record(episodic, episode(scope, task_description=text))).episode_id for text in texts
+    ]
+    found = await search_ids(episodic, scope["project_id"], query)
+    assert {ids.index(episode_id) for episode_id in found} == expected
+
+
+async def test_a_query_word_over_2047_bytes_is_refused(episodic, scope):
+    """No episode can be found by it: PostgreSQL indexes no longer words."""
+    request = ep.SearchEpisodesRequest(project_id=scope["project_id"], query="alpha " + "あ" * 700)
+    details = await expect_error(episodic.SearchEpisodes(request), grpc.StatusCode.INVALID_ARGUMENT)
+    assert "over 2047 bytes" in details.message, details.message
+
+
 async def test_search_pages_hold_while_episodes_are_recorded(episodic, scope):
     """A score comes from its episode alone: episodes recorded between two pages
     (here in another project, and ones not matching in this one) move no page

@@ -242,7 +242,8 @@ async def test_episodes_recorded_before_the_search_migration_are_searchable_afte
     database_url, monkeypatch
 ):
     """Migration 0003 indexes (and, on SQLite, moves) the episodes already stored;
-    on PostgreSQL 0009 indexes them again as words ("gc" of "gc.py", "the")."""
+    0009 indexes them again as memsvc's words ("gc" of "gc.py", "the"; "x" of "x²",
+    where SQLite's own tokenizer saw one word)."""
     import memsvc.store.postgres._store as postgres_store
     import memsvc.store.sqlite._store as sqlite_store
     from memsvc.domain._episodes import EpisodeScope
@@ -262,7 +263,8 @@ async def test_episodes_recorded_before_the_search_migration_are_searchable_afte
         "INSERT INTO episodes (episode_id, project_id, agent_instance_id, session_id, task_type,"
         " task_description, outcome, outcome_details, actions, context_summary, lessons_learned,"
         " duration_seconds, tokens_used, importance, metadata, create_time) VALUES"
-        " (?, ?, ?, 's', 'session_completion', 'Tune the garbage collector of gc.py', 1, '',"
+        " (?, ?, ?, 's', 'session_completion', 'Tune the garbage collector of gc.py by x²', 1,"
+        " '',"
         " '[]', '',"
         " '[\"measure pauses first\"]', 1.5, 0, 0.6, '{}', '2026-11-01T00:00:00.000Z')",
         "01a1f000-0000-7000-8000-000000000001",
@@ -274,7 +276,7 @@ async def test_episodes_recorded_before_the_search_migration_are_searchable_afte
     await store.open()
     try:
         assert await store.migrate() == list(range(3, LATEST[kind(database_url)] + 1))
-        for terms in (["garbage"], ["pauses"], ["gc"], ["the"], ["gc py"]):
+        for terms in (["garbage"], ["pauses"], ["gc"], ["the"], ["gc py"], ["x"]):
             found, _ = await store.search_episodes(
                 EpisodeScope(project), terms, None, 10, False, 1 << 20
             )

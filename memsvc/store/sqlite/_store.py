@@ -26,8 +26,9 @@ from memsvc._json_match import json_holds
 from memsvc.config import StartupError
 from memsvc.domain import BackendUnavailable
 from memsvc.domain._durable import DurableTransaction
+from memsvc.domain._episodes import search_words
 from memsvc.domain._watch import StoredEvent, Wakeup
-from memsvc.store._episodes_sql import SQLITE_TEXT_RANK, text_rank
+from memsvc.store._episodes_sql import SQLITE_SEARCH_WORDS, SQLITE_TEXT_RANK, text_rank
 from memsvc.store._graph_sql import SQLITE_JSON_HOLDS
 from memsvc.store._lifecycle_sql import (
     SQLITE,
@@ -139,6 +140,7 @@ class SqliteDurableStore(SqlDurableReads):
             await db.execute(pragma)
         await db.create_function(SQLITE_JSON_HOLDS, 2, json_holds, deterministic=True)
         await db.create_function(SQLITE_TEXT_RANK, 7, text_rank, deterministic=True)
+        await db.create_function(SQLITE_SEARCH_WORDS, 1, _search_words, deterministic=True)
 
     def claim(self, alone: bool) -> None:
         """Hold this database for serving until :meth:`aclose`: ``alone`` for this
@@ -358,6 +360,11 @@ class SqliteDurableStore(SqlDurableReads):
         if self._db is None:
             raise RuntimeError("SqliteDurableStore used before open()")
         return self._db
+
+
+def _search_words(text: str | None) -> str | None:
+    """The SQL function memsvc_search_words: what the FTS5 triggers index."""
+    return None if text is None else search_words(text)
 
 
 def _make_private(path: Path) -> None:
