@@ -87,20 +87,28 @@ class Dialect:
         return statement.replace("?", self.placeholder)
 
     def stored_length(self, column: str) -> str:
-        """SQL for a text or binary column's length, as a row's weight (pages that stop
-        at a byte budget): bytes on PostgreSQL, from the value's header, read without
-        the value; a text's characters on SQLite."""
-        return f"octet_length({column})" if self.name == "postgres" else f"length({column})"
+        """SQL for a text or binary column's length in bytes, as a row's weight (pages
+        that stop at a byte budget): on PostgreSQL from the value's header, read
+        without the value. (SQLite's length() of a text counts characters: 3 bytes of
+        CJK weighed 1, and a page read three times the rows it could send.)"""
+        if self.name == "postgres":
+            return f"octet_length({column})"
+        return f"length(CAST({column} AS BLOB))"
 
     def json_stored_length(self, column: str) -> str:
         """As :meth:`stored_length`, for a JSON column: on PostgreSQL the jsonb's size
         as stored, compressed or not (a compressed one sends far more)."""
-        return f"pg_column_size({column})" if self.name == "postgres" else f"length({column})"
+        if self.name == "postgres":
+            return f"pg_column_size({column})"
+        return self.stored_length(column)
 
     def json_param(self, value: Any) -> Any:
         if self.name == "postgres":
             return Jsonb(value)
-        return json.dumps(value, separators=(",", ":"))
+        # Characters as they are (UTF-8), not \u escapes: a row weighs what its
+        # metadata takes in a response (escaped, "ж" weighed 6 bytes, not 2, and
+        # pages of non-Latin metadata ended at a third of their budget).
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
     def json_value(self, raw: Any) -> Any:
         return json.loads(raw) if isinstance(raw, str) else raw

@@ -241,7 +241,10 @@ class GraphCheckpoint(_message.Message):
     """
     metadata_json: _builtins.str
     """The checkpoint's metadata: a JSON object, at most 1 MiB. Filters and
-    DeleteGraphRuns (key "run_id") read it.
+    DeleteGraphRuns (key "run_id") read it. Read back, it holds the same values,
+    but its text is the store's: PostgreSQL orders the keys its own way and
+    writes large numbers in plain decimal (1e16 as 10000000000000000), SQLite
+    keeps the keys' order and a float's form. Compare parsed JSON, not text.
     """
     @_builtins.property
     def checkpoint(self) -> Global___TypedValue:

@@ -401,6 +401,23 @@ async def test_pages_follow_tokens_and_filters_apply(graphs, scope):
     )
 
 
+async def test_pages_of_non_latin_metadata_fill_their_budget_on_every_backend(graphs, scope):
+    """Found by a review: SQLite stored metadata with \\u escapes and weighed a row
+    by them, so a page of Cyrillic metadata ended at a third of its 3 MiB budget
+    (2 checkpoints of 600 KB a page, against 5 on PostgreSQL)."""
+    project = scope["project_id"]
+    for step in range(8):
+        message = checkpoint("t", f"c{step}")
+        message.metadata_json = json.dumps({"m": "ж" * 300_000}, ensure_ascii=False)
+        await put(graphs, project, message)
+    first = await graphs.ListGraphCheckpoints(
+        pb.ListGraphCheckpointsRequest(project_id=project, thread_id="t")
+    )
+    # 600 KB each against 3 MiB: 5 fit, and the page must not end before 4.
+    assert len(first.checkpoints) >= 4, len(first.checkpoints)
+    assert first.ByteSize() <= 3 << 20
+
+
 async def test_retention_forgets_expired_threads_and_keeps_the_newest(graphs, scope, server):
     """A thread past its TTL goes; keep_last prunes each namespace and frees old values."""
     project = scope["project_id"]
