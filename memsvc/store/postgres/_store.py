@@ -250,6 +250,8 @@ class PostgresDurableStore(SqlDurableReads):
         # says nothing about the database, and would turn a busy replica unready.
         self._probe: psycopg.AsyncConnection[Any] | None = None
         self._probe_lock = asyncio.Lock()
+        # Connections being given back to the pool (_pooled).
+        self._returning: set[asyncio.Task[None]] = set()
         # The probe found the database read-only; once it takes writes again, the
         # pool's connections are replaced (_retire_read_only_connections).
         self._found_read_only = False
@@ -293,6 +295,8 @@ class PostgresDurableStore(SqlDurableReads):
                 await self._probe.close()
                 self._probe = None
         if self._pool is not None:
+            # Connections on their way back, whose calls were cancelled meanwhile.
+            await asyncio.gather(*self._returning, return_exceptions=True)
             # A worker may be connecting to a database that does not answer: it is
             # not waited for to the end of its connect timeout.
             await self._pool.close(timeout=POOL_CLOSE_SECONDS)
@@ -394,12 +398,32 @@ class PostgresDurableStore(SqlDurableReads):
             await self._pool.drain()
 
     @contextlib.asynccontextmanager
+    async def _pooled(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A connection of the pool (psycopg_pool's ``connection()``), given back
+        to it whatever ends the block. psycopg_pool awaits the return in the
+        caller: a call cancelled while it waited there (its client's deadline,
+        under contention for the pool's lock) dropped the connection that the pool
+        still counted as out, and that slot was gone until a restart, one in about
+        a thousand such calls, until no call could get a connection. The return
+        runs as a task of its own, which a cancellation does not stop."""
+        pool = self._connections
+        conn = await pool.getconn()
+        try:
+            async with conn:  # COMMIT or ROLLBACK of what the block left open
+                yield conn
+        finally:
+            returning = asyncio.get_running_loop().create_task(pool.putconn(conn))
+            self._returning.add(returning)
+            returning.add_done_callback(self._returning.discard)
+            await asyncio.shield(returning)
+
+    @contextlib.asynccontextmanager
     async def _writable_connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         """A pooled connection, closed (not returned) when a write on it is refused
         as read-only: it was made to a database that cannot take writes, or took
         the read-only default of then, and the pool replaces it with one to
         wherever the address leads now."""
-        async with self._connections.connection() as conn:
+        async with self._pooled() as conn:
             try:
                 yield conn
             except psycopg.errors.ReadOnlySqlTransaction:
@@ -407,7 +431,7 @@ class PostgresDurableStore(SqlDurableReads):
                 raise
 
     async def _select_one(self) -> None:
-        async with self._connections.connection() as conn:
+        async with self._pooled() as conn:
             await conn.execute("SELECT 1")
 
     async def migrate(self) -> list[int]:
@@ -470,7 +494,7 @@ class PostgresDurableStore(SqlDurableReads):
 
     async def _migrate_once(self) -> list[int]:
         applied_now = []
-        async with self._connections.connection() as conn:
+        async with self._pooled() as conn:
             for migration in load_migrations("memsvc.store.postgres"):
                 async with conn.transaction():
                     # Never prepared: the schema changes under these statements.
@@ -505,7 +529,7 @@ class PostgresDurableStore(SqlDurableReads):
 
     async def schema_version(self) -> int:
         async def read() -> int:
-            async with self._connections.connection() as conn:
+            async with self._pooled() as conn:
                 cursor = await conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL")
                 exists = await cursor.fetchone()
                 if not exists or not exists[0]:
