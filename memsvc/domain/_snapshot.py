@@ -106,8 +106,15 @@ class KeyIndex:
         return KeyIndex([key for key, _ in pairs], [offset for _, offset in pairs])
 
     def weight(self) -> int:
-        """About the bytes it holds (a cache's bound)."""
-        return sum(map(len, self.keys)) + 100 * len(self.keys)
+        """About the bytes it holds (a cache's bound): its keys, and the objects
+        around them, also when it has none (an index of an empty snapshot weighed
+        nothing, and a cache of them grew without bound)."""
+        return _INDEX_OVERHEAD_BYTES + sum(map(len, self.keys)) + 100 * len(self.keys)
+
+
+# A KeyIndex with no key, its two lists and the cache's entry for it (measured with
+# tracemalloc: about 350 bytes).
+_INDEX_OVERHEAD_BYTES = 400
 
 
 def key_index(data: bytes) -> KeyIndex:

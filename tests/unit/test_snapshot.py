@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from memsvc.domain._lifecycle_reads import _KeyIndexes
 from memsvc.domain._session_memory import SnapshotEntry
 from memsvc.domain._snapshot import (
     SnapshotFormatError,
@@ -94,3 +95,13 @@ def test_encoding_from_redis_replies_matches(snapshot):
     assert count == len(unique)
     assert size == sum(len(e.key.encode()) + len(e.value) for e in unique)
     assert timed == sum(1 for e in unique if e.remaining_ttl_ms is not None)
+
+
+def test_the_key_index_cache_stays_bounded_with_empty_checkpoints():
+    """Found by a review: an index of an empty snapshot weighed nothing, so a cache
+    of them never evicted, and grew with every empty checkpoint read."""
+    cache = _KeyIndexes(max_weight=4_000)
+    for n in range(1_000):
+        cache.put(f"checkpoint-{n}", key_index(encode_snapshot([])))
+    assert len(cache._indexes) <= 10
+    assert cache.get("checkpoint-999") is not None  # the newest stay
