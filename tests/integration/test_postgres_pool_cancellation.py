@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from memsvc.domain import BackendUnavailable
 from memsvc.store.postgres import PostgresDurableStore
 from tests.helpers import migrated
 from tests.integration.test_postgres_pool_after_loss import fill_the_pool, insert_a_session
@@ -58,3 +59,22 @@ async def test_a_call_cancelled_while_its_connection_goes_back_keeps_the_pool_wh
     async with asyncio.timeout(20):
         await fill_the_pool(store)
     assert pool.get_stats()["pool_available"] == POOL_SIZE
+
+
+async def test_a_connection_out_of_step_with_its_prepared_statements_is_replaced(
+    fresh_postgres_url: str,
+) -> None:
+    """Found by a review: a pipeline cut short by a cancellation can leave psycopg
+    believing a statement is prepared that the server never kept; the next call
+    on that connection failed with "prepared statement does not exist", which
+    reached the client as INTERNAL. It is a transient failure now, and the
+    connection is closed, so the next call gets a sound one."""
+    async with migrated(PostgresDurableStore(fresh_postgres_url, max_connections=1)) as store:
+        for _ in range(8):  # prepared from the fifth use on
+            await insert_a_session(store)
+        async with store._pooled() as conn:
+            # Behind psycopg's back, as the cut-short pipeline leaves it.
+            conn.pgconn.exec_(b"DEALLOCATE ALL")
+        with pytest.raises(BackendUnavailable, match="does not exist"):
+            await insert_a_session(store)
+        await insert_a_session(store)

@@ -77,6 +77,10 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     psycopg_pool.PoolTimeout,
     psycopg.errors.ReadOnlySqlTransaction,
     StalePlans,
+    # "prepared statement ... does not exist": the connection's record of what it
+    # prepared is out of step with the server (a pipeline cut short by a
+    # cancellation). The statement failed; the connection is closed, not reused.
+    psycopg.errors.InvalidSqlStatementName,
 )
 
 
@@ -426,7 +430,9 @@ class PostgresDurableStore(SqlDurableReads):
         async with self._pooled() as conn:
             try:
                 yield conn
-            except psycopg.errors.ReadOnlySqlTransaction:
+            except (psycopg.errors.ReadOnlySqlTransaction, psycopg.errors.InvalidSqlStatementName):
+                # Read-only, or out of step with its prepared statements: either
+                # way every later call on it would fail the same.
                 await conn.close()
                 raise
 
