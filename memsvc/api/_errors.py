@@ -186,13 +186,23 @@ def _status(
 async def _abort(
     context: grpc.aio.ServicerContext, error: BaseException, method: str, request: object = None
 ) -> None:
-    if isinstance(error, MemsvcError):
-        if isinstance(error, BackendUnavailable):
-            log.warning("%s failed: %s", method, error.message)
-        status = rpc_status.to_status(to_rpc_status(error, request))
-        await context.abort(status.code, status.details, status.trailing_metadata)
-    log.error("unexpected error in %s", method, exc_info=error)
-    await context.abort(grpc.StatusCode.INTERNAL, "internal error; the server log has the details")
+    try:
+        if isinstance(error, MemsvcError):
+            if isinstance(error, BackendUnavailable):
+                log.warning("%s failed: %s", method, error.message)
+            status = rpc_status.to_status(to_rpc_status(error, request))
+            await context.abort(status.code, status.details, status.trailing_metadata)
+        log.error("unexpected error in %s", method, exc_info=error)
+        await context.abort(
+            grpc.StatusCode.INTERNAL, "internal error; the server log has the details"
+        )
+    except _STREAM_BROKEN as gone:
+        # The client left as the call failed (often the same deadline ran out on
+        # both sides), before gRPC knew: sending the status fails. Nobody to tell;
+        # ended as a cancellation, which gRPC ends quietly (it logs the failed
+        # send as an error of the servicer's).
+        log.info("%s: no status sent: the client left (%s)", method, gone)
+        raise asyncio.CancelledError from gone
 
 
 @dataclass(frozen=True)

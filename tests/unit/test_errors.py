@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import grpc
+import pytest
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from memsvc.api._errors import to_rpc_status
+from memsvc.api._errors import _abort, to_rpc_status
 from memsvc.domain import BackendUnavailable, FieldViolation, InvalidArgument, KeyNotFound
 from memsvc.domain._graph_checkpoints import GraphCheckpointNotFound
 
@@ -76,3 +80,16 @@ def test_a_short_status_is_left_whole():
         ("key", "is required"),
         ("ttl", "< 0"),
     ]
+
+
+async def test_a_status_the_client_left_before_is_ended_as_a_cancellation():
+    """Found by a review: a call failing as its client's deadline ran out tried to
+    send its status to nobody, and gRPC logged the failed send as an ERROR with a
+    traceback. It ends as a cancellation, which gRPC ends quietly."""
+
+    class Gone:
+        async def abort(self, *status: object) -> None:
+            raise grpc.aio.InternalError('Failed "execute_batch"')
+
+    with pytest.raises(asyncio.CancelledError):
+        await _abort(Gone(), BackendUnavailable("working memory (Redis)", TimeoutError()), "/m")
