@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 from memsvc.domain._background import BackgroundWork
-from memsvc.domain._call_deadline import call_deadline
 from memsvc.domain._episodes import MAX_ACTIONS_BYTES, OUTCOMES, check_story
 from memsvc.domain._errors import (
     CheckpointAlreadyExists,
@@ -147,7 +146,8 @@ class Lifecycle:
         self._wm = working_memory
         self._render_value = render_value
         self._clock_ms = clock_ms
-        # Step 3 of the operations, run past their calls (_finish_past_the_call), and
+        # Step 3 of the operations (or the undo of a failed one), run past their
+        # calls (_finish_past_the_call), and
         # heals (at most one running a session, shared by every call that needs it).
         self._after_calls = BackgroundWork[bool]("a lifecycle step after its commit")
         # The latest step 3 a session, for the calls that meet its marker meanwhile.
@@ -998,13 +998,16 @@ class Lifecycle:
             return cast(T, replayed.result)
         except BaseException as error:
             if steps.started:
-                # Without the call's deadline: it is often what failed the call, and
-                # under it these would not even try, leaving the marker transitional.
-                with call_deadline(None):
-                    if committing:
-                        await self._settle_by_truth(ref, "a COMMIT whose outcome is unknown")
-                    else:
-                        await self._undo(ref, steps)
+                # As work of its own, without the call's deadline (often what failed
+                # the call: under it these would not even try) and not cut short by
+                # the call's cancellation (the same deadline's, from gRPC, a moment
+                # later): either would leave the marker transitional.
+                recovery = (
+                    self._settle_by_truth(ref, "a COMMIT whose outcome is unknown")
+                    if committing
+                    else self._undo(ref, steps)
+                )
+                await self._after_calls.wait(self._finish_past_the_call(ref, recovery))
             elif isinstance(error, InvalidTransition) and error.metadata.get("state") == (
                 SessionState.TERMINATED.name
             ):
@@ -1023,9 +1026,12 @@ class Lifecycle:
     def _finish_past_the_call(
         self, ref: SessionRef, settling: Coroutine[Any, Any, bool]
     ) -> asyncio.Task[bool]:
-        """Run ``settling``, the step 3 of an operation on ``ref``, as work of its own
-        (awaited at shutdown: settled): bounded by the backends' own retry budget,
-        not by the call's deadline, and not stopped by the call's end."""
+        """Run ``settling``, the step 3 of an operation on ``ref`` (or the undo or
+        settling of one that failed), as work of its own (awaited at shutdown:
+        settled): bounded by the backends' own retry budget, not by the call's
+        deadline, and not stopped by the call's end. Whether it settled the marker:
+        a call on ``ref`` that meets the marker meanwhile waits for it, and heals
+        only if not."""
         task = self._after_calls.start(None, settling)
         self._finishing[ref] = task
 
@@ -1119,24 +1125,31 @@ class Lifecycle:
                 self._settling.cancelled(), self._after_calls.finished(), self._heals.finished()
             )
 
-    async def _settle_by_truth(self, ref: SessionRef, after: str) -> None:
+    async def _settle_by_truth(self, ref: SessionRef, after: str) -> bool:
         """Settle a transitional marker by what the database holds, not by guessing
-        (``after``: what left the doubt, for the log). When that cannot be done
-        now, it is tried again in the background (a Terminate that committed has
-        no next call to heal it)."""
+        (``after``: what left the doubt, for the log); whether it is settled. When
+        that cannot be done now, it is tried again in the background (a Terminate
+        that committed has no next call to heal it)."""
         try:
             await self.heal(ref)
+            return True
         except Exception as error:
             log.warning("after %s, %s: settling later: %s", after, ref.session_id, error)
             self._settling.start(ref, self._heal_until_settled(ref))
+            return False
 
-    async def _undo(self, ref: SessionRef, steps: _Steps) -> None:
+    async def _undo(self, ref: SessionRef, steps: _Steps) -> bool:
+        """Undo the step 1 of an operation that did not commit; whether this did
+        (not when another caller had settled the marker, or after a failure: a
+        call that waits for this heals then)."""
         try:
             await self._memory.abort(ref, steps.op)
+            return True
         except LostOperation:
-            pass
+            return False
         except Exception as error:
             log.warning("could not undo working-memory step of %s: %s", ref.session_id, error)
+            return False
 
     async def _transition(
         self,
