@@ -8,6 +8,7 @@ use them) so existing dashboards work; memsvc's own metrics start ``memsvc_``.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import socketserver
 import threading
@@ -34,9 +35,9 @@ _LATENCY_BUCKETS = (
 
 # Each connection to the metrics port has a thread of its own until it closes
 # (prometheus_client's own server waits on an idle one for good: a few thousand
-# left open made as many threads). A connection that sends no request within
-# SCRAPE_IDLE_SECONDS is closed, and past MAX_SCRAPES at once more are refused
-# (a scraper tries again at its next interval).
+# left open made as many threads). A connection whose request has not arrived
+# whole within SCRAPE_IDLE_SECONDS is closed, and past MAX_SCRAPES at once more
+# are refused (a scraper tries again at its next interval).
 SCRAPE_IDLE_SECONDS = 10.0
 MAX_SCRAPES = 16
 
@@ -45,6 +46,25 @@ class _ScrapeHandler(WSGIRequestHandler):
     def setup(self) -> None:
         super().setup()
         self.connection.settimeout(SCRAPE_IDLE_SECONDS)
+        # The socket's timeout bounds each read only: a request sent a header every
+        # few seconds held its slot for good, and 16 of them shut the port. The
+        # whole request head must arrive in time.
+        self._head_due = threading.Timer(SCRAPE_IDLE_SECONDS, self._cut_off)
+        self._head_due.daemon = True
+        self._head_due.start()
+
+    def _cut_off(self) -> None:
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def parse_request(self) -> bool:
+        parsed = super().parse_request()
+        self._head_due.cancel()
+        return parsed
+
+    def finish(self) -> None:
+        self._head_due.cancel()
+        super().finish()
 
     def log_message(self, format: str, *args: Any) -> None:
         """Scrapes are not logged."""

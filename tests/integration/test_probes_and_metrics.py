@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import socket
 import threading
+import time
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import replace
@@ -283,5 +284,41 @@ def test_idle_connections_to_the_metrics_port_hold_no_thread_for_long(
             assert threading.active_count() - before <= metrics_module.MAX_SCRAPES
         with urllib.request.urlopen(f"http://127.0.0.1:{served.port}/metrics") as scraped:
             assert b"process_resident_memory_bytes" in scraped.read()
+    finally:
+        served.stop()
+
+
+def test_a_request_that_trickles_in_is_cut_off_at_the_scrape_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """Found by a review: the socket's timeout bounded each read only, so a request
+    sent a header every few seconds held its connection (and slot) for as long as
+    it went on, and 16 of them kept every scrape out. The whole head must arrive
+    within SCRAPE_IDLE_SECONDS."""
+    monkeypatch.setattr(metrics_module, "SCRAPE_IDLE_SECONDS", 0.5)
+    served = metrics_module.Metrics()
+    served.start("127.0.0.1:0")
+    assert served.port is not None
+    try:
+        with socket.create_connection(("127.0.0.1", served.port), timeout=10) as slow:
+            slow.sendall(b"GET /metrics HTTP/1.1\r\n")
+            closed = False
+            for n in range(40):  # 8 s of headers, each well within the read timeout
+                time.sleep(0.2)
+                try:
+                    slow.sendall(f"X-{n}: x\r\n".encode())
+                except OSError:
+                    closed = True
+                    break
+                slow.settimeout(0.01)
+                try:
+                    if slow.recv(1) == b"":
+                        closed = True
+                        break
+                except TimeoutError:
+                    pass
+                finally:
+                    slow.settimeout(10)
+            assert closed, "the server kept a request that trickled in for 8 s"
     finally:
         served.stop()
