@@ -329,6 +329,11 @@ class Certificates:
     client_ca: bytes | None
 
 
+_PEM_CERTIFICATE = re.compile(
+    rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL
+)
+
+
 def _check_certificates(cert_file: Path, key_file: Path, client_ca: bytes | None) -> None:
     """Refuse files TLS could not use: not PEM, a key that is not the certificate's,
     an encrypted key (gRPC takes none)."""
@@ -343,7 +348,13 @@ def _check_certificates(cert_file: Path, key_file: Path, client_ca: bytes | None
         ) from error
     if client_ca is not None:
         try:
-            context.load_verify_locations(cadata=client_ca.decode("ascii"))
+            # The certificates only: text around them may be anything (a comment
+            # naming the CA's owner, as "Société Générale"), which gRPC skips, but
+            # Python's ssl takes PEM as ASCII text only.
+            blocks = _PEM_CERTIFICATE.findall(client_ca)
+            if not blocks:
+                raise ValueError("no -----BEGIN CERTIFICATE----- block")
+            context.load_verify_locations(cadata=b"\n".join(blocks).decode("ascii"))
         except (ssl.SSLError, ValueError) as error:
             raise CredentialsError(
                 f"the TLS client CA file holds no PEM certificate: {error}"

@@ -147,6 +147,25 @@ async def test_mutual_tls_needs_a_client_certificate_its_ca_signed(mtls_server: 
                 await client.session(*session_ids()).spawn()
 
 
+async def test_a_client_ca_file_with_text_around_its_certificates_is_taken(
+    base_config: Config, pki: Pki, tmp_path: Path
+):
+    """Found by a review: a comment outside the PEM block with one non-ASCII
+    character ("Société Générale") stopped start-up with "holds no PEM
+    certificate", though gRPC reads such a file."""
+    commented = tmp_path / "ca-with-comment.pem"
+    comment = "# Client CA for Société Générale agents\n".encode()
+    commented.write_bytes(comment + pki.ca.read_bytes())
+    own = tmp_path / "mtls"
+    config = tls_config(base_config, pki, mutual=True, data_dir=str(own),
+                        database_url=f"sqlite:///{own}/memsvc.db")  # fmt: skip
+    config = replace(config, tls_client_ca_file=str(commented))
+    async with Server(config) as server:
+        mutual = TLS(ca_file=pki.ca, cert_file=pki.client_cert, key_file=pki.client_key)
+        async with AsyncClient(f"127.0.0.1:{server.port}", tls=mutual, retry=ONCE) as client:
+            await client.session(*session_ids()).spawn()
+
+
 async def test_raw_grpc_with_mutual_tls(mtls_server: Server, pki: Pki):
     credentials = grpc.ssl_channel_credentials(
         root_certificates=pki.ca.read_bytes(),
