@@ -212,6 +212,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("event_max_age_seconds", _age_seconds, "604800", "Lifecycle events older than this are compacted away (7 days; at most 100 years); watchers resuming from before get OUT_OF_RANGE."),
     Setting("event_keep_last", _non_negative_int, "0", "Keep at most this many lifecycle events (0: no limit)."),
     Setting("max_watchers", _positive_int, "1000", "Most WatchLifecycle streams one process serves; beyond it, RESOURCE_EXHAUSTED. The API's grpc.health.v1 Watch and reflection streams (which need no token) have a bound of their own, the same number."),
+    Setting("max_connection_age_seconds", _int_from(0, 2_147_483), "1800", "A client connection older than this is asked to connect again (an HTTP/2 GOAWAY; gRPC adds up to 10% jitter), and closed 300 s later with whatever still runs on it (a watch reconnects with its cursor): so a client CA or certificate taken out of the TLS files stops being admitted within this plus 5 minutes (docs/security.md). 0: connections live as long as they are used."),
     Setting("max_concurrent_calls", _positive_int, "256", "Most calls (other than watch streams) one process runs at once; beyond it, RESOURCE_EXHAUSTED at once instead of a growing queue."),
     Setting("default_deadline_seconds", _positive_float, "30", "Deadline of a call that sets none: past it the call ends with DEADLINE_EXCEEDED and its backend retries stop (watch streams have none)."),
     Setting("event_poll_interval_seconds", _seconds_from(0.05), "1", "How often the event tail polls when no NOTIFY wakes it (at least 0.05 s)."),
@@ -260,6 +261,7 @@ class Config:
     event_max_age_seconds: int = 7 * 24 * 3600
     event_keep_last: int = 0
     max_watchers: int = 1000
+    max_connection_age_seconds: int = 1800
     max_concurrent_calls: int = 256
     default_deadline_seconds: float = 30.0
     event_poll_interval_seconds: float = 1.0

@@ -121,6 +121,9 @@ _HEALTH_SERVICES = (
 # Larger, gRPC refuses it (RESOURCE_EXHAUSTED) before reading it: the port is open
 # to the whole cluster, and 64 concurrent Checks of 4 MB took 580 MB (a review).
 PROBE_MESSAGE_BYTES = 1024
+# How long the calls on a connection past max_connection_age_seconds may go on
+# before it closes: unary calls are long over by then; a watch reconnects.
+CONNECTION_AGE_GRACE_SECONDS = 300
 
 
 class _ProbeHealth(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
@@ -509,7 +512,16 @@ class Server:
     def _grpc_options(self, max_receive_bytes: int | None = None) -> list[tuple[str, int]]:
         """The gRPC server's options: requests of at most ``max_receive_bytes``
         (max_message_bytes by default), refused by gRPC before they are read whole."""
+        aging: list[tuple[str, int]] = []
+        if self.config.max_connection_age_seconds:
+            # A connection is admitted once, at its handshake: without an age, one
+            # kept up by keepalive pings outlived the removal of its client's CA.
+            aging = [
+                ("grpc.max_connection_age_ms", self.config.max_connection_age_seconds * 1000),
+                ("grpc.max_connection_age_grace_ms", CONNECTION_AGE_GRACE_SECONDS * 1000),
+            ]
         return [
+            *aging,
             ("grpc.max_receive_message_length", max_receive_bytes or self.config.max_message_bytes),
             ("grpc.max_send_message_length", self.config.max_message_bytes),
             # Fail loudly when the port is taken instead of sharing it silently.

@@ -29,6 +29,7 @@ from tests.client._credentials import (
     write_tokens,
 )
 from tests.conftest import DEPLOYMENTS, Deployment
+from tests.helpers import eventually
 
 MEMSVC = str(Path(sys.executable).parent / "memsvc")
 PROJECT = "0f8fad5b-d9cb-469f-a165-70867728950e"
@@ -164,6 +165,40 @@ async def test_a_client_ca_file_with_text_around_its_certificates_is_taken(
         mutual = TLS(ca_file=pki.ca, cert_file=pki.client_cert, key_file=pki.client_key)
         async with AsyncClient(f"127.0.0.1:{server.port}", tls=mutual, retry=ONCE) as client:
             await client.session(*session_ids()).spawn()
+
+
+async def test_a_client_ca_taken_out_refuses_even_connected_clients(
+    base_config: Config, own_pki: Pki, tmp_path: Path
+):
+    """Found by a review: a connection is admitted at its handshake, and one kept up
+    by keepalive pings outlived the removal of its client's CA for good. Connections
+    are made again every max_connection_age_seconds, so the removal reaches them."""
+    bundle = tmp_path / "client-cas.pem"
+    bundle.write_bytes(own_pki.ca.read_bytes() + own_pki.other_ca.read_bytes())
+    config = tls_config(
+        base_config, own_pki, mutual=True, auth_reload_interval_seconds=0.1,
+        max_connection_age_seconds=1,
+    )  # fmt: skip
+    config = replace(config, tls_client_ca_file=str(bundle))
+    stranger = TLS(
+        ca_file=own_pki.ca, cert_file=own_pki.other_client_cert, key_file=own_pki.other_client_key
+    )
+    async with (
+        Server(config) as server,
+        AsyncClient(f"127.0.0.1:{server.port}", tls=stranger, retry=ONCE, timeout=5) as client,
+    ):
+        session = client.session(*session_ids())
+        await session.spawn()
+        bundle.write_bytes(own_pki.ca.read_bytes())  # the other CA taken out
+
+        async def refused() -> bool:
+            try:
+                await session.describe()
+            except Unavailable:
+                return True
+            return False
+
+        await eventually(refused, timeout=20)  # before: admitted for as long as it ran
 
 
 async def test_raw_grpc_with_mutual_tls(mtls_server: Server, pki: Pki):
