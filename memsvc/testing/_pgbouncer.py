@@ -23,12 +23,19 @@ class PrivatePgBouncer:
     """
 
     def __init__(
-        self, port: int, workdir: Path, *, target_port: int = 5432, user: str = "postgres"
+        self,
+        port: int,
+        workdir: Path,
+        *,
+        target_port: int = 5432,
+        user: str = "postgres",
+        pool_size: int = 10,
     ) -> None:
         self.port = port
         self.workdir = workdir
         self.target_port = target_port
         self.user = user
+        self.pool_size = pool_size
         self._process: subprocess.Popen[bytes] | None = None
 
     def url(self, database: str) -> str:
@@ -49,7 +56,7 @@ class PrivatePgBouncer:
             "[pgbouncer]\n"
             f"listen_addr = 127.0.0.1\nlisten_port = {self.port}\nunix_socket_dir =\n"
             "auth_type = any\npool_mode = transaction\n"
-            "max_client_conn = 200\ndefault_pool_size = 10\n"
+            f"max_client_conn = 200\ndefault_pool_size = {self.pool_size}\n"
             # psycopg sends these at connect; the pooler must accept them.
             "ignore_startup_parameters = extra_float_digits,options\n"
             f"logfile = {self.workdir / 'pgbouncer.log'}\n"

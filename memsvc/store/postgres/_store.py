@@ -37,8 +37,11 @@ from memsvc.store._migrations import check_applied, load_migrations
 from memsvc.store._observe import BackendObserver, ignore, observed
 from memsvc.store._retry import with_retries
 from memsvc.store._sql import SqlDurableReads, SqlTransaction
+from memsvc.store.postgres._pipeline_exit import end_pipelines_with_their_sync
 
 log = logging.getLogger(__name__)
+
+end_pipelines_with_their_sync()  # behind a transaction pooler too (_pipeline_exit)
 
 T = TypeVar("T")
 
