@@ -62,7 +62,7 @@ async def test_a_call_cancelled_while_its_connection_goes_back_keeps_the_pool_wh
 
 
 async def test_a_connection_out_of_step_with_its_prepared_statements_is_replaced(
-    fresh_postgres_url: str,
+    fresh_postgres_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Found by a review: a pipeline cut short by a cancellation can leave psycopg
     believing a statement is prepared that the server never kept; the next call
@@ -78,3 +78,7 @@ async def test_a_connection_out_of_step_with_its_prepared_statements_is_replaced
         with pytest.raises(BackendUnavailable, match="does not exist"):
             await insert_a_session(store)
         await insert_a_session(store)
+    # What it most likely means, said once (a transaction pooler mixes clients'
+    # statements, and can run one client's in place of another's).
+    said = [r for r in caplog.records if "--no-database-prepared-statements" in r.message]
+    assert len(said) == 1 and said[0].levelname == "ERROR"

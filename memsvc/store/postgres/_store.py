@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -53,6 +54,9 @@ _LISTEN_BACKOFF_SECONDS = (0.5, 30.0)
 # leave the tail polling until the process restarts. (Notifications that arrive
 # meanwhile wait in psycopg's backlog.)
 _LISTEN_QUIET_SECONDS = (30.0, 10.0)
+# How long a new LISTEN connection waits for the notification it sent itself
+# through the pool (_check_notifications_arrive).
+LISTEN_CHECK_SECONDS = 5.0
 
 # How long closing the store waits for the pool's workers (one may be connecting).
 POOL_CLOSE_SECONDS = 1.0
@@ -75,15 +79,21 @@ class StalePlans(Exception):
     same statement on a new connection succeeds. A rolling update stays possible."""
 
 
+# "prepared statement ... does not exist" or "... already exists": a connection's
+# record of what it prepared is out of step with the server (a pipeline cut short
+# by a cancellation; or a transaction pooler that hands the server connection to
+# other clients). The statement failed; the connection is closed, not reused.
+_STATEMENTS_OUT_OF_STEP: tuple[type[psycopg.Error], ...] = (
+    psycopg.errors.InvalidSqlStatementName,
+    psycopg.errors.DuplicatePreparedStatement,
+)
+
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     psycopg.OperationalError,
     psycopg_pool.PoolTimeout,
     psycopg.errors.ReadOnlySqlTransaction,
     StalePlans,
-    # "prepared statement ... does not exist": the connection's record of what it
-    # prepared is out of step with the server (a pipeline cut short by a
-    # cancellation). The statement failed; the connection is closed, not reused.
-    psycopg.errors.InvalidSqlStatementName,
+    *_STATEMENTS_OUT_OF_STEP,
 )
 
 
@@ -271,6 +281,7 @@ class PostgresDurableStore(SqlDurableReads):
         # When the pool's connections were last replaced after a loss (by a probe
         # that found the database answering again: _replace_lost_connections).
         self._replaced_at = 0.0
+        self._said_out_of_step = False
         self._answered: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], float] = (
             weakref.WeakKeyDictionary()
         )
@@ -433,11 +444,32 @@ class PostgresDurableStore(SqlDurableReads):
         async with self._pooled() as conn:
             try:
                 yield conn
-            except (psycopg.errors.ReadOnlySqlTransaction, psycopg.errors.InvalidSqlStatementName):
-                # Read-only, or out of step with its prepared statements: either
-                # way every later call on it would fail the same.
+            except _STATEMENTS_OUT_OF_STEP as error:
+                # Out of step with its prepared statements: so would be every later
+                # statement prepared on it.
+                self._say_statements_out_of_step(error)
                 await conn.close()
                 raise
+            except psycopg.errors.ReadOnlySqlTransaction:
+                await conn.close()
+                raise
+
+    def _say_statements_out_of_step(self, error: psycopg.Error) -> None:
+        """Log, once, what prepared statements out of step most likely mean: a
+        transaction pooler between memsvc and PostgreSQL that cannot keep them,
+        where one client's statement may even run another's (a review saw an
+        UPDATE run in place of a SELECT)."""
+        if self._said_out_of_step or self._prepare_threshold is None:
+            return
+        self._said_out_of_step = True
+        log.error(
+            "PostgreSQL and this process disagree on its prepared statements (%s). If"
+            " database_url goes through a transaction pooler (PgBouncer before 1.22, or"
+            " without max_prepared_statements), set --no-database-prepared-statements"
+            " (MEMSVC_DATABASE_PREPARED_STATEMENTS=false): statements may run on another"
+            " client's server connection",
+            error,
+        )
 
     async def _select_one(self) -> None:
         async with self._pooled() as conn:
@@ -608,9 +640,13 @@ class PostgresDurableStore(SqlDurableReads):
             else:
                 quiet, answer_within = _LISTEN_QUIET_SECONDS
                 try:
-                    await conn.execute(f"LISTEN {EVENT_CHANNEL}")
+                    # And a channel of this connection's own, for its check.
+                    check = f"memsvc_listen_check_{uuid.uuid4().hex}"
+                    await conn.execute(f"LISTEN {EVENT_CHANNEL}; LISTEN {check}")
                     backoff = _LISTEN_BACKOFF_SECONDS[0]
                     yield 0
+                    async for sequence in self._check_notifications_arrive(conn, check):
+                        yield sequence
                     while True:
                         async for notify in conn.notifies(timeout=quiet):
                             # The last sequence an append committed (append_events),
@@ -628,6 +664,41 @@ class PostgresDurableStore(SqlDurableReads):
                     await conn.close()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, _LISTEN_BACKOFF_SECONDS[1])
+
+    async def _check_notifications_arrive(
+        self, conn: psycopg.AsyncConnection[Any], check: str
+    ) -> AsyncGenerator[Wakeup, None]:
+        """Send a notification through the pool and wait, a few seconds, for it to
+        reach ``conn`` (yielding the events' notifications that come meanwhile).
+        One that never comes is said: database_url goes through a transaction
+        pooler and the LISTEN too (no database_listen_url), or database_listen_url
+        names another database; the tail then only polls, and watchers see events
+        up to its interval late. Found by a review: nothing said so."""
+        try:
+            async with self._pooled() as pooled:
+                await pooled.execute("SELECT pg_notify(%s, '')", (check,))
+        except psycopg.Error:
+            return  # the database is away: the next connection checks again
+        loop = asyncio.get_running_loop()
+        until = loop.time() + LISTEN_CHECK_SECONDS
+        heard = False
+        while not heard and (left := until - loop.time()) > 0:
+            # (No statement on ``conn`` inside: notifies() holds its lock.)
+            async for notify in conn.notifies(timeout=left, stop_after=1):
+                if notify.channel == check:
+                    heard = True
+                else:
+                    yield read_notice(notify.payload)
+        if heard:
+            return
+        log.warning(
+            "a notification sent through database_url did not reach the event LISTEN"
+            " connection within %g s: the event tail polls instead (watchers see"
+            " events up to its interval late). If database_url goes through a"
+            " transaction pooler, set database_listen_url to a direct URL of the"
+            " same database",
+            LISTEN_CHECK_SECONDS,
+        )
 
     async def _query(self, read: Callable[..., Awaitable[T]], *args: Any) -> T:
         """Reads are idempotent: retried within the call's deadline."""
