@@ -281,6 +281,9 @@ class AsyncClient:
         self._invoke.close()
         channel, self._channel = self._channel, None
         self._stubs = None
+        # The invoker's reference too: a closed grpc.aio channel still referenced
+        # keeps gRPC's poller thread (and a forked child's gRPC) going.
+        self._invoke.channel = None
         if channel is not None and self._owns_channel:
             await channel.close()
 

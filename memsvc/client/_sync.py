@@ -241,7 +241,10 @@ class Client(_Wrapper):
             return
         self._closed = True
         try:
-            self._portal.run(self._inner.close())
+            # A loop already gone (interpreter teardown, a forked child) has
+            # nothing to close: no error, as for Watch.close().
+            if not self._portal.closed:
+                self._portal.run(self._inner.close())
         finally:
             self._portal.stop()
 

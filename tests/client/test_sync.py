@@ -10,6 +10,8 @@ import asyncio
 import gc
 import inspect
 import os
+import subprocess
+import sys
 import threading
 import warnings
 from collections.abc import Callable
@@ -154,6 +156,45 @@ async def test_a_forked_child_is_told_to_make_its_own_client(
     outcome = await asyncio.to_thread(run)
     assert outcome.startswith("RuntimeError: the sync memsvc Client was created in process")
     assert "create one in each process, after the fork" in outcome
+
+
+async def test_closing_a_client_whose_loop_is_gone_raises_nothing(server: Server, token_file: Path):
+    """Found by a review: close() in a forked child (as at interpreter teardown, the
+    loop thread gone) raised RuntimeError, though close() is idempotent and nobody
+    had closed the client; Watch.close() already returned quietly."""
+
+    def run() -> str:
+        with Client(f"127.0.0.1:{server.port}", token_file=token_file) as client:
+            return child_call(client.close)
+
+    assert await asyncio.to_thread(run) == "no error"
+
+
+async def test_a_closed_client_leaves_no_grpc_thread_behind(server: Server, token_file: Path):
+    """Found by a review: close() kept a reference to the closed gRPC channel, and
+    with it gRPC's poller thread ran for as long as the client was referenced (and
+    a forked child's own client could hang in it). Run in a process of its own: the
+    test server here keeps a poller thread of its own."""
+    script = (
+        "import sys, threading, time, uuid\n"
+        "from memsvc.client import Client\n"
+        f"client = Client('127.0.0.1:{server.port}', token_file={str(token_file)!r})\n"
+        "client.list_sessions(str(uuid.uuid4())).collect()\n"
+        "client.close()\n"
+        "for _ in range(50):\n"
+        "    if len(threading.enumerate()) == 1: break\n"
+        "    time.sleep(0.1)\n"
+        "print(sorted(t.name for t in threading.enumerate()))\n"
+    )
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.stdout.strip() == "['MainThread']", done.stdout + done.stderr
 
 
 @pytest.mark.parametrize(
