@@ -1,6 +1,7 @@
 """How a metadata filter matches, as memsvc's PostgreSQL listing compares it
-(``metadata -> key = value::jsonb`` for each key of the filter), for SQLite (a
-SQL function the store registers), so a listing filters alike on both databases."""
+(``metadata -> key = value::jsonb`` for each key of the filter), and when two
+JSON values are equal (``jsonb = jsonb``), for SQLite (SQL functions the store
+registers), so both databases compare alike."""
 
 from __future__ import annotations
 
@@ -22,6 +23,18 @@ def json_holds(document: str, wanted: str) -> bool:
     return all(
         key in items and items[key] == value
         for key, value in _comparable(json.loads(wanted, parse_float=Decimal))[1]
+    )
+
+
+def json_equal(stored: str | None, given: str | None) -> bool:
+    """Whether two JSON texts hold equal values, as jsonb compares them: so a row
+    that SQLite holds with \\u escapes (as memsvc wrote JSON until the
+    twenty-third session) equals the same value written as UTF-8 now."""
+    if stored is None or given is None:
+        return stored is given
+    return bool(
+        _comparable(json.loads(stored, parse_float=Decimal))
+        == _comparable(json.loads(given, parse_float=Decimal))
     )
 
 

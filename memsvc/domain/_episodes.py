@@ -85,13 +85,14 @@ _TERM = re.compile(r'"([^"]*)"|([^\s"]+)')
 
 
 def _number_signs() -> str:
-    """A regex class body of the characters that are numbers but not digits
-    (Unicode No and Nl: ½, ², ①, Ⅻ): Python's \\w takes them for word characters,
-    PostgreSQL's parser does not (planes 0 and 1 hold them all)."""
+    """A regex class body of the number signs that are neither digits nor letter
+    numbers (Unicode No: ½, ², ①): Python's \\w takes them for word characters,
+    PostgreSQL's parser does not (planes 0 and 1 hold them all). Letter numbers
+    (Nl: Ⅻ, 〇) it keeps in words, as FTS5 does."""
     ranges: list[str] = []
     start: int | None = None
     for code in range(0x20001):
-        if code < 0x20000 and unicodedata.category(chr(code)) in ("No", "Nl"):
+        if code < 0x20000 and unicodedata.category(chr(code)) == "No":
             start = code if start is None else start
         elif start is not None:
             ranges.append(f"{re.escape(chr(start))}-{re.escape(chr(code - 1))}")

@@ -201,10 +201,10 @@ def _weight(dialect: Dialect, with_embedding: bool) -> str:
     """An episode row's bytes in a response: what memsvc counted when it recorded
     it (``response_bytes``), plus its embedding when the page carries them. An
     episode recorded before that column is weighed by its stored lengths (see
-    Dialect.stored_length: jsonb counts as stored, compressed, far less than it
+    Dialect.text_length: jsonb counts as stored, compressed, far less than it
     sends)."""
     texts = ("task_type", "task_description", "outcome_details", "context_summary")
-    parts = [dialect.stored_length(f"e.{column}") for column in texts]
+    parts = [dialect.text_length(f"e.{column}") for column in texts]
     parts += [
         dialect.json_stored_length(f"e.{column}")
         for column in ("actions", "lessons_learned", "metadata")

@@ -283,9 +283,10 @@ def _json_text(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
-# The SQL function each SQLite connection gets (SqliteDurableStore): json_holds
-# (memsvc/_json_match.py).
+# The SQL functions each SQLite connection gets (SqliteDurableStore): json_holds
+# and json_equal (memsvc/_json_match.py).
 SQLITE_JSON_HOLDS = "memsvc_json_holds"
+SQLITE_JSON_EQUAL = "memsvc_json_equal"
 
 
 async def list_graph_checkpoints(
@@ -691,13 +692,21 @@ class SqlGraphWrites(SqlWrites):
 
     async def holds_graph_checkpoint(self, record: GraphCheckpointRecord) -> bool:
         # Compared in SQL, each side as stored: read back from jsonb, a number such
-        # as 1e23 comes as another Python number than the one put (an int).
+        # as 1e23 comes as another Python number than the one put (an int). On
+        # SQLite as JSON values, not texts: a row stored with \u escapes (before
+        # the twenty-third session) is the same put as its UTF-8 form now.
+        def same(column: str) -> str:
+            if self._d.name == "postgres":
+                return f"{column} = ?"
+            return f"{SQLITE_JSON_EQUAL}({column}, ?)"
+
         rows = await self._rows(
             f"SELECT 1 FROM graph_checkpoints WHERE {_NAMESPACE} AND checkpoint_id = ?"
             # A parent stored NULL was none, or one a prune deleted (which clears
             # the parents it leaves dangling): any parent may have made it.
             " AND (parent_checkpoint_id IS NULL OR parent_checkpoint_id = ?)"
-            " AND checkpoint_type = ? AND checkpoint = ? AND metadata = ? AND channel_versions = ?",
+            f" AND checkpoint_type = ? AND checkpoint = ? AND {same('metadata')}"
+            f" AND {same('channel_versions')}",
             _stored_as(self._d, record),
         )
         return bool(rows)

@@ -87,20 +87,25 @@ class Dialect:
         return statement.replace("?", self.placeholder)
 
     def stored_length(self, column: str) -> str:
-        """SQL for a text or binary column's length in bytes, as a row's weight (pages
-        that stop at a byte budget): on PostgreSQL from the value's header, read
-        without the value. (SQLite's length() of a text counts characters: 3 bytes of
-        CJK weighed 1, and a page read three times the rows it could send.)"""
+        """SQL for a binary column's length in bytes, as a row's weight (pages that
+        stop at a byte budget), read without the value: from its header on
+        PostgreSQL, and on SQLite length() of a blob column reads no overflow page."""
+        return f"octet_length({column})" if self.name == "postgres" else f"length({column})"
+
+    def text_length(self, column: str) -> str:
+        """As :meth:`stored_length`, for a text column: its bytes. (SQLite's length()
+        of a text counts characters: 3 bytes of CJK weighed 1. Its bytes need the
+        value read, as its characters did.)"""
         if self.name == "postgres":
             return f"octet_length({column})"
         return f"length(CAST({column} AS BLOB))"
 
     def json_stored_length(self, column: str) -> str:
-        """As :meth:`stored_length`, for a JSON column: on PostgreSQL the jsonb's size
+        """As :meth:`text_length`, for a JSON column: on PostgreSQL the jsonb's size
         as stored, compressed or not (a compressed one sends far more)."""
         if self.name == "postgres":
             return f"pg_column_size({column})"
-        return self.stored_length(column)
+        return self.text_length(column)
 
     def json_param(self, value: Any) -> Any:
         if self.name == "postgres":

@@ -568,6 +568,8 @@ async def test_search_sees_the_same_words_on_every_backend(episodic, scope, quer
         ("H O", {2}),  # H₂O: H and O
         ("alpha " + "あ" * 600, set()),  # a long word (1,800 bytes) is a word
         ("release", {1, 3}),  # found by its other words: the 2,100-byte one is left out
+        ("二〇二四年", {4}),  # 〇 is a letter number (Nl): part of the word, on both
+        ("Ⅻ", set()),  # ... and so is Ⅻ: no word of its own
     ],
 )
 async def test_numbers_that_are_not_digits_and_very_long_words_are_no_words(
@@ -582,6 +584,7 @@ async def test_numbers_that_are_not_digits_and_very_long_words_are_no_words(
         "alpha release notes",
         "x² and H₂O",
         "release " + "あ" * 700,
+        "二〇二四年 Ⅻ世紀",
     ]
     ids = [
         (await record(episodic, episode(scope, task_description=text))).episode_id for text in texts

@@ -26,6 +26,7 @@ from memsvc.v1 import lifecycle_pb2 as lc
 from memsvc.v1.data_removal_pb2_grpc import DataRemovalServiceStub
 from memsvc.v1.graph_checkpoint_pb2_grpc import GraphCheckpointServiceStub
 from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
+from tests.conftest import DEPLOYMENTS
 from tests.helpers import expect_error, forge_page_token, results_of, sql_rows
 
 
@@ -184,6 +185,31 @@ async def test_the_writer_fence_refuses_a_stale_parent(graphs, scope):
     # Without the fence the fork is stored, as LangGraph's savers do.
     await put(graphs, project, checkpoint("t", "c3", parent="c1"))
     assert await ids(graphs, project, "t") == ["c3", "c2", "c1"]
+
+
+@pytest.mark.parametrize("deployment", [DEPLOYMENTS["embedded"]], ids=["embedded"])
+async def test_a_retried_put_matches_a_row_stored_with_escapes(graphs, scope, server):
+    """Found by the change's review: SQLite stored JSON with \\u escapes until the
+    twenty-third session and UTF-8 since, and compared a retried put's metadata as
+    text, so the retry of a put stored before the upgrade was refused as another
+    writer's. They are compared as JSON values now, as jsonb does."""
+    project = scope["project_id"]
+    message = checkpoint("t", "c1")
+    message.metadata_json = json.dumps({"step": 1, "note": "привет"}, ensure_ascii=False)
+    await put(graphs, project, message, require_latest_parent=True)
+    database = f"sqlite:///{server.config.data_dir}/memsvc.db"
+    await sql_rows(
+        database,
+        "UPDATE graph_checkpoints SET metadata = ? WHERE project_id = ? AND checkpoint_id = 'c1'",
+        json.dumps({"step": 1, "note": "привет"}, separators=(",", ":")),  # as stored before
+        project,
+    )
+    (stored,) = await sql_rows(
+        database, "SELECT metadata FROM graph_checkpoints WHERE project_id = ?", project
+    )
+    assert "\\u043f" in stored[0]
+    retried = await put(graphs, project, message, require_latest_parent=True)
+    assert retried.values_stored == 0
 
 
 async def test_the_writer_fence_refuses_another_put_under_the_latest_id(graphs, scope):

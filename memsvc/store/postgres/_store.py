@@ -164,6 +164,13 @@ async def _pipelined_transaction(
 
 async def _abandon(conn: psycopg.AsyncConnection[Any], error: BaseException) -> None:
     """Make sure the pipeline's coming Sync commits nothing of a failed block."""
+    if isinstance(error, asyncio.CancelledError):
+        # Cut short mid-pipeline: what psycopg sent and read may be out of step,
+        # its record of prepared statements among it (the next call on it failed
+        # with "prepared statement does not exist"). Closed, PostgreSQL rolls back
+        # and the pool replaces it.
+        await conn.close()
+        return
     failed = isinstance(error, psycopg.Error) and error.sqlstate
     if failed or conn.closed or conn.pgconn.pipeline_status == pq.PipelineStatus.ABORTED:
         # PostgreSQL failed a statement (psycopg may have read the failure itself,

@@ -22,14 +22,14 @@ from typing import Any, Generic, TypeVar
 
 import aiosqlite
 
-from memsvc._json_match import json_holds
+from memsvc._json_match import json_equal, json_holds
 from memsvc.config import StartupError
 from memsvc.domain import BackendUnavailable
 from memsvc.domain._durable import DurableTransaction
 from memsvc.domain._episodes import search_words
 from memsvc.domain._watch import StoredEvent, Wakeup
 from memsvc.store._episodes_sql import SQLITE_SEARCH_WORDS, SQLITE_TEXT_RANK, text_rank
-from memsvc.store._graph_sql import SQLITE_JSON_HOLDS
+from memsvc.store._graph_sql import SQLITE_JSON_EQUAL, SQLITE_JSON_HOLDS
 from memsvc.store._lifecycle_sql import (
     SQLITE,
     never_wakes,
@@ -139,6 +139,7 @@ class SqliteDurableStore(SqlDurableReads):
         ):
             await db.execute(pragma)
         await db.create_function(SQLITE_JSON_HOLDS, 2, json_holds, deterministic=True)
+        await db.create_function(SQLITE_JSON_EQUAL, 2, json_equal, deterministic=True)
         await db.create_function(SQLITE_TEXT_RANK, 7, text_rank, deterministic=True)
         await db.create_function(SQLITE_SEARCH_WORDS, 1, _search_words, deterministic=True)
 
