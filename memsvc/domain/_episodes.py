@@ -88,7 +88,7 @@ def _number_signs() -> str:
     """A regex class body of the number signs that are neither digits nor letter
     numbers (Unicode No: ½, ², ①): Python's \\w takes them for word characters,
     PostgreSQL's parser does not (planes 0 and 1 hold them all). Letter numbers
-    (Nl: Ⅻ, 〇) it keeps in words, as FTS5 does."""
+    (Nl: Ⅻ, U+3007) it keeps in words, as FTS5 does."""
     ranges: list[str] = []
     start: int | None = None
     for code in range(0x20001):

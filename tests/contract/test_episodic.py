@@ -568,7 +568,7 @@ async def test_search_sees_the_same_words_on_every_backend(episodic, scope, quer
         ("H O", {2}),  # H₂O: H and O
         ("alpha " + "あ" * 600, set()),  # a long word (1,800 bytes) is a word
         ("release", {1, 3}),  # found by its other words: the 2,100-byte one is left out
-        ("二〇二四年", {4}),  # 〇 is a letter number (Nl): part of the word, on both
+        ("二〇二四年", {4}),  # U+3007 is a letter number (Nl): part of the word, on both
         ("Ⅻ", set()),  # ... and so is Ⅻ: no word of its own
     ],
 )
