@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -54,9 +53,6 @@ _LISTEN_BACKOFF_SECONDS = (0.5, 30.0)
 # leave the tail polling until the process restarts. (Notifications that arrive
 # meanwhile wait in psycopg's backlog.)
 _LISTEN_QUIET_SECONDS = (30.0, 10.0)
-# How long a new LISTEN connection waits for the notification it sent itself
-# through the pool (_check_notifications_arrive).
-LISTEN_CHECK_SECONDS = 5.0
 
 # How long closing the store waits for the pool's workers (one may be connecting).
 POOL_CLOSE_SECONDS = 1.0
@@ -655,13 +651,9 @@ class PostgresDurableStore(SqlDurableReads):
             else:
                 quiet, answer_within = _LISTEN_QUIET_SECONDS
                 try:
-                    # And a channel of this connection's own, for its check.
-                    check = f"memsvc_listen_check_{uuid.uuid4().hex}"
-                    await conn.execute(f"LISTEN {EVENT_CHANNEL}; LISTEN {check}")
+                    await conn.execute(f"LISTEN {EVENT_CHANNEL}")
                     backoff = _LISTEN_BACKOFF_SECONDS[0]
                     yield 0
-                    async for sequence in self._check_notifications_arrive(conn, check):
-                        yield sequence
                     while True:
                         async for notify in conn.notifies(timeout=quiet):
                             # The last sequence an append committed (append_events),
@@ -679,41 +671,6 @@ class PostgresDurableStore(SqlDurableReads):
                     await conn.close()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, _LISTEN_BACKOFF_SECONDS[1])
-
-    async def _check_notifications_arrive(
-        self, conn: psycopg.AsyncConnection[Any], check: str
-    ) -> AsyncGenerator[Wakeup, None]:
-        """Send a notification through the pool and wait, a few seconds, for it to
-        reach ``conn`` (yielding the events' notifications that come meanwhile).
-        One that never comes is said: database_url goes through a transaction
-        pooler and the LISTEN too (no database_listen_url), or database_listen_url
-        names another database; the tail then only polls, and watchers see events
-        up to its interval late. Found by a review: nothing said so."""
-        try:
-            async with self._pooled() as pooled:
-                await pooled.execute("SELECT pg_notify(%s, '')", (check,))
-        except psycopg.Error:
-            return  # the database is away: the next connection checks again
-        loop = asyncio.get_running_loop()
-        until = loop.time() + LISTEN_CHECK_SECONDS
-        heard = False
-        while not heard and (left := until - loop.time()) > 0:
-            # (No statement on ``conn`` inside: notifies() holds its lock.)
-            async for notify in conn.notifies(timeout=left, stop_after=1):
-                if notify.channel == check:
-                    heard = True
-                else:
-                    yield read_notice(notify.payload)
-        if heard:
-            return
-        log.warning(
-            "a notification sent through database_url did not reach the event LISTEN"
-            " connection within %g s: the event tail polls instead (watchers see"
-            " events up to its interval late). If database_url goes through a"
-            " transaction pooler, set database_listen_url to a direct URL of the"
-            " same database",
-            LISTEN_CHECK_SECONDS,
-        )
 
     async def _query(self, read: Callable[..., Awaitable[T]], *args: Any) -> T:
         """Reads are idempotent: retried within the call's deadline."""
