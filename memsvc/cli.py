@@ -98,6 +98,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except config_module.ConfigError as error:
         print(f"memsvc: configuration error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    if args.command == "serve" and config.otel_tracing:
+        from memsvc import tracing  # imports grpc: only when tracing is asked for
+
+        try:
+            tracing.check_installed()
+        except tracing.TracingUnavailable as error:
+            # A setting this installation cannot honour: refused as a configuration
+            # error, before any backend is opened (migrate does not trace).
+            print(f"memsvc: configuration error: {error}", file=sys.stderr)
+            return EXIT_USAGE
     configure_logging(config.log_level, config.log_format)
     if args.command == "serve":
         # A client variable set for a server one: else the only sign is the start

@@ -217,7 +217,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("default_deadline_seconds", _positive_float, "30", "Deadline of a call that sets none: past it the call ends with DEADLINE_EXCEEDED and its backend retries stop (watch streams have none)."),
     Setting("event_poll_interval_seconds", _seconds_from(0.05), "1", "How often the event tail polls when no NOTIFY wakes it (at least 0.05 s)."),
     Setting("max_similarity_candidates", _positive_int, "10000", "Most episodes one similarity search compares (in this process); beyond it, FAILED_PRECONDITION."),
-    Setting("otel_tracing", _parse_bool, "false", "Trace unary gRPC calls (not streams) with OpenTelemetry, exported over OTLP as the standard `OTEL_EXPORTER_OTLP_*` variables say (needs `memsvc[tracing]`)."),
+    Setting("otel_tracing", _parse_bool, "false", "Trace unary gRPC calls (not streams) with OpenTelemetry, exported over OTLP as the standard `OTEL_EXPORTER_OTLP_*` variables say (needs `memsvc[tracing]`: without it `serve` stops as a configuration error, status 2; the image has no tracing extra)."),
     Setting("failpoints", _failpoints, "", "Test only: failpoints to switch on, `name=crash|error` (see memsvc/failpoints.py)."),
     Setting("log_level", _choice("debug", "info", "warning", "error"), "info", "Lowest level of log records written (debug: memsvc's own; other libraries log at info and above, their debug output carrying stored data)."),
     Setting("log_format", _choice("json", "text"), "json", "`json` (one object per line) or `text`."),

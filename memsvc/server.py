@@ -217,6 +217,12 @@ class Server:
 
     async def _start(self) -> None:
         socket_group = _socket_group(self.config.unix_socket_group)
+        # Before any backend is opened: a missing tracing extra changes nothing.
+        traced = None
+        if self.config.otel_tracing:
+            if self.tracer_provider is None:
+                self.tracer_provider = tracing.make_tracer_provider()
+            traced = tracing.server_interceptor(self.tracer_provider)
         if self.config.unix_socket:
             _check_socket_path(Path(self.config.unix_socket))
         self._load_credentials()
@@ -268,11 +274,7 @@ class Server:
         self.lifecycle = lifecycle
         # Working memory asks the lifecycle why a session refused a call.
         memory.guard = lifecycle
-        interceptors: list[Any] = []
-        if self.config.otel_tracing:
-            if self.tracer_provider is None:
-                self.tracer_provider = tracing.make_tracer_provider()
-            interceptors.append(tracing.server_interceptor(self.tracer_provider))
+        interceptors: list[Any] = [traced] if traced else []
         # Metrics outside the others: it counts every call by the status they set, refusals
         # for want of a token included. Tokens are checked before any error mapping.
         interceptors.append(MetricsInterceptor(self.metrics))

@@ -22,6 +22,20 @@ class TracingUnavailable(StartupError):
     failure that says what to fix: one line, not a traceback)."""
 
 
+_NEEDS_EXTRA = "otel_tracing needs the tracing extra: pip install 'memsvc[tracing]'"
+
+
+def check_installed() -> None:
+    """Raise TracingUnavailable unless the tracing extra imports: asked before the
+    server opens any backend (else a sidecar ran its migrations, then exited)."""
+    try:
+        import opentelemetry.exporter.otlp.proto.grpc.trace_exporter
+        import opentelemetry.instrumentation.grpc
+        import opentelemetry.sdk.trace  # noqa: F401
+    except ImportError as error:
+        raise TracingUnavailable(_NEEDS_EXTRA) from error
+
+
 def make_tracer_provider() -> Any:
     """An SDK tracer provider that batches spans to OTLP over gRPC."""
     try:
@@ -30,9 +44,7 @@ def make_tracer_provider() -> Any:
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
     except ImportError as error:
-        raise TracingUnavailable(
-            "otel_tracing needs the tracing extra: pip install 'memsvc[tracing]'"
-        ) from error
+        raise TracingUnavailable(_NEEDS_EXTRA) from error
     # memsvc's name unless the environment names the service (OTEL_SERVICE_NAME, or
     # service.name in OTEL_RESOURCE_ATTRIBUTES), which Resource.create() reads.
     found = Resource.create({})  # with what the environment says
@@ -48,9 +60,7 @@ def server_interceptor(tracer_provider: Any) -> grpc.aio.ServerInterceptor:
     try:
         from opentelemetry.instrumentation.grpc import aio_server_interceptor
     except ImportError as error:
-        raise TracingUnavailable(
-            "otel_tracing needs the tracing extra: pip install 'memsvc[tracing]'"
-        ) from error
+        raise TracingUnavailable(_NEEDS_EXTRA) from error
     spans = aio_server_interceptor(tracer_provider=tracer_provider)  # type: ignore[no-untyped-call]
     return _UnaryOnly(spans)
 

@@ -302,6 +302,36 @@ def test_tracing_without_its_extra_is_a_startup_error(monkeypatch):
         tracing.make_tracer_provider()
 
 
+def test_serve_with_tracing_but_not_its_extra_is_refused_before_any_backend(
+    tmp_path, monkeypatch, capsys
+):
+    """Found by a review of the image (which installs only the server extra): such a
+    sidecar applied its migrations, opened its stores, then exited with status 1."""
+    from memsvc.cli import EXIT_USAGE, main
+
+    monkeypatch.setitem(sys.modules, "opentelemetry.sdk.trace", None)  # import fails
+    monkeypatch.setenv("MEMSVC_OTEL_TRACING", "true")
+    data_dir = tmp_path / "data"
+    args = ["--data-dir", str(data_dir), "--listen", "127.0.0.1:0"]
+    assert main(["serve", *args, "--health-listen=", "--metrics-listen="]) == EXIT_USAGE
+    assert "configuration error: otel_tracing needs the tracing extra" in capsys.readouterr().err
+    assert not data_dir.exists()
+
+
+async def test_a_server_with_tracing_but_not_its_extra_opens_nothing(tmp_path, monkeypatch):
+    """The same refusal where a program makes the Server itself: before the stores."""
+    from memsvc.server import Server
+    from memsvc.tracing import TracingUnavailable
+
+    monkeypatch.setitem(sys.modules, "opentelemetry.sdk.trace", None)
+    data_dir = tmp_path / "data"
+    settings = {"MEMSVC_DATA_DIR": str(data_dir), "MEMSVC_OTEL_TRACING": "true"}
+    config = load({}, {**settings, "MEMSVC_LISTEN": "127.0.0.1:0"})
+    with pytest.raises(TracingUnavailable):
+        await Server(config).start()
+    assert not data_dir.exists()
+
+
 @pytest.mark.parametrize(
     ("name", "url", "says"),
     [
