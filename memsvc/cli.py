@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import logging
 import os
 import signal
@@ -43,6 +44,35 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("config", help="print the configuration table (Markdown)")
     cli_client.add_commands(commands)
     return parser
+
+
+# The modules of the server extra (pyproject.toml's `server`; a test keeps the two in
+# step): an install of the SDK alone has the CLI, whose serve and migrate need them.
+SERVER_MODULES = (
+    "grpc_health",
+    "grpc_reflection",
+    "redis",
+    "psycopg",
+    "psycopg_pool",
+    "aiosqlite",
+    "tenacity",
+    "sortedcontainers",
+    "numpy",
+    "prometheus_client",
+)
+
+
+def _missing_server_modules() -> list[str]:
+    """The server extra's modules this installation lacks (none imported)."""
+    missing = []
+    for name in SERVER_MODULES:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except ImportError:  # a finder that refuses the name
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
 
 
 class _Terminated(Exception):
@@ -92,6 +122,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "config":
         sys.stdout.write(config_module.markdown_table())
         return 0
+    if missing := _missing_server_modules():
+        # An SDK-only install (`pip install memsvc`): one line, not a traceback.
+        print(
+            f"memsvc {args.command} needs the server extra: pip install 'memsvc[server]'"
+            f" (missing: {', '.join(missing)})",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     values = {k: v for k, v in vars(args).items() if k != "command"}
     try:
         config = config_module.load(values)

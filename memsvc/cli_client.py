@@ -130,7 +130,10 @@ def add_commands(commands: Any) -> None:
         "--tls-server-name", help="the name the server's certificate must carry, if not the host"
     )
     common.add_argument(
-        "--timeout", type=_positive_seconds, default=10.0, help="seconds per call (more than 0)"
+        "--timeout",
+        type=_positive_seconds,
+        default=10.0,
+        help="seconds per call (more than 0; default 10)",
     )
     common.add_argument("--json", action="store_true", help="print JSON instead of text")
 
@@ -144,7 +147,9 @@ def add_commands(commands: Any) -> None:
     listing = actions.add_parser("list", parents=[common], help="a project's sessions")
     listing.add_argument("-p", "--project", required=True, help="project id (a UUID)")
     listing.add_argument("-a", "--agent", help="only this agent instance's")
-    listing.add_argument("--state", choices=("active", "paused", "terminated"))
+    listing.add_argument(
+        "--state", choices=("active", "paused", "terminated"), help="only sessions in this state"
+    )
     listing.add_argument("--limit", type=_at_least(1), default=100, help=LIMIT_HELP)
     listing.set_defaults(handler=_list_sessions)
     actions.add_parser("show", parents=[session], help="one session").set_defaults(
@@ -195,7 +200,9 @@ def add_commands(commands: Any) -> None:
     spawn.set_defaults(handler=_spawn)
 
     pause = commands.add_parser("pause", parents=[session], help="pause into a checkpoint")
-    pause.add_argument("--checkpoint-id")
+    pause.add_argument(
+        "--checkpoint-id", help="the checkpoint's id (default: a time-ordered one the server makes)"
+    )
     pause.set_defaults(handler=_pause)
 
     resume = commands.add_parser("resume", parents=[session], help="resume from a checkpoint")
@@ -205,10 +212,18 @@ def add_commands(commands: Any) -> None:
 
     terminate = commands.add_parser("terminate", parents=[session], help="end a session")
     terminate.add_argument("--description", help="task description for the episode")
-    terminate.add_argument("--outcome", choices=("success", "failure", "partial"))
+    terminate.add_argument(
+        "--outcome",
+        choices=("success", "failure", "partial"),
+        help="the episode's (default: success)",
+    )
     terminate.add_argument("--lesson", action="append", default=[], help="a lesson learned")
     terminate.add_argument("--skip-consolidation", action="store_true", help="no episode")
-    terminate.add_argument("--keep-working-memory", action="store_true")
+    terminate.add_argument(
+        "--keep-working-memory",
+        action="store_true",
+        help="leave the working memory readable (writes are refused)",
+    )
     terminate.set_defaults(handler=_terminate)
 
     get = commands.add_parser("get", parents=[session], help="read a working-memory key")
@@ -221,7 +236,10 @@ def add_commands(commands: Any) -> None:
         "value", type=_json_value, help="a JSON value (a bare word is taken as a string)"
     )
     put.add_argument(
-        "--ttl", type=_ttl_seconds, help="seconds until it expires (more than 0; none: never)"
+        "--ttl",
+        type=_ttl_seconds,
+        help="seconds until it expires (more than 0); without it the key never expires,"
+        " and a TTL it had is removed",
     )
     put.set_defaults(handler=_set)
 
@@ -236,11 +254,15 @@ def add_commands(commands: Any) -> None:
         action.add_argument("-p", "--project", required=True, help="project id (a UUID)")
         if name == "search":
             action.add_argument("query")
-        action.add_argument("-a", "--agent")
-        action.add_argument("-s", "--session")
-        action.add_argument("--outcome", choices=("success", "failure", "partial"))
-        action.add_argument("--task-type")
-        action.add_argument("--min-importance", type=float)
+        action.add_argument("-a", "--agent", help="only this agent instance's (a UUID)")
+        action.add_argument("-s", "--session", help="only this session's (with -a)")
+        action.add_argument(
+            "--outcome", choices=("success", "failure", "partial"), help="only this outcome"
+        )
+        action.add_argument("--task-type", help="only this task type")
+        action.add_argument(
+            "--min-importance", type=float, help="only episodes at least this important (0-1)"
+        )
         action.add_argument("--limit", type=_at_least(1), default=limit, help=LIMIT_HELP)
         action.set_defaults(handler=handler)
 

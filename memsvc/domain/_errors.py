@@ -128,7 +128,7 @@ class SessionNotWritable(FailedPrecondition):
 
     _WHY: ClassVar[dict[str, str]] = {
         "not spawned": "was never spawned; call Spawn first",
-        "terminated": "is terminated; its working memory is read-only",
+        "terminated": "is terminated; its working memory takes no more writes",
         "paused": "is paused; its working memory is read-only until it is resumed",
     }
 

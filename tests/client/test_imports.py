@@ -105,3 +105,64 @@ def test_the_blocker_does_block():
     )
     assert result.returncode != 0
     assert "blocked import" in result.stderr
+
+
+SERVER_BLOCKER = textwrap.dedent(
+    """
+    import sys
+
+    class Blocker:
+        def find_spec(self, name, path=None, target=None):
+            if any(name == b or name.startswith(b + ".") for b in {blocked!r}):
+                raise ImportError(f"blocked import of {{name}} (a server dependency)")
+            return None
+
+    sys.meta_path.insert(0, Blocker())
+    from memsvc.cli import main
+
+    sys.exit(main({argv!r}))
+    """
+)
+
+
+def test_serve_and_migrate_without_the_server_extra_say_what_to_install(tmp_path):
+    """Found by a review: on an install of the SDK alone (`pip install memsvc`), whose
+    CLI lists serve and migrate, both died with a ModuleNotFoundError traceback."""
+    distributions = [name for name in BLOCKED if not name.startswith("memsvc")]
+    for command in ("serve", "migrate"):
+        argv = [command, "--data-dir", str(tmp_path / "data"), "--listen", "127.0.0.1:0"]
+        script = SERVER_BLOCKER.format(blocked=distributions, argv=argv)
+        result = subprocess.run(
+            [sys.executable, "-c", script],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 2, result.stderr
+        assert f"memsvc {command} needs the server extra: pip install 'memsvc[server]'" in (
+            result.stderr
+        )
+        assert "Traceback" not in result.stderr
+        assert not (tmp_path / "data").exists()
+
+
+def test_the_cli_knows_every_module_of_the_server_extra():
+    """SERVER_MODULES, which serve and migrate check, names a module of each of the
+    server extra's distributions, and only of those."""
+    import importlib.metadata
+    import re
+    import tomllib
+
+    from memsvc.cli import SERVER_MODULES
+
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]["server"]
+    wanted = {re.split(r"[\[<>=!~ ]", requirement)[0].lower() for requirement in extra}
+    owners = importlib.metadata.packages_distributions()
+    covered = {
+        dist.lower().replace("_", "-") for module in SERVER_MODULES for dist in owners[module]
+    }
+    assert covered == {name.replace("_", "-") for name in wanted}
