@@ -44,6 +44,9 @@ READ_BATCH = 500
 # found), not READ_BATCH events of 64 KiB of metadata each. The first takes 16.
 CATCH_UP_BYTES = 1 << 20
 CATCH_UP_FIRST_ROWS = 16
+# A live stream's queue holds events of at most this many bytes too (besides its
+# count, EventHub's queue_size): one whose client stopped reading holds no more.
+QUEUE_BYTES = CATCH_UP_BYTES
 # The purges a hub remembers, with their scopes, for the reads they overtook: far
 # more than can commit during one read.
 RECENT_PURGES = 1000
@@ -207,19 +210,46 @@ class _Subscriber:
     cursor: int
     lagging: bool = False
     queue: collections.deque[StoredEvent] = field(default_factory=collections.deque)
+    # The size of each queued event (EventRecord.size()), in step with queue.
+    weights: collections.deque[int] = field(default_factory=collections.deque)
+    queued_bytes: int = 0
     waiter: asyncio.Future[None] | None = None
     timer: asyncio.TimerHandle | None = None
     # Set when the tail that fed this stream failed: the stream ends with it.
     failure: BackendUnavailable | None = None
 
-    def offer(self, stored: StoredEvent) -> bool:
-        """Queue an event for the stream; False (lagging from now) when full."""
-        if len(self.queue) >= self.capacity:
+    def offer(self, stored: StoredEvent, weight: int) -> bool:
+        """Queue an event of ``weight`` bytes for the stream; False (lagging from
+        now) when its queue is full, by count or by bytes."""
+        if len(self.queue) >= self.capacity or (
+            self.queue and self.queued_bytes + weight > QUEUE_BYTES
+        ):
+            # It catches up from the store after its cursor, which moves only as it
+            # takes events: what it holds goes now. Kept, a stream whose client
+            # stopped reading would hold its queue as long as it stays connected,
+            # each such stream other events, until the process runs out of memory.
             self.lagging = True
+            self.replace_queue(())
+            self.wake()
             return False
         self.queue.append(stored)
+        self.weights.append(weight)
+        self.queued_bytes += weight
         self.wake()
         return True
+
+    def take(self) -> StoredEvent:
+        """The oldest queued event, off the queue."""
+        self.queued_bytes -= self.weights.popleft()
+        return self.queue.popleft()
+
+    def replace_queue(self, events: Iterable[StoredEvent]) -> None:
+        """Queue ``events`` instead of what is queued (in place: _live holds the deque)."""
+        self.queue.clear()
+        self.queue.extend(events)
+        self.weights.clear()
+        self.weights.extend(stored.event.size() for stored in self.queue)
+        self.queued_bytes = sum(self.weights)
 
     def fail(self, cause: BaseException) -> None:
         """The tail is gone: end the stream (UNAVAILABLE) after what it queued."""
@@ -315,10 +345,8 @@ class EventHub:
         self._purges += 1
         self._recent_purges.append((self._purges, scope))
         for subscriber in self._subscribers:
-            # In place: the stream's _live holds the deque.
             kept = list(_scrubbed(subscriber.queue, scope, subscriber.event_filter))
-            subscriber.queue.clear()
-            subscriber.queue.extend(kept)
+            subscriber.replace_queue(kept)
 
     def _as_purged(
         self, events: list[StoredEvent], purges: int, event_filter: EventFilter
@@ -487,7 +515,7 @@ class EventHub:
                 while queue:
                     ready: list[StoredEvent] = []
                     while queue and len(ready) < max_events:
-                        stored = queue.popleft()
+                        stored = subscriber.take()
                         if stored.sequence > subscriber.cursor:
                             subscriber.cursor = stored.sequence
                             ready.append(stored)
@@ -654,6 +682,7 @@ class EventHub:
 
     def _offer(self, stored: StoredEvent) -> None:
         self.event_offered(stored)
+        weight = stored.event.size()
         for subscriber in self._subscribers:
             if (
                 subscriber.lagging
@@ -662,7 +691,7 @@ class EventHub:
                 or not subscriber.event_filter.matches(stored.event)
             ):
                 continue
-            if not subscriber.offer(stored):
+            if not subscriber.offer(stored, weight):
                 # Never wait for a slow reader: it catches up from the store.
                 self.watcher_lagged()
 

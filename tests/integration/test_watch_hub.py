@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import os
@@ -26,6 +27,7 @@ from memsvc.domain import BackendUnavailable, EventRecord, EventType, SessionRef
 from memsvc.domain._watch import (
     CATCH_UP_BYTES,
     CATCH_UP_WINDOW,
+    QUEUE_BYTES,
     EventFilter,
     EventHub,
     StoredEvent,
@@ -116,8 +118,9 @@ SLOW_TOTAL = 30
 
 async def test_a_subscriber_that_reads_nothing_does_not_delay_others(sqlite_store):
     """A stalled subscriber holds at most queue_size events; past that it is left out
-    of the fan-out (never waited for) and later catches up by reading the store
-    itself, while another subscriber gets every event live, from the tail."""
+    of the fan-out (never waited for), lets go of what it held, and later catches up
+    by reading the store itself, while another subscriber gets every event live,
+    from the tail."""
     source = RecordingReads(sqlite_store)
     hub = EventHub(source, queue_size=QUEUE_SIZE, poll_interval=30)  # the kicks make it read
     lags: list[None] = []
@@ -149,21 +152,66 @@ async def test_a_subscriber_that_reads_nothing_does_not_delay_others(sqlite_stor
         assert [item.sequence for item in got if isinstance(item, StoredEvent)] == [sequence]
     # Every event reached the reader live: no stream read the store yet.
     assert source.by(reader_filter) == source.by(stalled_filter) == []
-    # The stalled subscriber's queue is full, never more, and the hub stopped
-    # offering it events: it lagged once (the reader never did).
+    # The stalled subscriber's queue filled, then went when it overflowed (a client
+    # that never reads again must not keep it), and the hub stopped offering it
+    # events: it lagged once (the reader never did).
     (state,) = [s for s in hub._subscribers if s.event_filter == stalled_filter]
     assert state.lagging
-    assert [e.sequence for e in state.queue] == list(range(2, 2 + QUEUE_SIZE))
+    assert not state.queue and state.queued_bytes == 0
     assert len(lags) == 1
-    # It catches up in order: what its queue held, then the rest read from the store.
+    # It catches up in order, all from the store, after the one event it took.
     assert await take_events(stalled, SLOW_TOTAL - 1) == list(range(2, SLOW_TOTAL + 1))
     caught_up = source.by(stalled_filter)
-    assert caught_up and caught_up[0] == 1 + QUEUE_SIZE
+    assert caught_up and caught_up[0] == 1
     assert source.by(reader_filter) == []
     await stalled.aclose()
     await reader.aclose()
     assert hub.watchers == 0
     assert not hub.tailing
+
+
+async def test_a_stalled_subscriber_holds_no_more_than_its_byte_budget(sqlite_store):
+    """Found by a review: the queue was bounded by count alone, and a stream whose
+    client stopped reading kept it full as long as it stayed connected. Streams
+    stalled one after another held a thousand events of up to 64 KiB of metadata each,
+    every one other events: the process grew by tens of MB per stalled client."""
+    hub = EventHub(sqlite_store, poll_interval=30)  # the default count: 1,000 events
+    lags: list[None] = []
+    hub.watcher_lagged = lambda: lags.append(None)
+    ref = SessionRef(str(uuid.uuid4()), str(uuid.uuid4()), "s")
+    stalled: Any = one_by_one(hub.watch(EventFilter(project_id=ref.project_id), None, 30))
+    assert await anext(stalled) == 0
+    first = asyncio.ensure_future(anext(stalled))
+    await joined(hub, 1)
+    metadata = {"notes": "x" * 60_000}
+    await append_at_once(sqlite_store, 1, ref, metadata)
+    hub.notify()
+    assert (await asyncio.wait_for(first, 10)).sequence == 1
+    (state,) = hub._subscribers
+    total = 1
+    # Events of about 60 KB, one commit each: the stream takes none of them.
+    while not lags:
+        assert total < 100, "never lagged: the queue kept growing"
+        await append_at_once(sqlite_store, 1, ref, metadata)
+        hub.notify()
+        total += 1
+        await eventually(functools.partial(_offered, hub, total), interval=0.005)
+        assert state.queued_bytes <= QUEUE_BYTES
+    # It lagged on bytes, far below the count, and let go of what it held.
+    assert total - 1 < 1000
+    assert (total - 1) * 60_000 > QUEUE_BYTES
+    assert not state.queue and state.queued_bytes == 0
+    # It still gets every event, once, in order: from the store.
+    more = 5
+    await append_at_once(sqlite_store, more, ref, metadata)
+    hub.notify()
+    assert await take_events(stalled, total - 1 + more) == list(range(2, total + more + 1))
+    await stalled.aclose()
+    assert hub.watchers == 0
+
+
+async def _offered(hub: EventHub, sequence: int) -> bool:
+    return hub.position >= sequence
 
 
 class TailReadHeld:
