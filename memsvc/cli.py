@@ -64,11 +64,11 @@ SERVER_MODULES = (
 
 def _missing_server_modules() -> list[str]:
     """The server extra's modules this installation lacks (none imported)."""
-    missing = []
+    missing: list[str] = []
     for name in SERVER_MODULES:
         try:
             found = importlib.util.find_spec(name) is not None
-        except ImportError:  # a finder that refuses the name
+        except (ImportError, ValueError):  # a finder that refuses it; a module without a spec
             found = False
         if not found:
             missing.append(name)

@@ -221,6 +221,8 @@ class _Subscriber:
     def offer(self, stored: StoredEvent, weight: int) -> bool:
         """Queue an event of ``weight`` bytes for the stream; False (lagging from
         now) when its queue is full, by count or by bytes."""
+        # An event alone is queued whatever its weight: far under the budget by the
+        # limits on metadata, and a stream that could never hold it would lag forever.
         if len(self.queue) >= self.capacity or (
             self.queue and self.queued_bytes + weight > QUEUE_BYTES
         ):
@@ -243,13 +245,26 @@ class _Subscriber:
         self.queued_bytes -= self.weights.popleft()
         return self.queue.popleft()
 
-    def replace_queue(self, events: Iterable[StoredEvent]) -> None:
-        """Queue ``events`` instead of what is queued (in place: _live holds the deque)."""
+    def replace_queue(self, events: Iterable[tuple[StoredEvent, int]]) -> None:
+        """Queue ``events`` (each with its weight) instead of what is queued, in
+        place: _live holds the deque."""
         self.queue.clear()
-        self.queue.extend(events)
         self.weights.clear()
-        self.weights.extend(stored.event.size() for stored in self.queue)
+        for stored, weight in events:
+            self.queue.append(stored)
+            self.weights.append(weight)
         self.queued_bytes = sum(self.weights)
+
+    def scrub(self, scope: SessionRef) -> None:
+        """Its queue as a purge of ``scope`` left the log; only the tombstones made
+        are weighed again (weighing walks an event's metadata: a purge weighing every
+        queued event of every stream held the event loop for seconds)."""
+        kept = []
+        for stored, weight in zip(self.queue, self.weights, strict=True):
+            scrubbed = _scrub_one(stored, scope, self.event_filter)
+            if scrubbed is not None:
+                kept.append((scrubbed, weight if scrubbed is stored else scrubbed.event.size()))
+        self.replace_queue(kept)
 
     def fail(self, cause: BaseException) -> None:
         """The tail is gone: end the stream (UNAVAILABLE) after what it queued."""
@@ -345,8 +360,7 @@ class EventHub:
         self._purges += 1
         self._recent_purges.append((self._purges, scope))
         for subscriber in self._subscribers:
-            kept = list(_scrubbed(subscriber.queue, scope, subscriber.event_filter))
-            subscriber.replace_queue(kept)
+            subscriber.scrub(scope)
 
     def _as_purged(
         self, events: list[StoredEvent], purges: int, event_filter: EventFilter
@@ -506,7 +520,8 @@ class EventHub:
     ) -> AsyncGenerator[list[StoredEvent] | int, None]:
         """The events offered to ``subscriber``, up to ``max_events`` at a time,
         and a progress position whenever ``progress_interval`` passes without
-        one; returns once it lagged and has drained its queue."""
+        one; returns once it lagged (its queue was emptied then; what it had
+        already taken goes out first)."""
         loop = asyncio.get_running_loop()
         queue = subscriber.queue
         quiet_since = loop.time()
@@ -711,11 +726,20 @@ def _scrubbed(
     """``events`` as a purge of ``scope`` left them: tombstones of its events,
     dropped where ``event_filter`` no longer matches them."""
     for stored in events:
-        if not stored.event.purged and stored.event.ref.within(scope):
-            stored = StoredEvent(stored.sequence, tombstone(stored.event))
-            if not event_filter.matches(stored.event):
-                continue
-        yield stored
+        scrubbed = _scrub_one(stored, scope, event_filter)
+        if scrubbed is not None:
+            yield scrubbed
+
+
+def _scrub_one(
+    stored: StoredEvent, scope: SessionRef, event_filter: EventFilter
+) -> StoredEvent | None:
+    """``stored`` itself, or its tombstone if it is of ``scope``; None when
+    ``event_filter`` no longer matches that."""
+    if stored.event.purged or not stored.event.ref.within(scope):
+        return stored
+    scrubbed = StoredEvent(stored.sequence, tombstone(stored.event))
+    return scrubbed if event_filter.matches(scrubbed.event) else None
 
 
 MIN_PROGRESS_SECONDS = 0.1

@@ -34,9 +34,9 @@ BLOCKED = [
     "memsvc.testing",
 ]
 
-SCRIPT = textwrap.dedent(
+# Refuses the imports of BLOCKED: put first in every script below.
+BLOCKER = textwrap.dedent(
     """
-    import asyncio
     import sys
 
     BLOCKED = {blocked!r}
@@ -48,6 +48,12 @@ SCRIPT = textwrap.dedent(
             return None
 
     sys.meta_path.insert(0, Blocker())
+    """
+)
+
+SCRIPT = BLOCKER + textwrap.dedent(
+    """
+    import asyncio
 
     import memsvc.client
     from memsvc.client import AsyncClient, Client, RetryPolicy
@@ -76,9 +82,8 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_the_sdk_needs_no_server_dependency():
-    script = SCRIPT.format(blocked=BLOCKED)
-    result = subprocess.run(
+def run(script: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         [sys.executable, "-c", script],
         cwd=ROOT,
         capture_output=True,
@@ -86,6 +91,10 @@ def test_the_sdk_needs_no_server_dependency():
         timeout=60,
         check=False,
     )
+
+
+def test_the_sdk_needs_no_server_dependency():
+    result = run(SCRIPT.format(blocked=BLOCKED))
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ok")
 
@@ -95,29 +104,13 @@ def test_the_blocker_does_block():
     script = SCRIPT.format(blocked=BLOCKED).replace(
         "import memsvc.client\n", "import memsvc.client\nimport memsvc.server\n", 1
     )
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run(script)
     assert result.returncode != 0
     assert "blocked import" in result.stderr
 
 
-SERVER_BLOCKER = textwrap.dedent(
+RUN_CLI = BLOCKER + textwrap.dedent(
     """
-    import sys
-
-    class Blocker:
-        def find_spec(self, name, path=None, target=None):
-            if any(name == b or name.startswith(b + ".") for b in {blocked!r}):
-                raise ImportError(f"blocked import of {{name}} (a server dependency)")
-            return None
-
-    sys.meta_path.insert(0, Blocker())
     from memsvc.cli import main
 
     sys.exit(main({argv!r}))
@@ -131,15 +124,7 @@ def test_serve_and_migrate_without_the_server_extra_say_what_to_install(tmp_path
     distributions = [name for name in BLOCKED if not name.startswith("memsvc")]
     for command in ("serve", "migrate"):
         argv = [command, "--data-dir", str(tmp_path / "data"), "--listen", "127.0.0.1:0"]
-        script = SERVER_BLOCKER.format(blocked=distributions, argv=argv)
-        result = subprocess.run(
-            [sys.executable, "-c", script],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        result = run(RUN_CLI.format(blocked=distributions, argv=argv))
         assert result.returncode == 2, result.stderr
         assert f"memsvc {command} needs the server extra: pip install 'memsvc[server]'" in (
             result.stderr
@@ -166,3 +151,12 @@ def test_the_cli_knows_every_module_of_the_server_extra():
         dist.lower().replace("_", "-") for module in SERVER_MODULES for dist in owners[module]
     }
     assert covered == {name.replace("_", "-") for name in wanted}
+
+
+def test_a_server_module_that_is_not_installed_is_missing(monkeypatch):
+    """What an install of the SDK alone gives: no finder knows the module (find_spec
+    answers None; the blocker above raises instead)."""
+    from memsvc import cli
+
+    monkeypatch.setattr(cli, "SERVER_MODULES", ("grpc", "memsvc_no_such_module"))
+    assert cli._missing_server_modules() == ["memsvc_no_such_module"]

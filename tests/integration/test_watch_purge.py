@@ -105,6 +105,11 @@ async def test_events_a_slow_stream_holds_are_tombstones_after_a_purge(local_con
         for first in firsts:
             assert (await first)[0].event.metadata == SECRET  # delivered before the purge
         await rig.purge(project)
+        # The queues' byte counts follow: each tombstone weighed as it now is.
+        for subscriber in rig.hub._subscribers:
+            weights = [stored.event.size() for stored in subscriber.queue]
+            assert list(subscriber.weights) == weights
+            assert subscriber.queued_bytes == sum(weights)
         held = await events(everything, SPAWNS - 1)
         assert_forgotten(held, project)
         # The form the hub gives them is the log's (domain and SQL agree).

@@ -55,3 +55,22 @@ async def test_a_stream_that_lagged_catches_up_in_lists_of_at_most_the_maximum()
     log.commit(2)
     assert await next_sequences(stream) == [11, 12]  # live again
     await stream.aclose()
+
+
+async def test_an_event_over_the_byte_budget_alone_is_still_delivered_live(monkeypatch):
+    """The queue's byte bound never refuses an event to an empty queue: a stream that
+    takes each event as it comes stays live (no lag, no read of the store)."""
+    monkeypatch.setattr("memsvc.domain._watch.QUEUE_BYTES", 1)  # every event is over it
+    log = NotifyingLog()
+    hub = EventHub(log, poll_interval=30)
+    lags: list[None] = []
+    hub.watcher_lagged = lambda: lags.append(None)
+    stream: Any = hub.watch(EventFilter(), None, 30)
+    assert await anext(stream) == 0
+    for sequence in range(1, 4):
+        waiting = asyncio.ensure_future(next_sequences(stream))
+        await settle()
+        log.commit(1)
+        assert await waiting == [sequence]
+    assert not lags
+    await stream.aclose()
