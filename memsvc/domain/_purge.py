@@ -70,8 +70,9 @@ class PurgeTransaction(RequestLog, Protocol):
     async def purge_requests(self, scope: SessionRef, keep_request_id: str) -> int:
         """Delete the scope's remembered answers except ``keep_request_id``'s."""
 
-    async def tombstone_events(self, scope: SessionRef) -> int:
-        """Strip ids and metadata from the scope's events; return how many."""
+    async def tombstone_events(self, scope: SessionRef) -> tuple[int, int]:
+        """Strip ids and metadata from the scope's events; return how many, and
+        the last one's sequence (0 with none)."""
 
     async def purge_graph(self, scope: SessionRef) -> int:
         """Delete the project's graph threads, or those linked to the agent
@@ -107,7 +108,7 @@ class Purger:
         self._purges = BackgroundWork[PurgeReport]("a purge")
         # Told each scope whose events a purge made tombstones of, once committed
         # (the watch hub drops their old form from what it holds for its streams).
-        self.events_purged: Callable[[SessionRef], None] = lambda scope: None
+        self.events_purged: Callable[[SessionRef, int], None] = lambda scope, up_to: None
         # One purge at a time in a process, taken before a pooled connection: purges
         # that wait (for the one running, on its project's lock) hold none.
         self._one_at_a_time = asyncio.Lock()
@@ -156,7 +157,7 @@ class Purger:
             orphans = [session for session in held if session not in known]
             episodes = await tx.purge_episodes(scope)
             answers = await tx.purge_requests(scope, request_id)
-            events = await tx.tombstone_events(scope)
+            events, last_tombstoned = await tx.tombstone_events(scope)
             graph_checkpoints = await tx.purge_graph(scope)
             report = PurgeReport(
                 sessions_deleted=len(sessions),
@@ -174,7 +175,7 @@ class Purger:
                     scope.project_id, request_id, json.dumps(asdict(report)).encode()
                 )
         if report.events_tombstoned:
-            self.events_purged(scope)
+            self.events_purged(scope, last_tombstoned)
         return report
 
 

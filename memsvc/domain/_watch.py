@@ -255,13 +255,14 @@ class _Subscriber:
             self.weights.append(weight)
         self.queued_bytes = sum(self.weights)
 
-    def scrub(self, scope: SessionRef) -> None:
-        """Its queue as a purge of ``scope`` left the log; only the tombstones made
-        are weighed again (weighing walks an event's metadata: a purge weighing every
-        queued event of every stream held the event loop for seconds)."""
+    def scrub(self, scope: SessionRef, up_to: int | None) -> None:
+        """Its queue as a purge of ``scope`` (up to ``up_to``) left the log; only the
+        tombstones made are weighed again (weighing walks an event's metadata: a
+        purge weighing every queued event of every stream held the event loop for
+        seconds)."""
         kept = []
         for stored, weight in zip(self.queue, self.weights, strict=True):
-            scrubbed = _scrub_one(stored, scope, self.event_filter)
+            scrubbed = _scrub_one(stored, scope, self.event_filter, up_to)
             if scrubbed is not None:
                 kept.append((scrubbed, weight if scrubbed is stored else scrubbed.event.size()))
         self.replace_queue(kept)
@@ -309,8 +310,8 @@ class EventHub:
         # Counts the purges this hub was told of, the latest with their scopes: a
         # read that a purge overtook makes tombstones of what it read (see purged).
         self._purges = 0
-        self._recent_purges: collections.deque[tuple[int, SessionRef]] = collections.deque(
-            maxlen=RECENT_PURGES
+        self._recent_purges: collections.deque[tuple[int, SessionRef, int | None]] = (
+            collections.deque(maxlen=RECENT_PURGES)
         )
         # Told each event as the tail hands it to the watchers, and each time a
         # watcher falls behind (the server's metrics).
@@ -348,7 +349,7 @@ class EventHub:
             self._offer(stored)
             self._offered_up_to(stored)
 
-    def purged(self, scope: SessionRef) -> None:
+    def purged(self, scope: SessionRef, up_to: int | None = None) -> None:
         """A purge of ``scope`` committed (here, or on a replica that announced it):
         the events of that scope this hub holds for its streams become tombstones,
         as they now are in the log, and those a stream's filter no longer matches
@@ -356,11 +357,15 @@ class EventHub:
         _as_purged). What a stream is writing already (the events it took from its
         queue: up to max_events_per_message, or _EVENTS_TAKEN_AT_ONCE without it)
         goes out as it was.
+
+        Only events up to ``up_to`` (None: all), the last the purge can have made
+        a tombstone: one of the scope committed after it (the session id spawned
+        again) is live, and the purge may be told after this hub queued it.
         """
         self._purges += 1
-        self._recent_purges.append((self._purges, scope))
+        self._recent_purges.append((self._purges, scope, up_to))
         for subscriber in self._subscribers:
-            subscriber.scrub(scope)
+            subscriber.scrub(scope, up_to)
 
     def _as_purged(
         self, events: list[StoredEvent], purges: int, event_filter: EventFilter
@@ -371,11 +376,11 @@ class EventHub:
         than RECENT_PURGES since): the caller reads them again."""
         if self._purges == purges:
             return events
-        since = [scope for number, scope in self._recent_purges if number > purges]
+        since = [(scope, up_to) for number, scope, up_to in self._recent_purges if number > purges]
         if len(since) != self._purges - purges:
             return None
-        for scope in since:
-            events = list(_scrubbed(events, scope, event_filter))
+        for scope, up_to in since:
+            events = list(_scrubbed(events, scope, event_filter, up_to))
         return events
 
     def _offered_up_to(self, stored: StoredEvent) -> None:
@@ -689,10 +694,17 @@ class EventHub:
         many arrived while it was reading, and none for an event already offered
         (this process's own commits, which publish_committed handed over); and
         another replica's purges into tombstones of what this hub holds."""
+        # The last sequence an append announced on this connection; None when
+        # unknown (0: none yet, or since it was made again).
+        announced: int | None = None
         async for wakeup in wakeups:
             if isinstance(wakeup, SessionRef):
-                self.purged(wakeup)
-            elif wakeup == 0 or wakeup > self.position:
+                # On one channel, in commit order: every event the purge made a
+                # tombstone was announced before it, and later ones after.
+                self.purged(wakeup, announced)
+                continue
+            announced = None if wakeup == 0 else max(announced or 0, wakeup)
+            if wakeup == 0 or wakeup > self.position:
                 self._kick.set()
 
     def _offer(self, stored: StoredEvent) -> None:
@@ -721,22 +733,29 @@ def _next_rows(rows: int, batch: Sequence[StoredEvent]) -> int:
 
 
 def _scrubbed(
-    events: Iterable[StoredEvent], scope: SessionRef, event_filter: EventFilter
+    events: Iterable[StoredEvent],
+    scope: SessionRef,
+    event_filter: EventFilter,
+    up_to: int | None = None,
 ) -> Iterator[StoredEvent]:
-    """``events`` as a purge of ``scope`` left them: tombstones of its events,
-    dropped where ``event_filter`` no longer matches them."""
+    """``events`` as a purge of ``scope`` (up to ``up_to``) left them: tombstones of
+    its events, dropped where ``event_filter`` no longer matches them."""
     for stored in events:
-        scrubbed = _scrub_one(stored, scope, event_filter)
+        scrubbed = _scrub_one(stored, scope, event_filter, up_to)
         if scrubbed is not None:
             yield scrubbed
 
 
 def _scrub_one(
-    stored: StoredEvent, scope: SessionRef, event_filter: EventFilter
+    stored: StoredEvent, scope: SessionRef, event_filter: EventFilter, up_to: int | None
 ) -> StoredEvent | None:
-    """``stored`` itself, or its tombstone if it is of ``scope``; None when
-    ``event_filter`` no longer matches that."""
-    if stored.event.purged or not stored.event.ref.within(scope):
+    """``stored`` itself, or its tombstone if it is of ``scope`` and not after
+    ``up_to`` (None: any); None when ``event_filter`` no longer matches that."""
+    if (
+        stored.event.purged
+        or not stored.event.ref.within(scope)
+        or (up_to is not None and stored.sequence > up_to)
+    ):
         return stored
     scrubbed = StoredEvent(stored.sequence, tombstone(stored.event))
     return scrubbed if event_filter.matches(scrubbed.event) else None

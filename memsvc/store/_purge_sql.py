@@ -79,24 +79,29 @@ class SqlPurgeWrites(SqlWrites):
             [PURGED_ANSWER, *params, keep_request_id, PURGED_ANSWER],
         )
 
-    async def tombstone_events(self, scope: SessionRef) -> int:
+    async def tombstone_events(self, scope: SessionRef) -> tuple[int, int]:
         where, params = _scope(scope)
         # Locked in sequence order, as compaction locks them: in the order of a
         # scan of the table (no index serves a scope), the two deadlocked on old
         # events of the scope.
         # The form domain._lifecycle_records.tombstone gives.
-        count = await self._count(
-            "UPDATE lifecycle_events SET purged = ?, project_id = ?, agent_instance_id = ?,"
-            " session_id = '', agent_type_id = NULL, checkpoint_id = NULL, episode_id = NULL,"
-            " request_id = NULL, metadata = ? WHERE sequence IN (SELECT sequence FROM"
-            f" lifecycle_events WHERE {where} AND purged = ? ORDER BY sequence"
-            f"{self._d.for_update})",
+        cursor = await self._conn.execute(
+            self._d.sql(
+                "UPDATE lifecycle_events SET purged = ?, project_id = ?, agent_instance_id = ?,"
+                " session_id = '', agent_type_id = NULL, checkpoint_id = NULL,"
+                " episode_id = NULL, request_id = NULL, metadata = ? WHERE sequence IN"
+                f" (SELECT sequence FROM lifecycle_events WHERE {where} AND purged = ?"
+                f" ORDER BY sequence{self._d.for_update}) RETURNING sequence"
+            ),
             [True, NIL_UUID, NIL_UUID, self._d.json_param({}), *params, False],
         )
-        if count and self._d.name == "postgres":
+        # The last one too: the hubs leave a later event of the scope (the session id
+        # spawned again) as it is, though they may be told of the purge after it.
+        sequences = [int(row[0]) for row in await cursor.fetchall()]
+        if sequences and self._d.name == "postgres":
             # Delivered at commit: the other replicas' hubs drop the old form of
             # these events from what they hold for their streams.
             await self._conn.execute(
                 self._d.sql("SELECT pg_notify(?, ?)"), (EVENT_CHANNEL, purge_notice(scope))
             )
-        return count
+        return len(sequences), max(sequences, default=0)

@@ -38,6 +38,7 @@ from memsvc.testing import free_port, wait_for_port
 from memsvc.v1 import lifecycle_pb2 as lc
 from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
 from tests.helpers import details_of, eventually, one_by_one, sql_rows, take_events
+from tests.unit.test_event_hub_wakeups import REF, NotifyingLog, settle
 
 MEMSVC = str(Path(sys.executable).parent / "memsvc")
 
@@ -257,6 +258,73 @@ async def test_a_purge_told_during_the_tails_read_makes_tombstones_of_it(sqlite_
     got = [await asyncio.wait_for(first, 10), *[await anext(stream) for _ in range(2)]]
     assert [stored.sequence for stored in got] == [1, 2, 3]
     assert all(stored.event.purged and not stored.event.metadata for stored in got), got
+    await stream.aclose()
+
+
+async def test_a_purge_told_late_leaves_a_later_event_of_its_scope_live(sqlite_store):
+    """Found by a review: a purge of a session whose id was spawned again before the
+    hub was told of the purge (another replica's notice on its way) made the new
+    SPAWNED event a tombstone too, and a stream filtered by the session never got it."""
+    hub = EventHub(sqlite_store, poll_interval=30)
+    ref = SessionRef(str(uuid.uuid4()), str(uuid.uuid4()), "s")
+    stream: Any = one_by_one(
+        hub.watch(EventFilter(agent_instance_id=ref.agent_instance_id), None, 30)
+    )
+    assert await anext(stream) == 0
+    first = asyncio.ensure_future(anext(stream))
+    await joined(hub, 1)
+    await append_at_once(sqlite_store, 1, ref, {"k": 1})
+    hub.notify()
+    assert (await asyncio.wait_for(first, 10)).sequence == 1
+    async with sqlite_store.transaction() as tx:  # the purge
+        assert await tx.tombstone_events(ref) == (1, 1)  # how many, the last one
+    await append_at_once(sqlite_store, 1, ref, {"k": 2})  # the id spawned again
+    hub.notify()
+    await eventually(functools.partial(_offered, hub, 2), interval=0.005)
+    hub.purged(ref, 1)  # told now, after the hub queued the new event
+    again = await asyncio.wait_for(anext(stream), 10)
+    assert again.sequence == 2 and not again.event.purged and again.event.metadata == {"k": 2}
+    await stream.aclose()
+
+
+async def test_another_replicas_purge_is_bounded_by_the_notices_before_it():
+    """On PostgreSQL a purge's notice follows the notices of every append committed
+    before it and precedes the later ones: the hub makes tombstones up to the last
+    sequence announced before it, and of everything when none was (a new LISTEN)."""
+    log = NotifyingLog()
+    hub = EventHub(log, poll_interval=30)
+    scope = SessionRef(REF.project_id, "", "")
+    stream: Any = one_by_one(
+        hub.watch(EventFilter(agent_instance_id=REF.agent_instance_id), None, 30)
+    )
+    assert await anext(stream) == 0
+    first = asyncio.ensure_future(anext(stream))
+    await joined(hub, 1)
+    log.commit(1)  # announced: 1
+    assert (await asyncio.wait_for(first, 10)).sequence == 1
+    # This replica commits event 2 of the scope (after the purge, elsewhere): handed
+    # to the hub at once; the purge's notice arrives after that, before 2's own.
+    (respawned,) = log.commit(1)
+    log.notifications.get_nowait()  # 2's notice comes later
+    hub.publish_committed([respawned])
+    log.notifications.put_nowait(scope)
+    log.notifications.put_nowait(2)
+    again = await asyncio.wait_for(anext(stream), 10)
+    assert again.sequence == 2 and not again.event.purged
+    # A notice after the connection was made again (0) knows nothing announced
+    # before it: a purge then makes tombstones of whatever it holds of the scope.
+    waiting = asyncio.ensure_future(anext(stream))
+    await settle()
+    (third,) = log.commit(1)
+    log.notifications.get_nowait()
+    hub.publish_committed([third])
+    for wakeup in (0, scope, 3):
+        log.notifications.put_nowait(wakeup)
+    await settle()
+    assert not waiting.done()  # its event became a tombstone its filter drops
+    waiting.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await waiting
     await stream.aclose()
 
 

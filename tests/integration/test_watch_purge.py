@@ -152,10 +152,10 @@ async def test_another_replica_is_told_of_the_purge(fresh_postgres_url: str, tmp
         serving(replace(config, data_dir=str(tmp_path / "b"))) as watching,
     ):
         told = asyncio.Event()
-        hub_purged: Callable[[SessionRef], None] = watching.hub.purged
+        hub_purged: Callable[[SessionRef, int | None], None] = watching.hub.purged
 
-        def purged(scope: SessionRef) -> None:
-            hub_purged(scope)
+        def purged(scope: SessionRef, up_to: int | None = None) -> None:
+            hub_purged(scope, up_to)
             told.set()
 
         watching.hub.purged = purged  # type: ignore[method-assign]

@@ -22,6 +22,7 @@ from memsvc.domain._watch import (
     PositionTooOld,
     StoredEvent,
     TooManyWatchers,
+    Wakeup,
 )
 from tests.helpers import one_by_one, take_events
 from tests.unit.test_event_hub_wakeups import NotifyingLog, settle
@@ -52,7 +53,7 @@ class CompactingLog(NotifyingLog):
         return self.oldest, latest
 
     @contextlib.asynccontextmanager
-    async def event_wakeups(self) -> AsyncIterator[AsyncIterator[int]]:
+    async def event_wakeups(self) -> AsyncIterator[AsyncIterator[Wakeup]]:
         try:
             async with super().event_wakeups() as wakeups:
                 yield wakeups
@@ -154,7 +155,7 @@ class FailingWakeupsLog(NotifyingLog):
         self.failures = failures
 
     @contextlib.asynccontextmanager
-    async def event_wakeups(self) -> AsyncIterator[AsyncIterator[int]]:
+    async def event_wakeups(self) -> AsyncIterator[AsyncIterator[Wakeup]]:
         if self.failures:
             self.failures -= 1
             raise OSError("LISTEN failed")

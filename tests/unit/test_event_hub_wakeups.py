@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from memsvc.domain import EventRecord, EventType, SessionRef
-from memsvc.domain._watch import EventFilter, EventHub, StoredEvent
+from memsvc.domain._watch import EventFilter, EventHub, StoredEvent, Wakeup
 from tests.helpers import one_by_one, take_events
 
 REF = SessionRef(str(uuid.uuid4()), str(uuid.uuid4()), "s")
@@ -27,7 +27,7 @@ class NotifyingLog:
     def __init__(self) -> None:
         self.events: list[StoredEvent] = []
         self.reads = 0
-        self.notifications: asyncio.Queue[int] = asyncio.Queue()
+        self.notifications: asyncio.Queue[Wakeup] = asyncio.Queue()  # and purges' scopes
         self.events_committed: Any = lambda events: None
 
     async def read_events(
@@ -50,8 +50,8 @@ class NotifyingLog:
         return (found, *await self.event_bounds())
 
     @contextlib.asynccontextmanager
-    async def event_wakeups(self) -> AsyncIterator[AsyncIterator[int]]:
-        async def notified() -> AsyncIterator[int]:
+    async def event_wakeups(self) -> AsyncIterator[AsyncIterator[Wakeup]]:
+        async def notified() -> AsyncIterator[Wakeup]:
             while True:
                 yield await self.notifications.get()
 
