@@ -61,12 +61,13 @@ async def fill_the_pool(store: PostgresDurableStore) -> None:
     await asyncio.gather(*tasks)
 
 
-async def insert_a_session(store: PostgresDurableStore) -> None:
+async def insert_a_session(store: PostgresDurableStore) -> SessionRef:
     ref = SessionRef(str(uuid.uuid4()), str(uuid.uuid4()), "s")
     now = int(time.time() * 1000)
     record = SessionRecord(ref, None, SessionState.ACTIVE, {}, 1, uuid7(), None, now, now)
     async with store.transaction() as tx:
         assert await tx.insert_session(record)
+    return ref
 
 
 def close_every_connection_to(database_url: str) -> None:

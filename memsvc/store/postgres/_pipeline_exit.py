@@ -22,6 +22,7 @@ from collections.abc import Generator
 from typing import Any
 
 from psycopg import _pipeline_base
+from psycopg.generators import send
 
 
 def _exit_gen(self: Any) -> Generator[Any, Any, None]:
@@ -30,6 +31,12 @@ def _exit_gen(self: Any) -> Generator[Any, Any, None]:
         self._enqueue_sync()
         yield from self._communicate_gen()
     finally:
+        # What libpq still holds of the statements and the Sync goes out first:
+        # communicating stops once every command was handed over, after one write,
+        # and a large statement (a checkpoint of 15 MB) is not written whole by one;
+        # PostgreSQL would wait for the rest and this for its answer. psycopg's own
+        # exit sends it after a Flush message, the one left out here.
+        yield from send(self.pgconn)
         # flush=False: the Sync flushed PostgreSQL's output (as in _sync_gen).
         yield from self._fetch_gen(flush=False)
 
