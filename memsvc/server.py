@@ -121,6 +121,8 @@ _HEALTH_SERVICES = (
 # Larger, gRPC refuses it (RESOURCE_EXHAUSTED) before reading it: the port is open
 # to the whole cluster, and 64 concurrent Checks of 4 MB took 580 MB (a review).
 PROBE_MESSAGE_BYTES = 1024
+# The most Checks the probe port holds at once (a kubelet sends a few a period).
+PROBE_CONCURRENT_CALLS = 64
 # How long the calls on a connection past max_connection_age_seconds may go on
 # before it closes: unary calls are long over by then; a watch reconnects.
 CONNECTION_AGE_GRACE_SECONDS = 300
@@ -373,7 +375,12 @@ class Server:
         await server.start()
         self._grpc = server
         if self.config.health_listen:
-            self._probe = grpc.aio.server(options=self._grpc_options(PROBE_MESSAGE_BYTES))
+            # Counted by gRPC until each answer is sent: the port takes no token, and
+            # Checks whose answers were never read held 100 MB per 10,000 (a review).
+            self._probe = grpc.aio.server(
+                options=self._grpc_options(PROBE_MESSAGE_BYTES),
+                maximum_concurrent_rpcs=PROBE_CONCURRENT_CALLS,
+            )
             health_pb2_grpc.add_HealthServicer_to_server(_ProbeHealth(self.health), self._probe)
             with _binding("health probes", self.config.health_listen):
                 self.health_port = self._probe.add_insecure_port(

@@ -231,6 +231,8 @@ class CallTracker:
         self._unary: set[asyncio.Task[Any]] = set()
         # The streams of services not memsvc's own (grpc.health.v1 Watch, reflection).
         self._other_streams: set[asyncio.Task[Any]] = set()
+        # Unary calls gRPC is not done with (see answering).
+        self._unanswered: set[object] = set()
         self.shutting_down = False
 
     @contextlib.contextmanager
@@ -258,6 +260,22 @@ class CallTracker:
     def unary_in_flight(self) -> int:
         """Unary calls running now (the current one included, inside ``tracking``)."""
         return len(self._unary)
+
+    def answering(self, context: grpc.aio.ServicerContext) -> int:
+        """Count a unary call until gRPC is done with it, not only while its handler
+        runs; return how many are counted now, this one included. An answer waits in
+        memory until its client reads it: one that never read (its HTTP/2 window at
+        0) held every answer it asked for, 3 MB each, gigabytes in seconds, while
+        its calls counted for nothing once their handlers returned (a review)."""
+        token = object()
+        self._unanswered.add(token)
+        context.add_done_callback(lambda _: self._unanswered.discard(token))
+        return len(self._unanswered)
+
+    @property
+    def unanswered(self) -> int:
+        """Unary calls whose answer gRPC has not finished sending."""
+        return len(self._unanswered)
 
     def end_streams(self) -> int:
         """Cancel every open stream; return how many there were."""
@@ -315,7 +333,7 @@ class ErrorInterceptor(HandlerWrapper):
             return grpc.unary_unary_rpc_method_handler(
                 _map_errors(behavior, method, self._calls, self._limits)
                 if own
-                else _refusing_undecodable(behavior, method),
+                else _refusing_undecodable(behavior, method, self._calls, self._limits),
                 request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
@@ -432,12 +450,18 @@ async def _refuse_undecodable(
 
 
 def _refusing_undecodable(
-    behavior: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]], method: str
+    behavior: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]],
+    method: str,
+    calls: CallTracker,
+    limits: CallLimits,
 ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
-    """Another service's unary ``behavior``, refusing a request :func:`within` did
-    not parse with INVALID_ARGUMENT."""
+    """Another service's unary ``behavior`` (a health Check, which needs no token),
+    refusing a request :func:`within` did not parse with INVALID_ARGUMENT, and one
+    beyond max_concurrent_calls counted as memsvc's own are."""
 
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if calls.answering(context) > limits.max_concurrent_calls:
+            await _abort(context, TooManyCalls(limits.max_concurrent_calls), method)
         await _refuse_undecodable(context, request, method)
         return await behavior(request, context)
 
@@ -464,9 +488,10 @@ def _map_errors(
         seconds = limits.default_deadline_seconds if client_deadline is None else client_deadline
         # The client's deadline ends the call by itself; the default one is ours to enforce.
         own_deadline = asyncio.timeout(seconds if client_deadline is None else None)
+        counted = calls.answering(context)
         with calls.tracking(stream=False), call_deadline(seconds):
             try:
-                if calls.unary_in_flight > limits.max_concurrent_calls:
+                if counted > limits.max_concurrent_calls:
                     raise TooManyCalls(limits.max_concurrent_calls)
                 if isinstance(request, Undecodable):
                     raise request.error()

@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from memsvc.config import Config
 from memsvc.server import Server
@@ -20,6 +21,7 @@ from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
 from memsvc.v1.working_memory_pb2_grpc import WorkingMemoryServiceStub
 from tests.helpers import eventually, expect_error, python, value
 from tests.integration._gated import GatedStore
+from tests.integration._unread_h2 import UnreadingClient
 
 
 async def holding(store: GatedStore, calls: int) -> bool:
@@ -96,3 +98,40 @@ async def test_the_clients_own_deadline_wins_over_the_default(stubs, store):
     assert not call.done()
     store.gate.set()
     assert python((await call).entry.value) == "v"
+
+
+async def test_answers_nobody_reads_count_against_the_limit(tmp_path: Path):
+    """Found by a review: a call counted only while its handler ran, and its answer
+    then waited in memory until its client read it. A client that read nothing
+    (HTTP/2 windows at 0) held every answer it asked for: 40,000 health Checks (no
+    token needed) took the server from 69 to 658 MB, BatchGets of 3 MB gigabytes."""
+    limit = 4
+    config = Config(listen="127.0.0.1:0", data_dir=str(tmp_path), health_listen="",
+                    metrics_listen="", max_concurrent_calls=limit)  # fmt: skip
+    async with Server(config) as server:
+        assert server.port is not None
+        hoarder = await asyncio.to_thread(UnreadingClient, server.port)
+        try:
+            for _ in range(3 * limit):
+                hoarder.call("/grpc.health.v1.Health/Check", b"")
+
+            async def held() -> bool:
+                return server._calls.unanswered == limit
+
+            await eventually(held)
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                check = health_pb2_grpc.HealthStub(channel).Check
+                await expect_error(
+                    check(health_pb2.HealthCheckRequest(), timeout=10),
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                )
+                hoarder.close()
+
+                async def let_go() -> bool:
+                    return server._calls.unanswered == 0
+
+                await eventually(let_go)
+                reply = await check(health_pb2.HealthCheckRequest(), timeout=10)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        finally:
+            hoarder.close()
