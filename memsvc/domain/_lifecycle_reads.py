@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import zlib
 from collections import OrderedDict
@@ -47,6 +48,11 @@ from memsvc.domain._working_memory import ENTRY_FRAMING_BYTES, WorkingMemoryLimi
 # Memory for the key indexes of checkpoints being paged through (about 1 MB each
 # at 10,000 keys).
 KEY_INDEXES_BYTES = 16 << 20
+# GetCheckpoints with entries that read a checkpoint's contents at once (each up to
+# max_session_bytes, and a page needs them whole); the others wait their turn within
+# their deadlines. Unbounded, 64 calls asking for one entry each of a 15 MiB
+# checkpoint held 1.1 GB (a review).
+CONTENTS_READS_AT_ONCE = 2
 
 
 class _KeyIndexes:
@@ -94,6 +100,7 @@ class LifecycleReads:
         self._limits = limits
         self.retention = retention
         self._key_indexes = _KeyIndexes(KEY_INDEXES_BYTES)
+        self._contents_turns = asyncio.Semaphore(CONTENTS_READS_AT_ONCE)
 
     async def get_checkpoint(
         self,
@@ -118,15 +125,31 @@ class LifecycleReads:
         # bug either way. Its scope is checked once the checkpoint is read.
         check_page_token(page_token)
         # Plain reads: showing a checkpoint takes no lock and opens no transaction.
-        found = await self._db.read_checkpoint(ref, checkpoint_id, with_contents=include_entries)
+        # The session first: contents are held only as long as the page needs them.
         record = await self._db.get_session(ref)
         if record is None:  # as ListCheckpoints says: a wrong session, not a checkpoint
             raise SessionNotFound(ref.session_id)
+        if not include_entries:
+            found = await self._db.read_checkpoint(ref, checkpoint_id, with_contents=False)
+            if found is None:
+                raise CheckpointNotFound(ref.session_id, checkpoint_id)
+            return self.retention.with_expiry(found[0], protected_checkpoint(record)), Page([], "")
+        async with self._contents_turns:
+            return await self._checkpoint_page(ref, record, checkpoint_id, limit, page_token)
+
+    async def _checkpoint_page(
+        self,
+        ref: SessionRef,
+        record: SessionRecord,
+        checkpoint_id: str,
+        limit: int,
+        page_token: str,
+    ) -> tuple[CheckpointRecord, Page[SnapshotEntry]]:
+        """The checkpoint and a page of its entries, read with its contents."""
+        found = await self._db.read_checkpoint(ref, checkpoint_id, with_contents=True)
         if found is None:
             raise CheckpointNotFound(ref.session_id, checkpoint_id)
         checkpoint = self.retention.with_expiry(found[0], protected_checkpoint(record))
-        if not include_entries:
-            return checkpoint, Page([], "")
         contents = found[1]
         if contents is None:
             raise RuntimeError(f"checkpoint {checkpoint_id!r} was read without its contents")
