@@ -121,8 +121,13 @@ _HEALTH_SERVICES = (
 # Larger, gRPC refuses it (RESOURCE_EXHAUSTED) before reading it: the port is open
 # to the whole cluster, and 64 concurrent Checks of 4 MB took 580 MB (a review).
 PROBE_MESSAGE_BYTES = 1024
-# The most Checks the probe port holds at once (a kubelet sends a few a period).
-PROBE_CONCURRENT_CALLS = 64
+# The port takes no token, and Checks whose answers were never read held 100 MB per
+# 10,000 (a review). A bound per connection, not per port (64 held Checks kept the
+# kubelet's out, and it restarted the pod): a few Checks at once on a connection that
+# lives for seconds; the kubelet opens one per probe.
+PROBE_STREAMS_PER_CONNECTION = 4
+PROBE_CONNECTION_AGE_MS = 10_000
+PROBE_CONNECTION_AGE_GRACE_MS = 5_000
 # How long the calls on a connection past max_connection_age_seconds may go on
 # before it closes: unary calls are long over by then; a watch reconnects.
 CONNECTION_AGE_GRACE_SECONDS = 300
@@ -375,12 +380,7 @@ class Server:
         await server.start()
         self._grpc = server
         if self.config.health_listen:
-            # Counted by gRPC until each answer is sent: the port takes no token, and
-            # Checks whose answers were never read held 100 MB per 10,000 (a review).
-            self._probe = grpc.aio.server(
-                options=self._grpc_options(PROBE_MESSAGE_BYTES),
-                maximum_concurrent_rpcs=PROBE_CONCURRENT_CALLS,
-            )
+            self._probe = grpc.aio.server(options=self._probe_options())
             health_pb2_grpc.add_HealthServicer_to_server(_ProbeHealth(self.health), self._probe)
             with _binding("health probes", self.config.health_listen):
                 self.health_port = self._probe.add_insecure_port(
@@ -542,6 +542,21 @@ class Server:
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ("grpc.http2.max_pings_without_data", 0),
         ]
+
+    def _probe_options(self) -> list[tuple[str, int]]:
+        """The probe port's options: the API's, its requests small and its
+        connections short-lived with few calls each (PROBE_STREAMS_PER_CONNECTION)."""
+        short_lived = {
+            "grpc.max_connection_age_ms": PROBE_CONNECTION_AGE_MS,
+            "grpc.max_connection_age_grace_ms": PROBE_CONNECTION_AGE_GRACE_MS,
+            "grpc.max_concurrent_streams": PROBE_STREAMS_PER_CONNECTION,
+        }
+        options = [
+            option
+            for option in self._grpc_options(PROBE_MESSAGE_BYTES)
+            if option[0] not in short_lived
+        ]
+        return [*options, *short_lived.items()]
 
     def _probe_timeout(self, store: object) -> float:
         """How long one probe of ``store`` may take: the interval, but never less than

@@ -231,8 +231,10 @@ class CallTracker:
         self._unary: set[asyncio.Task[Any]] = set()
         # The streams of services not memsvc's own (grpc.health.v1 Watch, reflection).
         self._other_streams: set[asyncio.Task[Any]] = set()
-        # Unary calls gRPC is not done with (see answering).
+        # Unary calls gRPC is not done with (see answering): memsvc's, and other
+        # services' (health Checks, which need no token).
         self._unanswered: set[object] = set()
+        self._unanswered_other: set[object] = set()
         self.shutting_down = False
 
     @contextlib.contextmanager
@@ -261,21 +263,28 @@ class CallTracker:
         """Unary calls running now (the current one included, inside ``tracking``)."""
         return len(self._unary)
 
-    def answering(self, context: grpc.aio.ServicerContext) -> int:
+    def answering(self, context: grpc.aio.ServicerContext, *, own: bool = True) -> int:
         """Count a unary call until gRPC is done with it, not only while its handler
-        runs; return how many are counted now, this one included. An answer waits in
-        memory until its client reads it: one that never read (its HTTP/2 window at
-        0) held every answer it asked for, 3 MB each, gigabytes in seconds, while
-        its calls counted for nothing once their handlers returned (a review)."""
+        runs; return how many of its kind (memsvc's, or another service's) are
+        counted now, this one included. An answer waits in memory until its client
+        reads it: one that never read (its HTTP/2 window at 0) held every answer it
+        asked for, 3 MB each, gigabytes in seconds, while its calls counted for
+        nothing once their handlers returned (a review)."""
         token = object()
-        self._unanswered.add(token)
-        context.add_done_callback(lambda _: self._unanswered.discard(token))
-        return len(self._unanswered)
+        counted = self._unanswered if own else self._unanswered_other
+        counted.add(token)
+        context.add_done_callback(lambda _: counted.discard(token))
+        return len(counted)
 
     @property
     def unanswered(self) -> int:
-        """Unary calls whose answer gRPC has not finished sending."""
+        """memsvc's unary calls whose answer gRPC has not finished sending."""
         return len(self._unanswered)
+
+    @property
+    def unanswered_other(self) -> int:
+        """Other services' unary calls (health Checks) not yet answered."""
+        return len(self._unanswered_other)
 
     def end_streams(self) -> int:
         """Cancel every open stream; return how many there were."""
@@ -333,7 +342,7 @@ class ErrorInterceptor(HandlerWrapper):
             return grpc.unary_unary_rpc_method_handler(
                 _map_errors(behavior, method, self._calls, self._limits)
                 if own
-                else _refusing_undecodable(behavior, method, self._calls, self._limits),
+                else _refusing_undecodable(behavior, method, self._calls),
                 request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
@@ -428,6 +437,8 @@ class ErrorInterceptor(HandlerWrapper):
         return writer
 
 
+# Unary calls of other services (health Checks) counted at once until answered.
+OTHER_UNARY_CALLS = 64
 # The largest request health and reflection take (service names, symbol and file
 # names): anything larger is INVALID_ARGUMENT, never parsed.
 _HEALTH_REQUEST_BYTES = 1024
@@ -453,15 +464,15 @@ def _refusing_undecodable(
     behavior: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]],
     method: str,
     calls: CallTracker,
-    limits: CallLimits,
 ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
     """Another service's unary ``behavior`` (a health Check, which needs no token),
     refusing a request :func:`within` did not parse with INVALID_ARGUMENT, and one
-    beyond max_concurrent_calls counted as memsvc's own are."""
+    beyond OTHER_UNARY_CALLS until answered: a bound of their own, so that a client
+    without a token holding unread answers cannot take memsvc's calls' slots."""
 
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        if calls.answering(context) > limits.max_concurrent_calls:
-            await _abort(context, TooManyCalls(limits.max_concurrent_calls), method)
+        if calls.answering(context, own=False) > OTHER_UNARY_CALLS:
+            await _abort(context, TooManyCalls(OTHER_UNARY_CALLS), method)
         await _refuse_undecodable(context, request, method)
         return await behavior(request, context)
 
