@@ -130,12 +130,21 @@ class LifecycleReads:
         if record is None:  # as ListCheckpoints says: a wrong session, not a checkpoint
             raise SessionNotFound(ref.session_id)
         if not include_entries:
-            found = await self._db.read_checkpoint(ref, checkpoint_id, with_contents=False)
-            if found is None:
-                raise CheckpointNotFound(ref.session_id, checkpoint_id)
-            return self.retention.with_expiry(found[0], protected_checkpoint(record)), Page([], "")
+            checkpoint, _ = await self._read_checkpoint(record, checkpoint_id, False)
+            return checkpoint, Page([], "")
         async with self._contents_turns:
             return await self._checkpoint_page(ref, record, checkpoint_id, limit, page_token)
+
+    async def _read_checkpoint(
+        self, record: SessionRecord, checkpoint_id: str, with_contents: bool
+    ) -> tuple[CheckpointRecord, bytes | None]:
+        """A checkpoint of ``record``'s session (with its expiry) and, if asked, its
+        contents; CheckpointNotFound when there is none."""
+        ref = record.ref
+        found = await self._db.read_checkpoint(ref, checkpoint_id, with_contents=with_contents)
+        if found is None:
+            raise CheckpointNotFound(ref.session_id, checkpoint_id)
+        return self.retention.with_expiry(found[0], protected_checkpoint(record)), found[1]
 
     async def _checkpoint_page(
         self,
@@ -146,11 +155,7 @@ class LifecycleReads:
         page_token: str,
     ) -> tuple[CheckpointRecord, Page[SnapshotEntry]]:
         """The checkpoint and a page of its entries, read with its contents."""
-        found = await self._db.read_checkpoint(ref, checkpoint_id, with_contents=True)
-        if found is None:
-            raise CheckpointNotFound(ref.session_id, checkpoint_id)
-        checkpoint = self.retention.with_expiry(found[0], protected_checkpoint(record))
-        contents = found[1]
+        checkpoint, contents = await self._read_checkpoint(record, checkpoint_id, True)
         if contents is None:
             raise RuntimeError(f"checkpoint {checkpoint_id!r} was read without its contents")
         # A token is bound to these contents, not only to the id: one deleted and

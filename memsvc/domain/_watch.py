@@ -709,7 +709,7 @@ class EventHub:
 
     def _offer(self, stored: StoredEvent) -> None:
         self.event_offered(stored)
-        weight = stored.event.size()
+        weight: int | None = None  # weighed once, for the first stream that takes it
         for subscriber in self._subscribers:
             if (
                 subscriber.lagging
@@ -718,6 +718,8 @@ class EventHub:
                 or not subscriber.event_filter.matches(stored.event)
             ):
                 continue
+            if weight is None:
+                weight = stored.event.size()
             if not subscriber.offer(stored, weight):
                 # Never wait for a slow reader: it catches up from the store.
                 self.watcher_lagged()

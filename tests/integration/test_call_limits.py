@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -101,6 +102,26 @@ async def test_the_clients_own_deadline_wins_over_the_default(stubs, store):
     assert python((await call).entry.value) == "v"
 
 
+@contextlib.asynccontextmanager
+async def holding_checks(port: int | None, count: int) -> AsyncIterator[UnreadingClient]:
+    """A client on ``port`` that sent ``count`` health Checks and reads no answer."""
+    assert port is not None
+    hoarder = await asyncio.to_thread(UnreadingClient, port)
+    try:
+        for _ in range(count):
+            hoarder.call("/grpc.health.v1.Health/Check", b"")
+        yield hoarder
+    finally:
+        hoarder.close()
+
+
+def limited(tmp_path: Path, **settings: Any) -> Config:
+    return replace(
+        Config(listen="127.0.0.1:0", data_dir=str(tmp_path), health_listen="", metrics_listen=""),
+        **settings,
+    )
+
+
 async def test_answers_nobody_reads_count_against_the_limit(tmp_path: Path):
     """Found by a review: a call counted only while its handler ran, and its answer
     then waited in memory until its client read it. A client that read nothing
@@ -110,90 +131,72 @@ async def test_answers_nobody_reads_count_against_the_limit(tmp_path: Path):
     which need no token, against a bound of their own (a later review: sharing the
     limit, a client without a token locked every authenticated call out)."""
     limit = 4
-    config = Config(listen="127.0.0.1:0", data_dir=str(tmp_path), health_listen="",
-                    metrics_listen="", max_concurrent_calls=limit)  # fmt: skip
     project = str(uuid.uuid4())
     listing = lc.ListSessionsRequest(project_id=project).SerializeToString()
-    async with Server(config) as server:
-        assert server.port is not None
-        hoarder = await asyncio.to_thread(UnreadingClient, server.port)
-        try:
-            for _ in range(OTHER_UNARY_CALLS + 8):
-                hoarder.call("/grpc.health.v1.Health/Check", b"")
-            for _ in range(3 * limit):
-                hoarder.call("/memsvc.v1.LifecycleService/ListSessions", listing)
+    async with (
+        Server(limited(tmp_path, max_concurrent_calls=limit)) as server,
+        holding_checks(server.port, OTHER_UNARY_CALLS + 8) as hoarder,
+    ):
+        for _ in range(3 * limit):
+            hoarder.call("/memsvc.v1.LifecycleService/ListSessions", listing)
 
-            async def held() -> bool:
-                calls = server._calls
-                return calls.unanswered == limit and calls.unanswered_other == OTHER_UNARY_CALLS
+        async def held() -> bool:
+            calls = server._calls
+            return calls.unanswered == limit and calls.unanswered_other == OTHER_UNARY_CALLS
 
-            await eventually(held)
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-                check = health_pb2_grpc.HealthStub(channel).Check
-                sessions = LifecycleServiceStub(channel).ListSessions
-                ask = lc.ListSessionsRequest(project_id=project)
-                await expect_error(
-                    check(health_pb2.HealthCheckRequest(), timeout=10),
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                )
-                await expect_error(sessions(ask, timeout=10), grpc.StatusCode.RESOURCE_EXHAUSTED)
-                hoarder.close()
-
-                async def let_go() -> bool:
-                    return server._calls.unanswered == server._calls.unanswered_other == 0
-
-                await eventually(let_go)
-                reply = await check(health_pb2.HealthCheckRequest(), timeout=10)
-                assert reply.status == health_pb2.HealthCheckResponse.SERVING
-                assert not (await sessions(ask, timeout=10)).sessions
-        finally:
+        await eventually(held)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            check = health_pb2_grpc.HealthStub(channel).Check
+            sessions = LifecycleServiceStub(channel).ListSessions
+            ask = lc.ListSessionsRequest(project_id=project)
+            await expect_error(
+                check(health_pb2.HealthCheckRequest(), timeout=10),
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            )
+            await expect_error(sessions(ask, timeout=10), grpc.StatusCode.RESOURCE_EXHAUSTED)
             hoarder.close()
+
+            async def let_go() -> bool:
+                return server._calls.unanswered == server._calls.unanswered_other == 0
+
+            await eventually(let_go)
+            reply = await check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            assert not (await sessions(ask, timeout=10)).sessions
 
 
 async def test_health_checks_held_unanswered_leave_memsvcs_calls_alone(tmp_path: Path):
     """A client without a token that holds unread health Checks takes none of the
     slots of memsvc's own calls (found by the review of the fix above)."""
-    config = Config(listen="127.0.0.1:0", data_dir=str(tmp_path), health_listen="",
-                    metrics_listen="", max_concurrent_calls=4)  # fmt: skip
-    async with Server(config) as server:
-        assert server.port is not None
-        hoarder = await asyncio.to_thread(UnreadingClient, server.port)
-        try:
-            for _ in range(OTHER_UNARY_CALLS + 8):
-                hoarder.call("/grpc.health.v1.Health/Check", b"")
+    async with (
+        Server(limited(tmp_path, max_concurrent_calls=4)) as server,
+        holding_checks(server.port, OTHER_UNARY_CALLS + 8),
+    ):
 
-            async def held() -> bool:
-                return server._calls.unanswered_other == OTHER_UNARY_CALLS
+        async def held() -> bool:
+            return server._calls.unanswered_other == OTHER_UNARY_CALLS
 
-            await eventually(held)
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-                ask = lc.ListSessionsRequest(project_id=str(uuid.uuid4()))
-                listed = await asyncio.gather(
-                    *(LifecycleServiceStub(channel).ListSessions(ask, timeout=10) for _ in range(4))
-                )
-                assert all(not page.sessions for page in listed)
-        finally:
-            hoarder.close()
+        await eventually(held)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            ask = lc.ListSessionsRequest(project_id=str(uuid.uuid4()))
+            listed = await asyncio.gather(
+                *(LifecycleServiceStub(channel).ListSessions(ask, timeout=10) for _ in range(4))
+            )
+            assert all(not page.sessions for page in listed)
 
 
 async def test_a_probe_is_answered_while_another_connection_holds_unread_checks(tmp_path: Path):
     """The probe port bounds Checks per connection, not per port: 64 unread Checks
     held on one connection kept the kubelet's probes out (a review), and the pod
     would have been restarted."""
-    config = Config(listen="127.0.0.1:0", data_dir=str(tmp_path), health_listen="127.0.0.1:0",
-                    metrics_listen="")  # fmt: skip
-    async with Server(config) as server:
-        assert server.health_port is not None
-        hoarder = await asyncio.to_thread(UnreadingClient, server.health_port)
-        try:
-            for _ in range(200):
-                hoarder.call("/grpc.health.v1.Health/Check", b"")
-            await asyncio.sleep(0.5)  # taken (or refused) by the server meanwhile
-            for _ in range(3):  # a kubelet: a new connection for each probe
-                async with grpc.aio.insecure_channel(f"127.0.0.1:{server.health_port}") as channel:
-                    reply = await health_pb2_grpc.HealthStub(channel).Check(
-                        health_pb2.HealthCheckRequest(service="liveness"), timeout=10
-                    )
-                    assert reply.status == health_pb2.HealthCheckResponse.SERVING
-        finally:
-            hoarder.close()
+    async with (
+        Server(limited(tmp_path, health_listen="127.0.0.1:0")) as server,
+        holding_checks(server.health_port, 200),
+    ):
+        await asyncio.sleep(0.5)  # taken (or refused) by the server meanwhile
+        for _ in range(3):  # a kubelet: a new connection for each probe
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.health_port}") as channel:
+                reply = await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service="liveness"), timeout=10
+                )
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
