@@ -222,14 +222,16 @@ class LifecycleReads:
                 decode_page_token(page_token, scope), position_ms, position_uuid, position_text
             ),
         )
-        items = await self._db.list_sessions(project, agent, wanted, before, limit + 1)
+        budget = self._limits.response_budget_bytes
+        items, cut = await self._db.list_sessions(project, agent, wanted, before, limit + 1, budget)
         return page_of(
             items,
             limit,
             scope,
             lambda last: [last.create_ms, last.ref.agent_instance_id, last.ref.session_id],
             SessionRecord.size,
-            self._limits.response_budget_bytes,
+            budget,
+            cut,
         )
 
     async def get_session(self, session: SessionRef) -> tuple[SessionRecord, bool | None]:
@@ -291,17 +293,16 @@ class LifecycleReads:
         if record is None:
             raise SessionNotFound(ref.session_id)
         protected = protected_checkpoint(record)
-        items = [
-            self.retention.with_expiry(c, protected)
-            for c in await self._db.list_checkpoints(ref, before, limit + 1)
-        ]
+        budget = self._limits.response_budget_bytes
+        read, cut = await self._db.list_checkpoints(ref, before, limit + 1, budget)
         return page_of(
-            items,
+            [self.retention.with_expiry(c, protected) for c in read],
             limit,
             scope,
             lambda last: [last.create_ms, last.checkpoint_id],
             CheckpointRecord.size,
-            self._limits.response_budget_bytes,
+            budget,
+            cut,
         )
 
 

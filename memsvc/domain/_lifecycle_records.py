@@ -51,6 +51,11 @@ class EventType(IntEnum):
 # The event types this memsvc writes (and that a watch filter may name).
 KNOWN_EVENT_TYPES = frozenset(EventType.__members__.values())
 
+# What a session or checkpoint takes in a response besides its texts and metadata
+# (ids, numbers, times, framing), and each text's framing.
+RECORD_BYTES = 256
+TEXT_FRAMING_BYTES = 6
+
 
 @dataclass(frozen=True, slots=True)
 class SessionRecord:
@@ -67,9 +72,10 @@ class SessionRecord:
     update_ms: int
 
     def size(self) -> int:
-        """An upper bound of its bytes in a response (pages end within a budget)."""
+        """An upper bound of its bytes in a response (pages end within a budget;
+        the stores weigh a listed row alike: store/_lifecycle_sql.py, _SESSION_WEIGHT)."""
         texts = (self.ref.session_id, self.resume_checkpoint_id or "")
-        return 256 + _texts_size(texts) + wire_size(self.metadata)  # 256: ids, times, framing
+        return RECORD_BYTES + _texts_size(texts) + wire_size(self.metadata)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,9 +93,10 @@ class CheckpointRecord:
     expire_ms: int | None = None
 
     def size(self) -> int:
-        """An upper bound of its bytes in a response (pages end within a budget)."""
+        """An upper bound of its bytes in a response (pages end within a budget;
+        the stores weigh a listed row alike: store/_lifecycle_sql.py, _CHECKPOINT_WEIGHT)."""
         texts = (self.ref.session_id, self.checkpoint_id)
-        return 256 + _texts_size(texts) + wire_size(self.metadata)  # 256: ids, times, framing
+        return RECORD_BYTES + _texts_size(texts) + wire_size(self.metadata)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +118,7 @@ class EventRecord:
     def size(self) -> int:
         """An upper bound of its bytes in a response."""
         texts = (self.ref.session_id, self.checkpoint_id or "")
-        return 256 + _texts_size(texts) + wire_size(self.metadata)  # 256: ids, times, framing
+        return RECORD_BYTES + _texts_size(texts) + wire_size(self.metadata)
 
 
 # What a tombstone's ids become (the store's columns are NOT NULL UUIDs).
@@ -179,7 +186,7 @@ EMBEDDING_FRAMING_BYTES = 6
 
 def _texts_size(texts: tuple[str, ...]) -> int:
     """Bytes of these strings in a message, with their framing."""
-    return sum(6 + len(text.encode("utf-8", "surrogatepass")) for text in texts)
+    return sum(TEXT_FRAMING_BYTES + len(text.encode("utf-8", "surrogatepass")) for text in texts)
 
 
 class RequestIdReused(Exception):
@@ -363,9 +370,11 @@ class LifecycleDatabase(Protocol):
         without locking anything."""
 
     async def list_checkpoints(
-        self, ref: SessionRef, before: tuple[int, str] | None, limit: int
-    ) -> list[CheckpointRecord]:
-        """Checkpoints newest first, strictly before (create_ms, id) when given."""
+        self, ref: SessionRef, before: tuple[int, str] | None, limit: int, byte_budget: int
+    ) -> tuple[list[CheckpointRecord], bool]:
+        """Up to ``limit`` checkpoints newest first, strictly before (create_ms, id)
+        when given, ending once they pass ``byte_budget`` by their ``size`` (the
+        one that crosses it comes), and whether that budget left any out."""
 
     async def list_sessions(
         self,
@@ -374,8 +383,10 @@ class LifecycleDatabase(Protocol):
         state: SessionState | None,
         before: tuple[int, str, str] | None,
         limit: int,
-    ) -> list[SessionRecord]:
-        """Sessions newest first, strictly before (create_ms, agent, session) when given."""
+        byte_budget: int,
+    ) -> tuple[list[SessionRecord], bool]:
+        """Sessions newest first, strictly before (create_ms, agent, session) when
+        given, within ``byte_budget`` as :meth:`list_checkpoints` reads."""
 
 
 # A request id is stamped by the replica that claims it and forgotten by the one

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from memsvc.store._lifecycle_sql import Connection, Dialect
+if TYPE_CHECKING:  # _lifecycle_sql's listings read through this module
+    from memsvc.store._lifecycle_sql import Connection, Dialect
 
 
 async def read_within_budget(

@@ -23,6 +23,8 @@ from psycopg.types.json import Jsonb
 from memsvc.domain import BackendUnavailable, SessionRef
 from memsvc.domain._lifecycle_records import (
     PURGED_ANSWER,
+    RECORD_BYTES,
+    TEXT_FRAMING_BYTES,
     AnswerPurged,
     CheckpointLock,
     CheckpointRecord,
@@ -34,7 +36,9 @@ from memsvc.domain._lifecycle_records import (
     SessionRecord,
     SessionState,
 )
+from memsvc.domain._pagination import wire_size
 from memsvc.domain._watch import EventFilter, StoredEvent, Wakeup
+from memsvc.store._budgeted_sql import read_within_budget
 
 
 class _Cursor(Protocol):
@@ -184,6 +188,21 @@ _CHECKPOINT_COLUMNS = (
     "project_id, agent_instance_id, session_id, checkpoint_id, create_time, key_count, "
     "size_bytes, metadata"
 )
+
+
+def _listing_weight(dialect: Dialect, texts: tuple[str, ...]) -> str:
+    """SQL for what a listed session or checkpoint row takes in a response, as its
+    record's size() counts it: a List page then stops at its byte budget in the
+    database, and never reads a page size of rows of large metadata to send the
+    few that fit. ``metadata_bytes`` is the metadata's size as memsvc counted it
+    on writing (jsonb's stored size is compressed, a fraction of what it sends);
+    NULL for rows written before it existed (migrations 0012, SQLite 0010), which
+    are weighed by their stored lengths."""
+    framed = " + ".join(f"coalesce({dialect.text_length(text)}, 0)" for text in texts)
+    return (
+        f"{RECORD_BYTES + TEXT_FRAMING_BYTES * len(texts)} + {framed}"
+        f" + coalesce(metadata_bytes, {dialect.json_stored_length('metadata')})"
+    )
 
 
 def _reading_checkpoint(contents: str) -> str:
@@ -554,9 +573,9 @@ class SqlLifecycleTransaction(SqlWrites):
             (project_lock(record.ref.project_id), True), (_session_lock(record.ref), False)
         )
         row = await self._one(
-            f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT DO NOTHING RETURNING version",
-            (*_key(record.ref), *self._session_values(record)),
+            f"INSERT INTO sessions ({_SESSION_COLUMNS}, metadata_bytes)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING version",
+            (*_key(record.ref), *self._session_values(record), wire_size(record.metadata)),
         )
         return row is not None
 
@@ -584,8 +603,8 @@ class SqlLifecycleTransaction(SqlWrites):
         self, record: CheckpointRecord, contents: bytes, timed_keys: int
     ) -> None:
         await self._write(
-            f"INSERT INTO checkpoints ({_CHECKPOINT_COLUMNS}, contents, timed_keys)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO checkpoints ({_CHECKPOINT_COLUMNS}, contents, timed_keys,"
+            " metadata_bytes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 *_key(record.ref),
                 record.checkpoint_id,
@@ -595,6 +614,7 @@ class SqlLifecycleTransaction(SqlWrites):
                 self._d.json_param(record.metadata),
                 contents,
                 timed_keys,
+                wire_size(record.metadata),
             ),
         )
 
@@ -1000,22 +1020,28 @@ async def list_checkpoints(
     ref: SessionRef,
     before: tuple[int, str] | None,
     limit: int,
-) -> list[CheckpointRecord]:
-    """Checkpoints newest first, strictly before (create_ms, checkpoint_id)."""
+    byte_budget: int,
+) -> tuple[list[CheckpointRecord], bool]:
+    """Checkpoints newest first, strictly before (create_ms, checkpoint_id), within
+    ``byte_budget`` (see :func:`read_within_budget`)."""
     params: list[Any] = list(_key(ref))
     condition = ""
     if before is not None:
         time_param = dialect.time_param(before[0])
         condition = " AND (create_time < ? OR (create_time = ? AND checkpoint_id < ?))"
         params += [time_param, time_param, before[1]]
-    cursor = await conn.execute(
-        dialect.sql(
-            f"SELECT {_CHECKPOINT_COLUMNS} FROM checkpoints WHERE {_SESSION_KEY}{condition}"
-            f" ORDER BY create_time DESC, checkpoint_id DESC LIMIT {int(limit)}"
-        ),
+    weight = _listing_weight(dialect, ("session_id", "checkpoint_id"))
+    rows, cut = await read_within_budget(
+        conn,
+        dialect,
+        f"SELECT {_CHECKPOINT_COLUMNS}, {weight} AS weight FROM checkpoints"
+        f" WHERE {_SESSION_KEY}{condition}",
         params,
+        "create_time DESC, checkpoint_id DESC",
+        limit,
+        byte_budget,
     )
-    return [checkpoint_from_row(row, dialect) for row in await cursor.fetchall()]
+    return [checkpoint_from_row(row, dialect) for row in rows], cut
 
 
 async def list_sessions(
@@ -1026,8 +1052,10 @@ async def list_sessions(
     state: SessionState | None,
     before: tuple[int, str, str] | None,
     limit: int,
-) -> list[SessionRecord]:
-    """A project's sessions newest first, strictly before (create_ms, agent, session)."""
+    byte_budget: int,
+) -> tuple[list[SessionRecord], bool]:
+    """A project's sessions newest first, strictly before (create_ms, agent,
+    session), within ``byte_budget`` (see :func:`read_within_budget`)."""
     conditions = ["project_id = ?"]
     params: list[Any] = [project_id]
     if agent_instance_id is not None:
@@ -1043,15 +1071,18 @@ async def list_sessions(
             " OR (agent_instance_id = ? AND session_id < ?))))"
         )
         params += [moment, moment, before[1], before[1], before[2]]
-    cursor = await conn.execute(
-        dialect.sql(
-            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE {' AND '.join(conditions)}"
-            " ORDER BY create_time DESC, agent_instance_id DESC, session_id DESC"
-            f" LIMIT {int(limit)}"
-        ),
+    weight = _listing_weight(dialect, ("session_id", "resume_checkpoint_id"))
+    rows, cut = await read_within_budget(
+        conn,
+        dialect,
+        f"SELECT {_SESSION_COLUMNS}, {weight} AS weight FROM sessions"
+        f" WHERE {' AND '.join(conditions)}",
         params,
+        "create_time DESC, agent_instance_id DESC, session_id DESC",
+        limit,
+        byte_budget,
     )
-    return [session_from_row(row, dialect) for row in await cursor.fetchall()]
+    return [session_from_row(row, dialect) for row in rows], cut
 
 
 def _now_ms() -> int:
@@ -1078,9 +1109,9 @@ class SqlReads(SqlQueries):
         return await self._query(read_checkpoint, ref, checkpoint_id, with_contents)
 
     async def list_checkpoints(
-        self, ref: SessionRef, before: tuple[int, str] | None, limit: int
-    ) -> list[CheckpointRecord]:
-        return await self._query(list_checkpoints, ref, before, limit)
+        self, ref: SessionRef, before: tuple[int, str] | None, limit: int, byte_budget: int
+    ) -> tuple[list[CheckpointRecord], bool]:
+        return await self._query(list_checkpoints, ref, before, limit, byte_budget)
 
     async def list_sessions(
         self,
@@ -1089,8 +1120,11 @@ class SqlReads(SqlQueries):
         state: SessionState | None,
         before: tuple[int, str, str] | None,
         limit: int,
-    ) -> list[SessionRecord]:
-        return await self._query(list_sessions, project_id, agent_instance_id, state, before, limit)
+        byte_budget: int,
+    ) -> tuple[list[SessionRecord], bool]:
+        return await self._query(
+            list_sessions, project_id, agent_instance_id, state, before, limit, byte_budget
+        )
 
     async def read_events(
         self, after: int, limit: int, event_filter: EventFilter, until: int | None = None

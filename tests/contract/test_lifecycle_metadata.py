@@ -15,6 +15,7 @@ import grpc
 import pytest
 from google.protobuf import json_format, struct_pb2
 
+from memsvc.store import _lifecycle_sql
 from memsvc.v1 import episodic_pb2 as ep
 from memsvc.v1 import lifecycle_pb2 as lc
 from memsvc.v1 import working_memory_pb2 as wm_pb
@@ -161,6 +162,66 @@ async def test_checkpoint_pages_end_within_a_response(
     listed, pages = await every_page(fetch)
     assert sorted(listed) == sorted(made)
     assert pages > 2
+
+
+@pytest.fixture
+def rows_decoded(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """How many session and checkpoint rows the store has read into memsvc (from
+    now on), by kind."""
+    counts = {"sessions": 0, "checkpoints": 0}
+    for kind, name in (("sessions", "session_from_row"), ("checkpoints", "checkpoint_from_row")):
+        real = getattr(_lifecycle_sql, name)
+
+        def counted(*args: Any, real: Any = real, kind: str = kind) -> Any:
+            counts[kind] += 1
+            return real(*args)
+
+        monkeypatch.setattr(_lifecycle_sql, name, counted)
+    return counts
+
+
+@pytest.mark.parametrize("kind", ["sessions", "checkpoints"])
+async def test_a_page_reads_no_more_rows_than_it_sends_whatever_their_metadata(
+    life: LifecycleServiceStub, scope: dict[str, Any], kind: str, rows_decoded: dict[str, int]
+):
+    # Repetitive metadata: PostgreSQL stores it compressed to a fraction of what
+    # it sends, so only what memsvc counted on writing weighs it right.
+    big = metadata_of_size(LIMIT)
+    await life.Spawn(lc.SpawnRequest(**scope))
+    for index in range(8):
+        item = f"big-{index}"
+        if kind == "sessions":
+            await life.Spawn(lc.SpawnRequest(**{**scope, "session_id": item}, metadata=big))
+        else:
+            await life.CreateCheckpoint(
+                lc.CreateCheckpointRequest(**scope, checkpoint_id=item, metadata=big)
+            )
+    reads: list[tuple[int, int]] = []
+
+    async def fetch(token: str) -> tuple[list[str], str]:
+        before = rows_decoded[kind]
+        names: list[str]
+        if kind == "sessions":
+            request = lc.ListSessionsRequest(
+                project_id=scope["project_id"], page_size=100, page_token=token
+            )
+            page = await life.ListSessions(request)
+            names, next_token = [s.session_id for s in page.sessions], page.next_page_token
+        else:
+            listing = lc.ListCheckpointsRequest(**scope, page_size=100, page_token=token)
+            answer = await life.ListCheckpoints(listing)
+            names = [c.checkpoint_id for c in answer.checkpoints]
+            next_token = answer.next_page_token
+        reads.append((len(names), rows_decoded[kind] - before))
+        return names, next_token
+
+    listed, pages = await every_page(fetch)
+    assert len(listed) == (9 if kind == "sessions" else 8)
+    assert pages > 2
+    # The row that crosses the budget is read (the exact check decides); no more.
+    # A page of 100 read whole would read all nine.
+    for sent, read in reads:
+        assert read <= sent + 1, reads
 
 
 def nested(depth: int) -> struct_pb2.Struct:

@@ -24,6 +24,9 @@ from memsvc.domain._snapshot import decode_snapshot, encode_snapshot
 from memsvc.domain._watch import EventFilter
 from tests.helpers import durable_store_at
 
+# A list page's byte budget that none of these small rows comes near.
+BUDGET = 1 << 20
+
 
 @pytest.fixture
 async def db(database_url: str) -> AsyncIterator[Any]:
@@ -93,10 +96,10 @@ async def test_checkpoints_are_unique_and_listed_newest_first(db):
         free = await tx.lock_session_for_checkpoint(record.ref, "c9", count=False)
         assert (free.checkpoints, free.id_taken) == (0, False)
         assert await tx.lock_session_for_checkpoint(new_session().ref, None, True) is None
-    newest = await db.list_checkpoints(record.ref, None, 2)
+    newest, _ = await db.list_checkpoints(record.ref, None, 2, BUDGET)
     assert [c.checkpoint_id for c in newest] == ["c3", "c1"]
-    rest = await db.list_checkpoints(
-        record.ref, (newest[-1].create_ms, newest[-1].checkpoint_id), 10
+    rest, _ = await db.list_checkpoints(
+        record.ref, (newest[-1].create_ms, newest[-1].checkpoint_id), 10, BUDGET
     )
     assert [c.checkpoint_id for c in rest] == ["c2", "c0"]
     found = await db.read_checkpoint(record.ref, "c2")
@@ -112,7 +115,7 @@ async def test_checkpoints_are_unique_and_listed_newest_first(db):
             "an ACTIVE session has no resume checkpoint"
         )
         await tx.delete_checkpoints(record.ref)
-    assert await db.list_checkpoints(record.ref, None, 10) == []
+    assert await db.list_checkpoints(record.ref, None, 10, BUDGET) == ([], False)
 
 
 async def test_the_resume_checkpoint_is_read_with_the_lock(db):
@@ -374,15 +377,15 @@ async def test_ids_of_one_millisecond_list_byte_wise_in_any_collation() -> None:
                 checkpoint = CheckpointRecord(ref, checkpoint_id, 2000, 0, 0)
                 await tx.insert_checkpoint(checkpoint, encode_snapshot([]), 0)
         byte_wise_newest_first = sorted(TIED_IDS, reverse=True)
-        sessions = await store.list_sessions(project, None, None, None, 10)
+        sessions, _ = await store.list_sessions(project, None, None, None, 10, BUDGET)
         assert [s.ref.session_id for s in sessions] == byte_wise_newest_first
-        first = await store.list_sessions(project, None, None, None, 2)
+        first, _ = await store.list_sessions(project, None, None, None, 2, BUDGET)
         last = first[-1]
-        rest = await store.list_sessions(
-            project, None, None, (last.create_ms, agent, last.ref.session_id), 10
+        rest, _ = await store.list_sessions(
+            project, None, None, (last.create_ms, agent, last.ref.session_id), 10, BUDGET
         )
         assert [s.ref.session_id for s in first + rest] == byte_wise_newest_first
-        checkpoints = await store.list_checkpoints(ref, None, 10)
+        checkpoints, _ = await store.list_checkpoints(ref, None, 10, BUDGET)
         assert [c.checkpoint_id for c in checkpoints] == byte_wise_newest_first
     finally:
         await store.aclose()

@@ -135,7 +135,7 @@ async def test_writes_of_one_table_never_share_a_statement(store: PostgresDurabl
         await tx.update_session(dataclasses.replace(session(ref), version=2))
         await tx.update_session(dataclasses.replace(session(ref), version=3))
         await tx.append_event(EventRecord(uuid7(), EventType.RESUMED, ref, None, now))
-    assert await store.list_checkpoints(ref, None, 10) == []
+    assert await store.list_checkpoints(ref, None, 10, 1 << 20) == ([], False)
     stored = await store.get_session(ref)
     assert stored is not None and stored.version == 3
 
