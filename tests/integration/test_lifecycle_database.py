@@ -19,6 +19,7 @@ from memsvc.domain._lifecycle_records import (
     SessionRecord,
     SessionState,
 )
+from memsvc.domain._pagination import wire_size
 from memsvc.domain._session_memory import SnapshotEntry
 from memsvc.domain._snapshot import decode_snapshot, encode_snapshot
 from memsvc.domain._watch import EventFilter
@@ -116,6 +117,45 @@ async def test_checkpoints_are_unique_and_listed_newest_first(db):
         )
         await tx.delete_checkpoints(record.ref)
     assert await db.list_checkpoints(record.ref, None, 10, BUDGET) == ([], False)
+
+
+# Metadata of every JSON kind, nested, with non-Latin keys and values and the
+# characters JSON escapes: the database must count each as memsvc does.
+WEIGHED_METADATA: list[dict[str, Any]] = [
+    {},
+    {"k": [1, "v"]},
+    {"note": "é" * 40, "ключ": "值", "emoji": "🙂", "": ""},
+    {"escapes": '\x01"\\\n', "flags": [True, False, None], "n": [1, 1.5, -0.0, 10**15]},
+    {"deep": {"a": [{"b": [[], {}]}, "c"], "d": {}}, "list": [[1], [], ["x", {"y": 2}]]},
+]
+
+
+async def test_rows_written_without_their_metadata_size_are_weighed_alike_in_the_database(db):
+    """A row written before migration 0012 (SQLite 0010), or by an older replica,
+    has no metadata_bytes: its page's budget then counts its metadata in the
+    database, as memsvc's wire_size does."""
+    records = [
+        SessionRecord(**{**_fields(new_session()), "metadata": metadata})
+        for metadata in WEIGHED_METADATA
+    ]
+    async with db.transaction() as tx:
+        for record in records:
+            await tx.insert_session(record)
+
+    async def weighed(conn: Any, dialect: Any, ref: SessionRef) -> list[Any]:
+        cursor = await conn.execute(
+            dialect.sql(
+                f"SELECT metadata_bytes, {dialect.json_wire_size('metadata')} FROM sessions"
+                " WHERE project_id = ? AND agent_instance_id = ? AND session_id = ?"
+            ),
+            (ref.project_id, ref.agent_instance_id, ref.session_id),
+        )
+        return list(await cursor.fetchone())
+
+    for record in records:
+        stored, counted = await db._query(weighed, record.ref)
+        expected = wire_size(record.metadata)
+        assert (stored, int(counted)) == (expected, expected), record.metadata
 
 
 async def test_the_resume_checkpoint_is_read_with_the_lock(db):
