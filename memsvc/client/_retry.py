@@ -26,8 +26,9 @@ What is retried depends on whether a failed attempt may have taken effect:
   holds a new token (the server refused the call before running it).
 
 An attempt does not fail for want of a connection where it can wait for one: after
-an UNAVAILABLE, and, for a call with a deadline, whenever the channel is not
-connected, it is made with gRPC's wait_for_ready, so it starts as soon as the server
+an UNAVAILABLE, and always for a call with a deadline (however the channel's state
+reads: READY lags a connection just lost), it is made with gRPC's wait_for_ready,
+so it starts as soon as the server
 is back (instead of failing at once while gRPC waits out its reconnection backoff).
 It sends nothing until then, so a write that meets a restart is sent once, when it
 can be, instead of failing in a way no retry could tell apart from a lost answer.
@@ -74,8 +75,16 @@ def being_cancelled() -> bool:
 Response = TypeVar("Response")
 
 # The failures retried for calls that may run twice: reads, and calls with a request id.
+# CANCELLED as a status is the server's (a call of the client's own that it cancels
+# ends in asyncio.CancelledError): gRPC cancels the calls that reached a server as it
+# stopped, before they reached memsvc, during every graceful restart.
 RETRIED_WITH_REQUEST_ID = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED}
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.CANCELLED,
+    }
 )
 
 
@@ -209,7 +218,8 @@ def retryable(failure: MemsvcError, has_request_id: bool, read_only: bool = Fals
 
     A refusal past the server's call limit, always: nothing was done. Otherwise only
     a call that may run twice: one with a request id (a retry has one effect) on
-    UNAVAILABLE, DEADLINE_EXCEEDED and ABORTED, and a read (it has none) on those
+    UNAVAILABLE, DEADLINE_EXCEEDED, ABORTED and CANCELLED (from the server's side),
+    and a read (it has none) on those
     too, except that a read the server itself cut at its own deadline would only
     run as long again. A write without a request id is not retried on them: the
     attempt may have run (a backend error after the commit, an answer lost with its
@@ -244,8 +254,9 @@ class Invoker:
         self.grpc_metadata = tuple(grpc_metadata)
         self.token = token
         # The channel the calls go over, set by the client once it has one: whether
-        # it is connected decides whether an attempt waits for a connection. None
-        # (a test's stand-in rpc): unknown, taken as connected.
+        # it is connected tells an attempt that ran out of time waiting for a
+        # connection from a slow one. None (a test's stand-in rpc): unknown, taken
+        # as connected.
         self.channel: grpc.aio.Channel | None = None
         # Set by close(): a call waiting to retry ends at once, and none starts again.
         self._closed = asyncio.Event()
@@ -424,14 +435,17 @@ class Invoker:
         with the SDK's options), however soon the server is back.
 
         After an UNAVAILABLE (the server may be restarting), within what is left of
-        the call's budget; and whenever the channel is not connected, for a call
-        with a deadline to bound the wait. A call without one waits only after an
-        UNAVAILABLE: its first attempt fails on a server that is not there instead
-        of waiting, unbounded, for one that may never come.
+        the call's budget; and always for a call with a deadline to bound the wait,
+        whatever the channel's state says: READY lags a connection that just went
+        away (a server restarting), and an attempt sent on it fails at once,
+        unsent, which a write without a request id could not retry. A call
+        without a deadline waits only after an UNAVAILABLE: its first attempt fails
+        on a server that is not there instead of waiting, unbounded, for one that
+        may never come.
         """
         if previous is not None and previous.code == grpc.StatusCode.UNAVAILABLE:
             return True
-        return deadline is not None and not self.connected
+        return deadline is not None
 
     def _never_connected(self, failure: MemsvcError) -> bool:
         """Whether an attempt that waited for a connection ran out of time, it seems,

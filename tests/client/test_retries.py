@@ -15,6 +15,7 @@ import pytest
 from memsvc.client import (
     AsyncClient,
     AsyncSessionClient,
+    Cancelled,
     DeadlineExceeded,
     EpisodeNotFound,
     EventType,
@@ -35,6 +36,7 @@ from tests.helpers import eventually
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED
 ABORTED = grpc.StatusCode.ABORTED
+CANCELLED = grpc.StatusCode.CANCELLED
 
 
 @pytest.fixture
@@ -221,6 +223,29 @@ async def test_a_read_is_retried_on_unavailable_and_a_write_without_request_id_i
         await flaky.delete("k")
     assert raised.value.attempts == 1 and len(proxy.calls("Delete")) == 1
     assert await session.get("k", default=None) is None  # the attempt did take effect
+
+
+async def test_a_cancelled_status_is_retried_for_reads_and_request_ids_only(
+    proxy: FaultProxy, flaky: AsyncSessionClient, session: AsyncSessionClient
+):
+    """gRPC cancels the calls that reached a server as it stopped (every graceful
+    restart): CANCELLED as a status is the server's, and a read or a call with a
+    request id is tried again (a review: they raised Cancelled, which the SDK
+    documents as the client's own close). A write without one may have run."""
+    await session.spawn()
+    await session.set("k", "v")
+    proxy.fail_after("Get", CANCELLED)
+    assert await flaky.get("k") == "v"
+    assert len(proxy.calls("Get")) == 2
+    proxy.fail_after("Pause", CANCELLED)
+    await flaky.pause()
+    one_request_id(proxy, "Pause", 2)
+    assert (await session.describe()).state == SessionState.PAUSED
+    await session.resume()
+    proxy.fail_after("Delete", CANCELLED)
+    with pytest.raises(Cancelled) as raised:
+        await flaky.delete("k")
+    assert raised.value.attempts == 1 and len(proxy.calls("Delete")) == 1
 
 
 async def test_a_graph_put_whose_answer_was_lost_is_retried_to_one_effect(

@@ -19,6 +19,7 @@ from memsvc.client import (
     AsyncClient,
     AsyncPager,
     AsyncSessionClient,
+    Cancelled,
     DeadlineExceeded,
     ErrorReason,
     InvalidArgument,
@@ -436,15 +437,15 @@ def invoker_on(
     return invoke
 
 
-async def test_an_attempt_waits_for_a_connection_after_unavailable_or_when_unconnected():
-    """gRPC fails a call at once while its channel waits out a reconnection backoff:
-    an attempt after an UNAVAILABLE, and any attempt of a call with a deadline on a
-    channel that is not connected, waits for the connection instead."""
+async def test_an_attempt_waits_for_a_connection_after_unavailable_or_with_a_deadline():
+    """gRPC fails a call at once while its channel waits out a reconnection backoff,
+    and READY lags a connection that just went away (a server restarting): an
+    attempt after an UNAVAILABLE, and any attempt of a call with a deadline whatever
+    the channel's state, waits for the connection instead (a review: Sets failed at
+    once, unsent, during graceful restarts, on a channel that still read READY)."""
     unavailable = rpc_error(grpc.StatusCode.UNAVAILABLE)
-    connected = FakeRpc(unavailable)
-    await invoker_on(grpc.ChannelConnectivity.READY, 10.0)(connected, "q", request_id="r")
-    assert connected.waits == [None, True]
     for state in (
+        grpc.ChannelConnectivity.READY,
         grpc.ChannelConnectivity.IDLE,
         grpc.ChannelConnectivity.CONNECTING,
         grpc.ChannelConnectivity.TRANSIENT_FAILURE,
@@ -458,6 +459,22 @@ async def test_an_attempt_waits_for_a_connection_after_unavailable_or_when_uncon
         unbounded, "q", request_id="r"
     )
     assert unbounded.waits == [None, True]
+
+
+async def test_a_cancelled_status_is_retried_only_for_calls_that_may_run_twice():
+    """CANCELLED as a status comes from the server (gRPC cancels the calls that
+    reached a stopping server before they reached memsvc): a read and a call with
+    a request id are tried again; a write without one may have run, and is not."""
+    for request_id in ("r", None):
+        rpc = FakeRpc(rpc_error(grpc.StatusCode.CANCELLED))
+        invoke = Invoker(QUICK, 10.0, ())
+        if request_id:
+            assert await invoke(rpc, "q", request_id=request_id) == "answer to q"
+            assert len(rpc.waits) == 2
+        else:
+            with pytest.raises(Cancelled) as raised:
+                await invoke(rpc, "q")
+            assert raised.value.attempts == 1 and len(rpc.waits) == 1
 
 
 async def test_a_deadline_that_passes_while_waiting_for_a_connection_is_unavailable():

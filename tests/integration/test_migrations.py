@@ -19,6 +19,7 @@ from memsvc.domain import BackendUnavailable
 from memsvc.server import Server
 from memsvc.store._migrations import MigrationError, load_migrations
 from memsvc.store.postgres import PostgresDurableStore
+from memsvc.store.postgres import _store as _postgres_store
 from memsvc.store.postgres._store import MIGRATION_LOCK_KEY
 from tests.helpers import durable_store_at
 
@@ -74,6 +75,49 @@ async def test_a_migration_waits_as_long_as_another_replica_migrates(fresh_postg
             assert not migrating.done()
             await other.rollback()
         assert await asyncio.wait_for(migrating, 30) == list(range(1, LATEST["postgres"] + 1))
+    finally:
+        await store.aclose()
+
+
+async def test_a_migration_that_waits_for_its_table_lets_other_queries_through(
+    fresh_postgres_url, monkeypatch, caplog
+):
+    """A migration's ALTER TABLE queues for its lock behind a long transaction on the
+    table (a backup, a report), and PostgreSQL queues every later query on the table
+    behind the ALTER: every replica's calls on it stalled for as long as the
+    transaction lasted (a review). The migration now gives up its place after
+    MIGRATION_LOCK_WAIT_SECONDS and tries again later, naming the transaction, and
+    applies once the table is free."""
+    monkeypatch.setattr(_postgres_store, "MIGRATION_RETRY_SECONDS", (0.2, 0.2))
+    every = load_migrations("memsvc.store.postgres")
+    store = PostgresDurableStore(fresh_postgres_url)
+    await store.open()
+    try:
+        # The database as the release before the last migration left it.
+        with monkeypatch.context() as older:
+            older.setattr(_postgres_store, "load_migrations", lambda package: every[:-1])
+            await store.migrate()
+        table = "sessions"  # the last migration's
+        assert f"TABLE {table}" in every[-1].sql
+        async with (
+            await psycopg.AsyncConnection.connect(fresh_postgres_url) as report,
+            await psycopg.AsyncConnection.connect(fresh_postgres_url) as replica,
+        ):
+            await report.execute(f"SELECT count(*) FROM {table}")  # its transaction stays open
+            migrating = asyncio.ensure_future(store.migrate())
+            async with asyncio.timeout(30):
+                while "let go" not in caplog.text:  # noqa: ASYNC110 (until its first try gave up)
+                    await asyncio.sleep(0.05)
+            assert "SELECT count(*) FROM sessions" in caplog.text  # the blocker is named
+            # Another replica's query on the table runs while the migration keeps
+            # trying: it waits at most one try's lock wait, far from this bound.
+            await replica.execute("SET statement_timeout = '20s'")
+            for _ in range(5):
+                await replica.execute(f"SELECT count(*) FROM {table}")
+                await replica.commit()
+            assert not migrating.done()
+            await report.rollback()
+            assert await asyncio.wait_for(migrating, 30) == [every[-1].version]
     finally:
         await store.aclose()
 

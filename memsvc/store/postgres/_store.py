@@ -33,7 +33,7 @@ from memsvc.store._lifecycle_sql import (
     never_wakes,
     read_notice,
 )
-from memsvc.store._migrations import check_applied, load_migrations
+from memsvc.store._migrations import Migration, check_applied, load_migrations
 from memsvc.store._observe import BackendObserver, ignore, observed
 from memsvc.store._retry import with_retries
 from memsvc.store._sql import SqlDurableReads, SqlTransaction
@@ -59,6 +59,13 @@ POOL_CLOSE_SECONDS = 1.0
 
 # pg_advisory_xact_lock key for migrations: "memsvc" in ASCII.
 MIGRATION_LOCK_KEY = 0x6D656D737663
+# How long a migration waits for a lock on the tables it changes before it rolls
+# back and tries again, and the waits between its tries (growing). While a DDL
+# statement waits for its lock (behind a backup, a long report, a replica cut off
+# mid-call), PostgreSQL queues every later query on the table behind it: every
+# replica's calls on it would stall for as long as the blocker lasts.
+MIGRATION_LOCK_WAIT_SECONDS = 2.0
+MIGRATION_RETRY_SECONDS = (1.0, 15.0)
 
 
 # Conditions of the database, after which the same call may succeed: UNAVAILABLE
@@ -491,8 +498,9 @@ class PostgresDurableStore(SqlDurableReads):
 
         Reaching the database is retried within three connect timeouts; the
         migrations themselves, and the wait for another replica's, take what
-        they take (an index built over a large table, a lock a long transaction
-        holds): cut off and rolled back, they could never be applied.
+        they take (an index built over a large table): cut off and rolled back,
+        they could never be applied. A lock on a table that a long transaction
+        holds is waited for in tries of MIGRATION_LOCK_WAIT_SECONDS (_apply).
         """
         try:
             await with_retries(
@@ -548,33 +556,66 @@ class PostgresDurableStore(SqlDurableReads):
         applied_now = []
         async with self._pooled() as conn:
             for migration in load_migrations("memsvc.store.postgres"):
-                async with conn.transaction():
-                    # Never prepared: the schema changes under these statements.
-                    await conn.execute(
-                        "SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,), prepare=False
-                    )
-                    await conn.execute(_SCHEMA_TABLE, prepare=False)
-                    cursor = await conn.execute(
-                        "SELECT checksum FROM schema_migrations WHERE version = %s",
-                        (migration.version,),
-                        prepare=False,
-                    )
-                    row = await cursor.fetchone()
-                    if row is not None:
-                        check_applied(migration, row[0])
-                        continue
-                    # No parameters: psycopg sends the whole file as one simple query.
-                    await conn.execute(migration.sql.encode(), prepare=False)
-                    await conn.execute(
-                        "INSERT INTO schema_migrations (version, name, checksum) "
-                        "VALUES (%s, %s, %s)",
-                        (migration.version, migration.name, migration.checksum),
-                        prepare=False,
-                    )
-                log.info("applied migration %04d_%s", migration.version, migration.name)
-                applied_now.append(migration.version)
+                if await self._apply(conn, migration):
+                    log.info("applied migration %04d_%s", migration.version, migration.name)
+                    applied_now.append(migration.version)
             await self._warn_if_search_folds_ascii_only(conn)
         return applied_now
+
+    async def _apply(self, conn: psycopg.AsyncConnection[Any], migration: Migration) -> bool:
+        """Apply ``migration`` unless it was; whether this did. A try that waits
+        MIGRATION_LOCK_WAIT_SECONDS for a lock rolls back (the queries queued behind
+        it then run) and is made again after a pause, for as long as it takes."""
+        pause = MIGRATION_RETRY_SECONDS[0]
+        while True:
+            try:
+                return await self._apply_once(conn, migration)
+            except psycopg.errors.LockNotAvailable:
+                pass
+            log.warning(
+                "migration %04d_%s waited %g s for a lock on its tables and let go, so as"
+                " not to hold up every replica's queries on them; trying again in %g s."
+                " Transactions open for longer than that: %s",
+                migration.version,
+                migration.name,
+                MIGRATION_LOCK_WAIT_SECONDS,
+                pause,
+                await _long_transactions(conn) or "none now",
+            )
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, MIGRATION_RETRY_SECONDS[1])
+
+    async def _apply_once(self, conn: psycopg.AsyncConnection[Any], migration: Migration) -> bool:
+        """One try of :meth:`_apply`, in one transaction."""
+        async with conn.transaction():
+            # Never prepared: the schema changes under these statements.
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,), prepare=False
+            )
+            await conn.execute(_SCHEMA_TABLE, prepare=False)
+            cursor = await conn.execute(
+                "SELECT checksum FROM schema_migrations WHERE version = %s",
+                (migration.version,),
+                prepare=False,
+            )
+            row = await cursor.fetchone()
+            if row is not None:
+                check_applied(migration, row[0])
+                return False
+            # After the advisory lock, which replicas wait for as long as
+            # another's migrations take.
+            await conn.execute(
+                f"SET LOCAL lock_timeout = '{int(MIGRATION_LOCK_WAIT_SECONDS * 1000)}ms'",
+                prepare=False,
+            )
+            # No parameters: psycopg sends the whole file as one simple query.
+            await conn.execute(migration.sql.encode(), prepare=False)
+            await conn.execute(
+                "INSERT INTO schema_migrations (version, name, checksum) VALUES (%s, %s, %s)",
+                (migration.version, migration.name, migration.checksum),
+                prepare=False,
+            )
+            return True
 
     def bundled_schema_version(self) -> int:
         return load_migrations("memsvc.store.postgres")[-1].version
@@ -752,3 +793,20 @@ class PostgresDurableStore(SqlDurableReads):
         if self._pool is None:
             raise RuntimeError("PostgresDurableStore used before open()")
         return self._pool
+
+
+async def _long_transactions(conn: psycopg.AsyncConnection[Any]) -> str:
+    """The transactions of this database open for longer than a migration waits
+    for its locks (those that may hold it up), described in a line."""
+    cursor = await conn.execute(
+        "SELECT pid, coalesce(usename, ''), coalesce(application_name, ''), state,"
+        " extract(epoch FROM now() - xact_start)::int, left(query, 60) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        " AND xact_start < now() - make_interval(secs => %s) ORDER BY xact_start LIMIT 5",
+        (MIGRATION_LOCK_WAIT_SECONDS,),
+        prepare=False,
+    )
+    return "; ".join(
+        f"pid {pid} ({user} {application or '-'}, {state}, {seconds} s: {query!r})"
+        for pid, user, application, state, seconds, query in await cursor.fetchall()
+    )
