@@ -200,12 +200,12 @@ async def ranked_episodes(
 def _weight(dialect: Dialect, with_embedding: bool) -> str:
     """An episode row's bytes in a response: what memsvc counted when it recorded
     it (``response_bytes``), plus its embedding when the page carries them. An
-    episode recorded before that column is weighed by its texts' lengths and its
-    JSON as the database counts it (Dialect.json_wire_size)."""
+    episode recorded before that column is weighed by its texts' lengths and a
+    bound of its JSON's (Dialect.json_wire_bound)."""
     texts = ("task_type", "task_description", "outcome_details", "context_summary")
     parts = [dialect.text_length(f"e.{column}") for column in texts]
     parts += [
-        dialect.json_wire_size(f"e.{column}")
+        dialect.json_wire_bound(f"e.{column}")
         for column in ("actions", "lessons_learned", "metadata")
     ]
     weight = f"coalesce(e.response_bytes, {' + '.join(parts)})"

@@ -122,6 +122,45 @@ async def test_a_migration_that_waits_for_its_table_lets_other_queries_through(
         await store.aclose()
 
 
+async def test_a_migration_caught_in_a_deadlock_tries_again(fresh_postgres_url, monkeypatch):
+    """A transaction that read the checkpoints, then reads the sessions that the
+    last migration holds while it waits for the checkpoints: PostgreSQL ends one of
+    the two as a deadlock (the migration, whose wait began first). It tries again
+    rather than stop the start (a review), and the other transaction commits."""
+    monkeypatch.setattr(_postgres_store, "MIGRATION_RETRY_SECONDS", (0.2, 0.2))
+    every = load_migrations("memsvc.store.postgres")
+    assert "TABLE sessions" in every[-1].sql and "TABLE checkpoints" in every[-1].sql
+    store = PostgresDurableStore(fresh_postgres_url)
+    await store.open()
+    try:
+        with monkeypatch.context() as older:
+            older.setattr(_postgres_store, "load_migrations", lambda package: every[:-1])
+            await store.migrate()
+        async with await psycopg.AsyncConnection.connect(fresh_postgres_url) as other:
+            await other.execute("SELECT 1 FROM checkpoints LIMIT 1")
+            migrating = asyncio.ensure_future(store.migrate())
+            async with asyncio.timeout(30):
+                # Until the migration holds the sessions and waits for the checkpoints.
+                while not await _waiting_for_a_lock(fresh_postgres_url):  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+            await other.execute("SELECT 1 FROM sessions LIMIT 1")
+            await other.commit()
+        assert await asyncio.wait_for(migrating, 30) == [every[-1].version]
+    finally:
+        await store.aclose()
+
+
+async def _waiting_for_a_lock(url: str) -> bool:
+    """Whether a query of the database waits for a lock (the migration's)."""
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        cursor = await conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND wait_event_type = 'Lock'"
+        )
+        row = await cursor.fetchone()
+        return bool(row and row[0])
+
+
 async def test_without_migrations_a_database_behind_the_code_stops_the_start(
     local_config, database_url
 ):

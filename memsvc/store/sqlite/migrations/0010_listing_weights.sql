@@ -2,7 +2,7 @@
 -- memsvc counts a page's budget (SessionRecord.size, CheckpointRecord.size):
 -- ListSessions and ListCheckpoints stop a page at its budget inside the database
 -- by it, rather than read a page size of rows of large metadata into memsvc to
--- send the few that fit. NULL for the rows written before: the database counts
--- those from their JSON (Dialect.json_wire_size).
+-- send the few that fit. NULL for the rows written before: those are weighed by a
+-- bound from their JSON's length (Dialect.json_wire_bound).
 ALTER TABLE sessions ADD COLUMN metadata_bytes INTEGER;
 ALTER TABLE checkpoints ADD COLUMN metadata_bytes INTEGER;
