@@ -176,6 +176,8 @@ class AsyncClient:
         bearer = _bearer(token, token_file)
         self._invoke = Invoker(retry or RetryPolicy(), timeout, grpc_metadata, bearer)
         self._stubs: tuple[Any, Any, Any, Any, Any] | None = None
+        # The event loop of its first call: gRPC's channels serve that loop only.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
     def from_channel(
@@ -229,6 +231,15 @@ class AsyncClient:
         return self._channel
 
     def _stub(self, index: int) -> Any:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            if self._loop is not None:
+                # gRPC's own error says only "Event loop is closed", or hangs.
+                raise RuntimeError(
+                    f"{self!r} belongs to the event loop it was first used in, not this"
+                    " one: create a client in each event loop (each asyncio.run())"
+                )
+            self._loop = loop
         if self._stubs is None:
             channel = self.channel
             self._stubs = (
@@ -487,7 +498,14 @@ class AsyncClient:
         def open_stream(
             message: lifecycle_pb2.WatchLifecycleRequest, metadata: Sequence[tuple[str, str]]
         ) -> Any:
-            return self._lifecycle.WatchLifecycle(message, metadata=metadata)
+            # A resuming watch's stream waits for the channel to connect (gRPC's
+            # wait_for_ready), as unary attempts do, rather than fail at once for as
+            # long as gRPC waits out its reconnection backoff after a restart (up to
+            # 5 s, the watch's own backoff then added). The wait is bounded as a
+            # silent stream's is: by the silence limit and reconnect_timeout.
+            return self._lifecycle.WatchLifecycle(
+                message, metadata=metadata, wait_for_ready=reconnect or None
+            )
 
         return AsyncWatch(
             open_stream,

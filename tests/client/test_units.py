@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import re
+import uuid
 from datetime import UTC, datetime, timedelta, timezone
 from types import SimpleNamespace
 from typing import Any, cast
@@ -44,6 +46,7 @@ from memsvc.client._values import (
     to_struct,
     to_value,
 )
+from memsvc.testing import free_port
 from memsvc.v1 import (
     episodic_pb2,
     errors_pb2,
@@ -547,3 +550,23 @@ async def test_get_many_spends_one_budget_across_its_calls():
     assert len(budgets) == 3
     assert budgets[0] <= 2.0 and budgets[2] < budgets[1] < budgets[0]
     assert budgets[0] - budgets[2] >= 0.1  # what the first two calls spent
+
+
+def test_a_client_used_in_another_event_loop_says_so():
+    """gRPC's channel serves the loop it was made in: a client used again from
+    another asyncio.run() got gRPC's bare "Event loop is closed" (an SDK review)."""
+    client = AsyncClient(f"127.0.0.1:{free_port()}", timeout=0.2, retry=RetryPolicy.disabled())
+
+    async def use() -> None:
+        with contextlib.suppress(MemsvcError):  # nothing listens there
+            await client.session(str(uuid.uuid4()), str(uuid.uuid4()), "s").get("k")
+
+    first = asyncio.new_event_loop()
+    try:
+        first.run_until_complete(use())
+        with pytest.raises(RuntimeError, match="event loop it was first used in"):
+            asyncio.run(use())
+        first.run_until_complete(use())  # its own loop still works
+    finally:
+        first.run_until_complete(client.close())
+        first.close()

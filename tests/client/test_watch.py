@@ -31,6 +31,7 @@ from memsvc.client import (
 )
 from memsvc.config import Config
 from memsvc.server import Server
+from memsvc.testing import free_port
 from memsvc.v1 import lifecycle_pb2
 from tests.client._proxy import FaultProxy
 from tests.client.conftest import FAST_RETRY
@@ -400,6 +401,34 @@ async def test_watch_gives_up_after_reconnect_timeout(proxy: FaultProxy, scope, 
         with pytest.raises(Unavailable):
             await asyncio.wait_for(anext(events), WAIT)
     assert len(proxy.calls("WatchLifecycle")) >= 2
+
+
+async def test_a_watch_opened_while_memsvc_is_down_starts_once_it_is_back(
+    base_config: Config, scope: dict[str, str], auth_token: str
+):
+    """The stream waits for the channel to connect (gRPC's wait_for_ready), as unary
+    attempts do, instead of failing at once and backing off (an hour here) while
+    gRPC waits out its own reconnection backoff (an SDK review: after a restart,
+    events came up to ten seconds late)."""
+    config = replace(base_config, listen=f"127.0.0.1:{free_port()}")
+    slow = RetryPolicy(initial_backoff=3600, max_backoff=3600)
+    project = scope["project_id"]
+    async with AsyncClient(config.listen, retry=slow, token=auth_token) as sdk:
+        events = sdk.watch(project, start="oldest")
+        reading = asyncio.ensure_future(events.start())
+        try:
+            async with asyncio.timeout(WAIT):
+                while events.connections == 0:  # noqa: ASYNC110 (until its stream opened)
+                    await asyncio.sleep(0.01)
+            async with Server(config):
+                await asyncio.wait_for(reading, WAIT)
+                await sdk.session(project, scope["agent_instance_id"], "back").spawn()
+                (event,) = await take(events, 1)
+        finally:
+            reading.cancel()
+            await events.aclose()
+    assert event.session_id == "back"
+    assert events.connections == 1
 
 
 async def test_aclose_ends_a_watch_waiting_to_reconnect(proxy: FaultProxy, scope, auth_token):
