@@ -218,6 +218,7 @@ class AsyncClient:
         """The gRPC channel (opened now if it is not yet)."""
         if self._invoke.closed:
             raise RuntimeError(f"{self!r} is closed")
+        self._bound_to_this_loop()
         if self._channel is None:
             if self._credentials is None:
                 self._channel = grpc.aio.insecure_channel(
@@ -230,18 +231,27 @@ class AsyncClient:
             self._invoke.channel = self._channel
         return self._channel
 
-    def _stub(self, index: int) -> Any:
-        loop = asyncio.get_running_loop()
-        if self._loop is not loop:
-            if self._loop is not None:
-                # gRPC's own error says only "Event loop is closed", or hangs.
-                raise RuntimeError(
-                    f"{self!r} belongs to the event loop it was first used in, not this"
-                    " one: create a client in each event loop (each asyncio.run())"
-                )
+    def _bound_to_this_loop(self) -> None:
+        """Bind the client to the running event loop at its first use in one, and
+        refuse any other loop after: gRPC's channel serves the loop it was made in,
+        and its own error says only "Event loop is closed" (or nothing: a hang)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # read outside any loop (the channel property): nothing to check
+        if self._loop is None:
             self._loop = loop
-        if self._stubs is None:
-            channel = self.channel
+        elif self._loop is not loop:
+            raise RuntimeError(
+                f"{self!r} belongs to the event loop it was first used in, not this"
+                " one: create a client in each event loop (each asyncio.run())"
+            )
+
+    def _stub(self, index: int) -> Any:
+        if self._stubs is not None:
+            self._bound_to_this_loop()
+        else:
+            channel = self.channel  # refuses a closed client, binds the loop
             self._stubs = (
                 working_memory_pb2_grpc.WorkingMemoryServiceStub(channel),
                 lifecycle_pb2_grpc.LifecycleServiceStub(channel),

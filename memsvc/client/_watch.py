@@ -76,8 +76,12 @@ class _StreamEnded(Exception):
 class _Silent(Exception):
     """Nothing arrived for longer than the watch tolerates: reconnect."""
 
-    def __init__(self, waited: float) -> None:
-        super().__init__(f"nothing arrived within {waited:.3g} s")
+    def __init__(self, waited: float, unconnected: bool = False) -> None:
+        # A stream that waited for a connection the whole time (wait_for_ready)
+        # says so: a wrong address or a TLS error reads as no connection, not as a
+        # server that does not answer.
+        why = " (no connection to memsvc)" if unconnected else ""
+        super().__init__(f"nothing arrived within {waited:.3g} s{why}")
 
 
 # A stream that delivered its first message and stayed up this long worked:
@@ -90,6 +94,9 @@ class Closing(Protocol):
 
     @property
     def closed(self) -> bool: ...
+
+    @property
+    def connected(self) -> bool: ...
 
     async def closed_within(self, delay: float) -> bool: ...
 
@@ -364,7 +371,10 @@ class AsyncWatch(Generic[Item]):
             async with asyncio.timeout(limit):
                 message = await self._stream.call.read()
         except TimeoutError:
-            raise _Silent(limit) from None
+            unconnected = (
+                self._on_call == 0 and self._closing is not None and not self._closing.connected
+            )
+            raise _Silent(limit, unconnected) from None
         if message is grpc.aio.EOF:
             raise _StreamEnded
         result: lifecycle_pb2.WatchLifecycleResponse = message

@@ -52,8 +52,10 @@ class EventType(IntEnum):
 KNOWN_EVENT_TYPES = frozenset(EventType.__members__.values())
 
 # What a session or checkpoint takes in a response besides its texts and metadata
-# (ids, numbers, times, framing), and each text's framing.
+# (ids, numbers, times, framing), an episode besides its texts and JSON, and each
+# text's framing. The stores weigh rows alike in SQL.
 RECORD_BYTES = 256
+EPISODE_RECORD_BYTES = 512
 TEXT_FRAMING_BYTES = 6
 
 
@@ -172,7 +174,7 @@ class EpisodeRecord:
         texts = (self.task_type, self.task_description, self.outcome_details,
                  self.context_summary, self.ref.session_id, *self.lessons_learned)  # fmt: skip
         return (
-            512  # ids, numbers, times and framing
+            EPISODE_RECORD_BYTES
             + _texts_size(texts)
             + wire_size(self.actions)
             + wire_size(self.metadata)

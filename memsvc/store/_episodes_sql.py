@@ -21,7 +21,12 @@ from typing import Any
 
 from memsvc.domain import SessionRef
 from memsvc.domain._episodes import EpisodeScope, ScoredEpisode, search_texts
-from memsvc.domain._lifecycle_records import EMBEDDING_FRAMING_BYTES, EpisodeRecord
+from memsvc.domain._lifecycle_records import (
+    EMBEDDING_FRAMING_BYTES,
+    EPISODE_RECORD_BYTES,
+    TEXT_FRAMING_BYTES,
+    EpisodeRecord,
+)
 from memsvc.store._budgeted_sql import read_within_budget
 from memsvc.store._lifecycle_sql import Connection, Dialect, SqlQueries, SqlWrites, text
 
@@ -200,10 +205,11 @@ async def ranked_episodes(
 def _weight(dialect: Dialect, with_embedding: bool) -> str:
     """An episode row's bytes in a response: what memsvc counted when it recorded
     it (``response_bytes``), plus its embedding when the page carries them. An
-    episode recorded before that column is weighed by its texts' lengths and a
-    bound of its JSON's (Dialect.json_wire_bound)."""
-    texts = ("task_type", "task_description", "outcome_details", "context_summary")
-    parts = [dialect.text_length(f"e.{column}") for column in texts]
+    episode recorded before that column is weighed as EpisodeRecord.size counts
+    it, with a bound of its JSON's (Dialect.json_wire_bound): never light."""
+    texts = ("task_type", "task_description", "outcome_details", "context_summary", "session_id")
+    parts = [str(EPISODE_RECORD_BYTES + TEXT_FRAMING_BYTES * len(texts))]
+    parts += [dialect.text_length(f"e.{column}") for column in texts]
     parts += [
         dialect.json_wire_bound(f"e.{column}")
         for column in ("actions", "lessons_learned", "metadata")

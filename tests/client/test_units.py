@@ -552,21 +552,31 @@ async def test_get_many_spends_one_budget_across_its_calls():
     assert budgets[0] - budgets[2] >= 0.1  # what the first two calls spent
 
 
-def test_a_client_used_in_another_event_loop_says_so():
+@pytest.mark.parametrize("first_use", ["call", "wait_ready"])
+def test_a_client_used_in_another_event_loop_says_so(first_use: str):
     """gRPC's channel serves the loop it was made in: a client used again from
-    another asyncio.run() got gRPC's bare "Event loop is closed" (an SDK review)."""
+    another asyncio.run() got gRPC's bare "Event loop is closed" (an SDK review),
+    whether its first use was a call or wait_ready()."""
     client = AsyncClient(f"127.0.0.1:{free_port()}", timeout=0.2, retry=RetryPolicy.disabled())
 
-    async def use() -> None:
+    async def call() -> None:
         with contextlib.suppress(MemsvcError):  # nothing listens there
             await client.session(str(uuid.uuid4()), str(uuid.uuid4()), "s").get("k")
 
+    async def wait_ready() -> None:
+        with contextlib.suppress(TimeoutError):
+            await client.wait_ready(timeout=0.05)
+
     first = asyncio.new_event_loop()
     try:
-        first.run_until_complete(use())
-        with pytest.raises(RuntimeError, match="event loop it was first used in"):
-            asyncio.run(use())
-        first.run_until_complete(use())  # its own loop still works
+        first.run_until_complete(call() if first_use == "call" else wait_ready())
+        for use in (call, wait_ready):
+            with pytest.raises(RuntimeError, match="event loop it was first used in"):
+                asyncio.run(use())
+        first.run_until_complete(call())  # its own loop still works
+        first.run_until_complete(client.close())
+        with pytest.raises(RuntimeError, match="is closed"):
+            asyncio.run(call())
     finally:
         first.run_until_complete(client.close())
         first.close()

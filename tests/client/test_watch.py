@@ -431,6 +431,16 @@ async def test_a_watch_opened_while_memsvc_is_down_starts_once_it_is_back(
     assert events.connections == 1
 
 
+async def test_a_watch_that_never_connects_says_so_when_it_gives_up():
+    """Its streams wait for a connection, so none fails with gRPC's reason: giving
+    up says that there was no connection (a wrong address, a TLS error), not only
+    that nothing arrived, as of a server that does not answer (a review)."""
+    async with AsyncClient(f"127.0.0.1:{free_port()}", retry=FAST_RETRY) as sdk:
+        events = sdk.watch(str(uuid.uuid4()), reconnect_timeout=1)
+        with pytest.raises(Unavailable, match="no connection to memsvc"):
+            await asyncio.wait_for(events.start(), WAIT)
+
+
 async def test_aclose_ends_a_watch_waiting_to_reconnect(proxy: FaultProxy, scope, auth_token):
     """The backoff before a reconnection (an hour here) ends with aclose() from
     another task: iteration stops at once instead of after it."""

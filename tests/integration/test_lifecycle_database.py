@@ -13,6 +13,7 @@ import pytest
 from memsvc.domain import SessionRef
 from memsvc.domain._lifecycle_records import (
     CheckpointRecord,
+    EpisodeRecord,
     EventRecord,
     EventType,
     RequestIdReused,
@@ -23,6 +24,7 @@ from memsvc.domain._pagination import wire_size
 from memsvc.domain._session_memory import SnapshotEntry
 from memsvc.domain._snapshot import decode_snapshot, encode_snapshot
 from memsvc.domain._watch import EventFilter
+from memsvc.store._episodes_sql import _weight as _episode_weight
 from tests.helpers import durable_store_at
 
 # A list page's byte budget that none of these small rows comes near.
@@ -163,6 +165,49 @@ async def test_rows_written_without_their_metadata_size_are_never_weighed_light(
         expected = wire_size(record.metadata)
         assert stored == expected, record.metadata
         assert expected <= int(bound) <= 8 * expected + 1, (expected, bound, record.metadata)
+
+
+async def test_episodes_recorded_without_their_size_are_never_weighed_light(db):
+    """An episode recorded before response_bytes is weighed in SQL as
+    EpisodeRecord.size counts it (its fixed bytes, every text and its framing, a
+    bound of its JSON), never below: a review found the fixed part missing, pages
+    of such episodes reading ten rows for each one they sent."""
+    project = str(uuid.uuid4())
+    records = [
+        EpisodeRecord(
+            str(uuid.uuid4()),
+            SessionRef(project, str(uuid.uuid4()), "s" * index),
+            "t",
+            "d" * index,
+            1,
+            "é" * index,
+            [metadata] * index,
+            "",
+            ["lesson"] * index,
+            1.0,
+            1,
+            0.5,
+            metadata,
+            1_700_000_000_000 + index,
+        )
+        for index, metadata in enumerate(WEIGHED_METADATA)
+    ]
+    async with db.transaction() as tx:
+        for record in records:
+            await tx.insert_episode(record)
+        await tx._write("UPDATE episodes SET response_bytes = NULL WHERE project_id = ?", [project])
+
+    async def weighed(conn: Any, dialect: Any) -> dict[str, int]:
+        cursor = await conn.execute(
+            dialect.sql(f"SELECT e.episode_id, {_episode_weight(dialect, False)} FROM episodes e"
+                        " WHERE e.project_id = ?"),
+            (project,),
+        )  # fmt: skip
+        return {str(row[0]): int(row[1]) for row in await cursor.fetchall()}
+
+    weights = await db._query(weighed)
+    for record in records:
+        assert weights[record.episode_id] >= record.size_without_embedding(), record
 
 
 async def test_the_resume_checkpoint_is_read_with_the_lock(db):
