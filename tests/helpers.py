@@ -179,6 +179,16 @@ async def sql_rows(url: str, statement: str, *params: Any) -> list[tuple[Any, ..
         return [] if cursor.description is None else list(await cursor.fetchall())
 
 
+async def waiting_for_locks(url: str) -> int:
+    """Backends of a PostgreSQL database waiting for a lock."""
+    (row,) = await sql_rows(
+        url,
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND wait_event_type = 'Lock'",
+    )
+    return int(row[0])
+
+
 def metric(server: Any, name: str, **labels: str) -> float | None:
     """The value of one sample on a server's Prometheus endpoint (None: absent)."""
     import urllib.request

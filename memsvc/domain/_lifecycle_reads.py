@@ -133,7 +133,7 @@ class LifecycleReads:
             checkpoint, _ = await self._read_checkpoint(record, checkpoint_id, False)
             return checkpoint, Page([], "")
         async with self._contents_turns:
-            return await self._checkpoint_page(ref, record, checkpoint_id, limit, page_token)
+            return await self._checkpoint_page(record, checkpoint_id, limit, page_token)
 
     async def _read_checkpoint(
         self, record: SessionRecord, checkpoint_id: str, with_contents: bool
@@ -147,14 +147,10 @@ class LifecycleReads:
         return self.retention.with_expiry(found[0], protected_checkpoint(record)), found[1]
 
     async def _checkpoint_page(
-        self,
-        ref: SessionRef,
-        record: SessionRecord,
-        checkpoint_id: str,
-        limit: int,
-        page_token: str,
+        self, record: SessionRecord, checkpoint_id: str, limit: int, page_token: str
     ) -> tuple[CheckpointRecord, Page[SnapshotEntry]]:
         """The checkpoint and a page of its entries, read with its contents."""
+        ref = record.ref
         checkpoint, contents = await self._read_checkpoint(record, checkpoint_id, True)
         if contents is None:
             raise RuntimeError(f"checkpoint {checkpoint_id!r} was read without its contents")

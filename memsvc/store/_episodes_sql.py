@@ -24,11 +24,17 @@ from memsvc.domain._episodes import EpisodeScope, ScoredEpisode, search_texts
 from memsvc.domain._lifecycle_records import (
     EMBEDDING_FRAMING_BYTES,
     EPISODE_RECORD_BYTES,
-    TEXT_FRAMING_BYTES,
     EpisodeRecord,
 )
 from memsvc.store._budgeted_sql import read_within_budget
-from memsvc.store._lifecycle_sql import Connection, Dialect, SqlQueries, SqlWrites, text
+from memsvc.store._lifecycle_sql import (
+    Connection,
+    Dialect,
+    SqlQueries,
+    SqlWrites,
+    record_weight,
+    text,
+)
 
 _COLUMNS = (
     "e.episode_id, e.project_id, e.agent_instance_id, e.session_id, e.task_type,"
@@ -208,13 +214,13 @@ def _weight(dialect: Dialect, with_embedding: bool) -> str:
     episode recorded before that column is weighed as EpisodeRecord.size counts
     it, with a bound of its JSON's (Dialect.json_wire_bound): never light."""
     texts = ("task_type", "task_description", "outcome_details", "context_summary", "session_id")
-    parts = [str(EPISODE_RECORD_BYTES + TEXT_FRAMING_BYTES * len(texts))]
-    parts += [dialect.text_length(f"e.{column}") for column in texts]
-    parts += [
-        dialect.json_wire_bound(f"e.{column}")
-        for column in ("actions", "lessons_learned", "metadata")
-    ]
-    weight = f"coalesce(e.response_bytes, {' + '.join(parts)})"
+    counted = record_weight(
+        dialect,
+        EPISODE_RECORD_BYTES,
+        [f"e.{column}" for column in texts],
+        [f"e.{column}" for column in ("actions", "lessons_learned", "metadata")],
+    )
+    weight = f"coalesce(e.response_bytes, {counted})"
     if with_embedding:
         embedding = dialect.stored_length("e.embedding")
         weight += f" + coalesce({embedding} + {EMBEDDING_FRAMING_BYTES}, 0)"

@@ -201,17 +201,28 @@ _CHECKPOINT_COLUMNS = (
 )
 
 
+def record_weight(
+    dialect: Dialect, fixed: int, texts: Sequence[str], json_columns: Sequence[str] = ()
+) -> str:
+    """SQL for what a row takes in a response as its record's size() counts it:
+    ``fixed`` bytes, each text column's bytes and framing (NULL as empty), and a
+    bound of each JSON column's (Dialect.json_wire_bound): never light."""
+    parts = [str(fixed + TEXT_FRAMING_BYTES * len(texts))]
+    parts += [f"coalesce({dialect.text_length(text)}, 0)" for text in texts]
+    parts += [dialect.json_wire_bound(column) for column in json_columns]
+    return " + ".join(parts)
+
+
 def _listing_weight(dialect: Dialect, texts: tuple[str, ...]) -> str:
-    """SQL for what a listed session or checkpoint row takes in a response, as its
-    record's size() counts it: a List page then stops at its byte budget in the
-    database, and never reads a page size of rows of large metadata to send the
-    few that fit. ``metadata_bytes`` is the metadata's size as memsvc counted it
-    on writing (jsonb's stored size is compressed, a fraction of what it sends).
-    The rows written without it (before migrations 0012 and SQLite 0010, or by an
-    older replica meanwhile) are weighed by a bound from their JSON's length."""
-    framed = " + ".join(f"coalesce({dialect.text_length(text)}, 0)" for text in texts)
+    """SQL for what a listed session or checkpoint row takes in a response: a List
+    page then stops at its byte budget in the database, and never reads a page size
+    of rows of large metadata to send the few that fit. ``metadata_bytes`` is the
+    metadata's size as memsvc counted it on writing (jsonb's stored size is
+    compressed, a fraction of what it sends). The rows written without it (before
+    migrations 0012 and SQLite 0010, or by an older replica meanwhile) are weighed
+    by a bound from their JSON's length."""
     return (
-        f"{RECORD_BYTES + TEXT_FRAMING_BYTES * len(texts)} + {framed}"
+        f"{record_weight(dialect, RECORD_BYTES, texts)}"
         f" + coalesce(metadata_bytes, {dialect.json_wire_bound('metadata')})"
     )
 

@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import psycopg
@@ -21,7 +22,7 @@ from memsvc.store._migrations import MigrationError, load_migrations
 from memsvc.store.postgres import PostgresDurableStore
 from memsvc.store.postgres import _store as _postgres_store
 from memsvc.store.postgres._store import MIGRATION_LOCK_KEY
-from tests.helpers import durable_store_at
+from tests.helpers import durable_store_at, eventually, waiting_for_locks
 
 MEMSVC = str(Path(sys.executable).parent / "memsvc")
 LATEST = {
@@ -79,8 +80,30 @@ async def test_a_migration_waits_as_long_as_another_replica_migrates(fresh_postg
         await store.aclose()
 
 
+@pytest.fixture
+async def one_migration_behind(
+    fresh_postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[PostgresDurableStore]:
+    """A store over a database as the release before the last migration left it,
+    whose migration tries again quickly after it lets go of its locks."""
+    monkeypatch.setattr(_postgres_store, "MIGRATION_RETRY_SECONDS", (0.2, 0.2))
+    every = load_migrations("memsvc.store.postgres")
+    store = PostgresDurableStore(fresh_postgres_url)
+    await store.open()
+    try:
+        with monkeypatch.context() as older:
+            older.setattr(_postgres_store, "load_migrations", lambda package: every[:-1])
+            await store.migrate()
+        yield store
+    finally:
+        await store.aclose()
+
+
+LAST = load_migrations("memsvc.store.postgres")[-1]
+
+
 async def test_a_migration_that_waits_for_its_table_lets_other_queries_through(
-    fresh_postgres_url, monkeypatch, caplog
+    one_migration_behind, fresh_postgres_url, caplog
 ):
     """A migration's ALTER TABLE queues for its lock behind a long transaction on the
     table (a backup, a report), and PostgreSQL queues every later query on the table
@@ -88,77 +111,50 @@ async def test_a_migration_that_waits_for_its_table_lets_other_queries_through(
     transaction lasted (a review). The migration now gives up its place after
     MIGRATION_LOCK_WAIT_SECONDS and tries again later, naming the transaction, and
     applies once the table is free."""
-    monkeypatch.setattr(_postgres_store, "MIGRATION_RETRY_SECONDS", (0.2, 0.2))
-    every = load_migrations("memsvc.store.postgres")
-    store = PostgresDurableStore(fresh_postgres_url)
-    await store.open()
-    try:
-        # The database as the release before the last migration left it.
-        with monkeypatch.context() as older:
-            older.setattr(_postgres_store, "load_migrations", lambda package: every[:-1])
-            await store.migrate()
-        table = "sessions"  # the last migration's
-        assert f"TABLE {table}" in every[-1].sql
-        async with (
-            await psycopg.AsyncConnection.connect(fresh_postgres_url) as report,
-            await psycopg.AsyncConnection.connect(fresh_postgres_url) as replica,
-        ):
-            await report.execute(f"SELECT count(*) FROM {table}")  # its transaction stays open
-            migrating = asyncio.ensure_future(store.migrate())
-            async with asyncio.timeout(30):
-                while "let go" not in caplog.text:  # noqa: ASYNC110 (until its first try gave up)
-                    await asyncio.sleep(0.05)
-            assert "SELECT count(*) FROM sessions" in caplog.text  # the blocker is named
-            # Another replica's query on the table runs while the migration keeps
-            # trying: it waits at most one try's lock wait, far from this bound.
-            await replica.execute("SET statement_timeout = '20s'")
-            for _ in range(5):
-                await replica.execute(f"SELECT count(*) FROM {table}")
-                await replica.commit()
-            assert not migrating.done()
-            await report.rollback()
-            assert await asyncio.wait_for(migrating, 30) == [every[-1].version]
-    finally:
-        await store.aclose()
+    table = "sessions"  # the last migration's
+    assert f"TABLE {table}" in LAST.sql
+    async with (
+        await psycopg.AsyncConnection.connect(fresh_postgres_url) as report,
+        await psycopg.AsyncConnection.connect(fresh_postgres_url) as replica,
+    ):
+        await report.execute(f"SELECT count(*) FROM {table}")  # its transaction stays open
+        migrating = asyncio.ensure_future(one_migration_behind.migrate())
+
+        async def let_go() -> bool:  # its first try gave up
+            return "let go" in caplog.text
+
+        await eventually(let_go, timeout=30)
+        assert "SELECT count(*) FROM sessions" in caplog.text  # the blocker is named
+        # Another replica's query on the table runs while the migration keeps
+        # trying: it waits at most one try's lock wait, far from this bound.
+        await replica.execute("SET statement_timeout = '20s'")
+        for _ in range(5):
+            await replica.execute(f"SELECT count(*) FROM {table}")
+            await replica.commit()
+        assert not migrating.done()
+        await report.rollback()
+        assert await asyncio.wait_for(migrating, 30) == [LAST.version]
 
 
-async def test_a_migration_caught_in_a_deadlock_tries_again(fresh_postgres_url, monkeypatch):
+async def test_a_migration_caught_in_a_deadlock_tries_again(
+    one_migration_behind, fresh_postgres_url
+):
     """A transaction that read the checkpoints, then reads the sessions that the
     last migration holds while it waits for the checkpoints: PostgreSQL ends one of
     the two as a deadlock (the migration, whose wait began first). It tries again
     rather than stop the start (a review), and the other transaction commits."""
-    monkeypatch.setattr(_postgres_store, "MIGRATION_RETRY_SECONDS", (0.2, 0.2))
-    every = load_migrations("memsvc.store.postgres")
-    assert "TABLE sessions" in every[-1].sql and "TABLE checkpoints" in every[-1].sql
-    store = PostgresDurableStore(fresh_postgres_url)
-    await store.open()
-    try:
-        with monkeypatch.context() as older:
-            older.setattr(_postgres_store, "load_migrations", lambda package: every[:-1])
-            await store.migrate()
-        async with await psycopg.AsyncConnection.connect(fresh_postgres_url) as other:
-            await other.execute("SELECT 1 FROM checkpoints LIMIT 1")
-            migrating = asyncio.ensure_future(store.migrate())
-            async with asyncio.timeout(30):
-                # Until the migration holds the sessions and waits for the checkpoints.
-                while not await _waiting_for_a_lock(fresh_postgres_url):  # noqa: ASYNC110
-                    await asyncio.sleep(0.05)
-            await other.execute("SELECT 1 FROM sessions LIMIT 1")
-            await other.commit()
-        assert await asyncio.wait_for(migrating, 30) == [every[-1].version]
-    finally:
-        await store.aclose()
+    assert "TABLE sessions" in LAST.sql and "TABLE checkpoints" in LAST.sql
+    async with await psycopg.AsyncConnection.connect(fresh_postgres_url) as other:
+        await other.execute("SELECT 1 FROM checkpoints LIMIT 1")
+        migrating = asyncio.ensure_future(one_migration_behind.migrate())
 
+        async def migration_waits() -> bool:  # holds the sessions, waits for the checkpoints
+            return await waiting_for_locks(fresh_postgres_url) > 0
 
-async def _waiting_for_a_lock(url: str) -> bool:
-    """Whether a query of the database waits for a lock (the migration's)."""
-    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-        cursor = await conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-            " AND wait_event_type = 'Lock'"
-        )
-        row = await cursor.fetchone()
-        return bool(row and row[0])
+        await eventually(migration_waits, timeout=30)
+        await other.execute("SELECT 1 FROM sessions LIMIT 1")
+        await other.commit()
+    assert await asyncio.wait_for(migrating, 30) == [LAST.version]
 
 
 async def test_without_migrations_a_database_behind_the_code_stops_the_start(

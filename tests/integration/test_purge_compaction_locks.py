@@ -29,7 +29,7 @@ import pytest
 from memsvc.domain import SessionRef
 from memsvc.domain._lifecycle_records import EventRecord, EventType
 from memsvc.domain._watch import EventFilter
-from tests.helpers import durable_store_at, eventually, migrated
+from tests.helpers import durable_store_at, eventually, migrated, waiting_for_locks
 
 OLD_MS = 1_700_000_000_000
 
@@ -50,18 +50,6 @@ async def store(request: pytest.FixtureRequest, fresh_postgres_url: str) -> Asyn
             )
     async with migrated(durable_store_at(fresh_postgres_url)) as opened:
         yield opened
-
-
-async def waiting_for_locks(url: str) -> int:
-    """Backends of the test's database waiting for a lock."""
-    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-        cursor = await conn.execute(
-            "SELECT count(*) FROM pg_stat_activity"
-            " WHERE datname = current_database() AND wait_event_type = 'Lock'"
-        )
-        row = await cursor.fetchone()
-        assert row is not None
-        return int(row[0])
 
 
 @pytest.mark.parametrize("first", ["compaction", "purge"])
