@@ -44,3 +44,28 @@ async def read_within_budget(
     )
     rows = await cursor.fetchall()
     return [row[:-3] for row in rows], bool(rows) and len(rows) < rows[-1][-1]
+
+
+def next_page_condition(columns: Sequence[str], cursor: Sequence[Any]) -> tuple[str, list[Any]]:
+    """The condition that a row comes after ``cursor`` (the last row sent) in the
+    order ``columns`` DESC, as the next page of a newest-first listing, and its
+    parameters.
+
+    ``c1 <= ? AND (c1 < ? OR (c1 = ? AND (c2 < ? OR ...)))``: the leading
+    ``c1 <= ?`` is a range that an index on ``c1`` starts from. The OR alone is a
+    filter, which PostgreSQL and SQLite test on every row from the newest, so the
+    k-th page read k pages of the index. (A row comparison ``(c1, c2) < (?, ?)``
+    bounds the scan as well, but only on an index whose columns all sort one way.)
+    """
+    condition, params = _strictly_below(columns, cursor)
+    if len(columns) == 1:
+        return condition, params
+    return f"{columns[0]} <= ? AND {condition}", [cursor[0], *params]
+
+
+def _strictly_below(columns: Sequence[str], cursor: Sequence[Any]) -> tuple[str, list[Any]]:
+    column, value = columns[0], cursor[0]
+    if len(columns) == 1:
+        return f"{column} < ?", [value]
+    rest, params = _strictly_below(columns[1:], cursor[1:])
+    return f"({column} < ? OR ({column} = ? AND {rest}))", [value, value, *params]

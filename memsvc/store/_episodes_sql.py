@@ -26,7 +26,7 @@ from memsvc.domain._lifecycle_records import (
     EPISODE_RECORD_BYTES,
     EpisodeRecord,
 )
-from memsvc.store._budgeted_sql import read_within_budget
+from memsvc.store._budgeted_sql import next_page_condition, read_within_budget
 from memsvc.store._lifecycle_sql import (
     Connection,
     Dialect,
@@ -238,9 +238,11 @@ async def list_episodes(
 ) -> tuple[list[EpisodeRecord], bool]:
     conditions, params = _scope(scope, dialect)
     if before is not None:
-        moment = dialect.time_param(before[0])
-        conditions.append("(e.create_time < ? OR (e.create_time = ? AND e.episode_id < ?))")
-        params += [moment, moment, before[1]]
+        after, after_params = next_page_condition(
+            ("e.create_time", "e.episode_id"), (dialect.time_param(before[0]), before[1])
+        )
+        conditions.append(after)
+        params += after_params
     rows, cut = await read_within_budget(
         conn,
         dialect,

@@ -38,7 +38,7 @@ from memsvc.domain._lifecycle_records import (
 )
 from memsvc.domain._pagination import wire_size
 from memsvc.domain._watch import EventFilter, StoredEvent, Wakeup
-from memsvc.store._budgeted_sql import read_within_budget
+from memsvc.store._budgeted_sql import next_page_condition, read_within_budget
 
 
 class _Cursor(Protocol):
@@ -1049,9 +1049,11 @@ async def list_checkpoints(
     params: list[Any] = list(_key(ref))
     condition = ""
     if before is not None:
-        time_param = dialect.time_param(before[0])
-        condition = " AND (create_time < ? OR (create_time = ? AND checkpoint_id < ?))"
-        params += [time_param, time_param, before[1]]
+        after, after_params = next_page_condition(
+            ("create_time", "checkpoint_id"), (dialect.time_param(before[0]), before[1])
+        )
+        condition = f" AND {after}"
+        params += after_params
     weight = _listing_weight(dialect, ("session_id", "checkpoint_id"))
     rows, cut = await read_within_budget(
         conn,
@@ -1087,12 +1089,12 @@ async def list_sessions(
         conditions.append("state = ?")
         params.append(int(state))
     if before is not None:
-        moment = dialect.time_param(before[0])
-        conditions.append(
-            "(create_time < ? OR (create_time = ? AND (agent_instance_id < ?"
-            " OR (agent_instance_id = ? AND session_id < ?))))"
+        after, after_params = next_page_condition(
+            ("create_time", "agent_instance_id", "session_id"),
+            (dialect.time_param(before[0]), before[1], before[2]),
         )
-        params += [moment, moment, before[1], before[1], before[2]]
+        conditions.append(after)
+        params += after_params
     weight = _listing_weight(dialect, ("session_id", "resume_checkpoint_id"))
     rows, cut = await read_within_budget(
         conn,

@@ -482,3 +482,54 @@ async def test_ids_of_one_millisecond_list_byte_wise_in_any_collation() -> None:
     finally:
         await store.aclose()
         drop_postgres_database(DATABASE_URL, url)
+
+
+@pytest.mark.parametrize("page_size", [1, 2, 5])
+async def test_pages_of_tied_rows_neither_skip_nor_repeat(db, page_size):
+    """Sessions and checkpoints tied on their time, and sessions on their agent
+    too, walked page by page from each page's last row: every row once, newest
+    first, ties byte-wise. (The next page's condition became a range on the time
+    plus the ties within it, so that deep pages start from the index.)"""
+    project = str(uuid.uuid4())
+    agents = sorted(str(uuid.uuid4()) for _ in range(2))
+    refs = [
+        SessionRef(project, agent, session_id) for agent in agents for session_id in ("a", "b", "c")
+    ]
+    async with db.transaction() as tx:
+        for i, ref in enumerate(refs):
+            moment = 1_000 + 1_000 * (i % 2)  # two times, each with both agents
+            await tx.insert_session(
+                SessionRecord(ref, None, SessionState.ACTIVE, {}, 1, "e", None, moment, moment)
+            )
+        for i, checkpoint_id in enumerate(["x", "y", "z", "w"]):
+            checkpoint = CheckpointRecord(refs[0], checkpoint_id, 5_000 + 1_000 * (i % 2), 0, 0)
+            await tx.insert_checkpoint(checkpoint, encode_snapshot([]), 0)
+
+    walked: list[SessionRecord] = []
+    cursor: tuple[int, str, str] | None = None
+    for _ in range(len(refs) + 1):  # bounded: a cursor that repeats pages must fail, not spin
+        page, _ = await db.list_sessions(project, None, None, cursor, page_size, BUDGET)
+        walked += page
+        if len(page) < page_size:
+            break
+        last = page[-1]
+        cursor = (last.create_ms, last.ref.agent_instance_id, last.ref.session_id)
+    newest_first = sorted(
+        ((s.create_ms, s.ref.agent_instance_id, s.ref.session_id) for s in walked), reverse=True
+    )
+    assert [(s.create_ms, s.ref.agent_instance_id, s.ref.session_id) for s in walked] == (
+        newest_first
+    )
+    assert len(walked) == len(refs) and {s.ref for s in walked} == set(refs)
+
+    checkpoints: list[CheckpointRecord] = []
+    before: tuple[int, str] | None = None
+    for _ in range(5):
+        found, _ = await db.list_checkpoints(refs[0], before, page_size, BUDGET)
+        checkpoints += found
+        if len(found) < page_size:
+            break
+        before = (found[-1].create_ms, found[-1].checkpoint_id)
+    assert [(c.create_ms, c.checkpoint_id) for c in checkpoints] == [
+        (6_000, "y"), (6_000, "w"), (5_000, "z"), (5_000, "x"),
+    ]  # fmt: skip

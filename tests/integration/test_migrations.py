@@ -21,7 +21,7 @@ from memsvc.server import Server
 from memsvc.store._migrations import MigrationError, load_migrations
 from memsvc.store.postgres import PostgresDurableStore
 from memsvc.store.postgres import _store as _postgres_store
-from memsvc.store.postgres._store import MIGRATION_LOCK_KEY
+from memsvc.store.postgres._store import MIGRATION_LOCK_KEY, MIGRATION_LOCK_WAIT_SECONDS
 from tests.helpers import durable_store_at, eventually, waiting_for_locks
 
 MEMSVC = str(Path(sys.executable).parent / "memsvc")
@@ -125,6 +125,7 @@ async def test_a_migration_that_waits_for_its_table_lets_other_queries_through(
 
         await eventually(let_go, timeout=30)
         assert "SELECT count(*) FROM sessions" in caplog.text  # the blocker is named
+        assert f"not granted within {MIGRATION_LOCK_WAIT_SECONDS:g} s" in caplog.text
         # Another replica's query on the table runs while the migration keeps
         # trying: it waits at most one try's lock wait, far from this bound.
         await replica.execute("SET statement_timeout = '20s'")
@@ -137,7 +138,7 @@ async def test_a_migration_that_waits_for_its_table_lets_other_queries_through(
 
 
 async def test_a_migration_caught_in_a_deadlock_tries_again(
-    one_migration_behind, fresh_postgres_url
+    one_migration_behind, fresh_postgres_url, caplog
 ):
     """A transaction that read the checkpoints, then reads the sessions that the
     last migration holds while it waits for the checkpoints: PostgreSQL ends one of
@@ -155,6 +156,8 @@ async def test_a_migration_caught_in_a_deadlock_tries_again(
         await other.execute("SELECT 1 FROM sessions LIMIT 1")
         await other.commit()
     assert await asyncio.wait_for(migrating, 30) == [LAST.version]
+    # The warning says why: not a lock wait that ran out (the deadlock came first).
+    assert "PostgreSQL found it in a deadlock" in caplog.text
 
 
 async def test_without_migrations_a_database_behind_the_code_stops_the_start(

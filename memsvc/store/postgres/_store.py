@@ -570,19 +570,21 @@ class PostgresDurableStore(SqlDurableReads):
         while True:
             try:
                 return await self._apply_once(conn, migration)
-            except (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected) as error:
-                # A deadlock too: a transaction that holds one of its tables and
-                # waits for another it took first (found before the lock wait ends).
-                why = type(error).__name__
+            except psycopg.errors.LockNotAvailable:
+                why = f"a lock not granted within {MIGRATION_LOCK_WAIT_SECONDS:g} s"
+            except psycopg.errors.DeadlockDetected:
+                # A transaction that holds one of its tables and waits for another
+                # it took first (found before the lock wait ends).
+                why = "PostgreSQL found it in a deadlock"
             log.warning(
-                "migration %04d_%s let go of its tables' locks (%s after waiting up to %g s),"
-                " so as not to hold up every replica's queries on them; trying again in %g s."
-                " Transactions open for longer than that: %s",
+                "migration %04d_%s let go of its tables' locks (%s), so as not to hold up"
+                " every replica's queries on them; trying again in %g s."
+                " Transactions open for longer than %g s: %s",
                 migration.version,
                 migration.name,
                 why,
-                MIGRATION_LOCK_WAIT_SECONDS,
                 pause,
+                MIGRATION_LOCK_WAIT_SECONDS,
                 await _long_transactions(conn) or "none now",
             )
             await asyncio.sleep(pause)
