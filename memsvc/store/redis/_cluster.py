@@ -29,7 +29,11 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from memsvc.config import redacted
-from memsvc.store.redis._connections import ResettingConnection, ResettingSSLConnection
+from memsvc.store.redis._connections import (
+    REDIS_PROTOCOL,
+    ResettingConnection,
+    ResettingSSLConnection,
+)
 
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 
@@ -122,6 +126,7 @@ def cluster_client(url: str, *, max_connections: int, socket_timeout: float) -> 
         socket_connect_timeout=socket_timeout,
         retry=Retry(NoBackoff(), 0),
         reinitialize_steps=0,
+        protocol=REDIS_PROTOCOL,
         **options,
     )
     # Connections that reset when closed, as single-node ones (see _connections):

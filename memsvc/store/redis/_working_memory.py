@@ -63,7 +63,7 @@ from memsvc.store.redis._cluster import (
     is_cluster_url,
     masters_of,
 )
-from memsvc.store.redis._connections import connection_class_for
+from memsvc.store.redis._connections import REDIS_PROTOCOL, connection_class_for
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +280,7 @@ class RedisWorkingMemoryStore:
             socket_connect_timeout=self._socket_timeout,
             # memsvc's own bounded retries (store/_retry.py) are the only ones.
             retry=Retry(NoBackoff(), 0),
+            protocol=REDIS_PROTOCOL,
         )
         # Set after from_url, whose URL options (rediss://) always win.
         pool.connection_class = connection_class_for(self._url) or pool.connection_class
