@@ -99,13 +99,13 @@ def check_ttl(ttl_ms: int | None, field: str, violations: list[FieldViolation]) 
     """A TTL (None: none) must be from 0 to MAX_TTL_MS."""
     if ttl_ms is not None and ttl_ms < 0:
         violations.append(
-            FieldViolation(field, "must not be negative (omit it or use 0 for no expiry)")
+            FieldViolation(field, "must not be negative (leave it unset for no expiry)")
         )
     elif ttl_ms is not None and ttl_ms > MAX_TTL_MS:
         violations.append(
             FieldViolation(
                 field,
-                f"must be at most {MAX_TTL_MS // 1000} seconds (1,000 years; omit it "
-                "or use 0 for no expiry)",
+                f"must be at most {MAX_TTL_MS // 1000} seconds (1,000 years; leave it "
+                "unset for no expiry)",
             )
         )

@@ -178,11 +178,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     that data back. Metadata: "request_id". Status code: FAILED_PRECONDITION.
     """
     ERROR_REASON_SERVER_SHUTTING_DOWN: _ErrorReason.ValueType  # 34
-    """This memsvc process is shutting down: it ended a stream (a watch) or
-    refused a call. Reconnect, to another replica where there is one, and go
-    on: a watch resumes after the last sequence it received. (A call that
-    reaches a server past this point is refused by gRPC itself, UNAVAILABLE
-    without details.) Status code: UNAVAILABLE.
+    """This memsvc process is shutting down: it ended a stream (a watch).
+    Reconnect, to another replica where there is one, and go on: a watch
+    resumes after the last sequence it received. (A unary call that reaches a
+    server past this point is refused by gRPC itself, UNAVAILABLE without
+    details.) Status code: UNAVAILABLE.
     """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
@@ -357,10 +357,10 @@ the data the call had written: the call is not run again, which would bring
 that data back. Metadata: "request_id". Status code: FAILED_PRECONDITION.
 """
 ERROR_REASON_SERVER_SHUTTING_DOWN: ErrorReason.ValueType  # 34
-"""This memsvc process is shutting down: it ended a stream (a watch) or
-refused a call. Reconnect, to another replica where there is one, and go
-on: a watch resumes after the last sequence it received. (A call that
-reaches a server past this point is refused by gRPC itself, UNAVAILABLE
-without details.) Status code: UNAVAILABLE.
+"""This memsvc process is shutting down: it ended a stream (a watch).
+Reconnect, to another replica where there is one, and go on: a watch
+resumes after the last sequence it received. (A unary call that reaches a
+server past this point is refused by gRPC itself, UNAVAILABLE without
+details.) Status code: UNAVAILABLE.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
