@@ -19,6 +19,9 @@ from memsvc.api._convert import (
     timestamp,
     ttl_of,
 )
+
+# The SDK's reading of a Value: episode summaries show values as SDK users see them.
+from memsvc.client._values import from_value
 from memsvc.domain import FieldViolation, SessionRef
 from memsvc.domain._lifecycle import Lifecycle
 from memsvc.domain._lifecycle_records import CheckpointRecord, SessionRecord
@@ -47,24 +50,14 @@ _RECORD_FIELDS_BYTES = 2048
 
 
 def render_value(stored: bytes) -> Any:
-    """A stored value as plain JSON-like Python (for episode summaries).
-
-    A Value may hold NaN or an infinity (working memory stores any Value), which
-    json_format.MessageToDict refuses: here it stays a float, and the summary's
-    json.dumps spells it NaN or Infinity, as the reference's json.dumps did.
+    """A stored value as plain JSON-like Python (for episode summaries), as the
+    Python SDK reads it: a whole number is an int (JSON has one number type, so
+    the 2 an agent stored reads "2" in the summary, as in the reference's, not
+    "2.0"). A Value may hold NaN or an infinity (working memory stores any Value),
+    which json_format.MessageToDict refuses: here it stays a float, and the
+    summary's json.dumps spells it NaN or Infinity, as the reference's json.dumps did.
     """
-    return _plain(struct_pb2.Value.FromString(stored))
-
-
-def _plain(value: struct_pb2.Value) -> Any:
-    kind = value.WhichOneof("kind")
-    if kind == "struct_value":
-        return {key: _plain(item) for key, item in value.struct_value.fields.items()}
-    if kind == "list_value":
-        return [_plain(item) for item in value.list_value.values]
-    if kind is None or kind == "null_value":
-        return None
-    return getattr(value, kind)
+    return from_value(struct_pb2.Value.FromString(stored))
 
 
 def metadata_of(request: Any, violations: list[FieldViolation], room_bytes: int) -> dict[str, Any]:

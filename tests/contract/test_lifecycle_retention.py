@@ -337,7 +337,7 @@ async def test_a_paused_session_whose_memory_was_lost_ends_with_its_checkpoint(
     episode = await EpisodicMemoryServiceStub(channel).GetEpisode(
         ep.GetEpisodeRequest(project_id=scope["project_id"], episode_id=ended.episode_id)
     )
-    assert episode.episode.context_summary == '{"k": 7.0}'
+    assert episode.episode.context_summary == '{"k": 7}'
     assert await checkpoint_ids(life, scope) == []
 
 
