@@ -25,6 +25,7 @@ from prometheus_client import (
     make_wsgi_app,
 )
 
+from memsvc.domain import BackendUnavailable
 from memsvc.store._observe import BackendObserver
 
 # From 0.5 ms: a cached working-memory Get takes about that long.
@@ -197,7 +198,11 @@ class Metrics:
         def observe(operation: str, seconds: float, error: BaseException | None) -> None:
             self.backend_seconds.labels(backend, operation).observe(seconds)
             if error is not None:
-                self.backend_errors.labels(backend, operation, type(error).__name__).inc()
+                # The driver's class, not the retries' wrapper: ConnectionError,
+                # PoolTimeout, OperationTimedOut... on every backend alike.
+                cause = error.__cause__ if isinstance(error, BackendUnavailable) else None
+                kind = type(cause or error).__name__
+                self.backend_errors.labels(backend, operation, kind).inc()
 
         return observe
 

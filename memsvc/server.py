@@ -44,6 +44,7 @@ from memsvc.api._metrics import MetricsInterceptor
 from memsvc.auth import CertificateFiles, Certificates, CredentialsError, TokenFile
 from memsvc.config import Config, ConfigError, StartupError, bind_address, listen_is_loopback
 from memsvc.domain import DurableStore, MemoryStore, WorkingMemory
+from memsvc.domain._call_deadline import call_deadline
 from memsvc.domain._episodes import Episodes
 from memsvc.domain._graph_checkpoints import GraphCheckpoints, GraphSweep
 from memsvc.domain._lifecycle import Lifecycle
@@ -575,8 +576,11 @@ class Server:
             problem = ""
             timeout = self._probe_timeout(store)
             try:
-                async with asyncio.timeout(timeout):
-                    await store.ping()
+                # Under a deadline of its own, as a call's: a ping that hangs counts
+                # in memsvc_backend_errors_total (OperationTimedOut), as one refused does.
+                with call_deadline(timeout):
+                    async with asyncio.timeout(timeout):
+                        await store.ping()
             except TimeoutError:
                 problem = f"{store.backend_name}: no answer within {timeout:g} s"
             except Exception as error:

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from typing import Protocol, runtime_checkable
 
 from memsvc.domain import BackendUnavailable, MemsvcError, Rollback
+from memsvc.domain._call_deadline import current_deadline
 
 BackendObserver = Callable[[str, float, BaseException | None], None]
 """Told (operation, seconds, error or None) after each backend operation."""
@@ -25,26 +26,44 @@ def ignore(operation: str, seconds: float, error: BaseException | None) -> None:
     """The observer of a store nobody measures."""
 
 
+class OperationTimedOut(Exception):
+    """Reported for an operation still waiting on its backend when the deadline
+    it ran under passed (the call's, or the health probe's): a backend that hangs
+    instead of refusing, as in a partition, fails calls this way."""
+
+
+# A cancellation this close to the deadline is the deadline's: gRPC cancels a call
+# at its deadline on a clock of its own, a moment apart from the event loop's.
+_DEADLINE_SLACK_SECONDS = 0.05
+
+
 @contextlib.contextmanager
 def observed(observe: BackendObserver, operation: str, backend: str) -> Iterator[None]:
     """Report the block's duration, and its error if it raises, to ``observe``.
 
     A domain error raised inside a transaction (an invalid transition, say) is
-    the caller's, not the backend's, a cancelled call is the client's, and a
-    Rollback is on purpose: all count as answers, not failures. So is another
-    backend's unavailability than ``backend``'s (this one), raised inside its
-    block (a Redis step inside a database transaction).
+    the caller's, not the backend's, a cancelled call is the client's (unless it
+    was cancelled at its deadline: OperationTimedOut), and a Rollback is on
+    purpose: all count as answers, not failures. So is another backend's
+    unavailability than ``backend``'s (this one), raised inside its block (a Redis
+    step inside a database transaction).
     """
     started = time.perf_counter()
     error: BaseException | None = None
     try:
         yield
+    except asyncio.CancelledError:
+        deadline = current_deadline()
+        loop = asyncio.get_running_loop()
+        if deadline is not None and loop.time() >= deadline - _DEADLINE_SLACK_SECONDS:
+            error = OperationTimedOut(f"{operation}: no answer from the {backend} by the deadline")
+        raise
     except BaseException as raised:
         domain = isinstance(raised, MemsvcError) and not isinstance(raised, BackendUnavailable)
         elsewhere = (
             isinstance(raised, BackendUnavailable) and raised.metadata.get("backend") != backend
         )
-        if not (domain or elsewhere) and not isinstance(raised, asyncio.CancelledError | Rollback):
+        if not (domain or elsewhere) and not isinstance(raised, Rollback):
             error = raised
         raise
     finally:

@@ -283,3 +283,61 @@ async def test_readiness_allows_a_probe_its_connect_timeout(
                 return bool(await status_of(channel) == SERVING)
 
             await eventually(serving)
+
+
+async def test_a_redis_that_hangs_counts_as_errors(tmp_path: Path):
+    """Found by a review: a Redis that hangs rather than refuses (a partition, a
+    frozen process) failed every call at its deadline and every probe at its
+    timeout, and memsvc_backend_errors_total counted none of it: a cancelled
+    operation counted as the client's. One cancelled at its deadline is now an
+    OperationTimedOut, the probe's ping included."""
+    from tests.conftest import REDIS_URL, need
+
+    need(REDIS_URL)
+    redis_port = urlsplit(REDIS_URL).port or 6379
+    ids: dict[str, Any] = {
+        "project_id": str(uuid.uuid4()),
+        "agent_instance_id": str(uuid.uuid4()),
+        "session_id": "hangs",
+    }
+    redis = "working memory (Redis)"
+    with TcpProxy(redis_port) as proxy:
+        config = Config(
+            listen="127.0.0.1:0",
+            data_dir=str(tmp_path),
+            working_memory_url=f"redis://127.0.0.1:{proxy.port}/0",
+            health_interval_seconds=0.2,
+            health_listen="",
+            metrics_listen="127.0.0.1:0",
+        )
+        async with (
+            Server(config) as server,
+            grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+        ):
+            life = LifecycleServiceStub(channel)
+            wm = WorkingMemoryServiceStub(channel)
+            await life.Spawn(lc.SpawnRequest(**ids))
+            try:
+                assert metric(server, "memsvc_backend_errors_total", backend=redis) is None
+                proxy.blackhole()
+                await expect_error(
+                    wm.Set(pb.SetRequest(**ids, key="k", value=value(1)), timeout=1),
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                )
+
+                def timed_out(operation: str) -> float:
+                    found = metric(
+                        server, "memsvc_backend_errors_total", backend=redis,
+                        operation=operation, error="OperationTimedOut",
+                    )  # fmt: skip
+                    return found or 0
+
+                async def both_counted() -> bool:
+                    return timed_out("set_entries") >= 1 and timed_out("ping") >= 1
+
+                await eventually(both_counted, timeout=20)
+            finally:
+                proxy.restore()
+                await life.Terminate(
+                    lc.TerminateRequest(**ids, skip_consolidation=True), timeout=30
+                )

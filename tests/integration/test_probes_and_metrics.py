@@ -173,6 +173,9 @@ async def test_backend_failures_are_counted(base_config: Config, scope: dict[str
         await asyncio.sleep(0)
         assert (metric(server, "memsvc_backend_errors_total", operation="get_session") or 0) >= 1
         assert metric(server, "memsvc_backend_up", backend="durable store (PostgreSQL)") == 0
+        # Labelled with the driver's error (api.md: "the exception class"), not with
+        # the wrapper that memsvc's retries raise (an ops review).
+        assert metric(server, "memsvc_backend_errors_total", error="BackendUnavailable") is None
 
 
 async def test_an_empty_host_listens_on_every_interface(base_config: Config):

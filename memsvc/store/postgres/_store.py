@@ -349,9 +349,13 @@ class PostgresDurableStore(SqlDurableReads):
         (made again when lost). A read-only database (a standby, the old primary
         after a failover, default_transaction_read_only) is not ready: every
         write would fail."""
-        await with_retries(
-            self._probe_select, backend=self.backend_name, transient=TRANSIENT_ERRORS, attempts=1
-        )
+        with observed(self.observe, "ping", self.backend_name):
+            await with_retries(
+                self._probe_select,
+                backend=self.backend_name,
+                transient=TRANSIENT_ERRORS,
+                attempts=1,
+            )
 
     async def _probe_select(self) -> None:
         async with self._probe_lock:

@@ -307,10 +307,11 @@ class SqliteDurableStore(SqlDurableReads):
         return bool(next(iter(rows))[0])
 
     async def ping(self) -> None:
-        try:
-            await self._conn.execute("SELECT 1")
-        except aiosqlite.Error as error:
-            raise BackendUnavailable(self.backend_name, error) from error
+        with observed(self.observe, "ping", self.backend_name):
+            try:
+                await self._conn.execute("SELECT 1")
+            except aiosqlite.Error as error:
+                raise BackendUnavailable(self.backend_name, error) from error
 
     async def migrate(self) -> list[int]:
         async with self._write_lock:
