@@ -1024,6 +1024,7 @@ def settle_heap() -> None:
 def _binding(what: str, address: str) -> Iterator[None]:
     """Binding ``address`` for ``what``: a failure says which address and why."""
     try:
+        _bind_once(address)
         yield
     except (OSError, RuntimeError) as error:  # grpc raises RuntimeError, errno unknown
         errno_of = error.errno if isinstance(error, OSError) else None
@@ -1033,6 +1034,27 @@ def _binding(what: str, address: str) -> Iterator[None]:
             None: " (is another process using it, and is the host an address of this machine?)",
         }.get(errno_of, "")
         raise StartupError(f"cannot listen on {address} for {what}: {error}{hint}") from error
+
+
+def _bind_once(address: str) -> None:
+    """Bind a TCP ``host:port`` once with a plain socket and let it go, so that a
+    port in use is found (OSError) before gRPC tries it: gRPC's C core would also
+    write a line of its own to stderr, not JSON, into the JSON log. Port 0, Unix
+    sockets and what does not parse or resolve here are left to gRPC, which binds
+    as this does (SO_REUSEADDR, no SO_REUSEPORT) and reports what this let through."""
+    host, colon, port = address.rpartition(":")
+    if not colon or not port.isdigit() or int(port) == 0 or host.startswith("unix"):
+        return
+    try:
+        found = socket.getaddrinfo(
+            host.strip("[]") or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except OSError:
+        return
+    family, kind, protocol, _, where = found[0]
+    with socket.socket(family, kind, protocol) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(where)
 
 
 async def serve(config: Config) -> None:

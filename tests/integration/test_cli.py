@@ -231,6 +231,9 @@ def test_start_up_failures_say_what_to_fix_without_a_traceback(tmp_path):
         assert done.returncode == 1, done.stderr
         assert says in done.stderr
         assert "Traceback" not in done.stderr
+    # Found by an ops review: gRPC's C core wrote a line of its own first (its
+    # format, not JSON) into the one-JSON-object-per-line log.
+    assert [json.loads(line)["level"] for line in taken.stderr.splitlines()][-1] == "error"
 
 
 @pytest.mark.parametrize(
