@@ -15,6 +15,7 @@ Both receive the same terms (words and phrases, see
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -236,6 +237,11 @@ async def list_episodes(
     with_embedding: bool,
     byte_budget: int,
 ) -> tuple[list[EpisodeRecord], bool]:
+    if before is not None and scope.end_ms is not None and before[0] < scope.end_ms:
+        # The cursor's own bound implies the end's: alone, it is the one SQLite
+        # starts the index scan from (it takes the first upper bound, the end's,
+        # and filters every row from there to the cursor).
+        scope = dataclasses.replace(scope, end_ms=None)
     conditions, params = _scope(scope, dialect)
     if before is not None:
         after, after_params = next_page_condition(

@@ -26,7 +26,7 @@ from memsvc.domain._graph_checkpoints import (
     GraphWrite,
     PendingThreadWork,
 )
-from memsvc.store._budgeted_sql import read_within_budget
+from memsvc.store._budgeted_sql import next_page_condition, read_within_budget
 from memsvc.store._lifecycle_sql import (
     PROJECT_LOCK_SHARED,
     Connection,
@@ -316,8 +316,13 @@ async def list_graph_checkpoints(
     conditions += filtered
     params += extra
     if after is not None:
-        conditions.append("(c.checkpoint_id, c.thread_id, c.checkpoint_ns) < (?, ?, ?)")
-        params += list(after)
+        # As every listing's next page: its leading `checkpoint_id <= ?` bounds the
+        # scan of a thread's index (graph_checkpoints_thread_newest).
+        after_condition, after_params = next_page_condition(
+            ("c.checkpoint_id", "c.thread_id", "c.checkpoint_ns"), after
+        )
+        conditions.append(after_condition)
+        params += after_params
     # Rows past the budget, by their own bytes (their values come later), are not read.
     weight = " + ".join([
         dialect.stored_length("c.checkpoint"),

@@ -326,6 +326,9 @@ async def test_list_filters_and_orders_newest_first(episodic, scope):
     assert await ids(end_time=a.create_time) == []
     future = timestamp_pb2.Timestamp(seconds=c.create_time.seconds + 3600)
     assert await ids(start_time=future) == []
+    # Page by page under an end time (a next page's cursor stands in for the end).
+    walked = await list_all(episodic, project, page_size=1, end_time=future)
+    assert [e.episode_id for e in walked] == [c.episode_id, b.episode_id, a.episode_id]
 
 
 async def test_time_filters_between_milliseconds_keep_their_meaning(episodic, scope):

@@ -80,26 +80,34 @@ async def test_a_migration_waits_as_long_as_another_replica_migrates(fresh_postg
         await store.aclose()
 
 
+EVERY = load_migrations("memsvc.store.postgres")
+# A migration that ALTERs tables (sessions and checkpoints): its locks conflict with
+# every reader's, which the lock-wait tests below need (a CREATE INDEX's do not).
+ALTERING = next(m for m in EVERY if m.version == 12)
+# What a migration from before ALTERING applies.
+FROM_ALTERING = [m.version for m in EVERY if m.version >= ALTERING.version]
+
+
 @pytest.fixture
 async def one_migration_behind(
     fresh_postgres_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[PostgresDurableStore]:
-    """A store over a database as the release before the last migration left it,
-    whose migration tries again quickly after it lets go of its locks."""
+    """A store over a database as the release before ALTERING left it, whose
+    migration tries again quickly after it lets go of its locks."""
     monkeypatch.setattr(_postgres_store, "MIGRATION_RETRY_SECONDS", (0.2, 0.2))
-    every = load_migrations("memsvc.store.postgres")
     store = PostgresDurableStore(fresh_postgres_url)
     await store.open()
     try:
         with monkeypatch.context() as older:
-            older.setattr(_postgres_store, "load_migrations", lambda package: every[:-1])
+            older.setattr(
+                _postgres_store,
+                "load_migrations",
+                lambda package: [m for m in EVERY if m.version < ALTERING.version],
+            )
             await store.migrate()
         yield store
     finally:
         await store.aclose()
-
-
-LAST = load_migrations("memsvc.store.postgres")[-1]
 
 
 async def test_a_migration_that_waits_for_its_table_lets_other_queries_through(
@@ -111,8 +119,8 @@ async def test_a_migration_that_waits_for_its_table_lets_other_queries_through(
     transaction lasted (a review). The migration now gives up its place after
     MIGRATION_LOCK_WAIT_SECONDS and tries again later, naming the transaction, and
     applies once the table is free."""
-    table = "sessions"  # the last migration's
-    assert f"TABLE {table}" in LAST.sql
+    table = "sessions"  # ALTERING's
+    assert f"TABLE {table}" in ALTERING.sql
     async with (
         await psycopg.AsyncConnection.connect(fresh_postgres_url) as report,
         await psycopg.AsyncConnection.connect(fresh_postgres_url) as replica,
@@ -134,17 +142,17 @@ async def test_a_migration_that_waits_for_its_table_lets_other_queries_through(
             await replica.commit()
         assert not migrating.done()
         await report.rollback()
-        assert await asyncio.wait_for(migrating, 30) == [LAST.version]
+        assert await asyncio.wait_for(migrating, 30) == FROM_ALTERING
 
 
 async def test_a_migration_caught_in_a_deadlock_tries_again(
     one_migration_behind, fresh_postgres_url, caplog
 ):
     """A transaction that read the checkpoints, then reads the sessions that the
-    last migration holds while it waits for the checkpoints: PostgreSQL ends one of
+    migration ALTERING holds while it waits for the checkpoints: PostgreSQL ends one of
     the two as a deadlock (the migration, whose wait began first). It tries again
     rather than stop the start (a review), and the other transaction commits."""
-    assert "TABLE sessions" in LAST.sql and "TABLE checkpoints" in LAST.sql
+    assert "TABLE sessions" in ALTERING.sql and "TABLE checkpoints" in ALTERING.sql
     async with await psycopg.AsyncConnection.connect(fresh_postgres_url) as other:
         await other.execute("SELECT 1 FROM checkpoints LIMIT 1")
         migrating = asyncio.ensure_future(one_migration_behind.migrate())
@@ -155,7 +163,7 @@ async def test_a_migration_caught_in_a_deadlock_tries_again(
         await eventually(migration_waits, timeout=30)
         await other.execute("SELECT 1 FROM sessions LIMIT 1")
         await other.commit()
-    assert await asyncio.wait_for(migrating, 30) == [LAST.version]
+    assert await asyncio.wait_for(migrating, 30) == FROM_ALTERING
     # The warning says why: not a lock wait that ran out (the deadlock came first).
     assert "PostgreSQL found it in a deadlock" in caplog.text
 
