@@ -228,6 +228,17 @@ SETTINGS: tuple[Setting, ...] = (
 class Config:
     """The validated configuration of one memsvc process."""
 
+    def __repr__(self) -> str:
+        """Its fields, the URLs without their passwords: a repr ends up in logs and
+        in tracebacks that show locals (an ops review)."""
+        shown = []
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if item.name.endswith("_url"):
+                value = redacted(value)
+            shown.append(f"{item.name}={value!r}")
+        return f"Config({', '.join(shown)})"
+
     listen: str = "127.0.0.1:50051"
     unix_socket: str = ""
     unix_socket_group: str = ""

@@ -9,6 +9,7 @@ import pytest
 
 from memsvc.config import (
     SETTINGS,
+    Config,
     ConfigError,
     client_variable_warnings,
     load,
@@ -384,3 +385,15 @@ def test_traces_name_the_service_the_environment_names(monkeypatch, env, name):
         assert provider.resource.attributes["service.name"] == name
     finally:
         provider.shutdown()
+
+
+def test_a_config_s_repr_leaves_out_the_urls_passwords():
+    """Found by an ops review: the dataclass repr showed database_url's password, and a
+    repr ends up in logs and in tracebacks that show locals."""
+    config = Config(
+        database_url="postgresql://memsvc:pg-secret@db:5432/memsvc",
+        working_memory_url="redis://:redis-secret@redis:6379/0",
+    )
+    shown = repr(config)
+    assert "pg-secret" not in shown and "redis-secret" not in shown
+    assert "db:5432/memsvc" in shown and "max_session_keys=10000" in shown
