@@ -52,10 +52,11 @@ _MAX_KINDS = 1000
 
 
 class RepeatLimit(logging.Filter):
-    """Lets the first warning of each kind (its message template, before its
-    arguments) through in every ``window`` seconds and drops the others, whose
-    number the next one let through carries (``repeats_suppressed``). Other
-    levels pass: errors are each their own story."""
+    """Lets the first warning of each kind (its message template and first
+    argument: memsvc's per-failure warnings name what failed first) through in
+    every ``window`` seconds and drops the others, whose number the next one of
+    that kind carries (``repeats_suppressed``). Other levels pass: errors are
+    each their own story."""
 
     def __init__(
         self, window: float = REPEAT_WINDOW_SECONDS, clock: Callable[[], float] = time.monotonic
@@ -69,7 +70,10 @@ class RepeatLimit(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno != logging.WARNING:
             return True
-        kind, now = str(record.msg), self._clock()
+        # The template and its first argument (a method, a backend, an operation):
+        # one kind of failure does not hide another.
+        first = record.args[0] if isinstance(record.args, tuple) and record.args else ""
+        kind, now = f"{record.msg}\x00{first}", self._clock()
         with self._lock:
             started, suppressed = self._kinds.get(kind, (None, 0))
             if started is not None and now - started < self._window:

@@ -28,8 +28,10 @@ class BackgroundWork(Generic[T]):
     when the work ended is logged here, once: nobody else will say it.
     """
 
-    def __init__(self, what: str) -> None:
+    def __init__(self, what: str, failure_level: int = logging.WARNING) -> None:
         self._what = what  # for the log: "a purge", "a heal"
+        # A failure nobody waited for is logged at this level.
+        self._failure_level = failure_level
         # Each running task under its key (unkeyed work under a key of its own).
         self._running: dict[Hashable, asyncio.Task[T]] = {}
         self._waiting: dict[asyncio.Task[T], int] = {}
@@ -38,7 +40,7 @@ class BackgroundWork(Generic[T]):
         """The work running under ``key``: started now, unless some is already
         (then ``work`` is closed unrun, and the running one is the answer). With
         no key, the work is never joined."""
-        label = self._what if key is None else f"{self._what} ({key})"
+        whose = "" if key is None else f" ({key})"
         if key is None:
             key = object()
         running = self._running.get(key)
@@ -55,7 +57,7 @@ class BackgroundWork(Generic[T]):
                 return
             error = finished.exception()  # retrieved either way: never "unretrieved"
             if error is not None and not waiting:
-                _said(label, error)
+                self._said(whose, error)
 
         # Before any caller's wait (shield's callback comes after): when it runs,
         # the callers still waiting are those that will get the failure.
@@ -71,7 +73,7 @@ class BackgroundWork(Generic[T]):
             if task.done() and not task.cancelled() and (error := task.exception()):
                 # Cancelled as the work failed: counted as waiting when it ended, this
                 # caller will not deliver the failure, so it is said here.
-                _said(self._what, error)
+                self._said("", error)
             raise
         finally:
             if task in self._waiting and not task.done():
@@ -94,6 +96,13 @@ class BackgroundWork(Generic[T]):
                 task.cancel()
             await asyncio.gather(*running, return_exceptions=True)
 
-
-def _said(what: str, error: BaseException) -> None:
-    log.warning("%s failed after its call had stopped waiting: %s", what, error)
+    def _said(self, whose: str, error: BaseException) -> None:
+        # What failed comes first: warnings of one kind (this template and its first
+        # argument) are said once every 30 s during an outage (memsvc.log.RepeatLimit).
+        log.log(
+            self._failure_level,
+            "%s%s failed after its call had stopped waiting: %s",
+            self._what,
+            whose,
+            error,
+        )

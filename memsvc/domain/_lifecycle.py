@@ -1148,7 +1148,13 @@ class Lifecycle:
         except LostOperation:
             return False
         except Exception as error:
-            log.warning("could not undo working-memory step of %s: %s", ref.session_id, error)
+            # The error's kind first: the kind of warning (memsvc.log.RepeatLimit).
+            log.warning(
+                "could not undo a working-memory step (%s) of session %s: %s",
+                type(error).__name__,
+                ref.session_id,
+                error,
+            )
             return False
 
     async def _transition(

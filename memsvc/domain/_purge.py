@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass
@@ -105,7 +106,9 @@ class Purger:
     def __init__(self, memory: ForgettingStore, database: PurgeDatabase) -> None:
         self._memory = memory
         self._db = database
-        self._purges = BackgroundWork[PurgeReport]("a purge")
+        # At error level: its client stopped waiting, and this line is the only
+        # record that a data removal did not complete.
+        self._purges = BackgroundWork[PurgeReport]("a purge", failure_level=logging.ERROR)
         # Told each scope whose events a purge made tombstones of, once committed
         # (the watch hub drops their old form from what it holds for its streams).
         self.events_purged: Callable[[SessionRef, int], None] = lambda scope, up_to: None

@@ -35,6 +35,8 @@ class OperationTimedOut(Exception):
 # A cancellation this close to the deadline is the deadline's: gRPC cancels a call
 # at its deadline on a clock of its own, a moment apart from the event loop's.
 _DEADLINE_SLACK_SECONDS = 0.05
+# Set on a cancellation an inner block counted, so that the blocks around it do not.
+_COUNTED = "_memsvc_timeout_counted"
 
 
 @contextlib.contextmanager
@@ -52,10 +54,14 @@ def observed(observe: BackendObserver, operation: str, backend: str) -> Iterator
     error: BaseException | None = None
     try:
         yield
-    except asyncio.CancelledError:
+    except asyncio.CancelledError as cancelled:
         deadline = current_deadline()
         loop = asyncio.get_running_loop()
-        if deadline is not None and loop.time() >= deadline - _DEADLINE_SLACK_SECONDS:
+        at_deadline = deadline is not None and loop.time() >= deadline - _DEADLINE_SLACK_SECONDS
+        # Counted by the innermost block only, the one whose backend was awaited: a
+        # Redis step that hangs inside a database transaction is not the database's.
+        if at_deadline and not getattr(cancelled, _COUNTED, False):
+            setattr(cancelled, _COUNTED, True)
             error = OperationTimedOut(f"{operation}: no answer from the {backend} by the deadline")
         raise
     except BaseException as raised:

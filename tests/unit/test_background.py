@@ -102,3 +102,23 @@ async def test_a_caller_cancelled_as_the_work_fails_leaves_it_said(
             await waiter
         await work.finished()
     assert "a job failed after its call had stopped waiting: broken" in caplog.text
+
+
+async def test_a_purge_that_fails_unwaited_is_an_error(caplog: pytest.LogCaptureFixture):
+    """A purge whose client stopped waiting and then failed: that line is the only
+    record that a data removal did not complete, so it is an error, which no limit
+    on repeated warnings drops (a review)."""
+    from memsvc.domain._purge import Purger
+
+    work = Purger(memory=None, database=None)._purges  # type: ignore[arg-type]
+
+    async def job() -> None:
+        raise RuntimeError("database gone")
+
+    with caplog.at_level(logging.WARNING, logger="memsvc.domain._background"):
+        work.start("project p", job())  # type: ignore[arg-type]
+        await work.finished()
+        await asyncio.sleep(0)
+    [said] = [r for r in caplog.records if "database gone" in r.getMessage()]
+    assert said.levelno == logging.ERROR
+    assert said.getMessage().startswith("a purge (project p) failed after its call")

@@ -356,6 +356,10 @@ def test_a_url_with_a_bad_host_or_port_is_a_configuration_error(name, url, says)
         ("MEMSVC_WORKING_MEMORY_URL", "redis+cluster://a:7000,b:7001,[::1]:7002"),
         ("MEMSVC_WORKING_MEMORY_URL", "redis://[::1]/0"),
         ("MEMSVC_WORKING_MEMORY_URL", "unix:///run/redis.sock"),
+        # Found by a review: memsvc's own RESP2 collided with the URL's choice.
+        ("MEMSVC_WORKING_MEMORY_URL", "redis+cluster://a:7000?protocol=2"),
+        ("MEMSVC_WORKING_MEMORY_URL", "redis+cluster://a:7000?protocol=3"),
+        ("MEMSVC_WORKING_MEMORY_URL", "redis://a:6379/0?protocol=3"),
     ],
 )
 def test_urls_with_several_hosts_or_none_are_taken(name, url):

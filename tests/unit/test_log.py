@@ -69,8 +69,11 @@ def test_a_repeated_warning_is_said_once_a_window_with_the_count_dropped():
     limit = RepeatLimit(window=30, clock=lambda: now[0])
     template = "%s failed: %s"
     assert limit.filter(record(template, logging.WARNING, "/Set", "Redis down"))
-    assert not limit.filter(record(template, logging.WARNING, "/Get", "Redis down"))
+    assert not limit.filter(record(template, logging.WARNING, "/Set", "Redis timed out"))
     assert not limit.filter(record(template, logging.WARNING, "/Set", "Redis down"))
+    # The first argument names what failed (a method, a backend): another is another
+    # kind, which one failure does not hide (a review of this change).
+    assert limit.filter(record(template, logging.WARNING, "/Get", "PostgreSQL down"))
     assert limit.filter(record("another kind: %s", logging.WARNING, "x"))  # its own window
     assert limit.filter(record(template, logging.ERROR, "/Set", "boom"))  # errors all pass
     now[0] = 29.9

@@ -119,6 +119,8 @@ def cluster_client(url: str, *, max_connections: int, socket_timeout: float) -> 
     are using at that moment.
     """
     nodes, options = parse_cluster_url(url)
+    # RESP2 unless the URL asks otherwise (?protocol=3), as for a single Redis.
+    options.setdefault("protocol", REDIS_PROTOCOL)
     client = RedisCluster(
         startup_nodes=[ClusterNode(host, port) for host, port in nodes],
         max_connections=max_connections,
@@ -126,7 +128,6 @@ def cluster_client(url: str, *, max_connections: int, socket_timeout: float) -> 
         socket_connect_timeout=socket_timeout,
         retry=Retry(NoBackoff(), 0),
         reinitialize_steps=0,
-        protocol=REDIS_PROTOCOL,
         **options,
     )
     # Connections that reset when closed, as single-node ones (see _connections):
