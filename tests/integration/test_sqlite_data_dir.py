@@ -13,6 +13,7 @@ import sys
 import threading
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -165,3 +166,130 @@ async def test_a_schema_ahead_of_this_memsvc_is_served_with_a_warning(embedded, 
     async with Server(embedded):
         pass
     assert "the database's schema is at version 999, ahead of this memsvc's" in caplog.text
+
+
+async def test_a_data_dir_deleted_while_serving_stops_writes_and_readiness(tmp_path):
+    """Found by a review: after `rm -rf` of the data directory memsvc went on
+    acknowledging Spawns into a file that no path named any more (all lost when it
+    stopped), SERVING, and a second server could start on the path. Now the store
+    finds its file gone: readiness NOT_SERVING, writes UNAVAILABLE."""
+    import uuid
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from memsvc.v1 import lifecycle_pb2 as lc
+    from memsvc.v1.lifecycle_pb2_grpc import LifecycleServiceStub
+    from tests.helpers import eventually, expect_error
+
+    data = tmp_path / "data"
+    config = Config(
+        listen="127.0.0.1:0",
+        data_dir=str(data),
+        health_listen="",
+        metrics_listen="",
+        health_interval_seconds=0.1,
+    )
+    ids: dict[str, Any] = {
+        "project_id": str(uuid.uuid4()),
+        "agent_instance_id": str(uuid.uuid4()),
+    }
+    async with (
+        Server(config) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        life = LifecycleServiceStub(channel)
+        await life.Spawn(lc.SpawnRequest(**ids, session_id="before"))
+        shutil.rmtree(data)
+        error = await expect_error(
+            life.Spawn(lc.SpawnRequest(**ids, session_id="after"), timeout=10),
+            grpc.StatusCode.UNAVAILABLE,
+        )
+        assert "was deleted or replaced" in error.message
+
+        async def not_serving() -> bool:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="")
+            )
+            return bool(reply.status == health_pb2.HealthCheckResponse.NOT_SERVING)
+
+        await eventually(not_serving)
+
+
+async def test_a_link_to_a_served_database_is_the_same_database(tmp_path):
+    """Found by a review: the lock file was named after the path given, so a server
+    given a symbolic link to another's database started beside it."""
+    served = SqliteDurableStore(f"sqlite://{tmp_path / 'a' / 'memsvc.db'}")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    await served.open()
+    try:
+        served.claim(alone=True)
+        (tmp_path / "b" / "memsvc.db").symlink_to(tmp_path / "a" / "memsvc.db")
+        linked = SqliteDurableStore(f"sqlite://{tmp_path / 'b' / 'memsvc.db'}")
+        await linked.open()
+        try:
+            with pytest.raises(StartupError, match="another memsvc process"):
+                linked.claim(alone=True)
+        finally:
+            await linked.aclose()
+    finally:
+        await served.aclose()
+
+
+def test_a_full_disk_at_start_says_so(tmp_path, monkeypatch):
+    """Found by a review: a restart on a full volume said "disk I/O error; retry
+    later" (SQLite cannot size its shared-memory file, SQLITE_IOERR_SHMSIZE)."""
+    from memsvc.store.sqlite import _store
+
+    error = sqlite3.OperationalError("disk I/O error")
+    error.sqlite_errorname = "SQLITE_IOERR_SHMSIZE"
+    monkeypatch.setattr(_store, "_no_room", lambda directory: directory == tmp_path)
+    said = _store._open_error(tmp_path / "memsvc.db", error)
+    assert isinstance(said, StartupError)
+    assert f"no space left on the device of {tmp_path}" in str(said)
+    monkeypatch.setattr(_store, "_no_room", lambda directory: False)
+    assert not isinstance(_store._open_error(tmp_path / "memsvc.db", error), StartupError)
+
+
+async def test_a_database_corrupt_past_its_first_pages_turns_unavailable(tmp_path):
+    """Found by a review: a file corrupt in its middle opened and served, and every
+    call that read a bad page failed INTERNAL with a traceback, SERVING. It is now
+    UNAVAILABLE, saying to restore the file, and readiness turns off."""
+    import uuid
+
+    from memsvc.domain import BackendUnavailable, SessionRef
+    from memsvc.domain._lifecycle_records import SessionRecord, SessionState
+
+    path = tmp_path / "memsvc.db"
+    project = str(uuid.uuid4())
+    async with (
+        migrated(SqliteDurableStore(f"sqlite://{path}")) as store,
+        store.transaction() as tx,
+    ):
+        for i in range(3000):
+            ref = SessionRef(project, str(uuid.uuid4()), f"s{i}")
+            record = SessionRecord(
+                ref, None, SessionState.ACTIVE, {"pad": "x" * 200}, 1, "e", None, i, i
+            )
+            await tx.insert_session(record)
+    # Pages in the middle, the header intact.
+    descriptor = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(descriptor, os.urandom(20 * 4096), path.stat().st_size // 2)
+    finally:
+        os.close(descriptor)
+    broken = SqliteDurableStore(f"sqlite://{path}")
+    await broken.open()
+    try:
+        with pytest.raises(BackendUnavailable, match="is corrupt") as refused:
+            before = None
+            for _ in range(100):
+                page, _ = await broken.list_sessions(project, None, None, before, 100, 1 << 22)
+                last = page[-1]
+                before = (last.create_ms, last.ref.agent_instance_id, last.ref.session_id)
+        assert "restore it from a backup" in str(refused.value)
+        with pytest.raises(BackendUnavailable, match="is corrupt"):
+            await broken.ping()
+    finally:
+        await broken.aclose()

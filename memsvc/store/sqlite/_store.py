@@ -15,6 +15,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import shutil
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -88,12 +89,18 @@ class SqliteDurableStore(SqlDurableReads):
         self.observe: BackendObserver = ignore
         # The lock file's descriptor while this process serves the file (claim).
         self._claim: int | None = None
+        # The database file opened (device, inode): see _check_file_is_ours.
+        self._opened: tuple[int, int] | None = None
+        # Set once a statement found the file corrupt.
+        self._corrupt: FileNotOurs | None = None
+        self._said_file_gone = False
 
     async def open(self) -> None:
         _make_private(self.path)
         _check_writable(self.path)
         try:
             self._db = await self._connect()
+            self._opened = _identity(self.path)
             for _ in range(READERS):
                 reader = await self._connect()
                 self._readers.append(reader)
@@ -153,7 +160,10 @@ class SqliteDurableStore(SqlDurableReads):
         one with its own copy of the memory would acknowledge writes into a copy the
         other never sees. Servers that share a Redis share the memory too.
         """
-        lock_path = self.path.with_name(self.path.name + ".lock")
+        # Beside the file itself: a symbolic link to the database is the same
+        # database, and must not be a second lock (a review).
+        real = Path(os.path.realpath(self.path))
+        lock_path = real.with_name(real.name + ".lock")
         descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             try:
@@ -206,6 +216,7 @@ class SqliteDurableStore(SqlDurableReads):
 
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[SqlTransaction]:
+        self._check_file_is_ours()  # a stat: microseconds
         async with self._write_lock:
             db = self._conn
             begin = asyncio.ensure_future(db.execute("BEGIN IMMEDIATE"))
@@ -224,7 +235,7 @@ class SqliteDurableStore(SqlDurableReads):
             except aiosqlite.OperationalError as error:  # locked by another process too long
                 raise BackendUnavailable(self.backend_name, error) from error
             tx = SqlTransaction(db, SQLITE)
-            with _conditions_unavailable(self.backend_name):
+            with self._conditions_unavailable():
                 try:
                     yield tx
                     await db.execute("COMMIT")
@@ -239,7 +250,7 @@ class SqliteDurableStore(SqlDurableReads):
         if not self._readers:
             raise RuntimeError("SqliteDurableStore used before open()")
         observing = observed(self.observe, read.__name__, self.backend_name)
-        with observing, _conditions_unavailable(self.backend_name):
+        with observing, self._conditions_unavailable():
             reader = await self._idle_readers.borrow()
             abandoned = False
             try:
@@ -308,10 +319,55 @@ class SqliteDurableStore(SqlDurableReads):
 
     async def ping(self) -> None:
         with observed(self.observe, "ping", self.backend_name):
+            self._check_file_is_ours()
             try:
                 await self._conn.execute("SELECT 1")
             except aiosqlite.Error as error:
                 raise BackendUnavailable(self.backend_name, error) from error
+
+    @contextlib.contextmanager
+    def _conditions_unavailable(self) -> Iterator[None]:
+        """Raise BackendUnavailable for an error that is a condition of the database
+        (UNAVAILABLE), and any other error as it is. A corrupt file is one too, for
+        good: readiness turns NOT_SERVING until it is restored (a review: calls
+        failed INTERNAL with a traceback, SERVING)."""
+        try:
+            yield
+        except sqlite3.DatabaseError as error:
+            code = getattr(error, "sqlite_errorcode", None)
+            if code is not None and code & 0xFF in _CORRUPT_CODES:
+                self._corrupt = FileNotOurs(
+                    f"{self.path} is corrupt ({error}): stop memsvc and restore it from a"
+                    " backup, or move it away to start with an empty one"
+                )
+                raise BackendUnavailable(self.backend_name, self._corrupt) from error
+            if (
+                isinstance(error, sqlite3.OperationalError)
+                and code is not None
+                and code & 0xFF in _UNAVAILABLE_CODES
+            ):
+                raise BackendUnavailable(self.backend_name, error) from error
+            raise
+
+    def _check_file_is_ours(self) -> None:
+        """BackendUnavailable once the database file at ``path`` is no longer the
+        one open: deleted (with its data directory) or replaced (a backup copied
+        over it) while memsvc runs. SQLite would write on into the open file, which
+        no path names any more, and lose every write acknowledged from then on when
+        the process stops; and with the lock file gone, a second server would start
+        on the path (a review). Readiness turns NOT_SERVING, writes UNAVAILABLE."""
+        problem = self._corrupt
+        if problem is None:
+            if self._opened is None or _identity(self.path) == self._opened:
+                return
+            problem = FileNotOurs(
+                f"{self.path} was deleted or replaced while memsvc ran: restart memsvc,"
+                " which opens the file found at that path (or restore the data directory)"
+            )
+        if not self._said_file_gone:
+            self._said_file_gone = True
+            log.error("%s", problem)
+        raise BackendUnavailable(self.backend_name, problem)
 
     async def migrate(self) -> list[int]:
         async with self._write_lock:
@@ -403,10 +459,30 @@ def _not_writable(path: Path, cause: BaseException) -> StartupError:
     )
 
 
+class FileNotOurs(Exception):
+    """The database file memsvc opened is no longer at its path, or is corrupt."""
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """The (device, inode) of the file at ``path``; None when there is none."""
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return found.st_dev, found.st_ino
+
+
 def _open_error(path: Path, error: aiosqlite.Error) -> Exception:
     """What opening ``path`` failed with: a StartupError that says what to fix when
     waiting will not fix it; else BackendUnavailable."""
     name = getattr(error, "sqlite_errorname", "")
+    if name.startswith(("SQLITE_FULL", "SQLITE_IOERR")) and _no_room(path.parent):
+        # SQLite names a full disk at open an I/O error (it cannot size the shared
+        # memory file, SQLITE_IOERR_SHMSIZE): say what it is (a review).
+        return StartupError(
+            f"no space left on the device of {path.parent} ({error}): free some, or give"
+            " memsvc a larger volume; it needs room for its database and write-ahead log"
+        )
     if name in ("SQLITE_NOTADB", "SQLITE_CORRUPT"):
         return StartupError(
             f"{path} is not a usable SQLite database ({error}): restore it from a backup, "
@@ -415,6 +491,14 @@ def _open_error(path: Path, error: aiosqlite.Error) -> Exception:
     if name.startswith(("SQLITE_CANTOPEN", "SQLITE_READONLY", "SQLITE_PERM")):
         return _not_writable(path, error)
     return BackendUnavailable(SqliteDurableStore.backend_name, error)
+
+
+def _no_room(directory: Path) -> bool:
+    """Whether the file system of ``directory`` has less than a page or two free."""
+    try:
+        return shutil.disk_usage(directory).free < 64 * 1024
+    except OSError:
+        return False
 
 
 async def _begin_waiting(db: aiosqlite.Connection, path: Path) -> None:
@@ -516,19 +600,8 @@ _UNAVAILABLE_CODES = frozenset({
     sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_READONLY,
     sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PROTOCOL,
 })  # fmt: skip
-
-
-@contextlib.contextmanager
-def _conditions_unavailable(backend: str) -> Iterator[None]:
-    """Raise BackendUnavailable for an error that is a condition of the database
-    (UNAVAILABLE), and any other error as it is."""
-    try:
-        yield
-    except sqlite3.OperationalError as error:
-        code = getattr(error, "sqlite_errorcode", None)
-        if code is not None and code & 0xFF in _UNAVAILABLE_CODES:
-            raise BackendUnavailable(backend, error) from error
-        raise
+# A file whose pages SQLite cannot read: waiting fixes nothing, a backup does.
+_CORRUPT_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
 
 
 async def _rollback(db: aiosqlite.Connection) -> None:
