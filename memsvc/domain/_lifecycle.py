@@ -1099,9 +1099,11 @@ class Lifecycle:
                 await self._heal_shared(ref)
                 return
             except asyncio.CancelledError:
+                # What happened first, the session after: one kind of warning
+                # (memsvc.log.RepeatLimit), however many sessions it concerns.
                 log.warning(
-                    "session %s: stopped before its marker settled; the next call on"
-                    " it or a purge settles it", ref.session_id,
+                    "a marker's settling stopped before it settled (session %s); the next"
+                    " call on it or a purge settles it", ref.session_id,
                 )  # fmt: skip
                 raise
             except Exception as error:

@@ -89,11 +89,12 @@ class SqliteDurableStore(SqlDurableReads):
         self.observe: BackendObserver = ignore
         # The lock file's descriptor while this process serves the file (claim).
         self._claim: int | None = None
-        # The database file opened (device, inode): see _check_file_is_ours.
+        # The database file opened (device, inode): see _check_file.
         self._opened: tuple[int, int] | None = None
         # Set once a statement found the file corrupt.
         self._corrupt: FileNotOurs | None = None
-        self._said_file_gone = False
+        # What the last probe found at the path (None: the file opened).
+        self._moved: FileNotOurs | None = None
 
     async def open(self) -> None:
         _make_private(self.path)
@@ -216,7 +217,7 @@ class SqliteDurableStore(SqlDurableReads):
 
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[SqlTransaction]:
-        self._check_file_is_ours()  # a stat: microseconds
+        self._refuse_if_not_ours()
         async with self._write_lock:
             db = self._conn
             begin = asyncio.ensure_future(db.execute("BEGIN IMMEDIATE"))
@@ -319,7 +320,7 @@ class SqliteDurableStore(SqlDurableReads):
 
     async def ping(self) -> None:
         with observed(self.observe, "ping", self.backend_name):
-            self._check_file_is_ours()
+            await self._check_file()
             try:
                 await self._conn.execute("SELECT 1")
             except aiosqlite.Error as error:
@@ -336,10 +337,12 @@ class SqliteDurableStore(SqlDurableReads):
         except sqlite3.DatabaseError as error:
             code = getattr(error, "sqlite_errorcode", None)
             if code is not None and code & 0xFF in _CORRUPT_CODES:
-                self._corrupt = FileNotOurs(
-                    f"{self.path} is corrupt ({error}): stop memsvc and restore it from a"
-                    " backup, or move it away to start with an empty one"
-                )
+                if self._corrupt is None:
+                    self._corrupt = FileNotOurs(
+                        f"{self.path} is corrupt ({error}): stop memsvc and restore it from"
+                        " a backup, or move it away to start with an empty one"
+                    )
+                    log.error("%s", self._corrupt)
                 raise BackendUnavailable(self.backend_name, self._corrupt) from error
             if (
                 isinstance(error, sqlite3.OperationalError)
@@ -349,25 +352,37 @@ class SqliteDurableStore(SqlDurableReads):
                 raise BackendUnavailable(self.backend_name, error) from error
             raise
 
-    def _check_file_is_ours(self) -> None:
-        """BackendUnavailable once the database file at ``path`` is no longer the
-        one open: deleted (with its data directory) or replaced (a backup copied
-        over it) while memsvc runs. SQLite would write on into the open file, which
-        no path names any more, and lose every write acknowledged from then on when
-        the process stops; and with the lock file gone, a second server would start
-        on the path (a review). Readiness turns NOT_SERVING, writes UNAVAILABLE."""
-        problem = self._corrupt
-        if problem is None:
-            if self._opened is None or _identity(self.path) == self._opened:
-                return
-            problem = FileNotOurs(
-                f"{self.path} was deleted or replaced while memsvc ran: restart memsvc,"
-                " which opens the file found at that path (or restore the data directory)"
+    async def _check_file(self) -> None:
+        """The probe's look at the path (a stat, on a thread: a slow file system
+        must not stall the event loop): is the database file there still the one
+        open? Deleted (with its data directory) or moved away while memsvc runs,
+        SQLite would write on into the open file, which no path names any more, and
+        lose every write acknowledged from then on when the process stops; and with
+        the lock file gone, a second server would start on the path (a review).
+        Until the file is back, readiness is NOT_SERVING and writes UNAVAILABLE.
+        (A file copied over in place keeps its inode: not seen.)"""
+        if self._opened is None:
+            return
+        try:
+            found = await asyncio.to_thread(_identity, self.path)
+        except OSError as error:  # not an answer about the file: say it, keep none
+            raise BackendUnavailable(self.backend_name, error) from error
+        if found == self._opened:
+            self._moved = None
+        elif self._moved is None:
+            self._moved = FileNotOurs(
+                f"{self.path} was deleted or moved away while memsvc ran: restart memsvc,"
+                " which opens the file found at that path (or put the data directory back)"
             )
-        if not self._said_file_gone:
-            self._said_file_gone = True
-            log.error("%s", problem)
-        raise BackendUnavailable(self.backend_name, problem)
+            log.error("%s", self._moved)
+        self._refuse_if_not_ours()
+
+    def _refuse_if_not_ours(self) -> None:
+        """BackendUnavailable while the file is known corrupt, or the probe found
+        another file (or none) at the path."""
+        problem = self._corrupt or self._moved
+        if problem is not None:
+            raise BackendUnavailable(self.backend_name, problem)
 
     async def migrate(self) -> list[int]:
         async with self._write_lock:
@@ -464,10 +479,11 @@ class FileNotOurs(Exception):
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
-    """The (device, inode) of the file at ``path``; None when there is none."""
+    """The (device, inode) of the file at ``path``; None when there is none (its
+    directory gone, or become a file). Other errors (EIO, ESTALE...) raise."""
     try:
         found = os.stat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     return found.st_dev, found.st_ino
 
