@@ -348,7 +348,10 @@ async def test_a_redis_that_hangs_counts_as_errors(tmp_path: Path):
 
                 await eventually(both_counted, timeout=20)
                 database = server.durable_store.backend_name
-                assert metric(server, "memsvc_backend_errors_total", backend=database) is None
+                counted = metric(
+                    server, "memsvc_backend_errors_total", backend=database, operation="transaction"
+                )
+                assert counted is None
             finally:
                 proxy.restore()
                 await life.Terminate(
