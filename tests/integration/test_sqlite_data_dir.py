@@ -48,10 +48,11 @@ async def test_servers_sharing_redis_working_memory_may_share_a_database(embedde
     need(REDIS_URL)
     shared = replace(embedded, working_memory_url=REDIS_URL)
     async with Server(shared), Server(shared):
-        with pytest.raises(StartupError, match="must be the only one"):
+        with pytest.raises(StartupError, match="this one keeps its working memory in process"):
             await Server(embedded).start()
     async with Server(embedded):
-        with pytest.raises(StartupError, match="must be the only one"):
+        # Found by a review: the refusal described the refused process, wrongly.
+        with pytest.raises(StartupError, match="that one keeps its working memory in process"):
             await Server(shared).start()
 
 
@@ -302,3 +303,32 @@ async def test_a_database_corrupt_past_its_first_pages_turns_unavailable(tmp_pat
             await broken.ping()
     finally:
         await broken.aclose()
+
+
+async def test_an_empty_database_file_starts_with_a_warning(tmp_path, caplog):
+    """Found by a review: a zero-byte file (a restore that failed) started silently
+    as a new, empty store."""
+    path = tmp_path / "memsvc.db"
+    path.write_bytes(b"")
+    store = SqliteDurableStore(f"sqlite://{path}")
+    with caplog.at_level("WARNING", logger="memsvc.store.sqlite._store"):
+        await store.open()
+    await store.aclose()
+    assert "is an empty file: memsvc starts a new, empty store" in caplog.text
+    caplog.clear()
+    async with migrated(SqliteDurableStore(f"sqlite://{path}")):
+        pass
+    with caplog.at_level("WARNING", logger="memsvc.store.sqlite._store"):
+        async with migrated(SqliteDurableStore(f"sqlite://{path}")):
+            pass
+    assert "empty file" not in caplog.text
+
+
+async def test_a_lock_file_memsvc_cannot_open_says_what_to_fix(tmp_path):
+    """Found by a review: a bare "[Errno 13] Permission denied: '...memsvc.db.lock'".
+    (A directory in its place stands for any file memsvc may not open, as root.)"""
+    path = tmp_path / "memsvc.db"
+    (tmp_path / "memsvc.db.lock").mkdir()
+    async with migrated(SqliteDurableStore(f"sqlite://{path}")) as store:
+        with pytest.raises(StartupError, match="memsvc needs to read and write its data dir"):
+            store.claim(alone=True)

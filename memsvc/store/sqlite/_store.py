@@ -99,6 +99,14 @@ class SqliteDurableStore(SqlDurableReads):
     async def open(self) -> None:
         _make_private(self.path)
         _check_writable(self.path)
+        if _empty_file(self.path):
+            # SQLite takes an empty file for a new database: say so, in case it held
+            # data once (a restore that failed, a truncated copy) (a review).
+            log.warning(
+                "%s is an empty file: memsvc starts a new, empty store in it; if it"
+                " held data, stop memsvc and restore the file from a backup",
+                self.path,
+            )
         try:
             self._db = await self._connect()
             self._opened = _identity(self.path)
@@ -165,17 +173,27 @@ class SqliteDurableStore(SqlDurableReads):
         # database, and must not be a second lock (a review).
         real = Path(os.path.realpath(self.path))
         lock_path = real.with_name(real.name + ".lock")
-        descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as error:
+            raise _not_writable(lock_path, error) from error
         try:
             try:
                 fcntl.flock(descriptor, (fcntl.LOCK_EX if alone else fcntl.LOCK_SH) | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip()
+                # Either side may be the one with its memory in process (a review:
+                # the message described only the other process).
+                why = (
+                    "this one keeps its working memory in process"
+                    if alone
+                    else "that one keeps its working memory in process"
+                )
                 raise StartupError(
-                    f"another memsvc process (pid {holder or 'unknown'}) serves {self.path}, "
-                    "and a server with its working memory in process must be the only one on "
-                    "its data directory: run one process per data directory, or give them all "
-                    "a shared working memory (--working-memory-url redis://...)"
+                    f"another memsvc process (pid {holder or 'unknown'}) serves {self.path},"
+                    f" and {why}: a server with its working memory in process must be the"
+                    " only one on its data directory: run one process per data directory, or"
+                    " give them all a shared working memory (--working-memory-url redis://...)"
                 ) from None
             os.ftruncate(descriptor, 0)
             os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
@@ -465,6 +483,13 @@ def _check_writable(path: Path) -> None:
             continue  # no log files: SQLite makes them, as the directory allows
         except OSError as error:
             raise _not_writable(file, error) from error
+
+
+def _empty_file(path: Path) -> bool:
+    try:
+        return path.stat().st_size == 0
+    except OSError:
+        return False
 
 
 def _not_writable(path: Path, cause: BaseException) -> StartupError:
