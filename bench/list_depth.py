@@ -22,6 +22,7 @@ import statistics
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -92,41 +93,37 @@ async def _walk(store: Any, agent: str | None) -> tuple[int, float, float]:
     return len(times), statistics.mean(times[1:11]), statistics.mean(times[-10:])
 
 
-async def _measure(store: Any, name: str) -> list[str]:
-    lines = []
-    for label, agent in (("a project's sessions", None), ("one agent's sessions", BIG_AGENT)):
-        pages, first, last = await _walk(store, agent)
-        lines.append(
-            f"| {name} | {label} | {pages:,} | {first:.2f} | {last:.2f} | {last / first:.2f} |"
-        )
-    return lines
+async def _measure(store: Any, name: str, fill: Callable[[], None]) -> list[str]:
+    """Open and migrate ``store``, ``fill`` it, and walk both listings."""
+    await store.open()
+    try:
+        await store.migrate()
+        fill()
+        lines = []
+        for label, agent in (("a project's sessions", None), ("one agent's sessions", BIG_AGENT)):
+            pages, first, last = await _walk(store, agent)
+            lines.append(
+                f"| {name} | {label} | {pages:,} | {first:.2f} | {last:.2f} | {last / first:.2f} |"
+            )
+        return lines
+    finally:
+        await store.aclose()
 
 
 async def _run(args: argparse.Namespace) -> list[str]:
     rows = _rows(args.sessions, args.agent_sessions)
-    lines = []
     url = create_postgres_database(POSTGRES_ADMIN_URL, "memsvc_list_depth")
     try:
-        postgres = PostgresDurableStore(url)
-        await postgres.open()
-        try:
-            await postgres.migrate()
-            _fill_postgres(url, rows)
-            lines += await _measure(postgres, "PostgreSQL")
-        finally:
-            await postgres.aclose()
+        lines = await _measure(
+            PostgresDurableStore(url), "PostgreSQL", lambda: _fill_postgres(url, rows)
+        )
     finally:
         drop_postgres_database(POSTGRES_ADMIN_URL, url)
     with tempfile.TemporaryDirectory(prefix="memsvc-bench-") as workdir:
         path = Path(workdir) / "memsvc.db"
-        sqlite = SqliteDurableStore(f"sqlite://{path}")
-        await sqlite.open()
-        try:
-            await sqlite.migrate()
-            _fill_sqlite(path, rows)
-            lines += await _measure(sqlite, "SQLite")
-        finally:
-            await sqlite.aclose()
+        lines += await _measure(
+            SqliteDurableStore(f"sqlite://{path}"), "SQLite", lambda: _fill_sqlite(path, rows)
+        )
     return lines
 
 

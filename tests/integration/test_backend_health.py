@@ -302,12 +302,10 @@ async def test_a_redis_that_hangs_counts_as_errors(tmp_path: Path):
     }
     redis = "working memory (Redis)"
     with TcpProxy(redis_port) as proxy:
-        config = Config(
-            listen="127.0.0.1:0",
-            data_dir=str(tmp_path),
+        config = local_server_config(
+            tmp_path,
             working_memory_url=f"redis://127.0.0.1:{proxy.port}/0",
             health_interval_seconds=0.2,
-            health_listen="",
             metrics_listen="127.0.0.1:0",
         )
         async with (

@@ -21,7 +21,7 @@ from memsvc.config import Config, StartupError
 from memsvc.server import Server
 from memsvc.store.sqlite import SqliteDurableStore
 from tests.conftest import REDIS_URL, need
-from tests.helpers import migrated
+from tests.helpers import local_server_config, migrated
 
 
 @pytest.fixture
@@ -184,13 +184,7 @@ async def test_a_data_dir_deleted_while_serving_stops_writes_and_readiness(tmp_p
     from tests.helpers import eventually, expect_error
 
     data = tmp_path / "data"
-    config = Config(
-        listen="127.0.0.1:0",
-        data_dir=str(data),
-        health_listen="",
-        metrics_listen="",
-        health_interval_seconds=0.1,
-    )
+    config = local_server_config(data, health_interval_seconds=0.1)
     ids: dict[str, Any] = {
         "project_id": str(uuid.uuid4()),
         "agent_instance_id": str(uuid.uuid4()),

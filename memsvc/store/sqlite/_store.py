@@ -92,9 +92,9 @@ class SqliteDurableStore(SqlDurableReads):
         # The database file opened (device, inode): see _check_file.
         self._opened: tuple[int, int] | None = None
         # Set once a statement found the file corrupt.
-        self._corrupt: FileNotOurs | None = None
+        self._corrupt: UnusableDatabaseFile | None = None
         # What the last probe found at the path (None: the file opened).
-        self._moved: FileNotOurs | None = None
+        self._moved: UnusableDatabaseFile | None = None
 
     async def open(self) -> None:
         _make_private(self.path)
@@ -356,7 +356,7 @@ class SqliteDurableStore(SqlDurableReads):
             code = getattr(error, "sqlite_errorcode", None)
             if code is not None and code & 0xFF in _CORRUPT_CODES:
                 if self._corrupt is None:
-                    self._corrupt = FileNotOurs(
+                    self._corrupt = UnusableDatabaseFile(
                         f"{self.path} is corrupt ({error}): stop memsvc and restore it from"
                         " a backup, or move it away to start with an empty one"
                     )
@@ -388,7 +388,7 @@ class SqliteDurableStore(SqlDurableReads):
         if found == self._opened:
             self._moved = None
         elif self._moved is None:
-            self._moved = FileNotOurs(
+            self._moved = UnusableDatabaseFile(
                 f"{self.path} was deleted or moved away while memsvc ran: restart memsvc,"
                 " which opens the file found at that path (or put the data directory back)"
             )
@@ -499,8 +499,9 @@ def _not_writable(path: Path, cause: BaseException) -> StartupError:
     )
 
 
-class FileNotOurs(Exception):
-    """The database file memsvc opened is no longer at its path, or is corrupt."""
+class UnusableDatabaseFile(Exception):
+    """The database file memsvc opened is no longer at its path, or is corrupt:
+    until it is back (or restored), durable calls are UNAVAILABLE."""
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
