@@ -6,7 +6,9 @@ streams to one server at a time, spread over a few grpc.aio channels (each with
 a connection of its own), and parses every message as a memsvc
 ``WatchLifecycleResponse``, whichever server sent it. For every event it takes
 the wall-clock time of delivery minus the writer's send time, which the writer
-put into the event's metadata (``"sent"``, seconds since the epoch).
+put into the event's metadata (``"sent"``, seconds since the epoch), and minus the
+event's own ``event_time`` (memsvc stamps it in the writer's transaction, before
+its commit; the bare server sends a copy of one memsvc event, whose time is old).
 
 Commands arrive as JSON lines on stdin; each gets one JSON line on stdout:
 
@@ -15,7 +17,8 @@ Commands arrive as JSON lines on stdin; each gets one JSON line on stdout:
 * ``{"op": "expect", "events"}``: forget what was counted; each stream should
   now receive ``events`` events.
 * ``{"op": "collect", "timeout"}``: wait until they have (or the timeout), then
-  answer the deliveries, the first and last delivery times, the latencies (µs),
+  answer the deliveries, the first and last delivery times, the latencies (µs)
+  from the send and from the event's time,
   and how many streams got other than exactly the events expected, and how many
   deliveries came out of sequence order or repeated a sequence the stream had
   already received.
@@ -64,6 +67,7 @@ class _Tally:
     message_bytes: int = 0
     messages: int = 0  # fewer than deliveries when events come in batches
     latencies_us: list[int] = field(default_factory=list)
+    stamped_us: list[int] = field(default_factory=list)  # from each event's event_time
     errors: list[str] = field(default_factory=list)
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -124,6 +128,8 @@ class Subscriber:
                 for event in events:
                     sent = event.metadata.fields["sent"].number_value
                     tally.latencies_us.append(round((now - sent) * 1e6))
+                    stamped = event.event_time.seconds + event.event_time.nanos / 1e9
+                    tally.stamped_us.append(round((now - stamped) * 1e6))
                     tally.deliveries += 1
                     tally.per_stream[index] += 1
                     sequence = event.sequence
@@ -172,6 +178,7 @@ class Subscriber:
             "message_bytes": tally.message_bytes,
             "messages": tally.messages,
             "latencies_us": tally.latencies_us,
+            "stamped_us": tally.stamped_us,
             "errors": tally.errors[:5],
         }
 
