@@ -1007,31 +1007,17 @@ def _give_socket_to(path: str, gid: int) -> None:
         ) from None
 
 
-# The youngest generation is collected after this many more allocations than
-# deallocations of tracked objects (CPython's default: 700).
-YOUNG_COLLECTION_THRESHOLD = 50_000
-
-
 def settle_heap() -> None:
-    """Take what start-up built out of the cyclic garbage collector's way, and
-    collect the young generation less often.
+    """Take what start-up built out of the cyclic garbage collector's way.
 
     Modules, protobuf descriptors, stores and servicers live as long as the
     process, yet every full collection walked them: about 65,000 objects, and
     with 1,000 watchers full collections of 37-56 ms (up to 80 ms) that stalled
     the event loop and every stream with it. Frozen, a full collection walks only
     what came later (1.7-12 ms in the same benchmark, docs/performance.md).
-
-    At the default threshold, a fan-out to 1,000 watchers collected in the middle
-    of every event's deliveries: the objects of deliveries in flight survived into
-    the older generations, and a full collection (15-20 ms, all streams stalled)
-    followed about once a second. At 50,000 the deliveries in flight have ended
-    before a collection comes; the garbage that waits meanwhile is a few MB at most.
     """
     gc.collect()
     gc.freeze()
-    _, middle, oldest = gc.get_threshold()
-    gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, middle, oldest)
 
 
 @contextlib.contextmanager
