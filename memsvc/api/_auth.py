@@ -28,7 +28,7 @@ from google.protobuf.descriptor import Descriptor
 from grpc_status import rpc_status
 
 from memsvc.api._errors import to_rpc_status
-from memsvc.api._intercept import HandlerWrapper, Undecodable
+from memsvc.api._intercept import HandlerWrapper, Undecodable, abort
 from memsvc.auth import Grant, TokenTable
 from memsvc.domain._errors import PermissionDenied, Unauthenticated
 from memsvc.v1 import (
@@ -195,7 +195,7 @@ class AuthInterceptor(HandlerWrapper):
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             verdict = check(request, context, project_of)
             if not isinstance(verdict, Grant):
-                await context.abort(*verdict)
+                await abort(context, *verdict)
             return await behavior(request, context)
 
         return unary
@@ -220,7 +220,7 @@ class AuthInterceptor(HandlerWrapper):
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             verdict = check(request, context, project_of)
             if not isinstance(verdict, Grant):
-                await context.abort(*verdict)
+                await abort(context, *verdict)
                 return  # abort() raises; never reached
             task = self._open(verdict, request, project_of)
             try:
@@ -230,7 +230,7 @@ class AuthInterceptor(HandlerWrapper):
                 refusal = revoked.get(task)
                 if refusal is None:
                     raise
-                await context.abort(*refusal)
+                await abort(context, *refusal)
             finally:
                 self._close(task)
 
@@ -246,7 +246,7 @@ class AuthInterceptor(HandlerWrapper):
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> None:
             verdict = check(request, context, project_of)
             if not isinstance(verdict, Grant):
-                await context.abort(*verdict)
+                await abort(context, *verdict)
                 return  # abort() raises; never reached
             task = self._open(verdict, request, project_of)
             try:
@@ -255,7 +255,7 @@ class AuthInterceptor(HandlerWrapper):
                 refusal = revoked.get(task)
                 if refusal is None:
                     raise
-                await context.abort(*refusal)
+                await abort(context, *refusal)
             finally:
                 self._close(task)
 

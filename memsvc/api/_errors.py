@@ -26,6 +26,7 @@ from memsvc.api._intercept import (
     OWN_METHOD_PREFIX,
     HandlerWrapper,
     Undecodable,
+    abort,
     lenient,
     within,
 )
@@ -191,10 +192,10 @@ async def _abort(
             if isinstance(error, BackendUnavailable):
                 log.warning("%s failed: %s", method, error.message)
             status = rpc_status.to_status(to_rpc_status(error, request))
-            await context.abort(status.code, status.details, status.trailing_metadata)
+            await abort(context, status.code, status.details, status.trailing_metadata)
         log.error("unexpected error in %s", method, exc_info=error)
-        await context.abort(
-            grpc.StatusCode.INTERNAL, "internal error; the server log has the details"
+        await abort(
+            context, grpc.StatusCode.INTERNAL, "internal error; the server log has the details"
         )
     except _STREAM_BROKEN as gone:
         # The client left as the call failed (often the same deadline ran out on

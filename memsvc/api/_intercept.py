@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import functools
+import traceback
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -13,6 +15,40 @@ from memsvc.domain import InvalidArgument
 
 # memsvc's own services; health and reflection are left as they are where it matters.
 OWN_METHOD_PREFIX = "/memsvc."
+
+
+async def abort(
+    context: grpc.aio.ServicerContext,
+    code: grpc.StatusCode,
+    details: str,
+    trailing_metadata: Sequence[tuple[str, str | bytes]] = (),
+) -> None:
+    """``context.abort()``, then, once gRPC is done with the call, let go of the
+    frames the AbortError's traceback holds.
+
+    gRPC keeps the AbortError on the call's state, and its traceback (and the
+    traceback of the error it was raised on) every frame of the handler, the
+    request among them: a reference cycle that only a garbage collection frees.
+    A burst of 256 refused 4 MB BatchSets peaked at 810 MiB (bench.memory_burst).
+    """
+    try:
+        await context.abort(code, details, tuple(trailing_metadata))
+    except grpc.aio.AbortError as aborted:
+        context.add_done_callback(functools.partial(_let_go_of_frames, aborted))
+        raise
+
+
+def _let_go_of_frames(error: BaseException, _context: object) -> None:
+    """Clear the frames of ``error``'s traceback and of those it was raised on
+    (every frame has returned: the call is done)."""
+    chain: list[BaseException] = []
+    link: BaseException | None = error
+    while link is not None and link not in chain:
+        chain.append(link)
+        link = link.__cause__ or link.__context__
+    for link in chain:
+        traceback.clear_frames(link.__traceback__)
+        link.__traceback__ = None
 
 
 @dataclass(frozen=True)

@@ -244,7 +244,12 @@ class WorkingMemory:
                     # Healed, and another operation began at once: say so; a retry waits it out.
                     raise SessionNotWritable(session.session_id, unread.state) from None
             if explained is not None:
-                raise explained
+                try:
+                    raise explained
+                finally:
+                    # Else this frame, in the error's traceback, holds the error: a
+                    # reference cycle, and the request with it, until a collection.
+                    explained = None
         raise AssertionError("unreachable")
 
     async def set(
