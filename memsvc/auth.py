@@ -40,6 +40,13 @@ _TOKEN = re.compile(r"[\x21-\x7e]+")
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _BEARER = "bearer "
 _COMMENT = re.compile(r"(^|\s)#.*$")
+# Outside a comment, a line holds visible ASCII, spaces and tabs only. What else
+# str.split() takes for a space or splitlines() for a line end (a lone CR, VT, FF,
+# U+001C-U+001E, U+0085, U+2028...) cut a line in two without a word: a project id
+# wrapped onto a line of its own became a token valid in every project.
+_NOT_TOKEN_TEXT = re.compile(r"[^\x20-\x7e\t]")
+# The placeholder of deploy/kubernetes/overlays/example: a token anyone can read.
+EXAMPLE_TOKEN_PREFIX = "example-only-change-me"
 
 
 class CredentialsError(ValueError):
@@ -112,14 +119,23 @@ def parse_tokens(text: str, source: str = "tokens file") -> TokenTable:
     """Parse a tokens file; CredentialsError names the line and what is wrong with it.
 
     Each line: ``TOKEN`` or ``TOKEN PROJECT_ID[,PROJECT_ID...]``. ``#`` at the start of
-    a line or after a space starts a comment.
+    a line or after a space starts a comment, which may hold any text. Lines end at
+    LF (a CR before it is dropped).
     """
     grants: dict[bytes, Grant] = {}
-    for number, raw in enumerate(text.splitlines(), start=1):
-        fields = _COMMENT.sub("", raw).split()
+    for number, raw in enumerate(text.split("\n"), start=1):
+        content = _COMMENT.sub("", raw.removesuffix("\r"))
+        where = f"{source}, line {number}"
+        odd = _NOT_TOKEN_TEXT.search(content)
+        if odd:
+            raise CredentialsError(
+                f"{where}: character U+{ord(odd.group()):04X} outside a comment: a token "
+                "line holds visible ASCII characters, spaces and tabs only (one line per "
+                "token, its project ids on the same line)"
+            )
+        fields = content.split()
         if not fields:
             continue
-        where = f"{source}, line {number}"
         if len(fields) > 2:
             raise CredentialsError(
                 f"{where}: expected `TOKEN` or `TOKEN PROJECT_ID[,PROJECT_ID...]` (project ids "
@@ -130,6 +146,11 @@ def parse_tokens(text: str, source: str = "tokens file") -> TokenTable:
             raise CredentialsError(
                 f"{where}: a token must be at least {MIN_TOKEN_LENGTH} visible ASCII characters "
                 "(make one with `openssl rand -hex 32`)"
+            )
+        if _UUID.fullmatch(token):
+            raise CredentialsError(
+                f"{where}: a token cannot be a UUID (project ids are not secret): is it a "
+                "project id wrapped onto a line of its own? It belongs on its token's line"
             )
         projects: frozenset[str] | None = None
         if len(fields) == 2:
@@ -209,10 +230,22 @@ def _read_tokens(path: Path) -> tuple[str, TokenTable]:
     """The tokens file's text and the tokens it holds."""
     data = _read(path, "tokens file")
     try:
-        text = data.decode("ascii")
-    except UnicodeDecodeError:
-        raise CredentialsError(f"{path}: a tokens file holds ASCII text only") from None
+        # UTF-8, for the comments (a BOM that an editor put first is dropped).
+        text = data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise CredentialsError(f"{path}, line {line}: not UTF-8 text") from None
     return text, parse_tokens(text, str(path))
+
+
+def _warn_of_the_example_token(table: TokenTable, path: Path) -> None:
+    """The example deployment's placeholder token, still in force, is public."""
+    if table.lookup(EXAMPLE_TOKEN_PREFIX + "-agent-token") is not None:
+        log.warning(
+            "the tokens file %s holds the example deployment's placeholder token, which "
+            "anyone who has read memsvc's repository knows: replace it (openssl rand -hex 32)",
+            path,
+        )
 
 
 def _unfinished_widening(text: str, old: TokenTable) -> bool:
@@ -254,6 +287,7 @@ class TokenFile:
         )
         if not self.table:
             log.warning("the tokens file %s holds no token: every API call is refused", self.path)
+        _warn_of_the_example_token(self.table, self.path)
 
     def reload(self) -> TokenTable | None:
         """The new table when the file changed into a valid one (not yet in force:
@@ -300,6 +334,7 @@ class TokenFile:
         )
         if not table:
             log.warning("the tokens file %s holds no token: every API call is refused", self.path)
+        _warn_of_the_example_token(table, self.path)
         return table
 
     def _suspicion(self, text: str, table: TokenTable) -> str:

@@ -443,7 +443,10 @@ def test_memsvc_and_the_agent_take_their_tokens_from_one_secret():
     assert served["defaultMode"] == own["defaultMode"] == 0o440
     data = _secret_data(secret)
     table = parse_tokens(data["tokens"], "the memsvc-auth Secret")
-    assert table.lookup(data["agent-token"].strip()) is not None, "memsvc would refuse the agent"
+    grant = table.lookup(data["agent-token"].strip())
+    assert grant is not None, "memsvc would refuse the agent"
+    # A placeholder anyone can read: bound to one project, never to every one (a review).
+    assert grant.projects is not None and len(grant.projects) == 1
 
 
 def test_the_tls_example_gives_memsvc_and_the_agent_their_certificates():

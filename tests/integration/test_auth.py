@@ -527,9 +527,41 @@ def test_the_tokens_file_format():
         (f"{token} {PROJECT}, {OTHER_PROJECT}\n", "expected `TOKEN`"),
         (f"{token} not-a-uuid\n", "project ids must be UUIDs"),
         (f"{token} {PROJECT},\n", "project ids must be UUIDs"),
+        # Found by a review: a project id wrapped onto a line of its own was a token
+        # valid in every project (and the token above it lost its binding); so was one
+        # after a lone CR or another separator that splitlines() or split() takes.
+        (f"{token}\n    {PROJECT}\n", "line 2: a token cannot be a UUID"),
+        (f"{token}\r{PROJECT}\n", "line 1: character U\\+000D outside a comment"),
+        (f"{token}\x1e{PROJECT}\n", "line 1: character U\\+001E outside a comment"),
+        (f"{token} {PROJECT}\u2028\n", "line 1: character U\\+2028 outside a comment"),
+        (f"{token}\u00a0{PROJECT}\n", "line 1: character U\\+00A0 outside a comment"),
     ]:
         with pytest.raises(CredentialsError, match=complaint):
             parse_tokens(text)
+    # CR LF line ends, tabs, and any text in comments are fine.
+    crlf = parse_tokens(f"# révoqué le 8/12 ✓\r\n{token}\t{PROJECT}\r\n{other}  # 🔑\r\n")
+    assert crlf.lookup(token) is not None and crlf.lookup(token).projects == {PROJECT}
+    assert crlf.lookup(other) is not None and crlf.lookup(other).projects is None
+
+
+def test_a_tokens_file_is_utf8_with_its_comments_in_any_language(tmp_path: Path, caplog):
+    """Found by a review: a file was read as ASCII, so a comment with an accent (or a
+    BOM an editor put first) made a reload fail, and a token it removed stayed valid."""
+    token = new_token()
+    path = tmp_path / "tokens"
+    path.write_bytes(f"\ufeff# jeton révoqué (fuite)\n{token} {PROJECT}\n".encode())
+    source = TokenFile(path)
+    assert source.table.lookup(token) is not None
+    path.write_bytes(b"# ok\n" + token.encode() + b"\n\xff\xfe\n")
+    with pytest.raises(CredentialsError, match="line 3: not UTF-8 text"):
+        TokenFile(path)
+
+
+def test_the_example_placeholder_token_is_warned_of(tmp_path: Path, caplog):
+    path = write_tokens(tmp_path / "tokens", f"example-only-change-me-agent-token {PROJECT}")
+    with caplog.at_level(logging.WARNING, logger="memsvc.auth"):
+        TokenFile(path)
+    assert any("placeholder token" in r.getMessage() for r in caplog.records)
 
 
 async def test_a_server_refuses_to_start_with_an_unusable_tokens_file(
