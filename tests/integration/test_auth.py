@@ -540,8 +540,9 @@ def test_the_tokens_file_format():
             parse_tokens(text)
     # CR LF line ends, tabs, and any text in comments are fine.
     crlf = parse_tokens(f"# révoqué le 8/12 ✓\r\n{token}\t{PROJECT}\r\n{other}  # 🔑\r\n")
-    assert crlf.lookup(token) is not None and crlf.lookup(token).projects == {PROJECT}
-    assert crlf.lookup(other) is not None and crlf.lookup(other).projects is None
+    bound, unbound = crlf.lookup(token), crlf.lookup(other)
+    assert bound is not None and bound.projects == frozenset({PROJECT})
+    assert unbound is not None and unbound.projects is None
 
 
 def test_a_tokens_file_is_utf8_with_its_comments_in_any_language(tmp_path: Path, caplog):
