@@ -103,16 +103,18 @@ class TokenTable:
 
         ``metadata`` is a sequence of (key, value) pairs, as gRPC gives them (keys
         lower-cased). Returns ``"missing"``, ``"malformed"`` or ``"unknown"`` when
-        the call is not authenticated.
+        the call is not authenticated. More than one ``authorization`` is malformed:
+        behind a proxy that adds its own instead of replacing the client's, which
+        one counts must not depend on their order.
         """
-        for key, value in metadata or ():
-            if key != "authorization":
-                continue
-            if not isinstance(value, str) or value[:7].lower() != _BEARER:
-                return "malformed"
-            grant = self._grants.get(digest(value[7:].strip()))
-            return "unknown" if grant is None else grant
-        return "missing"
+        given = [value for key, value in metadata or () if key == "authorization"]
+        if not given:
+            return "missing"
+        value = given[0]
+        if len(given) > 1 or not isinstance(value, str) or value[:7].lower() != _BEARER:
+            return "malformed"
+        grant = self._grants.get(digest(value[7:].strip()))
+        return "unknown" if grant is None else grant
 
 
 def parse_tokens(text: str, source: str = "tokens file") -> TokenTable:

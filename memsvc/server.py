@@ -355,9 +355,10 @@ class Server:
         if self.config.unix_socket:
             # No TLS on the socket: its file mode and group guard it (tokens still apply).
             _remove_stale_socket(Path(self.config.unix_socket))
-            # Bound (and listening) with no access for others from its first moment,
-            # whatever the process's umask; its mode and group are set just below.
-            umask = os.umask(0o007)
+            # Bound (and listening: a client may connect before the server starts) for
+            # memsvc's user alone from its first moment, whatever the process's umask;
+            # the group gets it just below, once it is the right group.
+            umask = os.umask(0o177)
             try:
                 with _binding("the gRPC API", f"unix:{self.config.unix_socket}"):
                     server.add_insecure_port(f"unix:{self.config.unix_socket}")
@@ -365,13 +366,20 @@ class Server:
                 os.umask(umask)
             # This run's socket (bound now): stop() removes it, even after a failed
             # start, and nothing else found at its path.
-            made = os.stat(self.config.unix_socket)
+            made = os.lstat(self.config.unix_socket)
             self._socket_inode = (made.st_dev, made.st_ino)
             # Its mode and group before the server starts, not after. Read-write for
             # the group too: an agent container that shares the
             # pod's fsGroup (or unix_socket_group) connects without memsvc's user.
             if socket_group is not None:
                 _give_socket_to(self.config.unix_socket, socket_group)
+            # By path, which chmod follows: only while the path is still the socket
+            # bound above (never a link put in its place, whose target would get it).
+            now = os.lstat(self.config.unix_socket)
+            if not stat.S_ISSOCK(now.st_mode) or (now.st_dev, now.st_ino) != self._socket_inode:
+                raise StartupError(
+                    f"unix_socket {self.config.unix_socket}: replaced while memsvc set it up"
+                )
             os.chmod(self.config.unix_socket, 0o660)
         await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         await self._check_health()
@@ -999,7 +1007,7 @@ def _socket_group(group: str) -> int | None:
 
 def _give_socket_to(path: str, gid: int) -> None:
     try:
-        os.chown(path, -1, gid)
+        os.chown(path, -1, gid, follow_symlinks=False)
     except PermissionError:
         raise ConfigError(
             f"unix_socket_group: cannot give the socket to group {gid}: memsvc's user must "

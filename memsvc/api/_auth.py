@@ -93,7 +93,7 @@ _MISSING = _refusal(
         "this call needs a bearer token: send the metadata `authorization: Bearer <token>`"
     )
 )
-_MALFORMED = _refusal(Unauthenticated("the authorization metadata must be `Bearer <token>`"))
+_MALFORMED = _refusal(Unauthenticated("the authorization metadata must be one `Bearer <token>`"))
 _UNKNOWN = _refusal(Unauthenticated("the bearer token is not valid (unknown or revoked)"))
 _UNAUTHENTICATED = {"missing": _MISSING, "malformed": _MALFORMED, "unknown": _UNKNOWN}
 

@@ -30,6 +30,7 @@ from grpc_status import rpc_status
 from memsvc.api._auth import PROJECT_OF
 from memsvc.auth import (
     CredentialsError,
+    Grant,
     TokenFile,
     TokenTable,
     digest,
@@ -506,6 +507,18 @@ async def test_sighup_reloads_the_tokens_at_once(tmp_path: Path):
 
 
 # ---- the tokens file format ---------------------------------------------------------
+
+
+def test_more_than_one_authorization_is_malformed_whatever_their_order():
+    """Found by a review: the first one counted, so behind a proxy that adds its own
+    header instead of replacing the client's, the order chose the credentials."""
+    token, other = new_token(), new_token()
+    table = parse_tokens(f"{token}\n{other} {PROJECT}\n")
+    assert isinstance(table.authorize([("authorization", f"Bearer {token}")]), Grant)
+    for pair in ([token, other], [other, token], [token, token]):
+        headers = [("authorization", f"Bearer {each}") for each in pair]
+        assert table.authorize(headers) == "malformed"
+    assert table.authorize([("x-other", "1")]) == "missing"
 
 
 def test_the_tokens_file_format():
