@@ -164,12 +164,13 @@ class InMemoryWorkingMemoryStore:
             else:
                 new_bytes -= _entry_size(write.key, old[0])
             new_bytes += _entry_size(write.key, write.value)
-        if new_keys > self._max_keys:
+        # Only a write that grows the session past a limit (as in Redis's script).
+        if new_keys > self._max_keys and new_keys > state_count:
             self._drop_if_empty(session, state)
             raise SessionLimitExceeded(
                 what="keys", limit=self._max_keys, current=state_count, requested=new_keys
             )
-        if new_bytes > self._max_bytes:
+        if new_bytes > self._max_bytes and new_bytes > current_bytes:
             self._drop_if_empty(session, state)
             raise SessionLimitExceeded(
                 what="bytes", limit=self._max_bytes, current=current_bytes, requested=new_bytes

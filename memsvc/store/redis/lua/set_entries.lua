@@ -26,10 +26,12 @@ for i = 3, #ARGV, 3 do
   end
   new_bytes = new_bytes + #key + #value
 end
-if new_count > max_keys then
+-- Only a write that grows the session past a limit: one over it already (its limits
+-- lowered since) may still overwrite and shrink what it holds.
+if new_count > max_keys and new_count > count then
   return {'limit', 'keys', max_keys, count, new_count}
 end
-if new_bytes > max_bytes then
+if new_bytes > max_bytes and new_bytes > bytes then
   return {'limit', 'bytes', max_bytes, bytes, new_bytes}
 end
 local reply = {'ok'}
