@@ -220,6 +220,12 @@ class _WatchedFiles:
         self._signature = signature
         self._last_error = None
 
+    @property
+    def refused(self) -> bool:
+        """Whether the files as they are now were refused: what is in force is older,
+        and a change they hold (a revocation too) is not."""
+        return self._last_error is not None
+
     def refuse(self, error: CredentialsError) -> None:
         # Once per distinct problem: a broken file is polled every few seconds.
         message = str(error)
@@ -290,6 +296,11 @@ class TokenFile:
         if not self.table:
             log.warning("the tokens file %s holds no token: every API call is refused", self.path)
         _warn_of_the_example_token(self.table, self.path)
+
+    @property
+    def refused(self) -> bool:
+        """Whether the file was changed into one that is refused (see _WatchedFiles)."""
+        return self._files.refused
 
     def reload(self) -> TokenTable | None:
         """The new table when the file changed into a valid one (not yet in force:
@@ -431,6 +442,11 @@ class CertificateFiles:
             client_ca = _read(self.client_ca_file, "TLS client CA")
         _check_certificates(self.cert_file, self.key_file, client_ca)
         return Certificates(cert, key, client_ca)
+
+    @property
+    def refused(self) -> bool:
+        """Whether the files were changed into ones that are refused (see _WatchedFiles)."""
+        return self._files.refused
 
     def reload(self) -> Certificates | None:
         """The new contents when a file changed into a usable set, else None."""

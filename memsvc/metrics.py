@@ -175,6 +175,14 @@ class Metrics:
             "Times a watcher fell behind and went back to reading the log itself.",
             registry=self.registry,
         )
+        self.credentials_refused = Gauge(
+            "memsvc_credentials_file_refused",
+            "1 while the tokens file (file=tokens) or the TLS files (file=tls) were changed"
+            " into ones memsvc refuses (the log says why): the last good ones stay in"
+            " force, and what the change holds, a revocation too, is not.",
+            ("file",),
+            registry=self.registry,
+        )
         self._http: tuple[WSGIServer, threading.Thread] | None = None
         self.port: int | None = None
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import gc
 import grp
 import logging
@@ -745,6 +746,10 @@ class Server:
                 )
         except CredentialsError as error:
             raise ConfigError(str(error)) from error
+        for name, files in (("tokens", self.tokens), ("tls", self.certificates)):
+            if files is not None:
+                refused = self.metrics.credentials_refused.labels(name)
+                refused.set_function(functools.partial(_refused, files))
 
     def _server_credentials(self) -> grpc.ServerCredentials:
         """TLS for the API, its certificates swapped for new handshakes when they change."""
@@ -1013,6 +1018,11 @@ def _give_socket_to(path: str, gid: int) -> None:
             f"unix_socket_group: cannot give the socket to group {gid}: memsvc's user must "
             "be a member of it"
         ) from None
+
+
+def _refused(files: TokenFile | CertificateFiles) -> float:
+    """1.0 while ``files`` were changed into ones that are refused, else 0.0."""
+    return float(files.refused)
 
 
 def settle_heap() -> None:

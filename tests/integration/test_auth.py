@@ -434,14 +434,28 @@ async def test_a_broken_tokens_file_keeps_the_tokens_in_force(
     channel: grpc.aio.Channel, tokens: Tokens, server: Server, caplog: pytest.LogCaptureFixture
 ):
     lifecycle = lifecycle_pb2_grpc.LifecycleServiceStub(channel)
+
+    def refused() -> float | None:
+        # Found by a review: a refused file was only in the log, so a revocation that
+        # did not take effect could not be alerted on.
+        return server.metrics.registry.get_sample_value(
+            "memsvc_credentials_file_refused", {"file": "tokens"}
+        )
+
+    assert refused() == 0.0
     tokens.write(tokens.admin, "short")
     await server.reload_credentials()
+    assert refused() == 1.0
     await lifecycle.Spawn(lifecycle_pb2.SpawnRequest(**ids()), metadata=bearer(tokens.admin))
     assert "line 3: a token must be at least 16" in caplog.text
     tokens.path.unlink()
     await server.reload_credentials()
+    assert refused() == 1.0
     await lifecycle.Spawn(lifecycle_pb2.SpawnRequest(**ids()), metadata=bearer(tokens.admin))
     assert tokens.admin not in caplog.text and tokens.bound not in caplog.text
+    tokens.write(tokens.admin)
+    await server.reload_credentials()
+    assert refused() == 0.0
 
 
 async def test_a_kubernetes_secret_update_is_picked_up(base_config: Config, tmp_path: Path):
