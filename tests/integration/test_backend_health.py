@@ -285,6 +285,18 @@ async def test_readiness_allows_a_probe_its_connect_timeout(
             await eventually(serving)
 
 
+async def failed_at_its_deadline(call: Any) -> None:
+    """A call whose backend hangs ends at its deadline: DEADLINE_EXCEEDED from the
+    client's own timer, or, when memsvc's answer for the operation it cut at the same
+    deadline gets there first (a loaded machine: the CI run of f698bd3), UNAVAILABLE."""
+    try:
+        await call
+    except grpc.aio.AioRpcError as error:
+        assert error.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
+        return
+    raise AssertionError("the call succeeded against a Redis that hangs")
+
+
 async def test_a_redis_that_hangs_counts_as_errors(tmp_path: Path):
     """Found by a review: a Redis that hangs rather than refuses (a partition, a
     frozen process) failed every call at its deadline and every probe at its
@@ -318,9 +330,8 @@ async def test_a_redis_that_hangs_counts_as_errors(tmp_path: Path):
             try:
                 assert metric(server, "memsvc_backend_errors_total", backend=redis) is None
                 proxy.blackhole()
-                await expect_error(
-                    wm.Set(pb.SetRequest(**ids, key="k", value=value(1)), timeout=1),
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                await failed_at_its_deadline(
+                    wm.Set(pb.SetRequest(**ids, key="k", value=value(1)), timeout=1)
                 )
 
                 def timed_out(operation: str) -> float:
@@ -332,9 +343,8 @@ async def test_a_redis_that_hangs_counts_as_errors(tmp_path: Path):
 
                 # A Redis step that hangs inside the database's transaction: the
                 # database answered, and is not counted (a review of this change).
-                await expect_error(
-                    life.Spawn(lc.SpawnRequest(**{**ids, "session_id": "other"}), timeout=1),
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                await failed_at_its_deadline(
+                    life.Spawn(lc.SpawnRequest(**{**ids, "session_id": "other"}), timeout=1)
                 )
 
                 async def both_counted() -> bool:
