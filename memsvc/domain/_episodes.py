@@ -531,7 +531,8 @@ def check_query(query: str, has_embedding: bool, violations: list[FieldViolation
             FieldViolation("query", f"is {len(query)} characters, over {MAX_QUERY_CHARS}")
         )
         return []
-    terms = []
+    terms: list[str] = []
+    seen: set[str] = set()
     for phrase, word in _TERM.findall(query):
         words = _WORD.findall(phrase or word)
         if any(len(found.encode()) > MAX_WORD_BYTES for found in words):
@@ -543,8 +544,13 @@ def check_query(query: str, has_embedding: bool, violations: list[FieldViolation
                 )
             )
             return []
-        if words:
-            terms.append(" ".join(words))
+        term = " ".join(words)
+        # Once each: every term must match anyway, and ranking works through each
+        # term's matches (a query of one word 500 times took SQLite 50 s on 10
+        # small episodes, and held a search slot of every project meanwhile).
+        if words and term.lower() not in seen:
+            seen.add(term.lower())
+            terms.append(term)
     if not terms and not has_embedding:
         violations.append(
             FieldViolation("query", "needs at least one word (or give a query_embedding)")
