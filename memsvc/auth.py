@@ -45,6 +45,8 @@ _COMMENT = re.compile(r"(^|\s)#.*$")
 # U+001C-U+001E, U+0085, U+2028...) cut a line in two without a word: a project id
 # wrapped onto a line of its own became a token valid in every project.
 _NOT_TOKEN_TEXT = re.compile(r"[^\x20-\x7e\t]")
+# The same separators inside a comment: it would end there, its rest a line of its own.
+_LINE_BREAK = re.compile(r"[\r\v\f\x1c-\x1e\x85\u2028\u2029]")
 # The placeholder of deploy/kubernetes/overlays/example: a token anyone can read.
 EXAMPLE_TOKEN_PREFIX = "example-only-change-me"
 
@@ -82,8 +84,12 @@ class Grant:
 class TokenTable:
     """The valid tokens, by digest."""
 
-    def __init__(self, grants: Mapping[bytes, Grant] | None = None) -> None:
+    def __init__(
+        self, grants: Mapping[bytes, Grant] | None = None, uuid_lines: tuple[int, ...] = ()
+    ) -> None:
         self._grants: dict[bytes, Grant] = dict(grants or {})
+        # The lines whose token is a UUID (see parse_tokens), for a warning.
+        self.uuid_lines = uuid_lines
 
     def __len__(self) -> int:
         return len(self._grants)
@@ -125,15 +131,18 @@ def parse_tokens(text: str, source: str = "tokens file") -> TokenTable:
     LF (a CR before it is dropped).
     """
     grants: dict[bytes, Grant] = {}
+    uuid_lines: list[int] = []
     for number, raw in enumerate(text.split("\n"), start=1):
-        content = _COMMENT.sub("", raw.removesuffix("\r"))
+        line = raw.removesuffix("\r")
         where = f"{source}, line {number}"
-        odd = _NOT_TOKEN_TEXT.search(content)
+        content = _COMMENT.sub("", line)
+        odd = _NOT_TOKEN_TEXT.search(content) or _LINE_BREAK.search(line)
         if odd:
             raise CredentialsError(
-                f"{where}: character U+{ord(odd.group()):04X} outside a comment: a token "
-                "line holds visible ASCII characters, spaces and tabs only (one line per "
-                "token, its project ids on the same line)"
+                f"{where}: character U+{ord(odd.group()):04X}: outside a comment a line "
+                "holds visible ASCII characters, spaces and tabs only, and no line holds a "
+                "line or word separator, comments included (one line per token, its "
+                "project ids on the same line)"
             )
         fields = content.split()
         if not fields:
@@ -150,10 +159,12 @@ def parse_tokens(text: str, source: str = "tokens file") -> TokenTable:
                 "(make one with `openssl rand -hex 32`)"
             )
         if _UUID.fullmatch(token):
-            raise CredentialsError(
-                f"{where}: a token cannot be a UUID (project ids are not secret): is it a "
-                "project id wrapped onto a line of its own? It belongs on its token's line"
-            )
+            if len(fields) == 1 and line[:1].isspace():
+                raise CredentialsError(
+                    f"{where}: an indented UUID alone, which reads as a project id wrapped "
+                    "onto a line of its own (it belongs on its token's line), not a token"
+                )
+            uuid_lines.append(number)
         projects: frozenset[str] | None = None
         if len(fields) == 2:
             ids = fields[1].split(",")
@@ -169,7 +180,7 @@ def parse_tokens(text: str, source: str = "tokens file") -> TokenTable:
         if token_digest in grants:
             raise CredentialsError(f"{where}: the token of an earlier line appears again")
         grants[token_digest] = Grant(token_digest, projects)
-    return TokenTable(grants)
+    return TokenTable(grants, tuple(uuid_lines))
 
 
 def _signature(paths: tuple[Path, ...]) -> tuple[tuple[int, int, int, int, int], ...]:
@@ -214,7 +225,13 @@ class _WatchedFiles:
         except CredentialsError as error:
             self.refuse(error)
             return None
-        return None if signature == self._signature else signature
+        if signature == self._signature:
+            if self._last_error is not None:
+                # Back to the files in force (a link that pointed elsewhere for a while).
+                log.info("%s: the files in force are readable again", self.paths[0])
+                self._last_error = None
+            return None
+        return signature
 
     def accept(self, signature: Signature) -> None:
         self._signature = signature
@@ -246,8 +263,17 @@ def _read_tokens(path: Path) -> tuple[str, TokenTable]:
     return text, parse_tokens(text, str(path))
 
 
-def _warn_of_the_example_token(table: TokenTable, path: Path) -> None:
-    """The example deployment's placeholder token, still in force, is public."""
+def _warn_of_public_tokens(table: TokenTable, path: Path) -> None:
+    """The example deployment's placeholder token, still in force, is public; a
+    token that is a UUID may be a project id (no secret) wrapped onto its own line."""
+    if table.uuid_lines:
+        log.warning(
+            "the tokens file %s holds tokens that are UUIDs (line %s): if one is a project "
+            "id wrapped onto a line of its own, it acts in every project; join it to its "
+            "token's line",
+            path,
+            ", ".join(map(str, table.uuid_lines)),
+        )
     if table.lookup(EXAMPLE_TOKEN_PREFIX + "-agent-token") is not None:
         log.warning(
             "the tokens file %s holds the example deployment's placeholder token, which "
@@ -295,7 +321,7 @@ class TokenFile:
         )
         if not self.table:
             log.warning("the tokens file %s holds no token: every API call is refused", self.path)
-        _warn_of_the_example_token(self.table, self.path)
+        _warn_of_public_tokens(self.table, self.path)
 
     @property
     def refused(self) -> bool:
@@ -347,7 +373,7 @@ class TokenFile:
         )
         if not table:
             log.warning("the tokens file %s holds no token: every API call is refused", self.path)
-        _warn_of_the_example_token(table, self.path)
+        _warn_of_public_tokens(table, self.path)
         return table
 
     def _suspicion(self, text: str, table: TokenTable) -> str:

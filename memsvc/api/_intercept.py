@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -23,32 +22,29 @@ async def abort(
     details: str,
     trailing_metadata: Sequence[tuple[str, str | bytes]] = (),
 ) -> None:
-    """``context.abort()``, then, once gRPC is done with the call, let go of the
-    frames the AbortError's traceback holds.
+    """``context.abort()``, then, once gRPC is done with the call, detach the
+    AbortError from what it was raised through.
 
-    gRPC keeps the AbortError on the call's state, and its traceback (and the
-    traceback of the error it was raised on) every frame of the handler, the
-    request among them: a reference cycle that only a garbage collection frees.
-    A burst of 256 refused 4 MB BatchSets peaked at 810 MiB (bench.memory_burst).
+    gRPC keeps the AbortError on the call's state, and with it its traceback (and,
+    through its context, the error the handler failed with): every frame of the
+    handler, the request among them, in a reference cycle that only a garbage
+    collection frees. A burst of 256 refused 4 MB BatchSets peaked at 810 MiB
+    (bench.memory_burst). Only the AbortError, this call's own, is touched: the
+    error it was raised on may be shared by several calls (BackgroundWork hands a
+    failed purge to every caller that joined it), whose frames may still run.
     """
     try:
         await context.abort(code, details, tuple(trailing_metadata))
     except grpc.aio.AbortError as aborted:
-        context.add_done_callback(functools.partial(_let_go_of_frames, aborted))
+        context.add_done_callback(functools.partial(_detach, aborted))
         raise
 
 
-def _let_go_of_frames(error: BaseException, _context: object) -> None:
-    """Clear the frames of ``error``'s traceback and of those it was raised on
-    (every frame has returned: the call is done)."""
-    chain: list[BaseException] = []
-    link: BaseException | None = error
-    while link is not None and link not in chain:
-        chain.append(link)
-        link = link.__cause__ or link.__context__
-    for link in chain:
-        traceback.clear_frames(link.__traceback__)
-        link.__traceback__ = None
+def _detach(error: BaseException, _context: object) -> None:
+    """Drop ``error``'s traceback and the errors it was raised on."""
+    error.__traceback__ = None
+    error.__context__ = None
+    error.__cause__ = None
 
 
 @dataclass(frozen=True)

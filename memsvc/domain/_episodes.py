@@ -393,7 +393,11 @@ class Episodes:
         terms = check_query(query, bool(query_embedding), violations)
         vector = check_embedding(query_embedding, "query_embedding", violations)
         raise_if_any(violations)
-        token_scope = scope.fingerprint("search", json.dumps(terms), vector.hex() if vector else "")
+        # "rank 2": PostgreSQL ranks by the OR of the terms since 2026-12-08; a page
+        # position of the AND's score taken on a replica of before means nothing here.
+        token_scope = scope.fingerprint(
+            "search", "rank 2", json.dumps(terms), vector.hex() if vector else ""
+        )
         after = page_position(
             decode_page_token(page_token, token_scope), position_score, position_uuid
         )
@@ -547,9 +551,11 @@ def check_query(query: str, has_embedding: bool, violations: list[FieldViolation
         term = " ".join(words)
         # Once each: every term must match anyway, and ranking works through each
         # term's matches (a query of one word 500 times took SQLite 50 s on 10
-        # small episodes, and held a search slot of every project meanwhile).
-        if words and term.lower() not in seen:
-            seen.add(term.lower())
+        # small episodes, and held a search slot of every project meanwhile). As
+        # written: which case forms one word matches is the database's (PostgreSQL
+        # under LC_CTYPE C folds ASCII only).
+        if words and term not in seen:
+            seen.add(term)
             terms.append(term)
     if not terms and not has_embedding:
         violations.append(

@@ -557,17 +557,24 @@ def test_the_tokens_file_format():
         # Found by a review: a project id wrapped onto a line of its own was a token
         # valid in every project (and the token above it lost its binding); so was one
         # after a lone CR or another separator that splitlines() or split() takes.
-        (f"{token}\n    {PROJECT}\n", "line 2: a token cannot be a UUID"),
-        (f"{token}\r{PROJECT}\n", "line 1: character U\\+000D outside a comment"),
-        (f"{token}\x1e{PROJECT}\n", "line 1: character U\\+001E outside a comment"),
-        (f"{token} {PROJECT}\u2028\n", "line 1: character U\\+2028 outside a comment"),
-        (f"{token}\u00a0{PROJECT}\n", "line 1: character U\\+00A0 outside a comment"),
+        (f"{token}\n    {PROJECT}\n", "line 2: an indented UUID alone"),
+        (f"{token}\r{PROJECT}\n", "line 1: character U\\+000D"),
+        (f"{token}\x1e{PROJECT}\n", "line 1: character U\\+001E"),
+        (f"{token} {PROJECT}\u2028\n", "line 1: character U\\+2028"),
+        (f"{token}\u00a0{PROJECT}\n", "line 1: character U\\+00A0"),
+        # In a comment too (a review of the fix): the comment would end there, and
+        # the rest, a line of its own, vanish with it.
+        (f"{token} {PROJECT} # note\r{other}\n", "line 1: character U\\+000D"),
+        (f"# memsvc tokens\r{token} {PROJECT}\r{other}\r", "line 1: character U\\+000D"),
     ]:
         with pytest.raises(CredentialsError, match=complaint):
             parse_tokens(text)
     # CR LF line ends, tabs, and any text in comments are fine.
     crlf = parse_tokens(f"# révoqué le 8/12 ✓\r\n{token}\t{PROJECT}\r\n{other}  # 🔑\r\n")
     bound, unbound = crlf.lookup(token), crlf.lookup(other)
+    # A UUID is a token when it is not indented alone (uuidgen's), with a warning.
+    uuid_token = str(uuid.uuid4())
+    assert parse_tokens(f"{token}\n{uuid_token}\n").uuid_lines == (2,)
     assert bound is not None and bound.projects == frozenset({PROJECT})
     assert unbound is not None and unbound.projects is None
 
@@ -583,6 +590,21 @@ def test_a_tokens_file_is_utf8_with_its_comments_in_any_language(tmp_path: Path,
     path.write_bytes(b"# ok\n" + token.encode() + b"\n\xff\xfe\n")
     with pytest.raises(CredentialsError, match="line 3: not UTF-8 text"):
         TokenFile(path)
+
+
+def test_the_refused_gauge_falls_when_the_files_in_force_are_back(tmp_path: Path):
+    """Found by a review: a tokens file unreadable for a while (its link pointed
+    elsewhere), then back as it was, kept memsvc_credentials_file_refused at 1."""
+    token = new_token()
+    write_tokens(tmp_path / "real", token)
+    (tmp_path / "tokens").symlink_to(tmp_path / "real")
+    source = TokenFile(tmp_path / "tokens")
+    (tmp_path / "tokens").unlink()
+    (tmp_path / "tokens").symlink_to(tmp_path / "missing")
+    assert source.reload() is None and source.refused
+    (tmp_path / "tokens").unlink()
+    (tmp_path / "tokens").symlink_to(tmp_path / "real")
+    assert source.reload() is None and not source.refused
 
 
 def test_the_example_placeholder_token_is_warned_of(tmp_path: Path, caplog):

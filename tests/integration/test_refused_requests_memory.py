@@ -9,7 +9,10 @@ with the frames let go once each call is done, about 420.
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import logging
+import sys
 import types
 import uuid
 from collections.abc import Iterator
@@ -20,7 +23,9 @@ from pathlib import Path
 import grpc
 
 from memsvc.server import Server
+from memsvc.v1 import data_removal_pb2 as dr
 from memsvc.v1 import working_memory_pb2 as wm
+from memsvc.v1.data_removal_pb2_grpc import DataRemovalServiceStub
 from memsvc.v1.working_memory_pb2_grpc import WorkingMemoryServiceStub
 from tests.client._credentials import new_token, write_tokens
 from tests.helpers import eventually, expect_error, local_server_config
@@ -88,3 +93,45 @@ async def test_a_call_refused_for_its_token_leaves_no_frames_to_collect(tmp_path
     async with Server(config) as server:
         wrong = (("authorization", f"Bearer {new_token()}"),)
         await refuse(server, grpc.StatusCode.UNAUTHENTICATED, wrong)
+
+
+async def test_calls_that_share_one_failure_each_end_with_it(tmp_path: Path, caplog):
+    """Found by a review of the fix: calls that join one purge (one request id) are
+    all refused with the same error object, whose traceback each raise rewrites. A
+    first version cleared the frames of that traceback when a call was done: another
+    call's, whose handler was still running, and Python closed it ("cannot reuse
+    already awaited coroutine")."""
+    async with Server(local_server_config(tmp_path)) as server:
+        # Another process holds SQLite's write lock: the purge fails, once, for all.
+        holder = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            "import sqlite3, sys, time; c = sqlite3.connect(sys.argv[1], isolation_level=None);"
+            " c.execute('BEGIN IMMEDIATE'); print('held', flush=True); time.sleep(60)",
+            str(tmp_path / "memsvc.db"),
+            stdout=asyncio.subprocess.PIPE,
+        )
+        try:
+            assert holder.stdout is not None and (await holder.stdout.readline()) == b"held\n"
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                purge = DataRemovalServiceStub(channel).PurgeData
+                request = dr.PurgeDataRequest(
+                    project_id=str(uuid.uuid4()), request_id=str(uuid.uuid4())
+                )
+
+                async def joined(delay: float) -> grpc.StatusCode:
+                    await asyncio.sleep(delay)
+                    try:
+                        await purge(request, timeout=30)
+                    except grpc.aio.AioRpcError as error:
+                        return error.code()
+                    return grpc.StatusCode.OK
+
+                with caplog.at_level(logging.ERROR, logger="grpc"):
+                    codes = await asyncio.gather(*(joined(0.05 * i) for i in range(8)))
+                    await asyncio.sleep(0.5)  # the done callbacks of the last calls
+        finally:
+            holder.kill()
+            await holder.wait()
+    assert codes == [grpc.StatusCode.UNAVAILABLE] * 8
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("grpc")] == []
