@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 MIN_TOKEN_LENGTH = 16
 _TOKEN = re.compile(r"[\x21-\x7e]+")
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+_UUID_LIST = re.compile(rf"{_UUID.pattern}(,{_UUID.pattern})*,?")
 _BEARER = "bearer "
 _COMMENT = re.compile(r"(^|\s)#.*$")
 # Outside a comment, a line holds visible ASCII, spaces and tabs only. What else
@@ -158,12 +159,15 @@ def parse_tokens(text: str, source: str = "tokens file") -> TokenTable:
                 f"{where}: a token must be at least {MIN_TOKEN_LENGTH} visible ASCII characters "
                 "(make one with `openssl rand -hex 32`)"
             )
+        if len(fields) == 1 and _UUID_LIST.fullmatch(token):
+            # What a line wrapped before its project ids leaves (indented or not): as
+            # a token it would act in every project, and the token above it too.
+            raise CredentialsError(
+                f"{where}: project ids alone, which read as the end of the line above "
+                "wrapped onto a line of its own (join them to it); a token that acts in "
+                "every project must not be a UUID (make one with `openssl rand -hex 32`)"
+            )
         if _UUID.fullmatch(token):
-            if len(fields) == 1 and line[:1].isspace():
-                raise CredentialsError(
-                    f"{where}: an indented UUID alone, which reads as a project id wrapped "
-                    "onto a line of its own (it belongs on its token's line), not a token"
-                )
             uuid_lines.append(number)
         projects: frozenset[str] | None = None
         if len(fields) == 2:
@@ -268,9 +272,8 @@ def _warn_of_public_tokens(table: TokenTable, path: Path) -> None:
     token that is a UUID may be a project id (no secret) wrapped onto its own line."""
     if table.uuid_lines:
         log.warning(
-            "the tokens file %s holds tokens that are UUIDs (line %s): if one is a project "
-            "id wrapped onto a line of its own, it acts in every project; join it to its "
-            "token's line",
+            "the tokens file %s holds tokens that are UUIDs (line %s), which look like "
+            "project ids (no secret): make tokens with openssl rand -hex 32",
             path,
             ", ".join(map(str, table.uuid_lines)),
         )

@@ -78,6 +78,11 @@ class BackgroundWork(Generic[T]):
         finally:
             if task in self._waiting and not task.done():
                 self._waiting[task] -= 1
+            # The failure raised from here holds this frame in its traceback: the
+            # frame must not hold the task, which holds the failure (a reference
+            # cycle that kept the caller's frames, its request among them, until a
+            # garbage collection).
+            del task
 
     def __len__(self) -> int:
         """How many are running."""

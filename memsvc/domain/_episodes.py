@@ -67,6 +67,8 @@ MAX_ACTIONS = 1_000
 MAX_ACTIONS_BYTES = 1 << 20
 MAX_EMBEDDING_DIMENSIONS = 4_096
 MAX_QUERY_CHARS = 1_000
+# Distinct terms (words and quoted phrases) a query may hold.
+MAX_QUERY_TERMS = 64
 # protobuf's Duration range: what the API can send back.
 MAX_DURATION_SECONDS = 315_576_000_000
 # Candidates scored per slice in a similarity search (at most 2 MB of float64 each).
@@ -557,6 +559,13 @@ def check_query(query: str, has_embedding: bool, violations: list[FieldViolation
         if words and term not in seen:
             seen.add(term)
             terms.append(term)
+    if len(terms) > MAX_QUERY_TERMS:
+        # Ranking works through every term's matches: the cost grows faster than the
+        # terms (case forms of one word count apart here, yet are one to SQLite).
+        violations.append(
+            FieldViolation("query", f"has {len(terms)} terms, over {MAX_QUERY_TERMS}")
+        )
+        return []
     if not terms and not has_embedding:
         violations.append(
             FieldViolation("query", "needs at least one word (or give a query_embedding)")

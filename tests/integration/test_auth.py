@@ -557,7 +557,9 @@ def test_the_tokens_file_format():
         # Found by a review: a project id wrapped onto a line of its own was a token
         # valid in every project (and the token above it lost its binding); so was one
         # after a lone CR or another separator that splitlines() or split() takes.
-        (f"{token}\n    {PROJECT}\n", "line 2: an indented UUID alone"),
+        (f"{token}\n    {PROJECT}\n", "line 2: project ids alone"),
+        (f"{token}\n{PROJECT}\n", "line 2: project ids alone"),
+        (f"{token}\n{PROJECT},{OTHER_PROJECT}\n", "line 2: project ids alone"),
         (f"{token}\r{PROJECT}\n", "line 1: character U\\+000D"),
         (f"{token}\x1e{PROJECT}\n", "line 1: character U\\+001E"),
         (f"{token} {PROJECT}\u2028\n", "line 1: character U\\+2028"),
@@ -572,9 +574,9 @@ def test_the_tokens_file_format():
     # CR LF line ends, tabs, and any text in comments are fine.
     crlf = parse_tokens(f"# révoqué le 8/12 ✓\r\n{token}\t{PROJECT}\r\n{other}  # 🔑\r\n")
     bound, unbound = crlf.lookup(token), crlf.lookup(other)
-    # A UUID is a token when it is not indented alone (uuidgen's), with a warning.
+    # A UUID bound to projects is a token (uuidgen's), with a warning.
     uuid_token = str(uuid.uuid4())
-    assert parse_tokens(f"{token}\n{uuid_token}\n").uuid_lines == (2,)
+    assert parse_tokens(f"{token}\n{uuid_token} {PROJECT}\n").uuid_lines == (2,)
     assert bound is not None and bound.projects == frozenset({PROJECT})
     assert unbound is not None and unbound.projects is None
 

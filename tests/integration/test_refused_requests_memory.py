@@ -22,6 +22,7 @@ from pathlib import Path
 
 import grpc
 
+from memsvc.api._intercept import _detach
 from memsvc.server import Server
 from memsvc.v1 import data_removal_pb2 as dr
 from memsvc.v1 import working_memory_pb2 as wm
@@ -95,6 +96,44 @@ async def test_a_call_refused_for_its_token_leaves_no_frames_to_collect(tmp_path
         await refuse(server, grpc.StatusCode.UNAUTHENTICATED, wrong)
 
 
+async def hold_the_database(data_dir: Path) -> asyncio.subprocess.Process:
+    """A process that holds the embedded database's write lock (a purge fails)."""
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        "import sqlite3, sys, time; c = sqlite3.connect(sys.argv[1], isolation_level=None);"
+        " c.execute('BEGIN IMMEDIATE'); print('held', flush=True); time.sleep(60)",
+        str(data_dir / "memsvc.db"),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert holder.stdout is not None and (await holder.stdout.readline()) == b"held\n"
+    return holder
+
+
+def test_the_cleanup_touches_the_call_s_own_abort_error_only():
+    """The error a call was refused with may be shared with other calls still
+    running (BackgroundWork): its traceback and frames stay as they are."""
+
+    def failing() -> None:
+        shared = "a local of a frame that must stay"  # noqa: F841 (read below)
+        raise RuntimeError("shared")
+
+    try:
+        failing()
+    except RuntimeError as error:
+        shared_error = error
+    try:
+        raise grpc.aio.AbortError("aborted") from shared_error
+    except grpc.aio.AbortError as error:
+        aborted = error
+    assert shared_error.__traceback__ is not None
+    kept = shared_error.__traceback__
+    _detach(aborted, None)
+    assert aborted.__traceback__ is None and aborted.__cause__ is None
+    assert shared_error.__traceback__ is kept
+    assert kept.tb_next is not None and "shared" in kept.tb_next.tb_frame.f_locals
+
+
 async def test_calls_that_share_one_failure_each_end_with_it(tmp_path: Path, caplog):
     """Found by a review of the fix: calls that join one purge (one request id) are
     all refused with the same error object, whose traceback each raise rewrites. A
@@ -103,16 +142,8 @@ async def test_calls_that_share_one_failure_each_end_with_it(tmp_path: Path, cap
     already awaited coroutine")."""
     async with Server(local_server_config(tmp_path)) as server:
         # Another process holds SQLite's write lock: the purge fails, once, for all.
-        holder = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-c",
-            "import sqlite3, sys, time; c = sqlite3.connect(sys.argv[1], isolation_level=None);"
-            " c.execute('BEGIN IMMEDIATE'); print('held', flush=True); time.sleep(60)",
-            str(tmp_path / "memsvc.db"),
-            stdout=asyncio.subprocess.PIPE,
-        )
+        holder = await hold_the_database(tmp_path)
         try:
-            assert holder.stdout is not None and (await holder.stdout.readline()) == b"held\n"
             async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
                 purge = DataRemovalServiceStub(channel).PurgeData
                 request = dr.PurgeDataRequest(
@@ -135,3 +166,25 @@ async def test_calls_that_share_one_failure_each_end_with_it(tmp_path: Path, cap
             await holder.wait()
     assert codes == [grpc.StatusCode.UNAVAILABLE] * 8
     assert [r.getMessage() for r in caplog.records if r.name.startswith("grpc")] == []
+
+
+async def test_a_call_refused_with_a_background_failure_leaves_no_frames(tmp_path: Path):
+    """Found by a review: BackgroundWork.wait held the failed task in its frame, and
+    the task held the failure, whose traceback held the frame: the caller's frames,
+    its request among them, waited for a garbage collection."""
+    async with Server(local_server_config(tmp_path)) as server:
+        holder = await hold_the_database(tmp_path)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                purge = DataRemovalServiceStub(channel).PurgeData
+                request = dr.PurgeDataRequest(project_id=str(uuid.uuid4()))
+                with garbage_frames() as frames:
+                    await expect_error(purge(request, timeout=30), grpc.StatusCode.UNAVAILABLE)
+                    await asyncio.sleep(0.2)  # the call's done callback
+        finally:
+            holder.kill()
+            await holder.wait()
+    # Those that hold the request (the servicer and the interceptors around it): the
+    # store's own cycles (aiosqlite's, on the error it failed with) hold none.
+    holding = [frame for frame in frames if "/memsvc/api/" in frame]
+    assert holding == [], "\n".join(frames)

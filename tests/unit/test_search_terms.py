@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from memsvc.domain._episodes import check_query
+from memsvc.domain._episodes import MAX_QUERY_TERMS, check_query
 from memsvc.domain._errors import FieldViolation
 
 
@@ -26,3 +26,13 @@ def test_a_repeated_term_counts_once_in_its_first_place():
     # Case forms stay apart: which ones a word matches is the database's to say.
     assert terms_of("Été été Été") == ["Été", "été"]
     assert terms_of('"main py" main.py main py') == ["main py", "main", "py"]
+
+
+def test_a_query_holds_at_most_64_terms():
+    """Found by a review: case forms of one word are apart here and one to SQLite,
+    whose ranking cost grows faster than the terms."""
+    words = [f"w{index}" for index in range(MAX_QUERY_TERMS + 1)]
+    assert len(terms_of(" ".join(words[:-1]))) == MAX_QUERY_TERMS
+    violations: list[FieldViolation] = []
+    assert check_query(" ".join(words), False, violations) == []
+    assert [v.description for v in violations] == [f"has 65 terms, over {MAX_QUERY_TERMS}"]
