@@ -302,11 +302,13 @@ class Episodes:
                 previous = await claim(tx, ref, request_id, "RecordEpisode", arguments)
                 if previous is not None:
                     return decode_episode(previous)
+            # One clock reading for both: the id sorts as the time does.
+            now = self._clock_ms()
             stored = dataclasses.replace(
                 episode,
                 ref=ref,
-                episode_id=uuid7(),
-                create_ms=self._clock_ms(),
+                episode_id=uuid7(now),
+                create_ms=now,
                 embedding=packed,
                 embedding_dimensions=len(packed or b"") // 4,
             )

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -87,11 +88,32 @@ def decode_result(kind: type[T], raw: bytes) -> T:
     return kind(**data)
 
 
-def uuid7() -> str:
-    """A time-ordered UUID (version 7): 48 bits of Unix ms, then 74 random bits."""
-    value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")
-    value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
-    value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 4122 variant
+# The last id made in this process (its millisecond, its 74 other bits): ids of one
+# millisecond count up from it (RFC 9562's "monotonic random"), so they sort in the
+# order they were made, as List and Search break ties newest first by id.
+_last_uuid7 = (0, 0)
+_uuid7_lock = threading.Lock()
+_RANDOM_BITS = 74
+
+
+def uuid7(ms: int | None = None) -> str:
+    """A time-ordered UUID (version 7): 48 bits of Unix ms (``ms``, or now), then 74
+    bits, random, or the last id's plus one within the same millisecond."""
+    global _last_uuid7
+    if ms is None:
+        ms = time.time_ns() // 1_000_000
+    with _uuid7_lock:
+        last_ms, last_bits = _last_uuid7
+        if ms == last_ms and last_bits + 1 < 1 << _RANDOM_BITS:
+            bits = last_bits + 1
+        else:
+            bits = int.from_bytes(os.urandom(10), "big") >> (80 - _RANDOM_BITS)
+            # Room to count up within the millisecond: the top bit starts at 0.
+            bits &= (1 << (_RANDOM_BITS - 1)) - 1
+        _last_uuid7 = (ms, bits)
+    # 48 bits of time, the version (4), 12 bits, the variant (2), 62 bits.
+    value = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | (bits >> 62) << 64 | 0x2 << 62
+    value |= bits & ((1 << 62) - 1)
     return str(uuid.UUID(int=value))
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 from google.protobuf import duration_pb2
 from hypothesis import given
@@ -10,6 +12,7 @@ from hypothesis import strategies as st
 from memsvc.api._convert import ttl_ms
 from memsvc.domain import FieldViolation, InvalidArgument, SessionRef
 from memsvc.domain._ids import check_key, check_session_id, check_uuid
+from memsvc.domain._lifecycle_results import uuid7
 from memsvc.domain._pagination import decode_page_token, encode_page_token, fingerprint
 from memsvc.store.redis import session_keys
 
@@ -94,3 +97,18 @@ def test_bad_page_tokens_are_invalid_argument(token):
     with pytest.raises(InvalidArgument) as error:
         decode_page_token(token, fingerprint("a"))
     assert error.value.violations[0].field == "page_token"
+
+
+def test_uuid7_ids_of_one_millisecond_sort_in_the_order_they_were_made():
+    """Found by a review: the bits below the millisecond were random, so episodes
+    recorded in one millisecond were listed in a random order, not newest first."""
+    ms = 1_765_000_000_000
+    made = [uuid7(ms) for _ in range(1000)]
+    assert made == sorted(made) and len(set(made)) == len(made)
+    for text in (made[0], made[-1], uuid7()):
+        parsed = uuid.UUID(text)
+        assert parsed.version == 7 and parsed.variant == uuid.RFC_4122
+    assert all(int(uuid.UUID(text)) >> 80 == ms for text in made)
+    # Another millisecond starts from random bits, and still sorts by its time.
+    later = uuid7(ms + 1)
+    assert later > made[-1] and int(uuid.UUID(later)) >> 80 == ms + 1
