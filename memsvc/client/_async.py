@@ -174,6 +174,11 @@ class AsyncClient:
         self._channel: Any = None
         self._owns_channel = True
         bearer = _bearer(token, token_file)
+        if bearer is not None and any(key.lower() == "authorization" for key, _ in grpc_metadata):
+            # memsvc refuses a call with two (which one counts must not depend on order).
+            raise ValueError(
+                "give token or token_file, or an authorization in grpc_metadata, not both"
+            )
         self._invoke = Invoker(retry or RetryPolicy(), timeout, grpc_metadata, bearer)
         self._stubs: tuple[Any, Any, Any, Any, Any] | None = None
         # The event loop of its first call: gRPC's channels serve that loop only.

@@ -226,3 +226,11 @@ async def test_the_sdks_speak_mutual_tls_with_a_token(
     ) as client:
         with pytest.raises(Unavailable):  # no client certificate: no handshake
             await client.session(*scope.values()).describe()
+
+
+def test_a_token_and_an_authorization_in_grpc_metadata_are_refused_together():
+    """memsvc refuses a call with two authorization entries (their order must not
+    choose the credentials): the client says so when it is made, not on each call."""
+    with pytest.raises(ValueError, match="not both"):
+        AsyncClient("127.0.0.1:1", token=new_token(), grpc_metadata=[("Authorization", "Bearer x")])
+    AsyncClient("127.0.0.1:1", grpc_metadata=[("authorization", f"Bearer {new_token()}")])
