@@ -506,7 +506,7 @@ def _report(sample: FanoutSample) -> None:
     rate = f" @ {sample.rate:6.1f} ev/s" if sample.rate is not None else ""
     stamped = (
         ""
-        if sample.target.startswith("bare")
+        if sample.target == baseline_of(sample.target)
         else f" (from event time p50 {sample.stamped_p50_ms:.1f} p99 {sample.stamped_p99_ms:.1f})"
     )
     print(
@@ -769,7 +769,9 @@ def markdown_tables(commit_rows: list[dict[str, Any]], rows: list[dict[str, Any]
     for r in rows:
         if r["target"] == baseline_of(r["target"]):
             ratio, excess = "baseline", "baseline"
+            stamped = "-"  # bare sends a copy of one old memsvc event: its time says nothing
         else:
+            stamped = f"{r['paced_stamped_p50_ms']:.1f} / {r['paced_stamped_p99_ms']:.1f}"
             ratio = (
                 f"{r['burst_ratio']:.2f} ({r['burst_ratio_min']:.2f}-{r['burst_ratio_max']:.2f})"
             )
@@ -778,12 +780,6 @@ def markdown_tables(commit_rows: list[dict[str, Any]], rows: list[dict[str, Any]
                 f"{r['p99_excess_max_ms']:+.1f})"
             )
         incomplete = "" if r["complete"] else " (incomplete)"
-        # bare sends a copy of one old memsvc event: its event time says nothing.
-        stamped = (
-            "-"
-            if r["target"].startswith("bare")
-            else f"{r['paced_stamped_p50_ms']:.1f} / {r['paced_stamped_p99_ms']:.1f}"
-        )
         lines.append(
             f"| {r['subscribers']:,} | {r['target']}{incomplete} "
             f"| {r['burst_deliveries_per_s']:,.0f} "

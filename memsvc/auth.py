@@ -49,7 +49,7 @@ _NOT_TOKEN_TEXT = re.compile(r"[^\x20-\x7e\t]")
 # The same separators inside a comment: it would end there, its rest a line of its own.
 _LINE_BREAK = re.compile(r"[\r\v\f\x1c-\x1e\x85\u2028\u2029]")
 # The placeholder of deploy/kubernetes/overlays/example: a token anyone can read.
-EXAMPLE_TOKEN_PREFIX = "example-only-change-me"
+EXAMPLE_TOKEN = "example-only-change-me-agent-token"
 
 
 class CredentialsError(ValueError):
@@ -267,9 +267,11 @@ def _read_tokens(path: Path) -> tuple[str, TokenTable]:
     return text, parse_tokens(text, str(path))
 
 
-def _warn_of_public_tokens(table: TokenTable, path: Path) -> None:
-    """The example deployment's placeholder token, still in force, is public; a
-    token that is a UUID may be a project id (no secret) wrapped onto its own line."""
+def _warn_of(table: TokenTable, path: Path) -> None:
+    """What is wrong with tokens about to be in force: none at all; tokens that are
+    UUIDs (project ids are no secret); the example deployment's public placeholder."""
+    if not table:
+        log.warning("the tokens file %s holds no token: every API call is refused", path)
     if table.uuid_lines:
         log.warning(
             "the tokens file %s holds tokens that are UUIDs (line %s), which look like "
@@ -277,7 +279,7 @@ def _warn_of_public_tokens(table: TokenTable, path: Path) -> None:
             path,
             ", ".join(map(str, table.uuid_lines)),
         )
-    if table.lookup(EXAMPLE_TOKEN_PREFIX + "-agent-token") is not None:
+    if table.lookup(EXAMPLE_TOKEN) is not None:
         log.warning(
             "the tokens file %s holds the example deployment's placeholder token, which "
             "anyone who has read memsvc's repository knows: replace it (openssl rand -hex 32)",
@@ -298,7 +300,18 @@ def _unfinished_widening(text: str, old: TokenTable) -> bool:
     return grant is None or grant.projects is not None
 
 
-class TokenFile:
+class _FromFiles:
+    """Credentials read from files that are watched for changes (``_files``)."""
+
+    _files: _WatchedFiles
+
+    @property
+    def refused(self) -> bool:
+        """Whether the files were changed into ones that are refused (see _WatchedFiles)."""
+        return self._files.refused
+
+
+class TokenFile(_FromFiles):
     """The tokens file named by ``auth_tokens_file``; ``table`` is what calls are checked
     against. ``reload()`` reads it again if it changed (run it off the event loop)."""
 
@@ -322,14 +335,7 @@ class TokenFile:
         log.info(
             "loaded %d token(s) from %s (%d bound to projects)", len(self.table), self.path, bound
         )
-        if not self.table:
-            log.warning("the tokens file %s holds no token: every API call is refused", self.path)
-        _warn_of_public_tokens(self.table, self.path)
-
-    @property
-    def refused(self) -> bool:
-        """Whether the file was changed into one that is refused (see _WatchedFiles)."""
-        return self._files.refused
+        _warn_of(self.table, self.path)
 
     def reload(self) -> TokenTable | None:
         """The new table when the file changed into a valid one (not yet in force:
@@ -374,9 +380,7 @@ class TokenFile:
             ", ".join(sorted(fingerprint(d) for d in old.keys() - new.keys())) or "none",
             ", ".join(sorted(rebound)) or "none",
         )
-        if not table:
-            log.warning("the tokens file %s holds no token: every API call is refused", self.path)
-        _warn_of_public_tokens(table, self.path)
+        _warn_of(table, self.path)
         return table
 
     def _suspicion(self, text: str, table: TokenTable) -> str:
@@ -438,7 +442,7 @@ def _check_certificates(cert_file: Path, key_file: Path, client_ca: bytes | None
             ) from error
 
 
-class CertificateFiles:
+class CertificateFiles(_FromFiles):
     """The server's certificate, key and (for mutual TLS) client CA, from files.
 
     ``current`` holds the contents in force; ``reload()`` returns new contents when a
@@ -471,11 +475,6 @@ class CertificateFiles:
             client_ca = _read(self.client_ca_file, "TLS client CA")
         _check_certificates(self.cert_file, self.key_file, client_ca)
         return Certificates(cert, key, client_ca)
-
-    @property
-    def refused(self) -> bool:
-        """Whether the files were changed into ones that are refused (see _WatchedFiles)."""
-        return self._files.refused
 
     def reload(self) -> Certificates | None:
         """The new contents when a file changed into a usable set, else None."""
